@@ -1,0 +1,300 @@
+"""Read the official CosyVoice yaml files as data.
+
+The official files are HyperPyYAML: tags such as ``!new:cosyvoice.llm.llm.TransformerLM`` make the
+official loader import and instantiate classes (and ``!apply:torch.manual_seed`` runs code). We parse
+them with ``yaml.SafeLoader`` plus constructors that only *record* what a tag names, resolve ``!ref``
+references ourselves, and then turn the parts inference needs into typed, frozen configuration
+objects. Nothing named in the file is ever imported or executed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ModelDirError
+
+YAML_NAMES = {1: "cosyvoice.yaml", 2: "cosyvoice2.yaml", 3: "cosyvoice3.yaml"}
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """A yaml node carrying a HyperPyYAML tag: ``kind`` is new/name/apply, ``target`` the dotted name."""
+
+    kind: str
+    target: str
+    value: Any
+
+    @property
+    def class_name(self) -> str:
+        return self.target.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class _Ref:
+    expression: str
+
+
+class _SafeHyperLoader(yaml.SafeLoader):
+    """SafeLoader that understands (but never executes) the HyperPyYAML tags."""
+
+
+def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node, kind: str) -> Tagged:
+    if isinstance(node, yaml.MappingNode):
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        scalar = loader.construct_scalar(node)
+        value = {} if scalar in ("", None) else scalar
+    return Tagged(kind, suffix, value)
+
+
+# YAML 1.2 floats such as 1e-06 (HyperPyYAML reads them as numbers; PyYAML's 1.1 rules would not)
+_SafeHyperLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+for _kind in ("new", "name", "apply"):
+    _SafeHyperLoader.add_multi_constructor(
+        f"!{_kind}:",
+        lambda loader, suffix, node, _k=_kind: _construct_tagged(loader, suffix, node, _k),
+    )
+_SafeHyperLoader.add_constructor(
+    "!ref", lambda loader, node: _Ref(str(loader.construct_scalar(node)))
+)
+
+_REF_NAME = re.compile(r"<([^<>]+)>")
+_ARITHMETIC = re.compile(r"^[\d\s.+\-*/()]+$")
+
+
+def _lookup(root: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = root
+    for part in re.split(r"[.\[\]]+", dotted.strip()):
+        if part == "":
+            continue
+        if isinstance(node, Tagged):
+            node = node.value
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit():
+            node = node[int(part)]
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def _resolve(node: Any, root: Mapping[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    if isinstance(node, _Ref):
+        names = _REF_NAME.findall(node.expression)
+        if len(names) == 1 and node.expression.strip() == f"<{names[0]}>":
+            name = names[0]
+            if name in seen:
+                raise ModelDirError(f"circular !ref <{name}> in the yaml")
+            return _resolve(_lookup(root, name), root, (*seen, name))
+        # an expression such as "<chunk_size> * <token_mel_ratio>": only plain arithmetic is allowed
+        text = node.expression
+        for name in names:
+            value = _resolve(_lookup(root, name), root, (*seen, name))
+            text = text.replace(f"<{name}>", repr(value))
+        if not _ARITHMETIC.match(text):
+            raise ModelDirError(f"unsupported !ref expression in the yaml: {node.expression!r}")
+        return eval(text, {"__builtins__": {}}, {})  # digits and operators only, checked above
+    if isinstance(node, Tagged):
+        return Tagged(node.kind, node.target, _resolve(node.value, root, seen))
+    if isinstance(node, dict):
+        return {k: _resolve(v, root, seen) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, root, seen) for v in node]
+    return node
+
+
+def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Parse a HyperPyYAML file into plain data with every ``!ref`` resolved (nothing executed)."""
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeHyperLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelDirError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelDirError(f"{path} is not a CosyVoice yaml file (top level is not a mapping)")
+    raw.update(overrides or {})
+    resolved: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("__"):  # the __set_seed* !apply entries: side effects we do not perform
+            continue
+        try:
+            resolved[key] = _resolve(value, raw)
+        except KeyError as exc:
+            if key in _NEEDED_KEYS:
+                raise ModelDirError(f"{path}: key '{key}' refers to undefined {exc}") from exc
+            continue  # training-only entries may reference things we do not have
+    return resolved
+
+
+_NEEDED_KEYS = ("sample_rate", "llm", "flow", "hift", "get_tokenizer", "feat_extractor")
+
+
+# --------------------------------------------------------------------------- typed configuration
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    """Parameters of the flow's prompt-mel extractor (matcha ``mel_spectrogram``)."""
+
+    n_fft: int
+    num_mels: int
+    sampling_rate: int
+    hop_size: int
+    win_size: int
+    fmin: float
+    fmax: float | None
+    center: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    top_p: float = 0.8
+    top_k: int = 25
+    win_size: int = 10
+    tau_r: float = 0.1
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str  # "whisper" (v1) or "qwen" (v2/v3)
+    version: str = ""  # "cosyvoice2" / "cosyvoice3" for qwen
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One network from the yaml: the official class name and its keyword arguments.
+
+    Child networks appear in ``kwargs`` as nested ``Component`` objects; ``cfm_params`` and similar
+    DictConfig nodes become plain dicts.
+    """
+
+    class_name: str
+    kwargs: Mapping[str, Any]
+
+    def child(self, name: str) -> Component:
+        value = self.kwargs.get(name)
+        if not isinstance(value, Component):
+            raise ModelDirError(f"{self.class_name} has no sub-network '{name}' in the yaml")
+        return value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    version: int
+    sample_rate: int
+    llm: Component
+    flow: Component
+    hift: Component
+    mel: MelConfig
+    sampling: SamplingConfig
+    tokenizer: TokenizerConfig
+    allowed_special: str = "all"
+
+    @property
+    def token_frame_rate(self) -> int:
+        return int(self.flow.kwargs.get("input_frame_rate", 50 if self.version == 1 else 25))
+
+
+EXPECTED_CLASSES = {
+    1: ("TransformerLM", "MaskedDiffWithXvec", "HiFTGenerator"),
+    2: ("Qwen2LM", "CausalMaskedDiffWithXvec", "HiFTGenerator"),
+    3: ("CosyVoice3LM", "CausalMaskedDiffWithDiT", "CausalHiFTGenerator"),
+}
+
+
+def _component(node: Any, where: str) -> Component:
+    if not isinstance(node, Tagged) or node.kind != "new":
+        raise ModelDirError(f"'{where}' in the yaml is not a !new: network definition")
+    kwargs: dict[str, Any] = {}
+    for key, value in (node.value or {}).items():
+        if isinstance(value, Tagged) and value.kind == "new":
+            if value.class_name == "DictConfig":  # omegaconf.DictConfig {content: {...}}
+                kwargs[key] = dict(value.value.get("content", value.value))
+            else:
+                kwargs[key] = _component(value, f"{where}.{key}")
+        elif isinstance(value, Tagged) and value.kind == "name":
+            kwargs[key] = value  # e.g. the sampling function: kept as data
+        else:
+            kwargs[key] = value
+    return Component(node.class_name, kwargs)
+
+
+def _mel_config(node: Any) -> MelConfig:
+    if not isinstance(node, Tagged):
+        raise ModelDirError("'feat_extractor' in the yaml is not a !name: mel_spectrogram entry")
+    p = node.value
+    try:
+        return MelConfig(
+            n_fft=int(p["n_fft"]),
+            num_mels=int(p["num_mels"]),
+            sampling_rate=int(p["sampling_rate"]),
+            hop_size=int(p["hop_size"]),
+            win_size=int(p["win_size"]),
+            fmin=float(p.get("fmin", 0)),
+            fmax=None if p.get("fmax") is None else float(p["fmax"]),
+            center=bool(p.get("center", False)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelDirError(f"'feat_extractor' in the yaml lacks or mistypes {exc}") from exc
+
+
+def _tokenizer_config(node: Any) -> TokenizerConfig:
+    if not isinstance(node, Tagged):
+        raise ModelDirError("'get_tokenizer' in the yaml is not a !name: entry")
+    params = dict(node.value or {})
+    if node.target.startswith("whisper."):
+        return TokenizerConfig("whisper", params=params)
+    if node.class_name == "get_qwen_tokenizer":
+        return TokenizerConfig("qwen", version=str(params.get("version", "cosyvoice2")), params=params)
+    raise ModelDirError(f"unsupported tokenizer in the yaml: {node.target}")
+
+
+def parse_model_config(data: Mapping[str, Any], version: int, source: str = "yaml") -> ModelConfig:
+    """Turn the resolved yaml data into a typed ``ModelConfig``, checking the network classes."""
+    missing = [k for k in _NEEDED_KEYS if k not in data]
+    if missing:
+        raise ModelDirError(f"{source} lacks the keys: {', '.join(missing)}")
+    llm = _component(data["llm"], "llm")
+    flow = _component(data["flow"], "flow")
+    hift = _component(data["hift"], "hift")
+    expected = EXPECTED_CLASSES[version]
+    found = (llm.class_name, flow.class_name, hift.class_name)
+    if found != expected:
+        raise ModelDirError(
+            f"{source} describes networks {found}, but a {YAML_NAMES[version]} model needs {expected}"
+        )
+    sampling_node = llm.kwargs.get("sampling")
+    sampling = SamplingConfig()
+    if isinstance(sampling_node, Tagged):
+        known = {k: v for k, v in (sampling_node.value or {}).items() if k in SamplingConfig.__annotations__}
+        sampling = SamplingConfig(**known)
+    return ModelConfig(
+        version=version,
+        sample_rate=int(data["sample_rate"]),
+        llm=llm,
+        flow=flow,
+        hift=hift,
+        mel=_mel_config(data["feat_extractor"]),
+        sampling=sampling,
+        tokenizer=_tokenizer_config(data["get_tokenizer"]),
+        allowed_special=str(data.get("allowed_special", "all")),
+    )
+
+
+def load_model_config(model_dir: Path, version: int) -> ModelConfig:
+    path = model_dir / YAML_NAMES[version]
+    overrides = {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")} if version > 1 else None
+    return parse_model_config(read_hyperpyyaml(path, overrides), version, source=str(path))

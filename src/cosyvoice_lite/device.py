@@ -1,0 +1,87 @@
+"""Device and dtype resolution. Called once, at load; everything below receives the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DeviceError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# Accelerator back-ends torch may expose: name -> (is_available, device_count) getters.
+_BACKENDS = ("cuda", "xpu", "npu", "mps", "mlu", "hpu")
+
+
+def _backend_count(kind: str) -> int:
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return 1 if mps is not None and mps.is_available() else 0
+    module = getattr(torch, kind, None)  # torch.npu appears once torch_npu is imported, etc.
+    if module is None:
+        return 0
+    try:
+        if not module.is_available():
+            return 0
+        return int(module.device_count()) if hasattr(module, "device_count") else 1
+    except (RuntimeError, AssertionError):  # a back-end compiled in but with no driver
+        return 0
+
+
+def available_devices() -> list[str]:
+    """Every device string usable on this machine, e.g. ``['cpu', 'cuda:0', 'cuda:1']``."""
+    found = ["cpu"]
+    for kind in _BACKENDS:
+        count = _backend_count(kind)
+        found += [kind] if kind == "mps" and count else [f"{kind}:{i}" for i in range(count)]
+    return found
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the networks run and in which precision.
+
+    ``dtype`` is the compute precision for the LLM and flow (autocast, weights stay float32 like the
+    official ``fp16`` option); the vocoder always runs in float32.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype != torch.float32
+
+
+def resolve_placement(device: str = "cpu", dtype: str = "float32") -> Placement:
+    """Check that ``device`` exists here and ``dtype`` is a known precision; fail with the choices."""
+    name = (device or "cpu").strip().lower()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(
+            f"unknown device '{device}'; available here: {', '.join(available_devices())}"
+        ) from exc
+    if dev.type != "cpu":
+        count = _backend_count(dev.type)
+        index = dev.index or 0
+        if count == 0 or index >= count:
+            raise DeviceError(
+                f"device '{device}' is not available on this machine; "
+                f"available here: {', '.join(available_devices())}"
+            )
+        if dev.index is None and dev.type != "mps":
+            dev = torch.device(dev.type, 0)
+    key = (dtype or "float32").strip().lower()
+    if key not in _DTYPES:
+        raise DeviceError(f"unknown dtype '{dtype}'; use one of float32, float16, bfloat16")
+    return Placement(dev, _DTYPES[key])

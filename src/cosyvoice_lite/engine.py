@@ -1,0 +1,265 @@
+"""The synthesis engine: load a model once, then turn requests into streams of audio chunks.
+
+    engine = Engine.load("CosyVoice-300M-SFT")                     # or a directory
+    for chunk in engine.synthesize(SynthesisRequest(Mode.PRESET, "你好", voice="中文女")):
+        play(chunk.samples, chunk.sample_rate)
+
+One entry point (``synthesize``) serves every mode, streaming or not. The engine holds only
+read-only things (networks, tokenizers, voices); all per-request state lives in the generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .build import build_network
+from .device import Placement, resolve_placement
+from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from .frontend.prompt import PromptEncoder, PromptFeatures
+from .frontend.text import TextFrontend
+from .hub import resolve_model
+from .modeldir import ModelDir, load_checkpoint, load_speakers, load_strict, open_model_dir
+from .pipelines.common import ModelInputs
+from .request import AudioChunk, Mode, SynthesisRequest
+from .sampling import RasSampler
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (segments done, segments total)
+
+MAX_SPEED, MIN_SPEED = 2.0, 0.5
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A voice usable by name: a preset x-vector (spk2info.pt) or a saved prompt's features."""
+
+    name: str
+    kind: str  # "preset" or "prompt"
+    embedding: torch.Tensor
+    prompt: PromptFeatures | None = None
+
+
+class Engine:
+    """A loaded CosyVoice model: frontend, networks and voices. Thread-safe for reading."""
+
+    def __init__(self, model: ModelDir, placement: Placement, text_frontend: TextFrontend,
+                 tokenizer, prompt_encoder: PromptEncoder, pipeline, voices: dict[str, Voice],
+                 load_seconds: float) -> None:
+        self.model = model
+        self.placement = placement
+        self.text_frontend = text_frontend
+        self.tokenizer = tokenizer
+        self.prompt_encoder = prompt_encoder
+        self.pipeline = pipeline
+        self.presets = voices
+        self.load_seconds = load_seconds
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str | Path, device: str = "cpu", dtype: str = "float32",
+             variant: str | None = None, llm_checkpoint: str = "llm.pt",
+             download: bool = True) -> Engine:
+        """Load an official model directory (or an official model name, downloaded once).
+
+        ``variant`` overrides the v1 release detection (base / sft / instruct); ``llm_checkpoint``
+        selects e.g. ``llm.rl.pt`` for the RL-tuned CosyVoice3 LLM.
+        """
+        start = time.perf_counter()
+        placement = resolve_placement(device, dtype)
+        model_dir = open_model_dir(resolve_model(model, download=download), variant)
+        from .pipelines import factory  # version-specific wiring
+
+        tokenizer = factory.text_tokenizer(model_dir)
+        pipeline = factory.build_pipeline(model_dir, placement, llm_checkpoint)
+        prompt_encoder = PromptEncoder(
+            model_dir.path / "campplus.onnx",
+            model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",
+            model_dir.config.mel,
+        )
+        voices = {
+            name: Voice(name, "preset", info["embedding"].float().reshape(1, -1))
+            for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
+            if "embedding" in info
+        }
+        engine = cls(model_dir, placement, TextFrontend(), tokenizer, prompt_encoder, pipeline,
+                     voices, time.perf_counter() - start)
+        log.info("loaded %s (v%d, %s) on %s in %.1f s", model_dir.name, model_dir.version,
+                 model_dir.variant, placement.device, engine.load_seconds)
+        return engine
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def sample_rate(self) -> int:
+        return self.model.config.sample_rate
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @property
+    def modes(self) -> tuple[Mode, ...]:
+        """The modes this model supports."""
+        modes = [Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.VOICE_CONVERSION]
+        if self.presets:
+            modes.insert(0, Mode.PRESET)
+        if self.version > 1 or self.model.variant == "instruct":
+            modes.append(Mode.INSTRUCT)
+        return tuple(modes)
+
+    def voices(self) -> list[str]:
+        return sorted(self.presets)
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, audio, prompt_text: str = "") -> PromptFeatures:
+        """Features of a prompt recording, computed once (e.g. to save a voice)."""
+        text = prompt_text.strip()
+        if text and self.text_frontend is not None:
+            text = self.text_frontend.normalize(text, split=False, encode=self.tokenizer.encode)
+        return self.prompt_encoder.encode(audio, text)
+
+    # ------------------------------------------------------------------ synthesis
+    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
+                   prompt: PromptFeatures | None = None) -> Iterator[AudioChunk]:
+        """Turn a request into audio chunks; ``prompt`` gives precomputed prompt features (a saved
+        voice) in place of ``request.prompt_audio``. Closing the iterator stops the work."""
+        self._check(request)
+        segments = self._segments(request)
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        generator = torch.Generator(device=self.placement.device).manual_seed(seed)
+        sampler = RasSampler(generator, **vars(self.model.config.sampling))
+        prompt = self._prompt(request, prompt)
+        total = len(segments)
+        for index, segment in enumerate(segments):
+            inputs = self._inputs(request, segment, prompt)
+            pieces = self.pipeline.synthesize(inputs, sampler, generator, request.stream, request.speed)
+            previous = None
+            for piece in pieces:
+                if previous is not None:
+                    yield self._chunk(previous, index, segment, False)
+                previous = piece
+            if progress is not None:
+                progress(index + 1, total)
+            yield self._chunk(previous, index, segment, index == total - 1)
+
+    def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
+        samples = piece.detach().float().cpu().reshape(-1).numpy()
+        text = segment if isinstance(segment, str) else ""
+        return AudioChunk(samples, self.sample_rate, index, final, text)
+
+    def _check(self, request: SynthesisRequest) -> None:
+        if request.mode not in self.modes:
+            supported = ", ".join(m.value for m in self.modes)
+            raise UnsupportedModeError(
+                f"{self.model.name} (CosyVoice v{self.version}, {self.model.variant}) does not support "
+                f"mode '{request.mode.value}'; it supports: {supported}"
+            )
+        if not MIN_SPEED <= request.speed <= MAX_SPEED:
+            raise InvalidRequestError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {request.speed}")
+        if request.stream and request.speed != 1.0:
+            raise InvalidRequestError("speed can only be changed without streaming (as the official)")
+        if request.mode != Mode.VOICE_CONVERSION and isinstance(request.text, str) and not request.text.strip():
+            raise InvalidRequestError("text is empty: give the text to speak")
+        if request.mode == Mode.INSTRUCT and not (request.instruct or "").strip():
+            raise InvalidRequestError("instruct mode needs an instruction (e.g. 'speak happily')")
+        if request.mode == Mode.VOICE_CONVERSION and request.source_audio is None:
+            raise InvalidRequestError("voice conversion needs source audio")
+
+    def _segments(self, request: SynthesisRequest) -> list:
+        if request.mode == Mode.VOICE_CONVERSION:
+            return [""]
+        if not isinstance(request.text, str):
+            if self.version == 1:
+                raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model")
+            return [request.text]
+        segments = self.text_frontend.normalize(
+            request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode)
+        if not segments:
+            raise InvalidRequestError("the text has nothing to speak (only punctuation or symbols)")
+        return segments
+
+    def _preset(self, name: str | None) -> Voice:
+        if not name:
+            raise InvalidRequestError(f"mode needs a voice; available: {', '.join(self.voices()) or 'none'}")
+        if name not in self.presets:
+            raise UnknownVoiceError(f"unknown voice '{name}'; available: {', '.join(self.voices()) or 'none'}")
+        return self.presets[name]
+
+    def _prompt(self, request: SynthesisRequest, prompt: PromptFeatures | None) -> PromptFeatures | None:
+        if request.mode == Mode.PRESET or (request.mode == Mode.INSTRUCT and self.version == 1):
+            self._preset(request.voice)
+            return None
+        if prompt is None:
+            if request.prompt_audio is None:
+                raise InvalidRequestError(f"mode '{request.mode.value}' needs prompt audio or a saved voice")
+            prompt = self.encode_prompt(request.prompt_audio, request.prompt_text or "")
+        if request.mode == Mode.ZERO_SHOT and not prompt.prompt_text and not (request.prompt_text or "").strip():
+            raise InvalidRequestError("zero-shot cloning needs the transcript of the prompt audio")
+        if self.version > 1 and request.mode != Mode.VOICE_CONVERSION:
+            prompt = prompt.aligned(2)
+        return prompt
+
+    def _tokens(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.tokenizer.encode(text)], dtype=torch.int32)
+
+    def _inputs(self, request: SynthesisRequest, segment, prompt: PromptFeatures | None) -> ModelInputs:
+        device = self.placement.device
+        empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
+        no_embedding = torch.zeros(0, 192)
+        text = self._tokens(segment) if isinstance(segment, str) else segment
+        if prompt is None:  # preset voice (and v1 instruct, which also uses a preset voice)
+            voice = self._preset(request.voice)
+            prompt_text = empty_tokens
+            llm_embedding = voice.embedding
+            if request.mode == Mode.INSTRUCT:
+                instruct = self.text_frontend.normalize(request.instruct, split=False,
+                                                        encode=self.tokenizer.encode)
+                prompt_text = self._tokens(instruct)
+                llm_embedding = no_embedding  # the official drops it to avoid information leakage
+            inputs = ModelInputs(text, prompt_text, empty_tokens, llm_embedding, empty_tokens,
+                                 torch.zeros(1, 0, 80), voice.embedding)
+        else:
+            prompt_text, llm_speech = empty_tokens, empty_tokens
+            if request.mode == Mode.ZERO_SHOT:
+                prompt_text = self._tokens(prompt.prompt_text or (request.prompt_text or "").strip())
+                llm_speech = prompt.speech_tokens
+            source = None
+            if request.mode == Mode.VOICE_CONVERSION:
+                wav, rate = self.prompt_encoder.load(request.source_audio, "source audio")
+                source = self.prompt_encoder.tokens(wav, rate)
+            inputs = ModelInputs(text, prompt_text, llm_speech, prompt.embedding, prompt.speech_tokens,
+                                 prompt.speech_feat, prompt.embedding, source)
+        return _to_device(inputs, device)
+
+
+def _to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(inputs).items()}
+    return ModelInputs(**moved)
+
+
+def synthesize_to_file(engine: Engine, request: SynthesisRequest, path: str | Path,
+                       progress: Progress | None = None) -> float:
+    """Run a request to completion and write a wav file; returns the audio duration in seconds."""
+    import numpy as np
+
+    from .audio.io import write_wav
+
+    chunks = list(engine.synthesize(request, progress))
+    samples = np.concatenate([c.samples for c in chunks]) if chunks else np.zeros(0, np.float32)
+    write_wav(path, samples, engine.sample_rate)
+    return len(samples) / engine.sample_rate
+
+
+def iter_text(pieces: Iterable[str]) -> Iterator[str]:
+    """Wrap any iterable of text pieces (e.g. a chat model's stream) for streaming text input."""
+    yield from pieces
+
+
+__all__ = ["Engine", "Voice", "synthesize_to_file", "iter_text"]

@@ -1,0 +1,36 @@
+"""Exceptions raised by cosyvoice-lite. Every user-facing failure is one of these, with a message
+that says what was wrong and what to do; serving maps them to HTTP statuses."""
+
+from __future__ import annotations
+
+
+class CosyVoiceError(Exception):
+    """Base class for every error cosyvoice-lite raises on purpose."""
+
+
+class ModelDirError(CosyVoiceError):
+    """A model directory is missing files, has unreadable files or does not match its yaml."""
+
+
+class ModelDownloadError(CosyVoiceError):
+    """A model or asset could not be downloaded (usually: no network)."""
+
+
+class DeviceError(CosyVoiceError):
+    """The requested device or dtype is not available on this machine."""
+
+
+class InvalidRequestError(CosyVoiceError):
+    """A synthesis request is malformed: empty text, bad speed, bad markup, ..."""
+
+
+class UnsupportedModeError(InvalidRequestError):
+    """The loaded model cannot do the requested mode (e.g. instruct on -SFT)."""
+
+
+class UnknownVoiceError(InvalidRequestError):
+    """The requested preset or saved voice does not exist."""
+
+
+class AudioError(InvalidRequestError):
+    """Prompt or source audio is unreadable, silent, too short or too long."""

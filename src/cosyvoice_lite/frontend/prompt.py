@@ -1,0 +1,73 @@
+"""Prompt audio -> the three things the networks need from it (no model weights involved).
+
+* speech tokens: 16 kHz whisper log-mel through ``speech_tokenizer_v*.onnx``;
+* speaker x-vector: 16 kHz kaldi fbank through ``campplus.onnx``;
+* prompt mel: the flow's own mel extractor at the model's sample rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..audio.features import mel_spectrogram
+from ..audio.io import AudioSource, check_prompt_audio, load_audio, to_sample_rate
+from ..config import MelConfig
+from .speech import SpeakerEncoder, SpeechTokenizer
+
+TOKENIZER_RATE = 16000
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    """Features of one prompt recording (CPU tensors; the official ``add_zero_shot_spk`` content).
+
+    ``speech_tokens`` int32 [1, T], ``speech_feat`` float32 [1, T_mel, 80], ``embedding`` [1, 192].
+    """
+
+    speech_tokens: torch.Tensor
+    speech_feat: torch.Tensor
+    embedding: torch.Tensor
+    prompt_text: str = ""
+
+    def aligned(self, token_mel_ratio: int) -> PromptFeatures:
+        """v2/v3: truncate so that prompt mel frames = ratio x prompt tokens (official alignment)."""
+        n = min(self.speech_feat.shape[1] // token_mel_ratio, self.speech_tokens.shape[1])
+        return PromptFeatures(self.speech_tokens[:, :n], self.speech_feat[:, : token_mel_ratio * n],
+                              self.embedding, self.prompt_text)
+
+
+class PromptEncoder:
+    """Computes ``PromptFeatures`` with the two ONNX models of a model directory."""
+
+    def __init__(self, campplus: Path, speech_tokenizer: Path, mel: MelConfig) -> None:
+        self.speaker_encoder = SpeakerEncoder(campplus)
+        self.speech_tokenizer = SpeechTokenizer(speech_tokenizer)
+        self.mel = mel
+
+    def load(self, source: AudioSource, what: str = "prompt audio") -> tuple[torch.Tensor, int]:
+        """Decode and check a prompt recording: readable, >= 16 kHz, not silent, within limits."""
+        wav, rate = load_audio(source)
+        check_prompt_audio(wav, rate)
+        return wav, rate
+
+    def tokens(self, wav: torch.Tensor, rate: int) -> torch.Tensor:
+        return self.speech_tokenizer(to_sample_rate(wav, rate, TOKENIZER_RATE))
+
+    def encode(self, source: AudioSource, prompt_text: str = "") -> PromptFeatures:
+        wav, rate = self.load(source)
+        wav16k = to_sample_rate(wav, rate, TOKENIZER_RATE)
+        # The mel is taken at the model's own rate. (The official HEAD loads every prompt at 24 kHz,
+        # which for the 22.05 kHz v1 models analyses the audio at the wrong rate; we do not copy that.)
+        wav_mel = to_sample_rate(wav, rate, self.mel.sampling_rate)
+        feat = mel_spectrogram(wav_mel, self.mel.n_fft, self.mel.num_mels, self.mel.sampling_rate,
+                               self.mel.hop_size, self.mel.win_size, self.mel.fmin, self.mel.fmax,
+                               self.mel.center)
+        return PromptFeatures(
+            speech_tokens=self.speech_tokenizer(wav16k),
+            speech_feat=feat.squeeze(0).transpose(0, 1).unsqueeze(0).contiguous(),
+            embedding=self.speaker_encoder(wav16k),
+            prompt_text=prompt_text,
+        )

@@ -1,0 +1,164 @@
+"""Model names -> local directories (downloading the official files when absent), and assets.
+
+Users normally have internet: ``Engine.load("CosyVoice2-0.5B")`` fetches the official repository
+into the cache once, with a progress bar. Without network we say so and name the directory where the
+files can be placed by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from .errors import ModelDownloadError
+
+log = logging.getLogger(__name__)
+
+# Official releases: our name -> Hugging Face repository (the ModelScope ids are listed for users).
+MODELS: dict[str, str] = {
+    "CosyVoice-300M": "FunAudioLLM/CosyVoice-300M",
+    "CosyVoice-300M-SFT": "FunAudioLLM/CosyVoice-300M-SFT",
+    "CosyVoice-300M-Instruct": "FunAudioLLM/CosyVoice-300M-Instruct",
+    "CosyVoice2-0.5B": "FunAudioLLM/CosyVoice2-0.5B",
+    "Fun-CosyVoice3-0.5B-2512": "FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+}
+MODELSCOPE_IDS: dict[str, str] = {
+    "CosyVoice-300M": "iic/CosyVoice-300M",
+    "CosyVoice-300M-SFT": "iic/CosyVoice-300M-SFT",
+    "CosyVoice-300M-Instruct": "iic/CosyVoice-300M-Instruct",
+    "CosyVoice2-0.5B": "iic/CosyVoice2-0.5B",
+    "Fun-CosyVoice3-0.5B-2512": "FunAudioLLM/Fun-CosyVoice3-0.5B-2512",
+}
+
+# openai-whisper's multilingual BPE ranks, needed by the v1 text tokenizer.
+WHISPER_VOCAB = "multilingual.tiktoken"
+WHISPER_VOCAB_URL = (
+    "https://raw.githubusercontent.com/openai/whisper/main/whisper/assets/multilingual.tiktoken"
+)
+WHISPER_VOCAB_SHA256 = "b34b360dbb493e781e479794586d661700670d65564001f23024971d1f2fa126"
+WHISPER_SDIST = "openai-whisper==20250625"
+
+
+def cache_dir() -> Path:
+    """``$COSYVOICE_LITE_CACHE`` or ``~/.cache/cosyvoice-lite``."""
+    root = os.environ.get("COSYVOICE_LITE_CACHE") or Path.home() / ".cache" / "cosyvoice-lite"
+    return Path(root).expanduser()
+
+
+def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
+    """A local model directory for a path or an official model name."""
+    path = Path(name_or_dir).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_dir).split("/")[-1]
+    if name not in MODELS:
+        known = ", ".join(MODELS)
+        raise ModelDownloadError(
+            f"'{name_or_dir}' is neither an existing directory nor a known model name ({known})"
+        )
+    target = cache_dir() / "models" / name
+    if _looks_complete(target):
+        return target
+    if not download:
+        raise ModelDownloadError(f"model {name} is not in {target} and downloading is disabled")
+    _download_model(name, target)
+    return target
+
+
+def _looks_complete(path: Path) -> bool:
+    return path.is_dir() and (path / "llm.pt").is_file() and (path / "hift.pt").is_file()
+
+
+def _download_model(name: str, target: Path) -> None:
+    repo = MODELS[name]
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # tokenizers normally brings it along
+        raise ModelDownloadError(
+            f"downloading {name} needs the huggingface_hub package (pip install huggingface_hub), "
+            f"or place the files of {repo} in {target}"
+        ) from exc
+    log.info("downloading %s from %s into %s", name, repo, target)
+    try:
+        snapshot_download(repo_id=repo, local_dir=str(target))  # shows a tqdm progress bar
+    except Exception as exc:  # offline, hub unreachable, repository moved...
+        raise ModelDownloadError(
+            f"could not download {name} ({repo}): {exc}.\n"
+            f"Without network, copy the official model directory (from Hugging Face {repo} or "
+            f"ModelScope {MODELSCOPE_IDS[name]}) into {target} and run again."
+        ) from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def whisper_vocab_path(download: bool = True) -> Path:
+    """Path of whisper's ``multilingual.tiktoken`` in the cache, fetching it once if needed.
+
+    Two sources, tried in order: the file itself from the whisper repository, then the
+    openai-whisper source distribution through pip (which ships it as a package asset), so installs
+    behind a PyPI mirror work too.
+    """
+    target = cache_dir() / "assets" / WHISPER_VOCAB
+    if target.is_file() and _sha256(target) == WHISPER_VOCAB_SHA256:
+        return target
+    if not download:
+        raise ModelDownloadError(f"the v1 text vocabulary is missing: place {WHISPER_VOCAB} in {target.parent}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for fetch in (_fetch_vocab_url, _fetch_vocab_sdist):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                got = fetch(Path(tmp))
+                if _sha256(got) != WHISPER_VOCAB_SHA256:
+                    raise ModelDownloadError(f"checksum mismatch for {WHISPER_VOCAB} from {fetch.__name__}")
+                partial = target.with_suffix(".partial")
+                shutil.copyfile(got, partial)
+                partial.replace(target)  # atomic: a crash never leaves a half-written vocabulary
+            return target
+        except Exception as exc:  # try the next source
+            errors.append(f"{fetch.__name__.removeprefix('_fetch_vocab_')}: {exc}")
+    raise ModelDownloadError(
+        f"could not obtain whisper's {WHISPER_VOCAB} (needed by CosyVoice-300M models): "
+        + "; ".join(errors)
+        + f".\nWithout network, copy it from an openai-whisper install (whisper/assets/) or from "
+        f"{WHISPER_VOCAB_URL} into {target.parent}."
+    )
+
+
+def _fetch_vocab_url(tmp: Path) -> Path:
+    out = tmp / WHISPER_VOCAB
+    with urllib.request.urlopen(WHISPER_VOCAB_URL, timeout=20) as response, out.open("wb") as f:
+        shutil.copyfileobj(response, f)
+    return out
+
+
+def _fetch_vocab_sdist(tmp: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           "--dest", str(tmp), WHISPER_SDIST]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise ModelDownloadError(done.stderr.strip().splitlines()[-1] if done.stderr else "pip failed")
+    archive = next(tmp.glob("openai_whisper-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(f"whisper/assets/{WHISPER_VOCAB}"))
+        source = tar.extractfile(member)
+        if source is None:
+            raise ModelDownloadError(f"{archive.name} has no {WHISPER_VOCAB}")
+        out = tmp / WHISPER_VOCAB
+        with out.open("wb") as f:
+            shutil.copyfileobj(source, f)
+    return out

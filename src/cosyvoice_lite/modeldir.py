@@ -1,0 +1,165 @@
+"""Official model directories: which version, which files, and strict checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import YAML_NAMES, ModelConfig, load_model_config
+from .errors import ModelDirError
+
+log = logging.getLogger(__name__)
+
+BLANK_EN = "CosyVoice-BlankEN"
+BLANK_EN_FILES = ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def required_files(version: int) -> list[str]:
+    """Files the engine opens for a model version (spk2info.pt and llm.rl.pt are optional)."""
+    files = [YAML_NAMES[version], "llm.pt", "flow.pt", "hift.pt", "campplus.onnx",
+             f"speech_tokenizer_v{version}.onnx"]
+    if version > 1:
+        files += [f"{BLANK_EN}/{name}" for name in BLANK_EN_FILES]
+    return files
+
+
+def detect_version(model_dir: Path) -> int:
+    """The model version, from the yaml file present (as the official ``AutoModel`` does)."""
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir} does not exist or is not a directory")
+    found = [v for v, name in YAML_NAMES.items() if (model_dir / name).is_file()]
+    if not found:
+        names = ", ".join(YAML_NAMES.values())
+        raise ModelDirError(f"{model_dir} is not a CosyVoice model directory: none of {names} is there")
+    if len(found) > 1:
+        names = ", ".join(YAML_NAMES[v] for v in found)
+        raise ModelDirError(f"{model_dir} holds several model yamls ({names}); keep exactly one")
+    return found[0]
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    if not path.exists():
+        return "missing"
+    if not path.is_file():
+        return "not a file"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if size == 0:
+        return "empty"
+    if path.suffix == ".pt" and head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        return "truncated or corrupt (broken zip archive)"
+    return None
+
+
+def check_files(model_dir: Path, version: int, extra: tuple[str, ...] = ()) -> None:
+    """Raise one ModelDirError listing every missing or unreadable file, or return quietly."""
+    problems = []
+    for name in [*required_files(version), *extra]:
+        reason = _unreadable_reason(model_dir / name)
+        if reason:
+            problems.append(f"  {name}: {reason}")
+    if problems:
+        raise ModelDirError(
+            f"model directory {model_dir} (CosyVoice v{version}) is incomplete:\n" + "\n".join(problems)
+        )
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a ``torch.save(state_dict)`` file safely (weights only, memory-mapped)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt archives
+        raise ModelDirError(f"cannot read checkpoint {path}: it is corrupt or truncated ({exc})") from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelDirError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
+    return dict(state)
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """``load_state_dict(strict=True)`` with one readable error naming every key and shape problem."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match the network described by the yaml:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", shapes)):
+            if items:
+                shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        raise ModelDirError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+
+
+def load_speakers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Preset voices from spk2info.pt (``{name: {'embedding': Tensor[1,192], ...}}``); {} if absent."""
+    if not path.exists():
+        return {}
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelDirError(f"cannot read {path}: it is corrupt or truncated ({exc})") from exc
+    if not isinstance(info, Mapping):
+        raise ModelDirError(f"{path} is not a speaker table (expected a dict of voices)")
+    return {str(k): dict(v) for k, v in info.items() if isinstance(v, Mapping)}
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A validated official model directory."""
+
+    path: Path
+    version: int
+    config: ModelConfig
+    variant: str  # "base", "sft" or "instruct" (v1); "base" for v2/v3
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _variant(model_dir: Path, version: int) -> str:
+    """Which v1 release this is. The three v1 releases share one yaml, so the official code cannot
+    tell them apart; we use the ModelScope/HF metadata or the directory name."""
+    if version != 1:
+        return "base"
+    hints = [model_dir.name.lower()]
+    meta = model_dir / "configuration.json"
+    if meta.is_file():
+        try:
+            hints.append(json.dumps(json.loads(meta.read_text(encoding="utf-8"))).lower())
+        except (OSError, ValueError):
+            pass
+    text = " ".join(hints)
+    if "instruct" in text:
+        return "instruct"
+    if "sft" in text or (model_dir / "spk2info.pt").is_file():
+        return "sft"
+    return "base"
+
+
+def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
+    """Validate a directory: version from its yaml, every needed file present and readable,
+    the yaml parsed as data into a typed configuration."""
+    model_dir = Path(path).expanduser().resolve()
+    version = detect_version(model_dir)
+    check_files(model_dir, version)
+    config = load_model_config(model_dir, version)
+    if variant is not None and variant not in ("base", "sft", "instruct"):
+        raise ModelDirError(f"unknown variant '{variant}': use base, sft or instruct")
+    return ModelDir(model_dir, version, config, variant or _variant(model_dir, version))

@@ -1,0 +1,1 @@
+"""Version-specific token -> waveform pipelines (LLM, flow, vocoder wiring and streaming state)."""

@@ -1,0 +1,63 @@
+"""Version-specific wiring: which tokenizer and which token -> waveform pipeline a model uses."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from ..build import build_network
+from ..device import Placement
+from ..errors import ModelDirError
+from ..hub import whisper_vocab_path
+from ..modeldir import ModelDir, load_checkpoint, load_strict
+
+log = logging.getLogger(__name__)
+
+
+def text_tokenizer(model: ModelDir):
+    """The text tokenizer the model was trained with."""
+    if model.version == 1:
+        from ..frontend.tokenizer import WhisperTextTokenizer
+
+        return WhisperTextTokenizer(whisper_vocab_path())
+    from ..frontend.qwen_tokenizer import QwenTextTokenizer
+
+    return QwenTextTokenizer(model.path / "CosyVoice-BlankEN", model.config.tokenizer.version)
+
+
+def load_network(model: ModelDir, part: str, filename: str, placement: Placement) -> torch.nn.Module:
+    """Build one network from the yaml and load its checkpoint strictly."""
+    spec = getattr(model.config, part)
+    network = build_network(spec, model.path)
+    path = model.path / filename
+    if not path.is_file():
+        raise ModelDirError(f"{path} is missing")
+    state = load_checkpoint(path)
+    if part == "hift":
+        from ..networks.hift import load_hift_state_dict
+
+        load_hift_state_dict(network, state, source=path)
+    else:
+        load_strict(network, state, path)
+    return network.to(placement.device).eval()
+
+
+def compute_context(placement: Placement):
+    """Autocast for the LLM and flow when a lower precision was chosen at load."""
+    if not placement.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=placement.device.type, dtype=placement.dtype)
+
+
+def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = "llm.pt"):
+    llm = load_network(model, "llm", llm_checkpoint, placement)
+    flow = load_network(model, "flow", "flow.pt", placement)
+    hift = load_network(model, "hift", "hift.pt", placement)
+    if model.version == 1:
+        from .v1 import V1Pipeline
+
+        return V1Pipeline(llm, flow, hift, model.config.token_frame_rate, model.config.sample_rate,
+                          lambda: compute_context(placement))
+    raise ModelDirError(f"CosyVoice v{model.version} pipelines are not available yet")

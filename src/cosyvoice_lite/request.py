@@ -1,0 +1,60 @@
+"""The synthesis request and the audio chunks that come back. Plain data, no behaviour."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+
+AudioSource = Union[str, Path, bytes, BinaryIO]
+
+
+class Mode(str, Enum):
+    """What the request asks for; which ones a model supports depends on its version and release."""
+
+    PRESET = "preset"  # a built-in voice from spk2info.pt (official inference_sft)
+    ZERO_SHOT = "zero_shot"  # clone a prompt: audio + its transcript
+    CROSS_LINGUAL = "cross_lingual"  # clone a prompt's voice, no transcript (other language)
+    INSTRUCT = "instruct"  # natural-language control (v1: preset voice; v2/v3: prompt voice)
+    VOICE_CONVERSION = "vc"  # re-speak source audio in the prompt's voice
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """One synthesis job. ``text`` may be an iterable of text pieces (streaming text in, v2/v3).
+
+    ``voice`` names a preset voice or a saved voice; a saved voice stands in for ``prompt_audio`` +
+    ``prompt_text`` in the modes that clone a prompt.
+    """
+
+    mode: Mode
+    text: str | Iterable[str] = ""
+    voice: str | None = None
+    prompt_audio: AudioSource | None = None
+    prompt_text: str | None = None
+    instruct: str | None = None
+    source_audio: AudioSource | None = None
+    speed: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+    text_frontend: bool = True
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A piece of the output waveform: float32 mono samples in [-1, 1] at ``sample_rate``."""
+
+    samples: np.ndarray
+    sample_rate: int
+    segment: int = 0  # index of the text segment this audio belongs to
+    final: bool = False  # the last chunk of the whole request
+    text: str = ""  # the normalised text segment being spoken
+    info: dict = field(default_factory=dict)  # e.g. token counts, timings
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate

@@ -1,0 +1,67 @@
+"""The yaml is read as data: tags are recorded, never imported or executed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cosyvoice_lite.config import Component, Tagged, parse_model_config, read_hyperpyyaml
+from cosyvoice_lite.errors import ModelDirError
+
+DANGEROUS = """
+__set_seed1: !apply:os.system ["touch {marker}"]
+sample_rate: 22050
+chunk: 25
+ratio: 2
+product: !ref <chunk> * <ratio>
+sigma: 1e-06
+thing: !new:os.remove
+    path: {marker}
+alias: !ref <thing>
+"""
+
+
+def test_tags_are_data_and_nothing_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    yaml_file = tmp_path / "cosyvoice.yaml"
+    yaml_file.write_text(DANGEROUS.format(marker=marker))
+    data = read_hyperpyyaml(yaml_file)
+    assert not marker.exists()  # !apply was not executed
+    assert "__set_seed1" not in data
+    assert data["product"] == 50
+    assert data["sigma"] == pytest.approx(1e-6)
+    assert isinstance(data["thing"], Tagged) and data["thing"].target == "os.remove"
+    assert data["alias"] == data["thing"]
+
+
+def test_ref_expressions_other_than_arithmetic_are_refused(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "cosyvoice.yaml"
+    yaml_file.write_text("a: 'x'\nb: !ref <a>.__class__\n")
+    with pytest.raises(ModelDirError, match="unsupported !ref expression"):
+        read_hyperpyyaml(yaml_file)
+
+
+def test_garbage_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "cosyvoice.yaml"
+    yaml_file.write_text("llm: [unclosed\n")
+    with pytest.raises(ModelDirError, match="cannot parse"):
+        read_hyperpyyaml(yaml_file)
+
+
+def test_official_format_yaml_parses_into_typed_config(v1_dir: Path) -> None:
+    config = parse_model_config(read_hyperpyyaml(v1_dir / "cosyvoice.yaml"), 1)
+    assert config.sample_rate == 22050
+    assert config.llm.class_name == "TransformerLM"
+    assert isinstance(config.llm.child("text_encoder"), Component)
+    assert config.mel.n_fft == 1024 and config.mel.fmax == 8000
+    assert config.sampling.top_k == 25 and config.sampling.top_p == pytest.approx(0.8)
+    assert config.tokenizer.kind == "whisper"
+    cfm = config.flow.child("decoder").kwargs["cfm_params"]
+    assert cfm["inference_cfg_rate"] == pytest.approx(0.7)
+
+
+def test_yaml_of_another_version_is_refused(v1_dir: Path) -> None:
+    data = read_hyperpyyaml(v1_dir / "cosyvoice.yaml")
+    with pytest.raises(ModelDirError, match="needs"):
+        parse_model_config(data, 2)
