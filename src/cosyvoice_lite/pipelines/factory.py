@@ -38,7 +38,7 @@ def load_network(model: ModelDir, part: str, filename: str, placement: Placement
     if part == "hift":
         from ..networks.hift import load_hift_state_dict
 
-        load_hift_state_dict(network, state, source=path)
+        load_hift_state_dict(network, state)
     else:
         load_strict(network, state, path)
     return network.to(placement.device).eval()

@@ -1,0 +1,296 @@
+"""Reading, checking and writing audio with soundfile (libsndfile): wav, flac, mp3, ogg/vorbis and
+ogg/opus, from a path, bytes or a binary file object.
+
+``load_wav`` reproduces the official ``cosyvoice.utils.file_utils.load_wav``: decode to float32,
+average the channels, resample with the torchaudio-default sinc resampler only when the rates
+differ, and refuse sources below 16 kHz. Every failure raises :class:`AudioError` with a message
+that says what is wrong with the audio.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from cosyvoice_lite.audio.resample import resample
+from cosyvoice_lite.errors import AudioError
+
+AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+AudioArray = torch.Tensor | np.ndarray
+
+MIN_SAMPLE_RATE = 16000
+"""The official loader refuses to resample sources below 16 kHz (they lack the 4-8 kHz band that
+the 16 kHz tokenizer and speaker encoder expect)."""
+
+MAX_PROMPT_SECONDS = 30.0
+"""The official speech-token extraction asserts on prompts longer than 30 s (the S3 tokenizer is
+a whisper-style encoder trained on windows of at most 30 s)."""
+
+MIN_PROMPT_SECONDS = 0.5
+"""Shortest prompt we accept. Every extractor technically runs on ~0.05 s, but below 0.5 s there
+are fewer than 12 speech tokens at 25 Hz and 48 fbank frames for CAM++; such a prompt carries
+almost no speaker information and mostly reflects a user error (wrong file, cut recording)."""
+
+SILENCE_PEAK = 10 ** (-60 / 20)
+"""A prompt whose absolute peak is below -60 dBFS (~1e-3) is treated as silent."""
+
+# Rates libsndfile's Opus encoder accepts; other rates are resampled to 48 kHz before encoding.
+_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+# format name -> (libsndfile container, subtype, HTTP media type)
+AUDIO_FORMATS: dict[str, tuple[str, str, str]] = {
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "ogg": ("OGG", "VORBIS", "audio/ogg"),
+    "opus": ("OGG", "OPUS", "audio/ogg; codecs=opus"),
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+    "pcm": ("RAW", "PCM_16", "audio/L16"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(source: AudioSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"audio file {os.fspath(source)!r}"
+    return "audio data"
+
+
+def _open_source(source: AudioSource) -> str | io.BytesIO:
+    """A path or an in-memory buffer soundfile can read; raises AudioError for empty sources."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(f"audio file {os.fspath(source)!r} does not exist or is not a file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"audio file {os.fspath(source)!r} is empty (0 bytes)")
+        return os.fspath(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        # Read everything: upload streams are not always seekable, and prompts are small.
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise AudioError("audio file object must be opened in binary mode")
+        data = bytes(data)
+    else:
+        raise AudioError(f"cannot read audio from a {type(source).__name__}")
+    if not data:
+        raise AudioError("audio data is empty (0 bytes)")
+    return io.BytesIO(data)
+
+
+def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+    """Decode ``source`` to mono float32 ``[N]`` (channels averaged) and its sample rate.
+
+    ``max_seconds``, if given, is checked against the header before decoding, so an oversized
+    upload is refused without decoding it.
+    """
+    what = _describe(source)
+    opened = _open_source(source)
+    try:
+        with sf.SoundFile(opened) as f:
+            sample_rate = int(f.samplerate)
+            if max_seconds is not None and f.frames > 0 and f.frames / sample_rate > max_seconds:
+                raise AudioError(
+                    f"{what} is too long: {f.frames / sample_rate:.1f} s, at most "
+                    f"{max_seconds:g} s is accepted"
+                )
+            data = f.read(dtype="float32", always_2d=True)  # [N, C], float scale like torchaudio
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
+        raise AudioError(
+            f"{what} could not be decoded ({err}); supported formats are wav, flac, mp3, "
+            "ogg/vorbis and ogg/opus"
+        ) from err
+    if data.shape[0] == 0:
+        raise AudioError(f"{what} contains no audio samples")
+    if sample_rate <= 0:
+        raise AudioError(f"{what} has an invalid sample rate {sample_rate}")
+    waveform = torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0)
+    if not bool(torch.isfinite(waveform).all()):
+        raise AudioError(f"{what} contains NaN or infinite samples")
+    return waveform, sample_rate
+
+
+def to_sample_rate(
+    audio: AudioArray, sample_rate: int, target_sr: int, min_sr: int = MIN_SAMPLE_RATE
+) -> torch.Tensor:
+    """Mono audio (``[N]`` or ``[1, N]``) at ``sample_rate`` -> ``[1, N']`` at ``target_sr``
+    (official ``load_wav`` semantics after decoding)."""
+    waveform = torch.as_tensor(audio, dtype=torch.float32)
+    if waveform.dim() == 1:
+        waveform = waveform.unsqueeze(0)
+    if waveform.dim() != 2 or waveform.shape[0] != 1:
+        raise AudioError(f"expected mono audio [N] or [1, N], got shape {tuple(waveform.shape)}")
+    if sample_rate < min_sr:
+        raise AudioError(
+            f"audio sample rate is {sample_rate} Hz; at least {min_sr} Hz is needed "
+            "(record or export the prompt at 16 kHz or more)"
+        )
+    if sample_rate != target_sr:
+        waveform = resample(waveform, sample_rate, target_sr)
+    return waveform
+
+
+def load_wav(source: AudioSource, target_sr: int, min_sr: int = MIN_SAMPLE_RATE) -> torch.Tensor:
+    """Decode ``source``, average its channels and resample to ``target_sr`` -> ``[1, N]`` float32.
+
+    Same result as the official ``load_wav(wav, target_sr, min_sr)``; sources below ``min_sr``
+    raise :class:`AudioError` (the official code asserts).
+    """
+    waveform, sample_rate = load_audio(source)
+    return to_sample_rate(waveform, sample_rate, target_sr, min_sr)
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------
+
+
+def _as_tensor(audio: AudioArray) -> torch.Tensor:
+    return torch.as_tensor(audio)
+
+
+def check_not_empty(audio: AudioArray) -> None:
+    if _as_tensor(audio).numel() == 0:
+        raise AudioError("audio contains no samples")
+
+
+def check_finite(audio: AudioArray) -> None:
+    if not bool(torch.isfinite(_as_tensor(audio)).all()):
+        raise AudioError("audio contains NaN or infinite samples")
+
+
+def check_not_silent(audio: AudioArray, peak: float = SILENCE_PEAK) -> None:
+    """Raise if the absolute peak is below ``peak`` (default -60 dBFS)."""
+    waveform = _as_tensor(audio)
+    check_not_empty(waveform)
+    level = float(waveform.abs().max())
+    if level < peak:
+        where = "all zeros" if level == 0 else f"peak {20 * math.log10(level):.0f} dBFS"
+        raise AudioError(
+            f"audio is silent ({where}, threshold {20 * math.log10(peak):.0f} dBFS); "
+            "check the recording"
+        )
+
+
+def check_duration(
+    audio: AudioArray,
+    sample_rate: int,
+    min_seconds: float = MIN_PROMPT_SECONDS,
+    max_seconds: float = MAX_PROMPT_SECONDS,
+) -> None:
+    """Raise if the duration of ``audio`` (samples on its last axis) is outside the limits."""
+    seconds = _as_tensor(audio).shape[-1] / sample_rate
+    if seconds < min_seconds:
+        raise AudioError(
+            f"audio is too short: {seconds:.2f} s, a prompt needs at least {min_seconds:g} s"
+        )
+    if seconds > max_seconds:
+        raise AudioError(
+            f"audio is too long: {seconds:.1f} s; the speech tokenizer accepts at most "
+            f"{max_seconds:g} s, trim the prompt"
+        )
+
+
+def check_prompt_audio(
+    audio: AudioArray,
+    sample_rate: int,
+    min_seconds: float = MIN_PROMPT_SECONDS,
+    max_seconds: float = MAX_PROMPT_SECONDS,
+    min_sr: int = MIN_SAMPLE_RATE,
+) -> None:
+    """All prompt checks: non-empty, finite, sample rate, duration, not silent."""
+    check_not_empty(audio)
+    check_finite(audio)
+    if sample_rate < min_sr:
+        raise AudioError(
+            f"audio sample rate is {sample_rate} Hz; at least {min_sr} Hz is needed "
+            "(record or export the prompt at 16 kHz or more)"
+        )
+    check_duration(audio, sample_rate, min_seconds, max_seconds)
+    check_not_silent(audio)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def _frames_for_soundfile(audio: AudioArray) -> np.ndarray:
+    """``[N]`` or ``[C, N]`` audio -> float32 numpy ``[N]`` / ``[N, C]`` clipped to [-1, 1]."""
+    if isinstance(audio, torch.Tensor):
+        array = audio.detach().to(device="cpu", dtype=torch.float32).numpy()
+    else:
+        array = np.asarray(audio, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[0] if array.shape[0] == 1 else array.T
+    elif array.ndim != 1:
+        raise AudioError(f"expected audio [N] or [C, N], got shape {array.shape}")
+    if array.size == 0:
+        raise AudioError("cannot write audio with no samples")
+    # Integer subtypes would otherwise wrap around on overs.
+    return np.clip(array, -1.0, 1.0)
+
+
+def write_wav(
+    path_or_buffer: str | os.PathLike | BinaryIO,
+    audio: AudioArray,
+    sample_rate: int,
+    subtype: str = "PCM_16",
+) -> None:
+    """Write ``audio`` (``[N]``, ``[1, N]`` or ``[C, N]``, float scale) as a WAV file."""
+    target = (
+        os.fspath(path_or_buffer)
+        if isinstance(path_or_buffer, (str, os.PathLike))
+        else path_or_buffer
+    )
+    sf.write(target, _frames_for_soundfile(audio), int(sample_rate), format="WAV", subtype=subtype)
+
+
+def encode_audio(audio: AudioArray, sample_rate: int, format: str = "wav") -> bytes:
+    """Encode ``audio`` to bytes in ``format`` (a key of :data:`AUDIO_FORMATS`).
+
+    ``wav``/``flac`` are 16-bit PCM, ``ogg`` is Ogg Vorbis, ``opus`` is Ogg Opus (resampled to
+    48 kHz when the rate is not one Opus supports), ``mp3`` is MPEG layer III, ``pcm`` is raw
+    16-bit little-endian samples with no header.
+    """
+    key = format.lower()
+    if key not in AUDIO_FORMATS:
+        raise AudioError(
+            f"unknown audio format {format!r}; choose one of {', '.join(AUDIO_FORMATS)}"
+        )
+    container, subtype, _ = AUDIO_FORMATS[key]
+    frames = _frames_for_soundfile(audio)
+    rate = int(sample_rate)
+    allowed = {"opus": _OPUS_RATES, "mp3": _MP3_RATES}.get(key)
+    if allowed is not None and rate not in allowed:
+        resampled = resample(torch.from_numpy(np.ascontiguousarray(frames.T)), rate, 48000)
+        frames, rate = np.clip(resampled.numpy().T, -1.0, 1.0), 48000
+    buffer = io.BytesIO()
+    extra = {"endian": "LITTLE"} if container == "RAW" else {}
+    sf.write(buffer, frames, rate, format=container, subtype=subtype, **extra)
+    return buffer.getvalue()
+
+
+def media_type(format: str) -> str:
+    """HTTP media type of an :func:`encode_audio` format."""
+    key = format.lower()
+    if key not in AUDIO_FORMATS:
+        raise AudioError(
+            f"unknown audio format {format!r}; choose one of {', '.join(AUDIO_FORMATS)}"
+        )
+    return AUDIO_FORMATS[key][2]

@@ -1,0 +1,392 @@
+"""DiT estimator of the CosyVoice3 flow (official `cosyvoice/flow/DiT/dit.py` + `modules.py`).
+
+Plain torch, with the official module names so that `flow.pt` loads with `strict=True`:
+`time_embed.time_mlp.{0,2}`, `input_embed.{proj,conv_pos_embed.conv1.0,conv2.0}`,
+`rotary_embed.inv_freq`, `transformer_blocks.N.{attn_norm.linear,attn.to_q/k/v,attn.to_out.0,
+ff.ff.0.0,ff.ff.2}`, `norm_out.linear`, `proj_out` (and `long_skip_connection` when enabled).
+
+Official quirks reproduced on purpose (see the reference spec, section 9):
+* the input concatenation order is `[x, cond, mu, spk]` (the U-Net uses `[x, mu, spk, cond]`);
+* rotary embeddings are x_transformers' `RotaryEmbedding(dim_head)` with interleaved pairs, applied
+  to q and k *before* the head split, so only the first `dim_head` channels (head 0) are rotated;
+* the final adaptive norm chunks its modulation as `(scale, shift)`, the block norms as
+  `(shift, scale, gate) x 2`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError
+
+__all__ = [
+    "DiT",
+    "DiTBlock",
+    "AdaLayerNormZero",
+    "AdaLayerNormZeroFinal",
+    "Attention",
+    "FeedForward",
+    "InputEmbedding",
+    "CausalConvPositionEmbedding",
+    "RotaryEmbedding",
+    "TimestepEmbedding",
+    "SinusPositionEmbedding",
+    "apply_rotary_pos_emb",
+    "dit_attention_mask",
+]
+
+
+# --------------------------------------------------------------------------------------- time
+
+
+class SinusPositionEmbedding(nn.Module):
+    """Sinusoidal embedding of the flow time, sin half first, time scaled by 1000."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor, scale: float = 1000.0) -> torch.Tensor:
+        half_dim = self.dim // 2
+        step = math.log(10000) / (half_dim - 1)
+        freqs = torch.exp(torch.arange(half_dim, device=x.device).float() * -step)
+        # same multiplication order as the official code: (scale * t) * freq
+        emb = scale * x.unsqueeze(1) * freqs.unsqueeze(0)
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """t [B] -> [B, dim]: sinusoid(256) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, dim: int, freq_embed_dim: int = 256) -> None:
+        super().__init__()
+        self.time_embed = SinusPositionEmbedding(freq_embed_dim)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(freq_embed_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+        )
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        time_hidden = self.time_embed(timestep).to(timestep.dtype)
+        return self.time_mlp(time_hidden)
+
+
+# -------------------------------------------------------------------------------------- input
+
+
+class CausalConvPositionEmbedding(nn.Module):
+    """Two grouped convolutions (left padded, so causal), each followed by Mish."""
+
+    def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]."""
+        x = x.transpose(1, 2)
+        x = self.conv1(F.pad(x, (self.kernel_size - 1, 0)))
+        x = self.conv2(F.pad(x, (self.kernel_size - 1, 0)))
+        return x.transpose(1, 2)
+
+
+class InputEmbedding(nn.Module):
+    """Projects `[x, cond, mu, spk]` (this order) to the model width and adds the conv positions."""
+
+    def __init__(
+        self, mel_dim: int, text_dim: int, out_dim: int, spk_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.spk_dim = 0 if spk_dim is None else spk_dim
+        self.proj = nn.Linear(mel_dim * 2 + text_dim + self.spk_dim, out_dim)
+        self.conv_pos_embed = CausalConvPositionEmbedding(dim=out_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        text_embed: torch.Tensor,
+        spks: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x, cond, text_embed: [B, T, C]; spks: [B, spk_dim]."""
+        to_cat = [x, cond, text_embed]
+        if self.spk_dim > 0:
+            if spks is None:
+                raise InvalidRequestError("this DiT was built with spk_dim > 0 and needs `spks`")
+            to_cat.append(spks.unsqueeze(1).expand(-1, x.shape[1], -1))
+        x = self.proj(torch.cat(to_cat, dim=-1))
+        return self.conv_pos_embed(x) + x
+
+
+# -------------------------------------------------------------------------------------- rotary
+
+
+class RotaryEmbedding(nn.Module):
+    """x_transformers 2.11.24 `RotaryEmbedding` (no xpos, no interpolation), as the DiT uses it.
+
+    `inv_freq` is a persistent buffer there, so it is a key of the official checkpoint.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward_from_seq_len(self, seq_len: int) -> torch.Tensor:
+        """Frequencies [1, seq_len, dim], each one repeated for its interleaved pair (f0,f0,f1,f1..)."""
+        positions = torch.arange(seq_len, device=self.inv_freq.device).type_as(self.inv_freq)
+        # computed in fp32 whatever the surrounding dtype (x_transformers disables autocast here)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        freqs = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+        return freqs.unsqueeze(0)
+
+
+def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    x1, x2 = pairs.unbind(dim=-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotates the first `freqs.shape[-1]` channels of t [B, T, D]; the rest pass unchanged."""
+    rot_dim, seq_len, orig_dtype = freqs.shape[-1], t.shape[-2], t.dtype
+    freqs = freqs[:, -seq_len:, :]
+    rotated, passthrough = t[..., :rot_dim], t[..., rot_dim:]
+    rotated = rotated * freqs.cos() + _rotate_half_interleaved(rotated) * freqs.sin()
+    return torch.cat((rotated, passthrough), dim=-1).type(orig_dtype)
+
+
+# ------------------------------------------------------------------------------------- blocks
+
+
+class AdaLayerNormZero(nn.Module):
+    """LN(x) modulated by t; returns the attention input and the other five modulations."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * 6)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(emb, 6, dim=1)
+        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormZeroFinal(nn.Module):
+    """Final modulation; NOTE the official chunk order here is (scale, shift)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * 2)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        emb = self.linear(self.silu(emb))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear, laid out as `ff.0.0`, `ff.2` like the official one."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        mult: float = 4,
+        dropout: float = 0.0,
+        approximate: str = "none",
+    ) -> None:
+        super().__init__()
+        inner_dim = int(dim * mult)
+        dim_out = dim if dim_out is None else dim_out
+        project_in = nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU(approximate=approximate))
+        self.ff = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff(x)
+
+
+class Attention(nn.Module):
+    """Self-attention with rotary positions on the un-split projections and a boolean mask."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.heads = heads
+        self.inner_dim = dim_head * heads
+        self.to_q = nn.Linear(dim, self.inner_dim)
+        self.to_k = nn.Linear(dim, self.inner_dim)
+        self.to_v = nn.Linear(dim, self.inner_dim)
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, dim), nn.Dropout(dropout)])
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [B, T, dim]; mask: bool [B, 1, T, T] (True = may attend); rope: [1, T, rot_dim]."""
+        batch_size = x.shape[0]
+        query, key, value = self.to_q(x), self.to_k(x), self.to_v(x)
+        if rope is not None:
+            # before the head split, as the official code does: only head 0 gets positions
+            query = apply_rotary_pos_emb(query, rope)
+            key = apply_rotary_pos_emb(key, rope)
+
+        head_dim = key.shape[-1] // self.heads
+        query = query.view(batch_size, -1, self.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, self.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, self.heads, head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0)
+        out = out.transpose(1, 2).reshape(batch_size, -1, self.heads * head_dim).to(query.dtype)
+        out = self.to_out[1](self.to_out[0](out))
+
+        if mask is not None:
+            # the official code zeroes the frames that the mask's last query row cannot see
+            out = out.masked_fill(~mask[:, 0, -1].unsqueeze(-1), 0.0)
+        return out
+
+
+class DiTBlock(nn.Module):
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, ff_mult: float = 4, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.attn_norm = AdaLayerNormZero(dim)
+        self.attn = Attention(dim=dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim=dim, mult=ff_mult, dropout=dropout, approximate="tanh")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, emb=t)
+        x = x + gate_msa.unsqueeze(1) * self.attn(norm, mask=mask, rope=rope)
+        ff_in = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp.unsqueeze(1) * self.ff(ff_in)
+
+
+# ---------------------------------------------------------------------------------------- mask
+
+
+def dit_attention_mask(mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, T] from a padding mask [B, 1, T] (1 = valid frame).
+
+    chunk_size > 0: each frame sees its own chunk and every earlier one (the official
+    `add_optional_chunk_mask` with a static chunk and all left chunks); chunk_size == 0: full context.
+    Query rows that would see nothing are opened fully, as the official helper does, so that
+    attention never produces NaN (those frames are zeroed afterwards).
+    """
+    pad = mask.bool()  # [B, 1, T]
+    size = pad.shape[-1]
+    if chunk_size > 0:
+        pos = torch.arange(size, device=pad.device)
+        chunk_end = (torch.div(pos, chunk_size, rounding_mode="trunc") + 1) * chunk_size
+        chunk = pos.unsqueeze(0) < chunk_end.unsqueeze(1)  # [T, T]
+        attn = pad & chunk.unsqueeze(0)  # [B, T, T]
+    else:
+        attn = pad.clone()  # [B, 1, T], the same row for every query
+    attn[attn.sum(dim=-1) == 0] = True
+    return attn.expand(-1, size, -1).unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+class DiT(nn.Module):
+    """Velocity estimator of the v3 flow: forward(x, mask, mu, t, spks, cond, streaming) -> [B, mel, T].
+
+    Constructor keywords are the official ones (`cosyvoice3.yaml`); `dropout` only matters in
+    training and `out_channels` / `num_decoding_left_chunks` are stored but unused, as officially.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int = 8,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.1,
+        ff_mult: float = 4,
+        mel_dim: int = 80,
+        mu_dim: int | None = None,
+        long_skip_connection: bool = False,
+        spk_dim: int | None = None,
+        out_channels: int | None = None,
+        static_chunk_size: int = 50,
+        num_decoding_left_chunks: int = 2,
+    ) -> None:
+        super().__init__()
+        self.time_embed = TimestepEmbedding(dim)
+        mu_dim = mel_dim if mu_dim is None else mu_dim
+        self.input_embed = InputEmbedding(mel_dim, mu_dim, dim, spk_dim)
+        self.rotary_embed = RotaryEmbedding(dim_head)
+        self.dim = dim
+        self.depth = depth
+        self.transformer_blocks = nn.ModuleList(
+            [
+                DiTBlock(dim=dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, dropout=dropout)
+                for _ in range(depth)
+            ]
+        )
+        self.long_skip_connection = (
+            nn.Linear(dim * 2, dim, bias=False) if long_skip_connection else None
+        )
+        self.norm_out = AdaLayerNormZeroFinal(dim)
+        self.proj_out = nn.Linear(dim, mel_dim)
+        self.out_channels = out_channels
+        self.static_chunk_size = static_chunk_size
+        self.num_decoding_left_chunks = num_decoding_left_chunks
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        streaming: bool = False,
+    ) -> torch.Tensor:
+        """x, mu, cond: [B, mel, T]; mask: [B, 1, T]; t: [B] or scalar; spks: [B, spk_dim].
+
+        streaming=True uses the chunk mask of `static_chunk_size` frames; otherwise full context.
+        """
+        if cond is None:
+            raise InvalidRequestError("DiT.forward needs `cond` (zeros where there is no prompt)")
+        x = x.transpose(1, 2)
+        mu = mu.transpose(1, 2)
+        cond = cond.transpose(1, 2)
+        batch, seq_len = x.shape[0], x.shape[1]
+        if t.ndim == 0:
+            t = t.repeat(batch)
+
+        t = self.time_embed(t)
+        x = self.input_embed(x, cond, mu, spks)
+        rope = self.rotary_embed.forward_from_seq_len(seq_len)
+        residual = x
+
+        attn_mask = dit_attention_mask(mask, self.static_chunk_size if streaming else 0)
+        for block in self.transformer_blocks:
+            x = block(x, t, mask=attn_mask, rope=rope)
+
+        if self.long_skip_connection is not None:
+            x = self.long_skip_connection(torch.cat((x, residual), dim=-1))
+
+        x = self.norm_out(x, t)
+        return self.proj_out(x).transpose(1, 2)

@@ -1,0 +1,222 @@
+"""Conditional flow matching solver (official `cosyvoice/flow/flow_matching.py`).
+
+Both solvers integrate the estimator's velocity field from noise (t=0) to a mel (t=1) with a
+fixed-step Euler method on a cosine time schedule, using classifier-free guidance: every step
+runs the estimator on a batch of two, the second row with mu, spks and cond zeroed, and mixes
+`v = (1 + r) * v_cond - r * v_uncond` with r = `inference_cfg_rate`.
+
+* `ConditionalCFM` (v1) draws fresh Gaussian noise per call from an explicit generator and keeps
+  the official "flow cache" so that overlapping streaming chunks reuse noise and mu.
+* `CausalConditionalCFM` (v2/v3) always uses the same noise: the official module draws
+  `randn(1, 80, 15000)` right after seeding the global RNG with 0. We draw the identical values
+  from a private generator and keep them out of the state_dict (they are not in flow.pt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+
+# Frames at the end of a v1 chunk whose noise and mu are carried to the next chunk; it is the
+# mel length of the 20-token overlap, int(20 / 50 * 22050 / 256) (official hard-coded value).
+FLOW_CACHE_OVERLAP_FRAMES = 34
+
+# v2/v3 fixed noise: 80 mel bins x 300 s at 50 frames/s, drawn after manual_seed(0).
+FIXED_NOISE_SEED = 0
+FIXED_NOISE_FRAMES = 50 * 300
+
+
+def _cfm_param(cfm_params: Mapping[str, Any] | Any, name: str, default: Any = None) -> Any:
+    """Read a cfm_params entry from a plain mapping (or an attribute-style config object)."""
+    if isinstance(cfm_params, Mapping):
+        value = cfm_params.get(name, default)
+    else:
+        value = getattr(cfm_params, name, default)
+    if value is None:
+        raise ModelDirError(f"cfm_params is missing {name!r}")
+    return value
+
+
+def time_span(n_timesteps: int, scheduler: str, like: torch.Tensor) -> torch.Tensor:
+    """The n_timesteps + 1 integration times, cosine-warped when scheduler == 'cosine'."""
+    t_span = torch.linspace(0, 1, n_timesteps + 1, device=like.device, dtype=like.dtype)
+    if scheduler == "cosine":
+        t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+    return t_span
+
+
+class _EulerCFM(nn.Module):
+    """Shared constructor and Euler/CFG solver."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        cfm_params: Mapping[str, Any] | Any,
+        n_spks: int = 1,
+        spk_emb_dim: int = 64,
+        estimator: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if estimator is None:
+            raise ModelDirError(f"{type(self).__name__} needs an estimator module")
+        self.n_feats = in_channels
+        self.n_spks = n_spks
+        self.spk_emb_dim = spk_emb_dim
+        self.solver = _cfm_param(cfm_params, "solver", "euler")
+        if self.solver != "euler":
+            raise ModelDirError(f"unsupported cfm solver {self.solver!r}; only 'euler' exists")
+        self.sigma_min = float(_cfm_param(cfm_params, "sigma_min", 1e-4))
+        self.t_scheduler = _cfm_param(cfm_params, "t_scheduler")
+        self.training_cfg_rate = float(_cfm_param(cfm_params, "training_cfg_rate", 0.0))
+        self.inference_cfg_rate = float(_cfm_param(cfm_params, "inference_cfg_rate"))
+        self.estimator = estimator
+
+    def solve_euler(
+        self,
+        x: torch.Tensor,
+        t_span: torch.Tensor,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        streaming: bool = False,
+    ) -> torch.Tensor:
+        """Integrate from noise x (1, C, T) along t_span; returns the float32 mel (1, C, T)."""
+        batch, channels, length = x.shape
+        if batch != 1:
+            raise InvalidRequestError(f"the flow solver runs one utterance at a time, got batch {batch}")
+        # The official buffers take the dtype of spks (relevant under autocast only).
+        dtype = spks.dtype
+        x_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
+        mask_in = torch.zeros([2, 1, length], device=x.device, dtype=dtype)
+        mu_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
+        t_in = torch.zeros([2], device=x.device, dtype=dtype)
+        spks_in = torch.zeros([2, spks.shape[1]], device=x.device, dtype=dtype)
+        cond_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
+        # Row 1 keeps mu/spks/cond at zero: the unconditional branch of classifier-free guidance.
+        mu_in[0] = mu
+        spks_in[0] = spks
+        cond_in[0] = cond
+        mask_in[:] = mask
+
+        rate = self.inference_cfg_rate
+        # t and dt are accumulated exactly as the official loop does (t += dt, then
+        # dt = t_span[k+1] - t), which differs from t_span[k] in the last float bits.
+        t = t_span[0].unsqueeze(0)
+        dt = t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            x_in[:] = x
+            t_in[:] = t
+            velocity = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
+            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return x.float()
+
+
+class ConditionalCFM(_EulerCFM):
+    """v1 CFM: fresh noise per call, plus the streaming flow cache."""
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+        n_timesteps: int,
+        temperature: float = 1.0,
+        spks: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        prompt_len: int = 0,
+        cache: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu, cond: (1, 80, T); mask: (1, 1, T); spks: (1, 80).
+
+        `cache` (1, 80, N, 2) holds noise [..., 0] and mu [..., 1] of the first N frames, which
+        overwrite this call's noise and mu (streaming continuity). Returns the mel (1, 80, T) and
+        the new cache: the first `prompt_len` frames and the last 34 frames of this call.
+        The noise is `randn` from `generator`, the same stream as the official `randn_like(mu)`
+        after `torch.manual_seed(s)` when the generator is seeded with s and lives on the same
+        device type as the official run.
+        """
+        if spks is None or cond is None:
+            raise InvalidRequestError("ConditionalCFM needs spks and cond")
+        if generator is None:
+            raise InvalidRequestError("ConditionalCFM needs a torch.Generator for its noise")
+        # Drawn on the generator's device, then moved: a CPU generator gives the same noise on
+        # every device; a CUDA generator reproduces the official draw on that GPU.
+        z = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=mu.dtype)
+        z = z.to(mu.device) * temperature
+        mu = mu.clone()
+        if cache is not None and cache.shape[2] != 0:
+            cache_size = cache.shape[2]
+            if cache_size > mu.shape[2]:
+                raise InvalidRequestError(
+                    f"flow cache covers {cache_size} frames but the chunk has only {mu.shape[2]}"
+                )
+            z[:, :, :cache_size] = cache[:, :, :, 0]
+            mu[:, :, :cache_size] = cache[:, :, :, 1]
+        # Same slicing as the official code, including its overlap when T < prompt_len + 34.
+        tail = FLOW_CACHE_OVERLAP_FRAMES
+        z_cache = torch.cat([z[:, :, :prompt_len], z[:, :, -tail:]], dim=2)
+        mu_cache = torch.cat([mu[:, :, :prompt_len], mu[:, :, -tail:]], dim=2)
+        new_cache = torch.stack([z_cache, mu_cache], dim=-1)
+
+        t_span = time_span(n_timesteps, self.t_scheduler, mu)
+        mel = self.solve_euler(z, t_span=t_span, mu=mu, mask=mask, spks=spks, cond=cond)
+        return mel, new_cache
+
+
+class CausalConditionalCFM(_EulerCFM):
+    """v2/v3 CFM: deterministic, the noise is the fixed `rand_noise` buffer."""
+
+    rand_noise: torch.Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        cfm_params: Mapping[str, Any] | Any,
+        n_spks: int = 1,
+        spk_emb_dim: int = 64,
+        estimator: nn.Module | None = None,
+    ) -> None:
+        super().__init__(in_channels, cfm_params, n_spks, spk_emb_dim, estimator)
+        # Identical to the official `set_all_random_seed(0); torch.randn([1, 80, 15000])`, but
+        # drawn from a private CPU generator so the global RNG is left alone. Not persistent:
+        # flow.pt does not contain it.
+        generator = torch.Generator().manual_seed(FIXED_NOISE_SEED)
+        noise = torch.randn([1, 80, FIXED_NOISE_FRAMES], generator=generator)
+        self.register_buffer("rand_noise", noise, persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+        n_timesteps: int,
+        temperature: float = 1.0,
+        spks: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        streaming: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """mu, cond: (1, 80, T); mask: (1, 1, T); spks: (1, 80) -> (mel (1, 80, T), None)."""
+        if spks is None or cond is None:
+            raise InvalidRequestError("CausalConditionalCFM needs spks and cond")
+        length = mu.shape[2]
+        if length > self.rand_noise.shape[2]:
+            raise InvalidRequestError(
+                f"the flow can generate at most {self.rand_noise.shape[2]} mel frames per call, "
+                f"got {length}"
+            )
+        z = self.rand_noise[:, :, :length].to(device=mu.device, dtype=mu.dtype) * temperature
+        t_span = time_span(n_timesteps, self.t_scheduler, mu)
+        mel = self.solve_euler(z, t_span, mu, mask, spks, cond, streaming=streaming)
+        return mel, None

@@ -1,0 +1,166 @@
+"""CosyVoice3 flow: speech tokens -> mel (official `CausalMaskedDiffWithDiT`, `cosyvoice/flow/flow.py`).
+
+tokens -> `input_embedding` (80-d) -> `PreLookaheadLayer` -> repeat x token_mel_ratio -> mu,
+then the conditional flow matching decoder (a `CausalConditionalCFM` around the DiT estimator)
+turns (mu, speaker, prompt mel) into the mel. No Conformer encoder in v3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError
+
+__all__ = ["PreLookaheadLayer", "CausalMaskedDiffWithDiT"]
+
+# The official flow hard-codes the number of Euler steps in `inference`.
+N_TIMESTEPS = 10
+
+
+class PreLookaheadLayer(nn.Module):
+    """Official `cosyvoice/transformer/upsample_encoder.py:PreLookaheadLayer`.
+
+    conv1 (kernel pre_lookahead_len + 1) sees `pre_lookahead_len` future frames: zeros at the end
+    of an utterance, or real look-ahead frames (`context`) while streaming. Then LeakyReLU(0.01),
+    a causal conv2 (kernel 3, left pad 2) and a residual connection.
+    """
+
+    def __init__(self, in_channels: int, channels: int, pre_lookahead_len: int = 1) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.channels = channels
+        self.pre_lookahead_len = pre_lookahead_len
+        self.conv1 = nn.Conv1d(in_channels, channels, kernel_size=pre_lookahead_len + 1)
+        self.conv2 = nn.Conv1d(channels, in_channels, kernel_size=3)
+
+    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: [B, T, C]; context: [B, <= pre_lookahead_len, C] frames that follow `inputs`."""
+        outputs = inputs.transpose(1, 2)
+        if context is not None and context.shape[1] > 0:
+            if context.shape[1] > self.pre_lookahead_len:
+                raise InvalidRequestError(
+                    f"look-ahead context has {context.shape[1]} frames, "
+                    f"at most {self.pre_lookahead_len} are used"
+                )
+            outputs = torch.cat([outputs, context.transpose(1, 2)], dim=2)
+            missing = self.pre_lookahead_len - context.shape[1]
+        else:
+            missing = self.pre_lookahead_len
+        outputs = F.pad(outputs, (0, missing))
+        outputs = F.leaky_relu(self.conv1(outputs))
+        outputs = F.pad(outputs, (self.conv2.kernel_size[0] - 1, 0))
+        outputs = self.conv2(outputs).transpose(1, 2)
+        return outputs + inputs
+
+
+class CausalMaskedDiffWithDiT(nn.Module):
+    """The v3 flow. Constructor keywords are the official ones; training-only ones are ignored.
+
+    `decoder` is a built `CausalConditionalCFM` (see `flow_matching.py`) holding the DiT estimator.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 512,
+        output_size: int = 80,
+        spk_embed_dim: int = 192,
+        output_type: str = "mel",
+        vocab_size: int = 4096,
+        input_frame_rate: int = 50,
+        only_mask_loss: bool = True,
+        token_mel_ratio: int = 2,
+        pre_lookahead_len: int = 3,
+        pre_lookahead_layer: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        decoder_conf: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.vocab_size = vocab_size
+        self.output_type = output_type
+        self.input_frame_rate = input_frame_rate
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.pre_lookahead_len = pre_lookahead_len
+        self.pre_lookahead_layer = pre_lookahead_layer
+        self.decoder = decoder
+        self.token_mel_ratio = token_mel_ratio
+
+    @torch.inference_mode()
+    def inference(
+        self,
+        token: torch.Tensor,
+        token_len: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_token_len: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        prompt_feat_len: torch.Tensor,
+        embedding: torch.Tensor,
+        streaming: bool,
+        finalize: bool,
+    ) -> tuple[torch.Tensor, None]:
+        """Mel [1, 80, token_mel_ratio * n_new] for the tokens after the prompt.
+
+        token [1, N] (with finalize=False its last `pre_lookahead_len` tokens are only look-ahead
+        context and produce no mel), prompt_token [1, P], prompt_feat [1, 2P, 80] (the frontend
+        aligns prompt mel = token_mel_ratio x prompt tokens), embedding [1, spk_embed_dim] (x-vector).
+        streaming=True runs the DiT with its chunk attention mask.
+        """
+        if token.shape[0] != 1:
+            raise InvalidRequestError(
+                f"the flow runs one utterance at a time, got batch {token.shape[0]}"
+            )
+        if not finalize and token.shape[1] <= self.pre_lookahead_len:
+            raise InvalidRequestError(
+                f"a non-final chunk needs more than {self.pre_lookahead_len} tokens "
+                f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
+            )
+        if self.pre_lookahead_layer is None or self.decoder is None:
+            raise InvalidRequestError("CausalMaskedDiffWithDiT was built without its sub-modules")
+
+        embedding = F.normalize(embedding, dim=1)
+        embedding = self.spk_embed_affine_layer(embedding)
+
+        # prompt tokens then new tokens; padding (if any) is zeroed after the embedding
+        token = torch.cat([prompt_token, token], dim=1)
+        token_len = (prompt_token_len + token_len).to(token.device)
+        positions = torch.arange(token.shape[1], device=token.device)
+        mask = (positions.unsqueeze(0) < token_len.unsqueeze(1)).unsqueeze(-1).to(embedding)
+        token = self.input_embedding(torch.clamp(token, min=0)) * mask
+
+        if finalize:
+            h = self.pre_lookahead_layer(token)
+        else:
+            look = self.pre_lookahead_len
+            h = self.pre_lookahead_layer(token[:, :-look], context=token[:, -look:])
+        h = h.repeat_interleave(self.token_mel_ratio, dim=1)
+        mel_len1 = prompt_feat.shape[1]
+        mel_len2 = h.shape[1] - mel_len1
+        if mel_len2 <= 0:
+            raise InvalidRequestError(
+                f"prompt mel ({mel_len1} frames) is not shorter than the token features "
+                f"({h.shape[1]} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
+            )
+
+        conds = torch.zeros(
+            1, mel_len1 + mel_len2, self.output_size, device=h.device, dtype=h.dtype
+        )
+        conds[:, :mel_len1] = prompt_feat
+        conds = conds.transpose(1, 2)
+
+        mel_mask = torch.ones(1, 1, mel_len1 + mel_len2, device=h.device, dtype=h.dtype)
+        feat, _ = self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mel_mask,
+            spks=embedding,
+            cond=conds,
+            n_timesteps=N_TIMESTEPS,
+            streaming=streaming,
+        )
+        feat = feat[:, :, mel_len1:]
+        return feat.float(), None

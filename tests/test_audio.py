@@ -1,0 +1,299 @@
+"""cosyvoice_lite.audio.io: decoding every supported format, official load_wav parity, checks that
+raise AudioError, writing and encoding."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from cosyvoice_lite.audio.io import (
+    AUDIO_FORMATS,
+    MAX_PROMPT_SECONDS,
+    check_duration,
+    check_not_silent,
+    check_prompt_audio,
+    encode_audio,
+    load_audio,
+    load_wav,
+    media_type,
+    to_sample_rate,
+    write_wav,
+)
+from cosyvoice_lite.audio.resample import resample
+from cosyvoice_lite.errors import AudioError, InvalidRequestError
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "features"
+RATES = [16000, 22050, 44100, 48000]
+# format -> (container, subtype, lossless)
+SOUNDFILE_FORMATS = {
+    "wav": ("WAV", "PCM_16", True),
+    "flac": ("FLAC", "PCM_16", True),
+    "ogg": ("OGG", "VORBIS", False),
+    "mp3": ("MP3", "MPEG_LAYER_III", False),
+}
+
+
+def tone(sample_rate: int, seconds: float = 0.6, channels: int = 1) -> np.ndarray:
+    """``[N, channels]`` float32 test signal, exactly representable in 16-bit PCM."""
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    columns = [
+        0.4 * np.sin(2 * np.pi * (220 + 110 * c) * t) + 0.1 * np.sin(2 * np.pi * 1250 * t)
+        for c in range(channels)
+    ]
+    return (np.round(np.stack(columns, axis=1) * 32767) / 32768).astype(np.float32)
+
+
+def encoded(data: np.ndarray, sample_rate: int, container: str, subtype: str) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, data, sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    n = min(len(a), len(b))
+    return float(np.corrcoef(a[:n], b[:n])[0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# official load_wav parity
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def load_wav_golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "load_wav.npz") as data:
+        return dict(data)
+
+
+@pytest.mark.parametrize(
+    ("source", "target_sr"),
+    [("stereo", 16000), ("stereo", 24000), ("mono", 24000), ("mono", 16000)],
+)
+def test_load_wav_matches_official(load_wav_golden, source: str, target_sr: int) -> None:
+    wav_bytes = load_wav_golden[f"{source}_wav"].tobytes()
+    expected = load_wav_golden[f"{source}_{target_sr // 1000}k"]
+    ours = load_wav(wav_bytes, target_sr)
+    assert ours.shape == expected.shape and ours.dtype == torch.float32
+    assert float((ours - torch.from_numpy(expected)).abs().max()) <= 1e-6
+
+
+def test_load_wav_same_rate_is_not_resampled(tmp_path: Path) -> None:
+    data = tone(24000)
+    sf.write(tmp_path / "p.wav", data, 24000, subtype="PCM_16")
+    np.testing.assert_array_equal(load_wav(tmp_path / "p.wav", 24000)[0].numpy(), data[:, 0])
+
+
+def test_load_wav_rejects_8k() -> None:
+    wav = encoded(tone(8000), 8000, "WAV", "PCM_16")
+    with pytest.raises(AudioError, match="8000 Hz.*16000 Hz"):
+        load_wav(wav, 16000)
+    with pytest.raises(AudioError, match="8000 Hz"):
+        to_sample_rate(torch.zeros(8000), 8000, 24000)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding every format
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", list(SOUNDFILE_FORMATS))
+@pytest.mark.parametrize("sample_rate", RATES)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_formats_round_trip(fmt: str, sample_rate: int, channels: int) -> None:
+    container, subtype, lossless = SOUNDFILE_FORMATS[fmt]
+    data = tone(sample_rate, channels=channels)
+    audio, rate = load_audio(encoded(data, sample_rate, container, subtype))
+    mono = data.mean(axis=1)
+    assert rate == sample_rate
+    assert audio.dtype == torch.float32 and audio.dim() == 1
+    if lossless:
+        assert audio.shape[0] == data.shape[0]
+        np.testing.assert_allclose(audio.numpy(), mono, rtol=0, atol=1e-7)
+    else:
+        # Lossy codecs: length within a frame, waveform clearly the same.
+        assert abs(audio.shape[0] - data.shape[0]) <= 2048
+        assert correlation(audio.numpy(), mono) > 0.9
+
+
+@pytest.mark.parametrize("sample_rate", [16000, 24000, 48000])
+def test_ogg_opus_round_trip(sample_rate: int) -> None:
+    data = tone(sample_rate, channels=2)
+    audio, rate = load_audio(encoded(data, sample_rate, "OGG", "OPUS"))
+    assert rate == sample_rate
+    assert abs(audio.shape[0] - data.shape[0]) <= 2048
+    assert correlation(audio.numpy(), data.mean(axis=1)) > 0.9
+
+
+def test_load_audio_accepts_path_str_and_file_object(tmp_path: Path) -> None:
+    data = tone(22050, channels=2)
+    path = tmp_path / "prompt.flac"
+    sf.write(path, data, 22050, subtype="PCM_16")
+    from_path, rate = load_audio(path)
+    assert rate == 22050
+    torch.testing.assert_close(load_audio(str(path))[0], from_path, rtol=0, atol=0)
+    with open(path, "rb") as f:
+        torch.testing.assert_close(load_audio(f)[0], from_path, rtol=0, atol=0)
+    torch.testing.assert_close(
+        load_audio(bytearray(path.read_bytes()))[0], from_path, rtol=0, atol=0
+    )
+
+
+def test_stereo_is_channel_mean_like_official() -> None:
+    data = tone(16000, channels=2)
+    audio, _ = load_audio(encoded(data, 16000, "WAV", "FLOAT"))
+    expected = torch.from_numpy(data.T.copy()).mean(dim=0)
+    torch.testing.assert_close(audio, expected, rtol=0, atol=0)
+
+
+def test_load_audio_max_seconds_checks_header() -> None:
+    wav = encoded(tone(16000, seconds=2.0), 16000, "WAV", "PCM_16")
+    with pytest.raises(AudioError, match="too long"):
+        load_audio(wav, max_seconds=1.5)
+    assert load_audio(wav, max_seconds=2.0)[0].shape == (32000,)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_garbage_bytes() -> None:
+    with pytest.raises(AudioError, match="could not be decoded"):
+        load_audio(b"this is not audio at all" * 20)
+
+
+def test_truncated_header() -> None:
+    wav = encoded(tone(16000), 16000, "WAV", "PCM_16")
+    with pytest.raises(AudioError):
+        load_audio(wav[:20])
+
+
+def test_empty_bytes_and_file(tmp_path: Path) -> None:
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(b"")
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(io.BytesIO(b""))
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(empty)
+
+
+def test_wav_without_samples() -> None:
+    wav = encoded(np.zeros((0, 1), dtype=np.float32), 16000, "WAV", "PCM_16")
+    with pytest.raises(AudioError, match="no audio samples"):
+        load_audio(wav)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(AudioError, match="does not exist"):
+        load_audio(tmp_path / "nope.wav")
+
+
+def test_non_finite_samples() -> None:
+    data = tone(16000)
+    data[100] = np.nan
+    with pytest.raises(AudioError, match="NaN"):
+        load_audio(encoded(data, 16000, "WAV", "FLOAT"))
+
+
+def test_text_file_object_is_rejected() -> None:
+    with pytest.raises(AudioError, match="binary mode"):
+        load_audio(io.StringIO("RIFF"))
+
+
+def test_silence() -> None:
+    with pytest.raises(AudioError, match="all zeros"):
+        check_not_silent(torch.zeros(16000))
+    with pytest.raises(AudioError, match="-80 dBFS"):
+        check_not_silent(torch.full((16000,), 1e-4))
+    check_not_silent(torch.full((16000,), 0.01))
+    silent_wav = encoded(np.zeros((16000, 1), dtype=np.float32), 16000, "WAV", "PCM_16")
+    audio, rate = load_audio(silent_wav)
+    with pytest.raises(AudioError, match="silent"):
+        check_prompt_audio(audio, rate)
+
+
+def test_duration_limits() -> None:
+    check_duration(torch.zeros(16000 * 30), 16000)
+    with pytest.raises(AudioError, match="too long.*30 s"):
+        check_duration(torch.zeros(16000 * 30 + 1), 16000)
+    with pytest.raises(AudioError, match="too short"):
+        check_duration(torch.zeros(4000), 16000)
+    with pytest.raises(AudioError, match="too long"):
+        check_prompt_audio(torch.full((24000 * 31,), 0.1), 24000)
+    assert MAX_PROMPT_SECONDS == 30.0
+
+
+def test_check_prompt_audio_accepts_real_prompt_and_rejects_8k() -> None:
+    audio = torch.from_numpy(tone(24000, seconds=1.0)[:, 0])
+    check_prompt_audio(audio, 24000)
+    with pytest.raises(AudioError, match="8000 Hz"):
+        check_prompt_audio(audio, 8000)
+
+
+def test_audio_error_is_an_invalid_request() -> None:
+    assert issubclass(AudioError, InvalidRequestError)
+
+
+# --------------------------------------------------------------------------------------------
+# writing and encoding
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_wav_path_and_buffer(tmp_path: Path) -> None:
+    audio = torch.from_numpy(tone(24000)[:, 0]).unsqueeze(0)  # [1, N] like the engine output
+    write_wav(tmp_path / "out.wav", audio, 24000)
+    info = sf.info(tmp_path / "out.wav")
+    assert (info.samplerate, info.channels, info.subtype, info.frames) == (
+        24000,
+        1,
+        "PCM_16",
+        audio.shape[1],
+    )
+    read, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    np.testing.assert_array_equal(read, audio[0].numpy())
+    buffer = io.BytesIO()
+    write_wav(buffer, audio, 24000)
+    assert buffer.getvalue() == (tmp_path / "out.wav").read_bytes()
+
+
+def test_write_wav_clips_overs() -> None:
+    buffer = io.BytesIO()
+    write_wav(buffer, np.array([1.5, -1.5, 0.5], dtype=np.float32), 16000)
+    read, _ = sf.read(io.BytesIO(buffer.getvalue()), dtype="int16")
+    assert read.tolist() == [32767, -32768, 16384]
+
+
+@pytest.mark.parametrize("fmt", list(AUDIO_FORMATS))
+@pytest.mark.parametrize("sample_rate", [22050, 24000])
+def test_encode_audio_round_trip(fmt: str, sample_rate: int) -> None:
+    audio = torch.from_numpy(tone(sample_rate)[:, 0])
+    data = encode_audio(audio, sample_rate, fmt)
+    assert isinstance(data, bytes) and data
+    if fmt == "pcm":
+        decoded = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
+        np.testing.assert_array_equal(decoded, audio.numpy())
+        return
+    decoded, rate = load_audio(data)
+    if fmt == "opus" and sample_rate == 22050:
+        assert rate == 48000  # Opus has no 22.05 kHz mode
+        decoded = resample(decoded, 48000, 22050)
+    else:
+        assert rate == sample_rate
+    if fmt in ("wav", "flac"):
+        np.testing.assert_array_equal(decoded.numpy(), audio.numpy())
+    else:
+        assert abs(decoded.shape[0] - audio.shape[0]) <= 2048
+        assert correlation(decoded.numpy(), audio.numpy()) > 0.9
+
+
+def test_encode_audio_unknown_format() -> None:
+    with pytest.raises(AudioError, match="unknown audio format"):
+        encode_audio(torch.zeros(100), 16000, "aac")
+    assert media_type("MP3") == "audio/mpeg"

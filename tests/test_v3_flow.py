@@ -1,0 +1,197 @@
+"""v3 flow parity against the official CosyVoice3 code (goldens from tools/golden/v3_flow.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite.errors import InvalidRequestError
+from cosyvoice_lite.networks.dit import DiT
+from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
+from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT, PreLookaheadLayer
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "v3_flow"
+TOL = 1e-4
+
+# Must match tools/golden/v3_flow.py.
+DIT_KW = dict(
+    dim=48,
+    depth=2,
+    heads=3,
+    dim_head=16,
+    ff_mult=2,
+    mel_dim=80,
+    mu_dim=80,
+    spk_dim=80,
+    out_channels=80,
+    static_chunk_size=10,
+    num_decoding_left_chunks=-1,
+)
+FLOW_KW = dict(
+    input_size=80,
+    output_size=80,
+    spk_embed_dim=192,
+    output_type="mel",
+    vocab_size=50,
+    input_frame_rate=25,
+    only_mask_loss=True,
+    token_mel_ratio=2,
+    pre_lookahead_len=3,
+)
+CFM_PARAMS = dict(
+    sigma_min=1e-06,
+    solver="euler",
+    t_scheduler="cosine",
+    training_cfg_rate=0.2,
+    inference_cfg_rate=0.7,
+    reg_loss_type="l1",
+)
+
+
+def _load(name: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / f"{name}.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in _load("flow_state").items()}
+
+
+@pytest.fixture(scope="module")
+def flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
+    decoder = CausalConditionalCFM(
+        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=DiT(**DIT_KW)
+    )
+    model = CausalMaskedDiffWithDiT(
+        **FLOW_KW,
+        pre_lookahead_layer=PreLookaheadLayer(80, 32, pre_lookahead_len=3),
+        decoder=decoder,
+    )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def estimator(state: dict[str, torch.Tensor]) -> DiT:
+    prefix = "decoder.estimator."
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    model = DiT(**DIT_KW)
+    model.load_state_dict(sub, strict=True)
+    return model.eval()
+
+
+def _max_err(a: torch.Tensor, b: np.ndarray) -> float:
+    assert tuple(a.shape) == b.shape
+    return float((a.detach() - torch.from_numpy(b)).abs().max())
+
+
+def test_rotary_inv_freq_is_checkpoint_key(estimator: DiT) -> None:
+    assert "rotary_embed.inv_freq" in estimator.state_dict()
+    expected = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    torch.testing.assert_close(estimator.rotary_embed.inv_freq, expected)
+
+
+@pytest.mark.parametrize(
+    ("key", "streaming", "t_key"),
+    [("out_full", False, "t"), ("out_stream", True, "t"), ("out_scalar_t", False, "t_scalar")],
+)
+def test_estimator_parity(estimator: DiT, key: str, streaming: bool, t_key: str) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("estimator").items()}
+    with torch.no_grad():
+        out = estimator(
+            g["x"], g["mask"], g["mu"], g[t_key], g["spks"], g["cond"], streaming=streaming
+        )
+    assert _max_err(out, g[key].numpy()) < TOL
+
+
+def test_streaming_mask_is_chunk_causal(estimator: DiT) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("estimator").items()}
+    x, mu, cond, mask = g["x"][:1], g["mu"][:1], g["cond"][:1], g["mask"][:1]
+    chunk = estimator.static_chunk_size
+    with torch.no_grad():
+        full = estimator(x, mask, mu, g["t"][:1], g["spks"][:1], cond, streaming=True)
+        head = estimator(
+            x[..., :chunk],
+            mask[..., :chunk],
+            mu[..., :chunk],
+            g["t"][:1],
+            g["spks"][:1],
+            cond[..., :chunk],
+            streaming=True,
+        )
+    torch.testing.assert_close(head, full[..., :chunk], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", ["prompt", "noprompt"])
+@pytest.mark.parametrize("streaming", ["full", "stream"])
+@pytest.mark.parametrize("finalize", ["final", "partial"])
+def test_inference_parity(
+    flow: CausalMaskedDiffWithDiT, prompt: str, streaming: str, finalize: str
+) -> None:
+    g = _load("inference")
+    token = torch.from_numpy(g["token"])
+    if prompt == "prompt":
+        p_tok, p_feat = torch.from_numpy(g["prompt_token"]), torch.from_numpy(g["prompt_feat"])
+    else:
+        p_tok, p_feat = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80)
+    mel, extra = flow.inference(
+        token,
+        torch.tensor([token.shape[1]]),
+        p_tok,
+        torch.tensor([p_tok.shape[1]]),
+        p_feat,
+        torch.tensor([p_feat.shape[1]]),
+        torch.from_numpy(g["embedding"]),
+        streaming=streaming == "stream",
+        finalize=finalize == "final",
+    )
+    assert extra is None
+    expected = g[f"mel_{prompt}_{streaming}_{finalize}"]
+    n_tokens = token.shape[1] - (0 if finalize == "final" else 3)
+    assert mel.shape == (1, 80, 2 * n_tokens)
+    assert _max_err(mel, expected) < TOL
+
+
+def test_pre_lookahead_context_equals_zero_padding_at_the_end() -> None:
+    torch.manual_seed(0)
+    layer = PreLookaheadLayer(8, 16, pre_lookahead_len=3).eval()
+    x = torch.randn(1, 10, 8)
+    with_context = layer(x[:, :7], context=x[:, 7:])
+    full = layer(x)
+    # frames far enough from the end see the same inputs either way
+    torch.testing.assert_close(with_context[:, :7], full[:, :7])
+    with_zero_context = layer(x[:, :7], context=torch.zeros(1, 3, 8))
+    torch.testing.assert_close(with_zero_context, layer(x[:, :7]))
+
+
+def test_bad_inputs_raise(flow: CausalMaskedDiffWithDiT) -> None:
+    tok = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(InvalidRequestError):
+        flow.inference(
+            tok,
+            torch.tensor([5, 5]),
+            tok[:, :0],
+            torch.tensor([0, 0]),
+            torch.zeros(2, 0, 80),
+            torch.tensor([0, 0]),
+            torch.randn(2, 192),
+            streaming=False,
+            finalize=True,
+        )
+    tok = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(InvalidRequestError):
+        flow.inference(
+            tok,
+            torch.tensor([3]),
+            tok[:, :0],
+            torch.tensor([0]),
+            torch.zeros(1, 0, 80),
+            torch.tensor([0]),
+            torch.randn(1, 192),
+            streaming=True,
+            finalize=False,
+        )
