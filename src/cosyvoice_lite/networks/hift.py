@@ -1,0 +1,466 @@
+"""HiFT vocoder of CosyVoice v1 and v2 (official `cosyvoice/hifigan/generator.py`, `f0_predictor.py`).
+
+mel -> f0 (ConvRNNF0Predictor) -> harmonic source (SourceModuleHnNSF, NSF) -> HiFi-GAN upsampling
+stack fused with the source's STFT -> 18 channels of log-magnitude/phase -> iSTFT (n_fft 16, hop 4).
+
+Module names follow the official tree so that `hift.pt` loads with `strict=True`:
+
+    m_source.l_linear                  Linear(9, 1) merging the harmonics
+    conv_pre, ups.i, conv_post         weight-normed convolutions
+    source_downs.i                     plain Conv1d on the source STFT
+    source_resblocks.i, resblocks.j    ResBlock: convs1/convs2.{0..2} (weight-normed),
+                                       activations1/activations2.{0..2}.alpha (Snake)
+    f0_predictor.condnet.{0,2,4,6,8}   weight-normed Conv1d (+ ELU), f0_predictor.classifier
+
+Weight norm is folded at load time: our convolutions hold a plain `weight`, and their
+`_load_from_state_dict` accepts both official spellings (`X.weight_g`/`X.weight_v` from the legacy
+`torch.nn.utils.weight_norm`, and `X.parametrizations.weight.original0/original1`).
+
+v1 (22.05 kHz) uses `SineGen`, v2 (24 kHz) `SineGen2`; the official code picks one by sampling
+rate, and so do we. Every random draw takes an explicit `torch.Generator`; the draws happen in the
+official order and shapes, so a CPU generator seeded `s` reproduces the official output after
+`torch.manual_seed(s)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+
+# ---------------------------------------------------------------------------------------------
+# weight norm, folded at load time
+# ---------------------------------------------------------------------------------------------
+
+_LEGACY_SUFFIXES = ("weight_g", "weight_v")
+_PARAMETRIZATION_SUFFIXES = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+
+
+def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+    """`w = g * v / ||v||`, the norm taken over every dim except dim 0 (as `torch._weight_norm`
+    with dim=0; for ConvTranspose1d dim 0 is in_channels)."""
+    if weight_g.dim() != weight_v.dim() or weight_g.shape[0] != weight_v.shape[0] or weight_g.numel() != weight_g.shape[0]:
+        raise ModelDirError(
+            f"weight-norm magnitude of shape {tuple(weight_g.shape)} does not fit direction of "
+            f"shape {tuple(weight_v.shape)} (expected [{weight_v.shape[0]}, 1, ...])"
+        )
+    # the very op the official (legacy and parametrized) weight_norm evaluates on every forward,
+    # so the folded weight is bit-identical to the one the official layer uses
+    return torch._weight_norm(weight_v, weight_g, 0)
+
+
+def _fold_weight_norm_keys(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Replace `prefix + (weight_g, weight_v)` or the parametrization pair by `prefix + weight`,
+    folded in the parameter's dtype (what the official module computes on every forward)."""
+    for g_suffix, v_suffix in (_LEGACY_SUFFIXES, _PARAMETRIZATION_SUFFIXES):
+        g_key, v_key = prefix + g_suffix, prefix + v_suffix
+        if g_key not in state_dict and v_key not in state_dict:
+            continue
+        if g_key not in state_dict or v_key not in state_dict:
+            # leave the lone key in place: the strict load reports it as unexpected
+            continue
+        if prefix + "weight" in state_dict:
+            raise ModelDirError(f"checkpoint holds both '{prefix}weight' and '{g_key}'/'{v_key}'")
+        dtype = module.weight.dtype
+        state_dict[prefix + "weight"] = fold_weight_norm(
+            state_dict.pop(g_key).to(dtype), state_dict.pop(v_key).to(dtype)
+        )
+
+
+class FoldedWeightNorm:
+    """Mixin for a conv that the official code wraps in `weight_norm`: holds the folded weight
+    and folds either official key spelling while loading."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _fold_weight_norm_keys(self, state_dict, prefix)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+
+class WeightNormConv1d(FoldedWeightNorm, nn.Conv1d):
+    """`weight_norm(nn.Conv1d(...))` with the weight folded."""
+
+
+class WeightNormConvTranspose1d(FoldedWeightNorm, nn.ConvTranspose1d):
+    """`weight_norm(nn.ConvTranspose1d(...))` with the weight folded (g over in_channels)."""
+
+
+def load_hift_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load an official `hift.pt` state dict strictly into `module` (HiFTGenerator or
+    CausalHiFTGenerator). A leading `generator.` (checkpoints saved from the HiFiGan training
+    wrapper) is stripped as the official loader does; weight-norm pairs of either spelling are
+    folded. Raises ModelDirError on any missing or unexpected key or shape mismatch."""
+    cleaned = {k.removeprefix("generator."): v for k, v in state_dict.items()}
+    try:
+        module.load_state_dict(cleaned, strict=True)
+    except RuntimeError as exc:
+        raise ModelDirError(f"hift checkpoint does not match the vocoder built from the yaml: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Snake(nn.Module):
+    """`x + sin^2(alpha x) / alpha` with a per-channel, linear-scale alpha (BigVGAN)."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.unsqueeze(0).unsqueeze(-1)
+        return x + (1.0 / (alpha + 1e-9)) * torch.pow(torch.sin(x * alpha), 2)
+
+
+class ResBlock(nn.Module):
+    """HiFi-GAN residual block with Snake activations: for each dilation,
+    `x = x + conv2(snake(conv1_dilated(snake(x))))`, "same" padding."""
+
+    def __init__(self, channels: int = 512, kernel_size: int = 3, dilations: Sequence[int] = (1, 3, 5)):
+        super().__init__()
+        self.convs1 = nn.ModuleList([self._make_conv(channels, kernel_size, d) for d in dilations])
+        self.convs2 = nn.ModuleList([self._make_conv(channels, kernel_size, 1) for _ in dilations])
+        self.activations1 = nn.ModuleList([Snake(channels) for _ in dilations])
+        self.activations2 = nn.ModuleList([Snake(channels) for _ in dilations])
+
+    def _make_conv(self, channels: int, kernel_size: int, dilation: int) -> nn.Module:
+        padding = (kernel_size * dilation - dilation) // 2
+        return WeightNormConv1d(channels, channels, kernel_size, 1, dilation=dilation, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
+            xt = conv2(act2(conv1(act1(x))))
+            x = xt + x
+        return x
+
+
+class ConvRNNF0Predictor(nn.Module):
+    """mel [B, 80, T] -> f0 [B, T]: five (Conv1d k3 + ELU), a Linear, then abs."""
+
+    def __init__(self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512):
+        super().__init__()
+        self.num_class = num_class
+        layers: list[nn.Module] = []
+        for i in range(5):
+            layers.append(WeightNormConv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1))
+            layers.append(nn.ELU())
+        self.condnet = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cond_channels, num_class)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.condnet(x).transpose(1, 2)
+        return torch.abs(self.classifier(x).squeeze(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# neural source filter
+# ---------------------------------------------------------------------------------------------
+
+
+def _rand(generator: torch.Generator, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """`torch.rand(shape)` drawn on the generator's device and moved to `like`'s device: a CPU
+    generator gives the same numbers wherever the model runs."""
+    values = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
+    return values.to(like.device)
+
+
+def _randn_like(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """`torch.randn_like(like)` from `generator`. randn_like keeps `like`'s memory layout and
+    fills memory in order, so for a transposed view the values land transposed; empty_like
+    preserves the strides the same way."""
+    values = torch.empty_like(like, device=generator.device).normal_(generator=generator)
+    return values.to(like.device)
+
+
+class SineGen(nn.Module):
+    """v1 sine source: harmonics with a per-harmonic random start phase, plus noise."""
+
+    def __init__(self, samp_rate: int, harmonic_num: int = 0, sine_amp: float = 0.1,
+                 noise_std: float = 0.003, voiced_threshold: float = 0):
+        super().__init__()
+        self.sine_amp = sine_amp
+        self.noise_std = noise_std
+        self.harmonic_num = harmonic_num
+        self.sampling_rate = samp_rate
+        self.voiced_threshold = voiced_threshold
+
+    def forward(self, f0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """f0 [B, L, 1] at sample rate -> (sine_waves [B, L, dim], uv [B, L, 1])."""
+        f0 = f0.transpose(1, 2)
+        dim = self.harmonic_num + 1
+        harmonics = torch.arange(1, dim + 1, device=f0.device, dtype=f0.dtype).view(1, dim, 1)
+        f_mat = f0 * harmonics / self.sampling_rate
+        theta_mat = 2 * math.pi * (torch.cumsum(f_mat, dim=-1) % 1)
+        # official: Uniform(-pi, pi).sample(), i.e. low + rand * (high - low) in float32
+        low, high = torch.tensor(-math.pi, dtype=f0.dtype), torch.tensor(math.pi, dtype=f0.dtype)
+        rand = _rand(generator, (f0.shape[0], dim, 1), f0)
+        phase_vec = low.to(f0.device) + rand * (high - low).to(f0.device)
+        phase_vec[:, 0, :] = 0
+        sine_waves = self.sine_amp * torch.sin(theta_mat + phase_vec)
+        uv = (f0 > self.voiced_threshold).to(f0.dtype)
+        noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
+        noise = noise_amp * _randn_like(generator, sine_waves)
+        sine_waves = sine_waves * uv + noise
+        return sine_waves.transpose(1, 2), uv.transpose(1, 2)
+
+
+class SineGen2(nn.Module):
+    """v2 sine source: instantaneous phase integrated at frame rate (linear down/upsampling by
+    `upsample_scale`), random start phase per harmonic, plus noise."""
+
+    def __init__(self, samp_rate: int, upsample_scale: int, harmonic_num: int = 0,
+                 sine_amp: float = 0.1, noise_std: float = 0.003, voiced_threshold: float = 0):
+        super().__init__()
+        self.sine_amp = sine_amp
+        self.noise_std = noise_std
+        self.harmonic_num = harmonic_num
+        self.dim = harmonic_num + 1
+        self.sampling_rate = samp_rate
+        self.voiced_threshold = voiced_threshold
+        self.upsample_scale = upsample_scale
+
+    def harmonic_rads(self, f0: torch.Tensor) -> torch.Tensor:
+        """f0 [B, L, 1] -> per-sample phase increments in cycles [B, L, dim], wrapped to [0, 1)."""
+        harmonics = torch.arange(1, self.dim + 1, device=f0.device, dtype=f0.dtype).view(1, 1, self.dim)
+        return (f0 * harmonics / self.sampling_rate) % 1
+
+    def integrate_phase(self, rad_values: torch.Tensor, upsample_mode: str) -> torch.Tensor:
+        """Cumulative phase computed on the frame grid and spread back to samples."""
+        rad_values = F.interpolate(rad_values.transpose(1, 2), scale_factor=1 / self.upsample_scale,
+                                   mode="linear").transpose(1, 2)
+        phase = torch.cumsum(rad_values, dim=1) * 2 * math.pi
+        phase = F.interpolate(phase.transpose(1, 2) * self.upsample_scale,
+                              scale_factor=float(self.upsample_scale), mode=upsample_mode).transpose(1, 2)
+        return torch.sin(phase)
+
+    def forward(self, f0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """f0 [B, L, 1] at sample rate -> (sine_waves [B, L, dim], uv [B, L, 1])."""
+        rad_values = self.harmonic_rads(f0)
+        rand_ini = _rand(generator, (f0.shape[0], self.dim), f0)
+        rand_ini[:, 0] = 0
+        rad_values[:, 0, :] = rad_values[:, 0, :] + rand_ini
+        sine_waves = self.integrate_phase(rad_values, "linear") * self.sine_amp
+        uv = (f0 > self.voiced_threshold).to(f0.dtype)
+        noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
+        noise = noise_amp * _randn_like(generator, sine_waves)
+        return sine_waves * uv + noise, uv
+
+
+class SourceModuleHnNSF(nn.Module):
+    """Harmonic-plus-noise source: sine harmonics merged by `l_linear` + tanh."""
+
+    def __init__(self, sampling_rate: int, upsample_scale: int, harmonic_num: int = 0,
+                 sine_amp: float = 0.1, add_noise_std: float = 0.003, voiced_threshod: float = 0,
+                 sinegen_type: str = "1"):
+        super().__init__()
+        self.sine_amp = sine_amp
+        self.noise_std = add_noise_std
+        self.l_sin_gen: SineGen | SineGen2
+        if sinegen_type == "1":
+            self.l_sin_gen = SineGen(sampling_rate, harmonic_num, sine_amp, add_noise_std, voiced_threshod)
+        else:
+            self.l_sin_gen = SineGen2(sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std,
+                                      voiced_threshod)
+        self.l_linear = nn.Linear(harmonic_num + 1, 1)
+
+    def forward(self, f0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """f0 [B, L, 1] -> source [B, L, 1]."""
+        sine_waves, uv = self.l_sin_gen(f0, generator)
+        sine_merge = torch.tanh(self.l_linear(sine_waves))
+        # The official module also draws a noise branch (randn like uv) that nobody uses; draw it
+        # anyway so the generator ends in the same state as the official global RNG.
+        _randn_like(generator, uv)
+        return sine_merge
+
+
+# ---------------------------------------------------------------------------------------------
+# generator
+# ---------------------------------------------------------------------------------------------
+
+
+class HiFTBase(nn.Module):
+    """What the non-causal and causal generators share: STFT/iSTFT and the upsampling stack.
+    Subclasses build `conv_pre`, `ups`, `source_downs`, `source_resblocks`, `resblocks`,
+    `conv_post` and `f0_predictor`."""
+
+    istft_params: dict[str, int]
+    upsample_scale: int
+    num_kernels: int
+    num_upsamples: int
+    lrelu_slope: float
+    audio_limit: float
+    stft_window: torch.Tensor
+    conv_pre: nn.Module
+    ups: nn.ModuleList
+    source_downs: nn.ModuleList
+    source_resblocks: nn.ModuleList
+    resblocks: nn.ModuleList
+    conv_post: nn.Module
+
+    def _init_common(self, in_channels: int, sampling_rate: int, istft_params: Mapping[str, int],
+                     upsample_rates: Sequence[int], resblock_kernel_sizes: Sequence[int],
+                     lrelu_slope: float, audio_limit: float) -> None:
+        self.in_channels = in_channels
+        self.sampling_rate = sampling_rate
+        self.istft_params = {"n_fft": int(istft_params["n_fft"]), "hop_len": int(istft_params["hop_len"])}
+        self.upsample_rates = [int(u) for u in upsample_rates]
+        self.upsample_scale = math.prod(self.upsample_rates) * self.istft_params["hop_len"]
+        self.num_kernels = len(resblock_kernel_sizes)
+        self.num_upsamples = len(upsample_rates)
+        self.lrelu_slope = lrelu_slope
+        self.audio_limit = audio_limit
+        self.reflection_pad = nn.ReflectionPad1d((1, 0))
+        # scipy.signal.get_window("hann", n_fft, fftbins=True): periodic, computed in float64
+        window = torch.hann_window(self.istft_params["n_fft"], periodic=True, dtype=torch.float64)
+        self.register_buffer("stft_window", window.float(), persistent=False)
+
+    def _check_mel(self, speech_feat: torch.Tensor, min_frames: int) -> None:
+        if speech_feat.dim() != 3 or speech_feat.shape[1] != self.in_channels:
+            raise InvalidRequestError(
+                f"vocoder input must be a mel of shape [B, {self.in_channels}, T], got {tuple(speech_feat.shape)}"
+            )
+        if speech_feat.shape[2] < min_frames:
+            raise InvalidRequestError(
+                f"vocoder input needs at least {min_frames} mel frames, got {speech_feat.shape[2]}"
+            )
+
+    def _upsample_f0(self, f0: torch.Tensor) -> torch.Tensor:
+        """f0 [B, T] -> [B, T * upsample_scale, 1] (nearest, as the official `f0_upsamp`)."""
+        return F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale), mode="nearest").transpose(1, 2)
+
+    def _stft(self, x: torch.Tensor) -> torch.Tensor:
+        """source [B, L] -> [B, n_fft + 2, frames]: real parts then imaginary parts."""
+        n_fft, hop = self.istft_params["n_fft"], self.istft_params["hop_len"]
+        spec = torch.stft(x, n_fft, hop, n_fft, window=self.stft_window.to(x), return_complex=True)
+        spec = torch.view_as_real(spec)
+        return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
+
+    def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        n_fft, hop = self.istft_params["n_fft"], self.istft_params["hop_len"]
+        magnitude = torch.clip(magnitude, max=1e2)
+        real = magnitude * torch.cos(phase)
+        img = magnitude * torch.sin(phase)
+        return torch.istft(torch.complex(real, img), n_fft, hop, n_fft, window=self.stft_window.to(magnitude))
+
+    def _upsample_and_fuse(self, x: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
+        """conv_pre output -> last-stage features, fusing the downsampled source at each stage."""
+        for i in range(self.num_upsamples):
+            x = F.leaky_relu(x, self.lrelu_slope)
+            x = self.ups[i](x)
+            if i == self.num_upsamples - 1:
+                x = self.reflection_pad(x)
+            si = self.source_resblocks[i](self.source_downs[i](s_stft))
+            x = x + si
+            xs = self.resblocks[i * self.num_kernels](x)
+            for j in range(1, self.num_kernels):
+                xs += self.resblocks[i * self.num_kernels + j](x)
+            x = xs / self.num_kernels
+        return x
+
+    def _to_waveform(self, x: torch.Tensor) -> torch.Tensor:
+        """last-stage features -> waveform [B, samples] (not yet clamped)."""
+        x = F.leaky_relu(x)  # default slope 0.01 here, as official (not lrelu_slope)
+        x = self.conv_post(x)
+        n_bins = self.istft_params["n_fft"] // 2 + 1
+        magnitude = torch.exp(x[:, :n_bins, :])
+        phase = torch.sin(x[:, n_bins:, :])  # the official "redundant" sin, kept for parity
+        return self._istft(magnitude, phase)
+
+
+class HiFTGenerator(HiFTBase):
+    """HiFTNet generator (neural source filter + iSTFTNet) of CosyVoice v1/v2."""
+
+    def __init__(
+        self,
+        in_channels: int = 80,
+        base_channels: int = 512,
+        nb_harmonics: int = 8,
+        sampling_rate: int = 22050,
+        nsf_alpha: float = 0.1,
+        nsf_sigma: float = 0.003,
+        nsf_voiced_threshold: float = 10,
+        upsample_rates: Sequence[int] = (8, 8),
+        upsample_kernel_sizes: Sequence[int] = (16, 16),
+        istft_params: Mapping[str, int] | None = None,
+        resblock_kernel_sizes: Sequence[int] = (3, 7, 11),
+        resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5)),
+        source_resblock_kernel_sizes: Sequence[int] = (7, 11),
+        source_resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5)),
+        lrelu_slope: float = 0.1,
+        audio_limit: float = 0.99,
+        f0_predictor: nn.Module | None = None,
+    ):
+        super().__init__()
+        istft_params = istft_params or {"n_fft": 16, "hop_len": 4}
+        self._init_common(in_channels, sampling_rate, istft_params, upsample_rates, resblock_kernel_sizes,
+                          lrelu_slope, audio_limit)
+        n_fft = self.istft_params["n_fft"]
+        self.nb_harmonics = nb_harmonics
+        # official quirk: the sine generator is chosen by sampling rate (SineGen only for 22.05 kHz)
+        self.m_source = SourceModuleHnNSF(
+            sampling_rate=sampling_rate, upsample_scale=self.upsample_scale, harmonic_num=nb_harmonics,
+            sine_amp=nsf_alpha, add_noise_std=nsf_sigma, voiced_threshod=nsf_voiced_threshold,
+            sinegen_type="1" if sampling_rate == 22050 else "2",
+        )
+        self.conv_pre = WeightNormConv1d(in_channels, base_channels, 7, 1, padding=3)
+        self.ups = nn.ModuleList([
+            WeightNormConvTranspose1d(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True))
+        ])
+        self.source_downs = nn.ModuleList()
+        self.source_resblocks = nn.ModuleList()
+        for i, (u, k, d) in enumerate(zip(_source_down_rates(self.upsample_rates), source_resblock_kernel_sizes,
+                                          source_resblock_dilation_sizes, strict=True)):
+            ch = base_channels // 2 ** (i + 1)
+            if u == 1:
+                self.source_downs.append(nn.Conv1d(n_fft + 2, ch, 1, 1))
+            else:
+                self.source_downs.append(nn.Conv1d(n_fft + 2, ch, u * 2, u, padding=u // 2))
+            self.source_resblocks.append(ResBlock(ch, k, d))
+        self.resblocks = nn.ModuleList([
+            ResBlock(base_channels // 2 ** (i + 1), k, d)
+            for i in range(len(self.ups))
+            for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True)
+        ])
+        self.conv_post = WeightNormConv1d(base_channels // 2 ** len(self.ups), n_fft + 2, 7, 1, padding=3)
+        if f0_predictor is None:
+            raise ModelDirError("HiFTGenerator needs an f0_predictor module")
+        self.f0_predictor = f0_predictor
+
+    def decode(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """mel [B, 80, T] + source [B, 1, L] -> waveform [B, samples], clamped to audio_limit."""
+        s_stft = self._stft(s.squeeze(1))
+        x = self._upsample_and_fuse(self.conv_pre(x), s_stft)
+        return torch.clamp(self._to_waveform(x), -self.audio_limit, self.audio_limit)
+
+    @torch.inference_mode()
+    def inference(self, speech_feat: torch.Tensor, cache_source: torch.Tensor | None,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel [B, 80, T] -> (speech [B, T * upsample_scale], source [B, 1, T * upsample_scale]).
+
+        `cache_source` [B, 1, N] (None or empty for none) overwrites the first N source samples,
+        as the official streaming code does to avoid glitches between chunks. Random draws (v1:
+        start phases, noise, unused noise branch; v2: start phases, noise, unused noise branch)
+        come from `generator` in the official order."""
+        self._check_mel(speech_feat, 1)
+        f0 = self.f0_predictor(speech_feat)
+        s = self.m_source(self._upsample_f0(f0), generator).transpose(1, 2)
+        if cache_source is not None and cache_source.shape[2] != 0:
+            if cache_source.shape[2] > s.shape[2]:
+                raise InvalidRequestError(
+                    f"cache_source has {cache_source.shape[2]} samples, more than the {s.shape[2]} this mel gives"
+                )
+            s[:, :, : cache_source.shape[2]] = cache_source
+        return self.decode(speech_feat, s), s
+
+
+def _source_down_rates(upsample_rates: Sequence[int]) -> list[int]:
+    """Stride of `source_downs[i]`: the product of the upsample rates after stage i."""
+    rates = [1, *upsample_rates[::-1][:-1]]
+    return [math.prod(rates[: i + 1]) for i in range(len(rates))][::-1]
