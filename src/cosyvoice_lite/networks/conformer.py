@@ -1,0 +1,556 @@
+"""ESPnet/WeNet Conformer and Transformer encoders as CosyVoice uses them (inference only).
+
+Parameter names are the official ones (``cosyvoice/transformer/*``), so official checkpoints load
+with ``strict=True``. Only the options the official yamls use are supported: a linear input layer
+(``linear`` or ``linear_legacy``), ESPnet relative positional encoding (``rel_pos_espnet``) with
+relative-position self-attention (``rel_selfattn``), pre-norm layers, and no macaron or
+convolution module. Training-only arguments (dropout rates, dynamic chunks, checkpointing) are
+accepted and ignored.
+
+Top to bottom: masks, relative positional encoding, input layers, attention, feed-forward,
+encoder layers, the KV cache, and the encoders. The layer classes are meant to be reused by
+other encoders built from the same parts (e.g. the v2 flow's upsampling Conformer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+
+# --------------------------------------------------------------------------------------------
+# Masks (True = may attend)
+# --------------------------------------------------------------------------------------------
+
+
+def make_pad_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[B, max_len] bool mask that is True at padded positions (official ``make_pad_mask``)."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions.unsqueeze(0) >= lengths.unsqueeze(-1)
+
+
+def subsequent_chunk_mask(size: int, chunk_size: int, device: torch.device) -> torch.Tensor:
+    """[size, size] mask letting each position see its own chunk and every chunk to its left.
+
+    With ``chunk_size == 1`` this is the causal (lower-triangular) mask.
+    """
+    positions = torch.arange(size, device=device)
+    chunk_end = (torch.div(positions, chunk_size, rounding_mode="trunc") + 1) * chunk_size
+    return positions.unsqueeze(0) < chunk_end.unsqueeze(1)
+
+
+def encoder_attention_mask(
+    xs_lens: torch.Tensor, max_len: int, static_chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding mask [B, 1, T] and attention mask ([B, T, T] chunked, or the padding mask).
+
+    Reproduces the official ``add_optional_chunk_mask`` for static (non-dynamic) chunks,
+    including its fix-up: a query row that may see nothing is allowed to see everything.
+    """
+    pad_mask = ~make_pad_mask(xs_lens, max_len).unsqueeze(1)  # [B, 1, T]
+    if static_chunk_size <= 0:
+        att_mask = pad_mask
+    else:
+        chunk = subsequent_chunk_mask(max_len, static_chunk_size, xs_lens.device)
+        att_mask = pad_mask & chunk.unsqueeze(0)  # [B, T, T]
+    empty_rows = att_mask.sum(dim=-1) == 0
+    if bool(empty_rows.any()):
+        att_mask = att_mask.clone()
+        att_mask[empty_rows] = True
+    return pad_mask, att_mask
+
+
+# --------------------------------------------------------------------------------------------
+# Relative positional encoding (ESPnet "new" variant, official EspnetRelPositionalEncoding)
+# --------------------------------------------------------------------------------------------
+
+
+class EspnetRelPositionalEncoding(nn.Module):
+    """Scales the input by sqrt(d_model) and provides sinusoids for signed relative distances.
+
+    Distance ``r = query_position - key_position``. The official keeps a table for |r| < 5000;
+    we compute the rows on demand with the same float32 formula, so the values are identical and
+    there is no length limit. No parameters or buffers (the official table is a plain attribute).
+    """
+
+    def __init__(self, d_model: int, dropout_rate: float = 0.0, max_len: int = 5000):
+        super().__init__()
+        self.d_model = d_model
+        self.xscale = math.sqrt(d_model)
+
+    def sinusoids(self, distances: torch.Tensor) -> torch.Tensor:
+        """[n, d_model] float32 rows: sin at even, cos at odd channels of distance * freq."""
+        div_term = torch.exp(
+            torch.arange(0, self.d_model, 2, dtype=torch.float32, device=distances.device)
+            * -(math.log(10000.0) / self.d_model)
+        )
+        angles = distances.to(torch.float32).unsqueeze(1) * div_term
+        pe = torch.zeros(distances.numel(), self.d_model, device=distances.device)
+        pe[:, 0::2] = torch.sin(angles)
+        pe[:, 1::2] = torch.cos(angles)
+        return pe
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(x * sqrt(d), pos_emb)`` with pos_emb [1, 2T-1, d] for distances T-1 .. -(T-1)."""
+        size = x.size(1)
+        distances = torch.arange(size - 1, -size, -1, device=x.device)
+        pos_emb = self.sinusoids(distances).to(x.dtype).unsqueeze(0)
+        return x * self.xscale, pos_emb
+
+
+# --------------------------------------------------------------------------------------------
+# Input layers (official LinearNoSubsampling / LegacyLinearNoSubsampling)
+# --------------------------------------------------------------------------------------------
+
+
+class LinearNoSubsampling(nn.Module):
+    """``out`` = Linear -> LayerNorm(eps 1e-5) -> Dropout, then the positional encoding."""
+
+    def __init__(self, idim: int, odim: int, dropout_rate: float, pos_enc: nn.Module):
+        super().__init__()
+        self.out = nn.Sequential(
+            nn.Linear(idim, odim), nn.LayerNorm(odim, eps=1e-5), nn.Dropout(dropout_rate)
+        )
+        self.pos_enc = pos_enc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(embedded and scaled x, pos_emb)`` for a whole sequence."""
+        return self.pos_enc(self.out(x))
+
+
+class LegacyLinearNoSubsampling(LinearNoSubsampling):
+    """Same as LinearNoSubsampling plus a trailing ReLU (used by the v1 LLM's input layer)."""
+
+    def __init__(self, idim: int, odim: int, dropout_rate: float, pos_enc: nn.Module):
+        super().__init__(idim, odim, dropout_rate, pos_enc)
+        self.out.append(nn.ReLU())
+
+
+INPUT_LAYERS = {"linear": LinearNoSubsampling, "linear_legacy": LegacyLinearNoSubsampling}
+ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU}
+
+
+# --------------------------------------------------------------------------------------------
+# Relative-position multi-head attention (Transformer-XL style, official names)
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_by_distance(scores_by_row: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+    """Pick, for every (query i, key j), the positional score stored at column ``row_of[i, j]``.
+
+    This is the ESPnet ``rel_shift`` written as an explicit gather.
+    """
+    index = row_of.expand(*scores_by_row.shape[:-2], *row_of.shape)
+    return torch.gather(scores_by_row, -1, index)
+
+
+class RelPositionMultiHeadedAttention(nn.Module):
+    """score(i, j) = ((q_i + pos_bias_u) . k_j + (q_i + pos_bias_v) . linear_pos(pe(i - j))) / sqrt(d_k)."""
+
+    def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True):
+        super().__init__()
+        if n_feat % n_head != 0:
+            raise ModelDirError(f"attention size {n_feat} is not divisible by {n_head} heads")
+        self.d_k = n_feat // n_head
+        self.h = n_head
+        self.linear_q = nn.Linear(n_feat, n_feat)
+        self.linear_k = nn.Linear(n_feat, n_feat, bias=key_bias)
+        self.linear_v = nn.Linear(n_feat, n_feat)
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, h*d_k] -> [B, h, T, d_k]."""
+        return x.view(x.size(0), -1, self.h, self.d_k).transpose(1, 2)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bd: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """Content scores + positional scores ``bd``, masked softmax, weighted values, output proj."""
+        matrix_ac = torch.matmul(q + self.pos_bias_u.unsqueeze(1), k.transpose(-2, -1))
+        scores = (matrix_ac + bd) / math.sqrt(self.d_k)
+        drop = ~keep
+        # Softmax then re-zeroing masked entries, as the official does (fully masked rows -> 0).
+        attn = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1).masked_fill(drop, 0.0)
+        x = torch.matmul(attn, v)  # [B, h, T1, d_k]
+        x = x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
+        return self.linear_out(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+        """Self-attention over a whole sequence.
+
+        x [B, T, D]; mask bool [B, 1 or T, T] (True = attend); pos_emb [1, 2T-1, D] for
+        distances T-1 .. -(T-1) (from EspnetRelPositionalEncoding.forward).
+        """
+        size = x.size(1)
+        q, k, v = (
+            self._heads(self.linear_q(x)),
+            self._heads(self.linear_k(x)),
+            self._heads(self.linear_v(x)),
+        )
+        p = self._heads(self.linear_pos(pos_emb))  # [1, h, 2T-1, d_k]
+        bd_by_row = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
+        # Row m of pos_emb holds distance T-1-m, so distance i-j sits at row T-1-i+j.
+        positions = torch.arange(size, device=x.device)
+        row_of = (size - 1) - positions.unsqueeze(1) + positions.unsqueeze(0)
+        bd = _gather_by_distance(bd_by_row, row_of)
+        return self._attend(q, k, v, bd, mask.unsqueeze(1))
+
+    def forward_cached(
+        self, x: torch.Tensor, cache: AttentionCache, layer: int, pe_new: torch.Tensor
+    ) -> torch.Tensor:
+        """Causal self-attention of a new chunk x [1, T1, D] against the cached positions.
+
+        Writes this chunk's keys, values and the projected positional rows for the new distances
+        (``pe_new`` [T1, D] = sinusoids of distances cache.length .. cache.length+T1-1) into the
+        cache slots of ``layer``. The caller advances ``cache.length`` once all layers ran.
+        """
+        start, chunk = cache.length, x.size(1)
+        end = start + chunk
+        q = self._heads(self.linear_q(x))[0]  # [h, T1, d_k]
+        cache.keys[layer, :, start:end] = self._heads(self.linear_k(x))[0]
+        cache.values[layer, :, start:end] = self._heads(self.linear_v(x))[0]
+        cache.positions[layer, :, start:end] = self._heads(self.linear_pos(pe_new.unsqueeze(0)))[0]
+        k, v, p = (
+            cache.keys[layer, :, :end],
+            cache.values[layer, :, :end],
+            cache.positions[layer, :, :end],
+        )
+        # Column r of bd_by_distance is the positional score for distance r = 0 .. end-1.
+        bd_by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
+        query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
+        key_pos = torch.arange(end, device=x.device).unsqueeze(0)
+        distance = query_pos - key_pos
+        keep = distance >= 0  # causal: the official LLM passes a tril mask
+        bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
+        return self._attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward and encoder layers
+# --------------------------------------------------------------------------------------------
+
+
+class PositionwiseFeedForward(nn.Module):
+    """w_2(activation(w_1(x)))."""
+
+    def __init__(self, idim: int, hidden_units: int, dropout_rate: float, activation: nn.Module):
+        super().__init__()
+        self.w_1 = nn.Linear(idim, hidden_units)
+        self.activation = activation
+        self.w_2 = nn.Linear(hidden_units, idim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(self.activation(self.w_1(x)))
+
+
+class _PreNormLayer(nn.Module):
+    """x + attn(norm(x)), then x + ff(norm(x)). Subclasses only name the two LayerNorms."""
+
+    self_attn: RelPositionMultiHeadedAttention
+    feed_forward: PositionwiseFeedForward
+
+    def _norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+        attn_norm, ff_norm = self._norms()
+        x = x + self.self_attn(attn_norm(x), mask, pos_emb)
+        return x + self.feed_forward(ff_norm(x))
+
+    def forward_cached(
+        self, x: torch.Tensor, cache: AttentionCache, layer: int, pe_new: torch.Tensor
+    ) -> torch.Tensor:
+        attn_norm, ff_norm = self._norms()
+        x = x + self.self_attn.forward_cached(attn_norm(x), cache, layer, pe_new)
+        return x + self.feed_forward(ff_norm(x))
+
+
+class TransformerEncoderLayer(_PreNormLayer):
+    """Official TransformerEncoderLayer (pre-norm): LayerNorms ``norm1`` (attention), ``norm2`` (FF)."""
+
+    def __init__(
+        self,
+        size: int,
+        self_attn: RelPositionMultiHeadedAttention,
+        feed_forward: PositionwiseFeedForward,
+    ):
+        super().__init__()
+        self.self_attn = self_attn
+        self.feed_forward = feed_forward
+        self.norm1 = nn.LayerNorm(size, eps=1e-12)
+        self.norm2 = nn.LayerNorm(size, eps=1e-12)
+
+    def _norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
+        return self.norm1, self.norm2
+
+
+class ConformerEncoderLayer(_PreNormLayer):
+    """Official ConformerEncoderLayer without macaron FF or conv module: ``norm_mha``, ``norm_ff``.
+
+    With those two options off (as in every official yaml) it computes exactly what the
+    Transformer layer does; only the parameter names differ.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        self_attn: RelPositionMultiHeadedAttention,
+        feed_forward: PositionwiseFeedForward,
+    ):
+        super().__init__()
+        self.self_attn = self_attn
+        self.feed_forward = feed_forward
+        self.norm_ff = nn.LayerNorm(size, eps=1e-12)
+        self.norm_mha = nn.LayerNorm(size, eps=1e-12)
+
+    def _norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
+        return self.norm_mha, self.norm_ff
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache for incremental (causal) decoding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionCache:
+    """What every layer has computed for the positions decoded so far (batch size 1).
+
+    keys/values hold each layer's projected keys and values, positions holds each layer's
+    ``linear_pos`` rows for relative distances 0, 1, ..., so a decoding step only projects its
+    own new position. Buffers are preallocated with spare capacity and grow by doubling;
+    ``length`` is the number of valid positions. Owned by one request; modified in place.
+    """
+
+    keys: torch.Tensor  # [layers, heads, capacity, d_k]
+    values: torch.Tensor  # [layers, heads, capacity, d_k]
+    positions: torch.Tensor  # [layers, heads, capacity, d_k]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(2)
+
+    def reserve(self, needed: int) -> AttentionCache:
+        """A cache with room for ``needed`` positions (self if it already has room)."""
+        if needed <= self.capacity:
+            return self
+        capacity = max(needed, 2 * self.capacity)
+        grown = [_grow(t, capacity, self.length) for t in (self.keys, self.values, self.positions)]
+        return AttentionCache(*grown, length=self.length)
+
+
+def _grow(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
+    out = t.new_empty(t.size(0), t.size(1), capacity, t.size(3))
+    out[:, :, :length] = t[:, :, :length]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelDirError(f"unsupported encoder configuration: {message}")
+
+
+class _Encoder(nn.Module):
+    """Input layer -> N pre-norm layers -> ``after_norm`` (official BaseEncoder, inference only)."""
+
+    encoders: nn.ModuleList
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        input_layer: str,
+        pos_enc_layer_type: str,
+        normalize_before: bool,
+        static_chunk_size: int,
+        use_dynamic_chunk: bool,
+        global_cmvn: nn.Module | None,
+        selfattention_layer_type: str,
+        activation_type: str,
+    ):
+        super().__init__()
+        _require(
+            input_layer in INPUT_LAYERS,
+            f"input_layer {input_layer!r} (use 'linear' or 'linear_legacy')",
+        )
+        _require(
+            pos_enc_layer_type == "rel_pos_espnet", f"pos_enc_layer_type {pos_enc_layer_type!r}"
+        )
+        _require(
+            selfattention_layer_type == "rel_selfattn",
+            f"selfattention_layer_type {selfattention_layer_type!r}",
+        )
+        _require(normalize_before, "normalize_before=False")
+        _require(not use_dynamic_chunk, "use_dynamic_chunk=True")
+        _require(global_cmvn is None, "global_cmvn")
+        _require(activation_type in ACTIVATIONS, f"activation_type {activation_type!r}")
+        self._output_size = output_size
+        self.embed = INPUT_LAYERS[input_layer](
+            input_size, output_size, 0.0, EspnetRelPositionalEncoding(output_size)
+        )
+        self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
+        self.static_chunk_size = static_chunk_size
+
+    def output_size(self) -> int:
+        return self._output_size
+
+    def forward(
+        self,
+        xs: torch.Tensor,
+        xs_lens: torch.Tensor,
+        decoding_chunk_size: int = 0,
+        num_decoding_left_chunks: int = -1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a padded batch xs [B, T, input_size] -> (out [B, T, D], pad mask [B, 1, T]).
+
+        As in the official static-chunk setup, ``decoding_chunk_size`` and
+        ``num_decoding_left_chunks`` have no effect: attention is limited by
+        ``static_chunk_size`` (1 = causal, 0 = full context) and padding.
+        """
+        pad_mask, att_mask = encoder_attention_mask(xs_lens, xs.size(1), self.static_chunk_size)
+        xs, pos_emb = self.embed(xs)
+        for layer in self.encoders:
+            xs = layer(xs, att_mask, pos_emb)
+        return self.after_norm(xs), pad_mask
+
+    def new_cache(self, capacity: int, like: torch.Tensor) -> AttentionCache:
+        """An empty cache with room for ``capacity`` positions, on like's device and dtype."""
+        attn = self.encoders[0].self_attn
+        shape = (len(self.encoders), attn.h, max(capacity, 1), attn.d_k)
+        empty = [like.new_empty(shape) for _ in range(3)]
+        return AttentionCache(*empty, length=0)
+
+    def forward_chunk(
+        self, xs: torch.Tensor, cache: AttentionCache | None = None
+    ) -> tuple[torch.Tensor, AttentionCache]:
+        """Causally encode the next positions xs [1, T1, input_size] after those in ``cache``.
+
+        Equivalent to the official ``forward_chunk(xs, offset=cache.length,
+        required_cache_size=-1, att_mask=tril)`` as the v1 LLM calls it: each new position sees
+        every cached position and the new positions up to itself. Each layer projects only the
+        new positions. Returns (out [1, T1, D], cache); keep using the returned cache (it may be
+        a grown copy; the one passed in is updated in place).
+        """
+        if xs.size(0) != 1:
+            raise InvalidRequestError(f"forward_chunk takes a batch of 1, got {xs.size(0)}")
+        chunk = xs.size(1)
+        if cache is None:
+            cache = self.new_cache(chunk, xs)
+        cache = cache.reserve(cache.length + chunk)
+        xs = self.embed.out(xs) * self.embed.pos_enc.xscale
+        distances = torch.arange(cache.length, cache.length + chunk, device=xs.device)
+        pe_new = self.embed.pos_enc.sinusoids(distances).to(xs.dtype)
+        for index, layer in enumerate(self.encoders):
+            xs = layer.forward_cached(xs, cache, index, pe_new)
+        cache.length += chunk
+        return self.after_norm(xs), cache
+
+
+class ConformerEncoder(_Encoder):
+    """Official ConformerEncoder restricted to the yaml options (no macaron, no conv module)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 256,
+        attention_heads: int = 4,
+        linear_units: int = 2048,
+        num_blocks: int = 6,
+        dropout_rate: float = 0.1,
+        positional_dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        input_layer: str = "conv2d",
+        pos_enc_layer_type: str = "rel_pos",
+        normalize_before: bool = True,
+        static_chunk_size: int = 0,
+        use_dynamic_chunk: bool = False,
+        global_cmvn: nn.Module | None = None,
+        use_dynamic_left_chunk: bool = False,
+        positionwise_conv_kernel_size: int = 1,
+        macaron_style: bool = True,
+        selfattention_layer_type: str = "rel_selfattn",
+        activation_type: str = "swish",
+        use_cnn_module: bool = True,
+        cnn_module_kernel: int = 15,
+        causal: bool = False,
+        cnn_module_norm: str = "batch_norm",
+        key_bias: bool = True,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(
+            input_size, output_size, input_layer, pos_enc_layer_type, normalize_before,
+            static_chunk_size, use_dynamic_chunk, global_cmvn, selfattention_layer_type,
+            activation_type,
+        )  # fmt: skip
+        _require(not macaron_style, "macaron_style=True")
+        _require(not use_cnn_module, "use_cnn_module=True")
+        self.encoders = nn.ModuleList(
+            ConformerEncoderLayer(
+                output_size,
+                RelPositionMultiHeadedAttention(attention_heads, output_size, key_bias=key_bias),
+                PositionwiseFeedForward(
+                    output_size, linear_units, 0.0, ACTIVATIONS[activation_type]()
+                ),
+            )
+            for _ in range(num_blocks)
+        )
+
+
+class TransformerEncoder(_Encoder):
+    """Official TransformerEncoder restricted to the yaml options."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 256,
+        attention_heads: int = 4,
+        linear_units: int = 2048,
+        num_blocks: int = 6,
+        dropout_rate: float = 0.1,
+        positional_dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        input_layer: str = "conv2d",
+        pos_enc_layer_type: str = "abs_pos",
+        normalize_before: bool = True,
+        static_chunk_size: int = 0,
+        use_dynamic_chunk: bool = False,
+        global_cmvn: nn.Module | None = None,
+        use_dynamic_left_chunk: bool = False,
+        key_bias: bool = True,
+        selfattention_layer_type: str = "selfattn",
+        activation_type: str = "relu",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(
+            input_size, output_size, input_layer, pos_enc_layer_type, normalize_before,
+            static_chunk_size, use_dynamic_chunk, global_cmvn, selfattention_layer_type,
+            activation_type,
+        )  # fmt: skip
+        self.encoders = nn.ModuleList(
+            TransformerEncoderLayer(
+                output_size,
+                RelPositionMultiHeadedAttention(attention_heads, output_size, key_bias=key_bias),
+                PositionwiseFeedForward(
+                    output_size, linear_units, 0.0, ACTIVATIONS[activation_type]()
+                ),
+            )
+            for _ in range(num_blocks)
+        )

@@ -1,0 +1,107 @@
+"""Conformer/Transformer encoders: official key names, full-context parity, unsupported options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.conformer import (
+    ConformerEncoder,
+    EspnetRelPositionalEncoding,
+    TransformerEncoder,
+    subsequent_chunk_mask,
+)
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "v1_llm"
+
+
+def test_full_context_conformer_matches_official_on_padded_batch():
+    config = json.loads((GOLDEN / "config.json").read_text())["full_context_encoder"]
+    encoder = ConformerEncoder(**config)
+    encoder.load_state_dict(torch.load(GOLDEN / "encoder_state.pt", weights_only=True), strict=True)
+    with np.load(GOLDEN / "encoder.npz") as data:
+        xs, xs_lens = torch.from_numpy(data["xs"]), torch.from_numpy(data["xs_lens"])
+        expected_out, expected_mask = torch.from_numpy(data["out"]), torch.from_numpy(data["mask"])
+    with torch.inference_mode():
+        out, mask = encoder.eval()(xs, xs_lens)
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+
+
+def test_state_dict_keys_are_the_official_ones():
+    conformer = ConformerEncoder(
+        8, 8, 2, 16, 1, input_layer="linear", pos_enc_layer_type="rel_pos_espnet",
+        macaron_style=False, use_cnn_module=False,
+    )  # fmt: skip
+    transformer = TransformerEncoder(
+        8, 8, 2, 16, 1, input_layer="linear_legacy", pos_enc_layer_type="rel_pos_espnet",
+        selfattention_layer_type="rel_selfattn",
+    )  # fmt: skip
+    attn = [f"self_attn.linear_{n}.{p}" for n in "qkv" for p in ("weight", "bias")]
+    attn += [
+        "self_attn.linear_out.weight",
+        "self_attn.linear_out.bias",
+        "self_attn.linear_pos.weight",
+    ]
+    attn += ["self_attn.pos_bias_u", "self_attn.pos_bias_v"]
+    ff = [f"feed_forward.w_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
+    common = [f"embed.out.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")]
+    common += ["after_norm.weight", "after_norm.bias"]
+
+    def norms(names):
+        return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+
+    expected_conformer = common + [
+        f"encoders.0.{k}" for k in attn + ff + norms(["norm_ff", "norm_mha"])
+    ]
+    expected_transformer = common + [
+        f"encoders.0.{k}" for k in attn + ff + norms(["norm1", "norm2"])
+    ]
+    assert sorted(conformer.state_dict()) == sorted(expected_conformer)
+    assert sorted(transformer.state_dict()) == sorted(expected_transformer)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"macaron_style": True},
+        {"use_cnn_module": True},
+        {"input_layer": "conv2d"},
+        {"pos_enc_layer_type": "rel_pos"},
+        {"use_dynamic_chunk": True},
+    ],
+)
+def test_unsupported_options_are_refused(option):
+    kwargs = dict(
+        input_layer="linear",
+        pos_enc_layer_type="rel_pos_espnet",
+        macaron_style=False,
+        use_cnn_module=False,
+    )
+    kwargs.update(option)
+    with pytest.raises(ModelDirError):
+        ConformerEncoder(8, 8, 2, 16, 1, **kwargs)
+
+
+def test_relative_sinusoids_match_the_official_table_formula():
+    """Official table: row for distance r>0 is sin/cos(r*f), for r<0 sin/cos(-1*|r|*f)."""
+    enc = EspnetRelPositionalEncoding(6)
+    rows = enc.sinusoids(torch.tensor([2, 0, -3]))
+    freq = torch.exp(torch.arange(0, 6, 2, dtype=torch.float32) * -(np.log(10000.0) / 6))
+    assert torch.equal(rows[0, 0::2], torch.sin(2.0 * freq))
+    assert torch.equal(rows[1, 1::2], torch.ones(3))
+    assert torch.equal(rows[2, 1::2], torch.cos(-1 * torch.tensor(3.0) * freq))
+
+
+def test_chunk_mask():
+    assert subsequent_chunk_mask(4, 2, torch.device("cpu")).int().tolist() == [
+        [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1],
+    ]  # fmt: skip
+    assert torch.equal(
+        subsequent_chunk_mask(3, 1, torch.device("cpu")), torch.ones(3, 3).tril().bool()
+    )

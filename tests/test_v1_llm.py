@@ -1,0 +1,136 @@
+"""v1 TransformerLM against golden data from the official code (tools/golden/v1_llm.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite.errors import InvalidRequestError
+from cosyvoice_lite.networks.conformer import ConformerEncoder, TransformerEncoder
+from cosyvoice_lite.networks.transformer_lm import TransformerLM
+from cosyvoice_lite.sampling import RasSampler
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "v1_llm"
+CASES = ("full", "speaker_only", "prompt_only", "bare")
+INPUTS = ("text", "prompt_text", "prompt_speech_token", "embedding")
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return json.loads((GOLDEN / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model(config: dict) -> TransformerLM:
+    lm = TransformerLM(
+        **config["lm"],
+        text_encoder=ConformerEncoder(**config["text_encoder"]),
+        llm=TransformerEncoder(**config["llm_encoder"]),
+        sampling=object(),
+    )
+    state = torch.load(GOLDEN / "llm_state.pt", weights_only=True)
+    lm.load_state_dict(state, strict=True)
+    return lm.eval()
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "cases.npz") as data:
+        return dict(data)
+
+
+def inputs(golden: dict[str, np.ndarray], case: str) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(golden[f"{case}.{name}"]) for name in INPUTS}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_teacher_forced_log_probs_match_official(model, golden, case):
+    forced = torch.from_numpy(golden[f"{case}.forced"]).unsqueeze(0)
+    ours = model.teacher_forced_logits(**inputs(golden, case), speech_tokens=forced)
+    expected = torch.from_numpy(golden[f"{case}.forced_logp"])
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generated_tokens_match_official(model, golden, case, seed):
+    sampler = RasSampler(torch.Generator().manual_seed(seed))
+    tokens = list(model.generate(**inputs(golden, case), sampler=sampler))
+    assert tokens == golden[f"{case}.tokens_seed{seed}"].tolist()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generation_stops_at_max_len_like_official(model, golden, case):
+    sampler = RasSampler(torch.Generator().manual_seed(0))
+    tokens = list(model.generate(**inputs(golden, case), sampler=sampler, max_token_text_ratio=3))
+    assert tokens == golden[f"{case}.tokens_seed0_maxratio3"].tolist()
+
+
+def test_cached_steps_equal_full_causal_recompute(model, golden):
+    """Prefix + one position at a time through the cache == one no-cache causal forward."""
+    torch.manual_seed(0)
+    llm = model.llm
+    xs = torch.randn(1, 13, 64)
+    with torch.inference_mode():
+        full, _ = llm(xs, torch.tensor([13]))
+        out, cache = llm.forward_chunk(xs[:, :6], llm.new_cache(1, xs))  # forces the cache to grow
+        pieces = [out]
+        for t in range(6, 13):
+            out, cache = llm.forward_chunk(xs[:, t : t + 1], cache)
+            pieces.append(out)
+    stepped = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+    assert cache.length == 13
+
+
+def test_decode_step_touches_one_new_position(model, golden):
+    """Each decode step adds exactly one cache position and projects only that position."""
+    llm = model.llm
+    case = inputs(golden, "bare")
+    n_prefix = model.prefix(**case).size(1)
+    lengths: list[int] = []
+    rows_seen: list[int] = []
+    original = llm.forward_chunk
+
+    def spy(xs, cache=None):
+        rows_seen.append(xs.size(1))
+        out, cache = original(xs, cache)
+        lengths.append(cache.length)
+        return out, cache
+
+    llm.forward_chunk = spy
+    try:
+        tokens = list(model.generate(**case, sampler=RasSampler(torch.Generator().manual_seed(0))))
+    finally:
+        del llm.forward_chunk
+    # One forward per decoded token plus the one that produced EOS.
+    assert rows_seen == [n_prefix] + [1] * len(tokens)
+    assert lengths == list(range(n_prefix, n_prefix + len(tokens) + 1))
+
+
+def test_eos_is_suppressed_before_min_len(model, golden):
+    """A sampler that always wants EOS still gets min_len tokens (EOS scores are -inf)."""
+    eos = model.eos_token
+
+    def greedy_eos(scores: torch.Tensor, decoded):
+        return eos if scores[eos] > -float("inf") else int(scores.argmax())
+
+    tokens = list(model.generate(**inputs(golden, "bare"), sampler=greedy_eos))
+    assert len(tokens) == 10  # 5 text tokens * min ratio 2
+
+
+def test_length_bounds_follow_official_float32_arithmetic():
+    assert TransformerLM.length_bounds(5, 2, 20) == (10, 100)
+    assert TransformerLM.length_bounds(7, 0.5, 2.5) == (3, 17)
+
+
+def test_rejects_batched_inputs(model, golden):
+    case = inputs(golden, "full")
+    case["text"] = case["text"].repeat(2, 1)
+    with pytest.raises(InvalidRequestError):
+        list(model.generate(**case, sampler=RasSampler(torch.Generator())))
