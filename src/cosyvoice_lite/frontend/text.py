@@ -1,0 +1,506 @@
+"""Text normalisation and sentence splitting, reproducing the official CosyVoice frontend.
+
+The official ``CosyVoiceFrontEnd.text_normalize`` (wetext path, no ttsfrd) does, for plain text:
+
+* zh (the text has a CJK ideograph): wetext -> drop newlines -> ``replace_blank`` -> ``²``/``³`` ->
+  ``.``->``。`` and `` - ``->``，`` -> remove brackets -> trailing commas->``。`` -> ``split_paragraph``;
+* en (everything else): wetext -> ``spell_out_number`` (inflect) -> ``split_paragraph``;
+* then drops segments made only of punctuation/symbols.
+
+Text carrying ``<|`` and ``|>`` markup, or normalisation switched off, bypasses all of it.
+
+wetext: upstream pins wetext 0.0.4, whose ``Normalizer.normalize`` rewrites a text only when it contains a
+digit, then runs tagger FST -> token reordering -> verbalizer FST over the whole text.  0.0.4 downloads
+its FSTs at run time; the current wetext package bundles the same files.  We run those three steps on
+the installed package's FSTs with the 0.0.4 rules (digit gate, language from the branch, 0.0.4 token
+order: wetext >= 0.1 escapes quotes twice and prints ``\\"``).  Tagging costs ~3 ms per number and grows
+faster than the text, so the FSTs see short windows around the digits instead of the whole text.  The
+zh tagger works character by character outside numbers and gives the whole-text result (checked on the
+corpus and random mixtures of it); in English, words more than EN_CONTEXT_WORDS away from a number
+are not rewritten (upstream rewrites e.g. "Mr." anywhere
+in a text that holds a digit).  tests/data/golden/text/known_differences.json lists what differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import re
+import threading
+import unicodedata
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cosyvoice_lite.errors import CosyVoiceError
+
+Encode = Callable[[str], list[int]]
+
+# Official split_paragraph bounds (cosyvoice/cli/frontend.py).
+TOKEN_MAX_N = 80
+TOKEN_MIN_N = 60
+MERGE_LEN = 20
+
+_ZH_PUNCTUATION = frozenset("。？！；：、.?!;")
+_EN_PUNCTUATION = frozenset(".?!;:")
+_CLOSING_QUOTES = frozenset('"”')
+_CHINESE = re.compile(r"[\u4e00-\u9fff]")
+_DIGIT = re.compile(r"\d")  # str patterns: any Unicode decimal digit, as wetext 0.0.4's gate
+
+
+# --------------------------------------------------------------------------------------------------
+# wetext: tagger -> token reordering -> verbalizer
+
+
+# wetext 0.0.4 token_parser orders: the verbalizer expects the members of these tokens in this order,
+# and members not listed are dropped.
+_TN_ORDERS = {
+    "zh": {
+        "date": ["year", "month", "day"],
+        "fraction": ["denominator", "numerator"],
+        "measure": ["denominator", "numerator", "value"],
+        "money": ["value", "currency"],
+        "time": ["noon", "hour", "minute", "second"],
+    },
+    "en": {
+        "date": ["preserve_order", "text", "day", "month", "year"],
+        "money": ["integer_part", "fractional_part", "quantity", "currency_maj"],
+    },
+}
+
+
+class WetextError(CosyVoiceError):
+    """wetext could not normalise a text (no FST path for some character)."""
+
+
+_MEMBER = r'([A-Za-z_]+): "((?:[^"\\]|\\.)*)"'
+_TOKEN = re.compile(r"([A-Za-z_]+) *\{((?: *" + _MEMBER + r")*) *\}", re.DOTALL)
+_MEMBERS = re.compile(_MEMBER, re.DOTALL)
+
+
+def reorder_tokens(tagged: str, lang: str) -> str:
+    """Serialise tagger output in the member order the verbalizer expects (wetext 0.0.4 semantics).
+
+    ``tagged`` looks like ``char { value: "他" } measure { value: "3个" }``; values keep their escapes.
+    """
+    orders = _TN_ORDERS[lang]
+    tokens, pos = [], 0
+    for match in _TOKEN.finditer(tagged):
+        if tagged[pos : match.start()].strip():
+            raise WetextError(f"unexpected tagger output: {tagged[pos : match.start()]!r}")
+        pos = match.end()
+        name = match.group(1)
+        members = dict(_MEMBERS.findall(match.group(2)))
+        order = list(members)
+        if name in orders and members.get("preserve_order") != "true":
+            order = orders[name]
+        body = "".join(f' {key}: "{members[key]}"' for key in order if key in members)
+        tokens.append(f"{name} {{{body} }}")
+    if tagged[pos:].strip():
+        raise WetextError(f"unexpected tagger output: {tagged[pos:]!r}")
+    return " ".join(tokens)
+
+
+def _wetext_fst_dir() -> Path:
+    # find_spec locates the package without importing it: importing wetext >= 0.1 loads all of its
+    # ~50 FSTs (about a second); we need four.
+    spec = importlib.util.find_spec("wetext")
+    if spec is None or not spec.submodule_search_locations:
+        raise CosyVoiceError("the wetext package is not installed: pip install 'wetext>=0.1.8'")
+    return Path(next(iter(spec.submodule_search_locations))) / "fsts"
+
+
+class WetextFst:
+    """wetext's text normalisation (operator tn, remove_erhua=False) for one language, 'zh' or 'en'."""
+
+    def __init__(self, lang: str, fst_dir: Path | None = None) -> None:
+        import kaldifst
+
+        if lang not in _TN_ORDERS:
+            raise ValueError(f"lang must be 'zh' or 'en', got {lang!r}")
+        paths = [
+            (fst_dir or _wetext_fst_dir()) / lang / "tn" / f"{name}.fst"
+            for name in ("tagger", "verbalizer")
+        ]
+        for path in paths:
+            if not path.is_file():
+                raise CosyVoiceError(f"wetext FST {path} is missing: reinstall wetext>=0.1.8")
+        self.lang = lang
+        self._tagger, self._verbalizer = (kaldifst.TextNormalizer(str(path)) for path in paths)
+
+    def __call__(self, text: str) -> str:
+        """Normalise ``text`` as one unit (no digit gate); raises WetextError where wetext 0.0.4 fails."""
+        tagged = self._tagger(text)
+        if not tagged:
+            raise WetextError(f"wetext ({self.lang}) has no path for {text!r}")
+        return self._verbalizer(reorder_tokens(tagged, self.lang))
+
+
+_FST_LOCK = threading.Lock()
+_FSTS: dict[str, WetextFst] = {}
+
+
+def _wetext(lang: str) -> WetextFst:
+    """The FSTs of one language, loaded once on first use (about 0.1 s each)."""
+    fst = _FSTS.get(lang)
+    if fst is None:
+        with _FST_LOCK:
+            fst = _FSTS.get(lang)
+            if fst is None:
+                fst = _FSTS[lang] = WetextFst(lang)
+    return fst
+
+
+# --------------------------------------------------------------------------------------------------
+# The official rule chain (cosyvoice/utils/frontend_utils.py), rewritten.
+
+
+def contains_chinese(text: str) -> bool:
+    return _CHINESE.search(text) is not None
+
+
+def replace_blank(text: str) -> str:
+    """Keep a space only when both neighbours are non-space ASCII (drops spaces around CJK text)."""
+    out = []
+    for i, char in enumerate(text):
+        if char == " ":
+            # text[i - 1] wraps around for i == 0, as upstream; a last-position space (upstream
+            # IndexError) has no right neighbour and is dropped.
+            after = text[i + 1] if i + 1 < len(text) else ""
+            before = text[i - 1]
+            if after.isascii() and after not in ("", " ") and before.isascii() and before != " ":
+                out.append(char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def replace_corner_mark(text: str) -> str:
+    return text.replace("²", "平方").replace("³", "立方")
+
+
+def remove_bracket(text: str) -> str:
+    text = text.replace("（", "").replace("）", "").replace("【", "").replace("】", "")
+    return text.replace("`", "").replace("——", " ")
+
+
+def spell_out_number(text: str, inflect_engine) -> str:
+    """Replace every run of ``str.isdigit`` characters (wider than ``\\d``: superscripts, circled digits)
+    with inflect's English words, as upstream."""
+    out = []
+    for is_digit, group in itertools.groupby(text, key=str.isdigit):
+        part = "".join(group)
+        if is_digit:
+            try:
+                part = inflect_engine.number_to_words(part)
+            except Exception:  # beyond inflect's range (upstream crashes): read digit by digit
+                part = inflect_engine.number_to_words(part, group=1)
+        out.append(part)
+    return "".join(out)
+
+
+def is_only_punctuation(text: str) -> bool:
+    """True for '' and for text made only of Unicode punctuation (P*) and symbols (S*)."""
+    return all(unicodedata.category(char)[0] in "PS" for char in text)
+
+
+def _cut_sentences(text: str, punctuation: frozenset[str]) -> list[str]:
+    """Upstream's sentence cut: after each punctuation mark, a following closing quote stays attached.
+
+    A punctuation mark right after another one does not start a sentence: upstream drops it (only
+    punctuation is lost); where upstream would then pop from an empty list (IndexError, e.g. '."...'),
+    the quote starts the first sentence instead.
+    """
+    sentences: list[str] = []
+    start = 0
+    for i, char in enumerate(text):
+        if char not in punctuation:
+            continue
+        if i > start:
+            sentences.append(text[start:i] + char)
+        if i + 1 < len(text) and text[i + 1] in _CLOSING_QUOTES:
+            if sentences:
+                sentences[-1] += text[i + 1]
+                start = i + 2
+            else:
+                start = i + 1
+        else:
+            start = i + 1
+    return sentences
+
+
+def iter_split_paragraph(
+    text: str,
+    encode: Encode | None,
+    lang: str,
+    token_max_n: int = TOKEN_MAX_N,
+    token_min_n: int = TOKEN_MIN_N,
+    merge_len: int = MERGE_LEN,
+) -> Iterator[str]:
+    """Upstream ``split_paragraph`` (comma_split=False) as a generator.
+
+    Sentences are merged greedily: the current chunk is flushed when adding the next sentence makes it
+    longer than ``token_max_n`` and it is already longer than ``token_min_n``; a final remainder shorter
+    than ``merge_len`` joins the previous chunk.  Length is characters for zh, ``len(encode(...))`` for
+    en.  A chunk is yielded as soon as a later one exists, since only the last can still change.
+    """
+    if not text:
+        return
+    if lang == "zh":
+        punctuation, ending = _ZH_PUNCTUATION, "。"
+
+        def length(part: str) -> int:
+            return len(part)
+
+    else:
+        punctuation, ending = _EN_PUNCTUATION, "."
+        measure = encode or _pretokens
+
+        def length(part: str) -> int:
+            return len(measure(part))
+
+    if text[-1] not in punctuation:
+        text += ending
+    pending: str | None = None  # the last flushed chunk, held back in case the remainder joins it
+    current = ""
+    for sentence in _cut_sentences(text, punctuation):
+        if length(current + sentence) > token_max_n and length(current) > token_min_n:
+            if pending is not None:
+                yield pending
+            pending, current = current, ""
+        current += sentence
+    if current:
+        if pending is not None and length(current) < merge_len:
+            pending += current
+        else:
+            if pending is not None:
+                yield pending
+            pending = current
+    if pending is not None:
+        yield pending
+
+
+_PRETOKEN = re.compile(r"\w+|[^\w\s]+")
+
+
+def _pretokens(text: str) -> list[str]:
+    """Words, numbers and punctuation runs: a lower bound of the BPE token count, used for English
+    lengths when no tokenizer is given (e.g. ``cosyvoice-lite normalize`` without a model)."""
+    return _PRETOKEN.findall(text)
+
+
+def split_paragraph(text: str, encode: Encode | None, lang: str, **bounds: int) -> list[str]:
+    return list(iter_split_paragraph(text, encode, lang, **bounds))
+
+
+# --------------------------------------------------------------------------------------------------
+# wetext over windows around digits
+
+
+# Context kept around each digit run: characters for zh (the zh tagger is character based), words for
+# en.  Number rules read a few neighbours ("约21196千米", "下午3点", "March 15, 2023", "$2 million").
+ZH_CONTEXT_CHARS = 4
+EN_CONTEXT_WORDS = 3
+_WINDOW_BREAKS = frozenset(
+    "\n。！？；"
+)  # a window never crosses these (wetext's own hard boundaries)
+
+
+def _zh_windows(text: str) -> Iterator[tuple[int, int]]:
+    """Spans to normalise: each digit run with the ASCII letters and symbols stuck to it (units such as
+    km/h, GHz, 3.5%), then ZH_CONTEXT_CHARS characters each side, never across a break, never cut next
+    to a space (the tagger deletes a space at the end of its input)."""
+    n = len(text)
+    spans: list[list[int]] = []
+    for match in _ZH_NUMBER.finditer(text):
+        lo, hi = match.start(), match.end()
+        for _ in range(ZH_CONTEXT_CHARS):
+            if lo == 0 or text[lo - 1] in _WINDOW_BREAKS:
+                break
+            lo -= 1
+        for _ in range(ZH_CONTEXT_CHARS):
+            if hi == n or text[hi] in _WINDOW_BREAKS:
+                break
+            hi += 1
+        while lo > 0 and " " in text[lo - 1 : lo + 1] and text[lo - 1] not in _WINDOW_BREAKS:
+            lo -= 1
+        while hi < n and " " in text[hi - 1 : hi + 1] and text[hi] not in _WINDOW_BREAKS:
+            hi += 1
+        if spans and lo <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    for lo, hi in spans:
+        yield lo, hi
+
+
+def _en_windows(text: str) -> Iterator[tuple[int, int]]:
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    spans: list[list[int]] = []
+    for index, (start, end) in enumerate(words):
+        if not _DIGIT.search(text, start, end):
+            continue
+        first, last = index, index
+        for _ in range(EN_CONTEXT_WORDS):
+            if first == 0 or "\n" in text[words[first - 1][1] : words[first][0]]:
+                break
+            first -= 1
+        for _ in range(EN_CONTEXT_WORDS):
+            if last + 1 == len(words) or "\n" in text[words[last][1] : words[last + 1][0]]:
+                break
+            last += 1
+        lo, hi = words[first][0], words[last][1]
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    for lo, hi in spans:
+        yield lo, hi
+
+
+_ZH_NUMBER = re.compile(r"[!-~\d]*\d[!-~\d]*")
+_WORD = re.compile(r"\S+")
+_WHITESPACE_RUN = re.compile(r"\s{2,}|[^\S ]")
+_ASCII_DIGIT_RUN = re.compile(r"[!-~]*\d[!-~]*")
+
+
+def wetext_normalize(text: str, lang: str) -> str:
+    """wetext 0.0.4 ``Normalizer.normalize`` for ``lang``: only text containing a digit is rewritten.
+
+    The FSTs run on windows around the digit runs (see ZH_CONTEXT_CHARS / EN_CONTEXT_WORDS) instead of
+    the whole text.
+    """
+    if not _DIGIT.search(text):
+        return text
+    fst = _wetext(lang)
+    windows = _zh_windows(text) if lang == "zh" else _en_windows(text)
+    out, last = [], 0
+    for lo, hi in windows:
+        out.append(text[last:lo])
+        out.append(_normalize_window(fst, text[lo:hi]))
+        last = hi
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _normalize_window(fst: WetextFst, window: str) -> str:
+    """One window through wetext.  Where wetext has no path for it (upstream raises), e.g. Hangul or
+    '#' in the en FST, the ASCII runs holding the digits are normalised on their own instead."""
+    candidates = [window]
+    if fst.lang == "en" and _WHITESPACE_RUN.search(window):
+        # The en FSTs have no path for whitespace runs ("a  b", blank lines) but read single spaces.
+        candidates.append(_WHITESPACE_RUN.sub(" ", window))
+    for candidate in candidates:
+        normalized = _try_fst(fst, candidate)
+        if normalized is not None:
+            return normalized
+    return _ASCII_DIGIT_RUN.sub(
+        lambda match: _try_fst(fst, match.group(0)) or match.group(0), window
+    )
+
+
+def _try_fst(fst: WetextFst, text: str) -> str | None:
+    try:
+        normalized = fst(text)
+    except WetextError:
+        return None
+    return normalized if normalized.strip() else None  # e.g. 'docs.python.org/3/library.' -> ''
+
+
+# --------------------------------------------------------------------------------------------------
+# The frontend
+
+
+def is_markup(text: str) -> bool:
+    """Upstream skips normalisation for text carrying ``<|...|>`` markup (language tags, endofprompt)."""
+    return "<|" in text and "|>" in text
+
+
+class TextFrontend:
+    """Upstream ``CosyVoiceFrontEnd.text_normalize`` (wetext path), usable without model weights.
+
+    ``encode`` is the model's text tokenizer (``WhisperTextTokenizer.encode`` for v1, the Qwen2
+    tokenizer for v2/v3): English segments are measured in its tokens.  wetext and inflect are loaded
+    on first use.
+    """
+
+    def __init__(
+        self,
+        encode: Encode | None = None,
+        *,
+        token_max_n: int = TOKEN_MAX_N,
+        token_min_n: int = TOKEN_MIN_N,
+        merge_len: int = MERGE_LEN,
+    ) -> None:
+        self.encode = encode
+        self.bounds = {
+            "token_max_n": token_max_n,
+            "token_min_n": token_min_n,
+            "merge_len": merge_len,
+        }
+        self._inflect = None
+
+    @property
+    def inflect_engine(self):
+        if self._inflect is None:
+            import inflect
+
+            self._inflect = inflect.engine()
+        return self._inflect
+
+    def normalize_text(self, text: str, enabled: bool = True) -> str:
+        """The normalised text, unsplit (upstream ``text_normalize(text, split=False)``)."""
+        if not enabled or is_markup(text) or text == "":
+            return text
+        return self._normalize(text.strip())[0]
+
+    def normalize(
+        self, text: str, split: bool = True, enabled: bool = True, encode: Encode | None = None
+    ) -> list[str] | str:
+        """Upstream ``text_normalize``: with ``split`` the list of segments to synthesise (one LLM call
+        each), without it the normalised text as one string.  Bypassed texts (``<|...|>`` markup,
+        ``enabled=False``, '') come back unchanged (as ``[text]`` when split).
+
+        ``encode`` overrides the frontend's tokenizer for English lengths; with neither, English
+        lengths are approximated by counting words and punctuation runs.
+        """
+        if not split:
+            return self.normalize_text(text, enabled)
+        return list(self.iter_segments(text, enabled, encode))
+
+    def iter_segments(
+        self, text: str, enabled: bool = True, encode: Encode | None = None
+    ) -> Iterator[str]:
+        """The segments of ``normalize(text)``, yielded as soon as each is final.
+
+        The segments concatenated are the normalised text plus a final punctuation mark, less the
+        punctuation marks upstream drops (a mark right after another one, segments made only of
+        punctuation).  A whitespace-only text yields nothing (upstream raises IndexError).
+        """
+        if not enabled or is_markup(text) or text == "":
+            yield text
+            return
+        normalized, lang = self._normalize(text.strip())
+        encode = encode or self.encode
+        for segment in iter_split_paragraph(normalized, encode, lang, **self.bounds):
+            if not is_only_punctuation(segment):
+                yield segment
+
+    def _normalize(self, text: str) -> tuple[str, str]:
+        if contains_chinese(text):
+            text = wetext_normalize(text, "zh")
+            text = text.replace("\n", "")
+            text = replace_blank(text)
+            text = replace_corner_mark(text)
+            text = text.replace(".", "。").replace(" - ", "，")
+            text = remove_bracket(text)
+            text = _TRAILING_COMMAS.sub("。", text)
+            return text, "zh"
+        text = wetext_normalize(text, "en")
+        if any(
+            char.isdigit() for char in text
+        ):  # wetext reads most numbers; inflect is slow to import
+            text = spell_out_number(text, self.inflect_engine)
+        return text, "en"
+
+
+_TRAILING_COMMAS = re.compile(r"[，,、]+$")

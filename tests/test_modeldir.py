@@ -1,0 +1,106 @@
+"""Model directories: detection, validation and strict loading, with clear errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosyvoice_lite.engine import Engine
+from cosyvoice_lite.errors import ModelDirError, ModelDownloadError
+from cosyvoice_lite.hub import resolve_model
+from cosyvoice_lite.modeldir import detect_version, open_model_dir, required_files
+
+
+@pytest.fixture()
+def model_copy(v1_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(v1_dir, tmp_path / "CosyVoice-300M-SFT"))
+
+
+def test_official_directory_opens(v1_dir: Path) -> None:
+    model = open_model_dir(v1_dir)
+    assert model.version == 1
+    assert model.config.sample_rate == 22050
+
+
+def test_variants_are_told_apart(v1_variants: dict[str, Path]) -> None:
+    assert {k: open_model_dir(p).variant for k, p in v1_variants.items()} == {
+        "base": "base", "sft": "sft", "instruct": "instruct"}
+
+
+def test_not_a_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelDirError, match="not a CosyVoice model directory"):
+        detect_version(tmp_path)
+    with pytest.raises(ModelDirError, match="does not exist"):
+        detect_version(tmp_path / "nowhere")
+
+
+def test_every_missing_file_is_listed_at_once(model_copy: Path) -> None:
+    for name in ("flow.pt", "campplus.onnx", "speech_tokenizer_v1.onnx"):
+        (model_copy / name).unlink()
+    (model_copy / "hift.pt").write_bytes(b"")
+    with pytest.raises(ModelDirError) as info:
+        open_model_dir(model_copy)
+    message = str(info.value)
+    for name in ("flow.pt: missing", "campplus.onnx: missing", "speech_tokenizer_v1.onnx: missing",
+                 "hift.pt: empty"):
+        assert name in message
+    assert "llm.pt" not in message
+
+
+def test_required_files_per_version() -> None:
+    assert "speech_tokenizer_v1.onnx" in required_files(1)
+    assert "CosyVoice-BlankEN/vocab.json" in required_files(2)
+    assert "cosyvoice3.yaml" in required_files(3)
+
+
+def test_two_yamls_are_ambiguous(model_copy: Path) -> None:
+    shutil.copy(model_copy / "cosyvoice.yaml", model_copy / "cosyvoice2.yaml")
+    with pytest.raises(ModelDirError, match="several model yamls"):
+        detect_version(model_copy)
+
+
+def test_truncated_checkpoint_is_a_clear_error(model_copy: Path) -> None:
+    data = (model_copy / "llm.pt").read_bytes()
+    (model_copy / "llm.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelDirError, match="llm.pt"):
+        Engine.load(model_copy)
+
+
+def test_garbage_checkpoint_is_a_clear_error(model_copy: Path) -> None:
+    (model_copy / "flow.pt").write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ModelDirError, match="flow.pt"):
+        Engine.load(model_copy)
+
+
+def test_checkpoint_with_wrong_keys_names_them(model_copy: Path) -> None:
+    state = torch.load(model_copy / "flow.pt", weights_only=True)
+    state["extra.weight"] = torch.zeros(1)
+    state.pop(next(iter(state)))
+    torch.save(state, model_copy / "flow.pt")
+    with pytest.raises(ModelDirError, match="unexpected keys.*extra.weight"):
+        Engine.load(model_copy)
+
+
+def test_yaml_that_does_not_match_the_checkpoints(model_copy: Path) -> None:
+    yaml_file = model_copy / "cosyvoice.yaml"
+    text = yaml_file.read_text(encoding="utf-8")
+    yaml_file.write_text(text.replace("llm_input_size: 64", "llm_input_size: 48", 1), encoding="utf-8")
+    with pytest.raises(ModelDirError, match="shape mismatches"):
+        Engine.load(model_copy)
+
+
+def test_unknown_model_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelDownloadError, match="neither an existing directory nor a known model"):
+        resolve_model("CosyVoice-9000B")
+
+
+def test_offline_download_names_the_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COSYVOICE_LITE_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: like no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ModelDownloadError) as info:
+        resolve_model("CosyVoice-300M-SFT")
+    assert str(tmp_path / "models" / "CosyVoice-300M-SFT") in str(info.value)

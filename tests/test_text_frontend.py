@@ -1,0 +1,352 @@
+"""Text frontend: parity with the official text_normalize, splitting, bypasses, properties, speed.
+
+Goldens: tests/data/golden/text/official.jsonl (tools/golden/text_frontend.py, official code + wetext
+0.0.4 on the current wetext FSTs); intended differences: tests/data/golden/text/known_differences.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+from _assets import whisper_vocab_path
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cosyvoice_lite.frontend import text as T
+from cosyvoice_lite.frontend.text import TextFrontend, split_paragraph
+
+DATA = Path(__file__).parent / "data"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+CORPUS = _jsonl(DATA / "text_corpus.jsonl")
+OFFICIAL = {row["id"]: row for row in _jsonl(DATA / "golden/text/official.jsonl")}
+KNOWN = json.loads((DATA / "golden/text/known_differences.json").read_text(encoding="utf-8"))[
+    "items"
+]
+
+
+def _words(text: str) -> list[str]:
+    """A stand-in tokenizer for English lengths (one 'token' per character) when no vocab is needed."""
+    return list(text)
+
+
+@pytest.fixture(scope="module")
+def whisper_encode():
+    from cosyvoice_lite.frontend.tokenizer import WhisperTextTokenizer
+
+    return WhisperTextTokenizer(whisper_vocab_path()).encode
+
+
+@pytest.fixture(scope="module")
+def frontend(whisper_encode) -> TextFrontend:
+    return TextFrontend(whisper_encode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus parity
+
+
+def test_corpus_is_large_and_varied():
+    assert len(CORPUS) >= 300
+    kinds = {row["kind"] for row in CORPUS}
+    for kind in ("integer", "decimal", "fraction", "date", "time", "money", "percentage", "phone",
+                 "unit", "url", "email", "emoji", "fullwidth", "mixed", "japanese", "korean",
+                 "cantonese", "long_zh", "long_en", "no_punct", "only_punct", "markup"):  # fmt: skip
+        assert kind in kinds
+    assert set(OFFICIAL) == {row["id"] for row in CORPUS}
+
+
+def test_corpus_parity_with_official(frontend):
+    identical, differences = 0, []
+    for row in CORPUS:
+        official = OFFICIAL[row["id"]]
+        segments = frontend.normalize(row["text"])
+        known = KNOWN.get(str(row["id"]))
+        if known is not None:
+            assert known["text"] == row["text"]
+            assert segments == known["ours"], f"known difference {row['id']} changed"
+            continue
+        assert "error" not in official, f"official raised on {row['id']}: record it as known"
+        joined = frontend.normalize_text(row["text"])
+        if segments == official["segments"] and joined == official["joined"]:
+            identical += 1
+        else:
+            differences.append((row["id"], row["text"], official["segments"], segments))
+    print(f"\ntext frontend corpus parity: {identical} of {len(CORPUS)} identical to the official, "
+          f"{len(KNOWN)} known differences")  # fmt: skip
+    assert not differences, "\n".join(map(repr, differences[:10]))
+    assert identical + len(KNOWN) == len(CORPUS)
+
+
+def test_chinese_corpus_parity_without_vocab():
+    """zh segments are measured in characters: this part of the parity needs no tokenizer file."""
+    frontend = TextFrontend()
+    checked = 0
+    for row in CORPUS:
+        text = row["text"]
+        if str(row["id"]) in KNOWN or not T.contains_chinese(text) or T.is_markup(text):
+            continue
+        assert frontend.normalize(text) == OFFICIAL[row["id"]]["segments"], row
+        checked += 1
+    assert checked > 150
+
+
+# ------------------------------------------------------------------------------------------------
+# wetext
+
+
+def test_reorder_tokens_uses_wetext_004_order():
+    tagged = 'date { day: "5" month: "3" year: "2024" } char { value: "\\"" } money { currency: "$" value: "5" extra: "x" }'
+    assert T.reorder_tokens(tagged, "zh") == (
+        'date { year: "2024" month: "3" day: "5" } char { value: "\\"" } money { value: "5" currency: "$" }'
+    )
+    preserved = 'date { preserve_order: "true" month: "march" day: "5" }'
+    assert T.reorder_tokens(preserved, "en") == preserved
+
+
+def test_wetext_only_rewrites_text_with_digits():
+    assert T.wetext_normalize("Dr. Smith & co.", "en") == "Dr. Smith & co."
+    assert T.wetext_normalize("今天×明天", "zh") == "今天×明天"
+    assert T.wetext_normalize("今天是2024年3月5日", "zh") == "今天是二零二四年三月五日"
+    assert T.wetext_normalize("I have 3 apples.", "en") == "I have three apples."
+
+
+def test_wetext_failures_fall_back_to_digit_runs():
+    # The en FSTs have no path for Hangul or runs of spaces: upstream raises, we read the numbers.
+    assert T.wetext_normalize("가격은 10,000원입니다.", "en") == "가격은 ten thousand원입니다."
+    assert T.wetext_normalize("I  have   3 apples", "en") == "I have three apples"
+    with pytest.raises(T.WetextError):
+        T.WetextFst("en")("사과 3개")
+
+
+def test_zh_windows_give_the_whole_text_result():
+    """wetext runs on windows around digits; for zh that must equal one whole-text FST call."""
+    import random
+
+    pool = [
+        r["text"] for r in CORPUS if T.contains_chinese(r["text"]) and T._DIGIT.search(r["text"])
+    ]
+    pool = [text for text in pool if not T.is_markup(text) and len(text) < 80]
+    rng = random.Random(0)
+    texts = pool + ["".join(rng.sample(pool, 3)) for _ in range(40)]
+    whole_text = T.WetextFst("zh")
+    assert [T.wetext_normalize(text, "zh") for text in texts] == [
+        whole_text(text) for text in texts
+    ]
+
+
+def test_spell_out_number_and_helpers():
+    import inflect
+
+    engine = inflect.engine()
+    assert T.spell_out_number("a 12 b 3", engine) == "a twelve b three"
+    assert T.spell_out_number("1" * 40, engine).startswith("one, one")  # beyond inflect's range
+    assert T.replace_blank("中 文 A B 中") == "中文A B中"
+    assert T.remove_bracket("（注）【重要】`x`——y") == "注重要x y"
+    assert T.is_only_punctuation("") and T.is_only_punctuation("。！？…—*#")
+    assert not T.is_only_punctuation("  .") and not T.is_only_punctuation("a.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def test_split_zh_bounds():
+    sentence = "一" * 29 + "。"  # 30 characters
+    text = sentence * 5
+    # 30+30=60 is not > 60, so chunks grow to 90 (> 80 with 60 < 90): 90, 60 (the 60 is not < 20).
+    assert split_paragraph(text, None, "zh") == [sentence * 3, sentence * 2]
+    short = "二" * 9 + "。"
+    assert split_paragraph(sentence * 3 + short, None, "zh") == [sentence * 3 + short]
+    assert split_paragraph("没有标点", None, "zh") == ["没有标点。"]
+
+
+def test_split_en_counts_tokens():
+    words = " ".join(["word"] * 9) + "."  # 9 'tokens' with a whitespace tokenizer
+    text = " ".join([words] * 10)
+
+    def encode(part: str) -> list[str]:
+        return part.split()
+
+    chunks = split_paragraph(text, encode, "en", token_max_n=30, token_min_n=20, merge_len=5)
+    assert "".join(chunks) == text
+    assert [len(encode(chunk)) for chunk in chunks] == [27, 27, 27, 9]  # as upstream
+
+
+def test_split_quotes_and_repeated_punctuation():
+    # Expected values from upstream split_paragraph; small bounds keep every sentence apart.
+    bounds = {"token_max_n": 4, "token_min_n": 2, "merge_len": 1}
+    assert split_paragraph('他说："你好。"然后走了！！', None, "zh", **bounds) == [
+        '他说："',
+        '你好。"',
+        "然后走了！",
+    ]
+    assert split_paragraph("What a day!!!", _words, "en") == ["What a day!"]
+    assert split_paragraph('."Hello', _words, "en") == ['"Hello.']  # upstream: IndexError
+
+
+def test_iter_split_paragraph_is_lazy():
+    chunks = T.iter_split_paragraph(("一" * 70 + "。") * 1000, None, "zh")
+    assert next(chunks) == "一" * 70 + "。"  # 71 > 60 and 142 > 80: flushed alone
+
+
+# ------------------------------------------------------------------------------------------------
+# Bypasses
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|zh|>你好 2024",
+        "You are a helpful assistant.<|endofprompt|>今天是2024年3月5日。",
+        " <|en|> x ",
+    ],
+)
+def test_markup_bypasses_normalisation(text):
+    frontend = TextFrontend()
+    assert frontend.normalize(text) == [text]
+    assert frontend.normalize_text(text) == text
+
+
+def test_disabled_and_empty():
+    frontend = TextFrontend(_words)
+    assert frontend.normalize("  今天是2024年。 ", enabled=False) == ["  今天是2024年。 "]
+    assert frontend.normalize("") == [""]
+    assert frontend.normalize(" \n\t ") == []
+    assert frontend.normalize("。！？") == []
+    assert frontend.normalize("今天是2024年3月5日", split=False) == "今天是二零二四年三月五日"
+    assert frontend.normalize(" <|zh|>2024 ", split=False) == " <|zh|>2024 "
+
+
+def test_english_without_a_tokenizer_counts_words():
+    """Without a tokenizer (the CLI without a model) English lengths are words and punctuation runs."""
+    sentence = " ".join(["word"] * 29) + "."  # 30 pieces
+    segments = TextFrontend().normalize(" ".join([sentence] * 4))
+    assert [len(T._pretokens(segment)) for segment in segments] == [90, 30]
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties
+
+
+def _strip_punctuation(text: str) -> str:
+    return "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
+
+
+def _letters_only(text: str) -> str:
+    return "".join(c for c in text if unicodedata.category(c)[0] not in "PSZC")
+
+
+_PROPERTY_SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+_FRONTEND = TextFrontend(_words)
+_ALPHABET = st.sampled_from(
+    list("你好世界今天天气很好我们去公园中文字符测试ぁあかカタナ한국어abcXYZ  \n\t")
+    + list("。，、！？；：.,!?;:\"“”'（）【】—-…·《》「」")
+)
+
+
+_NUMBERS_ALPHABET = st.sampled_from(
+    list("0123456789０１٣²①.,:/-+$%年月日点元 abcXYZ你好世界가나\n\t。，！？\"“”'#×")
+)
+_ANY_TEXT = st.one_of(st.text(max_size=300), st.text(_NUMBERS_ALPHABET, max_size=200))
+
+
+@_PROPERTY_SETTINGS
+@given(_ANY_TEXT)
+def test_no_input_crashes(text):
+    segments = _FRONTEND.normalize(text)
+    assert all(isinstance(segment, str) for segment in segments)
+    assert isinstance(_FRONTEND.normalize(text, split=False), str)
+
+
+@_PROPERTY_SETTINGS
+@given(_ANY_TEXT)
+def test_segments_cover_the_normalised_text_in_order(text):
+    """Concatenated segments == normalised text, up to the punctuation marks upstream drops/adds."""
+    if T.is_markup(text) or not text.strip():
+        return
+    segments = _FRONTEND.normalize(text)
+    assert _strip_punctuation("".join(segments)) == _strip_punctuation(
+        _FRONTEND.normalize_text(text)
+    )
+
+
+@_PROPERTY_SETTINGS
+@given(st.text(_ALPHABET, max_size=400))
+def test_every_letter_reaches_a_segment_in_order(text):
+    """Without digits or markup normalisation only touches spaces and punctuation: every other
+    character of the input reaches exactly one segment, in input order."""
+    segments = _FRONTEND.normalize(text)
+    assert _letters_only("".join(segments)) == _letters_only(text)
+
+
+@_PROPERTY_SETTINGS
+@given(st.lists(st.sampled_from([row["text"] for row in CORPUS if row["kind"] != "markup"]),
+                min_size=1, max_size=12))  # fmt: skip
+def test_corpus_mixtures_lose_nothing(texts):
+    text = "".join(texts)
+    segments = list(_FRONTEND.iter_segments(text))
+    if T.is_markup(text) or not text.strip():
+        return
+    assert _strip_punctuation("".join(segments)) == _strip_punctuation(
+        _FRONTEND.normalize_text(text)
+    )
+    assert all(segment and not T.is_only_punctuation(segment) for segment in segments)
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed
+
+
+def _mixed_text(n_chars: int) -> str:
+    parts, size = [], 0
+    for row in CORPUS:
+        if row["kind"] in ("markup", "empty", "only_punct"):
+            continue
+        parts.append(row["text"])
+        size += len(row["text"])
+        if size >= n_chars:
+            break
+    return "".join(parts)[:n_chars]
+
+
+def test_speed_10k_characters_of_mixed_text():
+    frontend = TextFrontend(_words)
+    start = time.perf_counter()
+    frontend.normalize("预热 1")  # loads the zh FSTs once
+    init = time.perf_counter() - start
+    text = _mixed_text(10_000)
+    assert len(text) == 10_000
+    start, cpu = time.perf_counter(), time.process_time()
+    segments = frontend.normalize(text)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"\nnormalise+split 10,000 mixed characters: {wall:.3f} s wall, {cpu:.3f} s CPU, "
+          f"{len(segments)} segments (FST load {init:.3f} s)")  # fmt: skip
+    assert cpu < 2.0
+
+
+def test_speed_10k_characters_of_english(whisper_encode):
+    frontend = TextFrontend(whisper_encode)
+    frontend.normalize("Warm up 1.")  # loads the en FSTs and inflect once
+    parts = [
+        r["text"] for r in CORPUS if r["kind"] in ("english", "long_en", "money", "date", "unit")
+    ]
+    text = " ".join(parts)
+    text = (text * (10_000 // len(text) + 1))[:10_000]
+    start, cpu = time.perf_counter(), time.process_time()
+    segments = frontend.normalize(text)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"\nnormalise+split 10,000 English characters: {wall:.3f} s wall, {cpu:.3f} s CPU, "
+          f"{len(segments)} segments")  # fmt: skip
+    assert cpu < 2.0
