@@ -1,0 +1,328 @@
+"""Qwen2 decoder: the Qwen2.5-0.5B body of the CosyVoice2/3 LLMs, in plain torch.
+
+The module tree mirrors transformers' `Qwen2ForCausalLM` inside the official `Qwen2Encoder`, so the
+official `llm.pt` keys `llm.model.model.*` and `llm.model.lm_head.weight` load with `strict=True`:
+
+    Qwen2Encoder.model                      (Qwen2ForCausalLM)
+        .model.embed_tokens                 Embedding(vocab_size, hidden_size)
+        .model.layers.N.self_attn.{q,k,v}_proj   Linear with bias
+        .model.layers.N.self_attn.o_proj         Linear without bias
+        .model.layers.N.mlp.{gate,up,down}_proj  SiLU-gated MLP, no biases
+        .model.layers.N.{input,post_attention}_layernorm   RMSNorm
+        .model.norm                         final RMSNorm
+        .lm_head                            tied to embed_tokens when tie_word_embeddings (unused here)
+
+Only `CosyVoice-BlankEN/config.json` is read; every weight comes from `llm.pt`. The key/value cache
+is an explicit `KVCache` value owned by the caller, never state on the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice_lite.errors import ModelDirError
+
+__all__ = [
+    "KVCache",
+    "Qwen2Attention",
+    "Qwen2Config",
+    "Qwen2DecoderLayer",
+    "Qwen2Encoder",
+    "Qwen2ForCausalLM",
+    "Qwen2MLP",
+    "Qwen2Model",
+    "Qwen2RMSNorm",
+]
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    """The fields of an HF Qwen2 `config.json` that inference needs (defaults as transformers')."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> Qwen2Config:
+        """Validate an HF Qwen2 config dict; features this decoder does not implement are errors."""
+        try:
+            config = cls(
+                hidden_size=int(cfg["hidden_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=int(cfg["num_attention_heads"]),
+                num_key_value_heads=int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])),
+                intermediate_size=int(cfg["intermediate_size"]),
+                vocab_size=int(cfg["vocab_size"]),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelDirError(f"Qwen2 config.json is missing or has a bad value for {e}") from e
+        unsupported = []
+        if cfg.get("hidden_act", "silu") != "silu":
+            unsupported.append(f"hidden_act={cfg['hidden_act']!r}")
+        if cfg.get("rope_scaling"):
+            unsupported.append(f"rope_scaling={cfg['rope_scaling']!r}")
+        if cfg.get("use_sliding_window", False):
+            unsupported.append("use_sliding_window=true")
+        if cfg.get("head_dim", config.head_dim) != config.head_dim:
+            unsupported.append(f"head_dim={cfg['head_dim']}")
+        if config.hidden_size % config.num_attention_heads or (
+            config.num_attention_heads % config.num_key_value_heads
+        ):
+            unsupported.append("heads that do not divide hidden_size / each other")
+        if unsupported:
+            raise ModelDirError(f"unsupported Qwen2 config: {', '.join(unsupported)}")
+        return config
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Qwen2Config:
+        """Read `config.json` (e.g. `<model_dir>/CosyVoice-BlankEN/config.json`)."""
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelDirError(f"cannot read the Qwen2 config {path}: {e}") from e
+        return cls.from_dict(cfg)
+
+
+class _LayerCache:
+    """Keys/values of one layer, (batch, kv_heads, time, head_dim), in a buffer that grows by
+    doubling so that appending one step does not copy the whole history."""
+
+    __slots__ = ("keys", "values", "length")
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_length = self.length + k.size(2)
+        capacity = 0 if self.keys is None else self.keys.size(2)
+        if new_length > capacity:
+            b, h, _, d = k.shape
+            capacity = max(new_length, 2 * capacity, 64)
+            keys, values = k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, d)
+            if self.keys is not None:
+                keys[:, :, : self.length] = self.keys[:, :, : self.length]
+                values[:, :, : self.length] = self.values[:, :, : self.length]
+            self.keys, self.values = keys, values
+        self.keys[:, :, self.length : new_length] = k
+        self.values[:, :, self.length : new_length] = v
+        self.length = new_length
+        return self.keys[:, :, :new_length], self.values[:, :, :new_length]
+
+
+class KVCache:
+    """Per-sequence key/value cache for every layer of a `Qwen2Model`.
+
+    Owned by the caller (one per request); the model appends to it in place and returns it.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [_LayerCache() for _ in range(num_layers)]
+
+    @property
+    def seq_len(self) -> int:
+        """Number of positions already cached."""
+        return self.layers[0].length if self.layers else 0
+
+
+class Qwen2RMSNorm(nn.Module):
+    """RMSNorm computed in float32, then cast back, as transformers' Qwen2RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (len(positions), head_dim) of the default (unscaled) RoPE, computed in float32.
+
+    Computed per call instead of held in a buffer, so that casting the model to half precision
+    cannot degrade the frequencies.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Qwen2Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; q/k/v projections have biases, o_proj has none."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        inner, kv_inner = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, kv_inner, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, kv_inner, bias=True)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: _LayerCache, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        k, v = cache.append(k, v)
+        # Grouped-query attention without copying the cache per query head: query head h uses KV
+        # head h // group, so fold each group of query heads into the query-length axis (rows
+        # r * n + i) and let every KV head attend for its whole group at once.
+        group = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, self.num_kv_heads, group * n, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(config)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: _LayerCache, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Embeddings, decoder layers and the final norm (`llm.model.model.*`)."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def forward(self, inputs_embeds: torch.Tensor,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Causal forward of `inputs_embeds` (batch, time, hidden) after what `cache` holds.
+
+        Returns the final-norm hidden states (transformers' `hidden_states[-1]`) and the cache,
+        extended in place by the new positions.
+        """
+        if cache is None:
+            cache = self.new_cache()
+        past, n = cache.seq_len, inputs_embeds.size(1)
+        positions = torch.arange(past, past + n, device=inputs_embeds.device)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                  inputs_embeds.dtype)
+        group = self.config.num_attention_heads // self.config.num_key_value_heads
+        mask = None
+        if n > 1:  # a single new position sees the whole cache; otherwise causal, repeated per group
+            keys = torch.arange(past + n, device=inputs_embeds.device)
+            mask = (keys[None, :] <= positions[:, None]).repeat(group, 1)
+        x = inputs_embeds
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, layer_cache, mask)
+        return self.norm(x), cache
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """`Qwen2Model` plus `lm_head`; CosyVoice never uses `lm_head`, but `llm.pt` stores it."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, inputs_embeds: torch.Tensor,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        return self.model(inputs_embeds, cache)
+
+
+class Qwen2Encoder(nn.Module):
+    """The official `cosyvoice.llm.llm.Qwen2Encoder`: built from `<pretrain_path>/config.json`
+    (the yaml's `pretrain_path`, i.e. `<model_dir>/CosyVoice-BlankEN`), weights from `llm.pt`."""
+
+    def __init__(self, pretrain_path: str | os.PathLike[str] | None = None,
+                 config: Qwen2Config | None = None) -> None:
+        super().__init__()
+        if config is None:
+            if pretrain_path is None:
+                raise ModelDirError("Qwen2Encoder needs pretrain_path (the CosyVoice-BlankEN dir) or a config")
+            config = Qwen2Config.from_json(Path(pretrain_path) / "config.json")
+        self.config = config
+        self.model = Qwen2ForCausalLM(config)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    def new_cache(self) -> KVCache:
+        return self.model.model.new_cache()
+
+    def forward_one_step(self, xs: torch.Tensor,
+                         cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Feed `xs` (batch, time, hidden) after the cached positions; returns the post-norm
+        hidden states of the new positions and the (extended) cache."""
+        return self.model(xs, cache)
+
+    def forward(self, xs: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        return self.model(xs, cache)

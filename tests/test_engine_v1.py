@@ -1,0 +1,166 @@
+"""The v1 engine end to end on the tiny official-format directory: modes, errors, streaming."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cosyvoice_lite import (
+    AudioError,
+    Engine,
+    InvalidRequestError,
+    Mode,
+    SynthesisRequest,
+    UnknownVoiceError,
+    UnsupportedModeError,
+)
+from cosyvoice_lite.cli import main as cli_main
+
+AUDIO = Path(__file__).resolve().parent / "data" / "audio"
+
+
+@pytest.fixture(scope="module")
+def engines(v1_variants: dict[str, Path]) -> dict[str, Engine]:
+    return {name: Engine.load(path) for name, path in v1_variants.items()}
+
+
+@pytest.fixture(scope="module")
+def prompt_wav() -> Path:
+    return sorted(AUDIO.glob("*16k*.wav"))[0]
+
+
+def _run(engine: Engine, request: SynthesisRequest) -> tuple[np.ndarray, list]:
+    chunks = list(engine.synthesize(request))
+    assert chunks and chunks[-1].final and not any(c.final for c in chunks[:-1])
+    assert {c.sample_rate for c in chunks} == {22050}
+    return np.concatenate([c.samples for c in chunks]), chunks
+
+
+def test_modes_per_release(engines: dict[str, Engine]) -> None:
+    assert Mode.PRESET not in engines["base"].modes
+    assert Mode.INSTRUCT not in engines["sft"].modes
+    assert {Mode.PRESET, Mode.INSTRUCT} <= set(engines["instruct"].modes)
+    assert engines["sft"].voices() == sorted(engines["sft"].voices()) and engines["sft"].voices()
+
+
+def test_preset_voice_is_reproducible_with_a_seed(engines: dict[str, Engine]) -> None:
+    engine = engines["sft"]
+    voice = engine.voices()[0]
+    a, _ = _run(engine, SynthesisRequest(Mode.PRESET, "你好，世界。", voice=voice, seed=7))
+    b, _ = _run(engine, SynthesisRequest(Mode.PRESET, "你好，世界。", voice=voice, seed=7))
+    c, _ = _run(engine, SynthesisRequest(Mode.PRESET, "你好，世界。", voice=voice, seed=8))
+    assert a.dtype == np.float32 and len(a) > 0 and np.abs(a).max() <= 0.99 + 1e-6
+    np.testing.assert_array_equal(a, b)
+    assert len(a) != len(c) or not np.array_equal(a, c)
+
+
+def test_every_mode_produces_audio(engines: dict[str, Engine], prompt_wav: Path) -> None:
+    base, instruct = engines["base"], engines["instruct"]
+    requests = [
+        (base, SynthesisRequest(Mode.ZERO_SHOT, "Hello there.", prompt_audio=prompt_wav,
+                                prompt_text="This is a prompt.", seed=1)),
+        (base, SynthesisRequest(Mode.CROSS_LINGUAL, "<|en|>Hello there.", prompt_audio=prompt_wav,
+                                seed=1)),
+        (base, SynthesisRequest(Mode.VOICE_CONVERSION, source_audio=prompt_wav,
+                                prompt_audio=prompt_wav, seed=1)),
+        (instruct, SynthesisRequest(Mode.INSTRUCT, "今天天气很好。", voice=instruct.voices()[0],
+                                    instruct="A calm narrator.<|endofprompt|>", seed=1)),
+        (instruct, SynthesisRequest(Mode.PRESET, "Speed change.", voice=instruct.voices()[0],
+                                    speed=1.5, seed=1)),
+    ]
+    for engine, request in requests:
+        audio, _ = _run(engine, request)
+        assert len(audio) > 0, request.mode
+
+
+def test_speed_shortens_the_audio(engines: dict[str, Engine]) -> None:
+    engine = engines["sft"]
+    voice = engine.voices()[0]
+    normal, _ = _run(engine, SynthesisRequest(Mode.PRESET, "一二三四五。", voice=voice, seed=3))
+    fast, _ = _run(engine, SynthesisRequest(Mode.PRESET, "一二三四五。", voice=voice, seed=3, speed=2.0))
+    assert abs(len(fast) - len(normal) / 2) <= 256 * 2
+
+
+def test_streaming_yields_about_the_same_audio_in_several_chunks(engines: dict[str, Engine]) -> None:
+    engine = engines["sft"]
+    voice = engine.voices()[0]
+    # min_len is twice the text tokens, so ~70 tokens of text guarantee a multi-chunk stream
+    text = "这是一个比较长的句子，用来测试流式合成是否正常工作，以及每一块音频是否连续，" * 2 + "好的。"
+    whole, _ = _run(engine, SynthesisRequest(Mode.PRESET, text, voice=voice, seed=5))
+    streamed, chunks = _run(engine, SynthesisRequest(Mode.PRESET, text, voice=voice, seed=5, stream=True))
+    assert len(chunks) > 1
+    # chunk-wise length regulation rounds per chunk (as the official), so lengths differ slightly
+    assert abs(len(streamed) - len(whole)) <= 0.05 * len(whole)
+
+
+def test_concurrent_requests_do_not_affect_each_other(engines: dict[str, Engine]) -> None:
+    engine = engines["sft"]
+    voice = engine.voices()[0]
+    texts = ["第一个请求。", "Second request here.", "第三个。"]
+
+    def request(i: int) -> SynthesisRequest:
+        return SynthesisRequest(Mode.PRESET, texts[i], voice=voice, seed=i, stream=True)
+
+    alone = [_run(engine, request(i))[0] for i in range(len(texts))]
+    together: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, _run(engine, request(i))[0]))
+               for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, audio in enumerate(alone):
+        np.testing.assert_array_equal(together[i], audio)
+
+
+@pytest.mark.parametrize(
+    ("variant", "request_kwargs", "error", "match"),
+    [
+        ("sft", dict(mode=Mode.INSTRUCT, text="hi", voice="x", instruct="sad"), UnsupportedModeError,
+         "supports: preset"),
+        ("base", dict(mode=Mode.PRESET, text="hi", voice="x"), UnsupportedModeError, "zero_shot"),
+        ("sft", dict(mode=Mode.PRESET, text="hi", voice="nobody"), UnknownVoiceError, "nobody"),
+        ("sft", dict(mode=Mode.PRESET, text="   ", voice=None), InvalidRequestError, "empty"),
+        ("sft", dict(mode=Mode.PRESET, text="。。！", voice=None), InvalidRequestError, "nothing to speak"),
+        ("sft", dict(mode=Mode.PRESET, text="hi", speed=5.0), InvalidRequestError, "speed"),
+        ("base", dict(mode=Mode.ZERO_SHOT, text="hi"), InvalidRequestError, "prompt audio"),
+        ("base", dict(mode=Mode.VOICE_CONVERSION), InvalidRequestError, "source audio"),
+    ],
+)
+def test_bad_requests_get_clear_errors(engines, variant, request_kwargs, error, match) -> None:
+    engine = engines[variant]
+    if request_kwargs.get("voice") is None and request_kwargs["mode"] == Mode.PRESET:
+        request_kwargs = {**request_kwargs, "voice": engine.voices()[0] if engine.voices() else None}
+    with pytest.raises(error, match=match):
+        list(engine.synthesize(SynthesisRequest(**request_kwargs)))
+
+
+def test_bad_prompt_audio(engines: dict[str, Engine], tmp_path: Path) -> None:
+    engine = engines["base"]
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000 * 2, dtype=np.float32), 16000)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF....not really a wav file")
+    too_long = tmp_path / "long.wav"
+    sf.write(too_long, (np.random.default_rng(0).standard_normal(16000 * 31) * 0.1).astype(np.float32), 16000)
+    for path, match in ((silent, "silent"), (garbage, "could not be decoded"), (too_long, "too long")):
+        request = SynthesisRequest(Mode.CROSS_LINGUAL, "hello", prompt_audio=path)
+        with pytest.raises(AudioError, match=match):
+            list(engine.synthesize(request))
+
+
+def test_cli_say_writes_a_playable_wav(v1_variants: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "hello.wav"
+    engine_dir = v1_variants["sft"]
+    assert cli_main(["voices", "--model", str(engine_dir)]) == 0
+    voice = capsys.readouterr().out.splitlines()[1]
+    assert cli_main(["say", "你好。", "--model", str(engine_dir), "--voice", voice, "--seed", "1",
+                     "-o", str(out)]) == 0
+    data, rate = sf.read(out)
+    assert rate == 22050 and len(data) > 0
+    assert cli_main(["say", "hi", "--model", str(engine_dir), "--voice", "nobody", "-o", str(out)]) == 2
+    assert "unknown voice" in capsys.readouterr().err
