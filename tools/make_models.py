@@ -110,7 +110,7 @@ def make_model(out: Path, version: int = 1, size: str = "tiny", variant: str = "
     config = load_model_config(out, version)
     torch.manual_seed(seed)
     for part in ("llm", "flow", "hift"):
-        network = build_network(getattr(config, part), out)
+        network = build_network(getattr(config, part))
         state = network.state_dict()
         if part == "hift":
             state = _legacy_weight_norm(state, network)

@@ -7,9 +7,6 @@ class *name* to our own implementation. Nothing from the yaml is imported: an un
 from __future__ import annotations
 
 import importlib
-import json
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,30 +47,20 @@ def _network_class(name: str) -> type[torch.nn.Module]:
     return getattr(importlib.import_module(f"cosyvoice_lite.networks.{module}"), cls)
 
 
-def build_network(spec: Component, model_dir: Path | None = None) -> torch.nn.Module:
-    """Instantiate ``spec`` (children first, as HyperPyYAML does) in eval mode on the CPU."""
+def build_network(spec: Component) -> torch.nn.Module:
+    """Instantiate ``spec`` (children first, as HyperPyYAML does) in eval mode on the CPU.
+
+    (Qwen2Encoder receives ``pretrain_path`` = <model>/CosyVoice-BlankEN from the yaml override and
+    reads only its config.json: every Qwen weight comes from llm.pt.)"""
     kwargs: dict[str, Any] = {}
     for key, value in spec.kwargs.items():
         if isinstance(value, Component):
-            kwargs[key] = build_network(value, model_dir)
+            kwargs[key] = build_network(value)
         elif isinstance(value, Tagged):
             continue  # !name: callables such as the sampling function: injected per request instead
         else:
             kwargs[key] = value
-    if spec.class_name == "Qwen2Encoder":
-        kwargs = {"config": read_qwen_config(model_dir)}
     try:
         return _network_class(spec.class_name)(**kwargs).eval()
     except TypeError as exc:
         raise ModelDirError(f"yaml arguments for {spec.class_name} do not fit: {exc}") from exc
-
-
-def read_qwen_config(model_dir: Path | None) -> Mapping[str, Any]:
-    """The Qwen2 body's hyper-parameters from CosyVoice-BlankEN/config.json (weights come from llm.pt)."""
-    if model_dir is None:
-        raise ModelDirError("a Qwen2-based model needs its directory for CosyVoice-BlankEN/config.json")
-    path = model_dir / "CosyVoice-BlankEN" / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"cannot read {path}: {exc}") from exc

@@ -95,9 +95,9 @@ def cmd_normalize(args: argparse.Namespace) -> int:
 
     encode = None
     if args.model:
+        from .hub import resolve_model
         from .modeldir import open_model_dir
         from .pipelines.factory import text_tokenizer
-        from .hub import resolve_model
 
         encode = text_tokenizer(open_model_dir(resolve_model(args.model))).encode
     text = args.text if args.text != "-" else sys.stdin.read()

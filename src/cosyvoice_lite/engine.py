@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .build import build_network
 from .device import Placement, resolve_placement
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend
 from .hub import resolve_model
-from .modeldir import ModelDir, load_checkpoint, load_speakers, load_strict, open_model_dir
+from .modeldir import ModelDir, load_speakers, open_model_dir
 from .pipelines.common import ModelInputs
 from .request import AudioChunk, Mode, SynthesisRequest
 from .sampling import RasSampler
@@ -35,6 +34,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (segments done, segments total)
 
 MAX_SPEED, MIN_SPEED = 2.0, 0.5
+ENDOFPROMPT = "<|endofprompt|>"
+STREAM_NOISE_SALT = 0x5EED5EED
+SYSTEM_PROMPT = "You are a helpful assistant."  # CosyVoice3's canonical system prompt
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,18 @@ class Engine:
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator(device=self.placement.device).manual_seed(seed)
         sampler = RasSampler(generator, **vars(self.model.config.sampling))
+        # Without streaming every draw comes from one generator in the official order (LLM, then
+        # flow noise, then vocoder), which reproduces the official output. A stream interleaves
+        # noise draws with sampling, so it draws its noise from a second generator: the spoken
+        # tokens then do not depend on where the chunks fall.
+        noise = generator
+        if request.stream:
+            noise = torch.Generator(device=self.placement.device).manual_seed(seed ^ STREAM_NOISE_SALT)
         prompt = self._prompt(request, prompt)
         total = len(segments)
         for index, segment in enumerate(segments):
             inputs = self._inputs(request, segment, prompt)
-            pieces = self.pipeline.synthesize(inputs, sampler, generator, request.stream, request.speed)
+            pieces = self.pipeline.synthesize(inputs, sampler, noise, request.stream, request.speed)
             previous = None
             for piece in pieces:
                 if previous is not None:
@@ -209,34 +218,60 @@ class Engine:
     def _tokens(self, text: str) -> torch.Tensor:
         return torch.tensor([self.tokenizer.encode(text)], dtype=torch.int32)
 
+    def _text_tokens(self, segment):
+        if isinstance(segment, str):
+            return self._tokens(segment)
+        # streaming text in: each piece is tokenised on its own (no normalisation, as the official)
+        return (self.tokenizer.encode(piece) for piece in segment)
+
+    def _instruction(self, instruct: str) -> str:
+        """The instruction as each version's LLM expects it; users write only the instruction."""
+        instruct = instruct.strip()
+        if self.version == 1:
+            return self.text_frontend.normalize(instruct, split=False, encode=self.tokenizer.encode)
+        if ENDOFPROMPT in instruct:
+            return instruct
+        if self.version == 2:
+            return instruct + ENDOFPROMPT
+        return f"{SYSTEM_PROMPT} {instruct}{ENDOFPROMPT}"
+
+    def _with_system_prompt(self, prompt_text: str, text) -> tuple[str, object]:
+        """CosyVoice3 needs <|endofprompt|> in its input: add the canonical system prompt where the
+        user did not write one (before the transcript, or before the text when there is none)."""
+        if self.version != 3 or ENDOFPROMPT in prompt_text:
+            return prompt_text, text
+        if prompt_text:
+            return f"{SYSTEM_PROMPT}{ENDOFPROMPT}{prompt_text}", text
+        if isinstance(text, str) and ENDOFPROMPT not in text:
+            return prompt_text, f"{SYSTEM_PROMPT}{ENDOFPROMPT}{text}"
+        return prompt_text, text
+
     def _inputs(self, request: SynthesisRequest, segment, prompt: PromptFeatures | None) -> ModelInputs:
-        device = self.placement.device
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
         no_embedding = torch.zeros(0, 192)
-        text = self._tokens(segment) if isinstance(segment, str) else segment
-        if prompt is None:  # preset voice (and v1 instruct, which also uses a preset voice)
+        prompt_text = ""
+        if request.mode == Mode.ZERO_SHOT:
+            prompt_text = prompt.prompt_text or (request.prompt_text or "").strip()
+        elif request.mode == Mode.INSTRUCT:
+            prompt_text = self._instruction(request.instruct or "")
+        prompt_text, segment = self._with_system_prompt(prompt_text, segment)
+        text = self._text_tokens(segment)
+        prompt_tokens = self._tokens(prompt_text) if prompt_text else empty_tokens
+        if prompt is None:  # a preset voice (and v1 instruct, which also speaks with a preset)
             voice = self._preset(request.voice)
-            prompt_text = empty_tokens
-            llm_embedding = voice.embedding
-            if request.mode == Mode.INSTRUCT:
-                instruct = self.text_frontend.normalize(request.instruct, split=False,
-                                                        encode=self.tokenizer.encode)
-                prompt_text = self._tokens(instruct)
-                llm_embedding = no_embedding  # the official drops it to avoid information leakage
-            inputs = ModelInputs(text, prompt_text, empty_tokens, llm_embedding, empty_tokens,
+            # v1 instruct drops the LLM x-vector, as the official does against information leakage
+            llm_embedding = no_embedding if request.mode == Mode.INSTRUCT else voice.embedding
+            inputs = ModelInputs(text, prompt_tokens, empty_tokens, llm_embedding, empty_tokens,
                                  torch.zeros(1, 0, 80), voice.embedding)
         else:
-            prompt_text, llm_speech = empty_tokens, empty_tokens
-            if request.mode == Mode.ZERO_SHOT:
-                prompt_text = self._tokens(prompt.prompt_text or (request.prompt_text or "").strip())
-                llm_speech = prompt.speech_tokens
+            llm_speech = prompt.speech_tokens if request.mode == Mode.ZERO_SHOT else empty_tokens
             source = None
             if request.mode == Mode.VOICE_CONVERSION:
                 wav, rate = self.prompt_encoder.load(request.source_audio, "source audio")
                 source = self.prompt_encoder.tokens(wav, rate)
-            inputs = ModelInputs(text, prompt_text, llm_speech, prompt.embedding, prompt.speech_tokens,
+            inputs = ModelInputs(text, prompt_tokens, llm_speech, prompt.embedding, prompt.speech_tokens,
                                  prompt.speech_feat, prompt.embedding, source)
-        return _to_device(inputs, device)
+        return _to_device(inputs, self.placement.device)
 
 
 def _to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import zipfile
@@ -141,10 +142,8 @@ def _variant(model_dir: Path, version: int) -> str:
     hints = [model_dir.name.lower()]
     meta = model_dir / "configuration.json"
     if meta.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError):
             hints.append(json.dumps(json.loads(meta.read_text(encoding="utf-8"))).lower())
-        except (OSError, ValueError):
-            pass
     text = " ".join(hints)
     if "instruct" in text:
         return "instruct"

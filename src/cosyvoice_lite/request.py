@@ -6,11 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 
-AudioSource = Union[str, Path, bytes, BinaryIO]
+AudioSource = str | Path | bytes | BinaryIO
 
 
 class Mode(str, Enum):

@@ -30,7 +30,7 @@ def text_tokenizer(model: ModelDir):
 def load_network(model: ModelDir, part: str, filename: str, placement: Placement) -> torch.nn.Module:
     """Build one network from the yaml and load its checkpoint strictly."""
     spec = getattr(model.config, part)
-    network = build_network(spec, model.path)
+    network = build_network(spec)
     path = model.path / filename
     if not path.is_file():
         raise ModelDirError(f"{path} is missing")
@@ -60,4 +60,7 @@ def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = 
 
         return V1Pipeline(llm, flow, hift, model.config.token_frame_rate, model.config.sample_rate,
                           lambda: compute_context(placement))
-    raise ModelDirError(f"CosyVoice v{model.version} pipelines are not available yet")
+    from .v2 import V2Pipeline
+
+    return V2Pipeline(llm, flow, hift, model.config.sample_rate, lambda: compute_context(placement),
+                      model.version)

@@ -1,0 +1,770 @@
+"""CosyVoice2 flow: speech tokens -> mel (official `CausalMaskedDiffWithXvec`, `cosyvoice/flow/flow.py`).
+
+tokens -> `input_embedding` -> `UpsampleConformerEncoder` (25 Hz -> 50 Hz) -> `encoder_proj` = mu,
+then the conditional flow matching decoder (a `CausalConditionalCFM` around the causal U-Net)
+turns (mu, speaker, prompt mel) into the mel.
+
+The encoder (official `cosyvoice/transformer/upsample_encoder.py`), in order:
+
+    embed            Linear -> LayerNorm -> x sqrt(d)           (token rate)
+    pre_lookahead    conv sees 3 future tokens: zeros, or real look-ahead tokens while streaming
+    encoders.N       pre-norm Conformer layers, static chunk mask when streaming
+    up_layer         nearest x2, left pad 4, conv k5            (token rate -> mel rate)
+    up_embed         Linear -> LayerNorm -> x sqrt(d)
+    up_encoders.N    4 Conformer layers, chunk mask twice as long when streaming
+    after_norm
+
+With `streaming=True` every stage is chunk-causal (see tests/test_v2_flow.py): a frame depends only
+on its own chunk, the chunks before it and the 3 look-ahead tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.conformer import (
+    ACTIVATIONS,
+    INPUT_LAYERS,
+    ConformerEncoderLayer,
+    EspnetRelPositionalEncoding,
+    PositionwiseFeedForward,
+    RelPositionMultiHeadedAttention,
+    encoder_attention_mask,
+)
+from cosyvoice_lite.networks.flow_matching import time_span
+from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
+from cosyvoice_lite.networks.unet import CausalConv1d
+
+__all__ = [
+    "Upsample1D",
+    "UpsampleConformerEncoder",
+    "CausalMaskedDiffWithXvec",
+    "FlowV2StreamState",
+]
+
+# The official flow hard-codes the number of Euler steps in `inference`.
+N_TIMESTEPS = 10
+
+# The official encoder hard-codes these sizes instead of taking them from its arguments.
+_HARD_CODED_CHANNELS = 512
+_PRE_LOOKAHEAD_LEN = 3
+_UPSAMPLE_STRIDE = 2
+_NUM_UP_BLOCKS = 4
+
+
+class Upsample1D(nn.Module):
+    """Official encoder `Upsample1D`: nearest-neighbour x stride, then a causal conv.
+
+    The conv (kernel 2 * stride + 1) is made causal by padding 2 * stride zeros on the left only.
+    """
+
+    def __init__(self, channels: int, out_channels: int, stride: int = 2) -> None:
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.conv = nn.Conv1d(channels, out_channels, stride * 2 + 1, stride=1, padding=0)
+
+    def forward(
+        self, inputs: torch.Tensor, input_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs [B, C, T] -> ([B, C_out, stride * T], input_lengths * stride)."""
+        outputs = F.interpolate(inputs, scale_factor=float(self.stride), mode="nearest")
+        outputs = F.pad(outputs, (self.stride * 2, 0), value=0.0)
+        return self.conv(outputs), input_lengths * self.stride
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelDirError(f"unsupported UpsampleConformerEncoder configuration: {message}")
+
+
+class UpsampleConformerEncoder(nn.Module):
+    """The v2 flow encoder. Constructor keywords are the official ones.
+
+    Only the options the official yamls use are supported (linear input layer, ESPnet relative
+    positions, pre-norm, no macaron FF, no convolution module); training-only ones are ignored.
+    As in the official class, the pre-look-ahead layer and the upsampler are 512 channels wide
+    whatever `output_size` says, and there are always 4 `up_encoders`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 256,
+        attention_heads: int = 4,
+        linear_units: int = 2048,
+        num_blocks: int = 6,
+        dropout_rate: float = 0.1,
+        positional_dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        input_layer: str = "conv2d",
+        pos_enc_layer_type: str = "rel_pos",
+        normalize_before: bool = True,
+        static_chunk_size: int = 0,
+        use_dynamic_chunk: bool = False,
+        global_cmvn: nn.Module | None = None,
+        use_dynamic_left_chunk: bool = False,
+        positionwise_conv_kernel_size: int = 1,
+        macaron_style: bool = True,
+        selfattention_layer_type: str = "rel_selfattn",
+        activation_type: str = "swish",
+        use_cnn_module: bool = True,
+        cnn_module_kernel: int = 15,
+        causal: bool = False,
+        cnn_module_norm: str = "batch_norm",
+        key_bias: bool = True,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        _require(input_layer in INPUT_LAYERS, f"input_layer {input_layer!r} (use 'linear')")
+        _require(
+            pos_enc_layer_type == "rel_pos_espnet", f"pos_enc_layer_type {pos_enc_layer_type!r}"
+        )
+        _require(
+            selfattention_layer_type == "rel_selfattn",
+            f"selfattention_layer_type {selfattention_layer_type!r}",
+        )
+        _require(normalize_before, "normalize_before=False")
+        _require(not use_dynamic_chunk, "use_dynamic_chunk=True")
+        _require(global_cmvn is None, "global_cmvn")
+        _require(not macaron_style, "macaron_style=True")
+        _require(not use_cnn_module, "use_cnn_module=True")
+        _require(activation_type in ACTIVATIONS, f"activation_type {activation_type!r}")
+        # The hard-coded 512-channel layers sit between the Conformer stacks.
+        _require(
+            input_size == output_size == _HARD_CODED_CHANNELS,
+            f"input_size and output_size must be {_HARD_CODED_CHANNELS} "
+            f"(got {input_size} and {output_size})",
+        )
+        self._output_size = output_size
+        self.static_chunk_size = static_chunk_size
+
+        def embed() -> nn.Module:
+            return INPUT_LAYERS[input_layer](
+                input_size, output_size, 0.0, EspnetRelPositionalEncoding(output_size)
+            )
+
+        def conformer_layers(count: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                ConformerEncoderLayer(
+                    output_size,
+                    RelPositionMultiHeadedAttention(
+                        attention_heads, output_size, key_bias=key_bias
+                    ),
+                    PositionwiseFeedForward(
+                        output_size, linear_units, 0.0, ACTIVATIONS[activation_type]()
+                    ),
+                )
+                for _ in range(count)
+            )
+
+        # Registration order follows the official module, so state_dict() lists keys alike.
+        self.embed = embed()
+        self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
+        self.pre_lookahead_layer = PreLookaheadLayer(
+            in_channels=_HARD_CODED_CHANNELS,
+            channels=_HARD_CODED_CHANNELS,
+            pre_lookahead_len=_PRE_LOOKAHEAD_LEN,
+        )
+        self.encoders = conformer_layers(num_blocks)
+        self.up_layer = Upsample1D(
+            channels=_HARD_CODED_CHANNELS,
+            out_channels=_HARD_CODED_CHANNELS,
+            stride=_UPSAMPLE_STRIDE,
+        )
+        self.up_embed = embed()
+        self.up_encoders = conformer_layers(_NUM_UP_BLOCKS)
+
+    def output_size(self) -> int:
+        return self._output_size
+
+    def forward(
+        self,
+        xs: torch.Tensor,
+        xs_lens: torch.Tensor,
+        context: torch.Tensor | None = None,
+        decoding_chunk_size: int = 0,
+        num_decoding_left_chunks: int = -1,
+        streaming: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """xs [B, T, 512] token features -> (out [B, 2T, 512], mel-rate padding mask [B, 1, 2T]).
+
+        `context` [B, <=3, 512]: the features of the look-ahead tokens that follow xs (streaming);
+        without it the look-ahead sees zeros (end of utterance). `streaming=True` limits attention
+        to static chunks (`static_chunk_size` tokens, twice that after upsampling), each frame
+        seeing its own chunk and every earlier one. As in the official code,
+        `decoding_chunk_size` and `num_decoding_left_chunks` have no effect.
+        """
+        chunk = self.static_chunk_size if streaming else 0
+        _, att_mask = encoder_attention_mask(xs_lens, xs.size(1), chunk)
+        xs, pos_emb = self.embed(xs)
+        if context is not None and context.size(1) > 0:
+            # Same embedding as xs; the official passes offset=T, which only moves the unused
+            # positional rows (relative positions do not depend on it).
+            context, _ = self.embed(context)
+        xs = self.pre_lookahead_layer(xs, context=context)
+        for layer in self.encoders:
+            xs = layer(xs, att_mask, pos_emb)
+
+        xs, xs_lens = self.up_layer(xs.transpose(1, 2), xs_lens)
+        xs = xs.transpose(1, 2)
+        up_chunk = chunk * self.up_layer.stride
+        pad_mask, att_mask = encoder_attention_mask(xs_lens, xs.size(1), up_chunk)
+        xs, pos_emb = self.up_embed(xs)
+        for layer in self.up_encoders:
+            xs = layer(xs, att_mask, pos_emb)
+        return self.after_norm(xs), pad_mask
+
+
+class CausalMaskedDiffWithXvec(nn.Module):
+    """The v2 flow. Constructor keywords are the official ones; training-only ones are ignored.
+
+    `encoder` is a built `UpsampleConformerEncoder`, `decoder` a built `CausalConditionalCFM`
+    (see `flow_matching.py`) holding the `CausalConditionalDecoder` U-Net (see `unet.py`).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 512,
+        output_size: int = 80,
+        spk_embed_dim: int = 192,
+        output_type: str = "mel",
+        vocab_size: int = 4096,
+        input_frame_rate: int = 50,
+        only_mask_loss: bool = True,
+        token_mel_ratio: int = 2,
+        pre_lookahead_len: int = 3,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        decoder_conf: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if encoder is None or decoder is None:
+            raise ModelDirError("CausalMaskedDiffWithXvec needs its encoder and decoder modules")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.vocab_size = vocab_size
+        self.output_type = output_type
+        self.input_frame_rate = input_frame_rate
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.encoder = encoder
+        self.encoder_proj = nn.Linear(encoder.output_size(), output_size)
+        self.decoder = decoder
+        self.token_mel_ratio = token_mel_ratio
+        self.pre_lookahead_len = pre_lookahead_len
+
+    @torch.inference_mode()
+    def inference(
+        self,
+        token: torch.Tensor,
+        token_len: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_token_len: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        prompt_feat_len: torch.Tensor,
+        embedding: torch.Tensor,
+        streaming: bool,
+        finalize: bool,
+    ) -> tuple[torch.Tensor, None]:
+        """Mel [1, 80, mel frames after the prompt] for the new tokens.
+
+        token [1, N] (with finalize=False its last `pre_lookahead_len` tokens are only look-ahead
+        context and produce no mel), prompt_token [1, P], prompt_feat [1, 2P, 80] (the frontend
+        aligns prompt mel = token_mel_ratio x prompt tokens), embedding [1, spk_embed_dim]
+        (x-vector). streaming=True runs the encoder and the U-Net with chunk attention masks.
+        """
+        if token.shape[0] != 1:
+            raise InvalidRequestError(
+                f"the flow runs one utterance at a time, got batch {token.shape[0]}"
+            )
+        if not finalize and token.shape[1] <= self.pre_lookahead_len:
+            raise InvalidRequestError(
+                f"a non-final chunk needs more than {self.pre_lookahead_len} tokens "
+                f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
+            )
+
+        embedding = F.normalize(embedding, dim=1)
+        embedding = self.spk_embed_affine_layer(embedding)
+
+        # prompt tokens then new tokens; padding (if any) is zeroed after the embedding
+        token = torch.cat([prompt_token, token], dim=1)
+        token_len = (prompt_token_len + token_len).to(token.device)
+        positions = torch.arange(token.shape[1], device=token.device)
+        mask = (positions.unsqueeze(0) < token_len.unsqueeze(1)).unsqueeze(-1).to(embedding)
+        token = self.input_embedding(torch.clamp(token, min=0)) * mask
+
+        if finalize:
+            h, _ = self.encoder(token, token_len, streaming=streaming)
+        else:
+            # The official keeps token_len at the full length here; lengths beyond the
+            # sequence just mean "no padding".
+            look = self.pre_lookahead_len
+            h, _ = self.encoder(
+                token[:, :-look], token_len, context=token[:, -look:], streaming=streaming
+            )
+        mel_len1 = prompt_feat.shape[1]
+        mel_len2 = h.shape[1] - mel_len1
+        if mel_len2 <= 0:
+            raise InvalidRequestError(
+                f"prompt mel ({mel_len1} frames) is not shorter than the token features "
+                f"({h.shape[1]} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
+            )
+        h = self.encoder_proj(h)
+
+        conds = torch.zeros(
+            1, mel_len1 + mel_len2, self.output_size, device=h.device, dtype=h.dtype
+        )
+        conds[:, :mel_len1] = prompt_feat
+        conds = conds.transpose(1, 2)
+
+        mel_mask = torch.ones(1, 1, mel_len1 + mel_len2, device=h.device, dtype=h.dtype)
+        feat, _ = self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mel_mask,
+            spks=embedding,
+            cond=conds,
+            n_timesteps=N_TIMESTEPS,
+            streaming=streaming,
+        )
+        feat = feat[:, :, mel_len1:]
+        return feat.float(), None
+
+    # ---------------------------------------------------------------------------------------
+    # incremental streaming (see the section at the end of this file)
+
+    def new_stream(
+        self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor, embedding: torch.Tensor
+    ) -> FlowV2StreamState:
+        """Start a stream: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192]."""
+        self._check_streamable()
+        if prompt_token.shape[0] != 1 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
+            raise InvalidRequestError("a flow stream takes one utterance (batch 1)")
+        with torch.inference_mode():
+            spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        return FlowV2StreamState(
+            embedding=spks, prompt_feat=prompt_feat.to(spks.dtype), pending=prompt_token
+        )
+
+    @torch.inference_mode()
+    def stream_step(
+        self, state: FlowV2StreamState, token: torch.Tensor, finalize: bool = False
+    ) -> torch.Tensor:
+        """Feed new speech tokens [1, k] (k >= 0); returns the mel [1, 80, m] now complete.
+
+        Without finalize, the last `pre_lookahead_len` tokens received are look-ahead only and
+        tokens are encoded in whole encoder chunks (`static_chunk_size`, counted from the
+        prompt's first token); the rest waits for the next call. With finalize the remaining
+        tokens are encoded with zero look-ahead and the stream ends. Each call costs the new
+        frames against cached history, never a re-run of the history.
+
+        The mel matches `inference(all tokens so far, streaming=True, finalize=False)` frame for
+        frame. The final chunk uses chunk attention too; the official stream computes its last
+        call with full attention (streaming=False), so only that chunk can differ from it.
+        """
+        if state.finished:
+            raise InvalidRequestError("this flow stream has already been finalized")
+        if token.dim() != 2 or token.shape[0] != 1:
+            raise InvalidRequestError(f"tokens must be [1, k], got {tuple(token.shape)}")
+        pending = torch.cat([state.pending, token.to(state.pending.device)], dim=1)
+        look = self.pre_lookahead_len
+        if finalize:
+            count, context = pending.shape[1], None
+            state.finished = True
+        else:
+            chunk = self.encoder.static_chunk_size
+            usable = state.tokens_done + pending.shape[1] - look
+            count = (usable // chunk) * chunk - state.tokens_done
+            context = pending[:, count : count + look] if count > 0 else None
+        state.pending = pending[:, max(count, 0) :]
+        if count <= 0:
+            return self.spk_embed_affine_layer.weight.new_zeros(1, self.output_size, 0)
+
+        mu = self._encode_increment(state, pending[:, :count], context)
+        first_frame = self.token_mel_ratio * state.tokens_done
+        mel = self._decode_increment(state, mu, first_frame)
+        state.tokens_done += count
+        skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
+        return mel[:, :, skip:].float()
+
+    def _check_streamable(self) -> None:
+        encoder, estimator = self.encoder, self.decoder.estimator
+        chunk = getattr(encoder, "static_chunk_size", 0)
+        if not isinstance(encoder, UpsampleConformerEncoder) or chunk <= 0:
+            raise ModelDirError(
+                "incremental streaming needs an UpsampleConformerEncoder with chunks"
+            )
+        if not getattr(estimator, "causal", False) or len(estimator.down_blocks) != 1:
+            raise ModelDirError("incremental streaming needs the one-level causal U-Net estimator")
+        mel_chunk = chunk * self.token_mel_ratio
+        if estimator.static_chunk_size <= 0 or mel_chunk % estimator.static_chunk_size != 0:
+            raise ModelDirError(
+                f"estimator chunk {estimator.static_chunk_size} does not divide the encoder's "
+                f"{mel_chunk}-frame chunks"
+            )
+
+    def _encode_increment(
+        self, state: FlowV2StreamState, token: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """mu [1, 80, 2n] of n new tokens (the chunk-causal encoder, run on new frames only)."""
+        enc = self.encoder
+        start = state.tokens_done
+        xs = enc.embed(self.input_embedding(torch.clamp(token, min=0)))[0]
+
+        # pre-look-ahead: conv1 sees the next 3 tokens (context or zeros), conv2 the last 2
+        # conv1 outputs of the previous chunk
+        pre = enc.pre_lookahead_layer
+        h = xs.transpose(1, 2)
+        if context is not None:
+            ctx = enc.embed(self.input_embedding(torch.clamp(context, min=0)))[0]
+            h = torch.cat([h, ctx.transpose(1, 2)], dim=2)
+        h = F.pad(h, (0, pre.pre_lookahead_len - (h.shape[2] - xs.shape[1])))
+        h = F.leaky_relu(pre.conv1(h))
+        left = pre.conv2.kernel_size[0] - 1
+        tail = state.pre_lookahead_tail
+        h = torch.cat([tail if tail is not None else h.new_zeros(1, h.shape[1], left), h], dim=2)
+        state.pre_lookahead_tail = h[:, :, h.shape[2] - left :]
+        xs = pre.conv2(h).transpose(1, 2) + xs
+
+        xs = _conformer_increment(
+            enc.encoders, xs, state.encoder, start, enc.static_chunk_size, enc.embed.pos_enc
+        )
+
+        # upsample: nearest x stride, then a conv that sees 2 * stride earlier frames, i.e.
+        # the last 2 token frames of the previous chunk
+        up = enc.up_layer
+        keep = (up.conv.kernel_size[0] - 1) // up.stride
+        h = xs.transpose(1, 2)
+        tail = state.up_tail
+        h = torch.cat([tail if tail is not None else h.new_zeros(1, h.shape[1], keep), h], dim=2)
+        state.up_tail = h[:, :, h.shape[2] - keep :]
+        h = up.conv(F.interpolate(h, scale_factor=float(up.stride), mode="nearest"))
+
+        xs = enc.up_embed(h.transpose(1, 2))[0]
+        xs = _conformer_increment(
+            enc.up_encoders,
+            xs,
+            state.up_encoder,
+            start * up.stride,
+            enc.static_chunk_size * up.stride,
+            enc.up_embed.pos_enc,
+        )
+        return self.encoder_proj(enc.after_norm(xs)).transpose(1, 2)
+
+    def _decode_increment(
+        self, state: FlowV2StreamState, mu: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`."""
+        cfm = self.decoder
+        n = mu.shape[2]
+        end = start + n
+        if end > cfm.rand_noise.shape[2]:
+            raise InvalidRequestError(
+                f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
+            )
+        dtype = state.embedding.dtype
+        x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=mu.dtype)
+        cond = torch.zeros(1, self.output_size, n, device=mu.device, dtype=dtype)
+        prompt = state.prompt_feat[:, start:end].transpose(1, 2)
+        cond[:, :, : prompt.shape[2]] = prompt
+        # row 0 conditional, row 1 unconditional (mu, spks, cond zero), as the official batch
+        mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
+        spks_in = torch.cat([state.embedding, torch.zeros_like(state.embedding)], dim=0)
+        cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
+
+        t_span = time_span(N_TIMESTEPS, cfm.t_scheduler, mu)
+        while len(state.estimator) < N_TIMESTEPS:
+            state.estimator.append(_LayerCaches())
+        rate = cfm.inference_cfg_rate
+        t = t_span[0].unsqueeze(0)
+        dt = t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            velocity = _estimator_increment(
+                cfm.estimator,
+                torch.cat([x, x], dim=0).to(dtype),
+                mu_in,
+                t.expand(2).to(dtype),
+                spks_in,
+                cond_in,
+                state.estimator[step - 1],
+                start,
+            )
+            v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
+            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental streaming
+#
+# With streaming=True every stage of the flow is chunk-causal, so a stream can encode and decode
+# only the new tokens against caches of what came before, instead of re-running the whole history
+# as the official CosyVoice2Model does. Per encoded chunk the state keeps:
+#   encoder       pre-look-ahead conv2: the last 2 conv1 outputs; each Conformer layer: keys,
+#                 values and linear_pos rows for distances 0, 1, ...; up_layer: the last
+#                 2 token frames; each up-Conformer layer: keys, values, linear_pos rows
+#   U-Net         per Euler step (both CFG rows batched): the last 2 input frames of every causal
+#                 conv, and keys/values of every transformer block
+# The mel equals the official streaming re-run (finalize=False) chunk by chunk, up to float
+# rounding. Only whole chunks are encoded; tokens of a partial chunk wait for more tokens (the
+# official schedule is chunk-aligned, so it never has partial chunks before the last call).
+
+
+class _Growing:
+    """A [B, H, capacity, D] buffer with `length` valid rows along dim 2; grows by doubling."""
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        """Append rows [B, H, n, D]; returns the valid part [B, H, length, D] (a view)."""
+        end = self.length + rows.size(2)
+        if self.data is None or end > self.data.size(2):
+            capacity = max(end, 2 * (0 if self.data is None else self.data.size(2)), 64)
+            grown = rows.new_empty(*rows.shape[:2], capacity, rows.size(3))
+            if self.data is not None:
+                grown[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = grown
+        self.data[:, :, self.length : end] = rows
+        self.length = end
+        return self.data[:, :, :end]
+
+    def valid(self) -> torch.Tensor:
+        if self.data is None:
+            raise RuntimeError("empty buffer")
+        return self.data[:, :, : self.length]
+
+
+class _AttentionCache:
+    """Keys and values of one attention layer (plus linear_pos rows for relative attention)."""
+
+    def __init__(self) -> None:
+        self.keys = _Growing()
+        self.values = _Growing()
+        self.positions = _Growing()
+
+
+class _ConvTail:
+    """The last input frames of one causal conv (its left context for the next chunk)."""
+
+    def __init__(self) -> None:
+        self.frames: torch.Tensor | None = None
+
+
+class _LayerCaches:
+    """Per-layer caches of one network, handed out in call order (which never changes)."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.cursor = 0
+
+    def rewind(self) -> _LayerCaches:
+        self.cursor = 0
+        return self
+
+    def next(self, kind: type) -> Any:
+        if self.cursor == len(self.items):
+            self.items.append(kind())
+        item = self.items[self.cursor]
+        self.cursor += 1
+        return item
+
+
+@dataclass
+class FlowV2StreamState:
+    """Everything one v2 flow stream remembers between chunks. Owned by one request.
+
+    Create it with `CausalMaskedDiffWithXvec.new_stream`, feed tokens with `stream_step`.
+    """
+
+    embedding: torch.Tensor  # projected speaker embedding [1, 80]
+    prompt_feat: torch.Tensor  # [1, mel_len1, 80], the cond of the first mel_len1 frames
+    pending: torch.Tensor  # [1, k] token ids received but not encoded yet (prompt ones first)
+    tokens_done: int = 0  # token frames encoded so far, prompt included
+    finished: bool = False
+    pre_lookahead_tail: torch.Tensor | None = None  # [1, 512, 2] last conv1 outputs
+    up_tail: torch.Tensor | None = None  # [1, 512, 2] last token frames before up_layer
+    encoder: _LayerCaches = field(default_factory=_LayerCaches)
+    up_encoder: _LayerCaches = field(default_factory=_LayerCaches)
+    estimator: list[_LayerCaches] = field(default_factory=list)  # one per Euler step
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H * D] -> [B, H, T, D]."""
+    return x.view(x.size(0), x.size(1), heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H * D]."""
+    return x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
+
+
+def _chunk_keep(start: int, n: int, total: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """[n, total] bool: query start + i may see key j (its own chunk and all earlier ones)."""
+    query = torch.arange(start, start + n, device=device)
+    key = torch.arange(total, device=device)
+    if chunk <= 0:
+        return torch.ones(n, total, dtype=torch.bool, device=device)
+    chunk_end = (torch.div(query, chunk, rounding_mode="trunc") + 1) * chunk
+    return key.unsqueeze(0) < chunk_end.unsqueeze(1)
+
+
+def _rel_attention_increment(
+    attn: RelPositionMultiHeadedAttention,
+    x: torch.Tensor,
+    cache: _AttentionCache,
+    start: int,
+    chunk: int,
+    pos_enc: EspnetRelPositionalEncoding,
+) -> torch.Tensor:
+    """Relative-position self-attention of new frames x [1, n, D] at absolute `start`.
+
+    Same scores as the full-sequence layer: ((q + u) . k_j + (q + v) . linear_pos(pe(i - j))) /
+    sqrt(d_k) with a chunk mask. Distances i - j run from -(n - 1) (later keys of the same chunk)
+    to start + n - 1; the rows of the non-negative ones are cached, the negative ones are new.
+    """
+    n = x.size(1)
+    end = start + n
+    q = _split_heads(attn.linear_q(x), attn.h)
+    keys = cache.keys.append(_split_heads(attn.linear_k(x), attn.h))
+    values = cache.values.append(_split_heads(attn.linear_v(x), attn.h))
+
+    def project(distances: torch.Tensor) -> torch.Tensor:
+        pe = pos_enc.sinusoids(distances).to(x.dtype).unsqueeze(0)
+        return _split_heads(attn.linear_pos(pe), attn.h)
+
+    known = cache.positions.length
+    if known < end:
+        cache.positions.append(project(torch.arange(known, end, device=x.device)))
+    positive = cache.positions.valid()[:, :, :end]
+    negative = project(torch.arange(-(n - 1), 0, device=x.device))
+    table = torch.cat([negative, positive], dim=2)  # column c <-> distance c - (n - 1)
+
+    content = torch.matmul(q + attn.pos_bias_u.unsqueeze(1), keys.transpose(-2, -1))
+    by_distance = torch.matmul(q + attn.pos_bias_v.unsqueeze(1), table.transpose(-2, -1))
+    query = torch.arange(start, end, device=x.device).unsqueeze(1)
+    key = torch.arange(end, device=x.device).unsqueeze(0)
+    column = (query - key + (n - 1)).expand(*by_distance.shape[:2], n, end)
+    positional = torch.gather(by_distance, -1, column)
+    scores = (content + positional) / math.sqrt(attn.d_k)
+    drop = ~_chunk_keep(start, n, end, chunk, x.device)
+    weights = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1).masked_fill(drop, 0.0)
+    return attn.linear_out(_merge_heads(torch.matmul(weights, values)))
+
+
+def _conformer_increment(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    caches: _LayerCaches,
+    start: int,
+    chunk: int,
+    pos_enc: EspnetRelPositionalEncoding,
+) -> torch.Tensor:
+    """Pre-norm Conformer layers (no macaron, no conv module) over new frames x [1, n, D]."""
+    caches.rewind()
+    for layer in layers:
+        cache = caches.next(_AttentionCache)
+        x = x + _rel_attention_increment(
+            layer.self_attn, layer.norm_mha(x), cache, start, chunk, pos_enc
+        )
+        x = x + layer.feed_forward(layer.norm_ff(x))
+    return x
+
+
+def _causal_conv_increment(
+    conv: CausalConv1d, x: torch.Tensor, caches: _LayerCaches
+) -> torch.Tensor:
+    """A left-padded conv over new frames x [B, C, n], its left context taken from the cache."""
+    tail = caches.next(_ConvTail)
+    pad = conv.causal_padding
+    left = tail.frames if tail.frames is not None else x.new_zeros(x.size(0), x.size(1), pad)
+    x = torch.cat([left, x], dim=2)
+    tail.frames = x[:, :, x.size(2) - pad :]
+    return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
+
+
+def _causal_block_increment(
+    block: nn.Module, x: torch.Tensor, caches: _LayerCaches
+) -> torch.Tensor:
+    """CausalBlock1D (`block.0` causal conv, then LayerNorm over channels and Mish); no padding mask."""
+    return block.block[1:](_causal_conv_increment(block.block[0], x, caches))
+
+
+def _resnet_increment(
+    resnet: nn.Module, x: torch.Tensor, time_emb: torch.Tensor, caches: _LayerCaches
+) -> torch.Tensor:
+    h = _causal_block_increment(resnet.block1, x, caches)
+    h = h + resnet.mlp(time_emb).unsqueeze(-1)
+    h = _causal_block_increment(resnet.block2, h, caches)
+    return h + resnet.res_conv(x)
+
+
+def _transformers_increment(
+    blocks: nn.ModuleList, x: torch.Tensor, caches: _LayerCaches, start: int, chunk: int
+) -> torch.Tensor:
+    """diffusers BasicTransformerBlocks over new frames x [B, C, n] with cached keys/values."""
+    n = x.size(2)
+    h = x.transpose(1, 2)
+    for block in blocks:
+        cache = caches.next(_AttentionCache)
+        attn = block.attn1
+        hn = block.norm1(h)
+        q = _split_heads(attn.to_q(hn), attn.heads)
+        keys = cache.keys.append(_split_heads(attn.to_k(hn), attn.heads))
+        values = cache.values.append(_split_heads(attn.to_v(hn), attn.heads))
+        keep = _chunk_keep(start, n, start + n, chunk, x.device)
+        # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
+        bias = (1.0 - keep.to(h.dtype)) * -1.0e10
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        h = h + attn.to_out[0](_merge_heads(out))
+        h = h + block.ff(block.norm3(h))
+    return h.transpose(1, 2)
+
+
+def _estimator_increment(
+    estimator: nn.Module,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    t: torch.Tensor,
+    spks: torch.Tensor,
+    cond: torch.Tensor,
+    caches: _LayerCaches,
+    start: int,
+) -> torch.Tensor:
+    """The causal U-Net's velocity for new frames [B, 80, n] at absolute frame `start`.
+
+    Mirrors CausalConditionalDecoder.forward with streaming=True and an all-ones mask (whose
+    multiplications are exact no-ops), one level (channels [c]) so no down/up-sampling.
+    """
+    caches.rewind()
+    chunk = estimator.static_chunk_size
+    time_emb = estimator.time_mlp(estimator.time_embeddings(t).to(t.dtype))
+    h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(2)), cond], dim=1)
+    skips = []
+    for resnet, transformers, conv in estimator.down_blocks:
+        h = _resnet_increment(resnet, h, time_emb, caches)
+        h = _transformers_increment(transformers, h, caches, start, chunk)
+        skips.append(h)
+        h = _causal_conv_increment(conv, h, caches)
+    for resnet, transformers in estimator.mid_blocks:
+        h = _resnet_increment(resnet, h, time_emb, caches)
+        h = _transformers_increment(transformers, h, caches, start, chunk)
+    for resnet, transformers, conv in estimator.up_blocks:
+        h = torch.cat([h, skips.pop()], dim=1)
+        h = _resnet_increment(resnet, h, time_emb, caches)
+        h = _transformers_increment(transformers, h, caches, start, chunk)
+        h = _causal_conv_increment(conv, h, caches)
+    h = _causal_block_increment(estimator.final_block, h, caches)
+    return estimator.final_proj(h)

@@ -1,0 +1,392 @@
+"""v2 flow parity against the official CosyVoice2 code (goldens from tools/golden/v2_flow.py).
+
+The official encoder hard-codes 512 channels, so the tiny flow still has ~12 M parameters; its
+weights are regenerated from a seed (`seeded_state`, identical to the golden script) and checked
+against the official per-tensor checksums before any parity test runs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
+from cosyvoice_lite.networks.flow_v2 import CausalMaskedDiffWithXvec, UpsampleConformerEncoder
+from cosyvoice_lite.networks.unet import CausalConditionalDecoder
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "v2_flow"
+TOL = 1e-4
+LOOKAHEAD = 3
+
+# Must match tools/golden/v2_flow.py.
+ENCODER_KW = dict(
+    input_size=512,
+    output_size=512,
+    attention_heads=4,
+    linear_units=64,
+    num_blocks=2,
+    dropout_rate=0.1,
+    positional_dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+    normalize_before=True,
+    input_layer="linear",
+    pos_enc_layer_type="rel_pos_espnet",
+    selfattention_layer_type="rel_selfattn",
+    use_cnn_module=False,
+    macaron_style=False,
+    static_chunk_size=5,
+)
+ESTIMATOR_KW = dict(
+    in_channels=320,
+    out_channels=80,
+    channels=[32],
+    dropout=0.0,
+    attention_head_dim=16,
+    n_blocks=1,
+    num_mid_blocks=1,
+    num_heads=2,
+    act_fn="gelu",
+    static_chunk_size=10,
+    num_decoding_left_chunks=-1,
+)
+CFM_PARAMS = dict(
+    sigma_min=1e-06,
+    solver="euler",
+    t_scheduler="cosine",
+    training_cfg_rate=0.2,
+    inference_cfg_rate=0.7,
+    reg_loss_type="l1",
+)
+FLOW_KW = dict(
+    input_size=512,
+    output_size=80,
+    spk_embed_dim=192,
+    output_type="mel",
+    vocab_size=50,
+    input_frame_rate=25,
+    only_mask_loss=True,
+    token_mel_ratio=2,
+    pre_lookahead_len=3,
+)
+WEIGHT_SEED = 2024
+
+
+def seeded_state(shapes: dict[str, torch.Size], seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
+    """Same as tools/golden/v2_flow.py: 1-D weights ~ 1 + 0.1 N, 1-D biases ~ 0.1 N, others N / sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        w = torch.randn(shape, generator=g)
+        if len(shape) == 1:
+            w = 1.0 + 0.1 * w if name.endswith("weight") else 0.1 * w
+        else:
+            w = w / math.sqrt(math.prod(shape[1:]))
+        out[name] = w
+    return out
+
+
+def _load(name: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / f"{name}.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def _build() -> CausalMaskedDiffWithXvec:
+    decoder = CausalConditionalCFM(
+        in_channels=240,
+        cfm_params=CFM_PARAMS,
+        n_spks=1,
+        spk_emb_dim=80,
+        estimator=CausalConditionalDecoder(**ESTIMATOR_KW),
+    )
+    return CausalMaskedDiffWithXvec(
+        **FLOW_KW, encoder=UpsampleConformerEncoder(**ENCODER_KW), decoder=decoder
+    )
+
+
+@pytest.fixture(scope="module")
+def flow() -> CausalMaskedDiffWithXvec:
+    model = _build()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(seeded_state(shapes), strict=True)
+    return model.eval()
+
+
+def _max_err(a: torch.Tensor, b: np.ndarray) -> float:
+    assert tuple(a.shape) == b.shape
+    return float((a.detach() - torch.from_numpy(b)).abs().max())
+
+
+def _run(
+    flow: CausalMaskedDiffWithXvec,
+    token: torch.Tensor,
+    prompt_token: torch.Tensor,
+    prompt_feat: torch.Tensor,
+    embedding: torch.Tensor,
+    streaming: bool,
+    finalize: bool,
+) -> torch.Tensor:
+    mel, extra = flow.inference(
+        token,
+        torch.tensor([token.shape[1]]),
+        prompt_token,
+        torch.tensor([prompt_token.shape[1]]),
+        prompt_feat,
+        torch.tensor([prompt_feat.shape[1]]),
+        embedding,
+        streaming=streaming,
+        finalize=finalize,
+    )
+    assert extra is None
+    return mel
+
+
+# --------------------------------------------------------------------------------------------
+# structure and weights
+
+
+def test_state_dict_matches_official_weights(flow: CausalMaskedDiffWithXvec) -> None:
+    """Same key set as the official module, and the regenerated weights are the official ones."""
+    checks = _load("weights")
+    state = flow.state_dict()
+    assert sorted(state) == [str(n) for n in checks["names"]]
+    for i, name in enumerate(checks["names"]):
+        t = state[str(name)].double()
+        assert math.isclose(float(t.sum()), checks["sums"][i], rel_tol=1e-9, abs_tol=1e-6), name
+        assert math.isclose(float(t.abs().sum()), checks["abs_sums"][i], rel_tol=1e-9), name
+        assert float(t.reshape(-1)[0]) == checks["firsts"][i], name
+
+
+def test_official_key_names(flow: CausalMaskedDiffWithXvec) -> None:
+    keys = set(flow.state_dict())
+    for key in (
+        "input_embedding.weight",
+        "spk_embed_affine_layer.weight",
+        "encoder.embed.out.0.weight",
+        "encoder.embed.out.1.bias",
+        "encoder.pre_lookahead_layer.conv1.weight",
+        "encoder.pre_lookahead_layer.conv2.bias",
+        "encoder.encoders.1.self_attn.pos_bias_u",
+        "encoder.encoders.1.norm_mha.weight",
+        "encoder.up_layer.conv.weight",
+        "encoder.up_embed.out.0.weight",
+        "encoder.up_encoders.3.feed_forward.w_2.weight",
+        "encoder.after_norm.weight",
+        "encoder_proj.weight",
+        "decoder.estimator.down_blocks.0.0.block1.block.2.weight",
+        "decoder.estimator.final_proj.weight",
+    ):
+        assert key in keys
+    assert "decoder.rand_noise" not in keys
+    assert flow.encoder.pre_lookahead_layer.conv1.weight.shape == (512, 512, 4)
+    assert flow.encoder.up_layer.conv.weight.shape == (512, 512, 5)
+
+
+def test_unsupported_encoder_options_raise() -> None:
+    with pytest.raises(ModelDirError):
+        UpsampleConformerEncoder(**{**ENCODER_KW, "use_cnn_module": True})
+    with pytest.raises(ModelDirError):
+        UpsampleConformerEncoder(**{**ENCODER_KW, "output_size": 256})
+
+
+# --------------------------------------------------------------------------------------------
+# parity with the official code
+
+
+@pytest.mark.parametrize("mode", ["full", "stream"])
+def test_encoder_parity(flow: CausalMaskedDiffWithXvec, mode: str) -> None:
+    g = _load("encoder")
+    xs, lens, context = (torch.from_numpy(g[k]) for k in ("xs", "lens", "context"))
+    streaming = mode == "stream"
+    with torch.no_grad():
+        out, mask = flow.encoder(xs[:1], lens[:1], streaming=streaming)
+        assert _max_err(out, g[f"out_{mode}"]) < TOL
+        assert _max_err(mask.float(), g[f"mask_{mode}"]) == 0
+        out, mask = flow.encoder(xs, lens, streaming=streaming)
+        assert _max_err(out, g[f"out_batch_{mode}"]) < TOL
+        assert _max_err(mask.float(), g[f"mask_batch_{mode}"]) == 0
+        out, _ = flow.encoder(xs[:1], lens[:1], context=context, streaming=streaming)
+        assert _max_err(out, g[f"out_context_{mode}"]) < TOL
+
+
+@pytest.mark.parametrize("prompt", ["prompt", "noprompt"])
+@pytest.mark.parametrize("streaming", ["full", "stream"])
+@pytest.mark.parametrize("finalize", ["final", "partial"])
+def test_inference_parity(
+    flow: CausalMaskedDiffWithXvec, prompt: str, streaming: str, finalize: str
+) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("inference").items()}
+    if prompt == "prompt":
+        p_tok, p_feat = g["prompt_token"], g["prompt_feat"]
+    else:
+        p_tok, p_feat = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80)
+    mel = _run(
+        flow, g["token"], p_tok, p_feat, g["embedding"], streaming == "stream", finalize == "final"
+    )
+    n_tokens = g["token"].shape[1] - (0 if finalize == "final" else LOOKAHEAD)
+    assert mel.shape == (1, 80, 2 * n_tokens)
+    assert _max_err(mel, g[f"mel_{prompt}_{streaming}_{finalize}"].numpy()) < TOL
+
+
+@pytest.mark.parametrize("n", [12, 14, 17, 19, 22])
+def test_streaming_prefix_parity(flow: CausalMaskedDiffWithXvec, n: int) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    mel = _run(
+        flow, g["token"][:, :n], g["prompt_token"], g["prompt_feat"], g["embedding"], True, False
+    )
+    assert _max_err(mel, g[f"mel_{n}"].numpy()) < TOL
+
+
+# --------------------------------------------------------------------------------------------
+# chunk causality of streaming=True (what an incremental flow may rely on)
+#
+# Prompt 6 tokens, chunk 5 tokens (10 mel frames). A call on n tokens with finalize=False encodes
+# 6 + n - 3 tokens; n = 12, 17, 22 end on a chunk boundary, n = 14, 19 in the middle of a chunk.
+
+
+def _stream_mels(flow: CausalMaskedDiffWithXvec, ns: list[int]) -> dict[int, torch.Tensor]:
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    return {
+        n: _run(
+            flow,
+            g["token"][:, :n],
+            g["prompt_token"],
+            g["prompt_feat"],
+            g["embedding"],
+            True,
+            False,
+        )
+        for n in ns
+    }
+
+
+def test_streaming_is_chunk_causal_on_chunk_boundaries(flow: CausalMaskedDiffWithXvec) -> None:
+    """Mel of a chunk-aligned prefix never changes when more tokens are appended.
+
+    This covers the encoder chunk masks, the pre-look-ahead context, the causal upsampler, the
+    causal U-Net convs and chunk attention, and the fixed noise indexed by absolute frame.
+    Equality is up to float rounding (different matrix sizes), not bit-exact.
+    """
+    mels = _stream_mels(flow, [12, 17, 22])
+    for short, long in ((12, 17), (12, 22), (17, 22)):
+        head = mels[long][:, :, : mels[short].shape[2]]
+        torch.testing.assert_close(head, mels[short], atol=1e-5, rtol=0)
+
+
+def test_streaming_partial_chunk_changes_when_tokens_arrive(flow: CausalMaskedDiffWithXvec) -> None:
+    """A prefix ending inside a chunk: its complete chunks are stable, its last partial chunk is not.
+
+    n = 14 encodes 17 tokens = 3 full chunks (30 mel frames incl. the 12 prompt frames, so 18 new
+    frames) + 2 tokens of a 4th chunk; those 4 frames attend to different keys once the chunk is
+    complete, so the official streaming schedule (hops that keep prompt + hop a multiple of the
+    chunk) is what makes re-running the whole history reproducible.
+    """
+    mels = _stream_mels(flow, [14, 17])
+    stable = 2 * (3 * 5) - 12
+    short, long = mels[14], mels[17][:, :, : mels[14].shape[2]]
+    torch.testing.assert_close(long[:, :, :stable], short[:, :, :stable], atol=1e-5, rtol=0)
+    assert float((long[:, :, stable:] - short[:, :, stable:]).abs().max()) > 1e-2
+
+
+def test_full_attention_is_not_causal(flow: CausalMaskedDiffWithXvec) -> None:
+    """streaming=False (the official final chunk) lets early frames see later tokens."""
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    args = (g["prompt_token"], g["prompt_feat"], g["embedding"])
+    short = _run(flow, g["token"][:, :12], *args, streaming=False, finalize=False)
+    long = _run(flow, g["token"][:, :17], *args, streaming=False, finalize=False)
+    assert float((long[:, :, : short.shape[2]] - short).abs().max()) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# incremental streaming: new frames against cached history
+
+
+def _stream(
+    flow: CausalMaskedDiffWithXvec, pieces: list[torch.Tensor], g: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    state = flow.new_stream(g["prompt_token"], g["prompt_feat"], g["embedding"])
+    out = [flow.stream_step(state, piece) for piece in pieces]
+    out.append(flow.stream_step(state, pieces[0][:, :0], finalize=True))
+    return out
+
+
+def test_incremental_stream_matches_official_streaming(flow: CausalMaskedDiffWithXvec) -> None:
+    """Each chunk equals the official re-run of the whole history (streaming=True, finalize=False).
+
+    The official schedule here: tokens[:12], [:17], [:22] (prompt 6, chunk 5, look-ahead 3), then
+    a final call. The final chunk equals the official flow with chunk attention; the official
+    stream instead computes it with full attention, the one place where they differ.
+    """
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    mels = _stream(flow, [token[:, :12], token[:, 12:17], token[:, 17:22]], g)
+    assert [m.shape[2] for m in mels] == [18, 10, 10, 6]
+    assert _max_err(mels[0], g["mel_12"].numpy()) < TOL
+    assert _max_err(mels[1], g["mel_17"][:, :, 18:].numpy()) < TOL
+    assert _max_err(mels[2], g["mel_22"][:, :, 28:38].numpy()) < TOL
+    assert _max_err(mels[3], g["mel_22_stream_final"][:, :, 38:].numpy()) < TOL
+    # what the official stream emits last (full attention) differs visibly
+    assert float((mels[3] - g["mel_22_full_final"][:, :, 38:]).abs().max()) > 1e-2
+
+
+def test_incremental_stream_any_push_size(flow: CausalMaskedDiffWithXvec) -> None:
+    """Tokens pushed one by one give the same mel: partial chunks wait for their tokens."""
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    whole = torch.cat(_stream(flow, [token], g), dim=2)
+    single = _stream(flow, [token[:, i : i + 1] for i in range(token.shape[1])], g)
+    # whole 10-frame chunks only (counted from the 12 prompt frames, which are not output)
+    ends = torch.tensor([m.shape[2] for m in single[:-1]]).cumsum(0) + 12
+    assert bool((ends[ends > 12] % 10 == 0).all())
+    torch.testing.assert_close(torch.cat(single, dim=2), whole, atol=1e-5, rtol=0)
+    assert _max_err(whole, g["mel_22_stream_final"].numpy()) < TOL
+
+
+def test_incremental_streams_are_independent(flow: CausalMaskedDiffWithXvec) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    other = dict(g, embedding=-g["embedding"], prompt_feat=g["prompt_feat"].flip(1))
+    solo_a = torch.cat(_stream(flow, [token], g), dim=2)
+    solo_b = torch.cat(_stream(flow, [token.flip(1)], other), dim=2)
+    a = flow.new_stream(g["prompt_token"], g["prompt_feat"], g["embedding"])
+    b = flow.new_stream(other["prompt_token"], other["prompt_feat"], other["embedding"])
+    out_a, out_b = [], []
+    for i in range(0, token.shape[1], 4):
+        out_a.append(flow.stream_step(a, token[:, i : i + 4]))
+        out_b.append(flow.stream_step(b, token.flip(1)[:, i : i + 4]))
+    out_a.append(flow.stream_step(a, token[:, :0], finalize=True))
+    out_b.append(flow.stream_step(b, token[:, :0], finalize=True))
+    torch.testing.assert_close(torch.cat(out_a, dim=2), solo_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(out_b, dim=2), solo_b, atol=1e-5, rtol=0)
+    with pytest.raises(InvalidRequestError):
+        flow.stream_step(a, token[:, :1])
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+
+
+def test_bad_inputs_raise(flow: CausalMaskedDiffWithXvec) -> None:
+    tok = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(InvalidRequestError):
+        flow.inference(
+            tok, torch.tensor([5, 5]), tok[:, :0], torch.tensor([0, 0]), torch.zeros(2, 0, 80),
+            torch.tensor([0, 0]), torch.randn(2, 192), streaming=False, finalize=True,
+        )  # fmt: skip
+    tok = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(InvalidRequestError):
+        flow.inference(
+            tok, torch.tensor([3]), tok[:, :0], torch.tensor([0]), torch.zeros(1, 0, 80),
+            torch.tensor([0]), torch.randn(1, 192), streaming=True, finalize=False,
+        )  # fmt: skip
+    tok = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(InvalidRequestError):  # prompt mel longer than the token features
+        flow.inference(
+            tok, torch.tensor([4]), tok, torch.tensor([4]), torch.zeros(1, 20, 80),
+            torch.tensor([20]), torch.randn(1, 192), streaming=False, finalize=True,
+        )  # fmt: skip
