@@ -42,8 +42,8 @@ SILENCE_PEAK = 10 ** (-60 / 20)
 """A prompt whose absolute peak is below -60 dBFS (~1e-3) is treated as silent."""
 
 # Rates libsndfile's Opus encoder accepts; other rates are resampled to 48 kHz before encoding.
-_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
-_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 # format name -> (libsndfile container, subtype, HTTP media type)
 AUDIO_FORMATS: dict[str, tuple[str, str, str]] = {
@@ -276,7 +276,7 @@ def encode_audio(audio: AudioArray, sample_rate: int, format: str = "wav") -> by
     container, subtype, _ = AUDIO_FORMATS[key]
     frames = _frames_for_soundfile(audio)
     rate = int(sample_rate)
-    allowed = {"opus": _OPUS_RATES, "mp3": _MP3_RATES}.get(key)
+    allowed = {"opus": OPUS_RATES, "mp3": MP3_RATES}.get(key)
     if allowed is not None and rate not in allowed:
         resampled = resample(torch.from_numpy(np.ascontiguousarray(frames.T)), rate, 48000)
         frames, rate = np.clip(resampled.numpy().T, -1.0, 1.0), 48000

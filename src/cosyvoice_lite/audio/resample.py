@@ -21,7 +21,7 @@ LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
 
 
-def _reduced_rates(orig_freq: int, new_freq: int) -> tuple[int, int]:
+def reduced_rates(orig_freq: int, new_freq: int) -> tuple[int, int]:
     for name, freq in (("orig_freq", orig_freq), ("new_freq", new_freq)):
         if int(freq) != freq or freq <= 0:
             raise AudioError(f"resampling needs positive integer sample rates, got {name}={freq!r}")
@@ -63,12 +63,12 @@ def resample_kernel(
     The kernel is always computed on the CPU (float64, rounded to float32) and then moved, so it is
     the same on every device. Callers must not modify the returned tensor.
     """
-    orig, new = _reduced_rates(orig_freq, new_freq)
+    orig, new = reduced_rates(orig_freq, new_freq)
     kernel, width = _sinc_hann_kernel(orig, new)
     return kernel.to(device=device or torch.device("cpu"), dtype=dtype), width
 
 
-def _output_length(orig: int, new: int, length: int) -> int:
+def output_length(orig: int, new: int, length: int) -> int:
     # torchaudio takes ceil() of a float32 tensor; doing it in float32 keeps the exact same length.
     return math.ceil(float(torch.tensor(new * length / orig, dtype=torch.float32)))
 
@@ -80,7 +80,7 @@ def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Ten
     """
     if not waveform.is_floating_point():
         raise AudioError(f"resampling needs a floating point waveform, got {waveform.dtype}")
-    orig, new = _reduced_rates(orig_freq, new_freq)
+    orig, new = reduced_rates(orig_freq, new_freq)
     if orig == new:
         return waveform
     kernel, width = resample_kernel(int(orig_freq), int(new_freq), waveform.dtype, waveform.device)
@@ -91,5 +91,5 @@ def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Ten
     padded = F.pad(flat, (width, width + orig))
     out = F.conv1d(padded[:, None], kernel, stride=orig)  # [batch, new, frames]
     out = out.transpose(1, 2).reshape(flat.shape[0], -1)
-    out = out[..., : _output_length(orig, new, length)]
+    out = out[..., : output_length(orig, new, length)]
     return out.reshape(shape[:-1] + out.shape[-1:])

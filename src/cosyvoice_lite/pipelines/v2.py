@@ -91,24 +91,47 @@ class V2Pipeline:
         state = _Stream()
         prompt_len = inputs.flow_prompt_speech_token.shape[1]
         prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
+        flow_stream = self._start_flow_stream(inputs) if stream else None
+        pushed = 0  # tokens handed to the incremental flow so far
         for token in self.speech_tokens(inputs, sampler):
             state.tokens.append(token)
             hop = state.hop + (prompt_pad if state.offset == 0 else 0)
             if stream and len(state.tokens) - state.offset >= hop + self.lookahead:
                 end = state.offset + hop + self.lookahead
-                mel = self._flow(state, inputs, state.tokens[:end], streaming=True, finalize=False)
+                if flow_stream is not None:  # only the new chunk is computed
+                    mel = self._flow_step(flow_stream, state.tokens[pushed:end], finalize=False)
+                    pushed = end
+                else:  # reference path: re-run the flow over everything, as the official does
+                    mel = self._flow(state, inputs, state.tokens[:end], streaming=True, finalize=False)
                 state.offset += hop
                 state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
                 yield self._vocode(state, mel, generator, finalize=False)
-        # The official flows the remainder with streaming=False (full attention), also in streams.
-        mel = self._flow(state, inputs, state.tokens, streaming=False, finalize=True)
+        if flow_stream is not None:
+            # The official flows the remainder with full attention over the whole history; the
+            # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
+            mel = self._flow_step(flow_stream, state.tokens[pushed:], finalize=True)
+        else:
+            mel = self._flow(state, inputs, state.tokens, streaming=False, finalize=True)
         yield self._vocode(state, mel, generator, finalize=True, speed=speed)
+
+    def _start_flow_stream(self, inputs: ModelInputs):
+        if not hasattr(self.flow, "new_stream"):
+            return None
+        with torch.inference_mode(), self.compute():
+            return self.flow.new_stream(inputs.flow_prompt_speech_token, inputs.prompt_speech_feat,
+                                        inputs.flow_embedding)
+
+    @torch.inference_mode()
+    def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:
+        token = torch.tensor([tokens], dtype=torch.int32, device=self.device).reshape(1, -1)
+        with self.compute():
+            return self.flow.stream_step(flow_stream, token, finalize=finalize).float()
 
     @torch.inference_mode()
     def _flow(self, state: _Stream, inputs: ModelInputs, tokens: list[int], streaming: bool,
               finalize: bool) -> torch.Tensor:
         device = self.device
-        token = torch.tensor([tokens], dtype=torch.int32, device=device)
+        token = torch.tensor([tokens], dtype=torch.int32, device=device).reshape(1, -1)
         prompt_token = inputs.flow_prompt_speech_token
         with self.compute():
             mel, _ = self.flow.inference(

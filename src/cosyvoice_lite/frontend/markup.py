@@ -1,0 +1,58 @@
+"""Inline markup in text: pronunciation ([h][ào], [M][AY0]), sounds ([laughter], [breath]),
+emphasis (<strong>...</strong>) and control tokens (<|en|>, <|endofprompt|>).
+
+Markup reaches the tokenizer unchanged (the text frontend bypasses normalisation for <|...|> text,
+and bracket tags are single special tokens for v2/v3). What we add is a check: a tag the loaded
+model does not know would otherwise be spoken as literal characters, so it is an error naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from ..errors import InvalidRequestError
+
+CONTROL = re.compile(r"<\|[^<>|\s]{1,40}\|>")
+BRACKET = re.compile(r"\[[^\[\]\s]{1,16}\]")
+ANGLE = re.compile(r"</?[A-Za-z_][A-Za-z_-]{0,19}>")
+
+# CosyVoice-300M-Instruct's inline tags (official README); other v1 releases ignore them harmlessly.
+V1_TAGS = frozenset({"<laughter>", "</laughter>", "<strong>", "</strong>", "[laughter]", "[breath]"})
+
+
+def find_markup(text: str) -> list[str]:
+    """Every markup-looking tag in ``text``, in order (bracketed numbers like [1] are not markup)."""
+    found = []
+    for pattern in (CONTROL, BRACKET, ANGLE):
+        for match in pattern.finditer(text):
+            tag = match.group(0)
+            if pattern is BRACKET and tag[1:-1].isdigit():
+                continue
+            found.append((match.start(), tag))
+    return [tag for _, tag in sorted(found)]
+
+
+def _is_phone(tag: str) -> bool:
+    inner = tag[1:-1]
+    return tag.startswith("[") and (inner.isupper() or not inner.isascii() or len(inner) <= 3)
+
+
+def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -> None:
+    """Raise InvalidRequestError naming every tag in ``texts`` that the model does not know."""
+    unknown: list[str] = []
+    for text in texts:
+        for tag in find_markup(text):
+            if tag not in known and tag not in unknown:
+                unknown.append(tag)
+    if not unknown:
+        return
+    tags = sorted(t for t in known if not (t.startswith("<|") or _is_phone(t)))
+    phones = any(_is_phone(t) for t in known if t.startswith("["))
+    hint = f"it knows {', '.join(tags)}" if tags else "it knows no sound or emphasis tags"
+    if phones:
+        hint += ", pinyin ([h][ào]) and CMU phones ([M][AY0])"
+    raise InvalidRequestError(
+        f"{model_name} does not know the markup {', '.join(unknown)}; {hint}. "
+        "Remove the tag, or write it differently if it was meant as text."
+    )

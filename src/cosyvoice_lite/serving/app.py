@@ -1,0 +1,465 @@
+"""The FastAPI application: the simple /tts API, the OpenAI speech API, the voice library, health,
+metrics and the web page.
+
+    app = create_app(lambda: Engine.load("CosyVoice-300M-SFT"), Settings(max_queue=4))
+
+Given a loader, the model loads once in a background thread: /health answers at once and /ready
+says 503 until the model is there. Synthesis always runs in worker threads (see scheduler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import soundfile as sf
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from .. import __version__
+from ..audio.io import AUDIO_FORMATS
+from ..errors import CosyVoiceError
+from .errors import ApiError, from_engine_error, not_ready, overloaded
+from .metrics import Metrics
+from .outputs import OutputStore
+from .scheduler import Job, JobTimeout, Overloaded, Scheduler
+from .schemas import SpeechRequest, TTSRequest
+from .settings import Settings
+from .synthesis import Plan, plan_request, respond, supported_modes, voice_key
+from .voices import VoiceExistsError, VoiceLibrary, validate_name
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+log = logging.getLogger("cosyvoice_lite.serving")
+access_log = logging.getLogger("cosyvoice_lite.serving.access")
+
+STATIC = Path(__file__).resolve().parent / "static"
+PUBLIC_PATHS = {"/", "/health", "/ready", "/info", "/favicon.ico", "/docs", "/openapi.json"}
+QUIET_ENDPOINTS = {"/health", "/ready", "/metrics"}
+OPENAI_MODEL_ALIASES = {"cosyvoice-lite", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"}
+OPENAI_FORMATS = ["mp3", "opus", "flac", "wav", "pcm"]
+OPENAI_PCM_RATE = 24000  # OpenAI's pcm is 24 kHz 16-bit mono, whatever the model's rate
+
+
+class ServerState:
+    """What the request handlers share: settings, engine (once loaded), queue, library, metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(settings.workers, settings.max_queue)
+        self.outputs = OutputStore(settings.outputs_dir, settings.s3, self.metrics)
+        self.library = VoiceLibrary(settings.voices_dir)
+        self.engine = None
+        self.status = "loading"
+        self.load_error = ""
+        self.started = time.time()
+        self.metrics.gauge("queue_depth", "Requests waiting for a synthesis worker.",
+                           lambda: self.scheduler.queued)
+        self.metrics.gauge("requests_in_flight", "Admitted requests not finished yet.",
+                           lambda: self.scheduler.in_flight)
+        self.metrics.gauge("queue_capacity", "Requests admitted at most (workers + queue).",
+                           lambda: self.scheduler.capacity)
+        self.metrics.gauge("model_loaded", "1 once the model is loaded.",
+                           lambda: 1.0 if self.status == "ready" else 0.0)
+        self.metrics.gauge("saved_voices", "Voices in the library.",
+                           lambda: len(self.library.names()))
+
+    def set_engine(self, engine: Engine) -> None:
+        self.engine = engine
+        self.status = "ready"
+        self.metrics.info = {"name": engine.model.name, "version": str(engine.version),
+                             "variant": engine.model.variant, "sample_rate": str(engine.sample_rate)}
+
+    def load(self, loader: Callable[[], Engine]) -> None:
+        try:
+            self.set_engine(loader())
+            log.info("model ready", extra={"model": self.engine.model.name})
+        except Exception as exc:  # noqa: BLE001 - reported by /ready and every synthesis call
+            self.status = "failed"
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model failed to load: %s", self.load_error, exc_info=exc)
+
+    def require_engine(self) -> Engine:
+        if self.status != "ready":
+            raise not_ready(self.status, self.load_error)
+        return self.engine
+
+
+# ---------------------------------------------------------------------------------- middleware
+
+
+def _route_path(app: FastAPI, scope) -> str:
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", scope["path"])
+    return "unmatched"
+
+
+class ServingMiddleware:
+    """Request ids, optional API key, metrics and one structured access-log line per request."""
+
+    def __init__(self, app, fastapi_app: FastAPI, state: ServerState) -> None:
+        self.app, self.fastapi_app, self.state = app, fastapi_app, state
+
+    def _authorized(self, scope) -> bool:
+        key = self.state.settings.api_key
+        path = scope["path"]
+        if not key or path in PUBLIC_PATHS or path.startswith("/static/") or scope["method"] == "OPTIONS":
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if given.isalnum() and len(given) <= 64 else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = {"code": 500}
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            if not self._authorized(scope):
+                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 "authentication_error", "invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            endpoint = _route_path(self.fastapi_app, scope)
+            self.state.metrics.request(scope["method"], endpoint, status["code"])
+            if self.state.settings.log_requests:
+                # probes and scrapes arrive every few seconds: keep them out of the INFO log
+                level = logging.DEBUG if endpoint in QUIET_ENDPOINTS else logging.INFO
+                access_log.log(level, "%s %s %d", scope["method"], scope["path"], status["code"], extra={
+                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                    "status": status["code"], "duration_ms": round((time.monotonic() - start) * 1000, 1),
+                })
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return ApiError(400, "the request body is not valid JSON", code="invalid_json")
+    parts, param = [], None
+    for error in errors:
+        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        param = param or ".".join(loc) or None
+        parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+    return ApiError(422, "invalid request: " + "; ".join(parts), code="invalid_request", param=param)
+
+
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    def counted(error: ApiError) -> JSONResponse:
+        state.metrics.error(error.code or error.type)
+        return error.response()
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return counted(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        return counted(_validation_error(exc))
+
+    @app.exception_handler(CosyVoiceError)
+    async def engine_error(_: Request, exc: CosyVoiceError):
+        modes = supported_modes(state.engine) if state.engine is not None else []
+        return counted(from_engine_error(exc, modes))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return counted(ApiError(exc.status_code, str(exc.detail), kind, f"http_{exc.status_code}",
+                                headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):
+        log.error("unhandled error", exc_info=exc)
+        return counted(ApiError(500, f"internal error: {type(exc).__name__}", "server_error",
+                                "internal_error"))
+
+
+# ---------------------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None = None) -> FastAPI:
+    """The server application for an engine, or for a loader (a callable returning an engine),
+    which then runs once in the background when the server starts."""
+    settings = settings or Settings()
+    state = ServerState(settings)
+    loader = engine if callable(engine) and not hasattr(engine, "synthesize") else None
+    if loader is None:
+        state.set_engine(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if loader is not None and state.status == "loading":
+            threading.Thread(target=state.load, args=(loader,), name="model-loader", daemon=True).start()
+        yield
+        state.scheduler.shutdown()
+        state.outputs.shutdown()
+
+    app = FastAPI(title="cosyvoice-lite", version=__version__, lifespan=lifespan,
+                  description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.")
+    app.state.server = state
+    _install_error_handlers(app, state)
+    app.add_middleware(ServingMiddleware, fastapi_app=app, state=state)
+    if settings.cors_origins:  # CORS stays off unless origins are configured
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Audio-Duration",
+                                           "X-Real-Time-Factor", "Retry-After"])
+    _add_operations_routes(app, state)
+    _add_tts_routes(app, state)
+    _add_voice_routes(app, state)
+    _add_page_routes(app)
+    return app
+
+
+def _request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex[:16]
+
+
+def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", tags=["operations"])
+    async def health():
+        """Liveness: answers at once, even while the model loads."""
+        return {"status": "ok", "model": state.status, "uptime": round(time.time() - state.started, 1)}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready():
+        """Readiness: 200 once the model is loaded, 503 before (or if loading failed)."""
+        if state.status != "ready":
+            raise not_ready(state.status, state.load_error)
+        return {"status": "ready", "model": state.engine.model.name}
+
+    @app.get("/info", tags=["operations"])
+    async def info():
+        """What the web page needs to know: model, modes, limits, formats, whether a key is needed."""
+        engine = state.engine
+        model = None
+        if engine is not None:
+            model = {"name": engine.model.name, "version": engine.version,
+                     "variant": engine.model.variant, "sample_rate": engine.sample_rate,
+                     "modes": supported_modes(engine),
+                     "instruct": "instruct" in supported_modes(engine),
+                     "instruct_needs_preset": engine.version == 1}
+        s = state.settings
+        return {"server": "cosyvoice-lite", "version": __version__, "status": state.status,
+                "error": state.load_error or None, "model": model,
+                "auth_required": bool(s.api_key), "formats": list(AUDIO_FORMATS),
+                "limits": {"max_text_chars": s.max_text_chars, "max_upload_bytes": s.max_upload_bytes,
+                           "max_prompt_seconds": s.max_prompt_seconds,
+                           "request_timeout": s.request_timeout,
+                           "workers": s.workers, "max_queue": s.max_queue}}
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics():
+        """Prometheus text format."""
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/speakers", tags=["simple API"])
+    async def speakers():
+        """Every usable voice: the model's presets and the saved voices."""
+        engine = state.require_engine()
+        presets = [{"name": n, "kind": "preset"} for n in engine.voices()]
+        saved = [{"name": v.name, "kind": "saved", "prompt_text": v.prompt_text,
+                  "duration": round(v.duration, 3)} for v in state.library.list()]
+        return {"speakers": presets + saved, "modes": supported_modes(engine)}
+
+    @app.post("/tts", tags=["simple API"],
+              responses={200: {"content": {"audio/wav": {}}, "description": "the audio"}})
+    async def tts(body: TTSRequest, request: Request):
+        """Text to audio (wav by default). With ``stream`` the audio is sent while it is made
+        (wav with an open-ended header, or raw 16-bit PCM at X-Sample-Rate)."""
+        state.require_engine()
+        synthesis, saved = plan_request(state, text=body.text, voice=body.speaker,
+                                        instruct=body.instruct, speed=body.speed, seed=body.seed,
+                                        mode=body.mode, engine_stream=body.stream)
+        plan = Plan(synthesis, saved, body.format, None, "stream" if body.stream else "whole",
+                    "/tts", _request_id(request))
+        return await respond(state, request, plan)
+
+    @app.get("/v1/models", tags=["OpenAI API"])
+    async def models():
+        engine = state.require_engine()
+        return {"object": "list", "data": [{"id": engine.model.name, "object": "model",
+                                            "created": int(state.started), "owned_by": "cosyvoice-lite"}]}
+
+    @app.post("/v1/audio/speech", tags=["OpenAI API"],
+              responses={200: {"content": {"audio/mpeg": {}, "text/event-stream": {}}}})
+    async def speech(body: SpeechRequest, request: Request):
+        """OpenAI-compatible speech. ``voice`` names a preset or saved voice; ``instructions``
+        is the style instruction; ``stream_format=sse`` sends speech.audio.delta events."""
+        engine = state.require_engine()
+        if body.model != engine.model.name and body.model not in OPENAI_MODEL_ALIASES:
+            raise ApiError(404, f"model {body.model!r} is not served here; use {engine.model.name!r} "
+                           f"(or one of {', '.join(sorted(OPENAI_MODEL_ALIASES))})",
+                           "not_found_error", "model_not_found", "model")
+        if body.response_format not in OPENAI_FORMATS:
+            raise ApiError(400, f"response_format {body.response_format!r} is not supported; use one "
+                           f"of {', '.join(OPENAI_FORMATS)}", code="unsupported_format",
+                           param="response_format")
+        voice = body.voice if isinstance(body.voice, str) else body.voice.id
+        sse = body.stream_format == "sse"
+        engine_stream = body.stream if body.stream is not None else sse
+        synthesis, saved = plan_request(state, text=body.input, voice=voice,
+                                        instruct=body.instructions, speed=body.speed,
+                                        seed=body.seed, mode=None, engine_stream=engine_stream)
+        out_rate = OPENAI_PCM_RATE if body.response_format == "pcm" else None
+        plan = Plan(synthesis, saved, body.response_format, out_rate, "sse" if sse else "stream",
+                    "/v1/audio/speech", _request_id(request))
+        return await respond(state, request, plan)
+
+
+async def _read_upload(request: Request, settings: Settings) -> tuple[str, str, bytes]:
+    limit = settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + 64 * 1024:
+        raise ApiError(413, f"upload too large: {int(length)} bytes, at most {limit} bytes of audio",
+                       code="upload_too_large", param="audio")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(415, "send the voice as multipart/form-data with fields name, prompt_text "
+                       "and audio (a file)", code="unsupported_media_type")
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
+        raise ApiError(400, f"malformed multipart body: {exc}", code="invalid_multipart") from None
+    name = form.get("name")
+    audio = form.get("audio")
+    prompt_text = form.get("prompt_text") or form.get("transcript") or ""
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "missing field 'name' (the voice's name)", code="missing_field", param="name")
+    if audio is None or isinstance(audio, str):
+        raise ApiError(400, "missing file field 'audio' (the prompt recording)",
+                       code="missing_field", param="audio")
+    if not isinstance(prompt_text, str):
+        raise ApiError(400, "'prompt_text' must be text", code="invalid_field", param="prompt_text")
+    data = await audio.read(limit + 1)
+    await form.close()
+    if len(data) > limit:
+        raise ApiError(413, f"upload too large: more than {limit} bytes of audio",
+                       code="upload_too_large", param="audio")
+    if not data:
+        raise ApiError(400, "the audio file is empty", code="invalid_audio", param="audio")
+    try:
+        sf.info(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - anything libsndfile cannot open
+        raise ApiError(415, "the audio file could not be decoded; upload wav, flac, mp3 or ogg "
+                       "(vorbis/opus)", code="unsupported_audio_format", param="audio") from None
+    return name.strip(), prompt_text, data
+
+
+def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
+    library = state.library
+    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["name", "audio"],
+        "properties": {"name": {"type": "string"},
+                       "prompt_text": {"type": "string", "description": "transcript of the audio"},
+                       "audio": {"type": "string", "format": "binary"}}}}}}}
+
+    @app.post("/voices", status_code=201, tags=["voice library"], openapi_extra=upload_schema)
+    async def create_voice(request: Request):
+        """Save a voice: prompt recording + its transcript (optional: without one the voice is
+        used cross-lingually). Its features are computed once and stored on disk."""
+        name, prompt_text, data = await _read_upload(request, state.settings)
+        validate_name(name)
+        engine = state.require_engine()
+        if name in engine.presets:
+            raise ApiError(409, f"{name!r} is a preset voice of this model; choose another name",
+                           code="voice_exists", param="name")
+        if library.exists(name):
+            raise ApiError(409, f"a voice named {name!r} already exists; delete it first",
+                           code="voice_exists", param="name")
+        job = Job(asyncio.get_running_loop(), time.monotonic() + state.settings.request_timeout)
+
+        def create():
+            return library.create(name, data, prompt_text, voice_key(engine), engine.encode_prompt,
+                                  max_seconds=state.settings.max_prompt_seconds)
+
+        try:
+            state.scheduler.call(job, create)
+        except Overloaded as exc:
+            state.metrics.count("rejected_total")
+            raise overloaded(exc.retry_after) from None
+        try:
+            voice = await job.next()
+        except JobTimeout:
+            raise ApiError(504, "computing the voice took too long", "timeout_error", "timeout") from None
+        except VoiceExistsError as exc:
+            raise ApiError(409, str(exc), code="voice_exists", param="name") from None
+        state.metrics.count("voices_created_total")
+        log.info("voice created", extra={"voice": name, "duration": voice.duration})
+        return JSONResponse(voice.to_api(), status_code=201)
+
+    @app.get("/voices", tags=["voice library"])
+    @app.get("/v1/audio/voices", tags=["voice library"], include_in_schema=False)
+    async def list_voices():
+        return {"object": "list", "data": [v.to_api() for v in library.list()]}
+
+    @app.get("/voices/{name}", tags=["voice library"])
+    async def get_voice(name: str):
+        return library.get(validate_name(name)).to_api()
+
+    @app.get("/voices/{name}/audio", tags=["voice library"])
+    async def get_voice_audio(name: str):
+        """The stored prompt recording (WAV)."""
+        return FileResponse(library.audio_path(validate_name(name)), media_type="audio/wav",
+                            filename=f"{name}.wav")
+
+    @app.delete("/voices/{name}", tags=["voice library"])
+    async def delete_voice(name: str):
+        library.delete(validate_name(name))
+        return {"id": name, "object": "audio.voice", "deleted": True}
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+__all__ = ["create_app", "ServerState", "Settings"]

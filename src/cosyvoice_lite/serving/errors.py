@@ -1,0 +1,63 @@
+"""HTTP errors: every failure becomes an OpenAI-style JSON body with the right status.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "voice", "code": "..."}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from ..errors import AudioError, CosyVoiceError, UnknownVoiceError, UnsupportedModeError
+from .voices import InvalidVoiceNameError
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, raised anywhere in the serving layer."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        error.update(self.extra)
+        return {"error": error}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = None) -> ApiError:
+    """Map the engine's exception classes to statuses (bad input is never a 500)."""
+    if isinstance(exc, UnknownVoiceError):
+        return ApiError(404, str(exc), "not_found_error", "voice_not_found", "voice")
+    if isinstance(exc, UnsupportedModeError):
+        return ApiError(400, str(exc), code="unsupported_mode", param="mode",
+                        supported_modes=supported_modes or [])
+    if isinstance(exc, InvalidVoiceNameError):
+        return ApiError(400, str(exc), code="invalid_name", param="name")
+    if isinstance(exc, AudioError):
+        return ApiError(400, str(exc), code="invalid_audio", param="audio")
+    return ApiError(400, str(exc), code="invalid_request")
+
+
+def overloaded(retry_after: int) -> ApiError:
+    return ApiError(429, f"the server is busy (queue full); retry in about {retry_after} s",
+                    "rate_limit_error", "queue_full", headers={"Retry-After": str(retry_after)})
+
+
+def not_ready(state: str, detail: str = "") -> ApiError:
+    if state == "failed":
+        return ApiError(503, f"the model failed to load: {detail}", "server_error", "model_failed")
+    return ApiError(503, "the model is still loading; retry shortly", "server_error",
+                    "model_loading", headers={"Retry-After": "2"})

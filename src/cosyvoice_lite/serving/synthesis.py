@@ -1,0 +1,323 @@
+"""From an HTTP request to audio bytes: voice resolution, the worker job, and the responses
+(complete file, chunked audio stream, or server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..audio.io import media_type
+from ..errors import CosyVoiceError, InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from ..request import Mode, SynthesisRequest
+from .errors import ApiError, from_engine_error, overloaded
+from .scheduler import Job, JobTimeout, Overloaded
+from .streaming import (
+    Encoder,
+    WholeEncoder,
+    output_rate,
+    seconds_to_tokens,
+    sse_delta,
+    sse_done,
+    sse_event,
+)
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from .app import ServerState
+
+log = logging.getLogger("cosyvoice_lite.serving")
+
+
+@dataclass
+class Summary:
+    """The last item a synthesis job hands over: what was produced, and how fast."""
+
+    audio_seconds: float
+    compute_seconds: float
+    first_audio_seconds: float | None
+
+
+@dataclass
+class Plan:
+    """Everything decided before a request is queued."""
+
+    request: SynthesisRequest
+    saved_voice: str | None  # a library voice whose features stand in for prompt audio
+    format: str
+    out_rate: int | None  # resample the output (OpenAI pcm is 24 kHz)
+    transport: str  # "whole", "stream" or "sse"
+    endpoint: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+
+def voice_key(engine: Engine) -> str:
+    """Prompt features depend on the model family (speech tokenizer version, mel rate)."""
+    return f"v{engine.version}-{engine.sample_rate}"
+
+
+def supported_modes(engine: Engine) -> list[str]:
+    return [m.value for m in engine.modes]
+
+
+def plan_request(state: ServerState, *, text: str, voice: str, instruct: str | None, speed: float,
+                 seed: int | None, mode: str | None, engine_stream: bool) -> tuple[SynthesisRequest, str | None]:
+    """Check the text and pick the mode from the voice: preset -> preset (or instruct with an
+    instruction, v1-Instruct), saved voice -> zero-shot (cross-lingual without a transcript, or
+    instruct with an instruction on v2/v3)."""
+    engine = state.engine
+    limit = state.settings.max_text_chars
+    if len(text) > limit:
+        raise ApiError(400, f"text is too long: {len(text)} characters, the limit is {limit}; split "
+                       "it into several requests (the server's --max-text-chars raises the limit)",
+                       code="text_too_long", param="text", max_chars=limit)
+    if not text.strip():
+        raise ApiError(400, "text is empty: give the text to speak", code="empty_text", param="text")
+    instruct = (instruct or "").strip() or None
+    library = state.library
+    if voice in engine.presets:
+        saved = None
+        chosen = Mode.INSTRUCT if instruct else Mode.PRESET
+    elif library is not None and library.exists(voice):
+        saved = voice
+        if instruct:
+            if engine.version == 1:
+                raise InvalidRequestError(
+                    "CosyVoice v1 follows instructions only with its preset voices (the -Instruct "
+                    "model); saved voices take instructions with CosyVoice2/3")
+            chosen = Mode.INSTRUCT
+        else:
+            chosen = Mode.ZERO_SHOT if library.get(voice).prompt_text else Mode.CROSS_LINGUAL
+    else:
+        available = engine.voices() + (library.names() if library is not None else [])
+        raise UnknownVoiceError(f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}")
+    if mode is not None:
+        chosen = Mode(mode)
+        if saved is None and chosen not in (Mode.PRESET, Mode.INSTRUCT):
+            raise InvalidRequestError(f"mode '{chosen.value}' clones a prompt: use a saved voice, "
+                                      f"not the preset {voice!r}")
+        if saved is not None and chosen == Mode.PRESET:
+            raise InvalidRequestError(f"{voice!r} is a saved voice, not a preset")
+        if chosen == Mode.ZERO_SHOT and saved and not library.get(voice).prompt_text:
+            raise InvalidRequestError(f"voice {voice!r} has no transcript; zero-shot needs one "
+                                      "(use cross_lingual)")
+    if chosen not in engine.modes:
+        what = "follow instructions" if chosen == Mode.INSTRUCT else f"do mode '{chosen.value}'"
+        raise UnsupportedModeError(
+            f"{engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) cannot {what}; "
+            f"it supports: {', '.join(supported_modes(engine))}")
+    stream = engine_stream and speed == 1.0  # speed changes need the whole utterance
+    request = SynthesisRequest(mode=chosen, text=text, voice=voice if saved is None else None,
+                               instruct=instruct, speed=speed, seed=seed, stream=stream)
+    return request, saved
+
+
+def _produce(state: ServerState, plan: Plan, accepted_at: float):
+    """The worker side of a synthesis job: engine chunks -> encoded pieces, then a Summary."""
+    engine, metrics = state.engine, state.metrics
+
+    def produce(job: Job) -> Iterator[object]:
+        start = time.monotonic()
+        prompt = None
+        if plan.saved_voice is not None:
+            prompt = state.library.features(plan.saved_voice, voice_key(engine), engine.encode_prompt)
+        if plan.transport == "whole":
+            encoder = WholeEncoder(plan.format, engine.sample_rate, plan.out_rate)
+        else:
+            encoder = Encoder(plan.format, engine.sample_rate, plan.out_rate)
+        keep = state.outputs.enabled
+        kept: list[np.ndarray] = []
+        audio_seconds, first = 0.0, None
+        chunks = engine.synthesize(plan.request, prompt=prompt)
+        try:
+            for chunk in chunks:
+                if first is None:
+                    first = time.monotonic() - accepted_at
+                    metrics.first_audio_latency(first)
+                audio_seconds += chunk.duration
+                if keep:
+                    kept.append(chunk.samples)
+                piece = encoder.feed(chunk.samples)
+                if piece:
+                    yield piece
+                if job.stop_requested():
+                    return
+        finally:
+            chunks.close()  # stops the engine at once when the client is gone
+        tail = encoder.finish()
+        if tail:
+            yield tail
+        compute = time.monotonic() - start
+        metrics.synthesis(audio_seconds, compute)
+        request = plan.request
+        log.info("synthesized %.2f s of audio in %.2f s", audio_seconds, compute, extra={
+            "request_id": plan.request_id, "endpoint": plan.endpoint, "mode": request.mode.value,
+            "voice": plan.saved_voice or request.voice, "audio_seconds": round(audio_seconds, 3),
+            "real_time_factor": round(compute / audio_seconds, 3) if audio_seconds else None,
+            "first_audio_seconds": round(first, 3) if first is not None else None,
+            "stream": request.stream, "format": plan.format})
+        if keep and kept:
+            state.outputs.submit(plan.request_id, np.concatenate(kept), engine.sample_rate, plan.format, {
+                "endpoint": plan.endpoint, "model": engine.model.name, "text": request.text,
+                "voice": plan.saved_voice or request.voice, "mode": request.mode.value,
+                "instruct": request.instruct, "speed": request.speed, "seed": request.seed,
+                "real_time_factor": round(compute / audio_seconds, 4) if audio_seconds else None,
+            })
+        yield Summary(audio_seconds, compute, first)
+
+    return produce
+
+
+async def _cancel_on_disconnect(state: ServerState, request: Request, job: Job) -> None:
+    """Wait for the client to go away (the body has been read already) and cancel the job."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            if not job.ended and not job.cancelled.is_set():
+                state.metrics.count("cancelled_total")
+                log.info("client went away, synthesis cancelled", extra={"request_id": _request_id_of(request)})
+            job.cancel()
+            return
+
+
+def _request_id_of(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+class JobStreamingResponse(StreamingResponse):
+    """A streamed response that always stops its job when the response ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[bytes], job: Job, state: ServerState, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.job, self.state = job, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.ended and not self.job.cancelled.is_set():
+                self.state.metrics.count("cancelled_total")
+                log.info("client went away, synthesis cancelled", extra={"request_id": self.headers.get("x-request-id")})
+            self.job.cancel()
+
+
+def start_job(state: ServerState, plan: Plan) -> Job:
+    loop = asyncio.get_running_loop()
+    accepted_at = time.monotonic()
+    job = Job(loop, deadline=accepted_at + state.settings.request_timeout)
+    try:
+        state.scheduler.submit(job, _produce(state, plan, accepted_at))
+    except Overloaded as exc:
+        state.metrics.count("rejected_total")
+        raise overloaded(exc.retry_after) from None
+    return job
+
+
+def _timeout_error(state: ServerState) -> ApiError:
+    state.metrics.count("timeouts_total")
+    return ApiError(504, f"synthesis took longer than the {state.settings.request_timeout:g} s "
+                    "limit and was stopped", "timeout_error", "timeout")
+
+
+async def _next_piece(state: ServerState, job: Job, plan: Plan) -> bytes | Summary:
+    """The next bytes piece or Summary, with engine errors mapped to HTTP errors."""
+    try:
+        return await job.next()
+    except JobTimeout:
+        raise _timeout_error(state) from None
+    except CosyVoiceError as exc:
+        raise from_engine_error(exc, supported_modes(state.engine)) from None
+    except (StopAsyncIteration, ApiError):
+        raise
+    except Exception as exc:
+        log.error("synthesis failed", exc_info=exc, extra={"request_id": plan.request_id})
+        raise ApiError(500, f"synthesis failed: {type(exc).__name__}: {exc}", "server_error",
+                       "synthesis_failed") from None
+
+
+async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
+    engine = state.engine
+    job = start_job(state, plan)
+    rate = output_rate(plan.format, plan.out_rate or engine.sample_rate)
+    headers = {"X-Request-Id": plan.request_id, "X-Sample-Rate": str(rate)}
+    media = "text/event-stream" if plan.transport == "sse" else media_type(plan.format)
+    watcher = asyncio.create_task(_cancel_on_disconnect(state, request, job))
+    try:
+        first = await _next_piece(state, job, plan)  # errors before any audio -> JSON status
+        if plan.transport == "whole":
+            pieces, summary = [], None
+            item = first
+            while True:
+                if isinstance(item, Summary):
+                    summary = item
+                else:
+                    pieces.append(item)
+                try:
+                    item = await _next_piece(state, job, plan)
+                except StopAsyncIteration:
+                    break
+            if summary is not None:
+                headers["X-Audio-Duration"] = f"{summary.audio_seconds:.3f}"
+                if summary.audio_seconds:
+                    headers["X-Real-Time-Factor"] = f"{summary.compute_seconds / summary.audio_seconds:.3f}"
+            ext = "ogg" if plan.format == "opus" else plan.format
+            headers["Content-Disposition"] = f'inline; filename="speech-{plan.request_id}.{ext}"'
+            return Response(b"".join(pieces), media_type=media, headers=headers)
+    except StopAsyncIteration:
+        raise ApiError(500, "synthesis produced nothing", "server_error", "no_audio") from None
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if plan.transport == "sse":
+        headers["Cache-Control"] = "no-cache"
+        body = _sse_body(state, job, plan, first)
+    else:
+        body = _audio_body(state, job, plan, first)
+    return JobStreamingResponse(body, job, state, media_type=media, headers=headers)
+
+
+async def _audio_body(state: ServerState, job: Job, plan: Plan, first: bytes | Summary) -> AsyncIterator[bytes]:
+    item = first
+    while True:
+        if isinstance(item, bytes):
+            yield item
+        try:
+            item = await _next_piece(state, job, plan)
+        except StopAsyncIteration:
+            return
+        except ApiError as exc:  # headers are gone: all we can do is end the stream early
+            log.warning("stream ended early: %s", exc.message, extra={"request_id": plan.request_id})
+            return
+
+
+async def _sse_body(state: ServerState, job: Job, plan: Plan, first: bytes | Summary) -> AsyncIterator[bytes]:
+    engine = state.engine
+    item = first
+    while True:
+        if isinstance(item, bytes):
+            yield sse_delta(item)
+        elif isinstance(item, Summary):
+            text = plan.request.text if isinstance(plan.request.text, str) else ""
+            try:
+                input_tokens = len(engine.tokenizer.encode(text))
+            except Exception:  # noqa: BLE001 - usage is informative only
+                input_tokens = len(text)
+            output_tokens = seconds_to_tokens(item.audio_seconds, engine.model.config.token_frame_rate)
+            yield sse_done(input_tokens, output_tokens)
+        try:
+            item = await _next_piece(state, job, plan)
+        except StopAsyncIteration:
+            return
+        except ApiError as exc:
+            yield sse_event({"type": "error", "error": exc.body()["error"]})
+            return

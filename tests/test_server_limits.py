@@ -1,0 +1,291 @@
+"""The server under pressure and in operation: the bounded queue (429 + Retry-After), cancellation
+when the client goes away, the per-request timeout, background model loading, the API key, CORS,
+voices surviving a restart, and the real `cosyvoice-lite serve` command in a subprocess."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from test_server_support import (
+    EngineProbe,
+    ServerThread,
+    decode,
+    free_port,
+    metric,
+    prompt_wav,
+    tiny_engine,
+    wait_for,
+)
+
+from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.serving import Settings, create_app
+from cosyvoice_lite.serving.scheduler import Job
+
+LONG = "你好。今天天气很好。我们去公园吧。"  # three sentences: three segments, several chunks
+
+
+@pytest.fixture(scope="module")
+def engine(v1_dir):
+    return tiny_engine(v1_dir)
+
+
+@pytest.fixture(scope="module")
+def preset(engine) -> str:
+    return engine.voices()[0]
+
+
+@pytest.fixture(scope="module")
+def slow(engine):
+    """The real engine, each chunk handed out in 5 pieces 0.4 s apart: requests take a while."""
+    return EngineProbe(engine, memo=True, split=5, delay=0.4)
+
+
+@pytest.fixture(scope="module")
+def busy(slow, tmp_path_factory):
+    """One worker and a queue of one: the third request at a time is refused."""
+    settings = Settings(workers=1, max_queue=1, request_timeout=60,
+                        voices_dir=tmp_path_factory.mktemp("busy"))
+    with ServerThread(create_app(slow, settings)) as running:
+        yield running
+
+
+def gauge(server, name: str) -> float:
+    return metric(httpx.get(f"{server.url}/metrics", timeout=10).text, name)
+
+
+def test_queue_full_gives_429_with_retry_after(busy, preset):
+    statuses: list[int] = []
+
+    def hold() -> None:
+        with busy.client() as own:
+            statuses.append(own.post("/tts", json={"text": LONG, "speaker": preset, "seed": 1}).status_code)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for t in holders:
+        t.start()
+    assert wait_for(lambda: gauge(busy, "cosyvoice_requests_in_flight") == 2, timeout=10)
+    assert gauge(busy, "cosyvoice_queue_depth") == 1
+    with busy.client() as own:
+        refused = own.post("/tts", json={"text": "你好。", "speaker": preset})
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        # the OpenAI endpoint shares the queue
+        assert own.post("/v1/audio/speech", json={"model": "tts-1", "input": "你好。",
+                                                  "voice": preset}).status_code == 429
+    for t in holders:
+        t.join()
+    assert statuses == [200, 200]
+    with busy.client() as own:
+        assert own.post("/tts", json={"text": "你好。", "speaker": preset}).status_code == 200
+    assert metric(httpx.get(f"{busy.url}/metrics").text, "cosyvoice_rejected_total") >= 2
+
+
+def test_disconnect_stops_a_stream(busy, slow, preset):
+    before_closed, before_completed = slow.closed, slow.completed
+    cancelled = gauge(busy, "cosyvoice_cancelled_total")
+    with busy.client() as own, own.stream("POST", "/tts", json={
+            "text": LONG, "speaker": preset, "stream": True, "format": "pcm", "seed": 1}) as response:
+        assert response.status_code == 200
+        next(response.iter_raw())  # first audio arrived; now hang up
+    assert wait_for(lambda: slow.closed == before_closed + 1, timeout=30), "synthesis kept running"
+    assert slow.completed == before_completed  # stopped before the end
+    assert wait_for(lambda: gauge(busy, "cosyvoice_requests_in_flight") == 0, timeout=10)
+    assert gauge(busy, "cosyvoice_cancelled_total") == cancelled + 1
+    assert wait_for(lambda: live_jobs() == 0, timeout=10), "the cancelled job is still in memory"
+    assert wait_for(lambda: live_jobs() == 0, timeout=10), "the cancelled job is still in memory"
+
+
+def live_jobs() -> int:
+    """Jobs still referenced anywhere in this process (the servers run in threads here)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Job)
+
+
+def test_disconnect_stops_a_whole_file_request(busy, slow, preset):
+    before_closed, before_completed = slow.closed, slow.completed
+    cancelled = gauge(busy, "cosyvoice_cancelled_total")
+    with busy.client(timeout=0.6) as own, pytest.raises(httpx.ReadTimeout):
+        own.post("/tts", json={"text": LONG, "speaker": preset, "seed": 2})  # >= 2 s of pauses
+    assert wait_for(lambda: slow.closed == before_closed + 1, timeout=30), "synthesis kept running"
+    assert slow.completed == before_completed
+    assert wait_for(lambda: gauge(busy, "cosyvoice_requests_in_flight") == 0, timeout=10)
+    assert gauge(busy, "cosyvoice_cancelled_total") == cancelled + 1
+    assert wait_for(lambda: live_jobs() == 0, timeout=10), "the cancelled job is still in memory"
+
+
+def test_timeout_gives_504(engine, preset, tmp_path):
+    slow = EngineProbe(engine, memo=True, split=4, delay=0.5)
+    settings = Settings(request_timeout=0.7, voices_dir=tmp_path)
+    with ServerThread(create_app(slow, settings)) as server, server.client() as client:
+        response = client.post("/tts", json={"text": LONG, "speaker": preset, "seed": 1})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        assert wait_for(lambda: slow.closed == 1, timeout=30)
+        assert slow.completed == 0
+        assert metric(client.get("/metrics").text, "cosyvoice_timeouts_total") == 1
+
+
+def test_background_loading(engine, preset, tmp_path):
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(30)
+        return engine
+
+    with ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server, server.client() as client:
+        assert client.get("/health").json()["model"] == "loading"
+        not_ready = client.get("/ready")
+        assert not_ready.status_code == 503 and not_ready.headers["retry-after"]
+        assert not_ready.json()["error"]["code"] == "model_loading"
+        assert client.post("/tts", json={"text": "你好。", "speaker": preset}).status_code == 503
+        assert client.get("/speakers").status_code == 503
+        assert client.get("/info").json()["status"] == "loading"
+        assert client.get("/voices").json()["data"] == []
+        assert metric(client.get("/metrics").text, "cosyvoice_model_loaded") == 0
+        gate.set()
+        assert wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)
+        assert client.post("/tts", json={"text": "你好。", "speaker": preset}).status_code == 200
+
+
+def test_failed_loading_is_reported(tmp_path):
+    def loader():
+        raise ModelDirError("llm.pt is missing")
+
+    with ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server, server.client() as client:
+        assert wait_for(lambda: client.get("/health").json()["model"] == "failed", timeout=10)
+        response = client.get("/ready")
+        assert response.status_code == 503 and "llm.pt is missing" in response.json()["error"]["message"]
+        assert client.post("/tts", json={"text": "x", "speaker": "y"}).json()["error"]["code"] == "model_failed"
+
+
+def test_api_key_and_cors(engine, preset, tmp_path):
+    settings = Settings(api_key="s3cret", cors_origins=["http://app.test"], voices_dir=tmp_path)
+    with ServerThread(create_app(engine, settings)) as server, server.client() as client:
+        body = {"text": "你好。", "speaker": preset}
+        for path in ("/health", "/ready", "/info", "/"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/info").json()["auth_required"] is True
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            refused = client.post("/tts", json=body, headers=headers)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/metrics", "/voices", "/speakers", "/v1/models"):
+            assert client.get(path).status_code == 401, path
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/tts", json=body, headers=good).status_code == 200
+        assert client.get("/metrics", headers=good).status_code == 200
+
+        openai = pytest.importorskip("openai")
+        ok = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert ok.audio.speech.create(model="tts-1", voice=preset, input="你好。").read()
+        bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.audio.speech.create(model="tts-1", voice=preset, input="你好。")
+
+        preflight = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        allowed = client.options("/tts", headers=preflight)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://app.test"
+        other = client.options("/tts", headers={**preflight, "Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
+        simple = client.get("/health", headers={"Origin": "http://app.test"})
+        assert simple.headers["access-control-allow-origin"] == "http://app.test"
+        assert "x-sample-rate" in simple.headers["access-control-expose-headers"].lower()
+
+
+def test_voices_survive_a_restart(engine, tmp_path):
+    voices = tmp_path / "voices"
+    first = EngineProbe(engine)
+    with ServerThread(create_app(first, Settings(voices_dir=voices))) as server, server.client() as client:
+        created = client.post("/voices", data={"name": "keeper", "prompt_text": "希望你以后能够做的比我还好呦。"},
+                              files={"audio": ("p.wav", prompt_wav(2.0), "audio/wav")})
+        assert created.status_code == 201
+        before = client.post("/tts", json={"text": "你好。", "speaker": "keeper", "seed": 9}).content
+    assert first.encodes == 1
+
+    second = EngineProbe(engine, memo=False)
+    with ServerThread(create_app(second, Settings(voices_dir=voices))) as server, server.client() as client:
+        assert [v["name"] for v in client.get("/voices").json()["data"]] == ["keeper"]
+        after = client.post("/tts", json={"text": "你好。", "speaker": "keeper", "seed": 9}).content
+    assert after == before and len(after) > 44
+    assert second.encodes == 0  # features came from disk, not recomputed
+
+
+def test_serve_command(v1_dir, tmp_path):
+    """`cosyvoice-lite serve` in a subprocess: health at once, ready after loading, JSON logs."""
+    port = free_port()
+    command = [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(v1_dir),
+               "--port", str(port), "--voices-dir", str(tmp_path / "voices"), "--max-text-chars", "50",
+               "--outputs-dir", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=os.environ.copy(), text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def get(path):
+        try:
+            return httpx.get(url + path, timeout=5)
+        except httpx.TransportError:
+            return None
+
+    try:
+        assert wait_for(lambda: get("/health"), timeout=90), "server did not start"
+        assert wait_for(lambda: (r := get("/ready")) is not None and r.status_code == 200, timeout=120)
+        info = get("/info").json()
+        assert info["limits"]["max_text_chars"] == 50
+        voice = get("/speakers").json()["speakers"][0]["name"]
+        response = httpx.post(url + "/tts", json={"text": "你好。", "speaker": voice}, timeout=60)
+        assert response.status_code == 200 and response.content[:4] == b"RIFF"
+        assert wait_for(lambda: list((tmp_path / "out").glob("*/*.json")), timeout=10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("path") == "/tts"]
+    assert access and access[0]["status"] == 200 and access[0]["request_id"] and access[0]["duration_ms"] >= 0
+    assert process.returncode == 0, output
+
+
+def test_instruct_and_base_releases(v1_variants, tmp_path):
+    """-Instruct takes instructions with its preset voices; the base release has no presets and
+    works with saved voices only."""
+    instruct = tiny_engine(v1_variants["instruct"])
+    voice = instruct.voices()[0]
+    with ServerThread(create_app(instruct, Settings(voices_dir=tmp_path / "a"))) as server, \
+            server.client() as client:
+        info = client.get("/info").json()["model"]
+        assert info["instruct"] and info["instruct_needs_preset"]
+        ok = client.post("/tts", json={"text": "你好。", "speaker": voice, "instruct": "用开心的语气说",
+                                       "seed": 1})
+        assert ok.status_code == 200 and len(ok.content) > 44
+        speech = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "你好。", "voice": voice,
+                                                       "instructions": "用开心的语气说",
+                                                       "response_format": "wav", "seed": 1})
+        assert (decode(speech.content)[0] == decode(ok.content)[0]).all()
+        client.post("/voices", data={"name": "mine", "prompt_text": "你好。"},
+                    files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
+        refused = client.post("/tts", json={"text": "你好。", "speaker": "mine", "instruct": "开心"})
+        assert refused.status_code == 400 and "preset voices" in refused.json()["error"]["message"]
+
+    base = tiny_engine(v1_variants["base"])
+    with ServerThread(create_app(base, Settings(voices_dir=tmp_path / "b"))) as server, \
+            server.client() as client:
+        assert client.get("/speakers").json()["speakers"] == []
+        missing = client.post("/tts", json={"text": "你好。", "speaker": "中文女"})
+        assert missing.status_code == 404
+        created = client.post("/voices", data={"name": "mine", "prompt_text": "你好。"},
+                              files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
+        assert created.status_code == 201
+        assert client.post("/tts", json={"text": "你好。", "speaker": "mine"}).status_code == 200

@@ -1,0 +1,222 @@
+"""Unit tests of the serving building blocks that need no model: the voice library (names,
+atomic writes, persistence, feature cache), the streaming encoders and resampler, and metrics."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_server_support import decode, metric, prompt_wav
+
+from cosyvoice_lite.audio.resample import resample
+from cosyvoice_lite.errors import AudioError, UnknownVoiceError
+from cosyvoice_lite.frontend.prompt import PromptFeatures
+from cosyvoice_lite.serving.metrics import Metrics
+from cosyvoice_lite.serving.streaming import Encoder, StreamResampler, WholeEncoder, wav_header
+from cosyvoice_lite.serving.voices import (
+    InvalidVoiceNameError,
+    VoiceExistsError,
+    VoiceLibrary,
+    validate_name,
+)
+
+
+class CountingEncoder:
+    """Stands in for engine.encode_prompt: deterministic features, counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, audio: bytes, prompt_text: str) -> PromptFeatures:
+        self.calls += 1
+        wav, rate = sf.read(io.BytesIO(audio), dtype="float32")
+        n = max(1, len(wav) // 640)
+        return PromptFeatures(torch.arange(n, dtype=torch.int32)[None], torch.full((1, 2 * n, 80), 0.5),
+                              torch.full((1, 192), float(rate)), prompt_text.lower())
+
+
+# ---------------------------------------------------------------------------------- voice names
+
+
+@pytest.mark.parametrize("name", ["alice", "中文女", "my voice", "v-2.1_b", "A", "x" * 64, "Ünïcode"])
+def test_valid_names(name):
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "../x", "..", ".", ".hidden", "a/b", "a\\b", "x" * 65, "trailing ",
+                                  "trailing.", " lead", "a\x00b", "new\nline", "a..b", "/etc/passwd",
+                                  "semi;colon", "star*"])
+def test_invalid_names(name):
+    with pytest.raises(InvalidVoiceNameError):
+        validate_name(name)
+
+
+# ---------------------------------------------------------------------------------- library
+
+
+def test_create_list_get_delete_and_persistence(tmp_path):
+    encode = CountingEncoder()
+    library = VoiceLibrary(tmp_path)
+    info = library.create("anna", prompt_wav(1.5), "  Hello There  ", "v1-22050", encode)
+    assert info.prompt_text == "Hello There" and info.sample_rate == 16000
+    assert abs(info.duration - 1.5) < 1e-6
+    assert [v.name for v in library.list()] == ["anna"] and library.exists("anna")
+    assert encode.calls == 1
+
+    # A new library object on the same directory (a restart) sees the voice and its features,
+    # read from disk with weights_only=True, without recomputing them.
+    again = VoiceLibrary(tmp_path)
+    assert again.get("anna") == info
+    features = again.features("anna", "v1-22050", encode)
+    assert encode.calls == 1
+    assert features.prompt_text == "hello there"
+    stored = torch.load(tmp_path / "anna" / "features" / "v1-22050.pt", weights_only=True)
+    assert set(stored) == {"speech_tokens", "speech_feat", "embedding", "prompt_text"}
+
+    # Another model family computes its own features once, from the stored prompt, and keeps them.
+    again.features("anna", "v2-24000", encode)
+    again.features("anna", "v2-24000", encode)
+    assert encode.calls == 2
+    assert (tmp_path / "anna" / "features" / "v2-24000.pt").is_file()
+    wav, rate = sf.read(again.audio_path("anna"), dtype="float32")
+    assert rate == 16000 and len(wav) == 24000
+
+    again.delete("anna")
+    assert again.list() == [] and not (tmp_path / "anna").exists()
+    with pytest.raises(UnknownVoiceError):
+        again.get("anna")
+    with pytest.raises(UnknownVoiceError):
+        again.delete("anna")
+    assert os.listdir(tmp_path) == []
+
+
+def test_duplicate_and_bad_audio(tmp_path):
+    library = VoiceLibrary(tmp_path)
+    library.create("bob", prompt_wav(1.0), "hi", "k", CountingEncoder())
+    with pytest.raises(VoiceExistsError):
+        library.create("bob", prompt_wav(1.0), "hi", "k", CountingEncoder())
+    with pytest.raises(AudioError):
+        library.create("silent", prompt_wav(1.0, amplitude=0.0), "hi", "k", CountingEncoder())
+    with pytest.raises(AudioError):
+        library.create("short", prompt_wav(0.2), "hi", "k", CountingEncoder())
+    with pytest.raises(AudioError):
+        library.create("long", prompt_wav(3.0), "hi", "k", CountingEncoder(), max_seconds=2.0)
+    with pytest.raises(AudioError):
+        library.create("junk", b"this is not audio", "hi", "k", CountingEncoder())
+    assert library.names() == ["bob"]
+    assert sorted(os.listdir(tmp_path)) == ["bob"]  # failed creations leave nothing behind
+
+
+def test_crash_mid_write_leaves_library_intact(tmp_path, monkeypatch):
+    library = VoiceLibrary(tmp_path)
+    library.create("keep", prompt_wav(1.0), "hi", "k", CountingEncoder())
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before the rename")
+
+    # A failure at the moment the new voice would be renamed into place: no half voice appears.
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError):
+        library.create("new", prompt_wav(1.0), "hi", "k", CountingEncoder())
+    monkeypatch.undo()
+    assert library.names() == ["keep"]
+    # Leftovers of a process killed mid-write (a temp voice, a half-deleted voice, a temp feature
+    # file) are ignored by listing and cleaned up when the library opens next time.
+    (tmp_path / ".tmp-dead").mkdir()
+    (tmp_path / ".tmp-dead" / "voice.json").write_text("{")
+    (tmp_path / ".trash-dead").mkdir()
+    assert library.names() == ["keep"]
+    VoiceLibrary(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["keep"]
+
+
+def test_damaged_features_are_recomputed(tmp_path):
+    encode = CountingEncoder()
+    library = VoiceLibrary(tmp_path)
+    library.create("eve", prompt_wav(1.0), "Hi", "k", encode)
+    (tmp_path / "eve" / "features" / "k.pt").write_bytes(b"garbage")
+    features = VoiceLibrary(tmp_path).features("eve", "k", encode)
+    assert encode.calls == 2 and features.prompt_text == "hi"
+    torch.load(tmp_path / "eve" / "features" / "k.pt", weights_only=True)  # rewritten, valid
+
+
+def test_unreadable_voice_is_skipped(tmp_path):
+    library = VoiceLibrary(tmp_path)
+    library.create("ok", prompt_wav(1.0), "", "k", CountingEncoder())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "voice.json").write_text("not json")
+    assert library.names() == ["ok"]
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+def test_stream_resampler_equals_offline():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(22050) * 0.1).astype(np.float32)
+    for sizes in ([22050], [1, 2, 3, 5000, 17044], [147] * 20 + [19110]):
+        r = StreamResampler(22050, 24000)
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(r.feed(x[start:start + size]))
+            start += size
+        parts.append(r.finish())
+        out = np.concatenate(parts)
+        ref = resample(torch.from_numpy(x[:start]), 22050, 24000).numpy()
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "ogg"])
+def test_streamed_files_decode(fmt):
+    x = (np.sin(np.arange(22050) * 0.05) * 0.3).astype(np.float32)
+    encoder = Encoder(fmt, 22050)
+    data = b"".join([encoder.feed(piece) for piece in np.array_split(x, 7)] + [encoder.finish()])
+    audio, rate = decode(data)
+    assert rate == (48000 if fmt == "opus" else 22050)
+    expected = len(x) * rate // 22050
+    assert abs(len(audio) - expected) < 0.15 * expected  # codecs add their own padding
+
+
+def test_pcm_stream_and_whole_file():
+    x = (np.sin(np.arange(1000) * 0.05) * 0.3).astype(np.float32)
+    encoder = Encoder("pcm", 22050)
+    data = b"".join([encoder.feed(x[:333]), encoder.feed(x[333:]), encoder.finish()])
+    assert np.abs(np.frombuffer(data, "<i2") / 32767 - x).max() < 1e-4
+    wav = Encoder("wav", 22050)
+    head = wav.feed(x)
+    assert head[:4] == b"RIFF" and head[40:44] == b"\xff\xff\xff\xff"
+    whole = WholeEncoder("wav", 22050, 24000)
+    whole.feed(x)
+    audio, rate = decode(whole.finish())
+    assert rate == 24000 and len(audio) == int(np.ceil(1000 * 24000 / 22050))
+    assert wav_header(16000, 0)[40:44] == b"\x00\x00\x00\x00"
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_text_format():
+    metrics = Metrics()
+    metrics.request("POST", "/tts", 200)
+    metrics.request("POST", "/tts", 200)
+    metrics.error("voice_not_found")
+    metrics.synthesis(2.0, 1.0)
+    metrics.first_audio_latency(0.25)
+    metrics.gauge("queue_depth", "waiting", lambda: 3)
+    metrics.info = {"name": 'odd "name"'}
+    text = metrics.render()
+    assert metric(text, "cosyvoice_requests_total", endpoint="/tts", status="200") == 2
+    assert metric(text, "cosyvoice_errors_total", code="voice_not_found") == 1
+    assert metric(text, "cosyvoice_real_time_factor_bucket", le="0.5") == 1
+    assert metric(text, "cosyvoice_real_time_factor_bucket", le="0.3") == 0
+    assert metric(text, "cosyvoice_first_audio_seconds_count") == 1
+    assert metric(text, "cosyvoice_queue_depth") == 3
+    assert 'cosyvoice_model_info{name="odd \\"name\\""} 1' in text
+    for line in text.splitlines():  # every sample line is "name{labels} value"
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])
