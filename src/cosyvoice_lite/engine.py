@@ -21,6 +21,7 @@ import torch
 
 from .device import Placement, resolve_placement
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from .frontend.markup import V1_TAGS, check_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend
 from .hub import resolve_model
@@ -119,6 +120,13 @@ class Engine:
     def voices(self) -> list[str]:
         return sorted(self.presets)
 
+    @property
+    def known_markup(self) -> frozenset[str]:
+        """Inline tags this model understands ([breath], <strong>, <|en|>, [h][ào] ...)."""
+        if self.version == 1:
+            return V1_TAGS | frozenset(self.tokenizer.special_tokens) | {ENDOFPROMPT}
+        return frozenset(self.tokenizer.special_tokens)
+
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, audio, prompt_text: str = "") -> PromptFeatures:
         """Features of a prompt recording, computed once (e.g. to save a voice)."""
@@ -180,6 +188,8 @@ class Engine:
             raise InvalidRequestError("instruct mode needs an instruction (e.g. 'speak happily')")
         if request.mode == Mode.VOICE_CONVERSION and request.source_audio is None:
             raise InvalidRequestError("voice conversion needs source audio")
+        texts = [t for t in (request.text, request.instruct, request.prompt_text) if isinstance(t, str)]
+        check_markup(texts, self.known_markup, self.model.name)
 
     def _segments(self, request: SynthesisRequest) -> list:
         if request.mode == Mode.VOICE_CONVERSION:
