@@ -83,6 +83,7 @@ def _close(ours: torch.Tensor | np.ndarray, theirs: np.ndarray, what: str, tol: 
     ours = np.asarray(ours, dtype=np.float64)
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs official {theirs.shape}"
     err = float(np.abs(ours - theirs).max()) if ours.size else 0.0
+    print(f"parity {what}: max abs error {err:.2e}")  # shown with pytest -s
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
