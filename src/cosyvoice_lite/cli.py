@@ -37,6 +37,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     parser.add_argument("--variant", choices=["base", "sft", "instruct"],
                         help="v1 release, if the directory name does not tell")
+    parser.add_argument("--llm", default="llm.pt", dest="llm_checkpoint",
+                        help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)")
 
 
 def _mode(args: argparse.Namespace):
@@ -61,7 +63,8 @@ def cmd_say(args: argparse.Namespace) -> int:
     from .request import SynthesisRequest
 
     mode = _mode(args)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
+                         llm_checkpoint=args.llm_checkpoint)
     request = SynthesisRequest(
         mode=mode, text=args.text, voice=args.voice,
         prompt_audio=Path(args.prompt_wav) if args.prompt_wav else None,
@@ -80,7 +83,8 @@ def cmd_say(args: argparse.Namespace) -> int:
 def cmd_voices(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
+                         llm_checkpoint=args.llm_checkpoint)
     print(f"# {engine.model.name}: CosyVoice v{engine.version} ({engine.model.variant}); "
           f"modes: {', '.join(m.value for m in engine.modes)}")
     for name in engine.voices():

@@ -76,6 +76,9 @@ class Engine:
         selects e.g. ``llm.rl.pt`` for the RL-tuned CosyVoice3 LLM.
         """
         start = time.perf_counter()
+        if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
+            raise InvalidRequestError(f"llm_checkpoint must be a .pt file name in the model directory, "
+                                      f"got {llm_checkpoint!r}")
         placement = resolve_placement(device, dtype)
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         from .pipelines import factory  # version-specific wiring

@@ -21,6 +21,8 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     serve.add_argument("--variant", choices=["base", "sft", "instruct"],
                        help="v1 release, if the directory name does not tell")
+    serve.add_argument("--llm", default="llm.pt", dest="llm_checkpoint",
+                       help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)")
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-text-chars", type=int, default=200,
                         help="longest text per request (default 200, the models' guidance)")
@@ -78,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CosyVoiceError(f"bad server option: {exc}") from None
 
     def load():
-        return Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant)
+        return Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
+                           llm_checkpoint=args.llm_checkpoint)
 
     app = create_app(load, settings)
     logging.getLogger("cosyvoice_lite.serving").info(
