@@ -44,9 +44,12 @@ SEED = 20240701
 GAIN = 1.0
 BIAS_STD = 0.05
 SCALE_STD = 0.1
-# An end-of-speech logit bias so that EOS falls inside the top-k nucleus now and then: a 10-token
-# text then stops after tens of tokens (min_len = 2 N, max_len = 20 N) instead of never.
-LLM_EOS_BIAS = 2.5
+# LLM output layer: scale the logits up so that next-token distributions are peaky enough for the
+# top-p cut (0.8) to bite before top-k (25) on most steps and for repetition-aware resampling to
+# trigger now and then; and bias the end-of-speech logit so that EOS falls inside the nucleus now
+# and then: a 10-token text stops after tens of tokens (min_len = 2 N, max_len = 20 N).
+LLM_DECODER_SCALE = 4.0
+LLM_EOS_BIAS = 8.0
 # The F0 predictor ends in |Linear|; scale it so that F0 spreads over tens to hundreds of Hz, mostly
 # voiced (threshold 10 Hz) with some unvoiced frames, instead of ~1 Hz (all unvoiced).
 F0_CLASSIFIER_SCALE = 170.0
@@ -96,6 +99,7 @@ def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 @torch.no_grad()
 def tune(llm: torch.nn.Module, hift: torch.nn.Module) -> None:
+    llm.llm_decoder.weight.mul_(LLM_DECODER_SCALE)
     llm.llm_decoder.bias[llm.speech_token_size] += LLM_EOS_BIAS
     hift.f0_predictor.classifier.weight.mul_(F0_CLASSIFIER_SCALE)
     hift.conv_post.parametrizations.weight.original0.mul_(HIFT_CONV_POST_SCALE)
