@@ -1,0 +1,156 @@
+"""CosyVoice2/3 through the engine: modes, markup, streaming text in, independent flat-cost streams."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cosyvoice_lite.networks.flow_v2 as flow_v2
+from cosyvoice_lite import (
+    Engine,
+    InvalidRequestError,
+    Mode,
+    SynthesisRequest,
+    UnsupportedModeError,
+)
+
+DATA = Path(__file__).resolve().parent / "data"
+PROMPT = DATA / "audio" / "zh_16k.wav"
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+LONG_TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐，笑容如花儿般绽放。"
+
+
+@pytest.fixture(scope="module")
+def v2() -> Engine:
+    return Engine.load(DATA / "models" / "v2-tiny")
+
+
+@pytest.fixture(scope="module")
+def v3() -> Engine:
+    return Engine.load(DATA / "models" / "v3-tiny")
+
+
+def _audio(engine: Engine, request: SynthesisRequest) -> tuple[np.ndarray, int]:
+    chunks = list(engine.synthesize(request))
+    assert chunks[-1].final and {c.sample_rate for c in chunks} == {24000}
+    return np.concatenate([c.samples for c in chunks]), len(chunks)
+
+
+def test_modes(v2: Engine, v3: Engine) -> None:
+    assert set(v2.modes) == set(Mode)  # the v2 directory has preset voices
+    assert Mode.PRESET not in v3.modes and Mode.INSTRUCT in v3.modes
+    with pytest.raises(UnsupportedModeError, match="supports: zero_shot"):
+        list(v3.synthesize(SynthesisRequest(Mode.PRESET, "你好。", voice="中文女")))
+
+
+def test_every_mode_speaks(v2: Engine, v3: Engine) -> None:
+    for engine in (v2, v3):
+        for request in (
+            SynthesisRequest(Mode.ZERO_SHOT, "你好。", prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=1),
+            SynthesisRequest(Mode.CROSS_LINGUAL, "Hello there.", prompt_audio=PROMPT, seed=1),
+            SynthesisRequest(Mode.INSTRUCT, "你好。", prompt_audio=PROMPT, instruct="用四川话说这句话", seed=1),
+            SynthesisRequest(Mode.VOICE_CONVERSION, source_audio=DATA / "audio" / "en_22k.wav",
+                             prompt_audio=PROMPT, seed=1),
+        ):
+            audio, _ = _audio(engine, request)
+            assert len(audio) > 0 and np.isfinite(audio).all(), (engine.version, request.mode)
+
+
+def test_instruction_gets_the_system_prompt_each_version_needs(v2: Engine, v3: Engine) -> None:
+    assert v2._instruction("用四川话说这句话") == "用四川话说这句话<|endofprompt|>"
+    assert v3._instruction("speak happily") == "You are a helpful assistant. speak happily<|endofprompt|>"
+    assert v3._instruction("X<|endofprompt|>") == "X<|endofprompt|>"
+    assert v3._with_system_prompt("", "你好") == ("", "You are a helpful assistant.<|endofprompt|>你好")
+    assert v3._with_system_prompt("转写", "你好")[0].endswith("<|endofprompt|>转写")
+
+
+def test_pronunciation_markup(v2: Engine, v3: Engine) -> None:
+    pinyin = SynthesisRequest(Mode.CROSS_LINGUAL, "对报道[j][ǐ]予好评，[M][AY0] name。",
+                              prompt_audio=PROMPT, seed=2)
+    assert len(_audio(v3, pinyin)[0]) > 0
+    with pytest.raises(InvalidRequestError, match=r"\[j\], \[ǐ\], \[M\], \[AY0\]"):
+        list(v2.synthesize(pinyin))
+    with pytest.raises(InvalidRequestError, match=r"\[giggle\]"):
+        list(v3.synthesize(SynthesisRequest(Mode.CROSS_LINGUAL, "哈[giggle]哈", prompt_audio=PROMPT)))
+
+
+def test_rl_checkpoint_is_selectable() -> None:
+    plain = Engine.load(DATA / "models" / "v3-tiny")
+    rl = Engine.load(DATA / "models" / "v3-tiny", llm_checkpoint="llm.rl.pt")
+    a = next(iter(plain.pipeline.llm.parameters()))
+    b = next(iter(rl.pipeline.llm.parameters()))
+    assert not np.array_equal(a.detach().numpy(), b.detach().numpy())
+    with pytest.raises(InvalidRequestError, match="file name"):
+        Engine.load(DATA / "models" / "v3-tiny", llm_checkpoint="../llm.pt")
+
+
+def test_streaming_text_in_starts_audio_before_the_text_ends(v2: Engine) -> None:
+    pieces = [LONG_TEXT[i:i + 4] for i in range(0, len(LONG_TEXT), 4)] * 3
+    consumed = []
+
+    def text():
+        for i, piece in enumerate(pieces):
+            consumed.append(i)
+            yield piece
+
+    request = SynthesisRequest(Mode.ZERO_SHOT, text(), prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
+                               seed=3, stream=True)
+    stream = v2.synthesize(request)
+    first = next(stream)
+    assert first.samples.size > 0 and first.sample_rate == 24000
+    assert len(consumed) < len(pieces), "the first audio waited for the whole text"
+    rest = list(stream)
+    assert rest[-1].final and len(consumed) == len(pieces)
+
+
+def test_concurrent_streams_are_independent(v2: Engine) -> None:
+    def request(seed: int) -> SynthesisRequest:
+        return SynthesisRequest(Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
+                                seed=seed, stream=True)
+
+    alone = [_audio(v2, request(s))[0] for s in (1, 2)]
+    together: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda s=s: together.__setitem__(s, _audio(v2, request(s))[0]))
+               for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(together[1], alone[0])
+    np.testing.assert_array_equal(together[2], alone[1])
+
+
+def test_stream_and_whole_speak_the_same_tokens(v2: Engine) -> None:
+    request = SynthesisRequest(Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=4)
+    whole, _ = _audio(v2, request)
+    streamed, n_chunks = _audio(v2, SynthesisRequest(**{**vars(request), "stream": True}))
+    assert n_chunks > 1
+    assert len(streamed) == len(whole)  # same tokens -> same mel length (2 frames per token)
+
+
+def test_per_chunk_flow_work_does_not_grow(v2: Engine, monkeypatch) -> None:
+    """Each streaming step runs the U-Net over the new frames only, however long the history."""
+    frames: list[int] = []
+    original = flow_v2._estimator_increment
+
+    def counting(*args, **kwargs):
+        x = next(a for a in args if hasattr(a, "shape") and a.dim() == 3)
+        frames.append(int(x.shape[-1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(flow_v2, "_estimator_increment", counting)
+    text = LONG_TEXT * 2
+    request = SynthesisRequest(Mode.ZERO_SHOT, text, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
+                               seed=5, stream=True)
+    _, n_chunks = _audio(v2, request)
+    print("U-Net frames per streaming step:", frames)
+    steps = [frames[i:i + 10] for i in range(0, len(frames), 10)]  # 10 Euler steps per chunk
+    assert n_chunks >= 3 and len(steps) == n_chunks
+    # the first chunk also runs the prompt frames; after it each chunk sees only its own new frames
+    # (2 per token, hops of 50 then 100 tokens), never the history, so the cost stays flat
+    assert all(len(set(step)) == 1 for step in steps)
+    assert [step[0] for step in steps[1:-1]] == [min(2 * 25 * 2 ** (i + 1), 200)
+                                                 for i in range(len(steps) - 2)]
