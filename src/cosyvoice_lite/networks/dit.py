@@ -136,9 +136,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq)
 
-    def forward_from_seq_len(self, seq_len: int) -> torch.Tensor:
-        """Frequencies [1, seq_len, dim], each one repeated for its interleaved pair (f0,f0,f1,f1..)."""
-        positions = torch.arange(seq_len, device=self.inv_freq.device).type_as(self.inv_freq)
+    def forward_from_seq_len(self, seq_len: int, offset: int = 0) -> torch.Tensor:
+        """Frequencies [1, seq_len, dim], each one repeated for its interleaved pair (f0,f0,f1,f1..).
+
+        `offset` starts the positions there (incremental streaming); the values equal the rows
+        offset .. offset + seq_len - 1 of a full-length call bit for bit.
+        """
+        positions = torch.arange(offset, offset + seq_len, device=self.inv_freq.device)
+        positions = positions.type_as(self.inv_freq)
         # computed in fp32 whatever the surrounding dtype (x_transformers disables autocast here)
         freqs = positions[:, None] * self.inv_freq[None, :]
         freqs = torch.stack((freqs, freqs), dim=-1).flatten(-2)

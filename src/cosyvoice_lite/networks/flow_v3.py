@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError
+from cosyvoice_lite.networks import flow_v3_stream
+from cosyvoice_lite.networks.flow_v3_stream import FlowV3StreamState
 
 __all__ = ["PreLookaheadLayer", "CausalMaskedDiffWithDiT"]
 
@@ -164,3 +166,22 @@ class CausalMaskedDiffWithDiT(nn.Module):
         )
         feat = feat[:, :, mel_len1:]
         return feat.float(), None
+
+    # ---------------------------------------------------------------------------------------
+    # incremental streaming (flow_v3_stream.py)
+
+    def new_stream(
+        self,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        cache_dtype: torch.dtype | None = None,
+    ) -> FlowV3StreamState:
+        """Start a stream: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192]."""
+        return flow_v3_stream.new_stream(self, prompt_token, prompt_feat, embedding, cache_dtype)
+
+    def stream_step(
+        self, state: FlowV3StreamState, token: torch.Tensor, finalize: bool = False
+    ) -> torch.Tensor:
+        """Feed new tokens [1, k]; returns the mel [1, 80, m] now complete (see flow_v3_stream)."""
+        return flow_v3_stream.stream_step(self, state, token, finalize)

@@ -14,6 +14,8 @@ Same parameter names as the v1/v2 generator (`hift.py`); the differences:
 
 Streaming (`finalize=False`) uses the last 3 mel frames only as f0 look-ahead and the next 4 as
 `conv_pre` look-ahead, and drops the last `upsample_scale` samples, exactly as the official code.
+`new_stream` / `stream_step` (hift_causal_stream.py) emit the same samples as the official
+re-vocoding of the whole history, with bounded work per chunk.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks import hift_causal_stream
 from cosyvoice_lite.networks.hift import (
     FoldedWeightNorm,
     HiFTBase,
@@ -271,7 +274,8 @@ class CausalSourceModuleHnNSF(nn.Module):
 
 
 class CausalHiFTGenerator(HiFTBase):
-    """Causal HiFTNet generator of CosyVoice v3 (streams by re-vocoding the mel history)."""
+    """Causal HiFTNet generator of CosyVoice v3 (the official streams by re-vocoding the mel
+    history; `stream_step` re-runs a bounded window instead)."""
 
     def __init__(
         self,
@@ -368,3 +372,14 @@ class CausalHiFTGenerator(HiFTBase):
         s = self.m_source(self._upsample_f0(f0)).transpose(1, 2)
         mel = speech_feat if finalize else speech_feat[:, :, :-look_f0]
         return self.decode(mel, s, finalize=finalize), s
+
+    # incremental streaming (hift_causal_stream.py): bounded work per chunk, official samples
+
+    def new_stream(self) -> hift_causal_stream.HiFTStreamState:
+        """Per-request state of an incremental vocoder stream."""
+        return hift_causal_stream.new_stream(self)
+
+    def stream_step(self, state: hift_causal_stream.HiFTStreamState, mel: torch.Tensor,
+                    finalize: bool = False) -> torch.Tensor:
+        """Append mel [1, 80, m]; returns the new samples [1, n] (see hift_causal_stream)."""
+        return hift_causal_stream.stream_step(self, state, mel, finalize)

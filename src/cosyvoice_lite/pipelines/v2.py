@@ -37,10 +37,10 @@ class _Stream:
     tokens: list[int] = field(default_factory=list)
     offset: int = 0  # tokens already turned into mel
     hop: int = TOKEN_HOP
-    hift_mel: torch.Tensor | None = None  # v2: look-back mel; v3: every mel frame so far
+    hift_mel: torch.Tensor | None = None  # v2: look-back mel frames for the cross-fade
     hift_source: torch.Tensor | None = None
     hift_speech: torch.Tensor | None = None
-    speech_offset: int = 0  # v3: samples already emitted
+    hift_stream: object | None = None  # v3: the causal vocoder's streaming state
 
 
 class V2Pipeline:
@@ -173,13 +173,13 @@ class V2Pipeline:
 
     def _vocode_causal(self, state: _Stream, mel: torch.Tensor, finalize: bool,
                        speed: float) -> torch.Tensor:
-        """v3: the causal vocoder over every mel frame so far, emitting only the new samples."""
-        if state.hift_mel is not None:
-            mel = torch.concat([state.hift_mel, mel], dim=2)
-        state.hift_mel = mel
-        if finalize and speed != 1.0:
-            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        speech, _ = self.hift.inference(speech_feat=mel, finalize=finalize)
-        speech = speech[:, state.speech_offset:]
-        state.speech_offset += speech.shape[1]
-        return speech
+        """v3: the causal vocoder. Streams keep a window of recent frames and the running source
+        phase (the official re-vocodes the whole history each chunk); a whole utterance is one call."""
+        if state.hift_stream is None and finalize:  # not streaming (or a single-chunk stream)
+            if speed != 1.0:
+                mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+            speech, _ = self.hift.inference(speech_feat=mel, finalize=True)
+            return speech
+        if state.hift_stream is None:
+            state.hift_stream = self.hift.new_stream()
+        return self.hift.stream_step(state.hift_stream, mel, finalize=finalize)

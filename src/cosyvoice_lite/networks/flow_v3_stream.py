@@ -1,0 +1,405 @@
+"""Incremental streaming for the CosyVoice3 flow (`CausalMaskedDiffWithDiT`, see `flow_v3.py`).
+
+The official CosyVoice3Model streams by re-running the whole flow over every token generated so
+far at each chunk (`inference(token[:offset + hop + 3], streaming=True, finalize=False)`, then
+keeping the mel from `2 * offset` on), which is quadratic in the utterance length. With
+streaming=True every stage of the v3 flow is chunk-causal, so a stream can compute only the new
+frames against caches of what came before:
+
+    input_embedding       per token
+    PreLookaheadLayer     token i reads tokens i..i+3 (conv1: real look-ahead tokens, or zeros at
+                          the end) and conv1 outputs i-2..i (conv2, left padded)
+    repeat_interleave x2  mel frames 2i and 2i+1 come from token i
+    DiT input_embed       `proj` per frame; CausalConvPositionEmbedding: two left-padded grouped
+                          convs, each frame reads the 30 frames before it
+    DiT blocks            AdaLayerNormZero / feed-forward per frame (t is the same for every
+                          frame); attention with the static chunk mask (a frame of chunk c
+                          attends to every frame before (c + 1) * static_chunk_size) and RoPE by
+                          absolute position
+    CFM                   noise `rand_noise[:, :, frame]` by absolute frame; each Euler step
+                          updates a frame from its own velocity; CFG = a batch of two rows
+
+So the mel of chunk c depends only on the tokens up to the end of chunk c plus 3 look-ahead
+tokens, and a frame's trajectory never depends on later frames. Per stream the state keeps, for
+each of the 10 Euler steps: the last 30 inputs of both position convs and the keys/values of every
+DiT block, both CFG rows (`_StepCache`); plus the last 2 conv1 outputs of the pre-look-ahead
+layer. Each call then costs the new frames only (their attention still reads all cached keys).
+
+The mel equals the official streaming re-run chunk by chunk up to float rounding. Only whole
+chunks are computed before `finalize` (the official hop schedule is chunk-aligned, so this never
+delays a chunk); the final call computes the rest with zero look-ahead and the chunk mask
+(= `inference(all tokens, streaming=True, finalize=True)`; the official final call uses full
+attention instead, so only that last chunk can differ from what the official stream emits).
+
+Memory: keys and values cost `10 steps x depth x 2 (k, v) x 2 (CFG rows) x heads x dim_head`
+values per mel frame, prompt frames included: 3.6 MB per frame in float32 at full size (dim 1024,
+depth 22), i.e. 180 MB per second of audio (50 frames/s). `cache_dtype=torch.bfloat16` or
+`torch.float16` halves that; under autocast the keys already come out of the projections in the
+autocast dtype and are stored as they are (no extra error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
+from cosyvoice_lite.networks.flow_matching import time_span
+
+if TYPE_CHECKING:
+    from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT
+
+__all__ = [
+    "FlowV3StreamState",
+    "new_stream",
+    "stream_step",
+    "kv_cache_bytes_per_frame",
+]
+
+# The official flow hard-codes the number of Euler steps in `inference` (flow_v3.N_TIMESTEPS).
+N_TIMESTEPS = 10
+# CFG: every estimator call is a batch of two rows (conditional, unconditional).
+_CFG_ROWS = 2
+
+
+class _KVCache:
+    """Keys and values of one attention layer at one Euler step, both CFG rows.
+
+    One buffer [2 (k, v), rows, heads, capacity, dim_head]. When full it grows by a quarter
+    (rounded up to whole chunks): few copies of the history, and at most ~25% unused capacity,
+    which matters at 3.6 MB per frame.
+    """
+
+    def __init__(self, dtype: torch.dtype | None, granule: int) -> None:
+        self.dtype = dtype
+        self.granule = max(granule, 1)
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append [rows, heads, n, dim_head] keys/values; returns all valid ones, in their dtype."""
+        n = keys.shape[2]
+        end = self.length + n
+        if self.data is None or end > self.data.shape[3]:
+            old = 0 if self.data is None else self.data.shape[3]
+            capacity = max(end, old + old // 4)
+            capacity = -(-capacity // self.granule) * self.granule
+            dtype = keys.dtype if self.dtype is None else self.dtype
+            grown = keys.new_empty((2, *keys.shape[:2], capacity, keys.shape[3]), dtype=dtype)
+            if self.data is not None:
+                grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
+            self.data = grown
+        self.data[0, :, :, self.length : end] = keys
+        self.data[1, :, :, self.length : end] = values
+        self.length = end
+        valid = self.data[:, :, :, :end]
+        return valid[0].to(keys.dtype), valid[1].to(values.dtype)
+
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
+class _StepCache:
+    """What one Euler step of the DiT keeps: position-conv tails and per-block keys/values."""
+
+    def __init__(self, depth: int, dtype: torch.dtype | None, granule: int) -> None:
+        self.conv1_tail: torch.Tensor | None = None  # [rows, dim, kernel - 1] inputs of conv1
+        self.conv2_tail: torch.Tensor | None = None  # [rows, dim, kernel - 1] inputs of conv2
+        self.kv = [_KVCache(dtype, granule) for _ in range(depth)]
+
+    def nbytes(self) -> int:
+        tails = sum(t.numel() * t.element_size() for t in (self.conv1_tail, self.conv2_tail) if t is not None)
+        return tails + sum(cache.nbytes() for cache in self.kv)
+
+
+@dataclass
+class FlowV3StreamState:
+    """Everything one v3 flow stream remembers between chunks. Owned by one request.
+
+    Create it with `CausalMaskedDiffWithDiT.new_stream`, feed tokens with `stream_step`.
+    """
+
+    embedding: torch.Tensor  # projected speaker embedding [1, 80]
+    prompt_feat: torch.Tensor  # [1, mel_len1, 80], the cond of the first mel_len1 frames
+    pending: torch.Tensor  # [1, k] token ids received but not computed yet (prompt ones first)
+    cache_dtype: torch.dtype | None = None  # None: keys/values kept in the dtype they come in
+    tokens_done: int = 0  # tokens turned into mel so far, prompt included
+    finished: bool = False
+    pre_lookahead_tail: torch.Tensor | None = None  # [1, channels, 2] last conv1 outputs
+    steps: list[_StepCache] = field(default_factory=list)  # one per Euler step
+    last_step_frames: int = 0  # mel frames the estimator ran on in the last call (cost probe)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the caches (allocated capacity, keys/values included)."""
+        tail = self.pre_lookahead_tail
+        total = 0 if tail is None else tail.numel() * tail.element_size()
+        return total + sum(step.nbytes() for step in self.steps)
+
+
+def kv_cache_bytes_per_frame(estimator: DiT, dtype: torch.dtype = torch.float32) -> int:
+    """Key/value bytes one mel frame adds to a stream (10 steps, every block, both CFG rows)."""
+    inner = estimator.transformer_blocks[0].attn.inner_dim if estimator.depth > 0 else 0
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return N_TIMESTEPS * estimator.depth * 2 * _CFG_ROWS * inner * itemsize
+
+
+# ------------------------------------------------------------------------------------- public
+
+
+def check_streamable(flow: CausalMaskedDiffWithDiT) -> None:
+    """Raise ModelDirError unless this flow can be streamed incrementally."""
+    decoder = flow.decoder
+    estimator = getattr(decoder, "estimator", None)
+    if flow.pre_lookahead_layer is None or decoder is None or not isinstance(estimator, DiT):
+        raise ModelDirError("incremental streaming needs the pre-look-ahead layer and a DiT estimator")
+    if not hasattr(decoder, "rand_noise"):
+        raise ModelDirError("incremental streaming needs the fixed-noise CausalConditionalCFM")
+    chunk = estimator.static_chunk_size
+    if chunk <= 0 or chunk % flow.token_mel_ratio != 0:
+        raise ModelDirError(
+            f"incremental streaming needs a DiT chunk ({chunk} frames) that is a whole number of "
+            f"tokens ({flow.token_mel_ratio} frames each)"
+        )
+
+
+def new_stream(
+    flow: CausalMaskedDiffWithDiT,
+    prompt_token: torch.Tensor,
+    prompt_feat: torch.Tensor,
+    embedding: torch.Tensor,
+    cache_dtype: torch.dtype | None = None,
+) -> FlowV3StreamState:
+    """Start a stream: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192].
+
+    cache_dtype: dtype of the cached keys/values (None: as computed, e.g. float32, or the
+    autocast dtype under autocast). bfloat16/float16 halve the cache of a float32 run at the
+    cost of rounding the history's keys and values.
+    """
+    check_streamable(flow)
+    if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
+        raise InvalidRequestError(f"prompt tokens must be [1, P], got {tuple(prompt_token.shape)}")
+    if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
+        raise InvalidRequestError("a flow stream takes one utterance (batch 1)")
+    with torch.inference_mode():
+        spks = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+    return FlowV3StreamState(
+        embedding=spks,
+        prompt_feat=prompt_feat.to(spks.dtype),
+        pending=prompt_token,
+        cache_dtype=cache_dtype,
+    )
+
+
+@torch.inference_mode()
+def stream_step(
+    flow: CausalMaskedDiffWithDiT,
+    state: FlowV3StreamState,
+    token: torch.Tensor,
+    finalize: bool = False,
+) -> torch.Tensor:
+    """Feed new speech tokens [1, k] (k >= 0); returns the mel [1, 80, m] now complete.
+
+    Without finalize, the last `pre_lookahead_len` tokens received are look-ahead only and tokens
+    are turned into mel in whole DiT chunks (`static_chunk_size / token_mel_ratio` tokens, counted
+    from the prompt's first token); the rest waits for the next call. With finalize the remaining
+    tokens are computed with zero look-ahead and the stream ends.
+    """
+    if state.finished:
+        raise InvalidRequestError("this flow stream has already been finalized")
+    if token.dim() != 2 or token.shape[0] != 1:
+        raise InvalidRequestError(f"tokens must be [1, k], got {tuple(token.shape)}")
+    pending = torch.cat([state.pending, token.to(state.pending.device, state.pending.dtype)], dim=1)
+    look = flow.pre_lookahead_len
+    if finalize:
+        count, context = pending.shape[1], None
+        state.finished = True
+    else:
+        chunk = flow.decoder.estimator.static_chunk_size // flow.token_mel_ratio
+        usable = state.tokens_done + pending.shape[1] - look
+        count = (usable // chunk) * chunk - state.tokens_done
+        context = pending[:, count : count + look] if count > 0 else None
+    state.pending = pending[:, max(count, 0) :]
+    state.last_step_frames = 0
+    if count <= 0:
+        return state.embedding.new_zeros(1, flow.output_size, 0).float()
+
+    mu = _mu_increment(flow, state, pending[:, :count], context)
+    first_frame = flow.token_mel_ratio * state.tokens_done
+    mel = _decode_increment(flow, state, mu, first_frame)
+    state.tokens_done += count
+    state.last_step_frames = mu.shape[2]
+    skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
+    return mel[:, :, skip:].float()
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _mu_increment(
+    flow: CausalMaskedDiffWithDiT,
+    state: FlowV3StreamState,
+    token: torch.Tensor,
+    context: torch.Tensor | None,
+) -> torch.Tensor:
+    """mu [1, 80, ratio * n] of n new tokens: embedding, pre-look-ahead layer, repeat."""
+    pre = flow.pre_lookahead_layer
+    xs = flow.input_embedding(torch.clamp(token, min=0)).to(state.embedding.dtype)
+    h = xs.transpose(1, 2)
+    if context is not None:
+        ctx = flow.input_embedding(torch.clamp(context, min=0)).to(xs.dtype)
+        h = torch.cat([h, ctx.transpose(1, 2)], dim=2)
+    # conv1 sees the next pre_lookahead_len tokens: the real ones, or zeros at the end
+    h = F.pad(h, (0, pre.pre_lookahead_len - (h.shape[2] - xs.shape[1])))
+    h = F.leaky_relu(pre.conv1(h))
+    # conv2 (left padded) sees the last conv1 outputs of the previous chunk, zeros at the start
+    left = pre.conv2.kernel_size[0] - 1
+    tail = state.pre_lookahead_tail
+    h = torch.cat([tail if tail is not None else h.new_zeros(1, h.shape[1], left), h], dim=2)
+    state.pre_lookahead_tail = h[:, :, h.shape[2] - left :].clone()
+    h = pre.conv2(h).transpose(1, 2) + xs
+    return h.repeat_interleave(flow.token_mel_ratio, dim=1).transpose(1, 2)
+
+
+def _decode_increment(
+    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, mu: torch.Tensor, start: int
+) -> torch.Tensor:
+    """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`.
+
+    Mirrors `_EulerCFM.solve_euler` (same operations, same t/dt accumulation) on the new frames.
+    """
+    cfm = flow.decoder
+    estimator: DiT = cfm.estimator
+    n = mu.shape[2]
+    end = start + n
+    if end > cfm.rand_noise.shape[2]:
+        raise InvalidRequestError(
+            f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
+        )
+    dtype = state.embedding.dtype
+    x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=mu.dtype)
+    cond = torch.zeros(1, flow.output_size, n, device=mu.device, dtype=dtype)
+    prompt = state.prompt_feat[:, start:end].transpose(1, 2)
+    cond[:, :, : prompt.shape[2]] = prompt
+    # row 0 conditional, row 1 unconditional (mu, spks, cond zero), as the official batch
+    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
+    spks_in = torch.cat([state.embedding, torch.zeros_like(state.embedding)], dim=0)
+    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
+
+    granule = estimator.static_chunk_size
+    while len(state.steps) < N_TIMESTEPS:
+        state.steps.append(_StepCache(estimator.depth, state.cache_dtype, granule))
+    t_span = time_span(N_TIMESTEPS, cfm.t_scheduler, mu)
+    rate = cfm.inference_cfg_rate
+    t = t_span[0].unsqueeze(0)
+    dt = t_span[1] - t_span[0]
+    for step in range(1, len(t_span)):
+        velocity = _dit_increment(
+            estimator,
+            torch.cat([x, x], dim=0).to(dtype),
+            mu_in,
+            t.expand(_CFG_ROWS).to(dtype),
+            spks_in,
+            cond_in,
+            state.steps[step - 1],
+            start,
+        )
+        v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
+        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+        t = t + dt
+        if step < len(t_span) - 1:
+            dt = t_span[step + 1] - t
+    return x
+
+
+def _dit_increment(
+    estimator: DiT,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    t: torch.Tensor,
+    spks: torch.Tensor,
+    cond: torch.Tensor,
+    cache: _StepCache,
+    start: int,
+) -> torch.Tensor:
+    """DiT.forward(streaming=True, all-ones mask) on new frames [rows, 80, n] at frame `start`."""
+    x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
+    n = x.shape[1]
+    t_emb = estimator.time_embed(t)
+    h = estimator.input_embed.proj(
+        torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1)
+    )
+    h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, cache) + h
+    rope = estimator.rotary_embed.forward_from_seq_len(n, offset=start)
+    residual = h
+    keep = _chunk_keep(start, n, estimator.static_chunk_size, h.device)
+    for block, kv in zip(estimator.transformer_blocks, cache.kv, strict=True):
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, emb=t_emb)
+        h = h + gate_msa.unsqueeze(1) * _attention_increment(block.attn, norm, rope, kv, keep)
+        ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
+    if estimator.long_skip_connection is not None:
+        h = estimator.long_skip_connection(torch.cat((h, residual), dim=-1))
+    h = estimator.norm_out(h, t_emb)
+    return estimator.proj_out(h).transpose(1, 2)
+
+
+def _input_parts(
+    estimator: DiT, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor
+) -> list[torch.Tensor]:
+    """The official InputEmbedding order: [x, cond, mu, spk]."""
+    parts = [x, cond, mu]
+    if estimator.input_embed.spk_dim > 0:
+        parts.append(spks.unsqueeze(1).expand(-1, x.shape[1], -1))
+    return parts
+
+
+def _conv_position_increment(pos: nn.Module, h: torch.Tensor, cache: _StepCache) -> torch.Tensor:
+    """CausalConvPositionEmbedding on new frames h [rows, n, dim]: each conv reads the last
+    `kernel_size - 1` inputs of the previous call (zeros at the start, as the left padding)."""
+    left = pos.kernel_size - 1
+    x = h.transpose(1, 2)
+    tail = cache.conv1_tail
+    x = torch.cat([tail if tail is not None else x.new_zeros(*x.shape[:2], left), x], dim=2)
+    cache.conv1_tail = x[:, :, x.shape[2] - left :].clone()
+    x = pos.conv1(x)
+    tail = cache.conv2_tail
+    x = torch.cat([tail if tail is not None else x.new_zeros(*x.shape[:2], left), x], dim=2)
+    cache.conv2_tail = x[:, :, x.shape[2] - left :].clone()
+    return pos.conv2(x).transpose(1, 2)
+
+
+def _chunk_keep(start: int, n: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """[n, start + n] bool: query frame start + i may attend key frame j (the static chunk mask:
+    its own chunk and every earlier one; a last partial chunk sees everything there is)."""
+    query = torch.arange(start, start + n, device=device)
+    key = torch.arange(start + n, device=device)
+    chunk_end = (torch.div(query, chunk, rounding_mode="trunc") + 1) * chunk
+    return key.unsqueeze(0) < chunk_end.unsqueeze(1)
+
+
+def _attention_increment(
+    attn: nn.Module, x: torch.Tensor, rope: torch.Tensor, kv: _KVCache, keep: torch.Tensor
+) -> torch.Tensor:
+    """The DiT Attention for new frames x [rows, n, dim] against the cached keys/values.
+
+    As officially, RoPE rotates the un-split projections (head 0 only). The official output
+    masking uses the last query row of the mask, which sees every frame: nothing is zeroed.
+    """
+    rows, n = x.shape[0], x.shape[1]
+    query = apply_rotary_pos_emb(attn.to_q(x), rope)
+    key = apply_rotary_pos_emb(attn.to_k(x), rope)
+    value = attn.to_v(x)
+    head_dim = key.shape[-1] // attn.heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(rows, n, attn.heads, head_dim).transpose(1, 2)
+
+    keys, values = kv.append(split(key), split(value))
+    out = F.scaled_dot_product_attention(split(query), keys, values, attn_mask=keep, dropout_p=0.0)
+    out = out.transpose(1, 2).reshape(rows, n, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
