@@ -90,11 +90,9 @@ class Engine:
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",
             model_dir.config.mel,
         )
-        voices = {
-            name: Voice(name, "preset", info["embedding"].float().reshape(1, -1))
-            for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
-            if "embedding" in info
-        }
+        voices = {name: _voice_from_spk2info(name, info)
+                  for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
+                  if "embedding" in info or "flow_embedding" in info}
         engine = cls(model_dir, placement, TextFrontend(), tokenizer, prompt_encoder, pipeline,
                      voices, time.perf_counter() - start)
         log.info("loaded %s (v%d, %s) on %s in %.1f s", model_dir.name, model_dir.version,
@@ -114,7 +112,7 @@ class Engine:
     def modes(self) -> tuple[Mode, ...]:
         """The modes this model supports."""
         modes = [Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.VOICE_CONVERSION]
-        if self.presets:
+        if any(v.kind == "preset" for v in self.presets.values()):
             modes.insert(0, Mode.PRESET)
         if self.version > 1 or self.model.variant == "instruct":
             modes.append(Mode.INSTRUCT)
@@ -216,8 +214,15 @@ class Engine:
 
     def _prompt(self, request: SynthesisRequest, prompt: PromptFeatures | None) -> PromptFeatures | None:
         if request.mode == Mode.PRESET or (request.mode == Mode.INSTRUCT and self.version == 1):
-            self._preset(request.voice)
+            if self._preset(request.voice).kind != "preset":
+                raise InvalidRequestError(f"'{request.voice}' is a cloned voice: use it with mode zero_shot")
             return None
+        if prompt is None and request.prompt_audio is None and request.voice in self.presets:
+            prompt = self.presets[request.voice].prompt  # a voice saved in spk2info.pt
+            if prompt is None:
+                raise InvalidRequestError(f"preset voice '{request.voice}' has no prompt recording: "
+                                          "use it with mode preset")
+            return prompt  # stored features are already aligned, as the official stores them
         if prompt is None:
             if request.prompt_audio is None:
                 raise InvalidRequestError(f"mode '{request.mode.value}' needs prompt audio or a saved voice")
@@ -234,8 +239,9 @@ class Engine:
     def _text_tokens(self, segment):
         if isinstance(segment, str):
             return self._tokens(segment)
-        # streaming text in: each piece is tokenised on its own (no normalisation, as the official)
-        return (self.tokenizer.encode(piece) for piece in segment)
+        # Streaming text in: each piece is tokenised on its own (no normalisation, as the official)
+        # and handed to the LLM one token at a time, which decides when the 5:15 mixing advances.
+        return ([token] for piece in segment for token in self.tokenizer.encode(piece))
 
     def _instruction(self, instruct: str) -> str:
         """The instruction as each version's LLM expects it; users write only the instruction."""
@@ -263,13 +269,18 @@ class Engine:
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
         no_embedding = torch.zeros(0, 192)
         prompt_text = ""
-        if request.mode == Mode.ZERO_SHOT:
+        if request.mode == Mode.ZERO_SHOT and prompt.prompt_tokens is not None:
+            prompt_text = None  # stored as tokens (official zero-shot spk2info entries)
+        elif request.mode == Mode.ZERO_SHOT:
             prompt_text = prompt.prompt_text or (request.prompt_text or "").strip()
         elif request.mode == Mode.INSTRUCT:
             prompt_text = self._instruction(request.instruct or "")
-        prompt_text, segment = self._with_system_prompt(prompt_text, segment)
+        if prompt_text is None:
+            prompt_tokens = prompt.prompt_tokens
+        else:
+            prompt_text, segment = self._with_system_prompt(prompt_text, segment)
+            prompt_tokens = self._tokens(prompt_text) if prompt_text else empty_tokens
         text = self._text_tokens(segment)
-        prompt_tokens = self._tokens(prompt_text) if prompt_text else empty_tokens
         if prompt is None:  # a preset voice (and v1 instruct, which also speaks with a preset)
             voice = self._preset(request.voice)
             # v1 instruct drops the LLM x-vector, as the official does against information leakage
@@ -285,6 +296,20 @@ class Engine:
             inputs = ModelInputs(text, prompt_tokens, llm_speech, prompt.embedding, prompt.speech_tokens,
                                  prompt.speech_feat, prompt.embedding, source)
         return _to_device(inputs, self.placement.device)
+
+
+def _voice_from_spk2info(name: str, info: dict) -> Voice:
+    """A spk2info.pt entry: an SFT voice ({'embedding'}) or an official zero-shot entry saved with
+    ``add_zero_shot_spk`` (prompt tokens, speech tokens, mel and x-vectors)."""
+    if "llm_prompt_speech_token" not in info:
+        return Voice(name, "preset", info["embedding"].float().reshape(1, -1))
+    prompt = PromptFeatures(
+        speech_tokens=info["flow_prompt_speech_token"].to(torch.int32).cpu(),
+        speech_feat=info["prompt_speech_feat"].float().cpu(),
+        embedding=info["flow_embedding"].float().reshape(1, -1).cpu(),
+        prompt_tokens=info["prompt_text"].to(torch.int32).cpu(),
+    )
+    return Voice(name, "prompt", prompt.embedding, prompt)
 
 
 def _to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:

@@ -31,12 +31,13 @@ class PromptFeatures:
     speech_feat: torch.Tensor
     embedding: torch.Tensor
     prompt_text: str = ""
+    prompt_tokens: torch.Tensor | None = None  # transcript tokens, when only those are stored
 
     def aligned(self, token_mel_ratio: int) -> PromptFeatures:
         """v2/v3: truncate so that prompt mel frames = ratio x prompt tokens (official alignment)."""
         n = min(self.speech_feat.shape[1] // token_mel_ratio, self.speech_tokens.shape[1])
         return PromptFeatures(self.speech_tokens[:, :n], self.speech_feat[:, : token_mel_ratio * n],
-                              self.embedding, self.prompt_text)
+                              self.embedding, self.prompt_text, self.prompt_tokens)
 
 
 class PromptEncoder:

@@ -214,8 +214,9 @@ class UpsampleConformerEncoder(nn.Module):
         for layer in self.encoders:
             xs = layer(xs, att_mask, pos_emb)
 
-        xs, xs_lens = self.up_layer(xs.transpose(1, 2), xs_lens)
-        xs = xs.transpose(1, 2)
+        # .contiguous() as the official: the Linear of up_embed rounds differently on a strided input
+        xs, xs_lens = self.up_layer(xs.transpose(1, 2).contiguous(), xs_lens)
+        xs = xs.transpose(1, 2).contiguous()
         up_chunk = chunk * self.up_layer.stride
         pad_mask, att_mask = encoder_attention_mask(xs_lens, xs.size(1), up_chunk)
         xs, pos_emb = self.up_embed(xs)
@@ -448,7 +449,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         state.up_tail = h[:, :, h.shape[2] - keep :]
         h = up.conv(F.interpolate(h, scale_factor=float(up.stride), mode="nearest"))
 
-        xs = enc.up_embed(h.transpose(1, 2))[0]
+        xs = enc.up_embed(h.transpose(1, 2).contiguous())[0]
         xs = _conformer_increment(
             enc.up_encoders,
             xs,
