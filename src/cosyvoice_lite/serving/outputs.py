@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    # the temporary name must not match "*.json" globs of readers waiting for the result
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
