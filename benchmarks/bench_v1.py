@@ -1,0 +1,450 @@
+"""Speed benchmark of CosyVoice v1 (CosyVoice-300M-SFT, preset voice): cosyvoice-lite vs the official code.
+
+    .venv/bin/python benchmarks/bench_v1.py
+    .venv/bin/python benchmarks/bench_v1.py --official-python /tmp/refenv/bin/python \\
+        --official-path /tmp/refshim:/tmp/official/CosyVoice:/tmp/official/Matcha-TTS
+
+(or set COSYVOICE_OFFICIAL_PYTHON / COSYVOICE_OFFICIAL_PATH). The full-size random-weight model
+directory is generated with tools/make_models.py on first use (benchmarks/out/, git-ignored).
+
+Each implementation runs in its own worker process (so the peak-memory figures do not mix): this
+file with ``--worker`` for ours, benchmarks/official_v1.py for the official ``CosyVoice`` class.
+The workers load the model once, then this driver sends them the same requests in alternation
+(ours, official, official, ours, ...) so that drifting machine load hits both alike.
+
+Random weights would stop the LLM at a random point, so every request decodes a fixed number of
+speech tokens: the sampler of each implementation is wrapped so that it never picks the stop token
+before N tokens and picks it at N. Stage times come from wrapping the three networks' entry points
+(LLM token generator, ``flow.inference``, ``hift.inference``) with timers; "total" is the whole
+request, text frontend included. This file imports only the standard library at the top, so the
+official worker can reuse its helpers from another Python environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+MODEL_DIR = OUT / "CosyVoice-300M-SFT"
+RESULTS = OUT / "bench_v1.json"
+OFFICIAL_WORKER = ROOT / "benchmarks" / "official_v1.py"
+PREFIX = "@@bench "  # protocol lines on a worker's stdout; everything else there is log noise
+
+# The fixed workload: a 40-character Chinese sentence and an English sentence of similar length,
+# both short enough to stay one text segment in both frontends.
+SENTENCES = {
+    "zh": "今天天气晴朗，我们一起去公园散步，看看湖边盛开的美丽花朵和天空中自由飞翔的小鸟。",
+    "en": "The quick brown fox jumps over the lazy dog, while the children watch it from the garden.",
+}
+VOICES = {"zh": "中文女", "en": "英文女"}
+SEED = 1986
+
+
+# ----------------------------------------------------------------------------- shared by workers
+class FixedLength:
+    """Wrap a sampler ``(scores, decoded, *extra) -> id`` so that decoding yields exactly ``n``
+    tokens: the stop token is masked out before ``n`` and chosen at ``n``. Works for both our
+    ``RasSampler`` and the official ``llm.sampling`` (``ras_sampling(scores, decoded, top_k)``)."""
+
+    def __init__(self, sampler: Callable, stop_token: int, n: int) -> None:
+        self.sampler, self.stop_token, self.n = sampler, stop_token, n
+
+    def __call__(self, scores, decoded, *extra):
+        if len(decoded) >= self.n:
+            return self.stop_token
+        scores[self.stop_token] = -float("inf")
+        return self.sampler(scores, decoded, *extra)
+
+
+class StageTimer:
+    """Accumulates wall time and process CPU time per stage; wraps functions and token generators.
+
+    The CPU time is the whole process's (all threads): stages never overlap in a non-streaming
+    request, and on a busy machine it is steadier than the wall time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.seconds = {}
+
+    def add(self, stage: str, start: tuple[float, float]) -> None:
+        wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+        self.seconds[f"{stage}_s"] = self.seconds.get(f"{stage}_s", 0.0) + wall
+        self.seconds[f"{stage}_cpu_s"] = self.seconds.get(f"{stage}_cpu_s", 0.0) + cpu
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(stage, start)
+
+        return timed
+
+    def iterate(self, stage: str, items) -> Iterator:
+        """Time every ``next()`` of a (lazy) generator: the LLM works inside those calls."""
+        items = iter(items)
+        while True:
+            start = self.now()
+            try:
+                item = next(items)
+            except StopIteration:
+                self.add(stage, start)
+                return
+            self.add(stage, start)
+            yield item
+
+
+def memory_kb() -> dict[str, int]:
+    """Current and peak resident set size (Linux /proc; ru_maxrss elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {"rss_kb": int(fields["VmRSS"].split()[0]), "hwm_kb": int(fields["VmHWM"].split()[0])}
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"rss_kb": peak, "hwm_kb": peak}
+
+
+def reset_peak_memory() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0), so the synthesis peak is
+    measured apart from the loading peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def emit(payload: dict) -> None:
+    sys.__stdout__.write(PREFIX + json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.__stdout__.flush()
+
+
+def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> None:
+    """Worker main loop. ``load()`` returns ``(run, load_seconds)`` where
+    ``run(text, voice, tokens, seed) -> dict`` synthesizes one request and reports its timings."""
+    sys.stdout = sys.stderr  # keep stdout for the protocol
+    run, load_seconds = load()
+    ready = {"event": "ready", "import_s": import_seconds, "load_s": load_seconds, **memory_kb()}
+    ready["peak_reset"] = reset_peak_memory()
+    emit(ready)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "quit":
+            emit({"event": "bye", **memory_kb()})
+            return
+        try:
+            result = run(command["text"], command["voice"], command["tokens"], command["seed"])
+        except Exception as exc:  # report it to the driver instead of dying silently
+            emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        emit({"event": "result", **result})
+
+
+# ----------------------------------------------------------------------------- our worker
+def our_worker(model_dir: Path, threads: int) -> None:
+    set_threads(threads)
+    start = time.perf_counter()
+    sys.path.insert(0, str(ROOT / "src"))
+    from cosyvoice_lite.engine import Engine
+    from cosyvoice_lite.request import Mode, SynthesisRequest
+
+    import_seconds = time.perf_counter() - start
+
+    def load():
+        start = time.perf_counter()
+        engine = Engine.load(model_dir, device="cpu", dtype="float32")
+        load_seconds = time.perf_counter() - start
+        pipeline, timer = engine.pipeline, StageTimer()
+        llm = pipeline.llm
+        generate = llm.generate
+        fixed = {"n": 0}
+
+        def fixed_length_generate(*args, sampler, **kwargs):
+            sampler = FixedLength(sampler, llm.eos_token, fixed["n"])
+            return timer.iterate("llm", generate(*args, sampler=sampler, **kwargs))
+
+        llm.generate = fixed_length_generate
+        pipeline.flow.inference = timer.wrap("flow", pipeline.flow.inference)
+        pipeline.hift.inference = timer.wrap("hift", pipeline.hift.inference)
+
+        def run(text: str, voice: str, tokens: int, seed: int) -> dict:
+            fixed["n"] = tokens
+            timer.reset()
+            request = SynthesisRequest(Mode.PRESET, text, voice=voice, seed=seed)
+            start = timer.now()
+            segments = samples = 0
+            for chunk in engine.synthesize(request):
+                samples += len(chunk.samples)
+                segments = max(segments, chunk.segment + 1)
+            timer.add("total", start)
+            return {**timer.seconds, "audio_s": samples / engine.sample_rate, "segments": segments,
+                    "tokens": tokens}
+
+        return run, load_seconds
+
+    serve(load, import_seconds)
+
+
+# ----------------------------------------------------------------------------- driver
+class Worker:
+    """A worker process speaking the line protocol."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.log = OUT / f"bench_v1_{name}.log"  # the worker's own logging and progress bars
+        with self.log.open("w", encoding="utf-8") as log:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=log, env=env, text=True, encoding="utf-8", cwd=ROOT)
+
+    def receive(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(PREFIX):
+                message = json.loads(line[len(PREFIX):])
+                if message["event"] == "error":
+                    raise SystemExit(f"{self.name} worker failed: {message['error']} (log: {self.log})")
+                return message
+        tail = "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
+        raise SystemExit(f"{self.name} worker exited (code {self.process.wait()}); end of {self.log}:\n{tail}")
+
+    def send(self, command: dict) -> dict:
+        self.process.stdin.write(json.dumps(command, ensure_ascii=False) + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def close(self) -> dict:
+        bye = self.send({"cmd": "quit"})
+        self.process.wait()
+        return bye
+
+
+def ensure_model(model_dir: Path) -> None:
+    if (model_dir / "llm.pt").is_file() and (model_dir / "spk2info.pt").is_file():
+        return
+    print(f"generating the full-size random-weight model in {model_dir} ...", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_models.py"), "--version", "1",
+                    "--size", "full", "--variant", "sft", "--out", str(model_dir)], check=True)
+
+
+def worker_env(threads: int, wait_policy: str, pythonpath: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    if wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = wait_policy.upper()
+    env["PYTHONUNBUFFERED"] = "1"
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def official_available(python: str, env: dict[str, str]) -> str | None:
+    """None when the official CosyVoice class imports in that environment, else the reason."""
+    probe = subprocess.run([python, "-c", "import cosyvoice.cli.cosyvoice"], env=env, cwd=ROOT,
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        return None
+    lines = (probe.stderr or probe.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit code {probe.returncode}"
+
+
+def default_wetext_fsts() -> str:
+    """The wetext FSTs bundled with the project's wetext, for the official frontend (whose wetext
+    0.0.4 would otherwise download them from ModelScope)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wetext")
+    if spec is None or spec.origin is None:
+        return ""
+    fsts = Path(spec.origin).parent / "fsts"
+    return str(fsts) if fsts.is_dir() else ""
+
+
+def mib(kb: int) -> float:
+    return kb / 1024
+
+
+def print_table(results: dict, names: list[str]) -> None:
+    meta = results["meta"]
+    print()
+    print(f"CosyVoice v1 benchmark: {meta['model']} (random weights), fp32, CPU, "
+          f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}")
+    print(f"  median of {meta['repeats']} runs after a warm-up; fixed speech tokens per request: "
+          + ", ".join(f"{k} {v}" for k, v in meta["tokens"].items()))
+    both = len(names) == 2
+    head = f"{'':<24}" + "".join(f"{n:>18}" for n in names) + (f"{'official/ours':>16}" if both else "")
+    print()
+    print(head)
+    print("-" * len(head))
+
+    def row(label: str, values: list[float], fmt: str) -> None:
+        line = f"{label:<24}" + "".join(f"{format(v, fmt):>18}" for v in values)
+        if both and values[0] > 0:
+            line += f"{values[1] / values[0]:>15.2f}x"
+        print(line)
+
+    row("import, excl. torch (s)", [results[n]["import_s"] for n in names], ".2f")
+    row("load (s)", [results[n]["load_s"] for n in names], ".2f")
+    row("RSS after load (MiB)", [mib(results[n]["rss_after_load_kb"]) for n in names], ".0f")
+    row("peak RSS, load (MiB)", [mib(results[n]["peak_load_kb"]) for n in names], ".0f")
+    row("peak RSS, synth (MiB)", [mib(results[n]["peak_synth_kb"]) for n in names], ".0f")
+    for key in meta["tokens"]:
+        runs = {n: results[n]["runs"][key] for n in names}
+        audio = runs[names[0]]["audio_s"]
+        print()
+        print(f"{key}: {meta['tokens'][key]} tokens -> {audio:.2f} s audio"
+              + "".join(f"; {n} {runs[n]['audio_s']:.2f} s" for n in names[1:]))
+        for stage, label in (("llm", "LLM"), ("flow", "flow"), ("hift", "vocoder"), ("total", "total")):
+            row(f"  {label} s", [runs[n][f"{stage}_s"] for n in names], ".2f")
+            row(f"  {label} RTF", [runs[n][f"{stage}_s"] / runs[n]["audio_s"] for n in names], ".3f")
+            row(f"  {label} CPU s", [runs[n][f"{stage}_cpu_s"] for n in names], ".2f")
+
+
+def median_runs(samples: list[dict]) -> dict:
+    keys = [k for k in samples[0] if k.endswith("_s")]
+    merged = {k: statistics.median(s.get(k, 0.0) for s in samples) for k in keys}
+    merged["audio_s"] = samples[0]["audio_s"]
+    merged["all_total_s"] = [s["total_s"] for s in samples]
+    merged["segments"] = samples[0]["segments"]
+    return merged
+
+
+def drive(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
+    ensure_model(args.model)
+    OUT.mkdir(parents=True, exist_ok=True)
+    threads = args.threads
+    official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
+    official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
+    names = ["ours"]
+    argv = {"ours": [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(args.model),
+                     "--threads", str(threads)]}
+    env = {"ours": worker_env(threads, args.omp_wait_policy)}
+    if official_python or official_path:
+        python = official_python or sys.executable
+        official_env = worker_env(threads, args.omp_wait_policy, official_path)
+        reason = official_available(python, official_env)
+        if reason is None:
+            names.append("official")
+            argv["official"] = [python, str(OFFICIAL_WORKER), "--model", str(args.model),
+                                "--threads", str(threads), "--wetext-fsts", args.wetext_fsts]
+            env["official"] = official_env
+        else:
+            print(f"official implementation not importable with {python}: {reason}; benchmarking ours only")
+    else:
+        print("official implementation not configured (--official-python/--official-path); "
+              "benchmarking ours only")
+
+    tokens = {"zh": args.tokens_zh, "en": args.tokens_en}
+    results: dict = {"meta": {"model": args.model.name, "threads": threads, "repeats": args.repeats,
+                              "omp_wait_policy": args.omp_wait_policy,
+                              "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                              "warmup_tokens": args.warmup_tokens, "tokens": tokens,
+                              "sentences": SENTENCES, "voices": VOICES, "seed": SEED,
+                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    workers: dict[str, Worker] = {}
+    samples: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in tokens} for n in names}
+    try:
+        for name in names:  # one at a time: loading is CPU-heavy and must not overlap
+            print(f"[{name}] loading ...", flush=True)
+            workers[name] = Worker(name, argv[name], env[name])
+            ready = workers[name].receive()
+            results[name] = {"import_s": ready["import_s"], "load_s": ready["load_s"],
+                             "rss_after_load_kb": ready["rss_kb"], "peak_load_kb": ready["hwm_kb"],
+                             "peak_reset": ready["peak_reset"]}
+            print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
+        for key in tokens:  # warm-up: every code path once, on a shorter decode
+            for name in names:
+                workers[name].send({"cmd": "run", "text": SENTENCES[key], "voice": VOICES[key],
+                                    "tokens": args.warmup_tokens, "seed": SEED})
+        print("warm-up done", flush=True)
+        for rep in range(args.repeats):
+            order = names if rep % 2 == 0 else names[::-1]
+            for key in tokens:
+                for name in order:
+                    result = workers[name].send({"cmd": "run", "text": SENTENCES[key], "voice": VOICES[key],
+                                                 "tokens": tokens[key], "seed": SEED})
+                    if result["segments"] != 1:
+                        raise SystemExit(f"{name}: the {key} sentence became {result['segments']} segments")
+                    samples[name][key].append(result)
+                    print(f"[{name}] {key} run {rep + 1}/{args.repeats}: total {result['total_s']:.2f} s "
+                          f"(llm {result.get('llm_s', 0):.2f}, flow {result.get('flow_s', 0):.2f}, "
+                          f"hift {result.get('hift_s', 0):.2f}), audio {result['audio_s']:.2f} s", flush=True)
+    finally:
+        for name, worker in workers.items():
+            if worker.process.poll() is None:
+                try:
+                    results.setdefault(name, {})["peak_synth_kb"] = worker.close()["hwm_kb"]
+                except (SystemExit, OSError, BrokenPipeError):
+                    worker.process.kill()
+    for name in names:
+        results[name]["runs"] = {k: median_runs(v) for k, v in samples[name].items()}
+    args.json.write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
+    print_table(results, names)
+    if results["meta"]["load_average"] is not None:
+        start, end = results["meta"]["load_average"], os.getloadavg()
+        print(f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
+              f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)")
+    print(f"raw figures: {args.json}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=MODEL_DIR,
+                        help="CosyVoice-300M-SFT directory (generated with random weights if absent)")
+    parser.add_argument("--official-python", help="Python of an environment where the official code "
+                        "runs (env COSYVOICE_OFFICIAL_PYTHON)")
+    parser.add_argument("--official-path", help="PYTHONPATH entries (os.pathsep-separated) that make the "
+                        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)")
+    parser.add_argument("--wetext-fsts", default=default_wetext_fsts(),
+                        help="local wetext FST directory for the official frontend (default: the "
+                        "project's wetext package)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads, the same for both implementations (default: all cores)")
+    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
+                        help="OpenMP wait policy of both workers (default passive: on a busy machine, "
+                        "spinning OpenMP workers slow down compute in the main thread, which is where "
+                        "ours runs the LLM, by an order of magnitude; the official runs it in a "
+                        "Python thread, which is barely affected)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per sentence and implementation")
+    parser.add_argument("--tokens-zh", type=int, default=200, help="speech tokens decoded for the zh sentence")
+    parser.add_argument("--tokens-en", type=int, default=200, help="speech tokens decoded for the en sentence")
+    parser.add_argument("--warmup-tokens", type=int, default=50, help="speech tokens of the warm-up runs")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the raw figures")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        our_worker(args.model, args.threads)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

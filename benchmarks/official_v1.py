@@ -1,0 +1,77 @@
+"""Benchmark worker for the OFFICIAL CosyVoice v1 code; started by benchmarks/bench_v1.py.
+
+It runs in an environment where the official code is importable (its PYTHONPATH given by the
+driver); it never installs or fetches it. The workload and the instrumentation are the driver's
+(``FixedLength``, ``StageTimer``, the line protocol): the official ``CosyVoice`` class does the
+whole request with its own frontend and ``CosyVoiceModel.tts``; the timers wrap
+``llm.inference`` (a token generator, run in the official LLM thread), ``flow.inference`` and
+``hift.inference``, and the fixed-length wrapper replaces ``llm.sampling``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_v1 import FixedLength, StageTimer, serve, set_threads  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--wetext-fsts", default="",
+                        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them")
+    args = parser.parse_args()
+
+    set_threads(args.threads)
+    start = time.perf_counter()
+    import torch
+    from cosyvoice.cli.cosyvoice import CosyVoice
+
+    import_seconds = time.perf_counter() - start
+    if args.wetext_fsts:
+        try:  # wetext 0.0.4 fetches its FSTs from ModelScope when the frontend is built
+            import wetext.wetext
+
+            if hasattr(wetext.wetext, "snapshot_download"):
+                wetext.wetext.snapshot_download = lambda *a, **k: args.wetext_fsts
+        except ImportError:
+            pass
+
+    def load():
+        start = time.perf_counter()
+        cosyvoice = CosyVoice(str(args.model))
+        load_seconds = time.perf_counter() - start
+        model, timer = cosyvoice.model, StageTimer()
+        fixed = FixedLength(model.llm.sampling, model.llm.eos_token, 0)
+        model.llm.sampling = fixed
+        inference = model.llm.inference
+        model.llm.inference = lambda *a, **k: timer.iterate("llm", inference(*a, **k))
+        model.flow.inference = timer.wrap("flow", model.flow.inference)
+        model.hift.inference = timer.wrap("hift", model.hift.inference)
+
+        def run(text: str, voice: str, tokens: int, seed: int) -> dict:
+            fixed.n = tokens
+            timer.reset()
+            torch.manual_seed(seed)  # the official draws from the global RNG
+            start = timer.now()
+            segments = samples = 0
+            for output in cosyvoice.inference_sft(text, voice, stream=False):
+                samples += output["tts_speech"].shape[1]
+                segments += 1  # non-streaming: one output per text segment
+            timer.add("total", start)
+            return {**timer.seconds, "audio_s": samples / cosyvoice.sample_rate, "segments": segments,
+                    "tokens": tokens}
+
+        return run, load_seconds
+
+    serve(load, import_seconds)
+
+
+if __name__ == "__main__":
+    main()
