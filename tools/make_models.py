@@ -2,13 +2,24 @@
 
     python tools/make_models.py --version 1 --size full --variant sft --out benchmarks/out/CosyVoice-300M-SFT
     python tools/make_models.py --version 1 --size tiny --out /tmp/v1-tiny
+    python tools/make_models.py --version 2 --size full --out benchmarks/out/CosyVoice2-0.5B
+    python tools/make_models.py --version 3 --size full --out benchmarks/out/Fun-CosyVoice3-0.5B-2512
 
 ``full`` uses the official hyper-parameters: the checkpoints cost exactly the compute of the real
 ones, so they serve the speed benchmarks. ``tiny`` shrinks every width for tests. The networks are
 our own classes, built from the yaml exactly as the engine builds them; weight-normed vocoder convs
-are written in the legacy ``weight_g``/``weight_v`` spelling of the released files. The committed
-test directory ``tests/data/models/v1-tiny`` was instead written by the official classes (see
-tools/golden/), which proves our loader against the real layout and not only against this writer.
+are written as the released files spell them: the legacy ``weight_g``/``weight_v`` (v1, v2) or
+``parametrizations.weight.original0/1`` (v3). The committed test directories
+``tests/data/models/v*-tiny`` were instead written by the official classes (see tools/golden/),
+which proves our loader against the real layout and not only against this writer.
+
+v2/v3 directories also get ``CosyVoice-BlankEN/`` with ``config.json`` (full: the Qwen2.5-0.5B
+body; tiny: the 16-wide test body) and the toy tokenizer files of the tests (the official special
+tokens at their official ids: enough for speed, not for real speech). There is no
+``model.safetensors``: our engine takes every Qwen weight from ``llm.pt``, as the official does after
+loading it (benchmarks/official_v2v3.py adds a throw-away one where the official code needs it).
+v2 gets ``spk2info.pt`` (preset voices), v3 ``llm.rl.pt`` (a second, differently seeded LLM) unless
+``--no-rl``.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,7 +38,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 # yaml template per version (official structure) and the key-path overrides per size
-TEMPLATES = {1: ROOT / "tools" / "golden" / "tiny_v1.yaml"}
+TEMPLATES = {v: ROOT / "tools" / "golden" / f"tiny_v{v}.yaml" for v in (1, 2, 3)}
+BLANK_EN_TINY = ROOT / "tests" / "data" / "CosyVoice-BlankEN-tiny"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 FULL_V1 = {
     "text_encoder_input_size": 512,
@@ -53,7 +67,55 @@ FULL_V1 = {
     "hift.base_channels": 512,
     "hift.f0_predictor.cond_channels": 512,
 }
-SIZES = {(1, "full"): FULL_V1, (1, "tiny"): {}}
+# CosyVoice2-0.5B (examples/libritts/cosyvoice2/conf/cosyvoice2.yaml; the released yaml has the same
+# model parameters). The flow encoder's input/output 512 are already full size in the template.
+FULL_V2 = {
+    "llm_input_size": 896,
+    "llm_output_size": 896,
+    "flow.encoder.linear_units": 2048,
+    "flow.encoder.num_blocks": 6,
+    "flow.decoder.estimator.channels": "[256]",
+    "flow.decoder.estimator.attention_head_dim": 64,
+    "flow.decoder.estimator.n_blocks": 4,
+    "flow.decoder.estimator.num_mid_blocks": 12,
+    "flow.decoder.estimator.num_heads": 8,
+    "hift.base_channels": 512,
+    "hift.f0_predictor.cond_channels": 512,
+}
+# Fun-CosyVoice3-0.5B-2512 (examples/libritts/cosyvoice3/conf/cosyvoice3.yaml)
+FULL_V3 = {
+    "llm_input_size": 896,
+    "llm_output_size": 896,
+    "flow.pre_lookahead_layer.channels": 1024,
+    "flow.decoder.estimator.dim": 1024,
+    "flow.decoder.estimator.depth": 22,
+    "flow.decoder.estimator.heads": 16,
+    "flow.decoder.estimator.dim_head": 64,
+    "hift.base_channels": 512,
+    "hift.f0_predictor.cond_channels": 512,
+}
+SIZES = {(1, "full"): FULL_V1, (1, "tiny"): {}, (2, "full"): FULL_V2, (2, "tiny"): {},
+         (3, "full"): FULL_V3, (3, "tiny"): {}}
+# CosyVoice-BlankEN/config.json: the Qwen2.5-0.5B body (full); tiny copies the test body's file
+QWEN_FULL = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_window_layers": 24,
+    "vocab_size": 151936,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "sliding_window": 32768,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+MODEL_NAMES = {(1, "base"): "CosyVoice-300M", (1, "sft"): "CosyVoice-300M-SFT",
+               (1, "instruct"): "CosyVoice-300M-Instruct", 2: "CosyVoice2-0.5B",
+               3: "Fun-CosyVoice3-0.5B-2512"}
 VOICES = ["中文女", "中文男", "日语男", "粤语女", "英文女", "英文男", "韩语女"]
 
 _LINE = re.compile(r"^(\s*)([A-Za-z_][\w]*):(.*)$")
@@ -97,8 +159,42 @@ def _legacy_weight_norm(state: dict[str, torch.Tensor], hift: torch.nn.Module) -
     return out
 
 
+def _parametrized_weight_norm(state: dict[str, torch.Tensor], hift: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Write weight-normed convs as the released CosyVoice3 hift.pt does (torch parametrizations):
+    ``parametrizations.weight.original0`` (norm g) and ``original1`` (direction v)."""
+    out = _legacy_weight_norm(state, hift)
+    for key in [k for k in out if k.endswith(".weight_g")]:
+        name = key[: -len(".weight_g")]
+        out[f"{name}.parametrizations.weight.original0"] = out.pop(f"{name}.weight_g")
+        out[f"{name}.parametrizations.weight.original1"] = out.pop(f"{name}.weight_v")
+    return out
+
+
+def _write_blank_en(out: Path, size: str) -> None:
+    """CosyVoice-BlankEN/: the Qwen2 body's config.json and the (toy) tokenizer files."""
+    blank = out / "CosyVoice-BlankEN"
+    blank.mkdir(exist_ok=True)
+    config = json.loads((BLANK_EN_TINY / "config.json").read_text(encoding="utf-8"))
+    if size == "full":
+        config.update(QWEN_FULL)
+    (blank / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(BLANK_EN_TINY / name, blank / name)
+
+
+def _save_network(network: torch.nn.Module, path: Path, hift_spelling: str | None = None) -> None:
+    # state_dict keeps tied tensors (Qwen2 embed_tokens / lm_head) as one storage, as the release
+    state = network.state_dict()
+    if hift_spelling == "legacy":
+        state = _legacy_weight_norm(state, network)
+    elif hift_spelling == "parametrizations":
+        state = _parametrized_weight_norm(state, network)
+    torch.save({k: v.contiguous() for k, v in state.items()}, path)
+
+
 def make_model(out: Path, version: int = 1, size: str = "tiny", variant: str = "sft",
-               seed: int = 0) -> Path:
+               seed: int = 0, rl: bool = True) -> Path:
+    """Write a random-weight model directory; ``variant`` applies to v1, ``rl`` (llm.rl.pt) to v3."""
     from make_onnx_standins import write_standins
 
     from cosyvoice_lite.build import build_network
@@ -107,22 +203,24 @@ def make_model(out: Path, version: int = 1, size: str = "tiny", variant: str = "
     out.mkdir(parents=True, exist_ok=True)
     yaml_text = render_yaml(TEMPLATES[version].read_text(encoding="utf-8"), SIZES[(version, size)])
     (out / YAML_NAMES[version]).write_text(yaml_text, encoding="utf-8")
+    if version > 1:
+        _write_blank_en(out, size)  # the Qwen2 body is built from its config.json
     config = load_model_config(out, version)
     torch.manual_seed(seed)
+    spelling = "parametrizations" if version == 3 else "legacy"
     for part in ("llm", "flow", "hift"):
         network = build_network(getattr(config, part))
-        state = network.state_dict()
-        if part == "hift":
-            state = _legacy_weight_norm(state, network)
-        torch.save({k: v.contiguous() for k, v in state.items()}, out / f"{part}.pt")
-        del network, state
+        _save_network(network, out / f"{part}.pt", spelling if part == "hift" else None)
+        del network
+    if version == 3 and rl:
+        torch.manual_seed(seed + 2)
+        _save_network(build_network(config.llm), out / "llm.rl.pt")
     write_standins(out, version)
-    if variant in ("sft", "instruct"):
+    if version == 2 or (version == 1 and variant in ("sft", "instruct")):
         generator = torch.Generator().manual_seed(seed + 1)
         speakers = {name: {"embedding": torch.randn(1, 192, generator=generator)} for name in VOICES}
         torch.save(speakers, out / "spk2info.pt")
-    name = {"base": "CosyVoice-300M", "sft": "CosyVoice-300M-SFT",
-            "instruct": "CosyVoice-300M-Instruct"}[variant]
+    name = MODEL_NAMES[(version, variant)] if version == 1 else MODEL_NAMES[version]
     (out / "configuration.json").write_text(
         json.dumps({"framework": "pytorch", "task": "text-to-speech", "model": name,
                     "note": "random weights generated by cosyvoice-lite tools/make_models.py"},
@@ -134,11 +232,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", type=int, default=1, choices=sorted({v for v, _ in SIZES}))
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--variant", choices=["base", "sft", "instruct"], default="sft")
+    parser.add_argument("--variant", choices=["base", "sft", "instruct"], default="sft",
+                        help="v1 release variant (v2/v3 have one)")
+    parser.add_argument("--no-rl", action="store_true", help="v3: do not write llm.rl.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    print(make_model(args.out, args.version, args.size, args.variant, args.seed))
+    print(make_model(args.out, args.version, args.size, args.variant, args.seed, rl=not args.no_rl))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,474 @@
+"""Speed benchmark of CosyVoice2 / CosyVoice3 (zero-shot cloning, streaming and not): cosyvoice-lite vs the official code.
+
+    .venv/bin/python benchmarks/bench_v2v3.py --version 2
+    .venv/bin/python benchmarks/bench_v2v3.py --version 3 --official-python /tmp/refenv/bin/python \\
+        --official-path /tmp/refshim:/tmp/official/CosyVoice:/tmp/official/Matcha-TTS
+    .venv/bin/python benchmarks/bench_v2v3.py --version 2 --repeats 0 --growth-tokens 300 ...  # per chunk
+
+(or set COSYVOICE_OFFICIAL_PYTHON / COSYVOICE_OFFICIAL_PATH). The full-size random-weight model
+directories are generated with tools/make_models.py on first use (benchmarks/out/, git-ignored).
+
+Same structure as benchmarks/bench_v1.py (whose helpers it reuses): each implementation runs in
+its own worker process (this file with ``--worker`` for ours, benchmarks/official_v2v3.py for the
+official ``CosyVoice2`` / ``CosyVoice3`` classes); the driver sends both the same requests in
+alternation; every request decodes a fixed number of speech tokens; figures are medians.
+
+Phases of a run, after loading: a warm-up, then ``--repeats`` x (non-streaming request, streaming
+request) per implementation; then, when ``--growth-tokens`` is set, one streaming
+request whose speech tokens are *replayed* (the LLM is replaced by a fixed token list, the same in
+both implementations) so that the per-chunk cost of flow + vocoder is measured alone: the official
+re-runs the flow (v3: and the vocoder) over everything generated so far at every chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_v1 import (  # noqa: E402  (standard library only at import time)
+    StageTimer,
+    default_wetext_fsts,
+    emit,
+    memory_kb,
+    official_available,
+    reset_peak_memory,
+    set_threads,
+    worker_env,
+)
+from bench_v1 import Worker as _V1Worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+MODEL_DIRS = {2: OUT / "CosyVoice2-0.5B", 3: OUT / "Fun-CosyVoice3-0.5B-2512"}
+OFFICIAL_WORKER = ROOT / "benchmarks" / "official_v2v3.py"
+
+# The fixed workload: a 40-character Chinese sentence (one text segment in both frontends, checked),
+# cloned from the zh test prompt (4.9 s, 123 speech tokens) with its transcript.
+SENTENCE = "今天天气晴朗，我们一起去公园散步，看看湖边盛开的美丽花朵和天空中自由飞翔的小鸟。"
+PROMPT_WAV = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
+PROMPTS_JSON = ROOT / "tests" / "data" / "audio" / "prompts.json"
+SEED = 1986
+SPEECH_TOKEN_SIZE = 6561
+# CosyVoice3 drops runs of more than 5 of these (official llm_job); replayed tokens avoid them
+V3_SILENT_TOKENS = {1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323}
+# stage -> entry points wrapped with its timer, where the loaded network has them (ours: the
+# incremental streaming steps too; the official has only ``inference``)
+STAGE_METHODS = {"flow": ("inference", "new_stream", "stream_step"),
+                 "hift": ("inference", "new_stream", "stream_step")}
+
+
+def prompt_transcript() -> str:
+    return json.loads(PROMPTS_JSON.read_text(encoding="utf-8"))["files"][PROMPT_WAV.name]["transcript"]
+
+
+# ----------------------------------------------------------------------------- shared by workers
+class FixedSpeechLength:
+    """Wrap a sampler ``(scores, decoded, *extra) -> id`` so that decoding yields exactly ``n``
+    speech tokens: every non-speech id (``>= speech_token_size``: eos, the v3 stop ids, fill) is
+    masked before ``n`` and ``eos`` is chosen at ``n``. v2/v3 have several stop ids (v3: 200), so
+    masking only the eos as bench_v1's ``FixedLength`` does is not enough with random weights."""
+
+    def __init__(self, sampler: Callable, speech_token_size: int, eos: int, n: int) -> None:
+        self.sampler, self.speech_token_size, self.eos, self.n = sampler, speech_token_size, eos, n
+
+    def __call__(self, scores, decoded, *extra):
+        if len(decoded) >= self.n:
+            return self.eos
+        scores[self.speech_token_size:] = -float("inf")
+        return self.sampler(scores, decoded, *extra)
+
+
+def replay_tokens(n: int, seed: int) -> list[int]:
+    """A fixed list of speech tokens (no CosyVoice3 silence tokens) for the replay requests."""
+    rng = random.Random(seed)
+    tokens: list[int] = []
+    while len(tokens) < n:
+        token = rng.randrange(SPEECH_TOKEN_SIZE)
+        if token not in V3_SILENT_TOKENS:
+            tokens.append(token)
+    return tokens
+
+
+def wrap_stages(timer: StageTimer, flow, hift) -> None:
+    """Time every flow / vocoder entry point the loaded networks have (instance attributes)."""
+    for stage, network in (("flow", flow), ("hift", hift)):
+        for method in STAGE_METHODS[stage]:
+            if callable(getattr(network, method, None)):
+                setattr(network, method, timer.wrap(stage, getattr(network, method)))
+
+
+class ChunkLog:
+    """Arrival time of each audio chunk of one request and the flow + vocoder time spent since
+    the previous chunk (read from the stage timer)."""
+
+    def __init__(self, timer: StageTimer, start: float) -> None:
+        self.timer, self.start, self.chunks = timer, start, []
+        self._compute = 0.0
+
+    def add(self, samples: int) -> None:
+        compute = self.timer.seconds.get("flow_s", 0.0) + self.timer.seconds.get("hift_s", 0.0)
+        self.chunks.append({"t": time.perf_counter() - self.start, "samples": samples,
+                            "compute_s": compute - self._compute})
+        self._compute = compute
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by earlier requests back to the OS (glibc ``malloc_trim``), so that a
+    request's peak RSS is not inflated by what the allocator kept from the request before."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(load: Callable[[], tuple[Callable[[dict], dict], float]], import_seconds: float) -> None:
+    """Worker main loop: ``load()`` returns ``(run, load_seconds)``; ``run(command) -> dict``."""
+    sys.stdout = sys.stderr  # keep stdout for the protocol
+    run, load_seconds = load()
+    ready = {"event": "ready", "import_s": import_seconds, "load_s": load_seconds, **memory_kb()}
+    ready["peak_reset"] = reset_peak_memory()
+    emit(ready)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "quit":
+            emit({"event": "bye", **memory_kb()})
+            return
+        release_free_memory()
+        reset_peak_memory()  # the peak of this request alone (resident model included)
+        try:
+            result = run(command)
+        except Exception as exc:  # report it to the driver instead of dying silently
+            emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        emit({"event": "result", **result, "peak_kb": memory_kb()["hwm_kb"]})
+
+
+# ----------------------------------------------------------------------------- our worker
+def our_worker(model_dir: Path, threads: int) -> None:
+    set_threads(threads)
+    start = time.perf_counter()
+    sys.path.insert(0, str(ROOT / "src"))
+    from cosyvoice_lite.engine import Engine
+    from cosyvoice_lite.request import Mode, SynthesisRequest
+
+    import_seconds = time.perf_counter() - start
+
+    def load():
+        start = time.perf_counter()
+        engine = Engine.load(model_dir, device="cpu", dtype="float32")
+        load_seconds = time.perf_counter() - start
+        pipeline, timer = engine.pipeline, StageTimer()
+        llm = pipeline.llm
+        generate, synthesize = llm.generate, pipeline.synthesize
+        state: dict = {"n": 0, "replay": None, "pieces": None}
+
+        def timed_generate(*args, **kwargs):
+            if state["replay"] is not None:  # replay: no LLM work, the fixed tokens at once
+                return timer.iterate("llm", iter(state["replay"]))
+            return timer.iterate("llm", generate(*args, **kwargs))
+
+        def fixed_length_synthesize(inputs, sampler, *args, **kwargs):
+            # The pipeline's own output, before the engine hands it on: the engine holds each
+            # piece back until the next one exists (to flag the last chunk as final).
+            sampler = FixedSpeechLength(sampler, llm.speech_token_size, llm.eos_token, state["n"])
+            for piece in synthesize(inputs, sampler, *args, **kwargs):
+                state["pieces"].add(int(piece.numel()))
+                yield piece
+
+        llm.generate = timed_generate
+        pipeline.synthesize = fixed_length_synthesize
+        wrap_stages(timer, pipeline.flow, pipeline.hift)
+
+        def run(command: dict) -> dict:
+            state["n"] = command["tokens"]
+            state["replay"] = command.get("replay")
+            timer.reset()
+            request = SynthesisRequest(Mode.ZERO_SHOT, command["text"], prompt_audio=command["prompt_wav"],
+                                       prompt_text=command["prompt_text"], seed=command["seed"],
+                                       stream=command["stream"])
+            start = timer.now()
+            chunks = ChunkLog(timer, start[0])
+            state["pieces"] = ChunkLog(timer, start[0])
+            segments = 0
+            for chunk in engine.synthesize(request):
+                chunks.add(len(chunk.samples))
+                segments = max(segments, chunk.segment + 1)
+            timer.add("total", start)
+            return {**timer.seconds, "audio_s": sum(c["samples"] for c in chunks.chunks) / engine.sample_rate,
+                    "sample_rate": engine.sample_rate, "segments": segments, "tokens": command["tokens"],
+                    "chunks": chunks.chunks, "pieces": state["pieces"].chunks}
+
+        return run, load_seconds
+
+    serve(load, import_seconds)
+
+
+# ----------------------------------------------------------------------------- driver
+class Worker(_V1Worker):
+    """bench_v1's line-protocol worker, logging to ``log``."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.log = name, log
+        with self.log.open("w", encoding="utf-8") as handle:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=handle, env=env, text=True, encoding="utf-8", cwd=ROOT)
+
+
+def ensure_model(model_dir: Path, version: int) -> None:
+    if (model_dir / "llm.pt").is_file() and (model_dir / "configuration.json").is_file():
+        return
+    print(f"generating the full-size random-weight model in {model_dir} ...", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_models.py"), "--version", str(version),
+                    "--size", "full", "--no-rl", "--out", str(model_dir)], check=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Medians of one kind of request; streaming figures from the chunk logs."""
+    keys = [k for k in samples[0] if k.endswith("_s") and k != "audio_s"]
+    merged = {k: median([s.get(k, 0.0) for s in samples]) for k in keys}
+    merged["audio_s"] = samples[0]["audio_s"]
+    merged["all_total_s"] = [s["total_s"] for s in samples]
+    merged["peak_kb"] = max(s["peak_kb"] for s in samples)
+    merged["first_chunk_s"] = median([s["chunks"][0]["t"] for s in samples])
+    merged["first_piece_s"] = median([s["pieces"][0]["t"] for s in samples if s.get("pieces")])
+    merged["n_chunks"] = len(samples[0]["chunks"])
+    merged["chunks"] = samples[len(samples) // 2]["chunks"]  # one run's chunk log, for the record
+    return merged
+
+
+def print_table(results: dict, names: list[str]) -> None:
+    meta = results["meta"]
+    both = len(names) == 2
+    print()
+    print(f"CosyVoice{meta['version']} benchmark: {meta['model']} (random weights), zero-shot, fp32, CPU, "
+          f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}")
+    if meta["repeats"]:
+        print(f"  median of {meta['repeats']} run(s) after a warm-up; {meta['tokens']} speech tokens per "
+              f"request; prompt {PROMPT_WAV.name}")
+    else:
+        print(f"  after a warm-up; prompt {PROMPT_WAV.name}")
+    head = f"{'':<34}" + "".join(f"{n:>14}" for n in names) + (f"{'official/ours':>15}" if both else "")
+    print()
+    print(head)
+    print("-" * len(head))
+
+    def row(label: str, values: list[float], fmt: str) -> None:
+        line = f"{label:<34}" + "".join(f"{format(v, fmt):>14}" for v in values)
+        if both and values[0] > 0:
+            line += f"{values[1] / values[0]:>14.2f}x"
+        print(line)
+
+    def mib(kb: int) -> float:
+        return kb / 1024
+
+    row("import, excl. torch (s)", [results[n]["import_s"] for n in names], ".2f")
+    row("load (s)", [results[n]["load_s"] for n in names], ".2f")
+    row("RSS after load (MiB)", [mib(results[n]["rss_after_load_kb"]) for n in names], ".0f")
+    row("peak RSS, load (MiB)", [mib(results[n]["peak_load_kb"]) for n in names], ".0f")
+    if all("peak_synth_kb" in results[n] for n in names):
+        row("peak RSS, synth (MiB)", [mib(results[n]["peak_synth_kb"]) for n in names], ".0f")
+    for kind, label in (("plain", "non-streaming"), ("stream", "streaming"), ("growth", "replayed stream")):
+        if all(kind in results[n] for n in names):
+            row(f"  peak RSS, {label} (MiB)", [mib(results[n][kind]["peak_kb"]) for n in names], ".0f")
+    plain = {n: results[n].get("plain") for n in names}
+    if all(plain.values()):
+        print()
+        print(f"non-streaming: {meta['tokens']} tokens -> {plain[names[0]]['audio_s']:.2f} s audio"
+              + "".join(f"; {n} {plain[n]['audio_s']:.2f} s" for n in names[1:]))
+        for stage, label in (("llm", "LLM"), ("flow", "flow"), ("hift", "vocoder"), ("total", "total")):
+            row(f"  {label} s", [plain[n][f"{stage}_s"] for n in names], ".2f")
+            row(f"  {label} RTF", [plain[n][f"{stage}_s"] / plain[n]["audio_s"] for n in names], ".3f")
+            row(f"  {label} CPU s", [plain[n][f"{stage}_cpu_s"] for n in names], ".2f")
+    stream = {n: results[n].get("stream") for n in names}
+    if all(stream.values()):
+        print()
+        print(f"streaming: {meta['tokens']} tokens -> {stream[names[0]]['audio_s']:.2f} s audio in "
+              + ", ".join(f"{n} {stream[n]['n_chunks']} chunks" for n in names))
+        row("  first chunk delivered (s)", [stream[n]["first_chunk_s"] for n in names], ".2f")
+        if "ours" in names:
+            print(f"  {'(ours: first chunk computed)':<32}{stream['ours']['first_piece_s']:>14.2f}")
+        row("  total s", [stream[n]["total_s"] for n in names], ".2f")
+        row("  total RTF", [stream[n]["total_s"] / stream[n]["audio_s"] for n in names], ".3f")
+        row("  LLM s", [stream[n]["llm_s"] for n in names], ".2f")
+        row("  flow s", [stream[n]["flow_s"] for n in names], ".2f")
+        row("  vocoder s", [stream[n]["hift_s"] for n in names], ".2f")
+    growth = {n: results[n].get("growth") for n in names}
+    if all(growth.values()):
+        print()
+        print(f"streaming, per chunk, {meta['growth_tokens']} replayed tokens (no LLM work): "
+              "flow + vocoder seconds per chunk, and per second of audio in the chunk")
+        print(f"  {'chunk':<6}{'audio end (s)':>14}" + "".join(f"{n + ' s':>12}{n + ' s/s':>14}" for n in names))
+        logs = {n: growth[n]["pieces"] or growth[n]["chunks"] for n in names}
+        rate = growth[names[0]]["sample_rate"]
+        for i in range(max(len(v) for v in logs.values())):
+            line, end = f"  {i + 1:<6}", None
+            cells = ""
+            for n in names:
+                if i < len(logs[n]):
+                    c = logs[n][i]
+                    seconds = c["samples"] / rate
+                    end = sum(x["samples"] for x in logs[n][: i + 1]) / rate if end is None else end
+                    cells += f"{c['compute_s']:>12.2f}{c['compute_s'] / max(seconds, 1e-9):>14.2f}"
+                else:
+                    cells += f"{'':>12}{'':>14}"
+            print(line + f"{end:>14.2f}" + cells)
+        row("  total flow + vocoder s", [growth[n]["flow_s"] + growth[n]["hift_s"] for n in names], ".2f")
+
+
+def drive(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
+    model_dir = args.model or MODEL_DIRS[args.version]
+    ensure_model(model_dir, args.version)
+    OUT.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or OUT / f"bench_v{args.version}.json"
+    threads = args.threads
+    growth_tokens = args.growth_tokens
+    official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
+    official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
+    names = ["ours"]
+    argv = {"ours": [sys.executable, str(Path(__file__).resolve()), "--worker", "--version", str(args.version),
+                     "--model", str(model_dir), "--threads", str(threads)]}
+    env = {"ours": worker_env(threads, args.omp_wait_policy)}
+    if official_python or official_path:
+        python = official_python or sys.executable
+        official_env = worker_env(threads, args.omp_wait_policy, official_path)
+        reason = official_available(python, official_env)
+        if reason is None:
+            names.append("official")
+            argv["official"] = [python, str(OFFICIAL_WORKER), "--version", str(args.version),
+                                "--model", str(model_dir), "--threads", str(threads),
+                                "--wetext-fsts", args.wetext_fsts]
+            env["official"] = official_env
+        else:
+            print(f"official implementation not importable with {python}: {reason}; benchmarking ours only")
+    else:
+        print("official implementation not configured (--official-python/--official-path); "
+              "benchmarking ours only")
+
+    transcript = prompt_transcript()
+    request = {"cmd": "run", "text": SENTENCE, "prompt_wav": str(PROMPT_WAV), "prompt_text": transcript,
+               "seed": SEED}
+    results: dict = {"meta": {"version": args.version, "model": model_dir.name, "threads": threads,
+                              "repeats": args.repeats, "tokens": args.tokens, "growth_tokens": growth_tokens,
+                              "warmup_tokens": args.warmup_tokens, "omp_wait_policy": args.omp_wait_policy,
+                              "load_average_start": os.getloadavg(), "sentence": SENTENCE,
+                              "prompt_wav": PROMPT_WAV.name, "prompt_text": transcript, "seed": SEED,
+                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    workers: dict[str, Worker] = {}
+    samples: dict[str, dict[str, list[dict]]] = {n: {"plain": [], "stream": []} for n in names}
+    growth: dict[str, dict] = {}
+
+    def send(name: str, **overrides) -> dict:
+        result = workers[name].send({**request, **overrides})
+        # each request resets the worker's high-water mark: the synthesis peak is the largest one
+        results[name]["peak_synth_kb"] = max(results[name].get("peak_synth_kb", 0), result["peak_kb"])
+        if result["segments"] != 1:
+            raise SystemExit(f"{name}: the sentence became {result['segments']} segments")
+        return result
+
+    def log(name: str, what: str, r: dict) -> None:
+        first = f", first chunk {r['chunks'][0]['t']:.2f} s" if len(r["chunks"]) > 1 else ""
+        print(f"[{name}] {what}: total {r['total_s']:.2f} s (llm {r.get('llm_s', 0):.2f}, flow "
+              f"{r.get('flow_s', 0):.2f}, hift {r.get('hift_s', 0):.2f}){first}, audio {r['audio_s']:.2f} s "
+              f"in {len(r['chunks'])} chunk(s)", flush=True)
+
+    try:
+        for name in names:  # one at a time: loading is CPU-heavy and must not overlap
+            print(f"[{name}] loading ...", flush=True)
+            workers[name] = Worker(name, argv[name], env[name], OUT / f"bench_v{args.version}_{name}.log")
+            ready = workers[name].receive()
+            results[name] = {"import_s": ready["import_s"], "load_s": ready["load_s"],
+                             "rss_after_load_kb": ready["rss_kb"], "peak_load_kb": ready["hwm_kb"],
+                             "peak_reset": ready["peak_reset"]}
+            print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
+        for name in names:  # warm-up: a short request (ONNX sessions, allocator, weights paged in)
+            log(name, "warm-up", send(name, tokens=args.warmup_tokens, stream=False))
+        for rep in range(args.repeats):
+            order = names if rep % 2 == 0 else names[::-1]
+            for kind in ("plain", "stream"):
+                for name in order:
+                    result = send(name, tokens=args.tokens, stream=kind == "stream")
+                    samples[name][kind].append(result)
+                    log(name, f"{kind} run {rep + 1}/{args.repeats}", result)
+        if growth_tokens:
+            tokens = replay_tokens(growth_tokens, SEED)
+            for name in names:
+                growth[name] = send(name, tokens=growth_tokens, stream=True, replay=tokens)
+                log(name, f"replayed stream of {growth_tokens} tokens", growth[name])
+    finally:
+        for name, worker in workers.items():
+            if worker.process.poll() is None:
+                try:
+                    bye = worker.close()["hwm_kb"]
+                    results[name]["peak_synth_kb"] = max(results[name].get("peak_synth_kb", 0), bye)
+                except (SystemExit, OSError, BrokenPipeError):
+                    worker.process.kill()
+    for name in names:
+        for kind in ("plain", "stream"):
+            if samples[name][kind]:
+                results[name][kind] = summarize(samples[name][kind])
+        if name in growth:
+            results[name]["growth"] = growth[name]
+    results["meta"]["load_average_end"] = os.getloadavg()
+    json_path.write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
+    print_table(results, names)
+    start, end = results["meta"]["load_average_start"], results["meta"]["load_average_end"]
+    print(f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
+          f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)")
+    print(f"raw figures: {json_path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", type=int, choices=[2, 3], default=2)
+    parser.add_argument("--model", type=Path, help="model directory (default: benchmarks/out/CosyVoice2-0.5B "
+                        "or Fun-CosyVoice3-0.5B-2512, generated with random weights if absent)")
+    parser.add_argument("--official-python", help="Python of an environment where the official code "
+                        "runs (env COSYVOICE_OFFICIAL_PYTHON)")
+    parser.add_argument("--official-path", help="PYTHONPATH entries (os.pathsep-separated) that make the "
+                        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)")
+    parser.add_argument("--wetext-fsts", default=default_wetext_fsts(),
+                        help="local wetext FST directory for the official frontend")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads, the same for both implementations (default: all cores)")
+    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
+                        help="OpenMP wait policy of both workers (see benchmarks/README.md)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per kind and implementation")
+    parser.add_argument("--tokens", type=int, default=100, help="speech tokens decoded per request")
+    parser.add_argument("--warmup-tokens", type=int, default=10,
+                        help="speech tokens of the (non-streaming) warm-up request")
+    parser.add_argument("--growth-tokens", type=int, default=0,
+                        help="replayed tokens of the per-chunk streaming run (default 0: off; e.g. 300 "
+                        "with --repeats 0 for that run alone)")
+    parser.add_argument("--json", type=Path, help="where to write the raw figures "
+                        "(default benchmarks/out/bench_v<version>.json)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        our_worker(args.model, args.threads)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()
+
