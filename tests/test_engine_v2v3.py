@@ -154,3 +154,18 @@ def test_per_chunk_flow_work_does_not_grow(v2: Engine, monkeypatch) -> None:
     assert all(len(set(step)) == 1 for step in steps)
     assert [step[0] for step in steps[1:-1]] == [min(2 * 25 * 2 ** (i + 1), 200)
                                                  for i in range(len(steps) - 2)]
+
+
+def test_each_chunk_is_delivered_as_soon_as_it_is_computed(v2: Engine, monkeypatch) -> None:
+    """The first chunk reaches the caller before the second one is computed."""
+    calls: list[bool] = []
+    vocode = v2.pipeline._vocode
+    monkeypatch.setattr(v2.pipeline, "_vocode",
+                        lambda state, mel, *a, **k: (calls.append(k.get("finalize")), vocode(state, mel, *a, **k))[1])
+    request = SynthesisRequest(Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
+                               seed=4, stream=True)
+    stream = v2.synthesize(request)
+    first = next(stream)
+    assert len(calls) == 1 and not first.final
+    rest = list(stream)
+    assert len(calls) == 1 + len(rest) and rest[-1].final and not any(c.final for c in rest[:-1])

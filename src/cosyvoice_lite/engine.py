@@ -157,15 +157,11 @@ class Engine:
         total = len(segments)
         for index, segment in enumerate(segments):
             inputs = self._inputs(request, segment, prompt)
-            pieces = self.pipeline.synthesize(inputs, sampler, noise, request.stream, request.speed)
-            previous = None
-            for piece in pieces:
-                if previous is not None:
-                    yield self._chunk(previous, index, segment, False)
-                previous = piece
-            if progress is not None:
-                progress(index + 1, total)
-            yield self._chunk(previous, index, segment, index == total - 1)
+            pieces = self.pipeline.pieces(inputs, sampler, noise, request.stream, request.speed)
+            for piece, last_piece in pieces:  # each chunk goes out as soon as it exists
+                if last_piece and progress is not None:
+                    progress(index + 1, total)
+                yield self._chunk(piece, index, segment, last_piece and index == total - 1)
 
     def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
         samples = piece.detach().float().cpu().reshape(-1).numpy()

@@ -73,6 +73,12 @@ class V1Pipeline:
 
     def synthesize(self, inputs: ModelInputs, sampler, generator: torch.Generator,
                    stream: bool, speed: float = 1.0) -> Iterator[torch.Tensor]:
+        """Waveform pieces [1, N]; see ``pieces`` for the same with an end-of-utterance flag."""
+        for piece, _ in self.pieces(inputs, sampler, generator, stream, speed):
+            yield piece
+
+    def pieces(self, inputs: ModelInputs, sampler, generator: torch.Generator,
+               stream: bool, speed: float = 1.0) -> Iterator[tuple[torch.Tensor, bool]]:
         """Yield waveform pieces [1, N]. Non-streaming is the same loop with an infinite hop."""
         state = V1Stream()
         pending: list[int] = []
@@ -80,9 +86,10 @@ class V1Pipeline:
         for token in self.speech_tokens(inputs, sampler):
             pending.append(token)
             if stream and len(pending) >= hop + TOKEN_OVERLAP:
-                yield self._token2wav(state, pending[: hop + TOKEN_OVERLAP], inputs, generator, False)
+                chunk = pending[: hop + TOKEN_OVERLAP]
+                yield self._token2wav(state, chunk, inputs, generator, False), False
                 pending = pending[hop:]
-        yield self._token2wav(state, pending, inputs, generator, True, speed)
+        yield self._token2wav(state, pending, inputs, generator, True, speed), True
 
     @torch.inference_mode()
     def _token2wav(self, state: V1Stream, tokens: list[int], inputs: ModelInputs,

@@ -88,6 +88,12 @@ class V2Pipeline:
     # ------------------------------------------------------------------ synthesis
     def synthesize(self, inputs: ModelInputs, sampler, generator: torch.Generator,
                    stream: bool, speed: float = 1.0) -> Iterator[torch.Tensor]:
+        """Waveform pieces [1, N]; see ``pieces`` for the same with an end-of-utterance flag."""
+        for piece, _ in self.pieces(inputs, sampler, generator, stream, speed):
+            yield piece
+
+    def pieces(self, inputs: ModelInputs, sampler, generator: torch.Generator,
+               stream: bool, speed: float = 1.0) -> Iterator[tuple[torch.Tensor, bool]]:
         state = _Stream()
         prompt_len = inputs.flow_prompt_speech_token.shape[1]
         prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
@@ -105,14 +111,14 @@ class V2Pipeline:
                     mel = self._flow(state, inputs, state.tokens[:end], streaming=True, finalize=False)
                 state.offset += hop
                 state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
-                yield self._vocode(state, mel, generator, finalize=False)
+                yield self._vocode(state, mel, generator, finalize=False), False
         if flow_stream is not None:
             # The official flows the remainder with full attention over the whole history; the
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
             mel = self._flow_step(flow_stream, state.tokens[pushed:], finalize=True)
         else:
             mel = self._flow(state, inputs, state.tokens, streaming=False, finalize=True)
-        yield self._vocode(state, mel, generator, finalize=True, speed=speed)
+        yield self._vocode(state, mel, generator, finalize=True, speed=speed), True
 
     def _start_flow_stream(self, inputs: ModelInputs):
         if not hasattr(self.flow, "new_stream"):
