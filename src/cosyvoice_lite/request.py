@@ -42,6 +42,10 @@ class SynthesisRequest:
     seed: int | None = None
     stream: bool = False
     text_frontend: bool = True
+    # Length control per text segment (as vLLM's ignore_eos / max_tokens): benchmarks with random
+    # weights fix the speech length with both; ``max_speech_tokens`` alone caps a segment's work.
+    max_speech_tokens: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
