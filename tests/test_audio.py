@@ -297,3 +297,99 @@ def test_encode_audio_unknown_format() -> None:
     with pytest.raises(AudioError, match="unknown audio format"):
         encode_audio(torch.zeros(100), 16000, "aac")
     assert media_type("MP3") == "audio/mpeg"
+
+
+# --------------------------------------------------------------------------------------------
+# bounded work for any input rate (issue 11)
+# --------------------------------------------------------------------------------------------
+
+STANDARD_RATES = [16000, 22050, 24000, 32000, 44100, 48000]
+
+
+def test_every_standard_rate_pair_keeps_the_exact_kernel() -> None:
+    """The official polyphase kernel (bit-identical to torchaudio) serves every standard pair;
+    only unusual ratios take the direct path."""
+    from cosyvoice_lite.audio.resample import MAX_KERNEL_ELEMENTS, kernel_elements, resample_kernel
+
+    for orig in STANDARD_RATES:
+        for new in STANDARD_RATES:
+            if orig != new:
+                assert kernel_elements(orig, new) <= MAX_KERNEL_ELEMENTS
+                resample_kernel(orig, new)  # builds
+    assert kernel_elements(16001, 16000) > MAX_KERNEL_ELEMENTS
+    with pytest.raises(AudioError, match="too large"):
+        resample_kernel(16001, 16000)
+
+
+@pytest.mark.parametrize(
+    ("orig", "new"),
+    [(48000, 16000), (44100, 16000), (16000, 22050), (32000, 24000), (22050, 24000)],
+)
+def test_direct_resampling_equals_the_kernel_path(orig: int, new: int) -> None:
+    from cosyvoice_lite.audio.resample import resample_direct
+
+    x = torch.from_numpy(tone(orig, 0.5, 2).T.copy())
+    exact = resample(x, orig, new)
+    direct = resample_direct(x, orig, new)
+    assert direct.shape == exact.shape and direct.dtype == torch.float32
+    # same weights up to the kernel's float32 rounding
+    assert float((direct - exact).abs().max()) < 1e-4
+
+
+def test_unusual_rate_is_resampled_in_bounded_memory_and_time() -> None:
+    """16001 Hz -> 16000 Hz once asked for a 1 GB kernel (and 22051 -> 16000 for 5.6 GB); now a
+    30 s prompt at such rates costs a few MB and well under a second each."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, time, torch\n"
+        "from cosyvoice_lite.audio.io import load_wav\n"
+        "import numpy as np, soundfile as sf, io\n"
+        "torch.zeros(1)\n"
+        "bufs = []\n"
+        "for rate in (16001, 22051, 47999):\n"
+        "    b = io.BytesIO(); t = np.arange(rate * 30) / rate\n"
+        "    sf.write(b, (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), rate,"
+        " format='WAV', subtype='FLOAT'); bufs.append((rate, b.getvalue()))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "start = time.monotonic()\n"
+        "for rate, data in bufs:\n"
+        "    y = load_wav(data, 16000); assert y.shape[1] == 16000 * 30, y.shape\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,"
+        " time.monotonic() - start)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    grown_kb, seconds = out.stdout.split()
+    assert int(grown_kb) < 150 * 1024, f"peak RSS grew by {int(grown_kb) // 1024} MB"
+    assert float(seconds) < 20
+
+
+def test_load_audio_caps_the_decoded_length_while_decoding() -> None:
+    """A streamed WAV header says "length unknown": the cap applies while decoding."""
+    from cosyvoice_lite.serving.streaming import pcm16, wav_header
+
+    body = pcm16(np.full(16000 * 40, 0.1, np.float32))
+    data = wav_header(16000) + body  # RIFF/data sizes 0xFFFFFFFF
+    with pytest.raises(AudioError, match="too long"):
+        load_audio(data, max_seconds=30)
+    wav, rate = load_audio(wav_header(16000) + body[: 16000 * 2 * 5], max_seconds=30)
+    assert rate == 16000 and wav.shape == (16000 * 5,)
+
+
+def test_load_audio_refuses_extreme_sample_rates() -> None:
+    data = encoded(tone(8000, 0.1), 384000, "WAV", "PCM_16")
+    with pytest.raises(AudioError, match="384000 Hz.*192000"):
+        load_audio(data)
+
+
+def test_block_decoding_keeps_the_channel_mean_exact() -> None:
+    from cosyvoice_lite.audio import io as audio_io
+
+    data = tone(44100, 9.0, 3)
+    wav, _ = load_audio(encoded(data, 44100, "WAV", "FLOAT"))
+    expected = torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0)
+    assert len(data) > audio_io.DECODE_BLOCK_SAMPLES // 3  # several blocks were decoded
+    assert torch.equal(wav, expected)

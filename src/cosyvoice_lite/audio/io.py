@@ -29,6 +29,13 @@ MIN_SAMPLE_RATE = 16000
 """The official loader refuses to resample sources below 16 kHz (they lack the 4-8 kHz band that
 the 16 kHz tokenizer and speaker encoder expect)."""
 
+MAX_SAMPLE_RATE = 192000
+"""Highest source rate decoded: resampling work grows with the rate, and no voice recording needs
+more (libsndfile itself reads up to 655 kHz)."""
+
+DECODE_BLOCK_SAMPLES = 1 << 20
+"""Samples (frames x channels) decoded at a time: bounds the memory one block needs."""
+
 MAX_PROMPT_SECONDS = 30.0
 """The official speech-token extraction asserts on prompts longer than 30 s (the S3 tokenizer is
 a whisper-style encoder trained on windows of at most 30 s)."""
@@ -94,20 +101,44 @@ def _open_source(source: AudioSource) -> str | io.BytesIO:
 def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
     """Decode ``source`` to mono float32 ``[N]`` (channels averaged) and its sample rate.
 
-    ``max_seconds``, if given, is checked against the header before decoding, so an oversized
-    upload is refused without decoding it.
+    ``max_seconds``, if given, is checked against the header before decoding and again while
+    decoding block by block (headers of streamed formats may not know or may lie about their
+    length), so an oversized upload is refused without decoding it fully. Sources above
+    :data:`MAX_SAMPLE_RATE` are refused.
     """
     what = _describe(source)
     opened = _open_source(source)
     try:
         with sf.SoundFile(opened) as f:
             sample_rate = int(f.samplerate)
+            if sample_rate <= 0:
+                raise AudioError(f"{what} has an invalid sample rate {sample_rate}")
+            if sample_rate > MAX_SAMPLE_RATE:
+                raise AudioError(
+                    f"{what} has a sample rate of {sample_rate} Hz; at most "
+                    f"{MAX_SAMPLE_RATE} Hz is accepted"
+                )
             if max_seconds is not None and f.frames > 0 and f.frames / sample_rate > max_seconds:
                 raise AudioError(
                     f"{what} is too long: {f.frames / sample_rate:.1f} s, at most "
                     f"{max_seconds:g} s is accepted"
                 )
-            data = f.read(dtype="float32", always_2d=True)  # [N, C], float scale like torchaudio
+            limit = None if max_seconds is None else math.floor(max_seconds * sample_rate)
+            block = max(1, DECODE_BLOCK_SAMPLES // max(f.channels, 1))
+            pieces: list[torch.Tensor] = []
+            frames = 0
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)  # [n, C], float scale
+                if data.shape[0] == 0:
+                    break
+                frames += data.shape[0]
+                if limit is not None and frames > limit:
+                    raise AudioError(
+                        f"{what} is too long: more than {max_seconds:g} s, at most "
+                        f"{max_seconds:g} s is accepted"
+                    )
+                # the channel mean per block equals the mean over the whole [C, N] array
+                pieces.append(torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0))
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
@@ -115,11 +146,9 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
             f"{what} could not be decoded ({err}); supported formats are wav, flac, mp3, "
             "ogg/vorbis and ogg/opus"
         ) from err
-    if data.shape[0] == 0:
+    if frames == 0:
         raise AudioError(f"{what} contains no audio samples")
-    if sample_rate <= 0:
-        raise AudioError(f"{what} has an invalid sample rate {sample_rate}")
-    waveform = torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0)
+    waveform = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if not bool(torch.isfinite(waveform).all()):
         raise AudioError(f"{what} contains NaN or infinite samples")
     return waveform, sample_rate
