@@ -10,36 +10,72 @@ from pathlib import Path
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
     serve = subparsers.add_parser(
-        "serve", help="run the speech server (simple API, OpenAI API, voice library, web page)",
+        "serve",
+        help="run the speech server (simple API, OpenAI API, voice library, web page)",
         description="Serve a model over HTTP. The model loads in the background: /health answers "
-                    "at once, /ready once the model is loaded. The web page is at /.")
-    serve.add_argument("--model", required=True,
-                       help="model directory or official name (e.g. CosyVoice-300M-SFT)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+        "at once, /ready once the model is loaded. The web page is at /.",
+    )
+    serve.add_argument(
+        "--model", required=True, help="model directory or official name (e.g. CosyVoice-300M-SFT)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, xpu, npu ...")
     serve.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    serve.add_argument("--variant", choices=["base", "sft", "instruct"],
-                       help="v1 release, if the directory name does not tell")
-    serve.add_argument("--llm", default="llm.pt", dest="llm_checkpoint",
-                       help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)")
+    serve.add_argument(
+        "--variant",
+        choices=["base", "sft", "instruct"],
+        help="v1 release, if the directory name does not tell",
+    )
+    serve.add_argument(
+        "--llm",
+        default="llm.pt",
+        dest="llm_checkpoint",
+        help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)",
+    )
     limits = serve.add_argument_group("limits")
-    limits.add_argument("--max-text-chars", type=int, default=200,
-                        help="longest text per request (default 200, the models' guidance)")
+    limits.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=200,
+        help="longest text per request (default 200, the models' guidance)",
+    )
     limits.add_argument("--max-upload-mb", type=float, default=10.0, help="largest prompt upload")
-    limits.add_argument("--max-prompt-seconds", type=float, default=30.0,
-                        help="longest prompt recording (at most 30)")
+    limits.add_argument(
+        "--max-prompt-seconds",
+        type=float,
+        default=30.0,
+        help="longest prompt recording (at most 30)",
+    )
     limits.add_argument("--workers", type=int, default=1, help="syntheses running at once")
-    limits.add_argument("--max-queue", type=int, default=8,
-                        help="requests allowed to wait; more get 429 with Retry-After")
+    limits.add_argument(
+        "--max-queue",
+        type=int,
+        default=8,
+        help="requests allowed to wait; more get 429 with Retry-After",
+    )
     limits.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ops = serve.add_argument_group("operations")
-    ops.add_argument("--api-key", default=os.environ.get("COSYVOICE_LITE_API_KEY"),
-                     help="require 'Authorization: Bearer KEY' (default: $COSYVOICE_LITE_API_KEY)")
-    ops.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                     help="allow browser calls from this origin (repeatable; '*' for any)")
-    ops.add_argument("--voices-dir", type=Path, help="voice library directory "
-                     "(default $COSYVOICE_LITE_VOICES or ~/.local/share/cosyvoice-lite/voices)")
+    ops.add_argument(
+        "--api-key",
+        default=os.environ.get("COSYVOICE_LITE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $COSYVOICE_LITE_API_KEY)",
+    )
+    ops.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from this origin (repeatable; '*' for any)",
+    )
+    ops.add_argument(
+        "--voices-dir",
+        type=Path,
+        help="voice library directory "
+        "(default $COSYVOICE_LITE_VOICES or ~/.local/share/cosyvoice-lite/voices)",
+    )
     ops.add_argument("--outputs-dir", type=Path, help="save every result (audio + JSON) here")
     ops.add_argument("--s3-bucket", help="upload every result to this S3 bucket (needs boto3)")
     ops.add_argument("--s3-prefix", default="", help="key prefix inside the bucket")
@@ -58,10 +94,18 @@ def settings_from_args(args: argparse.Namespace):
         s3 = S3Settings(args.s3_bucket, args.s3_prefix, args.s3_endpoint_url, args.s3_region)
     extra = {"voices_dir": args.voices_dir} if args.voices_dir else {}
     return Settings(
-        max_text_chars=args.max_text_chars, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_prompt_seconds=args.max_prompt_seconds, workers=args.workers, max_queue=args.max_queue,
-        request_timeout=args.timeout, api_key=args.api_key or None, cors_origins=args.cors_origin,
-        outputs_dir=args.outputs_dir, s3=s3, **extra)
+        max_text_chars=args.max_text_chars,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_prompt_seconds=args.max_prompt_seconds,
+        workers=args.workers,
+        max_queue=args.max_queue,
+        request_timeout=args.timeout,
+        api_key=args.api_key or None,
+        cors_origins=args.cors_origin,
+        outputs_dir=args.outputs_dir,
+        s3=s3,
+        **extra,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -80,11 +124,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CosyVoiceError(f"bad server option: {exc}") from None
 
     def load():
-        return Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
-                           llm_checkpoint=args.llm_checkpoint)
+        return Engine.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            variant=args.variant,
+            llm_checkpoint=args.llm_checkpoint,
+        )
 
     app = create_app(load, settings)
     logging.getLogger("cosyvoice_lite.serving").info(
-        "serving on http://%s:%d (model loading in the background)", args.host, args.port)
+        "serving on http://%s:%d (model loading in the background)", args.host, args.port
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     return 0

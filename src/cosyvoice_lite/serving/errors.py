@@ -1,6 +1,6 @@
 """HTTP errors: every failure becomes an OpenAI-style JSON body with the right status.
 
-    {"error": {"message": "...", "type": "invalid_request_error", "param": "voice", "code": "..."}}
+{"error": {"message": "...", "type": "invalid_request_error", "param": "voice", "code": "..."}}
 """
 
 from __future__ import annotations
@@ -16,9 +16,16 @@ from .voices import InvalidVoiceNameError
 class ApiError(Exception):
     """An error with its HTTP status, raised anywhere in the serving layer."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -42,8 +49,13 @@ def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = N
     if isinstance(exc, UnknownVoiceError):
         return ApiError(404, str(exc), "not_found_error", "voice_not_found", "voice")
     if isinstance(exc, UnsupportedModeError):
-        return ApiError(400, str(exc), code="unsupported_mode", param="mode",
-                        supported_modes=supported_modes or [])
+        return ApiError(
+            400,
+            str(exc),
+            code="unsupported_mode",
+            param="mode",
+            supported_modes=supported_modes or [],
+        )
     if isinstance(exc, InvalidVoiceNameError):
         return ApiError(400, str(exc), code="invalid_name", param="name")
     if isinstance(exc, AudioError):
@@ -52,12 +64,22 @@ def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = N
 
 
 def overloaded(retry_after: int) -> ApiError:
-    return ApiError(429, f"the server is busy (queue full); retry in about {retry_after} s",
-                    "rate_limit_error", "queue_full", headers={"Retry-After": str(retry_after)})
+    return ApiError(
+        429,
+        f"the server is busy (queue full); retry in about {retry_after} s",
+        "rate_limit_error",
+        "queue_full",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def not_ready(state: str, detail: str = "") -> ApiError:
     if state == "failed":
         return ApiError(503, f"the model failed to load: {detail}", "server_error", "model_failed")
-    return ApiError(503, "the model is still loading; retry shortly", "server_error",
-                    "model_loading", headers={"Retry-After": "2"})
+    return ApiError(
+        503,
+        "the model is still loading; retry shortly",
+        "server_error",
+        "model_loading",
+        headers={"Retry-After": "2"},
+    )

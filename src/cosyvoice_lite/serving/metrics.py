@@ -40,9 +40,15 @@ class Histogram:
                 self.counts[i] += 1
 
     def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{bound:g}"}} {count}' for bound, count in zip(self.buckets, self.counts, strict=True)]
-        out += [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum:.6f}",
-                f"{name}_count {self.total}"]
+        out = [
+            f'{name}_bucket{{le="{bound:g}"}} {count}'
+            for bound, count in zip(self.buckets, self.counts, strict=True)
+        ]
+        out += [
+            f'{name}_bucket{{le="+Inf"}} {self.total}',
+            f"{name}_sum {self.sum:.6f}",
+            f"{name}_count {self.total}",
+        ]
         return out
 
 
@@ -89,13 +95,17 @@ class Metrics:
         p = PREFIX
         lines: list[str] = []
         with self._lock:
-            lines += [f"# HELP {p}_requests_total HTTP requests by endpoint and status.",
-                      f"# TYPE {p}_requests_total counter"]
+            lines += [
+                f"# HELP {p}_requests_total HTTP requests by endpoint and status.",
+                f"# TYPE {p}_requests_total counter",
+            ]
             for (method, endpoint, status), n in sorted(self.requests.items()):
                 labels = _labels({"method": method, "endpoint": endpoint, "status": str(status)})
                 lines.append(f"{p}_requests_total{labels} {n}")
-            lines += [f"# HELP {p}_errors_total Error responses by error code.",
-                      f"# TYPE {p}_errors_total counter"]
+            lines += [
+                f"# HELP {p}_errors_total Error responses by error code.",
+                f"# TYPE {p}_errors_total counter",
+            ]
             for code, n in sorted(self.errors.items()):
                 lines.append(f"{p}_errors_total{_labels({'code': code})} {n}")
             for name, help in (
@@ -109,17 +119,31 @@ class Metrics:
                 ("s3_uploads_total", "Results uploaded to S3."),
                 ("s3_upload_errors_total", "Failed S3 uploads."),
             ):
-                lines += [f"# HELP {p}_{name} {help}", f"# TYPE {p}_{name} counter",
-                          f"{p}_{name} {self.counters.get(name, 0.0):g}"]
-            lines += [f"# HELP {p}_real_time_factor Synthesis time / audio duration per request.",
-                      f"# TYPE {p}_real_time_factor histogram"]
+                lines += [
+                    f"# HELP {p}_{name} {help}",
+                    f"# TYPE {p}_{name} counter",
+                    f"{p}_{name} {self.counters.get(name, 0.0):g}",
+                ]
+            lines += [
+                f"# HELP {p}_real_time_factor Synthesis time / audio duration per request.",
+                f"# TYPE {p}_real_time_factor histogram",
+            ]
             lines += self.rtf.lines(f"{p}_real_time_factor")
-            lines += [f"# HELP {p}_first_audio_seconds Seconds from request to first audio chunk.",
-                      f"# TYPE {p}_first_audio_seconds histogram"]
+            lines += [
+                f"# HELP {p}_first_audio_seconds Seconds from request to first audio chunk.",
+                f"# TYPE {p}_first_audio_seconds histogram",
+            ]
             lines += self.first_audio.lines(f"{p}_first_audio_seconds")
         for name, (help, read) in sorted(self.gauges.items()):
-            lines += [f"# HELP {p}_{name} {help}", f"# TYPE {p}_{name} gauge", f"{p}_{name} {read():g}"]
+            lines += [
+                f"# HELP {p}_{name} {help}",
+                f"# TYPE {p}_{name} gauge",
+                f"{p}_{name} {read():g}",
+            ]
         if self.info:
-            lines += [f"# HELP {p}_model_info The loaded model.", f"# TYPE {p}_model_info gauge",
-                      f"{p}_model_info{_labels(self.info)} 1"]
+            lines += [
+                f"# HELP {p}_model_info The loaded model.",
+                f"# TYPE {p}_model_info gauge",
+                f"{p}_model_info{_labels(self.info)} 1",
+            ]
         return "\n".join(lines) + "\n"

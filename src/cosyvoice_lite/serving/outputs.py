@@ -57,23 +57,31 @@ class OutputStore:
     def enabled(self) -> bool:
         return self.directory is not None or self.s3 is not None
 
-    def submit(self, request_id: str, samples: np.ndarray, sample_rate: int, format: str,
-               meta: dict) -> Future | None:
+    def submit(
+        self, request_id: str, samples: np.ndarray, sample_rate: int, format: str, meta: dict
+    ) -> Future | None:
         if not self.enabled or len(samples) == 0:
             return None
         return self._pool.submit(self._save, request_id, samples, sample_rate, format, meta)
 
-    def _save(self, request_id: str, samples: np.ndarray, sample_rate: int, format: str,
-              meta: dict) -> None:
+    def _save(
+        self, request_id: str, samples: np.ndarray, sample_rate: int, format: str, meta: dict
+    ) -> None:
         # Raw PCM has no header, so results are kept as WAV in that case.
         fmt = "wav" if format == "pcm" or format not in AUDIO_FORMATS else format
         ext = "ogg" if fmt == "opus" else fmt
         now = datetime.now(timezone.utc)
         audio = encode_audio(samples, sample_rate, fmt)
         name = f"{now:%Y%m%dT%H%M%S}-{request_id}"
-        meta = {**meta, "id": request_id, "created_at": now.isoformat(), "format": fmt,
-                "sample_rate": sample_rate, "duration": round(len(samples) / sample_rate, 3),
-                "audio_file": f"{name}.{ext}"}
+        meta = {
+            **meta,
+            "id": request_id,
+            "created_at": now.isoformat(),
+            "format": fmt,
+            "sample_rate": sample_rate,
+            "duration": round(len(samples) / sample_rate, 3),
+            "audio_file": f"{name}.{ext}",
+        }
         meta_bytes = json.dumps(meta, ensure_ascii=False, indent=1).encode()
         if self.directory is not None:
             try:
@@ -88,10 +96,18 @@ class OutputStore:
             prefix = f"{self.s3.prefix.strip('/')}/" if self.s3.prefix.strip("/") else ""
             key = f"{prefix}{now:%Y-%m-%d}/{name}"
             try:
-                self._client.put_object(Bucket=self.s3.bucket, Key=f"{key}.{ext}", Body=audio,
-                                        ContentType=AUDIO_FORMATS[fmt][2])
-                self._client.put_object(Bucket=self.s3.bucket, Key=f"{key}.json", Body=meta_bytes,
-                                        ContentType="application/json")
+                self._client.put_object(
+                    Bucket=self.s3.bucket,
+                    Key=f"{key}.{ext}",
+                    Body=audio,
+                    ContentType=AUDIO_FORMATS[fmt][2],
+                )
+                self._client.put_object(
+                    Bucket=self.s3.bucket,
+                    Key=f"{key}.json",
+                    Body=meta_bytes,
+                    ContentType="application/json",
+                )
                 self.metrics.count("s3_uploads_total")
             except Exception as exc:  # noqa: BLE001 - storage trouble must not break serving
                 self.metrics.count("s3_upload_errors_total")

@@ -35,9 +35,14 @@ def pcm16(samples: np.ndarray) -> bytes:
 def wav_header(sample_rate: int, data_bytes: int = UNKNOWN_SIZE) -> bytes:
     """A 44-byte PCM16 mono WAV header; the default sizes say "streamed, length unknown"."""
     riff = UNKNOWN_SIZE if data_bytes == UNKNOWN_SIZE else 36 + data_bytes
-    return (b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt "
-            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-            + b"data" + struct.pack("<I", data_bytes))
+    return (
+        b"RIFF"
+        + struct.pack("<I", riff)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
 
 
 class StreamResampler:
@@ -59,7 +64,7 @@ class StreamResampler:
         frames = (self.buffer.numel() - self.span) // self.orig + 1
         used = (frames - 1) * self.orig + self.span
         out = F.conv1d(self.buffer[None, None, :used], self.kernel, stride=self.orig)
-        self.buffer = self.buffer[frames * self.orig:]
+        self.buffer = self.buffer[frames * self.orig :]
         return out[0].transpose(0, 1).reshape(-1).numpy()
 
     def feed(self, samples: np.ndarray) -> np.ndarray:
@@ -104,7 +109,7 @@ class _Sink(io.RawIOBase):
         end = self.pos + len(b)
         if end > len(self.data):
             self.data.extend(b"\0" * (end - len(self.data)))
-        self.data[self.pos:end] = b
+        self.data[self.pos : end] = b
         self.pos = end
         return len(b)
 
@@ -118,12 +123,12 @@ class _Sink(io.RawIOBase):
 
     def readinto(self, b) -> int:
         n = max(0, min(len(b), len(self.data) - self.pos))
-        b[:n] = self.data[self.pos:self.pos + n]
+        b[:n] = self.data[self.pos : self.pos + n]
         self.pos += n
         return n
 
     def take(self) -> bytes:
-        new = bytes(self.data[self.sent:])
+        new = bytes(self.data[self.sent :])
         self.sent = len(self.data)
         return new
 
@@ -140,7 +145,9 @@ class Encoder:
 
     def __init__(self, format: str, sample_rate: int, out_rate: int | None = None) -> None:
         if format not in AUDIO_FORMATS:
-            raise AudioError(f"unknown audio format {format!r}; choose one of {', '.join(AUDIO_FORMATS)}")
+            raise AudioError(
+                f"unknown audio format {format!r}; choose one of {', '.join(AUDIO_FORMATS)}"
+            )
         self.format = format
         rate = output_rate(format, out_rate or sample_rate)
         self.sample_rate = rate
@@ -153,7 +160,9 @@ class Encoder:
             self.sink = _Sink()
             # Streamed mp3 is constant-bitrate: its VBR header can only be written at the end, and
             # without it decoders misjudge a VBR stream's length.
-            extra = {"compression_level": 0.5, "bitrate_mode": "CONSTANT"} if format == "mp3" else {}
+            extra = (
+                {"compression_level": 0.5, "bitrate_mode": "CONSTANT"} if format == "mp3" else {}
+            )
             self.file = sf.SoundFile(self.sink, "w", rate, 1, subtype, format=container, **extra)
 
     def _encode(self, samples: np.ndarray) -> bytes:
@@ -186,7 +195,9 @@ class WholeEncoder:
 
     def __init__(self, format: str, sample_rate: int, out_rate: int | None = None) -> None:
         if format not in AUDIO_FORMATS:
-            raise AudioError(f"unknown audio format {format!r}; choose one of {', '.join(AUDIO_FORMATS)}")
+            raise AudioError(
+                f"unknown audio format {format!r}; choose one of {', '.join(AUDIO_FORMATS)}"
+            )
         self.format, self.rate, self.out_rate = format, sample_rate, out_rate or sample_rate
         self.pieces: list[np.ndarray] = []
 
@@ -209,12 +220,17 @@ def sse_event(payload: dict) -> bytes:
 
 
 def sse_delta(audio: bytes) -> bytes:
-    return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
+    return sse_event(
+        {"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")}
+    )
 
 
 def sse_done(input_tokens: int, output_tokens: int) -> bytes:
-    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens,
-             "total_tokens": input_tokens + output_tokens}
+    usage = {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    }
     return sse_event({"type": "speech.audio.done", "usage": usage})
 
 

@@ -78,9 +78,16 @@ class VoiceInfo:
     created_at: float
 
     def to_api(self) -> dict:
-        return {"id": self.name, "name": self.name, "object": "audio.voice", "kind": "saved",
-                "prompt_text": self.prompt_text, "duration": round(self.duration, 3),
-                "sample_rate": self.sample_rate, "created_at": int(self.created_at)}
+        return {
+            "id": self.name,
+            "name": self.name,
+            "object": "audio.voice",
+            "kind": "saved",
+            "prompt_text": self.prompt_text,
+            "duration": round(self.duration, 3),
+            "sample_rate": self.sample_rate,
+            "created_at": int(self.created_at),
+        }
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,12 +123,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _features_bytes(features: PromptFeatures) -> bytes:
     buffer = io.BytesIO()
-    torch.save({
-        "speech_tokens": features.speech_tokens.detach().cpu().contiguous(),
-        "speech_feat": features.speech_feat.detach().cpu().contiguous(),
-        "embedding": features.embedding.detach().cpu().contiguous(),
-        "prompt_text": features.prompt_text,
-    }, buffer)
+    torch.save(
+        {
+            "speech_tokens": features.speech_tokens.detach().cpu().contiguous(),
+            "speech_feat": features.speech_feat.detach().cpu().contiguous(),
+            "embedding": features.embedding.detach().cpu().contiguous(),
+            "prompt_text": features.prompt_text,
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 
@@ -147,7 +157,9 @@ class VoiceLibrary:
         for entry in self.root.iterdir():
             if entry.name.startswith((".tmp-", ".trash-")):
                 log.warning("removing leftover %s from an interrupted write", entry)
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
+                    missing_ok=True
+                )
 
     def _dir(self, name: str) -> Path:
         return self.root / validate_name(name)
@@ -155,8 +167,13 @@ class VoiceLibrary:
     # ------------------------------------------------------------------ reading
     def _read_info(self, path: Path) -> VoiceInfo:
         meta = json.loads((path / "voice.json").read_text(encoding="utf-8"))
-        return VoiceInfo(meta["name"], meta.get("prompt_text", ""), float(meta["duration"]),
-                         int(meta["sample_rate"]), float(meta["created_at"]))
+        return VoiceInfo(
+            meta["name"],
+            meta.get("prompt_text", ""),
+            float(meta["duration"]),
+            int(meta["sample_rate"]),
+            float(meta["created_at"]),
+        )
 
     def list(self) -> list[VoiceInfo]:
         voices = []
@@ -192,8 +209,15 @@ class VoiceLibrary:
         return self._dir(name) / "prompt.wav"
 
     # ------------------------------------------------------------------ writing
-    def create(self, name: str, audio: bytes, prompt_text: str, key: str, encode: Encode,
-               max_seconds: float | None = None) -> VoiceInfo:
+    def create(
+        self,
+        name: str,
+        audio: bytes,
+        prompt_text: str,
+        key: str,
+        encode: Encode,
+        max_seconds: float | None = None,
+    ) -> VoiceInfo:
         """Decode and check ``audio``, compute its features with ``encode``, and store the voice
         atomically. Raises AudioError for bad audio, VoiceExistsError if the name is taken."""
         validate_name(name)
@@ -219,7 +243,9 @@ class VoiceLibrary:
             _fsync_dir(tmp)
             with self._lock:
                 if self.exists(name):
-                    raise VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
+                    raise VoiceExistsError(
+                        f"a voice named {name!r} already exists; delete it first"
+                    )
                 os.rename(tmp, self._dir(name))  # atomic: the voice appears complete or not at all
                 self._features[(name, key)] = features
             _fsync_dir(self.root)
