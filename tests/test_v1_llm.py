@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cosyvoice_lite.decoding import LengthPolicy, run_alone, speech_token_task
 from cosyvoice_lite.errors import InvalidRequestError
 from cosyvoice_lite.networks.conformer import ConformerEncoder, TransformerEncoder
 from cosyvoice_lite.networks.transformer_lm import TransformerLM
@@ -47,6 +48,14 @@ def inputs(golden: dict[str, np.ndarray], case: str) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(golden[f"{case}.{name}"]) for name in INPUTS}
 
 
+def generate(model, text, prompt_text, prompt_speech_token, embedding, sampler,
+             max_token_text_ratio=20, min_token_text_ratio=2):
+    """The official decoding of one request, run alone."""
+    policy = LengthPolicy(min_ratio=min_token_text_ratio, max_ratio=max_token_text_ratio)
+    return run_alone(model, speech_token_task(model, text, prompt_text, prompt_speech_token,
+                                              embedding, sampler, policy))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_teacher_forced_log_probs_match_official(model, golden, case):
     forced = torch.from_numpy(golden[f"{case}.forced"]).unsqueeze(0)
@@ -60,14 +69,14 @@ def test_teacher_forced_log_probs_match_official(model, golden, case):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_generated_tokens_match_official(model, golden, case, seed):
     sampler = RasSampler(torch.Generator().manual_seed(seed))
-    tokens = list(model.generate(**inputs(golden, case), sampler=sampler))
+    tokens = list(generate(model, **inputs(golden, case), sampler=sampler))
     assert tokens == golden[f"{case}.tokens_seed{seed}"].tolist()
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_generation_stops_at_max_len_like_official(model, golden, case):
     sampler = RasSampler(torch.Generator().manual_seed(0))
-    tokens = list(model.generate(**inputs(golden, case), sampler=sampler, max_token_text_ratio=3))
+    tokens = list(generate(model, **inputs(golden, case), sampler=sampler, max_token_text_ratio=3))
     assert tokens == golden[f"{case}.tokens_seed0_maxratio3"].tolist()
 
 
@@ -78,7 +87,7 @@ def test_cached_steps_equal_full_causal_recompute(model, golden):
     xs = torch.randn(1, 13, 64)
     with torch.inference_mode():
         full, _ = llm(xs, torch.tensor([13]))
-        out, cache = llm.forward_chunk(xs[:, :6], llm.new_cache(1, xs))  # forces the cache to grow
+        out, cache = llm.forward_chunk(xs[:, :6], llm.new_cache())
         pieces = [out]
         for t in range(6, 13):
             out, cache = llm.forward_chunk(xs[:, t : t + 1], cache)
@@ -100,12 +109,12 @@ def test_decode_step_touches_one_new_position(model, golden):
     def spy(xs, cache=None):
         rows_seen.append(xs.size(1))
         out, cache = original(xs, cache)
-        lengths.append(cache.length)
+        lengths.append(cache[0].length)
         return out, cache
 
     llm.forward_chunk = spy
     try:
-        tokens = list(model.generate(**case, sampler=RasSampler(torch.Generator().manual_seed(0))))
+        tokens = list(generate(model, **case, sampler=RasSampler(torch.Generator().manual_seed(0))))
     finally:
         del llm.forward_chunk
     # One forward per decoded token plus the one that produced EOS.
@@ -120,17 +129,19 @@ def test_eos_is_suppressed_before_min_len(model, golden):
     def greedy_eos(scores: torch.Tensor, decoded):
         return eos if scores[eos] > -float("inf") else int(scores.argmax())
 
-    tokens = list(model.generate(**inputs(golden, "bare"), sampler=greedy_eos))
+    tokens = list(generate(model, **inputs(golden, "bare"), sampler=greedy_eos))
     assert len(tokens) == 10  # 5 text tokens * min ratio 2
 
 
 def test_length_bounds_follow_official_float32_arithmetic():
-    assert TransformerLM.length_bounds(5, 2, 20) == (10, 100)
-    assert TransformerLM.length_bounds(7, 0.5, 2.5) == (3, 17)
+    assert LengthPolicy(2, 20).bounds(5) == (10, 100)
+    assert LengthPolicy(0.5, 2.5).bounds(7) == (3, 17)
+    assert LengthPolicy(2, 20, max_tokens=50).bounds(5) == (10, 50)
+    assert LengthPolicy(2, 20, max_tokens=50, ignore_eos=True).bounds(5) == (50, 50)
 
 
 def test_rejects_batched_inputs(model, golden):
     case = inputs(golden, "full")
     case["text"] = case["text"].repeat(2, 1)
     with pytest.raises(InvalidRequestError):
-        list(model.generate(**case, sampler=RasSampler(torch.Generator())))
+        list(generate(model, **case, sampler=RasSampler(torch.Generator())))

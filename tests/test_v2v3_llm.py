@@ -9,6 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from cosyvoice_lite.decoding import (
+    LengthPolicy,
+    TextSource,
+    bistream_task,
+    run_alone,
+    speech_token_task,
+)
 from cosyvoice_lite.errors import CosyVoiceError, InvalidRequestError
 from cosyvoice_lite.networks.qwen2 import Qwen2Config, Qwen2Encoder
 from cosyvoice_lite.networks.qwen2_lm import CosyVoice3LM, Qwen2LM
@@ -53,6 +60,18 @@ def _sampler(seed: int) -> RasSampler:
     return RasSampler(generator=torch.Generator().manual_seed(seed))
 
 
+def generate(lm, text, prompt_text, prompt_speech, sampler, min_token_text_ratio=2.0,
+             max_token_text_ratio=20.0):
+    """The official decoding of one request, run alone."""
+    policy = LengthPolicy(min_token_text_ratio, max_token_text_ratio)
+    return run_alone(lm, speech_token_task(lm, text, prompt_text, prompt_speech, None, sampler,
+                                           policy))
+
+
+def generate_bistream(lm, pieces, prompt_text, prompt_speech, sampler):
+    return run_alone(lm, bistream_task(lm, TextSource(pieces), prompt_text, prompt_speech, sampler))
+
+
 def test_config_from_blank_en() -> None:
     config = Qwen2Config.from_json(BLANK_EN / "config.json")
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
@@ -77,7 +96,7 @@ def test_teacher_forced_hidden_and_logits(case) -> None:
     all_text = np.concatenate([g["prompt_text"], g["text"]])
     speech = np.concatenate([g["prompt_speech"], g["target_speech"]])
     with torch.inference_mode():
-        hidden, _ = lm.llm(lm._prefix(lm._ids(all_text), lm._ids(speech)))
+        hidden, _ = lm.llm(lm._layout(lm.ids(all_text), lm.ids(speech)))
     np.testing.assert_allclose(hidden[0].numpy(), g["tf_hidden"], atol=TOL, rtol=0)
 
 
@@ -86,7 +105,7 @@ def test_kv_cache_matches_full_recompute(case) -> None:
     all_text = np.concatenate([g["prompt_text"], g["text"]])
     speech = np.concatenate([g["prompt_speech"], g["target_speech"]])
     with torch.inference_mode():
-        x = lm._prefix(lm._ids(all_text), lm._ids(speech))
+        x = lm._layout(lm.ids(all_text), lm.ids(speech))
         full, _ = lm.llm(x)
         # Uneven chunks: a prefix, single steps, then a multi-position chunk after the cache.
         cache, parts, start = None, [], 0
@@ -94,7 +113,7 @@ def test_kv_cache_matches_full_recompute(case) -> None:
             h, cache = lm.llm.forward_one_step(x[:, start:stop], cache)
             parts.append(h)
             start = stop
-        assert cache.seq_len == x.size(1)
+        assert cache.length == x.size(1)
     np.testing.assert_allclose(torch.cat(parts, dim=1).numpy(), full.numpy(), atol=1e-5, rtol=0)
 
 
@@ -114,7 +133,7 @@ def test_seeded_generation_matches_official(case, prompt: str, seed: int) -> Non
             scores.append(logp.clone())
         return sampler(logp, decoded)
 
-    tokens = list(lm.generate(text, prompt_text, prompt_speech, recording))
+    tokens = list(generate(lm, text, prompt_text, prompt_speech, recording))
     key = f"gen_{prompt}_seed{seed}"
     assert tokens == g[key + "_tokens"].tolist()
     np.testing.assert_allclose(torch.stack(scores).numpy(), g[key + "_logp"], atol=TOL, rtol=0)
@@ -137,8 +156,8 @@ def test_bistream_matches_official(version: str, name: str, seed: int) -> None:
     pieces = [g["bi_pieces_flat"][bounds[i]:bounds[i + 1]] for i in range(n_pieces)]
     expected = g[f"{name}_seed{seed}_tokens"].tolist()
     outcome = str(g[f"{name}_seed{seed}_outcome"])
-    stream = lm.generate_bistream(iter(pieces), g[name + "_prompt_text"], g[name + "_prompt_speech"],
-                                  _sampler(seed))
+    stream = generate_bistream(lm, iter(pieces), g[name + "_prompt_text"],
+                               g[name + "_prompt_speech"], _sampler(seed))
     tokens: list[int] = []
     if outcome == "eos":
         tokens.extend(stream)
@@ -159,7 +178,7 @@ def test_bistream_yields_before_text_ends() -> None:
             fed.append(len(p))
             yield p
 
-    stream = lm.generate_bistream(pieces(), [], [], _sampler(0))
+    stream = generate_bistream(lm, pieces(), [], [], _sampler(0))
     next(stream)
     assert len(fed) < 10
 
@@ -168,16 +187,16 @@ def test_v3_requires_endofprompt() -> None:
     lm, g = _model("v3"), _golden("v3")
     text = [t for t in g["text"].tolist() if t != CosyVoice3LM.END_OF_PROMPT_ID]
     with pytest.raises(InvalidRequestError, match="endofprompt"):
-        next(lm.generate(text, [], [], _sampler(0)))
+        next(generate(lm, text, [], [], _sampler(0)))
     with pytest.raises(InvalidRequestError, match="endofprompt"):
-        next(lm.generate_bistream(iter([text]), text[:3], [], _sampler(0)))
+        next(generate_bistream(lm, iter([text]), text[:3], [], _sampler(0)))
 
 
 def test_v2_generation_respects_min_and_max_len() -> None:
     lm, g = _model("v2"), _golden("v2")
     text = g["text"][:2]
     for seed in range(3):
-        tokens = list(lm.generate(text, [], [], _sampler(seed), min_token_text_ratio=3,
-                                  max_token_text_ratio=5))
+        tokens = list(generate(lm, text, [], [], _sampler(seed), min_token_text_ratio=3,
+                               max_token_text_ratio=5))
         assert 6 <= len(tokens) <= 10
         assert all(0 <= t < 6561 for t in tokens)

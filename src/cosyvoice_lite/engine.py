@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .decoding import LengthPolicy
 from .device import Placement, resolve_placement
+from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 from .frontend.markup import V1_TAGS, check_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
@@ -33,6 +37,7 @@ from .sampling import RasSampler
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (segments done, segments total)
+PromptSource = PromptFeatures | Callable[[], PromptFeatures] | None
 
 MAX_SPEED, MIN_SPEED = 2.0, 0.5
 ENDOFPROMPT = "<|endofprompt|>"
@@ -55,7 +60,7 @@ class Engine:
 
     def __init__(self, model: ModelDir, placement: Placement, text_frontend: TextFrontend,
                  tokenizer, prompt_encoder: PromptEncoder, pipeline, voices: dict[str, Voice],
-                 load_seconds: float) -> None:
+                 load_seconds: float, limits: LoopLimits = DEFAULT_LIMITS) -> None:
         self.model = model
         self.placement = placement
         self.text_frontend = text_frontend
@@ -64,27 +69,32 @@ class Engine:
         self.pipeline = pipeline
         self.presets = voices
         self.load_seconds = load_seconds
+        self.loop = EngineLoop(pipeline.llm, pipeline.compute, limits)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str | Path, device: str = "cpu", dtype: str = "float32",
              variant: str | None = None, llm_checkpoint: str = "llm.pt",
-             download: bool = True) -> Engine:
+             download: bool = True, quantize: str | None = None,
+             flow_steps: int = 10, max_batch: int = 16, prefill_tokens: int = 4096) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
         ``variant`` overrides the v1 release detection (base / sft / instruct); ``llm_checkpoint``
-        selects e.g. ``llm.rl.pt`` for the RL-tuned CosyVoice3 LLM.
+        selects e.g. ``llm.rl.pt`` for the RL-tuned CosyVoice3 LLM. ``dtype`` stores the weights
+        in that precision, ``quantize="int8"`` gives the LLM int8 linear layers (precision.py);
+        ``flow_steps`` (official 10) trades the flow's quality for speed. ``max_batch`` requests
+        decode together at most, and one step prefills at most ``prefill_tokens`` positions.
         """
         start = time.perf_counter()
         if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
             raise InvalidRequestError(f"llm_checkpoint must be a .pt file name in the model directory, "
                                       f"got {llm_checkpoint!r}")
-        placement = resolve_placement(device, dtype)
+        placement = resolve_placement(device, dtype, quantize)
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         from .pipelines import factory  # version-specific wiring
 
         tokenizer = factory.text_tokenizer(model_dir)
-        pipeline = factory.build_pipeline(model_dir, placement, llm_checkpoint)
+        pipeline = factory.build_pipeline(model_dir, placement, llm_checkpoint, flow_steps)
         prompt_encoder = PromptEncoder(
             model_dir.path / "campplus.onnx",
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",
@@ -93,8 +103,10 @@ class Engine:
         voices = {name: _voice_from_spk2info(name, info)
                   for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
                   if "embedding" in info or "flow_embedding" in info}
+        if max_batch < 1 or prefill_tokens < 1:
+            raise InvalidRequestError("max_batch and prefill_tokens must be at least 1")
         engine = cls(model_dir, placement, TextFrontend(), tokenizer, prompt_encoder, pipeline,
-                     voices, time.perf_counter() - start)
+                     voices, time.perf_counter() - start, LoopLimits(max_batch, prefill_tokens))
         log.info("loaded %s (v%d, %s) on %s in %.1f s", model_dir.name, model_dir.version,
                  model_dir.variant, placement.device, engine.load_seconds)
         return engine
@@ -138,10 +150,35 @@ class Engine:
 
     # ------------------------------------------------------------------ synthesis
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
-                   prompt: PromptFeatures | None = None) -> Iterator[AudioChunk]:
+                   prompt: PromptSource = None) -> Iterator[AudioChunk]:
         """Turn a request into audio chunks; ``prompt`` gives precomputed prompt features (a saved
-        voice) in place of ``request.prompt_audio``. Closing the iterator stops the work."""
+        voice) in place of ``request.prompt_audio``. The work runs in the engine loop, stepped
+        together with every other request; closing the iterator cancels it."""
+        sink = QueueSink()
+        job = self.submit(request, sink, progress, prompt)
+        try:
+            yield from sink
+        finally:
+            job.cancel()
+
+    def submit(self, request: SynthesisRequest, sink: Sink, progress: Progress | None = None,
+               prompt: PromptSource = None) -> Job:
+        """Queue a request on the engine loop. Its chunks, then its end (``None`` or the error),
+        go to ``sink`` from the loop thread; ``job.cancel()`` stops it at the next step.
+        ``prompt`` may be a function, called in the loop when the request is admitted."""
         self._check(request)
+        return self.loop.submit(Job(lambda: self._prepare(request, progress, prompt, sink), sink))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run model work (e.g. encoding a voice) in the engine loop, between two steps."""
+        return self.loop.call(fn)
+
+    def close(self) -> None:
+        """Stop the engine loop (pending requests end with an error)."""
+        self.loop.close()
+
+    def _prepare(self, request: SynthesisRequest, progress: Progress | None,
+                 prompt: PromptSource, sink: Sink) -> _Run:
         segments = self._segments(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator(device=self.placement.device).manual_seed(seed)
@@ -153,15 +190,11 @@ class Engine:
         noise = generator
         if request.stream:
             noise = torch.Generator(device=self.placement.device).manual_seed(seed ^ STREAM_NOISE_SALT)
+        if callable(prompt):
+            prompt = prompt()
         prompt = self._prompt(request, prompt)
-        total = len(segments)
-        for index, segment in enumerate(segments):
-            inputs = self._inputs(request, segment, prompt)
-            pieces = self.pipeline.pieces(inputs, sampler, noise, request.stream, request.speed)
-            for piece, last_piece in pieces:  # each chunk goes out as soon as it exists
-                if last_piece and progress is not None:
-                    progress(index + 1, total)
-                yield self._chunk(piece, index, segment, last_piece and index == total - 1)
+        policy = LengthPolicy(max_tokens=request.max_speech_tokens, ignore_eos=request.ignore_eos)
+        return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink)
 
     def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
         samples = piece.detach().float().cpu().reshape(-1).numpy()
@@ -185,6 +218,10 @@ class Engine:
             raise InvalidRequestError("instruct mode needs an instruction (e.g. 'speak happily')")
         if request.mode == Mode.VOICE_CONVERSION and request.source_audio is None:
             raise InvalidRequestError("voice conversion needs source audio")
+        if request.max_speech_tokens is not None and request.max_speech_tokens < 1:
+            raise InvalidRequestError("max_speech_tokens must be at least 1")
+        if request.ignore_eos and request.max_speech_tokens is None:
+            raise InvalidRequestError("ignore_eos needs max_speech_tokens (the length to decode)")
         texts = [t for t in (request.text, request.instruct, request.prompt_text) if isinstance(t, str)]
         check_markup(texts, self.known_markup, self.model.name)
 
@@ -292,6 +329,55 @@ class Engine:
             inputs = ModelInputs(text, prompt_tokens, llm_speech, prompt.embedding, prompt.speech_tokens,
                                  prompt.speech_feat, prompt.embedding, source)
         return _to_device(inputs, self.placement.device)
+
+
+class _Run:
+    """A request prepared for the engine loop: its segments, sampler, noise and where audio goes."""
+
+    def __init__(self, engine: Engine, request: SynthesisRequest, segments: list,
+                 prompt: PromptFeatures | None, sampler: RasSampler, noise: torch.Generator,
+                 policy: LengthPolicy, progress: Progress | None, sink: Sink) -> None:
+        self.engine, self.request, self.segments, self.prompt = engine, request, segments, prompt
+        self.sampler, self.noise, self.policy = sampler, noise, policy
+        self.progress, self.sink = progress, sink
+
+    def start_segment(self, index: int) -> tuple[object, object]:
+        engine, request = self.engine, self.request
+        inputs = engine._inputs(request, self.segments[index], self.prompt)
+        task = engine.pipeline.task(inputs, self.sampler, self.policy)
+        audio = engine.pipeline.start(inputs, self.noise, request.stream, request.speed)
+        return task, audio
+
+    def emit(self, piece: torch.Tensor, index: int, final: bool) -> None:
+        self.sink.chunk(self.engine._chunk(piece, index, self.segments[index], final))
+
+    def segment_done(self, index: int) -> None:
+        if self.progress is not None:
+            self.progress(index + 1, len(self.segments))
+
+
+class QueueSink:
+    """A sink read by iterating it (from any thread): the chunks, then the end or the error."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def chunk(self, chunk: AudioChunk) -> None:
+        self._queue.put(chunk)
+
+    def end(self, error: BaseException | None) -> None:
+        self._queue.put(self._END if error is None else error)
+
+    def __iter__(self) -> Iterator[AudioChunk]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _voice_from_spk2info(name: str, info: dict) -> Voice:

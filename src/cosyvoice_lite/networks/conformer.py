@@ -8,19 +8,19 @@ convolution module. Training-only arguments (dropout rates, dynamic chunks, chec
 accepted and ignored.
 
 Top to bottom: masks, relative positional encoding, input layers, attention, feed-forward,
-encoder layers, the KV cache, and the encoders. The layer classes are meant to be reused by
+encoder layers, and the encoders. The layer classes are meant to be reused by
 other encoders built from the same parts (e.g. the v2 flow's upsampling Conformer).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.cache import KVCache
 
 # --------------------------------------------------------------------------------------------
 # Masks (True = may attend)
@@ -178,14 +178,23 @@ class RelPositionMultiHeadedAttention(nn.Module):
         keep: torch.Tensor,
     ) -> torch.Tensor:
         """Content scores + positional scores ``bd``, masked softmax, weighted values, output proj."""
+        return self.linear_out(self._weighted_values(q, k, v, bd, keep))
+
+    def _weighted_values(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bd: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
         matrix_ac = torch.matmul(q + self.pos_bias_u.unsqueeze(1), k.transpose(-2, -1))
         scores = (matrix_ac + bd) / math.sqrt(self.d_k)
         drop = ~keep
         # Softmax then re-zeroing masked entries, as the official does (fully masked rows -> 0).
         attn = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1).masked_fill(drop, 0.0)
         x = torch.matmul(attn, v)  # [B, h, T1, d_k]
-        x = x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
-        return self.linear_out(x)
+        return x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
         """Self-attention over a whole sequence.
@@ -208,33 +217,35 @@ class RelPositionMultiHeadedAttention(nn.Module):
         return self._attend(q, k, v, bd, mask.unsqueeze(1))
 
     def forward_cached(
-        self, x: torch.Tensor, cache: AttentionCache, layer: int, pe_new: torch.Tensor
+        self, x: torch.Tensor, caches: list[KVCache], layer: int, pe_new: torch.Tensor
     ) -> torch.Tensor:
-        """Causal self-attention of a new chunk x [1, T1, D] against the cached positions.
+        """Causal self-attention of new positions x [B, T1, D] against each row's cached ones.
 
-        Writes this chunk's keys, values and the projected positional rows for the new distances
-        (``pe_new`` [T1, D] = sinusoids of distances cache.length .. cache.length+T1-1) into the
-        cache slots of ``layer``. The caller advances ``cache.length`` once all layers ran.
+        Writes each row's keys, values and the projected positional rows for its new distances
+        (``pe_new`` [B, T1, D] = sinusoids of distances length .. length+T1-1 of that row's cache)
+        into the slots of ``layer``. The caller advances the caches once all layers ran.
+        Projections run on all rows at once; attention runs per row over its own cache.
         """
-        start, chunk = cache.length, x.size(1)
-        end = start + chunk
-        q = self._heads(self.linear_q(x))[0]  # [h, T1, d_k]
-        cache.keys[layer, :, start:end] = self._heads(self.linear_k(x))[0]
-        cache.values[layer, :, start:end] = self._heads(self.linear_v(x))[0]
-        cache.positions[layer, :, start:end] = self._heads(self.linear_pos(pe_new.unsqueeze(0)))[0]
-        k, v, p = (
-            cache.keys[layer, :, :end],
-            cache.values[layer, :, :end],
-            cache.positions[layer, :, :end],
-        )
-        # Column r of bd_by_distance is the positional score for distance r = 0 .. end-1.
-        bd_by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
-        query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
-        key_pos = torch.arange(end, device=x.device).unsqueeze(0)
-        distance = query_pos - key_pos
-        keep = distance >= 0  # causal: the official LLM passes a tril mask
-        bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
-        return self._attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep)
+        chunk = x.size(1)
+        q_all = self._heads(self.linear_q(x))  # [B, h, T1, d_k]
+        k_all, v_all = self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
+        p_all = self._heads(self.linear_pos(pe_new))
+        rows = []
+        for row, cache in enumerate(caches):
+            start = cache.length
+            end = start + chunk
+            q = q_all[row]
+            k, v, p = cache.write(layer, k_all[row], v_all[row], p_all[row])
+            # Column r of bd_by_distance is the positional score for distance r = 0 .. end-1.
+            bd_by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
+            query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
+            key_pos = torch.arange(end, device=x.device).unsqueeze(0)
+            distance = query_pos - key_pos
+            keep = distance >= 0  # causal: the official LLM passes a tril mask
+            bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
+            rows.append(self._weighted_values(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                              bd.unsqueeze(0), keep))
+        return self.linear_out(rows[0] if len(rows) == 1 else torch.cat(rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,10 +281,10 @@ class _PreNormLayer(nn.Module):
         return x + self.feed_forward(ff_norm(x))
 
     def forward_cached(
-        self, x: torch.Tensor, cache: AttentionCache, layer: int, pe_new: torch.Tensor
+        self, x: torch.Tensor, caches: list[KVCache], layer: int, pe_new: torch.Tensor
     ) -> torch.Tensor:
         attn_norm, ff_norm = self._norms()
-        x = x + self.self_attn.forward_cached(attn_norm(x), cache, layer, pe_new)
+        x = x + self.self_attn.forward_cached(attn_norm(x), caches, layer, pe_new)
         return x + self.feed_forward(ff_norm(x))
 
 
@@ -317,45 +328,6 @@ class ConformerEncoderLayer(_PreNormLayer):
 
     def _norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
         return self.norm_mha, self.norm_ff
-
-
-# --------------------------------------------------------------------------------------------
-# KV cache for incremental (causal) decoding
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AttentionCache:
-    """What every layer has computed for the positions decoded so far (batch size 1).
-
-    keys/values hold each layer's projected keys and values, positions holds each layer's
-    ``linear_pos`` rows for relative distances 0, 1, ..., so a decoding step only projects its
-    own new position. Buffers are preallocated with spare capacity and grow by doubling;
-    ``length`` is the number of valid positions. Owned by one request; modified in place.
-    """
-
-    keys: torch.Tensor  # [layers, heads, capacity, d_k]
-    values: torch.Tensor  # [layers, heads, capacity, d_k]
-    positions: torch.Tensor  # [layers, heads, capacity, d_k]
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.size(2)
-
-    def reserve(self, needed: int) -> AttentionCache:
-        """A cache with room for ``needed`` positions (self if it already has room)."""
-        if needed <= self.capacity:
-            return self
-        capacity = max(needed, 2 * self.capacity)
-        grown = [_grow(t, capacity, self.length) for t in (self.keys, self.values, self.positions)]
-        return AttentionCache(*grown, length=self.length)
-
-
-def _grow(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
-    out = t.new_empty(t.size(0), t.size(1), capacity, t.size(3))
-    out[:, :, :length] = t[:, :, :length]
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,37 +403,37 @@ class _Encoder(nn.Module):
             xs = layer(xs, att_mask, pos_emb)
         return self.after_norm(xs), pad_mask
 
-    def new_cache(self, capacity: int, like: torch.Tensor) -> AttentionCache:
-        """An empty cache with room for ``capacity`` positions, on like's device and dtype."""
-        attn = self.encoders[0].self_attn
-        shape = (len(self.encoders), attn.h, max(capacity, 1), attn.d_k)
-        empty = [like.new_empty(shape) for _ in range(3)]
-        return AttentionCache(*empty, length=0)
+    def new_cache(self) -> KVCache:
+        """An empty cache for one sequence (keys, values and projected position rows)."""
+        return KVCache(len(self.encoders), streams=3)
 
     def forward_chunk(
-        self, xs: torch.Tensor, cache: AttentionCache | None = None
-    ) -> tuple[torch.Tensor, AttentionCache]:
-        """Causally encode the next positions xs [1, T1, input_size] after those in ``cache``.
+        self, xs: torch.Tensor, cache: KVCache | list[KVCache] | None = None
+    ) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
+        """Causally encode the next positions xs [B, T1, input_size] after those in the caches.
 
         Equivalent to the official ``forward_chunk(xs, offset=cache.length,
         required_cache_size=-1, att_mask=tril)`` as the v1 LLM calls it: each new position sees
         every cached position and the new positions up to itself. Each layer projects only the
-        new positions. Returns (out [1, T1, D], cache); keep using the returned cache (it may be
-        a grown copy; the one passed in is updated in place).
+        new positions. One cache (or None) for a batch of one; a list of B caches for B rows, each
+        bringing one new position (a decoding step). Returns (out [B, T1, D], the cache(s)),
+        extended in place.
         """
-        if xs.size(0) != 1:
-            raise InvalidRequestError(f"forward_chunk takes a batch of 1, got {xs.size(0)}")
-        chunk = xs.size(1)
-        if cache is None:
-            cache = self.new_cache(chunk, xs)
-        cache = cache.reserve(cache.length + chunk)
+        single = not isinstance(cache, list)
+        caches = [self.new_cache() if cache is None else cache] if single else cache
+        batch, chunk = xs.shape[:2]
+        if len(caches) != batch or (batch > 1 and chunk != 1):
+            raise ValueError(f"{batch} rows of {chunk} positions need {batch} caches and one "
+                             f"position per row when batched; got {len(caches)} caches")
         xs = self.embed.out(xs) * self.embed.pos_enc.xscale
-        distances = torch.arange(cache.length, cache.length + chunk, device=xs.device)
-        pe_new = self.embed.pos_enc.sinusoids(distances).to(xs.dtype)
+        steps = torch.arange(chunk, device=xs.device)
+        pe_new = torch.stack([self.embed.pos_enc.sinusoids(c.length + steps) for c in caches])
+        pe_new = pe_new.to(xs.dtype)
         for index, layer in enumerate(self.encoders):
-            xs = layer.forward_cached(xs, cache, index, pe_new)
-        cache.length += chunk
-        return self.after_norm(xs), cache
+            xs = layer.forward_cached(xs, caches, index, pe_new)
+        for c in caches:
+            c.advance(chunk)
+        return self.after_norm(xs), (caches[0] if single else caches)
 
 
 class ConformerEncoder(_Encoder):

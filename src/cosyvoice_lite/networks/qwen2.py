@@ -12,8 +12,11 @@ official `llm.pt` keys `llm.model.model.*` and `llm.model.lm_head.weight` load w
         .model.norm                         final RMSNorm
         .lm_head                            tied to embed_tokens when tie_word_embeddings (unused here)
 
-Only `CosyVoice-BlankEN/config.json` is read; every weight comes from `llm.pt`. The key/value cache
-is an explicit `KVCache` value owned by the caller, never state on the module.
+Only `CosyVoice-BlankEN/config.json` is read; every weight comes from `llm.pt`. The key/value caches
+are explicit `KVCache` values owned by the caller, never state on the module. A batch of B rows
+takes B caches: the projections and the MLP run on all rows at once (one read of the weights),
+attention runs per row over that row's own cache, so rows of different lengths need no padding and
+a row's result does not depend on the other rows.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.cache import KVCache
+
+Caches = KVCache | list[KVCache] | None
+"""One cache (a batch of one), one cache per batch row, or None (a fresh sequence)."""
 
 __all__ = [
+    "Caches",
     "KVCache",
     "Qwen2Attention",
     "Qwen2Config",
@@ -107,49 +115,6 @@ class Qwen2Config:
         return cls.from_dict(cfg)
 
 
-class _LayerCache:
-    """Keys/values of one layer, (batch, kv_heads, time, head_dim), in a buffer that grows by
-    doubling so that appending one step does not copy the whole history."""
-
-    __slots__ = ("keys", "values", "length")
-
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new_length = self.length + k.size(2)
-        capacity = 0 if self.keys is None else self.keys.size(2)
-        if new_length > capacity:
-            b, h, _, d = k.shape
-            capacity = max(new_length, 2 * capacity, 64)
-            keys, values = k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, d)
-            if self.keys is not None:
-                keys[:, :, : self.length] = self.keys[:, :, : self.length]
-                values[:, :, : self.length] = self.values[:, :, : self.length]
-            self.keys, self.values = keys, values
-        self.keys[:, :, self.length : new_length] = k
-        self.values[:, :, self.length : new_length] = v
-        self.length = new_length
-        return self.keys[:, :, :new_length], self.values[:, :, :new_length]
-
-
-class KVCache:
-    """Per-sequence key/value cache for every layer of a `Qwen2Model`.
-
-    Owned by the caller (one per request); the model appends to it in place and returns it.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [_LayerCache() for _ in range(num_layers)]
-
-    @property
-    def seq_len(self) -> int:
-        """Number of positions already cached."""
-        return self.layers[0].length if self.layers else 0
-
-
 class Qwen2RMSNorm(nn.Module):
     """RMSNorm computed in float32, then cast back, as transformers' Qwen2RMSNorm."""
 
@@ -203,19 +168,22 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: _LayerCache, mask: torch.Tensor | None) -> torch.Tensor:
+                caches: list[KVCache], layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-        k, v = cache.append(k, v)
         # Grouped-query attention without copying the cache per query head: query head h uses KV
         # head h // group, so fold each group of query heads into the query-length axis (rows
         # r * n + i) and let every KV head attend for its whole group at once.
         group = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, self.num_kv_heads, group * n, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        rows = []
+        for row, cache in enumerate(caches):
+            keys, values = cache.write(layer, k[row], v[row])
+            q_row = q[row : row + 1].reshape(1, self.num_kv_heads, group * n, self.head_dim)
+            rows.append(F.scaled_dot_product_attention(q_row, keys[None], values[None], attn_mask=mask))
+        out = rows[0] if b == 1 else torch.cat(rows)
         out = out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
@@ -240,8 +208,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: _LayerCache, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+                caches: list[KVCache], layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -259,27 +227,36 @@ class Qwen2Model(nn.Module):
         return KVCache(len(self.layers))
 
     def forward(self, inputs_embeds: torch.Tensor,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Causal forward of `inputs_embeds` (batch, time, hidden) after what `cache` holds.
+                cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
+        """Causal forward of `inputs_embeds` (batch, time, hidden) after what the caches hold.
 
-        Returns the final-norm hidden states (transformers' `hidden_states[-1]`) and the cache,
-        extended in place by the new positions.
+        Returns the final-norm hidden states (transformers' `hidden_states[-1]`) and the cache(s),
+        extended in place by the new positions. Several rows (one cache each) must each bring one
+        new position (a decoding step); a prefill is a batch of one.
         """
-        if cache is None:
-            cache = self.new_cache()
-        past, n = cache.seq_len, inputs_embeds.size(1)
-        positions = torch.arange(past, past + n, device=inputs_embeds.device)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
-                                  inputs_embeds.dtype)
+        single = not isinstance(cache, list)
+        caches = [self.new_cache() if cache is None else cache] if single else cache
+        b, n = inputs_embeds.shape[:2]
+        if len(caches) != b or (b > 1 and n != 1):
+            raise ValueError(f"{b} rows of {n} positions need {b} caches and one position per row "
+                             f"when batched; got {len(caches)} caches")
+        device = inputs_embeds.device
+        past = torch.tensor([c.length for c in caches], device=device)
+        positions = past[:, None] + torch.arange(n, device=device)  # (batch, time)
+        cos, sin = rotary_cos_sin(positions.reshape(-1), self.config.head_dim,
+                                  self.config.rope_theta, inputs_embeds.dtype)
+        cos, sin = cos.view(b, 1, n, -1), sin.view(b, 1, n, -1)  # broadcast over heads
         group = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = None
         if n > 1:  # a single new position sees the whole cache; otherwise causal, repeated per group
-            keys = torch.arange(past + n, device=inputs_embeds.device)
-            mask = (keys[None, :] <= positions[:, None]).repeat(group, 1)
+            keys = torch.arange(caches[0].length + n, device=device)
+            mask = (keys[None, :] <= positions[0][:, None]).repeat(group, 1)
         x = inputs_embeds
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x = layer(x, cos, sin, layer_cache, mask)
-        return self.norm(x), cache
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, caches, index, mask)
+        for c in caches:
+            c.advance(n)
+        return self.norm(x), (caches[0] if single else caches)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -293,7 +270,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, inputs_embeds: torch.Tensor,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+                cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         return self.model(inputs_embeds, cache)
 
 
@@ -319,10 +296,11 @@ class Qwen2Encoder(nn.Module):
         return self.model.model.new_cache()
 
     def forward_one_step(self, xs: torch.Tensor,
-                         cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+                         cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         """Feed `xs` (batch, time, hidden) after the cached positions; returns the post-norm
-        hidden states of the new positions and the (extended) cache."""
+        hidden states of the new positions and the (extended) cache(s)."""
         return self.model(xs, cache)
 
-    def forward(self, xs: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(self, xs: torch.Tensor,
+                cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         return self.model(xs, cache)

@@ -5,29 +5,26 @@ Input layout of one request (all rows are llm_input_size wide):
     [sos, speaker?, TextEncoder(prompt_text + text), task_id, speech_embedding(prompt_speech)]
 
 then speech tokens are decoded one at a time through the ``llm`` encoder's KV cache, so every step
-runs the layers over one new position only.
+runs the layers over one new position only. The module computes (``prefix``, ``log_probs`` for a
+batch of rows, ``speech_input``); the decoding loop is ``cosyvoice_lite.decoding``'s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError
-from cosyvoice_lite.networks.conformer import AttentionCache, ConformerEncoder, TransformerEncoder
-
-Sampler = Callable[[torch.Tensor, Sequence[int]], int]
-"""(1-D log-probabilities of the next token, tokens decoded so far) -> chosen token id."""
+from cosyvoice_lite.networks.cache import KVCache
+from cosyvoice_lite.networks.conformer import ConformerEncoder, TransformerEncoder
 
 
 class TransformerLM(nn.Module):
     """v1 LLM. Constructor kwargs are the official yaml ones; ``text_encoder`` and ``llm`` come built.
 
-    ``sampling``, ``length_normalized_loss`` and ``lsm_weight`` are accepted and ignored: the
-    sampler is passed to each ``generate`` call instead.
+    ``sampling``, ``length_normalized_loss`` and ``lsm_weight`` are accepted and ignored: requests
+    bring their own sampler.
     """
 
     def __init__(
@@ -48,6 +45,8 @@ class TransformerLM(nn.Module):
         self.llm_input_size = llm_input_size
         self.speech_token_size = speech_token_size
         self.eos_token = speech_token_size
+        self.sos = 0  # llm_embedding rows
+        self.task_id = 1
         self.text_embedding = nn.Embedding(text_token_size, text_encoder_input_size)
         self.text_encoder = text_encoder
         self.text_encoder_affine_layer = nn.Linear(text_encoder.output_size(), llm_input_size)
@@ -107,53 +106,20 @@ class TransformerLM(nn.Module):
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm_decoder(hidden).log_softmax(dim=-1)
 
-    @staticmethod
-    def length_bounds(
-        n_text_tokens: int, min_token_text_ratio: float, max_token_text_ratio: float
-    ) -> tuple[int, int]:
-        """(min_len, max_len) of the decoded tokens, from the tts-text token count (prompt excluded).
+    def new_cache(self) -> KVCache:
+        return self.llm.new_cache()
 
-        Computed like the official, in float32 tensor arithmetic, so that int() truncates the
-        same way for non-integer ratios.
-        """
-        n = torch.tensor(n_text_tokens)
-        return int(n * min_token_text_ratio), int(n * max_token_text_ratio)
+    def speech_input(self, token: int) -> torch.Tensor:
+        """The input [1, 1, D] that feeds a decoded speech token back."""
+        return self.speech_embedding.weight[token].reshape(1, 1, -1)
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        text: torch.Tensor,
-        prompt_text: torch.Tensor,
-        prompt_speech_token: torch.Tensor,
-        embedding: torch.Tensor,
-        sampler: Sampler,
-        max_token_text_ratio: float = 20,
-        min_token_text_ratio: float = 2,
-    ) -> Iterator[int]:
-        """Yield speech tokens one by one, as the official ``TransformerLM.inference`` does.
-
-        text, prompt_text, prompt_speech_token: int tensors [1, T] (T may be 0 for the prompts);
-        embedding: x-vector [1, 192], or [0, 192] for no speaker row. EOS is masked out while
-        fewer than min_len tokens were decoded; the stop token is never yielded; generation
-        also stops after max_len tokens.
-        """
-        lm_input = self.prefix(text, prompt_text, prompt_speech_token, embedding)
-        min_len, max_len = self.length_bounds(
-            text.size(1), min_token_text_ratio, max_token_text_ratio
-        )
-        cache: AttentionCache = self.llm.new_cache(lm_input.size(1) + max_len, lm_input)
-        decoded: list[int] = []
-        for step in range(max_len):
-            hidden, cache = self.llm.forward_chunk(lm_input, cache)
-            log_probs = self._log_probs(hidden[0, -1])
-            if step < min_len:
-                log_probs[self.eos_token] = -float("inf")
-            token = sampler(log_probs, decoded)
-            if token == self.eos_token:
-                return
-            yield token
-            decoded.append(token)
-            lm_input = self.speech_embedding.weight[token].reshape(1, 1, -1)
+    def log_probs(self, inputs: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Next-token log-probabilities [B, V] after feeding ``inputs`` [B, T, D] to B rows, each
+        extending its own cache (B > 1 takes one position per row)."""
+        hidden, _ = self.llm.forward_chunk(inputs, caches)
+        if hidden.size(0) == 1:  # a vector product, exactly as the official computes one row
+            return self._log_probs(hidden[0, -1]).unsqueeze(0)
+        return self._log_probs(hidden[:, -1])
 
     @torch.inference_mode()
     def teacher_forced_logits(
@@ -168,7 +134,7 @@ class TransformerLM(nn.Module):
 
         Row i is the distribution token i is drawn from, given the prefix and speech_tokens[:, :i]
         (no EOS masking applied). Computed in one causal pass through the same cached code path
-        ``generate`` uses.
+        decoding uses.
         """
         lm_input = self.prefix(text, prompt_text, prompt_speech_token, embedding)
         n_prefix, n_tokens = lm_input.size(1), speech_tokens.size(1)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+from ..decoding import (
+    LengthPolicy,
+    Task,
+    TextSource,
+    bistream_task,
+    given_tokens_task,
+    run_alone,
+    speech_token_task,
+)
 
 
 @dataclass(frozen=True)
@@ -37,3 +49,26 @@ def fade_in_out(fade_in: torch.Tensor, fade_out: torch.Tensor, window: torch.Ten
                + fade_out[..., -n:].double() * window[n:].to(fade_in.device))
     out[..., :n] = blended.to(out.dtype)
     return out
+
+
+def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Task:
+    """The speech-token task of one segment: given tokens (voice conversion), streaming text in
+    (bistream), or the plain official decoding."""
+    if inputs.source_speech_token is not None:
+        return given_tokens_task(inputs.source_speech_token)
+    if not isinstance(inputs.text, torch.Tensor):
+        return bistream_task(lm, TextSource(inputs.text), inputs.prompt_text,
+                             inputs.llm_prompt_speech_token, sampler, policy)
+    return speech_token_task(lm, inputs.text, inputs.prompt_text, inputs.llm_prompt_speech_token,
+                             inputs.llm_embedding, sampler, policy)
+
+
+def run_task_alone(lm, task: Task, compute: Callable[[], AbstractContextManager]) -> Iterator[int]:
+    """A task's tokens computed as a batch of one, in the compute (precision) context."""
+    tokens = run_alone(lm, task)
+    while True:
+        with torch.inference_mode(), compute():  # never held across a yield
+            token = next(tokens, None)
+        if token is None:
+            return
+        yield token

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import ModelInputs, fade_in_out
+from ..decoding import OFFICIAL_LENGTHS, LengthPolicy, Task
+from .common import ModelInputs, decoding_task, fade_in_out, run_task_alone
 
 TOKEN_OVERLAP = 20  # tokens shared by consecutive streaming chunks
 MEL_CACHE = 20  # mel frames of look-back given to the vocoder
@@ -30,6 +31,33 @@ class V1Stream:
     hift_mel: torch.Tensor | None = None
     hift_source: torch.Tensor | None = None
     hift_speech: torch.Tensor | None = None
+
+
+class V1Segment:
+    """One segment's tokens -> waveform: the official chunking (a fixed hop plus 20 overlap tokens
+    when streaming; everything at the end otherwise) with per-request caches."""
+
+    def __init__(self, pipeline: V1Pipeline, inputs: ModelInputs, generator: torch.Generator,
+                 stream: bool, speed: float) -> None:
+        self.pipeline, self.inputs, self.generator = pipeline, inputs, generator
+        self.stream, self.speed = stream, speed
+        self.state = V1Stream()
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> torch.Tensor | None:
+        """Add a token; returns a waveform piece when a streaming chunk is complete."""
+        self.pending.append(token)
+        hop = self.pipeline.min_hop
+        if not self.stream or len(self.pending) < hop + TOKEN_OVERLAP:
+            return None
+        chunk = self.pending[: hop + TOKEN_OVERLAP]
+        self.pending = self.pending[hop:]
+        return self.pipeline._token2wav(self.state, chunk, self.inputs, self.generator, False)
+
+    def finish(self) -> torch.Tensor:
+        """The last piece, from the tokens not yet turned into audio."""
+        return self.pipeline._token2wav(self.state, self.pending, self.inputs, self.generator,
+                                        True, self.speed)
 
 
 class V1Pipeline:
@@ -51,45 +79,29 @@ class V1Pipeline:
     def device(self) -> torch.device:
         return next(self.flow.parameters()).device
 
-    def speech_tokens(self, inputs: ModelInputs, sampler) -> Iterator[int]:
-        if inputs.source_speech_token is not None:  # voice conversion: the tokens come from audio
-            yield from inputs.source_speech_token.flatten().tolist()
-            return
-        tokens = self.llm.generate(
-            text=inputs.text,
-            prompt_text=inputs.prompt_text,
-            prompt_speech_token=inputs.llm_prompt_speech_token,
-            embedding=inputs.llm_embedding,
-            sampler=sampler,
-        )
-        # Enter the inference/autocast contexts around each step only: held across a yield they
-        # would leak into the flow and vocoder work the consumer does between tokens.
-        while True:
-            with torch.inference_mode(), self.compute():
-                token = next(tokens, None)
-            if token is None:
-                return
-            yield token
+    def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
+        """The decoding task of one segment (the engine loop steps it with other requests')."""
+        return decoding_task(self.llm, inputs, sampler, policy)
+
+    def speech_tokens(self, inputs: ModelInputs, sampler,
+                      policy: LengthPolicy = OFFICIAL_LENGTHS) -> Iterator[int]:
+        """One segment's speech tokens, decoded alone (a batch of one)."""
+        return run_task_alone(self.llm, self.task(inputs, sampler, policy), self.compute)
+
+    def start(self, inputs: ModelInputs, generator: torch.Generator, stream: bool,
+              speed: float = 1.0) -> V1Segment:
+        """The token -> waveform state of one segment; push tokens in, pieces come out."""
+        return V1Segment(self, inputs, generator, stream, speed)
 
     def synthesize(self, inputs: ModelInputs, sampler, generator: torch.Generator,
                    stream: bool, speed: float = 1.0) -> Iterator[torch.Tensor]:
-        """Waveform pieces [1, N]; see ``pieces`` for the same with an end-of-utterance flag."""
-        for piece, _ in self.pieces(inputs, sampler, generator, stream, speed):
-            yield piece
-
-    def pieces(self, inputs: ModelInputs, sampler, generator: torch.Generator,
-               stream: bool, speed: float = 1.0) -> Iterator[tuple[torch.Tensor, bool]]:
-        """Yield waveform pieces [1, N]. Non-streaming is the same loop with an infinite hop."""
-        state = V1Stream()
-        pending: list[int] = []
-        hop = self.min_hop
+        """Waveform pieces [1, N] of one segment, computed alone."""
+        segment = self.start(inputs, generator, stream, speed)
         for token in self.speech_tokens(inputs, sampler):
-            pending.append(token)
-            if stream and len(pending) >= hop + TOKEN_OVERLAP:
-                chunk = pending[: hop + TOKEN_OVERLAP]
-                yield self._token2wav(state, chunk, inputs, generator, False), False
-                pending = pending[hop:]
-        yield self._token2wav(state, pending, inputs, generator, True, speed), True
+            piece = segment.push(token)
+            if piece is not None:
+                yield piece
+        yield segment.finish()
 
     @torch.inference_mode()
     def _token2wav(self, state: V1Stream, tokens: list[int], inputs: ModelInputs,

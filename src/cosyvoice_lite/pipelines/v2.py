@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import ModelInputs, fade_in_out
+from ..decoding import OFFICIAL_LENGTHS, LengthPolicy, Task, drop_long_silences
+from .common import ModelInputs, decoding_task, fade_in_out, run_task_alone
 
 TOKEN_HOP = 25  # training chunk size: the first hop
 MAX_TOKEN_HOP = 100
@@ -43,6 +44,49 @@ class _Stream:
     hift_stream: object | None = None  # v3: the causal vocoder's streaming state
 
 
+class V2Segment:
+    """One segment's tokens -> waveform with the official v2/v3 chunking, per-request state."""
+
+    def __init__(self, pipeline: V2Pipeline, inputs: ModelInputs, generator: torch.Generator,
+                 stream: bool, speed: float) -> None:
+        self.pipeline, self.inputs, self.generator = pipeline, inputs, generator
+        self.stream, self.speed = stream, speed
+        self.state = _Stream()
+        prompt_len = inputs.flow_prompt_speech_token.shape[1]
+        self.prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
+        self.flow_stream = pipeline._start_flow_stream(inputs) if stream else None
+        self.pushed = 0  # tokens handed to the incremental flow so far
+
+    def push(self, token: int) -> torch.Tensor | None:
+        """Add a token; returns a waveform piece when a streaming chunk is complete."""
+        state, pipeline = self.state, self.pipeline
+        state.tokens.append(token)
+        hop = state.hop + (self.prompt_pad if state.offset == 0 else 0)
+        if not self.stream or len(state.tokens) - state.offset < hop + pipeline.lookahead:
+            return None
+        end = state.offset + hop + pipeline.lookahead
+        if self.flow_stream is not None:  # only the new chunk is computed
+            mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed : end], finalize=False)
+            self.pushed = end
+        else:  # reference path: re-run the flow over everything, as the official does
+            mel = pipeline._flow(state, self.inputs, state.tokens[:end], streaming=True,
+                                 finalize=False)
+        state.offset += hop
+        state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
+        return pipeline._vocode(state, mel, self.generator, finalize=False)
+
+    def finish(self) -> torch.Tensor:
+        """The last piece, from the tokens not yet turned into audio."""
+        state, pipeline = self.state, self.pipeline
+        if self.flow_stream is not None:
+            # The official flows the remainder with full attention over the whole history; the
+            # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
+            mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed :], finalize=True)
+        else:
+            mel = pipeline._flow(state, self.inputs, state.tokens, streaming=False, finalize=True)
+        return pipeline._vocode(state, mel, self.generator, finalize=True, speed=self.speed)
+
+
 class V2Pipeline:
     """LLM -> causal flow -> HiFT for CosyVoice2 (``causal_vocoder=False``) and CosyVoice3."""
 
@@ -63,62 +107,33 @@ class V2Pipeline:
         return next(self.flow.parameters()).device
 
     # ------------------------------------------------------------------ tokens
-    def speech_tokens(self, inputs: ModelInputs, sampler) -> Iterator[int]:
-        if inputs.source_speech_token is not None:
-            yield from inputs.source_speech_token.flatten().tolist()
-            return
-        if isinstance(inputs.text, torch.Tensor):
-            tokens = self.llm.generate(inputs.text, inputs.prompt_text, inputs.llm_prompt_speech_token,
-                                       sampler)
-        else:  # streaming text in: an iterator of token-id pieces
-            tokens = self.llm.generate_bistream(inputs.text, inputs.prompt_text,
-                                                inputs.llm_prompt_speech_token, sampler)
-        silent_run = 0
-        while True:
-            with torch.inference_mode(), self.compute():  # never held across a yield
-                token = next(tokens, None)
-            if token is None:
-                return
-            if self.version == 3:
-                silent_run = silent_run + 1 if token in V3_SILENT_TOKENS else 0
-                if silent_run > MAX_SILENT_RUN:
-                    continue
-            yield token
+    def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
+        """The decoding task of one segment (the engine loop steps it with other requests')."""
+        task = decoding_task(self.llm, inputs, sampler, policy)
+        if self.version == 3 and inputs.source_speech_token is None:
+            task = drop_long_silences(task, V3_SILENT_TOKENS, MAX_SILENT_RUN)
+        return task
+
+    def speech_tokens(self, inputs: ModelInputs, sampler,
+                      policy: LengthPolicy = OFFICIAL_LENGTHS) -> Iterator[int]:
+        """One segment's speech tokens, decoded alone (a batch of one)."""
+        return run_task_alone(self.llm, self.task(inputs, sampler, policy), self.compute)
 
     # ------------------------------------------------------------------ synthesis
+    def start(self, inputs: ModelInputs, generator: torch.Generator, stream: bool,
+              speed: float = 1.0) -> V2Segment:
+        """The token -> waveform state of one segment; push tokens in, pieces come out."""
+        return V2Segment(self, inputs, generator, stream, speed)
+
     def synthesize(self, inputs: ModelInputs, sampler, generator: torch.Generator,
                    stream: bool, speed: float = 1.0) -> Iterator[torch.Tensor]:
-        """Waveform pieces [1, N]; see ``pieces`` for the same with an end-of-utterance flag."""
-        for piece, _ in self.pieces(inputs, sampler, generator, stream, speed):
-            yield piece
-
-    def pieces(self, inputs: ModelInputs, sampler, generator: torch.Generator,
-               stream: bool, speed: float = 1.0) -> Iterator[tuple[torch.Tensor, bool]]:
-        state = _Stream()
-        prompt_len = inputs.flow_prompt_speech_token.shape[1]
-        prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
-        flow_stream = self._start_flow_stream(inputs) if stream else None
-        pushed = 0  # tokens handed to the incremental flow so far
+        """Waveform pieces [1, N] of one segment, computed alone."""
+        segment = self.start(inputs, generator, stream, speed)
         for token in self.speech_tokens(inputs, sampler):
-            state.tokens.append(token)
-            hop = state.hop + (prompt_pad if state.offset == 0 else 0)
-            if stream and len(state.tokens) - state.offset >= hop + self.lookahead:
-                end = state.offset + hop + self.lookahead
-                if flow_stream is not None:  # only the new chunk is computed
-                    mel = self._flow_step(flow_stream, state.tokens[pushed:end], finalize=False)
-                    pushed = end
-                else:  # reference path: re-run the flow over everything, as the official does
-                    mel = self._flow(state, inputs, state.tokens[:end], streaming=True, finalize=False)
-                state.offset += hop
-                state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
-                yield self._vocode(state, mel, generator, finalize=False), False
-        if flow_stream is not None:
-            # The official flows the remainder with full attention over the whole history; the
-            # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
-            mel = self._flow_step(flow_stream, state.tokens[pushed:], finalize=True)
-        else:
-            mel = self._flow(state, inputs, state.tokens, streaming=False, finalize=True)
-        yield self._vocode(state, mel, generator, finalize=True, speed=speed), True
+            piece = segment.push(token)
+            if piece is not None:
+                yield piece
+        yield segment.finish()
 
     def _start_flow_stream(self, inputs: ModelInputs):
         if not hasattr(self.flow, "new_stream"):

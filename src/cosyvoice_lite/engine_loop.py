@@ -1,0 +1,306 @@
+"""The engine loop: one thread owns the model and steps every active request together.
+
+Each step: admit waiting requests (their prompt and first segment are prepared then), feed every
+row that needs it (a joining row's prefill alone, within a token budget; every decoding row's next
+token in one batched call, each row on its own KV cache), hand each row its log-probabilities,
+sample with the row's own generator, push the tokens into the row's audio stage (which computes a
+flow + vocoder chunk when one is ready) and deliver the audio at once. Finished, failed and
+cancelled rows leave at the next step; a failing row fails alone.
+
+LLM decoding is memory-bound, so stepping 8 rows costs little more than stepping 1: that is where
+the throughput of concurrent requests comes from. A single request is a batch of one, so the CLI,
+the Python API and the server all go through here, and torch's threads are used once, by this
+loop, whatever the number of requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .decoding import WAIT, Feed
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
+
+
+class Sink(Protocol):
+    """Where a request's output goes; called from the loop thread."""
+
+    def chunk(self, chunk: Any) -> None: ...
+
+    def end(self, error: BaseException | None) -> None: ...
+
+
+class Run(Protocol):
+    """A prepared request, as the engine builds it (see ``Engine._prepare``)."""
+
+    segments: list
+
+    def start_segment(self, index: int) -> tuple[Any, Any]:
+        """(decoding task, audio stage) of segment ``index``."""
+
+    def emit(self, piece: torch.Tensor, index: int, final: bool) -> None: ...
+
+    def segment_done(self, index: int) -> None: ...
+
+
+@dataclass
+class Job:
+    """One submitted request: ``prepare()`` runs in the loop thread when the request is admitted
+    and returns its :class:`Run`; ``sink`` gets its end (or error)."""
+
+    prepare: Callable[[], Run]
+    sink: Sink
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    job: Job
+    run: Run
+    segment: int = 0
+    task: Any = None
+    audio: Any = None
+    cache: Any = None
+    feed: Feed | None = None
+    reply: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    """``max_batch`` rows decode together at most (more requests wait their turn); a step
+    prefills at most ``prefill_tokens`` positions (at least one request's prefix)."""
+
+    max_batch: int = 16
+    prefill_tokens: int = 4096
+
+
+DEFAULT_LIMITS = LoopLimits()
+
+
+class EngineLoop:
+    """The scheduler that owns all active requests of one loaded model."""
+
+    def __init__(self, lm: torch.nn.Module, compute: Callable[[], Any],
+                 limits: LoopLimits = DEFAULT_LIMITS) -> None:
+        self.lm = lm
+        self.compute = compute  # the precision context chosen at load
+        self.limits = limits
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._rows: list[_Row] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # batched decode calls so far (for tests and metrics)
+        self.rows_stepped = 0  # rows those calls decoded
+
+    # ------------------------------------------------------------------ submitting side
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, job: Job) -> Job:
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(job)
+            self._ensure_thread()
+            self._wake.notify()
+        return job
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` in the loop thread between two steps (e.g. encoding a voice prompt), so that
+        all model work shares the same threads."""
+        future: Future = Future()
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is closed")
+            self._calls.append((fn, future))
+            self._ensure_thread()
+            self._wake.notify()
+        return future
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ loop thread
+    def _main(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self._stopping or self._waiting or self._calls or self._rows):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the loop
+                    log.exception("engine step failed; failing its rows")
+                    for row in self._rows:
+                        self._fail(row, exc)
+                    self._rows = []
+        for row in self._rows:
+            self._fail(row, RuntimeError("the engine was closed"))
+        for job in self._waiting:
+            job.sink.end(RuntimeError("the engine was closed"))
+
+    def _step(self) -> None:
+        self._run_calls()
+        self._retire_cancelled()
+        self._admit()
+        if not self._rows:
+            return
+        fed = self._forward()
+        for row in list(self._rows):
+            if row.reply is not None or row.feed is None:
+                self._advance(row)
+        if not fed and all(row.feed is None for row in self._rows):
+            with self._wake:  # every row waits for streaming text: do not spin
+                self._wake.wait(IDLE_WAIT_SECONDS)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    with self.compute():
+                        future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+
+    def _retire_cancelled(self) -> None:
+        for row in [r for r in self._rows if r.job.cancelled.is_set()]:
+            self._remove(row)
+            row.job.sink.end(None)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._rows) < self.limits.max_batch:
+            with self._wake:
+                job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                job.sink.end(None)
+                continue
+            try:
+                with self.compute():
+                    run = job.prepare()
+                row = _Row(job, run)
+                self._start_segment(row, 0)
+            except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
+                job.sink.end(exc)
+                continue
+            self._rows.append(row)
+            self._advance(row)
+
+    def _start_segment(self, row: _Row, index: int) -> None:
+        row.segment = index
+        row.task, row.audio = row.run.start_segment(index)
+        row.cache = self.lm.new_cache()
+        row.feed = row.reply = None
+
+    # ------------------------------------------------------------------ compute
+    def _forward(self) -> bool:
+        """Compute the log-probabilities every fed row asked for; True if anything ran."""
+        prefills = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) > 1]
+        decodes = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) == 1]
+        budget = self.limits.prefill_tokens
+        for number, row in enumerate(prefills):
+            size = row.feed.inputs.size(1)
+            if number > 0 and size > budget:
+                break  # the rest join at a later step
+            budget -= size
+            self._forward_rows([row])
+        for start in range(0, len(decodes), self.limits.max_batch):
+            self._forward_rows(decodes[start : start + self.limits.max_batch])
+        return bool(prefills or decodes)
+
+    def _forward_rows(self, rows: list[_Row]) -> None:
+        try:
+            with self.compute():
+                inputs = rows[0].feed.inputs if len(rows) == 1 else torch.cat(
+                    [r.feed.inputs for r in rows])
+                logp = self.lm.log_probs(inputs, [r.cache for r in rows])
+        except BaseException as exc:  # noqa: BLE001
+            if len(rows) == 1:
+                self._fail(rows[0], exc)
+                self._remove(rows[0])
+                return
+            for row in rows:  # find the row that fails; the others go on
+                self._forward_rows([row])
+            return
+        if len(rows) > 1:
+            self.steps += 1
+            self.rows_stepped += len(rows)
+        for index, row in enumerate(rows):
+            row.reply, row.feed = logp[index], None
+
+    def _advance(self, row: _Row) -> None:
+        """Run the row's task until it needs a forward, waits for text, or its request ends;
+        tokens go to the audio stage and audio to the request as soon as it exists."""
+        try:
+            with self.compute():
+                self._advance_task(row)
+        except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
+            self._fail(row, exc)
+            self._remove(row)
+
+    def _advance_task(self, row: _Row) -> None:
+        while not row.job.cancelled.is_set():
+            reply, row.reply = row.reply, None
+            try:
+                item = row.task.send(reply)
+            except StopIteration:
+                last = row.segment == len(row.run.segments) - 1
+                row.run.emit(row.audio.finish(), row.segment, last)
+                row.run.segment_done(row.segment)
+                if last:
+                    self._remove(row)
+                    row.job.sink.end(None)
+                    return
+                self._start_segment(row, row.segment + 1)
+                continue
+            if isinstance(item, Feed):
+                row.feed = item
+                return
+            if item is WAIT:
+                return
+            piece = row.audio.push(item)
+            if piece is not None:
+                row.run.emit(piece, row.segment, False)
+
+    def _remove(self, row: _Row) -> None:
+        if row in self._rows:
+            self._rows.remove(row)
+        if row.task is not None:
+            row.task.close()
+        row.task = row.audio = row.cache = row.feed = row.reply = None
+
+    def _fail(self, row: _Row, exc: BaseException) -> None:
+        if not isinstance(exc, Exception):
+            exc = RuntimeError(f"synthesis stopped: {exc!r}")
+        row.job.sink.end(exc)
