@@ -1,0 +1,217 @@
+"""The batched core: rows stepped together give what each gives alone.
+
+Networks: B rows of different lengths, each on its own KV cache, against each row alone (1e-4).
+Engine: requests submitted together (different modes, lengths, streaming or not, joining and
+leaving mid-way, cancelled, failing) against each request run alone with the same seed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite import Engine, Mode, SynthesisRequest
+from cosyvoice_lite.engine import QueueSink
+from cosyvoice_lite.errors import AudioError
+from cosyvoice_lite.networks.qwen2 import Qwen2Encoder
+from cosyvoice_lite.networks.qwen2_lm import CosyVoice3LM, Qwen2LM
+
+DATA = Path(__file__).resolve().parent / "data"
+PROMPT = DATA / "audio" / "zh_16k.wav"
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------- networks
+def _qwen_lm(cls) -> Qwen2LM:
+    torch.manual_seed(0)
+    lm = cls(llm_input_size=16, llm_output_size=16, speech_token_size=6561,
+             llm=Qwen2Encoder(DATA / "CosyVoice-BlankEN-tiny"))
+    for p in lm.parameters():  # the default init of an untrained decoder is too flat to test
+        torch.nn.init.normal_(p, std=0.5)
+    return lm.eval()
+
+
+def _v1_lm(v1_dir: Path):
+    return Engine.load(v1_dir).pipeline.llm
+
+
+def _check_rows_match_alone(lm, prefixes: list[torch.Tensor], steps: int) -> None:
+    """Prefill each row alone, then decode ``steps`` tokens batched and alone: same log-probs."""
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        batched = [lm.new_cache() for _ in prefixes]
+        alone = [lm.new_cache() for _ in prefixes]
+        for prefix, a, b in zip(prefixes, batched, alone, strict=True):
+            lm.log_probs(prefix, [a])
+            lm.log_probs(prefix, [b])
+        for _ in range(steps):
+            tokens = torch.randint(0, 100, (len(prefixes),)).tolist()
+            inputs = torch.cat([lm.speech_input(t) for t in tokens])
+            together = lm.log_probs(inputs, batched)
+            for row, (token, cache) in enumerate(zip(tokens, alone, strict=True)):
+                single = lm.log_probs(lm.speech_input(token), [cache])[0]
+                torch.testing.assert_close(together[row], single, atol=TOL, rtol=0)
+    assert [c.length for c in batched] == [c.length for c in alone]
+
+
+@pytest.mark.parametrize("cls", [Qwen2LM, CosyVoice3LM])
+def test_qwen_rows_of_different_lengths_match_alone(cls) -> None:
+    lm = _qwen_lm(cls)
+    eop = CosyVoice3LM.END_OF_PROMPT_ID
+    prefixes = [lm.prefix([eop, 5, 6, 7], [], list(range(n)), None) for n in (3, 11, 25)]
+    _check_rows_match_alone(lm, prefixes, steps=6)
+
+
+def test_v1_rows_of_different_lengths_match_alone(v1_dir: Path) -> None:
+    lm = _v1_lm(v1_dir)
+    embedding = torch.randn(1, 192)
+    prefixes = [lm.prefix(torch.tensor([[5, 6, 7] * n]), torch.zeros(1, 0, dtype=torch.int32),
+                          torch.zeros(1, 0, dtype=torch.int32), embedding) for n in (1, 3, 7)]
+    _check_rows_match_alone(lm, prefixes, steps=6)
+
+
+def test_batched_rows_need_one_position_each() -> None:
+    lm = _qwen_lm(Qwen2LM)
+    with torch.inference_mode(), pytest.raises(ValueError, match="one position per row"):
+        lm.log_probs(torch.zeros(2, 3, 16), [lm.new_cache(), lm.new_cache()])
+
+
+# ---------------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def v2() -> Engine:
+    return Engine.load(DATA / "models" / "v2-tiny", max_batch=8)
+
+
+def _request(text: str, seed: int, **kwargs) -> SynthesisRequest:
+    kwargs.setdefault("mode", Mode.ZERO_SHOT)
+    kwargs.setdefault("max_speech_tokens", 40)  # bounds the work of random weights
+    if kwargs["mode"] in (Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.INSTRUCT):
+        kwargs.setdefault("prompt_audio", PROMPT)
+    if kwargs["mode"] == Mode.ZERO_SHOT:
+        kwargs.setdefault("prompt_text", PROMPT_TEXT)
+    return SynthesisRequest(text=text, seed=seed, **kwargs)
+
+
+REQUESTS = [
+    _request("你好。", 1),
+    _request("今天天气真好，我们出去走走吧。", 2, stream=True),
+    _request("Nice to meet you.", 3, mode=Mode.CROSS_LINGUAL),
+    _request("你好。", 4, mode=Mode.PRESET, voice="中文女", prompt_audio=None),
+    _request("慢慢说。", 5, mode=Mode.INSTRUCT, instruct="用四川话说这句话"),
+]
+
+
+def _alone(engine: Engine, request: SynthesisRequest) -> np.ndarray:
+    return np.concatenate([c.samples for c in engine.synthesize(request)])
+
+
+def _together(engine: Engine, requests: list[SynthesisRequest]) -> list:
+    """Submit every request at once; returns each one's audio, or the exception it ended with."""
+    sinks = [QueueSink() for _ in requests]
+    for request, sink in zip(requests, sinks, strict=True):
+        engine.submit(request, sink)
+    results = []
+    for sink in sinks:
+        try:
+            results.append(np.concatenate([c.samples for c in sink]))
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results.append(exc)
+    return results
+
+
+@pytest.fixture(scope="module")
+def alone(v2: Engine) -> list[np.ndarray]:
+    return [_alone(v2, r) for r in REQUESTS]
+
+
+def test_mixed_requests_together_equal_each_alone(v2: Engine, alone: list[np.ndarray]) -> None:
+    steps, rows = v2.loop.steps, v2.loop.rows_stepped
+    together = _together(v2, REQUESTS)
+    assert v2.loop.rows_stepped - rows > v2.loop.steps - steps > 0  # rows really shared steps
+    for request, a, b in zip(REQUESTS, alone, together, strict=True):
+        assert a.shape == b.shape, request
+        np.testing.assert_allclose(b, a, atol=TOL, rtol=0, err_msg=str(request.mode))
+    assert v2.loop.active == 0
+
+
+def test_a_request_joining_mid_way_equals_alone(v2: Engine, alone: list[np.ndarray]) -> None:
+    first, later = QueueSink(), QueueSink()
+    v2.submit(REQUESTS[1], first)  # streaming: its first chunk comes while it still decodes
+    chunks = iter(first)
+    head = [next(chunks)]
+    v2.submit(REQUESTS[0], later)
+    rest = list(chunks)
+    joined = np.concatenate([c.samples for c in later])
+    np.testing.assert_allclose(np.concatenate([c.samples for c in head + rest]), alone[1], atol=TOL,
+                               rtol=0)
+    np.testing.assert_allclose(joined, alone[0], atol=TOL, rtol=0)
+
+
+def test_cancelled_row_leaves_and_frees_while_others_go_on(v2: Engine, alone) -> None:
+    cancelled, other = QueueSink(), QueueSink()
+    long = _request("收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。", 9,
+                    stream=True, max_speech_tokens=400)
+    job = v2.submit(long, cancelled)
+    v2.submit(REQUESTS[0], other)
+    first = next(iter(cancelled))
+    assert first.samples.size > 0
+    job.cancel()
+    np.testing.assert_allclose(np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0)
+    deadline = time.monotonic() + 10
+    while v2.loop.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert v2.loop.active == 0  # the cancelled row (its caches) is gone
+
+
+def test_a_failing_request_fails_alone(v2: Engine, alone) -> None:
+    bad_prompt = _request("你好。", 7, prompt_audio=b"not audio at all")
+    results = _together(v2, [REQUESTS[0], bad_prompt, REQUESTS[2]])
+    assert isinstance(results[1], AudioError)
+    np.testing.assert_allclose(results[0], alone[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(results[2], alone[2], atol=TOL, rtol=0)
+
+
+def test_an_exception_inside_a_row_fails_only_that_row(v2: Engine, alone) -> None:
+    def broken_prompt():
+        raise RuntimeError("the voice store went away")
+
+    sink, other = QueueSink(), QueueSink()
+    v2.submit(REQUESTS[0], other)
+    v2.submit(REQUESTS[0], sink, prompt=broken_prompt)
+    with pytest.raises(RuntimeError, match="voice store"):
+        list(sink)
+    np.testing.assert_allclose(np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0)
+
+
+def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
+    request = _request("你好。", 3, max_speech_tokens=17, ignore_eos=True)
+    audio = _alone(v2, request)
+    assert audio.size == 17 * 2 * 480  # 17 tokens, 2 mel frames each, 480 samples per frame
+
+
+def test_max_batch_bounds_the_rows_stepped_together(tmp_path: Path) -> None:
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=2)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(engine.loop.active)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = _together(engine, [_request("你好。", s, max_speech_tokens=15) for s in range(4)])
+    finally:
+        stop.set()
+        watcher.join()
+        engine.close()
+    assert all(isinstance(r, np.ndarray) and r.size for r in results)
+    assert max(seen) == 2
