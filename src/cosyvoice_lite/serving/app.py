@@ -33,13 +33,17 @@ from starlette.routing import Match
 from .. import __version__
 from ..audio.io import AUDIO_FORMATS
 from ..errors import CosyVoiceError
+from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready, overloaded
 from .metrics import Metrics
+from .openai_api import openai_router
 from .outputs import OutputStore
+from .prompts import PromptCache
 from .scheduler import Job, JobTimeout, Overloaded, Scheduler
-from .schemas import SpeechRequest, TTSRequest
+from .schemas import TTSRequest
 from .settings import Settings
 from .synthesis import Plan, plan_request, respond, supported_modes, voice_key
+from .upload_api import upload_router
 from .voices import VoiceExistsError, VoiceLibrary, validate_name
 
 if TYPE_CHECKING:
@@ -51,9 +55,6 @@ access_log = logging.getLogger("cosyvoice_lite.serving.access")
 STATIC = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = {"/", "/health", "/ready", "/info", "/favicon.ico", "/docs", "/openapi.json"}
 QUIET_ENDPOINTS = {"/health", "/ready", "/metrics"}
-OPENAI_MODEL_ALIASES = {"cosyvoice-lite", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"}
-OPENAI_FORMATS = ["mp3", "opus", "flac", "wav", "pcm"]
-OPENAI_PCM_RATE = 24000  # OpenAI's pcm is 24 kHz 16-bit mono, whatever the model's rate
 
 
 class ServerState:
@@ -233,6 +234,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
         state.outputs.shutdown()
 
     app = FastAPI(title="cosyvoice-lite", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # served offline by docs.py
                   description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.")
     app.state.server = state
     _install_error_handlers(app, state)
@@ -246,6 +248,10 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     _add_operations_routes(app, state)
     _add_tts_routes(app, state)
     _add_voice_routes(app, state)
+    prompts = PromptCache(settings.prompt_cache_size, settings.prompt_cache_ttl, state.metrics)
+    app.include_router(upload_router(state, prompts))
+    app.include_router(openai_router(state, prompts))
+    app.include_router(docs_router(app.title))
     _add_page_routes(app)
     return app
 
@@ -314,37 +320,6 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
                                         mode=body.mode, engine_stream=body.stream)
         plan = Plan(synthesis, saved, body.format, None, "stream" if body.stream else "whole",
                     "/tts", _request_id(request))
-        return await respond(state, request, plan)
-
-    @app.get("/v1/models", tags=["OpenAI API"])
-    async def models():
-        engine = state.require_engine()
-        return {"object": "list", "data": [{"id": engine.model.name, "object": "model",
-                                            "created": int(state.started), "owned_by": "cosyvoice-lite"}]}
-
-    @app.post("/v1/audio/speech", tags=["OpenAI API"],
-              responses={200: {"content": {"audio/mpeg": {}, "text/event-stream": {}}}})
-    async def speech(body: SpeechRequest, request: Request):
-        """OpenAI-compatible speech. ``voice`` names a preset or saved voice; ``instructions``
-        is the style instruction; ``stream_format=sse`` sends speech.audio.delta events."""
-        engine = state.require_engine()
-        if body.model != engine.model.name and body.model not in OPENAI_MODEL_ALIASES:
-            raise ApiError(404, f"model {body.model!r} is not served here; use {engine.model.name!r} "
-                           f"(or one of {', '.join(sorted(OPENAI_MODEL_ALIASES))})",
-                           "not_found_error", "model_not_found", "model")
-        if body.response_format not in OPENAI_FORMATS:
-            raise ApiError(400, f"response_format {body.response_format!r} is not supported; use one "
-                           f"of {', '.join(OPENAI_FORMATS)}", code="unsupported_format",
-                           param="response_format")
-        voice = body.voice if isinstance(body.voice, str) else body.voice.id
-        sse = body.stream_format == "sse"
-        engine_stream = body.stream if body.stream is not None else sse
-        synthesis, saved = plan_request(state, text=body.input, voice=voice,
-                                        instruct=body.instructions, speed=body.speed,
-                                        seed=body.seed, mode=None, engine_stream=engine_stream)
-        out_rate = OPENAI_PCM_RATE if body.response_format == "pcm" else None
-        plan = Plan(synthesis, saved, body.response_format, out_rate, "sse" if sse else "stream",
-                    "/v1/audio/speech", _request_id(request))
         return await respond(state, request, plan)
 
 
@@ -430,7 +405,6 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(voice.to_api(), status_code=201)
 
     @app.get("/voices", tags=["voice library"])
-    @app.get("/v1/audio/voices", tags=["voice library"], include_in_schema=False)
     async def list_voices():
         return {"object": "list", "data": [v.to_api() for v in library.list()]}
 

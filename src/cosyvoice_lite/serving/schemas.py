@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 AudioFormat = Literal["wav", "mp3", "flac", "opus", "ogg", "pcm"]
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 ModeName = Literal["preset", "zero_shot", "cross_lingual", "instruct"]
+OPENAI_FORMATS = ["mp3", "opus", "flac", "wav", "pcm"]
 
 
 class TTSRequest(BaseModel):
@@ -35,13 +36,25 @@ class SpeechRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    input: str
-    voice: str | VoiceRef
+    model: str = Field(description="The served model's name or an alias (see GET /v1/models).")
+    input: str = Field(description="Text to speak; long text is split into sentences and sent "
+                       "segment by segment (limit: GET /info, limits.max_text_chars).")
+    voice: str | VoiceRef | None = Field(
+        None, description="A preset or saved voice, or an OpenAI voice name mapped to one (GET "
+        "/v1/audio/voices). Not needed with ref_audio.")
     instructions: str | None = None
-    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    # A plain string checked by the server (400 naming the formats), documented as an enum.
+    response_format: str = Field("mp3", json_schema_extra={"enum": OPENAI_FORMATS})
+    speed: float = Field(1.0, ge=0.5, le=2.0, description="0.5 to 2.0 (the models' range).")
     stream_format: Literal["audio", "sse"] = "audio"
     # extensions (OpenAI clients send them through extra_body)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = Field(None, description="Chunk-level streaming; default: on for sse.")
+    ref_audio: str | None = Field(
+        None, description="One-off prompt recording (vLLM-Omni style): a data URI "
+        "(data:audio/wav;base64,...) or base64. Clones it without saving a voice.")
+    ref_text: str | None = Field(None, description="Transcript of ref_audio (zero-shot); without "
+                                 "it the prompt is used cross-lingually.")
+    source_audio: str | None = Field(
+        None, description="Voice conversion: speech (data URI or base64) re-spoken in the voice "
+        "of ref_audio or of voice; input is then ignored.")

@@ -33,9 +33,9 @@ class S3Settings:
 class Settings:
     """Everything the HTTP layer needs to know besides the engine."""
 
-    # The deployment guidance for CosyVoice is about 200 characters per request; longer texts
-    # must be split by the client or allowed explicitly with a higher limit.
-    max_text_chars: int = 200
+    # As OpenAI's speech API: longer texts are split into sentences (at most ~80 characters each,
+    # the models' guidance) and spoken segment by segment, each sent as soon as it is made.
+    max_text_chars: int = 4096
     max_upload_bytes: int = 10 * 1024 * 1024
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
     workers: int = 1  # synthesis threads running at once (CPU: one is usually best)
@@ -47,6 +47,10 @@ class Settings:
     outputs_dir: Path | None = None  # save every result (audio + JSON metadata) here
     s3: S3Settings | None = None
     log_requests: bool = True
+    # OpenAI voice names (alloy, echo, ...) -> voices of this server, over the default mapping
+    voice_aliases: dict[str, str] = field(default_factory=dict)
+    prompt_cache_size: int = 32  # one-off prompts whose features are kept (LRU)
+    prompt_cache_ttl: float = 600.0  # seconds a cached one-off prompt lives after its last use
 
     def __post_init__(self) -> None:
         if self.max_text_chars < 1:

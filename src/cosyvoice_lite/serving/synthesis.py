@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from .streaming import (
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..frontend.prompt import PromptFeatures
     from .app import ServerState
 
 log = logging.getLogger("cosyvoice_lite.serving")
@@ -57,6 +58,8 @@ class Plan:
     transport: str  # "whole", "stream" or "sse"
     endpoint: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # a one-off prompt sent with the request: its features, computed (or cached) in the worker
+    prompt: Callable[[], PromptFeatures] | None = None
 
 
 def voice_key(engine: Engine) -> str:
@@ -129,6 +132,8 @@ def _produce(state: ServerState, plan: Plan, accepted_at: float):
         prompt = None
         if plan.saved_voice is not None:
             prompt = state.library.features(plan.saved_voice, voice_key(engine), engine.encode_prompt)
+        elif plan.prompt is not None:
+            prompt = plan.prompt()
         if plan.transport == "whole":
             encoder = WholeEncoder(plan.format, engine.sample_rate, plan.out_rate)
         else:

@@ -1,0 +1,378 @@
+"""The OpenAI conventions: ``/v1/audio/speech`` (with the vLLM-Omni ``ref_audio``/``ref_text``
+extension for one-off prompts), ``/v1/audio/voices`` (list, create, delete), ``/v1/models`` and
+OpenAI's default voice names mapped onto this model's voices."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import UnknownVoiceError
+from .errors import ApiError, overloaded
+from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted, read_form
+from .scheduler import Job, JobTimeout, Overloaded
+from .schemas import OPENAI_FORMATS, SpeechRequest
+from .synthesis import Plan, plan_request, respond, voice_key
+from .voices import VoiceExistsError, validate_name
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+MODEL_ALIASES = ("cosyvoice-lite", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+OPENAI_PCM_RATE = 24000  # OpenAI's pcm is 24 kHz 16-bit mono, whatever the model's rate
+# OpenAI's built-in voices, and whether they sound female: the default mapping picks a preset of
+# the same kind where the model's preset names say so (the v1 -SFT voices: 英文女, 中文男, ...).
+OPENAI_VOICES = {
+    "alloy": True,
+    "ash": False,
+    "ballad": False,
+    "coral": True,
+    "echo": False,
+    "fable": False,
+    "nova": True,
+    "onyx": False,
+    "sage": True,
+    "shimmer": True,
+    "verse": False,
+    "marin": True,
+    "cedar": False,
+}
+PREFERRED = {True: ("英文女", "中文女"), False: ("英文男", "中文男")}
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI entries for the JSON errors a route answers with."""
+    what = {
+        400: "invalid request",
+        401: "missing or wrong API key",
+        404: "unknown model or voice",
+        409: "name taken",
+        413: "upload too large",
+        415: "not audio / wrong content type",
+        422: "body does not match the schema",
+        429: "queue full (Retry-After)",
+        503: "model not loaded yet",
+        504: "timeout",
+    }
+    return {
+        s: {"description": what[s], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        for s in statuses
+    }
+
+
+def default_voice_map(engine: Engine) -> dict[str, str]:
+    """OpenAI voice name -> a preset of this model (empty when the model has no presets)."""
+    presets = sorted(name for name, v in engine.presets.items() if v.kind == "preset")
+    if not presets:
+        return {}
+    mapping = {}
+    for name, female in OPENAI_VOICES.items():
+        mapping[name] = next((p for p in PREFERRED[female] if p in presets), presets[0])
+    return mapping
+
+
+def voice_aliases(state) -> dict[str, str]:
+    """The effective alias table: configured aliases over the default mapping."""
+    return {**default_voice_map(state.engine), **state.settings.voice_aliases}
+
+
+def resolve_voice(state, voice: str) -> str:
+    """A voice name as sent by a client -> a preset or saved voice of this server."""
+    engine = state.engine
+    if voice in engine.presets or state.library.exists(voice):
+        return voice
+    target = voice_aliases(state).get(voice)
+    if target is not None:
+        return target
+    if voice in OPENAI_VOICES:
+        saved = state.library.names()
+        raise UnknownVoiceError(
+            f"voice {voice!r} is an OpenAI default name and {engine.model.name} has no preset "
+            f"voice to map it to; use a saved voice ({', '.join(saved) or 'none saved yet'}), "
+            "send ref_audio (+ ref_text), or map it with --voice-alias "
+            f"{voice}=NAME"
+        )
+    available = engine.voices() + state.library.names()
+    raise UnknownVoiceError(f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}")
+
+
+def openai_router(state, prompts: PromptCache) -> APIRouter:
+    router = APIRouter(tags=["OpenAI API"])
+    settings = state.settings
+
+    @router.get("/v1/models", responses=error_responses(401, 503))
+    async def models():
+        """The served model under its own name and every alias ``model`` accepts."""
+        engine = state.require_engine()
+        names = (engine.model.name, *MODEL_ALIASES)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "cosyvoice-lite",
+                    "root": engine.model.name,
+                }
+                for name in names
+            ],
+        }
+
+    @router.post(
+        "/v1/audio/speech",
+        responses={
+            200: {
+                "content": {
+                    "audio/mpeg": {},
+                    "audio/wav": {},
+                    "audio/flac": {},
+                    "audio/ogg": {},
+                    "audio/L16": {},
+                    "text/event-stream": {},
+                },
+                "description": "the audio, sent segment by segment as it is made",
+            },
+            **error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504),
+        },
+    )
+    async def speech(body: SpeechRequest, request: Request):
+        """OpenAI-compatible speech. ``voice`` names a preset or saved voice (OpenAI's names map
+        to presets); ``instructions`` is the style instruction; ``stream_format=sse`` sends
+        speech.audio.delta events. Extensions: ``ref_audio`` + ``ref_text`` clone a one-off prompt
+        (zero-shot; cross-lingual without ref_text; with ``instructions`` on CosyVoice2/3),
+        ``source_audio`` converts speech into the voice of ``ref_audio`` or ``voice``."""
+        engine = state.require_engine()
+        if body.model != engine.model.name and body.model not in MODEL_ALIASES:
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; use {engine.model.name!r} "
+                f"(or one of {', '.join(MODEL_ALIASES)})",
+                "not_found_error",
+                "model_not_found",
+                "model",
+            )
+        if body.response_format not in OPENAI_FORMATS:
+            raise ApiError(
+                400,
+                f"response_format {body.response_format!r} is not supported; use one "
+                f"of {', '.join(OPENAI_FORMATS)}",
+                code="unsupported_format",
+                param="response_format",
+            )
+        voice = body.voice if isinstance(body.voice, str) or body.voice is None else body.voice.id
+        sse = body.stream_format == "sse"
+        engine_stream = body.stream if body.stream is not None else sse
+        limit = settings.max_upload_bytes
+        saved, provider = None, None
+        if body.ref_audio is not None or body.source_audio is not None:
+            prompt = source = None
+            if body.ref_audio is not None:
+                prompt = decode_audio_field(body.ref_audio, "ref_audio", limit)
+            if body.source_audio is not None:
+                source = check_audio(
+                    decode_audio_field(body.source_audio, "source_audio", limit),
+                    "source_audio",
+                    limit,
+                    settings.max_prompt_seconds,
+                )
+            planned = plan_prompted(
+                state,
+                prompts,
+                text=body.input,
+                prompt=prompt,
+                prompt_field="ref_audio",
+                prompt_text=body.ref_text,
+                # with ref_audio, voice is ignored (OpenAI clients always send one)
+                voice=resolve_voice(state, voice) if voice and prompt is None else None,
+                instruct=body.instructions,
+                source=source,
+                speed=body.speed,
+                seed=body.seed,
+                mode=None,
+                engine_stream=engine_stream,
+            )
+            synthesis, saved, provider = planned.request, planned.saved_voice, planned.prompt
+        else:
+            if not voice:
+                raise ApiError(
+                    400,
+                    "voice is required (or ref_audio for a one-off prompt)",
+                    code="missing_field",
+                    param="voice",
+                )
+            synthesis, saved = plan_request(
+                state,
+                text=body.input,
+                voice=resolve_voice(state, voice),
+                instruct=body.instructions,
+                speed=body.speed,
+                seed=body.seed,
+                mode=None,
+                engine_stream=engine_stream,
+            )
+        out_rate = OPENAI_PCM_RATE if body.response_format == "pcm" else None
+        request_id = request.scope.get("state", {}).get("request_id")
+        plan = Plan(
+            synthesis,
+            saved,
+            body.response_format,
+            out_rate,
+            "sse" if sse else "stream",
+            "/v1/audio/speech",
+            **({"request_id": request_id} if request_id else {}),
+            prompt=provider,
+        )
+        return await respond(state, request, plan)
+
+    @router.get("/v1/audio/voices", tags=["voice library"], responses=error_responses(401, 503))
+    async def list_voices():
+        """Every voice ``voice`` accepts: presets, saved voices, and the OpenAI names mapped to
+        them (``kind: alias`` with its ``target``)."""
+        engine = state.require_engine()
+        data = [
+            {"id": n, "name": n, "object": "audio.voice", "kind": "preset"} for n in engine.voices()
+        ]
+        data += [v.to_api() for v in state.library.list()]
+        data += [
+            {"id": alias, "name": alias, "object": "audio.voice", "kind": "alias", "target": target}
+            for alias, target in sorted(voice_aliases(state).items())
+        ]
+        return {"object": "list", "data": data}
+
+    upload_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["name", "audio_sample"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "audio_sample": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "the recording (also accepted as 'audio' or 'file')",
+                            },
+                            "prompt_text": {
+                                "type": "string",
+                                "description": "its transcript (also 'transcript' "
+                                "or 'text'); without one the voice is used cross-lingually",
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+    @router.post(
+        "/v1/audio/voices",
+        status_code=201,
+        tags=["voice library"],
+        openapi_extra=upload_schema,
+        responses=error_responses(400, 401, 409, 413, 415, 429, 503, 504),
+    )
+    async def create_voice(request: Request):
+        """Create a custom voice (OpenAI custom voices, faster-cosyvoice): a name, an audio sample
+        and its transcript. Stored in the voice library like ``POST /voices``."""
+        form = await read_form(
+            request,
+            settings.max_upload_bytes,
+            ("audio_sample", "audio", "file"),
+            ("name", "prompt_text", "transcript", "text", "consent"),
+        )
+        name = form.fields.get("name", "").strip()
+        if not name:
+            raise ApiError(
+                400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
+            )
+        field, data = next(iter(form.files.items()), ("audio_sample", None))
+        if data is None:
+            raise ApiError(
+                400,
+                "missing file field 'audio_sample' (the recording)",
+                code="missing_field",
+                param="audio_sample",
+            )
+        check_audio(data, field, settings.max_upload_bytes, settings.max_prompt_seconds)
+        text = next(
+            (form.fields[k] for k in ("prompt_text", "transcript", "text") if k in form.fields), ""
+        )
+        validate_name(name)
+        engine = state.require_engine()
+        if name in engine.presets or name in voice_aliases(state):
+            raise ApiError(
+                409,
+                f"{name!r} is a preset voice or alias here; choose another name",
+                code="voice_exists",
+                param="name",
+            )
+        job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
+
+        def create():
+            return state.library.create(
+                name,
+                data,
+                text,
+                voice_key(engine),
+                engine.encode_prompt,
+                max_seconds=settings.max_prompt_seconds,
+            )
+
+        try:
+            state.scheduler.call(job, create)
+        except Overloaded as exc:
+            raise overloaded(exc.retry_after) from None
+        try:
+            voice = await job.next()
+        except JobTimeout:
+            raise ApiError(
+                504, "computing the voice took too long", "timeout_error", "timeout"
+            ) from None
+        except VoiceExistsError as exc:
+            raise ApiError(409, str(exc), code="voice_exists", param="name") from None
+        state.metrics.count("voices_created_total")
+        return JSONResponse(voice.to_api(), status_code=201)
+
+    @router.delete(
+        "/v1/audio/voices/{name}",
+        tags=["voice library"],
+        responses=error_responses(400, 401, 404, 409),
+    )
+    async def delete_voice(name: str):
+        """Delete a saved voice (presets and aliases cannot be deleted)."""
+        engine = state.require_engine()
+        if name in engine.presets or (
+            name in voice_aliases(state) and not state.library.exists(name)
+        ):
+            raise ApiError(
+                409,
+                f"{name!r} is a preset voice or alias of this model and cannot be deleted",
+                code="voice_is_preset",
+                param="name",
+            )
+        state.library.delete(validate_name(name))
+        return {"id": name, "object": "audio.voice.deleted", "deleted": True}
+
+    return router

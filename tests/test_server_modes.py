@@ -1,0 +1,273 @@
+"""Every mode over HTTP with the prompt in the request (issue 10): multipart ``/tts/upload``,
+``ref_audio``/``ref_text`` on ``/v1/audio/speech`` (real ``openai`` client), voice conversion,
+instruct with a one-off prompt (CosyVoice2), the prompt-feature cache, OpenAI voices and model
+aliases, long input streamed segment by segment, and the offline ``/docs``. Real uvicorn servers
+on loopback ports with the tiny random-weight models."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_support import EngineProbe, ServerThread, decode, metric, prompt_wav, tiny_engine
+
+from cosyvoice_lite.serving import Settings, create_app
+
+DATA = Path(__file__).resolve().parent / "data"
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+TEXT = "你好。"
+
+
+@pytest.fixture(scope="module")
+def probe(v1_dir):
+    # a short pause before each chunk keeps the chunks of a stream apart on the wire
+    return EngineProbe(tiny_engine(v1_dir), memo=True, delay=0.05)
+
+
+@pytest.fixture(scope="module")
+def server(probe, tmp_path_factory):
+    settings = Settings(voices_dir=tmp_path_factory.mktemp("modes-voices"), max_upload_bytes=400_000,
+                        max_prompt_seconds=8, voice_aliases={"nova": "日语男"})
+    with ServerThread(create_app(probe, settings)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def upload(client, prompt: bytes | None = None, source: bytes | None = None, **fields):
+    files = {}
+    if prompt is not None:
+        files["prompt_wav"] = ("me.wav", prompt, "audio/wav")
+    if source is not None:
+        files["source_wav"] = ("src.wav", source, "audio/wav")
+    return client.post("/tts/upload", data={k: str(v) for k, v in fields.items()}, files=files)
+
+
+def data_uri(audio: bytes) -> str:
+    return "data:audio/wav;base64," + base64.b64encode(audio).decode()
+
+
+def assert_error(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+# ---------------------------------------------------------------------------------- /tts/upload
+
+
+def test_zero_shot_upload_equals_saved_voice(client):
+    """A one-off prompt gives exactly what the same prompt saved as a voice gives."""
+    prompt = prompt_wav(2.0)
+    oneoff = upload(client, prompt, text=TEXT, prompt_text=PROMPT_TEXT, seed=5)
+    assert oneoff.status_code == 200, oneoff.text
+    audio, rate = decode(oneoff.content)
+    assert rate == 22050 and audio.size > 0
+    created = client.post("/voices", data={"name": "same", "prompt_text": PROMPT_TEXT},
+                          files={"audio": ("p.wav", prompt, "audio/wav")})
+    assert created.status_code == 201, created.text
+    saved = client.post("/tts", json={"text": TEXT, "speaker": "same", "seed": 5})
+    np.testing.assert_allclose(decode(saved.content)[0], audio, atol=1e-4)
+
+
+def test_cross_lingual_and_prompt_cache(client, probe):
+    prompt = prompt_wav(1.5, rate=24000)
+    before = probe.encodes
+    first = upload(client, prompt, text="Hello there.", seed=2)
+    assert first.status_code == 200, first.text
+    assert probe.encodes == before + 1
+    second = upload(client, prompt, text="Hello again.", seed=2, format="mp3")
+    assert second.status_code == 200 and second.headers["content-type"] == "audio/mpeg"
+    assert probe.encodes == before + 1  # the same prompt bytes: features from the cache
+    metrics = client.get("/metrics").text
+    assert metric(metrics, "cosyvoice_prompt_cache_hits") >= 1
+    # a different transcript is a different prompt (zero-shot features carry the text)
+    upload(client, prompt, text="Hello.", prompt_text="Some words.", seed=2)
+    assert probe.encodes == before + 2
+
+
+def test_voice_conversion_with_prompt_or_voice(client):
+    source = prompt_wav(1.2, rate=16000, amplitude=0.5)
+    converted = upload(client, prompt_wav(2.0), source=source)
+    assert converted.status_code == 200, converted.text
+    assert decode(converted.content)[0].size > 0
+    client.post("/voices", data={"name": "target"}, files={"audio": ("t.wav", prompt_wav(1.8), "audio/wav")})
+    into_saved = upload(client, source=source, speaker="target")
+    assert into_saved.status_code == 200, into_saved.text
+    # a preset of the -SFT model has no prompt recording: a clear 400, not a 500
+    assert_error(upload(client, source=source, speaker="中文女"), 400, "no prompt recording")
+    assert_error(upload(client, source=source), 400, "voice conversion needs a target")
+    assert_error(upload(client, source=source, speaker="nobody"), 404, "unknown voice")
+
+
+def test_upload_errors(client):
+    assert_error(upload(client, text=TEXT), 400, "missing prompt_wav")
+    assert_error(upload(client, b"not audio", text=TEXT), 415, "could not be decoded")
+    assert_error(upload(client, b"x" * 400_001, text=TEXT), 413, "too large")
+    assert_error(upload(client, prompt_wav(9.0), text=TEXT), 400, "too long", "8 s")
+    assert_error(upload(client, prompt_wav(0.2), text=TEXT), 400, "too short")
+    assert_error(upload(client, prompt_wav(2.0), text=TEXT, instruct="开心"), 400, "CosyVoice2/3")
+    assert_error(upload(client, prompt_wav(2.0), text=TEXT, mode="zero_shot"), 400, "transcript")
+    assert_error(upload(client, prompt_wav(2.0), text=TEXT, speed="fast"), 400, "speed")
+    assert_error(upload(client, prompt_wav(2.0), text=TEXT, format="aac"), 400, "format")
+    assert_error(upload(client, prompt_wav(2.0), text="字" * 4097), 400, "limit is 4096")
+    assert_error(upload(client, prompt_wav(2.0), text=TEXT, colour="red"), 400, "unknown field")
+    assert_error(client.post("/tts/upload", json={"text": TEXT}), 415, "multipart")
+
+
+# ---------------------------------------------------------------------------------- OpenAI API
+
+
+def test_ref_audio_with_the_openai_client(openai_client, client):
+    prompt = prompt_wav(2.0)
+    result = openai_client.audio.speech.create(
+        model="tts-1", voice="unused-with-ref", input=TEXT, response_format="wav",
+        extra_body={"ref_audio": data_uri(prompt), "ref_text": PROMPT_TEXT, "seed": 5})
+    audio, rate = decode(result.read())
+    oneoff = upload(client, prompt, text=TEXT, prompt_text=PROMPT_TEXT, seed=5)
+    np.testing.assert_array_equal(audio, decode(oneoff.content)[0])
+    # bare base64 works too, and voice may be left out
+    bare = client.post("/v1/audio/speech", json={
+        "model": "tts-1", "input": TEXT, "response_format": "wav", "seed": 5,
+        "ref_audio": base64.b64encode(prompt).decode(), "ref_text": PROMPT_TEXT})
+    assert bare.status_code == 200 and bare.content == result.content
+
+
+def test_ref_audio_errors(client):
+    def speech(**body):
+        return client.post("/v1/audio/speech", json={"model": "tts-1", "input": TEXT, **body})
+
+    assert_error(speech(ref_audio="https://example.com/a.wav"), 400, "URLs are not fetched")
+    assert_error(speech(ref_audio="data:audio/wav,abc"), 400, "base64")
+    assert_error(speech(ref_audio="%%%"), 400, "not valid base64")
+    assert_error(speech(ref_audio=base64.b64encode(b"noise").decode()), 415, "could not be decoded")
+    assert_error(speech(ref_audio="A" * 600_000), 413, "too large")
+    assert_error(speech(), 400, "voice is required")
+    assert_error(speech(voice="中文女", input="字" * 4097), 400, "4096")
+    converted = speech(source_audio=data_uri(prompt_wav(1.0)), voice="target-oai",
+                       response_format="wav")
+    assert_error(converted, 404, "unknown voice")
+
+
+def test_openai_voices_and_aliases(openai_client, client, v1_dir):
+    voices = {v["id"]: v for v in client.get("/v1/audio/voices").json()["data"]}
+    assert voices["中文女"]["kind"] == "preset" and voices["英文男"]["kind"] == "preset"
+    assert voices["alloy"] == {"id": "alloy", "name": "alloy", "object": "audio.voice",
+                               "kind": "alias", "target": "中文女"}
+    assert voices["echo"]["target"] == "英文男" and voices["nova"]["target"] == "日语男"  # configured
+    # alloy speaks as its preset, byte for byte
+    alloy = openai_client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT,
+                                              response_format="wav", extra_body={"seed": 1})
+    preset = client.post("/tts", json={"text": TEXT, "speaker": "中文女", "seed": 1})
+    np.testing.assert_array_equal(decode(alloy.read())[0], decode(preset.content)[0])
+
+    # create (OpenAI custom voices: name + audio_sample + transcript), use, delete
+    created = client.post("/v1/audio/voices", data={"name": "oai-voice", "transcript": PROMPT_TEXT},
+                          files={"audio_sample": ("s.wav", prompt_wav(2.0), "audio/wav")})
+    assert created.status_code == 201, created.text
+    assert created.json()["id"] == "oai-voice" and created.json()["prompt_text"] == PROMPT_TEXT
+    assert "oai-voice" in {v["id"] for v in client.get("/v1/audio/voices").json()["data"]}
+    spoken = openai_client.audio.speech.create(model="cosyvoice-lite", voice="oai-voice",
+                                               input=TEXT, response_format="flac")
+    assert decode(spoken.read())[0].size > 0
+    again = client.post("/v1/audio/voices", data={"name": "oai-voice"},
+                        files={"audio_sample": ("s.wav", prompt_wav(2.0), "audio/wav")})
+    assert_error(again, 409, "already exists")
+    assert_error(client.post("/v1/audio/voices", data={"name": "alloy"},
+                             files={"audio": ("s.wav", prompt_wav(2.0), "audio/wav")}), 409)
+    assert_error(client.post("/v1/audio/voices", data={"name": "x"},
+                             files={"audio": ("s.wav", b"junk", "audio/wav")}), 415)
+    assert client.delete("/v1/audio/voices/oai-voice").json()["deleted"] is True
+    assert_error(client.delete("/v1/audio/voices/oai-voice"), 404)
+    assert_error(client.delete("/v1/audio/voices/中文女"), 409, "preset")
+
+
+def test_models_list_aliases(openai_client, probe):
+    names = [m.id for m in openai_client.models.list().data]
+    assert names[0] == probe.model.name
+    assert {"tts-1", "tts-1-hd", "gpt-4o-mini-tts", "cosyvoice-lite"} <= set(names)
+
+
+def test_long_input_streams_segment_by_segment(server, probe):
+    """Without ``stream: true`` a long input (over the old 200-character limit) is chunked: one
+    piece per segment of ~80 characters, the first on the wire before the last is made."""
+    text = "".join(f"这是用来测试长文本的第{i}句话，它会被切分成若干段落，然后一段一段地合成并发送出去。"
+                   for i in range(1, 9))
+    assert len(text) > 300
+    body = {"model": "tts-1", "voice": "中文女", "input": text, "response_format": "pcm", "seed": 4}
+    with server.client() as own, own.stream("POST", "/v1/audio/speech", json=body) as response:
+        assert response.status_code == 200
+        start, arrivals = time.monotonic(), []
+        for piece in response.iter_raw():
+            arrivals.append((time.monotonic() - start, len(piece)))
+    assert len(arrivals) >= 4, arrivals  # four segments
+    assert arrivals[-1][0] - arrivals[0][0] > 0.1
+
+
+def test_openapi_matches_the_server(client):
+    spec = client.get("/openapi.json").json()
+    speech = spec["paths"]["/v1/audio/speech"]["post"]
+    schema = spec["components"]["schemas"]["SpeechRequest"]["properties"]
+    assert schema["speed"]["minimum"] == 0.5 and schema["speed"]["maximum"] == 2.0
+    assert schema["response_format"]["enum"] == ["mp3", "opus", "flac", "wav", "pcm"]
+    assert {"ref_audio", "ref_text", "source_audio"} <= set(schema)
+    assert {"400", "404", "413", "415", "422", "429"} <= set(speech["responses"])
+    assert "multipart/form-data" in spec["paths"]["/tts/upload"]["post"]["requestBody"]["content"]
+    voices = spec["paths"]["/v1/audio/voices"]
+    assert {"get", "post"} <= set(voices) and "delete" in spec["paths"]["/v1/audio/voices/{name}"]
+
+
+def test_docs_work_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower() and "/static/docs/swagger-ui-bundle.js" in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
+        got = client.get(f"/static/docs/{asset}")
+        assert got.status_code == 200 and len(got.content) > 10_000, asset
+    assert "/static/docs/redoc.standalone.js" in client.get("/redoc").text
+    assert client.get("/static/docs/../app.py").status_code == 404
+
+
+# ---------------------------------------------------------------------------------- CosyVoice2/3
+
+
+@pytest.fixture(scope="module")
+def v3_server(tmp_path_factory):
+    from cosyvoice_lite.engine import Engine
+
+    engine = Engine.load(DATA / "models" / "v3-tiny")
+    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path_factory.mktemp("v3")))) as s:
+        yield s
+
+
+def test_instruct_with_a_one_off_prompt_and_no_presets(v3_server):
+    with v3_server.client() as client:
+        instructed = upload(client, prompt_wav(2.0), text=TEXT, instruct="用开心的语气说", seed=1)
+        assert instructed.status_code == 200, instructed.text
+        audio, rate = decode(instructed.content)
+        assert rate == 24000 and audio.size > 0
+        body = {"model": "tts-1", "input": TEXT, "response_format": "wav", "seed": 1,
+                "ref_audio": data_uri(prompt_wav(2.0)), "instructions": "用开心的语气说"}
+        same = client.post("/v1/audio/speech", json=body)
+        np.testing.assert_array_equal(decode(same.content)[0], audio)
+        # no presets on this model: an OpenAI name is a 404 naming what to do instead
+        error = assert_error(client.post("/v1/audio/speech", json={
+            "model": "tts-1", "input": TEXT, "voice": "alloy"}), 404, "OpenAI default name",
+            "ref_audio", "--voice-alias")
+        assert error["code"] == "voice_not_found"
+        assert not [v for v in client.get("/v1/audio/voices").json()["data"] if v["kind"] == "alias"]
