@@ -12,7 +12,7 @@ from cosyvoice_lite.errors import DeviceError
 def test_cpu_and_dtypes() -> None:
     assert resolve_placement("cpu").dtype == torch.float32
     assert resolve_placement("CPU", "bf16").dtype == torch.bfloat16
-    assert resolve_placement("cpu", "float16").autocast
+    assert resolve_placement("cpu", "float16").dtype == torch.float16
     assert "cpu" in available_devices()
 
 

@@ -48,22 +48,39 @@ def available_devices() -> list[str]:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the networks run and in which precision.
+    """Where the networks run and in which precision, chosen once at load.
 
-    ``dtype`` is the compute precision for the LLM and flow (autocast, weights stay float32 like the
-    official ``fp16`` option); the vocoder always runs in float32.
+    ``dtype`` is the dtype the weights are stored in and computed with (not autocast): the LLM, the
+    flow and the vocoder, except the few parts ``precision.apply_precision`` keeps in float32/64.
+    ``quantize`` ("int8" or None) gives the LLM's linear layers int8 weights (torch's dynamic
+    quantisation: int8 weights, activations quantised per call, float32 elsewhere in the LLM).
     """
 
     device: torch.device
     dtype: torch.dtype
-
-    @property
-    def autocast(self) -> bool:
-        return self.dtype != torch.float32
+    quantize: str | None = None
 
 
-def resolve_placement(device: str = "cpu", dtype: str = "float32") -> Placement:
-    """Check that ``device`` exists here and ``dtype`` is a known precision; fail with the choices."""
+_QUANTIZE = ("int8",)
+
+
+def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
+    """The dtypes and quantisations usable on ``device`` (names as accepted by the options)."""
+    if device.type == "cpu":
+        quant = list(_QUANTIZE) if torch.backends.quantized.supported_engines else []
+        return ["float32", "bfloat16", "float16"], quant
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return ["float32", "float16"], []
+    if device.type == "mps":
+        return ["float32", "float16"], []
+    return ["float32", "bfloat16", "float16"], []  # torch's int8 dynamic kernels are CPU-only
+
+
+def resolve_placement(
+    device: str = "cpu", dtype: str = "float32", quantize: str | None = None
+) -> Placement:
+    """Check that ``device`` exists here and that ``dtype`` and ``quantize`` are supported there;
+    fail with the choices."""
     name = (device or "cpu").strip().lower()
     try:
         dev = torch.device(name)
@@ -84,4 +101,18 @@ def resolve_placement(device: str = "cpu", dtype: str = "float32") -> Placement:
     key = (dtype or "float32").strip().lower()
     if key not in _DTYPES:
         raise DeviceError(f"unknown dtype '{dtype}'; use one of float32, float16, bfloat16")
-    return Placement(dev, _DTYPES[key])
+    dtypes, quants = supported_precisions(dev)
+    chosen = _DTYPES[key]
+    if str(chosen).removeprefix("torch.") not in dtypes:
+        raise DeviceError(
+            f"dtype '{dtype}' is not supported on {dev}; supported there: {', '.join(dtypes)}"
+        )
+    mode = (quantize or "").strip().lower() or None
+    if mode is not None and mode not in _QUANTIZE:
+        raise DeviceError(f"unknown quantisation '{quantize}'; use one of: {', '.join(_QUANTIZE)}")
+    if mode is not None and mode not in quants:
+        raise DeviceError(
+            f"quantisation '{quantize}' is not supported on {dev}; supported there: "
+            f"{', '.join(quants) or 'none'} (int8 runs on cpu)"
+        )
+    return Placement(dev, chosen, mode)

@@ -70,7 +70,8 @@ class TimestepEmbedding(nn.Module):
         )
 
     def forward(self, timestep: torch.Tensor) -> torch.Tensor:
-        time_hidden = self.time_embed(timestep).to(timestep.dtype)
+        # sinusoids of a float32 t, then the weights' dtype (t may be float32 over bf16 weights)
+        time_hidden = self.time_embed(timestep).to(self.time_mlp[0].weight.dtype)
         return self.time_mlp(time_hidden)
 
 
@@ -130,6 +131,10 @@ class RotaryEmbedding(nn.Module):
 
     `inv_freq` is a persistent buffer there, so it is a key of the official checkpoint.
     """
+
+    precision_exempt = {
+        "inv_freq": "RoPE angles of positions in the thousands: bfloat16 would round them by radians"
+    }
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()

@@ -30,6 +30,19 @@ FLOW_CACHE_OVERLAP_FRAMES = 34
 FIXED_NOISE_SEED = 0
 FIXED_NOISE_FRAMES = 50 * 300
 
+# The official number of Euler steps (hard-coded in every official flow `inference`). Fewer steps
+# are faster and change the mel; how much that costs in quality can only be judged with real
+# weights, so the official value stays the default.
+OFFICIAL_STEPS = 10
+MAX_STEPS = 100
+
+
+def check_steps(steps: int) -> int:
+    """A valid number of Euler steps, or InvalidRequestError naming the range."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InvalidRequestError(f"flow steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    return steps
+
 
 def _cfm_param(cfm_params: Mapping[str, Any] | Any, name: str, default: Any = None) -> Any:
     """Read a cfm_params entry from a plain mapping (or an attribute-style config object)."""
@@ -75,6 +88,11 @@ class _EulerCFM(nn.Module):
         self.training_cfg_rate = float(_cfm_param(cfm_params, "training_cfg_rate", 0.0))
         self.inference_cfg_rate = float(_cfm_param(cfm_params, "inference_cfg_rate"))
         self.estimator = estimator
+        self.steps = OFFICIAL_STEPS  # chosen once at load with set_steps
+
+    def set_steps(self, steps: int) -> None:
+        """Use ``steps`` Euler steps from now on (a load-time choice; 10 is the official)."""
+        self.steps = check_steps(steps)
 
     def solve_euler(
         self,
@@ -86,16 +104,22 @@ class _EulerCFM(nn.Module):
         cond: torch.Tensor,
         streaming: bool = False,
     ) -> torch.Tensor:
-        """Integrate from noise x (1, C, T) along t_span; returns the float32 mel (1, C, T)."""
+        """Integrate from noise x (1, C, T) along t_span; returns the float32 mel (1, C, T).
+
+        The estimator runs in the dtype of its weights (that of ``spks``); the state x and the
+        times stay float32 whatever that dtype is: x accumulates ten small steps, which bfloat16
+        (8 significant bits) would round away."""
         batch, channels, length = x.shape
         if batch != 1:
             raise InvalidRequestError(f"the flow solver runs one utterance at a time, got batch {batch}")
-        # The official buffers take the dtype of spks (relevant under autocast only).
+        # The official buffers take the dtype of spks: the dtype the estimator's weights are in.
         dtype = spks.dtype
         x_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
         mask_in = torch.zeros([2, 1, length], device=x.device, dtype=dtype)
         mu_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
-        t_in = torch.zeros([2], device=x.device, dtype=dtype)
+        # t stays float32: the time embedding scales it by 1000 before its sinusoids, so a
+        # bfloat16 t (2**-9 steps near 0.5) would turn the phases by up to 2 radians
+        t_in = torch.zeros([2], device=x.device, dtype=torch.float32)
         spks_in = torch.zeros([2, spks.shape[1]], device=x.device, dtype=dtype)
         cond_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
         # Row 1 keeps mu/spks/cond at zero: the unconditional branch of classifier-free guidance.
@@ -112,7 +136,8 @@ class _EulerCFM(nn.Module):
         for step in range(1, len(t_span)):
             x_in[:] = x
             t_in[:] = t
-            velocity = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            velocity = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in,
+                                      streaming=streaming).float()
             v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
@@ -153,7 +178,8 @@ class ConditionalCFM(_EulerCFM):
             raise InvalidRequestError("ConditionalCFM needs a torch.Generator for its noise")
         # Drawn on the generator's device, then moved: a CPU generator gives the same noise on
         # every device; a CUDA generator reproduces the official draw on that GPU.
-        z = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=mu.dtype)
+        # float32 noise whatever the weights' dtype: the same draws as a float32 run
+        z = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=torch.float32)
         z = z.to(mu.device) * temperature
         mu = mu.clone()
         if cache is not None and cache.shape[2] != 0:
@@ -168,9 +194,9 @@ class ConditionalCFM(_EulerCFM):
         tail = FLOW_CACHE_OVERLAP_FRAMES
         z_cache = torch.cat([z[:, :, :prompt_len], z[:, :, -tail:]], dim=2)
         mu_cache = torch.cat([mu[:, :, :prompt_len], mu[:, :, -tail:]], dim=2)
-        new_cache = torch.stack([z_cache, mu_cache], dim=-1)
+        new_cache = torch.stack([z_cache, mu_cache.to(z.dtype)], dim=-1)
 
-        t_span = time_span(n_timesteps, self.t_scheduler, mu)
+        t_span = time_span(n_timesteps, self.t_scheduler, z)
         mel = self.solve_euler(z, t_span=t_span, mu=mu, mask=mask, spks=spks, cond=cond)
         return mel, new_cache
 
@@ -179,6 +205,7 @@ class CausalConditionalCFM(_EulerCFM):
     """v2/v3 CFM: deterministic, the noise is the fixed `rand_noise` buffer."""
 
     rand_noise: torch.Tensor
+    precision_exempt = {"rand_noise": "the starting noise of the float32 Euler state"}
 
     def __init__(
         self,
@@ -216,7 +243,7 @@ class CausalConditionalCFM(_EulerCFM):
                 f"the flow can generate at most {self.rand_noise.shape[2]} mel frames per call, "
                 f"got {length}"
             )
-        z = self.rand_noise[:, :, :length].to(device=mu.device, dtype=mu.dtype) * temperature
-        t_span = time_span(n_timesteps, self.t_scheduler, mu)
+        z = self.rand_noise[:, :, :length].to(device=mu.device, dtype=torch.float32) * temperature
+        t_span = time_span(n_timesteps, self.t_scheduler, z)
         mel = self.solve_euler(z, t_span, mu, mask, spks, cond, streaming=streaming)
         return mel, None

@@ -22,7 +22,6 @@ _MEL_FRAMES_PER_SECOND = 22050 / 256
 # Tokens interpolated separately at each end of a long chunk: the streaming overlap of
 # `token_overlap_len` = 20 tokens in `cosyvoice/cli/model.py`.
 _OVERLAP_TOKENS = 20
-_N_TIMESTEPS = 10
 
 
 def mel_frames_for_tokens(n_tokens: int, input_frame_rate: int = 50) -> int:
@@ -166,8 +165,9 @@ class MaskedDiffWithXvec(nn.Module):
                 f"(got {prompt_token.shape[1]} tokens and {prompt_feat.shape[1]} mel frames)"
             )
 
-        # x-vector projection
-        embedding = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        # x-vector projection; float inputs take the dtype the weights are stored in
+        dtype = self.input_embedding.weight.dtype
+        embedding = self.spk_embed_affine_layer(F.normalize(embedding.to(dtype), dim=1))
 
         # concat prompt tokens and new tokens, embed (negative ids are clamped like official)
         token_len1, token_len2 = prompt_token.shape[1], token.shape[1]
@@ -187,14 +187,14 @@ class MaskedDiffWithXvec(nn.Module):
 
         # the prompt mel conditions the first mel_len1 frames
         conds = torch.zeros([1, mel_len1 + mel_len2, self.output_size], device=token.device, dtype=h.dtype)
-        conds[:, :mel_len1] = prompt_feat
+        conds[:, :mel_len1] = prompt_feat.to(h.dtype)
         conds = conds.transpose(1, 2)
 
         mel_mask = torch.ones([1, 1, mel_len1 + mel_len2], device=h.device, dtype=h.dtype)
         feat, flow_cache = self.decoder(
             mu=h.transpose(1, 2).contiguous(),
             mask=mel_mask,
-            n_timesteps=_N_TIMESTEPS,
+            n_timesteps=self.decoder.steps,
             spks=embedding,
             cond=conds,
             prompt_len=mel_len1,

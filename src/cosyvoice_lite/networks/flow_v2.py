@@ -49,9 +49,6 @@ __all__ = [
     "FlowV2StreamState",
 ]
 
-# The official flow hard-codes the number of Euler steps in `inference`.
-N_TIMESTEPS = 10
-
 # The official encoder hard-codes these sizes instead of taking them from its arguments.
 _HARD_CODED_CHANNELS = 512
 _PRE_LOOKAHEAD_LEN = 3
@@ -293,7 +290,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
             )
 
-        embedding = F.normalize(embedding, dim=1)
+        # float inputs take the dtype the weights are stored in
+        embedding = F.normalize(embedding.to(self.input_embedding.weight.dtype), dim=1)
         embedding = self.spk_embed_affine_layer(embedding)
 
         # prompt tokens then new tokens; padding (if any) is zeroed after the embedding
@@ -324,7 +322,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         conds = torch.zeros(
             1, mel_len1 + mel_len2, self.output_size, device=h.device, dtype=h.dtype
         )
-        conds[:, :mel_len1] = prompt_feat
+        conds[:, :mel_len1] = prompt_feat.to(h.dtype)
         conds = conds.transpose(1, 2)
 
         mel_mask = torch.ones(1, 1, mel_len1 + mel_len2, device=h.device, dtype=h.dtype)
@@ -333,7 +331,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
             mask=mel_mask,
             spks=embedding,
             cond=conds,
-            n_timesteps=N_TIMESTEPS,
+            n_timesteps=self.decoder.steps,
             streaming=streaming,
         )
         feat = feat[:, :, mel_len1:]
@@ -350,6 +348,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         if prompt_token.shape[0] != 1 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
             raise InvalidRequestError("a flow stream takes one utterance (batch 1)")
         with torch.inference_mode():
+            embedding = embedding.to(self.input_embedding.weight.dtype)
             spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
         return FlowV2StreamState(
             embedding=spks, prompt_feat=prompt_feat.to(spks.dtype), pending=prompt_token
@@ -472,7 +471,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
             )
         dtype = state.embedding.dtype
-        x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=mu.dtype)
+        # the Euler state stays float32 whatever the weights' dtype (see solve_euler)
+        x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=torch.float32)
         cond = torch.zeros(1, self.output_size, n, device=mu.device, dtype=dtype)
         prompt = state.prompt_feat[:, start:end].transpose(1, 2)
         cond[:, :, : prompt.shape[2]] = prompt
@@ -481,8 +481,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         spks_in = torch.cat([state.embedding, torch.zeros_like(state.embedding)], dim=0)
         cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
 
-        t_span = time_span(N_TIMESTEPS, cfm.t_scheduler, mu)
-        while len(state.estimator) < N_TIMESTEPS:
+        t_span = time_span(cfm.steps, cfm.t_scheduler, x)
+        while len(state.estimator) < cfm.steps:
             state.estimator.append(_LayerCaches())
         rate = cfm.inference_cfg_rate
         t = t_span[0].unsqueeze(0)
@@ -492,12 +492,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 cfm.estimator,
                 torch.cat([x, x], dim=0).to(dtype),
                 mu_in,
-                t.expand(2).to(dtype),
+                t.expand(2),  # float32, see solve_euler
                 spks_in,
                 cond_in,
                 state.estimator[step - 1],
                 start,
-            )
+            ).float()
             v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
@@ -751,7 +751,7 @@ def _estimator_increment(
     """
     caches.rewind()
     chunk = estimator.static_chunk_size
-    time_emb = estimator.time_mlp(estimator.time_embeddings(t).to(t.dtype))
+    time_emb = estimator.time_mlp(estimator.time_embeddings(t).to(x.dtype))
     h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(2)), cond], dim=1)
     skips = []
     for resnet, transformers, conv in estimator.down_blocks:

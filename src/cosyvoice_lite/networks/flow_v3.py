@@ -19,9 +19,6 @@ from cosyvoice_lite.networks.flow_v3_stream import FlowV3StreamState
 
 __all__ = ["PreLookaheadLayer", "CausalMaskedDiffWithDiT"]
 
-# The official flow hard-codes the number of Euler steps in `inference`.
-N_TIMESTEPS = 10
-
 
 class PreLookaheadLayer(nn.Module):
     """Official `cosyvoice/transformer/upsample_encoder.py:PreLookaheadLayer`.
@@ -125,7 +122,8 @@ class CausalMaskedDiffWithDiT(nn.Module):
         if self.pre_lookahead_layer is None or self.decoder is None:
             raise InvalidRequestError("CausalMaskedDiffWithDiT was built without its sub-modules")
 
-        embedding = F.normalize(embedding, dim=1)
+        # float inputs take the dtype the weights are stored in
+        embedding = F.normalize(embedding.to(self.input_embedding.weight.dtype), dim=1)
         embedding = self.spk_embed_affine_layer(embedding)
 
         # prompt tokens then new tokens; padding (if any) is zeroed after the embedding
@@ -152,7 +150,7 @@ class CausalMaskedDiffWithDiT(nn.Module):
         conds = torch.zeros(
             1, mel_len1 + mel_len2, self.output_size, device=h.device, dtype=h.dtype
         )
-        conds[:, :mel_len1] = prompt_feat
+        conds[:, :mel_len1] = prompt_feat.to(h.dtype)
         conds = conds.transpose(1, 2)
 
         mel_mask = torch.ones(1, 1, mel_len1 + mel_len2, device=h.device, dtype=h.dtype)
@@ -161,7 +159,7 @@ class CausalMaskedDiffWithDiT(nn.Module):
             mask=mel_mask,
             spks=embedding,
             cond=conds,
-            n_timesteps=N_TIMESTEPS,
+            n_timesteps=self.decoder.steps,
             streaming=streaming,
         )
         feat = feat[:, :, mel_len1:]

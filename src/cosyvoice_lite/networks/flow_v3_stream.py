@@ -49,7 +49,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
-from cosyvoice_lite.networks.flow_matching import time_span
+from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS, time_span
 
 if TYPE_CHECKING:
     from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT
@@ -61,8 +61,6 @@ __all__ = [
     "kv_cache_bytes_per_frame",
 ]
 
-# The official flow hard-codes the number of Euler steps in `inference` (flow_v3.N_TIMESTEPS).
-N_TIMESTEPS = 10
 # CFG: every estimator call is a batch of two rows (conditional, unconditional).
 _CFG_ROWS = 2
 
@@ -141,11 +139,13 @@ class FlowV3StreamState:
         return total + sum(step.nbytes() for step in self.steps)
 
 
-def kv_cache_bytes_per_frame(estimator: DiT, dtype: torch.dtype = torch.float32) -> int:
-    """Key/value bytes one mel frame adds to a stream (10 steps, every block, both CFG rows)."""
+def kv_cache_bytes_per_frame(
+    estimator: DiT, dtype: torch.dtype = torch.float32, steps: int = OFFICIAL_STEPS
+) -> int:
+    """Key/value bytes one mel frame adds to a stream (every Euler step and block, both CFG rows)."""
     inner = estimator.transformer_blocks[0].attn.inner_dim if estimator.depth > 0 else 0
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return N_TIMESTEPS * estimator.depth * 2 * _CFG_ROWS * inner * itemsize
+    return steps * estimator.depth * 2 * _CFG_ROWS * inner * itemsize
 
 
 # ------------------------------------------------------------------------------------- public
@@ -186,6 +186,7 @@ def new_stream(
     if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
         raise InvalidRequestError("a flow stream takes one utterance (batch 1)")
     with torch.inference_mode():
+        embedding = embedding.to(flow.input_embedding.weight.dtype)  # the weights' dtype
         spks = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
     return FlowV3StreamState(
         embedding=spks,
@@ -281,7 +282,8 @@ def _decode_increment(
             f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
         )
     dtype = state.embedding.dtype
-    x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=mu.dtype)
+    # the Euler state stays float32 whatever the weights' dtype (see solve_euler)
+    x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=torch.float32)
     cond = torch.zeros(1, flow.output_size, n, device=mu.device, dtype=dtype)
     prompt = state.prompt_feat[:, start:end].transpose(1, 2)
     cond[:, :, : prompt.shape[2]] = prompt
@@ -291,9 +293,9 @@ def _decode_increment(
     cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
 
     granule = estimator.static_chunk_size
-    while len(state.steps) < N_TIMESTEPS:
+    while len(state.steps) < cfm.steps:
         state.steps.append(_StepCache(estimator.depth, state.cache_dtype, granule))
-    t_span = time_span(N_TIMESTEPS, cfm.t_scheduler, mu)
+    t_span = time_span(cfm.steps, cfm.t_scheduler, x)
     rate = cfm.inference_cfg_rate
     t = t_span[0].unsqueeze(0)
     dt = t_span[1] - t_span[0]
@@ -302,12 +304,12 @@ def _decode_increment(
             estimator,
             torch.cat([x, x], dim=0).to(dtype),
             mu_in,
-            t.expand(_CFG_ROWS).to(dtype),
+            t.expand(_CFG_ROWS),  # float32, see solve_euler
             spks_in,
             cond_in,
             state.steps[step - 1],
             start,
-        )
+        ).float()
         v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
         x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
         t = t + dt

@@ -287,7 +287,17 @@ class SourceModuleHnNSF(nn.Module):
 class HiFTBase(nn.Module):
     """What the non-causal and causal generators share: STFT/iSTFT and the upsampling stack.
     Subclasses build `conv_pre`, `ups`, `source_downs`, `source_resblocks`, `resblocks`,
-    `conv_post` and `f0_predictor`."""
+    `conv_post` and `f0_predictor`.
+
+    The convolution stack computes in the dtype its weights are stored in (precision chosen at
+    load); the parts below keep their own dtype (see precision.py)."""
+
+    precision_exempt = {
+        "f0_predictor": "f0 picks the voiced/unvoiced switch by a threshold and sets every "
+        "harmonic's frequency: float32 (float64 in CosyVoice3, as the official)",
+        "m_source": "the sine source integrates phase over thousands of samples per frame",
+        "stft_window": "the STFT/iSTFT run in float32: CPU FFTs take no bfloat16",
+    }
 
     istft_params: dict[str, int]
     upsample_scale: int
@@ -363,10 +373,15 @@ class HiFTBase(nn.Module):
             x = xs / self.num_kernels
         return x
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the convolution weights, in which the stack computes."""
+        return self.conv_post.weight.dtype
+
     def _to_waveform(self, x: torch.Tensor) -> torch.Tensor:
         """last-stage features -> waveform [B, samples] (not yet clamped)."""
         x = F.leaky_relu(x)  # default slope 0.01 here, as official (not lrelu_slope)
-        x = self.conv_post(x)
+        x = self.conv_post(x).float()  # exp, sin and the iSTFT in float32
         n_bins = self.istft_params["n_fft"] // 2 + 1
         magnitude = torch.exp(x[:, :n_bins, :])
         phase = torch.sin(x[:, n_bins:, :])  # the official "redundant" sin, kept for parity
@@ -435,8 +450,9 @@ class HiFTGenerator(HiFTBase):
 
     def decode(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """mel [B, 80, T] + source [B, 1, L] -> waveform [B, samples], clamped to audio_limit."""
-        s_stft = self._stft(s.squeeze(1))
-        x = self._upsample_and_fuse(self.conv_pre(x), s_stft)
+        dtype = self.compute_dtype
+        s_stft = self._stft(s.squeeze(1)).to(dtype)
+        x = self._upsample_and_fuse(self.conv_pre(x.to(dtype)), s_stft)
         return torch.clamp(self._to_waveform(x), -self.audio_limit, self.audio_limit)
 
     @torch.inference_mode()

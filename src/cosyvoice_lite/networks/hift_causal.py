@@ -346,7 +346,9 @@ class CausalHiFTGenerator(HiFTBase):
     def decode(self, x: torch.Tensor, s: torch.Tensor, finalize: bool = True) -> torch.Tensor:
         """mel [B, 80, T] + source [B, 1, L] -> waveform. With finalize=False the last
         `conv_pre_look_right` frames are look-ahead only and the last hop of output is dropped."""
-        s_stft = self._stft(s.squeeze(1))
+        dtype = self.compute_dtype
+        s_stft = self._stft(s.squeeze(1)).to(dtype)
+        x = x.to(dtype)
         if finalize:
             x = self.conv_pre(x)
         else:

@@ -404,7 +404,8 @@ class ConditionalDecoder(nn.Module):
 
         `streaming` selects static-chunk attention; it only has an effect on the causal variant.
         """
-        t = self.time_mlp(self.time_embeddings(t).to(t.dtype))
+        # t may be float32 over lower-precision weights: its sinusoids are computed in float32
+        t = self.time_mlp(self.time_embeddings(t).to(x.dtype))
 
         parts = [x, mu]
         if spks is not None:

@@ -12,6 +12,8 @@ from ..device import Placement
 from ..errors import ModelDirError
 from ..hub import whisper_vocab_path
 from ..modeldir import ModelDir, load_checkpoint, load_strict
+from ..networks.flow_matching import OFFICIAL_STEPS
+from ..precision import apply_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +43,19 @@ def load_network(model: ModelDir, part: str, filename: str, placement: Placement
         load_hift_state_dict(network, state)
     else:
         load_strict(network, state, path)
-    return network.to(placement.device).eval()
+    return apply_precision(network.to(placement.device).eval(), part, placement)
 
 
 def compute_context(placement: Placement):
-    """Autocast for the LLM and flow when a lower precision was chosen at load."""
-    if not placement.autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=placement.device.type, dtype=placement.dtype)
+    """Nothing to enter: the weights are stored in the precision chosen at load (apply_precision)."""
+    return contextlib.nullcontext()
 
 
-def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = "llm.pt"):
+def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = "llm.pt",
+                   flow_steps: int = OFFICIAL_STEPS):
     llm = load_network(model, "llm", llm_checkpoint, placement)
     flow = load_network(model, "flow", "flow.pt", placement)
+    flow.decoder.set_steps(flow_steps)  # Euler steps: a quality/speed trade-off, official 10
     hift = load_network(model, "hift", "hift.pt", placement)
     if model.version == 1:
         from .v1 import V1Pipeline

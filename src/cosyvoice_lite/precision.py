@@ -1,0 +1,88 @@
+"""Precision chosen once at load: weights stored in the chosen dtype, or int8 linear layers.
+
+Lower precision is applied to the weights themselves (not autocast over float32 weights), so a
+bfloat16 model holds half the bytes and every matmul reads half the memory. The few parts that
+must stay in higher precision say so themselves: a network module class may carry
+
+    precision_exempt = {"attribute": "why it stays in its own dtype", ...}
+
+naming child modules or buffers that keep their dtype (and are never quantised). The modules
+compute in the dtype of their weights: each network casts its float inputs at its entry points.
+
+int8 uses torch's own dynamic quantisation (``torch.ao.quantization.quantize_dynamic``: int8
+weights per output channel, activations quantised per call by the fbgemm/x86 kernels, VNNI where
+the CPU has it). It replaces ``nn.Linear`` modules only and takes float32 activations, so a
+quantised network keeps float32 everywhere else.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .device import Placement
+
+EXEMPT_ATTRIBUTE = "precision_exempt"
+
+
+def exempt_names(network: nn.Module) -> dict[str, str]:
+    """Dotted names of the children/buffers that keep their own dtype -> the reason."""
+    names: dict[str, str] = {}
+    for prefix, module in network.named_modules():
+        for attribute, why in getattr(type(module), EXEMPT_ATTRIBUTE, {}).items():
+            names[f"{prefix}.{attribute}" if prefix else attribute] = why
+    return names
+
+
+def _is_exempt(name: str, exempt: dict[str, str]) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in exempt)
+
+
+def cast_weights(network: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every floating-point parameter and buffer in ``dtype``, except the exempt ones."""
+    exempt = exempt_names(network)
+    for prefix, module in network.named_modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                name = f"{prefix}.{key}" if prefix else key
+                if tensor is None or not tensor.is_floating_point() or _is_exempt(name, exempt):
+                    continue
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.to(dtype)
+                else:
+                    store[key] = tensor.to(dtype)
+    return network
+
+
+def quantize_linear_int8(network: nn.Module) -> nn.Module:
+    """Replace the (non-exempt) ``nn.Linear`` layers by int8 dynamically quantised ones, in place."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    exempt = exempt_names(network)
+    spec = {
+        name: per_channel_dynamic_qconfig
+        for name, module in network.named_modules()
+        if type(module) is nn.Linear and not _is_exempt(name, exempt)
+    }
+    if not spec:
+        return network
+    with warnings.catch_warnings():
+        # torch.ao.quantization warns that it will move to torchao; its CPU kernels are the
+        # maintained fbgemm/onednn ones and remain in torch 2.x.
+        warnings.simplefilter("ignore")
+        quantize_dynamic(network, spec, dtype=torch.qint8, inplace=True)
+    return network
+
+
+def apply_precision(network: nn.Module, part: str, placement: Placement) -> nn.Module:
+    """Put ``network`` (``part``: "llm", "flow" or "hift", already on its device) in the precision
+    chosen at load. int8 applies to the LLM, whose decoding reads every weight once per token; the
+    flow and vocoder follow ``placement.dtype`` (bfloat16 matmuls beat int8 with float32 around it
+    there, see benchmarks/README.md)."""
+    if part == "llm" and placement.quantize == "int8":
+        return quantize_linear_int8(network)  # int8 kernels take float32 activations
+    if placement.dtype != torch.float32:
+        cast_weights(network, placement.dtype)
+    return network
