@@ -1,0 +1,501 @@
+"""`cosyvoice-lite export onnx`: every network of a model directory as standard ONNX graphs plus a
+manifest (manifest.json) that says what each graph takes and returns and how they chain.
+
+Graphs are traced with torch's TorchScript-based exporter at opset 17 (default ONNX domain only,
+no custom operators), every time axis dynamic except in the `--static-frames` estimator. Each
+graph is checked right after export: onnxruntime runs it on inputs of another length than the
+trace used and the largest difference from torch is written into the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CosyVoiceError, InvalidRequestError
+from . import flow as flow_graphs
+from . import llm as llm_graphs
+from . import vocoder as vocoder_graphs
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+MANIFEST_VERSION = 1
+DTYPES = ("float32", "float16")
+PARTS = ("llm", "flow", "hift")
+MAX_STATIC_FRAMES = 15000  # the v2/v3 flow's fixed noise covers 300 s of mel frames
+FP16_MAX = 65504.0
+
+
+class ExportError(CosyVoiceError):
+    """An export could not be done (bad options, existing output, missing `onnx`)."""
+
+
+@dataclass
+class Graph:
+    """One graph to export: the wrapper module, names, example inputs and how to check it."""
+
+    name: str
+    module: nn.Module
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]]
+    example: Callable[[int], tuple[torch.Tensor, ...]]  # size -> inputs
+    sizes: tuple[int, int]  # (trace size, check size)
+    doc: str
+    reference: Callable[..., tuple[torch.Tensor, ...]] | None = None  # torch network itself
+    input_docs: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+def check_options(
+    out_dir: Path,
+    dtype: str,
+    static_frames: int | None,
+    force: bool,
+    parts: tuple[str, ...] = PARTS,
+) -> None:
+    """Every option problem is an error before any work is done."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if static_frames is not None:
+        if static_frames <= 0 or static_frames > MAX_STATIC_FRAMES:
+            raise ExportError(
+                f"--static-frames must be between 1 and {MAX_STATIC_FRAMES} "
+                f"mel frames, got {static_frames}"
+            )
+        if "flow" not in parts:
+            raise ExportError("--static-frames sizes the flow estimator: export the flow too")
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ExportError(f"parts must be some of {', '.join(PARTS)}, got {', '.join(parts)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"{out_dir} already exists and is not empty; pass --force to replace it")
+    try:
+        import onnx  # noqa: F401  (needed to read back and convert the graphs)
+    except ImportError as exc:
+        raise ExportError(
+            "exporting needs the onnx package: pip install 'cosyvoice-lite[export]'"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------------ graphs
+
+
+def _ints(*shape: int, high: int = 100) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=_rng(), dtype=torch.int64)
+
+
+_RNG = torch.Generator().manual_seed(20251213)
+
+
+def _rng() -> torch.Generator:
+    return _RNG
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=_rng())
+
+
+def llm_graph_list(lm: nn.Module, version: int) -> list[Graph]:
+    prefill, decode = llm_graphs.llm_graphs(lm, version)
+    caches = ["keys", "values", "positions"] if version == 1 else ["keys", "values"]
+    pasts = [f"past_{c}" for c in caches]
+    eop = getattr(lm, "END_OF_PROMPT_ID", None)
+
+    def text(n: int) -> torch.Tensor:
+        ids = _ints(1, n, high=1000)
+        if eop is not None:
+            ids[0, 0] = eop
+        return ids
+
+    if version == 1:
+        pre_inputs = ["text", "embedding", "prompt_speech_token"]
+
+        def pre_example(n: int):
+            return text(n), _randn(1, 192), _ints(1, n // 2)
+    else:
+        pre_inputs = ["text", "prompt_speech_token"]
+
+        def pre_example(n: int):
+            return text(n), _ints(1, n // 2)
+
+    def dec_example(n: int):
+        with torch.inference_mode():
+            cache = prefill(*pre_example(n))[1:]
+        return (_ints(1, 1), *cache)
+
+    pos = {c: {2: "positions"} for c in caches}
+    return [
+        Graph(
+            "llm_prefill",
+            prefill,
+            pre_inputs,
+            ["logp", *caches],
+            {
+                "text": {1: "text_tokens"},
+                "embedding": {0: "speakers"},
+                "prompt_speech_token": {1: "prompt_speech_tokens"},
+                **pos,
+            },
+            pre_example,
+            (6, 9),
+            "LLM input sequence -> next-token log-probabilities and the key/value cache",
+        ),
+        Graph(
+            "llm_decode",
+            decode,
+            ["token", *pasts],
+            ["logp", *caches],
+            {**{p: {2: "past_positions"} for p in pasts}, **pos},
+            dec_example,
+            (5, 8),
+            "one decoding step: the last sampled speech token after the cached positions",
+        ),
+    ]
+
+
+def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) -> list[Graph]:
+    graphs = []
+    enc_inputs = ["prompt_token", "token", "prompt_feat", "embedding"]
+    enc_dynamic = {
+        "prompt_token": {1: "prompt_tokens"},
+        "token": {1: "tokens"},
+        "prompt_feat": {1: "prompt_frames"},
+        "mu": {2: "frames"},
+        "cond": {2: "frames"},
+    }
+
+    def enc_example(n: int):
+        p = n // 3
+        frames = int(p / flow.input_frame_rate * 22050 / 256) if version == 1 else 2 * p
+        return _ints(1, p), _ints(1, n), _randn(1, frames, 80), _randn(1, 192)
+
+    variants = [("flow_encoder", False, True)]
+    if version > 1:
+        variants.append(("flow_encoder_chunk", True, False))
+    for name, streaming, finalize in variants:
+        doc = (
+            "speech tokens -> mu, cond, spks for the estimator"
+            if finalize
+            else "a non-final streaming chunk: chunk masks, the last "
+            f"{flow.pre_lookahead_len} tokens only look-ahead (no mel for them)"
+        )
+        graphs.append(
+            Graph(
+                name,
+                flow_graphs.flow_encoder_graph(flow, version, streaming, finalize),
+                enc_inputs,
+                ["mu", "cond", "spks"],
+                enc_dynamic,
+                enc_example,
+                (30, 47),
+                doc,
+            )
+        )
+
+    estimator = flow.decoder.estimator
+    est_inputs = ["x", "mask", "mu", "t", "spks", "cond"]
+    est_dynamic = {n: {2: "frames"} for n in ("x", "mask", "mu", "cond", "velocity")}
+
+    def est_example(n: int):
+        return (
+            _randn(2, 80, n),
+            torch.ones(2, 1, n),
+            _randn(2, 80, n),
+            torch.rand(2, generator=_rng()),
+            _randn(2, 80),
+            _randn(2, 80, n),
+        )
+
+    est_variants = [("flow_estimator", False)] + (
+        [("flow_estimator_chunk", True)] if version > 1 else []
+    )
+    for name, streaming in est_variants:
+        graphs.append(
+            Graph(
+                name,
+                flow_graphs.estimator_graph(estimator, streaming),
+                est_inputs,
+                ["velocity"],
+                est_dynamic,
+                est_example,
+                (60, 83),
+                "velocity of one Euler step, batch of 2 (conditional, unconditional)"
+                + (", chunk attention masks" if streaming else ""),
+                reference=lambda *a, _s=streaming: estimator(*a, streaming=_s),
+            )
+        )
+    if static_frames is not None:
+        graphs.append(
+            Graph(
+                "flow_estimator_static",
+                flow_graphs.estimator_graph(estimator, False),
+                est_inputs,
+                ["velocity"],
+                {},
+                est_example,
+                (static_frames, static_frames),
+                f"flow_estimator with every shape fixed at {static_frames} frames (static compilers; "
+                "pad x, mu, cond with zeros and mask with 0 beyond the real frames)",
+                reference=lambda *a: estimator(*a),
+            )
+        )
+    return graphs
+
+
+def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
+    module = vocoder_graphs.vocoder_graph(hift)
+    causal = version == 3
+
+    def example(n: int):
+        mel = _randn(1, 80, n)
+        phase, noise = vocoder_graphs.draw_source_noise(hift, n, _rng())
+        return (mel, phase, noise) if causal else (mel, phase, noise, _randn(1, 1, n * 60) * 0.1)
+
+    inputs = ["mel", "phase", "noise"] + ([] if causal else ["cache_source"])
+    outputs = ["speech"] + ([] if causal else ["source"])
+    dynamic = {"mel": {2: "frames"}, "noise": {1: "samples"}, "speech": {1: "samples"}}
+    if not causal:
+        dynamic.update(cache_source={2: "cached_samples"}, source={2: "samples"})
+    return [
+        Graph(
+            "hift",
+            module,
+            inputs,
+            outputs,
+            dynamic,
+            example,
+            (12, 19),
+            "mel -> waveform, the source randomness as inputs",
+        )
+    ]
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def _export_graph(graph: Graph, path: Path) -> None:
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values are expected
+        torch.onnx.export(
+            graph.module,
+            graph.example(graph.sizes[0]),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=graph.inputs,
+            output_names=graph.outputs,
+            dynamic_axes=graph.dynamic or None,
+            do_constant_folding=True,
+        )
+
+
+def _to_float16(path: Path) -> None:
+    """Weights and compute in float16, inputs and outputs kept float32 (onnxruntime's converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    onnx.save(converted, str(path))
+
+
+def _session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_graph(session, names: list[str], inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    return session.run(
+        None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+    )
+
+
+def _max_activation(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[float, str]:
+    """Largest |value| any submodule outputs in float32 (float16 overflows above 65504)."""
+    worst = [0.0, ""]
+
+    def hook(mod, _args, out, name=""):
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                value = float(t.detach().abs().max())
+                if value > worst[0]:
+                    worst[:] = [value, name]
+
+    handles = [
+        m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
+        for n, m in module.named_modules()
+    ]
+    try:
+        with torch.inference_mode():
+            module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0], worst[1]
+
+
+def check_graph(graph: Graph, path: Path, dtype: str) -> dict:
+    """Run the exported graph in onnxruntime on fresh inputs and compare with torch."""
+    inputs = graph.example(graph.sizes[1])
+    with torch.inference_mode():
+        expected = graph.reference(*inputs) if graph.reference else graph.module(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = run_graph(_session(path), graph.inputs, inputs)
+    errors = {}
+    finite = True
+    for name, want, have in zip(graph.outputs, expected, got, strict=True):
+        finite = finite and bool(np.isfinite(have).all())
+        errors[name] = float(np.abs(have.astype(np.float64) - want.double().numpy()).max())
+    report = {
+        "max_abs_error": max(errors.values()),
+        "per_output": errors,
+        "check_sizes": graph.sizes[1],
+        "finite": finite,
+    }
+    if dtype == "float16":
+        peak, where = _max_activation(graph.module, inputs)
+        report["fp32_peak_activation"] = {
+            "value": peak,
+            "module": where,
+            "overflows_float16": peak > FP16_MAX,
+        }
+    return report
+
+
+def _io_spec(path: Path, docs: dict[str, str]) -> dict:
+    """Inputs and outputs as the ONNX file declares them (names, element types, shapes)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {(op.domain or "ai.onnx") for op in model.graph.node}
+    if used - {"ai.onnx"}:
+        raise ExportError(f"{path.name} uses non-standard operator domains: {sorted(used)}")
+
+    def describe(value) -> dict:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        entry = {
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+            "shape": dims,
+        }
+        if value.name in docs:
+            entry["doc"] = docs[value.name]
+        return entry
+
+    ops = sorted({op.op_type for op in model.graph.node})
+    return {
+        "inputs": [describe(v) for v in model.graph.input],
+        "outputs": [describe(v) for v in model.graph.output],
+        "operators": ops,
+    }
+
+
+def load_networks(
+    model: str | Path,
+    parts: tuple[str, ...] = PARTS,
+    llm_checkpoint: str = "llm.pt",
+    variant: str | None = None,
+):
+    """(ModelDir, {part: network}) in float32 on the CPU, loaded as the engine loads them."""
+    from ..device import resolve_placement
+    from ..hub import resolve_model
+    from ..modeldir import open_model_dir
+    from ..pipelines.factory import load_network
+
+    model_dir = open_model_dir(resolve_model(model), variant)
+    placement = resolve_placement("cpu", "float32")
+    files = {"llm": llm_checkpoint, "flow": "flow.pt", "hift": "hift.pt"}
+    return model_dir, {p: load_network(model_dir, p, files[p], placement) for p in parts}
+
+
+def export_onnx(
+    model: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    static_frames: int | None = None,
+    force: bool = False,
+    parts: tuple[str, ...] = PARTS,
+    llm_checkpoint: str = "llm.pt",
+    variant: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a model directory (or official name); returns the manifest path."""
+    out_dir = Path(out_dir)
+    parts = tuple(parts)
+    check_options(out_dir, dtype, static_frames, force, parts)
+    if llm_checkpoint != "llm.pt" and "llm" not in parts:
+        raise ExportError("--llm selects an LLM checkpoint: export the llm too")
+    model_dir, nets = load_networks(model, parts, llm_checkpoint, variant)
+    version = model_dir.version
+    graphs: list[Graph] = []
+    if "llm" in nets:
+        graphs += llm_graph_list(nets["llm"], version)
+    if "flow" in nets:
+        graphs += flow_graph_list(nets["flow"], version, static_frames)
+    if "hift" in nets:
+        graphs += hift_graph_list(nets["hift"], version)
+
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    entries = {}
+    try:
+        for graph in graphs:
+            start = time.perf_counter()
+            path = staging / f"{graph.name}.onnx"
+            _export_graph(graph, path)
+            if dtype == "float16":
+                _to_float16(path)
+            report = check_graph(graph, path, dtype)
+            entry = {
+                "file": path.name,
+                "doc": graph.doc,
+                **_io_spec(path, graph.input_docs),
+                "check": report,
+                "bytes": sum(p.stat().st_size for p in staging.glob(f"{graph.name}.onnx*")),
+            }
+            entries[graph.name] = entry
+            if progress:
+                progress(
+                    f"{graph.name}: {entry['bytes'] / 1e6:.1f} MB, max |onnxruntime - torch| "
+                    f"{report['max_abs_error']:.2e} ({time.perf_counter() - start:.1f} s)"
+                )
+        from .manifest import build_manifest
+
+        manifest = build_manifest(model_dir, nets, entries, dtype, static_frames, OPSET)
+        (staging / "manifest.json").write_text(
+            json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / "manifest.json"
+
+
+__all__ = ["ExportError", "InvalidRequestError", "export_onnx", "load_networks", "OPSET"]
