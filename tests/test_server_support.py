@@ -125,6 +125,14 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+class ProbeJob:
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
 class EngineProbe:
     """Wraps the real tiny engine for the server tests.
 
@@ -180,6 +188,30 @@ class EngineProbe:
             inner.close()
         if key is not None:
             self.cache[key] = produced
+
+    def submit(self, request, sink, progress=None, prompt=None):
+        """The server's entry point: the probe's synthesis relayed to ``sink`` from a thread."""
+        job = ProbeJob()
+
+        def relay() -> None:
+            chunks = None
+            try:
+                features = prompt() if callable(prompt) else prompt
+                chunks = self.synthesize(request, progress, features)
+                for chunk in chunks:
+                    if job.cancelled.is_set():
+                        break
+                    sink.chunk(chunk)
+            except Exception as exc:  # noqa: BLE001 - handed to the server, which reports it
+                sink.end(exc)
+                return
+            finally:
+                if chunks is not None:
+                    chunks.close()
+            sink.end(None)
+
+        threading.Thread(target=relay, name="probe", daemon=True).start()
+        return job
 
     def synthesize(self, request, progress=None, prompt=None):
         with self.lock:

@@ -4,7 +4,8 @@ metrics and the web page.
     app = create_app(lambda: Engine.load("CosyVoice-300M-SFT"), Settings(max_queue=4))
 
 Given a loader, the model loads once in a background thread: /health answers at once and /ready
-says 503 until the model is there. Synthesis always runs in worker threads (see scheduler.py).
+says 503 until the model is there. Synthesis runs in the engine loop, which computes all admitted
+requests together (see scheduler.py and ../engine_loop.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..audio.io import AUDIO_FORMATS
 from ..errors import CosyVoiceError
 from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready, overloaded
+from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
 from .openai_api import openai_router
 from .outputs import OutputStore
@@ -53,7 +55,7 @@ log = logging.getLogger("cosyvoice_lite.serving")
 access_log = logging.getLogger("cosyvoice_lite.serving.access")
 
 STATIC = Path(__file__).resolve().parent / "static"
-PUBLIC_PATHS = {"/", "/health", "/ready", "/info", "/favicon.ico", "/docs", "/openapi.json"}
+PUBLIC_PATHS = {"/", "/health", "/ready", "/info", "/favicon.ico"}  # docs: Settings.docs_public
 QUIET_ENDPOINTS = {"/health", "/ready", "/metrics"}
 
 
@@ -78,11 +80,16 @@ class ServerState:
                            lambda: self.scheduler.capacity)
         self.metrics.gauge("model_loaded", "1 once the model is loaded.",
                            lambda: 1.0 if self.status == "ready" else 0.0)
-        self.metrics.gauge("saved_voices", "Voices in the library.",
-                           lambda: len(self.library.names()))
+        self.metrics.gauge("saved_voices", "Usable voices in the library.",
+                           lambda: len(self.library.list()))
+        self.metrics.gauge("broken_voices", "Library entries that cannot be used (GET /voices).",
+                           lambda: len(self.library.broken()))
+        self.metrics.gauge("voice_storage_ok", "1 while voices can be stored (else see /ready).",
+                           lambda: 0.0 if self.library.health() else 1.0)
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
+        self.scheduler.runner = engine.call  # voice features are computed in the engine loop
         self.status = "ready"
         self.metrics.info = {"name": engine.model.name, "version": str(engine.version),
                              "variant": engine.model.variant, "sample_rate": str(engine.sample_rate)}
@@ -123,6 +130,8 @@ class ServingMiddleware:
         key = self.state.settings.api_key
         path = scope["path"]
         if not key or path in PUBLIC_PATHS or path.startswith("/static/") or scope["method"] == "OPTIONS":
+            return True
+        if self.state.settings.docs_public and path.startswith(DOC_PATHS):
             return True
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
@@ -238,6 +247,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
                   description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.")
     app.state.server = state
     _install_error_handlers(app, state)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=state.metrics)  # inside auth
     app.add_middleware(ServingMiddleware, fastapi_app=app, state=state)
     if settings.cors_origins:  # CORS stays off unless origins are configured
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
@@ -271,6 +281,11 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         """Readiness: 200 once the model is loaded, 503 before (or if loading failed)."""
         if state.status != "ready":
             raise not_ready(state.status, state.load_error)
+        # synthesis works without the voice storage: degraded, not unready (see docs/OPERATIONS.md)
+        problem = await asyncio.to_thread(state.library.health)
+        if problem:
+            return {"status": "degraded", "model": state.engine.model.name,
+                    "storage": {"voices": "degraded", "error": problem}}
         return {"status": "ready", "model": state.engine.model.name}
 
     @app.get("/info", tags=["operations"])
@@ -315,6 +330,7 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
         """Text to audio (wav by default). With ``stream`` the audio is sent while it is made
         (wav with an open-ended header, or raw 16-bit PCM at X-Sample-Rate)."""
         state.require_engine()
+        check_texts(state.settings, text=body.text, speaker=body.speaker, instruct=body.instruct)
         synthesis, saved = plan_request(state, text=body.text, voice=body.speaker,
                                         instruct=body.instruct, speed=body.speed, seed=body.seed,
                                         mode=body.mode, engine_stream=body.stream)
@@ -347,6 +363,7 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[str, str, 
                        code="missing_field", param="audio")
     if not isinstance(prompt_text, str):
         raise ApiError(400, "'prompt_text' must be text", code="invalid_field", param="prompt_text")
+    check_texts(settings, name=name, prompt_text=prompt_text)
     data = await audio.read(limit + 1)
     await form.close()
     if len(data) > limit:
@@ -406,7 +423,10 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/voices", tags=["voice library"])
     async def list_voices():
-        return {"object": "list", "data": [v.to_api() for v in library.list()]}
+        """Saved voices; entries that cannot be used are listed under ``broken`` with a reason."""
+        voices, broken = library.scan()
+        return {"object": "list", "data": [v.to_api() for v in voices],
+                "broken": [b.to_api() for b in broken]}
 
     @app.get("/voices/{name}", tags=["voice library"])
     async def get_voice(name: str):

@@ -35,12 +35,16 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         dest="llm_checkpoint",
         help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)",
     )
+    serve.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for torch (default: one per core)"
+    )
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-text-chars",
         type=int,
-        default=200,
-        help="longest text per request (default 200, the models' guidance)",
+        default=4096,
+        help="longest text per request (default 4096, as OpenAI); longer than ~80 characters "
+        "is split into sentences and sent segment by segment",
     )
     limits.add_argument("--max-upload-mb", type=float, default=10.0, help="largest prompt upload")
     limits.add_argument(
@@ -49,7 +53,14 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         default=30.0,
         help="longest prompt recording (at most 30)",
     )
-    limits.add_argument("--workers", type=int, default=1, help="syntheses running at once")
+    limits.add_argument(
+        "--max-batch",
+        "--workers",
+        dest="workers",
+        type=int,
+        default=8,
+        help="requests the engine loop computes together (decoded as one batch); more wait in the queue",
+    )
     limits.add_argument(
         "--max-queue",
         type=int,
@@ -81,6 +92,14 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     ops.add_argument("--s3-prefix", default="", help="key prefix inside the bucket")
     ops.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, moto, ...)")
     ops.add_argument("--s3-region", help="S3 region")
+    ops.add_argument(
+        "--voice-alias",
+        action="append",
+        default=[],
+        metavar="NAME=VOICE",
+        help="map a voice name clients send (e.g. OpenAI's alloy) to a preset or saved voice "
+        "(repeatable; default: OpenAI's names map to presets where the model has them)",
+    )
     ops.add_argument("--log-format", choices=["json", "text"], default="json")
     serve.set_defaults(func=cmd_serve)
     return serve
@@ -93,6 +112,12 @@ def settings_from_args(args: argparse.Namespace):
     if args.s3_bucket:
         s3 = S3Settings(args.s3_bucket, args.s3_prefix, args.s3_endpoint_url, args.s3_region)
     extra = {"voices_dir": args.voices_dir} if args.voices_dir else {}
+    aliases = {}
+    for item in args.voice_alias:
+        name, sep, voice = item.partition("=")
+        if not sep or not name.strip() or not voice.strip():
+            raise ValueError(f"--voice-alias wants NAME=VOICE, got {item!r}")
+        aliases[name.strip()] = voice.strip()
     return Settings(
         max_text_chars=args.max_text_chars,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
@@ -104,6 +129,7 @@ def settings_from_args(args: argparse.Namespace):
         cors_origins=args.cors_origin,
         outputs_dir=args.outputs_dir,
         s3=s3,
+        voice_aliases=aliases,
         **extra,
     )
 
@@ -122,6 +148,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import CosyVoiceError
 
         raise CosyVoiceError(f"bad server option: {exc}") from None
+    from ..cli import set_threads
+
+    set_threads(args.threads)  # once, before the model loads
 
     def load():
         return Engine.load(
@@ -130,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             variant=args.variant,
             llm_checkpoint=args.llm_checkpoint,
+            max_batch=args.workers,
         )
 
     app = create_app(load, settings)

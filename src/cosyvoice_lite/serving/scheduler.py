@@ -1,10 +1,12 @@
-"""Synthesis off the event loop: a fixed pool of worker threads behind a bounded queue.
+"""Admission control between the HTTP handlers and the engine loop.
 
-A request is admitted only if fewer than ``workers + max_queue`` requests are in flight; beyond
-that the caller gets :class:`Overloaded` (HTTP 429 with Retry-After). Each admitted job runs
-entirely in a worker thread and hands its output to the event loop piece by piece; cancelling a
-job (client gone, timeout) makes the worker close the engine iterator at its next chunk, which
-stops the synthesis and drops its tensors.
+The engine loop computes every admitted request together (see ``cosyvoice_lite.engine_loop``);
+there is no thread per request. A request is admitted only if fewer than ``slots + max_queue`` are
+in flight (``slots``: rows the engine steps together); beyond that the caller gets
+:class:`Overloaded` (HTTP 429 with Retry-After). A :class:`Job` is the event-loop side of one
+request: the engine loop thread hands it pieces with :meth:`Job.put` and ends it with
+:meth:`Job.finish`; cancelling it (client gone, timeout) removes the request's row from the engine
+at its next step.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 
@@ -32,8 +34,7 @@ _DONE = object()
 
 
 class Job:
-    """One request's work: ``produce`` yields pieces in a worker thread; the event loop reads them
-    with :meth:`next`. ``produce`` gets the job, to check :attr:`cancelled` between pieces."""
+    """One request's output as the event loop reads it (:meth:`next`), fed from any thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.loop = loop
@@ -42,13 +43,25 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started_at: float | None = None
         self.ended = False  # the reader has seen the end (or the error) of the output
+        self._on_cancel: list[Callable[[], None]] = []
+        self._on_finish: list[Callable[[], None]] = []
+        self._finished = threading.Event()
 
-    # -- worker side
+    # -- producer side (engine loop thread, or any thread)
     def put(self, item: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown): nobody will read this
-            self.cancelled.set()
+            self.cancel()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The end of the output (or its error); releases the request's admission slot."""
+        if self._finished.is_set():
+            return
+        self._finished.set()
+        self.put(_DONE if error is None else error)
+        for callback in self._on_finish:
+            callback()
 
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
@@ -56,32 +69,23 @@ class Job:
     def stop_requested(self) -> bool:
         return self.cancelled.is_set() or self.expired()
 
-    def run(self, produce: Callable[[Job], Iterator[Any]]) -> None:
-        self.started_at = time.monotonic()
-        try:
-            if self.stop_requested():
-                return
-            pieces = produce(self)
-            try:
-                for piece in pieces:
-                    self.put(piece)
-                    if self.stop_requested():
-                        return
-            finally:
-                close = getattr(pieces, "close", None)
-                if close is not None:
-                    close()  # stops the engine generator and frees its state now
-            self.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request, which reports it
-            self.put(exc)
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the job is cancelled (at once if it already is)."""
+        self._on_cancel.append(callback)
+        if self.cancelled.is_set():
+            callback()
 
     # -- event-loop side
     def cancel(self) -> None:
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        for callback in self._on_cancel:
+            callback()
 
     async def next(self) -> Any:
         """The next piece; raises StopAsyncIteration at the end, JobTimeout past the deadline, or
-        the exception the worker raised."""
+        the exception the producer raised."""
         remaining = self.deadline - time.monotonic()
         try:
             item = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.001))
@@ -104,61 +108,71 @@ class Job:
 
 
 class Scheduler:
-    """Admission control plus the worker pool."""
+    """Admission control in front of the engine loop."""
 
-    def __init__(self, workers: int, max_queue: int) -> None:
-        self.workers = workers
+    def __init__(self, slots: int, max_queue: int) -> None:
+        self.slots = slots
         self.max_queue = max_queue
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synthesis")
         self._lock = threading.Lock()
         self.in_flight = 0  # admitted and not finished
-        self.running = 0  # in a worker right now
         self._recent: list[float] = []  # durations of the last jobs, for Retry-After
+        self.runner: Callable[[Callable[[], Any]], Future] | None = None  # engine.call, once loaded
 
     @property
     def capacity(self) -> int:
-        return self.workers + self.max_queue
+        return self.slots + self.max_queue
 
     @property
     def queued(self) -> int:
-        return max(self.in_flight - self.running, 0)
+        return max(self.in_flight - self.slots, 0)
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: typical job time x queue length / workers."""
+        """Seconds until a slot is likely free: typical job time x queue length / slots."""
         with self._lock:
             typical = sorted(self._recent)[len(self._recent) // 2] if self._recent else 1.0
-            waiting = self.in_flight - self.workers + 1
-        return max(1, math.ceil(typical * max(waiting, 1) / self.workers))
+            waiting = self.in_flight - self.slots + 1
+        return max(1, math.ceil(typical * max(waiting, 1) / self.slots))
 
-    def submit(self, job: Job, produce: Callable[[Job], Iterator[Any]]) -> None:
-        """Admit ``job`` or raise :class:`Overloaded`."""
+    def submit(self, job: Job, start: Callable[[Job], None]) -> None:
+        """Admit ``job`` (or raise :class:`Overloaded`) and ``start`` it; ``start`` hands the work
+        to the engine, which ends the job with :meth:`Job.finish`."""
+        self._admit(job)
+        try:
+            start(job)
+        except BaseException as exc:  # noqa: BLE001 - e.g. a request the engine refuses
+            job.finish(exc)
+
+    def call(self, job: Job, fn: Callable[[], Any]) -> None:
+        """Run one function in the engine loop as a job (e.g. computing a voice's features)."""
+        if self.runner is None:
+            raise RuntimeError("the engine is not loaded")
+        self._admit(job)
+
+        def done(future: Future) -> None:
+            error = future.exception()
+            if error is None:
+                job.put(future.result())
+            job.finish(error)
+
+        try:
+            self.runner(fn).add_done_callback(done)
+        except BaseException as exc:  # noqa: BLE001 - the engine is closing
+            job.finish(exc)
+
+    def _admit(self, job: Job) -> None:
         with self._lock:
             admitted = self.in_flight < self.capacity
             if admitted:
                 self.in_flight += 1
         if not admitted:
             raise Overloaded(self.retry_after())
-        self._pool.submit(self._run, job, produce)
+        job.started_at = time.monotonic()
+        job._on_finish.append(lambda: self._release(job))
 
-    def call(self, job: Job, fn: Callable[[], Any]) -> None:
-        """Run a single function as a job (e.g. computing a voice's features)."""
-
-        def produce(_: Job) -> Iterator[Any]:
-            yield fn()
-
-        self.submit(job, produce)
-
-    def _run(self, job: Job, produce: Callable[[Job], Iterator[Any]]) -> None:
+    def _release(self, job: Job) -> None:
         with self._lock:
-            self.running += 1
-        start = time.monotonic()
-        try:
-            job.run(produce)
-        finally:
-            with self._lock:
-                self.running -= 1
-                self.in_flight -= 1
-                self._recent = (self._recent + [time.monotonic() - start])[-20:]
+            self.in_flight -= 1
+            self._recent = (self._recent + [time.monotonic() - job.started_at])[-20:]
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to stop here: the engine loop belongs to the engine (``Engine.close``)."""

@@ -27,6 +27,9 @@ class S3Settings:
     prefix: str = ""
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO or moto
     region: str | None = None
+    connect_timeout: float = 5.0  # seconds per connection attempt
+    read_timeout: float = 30.0  # seconds without an answer before an attempt fails
+    max_attempts: int = 3  # tries per object (standard retry mode, backing off between tries)
 
 
 @dataclass
@@ -36,9 +39,13 @@ class Settings:
     # As OpenAI's speech API: longer texts are split into sentences (at most ~80 characters each,
     # the models' guidance) and spoken segment by segment, each sent as soon as it is made.
     max_text_chars: int = 4096
+    max_instruct_chars: int = 500  # instruct (/tts) and instructions (OpenAI API)
+    max_prompt_text_chars: int = 1000  # the transcript of a prompt recording (30 s at most)
     max_upload_bytes: int = 10 * 1024 * 1024
+    # any body that is not multipart/form-data; None: room for a base64 prompt of max_upload_bytes
+    max_json_bytes: int | None = None
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
-    workers: int = 1  # synthesis threads running at once (CPU: one is usually best)
+    workers: int = 8  # requests the engine loop computes together (its batch, Engine.load max_batch)
     max_queue: int = 8  # requests allowed to wait for a worker; beyond that: 429
     request_timeout: float = 300.0  # seconds from acceptance to the last audio byte
     api_key: str | None = None  # if set, "Authorization: Bearer <key>" is required
@@ -51,10 +58,33 @@ class Settings:
     voice_aliases: dict[str, str] = field(default_factory=dict)
     prompt_cache_size: int = 32  # one-off prompts whose features are kept (LRU)
     prompt_cache_ttl: float = 600.0  # seconds a cached one-off prompt lives after its last use
+    # /docs, /redoc and /openapi.json need the API key when one is set, unless this is True
+    docs_public: bool = False
+    security_headers: bool = True  # nosniff, frame and referrer policy; a CSP for the page
+    # connections (applied by the uvicorn options of `serve`, see cli.py)
+    header_timeout: float = 10.0  # seconds for a client to send its request line and headers
+    body_timeout: float = 30.0  # seconds without any body bytes while a body is being read
+    keep_alive_timeout: float = 5.0  # idle seconds between requests on a kept-alive connection
+    max_connections: int = 512  # open connections at most (more are answered 503 and closed)
+    shutdown_timeout: float = 10.0  # seconds a graceful stop waits for requests and uploads
 
     def __post_init__(self) -> None:
-        if self.max_text_chars < 1:
-            raise ValueError("max_text_chars must be at least 1")
+        for name in (
+            "max_text_chars",
+            "max_instruct_chars",
+            "max_prompt_text_chars",
+            "max_upload_bytes",
+            "max_connections",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_json_bytes is None:
+            self.max_json_bytes = self.max_upload_bytes * 4 // 3 + 64 * 1024
+        if self.max_json_bytes < 1:
+            raise ValueError("max_json_bytes must be at least 1")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.max_queue < 0:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ from .errors import ApiError, from_engine_error, overloaded
 from .scheduler import Job, JobTimeout, Overloaded
 from .streaming import (
     Encoder,
+    StreamTruncated,
     WholeEncoder,
     output_rate,
     seconds_to_tokens,
@@ -123,45 +124,59 @@ def plan_request(state: ServerState, *, text: str, voice: str, instruct: str | N
     return request, saved
 
 
-def _produce(state: ServerState, plan: Plan, accepted_at: float):
-    """The worker side of a synthesis job: engine chunks -> encoded pieces, then a Summary."""
-    engine, metrics = state.engine, state.metrics
+class _Relay:
+    """The engine side of a synthesis job, called from the engine loop thread: engine chunks ->
+    encoded pieces on the job's queue, then a Summary, then the end."""
 
-    def produce(job: Job) -> Iterator[object]:
-        start = time.monotonic()
-        prompt = None
-        if plan.saved_voice is not None:
-            prompt = state.library.features(plan.saved_voice, voice_key(engine), engine.encode_prompt)
-        elif plan.prompt is not None:
-            prompt = plan.prompt()
+    def __init__(self, state: ServerState, plan: Plan, job: Job, accepted_at: float) -> None:
+        self.state, self.plan, self.job, self.accepted_at = state, plan, job, accepted_at
+        engine = state.engine
         if plan.transport == "whole":
-            encoder = WholeEncoder(plan.format, engine.sample_rate, plan.out_rate)
+            self.encoder = WholeEncoder(plan.format, engine.sample_rate, plan.out_rate)
         else:
-            encoder = Encoder(plan.format, engine.sample_rate, plan.out_rate)
-        keep = state.outputs.enabled
-        kept: list[np.ndarray] = []
-        audio_seconds, first = 0.0, None
-        chunks = engine.synthesize(plan.request, prompt=prompt)
+            self.encoder = Encoder(plan.format, engine.sample_rate, plan.out_rate)
+        self.keep = state.outputs.enabled
+        self.kept: list[np.ndarray] = []
+        self.audio_seconds, self.first = 0.0, None
+        self.start = time.monotonic()
+
+    def prompt(self) -> PromptFeatures | None:
+        """The prompt features (a saved voice or a one-off upload), computed in the engine loop."""
+        state, plan = self.state, self.plan
+        if plan.saved_voice is not None:
+            engine = state.engine
+            return state.library.features(plan.saved_voice, voice_key(engine), engine.encode_prompt)
+        return plan.prompt() if plan.prompt is not None else None
+
+    def chunk(self, chunk) -> None:
+        if self.first is None:
+            self.first = time.monotonic() - self.accepted_at
+            self.state.metrics.first_audio_latency(self.first)
+        self.audio_seconds += chunk.duration
+        if self.keep:
+            self.kept.append(chunk.samples)
+        piece = self.encoder.feed(chunk.samples)
+        if piece:
+            self.job.put(piece)
+
+    def end(self, error: BaseException | None) -> None:
+        if error is not None or self.job.cancelled.is_set():
+            self.job.finish(error)  # a cancelled job has nobody left to tell
+            return
         try:
-            for chunk in chunks:
-                if first is None:
-                    first = time.monotonic() - accepted_at
-                    metrics.first_audio_latency(first)
-                audio_seconds += chunk.duration
-                if keep:
-                    kept.append(chunk.samples)
-                piece = encoder.feed(chunk.samples)
-                if piece:
-                    yield piece
-                if job.stop_requested():
-                    return
-        finally:
-            chunks.close()  # stops the engine at once when the client is gone
-        tail = encoder.finish()
+            self._complete()
+        except Exception as exc:  # noqa: BLE001 - e.g. the encoder failed on the last piece
+            self.job.finish(exc)
+            return
+        self.job.finish()
+
+    def _complete(self) -> None:
+        state, plan, engine = self.state, self.plan, self.state.engine
+        tail = self.encoder.finish()
         if tail:
-            yield tail
-        compute = time.monotonic() - start
-        metrics.synthesis(audio_seconds, compute)
+            self.job.put(tail)
+        compute, audio_seconds, first = time.monotonic() - self.start, self.audio_seconds, self.first
+        state.metrics.synthesis(audio_seconds, compute)
         request = plan.request
         log.info("synthesized %.2f s of audio in %.2f s", audio_seconds, compute, extra={
             "request_id": plan.request_id, "endpoint": plan.endpoint, "mode": request.mode.value,
@@ -169,16 +184,26 @@ def _produce(state: ServerState, plan: Plan, accepted_at: float):
             "real_time_factor": round(compute / audio_seconds, 3) if audio_seconds else None,
             "first_audio_seconds": round(first, 3) if first is not None else None,
             "stream": request.stream, "format": plan.format})
-        if keep and kept:
-            state.outputs.submit(plan.request_id, np.concatenate(kept), engine.sample_rate, plan.format, {
+        if self.keep and self.kept:
+            state.outputs.submit(plan.request_id, np.concatenate(self.kept), engine.sample_rate,
+                                 plan.format, {
                 "endpoint": plan.endpoint, "model": engine.model.name, "text": request.text,
                 "voice": plan.saved_voice or request.voice, "mode": request.mode.value,
                 "instruct": request.instruct, "speed": request.speed, "seed": request.seed,
                 "real_time_factor": round(compute / audio_seconds, 4) if audio_seconds else None,
-            })
-        yield Summary(audio_seconds, compute, first)
+            })  # fmt: skip
+        self.job.put(Summary(audio_seconds, compute, first))
 
-    return produce
+
+def _start(state: ServerState, plan: Plan, accepted_at: float) -> Callable[[Job], None]:
+    """Hand the request to the engine loop; cancelling the job removes its row there."""
+
+    def start(job: Job) -> None:
+        relay = _Relay(state, plan, job, accepted_at)
+        engine_job = state.engine.submit(plan.request, relay, prompt=relay.prompt)
+        job.on_cancel(engine_job.cancel)
+
+    return start
 
 
 async def _cancel_on_disconnect(state: ServerState, request: Request, job: Job) -> None:
@@ -219,7 +244,7 @@ def start_job(state: ServerState, plan: Plan) -> Job:
     accepted_at = time.monotonic()
     job = Job(loop, deadline=accepted_at + state.settings.request_timeout)
     try:
-        state.scheduler.submit(job, _produce(state, plan, accepted_at))
+        state.scheduler.submit(job, _start(state, plan, accepted_at))
     except Overloaded as exc:
         state.metrics.count("rejected_total")
         raise overloaded(exc.retry_after) from None
@@ -269,6 +294,9 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
                     item = await _next_piece(state, job, plan)
                 except StopAsyncIteration:
                     break
+            if summary is None:  # stopped early (deadline or shutdown): never a short 200
+                raise _timeout_error(state) if job.expired() else ApiError(
+                    503, "the synthesis was stopped before its end", "server_error", "stopped")
             if summary is not None:
                 headers["X-Audio-Duration"] = f"{summary.audio_seconds:.3f}"
                 if summary.audio_seconds:
@@ -299,10 +327,11 @@ async def _audio_body(state: ServerState, job: Job, plan: Plan, first: bytes | S
         try:
             item = await _next_piece(state, job, plan)
         except StopAsyncIteration:
-            return
-        except ApiError as exc:  # headers are gone: all we can do is end the stream early
-            log.warning("stream ended early: %s", exc.message, extra={"request_id": plan.request_id})
-            return
+            if isinstance(item, Summary):  # the Summary comes last: the audio is complete
+                return
+            raise StreamTruncated("the synthesis stopped before its end") from None
+        except ApiError as exc:  # headers are gone: abort the transfer (see StreamTruncated)
+            raise StreamTruncated(exc.message) from None
 
 
 async def _sse_body(state: ServerState, job: Job, plan: Plan, first: bytes | Summary) -> AsyncIterator[bytes]:
@@ -322,7 +351,13 @@ async def _sse_body(state: ServerState, job: Job, plan: Plan, first: bytes | Sum
         try:
             item = await _next_piece(state, job, plan)
         except StopAsyncIteration:
+            if not isinstance(item, Summary):  # stopped before its end: say so, never a quiet end
+                state.metrics.count("truncated_streams_total")
+                error = ApiError(504 if job.expired() else 503, "the synthesis stopped before its "
+                                 "end", "server_error", "truncated")
+                yield sse_event({"type": "error", "error": error.body()["error"]})
             return
         except ApiError as exc:
+            state.metrics.count("truncated_streams_total")
             yield sse_event({"type": "error", "error": exc.body()["error"]})
             return
