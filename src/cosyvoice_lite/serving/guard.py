@@ -1,0 +1,294 @@
+"""Per-request bounds that hold whatever the route: body size and body read time (enforced while
+the body is read, chunked bodies included), text fields, security headers, and streamed responses
+that cannot finish (aborted, never ended as if complete).
+
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    check_texts(settings, text=body.text, instruct=body.instruct)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import ApiError
+from .metrics import Metrics
+from .settings import Settings
+from .streaming import StreamTruncated
+
+log = logging.getLogger("cosyvoice_lite.serving")
+
+FORM_OVERHEAD = 64 * 1024  # multipart framing and the small text fields around the audio file
+MAX_NAME_FIELD_CHARS = 256  # voice, speaker, model, name: identifiers, never long
+
+# The page loads only its own files; audio plays from blob: URLs made from fetched responses.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "media-src 'self' blob: data:; connect-src 'self'; worker-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+# ------------------------------------------------------------------------------------ text
+
+
+def _field_limit(settings: Settings, field: str) -> int:
+    if field in ("text", "input"):
+        return settings.max_text_chars
+    if field in ("instruct", "instructions"):
+        return settings.max_instruct_chars
+    if field in ("prompt_text", "transcript"):
+        return settings.max_prompt_text_chars
+    return MAX_NAME_FIELD_CHARS
+
+
+def check_text(field: str, value: str | None, limit: int) -> None:
+    """400 naming ``field`` if ``value`` is not valid Unicode text or longer than ``limit``."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ApiError(400, f"{field} must be text", code="invalid_text", param=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone UTF-16 surrogates (JSON "\ud800") are not text
+        raise ApiError(
+            400,
+            f"{field} is not valid Unicode text: a lone surrogate at character {exc.start}",
+            code="invalid_text",
+            param=field,
+        ) from None
+    if len(value) > limit:
+        # "text_too_long" for the text itself, as before; "<field>_too_long" for the others
+        code = "text_too_long" if field in ("text", "input") else f"{field}_too_long"
+        raise ApiError(
+            400,
+            f"{field} is too long: {len(value)} characters, the limit is {limit}",
+            code=code,
+            param=field,
+            max_chars=limit,
+        )
+
+
+def check_texts(settings: Settings, **fields: str | None) -> None:
+    """Check every text field of a request against its configured limit (see Settings)."""
+    for field, value in fields.items():
+        check_text(field, value, _field_limit(settings, field))
+
+
+def _surrogate_path(value, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string (or key) holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _surrogate_path(key, path or "body") or _surrogate_path(
+                item, f"{path}.{key}" if path else str(key)
+            )
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+# a JSON escape of a UTF-16 surrogate: only such escapes can smuggle lone surrogates into text
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate_field(body: bytes) -> str | None:
+    """The field of a JSON body whose text contains a lone UTF-16 surrogate (JSON ``"\\ud800"``
+    decodes to a str that no encoder accepts), or None."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        return _surrogate_path(json.loads(body))
+    except ValueError:
+        return None  # not JSON: the route reports that
+
+
+# ------------------------------------------------------------------------------------ bodies
+
+
+class BodyRejected(StarletteHTTPException):
+    """Raised inside ``receive`` to stop whoever reads the body; the middleware answers."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
+def body_limit(settings: Settings, content_type: str) -> int:
+    if content_type.startswith("multipart/form-data"):
+        return settings.max_upload_bytes + FORM_OVERHEAD
+    return settings.max_json_bytes
+
+
+def _too_large(limit: int, upload: bool, length: int | None = None) -> ApiError:
+    size = f"{length} bytes" if length is not None else f"more than {limit} bytes"
+    return ApiError(
+        413,
+        f"request body too large: {size}, at most {limit} bytes",
+        code="upload_too_large" if upload else "body_too_large",
+        max_bytes=limit,
+    )
+
+
+class GuardMiddleware:
+    """Body size and read-time limits, security headers, and truncated streams (see module doc)."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    def _headers(self, scope, headers: list) -> list:
+        if not self.settings.security_headers:
+            return headers
+        present = {k.lower() for k, _ in headers}
+        out = list(headers) + [h for h in SECURITY_HEADERS if h[0] not in present]
+        content_type = dict((k.lower(), v) for k, v in headers).get(b"content-type", b"")
+        if content_type.startswith(b"text/html") and not scope["path"].startswith(DOC_PATHS):
+            out.append((b"content-security-policy", PAGE_CSP.encode()))
+        return out
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+        limit = body_limit(self.settings, content_type)
+        upload = content_type.startswith("multipart/form-data")
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        sent = {"started": False, "rejected": None}
+
+        async def send_guarded(message) -> None:
+            if sent["rejected"] is not None:
+                return  # the app's answer to a body we cut off is replaced by ours
+            if message["type"] == "http.response.start":
+                sent["started"] = True
+                message = {**message, "headers": self._headers(scope, message.get("headers", []))}
+            await send(message)
+
+        async def answer(error: ApiError) -> None:
+            self.metrics.error(error.code or error.type)
+            if error.status in (408, 413):  # the rest of the body is not read: end the connection
+                error.headers = {**error.headers, "Connection": "close"}
+            await error.response()(scope, receive, send_guarded)
+
+        if length.isdigit() and int(length) > limit:
+            await answer(_too_large(limit, upload, int(length)))
+            return
+
+        received = {"bytes": 0, "done": False}
+        timeout = self.settings.body_timeout
+
+        async def receive_guarded():
+            if received["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                error = ApiError(
+                    408,
+                    f"the request body stopped arriving ({timeout:g} s without data)",
+                    code="body_timeout",
+                )
+                sent["rejected"] = error
+                raise BodyRejected(error) from None
+            if message["type"] == "http.request":
+                received["bytes"] += len(message.get("body", b""))
+                if received["bytes"] > limit:
+                    error = _too_large(limit, upload)
+                    sent["rejected"] = error
+                    raise BodyRejected(error)
+                if not message.get("more_body", False):
+                    received["done"] = True
+            else:
+                received["done"] = True
+            return message
+
+        app_receive = receive_guarded
+        if content_type.startswith("application/json") or (
+            not content_type and scope["method"] in ("POST", "PUT", "PATCH")
+        ):
+            # JSON bodies are small and read whole anyway: read them here, within the limits,
+            # so text that is not Unicode is refused naming its field, whatever the route
+            try:
+                body = await _read_body(receive_guarded)
+            except BodyRejected:
+                error, sent["rejected"] = sent["rejected"], None
+                await answer(error)
+                return
+            field = lone_surrogate_field(body)
+            if field is not None:
+                await answer(
+                    ApiError(
+                        400,
+                        f"{field} is not valid Unicode text: it contains a lone UTF-16 surrogate",
+                        code="invalid_text",
+                        param=field,
+                    )
+                )
+                return
+            app_receive = _replay(body, receive)
+
+        try:
+            await self.app(scope, app_receive, send_guarded)
+        except StreamTruncated as exc:
+            if not sent["started"]:
+                raise
+            # Headers and some audio are out: end the connection without the final chunk, so the
+            # client sees an incomplete body instead of a short file that looks complete.
+            self.metrics.count("truncated_streams_total")
+            log.warning(
+                "stream aborted before its end: %s",
+                exc,
+                extra={"request_id": scope.get("state", {}).get("request_id")},
+            )
+            return
+        except BodyRejected:
+            if sent["rejected"] is None or sent["started"]:
+                raise
+        if sent["rejected"] is not None and not sent["started"]:
+            error, sent["rejected"] = sent["rejected"], None
+            await answer(error)
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A receive that hands out ``body`` once, then whatever comes next (disconnects)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed

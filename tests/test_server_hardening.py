@@ -1,0 +1,231 @@
+"""Issue 11, bounded requests: body limits enforced while reading (Content-Length and chunked),
+body read timeout, every text field under its limit and valid Unicode (400 naming the field),
+security headers, the docs behind the key, and streams that cannot finish aborted (not ended as
+if complete). All against a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from test_server_support import EngineProbe, ServerThread, metric, tiny_engine
+
+from cosyvoice_lite.serving import Settings, create_app
+from cosyvoice_lite.serving.guard import PAGE_CSP
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def engine(v1_dir):
+    return tiny_engine(v1_dir)
+
+
+@pytest.fixture(scope="module")
+def preset(engine) -> str:
+    return engine.voices()[0]
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    settings = Settings(max_text_chars=40, max_instruct_chars=30, max_prompt_text_chars=50,
+                        max_json_bytes=4096, max_upload_bytes=200_000, body_timeout=1.0,
+                        voices_dir=tmp_path_factory.mktemp("voices"))
+    with ServerThread(create_app(EngineProbe(engine), settings)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def error_of(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def raw_request(server, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes and read until the server closes or ``wait`` passes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------- body limits
+
+
+def test_json_body_over_the_limit_is_refused_from_content_length(client, preset):
+    body = json.dumps({"text": "你好", "speaker": preset, "pad": "x" * 10_000})
+    error = error_of(client.post("/tts", content=body, headers={"content-type": "application/json"}),
+                     413, "body_too_large")
+    assert error["max_bytes"] == 4096
+
+
+def test_chunked_json_body_is_cut_off_while_reading(client, server, preset):
+    sent = {"bytes": 0}
+
+    def chunks():
+        yield b'{"text": "hello", "speaker": "' + preset.encode() + b'", "pad": "'
+        for _ in range(2000):  # 2 MB offered, without a Content-Length
+            sent["bytes"] += 1024
+            yield b"x" * 1024
+        yield b'"}'
+
+    before = metric(httpx.get(f"{server.url}/metrics").text, "cosyvoice_errors_total",
+                    code="body_too_large")
+    try:
+        response = client.post("/tts", content=chunks(), headers={"content-type": "application/json"})
+        error_of(response, 413, "body_too_large")
+    except (httpx.WriteError, httpx.RemoteProtocolError):
+        pass  # the server answered and closed while the client was still sending: also fine
+    after = metric(httpx.get(f"{server.url}/metrics").text, "cosyvoice_errors_total",
+                   code="body_too_large")
+    assert after == before + 1
+
+
+def test_chunked_multipart_upload_is_cut_off_while_reading(client):
+    boundary = "b0undary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n").encode()
+
+    def chunks():
+        yield head
+        for _ in range(400):  # 400 kB offered, the upload limit is 200 kB (+ 64 kB of form)
+            yield b"\0" * 1024
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    try:
+        response = client.post("/voices", content=chunks(),
+                               headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        error_of(response, 413)
+    except (httpx.WriteError, httpx.RemoteProtocolError):
+        pass
+    assert client.get("/voices").json()["data"] == []  # nothing stored
+
+
+def test_body_that_stops_arriving_gets_408(server, preset):
+    start = time.monotonic()
+    head = (f"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 200\r\n\r\n").encode()
+    answer = raw_request(server, head + b'{"text": "hi", ', wait=5)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"body_timeout" in answer
+    assert time.monotonic() - start < 4
+
+
+# ------------------------------------------------------------------------------- text fields
+
+
+@pytest.mark.parametrize(("path", "body", "field", "code"), [
+    ("/tts", {"text": "你好", "instruct": "x" * 31}, "instruct", "instruct_too_long"),
+    ("/tts", {"text": "x" * 41}, "text", "text_too_long"),
+    ("/tts", {"text": "你好", "speaker": "v" * 300}, "speaker", "speaker_too_long"),
+])
+def test_every_text_field_has_a_limit(client, preset, path, body, field, code):
+    error = error_of(client.post(path, json={"speaker": preset, **body}), 400, code)
+    assert error["param"] == field
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/tts", '{"text": "a\\ud800b", "speaker": "%s"}', "text"),
+    ("/tts", '{"text": "hi", "speaker": "%s", "instruct": "\\udc00"}', "instruct"),
+    ("/v1/audio/speech", '{"model": "tts-1", "input": "\\ud83d", "voice": "%s"}', "input"),
+    ("/v1/audio/speech", '{"model": "tts-1", "input": "hi", "voice": {"id": "\\ud800"}}',
+     "voice.id"),
+])
+def test_lone_surrogates_are_400_naming_the_field(client, preset, path, body, field):
+    content = (body % preset if "%s" in body else body).encode()
+    error = error_of(client.post(path, content=content,
+                                 headers={"content-type": "application/json"}), 400, "invalid_text")
+    assert error["param"] == field
+    assert "surrogate" in error["message"]
+
+
+def test_valid_surrogate_pairs_are_text(client, preset):
+    # an escaped emoji is a proper pair: not refused as invalid text
+    content = ('{"text": "hi \\ud83d\\ude00", "speaker": "%s", "seed": 1}' % preset).encode()
+    response = client.post("/tts", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+def test_voice_fields_are_limited(client):
+    files = {"audio": ("p.wav", b"RIFF", "audio/wav")}
+    error = error_of(client.post("/voices", data={"name": "ok", "prompt_text": "x" * 51},
+                                 files=files), 400, "prompt_text_too_long")
+    assert error["param"] == "prompt_text"
+
+
+# ------------------------------------------------------------------------------- headers, docs
+
+
+def test_security_headers_on_every_response(client):
+    for path in ("/health", "/nope", "/static/app.js"):
+        response = client.get(path)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+    page = client.get("/")
+    assert page.headers["content-security-policy"] == PAGE_CSP
+    assert "content-security-policy" not in client.get("/health").headers
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_docs_follow_the_api_key(engine, tmp_path, public):
+    settings = Settings(api_key=KEY, docs_public=public, voices_dir=tmp_path)
+    with ServerThread(create_app(engine, settings)) as running, running.client() as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert c.get(path).status_code == (200 if public else 401), path
+            authorized = c.get(path, headers={"Authorization": f"Bearer {KEY}"})
+            assert authorized.status_code == 200, path
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+
+
+# ------------------------------------------------------------------------------- truncation
+
+
+def test_stream_that_times_out_is_aborted_not_ended(engine, tmp_path):
+    """A streamed WAV cut by the request timeout must not look complete: the chunked transfer
+    is aborted (no final chunk) and counted."""
+    slow = EngineProbe(engine, memo=False, split=6, delay=0.3)
+    settings = Settings(request_timeout=1.5, voices_dir=tmp_path)
+    with ServerThread(create_app(slow, settings)) as running, running.client() as c:
+        preset = engine.voices()[0]
+        got = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError), c.stream(
+            "POST", "/tts", json={"text": "你好。今天天气很好。我们去公园吧。", "speaker": preset,
+                                  "stream": True, "seed": 3}) as response:
+            assert response.status_code == 200
+            for piece in response.iter_bytes():
+                got += piece
+        assert got.startswith(b"RIFF")  # audio had started
+        text = c.get("/metrics").text
+        assert metric(text, "cosyvoice_truncated_streams_total") == 1
+        assert c.get("/health").status_code == 200  # the server is fine
+
+
+def test_sse_that_times_out_ends_with_an_error_event(engine, tmp_path):
+    slow = EngineProbe(engine, memo=False, split=6, delay=0.3)
+    settings = Settings(request_timeout=1.5, voices_dir=tmp_path)
+    with ServerThread(create_app(slow, settings)) as running, running.client() as c:
+        body = {"model": "tts-1", "input": "你好。今天天气很好。我们去公园吧。",
+                "voice": engine.voices()[0], "stream_format": "sse"}
+        events = [line for line in c.post("/v1/audio/speech", json=body).text.splitlines()
+                  if line.startswith("event: ")]
+        assert events[-1] == "event: error"
+        assert "event: speech.audio.done" not in events
+        assert metric(c.get("/metrics").text, "cosyvoice_truncated_streams_total") == 1
