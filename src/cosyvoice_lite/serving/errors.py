@@ -10,7 +10,25 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..errors import AudioError, CosyVoiceError, UnknownVoiceError, UnsupportedModeError
-from .voices import InvalidVoiceNameError
+from .voices import InvalidVoiceNameError, StorageError, VoiceDamagedError
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+"""The JSON body of every error response (OpenAPI / JSON Schema)."""
 
 
 class ApiError(Exception):
@@ -45,7 +63,13 @@ class ApiError(Exception):
 
 
 def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = None) -> ApiError:
-    """Map the engine's exception classes to statuses (bad input is never a 500)."""
+    """Map the engine's exception classes to statuses (bad input is never a 500; stored data
+    that is damaged or storage that fails is the server's fault, never the client's)."""
+    if isinstance(exc, StorageError):
+        kind = "insufficient_storage" if exc.status == 507 else "storage_unavailable"
+        return ApiError(exc.status, str(exc), "server_error", kind)
+    if isinstance(exc, VoiceDamagedError):
+        return ApiError(500, str(exc), "server_error", "voice_damaged", "voice")
     if isinstance(exc, UnknownVoiceError):
         return ApiError(404, str(exc), "not_found_error", "voice_not_found", "voice")
     if isinstance(exc, UnsupportedModeError):

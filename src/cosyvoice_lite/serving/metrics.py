@@ -118,6 +118,7 @@ class Metrics:
                 ("outputs_saved_total", "Results saved to the outputs directory."),
                 ("s3_uploads_total", "Results uploaded to S3."),
                 ("s3_upload_errors_total", "Failed S3 uploads."),
+            ("truncated_streams_total", "Streamed responses aborted before their end."),
             ):
                 lines += [
                     f"# HELP {p}_{name} {help}",
@@ -135,10 +136,14 @@ class Metrics:
             ]
             lines += self.first_audio.lines(f"{p}_first_audio_seconds")
         for name, (help, read) in sorted(self.gauges.items()):
+            try:
+                value = f"{float(read()):g}"
+            except Exception:  # noqa: BLE001 - one unreadable gauge must not hide the others
+                value = "NaN"
             lines += [
                 f"# HELP {p}_{name} {help}",
                 f"# TYPE {p}_{name} gauge",
-                f"{p}_{name} {read():g}",
+                f"{p}_{name} {value}",
             ]
         if self.info:
             lines += [

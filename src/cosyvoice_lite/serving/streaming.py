@@ -22,6 +22,12 @@ from ..audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES, encode_audio
 from ..audio.resample import output_length, reduced_rates, resample, resample_kernel
 from ..errors import AudioError
 
+class StreamTruncated(Exception):
+    """A streamed response that cannot finish (timeout, engine error, shutdown). Raised from the
+    response body after the headers are out: the serving middleware then aborts the transfer (no
+    final chunk), so clients see an incomplete body rather than a short file that looks whole."""
+
+
 UNKNOWN_SIZE = 0xFFFFFFFF  # RIFF/data size of a WAV whose length is not known yet
 
 

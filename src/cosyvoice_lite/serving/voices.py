@@ -14,18 +14,28 @@ Every write is atomic: a voice is assembled in ``.tmp-*`` and renamed into place
 are written to a temporary name and ``os.replace``d, and deletion renames the voice away before
 removing it. A crash therefore leaves either the old state or the new one, never half a voice;
 stray ``.tmp-*``/``.trash-*`` entries are cleaned up when the library opens.
+
+Names are normalised to Unicode NFKC and unique without regard to case (``Alice``, ``ALICE`` and
+full-width ``Ａｌｉｃｅ`` are one voice); they are 1-64 characters and at most 128 bytes in UTF-8, so
+the directory name fits every file system. A voice whose files are unreadable or inconsistent is
+*broken*: listed separately with a reason (for operators), never breaking the other voices.
+Storage failures (disk full, read-only, permissions) raise :class:`StorageError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,15 +45,18 @@ import soundfile as sf
 import torch
 
 from ..audio.io import check_prompt_audio, load_audio
-from ..errors import InvalidRequestError, UnknownVoiceError
+from ..errors import CosyVoiceError, InvalidRequestError, UnknownVoiceError
 from ..frontend.prompt import PromptFeatures
 
 log = logging.getLogger(__name__)
 
 # Letters and digits of any script, then letters, digits, space, dot, dash or underscore; no
 # slashes, no leading dot, no trailing space or dot: a name is always one safe path component.
-NAME_PATTERN = re.compile(r"^\w(?:[\w .-]{0,62}[\w-])?$")
+NAME_PATTERN = re.compile(r"\w(?:[\w .-]{0,62}[\w-])?")
 MAX_NAME_CHARS = 64
+MAX_NAME_BYTES = 128  # UTF-8; file systems allow 255 (eCryptfs 143)
+MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded storage
+HEALTH_INTERVAL = 5.0  # seconds a storage check is reused
 LAYOUT_VERSION = 1
 
 Encode = Callable[[bytes, str], PromptFeatures]
@@ -57,16 +70,80 @@ class InvalidVoiceNameError(InvalidRequestError):
     """A voice name that is not one safe path component."""
 
 
+class VoiceDamagedError(CosyVoiceError):
+    """A stored voice whose files are unreadable or inconsistent (a server-side fault)."""
+
+
+class StorageError(CosyVoiceError):
+    """The library's storage failed: ``status`` 507 (no space) or 503 (read-only, permissions,
+    I/O error)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def storage_error(exc: OSError, action: str) -> StorageError:
+    """A clean message for an OSError (never the path it carries)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageError(f"cannot {action}: the voice storage is full", 507)
+    if exc.errno == errno.EROFS:
+        return StorageError(f"cannot {action}: the voice storage is read-only", 503)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(f"cannot {action}: no permission to write the voice storage", 503)
+    reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return StorageError(f"cannot {action}: voice storage error ({reason})", 503)
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "...")
+
+
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is a valid voice name, else raise InvalidRequestError."""
+    """The normalised (NFKC) form of ``name`` if it is a valid voice name, else raise
+    InvalidVoiceNameError. Compare names with :func:`name_key`."""
     if not isinstance(name, str) or not name:
         raise InvalidVoiceNameError("a voice needs a name")
-    if len(name) > MAX_NAME_CHARS or not NAME_PATTERN.match(name) or ".." in name:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidVoiceNameError("invalid voice name: it is not valid Unicode text") from None
+    normal = unicodedata.normalize("NFKC", name)
+    if (
+        len(normal) > MAX_NAME_CHARS
+        or len(normal.encode("utf-8")) > MAX_NAME_BYTES
+        or not NAME_PATTERN.fullmatch(normal)
+        or ".." in normal
+    ):
         raise InvalidVoiceNameError(
-            f"invalid voice name {name!r}: use 1-{MAX_NAME_CHARS} letters, digits, spaces, '.', "
-            "'-' or '_', starting with a letter or digit and not ending with a space or '.'"
+            f"invalid voice name {_shown(name)}: use 1-{MAX_NAME_CHARS} letters, digits, spaces, "
+            f"'.', '-' or '_' (at most {MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or "
+            "digit and not ending with a space or '.'"
         )
-    return name
+    return normal
+
+
+def name_key(name: str) -> str:
+    """What makes two names the same voice: NFKC, then case folded."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+@dataclass(frozen=True)
+class BrokenVoice:
+    """A library entry that cannot be used, and why (no paths: safe to show to clients)."""
+
+    name: str
+    reason: str
+
+    def to_api(self) -> dict:
+        return {
+            "id": self.name,
+            "name": self.name,
+            "object": "audio.voice",
+            "kind": "saved",
+            "status": "broken",
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -143,15 +220,64 @@ def _load_features(path: Path) -> PromptFeatures:
     return PromptFeatures(tokens, feat, embedding, str(data.get("prompt_text", "")))
 
 
+def _read_meta(path: Path, folder: str) -> VoiceInfo:
+    """voice.json of the voice in ``path``, checked field by field; ValueError says what is wrong
+    (never with the path)."""
+    try:
+        raw = (path / "voice.json").read_bytes()
+    except FileNotFoundError:
+        raise ValueError("voice.json is missing") from None
+    except OSError as exc:
+        raise ValueError(f"voice.json cannot be read ({os.strerror(exc.errno or 0)})") from None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("voice.json is not valid JSON (truncated or damaged)") from None
+    if not isinstance(meta, dict):
+        raise ValueError("voice.json does not hold an object")
+    name, text = meta.get("name"), meta.get("prompt_text", "")
+    if not isinstance(name, str) or name_key(name) != name_key(folder):
+        raise ValueError("the name in voice.json does not match its directory")
+    if not isinstance(text, str):
+        raise ValueError("prompt_text in voice.json is not text")
+    numbers = {}
+    for key in ("duration", "sample_rate", "created_at"):
+        value = meta.get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"{key} in voice.json is missing or not a number")
+        numbers[key] = value
+    if numbers["duration"] <= 0 or numbers["sample_rate"] <= 0 or numbers["sample_rate"] % 1:
+        raise ValueError("duration or sample_rate in voice.json is out of range")
+    if not (path / "prompt.wav").is_file():
+        raise ValueError("prompt.wav is missing")
+    return VoiceInfo(
+        folder,
+        text,
+        float(numbers["duration"]),
+        int(numbers["sample_rate"]),
+        float(numbers["created_at"]),
+    )
+
+
 class VoiceLibrary:
     """Saved voices under ``root``; safe to use from several threads."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._features: dict[tuple[str, str], PromptFeatures] = {}
-        self._clean_leftovers()
+        self._health: tuple[float, str | None] = (0.0, None)
+        self._write_failure: tuple[float, str] | None = None
+        self._warned: dict[str, float] = {}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._clean_leftovers()
+        except OSError as exc:  # the server still starts: /ready reports degraded storage
+            log.error("voice library unavailable: %s", exc)
 
     def _clean_leftovers(self) -> None:
         for entry in self.root.iterdir():
@@ -161,52 +287,102 @@ class VoiceLibrary:
                     missing_ok=True
                 )
 
-    def _dir(self, name: str) -> Path:
-        return self.root / validate_name(name)
+    def _entries(self) -> list[str]:
+        """Directory names of the voices (valid or not)."""
+        try:
+            names = os.listdir(self.root)
+        except OSError as exc:
+            raise storage_error(exc, "read the voice library") from None
+        return sorted(n for n in names if not n.startswith(".") and (self.root / n).is_dir())
+
+    def _folder(self, name: str) -> str | None:
+        """The directory holding voice ``name`` (any case or compatibility form), or None."""
+        normal = validate_name(name)
+        if (self.root / normal).is_dir():
+            return normal
+        key = name_key(normal)
+        return next((n for n in self._entries() if name_key(n) == key), None)
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        """One warning per minute per key: a broken voice is read on every listing."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -1e9) > 60:
+            self._warned[key] = now
+            log.warning(message, *args)
 
     # ------------------------------------------------------------------ reading
-    def _read_info(self, path: Path) -> VoiceInfo:
-        meta = json.loads((path / "voice.json").read_text(encoding="utf-8"))
-        return VoiceInfo(
-            meta["name"],
-            meta.get("prompt_text", ""),
-            float(meta["duration"]),
-            int(meta["sample_rate"]),
-            float(meta["created_at"]),
-        )
+    def scan(self) -> tuple[list[VoiceInfo], list[BrokenVoice]]:
+        """Every usable voice, and every broken one with its reason."""
+        voices, broken = [], []
+        for folder in self._entries():
+            try:
+                validate_name(folder)
+                voices.append(_read_meta(self.root / folder, folder))
+            except InvalidVoiceNameError:
+                broken.append(BrokenVoice(folder, "the directory name is not a valid voice name"))
+            except ValueError as exc:
+                self._warn_once(folder, "voice %r is broken: %s", folder, exc)
+                broken.append(BrokenVoice(folder, str(exc)))
+        return voices, broken
 
     def list(self) -> list[VoiceInfo]:
-        voices = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            try:
-                voices.append(self._read_info(entry))
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("skipping unreadable voice %s: %s", entry, exc)
-        return voices
+        return self.scan()[0]
+
+    def broken(self) -> list[BrokenVoice]:
+        return self.scan()[1]
 
     def names(self) -> list[str]:
         return [voice.name for voice in self.list()]
 
     def exists(self, name: str) -> bool:
+        """Whether a voice (usable or broken) has this name, in any case or compatibility form."""
         try:
-            return (self._dir(name) / "voice.json").is_file()
-        except InvalidRequestError:
+            return self._folder(name) is not None
+        except (InvalidRequestError, StorageError):
             return False
 
     def get(self, name: str) -> VoiceInfo:
-        path = self._dir(name)
+        folder = self._folder(name)
+        if folder is None:
+            raise UnknownVoiceError(f"no saved voice named {_shown(name)}")
         try:
-            return self._read_info(path)
-        except FileNotFoundError:
-            raise UnknownVoiceError(f"no saved voice named {name!r}") from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise UnknownVoiceError(f"saved voice {name!r} is unreadable: {exc}") from None
+            return _read_meta(self.root / folder, folder)
+        except ValueError as exc:
+            raise VoiceDamagedError(
+                f"saved voice {folder!r} is damaged: {exc}; delete it and create it again"
+            ) from None
 
     def audio_path(self, name: str) -> Path:
-        self.get(name)
-        return self._dir(name) / "prompt.wav"
+        return self.root / self.get(name).name / "prompt.wav"
+
+    # ------------------------------------------------------------------ storage health
+    def _failed(self, error: StorageError) -> StorageError:
+        self._write_failure = (time.monotonic(), str(error))
+        return error
+
+    def health(self) -> str | None:
+        """None if voices can be stored, else why not (checked at most every few seconds)."""
+        now = time.monotonic()
+        checked, problem = self._health
+        if now - checked < HEALTH_INTERVAL:
+            return problem
+        problem = None
+        probe = self.root / f".tmp-probe-{uuid.uuid4().hex}"
+        try:
+            if shutil.disk_usage(self.root).free < MIN_FREE_BYTES:
+                problem = f"less than {MIN_FREE_BYTES // 2**20} MB free for voices"
+            probe.write_bytes(b"ok")
+        except OSError as exc:
+            problem = str(storage_error(exc, "store voices"))
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+        if problem is None and self._write_failure is not None:
+            when, message = self._write_failure
+            if now - when < 60:
+                problem = message  # a write failed a moment ago (e.g. full, then freed a little)
+        self._health = (now, problem)
+        return problem
 
     # ------------------------------------------------------------------ writing
     def create(
@@ -219,8 +395,9 @@ class VoiceLibrary:
         max_seconds: float | None = None,
     ) -> VoiceInfo:
         """Decode and check ``audio``, compute its features with ``encode``, and store the voice
-        atomically. Raises AudioError for bad audio, VoiceExistsError if the name is taken."""
-        validate_name(name)
+        atomically. Raises AudioError for bad audio, VoiceExistsError if the name is taken (in
+        any case), StorageError if it cannot be written."""
+        name = validate_name(name)
         if self.exists(name):
             raise VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
         wav, rate = load_audio(audio, max_seconds=max_seconds)
@@ -246,46 +423,76 @@ class VoiceLibrary:
                     raise VoiceExistsError(
                         f"a voice named {name!r} already exists; delete it first"
                     )
-                os.rename(tmp, self._dir(name))  # atomic: the voice appears complete or not at all
+                os.rename(tmp, self.root / name)  # atomic: the voice appears complete or not at all
                 self._features[(name, key)] = features
             _fsync_dir(self.root)
+        except OSError as exc:
+            raise self._failed(storage_error(exc, "save the voice")) from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        self._write_failure = None
         return info
 
-    def delete(self, name: str) -> None:
-        path = self._dir(name)
+    def delete(self, name: str) -> str:
+        """Remove voice ``name`` (usable or broken); returns the name it was stored under."""
         trash = self.root / f".trash-{uuid.uuid4().hex}"
         with self._lock:
-            if not (path / "voice.json").is_file():
-                raise UnknownVoiceError(f"no saved voice named {name!r}")
-            os.rename(path, trash)  # atomic: gone at once, even if the removal below is cut short
-            for cached in [k for k in self._features if k[0] == name]:
+            folder = self._folder(name)
+            if folder is None:
+                raise UnknownVoiceError(f"no saved voice named {_shown(name)}")
+            try:
+                os.rename(self.root / folder, trash)  # atomic: gone at once, even if cut short
+            except OSError as exc:
+                raise self._failed(storage_error(exc, "delete the voice")) from None
+            for cached in [k for k in self._features if k[0] == folder]:
                 del self._features[cached]
         _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+        return folder
 
     # ------------------------------------------------------------------ features
     def features(self, name: str, key: str, encode: Encode) -> PromptFeatures:
         """The voice's features for model family ``key``: from memory, from disk, or computed
-        once from the stored prompt and saved."""
+        once from the stored prompt and saved (when the disk allows; else kept in memory)."""
+        info = self.get(name)
+        name = info.name
         with self._lock:
             cached = self._features.get((name, key))
         if cached is not None:
             return cached
-        info = self.get(name)
-        path = self._dir(name) / "features" / f"{key}.pt"
+        path = self.root / name / "features" / f"{key}.pt"
         features = None
         if path.is_file():
             try:
                 features = _load_features(path)
             except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
-                log.warning("recomputing damaged features %s: %s", path, exc)
+                self._warn_once(
+                    f"{name}/{key}",
+                    "recomputing damaged features of %r: %s",
+                    name,
+                    type(exc).__name__,
+                )
         if features is None:
-            features = encode((self._dir(name) / "prompt.wav").read_bytes(), info.prompt_text)
-            path.parent.mkdir(exist_ok=True)
-            _write_atomic(path, _features_bytes(features))
+            try:
+                audio = (self.root / name / "prompt.wav").read_bytes()
+                features = encode(audio, info.prompt_text)
+            except Exception as exc:  # noqa: BLE001 - the stored prompt is ours, not the client's
+                raise VoiceDamagedError(
+                    f"saved voice {name!r} is damaged: its stored recording cannot be used "
+                    f"({type(exc).__name__}); delete it and create it again"
+                ) from None
+            try:
+                path.parent.mkdir(exist_ok=True)
+                _write_atomic(path, _features_bytes(features))
+            except OSError as exc:  # serve from memory; the cache is written once storage heals
+                self._failed(storage_error(exc, "cache the voice's features"))
+                self._warn_once(
+                    f"cache/{name}",
+                    "features of %r kept in memory only: %s",
+                    name,
+                    os.strerror(exc.errno or 0),
+                )
         with self._lock:
             if self.exists(name):
                 self._features[(name, key)] = features
