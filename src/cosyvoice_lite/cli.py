@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_command(sub)
+    from .export.cli import add_export_command  # argparse only: torch loads when it runs
+
+    add_export_command(sub)
     return parser
 
 

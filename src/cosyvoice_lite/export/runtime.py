@@ -1,0 +1,191 @@
+"""onnxruntime backend: the exported flow estimator and vocoder behind the torch call interfaces.
+
+    pipeline = use_onnxruntime(pipeline, "exported/")      # after `cosyvoice-lite export onnx`
+
+`OrtEstimator` is an `nn.Module` with the estimator's forward signature, so it takes the place of
+`flow.decoder.estimator` and the torch Euler solver runs unchanged; `OrtVocoder` has the vocoder's
+`inference` signatures (v1/v2: mel, cache_source, generator; v3: mel, finalize) and hands
+everything else (streaming state, attributes) to the torch vocoder it wraps. Networks are
+load-time objects: install the backend once, before serving requests.
+
+Not covered: the incremental v2/v3 streaming flow (`new_stream`/`stream_step` computes per-step
+attention caches that the chunk graphs do not expose) and the v3 vocoder's windowed streaming
+steps; those keep running in torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelDirError
+from .vocoder import draw_source_noise
+
+FLOW_VERSION = {
+    "MaskedDiffWithXvec": 1,
+    "CausalMaskedDiffWithXvec": 2,
+    "CausalMaskedDiffWithDiT": 3,
+}
+STAGES = ("flow", "hift")
+
+
+def read_manifest(export_dir: str | Path) -> dict:
+    path = Path(export_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(
+            f"{path} is not a readable cosyvoice-lite export manifest: {exc}"
+        ) from exc
+    if manifest.get("format") != "cosyvoice-lite-onnx":
+        raise ModelDirError(f"{path} is not a cosyvoice-lite export manifest")
+    return manifest
+
+
+def session(path: Path, threads: int | None = None):
+    """A CPU onnxruntime session using as many threads as torch does."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantized(path: Path) -> Path:
+    """An int8 copy of a graph (onnxruntime dynamic quantisation of its MatMul weights), made once
+    next to it in int8/."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = path.parent / "int8" / path.name
+    if not target.is_file() or target.stat().st_mtime < path.stat().st_mtime:
+        target.parent.mkdir(exist_ok=True)
+        partial = target.with_suffix(".partial.onnx")
+        quantize_dynamic(
+            str(path), str(partial), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8
+        )
+        partial.replace(target)
+    return target
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+class OrtEstimator(nn.Module):
+    """forward(x, mask, mu, t, spks, cond, streaming=False) -> velocity, through onnxruntime."""
+
+    def __init__(self, sessions: dict[bool, object]) -> None:
+        super().__init__()
+        self.sessions = sessions  # streaming flag -> session
+
+    def forward(self, x, mask, mu, t, spks, cond, streaming: bool = False) -> torch.Tensor:  # noqa: ANN001
+        run = self.sessions.get(bool(streaming))
+        if run is None:
+            raise ModelDirError("the export has no chunk-masked estimator (flow_estimator_chunk)")
+        feeds = {
+            "x": x,
+            "mask": mask,
+            "mu": mu,
+            "t": t.reshape(-1).expand(x.shape[0]),
+            "spks": spks,
+            "cond": cond,
+        }
+        (velocity,) = run.run(["velocity"], {k: _numpy(v) for k, v in feeds.items()})
+        return torch.from_numpy(velocity).to(device=x.device, dtype=x.dtype)
+
+
+class OrtVocoder:
+    """The vocoder's `inference` through onnxruntime; anything else goes to the torch vocoder."""
+
+    def __init__(self, hift: nn.Module, run) -> None:  # noqa: ANN001
+        self.torch_vocoder = hift
+        self.run = run
+        self.causal = hasattr(hift, "conv_pre_look_right")
+
+    def __getattr__(self, name: str):  # noqa: ANN204 (streaming state, attributes)
+        return getattr(self.__dict__["torch_vocoder"], name)
+
+    def inference(
+        self,
+        speech_feat: torch.Tensor,
+        cache_source: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        finalize: bool = True,
+    ):  # noqa: ANN201
+        hift = self.torch_vocoder
+        if self.causal and not finalize:  # non-final windows of the official stream: torch
+            return hift.inference(speech_feat, finalize=False)
+        if speech_feat.dim() != 3 or speech_feat.shape[0] != 1 or speech_feat.shape[1] != 80:
+            raise ModelDirError(
+                f"the exported vocoder takes a mel [1, 80, T], got {tuple(speech_feat.shape)}"
+            )
+        phase, noise = draw_source_noise(hift, speech_feat.shape[2], generator)
+        feeds = {"mel": _numpy(speech_feat), "phase": _numpy(phase), "noise": _numpy(noise)}
+        if self.causal:
+            (speech,) = self.run.run(["speech"], feeds)
+            return torch.from_numpy(speech).to(speech_feat.device), None
+        if cache_source is None:
+            cache_source = torch.zeros(1, 1, 0)
+        feeds["cache_source"] = _numpy(cache_source)
+        speech, source = self.run.run(["speech", "source"], feeds)
+        return (
+            torch.from_numpy(speech).to(speech_feat.device),
+            torch.from_numpy(source).to(speech_feat.device),
+        )
+
+
+def use_onnxruntime(
+    pipeline_or_networks,
+    export_dir: str | Path,
+    stages: tuple[str, ...] = STAGES,
+    int8: bool = False,
+    threads: int | None = None,
+):  # noqa: ANN001, ANN201
+    """Run the flow estimator and/or the vocoder of a pipeline (anything with `.flow` and `.hift`)
+    or of a {"flow": ..., "hift": ...} dict through the graphs in export_dir. Returns it."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    graphs = manifest["graphs"]
+    is_dict = isinstance(pipeline_or_networks, dict)
+
+    def get(name: str):
+        return pipeline_or_networks[name] if is_dict else getattr(pipeline_or_networks, name)
+
+    def put(name: str, value) -> None:  # noqa: ANN001
+        if is_dict:
+            pipeline_or_networks[name] = value
+        else:
+            setattr(pipeline_or_networks, name, value)
+
+    flow = get("flow")
+    version = FLOW_VERSION.get(type(flow).__name__)
+    if version != manifest["model"]["version"]:
+        raise ModelDirError(
+            f"{export_dir} holds a v{manifest['model']['version']} export; "
+            f"the loaded model is v{version}"
+        )
+
+    def open_graph(name: str):
+        if name not in graphs:
+            return None
+        path = export_dir / graphs[name]["file"]
+        return session(quantized(path) if int8 else path, threads)
+
+    if "flow" in stages:
+        sessions = {False: open_graph("flow_estimator"), True: open_graph("flow_estimator_chunk")}
+        if sessions[False] is None:
+            raise ModelDirError(f"{export_dir} has no flow_estimator graph")
+        flow.decoder.estimator = OrtEstimator({k: v for k, v in sessions.items() if v is not None})
+    if "hift" in stages:
+        run = open_graph("hift")
+        if run is None:
+            raise ModelDirError(f"{export_dir} has no hift graph")
+        put("hift", OrtVocoder(get("hift"), run))
+    return pipeline_or_networks
