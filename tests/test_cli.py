@@ -1,10 +1,18 @@
-"""The command line: normalize prints segments with no weights loaded; say reports progress."""
+"""The command line: normalize prints segments with no weights loaded; say reports progress,
+picks the format from the extension, checks the output first, streams into the file; help and
+version answer without importing torch; the OpenMP wait policy and the thread count."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import pytest
+import soundfile as sf
 
 from cosyvoice_lite.cli import main
 
@@ -16,16 +24,38 @@ def test_normalize_prints_segments_without_weights(capsys) -> None:
 
 
 def test_normalize_reads_stdin() -> None:
-    done = subprocess.run([sys.executable, "-m", "cosyvoice_lite.cli", "normalize", "-"],
-                          input="I have 3 apples.", capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "cosyvoice_lite.cli", "normalize", "-"],
+        input="I have 3 apples.",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "three" in done.stdout
 
 
-def test_say_shows_progress_for_long_text(v1_variants: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_say_shows_progress_for_long_text(
+    v1_variants: dict[str, Path], tmp_path: Path, capsys
+) -> None:
     text = "第一句话在这里。" * 12 + "最后一句。"
     out = tmp_path / "long.wav"
-    assert main(["say", text, "--model", str(v1_variants["sft"]), "--voice", "中文女",
-                 "--seed", "3", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "say",
+                text,
+                "--model",
+                str(v1_variants["sft"]),
+                "--voice",
+                "中文女",
+                "--seed",
+                "3",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "segments" in err and out.stat().st_size > 44
 
@@ -33,3 +63,246 @@ def test_say_shows_progress_for_long_text(v1_variants: dict[str, Path], tmp_path
 def test_errors_exit_with_status_2(tmp_path: Path, capsys) -> None:
     assert main(["voices", "--model", str(tmp_path)]) == 2
     assert "not a CosyVoice model directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- issue 10 / 9.6
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cosyvoice_lite.cli"]
+LONG = "".join(
+    f"这是用来测试流式写入的第{i}句话，它会被切分成若干段落，然后一段一段地合成并写进文件。"
+    for i in range(1, 7)
+)
+
+
+def test_help_and_version_are_fast_and_import_no_torch() -> None:
+    for flag in ("--help", "--version"):
+        start = time.perf_counter()
+        done = subprocess.run([*CLI, flag], capture_output=True, text=True, timeout=60)
+        took = time.perf_counter() - start
+        assert done.returncode == 0 and "cosyvoice-lite" in done.stdout
+        assert took < 1.5, f"{flag} took {took:.2f} s"  # ~0.1 s; margin for a busy machine
+    probe = (
+        "import sys; from cosyvoice_lite.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'fastapi', 'numpy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    serve_help = subprocess.run(
+        [*CLI, "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert "--threads" in serve_help.stdout and "--voice-alias" in serve_help.stdout
+
+
+def test_wait_policy_is_passive_unless_the_user_chose_one() -> None:
+    probe = (
+        "import os; from cosyvoice_lite.cli import main; main(['normalize', 'a']); "
+        "import torch; print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.stdout.strip().endswith("PASSIVE"), done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+    )
+    assert done.stdout.strip().endswith("ACTIVE"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "container", "subtype"),
+    [
+        ("out.mp3", [], "MP3", "MPEG_LAYER_III"),
+        ("out.flac", [], "FLAC", "PCM_16"),
+        ("out.ogg", [], "OGG", "VORBIS"),
+        ("out.opus", [], "OGG", "OPUS"),
+        ("out.bin", ["--format", "wav"], "WAV", "PCM_16"),
+    ],
+)
+def test_output_format_from_extension(v1_dir, tmp_path, capsys, name, extra, container, subtype):
+    out = tmp_path / name
+    assert (
+        main(
+            [
+                "say",
+                "你好。",
+                "--model",
+                str(v1_dir),
+                "--voice",
+                "中文女",
+                "--seed",
+                "1",
+                "-o",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
+    info = sf.info(str(out))
+    assert (info.format, info.subtype) == (container, subtype) and info.frames > 0
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_bad_output_is_an_error_before_loading(v1_dir, tmp_path, capsys):
+    for output, words in (
+        (str(tmp_path / "no" / "such" / "a.wav"), "does not exist"),
+        (str(tmp_path), "is a directory"),
+        (str(tmp_path / "a.xyz"), "cannot tell the audio format"),
+    ):
+        start = time.perf_counter()
+        assert (
+            main(["say", "你好。", "--model", str(v1_dir), "--voice", "中文女", "-o", output]) == 2
+        )
+        err = capsys.readouterr().err
+        assert words in err and "loading" not in err, err  # nothing was loaded
+        assert time.perf_counter() - start < 1.0
+    assert (
+        main(
+            [
+                "say",
+                "你好。",
+                "--model",
+                str(v1_dir),
+                "--prompt-wav",
+                "/no/such.wav",
+                "-o",
+                str(tmp_path / "a.wav"),
+            ]
+        )
+        == 2
+    )
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_loading_feedback_and_threads(v1_dir, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert (
+            main(
+                [
+                    "say",
+                    "你好。",
+                    "--model",
+                    str(v1_dir),
+                    "--voice",
+                    "中文女",
+                    "--threads",
+                    "1",
+                    "-o",
+                    str(tmp_path / "a.wav"),
+                ]
+            )
+            == 0
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert "loading " in err and "with 1 threads" in err
+    assert (
+        main(
+            [
+                "say",
+                "你好。",
+                "--model",
+                str(v1_dir),
+                "--voice",
+                "中文女",
+                "--threads",
+                "0",
+                "-o",
+                str(tmp_path / "a.wav"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_say_stream_writes_the_file_progressively(v1_dir, tmp_path, capsys):
+    out = tmp_path / "stream.wav"
+    args = [
+        "say",
+        LONG,
+        "--model",
+        str(v1_dir),
+        "--voice",
+        "中文女",
+        "--seed",
+        "2",
+        "--stream",
+        "-o",
+        str(out),
+    ]
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(main(args)))
+    worker.start()
+    sizes = set()
+    while worker.is_alive():
+        if out.exists():
+            sizes.add(out.stat().st_size)
+        time.sleep(0.005)
+    worker.join()
+    assert result == [0]
+    final = out.stat().st_size
+    growing = sorted(s for s in sizes if 44 < s < final)
+    assert len(growing) >= 2, (sizes, final)  # audio was on disk before the synthesis ended
+    audio, rate = sf.read(str(out))
+    assert rate == 22050 and len(audio) * 2 + 44 == final
+    assert "first audio after" in capsys.readouterr().out
+
+
+def test_play_without_a_sound_device_is_a_clear_error(v1_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import sounddevice  # noqa: F401
+    except (ImportError, OSError):
+        pass
+    else:
+        pytest.skip("sounddevice is installed here")
+    assert (
+        main(
+            [
+                "say",
+                "你好。",
+                "--model",
+                str(v1_dir),
+                "--voice",
+                "中文女",
+                "--play",
+                "-o",
+                str(tmp_path / "a.wav"),
+            ]
+        )
+        == 2
+    )
+    assert "sounddevice" in capsys.readouterr().err
+    assert not (tmp_path / "a.wav").exists()
+
+
+def test_v1_vocabulary_step_says_what_it_fetches(tmp_path):
+    env = {
+        **os.environ,
+        "COSYVOICE_LITE_CACHE": str(tmp_path),
+        "PIP_NO_INDEX": "1",
+        "http_proxy": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+    }
+    done = subprocess.run(
+        [*CLI, "voices", "--model", str(ROOT / "tests/data/models/v1-tiny")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert "whisper's text vocabulary" in done.stderr
+    assert "raw.githubusercontent.com/openai/whisper" in done.stderr  # from where
+    assert "pip download openai-whisper" in done.stderr  # and the fallback

@@ -29,8 +29,12 @@ def probe(v1_dir):
 
 @pytest.fixture(scope="module")
 def server(probe, tmp_path_factory):
-    settings = Settings(voices_dir=tmp_path_factory.mktemp("modes-voices"), max_upload_bytes=400_000,
-                        max_prompt_seconds=8, voice_aliases={"nova": "日语男"})
+    settings = Settings(
+        voices_dir=tmp_path_factory.mktemp("modes-voices"),
+        max_upload_bytes=400_000,
+        max_prompt_seconds=8,
+        voice_aliases={"nova": "日语男"},
+    )
     with ServerThread(create_app(probe, settings)) as running:
         yield running
 
@@ -78,8 +82,11 @@ def test_zero_shot_upload_equals_saved_voice(client):
     assert oneoff.status_code == 200, oneoff.text
     audio, rate = decode(oneoff.content)
     assert rate == 22050 and audio.size > 0
-    created = client.post("/voices", data={"name": "same", "prompt_text": PROMPT_TEXT},
-                          files={"audio": ("p.wav", prompt, "audio/wav")})
+    created = client.post(
+        "/voices",
+        data={"name": "same", "prompt_text": PROMPT_TEXT},
+        files={"audio": ("p.wav", prompt, "audio/wav")},
+    )
     assert created.status_code == 201, created.text
     saved = client.post("/tts", json={"text": TEXT, "speaker": "same", "seed": 5})
     np.testing.assert_allclose(decode(saved.content)[0], audio, atol=1e-4)
@@ -106,7 +113,9 @@ def test_voice_conversion_with_prompt_or_voice(client):
     converted = upload(client, prompt_wav(2.0), source=source)
     assert converted.status_code == 200, converted.text
     assert decode(converted.content)[0].size > 0
-    client.post("/voices", data={"name": "target"}, files={"audio": ("t.wav", prompt_wav(1.8), "audio/wav")})
+    client.post(
+        "/voices", data={"name": "target"}, files={"audio": ("t.wav", prompt_wav(1.8), "audio/wav")}
+    )
     into_saved = upload(client, source=source, speaker="target")
     assert into_saved.status_code == 200, into_saved.text
     # a preset of the -SFT model has no prompt recording: a clear 400, not a 500
@@ -136,15 +145,27 @@ def test_upload_errors(client):
 def test_ref_audio_with_the_openai_client(openai_client, client):
     prompt = prompt_wav(2.0)
     result = openai_client.audio.speech.create(
-        model="tts-1", voice="unused-with-ref", input=TEXT, response_format="wav",
-        extra_body={"ref_audio": data_uri(prompt), "ref_text": PROMPT_TEXT, "seed": 5})
+        model="tts-1",
+        voice="unused-with-ref",
+        input=TEXT,
+        response_format="wav",
+        extra_body={"ref_audio": data_uri(prompt), "ref_text": PROMPT_TEXT, "seed": 5},
+    )
     audio, rate = decode(result.read())
     oneoff = upload(client, prompt, text=TEXT, prompt_text=PROMPT_TEXT, seed=5)
     np.testing.assert_array_equal(audio, decode(oneoff.content)[0])
     # bare base64 works too, and voice may be left out
-    bare = client.post("/v1/audio/speech", json={
-        "model": "tts-1", "input": TEXT, "response_format": "wav", "seed": 5,
-        "ref_audio": base64.b64encode(prompt).decode(), "ref_text": PROMPT_TEXT})
+    bare = client.post(
+        "/v1/audio/speech",
+        json={
+            "model": "tts-1",
+            "input": TEXT,
+            "response_format": "wav",
+            "seed": 5,
+            "ref_audio": base64.b64encode(prompt).decode(),
+            "ref_text": PROMPT_TEXT,
+        },
+    )
     assert bare.status_code == 200 and bare.content == result.content
 
 
@@ -159,39 +180,65 @@ def test_ref_audio_errors(client):
     assert_error(speech(ref_audio="A" * 600_000), 413, "too large")
     assert_error(speech(), 400, "voice is required")
     assert_error(speech(voice="中文女", input="字" * 4097), 400, "4096")
-    converted = speech(source_audio=data_uri(prompt_wav(1.0)), voice="target-oai",
-                       response_format="wav")
+    converted = speech(
+        source_audio=data_uri(prompt_wav(1.0)), voice="target-oai", response_format="wav"
+    )
     assert_error(converted, 404, "unknown voice")
 
 
 def test_openai_voices_and_aliases(openai_client, client, v1_dir):
     voices = {v["id"]: v for v in client.get("/v1/audio/voices").json()["data"]}
     assert voices["中文女"]["kind"] == "preset" and voices["英文男"]["kind"] == "preset"
-    assert voices["alloy"] == {"id": "alloy", "name": "alloy", "object": "audio.voice",
-                               "kind": "alias", "target": "中文女"}
-    assert voices["echo"]["target"] == "英文男" and voices["nova"]["target"] == "日语男"  # configured
+    assert voices["alloy"] == {
+        "id": "alloy",
+        "name": "alloy",
+        "object": "audio.voice",
+        "kind": "alias",
+        "target": "中文女",
+    }
+    assert (
+        voices["echo"]["target"] == "英文男" and voices["nova"]["target"] == "日语男"
+    )  # configured
     # alloy speaks as its preset, byte for byte
-    alloy = openai_client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT,
-                                              response_format="wav", extra_body={"seed": 1})
+    alloy = openai_client.audio.speech.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format="wav", extra_body={"seed": 1}
+    )
     preset = client.post("/tts", json={"text": TEXT, "speaker": "中文女", "seed": 1})
     np.testing.assert_array_equal(decode(alloy.read())[0], decode(preset.content)[0])
 
     # create (OpenAI custom voices: name + audio_sample + transcript), use, delete
-    created = client.post("/v1/audio/voices", data={"name": "oai-voice", "transcript": PROMPT_TEXT},
-                          files={"audio_sample": ("s.wav", prompt_wav(2.0), "audio/wav")})
+    created = client.post(
+        "/v1/audio/voices",
+        data={"name": "oai-voice", "transcript": PROMPT_TEXT},
+        files={"audio_sample": ("s.wav", prompt_wav(2.0), "audio/wav")},
+    )
     assert created.status_code == 201, created.text
     assert created.json()["id"] == "oai-voice" and created.json()["prompt_text"] == PROMPT_TEXT
     assert "oai-voice" in {v["id"] for v in client.get("/v1/audio/voices").json()["data"]}
-    spoken = openai_client.audio.speech.create(model="cosyvoice-lite", voice="oai-voice",
-                                               input=TEXT, response_format="flac")
+    spoken = openai_client.audio.speech.create(
+        model="cosyvoice-lite", voice="oai-voice", input=TEXT, response_format="flac"
+    )
     assert decode(spoken.read())[0].size > 0
-    again = client.post("/v1/audio/voices", data={"name": "oai-voice"},
-                        files={"audio_sample": ("s.wav", prompt_wav(2.0), "audio/wav")})
+    again = client.post(
+        "/v1/audio/voices",
+        data={"name": "oai-voice"},
+        files={"audio_sample": ("s.wav", prompt_wav(2.0), "audio/wav")},
+    )
     assert_error(again, 409, "already exists")
-    assert_error(client.post("/v1/audio/voices", data={"name": "alloy"},
-                             files={"audio": ("s.wav", prompt_wav(2.0), "audio/wav")}), 409)
-    assert_error(client.post("/v1/audio/voices", data={"name": "x"},
-                             files={"audio": ("s.wav", b"junk", "audio/wav")}), 415)
+    assert_error(
+        client.post(
+            "/v1/audio/voices",
+            data={"name": "alloy"},
+            files={"audio": ("s.wav", prompt_wav(2.0), "audio/wav")},
+        ),
+        409,
+    )
+    assert_error(
+        client.post(
+            "/v1/audio/voices", data={"name": "x"}, files={"audio": ("s.wav", b"junk", "audio/wav")}
+        ),
+        415,
+    )
     assert client.delete("/v1/audio/voices/oai-voice").json()["deleted"] is True
     assert_error(client.delete("/v1/audio/voices/oai-voice"), 404)
     assert_error(client.delete("/v1/audio/voices/中文女"), 409, "preset")
@@ -206,8 +253,10 @@ def test_models_list_aliases(openai_client, probe):
 def test_long_input_streams_segment_by_segment(server, probe):
     """Without ``stream: true`` a long input (over the old 200-character limit) is chunked: one
     piece per segment of ~80 characters, the first on the wire before the last is made."""
-    text = "".join(f"这是用来测试长文本的第{i}句话，它会被切分成若干段落，然后一段一段地合成并发送出去。"
-                   for i in range(1, 9))
+    text = "".join(
+        f"这是用来测试长文本的第{i}句话，它会被切分成若干段落，然后一段一段地合成并发送出去。"
+        for i in range(1, 9)
+    )
     assert len(text) > 300
     body = {"model": "tts-1", "voice": "中文女", "input": text, "response_format": "pcm", "seed": 4}
     with server.client() as own, own.stream("POST", "/v1/audio/speech", json=body) as response:
@@ -261,13 +310,27 @@ def test_instruct_with_a_one_off_prompt_and_no_presets(v3_server):
         assert instructed.status_code == 200, instructed.text
         audio, rate = decode(instructed.content)
         assert rate == 24000 and audio.size > 0
-        body = {"model": "tts-1", "input": TEXT, "response_format": "wav", "seed": 1,
-                "ref_audio": data_uri(prompt_wav(2.0)), "instructions": "用开心的语气说"}
+        body = {
+            "model": "tts-1",
+            "input": TEXT,
+            "response_format": "wav",
+            "seed": 1,
+            "ref_audio": data_uri(prompt_wav(2.0)),
+            "instructions": "用开心的语气说",
+        }
         same = client.post("/v1/audio/speech", json=body)
         np.testing.assert_array_equal(decode(same.content)[0], audio)
         # no presets on this model: an OpenAI name is a 404 naming what to do instead
-        error = assert_error(client.post("/v1/audio/speech", json={
-            "model": "tts-1", "input": TEXT, "voice": "alloy"}), 404, "OpenAI default name",
-            "ref_audio", "--voice-alias")
+        error = assert_error(
+            client.post(
+                "/v1/audio/speech", json={"model": "tts-1", "input": TEXT, "voice": "alloy"}
+            ),
+            404,
+            "OpenAI default name",
+            "ref_audio",
+            "--voice-alias",
+        )
         assert error["code"] == "voice_not_found"
-        assert not [v for v in client.get("/v1/audio/voices").json()["data"] if v["kind"] == "alias"]
+        assert not [
+            v for v in client.get("/v1/audio/voices").json()["data"] if v["kind"] == "alias"
+        ]

@@ -1,14 +1,70 @@
-"""The ``cosyvoice-lite`` command line."""
+"""The ``cosyvoice-lite`` command line.
+
+Nothing heavy is imported at module level: ``--help`` and ``--version`` answer at once, and the
+OpenMP wait policy is set (passive, unless the user chose one) before torch is first imported.
+Sub-commands are ``add_*_command(subparsers)`` functions: a new one is one function and one line
+in :func:`build_parser`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .errors import CosyVoiceError
+from . import __version__
+from .errors import CosyVoiceError, InvalidRequestError
+
+# output file extension -> format name of audio.io.AUDIO_FORMATS
+EXTENSIONS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".ogg": "ogg", ".opus": "opus"}
+FORMATS = ("wav", "mp3", "flac", "ogg", "opus")
+
+
+def set_wait_policy() -> None:
+    """OpenMP's default spin-waiting makes torch's many small per-token operations several times
+    slower on a machine with more busy threads than cores; passive waiting costs nothing here."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# ---------------------------------------------------------------------------------- feedback
+
+
+class Spinner:
+    """A stderr spinner while something slow runs (a static line when stderr is not a terminal)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.tty = sys.stderr.isatty()
+
+    def _spin(self) -> None:
+        start, i = time.perf_counter(), 0
+        while not self.done.wait(0.1):
+            frame = self.FRAMES[i % len(self.FRAMES)]
+            sys.stderr.write(f"\r{frame} {self.label} {time.perf_counter() - start:.1f} s")
+            sys.stderr.flush()
+            i += 1
+
+    def __enter__(self) -> Spinner:
+        if self.tty:
+            self.thread.start()
+        else:
+            print(f"{self.label} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self.tty:
+            self.thread.join()
+            sys.stderr.write("\r" + " " * (len(self.label) + 16) + "\r")
+            sys.stderr.flush()
 
 
 def _progress_bar(label: str):
@@ -21,8 +77,10 @@ def _progress_bar(label: str):
         width = 30
         filled = int(width * done / max(total, 1))
         elapsed = time.perf_counter() - start
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                         f"segments, {elapsed:.1f} s")
+        sys.stderr.write(
+            f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+            f"segments, {elapsed:.1f} s"
+        )
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -30,15 +88,172 @@ def _progress_bar(label: str):
     return update
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="model directory or official name (e.g. CosyVoice-300M-SFT)")
+# ---------------------------------------------------------------------------------- loading
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="model directory or official name (e.g. CosyVoice-300M-SFT)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, xpu, npu ...")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    parser.add_argument("--variant", choices=["base", "sft", "instruct"],
-                        help="v1 release, if the directory name does not tell")
-    parser.add_argument("--llm", default="llm.pt", dest="llm_checkpoint",
-                        help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)")
+    parser.add_argument(
+        "--variant",
+        choices=["base", "sft", "instruct"],
+        help="v1 release, if the directory name does not tell",
+    )
+    parser.add_argument(
+        "--llm",
+        default="llm.pt",
+        dest="llm_checkpoint",
+        help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core)",
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU thread count, set once before the model loads (None: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InvalidRequestError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def load_engine(args: argparse.Namespace, quiet: bool = False):
+    """Set the thread count (once, before loading) and load the model with a spinner."""
+    set_threads(args.threads)
+    import torch
+
+    from .engine import Engine
+
+    with Spinner(f"loading {args.model}") if not quiet else _Nothing():
+        engine = Engine.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            variant=args.variant,
+            llm_checkpoint=args.llm_checkpoint,
+        )
+    if not quiet:
+        print(
+            f"loaded {engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) on "
+            f"{args.device} with {torch.get_num_threads()} threads in {engine.load_seconds:.1f} s",
+            file=sys.stderr,
+        )
+    return engine
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------- say
+
+
+def output_format(path: str, forced: str | None) -> str:
+    """The format for ``path``: --format, else its extension. Checked before any work."""
+    if forced:
+        return forced
+    ext = Path(path).suffix.lower()
+    if ext not in EXTENSIONS:
+        raise InvalidRequestError(
+            f"cannot tell the audio format of {path!r} from its extension; use one of "
+            f"{', '.join(EXTENSIONS)} or give --format ({', '.join(FORMATS)})"
+        )
+    return EXTENSIONS[ext]
+
+
+def check_output_path(path: str) -> Path:
+    """A bad output path is an error before loading anything, not after the synthesis."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise InvalidRequestError(f"output {path!r} is a directory; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidRequestError(
+            f"cannot write {path!r}: directory {str(parent)!r} does not exist"
+        )
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InvalidRequestError(f"cannot write {path!r}: permission denied")
+    return out
+
+
+class AudioFileWriter:
+    """Writes chunks to an audio file as they come (libsndfile completes the header at close).
+    Opus and MP3 take only some rates: other rates are resampled on the fly."""
+
+    def __init__(self, path: Path, format: str, sample_rate: int) -> None:
+        import soundfile as sf
+
+        from .audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES
+
+        container, subtype, _ = AUDIO_FORMATS[format]
+        allowed = {"opus": OPUS_RATES, "mp3": MP3_RATES}.get(format)
+        self.rate = 48000 if allowed is not None and sample_rate not in allowed else sample_rate
+        self.resampler = None
+        if self.rate != sample_rate:
+            from .serving.streaming import StreamResampler
+
+            self.resampler = StreamResampler(sample_rate, self.rate)
+        self.file = sf.SoundFile(
+            path, "w", samplerate=self.rate, channels=1, format=container, subtype=subtype
+        )
+        self.samples = 0
+
+    def write(self, samples) -> None:
+        import numpy as np
+
+        if self.resampler is not None:
+            samples = self.resampler.feed(samples)
+        samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
+        self.file.write(samples)
+        self.file.flush()  # readable while synthesis goes on
+        self.samples += len(samples)
+
+    def close(self) -> None:
+        if self.resampler is not None:
+            self.write(self.resampler.finish())
+            self.resampler = None
+        self.file.close()
+
+
+class Player:
+    """Plays chunks on the default sound device (needs the optional sounddevice package)."""
+
+    def __init__(self, sample_rate: int) -> None:
+        try:
+            import sounddevice
+        except (ImportError, OSError) as exc:
+            raise InvalidRequestError(
+                "--play needs the sounddevice package and a sound device "
+                f"(pip install sounddevice): {exc}"
+            ) from None
+        try:
+            self.stream = sounddevice.OutputStream(
+                samplerate=sample_rate, channels=1, dtype="float32"
+            )
+            self.stream.start()
+        except Exception as exc:  # noqa: BLE001 - no device, busy device, ...
+            raise InvalidRequestError(f"--play: no usable sound device ({exc})") from None
+
+    def write(self, samples) -> None:
+        self.stream.write(samples.reshape(-1, 1))
+
+    def close(self) -> None:
+        self.stream.stop()
+        self.stream.close()
 
 
 def _mode(args: argparse.Namespace):
@@ -54,39 +269,117 @@ def _mode(args: argparse.Namespace):
         return Mode.PRESET
     if args.prompt_wav:
         return Mode.ZERO_SHOT if args.prompt_text else Mode.CROSS_LINGUAL
-    raise CosyVoiceError("say needs a voice: --voice ID, or --prompt-wav FILE [--prompt-text T], "
-                         "or --source-wav with --prompt-wav (run 'cosyvoice-lite voices' to list)")
+    raise CosyVoiceError(
+        "say needs a voice: --voice ID, or --prompt-wav FILE [--prompt-text T], "
+        "or --source-wav with --prompt-wav (run 'cosyvoice-lite voices' to list)"
+    )
 
 
 def cmd_say(args: argparse.Namespace) -> int:
-    from .engine import Engine, synthesize_to_file
+    out = check_output_path(args.output)
+    fmt = output_format(args.output, args.format)
+    for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
+        if value and not Path(value).is_file():
+            raise InvalidRequestError(f"{option}: no such file {value!r}")
+    mode = _mode(args)
+    engine = load_engine(args)
     from .request import SynthesisRequest
 
-    mode = _mode(args)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
-                         llm_checkpoint=args.llm_checkpoint)
     request = SynthesisRequest(
-        mode=mode, text=args.text, voice=args.voice,
+        mode=mode,
+        text=args.text,
+        voice=args.voice,
         prompt_audio=Path(args.prompt_wav) if args.prompt_wav else None,
-        prompt_text=args.prompt_text, instruct=args.instruct,
+        prompt_text=args.prompt_text,
+        instruct=args.instruct,
         source_audio=Path(args.source_wav) if args.source_wav else None,
-        speed=args.speed, seed=args.seed, text_frontend=not args.no_normalize,
+        speed=args.speed,
+        seed=args.seed,
+        text_frontend=not args.no_normalize,
+        stream=args.stream,
     )
+    player = Player(engine.sample_rate) if args.play else None
     start = time.perf_counter()
-    seconds = synthesize_to_file(engine, request, args.output, _progress_bar("synthesizing"))
+    first = None
+    seconds = 0.0
+    partial = out.with_name(f".{out.name}.partial") if not args.stream else out
+    writer = AudioFileWriter(partial, fmt, engine.sample_rate)
+    try:
+        for chunk in engine.synthesize(request, _progress_bar("synthesizing")):
+            if first is None:
+                first = time.perf_counter() - start
+            writer.write(chunk.samples)
+            if player is not None:
+                player.write(chunk.samples)
+            seconds += chunk.duration
+        writer.close()
+        if partial != out:
+            os.replace(partial, out)  # a whole file appears at once, or not at all
+    except BaseException:
+        writer.file.close()
+        partial.unlink(missing_ok=True)  # never leave a cut-off file behind
+        raise
+    finally:
+        if player is not None:
+            player.close()
     took = time.perf_counter() - start
-    print(f"wrote {args.output}: {seconds:.2f} s of audio at {engine.sample_rate} Hz "
-          f"in {took:.2f} s (RTF {took / max(seconds, 1e-9):.2f})")
+    streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
+    print(
+        f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {writer.rate} Hz in "
+        f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})"
+    )
     return 0
 
 
-def cmd_voices(args: argparse.Namespace) -> int:
-    from .engine import Engine
+def add_say_command(sub) -> None:
+    say = sub.add_parser(
+        "say",
+        help="synthesize TEXT into an audio file",
+        description="Synthesize TEXT into an audio file (wav, mp3, flac, ogg, "
+        "opus: from the extension of -o, or --format).",
+    )
+    say.add_argument("text")
+    add_model_args(say)
+    say.add_argument("--voice", help="preset voice id (see 'voices')")
+    say.add_argument("--prompt-wav", help="prompt recording to clone (wav/flac/mp3/ogg, >= 16 kHz)")
+    say.add_argument("--prompt-text", help="transcript of the prompt recording (zero-shot)")
+    say.add_argument("--instruct", help="instruction, e.g. 'speak happily' or a persona (v1)")
+    say.add_argument(
+        "--source-wav", help="voice conversion: speech to re-speak in the prompt's voice"
+    )
+    say.add_argument("--mode", choices=["preset", "zero_shot", "cross_lingual", "instruct", "vc"])
+    say.add_argument("--speed", type=float, default=1.0)
+    say.add_argument("--seed", type=int, help="make the run reproducible")
+    say.add_argument("--no-normalize", action="store_true", help="skip text normalisation")
+    say.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file; its extension picks the format (.wav .mp3 .flac .ogg .opus)",
+    )
+    say.add_argument("--format", choices=FORMATS, help="output format, whatever the extension")
+    say.add_argument(
+        "--stream",
+        action="store_true",
+        help="synthesize chunk by chunk and write each chunk as soon as it is made",
+    )
+    say.add_argument(
+        "--play",
+        action="store_true",
+        help="also play on the sound device as it is made (needs sounddevice)",
+    )
+    say.set_defaults(func=cmd_say)
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
-                         llm_checkpoint=args.llm_checkpoint)
-    print(f"# {engine.model.name}: CosyVoice v{engine.version} ({engine.model.variant}); "
-          f"modes: {', '.join(m.value for m in engine.modes)}")
+
+# ---------------------------------------------------------------------------------- others
+
+
+def cmd_voices(args: argparse.Namespace) -> int:
+    engine = load_engine(args, quiet=True)
+    print(
+        f"# {engine.model.name}: CosyVoice v{engine.version} ({engine.model.variant}); "
+        f"modes: {', '.join(m.value for m in engine.modes)}"
+    )
     for name in engine.voices():
         print(name)
     if not engine.voices():
@@ -117,29 +410,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosyvoice-lite",
-                                     description="Slim CosyVoice text-to-speech engine and server.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    say = sub.add_parser("say", help="synthesize TEXT into a wav file")
-    say.add_argument("text")
-    _add_model_args(say)
-    say.add_argument("--voice", help="preset voice id (see 'voices')")
-    say.add_argument("--prompt-wav", help="prompt recording to clone (wav/flac/mp3/ogg, >= 16 kHz)")
-    say.add_argument("--prompt-text", help="transcript of the prompt recording (zero-shot)")
-    say.add_argument("--instruct", help="instruction, e.g. 'speak happily' or a persona (v1)")
-    say.add_argument("--source-wav", help="voice conversion: speech to re-speak in the prompt's voice")
-    say.add_argument("--mode", choices=["preset", "zero_shot", "cross_lingual", "instruct", "vc"])
-    say.add_argument("--speed", type=float, default=1.0)
-    say.add_argument("--seed", type=int, help="make the run reproducible")
-    say.add_argument("--no-normalize", action="store_true", help="skip text normalisation")
-    say.add_argument("-o", "--output", required=True, help="output wav file")
-    say.set_defaults(func=cmd_say)
-
+def add_other_commands(sub) -> None:
     voices = sub.add_parser("voices", help="list a model's preset voices and modes")
-    _add_model_args(voices)
+    add_model_args(voices)
     voices.set_defaults(func=cmd_voices)
 
     norm = sub.add_parser("normalize", help="print the text segments that would be spoken")
@@ -151,12 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("name")
     download.set_defaults(func=cmd_download)
 
-    try:
-        from .serving.cli import add_serve_command
-    except ImportError:
-        pass
-    else:
-        add_serve_command(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cosyvoice-lite", description="Slim CosyVoice text-to-speech engine and server."
+    )
+    parser.add_argument("--version", action="version", version=f"cosyvoice-lite {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_say_command(sub)
+    add_other_commands(sub)
+    from .serving.cli import add_serve_command  # argparse only: no server imports yet
+
+    add_serve_command(sub)
     from .export.cli import add_export_command  # argparse only: torch loads when it runs
 
     add_export_command(sub)
@@ -164,9 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_wait_policy()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except CosyVoiceError as exc:

@@ -120,6 +120,8 @@ def whisper_vocab_path(download: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for fetch in (_fetch_vocab_url, _fetch_vocab_sdist):
+        _notice(f"CosyVoice v1 needs whisper's text vocabulary ({WHISPER_VOCAB}, 0.8 MB, fetched "
+                f"once into {target.parent}): {VOCAB_SOURCES[fetch.__name__]}")
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 got = fetch(Path(tmp))
@@ -137,6 +139,18 @@ def whisper_vocab_path(download: bool = True) -> Path:
         + f".\nWithout network, copy it from an openai-whisper install (whisper/assets/) or from "
         f"{WHISPER_VOCAB_URL} into {target.parent}."
     )
+
+
+VOCAB_SOURCES = {
+    "_fetch_vocab_url": f"downloading {WHISPER_VOCAB_URL}",
+    "_fetch_vocab_sdist": f"trying pip instead: 'pip download {WHISPER_SDIST}' (the openai-whisper "
+    "source package, ~800 KB, from your configured package index; only the vocabulary is kept)",
+}
+
+
+def _notice(message: str) -> None:
+    """A one-line note on stderr: fetching something on first use should never be silent."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _fetch_vocab_url(tmp: Path) -> Path:
