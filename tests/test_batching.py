@@ -30,8 +30,12 @@ TOL = 1e-4
 # ---------------------------------------------------------------------------------- networks
 def _qwen_lm(cls) -> Qwen2LM:
     torch.manual_seed(0)
-    lm = cls(llm_input_size=16, llm_output_size=16, speech_token_size=6561,
-             llm=Qwen2Encoder(DATA / "CosyVoice-BlankEN-tiny"))
+    lm = cls(
+        llm_input_size=16,
+        llm_output_size=16,
+        speech_token_size=6561,
+        llm=Qwen2Encoder(DATA / "CosyVoice-BlankEN-tiny"),
+    )
     for p in lm.parameters():  # the default init of an untrained decoder is too flat to test
         torch.nn.init.normal_(p, std=0.5)
     return lm.eval()
@@ -71,8 +75,15 @@ def test_qwen_rows_of_different_lengths_match_alone(cls) -> None:
 def test_v1_rows_of_different_lengths_match_alone(v1_dir: Path) -> None:
     lm = _v1_lm(v1_dir)
     embedding = torch.randn(1, 192)
-    prefixes = [lm.prefix(torch.tensor([[5, 6, 7] * n]), torch.zeros(1, 0, dtype=torch.int32),
-                          torch.zeros(1, 0, dtype=torch.int32), embedding) for n in (1, 3, 7)]
+    prefixes = [
+        lm.prefix(
+            torch.tensor([[5, 6, 7] * n]),
+            torch.zeros(1, 0, dtype=torch.int32),
+            torch.zeros(1, 0, dtype=torch.int32),
+            embedding,
+        )
+        for n in (1, 3, 7)
+    ]
     _check_rows_match_alone(lm, prefixes, steps=6)
 
 
@@ -148,21 +159,28 @@ def test_a_request_joining_mid_way_equals_alone(v2: Engine, alone: list[np.ndarr
     v2.submit(REQUESTS[0], later)
     rest = list(chunks)
     joined = np.concatenate([c.samples for c in later])
-    np.testing.assert_allclose(np.concatenate([c.samples for c in head + rest]), alone[1], atol=TOL,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.concatenate([c.samples for c in head + rest]), alone[1], atol=TOL, rtol=0
+    )
     np.testing.assert_allclose(joined, alone[0], atol=TOL, rtol=0)
 
 
 def test_cancelled_row_leaves_and_frees_while_others_go_on(v2: Engine, alone) -> None:
     cancelled, other = QueueSink(), QueueSink()
-    long = _request("收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。", 9,
-                    stream=True, max_speech_tokens=400)
+    long = _request(
+        "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。",
+        9,
+        stream=True,
+        max_speech_tokens=400,
+    )
     job = v2.submit(long, cancelled)
     v2.submit(REQUESTS[0], other)
     first = next(iter(cancelled))
     assert first.samples.size > 0
     job.cancel()
-    np.testing.assert_allclose(np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0
+    )
     deadline = time.monotonic() + 10
     while v2.loop.active and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -186,7 +204,9 @@ def test_an_exception_inside_a_row_fails_only_that_row(v2: Engine, alone) -> Non
     v2.submit(REQUESTS[0], sink, prompt=broken_prompt)
     with pytest.raises(RuntimeError, match="voice store"):
         list(sink)
-    np.testing.assert_allclose(np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0
+    )
 
 
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:

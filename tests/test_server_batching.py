@@ -29,8 +29,10 @@ def server(engine, tmp_path_factory):
 
 
 def _pcm(client, text: str, seed: int, stream: bool, voice: str) -> np.ndarray:
-    response = client.post("/tts", json={"text": text, "speaker": voice, "seed": seed,
-                                         "stream": stream, "format": "pcm"})
+    response = client.post(
+        "/tts",
+        json={"text": text, "speaker": voice, "seed": seed, "stream": stream, "format": "pcm"},
+    )
     assert response.status_code == 200, response.text
     return np.frombuffer(response.content, dtype="<i2").astype(np.float32) / 32768
 
@@ -60,9 +62,14 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_audio(server, engi
 def test_a_client_that_goes_away_frees_its_row(server, engine) -> None:
     voice = engine.voices()[0]
     long_text = "，".join(["今天天气很好"] * 12) + "。"
-    with server.client() as client, client.stream(
-            "POST", "/tts", json={"text": long_text, "speaker": voice, "stream": True,
-                                  "format": "pcm"}) as response:
+    with (
+        server.client() as client,
+        client.stream(
+            "POST",
+            "/tts",
+            json={"text": long_text, "speaker": voice, "stream": True, "format": "pcm"},
+        ) as response,
+    ):
         assert response.status_code == 200
         next(response.iter_bytes())
         assert engine.loop.active == 1

@@ -91,8 +91,14 @@ class LengthPolicy:
 OFFICIAL_LENGTHS = LengthPolicy()
 
 
-def _choose(lm: SpeechLM, logp: torch.Tensor, decoded: list[int], sampler: Sampler,
-            mask_eos: bool, policy: LengthPolicy) -> int:
+def _choose(
+    lm: SpeechLM,
+    logp: torch.Tensor,
+    decoded: list[int],
+    sampler: Sampler,
+    mask_eos: bool,
+    policy: LengthPolicy,
+) -> int:
     if mask_eos:
         # Official `sampling_ids`: masks index speech_token_size (v1/v2 eos, v3 sos).
         logp[lm.speech_token_size] = -float("inf")
@@ -101,9 +107,15 @@ def _choose(lm: SpeechLM, logp: torch.Tensor, decoded: list[int], sampler: Sampl
     return int(sampler(logp, decoded))
 
 
-def speech_token_task(lm: SpeechLM, text: torch.Tensor, prompt_text: torch.Tensor,
-                      prompt_speech_token: torch.Tensor, embedding: torch.Tensor,
-                      sampler: Sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
+def speech_token_task(
+    lm: SpeechLM,
+    text: torch.Tensor,
+    prompt_text: torch.Tensor,
+    prompt_speech_token: torch.Tensor,
+    embedding: torch.Tensor,
+    sampler: Sampler,
+    policy: LengthPolicy = OFFICIAL_LENGTHS,
+) -> Task:
     """Official ``inference``: the prefix in one feed, then one token per step until a stop id
     (never yielded) or the length bound; the eos is masked while fewer than min_len were decoded."""
     lm_input = lm.prefix(text, prompt_text, prompt_speech_token, embedding)
@@ -134,8 +146,9 @@ class TextSource:
     def __init__(self, pieces: Iterable[Sequence[int]], lookahead: int = 2) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=lookahead)
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._pull, args=(iter(pieces),), daemon=True,
-                                        name="text-source")
+        self._thread = threading.Thread(
+            target=self._pull, args=(iter(pieces),), daemon=True, name="text-source"
+        )
         self._thread.start()
 
     def _pull(self, pieces: Iterator[Sequence[int]]) -> None:
@@ -170,9 +183,14 @@ class TextSource:
         self._closed.set()
 
 
-def bistream_task(lm, text: TextSource, prompt_text: torch.Tensor,
-                  prompt_speech_token: torch.Tensor, sampler: Sampler,
-                  policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
+def bistream_task(
+    lm,
+    text: TextSource,
+    prompt_text: torch.Tensor,
+    prompt_speech_token: torch.Tensor,
+    sampler: Sampler,
+    policy: LengthPolicy = OFFICIAL_LENGTHS,
+) -> Task:
     """Official ``inference_bistream`` (v2/v3): text arrives piece by piece.
 
     Text and prompt speech are interleaved ``mix_ratio`` = 5 text : 15 speech. Once the prompt
@@ -196,8 +214,14 @@ def bistream_task(lm, text: TextSource, prompt_text: torch.Tensor,
         text.close()  # the feeder thread stops too when the request ends early
 
 
-def _bistream(lm, text: TextSource, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
-              sampler: Sampler, policy: LengthPolicy) -> Task:
+def _bistream(
+    lm,
+    text: TextSource,
+    prompt_text: torch.Tensor,
+    prompt_speech_token: torch.Tensor,
+    sampler: Sampler,
+    policy: LengthPolicy,
+) -> Task:
     n_text, n_speech = lm.mix_ratio
     prompt_text = lm.ids(prompt_text)
     prompt_speech = lm.embed_speech(lm.ids(prompt_speech_token))
@@ -219,7 +243,9 @@ def _bistream(lm, text: TextSource, prompt_text: torch.Tensor, prompt_speech_tok
         text_cache = torch.cat([text_cache, lm.embed_text(ids)], dim=1)
         # Interleave 5 text + 15 prompt-speech embeddings while both are available.
         while prompt_speech.size(1) != 0 and text_cache.size(1) >= n_text:
-            lm_input = torch.cat([lm_input, text_cache[:, :n_text], prompt_speech[:, :n_speech]], dim=1)
+            lm_input = torch.cat(
+                [lm_input, text_cache[:, :n_text], prompt_speech[:, :n_speech]], dim=1
+            )
             text_cache, prompt_speech = text_cache[:, n_text:], prompt_speech[:, n_speech:]
         if prompt_speech.size(1) != 0:
             continue
@@ -244,7 +270,8 @@ def _bistream(lm, text: TextSource, prompt_text: torch.Tensor, prompt_speech_tok
                 if token == lm.fill_token:
                     break
                 raise CosyVoiceError(
-                    f"the LLM produced stop token {token} in the middle of streaming text input")
+                    f"the LLM produced stop token {token} in the middle of streaming text input"
+                )
             yield token
             lm_input = lm.speech_input(token)
 

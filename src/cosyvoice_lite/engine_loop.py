@@ -93,8 +93,9 @@ DEFAULT_LIMITS = LoopLimits()
 class EngineLoop:
     """The scheduler that owns all active requests of one loaded model."""
 
-    def __init__(self, lm: torch.nn.Module, compute: Callable[[], Any],
-                 limits: LoopLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, lm: torch.nn.Module, compute: Callable[[], Any], limits: LoopLimits = DEFAULT_LIMITS
+    ) -> None:
         self.lm = lm
         self.compute = compute  # the precision context chosen at load
         self.limits = limits
@@ -242,8 +243,11 @@ class EngineLoop:
     def _forward_rows(self, rows: list[_Row]) -> None:
         try:
             with self.compute():
-                inputs = rows[0].feed.inputs if len(rows) == 1 else torch.cat(
-                    [r.feed.inputs for r in rows])
+                inputs = (
+                    rows[0].feed.inputs
+                    if len(rows) == 1
+                    else torch.cat([r.feed.inputs for r in rows])
+                )
                 logp = self.lm.log_probs(inputs, [r.cache for r in rows])
         except BaseException as exc:  # noqa: BLE001
             if len(rows) == 1:

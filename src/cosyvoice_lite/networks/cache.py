@@ -40,7 +40,9 @@ class KVCache:
         """Store ``new`` ([heads, T, head_dim] each, one per stream) at positions
         ``length .. length + T`` of ``layer``; returns each stream's valid rows of that layer."""
         if len(new) != self.streams:
-            raise ValueError(f"this cache holds {self.streams} tensors per position, got {len(new)}")
+            raise ValueError(
+                f"this cache holds {self.streams} tensors per position, got {len(new)}"
+            )
         end = self.length + new[0].size(1)
         self._reserve(end, new)
         out = []
