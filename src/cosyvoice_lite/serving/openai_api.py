@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from ..errors import UnknownVoiceError
 from .errors import ApiError, overloaded
+from .guard import check_text, check_texts
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted, read_form
 from .scheduler import Job, JobTimeout, Overloaded
 from .schemas import OPENAI_FORMATS, SpeechRequest
@@ -180,6 +181,8 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                 param="response_format",
             )
         voice = body.voice if isinstance(body.voice, str) or body.voice is None else body.voice.id
+        check_texts(settings, input=body.input, instructions=body.instructions, voice=voice)
+        check_text("ref_text", body.ref_text, settings.max_prompt_text_chars)
         sse = body.stream_format == "sse"
         engine_stream = body.stream if body.stream is not None else sse
         limit = settings.max_upload_bytes
@@ -319,6 +322,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         text = next(
             (form.fields[k] for k in ("prompt_text", "transcript", "text") if k in form.fields), ""
         )
+        check_texts(settings, name=name, prompt_text=text)
         validate_name(name)
         engine = state.require_engine()
         if name in engine.presets or name in voice_aliases(state):

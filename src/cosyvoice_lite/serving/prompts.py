@@ -27,6 +27,7 @@ from ..errors import AudioError, InvalidRequestError, UnknownVoiceError, Unsuppo
 from ..frontend.prompt import PromptFeatures
 from ..request import Mode, SynthesisRequest
 from .errors import ApiError
+from .guard import check_texts
 from .metrics import Metrics
 from .synthesis import supported_modes, voice_key
 
@@ -249,17 +250,6 @@ async def read_form(
 # ---------------------------------------------------------------------------------- planning
 
 
-def check_text(limit: int, value: str | None, field: str) -> None:
-    if value is not None and len(value) > limit:
-        raise ApiError(
-            400,
-            f"{field} is too long: {len(value)} characters, the limit is {limit}",
-            code="text_too_long",
-            param=field,
-            max_chars=limit,
-        )
-
-
 @dataclass
 class Prompted:
     """A planned request whose prompt comes with it (or from a voice, for voice conversion)."""
@@ -291,9 +281,7 @@ def plan_prompted(
     engine = state.engine
     instruct = (instruct or "").strip() or None
     prompt_text = (prompt_text or "").strip()
-    limit = state.settings.max_text_chars
-    for value, field in ((text, "text"), (instruct, "instruct"), (prompt_text, "prompt_text")):
-        check_text(limit, value, field)
+    check_texts(state.settings, text=text, instruct=instruct, prompt_text=prompt_text)
     saved, request_voice = None, None
     if source is not None:
         chosen = Mode.VOICE_CONVERSION
