@@ -22,6 +22,7 @@ from ..audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES, encode_audio
 from ..audio.resample import output_length, reduced_rates, resample, resample_kernel
 from ..errors import AudioError
 
+
 class StreamTruncated(Exception):
     """A streamed response that cannot finish (timeout, engine error, shutdown). Raised from the
     response body after the headers are out: the serving middleware then aborts the transfer (no

@@ -74,9 +74,9 @@ class VoiceDamagedError(CosyVoiceError):
     """A stored voice whose files are unreadable or inconsistent (a server-side fault)."""
 
 
-class StorageError(CosyVoiceError):
+class StorageError(CosyVoiceError, OSError):
     """The library's storage failed: ``status`` 507 (no space) or 503 (read-only, permissions,
-    I/O error)."""
+    I/O error). Also an OSError, which it stands for (with a message that names no path)."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)

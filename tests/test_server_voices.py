@@ -1,0 +1,165 @@
+"""Issue 11, the voice library tolerating its own files and its storage: normalised,
+case-insensitive names with a byte limit; broken voices listed with a reason without breaking
+listing, /speakers or /metrics; damaged stored data a clean 5xx; full or read-only storage 507/503
+with /ready degraded (real tmpfs mounts; skipped where mounting is not allowed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import uuid
+
+import pytest
+from test_server_support import ServerThread, metric, prompt_wav, tiny_engine
+
+from cosyvoice_lite.serving import Settings, create_app
+
+
+@pytest.fixture(scope="module")
+def engine(v1_dir):
+    return tiny_engine(v1_dir)
+
+
+def serve(engine, voices_dir):
+    return ServerThread(create_app(engine, Settings(voices_dir=voices_dir)))
+
+
+def upload(client, name, audio=None, prompt_text="希望你以后能够做的比我还好呦。"):
+    return client.post("/voices", data={"name": name, "prompt_text": prompt_text},
+                       files={"audio": ("p.wav", audio or prompt_wav(1.0), "audio/wav")})
+
+
+def error_of(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def test_names_are_normalised_and_unique_without_case(engine, tmp_path):
+    with serve(engine, tmp_path) as running, running.client() as c:
+        assert upload(c, "Alice").status_code == 201
+        for same in ("ALICE", "alice", "Ａｌｉｃｅ", "Alice\n"):  # case, full-width, stripped
+            error_of(upload(c, same), 409, "voice_exists")
+        assert c.get("/voices/ＡＬＩＣＥ").json()["name"] == "Alice"
+        for bad in ("a\nb", "a\tb", "a\u200bb", "名" * 50):  # controls, format char, >128 bytes
+            error_of(upload(c, bad), 400, "invalid_name")
+        error_of(c.get("/voices/Alice%0A"), 400, "invalid_name")
+        long_name = "名" * 50
+        error_of(c.get(f"/voices/{long_name}"), 400, "invalid_name")
+        error_of(c.delete(f"/voices/{long_name}"), 400, "invalid_name")
+        error_of(c.post("/tts", json={"text": "你好", "speaker": long_name}), 404)
+        assert [v["name"] for v in c.get("/voices").json()["data"]] == ["Alice"]
+        assert c.delete("/voices/alice").status_code == 200
+        assert c.get("/voices").json()["data"] == []
+
+
+def write_voice(root, folder: str, meta: bytes | None, wav: bool = True) -> None:
+    path = root / folder
+    path.mkdir()
+    if meta is not None:
+        (path / "voice.json").write_bytes(meta)
+    if wav:
+        (path / "prompt.wav").write_bytes(prompt_wav(1.0))
+
+
+def test_broken_voices_are_listed_and_break_nothing(engine, tmp_path):
+    good = {"name": "x", "prompt_text": "hi", "duration": 1.0, "sample_rate": 16000,
+            "created_at": 1.0}
+    write_voice(tmp_path, "badfield", json.dumps({**good, "name": "badfield",
+                                                  "duration": "abc"}).encode())
+    write_voice(tmp_path, "truncated", json.dumps({**good, "name": "truncated"}).encode()[:20])
+    write_voice(tmp_path, "mismatch", json.dumps({**good, "name": "other"}).encode())
+    write_voice(tmp_path, "nowav", json.dumps({**good, "name": "nowav"}).encode(), wav=False)
+    with serve(engine, tmp_path) as running, running.client() as c:
+        assert upload(c, "fine").status_code == 201
+        listing = c.get("/voices")
+        assert listing.status_code == 200
+        assert [v["name"] for v in listing.json()["data"]] == ["fine"]
+        broken = {b["name"]: b["reason"] for b in listing.json()["broken"]}
+        assert set(broken) == {"badfield", "truncated", "mismatch", "nowav"}
+        assert "duration" in broken["badfield"] and "JSON" in broken["truncated"]
+        assert "name" in broken["mismatch"] and "prompt.wav" in broken["nowav"]
+        assert all(str(tmp_path) not in reason for reason in broken.values())
+        assert c.get("/speakers").status_code == 200
+        text = c.get("/metrics").text
+        assert metric(text, "cosyvoice_broken_voices") == 4
+        assert metric(text, "cosyvoice_saved_voices") == 1
+        unknown = error_of(c.post("/tts", json={"text": "你好", "speaker": "nobody"}), 404)
+        assert str(tmp_path) not in unknown["message"]
+        damaged = error_of(c.post("/tts", json={"text": "你好", "speaker": "badfield"}), 500,
+                           "voice_damaged")
+        assert str(tmp_path) not in damaged["message"] and "<" not in damaged["message"]
+        error_of(upload(c, "BADFIELD"), 409, "voice_exists")  # still taken until deleted
+        assert c.delete("/voices/badfield").status_code == 200
+        assert "badfield" not in {b["name"] for b in c.get("/voices").json()["broken"]}
+
+
+def test_corrupted_stored_prompt_is_a_clean_server_error(engine, tmp_path):
+    with serve(engine, tmp_path) as running, running.client() as c:
+        assert upload(c, "bob").status_code == 201
+    (tmp_path / "bob" / "prompt.wav").write_bytes(b"RIFF garbage")
+    for cached in (tmp_path / "bob" / "features").iterdir():
+        cached.unlink()
+    with serve(engine, tmp_path) as running, running.client() as c:
+        error = error_of(c.post("/tts", json={"text": "你好", "speaker": "bob"}), 500,
+                         "voice_damaged")
+        assert error["type"] == "server_error"
+        assert str(tmp_path) not in error["message"] and "object at" not in error["message"]
+
+
+# ---------------------------------------------------------------------------------- storage
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str = "2m"):
+    path.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+def test_full_storage_is_507_and_ready_says_degraded(engine, tmp_path):
+    with tmpfs(tmp_path / "mnt") as root, serve(engine, root) as running, running.client() as c:
+        assert c.get("/ready").json()["status"] in ("ready", "degraded")
+        with open(root / ".filler", "wb") as f:  # fill the file system
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        error = error_of(upload(c, "carol"), 507, "insufficient_storage")
+        assert "full" in error["message"] and str(root) not in error["message"]
+        ready = c.get("/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert ready.json()["storage"]["voices"] == "degraded"
+        assert metric(c.get("/metrics").text, "cosyvoice_voice_storage_ok") == 0
+        assert c.get("/voices").status_code == 200
+        assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written
+
+
+def test_read_only_storage_is_503_and_features_are_served_from_memory(engine, tmp_path):
+    with tmpfs(tmp_path / "mnt", "64m") as root:
+        with serve(engine, root) as running, running.client() as c:
+            assert upload(c, "dave").status_code == 201
+        for cached in (root / "dave" / "features").iterdir():
+            cached.unlink()  # the next server must compute and (try to) cache them
+        remount(root, "ro")
+        with serve(engine, root) as running, running.client() as c:
+            error = error_of(upload(c, f"erin{uuid.uuid4().hex[:4]}"), 503, "storage_unavailable")
+            assert "read-only" in error["message"]
+            error_of(c.delete("/voices/dave"), 503, "storage_unavailable")
+            assert c.get("/ready").json()["status"] == "degraded"
+            for _ in range(2):  # the cache cannot be written: served anyway, every time
+                response = c.post("/tts", json={"text": "你好", "speaker": "dave", "seed": 1})
+                assert response.status_code == 200, response.text
+        remount(root, "rw")
