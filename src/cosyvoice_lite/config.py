@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from .errors import ModelDirError
+from .versions import SPECS
 
-YAML_NAMES = {1: "cosyvoice.yaml", 2: "cosyvoice2.yaml", 3: "cosyvoice3.yaml"}
+YAML_NAMES = {version: spec.yaml for version, spec in SPECS.items()}
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class ModelConfig:
 
     @property
     def token_frame_rate(self) -> int:
-        return int(self.flow.kwargs.get("input_frame_rate", 50 if self.version == 1 else 25))
+        return int(self.flow.kwargs.get("input_frame_rate", SPECS[self.version].token_frame_rate))
 
 
 EXPECTED_CLASSES = {
@@ -296,5 +297,6 @@ def parse_model_config(data: Mapping[str, Any], version: int, source: str = "yam
 
 def load_model_config(model_dir: Path, version: int) -> ModelConfig:
     path = model_dir / YAML_NAMES[version]
-    overrides = {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")} if version > 1 else None
+    qwen = SPECS[version].text_tokenizer == "qwen"
+    overrides = {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")} if qwen else None
     return parse_model_config(read_hyperpyyaml(path, overrides), version, source=str(path))

@@ -33,6 +33,7 @@ from .modeldir import ModelDir, load_speakers, open_model_dir
 from .pipelines.common import ModelInputs
 from .request import AudioChunk, Mode, SynthesisRequest
 from .sampling import RasSampler
+from .versions import ENDOFPROMPT, SYSTEM_PROMPT, VersionSpec, spec
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,7 @@ Progress = Callable[[int, int], None]  # (segments done, segments total)
 PromptSource = PromptFeatures | Callable[[], PromptFeatures] | None
 
 MAX_SPEED, MIN_SPEED = 2.0, 0.5
-ENDOFPROMPT = "<|endofprompt|>"
 STREAM_NOISE_SALT = 0x5EED5EED
-SYSTEM_PROMPT = "You are a helpful assistant."  # CosyVoice3's canonical system prompt
 
 
 @dataclass(frozen=True)
@@ -121,12 +120,17 @@ class Engine:
         return self.model.version
 
     @property
+    def spec(self) -> VersionSpec:
+        """What this model's version does differently (versions.py)."""
+        return spec(self.model.version)
+
+    @property
     def modes(self) -> tuple[Mode, ...]:
         """The modes this model supports."""
         modes = [Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.VOICE_CONVERSION]
         if any(v.kind == "preset" for v in self.presets.values()):
             modes.insert(0, Mode.PRESET)
-        if self.version > 1 or self.model.variant == "instruct":
+        if not self.spec.instruct_with_preset or self.model.variant == "instruct":
             modes.append(Mode.INSTRUCT)
         return tuple(modes)
 
@@ -136,7 +140,7 @@ class Engine:
     @property
     def known_markup(self) -> frozenset[str]:
         """Inline tags this model understands ([breath], <strong>, <|en|>, [h][ào] ...)."""
-        if self.version == 1:
+        if self.spec.text_tokenizer == "whisper":  # v1 tags are plain text to its tokenizer
             return V1_TAGS | frozenset(self.tokenizer.special_tokens) | {ENDOFPROMPT}
         return frozenset(self.tokenizer.special_tokens)
 
@@ -229,7 +233,7 @@ class Engine:
         if request.mode == Mode.VOICE_CONVERSION:
             return [""]
         if not isinstance(request.text, str):
-            if self.version == 1:
+            if not self.spec.streaming_text_in:
                 raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model")
             return [request.text]
         segments = self.text_frontend.normalize(
@@ -246,7 +250,7 @@ class Engine:
         return self.presets[name]
 
     def _prompt(self, request: SynthesisRequest, prompt: PromptFeatures | None) -> PromptFeatures | None:
-        if request.mode == Mode.PRESET or (request.mode == Mode.INSTRUCT and self.version == 1):
+        if request.mode == Mode.PRESET or (request.mode == Mode.INSTRUCT and self.spec.instruct_with_preset):
             if self._preset(request.voice).kind != "preset":
                 raise InvalidRequestError(f"'{request.voice}' is a cloned voice: use it with mode zero_shot")
             return None
@@ -262,8 +266,9 @@ class Engine:
             prompt = self.encode_prompt(request.prompt_audio, request.prompt_text or "")
         if request.mode == Mode.ZERO_SHOT and not prompt.prompt_text and not (request.prompt_text or "").strip():
             raise InvalidRequestError("zero-shot cloning needs the transcript of the prompt audio")
-        if self.version > 1 and request.mode != Mode.VOICE_CONVERSION:
-            prompt = prompt.aligned(2)
+        ratio = self.spec.prompt_mel_ratio
+        if ratio is not None and request.mode != Mode.VOICE_CONVERSION:
+            prompt = prompt.aligned(ratio)
         return prompt
 
     def _tokens(self, text: str) -> torch.Tensor:
@@ -279,18 +284,14 @@ class Engine:
     def _instruction(self, instruct: str) -> str:
         """The instruction as each version's LLM expects it; users write only the instruction."""
         instruct = instruct.strip()
-        if self.version == 1:
-            return self.text_frontend.normalize(instruct, split=False, encode=self.tokenizer.encode)
-        if ENDOFPROMPT in instruct:
-            return instruct
-        if self.version == 2:
-            return instruct + ENDOFPROMPT
-        return f"{SYSTEM_PROMPT} {instruct}{ENDOFPROMPT}"
+        if self.spec.instruct_with_preset:  # v1 reads the instruction as normalised text
+            instruct = self.text_frontend.normalize(instruct, split=False, encode=self.tokenizer.encode)
+        return self.spec.instruction(instruct)
 
     def _with_system_prompt(self, prompt_text: str, text) -> tuple[str, object]:
         """CosyVoice3 needs <|endofprompt|> in its input: add the canonical system prompt where the
         user did not write one (before the transcript, or before the text when there is none)."""
-        if self.version != 3 or ENDOFPROMPT in prompt_text:
+        if not self.spec.needs_system_prompt or ENDOFPROMPT in prompt_text:
             return prompt_text, text
         if prompt_text:
             return f"{SYSTEM_PROMPT}{ENDOFPROMPT}{prompt_text}", text

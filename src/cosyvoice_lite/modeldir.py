@@ -14,6 +14,7 @@ import torch
 
 from .config import YAML_NAMES, ModelConfig, load_model_config
 from .errors import ModelDirError
+from .versions import spec
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def required_files(version: int) -> list[str]:
     """Files the engine opens for a model version (spk2info.pt and llm.rl.pt are optional)."""
     files = [YAML_NAMES[version], "llm.pt", "flow.pt", "hift.pt", "campplus.onnx",
              f"speech_tokenizer_v{version}.onnx"]
-    if version > 1:
+    if spec(version).text_tokenizer == "qwen":
         files += [f"{BLANK_EN}/{name}" for name in BLANK_EN_FILES]
     return files
 
@@ -137,7 +138,7 @@ class ModelDir:
 def _variant(model_dir: Path, version: int) -> str:
     """Which v1 release this is. The three v1 releases share one yaml, so the official code cannot
     tell them apart; we use the ModelScope/HF metadata or the directory name."""
-    if version != 1:
+    if len(spec(version).variants) == 1:
         return "base"
     hints = [model_dir.name.lower()]
     meta = model_dir / "configuration.json"

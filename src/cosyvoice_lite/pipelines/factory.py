@@ -14,13 +14,14 @@ from ..hub import whisper_vocab_path
 from ..modeldir import ModelDir, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
 from ..precision import apply_precision
+from ..versions import spec
 
 log = logging.getLogger(__name__)
 
 
 def text_tokenizer(model: ModelDir):
     """The text tokenizer the model was trained with."""
-    if model.version == 1:
+    if spec(model.version).text_tokenizer == "whisper":
         from ..frontend.tokenizer import WhisperTextTokenizer
 
         return WhisperTextTokenizer(whisper_vocab_path())
@@ -57,7 +58,7 @@ def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = 
     flow = load_network(model, "flow", "flow.pt", placement)
     flow.decoder.set_steps(flow_steps)  # Euler steps: a quality/speed trade-off, official 10
     hift = load_network(model, "hift", "hift.pt", placement)
-    if model.version == 1:
+    if spec(model.version).pipeline == "v1":
         from .v1 import V1Pipeline
 
         return V1Pipeline(llm, flow, hift, model.config.token_frame_rate, model.config.sample_rate,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding import OFFICIAL_LENGTHS, LengthPolicy, Task, drop_long_silences
+from ..versions import spec
 from .common import ModelInputs, decoding_task, fade_in_out, run_task_alone
 
 TOKEN_HOP = 25  # training chunk size: the first hop
@@ -26,9 +27,6 @@ MAX_TOKEN_HOP = 100
 HOP_GROWTH = 2
 V2_MEL_CACHE = 8  # vocoder look-back (mel frames) for the v2 HiFT cross-fade
 HOP_LENGTH = 480  # vocoder samples per mel frame (24 kHz)
-# CosyVoice3: FSQ silence/breath tokens; runs longer than 5 are not sent to the flow (official llm_job)
-V3_SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
-MAX_SILENT_RUN = 5
 
 
 @dataclass
@@ -97,6 +95,7 @@ class V2Pipeline:
         self.sample_rate = sample_rate
         self.compute = compute
         self.version = version
+        self.spec = spec(version)
         self.lookahead = int(flow.pre_lookahead_len)
         self.mel_ratio = int(flow.token_mel_ratio)
         self.source_cache_len = V2_MEL_CACHE * HOP_LENGTH
@@ -110,8 +109,8 @@ class V2Pipeline:
     def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
         """The decoding task of one segment (the engine loop steps it with other requests')."""
         task = decoding_task(self.llm, inputs, sampler, policy)
-        if self.version == 3 and inputs.source_speech_token is None:
-            task = drop_long_silences(task, V3_SILENT_TOKENS, MAX_SILENT_RUN)
+        if self.spec.silent_tokens and inputs.source_speech_token is None:
+            task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
 
     def speech_tokens(self, inputs: ModelInputs, sampler,
@@ -172,7 +171,7 @@ class V2Pipeline:
     @torch.inference_mode()
     def _vocode(self, state: _Stream, mel: torch.Tensor, generator: torch.Generator,
                 finalize: bool, speed: float = 1.0) -> torch.Tensor:
-        if self.version == 3:
+        if self.spec.causal_vocoder:
             return self._vocode_causal(state, mel, finalize, speed)
         if state.hift_mel is not None:
             mel = torch.concat([state.hift_mel, mel], dim=2)

@@ -32,14 +32,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .. import __version__
-from ..audio.io import AUDIO_FORMATS
+from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready, overloaded
 from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
 from .openai_api import openai_router
+from .openapi import install_openapi
 from .outputs import OutputStore
+from .page_info import page_info
 from .prompts import PromptCache
 from .scheduler import Job, JobTimeout, Overloaded, Scheduler
 from .schemas import TTSRequest
@@ -263,6 +265,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     app.include_router(openai_router(state, prompts))
     app.include_router(docs_router(app.title))
     _add_page_routes(app)
+    install_openapi(app, settings)  # every status and the configured limits in /openapi.json
     return app
 
 
@@ -298,13 +301,14 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
                      "variant": engine.model.variant, "sample_rate": engine.sample_rate,
                      "modes": supported_modes(engine),
                      "instruct": "instruct" in supported_modes(engine),
-                     "instruct_needs_preset": engine.version == 1}
+                     "instruct_needs_preset": engine.spec.instruct_with_preset, **page_info(engine)}
         s = state.settings
         return {"server": "cosyvoice-lite", "version": __version__, "status": state.status,
                 "error": state.load_error or None, "model": model,
                 "auth_required": bool(s.api_key), "formats": list(AUDIO_FORMATS),
                 "limits": {"max_text_chars": s.max_text_chars, "max_upload_bytes": s.max_upload_bytes,
                            "max_prompt_seconds": s.max_prompt_seconds,
+                           "min_prompt_seconds": MIN_PROMPT_SECONDS,
                            "request_timeout": s.request_timeout,
                            "workers": s.workers, "max_queue": s.max_queue}}
 

@@ -93,7 +93,7 @@ def plan_request(state: ServerState, *, text: str, voice: str, instruct: str | N
     elif library is not None and library.exists(voice):
         saved = voice
         if instruct:
-            if engine.version == 1:
+            if engine.spec.instruct_with_preset:
                 raise InvalidRequestError(
                     "CosyVoice v1 follows instructions only with its preset voices (the -Instruct "
                     "model); saved voices take instructions with CosyVoice2/3")

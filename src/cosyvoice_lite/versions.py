@@ -1,0 +1,104 @@
+"""One description per CosyVoice model version: what differs between v1, v2 and v3, in one place.
+
+The engine, the pipelines and the server read these facts instead of branching on the version
+number, so a new version is a new entry here (plus its networks), not edits across the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENDOFPROMPT = "<|endofprompt|>"
+SYSTEM_PROMPT = "You are a helpful assistant."  # CosyVoice3's canonical system prompt
+
+# CosyVoice3: FSQ silence/breath tokens; runs longer than 5 are not sent to the flow (official llm_job)
+V3_SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """Facts about one model version (see the module docstring)."""
+
+    version: int
+    name: str
+    yaml: str  # the yaml file that identifies the version in a model directory
+    text_tokenizer: str  # "whisper" (tiktoken, v1) or "qwen" (CosyVoice-BlankEN, v2/v3)
+    token_frame_rate: int  # speech tokens per second
+    pipeline: str  # "v1" (fixed hops, cross-fades) or "v2" (chunk-causal flow, growing hops)
+    # Instructions: v1 speaks them with a preset voice (and only the -Instruct release follows
+    # them); v2/v3 with a prompt voice. The template wraps what the user wrote.
+    instruct_with_preset: bool
+    instruct_template: str
+    # CosyVoice3 needs <|endofprompt|> in its input: the system prompt is added where the user
+    # wrote none.
+    needs_system_prompt: bool
+    streaming_text_in: bool  # the LLM can take text as it arrives (official inference_bistream)
+    prompt_mel_ratio: int | None  # prompt mel frames per prompt token (None: not aligned, v1)
+    silent_tokens: frozenset[int]  # long runs of these are not sent to the flow
+    max_silent_run: int
+    causal_vocoder: bool  # the vocoder streams by itself (v3) instead of cross-fading chunks
+    # Releases sharing one yaml (v1: -300M, -SFT, -Instruct), told apart by name or metadata
+    variants: tuple[str, ...] = ("base",)
+
+    def instruction(self, instruct: str) -> str:
+        """The instruction as this version's LLM expects it (v1: after normalisation)."""
+        if ENDOFPROMPT in instruct and self.instruct_template != "{}":
+            return instruct
+        return self.instruct_template.format(instruct)
+
+
+SPECS: dict[int, VersionSpec] = {
+    1: VersionSpec(
+        version=1,
+        name="CosyVoice-300M",
+        yaml="cosyvoice.yaml",
+        text_tokenizer="whisper",
+        token_frame_rate=50,
+        pipeline="v1",
+        instruct_with_preset=True,
+        instruct_template="{}",
+        needs_system_prompt=False,
+        streaming_text_in=False,
+        prompt_mel_ratio=None,
+        silent_tokens=frozenset(),
+        max_silent_run=0,
+        causal_vocoder=False,
+        variants=("base", "sft", "instruct"),
+    ),
+    2: VersionSpec(
+        version=2,
+        name="CosyVoice2-0.5B",
+        yaml="cosyvoice2.yaml",
+        text_tokenizer="qwen",
+        token_frame_rate=25,
+        pipeline="v2",
+        instruct_with_preset=False,
+        instruct_template="{}" + ENDOFPROMPT,
+        needs_system_prompt=False,
+        streaming_text_in=True,
+        prompt_mel_ratio=2,
+        silent_tokens=frozenset(),
+        max_silent_run=0,
+        causal_vocoder=False,
+    ),
+    3: VersionSpec(
+        version=3,
+        name="Fun-CosyVoice3-0.5B",
+        yaml="cosyvoice3.yaml",
+        text_tokenizer="qwen",
+        token_frame_rate=25,
+        pipeline="v2",
+        instruct_with_preset=False,
+        instruct_template=f"{SYSTEM_PROMPT} {{}}{ENDOFPROMPT}",
+        needs_system_prompt=True,
+        streaming_text_in=True,
+        prompt_mel_ratio=2,
+        silent_tokens=V3_SILENT_TOKENS,
+        max_silent_run=5,
+        causal_vocoder=True,
+    ),
+}
+
+
+def spec(version: int) -> VersionSpec:
+    return SPECS[version]
