@@ -306,12 +306,23 @@ def _export_graph(graph: Graph, path: Path) -> None:
 
 
 def _to_float16(path: Path) -> None:
-    """Weights and compute in float16, inputs and outputs kept float32 (onnxruntime's converter)."""
+    """Weights and compute in float16, inputs and outputs kept float32 (onnxruntime's converter).
+    The vocoder is never converted: its NSF phase needs float32 and more (as in torch, where it
+    stays float32 whatever the dtype)."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(path))
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    # Resize takes its scales in float32 only: keep the Constants that feed them as they are
+    scales = {n.input[2] for n in model.graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    keep = [n.name for n in model.graph.node if n.op_type == "Constant" and n.output[0] in scales]
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        disable_shape_infer=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Resize"],
+        node_block_list=keep,
+    )
     onnx.save(converted, str(path))
 
 
@@ -340,7 +351,7 @@ def _max_activation(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tupl
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                 value = float(t.detach().abs().max())
                 if value > worst[0]:
-                    worst[:] = [value, name]
+                    worst[:] = [value, name or "(graph outputs)"]
 
     handles = [
         m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
@@ -367,8 +378,17 @@ def check_graph(graph: Graph, path: Path, dtype: str) -> dict:
     for name, want, have in zip(graph.outputs, expected, got, strict=True):
         finite = finite and bool(np.isfinite(have).all())
         errors[name] = float(np.abs(have.astype(np.float64) - want.double().numpy()).max())
+    if "cache_source" in graph.inputs:
+        # v1/v2 vocoder: the sine source integrates phase over thousands of samples, so float32
+        # f0 convolutions summed in another order move the waveform by ~1e-4..1e-3 on their own.
+        # Parity is checked per part: the source, and the waveform given the torch source.
+        errors["speech_free_running"] = errors.pop("speech")
+        given = dict(zip(graph.inputs, inputs, strict=True), cache_source=expected[1])
+        speech = run_graph(_session(path), graph.inputs, tuple(given[n] for n in graph.inputs))[0]
+        errors["speech_given_source"] = float(np.abs(speech - expected[0].numpy()).max())
+    checked = {k: v for k, v in errors.items() if k != "speech_free_running"}
     report = {
-        "max_abs_error": max(errors.values()),
+        "max_abs_error": max(checked.values()),
         "per_output": errors,
         "check_sizes": graph.sizes[1],
         "finite": finite,
@@ -445,6 +465,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     parts = tuple(parts)
     check_options(out_dir, dtype, static_frames, force, parts)
+    _RNG.manual_seed(20251213)  # the same example inputs (and checks) on every export
     if llm_checkpoint != "llm.pt" and "llm" not in parts:
         raise ExportError("--llm selects an LLM checkpoint: export the llm too")
     model_dir, nets = load_networks(model, parts, llm_checkpoint, variant)
@@ -467,11 +488,13 @@ def export_onnx(
             start = time.perf_counter()
             path = staging / f"{graph.name}.onnx"
             _export_graph(graph, path)
-            if dtype == "float16":
+            graph_dtype = dtype if graph.name != "hift" else "float32"
+            if graph_dtype == "float16":
                 _to_float16(path)
-            report = check_graph(graph, path, dtype)
+            report = check_graph(graph, path, graph_dtype)
             entry = {
                 "file": path.name,
+                "dtype": graph_dtype,
                 "doc": graph.doc,
                 **_io_spec(path, graph.input_docs),
                 "check": report,

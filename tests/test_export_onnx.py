@@ -1,0 +1,314 @@
+"""ONNX export (issue 13): every graph run in onnxruntime against the torch networks, the
+onnxruntime backend, the CLI's errors and the float16 report. One export per model version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cosyvoice_lite.cli import main
+from cosyvoice_lite.export.onnx_export import OPSET, export_onnx, load_networks
+from cosyvoice_lite.export.runtime import OrtVocoder, session, use_onnxruntime
+from cosyvoice_lite.export.vocoder import draw_source_noise
+from cosyvoice_lite.networks.flow_matching import time_span
+
+MODELS = Path(__file__).parent / "data" / "models"
+TOL = 1e-4
+STATIC = 48
+VERSIONS = (1, 2, 3)
+_EXPORTS: dict[int, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def export_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+def exported(version: int, root: Path) -> Path:
+    """The export of the tiny model (once per session); v3 goes through the CLI."""
+    if version not in _EXPORTS:
+        out = root / f"v{version}"
+        if version == 3:
+            argv = ["export", "onnx", "--model", str(MODELS / "v3-tiny"), "-o", str(out),
+                    "--static-frames", str(STATIC)]  # fmt: skip
+            assert main(argv) == 0
+        else:
+            export_onnx(MODELS / f"v{version}-tiny", out, static_frames=STATIC)
+        _EXPORTS[version] = out
+    return _EXPORTS[version]
+
+
+def networks(version: int) -> dict:
+    return load_networks(MODELS / f"v{version}-tiny")[1]
+
+
+def run(path: Path, **feeds: torch.Tensor) -> list[np.ndarray]:
+    return session(path, threads=1).run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+def ints(generator: torch.Generator, *shape: int, high: int = 100) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=generator)
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifest_lists_standard_graphs_with_their_parity(version, export_root):
+    out = exported(version, export_root)
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = {"llm_prefill", "llm_decode", "flow_encoder", "flow_estimator",
+                "flow_estimator_static", "hift"}  # fmt: skip
+    if version > 1:
+        expected |= {"flow_encoder_chunk", "flow_estimator_chunk"}
+    assert set(manifest["graphs"]) == expected
+    assert manifest["opset"] == OPSET and manifest["model"]["version"] == version
+    for name, entry in manifest["graphs"].items():
+        model = onnx.load(str(out / entry["file"]))
+        onnx.checker.check_model(model)
+        assert {(o.domain or "ai.onnx", o.version) for o in model.opset_import} == {
+            ("ai.onnx", OPSET)
+        }
+        assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+        assert [i["name"] for i in entry["inputs"]] == [i.name for i in model.graph.input]
+        assert entry["check"]["finite"]
+        assert entry["check"]["max_abs_error"] < TOL, (name, entry["check"])
+    static = {i["name"]: i["shape"] for i in manifest["graphs"]["flow_estimator_static"]["inputs"]}
+    assert static["x"] == [2, 80, STATIC]
+    dynamic = {i["name"]: i["shape"] for i in manifest["graphs"]["flow_estimator"]["inputs"]}
+    assert dynamic["x"] == [2, 80, "frames"]
+
+
+# ------------------------------------------------------------------------------------ LLM
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_llm_prefill_and_decode_match_teacher_forced_logits(version, export_root):
+    out = exported(version, export_root)
+    lm = networks(version)["llm"]
+    g = torch.Generator().manual_seed(version)
+    prefill, decode = session(out / "llm_prefill.onnx", 1), session(out / "llm_decode.onnx", 1)
+    caches = ["keys", "values", "positions"] if version == 1 else ["keys", "values"]
+    for n_prompt_speech, speakers in ((0, 1), (7, 0 if version == 1 else 1)):
+        text = ints(g, 1, 11, high=1000)
+        if version == 3:
+            text[0, 3] = lm.END_OF_PROMPT_ID
+        speech_prompt = ints(g, 1, n_prompt_speech)
+        speech = ints(g, 1, 5)
+        embedding = torch.randn(speakers, 192, generator=g)
+        with torch.inference_mode():
+            if version == 1:
+                want = lm.teacher_forced_logits(
+                    text[:, 4:], text[:, :4], speech_prompt, embedding, speech
+                )
+            else:
+                logits = lm.teacher_forced_logits(
+                    text[0, 4:], text[0, :4], speech_prompt[0], speech[0]
+                )
+                want = logits.log_softmax(-1)[-speech.shape[1] - 1 :]
+        feeds = {"text": text, "prompt_speech_token": speech_prompt}
+        if version == 1:
+            feeds["embedding"] = embedding
+        logp, *cache = prefill.run(None, {k: v.numpy() for k, v in feeds.items()})
+        errors = [np.abs(logp[0] - want[0].numpy()).max()]
+        for step, token in enumerate(speech[0, :-1].tolist(), start=1):
+            past = {f"past_{c}": x for c, x in zip(caches, cache, strict=True)}
+            logp, *cache = decode.run(None, {"token": np.array([[token]]), **past})
+            errors.append(np.abs(logp[0] - want[step].numpy()).max())
+        assert max(errors) < TOL, errors
+        assert cache[0].shape[2] == 1 + speakers * (version == 1) + 11 + 1 + n_prompt_speech + 4
+
+
+# ------------------------------------------------------------------------------------ flow
+
+
+def _flow_inputs(version: int, flow, g: torch.Generator, n_prompt: int, n_tokens: int):
+    frames = int(n_prompt / flow.input_frame_rate * 22050 / 256) if version == 1 else 2 * n_prompt
+    return (ints(g, 1, n_prompt), ints(g, 1, n_tokens), torch.randn(1, frames, 80, generator=g),
+            torch.randn(1, 192, generator=g))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "version, chunk", [(1, False), (2, False), (2, True), (3, False), (3, True)]
+)
+def test_flow_graphs_chained_match_flow_inference(version, chunk, export_root):
+    """flow_encoder -> host Euler loop over flow_estimator (onnxruntime) == flow.inference."""
+    out = exported(version, export_root)
+    nets = networks(version)
+    flow = nets["flow"]
+    ort_flow = use_onnxruntime(networks(version), out, stages=("flow",))["flow"]
+    g = torch.Generator().manual_seed(10 + version)
+    for n_prompt, n_tokens in ((0, 9), (6, 47)):  # v1: > 40 new tokens resample in three parts
+        prompt_token, token, prompt_feat, embedding = _flow_inputs(
+            version, flow, g, n_prompt, n_tokens
+        )
+        lengths = [torch.tensor([t.shape[1]]) for t in (token, prompt_token, prompt_feat)]
+        args = (token, lengths[0], prompt_token, lengths[1], prompt_feat, lengths[2], embedding)
+        seed = 100 + n_tokens
+        with torch.inference_mode():
+            if version == 1:
+                want, _ = flow.inference(*args, None, torch.Generator().manual_seed(seed))
+            else:
+                want, _ = flow.inference(*args, streaming=chunk, finalize=not chunk)
+        encoder = out / ("flow_encoder_chunk.onnx" if chunk else "flow_encoder.onnx")
+        mu, cond, spks = (torch.from_numpy(a) for a in run(
+            encoder, prompt_token=prompt_token, token=token, prompt_feat=prompt_feat,
+            embedding=embedding))  # fmt: skip
+        cfm = ort_flow.decoder
+        if version == 1:
+            noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed))
+        else:
+            noise = cfm.rand_noise[:, :, : mu.shape[2]]
+        with torch.inference_mode():
+            mel = cfm.solve_euler(
+                noise,
+                time_span(cfm.steps, cfm.t_scheduler, mu),
+                mu,
+                torch.ones(1, 1, mu.shape[2]),
+                spks,
+                cond,
+                streaming=chunk,
+            )
+        mel = mel[:, :, prompt_feat.shape[1] :]
+        assert mel.shape == want.shape
+        assert (mel - want).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_static_estimator_has_fixed_shapes(version, export_root):
+    out = exported(version, export_root)
+    estimator = networks(version)["flow"].decoder.estimator
+    g = torch.Generator().manual_seed(5)
+    names = ["x", "mask", "mu", "t", "spks", "cond"]
+
+    def inputs(n: int):
+        return (torch.randn(2, 80, n, generator=g), torch.ones(2, 1, n),
+                torch.randn(2, 80, n, generator=g), torch.rand(2, generator=g),
+                torch.randn(2, 80, generator=g), torch.randn(2, 80, n, generator=g))  # fmt: skip
+
+    feeds = inputs(STATIC)
+    with torch.inference_mode():
+        want = estimator(*feeds)
+    (got,) = run(out / "flow_estimator_static.onnx", **dict(zip(names, feeds, strict=True)))
+    assert np.abs(got - want.numpy()).max() < TOL
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        run(out / "flow_estimator_static.onnx", **dict(zip(names, inputs(STATIC + 2), strict=True)))
+
+
+# ------------------------------------------------------------------------------------ vocoder
+
+
+def test_vocoder_v3_graph_matches_torch_vocoder(export_root):
+    out = exported(3, export_root)
+    hift = networks(3)["hift"]
+    ort_hift = use_onnxruntime(networks(3), out, stages=("hift",))["hift"]
+    assert isinstance(ort_hift, OrtVocoder)
+    mel = torch.randn(1, 80, 23, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, _ = hift.inference(mel)
+        got, _ = ort_hift.inference(mel)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("version", (1, 2))
+def test_vocoder_v1_v2_parity_by_part(version, export_root):
+    """The v1/v2 source integrates phase over thousands of samples (v2 at frame rate, times
+    2 pi x 480 before the sine), so a one-ulp difference in f0 (float32 convolutions summed in
+    another order) moves samples by 1e-4 (v1) to 1e-3 (v2) on the random tiny weights. Each part
+    is exact on its own: the source (same noise draws as torch), and the waveform given the
+    source; and the backend object reproduces the torch call's draws."""
+    out = exported(version, export_root)
+    hift = networks(version)["hift"]
+    ort_hift = use_onnxruntime(networks(version), out, stages=("hift",))["hift"]
+    mel = torch.randn(1, 80, 23, generator=torch.Generator().manual_seed(1))
+    cache = 0.1 * torch.randn(1, 1, 700, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want, source = hift.inference(mel, cache, torch.Generator().manual_seed(3))
+        got, got_source = ort_hift.inference(mel, cache, torch.Generator().manual_seed(3))
+    assert (got_source - source).abs().max().item() < TOL
+    assert (got - want).abs().max().item() < 1e-2  # free running: see above
+    phase, noise = draw_source_noise(hift, 23, torch.Generator().manual_seed(3))
+    speech, _ = run(out / "hift.onnx", mel=mel, phase=phase, noise=noise, cache_source=source)
+    assert np.abs(speech - want.numpy()).max() < TOL
+
+
+# ------------------------------------------------------------------------------------ backend
+
+
+def test_onnxruntime_backend_runs_the_engine_loop(export_root):
+    """v3 end to end: the same engine and pipeline, estimator and vocoder through onnxruntime."""
+    from cosyvoice_lite import Engine, Mode, SynthesisRequest
+
+    out = exported(3, export_root)
+    engine = Engine.load(MODELS / "v3-tiny")
+    request = SynthesisRequest(Mode.ZERO_SHOT, "hello there", prompt_audio=_prompt_wav(),
+                               prompt_text="a prompt", seed=7)  # fmt: skip
+    want = np.concatenate([c.samples for c in engine.synthesize(request)])
+    use_onnxruntime(engine.pipeline, out)
+    assert isinstance(engine.pipeline.hift, OrtVocoder)
+    got = np.concatenate([c.samples for c in engine.synthesize(request)])
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-3
+
+
+def _prompt_wav() -> Path:
+    return next((Path(__file__).parent / "data" / "audio").glob("*.wav"))
+
+
+def test_int8_backend_quantises_once_and_stays_close(export_root):
+    out = exported(1, export_root)
+    flow = networks(1)["flow"]
+    ort_flow = use_onnxruntime(networks(1), out, stages=("flow",), int8=True)["flow"]
+    assert (out / "int8" / "flow_estimator.onnx").is_file()
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(2, 80, 40, generator=g), torch.ones(2, 1, 40), torch.randn(2, 80, 40, generator=g),
+            torch.rand(2, generator=g), torch.randn(2, 80, generator=g), torch.randn(2, 80, 40, generator=g))  # fmt: skip
+    with torch.inference_mode():
+        want = flow.decoder.estimator(*args)
+        got = ort_flow.decoder.estimator(*args)
+    relative = ((got - want).norm() / want.norm()).item()
+    assert relative < 0.1
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_export_errors_come_before_any_work(tmp_path, capsys):
+    model = str(MODELS / "v1-tiny")
+    assert main(["export", "onnx", "--model", str(tmp_path), "-o", str(tmp_path / "a")]) == 2
+    assert "not a CosyVoice model directory" in capsys.readouterr().err
+    assert (
+        main(["export", "onnx", "--model", model, "-o", str(tmp_path / "b"), "--dtype", "bfloat16"])
+        == 2
+    )
+    assert "--dtype" in capsys.readouterr().err
+    assert (
+        main(
+            ["export", "onnx", "--model", model, "-o", str(tmp_path / "c"), "--static-frames", "0"]
+        )
+        == 2
+    )
+    assert "--static-frames" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert main(["export", "onnx", "--model", model, "-o", str(existing)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (existing / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_float16_export_reports_error_and_overflow(tmp_path):
+    manifest = json.loads(export_onnx(MODELS / "v3-tiny", tmp_path / "fp16", dtype="float16",
+                                      parts=("flow",)).read_text())  # fmt: skip
+    for name, entry in manifest["graphs"].items():
+        assert entry["dtype"] == "float16"
+        check = entry["check"]
+        assert check["finite"] and 0 < check["max_abs_error"] < 0.2, (name, check)
+        assert check["fp32_peak_activation"]["overflows_float16"] is False
