@@ -1,0 +1,108 @@
+"""The OpenAPI document as the server really behaves: every error status an operation can answer
+(with the JSON error body, not FastAPI's validation schema) and the configured text limits.
+
+    install_openapi(app, settings)   # once, after the routes are added
+
+Statuses come from three places: the middleware (401 key, 408/413 body, 503 connection cap or
+model loading, 500 for a bug), the request (400/404/415/422 bad input) and the work (409 names,
+429 queue, 504 timeout, 507 storage). Routes may document more themselves; nothing is removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from .errors import ERROR_SCHEMA
+from .settings import Settings
+from .voices import MAX_NAME_BYTES, MAX_NAME_CHARS
+
+DESCRIPTIONS = {
+    400: "invalid request (message and param say what)",
+    401: "missing or wrong API key",
+    404: "unknown voice, model or path",
+    408: "the request body stopped arriving",
+    409: "the name is taken",
+    413: "request body too large",
+    415: "unsupported media type or audio format",
+    422: "the body does not match the schema",
+    429: "queue full (see Retry-After)",
+    500: "server fault (e.g. damaged stored data); the message names no paths",
+    503: "model loading, voice storage unavailable, or too many connections",
+    504: "the request took longer than the server's timeout",
+    507: "the voice storage is full",
+}
+EVERY = (401, 413, 500, 503)
+WITH_INPUT = (400, 404, 408, 415, 422)  # operations with a body or parameters
+BY_METHOD = {"post": (409, 429, 504, 507), "delete": (404, 507)}
+TEXT_FIELDS = {  # property name -> Settings attribute with its limit
+    "text": "max_text_chars",
+    "input": "max_text_chars",
+    "instruct": "max_instruct_chars",
+    "instructions": "max_instruct_chars",
+    "prompt_text": "max_prompt_text_chars",
+    "ref_text": "max_prompt_text_chars",
+    "transcript": "max_prompt_text_chars",
+}
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def _error_response(status: int) -> dict:
+    return {
+        "description": DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": ERROR_REF}},
+    }
+
+
+def _limit_properties(schema: dict, settings: Settings) -> None:
+    for name, prop in schema.get("properties", {}).items():
+        limit = TEXT_FIELDS.get(name)
+        if limit is not None:
+            for option in prop.get("anyOf", [prop]):
+                if option.get("type") == "string":
+                    option["maxLength"] = getattr(settings, limit)
+        elif name == "name" and prop.get("type") == "string":
+            prop["maxLength"] = MAX_NAME_CHARS
+            prop.setdefault(
+                "description",
+                f"Voice name: 1-{MAX_NAME_CHARS} letters, digits, spaces, '.', '-' or '_' "
+                f"(at most {MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or digit; "
+                "normalised to Unicode NFKC and unique without regard to case.",
+            )
+
+
+def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Complete ``schema`` in place (see module doc) and return it."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Error"] = ERROR_SCHEMA
+    for body in components.values():
+        _limit_properties(body, settings)
+    for operations in schema.get("paths", {}).values():
+        for method, operation in operations.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            statuses = set(EVERY) | set(BY_METHOD.get(method, ()))
+            if operation.get("requestBody") or operation.get("parameters"):
+                statuses |= set(WITH_INPUT)
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                entry = responses.get(str(status))
+                if entry is None or status == 422:  # FastAPI's 422 body is not ours
+                    responses[str(status)] = _error_response(status)
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                if "properties" in content.get("schema", {}):
+                    _limit_properties(content["schema"], settings)
+    return schema
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Make ``app.openapi()`` return the completed document (built once, then cached)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(build(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi
