@@ -322,7 +322,7 @@ def plan_prompted(
                 400, "text is empty: give the text to speak", code="empty_text", param="text"
             )
         if instruct:
-            if engine.version == 1:
+            if engine.spec.instruct_with_preset:
                 raise UnsupportedModeError(
                     "CosyVoice v1 follows instructions only with its preset voices (the -Instruct "
                     "model); a prompt recording takes instructions with CosyVoice2/3"
