@@ -101,6 +101,42 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "(repeatable; default: OpenAI's names map to presets where the model has them)",
     )
     ops.add_argument("--log-format", choices=["json", "text"], default="json")
+    ops.add_argument(
+        "--docs-public",
+        action="store_true",
+        help="serve /docs, /redoc and /openapi.json without the API key",
+    )
+    conn = serve.add_argument_group("connections (see docs/OPERATIONS.md)")
+    conn.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections at most; more get 503 at once (default 512)",
+    )
+    conn.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to send the request line and headers (default 10)",
+    )
+    conn.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without body bytes while a body is read (default 30)",
+    )
+    conn.add_argument(
+        "--keep-alive",
+        type=float,
+        default=5.0,
+        help="idle seconds between requests on one connection (default 5)",
+    )
+    conn.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a graceful stop waits for requests and uploads (default 10)",
+    )
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -130,6 +166,12 @@ def settings_from_args(args: argparse.Namespace):
         outputs_dir=args.outputs_dir,
         s3=s3,
         voice_aliases=aliases,
+        docs_public=args.docs_public,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive,
+        shutdown_timeout=args.shutdown_timeout,
         **extra,
     )
 
@@ -140,6 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from .app import create_app
     from .logs import configure
+    from .server import uvicorn_config
 
     configure(logging.INFO, json_lines=args.log_format == "json")
     try:
@@ -166,5 +209,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("cosyvoice_lite.serving").info(
         "serving on http://%s:%d (model loading in the background)", args.host, args.port
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    uvicorn.Server(uvicorn_config(app, settings, args.host, args.port)).run()
     return 0

@@ -1,0 +1,136 @@
+"""uvicorn as `serve` runs it: connection limits and timeouts from Settings, and a log that stays
+readable when the process runs out of file descriptors.
+
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=8080)
+    uvicorn.Server(config).run()
+
+* header timeout: a connection that has not sent a complete request line and headers within
+  ``header_timeout`` seconds (after connecting, or after its previous response) is closed;
+  uvicorn alone waits forever for a half-sent request (slowloris).
+* ``max_connections``: uvicorn's ``limit_concurrency``: beyond it, requests get 503 at once.
+* keep-alive and graceful-shutdown bounds (``keep_alive_timeout``, ``shutdown_timeout``).
+* descriptor exhaustion (EMFILE/ENFILE) is logged once per interval, with a count, instead of
+  once per failed accept.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .settings import Settings
+
+RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+RESOURCE_WORDS = ("too many open files", "out of system resource", "emfile", "enfile")
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for the request line and headers."""
+
+    header_timeout = 10.0  # set per server by protocol_class()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._header_timer = None
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expired(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()  # nothing (or half a request) in time: free the descriptor
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # the headers are in
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this connection gets the same deadline
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def protocol_class(header_timeout: float) -> type[HeaderTimeoutProtocol]:
+    return type(
+        "HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": header_timeout}
+    )
+
+
+class ResourceErrorThrottle(logging.Filter):
+    """Lets one descriptor-exhaustion record through per ``interval`` seconds; the next one that
+    passes says how many were dropped. Other records pass untouched."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    @staticmethod
+    def is_resource_error(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+            return True
+        text = record.getMessage().lower()
+        return any(word in text for word in RESOURCE_WORDS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.is_resource_error(record):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return False
+        self.last = now
+        if self.suppressed:
+            record.msg = f"{record.msg} ({self.suppressed} similar messages suppressed)"
+            self.suppressed = 0
+        record.exc_info = None  # the traceback says nothing more; keep the line short
+        record.exc_text = None
+        return True
+
+
+def install_log_throttle(interval: float = 10.0) -> ResourceErrorThrottle:
+    """Throttle descriptor-exhaustion records of asyncio (failed accepts) and uvicorn."""
+    throttle = ResourceErrorThrottle(interval)
+    for name in ("asyncio", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, ResourceErrorThrottle)]:
+            logger.removeFilter(old)
+        logger.addFilter(throttle)
+    return throttle
+
+
+def uvicorn_config(app, settings: Settings, host: str, port: int, **extra) -> uvicorn.Config:
+    """The uvicorn configuration for ``settings`` (see module doc)."""
+    install_log_throttle()
+    options = {
+        "host": host,
+        "port": port,
+        "http": protocol_class(settings.header_timeout),
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "log_config": None,
+        "access_log": False,
+        **extra,
+    }
+    return uvicorn.Config(app, **options)
