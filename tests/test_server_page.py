@@ -5,6 +5,7 @@ creates voices from a file and from the microphone, and shows the API's errors."
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,14 @@ from cosyvoice_lite.serving import Settings, create_app
 CHROMIUM = os.environ.get("COSYVOICE_LITE_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = os.environ.get("COSYVOICE_LITE_SCREENSHOT", "/tmp/cosyvoice-lite-page.png")
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed"
+)
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium)",
-                allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install chromium)",
+        allow_module_level=True,
+    )
 
 TEXT = "你好。"
 
@@ -42,9 +47,15 @@ def browser():
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu",
-                  "--autoplay-policy=no-user-gesture-required",
-                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+            ],
+        )
         yield browser
         browser.close()
 
@@ -64,6 +75,19 @@ def page(browser, server):
     context.close()
 
 
+def wait_js(page, expression: str, timeout: float = 30.0):
+    """Poll a JavaScript expression until it is truthy. (page.wait_for_function compiles its
+    predicate with eval inside the page, which the page's Content-Security-Policy forbids.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.05)
+
+
 def set_streaming(page, on: bool) -> None:
     if page.is_checked("#stream") != on:
         page.click("label.toggle")
@@ -74,15 +98,18 @@ def speak(page, text: str = TEXT) -> None:
     count = page.locator(".result").count()
     page.fill("#text", text)
     page.click("#speak")
-    page.wait_for_function(f"document.querySelectorAll('.result').length > {count}", timeout=60000)
+    wait_js(page, f"document.querySelectorAll('.result').length > {count}", timeout=60)
     assert page.is_hidden("#error"), page.inner_text("#error")
 
 
 def audio_duration(page, selector: str = ".result audio") -> float:
-    return page.eval_on_selector(selector, """a => new Promise(resolve => {
+    return page.eval_on_selector(
+        selector,
+        """a => new Promise(resolve => {
         if (a.readyState >= 1) resolve(a.duration);
         else a.addEventListener('loadedmetadata', () => resolve(a.duration));
-    })""")
+    })""",
+    )
 
 
 def test_page_loads(page, engine):
@@ -108,7 +135,7 @@ def test_speak_play_and_download(page):
     assert audio_duration(page) > 0
     # it plays in the page
     page.eval_on_selector(".result audio", "a => { a.currentTime = 0; return a.play(); }")
-    page.wait_for_function("document.querySelector('.result audio').currentTime > 0", timeout=10000)
+    wait_js(page, "document.querySelector('.result audio').currentTime > 0", timeout=10)
     with page.expect_download() as download:
         page.click(".result .dl")
     audio, rate = decode(Path(download.value.path()).read_bytes())
@@ -137,7 +164,9 @@ def test_streamed_playback_starts_while_audio_arrives(page):
     speak(page, "你好。今天天气很好。")
     pushes = page.evaluate("window.pushes")
     assert len(pushes) >= 2, pushes  # played piece by piece, as the pieces arrived
-    assert pushes[-1]["at"] - pushes[0]["at"] > 50  # ms: the first piece played before the last came
+    assert (
+        pushes[-1]["at"] - pushes[0]["at"] > 50
+    )  # ms: the first piece played before the last came
     assert pushes[-1]["scheduled"] == len(pushes) and sum(p["bytes"] for p in pushes) > 0
     assert pushes[0]["state"] == "running"
     assert "first audio" in page.inner_text(".result .meta")
@@ -145,8 +174,10 @@ def test_streamed_playback_starts_while_audio_arrives(page):
 
 
 def test_create_voice_from_file_and_use_it(page, server):
-    page.set_input_files("#voice-file", files=[{"name": "me.wav", "mimeType": "audio/wav",
-                                                "buffer": prompt_wav(2.0)}])
+    page.set_input_files(
+        "#voice-file",
+        files=[{"name": "me.wav", "mimeType": "audio/wav", "buffer": prompt_wav(2.0)}],
+    )
     assert "me.wav" in page.inner_text("#voice-source")
     page.fill("#voice-name", "page-voice")
     page.fill("#voice-text", "希望你以后能够做的比我还好呦。")
@@ -159,14 +190,13 @@ def test_create_voice_from_file_and_use_it(page, server):
     set_streaming(page, True)
     speak(page, "Hello! This is cosyvoice-lite speaking.")
     page.fill("#text", "欢迎使用 cosyvoice-lite：在你自己的电脑上把文字变成语音。")
-    page.wait_for_function("[...document.querySelectorAll('.result audio')].every(a => a.duration > 0)")
+    wait_js(page, "[...document.querySelectorAll('.result audio')].every(a => a.duration > 0)")
     page.screenshot(path=SCREENSHOT, full_page=True)
 
 
 def test_record_a_voice_with_the_microphone(page):
     page.click("#record")
-    page.wait_for_function("parseFloat(document.getElementById('record-time').textContent) >= 1.2",
-                           timeout=10000)
+    wait_js(page, "parseFloat(document.getElementById('record-time').textContent) >= 1.2", 10)
     page.click("#record")
     assert "recording" in page.inner_text("#voice-source")
     page.fill("#voice-name", "mic-voice")
@@ -176,8 +206,10 @@ def test_record_a_voice_with_the_microphone(page):
 
 def test_errors_are_shown(page, server):
     # an upload that is not audio: 415
-    page.set_input_files("#voice-file", files=[{"name": "notes.wav", "mimeType": "audio/wav",
-                                                "buffer": b"not audio at all"}])
+    page.set_input_files(
+        "#voice-file",
+        files=[{"name": "notes.wav", "mimeType": "audio/wav", "buffer": b"not audio at all"}],
+    )
     page.fill("#voice-name", "broken")
     page.click("#voice-save")
     page.wait_for_selector("#error:not([hidden])")
@@ -187,10 +219,14 @@ def test_errors_are_shown(page, server):
 
     # a name that is taken: 409
     with server.client() as client:
-        client.post("/voices", data={"name": "taken", "prompt_text": "你好。"},
-                    files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
-    page.set_input_files("#voice-file", files=[{"name": "p.wav", "mimeType": "audio/wav",
-                                                "buffer": prompt_wav(1.5)}])
+        client.post(
+            "/voices",
+            data={"name": "taken", "prompt_text": "你好。"},
+            files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+        )
+    page.set_input_files(
+        "#voice-file", files=[{"name": "p.wav", "mimeType": "audio/wav", "buffer": prompt_wav(1.5)}]
+    )
     page.fill("#voice-name", "taken")
     page.click("#voice-save")
     page.wait_for_selector("#error:not([hidden])")
@@ -223,4 +259,177 @@ def test_instruction_field_with_an_instruct_model(browser, v1_variants, tmp_path
         page.fill("#instruct", "用开心的语气说")
         speak(page)
         assert "用开心的语气说" in page.inner_text(".result .meta")
+        context.close()
+
+
+# ---------------------------------------------------------------------------------- issue 10
+
+
+def mode_buttons(page) -> list[str]:
+    return page.eval_on_selector_all(
+        ".mode-btn", "bs => bs.filter(b => !b.hidden).map(b => b.dataset.mode)"
+    )
+
+
+def choose_file(page, selector: str, seconds: float = 2.0, name: str = "me.wav") -> None:
+    page.set_input_files(
+        selector, files=[{"name": name, "mimeType": "audio/wav", "buffer": prompt_wav(seconds)}]
+    )
+
+
+def test_modes_shown_follow_the_model(page):
+    assert mode_buttons(page) == ["voice", "clone", "cross", "vc"]  # -SFT: no instructions
+    assert page.get_attribute(".mode-btn.active", "data-mode") == "voice"
+    assert "0.5–30 s" in page.inner_text("#voice-hint")  # the server's own limits
+    page.click(".mode-btn[data-mode='clone']")
+    assert page.is_visible("#prompt-panel") and page.is_visible("#prompt-text-field")
+    assert page.is_hidden("#voice-field")
+    assert "0.5–30 s" in page.inner_text("#prompt-hint")
+    page.click(".mode-btn[data-mode='cross']")
+    assert page.is_visible("#prompt-panel") and page.is_hidden("#prompt-text-field")
+    page.click(".mode-btn[data-mode='vc']")
+    assert page.is_hidden("#text-box") and page.is_visible("#source-panel")
+    page.reload()  # the chosen mode is remembered
+    page.wait_for_selector("body[data-ready='ready']")
+    assert page.get_attribute(".mode-btn.active", "data-mode") == "vc"
+
+
+def test_one_off_clone_from_a_file_with_waveform(page):
+    page.click(".mode-btn[data-mode='clone']")
+    choose_file(page, "#prompt-file")
+    set_streaming(page, False)
+    page.fill("#text", TEXT)
+    page.click("#speak")  # no transcript yet: told what is missing, nothing sent
+    page.wait_for_selector("#error:not([hidden])")
+    assert "transcript" in page.inner_text("#error-message")
+    page.click("#error-close")
+    page.fill("#prompt-text", "希望你以后能够做的比我还好呦。")
+    speak(page)
+    assert "cloned" in page.inner_text(".result .meta") and "me.wav" in page.inner_text(
+        ".result .meta"
+    )
+    assert audio_duration(page) > 0
+    drawn = wait_js(page, "document.querySelector('.result canvas.wave').dataset.drawn")
+    assert drawn != "error" and float(drawn) > 0
+    # the waveform has ink on it
+    assert (
+        page.evaluate("""() => { const c = document.querySelector('.result canvas.wave');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; }""")
+        > 100
+    )
+
+
+def test_cross_lingual_from_the_microphone(page):
+    page.click(".mode-btn[data-mode='cross']")
+    page.click("#prompt-record")
+    wait_js(
+        page, "parseFloat(document.getElementById('prompt-record-time').textContent) >= 1.2", 10
+    )
+    page.click("#prompt-record")
+    assert "recording" in page.inner_text("#prompt-source")
+    set_streaming(page, True)
+    speak(page, "Hello there.")
+    assert "cross-lingual" in page.inner_text(".result .meta")
+
+
+def test_voice_conversion_on_the_page(page):
+    page.click(".mode-btn[data-mode='vc']")
+    assert page.is_disabled("#speak") is False
+    page.click("#speak")  # nothing chosen: a clear message
+    page.wait_for_selector("#error:not([hidden])")
+    assert "speech to convert" in page.inner_text("#error-message")
+    page.click("#error-close")
+    choose_file(page, "#source-file", 1.5, "speech.wav")
+    choose_file(page, "#prompt-file", 2.0, "target.wav")
+    set_streaming(page, False)
+    count = page.locator(".result").count()
+    page.click("#speak")
+    wait_js(page, f"document.querySelectorAll('.result').length > {count}", timeout=60)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert "voice conversion of speech.wav" in page.inner_text(".result .said")
+    assert audio_duration(page) > 0
+
+
+def test_markup_help_inserts_tags(page):
+    page.click("#markup-help summary")
+    buttons = page.eval_on_selector_all(
+        "#markup-body .insert", "bs => bs.map(b => b.dataset.insert)"
+    )
+    assert "[breath]" in buttons and "[laughter]" in buttons and "<strong>…</strong>" in buttons
+    assert "<|en|>" in buttons  # v1 language tags
+    assert "[M][AY0]" not in buttons  # phones are CosyVoice3's
+    page.fill("#text", "你好")
+    page.click("#markup-body .insert[data-insert='[breath]']")
+    assert page.input_value("#text") == "你好[breath]"
+    page.evaluate("() => { const t = document.getElementById('text'); t.setSelectionRange(0, 2); }")
+    page.click("#markup-body .insert[data-insert='<strong>…</strong>']")
+    assert page.input_value("#text") == "<strong>你好</strong>[breath]"
+    speak(page, page.input_value("#text"))  # the server accepts what the buttons insert
+
+
+def test_results_survive_a_reload_and_clear_all(page):
+    set_streaming(page, False)
+    speak(page)
+    speak(page, "谢谢。")
+    page.reload()
+    page.wait_for_selector("body[data-ready='ready']")
+    assert page.locator(".result").count() == 2
+    assert page.inner_text(".result .said") == "谢谢。"  # newest first
+    assert audio_duration(page) > 0  # the audio itself was kept (IndexedDB)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#results-clear")
+    wait_js(page, "document.querySelectorAll('.result').length === 0")
+    page.reload()
+    page.wait_for_selector("body[data-ready='ready']")
+    assert page.locator(".result").count() == 0 and page.is_visible("#results-empty")
+
+
+def test_cosyvoice3_instructions_presets_and_phones(browser, tmp_path):
+    from cosyvoice_lite.engine import Engine
+
+    engine = Engine.load(Path(__file__).resolve().parent / "data" / "models" / "v3-tiny")
+    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path))) as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        assert mode_buttons(page) == ["voice", "clone", "cross", "instruct", "vc"]
+        assert page.get_attribute(".mode-btn.active", "data-mode") == "clone"  # no presets
+        page.click("#markup-help summary")
+        inserts = page.eval_on_selector_all(
+            "#markup-body .insert", "bs => bs.map(b => b.dataset.insert)"
+        )
+        assert "[h][ào]" in inserts and "[M][AY0]" in inserts and "[breath]" in inserts
+        assert "[a]" not in inserts  # pinyin finals are not sound tags
+        page.click(".mode-btn[data-mode='instruct']")
+        chips = page.eval_on_selector_all(
+            "#instruct-presets .chip-btn", "bs => bs.map(b => b.dataset.instruction)"
+        )
+        assert "请用四川话表达。" in chips and "请用开心的语气说。" in chips
+        page.click("#instruct-presets .chip-btn[data-instruction='请用四川话表达。']")
+        assert page.input_value("#instruct") == "请用四川话表达。"
+        page.fill(
+            "#instruct", "请用四川话表达，慢一点。"
+        )  # editable, and kept as the user's preset
+        page.click("#instruct-presets button:has-text('+ save current')")
+        assert (
+            page.locator(
+                "#instruct-presets .chip-btn[data-instruction='请用四川话表达，慢一点。']"
+            ).count()
+            == 1
+        )
+        choose_file(page, "#prompt-file")
+        set_streaming(page, False)
+        page.fill("#text", "今天天气真好。")
+        page.click("#speak")
+        wait_js(page, "document.querySelectorAll('.result').length > 0", timeout=60)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert "请用四川话表达，慢一点。" in page.inner_text(".result .meta")
+        wait_js(page, "document.querySelector('.result canvas.wave').dataset.drawn")
+        page.click(".mode-btn[data-mode='clone']")
+        page.screenshot(path=SCREENSHOT.replace(".png", "-v3.png"), full_page=True)
+        assert not errors, errors
         context.close()

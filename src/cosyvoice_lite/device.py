@@ -94,7 +94,8 @@ def resolve_placement(
         if count == 0 or index >= count:
             raise DeviceError(
                 f"device '{device}' is not available on this machine; "
-                f"available here: {', '.join(available_devices())}"
+                f"available here: {', '.join(available_devices())} (no torch build for it? "
+                "`cosyvoice-lite export onnx` makes graphs for its own runtime: docs/EXPORT.md)"
             )
         if dev.index is None and dev.type != "mps":
             dev = torch.device(dev.type, 0)

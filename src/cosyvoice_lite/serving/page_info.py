@@ -8,32 +8,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..engine import Engine
 
-PINYIN_INITIALS = frozenset(
-    [
-        "b",
-        "p",
-        "m",
-        "f",
-        "d",
-        "t",
-        "n",
-        "l",
-        "g",
-        "k",
-        "h",
-        "j",
-        "q",
-        "x",
-        "zh",
-        "ch",
-        "sh",
-        "r",
-        "z",
-        "c",
-        "s",
-        "y",
-        "w",
-    ]
+# The non-speech sound tags of the CosyVoice tokenizers (v1-Instruct knows the first two).
+SOUNDS = (
+    "[breath]",
+    "[laughter]",
+    "[quick_breath]",
+    "[sigh]",
+    "[cough]",
+    "[noise]",
+    "[hissing]",
+    "[clucking]",
+    "[lipsmack]",
+    "[accent]",
+    "[vocalized-noise]",
+    "[mn]",
 )
 PAIRS = ("strong", "laughter")
 V1_LANGUAGES = ("<|zh|>", "<|en|>", "<|jp|>", "<|yue|>", "<|ko|>")
@@ -98,13 +86,8 @@ def markup_help(engine: Engine) -> dict:
     """The tags the model knows, grouped for the page's help."""
     known = engine.known_markup
     brackets = [t for t in known if t.startswith("[") and t.endswith("]")]
-    sounds = sorted(
-        t
-        for t in brackets
-        if t[1:-1].isascii() and t[1:-1].islower() and t[1:-1] not in PINYIN_INITIALS
-    )
     return {
-        "sounds": sounds,
+        "sounds": [t for t in SOUNDS if t in known],
         "pairs": [p for p in PAIRS if f"<{p}>" in known and f"</{p}>" in known],
         "pinyin": any(not t[1:-1].isascii() for t in brackets),
         "cmu": any(t[1:-1].isupper() for t in brackets),

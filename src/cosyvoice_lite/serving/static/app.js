@@ -6,9 +6,21 @@ const state = {
   info: null,
   apiKey: localStorage.getItem("cosyvoice-lite-key") || "",
   busy: null,          // {controller, player} while a synthesis runs
-  recording: null,     // {context, stream, node, chunks, rate, started}
-  promptBlob: null,    // the recording or file that will become a voice
-  promptName: "",
+  mode: localStorage.getItem("cosyvoice-lite-mode") || "",
+  speakers: [],        // from GET /speakers
+};
+
+// Page modes -> the engine mode each needs (a mode the model lacks is not offered).
+const MODES = {
+  voice: { needs: null, help: "Speak with a preset voice of the model or a voice you saved." },
+  clone: { needs: "zero_shot", help: "Clone a recording without saving it: the recording plus " +
+           "exactly what it says. The same recording again costs nothing (the server caches it)." },
+  cross: { needs: "cross_lingual", help: "Clone a recording's voice to speak another language: " +
+           "no transcript needed." },
+  instruct: { needs: "instruct", help: "Tell the model how to speak: a dialect, an emotion, a " +
+              "speaking style. Pick a preset or write your own." },
+  vc: { needs: "vc", help: "Re-speak a recording in another voice: its words and timing stay, " +
+        "the voice changes." },
 };
 
 // ------------------------------------------------------------------ API helpers
@@ -67,7 +79,11 @@ function showError(err) {
 
 function clearError() { $("error").hidden = true; }
 
+const missing = (message) => new ApiError(400, "missing_field", message);
+
 // ------------------------------------------------------------------ model status & voices
+
+function model() { return state.info && state.info.model; }
 
 async function loadInfo() {
   const info = await (await api("/info")).json();
@@ -76,14 +92,22 @@ async function loadInfo() {
   pill.textContent = info.status;
   pill.className = `pill pill-${info.status}`;
   if (info.auth_required && !state.apiKey) $("auth").hidden = false;
-  const limit = info.limits.max_text_chars;
-  $("limits").textContent = `up to ${limit} characters per request · prompts up to ` +
-    `${info.limits.max_prompt_seconds} s and ${(info.limits.max_upload_bytes / 1048576).toFixed(0)} MB`;
+  const l = info.limits;
+  const mb = (l.max_upload_bytes / 1048576).toFixed(0);
+  $("limits").textContent = `up to ${l.max_text_chars} characters per request (longer text is ` +
+    `spoken sentence by sentence) · prompts ${l.min_prompt_seconds}–${l.max_prompt_seconds} s, ` +
+    `up to ${mb} MB`;
+  const range = `${l.min_prompt_seconds}–${l.max_prompt_seconds} s; 3–10 s of clear speech work best`;
+  $("voice-hint").textContent = range;
+  $("prompt-hint").textContent = `Recordings of ${range}. wav, flac, mp3 or ogg at 16 kHz or ` +
+    `more, up to ${mb} MB.`;
   if (info.model) {
     const m = info.model;
     $("model-name").textContent = `${m.name} · CosyVoice v${m.version} ${m.variant} · ${(m.sample_rate / 1000).toFixed(2)} kHz`;
-    $("instruct-field").hidden = !m.instruct;
     $("instruct-hint").textContent = m.instruct_needs_preset ? "(with preset voices)" : "";
+    renderMarkupHelp(m.markup);
+    renderInstructionPresets();
+    renderModes();
   } else if (info.status === "failed") {
     $("model-name").textContent = "model failed to load";
     showError(new ApiError(503, "model_failed", info.error || "the model failed to load"));
@@ -106,22 +130,37 @@ async function waitUntilReady() {
 
 async function loadVoices(select) {
   const { speakers } = await (await api("/speakers")).json();
+  state.speakers = speakers;
+  fillVoiceSelect(select);
+  renderVoiceList(speakers.filter((s) => s.kind === "saved"));
+  updateCount();
+}
+
+// The voice picker offers what the mode can use: presets and saved voices to speak with; for
+// instructions on CosyVoice2/3 and for voice conversion, saved voices next to a recording.
+function fillVoiceSelect(select) {
   const voice = $("voice");
   const previous = select || voice.value;
+  const m = model();
+  const mode = state.mode;
+  let kinds = ["saved", "preset"], blank = null;
+  if (mode === "instruct" && m && m.instruct_needs_preset) kinds = ["preset"];
+  else if (mode === "instruct" || mode === "vc") { kinds = ["saved"]; blank = "— the recording above —"; }
   voice.replaceChildren();
+  if (blank) voice.append(new Option(blank, ""));
   const groups = { preset: "Preset voices", saved: "Saved voices" };
-  for (const kind of ["saved", "preset"]) {
-    const items = speakers.filter((s) => s.kind === kind);
+  let count = 0;
+  for (const kind of kinds) {
+    const items = state.speakers.filter((s) => s.kind === kind);
     if (!items.length) continue;
     const group = document.createElement("optgroup");
     group.label = groups[kind];
     for (const s of items) group.append(new Option(s.name, s.name));
     voice.append(group);
+    count += items.length;
   }
-  if (!speakers.length) voice.append(new Option("No voices yet — create one →", ""));
+  if (!count && !blank) voice.append(new Option("No voices yet — create one →", ""));
   if ([...voice.options].some((o) => o.value === previous)) voice.value = previous;
-  renderVoiceList(speakers.filter((s) => s.kind === "saved"));
-  updateCount();
 }
 
 function renderVoiceList(saved) {
@@ -145,7 +184,9 @@ function renderVoiceList(saved) {
     detail.title = v.prompt_text;
     who.append(name, detail);
     const play = button("▶", "btn small", "Play the recording", () => playPrompt(v.name));
-    const use = button("Use", "btn small", "Speak with this voice", () => { $("voice").value = v.name; $("text").focus(); });
+    const use = button("Use", "btn small", "Speak with this voice", () => {
+      setMode("voice"); $("voice").value = v.name; $("text").focus(); updateCount();
+    });
     const del = button("Delete", "btn small danger", "Delete this voice", () => deleteVoice(v.name));
     li.append(who, play, use, del);
     list.append(li);
@@ -175,6 +216,158 @@ async function deleteVoice(name) {
   } catch (err) { showError(err); }
 }
 
+// ------------------------------------------------------------------ modes
+
+function supportedModes() {
+  const m = model();
+  if (!m) return ["voice"];
+  return Object.keys(MODES).filter((k) => !MODES[k].needs || m.modes.includes(MODES[k].needs));
+}
+
+function renderModes() {
+  const available = supportedModes();
+  for (const b of document.querySelectorAll(".mode-btn")) b.hidden = !available.includes(b.dataset.mode);
+  const hasVoices = model() && (model().presets.length > 0);
+  const fallback = hasVoices || !available.includes("clone") ? "voice" : "clone";
+  setMode(available.includes(state.mode) ? state.mode : fallback);
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  localStorage.setItem("cosyvoice-lite-mode", mode);
+  for (const b of document.querySelectorAll(".mode-btn")) {
+    b.classList.toggle("active", b.dataset.mode === mode);
+    b.setAttribute("aria-selected", String(b.dataset.mode === mode));
+  }
+  const m = model() || {};
+  const v1Instruct = mode === "instruct" && m.instruct_needs_preset;
+  $("mode-help").textContent = MODES[mode].help;
+  $("text-box").hidden = mode === "vc";
+  $("markup-help").hidden = mode === "vc";
+  $("source-panel").hidden = mode !== "vc";
+  $("prompt-panel").hidden = !["clone", "cross", "vc"].includes(mode) && !(mode === "instruct" && !v1Instruct);
+  $("prompt-text-field").hidden = mode !== "clone";
+  $("prompt-title").textContent = {
+    clone: "Voice to clone", cross: "Voice to clone (any language)",
+    instruct: "Voice: a recording, or a saved voice below", vc: "Target voice: a recording, or a saved voice below",
+  }[mode] || "";
+  $("voice-field").hidden = mode === "clone" || mode === "cross";
+  $("voice-label").textContent = mode === "instruct" && !v1Instruct || mode === "vc" ? "or a saved voice" : "Voice";
+  $("instruct-field").hidden = !(mode === "instruct" || (mode === "voice" && m.instruct));
+  $("instruct-presets").hidden = mode !== "instruct" || !$("instruct-presets").childElementCount;
+  fillVoiceSelect();
+  updateCount();
+}
+
+// ------------------------------------------------------------------ markup help & instructions
+
+function insertText(text, wrap) {
+  const area = $("text");
+  const start = area.selectionStart, end = area.selectionEnd;
+  const selected = area.value.slice(start, end);
+  const piece = wrap ? `<${wrap}>${selected}</${wrap}>` : text;
+  area.setRangeText(piece, start, end, "end");
+  if (wrap && !selected) area.selectionStart = area.selectionEnd = start + wrap.length + 2;
+  area.focus();
+  updateCount();
+}
+
+function insertButton(label, title, onClick) {
+  const b = button(label, "btn small insert", title, onClick);
+  b.dataset.insert = label;
+  return b;
+}
+
+function renderMarkupHelp(markup) {
+  const body = $("markup-body");
+  body.replaceChildren();
+  const section = (title, text, buttons) => {
+    const div = document.createElement("div");
+    div.className = "markup-row";
+    const head = document.createElement("p");
+    head.innerHTML = `<b></b> <span class="muted"></span>`;
+    head.querySelector("b").textContent = title;
+    head.querySelector("span").textContent = text;
+    const chips = document.createElement("div");
+    chips.className = "chips";
+    chips.append(...buttons);
+    div.append(head, chips);
+    body.append(div);
+  };
+  if (!markup) return;
+  if (markup.pinyin) {
+    section("Chinese pronunciation:", "pinyin with tone marks, one bracket for the initial and one for the final, in place of the character: 对报道[j][ǐ]予好评",
+            [insertButton("[h][ào]", "insert pinyin for 好 (hào)", () => insertText("[h][ào]"))]);
+  }
+  if (markup.cmu) {
+    section("English pronunciation:", "CMU phones with stress digits, one bracket per phone, in place of the word: [M][AY0] [N][UW1]",
+            [insertButton("[M][AY0]", "insert CMU phones", () => insertText("[M][AY0]"))]);
+  }
+  if (markup.sounds.length) {
+    section("Sounds:", "put them where they happen",
+            markup.sounds.map((t) => insertButton(t, `insert ${t}`, () => insertText(t))));
+  }
+  if (markup.pairs.length) {
+    section("Emphasis:", "select words, then wrap them",
+            markup.pairs.map((p) => insertButton(`<${p}>…</${p}>`, `wrap the selection in <${p}>`, () => insertText("", p))));
+  }
+  if (markup.languages.length) {
+    section("Language:", "put a language tag before text in another language",
+            markup.languages.map((t) => insertButton(t, `insert ${t}`, () => insertText(t))));
+  }
+  if (!body.childElementCount) body.textContent = "This model knows no inline tags.";
+}
+
+const CUSTOM_KEY = "cosyvoice-lite-instructions";
+const customInstructions = () => JSON.parse(localStorage.getItem(CUSTOM_KEY) || "[]");
+
+function renderInstructionPresets() {
+  const box = $("instruct-presets");
+  box.replaceChildren();
+  const m = model();
+  const groups = (m && m.instruction_presets) || {};
+  const chip = (text, extra) => {
+    const b = button(text, "btn small chip-btn", "use this instruction (you can edit it)", () => {
+      $("instruct").value = text; $("instruct").focus();
+    });
+    b.dataset.instruction = text;
+    if (extra) b.append(extra);
+    return b;
+  };
+  for (const [group, items] of Object.entries(groups)) {
+    const label = document.createElement("span");
+    label.className = "chips-label";
+    label.textContent = group;
+    box.append(label, ...items.map((t) => chip(t)));
+  }
+  if (Object.keys(groups).length) {
+    const mine = customInstructions();
+    const label = document.createElement("span");
+    label.className = "chips-label";
+    label.textContent = "yours";
+    box.append(label);
+    for (const text of mine) {
+      const remove = document.createElement("span");
+      remove.className = "remove";
+      remove.textContent = " ×";
+      remove.title = "remove this preset";
+      remove.addEventListener("click", (e) => {
+        e.stopPropagation();
+        localStorage.setItem(CUSTOM_KEY, JSON.stringify(customInstructions().filter((t) => t !== text)));
+        renderInstructionPresets();
+      });
+      box.append(chip(text, remove));
+    }
+    box.append(button("+ save current", "btn small", "keep the instruction above as a preset", () => {
+      const text = $("instruct").value.trim();
+      if (!text || customInstructions().includes(text)) return;
+      localStorage.setItem(CUSTOM_KEY, JSON.stringify([...customInstructions(), text]));
+      renderInstructionPresets();
+    }));
+  }
+  $("instruct-presets").hidden = state.mode !== "instruct" || !box.childElementCount;
+}
+
 // ------------------------------------------------------------------ text box
 
 function updateCount() {
@@ -185,7 +378,10 @@ function updateCount() {
   count.classList.toggle("over", length > limit);
   count.title = length > limit ? "Too long for one request: split the text or shorten it" : "";
   const ready = state.info && state.info.status === "ready";
-  $("speak").disabled = !ready || !!state.busy || length === 0 || length > limit || !$("voice").value;
+  const needsText = state.mode !== "vc";
+  const needsVoice = state.mode === "voice" || (state.mode === "instruct" && model() && model().instruct_needs_preset);
+  $("speak").disabled = !ready || !!state.busy || (needsText && (length === 0 || length > limit)) ||
+    (needsVoice && !$("voice").value);
 }
 
 // ------------------------------------------------------------------ audio helpers
@@ -242,33 +438,160 @@ class StreamPlayer {
   stop() { for (const s of this.sources) { try { s.stop(); } catch (_) { /* not started */ } } this.context.close(); }
 }
 
+// A waveform of a result: min/max per pixel column of the decoded audio.
+let decoder = null;
+async function drawWave(canvas, blob) {
+  try {
+    decoder = decoder || new OfflineAudioContext(1, 1, 44100);
+    const audio = await decoder.decodeAudioData(await blob.arrayBuffer());
+    const data = audio.getChannelData(0);
+    const width = canvas.width = canvas.clientWidth * devicePixelRatio || 600;
+    const height = canvas.height = canvas.clientHeight * devicePixelRatio || 48;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = getComputedStyle(canvas).color;
+    const step = Math.max(1, Math.floor(data.length / width));
+    let peak = 0;
+    for (let i = 0; i < data.length; i++) peak = Math.max(peak, Math.abs(data[i]));
+    const scale = peak > 0 ? (height / 2 - 1) / peak : 0;
+    for (let x = 0; x < width; x++) {
+      let lo = 0, hi = 0;
+      for (let i = x * step; i < Math.min((x + 1) * step, data.length); i++) {
+        if (data[i] < lo) lo = data[i];
+        if (data[i] > hi) hi = data[i];
+      }
+      ctx.fillRect(x, height / 2 - hi * scale, 1, Math.max(1, (hi - lo) * scale));
+    }
+    canvas.dataset.drawn = String(audio.duration.toFixed(3));
+  } catch (err) {
+    canvas.dataset.drawn = "error";
+  }
+}
+
+// ------------------------------------------------------------------ results, kept in IndexedDB
+
+const store = {
+  db: null,
+  async open() {
+    if (this.db || !window.indexedDB) return this.db;
+    this.db = await new Promise((resolve) => {
+      const request = indexedDB.open("cosyvoice-lite", 1);
+      request.onupgradeneeded = () => request.result.createObjectStore("results", { keyPath: "id" });
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = () => resolve(null);  // private mode etc.: results stay for this visit
+    });
+    return this.db;
+  },
+  async run(mode, action) {
+    const db = await this.open();
+    if (!db) return null;
+    return new Promise((resolve, reject) => {
+      const tx = db.transaction("results", mode);
+      const request = action(tx.objectStore("results"));
+      tx.oncomplete = () => resolve(request && request.result);
+      tx.onerror = () => reject(tx.error);
+    });
+  },
+  put(item) { return this.run("readwrite", (s) => s.put(item)); },
+  all() { return this.run("readonly", (s) => s.getAll()); },
+  clear() { return this.run("readwrite", (s) => s.clear()); },
+};
+
+async function restoreResults() {
+  try {
+    const items = (await store.all()) || [];
+    items.sort((a, b) => a.created - b.created);
+    for (const item of items) renderResult(item, false);
+  } catch (err) { /* storage unavailable: start empty */ }
+}
+
+async function clearResults() {
+  if (!confirm("Remove every result kept in this browser?")) return;
+  await store.clear();
+  $("results").replaceChildren();
+  $("results-empty").hidden = false;
+  $("results-clear").hidden = true;
+}
+
 // ------------------------------------------------------------------ synthesis
 
-function requestBody(stream) {
-  const body = { text: $("text").value, speaker: $("voice").value, speed: Number($("speed").value) };
+function baseFields(stream) {
+  const fields = { speed: Number($("speed").value) };
   const seed = $("seed").value.trim();
-  if (seed !== "") body.seed = Number(seed);
+  if (seed !== "") fields.seed = Number(seed);
+  if (stream) { fields.stream = true; fields.format = "pcm"; } else { fields.format = $("format").value; }
+  return fields;
+}
+
+// What to send for the current mode: JSON to /tts for named voices, multipart to /tts/upload
+// when a recording goes with the request. Returns {path, init, summary}.
+function buildRequest(stream) {
+  const mode = state.mode;
+  const m = model();
+  const text = $("text").value;
   const instruct = $("instruct").value.trim();
-  if (!$("instruct-field").hidden && instruct) body.instruct = instruct;
-  if (stream) { body.stream = true; body.format = "pcm"; } else { body.format = $("format").value; }
-  return body;
+  const voice = $("voice").value;
+  const fields = baseFields(stream);
+  const summary = { text, mode, speed: fields.speed, seed: fields.seed };
+  const json = (body) => ({ path: "/tts", init: { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" } } });
+  const upload = (extra, files) => {
+    const form = new FormData();
+    for (const [k, v] of Object.entries({ ...fields, ...extra })) if (v !== undefined && v !== "") form.append(k, String(v));
+    for (const [k, capture] of Object.entries(files)) form.append(k, capture.blob, capture.filename());
+    return { path: "/tts/upload", init: { method: "POST", body: form } };
+  };
+  let request;
+  if (mode === "voice") {
+    const body = { text, speaker: voice, ...fields };
+    if (!$("instruct-field").hidden && instruct) { body.instruct = instruct; summary.instruct = instruct; }
+    summary.voice = voice;
+    request = json(body);
+  } else if (mode === "clone" || mode === "cross") {
+    if (!prompt.blob) throw missing("choose or record the voice to clone first");
+    const transcript = $("prompt-text").value.trim();
+    if (mode === "clone" && !transcript) throw missing("write the transcript of the recording (or use Cross-lingual, which needs none)");
+    summary.voice = prompt.label;
+    request = upload({ text, prompt_text: mode === "clone" ? transcript : "" }, { prompt_wav: prompt });
+  } else if (mode === "instruct") {
+    if (!instruct) throw missing("write an instruction or pick a preset");
+    summary.instruct = instruct;
+    if (m.instruct_needs_preset || (!prompt.blob && voice)) {
+      summary.voice = voice;
+      request = json({ text, speaker: voice, instruct, ...fields });
+    } else {
+      if (!prompt.blob) throw missing("choose or record a voice, or pick a saved voice");
+      summary.voice = prompt.label;
+      request = upload({ text, instruct }, { prompt_wav: prompt });
+    }
+  } else {  // vc
+    if (!source.blob) throw missing("choose or record the speech to convert");
+    summary.text = `(voice conversion of ${source.label})`;
+    if (prompt.blob) {
+      summary.voice = prompt.label;
+      request = upload({}, { source_wav: source, prompt_wav: prompt });
+    } else if (voice) {
+      summary.voice = voice;
+      request = upload({ speaker: voice }, { source_wav: source });
+    } else {
+      throw missing("choose or record the target voice, or pick a saved voice");
+    }
+  }
+  return { ...request, summary };
 }
 
 async function speak() {
   if ($("speak").disabled) return;
   clearError();
   const stream = $("stream").checked && Number($("speed").value) === 1;
-  const body = requestBody(stream);
+  let request;
+  try { request = buildRequest(stream); } catch (err) { showError(err); return; }
   const controller = new AbortController();
   state.busy = { controller, player: null };
   setBusy(true, "Synthesizing…");
   const started = performance.now();
   try {
-    const response = await api("/tts", {
-      method: "POST", body: JSON.stringify(body), signal: controller.signal,
-      headers: { "Content-Type": "application/json" },
-    });
-    let blob, format = body.format, firstAudio = null, streamedSeconds = null;
+    const response = await api(request.path, { ...request.init, signal: controller.signal });
+    let blob, format = stream ? "wav" : $("format").value, firstAudio = null, duration = null;
     if (stream) {
       const rate = Number(response.headers.get("X-Sample-Rate"));
       const player = new StreamPlayer(rate);
@@ -286,21 +609,37 @@ async function speak() {
       const samples = player.samples();
       if (!samples.length) throw new ApiError(500, "no_audio", "the server sent no audio");
       blob = wavBlob(samples, rate);
-      format = "wav";
-      streamedSeconds = samples.length / rate;
+      duration = samples.length / rate;
     } else {
       blob = await response.blob();
+      duration = Number(response.headers.get("X-Audio-Duration")) || null;
     }
     const seconds = (performance.now() - started) / 1000;
-    addResult({ body, blob, format, seconds, firstAudio, autoplay: !stream,
-                duration: streamedSeconds || Number(response.headers.get("X-Audio-Duration")) || null,
-                id: response.headers.get("X-Request-Id") || String(Date.now()) });
+    const item = { id: response.headers.get("X-Request-Id") || String(Date.now()), created: Date.now(),
+                   text: request.summary.text, meta: describe(request.summary, { seconds, firstAudio, duration }),
+                   format, blob };
+    renderResult(item, !stream);
+    store.put(item).catch(() => { /* quota or private mode: kept for this visit only */ });
   } catch (err) {
     showError(err);
   } finally {
     state.busy = null;
     setBusy(false);
   }
+}
+
+function describe(summary, { seconds, firstAudio, duration }) {
+  const time = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  const parts = [time];
+  if (summary.voice) parts.push(summary.voice);
+  if (summary.mode !== "voice") parts.push({ clone: "cloned", cross: "cross-lingual", instruct: "instruction", vc: "voice conversion" }[summary.mode]);
+  if (duration) parts.push(`${duration.toFixed(2)} s of audio`);
+  parts.push(`made in ${seconds.toFixed(2)} s`);
+  if (firstAudio !== null && firstAudio !== undefined) parts.push(`first audio after ${firstAudio.toFixed(2)} s`);
+  if (summary.speed !== 1) parts.push(`speed ${summary.speed}×`);
+  if (summary.seed !== undefined) parts.push(`seed ${summary.seed}`);
+  if (summary.instruct) parts.push(`“${summary.instruct}”`);
+  return parts.join(" · ");
 }
 
 function stop() {
@@ -316,112 +655,127 @@ function setBusy(busy, text) {
   updateCount();
 }
 
-function addResult({ body, blob, format, seconds, firstAudio, duration, id, autoplay }) {
-  const url = URL.createObjectURL(blob);
-  const item = document.createElement("li");
-  item.className = "result";
+function renderResult(item, autoplay) {
+  const url = URL.createObjectURL(item.blob);
+  const li = document.createElement("li");
+  li.className = "result";
+  li.dataset.id = item.id;
   const said = document.createElement("div");
   said.className = "said";
-  said.textContent = body.text;
+  said.textContent = item.text;
   const meta = document.createElement("div");
   meta.className = "meta";
-  const time = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-  const parts = [time, body.speaker];
-  if (duration) parts.push(`${duration.toFixed(2)} s of audio`);
-  parts.push(`made in ${seconds.toFixed(2)} s`);
-  if (firstAudio !== null && firstAudio !== undefined) parts.push(`first audio after ${firstAudio.toFixed(2)} s`);
-  if (body.speed !== 1) parts.push(`speed ${body.speed}×`);
-  if (body.seed !== undefined) parts.push(`seed ${body.seed}`);
-  if (body.instruct) parts.push(`“${body.instruct}”`);
-  meta.textContent = parts.join(" · ");
+  meta.textContent = item.meta;
+  const wave = document.createElement("canvas");
+  wave.className = "wave";
   const audio = document.createElement("audio");
   audio.controls = true;
   audio.preload = "auto";
   audio.src = url;
-  const ext = format === "opus" ? "ogg" : format;
+  const ext = item.format === "opus" ? "ogg" : item.format;
   const link = document.createElement("a");
   link.className = "btn small dl";
   link.href = url;
-  link.download = `cosyvoice-${id}.${ext}`;
+  link.download = `cosyvoice-${item.id}.${ext}`;
   link.textContent = `Download ${ext.toUpperCase()}`;
-  item.append(said, link, meta, audio);
-  $("results").prepend(item);
+  li.append(said, link, meta, wave, audio);
+  $("results").prepend(li);
   $("results-empty").hidden = true;
+  $("results-clear").hidden = false;
+  requestAnimationFrame(() => drawWave(wave, item.blob));
   if (autoplay) audio.play().catch(() => { /* autoplay blocked: the controls are there */ });
 }
 
-// ------------------------------------------------------------------ voices: file or microphone
+// ------------------------------------------------------------------ recordings: file or microphone
 
-function setPrompt(blob, label) {
-  state.promptBlob = blob;
-  state.promptName = label;
-  $("voice-source").textContent = blob ? `${label} · ${(blob.size / 1024).toFixed(0)} KB` : "No recording chosen";
-  const preview = $("voice-preview");
-  preview.hidden = !blob;
-  if (blob) preview.src = URL.createObjectURL(blob);
-}
-
-async function toggleRecording() {
-  if (state.recording) { finishRecording(); return; }
-  clearError();
-  try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false } });
-    const context = new AudioContext();
-    await context.audioWorklet.addModule("/static/recorder-worklet.js");
-    const source = context.createMediaStreamSource(stream);
-    const node = new AudioWorkletNode(context, "recorder");
-    const rec = { context, stream, node, chunks: [], rate: context.sampleRate, started: performance.now() };
-    node.port.onmessage = (e) => rec.chunks.push(e.data);
-    source.connect(node);
-    state.recording = rec;
-    $("record").textContent = "■ Stop";
-    $("record").classList.add("recording");
-    $("record-time").hidden = false;
-    rec.timer = setInterval(() => {
-      const s = (performance.now() - rec.started) / 1000;
-      $("record-time").textContent = `${s.toFixed(1)} s`;
-      if (state.info && s >= state.info.limits.max_prompt_seconds) finishRecording();
-    }, 100);
-  } catch (err) {
-    showError(new Error(`the microphone is not available: ${err.message || err}`));
+// One recording source: a file input and a record button (mono float32 from an AudioWorklet,
+// kept as a 16-bit WAV), with a label and a preview player.
+class Capture {
+  constructor(ids) {
+    this.ids = ids;
+    this.blob = null;
+    this.label = "";
+    this.recording = null;
+    $(ids.file).addEventListener("change", (e) => {
+      const file = e.target.files[0];
+      if (file) this.set(file, file.name);
+    });
+    $(ids.record).addEventListener("click", () => this.toggle());
+  }
+  filename() { return /\.(wav|flac|mp3|ogg|opus)$/i.test(this.label) ? this.label : "prompt.wav"; }
+  set(blob, label) {
+    this.blob = blob;
+    this.label = label;
+    $(this.ids.label).textContent = blob ? `${label} · ${(blob.size / 1024).toFixed(0)} KB` : "No recording chosen";
+    const preview = $(this.ids.preview);
+    preview.hidden = !blob;
+    if (blob) preview.src = URL.createObjectURL(blob);
+  }
+  clear() { this.set(null, ""); $(this.ids.file).value = ""; }
+  async toggle() {
+    if (this.recording) { this.finish(); return; }
+    clearError();
+    try {
+      const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false } });
+      const context = new AudioContext();
+      await context.audioWorklet.addModule("/static/recorder-worklet.js");
+      const source = context.createMediaStreamSource(stream);
+      const node = new AudioWorkletNode(context, "recorder");
+      const rec = { context, stream, node, chunks: [], rate: context.sampleRate, started: performance.now() };
+      node.port.onmessage = (e) => rec.chunks.push(e.data);
+      source.connect(node);
+      this.recording = rec;
+      $(this.ids.record).textContent = "■ Stop";
+      $(this.ids.record).classList.add("recording");
+      $(this.ids.time).hidden = false;
+      rec.timer = setInterval(() => {
+        const s = (performance.now() - rec.started) / 1000;
+        $(this.ids.time).textContent = `${s.toFixed(1)} s`;
+        if (state.info && s >= state.info.limits.max_prompt_seconds) this.finish();
+      }, 100);
+    } catch (err) {
+      showError(new Error(`the microphone is not available: ${err.message || err}`));
+    }
+  }
+  finish() {
+    const rec = this.recording;
+    if (!rec) return;
+    this.recording = null;
+    clearInterval(rec.timer);
+    rec.stream.getTracks().forEach((t) => t.stop());
+    rec.node.disconnect();
+    rec.context.close();
+    const total = rec.chunks.reduce((n, c) => n + c.length, 0);
+    const samples = new Float32Array(total);
+    let offset = 0;
+    for (const c of rec.chunks) { samples.set(c, offset); offset += c.length; }
+    $(this.ids.record).textContent = "● Record";
+    $(this.ids.record).classList.remove("recording");
+    $(this.ids.time).hidden = true;
+    this.set(wavBlob(samples, rec.rate), `recording (${(total / rec.rate).toFixed(1)} s)`);
   }
 }
 
-function finishRecording() {
-  const rec = state.recording;
-  if (!rec) return;
-  state.recording = null;
-  clearInterval(rec.timer);
-  rec.stream.getTracks().forEach((t) => t.stop());
-  rec.node.disconnect();
-  rec.context.close();
-  const total = rec.chunks.reduce((n, c) => n + c.length, 0);
-  const samples = new Float32Array(total);
-  let offset = 0;
-  for (const c of rec.chunks) { samples.set(c, offset); offset += c.length; }
-  $("record").textContent = "● Record";
-  $("record").classList.remove("recording");
-  $("record-time").hidden = true;
-  setPrompt(wavBlob(samples, rec.rate), `recording (${(total / rec.rate).toFixed(1)} s)`);
-}
+let voiceCapture, prompt, source;
 
 async function saveVoice(event) {
   event.preventDefault();
   clearError();
-  if (state.recording) finishRecording();
+  voiceCapture.finish();
   const name = $("voice-name").value.trim();
-  if (!state.promptBlob) { showError(new ApiError(400, "missing_field", "choose a file or record the prompt first")); return; }
+  if (!voiceCapture.blob) { showError(missing("choose a file or record the prompt first")); return; }
   const form = new FormData();
   form.append("name", name);
   form.append("prompt_text", $("voice-text").value.trim());
-  form.append("audio", state.promptBlob, state.promptName.endsWith(".wav") ? state.promptName : "prompt.wav");
+  form.append("audio", voiceCapture.blob, voiceCapture.filename());
   const save = $("voice-save");
   save.disabled = true;
   save.textContent = "Saving…";
   try {
     const voice = await (await api("/voices", { method: "POST", body: form })).json();
     $("voice-form").reset();
-    setPrompt(null, "");
+    voiceCapture.clear();
+    if (state.mode !== "voice") setMode("voice");
     await loadVoices(voice.name);
   } catch (err) {
     showError(err);
@@ -444,6 +798,13 @@ function syncControls() {
 }
 
 function wire() {
+  voiceCapture = new Capture({ file: "voice-file", record: "record", time: "record-time",
+                               label: "voice-source", preview: "voice-preview" });
+  prompt = new Capture({ file: "prompt-file", record: "prompt-record", time: "prompt-record-time",
+                         label: "prompt-source", preview: "prompt-preview" });
+  source = new Capture({ file: "source-file", record: "source-record", time: "source-record-time",
+                         label: "source-source", preview: "source-preview" });
+  for (const b of document.querySelectorAll(".mode-btn")) b.addEventListener("click", () => setMode(b.dataset.mode));
   $("text").addEventListener("input", updateCount);
   $("voice").addEventListener("change", updateCount);
   $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) speak(); });
@@ -453,11 +814,7 @@ function wire() {
   $("speak").addEventListener("click", speak);
   $("stop").addEventListener("click", stop);
   $("error-close").addEventListener("click", clearError);
-  $("voice-file").addEventListener("change", (e) => {
-    const file = e.target.files[0];
-    if (file) setPrompt(file, file.name);
-  });
-  $("record").addEventListener("click", toggleRecording);
+  $("results-clear").addEventListener("click", clearResults);
   $("voice-form").addEventListener("submit", saveVoice);
   $("auth").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -471,6 +828,7 @@ function wire() {
 
 async function main() {
   wire();
+  await restoreResults();
   const info = await waitUntilReady();
   if (info.status === "ready") {
     try { await loadVoices(); } catch (err) { showError(err); }
