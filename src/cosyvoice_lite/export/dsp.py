@@ -43,26 +43,46 @@ def istft_kernel(n_fft: int, window: torch.Tensor) -> torch.Tensor:
 
 def stft(x: torch.Tensor, kernel: torch.Tensor, hop: int) -> torch.Tensor:
     """x [B, L] -> [B, n_fft + 2, frames] (real parts then imaginary parts), as torch.stft with
-    center=True and reflect padding."""
+    center=True and reflect padding. The windowed DFT runs in float64 (strided slices and one
+    MatMul) and is rounded once: the vocoder's upsampling stack amplifies the last-bit
+    differences of a float32 DFT summed in another order than torch's FFT."""
     n_fft = kernel.shape[-1]
-    padded = F.pad(x.unsqueeze(1), (n_fft // 2, n_fft // 2), mode="reflect")
-    return F.conv1d(padded, kernel.to(x.dtype), stride=hop)
+    padded = F.pad(x.double().unsqueeze(1), (n_fft // 2, n_fft // 2), mode="reflect")[:, 0]
+    end = padded.shape[-1]
+    taps = [padded[:, k : end - (n_fft - 1 - k) : hop] for k in range(n_fft)]
+    frames = torch.stack(taps, dim=1)  # [B, n_fft, frames]
+    return torch.matmul(kernel[:, 0, :].double(), frames).to(x.dtype)
 
 
 def istft(
     real: torch.Tensor, imag: torch.Tensor, kernel: torch.Tensor, window: torch.Tensor, hop: int
 ) -> torch.Tensor:
     """[B, n_fft // 2 + 1, frames] real and imaginary parts -> [B, hop * (frames - 1)], as
-    torch.istft with center=True: overlap-add, divide by the summed squared window, trim."""
+    torch.istft with center=True: inverse DFT of each frame, overlap-add, division by the summed
+    squared window, trim. Computed in float64 (MatMul and slices; runtimes rarely have float64
+    transposed convolutions) and rounded once: the vocoder's magnitudes reach 100, so float32
+    summation in another order than torch's FFT would move samples by several 1e-5."""
     n_fft = kernel.shape[-1]
-    frames = torch.cat([real, imag], dim=1)
-    signal = F.conv_transpose1d(frames, kernel.to(real.dtype), stride=hop)
-    ones = torch.ones_like(real[:, :1, :])
-    square = (window * window).to(real.dtype).reshape(1, 1, -1)
-    envelope = F.conv_transpose1d(ones, square, stride=hop)
+    if n_fft % hop != 0:
+        raise ValueError(f"n_fft {n_fft} must be a multiple of the hop {hop}")
+    basis = kernel[:, 0, :].double().t()  # [n_fft, n_fft + 2]
+    frames = torch.matmul(basis, torch.cat([real, imag], dim=1).double())  # [B, n_fft, F]
+    blocks = n_fft // hop
+    frames = frames.reshape(frames.shape[0], blocks, hop, -1)  # [B, block, hop, F]
+    # frame f adds its block k to output block f + k: shift each block by k and sum
+    signal = 0
+    for k in range(blocks):
+        signal = signal + F.pad(frames[:, k], (k, blocks - 1 - k))  # [B, hop, F + blocks - 1]
+    signal = signal.transpose(1, 2).reshape(frames.shape[0], -1)  # [B, hop * (F + blocks - 1)]
+    square = (window.double() ** 2).reshape(blocks, hop, 1)
+    envelope = 0
+    ones = torch.ones_like(frames[:1, 0, :1, :]).double()  # [1, 1, F]
+    for k in range(blocks):
+        envelope = envelope + F.pad(ones * square[k].unsqueeze(0), (k, blocks - 1 - k))
+    envelope = envelope.transpose(1, 2).reshape(1, -1)
     half = n_fft // 2
     out = signal / envelope
-    return out[:, 0, half : out.shape[-1] - half]
+    return out[:, half : out.shape[-1] - half].to(real.dtype)
 
 
 def resample_taps(

@@ -305,6 +305,32 @@ def _export_graph(graph: Graph, path: Path) -> None:
         )
 
 
+def _output_shapes(graph: Graph, size: int) -> list[tuple[int, ...]]:
+    with torch.inference_mode():
+        out = graph.module(*graph.example(size))
+    return [tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def _name_output_dims(graph: Graph, path: Path) -> None:
+    """Declare every output dimension: a number where it does not depend on the input sizes, a
+    name where it does (the tracer leaves generated names or nothing)."""
+    import onnx
+
+    first, second = (_output_shapes(graph, n) for n in graph.sizes)
+    model = onnx.load(str(path), load_external_data=False)
+    mine = {name for axes in graph.dynamic.values() for name in axes.values()}
+    for value, a, b in zip(model.graph.output, first, second, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        for index, (dim, n_a, n_b) in enumerate(zip(dims, a, b, strict=True)):
+            if n_a == n_b and graph.sizes[0] != graph.sizes[1] or graph.sizes[0] == graph.sizes[1]:
+                dim.Clear()
+                dim.dim_value = n_a
+            elif dim.dim_param not in mine:
+                dim.Clear()
+                dim.dim_param = f"{value.name}_{index}"
+    onnx.save(model, str(path))
+
+
 def _to_float16(path: Path) -> None:
     """Weights and compute in float16, inputs and outputs kept float32 (onnxruntime's converter).
     The vocoder is never converted: its NSF phase needs float32 and more (as in torch, where it
@@ -488,6 +514,7 @@ def export_onnx(
             start = time.perf_counter()
             path = staging / f"{graph.name}.onnx"
             _export_graph(graph, path)
+            _name_output_dims(graph, path)
             graph_dtype = dtype if graph.name != "hift" else "float32"
             if graph_dtype == "float16":
                 _to_float16(path)
