@@ -26,7 +26,7 @@ import soundfile as sf
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -48,6 +48,7 @@ from .schemas import TTSRequest
 from .settings import Settings
 from .synthesis import Plan, plan_request, respond, supported_modes, voice_key
 from .upload_api import upload_router
+from .voice_store_s3 import attachment, voice_store
 from .voices import VoiceExistsError, VoiceLibrary, validate_name
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class ServerState:
         self.metrics = Metrics()
         self.scheduler = Scheduler(settings.workers, settings.max_queue)
         self.outputs = OutputStore(settings.outputs_dir, settings.s3, self.metrics)
-        self.library = VoiceLibrary(settings.voices_dir)
+        self.library = VoiceLibrary(voice_store(settings))
         self.engine = None
         self.status = "loading"
         self.load_error = ""
@@ -439,8 +440,8 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/voices/{name}/audio", tags=["voice library"])
     async def get_voice_audio(name: str):
         """The stored prompt recording (WAV)."""
-        return FileResponse(library.audio_path(validate_name(name)), media_type="audio/wav",
-                            filename=f"{name}.wav")
+        audio = await asyncio.to_thread(library.audio, validate_name(name))
+        return Response(audio, media_type="audio/wav", headers=attachment(f"{name}.wav"))
 
     @app.delete("/voices/{name}", tags=["voice library"])
     async def delete_voice(name: str):

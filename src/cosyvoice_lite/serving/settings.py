@@ -53,6 +53,8 @@ class Settings:
     voices_dir: Path = field(default_factory=default_voices_dir)
     outputs_dir: Path | None = None  # save every result (audio + JSON metadata) here
     s3: S3Settings | None = None
+    # the voice library in a bucket shared by several server processes (else voices_dir)
+    voices_s3: S3Settings | None = None
     log_requests: bool = True
     # OpenAI voice names (alloy, echo, ...) -> voices of this server, over the default mapping
     voice_aliases: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,11 @@ are written to a temporary name and ``os.replace``d, and deletion renames the vo
 removing it. A crash therefore leaves either the old state or the new one, never half a voice;
 stray ``.tmp-*``/``.trash-*`` entries are cleaned up when the library opens.
 
+Where the files live is a :class:`VoiceStore`: :class:`LocalVoiceStore` (the directory above, the
+default) or ``voice_store_s3.S3VoiceStore`` (a bucket shared by several server processes). The
+library keeps the rules (names, checks, features) and uses the store only to stage a voice
+invisibly, commit it atomically, read, replace one file, and remove a voice at once.
+
 Names are normalised to Unicode NFKC and unique without regard to case (``Alice``, ``ALICE`` and
 full-width ``Ａｌｉｃｅ`` are one voice); they are 1-64 characters and at most 128 bytes in UTF-8, so
 the directory name fits every file system. A voice whose files are unreadable or inconsistent is
@@ -40,6 +45,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import soundfile as sf
 import torch
@@ -85,6 +91,8 @@ class StorageError(CosyVoiceError, OSError):
 
 def storage_error(exc: OSError, action: str) -> StorageError:
     """A clean message for an OSError (never the path it carries)."""
+    if isinstance(exc, StorageError):  # a store's own failure (e.g. S3): already clean
+        return exc
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StorageError(f"cannot {action}: the voice storage is full", 507)
     if exc.errno == errno.EROFS:
@@ -212,21 +220,23 @@ def _features_bytes(features: PromptFeatures) -> bytes:
     return buffer.getvalue()
 
 
-def _load_features(path: Path) -> PromptFeatures:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+def _load_features(raw: bytes) -> PromptFeatures:
+    data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     tokens, feat, embedding = data["speech_tokens"], data["speech_feat"], data["embedding"]
     if tokens.dim() != 2 or feat.dim() != 3 or embedding.dim() != 2:
-        raise ValueError(f"unexpected tensor shapes in {path}")
+        raise ValueError("unexpected tensor shapes in the stored features")
     return PromptFeatures(tokens, feat, embedding, str(data.get("prompt_text", "")))
 
 
-def _read_meta(path: Path, folder: str) -> VoiceInfo:
-    """voice.json of the voice in ``path``, checked field by field; ValueError says what is wrong
-    (never with the path)."""
+def _read_meta(store: VoiceStore, folder: str) -> VoiceInfo:
+    """voice.json of voice ``folder``, checked field by field; ValueError says what is wrong
+    (never with the path). StorageError if the store itself fails."""
     try:
-        raw = (path / "voice.json").read_bytes()
+        raw = store.read(folder, "voice.json")
     except FileNotFoundError:
         raise ValueError("voice.json is missing") from None
+    except StorageError:
+        raise
     except OSError as exc:
         raise ValueError(f"voice.json cannot be read ({os.strerror(exc.errno or 0)})") from None
     try:
@@ -252,7 +262,7 @@ def _read_meta(path: Path, folder: str) -> VoiceInfo:
         numbers[key] = value
     if numbers["duration"] <= 0 or numbers["sample_rate"] <= 0 or numbers["sample_rate"] % 1:
         raise ValueError("duration or sample_rate in voice.json is out of range")
-    if not (path / "prompt.wav").is_file():
+    if not store.has_file(folder, "prompt.wav"):
         raise ValueError("prompt.wav is missing")
     return VoiceInfo(
         folder,
@@ -263,23 +273,51 @@ def _read_meta(path: Path, folder: str) -> VoiceInfo:
     )
 
 
-class VoiceLibrary:
-    """Saved voices under ``root``; safe to use from several threads."""
+class VoiceStore(Protocol):
+    """Where voices' files live. A voice is a stored name with files ``voice.json``,
+    ``prompt.wav`` and ``features/<key>.pt``; it is visible only once committed whole. Failures
+    raise OSError (StorageError for a clean message); a missing file FileNotFoundError."""
+
+    def open(self) -> None:
+        """Prepare the storage (create it, clean up interrupted writes); OSError if unusable."""
+
+    def entries(self) -> list[str]:
+        """Stored names of the committed voices (valid or not), sorted."""
+
+    def has(self, name: str) -> bool:
+        """Whether a voice is committed under exactly this stored name."""
+
+    def read(self, name: str, file: str) -> bytes: ...
+
+    def has_file(self, name: str, file: str) -> bool: ...
+
+    def stage(self, name: str, files: dict[str, bytes]) -> object:
+        """Write a voice's files where nothing sees them; returns what commit/discard take."""
+
+    def commit(self, staged: object) -> None:
+        """Make a staged voice visible at once; FileExistsError if the name is taken."""
+
+    def discard(self, staged: object) -> None:
+        """Remove what stage wrote (best effort, never raises)."""
+
+    def write(self, name: str, file: str, data: bytes) -> None:
+        """Replace one file of a committed voice atomically."""
+
+    def remove(self, name: str) -> None:
+        """Make the voice disappear at once, then free its files."""
+
+    def check(self) -> str | None:
+        """None if voices can be stored, else why not."""
+
+
+class LocalVoiceStore:
+    """Voices as directories under ``root`` (the layout in the module docstring)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self._lock = threading.RLock()
-        self._features: dict[tuple[str, str], PromptFeatures] = {}
-        self._health: tuple[float, str | None] = (0.0, None)
-        self._write_failure: tuple[float, str] | None = None
-        self._warned: dict[str, float] = {}
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._clean_leftovers()
-        except OSError as exc:  # the server still starts: /ready reports degraded storage
-            log.error("voice library unavailable: %s", exc)
 
-    def _clean_leftovers(self) -> None:
+    def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         for entry in self.root.iterdir():
             if entry.name.startswith((".tmp-", ".trash-")):
                 log.warning("removing leftover %s from an interrupted write", entry)
@@ -287,18 +325,107 @@ class VoiceLibrary:
                     missing_ok=True
                 )
 
-    def _entries(self) -> list[str]:
-        """Directory names of the voices (valid or not)."""
-        try:
-            names = os.listdir(self.root)
-        except OSError as exc:
-            raise storage_error(exc, "read the voice library") from None
+    def entries(self) -> list[str]:
+        names = os.listdir(self.root)
         return sorted(n for n in names if not n.startswith(".") and (self.root / n).is_dir())
 
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_dir()
+
+    def read(self, name: str, file: str) -> bytes:
+        return (self.root / name / file).read_bytes()
+
+    def has_file(self, name: str, file: str) -> bool:
+        return (self.root / name / file).is_file()
+
+    def stage(self, name: str, files: dict[str, bytes]) -> tuple[Path, str]:
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            for file, data in files.items():
+                (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+                _write_file(tmp / file, data)
+            for folder in {(tmp / file).parent for file in files}:
+                _fsync_dir(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp, name
+
+    def commit(self, staged: tuple[Path, str]) -> None:
+        tmp, name = staged
+        if self.has(name):
+            raise FileExistsError(name)
+        os.rename(tmp, self.root / name)  # atomic: the voice appears complete or not at all
+        _fsync_dir(self.root)
+
+    def discard(self, staged: tuple[Path, str]) -> None:
+        if staged[0].exists():
+            shutil.rmtree(staged[0], ignore_errors=True)
+
+    def write(self, name: str, file: str, data: bytes) -> None:
+        path = self.root / name / file
+        path.parent.mkdir(exist_ok=True)
+        _write_atomic(path, data)
+
+    def remove(self, name: str) -> None:
+        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        os.rename(self.root / name, trash)  # atomic: gone at once, even if cut short
+        _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def check(self) -> str | None:
+        problem = None
+        probe = self.root / f".tmp-probe-{uuid.uuid4().hex}"
+        try:
+            if shutil.disk_usage(self.root).free < MIN_FREE_BYTES:
+                problem = f"less than {MIN_FREE_BYTES // 2**20} MB free for voices"
+            probe.write_bytes(b"ok")
+        except OSError as exc:
+            problem = str(storage_error(exc, "store voices"))
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+        return problem
+
+
+class VoiceLibrary:
+    """Saved voices in a :class:`VoiceStore` (a directory given as a path); safe to use from
+    several threads."""
+
+    def __init__(self, store: str | os.PathLike | VoiceStore) -> None:
+        if isinstance(store, (str, os.PathLike)):
+            store = LocalVoiceStore(store)
+        self.store = store
+        self.root = getattr(store, "root", None)  # the directory of a local store
+        self._lock = threading.RLock()
+        # (name, model family key, created_at): a voice deleted and created again elsewhere
+        # (a shared store) never reuses the old voice's features
+        self._features: dict[tuple[str, str, float], PromptFeatures] = {}
+        self._health: tuple[float, str | None] = (0.0, None)
+        self._write_failure: tuple[float, str] | None = None
+        self._warned: dict[str, float] = {}
+        try:
+            self.store.open()
+        except StorageError:
+            raise  # a shared store that cannot be reached at start: the caller says where
+        except OSError as exc:  # the server still starts: /ready reports degraded storage
+            log.error("voice library unavailable: %s", exc)
+
+    def _entries(self) -> list[str]:
+        """Stored names of the voices (valid or not)."""
+        try:
+            return self.store.entries()
+        except OSError as exc:
+            raise storage_error(exc, "read the voice library") from None
+
     def _folder(self, name: str) -> str | None:
-        """The directory holding voice ``name`` (any case or compatibility form), or None."""
+        """The stored name of voice ``name`` (any case or compatibility form), or None."""
         normal = validate_name(name)
-        if (self.root / normal).is_dir():
+        try:
+            exact = self.store.has(normal)
+        except OSError as exc:
+            raise storage_error(exc, "read the voice library") from None
+        if exact:
             return normal
         key = name_key(normal)
         return next((n for n in self._entries() if name_key(n) == key), None)
@@ -317,7 +444,7 @@ class VoiceLibrary:
         for folder in self._entries():
             try:
                 validate_name(folder)
-                voices.append(_read_meta(self.root / folder, folder))
+                voices.append(_read_meta(self.store, folder))
             except InvalidVoiceNameError:
                 broken.append(BrokenVoice(folder, "the directory name is not a valid voice name"))
             except ValueError as exc:
@@ -346,14 +473,30 @@ class VoiceLibrary:
         if folder is None:
             raise UnknownVoiceError(f"no saved voice named {_shown(name)}")
         try:
-            return _read_meta(self.root / folder, folder)
+            return _read_meta(self.store, folder)
         except ValueError as exc:
             raise VoiceDamagedError(
                 f"saved voice {folder!r} is damaged: {exc}; delete it and create it again"
             ) from None
 
     def audio_path(self, name: str) -> Path:
+        """The file of the stored prompt recording (a local store only; else see audio())."""
+        if self.root is None:
+            raise TypeError("the voices are not stored in a local directory")
         return self.root / self.get(name).name / "prompt.wav"
+
+    def audio(self, name: str) -> bytes:
+        """The stored prompt recording (WAV bytes)."""
+        folder = self.get(name).name
+        try:
+            return self.store.read(folder, "prompt.wav")
+        except FileNotFoundError:
+            raise VoiceDamagedError(
+                f"saved voice {folder!r} is damaged: prompt.wav is missing; delete it and create "
+                "it again"
+            ) from None
+        except OSError as exc:
+            raise storage_error(exc, "read the voice") from None
 
     # ------------------------------------------------------------------ storage health
     def _failed(self, error: StorageError) -> StorageError:
@@ -366,17 +509,7 @@ class VoiceLibrary:
         checked, problem = self._health
         if now - checked < HEALTH_INTERVAL:
             return problem
-        problem = None
-        probe = self.root / f".tmp-probe-{uuid.uuid4().hex}"
-        try:
-            if shutil.disk_usage(self.root).free < MIN_FREE_BYTES:
-                problem = f"less than {MIN_FREE_BYTES // 2**20} MB free for voices"
-            probe.write_bytes(b"ok")
-        except OSError as exc:
-            problem = str(storage_error(exc, "store voices"))
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink(missing_ok=True)
+        problem = self.store.check()
         if problem is None and self._write_failure is not None:
             when, message = self._write_failure
             if now - when < 60:
@@ -409,46 +542,44 @@ class VoiceLibrary:
         features = encode(stored, prompt_text)  # from the stored bytes: reproducible later
         info = VoiceInfo(name, prompt_text, wav.numel() / rate, rate, time.time())
 
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        meta = {**asdict(info), "layout": LAYOUT_VERSION}
+        files = {  # voice.json last: a store that cannot rename writes its files in this order
+            "prompt.wav": stored,
+            f"features/{key}.pt": _features_bytes(features),
+            "voice.json": json.dumps(meta, ensure_ascii=False, indent=1).encode(),
+        }
+        taken = VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
+        staged = None
         try:
-            (tmp / "features").mkdir(parents=True)
-            _write_file(tmp / "prompt.wav", stored)
-            _write_file(tmp / "features" / f"{key}.pt", _features_bytes(features))
-            meta = {**asdict(info), "layout": LAYOUT_VERSION}
-            _write_file(tmp / "voice.json", json.dumps(meta, ensure_ascii=False, indent=1).encode())
-            _fsync_dir(tmp / "features")
-            _fsync_dir(tmp)
+            staged = self.store.stage(name, files)
             with self._lock:
                 if self.exists(name):
-                    raise VoiceExistsError(
-                        f"a voice named {name!r} already exists; delete it first"
-                    )
-                os.rename(tmp, self.root / name)  # atomic: the voice appears complete or not at all
-                self._features[(name, key)] = features
-            _fsync_dir(self.root)
+                    raise taken
+                try:
+                    self.store.commit(staged)  # the voice appears complete or not at all
+                except FileExistsError:  # e.g. committed meanwhile by another server process
+                    raise taken from None
+                self._features[(name, key, info.created_at)] = features
         except OSError as exc:
             raise self._failed(storage_error(exc, "save the voice")) from None
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            if staged is not None:
+                self.store.discard(staged)
         self._write_failure = None
         return info
 
     def delete(self, name: str) -> str:
         """Remove voice ``name`` (usable or broken); returns the name it was stored under."""
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
         with self._lock:
             folder = self._folder(name)
             if folder is None:
                 raise UnknownVoiceError(f"no saved voice named {_shown(name)}")
             try:
-                os.rename(self.root / folder, trash)  # atomic: gone at once, even if cut short
+                self.store.remove(folder)  # atomic: gone at once, even if cut short
             except OSError as exc:
                 raise self._failed(storage_error(exc, "delete the voice")) from None
             for cached in [k for k in self._features if k[0] == folder]:
                 del self._features[cached]
-        _fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
         return folder
 
     # ------------------------------------------------------------------ features
@@ -457,15 +588,22 @@ class VoiceLibrary:
         once from the stored prompt and saved (when the disk allows; else kept in memory)."""
         info = self.get(name)
         name = info.name
+        version = (name, key, info.created_at)
         with self._lock:
-            cached = self._features.get((name, key))
+            cached = self._features.get(version)
         if cached is not None:
             return cached
-        path = self.root / name / "features" / f"{key}.pt"
+        file = f"features/{key}.pt"
         features = None
-        if path.is_file():
+        try:
+            raw = self.store.read(name, file)
+        except FileNotFoundError:
+            raw = None
+        except OSError as exc:
+            raise storage_error(exc, "read the voice") from None
+        if raw is not None:
             try:
-                features = _load_features(path)
+                features = _load_features(raw)
             except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
                 self._warn_once(
                     f"{name}/{key}",
@@ -475,16 +613,17 @@ class VoiceLibrary:
                 )
         if features is None:
             try:
-                audio = (self.root / name / "prompt.wav").read_bytes()
+                audio = self.store.read(name, "prompt.wav")
                 features = encode(audio, info.prompt_text)
+            except StorageError:
+                raise
             except Exception as exc:  # noqa: BLE001 - the stored prompt is ours, not the client's
                 raise VoiceDamagedError(
                     f"saved voice {name!r} is damaged: its stored recording cannot be used "
                     f"({type(exc).__name__}); delete it and create it again"
                 ) from None
             try:
-                path.parent.mkdir(exist_ok=True)
-                _write_atomic(path, _features_bytes(features))
+                self.store.write(name, file, _features_bytes(features))
             except OSError as exc:  # serve from memory; the cache is written once storage heals
                 self._failed(storage_error(exc, "cache the voice's features"))
                 self._warn_once(
@@ -495,5 +634,5 @@ class VoiceLibrary:
                 )
         with self._lock:
             if self.exists(name):
-                self._features[(name, key)] = features
+                self._features[version] = features
         return features

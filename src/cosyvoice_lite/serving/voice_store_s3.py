@@ -1,0 +1,276 @@
+"""The voice library in an S3-compatible bucket, shared by every server process (Ray Serve
+replicas, several machines), and the choice between it and the local directory.
+
+Layout under the key prefix:
+
+    voices/<name>.json                    the voice's voice.json; its object metadata
+                                          ``generation`` names the data below. Written last:
+                                          a voice exists exactly when this object does.
+    voice-data/<name>/<generation>/prompt.wav
+    voice-data/<name>/<generation>/features/<key>.pt
+
+A write puts the data objects under a fresh generation first, then the manifest (with
+``If-None-Match: *``, so two processes cannot both create one name). A failure before the
+manifest leaves nothing visible, and the data already written is deleted again (objects that
+even this could not delete are unreferenced: invisible, and safe to remove). Deleting removes the
+manifest first, so the voice disappears at once. A new generation per write means a voice created
+again under an old name never meets the old voice's files.
+
+Reads go to the bucket (read-through): a voice created by another process is usable at once.
+Manifests found are reused for ``CACHE_TTL`` seconds (a voice deleted elsewhere is noticed within
+that time); absent ones are never cached. S3 failures raise StorageError (503).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from .settings import S3Settings, Settings
+from .voices import LocalVoiceStore, StorageError, VoiceStore
+
+log = logging.getLogger(__name__)
+
+CACHE_TTL = 2.0  # seconds a manifest or listing read from the bucket is reused
+MISSING = {"404", "NoSuchKey", "NotFound"}
+TAKEN = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+
+
+def voice_store(settings: Settings) -> VoiceStore:
+    """The store the settings ask for: a bucket (``voices_s3``) or the local directory."""
+    if settings.voices_s3 is not None:
+        return S3VoiceStore(settings.voices_s3)
+    return LocalVoiceStore(settings.voices_dir)
+
+
+def attachment(filename: str) -> dict[str, str]:
+    """A Content-Disposition header offering ``filename`` (RFC 6266 form for non-ASCII)."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return {"content-disposition": f"attachment; filename*=utf-8''{quoted}"}
+    return {"content-disposition": f'attachment; filename="{filename}"'}
+
+
+@dataclass
+class _Staged:
+    name: str
+    generation: str
+    manifest: bytes
+    keys: list[str] = field(default_factory=list)
+    committed: bool = False
+
+
+class S3VoiceStore:
+    """Voices in ``settings.bucket`` under ``settings.prefix`` (see the module docstring)."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        from .outputs import make_s3_client
+
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.where = f"bucket {settings.bucket!r} at {settings.endpoint_url or 'the AWS endpoint'}"
+        self.client = make_s3_client(settings)
+        self._lock = threading.Lock()
+        self._manifests: dict[str, tuple[float, bytes, str]] = {}  # name -> (read at, body, gen)
+        self._listing: tuple[float, list[str]] | None = None
+
+    # ------------------------------------------------------------------ keys and errors
+    def _key(self, *parts: str) -> str:
+        return self.settings.prefix + "/".join(parts)
+
+    def _manifest_key(self, name: str) -> str:
+        return self._key("voices", f"{name}.json")
+
+    def _data_key(self, name: str, generation: str, file: str = "") -> str:
+        return self._key("voice-data", name, generation, file)
+
+    def _error(self, exc: Exception, action: str) -> OSError:
+        code = _code(exc)
+        if code in MISSING:
+            return FileNotFoundError(action)
+        reason = code or type(exc).__name__
+        log.warning("voice bucket %s: cannot %s: %s", self.where, action, exc)
+        return StorageError(
+            f"cannot {action}: the voice storage (S3) is unavailable ({reason})", 503
+        )
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._manifests.pop(name, None)
+            self._listing = None
+
+    # ------------------------------------------------------------------ VoiceStore
+    def open(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - every way of not reaching the bucket
+            raise StorageError(
+                f"the voice library's {self.where} cannot be reached: {_code(exc) or exc}", 503
+            ) from None
+
+    def entries(self) -> list[str]:
+        with self._lock:
+            if self._listing and time.monotonic() - self._listing[0] < CACHE_TTL:
+                return list(self._listing[1])
+        prefix = self._key("voices", "")
+        names = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    rest = item["Key"][len(prefix) :]
+                    if "/" not in rest and rest.endswith(".json") and len(rest) > 5:
+                        names.append(rest[:-5])
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "list the voices") from None
+        names.sort()
+        with self._lock:
+            self._listing = (time.monotonic(), names)
+        return list(names)
+
+    def _manifest(self, name: str, fresh: bool = False) -> tuple[bytes, str, bool]:
+        """(voice.json, generation, whether it came from the cache); FileNotFoundError."""
+        with self._lock:
+            cached = self._manifests.get(name)
+        if cached and not fresh and time.monotonic() - cached[0] < CACHE_TTL:
+            return cached[1], cached[2], True
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._manifest_key(name))
+            body = response["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            self._forget(name)
+            raise self._error(exc, "read the voice") from None
+        generation = response.get("Metadata", {}).get("generation", "")
+        with self._lock:
+            self._manifests[name] = (time.monotonic(), body, generation)
+        return body, generation, False
+
+    def has(self, name: str) -> bool:
+        try:
+            self._manifest(name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read(self, name: str, file: str) -> bytes:
+        body, generation, cached = self._manifest(name)
+        if file == "voice.json":
+            return body
+        try:
+            return self._get(self._data_key(name, generation, file))
+        except FileNotFoundError:
+            if not cached:
+                raise
+        # the voice may have been created again elsewhere since the manifest was cached
+        _, generation, _ = self._manifest(name, fresh=True)
+        return self._get(self._data_key(name, generation, file))
+
+    def _get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "read the voice") from None
+
+    def has_file(self, name: str, file: str) -> bool:
+        try:
+            _, generation, _ = self._manifest(name)
+            if file == "voice.json":
+                return True
+            self.client.head_object(Bucket=self.bucket, Key=self._data_key(name, generation, file))
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # noqa: BLE001
+            error = self._error(exc, "read the voice")
+            if isinstance(error, FileNotFoundError):
+                return False
+            raise error from None
+        return True
+
+    def stage(self, name: str, files: dict[str, bytes]) -> _Staged:
+        staged = _Staged(name, uuid.uuid4().hex, files["voice.json"])
+        try:
+            for file, data in files.items():
+                if file == "voice.json":
+                    continue
+                key = self._data_key(name, staged.generation, file)
+                staged.keys.append(key)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except Exception as exc:  # noqa: BLE001
+            self.discard(staged)
+            raise self._error(exc, "save the voice") from None
+        return staged
+
+    def commit(self, staged: _Staged) -> None:
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._manifest_key(staged.name),
+                Body=staged.manifest,
+                ContentType="application/json",
+                Metadata={"generation": staged.generation},
+                IfNoneMatch="*",  # the first process to commit a name wins
+            )
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) in TAKEN:
+                raise FileExistsError(staged.name) from None
+            raise self._error(exc, "save the voice") from None
+        finally:
+            self._forget(staged.name)
+        staged.committed = True
+
+    def discard(self, staged: _Staged) -> None:
+        if staged.committed or not staged.keys:
+            return
+        try:
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in staged.keys]}
+            )
+        except Exception as exc:  # noqa: BLE001 - unreferenced objects are invisible
+            log.warning("could not delete the unfinished voice %r: %s", staged.name, exc)
+
+    def write(self, name: str, file: str, data: bytes) -> None:
+        _, generation, _ = self._manifest(name)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._data_key(name, generation, file), Body=data
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "save the voice") from None
+
+    def remove(self, name: str) -> None:
+        _, generation, _ = self._manifest(name, fresh=True)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._manifest_key(name))
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "delete the voice") from None
+        finally:
+            self._forget(name)
+        prefix = self._data_key(name, generation)
+        try:  # the voice is gone already; its data is only garbage now
+            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+            keys = [{"Key": item["Key"]} for item in listing.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("voice %r deleted, but not all of its data: %s", name, exc)
+
+    def check(self) -> str | None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001
+            return f"the voice storage (S3) is unavailable ({_code(exc) or type(exc).__name__})"
+        return None
+
+
+def _code(exc: Exception) -> str:
+    """The S3 error code of a botocore ClientError ('' for connection failures and others)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
