@@ -121,8 +121,8 @@ def test_chunked_multipart_upload_is_cut_off_while_reading(client):
 
 def test_body_that_stops_arriving_gets_408(server, preset):
     start = time.monotonic()
-    head = (f"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 200\r\n\r\n").encode()
+    head = (b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200\r\n\r\n")
     answer = raw_request(server, head + b'{"text": "hi", ', wait=5)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"body_timeout" in answer
@@ -159,7 +159,7 @@ def test_lone_surrogates_are_400_naming_the_field(client, preset, path, body, fi
 
 def test_valid_surrogate_pairs_are_text(client, preset):
     # an escaped emoji is a proper pair: not refused as invalid text
-    content = ('{"text": "hi \\ud83d\\ude00", "speaker": "%s", "seed": 1}' % preset).encode()
+    content = ('{"text": "hi \\ud83d\\ude00", "speaker": "' + preset + '", "seed": 1}').encode()
     response = client.post("/tts", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text
 

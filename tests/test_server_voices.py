@@ -132,11 +132,10 @@ def remount(path, mode: str) -> None:
 def test_full_storage_is_507_and_ready_says_degraded(engine, tmp_path):
     with tmpfs(tmp_path / "mnt") as root, serve(engine, root) as running, running.client() as c:
         assert c.get("/ready").json()["status"] in ("ready", "degraded")
-        with open(root / ".filler", "wb") as f:  # fill the file system
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
+        with open(root / ".filler", "wb") as f, contextlib.suppress(OSError):  # fill it up
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
         error = error_of(upload(c, "carol"), 507, "insufficient_storage")
         assert "full" in error["message"] and str(root) not in error["message"]
         ready = c.get("/ready")

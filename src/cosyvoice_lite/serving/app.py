@@ -69,7 +69,8 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.scheduler = Scheduler(settings.workers, settings.max_queue)
-        self.outputs = OutputStore(settings.outputs_dir, settings.s3, self.metrics)
+        self.outputs = OutputStore(settings.outputs_dir, settings.s3, self.metrics,
+                                   settings.spool_dir, settings.shutdown_timeout)
         self.library = VoiceLibrary(voice_store(settings))
         self.engine = None
         self.status = "loading"

@@ -93,6 +93,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     ops.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, moto, ...)")
     ops.add_argument("--s3-region", help="S3 region")
     ops.add_argument(
+        "--spool-dir",
+        type=Path,
+        help="with S3 and no --outputs-dir: where results wait until uploaded "
+        "(default <voices-dir>/.spool)",
+    )
+    ops.add_argument(
         "--voice-alias",
         action="append",
         default=[],
@@ -164,6 +170,7 @@ def settings_from_args(args: argparse.Namespace):
         api_key=args.api_key or None,
         cors_origins=args.cors_origin,
         outputs_dir=args.outputs_dir,
+        spool_dir=args.spool_dir,
         s3=s3,
         voice_aliases=aliases,
         docs_public=args.docs_public,

@@ -45,7 +45,8 @@ class Settings:
     # any body that is not multipart/form-data; None: room for a base64 prompt of max_upload_bytes
     max_json_bytes: int | None = None
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
-    workers: int = 8  # requests the engine loop computes together (its batch, Engine.load max_batch)
+    # requests the engine loop computes together (its batch, Engine.load max_batch)
+    workers: int = 8
     max_queue: int = 8  # requests allowed to wait for a worker; beyond that: 429
     request_timeout: float = 300.0  # seconds from acceptance to the last audio byte
     api_key: str | None = None  # if set, "Authorization: Bearer <key>" is required
@@ -55,6 +56,8 @@ class Settings:
     s3: S3Settings | None = None
     # the voice library in a bucket shared by several server processes (else voices_dir)
     voices_s3: S3Settings | None = None
+    # with S3 and no outputs_dir, results wait here until uploaded (default: <voices_dir>/.spool)
+    spool_dir: Path | None = None
     log_requests: bool = True
     # OpenAI voice names (alloy, echo, ...) -> voices of this server, over the default mapping
     voice_aliases: dict[str, str] = field(default_factory=dict)
@@ -96,5 +99,6 @@ class Settings:
         if not 0 < self.max_prompt_seconds <= MAX_PROMPT_SECONDS:
             raise ValueError(f"max_prompt_seconds must be in (0, {MAX_PROMPT_SECONDS:g}]")
         self.voices_dir = Path(self.voices_dir).expanduser()
+        self.spool_dir = Path(self.spool_dir or self.voices_dir / ".spool").expanduser()
         if self.outputs_dir is not None:
             self.outputs_dir = Path(self.outputs_dir).expanduser()
