@@ -1,0 +1,200 @@
+"""Issue 12, the voice library in a shared S3 bucket: two server processes' worth of apps on one
+real local S3 server (moto in server mode), a voice made through one usable through the other at
+once, deletion seen by both, an unreachable bucket at start named with its endpoint, and S3
+failing in the middle of a voice write (a real TCP relay in front of moto that cuts the
+connection): 503 and no half voice."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from test_server_support import ServerThread, decode, free_port, prompt_wav, tiny_engine, wait_for
+
+from cosyvoice_lite.serving import S3Settings, Settings, create_app
+from cosyvoice_lite.serving.voice_store_s3 import CACHE_TTL, S3VoiceStore
+from cosyvoice_lite.serving.voices import StorageError
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server", reason="moto[server] is needed for the local S3 server")
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "voices"
+
+
+@contextlib.contextmanager
+def moto_server():
+    """A real S3 API on a loopback port (moto server mode), with test credentials set."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(url, timeout=2).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(up, timeout=60), "moto server did not start"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Relay:
+    """A TCP relay to ``target`` that lets ``puts`` PUT requests through and then cuts every
+    connection that starts another one (S3 going away in the middle of a write)."""
+
+    def __init__(self, target_port: int, puts: int) -> None:
+        self.target_port, self.puts = target_port, puts
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source, sink, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_client and data.startswith(b"PUT "):
+                    with self.lock:
+                        self.puts -= 1
+                        cut = self.puts < 0
+                    if cut:
+                        break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    with moto_server() as url:
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine(v1_dir):
+    return tiny_engine(v1_dir)
+
+
+def s3_settings(url: str, prefix: str, attempts: int = 3) -> S3Settings:
+    return S3Settings(BUCKET, prefix, url, "us-east-1", connect_timeout=2, read_timeout=5,
+                      max_attempts=attempts)
+
+
+def upload(client, name: str):
+    return client.post("/voices", data={"name": name, "prompt_text": "希望你以后能够做的比我还好呦。"},
+                       files={"audio": ("p.wav", prompt_wav(1.0), "audio/wav")})
+
+
+def keys(url: str, prefix: str) -> list[str]:
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+                  .get("Contents", []))
+
+
+def test_a_voice_made_through_one_server_is_used_through_another(engine, s3_url, tmp_path):
+    settings = Settings(voices_dir=tmp_path / "unused", voices_s3=s3_settings(s3_url, "shared/"))
+    with ServerThread(create_app(engine, settings)) as a, ServerThread(
+        create_app(engine, settings)
+    ) as b, a.client() as ca, b.client() as cb:
+        assert upload(ca, "Nora").status_code == 201
+        # the other server sees it at once (read-through), in any case, and speaks with it
+        assert cb.get("/voices/nora").json()["name"] == "Nora"
+        assert upload(cb, "NORA").status_code == 409
+        spoken = cb.post("/tts", json={"text": "你好。", "speaker": "Nora", "seed": 1})
+        assert spoken.status_code == 200, spoken.text
+        samples, rate = decode(spoken.content)
+        assert rate == engine.sample_rate and len(samples) > 0
+        assert cb.get("/voices/Nora/audio").content == ca.get("/voices/Nora/audio").content
+        assert [v["name"] for v in cb.get("/voices").json()["data"]] == ["Nora"]
+        stored = keys(s3_url, "shared/")
+        assert "shared/voices/Nora.json" in stored
+        assert len([k for k in stored if k.startswith("shared/voice-data/Nora/")]) == 2
+        # deleted through one: gone for the other within the cache time, data freed
+        assert cb.delete("/voices/Nora").status_code == 200
+        assert wait_for(lambda: ca.get("/voices/Nora").status_code == 404, CACHE_TTL + 3)
+        assert ca.post("/tts", json={"text": "你好。", "speaker": "Nora"}).status_code == 404
+        assert keys(s3_url, "shared/") == []
+        # the name is free again, with new data (a new generation)
+        assert upload(ca, "nora").status_code == 201
+        assert cb.post("/tts", json={"text": "你好。", "speaker": "nora"}).status_code == 200
+
+
+def test_an_unreachable_bucket_at_start_names_bucket_and_endpoint(engine, s3_url, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    for url, bucket in ((dead, BUCKET), (s3_url, "no-such-bucket")):
+        settings = Settings(voices_dir=tmp_path, voices_s3=S3Settings(
+            bucket, "", url, "us-east-1", connect_timeout=1, read_timeout=2, max_attempts=1))
+        with pytest.raises(StorageError) as error:
+            create_app(engine, settings)
+        assert repr(bucket) in str(error.value) and url in str(error.value)
+
+
+def test_s3_failing_during_a_voice_write_is_503_and_leaves_no_half_voice(engine, s3_url, tmp_path):
+    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=1)  # prompt.wav goes up, then S3 is gone
+    try:
+        relayed = s3_settings(f"http://127.0.0.1:{relay.port}", "flaky/", attempts=1)
+        settings = Settings(voices_dir=tmp_path, voices_s3=relayed)
+        with ServerThread(create_app(engine, settings)) as server, server.client() as client:
+            failed = upload(client, "Half")
+            assert failed.status_code == 503, failed.text
+            assert failed.json()["error"]["type"] and "S3" in failed.json()["error"]["message"]
+            assert relay.puts < 0  # the write really was cut after its first object
+    finally:
+        relay.close()
+    # nothing visible: no manifest; the one data object written is unreferenced garbage at most
+    assert not [k for k in keys(s3_url, "flaky/") if k.startswith("flaky/voices/")]
+    store = S3VoiceStore(s3_settings(s3_url, "flaky/"))
+    assert store.entries() == [] and not store.has("Half")
+    healthy = Settings(voices_dir=tmp_path, voices_s3=s3_settings(s3_url, "flaky/"))
+    with ServerThread(create_app(engine, healthy)) as server, server.client() as client:
+        assert client.get("/voices").json()["data"] == []
+        assert upload(client, "Half").status_code == 201
+
+
+def test_two_processes_committing_one_name_one_wins(s3_url):
+    first, second = (S3VoiceStore(s3_settings(s3_url, "race/")) for _ in range(2))
+    files = {"prompt.wav": prompt_wav(1.0), "voice.json": b"{}"}
+    staged = [store.stage("Same", files) for store in (first, second)]
+    first.commit(staged[0])
+    with pytest.raises(FileExistsError):  # If-None-Match: the bucket refuses the second manifest
+        second.commit(staged[1])
+    second.discard(staged[1])
+    assert len([k for k in keys(s3_url, "race/") if k.endswith("prompt.wav")]) == 1
