@@ -334,3 +334,28 @@ def test_instruct_with_a_one_off_prompt_and_no_presets(v3_server):
         assert not [
             v for v in client.get("/v1/audio/voices").json()["data"] if v["kind"] == "alias"
         ]
+
+
+def test_prompt_cache_is_bounded_and_expires():
+    import torch
+
+    from cosyvoice_lite.frontend.prompt import PromptFeatures
+    from cosyvoice_lite.serving.prompts import PromptCache
+
+    def features(n: int) -> PromptFeatures:
+        return PromptFeatures(
+            torch.full((1, 4), n, dtype=torch.int32), torch.zeros(1, 8, 80), torch.zeros(1, 192)
+        )
+
+    cache = PromptCache(size=2, ttl=0.3)
+    keys = [PromptCache.key(bytes([i]) * 10, "", "v1-22050") for i in range(3)]
+    assert len(set(keys)) == 3 and PromptCache.key(b"a", "x", "v1") != PromptCache.key(
+        b"a", "y", "v1"
+    )
+    for i, key in enumerate(keys):
+        cache.put(key, features(i))
+    assert cache.get(keys[0]) is None  # least recently used, evicted
+    assert int(cache.get(keys[2]).speech_tokens[0, 0]) == 2
+    time.sleep(0.4)
+    assert cache.get(keys[1]) is None and cache.get(keys[2]) is None  # expired
+    assert PromptCache(size=0, ttl=10).get(keys[0]) is None

@@ -35,7 +35,7 @@ from .. import __version__
 from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
-from .errors import ApiError, from_engine_error, not_ready, overloaded
+from .errors import ApiError, from_engine_error, not_ready
 from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
 from .openai_api import openai_router
@@ -43,13 +43,14 @@ from .openapi import install_openapi
 from .outputs import OutputStore
 from .page_info import page_info
 from .prompts import PromptCache
-from .scheduler import Job, JobTimeout, Overloaded, Scheduler
+from .scheduler import Scheduler
 from .schemas import TTSRequest
 from .settings import Settings
-from .synthesis import Plan, plan_request, respond, supported_modes, voice_key
+from .synthesis import Plan, plan_request, respond, supported_modes
 from .upload_api import upload_router
+from .voice_create import save_voice
 from .voice_store_s3 import attachment, voice_store
-from .voices import VoiceExistsError, VoiceLibrary, validate_name
+from .voices import VoiceLibrary, validate_name
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -398,34 +399,7 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
         """Save a voice: prompt recording + its transcript (optional: without one the voice is
         used cross-lingually). Its features are computed once and stored on disk."""
         name, prompt_text, data = await _read_upload(request, state.settings)
-        validate_name(name)
-        engine = state.require_engine()
-        if name in engine.presets:
-            raise ApiError(409, f"{name!r} is a preset voice of this model; choose another name",
-                           code="voice_exists", param="name")
-        if library.exists(name):
-            raise ApiError(409, f"a voice named {name!r} already exists; delete it first",
-                           code="voice_exists", param="name")
-        job = Job(asyncio.get_running_loop(), time.monotonic() + state.settings.request_timeout)
-
-        def create():
-            return library.create(name, data, prompt_text, voice_key(engine), engine.encode_prompt,
-                                  max_seconds=state.settings.max_prompt_seconds)
-
-        try:
-            state.scheduler.call(job, create)
-        except Overloaded as exc:
-            state.metrics.count("rejected_total")
-            raise overloaded(exc.retry_after) from None
-        try:
-            voice = await job.next()
-        except JobTimeout:
-            raise ApiError(504, "computing the voice took too long", "timeout_error", "timeout") from None
-        except VoiceExistsError as exc:
-            raise ApiError(409, str(exc), code="voice_exists", param="name") from None
-        state.metrics.count("voices_created_total")
-        log.info("voice created", extra={"voice": name, "duration": voice.duration})
-        return JSONResponse(voice.to_api(), status_code=201)
+        return await save_voice(state, name, prompt_text, data)
 
     @app.get("/voices", tags=["voice library"])
     async def list_voices():

@@ -4,21 +4,18 @@ OpenAI's default voice names mapped onto this model's voices."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from ..errors import UnknownVoiceError
-from .errors import ApiError, overloaded
+from .errors import ApiError
 from .guard import check_text, check_texts
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted, read_form
-from .scheduler import Job, JobTimeout, Overloaded
 from .schemas import OPENAI_FORMATS, SpeechRequest
-from .synthesis import Plan, plan_request, respond, voice_key
-from .voices import VoiceExistsError, validate_name
+from .synthesis import Plan, plan_request, respond
+from .voice_create import save_voice
+from .voices import validate_name
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -323,41 +320,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
             (form.fields[k] for k in ("prompt_text", "transcript", "text") if k in form.fields), ""
         )
         check_texts(settings, name=name, prompt_text=text)
-        validate_name(name)
-        engine = state.require_engine()
-        if name in engine.presets or name in voice_aliases(state):
-            raise ApiError(
-                409,
-                f"{name!r} is a preset voice or alias here; choose another name",
-                code="voice_exists",
-                param="name",
-            )
-        job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
-
-        def create():
-            return state.library.create(
-                name,
-                data,
-                text,
-                voice_key(engine),
-                engine.encode_prompt,
-                max_seconds=settings.max_prompt_seconds,
-            )
-
-        try:
-            state.scheduler.call(job, create)
-        except Overloaded as exc:
-            raise overloaded(exc.retry_after) from None
-        try:
-            voice = await job.next()
-        except JobTimeout:
-            raise ApiError(
-                504, "computing the voice took too long", "timeout_error", "timeout"
-            ) from None
-        except VoiceExistsError as exc:
-            raise ApiError(409, str(exc), code="voice_exists", param="name") from None
-        state.metrics.count("voices_created_total")
-        return JSONResponse(voice.to_api(), status_code=201)
+        return await save_voice(state, name, text, data, reserved=voice_aliases(state))
 
     @router.delete(
         "/v1/audio/voices/{name}",

@@ -1,0 +1,70 @@
+"""Saving a voice from an upload, shared by ``POST /voices`` and ``POST /v1/audio/voices``:
+checks, then the features computed off the event loop and stored in the library."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+
+from fastapi.responses import JSONResponse
+
+from .errors import ApiError, overloaded
+from .scheduler import Job, JobTimeout, Overloaded
+from .synthesis import voice_key
+from .voices import VoiceExistsError, validate_name
+
+log = logging.getLogger("cosyvoice_lite.serving")
+
+
+async def save_voice(
+    state, name: str, prompt_text: str, data: bytes, reserved: Collection[str] = ()
+) -> JSONResponse:
+    """Store a voice named ``name`` (201 with its description); 409 if the name is a preset, one
+    of ``reserved`` (e.g. voice aliases) or already saved."""
+    validate_name(name)
+    engine = state.require_engine()
+    library, settings = state.library, state.settings
+    if name in engine.presets or name in reserved:
+        raise ApiError(
+            409,
+            f"{name!r} is a preset voice or alias of this model; choose another name",
+            code="voice_exists",
+            param="name",
+        )
+    if library.exists(name):
+        raise ApiError(
+            409,
+            f"a voice named {name!r} already exists; delete it first",
+            code="voice_exists",
+            param="name",
+        )
+    job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
+
+    def create():
+        return library.create(
+            name,
+            data,
+            prompt_text,
+            voice_key(engine),
+            engine.encode_prompt,
+            max_seconds=settings.max_prompt_seconds,
+        )
+
+    try:
+        state.scheduler.call(job, create)
+    except Overloaded as exc:
+        state.metrics.count("rejected_total")
+        raise overloaded(exc.retry_after) from None
+    try:
+        voice = await job.next()
+    except JobTimeout:
+        raise ApiError(
+            504, "computing the voice took too long", "timeout_error", "timeout"
+        ) from None
+    except VoiceExistsError as exc:
+        raise ApiError(409, str(exc), code="voice_exists", param="name") from None
+    state.metrics.count("voices_created_total")
+    log.info("voice created", extra={"voice": name, "duration": voice.duration})
+    return JSONResponse(voice.to_api(), status_code=201)
