@@ -433,3 +433,29 @@ def test_cosyvoice3_instructions_presets_and_phones(browser, tmp_path):
         page.screenshot(path=SCREENSHOT.replace(".png", "-v3.png"), full_page=True)
         assert not errors, errors
         context.close()
+
+
+def test_api_docs_render_without_internet(browser, server):
+    """Swagger UI comes from the server itself: with every other host blocked, /docs
+    still renders the operations."""
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_local)
+    page = context.new_page()
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=30000)
+    paths = page.eval_on_selector_all(".opblock-summary-path", "ps => ps.map(p => p.textContent)")
+    assert "/v1/audio/speech" in "".join(paths) and "/tts/upload" in "".join(paths)
+    assert not outside, outside
+    page.goto(f"{server.url}/redoc")  # ReDoc renders too (only its decorative logo is remote)
+    page.wait_for_selector(".api-content", timeout=30000)
+    assert all("logo" in url for url in outside), outside
+    context.close()

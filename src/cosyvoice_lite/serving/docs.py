@@ -1,5 +1,6 @@
 """``/docs`` (Swagger UI) and ``/redoc`` that work without internet: their scripts and styles come
-from the fastapi-offline package's files, served here, instead of FastAPI's default CDN."""
+from the fastapi-offline package's files, served here, instead of FastAPI's default CDN. (ReDoc
+still asks a CDN for its small "by Redocly" logo; the documentation renders without it.)"""
 
 from __future__ import annotations
 
