@@ -143,8 +143,37 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         default=10.0,
         help="seconds a graceful stop waits for requests and uploads (default 10)",
     )
+    add_ray_options(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
+
+
+def add_ray_options(serve: argparse.ArgumentParser) -> None:
+    """Several replicas on Ray Serve and a shared voice library (docs/DEPLOYMENT.md)."""
+    cluster = serve.add_argument_group("Ray Serve: several replicas (needs 'cosyvoice-lite[ray]')")
+    cluster.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve's HTTP proxy (at --host/--port), one model per replica",
+    )
+    count = cluster.add_mutually_exclusive_group()
+    count.add_argument("--replicas", type=int, default=1, help="replicas (default 1)")
+    count.add_argument(
+        "--autoscale", metavar="MIN:MAX", help="scale replicas on ongoing requests (e.g. 1:4)"
+    )
+    cluster.add_argument(
+        "--ray-address", help="join a running cluster (e.g. auto); default: start one here"
+    )
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
+    cluster.add_argument(
+        "--replica-gpus", type=float, default=0.0, help="GPUs per replica (e.g. 0.5 or 1)"
+    )
+    cluster.add_argument(
+        "--voices-s3-bucket",
+        help="keep the voice library in this S3 bucket, shared by all replicas "
+        "(--s3-endpoint-url and --s3-region apply)",
+    )
+    cluster.add_argument("--voices-s3-prefix", default="", help="key prefix for the voices")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -154,6 +183,10 @@ def settings_from_args(args: argparse.Namespace):
     if args.s3_bucket:
         s3 = S3Settings(args.s3_bucket, args.s3_prefix, args.s3_endpoint_url, args.s3_region)
     extra = {"voices_dir": args.voices_dir} if args.voices_dir else {}
+    if args.voices_s3_bucket:
+        extra["voices_s3"] = S3Settings(
+            args.voices_s3_bucket, args.voices_s3_prefix, args.s3_endpoint_url, args.s3_region
+        )
     aliases = {}
     for item in args.voice_alias:
         name, sep, voice = item.partition("=")
@@ -198,6 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import CosyVoiceError
 
         raise CosyVoiceError(f"bad server option: {exc}") from None
+    if args.ray:
+        return cmd_serve_ray(args, settings)
     from ..cli import set_threads
 
     set_threads(args.threads)  # once, before the model loads
@@ -218,3 +253,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(uvicorn_config(app, settings, args.host, args.port)).run()
     return 0
+
+
+def cmd_serve_ray(args: argparse.Namespace, settings) -> int:
+    """``serve --ray``: the same app on Ray Serve replicas (ray_serve.py)."""
+    from ..errors import CosyVoiceError
+    from .ray_serve import RayOptions, parse_autoscale, serve_on_ray
+
+    load = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "variant": args.variant,
+        "llm_checkpoint": args.llm_checkpoint,
+        "max_batch": args.workers,
+    }
+    try:
+        options = RayOptions(
+            replicas=args.replicas,
+            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+            address=args.ray_address,
+            replica_cpus=args.replica_cpus,
+            replica_gpus=args.replica_gpus,
+            host=args.host,
+            port=args.port,
+            load=load,
+            threads=args.threads,
+        )
+    except ValueError as exc:
+        raise CosyVoiceError(f"bad server option: {exc}") from None
+    return serve_on_ray(settings, options)
