@@ -16,6 +16,7 @@ steps; those keep running in torch.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,16 @@ def quantized(path: Path) -> Path:
     if not target.is_file() or target.stat().st_mtime < path.stat().st_mtime:
         target.parent.mkdir(exist_ok=True)
         partial = target.with_suffix(".partial.onnx")
-        quantize_dynamic(
-            str(path), str(partial), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8
-        )
+        logging.disable(logging.WARNING)  # the quantiser warns about every float64 constant
+        try:
+            quantize_dynamic(
+                str(path),
+                str(partial),
+                op_types_to_quantize=["MatMul"],
+                weight_type=QuantType.QInt8,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         partial.replace(target)
     return target
 
