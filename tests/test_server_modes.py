@@ -186,6 +186,24 @@ def test_ref_audio_errors(client):
     assert_error(converted, 404, "unknown voice")
 
 
+def test_voice_conversion_over_the_openai_api(client):
+    source = prompt_wav(1.2, amplitude=0.5)
+    body = {
+        "model": "tts-1",
+        "input": "",
+        "voice": "alloy",
+        "response_format": "wav",
+        "source_audio": data_uri(source),
+        "ref_audio": data_uri(prompt_wav(2.0)),
+    }
+    converted = client.post("/v1/audio/speech", json=body)
+    assert converted.status_code == 200, converted.text
+    audio, rate = decode(converted.content)
+    assert rate == 22050 and audio.size > 0
+    same = upload(client, prompt_wav(2.0), source=source)  # the multipart route, same request
+    assert abs(len(decode(same.content)[0]) - audio.size) <= 1
+
+
 def test_openai_voices_and_aliases(openai_client, client, v1_dir):
     voices = {v["id"]: v for v in client.get("/v1/audio/voices").json()["data"]}
     assert voices["中文女"]["kind"] == "preset" and voices["英文男"]["kind"] == "preset"
