@@ -264,6 +264,32 @@ def test_onnxruntime_backend_runs_the_engine_loop(export_root):
     got = np.concatenate([c.samples for c in engine.synthesize(request)])
     assert got.shape == want.shape
     assert np.abs(got - want).max() < 1e-3
+    assert not np.array_equal(got, want)  # computed by onnxruntime, not torch
+
+
+def test_say_with_the_onnxruntime_backend(export_root, tmp_path, capsys):
+    import soundfile
+
+    out = exported(3, export_root)
+    argv = ["say", "hello there", "--model", str(MODELS / "v3-tiny"), "--prompt-wav",
+            str(_prompt_wav()), "--prompt-text", "a prompt", "--seed", "3"]  # fmt: skip
+    assert main([*argv, "--backend", "onnxruntime", "-o", str(tmp_path / "a.wav")]) == 2
+    assert "needs --onnx-dir" in capsys.readouterr().err
+    v1_export = exported(1, export_root)
+    wrong = [
+        "--backend",
+        "onnxruntime",
+        "--onnx-dir",
+        str(v1_export),
+        "-o",
+        str(tmp_path / "b.wav"),
+    ]
+    assert main([*argv, *wrong]) == 2
+    assert "v1 export" in capsys.readouterr().err
+    good = ["--backend", "onnxruntime", "--onnx-dir", str(out), "-o", str(tmp_path / "c.wav")]
+    assert main([*argv, *good]) == 0
+    samples, rate = soundfile.read(tmp_path / "c.wav")
+    assert rate == 24000 and len(samples) > 0 and np.isfinite(samples).all()
 
 
 def _prompt_wav() -> Path:

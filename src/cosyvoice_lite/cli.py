@@ -114,6 +114,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="CPU threads for torch (default: torch's choice, one per core)",
     )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnxruntime", "onnxruntime-int8"],
+        help="run the flow estimator and vocoder through onnxruntime (needs --onnx-dir)",
+    )
+    parser.add_argument("--onnx-dir", help="graphs written by 'cosyvoice-lite export onnx'")
 
 
 def set_threads(threads: int | None) -> None:
@@ -141,6 +148,8 @@ def load_engine(args: argparse.Namespace, quiet: bool = False):
             dtype=args.dtype,
             variant=args.variant,
             llm_checkpoint=args.llm_checkpoint,
+            backend=args.backend,
+            onnx_dir=args.onnx_dir,
         )
     if not quiet:
         print(

@@ -75,7 +75,8 @@ class Engine:
     def load(cls, model: str | Path, device: str = "cpu", dtype: str = "float32",
              variant: str | None = None, llm_checkpoint: str = "llm.pt",
              download: bool = True, quantize: str | None = None,
-             flow_steps: int = 10, max_batch: int = 16, prefill_tokens: int = 4096) -> Engine:
+             flow_steps: int = 10, max_batch: int = 16, prefill_tokens: int = 4096,
+             backend: str = "torch", onnx_dir: str | Path | None = None) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
         ``variant`` overrides the v1 release detection (base / sft / instruct); ``llm_checkpoint``
@@ -83,17 +84,23 @@ class Engine:
         in that precision, ``quantize="int8"`` gives the LLM int8 linear layers (precision.py);
         ``flow_steps`` (official 10) trades the flow's quality for speed. ``max_batch`` requests
         decode together at most, and one step prefills at most ``prefill_tokens`` positions.
+        ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
+        vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
         """
         start = time.perf_counter()
         if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
             raise InvalidRequestError(f"llm_checkpoint must be a .pt file name in the model directory, "
                                       f"got {llm_checkpoint!r}")
         placement = resolve_placement(device, dtype, quantize)
+        from .export.runtime import check_backend, install_backend  # light: torch is loaded
+
+        check_backend(backend, onnx_dir, placement)
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         from .pipelines import factory  # version-specific wiring
 
         tokenizer = factory.text_tokenizer(model_dir)
         pipeline = factory.build_pipeline(model_dir, placement, llm_checkpoint, flow_steps)
+        pipeline = install_backend(pipeline, backend, onnx_dir)
         prompt_encoder = PromptEncoder(
             model_dir.path / "campplus.onnx",
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",

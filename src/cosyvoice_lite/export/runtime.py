@@ -197,3 +197,36 @@ def use_onnxruntime(
             raise ModelDirError(f"{export_dir} has no hift graph")
         put("hift", OrtVocoder(get("hift"), run))
     return pipeline_or_networks
+
+
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+
+
+def check_backend(backend: str, onnx_dir: str | Path | None, placement) -> None:  # noqa: ANN001
+    """Engine.load's backend options, checked before any network loads."""
+    from ..errors import DeviceError, InvalidRequestError
+
+    if backend not in BACKENDS:
+        raise InvalidRequestError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        if onnx_dir is not None:
+            raise InvalidRequestError("--onnx-dir is only used with --backend onnxruntime")
+        return
+    if onnx_dir is None:
+        raise InvalidRequestError(
+            f"--backend {backend} needs --onnx-dir: a directory written by "
+            "`cosyvoice-lite export onnx` for this model"
+        )
+    if placement.device.type != "cpu" or placement.dtype != torch.float32:
+        raise DeviceError(
+            f"--backend {backend} runs float32 graphs on the CPU; "
+            f"got {placement.device} / {placement.dtype}"
+        )
+    read_manifest(onnx_dir)
+
+
+def install_backend(pipeline, backend: str, onnx_dir: str | Path | None):  # noqa: ANN001, ANN201
+    """Engine.load's hook: nothing for torch, else `use_onnxruntime` on the built pipeline."""
+    if backend == "torch":
+        return pipeline
+    return use_onnxruntime(pipeline, onnx_dir, int8=backend.endswith("int8"))
