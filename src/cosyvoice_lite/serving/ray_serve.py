@@ -151,14 +151,14 @@ class ReplicaServer:
         set_threads(threads)
         started = time.perf_counter()
         self.engine = Engine.load(**load)
-        self.app = create_app(self.engine, settings)
+        self.server_app = create_app(self.engine, settings)  # not .app: Serve owns that
         log.info("replica ready in %.1f s", time.perf_counter() - started)
 
     def __serve_build_asgi_app__(self):
         from ray import serve
 
         replica = serve.get_replica_context().replica_id.unique_id
-        return ReplicaLabel(self.app, replica)
+        return ReplicaLabel(self.server_app, replica)
 
     async def check_health(self) -> None:
         """Serve's periodic probe: a replica whose engine loop no longer answers is replaced."""

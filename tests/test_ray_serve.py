@@ -1,0 +1,187 @@
+"""Issue 12, the server on Ray Serve: a real local Ray cluster (started here, 2 CPUs), two
+replicas of the tiny v1 model behind Serve's HTTP proxy, and the voice library in a real local S3
+server (moto). Every mode of the tiny model through the proxy; a voice created through the proxy
+used wherever the next requests land (both replicas seen); /ready and replica-labelled /metrics;
+overload answered 429; a replica killed with SIGKILL mid-load: its in-flight requests fail, no
+stored voice is lost, the living replica keeps answering and Ray starts a new one.
+
+Marked ``ray`` (deselect with ``-m 'not ray'``); about a minute on 2 cores, most of it starting
+the cluster and the replicas. Skipped only when ray cannot be imported."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from test_server_support import decode, free_port, prompt_wav, wait_for
+from test_voice_store_s3 import BUCKET, moto_server
+
+from cosyvoice_lite.serving import S3Settings, Settings
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'cosyvoice-lite[ray]')")
+serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+boto3 = pytest.importorskip("boto3")
+
+from cosyvoice_lite.serving.ray_serve import (  # noqa: E402 - after the skip
+    APP_NAME,
+    REPLICA_HEADER,
+    RayOptions,
+    build_application,
+)
+
+pytestmark = pytest.mark.ray
+
+VOICE = "Mira"
+TEXT = "你好，今天天气很好。"
+LONG_TEXT = "今天天气很好，我们一起去公园散步吧。" * 3
+
+
+@pytest.fixture(scope="module")
+def proxy(v1_dir, tmp_path_factory):
+    """Serve's proxy URL, 2 replicas (1 CPU each, batch 1 + queue 1) sharing an S3 library."""
+    with moto_server() as s3_url:
+        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(
+            Bucket=BUCKET)
+        # the replicas inherit this environment (S3 credentials, the vocabulary cache)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            settings = Settings(
+                voices_dir=tmp_path_factory.mktemp("voices"),
+                voices_s3=S3Settings(BUCKET, "ray/", s3_url, "us-east-1"),
+                workers=1, max_queue=1, log_requests=False)
+            options = RayOptions(replicas=2, replica_cpus=1, load={"model": str(v1_dir)},
+                                 health_check_period_s=1.0)
+            serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(proxy):
+    with httpx.Client(base_url=proxy, timeout=120) as c:
+        yield c
+
+
+def speak(client, speaker: str, **fields) -> httpx.Response:
+    return client.post("/tts", json={"text": TEXT, "speaker": speaker, "seed": 1, **fields})
+
+
+def assert_audio(response: httpx.Response) -> None:
+    assert response.status_code == 200, response.text
+    samples, rate = decode(response.content)
+    assert rate == 22050 and len(samples) > 0 and abs(samples).max() > 0
+
+
+def replica_pids() -> dict[str, int]:
+    """Replica id (as in X-Replica) -> process id, asked of each replica actor."""
+    pids = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::"):
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            pid = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+            pids[actor["name"].rsplit("#", 1)[1]] = pid
+    return pids
+
+
+def test_every_mode_and_a_shared_voice_through_the_proxy(client):
+    assert client.get("/ready").json()["status"] == "ready"
+    info = client.get("/info").json()
+    modes = info["model"]["modes"]
+    preset = client.get("/speakers").json()["speakers"][0]["name"]
+    created = client.post("/voices", data={"name": VOICE, "prompt_text": "希望你以后能够做的比我还好呦。"},
+                          files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
+    assert created.status_code == 201, created.text
+    seen = set()
+    for mode in modes:
+        if mode == "preset":
+            response = speak(client, preset, mode=mode)
+        elif mode == "instruct":
+            response = speak(client, preset, mode=mode, instruct="Speak happily.")
+        elif mode == "vc":
+            response = client.post("/tts/upload", data={"speaker": VOICE}, files={
+                "source_wav": ("s.wav", prompt_wav(1.0), "audio/wav")})
+        else:  # zero_shot, cross_lingual: the voice just created, on whichever replica
+            response = speak(client, VOICE, mode=mode)
+        assert_audio(response)
+        seen.add(response.headers[REPLICA_HEADER])
+    streamed = speak(client, VOICE, stream=True)
+    assert_audio(streamed)
+    seen.add(streamed.headers[REPLICA_HEADER])
+    # the saved voice is usable wherever the requests land: until both replicas have served
+    for _ in range(30):
+        if len(seen) == 2:
+            break
+        response = speak(client, VOICE)
+        assert_audio(response)
+        seen.add(response.headers[REPLICA_HEADER])
+    assert len(seen) == 2, seen
+    # each replica's /metrics names it; bad input gets the same JSON errors as one process
+    metrics = client.get("/metrics")
+    assert f'replica="{metrics.headers[REPLICA_HEADER]}"' in metrics.text
+    assert "cosyvoice_model_loaded{replica=" in metrics.text
+    error = client.post("/tts", json={"text": TEXT, "speaker": "nobody"})
+    assert error.status_code == 404 and error.json()["error"]["message"]
+
+
+def test_overload_is_answered_429(client):
+    def one(_):
+        return client.post("/tts", json={"text": LONG_TEXT, "speaker": VOICE, "seed": 1})
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, range(12)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    assert 429 in statuses and 200 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers.get("retry-after")
+
+
+def test_a_replica_killed_mid_load_loses_no_voice(client):
+    before = replica_pids()
+    assert len(before) == 2
+    victim, pid = next(iter(before.items()))
+
+    def one(_):
+        try:
+            response = client.post("/tts", json={"text": LONG_TEXT, "speaker": VOICE, "seed": 1})
+        except httpx.HTTPError as exc:  # a stream cut when its replica died
+            return type(exc).__name__
+        if response.status_code >= 500:  # the proxy says which replica died, and how
+            assert "died" in response.text or "unavailable" in response.text.lower(), response.text
+        return response.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(one, i) for i in range(4)]
+        time.sleep(0.3)  # the requests are in the replicas
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        outcomes = [f.result() for f in running]
+    # in-flight requests on the dead replica fail with a 5xx (or a cut stream), nothing hangs
+    assert all(o == 200 or o == 429 or not isinstance(o, int) or o >= 500 for o in outcomes), outcomes
+    # the cluster keeps answering with the living replica, and the voice is still there
+    for _ in range(4):
+        response = speak(client, VOICE)
+        assert_audio(response)
+        assert response.headers[REPLICA_HEADER] != victim
+    assert client.get(f"/voices/{VOICE}").status_code == 200
+    # Ray starts a new replica in place of the dead one
+    assert wait_for(lambda: len(replica_pids()) == 2 and victim not in replica_pids(), 90, 0.5)
+    recovered = time.monotonic() - killed
+    seen = set()
+    for _ in range(30):
+        response = speak(client, VOICE)
+        assert_audio(response)
+        seen.add(response.headers[REPLICA_HEADER])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2 and victim not in seen
+    print(f"\nreplica killed: outcomes {outcomes}; replaced after {recovered:.1f} s")
