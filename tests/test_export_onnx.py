@@ -200,6 +200,13 @@ def test_static_estimator_has_fixed_shapes(version, export_root):
     assert np.abs(got - want.numpy()).max() < TOL
     with pytest.raises(Exception, match="(?i)dimension|shape"):
         run(out / "flow_estimator_static.onnx", **dict(zip(names, inputs(STATIC + 2), strict=True)))
+    if version > 1:  # causal estimators: zero padding with mask 0 leaves the real frames alone
+        real = inputs(STATIC - 11)
+        with torch.inference_mode():
+            want = estimator(*real)
+        pad = [torch.nn.functional.pad(a, (0, 11)) if a.dim() == 3 else a for a in real]
+        (got,) = run(out / "flow_estimator_static.onnx", **dict(zip(names, pad, strict=True)))
+        assert np.abs(got[:, :, : STATIC - 11] - want.numpy()).max() < TOL
 
 
 # ------------------------------------------------------------------------------------ vocoder

@@ -250,8 +250,14 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
                 {},
                 est_example,
                 (static_frames, static_frames),
-                f"flow_estimator with every shape fixed at {static_frames} frames (static compilers; "
-                "pad x, mu, cond with zeros and mask with 0 beyond the real frames)",
+                f"flow_estimator with every shape fixed at {static_frames} frames (static compilers)"
+                + (
+                    "; the U-Net's GroupNorm spans all frames: padding changes the result, run "
+                    "chunks of exactly this size"
+                    if version == 1
+                    else "; pad x, mu, cond with zeros and mask with 0 beyond the real frames: "
+                    "the real frames come out as without padding"
+                ),
                 reference=lambda *a: estimator(*a),
             )
         )
