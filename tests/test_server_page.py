@@ -37,8 +37,8 @@ def engine(v1_dir):
 def server(engine, tmp_path_factory):
     settings = Settings(max_text_chars=80, voices_dir=tmp_path_factory.mktemp("page-voices"))
     # A short pause before each chunk makes "audio arrives while synthesis goes on" observable
-    # however fast the tiny model is.
-    with ServerThread(create_app(EngineProbe(engine, split=2, delay=0.1), settings)) as running:
+    # however fast the tiny model is (and however slowly a busy machine runs the browser).
+    with ServerThread(create_app(EngineProbe(engine, split=2, delay=0.25), settings)) as running:
         yield running
 
 
