@@ -185,3 +185,23 @@ def test_a_replica_killed_mid_load_loses_no_voice(client):
             break
     assert len(seen) == 2 and victim not in seen
     print(f"\nreplica killed: outcomes {outcomes}; replaced after {recovered:.1f} s")
+
+
+def test_a_serve_config_builds_the_same_deployment(v1_dir):
+    """What a Serve config file / KubeRay RayService gives (``app_builder``) is what the CLI
+    options give: autoscaling on ongoing requests, resources, the app's 429 before Serve's."""
+    from cosyvoice_lite.serving.ray_serve import app_builder
+
+    app = app_builder({"model": str(v1_dir), "autoscale": "1:3", "replica_cpus": 2,
+                       "replica_gpus": 0.5, "max_batch": 4, "max_queue": 4, "docs_public": True})
+    deployment = app._bound_deployment
+    config = deployment._deployment_config
+    assert config.autoscaling_config.min_replicas == 1
+    assert config.autoscaling_config.max_replicas == 3
+    assert config.autoscaling_config.target_ongoing_requests == 4  # one batch per replica
+    assert config.max_ongoing_requests > 8 and config.max_queued_requests == 8
+    assert deployment.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.5}
+    settings = deployment._replica_config.init_args[0]
+    assert settings.docs_public and settings.workers == 4
+    with pytest.raises(SystemExit):  # a bad option fails as on the command line
+        app_builder({"model": str(v1_dir), "replicas": 2, "autoscale": "1:3"})

@@ -255,10 +255,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve_ray(args: argparse.Namespace, settings) -> int:
-    """``serve --ray``: the same app on Ray Serve replicas (ray_serve.py)."""
-    from ..errors import CosyVoiceError
-    from .ray_serve import RayOptions, parse_autoscale, serve_on_ray
+def ray_options_from_args(args: argparse.Namespace):
+    """The Ray Serve options of ``serve --ray`` (ValueError for bad ones)."""
+    from .ray_serve import RayOptions, parse_autoscale
 
     load = {
         "model": args.model,
@@ -268,18 +267,26 @@ def cmd_serve_ray(args: argparse.Namespace, settings) -> int:
         "llm_checkpoint": args.llm_checkpoint,
         "max_batch": args.workers,
     }
+    return RayOptions(
+        replicas=args.replicas,
+        autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+        address=args.ray_address,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+        host=args.host,
+        port=args.port,
+        load=load,
+        threads=args.threads,
+    )
+
+
+def cmd_serve_ray(args: argparse.Namespace, settings) -> int:
+    """``serve --ray``: the same app on Ray Serve replicas (ray_serve.py)."""
+    from ..errors import CosyVoiceError
+    from .ray_serve import serve_on_ray
+
     try:
-        options = RayOptions(
-            replicas=args.replicas,
-            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
-            address=args.ray_address,
-            replica_cpus=args.replica_cpus,
-            replica_gpus=args.replica_gpus,
-            host=args.host,
-            port=args.port,
-            load=load,
-            threads=args.threads,
-        )
+        options = ray_options_from_args(args)
     except ValueError as exc:
         raise CosyVoiceError(f"bad server option: {exc}") from None
     return serve_on_ray(settings, options)

@@ -200,6 +200,30 @@ def build_application(settings: Settings, options: RayOptions):
     return deployment.bind(settings, options.load, threads)
 
 
+def app_builder(args: dict[str, Any]):
+    """The application for a Serve config file (``serve run``, KubeRay's RayService):
+    ``import_path: cosyvoice_lite.serving.ray_serve:app_builder`` with ``args`` holding options
+    of ``cosyvoice-lite serve`` by name (``model``, ``replicas`` or ``autoscale``,
+    ``replica_cpus``, ``voices_s3_bucket``, ``max_queue``, ...; ``true`` for a flag). The HTTP
+    address is the config's ``http_options``."""
+    import argparse
+
+    from .cli import add_serve_command, ray_options_from_args, settings_from_args
+
+    parser = argparse.ArgumentParser(prog="cosyvoice-lite")
+    add_serve_command(parser.add_subparsers())
+    argv = ["serve", "--ray"]
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            if item is True:
+                argv.append(flag)
+            elif item is not False and item is not None:
+                argv += [flag, str(item)]
+    options = parser.parse_args(argv)
+    return build_application(settings_from_args(options), ray_options_from_args(options))
+
+
 def check_voice_store(settings: Settings) -> None:
     """Fail before deploying when a voice bucket cannot be reached (StorageError naming it)."""
     if settings.voices_s3 is not None:
