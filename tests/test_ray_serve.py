@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,6 +36,7 @@ from cosyvoice_lite.serving.ray_serve import (  # noqa: E402 - after the skip
 
 pytestmark = pytest.mark.ray
 
+ROOT = Path(__file__).resolve().parents[1]
 VOICE = "Mira"
 TEXT = "你好，今天天气很好。"
 LONG_TEXT = "今天天气很好，我们一起去公园散步吧。" * 3
@@ -205,3 +207,21 @@ def test_a_serve_config_builds_the_same_deployment(v1_dir):
     assert settings.docs_public and settings.workers == 4
     with pytest.raises(SystemExit):  # a bad option fails as on the command line
         app_builder({"model": str(v1_dir), "replicas": 2, "autoscale": "1:3"})
+
+
+def test_the_kuberay_manifest_builds_its_application():
+    """deploy/kuberay/rayservice.yaml (not run on Kubernetes here): its Serve config is valid for
+    this Ray and its args build the deployment it describes."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from cosyvoice_lite.serving.ray_serve import app_builder
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "cosyvoice_lite.serving.ray_serve:app_builder"
+    deployment = app_builder(application["args"])._bound_deployment
+    assert deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
+    assert deployment._replica_config.init_args[0].voices_s3.bucket == "cosyvoice-voices"
