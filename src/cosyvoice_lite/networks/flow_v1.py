@@ -9,19 +9,36 @@ decoder then turns that into a mel, conditioned on the x-vector and on the promp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.crossfade import fade_in_out
 
 # The official code hard-codes the v1 mel frame rate (22050 Hz, hop 256) in the flow.
 _MEL_FRAMES_PER_SECOND = 22050 / 256
 # Tokens interpolated separately at each end of a long chunk: the streaming overlap of
 # `token_overlap_len` = 20 tokens in `cosyvoice/cli/model.py`.
 _OVERLAP_TOKENS = 20
+
+
+@dataclass
+class FlowV1StreamState:
+    """Per-request state of the v1 flow stream (the official keeps it in dicts keyed by uuid)."""
+
+    prompt_token: torch.Tensor
+    prompt_feat: torch.Tensor
+    embedding: torch.Tensor
+    generator: torch.Generator
+    overlap: int  # mel frames cross-faded between consecutive chunks
+    window: torch.Tensor
+    flow_cache: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 80, 0, 2))
+    mel_overlap: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 80, 0))
 
 
 def mel_frames_for_tokens(n_tokens: int, input_frame_rate: int = 50) -> int:
@@ -135,6 +152,46 @@ class MaskedDiffWithXvec(nn.Module):
         self.decoder = decoder
         self.length_regulator = length_regulator
 
+    # ---------------------------------------------------------------------------------------
+    # streaming: the official v1 chunking (chunks of hop + 20 overlap tokens, flow cache of the
+    # overlap's noise and mu, mel cross-fade), as the same new_stream / stream_step contract the
+    # v2 and v3 flows have
+
+    def new_stream(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                   embedding: torch.Tensor, generator: torch.Generator) -> FlowV1StreamState:
+        """Start a stream: prompt_token [1, P], prompt_feat [1, T, 80], embedding [1, 192];
+        the flow noise comes from ``generator``."""
+        overlap = int(_OVERLAP_TOKENS / self.input_frame_rate * _MEL_FRAMES_PER_SECOND)
+        window = torch.from_numpy(np.hamming(2 * overlap))
+        return FlowV1StreamState(prompt_token, prompt_feat, embedding, generator, overlap, window)
+
+    @torch.inference_mode()
+    def stream_step(self, state: FlowV1StreamState, token: torch.Tensor,
+                    finalize: bool = False) -> torch.Tensor:
+        """The mel [1, 80, m] of the next chunk of tokens [1, k] (the previous chunk's last 20
+        tokens again, then new ones). Without finalize the last overlap frames are held back
+        and cross-faded into the next chunk."""
+        device = token.device
+        mel, state.flow_cache = self.inference(
+            token=token,
+            token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=device),
+            prompt_token=state.prompt_token,
+            prompt_token_len=torch.tensor([state.prompt_token.shape[1]], dtype=torch.int32,
+                                          device=device),
+            prompt_feat=state.prompt_feat,
+            prompt_feat_len=torch.tensor([state.prompt_feat.shape[1]], dtype=torch.int32,
+                                         device=device),
+            embedding=state.embedding,
+            flow_cache=state.flow_cache,
+            generator=state.generator,
+        )
+        if state.mel_overlap.shape[2] != 0:
+            mel = fade_in_out(mel, state.mel_overlap, state.window)
+        if not finalize:
+            state.mel_overlap = mel[:, :, -state.overlap :]
+            mel = mel[:, :, : -state.overlap]
+        return mel
+
     @torch.inference_mode()
     def inference(
         self,
@@ -202,3 +259,4 @@ class MaskedDiffWithXvec(nn.Module):
             generator=generator,
         )
         return feat[:, :, mel_len1:].float(), flow_cache
+

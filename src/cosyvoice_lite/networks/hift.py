@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.crossfade import fade_in_out
 
 # ---------------------------------------------------------------------------------------------
 # weight norm, folded at load time
@@ -474,6 +476,48 @@ class HiFTGenerator(HiFTBase):
                 )
             s[:, :, : cache_source.shape[2]] = cache_source
         return self.decode(speech_feat, s), s
+
+
+    def new_stream(self, mel_cache: int) -> CrossFadeStream:
+        """Streaming state of the official v1/v2 vocoding: each chunk is vocoded with the last
+        ``mel_cache`` mel frames of the previous one in front, its source overwritten by the
+        previous source there, and the overlap cross-faded with a Hamming window."""
+        return CrossFadeStream(mel_cache, mel_cache * self.upsample_scale)
+
+    @torch.inference_mode()
+    def stream_step(self, state: CrossFadeStream, mel: torch.Tensor, generator: torch.Generator,
+                    finalize: bool, speed: float = 1.0) -> torch.Tensor:
+        """The waveform [1, N] of the next mel chunk [1, 80, T]; the last ``mel_cache`` frames'
+        worth of samples are held back for the cross-fade until ``finalize``. ``speed`` (last
+        chunk only, as the official) stretches the mel in time."""
+        if state.mel is not None:
+            mel = torch.concat([state.mel, mel], dim=2)
+            cache_source = state.source
+        else:
+            cache_source = torch.zeros(1, 1, 0, device=mel.device)
+        if finalize and speed != 1.0:
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+        speech, source = self.inference(speech_feat=mel, cache_source=cache_source,
+                                        generator=generator)
+        if state.speech is not None:
+            speech = fade_in_out(speech, state.speech, state.window)
+        if not finalize:
+            state.mel = mel[:, :, -state.mel_cache :]
+            state.source = source[:, :, -state.samples :]
+            state.speech = speech[:, -state.samples :]
+            speech = speech[:, : -state.samples]
+        return speech
+
+
+class CrossFadeStream:
+    """Per-request state of :meth:`HiFTGenerator.stream_step`."""
+
+    def __init__(self, mel_cache: int, samples: int) -> None:
+        self.mel_cache, self.samples = mel_cache, samples
+        self.window = torch.from_numpy(np.hamming(2 * samples))
+        self.mel: torch.Tensor | None = None  # look-back mel frames
+        self.source: torch.Tensor | None = None
+        self.speech: torch.Tensor | None = None  # samples held back for the cross-fade
 
 
 def _source_down_rates(upsample_rates: Sequence[int]) -> list[int]:

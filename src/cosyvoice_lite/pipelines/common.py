@@ -17,6 +17,7 @@ from ..decoding import (
     run_alone,
     speech_token_task,
 )
+from ..networks.crossfade import fade_in_out  # noqa: F401 - re-exported for callers
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,6 @@ class ModelInputs:
     prompt_speech_feat: torch.Tensor
     flow_embedding: torch.Tensor
     source_speech_token: torch.Tensor | None = None
-
-
-def fade_in_out(fade_in: torch.Tensor, fade_out: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Cross-fade the start of ``fade_in`` with the end of ``fade_out`` using a symmetric window.
-
-    The official multiplies float32 audio by a float64 numpy window; computing the blend in float64
-    and casting back reproduces its rounding exactly.
-    """
-    n = window.shape[0] // 2
-    out = fade_in.clone()
-    blended = (fade_in[..., :n].double() * window[:n].to(fade_in.device)
-               + fade_out[..., -n:].double() * window[n:].to(fade_in.device))
-    out[..., :n] = blended.to(out.dtype)
-    return out
 
 
 def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Task:

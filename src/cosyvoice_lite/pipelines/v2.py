@@ -14,19 +14,17 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..decoding import OFFICIAL_LENGTHS, LengthPolicy, Task, drop_long_silences
 from ..versions import spec
-from .common import ModelInputs, decoding_task, fade_in_out, run_task_alone
+from .common import ModelInputs, decoding_task, run_task_alone
 
 TOKEN_HOP = 25  # training chunk size: the first hop
 MAX_TOKEN_HOP = 100
 HOP_GROWTH = 2
 V2_MEL_CACHE = 8  # vocoder look-back (mel frames) for the v2 HiFT cross-fade
-HOP_LENGTH = 480  # vocoder samples per mel frame (24 kHz)
 
 
 @dataclass
@@ -36,10 +34,7 @@ class _Stream:
     tokens: list[int] = field(default_factory=list)
     offset: int = 0  # tokens already turned into mel
     hop: int = TOKEN_HOP
-    hift_mel: torch.Tensor | None = None  # v2: look-back mel frames for the cross-fade
-    hift_source: torch.Tensor | None = None
-    hift_speech: torch.Tensor | None = None
-    hift_stream: object | None = None  # v3: the causal vocoder's streaming state
+    vocoder: object | None = None  # the vocoder's stream (cross-fade, or v3's causal window)
 
 
 class V2Segment:
@@ -98,8 +93,6 @@ class V2Pipeline:
         self.spec = spec(version)
         self.lookahead = int(flow.pre_lookahead_len)
         self.mel_ratio = int(flow.token_mel_ratio)
-        self.source_cache_len = V2_MEL_CACHE * HOP_LENGTH
-        self.speech_window = torch.from_numpy(np.hamming(2 * self.source_cache_len))
 
     @property
     def device(self) -> torch.device:
@@ -173,33 +166,19 @@ class V2Pipeline:
                 finalize: bool, speed: float = 1.0) -> torch.Tensor:
         if self.spec.causal_vocoder:
             return self._vocode_causal(state, mel, finalize, speed)
-        if state.hift_mel is not None:
-            mel = torch.concat([state.hift_mel, mel], dim=2)
-            cache_source = state.hift_source
-        else:
-            cache_source = torch.zeros(1, 1, 0, device=mel.device)
-        if finalize and speed != 1.0:
-            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        speech, source = self.hift.inference(speech_feat=mel, cache_source=cache_source,
-                                             generator=generator)
-        if state.hift_speech is not None:
-            speech = fade_in_out(speech, state.hift_speech, self.speech_window)
-        if not finalize:
-            state.hift_mel = mel[:, :, -V2_MEL_CACHE:]
-            state.hift_source = source[:, :, -self.source_cache_len:]
-            state.hift_speech = speech[:, -self.source_cache_len:]
-            speech = speech[:, : -self.source_cache_len]
-        return speech
+        if state.vocoder is None:
+            state.vocoder = self.hift.new_stream(V2_MEL_CACHE)
+        return self.hift.stream_step(state.vocoder, mel, generator, finalize, speed)
 
     def _vocode_causal(self, state: _Stream, mel: torch.Tensor, finalize: bool,
                        speed: float) -> torch.Tensor:
         """v3: the causal vocoder. Streams keep a window of recent frames and the running source
         phase (the official re-vocodes the whole history each chunk); a whole utterance is one call."""
-        if state.hift_stream is None and finalize:  # not streaming (or a single-chunk stream)
+        if state.vocoder is None and finalize:  # not streaming (or a single-chunk stream)
             if speed != 1.0:
                 mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
             speech, _ = self.hift.inference(speech_feat=mel, finalize=True)
             return speech
-        if state.hift_stream is None:
-            state.hift_stream = self.hift.new_stream()
-        return self.hift.stream_step(state.hift_stream, mel, finalize=finalize)
+        if state.vocoder is None:
+            state.vocoder = self.hift.new_stream()
+        return self.hift.stream_step(state.vocoder, mel, finalize=finalize)
