@@ -125,7 +125,8 @@ def _streaming(version: int) -> dict:
         "pre_lookahead_len tokens only as look-ahead) and keeps the new frames; "
         "the final call uses flow_encoder and flow_estimator",
         "hift": (
-            "re-vocode the mel history each chunk and emit only new samples "
+            "official scheme: call hift_chunk on the whole mel history at every chunk and emit "
+            "the samples beyond those already emitted; hift on the whole history at the end"
             if version == 3
             else "keep the last 8 mel frames and 8 * 480 source samples as cache_source, "
             "cross-fade the waveform (Hamming window)"

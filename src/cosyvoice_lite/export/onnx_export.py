@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CosyVoiceError, InvalidRequestError
+from ..errors import CosyVoiceError
 from . import flow as flow_graphs
 from . import llm as llm_graphs
 from . import vocoder as vocoder_graphs
@@ -30,7 +30,6 @@ from . import vocoder as vocoder_graphs
 log = logging.getLogger(__name__)
 
 OPSET = 17
-MANIFEST_VERSION = 1
 DTYPES = ("float32", "float16")
 PARTS = ("llm", "flow", "hift")
 MAX_STATIC_FRAMES = 15000  # the v2/v3 flow's fixed noise covers 300 s of mel frames
@@ -100,6 +99,7 @@ def _ints(*shape: int, high: int = 100) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=_rng(), dtype=torch.int64)
 
 
+# Example inputs for tracing and checking; reseeded by every export, so exports are reproducible.
 _RNG = torch.Generator().manual_seed(20251213)
 
 
@@ -265,7 +265,6 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
 
 
 def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
-    module = vocoder_graphs.vocoder_graph(hift)
     causal = version == 3
 
     def example(n: int):
@@ -278,10 +277,10 @@ def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
     dynamic = {"mel": {2: "frames"}, "noise": {1: "samples"}, "speech": {1: "samples"}}
     if not causal:
         dynamic.update(cache_source={2: "cached_samples"}, source={2: "samples"})
-    return [
+    graphs = [
         Graph(
             "hift",
-            module,
+            vocoder_graphs.vocoder_graph(hift),
             inputs,
             outputs,
             dynamic,
@@ -290,6 +289,22 @@ def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
             "mel -> waveform, the source randomness as inputs",
         )
     ]
+    if causal:
+        graphs.append(
+            Graph(
+                "hift_chunk",
+                vocoder_graphs.vocoder_graph(hift, finalize=False),
+                inputs,
+                outputs,
+                {**dynamic, "speech": {1: "emitted_samples"}},
+                example,
+                (16, 23),
+                "the official streaming call on the mel history: the last 3 frames are f0 "
+                "look-ahead, the 4 before them conv_pre look-ahead, the last hop is dropped "
+                "(frames - 8) * hop samples; noise as for hift (frames * hop rows)",
+            )
+        )
+    return graphs
 
 
 # ------------------------------------------------------------------------------------ export
@@ -521,7 +536,7 @@ def export_onnx(
             path = staging / f"{graph.name}.onnx"
             _export_graph(graph, path)
             _name_output_dims(graph, path)
-            graph_dtype = dtype if graph.name != "hift" else "float32"
+            graph_dtype = dtype if not graph.name.startswith("hift") else "float32"
             if graph_dtype == "float16":
                 _to_float16(path)
             report = check_graph(graph, path, graph_dtype)
@@ -554,4 +569,4 @@ def export_onnx(
     return out_dir / "manifest.json"
 
 
-__all__ = ["ExportError", "InvalidRequestError", "export_onnx", "load_networks", "OPSET"]
+__all__ = ["ExportError", "OPSET", "check_options", "export_onnx", "load_networks"]

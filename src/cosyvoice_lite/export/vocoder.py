@@ -102,18 +102,37 @@ class HiFTGraph(_Decoder):
 
 
 class CausalHiFTGraph(_Decoder):
-    """v3 CausalHiFTGenerator.inference(finalize=True) with the fixed source buffers as inputs.
-    The f0 predictor runs in float64 as in torch (its convolutions as float64 matrix products:
-    ONNX runtimes seldom have float64 convolutions, and float32 here moves the phase visibly)."""
+    """v3 CausalHiFTGenerator.inference with the fixed source buffers as inputs. The f0 predictor
+    runs in float64 as in torch (its convolutions as float64 matrix products: ONNX runtimes
+    seldom have float64 convolutions, and float32 here moves the phase visibly).
+
+    finalize=False is the official streaming call on the mel history: the last 3 frames are only
+    f0 look-ahead, the 4 before them only conv_pre look-ahead, and the last hop is dropped, so
+    T frames give (T - 8) * upsample_scale samples."""
+
+    def __init__(self, hift: nn.Module, finalize: bool = True) -> None:
+        super().__init__(hift)
+        self.finalize = finalize
 
     def forward(self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         hift = self.hift
-        f0 = _upsample_f0(_f0_float64(hift.f0_predictor, mel).to(mel.dtype), hift.upsample_scale)
+        f0 = _f0_float64(hift.f0_predictor, mel, self.finalize).to(mel.dtype)
+        f0 = _upsample_f0(f0, hift.upsample_scale)
         gen = hift.m_source.l_sin_gen
         sine = _integrate_phase(gen, _add_start_phase(gen.harmonic_rads(f0), phase), "nearest")
-        source = _source(hift, gen, f0, sine, noise)
-        x = hift._upsample_and_fuse(hift.conv_pre(mel), self.source_stft(source))
-        return torch.clamp(self.waveform(x), -hift.audio_limit, hift.audio_limit)
+        source = _source(hift, gen, f0, sine, noise[:, : f0.shape[1]])
+        s_stft = self.source_stft(source)
+        if self.finalize:
+            x = hift.conv_pre(mel)
+        else:
+            look = hift.conv_pre_look_right
+            mel = mel[:, :, : -hift.f0_predictor.look_ahead]
+            x = hift.conv_pre(mel[:, :, :-look], mel[:, :, -look:])
+            s_stft = s_stft[:, :, : -math.prod(hift.upsample_rates) * look]
+        speech = self.waveform(hift._upsample_and_fuse(x, s_stft))
+        if not self.finalize:
+            speech = speech[:, : -hift.upsample_scale]
+        return torch.clamp(speech, -hift.audio_limit, hift.audio_limit)
 
 
 def _cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -153,10 +172,15 @@ def _source(
     return torch.tanh(hift.m_source.l_linear(sine * uv + noise_amp * noise)).transpose(1, 2)
 
 
-def _conv1d_float64(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
-    """A (causal) Conv1d of the v3 f0 predictor as one float64 MatMul over shifted slices."""
+def _conv1d_float64(x: torch.Tensor, conv: nn.Module, pad_right: bool = True) -> torch.Tensor:
+    """A (causal) Conv1d of the v3 f0 predictor as one float64 MatMul over shifted slices; a
+    right-looking conv without pad_right reads real look-ahead frames (one output per frame
+    that has them)."""
     pad = conv.causal_padding
-    x = F.pad(x, (pad, 0) if conv.causal_type == "left" else (0, pad))
+    if conv.causal_type == "left":
+        x = F.pad(x, (pad, 0))
+    elif pad_right:
+        x = F.pad(x, (0, pad))
     kernel, dilation = conv.kernel_size[0], conv.dilation[0]
     length = x.shape[2]
     taps = [x[:, :, i * dilation : length - (kernel - 1 - i) * dilation] for i in range(kernel)]
@@ -165,21 +189,21 @@ def _conv1d_float64(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     return torch.matmul(weight, patches) + conv.bias.double().unsqueeze(-1)
 
 
-def _f0_float64(predictor: nn.Module, mel: torch.Tensor) -> torch.Tensor:
-    """CausalConvRNNF0Predictor.forward(finalize=True) in float64, ELU written out."""
+def _f0_float64(predictor: nn.Module, mel: torch.Tensor, finalize: bool = True) -> torch.Tensor:
+    """CausalConvRNNF0Predictor.forward(mel, finalize) in float64, ELU written out."""
     x = mel.double()
-    for layer in predictor.condnet:
+    for index, layer in enumerate(predictor.condnet):
         if isinstance(layer, nn.ELU):
             x = torch.where(x > 0, x, torch.exp(x) - 1)
         else:
-            x = _conv1d_float64(x, layer)
+            x = _conv1d_float64(x, layer, pad_right=finalize or index > 0)
     weight, bias = predictor.classifier.weight.double(), predictor.classifier.bias.double()
     return torch.abs(F.linear(x.transpose(1, 2), weight, bias).squeeze(-1))
 
 
-def vocoder_graph(hift: nn.Module) -> nn.Module:
+def vocoder_graph(hift: nn.Module, finalize: bool = True) -> nn.Module:
     if hasattr(hift, "conv_pre_look_right"):
-        return CausalHiFTGraph(hift).eval()
+        return CausalHiFTGraph(hift, finalize).eval()
     return HiFTGraph(hift).eval()
 
 
