@@ -14,7 +14,7 @@ runs the estimator on a batch of two, the second row with mu, spks and cond zero
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -61,6 +61,32 @@ def time_span(n_timesteps: int, scheduler: str, like: torch.Tensor) -> torch.Ten
     if scheduler == "cosine":
         t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
     return t_span
+
+
+def euler_cfg(
+    x: torch.Tensor,
+    t_span: torch.Tensor,
+    rate: float,
+    velocity: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """The one Euler solver with classifier-free guidance, used by every flow (whole utterances
+    and incremental streams alike).
+
+    ``velocity(x, t, step)`` returns the estimator's output for the float32 state ``x`` (1, C, T)
+    at time ``t`` (1,) of Euler step ``step``, as two rows: conditional, unconditional. The
+    guided velocity is ``(1 + rate) * v_cond - rate * v_uncond``. t and dt are accumulated
+    exactly as the official loop does (t += dt, then dt = t_span[k+1] - t), which differs from
+    t_span[k] in the last float bits.
+    """
+    t = t_span[0].unsqueeze(0)
+    dt = t_span[1] - t_span[0]
+    for step in range(1, len(t_span)):
+        v_cond, v_uncond = torch.split(velocity(x, t, step - 1).float(), [1, 1], dim=0)
+        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+        t = t + dt
+        if step < len(t_span) - 1:
+            dt = t_span[step + 1] - t
+    return x
 
 
 class _EulerCFM(nn.Module):
@@ -128,21 +154,12 @@ class _EulerCFM(nn.Module):
         cond_in[0] = cond
         mask_in[:] = mask
 
-        rate = self.inference_cfg_rate
-        # t and dt are accumulated exactly as the official loop does (t += dt, then
-        # dt = t_span[k+1] - t), which differs from t_span[k] in the last float bits.
-        t = t_span[0].unsqueeze(0)
-        dt = t_span[1] - t_span[0]
-        for step in range(1, len(t_span)):
+        def velocity(x: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
             x_in[:] = x
             t_in[:] = t
-            velocity = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in,
-                                      streaming=streaming).float()
-            v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
-            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
+            return self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+
+        x = euler_cfg(x, t_span, self.inference_cfg_rate, velocity)
         return x.float()
 
 

@@ -38,7 +38,7 @@ from cosyvoice_lite.networks.conformer import (
     RelPositionMultiHeadedAttention,
     encoder_attention_mask,
 )
-from cosyvoice_lite.networks.flow_matching import time_span
+from cosyvoice_lite.networks.flow_matching import euler_cfg, time_span
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
 from cosyvoice_lite.networks.unet import CausalConv1d
 
@@ -484,25 +484,20 @@ class CausalMaskedDiffWithXvec(nn.Module):
         t_span = time_span(cfm.steps, cfm.t_scheduler, x)
         while len(state.estimator) < cfm.steps:
             state.estimator.append(_LayerCaches())
-        rate = cfm.inference_cfg_rate
-        t = t_span[0].unsqueeze(0)
-        dt = t_span[1] - t_span[0]
-        for step in range(1, len(t_span)):
-            velocity = _estimator_increment(
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+            return _estimator_increment(
                 cfm.estimator,
                 torch.cat([x, x], dim=0).to(dtype),
                 mu_in,
                 t.expand(2),  # float32, see solve_euler
                 spks_in,
                 cond_in,
-                state.estimator[step - 1],
+                state.estimator[step],
                 start,
-            ).float()
-            v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
-            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
+            )
+
+        x = euler_cfg(x, t_span, cfm.inference_cfg_rate, velocity)
         return x
 
 

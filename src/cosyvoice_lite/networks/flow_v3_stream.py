@@ -49,7 +49,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
-from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS, time_span
+from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS, euler_cfg, time_span
 
 if TYPE_CHECKING:
     from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT
@@ -296,25 +296,20 @@ def _decode_increment(
     while len(state.steps) < cfm.steps:
         state.steps.append(_StepCache(estimator.depth, state.cache_dtype, granule))
     t_span = time_span(cfm.steps, cfm.t_scheduler, x)
-    rate = cfm.inference_cfg_rate
-    t = t_span[0].unsqueeze(0)
-    dt = t_span[1] - t_span[0]
-    for step in range(1, len(t_span)):
-        velocity = _dit_increment(
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return _dit_increment(
             estimator,
             torch.cat([x, x], dim=0).to(dtype),
             mu_in,
             t.expand(_CFG_ROWS),  # float32, see solve_euler
             spks_in,
             cond_in,
-            state.steps[step - 1],
+            state.steps[step],
             start,
-        ).float()
-        v_cond, v_uncond = torch.split(velocity, [1, 1], dim=0)
-        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-        t = t + dt
-        if step < len(t_span) - 1:
-            dt = t_span[step + 1] - t
+        )
+
+    x = euler_cfg(x, t_span, cfm.inference_cfg_rate, velocity)
     return x
 
 
