@@ -550,9 +550,17 @@ def export_onnx(
             }
             entries[graph.name] = entry
             if progress:
+                peak = report.get("fp32_peak_activation")
+                overflow = (
+                    f", float32 peak |activation| {peak['value']:.3g}"
+                    + (" OVERFLOWS float16" if peak["overflows_float16"] else "")
+                    if peak
+                    else ""
+                )
                 progress(
-                    f"{graph.name}: {entry['bytes'] / 1e6:.1f} MB, max |onnxruntime - torch| "
-                    f"{report['max_abs_error']:.2e} ({time.perf_counter() - start:.1f} s)"
+                    f"{graph.name} ({graph_dtype}): {entry['bytes'] / 1e6:.1f} MB, max |onnxruntime"
+                    f" - torch| {report['max_abs_error']:.2e}{overflow}"
+                    f" ({time.perf_counter() - start:.1f} s)"
                 )
         from .manifest import build_manifest
 
