@@ -11,8 +11,10 @@ warm-up, ``--requests`` /tts requests (the same texts and seeds everywhere) are 
 ``--clients`` concurrent clients; printed: requests/s, p50/p95 latency, failures, and the
 resident memory of each serving process. (3) With 2 replicas, a replica is killed with SIGKILL
 while the clients run: printed are the requests that failed, the time until requests succeed
-again and until Ray has a second replica again. Ratios against the plain server, the load
-average and the floors (a /health round trip direct and through the proxy) close the report.
+again and until Ray has a second replica again. (4) Autoscaling 1:2 under twice the clients:
+the time until Serve runs a second replica (Serve's default delays). Ratios against the plain
+server, the load average and the floors (a /health round trip direct and through the proxy)
+close the report.
 
 Sizing for full-size models: benchmarks/bench_serving.py (one process, real model sizes).
 """
@@ -20,6 +22,7 @@ Sizing for full-size models: benchmarks/bench_serving.py (one process, real mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -132,6 +135,27 @@ def replica_pids(ray) -> dict[str, int]:
     return pids
 
 
+def count_replicas(ray) -> int:
+    """Replicas that answer (0 while one is starting or dying)."""
+    try:
+        return len(replica_pids(ray))
+    except Exception:  # noqa: BLE001 - a replica starting or gone
+        return 0
+
+
+def ray_overhead_mb(replicas: set[int]) -> float:
+    """RSS of this machine's Ray processes other than the replicas (and this driver)."""
+    total = 0
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if process.info["pid"] in replicas or process.info["pid"] == os.getpid():
+            continue
+        if "ray" in command and ("site-packages/ray" in command or command.startswith("ray::")):
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+    return total / 2**20
+
+
 def line(name: str, r: dict, memory: str) -> None:
     print(
         f"{name:<22} {r['rps']:7.2f} req/s   p50 {r['p50'] * 1000:7.0f} ms   "
@@ -204,7 +228,7 @@ def main() -> int:
                 replicas=replicas,
                 replica_cpus=1,
                 threads=1,
-                load={"model": args.model},
+                load={"model": args.model, "max_batch": settings.workers},
                 health_check_period_s=1.0,
             )
             started = time.perf_counter()
@@ -221,6 +245,11 @@ def main() -> int:
                 f"{deploy:.1f} s",
             )
         proxy_floor = health_floor(url)
+        overhead = ray_overhead_mb(set(replica_pids(ray).values()))
+        print(
+            f"Ray's own processes (GCS, raylet, agents, Serve controller and proxy, idle "
+            f"workers): {overhead:.0f} MB RSS"
+        )
 
         # (3) a replica killed with SIGKILL under load
         pids = replica_pids(ray)
@@ -252,6 +281,43 @@ def main() -> int:
             f"(in flight on the dead replica); first request started after the kill and "
             f"served: +{first_ok:.2f} s; Ray had 2 replicas again after "
             f"{events.get('replaced', float('nan')) - events['killed']:.1f} s"
+        )
+
+        # (4) autoscaling 1:2 on ongoing requests (Serve's default delays): time to scale up
+        options = RayOptions(
+            autoscale=(1, 2),
+            replica_cpus=1,
+            threads=1,
+            load={"model": args.model, "max_batch": settings.workers},
+            health_check_period_s=1.0,
+        )
+        serve.delete(APP_NAME)  # a fresh deployment starts at its initial (minimum) replicas
+        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        start, stop = time.perf_counter(), threading.Event()
+        before = count_replicas(ray)
+
+        def keep_busy() -> None:
+            with httpx.Client(base_url=url, timeout=120) as client:
+                i = 0
+                while not stop.is_set():
+                    one_request(client, i)
+                    i += 1
+
+        busy = [threading.Thread(target=keep_busy) for _ in range(2 * args.clients)]
+        for thread in busy:
+            thread.start()
+        scaled = None
+        while time.perf_counter() - start < 150 and scaled is None:
+            time.sleep(1)
+            if count_replicas(ray) == 2:
+                scaled = time.perf_counter() - start
+        stop.set()
+        for thread in busy:
+            thread.join()
+        print(
+            f"autoscale 1:2: {before} replica at start, 2 after "
+            f"{scaled if scaled is not None else float('nan'):.0f} s of "
+            f"{2 * args.clients} busy clients"
         )
     finally:
         serve.shutdown()
