@@ -77,6 +77,7 @@ class S3VoiceStore:
         self._lock = threading.Lock()
         self._manifests: dict[str, tuple[float, bytes, str]] = {}  # name -> (read at, body, gen)
         self._listing: tuple[float, list[str]] | None = None
+        self._present: set[str] = set()  # data keys seen: a generation's files never change
 
     # ------------------------------------------------------------------ keys and errors
     def _key(self, *parts: str) -> str:
@@ -182,7 +183,12 @@ class S3VoiceStore:
             _, generation, _ = self._manifest(name)
             if file == "voice.json":
                 return True
-            self.client.head_object(Bucket=self.bucket, Key=self._data_key(name, generation, file))
+            key = self._data_key(name, generation, file)
+            if key in self._present:
+                return True
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            with self._lock:
+                self._present.add(key)
         except FileNotFoundError:
             return False
         except Exception as exc:  # noqa: BLE001
@@ -252,6 +258,8 @@ class S3VoiceStore:
         finally:
             self._forget(name)
         prefix = self._data_key(name, generation)
+        with self._lock:
+            self._present = {key for key in self._present if not key.startswith(prefix)}
         try:  # the voice is gone already; its data is only garbage now
             listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
             keys = [{"Key": item["Key"]} for item in listing.get("Contents", [])]
