@@ -130,7 +130,11 @@ def test_upload_errors(client):
     assert_error(upload(client, b"x" * 400_001, text=TEXT), 413, "too large")
     assert_error(upload(client, prompt_wav(9.0), text=TEXT), 400, "too long", "8 s")
     assert_error(upload(client, prompt_wav(0.2), text=TEXT), 400, "too short")
-    assert_error(upload(client, prompt_wav(2.0), text=TEXT, instruct="开心"), 400, "CosyVoice2/3")
+    error = assert_error(
+        upload(client, prompt_wav(2.0), text=TEXT, instruct="开心"), 400, "CosyVoice2/3"
+    )
+    assert error["code"] == "unsupported_mode"
+    assert error["supported_modes"] == ["preset", "zero_shot", "cross_lingual", "vc"]
     assert_error(upload(client, prompt_wav(2.0), text=TEXT, mode="zero_shot"), 400, "transcript")
     assert_error(upload(client, prompt_wav(2.0), text=TEXT, speed="fast"), 400, "speed")
     assert_error(upload(client, prompt_wav(2.0), text=TEXT, format="aac"), 400, "format")
