@@ -18,16 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server_support import decode, free_port, prompt_wav, wait_for
-from test_voice_store_s3 import BUCKET, moto_server
-
-from cosyvoice_lite.serving import S3Settings, Settings
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'cosyvoice-lite[ray]')")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
-boto3 = pytest.importorskip("boto3")
 
-from cosyvoice_lite.serving.ray_serve import (  # noqa: E402 - after the skip
+import boto3  # noqa: E402 - dev dependencies, as moto (the S3 server)
+from test_server_support import decode, free_port, prompt_wav, wait_for  # noqa: E402
+from test_voice_store_s3 import BUCKET, moto_server  # noqa: E402
+
+from cosyvoice_lite.serving import S3Settings, Settings  # noqa: E402
+from cosyvoice_lite.serving.ray_serve import (  # noqa: E402
     APP_NAME,
     REPLICA_HEADER,
     RayOptions,
