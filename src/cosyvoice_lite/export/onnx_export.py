@@ -53,6 +53,8 @@ class Graph:
     sizes: tuple[int, int]  # (trace size, check size)
     doc: str
     reference: Callable[..., tuple[torch.Tensor, ...]] | None = None  # torch network itself
+    # how far torch's own output moves when its input moves by one float32 ulp (noise floor)
+    floor: Callable[..., float] | None = None
     input_docs: dict[str, str] = field(default_factory=dict)
 
 
@@ -290,6 +292,17 @@ def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
         )
     ]
     if causal:
+
+        def floor(mel: torch.Tensor, *_: torch.Tensor, finalize: bool = True) -> float:
+            """torch's own output change when the source moves by one ulp (v3 vocoder)."""
+            with torch.inference_mode():
+                _, source = hift.inference(mel, finalize=finalize)
+                if not finalize:
+                    mel = mel[:, :, : -hift.f0_predictor.look_ahead]
+                nudged = hift.decode(mel, source * (1 + 2.0**-23), finalize=finalize)
+                return float((nudged - hift.decode(mel, source, finalize=finalize)).abs().max())
+
+        graphs[0].floor = floor
         graphs.append(
             Graph(
                 "hift_chunk",
@@ -302,6 +315,7 @@ def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
                 "the official streaming call on the mel history: the last 3 frames are f0 "
                 "look-ahead, the 4 before them conv_pre look-ahead, the last hop is dropped "
                 "(frames - 8) * hop samples; noise as for hift (frames * hop rows)",
+                floor=lambda *a: floor(*a, finalize=False),
             )
         )
     return graphs
@@ -434,6 +448,8 @@ def check_graph(graph: Graph, path: Path, dtype: str) -> dict:
         speech = run_graph(_session(path), graph.inputs, tuple(given[n] for n in graph.inputs))[0]
         errors["speech_given_source"] = float(np.abs(speech - expected[0].numpy()).max())
     checked = {k: v for k, v in errors.items() if k != "speech_free_running"}
+    if graph.floor is not None:
+        errors["torch_float32_floor"] = graph.floor(*inputs)
     report = {
         "max_abs_error": max(checked.values()),
         "per_output": errors,
