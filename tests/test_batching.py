@@ -222,7 +222,7 @@ def test_max_batch_bounds_the_rows_stepped_together(tmp_path: Path) -> None:
 
     def watch():
         while not stop.is_set():
-            seen.append(engine.loop.active)
+            seen.append(engine.loop.decoding)
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)

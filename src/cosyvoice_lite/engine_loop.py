@@ -3,9 +3,11 @@
 Each step: admit waiting requests (their prompt and first segment are prepared then), feed every
 row that needs it (a joining row's prefill alone, within a token budget; every decoding row's next
 token in one batched call, each row on its own KV cache), hand each row its log-probabilities,
-sample with the row's own generator, push the tokens into the row's audio stage (which computes a
-flow + vocoder chunk when one is ready) and deliver the audio at once. Finished, failed and
-cancelled rows leave at the next step; a failing row fails alone.
+sample with the row's own generator, and hand the tokens to the audio worker. The audio worker (a
+second thread) runs each row's audio stage: a flow + vocoder chunk when one is ready, delivered at
+once. So decoding goes on while a chunk is being vocoded, and the first chunk of one request never
+waits for the flow work of another. Finished, failed and cancelled rows leave at the next step; a
+failing row fails alone.
 
 LLM decoding is memory-bound, so stepping 8 rows costs little more than stepping 1: that is where
 the throughput of concurrent requests comes from. A single request is a batch of one, so the CLI,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -66,7 +69,7 @@ class Job:
         self.cancelled.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     job: Job
     run: Run
@@ -76,6 +79,83 @@ class _Row:
     cache: Any = None
     feed: Feed | None = None
     reply: torch.Tensor | None = None
+    failed: bool = False  # its audio stage failed: the loop drops the row at the next step
+    on_end: Callable[[_Row], None] | None = None
+    _ended: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def end(self, error: BaseException | None) -> None:
+        """End the request once (from whichever thread gets there first)."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        if error is not None and not isinstance(error, Exception):
+            error = RuntimeError(f"synthesis stopped: {error!r}")
+        if self.on_end is not None:
+            self.on_end(self)
+        self.job.sink.end(error)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+
+@dataclass(frozen=True)
+class _AudioWork:
+    row: _Row
+    audio: Any  # the segment's audio stage (V1Segment / V2Segment)
+    segment: int
+    token: int | None = None  # None: the segment's tokens are complete
+    last: bool = False  # the request's last segment
+
+
+class AudioWorker:
+    """The thread that runs every row's audio stage (flow + vocoder chunks), in order per row.
+
+    Tokens and segment ends arrive from the loop thread; a chunk goes to the request as soon as it
+    is computed. A failing stage fails its row alone.
+    """
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self.compute = compute
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
+        self._thread.start()
+
+    def put(self, work: _AudioWork) -> None:
+        self._queue.put(work)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _main(self) -> None:
+        with torch.inference_mode():
+            while (work := self._queue.get()) is not None:
+                row = work.row
+                if row.ended or row.job.cancelled.is_set():
+                    if work.token is None and work.last:
+                        row.end(None)
+                    continue
+                try:
+                    with self.compute():
+                        self._do(work)
+                except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
+                    row.failed = True
+                    row.end(exc)
+
+    @staticmethod
+    def _do(work: _AudioWork) -> None:
+        run = work.row.run
+        if work.token is not None:
+            piece = work.audio.push(work.token)
+            if piece is not None:
+                run.emit(piece, work.segment, False)
+            return
+        run.emit(work.audio.finish(), work.segment, work.last)
+        run.segment_done(work.segment)
+        if work.last:
+            work.row.end(None)
 
 
 @dataclass(frozen=True)
@@ -101,9 +181,11 @@ class EngineLoop:
         self.limits = limits
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # decoding
+        self._live: set[_Row] = set()  # admitted and not ended (decoding or vocoding)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._audio: AudioWorker | None = None
         self._stopping = False
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
@@ -111,6 +193,11 @@ class EngineLoop:
     # ------------------------------------------------------------------ submitting side
     @property
     def active(self) -> int:
+        """Requests admitted and not finished (decoding, or their last audio being computed)."""
+        return len(self._live)
+
+    @property
+    def decoding(self) -> int:
         return len(self._rows)
 
     @property
@@ -144,8 +231,12 @@ class EngineLoop:
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        if self._audio is not None:
+            self._audio.stop()
 
     def _ensure_thread(self) -> None:
+        if self._audio is None:
+            self._audio = AudioWorker(self.compute)
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
             self._thread.start()
@@ -196,9 +287,9 @@ class EngineLoop:
                     future.set_exception(exc)
 
     def _retire_cancelled(self) -> None:
-        for row in [r for r in self._rows if r.job.cancelled.is_set()]:
+        for row in [r for r in self._rows if r.job.cancelled.is_set() or r.failed]:
             self._remove(row)
-            row.job.sink.end(None)
+            row.end(None)  # a failed row has already ended with its error
 
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self.limits.max_batch:
@@ -210,12 +301,13 @@ class EngineLoop:
             try:
                 with self.compute():
                     run = job.prepare()
-                row = _Row(job, run)
+                row = _Row(job, run, on_end=self._live.discard)
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
                 job.sink.end(exc)
                 continue
             self._rows.append(row)
+            self._live.add(row)
             self._advance(row)
 
     def _start_segment(self, row: _Row, index: int) -> None:
@@ -280,11 +372,9 @@ class EngineLoop:
                 item = row.task.send(reply)
             except StopIteration:
                 last = row.segment == len(row.run.segments) - 1
-                row.run.emit(row.audio.finish(), row.segment, last)
-                row.run.segment_done(row.segment)
-                if last:
+                self._audio.put(_AudioWork(row, row.audio, row.segment, last=last))
+                if last:  # the audio worker ends the request once the audio is done
                     self._remove(row)
-                    row.job.sink.end(None)
                     return
                 self._start_segment(row, row.segment + 1)
                 continue
@@ -293,9 +383,7 @@ class EngineLoop:
                 return
             if item is WAIT:
                 return
-            piece = row.audio.push(item)
-            if piece is not None:
-                row.run.emit(piece, row.segment, False)
+            self._audio.put(_AudioWork(row, row.audio, row.segment, token=item))
 
     def _remove(self, row: _Row) -> None:
         if row in self._rows:
@@ -305,6 +393,4 @@ class EngineLoop:
         row.task = row.audio = row.cache = row.feed = row.reply = None
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
-        if not isinstance(exc, Exception):
-            exc = RuntimeError(f"synthesis stopped: {exc!r}")
-        row.job.sink.end(exc)
+        row.end(exc)
