@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import statistics
@@ -35,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared machine: no spinning OpenMP threads
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,11 @@ def health_floor(url: str, n: int = 50) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    """Resident memory of a process (Linux /proc), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def replica_pids(ray) -> dict[str, int]:
@@ -144,16 +148,16 @@ def count_replicas(ray) -> int:
 
 
 def ray_overhead_mb(replicas: set[int]) -> float:
-    """RSS of this machine's Ray processes other than the replicas (and this driver)."""
-    total = 0
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if process.info["pid"] in replicas or process.info["pid"] == os.getpid():
+    """RSS of this machine's Ray processes other than the replicas (and this driver), MB."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in replicas | {os.getpid()}:
             continue
-        if "ray" in command and ("site-packages/ray" in command or command.startswith("ray::")):
-            with contextlib.suppress(psutil.Error):
-                total += process.memory_info().rss
-    return total / 2**20
+        with contextlib.suppress(OSError):
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "site-packages/ray" in command or command.startswith("ray::"):
+                total += rss_mb(int(entry.name))
+    return total
 
 
 def line(name: str, r: dict, memory: str) -> None:
@@ -283,16 +287,18 @@ def main() -> int:
             f"{events.get('replaced', float('nan')) - events['killed']:.1f} s"
         )
 
-        # (4) autoscaling 1:2 on ongoing requests (Serve's default delays): time to scale up
+        # (4) autoscaling 1:2 on ongoing requests (Serve's default delays): time to scale up;
+        # batch 2, so that the busy clients are more ongoing requests than one replica's target
+        small = dataclasses.replace(settings, workers=2)
         options = RayOptions(
             autoscale=(1, 2),
             replica_cpus=1,
             threads=1,
-            load={"model": args.model, "max_batch": settings.workers},
+            load={"model": args.model, "max_batch": small.workers},
             health_check_period_s=1.0,
         )
         serve.delete(APP_NAME)  # a fresh deployment starts at its initial (minimum) replicas
-        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        serve.run(build_application(small, options), name=APP_NAME, route_prefix="/")
         start, stop = time.perf_counter(), threading.Event()
         before = count_replicas(ray)
 
