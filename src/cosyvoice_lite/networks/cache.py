@@ -1,4 +1,9 @@
-"""The one key/value cache type of every decoder: one sequence, every layer, growable.
+"""The one cache type of every network that decodes or streams incrementally.
+
+``GrowingBuffer`` holds per-position rows along a time axis (the second-to-last dimension) and
+grows with one policy; ``KVCache`` is a decoder's set of them for one sequence (every layer's
+keys and values, plus the v1 LLM's projected relative-position rows). The incremental flows
+(v2 U-Net and encoders, v3 DiT) keep their attention history in the same buffers.
 
 A cache belongs to one request (whisper's decoding task owns its cache the same way): batched
 decoding steps several requests' caches together, each row attending over its own cache, so a row
@@ -12,29 +17,70 @@ import torch
 MIN_CAPACITY = 64
 
 
-class KVCache:
-    """Per-layer tensors ``[layers, heads, capacity, head_dim]`` for the positions seen so far.
+class GrowingBuffer:
+    """Rows ``[..., capacity, dim]`` of which the first ``length`` along dim -2 are valid.
 
-    ``streams`` is how many such tensors each position has: 2 (keys, values), or 3 when the layers
-    also cache projected relative-position rows (the v1 LLM). Buffers are allocated on the first
-    write with that write's dtype and device, grow by doubling, and are written layer by layer; the
-    caller advances ``length`` once every layer has written the new positions.
+    When full it grows by a quarter (at least to what is needed, rounded up to ``granule``
+    positions, and never below ``MIN_CAPACITY``): amortised O(1) per position, at most ~25% unused
+    capacity. ``dtype`` stores the rows in another precision (e.g. float16 keys and values of a
+    float32 run, half the memory); reads convert back to the dtype written.
     """
 
-    __slots__ = ("num_layers", "streams", "tensors", "length")
+    __slots__ = ("data", "length", "dtype", "granule")
+
+    def __init__(self, dtype: torch.dtype | None = None, granule: int = 1) -> None:
+        self.data: torch.Tensor | None = None
+        self.length = 0
+        self.dtype = dtype
+        self.granule = max(granule, 1)
+
+    def write(self, start: int, rows: torch.Tensor) -> torch.Tensor:
+        """Store ``rows`` [..., n, dim] at positions ``start .. start + n`` (everything after is
+        dropped); returns the valid rows ``[..., start + n, dim]`` in the dtype of ``rows``."""
+        end = start + rows.size(-2)
+        capacity = 0 if self.data is None else self.data.size(-2)
+        if end > capacity:
+            grown_to = max(end, capacity + capacity // 4, MIN_CAPACITY)
+            grown_to = -(-grown_to // self.granule) * self.granule
+            shape = (*rows.shape[:-2], grown_to, rows.size(-1))
+            grown = rows.new_empty(shape, dtype=self.dtype or rows.dtype)
+            if self.data is not None:
+                grown[..., : self.length, :] = self.data[..., : self.length, :]
+            self.data = grown
+        self.data[..., start:end, :] = rows
+        self.length = end
+        return self.data[..., :end, :].to(rows.dtype)
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.write(self.length, rows)
+
+    def valid(self) -> torch.Tensor:
+        if self.data is None:
+            raise RuntimeError("empty buffer")
+        return self.data[..., : self.length, :]
+
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
+class KVCache:
+    """A decoder's cache for one sequence: for every layer, ``streams`` buffers ``[heads, T, dim]``.
+
+    ``streams`` is 2 (keys, values), or 3 when the layers also cache projected relative-position
+    rows (the v1 LLM). Layers write the new positions at ``length``; the caller advances
+    ``length`` once every layer has written.
+    """
+
+    __slots__ = ("num_layers", "streams", "buffers", "length")
 
     def __init__(self, num_layers: int, streams: int = 2) -> None:
         self.num_layers = num_layers
         self.streams = streams
-        self.tensors: list[torch.Tensor] = []
+        self.buffers = [[GrowingBuffer() for _ in range(streams)] for _ in range(num_layers)]
         self.length = 0
 
-    @property
-    def capacity(self) -> int:
-        return self.tensors[0].size(2) if self.tensors else 0
-
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        return sum(b.nbytes() for layer in self.buffers for b in layer)
 
     def write(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
         """Store ``new`` ([heads, T, head_dim] each, one per stream) at positions
@@ -43,26 +89,10 @@ class KVCache:
             raise ValueError(
                 f"this cache holds {self.streams} tensors per position, got {len(new)}"
             )
-        end = self.length + new[0].size(1)
-        self._reserve(end, new)
-        out = []
-        for buffer, rows in zip(self.tensors, new, strict=True):
-            buffer[layer, :, self.length : end] = rows
-            out.append(buffer[layer, :, :end])
-        return out
+        return [
+            buffer.write(self.length, rows)
+            for buffer, rows in zip(self.buffers[layer], new, strict=True)
+        ]
 
     def advance(self, n: int) -> None:
         self.length += n
-
-    def _reserve(self, needed: int, like: tuple[torch.Tensor, ...]) -> None:
-        if needed <= self.capacity:
-            return
-        capacity = max(needed, 2 * self.capacity, MIN_CAPACITY)
-        grown = []
-        for index, rows in enumerate(like):
-            heads, _, dim = rows.shape
-            buffer = rows.new_empty(self.num_layers, heads, capacity, dim)
-            if self.tensors:
-                buffer[:, :, : self.length] = self.tensors[index][:, :, : self.length]
-            grown.append(buffer)
-        self.tensors = grown

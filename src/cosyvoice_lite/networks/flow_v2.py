@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
     INPUT_LAYERS,
@@ -517,39 +518,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
 # official schedule is chunk-aligned, so it never has partial chunks before the last call).
 
 
-class _Growing:
-    """A [B, H, capacity, D] buffer with `length` valid rows along dim 2; grows by doubling."""
-
-    def __init__(self) -> None:
-        self.data: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, rows: torch.Tensor) -> torch.Tensor:
-        """Append rows [B, H, n, D]; returns the valid part [B, H, length, D] (a view)."""
-        end = self.length + rows.size(2)
-        if self.data is None or end > self.data.size(2):
-            capacity = max(end, 2 * (0 if self.data is None else self.data.size(2)), 64)
-            grown = rows.new_empty(*rows.shape[:2], capacity, rows.size(3))
-            if self.data is not None:
-                grown[:, :, : self.length] = self.data[:, :, : self.length]
-            self.data = grown
-        self.data[:, :, self.length : end] = rows
-        self.length = end
-        return self.data[:, :, :end]
-
-    def valid(self) -> torch.Tensor:
-        if self.data is None:
-            raise RuntimeError("empty buffer")
-        return self.data[:, :, : self.length]
-
-
 class _AttentionCache:
     """Keys and values of one attention layer (plus linear_pos rows for relative attention)."""
 
     def __init__(self) -> None:
-        self.keys = _Growing()
-        self.values = _Growing()
-        self.positions = _Growing()
+        self.keys = GrowingBuffer()
+        self.values = GrowingBuffer()
+        self.positions = GrowingBuffer()
 
 
 class _ConvTail:

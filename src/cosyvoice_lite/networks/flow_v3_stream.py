@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS, euler_cfg, time_span
 
@@ -66,40 +67,23 @@ _CFG_ROWS = 2
 
 
 class _KVCache:
-    """Keys and values of one attention layer at one Euler step, both CFG rows.
-
-    One buffer [2 (k, v), rows, heads, capacity, dim_head]. When full it grows by a quarter
-    (rounded up to whole chunks): few copies of the history, and at most ~25% unused capacity,
-    which matters at 3.6 MB per frame.
-    """
+    """Keys and values of one attention layer at one Euler step, both CFG rows
+    ([rows, heads, T, dim_head] each), stored in ``dtype`` (None: as computed)."""
 
     def __init__(self, dtype: torch.dtype | None, granule: int) -> None:
-        self.dtype = dtype
-        self.granule = max(granule, 1)
-        self.data: torch.Tensor | None = None
-        self.length = 0
+        self.keys = GrowingBuffer(dtype, granule)
+        self.values = GrowingBuffer(dtype, granule)
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append [rows, heads, n, dim_head] keys/values; returns all valid ones, in their dtype."""
-        n = keys.shape[2]
-        end = self.length + n
-        if self.data is None or end > self.data.shape[3]:
-            old = 0 if self.data is None else self.data.shape[3]
-            capacity = max(end, old + old // 4)
-            capacity = -(-capacity // self.granule) * self.granule
-            dtype = keys.dtype if self.dtype is None else self.dtype
-            grown = keys.new_empty((2, *keys.shape[:2], capacity, keys.shape[3]), dtype=dtype)
-            if self.data is not None:
-                grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
-            self.data = grown
-        self.data[0, :, :, self.length : end] = keys
-        self.data[1, :, :, self.length : end] = values
-        self.length = end
-        valid = self.data[:, :, :, :end]
-        return valid[0].to(keys.dtype), valid[1].to(values.dtype)
+        return self.keys.append(keys), self.values.append(values)
 
     def nbytes(self) -> int:
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+        return self.keys.nbytes() + self.values.nbytes()
 
 
 class _StepCache:
