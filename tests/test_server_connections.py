@@ -98,3 +98,63 @@ def test_descriptor_exhaustion_is_logged_once_per_interval(caplog):
     assert records[0].exc_info is None  # no traceback per line
     assert throttle.suppressed == 4999
     install_log_throttle()  # back to the default interval
+
+
+def test_descriptor_exhaustion_in_a_real_server_neither_floods_the_log_nor_wedges_it(
+    v1_dir, tmp_path
+):
+    """`serve` with 256 descriptors and 600 idle connections thrown at it: the log stays short,
+    and once the header timeout has closed the idle ones the server answers again."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from test_server_support import wait_for
+
+    port = free_port()
+    command = [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(v1_dir),
+               "--port", str(port), "--voices-dir", str(tmp_path / "voices"),
+               "--header-timeout", "2", "--max-connections", "1000", "--log-format", "text"]
+
+    def limit_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                   preexec_fn=limit_descriptors, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+
+    def health(path: str = "/health") -> int | None:
+        try:
+            return httpx.get(f"{url}{path}", timeout=3).status_code
+        except httpx.TransportError:
+            return None
+
+    sockets: list[socket.socket] = []
+    try:
+        assert wait_for(lambda: health("/ready") == 200, timeout=120), "model did not load"
+        for _ in range(600):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                sock.sendall(b"GET /health HTTP/1.1\r\n")  # half a request
+                sockets.append(sock)
+            except OSError:
+                break
+        time.sleep(1)
+        open_fds = len(os.listdir(f"/proc/{process.pid}/fd"))
+        time.sleep(2)
+        for sock in sockets:
+            sock.close()
+        assert wait_for(lambda: health("/ready") == 200, timeout=15)
+    finally:
+        for sock in sockets:
+            sock.close()
+        process.terminate()
+        process.wait(timeout=30)
+    lines = log_path.read_text(errors="replace").splitlines()
+    print(f"descriptor exhaustion: {len(sockets)} connections, {open_fds} descriptors open, "
+          f"{len(lines)} log lines")
+    assert len(lines) < 100, "\n".join(lines[-20:])
+    assert sum("Traceback" in line for line in lines) <= 2

@@ -201,8 +201,8 @@ def test_docs_follow_the_api_key(engine, tmp_path, public):
 def test_stream_that_times_out_is_aborted_not_ended(engine, tmp_path):
     """A streamed WAV cut by the request timeout must not look complete: the chunked transfer
     is aborted (no final chunk) and counted."""
-    slow = EngineProbe(engine, memo=False, split=6, delay=0.3)
-    settings = Settings(request_timeout=1.5, voices_dir=tmp_path)
+    slow = EngineProbe(engine, memo=False, split=8, delay=0.5)
+    settings = Settings(request_timeout=4.0, voices_dir=tmp_path)
     with ServerThread(create_app(slow, settings)) as running, running.client() as c:
         preset = engine.voices()[0]
         got = bytearray()
@@ -219,13 +219,14 @@ def test_stream_that_times_out_is_aborted_not_ended(engine, tmp_path):
 
 
 def test_sse_that_times_out_ends_with_an_error_event(engine, tmp_path):
-    slow = EngineProbe(engine, memo=False, split=6, delay=0.3)
-    settings = Settings(request_timeout=1.5, voices_dir=tmp_path)
+    slow = EngineProbe(engine, memo=False, split=8, delay=0.5)
+    settings = Settings(request_timeout=4.0, voices_dir=tmp_path)
     with ServerThread(create_app(slow, settings)) as running, running.client() as c:
         body = {"model": "tts-1", "input": "你好。今天天气很好。我们去公园吧。",
                 "voice": engine.voices()[0], "stream_format": "sse"}
-        events = [line for line in c.post("/v1/audio/speech", json=body).text.splitlines()
-                  if line.startswith("event: ")]
+        response = c.post("/v1/audio/speech", json=body)
+        assert response.status_code == 200, response.text
+        events = [line for line in response.text.splitlines() if line.startswith("event: ")]
         assert events[-1] == "event: error"
         assert "event: speech.audio.done" not in events
         assert metric(c.get("/metrics").text, "cosyvoice_truncated_streams_total") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -251,7 +252,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("cosyvoice_lite.serving").info(
         "serving on http://%s:%d (model loading in the background)", args.host, args.port
     )
-    uvicorn.Server(uvicorn_config(app, settings, args.host, args.port)).run()
+    # uvicorn re-raises the SIGINT it handled after stopping: that is a normal stop
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(uvicorn_config(app, settings, args.host, args.port)).run()
     return 0
 
 

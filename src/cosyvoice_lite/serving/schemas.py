@@ -20,7 +20,9 @@ class TTSRequest(BaseModel):
     text: str = Field(description="Text to speak.")
     speaker: str = Field(description="A preset voice or a saved voice (see GET /speakers).")
     instruct: str | None = Field(None, description="Style instruction (models that support it).")
-    speed: float = Field(1.0, ge=0.5, le=2.0, description="0.5 to 2.0 (the models' range).")
+    # checked by the engine (400 naming the range), documented here
+    speed: float = Field(1.0, description="0.5 to 2.0 (the models' range).",
+                         json_schema_extra={"minimum": 0.5, "maximum": 2.0})
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Make the result reproducible.")
     format: AudioFormat = "wav"
     stream: bool = Field(False, description="Send audio while it is being synthesized.")
