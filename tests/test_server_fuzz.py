@@ -66,3 +66,21 @@ def test_every_operation_answers_within_its_contract(server):
           f"operations, {counts['cases']} cases, {len(failures)} failures")
     assert counts["operations"] >= 10
     assert not failures, "\n\n".join(failures[:5])
+
+
+def test_schema_documents_statuses_limits_and_ranges(server):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {server.key}"} if server.key else {}
+    doc = httpx.get(f"{server.url}/openapi.json", headers=headers).json()
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"401", "413", "500", "503"} <= set(responses), (method, path)
+            if "422" in responses:  # our error body, not FastAPI's HTTPValidationError
+                schema = responses["422"]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path)
+    tts = doc["components"]["schemas"]["TTSRequest"]["properties"]
+    assert tts["text"]["maxLength"] == 24 and tts["speed"]["minimum"] == 0.5
+    assert tts["speed"]["maximum"] == 2.0
+    assert {"409", "429", "504", "507"} <= set(doc["paths"]["/voices"]["post"]["responses"])

@@ -46,6 +46,11 @@ TEXT_FIELDS = {  # property name -> Settings attribute with its limit
     "transcript": "max_prompt_text_chars",
 }
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
+NAME_RULES = (
+    f"Voice name: 1-{MAX_NAME_CHARS} letters, digits, spaces, '.', '-' or '_' (at most "
+    f"{MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or digit and not ending with a "
+    "space or '.'; normalised to Unicode NFKC and unique without regard to case."
+)
 
 
 def _error_response(status: int) -> dict:
@@ -64,12 +69,7 @@ def _limit_properties(schema: dict, settings: Settings) -> None:
                     option["maxLength"] = getattr(settings, limit)
         elif name == "name" and prop.get("type") == "string":
             prop["maxLength"] = MAX_NAME_CHARS
-            prop.setdefault(
-                "description",
-                f"Voice name: 1-{MAX_NAME_CHARS} letters, digits, spaces, '.', '-' or '_' "
-                f"(at most {MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or digit; "
-                "normalised to Unicode NFKC and unique without regard to case.",
-            )
+            prop.setdefault("description", NAME_RULES)
 
 
 def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -90,6 +90,9 @@ def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 entry = responses.get(str(status))
                 if entry is None or status == 422:  # FastAPI's 422 body is not ours
                     responses[str(status)] = _error_response(status)
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") == "name":
+                    parameter.setdefault("description", NAME_RULES)
             for content in operation.get("requestBody", {}).get("content", {}).values():
                 if "properties" in content.get("schema", {}):
                     _limit_properties(content["schema"], settings)
