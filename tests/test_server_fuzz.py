@@ -4,6 +4,8 @@ response body matching its schema. Bounded examples keep it under a minute on th
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_server_support import ServerThread, tiny_engine
 
@@ -19,7 +21,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 from cosyvoice_lite.serving import Settings, create_app  # noqa: E402
 
 KEY = "fuzz-key"
-EXAMPLES = 25  # per operation and per key setting
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))  # per operation and key setting
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 
 
