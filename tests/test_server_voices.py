@@ -44,14 +44,17 @@ def test_names_are_normalised_and_unique_without_case(engine, tmp_path):
         for same in ("ALICE", "alice", "Ａｌｉｃｅ", "Alice\n"):  # case, full-width, stripped
             error_of(upload(c, same), 409, "voice_exists")
         assert c.get("/voices/ＡＬＩＣＥ").json()["name"] == "Alice"
-        for bad in ("a\nb", "a\tb", "a\u200bb", "名" * 50):  # controls, format char, >128 bytes
+        # controls, a format char, > 128 bytes, a Cyrillic look-alike of "Alice"
+        for bad in ("a\nb", "a\tb", "a\u200bb", "名" * 50, "\u0410lice"):
             error_of(upload(c, bad), 400, "invalid_name")
         error_of(c.get("/voices/Alice%0A"), 400, "invalid_name")
         long_name = "名" * 50
         error_of(c.get(f"/voices/{long_name}"), 400, "invalid_name")
         error_of(c.delete(f"/voices/{long_name}"), 400, "invalid_name")
         error_of(c.post("/tts", json={"text": "你好", "speaker": long_name}), 404)
-        assert [v["name"] for v in c.get("/voices").json()["data"]] == ["Alice"]
+        assert upload(c, "Алиса").status_code == 201  # one script: fine
+        assert [v["name"] for v in c.get("/voices").json()["data"]] == ["Alice", "Алиса"]
+        assert c.delete("/voices/Алиса").status_code == 200
         assert c.delete("/voices/alice").status_code == 200
         assert c.get("/voices").json()["data"] == []
 

@@ -128,7 +128,19 @@ def validate_name(name: str) -> str:
             f"'.', '-' or '_' (at most {MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or "
             "digit and not ending with a space or '.'"
         )
+    if len(_letter_scripts(normal) & LOOKALIKE_SCRIPTS) > 1:
+        raise InvalidVoiceNameError(
+            f"invalid voice name {_shown(name)}: it mixes Latin, Cyrillic or Greek letters, "
+            "which makes look-alikes of other names; use one script"
+        )
     return normal
+
+
+LOOKALIKE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK"}  # letters that look alike across scripts
+
+
+def _letter_scripts(text: str) -> set[str]:
+    return {unicodedata.name(ch, "?").split(" ")[0] for ch in text if ch.isalpha()}
 
 
 def name_key(name: str) -> str:
