@@ -393,3 +393,15 @@ def test_block_decoding_keeps_the_channel_mean_exact() -> None:
     expected = torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0)
     assert len(data) > audio_io.DECODE_BLOCK_SAMPLES // 3  # several blocks were decoded
     assert torch.equal(wav, expected)
+
+
+def test_prompt_encoder_caps_the_decoded_length(v1_dir) -> None:
+    """Prompts and voice-conversion sources are decoded at most 30 s deep, whatever the header
+    says (a streamed WAV here; a low-bitrate Opus file would be hours of audio)."""
+    from test_server_support import tiny_engine
+
+    from cosyvoice_lite.serving.streaming import pcm16, wav_header
+
+    data = wav_header(16000) + pcm16(np.full(16000 * 45, 0.1, np.float32))
+    with pytest.raises(AudioError, match="too long"):
+        tiny_engine(v1_dir).prompt_encoder.load(data)

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from ..audio.features import mel_spectrogram
-from ..audio.io import AudioSource, check_prompt_audio, load_audio, to_sample_rate
+from ..audio.io import (
+    MAX_PROMPT_SECONDS,
+    AudioSource,
+    check_prompt_audio,
+    load_audio,
+    to_sample_rate,
+)
 from ..config import MelConfig
 from .speech import SpeakerEncoder, SpeechTokenizer
 
@@ -50,7 +56,7 @@ class PromptEncoder:
 
     def load(self, source: AudioSource, what: str = "prompt audio") -> tuple[torch.Tensor, int]:
         """Decode and check a prompt recording: readable, >= 16 kHz, not silent, within limits."""
-        wav, rate = load_audio(source)
+        wav, rate = load_audio(source, max_seconds=MAX_PROMPT_SECONDS)  # capped while decoding
         check_prompt_audio(wav, rate)
         return wav, rate
 
