@@ -69,7 +69,7 @@ def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
     if device.type == "cpu":
         quant = list(_QUANTIZE) if torch.backends.quantized.supported_engines else []
         return ["float32", "bfloat16", "float16"], quant
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return ["float32", "float16"], []
     if device.type == "mps":
         return ["float32", "float16"], []
@@ -99,21 +99,30 @@ def resolve_placement(
             )
         if dev.index is None and dev.type != "mps":
             dev = torch.device(dev.type, 0)
+    chosen, mode = check_precision(dev, dtype, quantize)
+    return Placement(dev, chosen, mode)
+
+
+def check_precision(
+    device: torch.device, dtype: str = "float32", quantize: str | None = None
+) -> tuple[torch.dtype, str | None]:
+    """The torch dtype and quantisation mode for the option values, or a DeviceError naming what
+    is supported on ``device``."""
     key = (dtype or "float32").strip().lower()
     if key not in _DTYPES:
         raise DeviceError(f"unknown dtype '{dtype}'; use one of float32, float16, bfloat16")
-    dtypes, quants = supported_precisions(dev)
+    dtypes, quants = supported_precisions(device)
     chosen = _DTYPES[key]
     if str(chosen).removeprefix("torch.") not in dtypes:
         raise DeviceError(
-            f"dtype '{dtype}' is not supported on {dev}; supported there: {', '.join(dtypes)}"
+            f"dtype '{dtype}' is not supported on {device}; supported there: {', '.join(dtypes)}"
         )
     mode = (quantize or "").strip().lower() or None
     if mode is not None and mode not in _QUANTIZE:
         raise DeviceError(f"unknown quantisation '{quantize}'; use one of: {', '.join(_QUANTIZE)}")
     if mode is not None and mode not in quants:
         raise DeviceError(
-            f"quantisation '{quantize}' is not supported on {dev}; supported there: "
+            f"quantisation '{quantize}' is not supported on {device}; supported there: "
             f"{', '.join(quants) or 'none'} (int8 runs on cpu)"
         )
-    return Placement(dev, chosen, mode)
+    return chosen, mode

@@ -56,6 +56,21 @@ def cast_weights(network: nn.Module, dtype: torch.dtype) -> nn.Module:
     return network
 
 
+def _dynamic_linear_class() -> type[nn.Module]:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    class VectorDynamicLinear(DynamicLinear):
+        """torch's int8 dynamic Linear that also takes a single vector [in_features]: the LLMs
+        compute a one-row step as a vector product, as the official does."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 1:
+                return super().forward(x.unsqueeze(0)).squeeze(0)
+            return super().forward(x)
+
+    return VectorDynamicLinear
+
+
 def quantize_linear_int8(network: nn.Module) -> nn.Module:
     """Replace the (non-exempt) ``nn.Linear`` layers by int8 dynamically quantised ones, in place."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -72,7 +87,8 @@ def quantize_linear_int8(network: nn.Module) -> nn.Module:
         # torch.ao.quantization warns that it will move to torchao; its CPU kernels are the
         # maintained fbgemm/onednn ones and remain in torch 2.x.
         warnings.simplefilter("ignore")
-        quantize_dynamic(network, spec, dtype=torch.qint8, inplace=True)
+        mapping = {nn.Linear: _dynamic_linear_class()}
+        quantize_dynamic(network, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
     return network
 
 

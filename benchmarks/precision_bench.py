@@ -1,0 +1,166 @@
+"""What bench_v1.py and bench_v2v3.py share for issue 9: the precisions they compare, the
+machine's floors measured in the same run (floors.py, plus torch's int8 dynamic linear), and
+the check that makes a fixed-length run fail loudly.
+
+    python benchmarks/precision_bench.py --threads 2     # the floors as one JSON line
+
+The drivers import only the standard library, so they run this in a subprocess with the workers'
+thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (Engine.load dtype, quantize). "int8" is int8 LLM linear layers with the flow and the
+# vocoder in bfloat16: int8 applies to the LLM only (src/cosyvoice_lite/precision.py).
+CONFIGS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
+# what each config's flow and vocoder compute in, for their FLOP floor
+FLOW_RATE = {
+    "fp32": "fp32_gflops",
+    "bf16": "bf16_gflops",
+    "int8": "bf16_gflops",
+    "official": "fp32_gflops",
+}
+
+
+def int8_linear_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of torch's int8 dynamic linear (the LLM's int8 layers) on an n x n product."""
+    import time
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        layer = DynamicLinear(n, n, dtype=torch.qint8)
+    x = torch.randn(n, n)
+    layer(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        layer(x)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def measure_floors(threads: int) -> dict:
+    """Run the floor measurements in a subprocess with ``threads`` torch threads."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_fixed_length(
+    name: str, tokens: int, samples: int, per_token: float, tolerance: int
+) -> None:
+    """Fail loudly unless ``samples`` is what ``tokens`` speech tokens make: otherwise the length
+    hook (``max_speech_tokens`` + ``ignore_eos``, or the official's patched sampler) did not fire
+    and every figure of the run is void."""
+    expected = tokens * per_token
+    if abs(samples - expected) > tolerance:
+        raise SystemExit(
+            f"FIXED LENGTH NOT APPLIED ({name}): {tokens} speech tokens make {expected:.0f} "
+            f"samples, the output has {samples}: the length hook did not fire"
+        )
+
+
+def llm_bytes_per_token(llm) -> int:
+    """Bytes of LLM weights one decoding step reads: every weight except embedding tables (one
+    row each) and v1's text encoder (run once per request, on the text); int8 layers count their
+    int8 weights plus float32 scales and biases."""
+    import torch
+    from torch import nn
+
+    once = [m for name, m in llm.named_children() if name.startswith("text_encoder")]
+    skip = {id(m) for top in once for m in top.modules()}
+    total = 0
+    for module in llm.modules():
+        if isinstance(module, nn.Embedding) or id(module) in skip:
+            continue
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            weight = module.weight()
+            total += weight.numel() + 4 * weight.shape[0]
+            bias = module.bias()
+            total += 0 if bias is None else bias.numel() * 4
+            continue
+        for p in module.parameters(recurse=False):
+            total += p.numel() * p.element_size()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    threads = parser.parse_args().threads
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(HERE))
+    from floors import measure
+
+    floors = measure()
+    floors["int8_gflops"] = int8_linear_gflops()
+    print(json.dumps(floors))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def ratio_labels(names: list[str]) -> list[str]:
+    """The ratio columns of a table over ``names`` (our configs, then maybe "official"): the
+    official over each of ours, and fp32 over each lower precision (x > 1: faster than that)."""
+    ours = [n for n in names if n != "official"]
+    labels = [f"official/{n}" for n in ours] if "official" in names else []
+    return labels + [f"fp32/{n}" for n in ours if n != "fp32" and "fp32" in ours]
+
+
+def ratios(values: dict[str, float], names: list[str]) -> list[float]:
+    out = []
+    for label in ratio_labels(names):
+        top, bottom = label.split("/")
+        out.append(values[top] / values[bottom] if values[bottom] > 0 else float("nan"))
+    return out
+
+
+def print_floors(floors: dict, results: dict, names: list[str], tokens: int, flops: dict) -> None:
+    """The floors measured in this run and how far each implementation is from them."""
+    bandwidth = floors["memory_bandwidth_gbs"]
+    print()
+    print(
+        f"floors measured in this run ({floors['threads']} threads): memory {bandwidth:.1f} GB/s; "
+        f"matmul fp32 {floors['fp32_gflops']:.0f}, bf16 {floors['bf16_gflops']:.0f}, int8 (dynamic "
+        f"linear) {floors['int8_gflops']:.0f} GFLOP/s"
+    )
+    for name in names:
+        per_token = results[name].get("llm_bytes_per_token")
+        line = f"  {name:<9}"
+        if per_token:
+            floor_ms = per_token / bandwidth / 1e6
+            line += f" LLM weights read per token {per_token / 1e9:.2f} GB -> floor {floor_ms:.1f} ms/token"
+            measured = results[name].get("llm_ms_per_token")
+            if measured:
+                line += f"; measured {measured:.1f} ms/token (prefill included) = {measured / floor_ms:.1f}x"
+        for stage in ("flow", "hift"):
+            if stage in flops and results[name].get(f"{stage}_s"):
+                rate = floors[FLOW_RATE.get(name, "fp32_gflops")]
+                floor_s = flops[stage] / rate / 1e9
+                line += (
+                    f"; {stage} {flops[stage] / 1e9:.0f} GFLOP -> floor {floor_s:.2f} s, measured "
+                    f"{results[name][f'{stage}_s']:.2f} s = {results[name][f'{stage}_s'] / floor_s:.1f}x"
+                )
+        print(line)

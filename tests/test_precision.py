@@ -1,0 +1,236 @@
+"""Precision chosen once at load: weights really stored in bfloat16/float16, int8 LLM linear
+layers, outputs within stated bounds of float32 on the tiny models, the flow step option, and
+clear errors for what a device does not support."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cosyvoice_lite import Engine, Mode, SynthesisRequest
+from cosyvoice_lite.device import check_precision, resolve_placement
+from cosyvoice_lite.errors import DeviceError, InvalidRequestError
+from cosyvoice_lite.modeldir import open_model_dir
+from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
+from cosyvoice_lite.pipelines.factory import load_network
+from cosyvoice_lite.precision import exempt_names
+
+DATA = Path(__file__).resolve().parent / "data"
+MODELS = DATA / "models"
+PARTS = (("llm", "llm.pt"), ("flow", "flow.pt"), ("hift", "hift.pt"))
+
+# What stays in its own dtype, and only that (the reasons live next to each declaration).
+HIFT_EXEMPT = {"f0_predictor", "m_source", "stft_window"}
+FLOW_EXEMPT = {1: set(), 2: {"decoder.rand_noise"}, 3: {"decoder.rand_noise"}}
+
+# Relative L2 error bounds against float32 on the tiny models (measured: flow mel <= 0.006 bf16,
+# <= 0.0006 fp16; vocoder <= 0.20 bf16, <= 0.04 fp16: the tiny random vocoders amplify the
+# rounding of their weights alone to 3-9%; at full size the bf16 waveform error is 0.006-0.008).
+MEL_BOUND = {torch.bfloat16: 0.02, torch.float16: 0.003}
+WAV_BOUND = {torch.bfloat16: 0.3, torch.float16: 0.1}
+# Teacher-forced log-probability error (mean absolute, nats) on the tiny LLMs (measured <= 0.04
+# bf16, <= 0.005 fp16). int8: per-tensor activation scales over a whole prefill of rows of very
+# different sizes cost the 64-wide tiny v1 LLM's input layer 0.5 nats (full size: 0.014).
+LOGP_BOUND = {torch.bfloat16: 0.08, torch.float16: 0.02}
+INT8_LOGP_BOUND = {1: 0.6, 2: 0.25}
+
+
+def _float_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    return {name: t for name, t in tensors.items() if t.is_floating_point()}
+
+
+def _under(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_weights_are_stored_in_the_chosen_dtype(version: int, dtype: str) -> None:
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    placement = resolve_placement("cpu", dtype)
+    for part, filename in PARTS:
+        network = load_network(model, part, filename, placement)
+        exempt = set(exempt_names(network))
+        if part == "hift":
+            assert exempt == HIFT_EXEMPT
+        elif part == "flow":
+            rope = {n for n in exempt if n.endswith("rotary_embed.inv_freq")}
+            assert exempt - rope == FLOW_EXEMPT[version] and (version == 3) == bool(rope)
+        tensors = _float_tensors(network)
+        kept = {n: t.dtype for n, t in tensors.items() if _under(n, exempt)}
+        lowered = {n: t.dtype for n, t in tensors.items() if not _under(n, exempt)}
+        assert lowered and set(lowered.values()) == {placement.dtype}, (part, lowered)
+        assert set(kept.values()) <= {torch.float32, torch.float64}, (part, kept)
+        if part == "hift" and version == 3:  # the official CosyVoice3 f0 predictor is float64
+            assert {t.dtype for t in network.f0_predictor.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    reference = load_network(model, "llm", "llm.pt", resolve_placement("cpu"))
+    linear = {n for n, m in reference.named_modules() if type(m) is nn.Linear}
+    llm = load_network(model, "llm", "llm.pt", resolve_placement("cpu", quantize="int8"))
+    quantised = {
+        n: m for n, m in llm.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+    }
+    assert linear and set(quantised) == linear
+    assert not any(type(m) is nn.Linear for m in llm.modules())
+    assert all(m.weight().dtype == torch.qint8 for m in quantised.values())
+    # int8 is for the LLM: the flow keeps float32 (int8 linears there take float32 around them)
+    flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", quantize="int8"))
+    assert {t.dtype for t in _float_tensors(flow).values()} == {torch.float32}
+
+
+def _flow_and_vocoder(version: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``."""
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    placement = resolve_placement("cpu", dtype)
+    flow = load_network(model, "flow", "flow.pt", placement)
+    hift = load_network(model, "hift", "hift.pt", placement)
+    g = torch.Generator().manual_seed(0)
+    token = torch.randint(0, 100, (1, 40), generator=g, dtype=torch.int32)
+    prompt = torch.randint(0, 100, (1, 20), generator=g, dtype=torch.int32)
+    frames = int(20 / 50 * 22050 / 256) if version == 1 else 40
+    feat = torch.randn(1, frames, 80, generator=g)
+    embedding = torch.randn(1, 192, generator=g)
+    mel_in = torch.randn(1, 80, 60, generator=g) - 4
+
+    def length(x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([x.shape[1]], dtype=torch.int32)
+
+    args = (token, length(token), prompt, length(prompt), feat, length(feat), embedding)
+    with torch.inference_mode():
+        if version == 1:
+            mel = flow.inference(*args, None, torch.Generator().manual_seed(1))[0]
+            wav = hift.inference(mel_in, None, torch.Generator().manual_seed(1))[0]
+        else:
+            mel = flow.inference(*args, streaming=False, finalize=True)[0]
+            wav = (
+                hift.inference(mel_in)[0]
+                if version == 3
+                else hift.inference(mel_in, None, torch.Generator().manual_seed(1))[0]
+            )
+    assert mel.dtype == wav.dtype == torch.float32  # outputs are float32 whatever the weights
+    return mel, wav
+
+
+def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_flow_and_vocoder_within_bounds_of_float32(version: int) -> None:
+    mel32, wav32 = _flow_and_vocoder(version, "float32")
+    for dtype in (torch.bfloat16, torch.float16):
+        mel, wav = _flow_and_vocoder(version, str(dtype).removeprefix("torch."))
+        assert 0 < _relative(mel, mel32) < MEL_BOUND[dtype], dtype
+        assert 0 < _relative(wav, wav32) < WAV_BOUND[dtype], dtype
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_llm_teacher_forced_log_probs_within_bounds(version: int) -> None:
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 1000, (1, 12), generator=g, dtype=torch.int32)
+    prompt_text = torch.randint(0, 1000, (1, 6), generator=g, dtype=torch.int32)
+    prompt_speech = torch.randint(0, 100, (1, 10), generator=g, dtype=torch.int32)
+    speech = torch.randint(0, 100, (1, 30), generator=g, dtype=torch.int32)
+    embedding = torch.randn(1, 192, generator=g)
+
+    def log_probs(dtype: str = "float32", quantize: str | None = None) -> torch.Tensor:
+        lm = load_network(model, "llm", "llm.pt", resolve_placement("cpu", dtype, quantize))
+        with torch.inference_mode():
+            if version == 1:
+                return lm.teacher_forced_logits(text, prompt_text, prompt_speech, embedding, speech)
+            logits = lm.teacher_forced_logits(text, prompt_text, prompt_speech, speech)
+            return logits[-31:-1].float().log_softmax(dim=-1)
+
+    reference = log_probs()
+    for dtype, bound in LOGP_BOUND.items():
+        error = (log_probs(str(dtype).removeprefix("torch.")).float() - reference).abs().mean()
+        assert 0 < error < bound, (dtype, error)
+    int8 = log_probs(quantize="int8").float()
+    agree = (int8.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert 0 < (int8 - reference).abs().mean() < INT8_LOGP_BOUND[version] and agree >= 0.6
+
+
+def test_engine_bf16_int8_fixed_length_audio() -> None:
+    engine = Engine.load(MODELS / "v2-tiny", dtype="bfloat16", quantize="int8")
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT,
+        "你好。",
+        prompt_audio=DATA / "audio" / "zh_16k.wav",
+        prompt_text="希望你以后能够做的比我还好呦。",
+        seed=3,
+        max_speech_tokens=30,
+        ignore_eos=True,
+    )
+    for stream in (False, True):
+        chunks = list(engine.synthesize(replace(request, stream=stream)))
+        audio = np.concatenate([c.samples for c in chunks])
+        assert audio.dtype == np.float32 and np.isfinite(audio).all()
+        assert len(audio) == 30 * 2 * 480  # 30 tokens x 2 mel frames x 480 samples
+
+
+def test_flow_steps_is_a_load_time_option() -> None:
+    model = open_model_dir(MODELS / "v2-tiny")
+    flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu"))
+    assert flow.decoder.steps == OFFICIAL_STEPS == 10
+    calls: list[int] = []
+    flow.decoder.estimator.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    token = torch.randint(0, 100, (1, 30), generator=g, dtype=torch.int32)
+    prompt = torch.randint(0, 100, (1, 10), generator=g, dtype=torch.int32)
+    feat, embedding = torch.randn(1, 20, 80, generator=g), torch.randn(1, 192, generator=g)
+    lengths = [torch.tensor([n], dtype=torch.int32) for n in (30, 10, 20)]
+
+    def mel() -> tuple[torch.Tensor, int]:
+        calls.clear()
+        out = flow.inference(
+            token,
+            lengths[0],
+            prompt,
+            lengths[1],
+            feat,
+            lengths[2],
+            embedding,
+            streaming=False,
+            finalize=True,
+        )[0]
+        return out, len(calls)
+
+    official, official_calls = mel()
+    flow.decoder.set_steps(4)
+    fewer, fewer_calls = mel()
+    assert (official_calls, fewer_calls) == (10, 4)
+    assert fewer.shape == official.shape and not torch.equal(fewer, official)
+    stream = flow.new_stream(prompt, feat, embedding)
+    flow.stream_step(stream, token, finalize=True)
+    assert len(stream.estimator) == 4  # the incremental flow keeps one cache per Euler step
+    for bad in (0, -1, 101, 2.5, True):
+        with pytest.raises(InvalidRequestError, match="flow steps must be an integer from 1 to"):
+            flow.decoder.set_steps(bad)
+
+
+def test_unsupported_precision_names_what_the_device_supports() -> None:
+    with pytest.raises(DeviceError, match="unknown quantisation 'int4'; use one of: int8"):
+        resolve_placement("cpu", quantize="int4")
+    with pytest.raises(DeviceError, match="unknown dtype 'int8'"):
+        resolve_placement("cpu", "int8")
+    with pytest.raises(
+        DeviceError, match=r"'int8' is not supported on cuda.*supported there: none"
+    ):
+        check_precision(torch.device("cuda", 0), "float16", "int8")
+    with pytest.raises(
+        DeviceError, match="'bf16' is not supported on mps; supported there: float32, float16"
+    ):
+        check_precision(torch.device("mps"), "bf16")
+    assert resolve_placement("cpu", "bf16", "INT8").quantize == "int8"
+    assert check_precision(torch.device("cpu"), "fp16") == (torch.float16, None)
