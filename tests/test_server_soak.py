@@ -15,8 +15,8 @@ import httpx
 import pytest
 from test_server_support import free_port, prompt_wav, wait_for
 
-ROUNDS = int(os.environ.get("SOAK_ROUNDS", "8"))  # a longer soak: SOAK_ROUNDS=50
-PER_ROUND = 40  # requests per round: 360 in all by default
+ROUNDS = int(os.environ.get("SOAK_ROUNDS", "6"))  # a longer soak: SOAK_ROUNDS=50
+PER_ROUND = 40  # about 45 requests per round: 270 by default
 
 
 def rss_mb(pid: int) -> float:
@@ -101,7 +101,7 @@ def test_rss_levels_off_over_a_few_hundred_requests(v1_dir, tmp_path):
     total = sum(statuses.values())
     print(f"soak: {total} requests in {took:.1f} s, statuses {dict(sorted(statuses.items()))}, "
           f"RSS MB per round {[round(x) for x in curve]}")
-    assert total >= 300
+    assert total >= 250
     assert not any(status >= 500 for status in statuses)
     # warm-up is the first rounds; afterwards the curve is flat (allocator noise only)
     settled = curve[ROUNDS // 2 - 1:]
