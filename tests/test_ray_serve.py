@@ -5,7 +5,7 @@ used wherever the next requests land (both replicas seen); /ready and replica-la
 overload answered 429; a replica killed with SIGKILL mid-load: its in-flight requests fail, no
 stored voice is lost, the living replica keeps answering and Ray starts a new one.
 
-Marked ``ray`` (deselect with ``-m 'not ray'``); about a minute on 2 cores, most of it starting
+Marked ``ray`` (deselect with ``-m 'not ray'``); about 45 s on 2 cores, half of it starting
 the cluster and the replicas. Skipped only when ray cannot be imported."""
 
 from __future__ import annotations
@@ -225,3 +225,19 @@ def test_the_kuberay_manifest_builds_its_application():
     deployment = app_builder(application["args"])._bound_deployment
     assert deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
     assert deployment._replica_config.init_args[0].voices_s3.bucket == "cosyvoice-voices"
+
+
+def test_serve_ray_stops_at_once_when_the_voice_bucket_is_unreachable(v1_dir):
+    """`serve --ray` checks the voice bucket before starting anything: a clear error naming the
+    bucket and the endpoint, and a failing exit status."""
+    import subprocess
+    import sys
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--ray", "--model", str(v1_dir),
+         "--replicas", "2", "--voices-s3-bucket", "team-voices", "--s3-endpoint-url", dead,
+         "--s3-region", "us-east-1"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert "'team-voices'" in done.stderr and dead in done.stderr, done.stderr
