@@ -230,3 +230,9 @@ def test_sse_that_times_out_ends_with_an_error_event(engine, tmp_path):
         assert events[-1] == "event: error"
         assert "event: speech.audio.done" not in events
         assert metric(c.get("/metrics").text, "cosyvoice_truncated_streams_total") == 1
+
+
+def test_info_reports_every_text_and_body_limit(client):
+    limits = client.get("/info").json()["limits"]
+    assert limits["max_text_chars"] == 40 and limits["max_instruct_chars"] == 30
+    assert limits["max_prompt_text_chars"] == 50 and limits["max_json_bytes"] == 4096

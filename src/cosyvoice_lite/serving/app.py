@@ -312,6 +312,9 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
                 "limits": {"max_text_chars": s.max_text_chars, "max_upload_bytes": s.max_upload_bytes,
                            "max_prompt_seconds": s.max_prompt_seconds,
                            "min_prompt_seconds": MIN_PROMPT_SECONDS,
+                           "max_instruct_chars": s.max_instruct_chars,
+                           "max_prompt_text_chars": s.max_prompt_text_chars,
+                           "max_json_bytes": s.max_json_bytes,
                            "request_timeout": s.request_timeout,
                            "workers": s.workers, "max_queue": s.max_queue}}
 
