@@ -21,11 +21,16 @@ from cosyvoice_lite.serving.server import install_log_throttle, uvicorn_config
 
 @pytest.fixture(scope="module")
 def server(v1_dir, tmp_path_factory):
-    settings = Settings(max_connections=6, header_timeout=1.0, keep_alive_timeout=1.0,
-                        voices_dir=tmp_path_factory.mktemp("voices"))
+    settings = Settings(
+        max_connections=6,
+        header_timeout=1.0,
+        keep_alive_timeout=1.0,
+        voices_dir=tmp_path_factory.mktemp("voices"),
+    )
     port = free_port()
-    config = uvicorn_config(create_app(tiny_engine(v1_dir), settings), settings, "127.0.0.1", port,
-                            log_level="warning")
+    config = uvicorn_config(
+        create_app(tiny_engine(v1_dir), settings), settings, "127.0.0.1", port, log_level="warning"
+    )
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
@@ -93,8 +98,10 @@ def test_descriptor_exhaustion_is_logged_once_per_interval(caplog):
             logger.error("socket.accept() out of system resource", exc_info=(OSError, error, None))
         logger.error("an unrelated error")
     records = [r for r in caplog.records if r.name == "asyncio"]
-    assert [r.getMessage() for r in records] == ["socket.accept() out of system resource",
-                                                 "an unrelated error"]
+    assert [r.getMessage() for r in records] == [
+        "socket.accept() out of system resource",
+        "an unrelated error",
+    ]
     assert records[0].exc_info is None  # no traceback per line
     assert throttle.suppressed == 4999
     install_log_throttle()  # back to the default interval
@@ -113,17 +120,37 @@ def test_descriptor_exhaustion_in_a_real_server_neither_floods_the_log_nor_wedge
     from test_server_support import wait_for
 
     port = free_port()
-    command = [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(v1_dir),
-               "--port", str(port), "--voices-dir", str(tmp_path / "voices"),
-               "--header-timeout", "2", "--max-connections", "1000", "--log-format", "text"]
+    command = [
+        sys.executable,
+        "-m",
+        "cosyvoice_lite.cli",
+        "serve",
+        "--model",
+        str(v1_dir),
+        "--port",
+        str(port),
+        "--voices-dir",
+        str(tmp_path / "voices"),
+        "--header-timeout",
+        "2",
+        "--max-connections",
+        "1000",
+        "--log-format",
+        "text",
+    ]
 
     def limit_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                   preexec_fn=limit_descriptors, env=os.environ.copy())
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit_descriptors,
+            env=os.environ.copy(),
+        )
     url = f"http://127.0.0.1:{port}"
 
     def health(path: str = "/health") -> int | None:
@@ -154,7 +181,9 @@ def test_descriptor_exhaustion_in_a_real_server_neither_floods_the_log_nor_wedge
         process.terminate()
         process.wait(timeout=30)
     lines = log_path.read_text(errors="replace").splitlines()
-    print(f"descriptor exhaustion: {len(sockets)} connections, {open_fds} descriptors open, "
-          f"{len(lines)} log lines")
+    print(
+        f"descriptor exhaustion: {len(sockets)} connections, {open_fds} descriptors open, "
+        f"{len(lines)} log lines"
+    )
     assert len(lines) < 100, "\n".join(lines[-20:])
     assert sum("Traceback" in line for line in lines) <= 2

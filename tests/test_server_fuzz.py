@@ -28,9 +28,15 @@ CHECKS = [not_a_server_error, status_code_conformance, response_schema_conforman
 @pytest.fixture(scope="module", params=["open", "keyed"])
 def server(request, v1_dir, tmp_path_factory):
     # short texts keep the syntheses that do succeed quick
-    settings = Settings(max_text_chars=24, max_instruct_chars=24, max_queue=4, request_timeout=30,
-                        api_key=KEY if request.param == "keyed" else None, docs_public=True,
-                        voices_dir=tmp_path_factory.mktemp("fuzz-voices"))
+    settings = Settings(
+        max_text_chars=24,
+        max_instruct_chars=24,
+        max_queue=4,
+        request_timeout=30,
+        api_key=KEY if request.param == "keyed" else None,
+        docs_public=True,
+        voices_dir=tmp_path_factory.mktemp("fuzz-voices"),
+    )
     with ServerThread(create_app(tiny_engine(v1_dir), settings)) as running:
         running.key = settings.api_key
         yield running
@@ -52,8 +58,13 @@ def test_every_operation_answers_within_its_contract(server):
         )
 
         @given(case=strategy)
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def run(case) -> None:
             counts["cases"] += 1
             # with a key set, every other case goes without it: its 401 must conform too
@@ -64,8 +75,10 @@ def test_every_operation_answers_within_its_contract(server):
                 failures.append(f"{case.method} {case.path}: {exc}"[:2000])
 
         run()
-    print(f"schemathesis ({'keyed' if server.key else 'open'}): {counts['operations']} "
-          f"operations, {counts['cases']} cases, {len(failures)} failures")
+    print(
+        f"schemathesis ({'keyed' if server.key else 'open'}): {counts['operations']} "
+        f"operations, {counts['cases']} cases, {len(failures)} failures"
+    )
     assert counts["operations"] >= 10
     assert not failures, "\n\n".join(failures[:5])
 

@@ -31,9 +31,15 @@ def preset(engine) -> str:
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
-    settings = Settings(max_text_chars=40, max_instruct_chars=30, max_prompt_text_chars=50,
-                        max_json_bytes=4096, max_upload_bytes=200_000, body_timeout=1.0,
-                        voices_dir=tmp_path_factory.mktemp("voices"))
+    settings = Settings(
+        max_text_chars=40,
+        max_instruct_chars=30,
+        max_prompt_text_chars=50,
+        max_json_bytes=4096,
+        max_upload_bytes=200_000,
+        body_timeout=1.0,
+        voices_dir=tmp_path_factory.mktemp("voices"),
+    )
     with ServerThread(create_app(EngineProbe(engine), settings)) as running:
         yield running
 
@@ -71,8 +77,11 @@ def raw_request(server, data: bytes, wait: float = 5.0) -> bytes:
 
 def test_json_body_over_the_limit_is_refused_from_content_length(client, preset):
     body = json.dumps({"text": "你好", "speaker": preset, "pad": "x" * 10_000})
-    error = error_of(client.post("/tts", content=body, headers={"content-type": "application/json"}),
-                     413, "body_too_large")
+    error = error_of(
+        client.post("/tts", content=body, headers={"content-type": "application/json"}),
+        413,
+        "body_too_large",
+    )
     assert error["max_bytes"] == 4096
 
 
@@ -86,23 +95,29 @@ def test_chunked_json_body_is_cut_off_while_reading(client, server, preset):
             yield b"x" * 1024
         yield b'"}'
 
-    before = metric(httpx.get(f"{server.url}/metrics").text, "cosyvoice_errors_total",
-                    code="body_too_large")
+    before = metric(
+        httpx.get(f"{server.url}/metrics").text, "cosyvoice_errors_total", code="body_too_large"
+    )
     try:
-        response = client.post("/tts", content=chunks(), headers={"content-type": "application/json"})
+        response = client.post(
+            "/tts", content=chunks(), headers={"content-type": "application/json"}
+        )
         error_of(response, 413, "body_too_large")
     except (httpx.WriteError, httpx.RemoteProtocolError):
         pass  # the server answered and closed while the client was still sending: also fine
-    after = metric(httpx.get(f"{server.url}/metrics").text, "cosyvoice_errors_total",
-                   code="body_too_large")
+    after = metric(
+        httpx.get(f"{server.url}/metrics").text, "cosyvoice_errors_total", code="body_too_large"
+    )
     assert after == before + 1
 
 
 def test_chunked_multipart_upload_is_cut_off_while_reading(client):
     boundary = "b0undary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
-            "Content-Type: audio/wav\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
 
     def chunks():
         yield head
@@ -111,8 +126,11 @@ def test_chunked_multipart_upload_is_cut_off_while_reading(client):
         yield f"\r\n--{boundary}--\r\n".encode()
 
     try:
-        response = client.post("/voices", content=chunks(),
-                               headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        response = client.post(
+            "/voices",
+            content=chunks(),
+            headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        )
         error_of(response, 413)
     except (httpx.WriteError, httpx.RemoteProtocolError):
         pass
@@ -121,8 +139,10 @@ def test_chunked_multipart_upload_is_cut_off_while_reading(client):
 
 def test_body_that_stops_arriving_gets_408(server, preset):
     start = time.monotonic()
-    head = (b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 200\r\n\r\n")
+    head = (
+        b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 200\r\n\r\n"
+    )
     answer = raw_request(server, head + b'{"text": "hi", ', wait=5)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"body_timeout" in answer
@@ -132,27 +152,39 @@ def test_body_that_stops_arriving_gets_408(server, preset):
 # ------------------------------------------------------------------------------- text fields
 
 
-@pytest.mark.parametrize(("path", "body", "field", "code"), [
-    ("/tts", {"text": "你好", "instruct": "x" * 31}, "instruct", "instruct_too_long"),
-    ("/tts", {"text": "x" * 41}, "text", "text_too_long"),
-    ("/tts", {"text": "你好", "speaker": "v" * 300}, "speaker", "speaker_too_long"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "field", "code"),
+    [
+        ("/tts", {"text": "你好", "instruct": "x" * 31}, "instruct", "instruct_too_long"),
+        ("/tts", {"text": "x" * 41}, "text", "text_too_long"),
+        ("/tts", {"text": "你好", "speaker": "v" * 300}, "speaker", "speaker_too_long"),
+    ],
+)
 def test_every_text_field_has_a_limit(client, preset, path, body, field, code):
     error = error_of(client.post(path, json={"speaker": preset, **body}), 400, code)
     assert error["param"] == field
 
 
-@pytest.mark.parametrize(("path", "body", "field"), [
-    ("/tts", '{"text": "a\\ud800b", "speaker": "%s"}', "text"),
-    ("/tts", '{"text": "hi", "speaker": "%s", "instruct": "\\udc00"}', "instruct"),
-    ("/v1/audio/speech", '{"model": "tts-1", "input": "\\ud83d", "voice": "%s"}', "input"),
-    ("/v1/audio/speech", '{"model": "tts-1", "input": "hi", "voice": {"id": "\\ud800"}}',
-     "voice.id"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/tts", '{"text": "a\\ud800b", "speaker": "%s"}', "text"),
+        ("/tts", '{"text": "hi", "speaker": "%s", "instruct": "\\udc00"}', "instruct"),
+        ("/v1/audio/speech", '{"model": "tts-1", "input": "\\ud83d", "voice": "%s"}', "input"),
+        (
+            "/v1/audio/speech",
+            '{"model": "tts-1", "input": "hi", "voice": {"id": "\\ud800"}}',
+            "voice.id",
+        ),
+    ],
+)
 def test_lone_surrogates_are_400_naming_the_field(client, preset, path, body, field):
     content = (body % preset if "%s" in body else body).encode()
-    error = error_of(client.post(path, content=content,
-                                 headers={"content-type": "application/json"}), 400, "invalid_text")
+    error = error_of(
+        client.post(path, content=content, headers={"content-type": "application/json"}),
+        400,
+        "invalid_text",
+    )
     assert error["param"] == field
     assert "surrogate" in error["message"]
 
@@ -166,8 +198,11 @@ def test_valid_surrogate_pairs_are_text(client, preset):
 
 def test_voice_fields_are_limited(client):
     files = {"audio": ("p.wav", b"RIFF", "audio/wav")}
-    error = error_of(client.post("/voices", data={"name": "ok", "prompt_text": "x" * 51},
-                                 files=files), 400, "prompt_text_too_long")
+    error = error_of(
+        client.post("/voices", data={"name": "ok", "prompt_text": "x" * 51}, files=files),
+        400,
+        "prompt_text_too_long",
+    )
     assert error["param"] == "prompt_text"
 
 
@@ -206,9 +241,19 @@ def test_stream_that_times_out_is_aborted_not_ended(engine, tmp_path):
     with ServerThread(create_app(slow, settings)) as running, running.client() as c:
         preset = engine.voices()[0]
         got = bytearray()
-        with pytest.raises(httpx.RemoteProtocolError), c.stream(
-            "POST", "/tts", json={"text": "你好。今天天气很好。我们去公园吧。", "speaker": preset,
-                                  "stream": True, "seed": 3}) as response:
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            c.stream(
+                "POST",
+                "/tts",
+                json={
+                    "text": "你好。今天天气很好。我们去公园吧。",
+                    "speaker": preset,
+                    "stream": True,
+                    "seed": 3,
+                },
+            ) as response,
+        ):
             assert response.status_code == 200
             for piece in response.iter_bytes():
                 got += piece
@@ -222,8 +267,12 @@ def test_sse_that_times_out_ends_with_an_error_event(engine, tmp_path):
     slow = EngineProbe(engine, memo=False, split=8, delay=0.5)
     settings = Settings(request_timeout=4.0, voices_dir=tmp_path)
     with ServerThread(create_app(slow, settings)) as running, running.client() as c:
-        body = {"model": "tts-1", "input": "你好。今天天气很好。我们去公园吧。",
-                "voice": engine.voices()[0], "stream_format": "sse"}
+        body = {
+            "model": "tts-1",
+            "input": "你好。今天天气很好。我们去公园吧。",
+            "voice": engine.voices()[0],
+            "stream_format": "sse",
+        }
         response = c.post("/v1/audio/speech", json=body)
         assert response.status_code == 200, response.text
         events = [line for line in response.text.splitlines() if line.startswith("event: ")]

@@ -59,11 +59,22 @@ def test_output_names_are_unique_for_a_repeated_request_id(engine, tmp_path):
 
 
 def test_hung_s3_is_counted_failed_kept_locally_and_does_not_hold_shutdown(
-    engine, tmp_path, silent_s3, s3, s3_url  # noqa: F811
+    engine,
+    tmp_path,
+    silent_s3,
+    s3,  # noqa: F811 - the fixtures imported above
+    s3_url,  # noqa: F811
 ):
     spool = tmp_path / "spool"
-    hung = S3Settings("results", "hung/", silent_s3, "us-east-1", connect_timeout=0.5,
-                      read_timeout=0.5, max_attempts=2)
+    hung = S3Settings(
+        "results",
+        "hung/",
+        silent_s3,
+        "us-east-1",
+        connect_timeout=0.5,
+        read_timeout=0.5,
+        max_attempts=2,
+    )
     settings = Settings(voices_dir=tmp_path / "voices", s3=hung, spool_dir=spool)
     with ServerThread(create_app(engine, settings)) as server, server.client() as client:
         response = client.post("/tts", json={"text": "你好。", "speaker": engine.voices()[0]})
@@ -72,8 +83,10 @@ def test_hung_s3_is_counted_failed_kept_locally_and_does_not_hold_shutdown(
 
         def counted() -> bool:
             text = client.get("/metrics").text
-            return (metric(text, "cosyvoice_s3_upload_errors_total") == 1
-                    and metric(text, "cosyvoice_s3_uploads_pending") == 0)
+            return (
+                metric(text, "cosyvoice_s3_upload_errors_total") == 1
+                and metric(text, "cosyvoice_s3_uploads_pending") == 0
+            )
 
         assert wait_for(counted, timeout=30)
     # nothing lost: audio, metadata and the pending marker are on disk
@@ -82,21 +95,29 @@ def test_hung_s3_is_counted_failed_kept_locally_and_does_not_hold_shutdown(
 
     # a stop while an upload hangs (30 s read timeout, 3 tries) waits shutdown_timeout, not 90 s
     slow = S3Settings("results", "hung/", silent_s3, "us-east-1", read_timeout=30)
-    settings = Settings(voices_dir=tmp_path / "voices", s3=slow, spool_dir=spool,
-                        shutdown_timeout=1.0)
+    settings = Settings(
+        voices_dir=tmp_path / "voices", s3=slow, spool_dir=spool, shutdown_timeout=1.0
+    )
     server = ServerThread(create_app(engine, settings)).__enter__()  # retries the pending one
     with server.client() as client:
-        assert wait_for(lambda: metric(client.get("/metrics").text,
-                                       "cosyvoice_s3_uploads_pending") == 1, timeout=10)
+        assert wait_for(
+            lambda: metric(client.get("/metrics").text, "cosyvoice_s3_uploads_pending") == 1,
+            timeout=10,
+        )
     start = time.monotonic()
     server.__exit__(None, None, None)
     assert not server.thread.is_alive() and time.monotonic() - start < 6
 
     # S3 is back: the next start uploads what was pending and clears the spool
-    settings = Settings(voices_dir=tmp_path / "voices", spool_dir=spool,
-                        s3=S3Settings("results", "back/", s3_url, "us-east-1"))
+    settings = Settings(
+        voices_dir=tmp_path / "voices",
+        spool_dir=spool,
+        s3=S3Settings("results", "back/", s3_url, "us-east-1"),
+    )
     with ServerThread(create_app(engine, settings)) as server, server.client() as client:
         assert wait_for(lambda: len(keys(s3, "back/", request_id)) == 2, timeout=30)
-        assert wait_for(lambda: metric(client.get("/metrics").text,
-                                       "cosyvoice_s3_uploads_total") == 1, timeout=10)
+        assert wait_for(
+            lambda: metric(client.get("/metrics").text, "cosyvoice_s3_uploads_total") == 1,
+            timeout=10,
+        )
     assert not list(spool.glob(f"*/*{request_id}*")) and not list(spool.glob("*/.*"))

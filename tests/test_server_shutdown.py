@@ -18,11 +18,28 @@ TEXT = "今天天气很好，我们一起去公园散步吧。" * 40  # long eno
 
 def test_sigterm_during_a_stream_stops_within_the_bound_and_aborts_the_stream(v1_dir, tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(v1_dir),
-               "--port", str(port), "--voices-dir", str(tmp_path / "voices"),
-               "--shutdown-timeout", "1", "--log-format", "text"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    command = [
+        sys.executable,
+        "-m",
+        "cosyvoice_lite.cli",
+        "serve",
+        "--model",
+        str(v1_dir),
+        "--port",
+        str(port),
+        "--voices-dir",
+        str(tmp_path / "voices"),
+        "--shutdown-timeout",
+        "1",
+        "--log-format",
+        "text",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -37,8 +54,12 @@ def test_sigterm_during_a_stream_stops_within_the_bound_and_aborts_the_stream(v1
     def stream() -> None:
         voice = httpx.get(f"{url}/speakers").json()["speakers"][0]["name"]
         try:
-            with httpx.stream("POST", f"{url}/tts", timeout=60, json={
-                "text": TEXT, "speaker": voice, "stream": True, "format": "pcm"}) as response:
+            with httpx.stream(
+                "POST",
+                f"{url}/tts",
+                timeout=60,
+                json={"text": TEXT, "speaker": voice, "stream": True, "format": "pcm"},
+            ) as response:
                 for piece in response.iter_bytes():
                     outcome["bytes"] = int(outcome["bytes"]) + len(piece)
                     started.set()

@@ -33,27 +33,48 @@ def one_round(client: httpx.Client, voice: str, round_no: int) -> dict[int, int]
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
     name = f"soak{round_no}"
-    count(client.post("/voices", data={"name": name, "prompt_text": "你好。"},
-                      files={"audio": ("p.wav", prompt_wav(1.0, rate=16001), "audio/wav")}))
+    count(
+        client.post(
+            "/voices",
+            data={"name": name, "prompt_text": "你好。"},
+            files={"audio": ("p.wav", prompt_wav(1.0, rate=16001), "audio/wav")},
+        )
+    )
     for i in range(PER_ROUND - 2):
         kind = i % 8
         if kind == 0:
             count(client.post("/tts", json={"text": "你好。", "speaker": voice, "seed": i}))
         elif kind == 1:
-            with client.stream("POST", "/tts", json={"text": "你好。", "speaker": voice,
-                                                     "stream": True, "format": "pcm"}) as r:
+            with client.stream(
+                "POST",
+                "/tts",
+                json={"text": "你好。", "speaker": voice, "stream": True, "format": "pcm"},
+            ) as r:
                 r.read()
                 count(r)
         elif kind == 2:
             count(client.post("/tts", json={"text": "好。", "speaker": name, "seed": i}))
         elif kind == 3:  # hostile: oversized JSON, lone surrogate, far too long instruct
-            count(client.post("/tts", content=b'{"text": "' + b"x" * 1_500_000 + b'"}',
-                              headers={"content-type": "application/json"}))
-            count(client.post("/tts", content=b'{"text": "\\ud800", "speaker": "x"}',
-                              headers={"content-type": "application/json"}))
+            count(
+                client.post(
+                    "/tts",
+                    content=b'{"text": "' + b"x" * 1_500_000 + b'"}',
+                    headers={"content-type": "application/json"},
+                )
+            )
+            count(
+                client.post(
+                    "/tts",
+                    content=b'{"text": "\\ud800", "speaker": "x"}',
+                    headers={"content-type": "application/json"},
+                )
+            )
         elif kind == 4:
-            count(client.post("/tts", json={"text": "你好", "speaker": voice,
-                                            "instruct": "x" * 50_000}))
+            count(
+                client.post(
+                    "/tts", json={"text": "你好", "speaker": voice, "instruct": "x" * 50_000}
+                )
+            )
         elif kind == 5:
             count(client.get("/voices"))
         elif kind == 6:
@@ -67,11 +88,30 @@ def one_round(client: httpx.Client, voice: str, round_no: int) -> dict[int, int]
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_rss_levels_off_over_a_few_hundred_requests(v1_dir, tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(v1_dir),
-               "--port", str(port), "--voices-dir", str(tmp_path / "voices"),
-               "--max-text-chars", "50", "--max-upload-mb", "1", "--log-format", "text"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    command = [
+        sys.executable,
+        "-m",
+        "cosyvoice_lite.cli",
+        "serve",
+        "--model",
+        str(v1_dir),
+        "--port",
+        str(port),
+        "--voices-dir",
+        str(tmp_path / "voices"),
+        "--max-text-chars",
+        "50",
+        "--max-upload-mb",
+        "1",
+        "--log-format",
+        "text",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -99,10 +139,12 @@ def test_rss_levels_off_over_a_few_hundred_requests(v1_dir, tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
     total = sum(statuses.values())
-    print(f"soak: {total} requests in {took:.1f} s, statuses {dict(sorted(statuses.items()))}, "
-          f"RSS MB per round {[round(x) for x in curve]}")
+    print(
+        f"soak: {total} requests in {took:.1f} s, statuses {dict(sorted(statuses.items()))}, "
+        f"RSS MB per round {[round(x) for x in curve]}"
+    )
     assert total >= 250
     assert not any(status >= 500 for status in statuses)
     # warm-up is the first rounds; afterwards the curve is flat (allocator noise only)
-    settled = curve[ROUNDS // 2 - 1:]
+    settled = curve[ROUNDS // 2 - 1 :]
     assert max(settled) - settled[0] < max(40.0, 0.08 * settled[0]), curve

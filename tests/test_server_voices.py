@@ -26,8 +26,11 @@ def serve(engine, voices_dir):
 
 
 def upload(client, name, audio=None, prompt_text="希望你以后能够做的比我还好呦。"):
-    return client.post("/voices", data={"name": name, "prompt_text": prompt_text},
-                       files={"audio": ("p.wav", audio or prompt_wav(1.0), "audio/wav")})
+    return client.post(
+        "/voices",
+        data={"name": name, "prompt_text": prompt_text},
+        files={"audio": ("p.wav", audio or prompt_wav(1.0), "audio/wav")},
+    )
 
 
 def error_of(response, status: int, code: str | None = None) -> dict:
@@ -69,10 +72,16 @@ def write_voice(root, folder: str, meta: bytes | None, wav: bool = True) -> None
 
 
 def test_broken_voices_are_listed_and_break_nothing(engine, tmp_path):
-    good = {"name": "x", "prompt_text": "hi", "duration": 1.0, "sample_rate": 16000,
-            "created_at": 1.0}
-    write_voice(tmp_path, "badfield", json.dumps({**good, "name": "badfield",
-                                                  "duration": "abc"}).encode())
+    good = {
+        "name": "x",
+        "prompt_text": "hi",
+        "duration": 1.0,
+        "sample_rate": 16000,
+        "created_at": 1.0,
+    }
+    write_voice(
+        tmp_path, "badfield", json.dumps({**good, "name": "badfield", "duration": "abc"}).encode()
+    )
     write_voice(tmp_path, "truncated", json.dumps({**good, "name": "truncated"}).encode()[:20])
     write_voice(tmp_path, "mismatch", json.dumps({**good, "name": "other"}).encode())
     write_voice(tmp_path, "nowav", json.dumps({**good, "name": "nowav"}).encode(), wav=False)
@@ -92,8 +101,9 @@ def test_broken_voices_are_listed_and_break_nothing(engine, tmp_path):
         assert metric(text, "cosyvoice_saved_voices") == 1
         unknown = error_of(c.post("/tts", json={"text": "你好", "speaker": "nobody"}), 404)
         assert str(tmp_path) not in unknown["message"]
-        damaged = error_of(c.post("/tts", json={"text": "你好", "speaker": "badfield"}), 500,
-                           "voice_damaged")
+        damaged = error_of(
+            c.post("/tts", json={"text": "你好", "speaker": "badfield"}), 500, "voice_damaged"
+        )
         assert str(tmp_path) not in damaged["message"] and "<" not in damaged["message"]
         error_of(upload(c, "BADFIELD"), 409, "voice_exists")  # still taken until deleted
         assert c.delete("/voices/badfield").status_code == 200
@@ -107,8 +117,9 @@ def test_corrupted_stored_prompt_is_a_clean_server_error(engine, tmp_path):
     for cached in (tmp_path / "bob" / "features").iterdir():
         cached.unlink()
     with serve(engine, tmp_path) as running, running.client() as c:
-        error = error_of(c.post("/tts", json={"text": "你好", "speaker": "bob"}), 500,
-                         "voice_damaged")
+        error = error_of(
+            c.post("/tts", json={"text": "你好", "speaker": "bob"}), 500, "voice_damaged"
+        )
         assert error["type"] == "server_error"
         assert str(tmp_path) not in error["message"] and "object at" not in error["message"]
 
@@ -119,8 +130,12 @@ def test_corrupted_stored_prompt_is_a_clean_server_error(engine, tmp_path):
 @contextlib.contextmanager
 def tmpfs(path, size: str = "2m"):
     path.mkdir(exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs is not allowed here")
     try:
         yield path

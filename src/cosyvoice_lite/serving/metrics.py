@@ -118,7 +118,7 @@ class Metrics:
                 ("outputs_saved_total", "Results saved to the outputs directory."),
                 ("s3_uploads_total", "Results uploaded to S3."),
                 ("s3_upload_errors_total", "Failed S3 uploads."),
-            ("truncated_streams_total", "Streamed responses aborted before their end."),
+                ("truncated_streams_total", "Streamed responses aborted before their end."),
             ):
                 lines += [
                     f"# HELP {p}_{name} {help}",
