@@ -270,6 +270,8 @@ def ray_options_from_args(args: argparse.Namespace):
         "model": args.model,
         "device": args.device,
         "dtype": args.dtype,
+        "quantize": args.quantize,
+        "flow_steps": args.flow_steps,
         "variant": args.variant,
         "llm_checkpoint": args.llm_checkpoint,
         "max_batch": args.workers,
