@@ -187,3 +187,22 @@ def test_descriptor_exhaustion_in_a_real_server_neither_floods_the_log_nor_wedge
     )
     assert len(lines) < 100, "\n".join(lines[-20:])
     assert sum("Traceback" in line for line in lines) <= 2
+
+
+def test_serve_options_reach_the_settings():
+    import argparse
+
+    from cosyvoice_lite.serving.cli import add_serve_command, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    args = parser.parse_args([
+        "serve", "--model", "m", "--max-connections", "64", "--header-timeout", "3",
+        "--body-timeout", "7", "--keep-alive", "2", "--shutdown-timeout", "4", "--docs-public",
+        "--max-instruct-chars", "80", "--max-prompt-text-chars", "90", "--max-json-mb", "2",
+    ])  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.max_connections, settings.header_timeout, settings.body_timeout) == (64, 3, 7)
+    assert (settings.keep_alive_timeout, settings.shutdown_timeout) == (2, 4)
+    assert settings.docs_public and settings.max_json_bytes == 2 * 1024 * 1024
+    assert (settings.max_instruct_chars, settings.max_prompt_text_chars) == (80, 90)

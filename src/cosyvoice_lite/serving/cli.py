@@ -49,6 +49,23 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="longest text per request (default 4096, as OpenAI); longer than ~80 characters "
         "is split into sentences and sent segment by segment",
     )
+    limits.add_argument(
+        "--max-instruct-chars",
+        type=int,
+        default=500,
+        help="longest instruct/instructions (default 500)",
+    )
+    limits.add_argument(
+        "--max-prompt-text-chars",
+        type=int,
+        default=1000,
+        help="longest prompt transcript (default 1000)",
+    )
+    limits.add_argument(
+        "--max-json-mb",
+        type=float,
+        help="largest JSON body (default: room for a base64 prompt upload)",
+    )
     limits.add_argument("--max-upload-mb", type=float, default=10.0, help="largest prompt upload")
     limits.add_argument(
         "--max-prompt-seconds",
@@ -198,6 +215,9 @@ def settings_from_args(args: argparse.Namespace):
         aliases[name.strip()] = voice.strip()
     return Settings(
         max_text_chars=args.max_text_chars,
+        max_instruct_chars=args.max_instruct_chars,
+        max_prompt_text_chars=args.max_prompt_text_chars,
+        max_json_bytes=int(args.max_json_mb * 1024 * 1024) if args.max_json_mb else None,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_prompt_seconds=args.max_prompt_seconds,
         workers=args.workers,
