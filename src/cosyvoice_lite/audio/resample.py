@@ -11,8 +11,8 @@ with that ratio: 48 kHz -> 16 kHz needs 1 row, but 16001 Hz -> 16000 Hz would ne
 16015 taps (1 GB). Kernels are therefore built only up to :data:`MAX_KERNEL_ELEMENTS` (every pair
 of the standard rates 16/22.05/24/32/44.1/48 kHz fits, so those stay bit-identical to torchaudio);
 any other ratio is computed directly, output block by output block, with the same windowed-sinc
-weights evaluated in float64 for just the taps inside the window. Memory then stays a few MB and
-time grows with the output length times the window width, whatever the rates.
+weights evaluated in float64 for just the taps inside the window. Memory then stays a few MB per
+block and time grows with the output length times the window width, whatever the rates.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
 MAX_KERNEL_ELEMENTS = 1 << 20
 """Largest polyphase kernel built (4 MB in float32); the biggest standard pair needs 291,200."""
-BLOCK_ELEMENTS = 1 << 20
-"""Weights computed at once by the direct path (8 MB in float64)."""
+BLOCK_ELEMENTS = 1 << 18
+"""Weights computed at once by the direct path (2 MB in float64 per temporary)."""
 
 
 def reduced_rates(orig_freq: int, new_freq: int) -> tuple[int, int]:
