@@ -108,7 +108,9 @@ def serve(args: argparse.Namespace) -> None:
     from cosyvoice_lite.serving import Settings, create_app
 
     torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model_dir, dtype=args.dtype, max_batch=args.max_batch)
+    engine = Engine.load(
+        args.model_dir, dtype=args.dtype, max_batch=args.max_batch, audio_workers=args.audio_workers
+    )
     wrapped = (FixedLength if args.design == "loop" else PerRequestThreads)(engine, args.tokens)
     settings = Settings(
         workers=args.max_batch,
@@ -168,6 +170,8 @@ class Server:
             str(args.max_batch),
             "--dtype",
             args.dtype,
+            "--audio-workers",
+            str(args.audio_workers),
         ]
         self.log = log.open("w")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
@@ -311,7 +315,8 @@ def drive(args: argparse.Namespace) -> None:
     (out / "serving.json").write_text(json.dumps(results, indent=1))
     print(
         f"\nmodel {args.model_dir}, {args.tokens} speech tokens per request, "
-        f"{args.threads} torch threads, max batch {args.max_batch}, {args.dtype}"
+        f"{args.threads} torch threads, max batch {args.max_batch}, {args.dtype}, "
+        f"{args.audio_workers} audio worker(s)"
     )
     for key, value in results.items():
         if "/" in key:
@@ -351,6 +356,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="weights' precision (float32, bfloat16)")
+    parser.add_argument("--audio-workers", type=int, default=1, help="engine loop audio threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serving"))
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--design", default="loop", help=argparse.SUPPRESS)

@@ -76,14 +76,16 @@ class Engine:
              variant: str | None = None, llm_checkpoint: str = "llm.pt",
              download: bool = True, quantize: str | None = None,
              flow_steps: int = 10, max_batch: int = 16, prefill_tokens: int = 4096,
-             backend: str = "torch", onnx_dir: str | Path | None = None) -> Engine:
+             audio_workers: int = 1, backend: str = "torch",
+             onnx_dir: str | Path | None = None) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
         ``variant`` overrides the v1 release detection (base / sft / instruct); ``llm_checkpoint``
         selects e.g. ``llm.rl.pt`` for the RL-tuned CosyVoice3 LLM. ``dtype`` stores the weights
         in that precision, ``quantize="int8"`` gives the LLM int8 linear layers (precision.py);
         ``flow_steps`` (official 10) trades the flow's quality for speed. ``max_batch`` requests
-        decode together at most, and one step prefills at most ``prefill_tokens`` positions.
+        decode together at most, one step prefills at most ``prefill_tokens`` positions, and
+        ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
         vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
         """
@@ -109,10 +111,11 @@ class Engine:
         voices = {name: _voice_from_spk2info(name, info)
                   for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
                   if "embedding" in info or "flow_embedding" in info}
-        if max_batch < 1 or prefill_tokens < 1:
-            raise InvalidRequestError("max_batch and prefill_tokens must be at least 1")
+        if min(max_batch, prefill_tokens, audio_workers) < 1:
+            raise InvalidRequestError("max_batch, prefill_tokens and audio_workers must be at least 1")
         engine = cls(model_dir, placement, TextFrontend(), tokenizer, prompt_encoder, pipeline,
-                     voices, time.perf_counter() - start, LoopLimits(max_batch, prefill_tokens))
+                     voices, time.perf_counter() - start,
+                     LoopLimits(max_batch, prefill_tokens, audio_workers))
         log.info("loaded %s (v%d, %s) on %s in %.1f s", model_dir.name, model_dir.version,
                  model_dir.variant, placement.device, engine.load_seconds)
         return engine

@@ -80,6 +80,7 @@ class _Row:
     feed: Feed | None = None
     reply: torch.Tensor | None = None
     failed: bool = False  # its audio stage failed: the loop drops the row at the next step
+    audio_worker: int = -1  # index of the audio worker that computes its chunks
     on_end: Callable[[_Row], None] | None = None
     _ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -161,10 +162,12 @@ class AudioWorker:
 @dataclass(frozen=True)
 class LoopLimits:
     """``max_batch`` rows decode together at most (more requests wait their turn); a step
-    prefills at most ``prefill_tokens`` positions (at least one request's prefix)."""
+    prefills at most ``prefill_tokens`` positions (at least one request's prefix);
+    ``audio_workers`` threads compute flow + vocoder chunks (a row always uses the same one)."""
 
     max_batch: int = 16
     prefill_tokens: int = 4096
+    audio_workers: int = 1
 
 
 DEFAULT_LIMITS = LoopLimits()
@@ -185,8 +188,9 @@ class EngineLoop:
         self._live: set[_Row] = set()  # admitted and not ended (decoding or vocoding)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._audio: AudioWorker | None = None
+        self._audio: list[AudioWorker] = []
         self._stopping = False
+        self._next_worker = 0
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
 
@@ -231,12 +235,12 @@ class EngineLoop:
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
-        if self._audio is not None:
-            self._audio.stop()
+        for worker in self._audio:
+            worker.stop()
 
     def _ensure_thread(self) -> None:
-        if self._audio is None:
-            self._audio = AudioWorker(self.compute)
+        if not self._audio:
+            self._audio = [AudioWorker(self.compute) for _ in range(self.limits.audio_workers)]
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
             self._thread.start()
@@ -372,7 +376,7 @@ class EngineLoop:
                 item = row.task.send(reply)
             except StopIteration:
                 last = row.segment == len(row.run.segments) - 1
-                self._audio.put(_AudioWork(row, row.audio, row.segment, last=last))
+                self._audio_of(row).put(_AudioWork(row, row.audio, row.segment, last=last))
                 if last:  # the audio worker ends the request once the audio is done
                     self._remove(row)
                     return
@@ -383,7 +387,14 @@ class EngineLoop:
                 return
             if item is WAIT:
                 return
-            self._audio.put(_AudioWork(row, row.audio, row.segment, token=item))
+            self._audio_of(row).put(_AudioWork(row, row.audio, row.segment, token=item))
+
+    def _audio_of(self, row: _Row) -> AudioWorker:
+        """A row's audio always goes to the same worker, so its chunks stay in order."""
+        if row.audio_worker < 0:
+            row.audio_worker = self._next_worker
+            self._next_worker = (self._next_worker + 1) % len(self._audio)
+        return self._audio[row.audio_worker]
 
     def _remove(self, row: _Row) -> None:
         if row in self._rows:
