@@ -285,3 +285,11 @@ def test_info_reports_every_text_and_body_limit(client):
     limits = client.get("/info").json()["limits"]
     assert limits["max_text_chars"] == 40 and limits["max_instruct_chars"] == 30
     assert limits["max_prompt_text_chars"] == 50 and limits["max_json_bytes"] == 4096
+
+
+def test_openai_instructions_and_voice_are_limited(client, preset):
+    body = {"model": "tts-1", "input": "你好", "voice": preset, "instructions": "x" * 31}
+    error = error_of(client.post("/v1/audio/speech", json=body), 400, "instructions_too_long")
+    assert error["param"] == "instructions"
+    body = {"model": "tts-1", "input": "你好", "voice": "v" * 300}
+    assert error_of(client.post("/v1/audio/speech", json=body), 400)["param"] == "voice"
