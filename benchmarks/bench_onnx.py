@@ -32,7 +32,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from cosyvoice_lite.export.onnx_export import export_onnx, load_networks  # noqa: E402
-from cosyvoice_lite.export.runtime import quantized, read_manifest, use_onnxruntime  # noqa: E402
+from cosyvoice_lite.export.runtime import (  # noqa: E402
+    INT8_OPS,
+    quantized,
+    read_manifest,
+    use_onnxruntime,
+)
 
 
 def timed(fn, rounds: int) -> tuple[list[float], object]:  # noqa: ANN001
@@ -135,7 +140,12 @@ def main() -> None:
     print("\nexported sizes (MB):")
     for name, entry in manifest["graphs"].items():
         path = out / entry["file"]
-        int8 = quantized(path).stat().st_size / 1e6 if name in ("flow_estimator", "hift") else None
+        ops = INT8_OPS[name.split("_")[0]]
+        int8 = (
+            quantized(path, ops).stat().st_size / 1e6
+            if name in ("flow_estimator", "hift")
+            else None
+        )
         print(
             f"  {name:22} fp32 {path.stat().st_size / 1e6:8.1f}"
             + (f"   int8 {int8:8.1f}" if int8 else "")

@@ -320,7 +320,7 @@ def test_int8_backend_quantises_once_and_stays_close(export_root):
     out = exported(1, export_root)
     flow = networks(1)["flow"]
     ort_flow = use_onnxruntime(networks(1), out, stages=("flow",), int8=True)["flow"]
-    assert (out / "int8" / "flow_estimator.onnx").is_file()
+    assert (out / "int8-matmul" / "flow_estimator.onnx").is_file()
     g = torch.Generator().manual_seed(4)
     args = (torch.randn(2, 80, 40, generator=g), torch.ones(2, 1, 40), torch.randn(2, 80, 40, generator=g),
             torch.rand(2, generator=g), torch.randn(2, 80, generator=g), torch.randn(2, 80, 40, generator=g))  # fmt: skip

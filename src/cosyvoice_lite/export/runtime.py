@@ -32,6 +32,8 @@ FLOW_VERSION = {
     "CausalMaskedDiffWithDiT": 3,
 }
 STAGES = ("flow", "hift")
+# what int8 quantises per stage (graph name prefix); see quantized()
+INT8_OPS = {"flow": ("MatMul",), "hift": ("MatMul", "Conv")}
 
 
 def read_manifest(export_dir: str | Path) -> dict:
@@ -59,12 +61,13 @@ def session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def quantized(path: Path) -> Path:
-    """An int8 copy of a graph (onnxruntime dynamic quantisation of its MatMul and Conv weights,
-    uint8 as its ConvInteger kernels take), made once next to it in int8/."""
+def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
+    """An int8 copy of a graph, made once next to it in int8-<ops>/: onnxruntime's dynamic quantisation
+    of the weights of `ops` (uint8, as its ConvInteger kernels take). The flow estimator gains
+    from int8 MatMuls; int8 convolutions made it slower (benchmarks/README.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    target = path.parent / "int8" / path.name
+    target = path.parent / ("int8-" + "-".join(op.lower() for op in ops)) / path.name
     if not target.is_file() or target.stat().st_mtime < path.stat().st_mtime:
         target.parent.mkdir(exist_ok=True)
         partial = target.with_suffix(".partial.onnx")
@@ -73,7 +76,7 @@ def quantized(path: Path) -> Path:
             quantize_dynamic(
                 str(path),
                 str(partial),
-                op_types_to_quantize=["MatMul", "Conv"],
+                op_types_to_quantize=list(ops),
                 weight_type=QuantType.QUInt8,
             )
         finally:
@@ -184,7 +187,7 @@ def use_onnxruntime(
         if name not in graphs:
             return None
         path = export_dir / graphs[name]["file"]
-        return session(quantized(path) if int8 else path, threads)
+        return session(quantized(path, INT8_OPS[name.split("_")[0]]) if int8 else path, threads)
 
     if "flow" in stages:
         sessions = {False: open_graph("flow_estimator"), True: open_graph("flow_estimator_chunk")}
