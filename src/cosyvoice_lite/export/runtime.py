@@ -63,8 +63,8 @@ def session(path: Path, threads: int | None = None):
 
 def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
     """An int8 copy of a graph, made once next to it in int8-<ops>/: onnxruntime's dynamic
-    quantisation of the weights of `ops` (uint8, as its ConvInteger kernels take). The flow estimator gains
-    from int8 MatMuls; int8 convolutions made it slower (benchmarks/README.md)."""
+    quantisation of the weights of `ops` (uint8, as its ConvInteger kernels take). The flow
+    estimator gains from int8 MatMuls; int8 convolutions made it slower (benchmarks/README.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = path.parent / ("int8-" + "-".join(op.lower() for op in ops)) / path.name
