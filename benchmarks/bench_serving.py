@@ -356,7 +356,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="weights' precision (float32, bfloat16)")
-    parser.add_argument("--audio-workers", type=int, default=1, help="engine loop audio threads")
+    parser.add_argument("--audio-workers", type=int, default=2, help="engine loop audio threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serving"))
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--design", default="loop", help=argparse.SUPPRESS)

@@ -76,7 +76,7 @@ class Engine:
              variant: str | None = None, llm_checkpoint: str = "llm.pt",
              download: bool = True, quantize: str | None = None,
              flow_steps: int = 10, max_batch: int = 16, prefill_tokens: int = 4096,
-             audio_workers: int = 1, backend: str = "torch",
+             audio_workers: int = 2, backend: str = "torch",
              onnx_dir: str | Path | None = None) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 

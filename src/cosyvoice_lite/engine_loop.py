@@ -167,7 +167,7 @@ class LoopLimits:
 
     max_batch: int = 16
     prefill_tokens: int = 4096
-    audio_workers: int = 1
+    audio_workers: int = 2
 
 
 DEFAULT_LIMITS = LoopLimits()

@@ -82,6 +82,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="requests the engine loop computes together (decoded as one batch); more wait in the queue",
     )
     limits.add_argument(
+        "--audio-workers",
+        type=int,
+        default=2,
+        help="threads computing the flow and vocoder chunks of different requests",
+    )
+    limits.add_argument(
         "--max-queue",
         type=int,
         default=8,
@@ -270,6 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             variant=args.variant,
             llm_checkpoint=args.llm_checkpoint,
             max_batch=args.workers,
+            audio_workers=args.audio_workers,
         )
 
     app = create_app(load, settings)
