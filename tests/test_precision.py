@@ -18,7 +18,7 @@ from cosyvoice_lite.errors import DeviceError, InvalidRequestError
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
 from cosyvoice_lite.pipelines.factory import load_network
-from cosyvoice_lite.precision import exempt_names
+from cosyvoice_lite.precision import exempt_names, tied_to_embeddings
 
 DATA = Path(__file__).resolve().parent / "data"
 MODELS = DATA / "models"
@@ -75,13 +75,16 @@ def test_weights_are_stored_in_the_chosen_dtype(version: int, dtype: str) -> Non
 def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
     model = open_model_dir(MODELS / f"v{version}-tiny")
     reference = load_network(model, "llm", "llm.pt", resolve_placement("cpu"))
-    linear = {n for n, m in reference.named_modules() if type(m) is nn.Linear}
+    tables = tied_to_embeddings(reference)  # e.g. Qwen2's unused lm_head: left alone
+    linear = {n for n, m in reference.named_modules() if type(m) is nn.Linear and m not in tables}
     llm = load_network(model, "llm", "llm.pt", resolve_placement("cpu", quantize="int8"))
     quantised = {
         n: m for n, m in llm.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
     }
     assert linear and set(quantised) == linear
-    assert not any(type(m) is nn.Linear for m in llm.modules())
+    assert {n for n, m in llm.named_modules() if type(m) is nn.Linear} == {
+        n for n, m in reference.named_modules() if m in tables
+    }
     assert all(m.weight().dtype == torch.qint8 for m in quantised.values())
     # int8 is for the LLM: the flow keeps float32 (int8 linears there take float32 around them)
     flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", quantize="int8"))

@@ -71,15 +71,23 @@ def _dynamic_linear_class() -> type[nn.Module]:
     return VectorDynamicLinear
 
 
+def tied_to_embeddings(network: nn.Module) -> set[nn.Module]:
+    """Linear layers whose weight is an embedding table's (e.g. Qwen2's ``lm_head``, which
+    CosyVoice never runs): quantising one would add an int8 copy of the table and untie it."""
+    tables = {id(m.weight) for m in network.modules() if isinstance(m, nn.Embedding)}
+    return {m for m in network.modules() if type(m) is nn.Linear and id(m.weight) in tables}
+
+
 def quantize_linear_int8(network: nn.Module) -> nn.Module:
     """Replace the (non-exempt) ``nn.Linear`` layers by int8 dynamically quantised ones, in place."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     exempt = exempt_names(network)
+    tables = tied_to_embeddings(network)
     spec = {
         name: per_channel_dynamic_qconfig
         for name, module in network.named_modules()
-        if type(module) is nn.Linear and not _is_exempt(name, exempt)
+        if type(module) is nn.Linear and not _is_exempt(name, exempt) and module not in tables
     }
     if not spec:
         return network

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError
+from cosyvoice_lite.networks.attention import attention
 
 __all__ = [
     "DiT",
@@ -257,7 +258,7 @@ class Attention(nn.Module):
         key = key.view(batch_size, -1, self.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, self.heads, head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0)
+        out = attention(query, key, value, mask)
         out = out.transpose(1, 2).reshape(batch_size, -1, self.heads * head_dim).to(query.dtype)
         out = self.to_out[1](self.to_out[0](out))
 

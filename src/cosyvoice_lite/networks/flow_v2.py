@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.attention import attention
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
@@ -698,7 +699,7 @@ def _transformers_increment(
         keep = _chunk_keep(start, n, start + n, chunk, x.device)
         # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
         bias = (1.0 - keep.to(h.dtype)) * -1.0e10
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        out = attention(q, keys, values, bias)
         h = h + attn.to_out[0](_merge_heads(out))
         h = h + block.ff(block.norm3(h))
     return h.transpose(1, 2)

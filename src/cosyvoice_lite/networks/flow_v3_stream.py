@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.networks.attention import attention
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS, euler_cfg, time_span
@@ -381,6 +382,6 @@ def _attention_increment(
         return t.view(rows, n, attn.heads, head_dim).transpose(1, 2)
 
     keys, values = kv.append(split(key), split(value))
-    out = F.scaled_dot_product_attention(split(query), keys, values, attn_mask=keep, dropout_p=0.0)
+    out = attention(split(query), keys, values, keep)
     out = out.transpose(1, 2).reshape(rows, n, attn.heads * head_dim).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](out))

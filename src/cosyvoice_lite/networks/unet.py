@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.attention import attention
 
 # The official code turns boolean attention masks into an additive bias with this constant
 # (`cosyvoice.utils.common.mask_to_bias`), not with -inf.
@@ -238,7 +239,7 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(hidden_states))
         k = split_heads(self.to_k(hidden_states))
         v = split_heads(self.to_v(hidden_states))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
+        out = attention(q, k, v, attention_bias)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.to_out[0](out)
 
