@@ -159,7 +159,8 @@ def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> 
             emit({"event": "bye", **memory_kb()})
             return
         try:
-            result = run(command["text"], command["voice"], command["tokens"], command["seed"])
+            result = run(command["text"], command["voice"], command["tokens"], command["seed"],
+                         **command.get("options", {}))
         except Exception as exc:  # report it to the driver instead of dying silently
             emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
             raise
@@ -167,10 +168,43 @@ def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> 
 
 
 # ----------------------------------------------------------------------------- our worker
-def our_worker(model_dir: Path, threads: int) -> None:
+def counted(stage: str, fn: Callable, state: dict) -> Callable:
+    """``fn`` that adds its FLOPs (torch's FlopCounterMode) to ``state["flops"][stage]`` while
+    ``state["count"]`` is set: the flow's floor is its FLOPs over the machine's matmul rate."""
+
+    def call(*args, **kwargs):
+        if not state.get("count"):
+            return fn(*args, **kwargs)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*args, **kwargs)
+        state["flops"][stage] = state["flops"].get(stage, 0) + counter.get_total_flops()
+        return out
+
+    return call
+
+
+def instrument(engine, timer: StageTimer, state: dict, methods=("inference",)) -> None:
+    """Time the LLM steps (``log_probs``, called by the engine loop for every decoding step and
+    prefill) and the flow / vocoder entry points of the loaded networks; count FLOPs on demand."""
+    pipeline = engine.pipeline
+    pipeline.llm.log_probs = timer.wrap("llm", pipeline.llm.log_probs)
+    for stage, network in (("flow", pipeline.flow), ("hift", pipeline.hift)):
+        for method in methods:
+            if callable(getattr(network, method, None)):
+                fn = counted(stage, getattr(network, method), state)
+                setattr(network, method, timer.wrap(stage, fn))
+
+
+def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
+               quantize: str | None = None) -> None:
     set_threads(threads)
     start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from precision_bench import llm_bytes_per_token
+
     from cosyvoice_lite.engine import Engine
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
@@ -178,25 +212,18 @@ def our_worker(model_dir: Path, threads: int) -> None:
 
     def load():
         start = time.perf_counter()
-        engine = Engine.load(model_dir, device="cpu", dtype="float32")
+        engine = Engine.load(model_dir, device="cpu", dtype=dtype, quantize=quantize)
         load_seconds = time.perf_counter() - start
-        pipeline, timer = engine.pipeline, StageTimer()
-        llm = pipeline.llm
-        generate = llm.generate
-        fixed = {"n": 0}
+        timer, state = StageTimer(), {"flops": {}}
+        instrument(engine, timer, state)
+        llm_bytes = llm_bytes_per_token(engine.pipeline.llm)
 
-        def fixed_length_generate(*args, sampler, **kwargs):
-            sampler = FixedLength(sampler, llm.eos_token, fixed["n"])
-            return timer.iterate("llm", generate(*args, sampler=sampler, **kwargs))
-
-        llm.generate = fixed_length_generate
-        pipeline.flow.inference = timer.wrap("flow", pipeline.flow.inference)
-        pipeline.hift.inference = timer.wrap("hift", pipeline.hift.inference)
-
-        def run(text: str, voice: str, tokens: int, seed: int) -> dict:
-            fixed["n"] = tokens
+        def run(text: str, voice: str, tokens: int, seed: int, count_flops: bool = False) -> dict:
             timer.reset()
-            request = SynthesisRequest(Mode.PRESET, text, voice=voice, seed=seed)
+            state["count"], state["flops"] = count_flops, {}
+            # the length hook: exactly ``tokens`` speech tokens (the driver checks the audio)
+            request = SynthesisRequest(Mode.PRESET, text, voice=voice, seed=seed,
+                                       max_speech_tokens=tokens, ignore_eos=True)
             start = timer.now()
             segments = samples = 0
             for chunk in engine.synthesize(request):
@@ -204,7 +231,8 @@ def our_worker(model_dir: Path, threads: int) -> None:
                 segments = max(segments, chunk.segment + 1)
             timer.add("total", start)
             return {**timer.seconds, "audio_s": samples / engine.sample_rate, "segments": segments,
-                    "tokens": tokens}
+                    "tokens": tokens, "samples": samples, "llm_bytes_per_token": llm_bytes,
+                    "flops": state["flops"]}
 
         return run, load_seconds
 
@@ -290,22 +318,26 @@ def mib(kb: int) -> float:
 
 
 def print_table(results: dict, names: list[str]) -> None:
+    from precision_bench import print_floors, ratio_labels, ratios
+
     meta = results["meta"]
     print()
-    print(f"CosyVoice v1 benchmark: {meta['model']} (random weights), fp32, CPU, "
-          f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}")
+    print(f"CosyVoice v1 benchmark: {meta['model']} (random weights), CPU, {meta['threads']} torch "
+          f"threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
+          + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
+          + ("; official at fp32" if "official" in names else ""))
     print(f"  median of {meta['repeats']} runs after a warm-up; fixed speech tokens per request: "
-          + ", ".join(f"{k} {v}" for k, v in meta["tokens"].items()))
-    both = len(names) == 2
-    head = f"{'':<24}" + "".join(f"{n:>18}" for n in names) + (f"{'official/ours':>16}" if both else "")
+          + ", ".join(f"{k} {v}" for k, v in meta["tokens"].items())
+          + " (max_speech_tokens + ignore_eos; audio length checked)")
+    labels = ratio_labels(names)
+    head = f"{'':<24}" + "".join(f"{n:>11}" for n in names) + "".join(f"{x:>16}" for x in labels)
     print()
     print(head)
     print("-" * len(head))
 
     def row(label: str, values: list[float], fmt: str) -> None:
-        line = f"{label:<24}" + "".join(f"{format(v, fmt):>18}" for v in values)
-        if both and values[0] > 0:
-            line += f"{values[1] / values[0]:>15.2f}x"
+        line = f"{label:<24}" + "".join(f"{format(v, fmt):>11}" for v in values)
+        line += "".join(f"{r:>15.2f}x" for r in ratios(dict(zip(names, values, strict=True)), names))
         print(line)
 
     row("import, excl. torch (s)", [results[n]["import_s"] for n in names], ".2f")
@@ -323,6 +355,13 @@ def print_table(results: dict, names: list[str]) -> None:
             row(f"  {label} s", [runs[n][f"{stage}_s"] for n in names], ".2f")
             row(f"  {label} RTF", [runs[n][f"{stage}_s"] / runs[n]["audio_s"] for n in names], ".3f")
             row(f"  {label} CPU s", [runs[n][f"{stage}_cpu_s"] for n in names], ".2f")
+    key = next(iter(meta["tokens"]))
+    floor_view = {n: {**results[n]["runs"][key], "llm_bytes_per_token":
+                      results[n]["runs"][key].get("llm_bytes_per_token"),
+                      "llm_ms_per_token": 1e3 * results[n]["runs"][key]["llm_s"] / meta["tokens"][key]}
+                  for n in names}
+    print(f"\n(floors: the {key} request)", end="")
+    print_floors(meta["floors"], floor_view, names, meta["tokens"][key], meta.get("flops", {}))
 
 
 def median_runs(samples: list[dict]) -> dict:
@@ -331,20 +370,32 @@ def median_runs(samples: list[dict]) -> dict:
     merged["audio_s"] = samples[0]["audio_s"]
     merged["all_total_s"] = [s["total_s"] for s in samples]
     merged["segments"] = samples[0]["segments"]
+    merged["llm_bytes_per_token"] = samples[0].get("llm_bytes_per_token")
     return merged
 
 
+SAMPLES_PER_TOKEN = 22050 / 50  # v1: 50 speech tokens per second at 22.05 kHz
+LENGTH_TOLERANCE = 256  # the flow rounds the mel length down to whole 256-sample frames
+
+
 def drive(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from precision_bench import CONFIGS, check_fixed_length, measure_floors
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
     ensure_model(args.model)
     OUT.mkdir(parents=True, exist_ok=True)
     threads = args.threads
     official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
     official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
-    names = ["ours"]
-    argv = {"ours": [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(args.model),
-                     "--threads", str(threads)]}
-    env = {"ours": worker_env(threads, args.omp_wait_policy)}
+    configs = {n: CONFIGS[n] for n in args.configs.split(",")}
+    names = list(configs)
+    argv, env = {}, {}
+    for name, (dtype, quantize) in configs.items():
+        argv[name] = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model",
+                      str(args.model), "--threads", str(threads), "--dtype", dtype,
+                      *(["--quantize", quantize] if quantize else [])]
+        env[name] = worker_env(threads, args.omp_wait_policy)
     if official_python or official_path:
         python = official_python or sys.executable
         official_env = worker_env(threads, args.omp_wait_policy, official_path)
@@ -360,9 +411,12 @@ def drive(args: argparse.Namespace) -> None:
         print("official implementation not configured (--official-python/--official-path); "
               "benchmarking ours only")
 
+    print("measuring the floors ...", flush=True)
+    floors = measure_floors(threads)
     tokens = {"zh": args.tokens_zh, "en": args.tokens_en}
     results: dict = {"meta": {"model": args.model.name, "threads": threads, "repeats": args.repeats,
-                              "omp_wait_policy": args.omp_wait_policy,
+                              "omp_wait_policy": args.omp_wait_policy, "configs": configs,
+                              "floors": floors,
                               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                               "warmup_tokens": args.warmup_tokens, "tokens": tokens,
                               "sentences": SENTENCES, "voices": VOICES, "seed": SEED,
@@ -370,6 +424,17 @@ def drive(args: argparse.Namespace) -> None:
                               "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
     workers: dict[str, Worker] = {}
     samples: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in tokens} for n in names}
+
+    def send(name: str, key: str, n_tokens: int, **options) -> dict:
+        command = {"cmd": "run", "text": SENTENCES[key], "voice": VOICES[key], "tokens": n_tokens,
+                   "seed": SEED}
+        result = workers[name].send({**command, "options": options} if options else command)
+        samples_out = result.get("samples", round(result["audio_s"] * 22050))
+        check_fixed_length(name, n_tokens, samples_out, SAMPLES_PER_TOKEN, LENGTH_TOLERANCE)
+        if result["segments"] != 1:
+            raise SystemExit(f"{name}: the {key} sentence became {result['segments']} segments")
+        return result
+
     try:
         for name in names:  # one at a time: loading is CPU-heavy and must not overlap
             print(f"[{name}] loading ...", flush=True)
@@ -381,17 +446,16 @@ def drive(args: argparse.Namespace) -> None:
             print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
         for key in tokens:  # warm-up: every code path once, on a shorter decode
             for name in names:
-                workers[name].send({"cmd": "run", "text": SENTENCES[key], "voice": VOICES[key],
-                                    "tokens": args.warmup_tokens, "seed": SEED})
-        print("warm-up done", flush=True)
+                send(name, key, args.warmup_tokens)
+        print("warm-up done (fixed length checked)", flush=True)
+        first = names[0]
+        key = next(iter(tokens))
+        results["meta"]["flops"] = send(first, key, tokens[key], count_flops=True)["flops"]
         for rep in range(args.repeats):
             order = names if rep % 2 == 0 else names[::-1]
             for key in tokens:
                 for name in order:
-                    result = workers[name].send({"cmd": "run", "text": SENTENCES[key], "voice": VOICES[key],
-                                                 "tokens": tokens[key], "seed": SEED})
-                    if result["segments"] != 1:
-                        raise SystemExit(f"{name}: the {key} sentence became {result['segments']} segments")
+                    result = send(name, key, tokens[key])
                     samples[name][key].append(result)
                     print(f"[{name}] {key} run {rep + 1}/{args.repeats}: total {result['total_s']:.2f} s "
                           f"(llm {result.get('llm_s', 0):.2f}, flow {result.get('flow_s', 0):.2f}, "
@@ -438,10 +502,15 @@ def main() -> None:
     parser.add_argument("--tokens-en", type=int, default=200, help="speech tokens decoded for the en sentence")
     parser.add_argument("--warmup-tokens", type=int, default=50, help="speech tokens of the warm-up runs")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the raw figures")
+    parser.add_argument("--configs", default="fp32,bf16,int8",
+                        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
+                        "flow and vocoder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        our_worker(args.model, args.threads)
+        our_worker(args.model, args.threads, args.dtype, args.quantize)
     else:
         drive(args)
 

@@ -60,6 +60,7 @@ PROMPT_WAV = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
 PROMPTS_JSON = ROOT / "tests" / "data" / "audio" / "prompts.json"
 SEED = 1986
 SPEECH_TOKEN_SIZE = 6561
+SAMPLES_PER_TOKEN = 2 * 480  # 2 mel frames per speech token, 480 samples per frame (24 kHz)
 # CosyVoice3 drops runs of more than 5 of these (official llm_job); replayed tokens avoid them
 V3_SILENT_TOKENS = {1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323}
 # stage -> entry points wrapped with its timer, where the loaded network has them (ours: the
@@ -157,10 +158,32 @@ def serve(load: Callable[[], tuple[Callable[[dict], dict], float]], import_secon
 
 
 # ----------------------------------------------------------------------------- our worker
-def our_worker(model_dir: Path, threads: int) -> None:
+class Replay:
+    """Stands in for the LLM's ``log_probs`` in the replay requests: every step returns a
+    distribution with all its mass on the next token of a fixed list, so the engine decodes
+    exactly that list (through its own sampler, length policy and loop) without LLM work."""
+
+    def __init__(self, log_probs: Callable, vocab: int) -> None:
+        self.log_probs, self.vocab, self.tokens = log_probs, vocab, None
+
+    def __call__(self, inputs, caches):
+        if self.tokens is None:
+            return self.log_probs(inputs, caches)
+        import torch
+
+        rows = torch.full((len(caches), self.vocab), -float("inf"))
+        rows[:, self.tokens.pop(0) if self.tokens else 0] = 0.0
+        return rows
+
+
+def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
+               quantize: str | None = None) -> None:
     set_threads(threads)
     start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "src"))
+    from bench_v1 import counted
+    from precision_bench import llm_bytes_per_token
+
     from cosyvoice_lite.engine import Engine
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
@@ -168,40 +191,30 @@ def our_worker(model_dir: Path, threads: int) -> None:
 
     def load():
         start = time.perf_counter()
-        engine = Engine.load(model_dir, device="cpu", dtype="float32")
+        engine = Engine.load(model_dir, device="cpu", dtype=dtype, quantize=quantize)
         load_seconds = time.perf_counter() - start
-        pipeline, timer = engine.pipeline, StageTimer()
+        pipeline, timer, state = engine.pipeline, StageTimer(), {"flops": {}}
         llm = pipeline.llm
-        generate, synthesize = llm.generate, pipeline.synthesize
-        state: dict = {"n": 0, "replay": None, "pieces": None}
-
-        def timed_generate(*args, **kwargs):
-            if state["replay"] is not None:  # replay: no LLM work, the fixed tokens at once
-                return timer.iterate("llm", iter(state["replay"]))
-            return timer.iterate("llm", generate(*args, **kwargs))
-
-        def fixed_length_synthesize(inputs, sampler, *args, **kwargs):
-            # The pipeline's own output, before the engine hands it on: the engine holds each
-            # piece back until the next one exists (to flag the last chunk as final).
-            sampler = FixedSpeechLength(sampler, llm.speech_token_size, llm.eos_token, state["n"])
-            for piece in synthesize(inputs, sampler, *args, **kwargs):
-                state["pieces"].add(int(piece.numel()))
-                yield piece
-
-        llm.generate = timed_generate
-        pipeline.synthesize = fixed_length_synthesize
-        wrap_stages(timer, pipeline.flow, pipeline.hift)
+        llm_bytes = llm_bytes_per_token(llm)
+        replay = Replay(llm.log_probs, llm.llm_decoder.out_features)
+        llm.log_probs = timer.wrap("llm", replay)  # the engine loop calls it for every step
+        for stage, network in (("flow", pipeline.flow), ("hift", pipeline.hift)):
+            for method in STAGE_METHODS[stage]:
+                if callable(getattr(network, method, None)):
+                    fn = counted(stage, getattr(network, method), state)
+                    setattr(network, method, timer.wrap(stage, fn))
 
         def run(command: dict) -> dict:
-            state["n"] = command["tokens"]
-            state["replay"] = command.get("replay")
+            replay.tokens = list(command["replay"]) if command.get("replay") else None
+            state["count"], state["flops"] = command.get("count_flops", False), {}
             timer.reset()
+            # the length hook: exactly ``tokens`` speech tokens (the driver checks the audio)
             request = SynthesisRequest(Mode.ZERO_SHOT, command["text"], prompt_audio=command["prompt_wav"],
                                        prompt_text=command["prompt_text"], seed=command["seed"],
-                                       stream=command["stream"])
+                                       stream=command["stream"], max_speech_tokens=command["tokens"],
+                                       ignore_eos=True)
             start = timer.now()
             chunks = ChunkLog(timer, start[0])
-            state["pieces"] = ChunkLog(timer, start[0])
             segments = 0
             for chunk in engine.synthesize(request):
                 chunks.add(len(chunk.samples))
@@ -209,7 +222,8 @@ def our_worker(model_dir: Path, threads: int) -> None:
             timer.add("total", start)
             return {**timer.seconds, "audio_s": sum(c["samples"] for c in chunks.chunks) / engine.sample_rate,
                     "sample_rate": engine.sample_rate, "segments": segments, "tokens": command["tokens"],
-                    "chunks": chunks.chunks, "pieces": state["pieces"].chunks}
+                    "samples": sum(c["samples"] for c in chunks.chunks), "chunks": chunks.chunks,
+                    "llm_bytes_per_token": llm_bytes, "flops": state["flops"]}
 
         return run, load_seconds
 
@@ -247,32 +261,34 @@ def summarize(samples: list[dict]) -> dict:
     merged["all_total_s"] = [s["total_s"] for s in samples]
     merged["peak_kb"] = max(s["peak_kb"] for s in samples)
     merged["first_chunk_s"] = median([s["chunks"][0]["t"] for s in samples])
-    merged["first_piece_s"] = median([s["pieces"][0]["t"] for s in samples if s.get("pieces")])
     merged["n_chunks"] = len(samples[0]["chunks"])
     merged["chunks"] = samples[len(samples) // 2]["chunks"]  # one run's chunk log, for the record
     return merged
 
 
 def print_table(results: dict, names: list[str]) -> None:
+    from precision_bench import print_floors, ratio_labels, ratios
+
     meta = results["meta"]
-    both = len(names) == 2
     print()
-    print(f"CosyVoice{meta['version']} benchmark: {meta['model']} (random weights), zero-shot, fp32, CPU, "
-          f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}")
+    print(f"CosyVoice{meta['version']} benchmark: {meta['model']} (random weights), zero-shot, CPU, "
+          f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
+          + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
+          + ("; official at fp32" if "official" in names else ""))
     if meta["repeats"]:
         print(f"  median of {meta['repeats']} run(s) after a warm-up; {meta['tokens']} speech tokens per "
-              f"request; prompt {PROMPT_WAV.name}")
+              f"request (max_speech_tokens + ignore_eos; audio length checked); prompt {PROMPT_WAV.name}")
     else:
         print(f"  after a warm-up; prompt {PROMPT_WAV.name}")
-    head = f"{'':<34}" + "".join(f"{n:>14}" for n in names) + (f"{'official/ours':>15}" if both else "")
+    labels = ratio_labels(names)
+    head = f"{'':<34}" + "".join(f"{n:>11}" for n in names) + "".join(f"{x:>16}" for x in labels)
     print()
     print(head)
     print("-" * len(head))
 
     def row(label: str, values: list[float], fmt: str) -> None:
-        line = f"{label:<34}" + "".join(f"{format(v, fmt):>14}" for v in values)
-        if both and values[0] > 0:
-            line += f"{values[1] / values[0]:>14.2f}x"
+        line = f"{label:<34}" + "".join(f"{format(v, fmt):>11}" for v in values)
+        line += "".join(f"{r:>15.2f}x" for r in ratios(dict(zip(names, values, strict=True)), names))
         print(line)
 
     def mib(kb: int) -> float:
@@ -302,8 +318,6 @@ def print_table(results: dict, names: list[str]) -> None:
         print(f"streaming: {meta['tokens']} tokens -> {stream[names[0]]['audio_s']:.2f} s audio in "
               + ", ".join(f"{n} {stream[n]['n_chunks']} chunks" for n in names))
         row("  first chunk delivered (s)", [stream[n]["first_chunk_s"] for n in names], ".2f")
-        if "ours" in names:
-            print(f"  {'(ours: first chunk computed)':<32}{stream['ours']['first_piece_s']:>14.2f}")
         row("  total s", [stream[n]["total_s"] for n in names], ".2f")
         row("  total RTF", [stream[n]["total_s"] / stream[n]["audio_s"] for n in names], ".3f")
         row("  LLM s", [stream[n]["llm_s"] for n in names], ".2f")
@@ -315,7 +329,7 @@ def print_table(results: dict, names: list[str]) -> None:
         print(f"streaming, per chunk, {meta['growth_tokens']} replayed tokens (no LLM work): "
               "flow + vocoder seconds per chunk, and per second of audio in the chunk")
         print(f"  {'chunk':<6}{'audio end (s)':>14}" + "".join(f"{n + ' s':>12}{n + ' s/s':>14}" for n in names))
-        logs = {n: growth[n]["pieces"] or growth[n]["chunks"] for n in names}
+        logs = {n: growth[n]["chunks"] for n in names}
         rate = growth[names[0]]["sample_rate"]
         for i in range(max(len(v) for v in logs.values())):
             line, end = f"  {i + 1:<6}", None
@@ -330,6 +344,11 @@ def print_table(results: dict, names: list[str]) -> None:
                     cells += f"{'':>12}{'':>14}"
             print(line + f"{end:>14.2f}" + cells)
         row("  total flow + vocoder s", [growth[n]["flow_s"] + growth[n]["hift_s"] for n in names], ".2f")
+    if all(plain.values()):
+        view = {n: {**plain[n], "llm_bytes_per_token": results[n].get("llm_bytes_per_token"),
+                    "llm_ms_per_token": 1e3 * plain[n]["llm_s"] / meta["tokens"]} for n in names}
+        print("\n(floors: the non-streaming request)", end="")
+        print_floors(meta["floors"], view, names, meta["tokens"], meta.get("flops", {}))
 
 
 def drive(args: argparse.Namespace) -> None:
@@ -342,10 +361,16 @@ def drive(args: argparse.Namespace) -> None:
     growth_tokens = args.growth_tokens
     official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
     official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
-    names = ["ours"]
-    argv = {"ours": [sys.executable, str(Path(__file__).resolve()), "--worker", "--version", str(args.version),
-                     "--model", str(model_dir), "--threads", str(threads)]}
-    env = {"ours": worker_env(threads, args.omp_wait_policy)}
+    from precision_bench import CONFIGS, check_fixed_length, measure_floors
+
+    configs = {n: CONFIGS[n] for n in args.configs.split(",")}
+    names = list(configs)
+    argv, env = {}, {}
+    for name, (dtype, quantize) in configs.items():
+        argv[name] = [sys.executable, str(Path(__file__).resolve()), "--worker", "--version",
+                      str(args.version), "--model", str(model_dir), "--threads", str(threads),
+                      "--dtype", dtype, *(["--quantize", quantize] if quantize else [])]
+        env[name] = worker_env(threads, args.omp_wait_policy)
     if official_python or official_path:
         python = official_python or sys.executable
         official_env = worker_env(threads, args.omp_wait_policy, official_path)
@@ -362,12 +387,15 @@ def drive(args: argparse.Namespace) -> None:
         print("official implementation not configured (--official-python/--official-path); "
               "benchmarking ours only")
 
+    print("measuring the floors ...", flush=True)
+    floors = measure_floors(threads)
     transcript = prompt_transcript()
     request = {"cmd": "run", "text": SENTENCE, "prompt_wav": str(PROMPT_WAV), "prompt_text": transcript,
                "seed": SEED}
     results: dict = {"meta": {"version": args.version, "model": model_dir.name, "threads": threads,
                               "repeats": args.repeats, "tokens": args.tokens, "growth_tokens": growth_tokens,
                               "warmup_tokens": args.warmup_tokens, "omp_wait_policy": args.omp_wait_policy,
+                              "configs": configs, "floors": floors,
                               "load_average_start": os.getloadavg(), "sentence": SENTENCE,
                               "prompt_wav": PROMPT_WAV.name, "prompt_text": transcript, "seed": SEED,
                               "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -380,8 +408,12 @@ def drive(args: argparse.Namespace) -> None:
         result = workers[name].send({**request, **overrides})
         # each request resets the worker's high-water mark: the synthesis peak is the largest one
         results[name]["peak_synth_kb"] = max(results[name].get("peak_synth_kb", 0), result["peak_kb"])
+        samples_out = result.get("samples", round(result["audio_s"] * result["sample_rate"]))
+        check_fixed_length(name, overrides["tokens"], samples_out, SAMPLES_PER_TOKEN, 0)
         if result["segments"] != 1:
             raise SystemExit(f"{name}: the sentence became {result['segments']} segments")
+        if "llm_bytes_per_token" in result:
+            results[name]["llm_bytes_per_token"] = result["llm_bytes_per_token"]
         return result
 
     def log(name: str, what: str, r: dict) -> None:
@@ -401,6 +433,10 @@ def drive(args: argparse.Namespace) -> None:
             print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
         for name in names:  # warm-up: a short request (ONNX sessions, allocator, weights paged in)
             log(name, "warm-up", send(name, tokens=args.warmup_tokens, stream=False))
+        print("warm-up done (fixed length checked)", flush=True)
+        if args.repeats:  # FLOPs of the flow and vocoder for the timed workload (any precision)
+            counted = send(names[0], tokens=args.tokens, stream=False, count_flops=True)
+            results["meta"]["flops"] = counted["flops"]
         for rep in range(args.repeats):
             order = names if rep % 2 == 0 else names[::-1]
             for kind in ("plain", "stream"):
@@ -461,10 +497,15 @@ def main() -> None:
                         "with --repeats 0 for that run alone)")
     parser.add_argument("--json", type=Path, help="where to write the raw figures "
                         "(default benchmarks/out/bench_v<version>.json)")
+    parser.add_argument("--configs", default="fp32,bf16,int8",
+                        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
+                        "flow and vocoder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        our_worker(args.model, args.threads)
+        our_worker(args.model, args.threads, args.dtype, args.quantize)
     else:
         drive(args)
 

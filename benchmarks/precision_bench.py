@@ -85,8 +85,11 @@ def llm_bytes_per_token(llm) -> int:
     import torch
     from torch import nn
 
+    from cosyvoice_lite.precision import tied_to_embeddings
+
     once = [m for name, m in llm.named_children() if name.startswith("text_encoder")]
     skip = {id(m) for top in once for m in top.modules()}
+    skip |= {id(m) for m in tied_to_embeddings(llm)}  # Qwen2's lm_head: never run
     total = 0
     for module in llm.modules():
         if isinstance(module, nn.Embedding) or id(module) in skip:
