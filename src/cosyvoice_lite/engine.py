@@ -351,6 +351,7 @@ class _Run:
         self.engine, self.request, self.segments, self.prompt = engine, request, segments, prompt
         self.sampler, self.noise, self.policy = sampler, noise, policy
         self.progress, self.sink = progress, sink
+        self.stream = request.stream
 
     def start_segment(self, index: int) -> tuple[object, object]:
         engine, request = self.engine, self.request

@@ -33,6 +33,7 @@ from .decoding import WAIT, Feed
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
+FIRST_CHUNK_PRIORITY_SECONDS = 5.0  # at most this long does decoding wait for a first chunk
 
 
 class Sink(Protocol):
@@ -47,6 +48,7 @@ class Run(Protocol):
     """A prepared request, as the engine builds it (see ``Engine._prepare``)."""
 
     segments: list
+    stream: bool  # chunks as they are ready (the first one gets priority)
 
     def start_segment(self, index: int) -> tuple[Any, Any]:
         """(decoding task, audio stage) of segment ``index``."""
@@ -81,6 +83,8 @@ class _Row:
     reply: torch.Tensor | None = None
     failed: bool = False  # its audio stage failed: the loop drops the row at the next step
     audio_worker: int = -1  # index of the audio worker that computes its chunks
+    streaming: bool = False  # the request streams: its first chunk has priority (TTFA)
+    audio_out: bool = False  # some of its audio has been delivered
     on_end: Callable[[_Row], None] | None = None
     _ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,6 +124,10 @@ class AudioWorker:
 
     def __init__(self, compute: Callable[[], Any]) -> None:
         self.compute = compute
+        # Clear while a stream's first chunk is being computed: the loop holds its decoding
+        # step meanwhile, so the first audio is not slowed down by other rows' tokens.
+        self.no_first_chunk = threading.Event()
+        self.no_first_chunk.set()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
         self._thread.start()
@@ -138,12 +146,17 @@ class AudioWorker:
                     if work.token is None and work.last:
                         row.end(None)
                     continue
+                first = row.streaming and not row.audio_out
+                if first:
+                    self.no_first_chunk.clear()
                 try:
                     with self.compute():
                         self._do(work)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
                     row.failed = True
                     row.end(exc)
+                finally:
+                    self.no_first_chunk.set()
 
     @staticmethod
     def _do(work: _AudioWork) -> None:
@@ -151,8 +164,10 @@ class AudioWorker:
         if work.token is not None:
             piece = work.audio.push(work.token)
             if piece is not None:
+                work.row.audio_out = True
                 run.emit(piece, work.segment, False)
             return
+        work.row.audio_out = True
         run.emit(work.audio.finish(), work.segment, work.last)
         run.segment_done(work.segment)
         if work.last:
@@ -305,7 +320,7 @@ class EngineLoop:
             try:
                 with self.compute():
                     run = job.prepare()
-                row = _Row(job, run, on_end=self._live.discard)
+                row = _Row(job, run, on_end=self._live.discard, streaming=run.stream)
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
                 job.sink.end(exc)
@@ -322,7 +337,11 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ compute
     def _forward(self) -> bool:
-        """Compute the log-probabilities every fed row asked for; True if anything ran."""
+        """Compute the log-probabilities every fed row asked for; True if anything ran.
+
+        Waits first (a bounded time) while a stream's first chunk is being computed."""
+        for worker in self._audio:
+            worker.no_first_chunk.wait(FIRST_CHUNK_PRIORITY_SECONDS)
         prefills = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) > 1]
         decodes = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) == 1]
         budget = self.limits.prefill_tokens
