@@ -24,8 +24,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--wetext-fsts", default="",
-                        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them")
+    parser.add_argument(
+        "--wetext-fsts",
+        default="",
+        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them",
+    )
     args = parser.parse_args()
 
     set_threads(args.threads)
@@ -65,8 +68,12 @@ def main() -> None:
                 samples += output["tts_speech"].shape[1]
                 segments += 1  # non-streaming: one output per text segment
             timer.add("total", start)
-            return {**timer.seconds, "audio_s": samples / cosyvoice.sample_rate, "segments": segments,
-                    "tokens": tokens}
+            return {
+                **timer.seconds,
+                "audio_s": samples / cosyvoice.sample_rate,
+                "segments": segments,
+                "tokens": tokens,
+            }
 
         return run, load_seconds
 

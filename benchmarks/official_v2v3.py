@@ -44,9 +44,14 @@ def blank_en_weights(config_dir: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    print(f"writing throw-away Qwen2 weights for the official loader to {weights} ...", file=sys.stderr)
+    print(
+        f"writing throw-away Qwen2 weights for the official loader to {weights} ...",
+        file=sys.stderr,
+    )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM._from_config(Qwen2Config.from_pretrained(config_dir), torch_dtype=torch.bfloat16)
+    model = Qwen2ForCausalLM._from_config(
+        Qwen2Config.from_pretrained(config_dir), torch_dtype=torch.bfloat16
+    )
     staging = cache.with_name(cache.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -79,8 +84,11 @@ def main() -> None:
     parser.add_argument("--version", type=int, choices=[2, 3], required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--wetext-fsts", default="",
-                        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them")
+    parser.add_argument(
+        "--wetext-fsts",
+        default="",
+        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them",
+    )
     args = parser.parse_args()
 
     set_threads(args.threads)
@@ -137,13 +145,20 @@ def main() -> None:
             torch.manual_seed(command["seed"])  # the official draws from the global RNG
             start = timer.now()
             chunks = ChunkLog(timer, start[0])
-            for output in cosyvoice.inference_zero_shot(command["text"], prompt_text, command["prompt_wav"],
-                                                        stream=command["stream"]):
+            for output in cosyvoice.inference_zero_shot(
+                command["text"], prompt_text, command["prompt_wav"], stream=command["stream"]
+            ):
                 chunks.add(int(output["tts_speech"].shape[1]))
             timer.add("total", start)
-            return {**timer.seconds, "audio_s": sum(c["samples"] for c in chunks.chunks) / cosyvoice.sample_rate,
-                    "sample_rate": cosyvoice.sample_rate, "segments": state["segments"],
-                    "tokens": command["tokens"], "chunks": chunks.chunks, "pieces": []}
+            return {
+                **timer.seconds,
+                "audio_s": sum(c["samples"] for c in chunks.chunks) / cosyvoice.sample_rate,
+                "sample_rate": cosyvoice.sample_rate,
+                "segments": state["segments"],
+                "tokens": command["tokens"],
+                "chunks": chunks.chunks,
+                "pieces": [],
+            }
 
         return run, load_seconds
 

@@ -18,7 +18,10 @@ def test_cpu_and_dtypes() -> None:
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps", "xpu:3", "tpu", "gpu"])
 def test_unavailable_device_lists_what_is_available(device: str) -> None:
-    if device.split(":")[0] in {d.split(":")[0] for d in available_devices()} and device != "cuda:7":
+    if (
+        device.split(":")[0] in {d.split(":")[0] for d in available_devices()}
+        and device != "cuda:7"
+    ):
         pytest.skip(f"{device} exists on this machine")
     with pytest.raises(DeviceError, match="available here: cpu"):
         resolve_placement(device)

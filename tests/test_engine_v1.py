@@ -61,16 +61,44 @@ def test_preset_voice_is_reproducible_with_a_seed(engines: dict[str, Engine]) ->
 def test_every_mode_produces_audio(engines: dict[str, Engine], prompt_wav: Path) -> None:
     base, instruct = engines["base"], engines["instruct"]
     requests = [
-        (base, SynthesisRequest(Mode.ZERO_SHOT, "Hello there.", prompt_audio=prompt_wav,
-                                prompt_text="This is a prompt.", seed=1)),
-        (base, SynthesisRequest(Mode.CROSS_LINGUAL, "<|en|>Hello there.", prompt_audio=prompt_wav,
-                                seed=1)),
-        (base, SynthesisRequest(Mode.VOICE_CONVERSION, source_audio=prompt_wav,
-                                prompt_audio=prompt_wav, seed=1)),
-        (instruct, SynthesisRequest(Mode.INSTRUCT, "今天天气很好。", voice=instruct.voices()[0],
-                                    instruct="A calm narrator.<|endofprompt|>", seed=1)),
-        (instruct, SynthesisRequest(Mode.PRESET, "Speed change.", voice=instruct.voices()[0],
-                                    speed=1.5, seed=1)),
+        (
+            base,
+            SynthesisRequest(
+                Mode.ZERO_SHOT,
+                "Hello there.",
+                prompt_audio=prompt_wav,
+                prompt_text="This is a prompt.",
+                seed=1,
+            ),
+        ),
+        (
+            base,
+            SynthesisRequest(
+                Mode.CROSS_LINGUAL, "<|en|>Hello there.", prompt_audio=prompt_wav, seed=1
+            ),
+        ),
+        (
+            base,
+            SynthesisRequest(
+                Mode.VOICE_CONVERSION, source_audio=prompt_wav, prompt_audio=prompt_wav, seed=1
+            ),
+        ),
+        (
+            instruct,
+            SynthesisRequest(
+                Mode.INSTRUCT,
+                "今天天气很好。",
+                voice=instruct.voices()[0],
+                instruct="A calm narrator.<|endofprompt|>",
+                seed=1,
+            ),
+        ),
+        (
+            instruct,
+            SynthesisRequest(
+                Mode.PRESET, "Speed change.", voice=instruct.voices()[0], speed=1.5, seed=1
+            ),
+        ),
     ]
     for engine, request in requests:
         audio, _ = _run(engine, request)
@@ -81,17 +109,26 @@ def test_speed_shortens_the_audio(engines: dict[str, Engine]) -> None:
     engine = engines["sft"]
     voice = engine.voices()[0]
     normal, _ = _run(engine, SynthesisRequest(Mode.PRESET, "一二三四五。", voice=voice, seed=3))
-    fast, _ = _run(engine, SynthesisRequest(Mode.PRESET, "一二三四五。", voice=voice, seed=3, speed=2.0))
+    fast, _ = _run(
+        engine, SynthesisRequest(Mode.PRESET, "一二三四五。", voice=voice, seed=3, speed=2.0)
+    )
     assert abs(len(fast) - len(normal) / 2) <= 256 * 2
 
 
-def test_streaming_yields_about_the_same_audio_in_several_chunks(engines: dict[str, Engine]) -> None:
+def test_streaming_yields_about_the_same_audio_in_several_chunks(
+    engines: dict[str, Engine],
+) -> None:
     engine = engines["sft"]
     voice = engine.voices()[0]
     # min_len is twice the text tokens, so ~70 tokens of text guarantee a multi-chunk stream
-    text = "这是一个比较长的句子，用来测试流式合成是否正常工作，以及每一块音频是否连续，" * 2 + "好的。"
+    text = (
+        "这是一个比较长的句子，用来测试流式合成是否正常工作，以及每一块音频是否连续，" * 2
+        + "好的。"
+    )
     whole, _ = _run(engine, SynthesisRequest(Mode.PRESET, text, voice=voice, seed=5))
-    streamed, chunks = _run(engine, SynthesisRequest(Mode.PRESET, text, voice=voice, seed=5, stream=True))
+    streamed, chunks = _run(
+        engine, SynthesisRequest(Mode.PRESET, text, voice=voice, seed=5, stream=True)
+    )
     assert len(chunks) > 1
     # chunk-wise length regulation rounds per chunk (as the official), so lengths differ slightly
     assert abs(len(streamed) - len(whole)) <= 0.05 * len(whole)
@@ -107,8 +144,10 @@ def test_concurrent_requests_do_not_affect_each_other(engines: dict[str, Engine]
 
     alone = [_run(engine, request(i))[0] for i in range(len(texts))]
     together: dict[int, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, _run(engine, request(i))[0]))
-               for i in range(len(texts))]
+    threads = [
+        threading.Thread(target=lambda i=i: together.__setitem__(i, _run(engine, request(i))[0]))
+        for i in range(len(texts))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -120,12 +159,21 @@ def test_concurrent_requests_do_not_affect_each_other(engines: dict[str, Engine]
 @pytest.mark.parametrize(
     ("variant", "request_kwargs", "error", "match"),
     [
-        ("sft", dict(mode=Mode.INSTRUCT, text="hi", voice="x", instruct="sad"), UnsupportedModeError,
-         "supports: preset"),
+        (
+            "sft",
+            dict(mode=Mode.INSTRUCT, text="hi", voice="x", instruct="sad"),
+            UnsupportedModeError,
+            "supports: preset",
+        ),
         ("base", dict(mode=Mode.PRESET, text="hi", voice="x"), UnsupportedModeError, "zero_shot"),
         ("sft", dict(mode=Mode.PRESET, text="hi", voice="nobody"), UnknownVoiceError, "nobody"),
         ("sft", dict(mode=Mode.PRESET, text="   ", voice=None), InvalidRequestError, "empty"),
-        ("sft", dict(mode=Mode.PRESET, text="。。！", voice=None), InvalidRequestError, "nothing to speak"),
+        (
+            "sft",
+            dict(mode=Mode.PRESET, text="。。！", voice=None),
+            InvalidRequestError,
+            "nothing to speak",
+        ),
         ("sft", dict(mode=Mode.PRESET, text="hi", speed=5.0), InvalidRequestError, "speed"),
         ("base", dict(mode=Mode.ZERO_SHOT, text="hi"), InvalidRequestError, "prompt audio"),
         ("base", dict(mode=Mode.VOICE_CONVERSION), InvalidRequestError, "source audio"),
@@ -134,7 +182,10 @@ def test_concurrent_requests_do_not_affect_each_other(engines: dict[str, Engine]
 def test_bad_requests_get_clear_errors(engines, variant, request_kwargs, error, match) -> None:
     engine = engines[variant]
     if request_kwargs.get("voice") is None and request_kwargs["mode"] == Mode.PRESET:
-        request_kwargs = {**request_kwargs, "voice": engine.voices()[0] if engine.voices() else None}
+        request_kwargs = {
+            **request_kwargs,
+            "voice": engine.voices()[0] if engine.voices() else None,
+        }
     with pytest.raises(error, match=match):
         list(engine.synthesize(SynthesisRequest(**request_kwargs)))
 
@@ -146,21 +197,49 @@ def test_bad_prompt_audio(engines: dict[str, Engine], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"RIFF....not really a wav file")
     too_long = tmp_path / "long.wav"
-    sf.write(too_long, (np.random.default_rng(0).standard_normal(16000 * 31) * 0.1).astype(np.float32), 16000)
-    for path, match in ((silent, "silent"), (garbage, "could not be decoded"), (too_long, "too long")):
+    sf.write(
+        too_long,
+        (np.random.default_rng(0).standard_normal(16000 * 31) * 0.1).astype(np.float32),
+        16000,
+    )
+    for path, match in (
+        (silent, "silent"),
+        (garbage, "could not be decoded"),
+        (too_long, "too long"),
+    ):
         request = SynthesisRequest(Mode.CROSS_LINGUAL, "hello", prompt_audio=path)
         with pytest.raises(AudioError, match=match):
             list(engine.synthesize(request))
 
 
-def test_cli_say_writes_a_playable_wav(v1_variants: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_cli_say_writes_a_playable_wav(
+    v1_variants: dict[str, Path], tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "hello.wav"
     engine_dir = v1_variants["sft"]
     assert cli_main(["voices", "--model", str(engine_dir)]) == 0
     voice = capsys.readouterr().out.splitlines()[1]
-    assert cli_main(["say", "你好。", "--model", str(engine_dir), "--voice", voice, "--seed", "1",
-                     "-o", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "say",
+                "你好。",
+                "--model",
+                str(engine_dir),
+                "--voice",
+                voice,
+                "--seed",
+                "1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data, rate = sf.read(out)
     assert rate == 22050 and len(data) > 0
-    assert cli_main(["say", "hi", "--model", str(engine_dir), "--voice", "nobody", "-o", str(out)]) == 2
+    assert (
+        cli_main(["say", "hi", "--model", str(engine_dir), "--voice", "nobody", "-o", str(out)])
+        == 2
+    )
     assert "unknown voice" in capsys.readouterr().err

@@ -49,11 +49,19 @@ def test_modes(v2: Engine, v3: Engine) -> None:
 def test_every_mode_speaks(v2: Engine, v3: Engine) -> None:
     for engine in (v2, v3):
         for request in (
-            SynthesisRequest(Mode.ZERO_SHOT, "你好。", prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=1),
+            SynthesisRequest(
+                Mode.ZERO_SHOT, "你好。", prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=1
+            ),
             SynthesisRequest(Mode.CROSS_LINGUAL, "Hello there.", prompt_audio=PROMPT, seed=1),
-            SynthesisRequest(Mode.INSTRUCT, "你好。", prompt_audio=PROMPT, instruct="用四川话说这句话", seed=1),
-            SynthesisRequest(Mode.VOICE_CONVERSION, source_audio=DATA / "audio" / "en_22k.wav",
-                             prompt_audio=PROMPT, seed=1),
+            SynthesisRequest(
+                Mode.INSTRUCT, "你好。", prompt_audio=PROMPT, instruct="用四川话说这句话", seed=1
+            ),
+            SynthesisRequest(
+                Mode.VOICE_CONVERSION,
+                source_audio=DATA / "audio" / "en_22k.wav",
+                prompt_audio=PROMPT,
+                seed=1,
+            ),
         ):
             audio, _ = _audio(engine, request)
             assert len(audio) > 0 and np.isfinite(audio).all(), (engine.version, request.mode)
@@ -61,20 +69,29 @@ def test_every_mode_speaks(v2: Engine, v3: Engine) -> None:
 
 def test_instruction_gets_the_system_prompt_each_version_needs(v2: Engine, v3: Engine) -> None:
     assert v2._instruction("用四川话说这句话") == "用四川话说这句话<|endofprompt|>"
-    assert v3._instruction("speak happily") == "You are a helpful assistant. speak happily<|endofprompt|>"
+    assert (
+        v3._instruction("speak happily")
+        == "You are a helpful assistant. speak happily<|endofprompt|>"
+    )
     assert v3._instruction("X<|endofprompt|>") == "X<|endofprompt|>"
-    assert v3._with_system_prompt("", "你好") == ("", "You are a helpful assistant.<|endofprompt|>你好")
+    assert v3._with_system_prompt("", "你好") == (
+        "",
+        "You are a helpful assistant.<|endofprompt|>你好",
+    )
     assert v3._with_system_prompt("转写", "你好")[0].endswith("<|endofprompt|>转写")
 
 
 def test_pronunciation_markup(v2: Engine, v3: Engine) -> None:
-    pinyin = SynthesisRequest(Mode.CROSS_LINGUAL, "对报道[j][ǐ]予好评，[M][AY0] name。",
-                              prompt_audio=PROMPT, seed=2)
+    pinyin = SynthesisRequest(
+        Mode.CROSS_LINGUAL, "对报道[j][ǐ]予好评，[M][AY0] name。", prompt_audio=PROMPT, seed=2
+    )
     assert len(_audio(v3, pinyin)[0]) > 0
     with pytest.raises(InvalidRequestError, match=r"\[j\], \[ǐ\], \[M\], \[AY0\]"):
         list(v2.synthesize(pinyin))
     with pytest.raises(InvalidRequestError, match=r"\[giggle\]"):
-        list(v3.synthesize(SynthesisRequest(Mode.CROSS_LINGUAL, "哈[giggle]哈", prompt_audio=PROMPT)))
+        list(
+            v3.synthesize(SynthesisRequest(Mode.CROSS_LINGUAL, "哈[giggle]哈", prompt_audio=PROMPT))
+        )
 
 
 def test_rl_checkpoint_is_selectable() -> None:
@@ -88,7 +105,7 @@ def test_rl_checkpoint_is_selectable() -> None:
 
 
 def test_streaming_text_in_starts_audio_before_the_text_ends(v2: Engine) -> None:
-    pieces = [LONG_TEXT[i:i + 4] for i in range(0, len(LONG_TEXT), 4)] * 3
+    pieces = [LONG_TEXT[i : i + 4] for i in range(0, len(LONG_TEXT), 4)] * 3
     consumed = []
 
     def text():
@@ -96,8 +113,9 @@ def test_streaming_text_in_starts_audio_before_the_text_ends(v2: Engine) -> None
             consumed.append(i)
             yield piece
 
-    request = SynthesisRequest(Mode.ZERO_SHOT, text(), prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
-                               seed=3, stream=True)
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT, text(), prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=3, stream=True
+    )
     stream = v2.synthesize(request)
     first = next(stream)
     assert first.samples.size > 0 and first.sample_rate == 24000
@@ -108,13 +126,21 @@ def test_streaming_text_in_starts_audio_before_the_text_ends(v2: Engine) -> None
 
 def test_concurrent_streams_are_independent(v2: Engine) -> None:
     def request(seed: int) -> SynthesisRequest:
-        return SynthesisRequest(Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
-                                seed=seed, stream=True)
+        return SynthesisRequest(
+            Mode.ZERO_SHOT,
+            LONG_TEXT,
+            prompt_audio=PROMPT,
+            prompt_text=PROMPT_TEXT,
+            seed=seed,
+            stream=True,
+        )
 
     alone = [_audio(v2, request(s))[0] for s in (1, 2)]
     together: dict[int, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda s=s: together.__setitem__(s, _audio(v2, request(s))[0]))
-               for s in (1, 2)]
+    threads = [
+        threading.Thread(target=lambda s=s: together.__setitem__(s, _audio(v2, request(s))[0]))
+        for s in (1, 2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -124,7 +150,9 @@ def test_concurrent_streams_are_independent(v2: Engine) -> None:
 
 
 def test_stream_and_whole_speak_the_same_tokens(v2: Engine) -> None:
-    request = SynthesisRequest(Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=4)
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=4
+    )
     whole, _ = _audio(v2, request)
     streamed, n_chunks = _audio(v2, SynthesisRequest(**{**vars(request), "stream": True}))
     assert n_chunks > 1
@@ -143,27 +171,35 @@ def test_per_chunk_flow_work_does_not_grow(v2: Engine, monkeypatch) -> None:
 
     monkeypatch.setattr(flow_v2, "_estimator_increment", counting)
     text = LONG_TEXT * 2
-    request = SynthesisRequest(Mode.ZERO_SHOT, text, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
-                               seed=5, stream=True)
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT, text, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=5, stream=True
+    )
     _, n_chunks = _audio(v2, request)
     print("U-Net frames per streaming step:", frames)
-    steps = [frames[i:i + 10] for i in range(0, len(frames), 10)]  # 10 Euler steps per chunk
+    steps = [frames[i : i + 10] for i in range(0, len(frames), 10)]  # 10 Euler steps per chunk
     assert n_chunks >= 3 and len(steps) == n_chunks
     # the first chunk also runs the prompt frames; after it each chunk sees only its own new frames
     # (2 per token, hops of 50 then 100 tokens), never the history, so the cost stays flat
     assert all(len(set(step)) == 1 for step in steps)
-    assert [step[0] for step in steps[1:-1]] == [min(2 * 25 * 2 ** (i + 1), 200)
-                                                 for i in range(len(steps) - 2)]
+    assert [step[0] for step in steps[1:-1]] == [
+        min(2 * 25 * 2 ** (i + 1), 200) for i in range(len(steps) - 2)
+    ]
 
 
 def test_each_chunk_is_delivered_as_soon_as_it_is_computed(v2: Engine, monkeypatch) -> None:
     """The first chunk reaches the caller before the second one is computed."""
     calls: list[bool] = []
     vocode = v2.pipeline._vocode
-    monkeypatch.setattr(v2.pipeline, "_vocode",
-                        lambda state, mel, *a, **k: (calls.append(k.get("finalize")), vocode(state, mel, *a, **k))[1])
-    request = SynthesisRequest(Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT,
-                               seed=4, stream=True)
+    monkeypatch.setattr(
+        v2.pipeline,
+        "_vocode",
+        lambda state, mel, *a, **k: (calls.append(k.get("finalize")), vocode(state, mel, *a, **k))[
+            1
+        ],
+    )
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=4, stream=True
+    )
     stream = v2.synthesize(request)
     first = next(stream)
     assert len(calls) == 1 and not first.final

@@ -23,14 +23,35 @@ from cosyvoice_lite.networks.hift_causal import (
 GOLDEN = Path(__file__).parent / "data" / "golden" / "hift"
 ATOL = 1e-4
 
-TINY = dict(in_channels=80, base_channels=16, nb_harmonics=8, nsf_alpha=0.1, nsf_sigma=0.003,
-            nsf_voiced_threshold=10, istft_params={"n_fft": 16, "hop_len": 4},
-            resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3,
-            lrelu_slope=0.1, audio_limit=0.99)
-TINY_V1 = dict(TINY, sampling_rate=22050, upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16],
-               source_resblock_kernel_sizes=[7, 11], source_resblock_dilation_sizes=[[1, 3, 5]] * 2)
-TINY_V2 = dict(TINY, sampling_rate=24000, upsample_rates=[8, 5, 3], upsample_kernel_sizes=[16, 11, 7],
-               source_resblock_kernel_sizes=[7, 7, 11], source_resblock_dilation_sizes=[[1, 3, 5]] * 3)
+TINY = dict(
+    in_channels=80,
+    base_channels=16,
+    nb_harmonics=8,
+    nsf_alpha=0.1,
+    nsf_sigma=0.003,
+    nsf_voiced_threshold=10,
+    istft_params={"n_fft": 16, "hop_len": 4},
+    resblock_kernel_sizes=[3, 7, 11],
+    resblock_dilation_sizes=[[1, 3, 5]] * 3,
+    lrelu_slope=0.1,
+    audio_limit=0.99,
+)
+TINY_V1 = dict(
+    TINY,
+    sampling_rate=22050,
+    upsample_rates=[8, 8],
+    upsample_kernel_sizes=[16, 16],
+    source_resblock_kernel_sizes=[7, 11],
+    source_resblock_dilation_sizes=[[1, 3, 5]] * 2,
+)
+TINY_V2 = dict(
+    TINY,
+    sampling_rate=24000,
+    upsample_rates=[8, 5, 3],
+    upsample_kernel_sizes=[16, 11, 7],
+    source_resblock_kernel_sizes=[7, 7, 11],
+    source_resblock_dilation_sizes=[[1, 3, 5]] * 3,
+)
 TINY_V3 = dict(TINY_V2, conv_pre_look_right=4)
 COND = 16
 
@@ -48,14 +69,18 @@ def official_state_dict(data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def to_legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same weights as the legacy `torch.nn.utils.weight_norm` saves them."""
     return {
-        k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): v
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
         for k, v in state_dict.items()
     }
 
 
 def build(version: str) -> torch.nn.Module:
     if version == "v3":
-        return CausalHiFTGenerator(**TINY_V3, f0_predictor=CausalConvRNNF0Predictor(1, 80, COND)).eval()
+        return CausalHiFTGenerator(
+            **TINY_V3, f0_predictor=CausalConvRNNF0Predictor(1, 80, COND)
+        ).eval()
     cfg = TINY_V1 if version == "v1" else TINY_V2
     return HiFTGenerator(**cfg, f0_predictor=ConvRNNF0Predictor(1, 80, COND)).eval()
 
@@ -86,15 +111,22 @@ def test_both_weight_norm_spellings_load_strictly_and_agree(version: str) -> Non
     new_style, legacy = build(version), build(version)
     load_hift_state_dict(new_style, sd)
     legacy.load_state_dict(to_legacy(sd), strict=True)  # plain load_state_dict works too
-    for (name, a), (_, b) in zip(new_style.state_dict().items(), legacy.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        new_style.state_dict().items(), legacy.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
-def test_folded_weight_is_g_times_v_over_norm_with_in_channels_as_dim0_for_transposed_convs() -> None:
+def test_folded_weight_is_g_times_v_over_norm_with_in_channels_as_dim0_for_transposed_convs() -> (
+    None
+):
     sd = official_state_dict(golden("v1"))
     model = build("v1")
     load_hift_state_dict(model, sd)
-    g, v = sd["ups.0.parametrizations.weight.original0"], sd["ups.0.parametrizations.weight.original1"]
+    g, v = (
+        sd["ups.0.parametrizations.weight.original0"],
+        sd["ups.0.parametrizations.weight.original1"],
+    )
     assert g.shape == (16, 1, 1) and v.shape == (16, 8, 16)  # ConvTranspose1d: dim 0 = in_channels
     expected = g * v / v.flatten(1).norm(dim=1).view(-1, 1, 1)
     torch.testing.assert_close(model.ups[0].weight, expected, rtol=1e-6, atol=1e-7)
@@ -111,7 +143,10 @@ def test_generator_prefix_is_stripped() -> None:
         (lambda sd: sd.pop("conv_post.bias"), "conv_post.bias"),
         (lambda sd: sd.pop("resblocks.0.convs1.0.weight_v"), "resblocks.0.convs1.0.weight_g"),
         (lambda sd: sd.update({"m_source.extra": torch.zeros(1)}), "m_source.extra"),
-        (lambda sd: sd.update({"m_source.l_linear.weight": torch.zeros(1, 8)}), "m_source.l_linear.weight"),
+        (
+            lambda sd: sd.update({"m_source.l_linear.weight": torch.zeros(1, 8)}),
+            "m_source.l_linear.weight",
+        ),
         (lambda sd: sd.update({"conv_pre.weight_g": torch.ones(3, 1, 1)}), "weight-norm magnitude"),
         (lambda sd: sd.update({"f0_predictor.condnet.0.weight": torch.zeros(16, 80, 3)}), "both"),
     ],
@@ -143,7 +178,9 @@ def test_waveform_matches_official_with_seeded_generator(version: str, seed: int
     assert_close(source, data[f"source_a_seed{seed}"])
     assert_close(speech, data[f"speech_a_seed{seed}"])
     # the generator consumed exactly as many numbers as the official global RNG
-    assert torch.equal(torch.rand(4, generator=generator), torch.from_numpy(data[f"rng_after_a_seed{seed}"]))
+    assert torch.equal(
+        torch.rand(4, generator=generator), torch.from_numpy(data[f"rng_after_a_seed{seed}"])
+    )
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -155,7 +192,9 @@ def test_cache_source_overrides_the_source_head(version: str) -> None:
     assert torch.equal(source[:, :, : cache_source.shape[2]], cache_source)
     assert_close(source, data["source_b_cached"])
     assert_close(speech, data["speech_b_cached"])
-    assert torch.equal(torch.rand(4, generator=generator), torch.from_numpy(data["rng_after_b_cached"]))
+    assert torch.equal(
+        torch.rand(4, generator=generator), torch.from_numpy(data["rng_after_b_cached"])
+    )
 
 
 def test_empty_cache_source_is_no_cache() -> None:
@@ -178,7 +217,9 @@ def test_bad_inputs_raise_invalid_request() -> None:
     with pytest.raises(InvalidRequestError, match="80"):
         model.inference(torch.zeros(1, 40, 10), None, torch.Generator())
     with pytest.raises(InvalidRequestError, match="cache_source"):
-        model.inference(torch.from_numpy(data["mel_b"]), torch.zeros(1, 1, 10**6), torch.Generator())
+        model.inference(
+            torch.from_numpy(data["mel_b"]), torch.zeros(1, 1, 10**6), torch.Generator()
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,10 +26,19 @@ def test_render_yaml_rewrites_dotted_keys_only() -> None:
 def test_generated_tiny_model_loads_and_speaks(tmp_path: Path, whisper_vocab) -> None:
     model = make_model(tmp_path / "CosyVoice-300M-SFT", version=1, size="tiny", variant="sft")
     assert {p.name for p in model.iterdir()} >= {
-        "cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx",
-        "speech_tokenizer_v1.onnx", "spk2info.pt", "configuration.json"}
+        "cosyvoice.yaml",
+        "llm.pt",
+        "flow.pt",
+        "hift.pt",
+        "campplus.onnx",
+        "speech_tokenizer_v1.onnx",
+        "spk2info.pt",
+        "configuration.json",
+    }
     engine = Engine.load(model)
-    chunks = list(engine.synthesize(SynthesisRequest(Mode.PRESET, "你好。", voice=engine.voices()[0], seed=0)))
+    chunks = list(
+        engine.synthesize(SynthesisRequest(Mode.PRESET, "你好。", voice=engine.voices()[0], seed=0))
+    )
     assert chunks[-1].final and chunks[-1].sample_rate == 22050
 
 
@@ -37,12 +46,24 @@ def test_generated_tiny_model_loads_and_speaks(tmp_path: Path, whisper_vocab) ->
 def test_generated_tiny_v2_v3_models_load_and_speak(tmp_path: Path, version: int) -> None:
     name = {2: "CosyVoice2-0.5B", 3: "Fun-CosyVoice3-0.5B-2512"}[version]
     model = make_model(tmp_path / name, version=version, size="tiny")
-    expected = {f"cosyvoice{version}.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx",
-                f"speech_tokenizer_v{version}.onnx", "configuration.json", "CosyVoice-BlankEN",
-                "spk2info.pt" if version == 2 else "llm.rl.pt"}
+    expected = {
+        f"cosyvoice{version}.yaml",
+        "llm.pt",
+        "flow.pt",
+        "hift.pt",
+        "campplus.onnx",
+        f"speech_tokenizer_v{version}.onnx",
+        "configuration.json",
+        "CosyVoice-BlankEN",
+        "spk2info.pt" if version == 2 else "llm.rl.pt",
+    }
     assert {p.name for p in model.iterdir()} >= expected
     assert {p.name for p in (model / "CosyVoice-BlankEN").iterdir()} == {
-        "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+    }
     # the vocoder checkpoint in the spelling of the release: legacy weight norm (v2), parametrizations (v3)
     hift_keys = set(torch.load(model / "hift.pt", weights_only=True))
     spelled = "conv_pre.weight_g" if version == 2 else "conv_pre.parametrizations.weight.original0"
@@ -50,7 +71,8 @@ def test_generated_tiny_v2_v3_models_load_and_speak(tmp_path: Path, version: int
     engine = Engine.load(model, llm_checkpoint="llm.rl.pt" if version == 3 else "llm.pt")
     assert engine.version == version
     # short text and prompt: random weights decode up to max_len (20 x 3 text tokens) speech tokens
-    request = SynthesisRequest(Mode.CROSS_LINGUAL, "好。", prompt_audio=AUDIO / "en_22k.wav", seed=0,
-                               stream=True)
+    request = SynthesisRequest(
+        Mode.CROSS_LINGUAL, "好。", prompt_audio=AUDIO / "en_22k.wav", seed=0, stream=True
+    )
     chunks = list(engine.synthesize(request))
     assert chunks[-1].final and chunks[-1].sample_rate == 24000

@@ -12,8 +12,16 @@ from cosyvoice_lite.frontend.markup import check_markup, find_markup
 
 def test_find_markup() -> None:
     text = "报道[j][ǐ]予 [M][AY0] <strong>hi</strong> [laughter] <|en|> see [1] and a<b"
-    assert find_markup(text) == ["[j]", "[ǐ]", "[M]", "[AY0]", "<strong>", "</strong>",
-                                 "[laughter]", "<|en|>"]
+    assert find_markup(text) == [
+        "[j]",
+        "[ǐ]",
+        "[M]",
+        "[AY0]",
+        "<strong>",
+        "</strong>",
+        "[laughter]",
+        "<|en|>",
+    ]
 
 
 def test_unknown_tags_are_named() -> None:

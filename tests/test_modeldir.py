@@ -27,7 +27,10 @@ def test_official_directory_opens(v1_dir: Path) -> None:
 
 def test_variants_are_told_apart(v1_variants: dict[str, Path]) -> None:
     assert {k: open_model_dir(p).variant for k, p in v1_variants.items()} == {
-        "base": "base", "sft": "sft", "instruct": "instruct"}
+        "base": "base",
+        "sft": "sft",
+        "instruct": "instruct",
+    }
 
 
 def test_not_a_model_directory(tmp_path: Path) -> None:
@@ -44,8 +47,12 @@ def test_every_missing_file_is_listed_at_once(model_copy: Path) -> None:
     with pytest.raises(ModelDirError) as info:
         open_model_dir(model_copy)
     message = str(info.value)
-    for name in ("flow.pt: missing", "campplus.onnx: missing", "speech_tokenizer_v1.onnx: missing",
-                 "hift.pt: empty"):
+    for name in (
+        "flow.pt: missing",
+        "campplus.onnx: missing",
+        "speech_tokenizer_v1.onnx: missing",
+        "hift.pt: empty",
+    ):
         assert name in message
     assert "llm.pt" not in message
 
@@ -87,7 +94,9 @@ def test_checkpoint_with_wrong_keys_names_them(model_copy: Path) -> None:
 def test_yaml_that_does_not_match_the_checkpoints(model_copy: Path) -> None:
     yaml_file = model_copy / "cosyvoice.yaml"
     text = yaml_file.read_text(encoding="utf-8")
-    yaml_file.write_text(text.replace("llm_input_size: 64", "llm_input_size: 48", 1), encoding="utf-8")
+    yaml_file.write_text(
+        text.replace("llm_input_size: 64", "llm_input_size: 48", 1), encoding="utf-8"
+    )
     with pytest.raises(ModelDirError, match="shape mismatches"):
         Engine.load(model_copy)
 

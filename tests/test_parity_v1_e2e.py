@@ -75,11 +75,14 @@ def _golden_inputs(gold) -> ModelInputs:
         prompt_speech_feat=floats("prompt_speech_feat", (1, 0, 80)),
         flow_embedding=floats("flow_embedding", (0, 192)),
         source_speech_token=torch.from_numpy(gold["source_speech_token"])
-        if "source_speech_token" in gold else None,
+        if "source_speech_token" in gold
+        else None,
     )
 
 
-def _close(ours: torch.Tensor | np.ndarray, theirs: np.ndarray, what: str, tol: float = TOL) -> None:
+def _close(
+    ours: torch.Tensor | np.ndarray, theirs: np.ndarray, what: str, tol: float = TOL
+) -> None:
     ours = np.asarray(ours, dtype=np.float64)
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs official {theirs.shape}"
     err = float(np.abs(ours - theirs).max()) if ours.size else 0.0
@@ -100,13 +103,19 @@ def test_frontend_matches_official(engine: Engine, name: str) -> None:
     segment = engine._segments(request)[0]
     prompt = engine._prompt(request, None)
     inputs = engine._inputs(request, segment, prompt)
-    for key, ours in (("text_token", inputs.text), ("prompt_text_token", inputs.prompt_text),
-                      ("llm_prompt_speech_token", inputs.llm_prompt_speech_token),
-                      ("flow_prompt_speech_token", inputs.flow_prompt_speech_token),
-                      ("source_speech_token", inputs.source_speech_token)):
+    for key, ours in (
+        ("text_token", inputs.text),
+        ("prompt_text_token", inputs.prompt_text),
+        ("llm_prompt_speech_token", inputs.llm_prompt_speech_token),
+        ("flow_prompt_speech_token", inputs.flow_prompt_speech_token),
+        ("source_speech_token", inputs.source_speech_token),
+    ):
         if key in gold:
             np.testing.assert_array_equal(ours.numpy(), gold[key], err_msg=key)
-    for key, ours in (("llm_embedding", inputs.llm_embedding), ("flow_embedding", inputs.flow_embedding)):
+    for key, ours in (
+        ("llm_embedding", inputs.llm_embedding),
+        ("flow_embedding", inputs.flow_embedding),
+    ):
         if key in gold:
             _close(ours, gold[key], key)
     if "prompt_speech_feat_22050" in gold:  # our prompt mel: at the model's own rate
@@ -119,12 +128,15 @@ def test_frontend_matches_official(engine: Engine, name: str) -> None:
 def test_synthesis_matches_official(engine: Engine, name: str) -> None:
     case, gold = MANIFEST[name], np.load(GOLDEN / f"{name}.npz")
     request = _request(case)
-    uses_official_prompt_mel = "prompt_speech_feat" in gold and case["prompt_mel_load_rate"] != 22050
+    uses_official_prompt_mel = (
+        "prompt_speech_feat" in gold and case["prompt_mel_load_rate"] != 22050
+    )
     if uses_official_prompt_mel:  # feed the official model inputs to our networks and pipeline
         generator = torch.Generator().manual_seed(case["seed"])
         sampler = RasSampler(generator, **vars(engine.model.config.sampling))
-        pieces = engine.pipeline.synthesize(_golden_inputs(gold), sampler, generator, False,
-                                            request.speed)
+        pieces = engine.pipeline.synthesize(
+            _golden_inputs(gold), sampler, generator, False, request.speed
+        )
         audio = torch.cat([p.reshape(-1) for p in pieces]).numpy()
     else:
         audio = np.concatenate([c.samples for c in engine.synthesize(request)])

@@ -31,7 +31,9 @@ METHOD_MODES = {
 
 
 def _manifest(version: str) -> dict:
-    return json.loads((DATA / "golden" / f"{version}_e2e" / "manifest.json").read_text("utf-8"))["cases"]
+    return json.loads((DATA / "golden" / f"{version}_e2e" / "manifest.json").read_text("utf-8"))[
+        "cases"
+    ]
 
 
 CASES = [(v, name) for v in ("v2", "v3") for name in _manifest(v)]
@@ -106,12 +108,17 @@ def test_stream_chunks_match_official(version: str, name: str, monkeypatch) -> N
     inputs = engine._inputs(request, segment, prompt)
     generator = torch.Generator().manual_seed(case["seed"])
     sampler = RasSampler(generator, **vars(engine.model.config.sampling))
-    tokens = list(engine.pipeline.speech_tokens(inputs, sampler))  # the LLM finishes first, as recorded
+    tokens = list(
+        engine.pipeline.speech_tokens(inputs, sampler)
+    )  # the LLM finishes first, as recorded
     np.testing.assert_array_equal(np.array(tokens), gold["speech_token"])
     mels: list[torch.Tensor] = []
     vocode = engine.pipeline._vocode
-    monkeypatch.setattr(engine.pipeline, "_vocode",
-                        lambda state, mel, *a, **k: (mels.append(mel), vocode(state, mel, *a, **k))[1])
+    monkeypatch.setattr(
+        engine.pipeline,
+        "_vocode",
+        lambda state, mel, *a, **k: (mels.append(mel), vocode(state, mel, *a, **k))[1],
+    )
     replay = ModelInputs(**{**vars(inputs), "source_speech_token": torch.tensor([tokens])})
     pieces = list(engine.pipeline.synthesize(replay, sampler, generator, True))
     chunks = sorted(k for k in gold.files if k.startswith("chunk_"))

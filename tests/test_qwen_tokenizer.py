@@ -50,7 +50,10 @@ def test_special_id_layout() -> None:
     v2, v3 = QwenTextTokenizer(BLANK_EN, "v2"), QwenTextTokenizer(BLANK_EN, "v3")
     for t in (v2, v3):
         assert [t.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
-            151643, 151644, 151645]
+            151643,
+            151644,
+            151645,
+        ]
         # Hard-coded by the official CosyVoice3LM.
         assert t.token_to_id("<|endofprompt|>") == 151646
         assert t.token_to_id("[breath]") == 151647

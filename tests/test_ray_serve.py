@@ -47,19 +47,23 @@ def proxy(v1_dir, tmp_path_factory):
     """Serve's proxy URL, 2 replicas (1 CPU each, batch 1 + queue 1) sharing an S3 library."""
     with moto_server() as s3_url:
         boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(
-            Bucket=BUCKET)
+            Bucket=BUCKET
+        )
         # the replicas inherit this environment (S3 credentials, the vocabulary cache)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         try:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             settings = Settings(
                 voices_dir=tmp_path_factory.mktemp("voices"),
                 voices_s3=S3Settings(BUCKET, "ray/", s3_url, "us-east-1"),
-                workers=1, max_queue=1, log_requests=False)
-            options = RayOptions(replicas=2, replica_cpus=1, load={"model": str(v1_dir)},
-                                 health_check_period_s=1.0)
+                workers=1,
+                max_queue=1,
+                log_requests=False,
+            )
+            options = RayOptions(
+                replicas=2, replica_cpus=1, load={"model": str(v1_dir)}, health_check_period_s=1.0
+            )
             serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -76,8 +80,11 @@ def client(proxy):
 @pytest.fixture(scope="module")
 def voice(client) -> str:
     """A voice saved through the proxy (in the bucket), for every test of the module."""
-    created = client.post("/voices", data={"name": VOICE, "prompt_text": "希望你以后能够做的比我还好呦。"},
-                          files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
+    created = client.post(
+        "/voices",
+        data={"name": VOICE, "prompt_text": "希望你以后能够做的比我还好呦。"},
+        files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+    )
     assert created.status_code == 201, created.text
     return VOICE
 
@@ -115,8 +122,11 @@ def test_every_mode_and_a_shared_voice_through_the_proxy(client, voice):
         elif mode == "instruct":
             response = speak(client, preset, mode=mode, instruct="Speak happily.")
         elif mode == "vc":
-            response = client.post("/tts/upload", data={"speaker": VOICE}, files={
-                "source_wav": ("s.wav", prompt_wav(1.0), "audio/wav")})
+            response = client.post(
+                "/tts/upload",
+                data={"speaker": VOICE},
+                files={"source_wav": ("s.wav", prompt_wav(1.0), "audio/wav")},
+            )
         else:  # zero_shot, cross_lingual: the voice just created, on whichever replica
             response = speak(client, VOICE, mode=mode)
         assert_audio(response)
@@ -172,7 +182,9 @@ def test_a_replica_killed_mid_load_loses_no_voice(client, voice):
         os.kill(pid, signal.SIGKILL)
         outcomes = [f.result() for f in running]
     # in-flight requests on the dead replica fail with a 5xx (or a cut stream), nothing hangs
-    assert all(o == 200 or o == 429 or not isinstance(o, int) or o >= 500 for o in outcomes), outcomes
+    assert all(o == 200 or o == 429 or not isinstance(o, int) or o >= 500 for o in outcomes), (
+        outcomes
+    )
     # the cluster keeps answering with the living replica, and the voice is still there
     for _ in range(4):
         response = speak(client, VOICE)
@@ -198,8 +210,17 @@ def test_a_serve_config_builds_the_same_deployment(v1_dir):
     options give: autoscaling on ongoing requests, resources, the app's 429 before Serve's."""
     from cosyvoice_lite.serving.ray_serve import app_builder
 
-    app = app_builder({"model": str(v1_dir), "autoscale": "1:3", "replica_cpus": 2,
-                       "replica_gpus": 0.5, "max_batch": 4, "max_queue": 4, "docs_public": True})
+    app = app_builder(
+        {
+            "model": str(v1_dir),
+            "autoscale": "1:3",
+            "replica_cpus": 2,
+            "replica_gpus": 0.5,
+            "max_batch": 4,
+            "max_queue": 4,
+            "docs_public": True,
+        }
+    )
     deployment = app._bound_deployment
     config = deployment._deployment_config
     assert config.autoscaling_config.min_replicas == 1
@@ -240,8 +261,27 @@ def test_serve_ray_stops_at_once_when_the_voice_bucket_is_unreachable(v1_dir):
     dead = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
     done = subprocess.run(
-        [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--ray", "--model", str(v1_dir),
-         "--replicas", "2", "--voices-s3-bucket", "team-voices", "--s3-endpoint-url", dead,
-         "--s3-region", "us-east-1"], capture_output=True, text=True, timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "cosyvoice_lite.cli",
+            "serve",
+            "--ray",
+            "--model",
+            str(v1_dir),
+            "--replicas",
+            "2",
+            "--voices-s3-bucket",
+            "team-voices",
+            "--s3-endpoint-url",
+            dead,
+            "--s3-region",
+            "us-east-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode != 0
     assert "'team-voices'" in done.stderr and dead in done.stderr, done.stderr

@@ -46,8 +46,15 @@ def probe(engine):
 @pytest.fixture(scope="module")
 def server(probe, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    settings = Settings(max_text_chars=60, workers=2, max_queue=8, voices_dir=root / "voices",
-                        outputs_dir=root / "outputs", max_upload_bytes=400_000, max_prompt_seconds=8)
+    settings = Settings(
+        max_text_chars=60,
+        workers=2,
+        max_queue=8,
+        voices_dir=root / "voices",
+        outputs_dir=root / "outputs",
+        max_upload_bytes=400_000,
+        max_prompt_seconds=8,
+    )
     with ServerThread(create_app(probe, settings)) as running:
         running.root = root
         yield running
@@ -124,8 +131,9 @@ def test_tts_default_is_wav(client, preset, server):
     assert len(saved) == len(audio)
 
 
-@pytest.mark.parametrize("fmt,rate", [("mp3", 22050), ("flac", 22050), ("opus", 48000),
-                                      ("ogg", 22050), ("pcm", 22050)])
+@pytest.mark.parametrize(
+    "fmt,rate", [("mp3", 22050), ("flac", 22050), ("opus", 48000), ("ogg", 22050), ("pcm", 22050)]
+)
 def test_tts_formats(client, preset, fmt, rate):
     response = tts(client, text=TEXT, speaker=preset, seed=1, format=fmt)
     assert response.status_code == 200, response.text
@@ -143,8 +151,11 @@ def test_tts_formats(client, preset, fmt, rate):
 def test_tts_streaming_matches_chunks(client, preset):
     """Streamed WAV and PCM arrive in several pieces and decode to the same audio."""
     pieces = []
-    with client.stream("POST", "/tts", json={"text": TWO_SENTENCES, "speaker": preset, "seed": 3,
-                                             "stream": True, "format": "wav"}) as response:
+    with client.stream(
+        "POST",
+        "/tts",
+        json={"text": TWO_SENTENCES, "speaker": preset, "seed": 3, "stream": True, "format": "wav"},
+    ) as response:
         assert response.status_code == 200
         assert "content-length" not in response.headers
         for piece in response.iter_raw():
@@ -167,18 +178,25 @@ def test_tts_speed_with_stream_falls_back_to_whole_sentences(client, preset):
     assert len(slow.content) > 1.5 * len(normal.content)
 
 
-@pytest.mark.parametrize("body,status,code", [
-    ({"text": TEXT, "speaker": "nobody"}, 404, "voice_not_found"),
-    ({"text": "字" * 61, "speaker": "{preset}"}, 400, "text_too_long"),
-    ({"text": "   ", "speaker": "{preset}"}, 400, "empty_text"),
-    ({"text": TEXT, "speaker": "{preset}", "instruct": "speak happily"}, 400, "unsupported_mode"),
-    ({"text": TEXT, "speaker": "{preset}", "speed": 9}, 400, "invalid_request"),
-    ({"text": TEXT, "speaker": "{preset}", "mode": "zero_shot"}, 400, "invalid_request"),
-    ({"text": TEXT, "speaker": "{preset}", "format": "aiff"}, 422, "invalid_request"),
-    ({"text": TEXT, "speaker": "{preset}", "colour": "blue"}, 422, "invalid_request"),
-    ({"text": TEXT}, 422, "invalid_request"),
-    ({"text": 5, "speaker": "{preset}"}, 422, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    "body,status,code",
+    [
+        ({"text": TEXT, "speaker": "nobody"}, 404, "voice_not_found"),
+        ({"text": "字" * 61, "speaker": "{preset}"}, 400, "text_too_long"),
+        ({"text": "   ", "speaker": "{preset}"}, 400, "empty_text"),
+        (
+            {"text": TEXT, "speaker": "{preset}", "instruct": "speak happily"},
+            400,
+            "unsupported_mode",
+        ),
+        ({"text": TEXT, "speaker": "{preset}", "speed": 9}, 400, "invalid_request"),
+        ({"text": TEXT, "speaker": "{preset}", "mode": "zero_shot"}, 400, "invalid_request"),
+        ({"text": TEXT, "speaker": "{preset}", "format": "aiff"}, 422, "invalid_request"),
+        ({"text": TEXT, "speaker": "{preset}", "colour": "blue"}, 422, "invalid_request"),
+        ({"text": TEXT}, 422, "invalid_request"),
+        ({"text": 5, "speaker": "{preset}"}, 422, "invalid_request"),
+    ],
+)
 def test_tts_errors(client, preset, body, status, code):
     body = {k: (preset if v == "{preset}" else v) for k, v in body.items()}
     error = assert_error(tts(client, **body), status, code)
@@ -190,9 +208,14 @@ def test_tts_errors(client, preset, body, status, code):
 
 
 def test_malformed_requests_are_json_errors(client):
-    assert_error(client.post("/tts", content=b"{not json", headers={"content-type": "application/json"}),
-                 400, "invalid_json")
-    assert_error(client.post("/tts", content=b"[1, 2]", headers={"content-type": "application/json"}), 422)
+    assert_error(
+        client.post("/tts", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_json",
+    )
+    assert_error(
+        client.post("/tts", content=b"[1, 2]", headers={"content-type": "application/json"}), 422
+    )
     assert_error(client.get("/no/such/page"), 404)
     assert_error(client.get("/tts"), 405)
     assert_error(client.delete("/speakers"), 405)
@@ -214,26 +237,40 @@ def openai_client(server):
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "opus", "pcm"])
 def test_openai_client_formats(openai_client, client, preset, fmt):
-    result = openai_client.audio.speech.create(model="tts-1", voice=preset, input=TEXT,
-                                               response_format=fmt, extra_body={"seed": 1})
+    result = openai_client.audio.speech.create(
+        model="tts-1", voice=preset, input=TEXT, response_format=fmt, extra_body={"seed": 1}
+    )
     data = result.read()
     if fmt == "pcm":  # OpenAI's pcm: 24 kHz 16-bit mono, so the 22.05 kHz model is resampled
         samples = np.frombuffer(data, "<i2")
-        wav, _ = decode(openai_client.audio.speech.create(
-            model="tts-1", voice=preset, input=TEXT, response_format="wav", extra_body={"seed": 1}).read())
+        wav, _ = decode(
+            openai_client.audio.speech.create(
+                model="tts-1",
+                voice=preset,
+                input=TEXT,
+                response_format="wav",
+                extra_body={"seed": 1},
+            ).read()
+        )
         assert abs(len(samples) - len(wav) * 24000 / 22050) <= 1
     else:
         audio, rate = decode(data)
         assert len(audio) > 0 and rate in (22050, 48000)
     if fmt == "wav":  # streamed by chunks here, one whole file from /tts: the same samples
-        whole, _ = decode(client.post("/tts", json={"text": TEXT, "speaker": preset, "seed": 1}).content)
+        whole, _ = decode(
+            client.post("/tts", json={"text": TEXT, "speaker": preset, "seed": 1}).content
+        )
         np.testing.assert_array_equal(audio, whole)
 
 
 def test_openai_client_streaming_response(openai_client, preset):
     with openai_client.audio.speech.with_streaming_response.create(
-            model="tts-1", voice=preset, input=TWO_SENTENCES, response_format="wav",
-            extra_body={"seed": 3, "stream": True}) as response:
+        model="tts-1",
+        voice=preset,
+        input=TWO_SENTENCES,
+        response_format="wav",
+        extra_body={"seed": 3, "stream": True},
+    ) as response:
         pieces = list(response.iter_bytes(64))
     assert len(pieces) >= 2
     audio, rate = decode(b"".join(pieces))
@@ -242,11 +279,16 @@ def test_openai_client_streaming_response(openai_client, preset):
 
 def test_openai_sse(openai_client, preset, client):
     with openai_client.audio.speech.with_streaming_response.create(
-            model="tts-1", voice=preset, input=TWO_SENTENCES, response_format="pcm",
-            stream_format="sse", extra_body={"seed": 3}) as response:
+        model="tts-1",
+        voice=preset,
+        input=TWO_SENTENCES,
+        response_format="pcm",
+        stream_format="sse",
+        extra_body={"seed": 3},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = list(response.iter_lines())
-    events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    events = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
     types = [e["type"] for e in events]
     assert types[-1] == "speech.audio.done" and set(types[:-1]) == {"speech.audio.delta"}
     assert len(types) >= 3  # streamed in several deltas
@@ -254,27 +296,43 @@ def test_openai_sse(openai_client, preset, client):
     usage = events[-1]["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
     # Same seed, same engine streaming: the plain stream carries the same samples.
-    plain = client.post("/v1/audio/speech", json={"model": "tts-1", "voice": preset,
-                                                  "input": TWO_SENTENCES, "response_format": "pcm",
-                                                  "stream": True, "seed": 3})
+    plain = client.post(
+        "/v1/audio/speech",
+        json={
+            "model": "tts-1",
+            "voice": preset,
+            "input": TWO_SENTENCES,
+            "response_format": "pcm",
+            "stream": True,
+            "seed": 3,
+        },
+    )
     assert plain.content == audio
 
 
 def test_openai_voice_object_and_instructions_errors(openai_client, preset):
     import openai
 
-    result = openai_client.audio.speech.create(model="tts-1", voice={"id": preset}, input=TEXT,
-                                               response_format="wav", extra_body={"seed": 1})
+    result = openai_client.audio.speech.create(
+        model="tts-1",
+        voice={"id": preset},
+        input=TEXT,
+        response_format="wav",
+        extra_body={"seed": 1},
+    )
     assert decode(result.read())[0].size > 0
     with pytest.raises(openai.NotFoundError, match="unknown voice"):
         openai_client.audio.speech.create(model="tts-1", voice="no-such-voice", input=TEXT)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         openai_client.audio.speech.create(model="CosyVoice2-0.5B", voice=preset, input=TEXT)
     with pytest.raises(openai.BadRequestError, match="aac"):
-        openai_client.audio.speech.create(model="tts-1", voice=preset, input=TEXT, response_format="aac")
+        openai_client.audio.speech.create(
+            model="tts-1", voice=preset, input=TEXT, response_format="aac"
+        )
     with pytest.raises(openai.BadRequestError, match="supports: preset"):
-        openai_client.audio.speech.create(model="tts-1", voice=preset, input=TEXT,
-                                          instructions="whisper")
+        openai_client.audio.speech.create(
+            model="tts-1", voice=preset, input=TEXT, instructions="whisper"
+        )
     with pytest.raises(openai.BadRequestError, match="too long"):
         openai_client.audio.speech.create(model="tts-1", voice=preset, input="a" * 61)
     with pytest.raises(openai.UnprocessableEntityError):
@@ -284,7 +342,9 @@ def test_openai_voice_object_and_instructions_errors(openai_client, preset):
 # ---------------------------------------------------------------------------------- voice library
 
 
-def upload(client, name, audio=None, prompt_text="希望你以后能够做的比我还好呦。", filename="p.wav"):
+def upload(
+    client, name, audio=None, prompt_text="希望你以后能够做的比我还好呦。", filename="p.wav"
+):
     files = {"audio": (filename, audio if audio is not None else prompt_wav(2.0), "audio/wav")}
     return client.post("/voices", data={"name": name, "prompt_text": prompt_text}, files=files)
 
@@ -308,8 +368,9 @@ def test_voice_library_lifecycle(client, preset, server, openai_client):
     assert response.status_code == 200 and decode(response.content)[0].size > 0
     again = tts(client, text=TEXT, speaker="clone-a", seed=1)
     assert again.content == response.content
-    speech = openai_client.audio.speech.create(model="tts-1", voice="clone-a", input=TEXT,
-                                               response_format="wav", extra_body={"seed": 1})
+    speech = openai_client.audio.speech.create(
+        model="tts-1", voice="clone-a", input=TEXT, response_format="wav", extra_body={"seed": 1}
+    )
     assert decode(speech.read())[0].size > 0
     # a saved voice cannot take instructions on v1, and cannot be forced into preset mode
     assert_error(tts(client, text=TEXT, speaker="clone-a", instruct="sadly"), 400)
@@ -339,16 +400,27 @@ def test_voice_upload_errors(client, preset):
     assert_error(upload(client, "../escape"), 400, "invalid_name")
     assert_error(upload(client, "bad/name"), 400, "invalid_name")
     assert_error(upload(client, ".hidden"), 400, "invalid_name")
-    assert_error(upload(client, "junk", audio=b"definitely not audio"), 415, "unsupported_audio_format")
+    assert_error(
+        upload(client, "junk", audio=b"definitely not audio"), 415, "unsupported_audio_format"
+    )
     assert_error(upload(client, "empty", audio=b""), 400, "invalid_audio")
     assert_error(upload(client, "short", audio=prompt_wav(0.2)), 400, "invalid_audio")
-    assert_error(upload(client, "silent", audio=prompt_wav(2.0, amplitude=0.0)), 400, "invalid_audio")
+    assert_error(
+        upload(client, "silent", audio=prompt_wav(2.0, amplitude=0.0)), 400, "invalid_audio"
+    )
     assert_error(upload(client, "lowrate", audio=prompt_wav(2.0, rate=8000)), 400, "invalid_audio")
-    assert_error(upload(client, "huge", audio=prompt_wav(20.0, rate=16000)), 413, "upload_too_large")
-    too_long = assert_error(upload(client, "long", audio=prompt_wav(9.0, rate=16000)), 400, "invalid_audio")
+    assert_error(
+        upload(client, "huge", audio=prompt_wav(20.0, rate=16000)), 413, "upload_too_large"
+    )
+    too_long = assert_error(
+        upload(client, "long", audio=prompt_wav(9.0, rate=16000)), 400, "invalid_audio"
+    )
     assert "too long" in too_long["message"] and "8 s" in too_long["message"]
-    assert_error(client.post("/voices", files={"audio": ("p.wav", prompt_wav(1.0), "audio/wav")}),
-                 400, "missing_field")
+    assert_error(
+        client.post("/voices", files={"audio": ("p.wav", prompt_wav(1.0), "audio/wav")}),
+        400,
+        "missing_field",
+    )
     assert_error(client.post("/voices", files={"name": (None, "x")}), 400, "missing_field")
     assert_error(client.post("/voices", data={"name": "x"}), 415, "unsupported_media_type")
     assert_error(client.post("/voices", json={"name": "x"}), 415, "unsupported_media_type")
@@ -377,8 +449,10 @@ def test_concurrent_requests_are_isolated(client, server, preset, probe):
     probe.memo = False  # really synthesize every time
     texts = ["谢谢。", "再见。", "早上好。"]
     try:
-        alone = [tts(client, text=t, speaker=preset, seed=i, stream=i % 2 == 1, format="pcm").content
-                 for i, t in enumerate(texts)]
+        alone = [
+            tts(client, text=t, speaker=preset, seed=i, stream=i % 2 == 1, format="pcm").content
+            for i, t in enumerate(texts)
+        ]
         results: dict[int, bytes] = {}
         run_parallel(server, texts, preset, results)
     finally:
@@ -392,7 +466,9 @@ def run_parallel(server, texts, preset, results) -> None:
 
     def run(i: int) -> None:
         with server.client() as own:
-            response = tts(own, text=texts[i], speaker=preset, seed=i, stream=i % 2 == 1, format="pcm")
+            response = tts(
+                own, text=texts[i], speaker=preset, seed=i, stream=i % 2 == 1, format="pcm"
+            )
             assert response.status_code == 200
             results[i] = response.content
 
@@ -411,8 +487,12 @@ def test_metrics(client, preset):
     tts(client, text=TEXT, speaker="nobody")
     text = client.get("/metrics").text
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
-    assert metric(text, "cosyvoice_requests_total", endpoint="/tts", method="POST", status="200") >= 1
-    assert metric(text, "cosyvoice_requests_total", endpoint="/tts", method="POST", status="404") >= 1
+    assert (
+        metric(text, "cosyvoice_requests_total", endpoint="/tts", method="POST", status="200") >= 1
+    )
+    assert (
+        metric(text, "cosyvoice_requests_total", endpoint="/tts", method="POST", status="404") >= 1
+    )
     assert metric(text, "cosyvoice_errors_total", code="voice_not_found") >= 1
     assert metric(text, "cosyvoice_real_time_factor_count") >= 1
     assert metric(text, "cosyvoice_first_audio_seconds_count") >= 1
@@ -427,23 +507,45 @@ def test_metrics(client, preset):
 
 
 def test_request_id_is_echoed(client):
-    assert client.get("/health", headers={"X-Request-Id": "abc123"}).headers["x-request-id"] == "abc123"
-    assert len(client.get("/health", headers={"X-Request-Id": "../bad id"}).headers["x-request-id"]) == 16
+    assert (
+        client.get("/health", headers={"X-Request-Id": "abc123"}).headers["x-request-id"]
+        == "abc123"
+    )
+    assert (
+        len(client.get("/health", headers={"X-Request-Id": "../bad id"}).headers["x-request-id"])
+        == 16
+    )
 
 
 def test_docs_and_page_are_served(client):
     assert client.get("/openapi.json").json()["paths"]["/v1/audio/speech"]
     page = client.get("/")
     assert page.status_code == 200 and "cosyvoice-lite" in page.text
-    for asset in ("/static/app.js", "/static/style.css", "/static/recorder-worklet.js", "/favicon.ico"):
+    for asset in (
+        "/static/app.js",
+        "/static/style.css",
+        "/static/recorder-worklet.js",
+        "/favicon.ico",
+    ):
         assert client.get(asset).status_code == 200, asset
 
 
 def test_first_audio_arrives_before_the_end(server, preset):
     """With streaming on, the first bytes come while synthesis is still going on."""
-    with server.client() as own, own.stream("POST", "/tts", json={
-            "text": TWO_SENTENCES, "speaker": preset, "stream": True, "format": "pcm",
-            "seed": 3}) as response:
+    with (
+        server.client() as own,
+        own.stream(
+            "POST",
+            "/tts",
+            json={
+                "text": TWO_SENTENCES,
+                "speaker": preset,
+                "stream": True,
+                "format": "pcm",
+                "seed": 3,
+            },
+        ) as response,
+    ):
         start = time.monotonic()
         arrivals = [time.monotonic() - start for _ in response.iter_raw()]
     assert len(arrivals) >= 2 and arrivals[0] < arrivals[-1]
@@ -451,13 +553,23 @@ def test_first_audio_arrives_before_the_end(server, preset):
 
 def test_http_errors_are_not_500(client, preset):
     """A sweep of odd inputs: none may produce a 500."""
-    odd = [{"text": "\x00", "speaker": preset, "seed": 1}, {"text": "<|endoftext|>", "speaker": preset, "seed": 1},
-           {"text": "🙂", "speaker": preset, "seed": 1}, {"text": "....", "speaker": preset, "seed": 1},
-           {"text": TEXT, "speaker": ""}, {"text": TEXT, "speaker": preset, "seed": -1},
-           {"text": TEXT, "speaker": preset, "seed": 2**70}, {"text": TEXT, "speaker": preset, "speed": 0}]
+    odd = [
+        {"text": "\x00", "speaker": preset, "seed": 1},
+        {"text": "<|endoftext|>", "speaker": preset, "seed": 1},
+        {"text": "🙂", "speaker": preset, "seed": 1},
+        {"text": "....", "speaker": preset, "seed": 1},
+        {"text": TEXT, "speaker": ""},
+        {"text": TEXT, "speaker": preset, "seed": -1},
+        {"text": TEXT, "speaker": preset, "seed": 2**70},
+        {"text": TEXT, "speaker": preset, "speed": 0},
+    ]
     for body in odd:
         response = client.post("/tts", json=body)
         assert response.status_code < 500, (body, response.text)
-    response = httpx.post(f"{client.base_url}/tts", content=b"\xff\xfe", timeout=30,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{client.base_url}/tts",
+        content=b"\xff\xfe",
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400

@@ -51,8 +51,9 @@ def slow(engine):
 @pytest.fixture(scope="module")
 def busy(slow, tmp_path_factory):
     """One worker and a queue of one: the third request at a time is refused."""
-    settings = Settings(workers=1, max_queue=1, request_timeout=60,
-                        voices_dir=tmp_path_factory.mktemp("busy"))
+    settings = Settings(
+        workers=1, max_queue=1, request_timeout=60, voices_dir=tmp_path_factory.mktemp("busy")
+    )
     with ServerThread(create_app(slow, settings)) as running:
         yield running
 
@@ -66,7 +67,9 @@ def test_queue_full_gives_429_with_retry_after(busy, preset):
 
     def hold() -> None:
         with busy.client() as own:
-            statuses.append(own.post("/tts", json={"text": LONG, "speaker": preset, "seed": 1}).status_code)
+            statuses.append(
+                own.post("/tts", json={"text": LONG, "speaker": preset, "seed": 1}).status_code
+            )
 
     holders = [threading.Thread(target=hold) for _ in range(2)]
     for t in holders:
@@ -79,8 +82,12 @@ def test_queue_full_gives_429_with_retry_after(busy, preset):
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "queue_full"
         # the OpenAI endpoint shares the queue
-        assert own.post("/v1/audio/speech", json={"model": "tts-1", "input": "你好。",
-                                                  "voice": preset}).status_code == 429
+        assert (
+            own.post(
+                "/v1/audio/speech", json={"model": "tts-1", "input": "你好。", "voice": preset}
+            ).status_code
+            == 429
+        )
     for t in holders:
         t.join()
     assert statuses == [200, 200]
@@ -92,8 +99,14 @@ def test_queue_full_gives_429_with_retry_after(busy, preset):
 def test_disconnect_stops_a_stream(busy, slow, preset):
     before_closed, before_completed = slow.closed, slow.completed
     cancelled = gauge(busy, "cosyvoice_cancelled_total")
-    with busy.client() as own, own.stream("POST", "/tts", json={
-            "text": LONG, "speaker": preset, "stream": True, "format": "pcm", "seed": 1}) as response:
+    with (
+        busy.client() as own,
+        own.stream(
+            "POST",
+            "/tts",
+            json={"text": LONG, "speaker": preset, "stream": True, "format": "pcm", "seed": 1},
+        ) as response,
+    ):
         assert response.status_code == 200
         next(response.iter_raw())  # first audio arrived; now hang up
     assert wait_for(lambda: slow.closed == before_closed + 1, timeout=30), "synthesis kept running"
@@ -140,7 +153,10 @@ def test_background_loading(engine, preset, tmp_path):
         gate.wait(30)
         return engine
 
-    with ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server, server.client() as client:
+    with (
+        ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server,
+        server.client() as client,
+    ):
         assert client.get("/health").json()["model"] == "loading"
         not_ready = client.get("/ready")
         assert not_ready.status_code == 503 and not_ready.headers["retry-after"]
@@ -159,11 +175,20 @@ def test_failed_loading_is_reported(tmp_path):
     def loader():
         raise ModelDirError("llm.pt is missing")
 
-    with ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server, server.client() as client:
+    with (
+        ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server,
+        server.client() as client,
+    ):
         assert wait_for(lambda: client.get("/health").json()["model"] == "failed", timeout=10)
         response = client.get("/ready")
-        assert response.status_code == 503 and "llm.pt is missing" in response.json()["error"]["message"]
-        assert client.post("/tts", json={"text": "x", "speaker": "y"}).json()["error"]["code"] == "model_failed"
+        assert (
+            response.status_code == 503
+            and "llm.pt is missing" in response.json()["error"]["message"]
+        )
+        assert (
+            client.post("/tts", json={"text": "x", "speaker": "y"}).json()["error"]["code"]
+            == "model_failed"
+        )
 
 
 def test_api_key_and_cors(engine, preset, tmp_path):
@@ -190,8 +215,11 @@ def test_api_key_and_cors(engine, preset, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             bad.audio.speech.create(model="tts-1", voice=preset, input="你好。")
 
-        preflight = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization,content-type"}
+        preflight = {
+            "Origin": "http://app.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
         allowed = client.options("/tts", headers=preflight)
         assert allowed.status_code == 200
         assert allowed.headers["access-control-allow-origin"] == "http://app.test"
@@ -205,15 +233,26 @@ def test_api_key_and_cors(engine, preset, tmp_path):
 def test_voices_survive_a_restart(engine, tmp_path):
     voices = tmp_path / "voices"
     first = EngineProbe(engine)
-    with ServerThread(create_app(first, Settings(voices_dir=voices))) as server, server.client() as client:
-        created = client.post("/voices", data={"name": "keeper", "prompt_text": "希望你以后能够做的比我还好呦。"},
-                              files={"audio": ("p.wav", prompt_wav(2.0), "audio/wav")})
+    with (
+        ServerThread(create_app(first, Settings(voices_dir=voices))) as server,
+        server.client() as client,
+    ):
+        created = client.post(
+            "/voices",
+            data={"name": "keeper", "prompt_text": "希望你以后能够做的比我还好呦。"},
+            files={"audio": ("p.wav", prompt_wav(2.0), "audio/wav")},
+        )
         assert created.status_code == 201
-        before = client.post("/tts", json={"text": "你好。", "speaker": "keeper", "seed": 9}).content
+        before = client.post(
+            "/tts", json={"text": "你好。", "speaker": "keeper", "seed": 9}
+        ).content
     assert first.encodes == 1
 
     second = EngineProbe(engine, memo=False)
-    with ServerThread(create_app(second, Settings(voices_dir=voices))) as server, server.client() as client:
+    with (
+        ServerThread(create_app(second, Settings(voices_dir=voices))) as server,
+        server.client() as client,
+    ):
         assert [v["name"] for v in client.get("/voices").json()["data"]] == ["keeper"]
         after = client.post("/tts", json={"text": "你好。", "speaker": "keeper", "seed": 9}).content
     assert after == before and len(after) > 44
@@ -223,11 +262,25 @@ def test_voices_survive_a_restart(engine, tmp_path):
 def test_serve_command(v1_dir, tmp_path):
     """`cosyvoice-lite serve` in a subprocess: health at once, ready after loading, JSON logs."""
     port = free_port()
-    command = [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(v1_dir),
-               "--port", str(port), "--voices-dir", str(tmp_path / "voices"), "--max-text-chars", "50",
-               "--outputs-dir", str(tmp_path / "out")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=os.environ.copy(), text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "cosyvoice_lite.cli",
+        "serve",
+        "--model",
+        str(v1_dir),
+        "--port",
+        str(port),
+        "--voices-dir",
+        str(tmp_path / "voices"),
+        "--max-text-chars",
+        "50",
+        "--outputs-dir",
+        str(tmp_path / "out"),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(), text=True
+    )
     url = f"http://127.0.0.1:{port}"
 
     def get(path):
@@ -238,7 +291,9 @@ def test_serve_command(v1_dir, tmp_path):
 
     try:
         assert wait_for(lambda: get("/health"), timeout=90), "server did not start"
-        assert wait_for(lambda: (r := get("/ready")) is not None and r.status_code == 200, timeout=120)
+        assert wait_for(
+            lambda: (r := get("/ready")) is not None and r.status_code == 200, timeout=120
+        )
         info = get("/info").json()
         assert info["limits"]["max_text_chars"] == 50
         voice = get("/speakers").json()["speakers"][0]["name"]
@@ -254,7 +309,12 @@ def test_serve_command(v1_dir, tmp_path):
             output, _ = process.communicate()
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     access = [r for r in records if r.get("path") == "/tts"]
-    assert access and access[0]["status"] == 200 and access[0]["request_id"] and access[0]["duration_ms"] >= 0
+    assert (
+        access
+        and access[0]["status"] == 200
+        and access[0]["request_id"]
+        and access[0]["duration_ms"] >= 0
+    )
     assert process.returncode == 0, output
 
 
@@ -263,29 +323,51 @@ def test_instruct_and_base_releases(v1_variants, tmp_path):
     works with saved voices only."""
     instruct = tiny_engine(v1_variants["instruct"])
     voice = instruct.voices()[0]
-    with ServerThread(create_app(instruct, Settings(voices_dir=tmp_path / "a"))) as server, \
-            server.client() as client:
+    with (
+        ServerThread(create_app(instruct, Settings(voices_dir=tmp_path / "a"))) as server,
+        server.client() as client,
+    ):
         info = client.get("/info").json()["model"]
         assert info["instruct"] and info["instruct_needs_preset"]
-        ok = client.post("/tts", json={"text": "你好。", "speaker": voice, "instruct": "用开心的语气说",
-                                       "seed": 1})
+        ok = client.post(
+            "/tts",
+            json={"text": "你好。", "speaker": voice, "instruct": "用开心的语气说", "seed": 1},
+        )
         assert ok.status_code == 200 and len(ok.content) > 44
-        speech = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "你好。", "voice": voice,
-                                                       "instructions": "用开心的语气说",
-                                                       "response_format": "wav", "seed": 1})
+        speech = client.post(
+            "/v1/audio/speech",
+            json={
+                "model": "tts-1",
+                "input": "你好。",
+                "voice": voice,
+                "instructions": "用开心的语气说",
+                "response_format": "wav",
+                "seed": 1,
+            },
+        )
         assert (decode(speech.content)[0] == decode(ok.content)[0]).all()
-        client.post("/voices", data={"name": "mine", "prompt_text": "你好。"},
-                    files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
-        refused = client.post("/tts", json={"text": "你好。", "speaker": "mine", "instruct": "开心"})
+        client.post(
+            "/voices",
+            data={"name": "mine", "prompt_text": "你好。"},
+            files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+        )
+        refused = client.post(
+            "/tts", json={"text": "你好。", "speaker": "mine", "instruct": "开心"}
+        )
         assert refused.status_code == 400 and "preset voices" in refused.json()["error"]["message"]
 
     base = tiny_engine(v1_variants["base"])
-    with ServerThread(create_app(base, Settings(voices_dir=tmp_path / "b"))) as server, \
-            server.client() as client:
+    with (
+        ServerThread(create_app(base, Settings(voices_dir=tmp_path / "b"))) as server,
+        server.client() as client,
+    ):
         assert client.get("/speakers").json()["speakers"] == []
         missing = client.post("/tts", json={"text": "你好。", "speaker": "中文女"})
         assert missing.status_code == 404
-        created = client.post("/voices", data={"name": "mine", "prompt_text": "你好。"},
-                              files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")})
+        created = client.post(
+            "/voices",
+            data={"name": "mine", "prompt_text": "你好。"},
+            files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+        )
         assert created.status_code == 201
         assert client.post("/tts", json={"text": "你好。", "speaker": "mine"}).status_code == 200

@@ -17,8 +17,11 @@ from cosyvoice_lite.serving import S3Settings, Settings, create_app
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] is needed for the local S3 server")
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +29,11 @@ def s3_url():
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -78,8 +84,10 @@ def test_results_are_uploaded(v1_dir, s3, s3_url, tmp_path):
         assert obj["ContentType"] == "audio/wav"
         assert obj["Body"].read() == response.content  # the same file the client got
 
-        speech = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "你好。",
-                                                       "voice": voice, "response_format": "mp3"})
+        speech = client.post(
+            "/v1/audio/speech",
+            json={"model": "tts-1", "input": "你好。", "voice": voice, "response_format": "mp3"},
+        )
         request_id = speech.headers["x-request-id"]
         assert wait_for(lambda: len(keys(s3, "runs/", request_id)) == 2, timeout=20)
         mp3 = [k for k in keys(s3, "runs/", request_id) if k.endswith(".mp3")]
@@ -91,9 +99,13 @@ def test_results_are_uploaded(v1_dir, s3, s3_url, tmp_path):
 
 def test_upload_failure_does_not_break_serving(v1_dir, s3_url, tmp_path):
     engine = tiny_engine(v1_dir)
-    settings = Settings(voices_dir=tmp_path, s3=S3Settings("no-such-bucket", "", s3_url, "us-east-1"))
+    settings = Settings(
+        voices_dir=tmp_path, s3=S3Settings("no-such-bucket", "", s3_url, "us-east-1")
+    )
     with ServerThread(create_app(engine, settings)) as server, server.client() as client:
         response = client.post("/tts", json={"text": "你好。", "speaker": engine.voices()[0]})
         assert response.status_code == 200
-        assert wait_for(lambda: metric(client.get("/metrics").text, "cosyvoice_s3_upload_errors_total") == 1,
-                        timeout=20)
+        assert wait_for(
+            lambda: metric(client.get("/metrics").text, "cosyvoice_s3_upload_errors_total") == 1,
+            timeout=20,
+        )

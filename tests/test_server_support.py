@@ -41,8 +41,14 @@ class ServerThread:
     def __init__(self, app, port: int | None = None) -> None:
         self.app = app
         self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
@@ -77,8 +83,9 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     return predicate()
 
 
-def prompt_wav(seconds: float = 2.0, rate: int = 16000, amplitude: float = 0.3,
-               format: str = "WAV") -> bytes:
+def prompt_wav(
+    seconds: float = 2.0, rate: int = 16000, amplitude: float = 0.3, format: str = "WAV"
+) -> bytes:
     """A voiced-sounding prompt: a few harmonics with a slow syllable-like envelope."""
     t = np.arange(int(seconds * rate)) / rate
     f0 = 140 + 20 * np.sin(2 * np.pi * 0.7 * t)
@@ -118,7 +125,9 @@ def metric(text: str, name: str, **labels: str) -> float:
         series, _, label_text = head.partition("{")
         if series != name:
             continue
-        found = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part)
+        found = dict(
+            part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part
+        )
         found = {k: v.strip('"') for k, v in found.items()}
         if all(found.get(k) == v for k, v in labels.items()):
             return float(value)
@@ -166,10 +175,25 @@ class EngineProbe:
             return None
         prompt_key = None
         if prompt is not None:
-            prompt_key = (prompt.prompt_text, tuple(prompt.speech_tokens.flatten().tolist()),
-                          float(prompt.embedding.sum()), float(prompt.speech_feat.sum()))
-        return (id(self._engine), request.mode, request.text, request.voice, request.prompt_text, request.instruct,
-                request.speed, request.seed, request.stream, request.text_frontend, prompt_key)
+            prompt_key = (
+                prompt.prompt_text,
+                tuple(prompt.speech_tokens.flatten().tolist()),
+                float(prompt.embedding.sum()),
+                float(prompt.speech_feat.sum()),
+            )
+        return (
+            id(self._engine),
+            request.mode,
+            request.text,
+            request.voice,
+            request.prompt_text,
+            request.instruct,
+            request.speed,
+            request.seed,
+            request.stream,
+            request.text_frontend,
+            prompt_key,
+        )
 
     def _chunks(self, request, progress, prompt):
         key = self._key(request, prompt) if self.memo else None

@@ -35,21 +35,46 @@ class CountingEncoder:
         self.calls += 1
         wav, rate = sf.read(io.BytesIO(audio), dtype="float32")
         n = max(1, len(wav) // 640)
-        return PromptFeatures(torch.arange(n, dtype=torch.int32)[None], torch.full((1, 2 * n, 80), 0.5),
-                              torch.full((1, 192), float(rate)), prompt_text.lower())
+        return PromptFeatures(
+            torch.arange(n, dtype=torch.int32)[None],
+            torch.full((1, 2 * n, 80), 0.5),
+            torch.full((1, 192), float(rate)),
+            prompt_text.lower(),
+        )
 
 
 # ---------------------------------------------------------------------------------- voice names
 
 
-@pytest.mark.parametrize("name", ["alice", "中文女", "my voice", "v-2.1_b", "A", "x" * 64, "Ünïcode"])
+@pytest.mark.parametrize(
+    "name", ["alice", "中文女", "my voice", "v-2.1_b", "A", "x" * 64, "Ünïcode"]
+)
 def test_valid_names(name):
     assert validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "../x", "..", ".", ".hidden", "a/b", "a\\b", "x" * 65, "trailing ",
-                                  "trailing.", " lead", "a\x00b", "new\nline", "a..b", "/etc/passwd",
-                                  "semi;colon", "star*"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "../x",
+        "..",
+        ".",
+        ".hidden",
+        "a/b",
+        "a\\b",
+        "x" * 65,
+        "trailing ",
+        "trailing.",
+        " lead",
+        "a\x00b",
+        "new\nline",
+        "a..b",
+        "/etc/passwd",
+        "semi;colon",
+        "star*",
+    ],
+)
 def test_invalid_names(name):
     with pytest.raises(InvalidVoiceNameError):
         validate_name(name)
@@ -162,7 +187,7 @@ def test_stream_resampler_equals_offline():
         r = StreamResampler(22050, 24000)
         parts, start = [], 0
         for size in sizes:
-            parts.append(r.feed(x[start:start + size]))
+            parts.append(r.feed(x[start : start + size]))
             start += size
         parts.append(r.finish())
         out = np.concatenate(parts)

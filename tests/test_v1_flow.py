@@ -30,7 +30,8 @@ def load(name: str) -> dict[str, np.ndarray]:
 def state_of(arrays: dict[str, np.ndarray], prefix: str = "") -> dict[str, torch.Tensor]:
     return {
         prefix + k.removeprefix("state."): torch.from_numpy(v)
-        for k, v in arrays.items() if k.startswith("state.")
+        for k, v in arrays.items()
+        if k.startswith("state.")
     }
 
 
@@ -82,7 +83,9 @@ def test_estimator_matches_official(estimator_data: dict[str, np.ndarray]) -> No
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_causal_estimator_matches_official(causal_data: dict[str, np.ndarray], streaming: bool) -> None:
+def test_causal_estimator_matches_official(
+    causal_data: dict[str, np.ndarray], streaming: bool
+) -> None:
     estimator = build_causal(causal_data)
     with torch.inference_mode():
         out = estimator(**estimator_inputs(causal_data), streaming=streaming)
@@ -94,12 +97,12 @@ def test_causal_chunks_do_not_see_the_future(causal_data: dict[str, np.ndarray])
     inputs = estimator_inputs(causal_data)
     chunk = CONFIG["causal_estimator"]["static_chunk_size"]
     changed = {k: v.clone() for k, v in inputs.items()}
-    changed["x"][:, :, 2 * chunk:] += 1.0
+    changed["x"][:, :, 2 * chunk :] += 1.0
     with torch.inference_mode():
         a = estimator(**inputs, streaming=True)
         b = estimator(**changed, streaming=True)
     assert torch.equal(a[:, :, : 2 * chunk], b[:, :, : 2 * chunk])
-    assert not torch.equal(a[:, :, 2 * chunk:], b[:, :, 2 * chunk:])
+    assert not torch.equal(a[:, :, 2 * chunk :], b[:, :, 2 * chunk :])
 
 
 def test_estimator_state_dict_keys(estimator_data: dict[str, np.ndarray]) -> None:
@@ -124,8 +127,12 @@ def test_causal_cfm_fixed_noise_matches_official(causal_data: dict[str, np.ndarr
 
     for streaming, key in ((False, "cfm_full"), (True, "cfm_stream")):
         mel, cache = cfm(
-            t(causal_data["cfm_mu"]), t(causal_data["cfm_mask"]), 10,
-            spks=t(causal_data["cfm_spks"]), cond=t(causal_data["cfm_cond"]), streaming=streaming,
+            t(causal_data["cfm_mu"]),
+            t(causal_data["cfm_mask"]),
+            10,
+            spks=t(causal_data["cfm_spks"]),
+            cond=t(causal_data["cfm_cond"]),
+            streaming=streaming,
         )
         assert cache is None
         assert_close(mel, causal_data[key])
@@ -161,8 +168,12 @@ def cases() -> dict[str, np.ndarray]:
     return load("flow_cases")
 
 
-def run_case(flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray], name: str,
-             cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def run_case(
+    flow: MaskedDiffWithXvec,
+    cases: dict[str, np.ndarray],
+    name: str,
+    cache: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     token = t(cases[f"{name}.token"])
     prompt_token = t(cases[f"{name}.prompt_token"])
     prompt_feat = t(cases[f"{name}.prompt_feat"])
@@ -170,25 +181,30 @@ def run_case(flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray], name: str,
         cache = t(cases[f"{name}.cache_in"])
     generator = torch.Generator().manual_seed(int(cases[f"{name}.seed"]))
     return flow.inference(
-        token=token, token_len=torch.tensor([token.shape[1]], dtype=torch.int32),
+        token=token,
+        token_len=torch.tensor([token.shape[1]], dtype=torch.int32),
         prompt_token=prompt_token,
         prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=torch.int32),
         prompt_feat=prompt_feat,
         prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32),
-        embedding=t(cases[f"{name}.embedding"]), flow_cache=cache, generator=generator,
+        embedding=t(cases[f"{name}.embedding"]),
+        flow_cache=cache,
+        generator=generator,
     )
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_flow_inference_matches_official(flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray],
-                                         name: str) -> None:
+def test_flow_inference_matches_official(
+    flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray], name: str
+) -> None:
     mel, cache = run_case(flow, cases, name)
     assert_close(mel, cases[f"{name}.mel"])
     assert_close(cache, cases[f"{name}.cache_out"])
 
 
-def test_flow_streaming_cache_matches_official(flow: MaskedDiffWithXvec,
-                                               cases: dict[str, np.ndarray]) -> None:
+def test_flow_streaming_cache_matches_official(
+    flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray]
+) -> None:
     mel1, cache1 = run_case(flow, cases, "stream_first")
     assert_close(mel1, cases["stream_first.mel"])
     mel2, cache2 = run_case(flow, cases, "stream_second", cache=cache1)
@@ -196,7 +212,9 @@ def test_flow_streaming_cache_matches_official(flow: MaskedDiffWithXvec,
     assert_close(cache2, cases["stream_second.cache_out"])
 
 
-def test_flow_empty_cache_equals_none(flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray]) -> None:
+def test_flow_empty_cache_equals_none(
+    flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray]
+) -> None:
     mel_empty, _ = run_case(flow, cases, "short_prompt")
     mel_none, _ = run_case(flow, cases, "short_prompt", cache=torch.zeros(1, 80, 0, 2))
     assert torch.equal(mel_empty, mel_none)
@@ -205,9 +223,13 @@ def test_flow_empty_cache_equals_none(flow: MaskedDiffWithXvec, cases: dict[str,
 def test_flow_rejects_empty_tokens(flow: MaskedDiffWithXvec, cases: dict[str, np.ndarray]) -> None:
     with pytest.raises(InvalidRequestError):
         flow.inference(
-            token=torch.zeros(1, 0, dtype=torch.int32), token_len=torch.tensor([0]),
-            prompt_token=torch.zeros(1, 0, dtype=torch.int32), prompt_token_len=torch.tensor([0]),
-            prompt_feat=torch.zeros(1, 0, 80), prompt_feat_len=torch.tensor([0]),
-            embedding=t(cases["short_prompt.embedding"]), flow_cache=None,
+            token=torch.zeros(1, 0, dtype=torch.int32),
+            token_len=torch.tensor([0]),
+            prompt_token=torch.zeros(1, 0, dtype=torch.int32),
+            prompt_token_len=torch.tensor([0]),
+            prompt_feat=torch.zeros(1, 0, 80),
+            prompt_feat_len=torch.tensor([0]),
+            embedding=t(cases["short_prompt.embedding"]),
+            flow_cache=None,
             generator=torch.Generator().manual_seed(0),
         )

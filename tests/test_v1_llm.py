@@ -48,12 +48,24 @@ def inputs(golden: dict[str, np.ndarray], case: str) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(golden[f"{case}.{name}"]) for name in INPUTS}
 
 
-def generate(model, text, prompt_text, prompt_speech_token, embedding, sampler,
-             max_token_text_ratio=20, min_token_text_ratio=2):
+def generate(
+    model,
+    text,
+    prompt_text,
+    prompt_speech_token,
+    embedding,
+    sampler,
+    max_token_text_ratio=20,
+    min_token_text_ratio=2,
+):
     """The official decoding of one request, run alone."""
     policy = LengthPolicy(min_ratio=min_token_text_ratio, max_ratio=max_token_text_ratio)
-    return run_alone(model, speech_token_task(model, text, prompt_text, prompt_speech_token,
-                                              embedding, sampler, policy))
+    return run_alone(
+        model,
+        speech_token_task(
+            model, text, prompt_text, prompt_speech_token, embedding, sampler, policy
+        ),
+    )
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -34,8 +34,13 @@ def _golden(version: str) -> dict[str, np.ndarray]:
 
 
 def _build(version: str) -> Qwen2LM:
-    lm = CLASSES[version](llm_input_size=16, llm_output_size=16, speech_token_size=6561,
-                          llm=Qwen2Encoder(BLANK_EN), mix_ratio=[5, 15])
+    lm = CLASSES[version](
+        llm_input_size=16,
+        llm_output_size=16,
+        speech_token_size=6561,
+        llm=Qwen2Encoder(BLANK_EN),
+        mix_ratio=[5, 15],
+    )
     state = torch.load(GOLDEN / f"{version}_llm.pt", map_location="cpu", weights_only=True)
     lm.load_state_dict(state, strict=True)
     return lm.eval()
@@ -60,12 +65,20 @@ def _sampler(seed: int) -> RasSampler:
     return RasSampler(generator=torch.Generator().manual_seed(seed))
 
 
-def generate(lm, text, prompt_text, prompt_speech, sampler, min_token_text_ratio=2.0,
-             max_token_text_ratio=20.0):
+def generate(
+    lm,
+    text,
+    prompt_text,
+    prompt_speech,
+    sampler,
+    min_token_text_ratio=2.0,
+    max_token_text_ratio=20.0,
+):
     """The official decoding of one request, run alone."""
     policy = LengthPolicy(min_token_text_ratio, max_token_text_ratio)
-    return run_alone(lm, speech_token_task(lm, text, prompt_text, prompt_speech, None, sampler,
-                                           policy))
+    return run_alone(
+        lm, speech_token_task(lm, text, prompt_text, prompt_speech, None, sampler, policy)
+    )
 
 
 def generate_bistream(lm, pieces, prompt_text, prompt_speech, sampler):
@@ -74,8 +87,13 @@ def generate_bistream(lm, pieces, prompt_text, prompt_speech, sampler):
 
 def test_config_from_blank_en() -> None:
     config = Qwen2Config.from_json(BLANK_EN / "config.json")
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-            config.num_key_value_heads, config.head_dim) == (16, 2, 4, 2, 4)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    ) == (16, 2, 4, 2, 4)
     assert config.rope_theta == 1e6 and config.rms_norm_eps == 1e-6 and config.tie_word_embeddings
 
 
@@ -91,8 +109,12 @@ def test_state_dict_keys_match_official(case) -> None:
 
 def test_teacher_forced_hidden_and_logits(case) -> None:
     _, lm, g = case
-    logits = lm.teacher_forced_logits(g["text"], g["prompt_text"], g["prompt_speech"], g["target_speech"])
-    np.testing.assert_allclose(logits[:, g["tf_logit_cols"]].numpy(), g["tf_logits"], atol=TOL, rtol=0)
+    logits = lm.teacher_forced_logits(
+        g["text"], g["prompt_text"], g["prompt_speech"], g["target_speech"]
+    )
+    np.testing.assert_allclose(
+        logits[:, g["tf_logit_cols"]].numpy(), g["tf_logits"], atol=TOL, rtol=0
+    )
     all_text = np.concatenate([g["prompt_text"], g["text"]])
     speech = np.concatenate([g["prompt_speech"], g["target_speech"]])
     with torch.inference_mode():
@@ -142,9 +164,16 @@ def test_seeded_generation_matches_official(case, prompt: str, seed: int) -> Non
 # The golden holds seeds 0-3 per case; a cheap subset that still covers, for v3, both the normal
 # end (eos) and the official error (eos sampled while text is still streaming).
 BISTREAM_CASES = [
-    ("v2", "bi_zs", 1), ("v2", "bi_short", 0), ("v2", "bi_short", 2), ("v2", "bi_noprompt", 1),
-    ("v3", "bi_zs", 0), ("v3", "bi_zs", 1), ("v3", "bi_short", 0), ("v3", "bi_short", 2),
-    ("v3", "bi_noprompt", 1), ("v3", "bi_noprompt", 2),
+    ("v2", "bi_zs", 1),
+    ("v2", "bi_short", 0),
+    ("v2", "bi_short", 2),
+    ("v2", "bi_noprompt", 1),
+    ("v3", "bi_zs", 0),
+    ("v3", "bi_zs", 1),
+    ("v3", "bi_short", 0),
+    ("v3", "bi_short", 2),
+    ("v3", "bi_noprompt", 1),
+    ("v3", "bi_noprompt", 2),
 ]
 
 
@@ -153,11 +182,12 @@ def test_bistream_matches_official(version: str, name: str, seed: int) -> None:
     lm, g = _model(version), _golden(version)
     n_pieces = int(g[name + "_n_pieces"])
     bounds = np.cumsum(np.concatenate([[0], g["bi_pieces_lens"]]))
-    pieces = [g["bi_pieces_flat"][bounds[i]:bounds[i + 1]] for i in range(n_pieces)]
+    pieces = [g["bi_pieces_flat"][bounds[i] : bounds[i + 1]] for i in range(n_pieces)]
     expected = g[f"{name}_seed{seed}_tokens"].tolist()
     outcome = str(g[f"{name}_seed{seed}_outcome"])
-    stream = generate_bistream(lm, iter(pieces), g[name + "_prompt_text"],
-                               g[name + "_prompt_speech"], _sampler(seed))
+    stream = generate_bistream(
+        lm, iter(pieces), g[name + "_prompt_text"], g[name + "_prompt_speech"], _sampler(seed)
+    )
     tokens: list[int] = []
     if outcome == "eos":
         tokens.extend(stream)
@@ -196,7 +226,10 @@ def test_v2_generation_respects_min_and_max_len() -> None:
     lm, g = _model("v2"), _golden("v2")
     text = g["text"][:2]
     for seed in range(3):
-        tokens = list(generate(lm, text, [], [], _sampler(seed), min_token_text_ratio=3,
-                               max_token_text_ratio=5))
+        tokens = list(
+            generate(
+                lm, text, [], [], _sampler(seed), min_token_text_ratio=3, max_token_text_ratio=5
+            )
+        )
         assert 6 <= len(tokens) <= 10
         assert all(0 <= t < 6561 for t in tokens)

@@ -45,7 +45,9 @@ def flow() -> CausalMaskedDiffWithDiT:
         in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=DiT(**DIT_KW)
     )
     model = CausalMaskedDiffWithDiT(
-        **FLOW_KW, pre_lookahead_layer=PreLookaheadLayer(80, 32, pre_lookahead_len=3), decoder=decoder
+        **FLOW_KW,
+        pre_lookahead_layer=PreLookaheadLayer(80, 32, pre_lookahead_len=3),
+        decoder=decoder,
     )
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -92,12 +94,23 @@ def flow_inputs(seed: int, n_tokens: int, n_prompt: int) -> tuple[torch.Tensor, 
 
 
 def flow_rerun(
-    flow: CausalMaskedDiffWithDiT, token: torch.Tensor, p_tok: torch.Tensor, p_feat: torch.Tensor,
-    emb: torch.Tensor, finalize: bool,
+    flow: CausalMaskedDiffWithDiT,
+    token: torch.Tensor,
+    p_tok: torch.Tensor,
+    p_feat: torch.Tensor,
+    emb: torch.Tensor,
+    finalize: bool,
 ) -> torch.Tensor:
     mel, _ = flow.inference(
-        token, torch.tensor([token.shape[1]]), p_tok, torch.tensor([p_tok.shape[1]]), p_feat,
-        torch.tensor([p_feat.shape[1]]), emb, streaming=True, finalize=finalize,
+        token,
+        torch.tensor([token.shape[1]]),
+        p_tok,
+        torch.tensor([p_tok.shape[1]]),
+        p_feat,
+        torch.tensor([p_feat.shape[1]]),
+        emb,
+        streaming=True,
+        finalize=finalize,
     )
     return mel
 
@@ -119,9 +132,15 @@ def test_flow_stream_matches_official_token2wav_mel(
     flow: CausalMaskedDiffWithDiT, golden: dict[str, np.ndarray]
 ) -> None:
     token = torch.from_numpy(golden["token"])
-    p_tok, p_feat = torch.from_numpy(golden["prompt_token"]), torch.from_numpy(golden["prompt_feat"])
+    p_tok, p_feat = (
+        torch.from_numpy(golden["prompt_token"]),
+        torch.from_numpy(golden["prompt_feat"]),
+    )
     ends = official_calls(golden)
-    assert ends == [*official_schedule(token.shape[1], p_tok.shape[1], chunk_tokens(flow)), token.shape[1]]
+    assert ends == [
+        *official_schedule(token.shape[1], p_tok.shape[1], chunk_tokens(flow)),
+        token.shape[1],
+    ]
     state = flow.new_stream(p_tok, p_feat, torch.from_numpy(golden["embedding"]))
     fed, mels = 0, []
     for i, end in enumerate(ends):
@@ -144,7 +163,9 @@ def test_vocoder_stream_matches_official_token2wav_speech(
     chunks, frame = [], 0
     for i, (a, b) in enumerate(pairwise(offsets)):
         size = 2 * (b - a)
-        chunks.append(hift.stream_step(state, mel[:, :, frame : frame + size], finalize=i == len(ends) - 1))
+        chunks.append(
+            hift.stream_step(state, mel[:, :, frame : frame + size], finalize=i == len(ends) - 1)
+        )
         frame += size
     assert [c.shape[1] for c in chunks] == golden["chunk_samples"].tolist()
     assert max_err(torch.cat(chunks, dim=1), golden["speech"]) < TOL
@@ -154,7 +175,10 @@ def test_flow_to_vocoder_chain_matches_the_official_stream_semantics(
     flow: CausalMaskedDiffWithDiT, hift: CausalHiFTGenerator, golden: dict[str, np.ndarray]
 ) -> None:
     token = torch.from_numpy(golden["token"])
-    p_tok, p_feat = torch.from_numpy(golden["prompt_token"]), torch.from_numpy(golden["prompt_feat"])
+    p_tok, p_feat = (
+        torch.from_numpy(golden["prompt_token"]),
+        torch.from_numpy(golden["prompt_feat"]),
+    )
     flow_state = flow.new_stream(p_tok, p_feat, torch.from_numpy(golden["embedding"]))
     voc_state = hift.new_stream()
     ends = official_calls(golden)
@@ -215,7 +239,9 @@ def test_flow_stream_fed_token_by_token_gives_the_same_mel(flow: CausalMaskedDif
     assert max_err(torch.cat(pieces, dim=2), expected) < TOL
 
 
-def test_two_interleaved_flow_streams_do_not_affect_each_other(flow: CausalMaskedDiffWithDiT) -> None:
+def test_two_interleaved_flow_streams_do_not_affect_each_other(
+    flow: CausalMaskedDiffWithDiT,
+) -> None:
     inputs = [flow_inputs(11, 40, 6), flow_inputs(12, 37, 9)]
 
     def run_alone(k: int) -> list[torch.Tensor]:
@@ -254,15 +280,24 @@ def test_flow_step_cost_stays_flat_and_cache_grows_linearly(flow: CausalMaskedDi
     assert used == frames * len(state.steps) * estimator.depth
     per_frame = kv_cache_bytes_per_frame(estimator)
     assert per_frame == 10 * 2 * 2 * 2 * 48 * 4  # steps, depth, k/v, CFG rows, width, float32
-    assert frames * per_frame <= state.cache_bytes() <= 1.3 * frames * per_frame + 20 * per_frame + 100_000
+    assert (
+        frames * per_frame
+        <= state.cache_bytes()
+        <= 1.3 * frames * per_frame + 20 * per_frame + 100_000
+    )
 
 
-def test_flow_low_precision_cache_halves_memory_with_small_error(flow: CausalMaskedDiffWithDiT) -> None:
+def test_flow_low_precision_cache_halves_memory_with_small_error(
+    flow: CausalMaskedDiffWithDiT,
+) -> None:
     token, p_tok, p_feat, emb = flow_inputs(8, 60, 6)
     mels = {}
     for dtype in (None, torch.bfloat16, torch.float16):
         state = flow.new_stream(p_tok, p_feat, emb, cache_dtype=dtype)
-        pieces = [flow.stream_step(state, token[:, :33]), flow.stream_step(state, token[:, 33:], finalize=True)]
+        pieces = [
+            flow.stream_step(state, token[:, :33]),
+            flow.stream_step(state, token[:, 33:], finalize=True),
+        ]
         mels[dtype] = (torch.cat(pieces, dim=2), state.cache_bytes())
     exact, exact_bytes = mels[None]
     # measured: bf16 ~7e-3, fp16 ~1e-3 (mel std ~1.4)
@@ -292,7 +327,9 @@ def vocoder_mel(seed: int, frames: int) -> torch.Tensor:
     return torch.randn(1, 80, frames, generator=g) * 2.0 - 5.0
 
 
-def vocoder_rerun_chunks(hift: CausalHiFTGenerator, mel: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def vocoder_rerun_chunks(
+    hift: CausalHiFTGenerator, mel: torch.Tensor, sizes: list[int]
+) -> list[torch.Tensor]:
     """What the official stream emits: re-vocode all mel so far, keep the samples not yet out."""
     outs, offset, frames = [], 0, 0
     for size in sizes:
@@ -335,11 +372,18 @@ def test_vocoder_stream_matches_official_rerun_chunk_by_chunk(
 
 def test_vocoder_receptive_field_is_computed_and_holds(hift: CausalHiFTGenerator) -> None:
     released = CausalHiFTGenerator(
-        in_channels=80, base_channels=32, nb_harmonics=8, sampling_rate=24000,
-        upsample_rates=[8, 5, 3], upsample_kernel_sizes=[16, 11, 7],
-        istft_params={"n_fft": 16, "hop_len": 4}, resblock_kernel_sizes=[3, 7, 11],
-        resblock_dilation_sizes=[[1, 3, 5]] * 3, source_resblock_kernel_sizes=[7, 7, 11],
-        source_resblock_dilation_sizes=[[1, 3, 5]] * 3, conv_pre_look_right=4,
+        in_channels=80,
+        base_channels=32,
+        nb_harmonics=8,
+        sampling_rate=24000,
+        upsample_rates=[8, 5, 3],
+        upsample_kernel_sizes=[16, 11, 7],
+        istft_params={"n_fft": 16, "hop_len": 4},
+        resblock_kernel_sizes=[3, 7, 11],
+        resblock_dilation_sizes=[[1, 3, 5]] * 3,
+        source_resblock_kernel_sizes=[7, 7, 11],
+        source_resblock_dilation_sizes=[[1, 3, 5]] * 3,
+        conv_pre_look_right=4,
         f0_predictor=CausalConvRNNF0Predictor(1, 80, 16),
     )
     # the released geometry (the width does not matter): 28.6 frames of 480 samples
@@ -361,7 +405,9 @@ def test_vocoder_receptive_field_is_computed_and_holds(hift: CausalHiFTGenerator
     assert float(diff[context:].max()) < 1e-5
 
 
-def test_vocoder_source_phase_is_carried_bit_exactly_over_a_long_history(hift: CausalHiFTGenerator) -> None:
+def test_vocoder_source_phase_is_carried_bit_exactly_over_a_long_history(
+    hift: CausalHiFTGenerator,
+) -> None:
     # 30 s: one float32 ulp of the phase sum would already move the sines by ~0.1 rad
     frames = 1500
     mel = vocoder_mel(4, frames)
@@ -377,7 +423,9 @@ def test_vocoder_source_phase_is_carried_bit_exactly_over_a_long_history(hift: C
             state.phase, start = phase[:, -1:], stop
 
 
-def test_two_interleaved_vocoder_streams_do_not_affect_each_other(hift: CausalHiFTGenerator) -> None:
+def test_two_interleaved_vocoder_streams_do_not_affect_each_other(
+    hift: CausalHiFTGenerator,
+) -> None:
     mels = [vocoder_mel(1, 120), vocoder_mel(2, 97)]
 
     def chunks(k: int) -> list[torch.Tensor]:
@@ -400,7 +448,9 @@ def test_two_interleaved_vocoder_streams_do_not_affect_each_other(hift: CausalHi
 def test_vocoder_step_cost_stays_flat(hift: CausalHiFTGenerator) -> None:
     mel = vocoder_mel(6, 600)
     state = hift.new_stream()
-    context_frames = -(-hift_causal_stream.decoder_left_context_samples(hift) // hift.upsample_scale)
+    context_frames = -(
+        -hift_causal_stream.decoder_left_context_samples(hift) // hift.upsample_scale
+    )
     window = []
     for i in range(0, 600, 40):
         out = hift.stream_step(state, mel[:, :, i : i + 40])

@@ -24,8 +24,11 @@ from cosyvoice_lite.serving.voices import StorageError
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] is needed for the local S3 server")
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 BUCKET = "voices"
 
 
@@ -35,8 +38,11 @@ def moto_server():
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -114,26 +120,34 @@ def engine(v1_dir):
 
 
 def s3_settings(url: str, prefix: str, attempts: int = 3) -> S3Settings:
-    return S3Settings(BUCKET, prefix, url, "us-east-1", connect_timeout=2, read_timeout=5,
-                      max_attempts=attempts)
+    return S3Settings(
+        BUCKET, prefix, url, "us-east-1", connect_timeout=2, read_timeout=5, max_attempts=attempts
+    )
 
 
 def upload(client, name: str):
-    return client.post("/voices", data={"name": name, "prompt_text": "希望你以后能够做的比我还好呦。"},
-                       files={"audio": ("p.wav", prompt_wav(1.0), "audio/wav")})
+    return client.post(
+        "/voices",
+        data={"name": name, "prompt_text": "希望你以后能够做的比我还好呦。"},
+        files={"audio": ("p.wav", prompt_wav(1.0), "audio/wav")},
+    )
 
 
 def keys(url: str, prefix: str) -> list[str]:
     client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-                  .get("Contents", []))
+    return sorted(
+        o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    )
 
 
 def test_a_voice_made_through_one_server_is_used_through_another(engine, s3_url, tmp_path):
     settings = Settings(voices_dir=tmp_path / "unused", voices_s3=s3_settings(s3_url, "shared/"))
-    with ServerThread(create_app(engine, settings)) as a, ServerThread(
-        create_app(engine, settings)
-    ) as b, a.client() as ca, b.client() as cb:
+    with (
+        ServerThread(create_app(engine, settings)) as a,
+        ServerThread(create_app(engine, settings)) as b,
+        a.client() as ca,
+        b.client() as cb,
+    ):
         assert upload(ca, "Nora").status_code == 201
         # the other server sees it at once (read-through), in any case, and speaks with it
         assert cb.get("/voices/nora").json()["name"] == "Nora"
@@ -160,8 +174,12 @@ def test_a_voice_made_through_one_server_is_used_through_another(engine, s3_url,
 def test_an_unreachable_bucket_at_start_names_bucket_and_endpoint(engine, s3_url, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     for url, bucket in ((dead, BUCKET), (s3_url, "no-such-bucket")):
-        settings = Settings(voices_dir=tmp_path, voices_s3=S3Settings(
-            bucket, "", url, "us-east-1", connect_timeout=1, read_timeout=2, max_attempts=1))
+        settings = Settings(
+            voices_dir=tmp_path,
+            voices_s3=S3Settings(
+                bucket, "", url, "us-east-1", connect_timeout=1, read_timeout=2, max_attempts=1
+            ),
+        )
         with pytest.raises(StorageError) as error:
             create_app(engine, settings)
         assert repr(bucket) in str(error.value) and url in str(error.value)

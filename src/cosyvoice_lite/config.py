@@ -259,7 +259,9 @@ def _tokenizer_config(node: Any) -> TokenizerConfig:
     if node.target.startswith("whisper."):
         return TokenizerConfig("whisper", params=params)
     if node.class_name == "get_qwen_tokenizer":
-        return TokenizerConfig("qwen", version=str(params.get("version", "cosyvoice2")), params=params)
+        return TokenizerConfig(
+            "qwen", version=str(params.get("version", "cosyvoice2")), params=params
+        )
     raise ModelDirError(f"unsupported tokenizer in the yaml: {node.target}")
 
 
@@ -280,7 +282,11 @@ def parse_model_config(data: Mapping[str, Any], version: int, source: str = "yam
     sampling_node = llm.kwargs.get("sampling")
     sampling = SamplingConfig()
     if isinstance(sampling_node, Tagged):
-        known = {k: v for k, v in (sampling_node.value or {}).items() if k in SamplingConfig.__annotations__}
+        known = {
+            k: v
+            for k, v in (sampling_node.value or {}).items()
+            if k in SamplingConfig.__annotations__
+        }
         sampling = SamplingConfig(**known)
     return ModelConfig(
         version=version,

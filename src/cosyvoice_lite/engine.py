@@ -57,9 +57,18 @@ class Voice:
 class Engine:
     """A loaded CosyVoice model: frontend, networks and voices. Thread-safe for reading."""
 
-    def __init__(self, model: ModelDir, placement: Placement, text_frontend: TextFrontend,
-                 tokenizer, prompt_encoder: PromptEncoder, pipeline, voices: dict[str, Voice],
-                 load_seconds: float, limits: LoopLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        model: ModelDir,
+        placement: Placement,
+        text_frontend: TextFrontend,
+        tokenizer,
+        prompt_encoder: PromptEncoder,
+        pipeline,
+        voices: dict[str, Voice],
+        load_seconds: float,
+        limits: LoopLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.model = model
         self.placement = placement
         self.text_frontend = text_frontend
@@ -72,12 +81,22 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model: str | Path, device: str = "cpu", dtype: str = "float32",
-             variant: str | None = None, llm_checkpoint: str = "llm.pt",
-             download: bool = True, quantize: str | None = None,
-             flow_steps: int = 10, max_batch: int = 16, prefill_tokens: int = 4096,
-             audio_workers: int = 2, backend: str = "torch",
-             onnx_dir: str | Path | None = None) -> Engine:
+    def load(
+        cls,
+        model: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        variant: str | None = None,
+        llm_checkpoint: str = "llm.pt",
+        download: bool = True,
+        quantize: str | None = None,
+        flow_steps: int = 10,
+        max_batch: int = 16,
+        prefill_tokens: int = 4096,
+        audio_workers: int = 2,
+        backend: str = "torch",
+        onnx_dir: str | Path | None = None,
+    ) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
         ``variant`` overrides the v1 release detection (base / sft / instruct); ``llm_checkpoint``
@@ -91,8 +110,10 @@ class Engine:
         """
         start = time.perf_counter()
         if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
-            raise InvalidRequestError(f"llm_checkpoint must be a .pt file name in the model directory, "
-                                      f"got {llm_checkpoint!r}")
+            raise InvalidRequestError(
+                f"llm_checkpoint must be a .pt file name in the model directory, "
+                f"got {llm_checkpoint!r}"
+            )
         placement = resolve_placement(device, dtype, quantize)
         from .export.runtime import check_backend, install_backend  # light: torch is loaded
 
@@ -108,16 +129,34 @@ class Engine:
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",
             model_dir.config.mel,
         )
-        voices = {name: _voice_from_spk2info(name, info)
-                  for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
-                  if "embedding" in info or "flow_embedding" in info}
+        voices = {
+            name: _voice_from_spk2info(name, info)
+            for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
+            if "embedding" in info or "flow_embedding" in info
+        }
         if min(max_batch, prefill_tokens, audio_workers) < 1:
-            raise InvalidRequestError("max_batch, prefill_tokens and audio_workers must be at least 1")
-        engine = cls(model_dir, placement, TextFrontend(), tokenizer, prompt_encoder, pipeline,
-                     voices, time.perf_counter() - start,
-                     LoopLimits(max_batch, prefill_tokens, audio_workers))
-        log.info("loaded %s (v%d, %s) on %s in %.1f s", model_dir.name, model_dir.version,
-                 model_dir.variant, placement.device, engine.load_seconds)
+            raise InvalidRequestError(
+                "max_batch, prefill_tokens and audio_workers must be at least 1"
+            )
+        engine = cls(
+            model_dir,
+            placement,
+            TextFrontend(),
+            tokenizer,
+            prompt_encoder,
+            pipeline,
+            voices,
+            time.perf_counter() - start,
+            LoopLimits(max_batch, prefill_tokens, audio_workers),
+        )
+        log.info(
+            "loaded %s (v%d, %s) on %s in %.1f s",
+            model_dir.name,
+            model_dir.version,
+            model_dir.variant,
+            placement.device,
+            engine.load_seconds,
+        )
         return engine
 
     # ------------------------------------------------------------------ facts
@@ -163,8 +202,12 @@ class Engine:
         return self.prompt_encoder.encode(audio, text)
 
     # ------------------------------------------------------------------ synthesis
-    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
-                   prompt: PromptSource = None) -> Iterator[AudioChunk]:
+    def synthesize(
+        self,
+        request: SynthesisRequest,
+        progress: Progress | None = None,
+        prompt: PromptSource = None,
+    ) -> Iterator[AudioChunk]:
         """Turn a request into audio chunks; ``prompt`` gives precomputed prompt features (a saved
         voice) in place of ``request.prompt_audio``. The work runs in the engine loop, stepped
         together with every other request; closing the iterator cancels it."""
@@ -175,8 +218,13 @@ class Engine:
         finally:
             job.cancel()
 
-    def submit(self, request: SynthesisRequest, sink: Sink, progress: Progress | None = None,
-               prompt: PromptSource = None) -> Job:
+    def submit(
+        self,
+        request: SynthesisRequest,
+        sink: Sink,
+        progress: Progress | None = None,
+        prompt: PromptSource = None,
+    ) -> Job:
         """Queue a request on the engine loop. Its chunks, then its end (``None`` or the error),
         go to ``sink`` from the loop thread; ``job.cancel()`` stops it at the next step.
         ``prompt`` may be a function, called in the loop when the request is admitted."""
@@ -191,8 +239,9 @@ class Engine:
         """Stop the engine loop (pending requests end with an error)."""
         self.loop.close()
 
-    def _prepare(self, request: SynthesisRequest, progress: Progress | None,
-                 prompt: PromptSource, sink: Sink) -> _Run:
+    def _prepare(
+        self, request: SynthesisRequest, progress: Progress | None, prompt: PromptSource, sink: Sink
+    ) -> _Run:
         segments = self._segments(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator(device=self.placement.device).manual_seed(seed)
@@ -203,7 +252,9 @@ class Engine:
         # tokens then do not depend on where the chunks fall.
         noise = generator
         if request.stream:
-            noise = torch.Generator(device=self.placement.device).manual_seed(seed ^ STREAM_NOISE_SALT)
+            noise = torch.Generator(device=self.placement.device).manual_seed(
+                seed ^ STREAM_NOISE_SALT
+            )
         if callable(prompt):
             prompt = prompt()
         prompt = self._prompt(request, prompt)
@@ -223,10 +274,18 @@ class Engine:
                 f"mode '{request.mode.value}'; it supports: {supported}"
             )
         if not MIN_SPEED <= request.speed <= MAX_SPEED:
-            raise InvalidRequestError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {request.speed}")
+            raise InvalidRequestError(
+                f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {request.speed}"
+            )
         if request.stream and request.speed != 1.0:
-            raise InvalidRequestError("speed can only be changed without streaming (as the official)")
-        if request.mode != Mode.VOICE_CONVERSION and isinstance(request.text, str) and not request.text.strip():
+            raise InvalidRequestError(
+                "speed can only be changed without streaming (as the official)"
+            )
+        if (
+            request.mode != Mode.VOICE_CONVERSION
+            and isinstance(request.text, str)
+            and not request.text.strip()
+        ):
             raise InvalidRequestError("text is empty: give the text to speak")
         if request.mode == Mode.INSTRUCT and not (request.instruct or "").strip():
             raise InvalidRequestError("instruct mode needs an instruction (e.g. 'speak happily')")
@@ -236,7 +295,9 @@ class Engine:
             raise InvalidRequestError("max_speech_tokens must be at least 1")
         if request.ignore_eos and request.max_speech_tokens is None:
             raise InvalidRequestError("ignore_eos needs max_speech_tokens (the length to decode)")
-        texts = [t for t in (request.text, request.instruct, request.prompt_text) if isinstance(t, str)]
+        texts = [
+            t for t in (request.text, request.instruct, request.prompt_text) if isinstance(t, str)
+        ]
         check_markup(texts, self.known_markup, self.model.name)
 
     def _segments(self, request: SynthesisRequest) -> list:
@@ -247,34 +308,53 @@ class Engine:
                 raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model")
             return [request.text]
         segments = self.text_frontend.normalize(
-            request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode)
+            request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode
+        )
         if not segments:
             raise InvalidRequestError("the text has nothing to speak (only punctuation or symbols)")
         return segments
 
     def _preset(self, name: str | None) -> Voice:
         if not name:
-            raise InvalidRequestError(f"mode needs a voice; available: {', '.join(self.voices()) or 'none'}")
+            raise InvalidRequestError(
+                f"mode needs a voice; available: {', '.join(self.voices()) or 'none'}"
+            )
         if name not in self.presets:
-            raise UnknownVoiceError(f"unknown voice '{name}'; available: {', '.join(self.voices()) or 'none'}")
+            raise UnknownVoiceError(
+                f"unknown voice '{name}'; available: {', '.join(self.voices()) or 'none'}"
+            )
         return self.presets[name]
 
-    def _prompt(self, request: SynthesisRequest, prompt: PromptFeatures | None) -> PromptFeatures | None:
-        if request.mode == Mode.PRESET or (request.mode == Mode.INSTRUCT and self.spec.instruct_with_preset):
+    def _prompt(
+        self, request: SynthesisRequest, prompt: PromptFeatures | None
+    ) -> PromptFeatures | None:
+        if request.mode == Mode.PRESET or (
+            request.mode == Mode.INSTRUCT and self.spec.instruct_with_preset
+        ):
             if self._preset(request.voice).kind != "preset":
-                raise InvalidRequestError(f"'{request.voice}' is a cloned voice: use it with mode zero_shot")
+                raise InvalidRequestError(
+                    f"'{request.voice}' is a cloned voice: use it with mode zero_shot"
+                )
             return None
         if prompt is None and request.prompt_audio is None and request.voice in self.presets:
             prompt = self.presets[request.voice].prompt  # a voice saved in spk2info.pt
             if prompt is None:
-                raise InvalidRequestError(f"preset voice '{request.voice}' has no prompt recording: "
-                                          "use it with mode preset")
+                raise InvalidRequestError(
+                    f"preset voice '{request.voice}' has no prompt recording: "
+                    "use it with mode preset"
+                )
             return prompt  # stored features are already aligned, as the official stores them
         if prompt is None:
             if request.prompt_audio is None:
-                raise InvalidRequestError(f"mode '{request.mode.value}' needs prompt audio or a saved voice")
+                raise InvalidRequestError(
+                    f"mode '{request.mode.value}' needs prompt audio or a saved voice"
+                )
             prompt = self.encode_prompt(request.prompt_audio, request.prompt_text or "")
-        if request.mode == Mode.ZERO_SHOT and not prompt.prompt_text and not (request.prompt_text or "").strip():
+        if (
+            request.mode == Mode.ZERO_SHOT
+            and not prompt.prompt_text
+            and not (request.prompt_text or "").strip()
+        ):
             raise InvalidRequestError("zero-shot cloning needs the transcript of the prompt audio")
         ratio = self.spec.prompt_mel_ratio
         if ratio is not None and request.mode != Mode.VOICE_CONVERSION:
@@ -295,7 +375,9 @@ class Engine:
         """The instruction as each version's LLM expects it; users write only the instruction."""
         instruct = instruct.strip()
         if self.spec.instruct_with_preset:  # v1 reads the instruction as normalised text
-            instruct = self.text_frontend.normalize(instruct, split=False, encode=self.tokenizer.encode)
+            instruct = self.text_frontend.normalize(
+                instruct, split=False, encode=self.tokenizer.encode
+            )
         return self.spec.instruction(instruct)
 
     def _with_system_prompt(self, prompt_text: str, text) -> tuple[str, object]:
@@ -309,7 +391,9 @@ class Engine:
             return prompt_text, f"{SYSTEM_PROMPT}{ENDOFPROMPT}{text}"
         return prompt_text, text
 
-    def _inputs(self, request: SynthesisRequest, segment, prompt: PromptFeatures | None) -> ModelInputs:
+    def _inputs(
+        self, request: SynthesisRequest, segment, prompt: PromptFeatures | None
+    ) -> ModelInputs:
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
         no_embedding = torch.zeros(0, 192)
         prompt_text = ""
@@ -329,25 +413,49 @@ class Engine:
             voice = self._preset(request.voice)
             # v1 instruct drops the LLM x-vector, as the official does against information leakage
             llm_embedding = no_embedding if request.mode == Mode.INSTRUCT else voice.embedding
-            inputs = ModelInputs(text, prompt_tokens, empty_tokens, llm_embedding, empty_tokens,
-                                 torch.zeros(1, 0, 80), voice.embedding)
+            inputs = ModelInputs(
+                text,
+                prompt_tokens,
+                empty_tokens,
+                llm_embedding,
+                empty_tokens,
+                torch.zeros(1, 0, 80),
+                voice.embedding,
+            )
         else:
             llm_speech = prompt.speech_tokens if request.mode == Mode.ZERO_SHOT else empty_tokens
             source = None
             if request.mode == Mode.VOICE_CONVERSION:
                 wav, rate = self.prompt_encoder.load(request.source_audio, "source audio")
                 source = self.prompt_encoder.tokens(wav, rate)
-            inputs = ModelInputs(text, prompt_tokens, llm_speech, prompt.embedding, prompt.speech_tokens,
-                                 prompt.speech_feat, prompt.embedding, source)
+            inputs = ModelInputs(
+                text,
+                prompt_tokens,
+                llm_speech,
+                prompt.embedding,
+                prompt.speech_tokens,
+                prompt.speech_feat,
+                prompt.embedding,
+                source,
+            )
         return _to_device(inputs, self.placement.device)
 
 
 class _Run:
     """A request prepared for the engine loop: its segments, sampler, noise and where audio goes."""
 
-    def __init__(self, engine: Engine, request: SynthesisRequest, segments: list,
-                 prompt: PromptFeatures | None, sampler: RasSampler, noise: torch.Generator,
-                 policy: LengthPolicy, progress: Progress | None, sink: Sink) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        request: SynthesisRequest,
+        segments: list,
+        prompt: PromptFeatures | None,
+        sampler: RasSampler,
+        noise: torch.Generator,
+        policy: LengthPolicy,
+        progress: Progress | None,
+        sink: Sink,
+    ) -> None:
         self.engine, self.request, self.segments, self.prompt = engine, request, segments, prompt
         self.sampler, self.noise, self.policy = sampler, noise, policy
         self.progress, self.sink = progress, sink
@@ -407,12 +515,15 @@ def _voice_from_spk2info(name: str, info: dict) -> Voice:
 
 
 def _to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
-    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(inputs).items()}
+    moved = {
+        k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(inputs).items()
+    }
     return ModelInputs(**moved)
 
 
-def synthesize_to_file(engine: Engine, request: SynthesisRequest, path: str | Path,
-                       progress: Progress | None = None) -> float:
+def synthesize_to_file(
+    engine: Engine, request: SynthesisRequest, path: str | Path, progress: Progress | None = None
+) -> float:
     """Run a request to completion and write a wav file; returns the audio duration in seconds."""
     import numpy as np
 

@@ -116,17 +116,23 @@ def whisper_vocab_path(download: bool = True) -> Path:
     if target.is_file() and _sha256(target) == WHISPER_VOCAB_SHA256:
         return target
     if not download:
-        raise ModelDownloadError(f"the v1 text vocabulary is missing: place {WHISPER_VOCAB} in {target.parent}")
+        raise ModelDownloadError(
+            f"the v1 text vocabulary is missing: place {WHISPER_VOCAB} in {target.parent}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for fetch in (_fetch_vocab_url, _fetch_vocab_sdist):
-        _notice(f"CosyVoice v1 needs whisper's text vocabulary ({WHISPER_VOCAB}, 0.8 MB, fetched "
-                f"once into {target.parent}): {VOCAB_SOURCES[fetch.__name__]}")
+        _notice(
+            f"CosyVoice v1 needs whisper's text vocabulary ({WHISPER_VOCAB}, 0.8 MB, fetched "
+            f"once into {target.parent}): {VOCAB_SOURCES[fetch.__name__]}"
+        )
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 got = fetch(Path(tmp))
                 if _sha256(got) != WHISPER_VOCAB_SHA256:
-                    raise ModelDownloadError(f"checksum mismatch for {WHISPER_VOCAB} from {fetch.__name__}")
+                    raise ModelDownloadError(
+                        f"checksum mismatch for {WHISPER_VOCAB} from {fetch.__name__}"
+                    )
                 partial = target.with_suffix(".partial")
                 shutil.copyfile(got, partial)
                 partial.replace(target)  # atomic: a crash never leaves a half-written vocabulary
@@ -161,14 +167,29 @@ def _fetch_vocab_url(tmp: Path) -> Path:
 
 
 def _fetch_vocab_sdist(tmp: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-           "--dest", str(tmp), WHISPER_SDIST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--dest",
+        str(tmp),
+        WHISPER_SDIST,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise ModelDownloadError(done.stderr.strip().splitlines()[-1] if done.stderr else "pip failed")
+        raise ModelDownloadError(
+            done.stderr.strip().splitlines()[-1] if done.stderr else "pip failed"
+        )
     archive = next(tmp.glob("openai_whisper-*.tar.gz"))
     with tarfile.open(archive) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(f"whisper/assets/{WHISPER_VOCAB}"))
+        member = next(
+            m for m in tar.getmembers() if m.name.endswith(f"whisper/assets/{WHISPER_VOCAB}")
+        )
         source = tar.extractfile(member)
         if source is None:
             raise ModelDownloadError(f"{archive.name} has no {WHISPER_VOCAB}")

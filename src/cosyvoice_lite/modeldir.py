@@ -24,8 +24,14 @@ BLANK_EN_FILES = ("config.json", "vocab.json", "merges.txt", "tokenizer_config.j
 
 def required_files(version: int) -> list[str]:
     """Files the engine opens for a model version (spk2info.pt and llm.rl.pt are optional)."""
-    files = [YAML_NAMES[version], "llm.pt", "flow.pt", "hift.pt", "campplus.onnx",
-             f"speech_tokenizer_v{version}.onnx"]
+    files = [
+        YAML_NAMES[version],
+        "llm.pt",
+        "flow.pt",
+        "hift.pt",
+        "campplus.onnx",
+        f"speech_tokenizer_v{version}.onnx",
+    ]
     if spec(version).text_tokenizer == "qwen":
         files += [f"{BLANK_EN}/{name}" for name in BLANK_EN_FILES]
     return files
@@ -38,7 +44,9 @@ def detect_version(model_dir: Path) -> int:
     found = [v for v, name in YAML_NAMES.items() if (model_dir / name).is_file()]
     if not found:
         names = ", ".join(YAML_NAMES.values())
-        raise ModelDirError(f"{model_dir} is not a CosyVoice model directory: none of {names} is there")
+        raise ModelDirError(
+            f"{model_dir} is not a CosyVoice model directory: none of {names} is there"
+        )
     if len(found) > 1:
         names = ", ".join(YAML_NAMES[v] for v in found)
         raise ModelDirError(f"{model_dir} holds several model yamls ({names}); keep exactly one")
@@ -72,7 +80,8 @@ def check_files(model_dir: Path, version: int, extra: tuple[str, ...] = ()) -> N
             problems.append(f"  {name}: {reason}")
     if problems:
         raise ModelDirError(
-            f"model directory {model_dir} (CosyVoice v{version}) is incomplete:\n" + "\n".join(problems)
+            f"model directory {model_dir} (CosyVoice v{version}) is incomplete:\n"
+            + "\n".join(problems)
         )
 
 
@@ -81,8 +90,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for truncated/corrupt archives
-        raise ModelDirError(f"cannot read checkpoint {path}: it is corrupt or truncated ({exc})") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelDirError(
+            f"cannot read checkpoint {path}: it is corrupt or truncated ({exc})"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise ModelDirError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
     return dict(state)
 
@@ -99,10 +112,15 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     )
     if missing or unexpected or shapes:
         lines = [f"{source} does not match the network described by the yaml:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", shapes)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
             if items:
-                shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+                shown = ", ".join(items[:8]) + (
+                    f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
+                )
                 lines.append(f"  {title} ({len(items)}): {shown}")
         raise ModelDirError("\n".join(lines))
     module.load_state_dict(state, strict=True)

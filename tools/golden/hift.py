@@ -35,14 +35,35 @@ from cosyvoice.utils.common import set_all_random_seed
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "golden", "hift")
 
-TINY = dict(in_channels=80, base_channels=16, nb_harmonics=8, nsf_alpha=0.1, nsf_sigma=0.003,
-            nsf_voiced_threshold=10, istft_params={"n_fft": 16, "hop_len": 4},
-            resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3,
-            lrelu_slope=0.1, audio_limit=0.99)
-TINY_V1 = dict(TINY, sampling_rate=22050, upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16],
-               source_resblock_kernel_sizes=[7, 11], source_resblock_dilation_sizes=[[1, 3, 5]] * 2)
-TINY_V2 = dict(TINY, sampling_rate=24000, upsample_rates=[8, 5, 3], upsample_kernel_sizes=[16, 11, 7],
-               source_resblock_kernel_sizes=[7, 7, 11], source_resblock_dilation_sizes=[[1, 3, 5]] * 3)
+TINY = dict(
+    in_channels=80,
+    base_channels=16,
+    nb_harmonics=8,
+    nsf_alpha=0.1,
+    nsf_sigma=0.003,
+    nsf_voiced_threshold=10,
+    istft_params={"n_fft": 16, "hop_len": 4},
+    resblock_kernel_sizes=[3, 7, 11],
+    resblock_dilation_sizes=[[1, 3, 5]] * 3,
+    lrelu_slope=0.1,
+    audio_limit=0.99,
+)
+TINY_V1 = dict(
+    TINY,
+    sampling_rate=22050,
+    upsample_rates=[8, 8],
+    upsample_kernel_sizes=[16, 16],
+    source_resblock_kernel_sizes=[7, 11],
+    source_resblock_dilation_sizes=[[1, 3, 5]] * 2,
+)
+TINY_V2 = dict(
+    TINY,
+    sampling_rate=24000,
+    upsample_rates=[8, 5, 3],
+    upsample_kernel_sizes=[16, 11, 7],
+    source_resblock_kernel_sizes=[7, 7, 11],
+    source_resblock_dilation_sizes=[[1, 3, 5]] * 3,
+)
 TINY_V3 = dict(TINY_V2, conv_pre_look_right=4)
 COND = 16
 
@@ -107,8 +128,18 @@ def golden_nonstreaming(version: str, cfg: dict) -> dict[str, np.ndarray]:
     with torch.no_grad():
         f0 = model.f0_predictor(mel_a)
     out["f0_a"] = f0.numpy()
-    print(version, "f0 range", float(f0.min()), float(f0.max()), "voiced", float((f0 > 10).float().mean()),
-          "clamped", float((speech.abs() >= 0.99).float().mean()), "speech std", float(speech.std()))
+    print(
+        version,
+        "f0 range",
+        float(f0.min()),
+        float(f0.max()),
+        "voiced",
+        float((f0 > 10).float().mean()),
+        "clamped",
+        float((speech.abs() >= 0.99).float().mean()),
+        "speech std",
+        float(speech.std()),
+    )
     return out
 
 
@@ -134,11 +165,23 @@ def golden_v3() -> dict[str, np.ndarray]:
     out["speech_final"], out["source_final"] = speech.numpy(), source.numpy()
     for frames in (9, 14, 20):
         speech, source = model.inference(mel_a[:, :, :frames], finalize=False)
-        out[f"speech_stream{frames}"], out[f"source_stream{frames}"] = speech.numpy(), source.numpy()
+        out[f"speech_stream{frames}"], out[f"source_stream{frames}"] = (
+            speech.numpy(),
+            source.numpy(),
+        )
     with torch.no_grad():
         f0 = model.f0_predictor(mel_a.double())
-    print("v3 f0 range", float(f0.min()), float(f0.max()), "voiced", float((f0 > 10).float().mean()),
-          "clamped", float((out["speech_final"].__abs__() >= 0.99).mean()), "speech std", float(out["speech_final"].std()))
+    print(
+        "v3 f0 range",
+        float(f0.min()),
+        float(f0.max()),
+        "voiced",
+        float((f0 > 10).float().mean()),
+        "clamped",
+        float((out["speech_final"].__abs__() >= 0.99).mean()),
+        "speech std",
+        float(out["speech_final"].std()),
+    )
     return out
 
 
@@ -148,11 +191,16 @@ def golden_v3_release(yaml_path: str, rows: int) -> dict[str, np.ndarray]:
     with open(yaml_path) as f:
         text = f.read()
     if "# gan related module" in text:
-        text = text[: text.index("# gan related module")]  # the data pipeline after hift needs pyworld
+        text = text[
+            : text.index("# gan related module")
+        ]  # the data pipeline after hift needs pyworld
     configs = load_hyperpyyaml(text, overrides={"llm": None})
     sine_gen = configs["hift"].m_source.l_sin_gen
-    return {"rand_ini": sine_gen.rand_ini.numpy(), "sine_waves_head": sine_gen.sine_waves[:, :rows].numpy(),
-            "sine_waves_sum": np.array(sine_gen.sine_waves.double().sum().item())}
+    return {
+        "rand_ini": sine_gen.rand_ini.numpy(),
+        "sine_waves_head": sine_gen.sine_waves[:, :rows].numpy(),
+        "sine_waves_sum": np.array(sine_gen.sine_waves.double().sum().item()),
+    }
 
 
 def main() -> None:
@@ -165,8 +213,10 @@ def main() -> None:
     np.savez_compressed(os.path.join(OUT, "v2.npz"), **golden_nonstreaming("v2", TINY_V2))
     np.savez_compressed(os.path.join(OUT, "v3.npz"), **golden_v3())
     if args.v3_release_yaml:
-        np.savez_compressed(os.path.join(OUT, "v3_release_buffers.npz"),
-                            **golden_v3_release(args.v3_release_yaml, rows=4000))
+        np.savez_compressed(
+            os.path.join(OUT, "v3_release_buffers.npz"),
+            **golden_v3_release(args.v3_release_yaml, rows=4000),
+        )
     for name in sorted(os.listdir(OUT)):
         print(name, os.path.getsize(os.path.join(OUT, name)))
 

@@ -35,29 +35,63 @@ from omegaconf import DictConfig
 OUT_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "golden" / "v1_flow"
 
 CFM_PARAMS = {
-    "sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine",
-    "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7, "reg_loss_type": "l1",
+    "sigma_min": 1e-06,
+    "solver": "euler",
+    "t_scheduler": "cosine",
+    "training_cfg_rate": 0.2,
+    "inference_cfg_rate": 0.7,
+    "reg_loss_type": "l1",
 }
 ESTIMATOR = {
-    "in_channels": 320, "out_channels": 80, "channels": [16, 16], "dropout": 0.0,
-    "attention_head_dim": 8, "n_blocks": 1, "num_mid_blocks": 1, "num_heads": 2, "act_fn": "gelu",
+    "in_channels": 320,
+    "out_channels": 80,
+    "channels": [16, 16],
+    "dropout": 0.0,
+    "attention_head_dim": 8,
+    "n_blocks": 1,
+    "num_mid_blocks": 1,
+    "num_heads": 2,
+    "act_fn": "gelu",
 }
 CAUSAL_ESTIMATOR = {
-    "in_channels": 320, "out_channels": 80, "channels": [16], "dropout": 0.0,
-    "attention_head_dim": 8, "n_blocks": 1, "num_mid_blocks": 1, "num_heads": 2, "act_fn": "gelu",
-    "static_chunk_size": 8, "num_decoding_left_chunks": -1,
+    "in_channels": 320,
+    "out_channels": 80,
+    "channels": [16],
+    "dropout": 0.0,
+    "attention_head_dim": 8,
+    "n_blocks": 1,
+    "num_mid_blocks": 1,
+    "num_heads": 2,
+    "act_fn": "gelu",
+    "static_chunk_size": 8,
+    "num_decoding_left_chunks": -1,
 }
 ENCODER = {
-    "input_size": 32, "output_size": 32, "attention_heads": 2, "linear_units": 64, "num_blocks": 2,
-    "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "attention_dropout_rate": 0.1,
-    "normalize_before": True, "input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
-    "selfattention_layer_type": "rel_selfattn", "use_cnn_module": False, "macaron_style": False,
+    "input_size": 32,
+    "output_size": 32,
+    "attention_heads": 2,
+    "linear_units": 64,
+    "num_blocks": 2,
+    "dropout_rate": 0.1,
+    "positional_dropout_rate": 0.1,
+    "attention_dropout_rate": 0.1,
+    "normalize_before": True,
+    "input_layer": "linear",
+    "pos_enc_layer_type": "rel_pos_espnet",
+    "selfattention_layer_type": "rel_selfattn",
+    "use_cnn_module": False,
+    "macaron_style": False,
 }
 LENGTH_REGULATOR = {"channels": 80, "sampling_ratios": [1, 1, 1, 1]}
 CFM = {"in_channels": 240, "n_spks": 1, "spk_emb_dim": 80, "cfm_params": CFM_PARAMS}
 FLOW = {
-    "input_size": 32, "output_size": 80, "spk_embed_dim": 192, "output_type": "mel",
-    "vocab_size": 64, "input_frame_rate": 50, "only_mask_loss": True,
+    "input_size": 32,
+    "output_size": 80,
+    "spk_embed_dim": 192,
+    "output_type": "mel",
+    "vocab_size": 64,
+    "input_frame_rate": 50,
+    "only_mask_loss": True,
 }
 
 
@@ -85,7 +119,7 @@ def f32(t: torch.Tensor) -> np.ndarray:
 
 def estimator_inputs(generator: torch.Generator, length: int) -> dict[str, torch.Tensor]:
     mask = torch.ones(2, 1, length)
-    mask[1, :, length - 7:] = 0  # padded second row
+    mask[1, :, length - 7 :] = 0  # padded second row
     return {
         "x": torch.randn(2, 80, length, generator=generator),
         "mask": mask,
@@ -117,14 +151,19 @@ def run_causal(out_dir: Path, generator: torch.Generator) -> None:
         out_full = estimator(**inputs, streaming=False)
         out_stream = estimator(**inputs, streaming=True)
     arrays = {
-        **state_arrays(estimator), **{k: f32(v) for k, v in inputs.items()},
-        "out_full": f32(out_full), "out_stream": f32(out_stream),
+        **state_arrays(estimator),
+        **{k: f32(v) for k, v in inputs.items()},
+        "out_full": f32(out_full),
+        "out_stream": f32(out_stream),
     }
 
     # The CFM constructor reseeds the global RNG; our weights are already drawn.
     cfm = CausalConditionalCFM(
-        in_channels=CFM["in_channels"], cfm_params=DictConfig(CFM_PARAMS), n_spks=1,
-        spk_emb_dim=80, estimator=estimator,
+        in_channels=CFM["in_channels"],
+        cfm_params=DictConfig(CFM_PARAMS),
+        n_spks=1,
+        spk_emb_dim=80,
+        estimator=estimator,
     )
     cfm.eval()
     cfm_gen = torch.Generator().manual_seed(77)
@@ -137,11 +176,17 @@ def run_causal(out_dir: Path, generator: torch.Generator) -> None:
     with torch.inference_mode():
         cfm_full, _ = cfm(mu.clone(), mask, 10, spks=spks, cond=cond, streaming=False)
         cfm_stream, _ = cfm(mu.clone(), mask, 10, spks=spks, cond=cond, streaming=True)
-    arrays.update({
-        "cfm_mu": f32(mu), "cfm_spks": f32(spks), "cfm_cond": f32(cond), "cfm_mask": f32(mask),
-        "cfm_full": f32(cfm_full), "cfm_stream": f32(cfm_stream),
-        "rand_noise_head": f32(cfm.rand_noise[:, :, :64]),
-    })
+    arrays.update(
+        {
+            "cfm_mu": f32(mu),
+            "cfm_spks": f32(spks),
+            "cfm_cond": f32(cond),
+            "cfm_mask": f32(mask),
+            "cfm_full": f32(cfm_full),
+            "cfm_stream": f32(cfm_stream),
+            "rand_noise_head": f32(cfm.rand_noise[:, :, :64]),
+        }
+    )
     np.savez(out_dir / "causal_estimator.npz", **arrays)
 
 
@@ -149,11 +194,17 @@ def build_flow(estimator: ConditionalDecoder, generator: torch.Generator) -> Mas
     encoder = ConformerEncoder(**ENCODER)
     length_regulator = InterpolateRegulator(**LENGTH_REGULATOR)
     decoder = ConditionalCFM(
-        in_channels=CFM["in_channels"], cfm_params=DictConfig(CFM_PARAMS), n_spks=1,
-        spk_emb_dim=80, estimator=estimator,
+        in_channels=CFM["in_channels"],
+        cfm_params=DictConfig(CFM_PARAMS),
+        n_spks=1,
+        spk_emb_dim=80,
+        estimator=estimator,
     )
     flow = MaskedDiffWithXvec(
-        **FLOW, encoder=encoder, length_regulator=length_regulator, decoder=decoder,
+        **FLOW,
+        encoder=encoder,
+        length_regulator=length_regulator,
+        decoder=decoder,
     )
     # Randomize everything except the estimator, whose weights are already stored.
     for name, child in flow.named_children():
@@ -176,8 +227,14 @@ def run_flow(out_dir: Path, estimator: ConditionalDecoder, generator: torch.Gene
 
     cases = {}
 
-    def infer(name: str, n_tokens: int, with_prompt: bool, seed: int,
-              cache: torch.Tensor | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
+    def infer(
+        name: str,
+        n_tokens: int,
+        with_prompt: bool,
+        seed: int,
+        cache: torch.Tensor | None = None,
+        token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if token is None:
             token = torch.randint(0, vocab, (1, n_tokens), generator=generator, dtype=torch.int32)
         p_token = prompt_token if with_prompt else no_prompt_token
@@ -186,17 +243,27 @@ def run_flow(out_dir: Path, estimator: ConditionalDecoder, generator: torch.Gene
         torch.manual_seed(seed)  # the official flow draws randn_like(mu) from the global RNG
         with torch.inference_mode():
             mel, new_cache = flow.inference(
-                token=token, token_len=torch.tensor([token.shape[1]], dtype=torch.int32),
-                prompt_token=p_token, prompt_token_len=torch.tensor([p_token.shape[1]], dtype=torch.int32),
-                prompt_feat=p_feat, prompt_feat_len=torch.tensor([p_feat.shape[1]], dtype=torch.int32),
-                embedding=embedding, flow_cache=in_cache.clone(),
+                token=token,
+                token_len=torch.tensor([token.shape[1]], dtype=torch.int32),
+                prompt_token=p_token,
+                prompt_token_len=torch.tensor([p_token.shape[1]], dtype=torch.int32),
+                prompt_feat=p_feat,
+                prompt_feat_len=torch.tensor([p_feat.shape[1]], dtype=torch.int32),
+                embedding=embedding,
+                flow_cache=in_cache.clone(),
             )
-        cases.update({
-            f"{name}.token": token.numpy(), f"{name}.prompt_token": p_token.numpy(),
-            f"{name}.prompt_feat": f32(p_feat), f"{name}.embedding": f32(embedding),
-            f"{name}.cache_in": f32(in_cache), f"{name}.seed": np.array(seed, dtype=np.int64),
-            f"{name}.mel": f32(mel), f"{name}.cache_out": f32(new_cache),
-        })
+        cases.update(
+            {
+                f"{name}.token": token.numpy(),
+                f"{name}.prompt_token": p_token.numpy(),
+                f"{name}.prompt_feat": f32(p_feat),
+                f"{name}.embedding": f32(embedding),
+                f"{name}.cache_in": f32(in_cache),
+                f"{name}.seed": np.array(seed, dtype=np.int64),
+                f"{name}.mel": f32(mel),
+                f"{name}.cache_out": f32(new_cache),
+            }
+        )
         return new_cache
 
     infer("short_noprompt", 15, with_prompt=False, seed=1)
@@ -209,8 +276,14 @@ def run_flow(out_dir: Path, estimator: ConditionalDecoder, generator: torch.Gene
     first_tokens = torch.randint(0, vocab, (1, 45), generator=generator, dtype=torch.int32)
     more_tokens = torch.randint(0, vocab, (1, 30), generator=generator, dtype=torch.int32)
     cache = infer("stream_first", 45, with_prompt=True, seed=5, token=first_tokens)
-    infer("stream_second", 50, with_prompt=True, seed=6, cache=cache,
-          token=torch.cat([first_tokens[:, -20:], more_tokens], dim=1))
+    infer(
+        "stream_second",
+        50,
+        with_prompt=True,
+        seed=6,
+        cache=cache,
+        token=torch.cat([first_tokens[:, -20:], more_tokens], dim=1),
+    )
     np.savez(out_dir / "flow_cases.npz", **cases)
 
 
@@ -225,8 +298,12 @@ def main() -> None:
     run_causal(args.out, generator)
     run_flow(args.out, estimator, generator)
     config = {
-        "estimator": ESTIMATOR, "causal_estimator": CAUSAL_ESTIMATOR, "encoder": ENCODER,
-        "length_regulator": LENGTH_REGULATOR, "cfm": CFM, "flow": FLOW,
+        "estimator": ESTIMATOR,
+        "causal_estimator": CAUSAL_ESTIMATOR,
+        "encoder": ENCODER,
+        "length_regulator": LENGTH_REGULATOR,
+        "cfm": CFM,
+        "flow": FLOW,
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in sorted(args.out.iterdir()):

@@ -73,7 +73,13 @@ QWEN_CONFIG = {
 }
 
 # Qwen2's tokenizer_config.json layout (three added tokens at 151643..151645), chat template omitted.
-_ADDED = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+_ADDED = {
+    "lstrip": False,
+    "normalized": False,
+    "rstrip": False,
+    "single_word": False,
+    "special": True,
+}
 TOKENIZER_CONFIG = {
     "add_prefix_space": False,
     "added_tokens_decoder": {
@@ -93,8 +99,10 @@ TOKENIZER_CONFIG = {
     "unk_token": None,
 }
 
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 CORPUS = [
     "Hello, this is a small test of the speech synthesis system. How are you doing today?",
@@ -114,16 +122,23 @@ CORPUS = [
 
 # -- tiny BlankEN directory ---------------------------------------------------------------------
 
+
 def train_toy_bpe(workdir: Path) -> tuple[dict[str, int], Path]:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=700, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tok.train_from_iterator(CORPUS * 3, trainer=trainer)
     tok.model.save(str(workdir))
     vocab = json.loads((workdir / "vocab.json").read_text(encoding="utf-8"))
@@ -152,7 +167,8 @@ def write_blank_en() -> int:
         vocab, merges = train_toy_bpe(Path(tmp))
         (BLANK_EN / "merges.txt").write_text(merges.read_text(encoding="utf-8"), encoding="utf-8")
     (BLANK_EN / "vocab.json").write_text(
-        json.dumps(pad_vocab(vocab), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+        json.dumps(pad_vocab(vocab), ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
+    )
     (BLANK_EN / "config.json").write_text(json.dumps(QWEN_CONFIG, indent=2) + "\n")
     (BLANK_EN / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     return len(vocab)
@@ -187,14 +203,17 @@ def tokenizer_goldens() -> dict:
             "ids": ids,
             "decoded": [tok.decode(i) for i in ids],
             "vocab_size": len(tok.tokenizer),
-            "special_ids": {t: tok.tokenizer.convert_tokens_to_ids(t)
-                            for t in [tok.special_tokens["eos_token"]]
-                            + tok.special_tokens["additional_special_tokens"]},
+            "special_ids": {
+                t: tok.tokenizer.convert_tokens_to_ids(t)
+                for t in [tok.special_tokens["eos_token"]]
+                + tok.special_tokens["additional_special_tokens"]
+            },
         }
     return result
 
 
 # -- LLM goldens --------------------------------------------------------------------------------
+
 
 def build_encoder(tmp: Path) -> Qwen2Encoder:
     """The official Qwen2Encoder loads weights with from_pretrained; give it throwaway ones."""
@@ -253,7 +272,9 @@ class Recorder:
     def __call__(self, scores, decoded, sampling):
         if len(self.scores) < self.keep:
             self.scores.append(scores.detach().clone())
-        return common.ras_sampling(scores, decoded, sampling, top_p=0.8, top_k=25, win_size=10, tau_r=0.1)
+        return common.ras_sampling(
+            scores, decoded, sampling, top_p=0.8, top_k=25, win_size=10, tau_r=0.1
+        )
 
 
 def ids_tensor(ids) -> torch.Tensor:
@@ -268,13 +289,17 @@ def run_generate(lm, text, prompt_text, prompt_speech, seed) -> tuple[list[int],
     common.random_sampling = lambda *a: fallbacks.append(1) or original(*a)
     try:
         torch.manual_seed(seed)
-        tokens = list(lm.inference(
-            text=ids_tensor(text), text_len=torch.tensor([len(text)], dtype=torch.int32),
-            prompt_text=ids_tensor(prompt_text),
-            prompt_text_len=torch.tensor([len(prompt_text)], dtype=torch.int32),
-            prompt_speech_token=ids_tensor(prompt_speech),
-            prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=torch.int32),
-            embedding=torch.zeros(1, 192)))
+        tokens = list(
+            lm.inference(
+                text=ids_tensor(text),
+                text_len=torch.tensor([len(text)], dtype=torch.int32),
+                prompt_text=ids_tensor(prompt_text),
+                prompt_text_len=torch.tensor([len(prompt_text)], dtype=torch.int32),
+                prompt_speech_token=ids_tensor(prompt_speech),
+                prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=torch.int32),
+                embedding=torch.zeros(1, 192),
+            )
+        )
     finally:
         common.random_sampling = original
     return [int(t) for t in tokens], torch.stack(recorder.scores).numpy(), len(fallbacks)
@@ -287,11 +312,13 @@ def run_bistream(lm, pieces, prompt_text, prompt_speech, seed) -> tuple[list[int
     outcome = "eos"
     try:
         for t in lm.inference_bistream(
-                text=(ids_tensor(p) for p in pieces), prompt_text=ids_tensor(prompt_text),
-                prompt_text_len=torch.tensor([len(prompt_text)], dtype=torch.int32),
-                prompt_speech_token=ids_tensor(prompt_speech),
-                prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=torch.int32),
-                embedding=torch.zeros(1, 192)):
+            text=(ids_tensor(p) for p in pieces),
+            prompt_text=ids_tensor(prompt_text),
+            prompt_text_len=torch.tensor([len(prompt_text)], dtype=torch.int32),
+            prompt_speech_token=ids_tensor(prompt_speech),
+            prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=torch.int32),
+            embedding=torch.zeros(1, 192),
+        ):
             tokens.append(int(t))
             if len(tokens) > 2000:
                 outcome = "runaway"
@@ -325,12 +352,17 @@ def llm_goldens(lm, version: str, tok) -> dict[str, np.ndarray]:
         else:
             sos = lm.llm_embedding.weight[lm.sos].reshape(1, 1, -1)
             task = lm.llm_embedding.weight[lm.task_id].reshape(1, 1, -1)
-        lm_input = torch.cat([sos, lm.llm.model.model.embed_tokens(all_text), task,
-                              lm.speech_embedding(speech)], dim=1)
+        lm_input = torch.cat(
+            [sos, lm.llm.model.model.embed_tokens(all_text), task, lm.speech_embedding(speech)],
+            dim=1,
+        )
         hidden, _ = lm.llm(lm_input, torch.tensor([lm_input.shape[1]]))
         logits = lm.llm_decoder(hidden)[0]
-    cols = np.unique(np.concatenate([np.arange(0, logits.shape[1], 11),
-                                     np.arange(SPEECH_TOKEN_SIZE, logits.shape[1])]))
+    cols = np.unique(
+        np.concatenate(
+            [np.arange(0, logits.shape[1], 11), np.arange(SPEECH_TOKEN_SIZE, logits.shape[1])]
+        )
+    )
     out["tf_hidden"] = hidden[0].numpy()
     out["tf_logit_cols"] = cols
     out["tf_logits"] = logits[:, cols].numpy()
@@ -338,21 +370,36 @@ def llm_goldens(lm, version: str, tok) -> dict[str, np.ndarray]:
     # Seeded generation, zero-shot style and without any prompt.
     cases = {"zs": (text, prompt_text, prompt_speech), "noprompt": (text, [], [])}
     if version == "v3":
-        cases["noprompt"] = (tok.encode("You are a helpful assistant.<|endofprompt|>") + text, [], [])
+        cases["noprompt"] = (
+            tok.encode("You are a helpful assistant.<|endofprompt|>") + text,
+            [],
+            [],
+        )
     for case, (t, pt, ps) in cases.items():
         for seed in (0, 1):
             tokens, scores, n_fallback = run_generate(lm, t, pt, ps, seed)
             key = f"gen_{case}_seed{seed}"
             out[key + "_tokens"] = np.array(tokens, dtype=np.int64)
             out[key + "_logp"] = scores.astype(np.float32)
-            print(f"{version} {key}: {len(tokens)} tokens (min {2 * len(t)}, max {20 * len(t)}), "
-                  f"{n_fallback} RAS fallbacks")
+            print(
+                f"{version} {key}: {len(tokens)} tokens (min {2 * len(t)}, max {20 * len(t)}), "
+                f"{n_fallback} RAS fallbacks"
+            )
         if case == "noprompt":
             out["noprompt_text"] = np.array(t, dtype=np.int64)
 
     # Bistream: text arriving in pieces, with and without prompt speech.
-    pieces_text = ["收到好友", "从远方寄来的", "生日礼物，", "那份意外的惊喜", "与深深的祝福",
-                   "让我心中充满了", "甜蜜的快乐。", " Hello, how are you", " today?"]
+    pieces_text = [
+        "收到好友",
+        "从远方寄来的",
+        "生日礼物，",
+        "那份意外的惊喜",
+        "与深深的祝福",
+        "让我心中充满了",
+        "甜蜜的快乐。",
+        " Hello, how are you",
+        " today?",
+    ]
     pieces = [tok.encode(p) for p in pieces_text]
     bistream_cases = {
         "bi_zs": (pieces, prompt_text, prompt_speech),
@@ -361,7 +408,11 @@ def llm_goldens(lm, version: str, tok) -> dict[str, np.ndarray]:
     if version == "v2":
         bistream_cases["bi_noprompt"] = (pieces, [], [])
     else:
-        bistream_cases["bi_noprompt"] = (pieces, tok.encode("You are a helpful assistant.<|endofprompt|>"), [])
+        bistream_cases["bi_noprompt"] = (
+            pieces,
+            tok.encode("You are a helpful assistant.<|endofprompt|>"),
+            [],
+        )
     flat = np.concatenate([np.array(p, dtype=np.int64) for p in pieces])
     out["bi_pieces_flat"] = flat
     out["bi_pieces_lens"] = np.array([len(p) for p in pieces], dtype=np.int64)
@@ -383,16 +434,27 @@ def main() -> None:
     n_vocab = write_blank_en()
     OUT.mkdir(parents=True, exist_ok=True)
     toks = tokenizer_goldens()
-    (OUT / "tokenizer.json").write_text(json.dumps(toks, ensure_ascii=False, indent=1) + "\n",
-                                        encoding="utf-8")
-    tokenizers_by_version = {"v2": CosyVoice2Tokenizer(str(BLANK_EN)), "v3": CosyVoice3Tokenizer(str(BLANK_EN))}
+    (OUT / "tokenizer.json").write_text(
+        json.dumps(toks, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+    )
+    tokenizers_by_version = {
+        "v2": CosyVoice2Tokenizer(str(BLANK_EN)),
+        "v3": CosyVoice3Tokenizer(str(BLANK_EN)),
+    }
     sampling = partial(common.ras_sampling, top_p=0.8, top_k=25, win_size=10, tau_r=0.1)
     with tempfile.TemporaryDirectory() as tmp:
         for version, cls in (("v2", Qwen2LM), ("v3", CosyVoice3LM)):
             torch.manual_seed(0)
-            lm = cls(llm_input_size=HIDDEN, llm_output_size=HIDDEN, speech_token_size=SPEECH_TOKEN_SIZE,
-                     llm=build_encoder(Path(tmp)), sampling=sampling, length_normalized_loss=True,
-                     lsm_weight=0, mix_ratio=[5, 15]).eval()
+            lm = cls(
+                llm_input_size=HIDDEN,
+                llm_output_size=HIDDEN,
+                speech_token_size=SPEECH_TOKEN_SIZE,
+                llm=build_encoder(Path(tmp)),
+                sampling=sampling,
+                length_normalized_loss=True,
+                lsm_weight=0,
+                mix_ratio=[5, 15],
+            ).eval()
             shape_weights(lm, version, n_vocab)
             torch.save(lm.state_dict(), OUT / f"{version}_llm.pt")
             data = llm_goldens(lm, version, tokenizers_by_version[version])

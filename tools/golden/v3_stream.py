@@ -80,20 +80,41 @@ def run_stream(
     model.token_hop_len = TOKEN_HOP  # the official mutates it on the instance; reset per request
     offsets, speech = [], []
     token_offset = 0
-    pad = int(np.ceil(prompt_token.shape[1] / model.token_hop_len) * model.token_hop_len - prompt_token.shape[1])
+    pad = int(
+        np.ceil(prompt_token.shape[1] / model.token_hop_len) * model.token_hop_len
+        - prompt_token.shape[1]
+    )
     while True:
         hop = model.token_hop_len + pad if token_offset == 0 else model.token_hop_len
         if token.shape[1] - token_offset < hop + model.flow.pre_lookahead_len:
             break
         chunk = token[:, : token_offset + hop + model.flow.pre_lookahead_len]
-        out = model.token2wav(chunk, prompt_token, prompt_feat, embedding, token_offset, this_uuid,
-                              stream=True, finalize=False)
+        out = model.token2wav(
+            chunk,
+            prompt_token,
+            prompt_feat,
+            embedding,
+            token_offset,
+            this_uuid,
+            stream=True,
+            finalize=False,
+        )
         offsets.append(token_offset + hop + model.flow.pre_lookahead_len)
         speech.append(out.numpy())
         token_offset += hop
-        model.token_hop_len = min(model.token_max_hop_len, model.token_hop_len * model.stream_scale_factor)
-    out = model.token2wav(token, prompt_token, prompt_feat, embedding, token_offset, this_uuid,
-                          stream=final_stream, finalize=True)
+        model.token_hop_len = min(
+            model.token_max_hop_len, model.token_hop_len * model.stream_scale_factor
+        )
+    out = model.token2wav(
+        token,
+        prompt_token,
+        prompt_feat,
+        embedding,
+        token_offset,
+        this_uuid,
+        stream=final_stream,
+        finalize=True,
+    )
     offsets.append(token.shape[1])
     speech.append(out.numpy())
     mel = model.hift_cache_dict.pop(this_uuid)["mel"]
@@ -109,12 +130,18 @@ def main() -> None:
     prompt_token = torch.randint(0, 50, (1, PROMPT_TOKENS), generator=g)
     prompt_feat = torch.randn(1, 2 * PROMPT_TOKENS, 80, generator=g)
     embedding = torch.randn(1, 192, generator=g)
-    out: dict[str, np.ndarray] = dict(token=token.numpy(), prompt_token=prompt_token.numpy(),
-                                      prompt_feat=prompt_feat.numpy(), embedding=embedding.numpy())
-    ends, chunks, mel_chunks = run_stream(model, token, prompt_token, prompt_feat, embedding,
-                                          final_stream=True)
-    _, chunks_official_final, _ = run_stream(model, token, prompt_token, prompt_feat, embedding,
-                                          final_stream=False)
+    out: dict[str, np.ndarray] = dict(
+        token=token.numpy(),
+        prompt_token=prompt_token.numpy(),
+        prompt_feat=prompt_feat.numpy(),
+        embedding=embedding.numpy(),
+    )
+    ends, chunks, mel_chunks = run_stream(
+        model, token, prompt_token, prompt_feat, embedding, final_stream=True
+    )
+    _, chunks_official_final, _ = run_stream(
+        model, token, prompt_token, prompt_feat, embedding, final_stream=False
+    )
     out["chunk_token_end"] = np.array(ends)
     out["chunk_samples"] = np.array([c.shape[1] for c in chunks])
     out["speech"] = np.concatenate(chunks, axis=1).astype(np.float32)

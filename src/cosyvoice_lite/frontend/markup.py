@@ -18,7 +18,9 @@ BRACKET = re.compile(r"\[[^\[\]\s]{1,16}\]")
 ANGLE = re.compile(r"</?[A-Za-z_][A-Za-z_-]{0,19}>")
 
 # CosyVoice-300M-Instruct's inline tags (official README); other v1 releases ignore them harmlessly.
-V1_TAGS = frozenset({"<laughter>", "</laughter>", "<strong>", "</strong>", "[laughter]", "[breath]"})
+V1_TAGS = frozenset(
+    {"<laughter>", "</laughter>", "<strong>", "</strong>", "[laughter]", "[breath]"}
+)
 
 
 def find_markup(text: str) -> list[str]:

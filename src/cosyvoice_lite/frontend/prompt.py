@@ -42,8 +42,13 @@ class PromptFeatures:
     def aligned(self, token_mel_ratio: int) -> PromptFeatures:
         """v2/v3: truncate so that prompt mel frames = ratio x prompt tokens (official alignment)."""
         n = min(self.speech_feat.shape[1] // token_mel_ratio, self.speech_tokens.shape[1])
-        return PromptFeatures(self.speech_tokens[:, :n], self.speech_feat[:, : token_mel_ratio * n],
-                              self.embedding, self.prompt_text, self.prompt_tokens)
+        return PromptFeatures(
+            self.speech_tokens[:, :n],
+            self.speech_feat[:, : token_mel_ratio * n],
+            self.embedding,
+            self.prompt_text,
+            self.prompt_tokens,
+        )
 
 
 class PromptEncoder:
@@ -69,9 +74,17 @@ class PromptEncoder:
         # The mel is taken at the model's own rate. (The official HEAD loads every prompt at 24 kHz,
         # which for the 22.05 kHz v1 models analyses the audio at the wrong rate; we do not copy that.)
         wav_mel = to_sample_rate(wav, rate, self.mel.sampling_rate)
-        feat = mel_spectrogram(wav_mel, self.mel.n_fft, self.mel.num_mels, self.mel.sampling_rate,
-                               self.mel.hop_size, self.mel.win_size, self.mel.fmin, self.mel.fmax,
-                               self.mel.center)
+        feat = mel_spectrogram(
+            wav_mel,
+            self.mel.n_fft,
+            self.mel.num_mels,
+            self.mel.sampling_rate,
+            self.mel.hop_size,
+            self.mel.win_size,
+            self.mel.fmin,
+            self.mel.fmax,
+            self.mel.center,
+        )
         return PromptFeatures(
             speech_tokens=self.speech_tokenizer(wav16k),
             speech_feat=feat.squeeze(0).transpose(0, 1).unsqueeze(0).contiguous(),

@@ -34,13 +34,25 @@ _QWEN_SPLIT = (
 # Official `CosyVoice2Tokenizer` special tokens: eos/pad first, then additional_special_tokens.
 V2_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
-    "<|im_start|>", "<|im_end|>", "<|endofprompt|>",
-    "[breath]", "<strong>", "</strong>", "[noise]",
-    "[laughter]", "[cough]", "[clucking]", "[accent]",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endofprompt|>",
+    "[breath]",
+    "<strong>",
+    "</strong>",
+    "[noise]",
+    "[laughter]",
+    "[cough]",
+    "[clucking]",
+    "[accent]",
     "[quick_breath]",
-    "<laughter>", "</laughter>",
-    "[hissing]", "[sigh]", "[vocalized-noise]",
-    "[lipsmack]", "[mn]",
+    "<laughter>",
+    "</laughter>",
+    "[hissing]",
+    "[sigh]",
+    "[vocalized-noise]",
+    "[lipsmack]",
+    "[mn]",
 )
 
 # ARPAbet: 15 vowels with bare/0/1/2 stress variants and 24 consonants, in the official order.
@@ -69,22 +81,31 @@ V3_SPECIAL_TOKENS: tuple[str, ...] = (
     + tuple(f"[{p}]" for p in _PINYIN)
 )
 
-_VERSIONS = {"v2": V2_SPECIAL_TOKENS, "cosyvoice2": V2_SPECIAL_TOKENS,
-             "v3": V3_SPECIAL_TOKENS, "cosyvoice3": V3_SPECIAL_TOKENS}
+_VERSIONS = {
+    "v2": V2_SPECIAL_TOKENS,
+    "cosyvoice2": V2_SPECIAL_TOKENS,
+    "v3": V3_SPECIAL_TOKENS,
+    "cosyvoice3": V3_SPECIAL_TOKENS,
+}
 
 
 def _config_added_tokens(config: dict) -> list[tuple[int, AddedToken]]:
     """`added_tokens_decoder` of tokenizer_config.json as (id, AddedToken), sorted by id."""
     tokens = []
     for key, entry in (config.get("added_tokens_decoder") or {}).items():
-        tokens.append((int(key), AddedToken(
-            entry["content"],
-            single_word=entry.get("single_word", False),
-            lstrip=entry.get("lstrip", False),
-            rstrip=entry.get("rstrip", False),
-            normalized=entry.get("normalized", True),
-            special=entry.get("special", False),
-        )))
+        tokens.append(
+            (
+                int(key),
+                AddedToken(
+                    entry["content"],
+                    single_word=entry.get("single_word", False),
+                    lstrip=entry.get("lstrip", False),
+                    rstrip=entry.get("rstrip", False),
+                    normalized=entry.get("normalized", True),
+                    special=entry.get("special", False),
+                ),
+            )
+        )
     return sorted(tokens, key=lambda t: t[0])
 
 
@@ -108,9 +129,16 @@ class QwenTextTokenizer:
                 raise ModelDirError(f"missing tokenizer file {path}")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-            model = BPE.from_file(str(vocab), str(merges), dropout=None, unk_token=None,
-                                  continuing_subword_prefix="", end_of_word_suffix="",
-                                  fuse_unk=False, byte_fallback=False)
+            model = BPE.from_file(
+                str(vocab),
+                str(merges),
+                dropout=None,
+                unk_token=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+                byte_fallback=False,
+            )
             added = _config_added_tokens(config)
         except Exception as e:  # unreadable json / BPE files
             raise ModelDirError(f"cannot build the Qwen2 tokenizer from {blank_en_dir}: {e}") from e
@@ -118,11 +146,14 @@ class QwenTextTokenizer:
         tokenizer = Tokenizer(model)
         n_regular = tokenizer.get_vocab_size(with_added_tokens=False)
         tokenizer.normalizer = normalizers.NFC()
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)),
-                                     use_regex=False),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(
+                    add_prefix_space=bool(config.get("add_prefix_space", False)), use_regex=False
+                ),
+            ]
+        )
         tokenizer.decoder = decoders.ByteLevel()
         # ByteLevel post-processing only touches offsets, which are not used here.
 
@@ -132,13 +163,18 @@ class QwenTextTokenizer:
             if tokenizer.token_to_id(token.content) != token_id:
                 raise ModelDirError(
                     f"{config_path}: added token {token.content!r} should have id {token_id}, but "
-                    f"{vocab} has {n_regular} entries (the added tokens follow the regular ids)")
+                    f"{vocab} has {n_regular} entries (the added tokens follow the regular ids)"
+                )
         tokenizer.add_special_tokens(
-            [AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=True)
-             for t in _VERSIONS[version]])
+            [
+                AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=True)
+                for t in _VERSIONS[version]
+            ]
+        )
         self._tokenizer = tokenizer
         self.special_tokens: frozenset[str] = frozenset(
-            [t.content for _, t in added] + list(_VERSIONS[version]))
+            [t.content for _, t in added] + list(_VERSIONS[version])
+        )
 
     def __len__(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)

@@ -243,8 +243,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
             distance = query_pos - key_pos
             keep = distance >= 0  # causal: the official LLM passes a tril mask
             bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
-            rows.append(self._weighted_values(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                              bd.unsqueeze(0), keep))
+            rows.append(
+                self._weighted_values(
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep
+                )
+            )
         return self.linear_out(rows[0] if len(rows) == 1 else torch.cat(rows))
 
 
@@ -423,8 +426,10 @@ class _Encoder(nn.Module):
         caches = [self.new_cache() if cache is None else cache] if single else cache
         batch, chunk = xs.shape[:2]
         if len(caches) != batch or (batch > 1 and chunk != 1):
-            raise ValueError(f"{batch} rows of {chunk} positions need {batch} caches and one "
-                             f"position per row when batched; got {len(caches)} caches")
+            raise ValueError(
+                f"{batch} rows of {chunk} positions need {batch} caches and one "
+                f"position per row when batched; got {len(caches)} caches"
+            )
         xs = self.embed.out(xs) * self.embed.pos_enc.xscale
         steps = torch.arange(chunk, device=xs.device)
         pe_new = torch.stack([self.embed.pos_enc.sinusoids(c.length + steps) for c in caches])

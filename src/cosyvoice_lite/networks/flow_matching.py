@@ -40,7 +40,9 @@ MAX_STEPS = 100
 def check_steps(steps: int) -> int:
     """A valid number of Euler steps, or InvalidRequestError naming the range."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InvalidRequestError(f"flow steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        raise InvalidRequestError(
+            f"flow steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}"
+        )
     return steps
 
 
@@ -137,7 +139,9 @@ class _EulerCFM(nn.Module):
         (8 significant bits) would round away."""
         batch, channels, length = x.shape
         if batch != 1:
-            raise InvalidRequestError(f"the flow solver runs one utterance at a time, got batch {batch}")
+            raise InvalidRequestError(
+                f"the flow solver runs one utterance at a time, got batch {batch}"
+            )
         # The official buffers take the dtype of spks: the dtype the estimator's weights are in.
         dtype = spks.dtype
         x_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)

@@ -76,7 +76,11 @@ class InterpolateRegulator(nn.Module):
         out_channels = out_channels or channels
         layers: list[nn.Module] = []
         for _ in self.sampling_ratios:
-            layers += [nn.Conv1d(channels, channels, 3, 1, 1), nn.GroupNorm(groups, channels), nn.Mish()]
+            layers += [
+                nn.Conv1d(channels, channels, 3, 1, 1),
+                nn.GroupNorm(groups, channels),
+                nn.Mish(),
+            ]
         layers.append(nn.Conv1d(channels, out_channels, 1, 1))
         self.model = nn.Sequential(*layers)
 
@@ -140,7 +144,9 @@ class MaskedDiffWithXvec(nn.Module):
     ) -> None:
         super().__init__()
         if encoder is None or length_regulator is None or decoder is None:
-            raise ModelDirError("MaskedDiffWithXvec needs encoder, length_regulator and decoder modules")
+            raise ModelDirError(
+                "MaskedDiffWithXvec needs encoder, length_regulator and decoder modules"
+            )
         self.input_size = input_size
         self.output_size = output_size
         self.vocab_size = vocab_size
@@ -157,8 +163,13 @@ class MaskedDiffWithXvec(nn.Module):
     # overlap's noise and mu, mel cross-fade), as the same new_stream / stream_step contract the
     # v2 and v3 flows have
 
-    def new_stream(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
-                   embedding: torch.Tensor, generator: torch.Generator) -> FlowV1StreamState:
+    def new_stream(
+        self,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        generator: torch.Generator,
+    ) -> FlowV1StreamState:
         """Start a stream: prompt_token [1, P], prompt_feat [1, T, 80], embedding [1, 192];
         the flow noise comes from ``generator``."""
         overlap = int(_OVERLAP_TOKENS / self.input_frame_rate * _MEL_FRAMES_PER_SECOND)
@@ -166,8 +177,9 @@ class MaskedDiffWithXvec(nn.Module):
         return FlowV1StreamState(prompt_token, prompt_feat, embedding, generator, overlap, window)
 
     @torch.inference_mode()
-    def stream_step(self, state: FlowV1StreamState, token: torch.Tensor,
-                    finalize: bool = False) -> torch.Tensor:
+    def stream_step(
+        self, state: FlowV1StreamState, token: torch.Tensor, finalize: bool = False
+    ) -> torch.Tensor:
         """The mel [1, 80, m] of the next chunk of tokens [1, k] (the previous chunk's last 20
         tokens again, then new ones). Without finalize the last overlap frames are held back
         and cross-faded into the next chunk."""
@@ -176,11 +188,13 @@ class MaskedDiffWithXvec(nn.Module):
             token=token,
             token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=device),
             prompt_token=state.prompt_token,
-            prompt_token_len=torch.tensor([state.prompt_token.shape[1]], dtype=torch.int32,
-                                          device=device),
+            prompt_token_len=torch.tensor(
+                [state.prompt_token.shape[1]], dtype=torch.int32, device=device
+            ),
             prompt_feat=state.prompt_feat,
-            prompt_feat_len=torch.tensor([state.prompt_feat.shape[1]], dtype=torch.int32,
-                                         device=device),
+            prompt_feat_len=torch.tensor(
+                [state.prompt_feat.shape[1]], dtype=torch.int32, device=device
+            ),
             embedding=state.embedding,
             flow_cache=state.flow_cache,
             generator=state.generator,
@@ -213,7 +227,9 @@ class MaskedDiffWithXvec(nn.Module):
         new flow cache).
         """
         if token.shape[0] != 1:
-            raise InvalidRequestError(f"flow inference runs one utterance at a time, got batch {token.shape[0]}")
+            raise InvalidRequestError(
+                f"flow inference runs one utterance at a time, got batch {token.shape[0]}"
+            )
         if token.shape[1] == 0:
             raise InvalidRequestError("flow inference needs at least one speech token")
         if (prompt_token.shape[1] == 0) != (prompt_feat.shape[1] == 0):
@@ -243,7 +259,9 @@ class MaskedDiffWithXvec(nn.Module):
         )
 
         # the prompt mel conditions the first mel_len1 frames
-        conds = torch.zeros([1, mel_len1 + mel_len2, self.output_size], device=token.device, dtype=h.dtype)
+        conds = torch.zeros(
+            [1, mel_len1 + mel_len2, self.output_size], device=token.device, dtype=h.dtype
+        )
         conds[:, :mel_len1] = prompt_feat.to(h.dtype)
         conds = conds.transpose(1, 2)
 
@@ -259,4 +277,3 @@ class MaskedDiffWithXvec(nn.Module):
             generator=generator,
         )
         return feat[:, :, mel_len1:].float(), flow_cache
-

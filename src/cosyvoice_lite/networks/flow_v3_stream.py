@@ -96,7 +96,11 @@ class _StepCache:
         self.kv = [_KVCache(dtype, granule) for _ in range(depth)]
 
     def nbytes(self) -> int:
-        tails = sum(t.numel() * t.element_size() for t in (self.conv1_tail, self.conv2_tail) if t is not None)
+        tails = sum(
+            t.numel() * t.element_size()
+            for t in (self.conv1_tail, self.conv2_tail)
+            if t is not None
+        )
         return tails + sum(cache.nbytes() for cache in self.kv)
 
 
@@ -141,7 +145,9 @@ def check_streamable(flow: CausalMaskedDiffWithDiT) -> None:
     decoder = flow.decoder
     estimator = getattr(decoder, "estimator", None)
     if flow.pre_lookahead_layer is None or decoder is None or not isinstance(estimator, DiT):
-        raise ModelDirError("incremental streaming needs the pre-look-ahead layer and a DiT estimator")
+        raise ModelDirError(
+            "incremental streaming needs the pre-look-ahead layer and a DiT estimator"
+        )
     if not hasattr(decoder, "rand_noise"):
         raise ModelDirError("incremental streaming needs the fixed-noise CausalConditionalCFM")
     chunk = estimator.static_chunk_size
@@ -312,9 +318,7 @@ def _dit_increment(
     x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
     n = x.shape[1]
     t_emb = estimator.time_embed(t)
-    h = estimator.input_embed.proj(
-        torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1)
-    )
+    h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
     h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, cache) + h
     rope = estimator.rotary_embed.forward_from_seq_len(n, offset=start)
     residual = h

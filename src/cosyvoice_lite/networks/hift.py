@@ -40,13 +40,20 @@ from cosyvoice_lite.networks.crossfade import fade_in_out
 # ---------------------------------------------------------------------------------------------
 
 _LEGACY_SUFFIXES = ("weight_g", "weight_v")
-_PARAMETRIZATION_SUFFIXES = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+_PARAMETRIZATION_SUFFIXES = (
+    "parametrizations.weight.original0",
+    "parametrizations.weight.original1",
+)
 
 
 def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
     """`w = g * v / ||v||`, the norm taken over every dim except dim 0 (as `torch._weight_norm`
     with dim=0; for ConvTranspose1d dim 0 is in_channels)."""
-    if weight_g.dim() != weight_v.dim() or weight_g.shape[0] != weight_v.shape[0] or weight_g.numel() != weight_g.shape[0]:
+    if (
+        weight_g.dim() != weight_v.dim()
+        or weight_g.shape[0] != weight_v.shape[0]
+        or weight_g.numel() != weight_g.shape[0]
+    ):
         raise ModelDirError(
             f"weight-norm magnitude of shape {tuple(weight_g.shape)} does not fit direction of "
             f"shape {tuple(weight_v.shape)} (expected [{weight_v.shape[0]}, 1, ...])"
@@ -100,7 +107,9 @@ def load_hift_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tenso
     try:
         module.load_state_dict(cleaned, strict=True)
     except RuntimeError as exc:
-        raise ModelDirError(f"hift checkpoint does not match the vocoder built from the yaml: {exc}") from exc
+        raise ModelDirError(
+            f"hift checkpoint does not match the vocoder built from the yaml: {exc}"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +133,9 @@ class ResBlock(nn.Module):
     """HiFi-GAN residual block with Snake activations: for each dilation,
     `x = x + conv2(snake(conv1_dilated(snake(x))))`, "same" padding."""
 
-    def __init__(self, channels: int = 512, kernel_size: int = 3, dilations: Sequence[int] = (1, 3, 5)):
+    def __init__(
+        self, channels: int = 512, kernel_size: int = 3, dilations: Sequence[int] = (1, 3, 5)
+    ):
         super().__init__()
         self.convs1 = nn.ModuleList([self._make_conv(channels, kernel_size, d) for d in dilations])
         self.convs2 = nn.ModuleList([self._make_conv(channels, kernel_size, 1) for _ in dilations])
@@ -133,10 +144,14 @@ class ResBlock(nn.Module):
 
     def _make_conv(self, channels: int, kernel_size: int, dilation: int) -> nn.Module:
         padding = (kernel_size * dilation - dilation) // 2
-        return WeightNormConv1d(channels, channels, kernel_size, 1, dilation=dilation, padding=padding)
+        return WeightNormConv1d(
+            channels, channels, kernel_size, 1, dilation=dilation, padding=padding
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
+        for conv1, conv2, act1, act2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
             xt = conv2(act2(conv1(act1(x))))
             x = xt + x
         return x
@@ -150,7 +165,11 @@ class ConvRNNF0Predictor(nn.Module):
         self.num_class = num_class
         layers: list[nn.Module] = []
         for i in range(5):
-            layers.append(WeightNormConv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1))
+            layers.append(
+                WeightNormConv1d(
+                    in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1
+                )
+            )
             layers.append(nn.ELU())
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
@@ -168,7 +187,9 @@ class ConvRNNF0Predictor(nn.Module):
 def _rand(generator: torch.Generator, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """`torch.rand(shape)` drawn on the generator's device and moved to `like`'s device: a CPU
     generator gives the same numbers wherever the model runs."""
-    values = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
+    values = torch.rand(
+        tuple(shape), generator=generator, device=generator.device, dtype=like.dtype
+    )
     return values.to(like.device)
 
 
@@ -183,8 +204,14 @@ def _randn_like(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 class SineGen(nn.Module):
     """v1 sine source: harmonics with a per-harmonic random start phase, plus noise."""
 
-    def __init__(self, samp_rate: int, harmonic_num: int = 0, sine_amp: float = 0.1,
-                 noise_std: float = 0.003, voiced_threshold: float = 0):
+    def __init__(
+        self,
+        samp_rate: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        noise_std: float = 0.003,
+        voiced_threshold: float = 0,
+    ):
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = noise_std
@@ -192,7 +219,9 @@ class SineGen(nn.Module):
         self.sampling_rate = samp_rate
         self.voiced_threshold = voiced_threshold
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, f0: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """f0 [B, L, 1] at sample rate -> (sine_waves [B, L, dim], uv [B, L, 1])."""
         f0 = f0.transpose(1, 2)
         dim = self.harmonic_num + 1
@@ -216,8 +245,15 @@ class SineGen2(nn.Module):
     """v2 sine source: instantaneous phase integrated at frame rate (linear down/upsampling by
     `upsample_scale`), random start phase per harmonic, plus noise."""
 
-    def __init__(self, samp_rate: int, upsample_scale: int, harmonic_num: int = 0,
-                 sine_amp: float = 0.1, noise_std: float = 0.003, voiced_threshold: float = 0):
+    def __init__(
+        self,
+        samp_rate: int,
+        upsample_scale: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        noise_std: float = 0.003,
+        voiced_threshold: float = 0,
+    ):
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = noise_std
@@ -229,19 +265,27 @@ class SineGen2(nn.Module):
 
     def harmonic_rads(self, f0: torch.Tensor) -> torch.Tensor:
         """f0 [B, L, 1] -> per-sample phase increments in cycles [B, L, dim], wrapped to [0, 1)."""
-        harmonics = torch.arange(1, self.dim + 1, device=f0.device, dtype=f0.dtype).view(1, 1, self.dim)
+        harmonics = torch.arange(1, self.dim + 1, device=f0.device, dtype=f0.dtype).view(
+            1, 1, self.dim
+        )
         return (f0 * harmonics / self.sampling_rate) % 1
 
     def integrate_phase(self, rad_values: torch.Tensor, upsample_mode: str) -> torch.Tensor:
         """Cumulative phase computed on the frame grid and spread back to samples."""
-        rad_values = F.interpolate(rad_values.transpose(1, 2), scale_factor=1 / self.upsample_scale,
-                                   mode="linear").transpose(1, 2)
+        rad_values = F.interpolate(
+            rad_values.transpose(1, 2), scale_factor=1 / self.upsample_scale, mode="linear"
+        ).transpose(1, 2)
         phase = torch.cumsum(rad_values, dim=1) * 2 * math.pi
-        phase = F.interpolate(phase.transpose(1, 2) * self.upsample_scale,
-                              scale_factor=float(self.upsample_scale), mode=upsample_mode).transpose(1, 2)
+        phase = F.interpolate(
+            phase.transpose(1, 2) * self.upsample_scale,
+            scale_factor=float(self.upsample_scale),
+            mode=upsample_mode,
+        ).transpose(1, 2)
         return torch.sin(phase)
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, f0: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """f0 [B, L, 1] at sample rate -> (sine_waves [B, L, dim], uv [B, L, 1])."""
         rad_values = self.harmonic_rads(f0)
         rand_ini = _rand(generator, (f0.shape[0], self.dim), f0)
@@ -257,18 +301,33 @@ class SineGen2(nn.Module):
 class SourceModuleHnNSF(nn.Module):
     """Harmonic-plus-noise source: sine harmonics merged by `l_linear` + tanh."""
 
-    def __init__(self, sampling_rate: int, upsample_scale: int, harmonic_num: int = 0,
-                 sine_amp: float = 0.1, add_noise_std: float = 0.003, voiced_threshod: float = 0,
-                 sinegen_type: str = "1"):
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        add_noise_std: float = 0.003,
+        voiced_threshod: float = 0,
+        sinegen_type: str = "1",
+    ):
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = add_noise_std
         self.l_sin_gen: SineGen | SineGen2
         if sinegen_type == "1":
-            self.l_sin_gen = SineGen(sampling_rate, harmonic_num, sine_amp, add_noise_std, voiced_threshod)
+            self.l_sin_gen = SineGen(
+                sampling_rate, harmonic_num, sine_amp, add_noise_std, voiced_threshod
+            )
         else:
-            self.l_sin_gen = SineGen2(sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std,
-                                      voiced_threshod)
+            self.l_sin_gen = SineGen2(
+                sampling_rate,
+                upsample_scale,
+                harmonic_num,
+                sine_amp,
+                add_noise_std,
+                voiced_threshod,
+            )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
     def forward(self, f0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -315,12 +374,22 @@ class HiFTBase(nn.Module):
     resblocks: nn.ModuleList
     conv_post: nn.Module
 
-    def _init_common(self, in_channels: int, sampling_rate: int, istft_params: Mapping[str, int],
-                     upsample_rates: Sequence[int], resblock_kernel_sizes: Sequence[int],
-                     lrelu_slope: float, audio_limit: float) -> None:
+    def _init_common(
+        self,
+        in_channels: int,
+        sampling_rate: int,
+        istft_params: Mapping[str, int],
+        upsample_rates: Sequence[int],
+        resblock_kernel_sizes: Sequence[int],
+        lrelu_slope: float,
+        audio_limit: float,
+    ) -> None:
         self.in_channels = in_channels
         self.sampling_rate = sampling_rate
-        self.istft_params = {"n_fft": int(istft_params["n_fft"]), "hop_len": int(istft_params["hop_len"])}
+        self.istft_params = {
+            "n_fft": int(istft_params["n_fft"]),
+            "hop_len": int(istft_params["hop_len"]),
+        }
         self.upsample_rates = [int(u) for u in upsample_rates]
         self.upsample_scale = math.prod(self.upsample_rates) * self.istft_params["hop_len"]
         self.num_kernels = len(resblock_kernel_sizes)
@@ -344,7 +413,9 @@ class HiFTBase(nn.Module):
 
     def _upsample_f0(self, f0: torch.Tensor) -> torch.Tensor:
         """f0 [B, T] -> [B, T * upsample_scale, 1] (nearest, as the official `f0_upsamp`)."""
-        return F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale), mode="nearest").transpose(1, 2)
+        return F.interpolate(
+            f0[:, None], scale_factor=float(self.upsample_scale), mode="nearest"
+        ).transpose(1, 2)
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:
         """source [B, L] -> [B, n_fft + 2, frames]: real parts then imaginary parts."""
@@ -358,7 +429,9 @@ class HiFTBase(nn.Module):
         magnitude = torch.clip(magnitude, max=1e2)
         real = magnitude * torch.cos(phase)
         img = magnitude * torch.sin(phase)
-        return torch.istft(torch.complex(real, img), n_fft, hop, n_fft, window=self.stft_window.to(magnitude))
+        return torch.istft(
+            torch.complex(real, img), n_fft, hop, n_fft, window=self.stft_window.to(magnitude)
+        )
 
     def _upsample_and_fuse(self, x: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
         """conv_pre output -> last-stage features, fusing the downsampled source at each stage."""
@@ -415,37 +488,62 @@ class HiFTGenerator(HiFTBase):
     ):
         super().__init__()
         istft_params = istft_params or {"n_fft": 16, "hop_len": 4}
-        self._init_common(in_channels, sampling_rate, istft_params, upsample_rates, resblock_kernel_sizes,
-                          lrelu_slope, audio_limit)
+        self._init_common(
+            in_channels,
+            sampling_rate,
+            istft_params,
+            upsample_rates,
+            resblock_kernel_sizes,
+            lrelu_slope,
+            audio_limit,
+        )
         n_fft = self.istft_params["n_fft"]
         self.nb_harmonics = nb_harmonics
         # official quirk: the sine generator is chosen by sampling rate (SineGen only for 22.05 kHz)
         self.m_source = SourceModuleHnNSF(
-            sampling_rate=sampling_rate, upsample_scale=self.upsample_scale, harmonic_num=nb_harmonics,
-            sine_amp=nsf_alpha, add_noise_std=nsf_sigma, voiced_threshod=nsf_voiced_threshold,
+            sampling_rate=sampling_rate,
+            upsample_scale=self.upsample_scale,
+            harmonic_num=nb_harmonics,
+            sine_amp=nsf_alpha,
+            add_noise_std=nsf_sigma,
+            voiced_threshod=nsf_voiced_threshold,
             sinegen_type="1" if sampling_rate == 22050 else "2",
         )
         self.conv_pre = WeightNormConv1d(in_channels, base_channels, 7, 1, padding=3)
-        self.ups = nn.ModuleList([
-            WeightNormConvTranspose1d(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2)
-            for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True))
-        ])
+        self.ups = nn.ModuleList(
+            [
+                WeightNormConvTranspose1d(
+                    base_channels // 2**i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2
+                )
+                for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True))
+            ]
+        )
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
-        for i, (u, k, d) in enumerate(zip(_source_down_rates(self.upsample_rates), source_resblock_kernel_sizes,
-                                          source_resblock_dilation_sizes, strict=True)):
+        for i, (u, k, d) in enumerate(
+            zip(
+                _source_down_rates(self.upsample_rates),
+                source_resblock_kernel_sizes,
+                source_resblock_dilation_sizes,
+                strict=True,
+            )
+        ):
             ch = base_channels // 2 ** (i + 1)
             if u == 1:
                 self.source_downs.append(nn.Conv1d(n_fft + 2, ch, 1, 1))
             else:
                 self.source_downs.append(nn.Conv1d(n_fft + 2, ch, u * 2, u, padding=u // 2))
             self.source_resblocks.append(ResBlock(ch, k, d))
-        self.resblocks = nn.ModuleList([
-            ResBlock(base_channels // 2 ** (i + 1), k, d)
-            for i in range(len(self.ups))
-            for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True)
-        ])
-        self.conv_post = WeightNormConv1d(base_channels // 2 ** len(self.ups), n_fft + 2, 7, 1, padding=3)
+        self.resblocks = nn.ModuleList(
+            [
+                ResBlock(base_channels // 2 ** (i + 1), k, d)
+                for i in range(len(self.ups))
+                for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True)
+            ]
+        )
+        self.conv_post = WeightNormConv1d(
+            base_channels // 2 ** len(self.ups), n_fft + 2, 7, 1, padding=3
+        )
         if f0_predictor is None:
             raise ModelDirError("HiFTGenerator needs an f0_predictor module")
         self.f0_predictor = f0_predictor
@@ -458,8 +556,12 @@ class HiFTGenerator(HiFTBase):
         return torch.clamp(self._to_waveform(x), -self.audio_limit, self.audio_limit)
 
     @torch.inference_mode()
-    def inference(self, speech_feat: torch.Tensor, cache_source: torch.Tensor | None,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def inference(
+        self,
+        speech_feat: torch.Tensor,
+        cache_source: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """mel [B, 80, T] -> (speech [B, T * upsample_scale], source [B, 1, T * upsample_scale]).
 
         `cache_source` [B, 1, N] (None or empty for none) overwrites the first N source samples,
@@ -477,7 +579,6 @@ class HiFTGenerator(HiFTBase):
             s[:, :, : cache_source.shape[2]] = cache_source
         return self.decode(speech_feat, s), s
 
-
     def new_stream(self, mel_cache: int) -> CrossFadeStream:
         """Streaming state of the official v1/v2 vocoding: each chunk is vocoded with the last
         ``mel_cache`` mel frames of the previous one in front, its source overwritten by the
@@ -485,8 +586,14 @@ class HiFTGenerator(HiFTBase):
         return CrossFadeStream(mel_cache, mel_cache * self.upsample_scale)
 
     @torch.inference_mode()
-    def stream_step(self, state: CrossFadeStream, mel: torch.Tensor, generator: torch.Generator,
-                    finalize: bool, speed: float = 1.0) -> torch.Tensor:
+    def stream_step(
+        self,
+        state: CrossFadeStream,
+        mel: torch.Tensor,
+        generator: torch.Generator,
+        finalize: bool,
+        speed: float = 1.0,
+    ) -> torch.Tensor:
         """The waveform [1, N] of the next mel chunk [1, 80, T]; the last ``mel_cache`` frames'
         worth of samples are held back for the cross-fade until ``finalize``. ``speed`` (last
         chunk only, as the official) stretches the mel in time."""
@@ -497,8 +604,9 @@ class HiFTGenerator(HiFTBase):
             cache_source = torch.zeros(1, 1, 0, device=mel.device)
         if finalize and speed != 1.0:
             mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        speech, source = self.inference(speech_feat=mel, cache_source=cache_source,
-                                        generator=generator)
+        speech, source = self.inference(
+            speech_feat=mel, cache_source=cache_source, generator=generator
+        )
         if state.speech is not None:
             speech = fade_in_out(speech, state.speech, state.window)
         if not finalize:

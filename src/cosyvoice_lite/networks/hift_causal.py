@@ -48,20 +48,33 @@ class CausalConv1d(nn.Conv1d):
     'left': causal; 'right': looks `causal_padding` frames ahead. The right side may instead be
     given real frames (`context`) when more input follows (streaming)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 dilation: int = 1, causal_type: str = "left"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        causal_type: str = "left",
+    ):
         if stride != 1:
             raise ValueError("CausalConv1d supports stride 1 only")
         if causal_type not in ("left", "right"):
             raise ValueError(f"causal_type must be 'left' or 'right', got {causal_type!r}")
-        super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=dilation)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=dilation
+        )
         # official formula (equals (k - 1) * d for odd kernels)
-        self.causal_padding = int((kernel_size * dilation - dilation) / 2) * 2 + (kernel_size + 1) % 2
+        self.causal_padding = (
+            int((kernel_size * dilation - dilation) / 2) * 2 + (kernel_size + 1) % 2
+        )
         self.causal_type = causal_type
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
-            pad = (self.causal_padding, 0) if self.causal_type == "left" else (0, self.causal_padding)
+            pad = (
+                (self.causal_padding, 0) if self.causal_type == "left" else (0, self.causal_padding)
+            )
             x = F.pad(x, pad)
         elif self.causal_type == "right" and context.shape[2] == self.causal_padding:
             x = torch.cat([x, context], dim=2)
@@ -70,8 +83,12 @@ class CausalConv1d(nn.Conv1d):
                 f"look-ahead context must be {self.causal_padding} frames, got {tuple(context.shape)}"
             )
         # the weights follow the input's dtype: the f0 predictor runs in float64
-        return F.conv1d(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None,
-                        dilation=self.dilation)
+        return F.conv1d(
+            x,
+            self.weight.to(x.dtype),
+            self.bias.to(x.dtype) if self.bias is not None else None,
+            dilation=self.dilation,
+        )
 
 
 class WeightNormCausalConv1d(FoldedWeightNorm, CausalConv1d):
@@ -107,7 +124,9 @@ class CausalResBlock(ResBlock):
     """ResBlock with left-padded (causal) convolutions."""
 
     def _make_conv(self, channels: int, kernel_size: int, dilation: int) -> nn.Module:
-        return WeightNormCausalConv1d(channels, channels, kernel_size, 1, dilation=dilation, causal_type="left")
+        return WeightNormCausalConv1d(
+            channels, channels, kernel_size, 1, dilation=dilation, causal_type="left"
+        )
 
 
 class CausalConvRNNF0Predictor(nn.Module):
@@ -118,10 +137,16 @@ class CausalConvRNNF0Predictor(nn.Module):
         super().__init__()
         self.num_class = num_class
         layers: list[nn.Module] = [
-            WeightNormCausalConv1d(in_channels, cond_channels, kernel_size=4, causal_type="right"), nn.ELU()
+            WeightNormCausalConv1d(in_channels, cond_channels, kernel_size=4, causal_type="right"),
+            nn.ELU(),
         ]
         for _ in range(4):
-            layers += [WeightNormCausalConv1d(cond_channels, cond_channels, kernel_size=3, causal_type="left"), nn.ELU()]
+            layers += [
+                WeightNormCausalConv1d(
+                    cond_channels, cond_channels, kernel_size=3, causal_type="left"
+                ),
+                nn.ELU(),
+            ]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
         # float64 parameters: official checkpoints (float32 g, v) are then folded in float64,
@@ -137,7 +162,7 @@ class CausalConvRNNF0Predictor(nn.Module):
         if finalize:
             x = self.condnet[0](x)
         else:
-            x = self.condnet[0](x[:, :, : -self.look_ahead], x[:, :, -self.look_ahead:])
+            x = self.condnet[0](x[:, :, : -self.look_ahead], x[:, :, -self.look_ahead :])
         for layer in self.condnet[1:]:
             x = layer(x)
         x = x.transpose(1, 2)
@@ -232,9 +257,18 @@ class CausalSineGen2(SineGen2):
     """SineGen2 with the official causal inference path: fixed start phases, nearest phase
     upsampling and fixed uniform noise."""
 
-    def __init__(self, samp_rate: int, upsample_scale: int, harmonic_num: int = 0, sine_amp: float = 0.1,
-                 noise_std: float = 0.003, voiced_threshold: float = 0):
-        super().__init__(samp_rate, upsample_scale, harmonic_num, sine_amp, noise_std, voiced_threshold)
+    def __init__(
+        self,
+        samp_rate: int,
+        upsample_scale: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        noise_std: float = 0.003,
+        voiced_threshold: float = 0,
+    ):
+        super().__init__(
+            samp_rate, upsample_scale, harmonic_num, sine_amp, noise_std, voiced_threshold
+        )
         self.fixed: FixedSourceRandomness | None = None  # set by CausalHiFTGenerator
 
     def forward(self, f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -254,13 +288,21 @@ class CausalSourceModuleHnNSF(nn.Module):
     """Causal harmonic source: `tanh(l_linear(sine harmonics))`. The official module's noise
     branch (a fixed `uv` buffer) is unused by the generator and not reproduced."""
 
-    def __init__(self, sampling_rate: int, upsample_scale: int, harmonic_num: int = 0, sine_amp: float = 0.1,
-                 add_noise_std: float = 0.003, voiced_threshod: float = 0):
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        add_noise_std: float = 0.003,
+        voiced_threshod: float = 0,
+    ):
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = add_noise_std
-        self.l_sin_gen = CausalSineGen2(sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std,
-                                        voiced_threshod)
+        self.l_sin_gen = CausalSineGen2(
+            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
+        )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
     def forward(self, f0: torch.Tensor) -> torch.Tensor:
@@ -300,43 +342,68 @@ class CausalHiFTGenerator(HiFTBase):
     ):
         super().__init__()
         istft_params = istft_params or {"n_fft": 16, "hop_len": 4}
-        self._init_common(in_channels, sampling_rate, istft_params, upsample_rates, resblock_kernel_sizes,
-                          lrelu_slope, audio_limit)
+        self._init_common(
+            in_channels,
+            sampling_rate,
+            istft_params,
+            upsample_rates,
+            resblock_kernel_sizes,
+            lrelu_slope,
+            audio_limit,
+        )
         if sampling_rate == 22050:
             # the official code would pick the v1 SineGen, which has no causal path
-            raise ModelDirError("CausalHiFTGenerator supports the SineGen2 source only (sampling_rate != 22050)")
+            raise ModelDirError(
+                "CausalHiFTGenerator supports the SineGen2 source only (sampling_rate != 22050)"
+            )
         if f0_predictor is None:
             raise ModelDirError("CausalHiFTGenerator needs an f0_predictor module")
         n_fft = self.istft_params["n_fft"]
         self.nb_harmonics = nb_harmonics
         self.conv_pre_look_right = conv_pre_look_right
         self.m_source = CausalSourceModuleHnNSF(
-            sampling_rate=sampling_rate, upsample_scale=self.upsample_scale, harmonic_num=nb_harmonics,
-            sine_amp=nsf_alpha, add_noise_std=nsf_sigma, voiced_threshod=nsf_voiced_threshold,
+            sampling_rate=sampling_rate,
+            upsample_scale=self.upsample_scale,
+            harmonic_num=nb_harmonics,
+            sine_amp=nsf_alpha,
+            add_noise_std=nsf_sigma,
+            voiced_threshod=nsf_voiced_threshold,
         )
-        self.conv_pre = WeightNormCausalConv1d(in_channels, base_channels, conv_pre_look_right + 1, 1,
-                                               causal_type="right")
-        self.ups = nn.ModuleList([
-            CausalConv1dUpsample(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u)
-            for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True))
-        ])
+        self.conv_pre = WeightNormCausalConv1d(
+            in_channels, base_channels, conv_pre_look_right + 1, 1, causal_type="right"
+        )
+        self.ups = nn.ModuleList(
+            [
+                CausalConv1dUpsample(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u)
+                for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True))
+            ]
+        )
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
-        for i, (u, k, d) in enumerate(zip(_source_down_rates(self.upsample_rates), source_resblock_kernel_sizes,
-                                          source_resblock_dilation_sizes, strict=True)):
+        for i, (u, k, d) in enumerate(
+            zip(
+                _source_down_rates(self.upsample_rates),
+                source_resblock_kernel_sizes,
+                source_resblock_dilation_sizes,
+                strict=True,
+            )
+        ):
             ch = base_channels // 2 ** (i + 1)
             if u == 1:
                 self.source_downs.append(CausalConv1d(n_fft + 2, ch, 1, 1, causal_type="left"))
             else:
                 self.source_downs.append(CausalConv1dDownSample(n_fft + 2, ch, u * 2, u))
             self.source_resblocks.append(CausalResBlock(ch, k, d))
-        self.resblocks = nn.ModuleList([
-            CausalResBlock(base_channels // 2 ** (i + 1), k, d)
-            for i in range(len(self.ups))
-            for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True)
-        ])
-        self.conv_post = WeightNormCausalConv1d(base_channels // 2 ** len(self.ups), n_fft + 2, 7, 1,
-                                                causal_type="left")
+        self.resblocks = nn.ModuleList(
+            [
+                CausalResBlock(base_channels // 2 ** (i + 1), k, d)
+                for i in range(len(self.ups))
+                for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True)
+            ]
+        )
+        self.conv_post = WeightNormCausalConv1d(
+            base_channels // 2 ** len(self.ups), n_fft + 2, 7, 1, causal_type="left"
+        )
         self.f0_predictor = f0_predictor
         # the fixed buffers depend on the f0 predictor's init draws, hence its parameter shapes
         self.m_source.l_sin_gen.fixed = FixedSourceRandomness(
@@ -362,7 +429,9 @@ class CausalHiFTGenerator(HiFTBase):
         return torch.clamp(x, -self.audio_limit, self.audio_limit)
 
     @torch.inference_mode()
-    def inference(self, speech_feat: torch.Tensor, finalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def inference(
+        self, speech_feat: torch.Tensor, finalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """mel [B, 80, T] -> (speech [B, samples], source [B, 1, L]).
 
         finalize=True: samples = T * upsample_scale. finalize=False (more mel follows): the last
@@ -381,7 +450,8 @@ class CausalHiFTGenerator(HiFTBase):
         """Per-request state of an incremental vocoder stream."""
         return hift_causal_stream.new_stream(self)
 
-    def stream_step(self, state: hift_causal_stream.HiFTStreamState, mel: torch.Tensor,
-                    finalize: bool = False) -> torch.Tensor:
+    def stream_step(
+        self, state: hift_causal_stream.HiFTStreamState, mel: torch.Tensor, finalize: bool = False
+    ) -> torch.Tensor:
         """Append mel [1, 80, m]; returns the new samples [1, n] (see hift_causal_stream)."""
         return hift_causal_stream.stream_step(self, state, mel, finalize)

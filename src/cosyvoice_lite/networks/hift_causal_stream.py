@@ -65,7 +65,10 @@ def _causal_extent(module: nn.Module) -> int:
 
 def _resblock_extent(block: nn.Module) -> int:
     """How far back a CausalResBlock reads: its convs run one after another."""
-    return sum(_causal_extent(c1) + _causal_extent(c2) for c1, c2 in zip(block.convs1, block.convs2, strict=True))
+    return sum(
+        _causal_extent(c1) + _causal_extent(c2)
+        for c1, c2 in zip(block.convs1, block.convs2, strict=True)
+    )
 
 
 def f0_left_context_frames(hift: CausalHiFTGenerator) -> int:
@@ -98,7 +101,8 @@ def decoder_left_context_samples(hift: CausalHiFTGenerator) -> int:
         source_first += _resblock_extent(hift.source_resblocks[i])
         first = max(first, source_first)
         first += max(
-            _resblock_extent(hift.resblocks[i * hift.num_kernels + j]) for j in range(hift.num_kernels)
+            _resblock_extent(hift.resblocks[i * hift.num_kernels + j])
+            for j in range(hift.num_kernels)
         )
     first += _causal_extent(hift.conv_post)
     # iSTFT output sample n (after the centre trim) gets frames g with hop*g <= n + n_fft/2 <=
@@ -188,7 +192,9 @@ def stream_step(
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _update_f0(hift: CausalHiFTGenerator, state: HiFTStreamState, f0_end: int, finalize: bool) -> None:
+def _update_f0(
+    hift: CausalHiFTGenerator, state: HiFTStreamState, f0_end: int, finalize: bool
+) -> None:
     """Computes the f0 of frames f0_done .. f0_end - 1 (each frame once, with its context)."""
     if f0_end <= state.f0_done or state.mel is None:
         return
@@ -219,12 +225,20 @@ def _source(
     rad_values = sine_gen.harmonic_rads(f0)
     if start == 0 and sine_gen.fixed is not None:
         rad_values[:, 0, :] = rad_values[:, 0, :] + sine_gen.fixed.rand_ini().to(rad_values)
-    rad_values = F.interpolate(rad_values.transpose(1, 2), scale_factor=1 / scale, mode="linear").transpose(1, 2)
-    carried = state.phase if state.phase is not None else rad_values.new_zeros(1, 1, rad_values.shape[2])
+    rad_values = F.interpolate(
+        rad_values.transpose(1, 2), scale_factor=1 / scale, mode="linear"
+    ).transpose(1, 2)
+    carried = (
+        state.phase if state.phase is not None else rad_values.new_zeros(1, 1, rad_values.shape[2])
+    )
     # sequential float64 accumulation, as the official float32 CPU cumsum does internally
-    phases = torch.cumsum(torch.cat([carried.to(torch.float64), rad_values.to(torch.float64)], dim=1), dim=1)
+    phases = torch.cumsum(
+        torch.cat([carried.to(torch.float64), rad_values.to(torch.float64)], dim=1), dim=1
+    )
     phase = phases[:, 1:].to(rad_values.dtype) * 2 * math.pi
-    phase = F.interpolate(phase.transpose(1, 2) * scale, scale_factor=float(scale), mode="nearest").transpose(1, 2)
+    phase = F.interpolate(
+        phase.transpose(1, 2) * scale, scale_factor=float(scale), mode="nearest"
+    ).transpose(1, 2)
     sine_waves = torch.sin(phase) * sine_gen.sine_amp
     uv = (f0 > sine_gen.voiced_threshold).to(f0.dtype)
     noise_amp = uv * sine_gen.noise_std + (1 - uv) * sine_gen.sine_amp / 3

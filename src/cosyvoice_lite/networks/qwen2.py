@@ -130,8 +130,9 @@ class Qwen2RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (len(positions), head_dim) of the default (unscaled) RoPE, computed in float32.
 
     Computed per call instead of held in a buffer, so that casting the model to half precision
@@ -167,8 +168,15 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_inner, bias=True)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                caches: list[KVCache], layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: list[KVCache],
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -182,7 +190,9 @@ class Qwen2Attention(nn.Module):
         for row, cache in enumerate(caches):
             keys, values = cache.write(layer, k[row], v[row])
             q_row = q[row : row + 1].reshape(1, self.num_kv_heads, group * n, self.head_dim)
-            rows.append(F.scaled_dot_product_attention(q_row, keys[None], values[None], attn_mask=mask))
+            rows.append(
+                F.scaled_dot_product_attention(q_row, keys[None], values[None], attn_mask=mask)
+            )
         out = rows[0] if b == 1 else torch.cat(rows)
         out = out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim))
@@ -207,8 +217,15 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                caches: list[KVCache], layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: list[KVCache],
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -220,14 +237,17 @@ class Qwen2Model(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
         self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
 
-    def forward(self, inputs_embeds: torch.Tensor,
-                cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
+    def forward(
+        self, inputs_embeds: torch.Tensor, cache: Caches = None
+    ) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         """Causal forward of `inputs_embeds` (batch, time, hidden) after what the caches hold.
 
         Returns the final-norm hidden states (transformers' `hidden_states[-1]`) and the cache(s),
@@ -238,17 +258,22 @@ class Qwen2Model(nn.Module):
         caches = [self.new_cache() if cache is None else cache] if single else cache
         b, n = inputs_embeds.shape[:2]
         if len(caches) != b or (b > 1 and n != 1):
-            raise ValueError(f"{b} rows of {n} positions need {b} caches and one position per row "
-                             f"when batched; got {len(caches)} caches")
+            raise ValueError(
+                f"{b} rows of {n} positions need {b} caches and one position per row "
+                f"when batched; got {len(caches)} caches"
+            )
         device = inputs_embeds.device
         past = torch.tensor([c.length for c in caches], device=device)
         positions = past[:, None] + torch.arange(n, device=device)  # (batch, time)
-        cos, sin = rotary_cos_sin(positions.reshape(-1), self.config.head_dim,
-                                  self.config.rope_theta, inputs_embeds.dtype)
+        cos, sin = rotary_cos_sin(
+            positions.reshape(-1), self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+        )
         cos, sin = cos.view(b, 1, n, -1), sin.view(b, 1, n, -1)  # broadcast over heads
         group = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = None
-        if n > 1:  # a single new position sees the whole cache; otherwise causal, repeated per group
+        if (
+            n > 1
+        ):  # a single new position sees the whole cache; otherwise causal, repeated per group
             keys = torch.arange(caches[0].length + n, device=device)
             mask = (keys[None, :] <= positions[0][:, None]).repeat(group, 1)
         x = inputs_embeds
@@ -269,8 +294,9 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, inputs_embeds: torch.Tensor,
-                cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
+    def forward(
+        self, inputs_embeds: torch.Tensor, cache: Caches = None
+    ) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         return self.model(inputs_embeds, cache)
 
 
@@ -278,12 +304,15 @@ class Qwen2Encoder(nn.Module):
     """The official `cosyvoice.llm.llm.Qwen2Encoder`: built from `<pretrain_path>/config.json`
     (the yaml's `pretrain_path`, i.e. `<model_dir>/CosyVoice-BlankEN`), weights from `llm.pt`."""
 
-    def __init__(self, pretrain_path: str | os.PathLike[str] | None = None,
-                 config: Qwen2Config | None = None) -> None:
+    def __init__(
+        self, pretrain_path: str | os.PathLike[str] | None = None, config: Qwen2Config | None = None
+    ) -> None:
         super().__init__()
         if config is None:
             if pretrain_path is None:
-                raise ModelDirError("Qwen2Encoder needs pretrain_path (the CosyVoice-BlankEN dir) or a config")
+                raise ModelDirError(
+                    "Qwen2Encoder needs pretrain_path (the CosyVoice-BlankEN dir) or a config"
+                )
             config = Qwen2Config.from_json(Path(pretrain_path) / "config.json")
         self.config = config
         self.model = Qwen2ForCausalLM(config)
@@ -295,12 +324,14 @@ class Qwen2Encoder(nn.Module):
     def new_cache(self) -> KVCache:
         return self.model.model.new_cache()
 
-    def forward_one_step(self, xs: torch.Tensor,
-                         cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
+    def forward_one_step(
+        self, xs: torch.Tensor, cache: Caches = None
+    ) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         """Feed `xs` (batch, time, hidden) after the cached positions; returns the post-norm
         hidden states of the new positions and the (extended) cache(s)."""
         return self.model(xs, cache)
 
-    def forward(self, xs: torch.Tensor,
-                cache: Caches = None) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
+    def forward(
+        self, xs: torch.Tensor, cache: Caches = None
+    ) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
         return self.model(xs, cache)

@@ -99,8 +99,13 @@ class Qwen2LM(nn.Module):
         """The input (1, 1, D) that feeds a decoded speech token back."""
         return self.speech_embedding.weight[token].reshape(1, 1, -1)
 
-    def prefix(self, text: TokenIds, prompt_text: TokenIds, prompt_speech_token: TokenIds,
-               embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def prefix(
+        self,
+        text: TokenIds,
+        prompt_text: TokenIds,
+        prompt_speech_token: TokenIds,
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`[sos, embed(prompt_text + text), task_id, speech_emb(prompt_speech)]`, (1, T, D).
         The x-vector (`embedding`) is not an input of these LLMs."""
         all_text = torch.cat([self.ids(prompt_text), self.ids(text)], dim=1)
@@ -108,8 +113,15 @@ class Qwen2LM(nn.Module):
         return self._layout(all_text, self.ids(prompt_speech_token))
 
     def _layout(self, all_text: torch.Tensor, speech: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.sos_input(), self.embed_text(all_text), self.task_input(),
-                          self.embed_speech(speech)], dim=1)
+        return torch.cat(
+            [
+                self.sos_input(),
+                self.embed_text(all_text),
+                self.task_input(),
+                self.embed_speech(speech),
+            ],
+            dim=1,
+        )
 
     # -- compute -----------------------------------------------------------------------------
 
@@ -190,4 +202,5 @@ class CosyVoice3LM(Qwen2LM):
         if not bool((text == self.END_OF_PROMPT_ID).any()):
             raise InvalidRequestError(
                 f"CosyVoice3 needs <|endofprompt|> (token {self.END_OF_PROMPT_ID}) in the {what}, "
-                "e.g. a prompt text that starts with 'You are a helpful assistant.<|endofprompt|>'")
+                "e.g. a prompt text that starts with 'You are a helpful assistant.<|endofprompt|>'"
+            )

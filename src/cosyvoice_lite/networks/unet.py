@@ -166,12 +166,23 @@ class CausalConv1d(nn.Conv1d):
     """Conv1d left-padded with kernel_size - 1 zeros, so frame t sees only frames <= t."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
-        groups: int = 1, bias: bool = True,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=dilation,
-            groups=groups, bias=bias,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=1,
+            padding=0,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
         )
         # The official module pads kernel_size - 1 regardless of dilation (dilation is always 1).
         self.causal_padding = kernel_size - 1
@@ -267,11 +278,13 @@ class FeedForward(nn.Module):
                 f"expected one of {sorted(_GELU_APPROXIMATION)}"
             )
         inner_dim = int(dim * mult)
-        self.net = nn.ModuleList([
-            GELU(dim, inner_dim, approximate=_GELU_APPROXIMATION[activation_fn]),
-            nn.Identity(),
-            nn.Linear(inner_dim, dim),
-        ])
+        self.net = nn.ModuleList(
+            [
+                GELU(dim, inner_dim, approximate=_GELU_APPROXIMATION[activation_fn]),
+                nn.Identity(),
+                nn.Linear(inner_dim, dim),
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.net:
@@ -283,8 +296,12 @@ class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention + feed-forward (keys `norm1`, `attn1`, `norm3`, `ff`)."""
 
     def __init__(
-        self, dim: int, num_attention_heads: int, attention_head_dim: int,
-        dropout: float = 0.0, activation_fn: str = "gelu",
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        dropout: float = 0.0,
+        activation_fn: str = "gelu",
     ) -> None:
         super().__init__()
         del dropout  # inference only
@@ -334,10 +351,12 @@ class ConditionalDecoder(nn.Module):
         self.time_mlp = TimestepEmbedding(in_channels, time_embed_dim, act_fn="silu")
 
         def transformer_stack(dim: int) -> nn.ModuleList:
-            return nn.ModuleList([
-                BasicTransformerBlock(dim, num_heads, attention_head_dim, dropout, act_fn)
-                for _ in range(n_blocks)
-            ])
+            return nn.ModuleList(
+                [
+                    BasicTransformerBlock(dim, num_heads, attention_head_dim, dropout, act_fn)
+                    for _ in range(n_blocks)
+                ]
+            )
 
         def same_length_conv(dim: int) -> nn.Module:
             if self.causal:
@@ -349,18 +368,28 @@ class ConditionalDecoder(nn.Module):
         for i, channel in enumerate(channels):
             input_channel, output_channel = output_channel, channel
             is_last = i == len(channels) - 1
-            self.down_blocks.append(nn.ModuleList([
-                resnet_cls(input_channel, output_channel, time_embed_dim),
-                transformer_stack(output_channel),
-                same_length_conv(output_channel) if is_last else Downsample1D(output_channel),
-            ]))
+            self.down_blocks.append(
+                nn.ModuleList(
+                    [
+                        resnet_cls(input_channel, output_channel, time_embed_dim),
+                        transformer_stack(output_channel),
+                        same_length_conv(output_channel)
+                        if is_last
+                        else Downsample1D(output_channel),
+                    ]
+                )
+            )
 
         self.mid_blocks = nn.ModuleList()
         for _ in range(num_mid_blocks):
-            self.mid_blocks.append(nn.ModuleList([
-                resnet_cls(channels[-1], output_channel, time_embed_dim),
-                transformer_stack(output_channel),
-            ]))
+            self.mid_blocks.append(
+                nn.ModuleList(
+                    [
+                        resnet_cls(channels[-1], output_channel, time_embed_dim),
+                        transformer_stack(output_channel),
+                    ]
+                )
+            )
 
         up_channels = channels[::-1] + (channels[0],)
         self.up_blocks = nn.ModuleList()
@@ -368,21 +397,30 @@ class ConditionalDecoder(nn.Module):
             input_channel = up_channels[i] * 2
             output_channel = up_channels[i + 1]
             is_last = i == len(up_channels) - 2
-            self.up_blocks.append(nn.ModuleList([
-                resnet_cls(input_channel, output_channel, time_embed_dim),
-                transformer_stack(output_channel),
-                same_length_conv(output_channel) if is_last else Upsample1D(output_channel),
-            ]))
+            self.up_blocks.append(
+                nn.ModuleList(
+                    [
+                        resnet_cls(input_channel, output_channel, time_embed_dim),
+                        transformer_stack(output_channel),
+                        same_length_conv(output_channel) if is_last else Upsample1D(output_channel),
+                    ]
+                )
+            )
 
         final_channel = up_channels[-1]
         self.final_block = (
-            CausalBlock1D(final_channel, final_channel) if self.causal
+            CausalBlock1D(final_channel, final_channel)
+            if self.causal
             else Block1D(final_channel, final_channel)
         )
         self.final_proj = nn.Conv1d(final_channel, out_channels, 1)
 
     def _transformers(
-        self, x: torch.Tensor, mask: torch.Tensor, blocks: nn.ModuleList, streaming: bool,
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        blocks: nn.ModuleList,
+        streaming: bool,
     ) -> torch.Tensor:
         chunk_size = self.static_chunk_size if streaming else 0
         bias = attention_bias(mask, chunk_size, x.dtype)
@@ -469,8 +507,15 @@ class CausalConditionalDecoder(ConditionalDecoder):
         num_decoding_left_chunks: int = 2,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, channels, dropout, attention_head_dim, n_blocks,
-            num_mid_blocks, num_heads, act_fn,
+            in_channels,
+            out_channels,
+            channels,
+            dropout,
+            attention_head_dim,
+            n_blocks,
+            num_mid_blocks,
+            num_heads,
+            act_fn,
         )
         self.static_chunk_size = static_chunk_size
         self.num_decoding_left_chunks = num_decoding_left_chunks

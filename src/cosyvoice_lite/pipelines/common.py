@@ -44,10 +44,23 @@ def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Tas
     if inputs.source_speech_token is not None:
         return given_tokens_task(inputs.source_speech_token)
     if not isinstance(inputs.text, torch.Tensor):
-        return bistream_task(lm, TextSource(inputs.text), inputs.prompt_text,
-                             inputs.llm_prompt_speech_token, sampler, policy)
-    return speech_token_task(lm, inputs.text, inputs.prompt_text, inputs.llm_prompt_speech_token,
-                             inputs.llm_embedding, sampler, policy)
+        return bistream_task(
+            lm,
+            TextSource(inputs.text),
+            inputs.prompt_text,
+            inputs.llm_prompt_speech_token,
+            sampler,
+            policy,
+        )
+    return speech_token_task(
+        lm,
+        inputs.text,
+        inputs.prompt_text,
+        inputs.llm_prompt_speech_token,
+        inputs.llm_embedding,
+        sampler,
+        policy,
+    )
 
 
 def run_task_alone(lm, task: Task, compute: Callable[[], AbstractContextManager]) -> Iterator[int]:

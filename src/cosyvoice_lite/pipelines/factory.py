@@ -30,7 +30,9 @@ def text_tokenizer(model: ModelDir):
     return QwenTextTokenizer(model.path / "CosyVoice-BlankEN", model.config.tokenizer.version)
 
 
-def load_network(model: ModelDir, part: str, filename: str, placement: Placement) -> torch.nn.Module:
+def load_network(
+    model: ModelDir, part: str, filename: str, placement: Placement
+) -> torch.nn.Module:
     """Build one network from the yaml and load its checkpoint strictly."""
     spec = getattr(model.config, part)
     network = build_network(spec)
@@ -52,8 +54,12 @@ def compute_context(placement: Placement):
     return contextlib.nullcontext()
 
 
-def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = "llm.pt",
-                   flow_steps: int = OFFICIAL_STEPS):
+def build_pipeline(
+    model: ModelDir,
+    placement: Placement,
+    llm_checkpoint: str = "llm.pt",
+    flow_steps: int = OFFICIAL_STEPS,
+):
     llm = load_network(model, "llm", llm_checkpoint, placement)
     flow = load_network(model, "flow", "flow.pt", placement)
     flow.decoder.set_steps(flow_steps)  # Euler steps: a quality/speed trade-off, official 10
@@ -61,9 +67,16 @@ def build_pipeline(model: ModelDir, placement: Placement, llm_checkpoint: str = 
     if spec(model.version).pipeline == "v1":
         from .v1 import V1Pipeline
 
-        return V1Pipeline(llm, flow, hift, model.config.token_frame_rate, model.config.sample_rate,
-                          lambda: compute_context(placement))
+        return V1Pipeline(
+            llm,
+            flow,
+            hift,
+            model.config.token_frame_rate,
+            model.config.sample_rate,
+            lambda: compute_context(placement),
+        )
     from .v2 import V2Pipeline
 
-    return V2Pipeline(llm, flow, hift, model.config.sample_rate, lambda: compute_context(placement),
-                      model.version)
+    return V2Pipeline(
+        llm, flow, hift, model.config.sample_rate, lambda: compute_context(placement), model.version
+    )

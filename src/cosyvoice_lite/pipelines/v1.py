@@ -23,13 +23,22 @@ class V1Segment:
     """One segment's tokens -> waveform: the official chunking (a fixed hop plus 20 overlap tokens
     when streaming; everything at the end otherwise)."""
 
-    def __init__(self, pipeline: V1Pipeline, inputs: ModelInputs, generator: torch.Generator,
-                 stream: bool, speed: float) -> None:
+    def __init__(
+        self,
+        pipeline: V1Pipeline,
+        inputs: ModelInputs,
+        generator: torch.Generator,
+        stream: bool,
+        speed: float,
+    ) -> None:
         self.pipeline, self.generator = pipeline, generator
         self.stream, self.speed = stream, speed
-        self.flow = pipeline.flow.new_stream(inputs.flow_prompt_speech_token,
-                                             inputs.prompt_speech_feat, inputs.flow_embedding,
-                                             generator)
+        self.flow = pipeline.flow.new_stream(
+            inputs.flow_prompt_speech_token,
+            inputs.prompt_speech_feat,
+            inputs.flow_embedding,
+            generator,
+        )
         self.vocoder = pipeline.hift.new_stream(MEL_CACHE)
         self.pending: list[int] = []
 
@@ -53,16 +62,23 @@ class V1Segment:
         token = torch.tensor([tokens], dtype=torch.int32, device=pipeline.device)
         with pipeline.compute():
             mel = pipeline.flow.stream_step(self.flow, token, finalize=finalize)
-        return pipeline.hift.stream_step(self.vocoder, mel, self.generator, finalize,
-                                         self.speed if finalize else 1.0)
+        return pipeline.hift.stream_step(
+            self.vocoder, mel, self.generator, finalize, self.speed if finalize else 1.0
+        )
 
 
 class V1Pipeline:
     """LLM tokens -> flow mel -> HiFT waveform for CosyVoice-300M models."""
 
-    def __init__(self, llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Module,
-                 frame_rate: int, sample_rate: int,
-                 compute: Callable[[], AbstractContextManager]) -> None:
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        flow: torch.nn.Module,
+        hift: torch.nn.Module,
+        frame_rate: int,
+        sample_rate: int,
+        compute: Callable[[], AbstractContextManager],
+    ) -> None:
         self.llm, self.flow, self.hift = llm, flow, hift
         self.sample_rate = sample_rate
         self.compute = compute  # makes the autocast context for the LLM and flow (no-op in fp32)
@@ -76,18 +92,26 @@ class V1Pipeline:
         """The decoding task of one segment (the engine loop steps it with other requests')."""
         return decoding_task(self.llm, inputs, sampler, policy)
 
-    def speech_tokens(self, inputs: ModelInputs, sampler,
-                      policy: LengthPolicy = OFFICIAL_LENGTHS) -> Iterator[int]:
+    def speech_tokens(
+        self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
+    ) -> Iterator[int]:
         """One segment's speech tokens, decoded alone (a batch of one)."""
         return run_task_alone(self.llm, self.task(inputs, sampler, policy), self.compute)
 
-    def start(self, inputs: ModelInputs, generator: torch.Generator, stream: bool,
-              speed: float = 1.0) -> V1Segment:
+    def start(
+        self, inputs: ModelInputs, generator: torch.Generator, stream: bool, speed: float = 1.0
+    ) -> V1Segment:
         """The token -> waveform state of one segment; push tokens in, pieces come out."""
         return V1Segment(self, inputs, generator, stream, speed)
 
-    def synthesize(self, inputs: ModelInputs, sampler, generator: torch.Generator,
-                   stream: bool, speed: float = 1.0) -> Iterator[torch.Tensor]:
+    def synthesize(
+        self,
+        inputs: ModelInputs,
+        sampler,
+        generator: torch.Generator,
+        stream: bool,
+        speed: float = 1.0,
+    ) -> Iterator[torch.Tensor]:
         """Waveform pieces [1, N] of one segment, computed alone."""
         segment = self.start(inputs, generator, stream, speed)
         for token in self.speech_tokens(inputs, sampler):

@@ -40,8 +40,14 @@ class _Stream:
 class V2Segment:
     """One segment's tokens -> waveform with the official v2/v3 chunking, per-request state."""
 
-    def __init__(self, pipeline: V2Pipeline, inputs: ModelInputs, generator: torch.Generator,
-                 stream: bool, speed: float) -> None:
+    def __init__(
+        self,
+        pipeline: V2Pipeline,
+        inputs: ModelInputs,
+        generator: torch.Generator,
+        stream: bool,
+        speed: float,
+    ) -> None:
         self.pipeline, self.inputs, self.generator = pipeline, inputs, generator
         self.stream, self.speed = stream, speed
         self.state = _Stream()
@@ -59,11 +65,14 @@ class V2Segment:
             return None
         end = state.offset + hop + pipeline.lookahead
         if self.flow_stream is not None:  # only the new chunk is computed
-            mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed : end], finalize=False)
+            mel = pipeline._flow_step(
+                self.flow_stream, state.tokens[self.pushed : end], finalize=False
+            )
             self.pushed = end
         else:  # reference path: re-run the flow over everything, as the official does
-            mel = pipeline._flow(state, self.inputs, state.tokens[:end], streaming=True,
-                                 finalize=False)
+            mel = pipeline._flow(
+                state, self.inputs, state.tokens[:end], streaming=True, finalize=False
+            )
         state.offset += hop
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
         return pipeline._vocode(state, mel, self.generator, finalize=False)
@@ -83,9 +92,15 @@ class V2Segment:
 class V2Pipeline:
     """LLM -> causal flow -> HiFT for CosyVoice2 (``causal_vocoder=False``) and CosyVoice3."""
 
-    def __init__(self, llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Module,
-                 sample_rate: int, compute: Callable[[], AbstractContextManager],
-                 version: int) -> None:
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        flow: torch.nn.Module,
+        hift: torch.nn.Module,
+        sample_rate: int,
+        compute: Callable[[], AbstractContextManager],
+        version: int,
+    ) -> None:
         self.llm, self.flow, self.hift = llm, flow, hift
         self.sample_rate = sample_rate
         self.compute = compute
@@ -106,19 +121,27 @@ class V2Pipeline:
             task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
 
-    def speech_tokens(self, inputs: ModelInputs, sampler,
-                      policy: LengthPolicy = OFFICIAL_LENGTHS) -> Iterator[int]:
+    def speech_tokens(
+        self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
+    ) -> Iterator[int]:
         """One segment's speech tokens, decoded alone (a batch of one)."""
         return run_task_alone(self.llm, self.task(inputs, sampler, policy), self.compute)
 
     # ------------------------------------------------------------------ synthesis
-    def start(self, inputs: ModelInputs, generator: torch.Generator, stream: bool,
-              speed: float = 1.0) -> V2Segment:
+    def start(
+        self, inputs: ModelInputs, generator: torch.Generator, stream: bool, speed: float = 1.0
+    ) -> V2Segment:
         """The token -> waveform state of one segment; push tokens in, pieces come out."""
         return V2Segment(self, inputs, generator, stream, speed)
 
-    def synthesize(self, inputs: ModelInputs, sampler, generator: torch.Generator,
-                   stream: bool, speed: float = 1.0) -> Iterator[torch.Tensor]:
+    def synthesize(
+        self,
+        inputs: ModelInputs,
+        sampler,
+        generator: torch.Generator,
+        stream: bool,
+        speed: float = 1.0,
+    ) -> Iterator[torch.Tensor]:
         """Waveform pieces [1, N] of one segment, computed alone."""
         segment = self.start(inputs, generator, stream, speed)
         for token in self.speech_tokens(inputs, sampler):
@@ -131,8 +154,9 @@ class V2Pipeline:
         if not hasattr(self.flow, "new_stream"):
             return None
         with torch.inference_mode(), self.compute():
-            return self.flow.new_stream(inputs.flow_prompt_speech_token, inputs.prompt_speech_feat,
-                                        inputs.flow_embedding)
+            return self.flow.new_stream(
+                inputs.flow_prompt_speech_token, inputs.prompt_speech_feat, inputs.flow_embedding
+            )
 
     @torch.inference_mode()
     def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:
@@ -141,8 +165,14 @@ class V2Pipeline:
             return self.flow.stream_step(flow_stream, token, finalize=finalize).float()
 
     @torch.inference_mode()
-    def _flow(self, state: _Stream, inputs: ModelInputs, tokens: list[int], streaming: bool,
-              finalize: bool) -> torch.Tensor:
+    def _flow(
+        self,
+        state: _Stream,
+        inputs: ModelInputs,
+        tokens: list[int],
+        streaming: bool,
+        finalize: bool,
+    ) -> torch.Tensor:
         device = self.device
         token = torch.tensor([tokens], dtype=torch.int32, device=device).reshape(1, -1)
         prompt_token = inputs.flow_prompt_speech_token
@@ -151,27 +181,37 @@ class V2Pipeline:
                 token=token,
                 token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=device),
                 prompt_token=prompt_token,
-                prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=torch.int32, device=device),
+                prompt_token_len=torch.tensor(
+                    [prompt_token.shape[1]], dtype=torch.int32, device=device
+                ),
                 prompt_feat=inputs.prompt_speech_feat,
-                prompt_feat_len=torch.tensor([inputs.prompt_speech_feat.shape[1]], dtype=torch.int32,
-                                             device=device),
+                prompt_feat_len=torch.tensor(
+                    [inputs.prompt_speech_feat.shape[1]], dtype=torch.int32, device=device
+                ),
                 embedding=inputs.flow_embedding,
                 streaming=streaming,
                 finalize=finalize,
             )
-        return mel.float()[:, :, state.offset * self.mel_ratio:]
+        return mel.float()[:, :, state.offset * self.mel_ratio :]
 
     @torch.inference_mode()
-    def _vocode(self, state: _Stream, mel: torch.Tensor, generator: torch.Generator,
-                finalize: bool, speed: float = 1.0) -> torch.Tensor:
+    def _vocode(
+        self,
+        state: _Stream,
+        mel: torch.Tensor,
+        generator: torch.Generator,
+        finalize: bool,
+        speed: float = 1.0,
+    ) -> torch.Tensor:
         if self.spec.causal_vocoder:
             return self._vocode_causal(state, mel, finalize, speed)
         if state.vocoder is None:
             state.vocoder = self.hift.new_stream(V2_MEL_CACHE)
         return self.hift.stream_step(state.vocoder, mel, generator, finalize, speed)
 
-    def _vocode_causal(self, state: _Stream, mel: torch.Tensor, finalize: bool,
-                       speed: float) -> torch.Tensor:
+    def _vocode_causal(
+        self, state: _Stream, mel: torch.Tensor, finalize: bool, speed: float
+    ) -> torch.Tensor:
         """v3: the causal vocoder. Streams keep a window of recent frames and the running source
         phase (the official re-vocodes the whole history each chunk); a whole utterance is one call."""
         if state.vocoder is None and finalize:  # not streaming (or a single-chunk stream)

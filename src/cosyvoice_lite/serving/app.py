@@ -70,34 +70,60 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.scheduler = Scheduler(settings.workers, settings.max_queue)
-        self.outputs = OutputStore(settings.outputs_dir, settings.s3, self.metrics,
-                                   settings.spool_dir, settings.shutdown_timeout)
+        self.outputs = OutputStore(
+            settings.outputs_dir,
+            settings.s3,
+            self.metrics,
+            settings.spool_dir,
+            settings.shutdown_timeout,
+        )
         self.library = VoiceLibrary(voice_store(settings))
         self.engine = None
         self.status = "loading"
         self.load_error = ""
         self.started = time.time()
-        self.metrics.gauge("queue_depth", "Requests waiting for a synthesis worker.",
-                           lambda: self.scheduler.queued)
-        self.metrics.gauge("requests_in_flight", "Admitted requests not finished yet.",
-                           lambda: self.scheduler.in_flight)
-        self.metrics.gauge("queue_capacity", "Requests admitted at most (workers + queue).",
-                           lambda: self.scheduler.capacity)
-        self.metrics.gauge("model_loaded", "1 once the model is loaded.",
-                           lambda: 1.0 if self.status == "ready" else 0.0)
-        self.metrics.gauge("saved_voices", "Usable voices in the library.",
-                           lambda: len(self.library.list()))
-        self.metrics.gauge("broken_voices", "Library entries that cannot be used (GET /voices).",
-                           lambda: len(self.library.broken()))
-        self.metrics.gauge("voice_storage_ok", "1 while voices can be stored (else see /ready).",
-                           lambda: 0.0 if self.library.health() else 1.0)
+        self.metrics.gauge(
+            "queue_depth", "Requests waiting for a synthesis worker.", lambda: self.scheduler.queued
+        )
+        self.metrics.gauge(
+            "requests_in_flight",
+            "Admitted requests not finished yet.",
+            lambda: self.scheduler.in_flight,
+        )
+        self.metrics.gauge(
+            "queue_capacity",
+            "Requests admitted at most (workers + queue).",
+            lambda: self.scheduler.capacity,
+        )
+        self.metrics.gauge(
+            "model_loaded",
+            "1 once the model is loaded.",
+            lambda: 1.0 if self.status == "ready" else 0.0,
+        )
+        self.metrics.gauge(
+            "saved_voices", "Usable voices in the library.", lambda: len(self.library.list())
+        )
+        self.metrics.gauge(
+            "broken_voices",
+            "Library entries that cannot be used (GET /voices).",
+            lambda: len(self.library.broken()),
+        )
+        self.metrics.gauge(
+            "voice_storage_ok",
+            "1 while voices can be stored (else see /ready).",
+            lambda: 0.0 if self.library.health() else 1.0,
+        )
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self.scheduler.runner = engine.call  # voice features are computed in the engine loop
         self.status = "ready"
-        self.metrics.info = {"name": engine.model.name, "version": str(engine.version),
-                             "variant": engine.model.variant, "sample_rate": str(engine.sample_rate)}
+        self.metrics.info = {
+            "name": engine.model.name,
+            "version": str(engine.version),
+            "variant": engine.model.variant,
+            "sample_rate": str(engine.sample_rate),
+        }
 
     def load(self, loader: Callable[[], Engine]) -> None:
         try:
@@ -134,13 +160,20 @@ class ServingMiddleware:
     def _authorized(self, scope) -> bool:
         key = self.state.settings.api_key
         path = scope["path"]
-        if not key or path in PUBLIC_PATHS or path.startswith("/static/") or scope["method"] == "OPTIONS":
+        if (
+            not key
+            or path in PUBLIC_PATHS
+            or path.startswith("/static/")
+            or scope["method"] == "OPTIONS"
+        ):
             return True
         if self.state.settings.docs_public and path.startswith(DOC_PATHS):
             return True
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -163,9 +196,13 @@ class ServingMiddleware:
 
         try:
             if not self._authorized(scope):
-                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                 "authentication_error", "invalid_api_key",
-                                 headers={"WWW-Authenticate": "Bearer"})
+                error = ApiError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await error.response()(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
@@ -175,10 +212,20 @@ class ServingMiddleware:
             if self.state.settings.log_requests:
                 # probes and scrapes arrive every few seconds: keep them out of the INFO log
                 level = logging.DEBUG if endpoint in QUIET_ENDPOINTS else logging.INFO
-                access_log.log(level, "%s %s %d", scope["method"], scope["path"], status["code"], extra={
-                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
-                    "status": status["code"], "duration_ms": round((time.monotonic() - start) * 1000, 1),
-                })
+                access_log.log(
+                    level,
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status["code"],
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status["code"],
+                        "duration_ms": round((time.monotonic() - start) * 1000, 1),
+                    },
+                )
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -193,7 +240,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
         param = param or ".".join(loc) or None
         parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
-    return ApiError(422, "invalid request: " + "; ".join(parts), code="invalid_request", param=param)
+    return ApiError(
+        422, "invalid request: " + "; ".join(parts), code="invalid_request", param=param
+    )
 
 
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
@@ -217,14 +266,22 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return counted(ApiError(exc.status_code, str(exc.detail), kind, f"http_{exc.status_code}",
-                                headers=dict(exc.headers or {})))
+        return counted(
+            ApiError(
+                exc.status_code,
+                str(exc.detail),
+                kind,
+                f"http_{exc.status_code}",
+                headers=dict(exc.headers or {}),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):
         log.error("unhandled error", exc_info=exc)
-        return counted(ApiError(500, f"internal error: {type(exc).__name__}", "server_error",
-                                "internal_error"))
+        return counted(
+            ApiError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
+        )
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -242,24 +299,39 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if loader is not None and state.status == "loading":
-            threading.Thread(target=state.load, args=(loader,), name="model-loader", daemon=True).start()
+            threading.Thread(
+                target=state.load, args=(loader,), name="model-loader", daemon=True
+            ).start()
         yield
         state.scheduler.shutdown()
         state.outputs.shutdown()
 
-    app = FastAPI(title="cosyvoice-lite", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None,  # served offline by docs.py
-                  description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.")
+    app = FastAPI(
+        title="cosyvoice-lite",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,  # served offline by docs.py
+        description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.",
+    )
     app.state.server = state
     _install_error_handlers(app, state)
     app.add_middleware(GuardMiddleware, settings=settings, metrics=state.metrics)  # inside auth
     app.add_middleware(ServingMiddleware, fastapi_app=app, state=state)
     if settings.cors_origins:  # CORS stays off unless origins are configured
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-                           expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Audio-Duration",
-                                           "X-Real-Time-Factor", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-Sample-Rate",
+                "X-Audio-Duration",
+                "X-Real-Time-Factor",
+                "Retry-After",
+            ],
+        )
     _add_operations_routes(app, state)
     _add_tts_routes(app, state)
     _add_voice_routes(app, state)
@@ -280,7 +352,11 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health", tags=["operations"])
     async def health():
         """Liveness: answers at once, even while the model loads."""
-        return {"status": "ok", "model": state.status, "uptime": round(time.time() - state.started, 1)}
+        return {
+            "status": "ok",
+            "model": state.status,
+            "uptime": round(time.time() - state.started, 1),
+        }
 
     @app.get("/ready", tags=["operations"])
     async def ready():
@@ -290,8 +366,11 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         # synthesis works without the voice storage: degraded, not unready (see docs/OPERATIONS.md)
         problem = await asyncio.to_thread(state.library.health)
         if problem:
-            return {"status": "degraded", "model": state.engine.model.name,
-                    "storage": {"voices": "degraded", "error": problem}}
+            return {
+                "status": "degraded",
+                "model": state.engine.model.name,
+                "storage": {"voices": "degraded", "error": problem},
+            }
         return {"status": "ready", "model": state.engine.model.name}
 
     @app.get("/info", tags=["operations"])
@@ -300,23 +379,38 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.engine
         model = None
         if engine is not None:
-            model = {"name": engine.model.name, "version": engine.version,
-                     "variant": engine.model.variant, "sample_rate": engine.sample_rate,
-                     "modes": supported_modes(engine),
-                     "instruct": "instruct" in supported_modes(engine),
-                     "instruct_needs_preset": engine.spec.instruct_with_preset, **page_info(engine)}
+            model = {
+                "name": engine.model.name,
+                "version": engine.version,
+                "variant": engine.model.variant,
+                "sample_rate": engine.sample_rate,
+                "modes": supported_modes(engine),
+                "instruct": "instruct" in supported_modes(engine),
+                "instruct_needs_preset": engine.spec.instruct_with_preset,
+                **page_info(engine),
+            }
         s = state.settings
-        return {"server": "cosyvoice-lite", "version": __version__, "status": state.status,
-                "error": state.load_error or None, "model": model,
-                "auth_required": bool(s.api_key), "formats": list(AUDIO_FORMATS),
-                "limits": {"max_text_chars": s.max_text_chars, "max_upload_bytes": s.max_upload_bytes,
-                           "max_prompt_seconds": s.max_prompt_seconds,
-                           "min_prompt_seconds": MIN_PROMPT_SECONDS,
-                           "max_instruct_chars": s.max_instruct_chars,
-                           "max_prompt_text_chars": s.max_prompt_text_chars,
-                           "max_json_bytes": s.max_json_bytes,
-                           "request_timeout": s.request_timeout,
-                           "workers": s.workers, "max_queue": s.max_queue}}
+        return {
+            "server": "cosyvoice-lite",
+            "version": __version__,
+            "status": state.status,
+            "error": state.load_error or None,
+            "model": model,
+            "auth_required": bool(s.api_key),
+            "formats": list(AUDIO_FORMATS),
+            "limits": {
+                "max_text_chars": s.max_text_chars,
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_prompt_seconds": s.max_prompt_seconds,
+                "min_prompt_seconds": MIN_PROMPT_SECONDS,
+                "max_instruct_chars": s.max_instruct_chars,
+                "max_prompt_text_chars": s.max_prompt_text_chars,
+                "max_json_bytes": s.max_json_bytes,
+                "request_timeout": s.request_timeout,
+                "workers": s.workers,
+                "max_queue": s.max_queue,
+            },
+        }
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def metrics():
@@ -330,22 +424,46 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
         """Every usable voice: the model's presets and the saved voices."""
         engine = state.require_engine()
         presets = [{"name": n, "kind": "preset"} for n in engine.voices()]
-        saved = [{"name": v.name, "kind": "saved", "prompt_text": v.prompt_text,
-                  "duration": round(v.duration, 3)} for v in state.library.list()]
+        saved = [
+            {
+                "name": v.name,
+                "kind": "saved",
+                "prompt_text": v.prompt_text,
+                "duration": round(v.duration, 3),
+            }
+            for v in state.library.list()
+        ]
         return {"speakers": presets + saved, "modes": supported_modes(engine)}
 
-    @app.post("/tts", tags=["simple API"],
-              responses={200: {"content": {"audio/wav": {}}, "description": "the audio"}})
+    @app.post(
+        "/tts",
+        tags=["simple API"],
+        responses={200: {"content": {"audio/wav": {}}, "description": "the audio"}},
+    )
     async def tts(body: TTSRequest, request: Request):
         """Text to audio (wav by default). With ``stream`` the audio is sent while it is made
         (wav with an open-ended header, or raw 16-bit PCM at X-Sample-Rate)."""
         state.require_engine()
         check_texts(state.settings, text=body.text, speaker=body.speaker, instruct=body.instruct)
-        synthesis, saved = plan_request(state, text=body.text, voice=body.speaker,
-                                        instruct=body.instruct, speed=body.speed, seed=body.seed,
-                                        mode=body.mode, engine_stream=body.stream)
-        plan = Plan(synthesis, saved, body.format, None, "stream" if body.stream else "whole",
-                    "/tts", _request_id(request))
+        synthesis, saved = plan_request(
+            state,
+            text=body.text,
+            voice=body.speaker,
+            instruct=body.instruct,
+            speed=body.speed,
+            seed=body.seed,
+            mode=body.mode,
+            engine_stream=body.stream,
+        )
+        plan = Plan(
+            synthesis,
+            saved,
+            body.format,
+            None,
+            "stream" if body.stream else "whole",
+            "/tts",
+            _request_id(request),
+        )
         return await respond(state, request, plan)
 
 
@@ -353,12 +471,20 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[str, str, 
     limit = settings.max_upload_bytes
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit + 64 * 1024:
-        raise ApiError(413, f"upload too large: {int(length)} bytes, at most {limit} bytes of audio",
-                       code="upload_too_large", param="audio")
+        raise ApiError(
+            413,
+            f"upload too large: {int(length)} bytes, at most {limit} bytes of audio",
+            code="upload_too_large",
+            param="audio",
+        )
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise ApiError(415, "send the voice as multipart/form-data with fields name, prompt_text "
-                       "and audio (a file)", code="unsupported_media_type")
+        raise ApiError(
+            415,
+            "send the voice as multipart/form-data with fields name, prompt_text "
+            "and audio (a file)",
+            code="unsupported_media_type",
+        )
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
@@ -367,35 +493,65 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[str, str, 
     audio = form.get("audio")
     prompt_text = form.get("prompt_text") or form.get("transcript") or ""
     if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "missing field 'name' (the voice's name)", code="missing_field", param="name")
+        raise ApiError(
+            400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
+        )
     if audio is None or isinstance(audio, str):
-        raise ApiError(400, "missing file field 'audio' (the prompt recording)",
-                       code="missing_field", param="audio")
+        raise ApiError(
+            400,
+            "missing file field 'audio' (the prompt recording)",
+            code="missing_field",
+            param="audio",
+        )
     if not isinstance(prompt_text, str):
         raise ApiError(400, "'prompt_text' must be text", code="invalid_field", param="prompt_text")
     check_texts(settings, name=name, prompt_text=prompt_text)
     data = await audio.read(limit + 1)
     await form.close()
     if len(data) > limit:
-        raise ApiError(413, f"upload too large: more than {limit} bytes of audio",
-                       code="upload_too_large", param="audio")
+        raise ApiError(
+            413,
+            f"upload too large: more than {limit} bytes of audio",
+            code="upload_too_large",
+            param="audio",
+        )
     if not data:
         raise ApiError(400, "the audio file is empty", code="invalid_audio", param="audio")
     try:
         sf.info(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - anything libsndfile cannot open
-        raise ApiError(415, "the audio file could not be decoded; upload wav, flac, mp3 or ogg "
-                       "(vorbis/opus)", code="unsupported_audio_format", param="audio") from None
+        raise ApiError(
+            415,
+            "the audio file could not be decoded; upload wav, flac, mp3 or ogg (vorbis/opus)",
+            code="unsupported_audio_format",
+            param="audio",
+        ) from None
     return name.strip(), prompt_text, data
 
 
 def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     library = state.library
-    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["name", "audio"],
-        "properties": {"name": {"type": "string"},
-                       "prompt_text": {"type": "string", "description": "transcript of the audio"},
-                       "audio": {"type": "string", "format": "binary"}}}}}}}
+    upload_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["name", "audio"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "prompt_text": {
+                                "type": "string",
+                                "description": "transcript of the audio",
+                            },
+                            "audio": {"type": "string", "format": "binary"},
+                        },
+                    }
+                }
+            },
+        }
+    }
 
     @app.post("/voices", status_code=201, tags=["voice library"], openapi_extra=upload_schema)
     async def create_voice(request: Request):
@@ -408,8 +564,11 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     async def list_voices():
         """Saved voices; entries that cannot be used are listed under ``broken`` with a reason."""
         voices, broken = library.scan()
-        return {"object": "list", "data": [v.to_api() for v in voices],
-                "broken": [b.to_api() for b in broken]}
+        return {
+            "object": "list",
+            "data": [v.to_api() for v in voices],
+            "broken": [b.to_api() for b in broken],
+        }
 
     @app.get("/voices/{name}", tags=["voice library"])
     async def get_voice(name: str):

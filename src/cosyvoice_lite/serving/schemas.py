@@ -21,8 +21,11 @@ class TTSRequest(BaseModel):
     speaker: str = Field(description="A preset voice or a saved voice (see GET /speakers).")
     instruct: str | None = Field(None, description="Style instruction (models that support it).")
     # checked by the engine (400 naming the range), documented here
-    speed: float = Field(1.0, description="0.5 to 2.0 (the models' range).",
-                         json_schema_extra={"minimum": 0.5, "maximum": 2.0})
+    speed: float = Field(
+        1.0,
+        description="0.5 to 2.0 (the models' range).",
+        json_schema_extra={"minimum": 0.5, "maximum": 2.0},
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Make the result reproducible.")
     format: AudioFormat = "wav"
     stream: bool = Field(False, description="Send audio while it is being synthesized.")
@@ -39,11 +42,15 @@ class SpeechRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="The served model's name or an alias (see GET /v1/models).")
-    input: str = Field(description="Text to speak; long text is split into sentences and sent "
-                       "segment by segment (limit: GET /info, limits.max_text_chars).")
+    input: str = Field(
+        description="Text to speak; long text is split into sentences and sent "
+        "segment by segment (limit: GET /info, limits.max_text_chars)."
+    )
     voice: str | VoiceRef | None = Field(
-        None, description="A preset or saved voice, or an OpenAI voice name mapped to one (GET "
-        "/v1/audio/voices). Not needed with ref_audio.")
+        None,
+        description="A preset or saved voice, or an OpenAI voice name mapped to one (GET "
+        "/v1/audio/voices). Not needed with ref_audio.",
+    )
     instructions: str | None = None
     # A plain string checked by the server (400 naming the formats), documented as an enum.
     response_format: str = Field("mp3", json_schema_extra={"enum": OPENAI_FORMATS})
@@ -53,10 +60,17 @@ class SpeechRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = Field(None, description="Chunk-level streaming; default: on for sse.")
     ref_audio: str | None = Field(
-        None, description="One-off prompt recording (vLLM-Omni style): a data URI "
-        "(data:audio/wav;base64,...) or base64. Clones it without saving a voice.")
-    ref_text: str | None = Field(None, description="Transcript of ref_audio (zero-shot); without "
-                                 "it the prompt is used cross-lingually.")
+        None,
+        description="One-off prompt recording (vLLM-Omni style): a data URI "
+        "(data:audio/wav;base64,...) or base64. Clones it without saving a voice.",
+    )
+    ref_text: str | None = Field(
+        None,
+        description="Transcript of ref_audio (zero-shot); without "
+        "it the prompt is used cross-lingually.",
+    )
     source_audio: str | None = Field(
-        None, description="Voice conversion: speech (data URI or base64) re-spoken in the voice "
-        "of ref_audio or of voice; input is then ignored.")
+        None,
+        description="Voice conversion: speech (data URI or base64) re-spoken in the voice "
+        "of ref_audio or of voice; input is then ignored.",
+    )

@@ -72,19 +72,35 @@ def supported_modes(engine: Engine) -> list[str]:
     return [m.value for m in engine.modes]
 
 
-def plan_request(state: ServerState, *, text: str, voice: str, instruct: str | None, speed: float,
-                 seed: int | None, mode: str | None, engine_stream: bool) -> tuple[SynthesisRequest, str | None]:
+def plan_request(
+    state: ServerState,
+    *,
+    text: str,
+    voice: str,
+    instruct: str | None,
+    speed: float,
+    seed: int | None,
+    mode: str | None,
+    engine_stream: bool,
+) -> tuple[SynthesisRequest, str | None]:
     """Check the text and pick the mode from the voice: preset -> preset (or instruct with an
     instruction, v1-Instruct), saved voice -> zero-shot (cross-lingual without a transcript, or
     instruct with an instruction on v2/v3)."""
     engine = state.engine
     limit = state.settings.max_text_chars
     if len(text) > limit:
-        raise ApiError(400, f"text is too long: {len(text)} characters, the limit is {limit}; split "
-                       "it into several requests (the server's --max-text-chars raises the limit)",
-                       code="text_too_long", param="text", max_chars=limit)
+        raise ApiError(
+            400,
+            f"text is too long: {len(text)} characters, the limit is {limit}; split "
+            "it into several requests (the server's --max-text-chars raises the limit)",
+            code="text_too_long",
+            param="text",
+            max_chars=limit,
+        )
     if not text.strip():
-        raise ApiError(400, "text is empty: give the text to speak", code="empty_text", param="text")
+        raise ApiError(
+            400, "text is empty: give the text to speak", code="empty_text", param="text"
+        )
     instruct = (instruct or "").strip() or None
     library = state.library
     if voice in engine.presets:
@@ -96,31 +112,45 @@ def plan_request(state: ServerState, *, text: str, voice: str, instruct: str | N
             if engine.spec.instruct_with_preset:
                 raise InvalidRequestError(
                     "CosyVoice v1 follows instructions only with its preset voices (the -Instruct "
-                    "model); saved voices take instructions with CosyVoice2/3")
+                    "model); saved voices take instructions with CosyVoice2/3"
+                )
             chosen = Mode.INSTRUCT
         else:
             chosen = Mode.ZERO_SHOT if library.get(voice).prompt_text else Mode.CROSS_LINGUAL
     else:
         available = engine.voices() + (library.names() if library is not None else [])
-        raise UnknownVoiceError(f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}")
+        raise UnknownVoiceError(
+            f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}"
+        )
     if mode is not None:
         chosen = Mode(mode)
         if saved is None and chosen not in (Mode.PRESET, Mode.INSTRUCT):
-            raise InvalidRequestError(f"mode '{chosen.value}' clones a prompt: use a saved voice, "
-                                      f"not the preset {voice!r}")
+            raise InvalidRequestError(
+                f"mode '{chosen.value}' clones a prompt: use a saved voice, "
+                f"not the preset {voice!r}"
+            )
         if saved is not None and chosen == Mode.PRESET:
             raise InvalidRequestError(f"{voice!r} is a saved voice, not a preset")
         if chosen == Mode.ZERO_SHOT and saved and not library.get(voice).prompt_text:
-            raise InvalidRequestError(f"voice {voice!r} has no transcript; zero-shot needs one "
-                                      "(use cross_lingual)")
+            raise InvalidRequestError(
+                f"voice {voice!r} has no transcript; zero-shot needs one (use cross_lingual)"
+            )
     if chosen not in engine.modes:
         what = "follow instructions" if chosen == Mode.INSTRUCT else f"do mode '{chosen.value}'"
         raise UnsupportedModeError(
             f"{engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) cannot {what}; "
-            f"it supports: {', '.join(supported_modes(engine))}")
+            f"it supports: {', '.join(supported_modes(engine))}"
+        )
     stream = engine_stream and speed == 1.0  # speed changes need the whole utterance
-    request = SynthesisRequest(mode=chosen, text=text, voice=voice if saved is None else None,
-                               instruct=instruct, speed=speed, seed=seed, stream=stream)
+    request = SynthesisRequest(
+        mode=chosen,
+        text=text,
+        voice=voice if saved is None else None,
+        instruct=instruct,
+        speed=speed,
+        seed=seed,
+        stream=stream,
+    )
     return request, saved
 
 
@@ -175,15 +205,29 @@ class _Relay:
         tail = self.encoder.finish()
         if tail:
             self.job.put(tail)
-        compute, audio_seconds, first = time.monotonic() - self.start, self.audio_seconds, self.first
+        compute, audio_seconds, first = (
+            time.monotonic() - self.start,
+            self.audio_seconds,
+            self.first,
+        )
         state.metrics.synthesis(audio_seconds, compute)
         request = plan.request
-        log.info("synthesized %.2f s of audio in %.2f s", audio_seconds, compute, extra={
-            "request_id": plan.request_id, "endpoint": plan.endpoint, "mode": request.mode.value,
-            "voice": plan.saved_voice or request.voice, "audio_seconds": round(audio_seconds, 3),
-            "real_time_factor": round(compute / audio_seconds, 3) if audio_seconds else None,
-            "first_audio_seconds": round(first, 3) if first is not None else None,
-            "stream": request.stream, "format": plan.format})
+        log.info(
+            "synthesized %.2f s of audio in %.2f s",
+            audio_seconds,
+            compute,
+            extra={
+                "request_id": plan.request_id,
+                "endpoint": plan.endpoint,
+                "mode": request.mode.value,
+                "voice": plan.saved_voice or request.voice,
+                "audio_seconds": round(audio_seconds, 3),
+                "real_time_factor": round(compute / audio_seconds, 3) if audio_seconds else None,
+                "first_audio_seconds": round(first, 3) if first is not None else None,
+                "stream": request.stream,
+                "format": plan.format,
+            },
+        )
         if self.keep and self.kept:
             state.outputs.submit(plan.request_id, np.concatenate(self.kept), engine.sample_rate,
                                  plan.format, {
@@ -213,7 +257,10 @@ async def _cancel_on_disconnect(state: ServerState, request: Request, job: Job) 
         if message["type"] == "http.disconnect":
             if not job.ended and not job.cancelled.is_set():
                 state.metrics.count("cancelled_total")
-                log.info("client went away, synthesis cancelled", extra={"request_id": _request_id_of(request)})
+                log.info(
+                    "client went away, synthesis cancelled",
+                    extra={"request_id": _request_id_of(request)},
+                )
             job.cancel()
             return
 
@@ -225,7 +272,9 @@ def _request_id_of(request: Request) -> str | None:
 class JobStreamingResponse(StreamingResponse):
     """A streamed response that always stops its job when the response ends, however it ends."""
 
-    def __init__(self, content: AsyncIterator[bytes], job: Job, state: ServerState, **kwargs) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], job: Job, state: ServerState, **kwargs
+    ) -> None:
         super().__init__(content, **kwargs)
         self.job, self.state = job, state
 
@@ -235,7 +284,10 @@ class JobStreamingResponse(StreamingResponse):
         finally:
             if not self.job.ended and not self.job.cancelled.is_set():
                 self.state.metrics.count("cancelled_total")
-                log.info("client went away, synthesis cancelled", extra={"request_id": self.headers.get("x-request-id")})
+                log.info(
+                    "client went away, synthesis cancelled",
+                    extra={"request_id": self.headers.get("x-request-id")},
+                )
             self.job.cancel()
 
 
@@ -253,8 +305,13 @@ def start_job(state: ServerState, plan: Plan) -> Job:
 
 def _timeout_error(state: ServerState) -> ApiError:
     state.metrics.count("timeouts_total")
-    return ApiError(504, f"synthesis took longer than the {state.settings.request_timeout:g} s "
-                    "limit and was stopped", "timeout_error", "timeout")
+    return ApiError(
+        504,
+        f"synthesis took longer than the {state.settings.request_timeout:g} s "
+        "limit and was stopped",
+        "timeout_error",
+        "timeout",
+    )
 
 
 async def _next_piece(state: ServerState, job: Job, plan: Plan) -> bytes | Summary:
@@ -269,8 +326,12 @@ async def _next_piece(state: ServerState, job: Job, plan: Plan) -> bytes | Summa
         raise
     except Exception as exc:
         log.error("synthesis failed", exc_info=exc, extra={"request_id": plan.request_id})
-        raise ApiError(500, f"synthesis failed: {type(exc).__name__}: {exc}", "server_error",
-                       "synthesis_failed") from None
+        raise ApiError(
+            500,
+            f"synthesis failed: {type(exc).__name__}: {exc}",
+            "server_error",
+            "synthesis_failed",
+        ) from None
 
 
 async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
@@ -295,12 +356,19 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
                 except StopAsyncIteration:
                     break
             if summary is None:  # stopped early (deadline or shutdown): never a short 200
-                raise _timeout_error(state) if job.expired() else ApiError(
-                    503, "the synthesis was stopped before its end", "server_error", "stopped")
+                raise (
+                    _timeout_error(state)
+                    if job.expired()
+                    else ApiError(
+                        503, "the synthesis was stopped before its end", "server_error", "stopped"
+                    )
+                )
             if summary is not None:
                 headers["X-Audio-Duration"] = f"{summary.audio_seconds:.3f}"
                 if summary.audio_seconds:
-                    headers["X-Real-Time-Factor"] = f"{summary.compute_seconds / summary.audio_seconds:.3f}"
+                    headers["X-Real-Time-Factor"] = (
+                        f"{summary.compute_seconds / summary.audio_seconds:.3f}"
+                    )
             ext = "ogg" if plan.format == "opus" else plan.format
             headers["Content-Disposition"] = f'inline; filename="speech-{plan.request_id}.{ext}"'
             return Response(b"".join(pieces), media_type=media, headers=headers)
@@ -319,7 +387,9 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
     return JobStreamingResponse(body, job, state, media_type=media, headers=headers)
 
 
-async def _audio_body(state: ServerState, job: Job, plan: Plan, first: bytes | Summary) -> AsyncIterator[bytes]:
+async def _audio_body(
+    state: ServerState, job: Job, plan: Plan, first: bytes | Summary
+) -> AsyncIterator[bytes]:
     item = first
     while True:
         if isinstance(item, bytes):
@@ -334,7 +404,9 @@ async def _audio_body(state: ServerState, job: Job, plan: Plan, first: bytes | S
             raise StreamTruncated(exc.message) from None
 
 
-async def _sse_body(state: ServerState, job: Job, plan: Plan, first: bytes | Summary) -> AsyncIterator[bytes]:
+async def _sse_body(
+    state: ServerState, job: Job, plan: Plan, first: bytes | Summary
+) -> AsyncIterator[bytes]:
     engine = state.engine
     item = first
     while True:
@@ -346,15 +418,21 @@ async def _sse_body(state: ServerState, job: Job, plan: Plan, first: bytes | Sum
                 input_tokens = len(engine.tokenizer.encode(text))
             except Exception:  # noqa: BLE001 - usage is informative only
                 input_tokens = len(text)
-            output_tokens = seconds_to_tokens(item.audio_seconds, engine.model.config.token_frame_rate)
+            output_tokens = seconds_to_tokens(
+                item.audio_seconds, engine.model.config.token_frame_rate
+            )
             yield sse_done(input_tokens, output_tokens)
         try:
             item = await _next_piece(state, job, plan)
         except StopAsyncIteration:
             if not isinstance(item, Summary):  # stopped before its end: say so, never a quiet end
                 state.metrics.count("truncated_streams_total")
-                error = ApiError(504 if job.expired() else 503, "the synthesis stopped before its "
-                                 "end", "server_error", "truncated")
+                error = ApiError(
+                    504 if job.expired() else 503,
+                    "the synthesis stopped before its end",
+                    "server_error",
+                    "truncated",
+                )
                 yield sse_event({"type": "error", "error": error.body()["error"]})
             return
         except ApiError as exc:
