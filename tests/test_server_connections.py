@@ -206,3 +206,19 @@ def test_serve_options_reach_the_settings():
     assert (settings.keep_alive_timeout, settings.shutdown_timeout) == (2, 4)
     assert settings.docs_public and settings.max_json_bytes == 2 * 1024 * 1024
     assert (settings.max_instruct_chars, settings.max_prompt_text_chars) == (80, 90)
+
+
+def test_engine_options_of_serve_reach_the_engine_load():
+    import argparse
+
+    from cosyvoice_lite.serving.cli import add_serve_command, ray_options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    args = parser.parse_args([
+        "serve", "--model", "m", "--max-batch", "4", "--audio-workers", "3",
+        "--backend", "onnxruntime", "--onnx-dir", "graphs",
+    ])  # fmt: skip
+    load = ray_options_from_args(args).load
+    assert (load["max_batch"], load["audio_workers"]) == (4, 3)
+    assert (load["backend"], load["onnx_dir"]) == ("onnxruntime", "graphs")

@@ -28,6 +28,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--quantize", choices=["int8"], help="int8 LLM linear layers (cpu)")
     serve.add_argument("--flow-steps", type=int, default=10, help="flow steps (official 10)")
     serve.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnxruntime", "onnxruntime-int8"],
+        help="run the flow estimator and vocoder through onnxruntime (needs --onnx-dir)",
+    )
+    serve.add_argument("--onnx-dir", help="graphs written by 'cosyvoice-lite export onnx'")
+    serve.add_argument(
         "--variant",
         choices=["base", "sft", "instruct"],
         help="v1 release, if the directory name does not tell",
@@ -277,6 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             llm_checkpoint=args.llm_checkpoint,
             max_batch=args.workers,
             audio_workers=args.audio_workers,
+            backend=args.backend,
+            onnx_dir=args.onnx_dir,
         )
 
     app = create_app(load, settings)
@@ -302,6 +311,9 @@ def ray_options_from_args(args: argparse.Namespace):
         "variant": args.variant,
         "llm_checkpoint": args.llm_checkpoint,
         "max_batch": args.workers,
+        "audio_workers": args.audio_workers,
+        "backend": args.backend,
+        "onnx_dir": args.onnx_dir,
     }
     return RayOptions(
         replicas=args.replicas,
