@@ -116,7 +116,10 @@ def memory_kb() -> dict[str, int]:
     try:
         status = Path("/proc/self/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        return {"rss_kb": int(fields["VmRSS"].split()[0]), "hwm_kb": int(fields["VmHWM"].split()[0])}
+        return {
+            "rss_kb": int(fields["VmRSS"].split()[0]),
+            "hwm_kb": int(fields["VmHWM"].split()[0]),
+        }
     except OSError:
         import resource
 
@@ -159,8 +162,13 @@ def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> 
             emit({"event": "bye", **memory_kb()})
             return
         try:
-            result = run(command["text"], command["voice"], command["tokens"], command["seed"],
-                         **command.get("options", {}))
+            result = run(
+                command["text"],
+                command["voice"],
+                command["tokens"],
+                command["seed"],
+                **command.get("options", {}),
+            )
         except Exception as exc:  # report it to the driver instead of dying silently
             emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
             raise
@@ -197,8 +205,9 @@ def instrument(engine, timer: StageTimer, state: dict, methods=("inference",)) -
                 setattr(network, method, timer.wrap(stage, fn))
 
 
-def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
-               quantize: str | None = None) -> None:
+def our_worker(
+    model_dir: Path, threads: int, dtype: str = "float32", quantize: str | None = None
+) -> None:
     set_threads(threads)
     start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "src"))
@@ -222,17 +231,24 @@ def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
             timer.reset()
             state["count"], state["flops"] = count_flops, {}
             # the length hook: exactly ``tokens`` speech tokens (the driver checks the audio)
-            request = SynthesisRequest(Mode.PRESET, text, voice=voice, seed=seed,
-                                       max_speech_tokens=tokens, ignore_eos=True)
+            request = SynthesisRequest(
+                Mode.PRESET, text, voice=voice, seed=seed, max_speech_tokens=tokens, ignore_eos=True
+            )
             start = timer.now()
             segments = samples = 0
             for chunk in engine.synthesize(request):
                 samples += len(chunk.samples)
                 segments = max(segments, chunk.segment + 1)
             timer.add("total", start)
-            return {**timer.seconds, "audio_s": samples / engine.sample_rate, "segments": segments,
-                    "tokens": tokens, "samples": samples, "llm_bytes_per_token": llm_bytes,
-                    "flops": state["flops"]}
+            return {
+                **timer.seconds,
+                "audio_s": samples / engine.sample_rate,
+                "segments": segments,
+                "tokens": tokens,
+                "samples": samples,
+                "llm_bytes_per_token": llm_bytes,
+                "flops": state["flops"],
+            }
 
         return run, load_seconds
 
@@ -247,18 +263,30 @@ class Worker:
         self.name = name
         self.log = OUT / f"bench_v1_{name}.log"  # the worker's own logging and progress bars
         with self.log.open("w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=log, env=env, text=True, encoding="utf-8", cwd=ROOT)
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                text=True,
+                encoding="utf-8",
+                cwd=ROOT,
+            )
 
     def receive(self) -> dict:
         for line in self.process.stdout:
             if line.startswith(PREFIX):
-                message = json.loads(line[len(PREFIX):])
+                message = json.loads(line[len(PREFIX) :])
                 if message["event"] == "error":
-                    raise SystemExit(f"{self.name} worker failed: {message['error']} (log: {self.log})")
+                    raise SystemExit(
+                        f"{self.name} worker failed: {message['error']} (log: {self.log})"
+                    )
                 return message
         tail = "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
-        raise SystemExit(f"{self.name} worker exited (code {self.process.wait()}); end of {self.log}:\n{tail}")
+        raise SystemExit(
+            f"{self.name} worker exited (code {self.process.wait()}); end of {self.log}:\n{tail}"
+        )
 
     def send(self, command: dict) -> dict:
         self.process.stdin.write(json.dumps(command, ensure_ascii=False) + "\n")
@@ -275,8 +303,21 @@ def ensure_model(model_dir: Path) -> None:
     if (model_dir / "llm.pt").is_file() and (model_dir / "spk2info.pt").is_file():
         return
     print(f"generating the full-size random-weight model in {model_dir} ...", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_models.py"), "--version", "1",
-                    "--size", "full", "--variant", "sft", "--out", str(model_dir)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_models.py"),
+            "--version",
+            "1",
+            "--size",
+            "full",
+            "--variant",
+            "sft",
+            "--out",
+            str(model_dir),
+        ],
+        check=True,
+    )
 
 
 def worker_env(threads: int, wait_policy: str, pythonpath: str | None = None) -> dict[str, str]:
@@ -287,14 +328,21 @@ def worker_env(threads: int, wait_policy: str, pythonpath: str | None = None) ->
         env["OMP_WAIT_POLICY"] = wait_policy.upper()
     env["PYTHONUNBUFFERED"] = "1"
     if pythonpath is not None:
-        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = pythonpath + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
     return env
 
 
 def official_available(python: str, env: dict[str, str]) -> str | None:
     """None when the official CosyVoice class imports in that environment, else the reason."""
-    probe = subprocess.run([python, "-c", "import cosyvoice.cli.cosyvoice"], env=env, cwd=ROOT,
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "import cosyvoice.cli.cosyvoice"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode == 0:
         return None
     lines = (probe.stderr or probe.stdout).strip().splitlines()
@@ -322,13 +370,17 @@ def print_table(results: dict, names: list[str]) -> None:
 
     meta = results["meta"]
     print()
-    print(f"CosyVoice v1 benchmark: {meta['model']} (random weights), CPU, {meta['threads']} torch "
-          f"threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
-          + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
-          + ("; official at fp32" if "official" in names else ""))
-    print(f"  median of {meta['repeats']} runs after a warm-up; fixed speech tokens per request: "
-          + ", ".join(f"{k} {v}" for k, v in meta["tokens"].items())
-          + " (max_speech_tokens + ignore_eos; audio length checked)")
+    print(
+        f"CosyVoice v1 benchmark: {meta['model']} (random weights), CPU, {meta['threads']} torch "
+        f"threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
+        + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
+        + ("; official at fp32" if "official" in names else "")
+    )
+    print(
+        f"  median of {meta['repeats']} runs after a warm-up; fixed speech tokens per request: "
+        + ", ".join(f"{k} {v}" for k, v in meta["tokens"].items())
+        + " (max_speech_tokens + ignore_eos; audio length checked)"
+    )
     labels = ratio_labels(names)
     head = f"{'':<24}" + "".join(f"{n:>11}" for n in names) + "".join(f"{x:>16}" for x in labels)
     print()
@@ -337,7 +389,9 @@ def print_table(results: dict, names: list[str]) -> None:
 
     def row(label: str, values: list[float], fmt: str) -> None:
         line = f"{label:<24}" + "".join(f"{format(v, fmt):>11}" for v in values)
-        line += "".join(f"{r:>15.2f}x" for r in ratios(dict(zip(names, values, strict=True)), names))
+        line += "".join(
+            f"{r:>15.2f}x" for r in ratios(dict(zip(names, values, strict=True)), names)
+        )
         print(line)
 
     row("import, excl. torch (s)", [results[n]["import_s"] for n in names], ".2f")
@@ -349,17 +403,30 @@ def print_table(results: dict, names: list[str]) -> None:
         runs = {n: results[n]["runs"][key] for n in names}
         audio = runs[names[0]]["audio_s"]
         print()
-        print(f"{key}: {meta['tokens'][key]} tokens -> {audio:.2f} s audio"
-              + "".join(f"; {n} {runs[n]['audio_s']:.2f} s" for n in names[1:]))
-        for stage, label in (("llm", "LLM"), ("flow", "flow"), ("hift", "vocoder"), ("total", "total")):
+        print(
+            f"{key}: {meta['tokens'][key]} tokens -> {audio:.2f} s audio"
+            + "".join(f"; {n} {runs[n]['audio_s']:.2f} s" for n in names[1:])
+        )
+        for stage, label in (
+            ("llm", "LLM"),
+            ("flow", "flow"),
+            ("hift", "vocoder"),
+            ("total", "total"),
+        ):
             row(f"  {label} s", [runs[n][f"{stage}_s"] for n in names], ".2f")
-            row(f"  {label} RTF", [runs[n][f"{stage}_s"] / runs[n]["audio_s"] for n in names], ".3f")
+            row(
+                f"  {label} RTF", [runs[n][f"{stage}_s"] / runs[n]["audio_s"] for n in names], ".3f"
+            )
             row(f"  {label} CPU s", [runs[n][f"{stage}_cpu_s"] for n in names], ".2f")
     key = next(iter(meta["tokens"]))
-    floor_view = {n: {**results[n]["runs"][key], "llm_bytes_per_token":
-                      results[n]["runs"][key].get("llm_bytes_per_token"),
-                      "llm_ms_per_token": 1e3 * results[n]["runs"][key]["llm_s"] / meta["tokens"][key]}
-                  for n in names}
+    floor_view = {
+        n: {
+            **results[n]["runs"][key],
+            "llm_bytes_per_token": results[n]["runs"][key].get("llm_bytes_per_token"),
+            "llm_ms_per_token": 1e3 * results[n]["runs"][key]["llm_s"] / meta["tokens"][key],
+        }
+        for n in names
+    }
     print(f"\n(floors: the {key} request)", end="")
     print_floors(meta["floors"], floor_view, names, meta["tokens"][key], meta.get("flops", {}))
 
@@ -392,9 +459,18 @@ def drive(args: argparse.Namespace) -> None:
     names = list(configs)
     argv, env = {}, {}
     for name, (dtype, quantize) in configs.items():
-        argv[name] = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model",
-                      str(args.model), "--threads", str(threads), "--dtype", dtype,
-                      *(["--quantize", quantize] if quantize else [])]
+        argv[name] = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--model",
+            str(args.model),
+            "--threads",
+            str(threads),
+            "--dtype",
+            dtype,
+            *(["--quantize", quantize] if quantize else []),
+        ]
         env[name] = worker_env(threads, args.omp_wait_policy)
     if official_python or official_path:
         python = official_python or sys.executable
@@ -402,32 +478,59 @@ def drive(args: argparse.Namespace) -> None:
         reason = official_available(python, official_env)
         if reason is None:
             names.append("official")
-            argv["official"] = [python, str(OFFICIAL_WORKER), "--model", str(args.model),
-                                "--threads", str(threads), "--wetext-fsts", args.wetext_fsts]
+            argv["official"] = [
+                python,
+                str(OFFICIAL_WORKER),
+                "--model",
+                str(args.model),
+                "--threads",
+                str(threads),
+                "--wetext-fsts",
+                args.wetext_fsts,
+            ]
             env["official"] = official_env
         else:
-            print(f"official implementation not importable with {python}: {reason}; benchmarking ours only")
+            print(
+                f"official implementation not importable with {python}: {reason}; benchmarking ours only"
+            )
     else:
-        print("official implementation not configured (--official-python/--official-path); "
-              "benchmarking ours only")
+        print(
+            "official implementation not configured (--official-python/--official-path); "
+            "benchmarking ours only"
+        )
 
     print("measuring the floors ...", flush=True)
     floors = measure_floors(threads)
     tokens = {"zh": args.tokens_zh, "en": args.tokens_en}
-    results: dict = {"meta": {"model": args.model.name, "threads": threads, "repeats": args.repeats,
-                              "omp_wait_policy": args.omp_wait_policy, "configs": configs,
-                              "floors": floors,
-                              "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                              "warmup_tokens": args.warmup_tokens, "tokens": tokens,
-                              "sentences": SENTENCES, "voices": VOICES, "seed": SEED,
-                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    results: dict = {
+        "meta": {
+            "model": args.model.name,
+            "threads": threads,
+            "repeats": args.repeats,
+            "omp_wait_policy": args.omp_wait_policy,
+            "configs": configs,
+            "floors": floors,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "warmup_tokens": args.warmup_tokens,
+            "tokens": tokens,
+            "sentences": SENTENCES,
+            "voices": VOICES,
+            "seed": SEED,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    }
     workers: dict[str, Worker] = {}
     samples: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in tokens} for n in names}
 
     def send(name: str, key: str, n_tokens: int, **options) -> dict:
-        command = {"cmd": "run", "text": SENTENCES[key], "voice": VOICES[key], "tokens": n_tokens,
-                   "seed": SEED}
+        command = {
+            "cmd": "run",
+            "text": SENTENCES[key],
+            "voice": VOICES[key],
+            "tokens": n_tokens,
+            "seed": SEED,
+        }
         result = workers[name].send({**command, "options": options} if options else command)
         samples_out = result.get("samples", round(result["audio_s"] * 22050))
         check_fixed_length(name, n_tokens, samples_out, SAMPLES_PER_TOKEN, LENGTH_TOLERANCE)
@@ -440,9 +543,13 @@ def drive(args: argparse.Namespace) -> None:
             print(f"[{name}] loading ...", flush=True)
             workers[name] = Worker(name, argv[name], env[name])
             ready = workers[name].receive()
-            results[name] = {"import_s": ready["import_s"], "load_s": ready["load_s"],
-                             "rss_after_load_kb": ready["rss_kb"], "peak_load_kb": ready["hwm_kb"],
-                             "peak_reset": ready["peak_reset"]}
+            results[name] = {
+                "import_s": ready["import_s"],
+                "load_s": ready["load_s"],
+                "rss_after_load_kb": ready["rss_kb"],
+                "peak_load_kb": ready["hwm_kb"],
+                "peak_reset": ready["peak_reset"],
+            }
             print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
         for key in tokens:  # warm-up: every code path once, on a shorter decode
             for name in names:
@@ -457,9 +564,12 @@ def drive(args: argparse.Namespace) -> None:
                 for name in order:
                     result = send(name, key, tokens[key])
                     samples[name][key].append(result)
-                    print(f"[{name}] {key} run {rep + 1}/{args.repeats}: total {result['total_s']:.2f} s "
-                          f"(llm {result.get('llm_s', 0):.2f}, flow {result.get('flow_s', 0):.2f}, "
-                          f"hift {result.get('hift_s', 0):.2f}), audio {result['audio_s']:.2f} s", flush=True)
+                    print(
+                        f"[{name}] {key} run {rep + 1}/{args.repeats}: total {result['total_s']:.2f} s "
+                        f"(llm {result.get('llm_s', 0):.2f}, flow {result.get('flow_s', 0):.2f}, "
+                        f"hift {result.get('hift_s', 0):.2f}), audio {result['audio_s']:.2f} s",
+                        flush=True,
+                    )
     finally:
         for name, worker in workers.items():
             if worker.process.poll() is None:
@@ -473,38 +583,73 @@ def drive(args: argparse.Namespace) -> None:
     print_table(results, names)
     if results["meta"]["load_average"] is not None:
         start, end = results["meta"]["load_average"], os.getloadavg()
-        print(f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
-              f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)")
+        print(
+            f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
+            f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)"
+        )
     print(f"raw figures: {args.json}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=MODEL_DIR,
-                        help="CosyVoice-300M-SFT directory (generated with random weights if absent)")
-    parser.add_argument("--official-python", help="Python of an environment where the official code "
-                        "runs (env COSYVOICE_OFFICIAL_PYTHON)")
-    parser.add_argument("--official-path", help="PYTHONPATH entries (os.pathsep-separated) that make the "
-                        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)")
-    parser.add_argument("--wetext-fsts", default=default_wetext_fsts(),
-                        help="local wetext FST directory for the official frontend (default: the "
-                        "project's wetext package)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads, the same for both implementations (default: all cores)")
-    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
-                        help="OpenMP wait policy of both workers (default passive: on a busy machine, "
-                        "spinning OpenMP workers slow down compute in the main thread, which is where "
-                        "ours runs the LLM, by an order of magnitude; the official runs it in a "
-                        "Python thread, which is barely affected)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per sentence and implementation")
-    parser.add_argument("--tokens-zh", type=int, default=200, help="speech tokens decoded for the zh sentence")
-    parser.add_argument("--tokens-en", type=int, default=200, help="speech tokens decoded for the en sentence")
-    parser.add_argument("--warmup-tokens", type=int, default=50, help="speech tokens of the warm-up runs")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL_DIR,
+        help="CosyVoice-300M-SFT directory (generated with random weights if absent)",
+    )
+    parser.add_argument(
+        "--official-python",
+        help="Python of an environment where the official code "
+        "runs (env COSYVOICE_OFFICIAL_PYTHON)",
+    )
+    parser.add_argument(
+        "--official-path",
+        help="PYTHONPATH entries (os.pathsep-separated) that make the "
+        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)",
+    )
+    parser.add_argument(
+        "--wetext-fsts",
+        default=default_wetext_fsts(),
+        help="local wetext FST directory for the official frontend (default: the "
+        "project's wetext package)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads, the same for both implementations (default: all cores)",
+    )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "default"],
+        default="passive",
+        help="OpenMP wait policy of both workers (default passive: on a busy machine, "
+        "spinning OpenMP workers slow down compute in the main thread, which is where "
+        "ours runs the LLM, by an order of magnitude; the official runs it in a "
+        "Python thread, which is barely affected)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per sentence and implementation"
+    )
+    parser.add_argument(
+        "--tokens-zh", type=int, default=200, help="speech tokens decoded for the zh sentence"
+    )
+    parser.add_argument(
+        "--tokens-en", type=int, default=200, help="speech tokens decoded for the en sentence"
+    )
+    parser.add_argument(
+        "--warmup-tokens", type=int, default=50, help="speech tokens of the warm-up runs"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the raw figures")
-    parser.add_argument("--configs", default="fp32,bf16,int8",
-                        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
-                        "flow and vocoder)")
+    parser.add_argument(
+        "--configs",
+        default="fp32,bf16,int8",
+        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
+        "flow and vocoder)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)

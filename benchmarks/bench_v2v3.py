@@ -65,12 +65,16 @@ SAMPLES_PER_TOKEN = 2 * 480  # 2 mel frames per speech token, 480 samples per fr
 V3_SILENT_TOKENS = {1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323}
 # stage -> entry points wrapped with its timer, where the loaded network has them (ours: the
 # incremental streaming steps too; the official has only ``inference``)
-STAGE_METHODS = {"flow": ("inference", "new_stream", "stream_step"),
-                 "hift": ("inference", "new_stream", "stream_step")}
+STAGE_METHODS = {
+    "flow": ("inference", "new_stream", "stream_step"),
+    "hift": ("inference", "new_stream", "stream_step"),
+}
 
 
 def prompt_transcript() -> str:
-    return json.loads(PROMPTS_JSON.read_text(encoding="utf-8"))["files"][PROMPT_WAV.name]["transcript"]
+    return json.loads(PROMPTS_JSON.read_text(encoding="utf-8"))["files"][PROMPT_WAV.name][
+        "transcript"
+    ]
 
 
 # ----------------------------------------------------------------------------- shared by workers
@@ -86,7 +90,7 @@ class FixedSpeechLength:
     def __call__(self, scores, decoded, *extra):
         if len(decoded) >= self.n:
             return self.eos
-        scores[self.speech_token_size:] = -float("inf")
+        scores[self.speech_token_size :] = -float("inf")
         return self.sampler(scores, decoded, *extra)
 
 
@@ -119,8 +123,13 @@ class ChunkLog:
 
     def add(self, samples: int) -> None:
         compute = self.timer.seconds.get("flow_s", 0.0) + self.timer.seconds.get("hift_s", 0.0)
-        self.chunks.append({"t": time.perf_counter() - self.start, "samples": samples,
-                            "compute_s": compute - self._compute})
+        self.chunks.append(
+            {
+                "t": time.perf_counter() - self.start,
+                "samples": samples,
+                "compute_s": compute - self._compute,
+            }
+        )
         self._compute = compute
 
 
@@ -176,8 +185,9 @@ class Replay:
         return rows
 
 
-def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
-               quantize: str | None = None) -> None:
+def our_worker(
+    model_dir: Path, threads: int, dtype: str = "float32", quantize: str | None = None
+) -> None:
     set_threads(threads)
     start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "src"))
@@ -209,10 +219,16 @@ def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
             state["count"], state["flops"] = command.get("count_flops", False), {}
             timer.reset()
             # the length hook: exactly ``tokens`` speech tokens (the driver checks the audio)
-            request = SynthesisRequest(Mode.ZERO_SHOT, command["text"], prompt_audio=command["prompt_wav"],
-                                       prompt_text=command["prompt_text"], seed=command["seed"],
-                                       stream=command["stream"], max_speech_tokens=command["tokens"],
-                                       ignore_eos=True)
+            request = SynthesisRequest(
+                Mode.ZERO_SHOT,
+                command["text"],
+                prompt_audio=command["prompt_wav"],
+                prompt_text=command["prompt_text"],
+                seed=command["seed"],
+                stream=command["stream"],
+                max_speech_tokens=command["tokens"],
+                ignore_eos=True,
+            )
             start = timer.now()
             chunks = ChunkLog(timer, start[0])
             segments = 0
@@ -220,10 +236,17 @@ def our_worker(model_dir: Path, threads: int, dtype: str = "float32",
                 chunks.add(len(chunk.samples))
                 segments = max(segments, chunk.segment + 1)
             timer.add("total", start)
-            return {**timer.seconds, "audio_s": sum(c["samples"] for c in chunks.chunks) / engine.sample_rate,
-                    "sample_rate": engine.sample_rate, "segments": segments, "tokens": command["tokens"],
-                    "samples": sum(c["samples"] for c in chunks.chunks), "chunks": chunks.chunks,
-                    "llm_bytes_per_token": llm_bytes, "flops": state["flops"]}
+            return {
+                **timer.seconds,
+                "audio_s": sum(c["samples"] for c in chunks.chunks) / engine.sample_rate,
+                "sample_rate": engine.sample_rate,
+                "segments": segments,
+                "tokens": command["tokens"],
+                "samples": sum(c["samples"] for c in chunks.chunks),
+                "chunks": chunks.chunks,
+                "llm_bytes_per_token": llm_bytes,
+                "flops": state["flops"],
+            }
 
         return run, load_seconds
 
@@ -237,16 +260,36 @@ class Worker(_V1Worker):
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.name, self.log = name, log
         with self.log.open("w", encoding="utf-8") as handle:
-            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=handle, env=env, text=True, encoding="utf-8", cwd=ROOT)
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=handle,
+                env=env,
+                text=True,
+                encoding="utf-8",
+                cwd=ROOT,
+            )
 
 
 def ensure_model(model_dir: Path, version: int) -> None:
     if (model_dir / "llm.pt").is_file() and (model_dir / "configuration.json").is_file():
         return
     print(f"generating the full-size random-weight model in {model_dir} ...", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_models.py"), "--version", str(version),
-                    "--size", "full", "--no-rl", "--out", str(model_dir)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_models.py"),
+            "--version",
+            str(version),
+            "--size",
+            "full",
+            "--no-rl",
+            "--out",
+            str(model_dir),
+        ],
+        check=True,
+    )
 
 
 def median(values: list[float]) -> float:
@@ -271,13 +314,17 @@ def print_table(results: dict, names: list[str]) -> None:
 
     meta = results["meta"]
     print()
-    print(f"CosyVoice{meta['version']} benchmark: {meta['model']} (random weights), zero-shot, CPU, "
-          f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
-          + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
-          + ("; official at fp32" if "official" in names else ""))
+    print(
+        f"CosyVoice{meta['version']} benchmark: {meta['model']} (random weights), zero-shot, CPU, "
+        f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
+        + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
+        + ("; official at fp32" if "official" in names else "")
+    )
     if meta["repeats"]:
-        print(f"  median of {meta['repeats']} run(s) after a warm-up; {meta['tokens']} speech tokens per "
-              f"request (max_speech_tokens + ignore_eos; audio length checked); prompt {PROMPT_WAV.name}")
+        print(
+            f"  median of {meta['repeats']} run(s) after a warm-up; {meta['tokens']} speech tokens per "
+            f"request (max_speech_tokens + ignore_eos; audio length checked); prompt {PROMPT_WAV.name}"
+        )
     else:
         print(f"  after a warm-up; prompt {PROMPT_WAV.name}")
     labels = ratio_labels(names)
@@ -288,7 +335,9 @@ def print_table(results: dict, names: list[str]) -> None:
 
     def row(label: str, values: list[float], fmt: str) -> None:
         line = f"{label:<34}" + "".join(f"{format(v, fmt):>11}" for v in values)
-        line += "".join(f"{r:>15.2f}x" for r in ratios(dict(zip(names, values, strict=True)), names))
+        line += "".join(
+            f"{r:>15.2f}x" for r in ratios(dict(zip(names, values, strict=True)), names)
+        )
         print(line)
 
     def mib(kb: int) -> float:
@@ -300,23 +349,44 @@ def print_table(results: dict, names: list[str]) -> None:
     row("peak RSS, load (MiB)", [mib(results[n]["peak_load_kb"]) for n in names], ".0f")
     if all("peak_synth_kb" in results[n] for n in names):
         row("peak RSS, synth (MiB)", [mib(results[n]["peak_synth_kb"]) for n in names], ".0f")
-    for kind, label in (("plain", "non-streaming"), ("stream", "streaming"), ("growth", "replayed stream")):
+    for kind, label in (
+        ("plain", "non-streaming"),
+        ("stream", "streaming"),
+        ("growth", "replayed stream"),
+    ):
         if all(kind in results[n] for n in names):
-            row(f"  peak RSS, {label} (MiB)", [mib(results[n][kind]["peak_kb"]) for n in names], ".0f")
+            row(
+                f"  peak RSS, {label} (MiB)",
+                [mib(results[n][kind]["peak_kb"]) for n in names],
+                ".0f",
+            )
     plain = {n: results[n].get("plain") for n in names}
     if all(plain.values()):
         print()
-        print(f"non-streaming: {meta['tokens']} tokens -> {plain[names[0]]['audio_s']:.2f} s audio"
-              + "".join(f"; {n} {plain[n]['audio_s']:.2f} s" for n in names[1:]))
-        for stage, label in (("llm", "LLM"), ("flow", "flow"), ("hift", "vocoder"), ("total", "total")):
+        print(
+            f"non-streaming: {meta['tokens']} tokens -> {plain[names[0]]['audio_s']:.2f} s audio"
+            + "".join(f"; {n} {plain[n]['audio_s']:.2f} s" for n in names[1:])
+        )
+        for stage, label in (
+            ("llm", "LLM"),
+            ("flow", "flow"),
+            ("hift", "vocoder"),
+            ("total", "total"),
+        ):
             row(f"  {label} s", [plain[n][f"{stage}_s"] for n in names], ".2f")
-            row(f"  {label} RTF", [plain[n][f"{stage}_s"] / plain[n]["audio_s"] for n in names], ".3f")
+            row(
+                f"  {label} RTF",
+                [plain[n][f"{stage}_s"] / plain[n]["audio_s"] for n in names],
+                ".3f",
+            )
             row(f"  {label} CPU s", [plain[n][f"{stage}_cpu_s"] for n in names], ".2f")
     stream = {n: results[n].get("stream") for n in names}
     if all(stream.values()):
         print()
-        print(f"streaming: {meta['tokens']} tokens -> {stream[names[0]]['audio_s']:.2f} s audio in "
-              + ", ".join(f"{n} {stream[n]['n_chunks']} chunks" for n in names))
+        print(
+            f"streaming: {meta['tokens']} tokens -> {stream[names[0]]['audio_s']:.2f} s audio in "
+            + ", ".join(f"{n} {stream[n]['n_chunks']} chunks" for n in names)
+        )
         row("  first chunk delivered (s)", [stream[n]["first_chunk_s"] for n in names], ".2f")
         row("  total s", [stream[n]["total_s"] for n in names], ".2f")
         row("  total RTF", [stream[n]["total_s"] / stream[n]["audio_s"] for n in names], ".3f")
@@ -326,9 +396,14 @@ def print_table(results: dict, names: list[str]) -> None:
     growth = {n: results[n].get("growth") for n in names}
     if all(growth.values()):
         print()
-        print(f"streaming, per chunk, {meta['growth_tokens']} replayed tokens (no LLM work): "
-              "flow + vocoder seconds per chunk, and per second of audio in the chunk")
-        print(f"  {'chunk':<6}{'audio end (s)':>14}" + "".join(f"{n + ' s':>12}{n + ' s/s':>14}" for n in names))
+        print(
+            f"streaming, per chunk, {meta['growth_tokens']} replayed tokens (no LLM work): "
+            "flow + vocoder seconds per chunk, and per second of audio in the chunk"
+        )
+        print(
+            f"  {'chunk':<6}{'audio end (s)':>14}"
+            + "".join(f"{n + ' s':>12}{n + ' s/s':>14}" for n in names)
+        )
         logs = {n: growth[n]["chunks"] for n in names}
         rate = growth[names[0]]["sample_rate"]
         for i in range(max(len(v) for v in logs.values())):
@@ -343,10 +418,20 @@ def print_table(results: dict, names: list[str]) -> None:
                 else:
                     cells += f"{'':>12}{'':>14}"
             print(line + f"{end:>14.2f}" + cells)
-        row("  total flow + vocoder s", [growth[n]["flow_s"] + growth[n]["hift_s"] for n in names], ".2f")
+        row(
+            "  total flow + vocoder s",
+            [growth[n]["flow_s"] + growth[n]["hift_s"] for n in names],
+            ".2f",
+        )
     if all(plain.values()):
-        view = {n: {**plain[n], "llm_bytes_per_token": results[n].get("llm_bytes_per_token"),
-                    "llm_ms_per_token": 1e3 * plain[n]["llm_s"] / meta["tokens"]} for n in names}
+        view = {
+            n: {
+                **plain[n],
+                "llm_bytes_per_token": results[n].get("llm_bytes_per_token"),
+                "llm_ms_per_token": 1e3 * plain[n]["llm_s"] / meta["tokens"],
+            }
+            for n in names
+        }
         print("\n(floors: the non-streaming request)", end="")
         print_floors(meta["floors"], view, names, meta["tokens"], meta.get("flops", {}))
 
@@ -367,9 +452,20 @@ def drive(args: argparse.Namespace) -> None:
     names = list(configs)
     argv, env = {}, {}
     for name, (dtype, quantize) in configs.items():
-        argv[name] = [sys.executable, str(Path(__file__).resolve()), "--worker", "--version",
-                      str(args.version), "--model", str(model_dir), "--threads", str(threads),
-                      "--dtype", dtype, *(["--quantize", quantize] if quantize else [])]
+        argv[name] = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--version",
+            str(args.version),
+            "--model",
+            str(model_dir),
+            "--threads",
+            str(threads),
+            "--dtype",
+            dtype,
+            *(["--quantize", quantize] if quantize else []),
+        ]
         env[name] = worker_env(threads, args.omp_wait_policy)
     if official_python or official_path:
         python = official_python or sys.executable
@@ -377,29 +473,60 @@ def drive(args: argparse.Namespace) -> None:
         reason = official_available(python, official_env)
         if reason is None:
             names.append("official")
-            argv["official"] = [python, str(OFFICIAL_WORKER), "--version", str(args.version),
-                                "--model", str(model_dir), "--threads", str(threads),
-                                "--wetext-fsts", args.wetext_fsts]
+            argv["official"] = [
+                python,
+                str(OFFICIAL_WORKER),
+                "--version",
+                str(args.version),
+                "--model",
+                str(model_dir),
+                "--threads",
+                str(threads),
+                "--wetext-fsts",
+                args.wetext_fsts,
+            ]
             env["official"] = official_env
         else:
-            print(f"official implementation not importable with {python}: {reason}; benchmarking ours only")
+            print(
+                f"official implementation not importable with {python}: {reason}; benchmarking ours only"
+            )
     else:
-        print("official implementation not configured (--official-python/--official-path); "
-              "benchmarking ours only")
+        print(
+            "official implementation not configured (--official-python/--official-path); "
+            "benchmarking ours only"
+        )
 
     print("measuring the floors ...", flush=True)
     floors = measure_floors(threads)
     transcript = prompt_transcript()
-    request = {"cmd": "run", "text": SENTENCE, "prompt_wav": str(PROMPT_WAV), "prompt_text": transcript,
-               "seed": SEED}
-    results: dict = {"meta": {"version": args.version, "model": model_dir.name, "threads": threads,
-                              "repeats": args.repeats, "tokens": args.tokens, "growth_tokens": growth_tokens,
-                              "warmup_tokens": args.warmup_tokens, "omp_wait_policy": args.omp_wait_policy,
-                              "configs": configs, "floors": floors,
-                              "load_average_start": os.getloadavg(), "sentence": SENTENCE,
-                              "prompt_wav": PROMPT_WAV.name, "prompt_text": transcript, "seed": SEED,
-                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    request = {
+        "cmd": "run",
+        "text": SENTENCE,
+        "prompt_wav": str(PROMPT_WAV),
+        "prompt_text": transcript,
+        "seed": SEED,
+    }
+    results: dict = {
+        "meta": {
+            "version": args.version,
+            "model": model_dir.name,
+            "threads": threads,
+            "repeats": args.repeats,
+            "tokens": args.tokens,
+            "growth_tokens": growth_tokens,
+            "warmup_tokens": args.warmup_tokens,
+            "omp_wait_policy": args.omp_wait_policy,
+            "configs": configs,
+            "floors": floors,
+            "load_average_start": os.getloadavg(),
+            "sentence": SENTENCE,
+            "prompt_wav": PROMPT_WAV.name,
+            "prompt_text": transcript,
+            "seed": SEED,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    }
     workers: dict[str, Worker] = {}
     samples: dict[str, dict[str, list[dict]]] = {n: {"plain": [], "stream": []} for n in names}
     growth: dict[str, dict] = {}
@@ -407,7 +534,9 @@ def drive(args: argparse.Namespace) -> None:
     def send(name: str, **overrides) -> dict:
         result = workers[name].send({**request, **overrides})
         # each request resets the worker's high-water mark: the synthesis peak is the largest one
-        results[name]["peak_synth_kb"] = max(results[name].get("peak_synth_kb", 0), result["peak_kb"])
+        results[name]["peak_synth_kb"] = max(
+            results[name].get("peak_synth_kb", 0), result["peak_kb"]
+        )
         samples_out = result.get("samples", round(result["audio_s"] * result["sample_rate"]))
         check_fixed_length(name, overrides["tokens"], samples_out, SAMPLES_PER_TOKEN, 0)
         if result["segments"] != 1:
@@ -418,18 +547,27 @@ def drive(args: argparse.Namespace) -> None:
 
     def log(name: str, what: str, r: dict) -> None:
         first = f", first chunk {r['chunks'][0]['t']:.2f} s" if len(r["chunks"]) > 1 else ""
-        print(f"[{name}] {what}: total {r['total_s']:.2f} s (llm {r.get('llm_s', 0):.2f}, flow "
-              f"{r.get('flow_s', 0):.2f}, hift {r.get('hift_s', 0):.2f}){first}, audio {r['audio_s']:.2f} s "
-              f"in {len(r['chunks'])} chunk(s)", flush=True)
+        print(
+            f"[{name}] {what}: total {r['total_s']:.2f} s (llm {r.get('llm_s', 0):.2f}, flow "
+            f"{r.get('flow_s', 0):.2f}, hift {r.get('hift_s', 0):.2f}){first}, audio {r['audio_s']:.2f} s "
+            f"in {len(r['chunks'])} chunk(s)",
+            flush=True,
+        )
 
     try:
         for name in names:  # one at a time: loading is CPU-heavy and must not overlap
             print(f"[{name}] loading ...", flush=True)
-            workers[name] = Worker(name, argv[name], env[name], OUT / f"bench_v{args.version}_{name}.log")
+            workers[name] = Worker(
+                name, argv[name], env[name], OUT / f"bench_v{args.version}_{name}.log"
+            )
             ready = workers[name].receive()
-            results[name] = {"import_s": ready["import_s"], "load_s": ready["load_s"],
-                             "rss_after_load_kb": ready["rss_kb"], "peak_load_kb": ready["hwm_kb"],
-                             "peak_reset": ready["peak_reset"]}
+            results[name] = {
+                "import_s": ready["import_s"],
+                "load_s": ready["load_s"],
+                "rss_after_load_kb": ready["rss_kb"],
+                "peak_load_kb": ready["hwm_kb"],
+                "peak_reset": ready["peak_reset"],
+            }
             print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
         for name in names:  # warm-up: a short request (ONNX sessions, allocator, weights paged in)
             log(name, "warm-up", send(name, tokens=args.warmup_tokens, stream=False))
@@ -467,39 +605,79 @@ def drive(args: argparse.Namespace) -> None:
     json_path.write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
     print_table(results, names)
     start, end = results["meta"]["load_average_start"], results["meta"]["load_average_end"]
-    print(f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
-          f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)")
+    print(
+        f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
+        f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)"
+    )
     print(f"raw figures: {json_path}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", type=int, choices=[2, 3], default=2)
-    parser.add_argument("--model", type=Path, help="model directory (default: benchmarks/out/CosyVoice2-0.5B "
-                        "or Fun-CosyVoice3-0.5B-2512, generated with random weights if absent)")
-    parser.add_argument("--official-python", help="Python of an environment where the official code "
-                        "runs (env COSYVOICE_OFFICIAL_PYTHON)")
-    parser.add_argument("--official-path", help="PYTHONPATH entries (os.pathsep-separated) that make the "
-                        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)")
-    parser.add_argument("--wetext-fsts", default=default_wetext_fsts(),
-                        help="local wetext FST directory for the official frontend")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads, the same for both implementations (default: all cores)")
-    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
-                        help="OpenMP wait policy of both workers (see benchmarks/README.md)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per kind and implementation")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model directory (default: benchmarks/out/CosyVoice2-0.5B "
+        "or Fun-CosyVoice3-0.5B-2512, generated with random weights if absent)",
+    )
+    parser.add_argument(
+        "--official-python",
+        help="Python of an environment where the official code "
+        "runs (env COSYVOICE_OFFICIAL_PYTHON)",
+    )
+    parser.add_argument(
+        "--official-path",
+        help="PYTHONPATH entries (os.pathsep-separated) that make the "
+        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)",
+    )
+    parser.add_argument(
+        "--wetext-fsts",
+        default=default_wetext_fsts(),
+        help="local wetext FST directory for the official frontend",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads, the same for both implementations (default: all cores)",
+    )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "default"],
+        default="passive",
+        help="OpenMP wait policy of both workers (see benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per kind and implementation"
+    )
     parser.add_argument("--tokens", type=int, default=100, help="speech tokens decoded per request")
-    parser.add_argument("--warmup-tokens", type=int, default=10,
-                        help="speech tokens of the (non-streaming) warm-up request")
-    parser.add_argument("--growth-tokens", type=int, default=0,
-                        help="replayed tokens of the per-chunk streaming run (default 0: off; e.g. 300 "
-                        "with --repeats 0 for that run alone)")
-    parser.add_argument("--json", type=Path, help="where to write the raw figures "
-                        "(default benchmarks/out/bench_v<version>.json)")
-    parser.add_argument("--configs", default="fp32,bf16,int8",
-                        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
-                        "flow and vocoder)")
+    parser.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=10,
+        help="speech tokens of the (non-streaming) warm-up request",
+    )
+    parser.add_argument(
+        "--growth-tokens",
+        type=int,
+        default=0,
+        help="replayed tokens of the per-chunk streaming run (default 0: off; e.g. 300 "
+        "with --repeats 0 for that run alone)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="where to write the raw figures (default benchmarks/out/bench_v<version>.json)",
+    )
+    parser.add_argument(
+        "--configs",
+        default="fp32,bf16,int8",
+        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
+        "flow and vocoder)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
@@ -512,4 +690,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
