@@ -83,7 +83,7 @@ class PerRequestThreads(FixedLength):
                     pipeline, last = engine.pipeline, len(run.segments) - 1
                     for index in range(len(run.segments)):
                         task, audio = run.start_segment(index)
-                        for token in run_task_alone(pipeline.llm, task, pipeline.compute):
+                        for token in run_task_alone(pipeline.llm, task):
                             if job.cancelled.is_set():
                                 sink.end(None)
                                 return

@@ -77,7 +77,7 @@ class Engine:
         self.pipeline = pipeline
         self.presets = voices
         self.load_seconds = load_seconds
-        self.loop = EngineLoop(pipeline.llm, pipeline.compute, limits)
+        self.loop = EngineLoop(pipeline.llm, limits)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -122,8 +122,7 @@ class AudioWorker:
     is computed. A failing stage fails its row alone.
     """
 
-    def __init__(self, compute: Callable[[], Any]) -> None:
-        self.compute = compute
+    def __init__(self) -> None:
         # Clear while a stream's first chunk is being computed: the loop holds its decoding
         # step meanwhile, so the first audio is not slowed down by other rows' tokens.
         self.no_first_chunk = threading.Event()
@@ -150,8 +149,7 @@ class AudioWorker:
                 if first:
                     self.no_first_chunk.clear()
                 try:
-                    with self.compute():
-                        self._do(work)
+                    self._do(work)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
                     row.failed = True
                     row.end(exc)
@@ -191,11 +189,8 @@ DEFAULT_LIMITS = LoopLimits()
 class EngineLoop:
     """The scheduler that owns all active requests of one loaded model."""
 
-    def __init__(
-        self, lm: torch.nn.Module, compute: Callable[[], Any], limits: LoopLimits = DEFAULT_LIMITS
-    ) -> None:
+    def __init__(self, lm: torch.nn.Module, limits: LoopLimits = DEFAULT_LIMITS) -> None:
         self.lm = lm
-        self.compute = compute  # the precision context chosen at load
         self.limits = limits
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -255,7 +250,7 @@ class EngineLoop:
 
     def _ensure_thread(self) -> None:
         if not self._audio:
-            self._audio = [AudioWorker(self.compute) for _ in range(self.limits.audio_workers)]
+            self._audio = [AudioWorker() for _ in range(self.limits.audio_workers)]
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
             self._thread.start()
@@ -300,8 +295,7 @@ class EngineLoop:
             fn, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
                 try:
-                    with self.compute():
-                        future.set_result(fn())
+                    future.set_result(fn())
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
 
@@ -318,8 +312,7 @@ class EngineLoop:
                 job.sink.end(None)
                 continue
             try:
-                with self.compute():
-                    run = job.prepare()
+                run = job.prepare()
                 row = _Row(job, run, on_end=self._live.discard, streaming=run.stream)
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
@@ -357,13 +350,10 @@ class EngineLoop:
 
     def _forward_rows(self, rows: list[_Row]) -> None:
         try:
-            with self.compute():
-                inputs = (
-                    rows[0].feed.inputs
-                    if len(rows) == 1
-                    else torch.cat([r.feed.inputs for r in rows])
-                )
-                logp = self.lm.log_probs(inputs, [r.cache for r in rows])
+            inputs = (
+                rows[0].feed.inputs if len(rows) == 1 else torch.cat([r.feed.inputs for r in rows])
+            )
+            logp = self.lm.log_probs(inputs, [r.cache for r in rows])
         except BaseException as exc:  # noqa: BLE001
             if len(rows) == 1:
                 self._fail(rows[0], exc)
@@ -382,8 +372,7 @@ class EngineLoop:
         """Run the row's task until it needs a forward, waits for text, or its request ends;
         tokens go to the audio stage and audio to the request as soon as it exists."""
         try:
-            with self.compute():
-                self._advance_task(row)
+            self._advance_task(row)
         except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
             self._fail(row, exc)
             self._remove(row)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +62,11 @@ def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Tas
     )
 
 
-def run_task_alone(lm, task: Task, compute: Callable[[], AbstractContextManager]) -> Iterator[int]:
-    """A task's tokens computed as a batch of one, in the compute (precision) context."""
+def run_task_alone(lm, task: Task) -> Iterator[int]:
+    """A task's tokens computed as a batch of one."""
     tokens = run_alone(lm, task)
     while True:
-        with torch.inference_mode(), compute():  # never held across a yield
+        with torch.inference_mode():  # never held across a yield
             token = next(tokens, None)
         if token is None:
             return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -49,11 +48,6 @@ def load_network(
     return apply_precision(network.to(placement.device).eval(), part, placement)
 
 
-def compute_context(placement: Placement):
-    """Nothing to enter: the weights are stored in the precision chosen at load (apply_precision)."""
-    return contextlib.nullcontext()
-
-
 def build_pipeline(
     model: ModelDir,
     placement: Placement,
@@ -73,10 +67,7 @@ def build_pipeline(
             hift,
             model.config.token_frame_rate,
             model.config.sample_rate,
-            lambda: compute_context(placement),
         )
     from .v2 import V2Pipeline
 
-    return V2Pipeline(
-        llm, flow, hift, model.config.sample_rate, lambda: compute_context(placement), model.version
-    )
+    return V2Pipeline(llm, flow, hift, model.config.sample_rate, model.version)

@@ -7,8 +7,7 @@ stateless, so concurrent requests never see each other's caches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 
 import torch
 
@@ -60,8 +59,7 @@ class V1Segment:
     def _token2wav(self, tokens: list[int], finalize: bool) -> torch.Tensor:
         pipeline = self.pipeline
         token = torch.tensor([tokens], dtype=torch.int32, device=pipeline.device)
-        with pipeline.compute():
-            mel = pipeline.flow.stream_step(self.flow, token, finalize=finalize)
+        mel = pipeline.flow.stream_step(self.flow, token, finalize=finalize)
         return pipeline.hift.stream_step(
             self.vocoder, mel, self.generator, finalize, self.speed if finalize else 1.0
         )
@@ -77,11 +75,9 @@ class V1Pipeline:
         hift: torch.nn.Module,
         frame_rate: int,
         sample_rate: int,
-        compute: Callable[[], AbstractContextManager],
     ) -> None:
         self.llm, self.flow, self.hift = llm, flow, hift
         self.sample_rate = sample_rate
-        self.compute = compute  # makes the autocast context for the LLM and flow (no-op in fp32)
         self.min_hop = 2 * frame_rate  # official token_min_hop_len; the hop never grows (scale 1)
 
     @property
@@ -96,7 +92,7 @@ class V1Pipeline:
         self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
     ) -> Iterator[int]:
         """One segment's speech tokens, decoded alone (a batch of one)."""
-        return run_task_alone(self.llm, self.task(inputs, sampler, policy), self.compute)
+        return run_task_alone(self.llm, self.task(inputs, sampler, policy))
 
     def start(
         self, inputs: ModelInputs, generator: torch.Generator, stream: bool, speed: float = 1.0

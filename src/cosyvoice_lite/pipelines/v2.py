@@ -10,8 +10,7 @@ state lives in ``_Stream`` objects owned by one request.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -98,12 +97,10 @@ class V2Pipeline:
         flow: torch.nn.Module,
         hift: torch.nn.Module,
         sample_rate: int,
-        compute: Callable[[], AbstractContextManager],
         version: int,
     ) -> None:
         self.llm, self.flow, self.hift = llm, flow, hift
         self.sample_rate = sample_rate
-        self.compute = compute
         self.version = version
         self.spec = spec(version)
         self.lookahead = int(flow.pre_lookahead_len)
@@ -125,7 +122,7 @@ class V2Pipeline:
         self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
     ) -> Iterator[int]:
         """One segment's speech tokens, decoded alone (a batch of one)."""
-        return run_task_alone(self.llm, self.task(inputs, sampler, policy), self.compute)
+        return run_task_alone(self.llm, self.task(inputs, sampler, policy))
 
     # ------------------------------------------------------------------ synthesis
     def start(
@@ -153,7 +150,7 @@ class V2Pipeline:
     def _start_flow_stream(self, inputs: ModelInputs):
         if not hasattr(self.flow, "new_stream"):
             return None
-        with torch.inference_mode(), self.compute():
+        with torch.inference_mode():
             return self.flow.new_stream(
                 inputs.flow_prompt_speech_token, inputs.prompt_speech_feat, inputs.flow_embedding
             )
@@ -161,8 +158,7 @@ class V2Pipeline:
     @torch.inference_mode()
     def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:
         token = torch.tensor([tokens], dtype=torch.int32, device=self.device).reshape(1, -1)
-        with self.compute():
-            return self.flow.stream_step(flow_stream, token, finalize=finalize).float()
+        return self.flow.stream_step(flow_stream, token, finalize=finalize).float()
 
     @torch.inference_mode()
     def _flow(
@@ -176,22 +172,21 @@ class V2Pipeline:
         device = self.device
         token = torch.tensor([tokens], dtype=torch.int32, device=device).reshape(1, -1)
         prompt_token = inputs.flow_prompt_speech_token
-        with self.compute():
-            mel, _ = self.flow.inference(
-                token=token,
-                token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=device),
-                prompt_token=prompt_token,
-                prompt_token_len=torch.tensor(
-                    [prompt_token.shape[1]], dtype=torch.int32, device=device
-                ),
-                prompt_feat=inputs.prompt_speech_feat,
-                prompt_feat_len=torch.tensor(
-                    [inputs.prompt_speech_feat.shape[1]], dtype=torch.int32, device=device
-                ),
-                embedding=inputs.flow_embedding,
-                streaming=streaming,
-                finalize=finalize,
-            )
+        mel, _ = self.flow.inference(
+            token=token,
+            token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=device),
+            prompt_token=prompt_token,
+            prompt_token_len=torch.tensor(
+                [prompt_token.shape[1]], dtype=torch.int32, device=device
+            ),
+            prompt_feat=inputs.prompt_speech_feat,
+            prompt_feat_len=torch.tensor(
+                [inputs.prompt_speech_feat.shape[1]], dtype=torch.int32, device=device
+            ),
+            embedding=inputs.flow_embedding,
+            streaming=streaming,
+            finalize=finalize,
+        )
         return mel.float()[:, :, state.offset * self.mel_ratio :]
 
     @torch.inference_mode()
