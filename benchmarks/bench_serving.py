@@ -71,7 +71,7 @@ class PerRequestThreads(FixedLength):
     def submit(self, request, sink, progress=None, prompt=None):
         import torch
 
-        from cosyvoice_lite.pipelines.common import run_task_alone
+        from cosyvoice_lite.decoding import run_alone
 
         engine, request, job = self._engine, self.fixed(request), _Cancel()
         engine._check(request)
@@ -83,7 +83,7 @@ class PerRequestThreads(FixedLength):
                     pipeline, last = engine.pipeline, len(run.segments) - 1
                     for index in range(len(run.segments)):
                         task, audio = run.start_segment(index)
-                        for token in run_task_alone(pipeline.llm, task):
+                        for token in run_alone(pipeline.llm, task):
                             if job.cancelled.is_set():
                                 sink.end(None)
                                 return

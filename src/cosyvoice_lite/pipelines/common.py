@@ -8,15 +8,17 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding import (
+    OFFICIAL_LENGTHS,
     LengthPolicy,
     Task,
     TextSource,
     bistream_task,
+    drop_long_silences,
     given_tokens_task,
     run_alone,
     speech_token_task,
 )
-from ..networks.crossfade import fade_in_out  # noqa: F401 - re-exported for callers
+from ..versions import spec
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,61 @@ def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Tas
     )
 
 
-def run_task_alone(lm, task: Task) -> Iterator[int]:
-    """A task's tokens computed as a batch of one."""
-    tokens = run_alone(lm, task)
-    while True:
-        with torch.inference_mode():  # never held across a yield
-            token = next(tokens, None)
-        if token is None:
-            return
-        yield token
+class Pipeline:
+    """What every version's pipeline shares: a segment's decoding task (stepped by the engine loop
+    with other requests') and its audio stage (``segment_class``: push tokens in, waveform pieces
+    come out), plus both computed alone (tests, tools)."""
+
+    segment_class: type
+
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        flow: torch.nn.Module,
+        hift: torch.nn.Module,
+        sample_rate: int,
+        version: int,
+    ) -> None:
+        self.llm, self.flow, self.hift = llm, flow, hift
+        self.sample_rate = sample_rate
+        self.version = version
+        self.spec = spec(version)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.flow.parameters()).device
+
+    def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
+        """The decoding task of one segment; long silences are dropped where the version says."""
+        task = decoding_task(self.llm, inputs, sampler, policy)
+        if self.spec.silent_tokens and inputs.source_speech_token is None:
+            task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
+        return task
+
+    def speech_tokens(
+        self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
+    ) -> Iterator[int]:
+        """One segment's speech tokens, decoded alone (a batch of one)."""
+        return run_alone(self.llm, self.task(inputs, sampler, policy))
+
+    def start(
+        self, inputs: ModelInputs, generator: torch.Generator, stream: bool, speed: float = 1.0
+    ):
+        """The token -> waveform state of one segment; push tokens in, pieces come out."""
+        return self.segment_class(self, inputs, generator, stream, speed)
+
+    def synthesize(
+        self,
+        inputs: ModelInputs,
+        sampler,
+        generator: torch.Generator,
+        stream: bool,
+        speed: float = 1.0,
+    ) -> Iterator[torch.Tensor]:
+        """Waveform pieces [1, N] of one segment, computed alone."""
+        segment = self.start(inputs, generator, stream, speed)
+        for token in self.speech_tokens(inputs, sampler):
+            piece = segment.push(token)
+            if piece is not None:
+                yield piece
+        yield segment.finish()

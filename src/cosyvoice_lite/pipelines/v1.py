@@ -7,12 +7,9 @@ stateless, so concurrent requests never see each other's caches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from ..decoding import OFFICIAL_LENGTHS, LengthPolicy, Task
-from .common import ModelInputs, decoding_task, run_task_alone
+from .common import ModelInputs, Pipeline
 
 TOKEN_OVERLAP = 20  # tokens shared by consecutive streaming chunks
 MEL_CACHE = 20  # mel frames of look-back given to the vocoder
@@ -65,8 +62,10 @@ class V1Segment:
         )
 
 
-class V1Pipeline:
+class V1Pipeline(Pipeline):
     """LLM tokens -> flow mel -> HiFT waveform for CosyVoice-300M models."""
+
+    segment_class = V1Segment
 
     def __init__(
         self,
@@ -76,42 +75,5 @@ class V1Pipeline:
         frame_rate: int,
         sample_rate: int,
     ) -> None:
-        self.llm, self.flow, self.hift = llm, flow, hift
-        self.sample_rate = sample_rate
+        super().__init__(llm, flow, hift, sample_rate, version=1)
         self.min_hop = 2 * frame_rate  # official token_min_hop_len; the hop never grows (scale 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.flow.parameters()).device
-
-    def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
-        """The decoding task of one segment (the engine loop steps it with other requests')."""
-        return decoding_task(self.llm, inputs, sampler, policy)
-
-    def speech_tokens(
-        self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
-    ) -> Iterator[int]:
-        """One segment's speech tokens, decoded alone (a batch of one)."""
-        return run_task_alone(self.llm, self.task(inputs, sampler, policy))
-
-    def start(
-        self, inputs: ModelInputs, generator: torch.Generator, stream: bool, speed: float = 1.0
-    ) -> V1Segment:
-        """The token -> waveform state of one segment; push tokens in, pieces come out."""
-        return V1Segment(self, inputs, generator, stream, speed)
-
-    def synthesize(
-        self,
-        inputs: ModelInputs,
-        sampler,
-        generator: torch.Generator,
-        stream: bool,
-        speed: float = 1.0,
-    ) -> Iterator[torch.Tensor]:
-        """Waveform pieces [1, N] of one segment, computed alone."""
-        segment = self.start(inputs, generator, stream, speed)
-        for token in self.speech_tokens(inputs, sampler):
-            piece = segment.push(token)
-            if piece is not None:
-                yield piece
-        yield segment.finish()

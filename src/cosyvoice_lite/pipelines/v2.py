@@ -10,15 +10,12 @@ state lives in ``_Stream`` objects owned by one request.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..decoding import OFFICIAL_LENGTHS, LengthPolicy, Task, drop_long_silences
-from ..versions import spec
-from .common import ModelInputs, decoding_task, run_task_alone
+from .common import ModelInputs, Pipeline
 
 TOKEN_HOP = 25  # training chunk size: the first hop
 MAX_TOKEN_HOP = 100
@@ -63,15 +60,9 @@ class V2Segment:
         if not self.stream or len(state.tokens) - state.offset < hop + pipeline.lookahead:
             return None
         end = state.offset + hop + pipeline.lookahead
-        if self.flow_stream is not None:  # only the new chunk is computed
-            mel = pipeline._flow_step(
-                self.flow_stream, state.tokens[self.pushed : end], finalize=False
-            )
-            self.pushed = end
-        else:  # reference path: re-run the flow over everything, as the official does
-            mel = pipeline._flow(
-                state, self.inputs, state.tokens[:end], streaming=True, finalize=False
-            )
+        # only the new chunk is computed (the official re-runs the flow over the whole history)
+        mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed : end], finalize=False)
+        self.pushed = end
         state.offset += hop
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
         return pipeline._vocode(state, mel, self.generator, finalize=False)
@@ -84,12 +75,14 @@ class V2Segment:
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
             mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed :], finalize=True)
         else:
-            mel = pipeline._flow(state, self.inputs, state.tokens, streaming=False, finalize=True)
+            mel = pipeline._flow(self.inputs, state.tokens)
         return pipeline._vocode(state, mel, self.generator, finalize=True, speed=self.speed)
 
 
-class V2Pipeline:
+class V2Pipeline(Pipeline):
     """LLM -> causal flow -> HiFT for CosyVoice2 (``causal_vocoder=False``) and CosyVoice3."""
+
+    segment_class = V2Segment
 
     def __init__(
         self,
@@ -99,57 +92,10 @@ class V2Pipeline:
         sample_rate: int,
         version: int,
     ) -> None:
-        self.llm, self.flow, self.hift = llm, flow, hift
-        self.sample_rate = sample_rate
-        self.version = version
-        self.spec = spec(version)
+        super().__init__(llm, flow, hift, sample_rate, version)
         self.lookahead = int(flow.pre_lookahead_len)
-        self.mel_ratio = int(flow.token_mel_ratio)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.flow.parameters()).device
-
-    # ------------------------------------------------------------------ tokens
-    def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
-        """The decoding task of one segment (the engine loop steps it with other requests')."""
-        task = decoding_task(self.llm, inputs, sampler, policy)
-        if self.spec.silent_tokens and inputs.source_speech_token is None:
-            task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
-        return task
-
-    def speech_tokens(
-        self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS
-    ) -> Iterator[int]:
-        """One segment's speech tokens, decoded alone (a batch of one)."""
-        return run_task_alone(self.llm, self.task(inputs, sampler, policy))
-
-    # ------------------------------------------------------------------ synthesis
-    def start(
-        self, inputs: ModelInputs, generator: torch.Generator, stream: bool, speed: float = 1.0
-    ) -> V2Segment:
-        """The token -> waveform state of one segment; push tokens in, pieces come out."""
-        return V2Segment(self, inputs, generator, stream, speed)
-
-    def synthesize(
-        self,
-        inputs: ModelInputs,
-        sampler,
-        generator: torch.Generator,
-        stream: bool,
-        speed: float = 1.0,
-    ) -> Iterator[torch.Tensor]:
-        """Waveform pieces [1, N] of one segment, computed alone."""
-        segment = self.start(inputs, generator, stream, speed)
-        for token in self.speech_tokens(inputs, sampler):
-            piece = segment.push(token)
-            if piece is not None:
-                yield piece
-        yield segment.finish()
 
     def _start_flow_stream(self, inputs: ModelInputs):
-        if not hasattr(self.flow, "new_stream"):
-            return None
         with torch.inference_mode():
             return self.flow.new_stream(
                 inputs.flow_prompt_speech_token, inputs.prompt_speech_feat, inputs.flow_embedding
@@ -161,14 +107,8 @@ class V2Pipeline:
         return self.flow.stream_step(flow_stream, token, finalize=finalize).float()
 
     @torch.inference_mode()
-    def _flow(
-        self,
-        state: _Stream,
-        inputs: ModelInputs,
-        tokens: list[int],
-        streaming: bool,
-        finalize: bool,
-    ) -> torch.Tensor:
+    def _flow(self, inputs: ModelInputs, tokens: list[int]) -> torch.Tensor:
+        """The mel of a whole utterance, with full attention as the official non-streaming path."""
         device = self.device
         token = torch.tensor([tokens], dtype=torch.int32, device=device).reshape(1, -1)
         prompt_token = inputs.flow_prompt_speech_token
@@ -184,10 +124,10 @@ class V2Pipeline:
                 [inputs.prompt_speech_feat.shape[1]], dtype=torch.int32, device=device
             ),
             embedding=inputs.flow_embedding,
-            streaming=streaming,
-            finalize=finalize,
+            streaming=False,
+            finalize=True,
         )
-        return mel.float()[:, :, state.offset * self.mel_ratio :]
+        return mel.float()
 
     @torch.inference_mode()
     def _vocode(
