@@ -23,8 +23,8 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'cosy
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
 
 import boto3  # noqa: E402 - dev dependencies, as moto (the S3 server)
-from test_server_support import decode, free_port, prompt_wav, wait_for  # noqa: E402
-from test_voice_store_s3 import BUCKET, moto_server  # noqa: E402
+from test_server_support import decode, free_port, moto_server, prompt_wav, wait_for  # noqa: E402
+from test_voice_store_s3 import BUCKET  # noqa: E402
 
 from cosyvoice_lite.serving import S3Settings, Settings  # noqa: E402
 from cosyvoice_lite.serving.ray_serve import (  # noqa: E402

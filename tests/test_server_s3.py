@@ -4,55 +4,20 @@ server mode, started here on a loopback port)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import httpx
 import pytest
-from test_server_support import ServerThread, decode, free_port, metric, tiny_engine, wait_for
+from test_server_support import ServerThread, decode, metric, moto_server, tiny_engine, wait_for
 
 from cosyvoice_lite.serving import S3Settings, Settings, create_app
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] is needed for the local S3 server")
 
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
 
 @pytest.fixture(scope="module")
 def s3_url():
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(url, timeout=2).status_code < 500
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_for(up, timeout=60), "moto server did not start"
+    with moto_server() as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

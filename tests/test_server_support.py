@@ -4,9 +4,13 @@ synthesis down and records cancellation."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -252,3 +256,42 @@ class EngineProbe:
             chunks.close()
             with self.lock:
                 self.closed += 1
+
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def moto_server():
+    """A real S3 API on a loopback port (moto server mode), with test credentials set."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(url, timeout=2).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(up, timeout=60), "moto server did not start"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -7,15 +7,19 @@ connection): 503 and no half voice."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import subprocess
-import sys
 import threading
 
-import httpx
 import pytest
-from test_server_support import ServerThread, decode, free_port, prompt_wav, tiny_engine, wait_for
+from test_server_support import (
+    ServerThread,
+    decode,
+    free_port,
+    moto_server,
+    prompt_wav,
+    tiny_engine,
+    wait_for,
+)
 
 from cosyvoice_lite.serving import S3Settings, Settings, create_app
 from cosyvoice_lite.serving.voice_store_s3 import CACHE_TTL, S3VoiceStore
@@ -24,44 +28,7 @@ from cosyvoice_lite.serving.voices import StorageError
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] is needed for the local S3 server")
 
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 BUCKET = "voices"
-
-
-@contextlib.contextmanager
-def moto_server():
-    """A real S3 API on a loopback port (moto server mode), with test credentials set."""
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(url, timeout=2).status_code < 500
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_for(up, timeout=60), "moto server did not start"
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class Relay:
