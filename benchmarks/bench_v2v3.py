@@ -216,6 +216,8 @@ def our_worker(
 
         def run(command: dict) -> dict:
             replay.tokens = list(command["replay"]) if command.get("replay") else None
+            if command.get("new_voice"):  # the voice's prompt flow is computed in this request
+                pipeline.prompt_flows.clear()
             state["count"], state["flops"] = command.get("count_flops", False), {}
             timer.reset()
             # the length hook: exactly ``tokens`` speech tokens (the driver checks the audio)
@@ -387,7 +389,14 @@ def print_table(results: dict, names: list[str]) -> None:
             f"streaming: {meta['tokens']} tokens -> {stream[names[0]]['audio_s']:.2f} s audio in "
             + ", ".join(f"{n} {stream[n]['n_chunks']} chunks" for n in names)
         )
-        row("  first chunk delivered (s)", [stream[n]["first_chunk_s"] for n in names], ".2f")
+        row("  first chunk, saved voice (s)", [stream[n]["first_chunk_s"] for n in names], ".2f")
+        new_voice = {n: results[n].get("stream_new_voice") for n in names}
+        if all(new_voice.values()):
+            row(
+                "  first chunk, new voice (s)",
+                [new_voice[n]["first_chunk_s"] for n in names],
+                ".2f",
+            )
         row("  total s", [stream[n]["total_s"] for n in names], ".2f")
         row("  total RTF", [stream[n]["total_s"] / stream[n]["audio_s"] for n in names], ".3f")
         row("  LLM s", [stream[n]["llm_s"] for n in names], ".2f")
@@ -528,7 +537,8 @@ def drive(args: argparse.Namespace) -> None:
         }
     }
     workers: dict[str, Worker] = {}
-    samples: dict[str, dict[str, list[dict]]] = {n: {"plain": [], "stream": []} for n in names}
+    kinds = ("plain", "stream_new_voice", "stream")  # the new voice primes the saved one
+    samples: dict[str, dict[str, list[dict]]] = {n: {k: [] for k in kinds} for n in names}
     growth: dict[str, dict] = {}
 
     def send(name: str, **overrides) -> dict:
@@ -577,9 +587,14 @@ def drive(args: argparse.Namespace) -> None:
             results["meta"]["flops"] = counted["flops"]
         for rep in range(args.repeats):
             order = names if rep % 2 == 0 else names[::-1]
-            for kind in ("plain", "stream"):
+            for kind in kinds:
                 for name in order:
-                    result = send(name, tokens=args.tokens, stream=kind == "stream")
+                    result = send(
+                        name,
+                        tokens=args.tokens,
+                        stream=kind != "plain",
+                        new_voice=kind == "stream_new_voice",
+                    )
                     samples[name][kind].append(result)
                     log(name, f"{kind} run {rep + 1}/{args.repeats}", result)
         if growth_tokens:
@@ -596,7 +611,7 @@ def drive(args: argparse.Namespace) -> None:
                 except (SystemExit, OSError, BrokenPipeError):
                     worker.process.kill()
     for name in names:
-        for kind in ("plain", "stream"):
+        for kind in kinds:
             if samples[name][kind]:
                 results[name][kind] = summarize(samples[name][kind])
         if name in growth:

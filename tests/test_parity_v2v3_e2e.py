@@ -21,6 +21,7 @@ from cosyvoice_lite.sampling import RasSampler
 
 DATA = Path(__file__).resolve().parent / "data"
 TOL = 1e-4
+PHASE_TOL = 5e-2  # a streamed waveform: ~1e-6 mel rounding through the vocoder's phase sum
 METHOD_MODES = {
     "inference_sft": Mode.PRESET,
     "inference_zero_shot": Mode.ZERO_SHOT,
@@ -64,13 +65,13 @@ def _request(case: dict) -> SynthesisRequest:
     )
 
 
-def _close(ours, theirs: np.ndarray, what: str) -> None:
+def _close(ours, theirs: np.ndarray, what: str, tol: float = TOL) -> None:
     ours = np.asarray(ours, dtype=np.float64)
     ours = ours.reshape(theirs.shape) if ours.size == theirs.size else ours.reshape(-1)
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs official {theirs.shape}"
     err = float(np.abs(ours - theirs).max()) if ours.size else 0.0
     print(f"parity {what}: max abs error {err:.2e}")
-    assert err <= TOL, f"{what}: max abs error {err:.3g} > {TOL}"
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
 @pytest.mark.parametrize(("version", "name"), [c for c in CASES if not c[1].startswith("stream_")])
@@ -94,11 +95,13 @@ def test_synthesis_matches_official(version: str, name: str) -> None:
 @pytest.mark.parametrize(("version", "name"), [c for c in CASES if c[1].startswith("stream_")])
 def test_stream_chunks_match_official(version: str, name: str, monkeypatch) -> None:
     """The official stream re-runs the flow over the whole history for every chunk; ours computes
-    only the new chunk (chunk-causal), which changes the mel by ~1e-6. The v2/v3 vocoders' source
-    phase is a float32 running sum scaled by 2*pi*480, which turns such rounding into ~1e-2 sample
-    differences, so after the first chunk the streams are compared on the mel: every non-final
-    chunk's mel equals the official's within 1e-4. The official computes the last chunk with full
-    attention over the whole utterance; ours keeps the chunk masks (same length)."""
+    each encoder chunk once, as soon as its tokens are in (the voice's prompt chunks once per
+    voice), which changes the mel by ~1e-6. The v2/v3 vocoders' source phase is a float32 running
+    sum scaled by 2*pi*480, which turns such rounding into ~1e-2 sample differences, so the streams
+    are compared on the mel: every non-final chunk's mel equals the official's within 1e-4, and
+    the first chunk's waveform is checked only against that amplification bound. The official
+    computes the last chunk with full attention over the whole utterance; ours keeps the chunk
+    masks (same length)."""
     case = _manifest(version)[name]
     gold = np.load(DATA / "golden" / f"{version}_e2e" / f"{name}.npz")
     engine = _engine(version, case["llm_file"])
@@ -123,7 +126,7 @@ def test_stream_chunks_match_official(version: str, name: str, monkeypatch) -> N
     pieces = list(engine.pipeline.synthesize(replay, sampler, generator, True))
     chunks = sorted(k for k in gold.files if k.startswith("chunk_"))
     assert len(pieces) == len(chunks) > 1
-    _close(pieces[0], gold["chunk_0"].reshape(-1), f"{version} {name} first chunk waveform")
+    _close(pieces[0], gold["chunk_0"].reshape(-1), f"{version} {name} first chunk", PHASE_TOL)
     last_partial = f"flow_mel_{len(chunks) - 2}"  # the official's last streaming flow call
     _close(torch.cat(mels[:-1], dim=2), gold[last_partial], f"{version} {name} streamed mel")
     assert pieces[-1].numel() == gold[chunks[-1]].size

@@ -367,6 +367,40 @@ def test_incremental_streams_are_independent(flow: CausalMaskedDiffWithXvec) -> 
         flow.stream_step(a, token[:, :1])
 
 
+def test_forks_of_a_primed_prompt_equal_a_fresh_stream(flow: CausalMaskedDiffWithXvec) -> None:
+    """The prompt's whole chunks are encoded once (`stream_step` with no new tokens); forks share
+    the U-Net's keys/values of those frames and give the mel of a stream started afresh."""
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    # a 15-token prompt: two 5-token chunks have their look-ahead inside it
+    voice = dict(
+        g,
+        prompt_token=torch.cat([g["prompt_token"], token[:, :9]], dim=1),
+        prompt_feat=torch.cat([g["prompt_feat"], g["prompt_feat"].flip(1)[:, :18]], dim=1),
+    )
+    rest = token[:, 9:]
+    fresh = torch.cat(_stream(flow, [rest[:, :5], rest[:, 5:]], voice), dim=2)
+    template = flow.new_stream(voice["prompt_token"], voice["prompt_feat"], voice["embedding"])
+    assert flow.stream_step(template, rest[:, :0]).shape[2] == 0
+    assert template.tokens_done == 10
+    template = template.fork()
+    assert sum(step.nbytes() for step in template.estimator) == 0  # the U-Net's part is shared
+    forks = [template.fork(), template.fork()]
+    outs: list[list[torch.Tensor]] = [[], []]
+    for i in range(rest.shape[1]):  # interleaved, token by token
+        for k in (1, 0):
+            outs[k].append(flow.stream_step(forks[k], rest[:, i : i + 1]))
+    for k in (0, 1):
+        outs[k].append(flow.stream_step(forks[k], rest[:, :0], finalize=True))
+        torch.testing.assert_close(torch.cat(outs[k], dim=2), fresh, atol=1e-5, rtol=0)
+    keys = [
+        next(item.keys for item in f.estimator[0].items if hasattr(item, "keys"))
+        for f in (*forks, template)
+    ]
+    assert keys[0].shared is keys[1].shared is keys[2].shared
+    assert keys[0].shared.shape[-2] == 20 and keys[0].length > 20
+
+
 # --------------------------------------------------------------------------------------------
 # input checks
 

@@ -263,6 +263,36 @@ def test_two_interleaved_flow_streams_do_not_affect_each_other(
             assert torch.equal(a, b)
 
 
+def test_forks_of_a_primed_prompt_match_the_official_rerun(flow: CausalMaskedDiffWithDiT) -> None:
+    """A voice's prompt is computed once (`stream_step` with no new tokens encodes the prompt's
+    whole chunks whose look-ahead is in the prompt); every fork attends over those keys/values,
+    shared, and matches the official re-run chunk by chunk; forks do not affect each other."""
+    token, p_tok, p_feat, emb = flow_inputs(31, 40, 23)
+    template = flow.new_stream(p_tok, p_feat, emb)
+    assert flow.stream_step(template, token[:, :0]).shape[2] == 0
+    chunk = chunk_tokens(flow)
+    assert template.tokens_done == (23 - LOOK) // chunk * chunk > 0
+    template = template.fork()  # what a voice keeps: prefix only, compacted
+    ends = official_schedule(token.shape[1], 23, chunk)
+    for order in ((0, 1), (1, 0)):  # two forks interleaved, each equal to the re-run
+        forks = [template.fork(), template.fork()]
+        fed, offset = [0, 0], [0, 0]
+        for end in ends:
+            for k in order:
+                mel = flow.stream_step(forks[k], token[:, fed[k] : end])
+                expected = flow_rerun(flow, token[:, :end], p_tok, p_feat, emb, finalize=False)
+                assert max_err(mel, expected[:, :, 2 * offset[k] :]) < TOL
+                fed[k], offset[k] = end, end - LOOK
+        shared = forks[0].steps[0].kv[0].keys.shared
+        assert shared is forks[1].steps[0].kv[0].keys.shared is template.steps[0].kv[0].keys.shared
+        assert shared.shape[-2] == 2 * template.tokens_done
+        mel = flow.stream_step(forks[0], token[:, fed[0] :], finalize=True)
+        expected = flow_rerun(flow, token, p_tok, p_feat, emb, finalize=True)
+        assert max_err(mel, expected[:, :, 2 * offset[0] :]) < TOL
+    with pytest.raises(InvalidRequestError):
+        forks[0].fork()  # finalized
+
+
 def test_flow_step_cost_stays_flat_and_cache_grows_linearly(flow: CausalMaskedDiffWithDiT) -> None:
     token, p_tok, p_feat, emb = flow_inputs(21, 160, 5)
     state = flow.new_stream(p_tok, p_feat, emb)

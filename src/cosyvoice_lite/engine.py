@@ -94,6 +94,7 @@ class Engine:
         max_batch: int = 16,
         prefill_tokens: int = 4096,
         audio_workers: int = 2,
+        prompt_cache_mb: int = 2048,
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
     ) -> Engine:
@@ -105,6 +106,8 @@ class Engine:
         ``flow_steps`` (official 10) trades the flow's quality for speed. ``max_batch`` requests
         decode together at most, one step prefills at most ``prefill_tokens`` positions, and
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
+        ``prompt_cache_mb`` bounds the memory of voices' prompt frames computed once through the
+        v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream).
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
         vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
         """
@@ -122,7 +125,11 @@ class Engine:
         from .pipelines import factory  # version-specific wiring
 
         tokenizer = factory.text_tokenizer(model_dir)
-        pipeline = factory.build_pipeline(model_dir, placement, llm_checkpoint, flow_steps)
+        if prompt_cache_mb < 0:
+            raise InvalidRequestError("prompt_cache_mb must be at least 0")
+        pipeline = factory.build_pipeline(
+            model_dir, placement, llm_checkpoint, flow_steps, prompt_cache_mb << 20
+        )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         prompt_encoder = PromptEncoder(
             model_dir.path / "campplus.onnx",

@@ -145,7 +145,12 @@ class AudioWorker:
                     if work.token is None and work.last:
                         row.end(None)
                     continue
-                first = row.streaming and not row.audio_out
+                # a stream's first piece (not the chunks the flow computes ahead of it)
+                first = (
+                    row.streaming
+                    and not row.audio_out
+                    and (work.token is None or work.audio.piece_due())
+                )
                 if first:
                     self.no_first_chunk.clear()
                 try:

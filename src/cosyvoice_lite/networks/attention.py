@@ -14,15 +14,43 @@ import torch.nn.functional as F
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for [B, H, T, d] tensors; ``mask`` is additive (float) or
-    boolean (True = may attend), broadcastable to [B, H, Tq, Tk]."""
+    boolean (True = may attend), broadcastable to [B, H, Tq, Tk].
+
+    ``prefix`` = (keys, values) [B, H, P, d] every query sees before ``k``/``v`` (a stream's shared
+    prompt frames, see ``cache.GrowingBuffer.fork``); the mask covers ``k`` only. One softmax runs
+    over both parts, so the result is the attention over their concatenation (up to the order of
+    float sums) without copying the shared part next to the stream's own."""
+    if prefix is not None:
+        return _attention_after_prefix(q, k, v, mask, *prefix)
     if q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.matmul(_scores(q, k, mask).softmax(dim=-1), v)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-    if mask is not None:
-        scores = (
-            scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
-        )
-    return torch.matmul(scores.softmax(dim=-1), v)
+    if mask is None:
+        return scores
+    return scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
+
+
+def _attention_after_prefix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+) -> torch.Tensor:
+    shared = prefix_k.size(-2)
+    scores = torch.cat([_scores(q, prefix_k.to(q.dtype), None), _scores(q, k, mask)], dim=-1)
+    weights = scores.softmax(dim=-1)
+    out = torch.matmul(weights[..., :shared], prefix_v.to(q.dtype))
+    return out + torch.matmul(weights[..., shared:], v)

@@ -20,46 +20,86 @@ MIN_CAPACITY = 64
 class GrowingBuffer:
     """Rows ``[..., capacity, dim]`` of which the first ``length`` along dim -2 are valid.
 
-    When full it grows by a quarter (at least to what is needed, rounded up to ``granule``
-    positions, and never below ``MIN_CAPACITY``): amortised O(1) per position, at most ~25% unused
-    capacity. ``dtype`` stores the rows in another precision (e.g. float16 keys and values of a
-    float32 run, half the memory); reads convert back to the dtype written.
+    When full it grows to the length needed plus a quarter (rounded up to ``granule`` positions,
+    never below ``MIN_CAPACITY``): amortised O(1) per position, at most ~25% unused capacity, and
+    callers that append whole chunks do not reallocate at every chunk. ``dtype`` stores the rows in
+    another precision (e.g. float16 keys and values of a float32 run, half the memory); reads
+    convert back to the dtype written.
+
+    ``fork()`` gives a buffer that starts with this one's rows as a read-only ``shared`` prefix,
+    held once for every fork (a voice's prompt frames, cached per voice): a fork stores and returns
+    only the rows written after the prefix, and its reader attends over both parts (see
+    ``attention.attention``'s ``prefix``).
     """
 
-    __slots__ = ("data", "length", "dtype", "granule")
+    __slots__ = ("data", "length", "dtype", "granule", "shared")
 
     def __init__(self, dtype: torch.dtype | None = None, granule: int = 1) -> None:
         self.data: torch.Tensor | None = None
-        self.length = 0
+        self.length = 0  # valid positions, the shared prefix included
         self.dtype = dtype
         self.granule = max(granule, 1)
+        self.shared: torch.Tensor | None = None  # read-only rows before the own ones
+
+    @property
+    def shared_length(self) -> int:
+        return 0 if self.shared is None else self.shared.size(-2)
 
     def write(self, start: int, rows: torch.Tensor) -> torch.Tensor:
         """Store ``rows`` [..., n, dim] at positions ``start .. start + n`` (everything after is
-        dropped); returns the valid rows ``[..., start + n, dim]`` in the dtype of ``rows``."""
-        end = start + rows.size(-2)
+        dropped); returns the valid rows after the shared prefix (all of them in a buffer that was
+        not forked) in the dtype of ``rows``."""
+        offset = self.shared_length
+        if start < offset:
+            raise ValueError(f"position {start} is in the shared prefix ({offset} rows)")
+        begin, end = start - offset, start - offset + rows.size(-2)
         capacity = 0 if self.data is None else self.data.size(-2)
         if end > capacity:
-            grown_to = max(end, capacity + capacity // 4, MIN_CAPACITY)
+            grown_to = max(end + end // 4, MIN_CAPACITY)
             grown_to = -(-grown_to // self.granule) * self.granule
             shape = (*rows.shape[:-2], grown_to, rows.size(-1))
             grown = rows.new_empty(shape, dtype=self.dtype or rows.dtype)
-            if self.data is not None:
-                grown[..., : self.length, :] = self.data[..., : self.length, :]
+            if self.data is not None and begin > 0:
+                grown[..., :begin, :] = self.data[..., :begin, :]
             self.data = grown
-        self.data[..., start:end, :] = rows
-        self.length = end
+        self.data[..., begin:end, :] = rows
+        self.length = start + rows.size(-2)
         return self.data[..., :end, :].to(rows.dtype)
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:
         return self.write(self.length, rows)
 
     def valid(self) -> torch.Tensor:
+        """The valid rows after the shared prefix."""
         if self.data is None:
             raise RuntimeError("empty buffer")
-        return self.data[..., : self.length, :]
+        return self.data[..., : self.length - self.shared_length, :]
+
+    def fork(self) -> GrowingBuffer:
+        """A buffer that goes on from this one's rows, which become its shared prefix: every fork
+        of this buffer reads the same tensor (compacted once when the buffer has spare capacity,
+        so a prefix kept for many streams holds no slack)."""
+        if self.shared is not None and self.length > self.shared_length:
+            raise ValueError("a forked buffer with rows of its own cannot be forked again")
+        fork = GrowingBuffer(self.dtype, self.granule)
+        fork.length = self.length
+        if self.shared is not None:
+            fork.shared = self.shared
+        elif self.length:
+            rows = self.valid()
+            fork.shared = rows if rows.size(-2) == self.data.size(-2) else rows.clone()
+        return fork
+
+    def copy(self) -> GrowingBuffer:
+        """An independent copy (for small buffers, where sharing is not worth a two-part read)."""
+        copy = GrowingBuffer(self.dtype, self.granule)
+        copy.shared, copy.length = self.shared, self.length
+        if self.data is not None:
+            copy.data = self.data.clone()
+        return copy
 
     def nbytes(self) -> int:
+        """Bytes this buffer holds on its own (a shared prefix is counted where it was made)."""
         return 0 if self.data is None else self.data.numel() * self.data.element_size()
 
 

@@ -20,6 +20,7 @@ on its own chunk, the chunks before it and the 3 look-ahead tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -527,12 +528,28 @@ class _AttentionCache:
         self.values = GrowingBuffer()
         self.positions = GrowingBuffer()
 
+    def fork(self, share: bool) -> _AttentionCache:
+        """share: the keys/values so far become the fork's shared prefix (U-Net blocks, where
+        they are large); otherwise they are copied (the encoders, small and read whole)."""
+        fork = _AttentionCache()
+        if share:
+            fork.keys, fork.values = self.keys.fork(), self.values.fork()
+        else:
+            fork.keys, fork.values = self.keys.copy(), self.values.copy()
+        fork.positions = self.positions.copy()
+        return fork
+
 
 class _ConvTail:
     """The last input frames of one causal conv (its left context for the next chunk)."""
 
     def __init__(self) -> None:
         self.frames: torch.Tensor | None = None
+
+    def fork(self, share: bool) -> _ConvTail:
+        fork = _ConvTail()
+        fork.frames = self.frames  # replaced, never written in place
+        return fork
 
 
 class _LayerCaches:
@@ -553,6 +570,19 @@ class _LayerCaches:
         self.cursor += 1
         return item
 
+    def fork(self, share: bool) -> _LayerCaches:
+        fork = _LayerCaches()
+        fork.items = [item.fork(share) for item in self.items]
+        return fork
+
+    def nbytes(self) -> int:
+        return sum(
+            buffer.nbytes()
+            for item in self.items
+            if isinstance(item, _AttentionCache)
+            for buffer in (item.keys, item.values, item.positions)
+        )
+
 
 @dataclass
 class FlowV2StreamState:
@@ -571,6 +601,23 @@ class FlowV2StreamState:
     encoder: _LayerCaches = field(default_factory=_LayerCaches)
     up_encoder: _LayerCaches = field(default_factory=_LayerCaches)
     estimator: list[_LayerCaches] = field(default_factory=list)  # one per Euler step
+
+    def fork(self) -> FlowV2StreamState:
+        """A stream that goes on from here independently; the U-Net's keys and values so far are
+        shared with it, not copied (a voice's prompt, computed once: see `PromptFlowCache`)."""
+        if self.finished:
+            raise InvalidRequestError("a finalized flow stream cannot be forked")
+        return dataclasses.replace(
+            self,
+            encoder=self.encoder.fork(share=False),
+            up_encoder=self.up_encoder.fork(share=False),
+            estimator=[step.fork(share=True) for step in self.estimator],
+        )
+
+    def cache_bytes(self) -> int:
+        """Bytes held by this stream's own caches (a shared prefix counts where it was made)."""
+        caches = [self.encoder, self.up_encoder, *self.estimator]
+        return sum(caches.nbytes() for caches in caches)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -696,10 +743,13 @@ def _transformers_increment(
         q = _split_heads(attn.to_q(hn), attn.heads)
         keys = cache.keys.append(_split_heads(attn.to_k(hn), attn.heads))
         values = cache.values.append(_split_heads(attn.to_v(hn), attn.heads))
-        keep = _chunk_keep(start, n, start + n, chunk, x.device)
+        # a shared prefix is whole earlier chunks: every new frame sees all of it
+        shared = cache.keys.shared_length
+        keep = _chunk_keep(start, n, start + n, chunk, x.device)[:, shared:]
         # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
         bias = (1.0 - keep.to(h.dtype)) * -1.0e10
-        out = attention(q, keys, values, bias)
+        prefix = (cache.keys.shared, cache.values.shared) if shared else None
+        out = attention(q, keys, values, bias, prefix=prefix)
         h = h + attn.to_out[0](_merge_heads(out))
         h = h + block.ff(block.norm3(h))
     return h.transpose(1, 2)

@@ -40,6 +40,7 @@ autocast dtype and are stored as they are (no extra error).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,12 @@ class _KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes() + self.values.nbytes()
 
+    def fork(self) -> _KVCache:
+        """Goes on from here; the keys/values so far are the fork's shared prefix."""
+        fork = _KVCache.__new__(_KVCache)
+        fork.keys, fork.values = self.keys.fork(), self.values.fork()
+        return fork
+
 
 class _StepCache:
     """What one Euler step of the DiT keeps: position-conv tails and per-block keys/values."""
@@ -102,6 +109,13 @@ class _StepCache:
             if t is not None
         )
         return tails + sum(cache.nbytes() for cache in self.kv)
+
+    def fork(self) -> _StepCache:
+        fork = _StepCache.__new__(_StepCache)
+        # the tails are replaced, never written in place: sharing them is safe
+        fork.conv1_tail, fork.conv2_tail = self.conv1_tail, self.conv2_tail
+        fork.kv = [cache.fork() for cache in self.kv]
+        return fork
 
 
 @dataclass
@@ -126,6 +140,13 @@ class FlowV3StreamState:
         tail = self.pre_lookahead_tail
         total = 0 if tail is None else tail.numel() * tail.element_size()
         return total + sum(step.nbytes() for step in self.steps)
+
+    def fork(self) -> FlowV3StreamState:
+        """A stream that goes on from here independently; the keys and values so far are shared
+        with it, not copied (a voice's prompt, computed once: see `PromptFlowCache`)."""
+        if self.finished:
+            raise InvalidRequestError("a finalized flow stream cannot be forked")
+        return dataclasses.replace(self, steps=[step.fork() for step in self.steps])
 
 
 def kv_cache_bytes_per_frame(
@@ -386,6 +407,9 @@ def _attention_increment(
         return t.view(rows, n, attn.heads, head_dim).transpose(1, 2)
 
     keys, values = kv.append(split(key), split(value))
-    out = attention(split(query), keys, values, keep)
+    # a shared prefix is whole earlier chunks: every new frame sees all of it
+    shared = kv.keys.shared_length
+    prefix = (kv.keys.shared, kv.values.shared) if shared else None
+    out = attention(split(query), keys, values, keep[:, shared:], prefix=prefix)
     out = out.transpose(1, 2).reshape(rows, n, attn.heads * head_dim).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](out))

@@ -14,6 +14,7 @@ from ..modeldir import ModelDir, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
 from ..precision import apply_precision
 from ..versions import spec
+from .prompt_flow import DEFAULT_BUDGET_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def build_pipeline(
     placement: Placement,
     llm_checkpoint: str = "llm.pt",
     flow_steps: int = OFFICIAL_STEPS,
+    prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
 ):
     llm = load_network(model, "llm", llm_checkpoint, placement)
     flow = load_network(model, "flow", "flow.pt", placement)
@@ -70,4 +72,4 @@ def build_pipeline(
         )
     from .v2 import V2Pipeline
 
-    return V2Pipeline(llm, flow, hift, model.config.sample_rate, model.version)
+    return V2Pipeline(llm, flow, hift, model.config.sample_rate, model.version, prompt_cache_bytes)

@@ -38,6 +38,10 @@ class V1Segment:
         self.vocoder = pipeline.hift.new_stream(MEL_CACHE)
         self.pending: list[int] = []
 
+    def piece_due(self) -> bool:
+        """Whether the next token completes a streaming piece."""
+        return self.stream and len(self.pending) + 1 >= self.pipeline.min_hop + TOKEN_OVERLAP
+
     def push(self, token: int) -> torch.Tensor | None:
         """Add a token; returns a waveform piece when a streaming chunk is complete."""
         self.pending.append(token)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import ModelInputs, Pipeline
+from .prompt_flow import DEFAULT_BUDGET_BYTES, PromptFlowCache
 
 TOKEN_HOP = 25  # training chunk size: the first hop
 MAX_TOKEN_HOP = 100
@@ -34,7 +35,11 @@ class _Stream:
 
 
 class V2Segment:
-    """One segment's tokens -> waveform with the official v2/v3 chunking, per-request state."""
+    """One segment's tokens -> waveform with the official v2/v3 chunking, per-request state.
+
+    A stream hands every token to the incremental flow as it arrives: the flow computes each
+    chunk as soon as its tokens and look-ahead are there (so the prompt's last chunk is done while
+    the LLM decodes the first hop), and the audio pieces keep the official boundaries."""
 
     def __init__(
         self,
@@ -49,34 +54,46 @@ class V2Segment:
         self.state = _Stream()
         prompt_len = inputs.flow_prompt_speech_token.shape[1]
         self.prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
-        self.flow_stream = pipeline._start_flow_stream(inputs) if stream else None
-        self.pushed = 0  # tokens handed to the incremental flow so far
+        self.flow_stream = None  # made at the first token, in the audio worker (see push)
+        self.mel: list[torch.Tensor] = []  # mel computed but not vocoded yet
+
+    def piece_due(self) -> bool:
+        """Whether the next token completes a streaming piece."""
+        state = self.state
+        hop = state.hop + (self.prompt_pad if state.offset == 0 else 0)
+        return self.stream and len(state.tokens) + 1 - state.offset >= hop + self.pipeline.lookahead
 
     def push(self, token: int) -> torch.Tensor | None:
         """Add a token; returns a waveform piece when a streaming chunk is complete."""
         state, pipeline = self.state, self.pipeline
+        due = self.piece_due()
         state.tokens.append(token)
-        hop = state.hop + (self.prompt_pad if state.offset == 0 else 0)
-        if not self.stream or len(state.tokens) - state.offset < hop + pipeline.lookahead:
+        if not self.stream:
             return None
-        end = state.offset + hop + pipeline.lookahead
-        # only the new chunk is computed (the official re-runs the flow over the whole history)
-        mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed : end], finalize=False)
-        self.pushed = end
-        state.offset += hop
+        self.mel.append(pipeline._flow_step(self._flow_stream(), [token], finalize=False))
+        if not due:
+            return None
+        mel, self.mel = torch.cat(self.mel, dim=2), []
+        state.offset += state.hop + (self.prompt_pad if state.offset == 0 else 0)
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
         return pipeline._vocode(state, mel, self.generator, finalize=False)
 
     def finish(self) -> torch.Tensor:
         """The last piece, from the tokens not yet turned into audio."""
         state, pipeline = self.state, self.pipeline
-        if self.flow_stream is not None:
+        if self.stream:
             # The official flows the remainder with full attention over the whole history; the
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
-            mel = pipeline._flow_step(self.flow_stream, state.tokens[self.pushed :], finalize=True)
+            self.mel.append(pipeline._flow_step(self._flow_stream(), [], finalize=True))
+            mel = torch.cat(self.mel, dim=2)
         else:
             mel = pipeline._flow(self.inputs, state.tokens)
         return pipeline._vocode(state, mel, self.generator, finalize=True, speed=self.speed)
+
+    def _flow_stream(self):
+        if self.flow_stream is None:  # the voice's prompt chunks are computed once per voice
+            self.flow_stream = self.pipeline.prompt_flows.stream(self.pipeline.flow, self.inputs)
+        return self.flow_stream
 
 
 class V2Pipeline(Pipeline):
@@ -91,15 +108,11 @@ class V2Pipeline(Pipeline):
         hift: torch.nn.Module,
         sample_rate: int,
         version: int,
+        prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         super().__init__(llm, flow, hift, sample_rate, version)
         self.lookahead = int(flow.pre_lookahead_len)
-
-    def _start_flow_stream(self, inputs: ModelInputs):
-        with torch.inference_mode():
-            return self.flow.new_stream(
-                inputs.flow_prompt_speech_token, inputs.prompt_speech_feat, inputs.flow_embedding
-            )
+        self.prompt_flows = PromptFlowCache(prompt_cache_bytes)
 
     @torch.inference_mode()
     def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:

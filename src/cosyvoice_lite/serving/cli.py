@@ -95,6 +95,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="threads computing the flow and vocoder chunks of different requests",
     )
     limits.add_argument(
+        "--prompt-cache-mb",
+        type=int,
+        default=2048,
+        help="memory for voices' prompt frames through the streaming flow (v2/v3), computed once "
+        "per voice and shared by its streams; 0 computes them per stream",
+    )
+    limits.add_argument(
         "--max-queue",
         type=int,
         default=8,
@@ -284,6 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             llm_checkpoint=args.llm_checkpoint,
             max_batch=args.workers,
             audio_workers=args.audio_workers,
+            prompt_cache_mb=args.prompt_cache_mb,
             backend=args.backend,
             onnx_dir=args.onnx_dir,
         )
@@ -312,6 +320,7 @@ def ray_options_from_args(args: argparse.Namespace):
         "llm_checkpoint": args.llm_checkpoint,
         "max_batch": args.workers,
         "audio_workers": args.audio_workers,
+        "prompt_cache_mb": args.prompt_cache_mb,
         "backend": args.backend,
         "onnx_dir": args.onnx_dir,
     }

@@ -1,0 +1,104 @@
+"""A voice's prompt through the streaming flow, computed once and shared by all its streams.
+
+The v2/v3 flows stream with chunk-causal attention and fixed noise, so everything the flow computes
+for the prompt's whole chunks (those whose look-ahead tokens are still prompt tokens) depends on
+the voice alone: encoder and U-Net/DiT keys and values at every Euler step. A stream would spend
+most of its first chunk recomputing them (CosyVoice2, 5 s prompt, 2 cores: ~7 s of ~16 s). Here
+the first stream of a voice computes them once (``stream_step`` with no new tokens), and every
+stream of that voice forks from the result: the large attention history is shared read-only (see
+``GrowingBuffer.fork``), so a stream holds only its own frames and starts at the prompt's last,
+partial chunk.
+
+Entries are keyed by the prompt's content (speech tokens, mel, speaker embedding), so a saved voice
+and the same recording uploaded again both hit, and kept least-recently-used within a byte budget
+(CosyVoice2 float32: ~4.5 MB per prompt frame, ~0.9 GB for a 5 s prompt; bfloat16 half that). A
+prompt bigger than the budget is primed per stream, as without the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+from typing import Any
+
+import torch
+
+from .common import ModelInputs
+
+DEFAULT_BUDGET_BYTES = 2 << 30
+
+
+class PromptFlowCache:
+    """Primed flow streams per voice, least recently used first out, within ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        if budget_bytes < 0:
+            raise ValueError("the prompt cache budget must be at least 0 bytes")
+        self.budget_bytes = budget_bytes
+        self._entries: collections.OrderedDict[bytes, tuple[Any, int]] = collections.OrderedDict()
+        self._priming: dict[bytes, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def stream(self, flow: torch.nn.Module, inputs: ModelInputs) -> Any:
+        """A new flow stream for this prompt with its prompt chunks already computed."""
+        key = _key(inputs)
+        with self._lock:
+            priming = self._priming.setdefault(key, threading.Lock())
+        with priming:  # streams of one voice arriving together prime it once
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry[0].fork()
+                self.misses += 1
+            primed = _prime(flow, inputs)
+            size = primed.cache_bytes()
+            if size > self.budget_bytes:
+                with self._lock:
+                    self._priming.pop(key, None)
+                return primed
+            template = primed.fork()  # the prefix alone, compacted; `primed` is let go
+            with self._lock:
+                self._entries[key] = (template, size)
+                while sum(size for _, size in self._entries.values()) > self.budget_bytes:
+                    old, _ = self._entries.popitem(last=False)
+                    self._priming.pop(old, None)
+            return template.fork()
+
+
+def _prime(flow: torch.nn.Module, inputs: ModelInputs) -> Any:
+    with torch.inference_mode():
+        state = flow.new_stream(
+            inputs.flow_prompt_speech_token, inputs.prompt_speech_feat, inputs.flow_embedding
+        )
+        empty = inputs.flow_prompt_speech_token[:, :0]
+        flow.stream_step(state, empty)  # the prompt's whole chunks; no mel comes out
+    return state
+
+
+def _key(inputs: ModelInputs) -> bytes:
+    digest = hashlib.blake2b(digest_size=20)
+    for tensor in (
+        inputs.flow_prompt_speech_token,
+        inputs.prompt_speech_feat,
+        inputs.flow_embedding,
+    ):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(repr((tuple(data.shape), str(data.dtype))).encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.digest()
