@@ -205,3 +205,30 @@ def test_each_chunk_is_delivered_as_soon_as_it_is_computed(v2: Engine, monkeypat
     assert len(calls) == 1 and not first.final
     rest = list(stream)
     assert len(calls) == 1 + len(rest) and rest[-1].final and not any(c.final for c in rest[:-1])
+
+
+def test_streams_share_their_voice_and_a_stream_budget_keeps_the_audio(v2: Engine) -> None:
+    """Streams of one voice reuse its prompt frames computed once; a stream bounded to no cache
+    of its own (re-solving its frames every chunk, as the official) gives the same audio up to
+    the vocoder's phase amplification of ~1e-6 mel rounding."""
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT, LONG_TEXT, prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=8, stream=True
+    )
+    flows = v2.pipeline.prompt_flows
+    flows.clear()
+    misses, hits = flows.misses, flows.hits
+    unbounded, n_chunks = _audio(v2, request)
+    assert n_chunks > 2 and (flows.misses, flows.hits) == (misses + 1, hits)
+    v2.pipeline.stream_cache_bytes = 0
+    try:
+        bounded, _ = _audio(v2, request)
+    finally:
+        v2.pipeline.stream_cache_bytes = None
+    assert flows.hits == hits + 1 and len(flows) == 1
+    assert bounded.shape == unbounded.shape
+    assert float(np.abs(bounded - unbounded).max()) < 5e-2
+
+
+def test_cache_budgets_must_not_be_negative() -> None:
+    with pytest.raises(InvalidRequestError, match="stream_cache_mb"):
+        Engine.load(DATA / "models" / "v2-tiny", stream_cache_mb=-1)

@@ -18,6 +18,8 @@ from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
 from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
 from cosyvoice_lite.networks.flow_v2 import CausalMaskedDiffWithXvec, UpsampleConformerEncoder
 from cosyvoice_lite.networks.unet import CausalConditionalDecoder
+from cosyvoice_lite.pipelines.common import ModelInputs
+from cosyvoice_lite.pipelines.prompt_flow import PromptFlowCache
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "v2_flow"
 TOL = 1e-4
@@ -399,6 +401,72 @@ def test_forks_of_a_primed_prompt_equal_a_fresh_stream(flow: CausalMaskedDiffWit
     ]
     assert keys[0].shared is keys[1].shared is keys[2].shared
     assert keys[0].shared.shape[-2] == 20 and keys[0].length > 20
+
+
+def _voice_inputs(g: dict[str, torch.Tensor], extra: torch.Tensor, flip: bool) -> ModelInputs:
+    feat = g["prompt_feat"].flip(1) if flip else g["prompt_feat"]
+    nothing = torch.zeros(1, 0, dtype=torch.int32)
+    return ModelInputs(
+        text=nothing,
+        prompt_text=nothing,
+        llm_prompt_speech_token=nothing,
+        llm_embedding=torch.zeros(0, 192),
+        flow_prompt_speech_token=torch.cat([g["prompt_token"], extra], dim=1),
+        prompt_speech_feat=torch.cat([feat, feat.flip(1)[:, : 2 * extra.shape[1]]], dim=1),
+        flow_embedding=-g["embedding"] if flip else g["embedding"],
+    )
+
+
+def test_prompt_flow_cache_primes_each_voice_once_within_its_budget(
+    flow: CausalMaskedDiffWithXvec,
+) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    voices = [_voice_inputs(g, token[:, :9], flip) for flip in (False, True)]
+    rest = token[:, 9:]
+
+    def speak(stream) -> torch.Tensor:
+        return torch.cat(
+            [flow.stream_step(stream, rest), flow.stream_step(stream, rest[:, :0], finalize=True)],
+            dim=2,
+        )
+
+    alone = [speak(PromptFlowCache(0).stream(flow, v)) for v in voices]
+    cache = PromptFlowCache()
+    for _ in range(2):
+        for voice, expected in zip(voices, alone, strict=True):
+            torch.testing.assert_close(
+                speak(cache.stream(flow, voice)), expected, atol=1e-5, rtol=0
+            )
+    assert (cache.misses, cache.hits, len(cache)) == (2, 2, 2)
+    one_voice = cache.nbytes // 2
+    small = PromptFlowCache(one_voice + one_voice // 2)  # room for one: least recently used goes
+    for voice in (voices[0], voices[1], voices[0]):
+        small.stream(flow, voice)
+    assert (small.misses, small.hits, len(small)) == (3, 0, 1)
+    small.stream(flow, voices[0])
+    assert small.hits == 1
+    nothing = PromptFlowCache(0)  # a budget of 0 keeps nothing: every stream primes its prompt
+    torch.testing.assert_close(speak(nothing.stream(flow, voices[1])), alone[1], atol=0, rtol=0)
+    assert len(nothing) == 0 and nothing.misses == 1
+    with pytest.raises(ValueError):
+        PromptFlowCache(-1)
+
+
+def test_a_stream_past_its_cache_budget_gives_the_same_mel(flow: CausalMaskedDiffWithXvec) -> None:
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    whole = torch.cat(_stream(flow, [token[:, i : i + 5] for i in range(0, 22, 5)], g), dim=2)
+    state = flow.new_stream(g["prompt_token"], g["prompt_feat"], g["embedding"])
+    state.cache_budget = 1  # frozen after the first chunk
+    out, sizes = [], []
+    for i in range(0, 22, 5):
+        out.append(flow.stream_step(state, token[:, i : i + 5]))
+        sizes.append(sum(step.nbytes() for step in state.estimator))
+    out.append(flow.stream_step(state, token[:, :0], finalize=True))
+    torch.testing.assert_close(torch.cat(out, dim=2), whole, atol=1e-5, rtol=0)
+    assert state.frozen_at is not None
+    assert sizes[0] > 0 and len(set(sizes[1:])) == 1  # the U-Net caches stop growing
 
 
 # --------------------------------------------------------------------------------------------

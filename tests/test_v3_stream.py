@@ -293,6 +293,36 @@ def test_forks_of_a_primed_prompt_match_the_official_rerun(flow: CausalMaskedDif
         forks[0].fork()  # finalized
 
 
+def test_a_stream_past_its_cache_budget_recomputes_and_matches_the_official(
+    flow: CausalMaskedDiffWithDiT,
+) -> None:
+    """Past `cache_budget` the caches stop growing; each call re-solves the frames after them
+    (as the official re-runs its history), so memory stays flat and the mel is unchanged."""
+    token, p_tok, p_feat, emb = flow_inputs(41, 70, 23)
+    template = flow.new_stream(p_tok, p_feat, emb)
+    flow.stream_step(template, token[:, :0])
+    template = template.fork()  # a voice's prompt, shared
+    chunk = chunk_tokens(flow)
+    ends = official_schedule(token.shape[1], 23, chunk)
+    assert len(ends) >= 3
+    state = template.fork()
+    state.cache_budget = 1  # frozen at the second call: only the first call's frames are kept
+    fed = offset = 0
+    sizes, frames = [], []
+    for end in ends:
+        mel = flow.stream_step(state, token[:, fed:end])
+        expected = flow_rerun(flow, token[:, :end], p_tok, p_feat, emb, finalize=False)
+        assert max_err(mel, expected[:, :, 2 * offset :]) < TOL
+        sizes.append(state.cache_bytes())
+        frames.append(state.last_step_frames)
+        fed, offset = end, end - LOOK
+    mel = flow.stream_step(state, token[:, fed:], finalize=True)
+    expected = flow_rerun(flow, token, p_tok, p_feat, emb, finalize=True)
+    assert max_err(mel, expected[:, :, 2 * offset :]) < TOL
+    assert state.frozen_at is not None and len(set(sizes[1:])) == 1  # no growth once frozen
+    assert frames == sorted(frames) and frames[-1] > frames[1]  # the re-solved frames grow
+
+
 def test_flow_step_cost_stays_flat_and_cache_grows_linearly(flow: CausalMaskedDiffWithDiT) -> None:
     token, p_tok, p_feat, emb = flow_inputs(21, 160, 5)
     state = flow.new_stream(p_tok, p_feat, emb)

@@ -95,6 +95,7 @@ class Engine:
         prefill_tokens: int = 4096,
         audio_workers: int = 2,
         prompt_cache_mb: int = 2048,
+        stream_cache_mb: int | None = None,
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
     ) -> Engine:
@@ -107,7 +108,9 @@ class Engine:
         decode together at most, one step prefills at most ``prefill_tokens`` positions, and
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
         ``prompt_cache_mb`` bounds the memory of voices' prompt frames computed once through the
-        v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream).
+        v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream);
+        ``stream_cache_mb`` bounds each stream's own flow caches, past which its later frames are
+        re-solved every chunk as the official does (less memory, more compute; None: unbounded).
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
         vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
         """
@@ -117,6 +120,8 @@ class Engine:
                 f"llm_checkpoint must be a .pt file name in the model directory, "
                 f"got {llm_checkpoint!r}"
             )
+        if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
+            raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
         placement = resolve_placement(device, dtype, quantize)
         from .export.runtime import check_backend, install_backend  # light: torch is loaded
 
@@ -125,10 +130,13 @@ class Engine:
         from .pipelines import factory  # version-specific wiring
 
         tokenizer = factory.text_tokenizer(model_dir)
-        if prompt_cache_mb < 0:
-            raise InvalidRequestError("prompt_cache_mb must be at least 0")
         pipeline = factory.build_pipeline(
-            model_dir, placement, llm_checkpoint, flow_steps, prompt_cache_mb << 20
+            model_dir,
+            placement,
+            llm_checkpoint,
+            flow_steps,
+            prompt_cache_mb << 20,
+            None if stream_cache_mb is None else stream_cache_mb << 20,
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         prompt_encoder = PromptEncoder(

@@ -9,6 +9,8 @@ softmax takes the low-precision scores (torch's CPU kernel accumulates them in f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -18,17 +20,17 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for [B, H, T, d] tensors; ``mask`` is additive (float) or
     boolean (True = may attend), broadcastable to [B, H, Tq, Tk].
 
-    ``prefix`` = (keys, values) [B, H, P, d] every query sees before ``k``/``v`` (a stream's shared
-    prompt frames, see ``cache.GrowingBuffer.fork``); the mask covers ``k`` only. One softmax runs
-    over both parts, so the result is the attention over their concatenation (up to the order of
-    float sums) without copying the shared part next to the stream's own."""
-    if prefix is not None:
-        return _attention_after_prefix(q, k, v, mask, *prefix)
+    ``prefix``: (keys, values) pairs [B, H, P, d] every query sees before ``k``/``v`` (a stream's
+    shared prompt frames and frozen history, see ``cache.GrowingBuffer``); the mask covers ``k``
+    only. One softmax runs over all parts, so the result is the attention over their concatenation
+    (up to the order of float sums) without copying them next to each other."""
+    if prefix:
+        return _attention_after_prefix(q, k, v, mask, prefix)
     if q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return torch.matmul(_scores(q, k, mask).softmax(dim=-1), v)
@@ -46,11 +48,15 @@ def _attention_after_prefix(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
+    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    shared = prefix_k.size(-2)
-    scores = torch.cat([_scores(q, prefix_k.to(q.dtype), None), _scores(q, k, mask)], dim=-1)
-    weights = scores.softmax(dim=-1)
-    out = torch.matmul(weights[..., :shared], prefix_v.to(q.dtype))
-    return out + torch.matmul(weights[..., shared:], v)
+    keys = [part.to(q.dtype) for part, _ in prefix]
+    values = [part.to(q.dtype) for _, part in prefix]
+    scores = [_scores(q, part, None) for part in keys]
+    weights = torch.cat([*scores, _scores(q, k, mask)], dim=-1).softmax(dim=-1)
+    out, start = None, 0
+    for part in [*values, v]:
+        end = start + part.size(-2)
+        term = torch.matmul(weights[..., start:end], part)
+        out, start = term if out is None else out + term, end
+    return out

@@ -28,11 +28,12 @@ class GrowingBuffer:
 
     ``fork()`` gives a buffer that starts with this one's rows as a read-only ``shared`` prefix,
     held once for every fork (a voice's prompt frames, cached per voice): a fork stores and returns
-    only the rows written after the prefix, and its reader attends over both parts (see
-    ``attention.attention``'s ``prefix``).
+    only the rows written after the prefix, and its reader attends over ``parts()`` too (see
+    ``attention.attention``'s ``prefix``). A ``frozen`` buffer stores nothing more: ``append``
+    hands the rows back, and its stored rows join ``parts()`` (a stream past its memory budget).
     """
 
-    __slots__ = ("data", "length", "dtype", "granule", "shared")
+    __slots__ = ("data", "length", "dtype", "granule", "shared", "frozen")
 
     def __init__(self, dtype: torch.dtype | None = None, granule: int = 1) -> None:
         self.data: torch.Tensor | None = None
@@ -40,6 +41,7 @@ class GrowingBuffer:
         self.dtype = dtype
         self.granule = max(granule, 1)
         self.shared: torch.Tensor | None = None  # read-only rows before the own ones
+        self.frozen = False
 
     @property
     def shared_length(self) -> int:
@@ -67,7 +69,19 @@ class GrowingBuffer:
         return self.data[..., :end, :].to(rows.dtype)
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:
+        """Store ``rows`` after the valid ones and return the rows a reader sees next to
+        ``parts()``: the own rows (new ones included), or, when frozen, ``rows`` alone."""
+        if self.frozen:
+            return rows
         return self.write(self.length, rows)
+
+    def parts(self) -> list[torch.Tensor]:
+        """The rows before those ``append`` returns: the shared prefix, and once frozen the rows
+        stored until then."""
+        parts = [] if self.shared is None else [self.shared]
+        if self.frozen and self.length > self.shared_length:
+            parts.append(self.valid())
+        return parts
 
     def valid(self) -> torch.Tensor:
         """The valid rows after the shared prefix."""
@@ -79,8 +93,8 @@ class GrowingBuffer:
         """A buffer that goes on from this one's rows, which become its shared prefix: every fork
         of this buffer reads the same tensor (compacted once when the buffer has spare capacity,
         so a prefix kept for many streams holds no slack)."""
-        if self.shared is not None and self.length > self.shared_length:
-            raise ValueError("a forked buffer with rows of its own cannot be forked again")
+        if self.frozen or (self.shared is not None and self.length > self.shared_length):
+            raise ValueError("a frozen or forked buffer with rows of its own cannot be forked")
         fork = GrowingBuffer(self.dtype, self.granule)
         fork.length = self.length
         if self.shared is not None:
@@ -93,7 +107,7 @@ class GrowingBuffer:
     def copy(self) -> GrowingBuffer:
         """An independent copy (for small buffers, where sharing is not worth a two-part read)."""
         copy = GrowingBuffer(self.dtype, self.granule)
-        copy.shared, copy.length = self.shared, self.length
+        copy.shared, copy.length, copy.frozen = self.shared, self.length, self.frozen
         if self.data is not None:
             copy.data = self.data.clone()
         return copy

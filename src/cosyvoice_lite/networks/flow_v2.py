@@ -465,7 +465,27 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def _decode_increment(
         self, state: FlowV2StreamState, mu: torch.Tensor, start: int
     ) -> torch.Tensor:
-        """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`."""
+        """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`.
+
+        Past the stream's cache budget the U-Net caches are frozen: the frames from `frozen_at`
+        on are solved again with the new ones each call (chunk-causal, so they come out the same)
+        and only the new frames are returned."""
+        if (
+            state.frozen_at is None
+            and state.cache_budget is not None
+            and sum(step.nbytes() for step in state.estimator) >= state.cache_budget
+        ):
+            state.frozen_at = start
+            for step in state.estimator:
+                step.freeze()
+        if state.frozen_at is not None:
+            tail = state.frozen_mu
+            state.frozen_mu = mu if tail is None else torch.cat([tail, mu], dim=2)
+            x = self._solve(state, state.frozen_mu, state.frozen_at)
+            return x[:, :, start - state.frozen_at :]
+        return self._solve(state, mu, start)
+
+    def _solve(self, state: FlowV2StreamState, mu: torch.Tensor, start: int) -> torch.Tensor:
         cfm = self.decoder
         n = mu.shape[2]
         end = start + n
@@ -558,6 +578,13 @@ class _LayerCaches:
     def __init__(self) -> None:
         self.items: list[Any] = []
         self.cursor = 0
+        self.frozen = False  # past the stream's budget: read, never extended
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for item in self.items:
+            if isinstance(item, _AttentionCache):
+                item.keys.frozen = item.values.frozen = True
 
     def rewind(self) -> _LayerCaches:
         self.cursor = 0
@@ -601,6 +628,12 @@ class FlowV2StreamState:
     encoder: _LayerCaches = field(default_factory=_LayerCaches)
     up_encoder: _LayerCaches = field(default_factory=_LayerCaches)
     estimator: list[_LayerCaches] = field(default_factory=list)  # one per Euler step
+    # Memory budget of the U-Net caches (bytes of this stream's own frames; None: unbounded).
+    # Past it the caches stop growing: each call re-solves the frames from `frozen_at` on
+    # against them, as the official re-runs its whole history (see _decode_increment).
+    cache_budget: int | None = None
+    frozen_at: int | None = None  # first mel frame no longer cached
+    frozen_mu: torch.Tensor | None = None  # [1, 80, n] mu of the frames from frozen_at on
 
     def fork(self) -> FlowV2StreamState:
         """A stream that goes on from here independently; the U-Net's keys and values so far are
@@ -710,7 +743,8 @@ def _causal_conv_increment(
     pad = conv.causal_padding
     left = tail.frames if tail.frames is not None else x.new_zeros(x.size(0), x.size(1), pad)
     x = torch.cat([left, x], dim=2)
-    tail.frames = x[:, :, x.size(2) - pad :]
+    if not caches.frozen:
+        tail.frames = x[:, :, x.size(2) - pad :]
     return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
 
 
@@ -743,12 +777,12 @@ def _transformers_increment(
         q = _split_heads(attn.to_q(hn), attn.heads)
         keys = cache.keys.append(_split_heads(attn.to_k(hn), attn.heads))
         values = cache.values.append(_split_heads(attn.to_v(hn), attn.heads))
-        # a shared prefix is whole earlier chunks: every new frame sees all of it
-        shared = cache.keys.shared_length
-        keep = _chunk_keep(start, n, start + n, chunk, x.device)[:, shared:]
+        # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new frame
+        # sees all of them; the chunk mask covers the rows `append` returned
+        keep = _chunk_keep(start, n, start + n, chunk, x.device)[:, -keys.size(-2) :]
         # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
         bias = (1.0 - keep.to(h.dtype)) * -1.0e10
-        prefix = (cache.keys.shared, cache.values.shared) if shared else None
+        prefix = list(zip(cache.keys.parts(), cache.values.parts(), strict=True))
         out = attention(q, keys, values, bias, prefix=prefix)
         h = h + attn.to_out[0](_merge_heads(out))
         h = h + block.ff(block.norm3(h))

@@ -101,6 +101,12 @@ class _StepCache:
         self.conv1_tail: torch.Tensor | None = None  # [rows, dim, kernel - 1] inputs of conv1
         self.conv2_tail: torch.Tensor | None = None  # [rows, dim, kernel - 1] inputs of conv2
         self.kv = [_KVCache(dtype, granule) for _ in range(depth)]
+        self.frozen = False  # past the stream's budget: read, never extended
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for cache in self.kv:
+            cache.keys.frozen = cache.values.frozen = True
 
     def nbytes(self) -> int:
         tails = sum(
@@ -115,6 +121,7 @@ class _StepCache:
         # the tails are replaced, never written in place: sharing them is safe
         fork.conv1_tail, fork.conv2_tail = self.conv1_tail, self.conv2_tail
         fork.kv = [cache.fork() for cache in self.kv]
+        fork.frozen = False
         return fork
 
 
@@ -134,6 +141,12 @@ class FlowV3StreamState:
     pre_lookahead_tail: torch.Tensor | None = None  # [1, channels, 2] last conv1 outputs
     steps: list[_StepCache] = field(default_factory=list)  # one per Euler step
     last_step_frames: int = 0  # mel frames the estimator ran on in the last call (cost probe)
+    # Memory budget of the DiT caches (bytes of this stream's own frames; None: unbounded). Past
+    # it the caches stop growing: each call re-solves the frames from `frozen_at` on against
+    # them, as the official re-runs its whole history (see _decode_increment).
+    cache_budget: int | None = None
+    frozen_at: int | None = None  # first mel frame no longer cached
+    frozen_mu: torch.Tensor | None = None  # [1, 80, n] mu of the frames from frozen_at on
 
     def cache_bytes(self) -> int:
         """Bytes held by the caches (allocated capacity, keys/values included)."""
@@ -245,7 +258,6 @@ def stream_step(
     first_frame = flow.token_mel_ratio * state.tokens_done
     mel = _decode_increment(flow, state, mu, first_frame)
     state.tokens_done += count
-    state.last_step_frames = mu.shape[2]
     skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
     return mel[:, :, skip:].float()
 
@@ -283,8 +295,32 @@ def _decode_increment(
 ) -> torch.Tensor:
     """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`.
 
-    Mirrors `_EulerCFM.solve_euler` (same operations, same t/dt accumulation) on the new frames.
-    """
+    Past the stream's cache budget the DiT caches are frozen: the frames from `frozen_at` on are
+    solved again with the new ones each call (chunk-causal, so they come out the same) and only
+    the new frames are returned."""
+    if (
+        state.frozen_at is None
+        and state.cache_budget is not None
+        and state.cache_bytes() >= state.cache_budget
+    ):
+        state.frozen_at = start
+        for step in state.steps:
+            step.freeze()
+    if state.frozen_at is not None:
+        tail = state.frozen_mu
+        state.frozen_mu = mu if tail is None else torch.cat([tail, mu], dim=2)
+        x = _solve(flow, state, state.frozen_mu, state.frozen_at)
+        state.last_step_frames = state.frozen_mu.shape[2]
+        return x[:, :, start - state.frozen_at :]
+    state.last_step_frames = mu.shape[2]
+    return _solve(flow, state, mu, start)
+
+
+def _solve(
+    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, mu: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Mirrors `_EulerCFM.solve_euler` (same operations, same t/dt accumulation) on the frames
+    mu [1, 80, n] from `start` on."""
     cfm = flow.decoder
     estimator: DiT = cfm.estimator
     n = mu.shape[2]
@@ -372,11 +408,13 @@ def _conv_position_increment(pos: nn.Module, h: torch.Tensor, cache: _StepCache)
     x = h.transpose(1, 2)
     tail = cache.conv1_tail
     x = torch.cat([tail if tail is not None else x.new_zeros(*x.shape[:2], left), x], dim=2)
-    cache.conv1_tail = x[:, :, x.shape[2] - left :].clone()
+    if not cache.frozen:
+        cache.conv1_tail = x[:, :, x.shape[2] - left :].clone()
     x = pos.conv1(x)
     tail = cache.conv2_tail
     x = torch.cat([tail if tail is not None else x.new_zeros(*x.shape[:2], left), x], dim=2)
-    cache.conv2_tail = x[:, :, x.shape[2] - left :].clone()
+    if not cache.frozen:
+        cache.conv2_tail = x[:, :, x.shape[2] - left :].clone()
     return pos.conv2(x).transpose(1, 2)
 
 
@@ -407,9 +445,9 @@ def _attention_increment(
         return t.view(rows, n, attn.heads, head_dim).transpose(1, 2)
 
     keys, values = kv.append(split(key), split(value))
-    # a shared prefix is whole earlier chunks: every new frame sees all of it
-    shared = kv.keys.shared_length
-    prefix = (kv.keys.shared, kv.values.shared) if shared else None
-    out = attention(split(query), keys, values, keep[:, shared:], prefix=prefix)
+    # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new frame sees
+    # all of them; the chunk mask covers the rows `append` returned
+    prefix = list(zip(kv.keys.parts(), kv.values.parts(), strict=True))
+    out = attention(split(query), keys, values, keep[:, -keys.size(-2) :], prefix=prefix)
     out = out.transpose(1, 2).reshape(rows, n, attn.heads * head_dim).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](out))

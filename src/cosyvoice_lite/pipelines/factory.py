@@ -55,6 +55,7 @@ def build_pipeline(
     llm_checkpoint: str = "llm.pt",
     flow_steps: int = OFFICIAL_STEPS,
     prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
+    stream_cache_bytes: int | None = None,
 ):
     llm = load_network(model, "llm", llm_checkpoint, placement)
     flow = load_network(model, "flow", "flow.pt", placement)
@@ -72,4 +73,12 @@ def build_pipeline(
         )
     from .v2 import V2Pipeline
 
-    return V2Pipeline(llm, flow, hift, model.config.sample_rate, model.version, prompt_cache_bytes)
+    return V2Pipeline(
+        llm,
+        flow,
+        hift,
+        model.config.sample_rate,
+        model.version,
+        prompt_cache_bytes,
+        stream_cache_bytes,
+    )

@@ -56,6 +56,7 @@ class V2Segment:
         self.prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
         self.flow_stream = None  # made at the first token, in the audio worker (see push)
         self.mel: list[torch.Tensor] = []  # mel computed but not vocoded yet
+        self.unflowed: list[int] = []  # tokens not handed to the flow yet
 
     def piece_due(self) -> bool:
         """Whether the next token completes a streaming piece."""
@@ -70,7 +71,13 @@ class V2Segment:
         state.tokens.append(token)
         if not self.stream:
             return None
-        self.mel.append(pipeline._flow_step(self._flow_stream(), [token], finalize=False))
+        self.unflowed.append(token)
+        flow_stream = self._flow_stream()
+        # Past its cache budget a stream re-solves its later frames at every flow call: it calls
+        # the flow once per piece then, instead of once per chunk.
+        if due or flow_stream.frozen_at is None:
+            self.mel.append(pipeline._flow_step(flow_stream, self.unflowed, finalize=False))
+            self.unflowed = []
         if not due:
             return None
         mel, self.mel = torch.cat(self.mel, dim=2), []
@@ -84,7 +91,7 @@ class V2Segment:
         if self.stream:
             # The official flows the remainder with full attention over the whole history; the
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
-            self.mel.append(pipeline._flow_step(self._flow_stream(), [], finalize=True))
+            self.mel.append(pipeline._flow_step(self._flow_stream(), self.unflowed, finalize=True))
             mel = torch.cat(self.mel, dim=2)
         else:
             mel = pipeline._flow(self.inputs, state.tokens)
@@ -92,7 +99,9 @@ class V2Segment:
 
     def _flow_stream(self):
         if self.flow_stream is None:  # the voice's prompt chunks are computed once per voice
-            self.flow_stream = self.pipeline.prompt_flows.stream(self.pipeline.flow, self.inputs)
+            pipeline = self.pipeline
+            self.flow_stream = pipeline.prompt_flows.stream(pipeline.flow, self.inputs)
+            self.flow_stream.cache_budget = pipeline.stream_cache_bytes
         return self.flow_stream
 
 
@@ -109,10 +118,13 @@ class V2Pipeline(Pipeline):
         sample_rate: int,
         version: int,
         prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
+        stream_cache_bytes: int | None = None,
     ) -> None:
         super().__init__(llm, flow, hift, sample_rate, version)
         self.lookahead = int(flow.pre_lookahead_len)
         self.prompt_flows = PromptFlowCache(prompt_cache_bytes)
+        # a stream's own flow caches beyond this re-solve their later frames (None: unbounded)
+        self.stream_cache_bytes = stream_cache_bytes
 
     @torch.inference_mode()
     def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:

@@ -102,6 +102,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "per voice and shared by its streams; 0 computes them per stream",
     )
     limits.add_argument(
+        "--stream-cache-mb",
+        type=int,
+        default=None,
+        help="memory for each stream's own flow history (v2/v3); past it the stream re-solves its "
+        "later frames every chunk, as the official does (default: unbounded)",
+    )
+    limits.add_argument(
         "--max-queue",
         type=int,
         default=8,
@@ -292,6 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch=args.workers,
             audio_workers=args.audio_workers,
             prompt_cache_mb=args.prompt_cache_mb,
+            stream_cache_mb=args.stream_cache_mb,
             backend=args.backend,
             onnx_dir=args.onnx_dir,
         )
@@ -321,6 +329,7 @@ def ray_options_from_args(args: argparse.Namespace):
         "max_batch": args.workers,
         "audio_workers": args.audio_workers,
         "prompt_cache_mb": args.prompt_cache_mb,
+        "stream_cache_mb": args.stream_cache_mb,
         "backend": args.backend,
         "onnx_dir": args.onnx_dir,
     }

@@ -1,0 +1,148 @@
+"""Memory and speed of one long CosyVoice2/3 stream under per-stream flow cache budgets.
+
+One command: ``python benchmarks/bench_stream_memory.py --model DIR [--tokens 750]
+[--budgets none,1024,256] [--dtype float32]``. Each budget runs in its own process (peak RSS is
+per process): the engine loads, a saved voice's prompt goes through the flow once (the per-voice
+cache, shared by every stream of that voice, reported apart), then one stream of ``--tokens``
+replayed speech tokens (fixed: no LLM work, exact length, checked) runs through the flow and
+vocoder with the official chunk schedule. Printed per budget: peak RSS above the loaded model and
+the voice cache, time, real-time factor, first-chunk compute time; the machine's load average and
+floors come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_WAV = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
+PROMPTS_JSON = ROOT / "tests" / "data" / "audio" / "prompts.json"
+SAMPLES_PER_TOKEN = 2 * 480
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_v1 import memory_kb, reset_peak_memory
+    from bench_v2v3 import release_free_memory
+
+    from cosyvoice_lite.engine import Engine
+    from cosyvoice_lite.request import Mode, SynthesisRequest
+
+    budget = None if args.budget == "none" else int(args.budget)
+    engine = Engine.load(args.model, dtype=args.dtype, stream_cache_mb=budget, download=False)
+    loaded = memory_kb()["rss_kb"]
+    transcript = json.loads(PROMPTS_JSON.read_text("utf-8"))["files"][PROMPT_WAV.name]["transcript"]
+    voice = engine.encode_prompt(PROMPT_WAV, transcript)
+    request = SynthesisRequest(Mode.ZERO_SHOT, "你好", stream=True)
+    prompt = engine._prompt(request, voice)
+    inputs = engine._inputs(request, engine._segments(request)[0], prompt)
+    pipeline = engine.pipeline
+    start = time.perf_counter()
+    pipeline.prompt_flows.stream(pipeline.flow, inputs)  # the saved voice's prompt, once
+    prime_s = time.perf_counter() - start
+    release_free_memory()
+    with_voice = memory_kb()["rss_kb"]
+    if not reset_peak_memory():
+        raise SystemExit("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    rng = random.Random(1986)
+    tokens = [rng.randrange(6561) for _ in range(args.tokens)]
+    generator = torch.Generator().manual_seed(1986)
+    segment = pipeline.start(inputs, generator, stream=True)
+    samples, first, chunks = 0, None, 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for token in tokens:
+            piece = segment.push(token)
+            if piece is not None:
+                samples += piece.numel()
+                chunks += 1
+                first = first if first is not None else time.perf_counter() - start
+        samples += segment.finish().numel()
+    seconds = time.perf_counter() - start
+    if samples != args.tokens * SAMPLES_PER_TOKEN * engine.sample_rate // 24000:
+        raise SystemExit(f"FIXED LENGTH NOT APPLIED: {samples} samples for {args.tokens} tokens")
+    peak = memory_kb()["hwm_kb"]
+    audio = samples / engine.sample_rate
+    print(
+        json.dumps(
+            {
+                "budget_mb": budget,
+                "loaded_kb": loaded,
+                "voice_cache_kb": with_voice - loaded,
+                "prime_s": prime_s,
+                "peak_kb": peak,
+                "stream_peak_kb": peak - with_voice,
+                "seconds": seconds,
+                "audio_s": audio,
+                "first_chunk_compute_s": first,
+                "chunks": chunks + 1,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=750, help="speech tokens (25 per second)")
+    parser.add_argument("--budgets", default="none,1024,256", help="MiB per stream, or none")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from floors import describe, measure
+
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    floors = describe(measure())
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    rows = []
+    for budget in args.budgets.split(","):
+        argv = [sys.executable, __file__, "--worker", "--budget", budget]
+        argv += ["--model", str(args.model), "--tokens", str(args.tokens)]
+        argv += ["--dtype", args.dtype, "--threads", str(args.threads)]
+        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"budget {budget}: {rows[-1]}", flush=True)
+    mib = 1 / 1024
+    print(
+        f"\none stream of {args.tokens} replayed tokens ({rows[0]['audio_s']:.1f} s of audio), "
+        f"{args.model.name}, {args.dtype}, {args.threads} threads; model RSS "
+        f"{rows[0]['loaded_kb'] * mib:.0f} MiB; the saved voice's prompt flow cache "
+        f"{rows[0]['voice_cache_kb'] * mib:.0f} MiB (computed once in {rows[0]['prime_s']:.1f} s)"
+    )
+    print(
+        f"{'stream cache budget':<22}{'stream peak MiB':>16}{'time s':>9}{'RTF':>7}"
+        f"{'first chunk s':>15}{'time vs unbounded':>19}"
+    )
+    for row in rows:
+        label = "unbounded" if row["budget_mb"] is None else f"{row['budget_mb']} MiB"
+        print(
+            f"{label:<22}{row['stream_peak_kb'] * mib:>16.0f}{row['seconds']:>9.1f}"
+            f"{row['seconds'] / row['audio_s']:>7.2f}{row['first_chunk_compute_s']:>15.2f}"
+            f"{row['seconds'] / rows[0]['seconds']:>18.2f}x"
+        )
+    end = os.getloadavg()
+    print(f"floors measured in this run: {floors}")
+    print(
+        f"load average at start {load_start[0]:.2f}, at end {end[0]:.2f} (on {os.cpu_count()} cores)"
+    )
+
+
+if __name__ == "__main__":
+    main()
