@@ -232,3 +232,15 @@ def test_streams_share_their_voice_and_a_stream_budget_keeps_the_audio(v2: Engin
 def test_cache_budgets_must_not_be_negative() -> None:
     with pytest.raises(InvalidRequestError, match="stream_cache_mb"):
         Engine.load(DATA / "models" / "v2-tiny", stream_cache_mb=-1)
+
+
+def test_prepare_voice_computes_the_shared_prompt_frames_ahead(v3: Engine) -> None:
+    flows = v3.pipeline.prompt_flows
+    flows.clear()
+    voice = v3.encode_prompt(PROMPT, PROMPT_TEXT)
+    assert v3.prepare_voice(voice).result(timeout=120) is True
+    misses, hits = flows.misses, flows.hits
+    request = SynthesisRequest(Mode.ZERO_SHOT, "你好，今天天气很好。", seed=3, stream=True)
+    chunks = list(v3.synthesize(request, prompt=voice))
+    assert chunks and chunks[-1].final
+    assert (flows.misses, flows.hits, len(flows)) == (misses, hits + 1, 1)

@@ -180,3 +180,27 @@ def test_read_only_storage_is_503_and_features_are_served_from_memory(engine, tm
                 response = c.post("/tts", json={"text": "你好", "speaker": "dave", "seed": 1})
                 assert response.status_code == 200, response.text
         remount(root, "rw")
+
+
+def test_a_saved_voice_is_ready_for_streaming_before_its_first_stream(tmp_path):
+    """CosyVoice2: saving a voice computes its prompt frames through the streaming flow in the
+    background, so even its first stream finds them computed."""
+    import time
+    from pathlib import Path
+
+    engine = tiny_engine(Path(__file__).parent / "data" / "models" / "v2-tiny")
+    flows = engine.pipeline.prompt_flows
+    flows.clear()
+    with serve(engine, tmp_path) as running, running.client() as c:
+        misses = flows.misses
+        assert upload(c, "Ready", audio=prompt_wav(3.0)).status_code == 201
+        deadline = time.monotonic() + 60
+        while len(flows) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(flows) == 1 and flows.misses == misses + 1
+        hits = flows.hits
+        r = c.post(
+            "/tts", json={"text": "你好，今天天气很好。", "speaker": "Ready", "stream": True}
+        )
+        assert r.status_code == 200 and len(r.content) > 0
+        assert flows.misses == misses + 1 and flows.hits == hits + 1

@@ -216,6 +216,27 @@ class Engine:
             text = self.text_frontend.normalize(text, split=False, encode=self.tokenizer.encode)
         return self.prompt_encoder.encode(audio, text)
 
+    def prepare_voice(self, prompt: PromptFeatures) -> Future:
+        """Compute, on an audio worker, what every stream of this voice shares (CosyVoice2/3: the
+        prompt's frames through the streaming flow, kept within ``prompt_cache_mb``), so that even
+        the first stream of a saved voice starts fast. The future's result is False when the
+        model keeps nothing per voice."""
+        ratio = self.spec.prompt_mel_ratio
+        if ratio is not None:
+            prompt = prompt.aligned(ratio)
+        nothing = torch.zeros(1, 0, dtype=torch.int32)
+        inputs = ModelInputs(
+            text=nothing,
+            prompt_text=nothing,
+            llm_prompt_speech_token=nothing,
+            llm_embedding=prompt.embedding,
+            flow_prompt_speech_token=prompt.speech_tokens,
+            prompt_speech_feat=prompt.speech_feat,
+            flow_embedding=prompt.embedding,
+        )
+        inputs = _to_device(inputs, self.placement.device)
+        return self.loop.background(lambda: self.pipeline.prime_voice(inputs))
+
     # ------------------------------------------------------------------ synthesis
     def synthesize(
         self,

@@ -115,6 +115,14 @@ class _AudioWork:
     last: bool = False  # the request's last segment
 
 
+@dataclass(frozen=True)
+class _Background:
+    """Work for an audio worker that belongs to no row (e.g. priming a saved voice's flow)."""
+
+    fn: Callable[[], Any]
+    future: Future
+
+
 class AudioWorker:
     """The thread that runs every row's audio stage (flow + vocoder chunks), in order per row.
 
@@ -131,7 +139,7 @@ class AudioWorker:
         self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
         self._thread.start()
 
-    def put(self, work: _AudioWork) -> None:
+    def put(self, work: _AudioWork | _Background) -> None:
         self._queue.put(work)
 
     def stop(self) -> None:
@@ -140,6 +148,9 @@ class AudioWorker:
     def _main(self) -> None:
         with torch.inference_mode():
             while (work := self._queue.get()) is not None:
+                if isinstance(work, _Background):
+                    _run_into(work.fn, work.future)
+                    continue
                 row = work.row
                 if row.ended or row.job.cancelled.is_set():
                     if work.token is None and work.last:
@@ -244,6 +255,19 @@ class EngineLoop:
             self._wake.notify()
         return future
 
+    def background(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on an audio worker, between rows' chunks (work that must not hold up
+        decoding, e.g. a saved voice's prompt through the flow)."""
+        future: Future = Future()
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is closed")
+            self._ensure_thread()
+            worker = self._audio[self._next_worker]
+            self._next_worker = (self._next_worker + 1) % len(self._audio)
+        worker.put(_Background(fn, future))
+        return future
+
     def close(self) -> None:
         with self._wake:
             self._stopping = True
@@ -297,12 +321,7 @@ class EngineLoop:
 
     def _run_calls(self) -> None:
         while self._calls:
-            fn, future = self._calls.popleft()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    future.set_exception(exc)
+            _run_into(*self._calls.popleft())
 
     def _retire_cancelled(self) -> None:
         for row in [r for r in self._rows if r.job.cancelled.is_set() or r.failed]:
@@ -418,3 +437,11 @@ class EngineLoop:
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
         row.end(exc)
+
+
+def _run_into(fn: Callable[[], Any], future: Future) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)

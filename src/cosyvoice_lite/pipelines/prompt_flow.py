@@ -55,6 +55,15 @@ class PromptFlowCache:
 
     def stream(self, flow: torch.nn.Module, inputs: ModelInputs) -> Any:
         """A new flow stream for this prompt with its prompt chunks already computed."""
+        template, primed = self._template(flow, inputs)
+        return primed if template is None else template.fork()
+
+    def prime(self, flow: torch.nn.Module, inputs: ModelInputs) -> None:
+        """Compute this prompt's part ahead of its streams (e.g. when a voice is saved)."""
+        self._template(flow, inputs)
+
+    def _template(self, flow: torch.nn.Module, inputs: ModelInputs) -> tuple[Any, Any]:
+        """(the kept template, None), or (None, a primed stream) when it is not kept."""
         key = _key(inputs)
         with self._lock:
             priming = self._priming.setdefault(key, threading.Lock())
@@ -64,21 +73,21 @@ class PromptFlowCache:
                 if entry is not None:
                     self._entries.move_to_end(key)
                     self.hits += 1
-                    return entry[0].fork()
+                    return entry[0], None
                 self.misses += 1
             primed = _prime(flow, inputs)
             size = primed.cache_bytes()
             if size > self.budget_bytes:
                 with self._lock:
                     self._priming.pop(key, None)
-                return primed
+                return None, primed
             template = primed.fork()  # the prefix alone, compacted; `primed` is let go
             with self._lock:
                 self._entries[key] = (template, size)
                 while sum(size for _, size in self._entries.values()) > self.budget_bytes:
                     old, _ = self._entries.popitem(last=False)
                     self._priming.pop(old, None)
-            return template.fork()
+            return template, None
 
 
 def _prime(flow: torch.nn.Module, inputs: ModelInputs) -> Any:

@@ -126,6 +126,13 @@ class V2Pipeline(Pipeline):
         # a stream's own flow caches beyond this re-solve their later frames (None: unbounded)
         self.stream_cache_bytes = stream_cache_bytes
 
+    def prime_voice(self, inputs: ModelInputs) -> bool:
+        """The voice's prompt frames through the streaming flow, kept for its streams."""
+        if self.prompt_flows.budget_bytes == 0:
+            return False
+        self.prompt_flows.prime(self.flow, inputs)
+        return True
+
     @torch.inference_mode()
     def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:
         token = torch.tensor([tokens], dtype=torch.int32, device=self.device).reshape(1, -1)

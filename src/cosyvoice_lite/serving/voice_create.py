@@ -43,7 +43,7 @@ async def save_voice(
     job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
 
     def create():
-        return library.create(
+        voice = library.create(
             name,
             data,
             prompt_text,
@@ -51,6 +51,10 @@ async def save_voice(
             engine.encode_prompt,
             max_seconds=settings.max_prompt_seconds,
         )
+        # its streams' shared part, computed in the background: even the first stream starts fast
+        features = library.features(voice.name, voice_key(engine), engine.encode_prompt)
+        engine.prepare_voice(features).add_done_callback(_log_failure(voice.name))
+        return voice
 
     try:
         state.scheduler.call(job, create)
@@ -68,3 +72,11 @@ async def save_voice(
     state.metrics.count("voices_created_total")
     log.info("voice created", extra={"voice": name, "duration": voice.duration})
     return JSONResponse(voice.to_api(), status_code=201)
+
+
+def _log_failure(name: str):
+    def done(future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("could not prepare voice %r for streaming: %s", name, future.exception())
+
+    return done
