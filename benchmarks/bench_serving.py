@@ -296,7 +296,9 @@ def drive(args: argparse.Namespace) -> None:
         server = Server(args, design, out / f"server-{design}.log")
         try:
             text = TEXTS[2 if server.frame_rate == 25 else 1]
-            one_request(server, text, 1, False, args.tokens)  # warm-up
+            # warm-up; a streaming one too when streams are measured: the voice is then a saved
+            # voice used before (its prompt's flow frames are computed once per voice)
+            one_request(server, text, 1, "stream" in args.transports.split(","), args.tokens)
             loaded = rss_kib(server.process.pid, "VmRSS") / 1024
             for transport in args.transports.split(","):
                 rows = []

@@ -453,12 +453,15 @@ def test_prompt_flow_cache_primes_each_voice_once_within_its_budget(
         PromptFlowCache(-1)
 
 
-def test_a_stream_past_its_cache_budget_gives_the_same_mel(flow: CausalMaskedDiffWithXvec) -> None:
+@pytest.mark.parametrize("budget", [0, 1])
+def test_a_stream_past_its_cache_budget_gives_the_same_mel(
+    flow: CausalMaskedDiffWithXvec, budget: int
+) -> None:
     g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
     token = g["token"]
     whole = torch.cat(_stream(flow, [token[:, i : i + 5] for i in range(0, 22, 5)], g), dim=2)
     state = flow.new_stream(g["prompt_token"], g["prompt_feat"], g["embedding"])
-    state.cache_budget = 1  # frozen after the first chunk
+    state.cache_budget = budget  # 1: frozen after the first chunk; 0: before any frame
     out, sizes = [], []
     for i in range(0, 22, 5):
         out.append(flow.stream_step(state, token[:, i : i + 5]))
@@ -466,7 +469,7 @@ def test_a_stream_past_its_cache_budget_gives_the_same_mel(flow: CausalMaskedDif
     out.append(flow.stream_step(state, token[:, :0], finalize=True))
     torch.testing.assert_close(torch.cat(out, dim=2), whole, atol=1e-5, rtol=0)
     assert state.frozen_at is not None
-    assert sizes[0] > 0 and len(set(sizes[1:])) == 1  # the U-Net caches stop growing
+    assert (sizes[0] > 0) == (budget > 0) and len(set(sizes[1:])) == 1  # no growth once frozen
 
 
 # --------------------------------------------------------------------------------------------

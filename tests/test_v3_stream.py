@@ -323,6 +323,19 @@ def test_a_stream_past_its_cache_budget_recomputes_and_matches_the_official(
     assert frames == sorted(frames) and frames[-1] > frames[1]  # the re-solved frames grow
 
 
+def test_a_stream_frozen_before_its_first_frame_matches_the_official(
+    flow: CausalMaskedDiffWithDiT,
+) -> None:
+    token, p_tok, p_feat, emb = flow_inputs(43, 40, 0)
+    state = flow.new_stream(p_tok, p_feat, emb)
+    state.cache_budget = 0  # nothing is ever cached: every call re-solves all frames
+    mels = [flow.stream_step(state, token[:, i : i + 9]) for i in range(0, 40, 9)]
+    mels.append(flow.stream_step(state, token[:, :0], finalize=True))
+    expected = flow_rerun(flow, token, p_tok, p_feat, emb, finalize=True)
+    assert state.frozen_at == 0 and state.cache_bytes() < 1_000
+    assert max_err(torch.cat(mels, dim=2), expected) < TOL
+
+
 def test_flow_step_cost_stays_flat_and_cache_grows_linearly(flow: CausalMaskedDiffWithDiT) -> None:
     token, p_tok, p_feat, emb = flow_inputs(21, 160, 5)
     state = flow.new_stream(p_tok, p_feat, emb)

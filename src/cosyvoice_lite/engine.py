@@ -109,8 +109,10 @@ class Engine:
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
         ``prompt_cache_mb`` bounds the memory of voices' prompt frames computed once through the
         v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream);
-        ``stream_cache_mb`` bounds each stream's own flow caches, past which its later frames are
-        re-solved every chunk as the official does (less memory, more compute; None: unbounded).
+        ``stream_cache_mb`` is a threshold on each stream's own flow caches (checked before each
+        flow call, so one chunk and buffer slack may pass it): past it they stop growing and the
+        later frames are re-solved at every audio piece, as the official re-solves its whole
+        history (flat memory, more compute; None: unbounded).
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
         vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
         """

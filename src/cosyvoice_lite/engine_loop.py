@@ -127,7 +127,8 @@ class AudioWorker:
     """The thread that runs every row's audio stage (flow + vocoder chunks), in order per row.
 
     Tokens and segment ends arrive from the loop thread; a chunk goes to the request as soon as it
-    is computed. A failing stage fails its row alone.
+    is computed. A failing stage fails its row alone. Work of no row (``EngineLoop.background``,
+    e.g. preparing a saved voice) runs between rows' chunks.
     """
 
     def __init__(self) -> None:
@@ -138,6 +139,9 @@ class AudioWorker:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
         self._thread.start()
+
+    def backlog(self) -> int:
+        return self._queue.qsize()
 
     def put(self, work: _AudioWork | _Background) -> None:
         self._queue.put(work)
@@ -263,8 +267,7 @@ class EngineLoop:
             if self._stopping:
                 raise RuntimeError("the engine is closed")
             self._ensure_thread()
-            worker = self._audio[self._next_worker]
-            self._next_worker = (self._next_worker + 1) % len(self._audio)
+            worker = min(self._audio, key=AudioWorker.backlog)  # the least busy one
         worker.put(_Background(fn, future))
         return future
 

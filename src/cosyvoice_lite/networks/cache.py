@@ -112,9 +112,12 @@ class GrowingBuffer:
             copy.data = self.data.clone()
         return copy
 
-    def nbytes(self) -> int:
-        """Bytes this buffer holds on its own (a shared prefix is counted where it was made)."""
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+    def nbytes(self, shared: bool = False) -> int:
+        """Bytes this buffer holds on its own (with ``shared``: and its shared prefix)."""
+        own = 0 if self.data is None else self.data.numel() * self.data.element_size()
+        if shared and self.shared is not None:
+            own += self.shared.numel() * self.shared.element_size()
+        return own
 
 
 class KVCache:

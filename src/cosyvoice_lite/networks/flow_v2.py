@@ -367,10 +367,11 @@ class CausalMaskedDiffWithXvec(nn.Module):
         tokens are encoded in whole encoder chunks (`static_chunk_size`, counted from the
         prompt's first token); the rest waits for the next call. With finalize the remaining
         tokens are encoded with zero look-ahead and the stream ends. Each call costs the new
-        frames against cached history, never a re-run of the history.
+        frames against cached history, never a re-run of the history (up to `cache_budget`).
 
-        The mel matches `inference(all tokens so far, streaming=True, finalize=False)` frame for
-        frame. The final chunk uses chunk attention too; the official stream computes its last
+        Past the stream's `cache_budget` the history is re-solved at each call instead (see
+        `_decode_increment`). The mel matches `inference(all tokens so far, streaming=True,
+        finalize=False)` frame for frame. The final chunk uses chunk attention too; the official stream computes its last
         call with full attention (streaming=False), so only that chunk can differ from it.
         """
         if state.finished:
@@ -470,6 +471,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         Past the stream's cache budget the U-Net caches are frozen: the frames from `frozen_at`
         on are solved again with the new ones each call (chunk-causal, so they come out the same)
         and only the new frames are returned."""
+        while len(state.estimator) < self.decoder.steps:
+            state.estimator.append(_LayerCaches())
         if (
             state.frozen_at is None
             and state.cache_budget is not None
@@ -505,8 +508,6 @@ class CausalMaskedDiffWithXvec(nn.Module):
         cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
 
         t_span = time_span(cfm.steps, cfm.t_scheduler, x)
-        while len(state.estimator) < cfm.steps:
-            state.estimator.append(_LayerCaches())
 
         def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             return _estimator_increment(
@@ -566,7 +567,7 @@ class _ConvTail:
     def __init__(self) -> None:
         self.frames: torch.Tensor | None = None
 
-    def fork(self, share: bool) -> _ConvTail:
+    def fork(self, share: bool) -> _ConvTail:  # noqa: ARG002 - one fork signature per cache
         fork = _ConvTail()
         fork.frames = self.frames  # replaced, never written in place
         return fork
@@ -593,6 +594,8 @@ class _LayerCaches:
     def next(self, kind: type) -> Any:
         if self.cursor == len(self.items):
             self.items.append(kind())
+            if self.frozen:  # frozen before its first frames: it stays empty
+                self.freeze()
         item = self.items[self.cursor]
         self.cursor += 1
         return item
@@ -602,9 +605,9 @@ class _LayerCaches:
         fork.items = [item.fork(share) for item in self.items]
         return fork
 
-    def nbytes(self) -> int:
+    def nbytes(self, shared: bool = False) -> int:
         return sum(
-            buffer.nbytes()
+            buffer.nbytes(shared)
             for item in self.items
             if isinstance(item, _AttentionCache)
             for buffer in (item.keys, item.values, item.positions)
@@ -647,10 +650,10 @@ class FlowV2StreamState:
             estimator=[step.fork(share=True) for step in self.estimator],
         )
 
-    def cache_bytes(self) -> int:
-        """Bytes held by this stream's own caches (a shared prefix counts where it was made)."""
+    def cache_bytes(self, shared: bool = False) -> int:
+        """Bytes held by this stream's own caches (with ``shared``: and by its shared prefix)."""
         caches = [self.encoder, self.up_encoder, *self.estimator]
-        return sum(caches.nbytes() for caches in caches)
+        return sum(caches.nbytes(shared) for caches in caches)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ So the mel of chunk c depends only on the tokens up to the end of chunk c plus 3
 tokens, and a frame's trajectory never depends on later frames. Per stream the state keeps, for
 each of the 10 Euler steps: the last 30 inputs of both position convs and the keys/values of every
 DiT block, both CFG rows (`_StepCache`); plus the last 2 conv1 outputs of the pre-look-ahead
-layer. Each call then costs the new frames only (their attention still reads all cached keys).
+layer. Each call then costs the new frames only (their attention still reads all cached keys),
+until the stream passes its `cache_budget` (then it re-solves the frames after the frozen caches).
 
 The mel equals the official streaming re-run chunk by chunk up to float rounding. Only whole
 chunks are computed before `finalize` (the official hop schedule is chunk-aligned, so this never
@@ -81,11 +82,12 @@ class _KVCache:
         return self.keys.length
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append [rows, heads, n, dim_head] keys/values; returns all valid ones, in their dtype."""
+        """Append [rows, heads, n, dim_head] keys/values; returns the rows a reader sees next to
+        the buffers' ``parts()`` (see ``GrowingBuffer.append``), in their dtype."""
         return self.keys.append(keys), self.values.append(values)
 
-    def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes()
+    def nbytes(self, shared: bool = False) -> int:
+        return self.keys.nbytes(shared) + self.values.nbytes(shared)
 
     def fork(self) -> _KVCache:
         """Goes on from here; the keys/values so far are the fork's shared prefix."""
@@ -108,13 +110,13 @@ class _StepCache:
         for cache in self.kv:
             cache.keys.frozen = cache.values.frozen = True
 
-    def nbytes(self) -> int:
+    def nbytes(self, shared: bool = False) -> int:
         tails = sum(
             t.numel() * t.element_size()
             for t in (self.conv1_tail, self.conv2_tail)
             if t is not None
         )
-        return tails + sum(cache.nbytes() for cache in self.kv)
+        return tails + sum(cache.nbytes(shared) for cache in self.kv)
 
     def fork(self) -> _StepCache:
         fork = _StepCache.__new__(_StepCache)
@@ -148,11 +150,12 @@ class FlowV3StreamState:
     frozen_at: int | None = None  # first mel frame no longer cached
     frozen_mu: torch.Tensor | None = None  # [1, 80, n] mu of the frames from frozen_at on
 
-    def cache_bytes(self) -> int:
-        """Bytes held by the caches (allocated capacity, keys/values included)."""
+    def cache_bytes(self, shared: bool = False) -> int:
+        """Bytes held by this stream's caches (allocated capacity, keys/values included; with
+        ``shared``: and by its shared prefix)."""
         tail = self.pre_lookahead_tail
         total = 0 if tail is None else tail.numel() * tail.element_size()
-        return total + sum(step.nbytes() for step in self.steps)
+        return total + sum(step.nbytes(shared) for step in self.steps)
 
     def fork(self) -> FlowV3StreamState:
         """A stream that goes on from here independently; the keys and values so far are shared
@@ -298,6 +301,11 @@ def _decode_increment(
     Past the stream's cache budget the DiT caches are frozen: the frames from `frozen_at` on are
     solved again with the new ones each call (chunk-causal, so they come out the same) and only
     the new frames are returned."""
+    estimator: DiT = flow.decoder.estimator
+    while len(state.steps) < flow.decoder.steps:
+        state.steps.append(
+            _StepCache(estimator.depth, state.cache_dtype, estimator.static_chunk_size)
+        )
     if (
         state.frozen_at is None
         and state.cache_budget is not None
@@ -340,9 +348,6 @@ def _solve(
     spks_in = torch.cat([state.embedding, torch.zeros_like(state.embedding)], dim=0)
     cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
 
-    granule = estimator.static_chunk_size
-    while len(state.steps) < cfm.steps:
-        state.steps.append(_StepCache(estimator.depth, state.cache_dtype, granule))
     t_span = time_span(cfm.steps, cfm.t_scheduler, x)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:

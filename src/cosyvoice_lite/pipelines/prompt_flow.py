@@ -11,7 +11,7 @@ partial chunk.
 
 Entries are keyed by the prompt's content (speech tokens, mel, speaker embedding), so a saved voice
 and the same recording uploaded again both hit, and kept least-recently-used within a byte budget
-(CosyVoice2 float32: ~4.5 MB per prompt frame, ~0.9 GB for a 5 s prompt; bfloat16 half that). A
+(CosyVoice2 float32: ~4.5 MB per prompt frame, ~1 GB for a 5 s prompt; bfloat16 half that). A
 prompt bigger than the budget is primed per stream, as without the cache.
 """
 
@@ -58,36 +58,48 @@ class PromptFlowCache:
         template, primed = self._template(flow, inputs)
         return primed if template is None else template.fork()
 
-    def prime(self, flow: torch.nn.Module, inputs: ModelInputs) -> None:
-        """Compute this prompt's part ahead of its streams (e.g. when a voice is saved)."""
-        self._template(flow, inputs)
+    def prime(self, flow: torch.nn.Module, inputs: ModelInputs) -> bool:
+        """Compute this prompt's part ahead of its streams (e.g. when a voice is saved); False
+        when it does not fit the budget (its streams then compute it themselves)."""
+        return self._template(flow, inputs)[0] is not None
 
     def _template(self, flow: torch.nn.Module, inputs: ModelInputs) -> tuple[Any, Any]:
         """(the kept template, None), or (None, a primed stream) when it is not kept."""
+        if self.budget_bytes == 0:
+            with self._lock:
+                self.misses += 1
+            return None, _prime(flow, inputs)
         key = _key(inputs)
         with self._lock:
             priming = self._priming.setdefault(key, threading.Lock())
-        with priming:  # streams of one voice arriving together prime it once
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
-                    return entry[0], None
-                self.misses += 1
-            primed = _prime(flow, inputs)
-            size = primed.cache_bytes()
-            if size > self.budget_bytes:
+        kept = False
+        try:
+            with priming:  # streams of one voice arriving together prime it once
+                with self._lock:
+                    entry = self._entries.get(key)
+                    if entry is not None:
+                        self._entries.move_to_end(key)
+                        self.hits += 1
+                        kept = True
+                        return entry[0], None
+                    self.misses += 1
+                primed = _prime(flow, inputs)
+                template = primed.fork()  # the prefix alone, compacted
+                size = template.cache_bytes(shared=True)
+                if size > self.budget_bytes:
+                    return None, primed
+                with self._lock:
+                    self._entries[key] = (template, size)
+                    while sum(size for _, size in self._entries.values()) > self.budget_bytes:
+                        old, _ = self._entries.popitem(last=False)
+                        if old != key:
+                            self._priming.pop(old, None)
+                kept = key in self._entries
+                return template, None
+        finally:
+            if not kept:
                 with self._lock:
                     self._priming.pop(key, None)
-                return None, primed
-            template = primed.fork()  # the prefix alone, compacted; `primed` is let go
-            with self._lock:
-                self._entries[key] = (template, size)
-                while sum(size for _, size in self._entries.values()) > self.budget_bytes:
-                    old, _ = self._entries.popitem(last=False)
-                    self._priming.pop(old, None)
-            return template, None
 
 
 def _prime(flow: torch.nn.Module, inputs: ModelInputs) -> Any:

@@ -44,10 +44,11 @@ class V1Segment:
 
     def push(self, token: int) -> torch.Tensor | None:
         """Add a token; returns a waveform piece when a streaming chunk is complete."""
+        due = self.piece_due()
         self.pending.append(token)
-        hop = self.pipeline.min_hop
-        if not self.stream or len(self.pending) < hop + TOKEN_OVERLAP:
+        if not due:
             return None
+        hop = self.pipeline.min_hop
         chunk = self.pending[: hop + TOKEN_OVERLAP]
         self.pending = self.pending[hop:]
         return self._token2wav(chunk, finalize=False)

@@ -127,11 +127,9 @@ class V2Pipeline(Pipeline):
         self.stream_cache_bytes = stream_cache_bytes
 
     def prime_voice(self, inputs: ModelInputs) -> bool:
-        """The voice's prompt frames through the streaming flow, kept for its streams."""
-        if self.prompt_flows.budget_bytes == 0:
-            return False
-        self.prompt_flows.prime(self.flow, inputs)
-        return True
+        """The voice's prompt frames through the streaming flow, kept for its streams (False:
+        not kept, e.g. over the cache budget)."""
+        return self.prompt_flows.prime(self.flow, inputs)
 
     @torch.inference_mode()
     def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:

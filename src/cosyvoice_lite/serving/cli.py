@@ -105,8 +105,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "--stream-cache-mb",
         type=int,
         default=None,
-        help="memory for each stream's own flow history (v2/v3); past it the stream re-solves its "
-        "later frames every chunk, as the official does (default: unbounded)",
+        help="threshold on each stream's own flow history (v2/v3, MiB); past it the history stops "
+        "growing and the later frames are re-solved at every audio piece, as the official "
+        "re-solves its whole history (default: unbounded)",
     )
     limits.add_argument(
         "--max-queue",

@@ -51,9 +51,13 @@ async def save_voice(
             engine.encode_prompt,
             max_seconds=settings.max_prompt_seconds,
         )
-        # its streams' shared part, computed in the background: even the first stream starts fast
-        features = library.features(voice.name, voice_key(engine), engine.encode_prompt)
-        engine.prepare_voice(features).add_done_callback(_log_failure(voice.name))
+        # its streams' shared part, computed in the background: even the first stream starts
+        # fast; the voice is stored whatever happens here
+        try:
+            features = library.features(voice.name, voice_key(engine), engine.encode_prompt)
+            engine.prepare_voice(features).add_done_callback(_log_failure(voice.name))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not prepare voice %r for streaming: %s", voice.name, exc)
         return voice
 
     try:
