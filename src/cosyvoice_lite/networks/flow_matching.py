@@ -65,6 +65,33 @@ def time_span(n_timesteps: int, scheduler: str, like: torch.Tensor) -> torch.Ten
     return t_span
 
 
+def solve_within_budget(
+    state: Any,
+    mu: torch.Tensor,
+    start: int,
+    caches: list[Any],
+    own_bytes: int,
+    solve: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """The mel of new frames mu [1, 80, n] at `start` for an incremental stream (v2 and v3).
+
+    ``state`` has ``cache_budget``, ``frozen_at`` and ``frozen_mu``; ``caches`` (one per Euler
+    step, with ``freeze()``) hold ``own_bytes``. Once they reach the budget they are frozen and
+    every call re-solves the frames from ``frozen_at`` on with the new ones (chunk-causal, so the
+    re-solved frames come out the same); only the new frames are returned.
+    """
+    budget = state.cache_budget
+    if state.frozen_at is None and budget is not None and own_bytes >= budget:
+        state.frozen_at = start
+        for cache in caches:
+            cache.freeze()
+    if state.frozen_at is None:
+        return solve(mu, start)
+    tail = state.frozen_mu
+    state.frozen_mu = mu if tail is None else torch.cat([tail, mu], dim=2)
+    return solve(state.frozen_mu, state.frozen_at)[:, :, start - state.frozen_at :]
+
+
 def euler_cfg(
     x: torch.Tensor,
     t_span: torch.Tensor,

@@ -41,7 +41,7 @@ from cosyvoice_lite.networks.conformer import (
     RelPositionMultiHeadedAttention,
     encoder_attention_mask,
 )
-from cosyvoice_lite.networks.flow_matching import euler_cfg, time_span
+from cosyvoice_lite.networks.flow_matching import euler_cfg, solve_within_budget, time_span
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
 from cosyvoice_lite.networks.unet import CausalConv1d
 
@@ -473,20 +473,10 @@ class CausalMaskedDiffWithXvec(nn.Module):
         and only the new frames are returned."""
         while len(state.estimator) < self.decoder.steps:
             state.estimator.append(_LayerCaches())
-        if (
-            state.frozen_at is None
-            and state.cache_budget is not None
-            and sum(step.nbytes() for step in state.estimator) >= state.cache_budget
-        ):
-            state.frozen_at = start
-            for step in state.estimator:
-                step.freeze()
-        if state.frozen_at is not None:
-            tail = state.frozen_mu
-            state.frozen_mu = mu if tail is None else torch.cat([tail, mu], dim=2)
-            x = self._solve(state, state.frozen_mu, state.frozen_at)
-            return x[:, :, start - state.frozen_at :]
-        return self._solve(state, mu, start)
+        own = sum(step.nbytes() for step in state.estimator)
+        return solve_within_budget(
+            state, mu, start, state.estimator, own, lambda m, s: self._solve(state, m, s)
+        )
 
     def _solve(self, state: FlowV2StreamState, mu: torch.Tensor, start: int) -> torch.Tensor:
         cfm = self.decoder

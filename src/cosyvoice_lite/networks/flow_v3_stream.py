@@ -53,7 +53,12 @@ from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
 from cosyvoice_lite.networks.attention import attention
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
-from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS, euler_cfg, time_span
+from cosyvoice_lite.networks.flow_matching import (
+    OFFICIAL_STEPS,
+    euler_cfg,
+    solve_within_budget,
+    time_span,
+)
 
 if TYPE_CHECKING:
     from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT
@@ -306,22 +311,12 @@ def _decode_increment(
         state.steps.append(
             _StepCache(estimator.depth, state.cache_dtype, estimator.static_chunk_size)
         )
-    if (
-        state.frozen_at is None
-        and state.cache_budget is not None
-        and state.cache_bytes() >= state.cache_budget
-    ):
-        state.frozen_at = start
-        for step in state.steps:
-            step.freeze()
-    if state.frozen_at is not None:
-        tail = state.frozen_mu
-        state.frozen_mu = mu if tail is None else torch.cat([tail, mu], dim=2)
-        x = _solve(flow, state, state.frozen_mu, state.frozen_at)
-        state.last_step_frames = state.frozen_mu.shape[2]
-        return x[:, :, start - state.frozen_at :]
-    state.last_step_frames = mu.shape[2]
-    return _solve(flow, state, mu, start)
+
+    def solve(mu: torch.Tensor, first: int) -> torch.Tensor:
+        state.last_step_frames = mu.shape[2]
+        return _solve(flow, state, mu, first)
+
+    return solve_within_budget(state, mu, start, state.steps, state.cache_bytes(), solve)
 
 
 def _solve(
