@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT_WAV = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
-PROMPTS_JSON = ROOT / "tests" / "data" / "audio" / "prompts.json"
 SAMPLES_PER_TOKEN = 2 * 480
 
 
@@ -33,7 +31,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_v1 import memory_kb, reset_peak_memory
-    from bench_v2v3 import release_free_memory
+    from bench_v2v3 import PROMPT_WAV, prompt_transcript, release_free_memory
 
     from cosyvoice_lite.engine import Engine
     from cosyvoice_lite.request import Mode, SynthesisRequest
@@ -41,8 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     budget = None if args.budget == "none" else int(args.budget)
     engine = Engine.load(args.model, dtype=args.dtype, stream_cache_mb=budget, download=False)
     loaded = memory_kb()["rss_kb"]
-    transcript = json.loads(PROMPTS_JSON.read_text("utf-8"))["files"][PROMPT_WAV.name]["transcript"]
-    voice = engine.encode_prompt(PROMPT_WAV, transcript)
+    voice = engine.encode_prompt(PROMPT_WAV, prompt_transcript())
     request = SynthesisRequest(Mode.ZERO_SHOT, "你好", stream=True)
     prompt = engine._prompt(request, voice)
     inputs = engine._inputs(request, engine._segments(request)[0], prompt)

@@ -223,20 +223,10 @@ class Engine:
         prompt's frames through the streaming flow, kept within ``prompt_cache_mb``), so that even
         the first stream of a saved voice starts fast. The future's result is False when the
         model keeps nothing per voice."""
-        ratio = self.spec.prompt_mel_ratio
-        if ratio is not None:
-            prompt = prompt.aligned(ratio)
-        nothing = torch.zeros(1, 0, dtype=torch.int32)
-        inputs = ModelInputs(
-            text=nothing,
-            prompt_text=nothing,
-            llm_prompt_speech_token=nothing,
-            llm_embedding=prompt.embedding,
-            flow_prompt_speech_token=prompt.speech_tokens,
-            prompt_speech_feat=prompt.speech_feat,
-            flow_embedding=prompt.embedding,
-        )
-        inputs = _to_device(inputs, self.placement.device)
+        # the flow's prompt inputs exactly as a request with this voice gets them (every mode
+        # that clones a prompt gives the flow the same ones)
+        request = SynthesisRequest(Mode.CROSS_LINGUAL)
+        inputs = self._inputs(request, "", self._prompt(request, prompt))
         return self.loop.background(lambda: self.pipeline.prime_voice(inputs))
 
     # ------------------------------------------------------------------ synthesis

@@ -367,11 +367,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
         tokens are encoded in whole encoder chunks (`static_chunk_size`, counted from the
         prompt's first token); the rest waits for the next call. With finalize the remaining
         tokens are encoded with zero look-ahead and the stream ends. Each call costs the new
-        frames against cached history, never a re-run of the history (up to `cache_budget`).
+        frames against cached history, never a re-run of the history, until the stream passes
+        its `cache_budget` (then the frames after the frozen caches are re-solved each call, see
+        `_decode_increment`).
 
-        Past the stream's `cache_budget` the history is re-solved at each call instead (see
-        `_decode_increment`). The mel matches `inference(all tokens so far, streaming=True,
-        finalize=False)` frame for frame. The final chunk uses chunk attention too; the official stream computes its last
+        The mel matches `inference(all tokens so far, streaming=True, finalize=False)` frame for
+        frame. The final chunk uses chunk attention too; the official stream computes its last
         call with full attention (streaming=False), so only that chunk can differ from it.
         """
         if state.finished:

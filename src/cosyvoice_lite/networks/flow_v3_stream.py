@@ -41,6 +41,7 @@ autocast dtype and are stored as they are (no extra error).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -96,7 +97,7 @@ class _KVCache:
 
     def fork(self) -> _KVCache:
         """Goes on from here; the keys/values so far are the fork's shared prefix."""
-        fork = _KVCache.__new__(_KVCache)
+        fork = copy.copy(self)
         fork.keys, fork.values = self.keys.fork(), self.values.fork()
         return fork
 
@@ -124,11 +125,8 @@ class _StepCache:
         return tails + sum(cache.nbytes(shared) for cache in self.kv)
 
     def fork(self) -> _StepCache:
-        fork = _StepCache.__new__(_StepCache)
-        # the tails are replaced, never written in place: sharing them is safe
-        fork.conv1_tail, fork.conv2_tail = self.conv1_tail, self.conv2_tail
+        fork = copy.copy(self)  # the tails are replaced, never written in place: shared
         fork.kv = [cache.fork() for cache in self.kv]
-        fork.frozen = False
         return fork
 
 

@@ -61,8 +61,12 @@ class V2Segment:
     def piece_due(self) -> bool:
         """Whether the next token completes a streaming piece."""
         state = self.state
-        hop = state.hop + (self.prompt_pad if state.offset == 0 else 0)
-        return self.stream and len(state.tokens) + 1 - state.offset >= hop + self.pipeline.lookahead
+        due = len(state.tokens) + 1 - state.offset >= self._hop() + self.pipeline.lookahead
+        return self.stream and due
+
+    def _hop(self) -> int:
+        """Tokens of the next piece: the first one pads prompt + hop to whole training chunks."""
+        return self.state.hop + (self.prompt_pad if self.state.offset == 0 else 0)
 
     def push(self, token: int) -> torch.Tensor | None:
         """Add a token; returns a waveform piece when a streaming chunk is complete."""
@@ -81,7 +85,7 @@ class V2Segment:
         if not due:
             return None
         mel, self.mel = torch.cat(self.mel, dim=2), []
-        state.offset += state.hop + (self.prompt_pad if state.offset == 0 else 0)
+        state.offset += self._hop()
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
         return pipeline._vocode(state, mel, self.generator, finalize=False)
 
