@@ -239,7 +239,7 @@ def our_worker(
                 segments = max(segments, chunk.segment + 1)
             timer.add("total", start)
             return {
-                **timer.seconds,
+                **timer.results(),
                 "audio_s": sum(c["samples"] for c in chunks.chunks) / engine.sample_rate,
                 "sample_rate": engine.sample_rate,
                 "segments": segments,
@@ -437,7 +437,7 @@ def print_table(results: dict, names: list[str]) -> None:
             n: {
                 **plain[n],
                 "llm_bytes_per_token": results[n].get("llm_bytes_per_token"),
-                "llm_ms_per_token": 1e3 * plain[n]["llm_s"] / meta["tokens"],
+                "llm_ms_per_token": plain[n]["llm_step_ms"],
             }
             for n in names
         }

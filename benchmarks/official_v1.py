@@ -69,7 +69,7 @@ def main() -> None:
                 segments += 1  # non-streaming: one output per text segment
             timer.add("total", start)
             return {
-                **timer.seconds,
+                **timer.results(),
                 "audio_s": samples / cosyvoice.sample_rate,
                 "segments": segments,
                 "tokens": tokens,

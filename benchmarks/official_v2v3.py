@@ -151,7 +151,7 @@ def main() -> None:
                 chunks.add(int(output["tts_speech"].shape[1]))
             timer.add("total", start)
             return {
-                **timer.seconds,
+                **timer.results(),
                 "audio_s": sum(c["samples"] for c in chunks.chunks) / cosyvoice.sample_rate,
                 "sample_rate": cosyvoice.sample_rate,
                 "segments": state["segments"],

@@ -99,7 +99,7 @@ def test_wait_policy_is_passive_unless_the_user_chose_one() -> None:
         "import os; from cosyvoice_lite.cli import main; main(['normalize', 'a']); "
         "import torch; print(os.environ['OMP_WAIT_POLICY'])"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env
     )
@@ -112,6 +112,15 @@ def test_wait_policy_is_passive_unless_the_user_chose_one() -> None:
         env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
     )
     assert done.stdout.strip().endswith("ACTIVE"), done.stderr
+    spin = probe.replace("os.environ['OMP_WAIT_POLICY']", "os.environ.get('OMP_WAIT_POLICY')")
+    done = subprocess.run(  # a chosen spin count is a choice too
+        [sys.executable, "-c", spin],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "GOMP_SPINCOUNT": "10000"},
+    )
+    assert done.stdout.strip().endswith("None"), done.stderr
 
 
 @pytest.mark.parametrize(

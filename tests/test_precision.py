@@ -17,8 +17,9 @@ from cosyvoice_lite.device import check_precision, resolve_placement
 from cosyvoice_lite.errors import DeviceError, InvalidRequestError
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
+from cosyvoice_lite.networks.linear import FusedLinear
 from cosyvoice_lite.pipelines.factory import load_network
-from cosyvoice_lite.precision import exempt_names, tied_to_embeddings
+from cosyvoice_lite.precision import PackedLinear, exempt_names, packs_linear, tied_to_embeddings
 
 DATA = Path(__file__).resolve().parent / "data"
 MODELS = DATA / "models"
@@ -74,21 +75,52 @@ def test_weights_are_stored_in_the_chosen_dtype(version: int, dtype: str) -> Non
 @pytest.mark.parametrize("version", [1, 2])
 def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
     model = open_model_dir(MODELS / f"v{version}-tiny")
-    reference = load_network(model, "llm", "llm.pt", resolve_placement("cpu"))
+    placement = resolve_placement("cpu")
+    reference = load_network(model, "llm", "llm.pt", placement, kernels=False)  # official tree
     tables = tied_to_embeddings(reference)  # e.g. Qwen2's unused lm_head: left alone
-    linear = {n for n, m in reference.named_modules() if type(m) is nn.Linear and m not in tables}
+    linear = [m for m in reference.modules() if type(m) is nn.Linear and m not in tables]
     llm = load_network(model, "llm", "llm.pt", resolve_placement("cpu", quantize="int8"))
-    quantised = {
-        n: m for n, m in llm.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
-    }
-    assert linear and set(quantised) == linear
+    quantised = [m for m in llm.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    # the fused groups (q/k/v, gate/up) are quantised as one layer each: same weights, fewer calls
+    assert linear and sum(m.weight().numel() for m in quantised) == sum(
+        m.weight.numel() for m in linear
+    )
+    assert len(quantised) < len(linear)
     assert {n for n, m in llm.named_modules() if type(m) is nn.Linear} == {
         n for n, m in reference.named_modules() if m in tables
     }
-    assert all(m.weight().dtype == torch.qint8 for m in quantised.values())
+    assert all(m.weight().dtype == torch.qint8 for m in quantised)
     # int8 is for the LLM: the flow keeps float32 (int8 linears there take float32 around them)
     flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", quantize="int8"))
     assert {t.dtype for t in _float_tensors(flow).values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_llm_decoding_kernels_keep_the_outputs(version: int) -> None:
+    """The load-time LLM kernels (fused q/k/v and gate/up, oneDNN-packed weights) change how the
+    products are computed, not what: teacher-forced log-probabilities within float32 rounding."""
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    placement = resolve_placement("cpu")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 100, (1, n), generator=g, dtype=torch.int32) for n in (12, 6, 10, 30)]
+    embedding = torch.randn(1, 192, generator=g)
+
+    def log_probs(kernels: bool) -> tuple[torch.Tensor, nn.Module]:
+        lm = load_network(model, "llm", "llm.pt", placement, kernels=kernels)
+        with torch.inference_mode():
+            extra = (embedding,) if version == 1 else ()
+            logits = lm.teacher_forced_logits(*ids[:3], *extra, ids[3])
+        return logits.float().log_softmax(dim=-1), lm
+
+    reference, plain = log_probs(kernels=False)
+    fast, lm = log_probs(kernels=True)
+    assert torch.allclose(fast, reference, atol=1e-4, rtol=0)
+    assert any(isinstance(m, FusedLinear) for m in lm.modules())
+    assert not any(isinstance(m, FusedLinear) for m in plain.modules())
+    packed = [m for m in lm.modules() if isinstance(m, PackedLinear)]
+    assert bool(packed) == packs_linear(placement)
+    tables = tied_to_embeddings(lm)
+    assert all(m in tables for m in lm.modules() if type(m) is nn.Linear) or not packed
 
 
 def _flow_and_vocoder(version: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,14 @@ int8 uses torch's own dynamic quantisation (``torch.ao.quantization.quantize_dyn
 weights per output channel, activations quantised per call by the fbgemm/x86 kernels, VNNI where
 the CPU has it). It replaces ``nn.Linear`` modules only and takes float32 activations, so a
 quantised network keeps float32 everywhere else.
+
+The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
+loaded modules): their declared linear groups (q/k/v, gate/up) are fused into one product each
+(``networks.linear``), and on a CPU with oneDNN their float32/bfloat16 linear layers are
+``PackedLinear``: the weight reordered once into oneDNN's blocked layout. A decoding step is a
+matrix-vector product per layer, bound by reading the weights; torch's default path for one input
+row streams them at less than half this machine's memory bandwidth (fp32 on one core; bf16 pays a
+per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from torch import nn
 
 from .device import Placement
+from .networks.linear import fuse_linear_groups
 
 EXEMPT_ATTRIBUTE = "precision_exempt"
 
@@ -100,13 +109,64 @@ def quantize_linear_int8(network: nn.Module) -> nn.Module:
     return network
 
 
-def apply_precision(network: nn.Module, part: str, placement: Placement) -> nn.Module:
+class PackedLinear(nn.Module):
+    """``nn.Linear`` with its weight packed once for oneDNN (CPU, float32 or bfloat16).
+
+    ``_reorder_linear_weight`` / ``_linear_pointwise`` are the oneDNN ops torch's own compiler
+    (inductor, with weight freezing) emits for CPU linear layers; calling them directly gives the
+    packed layout without compiling. The packed weight is an opaque oneDNN tensor of the same size,
+    kept as a buffer, so no float copy remains.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def packs_linear(placement: Placement) -> bool:
+    """Whether ``PackedLinear`` serves ``placement``: a CPU with oneDNN, float32 or bfloat16
+    weights (int8 layers have their own packed fbgemm kernels)."""
+    return (
+        placement.device.type == "cpu"
+        and placement.quantize is None
+        and placement.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def pack_linears(network: nn.Module) -> nn.Module:
+    """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``."""
+    exempt = exempt_names(network)
+    tables = tied_to_embeddings(network)
+    for prefix, module in list(network.named_modules()):
+        for name, child in list(module.named_children()):
+            full = f"{prefix}.{name}" if prefix else name
+            if type(child) is nn.Linear and child not in tables and not _is_exempt(full, exempt):
+                setattr(module, name, PackedLinear(child))
+    return network
+
+
+def apply_precision(
+    network: nn.Module, part: str, placement: Placement, kernels: bool = True
+) -> nn.Module:
     """Put ``network`` (``part``: "llm", "flow" or "hift", already on its device) in the precision
     chosen at load. int8 applies to the LLM, whose decoding reads every weight once per token; the
     flow and vocoder follow ``placement.dtype`` (bfloat16 matmuls beat int8 with float32 around it
-    there, see benchmarks/README.md)."""
+    there, see benchmarks/README.md). ``kernels`` adds the LLM's decoding kernels (fused linear
+    groups, packed weights); export loads without them, keeping the official module tree."""
+    decoding = part == "llm" and kernels
+    if decoding:
+        fuse_linear_groups(network)
     if part == "llm" and placement.quantize == "int8":
         return quantize_linear_int8(network)  # int8 kernels take float32 activations
     if placement.dtype != torch.float32:
         cast_weights(network, placement.dtype)
+    if decoding and packs_linear(placement):
+        pack_linears(network)
     return network

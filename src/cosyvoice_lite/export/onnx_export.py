@@ -501,7 +501,8 @@ def load_networks(
     llm_checkpoint: str = "llm.pt",
     variant: str | None = None,
 ):
-    """(ModelDir, {part: network}) in float32 on the CPU, loaded as the engine loads them."""
+    """(ModelDir, {part: network}) in float32 on the CPU with the official module tree (no
+    fused or packed decoding kernels, which ONNX cannot express)."""
     from ..device import resolve_placement
     from ..hub import resolve_model
     from ..modeldir import open_model_dir
@@ -510,7 +511,8 @@ def load_networks(
     model_dir = open_model_dir(resolve_model(model), variant)
     placement = resolve_placement("cpu", "float32")
     files = {"llm": llm_checkpoint, "flow": "flow.pt", "hift": "hift.pt"}
-    return model_dir, {p: load_network(model_dir, p, files[p], placement) for p in parts}
+    nets = {p: load_network(model_dir, p, files[p], placement, kernels=False) for p in parts}
+    return model_dir, nets
 
 
 def export_onnx(

@@ -21,6 +21,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.cache import KVCache
+from cosyvoice_lite.networks.linear import grouped
 
 # --------------------------------------------------------------------------------------------
 # Masks (True = may attend)
@@ -151,6 +152,8 @@ def _gather_by_distance(scores_by_row: torch.Tensor, row_of: torch.Tensor) -> to
 class RelPositionMultiHeadedAttention(nn.Module):
     """score(i, j) = ((q_i + pos_bias_u) . k_j + (q_i + pos_bias_v) . linear_pos(pe(i - j))) / sqrt(d_k)."""
 
+    linear_groups = {"qkv": ("linear_q", "linear_k", "linear_v")}
+
     def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True):
         super().__init__()
         if n_feat % n_head != 0:
@@ -203,11 +206,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         distances T-1 .. -(T-1) (from EspnetRelPositionalEncoding.forward).
         """
         size = x.size(1)
-        q, k, v = (
-            self._heads(self.linear_q(x)),
-            self._heads(self.linear_k(x)),
-            self._heads(self.linear_v(x)),
-        )
+        q, k, v = (self._heads(y) for y in grouped(self, "qkv", x))
         p = self._heads(self.linear_pos(pos_emb))  # [1, h, 2T-1, d_k]
         bd_by_row = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
         # Row m of pos_emb holds distance T-1-m, so distance i-j sits at row T-1-i+j.
@@ -227,8 +226,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         Projections run on all rows at once; attention runs per row over its own cache.
         """
         chunk = x.size(1)
-        q_all = self._heads(self.linear_q(x))  # [B, h, T1, d_k]
-        k_all, v_all = self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
+        q_all, k_all, v_all = (self._heads(y) for y in grouped(self, "qkv", x))  # [B, h, T1, d_k]
         p_all = self._heads(self.linear_pos(pe_new))
         rows = []
         for row, cache in enumerate(caches):

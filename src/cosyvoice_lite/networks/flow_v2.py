@@ -43,6 +43,7 @@ from cosyvoice_lite.networks.conformer import (
 )
 from cosyvoice_lite.networks.flow_matching import euler_cfg, solve_within_budget, time_span
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
+from cosyvoice_lite.networks.linear import grouped
 from cosyvoice_lite.networks.unet import CausalConv1d
 
 __all__ = [
@@ -683,9 +684,8 @@ def _rel_attention_increment(
     """
     n = x.size(1)
     end = start + n
-    q = _split_heads(attn.linear_q(x), attn.h)
-    keys = cache.keys.append(_split_heads(attn.linear_k(x), attn.h))
-    values = cache.values.append(_split_heads(attn.linear_v(x), attn.h))
+    q, k, v = (_split_heads(y, attn.h) for y in grouped(attn, "qkv", x))
+    keys, values = cache.keys.append(k), cache.values.append(v)
 
     def project(distances: torch.Tensor) -> torch.Tensor:
         pe = pos_enc.sinusoids(distances).to(x.dtype).unsqueeze(0)

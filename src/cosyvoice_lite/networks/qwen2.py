@@ -32,6 +32,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.cache import KVCache
+from cosyvoice_lite.networks.linear import grouped
 
 Caches = KVCache | list[KVCache] | None
 """One cache (a batch of one), one cache per batch row, or None (a fresh sequence)."""
@@ -157,6 +158,8 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 class Qwen2Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v projections have biases, o_proj has none."""
 
+    linear_groups = {"qkv": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -178,9 +181,10 @@ class Qwen2Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = grouped(self, "qkv", x)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         # Grouped-query attention without copying the cache per query head: query head h uses KV
         # head h // group, so fold each group of query heads into the query-length axis (rows
@@ -199,6 +203,8 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
+    linear_groups = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -206,7 +212,8 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = grouped(self, "gate_up", x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):

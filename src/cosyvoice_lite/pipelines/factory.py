@@ -31,9 +31,10 @@ def text_tokenizer(model: ModelDir):
 
 
 def load_network(
-    model: ModelDir, part: str, filename: str, placement: Placement
+    model: ModelDir, part: str, filename: str, placement: Placement, kernels: bool = True
 ) -> torch.nn.Module:
-    """Build one network from the yaml and load its checkpoint strictly."""
+    """Build one network from the yaml and load its checkpoint strictly; ``kernels``: with the
+    load-time decoding kernels (precision.apply_precision), as the engine runs it."""
     spec = getattr(model.config, part)
     network = build_network(spec)
     path = model.path / filename
@@ -46,7 +47,7 @@ def load_network(
         load_hift_state_dict(network, state)
     else:
         load_strict(network, state, path)
-    return apply_precision(network.to(placement.device).eval(), part, placement)
+    return apply_precision(network.to(placement.device).eval(), part, placement, kernels)
 
 
 def build_pipeline(
