@@ -153,6 +153,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
     """score(i, j) = ((q_i + pos_bias_u) . k_j + (q_i + pos_bias_v) . linear_pos(pe(i - j))) / sqrt(d_k)."""
 
     linear_groups = {"qkv": ("linear_q", "linear_k", "linear_v")}
+    attention_dtype: torch.dtype | None = None  # forward_cached's cache + attention dtype
 
     def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True):
         super().__init__()
@@ -226,8 +227,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
         Projections run on all rows at once; attention runs per row over its own cache.
         """
         chunk = x.size(1)
-        q_all, k_all, v_all = (self._heads(y) for y in grouped(self, "qkv", x))  # [B, h, T1, d_k]
-        p_all = self._heads(self.linear_pos(pe_new))
+        dtype = self.attention_dtype or x.dtype
+        q_all, k_all, v_all = (self._heads(y.to(dtype)) for y in grouped(self, "qkv", x))
+        p_all = self._heads(self.linear_pos(pe_new).to(dtype))  # each [B, h, T1, d_k]
         rows = []
         for row, cache in enumerate(caches):
             start = cache.length
@@ -246,7 +248,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
                     q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep
                 )
             )
-        return self.linear_out(rows[0] if len(rows) == 1 else torch.cat(rows))
+        return self.linear_out((rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------

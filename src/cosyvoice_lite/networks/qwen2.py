@@ -159,6 +159,7 @@ class Qwen2Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v projections have biases, o_proj has none."""
 
     linear_groups = {"qkv": ("q_proj", "k_proj", "v_proj")}
+    attention_dtype: torch.dtype | None = None  # cache + attention dtype; None: the weights'
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
@@ -190,14 +191,17 @@ class Qwen2Attention(nn.Module):
         # head h // group, so fold each group of query heads into the query-length axis (rows
         # r * n + i) and let every KV head attend for its whole group at once.
         group = self.num_heads // self.num_kv_heads
+        dtype = self.attention_dtype or x.dtype
         rows = []
         for row, cache in enumerate(caches):
-            keys, values = cache.write(layer, k[row], v[row])
+            keys, values = cache.write(layer, k[row].to(dtype), v[row].to(dtype))
             q_row = q[row : row + 1].reshape(1, self.num_kv_heads, group * n, self.head_dim)
             rows.append(
-                F.scaled_dot_product_attention(q_row, keys[None], values[None], attn_mask=mask)
+                F.scaled_dot_product_attention(
+                    q_row.to(dtype), keys[None], values[None], attn_mask=mask
+                )
             )
-        out = rows[0] if b == 1 else torch.cat(rows)
+        out = (rows[0] if b == 1 else torch.cat(rows)).to(x.dtype)
         out = out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
