@@ -302,6 +302,8 @@ def summarize(samples: list[dict]) -> dict:
     """Medians of one kind of request; streaming figures from the chunk logs."""
     keys = [k for k in samples[0] if k.endswith("_s") and k != "audio_s"]
     merged = {k: median([s.get(k, 0.0) for s in samples]) for k in keys}
+    steps = [s["llm_step_ms"] for s in samples if "llm_step_ms" in s]
+    merged["llm_step_ms"] = median(steps)  # nan where no LLM step was timed (replayed tokens)
     merged["audio_s"] = samples[0]["audio_s"]
     merged["all_total_s"] = [s["total_s"] for s in samples]
     merged["peak_kb"] = max(s["peak_kb"] for s in samples)
