@@ -441,7 +441,7 @@ def print_table(results: dict, names: list[str]) -> None:
 
 
 def median_runs(samples: list[dict]) -> dict:
-    keys = [k for k in samples[0] if k.endswith("_s")]
+    keys = [k for k in samples[0] if k.endswith(("_s", "_ms"))]  # seconds, llm_step_ms
     merged = {k: statistics.median(s.get(k, 0.0) for s in samples) for k in keys}
     merged["audio_s"] = samples[0]["audio_s"]
     merged["all_total_s"] = [s["total_s"] for s in samples]
