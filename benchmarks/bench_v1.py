@@ -599,16 +599,9 @@ def drive(args: argparse.Namespace) -> None:
     print(f"raw figures: {args.json}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=MODEL_DIR,
-        help="CosyVoice-300M-SFT directory (generated with random weights if absent)",
-    )
+def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, repeats_help: str) -> None:
+    """The options every ours-vs-official benchmark shares (bench_v1, bench_v2v3): the official
+    environment, threads and wait policy, repeats, our precisions, and the hidden worker mode."""
     parser.add_argument(
         "--official-python",
         help="Python of an environment where the official code "
@@ -640,9 +633,38 @@ def main() -> None:
         "ours runs the LLM, by an order of magnitude; the official runs it in a "
         "Python thread, which is barely affected)",
     )
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs per sentence and implementation"
+        "--configs",
+        default="fp32,bf16,int8",
+        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
+        "flow and vocoder)",
     )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
+
+
+def run_benchmark(parser: argparse.ArgumentParser, worker: Callable, driver: Callable) -> None:
+    """Parse the options; run our worker (``--worker``, started by the driver) or the driver."""
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.model, args.threads, args.dtype, args.quantize)
+    else:
+        driver(args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL_DIR,
+        help="CosyVoice-300M-SFT directory (generated with random weights if absent)",
+    )
+    add_comparison_args(parser, 3, "timed runs per sentence and implementation")
     parser.add_argument(
         "--tokens-zh", type=int, default=200, help="speech tokens decoded for the zh sentence"
     )
@@ -653,20 +675,7 @@ def main() -> None:
         "--warmup-tokens", type=int, default=50, help="speech tokens of the warm-up runs"
     )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the raw figures")
-    parser.add_argument(
-        "--configs",
-        default="fp32,bf16,int8",
-        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
-        "flow and vocoder)",
-    )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        our_worker(args.model, args.threads, args.dtype, args.quantize)
-    else:
-        drive(args)
+    run_benchmark(parser, our_worker, drive)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_v1 import (  # noqa: E402  (standard library only at import time)
     StageTimer,
-    default_wetext_fsts,
+    add_comparison_args,
     emit,
     memory_kb,
     official_available,
     reset_peak_memory,
+    run_benchmark,
     set_threads,
     worker_env,
 )
@@ -640,36 +641,7 @@ def main() -> None:
         help="model directory (default: benchmarks/out/CosyVoice2-0.5B "
         "or Fun-CosyVoice3-0.5B-2512, generated with random weights if absent)",
     )
-    parser.add_argument(
-        "--official-python",
-        help="Python of an environment where the official code "
-        "runs (env COSYVOICE_OFFICIAL_PYTHON)",
-    )
-    parser.add_argument(
-        "--official-path",
-        help="PYTHONPATH entries (os.pathsep-separated) that make the "
-        "official CosyVoice and Matcha-TTS importable (env COSYVOICE_OFFICIAL_PATH)",
-    )
-    parser.add_argument(
-        "--wetext-fsts",
-        default=default_wetext_fsts(),
-        help="local wetext FST directory for the official frontend",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads, the same for both implementations (default: all cores)",
-    )
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=["passive", "active", "default"],
-        default="passive",
-        help="OpenMP wait policy of both workers (see benchmarks/README.md)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="timed runs per kind and implementation"
-    )
+    add_comparison_args(parser, 2, "timed runs per kind and implementation")
     parser.add_argument("--tokens", type=int, default=100, help="speech tokens decoded per request")
     parser.add_argument(
         "--warmup-tokens",
@@ -689,20 +661,7 @@ def main() -> None:
         type=Path,
         help="where to write the raw figures (default benchmarks/out/bench_v<version>.json)",
     )
-    parser.add_argument(
-        "--configs",
-        default="fp32,bf16,int8",
-        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
-        "flow and vocoder)",
-    )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    parser.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        our_worker(args.model, args.threads, args.dtype, args.quantize)
-    else:
-        drive(args)
+    run_benchmark(parser, our_worker, drive)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,9 @@ class Engine:
         download: bool = True,
         quantize: str | None = None,
         flow_steps: int = 10,
-        max_batch: int = 16,
-        prefill_tokens: int = 4096,
-        audio_workers: int = 2,
+        max_batch: int = DEFAULT_LIMITS.max_batch,
+        prefill_tokens: int = DEFAULT_LIMITS.prefill_tokens,
+        audio_workers: int = DEFAULT_LIMITS.audio_workers,
         prompt_cache_mb: int = 2048,
         stream_cache_mb: int | None = None,
         backend: str = "torch",
@@ -124,6 +124,7 @@ class Engine:
             )
         if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
             raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
+        limits = LoopLimits(max_batch, prefill_tokens, audio_workers)  # checked before loading
         placement = resolve_placement(device, dtype, quantize)
         from .export.runtime import check_backend, install_backend  # light: torch is loaded
 
@@ -151,10 +152,6 @@ class Engine:
             for name, info in load_speakers(model_dir.path / "spk2info.pt").items()
             if "embedding" in info or "flow_embedding" in info
         }
-        if min(max_batch, prefill_tokens, audio_workers) < 1:
-            raise InvalidRequestError(
-                "max_batch, prefill_tokens and audio_workers must be at least 1"
-            )
         engine = cls(
             model_dir,
             placement,
@@ -164,7 +161,7 @@ class Engine:
             pipeline,
             voices,
             time.perf_counter() - start,
-            LoopLimits(max_batch, prefill_tokens, audio_workers),
+            limits,
         )
         log.info(
             "loaded %s (v%d, %s) on %s in %.1f s",

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from .decoding import WAIT, Feed
+from .errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,12 @@ class LoopLimits:
     max_batch: int = 16
     prefill_tokens: int = 4096
     audio_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.max_batch, self.prefill_tokens, self.audio_workers) < 1:
+            raise InvalidRequestError(
+                "max_batch, prefill_tokens and audio_workers must be at least 1"
+            )
 
 
 DEFAULT_LIMITS = LoopLimits()

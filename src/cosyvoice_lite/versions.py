@@ -37,6 +37,9 @@ class VersionSpec:
     silent_tokens: frozenset[int]  # long runs of these are not sent to the flow
     max_silent_run: int
     causal_vocoder: bool  # the vocoder streams by itself (v3) instead of cross-fading chunks
+    # The LLM's ids after the speech tokens, as offsets from speech_token_size
+    special_ids: tuple[tuple[str, int], ...]
+    language_tags: bool  # the text may carry language tags (<|zh|>, <|en|>, ...: v1)
     # Releases sharing one yaml (v1: -300M, -SFT, -Instruct), told apart by name or metadata
     variants: tuple[str, ...] = ("base",)
 
@@ -45,6 +48,12 @@ class VersionSpec:
         if ENDOFPROMPT in instruct and self.instruct_template != "{}":
             return instruct
         return self.instruct_template.format(instruct)
+
+    @property
+    def chunk_causal_flow(self) -> bool:
+        """The flow streams with chunk masks and fixed noise (v2/v3), instead of overlapping
+        hops with drawn noise and a non-aligned prompt mel (v1)."""
+        return self.pipeline == "v2"
 
 
 SPECS: dict[int, VersionSpec] = {
@@ -63,6 +72,8 @@ SPECS: dict[int, VersionSpec] = {
         silent_tokens=frozenset(),
         max_silent_run=0,
         causal_vocoder=False,
+        special_ids=(("eos", 0),),
+        language_tags=True,
         variants=("base", "sft", "instruct"),
     ),
     2: VersionSpec(
@@ -80,6 +91,8 @@ SPECS: dict[int, VersionSpec] = {
         silent_tokens=frozenset(),
         max_silent_run=0,
         causal_vocoder=False,
+        special_ids=(("eos", 0), ("fill", 2)),
+        language_tags=False,
     ),
     3: VersionSpec(
         version=3,
@@ -96,6 +109,8 @@ SPECS: dict[int, VersionSpec] = {
         silent_tokens=V3_SILENT_TOKENS,
         max_silent_run=5,
         causal_vocoder=True,
+        special_ids=(("sos", 0), ("eos", 1), ("task_id", 2), ("fill", 3)),
+        language_tags=False,
     ),
 }
 

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..networks.flow_v1 import MaskedDiffWithXvec
+from ..networks.flow_v2 import CausalMaskedDiffWithXvec
+from ..networks.flow_v3 import CausalMaskedDiffWithDiT
 from . import dsp
 
 V1_OVERLAP_TOKENS = 20  # official: the first and last 20 tokens of a long chunk resample apart
@@ -94,8 +97,10 @@ class FlowEncoderV1(nn.Module):
     22050/256 Hz, with the official separate resampling of a long chunk's first and last 20
     tokens), written with tensor lengths so one graph serves every length."""
 
-    def __init__(self, flow: nn.Module) -> None:
+    def __init__(self, flow: nn.Module, streaming: bool = False, finalize: bool = True) -> None:
         super().__init__()
+        if streaming or not finalize:
+            raise ValueError("the v1 flow has no chunk-streaming encoder")
         self.flow = flow
         self.frame_rate = int(flow.input_frame_rate)
 
@@ -186,10 +191,18 @@ class FlowEncoderV3(nn.Module):
         return _outputs(flow, h, prompt_feat, embedding)
 
 
+# the encoder graph of each flow network (the official class names)
+ENCODERS = {
+    MaskedDiffWithXvec: FlowEncoderV1,
+    CausalMaskedDiffWithXvec: FlowEncoderV2,
+    CausalMaskedDiffWithDiT: FlowEncoderV3,
+}
+
+
 def flow_encoder_graph(
-    flow: nn.Module, version: int, streaming: bool = False, finalize: bool = True
+    flow: nn.Module, streaming: bool = False, finalize: bool = True
 ) -> nn.Module:
-    if version == 1:
-        return FlowEncoderV1(flow).eval()
-    cls = FlowEncoderV2 if version == 2 else FlowEncoderV3
-    return cls(flow, streaming, finalize).eval()
+    encoder = ENCODERS.get(type(flow))
+    if encoder is None:
+        raise TypeError(f"no ONNX encoder graph for the flow {type(flow).__name__}")
+    return encoder(flow, streaming, finalize).eval()

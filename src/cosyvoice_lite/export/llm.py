@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..networks.qwen2_lm import Qwen2LM
+from ..networks.transformer_lm import TransformerLM
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[1, T, heads * d] -> [1, heads, T, d]."""
@@ -93,6 +96,9 @@ class TransformerLMPrefill(_TransformerLMCached):
     """text [1, T] (prompt text + text, T >= 1), embedding [E, 192] (E = 1: the speaker x-vector;
     E = 0: no speaker row, v1 instruct), prompt_speech_token [1, S] (S >= 0)
     -> logp [1, V], keys, values, positions [L, H, P, d], P = 1 + E + T + 1 + S."""
+
+    inputs = ("text", "embedding", "prompt_speech_token")
+    caches = ("keys", "values", "positions")  # relative-position rows are cached too
 
     def forward(self, text, embedding, prompt_speech_token):  # noqa: ANN001, ANN201
         lm = self.lm
@@ -185,6 +191,9 @@ class Qwen2LMPrefill(_Qwen2LMCached):
     """text [1, T] (prompt text + text), prompt_speech_token [1, S] (S >= 0)
     -> logp [1, V], keys, values [L, KV, P, d], P = 1 + T + 1 + S."""
 
+    inputs = ("text", "prompt_speech_token")
+    caches = ("keys", "values")
+
     def forward(self, text, prompt_speech_token):  # noqa: ANN001, ANN201
         lm = self.lm
         lm_input = torch.cat(
@@ -210,8 +219,18 @@ class Qwen2LMDecode(_Qwen2LMCached):
         return self.layers(self.lm.speech_embedding(token), keys, values)
 
 
-def llm_graphs(lm: nn.Module, version: int) -> tuple[nn.Module, nn.Module]:
-    """(prefill, decode) wrappers for a loaded LLM."""
-    if version == 1:
-        return TransformerLMPrefill(lm).eval(), TransformerLMDecode(lm).eval()
-    return Qwen2LMPrefill(lm).eval(), Qwen2LMDecode(lm).eval()
+# the graph wrappers of each LLM network family (subclasses such as CosyVoice3LM included)
+WRAPPERS = {
+    TransformerLM: (TransformerLMPrefill, TransformerLMDecode),
+    Qwen2LM: (Qwen2LMPrefill, Qwen2LMDecode),
+}
+
+
+def llm_graphs(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(prefill, decode) wrappers for a loaded LLM; the prefill's ``inputs`` and ``caches``
+    name its graph's inputs and cache outputs."""
+    family = next((c for c in type(lm).__mro__ if c in WRAPPERS), None)
+    if family is None:
+        raise TypeError(f"no ONNX graphs for the LLM {type(lm).__name__}")
+    prefill, decode = WRAPPERS[family]
+    return prefill(lm).eval(), decode(lm).eval()

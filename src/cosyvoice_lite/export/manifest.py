@@ -8,25 +8,17 @@ from __future__ import annotations
 from torch import nn
 
 from ..modeldir import ModelDir
+from ..versions import VersionSpec, spec
 
 FORMAT = "cosyvoice-lite-onnx"
 MANIFEST_VERSION = 1
 
 
-def _llm_section(lm: nn.Module, version: int, sampling) -> dict:
+def _llm_section(lm: nn.Module, version: VersionSpec, sampling) -> dict:
     size = int(lm.speech_token_size)
-    if version == 1:
-        ids = {"eos": size}
-    elif version == 2:
-        ids = {"eos": size, "fill": size + 2}
-    else:
-        ids = {
-            "sos": size,
-            "eos": size + 1,
-            "task_id": size + 2,
-            "fill": size + 3,
-            "end_of_prompt_text_id": int(lm.END_OF_PROMPT_ID),
-        }
+    ids = {name: size + offset for name, offset in version.special_ids}
+    if version.needs_system_prompt:
+        ids["end_of_prompt_text_id"] = int(lm.END_OF_PROMPT_ID)
     return {
         "speech_token_size": size,
         "special_ids": ids,
@@ -40,11 +32,11 @@ def _llm_section(lm: nn.Module, version: int, sampling) -> dict:
             **vars(sampling),
         },
         "prefill_text": "prompt_text tokens followed by text tokens"
-        + (" (must contain <|endofprompt|>)" if version == 3 else ""),
+        + (" (must contain <|endofprompt|>)" if version.needs_system_prompt else ""),
     }
 
 
-def _flow_section(flow: nn.Module, version: int) -> dict:
+def _flow_section(flow: nn.Module, version: VersionSpec) -> dict:
     cfm = flow.decoder
     section = {
         "n_timesteps": int(getattr(cfm, "steps", 10)),
@@ -57,7 +49,7 @@ def _flow_section(flow: nn.Module, version: int) -> dict:
         "dt = t_span[k + 1] - t",
         "mel": "the result x [1, 80, frames]; drop the first prompt_frames frames",
     }
-    if version == 1:
+    if not version.chunk_causal_flow:
         section["noise"] = (
             "x0 = standard normal [1, 80, frames] drawn per call (torch: randn "
             "from the request generator after the LLM's draws)"
@@ -74,10 +66,10 @@ def _flow_section(flow: nn.Module, version: int) -> dict:
     return section
 
 
-def _hift_section(hift: nn.Module, version: int) -> dict:
+def _hift_section(hift: nn.Module, version: VersionSpec) -> dict:
     dim = int(hift.nb_harmonics) + 1
     section = {"samples_per_frame": int(hift.upsample_scale), "harmonics": dim}
-    if version == 3:
+    if version.causal_vocoder:
         section["phase"] = f"[1, {dim}]: the official fixed rand_ini (column 0 is 0)"
         section["noise"] = (
             "[1, samples, 9]: the first `samples` rows of the official fixed "
@@ -105,8 +97,8 @@ CHAIN = [
 ]
 
 
-def _streaming(version: int) -> dict:
-    if version == 1:
+def _streaming(version: VersionSpec) -> dict:
+    if not version.chunk_causal_flow:
         return {
             "llm": "the key/value/position caches are the only LLM state",
             "flow": "chunks of hop + 20 tokens overlapping by 20; carry the last 34 noise and mu "
@@ -127,7 +119,7 @@ def _streaming(version: int) -> dict:
         "hift": (
             "official scheme: call hift_chunk on the whole mel history at every chunk and emit "
             "the samples beyond those already emitted; hift on the whole history at the end"
-            if version == 3
+            if version.causal_vocoder
             else "keep the last 8 mel frames and 8 * 480 source samples as cache_source, "
             "cross-fade the waveform (Hamming window)"
         ),
@@ -142,7 +134,7 @@ def build_manifest(
     static_frames: int | None,
     opset: int,
 ) -> dict:
-    version = model_dir.version
+    version = spec(model_dir.version)
     manifest = {
         "format": FORMAT,
         "manifest_version": MANIFEST_VERSION,
@@ -153,7 +145,7 @@ def build_manifest(
         + (" (weights and compute in float16 inside)" if dtype == "float16" else ""),
         "model": {
             "name": model_dir.name,
-            "version": version,
+            "version": version.version,
             "variant": model_dir.variant,
             "sample_rate": model_dir.config.sample_rate,
             "token_frame_rate": model_dir.config.token_frame_rate,

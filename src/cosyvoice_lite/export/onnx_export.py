@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CosyVoiceError
+from ..versions import VersionSpec, spec
 from . import flow as flow_graphs
 from . import llm as llm_graphs
 from . import vocoder as vocoder_graphs
@@ -113,9 +114,9 @@ def _randn(*shape: int) -> torch.Tensor:
     return torch.randn(shape, generator=_rng())
 
 
-def llm_graph_list(lm: nn.Module, version: int) -> list[Graph]:
-    prefill, decode = llm_graphs.llm_graphs(lm, version)
-    caches = ["keys", "values", "positions"] if version == 1 else ["keys", "values"]
+def llm_graph_list(lm: nn.Module) -> list[Graph]:
+    prefill, decode = llm_graphs.llm_graphs(lm)
+    caches = list(prefill.caches)
     pasts = [f"past_{c}" for c in caches]
     eop = getattr(lm, "END_OF_PROMPT_ID", None)
 
@@ -125,16 +126,15 @@ def llm_graph_list(lm: nn.Module, version: int) -> list[Graph]:
             ids[0, 0] = eop
         return ids
 
-    if version == 1:
-        pre_inputs = ["text", "embedding", "prompt_speech_token"]
+    pre_inputs = list(prefill.inputs)
+    examples = {
+        "text": text,
+        "embedding": lambda n: _randn(1, 192),
+        "prompt_speech_token": lambda n: _ints(1, n // 2),
+    }
 
-        def pre_example(n: int):
-            return text(n), _randn(1, 192), _ints(1, n // 2)
-    else:
-        pre_inputs = ["text", "prompt_speech_token"]
-
-        def pre_example(n: int):
-            return text(n), _ints(1, n // 2)
+    def pre_example(n: int):
+        return tuple(examples[name](n) for name in pre_inputs)
 
     def dec_example(n: int):
         with torch.inference_mode():
@@ -171,7 +171,7 @@ def llm_graph_list(lm: nn.Module, version: int) -> list[Graph]:
     ]
 
 
-def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) -> list[Graph]:
+def flow_graph_list(flow: nn.Module, spec: VersionSpec, static_frames: int | None) -> list[Graph]:
     graphs = []
     enc_inputs = ["prompt_token", "token", "prompt_feat", "embedding"]
     enc_dynamic = {
@@ -184,11 +184,12 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
 
     def enc_example(n: int):
         p = n // 3
-        frames = int(p / flow.input_frame_rate * 22050 / 256) if version == 1 else 2 * p
+        ratio = spec.prompt_mel_ratio  # v1: the prompt mel is not aligned to its tokens
+        frames = p * ratio if ratio else int(p / flow.input_frame_rate * 22050 / 256)
         return _ints(1, p), _ints(1, n), _randn(1, frames, 80), _randn(1, 192)
 
     variants = [("flow_encoder", False, True)]
-    if version > 1:
+    if spec.chunk_causal_flow:
         variants.append(("flow_encoder_chunk", True, False))
     for name, streaming, finalize in variants:
         doc = (
@@ -200,7 +201,7 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
         graphs.append(
             Graph(
                 name,
-                flow_graphs.flow_encoder_graph(flow, version, streaming, finalize),
+                flow_graphs.flow_encoder_graph(flow, streaming, finalize),
                 enc_inputs,
                 ["mu", "cond", "spks"],
                 enc_dynamic,
@@ -225,7 +226,7 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
         )
 
     est_variants = [("flow_estimator", False)] + (
-        [("flow_estimator_chunk", True)] if version > 1 else []
+        [("flow_estimator_chunk", True)] if spec.chunk_causal_flow else []
     )
     for name, streaming in est_variants:
         graphs.append(
@@ -256,7 +257,7 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
                 + (
                     "; the U-Net's GroupNorm spans all frames: padding changes the result, run "
                     "chunks of exactly this size"
-                    if version == 1
+                    if not spec.chunk_causal_flow
                     else "; pad x, mu, cond with zeros and mask with 0 beyond the real frames: "
                     "the real frames come out as without padding"
                 ),
@@ -266,8 +267,8 @@ def flow_graph_list(flow: nn.Module, version: int, static_frames: int | None) ->
     return graphs
 
 
-def hift_graph_list(hift: nn.Module, version: int) -> list[Graph]:
-    causal = version == 3
+def hift_graph_list(hift: nn.Module, spec: VersionSpec) -> list[Graph]:
+    causal = spec.causal_vocoder
 
     def example(n: int):
         mel = _randn(1, 80, n)
@@ -534,14 +535,14 @@ def export_onnx(
     if llm_checkpoint != "llm.pt" and "llm" not in parts:
         raise ExportError("--llm selects an LLM checkpoint: export the llm too")
     model_dir, nets = load_networks(model, parts, llm_checkpoint, variant)
-    version = model_dir.version
+    version_spec = spec(model_dir.version)
     graphs: list[Graph] = []
     if "llm" in nets:
-        graphs += llm_graph_list(nets["llm"], version)
+        graphs += llm_graph_list(nets["llm"])
     if "flow" in nets:
-        graphs += flow_graph_list(nets["flow"], version, static_frames)
+        graphs += flow_graph_list(nets["flow"], version_spec, static_frames)
     if "hift" in nets:
-        graphs += hift_graph_list(nets["hift"], version)
+        graphs += hift_graph_list(nets["hift"], version_spec)
 
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():

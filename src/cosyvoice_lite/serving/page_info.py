@@ -91,7 +91,7 @@ def markup_help(engine: Engine) -> dict:
         "pairs": [p for p in PAIRS if f"<{p}>" in known and f"</{p}>" in known],
         "pinyin": any(not t[1:-1].isascii() for t in brackets),
         "cmu": any(t[1:-1].isupper() for t in brackets),
-        "languages": [t for t in V1_LANGUAGES if t in known] if engine.version == 1 else [],
+        "languages": [t for t in V1_LANGUAGES if t in known] if engine.spec.language_tags else [],
     }
 
 
