@@ -177,6 +177,12 @@ def test_concurrent_requests_do_not_affect_each_other(engines: dict[str, Engine]
         ("sft", dict(mode=Mode.PRESET, text="hi", speed=5.0), InvalidRequestError, "speed"),
         ("base", dict(mode=Mode.ZERO_SHOT, text="hi"), InvalidRequestError, "prompt audio"),
         ("base", dict(mode=Mode.VOICE_CONVERSION), InvalidRequestError, "source audio"),
+        (
+            "sft",
+            dict(mode=Mode.PRESET, text="hi", voice=None, max_speech_tokens=6001),
+            InvalidRequestError,
+            "max_speech_tokens must be from 1 to 6000",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(engines, variant, request_kwargs, error, match) -> None:

@@ -234,6 +234,14 @@ def test_cache_budgets_must_not_be_negative() -> None:
         Engine.load(DATA / "models" / "v2-tiny", stream_cache_mb=-1)
 
 
+def test_load_options_are_checked_before_loading() -> None:
+    # the networks' own checks raise ValueError; Engine.load names a bad option as the caller's
+    with pytest.raises(InvalidRequestError, match="flow steps must be an integer from 1 to 100"):
+        Engine.load(DATA / "models" / "v2-tiny", flow_steps=0)
+    with pytest.raises(InvalidRequestError, match="max_batch"):
+        Engine.load(DATA / "models" / "v2-tiny", max_batch=0)
+
+
 def test_prepare_voice_computes_the_shared_prompt_frames_ahead(v3: Engine) -> None:
     flows = v3.pipeline.prompt_flows
     flows.clear()

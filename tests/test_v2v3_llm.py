@@ -16,7 +16,7 @@ from cosyvoice_lite.decoding import (
     run_alone,
     speech_token_task,
 )
-from cosyvoice_lite.errors import CosyVoiceError, InvalidRequestError
+from cosyvoice_lite.errors import CosyVoiceError
 from cosyvoice_lite.networks.qwen2 import Qwen2Config, Qwen2Encoder
 from cosyvoice_lite.networks.qwen2_lm import CosyVoice3LM, Qwen2LM
 from cosyvoice_lite.sampling import RasSampler
@@ -216,9 +216,9 @@ def test_bistream_yields_before_text_ends() -> None:
 def test_v3_requires_endofprompt() -> None:
     lm, g = _model("v3"), _golden("v3")
     text = [t for t in g["text"].tolist() if t != CosyVoice3LM.END_OF_PROMPT_ID]
-    with pytest.raises(InvalidRequestError, match="endofprompt"):
+    with pytest.raises(ValueError, match="endofprompt"):
         next(generate(lm, text, [], [], _sampler(0)))
-    with pytest.raises(InvalidRequestError, match="endofprompt"):
+    with pytest.raises(ValueError, match="endofprompt"):
         next(generate_bistream(lm, iter([text]), text[:3], [], _sampler(0)))
 
 

@@ -30,12 +30,18 @@ from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend
 from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
+from .networks.flow_matching import check_steps
 from .pipelines.common import ModelInputs
 from .request import AudioChunk, Mode, SynthesisRequest
 from .sampling import RasSampler
 from .versions import ENDOFPROMPT, SYSTEM_PROMPT, VersionSpec, spec
 
 log = logging.getLogger(__name__)
+
+# Speech tokens one text segment may ask for (``max_speech_tokens``): what every flow and vocoder
+# takes in one segment with a 30 s prompt (v2/v3: 15,000 fixed noise frames, 2 per token; the v3
+# vocoder: 300 s), so a request never reaches their limits half-way.
+MAX_SPEECH_TOKENS = 6000
 
 Progress = Callable[[int, int], None]  # (segments done, segments total)
 PromptSource = PromptFeatures | Callable[[], PromptFeatures] | None
@@ -125,6 +131,10 @@ class Engine:
         if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
             raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
         limits = LoopLimits(max_batch, prefill_tokens, audio_workers)  # checked before loading
+        try:
+            check_steps(flow_steps)
+        except ValueError as exc:  # a load option: the caller's error, named as such
+            raise InvalidRequestError(str(exc)) from None
         placement = resolve_placement(device, dtype, quantize)
         from .export.runtime import check_backend, install_backend  # light: torch is loaded
 
@@ -316,8 +326,12 @@ class Engine:
             raise InvalidRequestError("instruct mode needs an instruction (e.g. 'speak happily')")
         if request.mode == Mode.VOICE_CONVERSION and request.source_audio is None:
             raise InvalidRequestError("voice conversion needs source audio")
-        if request.max_speech_tokens is not None and request.max_speech_tokens < 1:
-            raise InvalidRequestError("max_speech_tokens must be at least 1")
+        if request.max_speech_tokens is not None and not (
+            1 <= request.max_speech_tokens <= MAX_SPEECH_TOKENS
+        ):
+            raise InvalidRequestError(
+                f"max_speech_tokens must be from 1 to {MAX_SPEECH_TOKENS} per text segment"
+            )
         if request.ignore_eos and request.max_speech_tokens is None:
             raise InvalidRequestError("ignore_eos needs max_speech_tokens (the length to decode)")
         texts = [

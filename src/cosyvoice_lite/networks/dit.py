@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError
 from cosyvoice_lite.networks.attention import attention
 
 __all__ = [
@@ -118,7 +117,7 @@ class InputEmbedding(nn.Module):
         to_cat = [x, cond, text_embed]
         if self.spk_dim > 0:
             if spks is None:
-                raise InvalidRequestError("this DiT was built with spk_dim > 0 and needs `spks`")
+                raise ValueError("this DiT was built with spk_dim > 0 and needs `spks`")
             to_cat.append(spks.unsqueeze(1).expand(-1, x.shape[1], -1))
         x = self.proj(torch.cat(to_cat, dim=-1))
         return self.conv_pos_embed(x) + x
@@ -379,7 +378,7 @@ class DiT(nn.Module):
         streaming=True uses the chunk mask of `static_chunk_size` frames; otherwise full context.
         """
         if cond is None:
-            raise InvalidRequestError("DiT.forward needs `cond` (zeros where there is no prompt)")
+            raise ValueError("DiT.forward needs `cond` (zeros where there is no prompt)")
         x = x.transpose(1, 2)
         mu = mu.transpose(1, 2)
         cond = cond.transpose(1, 2)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 
 # Frames at the end of a v1 chunk whose noise and mu are carried to the next chunk; it is the
 # mel length of the 20-token overlap, int(20 / 50 * 22050 / 256) (official hard-coded value).
@@ -38,11 +38,9 @@ MAX_STEPS = 100
 
 
 def check_steps(steps: int) -> int:
-    """A valid number of Euler steps, or InvalidRequestError naming the range."""
+    """A valid number of Euler steps, or ValueError naming the range."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InvalidRequestError(
-            f"flow steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}"
-        )
+        raise ValueError(f"flow steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
     return steps
 
 
@@ -166,9 +164,7 @@ class _EulerCFM(nn.Module):
         (8 significant bits) would round away."""
         batch, channels, length = x.shape
         if batch != 1:
-            raise InvalidRequestError(
-                f"the flow solver runs one utterance at a time, got batch {batch}"
-            )
+            raise ValueError(f"the flow solver runs one utterance at a time, got batch {batch}")
         # The official buffers take the dtype of spks: the dtype the estimator's weights are in.
         dtype = spks.dtype
         x_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
@@ -221,9 +217,9 @@ class ConditionalCFM(_EulerCFM):
         device type as the official run.
         """
         if spks is None or cond is None:
-            raise InvalidRequestError("ConditionalCFM needs spks and cond")
+            raise ValueError("ConditionalCFM needs spks and cond")
         if generator is None:
-            raise InvalidRequestError("ConditionalCFM needs a torch.Generator for its noise")
+            raise ValueError("ConditionalCFM needs a torch.Generator for its noise")
         # Drawn on the generator's device, then moved: a CPU generator gives the same noise on
         # every device; a CUDA generator reproduces the official draw on that GPU.
         # float32 noise whatever the weights' dtype: the same draws as a float32 run
@@ -233,7 +229,7 @@ class ConditionalCFM(_EulerCFM):
         if cache is not None and cache.shape[2] != 0:
             cache_size = cache.shape[2]
             if cache_size > mu.shape[2]:
-                raise InvalidRequestError(
+                raise ValueError(
                     f"flow cache covers {cache_size} frames but the chunk has only {mu.shape[2]}"
                 )
             z[:, :, :cache_size] = cache[:, :, :, 0]
@@ -284,10 +280,10 @@ class CausalConditionalCFM(_EulerCFM):
     ) -> tuple[torch.Tensor, None]:
         """mu, cond: (1, 80, T); mask: (1, 1, T); spks: (1, 80) -> (mel (1, 80, T), None)."""
         if spks is None or cond is None:
-            raise InvalidRequestError("CausalConditionalCFM needs spks and cond")
+            raise ValueError("CausalConditionalCFM needs spks and cond")
         length = mu.shape[2]
         if length > self.rand_noise.shape[2]:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"the flow can generate at most {self.rand_noise.shape[2]} mel frames per call, "
                 f"got {length}"
             )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.crossfade import fade_in_out
 
 # The official code hard-codes the v1 mel frame rate (22050 Hz, hop 256) in the flow.
@@ -227,13 +227,13 @@ class MaskedDiffWithXvec(nn.Module):
         new flow cache).
         """
         if token.shape[0] != 1:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"flow inference runs one utterance at a time, got batch {token.shape[0]}"
             )
         if token.shape[1] == 0:
-            raise InvalidRequestError("flow inference needs at least one speech token")
+            raise ValueError("flow inference needs at least one speech token")
         if (prompt_token.shape[1] == 0) != (prompt_feat.shape[1] == 0):
-            raise InvalidRequestError(
+            raise ValueError(
                 "prompt speech tokens and prompt mel must be given together "
                 f"(got {prompt_token.shape[1]} tokens and {prompt_feat.shape[1]} mel frames)"
             )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.conformer import (
@@ -285,11 +285,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         (x-vector). streaming=True runs the encoder and the U-Net with chunk attention masks.
         """
         if token.shape[0] != 1:
-            raise InvalidRequestError(
-                f"the flow runs one utterance at a time, got batch {token.shape[0]}"
-            )
+            raise ValueError(f"the flow runs one utterance at a time, got batch {token.shape[0]}")
         if not finalize and token.shape[1] <= self.pre_lookahead_len:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"a non-final chunk needs more than {self.pre_lookahead_len} tokens "
                 f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
             )
@@ -317,7 +315,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         mel_len1 = prompt_feat.shape[1]
         mel_len2 = h.shape[1] - mel_len1
         if mel_len2 <= 0:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"prompt mel ({mel_len1} frames) is not shorter than the token features "
                 f"({h.shape[1]} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
             )
@@ -350,7 +348,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         """Start a stream: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192]."""
         self._check_streamable()
         if prompt_token.shape[0] != 1 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
-            raise InvalidRequestError("a flow stream takes one utterance (batch 1)")
+            raise ValueError("a flow stream takes one utterance (batch 1)")
         with torch.inference_mode():
             embedding = embedding.to(self.input_embedding.weight.dtype)
             spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
@@ -377,9 +375,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         call with full attention (streaming=False), so only that chunk can differ from it.
         """
         if state.finished:
-            raise InvalidRequestError("this flow stream has already been finalized")
+            raise ValueError("this flow stream has already been finalized")
         if token.dim() != 2 or token.shape[0] != 1:
-            raise InvalidRequestError(f"tokens must be [1, k], got {tuple(token.shape)}")
+            raise ValueError(f"tokens must be [1, k], got {tuple(token.shape)}")
         pending = torch.cat([state.pending, token.to(state.pending.device)], dim=1)
         look = self.pre_lookahead_len
         if finalize:
@@ -485,7 +483,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         n = mu.shape[2]
         end = start + n
         if end > cfm.rand_noise.shape[2]:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
             )
         dtype = state.embedding.dtype
@@ -634,7 +632,7 @@ class FlowV2StreamState:
         """A stream that goes on from here independently; the U-Net's keys and values so far are
         shared with it, not copied (a voice's prompt, computed once: see `PromptFlowCache`)."""
         if self.finished:
-            raise InvalidRequestError("a finalized flow stream cannot be forked")
+            raise ValueError("a finalized flow stream cannot be forked")
         return dataclasses.replace(
             self,
             encoder=self.encoder.fork(share=False),

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError
 from cosyvoice_lite.networks import flow_v3_stream
 from cosyvoice_lite.networks.flow_v3_stream import FlowV3StreamState
 
@@ -41,7 +40,7 @@ class PreLookaheadLayer(nn.Module):
         outputs = inputs.transpose(1, 2)
         if context is not None and context.shape[1] > 0:
             if context.shape[1] > self.pre_lookahead_len:
-                raise InvalidRequestError(
+                raise ValueError(
                     f"look-ahead context has {context.shape[1]} frames, "
                     f"at most {self.pre_lookahead_len} are used"
                 )
@@ -111,16 +110,14 @@ class CausalMaskedDiffWithDiT(nn.Module):
         streaming=True runs the DiT with its chunk attention mask.
         """
         if token.shape[0] != 1:
-            raise InvalidRequestError(
-                f"the flow runs one utterance at a time, got batch {token.shape[0]}"
-            )
+            raise ValueError(f"the flow runs one utterance at a time, got batch {token.shape[0]}")
         if not finalize and token.shape[1] <= self.pre_lookahead_len:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"a non-final chunk needs more than {self.pre_lookahead_len} tokens "
                 f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
             )
         if self.pre_lookahead_layer is None or self.decoder is None:
-            raise InvalidRequestError("CausalMaskedDiffWithDiT was built without its sub-modules")
+            raise ValueError("CausalMaskedDiffWithDiT was built without its sub-modules")
 
         # float inputs take the dtype the weights are stored in
         embedding = F.normalize(embedding.to(self.input_embedding.weight.dtype), dim=1)
@@ -142,7 +139,7 @@ class CausalMaskedDiffWithDiT(nn.Module):
         mel_len1 = prompt_feat.shape[1]
         mel_len2 = h.shape[1] - mel_len1
         if mel_len2 <= 0:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"prompt mel ({mel_len1} frames) is not shorter than the token features "
                 f"({h.shape[1]} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
             )

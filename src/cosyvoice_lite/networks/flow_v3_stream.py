@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
@@ -164,7 +164,7 @@ class FlowV3StreamState:
         """A stream that goes on from here independently; the keys and values so far are shared
         with it, not copied (a voice's prompt, computed once: see `PromptFlowCache`)."""
         if self.finished:
-            raise InvalidRequestError("a finalized flow stream cannot be forked")
+            raise ValueError("a finalized flow stream cannot be forked")
         return dataclasses.replace(self, steps=[step.fork() for step in self.steps])
 
 
@@ -213,9 +213,9 @@ def new_stream(
     """
     check_streamable(flow)
     if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
-        raise InvalidRequestError(f"prompt tokens must be [1, P], got {tuple(prompt_token.shape)}")
+        raise ValueError(f"prompt tokens must be [1, P], got {tuple(prompt_token.shape)}")
     if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
-        raise InvalidRequestError("a flow stream takes one utterance (batch 1)")
+        raise ValueError("a flow stream takes one utterance (batch 1)")
     with torch.inference_mode():
         embedding = embedding.to(flow.input_embedding.weight.dtype)  # the weights' dtype
         spks = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
@@ -242,9 +242,9 @@ def stream_step(
     tokens are computed with zero look-ahead and the stream ends.
     """
     if state.finished:
-        raise InvalidRequestError("this flow stream has already been finalized")
+        raise ValueError("this flow stream has already been finalized")
     if token.dim() != 2 or token.shape[0] != 1:
-        raise InvalidRequestError(f"tokens must be [1, k], got {tuple(token.shape)}")
+        raise ValueError(f"tokens must be [1, k], got {tuple(token.shape)}")
     pending = torch.cat([state.pending, token.to(state.pending.device, state.pending.dtype)], dim=1)
     look = flow.pre_lookahead_len
     if finalize:
@@ -327,7 +327,7 @@ def _solve(
     n = mu.shape[2]
     end = start + n
     if end > cfm.rand_noise.shape[2]:
-        raise InvalidRequestError(
+        raise ValueError(
             f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
         )
     dtype = state.embedding.dtype

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.crossfade import fade_in_out
 
 # ---------------------------------------------------------------------------------------------
@@ -403,11 +403,11 @@ class HiFTBase(nn.Module):
 
     def _check_mel(self, speech_feat: torch.Tensor, min_frames: int) -> None:
         if speech_feat.dim() != 3 or speech_feat.shape[1] != self.in_channels:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"vocoder input must be a mel of shape [B, {self.in_channels}, T], got {tuple(speech_feat.shape)}"
             )
         if speech_feat.shape[2] < min_frames:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"vocoder input needs at least {min_frames} mel frames, got {speech_feat.shape[2]}"
             )
 
@@ -573,7 +573,7 @@ class HiFTGenerator(HiFTBase):
         s = self.m_source(self._upsample_f0(f0), generator).transpose(1, 2)
         if cache_source is not None and cache_source.shape[2] != 0:
             if cache_source.shape[2] > s.shape[2]:
-                raise InvalidRequestError(
+                raise ValueError(
                     f"cache_source has {cache_source.shape[2]} samples, more than the {s.shape[2]} this mel gives"
                 )
             s[:, :, : cache_source.shape[2]] = cache_source

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks import hift_causal_stream
 from cosyvoice_lite.networks.hift import (
     FoldedWeightNorm,
@@ -79,7 +79,7 @@ class CausalConv1d(nn.Conv1d):
         elif self.causal_type == "right" and context.shape[2] == self.causal_padding:
             x = torch.cat([x, context], dim=2)
         else:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"look-ahead context must be {self.causal_padding} frames, got {tuple(context.shape)}"
             )
         # the weights follow the input's dtype: the f0 predictor runs in float64
@@ -238,7 +238,7 @@ class FixedSourceRandomness:
     def sine_waves(self, num_samples: int) -> torch.Tensor:
         """`sine_waves[:, :num_samples]` of the official buffer (float32, CPU)."""
         if num_samples > _SINE_WAVES_MAX_SAMPLES:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"the v3 vocoder handles at most {_SINE_WAVES_MAX_SAMPLES} samples (300 s) per call, "
                 f"got {num_samples}"
             )

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError, ModelDirError
+from cosyvoice_lite.errors import ModelDirError
 
 if TYPE_CHECKING:
     from cosyvoice_lite.networks.hift_causal import CausalHiFTGenerator
@@ -149,9 +149,9 @@ def stream_step(
     up to (M - 8) * 480 samples before finalize and M * 480 with it.
     """
     if state.finished:
-        raise InvalidRequestError("this vocoder stream has already been finalized")
+        raise ValueError("this vocoder stream has already been finalized")
     if mel.dim() != 3 or mel.shape[0] != 1 or mel.shape[1] != hift.in_channels:
-        raise InvalidRequestError(f"mel must be [1, {hift.in_channels}, m], got {tuple(mel.shape)}")
+        raise ValueError(f"mel must be [1, {hift.in_channels}, m], got {tuple(mel.shape)}")
     state.mel = mel if state.mel is None else torch.cat([state.mel, mel.to(state.mel)], dim=2)
     state.frames += mel.shape[2]
     state.finished = finalize

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError
 from cosyvoice_lite.networks.cache import KVCache
 from cosyvoice_lite.networks.qwen2 import Qwen2Encoder
 
@@ -200,7 +199,7 @@ class CosyVoice3LM(Qwen2LM):
 
     def check_text(self, text: torch.Tensor, what: str) -> None:
         if not bool((text == self.END_OF_PROMPT_ID).any()):
-            raise InvalidRequestError(
+            raise ValueError(
                 f"CosyVoice3 needs <|endofprompt|> (token {self.END_OF_PROMPT_ID}) in the {what}, "
                 "e.g. a prompt text that starts with 'You are a helpful assistant.<|endofprompt|>'"
             )

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.errors import InvalidRequestError
 from cosyvoice_lite.networks.cache import KVCache
 from cosyvoice_lite.networks.conformer import ConformerEncoder, TransformerEncoder
 
@@ -80,15 +79,15 @@ class TransformerLM(nn.Module):
             ("prompt_speech_token", prompt_speech_token),
         ):
             if tokens.dim() != 2 or tokens.size(0) != 1:
-                raise InvalidRequestError(
+                raise ValueError(
                     f"{name} must be token ids shaped [1, T], got {tuple(tokens.shape)}"
                 )
         if embedding.dim() != 2 or embedding.size(0) > 1:
-            raise InvalidRequestError(
+            raise ValueError(
                 f"embedding must be shaped [1, dim] or [0, dim], got {tuple(embedding.shape)}"
             )
         if text.size(1) == 0:
-            raise InvalidRequestError("text to synthesize has no tokens")
+            raise ValueError("text to synthesize has no tokens")
         text_emb = self.encode_text(torch.cat([prompt_text, text], dim=1))
         parts = [self.llm_embedding.weight[0].reshape(1, 1, -1)]
         if embedding.size(0) != 0:  # no speaker row at all for instruct mode
