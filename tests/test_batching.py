@@ -151,6 +151,24 @@ def test_mixed_requests_together_equal_each_alone(v2: Engine, alone: list[np.nda
     assert v2.loop.active == 0
 
 
+def test_streams_chunks_are_computed_together_and_equal_alone(v2: Engine) -> None:
+    """Streams that decode together reach their chunks at the same steps: their flow chunks run
+    as one batch (fewer flow calls than chunks) and each stream's audio equals it alone."""
+    streams = [
+        _request("今天天气真好，我们出去走走吧。", 11, stream=True, max_speech_tokens=60),
+        _request("今天天气真好，我们出去走走吧。", 12, stream=True, max_speech_tokens=60),
+        _request("Nice to meet you, how are you?", 13, stream=True, max_speech_tokens=50),
+    ]
+    solo = [_alone(v2, r) for r in streams]
+    calls, chunks = v2.loop.flow_calls
+    together = _together(v2, streams)
+    new_calls, new_chunks = v2.loop.flow_calls
+    assert new_chunks - chunks > new_calls - calls > 0  # chunks really shared flow calls
+    for a, b in zip(solo, together, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
+
+
 def test_a_request_joining_mid_way_equals_alone(v2: Engine, alone: list[np.ndarray]) -> None:
     first, later = QueueSink(), QueueSink()
     v2.submit(REQUESTS[1], first)  # streaming: its first chunk comes while it still decodes

@@ -262,6 +262,45 @@ def test_two_interleaved_flow_streams_do_not_affect_each_other(
             assert torch.equal(a, b)
 
 
+def test_streams_stepped_together_equal_each_stream_alone(flow: CausalMaskedDiffWithDiT) -> None:
+    """`stream_steps` batches the DiT solves of streams at different positions (different
+    prompts, push sizes, a fork of a primed prompt, one past its cache budget, streams ending at
+    different calls); every stream's mel equals the same stream stepped alone within 1e-4."""
+    inputs = [flow_inputs(51, 44, 6), flow_inputs(52, 37, 9), flow_inputs(53, 50, 23)]
+    pushes = [7, 5, 7]
+    primed = flow.new_stream(*inputs[2][1:])
+    flow.stream_step(primed, inputs[2][0][:, :0])
+
+    def streams() -> list:
+        made = [flow.new_stream(*inputs[0][1:]), flow.new_stream(*inputs[1][1:]), primed.fork()]
+        made[1].cache_budget = 1  # frozen from its first frames: re-solves alone each call
+        return made
+
+    def pieces(k: int) -> list[torch.Tensor]:
+        token, push = inputs[k][0], pushes[k]
+        return [token[:, i : i + push] for i in range(0, token.shape[1], push)]
+
+    alone = []
+    for k, state in enumerate(streams()):
+        outs = [flow.stream_step(state, piece) for piece in pieces(k)]
+        alone.append([*outs, flow.stream_step(state, inputs[k][0][:, :0], finalize=True)])
+    states, together = streams(), [[], [], []]
+    calls = max(len(pieces(k)) for k in range(3)) + 1
+    for call in range(calls):
+        live = [k for k in range(3) if call <= len(pieces(k))]
+        feeds = [pieces(k)[call] if call < len(pieces(k)) else inputs[k][0][:, :0] for k in live]
+        finals = [call == len(pieces(k)) for k in live]
+        mels = flow.stream_steps([states[k] for k in live], feeds, finals)
+        for k, mel in zip(live, mels, strict=True):
+            together[k].append(mel)
+    for k in range(3):
+        assert [m.shape[2] for m in together[k]] == [m.shape[2] for m in alone[k]]
+        assert max_err(torch.cat(together[k], dim=2), torch.cat(alone[k], dim=2)) < TOL
+    assert states[1].frozen_at is not None
+    with pytest.raises(ValueError, match="one token tensor"):
+        flow.stream_steps(states[:2], [inputs[0][0]], [False])
+
+
 def test_forks_of_a_primed_prompt_match_the_official_rerun(flow: CausalMaskedDiffWithDiT) -> None:
     """A voice's prompt is computed once (`stream_step` with no new tokens encodes the prompt's
     whole chunks whose look-ahead is in the prompt); every fork attends over those keys/values,

@@ -21,6 +21,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
 FIRST_CHUNK_PRIORITY_SECONDS = 5.0  # at most this long does decoding wait for a first chunk
+# A worker with a due flow call waits for its other streams this many tokens from theirs, at most
+# this long (a few decoding steps), so their chunks are computed in one batch.
+BATCH_WAIT_TOKENS = 2
+BATCH_WAIT_SECONDS = 0.5
 
 
 class Sink(Protocol):
@@ -125,10 +130,13 @@ class _Background:
 
 
 class AudioWorker:
-    """The thread that runs every row's audio stage (flow + vocoder chunks), in order per row.
+    """The thread that runs rows' audio stages (flow + vocoder chunks), in order per row.
 
-    Tokens and segment ends arrive from the loop thread; a chunk goes to the request as soon as it
-    is computed. A failing stage fails its row alone. Work of no row (``EngineLoop.background``,
+    Tokens and segment ends arrive from the loop thread, a step's worth at a time. The worker
+    takes everything queued, advances each row through its tokens up to its next due flow call,
+    and computes the due flow calls of all those rows together (``Pipeline.flow_steps``: one
+    batch), then vocodes and delivers each piece at once; it repeats until the rows' tokens are
+    used up. A failing stage fails its row alone. Work of no row (``EngineLoop.background``,
     e.g. preparing a saved voice) runs between rows' chunks.
     """
 
@@ -137,6 +145,9 @@ class AudioWorker:
         # step meanwhile, so the first audio is not slowed down by other rows' tokens.
         self.no_first_chunk = threading.Event()
         self.no_first_chunk.set()
+        self.flow_calls = 0  # flow computations so far (a batch counts once; for tests, metrics)
+        self.flow_streams = 0  # stream chunks those computations covered
+        self._streams: dict[_Row, Any] = {}  # streaming rows seen here -> their audio stage
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
         self._thread.start()
@@ -144,7 +155,7 @@ class AudioWorker:
     def backlog(self) -> int:
         return self._queue.qsize()
 
-    def put(self, work: _AudioWork | _Background) -> None:
+    def put(self, work: _AudioWork | _Background | list[_AudioWork]) -> None:
         self._queue.put(work)
 
     def stop(self) -> None:
@@ -152,45 +163,174 @@ class AudioWorker:
 
     def _main(self) -> None:
         with torch.inference_mode():
-            while (work := self._queue.get()) is not None:
-                if isinstance(work, _Background):
-                    _run_into(work.fn, work.future)
-                    continue
-                row = work.row
-                if row.ended or row.job.cancelled.is_set():
-                    if work.token is None and work.last:
-                        row.end(None)
-                    continue
-                # a stream's first piece (not the chunks the flow computes ahead of it)
-                first = (
-                    row.streaming
-                    and not row.audio_out
-                    and (work.token is None or work.audio.piece_due())
-                )
-                if first:
-                    self.no_first_chunk.clear()
-                try:
-                    self._do(work)
-                except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
-                    row.failed = True
-                    row.end(exc)
-                finally:
-                    self.no_first_chunk.set()
+            while True:
+                items, stop = self._take()
+                self._run(items)
+                if stop:
+                    return
 
-    @staticmethod
-    def _do(work: _AudioWork) -> None:
-        run = work.row.run
-        if work.token is not None:
-            piece = work.audio.push(work.token)
-            if piece is not None:
-                work.row.audio_out = True
-                run.emit(piece, work.segment, False)
-            return
-        work.row.audio_out = True
-        run.emit(work.audio.finish(), work.segment, work.last)
-        run.segment_done(work.segment)
-        if work.last:
-            work.row.end(None)
+    def _take(self) -> tuple[list[Any], bool]:
+        """Everything queued (waiting for the first entry); True once the stop mark is reached."""
+        entries = [self._queue.get()]
+        while True:
+            try:
+                entries.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        items: list[Any] = []
+        for entry in entries:
+            if entry is None:
+                return items, True
+            items.extend(entry if isinstance(entry, list) else [entry])
+        return items, False
+
+    def _run(self, items: list[Any]) -> None:
+        rows: dict[_Row, collections.deque[_AudioWork]] = {}
+        self._sort(items, rows)
+        while rows:
+            due: list[tuple[_AudioWork, Any, bool]] = []
+            self._collect(rows, due)
+            if due:
+                self._wait_for_neighbours(rows, due)
+                self._flow_together(due)
+
+    def _sort(self, items: list[Any], rows: dict[_Row, collections.deque[_AudioWork]]) -> None:
+        """Queue each row's work in order; work of no row runs at once."""
+        for item in items:
+            if isinstance(item, _Background):
+                _run_into(item.fn, item.future)
+            else:
+                rows.setdefault(item.row, collections.deque()).append(item)
+
+    def _collect(
+        self,
+        rows: dict[_Row, collections.deque[_AudioWork]],
+        due: list[tuple[_AudioWork, Any, bool]],
+    ) -> None:
+        """Advance every row not yet in ``due`` through its queued work up to its next due flow
+        call, which joins ``due``."""
+        taken = {work.row for work, _, _ in due}
+        for row, works in list(rows.items()):
+            while works and row not in taken:
+                work = works.popleft()
+                if _gone(work):
+                    continue
+                if work.token is None:
+                    self._streams.pop(row, None)
+                    self._finish(work)
+                    continue
+                if row.streaming:
+                    self._streams[row] = work.audio
+                # a stream's first piece (not the chunks the flow computes ahead of it)
+                first = row.streaming and not row.audio_out and work.audio.piece_due()
+                try:
+                    flow = work.audio.accept(work.token)
+                except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
+                    _fail(row, exc)
+                    continue
+                if flow is not None:
+                    due.append((work, flow, first))
+                    taken.add(row)
+            if not works:
+                del rows[row]
+
+    def _wait_for_neighbours(
+        self,
+        rows: dict[_Row, collections.deque[_AudioWork]],
+        due: list[tuple[_AudioWork, Any, bool]],
+    ) -> None:
+        """Streams that decode together reach their chunks within a step or two of each other
+        (they joined at different steps); computing a chunk alone and the others' a moment later
+        costs about twice one batch on a CPU. So while another stream of this worker is at most
+        ``BATCH_WAIT_TOKENS`` tokens from its own due flow call, wait for them (a bounded time)."""
+        deadline = time.monotonic() + BATCH_WAIT_SECONDS
+        while True:
+            taken = {work.row for work, _, _ in due}
+            for row in [r for r in self._streams if r.ended or r.job.cancelled.is_set()]:
+                del self._streams[row]
+            soon = [
+                row
+                for row, audio in self._streams.items()
+                if row not in taken and _due_within(audio, BATCH_WAIT_TOKENS)
+            ]
+            left = deadline - time.monotonic()
+            if not soon or left <= 0:
+                return
+            try:
+                entry = self._queue.get(timeout=left)
+            except queue.Empty:
+                return
+            if entry is None:  # stopping: handled by the main loop after this batch
+                self._queue.put(None)
+                return
+            self._sort(entry if isinstance(entry, list) else [entry], rows)
+            self._collect(rows, due)
+
+    def _flow_together(self, due: list[tuple[_AudioWork, Any, bool]]) -> None:
+        """The due flow calls of several rows as one batch, then each row's piece."""
+        if any(first for _, _, first in due):
+            self.no_first_chunk.clear()
+        try:
+            pipeline = due[0][0].audio.pipeline
+            try:
+                mels = pipeline.flow_steps([flow for _, flow, _ in due])
+            except BaseException as exc:  # noqa: BLE001
+                # Flow calls are checked when requests are prepared; an error here is a bug
+                # and leaves the streams of the batch in an unknown state: they all fail.
+                log.exception("a batched flow call failed; failing its %d rows", len(due))
+                for work, _, _ in due:
+                    _fail(work.row, exc)
+                return
+            self.flow_calls += 1
+            self.flow_streams += len(due)
+            for (work, _, _), mel in zip(due, mels, strict=True):
+                try:
+                    piece = work.audio.complete(mel)
+                    if piece is not None:
+                        work.row.audio_out = True
+                        work.row.run.emit(piece, work.segment, False)
+                except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
+                    _fail(work.row, exc)
+        finally:
+            self.no_first_chunk.set()
+
+    def _finish(self, work: _AudioWork) -> None:
+        """A segment's last piece (its remaining tokens through flow and vocoder), alone."""
+        row = work.row
+        if row.streaming and not row.audio_out:
+            self.no_first_chunk.clear()
+        try:
+            run = row.run
+            row.audio_out = True
+            run.emit(work.audio.finish(), work.segment, work.last)
+            run.segment_done(work.segment)
+            if work.last:
+                row.end(None)
+        except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
+            _fail(row, exc)
+        finally:
+            self.no_first_chunk.set()
+
+
+def _due_within(audio: Any, tokens: int) -> bool:
+    """Whether the audio stage's next flow call is due within ``tokens`` more tokens."""
+    due_in = audio.due_in()
+    return due_in is not None and due_in <= tokens
+
+
+def _gone(work: _AudioWork) -> bool:
+    """Whether the work's row has ended or was cancelled (its last work ends it quietly)."""
+    row = work.row
+    if not (row.ended or row.job.cancelled.is_set()):
+        return False
+    if work.token is None and work.last:
+        row.end(None)
+    return True
+
+
+def _fail(row: _Row, exc: BaseException) -> None:
+    row.failed = True
+    row.end(exc)
 
 
 @dataclass(frozen=True)
@@ -228,6 +368,7 @@ class EngineLoop:
         self._audio: list[AudioWorker] = []
         self._stopping = False
         self._next_worker = 0
+        self._outbox: dict[AudioWorker, list[_AudioWork]] = {}  # this step's audio work
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
 
@@ -236,6 +377,15 @@ class EngineLoop:
     def active(self) -> int:
         """Requests admitted and not finished (decoding, or their last audio being computed)."""
         return len(self._live)
+
+    @property
+    def flow_calls(self) -> tuple[int, int]:
+        """(flow computations, stream chunks they covered) so far: chunks computed together
+        make the second larger than the first."""
+        return (
+            sum(w.flow_calls for w in self._audio),
+            sum(w.flow_streams for w in self._audio),
+        )
 
     @property
     def decoding(self) -> int:
@@ -316,18 +466,33 @@ class EngineLoop:
             job.sink.end(RuntimeError("the engine was closed"))
 
     def _step(self) -> None:
+        try:
+            fed = self._step_rows()
+        finally:
+            self._send_audio()
+        if self._rows and not fed and all(row.feed is None for row in self._rows):
+            with self._wake:  # every row waits for streaming text: do not spin
+                self._wake.wait(IDLE_WAIT_SECONDS)
+
+    def _step_rows(self) -> bool:
+        """One step; True if a forward ran."""
         self._run_calls()
         self._retire_cancelled()
         self._admit()
         if not self._rows:
-            return
+            return True
         fed = self._forward()
         for row in list(self._rows):
             if row.reply is not None or row.feed is None:
                 self._advance(row)
-        if not fed and all(row.feed is None for row in self._rows):
-            with self._wake:  # every row waits for streaming text: do not spin
-                self._wake.wait(IDLE_WAIT_SECONDS)
+        return fed
+
+    def _send_audio(self) -> None:
+        """Hand the step's tokens to the audio workers at once, so a worker sees every row whose
+        chunk became due in this step and computes those chunks together."""
+        outbox, self._outbox = self._outbox, {}
+        for worker, works in outbox.items():
+            worker.put(works)
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -418,7 +583,7 @@ class EngineLoop:
                 item = row.task.send(reply)
             except StopIteration:
                 last = row.segment == len(row.run.segments) - 1
-                self._audio_of(row).put(_AudioWork(row, row.audio, row.segment, last=last))
+                self._send(row, _AudioWork(row, row.audio, row.segment, last=last))
                 if last:  # the audio worker ends the request once the audio is done
                     self._remove(row)
                     return
@@ -429,7 +594,10 @@ class EngineLoop:
                 return
             if item is WAIT:
                 return
-            self._audio_of(row).put(_AudioWork(row, row.audio, row.segment, token=item))
+            self._send(row, _AudioWork(row, row.audio, row.segment, token=item))
+
+    def _send(self, row: _Row, work: _AudioWork) -> None:
+        self._outbox.setdefault(self._audio_of(row), []).append(work)
 
     def _audio_of(self, row: _Row) -> AudioWorker:
         """A row's audio always goes to the same worker, so its chunks stay in order."""

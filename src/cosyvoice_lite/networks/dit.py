@@ -174,6 +174,13 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- blocks
 
 
+def _per_row(emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Modulations [B, k] for the rows of x [B, ...] from `emb`, which may hold one group of rows
+    repeated over the batch (incremental streams solved together share their t: embedding one
+    group keeps each stream's values what they are alone)."""
+    return emb if emb.shape[0] == x.shape[0] else emb.repeat(x.shape[0] // emb.shape[0], 1)
+
+
 class AdaLayerNormZero(nn.Module):
     """LN(x) modulated by t; returns the attention input and the other five modulations."""
 
@@ -186,7 +193,7 @@ class AdaLayerNormZero(nn.Module):
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        emb = self.linear(self.silu(emb))
+        emb = _per_row(self.linear(self.silu(emb)), x)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(emb, 6, dim=1)
         x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
         return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -202,7 +209,7 @@ class AdaLayerNormZeroFinal(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        emb = self.linear(self.silu(emb))
+        emb = _per_row(self.linear(self.silu(emb)), x)
         scale, shift = torch.chunk(emb, 2, dim=1)
         return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 

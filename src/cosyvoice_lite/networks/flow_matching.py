@@ -14,7 +14,9 @@ runs the estimator on a batch of two, the second row with mu, spks and cond zero
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,31 +65,98 @@ def time_span(n_timesteps: int, scheduler: str, like: torch.Tensor) -> torch.Ten
     return t_span
 
 
-def solve_within_budget(
-    state: Any,
-    mu: torch.Tensor,
-    start: int,
-    caches: list[Any],
-    own_bytes: int,
-    solve: Callable[[torch.Tensor, int], torch.Tensor],
-) -> torch.Tensor:
-    """The mel of new frames mu [1, 80, n] at `start` for an incremental stream (v2 and v3).
+@dataclass(eq=False)
+class StreamSolve:
+    """One incremental stream's share of a flow call (v2 and v3): the new frames mu [1, 80, n]
+    at mel frame ``start``. ``state`` has ``embedding``, ``prompt_feat``, ``cache_budget``,
+    ``frozen_at`` and ``frozen_mu``; ``caches`` (one per Euler step, with ``freeze()``) hold
+    ``own_bytes``."""
 
-    ``state`` has ``cache_budget``, ``frozen_at`` and ``frozen_mu``; ``caches`` (one per Euler
-    step, with ``freeze()``) hold ``own_bytes``. Once they reach the budget they are frozen and
-    every call re-solves the frames from ``frozen_at`` on with the new ones (chunk-causal, so the
-    re-solved frames come out the same); only the new frames are returned.
+    state: Any
+    mu: torch.Tensor
+    start: int
+    caches: list[Any]
+    own_bytes: int
+
+
+# velocity of streams' rows: (x [2S, 80, n] stream-major cond/uncond rows, mu, t [2S], spks,
+# cond, step, streams) -> [2S, 80, n]
+StreamVelocity = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, list[StreamSolve]],
+    torch.Tensor,
+]
+
+
+def solve_within_budget(
+    streams: list[StreamSolve], solve: Callable[[list[StreamSolve]], torch.Tensor]
+) -> list[torch.Tensor]:
+    """The mel of each stream's new frames (v2 and v3), streams with as many new frames solved
+    together: ``solve(streams)`` returns their mel [S, 80, n].
+
+    A stream whose caches reach its budget has them frozen, and every later call re-solves its
+    frames from ``frozen_at`` on with the new ones (chunk-causal, so the re-solved frames come
+    out the same), alone; only the new frames are returned.
     """
-    budget = state.cache_budget
-    if state.frozen_at is None and budget is not None and own_bytes >= budget:
-        state.frozen_at = start
-        for cache in caches:
-            cache.freeze()
-    if state.frozen_at is None:
-        return solve(mu, start)
-    tail = state.frozen_mu
-    state.frozen_mu = mu if tail is None else torch.cat([tail, mu], dim=2)
-    return solve(state.frozen_mu, state.frozen_at)[:, :, start - state.frozen_at :]
+    mels: list[torch.Tensor | None] = [None] * len(streams)
+    together: dict[int, list[int]] = {}
+    for index, stream in enumerate(streams):
+        state, budget = stream.state, stream.state.cache_budget
+        if state.frozen_at is None and budget is not None and stream.own_bytes >= budget:
+            state.frozen_at = stream.start
+            for cache in stream.caches:
+                cache.freeze()
+        if state.frozen_at is None:
+            together.setdefault(stream.mu.shape[2], []).append(index)
+            continue
+        tail = state.frozen_mu
+        state.frozen_mu = stream.mu if tail is None else torch.cat([tail, stream.mu], dim=2)
+        again = dataclasses.replace(stream, mu=state.frozen_mu, start=state.frozen_at)
+        mels[index] = solve([again])[:, :, stream.start - state.frozen_at :]
+    for indices in together.values():
+        mel = solve([streams[i] for i in indices])
+        for row, index in enumerate(indices):
+            mels[index] = mel[row : row + 1]
+    return mels  # type: ignore[return-value]
+
+
+def solve_streams(
+    cfm: nn.Module, streams: list[StreamSolve], velocity: StreamVelocity
+) -> torch.Tensor:
+    """The Euler/CFG solve of S incremental streams' new frames (all n frames long) in one batch
+    of 2S estimator rows: stream i's conditional row 2i, its unconditional row 2i + 1 (mu, spks,
+    cond zero), as the official batch of two for one stream. Mirrors `_EulerCFM.solve_euler`
+    (same operations, same t/dt accumulation); returns the float32 mel [S, 80, n]."""
+    first = streams[0]
+    n, device = first.mu.shape[2], first.mu.device
+    limit = cfm.rand_noise.shape[2]
+    if any(s.start + n > limit for s in streams):
+        raise ValueError(f"the flow can generate at most {limit} mel frames per stream")
+    dtype = first.state.embedding.dtype
+    # the Euler state stays float32 whatever the weights' dtype (see solve_euler)
+    x = stack_rows([cfm.rand_noise[:, :, s.start : s.start + n] for s in streams])
+    x = x.to(device=device, dtype=torch.float32)
+    mu_in, spks_in, cond_in = [], [], []
+    for s in streams:
+        cond = torch.zeros(1, s.mu.shape[1], n, device=device, dtype=dtype)
+        prompt = s.state.prompt_feat[:, s.start : s.start + n].transpose(1, 2)
+        cond[:, :, : prompt.shape[2]] = prompt
+        mu_in += [s.mu.to(dtype), torch.zeros_like(s.mu, dtype=dtype)]
+        spks_in += [s.state.embedding, torch.zeros_like(s.state.embedding)]
+        cond_in += [cond, torch.zeros_like(cond)]
+    mu, spks, cond = stack_rows(mu_in), stack_rows(spks_in), stack_rows(cond_in)
+    rows = 2 * len(streams)
+    t_span = time_span(cfm.steps, cfm.t_scheduler, x)
+
+    def rows_velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        x_in = torch.repeat_interleave(x, 2, dim=0).to(dtype)
+        return velocity(x_in, mu, t.expand(rows), spks, cond, step, streams)  # t float32
+
+    return euler_cfg(x, t_span, cfm.inference_cfg_rate, rows_velocity)
+
+
+def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors stacked along the batch dim (one tensor as it is)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
 
 
 def euler_cfg(
@@ -99,16 +168,17 @@ def euler_cfg(
     """The one Euler solver with classifier-free guidance, used by every flow (whole utterances
     and incremental streams alike).
 
-    ``velocity(x, t, step)`` returns the estimator's output for the float32 state ``x`` (1, C, T)
-    at time ``t`` (1,) of Euler step ``step``, as two rows: conditional, unconditional. The
-    guided velocity is ``(1 + rate) * v_cond - rate * v_uncond``. t and dt are accumulated
-    exactly as the official loop does (t += dt, then dt = t_span[k+1] - t), which differs from
-    t_span[k] in the last float bits.
+    ``velocity(x, t, step)`` returns the estimator's output for the float32 state ``x`` (B, C, T)
+    at time ``t`` (1,) of Euler step ``step``, as 2B rows: for each utterance its conditional
+    then its unconditional row. The guided velocity is ``(1 + rate) * v_cond - rate * v_uncond``.
+    t and dt are accumulated exactly as the official loop does (t += dt, then
+    dt = t_span[k+1] - t), which differs from t_span[k] in the last float bits.
     """
     t = t_span[0].unsqueeze(0)
     dt = t_span[1] - t_span[0]
     for step in range(1, len(t_span)):
-        v_cond, v_uncond = torch.split(velocity(x, t, step - 1).float(), [1, 1], dim=0)
+        v = velocity(x, t, step - 1).float()
+        v_cond, v_uncond = v[0::2], v[1::2]
         x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
         t = t + dt
         if step < len(t_span) - 1:

@@ -206,6 +206,22 @@ class MaskedDiffWithXvec(nn.Module):
             mel = mel[:, :, : -state.overlap]
         return mel
 
+    def stream_steps(
+        self,
+        states: Sequence[FlowV1StreamState],
+        tokens: Sequence[torch.Tensor],
+        finalize: Sequence[bool],
+    ) -> list[torch.Tensor]:
+        """`stream_step` for several streams, one after another: each v1 chunk re-runs the whole
+        flow over its prompt and overlap with its request's own noise generator (the official
+        v1 stream), so streams are not batched (yet)."""
+        if not len(states) == len(tokens) == len(finalize):
+            raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+        return [
+            self.stream_step(state, token, last)
+            for state, token, last in zip(states, tokens, finalize, strict=True)
+        ]
+
     @torch.inference_mode()
     def inference(
         self,

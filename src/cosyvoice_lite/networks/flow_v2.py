@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,12 @@ from cosyvoice_lite.networks.conformer import (
     RelPositionMultiHeadedAttention,
     encoder_attention_mask,
 )
-from cosyvoice_lite.networks.flow_matching import euler_cfg, solve_within_budget, time_span
+from cosyvoice_lite.networks.flow_matching import (
+    StreamSolve,
+    solve_streams,
+    solve_within_budget,
+    stack_rows,
+)
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
 from cosyvoice_lite.networks.linear import grouped
 from cosyvoice_lite.networks.unet import CausalConv1d
@@ -356,7 +362,6 @@ class CausalMaskedDiffWithXvec(nn.Module):
             embedding=spks, prompt_feat=prompt_feat.to(spks.dtype), pending=prompt_token
         )
 
-    @torch.inference_mode()
     def stream_step(
         self, state: FlowV2StreamState, token: torch.Tensor, finalize: bool = False
     ) -> torch.Tensor:
@@ -368,12 +373,68 @@ class CausalMaskedDiffWithXvec(nn.Module):
         tokens are encoded with zero look-ahead and the stream ends. Each call costs the new
         frames against cached history, never a re-run of the history, until the stream passes
         its `cache_budget` (then the frames after the frozen caches are re-solved each call, see
-        `_decode_increment`).
+        `solve_within_budget`).
 
         The mel matches `inference(all tokens so far, streaming=True, finalize=False)` frame for
         frame. The final chunk uses chunk attention too; the official stream computes its last
         call with full attention (streaming=False), so only that chunk can differ from it.
         """
+        return self.stream_steps([state], [token], [finalize])[0]
+
+    @torch.inference_mode()
+    def stream_steps(
+        self,
+        states: Sequence[FlowV2StreamState],
+        tokens: Sequence[torch.Tensor],
+        finalize: Sequence[bool],
+    ) -> list[torch.Tensor]:
+        """`stream_step` for several streams at once, each at its own position: each stream
+        encodes its new tokens alone (small), and the U-Net solves of the streams with as many
+        new frames run as one batch (stream i's CFG rows are rows 2i, 2i + 1). A stream's mel
+        equals its `stream_step` alone up to float rounding."""
+        if not len(states) == len(tokens) == len(finalize):
+            raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+        mels: list[torch.Tensor] = []
+        solves: list[tuple[int, StreamSolve, int]] = []
+        for state, token, last in zip(states, tokens, finalize, strict=True):
+            mels.append(self.spk_embed_affine_layer.weight.new_zeros(1, self.output_size, 0))
+            work = self._take_tokens(state, token, last)
+            if work is None:
+                continue
+            count, new, context = work
+            mu = self._encode_increment(state, new, context)
+            first_frame = self.token_mel_ratio * state.tokens_done
+            state.tokens_done += count
+            skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames: no output
+            solves.append((len(mels) - 1, self._stream_solve(state, mu, first_frame), skip))
+        cfm = self.decoder
+        solved = solve_within_budget(
+            [solve for _, solve, _ in solves],
+            lambda streams: solve_streams(cfm, streams, self._velocity),
+        )
+        for (index, _, skip), mel in zip(solves, solved, strict=True):
+            mels[index] = mel[:, :, skip:].float()
+        return mels
+
+    def stream_tokens_needed(self, state: FlowV2StreamState, new_tokens: int) -> int:
+        """How many more tokens, after `new_tokens` more, the stream needs before `stream_step`
+        (not final) computes mel: 0 when those would already complete a chunk."""
+        chunk = self.encoder.static_chunk_size
+        next_end = (state.tokens_done // chunk + 1) * chunk
+        have = state.pending.shape[1] + new_tokens
+        return max(0, next_end - state.tokens_done + self.pre_lookahead_len - have)
+
+    def _whole_chunks(self, state: FlowV2StreamState, pending: int) -> int:
+        """Tokens of `pending` that complete whole encoder chunks with their look-ahead."""
+        chunk = self.encoder.static_chunk_size
+        usable = state.tokens_done + pending - self.pre_lookahead_len
+        return (usable // chunk) * chunk - state.tokens_done
+
+    def _take_tokens(
+        self, state: FlowV2StreamState, token: torch.Tensor, finalize: bool
+    ) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+        """Adds the tokens to the stream's pending ones; returns (count, the tokens to encode
+        now, their look-ahead context) or None when no whole chunk is ready."""
         if state.finished:
             raise ValueError("this flow stream has already been finalized")
         if token.dim() != 2 or token.shape[0] != 1:
@@ -384,20 +445,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
             count, context = pending.shape[1], None
             state.finished = True
         else:
-            chunk = self.encoder.static_chunk_size
-            usable = state.tokens_done + pending.shape[1] - look
-            count = (usable // chunk) * chunk - state.tokens_done
+            count = self._whole_chunks(state, pending.shape[1])
             context = pending[:, count : count + look] if count > 0 else None
         state.pending = pending[:, max(count, 0) :]
         if count <= 0:
-            return self.spk_embed_affine_layer.weight.new_zeros(1, self.output_size, 0)
-
-        mu = self._encode_increment(state, pending[:, :count], context)
-        first_frame = self.token_mel_ratio * state.tokens_done
-        mel = self._decode_increment(state, mu, first_frame)
-        state.tokens_done += count
-        skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
-        return mel[:, :, skip:].float()
+            return None
+        return count, pending[:, :count], context
 
     def _check_streamable(self) -> None:
         encoder, estimator = self.encoder, self.decoder.estimator
@@ -463,56 +516,26 @@ class CausalMaskedDiffWithXvec(nn.Module):
         )
         return self.encoder_proj(enc.after_norm(xs)).transpose(1, 2)
 
-    def _decode_increment(
-        self, state: FlowV2StreamState, mu: torch.Tensor, start: int
-    ) -> torch.Tensor:
-        """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`.
-
-        Past the stream's cache budget the U-Net caches are frozen: the frames from `frozen_at`
-        on are solved again with the new ones each call (chunk-causal, so they come out the same)
-        and only the new frames are returned."""
+    def _stream_solve(self, state: FlowV2StreamState, mu: torch.Tensor, start: int) -> StreamSolve:
+        """The U-Net's share of a stream's call: new frames mu [1, 80, n] at mel frame `start`."""
         while len(state.estimator) < self.decoder.steps:
             state.estimator.append(_LayerCaches())
         own = sum(step.nbytes() for step in state.estimator)
-        return solve_within_budget(
-            state, mu, start, state.estimator, own, lambda m, s: self._solve(state, m, s)
-        )
+        return StreamSolve(state, mu, start, state.estimator, own)
 
-    def _solve(self, state: FlowV2StreamState, mu: torch.Tensor, start: int) -> torch.Tensor:
-        cfm = self.decoder
-        n = mu.shape[2]
-        end = start + n
-        if end > cfm.rand_noise.shape[2]:
-            raise ValueError(
-                f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
-            )
-        dtype = state.embedding.dtype
-        # the Euler state stays float32 whatever the weights' dtype (see solve_euler)
-        x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=torch.float32)
-        cond = torch.zeros(1, self.output_size, n, device=mu.device, dtype=dtype)
-        prompt = state.prompt_feat[:, start:end].transpose(1, 2)
-        cond[:, :, : prompt.shape[2]] = prompt
-        # row 0 conditional, row 1 unconditional (mu, spks, cond zero), as the official batch
-        mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
-        spks_in = torch.cat([state.embedding, torch.zeros_like(state.embedding)], dim=0)
-        cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
-
-        t_span = time_span(cfm.steps, cfm.t_scheduler, x)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-            return _estimator_increment(
-                cfm.estimator,
-                torch.cat([x, x], dim=0).to(dtype),
-                mu_in,
-                t.expand(2),  # float32, see solve_euler
-                spks_in,
-                cond_in,
-                state.estimator[step],
-                start,
-            )
-
-        x = euler_cfg(x, t_span, cfm.inference_cfg_rate, velocity)
-        return x
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        step: int,
+        streams: list[StreamSolve],
+    ) -> torch.Tensor:
+        caches = [s.state.estimator[step] for s in streams]
+        starts = [s.start for s in streams]
+        return _estimator_increment(self.decoder.estimator, x, mu, t, spks, cond, caches, starts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +646,7 @@ class FlowV2StreamState:
     estimator: list[_LayerCaches] = field(default_factory=list)  # one per Euler step
     # Memory budget of the U-Net caches (bytes of this stream's own frames; None: unbounded).
     # Past it the caches stop growing: each call re-solves the frames from `frozen_at` on
-    # against them, as the official re-runs its whole history (see _decode_increment).
+    # against them, as the official re-runs its whole history (see solve_within_budget).
     cache_budget: int | None = None
     frozen_at: int | None = None  # first mel frame no longer cached
     frozen_mu: torch.Tensor | None = None  # [1, 80, n] mu of the frames from frozen_at on
@@ -728,55 +751,69 @@ def _conformer_increment(
 
 
 def _causal_conv_increment(
-    conv: CausalConv1d, x: torch.Tensor, caches: _LayerCaches
+    conv: CausalConv1d, x: torch.Tensor, caches: list[_LayerCaches]
 ) -> torch.Tensor:
-    """A left-padded conv over new frames x [B, C, n], its left context taken from the cache."""
-    tail = caches.next(_ConvTail)
+    """A left-padded conv over new frames x [2S, C, n] of S streams, each stream's left context
+    (its two CFG rows) taken from its cache."""
     pad = conv.causal_padding
-    left = tail.frames if tail.frames is not None else x.new_zeros(x.size(0), x.size(1), pad)
-    x = torch.cat([left, x], dim=2)
-    if not caches.frozen:
-        tail.frames = x[:, :, x.size(2) - pad :]
+    rows = x.size(0) // len(caches)
+    tails = [cache.next(_ConvTail) for cache in caches]
+    left = [t.frames if t.frames is not None else x.new_zeros(rows, x.size(1), pad) for t in tails]
+    x = torch.cat([stack_rows(left), x], dim=2)
+    for index, (tail, cache) in enumerate(zip(tails, caches, strict=True)):
+        if not cache.frozen:
+            tail.frames = x[index * rows : (index + 1) * rows, :, x.size(2) - pad :]
     return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
 
 
 def _causal_block_increment(
-    block: nn.Module, x: torch.Tensor, caches: _LayerCaches
+    block: nn.Module, x: torch.Tensor, caches: list[_LayerCaches]
 ) -> torch.Tensor:
     """CausalBlock1D (`block.0` causal conv, then LayerNorm over channels and Mish); no padding mask."""
     return block.block[1:](_causal_conv_increment(block.block[0], x, caches))
 
 
 def _resnet_increment(
-    resnet: nn.Module, x: torch.Tensor, time_emb: torch.Tensor, caches: _LayerCaches
+    resnet: nn.Module, x: torch.Tensor, time_emb: torch.Tensor, caches: list[_LayerCaches]
 ) -> torch.Tensor:
+    """time_emb: one stream's rows (every stream has the same t)."""
     h = _causal_block_increment(resnet.block1, x, caches)
-    h = h + resnet.mlp(time_emb).unsqueeze(-1)
+    h = h + resnet.mlp(time_emb).repeat(len(caches), 1).unsqueeze(-1)
     h = _causal_block_increment(resnet.block2, h, caches)
     return h + resnet.res_conv(x)
 
 
 def _transformers_increment(
-    blocks: nn.ModuleList, x: torch.Tensor, caches: _LayerCaches, start: int, chunk: int
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    caches: list[_LayerCaches],
+    starts: list[int],
+    chunk: int,
 ) -> torch.Tensor:
-    """diffusers BasicTransformerBlocks over new frames x [B, C, n] with cached keys/values."""
+    """diffusers BasicTransformerBlocks over new frames x [2S, C, n] of S streams: projections
+    and feed-forwards for all rows at once, attention per stream over its cached keys/values."""
     n = x.size(2)
+    rows = x.size(0) // len(caches)
     h = x.transpose(1, 2)
+    keeps = [_chunk_keep(start, n, start + n, chunk, x.device) for start in starts]
     for block in blocks:
-        cache = caches.next(_AttentionCache)
         attn = block.attn1
         hn = block.norm1(h)
         q = _split_heads(attn.to_q(hn), attn.heads)
-        keys = cache.keys.append(_split_heads(attn.to_k(hn), attn.heads))
-        values = cache.values.append(_split_heads(attn.to_v(hn), attn.heads))
-        # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new frame
-        # sees all of them; the chunk mask covers the rows `append` returned
-        keep = _chunk_keep(start, n, start + n, chunk, x.device)[:, -keys.size(-2) :]
-        # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
-        bias = (1.0 - keep.to(h.dtype)) * -1.0e10
-        prefix = list(zip(cache.keys.parts(), cache.values.parts(), strict=True))
-        out = attention(q, keys, values, bias, prefix=prefix)
-        h = h + attn.to_out[0](_merge_heads(out))
+        k = _split_heads(attn.to_k(hn), attn.heads)
+        v = _split_heads(attn.to_v(hn), attn.heads)
+        outs = []
+        for index, (caches_i, keep) in enumerate(zip(caches, keeps, strict=True)):
+            cache = caches_i.next(_AttentionCache)
+            mine = slice(index * rows, (index + 1) * rows)
+            keys, values = cache.keys.append(k[mine]), cache.values.append(v[mine])
+            # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
+            # frame sees all of them; the chunk mask covers the rows `append` returned
+            # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
+            bias = (1.0 - keep[:, -keys.size(-2) :].to(h.dtype)) * -1.0e10
+            prefix = list(zip(cache.keys.parts(), cache.values.parts(), strict=True))
+            outs.append(attention(q[mine], keys, values, bias, prefix=prefix))
+        h = h + attn.to_out[0](_merge_heads(stack_rows(outs)))
         h = h + block.ff(block.norm3(h))
     return h.transpose(1, 2)
 
@@ -788,31 +825,36 @@ def _estimator_increment(
     t: torch.Tensor,
     spks: torch.Tensor,
     cond: torch.Tensor,
-    caches: _LayerCaches,
-    start: int,
+    caches: list[_LayerCaches],
+    starts: list[int],
 ) -> torch.Tensor:
-    """The causal U-Net's velocity for new frames [B, 80, n] at absolute frame `start`.
+    """The causal U-Net's velocity for new frames [2S, 80, n] of S streams, stream i's rows
+    2i, 2i + 1 at its absolute frame `starts[i]`, against its caches `caches[i]`.
 
     Mirrors CausalConditionalDecoder.forward with streaming=True and an all-ones mask (whose
     multiplications are exact no-ops), one level (channels [c]) so no down/up-sampling.
     """
-    caches.rewind()
+    for cache in caches:
+        cache.rewind()
     chunk = estimator.static_chunk_size
-    time_emb = estimator.time_mlp(estimator.time_embeddings(t).to(x.dtype))
+    # every row has the same t: embedded for one stream's rows (a batch of other sizes could
+    # round differently) and repeated
+    rows = x.size(0) // len(caches)
+    time_emb = estimator.time_mlp(estimator.time_embeddings(t[:rows]).to(x.dtype))
     h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(2)), cond], dim=1)
     skips = []
     for resnet, transformers, conv in estimator.down_blocks:
         h = _resnet_increment(resnet, h, time_emb, caches)
-        h = _transformers_increment(transformers, h, caches, start, chunk)
+        h = _transformers_increment(transformers, h, caches, starts, chunk)
         skips.append(h)
         h = _causal_conv_increment(conv, h, caches)
     for resnet, transformers in estimator.mid_blocks:
         h = _resnet_increment(resnet, h, time_emb, caches)
-        h = _transformers_increment(transformers, h, caches, start, chunk)
+        h = _transformers_increment(transformers, h, caches, starts, chunk)
     for resnet, transformers, conv in estimator.up_blocks:
         h = torch.cat([h, skips.pop()], dim=1)
         h = _resnet_increment(resnet, h, time_emb, caches)
-        h = _transformers_increment(transformers, h, caches, start, chunk)
+        h = _transformers_increment(transformers, h, caches, starts, chunk)
         h = _causal_conv_increment(conv, h, caches)
     h = _causal_block_increment(estimator.final_block, h, caches)
     return estimator.final_proj(h)

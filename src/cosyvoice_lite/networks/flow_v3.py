@@ -7,6 +7,7 @@ turns (mu, speaker, prompt mel) into the mel. No Conformer encoder in v3.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -180,3 +181,16 @@ class CausalMaskedDiffWithDiT(nn.Module):
     ) -> torch.Tensor:
         """Feed new tokens [1, k]; returns the mel [1, 80, m] now complete (see flow_v3_stream)."""
         return flow_v3_stream.stream_step(self, state, token, finalize)
+
+    def stream_tokens_needed(self, state: FlowV3StreamState, new_tokens: int) -> int:
+        """Tokens still needed, after `new_tokens` more, before a chunk is computed."""
+        return flow_v3_stream.stream_tokens_needed(self, state, new_tokens)
+
+    def stream_steps(
+        self,
+        states: Sequence[FlowV3StreamState],
+        tokens: Sequence[torch.Tensor],
+        finalize: Sequence[bool],
+    ) -> list[torch.Tensor]:
+        """`stream_step` for several streams, their DiT solves batched (see flow_v3_stream)."""
+        return flow_v3_stream.stream_steps(self, states, tokens, finalize)

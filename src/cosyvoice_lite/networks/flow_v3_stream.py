@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,9 +58,10 @@ from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
     OFFICIAL_STEPS,
-    euler_cfg,
+    StreamSolve,
+    solve_streams,
     solve_within_budget,
-    time_span,
+    stack_rows,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +71,8 @@ __all__ = [
     "FlowV3StreamState",
     "new_stream",
     "stream_step",
+    "stream_steps",
+    "stream_tokens_needed",
     "kv_cache_bytes_per_frame",
 ]
 
@@ -148,7 +153,7 @@ class FlowV3StreamState:
     last_step_frames: int = 0  # mel frames the estimator ran on in the last call (cost probe)
     # Memory budget of the DiT caches (bytes of this stream's own frames; None: unbounded). Past
     # it the caches stop growing: each call re-solves the frames from `frozen_at` on against
-    # them, as the official re-runs its whole history (see _decode_increment).
+    # them, as the official re-runs its whole history (see solve_within_budget).
     cache_budget: int | None = None
     frozen_at: int | None = None  # first mel frame no longer cached
     frozen_mu: torch.Tensor | None = None  # [1, 80, n] mu of the frames from frozen_at on
@@ -227,7 +232,6 @@ def new_stream(
     )
 
 
-@torch.inference_mode()
 def stream_step(
     flow: CausalMaskedDiffWithDiT,
     state: FlowV3StreamState,
@@ -241,6 +245,73 @@ def stream_step(
     from the prompt's first token); the rest waits for the next call. With finalize the remaining
     tokens are computed with zero look-ahead and the stream ends.
     """
+    return stream_steps(flow, [state], [token], [finalize])[0]
+
+
+@torch.inference_mode()
+def stream_steps(
+    flow: CausalMaskedDiffWithDiT,
+    states: Sequence[FlowV3StreamState],
+    tokens: Sequence[torch.Tensor],
+    finalize: Sequence[bool],
+) -> list[torch.Tensor]:
+    """`stream_step` for several streams at once, each at its own position: the DiT solves of the
+    streams with as many new frames run as one batch (stream i's CFG rows are rows 2i, 2i + 1).
+    A stream's mel equals its `stream_step` alone up to float rounding."""
+    if not len(states) == len(tokens) == len(finalize):
+        raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+    mels: list[torch.Tensor] = []
+    solves: list[tuple[int, StreamSolve, int]] = []
+    for state, token, last in zip(states, tokens, finalize, strict=True):
+        mels.append(state.embedding.new_zeros(1, flow.output_size, 0).float())
+        state.last_step_frames = 0
+        work = _take_tokens(flow, state, token, last)
+        if work is None:
+            continue
+        count, new, context = work
+        mu = _mu_increment(flow, state, new, context)
+        first_frame = flow.token_mel_ratio * state.tokens_done
+        state.tokens_done += count
+        skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
+        solves.append((len(mels) - 1, _stream_solve(flow, state, mu, first_frame), skip))
+
+    def solve(streams: list[StreamSolve]) -> torch.Tensor:
+        for stream in streams:
+            stream.state.last_step_frames = stream.mu.shape[2]
+        return solve_streams(flow.decoder, streams, partial(_velocity, flow.decoder.estimator))
+
+    solved = solve_within_budget([solve for _, solve, _ in solves], solve)
+    for (index, _, skip), mel in zip(solves, solved, strict=True):
+        mels[index] = mel[:, :, skip:].float()
+    return mels
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def stream_tokens_needed(
+    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, new_tokens: int
+) -> int:
+    """How many more tokens, after `new_tokens` more, the stream needs before `stream_step` (not
+    final) computes mel: 0 when those would already complete a chunk."""
+    chunk = flow.decoder.estimator.static_chunk_size // flow.token_mel_ratio
+    next_end = (state.tokens_done // chunk + 1) * chunk
+    have = state.pending.shape[1] + new_tokens
+    return max(0, next_end - state.tokens_done + flow.pre_lookahead_len - have)
+
+
+def _whole_chunks(flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, pending: int) -> int:
+    """Tokens of `pending` that complete whole DiT chunks with their look-ahead."""
+    chunk = flow.decoder.estimator.static_chunk_size // flow.token_mel_ratio
+    usable = state.tokens_done + pending - flow.pre_lookahead_len
+    return (usable // chunk) * chunk - state.tokens_done
+
+
+def _take_tokens(
+    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, token: torch.Tensor, finalize: bool
+) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+    """Adds the tokens to the stream's pending ones; returns (count, the tokens to compute now,
+    their look-ahead context) or None when no whole chunk is ready."""
     if state.finished:
         raise ValueError("this flow stream has already been finalized")
     if token.dim() != 2 or token.shape[0] != 1:
@@ -251,24 +322,12 @@ def stream_step(
         count, context = pending.shape[1], None
         state.finished = True
     else:
-        chunk = flow.decoder.estimator.static_chunk_size // flow.token_mel_ratio
-        usable = state.tokens_done + pending.shape[1] - look
-        count = (usable // chunk) * chunk - state.tokens_done
+        count = _whole_chunks(flow, state, pending.shape[1])
         context = pending[:, count : count + look] if count > 0 else None
     state.pending = pending[:, max(count, 0) :]
-    state.last_step_frames = 0
     if count <= 0:
-        return state.embedding.new_zeros(1, flow.output_size, 0).float()
-
-    mu = _mu_increment(flow, state, pending[:, :count], context)
-    first_frame = flow.token_mel_ratio * state.tokens_done
-    mel = _decode_increment(flow, state, mu, first_frame)
-    state.tokens_done += count
-    skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
-    return mel[:, :, skip:].float()
-
-
-# ------------------------------------------------------------------------------------ helpers
+        return None
+    return count, pending[:, :count], context
 
 
 def _mu_increment(
@@ -296,91 +355,49 @@ def _mu_increment(
     return h.repeat_interleave(flow.token_mel_ratio, dim=1).transpose(1, 2)
 
 
-def _decode_increment(
+def _stream_solve(
     flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, mu: torch.Tensor, start: int
-) -> torch.Tensor:
-    """The Euler/CFG solver of CausalConditionalCFM on new frames mu [1, 80, n] at `start`.
-
-    Past the stream's cache budget the DiT caches are frozen: the frames from `frozen_at` on are
-    solved again with the new ones each call (chunk-causal, so they come out the same) and only
-    the new frames are returned."""
+) -> StreamSolve:
+    """The DiT's share of a stream's call: new frames mu [1, 80, n] at mel frame `start`."""
     estimator: DiT = flow.decoder.estimator
     while len(state.steps) < flow.decoder.steps:
         state.steps.append(
             _StepCache(estimator.depth, state.cache_dtype, estimator.static_chunk_size)
         )
-
-    def solve(mu: torch.Tensor, first: int) -> torch.Tensor:
-        state.last_step_frames = mu.shape[2]
-        return _solve(flow, state, mu, first)
-
-    return solve_within_budget(state, mu, start, state.steps, state.cache_bytes(), solve)
+    return StreamSolve(state, mu, start, state.steps, state.cache_bytes())
 
 
-def _solve(
-    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, mu: torch.Tensor, start: int
-) -> torch.Tensor:
-    """Mirrors `_EulerCFM.solve_euler` (same operations, same t/dt accumulation) on the frames
-    mu [1, 80, n] from `start` on."""
-    cfm = flow.decoder
-    estimator: DiT = cfm.estimator
-    n = mu.shape[2]
-    end = start + n
-    if end > cfm.rand_noise.shape[2]:
-        raise ValueError(
-            f"the flow can generate at most {cfm.rand_noise.shape[2]} mel frames per stream"
-        )
-    dtype = state.embedding.dtype
-    # the Euler state stays float32 whatever the weights' dtype (see solve_euler)
-    x = cfm.rand_noise[:, :, start:end].to(device=mu.device, dtype=torch.float32)
-    cond = torch.zeros(1, flow.output_size, n, device=mu.device, dtype=dtype)
-    prompt = state.prompt_feat[:, start:end].transpose(1, 2)
-    cond[:, :, : prompt.shape[2]] = prompt
-    # row 0 conditional, row 1 unconditional (mu, spks, cond zero), as the official batch
-    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
-    spks_in = torch.cat([state.embedding, torch.zeros_like(state.embedding)], dim=0)
-    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
-
-    t_span = time_span(cfm.steps, cfm.t_scheduler, x)
-
-    def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        return _dit_increment(
-            estimator,
-            torch.cat([x, x], dim=0).to(dtype),
-            mu_in,
-            t.expand(_CFG_ROWS),  # float32, see solve_euler
-            spks_in,
-            cond_in,
-            state.steps[step],
-            start,
-        )
-
-    x = euler_cfg(x, t_span, cfm.inference_cfg_rate, velocity)
-    return x
-
-
-def _dit_increment(
+def _velocity(
     estimator: DiT,
     x: torch.Tensor,
     mu: torch.Tensor,
     t: torch.Tensor,
     spks: torch.Tensor,
     cond: torch.Tensor,
-    cache: _StepCache,
-    start: int,
+    step: int,
+    streams: list[StreamSolve],
 ) -> torch.Tensor:
-    """DiT.forward(streaming=True, all-ones mask) on new frames [rows, 80, n] at frame `start`."""
+    """DiT.forward(streaming=True, all-ones mask) on new frames [2S, 80, n] of S streams, stream
+    i's rows 2i, 2i + 1 at its frame `streams[i].start`, against its step caches."""
+    caches = [s.state.steps[step] for s in streams]
+    rows = x.shape[0] // len(streams)
     x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
     n = x.shape[1]
-    t_emb = estimator.time_embed(t)
+    t_emb = estimator.time_embed(t[:rows])  # one stream's rows: all have the same t
     h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
-    h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, cache) + h
-    rope = estimator.rotary_embed.forward_from_seq_len(n, offset=start)
+    h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches) + h
+    rope = stack_rows(
+        [
+            estimator.rotary_embed.forward_from_seq_len(n, offset=s.start).expand(rows, -1, -1)
+            for s in streams
+        ]
+    )
+    keeps = [_chunk_keep(s.start, n, estimator.static_chunk_size, h.device) for s in streams]
     residual = h
-    keep = _chunk_keep(start, n, estimator.static_chunk_size, h.device)
-    for block, kv in zip(estimator.transformer_blocks, cache.kv, strict=True):
+    for depth, block in enumerate(estimator.transformer_blocks):
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, emb=t_emb)
-        h = h + gate_msa.unsqueeze(1) * _attention_increment(block.attn, norm, rope, kv, keep)
+        kvs = [cache.kv[depth] for cache in caches]
+        h = h + gate_msa.unsqueeze(1) * _attention_increment(block.attn, norm, rope, kvs, keeps)
         ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
     if estimator.long_skip_connection is not None:
@@ -399,21 +416,25 @@ def _input_parts(
     return parts
 
 
-def _conv_position_increment(pos: nn.Module, h: torch.Tensor, cache: _StepCache) -> torch.Tensor:
-    """CausalConvPositionEmbedding on new frames h [rows, n, dim]: each conv reads the last
-    `kernel_size - 1` inputs of the previous call (zeros at the start, as the left padding)."""
+def _conv_position_increment(
+    pos: nn.Module, h: torch.Tensor, caches: list[_StepCache]
+) -> torch.Tensor:
+    """CausalConvPositionEmbedding on new frames h [2S, n, dim] of S streams: each conv reads
+    the last `kernel_size - 1` inputs of the stream's previous call (zeros at the start, as the
+    left padding)."""
     left = pos.kernel_size - 1
+    rows = h.shape[0] // len(caches)
     x = h.transpose(1, 2)
-    tail = cache.conv1_tail
-    x = torch.cat([tail if tail is not None else x.new_zeros(*x.shape[:2], left), x], dim=2)
-    if not cache.frozen:
-        cache.conv1_tail = x[:, :, x.shape[2] - left :].clone()
-    x = pos.conv1(x)
-    tail = cache.conv2_tail
-    x = torch.cat([tail if tail is not None else x.new_zeros(*x.shape[:2], left), x], dim=2)
-    if not cache.frozen:
-        cache.conv2_tail = x[:, :, x.shape[2] - left :].clone()
-    return pos.conv2(x).transpose(1, 2)
+    for conv, name in ((pos.conv1, "conv1_tail"), (pos.conv2, "conv2_tail")):
+        tails = [getattr(cache, name) for cache in caches]
+        zeros = x.new_zeros(rows, x.shape[1], left)
+        x = torch.cat([stack_rows([t if t is not None else zeros for t in tails]), x], dim=2)
+        for index, cache in enumerate(caches):
+            if not cache.frozen:
+                tail = x[index * rows : (index + 1) * rows, :, x.shape[2] - left :]
+                setattr(cache, name, tail.clone())
+        x = conv(x)
+    return x.transpose(1, 2)
 
 
 def _chunk_keep(start: int, n: int, chunk: int, device: torch.device) -> torch.Tensor:
@@ -426,26 +447,36 @@ def _chunk_keep(start: int, n: int, chunk: int, device: torch.device) -> torch.T
 
 
 def _attention_increment(
-    attn: nn.Module, x: torch.Tensor, rope: torch.Tensor, kv: _KVCache, keep: torch.Tensor
+    attn: nn.Module,
+    x: torch.Tensor,
+    rope: torch.Tensor,
+    kvs: list[_KVCache],
+    keeps: list[torch.Tensor],
 ) -> torch.Tensor:
-    """The DiT Attention for new frames x [rows, n, dim] against the cached keys/values.
+    """The DiT Attention for new frames x [2S, n, dim] of S streams: projections for all rows,
+    attention per stream against its cached keys/values (`kvs[i]`, chunk mask `keeps[i]`).
 
     As officially, RoPE rotates the un-split projections (head 0 only). The official output
     masking uses the last query row of the mask, which sees every frame: nothing is zeroed.
     """
-    rows, n = x.shape[0], x.shape[1]
+    total, n = x.shape[0], x.shape[1]
+    rows = total // len(kvs)
     query = apply_rotary_pos_emb(attn.to_q(x), rope)
     key = apply_rotary_pos_emb(attn.to_k(x), rope)
     value = attn.to_v(x)
     head_dim = key.shape[-1] // attn.heads
 
     def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(rows, n, attn.heads, head_dim).transpose(1, 2)
+        return t.view(t.shape[0], n, attn.heads, head_dim).transpose(1, 2)
 
-    keys, values = kv.append(split(key), split(value))
-    # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new frame sees
-    # all of them; the chunk mask covers the rows `append` returned
-    prefix = list(zip(kv.keys.parts(), kv.values.parts(), strict=True))
-    out = attention(split(query), keys, values, keep[:, -keys.size(-2) :], prefix=prefix)
-    out = out.transpose(1, 2).reshape(rows, n, attn.heads * head_dim).to(query.dtype)
-    return attn.to_out[1](attn.to_out[0](out))
+    query, key, value = split(query), split(key), split(value)
+    outs = []
+    for index, (kv, keep) in enumerate(zip(kvs, keeps, strict=True)):
+        mine = slice(index * rows, (index + 1) * rows)
+        keys, values = kv.append(key[mine], value[mine])
+        # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
+        # frame sees all of them; the chunk mask covers the rows `append` returned
+        prefix = list(zip(kv.keys.parts(), kv.values.parts(), strict=True))
+        outs.append(attention(query[mine], keys, values, keep[:, -keys.size(-2) :], prefix=prefix))
+    out = stack_rows(outs).transpose(1, 2).reshape(total, n, attn.heads * head_dim)
+    return attn.to_out[1](attn.to_out[0](out.to(x.dtype)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +38,43 @@ class ModelInputs:
     prompt_speech_feat: torch.Tensor
     flow_embedding: torch.Tensor
     source_speech_token: torch.Tensor | None = None
+
+
+@dataclass
+class FlowWork:
+    """One stream's next flow call: its flow stream, the tokens to add, whether they end it.
+    A segment's ``accept`` hands it out; ``Pipeline.flow_steps`` computes several at once."""
+
+    stream: Any
+    tokens: list[int]
+    finalize: bool = False
+
+
+class Segment:
+    """One segment's audio stage: tokens in, waveform pieces out. ``accept(token)`` takes a token
+    and returns the flow call it makes due (or None); ``complete(mel)`` takes that call's mel and
+    returns the waveform piece it completes (or None). The engine's audio workers compute the
+    due flow calls of several streams together; ``push`` is one token alone."""
+
+    pipeline: Pipeline
+
+    def accept(self, token: int) -> FlowWork | None:
+        raise NotImplementedError
+
+    def due_in(self) -> int | None:
+        """Tokens until the next one that makes a flow call due (1: the next; None: never
+        before the segment ends). Lets a worker wait for streams about to join a batch."""
+        raise NotImplementedError
+
+    def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def push(self, token: int) -> torch.Tensor | None:
+        """Add a token; returns a waveform piece when a streaming chunk is complete."""
+        work = self.accept(token)
+        if work is None:
+            return None
+        return self.complete(self.pipeline.flow_steps([work])[0])
 
 
 def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Task:
@@ -94,6 +132,19 @@ class Pipeline:
         if self.spec.silent_tokens and inputs.source_speech_token is None:
             task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
+
+    @torch.inference_mode()
+    def flow_steps(self, works: list[FlowWork]) -> list[torch.Tensor]:
+        """The float32 mel of each stream's flow call, the streams computed together (the flow's
+        ``stream_steps``)."""
+        device = self.device
+        tokens = [
+            torch.tensor(w.tokens, dtype=torch.int32, device=device).reshape(1, -1) for w in works
+        ]
+        mels = self.flow.stream_steps(
+            [w.stream for w in works], tokens, [w.finalize for w in works]
+        )
+        return [mel.float() for mel in mels]
 
     def speech_tokens(
         self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS

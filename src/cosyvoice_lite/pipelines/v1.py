@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .common import ModelInputs, Pipeline
+from .common import FlowWork, ModelInputs, Pipeline, Segment
 
 TOKEN_OVERLAP = 20  # tokens shared by consecutive streaming chunks
 MEL_CACHE = 20  # mel frames of look-back given to the vocoder
 
 
-class V1Segment:
+class V1Segment(Segment):
     """One segment's tokens -> waveform: the official chunking (a fixed hop plus 20 overlap tokens
     when streaming; everything at the end otherwise)."""
 
@@ -42,8 +42,14 @@ class V1Segment:
         """Whether the next token completes a streaming piece."""
         return self.stream and len(self.pending) + 1 >= self.pipeline.min_hop + TOKEN_OVERLAP
 
-    def push(self, token: int) -> torch.Tensor | None:
-        """Add a token; returns a waveform piece when a streaming chunk is complete."""
+    def due_in(self) -> int | None:
+        """Tokens until the next one that completes a chunk (None: not a stream)."""
+        if not self.stream:
+            return None
+        return max(1, self.pipeline.min_hop + TOKEN_OVERLAP - len(self.pending))
+
+    def accept(self, token: int) -> FlowWork | None:
+        """Add a token; the flow call of the chunk it completes (streaming), or None."""
         due = self.piece_due()
         self.pending.append(token)
         if not due:
@@ -51,7 +57,12 @@ class V1Segment:
         hop = self.pipeline.min_hop
         chunk = self.pending[: hop + TOKEN_OVERLAP]
         self.pending = self.pending[hop:]
-        return self._token2wav(chunk, finalize=False)
+        return FlowWork(self.flow, chunk)
+
+    @torch.inference_mode()
+    def complete(self, mel: torch.Tensor) -> torch.Tensor:
+        """The waveform piece of a streaming chunk's mel."""
+        return self.pipeline.hift.stream_step(self.vocoder, mel, self.generator, False, 1.0)
 
     def finish(self) -> torch.Tensor:
         """The last piece, from the tokens not yet turned into audio."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .common import ModelInputs, Pipeline
+from .common import FlowWork, ModelInputs, Pipeline, Segment
 from .prompt_flow import DEFAULT_BUDGET_BYTES, PromptFlowCache
 
 TOKEN_HOP = 25  # training chunk size: the first hop
@@ -34,7 +34,7 @@ class _Stream:
     vocoder: object | None = None  # the vocoder's stream (cross-fade, or v3's causal window)
 
 
-class V2Segment:
+class V2Segment(Segment):
     """One segment's tokens -> waveform with the official v2/v3 chunking, per-request state.
 
     A stream hands every token to the incremental flow as it arrives: the flow computes each
@@ -57,6 +57,7 @@ class V2Segment:
         self.flow_stream = None  # made at the first token, in the audio worker (see push)
         self.mel: list[torch.Tensor] = []  # mel computed but not vocoded yet
         self.unflowed: list[int] = []  # tokens not handed to the flow yet
+        self.due = False  # the last accepted token completes a piece
 
     def piece_due(self) -> bool:
         """Whether the next token completes a streaming piece."""
@@ -64,30 +65,53 @@ class V2Segment:
         due = len(state.tokens) + 1 - state.offset >= self._hop() + self.pipeline.lookahead
         return self.stream and due
 
+    def due_in(self) -> int | None:
+        """Tokens until the next one that makes a flow call due (None: not a stream)."""
+        if not self.stream:
+            return None
+        state = self.state
+        piece = self._hop() + self.pipeline.lookahead - (len(state.tokens) - state.offset)
+        flow_stream = self.flow_stream
+        if flow_stream is None or flow_stream.frozen_at is not None:
+            return max(1, piece)
+        return max(1, min(piece, self._flow_needs(1) + 1))
+
+    def _flow_needs(self, more: int) -> int:
+        """Tokens the flow stream still needs for a chunk after the unflowed ones and `more`."""
+        flow = self.pipeline.flow
+        return flow.stream_tokens_needed(self.flow_stream, len(self.unflowed) + more)
+
     def _hop(self) -> int:
         """Tokens of the next piece: the first one pads prompt + hop to whole training chunks."""
         return self.state.hop + (self.prompt_pad if self.state.offset == 0 else 0)
 
-    def push(self, token: int) -> torch.Tensor | None:
-        """Add a token; returns a waveform piece when a streaming chunk is complete."""
-        state, pipeline = self.state, self.pipeline
-        due = self.piece_due()
-        state.tokens.append(token)
+    def accept(self, token: int) -> FlowWork | None:
+        """Add a token; the flow call it makes due (a whole chunk with its look-ahead, or the
+        end of a streaming piece), or None."""
+        self.due = self.piece_due()
+        self.state.tokens.append(token)
         if not self.stream:
             return None
         self.unflowed.append(token)
         flow_stream = self._flow_stream()
         # Past its cache budget a stream re-solves its later frames at every flow call: it calls
         # the flow once per piece then, instead of once per chunk.
-        if due or flow_stream.frozen_at is None:
-            self.mel.append(pipeline._flow_step(flow_stream, self.unflowed, finalize=False))
-            self.unflowed = []
-        if not due:
+        ready = flow_stream.frozen_at is None and self._flow_needs(0) == 0
+        if not (self.due or ready):
             return None
+        work, self.unflowed = FlowWork(flow_stream, self.unflowed), []
+        return work
+
+    def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
+        """Keep the mel of the last flow call; the waveform piece once one is due."""
+        self.mel.append(mel)
+        if not self.due:
+            return None
+        state = self.state
         mel, self.mel = torch.cat(self.mel, dim=2), []
         state.offset += self._hop()
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
-        return pipeline._vocode(state, mel, self.generator, finalize=False)
+        return self.pipeline._vocode(state, mel, self.generator, finalize=False)
 
     def finish(self) -> torch.Tensor:
         """The last piece, from the tokens not yet turned into audio."""
@@ -95,7 +119,8 @@ class V2Segment:
         if self.stream:
             # The official flows the remainder with full attention over the whole history; the
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
-            self.mel.append(pipeline._flow_step(self._flow_stream(), self.unflowed, finalize=True))
+            work = FlowWork(self._flow_stream(), self.unflowed, finalize=True)
+            self.mel.append(pipeline.flow_steps([work])[0])
             mel = torch.cat(self.mel, dim=2)
         else:
             mel = pipeline._flow(self.inputs, state.tokens)
@@ -134,11 +159,6 @@ class V2Pipeline(Pipeline):
         """The voice's prompt frames through the streaming flow, kept for its streams (False:
         not kept, e.g. over the cache budget)."""
         return self.prompt_flows.prime(self.flow, inputs)
-
-    @torch.inference_mode()
-    def _flow_step(self, flow_stream, tokens: list[int], finalize: bool) -> torch.Tensor:
-        token = torch.tensor([tokens], dtype=torch.int32, device=self.device).reshape(1, -1)
-        return self.flow.stream_step(flow_stream, token, finalize=finalize).float()
 
     @torch.inference_mode()
     def _flow(self, inputs: ModelInputs, tokens: list[int]) -> torch.Tensor:
