@@ -410,6 +410,25 @@ def test_streams_stepped_together_equal_each_stream_alone(flow: CausalMaskedDiff
     assert states[2].frozen_at is not None
 
 
+def test_a_bad_stream_steps_call_changes_no_stream(flow: CausalMaskedDiffWithXvec) -> None:
+    """Every call is checked before any stream changes: after a ValueError the good stream goes
+    on exactly as a stream that never saw the bad call."""
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    args = (g["prompt_token"], g["prompt_feat"], g["embedding"])
+    good, reference, done = (flow.new_stream(*args) for _ in range(3))
+    flow.stream_step(done, token[:, :0], finalize=True)
+    with pytest.raises(ValueError, match="finalized"):
+        flow.stream_steps([good, done], [token[:, :12], token[:, :1]], [False, False])
+    with pytest.raises(ValueError, match="once"):
+        flow.stream_steps([good, good], [token[:, :12]] * 2, [False, False])
+    with pytest.raises(ValueError, match="one token tensor"):
+        flow.stream_steps([good], [token[:, :12]] * 2, [False])
+    assert torch.equal(
+        flow.stream_step(good, token[:, :12]), flow.stream_step(reference, token[:, :12])
+    )
+
+
 def test_forks_of_a_primed_prompt_equal_a_fresh_stream(flow: CausalMaskedDiffWithXvec) -> None:
     """The prompt's whole chunks are encoded once (`stream_step` with no new tokens); forks share
     the U-Net's keys/values of those frames and give the mel of a stream started afresh."""

@@ -3,11 +3,12 @@
 Each step: admit waiting requests (their prompt and first segment are prepared then), feed every
 row that needs it (a joining row's prefill alone, within a token budget; every decoding row's next
 token in one batched call, each row on its own KV cache), hand each row its log-probabilities,
-sample with the row's own generator, and hand the tokens to the audio worker. The audio worker (a
-second thread) runs each row's audio stage: a flow + vocoder chunk when one is ready, delivered at
-once. So decoding goes on while a chunk is being vocoded, and the first chunk of one request never
-waits for the flow work of another. Finished, failed and cancelled rows leave at the next step; a
-failing row fails alone.
+sample with the row's own generator, and hand the step's tokens to the audio workers at once. An
+audio worker (a thread; a row always uses the same one) runs its rows' audio stages: the due flow
+chunks of all its rows as one batch, then each row's vocoder piece, delivered at once; segment ends
+and other work run after the batch. So decoding goes on while chunks are computed, and streams that
+decode together share their flow calls. Finished, failed and cancelled rows leave at the next step;
+a failing row fails alone.
 
 LLM decoding is memory-bound, so stepping 8 rows costs little more than stepping 1: that is where
 the throughput of concurrent requests comes from. A single request is a batch of one, so the CLI,
@@ -22,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -147,7 +149,9 @@ class AudioWorker:
         self.no_first_chunk.set()
         self.flow_calls = 0  # flow computations so far (a batch counts once; for tests, metrics)
         self.flow_streams = 0  # stream chunks those computations covered
-        self._streams: dict[_Row, Any] = {}  # streaming rows seen here -> their audio stage
+        # streaming rows seen here -> their audio stage; weak, so that a request that ended
+        # (and its flow caches) is freed even while this worker has nothing to do
+        self._streams: weakref.WeakKeyDictionary[_Row, Any] = weakref.WeakKeyDictionary()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
         self._thread.start()
@@ -163,11 +167,15 @@ class AudioWorker:
 
     def _main(self) -> None:
         with torch.inference_mode():
-            while True:
-                items, stop = self._take()
-                self._run(items)
-                if stop:
-                    return
+            while not self._run_once():
+                pass
+
+    def _run_once(self) -> bool:
+        """One pass over everything queued; True at the stop mark. (Its own frame, so nothing of
+        the pass, e.g. an ended request, stays referenced while the worker waits.)"""
+        items, stop = self._take()
+        self._run(items)
+        return stop
 
     def _take(self) -> tuple[list[Any], bool]:
         """Everything queued (waiting for the first entry); True once the stop mark is reached."""
@@ -186,19 +194,37 @@ class AudioWorker:
 
     def _run(self, items: list[Any]) -> None:
         rows: dict[_Row, collections.deque[_AudioWork]] = {}
-        self._sort(items, rows)
-        while rows:
-            due: list[tuple[_AudioWork, Any, bool]] = []
-            self._collect(rows, due)
-            if due:
-                self._wait_for_neighbours(rows, due)
-                self._flow_together(due)
+        later: list[Any] = []  # segment ends and work of no row: after the due flow calls
+        due: list[tuple[_AudioWork, Any, bool]] = []
+        try:
+            self._sort(items, rows, later)
+            while rows or later:
+                due = []
+                self._collect(rows, due, later)
+                if due:
+                    self._wait_for_neighbours(rows, due, later)
+                    self._flow_together(due)
+                self._run_later(later)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the worker
+            log.exception("audio worker pass failed; failing its rows")
+            for row in {*rows, *(work.row for work, _, _ in due)}:
+                _fail(row, exc)
+            for item in later:
+                if isinstance(item, _Background):
+                    item.future.set_exception(exc)
+                else:
+                    _fail(item.row, exc)
+        finally:
+            self._forget_ended()
 
-    def _sort(self, items: list[Any], rows: dict[_Row, collections.deque[_AudioWork]]) -> None:
-        """Queue each row's work in order; work of no row runs at once."""
+    @staticmethod
+    def _sort(
+        items: list[Any], rows: dict[_Row, collections.deque[_AudioWork]], later: list[Any]
+    ) -> None:
+        """Queue each row's work in order; work of no row goes to ``later``."""
         for item in items:
             if isinstance(item, _Background):
-                _run_into(item.fn, item.future)
+                later.append(item)
             else:
                 rows.setdefault(item.row, collections.deque()).append(item)
 
@@ -206,18 +232,20 @@ class AudioWorker:
         self,
         rows: dict[_Row, collections.deque[_AudioWork]],
         due: list[tuple[_AudioWork, Any, bool]],
+        later: list[Any],
     ) -> None:
         """Advance every row not yet in ``due`` through its queued work up to its next due flow
-        call, which joins ``due``."""
+        call, which joins ``due``; segment ends and work of no row go to ``later`` (they run
+        after the due flow calls, so a stream's chunk never waits behind them)."""
         taken = {work.row for work, _, _ in due}
         for row, works in list(rows.items()):
             while works and row not in taken:
                 work = works.popleft()
-                if _gone(work):
-                    continue
                 if work.token is None:
-                    self._streams.pop(row, None)
-                    self._finish(work)
+                    later.append(work)
+                    taken.add(row)  # its next segment's work waits for this end
+                    continue
+                if _gone(work):
                     continue
                 if row.streaming:
                     self._streams[row] = work.audio
@@ -234,23 +262,36 @@ class AudioWorker:
             if not works:
                 del rows[row]
 
+    def _run_later(self, later: list[Any]) -> None:
+        for item in later:
+            if isinstance(item, _Background):
+                _run_into(item.fn, item.future)
+            else:
+                self._streams.pop(item.row, None)
+                if not _gone(item):
+                    self._finish(item)
+        later.clear()
+
     def _wait_for_neighbours(
         self,
         rows: dict[_Row, collections.deque[_AudioWork]],
         due: list[tuple[_AudioWork, Any, bool]],
+        later: list[Any],
     ) -> None:
         """Streams that decode together reach their chunks within a step or two of each other
         (they joined at different steps); computing a chunk alone and the others' a moment later
         costs about twice one batch on a CPU. So while another stream of this worker is at most
-        ``BATCH_WAIT_TOKENS`` tokens from its own due flow call, wait for them (a bounded time)."""
+        ``BATCH_WAIT_TOKENS`` tokens from a flow call that can join this batch, wait for it (a
+        bounded time)."""
+        if not due[0][0].audio.pipeline.batches_flow_chunks:
+            return
         deadline = time.monotonic() + BATCH_WAIT_SECONDS
         while True:
+            self._forget_ended()
             taken = {work.row for work, _, _ in due}
-            for row in [r for r in self._streams if r.ended or r.job.cancelled.is_set()]:
-                del self._streams[row]
             soon = [
                 row
-                for row, audio in self._streams.items()
+                for row, audio in list(self._streams.items())
                 if row not in taken and _due_within(audio, BATCH_WAIT_TOKENS)
             ]
             left = deadline - time.monotonic()
@@ -263,8 +304,13 @@ class AudioWorker:
             if entry is None:  # stopping: handled by the main loop after this batch
                 self._queue.put(None)
                 return
-            self._sort(entry if isinstance(entry, list) else [entry], rows)
-            self._collect(rows, due)
+            self._sort(entry if isinstance(entry, list) else [entry], rows, later)
+            self._collect(rows, due, later)
+
+    def _forget_ended(self) -> None:
+        """Drop the streams whose rows have ended (their audio stages hold their flow caches)."""
+        for row in [r for r in list(self._streams) if r.ended or r.job.cancelled.is_set()]:
+            self._streams.pop(row, None)
 
     def _flow_together(self, due: list[tuple[_AudioWork, Any, bool]]) -> None:
         """The due flow calls of several rows as one batch, then each row's piece."""
@@ -272,25 +318,34 @@ class AudioWorker:
             self.no_first_chunk.clear()
         try:
             pipeline = due[0][0].audio.pipeline
-            try:
-                mels = pipeline.flow_steps([flow for _, flow, _ in due])
-            except BaseException as exc:  # noqa: BLE001
-                # Flow calls are checked when requests are prepared; an error here is a bug
-                # and leaves the streams of the batch in an unknown state: they all fail.
-                log.exception("a batched flow call failed; failing its %d rows", len(due))
-                for work, _, _ in due:
-                    _fail(work.row, exc)
-                return
+            flows = [flow for _, flow, _ in due]
+            if not pipeline.batches_flow_chunks:
+                mels = [_one_flow(pipeline, flow) for flow in flows]
+            else:
+                try:
+                    mels = pipeline.flow_steps(flows)
+                except ValueError:
+                    # a stream's bad call, found before any stream changed: each on its own
+                    mels = [_one_flow(pipeline, flow) for flow in flows]
             self.flow_calls += 1
             self.flow_streams += len(due)
             for (work, _, _), mel in zip(due, mels, strict=True):
                 try:
+                    if isinstance(mel, BaseException):
+                        raise mel
+                    if _gone(work):
+                        continue
                     piece = work.audio.complete(mel)
                     if piece is not None:
                         work.row.audio_out = True
                         work.row.run.emit(piece, work.segment, False)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
                     _fail(work.row, exc)
+        except BaseException as exc:  # noqa: BLE001
+            # Not a stream's bad call: the batch's streams are in an unknown state, all fail.
+            log.exception("a batched flow call failed; failing its %d rows", len(due))
+            for work, _, _ in due:
+                _fail(work.row, exc)
         finally:
             self.no_first_chunk.set()
 
@@ -310,6 +365,14 @@ class AudioWorker:
             _fail(row, exc)
         finally:
             self.no_first_chunk.set()
+
+
+def _one_flow(pipeline: Any, flow: Any) -> Any:
+    """One stream's flow call alone: its mel, or the error it raised."""
+    try:
+        return pipeline.flow_steps([flow])[0]
+    except BaseException as exc:  # noqa: BLE001 - handed to its row
+        return exc
 
 
 def _due_within(audio: Any, tokens: int) -> bool:

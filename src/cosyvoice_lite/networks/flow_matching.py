@@ -15,7 +15,7 @@ runs the estimator on a batch of two, the second row with mu, spks and cond zero
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,31 @@ StreamVelocity = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, list[StreamSolve]],
     torch.Tensor,
 ]
+
+
+def check_stream_calls(
+    states: Sequence[Any],
+    tokens: Sequence[torch.Tensor],
+    finalize: Sequence[bool],
+    frames_after: Callable[[Any, int, bool], int],
+    cfm: nn.Module,
+) -> None:
+    """ValueError, before any stream changes, for a bad `stream_steps` call (v2 and v3): lists of
+    different lengths, a stream given twice, a finalized stream, tokens not [1, k], or a call
+    that would take a stream past the fixed noise (``frames_after(state, k, finalize)``: its mel
+    frames once the call is done)."""
+    if not len(states) == len(tokens) == len(finalize):
+        raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+    if len({id(state) for state in states}) != len(states):
+        raise ValueError("a flow stream can appear once per stream_steps call")
+    limit = cfm.rand_noise.shape[2]
+    for state, token, last in zip(states, tokens, finalize, strict=True):
+        if state.finished:
+            raise ValueError("this flow stream has already been finalized")
+        if token.dim() != 2 or token.shape[0] != 1:
+            raise ValueError(f"tokens must be [1, k], got {tuple(token.shape)}")
+        if frames_after(state, token.shape[1], last) > limit:
+            raise ValueError(f"the flow can generate at most {limit} mel frames per stream")
 
 
 def solve_within_budget(

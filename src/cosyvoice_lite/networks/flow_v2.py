@@ -44,6 +44,7 @@ from cosyvoice_lite.networks.conformer import (
 )
 from cosyvoice_lite.networks.flow_matching import (
     StreamSolve,
+    check_stream_calls,
     solve_streams,
     solve_within_budget,
     stack_rows,
@@ -391,9 +392,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         """`stream_step` for several streams at once, each at its own position: each stream
         encodes its new tokens alone (small), and the U-Net solves of the streams with as many
         new frames run as one batch (stream i's CFG rows are rows 2i, 2i + 1). A stream's mel
-        equals its `stream_step` alone up to float rounding."""
-        if not len(states) == len(tokens) == len(finalize):
-            raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+        equals its `stream_step` alone up to float rounding. Every call is checked before any
+        stream changes: a ValueError leaves all of them as they were."""
+        check_stream_calls(states, tokens, finalize, self._call_frames, self.decoder)
         mels: list[torch.Tensor] = []
         solves: list[tuple[int, StreamSolve, int]] = []
         for state, token, last in zip(states, tokens, finalize, strict=True):
@@ -430,15 +431,17 @@ class CausalMaskedDiffWithXvec(nn.Module):
         usable = state.tokens_done + pending - self.pre_lookahead_len
         return (usable // chunk) * chunk - state.tokens_done
 
+    def _call_frames(self, state: FlowV2StreamState, new_tokens: int, finalize: bool) -> int:
+        """The stream's mel frames, prompt included, once a call with `new_tokens` is done."""
+        pending = state.pending.shape[1] + new_tokens
+        count = pending if finalize else self._whole_chunks(state, pending)
+        return self.token_mel_ratio * (state.tokens_done + max(count, 0))
+
     def _take_tokens(
         self, state: FlowV2StreamState, token: torch.Tensor, finalize: bool
     ) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
         """Adds the tokens to the stream's pending ones; returns (count, the tokens to encode
         now, their look-ahead context) or None when no whole chunk is ready."""
-        if state.finished:
-            raise ValueError("this flow stream has already been finalized")
-        if token.dim() != 2 or token.shape[0] != 1:
-            raise ValueError(f"tokens must be [1, k], got {tuple(token.shape)}")
         pending = torch.cat([state.pending, token.to(state.pending.device)], dim=1)
         look = self.pre_lookahead_len
         if finalize:
@@ -762,7 +765,9 @@ def _causal_conv_increment(
     x = torch.cat([stack_rows(left), x], dim=2)
     for index, (tail, cache) in enumerate(zip(tails, caches, strict=True)):
         if not cache.frozen:
-            tail.frames = x[index * rows : (index + 1) * rows, :, x.size(2) - pad :]
+            frames = x[index * rows : (index + 1) * rows, :, x.size(2) - pad :]
+            # a view would keep the whole batch's input alive while the stream lives
+            tail.frames = frames.clone() if len(caches) > 1 else frames
     return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
 
 

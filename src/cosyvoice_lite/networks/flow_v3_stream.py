@@ -59,6 +59,7 @@ from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
     OFFICIAL_STEPS,
     StreamSolve,
+    check_stream_calls,
     solve_streams,
     solve_within_budget,
     stack_rows,
@@ -257,9 +258,9 @@ def stream_steps(
 ) -> list[torch.Tensor]:
     """`stream_step` for several streams at once, each at its own position: the DiT solves of the
     streams with as many new frames run as one batch (stream i's CFG rows are rows 2i, 2i + 1).
-    A stream's mel equals its `stream_step` alone up to float rounding."""
-    if not len(states) == len(tokens) == len(finalize):
-        raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+    A stream's mel equals its `stream_step` alone up to float rounding. Every call is checked
+    before any stream changes: a ValueError leaves all of them as they were."""
+    check_stream_calls(states, tokens, finalize, partial(_call_frames, flow), flow.decoder)
     mels: list[torch.Tensor] = []
     solves: list[tuple[int, StreamSolve, int]] = []
     for state, token, last in zip(states, tokens, finalize, strict=True):
@@ -307,15 +308,20 @@ def _whole_chunks(flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, pendi
     return (usable // chunk) * chunk - state.tokens_done
 
 
+def _call_frames(
+    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, new_tokens: int, finalize: bool
+) -> int:
+    """The stream's mel frames, prompt included, once a call with `new_tokens` is done."""
+    pending = state.pending.shape[1] + new_tokens
+    count = pending if finalize else _whole_chunks(flow, state, pending)
+    return flow.token_mel_ratio * (state.tokens_done + max(count, 0))
+
+
 def _take_tokens(
     flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, token: torch.Tensor, finalize: bool
 ) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
     """Adds the tokens to the stream's pending ones; returns (count, the tokens to compute now,
     their look-ahead context) or None when no whole chunk is ready."""
-    if state.finished:
-        raise ValueError("this flow stream has already been finalized")
-    if token.dim() != 2 or token.shape[0] != 1:
-        raise ValueError(f"tokens must be [1, k], got {tuple(token.shape)}")
     pending = torch.cat([state.pending, token.to(state.pending.device, state.pending.dtype)], dim=1)
     look = flow.pre_lookahead_len
     if finalize:

@@ -62,8 +62,9 @@ class Segment:
         raise NotImplementedError
 
     def due_in(self) -> int | None:
-        """Tokens until the next one that makes a flow call due (1: the next; None: never
-        before the segment ends). Lets a worker wait for streams about to join a batch."""
+        """Tokens until the next one that makes a flow call due (1: the next; None: no call
+        that could join a batch before the segment ends). Lets a worker wait for streams
+        about to join a batch."""
         raise NotImplementedError
 
     def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
@@ -108,6 +109,9 @@ class Pipeline:
     come out), plus both computed alone (tests, tools)."""
 
     segment_class: type
+    # whether the flow computes several streams' chunks in one batch (stream_steps), so an
+    # audio worker waits a moment for streams about to be due
+    batches_flow_chunks = False
 
     def __init__(
         self,

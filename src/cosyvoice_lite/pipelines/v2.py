@@ -66,13 +66,16 @@ class V2Segment(Segment):
         return self.stream and due
 
     def due_in(self) -> int | None:
-        """Tokens until the next one that makes a flow call due (None: not a stream)."""
+        """Tokens until the next one that makes a flow call due (None: none that could join a
+        batch: not a stream, or past its cache budget)."""
         if not self.stream:
             return None
         state = self.state
         piece = self._hop() + self.pipeline.lookahead - (len(state.tokens) - state.offset)
         flow_stream = self.flow_stream
-        if flow_stream is None or flow_stream.frozen_at is not None:
+        if flow_stream is not None and flow_stream.frozen_at is not None:
+            return None  # past its cache budget: solved alone
+        if flow_stream is None:
             return max(1, piece)
         return max(1, min(piece, self._flow_needs(1) + 1))
 
@@ -138,6 +141,7 @@ class V2Pipeline(Pipeline):
     """LLM -> causal flow -> HiFT for CosyVoice2 (``causal_vocoder=False``) and CosyVoice3."""
 
     segment_class = V2Segment
+    batches_flow_chunks = True
 
     def __init__(
         self,
