@@ -504,6 +504,12 @@ def test_metrics(client, preset):
     assert metric(text, "cosyvoice_outputs_saved_total") >= 1
     assert metric(text, "cosyvoice_cancelled_total") == 0  # every response here was read to the end
     assert "cosyvoice_model_info{" in text
+    # the engine loop's batching, as counters (nothing concurrent here: no batch yet)
+    assert "# TYPE cosyvoice_flow_stream_chunks_total counter" in text
+    assert metric(text, "cosyvoice_flow_stream_chunks_total") >= metric(
+        text, "cosyvoice_flow_calls_total"
+    )
+    assert metric(text, "cosyvoice_batched_decode_rows_total") >= 0
 
 
 def test_request_id_is_echoed(client):

@@ -117,6 +117,28 @@ class ServerState:
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self.scheduler.runner = engine.call  # voice features are computed in the engine loop
+        loop = getattr(engine, "loop", None)  # a wrapped engine may have none
+        if loop is not None:
+            self.metrics.counter(
+                "batched_decode_steps_total",
+                "LLM decode steps that computed several requests together.",
+                lambda: loop.steps,
+            )
+            self.metrics.counter(
+                "batched_decode_rows_total",
+                "Requests those steps decoded.",
+                lambda: loop.rows_stepped,
+            )
+            self.metrics.counter(
+                "flow_calls_total",
+                "Flow computations of streams' chunks (a batch of streams counts once).",
+                lambda: loop.flow_calls[0],
+            )
+            self.metrics.counter(
+                "flow_stream_chunks_total",
+                "Stream chunks those flow computations covered.",
+                lambda: loop.flow_calls[1],
+            )
         self.status = "ready"
         self.metrics.info = {
             "name": engine.model.name,

@@ -1,7 +1,8 @@
 """Prometheus text-format metrics, kept by hand (no client library needed).
 
 Exposed at ``/metrics``: request counts by endpoint and status, errors by code, queue depth,
-requests in flight, real-time factor and first-audio latency histograms, audio produced.
+requests in flight, real-time factor and first-audio latency histograms, audio produced, and how
+much the engine loop batched (decode steps and flow chunks computed together).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Metrics:
         self.counters: dict[str, float] = defaultdict(float)
         self.rtf = Histogram(RTF_BUCKETS)
         self.first_audio = Histogram(LATENCY_BUCKETS)
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        # name -> (help, read, Prometheus type: gauge, or counter for values read elsewhere)
+        self.gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
         self.info: dict[str, str] = {}
 
     def request(self, method: str, endpoint: str, status: int) -> None:
@@ -89,7 +91,11 @@ class Metrics:
             self.first_audio.observe(seconds)
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges[name] = (help, read)
+        self.gauges[name] = (help, read, "gauge")
+
+    def counter(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (e.g. by the engine loop), read at each scrape."""
+        self.gauges[name] = (help, read, "counter")
 
     def render(self) -> str:
         p = PREFIX
@@ -135,14 +141,14 @@ class Metrics:
                 f"# TYPE {p}_first_audio_seconds histogram",
             ]
             lines += self.first_audio.lines(f"{p}_first_audio_seconds")
-        for name, (help, read) in sorted(self.gauges.items()):
+        for name, (help, read, kind) in sorted(self.gauges.items()):
             try:
                 value = f"{float(read()):g}"
             except Exception:  # noqa: BLE001 - one unreadable gauge must not hide the others
                 value = "NaN"
             lines += [
                 f"# HELP {p}_{name} {help}",
-                f"# TYPE {p}_{name} gauge",
+                f"# TYPE {p}_{name} {kind}",
                 f"{p}_{name} {value}",
             ]
         if self.info:
