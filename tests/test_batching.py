@@ -7,6 +7,8 @@ leaving mid-way, cancelled, failing) against each request run alone with the sam
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -158,6 +160,14 @@ def test_streams_chunks_are_computed_together_and_equal_alone(v2: Engine) -> Non
         _request("今天天气真好，我们出去走走吧。", 11, stream=True, max_speech_tokens=60),
         _request("今天天气真好，我们出去走走吧。", 12, stream=True, max_speech_tokens=60),
         _request("Nice to meet you, how are you?", 13, stream=True, max_speech_tokens=50),
+        # several text segments: each segment's end runs before the next segment's chunks
+        _request(
+            "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。"
+            * 3,
+            14,
+            stream=True,
+            max_speech_tokens=30,
+        ),
     ]
     solo = [_alone(v2, r) for r in streams]
     calls, chunks = v2.loop.flow_calls
@@ -253,3 +263,23 @@ def test_max_batch_bounds_the_rows_stepped_together(tmp_path: Path) -> None:
         engine.close()
     assert all(isinstance(r, np.ndarray) and r.size for r in results)
     assert max(seen) == 2
+
+
+def test_a_process_exits_cleanly_after_synthesis_without_close(tmp_path: Path) -> None:
+    """Engine threads still inside a torch op when the interpreter finalizes would abort the
+    process (status 134): running loops are closed at exit, and close() waits for its workers."""
+    script = tmp_path / "speak.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from cosyvoice_lite import Engine, Mode, SynthesisRequest\n"
+        f"engine = Engine.load(Path({str(DATA / 'models' / 'v2-tiny')!r}))\n"
+        "request = SynthesisRequest(\n"
+        f"    mode=Mode.ZERO_SHOT, text='你好。', prompt_audio=Path({str(PROMPT)!r}).read_bytes(),\n"
+        f"    prompt_text={PROMPT_TEXT!r}, stream=True, max_speech_tokens=40, seed=1)\n"
+        "print(sum(c.samples.size for c in engine.synthesize(request)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0

@@ -18,6 +18,7 @@ loop, whatever the number of requests.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import queue
@@ -165,6 +166,10 @@ class AudioWorker:
     def stop(self) -> None:
         self._queue.put(None)
 
+    def join(self, timeout: float) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     def _main(self) -> None:
         with torch.inference_mode():
             while not self._run_once():
@@ -237,7 +242,9 @@ class AudioWorker:
         """Advance every row not yet in ``due`` through its queued work up to its next due flow
         call, which joins ``due``; segment ends and work of no row go to ``later`` (they run
         after the due flow calls, so a stream's chunk never waits behind them)."""
+        # rows with a due call or a segment end pending go no further until those have run
         taken = {work.row for work, _, _ in due}
+        taken.update(item.row for item in later if isinstance(item, _AudioWork))
         for row, works in list(rows.items()):
             while works and row not in taken:
                 work = works.popleft()
@@ -396,6 +403,17 @@ def _fail(row: _Row, exc: BaseException) -> None:
     row.end(exc)
 
 
+# Loops with threads, closed at interpreter exit: a daemon thread still inside a torch op when
+# the interpreter finalizes aborts the process (exit status 134) if the engine was not closed.
+_RUNNING: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_loops() -> None:
+    for loop in list(_RUNNING):
+        loop.close()
+
+
 @dataclass(frozen=True)
 class LoopLimits:
     """``max_batch`` rows decode together at most (more requests wait their turn); a step
@@ -499,8 +517,11 @@ class EngineLoop:
             self._thread.join(timeout=10)
         for worker in self._audio:
             worker.stop()
+        for worker in self._audio:  # a worker still in a torch op at exit aborts the process
+            worker.join(timeout=10)
 
     def _ensure_thread(self) -> None:
+        _RUNNING.add(self)
         if not self._audio:
             self._audio = [AudioWorker() for _ in range(self.limits.audio_workers)]
         if self._thread is None or not self._thread.is_alive():
