@@ -87,6 +87,95 @@ StreamVelocity = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class TokenChunks:
+    """How an incremental stream turns tokens into mel (v2 and v3): in whole chunks of ``size``
+    tokens counted from the prompt's first token, each once its ``look`` next tokens (look-ahead)
+    exist; ``ratio`` mel frames per token. A stream state has ``pending`` [1, k] tokens received
+    but not computed, ``tokens_done`` and ``finished``."""
+
+    size: int
+    look: int
+    ratio: int
+
+    def whole(self, state: Any, pending: int) -> int:
+        """Tokens of `pending` that complete whole chunks with their look-ahead."""
+        usable = state.tokens_done + pending - self.look
+        return (usable // self.size) * self.size - state.tokens_done
+
+    def needed(self, state: Any, new_tokens: int) -> int:
+        """Tokens still needed, after `new_tokens` more, before a (not final) call computes mel:
+        0 when those would already complete a chunk."""
+        next_end = (state.tokens_done // self.size + 1) * self.size
+        have = state.pending.shape[1] + new_tokens
+        return max(0, next_end - state.tokens_done + self.look - have)
+
+    def frames_after(self, state: Any, new_tokens: int, finalize: bool) -> int:
+        """The stream's mel frames, prompt included, once a call with `new_tokens` is done."""
+        pending = state.pending.shape[1] + new_tokens
+        count = pending if finalize else self.whole(state, pending)
+        return self.ratio * (state.tokens_done + max(count, 0))
+
+    def take(
+        self, state: Any, token: torch.Tensor, finalize: bool
+    ) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+        """Adds the tokens to the stream's pending ones; returns (count, the tokens to compute
+        now, their look-ahead context) or None when no whole chunk is ready."""
+        pending = torch.cat([state.pending, token.to(state.pending)], dim=1)
+        if finalize:
+            count, context = pending.shape[1], None
+            state.finished = True
+        else:
+            count = self.whole(state, pending.shape[1])
+            context = pending[:, count : count + self.look] if count > 0 else None
+        state.pending = pending[:, max(count, 0) :]
+        if count <= 0:
+            return None
+        return count, pending[:, :count], context
+
+
+def step_streams(
+    cfm: nn.Module,
+    states: Sequence[Any],
+    tokens: Sequence[torch.Tensor],
+    finalize: Sequence[bool],
+    chunks: TokenChunks,
+    encode: Callable[[Any, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    stream_solve: Callable[[Any, torch.Tensor, int], StreamSolve],
+    velocity: StreamVelocity,
+) -> list[torch.Tensor]:
+    """`stream_steps` of the v2 and v3 flows: each stream's new tokens are taken in whole chunks
+    and encoded alone (``encode(state, tokens, context)`` -> mu [1, 80, ratio * count]), then
+    the solves of the streams with as many new frames run as one batch (`solve_streams`);
+    returns each stream's new float32 mel [1, 80, m] (prompt frames are not output). Every call
+    is checked before any stream changes: a ValueError leaves all of them as they were."""
+    check_stream_calls(states, tokens, finalize, chunks.frames_after, cfm)
+    mels: list[torch.Tensor] = []
+    solves: list[tuple[int, StreamSolve, int]] = []
+    for state, token, last in zip(states, tokens, finalize, strict=True):
+        mels.append(state.embedding.new_zeros(1, state.prompt_feat.shape[2], 0).float())
+        state.last_step_frames = 0
+        work = chunks.take(state, token, last)
+        if work is None:
+            continue
+        count, new, context = work
+        mu = encode(state, new, context)
+        first_frame = chunks.ratio * state.tokens_done
+        state.tokens_done += count
+        skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
+        solves.append((len(mels) - 1, stream_solve(state, mu, first_frame), skip))
+
+    def solve(streams: list[StreamSolve]) -> torch.Tensor:
+        for stream in streams:
+            stream.state.last_step_frames = stream.mu.shape[2]
+        return solve_streams(cfm, streams, velocity)
+
+    solved = solve_within_budget([solve for _, solve, _ in solves], solve)
+    for (index, _, skip), mel in zip(solves, solved, strict=True):
+        mels[index] = mel[:, :, skip:].float()
+    return mels
+
+
 def check_stream_calls(
     states: Sequence[Any],
     tokens: Sequence[torch.Tensor],

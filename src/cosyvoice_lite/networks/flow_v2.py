@@ -44,10 +44,9 @@ from cosyvoice_lite.networks.conformer import (
 )
 from cosyvoice_lite.networks.flow_matching import (
     StreamSolve,
-    check_stream_calls,
-    solve_streams,
-    solve_within_budget,
+    TokenChunks,
     stack_rows,
+    step_streams,
 )
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
 from cosyvoice_lite.networks.linear import grouped
@@ -394,66 +393,27 @@ class CausalMaskedDiffWithXvec(nn.Module):
         new frames run as one batch (stream i's CFG rows are rows 2i, 2i + 1). A stream's mel
         equals its `stream_step` alone up to float rounding. Every call is checked before any
         stream changes: a ValueError leaves all of them as they were."""
-        check_stream_calls(states, tokens, finalize, self._call_frames, self.decoder)
-        mels: list[torch.Tensor] = []
-        solves: list[tuple[int, StreamSolve, int]] = []
-        for state, token, last in zip(states, tokens, finalize, strict=True):
-            mels.append(self.spk_embed_affine_layer.weight.new_zeros(1, self.output_size, 0))
-            work = self._take_tokens(state, token, last)
-            if work is None:
-                continue
-            count, new, context = work
-            mu = self._encode_increment(state, new, context)
-            first_frame = self.token_mel_ratio * state.tokens_done
-            state.tokens_done += count
-            skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames: no output
-            solves.append((len(mels) - 1, self._stream_solve(state, mu, first_frame), skip))
-        cfm = self.decoder
-        solved = solve_within_budget(
-            [solve for _, solve, _ in solves],
-            lambda streams: solve_streams(cfm, streams, self._velocity),
+        return step_streams(
+            self.decoder,
+            states,
+            tokens,
+            finalize,
+            self._chunks(),
+            self._encode_increment,
+            self._stream_solve,
+            self._velocity,
         )
-        for (index, _, skip), mel in zip(solves, solved, strict=True):
-            mels[index] = mel[:, :, skip:].float()
-        return mels
 
     def stream_tokens_needed(self, state: FlowV2StreamState, new_tokens: int) -> int:
         """How many more tokens, after `new_tokens` more, the stream needs before `stream_step`
         (not final) computes mel: 0 when those would already complete a chunk."""
-        chunk = self.encoder.static_chunk_size
-        next_end = (state.tokens_done // chunk + 1) * chunk
-        have = state.pending.shape[1] + new_tokens
-        return max(0, next_end - state.tokens_done + self.pre_lookahead_len - have)
+        return self._chunks().needed(state, new_tokens)
 
-    def _whole_chunks(self, state: FlowV2StreamState, pending: int) -> int:
-        """Tokens of `pending` that complete whole encoder chunks with their look-ahead."""
-        chunk = self.encoder.static_chunk_size
-        usable = state.tokens_done + pending - self.pre_lookahead_len
-        return (usable // chunk) * chunk - state.tokens_done
-
-    def _call_frames(self, state: FlowV2StreamState, new_tokens: int, finalize: bool) -> int:
-        """The stream's mel frames, prompt included, once a call with `new_tokens` is done."""
-        pending = state.pending.shape[1] + new_tokens
-        count = pending if finalize else self._whole_chunks(state, pending)
-        return self.token_mel_ratio * (state.tokens_done + max(count, 0))
-
-    def _take_tokens(
-        self, state: FlowV2StreamState, token: torch.Tensor, finalize: bool
-    ) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
-        """Adds the tokens to the stream's pending ones; returns (count, the tokens to encode
-        now, their look-ahead context) or None when no whole chunk is ready."""
-        pending = torch.cat([state.pending, token.to(state.pending.device)], dim=1)
-        look = self.pre_lookahead_len
-        if finalize:
-            count, context = pending.shape[1], None
-            state.finished = True
-        else:
-            count = self._whole_chunks(state, pending.shape[1])
-            context = pending[:, count : count + look] if count > 0 else None
-        state.pending = pending[:, max(count, 0) :]
-        if count <= 0:
-            return None
-        return count, pending[:, :count], context
+    def _chunks(self) -> TokenChunks:
+        """Whole encoder chunks, counted from the prompt's first token."""
+        return TokenChunks(
+            self.encoder.static_chunk_size, self.pre_lookahead_len, self.token_mel_ratio
+        )
 
     def _check_streamable(self) -> None:
         encoder, estimator = self.encoder, self.decoder.estimator
@@ -642,6 +602,7 @@ class FlowV2StreamState:
     pending: torch.Tensor  # [1, k] token ids received but not encoded yet (prompt ones first)
     tokens_done: int = 0  # token frames encoded so far, prompt included
     finished: bool = False
+    last_step_frames: int = 0  # mel frames the U-Net ran on in the last call (cost probe)
     pre_lookahead_tail: torch.Tensor | None = None  # [1, 512, 2] last conv1 outputs
     up_tail: torch.Tensor | None = None  # [1, 512, 2] last token frames before up_layer
     encoder: _LayerCaches = field(default_factory=_LayerCaches)

@@ -59,10 +59,9 @@ from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
     OFFICIAL_STEPS,
     StreamSolve,
-    check_stream_calls,
-    solve_streams,
-    solve_within_budget,
+    TokenChunks,
     stack_rows,
+    step_streams,
 )
 
 if TYPE_CHECKING:
@@ -260,31 +259,16 @@ def stream_steps(
     streams with as many new frames run as one batch (stream i's CFG rows are rows 2i, 2i + 1).
     A stream's mel equals its `stream_step` alone up to float rounding. Every call is checked
     before any stream changes: a ValueError leaves all of them as they were."""
-    check_stream_calls(states, tokens, finalize, partial(_call_frames, flow), flow.decoder)
-    mels: list[torch.Tensor] = []
-    solves: list[tuple[int, StreamSolve, int]] = []
-    for state, token, last in zip(states, tokens, finalize, strict=True):
-        mels.append(state.embedding.new_zeros(1, flow.output_size, 0).float())
-        state.last_step_frames = 0
-        work = _take_tokens(flow, state, token, last)
-        if work is None:
-            continue
-        count, new, context = work
-        mu = _mu_increment(flow, state, new, context)
-        first_frame = flow.token_mel_ratio * state.tokens_done
-        state.tokens_done += count
-        skip = max(0, state.prompt_feat.shape[1] - first_frame)  # prompt frames are not output
-        solves.append((len(mels) - 1, _stream_solve(flow, state, mu, first_frame), skip))
-
-    def solve(streams: list[StreamSolve]) -> torch.Tensor:
-        for stream in streams:
-            stream.state.last_step_frames = stream.mu.shape[2]
-        return solve_streams(flow.decoder, streams, partial(_velocity, flow.decoder.estimator))
-
-    solved = solve_within_budget([solve for _, solve, _ in solves], solve)
-    for (index, _, skip), mel in zip(solves, solved, strict=True):
-        mels[index] = mel[:, :, skip:].float()
-    return mels
+    return step_streams(
+        flow.decoder,
+        states,
+        tokens,
+        finalize,
+        _chunks(flow),
+        partial(_mu_increment, flow),
+        partial(_stream_solve, flow),
+        partial(_velocity, flow.decoder.estimator),
+    )
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -295,45 +279,15 @@ def stream_tokens_needed(
 ) -> int:
     """How many more tokens, after `new_tokens` more, the stream needs before `stream_step` (not
     final) computes mel: 0 when those would already complete a chunk."""
-    chunk = flow.decoder.estimator.static_chunk_size // flow.token_mel_ratio
-    next_end = (state.tokens_done // chunk + 1) * chunk
-    have = state.pending.shape[1] + new_tokens
-    return max(0, next_end - state.tokens_done + flow.pre_lookahead_len - have)
+    return _chunks(flow).needed(state, new_tokens)
 
 
-def _whole_chunks(flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, pending: int) -> int:
-    """Tokens of `pending` that complete whole DiT chunks with their look-ahead."""
-    chunk = flow.decoder.estimator.static_chunk_size // flow.token_mel_ratio
-    usable = state.tokens_done + pending - flow.pre_lookahead_len
-    return (usable // chunk) * chunk - state.tokens_done
-
-
-def _call_frames(
-    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, new_tokens: int, finalize: bool
-) -> int:
-    """The stream's mel frames, prompt included, once a call with `new_tokens` is done."""
-    pending = state.pending.shape[1] + new_tokens
-    count = pending if finalize else _whole_chunks(flow, state, pending)
-    return flow.token_mel_ratio * (state.tokens_done + max(count, 0))
-
-
-def _take_tokens(
-    flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, token: torch.Tensor, finalize: bool
-) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
-    """Adds the tokens to the stream's pending ones; returns (count, the tokens to compute now,
-    their look-ahead context) or None when no whole chunk is ready."""
-    pending = torch.cat([state.pending, token.to(state.pending.device, state.pending.dtype)], dim=1)
-    look = flow.pre_lookahead_len
-    if finalize:
-        count, context = pending.shape[1], None
-        state.finished = True
-    else:
-        count = _whole_chunks(flow, state, pending.shape[1])
-        context = pending[:, count : count + look] if count > 0 else None
-    state.pending = pending[:, max(count, 0) :]
-    if count <= 0:
-        return None
-    return count, pending[:, :count], context
+def _chunks(flow: CausalMaskedDiffWithDiT) -> TokenChunks:
+    """Whole DiT chunks (in tokens), counted from the prompt's first token."""
+    ratio = flow.token_mel_ratio
+    return TokenChunks(
+        flow.decoder.estimator.static_chunk_size // ratio, flow.pre_lookahead_len, ratio
+    )
 
 
 def _mu_increment(
