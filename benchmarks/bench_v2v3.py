@@ -65,9 +65,10 @@ SAMPLES_PER_TOKEN = 2 * 480  # 2 mel frames per speech token, 480 samples per fr
 # CosyVoice3 drops runs of more than 5 of these (official llm_job); replayed tokens avoid them
 V3_SILENT_TOKENS = {1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323}
 # stage -> entry points wrapped with its timer, where the loaded network has them (ours: the
-# incremental streaming steps too; the official has only ``inference``)
+# incremental streaming steps too, every one of which goes through ``stream_steps``; the official
+# has only ``inference``)
 STAGE_METHODS = {
-    "flow": ("inference", "new_stream", "stream_step"),
+    "flow": ("inference", "new_stream", "stream_steps"),
     "hift": ("inference", "new_stream", "stream_step"),
 }
 

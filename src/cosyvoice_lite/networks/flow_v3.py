@@ -180,7 +180,7 @@ class CausalMaskedDiffWithDiT(nn.Module):
         self, state: FlowV3StreamState, token: torch.Tensor, finalize: bool = False
     ) -> torch.Tensor:
         """Feed new tokens [1, k]; returns the mel [1, 80, m] now complete (see flow_v3_stream)."""
-        return flow_v3_stream.stream_step(self, state, token, finalize)
+        return self.stream_steps([state], [token], [finalize])[0]
 
     def stream_tokens_needed(self, state: FlowV3StreamState, new_tokens: int) -> int:
         """Tokens still needed, after `new_tokens` more, before a chunk is computed."""
