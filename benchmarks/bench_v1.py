@@ -23,12 +23,14 @@ official worker can reuse its helpers from another Python environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +77,7 @@ class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, list[float]] = {}
+        self._inside = threading.local()  # stages this thread is timing now
 
     def reset(self) -> None:
         self.seconds, self.calls = {}, {}
@@ -97,12 +100,18 @@ class StageTimer:
         return time.perf_counter(), time.process_time()
 
     def wrap(self, stage: str, fn: Callable) -> Callable:
+        """``fn`` timed as ``stage``. Only the outermost timed call of a stage counts: a wrapped
+        entry point may call another (our v2 vocoder's ``stream_step`` calls its ``inference``)."""
+
         def timed(*args, **kwargs):
-            start = self.now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.add(stage, start)
+            with outermost(self._inside, stage) as outer:
+                if not outer:
+                    return fn(*args, **kwargs)
+                start = self.now()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.add(stage, start)
 
         return timed
 
@@ -185,17 +194,39 @@ def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> 
 
 
 # ----------------------------------------------------------------------------- our worker
+_COUNTING = threading.local()  # stages whose FLOPs this thread is counting now
+
+
+@contextlib.contextmanager
+def outermost(inside: threading.local, stage: str) -> Iterator[bool]:
+    """Whether this is the outermost call of ``stage`` in this thread (nested calls must not
+    count twice), marking the stage as entered until the block ends."""
+    active = inside.__dict__.setdefault("stages", set())
+    if stage in active:
+        yield False
+        return
+    active.add(stage)
+    try:
+        yield True
+    finally:
+        active.discard(stage)
+
+
 def counted(stage: str, fn: Callable, state: dict) -> Callable:
     """``fn`` that adds its FLOPs (torch's FlopCounterMode) to ``state["flops"][stage]`` while
-    ``state["count"]`` is set: the flow's floor is its FLOPs over the machine's matmul rate."""
+    ``state["count"]`` is set: the flow's floor is its FLOPs over the machine's matmul rate.
+    Only the outermost counted call of a stage counts, as in ``StageTimer.wrap``."""
 
     def call(*args, **kwargs):
         if not state.get("count"):
             return fn(*args, **kwargs)
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
-            out = fn(*args, **kwargs)
+        with outermost(_COUNTING, stage) as outer:
+            if not outer:
+                return fn(*args, **kwargs)
+            with FlopCounterMode(display=False) as counter:
+                out = fn(*args, **kwargs)
         state["flops"][stage] = state["flops"].get(stage, 0) + counter.get_total_flops()
         return out
 
