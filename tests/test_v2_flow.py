@@ -555,3 +555,45 @@ def test_bad_inputs_raise(flow: CausalMaskedDiffWithXvec) -> None:
             tok, torch.tensor([4]), tok, torch.tensor([4]), torch.zeros(1, 20, 80),
             torch.tensor([20]), torch.randn(1, 192), streaming=False, finalize=True,
         )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_attention_masks_are_skipped_only_when_every_frame_sees_every_other():
+    """A whole utterance (no padding, no chunks) attends without a mask: adding an all-zero bias
+    changes no score, so skipping it is exact. Padding, chunk boundaries and graph tracing (an
+    exported graph must keep its mask for padded inputs) keep the mask."""
+    from cosyvoice_lite.networks.dit import dit_attention_mask
+    from cosyvoice_lite.networks.unet import attention_bias
+
+    full = torch.ones(2, 1, 60)
+    padded = full.clone()
+    padded[1, :, 50:] = 0
+    assert attention_bias(full, 0, torch.float32) is None
+    assert dit_attention_mask(full, 0) is None
+    assert attention_bias(full, 60, torch.float32) is None  # one chunk: no boundary
+    assert attention_bias(full, 50, torch.float32) is not None
+    assert dit_attention_mask(full, 50) is not None
+    assert attention_bias(padded, 0, torch.float32) is not None
+    assert dit_attention_mask(padded, 0) is not None
+    traced = torch.jit.trace(lambda m: attention_bias(m, 0, torch.float32), (full,))
+    assert traced(padded)[1, 0, 0, 55] < -1e9  # the padded frame stays masked in the graph
+
+    estimator = CausalConditionalDecoder(320, 80, channels=(32,), attention_head_dim=8, num_heads=2)
+    estimator.eval()
+    g = torch.Generator().manual_seed(0)
+    x, mu, cond = (torch.randn(1, 80, 30, generator=g) for _ in range(3))
+    t, spks = torch.rand(1, generator=g), torch.randn(1, 80, generator=g)
+    with torch.inference_mode():
+        unmasked = estimator(x, torch.ones(1, 1, 30), mu, t, spks, cond)
+        # the same frames followed by padding: the mask is built and applied
+        pad = torch.zeros(1, 80, 10)
+        mask = torch.cat([torch.ones(1, 1, 30), torch.zeros(1, 1, 10)], dim=2)
+        masked = estimator(
+            torch.cat([x, pad], 2),
+            mask,
+            torch.cat([mu, pad], 2),
+            t,
+            spks,
+            torch.cat([cond, pad], 2),
+        )
+    assert torch.allclose(unmasked, masked[:, :, :30], atol=1e-5)

@@ -36,6 +36,16 @@ def attention(
     return torch.matmul(_scores(q, k, mask).softmax(dim=-1), v)
 
 
+def sees_everything(frames: torch.Tensor, length: int, chunk_size: int) -> bool:
+    """Whether a frame mask [B, 1, T] (1 = valid) lets every query attend to every key: no padded
+    frame and no chunk boundary within ``length``. Attention then takes no mask at all, which is
+    exact (the bias would add 0 to every score) and saves adding it to every score. Never while
+    a graph is traced for export: the graph keeps its mask for padded inputs."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return (chunk_size <= 0 or length <= chunk_size) and bool(frames.all())
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice_lite.networks.attention import attention
+from cosyvoice_lite.networks.attention import attention, sees_everything
 
 __all__ = [
     "DiT",
@@ -300,8 +300,9 @@ class DiTBlock(nn.Module):
 # ---------------------------------------------------------------------------------------- mask
 
 
-def dit_attention_mask(mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Boolean attention mask [B, 1, T, T] from a padding mask [B, 1, T] (1 = valid frame).
+def dit_attention_mask(mask: torch.Tensor, chunk_size: int) -> torch.Tensor | None:
+    """Boolean attention mask [B, 1, T, T] from a padding mask [B, 1, T] (1 = valid frame); None
+    when every query may see every key (``attention.sees_everything``).
 
     chunk_size > 0: each frame sees its own chunk and every earlier one (the official
     `add_optional_chunk_mask` with a static chunk and all left chunks); chunk_size == 0: full context.
@@ -310,6 +311,8 @@ def dit_attention_mask(mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """
     pad = mask.bool()  # [B, 1, T]
     size = pad.shape[-1]
+    if sees_everything(pad, size, chunk_size):
+        return None
     if chunk_size > 0:
         pos = torch.arange(size, device=pad.device)
         chunk_end = (torch.div(pos, chunk_size, rounding_mode="trunc") + 1) * chunk_size

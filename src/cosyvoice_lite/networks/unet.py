@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.attention import attention
+from cosyvoice_lite.networks.attention import attention, sees_everything
 
 # The official code turns boolean attention masks into an additive bias with this constant
 # (`cosyvoice.utils.common.mask_to_bias`), not with -inf.
@@ -43,14 +43,17 @@ _GELU_APPROXIMATION = {"gelu": "none", "gelu-approximate": "tanh"}
 # attention masks
 
 
-def attention_bias(mask: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias (B, 1, T, T) from a frame mask (B, 1, T).
+def attention_bias(mask: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention bias (B, 1, T, T) from a frame mask (B, 1, T); None when every query
+    may see every key (``attention.sees_everything``).
 
     `chunk_size > 0` restricts every query to its own chunk and all earlier chunks (the official
     `subsequent_chunk_mask`, whose ONNX-friendly form ignores `num_decoding_left_chunks`).
     """
     keys = mask.bool()  # (B, 1, T)
     length = keys.shape[-1]
+    if sees_everything(keys, length, chunk_size):
+        return None
     if chunk_size > 0:
         pos = torch.arange(length, device=mask.device)
         chunk_end = (torch.div(pos, chunk_size, rounding_mode="trunc") + 1) * chunk_size
@@ -241,7 +244,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Identity()])
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None
+    ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
@@ -310,7 +315,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn=activation_fn)
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None
+    ) -> torch.Tensor:
         hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), attention_bias)
         return hidden_states + self.ff(self.norm3(hidden_states))
 
