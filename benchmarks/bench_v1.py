@@ -364,7 +364,11 @@ def worker_env(threads: int, wait_policy: str, pythonpath: str | None = None) ->
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(threads)
-    if wait_policy != "default":
+    env.pop("GOMP_SPINCOUNT", None)
+    if wait_policy == "spin":  # cosyvoice-lite's CLI default: a short spin, then sleep
+        env.pop("OMP_WAIT_POLICY", None)
+        env["GOMP_SPINCOUNT"] = "10000"
+    elif wait_policy != "default":
         env["OMP_WAIT_POLICY"] = wait_policy.upper()
     env["PYTHONUNBUFFERED"] = "1"
     if pythonpath is not None:
@@ -657,12 +661,13 @@ def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, repeats_h
     )
     parser.add_argument(
         "--omp-wait-policy",
-        choices=["passive", "active", "default"],
+        choices=["passive", "spin", "active", "default"],
         default="passive",
         help="OpenMP wait policy of both workers (default passive: on a busy machine, "
-        "spinning OpenMP workers slow down compute in the main thread, which is where "
+        "OpenMP's default spinning slows down compute in the main thread, which is where "
         "ours runs the LLM, by an order of magnitude; the official runs it in a "
-        "Python thread, which is barely affected)",
+        "Python thread, which is barely affected; spin: GOMP_SPINCOUNT=10000, the "
+        "cosyvoice-lite CLI's default, see bench_wait_policy.py)",
     )
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument(
