@@ -422,15 +422,10 @@ class ConditionalDecoder(nn.Module):
         )
         self.final_proj = nn.Conv1d(final_channel, out_channels, 1)
 
+    @staticmethod
     def _transformers(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        blocks: nn.ModuleList,
-        streaming: bool,
+        x: torch.Tensor, bias: torch.Tensor | None, blocks: nn.ModuleList
     ) -> torch.Tensor:
-        chunk_size = self.static_chunk_size if streaming else 0
-        bias = attention_bias(mask, chunk_size, x.dtype)
         h = x.transpose(1, 2).contiguous()
         for block in blocks:
             h = block(h, bias)
@@ -459,13 +454,23 @@ class ConditionalDecoder(nn.Module):
         if cond is not None:
             parts.append(cond)
         x = torch.cat(parts, dim=1)
+        chunk_size, dtype = self.static_chunk_size if streaming else 0, x.dtype
+        # one attention bias per frame mask: a level's blocks (all the mid ones) share it
+        biases: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def bias(frames: torch.Tensor) -> torch.Tensor | None:
+            for known, made in biases:
+                if known is frames:
+                    return made
+            biases.append((frames, attention_bias(frames, chunk_size, dtype)))
+            return biases[-1][1]
 
         hiddens = []
         masks = [mask]
         for resnet, transformers, downsample in self.down_blocks:
             mask_down = masks[-1]
             x = resnet(x, mask_down, t)
-            x = self._transformers(x, mask_down, transformers, streaming)
+            x = self._transformers(x, bias(mask_down), transformers)
             hiddens.append(x)  # skip connection
             x = downsample(x * mask_down)
             masks.append(mask_down[:, :, ::2])
@@ -474,7 +479,7 @@ class ConditionalDecoder(nn.Module):
 
         for resnet, transformers in self.mid_blocks:
             x = resnet(x, mask_mid, t)
-            x = self._transformers(x, mask_mid, transformers, streaming)
+            x = self._transformers(x, bias(mask_mid), transformers)
 
         mask_up = mask_mid
         for resnet, transformers, upsample in self.up_blocks:
@@ -483,7 +488,7 @@ class ConditionalDecoder(nn.Module):
             # The transposed conv may produce one frame more than the skip has (odd lengths).
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
             x = resnet(x, mask_up, t)
-            x = self._transformers(x, mask_up, transformers, streaming)
+            x = self._transformers(x, bias(mask_up), transformers)
             x = upsample(x * mask_up)
         x = self.final_block(x, mask_up)
         return self.final_proj(x * mask_up) * mask
