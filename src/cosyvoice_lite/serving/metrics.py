@@ -63,8 +63,8 @@ class Metrics:
         self.counters: dict[str, float] = defaultdict(float)
         self.rtf = Histogram(RTF_BUCKETS)
         self.first_audio = Histogram(LATENCY_BUCKETS)
-        # name -> (help, read, Prometheus type: gauge, or counter for values read elsewhere)
-        self.gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
+        # values read at each scrape: name -> (help, read, Prometheus type: gauge or counter)
+        self.readings: dict[str, tuple[str, Callable[[], float], str]] = {}
         self.info: dict[str, str] = {}
 
     def request(self, method: str, endpoint: str, status: int) -> None:
@@ -91,11 +91,11 @@ class Metrics:
             self.first_audio.observe(seconds)
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges[name] = (help, read, "gauge")
+        self.readings[name] = (help, read, "gauge")
 
     def counter(self, name: str, help: str, read: Callable[[], float]) -> None:
         """A counter kept elsewhere (e.g. by the engine loop), read at each scrape."""
-        self.gauges[name] = (help, read, "counter")
+        self.readings[name] = (help, read, "counter")
 
     def render(self) -> str:
         p = PREFIX
@@ -141,7 +141,7 @@ class Metrics:
                 f"# TYPE {p}_first_audio_seconds histogram",
             ]
             lines += self.first_audio.lines(f"{p}_first_audio_seconds")
-        for name, (help, read, kind) in sorted(self.gauges.items()):
+        for name, (help, read, kind) in sorted(self.readings.items()):
             try:
                 value = f"{float(read()):g}"
             except Exception:  # noqa: BLE001 - one unreadable gauge must not hide the others
