@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,20 +32,11 @@ from cosyvoice_lite.engine import Engine  # noqa: E402
 PROMPT_TOKENS = 123  # a 4.9 s prompt, as in bench_v2v3.py
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="full-size v2 or v3 directory")
-    parser.add_argument("--streams", default="1,2,4,8")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    floors = describe(measure())
-    flow = Engine.load(args.model, dtype=args.dtype).pipeline.flow
+def primed_voice(flow: Any) -> tuple[Any, torch.Tensor]:
+    """A stream of a random 123-token voice whose prompt went through the flow (as for a saved
+    voice), and the next hop of tokens: one whole 50-frame chunk."""
     if not hasattr(flow, "stream_tokens_needed"):
-        raise SystemExit("bench_flow_batch.py needs a CosyVoice2/3 model directory")
+        raise SystemExit("this benchmark needs a CosyVoice2/3 model directory")
     g = torch.Generator().manual_seed(0)
     vocab = flow.input_embedding.num_embeddings
     prompt_token = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=g)
@@ -58,7 +50,22 @@ def main() -> None:
         flow.stream_step(voice, torch.randint(0, vocab, (1, first), generator=g))
     voice = voice.fork()
     hop = flow.stream_tokens_needed(voice, 0)  # one whole chunk past the look-ahead held
-    tokens = torch.randint(0, vocab, (1, hop), generator=g)
+    return voice, torch.randint(0, vocab, (1, hop), generator=g)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="full-size v2 or v3 directory")
+    parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    floors = describe(measure())
+    flow = Engine.load(args.model, dtype=args.dtype).pipeline.flow
+    voice, tokens = primed_voice(flow)
 
     def chunk_frames() -> int:
         probe = voice.fork()

@@ -365,7 +365,7 @@ def worker_env(threads: int, wait_policy: str, pythonpath: str | None = None) ->
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(threads)
     env.pop("GOMP_SPINCOUNT", None)
-    if wait_policy == "spin":  # cosyvoice-lite's CLI default: a short spin, then sleep
+    if wait_policy == "spin":  # a short spin, then sleep (faster on a dedicated machine)
         env.pop("OMP_WAIT_POLICY", None)
         env["GOMP_SPINCOUNT"] = "10000"
     elif wait_policy != "default":
@@ -666,8 +666,8 @@ def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, repeats_h
         help="OpenMP wait policy of both workers (default passive: on a busy machine, "
         "OpenMP's default spinning slows down compute in the main thread, which is where "
         "ours runs the LLM, by an order of magnitude; the official runs it in a "
-        "Python thread, which is barely affected; spin: GOMP_SPINCOUNT=10000, the "
-        "cosyvoice-lite CLI's default, see bench_wait_policy.py)",
+        "Python thread, which is barely affected; spin: GOMP_SPINCOUNT=10000, faster on "
+        "a dedicated machine, slower on a busy one, see bench_wait_policy.py)",
     )
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""How idle OpenMP threads wait: a short spin (the CLI's default) vs passive waiting vs OpenMP's
+"""How idle OpenMP threads wait: passive waiting (the CLI's default) vs a short spin vs OpenMP's
 default spin, on the two workloads made of many small parallel operations.
 
 One command: ``python benchmarks/bench_wait_policy.py --model DIR [--dtype bfloat16]
@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = {  # name -> environment of the worker
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "short spin": {"GOMP_SPINCOUNT": "10000"},  # cosyvoice-lite's CLI default
-    "OpenMP default": {},
+POLICIES = {  # name -> bench_v1.worker_env's wait policy for the worker
+    "passive": "passive",
+    "short spin": "spin",  # GOMP_SPINCOUNT=10000
+    "OpenMP default": "default",
 }
-PROMPT_TOKENS = 123
 PREFILL = 150
 STEPS = 20
 
@@ -37,25 +36,17 @@ def worker(model: str, dtype: str, threads: int) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_flow_batch import primed_voice
+
     from cosyvoice_lite.engine import Engine
 
     torch.set_num_threads(threads)
     pipeline = Engine.load(model, dtype=dtype).pipeline
     flow, llm = pipeline.flow, pipeline.llm
-    g = torch.Generator().manual_seed(0)
-    vocab = flow.input_embedding.num_embeddings
-    prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=g)
-    feat, embedding = (
-        torch.randn(1, 2 * PROMPT_TOKENS, 80, generator=g),
-        torch.randn(1, 192, generator=g),
-    )
-    voice = flow.new_stream(prompt, feat, embedding)
+    voice, tokens = primed_voice(flow)
+    g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        flow.stream_step(voice, prompt[:, :0])
-        first = flow.stream_tokens_needed(voice, 0)
-        flow.stream_step(voice, torch.randint(0, vocab, (1, first), generator=g))
-        hop = flow.stream_tokens_needed(voice, 0)
-        tokens = torch.randint(0, vocab, (1, hop), generator=g)
         chunk = float("inf")
         for _ in range(2):
             stream = voice.fork()
@@ -82,8 +73,11 @@ def worker(model: str, dtype: str, threads: int) -> None:
 
 
 def run_worker(args: argparse.Namespace, policy: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(POLICIES[policy])
+    from bench_v1 import worker_env
+
+    env = worker_env(args.threads, POLICIES[policy])
+    if POLICIES[policy] == "default":  # OpenMP's own default, not the caller's variable
+        env.pop("OMP_WAIT_POLICY", None)
     argv = [sys.executable, __file__, "--worker", "--model", str(args.model), "--dtype", args.dtype]
     argv += ["--threads", str(args.threads)]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1200)
