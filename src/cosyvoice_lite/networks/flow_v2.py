@@ -761,7 +761,10 @@ def _transformers_increment(
     n = x.size(2)
     rows = x.size(0) // len(caches)
     h = x.transpose(1, 2)
+    # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere; none at all
+    # when every new frame sees every earlier one (whole chunks), which adds 0 to every score.
     keeps = [_chunk_keep(start, n, start + n, chunk, x.device) for start in starts]
+    biases = [None if bool(keep.all()) else (1.0 - keep.to(h.dtype)) * -1.0e10 for keep in keeps]
     for block in blocks:
         attn = block.attn1
         hn = block.norm1(h)
@@ -769,14 +772,14 @@ def _transformers_increment(
         k = _split_heads(attn.to_k(hn), attn.heads)
         v = _split_heads(attn.to_v(hn), attn.heads)
         outs = []
-        for index, (caches_i, keep) in enumerate(zip(caches, keeps, strict=True)):
+        for index, (caches_i, bias) in enumerate(zip(caches, biases, strict=True)):
             cache = caches_i.next(_AttentionCache)
             mine = slice(index * rows, (index + 1) * rows)
             keys, values = cache.keys.append(k[mine]), cache.values.append(v[mine])
             # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
             # frame sees all of them; the chunk mask covers the rows `append` returned
-            # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere.
-            bias = (1.0 - keep[:, -keys.size(-2) :].to(h.dtype)) * -1.0e10
+            if bias is not None:
+                bias = bias[:, -keys.size(-2) :]
             prefix = list(zip(cache.keys.parts(), cache.values.parts(), strict=True))
             outs.append(attention(q[mine], keys, values, bias, prefix=prefix))
         h = h + attn.to_out[0](_merge_heads(stack_rows(outs)))

@@ -353,6 +353,7 @@ def _velocity(
         ]
     )
     keeps = [_chunk_keep(s.start, n, estimator.static_chunk_size, h.device) for s in streams]
+    keeps = [None if bool(keep.all()) else keep for keep in keeps]  # whole chunks: no mask
     residual = h
     for depth, block in enumerate(estimator.transformer_blocks):
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, emb=t_emb)
@@ -411,10 +412,11 @@ def _attention_increment(
     x: torch.Tensor,
     rope: torch.Tensor,
     kvs: list[_KVCache],
-    keeps: list[torch.Tensor],
+    keeps: list[torch.Tensor | None],
 ) -> torch.Tensor:
     """The DiT Attention for new frames x [2S, n, dim] of S streams: projections for all rows,
-    attention per stream against its cached keys/values (`kvs[i]`, chunk mask `keeps[i]`).
+    attention per stream against its cached keys/values (`kvs[i]`, chunk mask `keeps[i]`,
+    None where every new frame sees every cached one).
 
     As officially, RoPE rotates the un-split projections (head 0 only). The official output
     masking uses the last query row of the mask, which sees every frame: nothing is zeroed.
@@ -437,6 +439,7 @@ def _attention_increment(
         # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
         # frame sees all of them; the chunk mask covers the rows `append` returned
         prefix = list(zip(kv.keys.parts(), kv.values.parts(), strict=True))
-        outs.append(attention(query[mine], keys, values, keep[:, -keys.size(-2) :], prefix=prefix))
+        mask = None if keep is None else keep[:, -keys.size(-2) :]
+        outs.append(attention(query[mine], keys, values, mask, prefix=prefix))
     out = stack_rows(outs).transpose(1, 2).reshape(total, n, attn.heads * head_dim)
     return attn.to_out[1](attn.to_out[0](out.to(x.dtype)))
