@@ -123,11 +123,14 @@ def test_llm_decoding_kernels_keep_the_outputs(version: int) -> None:
     assert all(m in tables for m in lm.modules() if type(m) is nn.Linear) or not packed
 
 
-def _flow_and_vocoder(version: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _flow_and_vocoder(
+    version: int, dtype: str, kernels: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
     placement = resolve_placement("cpu", dtype)
-    flow = load_network(model, "flow", "flow.pt", placement)
+    flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels)
+    assert any(isinstance(m, FusedLinear) for m in flow.modules()) == kernels
     hift = load_network(model, "hift", "hift.pt", placement)
     g = torch.Generator().manual_seed(0)
     token = torch.randint(0, 100, (1, 40), generator=g, dtype=torch.int32)
@@ -158,6 +161,15 @@ def _flow_and_vocoder(version: int, dtype: str) -> tuple[torch.Tensor, torch.Ten
 
 def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_flow_fused_linear_groups_give_the_same_mel(version: int) -> None:
+    """The flows' q/k/v run as one product after loading: every output column is the same dot
+    product as in the official module tree, so the mel keeps its floats."""
+    fused, _ = _flow_and_vocoder(version, "float32")
+    official_tree, _ = _flow_and_vocoder(version, "float32", kernels=False)
+    assert torch.equal(fused, official_tree)
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])

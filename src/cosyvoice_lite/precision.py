@@ -158,10 +158,12 @@ def apply_precision(
     """Put ``network`` (``part``: "llm", "flow" or "hift", already on its device) in the precision
     chosen at load. int8 applies to the LLM, whose decoding reads every weight once per token; the
     flow and vocoder follow ``placement.dtype`` (bfloat16 matmuls beat int8 with float32 around it
-    there, see benchmarks/README.md). ``kernels`` adds the LLM's decoding kernels (fused linear
-    groups, packed weights); export loads without them, keeping the official module tree."""
+    there, see benchmarks/README.md). ``kernels`` fuses the linear groups of every network (one
+    product for q/k/v: the same floats, fewer and larger calls; a streamed flow chunk ~15% less
+    CPU) and adds the LLM's decoding kernels (packed weights); export loads without them, keeping
+    the official module tree."""
     decoding = part == "llm" and kernels
-    if decoding:
+    if kernels:
         fuse_linear_groups(network)
     if part == "llm" and placement.quantize == "int8":
         return quantize_linear_int8(network)  # int8 kernels take float32 activations

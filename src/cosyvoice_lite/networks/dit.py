@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.networks.attention import attention, sees_everything
+from cosyvoice_lite.networks.linear import grouped
 
 __all__ = [
     "DiT",
@@ -238,6 +239,8 @@ class FeedForward(nn.Module):
 class Attention(nn.Module):
     """Self-attention with rotary positions on the un-split projections and a boolean mask."""
 
+    linear_groups = {"qkv": ("to_q", "to_k", "to_v")}
+
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
         self.dim = dim
@@ -253,7 +256,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, dim]; mask: bool [B, 1, T, T] (True = may attend); rope: [1, T, rot_dim]."""
         batch_size = x.shape[0]
-        query, key, value = self.to_q(x), self.to_k(x), self.to_v(x)
+        query, key, value = grouped(self, "qkv", x)
         if rope is not None:
             # before the head split, as the official code does: only head 0 gets positions
             query = apply_rotary_pos_emb(query, rope)

@@ -768,9 +768,7 @@ def _transformers_increment(
     for block in blocks:
         attn = block.attn1
         hn = block.norm1(h)
-        q = _split_heads(attn.to_q(hn), attn.heads)
-        k = _split_heads(attn.to_k(hn), attn.heads)
-        v = _split_heads(attn.to_v(hn), attn.heads)
+        q, k, v = (_split_heads(y, attn.heads) for y in grouped(attn, "qkv", hn))
         outs = []
         for index, (caches_i, bias) in enumerate(zip(caches, biases, strict=True)):
             cache = caches_i.next(_AttentionCache)

@@ -63,6 +63,7 @@ from cosyvoice_lite.networks.flow_matching import (
     stack_rows,
     step_streams,
 )
+from cosyvoice_lite.networks.linear import grouped
 
 if TYPE_CHECKING:
     from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT
@@ -423,9 +424,8 @@ def _attention_increment(
     """
     total, n = x.shape[0], x.shape[1]
     rows = total // len(kvs)
-    query = apply_rotary_pos_emb(attn.to_q(x), rope)
-    key = apply_rotary_pos_emb(attn.to_k(x), rope)
-    value = attn.to_v(x)
+    query, key, value = grouped(attn, "qkv", x)
+    query, key = apply_rotary_pos_emb(query, rope), apply_rotary_pos_emb(key, rope)
     head_dim = key.shape[-1] // attn.heads
 
     def split(t: torch.Tensor) -> torch.Tensor:

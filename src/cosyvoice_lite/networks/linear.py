@@ -6,9 +6,11 @@ A network class names such groups in a class attribute, e.g. Qwen2's attention
 
 and computes them with ``grouped(self, "qkv", x)``. As loaded (official parameter names, strict
 state dicts, ONNX export) the members are separate ``nn.Linear`` layers. ``fuse_linear_groups``,
-called at load for the LLMs, replaces each group by one ``FusedLinear`` holding the concatenated
-weights: a decoding step multiplies one vector by every weight once, and one call instead of three
-saves the per-call cost of a small product (~0.1 ms each on a CPU, several ms per token).
+called at load for every network, replaces each group by one ``FusedLinear`` holding the
+concatenated weights: a decoding step multiplies one vector by every weight once, and one call
+instead of three saves the per-call cost of a small product (~0.1 ms each on a CPU, several ms per
+token; a streamed flow chunk makes 560 such calls). Each output column is the same dot product as
+before, so the floats do not change (full-size v2 mel, fp32: max difference 0.0).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention, sees_everything
+from cosyvoice_lite.networks.linear import grouped
 
 # The official code turns boolean attention masks into an additive bias with this constant
 # (`cosyvoice.utils.common.mask_to_bias`), not with -inf.
@@ -235,6 +236,8 @@ class CausalResnetBlock1D(ResnetBlock1D):
 class Attention(nn.Module):
     """Multi-head self-attention with bias-free q/k/v projections (diffusers `Attention`)."""
 
+    linear_groups = {"qkv": ("to_q", "to_k", "to_v")}
+
     def __init__(self, query_dim: int, heads: int, dim_head: int) -> None:
         super().__init__()
         inner_dim = heads * dim_head
@@ -252,9 +255,7 @@ class Attention(nn.Module):
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, self.heads, -1).transpose(1, 2)
 
-        q = split_heads(self.to_q(hidden_states))
-        k = split_heads(self.to_k(hidden_states))
-        v = split_heads(self.to_v(hidden_states))
+        q, k, v = (split_heads(y) for y in grouped(self, "qkv", hidden_states))
         out = attention(q, k, v, attention_bias)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.to_out[0](out)
