@@ -4,7 +4,9 @@ float32 runs torch's ``scaled_dot_product_attention``, the kernel the official c
 parity tests reproduce bit for bit. With bfloat16/float16 weights there is no parity to keep, and
 torch's CPU kernel with a mask is slower there than plain GEMMs around a softmax (measured, CPU
 time, 2 x 8 heads x 64: 18 ms vs 10 ms at 400 frames; 94 ms vs 103 ms at 1,100 frames). The
-softmax takes the low-precision scores (torch's CPU kernel accumulates them in float32).
+softmax takes the low-precision scores (torch's CPU kernel accumulates them in float32). A
+stream's few new frames against its cached prefix go through torch's kernel in every dtype: there
+it is the faster one (see ``attention``).
 """
 
 from __future__ import annotations
