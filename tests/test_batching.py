@@ -283,3 +283,37 @@ def test_a_process_exits_cleanly_after_synthesis_without_close(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split()[-1]) > 0
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_first_piece_tokens_is_when_a_stream_gives_its_first_audio(
+    version: int, v1_dir: Path
+) -> None:
+    """The loop holds decoding once a stream has the tokens its first piece needs
+    (``Segment.first_piece_tokens``), so that count must be exactly where the audio stage gives
+    its first piece: any later and decoding would wait for tokens it holds back."""
+    from cosyvoice_lite.pipelines.common import ModelInputs
+
+    engine = Engine.load(v1_dir if version == 1 else DATA / "models" / f"v{version}-tiny")
+    prompt = 7  # v2/v3: the first piece pads prompt + hop to whole 25-token chunks
+    frames = 0 if version == 1 else 2 * prompt
+    inputs = ModelInputs(
+        text=None,
+        prompt_text=torch.zeros(1, 0, dtype=torch.int32),
+        llm_prompt_speech_token=torch.zeros(1, 0, dtype=torch.int32),
+        llm_embedding=torch.zeros(1, 192),
+        flow_prompt_speech_token=torch.arange(prompt if version > 1 else 0, dtype=torch.int32)[
+            None
+        ],
+        prompt_speech_feat=torch.zeros(1, frames, 80),
+        flow_embedding=torch.zeros(1, 192),
+    )
+    pipeline = engine.pipeline
+    assert pipeline.start(inputs, torch.Generator(), False, 1.0).first_piece_tokens is None
+    segment = pipeline.start(inputs, torch.Generator().manual_seed(0), True, 1.0)
+    with torch.inference_mode():
+        for count in range(1, 200):
+            if segment.push(count % 50) is not None:
+                break
+    assert count == segment.first_piece_tokens
+    engine.close()

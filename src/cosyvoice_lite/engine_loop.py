@@ -94,9 +94,31 @@ class _Row:
     audio_worker: int = -1  # index of the audio worker that computes its chunks
     streaming: bool = False  # the request streams: its first chunk has priority (TTFA)
     audio_out: bool = False  # some of its audio has been delivered
+    first_audio: threading.Event = field(default_factory=threading.Event)  # set with audio_out
+    sent: int = 0  # tokens of the current segment handed to its audio stage
+    hold_until: float | None = None  # decoding waits for its first piece until then at most
     on_end: Callable[[_Row], None] | None = None
     _ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def delivered(self) -> None:
+        """Some of its audio is out."""
+        self.audio_out = True
+        self.first_audio.set()
+
+    def awaits_first_piece(self) -> bool:
+        """A stream whose first piece has all its tokens but no audio yet: the loop holds
+        decoding meanwhile (the later tokens can wait; that piece's flow gets the cores)."""
+        audio = self.audio
+        need = None if audio is None else audio.first_piece_tokens
+        return (
+            self.streaming
+            and not self.audio_out
+            and self.segment == 0
+            and need is not None
+            and self.sent >= need
+            and not (self._ended or self.job.cancelled.is_set())
+        )
 
     def end(self, error: BaseException | None) -> None:
         """End the request once (from whichever thread gets there first)."""
@@ -104,6 +126,7 @@ class _Row:
             if self._ended:
                 return
             self._ended = True
+        self.first_audio.set()
         if error is not None and not isinstance(error, Exception):
             error = RuntimeError(f"synthesis stopped: {error!r}")
         if self.on_end is not None:
@@ -344,7 +367,7 @@ class AudioWorker:
                         continue
                     piece = work.audio.complete(mel)
                     if piece is not None:
-                        work.row.audio_out = True
+                        work.row.delivered()
                         work.row.run.emit(piece, work.segment, False)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
                     _fail(work.row, exc)
@@ -363,8 +386,9 @@ class AudioWorker:
             self.no_first_chunk.clear()
         try:
             run = row.run
-            row.audio_out = True
-            run.emit(work.audio.finish(), work.segment, work.last)
+            piece = work.audio.finish()
+            row.delivered()
+            run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)
             if work.last:
                 row.end(None)
@@ -608,6 +632,7 @@ class EngineLoop:
     def _start_segment(self, row: _Row, index: int) -> None:
         row.segment = index
         row.task, row.audio = row.run.start_segment(index)
+        row.sent = 0
         row.cache = self.lm.new_cache()
         row.feed = row.reply = None
 
@@ -615,9 +640,17 @@ class EngineLoop:
     def _forward(self) -> bool:
         """Compute the log-probabilities every fed row asked for; True if anything ran.
 
-        Waits first (a bounded time) while a stream's first chunk is being computed."""
+        Waits first (a bounded time) while a stream's first chunk is being computed, or while
+        a stream has every token of its first piece and waits for that piece's flow calls."""
+        deadline = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
         for worker in self._audio:
-            worker.no_first_chunk.wait(FIRST_CHUNK_PRIORITY_SECONDS)
+            worker.no_first_chunk.wait(max(0.0, deadline - time.monotonic()))
+        for row in self._rows:
+            if row.awaits_first_piece():
+                # bounded per stream, so a worker busy with other rows' work cannot stall decoding
+                if row.hold_until is None:
+                    row.hold_until = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
+                row.first_audio.wait(max(0.0, min(deadline, row.hold_until) - time.monotonic()))
         prefills = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) > 1]
         decodes = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) == 1]
         budget = self.limits.prefill_tokens
@@ -678,6 +711,7 @@ class EngineLoop:
                 return
             if item is WAIT:
                 return
+            row.sent += 1
             self._send(row, _AudioWork(row, row.audio, row.segment, token=item))
 
     def _send(self, row: _Row, work: _AudioWork) -> None:

@@ -57,6 +57,8 @@ class Segment:
     due flow calls of several streams together; ``push`` is one token alone."""
 
     pipeline: Pipeline
+    # Tokens after which the segment's first streaming piece is due (None: not streaming).
+    first_piece_tokens: int | None = None
 
     def accept(self, token: int) -> FlowWork | None:
         raise NotImplementedError

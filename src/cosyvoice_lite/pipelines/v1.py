@@ -37,6 +37,7 @@ class V1Segment(Segment):
         )
         self.vocoder = pipeline.hift.new_stream(MEL_CACHE)
         self.pending: list[int] = []
+        self.first_piece_tokens = pipeline.min_hop + TOKEN_OVERLAP if stream else None
 
     def piece_due(self) -> bool:
         """Whether the next token completes a streaming piece."""

@@ -58,6 +58,7 @@ class V2Segment(Segment):
         self.mel: list[torch.Tensor] = []  # mel computed but not vocoded yet
         self.unflowed: list[int] = []  # tokens not handed to the flow yet
         self.due = False  # the last accepted token completes a piece
+        self.first_piece_tokens = self._hop() + pipeline.lookahead if stream else None
 
     def piece_due(self) -> bool:
         """Whether the next token completes a streaming piece."""
