@@ -106,19 +106,21 @@ class _Row:
         self.audio_out = True
         self.first_audio.set()
 
-    def awaits_first_piece(self) -> bool:
-        """A stream whose first piece has all its tokens but no audio yet: the loop holds
-        decoding meanwhile (the later tokens can wait; that piece's flow gets the cores)."""
+    def tokens_to_first_piece(self) -> int | None:
+        """For a stream with no audio out yet, the tokens its first piece still needs (0: it has
+        them all, and the loop holds decoding until that piece is out); None otherwise."""
         audio = self.audio
         need = None if audio is None else audio.first_piece_tokens
-        return (
-            self.streaming
-            and not self.audio_out
-            and self.segment == 0
-            and need is not None
-            and self.sent >= need
-            and not (self._ended or self.job.cancelled.is_set())
-        )
+        if (
+            not self.streaming
+            or self.audio_out
+            or self.segment != 0
+            or need is None
+            or self._ended
+            or self.job.cancelled.is_set()
+        ):
+            return None
+        return max(0, need - self.sent)
 
     def end(self, error: BaseException | None) -> None:
         """End the request once (from whichever thread gets there first)."""
@@ -638,19 +640,8 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ compute
     def _forward(self) -> bool:
-        """Compute the log-probabilities every fed row asked for; True if anything ran.
-
-        Waits first (a bounded time) while a stream's first chunk is being computed, or while
-        a stream has every token of its first piece and waits for that piece's flow calls."""
-        deadline = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
-        for worker in self._audio:
-            worker.no_first_chunk.wait(max(0.0, deadline - time.monotonic()))
-        for row in self._rows:
-            if row.awaits_first_piece():
-                # bounded per stream, so a worker busy with other rows' work cannot stall decoding
-                if row.hold_until is None:
-                    row.hold_until = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
-                row.first_audio.wait(max(0.0, min(deadline, row.hold_until) - time.monotonic()))
+        """Compute the log-probabilities every fed row asked for; True if anything ran."""
+        self._hold_for_first_pieces()
         prefills = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) > 1]
         decodes = [r for r in self._rows if r.feed is not None and r.feed.inputs.size(1) == 1]
         budget = self.limits.prefill_tokens
@@ -663,6 +654,25 @@ class EngineLoop:
         for start in range(0, len(decodes), self.limits.max_batch):
             self._forward_rows(decodes[start : start + self.limits.max_batch])
         return bool(prefills or decodes)
+
+    def _hold_for_first_pieces(self) -> None:
+        """Decoding waits (a bounded time) while a stream's first chunk is being computed, and
+        while a stream has every token of its first piece but not its audio: later tokens can
+        wait, and the flow calls of that piece get the cores. Not while another stream is a token
+        or two from its own first piece: it goes on, so that its chunk can join the same flow
+        batch (the audio worker waits for such neighbours)."""
+        deadline = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
+        for worker in self._audio:
+            worker.no_first_chunk.wait(max(0.0, deadline - time.monotonic()))
+        to_first = {row: row.tokens_to_first_piece() for row in self._rows}
+        if any(n is not None and 0 < n <= BATCH_WAIT_TOKENS for n in to_first.values()):
+            return
+        for row, n in to_first.items():
+            if n == 0:
+                # bounded per stream, so a worker busy with other rows' work cannot stall decoding
+                if row.hold_until is None:
+                    row.hold_until = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
+                row.first_audio.wait(max(0.0, min(deadline, row.hold_until) - time.monotonic()))
 
     def _forward_rows(self, rows: list[_Row]) -> None:
         try:
