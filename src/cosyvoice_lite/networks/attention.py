@@ -49,6 +49,17 @@ def sees_everything(frames: torch.Tensor, length: int, chunk_size: int) -> bool:
     return (chunk_size <= 0 or length <= chunk_size) and bool(frames.all())
 
 
+def chunk_keep(start: int, n: int, total: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """[n, total] bool: query frame start + i may attend key frame j under the static chunk mask
+    of the streaming flows (its own chunk and every earlier one; ``chunk`` <= 0: everything)."""
+    if chunk <= 0:
+        return torch.ones(n, total, dtype=torch.bool, device=device)
+    query = torch.arange(start, start + n, device=device)
+    key = torch.arange(total, device=device)
+    chunk_end = (torch.div(query, chunk, rounding_mode="trunc") + 1) * chunk
+    return key.unsqueeze(0) < chunk_end.unsqueeze(1)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is None:

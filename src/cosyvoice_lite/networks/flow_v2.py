@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.attention import attention
+from cosyvoice_lite.networks.attention import attention, chunk_keep
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
@@ -643,16 +643,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
 
 
-def _chunk_keep(start: int, n: int, total: int, chunk: int, device: torch.device) -> torch.Tensor:
-    """[n, total] bool: query start + i may see key j (its own chunk and all earlier ones)."""
-    query = torch.arange(start, start + n, device=device)
-    key = torch.arange(total, device=device)
-    if chunk <= 0:
-        return torch.ones(n, total, dtype=torch.bool, device=device)
-    chunk_end = (torch.div(query, chunk, rounding_mode="trunc") + 1) * chunk
-    return key.unsqueeze(0) < chunk_end.unsqueeze(1)
-
-
 def _rel_attention_increment(
     attn: RelPositionMultiHeadedAttention,
     x: torch.Tensor,
@@ -690,7 +680,7 @@ def _rel_attention_increment(
     column = (query - key + (n - 1)).expand(*by_distance.shape[:2], n, end)
     positional = torch.gather(by_distance, -1, column)
     scores = (content + positional) / math.sqrt(attn.d_k)
-    drop = ~_chunk_keep(start, n, end, chunk, x.device)
+    drop = ~chunk_keep(start, n, end, chunk, x.device)
     weights = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1).masked_fill(drop, 0.0)
     return attn.linear_out(_merge_heads(torch.matmul(weights, values)))
 
@@ -763,7 +753,7 @@ def _transformers_increment(
     h = x.transpose(1, 2)
     # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere; none at all
     # when every new frame sees every earlier one (whole chunks), which adds 0 to every score.
-    keeps = [_chunk_keep(start, n, start + n, chunk, x.device) for start in starts]
+    keeps = [chunk_keep(start, n, start + n, chunk, x.device) for start in starts]
     biases = [None if bool(keep.all()) else (1.0 - keep.to(h.dtype)) * -1.0e10 for keep in keeps]
     for block in blocks:
         attn = block.attn1

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.attention import attention
+from cosyvoice_lite.networks.attention import attention, chunk_keep
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
@@ -353,7 +353,9 @@ def _velocity(
             for s in streams
         ]
     )
-    keeps = [_chunk_keep(s.start, n, estimator.static_chunk_size, h.device) for s in streams]
+    keeps = [
+        chunk_keep(s.start, n, s.start + n, estimator.static_chunk_size, h.device) for s in streams
+    ]
     keeps = [None if bool(keep.all()) else keep for keep in keeps]  # whole chunks: no mask
     residual = h
     for depth, block in enumerate(estimator.transformer_blocks):
@@ -397,15 +399,6 @@ def _conv_position_increment(
                 setattr(cache, name, tail.clone())
         x = conv(x)
     return x.transpose(1, 2)
-
-
-def _chunk_keep(start: int, n: int, chunk: int, device: torch.device) -> torch.Tensor:
-    """[n, start + n] bool: query frame start + i may attend key frame j (the static chunk mask:
-    its own chunk and every earlier one; a last partial chunk sees everything there is)."""
-    query = torch.arange(start, start + n, device=device)
-    key = torch.arange(start + n, device=device)
-    chunk_end = (torch.div(query, chunk, rounding_mode="trunc") + 1) * chunk
-    return key.unsqueeze(0) < chunk_end.unsqueeze(1)
 
 
 def _attention_increment(
