@@ -31,17 +31,14 @@ FLOW_RATE = {
 
 
 def int8_linear_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of torch's int8 dynamic linear (the LLM's int8 layers) on an n x n product."""
+    """GFLOP/s of the LLM's int8 layers (``Int8Linear``, onnxruntime) on an n x n product."""
     import time
-    import warnings
 
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from cosyvoice_lite.quantized_linear import Int8Linear
 
-        layer = DynamicLinear(n, n, dtype=torch.qint8)
+    layer = Int8Linear(torch.nn.Linear(n, n), torch.get_num_threads())
     x = torch.randn(n, n)
     layer(x)
     best = float("inf")
@@ -82,10 +79,10 @@ def llm_bytes_per_token(llm) -> int:
     """Bytes of LLM weights one decoding step reads: every weight except embedding tables (one
     row each) and v1's text encoder (run once per request, on the text); int8 layers count their
     int8 weights plus float32 scales and biases."""
-    import torch
     from torch import nn
 
     from cosyvoice_lite.precision import PackedLinear, tied_to_embeddings
+    from cosyvoice_lite.quantized_linear import Int8Linear
 
     once = [m for name, m in llm.named_children() if name.startswith("text_encoder")]
     skip = {id(m) for top in once for m in top.modules()}
@@ -97,11 +94,8 @@ def llm_bytes_per_token(llm) -> int:
         if isinstance(module, PackedLinear):  # packed weights are buffers
             total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
             continue
-        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            weight = module.weight()
-            total += weight.numel() + 4 * weight.shape[0]
-            bias = module.bias()
-            total += 0 if bias is None else bias.numel() * 4
+        if isinstance(module, Int8Linear):  # its weights live in onnxruntime
+            total += module.nbytes
             continue
         for p in module.parameters(recurse=False):
             total += p.numel() * p.element_size()

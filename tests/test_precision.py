@@ -20,6 +20,7 @@ from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
 from cosyvoice_lite.networks.linear import FusedLinear
 from cosyvoice_lite.pipelines.factory import load_network
 from cosyvoice_lite.precision import PackedLinear, exempt_names, packs_linear, tied_to_embeddings
+from cosyvoice_lite.quantized_linear import Int8Linear
 
 DATA = Path(__file__).resolve().parent / "data"
 MODELS = DATA / "models"
@@ -35,10 +36,10 @@ FLOW_EXEMPT = {1: set(), 2: {"decoder.rand_noise"}, 3: {"decoder.rand_noise"}}
 MEL_BOUND = {torch.bfloat16: 0.02, torch.float16: 0.003}
 WAV_BOUND = {torch.bfloat16: 0.3, torch.float16: 0.1}
 # Teacher-forced log-probability error (mean absolute, nats) on the tiny LLMs (measured <= 0.04
-# bf16, <= 0.005 fp16). int8: per-tensor activation scales over a whole prefill of rows of very
-# different sizes cost the 64-wide tiny v1 LLM's input layer 0.5 nats (full size: 0.014).
+# bf16, <= 0.005 fp16). int8 (a scale per block of 128 weights and per block of each activation
+# row): measured 0.049 (v1) and 0.058 (v2), 93% of the argmax tokens the same.
 LOGP_BOUND = {torch.bfloat16: 0.08, torch.float16: 0.02}
-INT8_LOGP_BOUND = {1: 0.6, 2: 0.25}
+INT8_LOGP_BOUND = 0.12
 
 
 def _float_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,16 +81,15 @@ def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
     tables = tied_to_embeddings(reference)  # e.g. Qwen2's unused lm_head: left alone
     linear = [m for m in reference.modules() if type(m) is nn.Linear and m not in tables]
     llm = load_network(model, "llm", "llm.pt", resolve_placement("cpu", quantize="int8"))
-    quantised = [m for m in llm.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    quantised = [m for m in llm.modules() if isinstance(m, Int8Linear)]
     # the fused groups (q/k/v, gate/up) are quantised as one layer each: same weights, fewer calls
-    assert linear and sum(m.weight().numel() for m in quantised) == sum(
+    assert linear and sum(m.in_features * m.out_features for m in quantised) == sum(
         m.weight.numel() for m in linear
     )
     assert len(quantised) < len(linear)
     assert {n for n, m in llm.named_modules() if type(m) is nn.Linear} == {
         n for n, m in reference.named_modules() if m in tables
     }
-    assert all(m.weight().dtype == torch.qint8 for m in quantised)
     # int8 is for the LLM: the flow keeps float32 (int8 linears there take float32 around them)
     flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", quantize="int8"))
     assert {t.dtype for t in _float_tensors(flow).values()} == {torch.float32}
@@ -205,7 +205,7 @@ def test_llm_teacher_forced_log_probs_within_bounds(version: int) -> None:
         assert 0 < error < bound, (dtype, error)
     int8 = log_probs(quantize="int8").float()
     agree = (int8.argmax(-1) == reference.argmax(-1)).float().mean()
-    assert 0 < (int8 - reference).abs().mean() < INT8_LOGP_BOUND[version] and agree >= 0.6
+    assert 0 < (int8 - reference).abs().mean() < INT8_LOGP_BOUND and agree >= 0.85
 
 
 def test_engine_bf16_int8_fixed_length_audio() -> None:

@@ -52,8 +52,8 @@ class Placement:
 
     ``dtype`` is the dtype the weights are stored in and computed with (not autocast): the LLM, the
     flow and the vocoder, except the few parts ``precision.apply_precision`` keeps in float32/64.
-    ``quantize`` ("int8" or None) gives the LLM's linear layers int8 weights (torch's dynamic
-    quantisation: int8 weights, activations quantised per call, float32 elsewhere in the LLM).
+    ``quantize`` ("int8" or None) gives the LLM's linear layers int8 weights (onnxruntime's
+    block-quantised ``MatMulNBits``, see quantized_linear.py; float32 elsewhere in the LLM).
     """
 
     device: torch.device
@@ -67,13 +67,12 @@ _QUANTIZE = ("int8",)
 def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
     """The dtypes and quantisations usable on ``device`` (names as accepted by the options)."""
     if device.type == "cpu":
-        quant = list(_QUANTIZE) if torch.backends.quantized.supported_engines else []
-        return ["float32", "bfloat16", "float16"], quant
+        return ["float32", "bfloat16", "float16"], list(_QUANTIZE)
     if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return ["float32", "float16"], []
     if device.type == "mps":
         return ["float32", "float16"], []
-    return ["float32", "bfloat16", "float16"], []  # torch's int8 dynamic kernels are CPU-only
+    return ["float32", "bfloat16", "float16"], []  # the int8 kernels are onnxruntime's CPU ones
 
 
 def resolve_placement(

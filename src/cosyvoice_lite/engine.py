@@ -10,6 +10,8 @@ read-only things (networks, tokenizers, voices); all per-request state lives in 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -58,6 +60,15 @@ class Voice:
     kind: str  # "preset" or "prompt"
     embedding: torch.Tensor
     prompt: PromptFeatures | None = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the OS (glibc's ``malloc_trim``; nothing on other
+    C libraries). Loading reads each checkpoint whole and converts weights, and the allocator
+    keeps what it freed: full-size CosyVoice2 measured 2.0 -> 1.5 GB resident after loading in
+    bf16 and 3.0 -> 1.5 GB with int8 LLM layers. A long-running service would carry it for life."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Engine:
@@ -173,6 +184,7 @@ class Engine:
             time.perf_counter() - start,
             limits,
         )
+        release_freed_memory()
         log.info(
             "loaded %s (v%d, %s) on %s in %.1f s",
             model_dir.name,

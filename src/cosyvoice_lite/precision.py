@@ -9,9 +9,9 @@ must stay in higher precision say so themselves: a network module class may carr
 naming child modules or buffers that keep their dtype (and are never quantised). The modules
 compute in the dtype of their weights: each network casts its float inputs at its entry points.
 
-int8 uses torch's own dynamic quantisation (``torch.ao.quantization.quantize_dynamic``: int8
-weights per output channel, activations quantised per call by the fbgemm/x86 kernels, VNNI where
-the CPU has it). It replaces ``nn.Linear`` modules only and takes float32 activations, so a
+int8 (the LLM's linear layers) uses onnxruntime's ``MatMulNBits`` kernels (``quantized_linear``:
+8-bit weights with a scale per block of 128, activations quantised per block on the fly, VNNI
+where the CPU has it). It replaces ``nn.Linear`` modules only and takes float32 activations, so a
 quantised network keeps float32 everywhere else.
 
 The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
@@ -25,13 +25,14 @@ per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.m
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .device import Placement
 from .networks.linear import fuse_linear_groups
+from .quantized_linear import Int8Linear
 
 EXEMPT_ATTRIBUTE = "precision_exempt"
 
@@ -65,21 +66,6 @@ def cast_weights(network: nn.Module, dtype: torch.dtype) -> nn.Module:
     return network
 
 
-def _dynamic_linear_class() -> type[nn.Module]:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    class VectorDynamicLinear(DynamicLinear):
-        """torch's int8 dynamic Linear that also takes a single vector [in_features]: the LLMs
-        compute a one-row step as a vector product, as the official does."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dim() == 1:
-                return super().forward(x.unsqueeze(0)).squeeze(0)
-            return super().forward(x)
-
-    return VectorDynamicLinear
-
-
 def tied_to_embeddings(network: nn.Module) -> set[nn.Module]:
     """Linear layers whose weight is an embedding table's (e.g. Qwen2's ``lm_head``, which
     CosyVoice never runs): quantising one would add an int8 copy of the table and untie it."""
@@ -87,26 +73,29 @@ def tied_to_embeddings(network: nn.Module) -> set[nn.Module]:
     return {m for m in network.modules() if type(m) is nn.Linear and id(m.weight) in tables}
 
 
-def quantize_linear_int8(network: nn.Module) -> nn.Module:
-    """Replace the (non-exempt) ``nn.Linear`` layers by int8 dynamically quantised ones, in place."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
+def replace_linears(network: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``make(layer)``,
+    in place, one at a time (each old layer is freed before the next is made)."""
     exempt = exempt_names(network)
     tables = tied_to_embeddings(network)
-    spec = {
-        name: per_channel_dynamic_qconfig
-        for name, module in network.named_modules()
-        if type(module) is nn.Linear and not _is_exempt(name, exempt) and module not in tables
-    }
-    if not spec:
-        return network
-    with warnings.catch_warnings():
-        # torch.ao.quantization warns that it will move to torchao; its CPU kernels are the
-        # maintained fbgemm/onednn ones and remain in torch 2.x.
-        warnings.simplefilter("ignore")
-        mapping = {nn.Linear: _dynamic_linear_class()}
-        quantize_dynamic(network, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
+    places = [
+        (module, name)
+        for prefix, module in network.named_modules()
+        for name, child in module.named_children()
+        if type(child) is nn.Linear
+        and child not in tables
+        and not _is_exempt(f"{prefix}.{name}" if prefix else name, exempt)
+    ]
+    for module, name in places:
+        setattr(module, name, make(getattr(module, name)))
     return network
+
+
+def quantize_linear_int8(network: nn.Module, threads: int | None = None) -> nn.Module:
+    """Replace the (non-exempt, untied) ``nn.Linear`` layers by ``Int8Linear``, in place;
+    ``threads``: onnxruntime's threads per layer (default: torch's thread count)."""
+    threads = threads or torch.get_num_threads()
+    return replace_linears(network, lambda linear: Int8Linear(linear, threads))
 
 
 class PackedLinear(nn.Module):
@@ -142,14 +131,7 @@ def packs_linear(placement: Placement) -> bool:
 
 def pack_linears(network: nn.Module) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``."""
-    exempt = exempt_names(network)
-    tables = tied_to_embeddings(network)
-    for prefix, module in list(network.named_modules()):
-        for name, child in list(module.named_children()):
-            full = f"{prefix}.{name}" if prefix else name
-            if type(child) is nn.Linear and child not in tables and not _is_exempt(full, exempt):
-                setattr(module, name, PackedLinear(child))
-    return network
+    return replace_linears(network, PackedLinear)
 
 
 def apply_precision(

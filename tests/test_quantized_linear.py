@@ -1,0 +1,60 @@
+"""int8 linear layers (onnxruntime MatMulNBits): the block quantisation, the one-layer graph, and
+the products against the dequantised weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from cosyvoice_lite.quantized_linear import BLOCK, CODES, Int8Linear, _graph, quantize_blocks
+
+
+def test_block_codes_round_trip_within_half_a_step() -> None:
+    weight = torch.randn(24, 300, generator=torch.Generator().manual_seed(0))
+    weight[3] = 0  # an all-zero row stays zero
+    codes, scales = quantize_blocks(weight)
+    blocks = -(-300 // BLOCK)
+    assert codes.shape == (24, blocks, BLOCK) and codes.dtype == np.uint8
+    assert scales.shape == (24 * blocks,) and scales.dtype == np.float32
+    values = (codes.astype(np.float32) - 128) * scales.reshape(24, blocks, 1)
+    restored = torch.from_numpy(values.reshape(24, -1)[:, :300])
+    step = torch.from_numpy(np.repeat(scales.reshape(24, blocks), BLOCK, axis=1)[:, :300])
+    assert ((restored - weight).abs() <= step / 2 + 1e-7).all()
+    assert (codes.reshape(24, -1)[:, 300:] == 128).all()  # the padding codes zero
+    assert (restored[3] == 0).all()
+
+
+def test_graph_is_valid_onnx_with_the_codes_outside() -> None:
+    model, codes = _graph(nn.Linear(200, 96), BLOCK)
+    proto = onnx.load_from_string(model)
+    matmul, add = proto.graph.node
+    assert (matmul.op_type, matmul.domain, add.op_type) == ("MatMulNBits", "com.microsoft", "Add")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in matmul.attribute}
+    assert attributes == {"K": 200, "N": 96, "bits": 8, "block_size": BLOCK, "accuracy_level": 4}
+    weight = proto.graph.initializer[0]
+    assert weight.data_location == onnx.TensorProto.EXTERNAL and not weight.raw_data
+    assert {e.key: e.value for e in weight.external_data}["location"] == CODES
+    assert list(weight.dims) == list(codes.shape) and len(model) < codes.nbytes
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_products_match_the_dequantised_weights(bias: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(200, 96, bias=bias)
+    layer = Int8Linear(linear, threads=2)
+    codes, scales = quantize_blocks(linear.weight)
+    values = (codes.astype(np.float32) - 128) * scales.reshape(96, -1, 1)
+    dequantised = torch.from_numpy(values.reshape(96, -1)[:, :200])
+    x = torch.randn(3, 5, 200, generator=g)
+    expected = nn.functional.linear(x, dequantised, linear.bias)
+    out = layer(x)
+    assert out.shape == (3, 5, 96) and out.dtype == torch.float32
+    # activations are quantised per block of each row: an error well under 1% of the outputs
+    assert (out - expected).abs().max() < 0.01 * expected.abs().max()
+    # a row's activation scales are its own: alone (a vector) it gives the batch's result, up to
+    # the float order of the kernel's block sums
+    assert (layer(x[1, 2]) - out[1, 2]).abs().max() < 1e-5
+    assert layer.nbytes == codes.nbytes + scales.nbytes + (4 * 96 if bias else 0)
