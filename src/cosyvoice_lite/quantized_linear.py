@@ -148,9 +148,8 @@ class Int8Linear(nn.Module):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        options.enable_cpu_mem_arena = (
-            False  # an arena per layer would keep its peak (prefill) rows
-        )
+        # no memory arena: one per layer would keep its peak (prefill) rows for good
+        options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.intra_op.allow_spinning", str(int(_spins())))
         model, codes = _graph(linear, block)
         bias = 0 if linear.bias is None else 4 * linear.bias.numel()
