@@ -446,7 +446,8 @@ def test_forks_of_a_primed_prompt_equal_a_fresh_stream(flow: CausalMaskedDiffWit
     assert flow.stream_step(template, rest[:, :0]).shape[2] == 0
     assert template.tokens_done == 10
     template = template.fork()
-    assert sum(step.nbytes() for step in template.estimator) == 0  # the U-Net's part is shared
+    # the U-Net's part is shared
+    assert sum(row.nbytes() for step in template.estimator for row in step) == 0
     forks = [template.fork(), template.fork()]
     outs: list[list[torch.Tensor]] = [[], []]
     for i in range(rest.shape[1]):  # interleaved, token by token
@@ -456,7 +457,7 @@ def test_forks_of_a_primed_prompt_equal_a_fresh_stream(flow: CausalMaskedDiffWit
         outs[k].append(flow.stream_step(forks[k], rest[:, :0], finalize=True))
         torch.testing.assert_close(torch.cat(outs[k], dim=2), fresh, atol=1e-5, rtol=0)
     keys = [
-        next(item.keys for item in f.estimator[0].items if hasattr(item, "keys"))
+        next(item.keys for item in f.estimator[0][0].items if hasattr(item, "keys"))
         for f in (*forks, template)
     ]
     assert keys[0].shared is keys[1].shared is keys[2].shared
@@ -525,7 +526,7 @@ def test_a_stream_past_its_cache_budget_gives_the_same_mel(
     out, sizes = [], []
     for i in range(0, 22, 5):
         out.append(flow.stream_step(state, token[:, i : i + 5]))
-        sizes.append(sum(step.nbytes() for step in state.estimator))
+        sizes.append(sum(row.nbytes() for step in state.estimator for row in step))
     out.append(flow.stream_step(state, token[:, :0], finalize=True))
     torch.testing.assert_close(torch.cat(out, dim=2), whole, atol=1e-5, rtol=0)
     assert state.frozen_at is not None

@@ -20,7 +20,7 @@ from test_v3_flow import CFM_PARAMS, DIT_KW, FLOW_KW
 
 from cosyvoice_lite.networks import hift_causal_stream
 from cosyvoice_lite.networks.dit import DiT
-from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
+from cosyvoice_lite.networks.flow_matching import CFG_ROWS, CausalConditionalCFM
 from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT, PreLookaheadLayer
 from cosyvoice_lite.networks.flow_v3_stream import kv_cache_bytes_per_frame
 from cosyvoice_lite.networks.hift_causal import (
@@ -321,8 +321,9 @@ def test_forks_of_a_primed_prompt_match_the_official_rerun(flow: CausalMaskedDif
                 expected = flow_rerun(flow, token[:, :end], p_tok, p_feat, emb, finalize=False)
                 assert max_err(mel, expected[:, :, 2 * offset[k] :]) < TOL
                 fed[k], offset[k] = end, end - LOOK
-        shared = forks[0].steps[0].kv[0].keys.shared
-        assert shared is forks[1].steps[0].kv[0].keys.shared is template.steps[0].kv[0].keys.shared
+        shared = forks[0].steps[0][0].kv[0].keys.shared
+        assert shared is forks[1].steps[0][0].kv[0].keys.shared
+        assert shared is template.steps[0][0].kv[0].keys.shared
         assert shared.shape[-2] == 2 * template.tokens_done
         mel = flow.stream_step(forks[0], token[:, fed[0] :], finalize=True)
         expected = flow_rerun(flow, token, p_tok, p_feat, emb, finalize=True)
@@ -387,8 +388,8 @@ def test_flow_step_cost_stays_flat_and_cache_grows_linearly(flow: CausalMaskedDi
     assert state_steps == [2 * hop] * len(state_steps)
     frames = 2 * state.tokens_done
     estimator = flow.decoder.estimator
-    used = sum(kv.length for step in state.steps for kv in step.kv)
-    assert used == frames * len(state.steps) * estimator.depth
+    used = sum(kv.length for step in state.steps for row in step for kv in row.kv)
+    assert used == frames * len(state.steps) * CFG_ROWS * estimator.depth
     per_frame = kv_cache_bytes_per_frame(estimator)
     assert per_frame == 10 * 2 * 2 * 2 * 48 * 4  # steps, depth, k/v, CFG rows, width, float32
     assert (

@@ -35,6 +35,7 @@ from .modeldir import ModelDir, load_speakers, open_model_dir
 from .networks.flow_matching import check_steps
 from .pipelines.common import ModelInputs
 from .request import AudioChunk, Mode, SynthesisRequest
+from .row_parallel import RowSplit
 from .sampling import RasSampler
 from .versions import ENDOFPROMPT, SYSTEM_PROMPT, VersionSpec, spec
 
@@ -69,6 +70,20 @@ def release_freed_memory() -> None:
     bf16 and 3.0 -> 1.5 GB with int8 LLM layers. A long-running service would carry it for life."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # noqa: ANN001
+    """On a CPU with the torch backend and more than one torch thread (the CLI's ``--threads``),
+    the flow estimator's rows are computed on that many threads with one torch thread each
+    (row_parallel.py: no OpenMP wake-ups on its small operations). Whole utterances in float32
+    stay one batch, as the official computes them: split, a row's mel moves by ~1e-6, which the
+    vocoder's phase turns into ~6e-3 of waveform, and float32 is the precision that matches the
+    official bit for bit."""
+    threads = torch.get_num_threads()
+    if placement.device.type != "cpu" or backend != "torch" or threads < 2:
+        return
+    exact = placement.dtype == torch.float32
+    pipeline.flow.decoder.set_row_split(RowSplit(threads), utterances=not exact)
 
 
 class Engine:
@@ -163,6 +178,7 @@ class Engine:
             None if stream_cache_mb is None else stream_cache_mb << 20,
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
+        _split_flow_rows(pipeline, placement, backend)
         prompt_encoder = PromptEncoder(
             model_dir.path / "campplus.onnx",
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",
@@ -285,6 +301,7 @@ class Engine:
     def close(self) -> None:
         """Stop the engine loop (pending requests end with an error)."""
         self.loop.close()
+        self.pipeline.flow.decoder.close_row_split()
 
     def _prepare(
         self, request: SynthesisRequest, progress: Progress | None, prompt: PromptSource, sink: Sink

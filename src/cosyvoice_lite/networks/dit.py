@@ -176,10 +176,11 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def _per_row(emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Modulations [B, k] for the rows of x [B, ...] from `emb`, which may hold one group of rows
-    repeated over the batch (incremental streams solved together share their t: embedding one
-    group keeps each stream's values what they are alone)."""
-    return emb if emb.shape[0] == x.shape[0] else emb.repeat(x.shape[0] // emb.shape[0], 1)
+    """Modulations [B, k] for the rows of x [B, ...] from `emb`: its own rows, or, when the
+    counts differ, its first row for every row of x (the incremental streams' rows all share one
+    t, embedded as the official batch of two CFG rows so that a row's values are what they are
+    alone)."""
+    return emb if emb.shape[0] == x.shape[0] else emb[:1].expand(x.shape[0], -1)
 
 
 class AdaLayerNormZero(nn.Module):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.row_parallel import SERIAL, RowSplit
 
 # Frames at the end of a v1 chunk whose noise and mu are carried to the next chunk; it is the
 # mel length of the 20-token overlap, int(20 / 50 * 22050 / 256) (official hard-coded value).
@@ -37,6 +38,10 @@ FIXED_NOISE_FRAMES = 50 * 300
 # weights, so the official value stays the default.
 OFFICIAL_STEPS = 10
 MAX_STEPS = 100
+
+# Classifier-free guidance: every utterance or stream is two estimator rows (conditional, then
+# unconditional with mu, spks and cond zeroed).
+CFG_ROWS = 2
 
 
 def check_steps(steps: int) -> int:
@@ -69,20 +74,29 @@ def time_span(n_timesteps: int, scheduler: str, like: torch.Tensor) -> torch.Ten
 class StreamSolve:
     """One incremental stream's share of a flow call (v2 and v3): the new frames mu [1, 80, n]
     at mel frame ``start``. ``state`` has ``embedding``, ``prompt_feat``, ``cache_budget``,
-    ``frozen_at`` and ``frozen_mu``; ``caches`` (one per Euler step, with ``freeze()``) hold
-    ``own_bytes``."""
+    ``frozen_at`` and ``frozen_mu``; ``caches[step]`` holds one cache per CFG row (with
+    ``freeze()``), so that the rows can be computed apart (row_parallel.py); ``own_bytes`` is
+    what they hold."""
 
     state: Any
     mu: torch.Tensor
     start: int
-    caches: list[Any]
+    caches: list[list[Any]]
     own_bytes: int
 
 
-# velocity of streams' rows: (x [2S, 80, n] stream-major cond/uncond rows, mu, t [2S], spks,
-# cond, step, streams) -> [2S, 80, n]
+# velocity of rows of streams: (x [R, 80, n], mu, t [1] (every row's), spks, cond, the rows'
+# caches at this Euler step, their streams' first frames) -> [R, 80, n]
 StreamVelocity = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, list[StreamSolve]],
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        list[Any],
+        list[int],
+    ],
     torch.Tensor,
 ]
 
@@ -217,8 +231,9 @@ def solve_within_budget(
         state, budget = stream.state, stream.state.cache_budget
         if state.frozen_at is None and budget is not None and stream.own_bytes >= budget:
             state.frozen_at = stream.start
-            for cache in stream.caches:
-                cache.freeze()
+            for step in stream.caches:
+                for cache in step:
+                    cache.freeze()
         if state.frozen_at is None:
             together.setdefault(stream.mu.shape[2], []).append(index)
             continue
@@ -238,8 +253,9 @@ def solve_streams(
 ) -> torch.Tensor:
     """The Euler/CFG solve of S incremental streams' new frames (all n frames long) in one batch
     of 2S estimator rows: stream i's conditional row 2i, its unconditional row 2i + 1 (mu, spks,
-    cond zero), as the official batch of two for one stream. Mirrors `_EulerCFM.solve_euler`
-    (same operations, same t/dt accumulation); returns the float32 mel [S, 80, n]."""
+    cond zero), as the official batch of two for one stream; the rows are shared among the
+    threads of ``cfm.stream_rows``. Mirrors `_EulerCFM.solve_euler` (same operations, same t/dt
+    accumulation); returns the float32 mel [S, 80, n]."""
     first = streams[0]
     n, device = first.mu.shape[2], first.mu.device
     limit = cfm.rand_noise.shape[2]
@@ -258,12 +274,19 @@ def solve_streams(
         spks_in += [s.state.embedding, torch.zeros_like(s.state.embedding)]
         cond_in += [cond, torch.zeros_like(cond)]
     mu, spks, cond = stack_rows(mu_in), stack_rows(spks_in), stack_rows(cond_in)
-    rows = 2 * len(streams)
+    starts = [s.start for s in streams for _ in range(CFG_ROWS)]
     t_span = time_span(cfm.steps, cfm.t_scheduler, x)
 
     def rows_velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        x_in = torch.repeat_interleave(x, 2, dim=0).to(dtype)
-        return velocity(x_in, mu, t.expand(rows), spks, cond, step, streams)  # t float32
+        x_in = torch.repeat_interleave(x, CFG_ROWS, dim=0).to(dtype)
+        caches = [cache for s in streams for cache in s.caches[step]]
+
+        def share(rows: slice) -> torch.Tensor:  # t stays float32
+            return velocity(
+                x_in[rows], mu[rows], t, spks[rows], cond[rows], caches[rows], starts[rows]
+            )
+
+        return cfm.stream_rows.map(share, x_in.shape[0])
 
     return euler_cfg(x, t_span, cfm.inference_cfg_rate, rows_velocity)
 
@@ -326,10 +349,25 @@ class _EulerCFM(nn.Module):
         self.inference_cfg_rate = float(_cfm_param(cfm_params, "inference_cfg_rate"))
         self.estimator = estimator
         self.steps = OFFICIAL_STEPS  # chosen once at load with set_steps
+        # threads computing the estimator's rows of streams and of whole utterances
+        self.stream_rows = self.utterance_rows = SERIAL  # chosen once at load: set_row_split
 
     def set_steps(self, steps: int) -> None:
         """Use ``steps`` Euler steps from now on (a load-time choice; 10 is the official)."""
         self.steps = check_steps(steps)
+
+    def set_row_split(self, split: RowSplit, utterances: bool = True) -> None:
+        """Compute the estimator's rows of incremental streams (and with ``utterances``, of whole
+        utterances too) on ``split``'s threads from now on: a load-time choice for CPUs (see
+        row_parallel.py). A row computed apart may differ in the last float bits."""
+        self.stream_rows = split
+        self.utterance_rows = split if utterances else SERIAL
+
+    def close_row_split(self) -> None:
+        """Stop the threads of `set_row_split` (back to computing the rows in one batch)."""
+        self.stream_rows.close()
+        self.utterance_rows.close()
+        self.stream_rows = self.utterance_rows = SERIAL
 
     def solve_euler(
         self,
@@ -351,24 +389,35 @@ class _EulerCFM(nn.Module):
             raise ValueError(f"the flow solver runs one utterance at a time, got batch {batch}")
         # The official buffers take the dtype of spks: the dtype the estimator's weights are in.
         dtype = spks.dtype
-        x_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
-        mask_in = torch.zeros([2, 1, length], device=x.device, dtype=dtype)
-        mu_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
+        x_in = torch.zeros([CFG_ROWS, channels, length], device=x.device, dtype=dtype)
+        mask_in = torch.zeros([CFG_ROWS, 1, length], device=x.device, dtype=dtype)
+        mu_in = torch.zeros([CFG_ROWS, channels, length], device=x.device, dtype=dtype)
         # t stays float32: the time embedding scales it by 1000 before its sinusoids, so a
         # bfloat16 t (2**-9 steps near 0.5) would turn the phases by up to 2 radians
-        t_in = torch.zeros([2], device=x.device, dtype=torch.float32)
-        spks_in = torch.zeros([2, spks.shape[1]], device=x.device, dtype=dtype)
-        cond_in = torch.zeros([2, channels, length], device=x.device, dtype=dtype)
+        t_in = torch.zeros([CFG_ROWS], device=x.device, dtype=torch.float32)
+        spks_in = torch.zeros([CFG_ROWS, spks.shape[1]], device=x.device, dtype=dtype)
+        cond_in = torch.zeros([CFG_ROWS, channels, length], device=x.device, dtype=dtype)
         # Row 1 keeps mu/spks/cond at zero: the unconditional branch of classifier-free guidance.
         mu_in[0] = mu
         spks_in[0] = spks
         cond_in[0] = cond
         mask_in[:] = mask
 
+        def rows_velocity(rows: slice) -> torch.Tensor:
+            return self.estimator(
+                x_in[rows],
+                mask_in[rows],
+                mu_in[rows],
+                t_in[rows],
+                spks_in[rows],
+                cond_in[rows],
+                streaming=streaming,
+            )
+
         def velocity(x: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
             x_in[:] = x
             t_in[:] = t
-            return self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            return self.utterance_rows.map(rows_velocity, CFG_ROWS)
 
         x = euler_cfg(x, t_span, self.inference_cfg_rate, velocity)
         return x.float()

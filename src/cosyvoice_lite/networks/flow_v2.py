@@ -43,6 +43,7 @@ from cosyvoice_lite.networks.conformer import (
     encoder_attention_mask,
 )
 from cosyvoice_lite.networks.flow_matching import (
+    CFG_ROWS,
     StreamSolve,
     TokenChunks,
     stack_rows,
@@ -482,8 +483,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def _stream_solve(self, state: FlowV2StreamState, mu: torch.Tensor, start: int) -> StreamSolve:
         """The U-Net's share of a stream's call: new frames mu [1, 80, n] at mel frame `start`."""
         while len(state.estimator) < self.decoder.steps:
-            state.estimator.append(_LayerCaches())
-        own = sum(step.nbytes() for step in state.estimator)
+            state.estimator.append([_LayerCaches() for _ in range(CFG_ROWS)])
+        own = sum(row.nbytes() for step in state.estimator for row in step)
         return StreamSolve(state, mu, start, state.estimator, own)
 
     def _velocity(
@@ -493,11 +494,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         t: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
-        step: int,
-        streams: list[StreamSolve],
+        caches: list[_LayerCaches],
+        starts: list[int],
     ) -> torch.Tensor:
-        caches = [s.state.estimator[step] for s in streams]
-        starts = [s.start for s in streams]
         return _estimator_increment(self.decoder.estimator, x, mu, t, spks, cond, caches, starts)
 
 
@@ -510,7 +509,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
 #   encoder       pre-look-ahead conv2: the last 2 conv1 outputs; each Conformer layer: keys,
 #                 values and linear_pos rows for distances 0, 1, ...; up_layer: the last
 #                 2 token frames; each up-Conformer layer: keys, values, linear_pos rows
-#   U-Net         per Euler step (both CFG rows batched): the last 2 input frames of every causal
+#   U-Net         per Euler step and CFG row: the last 2 input frames of every causal
 #                 conv, and keys/values of every transformer block
 # The mel equals the official streaming re-run (finalize=False) chunk by chunk, up to float
 # rounding. Only whole chunks are encoded; tokens of a partial chunk wait for more tokens (the
@@ -607,7 +606,8 @@ class FlowV2StreamState:
     up_tail: torch.Tensor | None = None  # [1, 512, 2] last token frames before up_layer
     encoder: _LayerCaches = field(default_factory=_LayerCaches)
     up_encoder: _LayerCaches = field(default_factory=_LayerCaches)
-    estimator: list[_LayerCaches] = field(default_factory=list)  # one per Euler step
+    # per Euler step, one per CFG row (the rows can be computed on different threads)
+    estimator: list[list[_LayerCaches]] = field(default_factory=list)
     # Memory budget of the U-Net caches (bytes of this stream's own frames; None: unbounded).
     # Past it the caches stop growing: each call re-solves the frames from `frozen_at` on
     # against them, as the official re-runs its whole history (see solve_within_budget).
@@ -624,12 +624,12 @@ class FlowV2StreamState:
             self,
             encoder=self.encoder.fork(share=False),
             up_encoder=self.up_encoder.fork(share=False),
-            estimator=[step.fork(share=True) for step in self.estimator],
+            estimator=[[row.fork(share=True) for row in step] for step in self.estimator],
         )
 
     def cache_bytes(self, shared: bool = False) -> int:
         """Bytes held by this stream's own caches (with ``shared``: and by its shared prefix)."""
-        caches = [self.encoder, self.up_encoder, *self.estimator]
+        caches = [self.encoder, self.up_encoder, *(row for step in self.estimator for row in step)]
         return sum(caches.nbytes(shared) for caches in caches)
 
 
@@ -707,8 +707,8 @@ def _conformer_increment(
 def _causal_conv_increment(
     conv: CausalConv1d, x: torch.Tensor, caches: list[_LayerCaches]
 ) -> torch.Tensor:
-    """A left-padded conv over new frames x [2S, C, n] of S streams, each stream's left context
-    (its two CFG rows) taken from its cache."""
+    """A left-padded conv over new frames x [R, C, n], each row's left context taken from its
+    cache (``caches[r]``, one per row)."""
     pad = conv.causal_padding
     rows = x.size(0) // len(caches)
     tails = [cache.next(_ConvTail) for cache in caches]
@@ -732,9 +732,9 @@ def _causal_block_increment(
 def _resnet_increment(
     resnet: nn.Module, x: torch.Tensor, time_emb: torch.Tensor, caches: list[_LayerCaches]
 ) -> torch.Tensor:
-    """time_emb: one stream's rows (every stream has the same t)."""
+    """time_emb: the CFG rows' embedding of t (every row has the same t)."""
     h = _causal_block_increment(resnet.block1, x, caches)
-    h = h + resnet.mlp(time_emb).repeat(len(caches), 1).unsqueeze(-1)
+    h = h + resnet.mlp(time_emb)[:1].expand(h.size(0), -1).unsqueeze(-1)
     h = _causal_block_increment(resnet.block2, h, caches)
     return h + resnet.res_conv(x)
 
@@ -746,8 +746,8 @@ def _transformers_increment(
     starts: list[int],
     chunk: int,
 ) -> torch.Tensor:
-    """diffusers BasicTransformerBlocks over new frames x [2S, C, n] of S streams: projections
-    and feed-forwards for all rows at once, attention per stream over its cached keys/values."""
+    """diffusers BasicTransformerBlocks over new frames x [R, C, n]: projections and
+    feed-forwards for all rows at once, attention per row over its cached keys/values."""
     n = x.size(2)
     rows = x.size(0) // len(caches)
     h = x.transpose(1, 2)
@@ -785,8 +785,8 @@ def _estimator_increment(
     caches: list[_LayerCaches],
     starts: list[int],
 ) -> torch.Tensor:
-    """The causal U-Net's velocity for new frames [2S, 80, n] of S streams, stream i's rows
-    2i, 2i + 1 at its absolute frame `starts[i]`, against its caches `caches[i]`.
+    """The causal U-Net's velocity for new frames [R, 80, n] of R rows (CFG rows of streams),
+    row r of a stream at absolute frame `starts[r]`, against that row's caches `caches[r]`.
 
     Mirrors CausalConditionalDecoder.forward with streaming=True and an all-ones mask (whose
     multiplications are exact no-ops), one level (channels [c]) so no down/up-sampling.
@@ -794,10 +794,9 @@ def _estimator_increment(
     for cache in caches:
         cache.rewind()
     chunk = estimator.static_chunk_size
-    # every row has the same t: embedded for one stream's rows (a batch of other sizes could
-    # round differently) and repeated
-    rows = x.size(0) // len(caches)
-    time_emb = estimator.time_mlp(estimator.time_embeddings(t[:rows]).to(x.dtype))
+    # every row has the same t: embedded as the official batch of two CFG rows (a batch of
+    # another size could round differently), each row taking the first
+    time_emb = estimator.time_mlp(estimator.time_embeddings(t.expand(CFG_ROWS)).to(x.dtype))
     h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(2)), cond], dim=1)
     skips = []
     for resnet, transformers, conv in estimator.down_blocks:

@@ -21,9 +21,9 @@ frames against caches of what came before:
 
 So the mel of chunk c depends only on the tokens up to the end of chunk c plus 3 look-ahead
 tokens, and a frame's trajectory never depends on later frames. Per stream the state keeps, for
-each of the 10 Euler steps: the last 30 inputs of both position convs and the keys/values of every
-DiT block, both CFG rows (`_StepCache`); plus the last 2 conv1 outputs of the pre-look-ahead
-layer. Each call then costs the new frames only (their attention still reads all cached keys),
+each of the 10 Euler steps and each CFG row (one `_StepCache`, so that the rows can be computed
+apart): the last 30 inputs of both position convs and the keys/values of every DiT block; plus the
+last 2 conv1 outputs of the pre-look-ahead layer. Each call then costs the new frames only (their attention still reads all cached keys),
 until the stream passes its `cache_budget` (then it re-solves the frames after the frozen caches).
 
 The mel equals the official streaming re-run chunk by chunk up to float rounding. Only whole
@@ -57,6 +57,7 @@ from cosyvoice_lite.networks.attention import attention, chunk_keep
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
+    CFG_ROWS,
     OFFICIAL_STEPS,
     StreamSolve,
     TokenChunks,
@@ -76,9 +77,6 @@ __all__ = [
     "stream_tokens_needed",
     "kv_cache_bytes_per_frame",
 ]
-
-# CFG: every estimator call is a batch of two rows (conditional, unconditional).
-_CFG_ROWS = 2
 
 
 class _KVCache:
@@ -150,7 +148,8 @@ class FlowV3StreamState:
     tokens_done: int = 0  # tokens turned into mel so far, prompt included
     finished: bool = False
     pre_lookahead_tail: torch.Tensor | None = None  # [1, channels, 2] last conv1 outputs
-    steps: list[_StepCache] = field(default_factory=list)  # one per Euler step
+    # per Euler step, one per CFG row (the rows can be computed on different threads)
+    steps: list[list[_StepCache]] = field(default_factory=list)
     last_step_frames: int = 0  # mel frames the estimator ran on in the last call (cost probe)
     # Memory budget of the DiT caches (bytes of this stream's own frames; None: unbounded). Past
     # it the caches stop growing: each call re-solves the frames from `frozen_at` on against
@@ -164,14 +163,16 @@ class FlowV3StreamState:
         ``shared``: and by its shared prefix)."""
         tail = self.pre_lookahead_tail
         total = 0 if tail is None else tail.numel() * tail.element_size()
-        return total + sum(step.nbytes(shared) for step in self.steps)
+        return total + sum(row.nbytes(shared) for step in self.steps for row in step)
 
     def fork(self) -> FlowV3StreamState:
         """A stream that goes on from here independently; the keys and values so far are shared
         with it, not copied (a voice's prompt, computed once: see `PromptFlowCache`)."""
         if self.finished:
             raise ValueError("a finalized flow stream cannot be forked")
-        return dataclasses.replace(self, steps=[step.fork() for step in self.steps])
+        return dataclasses.replace(
+            self, steps=[[row.fork() for row in step] for step in self.steps]
+        )
 
 
 def kv_cache_bytes_per_frame(
@@ -180,7 +181,7 @@ def kv_cache_bytes_per_frame(
     """Key/value bytes one mel frame adds to a stream (every Euler step and block, both CFG rows)."""
     inner = estimator.transformer_blocks[0].attn.inner_dim if estimator.depth > 0 else 0
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return steps * estimator.depth * 2 * _CFG_ROWS * inner * itemsize
+    return steps * estimator.depth * 2 * CFG_ROWS * inner * itemsize
 
 
 # ------------------------------------------------------------------------------------- public
@@ -323,7 +324,10 @@ def _stream_solve(
     estimator: DiT = flow.decoder.estimator
     while len(state.steps) < flow.decoder.steps:
         state.steps.append(
-            _StepCache(estimator.depth, state.cache_dtype, estimator.static_chunk_size)
+            [
+                _StepCache(estimator.depth, state.cache_dtype, estimator.static_chunk_size)
+                for _ in range(CFG_ROWS)
+            ]
         )
     return StreamSolve(state, mu, start, state.steps, state.cache_bytes())
 
@@ -335,26 +339,28 @@ def _velocity(
     t: torch.Tensor,
     spks: torch.Tensor,
     cond: torch.Tensor,
-    step: int,
-    streams: list[StreamSolve],
+    caches: list[_StepCache],
+    starts: list[int],
 ) -> torch.Tensor:
-    """DiT.forward(streaming=True, all-ones mask) on new frames [2S, 80, n] of S streams, stream
-    i's rows 2i, 2i + 1 at its frame `streams[i].start`, against its step caches."""
-    caches = [s.state.steps[step] for s in streams]
-    rows = x.shape[0] // len(streams)
+    """DiT.forward(streaming=True, all-ones mask) on new frames [R, 80, n] of R rows (CFG rows
+    of streams), row r at its stream's frame `starts[r]`, against its own step cache
+    `caches[r]`."""
+    rows = x.shape[0] // len(caches)
     x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
     n = x.shape[1]
-    t_emb = estimator.time_embed(t[:rows])  # one stream's rows: all have the same t
+    # every row has the same t: embedded as the official batch of two CFG rows (a batch of
+    # another size could round differently); the modulations take its first row (_per_row)
+    t_emb = estimator.time_embed(t.expand(CFG_ROWS))
     h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
     h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches) + h
     rope = stack_rows(
         [
-            estimator.rotary_embed.forward_from_seq_len(n, offset=s.start).expand(rows, -1, -1)
-            for s in streams
+            estimator.rotary_embed.forward_from_seq_len(n, offset=start).expand(rows, -1, -1)
+            for start in starts
         ]
     )
     keeps = [
-        chunk_keep(s.start, n, s.start + n, estimator.static_chunk_size, h.device) for s in streams
+        chunk_keep(start, n, start + n, estimator.static_chunk_size, h.device) for start in starts
     ]
     keeps = [None if bool(keep.all()) else keep for keep in keeps]  # whole chunks: no mask
     residual = h

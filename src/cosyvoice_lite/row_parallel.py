@@ -1,0 +1,92 @@
+"""A batch's rows computed on several CPU threads at once, each with one torch thread.
+
+Why: the flows' operations are small on a CPU (a streamed chunk is 50 frames), and under the
+passive OpenMP wait policy that the CLI and the server use, every parallel operation pays the
+wake-up of its sleeping OpenMP threads (~100 us on the development VM: a 51k-element add took
+102 us on 2 threads against 7 us on one). A streamed CosyVoice2 chunk took 2.7-3.1 s on 2 torch
+threads and 2.2-3.2 s on one. The rows of an estimator call (a stream's conditional and
+unconditional rows, or several streams) are independent, so k threads computing a share of the
+rows each, with one torch thread each, use k cores with no OpenMP wake-up at all: 1.7-2.0 s
+(benchmarks/README.md, "Flow rows on threads").
+
+The rows run one by one on ``threads`` helper threads owned here, while the caller waits, so the
+caller keeps its own torch threads for its other work. A row is always computed alone, in one
+shape: its result is the same whatever the batch (float32 matrix products can round differently
+for another number of rows), so streams computed together still equal each alone. Each row must
+touch only its own state: the incremental flows keep one cache per row for that reason.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+
+import torch
+
+
+class RowSplit:
+    """Runs ``fn(rows)`` for each row of a batch alone (``rows`` a one-row slice), the rows shared
+    among ``threads`` threads, and concatenates the results along dim 0 in row order: a row's
+    result never depends on which rows it was computed with, as each is computed in one shape.
+    ``RowSplit(1)`` (``SERIAL``) calls ``fn`` once with every row, on the caller's thread."""
+
+    def __init__(self, threads: int) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.threads = threads
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._helpers: list[threading.Thread] = []
+        if threads == 1:
+            return
+        # torch.set_num_threads(1) in a helper also makes 1 the count that threads starting later
+        # take: the helpers start here, and the creator's count is set again once they are ready
+        # (the creator's own count does not change)
+        default = torch.get_num_threads()
+        ready = threading.Barrier(threads + 1)
+        for index in range(threads):
+            helper = threading.Thread(
+                target=self._serve, args=(ready,), name=f"cosyvoice-rows-{index}", daemon=True
+            )
+            helper.start()
+            self._helpers.append(helper)
+        ready.wait()
+        torch.set_num_threads(default)
+
+    def _serve(self, ready: threading.Barrier) -> None:
+        torch.get_num_threads()  # torch's per-thread set-up first: it would apply the default
+        torch.set_num_threads(1)
+        ready.wait()
+        while (work := self._queue.get()) is not None:
+            fn, rows, future = work
+            try:
+                future.set_result(fn(rows))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    def map(self, fn: Callable[[slice], torch.Tensor], rows: int) -> torch.Tensor:
+        if not self._helpers:
+            return fn(slice(0, rows))
+        # grad and inference modes are per thread: the helpers take the caller's
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def share(rows: slice) -> torch.Tensor:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(rows)
+
+        futures: list[Future] = []
+        for row in range(rows):
+            futures.append(Future())
+            self._queue.put((share, slice(row, row + 1), futures[-1]))
+        wait(futures)  # every row done (or failed) before any result or error is used
+        return torch.cat([future.result() for future in futures], dim=0)
+
+    def close(self) -> None:
+        """Stop the helper threads once their work is done (a later `map` computes serially)."""
+        helpers, self._helpers = self._helpers, []
+        for _ in helpers:
+            self._queue.put(None)
+
+
+SERIAL = RowSplit(1)

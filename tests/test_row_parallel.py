@@ -1,0 +1,147 @@
+"""Flow rows on threads (row_parallel.py): each row computed alone, in order, with one torch thread;
+the tiny v2/v3 flows give the same mel split as in one batch, and streams together equal alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosyvoice_lite.device import resolve_placement
+from cosyvoice_lite.modeldir import open_model_dir
+from cosyvoice_lite.pipelines.factory import load_network
+from cosyvoice_lite.row_parallel import SERIAL, RowSplit
+
+MODELS = Path(__file__).resolve().parent / "data" / "models"
+
+
+@pytest.fixture(scope="module")
+def split() -> RowSplit:
+    rows = RowSplit(2)
+    yield rows
+    rows.close()
+
+
+def test_rows_are_computed_alone_in_order(split: RowSplit) -> None:
+    seen: list[tuple[int, int, str, int]] = []
+    lock = threading.Lock()
+    batch = torch.arange(10.0).view(5, 2)
+
+    def double(rows: slice) -> torch.Tensor:
+        with lock:
+            name = threading.current_thread().name
+            seen.append((rows.start, rows.stop, name, torch.get_num_threads()))
+        return batch[rows] * 2
+
+    with torch.inference_mode():
+        out = split.map(double, 5)
+    assert torch.equal(out, batch * 2) and out.is_inference()
+    assert sorted((a, b) for a, b, _, _ in seen) == [(r, r + 1) for r in range(5)]
+    assert {name for _, _, name, _ in seen} <= {"cosyvoice-rows-0", "cosyvoice-rows-1"}
+    assert {threads for *_, threads in seen} == {1}  # no OpenMP wake-ups inside a row
+    calls: list[slice] = []
+    assert torch.equal(SERIAL.map(lambda rows: calls.append(rows) or batch[rows], 5), batch)
+    assert calls == [slice(0, 5)]  # serially: one call with every row
+
+
+def test_helpers_leave_the_thread_counts_of_others_alone() -> None:
+    before = torch.get_num_threads()
+    rows = RowSplit(2)
+    counts: list[int] = []
+    fresh = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    rows.close()
+    assert torch.get_num_threads() == before and counts == [before]
+
+
+def test_a_failing_row_fails_the_call_after_every_row_is_done(split: RowSplit) -> None:
+    done: list[int] = []
+
+    def fail_row_0(rows: slice) -> torch.Tensor:
+        if rows.start == 0:
+            raise ValueError("row 0 is bad")
+        done.append(rows.start)
+        return torch.zeros(1)
+
+    with pytest.raises(ValueError, match="row 0 is bad"):
+        split.map(fail_row_0, 3)
+    assert sorted(done) == [1, 2]
+    assert torch.equal(split.map(lambda rows: torch.ones(1), 2), torch.ones(2))  # still serving
+
+
+def _flow(version: int) -> torch.nn.Module:
+    directory = open_model_dir(MODELS / f"v{version}-tiny")
+    return load_network(directory, "flow", "flow.pt", resolve_placement("cpu", "float32"))
+
+
+def _voice(flow: torch.nn.Module, prompt: int = 12, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = flow.input_embedding.num_embeddings
+    tokens = torch.randint(0, vocab, (1, prompt + 40), generator=g)
+    feat = torch.randn(1, 2 * prompt, 80, generator=g)
+    embedding = torch.randn(1, flow.spk_embed_affine_layer.in_features, generator=g)
+    return tokens[:, :prompt], tokens[:, prompt:], feat, embedding
+
+
+def _stream(flow: torch.nn.Module, voices: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """The voices' new tokens streamed together (chunks of 7 tokens), each stream's mel."""
+    states = [flow.new_stream(p, f, e) for p, _, f, e in voices]
+    mels: list[list[torch.Tensor]] = [[] for _ in voices]
+    for start in range(0, 40, 7):
+        last = start + 7 >= 40
+        steps = flow.stream_steps(
+            states, [new[:, start : start + 7] for _, new, _, _ in voices], [last] * len(voices)
+        )
+        for mel, out in zip(steps, mels, strict=True):
+            out.append(mel)
+    return [torch.cat(out, dim=2) for out in mels]
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_streams_split_equal_one_batch_and_together_equal_alone(
+    version: int, split: RowSplit
+) -> None:
+    flow = _flow(version)
+    voices = [_voice(flow, 12, 0), _voice(flow, 17, 1)]
+    batch = [_stream(flow, [voice])[0] for voice in voices]
+    flow.decoder.set_row_split(split)
+    try:
+        alone = [_stream(flow, [voice])[0] for voice in voices]
+        together = _stream(flow, voices)
+    finally:
+        flow.decoder.set_row_split(SERIAL)
+    for a, b, c in zip(batch, alone, together, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert torch.equal(c, b)  # each row is computed alone: exactly the same together
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_whole_utterances_split_equal_one_batch(version: int, split: RowSplit) -> None:
+    flow = _flow(version)
+    prompt, new, feat, embedding = _voice(flow)
+    length = torch.tensor([new.shape[1]])
+    args = dict(
+        token=new,
+        token_len=length,
+        prompt_token=prompt,
+        prompt_token_len=torch.tensor([prompt.shape[1]]),
+        prompt_feat=feat,
+        prompt_feat_len=torch.tensor([feat.shape[1]]),
+        embedding=embedding,
+    )
+    if version == 1:
+        args.update(flow_cache=None, generator=torch.Generator().manual_seed(3))
+    else:
+        args.update(streaming=False, finalize=True)
+    batch = flow.inference(**args)[0]
+    if version == 1:
+        args["generator"] = torch.Generator().manual_seed(3)
+    flow.decoder.set_row_split(split, utterances=True)
+    try:
+        rows = flow.inference(**args)[0]
+    finally:
+        flow.decoder.set_row_split(SERIAL)
+    torch.testing.assert_close(rows, batch, atol=1e-5, rtol=0)
