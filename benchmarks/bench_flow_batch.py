@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from floors import describe, measure  # noqa: E402
+from floors import describe, footer, measure  # noqa: E402
 
 from cosyvoice_lite.engine import Engine  # noqa: E402
 
@@ -100,12 +100,7 @@ def main() -> None:
             f"{alone_best / together_best:>9.2f}x{together_best / count:>14.2f}{diff:>10.1e}",
             flush=True,
         )
-    end = os.getloadavg()
-    print(f"floors measured in this run: {floors}")
-    print(
-        f"load average at start {load_start[0]:.2f}, at end {end[0]:.2f} "
-        f"(on {os.cpu_count()} cores)"
-    )
+    print(footer(floors, load_start))
 
 
 if __name__ == "__main__":

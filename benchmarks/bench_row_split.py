@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from floors import describe, measure  # noqa: E402
+from floors import describe, footer, measure  # noqa: E402
 
 from cosyvoice_lite.engine import Engine  # noqa: E402
 from cosyvoice_lite.row_parallel import SERIAL, RowSplit  # noqa: E402
@@ -144,12 +144,7 @@ def main() -> None:
         )
     rows.close()
     engine.close()
-    end = os.getloadavg()
-    print(f"floors measured in this run: {floors}")
-    print(
-        f"load average at start {load_start[0]:.2f}, at end {end[0]:.2f} "
-        f"(on {os.cpu_count()} cores)"
-    )
+    print(footer(floors, load_start))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main() -> None:
         return worker(args)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-    from floors import describe, measure
+    from floors import describe, footer, measure
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -134,11 +134,7 @@ def main() -> None:
             f"{row['seconds'] / row['audio_s']:>7.2f}{row['first_chunk_compute_s']:>15.2f}"
             f"{row['seconds'] / rows[0]['seconds']:>18.2f}x"
         )
-    end = os.getloadavg()
-    print(f"floors measured in this run: {floors}")
-    print(
-        f"load average at start {load_start[0]:.2f}, at end {end[0]:.2f} (on {os.cpu_count()} cores)"
-    )
+    print(footer(floors, load_start))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main() -> None:
     if args.worker:
         return worker(str(args.model), args.dtype, args.threads)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from floors import describe, measure
+    from floors import describe, footer, measure
 
     load_start = os.getloadavg()
     floors = describe(measure())
@@ -131,11 +131,7 @@ def main() -> None:
                 f"{policy:>16}{chunk:>14.2f}{base['chunk_s'] / chunk:>7.2f}x"
                 f"{step:>14.1f}{base['step_ms'] / step:>7.2f}x"
             )
-    print(f"\nfloors measured in this run: {floors}")
-    end = os.getloadavg()
-    print(
-        f"load average at start {load_start[0]:.2f}, at end {end[0]:.2f} (on {os.cpu_count()} cores)"
-    )
+    print(f"\n{footer(floors, load_start)}")
 
 
 if __name__ == "__main__":

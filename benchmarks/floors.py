@@ -58,5 +58,16 @@ def describe(floors: dict) -> str:
     )
 
 
+def footer(floors: str, load_start: tuple[float, ...]) -> str:
+    """The closing lines of a benchmark: the floors measured in its run (``describe``) and the
+    load average at its start and now."""
+    end = os.getloadavg()
+    return (
+        f"floors measured in this run: {floors}\n"
+        f"load average at start {load_start[0]:.2f}, at end {end[0]:.2f} "
+        f"(on {os.cpu_count()} cores)"
+    )
+
+
 if __name__ == "__main__":
     print(describe(measure()))
