@@ -710,13 +710,12 @@ def _causal_conv_increment(
     """A left-padded conv over new frames x [R, C, n], each row's left context taken from its
     cache (``caches[r]``, one per row)."""
     pad = conv.causal_padding
-    rows = x.size(0) // len(caches)
     tails = [cache.next(_ConvTail) for cache in caches]
-    left = [t.frames if t.frames is not None else x.new_zeros(rows, x.size(1), pad) for t in tails]
+    left = [t.frames if t.frames is not None else x.new_zeros(1, x.size(1), pad) for t in tails]
     x = torch.cat([stack_rows(left), x], dim=2)
     for index, (tail, cache) in enumerate(zip(tails, caches, strict=True)):
         if not cache.frozen:
-            frames = x[index * rows : (index + 1) * rows, :, x.size(2) - pad :]
+            frames = x[index : index + 1, :, x.size(2) - pad :]
             # a view would keep the whole batch's input alive while the stream lives
             tail.frames = frames.clone() if len(caches) > 1 else frames
     return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
@@ -749,7 +748,6 @@ def _transformers_increment(
     """diffusers BasicTransformerBlocks over new frames x [R, C, n]: projections and
     feed-forwards for all rows at once, attention per row over its cached keys/values."""
     n = x.size(2)
-    rows = x.size(0) // len(caches)
     h = x.transpose(1, 2)
     # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere; none at all
     # when every new frame sees every earlier one (whole chunks), which adds 0 to every score.
@@ -762,7 +760,7 @@ def _transformers_increment(
         outs = []
         for index, (caches_i, bias) in enumerate(zip(caches, biases, strict=True)):
             cache = caches_i.next(_AttentionCache)
-            mine = slice(index * rows, (index + 1) * rows)
+            mine = slice(index, index + 1)
             keys, values = cache.keys.append(k[mine]), cache.values.append(v[mine])
             # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
             # frame sees all of them; the chunk mask covers the rows `append` returned

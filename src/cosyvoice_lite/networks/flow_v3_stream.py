@@ -23,8 +23,8 @@ So the mel of chunk c depends only on the tokens up to the end of chunk c plus 3
 tokens, and a frame's trajectory never depends on later frames. Per stream the state keeps, for
 each of the 10 Euler steps and each CFG row (one `_StepCache`, so that the rows can be computed
 apart): the last 30 inputs of both position convs and the keys/values of every DiT block; plus the
-last 2 conv1 outputs of the pre-look-ahead layer. Each call then costs the new frames only (their attention still reads all cached keys),
-until the stream passes its `cache_budget` (then it re-solves the frames after the frozen caches).
+last 2 conv1 outputs of the pre-look-ahead layer. Each call then costs the new frames only (their
+attention still reads all cached keys), until the stream passes its `cache_budget` (then it re-solves the frames after the frozen caches).
 
 The mel equals the official streaming re-run chunk by chunk up to float rounding. Only whole
 chunks are computed before `finalize` (the official hop schedule is chunk-aligned, so this never
@@ -80,8 +80,8 @@ __all__ = [
 
 
 class _KVCache:
-    """Keys and values of one attention layer at one Euler step, both CFG rows
-    ([rows, heads, T, dim_head] each), stored in ``dtype`` (None: as computed)."""
+    """Keys and values of one attention layer at one Euler step, one CFG row
+    ([1, heads, T, dim_head] each), stored in ``dtype`` (None: as computed)."""
 
     def __init__(self, dtype: torch.dtype | None, granule: int) -> None:
         self.keys = GrowingBuffer(dtype, granule)
@@ -92,7 +92,7 @@ class _KVCache:
         return self.keys.length
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append [rows, heads, n, dim_head] keys/values; returns the rows a reader sees next to
+        """Append [1, heads, n, dim_head] keys/values; returns the rows a reader sees next to
         the buffers' ``parts()`` (see ``GrowingBuffer.append``), in their dtype."""
         return self.keys.append(keys), self.values.append(values)
 
@@ -110,8 +110,8 @@ class _StepCache:
     """What one Euler step of the DiT keeps: position-conv tails and per-block keys/values."""
 
     def __init__(self, depth: int, dtype: torch.dtype | None, granule: int) -> None:
-        self.conv1_tail: torch.Tensor | None = None  # [rows, dim, kernel - 1] inputs of conv1
-        self.conv2_tail: torch.Tensor | None = None  # [rows, dim, kernel - 1] inputs of conv2
+        self.conv1_tail: torch.Tensor | None = None  # [1, dim, kernel - 1] inputs of conv1
+        self.conv2_tail: torch.Tensor | None = None  # [1, dim, kernel - 1] inputs of conv2
         self.kv = [_KVCache(dtype, granule) for _ in range(depth)]
         self.frozen = False  # past the stream's budget: read, never extended
 
@@ -345,7 +345,6 @@ def _velocity(
     """DiT.forward(streaming=True, all-ones mask) on new frames [R, 80, n] of R rows (CFG rows
     of streams), row r at its stream's frame `starts[r]`, against its own step cache
     `caches[r]`."""
-    rows = x.shape[0] // len(caches)
     x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
     n = x.shape[1]
     # every row has the same t: embedded as the official batch of two CFG rows (a batch of
@@ -354,10 +353,7 @@ def _velocity(
     h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
     h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches) + h
     rope = stack_rows(
-        [
-            estimator.rotary_embed.forward_from_seq_len(n, offset=start).expand(rows, -1, -1)
-            for start in starts
-        ]
+        [estimator.rotary_embed.forward_from_seq_len(n, offset=start) for start in starts]
     )
     keeps = [
         chunk_keep(start, n, start + n, estimator.static_chunk_size, h.device) for start in starts
@@ -389,19 +385,18 @@ def _input_parts(
 def _conv_position_increment(
     pos: nn.Module, h: torch.Tensor, caches: list[_StepCache]
 ) -> torch.Tensor:
-    """CausalConvPositionEmbedding on new frames h [2S, n, dim] of S streams: each conv reads
-    the last `kernel_size - 1` inputs of the stream's previous call (zeros at the start, as the
-    left padding)."""
+    """CausalConvPositionEmbedding on new frames h [R, n, dim], one cache per row: each conv
+    reads the last `kernel_size - 1` inputs of the row's previous call (zeros at the start, as
+    the left padding)."""
     left = pos.kernel_size - 1
-    rows = h.shape[0] // len(caches)
     x = h.transpose(1, 2)
     for conv, name in ((pos.conv1, "conv1_tail"), (pos.conv2, "conv2_tail")):
         tails = [getattr(cache, name) for cache in caches]
-        zeros = x.new_zeros(rows, x.shape[1], left)
+        zeros = x.new_zeros(1, x.shape[1], left)
         x = torch.cat([stack_rows([t if t is not None else zeros for t in tails]), x], dim=2)
         for index, cache in enumerate(caches):
             if not cache.frozen:
-                tail = x[index * rows : (index + 1) * rows, :, x.shape[2] - left :]
+                tail = x[index : index + 1, :, x.shape[2] - left :]
                 setattr(cache, name, tail.clone())
         x = conv(x)
     return x.transpose(1, 2)
@@ -414,15 +409,14 @@ def _attention_increment(
     kvs: list[_KVCache],
     keeps: list[torch.Tensor | None],
 ) -> torch.Tensor:
-    """The DiT Attention for new frames x [2S, n, dim] of S streams: projections for all rows,
-    attention per stream against its cached keys/values (`kvs[i]`, chunk mask `keeps[i]`,
-    None where every new frame sees every cached one).
+    """The DiT Attention for new frames x [R, n, dim]: projections for all rows, attention per
+    row against its cached keys/values (`kvs[r]`, chunk mask `keeps[r]`, None where every new
+    frame sees every cached one).
 
     As officially, RoPE rotates the un-split projections (head 0 only). The official output
     masking uses the last query row of the mask, which sees every frame: nothing is zeroed.
     """
     total, n = x.shape[0], x.shape[1]
-    rows = total // len(kvs)
     query, key, value = grouped(attn, "qkv", x)
     query, key = apply_rotary_pos_emb(query, rope), apply_rotary_pos_emb(key, rope)
     head_dim = key.shape[-1] // attn.heads
@@ -433,7 +427,7 @@ def _attention_increment(
     query, key, value = split(query), split(key), split(value)
     outs = []
     for index, (kv, keep) in enumerate(zip(kvs, keeps, strict=True)):
-        mine = slice(index * rows, (index + 1) * rows)
+        mine = slice(index, index + 1)
         keys, values = kv.append(key[mine], value[mine])
         # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
         # frame sees all of them; the chunk mask covers the rows `append` returned
