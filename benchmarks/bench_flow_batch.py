@@ -32,16 +32,23 @@ from cosyvoice_lite.engine import Engine  # noqa: E402
 PROMPT_TOKENS = 123  # a 4.9 s prompt, as in bench_v2v3.py
 
 
-def primed_voice(flow: Any) -> tuple[Any, torch.Tensor]:
-    """A stream of a random 123-token voice whose prompt went through the flow (as for a saved
-    voice), and the next hop of tokens: one whole 50-frame chunk."""
+def random_voice(flow: Any, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random 123-token voice of a CosyVoice2/3 flow: prompt tokens [1, P], prompt mel
+    [1, 2P, 80], speaker embedding [1, 192]."""
     if not hasattr(flow, "stream_tokens_needed"):
         raise SystemExit("this benchmark needs a CosyVoice2/3 model directory")
-    g = torch.Generator().manual_seed(0)
     vocab = flow.input_embedding.num_embeddings
     prompt_token = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=g)
     prompt_feat = torch.randn(1, 2 * PROMPT_TOKENS, 80, generator=g)
-    embedding = torch.randn(1, 192, generator=g)
+    return prompt_token, prompt_feat, torch.randn(1, 192, generator=g)
+
+
+def primed_voice(flow: Any) -> tuple[Any, torch.Tensor]:
+    """A stream of a random 123-token voice whose prompt went through the flow (as for a saved
+    voice), and the next hop of tokens: one whole 50-frame chunk."""
+    g = torch.Generator().manual_seed(0)
+    vocab = flow.input_embedding.num_embeddings
+    prompt_token, prompt_feat, embedding = random_voice(flow, g)
     voice = flow.new_stream(prompt_token, prompt_feat, embedding)
     with torch.inference_mode():
         flow.stream_step(voice, prompt_token[:, :0])  # the prompt's whole chunks, once

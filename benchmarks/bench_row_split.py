@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_flow_batch import PROMPT_TOKENS, random_voice  # noqa: E402
 from floors import describe, footer, measure  # noqa: E402
 
 from cosyvoice_lite.engine import Engine  # noqa: E402
 from cosyvoice_lite.row_parallel import SERIAL, RowSplit  # noqa: E402
 
-PROMPT_TOKENS = 123  # a 4.9 s prompt, as in bench_v2v3.py
 UTTERANCE_TOKENS = 100
 
 
@@ -65,13 +65,9 @@ def in_worker(threads: int, fn: Callable[[], torch.Tensor]) -> tuple[float, torc
 
 
 def workloads(flow: Any) -> dict[str, Callable[[], torch.Tensor]]:
-    if not hasattr(flow, "stream_tokens_needed"):
-        raise SystemExit("this benchmark needs a CosyVoice2/3 model directory")
     g = torch.Generator().manual_seed(0)
+    prompt, feat, embedding = random_voice(flow, g)
     vocab = flow.input_embedding.num_embeddings
-    prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=g)
-    feat = torch.randn(1, 2 * PROMPT_TOKENS, 80, generator=g)
-    embedding = torch.randn(1, 192, generator=g)
     with torch.inference_mode():
         # the prompt's whole chunks, once (a saved voice); streams are forks of it
         voice = flow.new_stream(prompt, feat, embedding)
