@@ -57,6 +57,19 @@ def test_helpers_leave_the_thread_counts_of_others_alone() -> None:
     assert torch.get_num_threads() == before and counts == [before]
 
 
+def test_close_waits_for_the_helpers_to_end() -> None:
+    # a helper still ending while the interpreter exits aborts the process (status 134)
+    before = set(threading.enumerate())
+    rows = RowSplit(2)
+    x = torch.randn(4, 16, 16)
+    rows.map(lambda r: x[r] @ x[r], 4)
+    helpers = set(threading.enumerate()) - before
+    assert len(helpers) == 2
+    rows.close()
+    assert not any(helper.is_alive() for helper in helpers)
+    assert torch.equal(rows.map(lambda r: x[r], 4), x)  # closed: serially, on the caller
+
+
 def test_a_failing_row_fails_the_call_after_every_row_is_done(split: RowSplit) -> None:
     done: list[int] = []
 

@@ -83,10 +83,16 @@ class RowSplit:
         return torch.cat([future.result() for future in futures], dim=0)
 
     def close(self) -> None:
-        """Stop the helper threads once their work is done (a later `map` computes serially)."""
+        """Stop the helper threads once their work is done and wait for them to end (a later
+        `map` computes serially). Waiting matters: a helper that had run torch operations and is
+        still ending while the interpreter exits aborts the process (exit status 134, seen in
+        about a third of runs of a script that closed an engine and returned)."""
         helpers, self._helpers = self._helpers, []
         for _ in helpers:
             self._queue.put(None)
+        for helper in helpers:
+            if helper is not threading.current_thread():
+                helper.join()
 
 
 SERIAL = RowSplit(1)
