@@ -1,60 +1,88 @@
 """This machine's physical floors, measured in the benchmark's own run (shared, noisy machines:
 a figure from another day says little).
 
-* memory bandwidth: a torch sum over a 1 GiB float32 tensor (decoding one token reads every
-  weight once, so weight bytes / bandwidth is the floor of a decode step);
-* matmul throughput: fp32 and bf16 square matrix products (the flow is compute-bound).
+* memory bandwidth: a torch sum over a float32 tensor (1 GiB on a CPU, 4 GiB on a GPU; decoding
+  one token reads every weight once, so weight bytes / bandwidth is the floor of a decode step);
+* matmul throughput: square matrix products in fp32 and bf16 (and fp16 on a GPU; the flow is
+  compute-bound), 2048 wide on a CPU, 8192 on a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
 
-def _best(fn, repeats: int) -> float:
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (a GPU runs asynchronously), or does nothing."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _best(fn, repeats: int, device: torch.device | None = None) -> float:
+    sync = _synchronizer(device or torch.device("cpu"))
     fn()  # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
     """GB/s read by a sum over ``gib`` GiB of float32 (best of ``repeats``)."""
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    seconds = _best(lambda: x.sum(), repeats)
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
+    seconds = _best(lambda: x.sum(), repeats, x.device)
     return x.numel() * 4 / seconds / 1e9
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(
+    dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5, device: str = "cpu"
+) -> float:
     """GFLOP/s of an n x n matrix product in ``dtype`` (best of ``repeats``)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    seconds = _best(lambda: a @ b, repeats)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = _best(lambda: a @ b, repeats, a.device)
     return 2 * n**3 / seconds / 1e9
 
 
-def measure() -> dict:
+def measure(device: str = "cpu") -> dict:
     """Every floor plus the load average, as one dict to print next to the results."""
-    return {
+    on_cpu = torch.device(device).type == "cpu"
+    n = 2048 if on_cpu else 8192
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if not on_cpu:
+        dtypes["fp16"] = torch.float16
+    floors = {
+        "device": device if on_cpu else f"{device} ({torch.cuda.get_device_name(device)})",
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
-        "memory_bandwidth_gbs": memory_bandwidth_gbs(),
-        "fp32_gflops": matmul_gflops(torch.float32),
-        "bf16_gflops": matmul_gflops(torch.bfloat16),
+        "memory_bandwidth_gbs": memory_bandwidth_gbs(1.0 if on_cpu else 4.0, device=device),
     }
+    for name, dtype in dtypes.items():
+        floors[f"{name}_gflops"] = matmul_gflops(dtype, n, device=device)
+    return floors
 
 
 def describe(floors: dict) -> str:
     load = ", ".join(f"{x:.2f}" for x in floors["load_average"])
+    matmul = ", ".join(
+        f"{name} {floors[f'{name}_gflops']:.0f}"
+        for name in ("fp32", "bf16", "fp16")
+        if f"{name}_gflops" in floors
+    )
+    where = floors.get("device", "cpu")
+    where = f"{floors['threads']} threads" if where == "cpu" else f"{where}"
     return (
-        f"floors ({floors['threads']} threads): memory {floors['memory_bandwidth_gbs']:.1f} GB/s, "
-        f"matmul fp32 {floors['fp32_gflops']:.0f} GFLOP/s, bf16 {floors['bf16_gflops']:.0f} "
-        f"GFLOP/s; load average {load}"
+        f"floors ({where}): memory {floors['memory_bandwidth_gbs']:.1f} GB/s, "
+        f"matmul {matmul} GFLOP/s; load average {load}"
     )
 
 
