@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyvoice_lite.device import available_devices, resolve_placement
+from cosyvoice_lite.device import Placement, available_devices, configure_backend, resolve_placement
 from cosyvoice_lite.errors import DeviceError
 
 
@@ -30,3 +30,18 @@ def test_unavailable_device_lists_what_is_available(device: str) -> None:
 def test_unknown_dtype() -> None:
     with pytest.raises(DeviceError, match="float32, float16, bfloat16"):
         resolve_placement("cpu", "int8")
+
+
+def test_float32_on_cuda_turns_tf32_off() -> None:
+    """cuDNN's default TF32 convolutions would move float32 results off the official's; only a
+    float32 CUDA placement changes the switches (they are process-wide)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        configure_backend(resolve_placement("cpu"))
+        configure_backend(Placement(torch.device("cuda", 0), torch.bfloat16))
+        assert torch.backends.cudnn.allow_tf32
+        configure_backend(Placement(torch.device("cuda", 0), torch.float32))
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.hift import ConvRNNF0Predictor, HiFTGenerator, load_hift_state_dict
+from cosyvoice_lite.networks.hift import (
+    ConvRNNF0Predictor,
+    HiFTGenerator,
+    Snake,
+    load_hift_state_dict,
+)
 from cosyvoice_lite.networks.hift_causal import (
     CausalConvRNNF0Predictor,
     CausalHiFTGenerator,
@@ -283,3 +288,17 @@ def test_v3_vocoder_can_be_deep_copied() -> None:
     a, _ = model.inference(mel, finalize=False)
     b, _ = copy.deepcopy(model).inference(mel, finalize=False)
     assert torch.equal(a, b)
+
+
+def test_snake_in_half_precision_stays_finite_for_small_alpha() -> None:
+    # in float16, 1e-9 is 0 and 1 / alpha overflows for |alpha| < 1.5e-5 (inf * 0 = nan)
+    snake = Snake(3)
+    with torch.no_grad():
+        snake.alpha.copy_(torch.tensor([0.0, 1e-6, 0.5]))
+    x = torch.linspace(-3, 3, 3 * 7).view(1, 3, 7)
+    reference = snake(x)  # float32: the formula as before
+    alpha = snake.alpha.view(1, 3, 1)
+    assert torch.equal(reference, x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha) ** 2)
+    half = snake.half()(x.half())
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, atol=2e-3, rtol=2e-3)

@@ -125,8 +125,16 @@ class Snake(nn.Module):
         self.alpha = nn.Parameter(torch.ones(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha.unsqueeze(0).unsqueeze(-1)
-        return x + (1.0 / (alpha + 1e-9)) * torch.pow(torch.sin(x * alpha), 2)
+        if x.dtype == torch.float16:
+            # in half precision 1e-9 is 0 and 1 / alpha overflows for |alpha| < 1.5e-5
+            # (inf * 0 = nan where alpha is 0): computed in float32
+            return _snake(x.float(), self.alpha.float()).to(torch.float16)
+        return _snake(x, self.alpha)
+
+
+def _snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    alpha = alpha.unsqueeze(0).unsqueeze(-1)
+    return x + (1.0 / (alpha + 1e-9)) * torch.pow(torch.sin(x * alpha), 2)
 
 
 class ResBlock(nn.Module):
@@ -275,7 +283,10 @@ class SineGen2(nn.Module):
         rad_values = F.interpolate(
             rad_values.transpose(1, 2), scale_factor=1 / self.upsample_scale, mode="linear"
         ).transpose(1, 2)
-        phase = torch.cumsum(rad_values, dim=1) * 2 * math.pi
+        # accumulated in float64 on every device: torch's float32 cumsum does so on a CPU (what
+        # the official computes and the streamed vocoder copies), a GPU scan would not
+        phase = torch.cumsum(rad_values, dim=1, dtype=torch.float64).to(rad_values.dtype)
+        phase = phase * 2 * math.pi
         phase = F.interpolate(
             phase.transpose(1, 2) * self.upsample_scale,
             scale_factor=float(self.upsample_scale),

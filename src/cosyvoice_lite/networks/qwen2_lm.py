@@ -131,7 +131,9 @@ class Qwen2LM(nn.Module):
         """Next-token log-probabilities (B, V) after feeding `inputs` (B, T, D) to B rows, each
         extending its own cache (B > 1 takes one position per row)."""
         hidden, _ = self.llm.forward_one_step(inputs, caches)
-        return self.llm_decoder(hidden[:, -1]).log_softmax(dim=-1)
+        # float32 whatever the weights' dtype (as the official's autocast gives): the sampler's
+        # sort and top-p cut need more than bfloat16's 8 bits to tell probabilities apart
+        return self.llm_decoder(hidden[:, -1]).float().log_softmax(dim=-1)
 
     @torch.inference_mode()
     def teacher_forced_logits(

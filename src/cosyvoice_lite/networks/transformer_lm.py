@@ -103,7 +103,9 @@ class TransformerLM(nn.Module):
     # ---------------------------------------------------------------------------------------
 
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm_decoder(hidden).log_softmax(dim=-1)
+        # float32 whatever the weights' dtype (as the official's autocast gives): the sampler's
+        # sort and top-p cut need more than bfloat16's 8 bits to tell probabilities apart
+        return self.llm_decoder(hidden).float().log_softmax(dim=-1)
 
     def new_cache(self) -> KVCache:
         return self.llm.new_cache()
