@@ -598,3 +598,13 @@ def test_attention_masks_are_skipped_only_when_every_frame_sees_every_other():
             torch.cat([cond, pad], 2),
         )
     assert torch.allclose(unmasked, masked[:, :, :30], atol=1e-5)
+
+
+def test_sees_all_before_agrees_with_the_chunk_mask() -> None:
+    from cosyvoice_lite.networks.attention import chunk_keep, sees_all_before
+
+    for chunk in (0, 1, 4, 50):
+        for start in range(0, 130, 3):
+            for n in range(1, 120, 7):
+                keep = chunk_keep(start, n, start + n, chunk, torch.device("cpu"))
+                assert sees_all_before(start, n, chunk) == bool(keep.all()), (chunk, start, n)

@@ -49,6 +49,13 @@ def sees_everything(frames: torch.Tensor, length: int, chunk_size: int) -> bool:
     return (chunk_size <= 0 or length <= chunk_size) and bool(frames.all())
 
 
+def sees_all_before(start: int, n: int, chunk: int) -> bool:
+    """Whether every query frame start..start + n - 1 may attend every key frame before
+    start + n under the static chunk mask (``chunk_keep``): the first query's chunk reaches the
+    last new frame. Worked out from the integers, so a GPU stream is not waited for."""
+    return chunk <= 0 or (start // chunk + 1) * chunk >= start + n
+
+
 def chunk_keep(start: int, n: int, total: int, chunk: int, device: torch.device) -> torch.Tensor:
     """[n, total] bool: query frame start + i may attend key frame j under the static chunk mask
     of the streaming flows (its own chunk and every earlier one; ``chunk`` <= 0: everything)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.attention import attention, chunk_keep
+from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
@@ -751,8 +751,12 @@ def _transformers_increment(
     h = x.transpose(1, 2)
     # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere; none at all
     # when every new frame sees every earlier one (whole chunks), which adds 0 to every score.
-    keeps = [chunk_keep(start, n, start + n, chunk, x.device) for start in starts]
-    biases = [None if bool(keep.all()) else (1.0 - keep.to(h.dtype)) * -1.0e10 for keep in keeps]
+    biases = [
+        None
+        if sees_all_before(start, n, chunk)
+        else (1.0 - chunk_keep(start, n, start + n, chunk, x.device).to(h.dtype)) * -1.0e10
+        for start in starts
+    ]
     for block in blocks:
         attn = block.attn1
         hn = block.norm1(h)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.attention import attention, chunk_keep
+from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
 from cosyvoice_lite.networks.cache import GrowingBuffer
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
@@ -355,10 +355,13 @@ def _velocity(
     rope = stack_rows(
         [estimator.rotary_embed.forward_from_seq_len(n, offset=start) for start in starts]
     )
-    keeps = [
-        chunk_keep(start, n, start + n, estimator.static_chunk_size, h.device) for start in starts
+    chunk = estimator.static_chunk_size
+    keeps = [  # whole chunks: no mask
+        None
+        if sees_all_before(start, n, chunk)
+        else chunk_keep(start, n, start + n, chunk, h.device)
+        for start in starts
     ]
-    keeps = [None if bool(keep.all()) else keep for keep in keeps]  # whole chunks: no mask
     residual = h
     for depth, block in enumerate(estimator.transformer_blocks):
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, emb=t_emb)
