@@ -274,7 +274,10 @@ class Qwen2Model(nn.Module):
                 f"when batched; got {len(caches)} caches"
             )
         device = inputs_embeds.device
-        past = torch.tensor([c.length for c in caches], device=device)
+        past = torch.tensor([c.length for c in caches])
+        if device.type == "cuda":  # pinned, the copy is queued: no wait for the GPU's earlier work
+            past = past.pin_memory()
+        past = past.to(device, non_blocking=True)
         positions = past[:, None] + torch.arange(n, device=device)  # (batch, time)
         cos, sin = rotary_cos_sin(
             positions.reshape(-1), self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
