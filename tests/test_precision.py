@@ -4,6 +4,7 @@ clear errors for what a device does not support."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -224,6 +225,17 @@ def test_engine_bf16_int8_fixed_length_audio() -> None:
         audio = np.concatenate([c.samples for c in chunks])
         assert audio.dtype == np.float32 and np.isfinite(audio).all()
         assert len(audio) == 30 * 2 * 480  # 30 tokens x 2 mel frames x 480 samples
+    # int8: the LLM's thread decodes on one torch thread (its products are onnxruntime's), the
+    # audio workers and threads started later keep the process's count
+    threads = torch.get_num_threads()
+    assert engine.call(torch.get_num_threads).result() == 1
+    assert engine.loop.background(torch.get_num_threads).result() == threads
+    counts: list[int] = []
+    fresh = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert counts == [threads] and torch.get_num_threads() == threads
+    engine.close()
 
 
 def test_flow_steps_is_a_load_time_option() -> None:

@@ -86,6 +86,16 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     pipeline.flow.decoder.set_row_split(RowSplit(threads), utterances=not exact)
 
 
+def decode_threads(placement: Placement) -> int | None:
+    """Torch threads of the thread that runs the LLM (None: the process's). With int8 layers on a
+    CPU the LLM's products run in onnxruntime's own thread pool; what torch computes between them
+    (norms, rotary embeddings, attention of one new position) is too small to share: under the
+    passive OpenMP wait policy each such operation on 2 threads pays for waking the other, so one
+    torch thread decodes faster (full-size v2, 16 alternating rounds: median step 28-32 ms
+    against 32-35 ms, the prefill within noise; benchmarks/README.md)."""
+    return 1 if placement.device.type == "cpu" and placement.quantize == "int8" else None
+
+
 class Engine:
     """A loaded CosyVoice model: frontend, networks and voices. Thread-safe for reading."""
 
@@ -109,7 +119,7 @@ class Engine:
         self.pipeline = pipeline
         self.presets = voices
         self.load_seconds = load_seconds
-        self.loop = EngineLoop(pipeline.llm, limits)
+        self.loop = EngineLoop(pipeline.llm, limits, decode_threads(placement))
 
     # ------------------------------------------------------------------ loading
     @classmethod

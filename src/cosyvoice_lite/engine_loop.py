@@ -34,6 +34,7 @@ import torch
 
 from .decoding import WAIT, Feed
 from .errors import InvalidRequestError
+from .row_parallel import use_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ class AudioWorker:
     e.g. preparing a saved voice) runs between rows' chunks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads  # torch threads of this worker
         # Clear while a stream's first chunk is being computed: the loop holds its decoding
         # step meanwhile, so the first audio is not slowed down by other rows' tokens.
         self.no_first_chunk = threading.Event()
@@ -196,6 +198,7 @@ class AudioWorker:
             self._thread.join(timeout)
 
     def _main(self) -> None:
+        use_torch_threads(self.threads)
         with torch.inference_mode():
             while not self._run_once():
                 pass
@@ -463,9 +466,18 @@ DEFAULT_LIMITS = LoopLimits()
 class EngineLoop:
     """The scheduler that owns all active requests of one loaded model."""
 
-    def __init__(self, lm: torch.nn.Module, limits: LoopLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        lm: torch.nn.Module,
+        limits: LoopLimits = DEFAULT_LIMITS,
+        decode_threads: int | None = None,
+    ) -> None:
+        """``decode_threads``: torch threads of the loop thread, which runs the LLM (None: the
+        process's count when the loop is made, which the audio workers use)."""
         self.lm = lm
         self.limits = limits
+        self.threads = torch.get_num_threads()
+        self.decode_threads = decode_threads or self.threads
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._rows: list[_Row] = []  # decoding
@@ -549,13 +561,21 @@ class EngineLoop:
     def _ensure_thread(self) -> None:
         _RUNNING.add(self)
         if not self._audio:
-            self._audio = [AudioWorker() for _ in range(self.limits.audio_workers)]
+            self._audio = [AudioWorker(self.threads) for _ in range(self.limits.audio_workers)]
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
+            ready = threading.Event()
+            self._thread = threading.Thread(
+                target=self._main, args=(ready,), name="engine-loop", daemon=True
+            )
             self._thread.start()
+            ready.wait()
+            # the loop thread's count also became the one threads starting later take
+            torch.set_num_threads(self.threads)
 
     # ------------------------------------------------------------------ loop thread
-    def _main(self) -> None:
+    def _main(self, ready: threading.Event) -> None:
+        use_torch_threads(self.decode_threads)
+        ready.set()
         with torch.inference_mode():
             while True:
                 with self._wake:

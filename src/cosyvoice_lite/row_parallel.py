@@ -26,6 +26,15 @@ from concurrent.futures import Future, wait
 import torch
 
 
+def use_torch_threads(count: int) -> None:
+    """Give the calling thread ``count`` torch threads. torch's per-thread set-up runs first: run
+    later (at the thread's first parallel operation) it would apply the count last set by any
+    thread. ``torch.set_num_threads`` also makes ``count`` the one that threads starting later
+    take, so their creator sets its own back (``RowSplit``, ``EngineLoop._ensure_thread``)."""
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 class RowSplit:
     """Runs ``fn(rows)`` for each row of a batch alone (``rows`` a one-row slice), the rows shared
     among ``threads`` threads, and concatenates the results along dim 0 in row order: a row's
@@ -55,8 +64,7 @@ class RowSplit:
         torch.set_num_threads(default)
 
     def _serve(self, ready: threading.Barrier) -> None:
-        torch.get_num_threads()  # torch's per-thread set-up first: it would apply the default
-        torch.set_num_threads(1)
+        use_torch_threads(1)
         ready.wait()
         while (work := self._queue.get()) is not None:
             fn, rows, future = work
