@@ -85,7 +85,6 @@ class ModelBench:
         )
         self.voice = engine.encode_prompt(str(PROMPT_WAV), PROMPT_TEXT)
         engine.prepare_voice(self.voice).result()  # the saved voice's prompt frames, once
-        self.expected = tokens / engine.spec.token_frame_rate
 
     def requests(self, count: int, stream: bool, tokens: int | None = None) -> dict:
         """``count`` requests submitted at once; their timings, checked for the fixed length."""

@@ -34,7 +34,7 @@ import torch
 
 from .decoding import WAIT, Feed
 from .errors import InvalidRequestError
-from .row_parallel import use_torch_threads
+from .row_parallel import start_torch_thread
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class AudioWorker:
     """
 
     def __init__(self, threads: int) -> None:
-        self.threads = threads  # torch threads of this worker
+        """``threads``: the worker's torch threads (the process's count)."""
         # Clear while a stream's first chunk is being computed: the loop holds its decoding
         # step meanwhile, so the first audio is not slowed down by other rows' tokens.
         self.no_first_chunk = threading.Event()
@@ -181,8 +181,7 @@ class AudioWorker:
         # (and its flow caches) is freed even while this worker has nothing to do
         self._streams: weakref.WeakKeyDictionary[_Row, Any] = weakref.WeakKeyDictionary()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name="engine-audio", daemon=True)
-        self._thread.start()
+        self._thread = start_torch_thread(self._main, threads, "engine-audio", threads)
 
     def backlog(self) -> int:
         return self._queue.qsize()
@@ -198,7 +197,6 @@ class AudioWorker:
             self._thread.join(timeout)
 
     def _main(self) -> None:
-        use_torch_threads(self.threads)
         with torch.inference_mode():
             while not self._run_once():
                 pass
@@ -563,19 +561,12 @@ class EngineLoop:
         if not self._audio:
             self._audio = [AudioWorker(self.threads) for _ in range(self.limits.audio_workers)]
         if self._thread is None or not self._thread.is_alive():
-            ready = threading.Event()
-            self._thread = threading.Thread(
-                target=self._main, args=(ready,), name="engine-loop", daemon=True
+            self._thread = start_torch_thread(
+                self._main, self.decode_threads, "engine-loop", self.threads
             )
-            self._thread.start()
-            ready.wait()
-            # the loop thread's count also became the one threads starting later take
-            torch.set_num_threads(self.threads)
 
     # ------------------------------------------------------------------ loop thread
-    def _main(self, ready: threading.Event) -> None:
-        use_torch_threads(self.decode_threads)
-        ready.set()
+    def _main(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:

@@ -26,13 +26,29 @@ from concurrent.futures import Future, wait
 import torch
 
 
-def use_torch_threads(count: int) -> None:
-    """Give the calling thread ``count`` torch threads. torch's per-thread set-up runs first: run
-    later (at the thread's first parallel operation) it would apply the count last set by any
-    thread. ``torch.set_num_threads`` also makes ``count`` the one that threads starting later
-    take, so their creator sets its own back (``RowSplit``, ``EngineLoop._ensure_thread``)."""
-    torch.get_num_threads()
-    torch.set_num_threads(count)
+def start_torch_thread(
+    target: Callable[[], object], threads: int, name: str, process_threads: int | None = None
+) -> threading.Thread:
+    """Start a daemon thread running ``target`` with ``threads`` torch threads of its own; return
+    once it has them. In the thread, torch's per-thread set-up runs first (run later, at its first
+    parallel operation, it would apply the count last set by any thread). ``torch.set_num_threads``
+    also makes that count the one threads starting later take, so the process's count
+    (``process_threads``, default the caller's) is set again here; the caller's own does not
+    change."""
+    process_threads = process_threads or torch.get_num_threads()
+    ready = threading.Event()
+
+    def run() -> None:
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+        ready.set()
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    ready.wait()
+    torch.set_num_threads(process_threads)
+    return thread
 
 
 class RowSplit:
@@ -49,23 +65,12 @@ class RowSplit:
         self._helpers: list[threading.Thread] = []
         if threads == 1:
             return
-        # torch.set_num_threads(1) in a helper also makes 1 the count that threads starting later
-        # take: the helpers start here, and the creator's count is set again once they are ready
-        # (the creator's own count does not change)
-        default = torch.get_num_threads()
-        ready = threading.Barrier(threads + 1)
-        for index in range(threads):
-            helper = threading.Thread(
-                target=self._serve, args=(ready,), name=f"cosyvoice-rows-{index}", daemon=True
-            )
-            helper.start()
-            self._helpers.append(helper)
-        ready.wait()
-        torch.set_num_threads(default)
+        self._helpers = [
+            start_torch_thread(self._serve, 1, f"cosyvoice-rows-{index}")
+            for index in range(threads)
+        ]
 
-    def _serve(self, ready: threading.Barrier) -> None:
-        use_torch_threads(1)
-        ready.wait()
+    def _serve(self) -> None:
         while (work := self._queue.get()) is not None:
             fn, rows, future = work
             try:
