@@ -14,7 +14,9 @@ prompt, primed once):
   150-position prefill per row), against its floor (weight bytes / measured memory bandwidth);
 * one request of ``--tokens`` speech tokens, whole: total RTF;
 * offline batch: ``--batch`` whole requests at once: aggregate RTF (wall / audio seconds; the
-  published Triton TRT-LLM figure for CosyVoice2 on an L20 is 0.039 at batch 16);
+  published Triton TRT-LLM figure for CosyVoice2 on an L20 is 0.039 at batch 16), with their
+  flow in padded batches (``batch_utterances``, the default on a GPU) and, for the ratio, one
+  utterance at a time (the previous design);
 * streaming at ``--concurrency`` (default 1 and 4): p50/p95 time to first audio, audio s/s;
 * peak device memory of each.
 
@@ -177,17 +179,22 @@ def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, de
         for rows in (1, args.batch):
             step = bench.llm_step_ms(rows)
             yield f"llm step, batch {rows}", {"ms": step, "floor_ms": floor_ms}
+        default = engine.pipeline.utterance_batch  # whole utterances per flow batch
         stages = [
-            ("one request, whole", 1, False),
-            (f"offline batch {args.batch}, whole", args.batch, False),
+            ("one request, whole", 1, False, default),
+            (f"offline batch {args.batch}, whole", args.batch, False, args.batch),
+            (f"offline batch {args.batch}, flow 1 by 1", args.batch, False, 1),
         ]
-        stages += [(f"streaming, concurrency {c}", c, True) for c in args.concurrency]
-        for name, count, stream in stages:
+        stages += [(f"streaming, concurrency {c}", c, True, default) for c in args.concurrency]
+        for name, count, stream, utterances in stages:
             if time.monotonic() > deadline:
                 yield name, {"skipped": "time limit"}
                 continue
             reset_peak(device)
+            engine.pipeline.utterance_batch = utterances
+            batches = engine.loop.utterance_batches
             figures = bench.requests(count, stream)
+            figures["utterance_batches"] = engine.loop.utterance_batches - batches
             figures["peak_mib"] = peak_memory_mib(device)
             yield name, figures
     finally:
@@ -206,6 +213,8 @@ def show(name: str, figures: dict) -> str:
             f"(floor {figures['floor_ms']:.2f} ms, {figures['ms'] / figures['floor_ms']:.1f}x)"
         )
     peak = "" if figures["peak_mib"] is None else f", peak {figures['peak_mib']:.0f} MiB"
+    if figures.get("utterance_batches"):
+        peak += f", {figures['utterance_batches']} batched flow calls"
     return (
         f"  {name:<34} RTF {figures['rtf']:.4f}, {figures['audio_s_per_s']:.1f} audio s/s, "
         f"first audio p50 {figures['first_p50_s']:.3f} s / p95 {figures['first_p95_s']:.3f} s"

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
-from cosyvoice_lite.engine import QueueSink
+from cosyvoice_lite.device import Placement
+from cosyvoice_lite.engine import QueueSink, utterance_batch_size
 from cosyvoice_lite.errors import AudioError
 from cosyvoice_lite.networks.qwen2 import Qwen2Encoder
 from cosyvoice_lite.networks.qwen2_lm import CosyVoice3LM, Qwen2LM
+from cosyvoice_lite.pipelines.common import utterance_groups
 
 DATA = Path(__file__).resolve().parent / "data"
 PROMPT = DATA / "audio" / "zh_16k.wav"
@@ -241,6 +243,54 @@ def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
     request = _request("你好。", 3, max_speech_tokens=17, ignore_eos=True)
     audio = _alone(v2, request)
     assert audio.size == 17 * 2 * 480  # 17 tokens, 2 mel frames each, 480 samples per frame
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> None:
+    """Whole (not streamed) utterances that end at one step, with prompts of different lengths
+    (two voices, none), have their flow computed as one padded batch (``batch_utterances``, the
+    default on accelerators) and each sounds as alone. The mels agree within 1e-4 (the flow
+    tests); the vocoder's source phase accumulates their ~1e-6 float differences over the
+    utterance, so the waveforms agree to ~1e-2 (a wrong row would be off by its whole scale)."""
+    engine = Engine.load(
+        DATA / "models" / f"v{version}-tiny", max_batch=8, audio_workers=1, batch_utterances=True
+    )
+    assert engine.pipeline.utterance_batch == 8
+    same_end = dict(ignore_eos=True, max_speech_tokens=30)
+    requests = [
+        _request("你好。", 1, **same_end),
+        _request(
+            "今天天气真好，我们出去走走吧。", 2, prompt_audio=DATA / "audio" / "en_22k.wav",
+            prompt_text="Hello, this is a short prompt for testing.", **same_end,
+        ),
+        _request("Nice to meet you.", 3, mode=Mode.CROSS_LINGUAL, **same_end),
+    ]  # fmt: skip
+    try:
+        solo = [_alone(engine, r) for r in requests]
+        batches = engine.loop.utterance_batches
+        together = _together(engine, requests)
+        assert engine.loop.utterance_batches == batches + 1
+    finally:
+        engine.close()
+    for a, b in zip(solo, together, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=2e-2, rtol=0)
+
+
+def test_utterance_groups_bound_rows_and_padding() -> None:
+    assert utterance_groups([100, 400, 110, 105, 390], max_rows=8) == [[0, 3, 2], [4, 1]]
+    assert utterance_groups([100] * 5, max_rows=2) == [[0, 1], [2, 3], [4]]
+    assert utterance_groups([50], max_rows=1) == [[0]]
+
+
+def test_whole_utterances_are_batched_by_default_on_accelerators_only() -> None:
+    cpu = Placement(torch.device("cpu"), torch.bfloat16)
+    cuda = Placement(torch.device("cuda"), torch.bfloat16)
+    assert utterance_batch_size(cpu, "torch", 16, None) == 1
+    assert utterance_batch_size(cuda, "torch", 16, None) == 16
+    assert utterance_batch_size(cpu, "torch", 16, True) == 16
+    assert utterance_batch_size(cuda, "torch", 16, False) == 1
+    assert utterance_batch_size(cuda, "onnxruntime", 16, True) == 1
 
 
 def test_max_batch_bounds_the_rows_stepped_together(tmp_path: Path) -> None:

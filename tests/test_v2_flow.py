@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _utterances import check_batched_equals_alone, utterances_of
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
@@ -539,10 +540,10 @@ def test_a_stream_past_its_cache_budget_gives_the_same_mel(
 
 def test_bad_inputs_raise(flow: CausalMaskedDiffWithXvec) -> None:
     tok = torch.zeros(2, 5, dtype=torch.long)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="one utterance"):  # look-ahead calls are per stream
         flow.inference(
             tok, torch.tensor([5, 5]), tok[:, :0], torch.tensor([0, 0]), torch.zeros(2, 0, 80),
-            torch.tensor([0, 0]), torch.randn(2, 192), streaming=False, finalize=True,
+            torch.tensor([0, 0]), torch.randn(2, 192), streaming=False, finalize=False,
         )  # fmt: skip
     tok = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError):
@@ -608,3 +609,12 @@ def test_sees_all_before_agrees_with_the_chunk_mask() -> None:
             for n in range(1, 120, 7):
                 keep = chunk_keep(start, n, start + n, chunk, torch.device("cpu"))
                 assert sees_all_before(start, n, chunk) == bool(keep.all()), (chunk, start, n)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_whole_utterances_batched_equal_each_alone(
+    flow: CausalMaskedDiffWithXvec, streaming: bool
+) -> None:
+    """Utterances of different prompt and token lengths in one padded batch (masked encoder,
+    masked U-Net, every row from the same noise frames) give each utterance's mel alone."""
+    check_batched_equals_alone(flow, utterances_of(_load("inference")), streaming)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _utterances import check_batched_equals_alone, utterances_of
 
 from cosyvoice_lite.networks.dit import DiT
 from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
@@ -169,7 +170,7 @@ def test_pre_lookahead_context_equals_zero_padding_at_the_end() -> None:
 
 def test_bad_inputs_raise(flow: CausalMaskedDiffWithDiT) -> None:
     tok = torch.zeros(2, 5, dtype=torch.long)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="one utterance"):  # look-ahead calls are per stream
         flow.inference(
             tok,
             torch.tensor([5, 5]),
@@ -179,7 +180,7 @@ def test_bad_inputs_raise(flow: CausalMaskedDiffWithDiT) -> None:
             torch.tensor([0, 0]),
             torch.randn(2, 192),
             streaming=False,
-            finalize=True,
+            finalize=False,
         )
     tok = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError):
@@ -194,3 +195,12 @@ def test_bad_inputs_raise(flow: CausalMaskedDiffWithDiT) -> None:
             streaming=True,
             finalize=False,
         )
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_whole_utterances_batched_equal_each_alone(
+    flow: CausalMaskedDiffWithDiT, streaming: bool
+) -> None:
+    """Utterances of different prompt and token lengths in one padded batch (masked DiT, every
+    row from the same noise frames) give each utterance's mel alone."""
+    check_batched_equals_alone(flow, utterances_of(_load("inference")), streaming)

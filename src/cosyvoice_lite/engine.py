@@ -86,6 +86,21 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     pipeline.flow.decoder.set_row_split(RowSplit(threads), utterances=not exact)
 
 
+def utterance_batch_size(
+    placement: Placement, backend: str, max_batch: int, batch: bool | None
+) -> int:
+    """Whole utterances in one flow batch at most (1: each alone). A padded batch pays off where
+    its rows run in parallel: on an accelerator one batch of B utterances costs about one
+    utterance's kernel launches. On a CPU the flow is compute-bound (its rows already split over
+    the cores, ``_split_flow_rows``), so a batch only adds its padding; float32 rows batched
+    there also move by ~1e-6 from the official's (which the vocoder's phase turns into ~1e-3 of
+    waveform). The onnxruntime backend keeps one utterance per call (its graphs were checked
+    that way)."""
+    if batch is None:
+        batch = placement.device.type != "cpu"
+    return max_batch if batch and backend == "torch" else 1
+
+
 def decode_threads(placement: Placement) -> int | None:
     """Torch threads of the thread that runs the LLM (None: the process's). With int8 layers on a
     CPU the LLM's products run in onnxruntime's own thread pool; what torch computes between them
@@ -140,6 +155,7 @@ class Engine:
         stream_cache_mb: int | None = None,
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
+        batch_utterances: bool | None = None,
     ) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
@@ -157,6 +173,9 @@ class Engine:
         history (flat memory, more compute; None: unbounded).
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
         vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
+        ``batch_utterances``: whole (not streamed) v2/v3 utterances that end together have their
+        flow computed as one padded batch of up to ``max_batch`` (``utterance_batch_size``;
+        None: on an accelerator with the torch backend).
         """
         start = time.perf_counter()
         if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
@@ -190,6 +209,9 @@ class Engine:
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         _split_flow_rows(pipeline, placement, backend)
+        pipeline.utterance_batch = utterance_batch_size(
+            placement, backend, limits.max_batch, batch_utterances
+        )
         prompt_encoder = PromptEncoder(
             model_dir.path / "campplus.onnx",
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",

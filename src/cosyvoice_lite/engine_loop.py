@@ -177,6 +177,7 @@ class AudioWorker:
         self.no_first_chunk.set()
         self.flow_calls = 0  # flow computations so far (a batch counts once; for tests, metrics)
         self.flow_streams = 0  # stream chunks those computations covered
+        self.utterance_batches = 0  # batches of several whole utterances computed together
         # streaming rows seen here -> their audio stage; weak, so that a request that ended
         # (and its flow caches) is freed even while this worker has nothing to do
         self._streams: weakref.WeakKeyDictionary[_Row, Any] = weakref.WeakKeyDictionary()
@@ -296,14 +297,38 @@ class AudioWorker:
                 del rows[row]
 
     def _run_later(self, later: list[Any]) -> None:
+        mels = self._utterances_together(later)
         for item in later:
             if isinstance(item, _Background):
                 _run_into(item.fn, item.future)
             else:
                 self._streams.pop(item.row, None)
                 if not _gone(item):
-                    self._finish(item)
+                    self._finish(item, mels.pop(id(item), None))
         later.clear()
+
+    def _utterances_together(self, later: list[Any]) -> dict[int, torch.Tensor]:
+        """The mels of the whole utterances among the segment ends in ``later``, computed in
+        padded batches (``Pipeline.flow_utterances``) where the pipeline batches them; keyed by
+        id of the work. If the batch fails, each is computed alone (and fails alone)."""
+        works = [
+            item
+            for item in later
+            if isinstance(item, _AudioWork)
+            and not (item.row.ended or item.row.job.cancelled.is_set())
+            and item.audio.whole_utterance() is not None
+        ]
+        if len(works) < 2 or works[0].audio.pipeline.utterance_batch < 2:
+            return {}
+        try:
+            mels = works[0].audio.pipeline.flow_utterances(
+                [work.audio.whole_utterance() for work in works]
+            )
+        except Exception:  # noqa: BLE001 - e.g. out of memory: each alone then
+            log.exception("a batch of %d whole utterances failed; computing each alone", len(works))
+            return {}
+        self.utterance_batches += 1
+        return {id(work): mel for work, mel in zip(works, mels, strict=True)}
 
     def _wait_for_neighbours(
         self,
@@ -382,14 +407,15 @@ class AudioWorker:
         finally:
             self.no_first_chunk.set()
 
-    def _finish(self, work: _AudioWork) -> None:
-        """A segment's last piece (its remaining tokens through flow and vocoder), alone."""
+    def _finish(self, work: _AudioWork, mel: torch.Tensor | None = None) -> None:
+        """A segment's last piece (its remaining tokens through flow and vocoder; ``mel``: a
+        whole utterance's mel computed with others)."""
         row = work.row
         if row.streaming and not row.audio_out:
             self.no_first_chunk.clear()
         try:
             run = row.run
-            piece = work.audio.finish()
+            piece = work.audio.finish(mel)
             row.delivered()
             run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)
@@ -503,6 +529,11 @@ class EngineLoop:
             sum(w.flow_calls for w in self._audio),
             sum(w.flow_streams for w in self._audio),
         )
+
+    @property
+    def utterance_batches(self) -> int:
+        """Batches of several whole utterances whose flow was computed together so far."""
+        return sum(w.utterance_batches for w in self._audio)
 
     @property
     def decoding(self) -> int:

@@ -379,29 +379,31 @@ class _EulerCFM(nn.Module):
         cond: torch.Tensor,
         streaming: bool = False,
     ) -> torch.Tensor:
-        """Integrate from noise x (1, C, T) along t_span; returns the float32 mel (1, C, T).
+        """Integrate from noise x (B, C, T) along t_span; returns the float32 mel (B, C, T).
 
+        B utterances (padded to T, ``mask`` (B, 1, T) marks each one's frames) are 2B estimator
+        rows: utterance i's conditional row 2i, its unconditional row 2i + 1 (mu, spks and cond
+        zero), as the official batch of two for one utterance and as `solve_streams`.
         The estimator runs in the dtype of its weights (that of ``spks``); the state x and the
         times stay float32 whatever that dtype is: x accumulates ten small steps, which bfloat16
         (8 significant bits) would round away."""
         batch, channels, length = x.shape
-        if batch != 1:
-            raise ValueError(f"the flow solver runs one utterance at a time, got batch {batch}")
+        rows = CFG_ROWS * batch
         # The official buffers take the dtype of spks: the dtype the estimator's weights are in.
         dtype = spks.dtype
-        x_in = torch.zeros([CFG_ROWS, channels, length], device=x.device, dtype=dtype)
-        mask_in = torch.zeros([CFG_ROWS, 1, length], device=x.device, dtype=dtype)
-        mu_in = torch.zeros([CFG_ROWS, channels, length], device=x.device, dtype=dtype)
+        x_in = torch.zeros([rows, channels, length], device=x.device, dtype=dtype)
+        mask_in = torch.zeros([rows, 1, length], device=x.device, dtype=dtype)
+        mu_in = torch.zeros([rows, channels, length], device=x.device, dtype=dtype)
         # t stays float32: the time embedding scales it by 1000 before its sinusoids, so a
         # bfloat16 t (2**-9 steps near 0.5) would turn the phases by up to 2 radians
-        t_in = torch.zeros([CFG_ROWS], device=x.device, dtype=torch.float32)
-        spks_in = torch.zeros([CFG_ROWS, spks.shape[1]], device=x.device, dtype=dtype)
-        cond_in = torch.zeros([CFG_ROWS, channels, length], device=x.device, dtype=dtype)
-        # Row 1 keeps mu/spks/cond at zero: the unconditional branch of classifier-free guidance.
-        mu_in[0] = mu
-        spks_in[0] = spks
-        cond_in[0] = cond
-        mask_in[:] = mask
+        t_in = torch.zeros([rows], device=x.device, dtype=torch.float32)
+        spks_in = torch.zeros([rows, spks.shape[1]], device=x.device, dtype=dtype)
+        cond_in = torch.zeros([rows, channels, length], device=x.device, dtype=dtype)
+        # The odd rows keep mu/spks/cond at zero: the unconditional branch of guidance.
+        mu_in[0::CFG_ROWS] = mu
+        spks_in[0::CFG_ROWS] = spks
+        cond_in[0::CFG_ROWS] = cond
+        mask_in.view(batch, CFG_ROWS, 1, length)[:] = mask.unsqueeze(1)
 
         def rows_velocity(rows: slice) -> torch.Tensor:
             return self.estimator(
@@ -415,9 +417,9 @@ class _EulerCFM(nn.Module):
             )
 
         def velocity(x: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
-            x_in[:] = x
+            x_in.view(batch, CFG_ROWS, channels, length)[:] = x.unsqueeze(1)
             t_in[:] = t
-            return self.utterance_rows.map(rows_velocity, CFG_ROWS)
+            return self.utterance_rows.map(rows_velocity, rows)
 
         x = euler_cfg(x, t_span, self.inference_cfg_rate, velocity)
         return x.float()
@@ -511,16 +513,20 @@ class CausalConditionalCFM(_EulerCFM):
         cond: torch.Tensor | None = None,
         streaming: bool = False,
     ) -> tuple[torch.Tensor, None]:
-        """mu, cond: (1, 80, T); mask: (1, 1, T); spks: (1, 80) -> (mel (1, 80, T), None)."""
+        """mu, cond: (B, 80, T); mask: (B, 1, T); spks: (B, 80) -> (mel (B, 80, T), None).
+
+        Every row starts from the same noise frames 0 .. T - 1, so a padded row's frames are
+        what that utterance gives alone."""
         if spks is None or cond is None:
             raise ValueError("CausalConditionalCFM needs spks and cond")
-        length = mu.shape[2]
+        batch, length = mu.shape[0], mu.shape[2]
         if length > self.rand_noise.shape[2]:
             raise ValueError(
                 f"the flow can generate at most {self.rand_noise.shape[2]} mel frames per call, "
                 f"got {length}"
             )
         z = self.rand_noise[:, :, :length].to(device=mu.device, dtype=torch.float32) * temperature
+        z = z.expand(batch, -1, -1)
         t_span = time_span(n_timesteps, self.t_scheduler, z)
         mel = self.solve_euler(z, t_span, mu, mask, spks, cond, streaming=streaming)
         return mel, None

@@ -52,6 +52,7 @@ from cosyvoice_lite.networks.flow_matching import (
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
 from cosyvoice_lite.networks.linear import grouped
 from cosyvoice_lite.networks.unet import CausalConv1d
+from cosyvoice_lite.networks.utterances import UtteranceFlow
 
 __all__ = [
     "Upsample1D",
@@ -202,6 +203,7 @@ class UpsampleConformerEncoder(nn.Module):
         decoding_chunk_size: int = 0,
         num_decoding_left_chunks: int = -1,
         streaming: bool = False,
+        rows_alone: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """xs [B, T, 512] token features -> (out [B, 2T, 512], mel-rate padding mask [B, 1, 2T]).
 
@@ -209,11 +211,16 @@ class UpsampleConformerEncoder(nn.Module):
         without it the look-ahead sees zeros (end of utterance). `streaming=True` limits attention
         to static chunks (`static_chunk_size` tokens, twice that after upsampling), each frame
         seeing its own chunk and every earlier one. As in the official code,
-        `decoding_chunk_size` and `num_decoding_left_chunks` have no effect.
+        `decoding_chunk_size` and `num_decoding_left_chunks` have no effect. `rows_alone`: the
+        frames past each row's length are zeroed before the look-ahead layer, so that every row of
+        a padded batch gives what it gives alone (the official training batch lets a row's last
+        frames look ahead into the padding).
         """
         chunk = self.static_chunk_size if streaming else 0
-        _, att_mask = encoder_attention_mask(xs_lens, xs.size(1), chunk)
+        pad_mask, att_mask = encoder_attention_mask(xs_lens, xs.size(1), chunk)
         xs, pos_emb = self.embed(xs)
+        if rows_alone:
+            xs = xs * pad_mask.transpose(1, 2).to(xs.dtype)
         if context is not None and context.size(1) > 0:
             # Same embedding as xs; the official passes offset=T, which only moves the unused
             # positional rows (relative positions do not depend on it).
@@ -233,7 +240,7 @@ class UpsampleConformerEncoder(nn.Module):
         return self.after_norm(xs), pad_mask
 
 
-class CausalMaskedDiffWithXvec(nn.Module):
+class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
     """The v2 flow. Constructor keywords are the official ones; training-only ones are ignored.
 
     `encoder` is a built `UpsampleConformerEncoder`, `decoder` a built `CausalConditionalCFM`
@@ -271,47 +278,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.token_mel_ratio = token_mel_ratio
         self.pre_lookahead_len = pre_lookahead_len
 
-    @torch.inference_mode()
-    def inference(
-        self,
-        token: torch.Tensor,
-        token_len: torch.Tensor,
-        prompt_token: torch.Tensor,
-        prompt_token_len: torch.Tensor,
-        prompt_feat: torch.Tensor,
-        prompt_feat_len: torch.Tensor,
-        embedding: torch.Tensor,
-        streaming: bool,
-        finalize: bool,
-    ) -> tuple[torch.Tensor, None]:
-        """Mel [1, 80, mel frames after the prompt] for the new tokens.
-
-        token [1, N] (with finalize=False its last `pre_lookahead_len` tokens are only look-ahead
-        context and produce no mel), prompt_token [1, P], prompt_feat [1, 2P, 80] (the frontend
-        aligns prompt mel = token_mel_ratio x prompt tokens), embedding [1, spk_embed_dim]
-        (x-vector). streaming=True runs the encoder and the U-Net with chunk attention masks.
-        """
-        if token.shape[0] != 1:
-            raise ValueError(f"the flow runs one utterance at a time, got batch {token.shape[0]}")
-        if not finalize and token.shape[1] <= self.pre_lookahead_len:
-            raise ValueError(
-                f"a non-final chunk needs more than {self.pre_lookahead_len} tokens "
-                f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
-            )
-
-        # float inputs take the dtype the weights are stored in
-        embedding = F.normalize(embedding.to(self.input_embedding.weight.dtype), dim=1)
-        embedding = self.spk_embed_affine_layer(embedding)
-
-        # prompt tokens then new tokens; padding (if any) is zeroed after the embedding
-        token = torch.cat([prompt_token, token], dim=1)
-        token_len = (prompt_token_len + token_len).to(token.device)
-        positions = torch.arange(token.shape[1], device=token.device)
-        mask = (positions.unsqueeze(0) < token_len.unsqueeze(1)).unsqueeze(-1).to(embedding)
-        token = self.input_embedding(torch.clamp(token, min=0)) * mask
-
+    def _mel_rate_mu(
+        self, token: torch.Tensor, token_len: torch.Tensor, finalize: bool, streaming: bool
+    ) -> torch.Tensor:
+        """The encoder at twice the token rate, projected to the mel size (UtteranceFlow)."""
+        rows_alone = token.shape[0] > 1  # padded rows: each as it is alone
         if finalize:
-            h, _ = self.encoder(token, token_len, streaming=streaming)
+            h, _ = self.encoder(token, token_len, streaming=streaming, rows_alone=rows_alone)
         else:
             # The official keeps token_len at the full length here; lengths beyond the
             # sequence just mean "no padding".
@@ -319,32 +292,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
             h, _ = self.encoder(
                 token[:, :-look], token_len, context=token[:, -look:], streaming=streaming
             )
-        mel_len1 = prompt_feat.shape[1]
-        mel_len2 = h.shape[1] - mel_len1
-        if mel_len2 <= 0:
-            raise ValueError(
-                f"prompt mel ({mel_len1} frames) is not shorter than the token features "
-                f"({h.shape[1]} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
-            )
-        h = self.encoder_proj(h)
-
-        conds = torch.zeros(
-            1, mel_len1 + mel_len2, self.output_size, device=h.device, dtype=h.dtype
-        )
-        conds[:, :mel_len1] = prompt_feat.to(h.dtype)
-        conds = conds.transpose(1, 2)
-
-        mel_mask = torch.ones(1, 1, mel_len1 + mel_len2, device=h.device, dtype=h.dtype)
-        feat, _ = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
-            mask=mel_mask,
-            spks=embedding,
-            cond=conds,
-            n_timesteps=self.decoder.steps,
-            streaming=streaming,
-        )
-        feat = feat[:, :, mel_len1:]
-        return feat.float(), None
+        return self.encoder_proj(h)
 
     # ---------------------------------------------------------------------------------------
     # incremental streaming (see the section at the end of this file)

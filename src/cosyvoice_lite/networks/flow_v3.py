@@ -16,6 +16,7 @@ from torch import nn
 
 from cosyvoice_lite.networks import flow_v3_stream
 from cosyvoice_lite.networks.flow_v3_stream import FlowV3StreamState
+from cosyvoice_lite.networks.utterances import UtteranceFlow
 
 __all__ = ["PreLookaheadLayer", "CausalMaskedDiffWithDiT"]
 
@@ -56,7 +57,7 @@ class PreLookaheadLayer(nn.Module):
         return outputs + inputs
 
 
-class CausalMaskedDiffWithDiT(nn.Module):
+class CausalMaskedDiffWithDiT(UtteranceFlow, nn.Module):
     """The v3 flow. Constructor keywords are the official ones; training-only ones are ignored.
 
     `decoder` is a built `CausalConditionalCFM` (see `flow_matching.py`) holding the DiT estimator.
@@ -90,78 +91,21 @@ class CausalMaskedDiffWithDiT(nn.Module):
         self.decoder = decoder
         self.token_mel_ratio = token_mel_ratio
 
-    @torch.inference_mode()
-    def inference(
-        self,
-        token: torch.Tensor,
-        token_len: torch.Tensor,
-        prompt_token: torch.Tensor,
-        prompt_token_len: torch.Tensor,
-        prompt_feat: torch.Tensor,
-        prompt_feat_len: torch.Tensor,
-        embedding: torch.Tensor,
-        streaming: bool,
-        finalize: bool,
-    ) -> tuple[torch.Tensor, None]:
-        """Mel [1, 80, token_mel_ratio * n_new] for the tokens after the prompt.
-
-        token [1, N] (with finalize=False its last `pre_lookahead_len` tokens are only look-ahead
-        context and produce no mel), prompt_token [1, P], prompt_feat [1, 2P, 80] (the frontend
-        aligns prompt mel = token_mel_ratio x prompt tokens), embedding [1, spk_embed_dim] (x-vector).
-        streaming=True runs the DiT with its chunk attention mask.
-        """
-        if token.shape[0] != 1:
-            raise ValueError(f"the flow runs one utterance at a time, got batch {token.shape[0]}")
-        if not finalize and token.shape[1] <= self.pre_lookahead_len:
-            raise ValueError(
-                f"a non-final chunk needs more than {self.pre_lookahead_len} tokens "
-                f"(the last {self.pre_lookahead_len} are look-ahead), got {token.shape[1]}"
-            )
+    def _mel_rate_mu(
+        self, token: torch.Tensor, token_len: torch.Tensor, finalize: bool, streaming: bool
+    ) -> torch.Tensor:
+        """The look-ahead layer, each token repeated token_mel_ratio times (UtteranceFlow).
+        Padded token embeddings are zero, which is what the look-ahead of a row's last tokens
+        sees alone."""
+        del token_len, streaming  # the layer has no mask and no attention
         if self.pre_lookahead_layer is None or self.decoder is None:
             raise ValueError("CausalMaskedDiffWithDiT was built without its sub-modules")
-
-        # float inputs take the dtype the weights are stored in
-        embedding = F.normalize(embedding.to(self.input_embedding.weight.dtype), dim=1)
-        embedding = self.spk_embed_affine_layer(embedding)
-
-        # prompt tokens then new tokens; padding (if any) is zeroed after the embedding
-        token = torch.cat([prompt_token, token], dim=1)
-        token_len = (prompt_token_len + token_len).to(token.device)
-        positions = torch.arange(token.shape[1], device=token.device)
-        mask = (positions.unsqueeze(0) < token_len.unsqueeze(1)).unsqueeze(-1).to(embedding)
-        token = self.input_embedding(torch.clamp(token, min=0)) * mask
-
         if finalize:
             h = self.pre_lookahead_layer(token)
         else:
             look = self.pre_lookahead_len
             h = self.pre_lookahead_layer(token[:, :-look], context=token[:, -look:])
-        h = h.repeat_interleave(self.token_mel_ratio, dim=1)
-        mel_len1 = prompt_feat.shape[1]
-        mel_len2 = h.shape[1] - mel_len1
-        if mel_len2 <= 0:
-            raise ValueError(
-                f"prompt mel ({mel_len1} frames) is not shorter than the token features "
-                f"({h.shape[1]} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
-            )
-
-        conds = torch.zeros(
-            1, mel_len1 + mel_len2, self.output_size, device=h.device, dtype=h.dtype
-        )
-        conds[:, :mel_len1] = prompt_feat.to(h.dtype)
-        conds = conds.transpose(1, 2)
-
-        mel_mask = torch.ones(1, 1, mel_len1 + mel_len2, device=h.device, dtype=h.dtype)
-        feat, _ = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
-            mask=mel_mask,
-            spks=embedding,
-            cond=conds,
-            n_timesteps=self.decoder.steps,
-            streaming=streaming,
-        )
-        feat = feat[:, :, mel_len1:]
-        return feat.float(), None
+        return h.repeat_interleave(self.token_mel_ratio, dim=1)
 
     # ---------------------------------------------------------------------------------------
     # incremental streaming (flow_v3_stream.py)

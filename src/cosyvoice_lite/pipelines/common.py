@@ -50,6 +50,37 @@ class FlowWork:
     finalize: bool = False
 
 
+@dataclass(frozen=True)
+class UtteranceWork:
+    """A whole utterance's flow call (a segment not streamed): its inputs and every speech token.
+    ``Pipeline.flow_utterances`` computes several at once."""
+
+    inputs: ModelInputs
+    tokens: list[int]
+
+
+def utterance_groups(lengths: list[int], max_rows: int, slack: float = 1.25) -> list[list[int]]:
+    """Indices of utterances of ``lengths`` in groups of at most ``max_rows`` that are computed
+    as one padded batch: sorted by length, a group takes the next longer one while its padded
+    size (rows x longest) stays within ``slack`` x the frames it holds."""
+    groups: list[list[int]] = []
+    total = 0
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        group = groups[-1] if groups else None
+        length = lengths[index]
+        if (
+            group is None
+            or len(group) >= max_rows
+            or (len(group) + 1) * length > slack * (total + length)
+        ):
+            groups.append([index])
+            total = length
+        else:
+            group.append(index)
+            total += length
+    return groups
+
+
 class Segment:
     """One segment's audio stage: tokens in, waveform pieces out. ``accept(token)`` takes a token
     and returns the flow call it makes due (or None); ``complete(mel)`` takes that call's mel and
@@ -70,6 +101,16 @@ class Segment:
         raise NotImplementedError
 
     def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def whole_utterance(self) -> UtteranceWork | None:
+        """The flow call of the segment's end when it is one whole utterance (not streamed),
+        which the engine may compute together with others' (``Pipeline.flow_utterances``) and
+        hand to ``finish``; None: the segment ends its own way."""
+        return None
+
+    def finish(self, mel: torch.Tensor | None = None) -> torch.Tensor:
+        """The last piece; ``mel``: the whole utterance's mel if already computed."""
         raise NotImplementedError
 
     def push(self, token: int) -> torch.Tensor | None:
@@ -114,6 +155,9 @@ class Pipeline:
     # whether the flow computes several streams' chunks in one batch (stream_steps), so an
     # audio worker waits a moment for streams about to be due
     batches_flow_chunks = False
+    # whole utterances computed as one padded flow batch at most (1: each alone); a load-time
+    # choice (Engine.load), worth it where the batch runs in parallel (an accelerator)
+    utterance_batch = 1
 
     def __init__(
         self,
@@ -138,6 +182,22 @@ class Pipeline:
         if self.spec.silent_tokens and inputs.source_speech_token is None:
             task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
+
+    def flow_utterances(self, works: list[UtteranceWork]) -> list[torch.Tensor]:
+        """The float32 mel [1, 80, n] of each whole utterance, computed in padded batches of
+        similar lengths (``utterance_groups``) of at most ``utterance_batch``."""
+        lengths = [w.inputs.flow_prompt_speech_token.shape[1] + len(w.tokens) for w in works]
+        mels: list[torch.Tensor | None] = [None] * len(works)
+        for group in utterance_groups(lengths, self.utterance_batch):
+            batch = self._flow_batch([works[i] for i in group])
+            for index, mel in zip(group, batch, strict=True):
+                mels[index] = mel
+        return mels  # type: ignore[return-value]
+
+    def _flow_batch(self, works: list[UtteranceWork]) -> list[torch.Tensor]:
+        """The mels of whole utterances computed as one batch (versions whose segments hand
+        out ``whole_utterance``)."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def flow_steps(self, works: list[FlowWork]) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .common import FlowWork, ModelInputs, Pipeline, Segment
+from .common import FlowWork, ModelInputs, Pipeline, Segment, UtteranceWork
 from .prompt_flow import DEFAULT_BUDGET_BYTES, PromptFlowCache
 
 TOKEN_HOP = 25  # training chunk size: the first hop
@@ -117,8 +117,12 @@ class V2Segment(Segment):
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
         return self.pipeline._vocode(state, mel, self.generator, finalize=False)
 
-    def finish(self) -> torch.Tensor:
-        """The last piece, from the tokens not yet turned into audio."""
+    def whole_utterance(self) -> UtteranceWork | None:
+        return None if self.stream else UtteranceWork(self.inputs, self.state.tokens)
+
+    def finish(self, mel: torch.Tensor | None = None) -> torch.Tensor:
+        """The last piece, from the tokens not yet turned into audio; ``mel``: the whole
+        utterance's, if the engine computed it with others (``whole_utterance``)."""
         state, pipeline = self.state, self.pipeline
         if self.stream:
             # The official flows the remainder with full attention over the whole history; the
@@ -126,8 +130,8 @@ class V2Segment(Segment):
             work = FlowWork(self._flow_stream(), self.unflowed, finalize=True)
             self.mel.append(pipeline.flow_steps([work])[0])
             mel = torch.cat(self.mel, dim=2)
-        else:
-            mel = pipeline._flow(self.inputs, state.tokens)
+        elif mel is None:
+            mel = pipeline.flow_utterances([UtteranceWork(self.inputs, state.tokens)])[0]
         return pipeline._vocode(state, mel, self.generator, finalize=True, speed=self.speed)
 
     def _flow_stream(self):
@@ -166,27 +170,36 @@ class V2Pipeline(Pipeline):
         return self.prompt_flows.prime(self.flow, inputs)
 
     @torch.inference_mode()
-    def _flow(self, inputs: ModelInputs, tokens: list[int]) -> torch.Tensor:
-        """The mel of a whole utterance, with full attention as the official non-streaming path."""
+    def _flow_batch(self, works: list[UtteranceWork]) -> list[torch.Tensor]:
+        """Whole utterances' mels with full attention, as the official non-streaming path; several
+        are one padded batch (``UtteranceFlow.inference``: each row as it is alone)."""
         device = self.device
-        token = torch.tensor([tokens], dtype=torch.int32, device=device).reshape(1, -1)
-        prompt_token = inputs.flow_prompt_speech_token
+
+        def padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            """[1, n, ...] rows padded along n into [B, max n, ...], and their lengths."""
+            lengths = torch.tensor([r.shape[1] for r in rows], dtype=torch.int32, device=device)
+            if len(rows) == 1:
+                return rows[0], lengths
+            size = max(r.shape[1] for r in rows)
+            batch = rows[0].new_zeros(len(rows), size, *rows[0].shape[2:])
+            for index, row in enumerate(rows):
+                batch[index, : row.shape[1]] = row[0]
+            return batch, lengths
+
+        tokens = [torch.tensor([w.tokens], dtype=torch.int32, device=device) for w in works]
+        inputs = [w.inputs for w in works]
         mel, _ = self.flow.inference(
-            token=token,
-            token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=device),
-            prompt_token=prompt_token,
-            prompt_token_len=torch.tensor(
-                [prompt_token.shape[1]], dtype=torch.int32, device=device
-            ),
-            prompt_feat=inputs.prompt_speech_feat,
-            prompt_feat_len=torch.tensor(
-                [inputs.prompt_speech_feat.shape[1]], dtype=torch.int32, device=device
-            ),
-            embedding=inputs.flow_embedding,
+            *padded(tokens),
+            *padded([i.flow_prompt_speech_token for i in inputs]),
+            *padded([i.prompt_speech_feat for i in inputs]),
+            embedding=torch.cat([i.flow_embedding for i in inputs]),
             streaming=False,
             finalize=True,
         )
-        return mel.float()
+        if len(works) == 1:
+            return [mel.float()]
+        ratio = self.flow.token_mel_ratio
+        return [mel[i : i + 1, :, : ratio * len(w.tokens)] for i, w in enumerate(works)]
 
     @torch.inference_mode()
     def _vocode(
