@@ -6,6 +6,9 @@ bistream interleave), the way whisper's ``DecodingTask`` owns its call. It never
 * it yields ``Feed(inputs)`` when it needs the next-token log-probabilities after ``inputs``
   [1, T, D]; whoever drives it computes them (alone, or batched with other rows, each row on its own
   ``KVCache``) and sends back the 1-D log-probabilities;
+* it yields ``Draw(scores, decoded, sampler)`` when a token is to be sampled from those
+  (masked) scores; the driver sends back the id ``sampler`` chooses (alone, or with other rows'
+  draws: ``sampling.sample_rows``);
 * it yields an ``int`` for each speech token decided;
 * it yields ``WAIT`` while it waits for streaming text that has not arrived (nothing to compute).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +31,7 @@ import torch
 
 from .errors import CosyVoiceError
 from .networks.cache import KVCache
+from .sampling import Sampler
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,21 @@ class _Wait:
 WAIT = _Wait()
 """The task waits for streaming text input; it has nothing to compute this step."""
 
-Task = Generator["Feed | int | _Wait", "torch.Tensor | None", None]
-Sampler = Callable[[torch.Tensor, Sequence[int]], int]
+
+@dataclass(frozen=True)
+class Draw:
+    """The task needs a token drawn by ``sampler`` from 1-D ``scores`` (log-probabilities,
+    masked as the official does), ``decoded`` the tokens so far (repetition check)."""
+
+    scores: torch.Tensor
+    decoded: Sequence[int]
+    sampler: Sampler
+
+    def alone(self) -> int:
+        return int(self.sampler(self.scores, self.decoded))
+
+
+Task = Generator["Feed | Draw | int | _Wait", "torch.Tensor | int | None", None]
 
 
 class SpeechLM(Protocol):
@@ -98,13 +115,14 @@ def _choose(
     sampler: Sampler,
     mask_eos: bool,
     policy: LengthPolicy,
-) -> int:
+) -> Generator[Draw, int, int]:
+    """The sampled token (``token = yield from _choose(...)``)."""
     if mask_eos:
         # Official `sampling_ids`: masks index speech_token_size (v1/v2 eos, v3 sos).
         logp[lm.speech_token_size] = -float("inf")
     if policy.ignore_eos:
         logp[lm.speech_token_size :] = -float("inf")
-    return int(sampler(logp, decoded))
+    return (yield Draw(logp, decoded, sampler))
 
 
 def speech_token_task(
@@ -123,7 +141,7 @@ def speech_token_task(
     decoded: list[int] = []
     for step in range(max_len):
         logp = yield Feed(lm_input)
-        token = _choose(lm, logp, decoded, sampler, step < min_len, policy)
+        token = yield from _choose(lm, logp, decoded, sampler, step < min_len, policy)
         if token >= lm.speech_token_size:
             return
         yield token
@@ -262,7 +280,7 @@ def _bistream(
                 token = lm.fill_token
                 next_fill_index += n_speech + 1
             else:
-                token = _choose(lm, logp, decoded, sampler, True, OFFICIAL_LENGTHS)
+                token = yield from _choose(lm, logp, decoded, sampler, True, OFFICIAL_LENGTHS)
             if token == lm.fill_token:
                 next_fill_index = len(decoded) + n_speech + 1
             decoded.append(token)
@@ -280,7 +298,7 @@ def _bistream(
     _, max_final = policy.bounds(received)
     for _ in range(max_final):
         logp = yield Feed(lm_input)
-        token = _choose(lm, logp, decoded, sampler, False, policy)
+        token = yield from _choose(lm, logp, decoded, sampler, False, policy)
         decoded.append(token)
         if token >= lm.speech_token_size:
             if token == lm.eos_token:
@@ -303,6 +321,9 @@ def run_alone(lm: SpeechLM, task: Task) -> Iterator[int]:
             reply = None
             if isinstance(item, Feed):
                 reply = lm.log_probs(item.inputs, [cache])[0]
+                continue
+            if isinstance(item, Draw):
+                reply = item.alone()
                 continue
         if item is WAIT:
             time.sleep(0.001)

@@ -32,9 +32,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .decoding import WAIT, Feed
+from .decoding import WAIT, Draw, Feed
 from .errors import InvalidRequestError
 from .row_parallel import start_torch_thread
+from .sampling import sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class _Row:
     audio: Any = None
     cache: Any = None
     feed: Feed | None = None
-    reply: torch.Tensor | None = None
+    draw: Draw | None = None  # a token to sample, with the step's other rows' (sample_rows)
+    reply: torch.Tensor | int | None = None
     failed: bool = False  # its audio stage failed: the loop drops the row at the next step
     audio_worker: int = -1  # index of the audio worker that computes its chunks
     streaming: bool = False  # the request streams: its first chunk has priority (TTFA)
@@ -637,7 +639,26 @@ class EngineLoop:
         for row in list(self._rows):
             if row.reply is not None or row.feed is None:
                 self._advance(row)
+        self._sample()
         return fed
+
+    def _sample(self) -> None:
+        """Draw the tokens the rows asked for (``Draw``) together, each with its own sampler
+        (``sampling.sample_rows``), and advance those rows to their next forward."""
+        while True:
+            rows = [row for row in self._rows if row.draw is not None]
+            if not rows:
+                return
+            draws = [row.draw for row in rows]
+            tokens = sample_rows([(d.scores, d.decoded, d.sampler) for d in draws])
+            for row, token in zip(rows, tokens, strict=True):
+                row.draw = None
+                if isinstance(token, BaseException):
+                    self._fail(row, token)
+                    self._remove(row)
+                    continue
+                row.reply = token
+                self._advance(row)
 
     def _send_audio(self) -> None:
         """Hand the step's tokens to the audio workers at once, so a worker sees every row whose
@@ -760,6 +781,9 @@ class EngineLoop:
                 continue
             if isinstance(item, Feed):
                 row.feed = item
+                return
+            if isinstance(item, Draw):
+                row.draw = item
                 return
             if item is WAIT:
                 return
