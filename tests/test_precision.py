@@ -174,6 +174,20 @@ def test_flow_fused_linear_groups_give_the_same_mel(version: int) -> None:
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
+def test_bfloat16_flow_packed_weights_give_the_same_mel(version: int) -> None:
+    """The bfloat16 flow's linear layers are packed for oneDNN at load (float32 stays as the
+    official computes it): the same floats, faster."""
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    for dtype in ("float32", "bfloat16"):
+        flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", dtype))
+        packed = any(isinstance(m, PackedLinear) for m in flow.modules())
+        assert packed == (dtype == "bfloat16" and packs_linear(resolve_placement("cpu", dtype)))
+    fast, _ = _flow_and_vocoder(version, "bfloat16")
+    plain, _ = _flow_and_vocoder(version, "bfloat16", kernels=False)
+    assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_flow_and_vocoder_within_bounds_of_float32(version: int) -> None:
     mel32, wav32 = _flow_and_vocoder(version, "float32")
     for dtype in (torch.bfloat16, torch.float16):

@@ -142,8 +142,8 @@ def apply_precision(
     flow and vocoder follow ``placement.dtype`` (bfloat16 matmuls beat int8 with float32 around it
     there, see benchmarks/README.md). ``kernels`` fuses the linear groups of every network (one
     product for q/k/v: the same floats, fewer and larger calls; a streamed flow chunk ~15% less
-    CPU) and adds the LLM's decoding kernels (packed weights); export loads without them, keeping
-    the official module tree."""
+    CPU) and adds the LLM's decoding kernels and the low-precision flow's (packed weights); export
+    loads without them, keeping the official module tree."""
     decoding = part == "llm" and kernels
     if kernels:
         fuse_linear_groups(network)
@@ -151,11 +151,19 @@ def apply_precision(
         return quantize_linear_int8(network)  # int8 kernels take float32 activations
     if placement.dtype != torch.float32:
         cast_weights(network, placement.dtype)
-    if decoding and packs_linear(placement):
+    if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
         pack_linears(network)
     if decoding and placement.device.type == "cpu" and placement.dtype != torch.float32:
         attend_in_float32(network)
     return network
+
+
+def _packs_flow(part: str, placement: Placement) -> bool:
+    """The flow's linear layers packed too where no parity is kept: in bfloat16 the packed
+    products give the same floats and a whole full-size v2/v3 estimator call on one thread took
+    7% less time (624 vs 674 ms, 802 vs 864 ms; benchmarks/README.md). In float32 oneDNN's
+    packed product rounds differently from the official's (1.8e-6), so float32 stays as loaded."""
+    return part == "flow" and placement.dtype != torch.float32
 
 
 def attend_in_float32(network: nn.Module) -> nn.Module:
