@@ -162,8 +162,8 @@ def _packs_flow(part: str, placement: Placement) -> bool:
     """The flow's linear layers packed too where no parity is kept: in bfloat16 the packed
     products give the same floats, a full-size v2/v3 estimator call on one thread took 7% less
     time (624 vs 674 ms, 802 vs 864 ms) and a whole v2 utterance 4% (benchmarks/README.md). In
-    float32 oneDNN's
-    packed product rounds differently from the official's (1.8e-6), so float32 stays as loaded."""
+    float32 oneDNN's packed product rounds differently from the official's (1.8e-6), so float32
+    stays as loaded."""
     return part == "flow" and placement.dtype != torch.float32
 
 
