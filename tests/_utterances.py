@@ -11,8 +11,10 @@ TOL = 1e-4
 
 
 def utterances_of(g: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, ...]]:
-    """Three utterances from a golden's (token, prompt_token, prompt_feat, embedding): the full
-    prompt, a shorter one and none; new tokens of three lengths; each its own speaker."""
+    """Five utterances from a golden's (token, prompt_token, prompt_feat, embedding): the full
+    prompt, a shorter one, none, and two whose prompt mel is a frame shorter / longer than
+    token_mel_ratio x its tokens (as a voice-conversion prompt may be); new tokens of several
+    lengths; each its own speaker."""
     token, p_tok, p_feat, emb = (
         torch.from_numpy(g[k]) for k in ("token", "prompt_token", "prompt_feat", "embedding")
     )
@@ -20,6 +22,8 @@ def utterances_of(g: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, ...]]:
         (token, p_tok, p_feat, emb),
         (token.flip(1)[:, :9], p_tok[:, :4], p_feat[:, :8].flip(1), -emb),
         (token[:, 3:], p_tok[:, :0], p_feat[:, :0], emb.roll(5, 1)),
+        (token[:, 2:12], p_tok[:, :5], p_feat[:, :9], emb * 0.5),
+        (token[:, :7], p_tok[:, :3], p_feat[:, 1:8], emb.flip(1)),
     ]
 
 

@@ -248,8 +248,8 @@ def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
 @pytest.mark.parametrize("version", [2, 3])
 def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> None:
     """Whole (not streamed) utterances that end at one step, with prompts of different lengths
-    (two voices, none), have their flow computed as one padded batch (``batch_utterances``, the
-    default on accelerators) and each sounds as alone. The mels agree within 1e-4 (the flow
+    (two voices, none; two voice conversions), have their flow computed as padded batches
+    (``batch_utterances``, the default on accelerators) and each sounds as alone. The mels agree within 1e-4 (the flow
     tests); the vocoder's source phase accumulates their ~1e-6 float differences over the
     utterance, so the waveforms agree to ~1e-2 (a wrong row would be off by its whole scale)."""
     engine = Engine.load(
@@ -265,11 +265,19 @@ def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> 
         ),
         _request("Nice to meet you.", 3, mode=Mode.CROSS_LINGUAL, **same_end),
     ]  # fmt: skip
+    # voice conversion: every token at the first step, prompt mel not aligned to its tokens
+    requests += [
+        SynthesisRequest(
+            mode=Mode.VOICE_CONVERSION, source_audio=DATA / "audio" / "en_22k.wav",
+            prompt_audio=prompt, seed=4,
+        )
+        for prompt in (PROMPT, DATA / "audio" / "zh_24k.wav")
+    ]  # fmt: skip
     try:
         solo = [_alone(engine, r) for r in requests]
         batches = engine.loop.utterance_batches
         together = _together(engine, requests)
-        assert engine.loop.utterance_batches == batches + 1
+        assert engine.loop.utterance_batches == batches + 2
     finally:
         engine.close()
     for a, b in zip(solo, together, strict=True):

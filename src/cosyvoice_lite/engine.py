@@ -93,7 +93,7 @@ def utterance_batch_size(
     its rows run in parallel: on an accelerator one batch of B utterances costs about one
     utterance's kernel launches. On a CPU the flow is compute-bound (its rows already split over
     the cores, ``_split_flow_rows``), so a batch only adds its padding; float32 rows batched
-    there also move by ~1e-6 from the official's (which the vocoder's phase turns into ~1e-3 of
+    there also move by ~1e-6 from the official's (which the vocoder's phase turns into ~1e-2 of
     waveform). The onnxruntime backend keeps one utterance per call (its graphs were checked
     that way)."""
     if batch is None:

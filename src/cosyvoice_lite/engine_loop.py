@@ -299,6 +299,8 @@ class AudioWorker:
                 del rows[row]
 
     def _run_later(self, later: list[Any]) -> None:
+        # whole utterances last: their flow is computed together, after the others' work
+        later.sort(key=lambda item: _whole_utterance(item) is not None)
         mels = self._utterances_together(later)
         for item in later:
             if isinstance(item, _Background):
@@ -312,25 +314,15 @@ class AudioWorker:
     def _utterances_together(self, later: list[Any]) -> dict[int, torch.Tensor]:
         """The mels of the whole utterances among the segment ends in ``later``, computed in
         padded batches (``Pipeline.flow_utterances``) where the pipeline batches them; keyed by
-        id of the work. If the batch fails, each is computed alone (and fails alone)."""
-        works = [
-            item
-            for item in later
-            if isinstance(item, _AudioWork)
-            and not (item.row.ended or item.row.job.cancelled.is_set())
-            and item.audio.whole_utterance() is not None
-        ]
+        id of the work. What a batch did not give (it failed) is computed alone, failing alone."""
+        works = [item for item in later if _whole_utterance(item) is not None]
         if len(works) < 2 or works[0].audio.pipeline.utterance_batch < 2:
             return {}
-        try:
-            mels = works[0].audio.pipeline.flow_utterances(
-                [work.audio.whole_utterance() for work in works]
-            )
-        except Exception:  # noqa: BLE001 - e.g. out of memory: each alone then
-            log.exception("a batch of %d whole utterances failed; computing each alone", len(works))
-            return {}
-        self.utterance_batches += 1
-        return {id(work): mel for work, mel in zip(works, mels, strict=True)}
+        mels, batches = works[0].audio.pipeline.flow_utterances(
+            [work.audio.whole_utterance() for work in works]
+        )
+        self.utterance_batches += batches
+        return {id(w): mel for w, mel in zip(works, mels, strict=True) if mel is not None}
 
     def _wait_for_neighbours(
         self,
@@ -435,6 +427,16 @@ def _one_flow(pipeline: Any, flow: Any) -> Any:
         return pipeline.flow_steps([flow])[0]
     except BaseException as exc:  # noqa: BLE001 - handed to its row
         return exc
+
+
+def _whole_utterance(item: Any) -> Any:
+    """The whole-utterance flow call of a live segment end (``Segment.whole_utterance``), or
+    None."""
+    if not isinstance(item, _AudioWork) or item.token is not None:
+        return None
+    if item.row.ended or item.row.job.cancelled.is_set():
+        return None
+    return item.audio.whole_utterance()
 
 
 def _due_within(audio: Any, tokens: int) -> bool:
@@ -637,7 +639,7 @@ class EngineLoop:
             return True
         fed = self._forward()
         for row in list(self._rows):
-            if row.reply is not None or row.feed is None:
+            if row.draw is None and (row.reply is not None or row.feed is None):
                 self._advance(row)
         self._sample()
         return fed
@@ -805,7 +807,7 @@ class EngineLoop:
             self._rows.remove(row)
         if row.task is not None:
             row.task.close()
-        row.task = row.audio = row.cache = row.feed = row.reply = None
+        row.task = row.audio = row.cache = row.feed = row.reply = row.draw = None
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
         row.end(exc)

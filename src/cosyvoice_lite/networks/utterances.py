@@ -31,6 +31,13 @@ def join_rows(
     return joined, lengths
 
 
+def new_frames(ratio: int, prompt_tokens: int, tokens: int, prompt_frames: int) -> int:
+    """The mel frames a whole utterance gives after its prompt: its token features (``ratio`` x
+    prompt and new tokens) minus the prompt's mel frames (the frontend aligns those to ``ratio``
+    x the prompt tokens, but a voice-conversion prompt may be a frame off)."""
+    return ratio * (prompt_tokens + tokens) - prompt_frames
+
+
 def frame_mask(lengths: list[int], frames: int, like: torch.Tensor) -> torch.Tensor:
     """[B, 1, frames] mask (1 = a frame of the row) in the dtype and device of ``like``."""
     positions = torch.arange(frames, device=like.device)
@@ -73,7 +80,8 @@ class UtteranceFlow:
         token [B, N] (row i: its first token_len[i]), prompt_token [B, P] (its first
         prompt_token_len[i]), prompt_feat [B, T, 80] (its first prompt_feat_len[i] frames; the
         frontend aligns them to token_mel_ratio x the prompt tokens), embedding [B, spk_dim]
-        (x-vector). Row i's mel is its first token_mel_ratio x token_len[i] frames, zeros after.
+        (x-vector). Row i's mel is its first ``new_frames(token_mel_ratio, prompt_token_len[i],
+        token_len[i], prompt_feat_len[i])`` frames, zeros after.
         With finalize=False (one utterance only) the last ``pre_lookahead_len`` tokens are only
         look-ahead context and produce no mel. streaming=True uses the chunk attention masks.
         As in the official call, a batch of one takes its prompt length from prompt_feat's shape.
@@ -104,8 +112,8 @@ class UtteranceFlow:
         else:
             prompt_frames = prompt_feat_len.tolist()
             lengths = (token_len * self.token_mel_ratio).tolist()
-        new_frames = [n - p for n, p in zip(lengths, prompt_frames, strict=True)]
-        if min(new_frames) <= 0:
+        new = [n - p for n, p in zip(lengths, prompt_frames, strict=True)]
+        if min(new) <= 0:
             raise ValueError(
                 f"prompt mel ({max(prompt_frames)} frames) is not shorter than the token features "
                 f"({frames} frames); the prompt must be aligned to {self.token_mel_ratio}x tokens"
@@ -124,7 +132,7 @@ class UtteranceFlow:
         )
         if batch == 1:
             return feat[:, :, prompt_frames[0] :].float(), None
-        out = feat.new_zeros(batch, feat.shape[1], max(new_frames), dtype=torch.float32)
+        out = feat.new_zeros(batch, feat.shape[1], max(new), dtype=torch.float32)
         for row, (p, n) in enumerate(zip(prompt_frames, lengths, strict=True)):
             out[row, :, : n - p] = feat[row, :, p:n]
         return out, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from ..decoding import (
     speech_token_task,
 )
 from ..versions import spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,16 +186,24 @@ class Pipeline:
             task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
 
-    def flow_utterances(self, works: list[UtteranceWork]) -> list[torch.Tensor]:
+    def flow_utterances(self, works: list[UtteranceWork]) -> tuple[list[torch.Tensor | None], int]:
         """The float32 mel [1, 80, n] of each whole utterance, computed in padded batches of
-        similar lengths (``utterance_groups``) of at most ``utterance_batch``."""
+        similar lengths (``utterance_groups``) of at most ``utterance_batch``, and how many
+        batches held several. A batch that fails (e.g. out of memory) gives None for its
+        utterances: the caller computes those alone, so a bad one fails alone."""
         lengths = [w.inputs.flow_prompt_speech_token.shape[1] + len(w.tokens) for w in works]
         mels: list[torch.Tensor | None] = [None] * len(works)
+        batches = 0
         for group in utterance_groups(lengths, self.utterance_batch):
-            batch = self._flow_batch([works[i] for i in group])
+            try:
+                batch = self._flow_batch([works[i] for i in group])
+            except Exception:  # noqa: BLE001 - each of them alone then
+                log.exception("a flow batch of %d whole utterances failed", len(group))
+                continue
+            batches += len(group) > 1
             for index, mel in zip(group, batch, strict=True):
                 mels[index] = mel
-        return mels  # type: ignore[return-value]
+        return mels, batches
 
     def _flow_batch(self, works: list[UtteranceWork]) -> list[torch.Tensor]:
         """The mels of whole utterances computed as one batch (versions whose segments hand

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..networks.utterances import new_frames
 from .common import FlowWork, ModelInputs, Pipeline, Segment, UtteranceWork
 from .prompt_flow import DEFAULT_BUDGET_BYTES, PromptFlowCache
 
@@ -118,7 +119,9 @@ class V2Segment(Segment):
         return self.pipeline._vocode(state, mel, self.generator, finalize=False)
 
     def whole_utterance(self) -> UtteranceWork | None:
-        return None if self.stream else UtteranceWork(self.inputs, self.state.tokens)
+        if self.stream or not self.state.tokens:
+            return None
+        return UtteranceWork(self.inputs, self.state.tokens)
 
     def finish(self, mel: torch.Tensor | None = None) -> torch.Tensor:
         """The last piece, from the tokens not yet turned into audio; ``mel``: the whole
@@ -131,7 +134,7 @@ class V2Segment(Segment):
             self.mel.append(pipeline.flow_steps([work])[0])
             mel = torch.cat(self.mel, dim=2)
         elif mel is None:
-            mel = pipeline.flow_utterances([UtteranceWork(self.inputs, state.tokens)])[0]
+            mel = pipeline._flow_batch([UtteranceWork(self.inputs, state.tokens)])[0]
         return pipeline._vocode(state, mel, self.generator, finalize=True, speed=self.speed)
 
     def _flow_stream(self):
@@ -199,7 +202,16 @@ class V2Pipeline(Pipeline):
         if len(works) == 1:
             return [mel.float()]
         ratio = self.flow.token_mel_ratio
-        return [mel[i : i + 1, :, : ratio * len(w.tokens)] for i, w in enumerate(works)]
+        frames = [
+            new_frames(
+                ratio,
+                i.flow_prompt_speech_token.shape[1],
+                len(w.tokens),
+                i.prompt_speech_feat.shape[1],
+            )
+            for i, w in zip(inputs, works, strict=True)
+        ]
+        return [mel[row : row + 1, :, :n].contiguous() for row, n in enumerate(frames)]
 
     @torch.inference_mode()
     def _vocode(
