@@ -299,9 +299,12 @@ class AudioWorker:
                 del rows[row]
 
     def _run_later(self, later: list[Any]) -> None:
+        wholes = {id(item): _whole_utterance(item) for item in later}
         # whole utterances last: their flow is computed together, after the others' work
-        later.sort(key=lambda item: _whole_utterance(item) is not None)
-        mels = self._utterances_together(later)
+        later.sort(key=lambda item: wholes[id(item)] is not None)
+        mels = self._utterances_together(
+            [(item, wholes[id(item)]) for item in later if wholes[id(item)] is not None]
+        )
         for item in later:
             if isinstance(item, _Background):
                 _run_into(item.fn, item.future)
@@ -311,18 +314,16 @@ class AudioWorker:
                     self._finish(item, mels.pop(id(item), None))
         later.clear()
 
-    def _utterances_together(self, later: list[Any]) -> dict[int, torch.Tensor]:
-        """The mels of the whole utterances among the segment ends in ``later``, computed in
-        padded batches (``Pipeline.flow_utterances``) where the pipeline batches them; keyed by
-        id of the work. What a batch did not give (it failed) is computed alone, failing alone."""
-        works = [item for item in later if _whole_utterance(item) is not None]
-        if len(works) < 2 or works[0].audio.pipeline.utterance_batch < 2:
+    def _utterances_together(self, wholes: list[tuple[_AudioWork, Any]]) -> dict[int, torch.Tensor]:
+        """The mels of whole utterances (segment ends with their ``whole_utterance`` call),
+        computed in padded batches (``Pipeline.flow_utterances``) where the pipeline batches
+        them; keyed by id of the work. What a batch did not give (it failed) is computed alone,
+        failing alone."""
+        if len(wholes) < 2 or wholes[0][0].audio.pipeline.utterance_batch < 2:
             return {}
-        mels, batches = works[0].audio.pipeline.flow_utterances(
-            [work.audio.whole_utterance() for work in works]
-        )
+        mels, batches = wholes[0][0].audio.pipeline.flow_utterances([u for _, u in wholes])
         self.utterance_batches += batches
-        return {id(w): mel for w, mel in zip(works, mels, strict=True) if mel is not None}
+        return {id(w): mel for (w, _), mel in zip(wholes, mels, strict=True) if mel is not None}
 
     def _wait_for_neighbours(
         self,
