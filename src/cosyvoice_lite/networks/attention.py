@@ -3,10 +3,10 @@
 float32 runs torch's ``scaled_dot_product_attention``, the kernel the official code runs, which the
 parity tests reproduce bit for bit. With bfloat16/float16 weights there is no parity to keep, and
 torch's CPU kernel with a mask is slower there than plain GEMMs around a softmax (measured, CPU
-time, 2 x 8 heads x 64: 18 ms vs 10 ms at 400 frames; 94 ms vs 103 ms at 1,100 frames). The
-softmax takes the low-precision scores (torch's CPU kernel accumulates them in float32). A
-stream's few new frames against its cached prefix go through torch's kernel in every dtype: there
-it is the faster one (see ``attention``).
+time, 2 x 8 heads x 64: 18 ms vs 10 ms at 400 frames; 94 ms vs 103 ms at 1,100 frames), and so it
+is for a stream's new frames against its cached prefix (50 queries, 300-900 keys, 8 heads x 64,
+one or two threads: 1.4-2.6x). The softmax takes the low-precision scores (torch's CPU kernel
+accumulates them in float32).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def attention(
     call) costs less than a product and a softmax slice per part (measured, one v2 stream chunk's
     shapes, 2 threads: 1.2-1.9x faster in bfloat16 and float32)."""
     if prefix:
-        return _attention_after_prefix(q, k, v, mask, prefix)
+        k, v, mask = _after_prefix(q, k, v, mask, prefix)
     if q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return torch.matmul(_scores(q, k, mask).softmax(dim=-1), v)
@@ -74,16 +74,17 @@ def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torc
     return scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
 
 
-def _attention_after_prefix(
+def _after_prefix(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
     prefix: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys and values with the prefix parts before them, and the mask widened to see the prefix."""
     keys = torch.cat([*(part.to(q.dtype) for part, _ in prefix), k], dim=-2)
     values = torch.cat([*(part.to(q.dtype) for _, part in prefix), v], dim=-2)
     if mask is not None:  # every query sees the whole prefix
         seen = keys.size(-2) - k.size(-2)
         mask = F.pad(mask, (seen, 0), value=True if mask.dtype == torch.bool else 0.0)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return keys, values, mask
