@@ -29,7 +29,7 @@ def attention(
 
     ``prefix``: (keys, values) pairs [B, H, P, d] every query sees before ``k``/``v`` (a stream's
     shared prompt frames and frozen history, see ``cache.GrowingBuffer``); the mask covers ``k``
-    only. The parts are joined and go through one fused attention call: copying them (a few MB a
+    only. The parts are joined and go through one attention call: copying them (a few MB a
     call) costs less than a product and a softmax slice per part (measured, one v2 stream chunk's
     shapes, 2 threads: 1.2-1.9x faster in bfloat16 and float32)."""
     if prefix:
