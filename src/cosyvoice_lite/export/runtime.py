@@ -90,11 +90,18 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class OrtEstimator(nn.Module):
-    """forward(x, mask, mu, t, spks, cond, streaming=False) -> velocity, through onnxruntime."""
+    """forward(x, mask, mu, t, spks, cond, streaming=False) -> velocity, through onnxruntime.
 
-    def __init__(self, sessions: dict[bool, object]) -> None:
+    ``incremental`` keeps the torch estimator for a stream's incremental flow steps
+    (``flow_matching.stream_estimator``): they compute a stream's new frames against its own
+    cached keys and values, which a graph of whole inputs cannot hold, so streams run the torch
+    layers (their weights stay in memory beside onnxruntime's), as ``OrtVocoder`` keeps the
+    torch vocoder for streams."""
+
+    def __init__(self, sessions: dict[bool, object], incremental: nn.Module) -> None:
         super().__init__()
         self.sessions = sessions  # streaming flag -> session
+        self.incremental = incremental
 
     def forward(self, x, mask, mu, t, spks, cond, streaming: bool = False) -> torch.Tensor:  # noqa: ANN001
         run = self.sessions.get(bool(streaming))
@@ -193,7 +200,8 @@ def use_onnxruntime(
         sessions = {False: open_graph("flow_estimator"), True: open_graph("flow_estimator_chunk")}
         if sessions[False] is None:
             raise ModelDirError(f"{export_dir} has no flow_estimator graph")
-        flow.decoder.estimator = OrtEstimator({k: v for k, v in sessions.items() if v is not None})
+        graphs_by_flag = {k: v for k, v in sessions.items() if v is not None}
+        flow.decoder.estimator = OrtEstimator(graphs_by_flag, flow.decoder.estimator)
     if "hift" in stages:
         run = open_graph("hift")
         if run is None:

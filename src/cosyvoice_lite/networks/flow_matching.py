@@ -44,6 +44,14 @@ MAX_STEPS = 100
 CFG_ROWS = 2
 
 
+def stream_estimator(cfm: nn.Module) -> nn.Module | None:
+    """The estimator module whose layers compute a stream's new frames against its caches: the
+    CFM's estimator, or the torch module a stand-in for whole calls keeps as ``incremental``
+    (``export.runtime.OrtEstimator``: a graph of whole inputs cannot hold per-stream caches)."""
+    estimator = getattr(cfm, "estimator", None)
+    return getattr(estimator, "incremental", estimator)
+
+
 def check_steps(steps: int) -> int:
     """A valid number of Euler steps, or ValueError naming the range."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:

@@ -48,6 +48,7 @@ from cosyvoice_lite.networks.flow_matching import (
     TokenChunks,
     stack_rows,
     step_streams,
+    stream_estimator,
 )
 from cosyvoice_lite.networks.flow_v3 import PreLookaheadLayer
 from cosyvoice_lite.networks.linear import grouped
@@ -365,7 +366,7 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
         )
 
     def _check_streamable(self) -> None:
-        encoder, estimator = self.encoder, self.decoder.estimator
+        encoder, estimator = self.encoder, stream_estimator(self.decoder)
         chunk = getattr(encoder, "static_chunk_size", 0)
         if not isinstance(encoder, UpsampleConformerEncoder) or chunk <= 0:
             raise ModelDirError(
@@ -445,7 +446,8 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
         caches: list[_LayerCaches],
         starts: list[int],
     ) -> torch.Tensor:
-        return _estimator_increment(self.decoder.estimator, x, mu, t, spks, cond, caches, starts)
+        estimator = stream_estimator(self.decoder)
+        return _estimator_increment(estimator, x, mu, t, spks, cond, caches, starts)
 
 
 # --------------------------------------------------------------------------------------------

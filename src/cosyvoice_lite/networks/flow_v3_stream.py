@@ -63,6 +63,7 @@ from cosyvoice_lite.networks.flow_matching import (
     TokenChunks,
     stack_rows,
     step_streams,
+    stream_estimator,
 )
 from cosyvoice_lite.networks.linear import grouped
 
@@ -190,7 +191,7 @@ def kv_cache_bytes_per_frame(
 def check_streamable(flow: CausalMaskedDiffWithDiT) -> None:
     """Raise ModelDirError unless this flow can be streamed incrementally."""
     decoder = flow.decoder
-    estimator = getattr(decoder, "estimator", None)
+    estimator = None if decoder is None else stream_estimator(decoder)
     if flow.pre_lookahead_layer is None or decoder is None or not isinstance(estimator, DiT):
         raise ModelDirError(
             "incremental streaming needs the pre-look-ahead layer and a DiT estimator"
@@ -269,7 +270,7 @@ def stream_steps(
         _chunks(flow),
         partial(_mu_increment, flow),
         partial(_stream_solve, flow),
-        partial(_velocity, flow.decoder.estimator),
+        partial(_velocity, stream_estimator(flow.decoder)),
     )
 
 
@@ -288,7 +289,7 @@ def _chunks(flow: CausalMaskedDiffWithDiT) -> TokenChunks:
     """Whole DiT chunks (in tokens), counted from the prompt's first token."""
     ratio = flow.token_mel_ratio
     return TokenChunks(
-        flow.decoder.estimator.static_chunk_size // ratio, flow.pre_lookahead_len, ratio
+        stream_estimator(flow.decoder).static_chunk_size // ratio, flow.pre_lookahead_len, ratio
     )
 
 
@@ -321,7 +322,7 @@ def _stream_solve(
     flow: CausalMaskedDiffWithDiT, state: FlowV3StreamState, mu: torch.Tensor, start: int
 ) -> StreamSolve:
     """The DiT's share of a stream's call: new frames mu [1, 80, n] at mel frame `start`."""
-    estimator: DiT = flow.decoder.estimator
+    estimator: DiT = stream_estimator(flow.decoder)
     while len(state.steps) < flow.decoder.steps:
         state.steps.append(
             [
