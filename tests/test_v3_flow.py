@@ -108,6 +108,17 @@ def test_estimator_parity(estimator: DiT, key: str, streaming: bool, t_key: str)
     assert _max_err(out, g[key].numpy()) < TOL
 
 
+def test_residual_stream_is_contiguous(estimator: DiT) -> None:
+    """The input embedding hands the blocks a frame-major (contiguous) residual stream: with the
+    official operand order (conv + x) the sum took the conv's transposed layout, and every add and
+    norm of the 22 blocks ran strided (full-size bf16 row ~6% slower, the same floats)."""
+    frames, mel = 7, estimator.proj_out.out_features
+    x, cond, mu = (torch.randn(1, frames, mel) for _ in range(3))
+    spks = torch.randn(1, estimator.input_embed.spk_dim)
+    with torch.inference_mode():
+        assert estimator.input_embed(x, cond, mu, spks).is_contiguous()
+
+
 def test_streaming_mask_is_chunk_causal(estimator: DiT) -> None:
     g = {k: torch.from_numpy(v) for k, v in _load("estimator").items()}
     x, mu, cond, mask = g["x"][:1], g["mu"][:1], g["cond"][:1], g["mask"][:1]

@@ -121,7 +121,11 @@ class InputEmbedding(nn.Module):
                 raise ValueError("this DiT was built with spk_dim > 0 and needs `spks`")
             to_cat.append(spks.unsqueeze(1).expand(-1, x.shape[1], -1))
         x = self.proj(torch.cat(to_cat, dim=-1))
-        return self.conv_pos_embed(x) + x
+        # x first: a sum takes its first operand's memory layout, and the conv's output is a
+        # transposed view. The official's conv + x made the residual stream channel-first for
+        # every block (each add and norm strided: a bf16 add of one row 0.75 ms instead of
+        # 0.09 ms); addition commutes exactly, so the floats are the same.
+        return x + self.conv_pos_embed(x)
 
 
 # -------------------------------------------------------------------------------------- rotary

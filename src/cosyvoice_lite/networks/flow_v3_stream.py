@@ -352,7 +352,8 @@ def _velocity(
     # another size could round differently); the modulations take its first row (_per_row)
     t_emb = estimator.time_embed(t.expand(CFG_ROWS))
     h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
-    h = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches) + h
+    # h first, so the sum keeps h's contiguous layout (see dit.InputEmbedding)
+    h = h + _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches)
     rope = stack_rows(
         [estimator.rotary_embed.forward_from_seq_len(n, offset=start) for start in starts]
     )
