@@ -79,9 +79,11 @@ def sample_rows(
     do not depend on the other rows), so its tokens are those it gets alone. Other samplers are
     called as they are."""
     tokens: list[int | BaseException | None] = [None] * len(rows)
-    ras = [i for i, (_, _, sampler) in enumerate(rows) if isinstance(sampler, RasSampler)]
+    ras: list[int] = []
     for i, (scores, decoded, sampler) in enumerate(rows):
-        if i not in ras:
+        if isinstance(sampler, RasSampler):
+            ras.append(i)
+        else:
             tokens[i] = _call(sampler, scores, decoded)
     if ras:
         samplers: list[RasSampler] = [rows[i][2] for i in ras]  # type: ignore[misc]
