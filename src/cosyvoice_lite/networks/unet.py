@@ -196,13 +196,17 @@ class CausalConv1d(nn.Conv1d):
 
 
 class Transpose(nn.Module):
-    def __init__(self, dim0: int, dim1: int) -> None:
+    """``x.transpose(dim0, dim1)``; with ``contiguous`` laid out in that order in memory."""
+
+    def __init__(self, dim0: int, dim1: int, contiguous: bool = False) -> None:
         super().__init__()
         self.dim0 = dim0
         self.dim1 = dim1
+        self.contiguous = contiguous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(self.dim0, self.dim1)
+        x = x.transpose(self.dim0, self.dim1)
+        return x.contiguous() if self.contiguous else x
 
 
 class CausalBlock1D(nn.Module):
@@ -214,7 +218,9 @@ class CausalBlock1D(nn.Module):
             CausalConv1d(dim, dim_out, 3),
             Transpose(1, 2),
             nn.LayerNorm(dim_out),
-            Transpose(1, 2),
+            # back to channel-major memory: left as a transposed view (as officially), the Mish,
+            # the masks, the padding and the residual adds after it all ran strided
+            Transpose(1, 2, contiguous=True),
             nn.Mish(),
         )
 
