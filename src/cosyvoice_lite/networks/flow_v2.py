@@ -698,7 +698,9 @@ def _transformers_increment(
     """diffusers BasicTransformerBlocks over new frames x [R, C, n]: projections and
     feed-forwards for all rows at once, attention per row over its cached keys/values."""
     n = x.size(2)
-    h = x.transpose(1, 2)
+    # frame-major memory, as ConditionalDecoder._transformers: left a transposed view, every
+    # norm and residual add of the blocks would run strided
+    h = x.transpose(1, 2).contiguous()
     # The official additive bias (mask_to_bias): 0 where allowed, -1e10 elsewhere; none at all
     # when every new frame sees every earlier one (whole chunks), which adds 0 to every score.
     biases = [
@@ -724,7 +726,7 @@ def _transformers_increment(
             outs.append(attention(q[mine], keys, values, bias, prefix=prefix))
         h = h + attn.to_out[0](_merge_heads(stack_rows(outs)))
         h = h + block.ff(block.norm3(h))
-    return h.transpose(1, 2)
+    return h.transpose(1, 2).contiguous()
 
 
 def _estimator_increment(
