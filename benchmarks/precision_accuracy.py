@@ -3,7 +3,9 @@
     python benchmarks/precision_accuracy.py tests/data/models/v2-tiny
     flock /tmp/heavy.lock python benchmarks/precision_accuracy.py /tmp/models-full/v2 --tokens 100
 
-For every precision (bfloat16, float16 weights; int8 LLM linear layers) it prints:
+For every precision (bfloat16, float16 weights; int8: int8 LLM linear layers and the flow's declared
+int8 products, float32 elsewhere; int8-bf16: the same with bfloat16 elsewhere, the fastest CPU
+setting) it prints:
   LLM    teacher-forced log-probabilities of the float32-sampled tokens: max and mean absolute
          error, and how often the most likely token is the same;
          sampled tokens with the same seed: the share equal to float32 and the first position
@@ -36,6 +38,7 @@ PRECISIONS = {  # name -> (dtype, quantize)
     "bfloat16": ("bfloat16", None),
     "float16": ("float16", None),
     "int8": ("float32", "int8"),
+    "int8-bf16": ("bfloat16", "int8"),
 }
 SEED = 1234
 

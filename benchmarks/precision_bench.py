@@ -18,8 +18,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (Engine.load dtype, quantize). "int8" is int8 LLM linear layers with the flow and the
-# vocoder in bfloat16: int8 applies to the LLM only (src/cosyvoice_lite/precision.py).
+# name -> (Engine.load dtype, quantize). "int8" is int8 LLM linear layers (and CosyVoice3's DiT
+# products, W8A8) with the rest of the flow and the vocoder in bfloat16 (precision.py).
 CONFIGS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 # what each config's flow and vocoder compute in, for their FLOP floor
 FLOW_RATE = {
@@ -40,6 +40,26 @@ def int8_linear_gflops(n: int = 2048, repeats: int = 5) -> float:
 
     layer = Int8Linear(torch.nn.Linear(n, n), torch.get_num_threads())
     x = torch.randn(n, n)
+    layer(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        layer(x)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def int8_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s (int8 operations) of the flow's W8A8 products (``Int8MatmulLinear``: per-row
+    activation quantisation, ``torch._int_mm``, rescaling) on an n x n product."""
+    import time
+
+    import torch
+
+    from cosyvoice_lite.quantized_linear import Int8MatmulLinear
+
+    layer = Int8MatmulLinear(torch.nn.Linear(n, n))
+    x = torch.randn(n, n, dtype=torch.bfloat16)
     layer(x)
     best = float("inf")
     for _ in range(repeats):
@@ -114,6 +134,7 @@ def main() -> None:
 
     floors = measure()
     floors["int8_gflops"] = int8_linear_gflops()
+    floors["w8a8_gflops"] = int8_matmul_gflops()
     print(json.dumps(floors))
 
 
@@ -143,8 +164,9 @@ def print_floors(floors: dict, results: dict, names: list[str], tokens: int, flo
     print()
     print(
         f"floors measured in this run ({floors['threads']} threads): memory {bandwidth:.1f} GB/s; "
-        f"matmul fp32 {floors['fp32_gflops']:.0f}, bf16 {floors['bf16_gflops']:.0f}, int8 (dynamic "
-        f"linear) {floors['int8_gflops']:.0f} GFLOP/s"
+        f"matmul fp32 {floors['fp32_gflops']:.0f}, bf16 {floors['bf16_gflops']:.0f}, int8 (LLM "
+        f"layers) {floors['int8_gflops']:.0f}, int8 W8A8 (flow products) "
+        f"{floors.get('w8a8_gflops', float('nan')):.0f} GFLOP/s"
     )
     for name in names:
         per_token = results[name].get("llm_bytes_per_token")
@@ -158,7 +180,10 @@ def print_floors(floors: dict, results: dict, names: list[str], tokens: int, flo
                     f"; measured {measured:.1f} ms/token (median step) = {measured / floor_ms:.2f}x"
                 )
         for stage in ("flow", "hift"):
-            if stage in flops and results[name].get(f"{stage}_s"):
+            if stage in flops and not flops[stage]:
+                # FLOPs are counted in the calling thread: rows computed on helper threads are not
+                line += f"; {stage} FLOPs not counted (run fp32 first)"
+            elif stage in flops and results[name].get(f"{stage}_s"):
                 rate = floors[FLOW_RATE.get(name, "fp32_gflops")]
                 floor_s = flops[stage] / rate / 1e9
                 line += (

@@ -1,5 +1,6 @@
-"""int8 linear layers (onnxruntime MatMulNBits): the block quantisation, the one-layer graph, and
-the products against the dequantised weights."""
+"""int8 linear layers: onnxruntime MatMulNBits (the block quantisation, the one-layer graph, the
+products against the dequantised weights) and the W8A8 layer of the flows (its products against
+float32, and a row's result independent of the others)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from cosyvoice_lite.quantized_linear import BLOCK, CODES, Int8Linear, _graph, quantize_blocks
+from cosyvoice_lite.quantized_linear import (
+    BLOCK,
+    CODES,
+    Int8Linear,
+    Int8MatmulLinear,
+    _graph,
+    quantize_blocks,
+)
 
 
 def test_block_codes_round_trip_within_half_a_step() -> None:
@@ -82,3 +90,40 @@ def test_many_layers_do_not_spin_whatever_the_wait_policy(monkeypatch: pytest.Mo
     one_pass()
     times = sorted(one_pass() for _ in range(5))
     assert times[2] < 0.04, times  # the median
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_products_close_to_float32(bias: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(300, 70, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(70, 300, generator=g) * 0.05)
+        linear.weight[5] = 0  # an all-zero output channel stays zero
+    layer = Int8MatmulLinear(linear)
+    assert layer.codes.dtype == torch.int8 and layer.codes.shape == (300, 70)
+    x = torch.randn(2, 9, 300, generator=g) * torch.linspace(0.01, 10, 9).unsqueeze(-1)
+    with torch.inference_mode():
+        want, got = linear(x), layer(x)
+        assert got.shape == (2, 9, 70) and got.dtype == torch.float32
+        # 8 bits for the weights and for each row: ~1% of each row's output
+        error = (got - want).norm(dim=-1) / want.norm(dim=-1)
+        assert float(error.max()) < 0.02
+        assert torch.equal(got[..., 5], want[..., 5])  # the bias (or 0) alone
+        low = layer(x.bfloat16())  # the dtype of the input comes back
+        assert low.dtype == torch.bfloat16
+        assert float((low.float() - want).norm() / want.norm()) < 0.03
+
+
+def test_w8a8_row_results_do_not_depend_on_the_batch() -> None:
+    """Each row has its own activation scale and the sums are integers: a row's output is the
+    same alone, in any batch, next to padding of any size or value, and a zero row gives the bias."""
+    g = torch.Generator().manual_seed(1)
+    layer = Int8MatmulLinear(nn.Linear(64, 32))
+    rows = torch.randn(5, 64, generator=g) * torch.tensor([[0.1], [1.0], [100.0], [0.0], [3.0]])
+    with torch.inference_mode():
+        batch = layer(rows)
+        for index in range(5):
+            assert torch.equal(layer(rows[index : index + 1]), batch[index : index + 1])
+        padded = torch.cat([rows[1:2], torch.full((7, 64), 1e4)])
+        assert torch.equal(layer(padded)[:1], batch[1:2])
+        assert torch.equal(batch[3], layer.bias)

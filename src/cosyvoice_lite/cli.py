@@ -102,7 +102,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, xpu, npu ...")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 LLM linear layers (cpu)")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 LLM linear layers and CosyVoice3 flow products (cpu)",
+    )
     parser.add_argument("--flow-steps", type=int, default=10, help="flow steps (official 10)")
     parser.add_argument(
         "--variant",

@@ -53,7 +53,8 @@ class Placement:
     ``dtype`` is the dtype the weights are stored in and computed with (not autocast): the LLM, the
     flow and the vocoder, except the few parts ``precision.apply_precision`` keeps in float32/64.
     ``quantize`` ("int8" or None) gives the LLM's linear layers int8 weights (onnxruntime's
-    block-quantised ``MatMulNBits``, see quantized_linear.py; float32 elsewhere in the LLM).
+    block-quantised ``MatMulNBits``, see quantized_linear.py; float32 elsewhere in the LLM) and
+    the flow's declared ``int8_products`` W8A8 layers (CosyVoice3's DiT; ``dtype`` elsewhere).
     """
 
     device: torch.device
@@ -72,7 +73,7 @@ def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
         return ["float32", "float16"], []
     if device.type == "mps":
         return ["float32", "float16"], []
-    return ["float32", "bfloat16", "float16"], []  # the int8 kernels are onnxruntime's CPU ones
+    return ["float32", "bfloat16", "float16"], []  # the int8 kernels are CPU ones
 
 
 def resolve_placement(

@@ -161,7 +161,8 @@ class Engine:
 
         ``variant`` overrides the v1 release detection (base / sft / instruct); ``llm_checkpoint``
         selects e.g. ``llm.rl.pt`` for the RL-tuned CosyVoice3 LLM. ``dtype`` stores the weights
-        in that precision, ``quantize="int8"`` gives the LLM int8 linear layers (precision.py);
+        in that precision, ``quantize="int8"`` gives the LLM int8 linear layers and CosyVoice3's DiT
+        int8 products (precision.py);
         ``flow_steps`` (official 10) trades the flow's quality for speed. ``max_batch`` requests
         decode together at most, one step prefills at most ``prefill_tokens`` positions, and
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.

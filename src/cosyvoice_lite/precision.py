@@ -9,10 +9,18 @@ must stay in higher precision say so themselves: a network module class may carr
 naming child modules or buffers that keep their dtype (and are never quantised). The modules
 compute in the dtype of their weights: each network casts its float inputs at its entry points.
 
-int8 (the LLM's linear layers) uses onnxruntime's ``MatMulNBits`` kernels (``quantized_linear``:
-8-bit weights with a scale per block of 128, activations quantised per block on the fly, VNNI
-where the CPU has it). It replaces ``nn.Linear`` modules only and takes float32 activations, so a
-quantised network keeps float32 everywhere else.
+int8 (``quantize="int8"``, CPU) replaces ``nn.Linear`` modules with the two kernels of
+``quantized_linear``. The LLM's linear layers, read once per decoded token, run onnxruntime's
+``MatMulNBits`` (8-bit weights with a scale per block of 128, activations quantised per block on
+the fly, VNNI where the CPU has it) on float32 activations, so the LLM keeps float32 everywhere
+else. In the flow, the products that multiply every frame run W8A8 (``Int8MatmulLinear``: int8
+weights and per-row int8 activations, int32 sums) where a network module declares that it pays:
+
+    int8_products = "why"
+
+on its class quantises the linear layers inside that module; the rest of the flow stays in
+``dtype``. The DiT (CosyVoice3) declares its attention and feed-forward; the U-Nets do not (their
+products are 4x narrower: 3-4% faster for 1.5x the mel error of bfloat16, benchmarks/README.md).
 
 The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
 loaded modules): their declared linear groups (q/k/v, gate/up) are fused into one product each
@@ -32,9 +40,10 @@ from torch import nn
 
 from .device import Placement
 from .networks.linear import fuse_linear_groups
-from .quantized_linear import Int8Linear
+from .quantized_linear import Int8Linear, Int8MatmulLinear
 
 EXEMPT_ATTRIBUTE = "precision_exempt"
+INT8_PRODUCTS_ATTRIBUTE = "int8_products"
 
 
 def exempt_names(network: nn.Module) -> dict[str, str]:
@@ -91,6 +100,15 @@ def replace_linears(network: nn.Module, make: Callable[[nn.Linear], nn.Module]) 
     return network
 
 
+def quantize_products_int8(network: nn.Module) -> nn.Module:
+    """Replace the linear layers inside the modules whose class declares ``int8_products`` by
+    ``Int8MatmulLinear`` (W8A8), in place."""
+    for module in list(network.modules()):
+        if getattr(type(module), INT8_PRODUCTS_ATTRIBUTE, None):
+            replace_linears(module, Int8MatmulLinear)
+    return network
+
+
 def quantize_linear_int8(network: nn.Module, threads: int | None = None) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers by ``Int8Linear``, in place;
     ``threads``: onnxruntime's threads per layer (default: torch's thread count)."""
@@ -120,10 +138,9 @@ class PackedLinear(nn.Module):
 
 def packs_linear(placement: Placement) -> bool:
     """Whether ``PackedLinear`` serves ``placement``: a CPU with oneDNN, float32 or bfloat16
-    weights (int8 layers have their own packed fbgemm kernels)."""
+    weights (for the layers int8 leaves in that dtype)."""
     return (
         placement.device.type == "cpu"
-        and placement.quantize is None
         and placement.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
     )
@@ -138,9 +155,9 @@ def apply_precision(
     network: nn.Module, part: str, placement: Placement, kernels: bool = True
 ) -> nn.Module:
     """Put ``network`` (``part``: "llm", "flow" or "hift", already on its device) in the precision
-    chosen at load. int8 applies to the LLM, whose decoding reads every weight once per token; the
-    flow and vocoder follow ``placement.dtype`` (bfloat16 matmuls beat int8 with float32 around it
-    there, see benchmarks/README.md). ``kernels`` fuses the linear groups of every network (one
+    chosen at load. int8 applies to the LLM, whose decoding reads every weight once per token, and
+    (with ``kernels``) to the flow's declared ``int8_products``; the rest of the flow and the
+    vocoder follow ``placement.dtype``. ``kernels`` fuses the linear groups of every network (one
     product for q/k/v: the same floats, fewer and larger calls; a streamed flow chunk ~15% less
     CPU) and adds the LLM's decoding kernels and the low-precision flow's (packed weights); export
     loads without them, keeping the official module tree."""
@@ -151,6 +168,8 @@ def apply_precision(
         return quantize_linear_int8(network)  # int8 kernels take float32 activations
     if placement.dtype != torch.float32:
         cast_weights(network, placement.dtype)
+    if part == "flow" and kernels and placement.quantize == "int8":
+        quantize_products_int8(network)
     if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
         pack_linears(network)
     if decoding and placement.device.type == "cpu" and placement.dtype != torch.float32:

@@ -223,6 +223,10 @@ class AdaLayerNormZeroFinal(nn.Module):
 class FeedForward(nn.Module):
     """Linear -> GELU -> Dropout -> Linear, laid out as `ff.0.0`, `ff.2` like the official one."""
 
+    # int8 (--quantize int8) runs these products W8A8: they multiply every frame and are bound
+    # by arithmetic, where int8 products run ~2x bfloat16's on a CPU with VNNI (precision.py)
+    int8_products = "every frame's products, bound by arithmetic"
+
     def __init__(
         self,
         dim: int,
@@ -245,6 +249,7 @@ class Attention(nn.Module):
     """Self-attention with rotary positions on the un-split projections and a boolean mask."""
 
     linear_groups = {"qkv": ("to_q", "to_k", "to_v")}
+    int8_products = "every frame's products, bound by arithmetic"  # as FeedForward's
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0) -> None:
         super().__init__()

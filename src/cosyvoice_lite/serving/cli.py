@@ -25,7 +25,11 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, xpu, npu ...")
     serve.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    serve.add_argument("--quantize", choices=["int8"], help="int8 LLM linear layers (cpu)")
+    serve.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 LLM linear layers and CosyVoice3 flow products (cpu)",
+    )
     serve.add_argument("--flow-steps", type=int, default=10, help="flow steps (official 10)")
     serve.add_argument(
         "--backend",
