@@ -32,34 +32,30 @@ FLOW_RATE = {
 
 def int8_linear_gflops(n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of the LLM's int8 layers (``Int8Linear``, onnxruntime) on an n x n product."""
-    import time
-
     import torch
 
     from cosyvoice_lite.quantized_linear import Int8Linear
 
     layer = Int8Linear(torch.nn.Linear(n, n), torch.get_num_threads())
-    x = torch.randn(n, n)
-    layer(x)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        layer(x)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return _product_gflops(layer, torch.randn(n, n), repeats)
 
 
 def int8_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s (int8 operations) of the flow's W8A8 products (``Int8MatmulLinear``: per-row
     activation quantisation, ``torch._int_mm``, rescaling) on an n x n product."""
-    import time
-
     import torch
 
     from cosyvoice_lite.quantized_linear import Int8MatmulLinear
 
     layer = Int8MatmulLinear(torch.nn.Linear(n, n))
-    x = torch.randn(n, n, dtype=torch.bfloat16)
+    return _product_gflops(layer, torch.randn(n, n, dtype=torch.bfloat16), repeats)
+
+
+def _product_gflops(layer, x, repeats: int) -> float:
+    """GFLOP/s of ``layer`` (n x n) on ``x`` (n x n): the best of ``repeats`` calls after one."""
+    import time
+
+    n = x.shape[0]
     layer(x)
     best = float("inf")
     for _ in range(repeats):

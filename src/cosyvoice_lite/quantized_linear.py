@@ -36,6 +36,7 @@ BLOCK = 128  # input weights per scale; onnxruntime's fast CPU path wants a powe
 ACCURACY_LEVEL = 4  # int8 activations and int8 dot products (VNNI where the CPU has it)
 MIN_ONNXRUNTIME = "1.22"  # the first with 8-bit MatMulNBits kernels on the CPU
 CODES = "codes.bin"  # the name the graph gives its int8 weights, passed from memory
+_TINY = torch.finfo(torch.float32).tiny  # W8A8: a row of zeros gets scale tiny, codes 0
 
 
 def quantize_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -45,12 +46,17 @@ def quantize_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[np.ndarra
     n, k = weight.shape
     blocks = -(-k // block)
     padded = F.pad(weight.detach().to("cpu", torch.float32), (0, blocks * block - k))
-    padded = padded.view(n, blocks, block)
-    scale = torch.maximum(padded.amax(-1), -padded.amin(-1)) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block stays zero
-    codes = padded.div_(scale.unsqueeze(-1)).round_().clamp_(-127, 127).add_(128)
-    codes = codes.to(torch.uint8)  # the float copy made by F.pad goes with the return
+    codes, scale = symmetric_codes(padded.view(n, blocks, block))
+    codes = codes.add_(128).to(torch.uint8)  # the float copy made by F.pad goes with the return
     return codes.numpy(), scale.reshape(-1).numpy()
+
+
+def symmetric_codes(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit quantisation along the last dim of float32 ``values`` (overwritten): the
+    codes, rounded floats in [-127, 127], and the scales [...], so that values ~= codes * scale."""
+    scale = torch.maximum(values.amax(-1), -values.amin(-1)) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all zeros stay zero
+    return values.div_(scale.unsqueeze(-1)).round_().clamp_(-127, 127), scale
 
 
 # The one-layer graph, written as ONNX protobuf bytes directly: the ``onnx`` package is not a
@@ -192,10 +198,8 @@ class Int8MatmulLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().to(torch.float32)
-        scale = weight.abs().amax(dim=1) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays 0
-        codes = torch.round(weight / scale.unsqueeze(1)).to(torch.int8)
+        codes, scale = symmetric_codes(linear.weight.detach().to(torch.float32, copy=True))
+        codes = codes.to(torch.int8)
         # [in, out] as the transpose of the [out, in] codes: oneDNN reads it without a copy
         self.register_buffer("codes", codes.t())
         self.register_buffer("scale", scale)
@@ -214,6 +218,3 @@ class Int8MatmulLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 w8a8"
-
-
-_TINY = torch.finfo(torch.float32).tiny  # a row of zeros: scale tiny, codes 0
