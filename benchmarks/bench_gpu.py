@@ -35,6 +35,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,7 +178,11 @@ def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, de
         bench.requests(1, stream=True, tokens=min(args.tokens, 40))  # warm-up (kernels, caches)
         floor_ms = llm_bytes_per_token(engine.pipeline.llm) / (floors["memory_bandwidth_gbs"] * 1e6)
         for rows in (1, args.batch):
-            step = bench.llm_step_ms(rows)
+            try:
+                step = bench.llm_step_ms(rows)
+            except Exception as exc:  # noqa: BLE001 - a lent GPU's run goes on
+                yield f"llm step, batch {rows}", failed(exc)
+                continue
             yield f"llm step, batch {rows}", {"ms": step, "floor_ms": floor_ms}
         default = engine.pipeline.utterance_batch  # whole utterances per flow batch
         stages = [
@@ -193,7 +198,11 @@ def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, de
             reset_peak(device)
             engine.pipeline.utterance_batch = utterances
             batches = engine.loop.utterance_batches
-            figures = bench.requests(count, stream)
+            try:
+                figures = bench.requests(count, stream)
+            except Exception as exc:  # noqa: BLE001 - a lent GPU's run goes on
+                yield name, failed(exc)
+                continue
             figures["utterance_batches"] = engine.loop.utterance_batches - batches
             figures["peak_mib"] = peak_memory_mib(device)
             yield name, figures
@@ -204,7 +213,15 @@ def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, de
             torch.cuda.empty_cache()
 
 
+def failed(exc: BaseException) -> dict:
+    """A stage's error, its traceback printed: one device call measures what it can."""
+    traceback.print_exception(exc)
+    return {"failed": repr(exc)}
+
+
 def show(name: str, figures: dict) -> str:
+    if "failed" in figures:
+        return f"  {name:<34} FAILED {figures['failed']}"
     if "skipped" in figures:
         return f"  {name:<34} skipped ({figures['skipped']})"
     if "ms" in figures:
@@ -244,11 +261,16 @@ def main() -> None:
                 print(f"{model} {dtype}: skipped (time limit)", flush=True)
                 continue
             print(f"{Path(model).name} {dtype}, {args.tokens} tokens per request:", flush=True)
-            for name, figures in run_model(model, dtype, args, floors, deadline):
-                print(show(name, figures), flush=True)
-                results["runs"].append({"model": model, "dtype": dtype, "stage": name, **figures})
-                if args.json:
-                    args.json.write_text(json.dumps(results, indent=1))
+            try:
+                for name, figures in run_model(model, dtype, args, floors, deadline):
+                    print(show(name, figures), flush=True)
+                    results["runs"].append(
+                        {"model": model, "dtype": dtype, "stage": name, **figures}
+                    )
+                    if args.json:
+                        args.json.write_text(json.dumps(results, indent=1))
+            except Exception as exc:  # noqa: BLE001 - loading failed; the next run may not
+                print(show("load", failed(exc)), flush=True)
     print(describe(floors))
 
 

@@ -491,7 +491,8 @@ LENGTH_TOLERANCE = 256  # the flow rounds the mel length down to whole 256-sampl
 
 def drive(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from precision_bench import CONFIGS, check_fixed_length, measure_floors
+    from precision_bench import check_fixed_length, measure_floors
+    from precision_bench import configs as machine_configs
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
     ensure_model(args.model)
@@ -499,7 +500,9 @@ def drive(args: argparse.Namespace) -> None:
     threads = args.threads
     official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
     official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
-    configs = {n: CONFIGS[n] for n in args.configs.split(",")}
+    print("measuring the floors ...", flush=True)
+    floors = measure_floors(threads)  # they say which configs suit this CPU too
+    configs = machine_configs(args.configs, floors)
     names = list(configs)
     argv, env = {}, {}
     for name, (dtype, quantize) in configs.items():
@@ -543,8 +546,6 @@ def drive(args: argparse.Namespace) -> None:
             "benchmarking ours only"
         )
 
-    print("measuring the floors ...", flush=True)
-    floors = measure_floors(threads)
     tokens = {"zh": args.tokens_zh, "en": args.tokens_en}
     results: dict = {
         "meta": {

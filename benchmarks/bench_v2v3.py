@@ -459,9 +459,12 @@ def drive(args: argparse.Namespace) -> None:
     growth_tokens = args.growth_tokens
     official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
     official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
-    from precision_bench import CONFIGS, check_fixed_length, measure_floors
+    from precision_bench import check_fixed_length, measure_floors
+    from precision_bench import configs as machine_configs
 
-    configs = {n: CONFIGS[n] for n in args.configs.split(",")}
+    print("measuring the floors ...", flush=True)
+    floors = measure_floors(threads)  # they say which configs suit this CPU too
+    configs = machine_configs(args.configs, floors)
     names = list(configs)
     argv, env = {}, {}
     for name, (dtype, quantize) in configs.items():
@@ -509,8 +512,6 @@ def drive(args: argparse.Namespace) -> None:
             "benchmarking ours only"
         )
 
-    print("measuring the floors ...", flush=True)
-    floors = measure_floors(threads)
     transcript = prompt_transcript()
     request = {
         "cmd": "run",

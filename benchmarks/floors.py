@@ -10,6 +10,7 @@ a figure from another day says little).
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -46,11 +47,21 @@ def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, device: str = "cpu"
 def matmul_gflops(
     dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5, device: str = "cpu"
 ) -> float:
-    """GFLOP/s of an n x n matrix product in ``dtype`` (best of ``repeats``)."""
+    """GFLOP/s of an n x n matrix product in ``dtype`` (best of ``repeats``). On a CPU without
+    instructions for ``dtype`` (bfloat16 on an AVX2-only CPU runs at ~0.5 GFLOP/s) a smaller
+    product is timed, sized from a 256-wide probe so that one product takes ~0.3 s."""
+    if torch.device(device).type == "cpu" and n > 256:
+        probe = _matmul_rate(dtype, 256, 1, device)
+        n = min(n, max(256, int((0.3 * probe / 2) ** (1 / 3))))
+    return _matmul_rate(dtype, n, repeats, device) / 1e9
+
+
+def _matmul_rate(dtype: torch.dtype, n: int, repeats: int, device: str) -> float:
+    """FLOP/s of an n x n product in ``dtype``."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = _best(lambda: a @ b, repeats, a.device)
-    return 2 * n**3 / seconds / 1e9
+    return 2 * n**3 / seconds
 
 
 def measure(device: str = "cpu") -> dict:
@@ -62,6 +73,7 @@ def measure(device: str = "cpu") -> dict:
         dtypes["fp16"] = torch.float16
     floors = {
         "device": device if on_cpu else f"{device} ({torch.cuda.get_device_name(device)})",
+        "cpu": _cpu_description(),
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "memory_bandwidth_gbs": memory_bandwidth_gbs(1.0 if on_cpu else 4.0, device=device),
@@ -71,18 +83,33 @@ def measure(device: str = "cpu") -> dict:
     return floors
 
 
+def _cpu_description() -> str:
+    """The CPU model and its matrix instructions (which precisions are native: an AVX2-only CPU
+    emulates bfloat16, and its int8 products are slow)."""
+    from cosyvoice_lite.device import cpu_features
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {cpu_features().describe()}"
+
+
 def describe(floors: dict) -> str:
     load = ", ".join(f"{x:.2f}" for x in floors["load_average"])
     matmul = ", ".join(
-        f"{name} {floors[f'{name}_gflops']:.0f}"
+        f"{name} {floors[f'{name}_gflops']:.3g}"
         for name in ("fp32", "bf16", "fp16")
         if f"{name}_gflops" in floors
     )
     where = floors.get("device", "cpu")
     where = f"{floors['threads']} threads" if where == "cpu" else f"{where}"
+    cpu = f"; cpu {floors['cpu']}" if "cpu" in floors else ""
     return (
         f"floors ({where}): memory {floors['memory_bandwidth_gbs']:.1f} GB/s, "
-        f"matmul {matmul} GFLOP/s; load average {load}"
+        f"matmul {matmul} GFLOP/s; load average {load}{cpu}"
     )
 
 

@@ -19,15 +19,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # name -> (Engine.load dtype, quantize). "int8" is int8 LLM linear layers (and CosyVoice3's DiT
-# products, W8A8) with the rest of the flow and the vocoder in bfloat16 (precision.py).
+# products, W8A8, where the CPU has VNNI) with the rest of the flow and the vocoder in bfloat16,
+# or in float32 on a CPU that emulates bfloat16 (``configs``; precision.py).
 CONFIGS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
-# what each config's flow and vocoder compute in, for their FLOP floor
-FLOW_RATE = {
-    "fp32": "fp32_gflops",
-    "bf16": "bf16_gflops",
-    "int8": "bf16_gflops",
-    "official": "fp32_gflops",
-}
+
+
+def configs(names: str, floors: dict) -> dict[str, tuple[str, str | None]]:
+    """The configs named (comma-separated) for this machine: int8 keeps the flow and the vocoder
+    in float32 where bfloat16 has no instructions (``floors["bfloat16_products"]``), as a user of
+    such a CPU is told to."""
+    table = dict(CONFIGS)
+    if not floors.get("bfloat16_products", True):
+        table["int8"] = ("float32", "int8")
+    return {name: table[name] for name in names.split(",")}
+
+
+def flow_rate(name: str, floors: dict) -> float:
+    """The matmul rate (GFLOP/s) config ``name``'s flow and vocoder compute at."""
+    dtype = {"bf16": "bfloat16", "int8": configs("int8", floors)["int8"][0]}.get(name, "float32")
+    return floors["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
 
 
 def int8_linear_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -128,9 +138,13 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from floors import measure
 
+    from cosyvoice_lite.device import cpu_features
+
     floors = measure()
+    floors["bfloat16_products"] = cpu_features().bfloat16_products
     floors["int8_gflops"] = int8_linear_gflops()
-    floors["w8a8_gflops"] = int8_matmul_gflops()
+    # without VNNI torch._int_mm crawls (~0.7 GOP/s) and the engine does not use it
+    floors["w8a8_gflops"] = int8_matmul_gflops() if cpu_features().int8_products else None
     print(json.dumps(floors))
 
 
@@ -160,9 +174,9 @@ def print_floors(floors: dict, results: dict, names: list[str], tokens: int, flo
     print()
     print(
         f"floors measured in this run ({floors['threads']} threads): memory {bandwidth:.1f} GB/s; "
-        f"matmul fp32 {floors['fp32_gflops']:.0f}, bf16 {floors['bf16_gflops']:.0f}, int8 (LLM "
+        f"matmul fp32 {floors['fp32_gflops']:.0f}, bf16 {floors['bf16_gflops']:.3g}, int8 (LLM "
         f"layers) {floors['int8_gflops']:.0f}, int8 W8A8 (flow products) "
-        f"{floors.get('w8a8_gflops', float('nan')):.0f} GFLOP/s"
+        f"{floors.get('w8a8_gflops') or float('nan'):.0f} GFLOP/s; cpu {floors.get('cpu', '?')}"
     )
     for name in names:
         per_token = results[name].get("llm_bytes_per_token")
@@ -180,7 +194,7 @@ def print_floors(floors: dict, results: dict, names: list[str], tokens: int, flo
                 # FLOPs are counted in the calling thread: rows computed on helper threads are not
                 line += f"; {stage} FLOPs not counted (run fp32 first)"
             elif stage in flops and results[name].get(f"{stage}_s"):
-                rate = floors[FLOW_RATE.get(name, "fp32_gflops")]
+                rate = flow_rate(name, floors)
                 floor_s = flops[stage] / rate / 1e9
                 line += (
                     f"; {stage} {flops[stage] / 1e9:.0f} GFLOP -> floor {floor_s:.2f} s, measured "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyvoice_lite.device import Placement, available_devices, configure_backend, resolve_placement
+from cosyvoice_lite.device import (
+    Placement,
+    available_devices,
+    configure_backend,
+    cpu_features,
+    resolve_placement,
+    slow_precision_warning,
+)
 from cosyvoice_lite.errors import DeviceError
 
 
@@ -45,3 +52,20 @@ def test_float32_on_cuda_turns_tf32_off() -> None:
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_cpu_without_matrix_instructions_for_the_dtype_is_told_so() -> None:
+    """bfloat16/float16 on a CPU that emulates them runs, but slower than float32: the load says
+    so (and suggests float32 with int8); float32, or a CPU with the instructions, says nothing."""
+    features = cpu_features()
+    assert features.capability and features.describe().startswith(features.capability)
+    assert slow_precision_warning(resolve_placement("cpu")) is None
+    for dtype, native in (
+        ("bfloat16", features.bfloat16_products),
+        ("float16", features.float16_products),
+    ):
+        warning = slow_precision_warning(resolve_placement("cpu", dtype))
+        assert (warning is None) == native
+        if warning is not None:
+            assert f"no {dtype} matrix instructions" in warning and "--dtype float32" in warning
+    assert slow_precision_warning(Placement(torch.device("cuda", 0), torch.bfloat16)) is None

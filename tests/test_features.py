@@ -114,7 +114,9 @@ def test_kaldi_fbank_matches_torchaudio() -> None:
     data = golden("features_16k")
     fbank = kaldi_fbank(pcm_to_float(data["x"]), num_mel_bins=80, sample_frequency=16000)
     assert fbank.shape == data["fbank"].shape == (148, 80)
-    assert max_err(fbank, data["fbank"]) <= 1e-5
+    # log energies down to -15: the golden was made on an AVX-512 CPU, and an AVX2 CPU's FFT and
+    # sums round differently (2.3e-5 on an AMD EPYC, 1.6e-6 relative)
+    assert max_err(fbank, data["fbank"]) <= 1e-4
 
 
 def test_kaldi_fbank_matches_kaldi_native_fbank() -> None:

@@ -6,11 +6,11 @@ Golden data: tools/golden/hift.py (tiny official generators, their state dicts, 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _golden import golden_dir
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.hift import (
@@ -25,7 +25,7 @@ from cosyvoice_lite.networks.hift_causal import (
     FixedSourceRandomness,
 )
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "hift"
+GOLDEN = golden_dir("hift")
 ATOL = 1e-4
 
 TINY = dict(

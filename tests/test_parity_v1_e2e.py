@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _golden import golden_dir
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.pipelines.common import ModelInputs
 from cosyvoice_lite.sampling import RasSampler
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "v1_e2e"
+GOLDEN = golden_dir("v1_e2e")
 AUDIO = Path(__file__).resolve().parent / "data" / "audio"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text(encoding="utf-8"))["cases"]
 TOL = 1e-4

@@ -14,13 +14,20 @@ import torch
 from torch import nn
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
-from cosyvoice_lite.device import check_precision, resolve_placement
+from cosyvoice_lite.device import check_precision, cpu_features, resolve_placement
 from cosyvoice_lite.errors import DeviceError
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
 from cosyvoice_lite.networks.linear import FusedLinear
 from cosyvoice_lite.pipelines.factory import load_network
-from cosyvoice_lite.precision import PackedLinear, exempt_names, packs_linear, tied_to_embeddings
+from cosyvoice_lite.precision import (
+    PackedLinear,
+    exempt_names,
+    int8_products_pay,
+    packs_linear,
+    quantize_products_int8,
+    tied_to_embeddings,
+)
 from cosyvoice_lite.quantized_linear import Int8Linear, Int8MatmulLinear
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -99,9 +106,15 @@ def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
 
 def test_int8_flow_products_only_where_declared() -> None:
     """int8 quantises the DiT's attention and feed-forward products (W8A8) and nothing else of
-    the flow: the time and modulation layers, the input and output projections keep the dtype."""
+    the flow: the time and modulation layers, the input and output projections keep the dtype.
+    Loading applies them where this CPU makes them pay (VNNI or AMX)."""
     model = open_model_dir(MODELS / "v3-tiny")
-    flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", "bfloat16", "int8"))
+    placement = resolve_placement("cpu", "bfloat16", "int8")
+    flow = load_network(model, "flow", "flow.pt", placement)
+    loaded = any(isinstance(m, Int8MatmulLinear) for m in flow.modules())
+    assert loaded == int8_products_pay(placement) == cpu_features().int8_products
+    if not loaded:
+        quantize_products_int8(flow)
     estimator = flow.decoder.estimator
     quantised = {n for n, m in estimator.named_modules() if isinstance(m, Int8MatmulLinear)}
     per_block = {"attn.qkv.linear", "attn.to_out.0", "ff.ff.0.0", "ff.ff.2"}
@@ -109,7 +122,8 @@ def test_int8_flow_products_only_where_declared() -> None:
         f"transformer_blocks.{i}.{n}" for i in range(estimator.depth) for n in per_block
     }
     assert sum(isinstance(m, Int8MatmulLinear) for m in flow.modules()) == len(quantised)
-    assert any(isinstance(m, PackedLinear) for m in estimator.modules())  # the rest: bf16, packed
+    packed = any(isinstance(m, PackedLinear) for m in estimator.modules())
+    assert packed == packs_linear(placement)  # the rest: bf16, packed where oneDNN packs it
     # export loads without the load-time kernels: no int8 there
     plain = load_network(
         model, "flow", "flow.pt", resolve_placement("cpu", "bfloat16", "int8"), kernels=False
@@ -146,12 +160,15 @@ def test_llm_decoding_kernels_keep_the_outputs(version: int) -> None:
 
 
 def _flow_and_vocoder(
-    version: int, dtype: str, kernels: bool = True, quantize: str | None = None
+    version: int, dtype: str, kernels: bool = True, quantize: str | None = None, w8a8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``."""
+    """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``;
+    ``w8a8``: the flow's declared int8 products on any CPU (loading applies them where they pay)."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
     placement = resolve_placement("cpu", dtype, quantize)
     flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels)
+    if w8a8 and not any(isinstance(m, Int8MatmulLinear) for m in flow.modules()):
+        quantize_products_int8(flow)
     assert any(isinstance(m, FusedLinear) for m in flow.modules()) == kernels
     hift = load_network(model, "hift", "hift.pt", placement)
     g = torch.Generator().manual_seed(0)
@@ -220,12 +237,16 @@ def test_flow_and_vocoder_within_bounds_of_float32(version: int) -> None:
 def test_int8_flow_within_bounds_of_float32() -> None:
     """CosyVoice3's int8 flow (W8A8 DiT products, bf16 elsewhere) against float32: about the error
     of bfloat16 alone (measured on the tiny model, relative L2: 0.0040 against 0.0031; int8 with
-    float32 elsewhere 0.0027)."""
+    float32 elsewhere 0.0027). Loaded with int8, the flow has them where this CPU makes them pay
+    and is the bfloat16 flow elsewhere."""
     mel32, _ = _flow_and_vocoder(3, "float32")
     mel_bf16, _ = _flow_and_vocoder(3, "bfloat16")
     mel_int8, _ = _flow_and_vocoder(3, "bfloat16", quantize="int8")
-    assert not torch.equal(mel_int8, mel_bf16)
-    assert 0 < _relative(mel_int8, mel32) < MEL_BOUND[torch.bfloat16]
+    mel_w8a8, _ = _flow_and_vocoder(3, "bfloat16", w8a8=True)
+    pays = int8_products_pay(resolve_placement("cpu", "bfloat16", "int8"))
+    assert torch.equal(mel_int8, mel_w8a8 if pays else mel_bf16)
+    assert not torch.equal(mel_w8a8, mel_bf16)
+    assert 0 < _relative(mel_w8a8, mel32) < MEL_BOUND[torch.bfloat16]
 
 
 @pytest.mark.parametrize("version", [1, 2])

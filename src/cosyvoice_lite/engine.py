@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .decoding import LengthPolicy
-from .device import Placement, configure_backend, resolve_placement
+from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 from .frontend.markup import V1_TAGS, check_markup
@@ -192,6 +192,8 @@ class Engine:
         except ValueError as exc:  # a load option: the caller's error, named as such
             raise InvalidRequestError(str(exc)) from None
         placement = resolve_placement(device, dtype, quantize)
+        if (warning := slow_precision_warning(placement)) is not None:
+            log.warning(warning)
         configure_backend(placement)
         from .export.runtime import check_backend, install_backend  # light: torch is loaded
 

@@ -33,12 +33,13 @@ per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .device import Placement
+from .device import Placement, cpu_features
 from .networks.linear import fuse_linear_groups
 from .quantized_linear import Int8Linear, Int8MatmulLinear
 
@@ -143,7 +144,20 @@ def packs_linear(placement: Placement) -> bool:
         placement.device.type == "cpu"
         and placement.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
+        and (placement.dtype == torch.float32 or _cpu_packs_bfloat16())
     )
+
+
+@functools.cache
+def _cpu_packs_bfloat16() -> bool:
+    """Whether oneDNN packs bfloat16 weights on this CPU: it needs AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT, and refuses elsewhere (an AVX2-only AMD EPYC, say), where the layers stay
+    plain ``nn.Linear``. Asked of oneDNN itself, once, on a tiny weight."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_linears(network: nn.Module) -> nn.Module:
@@ -168,13 +182,20 @@ def apply_precision(
         return quantize_linear_int8(network)  # int8 kernels take float32 activations
     if placement.dtype != torch.float32:
         cast_weights(network, placement.dtype)
-    if part == "flow" and kernels and placement.quantize == "int8":
+    if part == "flow" and kernels and placement.quantize == "int8" and int8_products_pay(placement):
         quantize_products_int8(network)
     if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
         pack_linears(network)
     if decoding and placement.device.type == "cpu" and placement.dtype != torch.float32:
         attend_in_float32(network)
     return network
+
+
+def int8_products_pay(placement: Placement) -> bool:
+    """Whether the flow's W8A8 products pay here: ``torch._int_mm`` is fast only on a CPU with
+    VNNI or AMX (device.CpuFeatures); elsewhere the flow stays in ``placement.dtype`` and int8
+    applies to the LLM alone (onnxruntime's kernels have AVX2 paths)."""
+    return placement.device.type == "cpu" and cpu_features().int8_products
 
 
 def _packs_flow(part: str, placement: Placement) -> bool:

@@ -33,7 +33,14 @@ from cosyvoice.hifigan.f0_predictor import CausalConvRNNF0Predictor, ConvRNNF0Pr
 from cosyvoice.hifigan.generator import CausalHiFTGenerator, HiFTGenerator
 from cosyvoice.utils.common import set_all_random_seed
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "golden", "hift")
+# GOLDEN_ROOT: where the goldens go (tests/data/golden; tests/data/golden/avx2 from an AVX2 CPU)
+OUT = os.path.join(
+    os.environ.get(
+        "GOLDEN_ROOT",
+        os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "golden"),
+    ),
+    "hift",
+)
 
 TINY = dict(
     in_channels=80,

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -64,7 +65,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "tests" / "data" / "models" / "v1-tiny"
 AUDIO_DIR = ROOT / "tests" / "data" / "audio"
-OUT_DIR = ROOT / "tests" / "data" / "golden" / "v1_e2e"
+# GOLDEN_ROOT: where the goldens go (tests/data/golden; tests/data/golden/avx2 from an AVX2 CPU)
+OUT_DIR = Path(os.environ.get("GOLDEN_ROOT", ROOT / "tests" / "data" / "golden")) / "v1_e2e"
 DEFAULT_FSTS = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "wetext" / "fsts"
 OFFICIAL_ROOTS = ("/tmp/official/CosyVoice/", "/tmp/official/Matcha-TTS/")
 

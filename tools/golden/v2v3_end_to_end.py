@@ -57,6 +57,7 @@ that download at the FSTs bundled in the project venv's wetext, so the official 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -78,10 +79,9 @@ from make_v2v3_official import (  # noqa: E402
     runnable_copy,
 )
 
-OUT = {
-    "v2": ROOT / "tests" / "data" / "golden" / "v2_e2e",
-    "v3": ROOT / "tests" / "data" / "golden" / "v3_e2e",
-}
+# GOLDEN_ROOT: where the goldens go (tests/data/golden; tests/data/golden/avx2 from an AVX2 CPU)
+GOLDEN_ROOT = Path(os.environ.get("GOLDEN_ROOT", ROOT / "tests" / "data" / "golden"))
+OUT = {"v2": GOLDEN_ROOT / "v2_e2e", "v3": GOLDEN_ROOT / "v3_e2e"}
 OFFICIAL_ROOTS = ("/tmp/official/CosyVoice/", "/tmp/official/Matcha-TTS/")
 
 ZH_PROMPT = "希望你以后能够做的比我还好呦。"  # transcript of zh_16k.wav

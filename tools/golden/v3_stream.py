@@ -23,6 +23,7 @@ the flow's one-pass mel for comparison.
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -38,7 +39,8 @@ import hift as hift_golden  # noqa: E402  (tools/golden/hift.py)
 import v3_flow as flow_golden  # noqa: E402  (tools/golden/v3_flow.py)
 
 ROOT = HERE.parents[1]
-OUT = ROOT / "tests" / "data" / "golden" / "v3_stream"
+# GOLDEN_ROOT: where the goldens go (tests/data/golden; tests/data/golden/avx2 from an AVX2 CPU)
+OUT = Path(os.environ.get("GOLDEN_ROOT", ROOT / "tests" / "data" / "golden")) / "v3_stream"
 
 TOKEN_HOP = 5  # the tiny DiT's static_chunk_size (10 frames) in tokens
 N_TOKENS = 123
