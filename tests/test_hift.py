@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _golden import golden_dir
+from _golden import golden_file
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.hift import (
@@ -25,7 +25,6 @@ from cosyvoice_lite.networks.hift_causal import (
     FixedSourceRandomness,
 )
 
-GOLDEN = golden_dir("hift")
 ATOL = 1e-4
 
 TINY = dict(
@@ -62,7 +61,7 @@ COND = 16
 
 
 def golden(version: str) -> dict[str, np.ndarray]:
-    with np.load(GOLDEN / f"{version}.npz") as z:
+    with np.load(golden_file(f"hift/{version}.npz")) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -239,7 +238,7 @@ def test_v3_fixed_buffers_follow_the_official_construction_order() -> None:
 
 
 def test_v3_release_buffers_are_reproduced_bit_exactly() -> None:
-    with np.load(GOLDEN / "v3_release_buffers.npz") as z:
+    with np.load(golden_file("hift/v3_release_buffers.npz")) as z:
         rand_ini, head = z["rand_ini"], z["sine_waves_head"]
     shapes = [p.shape for p in CausalConvRNNF0Predictor(1, 80, 512).parameters()]
     fixed = FixedSourceRandomness(shapes)

@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _golden import golden_dir
+from _golden import golden_file
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.pipelines.common import ModelInputs
 from cosyvoice_lite.sampling import RasSampler
 
-GOLDEN = golden_dir("v1_e2e")
 AUDIO = Path(__file__).resolve().parent / "data" / "audio"
-MANIFEST = json.loads((GOLDEN / "manifest.json").read_text(encoding="utf-8"))["cases"]
+MANIFEST = json.loads((golden_file("v1_e2e/manifest.json")).read_text(encoding="utf-8"))["cases"]
 TOL = 1e-4
 
 METHOD_MODES = {
@@ -96,7 +95,7 @@ CASES = [name for name in MANIFEST if not name.startswith("stream_")]
 
 @pytest.mark.parametrize("name", CASES)
 def test_frontend_matches_official(engine: Engine, name: str) -> None:
-    case, gold = MANIFEST[name], np.load(GOLDEN / f"{name}.npz")
+    case, gold = MANIFEST[name], np.load(golden_file(f"v1_e2e/{name}.npz"))
     request = _request(case)
     if request.mode != Mode.VOICE_CONVERSION:
         official_segments = case["text_normalize"][-1]["output"]
@@ -127,7 +126,7 @@ def test_frontend_matches_official(engine: Engine, name: str) -> None:
 
 @pytest.mark.parametrize("name", CASES)
 def test_synthesis_matches_official(engine: Engine, name: str) -> None:
-    case, gold = MANIFEST[name], np.load(GOLDEN / f"{name}.npz")
+    case, gold = MANIFEST[name], np.load(golden_file(f"v1_e2e/{name}.npz"))
     request = _request(case)
     uses_official_prompt_mel = (
         "prompt_speech_feat" in gold and case["prompt_mel_load_rate"] != 22050
@@ -149,7 +148,7 @@ def test_streaming_matches_official(engine: Engine) -> None:
 
     The golden run let the LLM finish before the first chunk (as a fast GPU LLM does), so its flow
     and vocoder noise follows every sampling draw; we reproduce that order explicitly."""
-    case, gold = MANIFEST["stream_sft_zh"], np.load(GOLDEN / "stream_sft_zh.npz")
+    case, gold = MANIFEST["stream_sft_zh"], np.load(golden_file("v1_e2e/stream_sft_zh.npz"))
     inputs = _golden_inputs(gold)
     generator = torch.Generator().manual_seed(case["seed"])
     sampler = RasSampler(generator, **vars(engine.model.config.sampling))

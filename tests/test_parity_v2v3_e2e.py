@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _golden import golden_dir
+from _golden import golden_file
 
 from cosyvoice_lite import CosyVoiceError, Engine, Mode, SynthesisRequest
 from cosyvoice_lite.pipelines.common import ModelInputs
@@ -33,7 +33,7 @@ METHOD_MODES = {
 
 
 def _manifest(version: str) -> dict:
-    return json.loads((golden_dir(f"{version}_e2e") / "manifest.json").read_text("utf-8"))["cases"]
+    return json.loads((golden_file(f"{version}_e2e/manifest.json")).read_text("utf-8"))["cases"]
 
 
 CASES = [(v, name) for v in ("v2", "v3") for name in _manifest(v)]
@@ -76,7 +76,7 @@ def _close(ours, theirs: np.ndarray, what: str, tol: float = TOL) -> None:
 @pytest.mark.parametrize(("version", "name"), [c for c in CASES if not c[1].startswith("stream_")])
 def test_synthesis_matches_official(version: str, name: str) -> None:
     case = _manifest(version)[name]
-    gold = np.load(golden_dir(f"{version}_e2e") / f"{name}.npz")
+    gold = np.load(golden_file(f"{version}_e2e/{name}.npz"))
     engine = _engine(version, case["llm_file"])
     request = _request(case)
     if name == "bistream_eos_error":
@@ -102,7 +102,7 @@ def test_stream_chunks_match_official(version: str, name: str, monkeypatch) -> N
     computes the last chunk with full attention over the whole utterance; ours keeps the chunk
     masks (same length)."""
     case = _manifest(version)[name]
-    gold = np.load(golden_dir(f"{version}_e2e") / f"{name}.npz")
+    gold = np.load(golden_file(f"{version}_e2e/{name}.npz"))
     engine = _engine(version, case["llm_file"])
     request = _request(case)
     segment = engine._segments(request)[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _golden import golden_dir
+from _golden import golden_file
 from test_hift import loaded as loaded_hift
 from test_v3_flow import CFM_PARAMS, DIT_KW, FLOW_KW
 
@@ -60,7 +60,7 @@ def hift() -> CausalHiFTGenerator:
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(golden_dir("v3_stream") / "token2wav.npz") as z:
+    with np.load(golden_file("v3_stream/token2wav.npz")) as z:
         return {k: z[k] for k in z.files}
 
 
