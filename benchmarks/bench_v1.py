@@ -674,8 +674,8 @@ def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, repeats_h
     parser.add_argument(
         "--configs",
         default="fp32,bf16,int8",
-        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, bf16 "
-        "flow and vocoder)",
+        help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, the flow and "
+        "vocoder in bf16, or in fp32 on a CPU without bf16 instructions)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
