@@ -4,6 +4,7 @@ clear errors for what a device does not support."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -277,8 +278,14 @@ def test_llm_teacher_forced_log_probs_within_bounds(version: int) -> None:
 
 
 @pytest.mark.parametrize("version", [2, 3])
-def test_engine_bf16_int8_fixed_length_audio(version: int) -> None:
-    engine = Engine.load(MODELS / f"v{version}-tiny", dtype="bfloat16", quantize="int8")
+def test_engine_bf16_int8_fixed_length_audio(
+    version: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="cosyvoice_lite.engine"):
+        engine = Engine.load(MODELS / f"v{version}-tiny", dtype="bfloat16", quantize="int8")
+    # loading tells a user whose CPU emulates bfloat16, and nobody else
+    warned = any("no bfloat16 matrix instructions" in r.getMessage() for r in caplog.records)
+    assert warned == (not cpu_features().bfloat16_products)
     request = SynthesisRequest(
         Mode.ZERO_SHOT,
         "你好。",
