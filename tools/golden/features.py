@@ -14,6 +14,7 @@ exactly the samples the references saw.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +33,8 @@ from cosyvoice.utils.file_utils import load_wav
 from matcha.utils import audio as matcha_audio
 
 REPO = Path(__file__).resolve().parents[2]
-OUT_DIR = REPO / "tests" / "data" / "golden" / "features"
+# GOLDEN_ROOT: where the goldens go (tests/data/golden; tests/data/golden/avx2 from an AVX2 CPU)
+OUT_DIR = Path(os.environ.get("GOLDEN_ROOT", REPO / "tests" / "data" / "golden")) / "features"
 sys.path.insert(0, str(REPO / "tools"))
 from make_onnx_standins import write_standins  # noqa: E402
 
