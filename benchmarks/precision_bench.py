@@ -24,19 +24,25 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 
 
+def _machine_table(floors: dict) -> dict[str, tuple[str, str | None]]:
+    """``CONFIGS`` for this machine: int8 keeps the flow and the vocoder in float32 where
+    bfloat16 has no instructions (``floors["bfloat16_products"]``), as a user of such a CPU is
+    told to."""
+    if floors.get("bfloat16_products", True):
+        return CONFIGS
+    return {**CONFIGS, "int8": ("float32", "int8")}
+
+
 def configs(names: str, floors: dict) -> dict[str, tuple[str, str | None]]:
-    """The configs named (comma-separated) for this machine: int8 keeps the flow and the vocoder
-    in float32 where bfloat16 has no instructions (``floors["bfloat16_products"]``), as a user of
-    such a CPU is told to."""
-    table = dict(CONFIGS)
-    if not floors.get("bfloat16_products", True):
-        table["int8"] = ("float32", "int8")
+    """The configs named (comma-separated), as they run on this machine."""
+    table = _machine_table(floors)
     return {name: table[name] for name in names.split(",")}
 
 
 def flow_rate(name: str, floors: dict) -> float:
-    """The matmul rate (GFLOP/s) config ``name``'s flow and vocoder compute at."""
-    dtype = {"bf16": "bfloat16", "int8": configs("int8", floors)["int8"][0]}.get(name, "float32")
+    """The matmul rate (GFLOP/s) config ``name``'s flow and vocoder compute at (the official:
+    float32)."""
+    dtype, _ = _machine_table(floors).get(name, ("float32", None))
     return floors["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
 
 
