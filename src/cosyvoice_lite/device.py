@@ -75,12 +75,15 @@ class CpuFeatures:
     bfloat16 linear layer ran ~5x slower than float32 and a one-row product (LLM decoding) ~3x.
     ``int8_products``: VNNI (AVX512-VNNI or AVX-VNNI) or AMX, which ``torch._int_mm`` needs to be
     fast: on that EPYC it ran at ~0.7 GOP/s, ~100x below float32. ``float16_products``: AMX-FP16.
+    ``packs_bfloat16``: oneDNN packs bfloat16 linear weights (it needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT and refuses elsewhere; asked of oneDNN itself on a tiny weight).
     """
 
     capability: str
     bfloat16_products: bool
     int8_products: bool
     float16_products: bool
+    packs_bfloat16: bool
 
     def describe(self) -> str:
         have = [
@@ -109,7 +112,18 @@ def cpu_features() -> CpuFeatures:
         bfloat16_products=amx or probe("_is_avx512_bf16_supported"),
         int8_products=amx or probe("_is_vnni_supported"),
         float16_products=probe("_is_amx_fp16_supported"),
+        packs_bfloat16=_onednn_packs_bfloat16(),
     )
+
+
+def _onednn_packs_bfloat16() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 def slow_precision_warning(placement: Placement) -> str | None:

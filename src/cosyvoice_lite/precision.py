@@ -33,7 +33,6 @@ per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.m
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -144,20 +143,9 @@ def packs_linear(placement: Placement) -> bool:
         placement.device.type == "cpu"
         and placement.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
-        and (placement.dtype == torch.float32 or _cpu_packs_bfloat16())
+        # elsewhere (an AVX2-only AMD EPYC, say) the bf16 layers stay plain nn.Linear
+        and (placement.dtype == torch.float32 or cpu_features().packs_bfloat16)
     )
-
-
-@functools.cache
-def _cpu_packs_bfloat16() -> bool:
-    """Whether oneDNN packs bfloat16 weights on this CPU: it needs AVX-512 (BW/VL/DQ) or
-    AVX-NE-CONVERT, and refuses elsewhere (an AVX2-only AMD EPYC, say), where the layers stay
-    plain ``nn.Linear``. Asked of oneDNN itself, once, on a tiny weight."""
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
-    except RuntimeError:
-        return False
-    return True
 
 
 def pack_linears(network: nn.Module) -> nn.Module:
