@@ -248,14 +248,18 @@ def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
 @pytest.mark.parametrize("version", [2, 3])
 def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> None:
     """Whole (not streamed) utterances that end at one step, with prompts of different lengths
-    (two voices, none; two voice conversions), have their flow computed as padded batches
-    (``batch_utterances``, the default on accelerators) and each sounds as alone. The mels agree within 1e-4 (the flow
-    tests); the vocoder's source phase accumulates their ~1e-6 float differences over the
-    utterance, so the waveforms agree to ~1e-2 (a wrong row would be off by its whole scale)."""
+    (two voices, none; two voice conversions), have their flow and vocoder computed as padded
+    batches (``batch_utterances`` and ``vocoder_batch``, the defaults on accelerators) and each
+    sounds as alone. The mels agree within 1e-4 (the flow tests) and a batch's vocoder gives each
+    row's waveform within 1e-4 of the same mel alone (test_hift.py); the vocoder's source phase
+    accumulates the mels' ~1e-6 float differences over the utterance, so the waveforms agree to
+    ~1e-2 (a wrong row would be off by its whole scale)."""
     engine = Engine.load(
         DATA / "models" / f"v{version}-tiny", max_batch=8, audio_workers=1, batch_utterances=True
     )
     assert engine.pipeline.utterance_batch == 8
+    assert not engine.pipeline.vocoder_batch  # on a CPU one utterance after another
+    engine.pipeline.vocoder_batch = True  # as on an accelerator
     same_end = dict(ignore_eos=True, max_speech_tokens=30)
     requests = [
         _request("你好。", 1, **same_end),

@@ -215,6 +215,9 @@ class Engine:
         pipeline.utterance_batch = utterance_batch_size(
             placement, backend, limits.max_batch, batch_utterances
         )
+        # a batch's vocoder too, on an accelerator only: on 2 CPU cores the padded batch was
+        # 0.6-1.0x as fast as one utterance after another (benchmarks/bench_vocoder_batch.py)
+        pipeline.vocoder_batch = placement.device.type != "cpu"
         prompt_encoder = PromptEncoder(
             model_dir.path / "campplus.onnx",
             model_dir.path / f"speech_tokenizer_v{model_dir.version}.onnx",

@@ -302,7 +302,7 @@ class AudioWorker:
         wholes = {id(item): _whole_utterance(item) for item in later}
         # whole utterances last: their flow is computed together, after the others' work
         later.sort(key=lambda item: wholes[id(item)] is not None)
-        mels = self._utterances_together(
+        speech = self._utterances_together(
             [(item, wholes[id(item)]) for item in later if wholes[id(item)] is not None]
         )
         for item in later:
@@ -311,19 +311,19 @@ class AudioWorker:
             else:
                 self._streams.pop(item.row, None)
                 if not _gone(item):
-                    self._finish(item, mels.pop(id(item), None))
+                    self._finish(item, speech.pop(id(item), None))
         later.clear()
 
     def _utterances_together(self, wholes: list[tuple[_AudioWork, Any]]) -> dict[int, torch.Tensor]:
-        """The mels of whole utterances (segment ends with their ``whole_utterance`` call),
-        computed in padded batches (``Pipeline.flow_utterances``) where the pipeline batches
-        them; keyed by id of the work. What a batch did not give (it failed) is computed alone,
-        failing alone."""
+        """The waveforms of whole utterances (segment ends with their ``whole_utterance``),
+        flow and vocoder computed in padded batches (``Pipeline.utterances``) where the pipeline
+        batches them; keyed by id of the work. What a batch did not give (it failed) is computed
+        alone, failing alone."""
         if len(wholes) < 2 or wholes[0][0].audio.pipeline.utterance_batch < 2:
             return {}
-        mels, batches = wholes[0][0].audio.pipeline.flow_utterances([u for _, u in wholes])
+        speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
         self.utterance_batches += batches
-        return {id(w): mel for (w, _), mel in zip(wholes, mels, strict=True) if mel is not None}
+        return {id(w): s for (w, _), s in zip(wholes, speech, strict=True) if s is not None}
 
     def _wait_for_neighbours(
         self,
@@ -402,15 +402,15 @@ class AudioWorker:
         finally:
             self.no_first_chunk.set()
 
-    def _finish(self, work: _AudioWork, mel: torch.Tensor | None = None) -> None:
-        """A segment's last piece (its remaining tokens through flow and vocoder; ``mel``: a
-        whole utterance's mel computed with others)."""
+    def _finish(self, work: _AudioWork, speech: torch.Tensor | None = None) -> None:
+        """A segment's last piece (its remaining tokens through flow and vocoder; ``speech``: a
+        whole utterance's waveform computed with others)."""
         row = work.row
         if row.streaming and not row.audio_out:
             self.no_first_chunk.clear()
         try:
             run = row.run
-            piece = work.audio.finish(mel)
+            piece = work.audio.finish(speech)
             row.delivered()
             run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)

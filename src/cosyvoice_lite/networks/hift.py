@@ -156,13 +156,21 @@ class ResBlock(nn.Module):
             channels, channels, kernel_size, 1, dilation=dilation, padding=padding
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid``: [B, 1, T] 1 within each row of a padded batch, 0 after it (see
+        ``HiFTBase.decode_rows``); x is 0 there and stays 0."""
         for conv1, conv2, act1, act2 in zip(
             self.convs1, self.convs2, self.activations1, self.activations2, strict=True
         ):
-            xt = conv2(act2(conv1(act1(x))))
-            x = xt + x
+            xt = _zero_past_rows(conv1(act1(x)), valid)
+            x = _zero_past_rows(conv2(act2(xt)), valid) + x
         return x
+
+
+def _zero_past_rows(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """x with every row's frames past its end set to 0, as the zero padding a convolution of the
+    row alone sees there (Snake and leaky ReLU keep 0 at 0); x itself when ``valid`` is None."""
+    return x if valid is None else x * valid
 
 
 class ConvRNNF0Predictor(nn.Module):
@@ -412,6 +420,8 @@ class HiFTBase(nn.Module):
         window = torch.hann_window(self.istft_params["n_fft"], periodic=True, dtype=torch.float64)
         self.register_buffer("stft_window", window.float(), persistent=False)
 
+    causal_rows = False  # whether rows of a padded batch never see past their ends (decode_rows)
+
     def _check_mel(self, speech_feat: torch.Tensor, min_frames: int) -> None:
         if speech_feat.dim() != 3 or speech_feat.shape[1] != self.in_channels:
             raise ValueError(
@@ -444,18 +454,31 @@ class HiFTBase(nn.Module):
             torch.complex(real, img), n_fft, hop, n_fft, window=self.stft_window.to(magnitude)
         )
 
-    def _upsample_and_fuse(self, x: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
-        """conv_pre output -> last-stage features, fusing the downsampled source at each stage."""
+    def _upsample_and_fuse(
+        self, x: torch.Tensor, s_stft: torch.Tensor, frames: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """conv_pre output -> last-stage features, fusing the downsampled source at each stage.
+        ``frames``: each row's conv_pre frames in a padded batch of non-causal layers; every
+        convolution's output past a row's end is then zeroed, as the row alone is padded."""
+        x = _zero_past_rows(x, _valid_frames(frames, x))
         for i in range(self.num_upsamples):
             x = F.leaky_relu(x, self.lrelu_slope)
             x = self.ups[i](x)
+            if frames is not None:
+                up = self.ups[i]
+                frames = (frames - 1) * up.stride[0] - 2 * up.padding[0] + up.kernel_size[0]
             if i == self.num_upsamples - 1:
                 x = self.reflection_pad(x)
-            si = self.source_resblocks[i](self.source_downs[i](s_stft))
+                frames = None if frames is None else frames + 1
+            valid = _valid_frames(frames, x)
+            x = _zero_past_rows(x, valid)
+            si = self.source_resblocks[i](
+                _zero_past_rows(self.source_downs[i](s_stft), valid), valid
+            )
             x = x + si
-            xs = self.resblocks[i * self.num_kernels](x)
+            xs = self.resblocks[i * self.num_kernels](x, valid)
             for j in range(1, self.num_kernels):
-                xs += self.resblocks[i * self.num_kernels + j](x)
+                xs += self.resblocks[i * self.num_kernels + j](x, valid)
             x = xs / self.num_kernels
         return x
 
@@ -466,12 +489,41 @@ class HiFTBase(nn.Module):
 
     def _to_waveform(self, x: torch.Tensor) -> torch.Tensor:
         """last-stage features -> waveform [B, samples] (not yet clamped)."""
+        return self._spectrum_to_waveform(self._spectrum(x))
+
+    def _spectrum(self, x: torch.Tensor) -> torch.Tensor:
+        """last-stage features -> float32 [B, n_fft + 2, frames]: log-magnitudes, phase inputs."""
         x = F.leaky_relu(x)  # default slope 0.01 here, as official (not lrelu_slope)
-        x = self.conv_post(x).float()  # exp, sin and the iSTFT in float32
+        return self.conv_post(x).float()  # exp, sin and the iSTFT in float32
+
+    def _spectrum_to_waveform(self, x: torch.Tensor) -> torch.Tensor:
         n_bins = self.istft_params["n_fft"] // 2 + 1
         magnitude = torch.exp(x[:, :n_bins, :])
         phase = torch.sin(x[:, n_bins:, :])  # the official "redundant" sin, kept for parity
         return self._istft(magnitude, phase)
+
+    def decode_rows(
+        self, mels: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Whole utterances' mels [1, 80, T_i] and sources [1, 1, L_i] -> their clamped waveforms
+        [1, samples_i], the convolutions computed as one zero-padded batch. Each row gets what it
+        gets alone: its source's STFT and the iSTFT are taken per row (their reflect padding
+        looks at the row's own end), and past a row's end every convolution of the non-causal
+        generator is zeroed (``causal_rows``: nothing there looks past a row's end but conv_pre
+        and the f0 predictor, which see the same zero mel frames as alone)."""
+        dtype = self.compute_dtype
+        spectra = [self._stft(s.squeeze(1)) for s in sources]
+        s_stft = stack_padded(spectra).to(dtype)
+        x = self.conv_pre(stack_padded(list(mels)).to(dtype))
+        frames = None
+        if not self.causal_rows:
+            frames = torch.tensor([m.shape[2] for m in mels], device=x.device)
+        x = self._spectrum(self._upsample_and_fuse(x, s_stft, frames))
+        rows = [x[row : row + 1, :, : s.shape[2]] for row, s in enumerate(spectra)]
+        return [
+            torch.clamp(self._spectrum_to_waveform(r), -self.audio_limit, self.audio_limit)
+            for r in rows
+        ]
 
 
 class HiFTGenerator(HiFTBase):
@@ -590,6 +642,21 @@ class HiFTGenerator(HiFTBase):
             s[:, :, : cache_source.shape[2]] = cache_source
         return self.decode(speech_feat, s), s
 
+    @torch.inference_mode()
+    def inference_rows(
+        self, mels: Sequence[torch.Tensor], generators: Sequence[torch.Generator]
+    ) -> list[torch.Tensor]:
+        """Whole utterances' mels [1, 80, T_i] -> their waveforms [1, T_i * upsample_scale], each
+        as ``inference`` gives it alone with its own generator: f0 and source per row (cheap,
+        and the source's phase sum would turn any rounding into audible drift), the convolution
+        stack as one padded batch (``decode_rows``)."""
+        sources = []
+        for mel, generator in zip(mels, generators, strict=True):
+            self._check_mel(mel, 1)
+            f0 = self.f0_predictor(mel)
+            sources.append(self.m_source(self._upsample_f0(f0), generator).transpose(1, 2))
+        return self.decode_rows(mels, sources)
+
     def new_stream(self, mel_cache: int) -> CrossFadeStream:
         """Streaming state of the official v1/v2 vocoding: each chunk is vocoded with the last
         ``mel_cache`` mel frames of the previous one in front, its source overwritten by the
@@ -613,8 +680,8 @@ class HiFTGenerator(HiFTBase):
             cache_source = state.source
         else:
             cache_source = torch.zeros(1, 1, 0, device=mel.device)
-        if finalize and speed != 1.0:
-            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+        if finalize:
+            mel = at_speed(mel, speed)
         speech, source = self.inference(
             speech_feat=mel, cache_source=cache_source, generator=generator
         )
@@ -643,3 +710,24 @@ def _source_down_rates(upsample_rates: Sequence[int]) -> list[int]:
     """Stride of `source_downs[i]`: the product of the upsample rates after stage i."""
     rates = [1, *upsample_rates[::-1][:-1]]
     return [math.prod(rates[: i + 1]) for i in range(len(rates))][::-1]
+
+
+def at_speed(mel: torch.Tensor, speed: float) -> torch.Tensor:
+    """mel [B, 80, T] stretched in time for ``speed`` (linear, as the official's last chunk)."""
+    if speed == 1.0:
+        return mel
+    return F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+
+
+def stack_padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[1, C, T_i] rows zero-padded along time into one [B, C, max T_i] batch."""
+    size = max(r.shape[2] for r in rows)
+    return torch.cat([F.pad(r, (0, size - r.shape[2])) for r in rows])
+
+
+def _valid_frames(frames: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """[B, 1, T] of ``like``'s dtype: 1 for each row's first ``frames`` frames, 0 after."""
+    if frames is None:
+        return None
+    positions = torch.arange(like.shape[2], device=like.device)
+    return (positions < frames[:, None]).unsqueeze(1).to(like.dtype)

@@ -36,6 +36,7 @@ from cosyvoice_lite.networks.hift import (
     ResBlock,
     SineGen2,
     _source_down_rates,
+    stack_padded,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +320,8 @@ class CausalHiFTGenerator(HiFTBase):
     """Causal HiFTNet generator of CosyVoice v3 (the official streams by re-vocoding the mel
     history; `stream_step` re-runs a bounded window instead)."""
 
+    causal_rows = True
+
     def __init__(
         self,
         in_channels: int = 80,
@@ -443,6 +446,22 @@ class CausalHiFTGenerator(HiFTBase):
         s = self.m_source(self._upsample_f0(f0)).transpose(1, 2)
         mel = speech_feat if finalize else speech_feat[:, :, :-look_f0]
         return self.decode(mel, s, finalize=finalize), s
+
+    @torch.inference_mode()
+    def inference_rows(self, mels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Whole utterances' mels [1, 80, T_i] -> their waveforms [1, T_i * upsample_scale], as
+        ``inference`` gives each alone, computed as one zero-padded batch: every layer after the
+        look-ahead of conv_pre and the f0 predictor (which see the same zero frames past a row's
+        end as alone) is causal, so a row never sees the padding; the source's STFT and the
+        iSTFT are per row (``decode_rows``)."""
+        for mel in mels:
+            self._check_mel(mel, 1)
+        mel = stack_padded(mels)
+        f0 = self.f0_predictor(mel, finalize=True).to(mel.dtype)
+        source = self.m_source(self._upsample_f0(f0)).transpose(1, 2)
+        scale = self.upsample_scale
+        sources = [source[row : row + 1, :, : m.shape[2] * scale] for row, m in enumerate(mels)]
+        return self.decode_rows(mels, sources)
 
     # incremental streaming (hift_causal_stream.py): bounded work per chunk, official samples
 

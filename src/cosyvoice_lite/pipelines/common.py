@@ -55,11 +55,14 @@ class FlowWork:
 
 @dataclass(frozen=True)
 class UtteranceWork:
-    """A whole utterance's flow call (a segment not streamed): its inputs and every speech token.
-    ``Pipeline.flow_utterances`` computes several at once."""
+    """A whole utterance (a segment not streamed): its inputs, every speech token, and what its
+    vocoding takes (the request's generator, its speed). ``Pipeline.utterances`` computes
+    several at once."""
 
     inputs: ModelInputs
     tokens: list[int]
+    generator: torch.Generator
+    speed: float = 1.0
 
 
 def utterance_groups(lengths: list[int], max_rows: int, slack: float = 1.25) -> list[list[int]]:
@@ -107,13 +110,13 @@ class Segment:
         raise NotImplementedError
 
     def whole_utterance(self) -> UtteranceWork | None:
-        """The flow call of the segment's end when it is one whole utterance (not streamed),
-        which the engine may compute together with others' (``Pipeline.flow_utterances``) and
-        hand to ``finish``; None: the segment ends its own way."""
+        """The segment's end when it is one whole utterance (not streamed), which the engine may
+        compute together with others' (``Pipeline.utterances``) and hand to ``finish``; None:
+        the segment ends its own way."""
         return None
 
-    def finish(self, mel: torch.Tensor | None = None) -> torch.Tensor:
-        """The last piece; ``mel``: the whole utterance's mel if already computed."""
+    def finish(self, speech: torch.Tensor | None = None) -> torch.Tensor:
+        """The last piece; ``speech``: the whole utterance's waveform if already computed."""
         raise NotImplementedError
 
     def push(self, token: int) -> torch.Tensor | None:
@@ -161,6 +164,8 @@ class Pipeline:
     # whole utterances computed as one padded flow batch at most (1: each alone); a load-time
     # choice (Engine.load), worth it where the batch runs in parallel (an accelerator)
     utterance_batch = 1
+    # whether such a batch's vocoding is one padded batch too (else one utterance after another)
+    vocoder_batch = False
 
     def __init__(
         self,
@@ -186,28 +191,36 @@ class Pipeline:
             task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
 
-    def flow_utterances(self, works: list[UtteranceWork]) -> tuple[list[torch.Tensor | None], int]:
-        """The float32 mel [1, 80, n] of each whole utterance, computed in padded batches of
-        similar lengths (``utterance_groups``) of at most ``utterance_batch``, and how many
-        batches held several. A batch that fails (e.g. out of memory) gives None for its
-        utterances: the caller computes those alone, so a bad one fails alone."""
+    def utterances(self, works: list[UtteranceWork]) -> tuple[list[torch.Tensor | None], int]:
+        """The waveform [1, samples] of each whole utterance, its flow and its vocoder computed
+        in padded batches of similar lengths (``utterance_groups``) of at most
+        ``utterance_batch``, and how many batches held several. A batch that fails (e.g. out of
+        memory) gives None for its utterances: the caller computes those alone, so a bad one
+        fails alone."""
         lengths = [w.inputs.flow_prompt_speech_token.shape[1] + len(w.tokens) for w in works]
-        mels: list[torch.Tensor | None] = [None] * len(works)
+        speech: list[torch.Tensor | None] = [None] * len(works)
         batches = 0
         for group in utterance_groups(lengths, self.utterance_batch):
+            batch = [works[i] for i in group]
             try:
-                batch = self._flow_batch([works[i] for i in group])
+                waveforms = self._vocode_batch(batch, self._flow_batch(batch))
             except Exception:  # noqa: BLE001 - each of them alone then
-                log.exception("a flow batch of %d whole utterances failed", len(group))
+                log.exception("a batch of %d whole utterances failed", len(group))
                 continue
             batches += len(group) > 1
-            for index, mel in zip(group, batch, strict=True):
-                mels[index] = mel
-        return mels, batches
+            for index, waveform in zip(group, waveforms, strict=True):
+                speech[index] = waveform
+        return speech, batches
 
     def _flow_batch(self, works: list[UtteranceWork]) -> list[torch.Tensor]:
         """The mels of whole utterances computed as one batch (versions whose segments hand
         out ``whole_utterance``)."""
+        raise NotImplementedError
+
+    def _vocode_batch(
+        self, works: list[UtteranceWork], mels: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The waveforms of whole utterances' mels computed as one batch."""
         raise NotImplementedError
 
     @torch.inference_mode()

@@ -65,11 +65,11 @@ class V1Segment(Segment):
         """The waveform piece of a streaming chunk's mel."""
         return self.pipeline.hift.stream_step(self.vocoder, mel, self.generator, False, 1.0)
 
-    def finish(self, mel: torch.Tensor | None = None) -> torch.Tensor:
+    def finish(self, speech: torch.Tensor | None = None) -> torch.Tensor:
         """The last piece, from the tokens not yet turned into audio (v1 never hands out a
-        whole utterance's flow call: its flow draws noise from the request's generator)."""
-        if mel is not None:
-            raise ValueError("a v1 segment computes its own last flow call")
+        whole utterance: its flow draws noise from the request's generator)."""
+        if speech is not None:
+            raise ValueError("a v1 segment computes its own last piece")
         return self._token2wav(self.pending, finalize=True)
 
     @torch.inference_mode()

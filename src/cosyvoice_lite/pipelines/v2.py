@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ..networks.hift import at_speed
 from ..networks.utterances import new_frames
 from .common import FlowWork, ModelInputs, Pipeline, Segment, UtteranceWork
 from .prompt_flow import DEFAULT_BUDGET_BYTES, PromptFlowCache
@@ -121,11 +121,13 @@ class V2Segment(Segment):
     def whole_utterance(self) -> UtteranceWork | None:
         if self.stream or not self.state.tokens:
             return None
-        return UtteranceWork(self.inputs, self.state.tokens)
+        return UtteranceWork(self.inputs, self.state.tokens, self.generator, self.speed)
 
-    def finish(self, mel: torch.Tensor | None = None) -> torch.Tensor:
-        """The last piece, from the tokens not yet turned into audio; ``mel``: the whole
-        utterance's, if the engine computed it with others (``whole_utterance``)."""
+    def finish(self, speech: torch.Tensor | None = None) -> torch.Tensor:
+        """The last piece, from the tokens not yet turned into audio; ``speech``: the whole
+        utterance's waveform, if the engine computed it with others (``whole_utterance``)."""
+        if speech is not None:
+            return speech
         state, pipeline = self.state, self.pipeline
         if self.stream:
             # The official flows the remainder with full attention over the whole history; the
@@ -133,8 +135,9 @@ class V2Segment(Segment):
             work = FlowWork(self._flow_stream(), self.unflowed, finalize=True)
             self.mel.append(pipeline.flow_steps([work])[0])
             mel = torch.cat(self.mel, dim=2)
-        elif mel is None:
-            mel = pipeline._flow_batch([UtteranceWork(self.inputs, state.tokens)])[0]
+        else:
+            work = UtteranceWork(self.inputs, state.tokens, self.generator, self.speed)
+            mel = pipeline._flow_batch([work])[0]
         return pipeline._vocode(state, mel, self.generator, finalize=True, speed=self.speed)
 
     def _flow_stream(self):
@@ -214,6 +217,23 @@ class V2Pipeline(Pipeline):
         return [mel[row : row + 1, :, :n].contiguous() for row, n in enumerate(frames)]
 
     @torch.inference_mode()
+    def _vocode_batch(
+        self, works: list[UtteranceWork], mels: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Whole utterances' waveforms, each as ``_vocode`` gives it alone: with
+        ``vocoder_batch`` the vocoder's convolutions as one padded batch (the networks'
+        ``inference_rows``), otherwise one after another."""
+        if len(works) == 1 or not self.vocoder_batch:
+            return [
+                self._vocode(_Stream(), mel, work.generator, True, work.speed)
+                for mel, work in zip(mels, works, strict=True)
+            ]
+        mels = [at_speed(mel, work.speed) for mel, work in zip(mels, works, strict=True)]
+        if self.spec.causal_vocoder:
+            return self.hift.inference_rows(mels)
+        return self.hift.inference_rows(mels, [work.generator for work in works])
+
+    @torch.inference_mode()
     def _vocode(
         self,
         state: _Stream,
@@ -234,9 +254,7 @@ class V2Pipeline(Pipeline):
         """v3: the causal vocoder. Streams keep a window of recent frames and the running source
         phase (the official re-vocodes the whole history each chunk); a whole utterance is one call."""
         if state.vocoder is None and finalize:  # not streaming (or a single-chunk stream)
-            if speed != 1.0:
-                mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-            speech, _ = self.hift.inference(speech_feat=mel, finalize=True)
+            speech, _ = self.hift.inference(speech_feat=at_speed(mel, speed), finalize=True)
             return speech
         if state.vocoder is None:
             state.vocoder = self.hift.new_stream()
