@@ -24,7 +24,8 @@ from cosyvoice_lite.pipelines.factory import load_network
 from cosyvoice_lite.precision import (
     PackedLinear,
     exempt_names,
-    int8_products_pay,
+    has_int8_products,
+    int8_product_kernel,
     packs_linear,
     quantize_products_int8,
     tied_to_embeddings,
@@ -108,14 +109,15 @@ def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
 def test_int8_flow_products_only_where_declared() -> None:
     """int8 quantises the DiT's attention and feed-forward products (W8A8) and nothing else of
     the flow: the time and modulation layers, the input and output projections keep the dtype.
-    Loading applies them where this CPU makes them pay (VNNI or AMX)."""
+    On a CPU their kernel is ``torch._int_mm`` where the CPU has VNNI or AMX, onnxruntime's
+    elsewhere (the same integers, test_quantized_linear.py)."""
     model = open_model_dir(MODELS / "v3-tiny")
     placement = resolve_placement("cpu", "bfloat16", "int8")
     flow = load_network(model, "flow", "flow.pt", placement)
-    loaded = any(isinstance(m, Int8MatmulLinear) for m in flow.modules())
-    assert loaded == int8_products_pay(placement) == cpu_features().int8_products
-    if not loaded:
-        quantize_products_int8(flow)
+    kernel = "torch" if cpu_features().int8_products else "onnxruntime"
+    assert int8_product_kernel(placement) == kernel
+    assert {m.kernel for m in flow.modules() if isinstance(m, Int8MatmulLinear)} == {kernel}
+    assert has_int8_products(flow)
     estimator = flow.decoder.estimator
     quantised = {n for n, m in estimator.named_modules() if isinstance(m, Int8MatmulLinear)}
     per_block = {"attn.qkv.linear", "attn.to_out.0", "ff.ff.0.0", "ff.ff.2"}
@@ -164,7 +166,7 @@ def _flow_and_vocoder(
     version: int, dtype: str, kernels: bool = True, quantize: str | None = None, w8a8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``;
-    ``w8a8``: the flow's declared int8 products on any CPU (loading applies them where they pay)."""
+    ``w8a8``: the flow's declared int8 products with ``torch._int_mm`` (loading picks this CPU's kernel)."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
     placement = resolve_placement("cpu", dtype, quantize)
     flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels)
@@ -238,14 +240,13 @@ def test_flow_and_vocoder_within_bounds_of_float32(version: int) -> None:
 def test_int8_flow_within_bounds_of_float32() -> None:
     """CosyVoice3's int8 flow (W8A8 DiT products, bf16 elsewhere) against float32: about the error
     of bfloat16 alone (measured on the tiny model, relative L2: 0.0040 against 0.0031; int8 with
-    float32 elsewhere 0.0027). Loaded with int8, the flow has them where this CPU makes them pay
-    and is the bfloat16 flow elsewhere."""
+    float32 elsewhere 0.0027). Loaded with int8, the flow has them with this CPU's kernel, which
+    gives the same mel as ``torch._int_mm``'s."""
     mel32, _ = _flow_and_vocoder(3, "float32")
     mel_bf16, _ = _flow_and_vocoder(3, "bfloat16")
     mel_int8, _ = _flow_and_vocoder(3, "bfloat16", quantize="int8")
     mel_w8a8, _ = _flow_and_vocoder(3, "bfloat16", w8a8=True)
-    pays = int8_products_pay(resolve_placement("cpu", "bfloat16", "int8"))
-    assert torch.equal(mel_int8, mel_w8a8 if pays else mel_bf16)
+    assert torch.equal(mel_int8, mel_w8a8)
     assert not torch.equal(mel_w8a8, mel_bf16)
     assert 0 < _relative(mel_w8a8, mel32) < MEL_BOUND[torch.bfloat16]
 

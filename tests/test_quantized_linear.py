@@ -127,3 +127,25 @@ def test_w8a8_row_results_do_not_depend_on_the_batch() -> None:
         padded = torch.cat([rows[1:2], torch.full((7, 64), 1e4)])
         assert torch.equal(layer(padded)[:1], batch[1:2])
         assert torch.equal(batch[3], layer.bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_kernels_give_the_same_floats(bias: bool) -> None:
+    """onnxruntime's ``MatMulInteger`` (the kernel on CPUs without VNNI/AMX) sums the same codes
+    as ``torch._int_mm`` exactly: full-range codes (-127..127 on both sides, where a u8s8 kernel
+    would saturate), rows of any scale, a zero row, any batch, float32 or bfloat16 in."""
+    g = torch.Generator().manual_seed(2)
+    linear = nn.Linear(256, 48, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 256, generator=g).sign() * 0.05)  # all codes +-127
+    rows = (
+        torch.randn(7, 256, generator=g).sign() * torch.tensor([0.1, 1, 100, 0, 3, 5, 7])[:, None]
+    )
+    torch_kernel = Int8MatmulLinear(linear, "torch")
+    ort_kernel = Int8MatmulLinear(linear, "onnxruntime")
+    assert not hasattr(ort_kernel, "codes")  # the codes live in onnxruntime only
+    with torch.inference_mode():
+        for x in (rows, rows.reshape(7, 1, 256), rows[2:3], rows.bfloat16()):
+            assert torch.equal(ort_kernel(x), torch_kernel(x))
+    with pytest.raises(ValueError, match="kernel"):
+        Int8MatmulLinear(linear, "numpy")

@@ -74,7 +74,8 @@ class CpuFeatures:
     on). Without them torch emulates bfloat16 products: on an AVX2-only AMD EPYC (Zen 3) a
     bfloat16 linear layer ran ~5x slower than float32 and a one-row product (LLM decoding) ~3x.
     ``int8_products``: VNNI (AVX512-VNNI or AVX-VNNI) or AMX, which ``torch._int_mm`` needs to be
-    fast: on that EPYC it ran at ~0.7 GOP/s, ~100x below float32. ``float16_products``: AMX-FP16.
+    fast: on that EPYC it ran at ~0.7 GOP/s, ~100x below float32 (the W8A8 products use
+    onnxruntime's AVX2 kernel there, precision.int8_product_kernel). ``float16_products``: AMX-FP16.
     ``packs_bfloat16``: oneDNN packs bfloat16 linear weights (it needs AVX-512 BW/VL/DQ or
     AVX-NE-CONVERT and refuses elsewhere; asked of oneDNN itself on a tiny weight).
     """

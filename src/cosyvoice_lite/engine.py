@@ -34,6 +34,7 @@ from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
 from .networks.flow_matching import check_steps
 from .pipelines.common import ModelInputs
+from .precision import has_int8_products
 from .request import AudioChunk, Mode, SynthesisRequest
 from .row_parallel import RowSplit
 from .sampling import RasSampler
@@ -78,11 +79,12 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     (row_parallel.py: no OpenMP wake-ups on its small operations). Whole utterances in float32
     stay one batch, as the official computes them: split, a row's mel moves by ~1e-6, which the
     vocoder's phase turns into ~6e-3 of waveform, and float32 is the precision that matches the
-    official bit for bit."""
+    official bit for bit (unless some products are int8: their onnxruntime kernel runs on the
+    calling thread alone, so those rows are split too)."""
     threads = torch.get_num_threads()
     if placement.device.type != "cpu" or backend != "torch" or threads < 2:
         return
-    exact = placement.dtype == torch.float32
+    exact = placement.dtype == torch.float32 and not has_int8_products(pipeline.flow)
     pipeline.flow.decoder.set_row_split(RowSplit(threads), utterances=not exact)
 
 

@@ -20,7 +20,10 @@ weights and per-row int8 activations, int32 sums) where a network module declare
 
 on its class quantises the linear layers inside that module; the rest of the flow stays in
 ``dtype``. The DiT (CosyVoice3) declares its attention and feed-forward; the U-Nets do not (their
-products are 4x narrower: 3-4% faster for 1.5x the mel error of bfloat16, benchmarks/README.md).
+products are 4x narrower: 3-4% faster for 1.5x the mel error of bfloat16, benchmarks/README.md;
+on an AVX2 CPU no faster than float32). The products' kernel follows the CPU
+(``int8_product_kernel``: ``torch._int_mm`` with VNNI/AMX, onnxruntime's ``MatMulInteger``
+without), the same integers either way.
 
 The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
 loaded modules): their declared linear groups (q/k/v, gate/up) are fused into one product each
@@ -100,13 +103,18 @@ def replace_linears(network: nn.Module, make: Callable[[nn.Linear], nn.Module]) 
     return network
 
 
-def quantize_products_int8(network: nn.Module) -> nn.Module:
+def quantize_products_int8(network: nn.Module, kernel: str = "torch") -> nn.Module:
     """Replace the linear layers inside the modules whose class declares ``int8_products`` by
-    ``Int8MatmulLinear`` (W8A8), in place."""
+    ``Int8MatmulLinear`` (W8A8, products by ``kernel``), in place."""
     for module in list(network.modules()):
         if getattr(type(module), INT8_PRODUCTS_ATTRIBUTE, None):
-            replace_linears(module, Int8MatmulLinear)
+            replace_linears(module, lambda linear: Int8MatmulLinear(linear, kernel))
     return network
+
+
+def has_int8_products(network: nn.Module) -> bool:
+    """Whether ``network`` computes some products in W8A8 (``quantize_products_int8``)."""
+    return any(isinstance(module, Int8MatmulLinear) for module in network.modules())
 
 
 def quantize_linear_int8(network: nn.Module, threads: int | None = None) -> nn.Module:
@@ -170,8 +178,9 @@ def apply_precision(
         return quantize_linear_int8(network)  # int8 kernels take float32 activations
     if placement.dtype != torch.float32:
         cast_weights(network, placement.dtype)
-    if part == "flow" and kernels and placement.quantize == "int8" and int8_products_pay(placement):
-        quantize_products_int8(network)
+    product_kernel = int8_product_kernel(placement)
+    if part == "flow" and kernels and placement.quantize == "int8" and product_kernel:
+        quantize_products_int8(network, product_kernel)
     if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
         pack_linears(network)
     if decoding and placement.device.type == "cpu" and placement.dtype != torch.float32:
@@ -179,11 +188,15 @@ def apply_precision(
     return network
 
 
-def int8_products_pay(placement: Placement) -> bool:
-    """Whether the flow's W8A8 products pay here: ``torch._int_mm`` is fast only on a CPU with
-    VNNI or AMX (device.CpuFeatures); elsewhere the flow stays in ``placement.dtype`` and int8
-    applies to the LLM alone (onnxruntime's kernels have AVX2 paths)."""
-    return placement.device.type == "cpu" and cpu_features().int8_products
+def int8_product_kernel(placement: Placement) -> str | None:
+    """The kernel of the flow's W8A8 products on a CPU (None: they stay in ``placement.dtype``,
+    as on accelerators). ``torch._int_mm`` where the CPU has VNNI or AMX (device.CpuFeatures);
+    elsewhere it crawls, and onnxruntime's ``MatMulInteger`` gives the same integers: a
+    full-size DiT product (900 x 1024 x 1024-3072) 1.2-1.4x faster than float32 on 2 AVX2
+    cores, a U-Net one (900 x 256 x 1536, which the U-Nets do not declare) no faster."""
+    if placement.device.type != "cpu":
+        return None
+    return "torch" if cpu_features().int8_products else "onnxruntime"
 
 
 def _packs_flow(part: str, placement: Placement) -> bool:

@@ -17,10 +17,14 @@ steps all run through it.
 ``Int8MatmulLinear``, for many rows at once (the flow estimators: hundreds of frames per call,
 bound by arithmetic, not by reading weights): int8 weights with a scale per output channel,
 each activation row quantised on the fly with its own scale, and the product in int8 with int32
-sums (``torch._int_mm``, oneDNN's VNNI kernels). On this CPU that product runs at ~410 GOP/s on
-one core against ~195 GFLOP/s for bfloat16 (445 x 1024 x 2048; ``MatMulNBits`` there: ~165).
-A row's scale is its own, and integer sums are exact, so a row's result never depends on the
-other rows, on padding or on the batch.
+sums. Two kernels give the same integers, hence the same floats: ``torch._int_mm`` (oneDNN's
+VNNI/AMX kernels: ~410 GOP/s on one core of an AVX-512 VNNI CPU against ~195 GFLOP/s for
+bfloat16, 445 x 1024 x 2048) and, on a CPU without VNNI or AMX (where ``torch._int_mm`` crawls at
+~0.7 GOP/s), onnxruntime's ``MatMulInteger`` over codes shifted by 128 to uint8 with zero points
+128 (its AVX2 u8u8 kernel: exact int32 sums, ~170-200 GOP/s on 2 AVX2 cores against ~100-120
+GFLOP/s float32; the signed u8s8 kernel saturates its 16-bit pair sums there). A row's scale is
+its own, and integer sums are exact, so a row's result never depends on the other rows, on
+padding or on the batch.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def symmetric_codes(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # The one-layer graph, written as ONNX protobuf bytes directly: the ``onnx`` package is not a
 # dependency of the engine (only of export). Field numbers are onnx.proto's.
-_FLOAT, _UINT8, _INT_ATTRIBUTE, _EXTERNAL = 1, 2, 2, 1
+_FLOAT, _UINT8, _INT32, _INT_ATTRIBUTE, _EXTERNAL = 1, 2, 6, 2, 1
 IR_VERSION = 8
 
 
@@ -93,10 +97,10 @@ def _tensor(name: str, array: np.ndarray, data_type: int, external: str | None =
     return proto + _int(14, _EXTERNAL)
 
 
-def _value_info(name: str, rows: str, width: int) -> bytes:
-    """ValueInfoProto of a float32 [rows, width] tensor (``rows`` symbolic)."""
+def _value_info(name: str, rows: str, width: int, data_type: int = _FLOAT) -> bytes:
+    """ValueInfoProto of a [rows, width] tensor (``rows`` symbolic), float32 by default."""
     shape = _bytes(1, _bytes(2, rows)) + _bytes(1, _int(1, width))
-    return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, _FLOAT) + _bytes(2, shape)))
+    return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, data_type) + _bytes(2, shape)))
 
 
 def _node(op: str, inputs: list[str], output: str, domain: str = "", **ints: int) -> bytes:
@@ -123,17 +127,52 @@ def _graph(linear: nn.Linear, block: int) -> tuple[bytes, np.ndarray]:
         bias = linear.bias.detach().to("cpu", torch.float32).numpy()
         initializers.append(_tensor("bias", bias, _FLOAT))
         nodes.append(_node("Add", [product, "bias"], "y"))
+    inputs, outputs = _value_info("x", "rows", k), _value_info("y", "rows", n)
+    return _model(nodes, initializers, inputs, outputs), codes
+
+
+def _model(nodes: list[bytes], initializers: list[bytes], x: bytes, y: bytes) -> bytes:
+    """A serialised one-graph ModelProto: ``nodes`` from input ``x`` to output ``y``."""
     graph = (
         b"".join(_bytes(1, node) for node in nodes)
         + _bytes(2, "int8_linear")
         + b"".join(_bytes(5, tensor) for tensor in initializers)
-        + _bytes(11, _value_info("x", "rows", k))
-        + _bytes(12, _value_info("y", "rows", n))
+        + _bytes(11, x)
+        + _bytes(12, y)
     )
     opsets = _bytes(8, _bytes(1, "") + _int(2, 17)) + _bytes(
         8, _bytes(1, "com.microsoft") + _int(2, 1)
     )
-    return _int(1, IR_VERSION) + opsets + _bytes(7, graph), codes
+    return _int(1, IR_VERSION) + opsets + _bytes(7, graph)
+
+
+def _session(model: bytes, threads: int, codes: np.ndarray):  # noqa: ANN202 - onnxruntime's type
+    """An onnxruntime CPU session of a one-layer ``model`` whose int8 weights (``CODES``) are
+    given from memory: onnxruntime keeps only its packed copy, where a tensor inside the model
+    would stay in memory twice (measured: 10 vs 19 MiB for an 8.3 MiB layer)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # no memory arena: one per layer would keep its peak (prefill) rows for good
+    options.enable_cpu_mem_arena = False
+    # never spin: each layer is a session with its own thread pool, so a spinning pool per
+    # layer (~100 for an LLM) would fight over the cores. Measured, full-size v2, 2 threads:
+    # 2.1 s per decoding step with spinning pools (torch's default wait policy, or
+    # GOMP_SPINCOUNT set) against 28 ms without.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        options.add_external_initializers_from_files_in_memory(
+            [CODES], [codes.reshape(-1)], [codes.nbytes]
+        )
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own pybind exception types
+        raise DeviceError(
+            f"int8 needs onnxruntime >= {MIN_ONNXRUNTIME} with its 8-bit CPU kernels "
+            f"(installed: {ort.__version__}): {err}"
+        ) from err
 
 
 class Int8Linear(nn.Module):
@@ -146,33 +185,11 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, threads: int, block: int = BLOCK) -> None:
         super().__init__()
-        import onnxruntime as ort
-
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # no memory arena: one per layer would keep its peak (prefill) rows for good
-        options.enable_cpu_mem_arena = False
-        # never spin: each layer is a session with its own thread pool, so a spinning pool per
-        # layer (~100 for an LLM) would fight over the cores. Measured, full-size v2, 2 threads:
-        # 2.1 s per decoding step with spinning pools (torch's default wait policy, or
-        # GOMP_SPINCOUNT set) against 28 ms without.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model, codes = _graph(linear, block)
         bias = 0 if linear.bias is None else 4 * linear.bias.numel()
         self.nbytes = codes.nbytes + 4 * codes.shape[0] * codes.shape[1] + bias  # what a call reads
-        try:
-            options.add_external_initializers_from_files_in_memory(
-                [CODES], [codes.reshape(-1)], [codes.nbytes]
-            )
-            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own pybind exception types
-            raise DeviceError(
-                f"int8 needs onnxruntime >= {MIN_ONNXRUNTIME} with 8-bit MatMulNBits on the CPU "
-                f"(installed: {ort.__version__}): {err}"
-            ) from err
+        self._session = _session(model, threads, codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # shapes changed on the numpy side: an LLM step makes ~100 of these calls, and each torch
@@ -195,26 +212,59 @@ class Int8MatmulLinear(nn.Module):
     Takes and returns ``[..., in_features]`` / ``[..., out_features]`` in the input's dtype.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: str = "torch") -> None:
+        """``kernel``: "torch" (``torch._int_mm``) or "onnxruntime" (``MatMulInteger``, one
+        thread: the flows' rows already run on a thread per core, row_parallel.py)."""
         super().__init__()
+        if kernel not in INT8_PRODUCT_KERNELS:
+            raise ValueError(f"kernel must be one of {INT8_PRODUCT_KERNELS}, got {kernel!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = kernel
         codes, scale = symmetric_codes(linear.weight.detach().to(torch.float32, copy=True))
-        codes = codes.to(torch.int8)
-        # [in, out] as the transpose of the [out, in] codes: oneDNN reads it without a copy
-        self.register_buffer("codes", codes.t())
         self.register_buffer("scale", scale)
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+        if kernel == "torch":
+            # [in, out] as the transpose of the [out, in] codes: oneDNN reads it without a copy
+            self.register_buffer("codes", codes.to(torch.int8).t())
+            return
+        shifted = codes.t().add_(128).to(torch.uint8).contiguous().numpy()  # [in, out]
+        self._session = _session(_integer_graph(self.in_features, self.out_features), 1, shifted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.float32)
         row_scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_min_(_TINY)
-        codes = torch.round(rows / row_scale).to(torch.int8)  # |x / scale| <= 127 by construction
-        out = torch._int_mm(codes, self.codes).to(torch.float32).mul_(row_scale)
+        codes = torch.round(rows / row_scale)  # |x / scale| <= 127 by construction
+        if self.kernel == "torch":
+            sums = torch._int_mm(codes.to(torch.int8), self.codes)
+        else:
+            shifted = codes.add_(128).to(torch.uint8).numpy()
+            sums = torch.from_numpy(self._session.run(None, {"x": shifted})[0])
+        out = sums.to(torch.float32).mul_(row_scale)
         out = (
             out.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, out, self.scale)
         )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 w8a8"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8 w8a8 "
+            f"({self.kernel})"
+        )
+
+
+INT8_PRODUCT_KERNELS = ("torch", "onnxruntime")
+
+
+def _integer_graph(k: int, n: int) -> bytes:
+    """One ``MatMulInteger``: uint8 rows [M, k] times the uint8 weight codes [k, n] (``CODES``,
+    given from memory), both with zero point 128, into exact int32 sums [M, n]."""
+    point = np.array(128, dtype=np.uint8)
+    initializers = [
+        _tensor("B", np.empty((k, n), np.uint8), _UINT8, CODES),
+        _tensor("x_zero", point, _UINT8),
+        _tensor("B_zero", point, _UINT8),
+    ]
+    nodes = [_node("MatMulInteger", ["x", "B", "x_zero", "B_zero"], "y")]
+    x, y = _value_info("x", "rows", k, _UINT8), _value_info("y", "rows", n, _INT32)
+    return _model(nodes, initializers, x, y)
