@@ -18,9 +18,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (Engine.load dtype, quantize). "int8" is int8 LLM linear layers (and CosyVoice3's DiT
-# products, W8A8, where the CPU has VNNI) with the rest of the flow and the vocoder in bfloat16,
-# or in float32 on a CPU that emulates bfloat16 (``configs``; precision.py).
+# name -> (Engine.load dtype, quantize). "int8" is int8 LLM linear layers and CosyVoice3's DiT
+# products (W8A8) with the rest of the flow and the vocoder in bfloat16, or in float32 on a CPU
+# that emulates bfloat16 (``configs``; precision.py).
 CONFIGS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 
 

@@ -181,6 +181,34 @@ def test_streams_chunks_are_computed_together_and_equal_alone(v2: Engine) -> Non
         np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("version", [2, 3])
+def test_streams_pieces_vocoded_together_equal_alone(version: int) -> None:
+    """With ``vocoder_batch`` (the default on accelerators) the pieces that streams' shared flow
+    calls complete are vocoded as one padded batch too, and each stream's audio equals it
+    alone (the v2 cross-fade and the v3 window: f0 and source per stream, the convolutions
+    batched: float32 convolutions of several rows round differently from one row's, which put
+    one sample of 86,400 of a tiny v3 stream 1.01e-4 away, hence 2e-4 here)."""
+    engine = Engine.load(DATA / "models" / f"v{version}-tiny", max_batch=8, audio_workers=1)
+    assert not engine.pipeline.vocoder_batch  # on a CPU one piece after another
+    engine.pipeline.vocoder_batch = True  # as on an accelerator
+    fixed = dict(stream=True, ignore_eos=True)
+    streams = [
+        _request("今天天气真好，我们出去走走吧。", 21, max_speech_tokens=90, **fixed),
+        _request("Nice to meet you, how are you?", 22, max_speech_tokens=70, **fixed),
+        _request("你好。", 23, mode=Mode.CROSS_LINGUAL, max_speech_tokens=80, **fixed),
+    ]
+    try:
+        solo = [_alone(engine, r) for r in streams]
+        assert engine.pipeline.vocoder_batches == 0
+        together = _together(engine, streams)
+        assert engine.pipeline.vocoder_batches > 0
+    finally:
+        engine.close()
+    for a, b in zip(solo, together, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=2 * TOL, rtol=0)
+
+
 def test_a_request_joining_mid_way_equals_alone(v2: Engine, alone: list[np.ndarray]) -> None:
     first, later = QueueSink(), QueueSink()
     v2.submit(REQUESTS[1], first)  # streaming: its first chunk comes while it still decodes

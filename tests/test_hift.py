@@ -323,3 +323,35 @@ def test_whole_utterances_vocoded_as_one_padded_batch_equal_each_alone(version: 
     for single, row in zip(alone, rows, strict=True):
         assert row.shape == single.shape
         torch.testing.assert_close(row, single, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_streams_vocoded_together_equal_each_alone(version: str) -> None:
+    """``stream_steps``: several streams' next chunks (different lengths, different histories,
+    a final one among them) in one padded batch give each stream's samples and state as
+    ``stream_step`` alone."""
+    model, data = loaded(version)
+    mel = torch.from_numpy(data["mel_a"])
+    chunks = [[mel[:, :, :12], mel[:, :, 12:]], [mel[:, :, 5:] * 0.7], [mel.flip(2)[:, :, :16]]]
+    v3 = version == "v3"
+
+    def streams() -> list:
+        return [model.new_stream() if v3 else model.new_stream(8) for _ in chunks]
+
+    def step(states, index: int, finals: list[bool], together: bool) -> list[torch.Tensor]:
+        live = [i for i, c in enumerate(chunks) if index < len(c)]
+        args = [[states[i] for i in live], [chunks[i][index] for i in live]]
+        if not v3:
+            args += [[torch.Generator().manual_seed(i * 10 + index) for i in live]]
+        args += [[finals[i] for i in live]] + ([] if v3 else [[1.0] * len(live)])
+        if together:
+            return model.stream_steps(*args)
+        return [model.stream_step(*row) for row in zip(*args, strict=True)]
+
+    alone, batch = streams(), streams()
+    for index, finals in ((0, [False, False, False]), (1, [True, True, True])):
+        want = step(alone, index, finals, together=False)
+        got = step(batch, index, finals, together=True)
+        for a, b in zip(want, got, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)

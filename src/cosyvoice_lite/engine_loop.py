@@ -166,7 +166,8 @@ class AudioWorker:
     Tokens and segment ends arrive from the loop thread, a step's worth at a time. The worker
     takes everything queued, advances each row through its tokens up to its next due flow call,
     and computes the due flow calls of all those rows together (``Pipeline.flow_steps``: one
-    batch), then vocodes and delivers each piece at once; it repeats until the rows' tokens are
+    batch), then vocodes the pieces they complete (together where the pipeline batches them,
+    ``Pipeline.complete_pieces``) and delivers each at once; it repeats until the rows' tokens are
     used up. A failing stage fails its row alone. Work of no row (``EngineLoop.background``,
     e.g. preparing a saved voice) runs between rows' chunks.
     """
@@ -382,13 +383,18 @@ class AudioWorker:
                     mels = [_one_flow(pipeline, flow) for flow in flows]
             self.flow_calls += 1
             self.flow_streams += len(due)
+            live = []  # the rows whose flow call gave a mel, still wanted
             for (work, _, _), mel in zip(due, mels, strict=True):
+                if isinstance(mel, BaseException):
+                    _fail(work.row, mel)
+                elif not _gone(work):
+                    live.append((work, mel))
+            # the pieces those calls complete (vocoded together where the pipeline batches them)
+            pieces = pipeline.complete_pieces([w.audio for w, _ in live], [m for _, m in live])
+            for (work, _), piece in zip(live, pieces, strict=True):
                 try:
-                    if isinstance(mel, BaseException):
-                        raise mel
-                    if _gone(work):
-                        continue
-                    piece = work.audio.complete(mel)
+                    if isinstance(piece, BaseException):
+                        raise piece
                     if piece is not None:
                         work.row.delivered()
                         work.row.run.emit(piece, work.segment, False)

@@ -421,6 +421,7 @@ class HiFTBase(nn.Module):
         self.register_buffer("stft_window", window.float(), persistent=False)
 
     causal_rows = False  # whether rows of a padded batch never see past their ends (decode_rows)
+    conv_pre_look_right = 0  # frames conv_pre looks ahead (the causal generator's look-ahead)
 
     def _check_mel(self, speech_feat: torch.Tensor, min_frames: int) -> None:
         if speech_feat.dim() != 3 or speech_feat.shape[1] != self.in_channels:
@@ -503,27 +504,42 @@ class HiFTBase(nn.Module):
         return self._istft(magnitude, phase)
 
     def decode_rows(
-        self, mels: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+        self,
+        mels: Sequence[torch.Tensor],
+        sources: Sequence[torch.Tensor],
+        finals: Sequence[bool] | None = None,
     ) -> list[torch.Tensor]:
-        """Whole utterances' mels [1, 80, T_i] and sources [1, 1, L_i] -> their clamped waveforms
-        [1, samples_i], the convolutions computed as one zero-padded batch. Each row gets what it
-        gets alone: its source's STFT and the iSTFT are taken per row (their reflect padding
-        looks at the row's own end), and past a row's end every convolution of the non-causal
-        generator is zeroed (``causal_rows``: nothing there looks past a row's end but conv_pre
-        and the f0 predictor, which see the same zero mel frames as alone)."""
+        """Mels [1, 80, T_i] and their sources [1, 1, L_i] -> clamped waveforms [1, samples_i], as
+        ``decode`` gives each alone (``finals[i]`` its ``finalize``; default all True), the
+        convolutions computed as one zero-padded batch. The source's STFT and the iSTFT are per
+        row (their reflect padding looks at the row's own end). Past a row's end the non-causal
+        generator zeroes every convolution's output, as the row alone is zero-padded; the causal
+        one (``causal_rows``) never looks there, but for conv_pre's look-ahead, which sees zero
+        frames past a final row as alone, and a non-final row's own last frames as alone."""
+        finals = [True] * len(mels) if finals is None else list(finals)
         dtype = self.compute_dtype
-        spectra = [self._stft(s.squeeze(1)) for s in sources]
-        s_stft = stack_padded(spectra).to(dtype)
+        look = self.conv_pre_look_right
+        spectra = []
+        for source, final in zip(sources, finals, strict=True):
+            spectrum = self._stft(source.squeeze(1))
+            if not final:  # as decode: the look-ahead frames' source goes
+                spectrum = spectrum[:, :, : -math.prod(self.upsample_rates) * look]
+            spectra.append(spectrum)
         x = self.conv_pre(stack_padded(list(mels)).to(dtype))
+        # the STFT frames of the longest mel (a non-final row's are cut short)
+        stft_frames = x.shape[2] * math.prod(self.upsample_rates) + 1
+        s_stft = stack_padded(spectra, stft_frames).to(dtype)
         frames = None
         if not self.causal_rows:
             frames = torch.tensor([m.shape[2] for m in mels], device=x.device)
         x = self._spectrum(self._upsample_and_fuse(x, s_stft, frames))
-        rows = [x[row : row + 1, :, : s.shape[2]] for row, s in enumerate(spectra)]
-        return [
-            torch.clamp(self._spectrum_to_waveform(r), -self.audio_limit, self.audio_limit)
-            for r in rows
-        ]
+        speech = []
+        for row, (spectrum, final) in enumerate(zip(spectra, finals, strict=True)):
+            wave = self._spectrum_to_waveform(x[row : row + 1, :, : spectrum.shape[2]])
+            if not final:
+                wave = wave[:, : -self.upsample_scale]
+            speech.append(torch.clamp(wave, -self.audio_limit, self.audio_limit))
+        return speech
 
 
 class HiFTGenerator(HiFTBase):
@@ -631,8 +647,16 @@ class HiFTGenerator(HiFTBase):
         as the official streaming code does to avoid glitches between chunks. Random draws (v1:
         start phases, noise, unused noise branch; v2: start phases, noise, unused noise branch)
         come from `generator` in the official order."""
-        self._check_mel(speech_feat, 1)
-        f0 = self.f0_predictor(speech_feat)
+        s = self._source(speech_feat, cache_source, generator)
+        return self.decode(speech_feat, s), s
+
+    def _source(
+        self, mel: torch.Tensor, cache_source: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The NSF source [B, 1, T * upsample_scale] of mel [B, 80, T], its head overwritten by
+        ``cache_source`` (see ``inference``)."""
+        self._check_mel(mel, 1)
+        f0 = self.f0_predictor(mel)
         s = self.m_source(self._upsample_f0(f0), generator).transpose(1, 2)
         if cache_source is not None and cache_source.shape[2] != 0:
             if cache_source.shape[2] > s.shape[2]:
@@ -640,7 +664,7 @@ class HiFTGenerator(HiFTBase):
                     f"cache_source has {cache_source.shape[2]} samples, more than the {s.shape[2]} this mel gives"
                 )
             s[:, :, : cache_source.shape[2]] = cache_source
-        return self.decode(speech_feat, s), s
+        return s
 
     @torch.inference_mode()
     def inference_rows(
@@ -650,11 +674,7 @@ class HiFTGenerator(HiFTBase):
         as ``inference`` gives it alone with its own generator: f0 and source per row (cheap,
         and the source's phase sum would turn any rounding into audible drift), the convolution
         stack as one padded batch (``decode_rows``)."""
-        sources = []
-        for mel, generator in zip(mels, generators, strict=True):
-            self._check_mel(mel, 1)
-            f0 = self.f0_predictor(mel)
-            sources.append(self.m_source(self._upsample_f0(f0), generator).transpose(1, 2))
+        sources = [self._source(m, None, g) for m, g in zip(mels, generators, strict=True)]
         return self.decode_rows(mels, sources)
 
     def new_stream(self, mel_cache: int) -> CrossFadeStream:
@@ -675,24 +695,45 @@ class HiFTGenerator(HiFTBase):
         """The waveform [1, N] of the next mel chunk [1, 80, T]; the last ``mel_cache`` frames'
         worth of samples are held back for the cross-fade until ``finalize``. ``speed`` (last
         chunk only, as the official) stretches the mel in time."""
-        if state.mel is not None:
-            mel = torch.concat([state.mel, mel], dim=2)
-            cache_source = state.source
+        return self.stream_steps([state], [mel], [generator], [finalize], [speed])[0]
+
+    @torch.inference_mode()
+    def stream_steps(
+        self,
+        states: Sequence[CrossFadeStream],
+        mels: Sequence[torch.Tensor],
+        generators: Sequence[torch.Generator],
+        finals: Sequence[bool],
+        speeds: Sequence[float],
+    ) -> list[torch.Tensor]:
+        """``stream_step`` of several streams, their convolutions as one padded batch
+        (``decode_rows``; one stream: ``decode``). Each stream's result is as alone."""
+        rows = list(zip(states, mels, generators, finals, speeds, strict=True))
+        inputs, sources = [], []
+        for state, mel, generator, final, speed in rows:
+            cache_source = None
+            if state.mel is not None:
+                mel, cache_source = torch.concat([state.mel, mel], dim=2), state.source
+            mel = at_speed(mel, speed) if final else mel
+            inputs.append(mel)
+            sources.append(self._source(mel, cache_source, generator))
+        if len(rows) == 1:
+            speech = [self.decode(inputs[0], sources[0])]
         else:
-            cache_source = torch.zeros(1, 1, 0, device=mel.device)
-        if finalize:
-            mel = at_speed(mel, speed)
-        speech, source = self.inference(
-            speech_feat=mel, cache_source=cache_source, generator=generator
-        )
-        if state.speech is not None:
-            speech = fade_in_out(speech, state.speech, state.window)
-        if not finalize:
-            state.mel = mel[:, :, -state.mel_cache :]
-            state.source = source[:, :, -state.samples :]
-            state.speech = speech[:, -state.samples :]
-            speech = speech[:, : -state.samples]
-        return speech
+            speech = self.decode_rows(inputs, sources)
+        out = []
+        for (state, _, _, final, _), mel, source, wave in zip(
+            rows, inputs, sources, speech, strict=True
+        ):
+            if state.speech is not None:
+                wave = fade_in_out(wave, state.speech, state.window)
+            if not final:
+                state.mel = mel[:, :, -state.mel_cache :]
+                state.source = source[:, :, -state.samples :]
+                state.speech = wave[:, -state.samples :]
+                wave = wave[:, : -state.samples]
+            out.append(wave)
+        return out
 
 
 class CrossFadeStream:
@@ -719,9 +760,9 @@ def at_speed(mel: torch.Tensor, speed: float) -> torch.Tensor:
     return F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
 
 
-def stack_padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[1, C, T_i] rows zero-padded along time into one [B, C, max T_i] batch."""
-    size = max(r.shape[2] for r in rows)
+def stack_padded(rows: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
+    """[1, C, T_i] rows zero-padded along time into one [B, C, size] batch (default max T_i)."""
+    size = max(r.shape[2] for r in rows) if size is None else size
     return torch.cat([F.pad(r, (0, size - r.shape[2])) for r in rows])
 
 

@@ -474,3 +474,12 @@ class CausalHiFTGenerator(HiFTBase):
     ) -> torch.Tensor:
         """Append mel [1, 80, m]; returns the new samples [1, n] (see hift_causal_stream)."""
         return hift_causal_stream.stream_step(self, state, mel, finalize)
+
+    def stream_steps(
+        self,
+        states: list[hift_causal_stream.HiFTStreamState],
+        mels: list[torch.Tensor],
+        finals: list[bool],
+    ) -> list[torch.Tensor]:
+        """``stream_step`` of several streams, their windows decoded as one padded batch."""
+        return hift_causal_stream.stream_steps(self, states, mels, finals)

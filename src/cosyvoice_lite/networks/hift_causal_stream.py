@@ -48,6 +48,7 @@ __all__ = [
     "HiFTStreamState",
     "new_stream",
     "stream_step",
+    "stream_steps",
     "decoder_left_context_samples",
     "f0_left_context_frames",
 ]
@@ -148,6 +149,55 @@ def stream_step(
     far M frames, `hift.inference(all_mel, finalize)` minus the samples already emitted, i.e.
     up to (M - 8) * 480 samples before finalize and M * 480 with it.
     """
+    return stream_steps(hift, [state], [mel], [finalize])[0]
+
+
+@torch.inference_mode()
+def stream_steps(
+    hift: CausalHiFTGenerator,
+    states: list[HiFTStreamState],
+    mels: list[torch.Tensor],
+    finals: list[bool],
+) -> list[torch.Tensor]:
+    """`stream_step` of several streams, their windows decoded as one padded batch
+    (`HiFTBase.decode_rows`; one window: `decode`). Each stream's samples are as alone."""
+    windows = [
+        _next_window(hift, state, mel, final)
+        for state, mel, final in zip(states, mels, finals, strict=True)
+    ]
+    due = [(w, final) for w, final in zip(windows, finals, strict=True) if w is not None]
+    if len(due) <= 1:
+        speeches = [hift.decode(w.mel, w.source, finalize=final) for w, final in due]
+    else:
+        speeches = hift.decode_rows(
+            [w.mel for w, _ in due], [w.source for w, _ in due], [final for _, final in due]
+        )
+    out, speech = [], iter(speeches)
+    for state, window in zip(states, windows, strict=True):
+        if window is None:
+            out.append(state.mel.new_zeros(1, 0))  # state.mel holds at least this call's mel
+            continue
+        out.append(_emit(hift, state, window, next(speech)))
+    return out
+
+
+@dataclass
+class _Window:
+    """One stream's next decode: mel frames start .. end - 1 (with its look-ahead), their
+    source, the float64 phase sums, and the samples to emit up to."""
+
+    mel: torch.Tensor
+    source: torch.Tensor
+    phase: torch.Tensor
+    start: int
+    end: int
+    emit_end: int
+
+
+def _next_window(
+    hift: CausalHiFTGenerator, state: HiFTStreamState, mel: torch.Tensor, finalize: bool
+) -> _Window | None:
+    """Take mel [1, 80, m] into the stream; the window to decode, or None (nothing to emit)."""
     if state.finished:
         raise ValueError("this vocoder stream has already been finalized")
     if mel.dim() != 3 or mel.shape[0] != 1 or mel.shape[1] != hift.in_channels:
@@ -168,21 +218,28 @@ def stream_step(
         f0_end, end = total - look_f0, total - look_f0
         emit_end = (end - look_pre - 1) * scale
     if emit_end <= state.speech_offset:
-        return state.mel.new_zeros(1, 0)
+        return None
 
     _update_f0(hift, state, f0_end, finalize)
     start = state.window_start
     source, phase = _source(hift, state, start, end)
     window = state.mel[:, :, start - state.mel_start : end - state.mel_start]
-    speech = hift.decode(window, source, finalize=finalize)
-    state.last_step_frames = window.shape[2]
-    out = speech[:, state.speech_offset - start * scale : emit_end - start * scale]
-    state.speech_offset = emit_end
+    return _Window(window, source, phase, start, end, emit_end)
+
+
+def _emit(
+    hift: CausalHiFTGenerator, state: HiFTStreamState, window: _Window, speech: torch.Tensor
+) -> torch.Tensor:
+    """The new samples of a decoded window; the stream moves on past them."""
+    scale, start, end = hift.upsample_scale, window.start, window.end
+    state.last_step_frames = window.mel.shape[2]
+    out = speech[:, state.speech_offset - start * scale : window.emit_end - start * scale]
+    state.speech_offset = window.emit_end
 
     # the next window starts early enough for its first exact sample to precede speech_offset
     context = decoder_left_context_samples(hift)
     next_start = min(max(start, (state.speech_offset - context) // scale), end)
-    state.phase = phase[:, next_start - start : next_start - start + 1]
+    state.phase = window.phase[:, next_start - start : next_start - start + 1]
     state.window_start = next_start
     keep_mel = min(next_start, state.f0_done - f0_left_context_frames(hift))
     _trim(state, keep_mel, next_start)

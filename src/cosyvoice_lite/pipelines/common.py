@@ -164,7 +164,8 @@ class Pipeline:
     # whole utterances computed as one padded flow batch at most (1: each alone); a load-time
     # choice (Engine.load), worth it where the batch runs in parallel (an accelerator)
     utterance_batch = 1
-    # whether such a batch's vocoding is one padded batch too (else one utterance after another)
+    # whether such a batch's vocoding, and that of streams' pieces due together, is one padded
+    # batch too (else one after another)
     vocoder_batch = False
 
     def __init__(
@@ -235,6 +236,19 @@ class Pipeline:
             [w.stream for w in works], tokens, [w.finalize for w in works]
         )
         return [mel.float() for mel in mels]
+
+    def complete_pieces(
+        self, segments: list[Segment], mels: list[torch.Tensor]
+    ) -> list[torch.Tensor | BaseException | None]:
+        """Each segment's ``complete(mel)`` after a batch of flow calls: its waveform piece,
+        None (no piece due), or the error that fails that segment alone."""
+        out: list[torch.Tensor | BaseException | None] = []
+        for segment, mel in zip(segments, mels, strict=True):
+            try:
+                out.append(segment.complete(mel))
+            except Exception as exc:  # noqa: BLE001 - handed to its row
+                out.append(exc)
+        return out
 
     def speech_tokens(
         self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS

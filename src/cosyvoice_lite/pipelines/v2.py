@@ -109,6 +109,14 @@ class V2Segment(Segment):
 
     def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
         """Keep the mel of the last flow call; the waveform piece once one is due."""
+        piece_mel = self.piece_mel(mel)
+        if piece_mel is None:
+            return None
+        return self.pipeline._vocode(self.state, piece_mel, self.generator, finalize=False)
+
+    def piece_mel(self, mel: torch.Tensor) -> torch.Tensor | None:
+        """Keep the mel of the last flow call; the mel of the piece it completes (to vocode,
+        ``V2Pipeline.complete_pieces``), or None."""
         self.mel.append(mel)
         if not self.due:
             return None
@@ -116,7 +124,7 @@ class V2Segment(Segment):
         mel, self.mel = torch.cat(self.mel, dim=2), []
         state.offset += self._hop()
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
-        return self.pipeline._vocode(state, mel, self.generator, finalize=False)
+        return mel
 
     def whole_utterance(self) -> UtteranceWork | None:
         if self.stream or not self.state.tokens:
@@ -169,6 +177,7 @@ class V2Pipeline(Pipeline):
         self.prompt_flows = PromptFlowCache(prompt_cache_bytes)
         # a stream's own flow caches beyond this re-solve their later frames (None: unbounded)
         self.stream_cache_bytes = stream_cache_bytes
+        self.vocoder_batches = 0  # vocoder calls that held several rows (tests, metrics)
 
     def prime_voice(self, inputs: ModelInputs) -> bool:
         """The voice's prompt frames through the streaming flow, kept for its streams (False:
@@ -229,9 +238,57 @@ class V2Pipeline(Pipeline):
                 for mel, work in zip(mels, works, strict=True)
             ]
         mels = [at_speed(mel, work.speed) for mel, work in zip(mels, works, strict=True)]
+        self.vocoder_batches += 1
         if self.spec.causal_vocoder:
             return self.hift.inference_rows(mels)
         return self.hift.inference_rows(mels, [work.generator for work in works])
+
+    @torch.inference_mode()
+    def complete_pieces(
+        self, segments: list[Segment], mels: list[torch.Tensor]
+    ) -> list[torch.Tensor | BaseException | None]:
+        """With ``vocoder_batch``, the pieces that streams' flow calls completed are vocoded as
+        one padded batch (the vocoders' ``stream_steps``: each stream as alone); an error there
+        fails those streams (their vocoder states are then unknown)."""
+        if not self.vocoder_batch:
+            return super().complete_pieces(segments, mels)
+        out: list[torch.Tensor | BaseException | None] = []
+        due: list[int] = []
+        for index, (segment, mel) in enumerate(zip(segments, mels, strict=True)):
+            try:
+                mel = segment.piece_mel(mel)
+            except Exception as exc:  # noqa: BLE001 - handed to its row
+                mel = exc
+            out.append(mel)
+            if isinstance(mel, torch.Tensor):
+                due.append(index)
+        if not due:
+            return out
+        states = [segments[i].state for i in due]
+        for state in states:
+            if state.vocoder is None:
+                state.vocoder = self._new_vocoder_stream()
+        vocoders = [state.vocoder for state in states]
+        piece_mels = [out[i] for i in due]
+        self.vocoder_batches += len(due) > 1
+        try:
+            if self.spec.causal_vocoder:
+                pieces = self.hift.stream_steps(vocoders, piece_mels, [False] * len(due))
+            else:
+                generators = [segments[i].generator for i in due]
+                pieces = self.hift.stream_steps(
+                    vocoders, piece_mels, generators, [False] * len(due), [1.0] * len(due)
+                )
+        except Exception as exc:  # noqa: BLE001 - the batch's streams fail
+            pieces = [exc] * len(due)
+        for index, piece in zip(due, pieces, strict=True):
+            out[index] = piece
+        return out
+
+    def _new_vocoder_stream(self):  # noqa: ANN202 - the vocoder's own state type
+        if self.spec.causal_vocoder:
+            return self.hift.new_stream()
+        return self.hift.new_stream(V2_MEL_CACHE)
 
     @torch.inference_mode()
     def _vocode(
@@ -245,7 +302,7 @@ class V2Pipeline(Pipeline):
         if self.spec.causal_vocoder:
             return self._vocode_causal(state, mel, finalize, speed)
         if state.vocoder is None:
-            state.vocoder = self.hift.new_stream(V2_MEL_CACHE)
+            state.vocoder = self._new_vocoder_stream()
         return self.hift.stream_step(state.vocoder, mel, generator, finalize, speed)
 
     def _vocode_causal(
@@ -257,5 +314,5 @@ class V2Pipeline(Pipeline):
             speech, _ = self.hift.inference(speech_feat=at_speed(mel, speed), finalize=True)
             return speech
         if state.vocoder is None:
-            state.vocoder = self.hift.new_stream()
+            state.vocoder = self._new_vocoder_stream()
         return self.hift.stream_step(state.vocoder, mel, finalize=finalize)
