@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,16 +239,16 @@ class Pipeline:
 
     def complete_pieces(
         self, segments: list[Segment], mels: list[torch.Tensor]
-    ) -> list[torch.Tensor | BaseException | None]:
+    ) -> Iterable[torch.Tensor | BaseException | None]:
         """Each segment's ``complete(mel)`` after a batch of flow calls: its waveform piece,
-        None (no piece due), or the error that fails that segment alone."""
-        out: list[torch.Tensor | BaseException | None] = []
+        None (no piece due), or the error that fails that segment alone. Computed as they are
+        taken, so each piece can leave before the next one is vocoded."""
         for segment, mel in zip(segments, mels, strict=True):
             try:
-                out.append(segment.complete(mel))
+                piece = segment.complete(mel)
             except Exception as exc:  # noqa: BLE001 - handed to its row
-                out.append(exc)
-        return out
+                piece = exc
+            yield piece
 
     def speech_tokens(
         self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS

@@ -10,6 +10,7 @@ state lives in ``_Stream`` objects owned by one request.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -246,12 +247,12 @@ class V2Pipeline(Pipeline):
     @torch.inference_mode()
     def complete_pieces(
         self, segments: list[Segment], mels: list[torch.Tensor]
-    ) -> list[torch.Tensor | BaseException | None]:
+    ) -> Iterable[torch.Tensor | BaseException | None]:
         """With ``vocoder_batch``, the pieces that streams' flow calls completed are vocoded as
         one padded batch (the vocoders' ``stream_steps``: each stream as alone); an error there
         fails those streams (their vocoder states are then unknown)."""
         if not self.vocoder_batch:
-            return super().complete_pieces(segments, mels)
+            return super().complete_pieces(segments, mels)  # lazily: each piece leaves at once
         out: list[torch.Tensor | BaseException | None] = []
         due: list[int] = []
         for index, (segment, mel) in enumerate(zip(segments, mels, strict=True)):
