@@ -79,8 +79,9 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     (row_parallel.py: no OpenMP wake-ups on its small operations). Whole utterances in float32
     stay one batch, as the official computes them: split, a row's mel moves by ~1e-6, which the
     vocoder's phase turns into ~6e-3 of waveform, and float32 is the precision that matches the
-    official bit for bit (unless some products are int8: their onnxruntime kernel runs on the
-    calling thread alone, so those rows are split too)."""
+    official bit for bit. With int8 products (``--quantize int8``) nothing is the official's
+    float32 anyway, so those rows are split too (the onnxruntime kernel runs on its caller's
+    thread alone)."""
     threads = torch.get_num_threads()
     if placement.device.type != "cpu" or backend != "torch" or threads < 2:
         return

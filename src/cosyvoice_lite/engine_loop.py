@@ -168,7 +168,8 @@ class AudioWorker:
     and computes the due flow calls of all those rows together (``Pipeline.flow_steps``: one
     batch), then vocodes the pieces they complete (together where the pipeline batches them,
     ``Pipeline.complete_pieces``) and delivers each at once; it repeats until the rows' tokens are
-    used up. A failing stage fails its row alone. Work of no row (``EngineLoop.background``,
+    used up. A failing stage fails its row alone (an error inside a batched computation, e.g.
+    out of memory, fails the rows of that batch). Work of no row (``EngineLoop.background``,
     e.g. preparing a saved voice) runs between rows' chunks.
     """
 
@@ -395,7 +396,7 @@ class AudioWorker:
                 try:
                     if isinstance(piece, BaseException):
                         raise piece
-                    if piece is not None:
+                    if piece is not None and not _gone(work):  # (it may end while others vocode)
                         work.row.delivered()
                         work.row.run.emit(piece, work.segment, False)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone

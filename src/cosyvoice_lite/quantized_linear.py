@@ -238,7 +238,7 @@ class Int8MatmulLinear(nn.Module):
         if self.kernel == "torch":
             sums = torch._int_mm(codes.to(torch.int8), self.codes)
         else:
-            shifted = codes.add_(128).to(torch.uint8).numpy()
+            shifted = codes.add_(128).to(torch.uint8).contiguous().detach().numpy()
             sums = torch.from_numpy(self._session.run(None, {"x": shifted})[0])
         out = sums.to(torch.float32).mul_(row_scale)
         out = (

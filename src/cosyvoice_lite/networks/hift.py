@@ -519,6 +519,8 @@ class HiFTBase(nn.Module):
         finals = [True] * len(mels) if finals is None else list(finals)
         dtype = self.compute_dtype
         look = self.conv_pre_look_right
+        if look == 0 and not all(finals):
+            raise ValueError("only a vocoder with a conv_pre look-ahead decodes non-final rows")
         spectra = []
         for source, final in zip(sources, finals, strict=True):
             spectrum = self._stft(source.squeeze(1))

@@ -203,10 +203,15 @@ class Pipeline:
         batches = 0
         for group in utterance_groups(lengths, self.utterance_batch):
             batch = [works[i] for i in group]
+            # the vocoder draws from each request's generator: a failed batch puts them back, so
+            # that each utterance computed alone afterwards is still the one its seed gives
+            drawn = [work.generator.get_state() for work in batch]
             try:
                 waveforms = self._vocode_batch(batch, self._flow_batch(batch))
             except Exception:  # noqa: BLE001 - each of them alone then
                 log.exception("a batch of %d whole utterances failed", len(group))
+                for work, state in zip(batch, drawn, strict=True):
+                    work.generator.set_state(state)
                 continue
             batches += len(group) > 1
             for index, waveform in zip(group, waveforms, strict=True):

@@ -10,6 +10,7 @@ state lives in ``_Stream`` objects owned by one request.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -179,6 +180,7 @@ class V2Pipeline(Pipeline):
         # a stream's own flow caches beyond this re-solve their later frames (None: unbounded)
         self.stream_cache_bytes = stream_cache_bytes
         self.vocoder_batches = 0  # vocoder calls that held several rows (tests, metrics)
+        self._count_lock = threading.Lock()  # audio workers share the pipeline
 
     def prime_voice(self, inputs: ModelInputs) -> bool:
         """The voice's prompt frames through the streaming flow, kept for its streams (False:
@@ -239,18 +241,25 @@ class V2Pipeline(Pipeline):
                 for mel, work in zip(mels, works, strict=True)
             ]
         mels = [at_speed(mel, work.speed) for mel, work in zip(mels, works, strict=True)]
-        self.vocoder_batches += 1
         if self.spec.causal_vocoder:
-            return self.hift.inference_rows(mels)
-        return self.hift.inference_rows(mels, [work.generator for work in works])
+            speech = self.hift.inference_rows(mels)
+        else:
+            speech = self.hift.inference_rows(mels, [work.generator for work in works])
+        self._count_vocoder_batch()
+        return speech
+
+    def _count_vocoder_batch(self) -> None:
+        with self._count_lock:
+            self.vocoder_batches += 1
 
     @torch.inference_mode()
     def complete_pieces(
         self, segments: list[Segment], mels: list[torch.Tensor]
     ) -> Iterable[torch.Tensor | BaseException | None]:
         """With ``vocoder_batch``, the pieces that streams' flow calls completed are vocoded as
-        one padded batch (the vocoders' ``stream_steps``: each stream as alone); an error there
-        fails those streams (their vocoder states are then unknown)."""
+        one padded batch (the vocoders' ``stream_steps``: each stream as alone). An error there
+        (out of memory, say: a stream's own inputs come from its flow and are checked there)
+        fails those streams, whose vocoder states and generators have then moved."""
         if not self.vocoder_batch:
             return super().complete_pieces(segments, mels)  # lazily: each piece leaves at once
         out: list[torch.Tensor | BaseException | None] = []
@@ -271,7 +280,6 @@ class V2Pipeline(Pipeline):
                 state.vocoder = self._new_vocoder_stream()
         vocoders = [state.vocoder for state in states]
         piece_mels = [out[i] for i in due]
-        self.vocoder_batches += len(due) > 1
         try:
             if self.spec.causal_vocoder:
                 pieces = self.hift.stream_steps(vocoders, piece_mels, [False] * len(due))
@@ -282,6 +290,9 @@ class V2Pipeline(Pipeline):
                 )
         except Exception as exc:  # noqa: BLE001 - the batch's streams fail
             pieces = [exc] * len(due)
+        else:
+            if len(due) > 1:
+                self._count_vocoder_batch()
         for index, piece in zip(due, pieces, strict=True):
             out[index] = piece
         return out
