@@ -31,13 +31,13 @@ from cosyvoice_lite.engine import Engine  # noqa: E402
 
 
 def vocode_alone(hift: torch.nn.Module, mel: torch.Tensor, seed: int) -> torch.Tensor:
-    if getattr(hift, "causal_rows", False):
+    if getattr(hift, "causal", False):
         return hift.inference(mel, finalize=True)[0]
     return hift.inference(mel, None, torch.Generator().manual_seed(seed))[0]
 
 
 def vocode_rows(hift: torch.nn.Module, mels: list[torch.Tensor]) -> list[torch.Tensor]:
-    if getattr(hift, "causal_rows", False):
+    if getattr(hift, "causal", False):
         return hift.inference_rows(mels)
     return hift.inference_rows(mels, [torch.Generator().manual_seed(i) for i in range(len(mels))])
 

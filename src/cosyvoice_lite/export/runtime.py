@@ -125,7 +125,7 @@ class OrtVocoder:
     def __init__(self, hift: nn.Module, run) -> None:  # noqa: ANN001
         self.torch_vocoder = hift
         self.run = run
-        self.causal = hasattr(hift, "conv_pre_look_right")
+        self.causal = hift.causal
 
     def __getattr__(self, name: str):  # noqa: ANN204 (streaming state, attributes)
         return getattr(self.__dict__["torch_vocoder"], name)

@@ -202,7 +202,7 @@ def _f0_float64(predictor: nn.Module, mel: torch.Tensor, finalize: bool = True) 
 
 
 def vocoder_graph(hift: nn.Module, finalize: bool = True) -> nn.Module:
-    if hasattr(hift, "conv_pre_look_right"):
+    if hift.causal:
         return CausalHiFTGraph(hift, finalize).eval()
     return HiFTGraph(hift).eval()
 
@@ -217,7 +217,7 @@ def draw_source_noise(
     used the same generator state. v3: the official fixed buffers (no generator)."""
     dim = hift.nb_harmonics + 1
     samples = n_frames * hift.upsample_scale
-    if hasattr(hift, "conv_pre_look_right"):
+    if hift.causal:
         fixed = hift.m_source.l_sin_gen.fixed
         return fixed.rand_ini().clone(), fixed.sine_waves(samples).clone()
     if generator is None:

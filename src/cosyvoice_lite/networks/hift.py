@@ -420,7 +420,9 @@ class HiFTBase(nn.Module):
         window = torch.hann_window(self.istft_params["n_fft"], periodic=True, dtype=torch.float64)
         self.register_buffer("stft_window", window.float(), persistent=False)
 
-    causal_rows = False  # whether rows of a padded batch never see past their ends (decode_rows)
+    causal = (
+        False  # every convolution causal but conv_pre's look-ahead (v3): padded rows need no masks
+    )
     conv_pre_look_right = 0  # frames conv_pre looks ahead (the causal generator's look-ahead)
 
     def _check_mel(self, speech_feat: torch.Tensor, min_frames: int) -> None:
@@ -514,7 +516,7 @@ class HiFTBase(nn.Module):
         convolutions computed as one zero-padded batch. The source's STFT and the iSTFT are per
         row (their reflect padding looks at the row's own end). Past a row's end the non-causal
         generator zeroes every convolution's output, as the row alone is zero-padded; the causal
-        one (``causal_rows``) never looks there, but for conv_pre's look-ahead, which sees zero
+        one (``causal``) never looks there, but for conv_pre's look-ahead, which sees zero
         frames past a final row as alone, and a non-final row's own last frames as alone."""
         finals = [True] * len(mels) if finals is None else list(finals)
         dtype = self.compute_dtype
@@ -532,7 +534,7 @@ class HiFTBase(nn.Module):
         stft_frames = x.shape[2] * math.prod(self.upsample_rates) + 1
         s_stft = stack_padded(spectra, stft_frames).to(dtype)
         frames = None
-        if not self.causal_rows:
+        if not self.causal:
             frames = torch.tensor([m.shape[2] for m in mels], device=x.device)
         x = self._spectrum(self._upsample_and_fuse(x, s_stft, frames))
         speech = []

@@ -320,7 +320,7 @@ class CausalHiFTGenerator(HiFTBase):
     """Causal HiFTNet generator of CosyVoice v3 (the official streams by re-vocoding the mel
     history; `stream_step` re-runs a bounded window instead)."""
 
-    causal_rows = True
+    causal = True
 
     def __init__(
         self,
