@@ -103,7 +103,7 @@ def test_int8_quantises_every_llm_linear_layer(version: int) -> None:
     # the U-Net flows declare no int8 products: they keep their dtype
     flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", quantize="int8"))
     assert {t.dtype for t in _float_tensors(flow).values()} == {torch.float32}
-    assert not any(isinstance(m, Int8MatmulLinear) for m in flow.modules())
+    assert not has_int8_products(flow)
 
 
 def test_int8_flow_products_only_where_declared() -> None:
@@ -131,7 +131,7 @@ def test_int8_flow_products_only_where_declared() -> None:
     plain = load_network(
         model, "flow", "flow.pt", resolve_placement("cpu", "bfloat16", "int8"), kernels=False
     )
-    assert not any(isinstance(m, Int8MatmulLinear) for m in plain.modules())
+    assert not has_int8_products(plain)
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
@@ -170,7 +170,7 @@ def _flow_and_vocoder(
     model = open_model_dir(MODELS / f"v{version}-tiny")
     placement = resolve_placement("cpu", dtype, quantize)
     flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels)
-    if w8a8 and not any(isinstance(m, Int8MatmulLinear) for m in flow.modules()):
+    if w8a8 and not has_int8_products(flow):
         quantize_products_int8(flow)
     assert any(isinstance(m, FusedLinear) for m in flow.modules()) == kernels
     hift = load_network(model, "hift", "hift.pt", placement)

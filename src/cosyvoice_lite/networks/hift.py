@@ -34,6 +34,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.crossfade import fade_in_out
+from cosyvoice_lite.networks.utterances import frame_mask
 
 # ---------------------------------------------------------------------------------------------
 # weight norm, folded at load time
@@ -420,9 +421,8 @@ class HiFTBase(nn.Module):
         window = torch.hann_window(self.istft_params["n_fft"], periodic=True, dtype=torch.float64)
         self.register_buffer("stft_window", window.float(), persistent=False)
 
-    causal = (
-        False  # every convolution causal but conv_pre's look-ahead (v3): padded rows need no masks
-    )
+    # every convolution causal but conv_pre's look-ahead (v3): padded rows need no masks
+    causal = False
     conv_pre_look_right = 0  # frames conv_pre looks ahead (the causal generator's look-ahead)
 
     def _check_mel(self, speech_feat: torch.Tensor, min_frames: int) -> None:
@@ -458,7 +458,7 @@ class HiFTBase(nn.Module):
         )
 
     def _upsample_and_fuse(
-        self, x: torch.Tensor, s_stft: torch.Tensor, frames: torch.Tensor | None = None
+        self, x: torch.Tensor, s_stft: torch.Tensor, frames: list[int] | None = None
     ) -> torch.Tensor:
         """conv_pre output -> last-stage features, fusing the downsampled source at each stage.
         ``frames``: each row's conv_pre frames in a padded batch of non-causal layers; every
@@ -469,10 +469,11 @@ class HiFTBase(nn.Module):
             x = self.ups[i](x)
             if frames is not None:
                 up = self.ups[i]
-                frames = (frames - 1) * up.stride[0] - 2 * up.padding[0] + up.kernel_size[0]
+                growth = up.kernel_size[0] - up.stride[0] - 2 * up.padding[0]
+                frames = [n * up.stride[0] + growth for n in frames]
             if i == self.num_upsamples - 1:
                 x = self.reflection_pad(x)
-                frames = None if frames is None else frames + 1
+                frames = None if frames is None else [n + 1 for n in frames]
             valid = _valid_frames(frames, x)
             x = _zero_past_rows(x, valid)
             si = self.source_resblocks[i](
@@ -523,19 +524,17 @@ class HiFTBase(nn.Module):
         look = self.conv_pre_look_right
         if look == 0 and not all(finals):
             raise ValueError("only a vocoder with a conv_pre look-ahead decodes non-final rows")
+        stft_per_frame = math.prod(self.upsample_rates)
         spectra = []
         for source, final in zip(sources, finals, strict=True):
             spectrum = self._stft(source.squeeze(1))
             if not final:  # as decode: the look-ahead frames' source goes
-                spectrum = spectrum[:, :, : -math.prod(self.upsample_rates) * look]
+                spectrum = spectrum[:, :, : -stft_per_frame * look]
             spectra.append(spectrum)
         x = self.conv_pre(stack_padded(list(mels)).to(dtype))
         # the STFT frames of the longest mel (a non-final row's are cut short)
-        stft_frames = x.shape[2] * math.prod(self.upsample_rates) + 1
-        s_stft = stack_padded(spectra, stft_frames).to(dtype)
-        frames = None
-        if not self.causal:
-            frames = torch.tensor([m.shape[2] for m in mels], device=x.device)
+        s_stft = stack_padded(spectra, x.shape[2] * stft_per_frame + 1).to(dtype)
+        frames = None if self.causal else [m.shape[2] for m in mels]
         x = self._spectrum(self._upsample_and_fuse(x, s_stft, frames))
         speech = []
         for row, (spectrum, final) in enumerate(zip(spectra, finals, strict=True)):
@@ -770,9 +769,6 @@ def stack_padded(rows: Sequence[torch.Tensor], size: int | None = None) -> torch
     return torch.cat([F.pad(r, (0, size - r.shape[2])) for r in rows])
 
 
-def _valid_frames(frames: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+def _valid_frames(frames: list[int] | None, like: torch.Tensor) -> torch.Tensor | None:
     """[B, 1, T] of ``like``'s dtype: 1 for each row's first ``frames`` frames, 0 after."""
-    if frames is None:
-        return None
-    positions = torch.arange(like.shape[2], device=like.device)
-    return (positions < frames[:, None]).unsqueeze(1).to(like.dtype)
+    return None if frames is None else frame_mask(frames, like.shape[2], like)
