@@ -215,3 +215,73 @@ def test_whole_utterances_batched_equal_each_alone(
     """Utterances of different prompt and token lengths in one padded batch (masked DiT, every
     row from the same noise frames) give each utterance's mel alone."""
     check_batched_equals_alone(flow, utterances_of(_load("inference")), streaming)
+
+
+def _new_flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
+    decoder = CausalConditionalCFM(
+        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=DiT(**DIT_KW)
+    )
+    model = CausalMaskedDiffWithDiT(
+        **FLOW_KW,
+        pre_lookahead_layer=PreLookaheadLayer(80, 32, pre_lookahead_len=3),
+        decoder=decoder,
+    )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _prompted_mel(flow: CausalMaskedDiffWithDiT) -> torch.Tensor:
+    g = _load("inference")
+    token, p_tok = torch.from_numpy(g["token"]), torch.from_numpy(g["prompt_token"])
+    p_feat = torch.from_numpy(g["prompt_feat"])
+    mel, _ = flow.inference(
+        token,
+        torch.tensor([token.shape[1]]),
+        p_tok,
+        torch.tensor([p_tok.shape[1]]),
+        p_feat,
+        torch.tensor([p_feat.shape[1]]),
+        torch.from_numpy(g["embedding"]),
+        streaming=False,
+        finalize=True,
+    )
+    return mel
+
+
+def test_time_conditioning_is_computed_once_per_schedule(state: dict[str, torch.Tensor]) -> None:
+    """The solver computes what the DiT derives from t alone (time MLP, adaptive norms) once per
+    Euler step of its schedule and reuses it (the goldens above hold with it); new weights
+    through load_state_dict or a dtype/device move compute it again."""
+    flow = _new_flow(state)
+    before = _prompted_mel(flow)
+    assert _max_err(before, _load("inference")["mel_prompt_full_final"]) < TOL
+    norms = [block.attn_norm.linear for block in flow.decoder.estimator.transformer_blocks]
+    with torch.no_grad():  # behind the solver's back: the table it computed stays in use
+        for linear in norms:
+            linear.weight.mul_(2.0)
+    assert torch.equal(_prompted_mel(flow), before)
+    changed = {k: v.clone() for k, v in flow.state_dict().items()}
+    flow.load_state_dict(changed, strict=True)  # the same doubled weights, loaded: recomputed
+    loaded = _prompted_mel(flow)
+    assert torch.equal(loaded, _prompted_mel(_new_flow(changed)))
+    assert (loaded - before).abs().max() > 1e-3
+    with torch.no_grad():
+        for linear in norms:
+            linear.weight.div_(2.0)  # exact: back to the loaded weights
+    assert torch.equal(_prompted_mel(flow.float()), before)  # a (dtype) move recomputes it
+
+
+def test_fixed_time_conditioning_releases_its_weights(state: dict[str, torch.Tensor]) -> None:
+    """Engine.load fixes the schedule: the time table is computed once and the weights only it
+    reads are released; the mel does not change, and another schedule is refused clearly."""
+    flow = _new_flow(state)
+    before = _prompted_mel(flow)
+    estimator = flow.decoder.estimator
+    weights = sum(p.numel() for m in estimator.time_modules() for p in m.parameters())
+    released = flow.decoder.fix_time_conditioning()
+    assert released == 4 * weights > 0
+    assert all(p.numel() == 0 for m in estimator.time_modules() for p in m.parameters())
+    assert torch.equal(_prompted_mel(flow), before)
+    flow.decoder.set_steps(4)
+    with pytest.raises(RuntimeError, match="time conditioning was fixed at load"):
+        _prompted_mel(flow)

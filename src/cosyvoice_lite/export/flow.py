@@ -44,17 +44,8 @@ class DiTEstimatorGraph(EstimatorGraph):
 
     def forward(self, x, mask, mu, t, spks, cond):  # noqa: ANN001, ANN201
         dit = self.estimator
-        x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
-        t = dit.time_embed(t)
-        x = dit.input_embed(x, cond, mu, spks)
-        rope = dit.rotary_embed.forward_from_seq_len(x.shape[1])
-        residual = x
         attn_mask = _dit_mask(mask, dit.static_chunk_size if self.streaming else 0)
-        for block in dit.transformer_blocks:
-            x = block(x, t, mask=attn_mask, rope=rope)
-        if dit.long_skip_connection is not None:
-            x = dit.long_skip_connection(torch.cat((x, residual), dim=-1))
-        return dit.proj_out(dit.norm_out(x, t)).transpose(1, 2)
+        return dit.velocity(x, mu, cond, spks, dit.time_conditioning(t), attn_mask)
 
 
 def _dit_mask(mask: torch.Tensor, chunk_size: int) -> torch.Tensor:

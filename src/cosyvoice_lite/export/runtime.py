@@ -103,7 +103,11 @@ class OrtEstimator(nn.Module):
         self.sessions = sessions  # streaming flag -> session
         self.incremental = incremental
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming: bool = False) -> torch.Tensor:  # noqa: ANN001
+    def forward(
+        self, x, mask, mu, t, spks, cond, streaming: bool = False, time=None
+    ) -> torch.Tensor:  # noqa: ANN001
+        """The torch estimator's call; ``time`` is always None here (no ``time_conditioning``:
+        the graph conditions on t itself)."""
         run = self.sessions.get(bool(streaming))
         if run is None:
             raise ModelDirError("the export has no chunk-masked estimator (flow_estimator_chunk)")

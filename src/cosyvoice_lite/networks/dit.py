@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.networks.attention import attention, sees_everything
+from cosyvoice_lite.networks.flow_matching import TimeConditioning, per_row
 from cosyvoice_lite.networks.linear import grouped
 
 __all__ = [
@@ -179,14 +180,6 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- blocks
 
 
-def _per_row(emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Modulations [B, k] for the rows of x [B, ...] from `emb`: its own rows, or, when the
-    counts differ, its first row for every row of x (the incremental streams' rows all share one
-    t, embedded as the official batch of two CFG rows so that a row's values are what they are
-    alone)."""
-    return emb if emb.shape[0] == x.shape[0] else emb[:1].expand(x.shape[0], -1)
-
-
 class AdaLayerNormZero(nn.Module):
     """LN(x) modulated by t; returns the attention input and the other five modulations."""
 
@@ -196,10 +189,14 @@ class AdaLayerNormZero(nn.Module):
         self.linear = nn.Linear(dim, dim * 6)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
+    def modulation(self, emb: torch.Tensor) -> torch.Tensor:
+        """The six modulations [B, 6 * dim] from the time embedding (t alone decides them)."""
+        return self.linear(self.silu(emb))
+
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor
+        self, x: torch.Tensor, modulation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        emb = _per_row(self.linear(self.silu(emb)), x)
+        emb = per_row(modulation, x.shape[0])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(emb, 6, dim=1)
         x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
         return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -214,8 +211,12 @@ class AdaLayerNormZeroFinal(nn.Module):
         self.linear = nn.Linear(dim, dim * 2)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        emb = _per_row(self.linear(self.silu(emb)), x)
+    def modulation(self, emb: torch.Tensor) -> torch.Tensor:
+        """(scale, shift) [B, 2 * dim] from the time embedding."""
+        return self.linear(self.silu(emb))
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        emb = per_row(modulation, x.shape[0])
         scale, shift = torch.chunk(emb, 2, dim=1)
         return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
@@ -300,11 +301,12 @@ class DiTBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        t: torch.Tensor,
+        modulation: torch.Tensor,
         mask: torch.Tensor | None = None,
         rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, emb=t)
+        """x [B, T, dim]; modulation: this block's `attn_norm.modulation` of the time embedding."""
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, modulation)
         x = x + gate_msa.unsqueeze(1) * self.attn(norm, mask=mask, rope=rope)
         ff_in = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * self.ff(ff_in)
@@ -395,31 +397,50 @@ class DiT(nn.Module):
         spks: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         streaming: bool = False,
+        time: TimeConditioning | None = None,
     ) -> torch.Tensor:
         """x, mu, cond: [B, mel, T]; mask: [B, 1, T]; t: [B] or scalar; spks: [B, spk_dim].
 
         streaming=True uses the chunk mask of `static_chunk_size` frames; otherwise full context.
+        time: `time_conditioning(t)` computed beforehand (a solver's fixed schedule), else from t.
         """
         if cond is None:
             raise ValueError("DiT.forward needs `cond` (zeros where there is no prompt)")
-        x = x.transpose(1, 2)
-        mu = mu.transpose(1, 2)
-        cond = cond.transpose(1, 2)
-        batch, seq_len = x.shape[0], x.shape[1]
-        if t.ndim == 0:
-            t = t.repeat(batch)
-
-        t = self.time_embed(t)
-        x = self.input_embed(x, cond, mu, spks)
-        rope = self.rotary_embed.forward_from_seq_len(seq_len)
-        residual = x
-
+        if time is None:
+            time = self.time_conditioning(t.repeat(x.shape[0]) if t.ndim == 0 else t)
         attn_mask = dit_attention_mask(mask, self.static_chunk_size if streaming else 0)
-        for block in self.transformer_blocks:
-            x = block(x, t, mask=attn_mask, rope=rope)
+        return self.velocity(x, mu, cond, spks, time, attn_mask)
 
+    def time_conditioning(self, t: torch.Tensor) -> TimeConditioning:
+        """Everything the DiT computes from t [B] alone (the time MLP and every adaptive norm's
+        modulations: a third of its weights, read once per call whatever the frame count)."""
+        emb = self.time_embed(t)
+        blocks = tuple(block.attn_norm.modulation(emb) for block in self.transformer_blocks)
+        return TimeConditioning(blocks, self.norm_out.modulation(emb))
+
+    def time_modules(self) -> list[nn.Module]:
+        """The modules only `time_conditioning` reads (see `_EulerCFM.fix_time_conditioning`)."""
+        norms = [block.attn_norm.linear for block in self.transformer_blocks]
+        return [self.time_embed, *norms, self.norm_out.linear]
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        cond: torch.Tensor,
+        spks: torch.Tensor | None,
+        time: TimeConditioning,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The forward after its time conditioning and boolean attention mask [B, 1, T, T]
+        (None: full context): x, mu, cond [B, mel, T] -> [B, mel, T]."""
+        x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
+        x = self.input_embed(x, cond, mu, spks)
+        rope = self.rotary_embed.forward_from_seq_len(x.shape[1])
+        residual = x
+        for block, modulation in zip(self.transformer_blocks, time.blocks, strict=True):
+            x = block(x, modulation, mask=attn_mask, rope=rope)
         if self.long_skip_connection is not None:
             x = self.long_skip_connection(torch.cat((x, residual), dim=-1))
-
-        x = self.norm_out(x, t)
+        x = self.norm_out(x, time.final)
         return self.proj_out(x).transpose(1, 2)

@@ -15,9 +15,9 @@ runs the estimator on a batch of two, the second row with mu, spks and cond zero
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -70,6 +70,26 @@ def _cfm_param(cfm_params: Mapping[str, Any] | Any, name: str, default: Any = No
     return value
 
 
+class TimeConditioning(NamedTuple):
+    """What an estimator computes from t alone, for R rows (`estimator.time_conditioning(t)`):
+    each block's modulation [R, k] (the DiT's adaptive norms, the U-Net's resnet time MLPs) and
+    the DiT's final norm's [R, 2 * dim] (None for the U-Net). It is the same for every frame,
+    chunk and request at a given t, so the solver computes it once per Euler step of its fixed
+    schedule (`_EulerCFM.time_conditioning`) instead of at every call: for the full-size DiT
+    that is 140 M of its 330 M weights read per call. Where R is not the batch's, its first row
+    serves every row (`per_row`)."""
+
+    blocks: tuple[torch.Tensor, ...]
+    final: torch.Tensor | None = None
+
+
+def per_row(modulation: torch.Tensor, rows: int) -> torch.Tensor:
+    """Modulations [rows, k] from ``modulation`` [R, k]: its own rows, or, when the counts
+    differ, its first row for every row (every row shares one t: conditioned as the official
+    batch of two CFG rows, each row gets the values it has alone)."""
+    return modulation if modulation.shape[0] == rows else modulation[:1].expand(rows, -1)
+
+
 def time_span(n_timesteps: int, scheduler: str, like: torch.Tensor) -> torch.Tensor:
     """The n_timesteps + 1 integration times, cosine-warped when scheduler == 'cosine'."""
     t_span = torch.linspace(0, 1, n_timesteps + 1, device=like.device, dtype=like.dtype)
@@ -94,7 +114,8 @@ class StreamSolve:
 
 
 # velocity of rows of streams: (x [R, 80, n], mu, t [1] (every row's), spks, cond, the rows'
-# caches at this Euler step, their streams' first frames) -> [R, 80, n]
+# caches at this Euler step, their streams' first frames, t's conditioning for the official
+# batch of two CFG rows (None: computed from t)) -> [R, 80, n]
 StreamVelocity = Callable[
     [
         torch.Tensor,
@@ -104,6 +125,7 @@ StreamVelocity = Callable[
         torch.Tensor,
         list[Any],
         list[int],
+        TimeConditioning | None,
     ],
     torch.Tensor,
 ]
@@ -289,9 +311,11 @@ def solve_streams(
         x_in = torch.repeat_interleave(x, CFG_ROWS, dim=0).to(dtype)
         caches = [cache for s in streams for cache in s.caches[step]]
 
+        time = cfm.time_conditioning(stream_estimator(cfm), step, CFG_ROWS, device)
+
         def share(rows: slice) -> torch.Tensor:  # t stays float32
             return velocity(
-                x_in[rows], mu[rows], t, spks[rows], cond[rows], caches[rows], starts[rows]
+                x_in[rows], mu[rows], t, spks[rows], cond[rows], caches[rows], starts[rows], time
             )
 
         return cfm.stream_rows.map(share, x_in.shape[0])
@@ -319,16 +343,23 @@ def euler_cfg(
     t and dt are accumulated exactly as the official loop does (t += dt, then
     dt = t_span[k+1] - t), which differs from t_span[k] in the last float bits.
     """
+    for step, (t, dt) in enumerate(euler_times(t_span)):
+        v = velocity(x, t, step).float()
+        v_cond, v_uncond = v[0::2], v[1::2]
+        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+    return x
+
+
+def euler_times(t_span: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(t (1,), dt) of each Euler step, accumulated as the official loop does (t += dt, then
+    dt = t_span[k+1] - t)."""
     t = t_span[0].unsqueeze(0)
     dt = t_span[1] - t_span[0]
     for step in range(1, len(t_span)):
-        v = velocity(x, t, step - 1).float()
-        v_cond, v_uncond = v[0::2], v[1::2]
-        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+        yield t, dt
         t = t + dt
         if step < len(t_span) - 1:
             dt = t_span[step + 1] - t
-    return x
 
 
 class _EulerCFM(nn.Module):
@@ -359,6 +390,64 @@ class _EulerCFM(nn.Module):
         self.steps = OFFICIAL_STEPS  # chosen once at load with set_steps
         # threads computing the estimator's rows of streams and of whole utterances
         self.stream_rows = self.utterance_rows = SERIAL  # chosen once at load: set_row_split
+        # (estimator id, steps, device, rows) -> each step's time conditioning; derived from the
+        # weights, so dropped when they change (load_state_dict, dtype or device moves)
+        self._time_tables: dict[tuple, list[TimeConditioning]] = {}
+        self._time_fixed = False  # fix_time_conditioning: tables final, their weights released
+        self.register_load_state_dict_post_hook(lambda module, _: module._time_tables.clear())
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
+        if not self._time_fixed:  # fixed: the weights are gone, the tables stay as computed
+            self._time_tables.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def fix_time_conditioning(self) -> int:
+        """Compute the time table of the current schedule on the weights' device for every
+        estimator the solver runs (whole utterances and streams, one and two rows), then release the weights
+        only that table reads (``estimator.time_modules()``). A load-time choice of the engine,
+        whose schedule and device never change: full-size CosyVoice3 frees 142 M weights (570 MB
+        in float32). Afterwards another schedule or device raises instead of recomputing, and the
+        state_dict no longer holds those weights. Returns the bytes released."""
+        estimators = {id(e): e for e in (self.estimator, stream_estimator(self))}.values()
+        estimators = [e for e in estimators if callable(getattr(e, "time_modules", None))]
+        for estimator in estimators:
+            device = next(estimator.parameters()).device
+            for rows in range(1, CFG_ROWS + 1):
+                self.time_conditioning(estimator, 0, rows, device)
+        released = 0
+        for estimator in estimators:
+            for module in estimator.time_modules():
+                for tensor in (*module.parameters(), *module.buffers()):
+                    released += tensor.numel() * tensor.element_size()
+                    tensor.data = tensor.data.new_empty(0)
+        self._time_fixed = True
+        return released
+
+    def time_conditioning(
+        self, estimator: nn.Module, step: int, rows: int, device: torch.device
+    ) -> TimeConditioning | None:
+        """``estimator.time_conditioning`` of Euler step ``step``'s t for ``rows`` rows (every
+        row has the same t; more than two rows take the official batch of two's first row),
+        computed once per schedule. None where the estimator conditions on t itself (an
+        exported graph)."""
+        make = getattr(estimator, "time_conditioning", None)
+        if make is None:
+            return None
+        rows = min(rows, CFG_ROWS)
+        key = (id(estimator), self.steps, str(device), rows)
+        table = self._time_tables.get(key)
+        if table is None and self._time_fixed:
+            raise RuntimeError(
+                f"the flow's time conditioning was fixed at load ({self.steps} Euler steps on "
+                f"{device}: key {key[1:]} is not in it) and its weights released; load the model "
+                "again to change the flow steps or the device"
+            )
+        if table is None:  # two threads may both compute it: the same values either way
+            t_span = time_span(self.steps, self.t_scheduler, torch.empty(0, device=device))
+            with torch.inference_mode():
+                table = [make(t.expand(rows)) for t, _ in euler_times(t_span)]
+            self._time_tables[key] = table
+        return table[step]
 
     def set_steps(self, steps: int) -> None:
         """Use ``steps`` Euler steps from now on (a load-time choice; 10 is the official)."""
@@ -413,20 +502,23 @@ class _EulerCFM(nn.Module):
         cond_in[0::CFG_ROWS] = cond
         mask_in.view(batch, CFG_ROWS, 1, length)[:] = mask.unsqueeze(1)
 
-        def rows_velocity(rows: slice) -> torch.Tensor:
-            return self.estimator(
-                x_in[rows],
-                mask_in[rows],
-                mu_in[rows],
-                t_in[rows],
-                spks_in[rows],
-                cond_in[rows],
-                streaming=streaming,
-            )
-
-        def velocity(x: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
+        def velocity(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             x_in.view(batch, CFG_ROWS, channels, length)[:] = x.unsqueeze(1)
             t_in[:] = t
+
+            def rows_velocity(rows: slice) -> torch.Tensor:
+                count = len(range(*rows.indices(t_in.shape[0])))
+                return self.estimator(
+                    x_in[rows],
+                    mask_in[rows],
+                    mu_in[rows],
+                    t_in[rows],
+                    spks_in[rows],
+                    cond_in[rows],
+                    streaming=streaming,
+                    time=self.time_conditioning(self.estimator, step, count, x.device),
+                )
+
             return self.utterance_rows.map(rows_velocity, rows)
 
         x = euler_cfg(x, t_span, self.inference_cfg_rate, velocity)

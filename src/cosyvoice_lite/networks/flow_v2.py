@@ -45,7 +45,9 @@ from cosyvoice_lite.networks.conformer import (
 from cosyvoice_lite.networks.flow_matching import (
     CFG_ROWS,
     StreamSolve,
+    TimeConditioning,
     TokenChunks,
+    per_row,
     stack_rows,
     step_streams,
     stream_estimator,
@@ -445,9 +447,10 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
         cond: torch.Tensor,
         caches: list[_LayerCaches],
         starts: list[int],
+        time: TimeConditioning | None = None,
     ) -> torch.Tensor:
         estimator = stream_estimator(self.decoder)
-        return _estimator_increment(estimator, x, mu, t, spks, cond, caches, starts)
+        return _estimator_increment(estimator, x, mu, t, spks, cond, caches, starts, time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,11 +682,11 @@ def _causal_block_increment(
 
 
 def _resnet_increment(
-    resnet: nn.Module, x: torch.Tensor, time_emb: torch.Tensor, caches: list[_LayerCaches]
+    resnet: nn.Module, x: torch.Tensor, modulation: torch.Tensor, caches: list[_LayerCaches]
 ) -> torch.Tensor:
-    """time_emb: the CFG rows' embedding of t (every row has the same t)."""
+    """modulation: the resnet's, from the CFG rows' conditioning (every row has the same t)."""
     h = _causal_block_increment(resnet.block1, x, caches)
-    h = h + resnet.mlp(time_emb)[:1].expand(h.size(0), -1).unsqueeze(-1)
+    h = h + per_row(modulation, h.size(0)).unsqueeze(-1)
     h = _causal_block_increment(resnet.block2, h, caches)
     return h + resnet.res_conv(x)
 
@@ -738,9 +741,12 @@ def _estimator_increment(
     cond: torch.Tensor,
     caches: list[_LayerCaches],
     starts: list[int],
+    time: TimeConditioning | None = None,
 ) -> torch.Tensor:
     """The causal U-Net's velocity for new frames [R, 80, n] of R rows (CFG rows of streams),
-    row r of a stream at absolute frame `starts[r]`, against that row's caches `caches[r]`.
+    row r of a stream at absolute frame `starts[r]`, against that row's caches `caches[r]`;
+    time: t's conditioning as the official batch of two CFG rows (the solver's table),
+    computed here when not given.
 
     Mirrors CausalConditionalDecoder.forward with streaming=True and an all-ones mask (whose
     multiplications are exact no-ops), one level (channels [c]) so no down/up-sampling.
@@ -748,22 +754,24 @@ def _estimator_increment(
     for cache in caches:
         cache.rewind()
     chunk = estimator.static_chunk_size
-    # every row has the same t: embedded as the official batch of two CFG rows (a batch of
+    # every row has the same t: conditioned as the official batch of two CFG rows (a batch of
     # another size could round differently), each row taking the first
-    time_emb = estimator.time_mlp(estimator.time_embeddings(t.expand(CFG_ROWS)).to(x.dtype))
+    if time is None:
+        time = estimator.time_conditioning(t.expand(CFG_ROWS))
+    modulations = iter(time.blocks)
     h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(2)), cond], dim=1)
     skips = []
     for resnet, transformers, conv in estimator.down_blocks:
-        h = _resnet_increment(resnet, h, time_emb, caches)
+        h = _resnet_increment(resnet, h, next(modulations), caches)
         h = _transformers_increment(transformers, h, caches, starts, chunk)
         skips.append(h)
         h = _causal_conv_increment(conv, h, caches)
     for resnet, transformers in estimator.mid_blocks:
-        h = _resnet_increment(resnet, h, time_emb, caches)
+        h = _resnet_increment(resnet, h, next(modulations), caches)
         h = _transformers_increment(transformers, h, caches, starts, chunk)
     for resnet, transformers, conv in estimator.up_blocks:
         h = torch.cat([h, skips.pop()], dim=1)
-        h = _resnet_increment(resnet, h, time_emb, caches)
+        h = _resnet_increment(resnet, h, next(modulations), caches)
         h = _transformers_increment(transformers, h, caches, starts, chunk)
         h = _causal_conv_increment(conv, h, caches)
     h = _causal_block_increment(estimator.final_block, h, caches)

@@ -60,6 +60,7 @@ from cosyvoice_lite.networks.flow_matching import (
     CFG_ROWS,
     OFFICIAL_STEPS,
     StreamSolve,
+    TimeConditioning,
     TokenChunks,
     stack_rows,
     step_streams,
@@ -342,15 +343,18 @@ def _velocity(
     cond: torch.Tensor,
     caches: list[_StepCache],
     starts: list[int],
+    time: TimeConditioning | None = None,
 ) -> torch.Tensor:
     """DiT.forward(streaming=True, all-ones mask) on new frames [R, 80, n] of R rows (CFG rows
     of streams), row r at its stream's frame `starts[r]`, against its own step cache
-    `caches[r]`."""
+    `caches[r]`. time: t's conditioning as the official batch of two CFG rows (the solver's
+    table), computed here when not given."""
     x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
     n = x.shape[1]
-    # every row has the same t: embedded as the official batch of two CFG rows (a batch of
-    # another size could round differently); the modulations take its first row (_per_row)
-    t_emb = estimator.time_embed(t.expand(CFG_ROWS))
+    # every row has the same t: conditioned as the official batch of two CFG rows (a batch of
+    # another size could round differently); the modulations take its first row (per_row)
+    if time is None:
+        time = estimator.time_conditioning(t.expand(CFG_ROWS))
     h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
     # h first, so the sum keeps h's contiguous layout (see dit.InputEmbedding)
     h = h + _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches)
@@ -365,15 +369,17 @@ def _velocity(
         for start in starts
     ]
     residual = h
-    for depth, block in enumerate(estimator.transformer_blocks):
-        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, emb=t_emb)
+    for depth, (block, modulation) in enumerate(
+        zip(estimator.transformer_blocks, time.blocks, strict=True)
+    ):
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, modulation)
         kvs = [cache.kv[depth] for cache in caches]
         h = h + gate_msa.unsqueeze(1) * _attention_increment(block.attn, norm, rope, kvs, keeps)
         ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
     if estimator.long_skip_connection is not None:
         h = estimator.long_skip_connection(torch.cat((h, residual), dim=-1))
-    h = estimator.norm_out(h, t_emb)
+    h = estimator.norm_out(h, time.final)
     return estimator.proj_out(h).transpose(1, 2)
 
 

@@ -23,7 +23,7 @@ runs inference, and the placeholders keep the parameter indices (`to_out.0`, `ff
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention, sees_everything
+from cosyvoice_lite.networks.flow_matching import TimeConditioning, per_row
 from cosyvoice_lite.networks.linear import grouped
 
 # The official code turns boolean attention masks into an additive bias with this constant
@@ -137,9 +138,15 @@ class ResnetBlock1D(nn.Module):
         self.block2 = Block1D(dim_out, dim_out, groups=groups)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+    def modulation(self, time_emb: torch.Tensor) -> torch.Tensor:
+        """What the block adds to every frame [B, dim_out], from the time embedding alone."""
+        return self.mlp(time_emb)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, modulation: torch.Tensor
+    ) -> torch.Tensor:
         h = self.block1(x, mask)
-        h = h + self.mlp(time_emb).unsqueeze(-1)
+        h = h + per_row(modulation, h.shape[0]).unsqueeze(-1)
         h = self.block2(h, mask)
         return h + self.res_conv(x * mask)
 
@@ -447,13 +454,16 @@ class ConditionalDecoder(nn.Module):
         spks: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         streaming: bool = False,
+        time: TimeConditioning | None = None,
     ) -> torch.Tensor:
         """x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> (B, out, T).
 
         `streaming` selects static-chunk attention; it only has an effect on the causal variant.
+        time: `time_conditioning(t)` computed beforehand (a solver's fixed schedule), else from t.
         """
-        # t may be float32 over lower-precision weights: its sinusoids are computed in float32
-        t = self.time_mlp(self.time_embeddings(t).to(x.dtype))
+        if time is None:
+            time = self.time_conditioning(t)
+        modulations = iter(time.blocks)
 
         parts = [x, mu]
         if spks is not None:
@@ -476,7 +486,7 @@ class ConditionalDecoder(nn.Module):
         masks = [mask]
         for resnet, transformers, downsample in self.down_blocks:
             mask_down = masks[-1]
-            x = resnet(x, mask_down, t)
+            x = resnet(x, mask_down, next(modulations))
             x = self._transformers(x, bias(mask_down), transformers)
             hiddens.append(x)  # skip connection
             x = downsample(x * mask_down)
@@ -485,7 +495,7 @@ class ConditionalDecoder(nn.Module):
         mask_mid = masks[-1]
 
         for resnet, transformers in self.mid_blocks:
-            x = resnet(x, mask_mid, t)
+            x = resnet(x, mask_mid, next(modulations))
             x = self._transformers(x, bias(mask_mid), transformers)
 
         mask_up = mask_mid
@@ -494,11 +504,27 @@ class ConditionalDecoder(nn.Module):
             skip = hiddens.pop()
             # The transposed conv may produce one frame more than the skip has (odd lengths).
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
-            x = resnet(x, mask_up, t)
+            x = resnet(x, mask_up, next(modulations))
             x = self._transformers(x, bias(mask_up), transformers)
             x = upsample(x * mask_up)
         x = self.final_block(x, mask_up)
         return self.final_proj(x * mask_up) * mask
+
+    def time_conditioning(self, t: torch.Tensor) -> TimeConditioning:
+        """Every resnet's modulation (down, mid, then up blocks) from t [B] alone."""
+        # t may be float32 over lower-precision weights: its sinusoids are computed in float32
+        emb = self.time_mlp(self.time_embeddings(t).to(self.time_mlp.linear_1.weight.dtype))
+        return TimeConditioning(tuple(resnet.modulation(emb) for resnet in self.resnets()))
+
+    def time_modules(self) -> list[nn.Module]:
+        """The modules only `time_conditioning` reads (see `_EulerCFM.fix_time_conditioning`)."""
+        return [self.time_mlp, *(resnet.mlp for resnet in self.resnets())]
+
+    def resnets(self) -> Iterator[ResnetBlock1D]:
+        """The resnet blocks in the order the forward runs them."""
+        for blocks in (self.down_blocks, self.mid_blocks, self.up_blocks):
+            for block in blocks:
+                yield block[0]
 
 
 class CausalConditionalDecoder(ConditionalDecoder):
