@@ -311,7 +311,7 @@ def solve_streams(
         x_in = torch.repeat_interleave(x, CFG_ROWS, dim=0).to(dtype)
         caches = [cache for s in streams for cache in s.caches[step]]
 
-        time = cfm.time_conditioning(stream_estimator(cfm), step, CFG_ROWS, device)
+        time = cfm.time_conditioning(stream_estimator(cfm), cfm.steps, step, CFG_ROWS, device)
 
         def share(rows: slice) -> torch.Tensor:  # t stays float32
             return velocity(
@@ -402,18 +402,19 @@ class _EulerCFM(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def fix_time_conditioning(self) -> int:
-        """Compute the time table of the current schedule on the weights' device for every
-        estimator the solver runs (whole utterances and streams, one and two rows), then release the weights
-        only that table reads (``estimator.time_modules()``). A load-time choice of the engine,
-        whose schedule and device never change: full-size CosyVoice3 frees 142 M weights (570 MB
-        in float32). Afterwards another schedule or device raises instead of recomputing, and the
-        state_dict no longer holds those weights. Returns the bytes released."""
+        """Compute the time table of the current schedule (``steps``) on the weights' device for
+        every estimator the solver runs (whole utterances and streams, one and two rows), then
+        release the weights only that table reads (``estimator.time_modules()``). A load-time
+        choice of the engine, whose schedule and device never change: full-size CosyVoice3 frees
+        142 M weights (570 MB in float32). Afterwards another schedule or device raises instead
+        of recomputing, and the state_dict no longer holds those weights. Returns the bytes
+        released."""
         estimators = {id(e): e for e in (self.estimator, stream_estimator(self))}.values()
         estimators = [e for e in estimators if callable(getattr(e, "time_modules", None))]
         for estimator in estimators:
             device = next(estimator.parameters()).device
             for rows in range(1, CFG_ROWS + 1):
-                self.time_conditioning(estimator, 0, rows, device)
+                self.time_conditioning(estimator, self.steps, 0, rows, device)
         released = 0
         for estimator in estimators:
             for module in estimator.time_modules():
@@ -424,26 +425,26 @@ class _EulerCFM(nn.Module):
         return released
 
     def time_conditioning(
-        self, estimator: nn.Module, step: int, rows: int, device: torch.device
+        self, estimator: nn.Module, steps: int, step: int, rows: int, device: torch.device
     ) -> TimeConditioning | None:
-        """``estimator.time_conditioning`` of Euler step ``step``'s t for ``rows`` rows (every
-        row has the same t; more than two rows take the official batch of two's first row),
-        computed once per schedule. None where the estimator conditions on t itself (an
-        exported graph)."""
+        """``estimator.time_conditioning`` of the t of Euler step ``step`` of ``steps`` for
+        ``rows`` rows (every row has the same t; more than two rows take the official batch of
+        two's first row), computed once per schedule. None where the estimator conditions on t
+        itself (an exported graph)."""
         make = getattr(estimator, "time_conditioning", None)
         if make is None:
             return None
         rows = min(rows, CFG_ROWS)
-        key = (id(estimator), self.steps, str(device), rows)
+        key = (id(estimator), steps, str(device), rows)
         table = self._time_tables.get(key)
         if table is None and self._time_fixed:
             raise RuntimeError(
-                f"the flow's time conditioning was fixed at load ({self.steps} Euler steps on "
-                f"{device}: key {key[1:]} is not in it) and its weights released; load the model "
-                "again to change the flow steps or the device"
+                f"the flow's time conditioning was fixed at load for {self.steps} Euler steps "
+                f"and its weights released: {steps} steps on {device} cannot be computed; load "
+                "the model again to change the flow steps or the device"
             )
         if table is None:  # two threads may both compute it: the same values either way
-            t_span = time_span(self.steps, self.t_scheduler, torch.empty(0, device=device))
+            t_span = time_span(steps, self.t_scheduler, torch.empty(0, device=device))
             with torch.inference_mode():
                 table = [make(t.expand(rows)) for t, _ in euler_times(t_span)]
             self._time_tables[key] = table
@@ -485,7 +486,7 @@ class _EulerCFM(nn.Module):
         times stay float32 whatever that dtype is: x accumulates ten small steps, which bfloat16
         (8 significant bits) would round away."""
         batch, channels, length = x.shape
-        rows = CFG_ROWS * batch
+        rows, steps = CFG_ROWS * batch, len(t_span) - 1
         # The official buffers take the dtype of spks: the dtype the estimator's weights are in.
         dtype = spks.dtype
         x_in = torch.zeros([rows, channels, length], device=x.device, dtype=dtype)
@@ -516,7 +517,7 @@ class _EulerCFM(nn.Module):
                     spks_in[rows],
                     cond_in[rows],
                     streaming=streaming,
-                    time=self.time_conditioning(self.estimator, step, count, x.device),
+                    time=self.time_conditioning(self.estimator, steps, step, count, x.device),
                 )
 
             return self.utterance_rows.map(rows_velocity, rows)

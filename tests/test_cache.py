@@ -1,0 +1,35 @@
+"""GrowingBuffer: the rows a stream's caches hold, their growth and their shared prefix."""
+
+from __future__ import annotations
+
+import torch
+
+from cosyvoice_lite.networks.cache import MIN_CAPACITY, GrowingBuffer
+
+
+def test_chunk_appends_reallocate_at_most_every_other_chunk() -> None:
+    """Appending a streamed flow's chunks (50, 50, 100, 100, ... frames) keeps every row and
+    reallocates at most every other append, with at most a quarter or one append of slack."""
+    buffer, rows, moved, data = GrowingBuffer(), [], [], None
+    for size in [50, 50, 100, 100, 100, 100, 100, 100, 100, 100]:
+        new = torch.randn(1, 2, size, 4)
+        rows.append(new)
+        seen = buffer.append(new)
+        assert torch.equal(seen, torch.cat(rows, dim=-2))
+        capacity = buffer.data.size(-2)
+        assert capacity <= max(buffer.length * 5 // 4, buffer.length + size, MIN_CAPACITY)
+        moved.append(buffer.data is not data)
+        data = buffer.data
+    assert not any(a and b for a, b in zip(moved[1:], moved[2:], strict=False))
+    assert sum(moved) <= 5
+
+
+def test_a_fork_reads_the_shared_prefix_and_stores_only_its_own_rows() -> None:
+    prompt = torch.randn(1, 2, 30, 4)
+    template = GrowingBuffer()
+    template.append(prompt)
+    fork = template.fork()
+    own = torch.randn(1, 2, 5, 4)
+    assert torch.equal(fork.append(own), own)
+    assert [torch.equal(p, prompt) for p in fork.parts()] == [True]
+    assert fork.length == 35 and fork.valid().size(-2) == 5
