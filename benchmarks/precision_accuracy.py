@@ -11,6 +11,10 @@ setting) it prints:
          sampled tokens with the same seed: the share equal to float32 and the first position
          that differs (after one differs, the rest follow a different history);
   flow   relative L2 error and max abs error of the mel for the same tokens (non-streaming);
+  stream (CosyVoice2/3) relative L2 error of the mel of the same tokens streamed incrementally
+         (official chunk schedule), with the stream caches in the dtype the engine keeps them in
+         for that precision (precision.stream_cache_dtype: float16 for int8 over float32); and,
+         to isolate that rounding, float32 weights with float16 caches against float32 caches;
   hift   relative L2 error and max abs error of the waveform for the same float32 mel.
 With random weights these bound the numeric error only; what it means for quality can only be
 judged with real weights.
@@ -31,6 +35,7 @@ from cosyvoice_lite.decoding import LengthPolicy, run_alone, speech_token_task  
 from cosyvoice_lite.device import resolve_placement  # noqa: E402
 from cosyvoice_lite.modeldir import ModelDir, open_model_dir  # noqa: E402
 from cosyvoice_lite.pipelines.factory import load_network  # noqa: E402
+from cosyvoice_lite.precision import stream_cache_dtype  # noqa: E402
 from cosyvoice_lite.sampling import RasSampler  # noqa: E402
 
 PRECISIONS = {  # name -> (dtype, quantize)
@@ -91,6 +96,28 @@ def run_flow(model: ModelDir, flow, inputs: dict, tokens: list[int]) -> torch.Te
         return flow.inference(*args, streaming=False, finalize=True)[0]
 
 
+def run_stream(
+    model: ModelDir, flow, inputs: dict, tokens: list[int], cache_dtype: torch.dtype | None
+) -> torch.Tensor | None:
+    """The mel of ``tokens`` streamed incrementally (first hop 25 tokens + 3 look-ahead, then 50
+    per call, the rest final), with the prompt of ``run_flow``; None for CosyVoice-300M."""
+    if model.version == 1:
+        return None
+    g = torch.Generator().manual_seed(SEED)
+    prompt = inputs["prompt_speech_token"]
+    feat = torch.randn(1, 2 * prompt.shape[1], 80, generator=g) * 2 - 6
+    token = torch.tensor([tokens], dtype=torch.int32)
+    with torch.inference_mode():
+        state = flow.new_stream(prompt, feat, inputs["embedding"], cache_dtype=cache_dtype)
+        mels, start = [], 0
+        for end in (28, *range(78, token.shape[1], 50)):
+            if end < token.shape[1]:
+                mels.append(flow.stream_step(state, token[:, start:end]))
+                start = end
+        mels.append(flow.stream_step(state, token[:, start:], finalize=True))
+    return torch.cat(mels, dim=2)
+
+
 def run_hift(model: ModelDir, hift, mel: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         if model.version == 3:
@@ -116,12 +143,16 @@ def measure(path: Path, n_tokens: int, names: list[str]) -> list[dict]:
         del lm
         flow = load_network(model, "flow", "flow.pt", placement)
         mel = run_flow(model, flow, inputs, ref["tokens"])
+        streamed = run_stream(model, flow, inputs, ref["tokens"], stream_cache_dtype(placement))
+        if name == "float32" and streamed is not None:
+            half = run_stream(model, flow, inputs, ref["tokens"], torch.float16)
+            ref["half_cache_rel"] = relative(half, streamed)
         del flow
         hift = load_network(model, "hift", "hift.pt", placement)
         wav = run_hift(model, hift, ref.get("mel", mel))
         del hift
         if name == "float32":
-            ref.update(logp=logp, mel=mel, wav=wav)
+            ref.update(logp=logp, mel=mel, wav=wav, streamed=streamed)
             continue
         same = [a == b for a, b in zip(tokens, ref["tokens"], strict=True)]
         err = (logp - ref["logp"]).abs()
@@ -137,7 +168,12 @@ def measure(path: Path, n_tokens: int, names: list[str]) -> list[dict]:
                 "mel_max": float((mel - ref["mel"]).abs().max()),
                 "wav_rel": relative(wav, ref["wav"]),
                 "wav_max": float((wav - ref["wav"]).abs().max()),
+                "stream_rel": None if streamed is None else relative(streamed, ref["streamed"]),
             }
+        )
+    if "half_cache_rel" in ref:
+        rows.append(
+            {"precision": "float32, float16 stream caches", "stream_rel": ref["half_cache_rel"]}
         )
     return rows
 
@@ -153,14 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} ({args.tokens} tokens, seed {SEED}); errors against float32")
     print(
         "| precision | LLM logp max / mean abs err | top-1 same | sampled tokens same "
-        "(first diff) | flow mel rel / max abs | hift wav rel / max abs |"
+        "(first diff) | flow mel rel / max abs | hift wav rel / max abs | streamed mel rel |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        stream = "-" if r["stream_rel"] is None else f"{r['stream_rel']:.5f}"
+        if "logp_max" not in r:
+            print(f"| {r['precision']} | - | - | - | - | - | {stream} |")
+            continue
         print(
             f"| {r['precision']} | {r['logp_max']:.4f} / {r['logp_mean']:.5f} | {r['top1']:.1%} "
             f"| {r['tokens_same']:.1%} ({r['first_diff']}) | {r['mel_rel']:.4f} / "
-            f"{r['mel_max']:.4f} | {r['wav_rel']:.4f} / {r['wav_max']:.4f} |"
+            f"{r['mel_max']:.4f} | {r['wav_rel']:.4f} / {r['wav_max']:.4f} | {stream} |"
         )
     return 0
 

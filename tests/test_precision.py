@@ -28,6 +28,7 @@ from cosyvoice_lite.precision import (
     int8_product_kernel,
     packs_linear,
     quantize_products_int8,
+    stream_cache_dtype,
     tied_to_embeddings,
 )
 from cosyvoice_lite.quantized_linear import Int8Linear, Int8MatmulLinear
@@ -385,3 +386,31 @@ def test_low_precision_llm_attends_in_float32_on_cpu(version: int) -> None:
     assert first.dtype == step.dtype == torch.float32 and torch.isfinite(step).all()
     assert {b.data.dtype for layer in cache.buffers for b in layer} == {torch.float32}
     assert cache.length == 6
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_int8_streams_keep_their_flow_caches_in_float16(version: int) -> None:
+    """With int8 over a float32 flow the streams' keys and values are kept in float16 (half the
+    memory; int8 is not the official's float32 anyway), each stream's mel within rounding of
+    float32 caches; plain float32 keeps them exact, lower-precision weights in their own dtype."""
+    assert stream_cache_dtype(resolve_placement("cpu", quantize="int8")) == torch.float16
+    assert stream_cache_dtype(resolve_placement("cpu")) is None
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu"))
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 100, (1, 13), generator=g, dtype=torch.int32)
+    feat, embedding = torch.randn(1, 26, 80, generator=g), torch.randn(1, 192, generator=g)
+    token = torch.randint(0, 100, (1, 70), generator=g, dtype=torch.int32)
+
+    def stream(cache_dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
+        state = flow.new_stream(prompt, feat, embedding, cache_dtype=cache_dtype)
+        mels = [flow.stream_step(state, token[:, :30]), flow.stream_step(state, token[:, 30:])]
+        size = state.cache_bytes()
+        mels.append(flow.stream_step(state, token[:, :0], finalize=True))
+        return torch.cat(mels, dim=2), size
+
+    exact, exact_bytes = stream(None)
+    half, half_bytes = stream(torch.float16)
+    assert half.shape == exact.shape
+    assert float((half - exact).norm() / exact.norm()) < 2e-3
+    assert half_bytes < 0.85 * exact_bytes  # the attention caches halve (tiny: beside the rest)

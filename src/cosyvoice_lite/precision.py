@@ -188,6 +188,19 @@ def apply_precision(
     return network
 
 
+def stream_cache_dtype(placement: Placement) -> torch.dtype | None:
+    """The dtype the streaming flows keep their keys and values in (None: as computed). float16
+    with ``--quantize int8`` over a float32 flow: int8 does not reproduce the official's float32
+    anyway, and the caches are most of a stream's memory (CosyVoice2 4.5 MB per mel frame in
+    float32): half of it, for a rounding of the history's keys and values (relative 2**-11)
+    below the int8 products' own error (benchmarks/precision_accuracy.py). Plain float32 keeps
+    them exact (the official streams' floats); bfloat16/float16 weights compute them in their
+    own dtype already."""
+    if placement.quantize == "int8" and placement.dtype == torch.float32:
+        return torch.float16
+    return None
+
+
 def int8_product_kernel(placement: Placement) -> str | None:
     """The kernel of the flow's W8A8 products on a CPU (None: they stay in ``placement.dtype``,
     as on accelerators). ``torch._int_mm`` where the CPU has VNNI or AMX (device.CpuFeatures);

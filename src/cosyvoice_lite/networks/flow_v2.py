@@ -301,9 +301,16 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
     # incremental streaming (see the section at the end of this file)
 
     def new_stream(
-        self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor, embedding: torch.Tensor
+        self,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        cache_dtype: torch.dtype | None = None,
     ) -> FlowV2StreamState:
-        """Start a stream: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192]."""
+        """Start a stream: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192].
+
+        cache_dtype: dtype of the U-Net's cached keys/values (None: as computed); float16 or
+        bfloat16 halve a float32 stream's caches at the cost of rounding its history."""
         self._check_streamable()
         if prompt_token.shape[0] != 1 or prompt_feat.shape[0] != 1 or embedding.shape[0] != 1:
             raise ValueError("a flow stream takes one utterance (batch 1)")
@@ -311,7 +318,10 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
             embedding = embedding.to(self.input_embedding.weight.dtype)
             spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
         return FlowV2StreamState(
-            embedding=spks, prompt_feat=prompt_feat.to(spks.dtype), pending=prompt_token
+            embedding=spks,
+            prompt_feat=prompt_feat.to(spks.dtype),
+            pending=prompt_token,
+            cache_dtype=cache_dtype,
         )
 
     def stream_step(
@@ -434,7 +444,7 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
     def _stream_solve(self, state: FlowV2StreamState, mu: torch.Tensor, start: int) -> StreamSolve:
         """The U-Net's share of a stream's call: new frames mu [1, 80, n] at mel frame `start`."""
         while len(state.estimator) < self.decoder.steps:
-            state.estimator.append([_LayerCaches() for _ in range(CFG_ROWS)])
+            state.estimator.append([_LayerCaches(state.cache_dtype) for _ in range(CFG_ROWS)])
         own = sum(row.nbytes() for step in state.estimator for row in step)
         return StreamSolve(state, mu, start, state.estimator, own)
 
@@ -470,17 +480,18 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
 
 
 class _AttentionCache:
-    """Keys and values of one attention layer (plus linear_pos rows for relative attention)."""
+    """Keys and values of one attention layer (plus linear_pos rows for relative attention),
+    the keys and values stored in ``dtype`` (None: as computed)."""
 
-    def __init__(self) -> None:
-        self.keys = GrowingBuffer()
-        self.values = GrowingBuffer()
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.keys = GrowingBuffer(dtype)
+        self.values = GrowingBuffer(dtype)
         self.positions = GrowingBuffer()
 
     def fork(self, share: bool) -> _AttentionCache:
         """share: the keys/values so far become the fork's shared prefix (U-Net blocks, where
         they are large); otherwise they are copied (the encoders, small and read whole)."""
-        fork = _AttentionCache()
+        fork = _AttentionCache(self.keys.dtype)
         if share:
             fork.keys, fork.values = self.keys.fork(), self.values.fork()
         else:
@@ -492,7 +503,7 @@ class _AttentionCache:
 class _ConvTail:
     """The last input frames of one causal conv (its left context for the next chunk)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:  # noqa: ARG002 - kept as computed
         self.frames: torch.Tensor | None = None
 
     def fork(self, share: bool) -> _ConvTail:  # noqa: ARG002 - one fork signature per cache
@@ -504,10 +515,11 @@ class _ConvTail:
 class _LayerCaches:
     """Per-layer caches of one network, handed out in call order (which never changes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.items: list[Any] = []
         self.cursor = 0
         self.frozen = False  # past the stream's budget: read, never extended
+        self.dtype = dtype  # of the attention keys and values (None: as computed)
 
     def freeze(self) -> None:
         self.frozen = True
@@ -521,7 +533,7 @@ class _LayerCaches:
 
     def next(self, kind: type) -> Any:
         if self.cursor == len(self.items):
-            self.items.append(kind())
+            self.items.append(kind(self.dtype))
             if self.frozen:  # frozen before its first frames: it stays empty
                 self.freeze()
         item = self.items[self.cursor]
@@ -529,7 +541,7 @@ class _LayerCaches:
         return item
 
     def fork(self, share: bool) -> _LayerCaches:
-        fork = _LayerCaches()
+        fork = _LayerCaches(self.dtype)
         fork.items = [item.fork(share) for item in self.items]
         return fork
 
@@ -552,6 +564,7 @@ class FlowV2StreamState:
     embedding: torch.Tensor  # projected speaker embedding [1, 80]
     prompt_feat: torch.Tensor  # [1, mel_len1, 80], the cond of the first mel_len1 frames
     pending: torch.Tensor  # [1, k] token ids received but not encoded yet (prompt ones first)
+    cache_dtype: torch.dtype | None = None  # of the U-Net's keys/values (None: as computed)
     tokens_done: int = 0  # token frames encoded so far, prompt included
     finished: bool = False
     last_step_frames: int = 0  # mel frames the U-Net ran on in the last call (cost probe)

@@ -12,7 +12,7 @@ from ..errors import ModelDirError
 from ..hub import whisper_vocab_path
 from ..modeldir import ModelDir, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
-from ..precision import apply_precision
+from ..precision import apply_precision, stream_cache_dtype
 from ..versions import spec
 from .prompt_flow import DEFAULT_BUDGET_BYTES
 
@@ -82,4 +82,5 @@ def build_pipeline(
         model.version,
         prompt_cache_bytes,
         stream_cache_bytes,
+        stream_cache_dtype(placement),
     )

@@ -32,10 +32,14 @@ DEFAULT_BUDGET_BYTES = 2 << 30
 class PromptFlowCache:
     """Primed flow streams per voice, least recently used first out, within ``budget_bytes``."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    def __init__(
+        self, budget_bytes: int = DEFAULT_BUDGET_BYTES, cache_dtype: torch.dtype | None = None
+    ) -> None:
+        """cache_dtype: the dtype of every stream's flow keys/values (``flow.new_stream``)."""
         if budget_bytes < 0:
             raise ValueError("the prompt cache budget must be at least 0 bytes")
         self.budget_bytes = budget_bytes
+        self.cache_dtype = cache_dtype
         self._entries: collections.OrderedDict[bytes, tuple[Any, int]] = collections.OrderedDict()
         self._priming: dict[bytes, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -68,7 +72,7 @@ class PromptFlowCache:
         if self.budget_bytes == 0:
             with self._lock:
                 self.misses += 1
-            return None, _prime(flow, inputs)
+            return None, _prime(flow, inputs, self.cache_dtype)
         key = _key(inputs)
         with self._lock:
             priming = self._priming.setdefault(key, threading.Lock())
@@ -83,7 +87,7 @@ class PromptFlowCache:
                         kept = True
                         return entry[0], None
                     self.misses += 1
-                primed = _prime(flow, inputs)
+                primed = _prime(flow, inputs, self.cache_dtype)
                 template = primed.fork()  # the prefix alone, compacted
                 size = template.cache_bytes(shared=True)
                 if size > self.budget_bytes:
@@ -102,10 +106,13 @@ class PromptFlowCache:
                     self._priming.pop(key, None)
 
 
-def _prime(flow: torch.nn.Module, inputs: ModelInputs) -> Any:
+def _prime(flow: torch.nn.Module, inputs: ModelInputs, cache_dtype: torch.dtype | None) -> Any:
     with torch.inference_mode():
         state = flow.new_stream(
-            inputs.flow_prompt_speech_token, inputs.prompt_speech_feat, inputs.flow_embedding
+            inputs.flow_prompt_speech_token,
+            inputs.prompt_speech_feat,
+            inputs.flow_embedding,
+            cache_dtype=cache_dtype,
         )
         empty = inputs.flow_prompt_speech_token[:, :0]
         flow.stream_step(state, empty)  # the prompt's whole chunks; no mel comes out

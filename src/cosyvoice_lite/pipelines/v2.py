@@ -173,10 +173,12 @@ class V2Pipeline(Pipeline):
         version: int,
         prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
         stream_cache_bytes: int | None = None,
+        stream_cache_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(llm, flow, hift, sample_rate, version)
         self.lookahead = int(flow.pre_lookahead_len)
-        self.prompt_flows = PromptFlowCache(prompt_cache_bytes)
+        # every stream of a voice forks from its primed prompt: one cache dtype for all
+        self.prompt_flows = PromptFlowCache(prompt_cache_bytes, stream_cache_dtype)
         # a stream's own flow caches beyond this re-solve their later frames (None: unbounded)
         self.stream_cache_bytes = stream_cache_bytes
         self.vocoder_batches = 0  # vocoder calls that held several rows (tests, metrics)
