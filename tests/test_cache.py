@@ -17,7 +17,7 @@ def test_chunk_appends_reallocate_at_most_every_other_chunk() -> None:
         seen = buffer.append(new)
         assert torch.equal(seen, torch.cat(rows, dim=-2))
         capacity = buffer.data.size(-2)
-        assert capacity <= max(buffer.length * 5 // 4, buffer.length + size, MIN_CAPACITY)
+        assert capacity <= max(buffer.length * 5 // 4, buffer.length + max(size, MIN_CAPACITY))
         moved.append(buffer.data is not data)
         data = buffer.data
     assert not any(a and b for a, b in zip(moved[1:], moved[2:], strict=False))
@@ -33,3 +33,20 @@ def test_a_fork_reads_the_shared_prefix_and_stores_only_its_own_rows() -> None:
     assert torch.equal(fork.append(own), own)
     assert [torch.equal(p, prompt) for p in fork.parts()] == [True]
     assert fork.length == 35 and fork.valid().size(-2) == 5
+
+
+def test_a_first_write_reserves_little() -> None:
+    """A whole prompt written at once is not reserved twice over (a primed voice's buffers)."""
+    buffer = GrowingBuffer()
+    buffer.append(torch.randn(1, 2, 245, 4))
+    assert buffer.data.size(-2) == 245 + max(245 // 4, MIN_CAPACITY)
+
+
+def test_float16_rows_come_back_in_the_dtype_written() -> None:
+    buffer = GrowingBuffer(torch.float16)
+    rows = torch.randn(1, 2, 10, 4)
+    seen = buffer.append(rows)
+    assert buffer.data.dtype == torch.float16 and seen.dtype == torch.float32
+    torch.testing.assert_close(seen, rows, rtol=1e-3, atol=1e-3)
+    fork = buffer.fork()
+    assert fork.dtype == torch.float16 and fork.parts()[0].dtype == torch.float16

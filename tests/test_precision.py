@@ -395,6 +395,11 @@ def test_int8_streams_keep_their_flow_caches_in_float16(version: int) -> None:
     float32 caches; plain float32 keeps them exact, lower-precision weights in their own dtype."""
     assert stream_cache_dtype(resolve_placement("cpu", quantize="int8")) == torch.float16
     assert stream_cache_dtype(resolve_placement("cpu")) is None
+    engine = Engine.load(MODELS / f"v{version}-tiny", device="cpu", quantize="int8")
+    try:  # every stream forks from the voice's primed prompt, made in that dtype
+        assert engine.pipeline.prompt_flows.cache_dtype == torch.float16
+    finally:
+        engine.close()
     model = open_model_dir(MODELS / f"v{version}-tiny")
     flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu"))
     g = torch.Generator().manual_seed(3)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from _utterances import check_batched_equals_alone, utterances_of
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
+from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM, euler_times, time_span
 from cosyvoice_lite.networks.flow_v2 import CausalMaskedDiffWithXvec, UpsampleConformerEncoder
 from cosyvoice_lite.networks.unet import CausalBlock1D, CausalConditionalDecoder
 from cosyvoice_lite.pipelines.common import ModelInputs
@@ -632,3 +632,19 @@ def test_causal_block_output_is_channel_major() -> None:
         norm = block.block[2](block.block[0](x).transpose(1, 2)).transpose(1, 2)
     assert out.is_contiguous()
     assert torch.equal(out, F.mish(norm))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_time_table_gives_the_unet_its_own_floats(
+    flow: CausalMaskedDiffWithXvec, rows: int
+) -> None:
+    """The solver's table gives a U-Net call exactly what it computes from t itself."""
+    cfm, estimator = flow.decoder, flow.decoder.estimator
+    g = torch.Generator().manual_seed(9)
+    x, mu, cond = (torch.randn(rows, 80, 30, generator=g) for _ in range(3))
+    spks, mask = torch.randn(rows, 80, generator=g), torch.ones(rows, 1, 30)
+    with torch.inference_mode():
+        for step, (t, _) in enumerate(euler_times(time_span(10, "cosine", torch.empty(0)))):
+            time = cfm.time_conditioning(estimator, 10, step, rows, torch.device("cpu"))
+            own = estimator(x, mask, mu, t.expand(rows), spks, cond)
+            assert torch.equal(estimator(x, mask, mu, t, spks, cond, time=time), own)

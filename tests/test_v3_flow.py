@@ -10,7 +10,7 @@ import torch
 from _utterances import check_batched_equals_alone, utterances_of
 
 from cosyvoice_lite.networks.dit import DiT
-from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM
+from cosyvoice_lite.networks.flow_matching import CausalConditionalCFM, euler_times, time_span
 from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT, PreLookaheadLayer
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "v3_flow"
@@ -282,6 +282,38 @@ def test_fixed_time_conditioning_releases_its_weights(state: dict[str, torch.Ten
     assert released == 4 * weights > 0
     assert all(p.numel() == 0 for m in estimator.time_modules() for p in m.parameters())
     assert torch.equal(_prompted_mel(flow), before)
-    flow.decoder.set_steps(4)
-    with pytest.raises(RuntimeError, match="time conditioning was fixed at load"):
-        _prompted_mel(flow)
+    flow.decoder.set_steps(10)  # the fixed schedule itself
+    with pytest.raises(RuntimeError, match="fixed at load for 10 Euler steps .* for 4 steps"):
+        flow.decoder.set_steps(4)
+    with pytest.raises(RuntimeError, match="fixed at load for 10 Euler steps .* 5 steps on cpu"):
+        mu, mask, spks, cond = _solver_inputs()
+        flow.decoder(mu, mask, 5, spks=spks, cond=cond)
+
+
+def _solver_inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(1, 80, 24, generator=g)
+    return mu, torch.ones(1, 1, 24), torch.randn(1, 80, generator=g), torch.zeros_like(mu)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_time_table_gives_the_estimator_its_own_floats(estimator: DiT, rows: int) -> None:
+    """The solver's table gives a DiT call exactly what it computes from t itself (one row,
+    the official batch of two; more rows take the batch of two's first row)."""
+    cfm = CausalConditionalCFM(
+        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator
+    )
+    g = torch.Generator().manual_seed(9)
+    x, mu, cond = (torch.randn(rows, 80, 30, generator=g) for _ in range(3))
+    spks, mask = torch.randn(rows, 80, generator=g), torch.ones(rows, 1, 30)
+    t_span = time_span(10, "cosine", torch.empty(0))
+    with torch.inference_mode():
+        for step, (t, _) in enumerate(euler_times(t_span)):
+            time = cfm.time_conditioning(estimator, 10, step, rows, torch.device("cpu"))
+            if rows <= 2:
+                own = estimator(x, mask, mu, t.expand(rows), spks, cond)
+                assert torch.equal(estimator(x, mask, mu, t, spks, cond, time=time), own)
+            else:  # each row as in the official batch of two
+                pair = estimator(x[:2], mask[:2], mu[:2], t.expand(2), spks[:2], cond[:2])
+                got = estimator(x, mask, mu, t.expand(rows), spks, cond, time=time)
+                torch.testing.assert_close(got[:2], pair, rtol=0, atol=1e-5)

@@ -190,12 +190,12 @@ def apply_precision(
 
 def stream_cache_dtype(placement: Placement) -> torch.dtype | None:
     """The dtype the streaming flows keep their keys and values in (None: as computed). float16
-    with ``--quantize int8`` over a float32 flow: int8 does not reproduce the official's float32
-    anyway, and the caches are most of a stream's memory (CosyVoice2 4.5 MB per mel frame in
-    float32): half of it, for a rounding of the history's keys and values (relative 2**-11)
-    below the int8 products' own error (benchmarks/precision_accuracy.py). Plain float32 keeps
-    them exact (the official streams' floats); bfloat16/float16 weights compute them in their
-    own dtype already."""
+    with ``--quantize int8`` over a float32 flow: the int8 LLM's tokens already depart from the
+    official's float32 ones (and CosyVoice3's DiT products are int8 on a CPU), while the caches
+    are most of a stream's memory (CosyVoice2 4.5 MB per mel frame in float32): half of it, for
+    a rounding of the keys and values (relative 2**-11; streamed mel 1e-5 relative,
+    benchmarks/precision_accuracy.py). Plain float32 keeps them exact (the official streams'
+    floats); bfloat16/float16 weights compute them in their own dtype already."""
     if placement.quantize == "int8" and placement.dtype == torch.float32:
         return torch.float16
     return None

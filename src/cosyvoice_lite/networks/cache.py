@@ -20,10 +20,10 @@ MIN_CAPACITY = 64
 class GrowingBuffer:
     """Rows ``[..., capacity, dim]`` of which the first ``length`` along dim -2 are valid.
 
-    When full it grows to the length needed plus a quarter or plus the rows just appended,
-    whichever is more (rounded up to ``granule`` positions, never below ``MIN_CAPACITY``):
-    amortised O(1) per position, at most ~25% or one append of unused capacity, and callers that
-    append whole chunks reallocate at most every other chunk. Each reallocation copies the rows
+    When full it grows to the length needed plus a quarter or plus the rows just appended
+    (``MIN_CAPACITY`` at the first write), whichever is more, rounded up to ``granule``
+    positions: amortised O(1) per position, at most ~25% or one append of unused capacity, and
+    callers that append whole chunks reallocate at most every other chunk. Each reallocation copies the rows
     and touches fresh pages: with a quarter alone, a streamed CosyVoice2 chunk regrew every
     cache at its first chunks (~77,000 page faults in one chunk call, 7.1 s on one thread
     against 4.2 s). ``dtype`` stores the rows in
@@ -61,7 +61,10 @@ class GrowingBuffer:
         begin, end = start - offset, start - offset + rows.size(-2)
         capacity = 0 if self.data is None else self.data.size(-2)
         if end > capacity:
-            grown_to = max(end + max(end // 4, rows.size(-2)), MIN_CAPACITY)
+            # the next append of this size fits too; a first write (a whole prompt) reserves
+            # MIN_CAPACITY more, not its own size again
+            extra = rows.size(-2) if self.data is not None else MIN_CAPACITY
+            grown_to = end + max(end // 4, extra)
             grown_to = -(-grown_to // self.granule) * self.granule
             shape = (*rows.shape[:-2], grown_to, rows.size(-1))
             grown = rows.new_empty(shape, dtype=self.dtype or rows.dtype)

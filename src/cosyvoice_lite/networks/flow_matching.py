@@ -393,11 +393,11 @@ class _EulerCFM(nn.Module):
         # (estimator id, steps, device, rows) -> each step's time conditioning; derived from the
         # weights, so dropped when they change (load_state_dict, dtype or device moves)
         self._time_tables: dict[tuple, list[TimeConditioning]] = {}
-        self._time_fixed = False  # fix_time_conditioning: tables final, their weights released
+        self._time_fixed: int | None = None  # fix_time_conditioning: its steps; weights released
         self.register_load_state_dict_post_hook(lambda module, _: module._time_tables.clear())
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
-        if not self._time_fixed:  # fixed: the weights are gone, the tables stay as computed
+        if self._time_fixed is None:  # fixed: the weights are gone, the tables stay as computed
             self._time_tables.clear()
         return super()._apply(fn, *args, **kwargs)
 
@@ -421,7 +421,7 @@ class _EulerCFM(nn.Module):
                 for tensor in (*module.parameters(), *module.buffers()):
                     released += tensor.numel() * tensor.element_size()
                     tensor.data = tensor.data.new_empty(0)
-        self._time_fixed = True
+        self._time_fixed = self.steps
         return released
 
     def time_conditioning(
@@ -437,14 +437,15 @@ class _EulerCFM(nn.Module):
         rows = min(rows, CFG_ROWS)
         key = (id(estimator), steps, str(device), rows)
         table = self._time_tables.get(key)
-        if table is None and self._time_fixed:
+        if table is None and self._time_fixed is not None:
             raise RuntimeError(
-                f"the flow's time conditioning was fixed at load for {self.steps} Euler steps "
-                f"and its weights released: {steps} steps on {device} cannot be computed; load "
-                "the model again to change the flow steps or the device"
+                f"the flow's time conditioning was fixed at load for {self._time_fixed} Euler "
+                f"steps and its weights released: {steps} steps on {device} cannot be computed; "
+                "load the model again to change the flow steps or the device"
             )
         if table is None:  # two threads may both compute it: the same values either way
-            t_span = time_span(steps, self.t_scheduler, torch.empty(0, device=device))
+            like = torch.empty(0, device=device, dtype=torch.float32)  # as the solvers' state
+            t_span = time_span(steps, self.t_scheduler, like)
             with torch.inference_mode():
                 table = [make(t.expand(rows)) for t, _ in euler_times(t_span)]
             self._time_tables[key] = table
@@ -452,7 +453,13 @@ class _EulerCFM(nn.Module):
 
     def set_steps(self, steps: int) -> None:
         """Use ``steps`` Euler steps from now on (a load-time choice; 10 is the official)."""
-        self.steps = check_steps(steps)
+        steps = check_steps(steps)
+        if self._time_fixed is not None and steps != self._time_fixed:
+            raise RuntimeError(
+                f"the flow's time conditioning was fixed at load for {self._time_fixed} Euler "
+                f"steps and its weights released; load the model again for {steps} steps"
+            )
+        self.steps = steps
 
     def set_row_split(self, split: RowSplit, utterances: bool = True) -> None:
         """Compute the estimator's rows of incremental streams (and with ``utterances``, of whole
