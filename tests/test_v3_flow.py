@@ -61,8 +61,7 @@ def state() -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in _load("flow_state").items()}
 
 
-@pytest.fixture(scope="module")
-def flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
+def new_flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
     decoder = CausalConditionalCFM(
         in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=DiT(**DIT_KW)
     )
@@ -73,6 +72,11 @@ def flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
     )
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
+    return new_flow(state)
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +149,7 @@ def test_inference_parity(
 ) -> None:
     g = _load("inference")
     token = torch.from_numpy(g["token"])
-    if prompt == "prompt":
-        p_tok, p_feat = torch.from_numpy(g["prompt_token"]), torch.from_numpy(g["prompt_feat"])
-    else:
-        p_tok, p_feat = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80)
-    mel, extra = flow.inference(
-        token,
-        torch.tensor([token.shape[1]]),
-        p_tok,
-        torch.tensor([p_tok.shape[1]]),
-        p_feat,
-        torch.tensor([p_feat.shape[1]]),
-        torch.from_numpy(g["embedding"]),
-        streaming=streaming == "stream",
-        finalize=finalize == "final",
-    )
+    mel, extra = _inference(flow, prompt == "prompt", streaming == "stream", finalize == "final")
     assert extra is None
     expected = g[f"mel_{prompt}_{streaming}_{finalize}"]
     n_tokens = token.shape[1] - (0 if finalize == "final" else 3)
@@ -217,24 +207,17 @@ def test_whole_utterances_batched_equal_each_alone(
     check_batched_equals_alone(flow, utterances_of(_load("inference")), streaming)
 
 
-def _new_flow(state: dict[str, torch.Tensor]) -> CausalMaskedDiffWithDiT:
-    decoder = CausalConditionalCFM(
-        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=DiT(**DIT_KW)
-    )
-    model = CausalMaskedDiffWithDiT(
-        **FLOW_KW,
-        pre_lookahead_layer=PreLookaheadLayer(80, 32, pre_lookahead_len=3),
-        decoder=decoder,
-    )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def _prompted_mel(flow: CausalMaskedDiffWithDiT) -> torch.Tensor:
+def _inference(
+    flow: CausalMaskedDiffWithDiT, prompt: bool, streaming: bool, finalize: bool
+) -> tuple[torch.Tensor, None]:
+    """flow.inference on the golden tokens, with or without the golden prompt."""
     g = _load("inference")
-    token, p_tok = torch.from_numpy(g["token"]), torch.from_numpy(g["prompt_token"])
-    p_feat = torch.from_numpy(g["prompt_feat"])
-    mel, _ = flow.inference(
+    token = torch.from_numpy(g["token"])
+    if prompt:
+        p_tok, p_feat = torch.from_numpy(g["prompt_token"]), torch.from_numpy(g["prompt_feat"])
+    else:
+        p_tok, p_feat = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80)
+    return flow.inference(
         token,
         torch.tensor([token.shape[1]]),
         p_tok,
@@ -242,17 +225,20 @@ def _prompted_mel(flow: CausalMaskedDiffWithDiT) -> torch.Tensor:
         p_feat,
         torch.tensor([p_feat.shape[1]]),
         torch.from_numpy(g["embedding"]),
-        streaming=False,
-        finalize=True,
+        streaming=streaming,
+        finalize=finalize,
     )
-    return mel
+
+
+def _prompted_mel(flow: CausalMaskedDiffWithDiT) -> torch.Tensor:
+    return _inference(flow, prompt=True, streaming=False, finalize=True)[0]
 
 
 def test_time_conditioning_is_computed_once_per_schedule(state: dict[str, torch.Tensor]) -> None:
     """The solver computes what the DiT derives from t alone (time MLP, adaptive norms) once per
     Euler step of its schedule and reuses it (the goldens above hold with it); new weights
     through load_state_dict or a dtype/device move compute it again."""
-    flow = _new_flow(state)
+    flow = new_flow(state)
     before = _prompted_mel(flow)
     assert _max_err(before, _load("inference")["mel_prompt_full_final"]) < TOL
     norms = [block.attn_norm.linear for block in flow.decoder.estimator.transformer_blocks]
@@ -263,7 +249,7 @@ def test_time_conditioning_is_computed_once_per_schedule(state: dict[str, torch.
     changed = {k: v.clone() for k, v in flow.state_dict().items()}
     flow.load_state_dict(changed, strict=True)  # the same doubled weights, loaded: recomputed
     loaded = _prompted_mel(flow)
-    assert torch.equal(loaded, _prompted_mel(_new_flow(changed)))
+    assert torch.equal(loaded, _prompted_mel(new_flow(changed)))
     assert (loaded - before).abs().max() > 1e-3
     with torch.no_grad():
         for linear in norms:
@@ -274,7 +260,7 @@ def test_time_conditioning_is_computed_once_per_schedule(state: dict[str, torch.
 def test_fixed_time_conditioning_releases_its_weights(state: dict[str, torch.Tensor]) -> None:
     """Engine.load fixes the schedule: the time table is computed once and the weights only it
     reads are released; the mel does not change, and another schedule is refused clearly."""
-    flow = _new_flow(state)
+    flow = new_flow(state)
     before = _prompted_mel(flow)
     estimator = flow.decoder.estimator
     weights = sum(p.numel() for m in estimator.time_modules() for p in m.parameters())

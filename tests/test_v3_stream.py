@@ -17,12 +17,11 @@ import pytest
 import torch
 from _golden import golden_file
 from test_hift import loaded as loaded_hift
-from test_v3_flow import CFM_PARAMS, DIT_KW, FLOW_KW
+from test_v3_flow import new_flow
 
 from cosyvoice_lite.networks import hift_causal_stream
-from cosyvoice_lite.networks.dit import DiT
-from cosyvoice_lite.networks.flow_matching import CFG_ROWS, CausalConditionalCFM
-from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT, PreLookaheadLayer
+from cosyvoice_lite.networks.flow_matching import CFG_ROWS
+from cosyvoice_lite.networks.flow_v3 import CausalMaskedDiffWithDiT
 from cosyvoice_lite.networks.flow_v3_stream import kv_cache_bytes_per_frame
 from cosyvoice_lite.networks.hift_causal import (
     CausalConvRNNF0Predictor,
@@ -41,16 +40,7 @@ LOOK = 3  # pre_lookahead_len
 def flow() -> CausalMaskedDiffWithDiT:
     with np.load(GOLDEN / "v3_flow" / "flow_state.npz") as z:
         state = {k: torch.from_numpy(z[k]) for k in z.files}
-    decoder = CausalConditionalCFM(
-        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=DiT(**DIT_KW)
-    )
-    model = CausalMaskedDiffWithDiT(
-        **FLOW_KW,
-        pre_lookahead_layer=PreLookaheadLayer(80, 32, pre_lookahead_len=3),
-        decoder=decoder,
-    )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return new_flow(state)
 
 
 @pytest.fixture(scope="module")
