@@ -35,11 +35,22 @@ def test_a_fork_reads_the_shared_prefix_and_stores_only_its_own_rows() -> None:
     assert fork.length == 35 and fork.valid().size(-2) == 5
 
 
-def test_a_first_write_reserves_little() -> None:
-    """A whole prompt written at once is not reserved twice over (a primed voice's buffers)."""
-    buffer = GrowingBuffer()
-    buffer.append(torch.randn(1, 2, 245, 4))
-    assert buffer.data.size(-2) == 245 + max(245 // 4, MIN_CAPACITY)
+def test_a_first_write_is_exact_and_a_primed_prompt_forks_without_a_copy() -> None:
+    """A whole prompt written at once takes exactly its rows, so its forks share that storage
+    (a primed voice's ~1 GB of CosyVoice2 caches is not copied when it is kept); a small first
+    write reserves MIN_CAPACITY more rows, and the next append grows the buffer as usual."""
+    template = GrowingBuffer()
+    prompt = torch.randn(1, 2, 245, 4)
+    template.append(prompt)
+    assert template.data.size(-2) == 245
+    fork = template.fork()
+    assert fork.shared.data_ptr() == template.data.data_ptr()
+    assert torch.equal(fork.parts()[0], prompt)
+    template.append(torch.randn(1, 2, 1, 4))
+    assert template.data.size(-2) == 246 + 246 // 4
+    small = GrowingBuffer()
+    small.append(torch.randn(1, 2, 3, 4))
+    assert small.data.size(-2) == 3 + MIN_CAPACITY
 
 
 def test_float16_rows_come_back_in_the_dtype_written() -> None:

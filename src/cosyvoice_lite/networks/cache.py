@@ -20,15 +20,16 @@ MIN_CAPACITY = 64
 class GrowingBuffer:
     """Rows ``[..., capacity, dim]`` of which the first ``length`` along dim -2 are valid.
 
-    When full it grows to the length needed plus a quarter or plus the rows just appended
-    (``MIN_CAPACITY`` at the first write), whichever is more, rounded up to ``granule``
-    positions: amortised O(1) per position, at most ~25% or one append of unused capacity, and
-    callers that append whole chunks reallocate at most every other chunk. Each reallocation copies the rows
-    and touches fresh pages: with a quarter alone, a streamed CosyVoice2 chunk regrew every
-    cache at its first chunks (~77,000 page faults in one chunk call, 7.1 s on one thread
-    against 4.2 s). ``dtype`` stores the rows in
-    another precision (e.g. float16 keys and values of a float32 run, half the memory); reads
-    convert back to the dtype written.
+    A first write of ``MIN_CAPACITY`` rows or more takes exactly its rows (a smaller one
+    ``MIN_CAPACITY`` more); when full the buffer grows to the length needed plus a quarter or
+    plus the rows just appended, whichever is more, rounded up to ``granule`` positions:
+    amortised O(1) per position, at most ~25% or one append of unused capacity, and callers
+    that append whole chunks reallocate at most every other chunk.
+    Each reallocation copies the rows and touches fresh pages: with a quarter alone, a streamed
+    CosyVoice2 chunk regrew every cache at its first chunks (~77,000 page faults in one chunk
+    call, 7.1 s on one thread against 4.2 s). ``dtype`` stores the rows in another precision
+    (e.g. float16 keys and values of a float32 run, half the memory); reads convert back to the
+    dtype written.
 
     ``fork()`` gives a buffer that starts with this one's rows as a read-only ``shared`` prefix,
     held once for every fork (a voice's prompt frames, cached per voice): a fork stores and returns
@@ -61,10 +62,13 @@ class GrowingBuffer:
         begin, end = start - offset, start - offset + rows.size(-2)
         capacity = 0 if self.data is None else self.data.size(-2)
         if end > capacity:
-            # the next append of this size fits too; a first write (a whole prompt) reserves
-            # MIN_CAPACITY more, not its own size again
-            extra = rows.size(-2) if self.data is not None else MIN_CAPACITY
-            grown_to = end + max(end // 4, extra)
+            if self.data is None:
+                # a large first write (a prompt, a prefill) exactly: a primed prompt then forks
+                # without a copy (a copy of CosyVoice2's ~1 GB of prompt caches took 1.7-2.1 s
+                # of page faults); a small one (a stream's first chunk) with room for more
+                grown_to = end if end >= MIN_CAPACITY else end + MIN_CAPACITY
+            else:  # the next append of this size fits too
+                grown_to = end + max(end // 4, rows.size(-2))
             grown_to = -(-grown_to // self.granule) * self.granule
             shape = (*rows.shape[:-2], grown_to, rows.size(-1))
             grown = rows.new_empty(shape, dtype=self.dtype or rows.dtype)
