@@ -407,3 +407,45 @@ def test_first_piece_tokens_is_when_a_stream_gives_its_first_audio(
                 break
     assert count == segment.first_piece_tokens
     engine.close()
+
+
+def test_decoding_waits_for_a_late_voices_first_piece() -> None:
+    """A new voice's prompt frames go through the flow first (here made to take longer than the
+    loop's bounded wait for a first piece), so the stream's first flow calls start after its
+    first piece's tokens are all decoded. The calls on the way to that piece then get the cores:
+    decoding waits between the first of them and the first audio (22 steps there before)."""
+    from cosyvoice_lite.engine_loop import FIRST_CHUNK_PRIORITY_SECONDS
+
+    engine = Engine.load(DATA / "models" / "v2-tiny")
+    pipeline, cache = engine.pipeline, engine.pipeline.prompt_flows
+    steps: list[float] = []
+    calls: list[float] = []
+    log_probs, flow_steps, prime = pipeline.llm.log_probs, pipeline.flow_steps, cache.stream
+
+    def timed_step(*args, **kwargs):
+        steps.append(time.monotonic())
+        time.sleep(0.01)  # a step of a full-size LLM is slower than the tiny one's
+        return log_probs(*args, **kwargs)
+
+    def timed_flow(*args, **kwargs):
+        calls.append(time.monotonic())
+        time.sleep(0.2)
+        return flow_steps(*args, **kwargs)
+
+    def slow_prime(*args, **kwargs):
+        time.sleep(FIRST_CHUNK_PRIORITY_SECONDS + 0.5)
+        return prime(*args, **kwargs)
+
+    pipeline.llm.log_probs, pipeline.flow_steps, cache.stream = timed_step, timed_flow, slow_prime
+    request = _request(
+        "今天天气真好，我们出去走走吧。", 7, stream=True, max_speech_tokens=200, ignore_eos=True
+    )
+    chunks = engine.synthesize(request)
+    next(chunks)
+    first_audio = time.monotonic()
+    before = [t for t in calls if t < first_audio]
+    during = [t for t in steps if before[0] < t < first_audio]
+    # (a step may slip in as each call starts, checked just before the worker said it was busy)
+    assert len(before) >= 2 and len(during) <= len(before), (len(before), len(during))
+    assert sum(c.samples.size for c in chunks) > 0
+    engine.close()

@@ -287,8 +287,10 @@ class AudioWorker:
                     continue
                 if row.streaming:
                     self._streams[row] = work.audio
-                # a stream's first piece (not the chunks the flow computes ahead of it)
-                first = row.streaming and not row.audio_out and work.audio.piece_due()
+                # a flow call on the way to a stream's first piece once the piece's tokens are
+                # all there (a new voice's prompt made the calls late): decoding then waits for
+                # it; before, it goes on beside the calls the flow computes ahead
+                first = row.tokens_to_first_piece() == 0
                 try:
                     flow = work.audio.accept(work.token)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
