@@ -440,12 +440,14 @@ def test_decoding_waits_for_a_late_voices_first_piece() -> None:
     request = _request(
         "今天天气真好，我们出去走走吧。", 7, stream=True, max_speech_tokens=200, ignore_eos=True
     )
-    chunks = engine.synthesize(request)
-    next(chunks)
-    first_audio = time.monotonic()
-    before = [t for t in calls if t < first_audio]
-    during = [t for t in steps if before[0] < t < first_audio]
-    # (a step may slip in as each call starts, checked just before the worker said it was busy)
-    assert len(before) >= 2 and len(during) <= len(before), (len(before), len(during))
-    assert sum(c.samples.size for c in chunks) > 0
-    engine.close()
+    try:
+        chunks = engine.synthesize(request)
+        next(chunks)
+        first_audio = time.monotonic()
+        before = [t for t in calls if t < first_audio]
+        during = [t for t in steps if before[0] < t < first_audio]
+        # (a step may slip in as each call starts, checked just before the worker said it was busy)
+        assert len(before) >= 2 and len(during) <= len(before), (len(before), len(during))
+        assert sum(c.samples.size for c in chunks) > 0
+    finally:
+        engine.close()
