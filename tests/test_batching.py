@@ -20,7 +20,7 @@ import torch
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import Placement
 from cosyvoice_lite.engine import QueueSink, utterance_batch_size
-from cosyvoice_lite.errors import AudioError
+from cosyvoice_lite.errors import AudioError, InvalidRequestError
 from cosyvoice_lite.networks.qwen2 import Qwen2Encoder
 from cosyvoice_lite.networks.qwen2_lm import CosyVoice3LM, Qwen2LM
 from cosyvoice_lite.pipelines.common import utterance_groups
@@ -451,3 +451,37 @@ def test_decoding_waits_for_a_late_voices_first_piece() -> None:
         assert sum(c.samples.size for c in chunks) > 0
     finally:
         engine.close()
+
+
+def test_the_loop_hands_freed_memory_back_once_idle() -> None:
+    """Once no request is live for ``idle_release_seconds``, the loop runs its idle hook (the
+    heap's free pages back to the OS) once; never while a request is being computed."""
+    idle = 0.5
+    engine = Engine.load(DATA / "models" / "v2-tiny", idle_release_seconds=idle)
+    try:
+        loop = engine.loop
+        request = _request("今天天气真好。", 5, stream=True, max_speech_tokens=60, ignore_eos=True)
+        for round_ in (1, 2):
+            for _ in engine.synthesize(request):
+                assert loop.idle_calls == round_ - 1
+            done = time.monotonic()
+            while loop.idle_calls < round_ and time.monotonic() < done + 3 * idle + 5:
+                time.sleep(0.02)
+            assert loop.idle_calls == round_
+            assert time.monotonic() - done >= idle
+            time.sleep(3 * idle)
+            assert loop.idle_calls == round_  # once per idle period
+    finally:
+        engine.close()
+
+
+def test_idle_release_can_be_turned_off_and_is_checked() -> None:
+    engine = Engine.load(DATA / "models" / "v2-tiny", idle_release_seconds=None)
+    try:
+        assert sum(c.samples.size for c in engine.synthesize(_request("你好。", 1))) > 0
+        time.sleep(1)
+        assert engine.loop.idle_calls == 0
+    finally:
+        engine.close()
+    with pytest.raises(InvalidRequestError, match="idle_release_seconds"):
+        Engine.load(DATA / "models" / "v2-tiny", idle_release_seconds=0)

@@ -10,8 +10,6 @@ read-only things (networks, tokenizers, voices); all per-request state lives in 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -30,6 +28,7 @@ from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 from .frontend.markup import V1_TAGS, check_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend
+from .heap import release_freed_memory
 from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
 from .networks.flow_matching import check_steps
@@ -62,15 +61,6 @@ class Voice:
     kind: str  # "preset" or "prompt"
     embedding: torch.Tensor
     prompt: PromptFeatures | None = None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap that loading freed back to the OS (glibc's ``malloc_trim``; nothing on other
-    C libraries). Loading reads each checkpoint whole and converts weights, and the allocator
-    keeps what it freed: full-size CosyVoice2 measured 2.0 -> 1.5 GB resident after loading in
-    bf16 and 3.0 -> 1.5 GB with int8 LLM layers. A long-running service would carry it for life."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # noqa: ANN001
@@ -154,6 +144,7 @@ class Engine:
         max_batch: int = DEFAULT_LIMITS.max_batch,
         prefill_tokens: int = DEFAULT_LIMITS.prefill_tokens,
         audio_workers: int = DEFAULT_LIMITS.audio_workers,
+        idle_release_seconds: float | None = DEFAULT_LIMITS.idle_release_seconds,
         prompt_cache_mb: int = 2048,
         stream_cache_mb: int | None = None,
         backend: str = "torch",
@@ -169,6 +160,8 @@ class Engine:
         ``flow_steps`` (official 10) trades the flow's quality for speed. ``max_batch`` requests
         decode together at most, one step prefills at most ``prefill_tokens`` positions, and
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
+        ``idle_release_seconds`` after the last request (and no other work), the freed heap goes
+        back to the OS (None: never; engine_loop.LoopLimits).
         ``prompt_cache_mb`` bounds the memory of voices' prompt frames computed once through the
         v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream);
         ``stream_cache_mb`` is a threshold on each stream's own flow caches (checked before each
@@ -189,7 +182,8 @@ class Engine:
             )
         if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
             raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
-        limits = LoopLimits(max_batch, prefill_tokens, audio_workers)  # checked before loading
+        # checked before loading
+        limits = LoopLimits(max_batch, prefill_tokens, audio_workers, idle_release_seconds)
         try:
             check_steps(flow_steps)
         except ValueError as exc:  # a load option: the caller's error, named as such

@@ -34,6 +34,7 @@ import torch
 
 from .decoding import WAIT, Draw, Feed
 from .errors import InvalidRequestError
+from .heap import release_freed_memory
 from .row_parallel import start_torch_thread
 from .sampling import sample_rows
 
@@ -179,6 +180,7 @@ class AudioWorker:
         # step meanwhile, so the first audio is not slowed down by other rows' tokens.
         self.no_first_chunk = threading.Event()
         self.no_first_chunk.set()
+        self.running = False  # in a pass over queued work
         self.flow_calls = 0  # flow computations so far (a batch counts once; for tests, metrics)
         self.flow_streams = 0  # stream chunks those computations covered
         self.utterance_batches = 0  # batches of several whole utterances computed together
@@ -210,8 +212,17 @@ class AudioWorker:
         """One pass over everything queued; True at the stop mark. (Its own frame, so nothing of
         the pass, e.g. an ended request, stays referenced while the worker waits.)"""
         items, stop = self._take()
-        self._run(items)
+        self.running = True
+        try:
+            self._run(items)
+        finally:
+            self.running = False
         return stop
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no pass under way."""
+        return not self.running and self._queue.empty()
 
     def _take(self) -> tuple[list[Any], bool]:
         """Everything queued (waiting for the first entry); True once the stop mark is reached."""
@@ -485,17 +496,24 @@ def _close_running_loops() -> None:
 class LoopLimits:
     """``max_batch`` rows decode together at most (more requests wait their turn); a step
     prefills at most ``prefill_tokens`` positions (at least one request's prefix);
-    ``audio_workers`` threads compute flow + vocoder chunks (a row always uses the same one)."""
+    ``audio_workers`` threads compute flow + vocoder chunks (a row always uses the same one).
+    After ``idle_release_seconds`` with no request live and no audio work, the loop runs its idle
+    hook once (the freed heap back to the OS, heap.py: a float32 CosyVoice2 stream leaves ~1.5 GB
+    of it; None: never). Not right away: the next request faults those pages in again (~7% of a
+    stream's time), which a busy server should not pay between back-to-back requests."""
 
     max_batch: int = 16
     prefill_tokens: int = 4096
     audio_workers: int = 2
+    idle_release_seconds: float | None = 10.0
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.prefill_tokens, self.audio_workers) < 1:
             raise InvalidRequestError(
                 "max_batch, prefill_tokens and audio_workers must be at least 1"
             )
+        if self.idle_release_seconds is not None and not self.idle_release_seconds > 0:
+            raise InvalidRequestError("idle_release_seconds must be above 0 (None: never)")
 
 
 DEFAULT_LIMITS = LoopLimits()
@@ -509,9 +527,11 @@ class EngineLoop:
         lm: torch.nn.Module,
         limits: LoopLimits = DEFAULT_LIMITS,
         decode_threads: int | None = None,
+        on_idle: Callable[[], None] = release_freed_memory,
     ) -> None:
         """``decode_threads``: torch threads of the loop thread, which runs the LLM (None: the
-        process's count when the loop is made, which the audio workers use)."""
+        process's count when the loop is made, which the audio workers use). ``on_idle`` runs
+        in the loop thread once per idle period (``limits.idle_release_seconds``)."""
         self.lm = lm
         self.limits = limits
         self.threads = torch.get_num_threads()
@@ -526,6 +546,9 @@ class EngineLoop:
         self._stopping = False
         self._next_worker = 0
         self._outbox: dict[AudioWorker, list[_AudioWork]] = {}  # this step's audio work
+        self._on_idle = on_idle
+        self._idle_due = False  # work ran since the last on_idle
+        self.idle_calls = 0  # times on_idle ran (for tests and metrics)
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
 
@@ -587,7 +610,9 @@ class EngineLoop:
                 raise RuntimeError("the engine is closed")
             self._ensure_thread()
             worker = min(self._audio, key=AudioWorker.backlog)  # the least busy one
-        worker.put(_Background(fn, future))
+            worker.put(_Background(fn, future))
+            self._idle_due = True
+            self._wake.notify()
         return future
 
     def close(self) -> None:
@@ -613,12 +638,8 @@ class EngineLoop:
     # ------------------------------------------------------------------ loop thread
     def _main(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not (self._stopping or self._waiting or self._calls or self._rows):
-                        self._wake.wait()
-                    if self._stopping:
-                        break
+            while self._wait_for_work():
+                self._idle_due = True
                 try:
                     self._step()
                 except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the loop
@@ -630,6 +651,41 @@ class EngineLoop:
             self._fail(row, RuntimeError("the engine was closed"))
         for job in self._waiting:
             job.sink.end(RuntimeError("the engine was closed"))
+
+    def _wait_for_work(self) -> bool:
+        """Wait for something to step; False once closing. Once nothing is live (no row
+        decoding or vocoding, no audio work) for ``idle_release_seconds`` after some work,
+        run ``on_idle``, outside the lock so that a request arriving meanwhile is not held."""
+        delay = self.limits.idle_release_seconds
+        while True:
+            with self._wake:
+                if self._stopping or self._waiting or self._calls or self._rows:
+                    return not self._stopping
+                due = self._idle_due and delay is not None
+                if not (due and self._quiet()):
+                    # woken by new work, a request's end or background work (they notify);
+                    # a busy audio worker is looked at again after a while
+                    self._wake.wait(delay if due else None)
+                    continue
+                if self._wake.wait(delay) or not self._quiet():
+                    continue  # woken, or still busy: start the wait again
+                if self._stopping or self._waiting or self._calls or self._rows:
+                    continue
+                self._idle_due = False
+            try:
+                self._on_idle()
+            except Exception:  # noqa: BLE001 - housekeeping must not stop the loop
+                log.exception("idle housekeeping failed")
+            self.idle_calls += 1
+
+    def _quiet(self) -> bool:
+        return not self._live and all(worker.idle for worker in self._audio)
+
+    def _row_ended(self, row: _Row) -> None:
+        with self._wake:
+            self._live.discard(row)
+            if not self._live:
+                self._wake.notify()  # the loop may start its idle wait
 
     def _step(self) -> None:
         try:
@@ -697,7 +753,7 @@ class EngineLoop:
                 continue
             try:
                 run = job.prepare()
-                row = _Row(job, run, on_end=self._live.discard, streaming=run.stream)
+                row = _Row(job, run, on_end=self._row_ended, streaming=run.stream)
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
                 job.sink.end(exc)

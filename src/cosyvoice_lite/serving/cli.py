@@ -99,6 +99,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="threads computing the flow and vocoder chunks of different requests",
     )
     limits.add_argument(
+        "--idle-release-seconds",
+        type=float,
+        default=10.0,
+        help="after this long with no request, freed memory goes back to the OS (the next "
+        "request then runs a few percent slower); 0: never",
+    )
+    limits.add_argument(
         "--prompt-cache-mb",
         type=int,
         default=2048,
@@ -303,6 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             llm_checkpoint=args.llm_checkpoint,
             max_batch=args.workers,
             audio_workers=args.audio_workers,
+            idle_release_seconds=args.idle_release_seconds or None,
             prompt_cache_mb=args.prompt_cache_mb,
             stream_cache_mb=args.stream_cache_mb,
             backend=args.backend,
@@ -333,6 +341,7 @@ def ray_options_from_args(args: argparse.Namespace):
         "llm_checkpoint": args.llm_checkpoint,
         "max_batch": args.workers,
         "audio_workers": args.audio_workers,
+        "idle_release_seconds": args.idle_release_seconds or None,
         "prompt_cache_mb": args.prompt_cache_mb,
         "stream_cache_mb": args.stream_cache_mb,
         "backend": args.backend,

@@ -1,0 +1,22 @@
+"""Handing freed heap back to the operating system.
+
+glibc's allocator keeps the memory that freed tensors below its mmap threshold leave behind
+(up to 32 MB each, so most activations and cache blocks): a process's resident size stays at its
+peak after loading or after a long stream, although nothing uses that memory any more.
+``malloc_trim`` returns the whole free pages of its arenas. It costs tens of milliseconds for
+gigabytes and makes the next allocations fault their pages in again, so it runs after loading
+and when the engine has been idle for a while, never between a request's steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+
+def release_freed_memory() -> None:
+    """Return the allocator's free pages to the OS (glibc's ``malloc_trim``; nothing on other C
+    libraries). Measured with full-size CosyVoice2: 2.0 -> 1.5 GB resident after loading in bf16,
+    3.0 -> 1.5 GB with int8 LLM layers, 5.7 -> 4.5 GB after a float32 stream."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
