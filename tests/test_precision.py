@@ -17,6 +17,7 @@ from torch import nn
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import check_precision, cpu_features, resolve_placement
 from cosyvoice_lite.errors import DeviceError
+from cosyvoice_lite.mapped_tables import MappedEmbedding
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
 from cosyvoice_lite.networks.linear import FusedLinear
@@ -75,6 +76,10 @@ def test_weights_are_stored_in_the_chosen_dtype(version: int, dtype: str) -> Non
         elif part == "flow":
             rope = {n for n in exempt if n.endswith("rotary_embed.inv_freq")}
             assert exempt - rope == FLOW_EXEMPT[version] and (version == 3) == bool(rope)
+        # the LLM's text table stays the checkpoint file's float32 pages (mapped_tables.py)
+        mapped = {n for n, m in network.named_modules() if isinstance(m, MappedEmbedding)}
+        assert bool(mapped) == (part == "llm"), (part, mapped)
+        exempt |= mapped
         tensors = _float_tensors(network)
         kept = {n: t.dtype for n, t in tensors.items() if _under(n, exempt)}
         lowered = {n: t.dtype for n, t in tensors.items() if not _under(n, exempt)}

@@ -26,6 +26,11 @@ class TransformerLM(nn.Module):
     bring their own sampler.
     """
 
+    mapped_tables = {
+        "text_embedding": "the 51,866-token text vocabulary (106 MB in float32): a request "
+        "reads its text's rows"
+    }
+
     def __init__(
         self,
         text_encoder_input_size: int,

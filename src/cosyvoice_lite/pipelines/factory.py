@@ -10,6 +10,7 @@ from ..build import build_network
 from ..device import Placement
 from ..errors import ModelDirError
 from ..hub import whisper_vocab_path
+from ..mapped_tables import map_tables
 from ..modeldir import ModelDir, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
 from ..precision import apply_precision, stream_cache_dtype
@@ -47,7 +48,10 @@ def load_network(
         load_hift_state_dict(network, state)
     else:
         load_strict(network, state, path)
-    return apply_precision(network.to(placement.device).eval(), part, placement, kernels)
+    network = apply_precision(network.to(placement.device).eval(), part, placement, kernels)
+    if kernels and placement.device.type == "cpu":
+        map_tables(network, path)  # the sparse text tables stay in the file's pages
+    return network
 
 
 def build_pipeline(
