@@ -64,3 +64,38 @@ def build_network(spec: Component) -> torch.nn.Module:
         return _network_class(spec.class_name)(**kwargs).eval()
     except TypeError as exc:
         raise ModelDirError(f"yaml arguments for {spec.class_name} do not fit: {exc}") from exc
+
+
+def build_for_checkpoint(spec: Component) -> torch.nn.Module:
+    """``build_network(spec)`` for a strict checkpoint load, without initialising what the load
+    overwrites: the network is built on the meta device and given uninitialised CPU memory, where
+    every tensor of it is in its state dict (so the strict load sets them all; weights tied to
+    each other stay tied). A network with tensors only its constructor computes (non-persistent
+    buffers such as the flow's fixed noise, plain tensor attributes) is built as usual. The
+    random initialisation it skips costs 3-6 s of a full-size Qwen2 LLM's load."""
+    with torch.device("meta"):
+        network = build_network(spec)
+    if not _state_dict_holds_everything(network):
+        return build_network(spec)
+    owners: dict[int, tuple[torch.nn.Module, str]] = {}
+    ties: list[tuple[torch.nn.Module, str, torch.nn.Module, str]] = []
+    for module in network.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is None:
+                continue
+            owner = owners.setdefault(id(parameter), (module, name))
+            if owner[0] is not module or owner[1] != name:
+                ties.append((module, name, *owner))
+    network.to_empty(device="cpu")  # untouched pages: not resident until the load writes them
+    for module, name, owner, owner_name in ties:
+        setattr(module, name, getattr(owner, owner_name))
+    return network
+
+
+def _state_dict_holds_everything(network: torch.nn.Module) -> bool:
+    for module in network.modules():
+        if module._non_persistent_buffers_set:
+            return False
+        if any(isinstance(value, torch.Tensor) for value in vars(module).values()):
+            return False
+    return True

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..build import build_network
+from ..build import build_for_checkpoint
 from ..device import Placement
 from ..errors import ModelDirError
 from ..hub import whisper_vocab_path
@@ -37,10 +37,10 @@ def load_network(
     """Build one network from the yaml and load its checkpoint strictly; ``kernels``: with the
     load-time decoding kernels (precision.apply_precision), as the engine runs it."""
     spec = getattr(model.config, part)
-    network = build_network(spec)
     path = model.path / filename
     if not path.is_file():
         raise ModelDirError(f"{path} is missing")
+    network = build_for_checkpoint(spec)
     state = load_checkpoint(path)
     if part == "hift":
         from ..networks.hift import load_hift_state_dict
