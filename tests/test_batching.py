@@ -456,7 +456,7 @@ def test_decoding_waits_for_a_late_voices_first_piece() -> None:
 def test_the_loop_hands_freed_memory_back_once_idle() -> None:
     """Once no request is live for ``idle_release_seconds``, the loop runs its idle hook (the
     heap's free pages back to the OS) once; never while a request is being computed."""
-    idle = 0.5
+    idle = 1.0
     engine = Engine.load(DATA / "models" / "v2-tiny", idle_release_seconds=idle)
     try:
         loop = engine.loop
@@ -464,12 +464,12 @@ def test_the_loop_hands_freed_memory_back_once_idle() -> None:
         for round_ in (1, 2):
             for _ in engine.synthesize(request):
                 assert loop.idle_calls == round_ - 1
+            assert loop.idle_calls == round_ - 1  # not as soon as the request ends
             done = time.monotonic()
             while loop.idle_calls < round_ and time.monotonic() < done + 3 * idle + 5:
                 time.sleep(0.02)
             assert loop.idle_calls == round_
-            assert time.monotonic() - done >= idle
-            time.sleep(3 * idle)
+            time.sleep(2 * idle)
             assert loop.idle_calls == round_  # once per idle period
     finally:
         engine.close()
