@@ -499,7 +499,7 @@ class LoopLimits:
     ``audio_workers`` threads compute flow + vocoder chunks (a row always uses the same one).
     After ``idle_release_seconds`` with no request live and no audio work, the loop runs its idle
     hook once (the freed heap back to the OS, heap.py: a float32 CosyVoice2 stream leaves ~1.5 GB
-    of it; None: never). Not right away: the next request faults those pages in again (~7% of a
+    of it; None: never). Not right away: the next request faults those pages in again (5-7% of a
     stream's time), which a busy server should not pay between back-to-back requests."""
 
     max_batch: int = 16
