@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosyvoice_lite.build import build_for_checkpoint, build_network
+from cosyvoice_lite.build import SkipInit, build_for_checkpoint, build_network
 from cosyvoice_lite.modeldir import load_checkpoint, load_strict, open_model_dir
 
 MODELS = Path(__file__).resolve().parent / "data" / "models"
@@ -37,3 +37,16 @@ def test_a_network_with_constructor_made_tensors_is_built_as_usual() -> None:
     flow = build_for_checkpoint(model.config.flow)
     expected = build_network(model.config.flow)
     assert torch.equal(flow.decoder.rand_noise, expected.decoder.rand_noise)
+
+
+def test_skip_init_leaves_tensors_as_allocated() -> None:
+    weight = torch.zeros(4, 3)
+    with SkipInit():
+        torch.nn.init.kaiming_uniform_(weight)
+        torch.nn.init.normal_(weight)
+        weight.uniform_()
+        layer = torch.nn.Linear(3, 4)  # its reset_parameters skipped too
+    assert torch.equal(weight, torch.zeros(4, 3))
+    assert layer.weight.shape == (4, 3)
+    torch.nn.init.normal_(weight)  # outside the mode, initialisers work again
+    assert weight.abs().sum() > 0

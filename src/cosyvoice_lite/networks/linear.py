@@ -38,26 +38,17 @@ class FusedLinear(nn.Module):
         weight = torch.cat([m.weight.detach() for m in members])
         has_bias = any(m.bias is not None for m in members)
         self.sizes = tuple(m.out_features for m in members)
+        # built on the meta device (no random initialisation), then given the joined weights
         self.linear = nn.Linear(
-            in_features.pop(),
-            weight.shape[0],
-            bias=has_bias,
-            device=weight.device,
-            dtype=weight.dtype,
+            in_features.pop(), weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype
         )
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            if has_bias:  # a member without bias (e.g. v1's linear_k) adds zeros
-                self.linear.bias.copy_(
-                    torch.cat(
-                        [
-                            m.bias.detach()
-                            if m.bias is not None
-                            else weight.new_zeros(m.out_features)
-                            for m in members
-                        ]
-                    )
-                )
+        self.linear.weight = nn.Parameter(weight)
+        if has_bias:  # a member without bias (e.g. v1's linear_k) adds zeros
+            bias = [
+                m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
+                for m in members
+            ]
+            self.linear.bias = nn.Parameter(torch.cat(bias))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(x).split(self.sizes, dim=-1)
