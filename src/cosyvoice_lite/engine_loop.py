@@ -667,10 +667,9 @@ class EngineLoop:
                     # a busy audio worker is looked at again after a while
                     self._wake.wait(delay if due else None)
                     continue
+                # new work always comes with a notify, so a wait that times out saw none
                 if self._wake.wait(delay) or not self._quiet():
                     continue  # woken, or still busy: start the wait again
-                if self._stopping or self._waiting or self._calls or self._rows:
-                    continue
                 self._idle_due = False
             try:
                 self._on_idle()
