@@ -208,9 +208,6 @@ class Engine:
             None if stream_cache_mb is None else stream_cache_mb << 20,
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
-        # the schedule and device are final: what the flow derives from t alone is computed
-        # now, and the weights only that reads are released (v3 full size: 570 MB in float32)
-        pipeline.flow.decoder.fix_time_conditioning()
         _split_flow_rows(pipeline, placement, backend)
         pipeline.utterance_batch = utterance_batch_size(
             placement, backend, limits.max_batch, batch_utterances

@@ -100,8 +100,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return dict(state)
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    """``load_state_dict(strict=True)`` with one readable error naming every key and shape problem."""
+def load_strict(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: Path,
+    assign: bool = False,
+) -> None:
+    """``load_state_dict(strict=True)`` with one readable error naming every key and shape problem;
+    ``assign``: the module takes the checkpoint's tensors themselves (``assign_state``)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -123,7 +129,60 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
                 )
                 lines.append(f"  {title} ({len(items)}): {shown}")
         raise ModelDirError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
+    if assign:
+        assign_state(module, state)
+    else:
+        module.load_state_dict(state, strict=True)
+
+
+def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(strict=True, assign=True)`` keeping what a copying load keeps: each
+    tensor in the module's dtype, and parameters the module ties (one object under two names,
+    Qwen2's ``lm_head`` and its table) tied, to the value a copying load leaves (the last).
+
+    The point is memory: from a memory-mapped checkpoint, the module's tensors are then the file's
+    pages, and the load-time kernels (casts, int8, packing) make their copies from those pages,
+    where a copying load first filled the float32 parameters: a full-size float32 Qwen2 (2 GB)
+    held twice while being quantised or packed. ``copy_out_of_file`` then gives what is left its
+    own memory."""
+    own = module.state_dict(keep_vars=True)
+    values = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    tied: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    module.load_state_dict(values, strict=True, assign=True)
+    for names in (names for names in tied.values() if len(names) > 1):
+        kept = module.get_parameter(names[-1])
+        for name in names[:-1]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(owner), attribute, kept)
+
+
+def copy_out_of_file(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> int:
+    """Give every parameter and buffer of ``module`` still in the pages of ``state``'s memory-mapped
+    checkpoint (assigned by ``assign_state`` and not replaced by a cast, int8 or packed copy since)
+    its own memory, so that the loaded network does not depend on the file afterwards (the tables
+    ``mapped_tables`` maps on purpose are another mapping). Returns the bytes copied."""
+    storages = [t.untyped_storage() for t in state.values() if t.device.type == "cpu"]
+    if not storages:
+        return 0
+    # torch maps the whole file once; its tensors' storages lie within that one mapping
+    low = min(s.data_ptr() for s in storages)
+    high = max(s.data_ptr() + s.nbytes() for s in storages)
+    copied = 0
+    for owner in module.modules():
+        for store in (owner._parameters, owner._buffers):
+            for key, tensor in store.items():
+                if tensor is None or tensor.device.type != "cpu" or tensor.is_mkldnn:
+                    continue  # a packed oneDNN weight is opaque, and always a copy
+                if not low <= tensor.untyped_storage().data_ptr() < high:
+                    continue
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = tensor.data.clone()  # the same object: ties stay
+                else:
+                    store[key] = tensor.clone()
+                copied += tensor.numel() * tensor.element_size()
+    return copied
 
 
 def load_speakers(path: Path) -> dict[str, dict[str, torch.Tensor]]:

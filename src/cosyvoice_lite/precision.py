@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from .device import Placement, cpu_features
-from .networks.linear import fuse_linear_groups
+from .heap import release_freed_memory
+from .networks.linear import fuse_groups, fuse_linear_groups
 from .quantized_linear import Int8Linear, Int8MatmulLinear
 
 EXEMPT_ATTRIBUTE = "precision_exempt"
@@ -85,31 +86,54 @@ def tied_to_embeddings(network: nn.Module) -> set[nn.Module]:
     return {m for m in network.modules() if type(m) is nn.Linear and id(m.weight) in tables}
 
 
-def replace_linears(network: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
-    """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``make(layer)``,
-    in place, one at a time (each old layer is freed before the next is made)."""
+RELEASE_EVERY = 64 << 20  # bytes of layers replaced between two hand-backs of freed heap
+
+
+def replace_linears(
+    network: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    fuse: bool = True,
+    within: Callable[[nn.Module], bool] | None = None,
+) -> nn.Module:
+    """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` (only those inside a
+    module for which ``within`` is true, if given) by ``make(layer)``, in place, one at a time, each module's linear groups fused just before its layers are
+    replaced (``fuse``; export keeps the official layers): one fused float copy exists at a time (a full-size Qwen2's are 0.9 GB in float32),
+    each old layer is freed before the next is made, and the freed heap goes back to the OS
+    every ``RELEASE_EVERY`` bytes (a kernel's transient copies of layer after layer left 0.6 GB
+    free in the heap of a CosyVoice3 flow's int8 load)."""
     exempt = exempt_names(network)
     tables = tied_to_embeddings(network)
-    places = [
-        (module, name)
-        for prefix, module in network.named_modules()
-        for name, child in module.named_children()
-        if type(child) is nn.Linear
-        and child not in tables
-        and not _is_exempt(f"{prefix}.{name}" if prefix else name, exempt)
-    ]
-    for module, name in places:
-        setattr(module, name, make(getattr(module, name)))
+    replaced = 0
+
+    def visit(module: nn.Module, prefix: str, inside: bool) -> None:
+        nonlocal replaced
+        inside = inside or within(module)
+        if fuse and inside:
+            fuse_groups(module)
+        for name, child in list(module.named_children()):
+            path = f"{prefix}.{name}" if prefix else name
+            if type(child) is not nn.Linear:
+                visit(child, path, inside)
+            elif inside and child not in tables and not _is_exempt(path, exempt):
+                setattr(module, name, make(child))
+                replaced += child.weight.numel() * child.weight.element_size()
+                if replaced >= RELEASE_EVERY:
+                    release_freed_memory()
+                    replaced = 0
+
+    within = within or (lambda module: True)
+    visit(network, "", False)
     return network
 
 
 def quantize_products_int8(network: nn.Module, kernel: str = "torch") -> nn.Module:
     """Replace the linear layers inside the modules whose class declares ``int8_products`` by
     ``Int8MatmulLinear`` (W8A8, products by ``kernel``), in place."""
-    for module in list(network.modules()):
-        if getattr(type(module), INT8_PRODUCTS_ATTRIBUTE, None):
-            replace_linears(module, lambda linear: Int8MatmulLinear(linear, kernel))
-    return network
+    return replace_linears(
+        network,
+        lambda linear: Int8MatmulLinear(linear, kernel),
+        within=lambda module: bool(getattr(type(module), INT8_PRODUCTS_ATTRIBUTE, None)),
+    )
 
 
 def has_int8_products(network: nn.Module) -> bool:
@@ -117,11 +141,14 @@ def has_int8_products(network: nn.Module) -> bool:
     return any(isinstance(module, Int8MatmulLinear) for module in network.modules())
 
 
-def quantize_linear_int8(network: nn.Module, threads: int | None = None) -> nn.Module:
-    """Replace the (non-exempt, untied) ``nn.Linear`` layers by ``Int8Linear``, in place;
-    ``threads``: onnxruntime's threads per layer (default: torch's thread count)."""
+def quantize_linear_int8(
+    network: nn.Module, threads: int | None = None, fuse: bool = True
+) -> nn.Module:
+    """Replace the (non-exempt, untied) ``nn.Linear`` layers by ``Int8Linear``, in place, the
+    linear groups fused first (``fuse``); ``threads``: onnxruntime's threads per layer (default:
+    torch's thread count)."""
     threads = threads or torch.get_num_threads()
-    return replace_linears(network, lambda linear: Int8Linear(linear, threads))
+    return replace_linears(network, lambda linear: Int8Linear(linear, threads), fuse)
 
 
 class PackedLinear(nn.Module):
@@ -171,11 +198,13 @@ def apply_precision(
     product for q/k/v: the same floats, fewer and larger calls; a streamed flow chunk ~15% less
     CPU) and adds the LLM's decoding kernels and the low-precision flow's (packed weights); export
     loads without them, keeping the official module tree."""
+    # Each kernel replaces layer after layer, fusing a module's groups just before (so the load
+    # peaks near the loaded size); the groups no kernel replaces are fused last. Casting comes
+    # first: joined after the cast, the fused weights are the same numbers, made in the dtype.
     decoding = part == "llm" and kernels
-    if kernels:
-        fuse_linear_groups(network)
     if part == "llm" and placement.quantize == "int8":
-        return quantize_linear_int8(network)  # int8 kernels take float32 activations
+        # int8 kernels take float32 activations; export (no kernels) keeps the official tree
+        return quantize_linear_int8(network, fuse=kernels)
     if placement.dtype != torch.float32:
         cast_weights(network, placement.dtype)
     product_kernel = int8_product_kernel(placement)
@@ -183,6 +212,8 @@ def apply_precision(
         quantize_products_int8(network, product_kernel)
     if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
         pack_linears(network)
+    if kernels:
+        fuse_linear_groups(network)
     if decoding and placement.device.type == "cpu" and placement.dtype != torch.float32:
         attend_in_float32(network)
     return network

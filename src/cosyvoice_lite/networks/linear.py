@@ -72,11 +72,17 @@ def fuse_linear_groups(network: nn.Module) -> nn.Module:
     dict no longer has the official names, which only loading and export need.
     """
     for module in list(network.modules()):
-        for group, names in getattr(type(module), GROUPS_ATTRIBUTE, {}).items():
-            members = [getattr(module, name) for name in names]
-            if not all(type(m) is nn.Linear for m in members):
-                continue  # already fused, quantised or replaced
-            setattr(module, group, FusedLinear(members))
-            for name in names:
-                setattr(module, name, None)
+        fuse_groups(module)
     return network
+
+
+def fuse_groups(module: nn.Module) -> None:
+    """Fuse the linear groups ``module`` itself declares (not its children's), in place; a group
+    already fused, quantised or replaced stays as it is."""
+    for group, names in getattr(type(module), GROUPS_ATTRIBUTE, {}).items():
+        members = [getattr(module, name) for name in names]
+        if not all(type(m) is nn.Linear for m in members):
+            continue
+        setattr(module, group, FusedLinear(members))
+        for name in names:
+            setattr(module, name, None)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from ..build import build_for_checkpoint
 from ..device import Placement
 from ..errors import ModelDirError
+from ..heap import release_freed_memory
 from ..hub import whisper_vocab_path
 from ..mapped_tables import map_tables
-from ..modeldir import ModelDir, load_checkpoint, load_strict
+from ..modeldir import ModelDir, copy_out_of_file, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
 from ..precision import apply_precision, stream_cache_dtype
 from ..versions import spec
@@ -32,10 +34,17 @@ def text_tokenizer(model: ModelDir):
 
 
 def load_network(
-    model: ModelDir, part: str, filename: str, placement: Placement, kernels: bool = True
+    model: ModelDir,
+    part: str,
+    filename: str,
+    placement: Placement,
+    kernels: bool = True,
+    finish: Callable[[torch.nn.Module], object] | None = None,
 ) -> torch.nn.Module:
     """Build one network from the yaml and load its checkpoint strictly; ``kernels``: with the
-    load-time decoding kernels (precision.apply_precision), as the engine runs it."""
+    load-time decoding kernels (precision.apply_precision), as the engine runs it; ``finish``:
+    a last step while the tensors the kernels did not replace are still the file's pages (what
+    it releases is never copied into memory)."""
     spec = getattr(model.config, part)
     path = model.path / filename
     if not path.is_file():
@@ -46,12 +55,25 @@ def load_network(
         from ..networks.hift import load_hift_state_dict
 
         load_hift_state_dict(network, state)
-    else:
-        load_strict(network, state, path)
+    else:  # the kernels below copy from the file's pages (assign_state)
+        load_strict(network, state, path, assign=True)
     network = apply_precision(network.to(placement.device).eval(), part, placement, kernels)
     if kernels and placement.device.type == "cpu":
         map_tables(network, path)  # the sparse text tables stay in the file's pages
+    if finish is not None:
+        finish(network)
+    copy_out_of_file(network, state)
+    if placement.device.type == "cpu":
+        release_freed_memory()  # the kernels' transient copies: not the next network's peak
     return network
+
+
+def fix_schedule(flow: torch.nn.Module, steps: int) -> None:
+    """The engine's flow schedule, final from load: ``steps`` Euler steps (a quality/speed
+    trade-off, official 10); what the flow derives from t alone is computed now and the weights
+    only that reads are released (CosyVoice3 full size: 570 MB in float32)."""
+    flow.decoder.set_steps(steps)
+    flow.decoder.fix_time_conditioning()
 
 
 def build_pipeline(
@@ -63,8 +85,9 @@ def build_pipeline(
     stream_cache_bytes: int | None = None,
 ):
     llm = load_network(model, "llm", llm_checkpoint, placement)
-    flow = load_network(model, "flow", "flow.pt", placement)
-    flow.decoder.set_steps(flow_steps)  # Euler steps: a quality/speed trade-off, official 10
+    flow = load_network(
+        model, "flow", "flow.pt", placement, finish=lambda flow: fix_schedule(flow, flow_steps)
+    )
     hift = load_network(model, "hift", "hift.pt", placement)
     if spec(model.version).pipeline == "v1":
         from .v1 import V1Pipeline
