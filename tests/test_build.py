@@ -134,3 +134,15 @@ def test_the_engines_flow_releases_its_time_weights_before_they_leave_the_file()
     estimator = flow.decoder.estimator
     assert flow.decoder.steps == 4
     assert all(p.numel() == 0 for m in estimator.time_modules() for p in m.parameters())
+
+
+def test_an_assigned_load_keeps_the_networks_layout(tmp_path: Path) -> None:
+    """A checkpoint holding a strided view (a transposed tensor's storage) gives a contiguous
+    weight, as a copying load does."""
+    weight = torch.randn(3, 4).t()  # [4, 3], not contiguous
+    torch.save({"weight": weight, "bias": torch.zeros(4)}, tmp_path / "layer.pt")
+    state = load_checkpoint(tmp_path / "layer.pt")
+    assert not state["weight"].is_contiguous()
+    layer = torch.nn.Linear(3, 4)
+    load_strict(layer, state, tmp_path / "layer.pt", assign=True)
+    assert layer.weight.is_contiguous() and torch.equal(layer.weight, weight)

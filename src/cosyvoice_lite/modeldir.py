@@ -146,7 +146,7 @@ def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> 
     held twice while being quantised or packed. ``copy_out_of_file`` then gives what is left its
     own memory."""
     own = module.state_dict(keep_vars=True)
-    values = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    values = {k: _as_built(v, own[k]) for k, v in state.items()}
     tied: dict[int, list[str]] = {}
     for name, parameter in module.named_parameters(remove_duplicate=False):
         tied.setdefault(id(parameter), []).append(name)
@@ -156,6 +156,14 @@ def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> 
         for name in names[:-1]:
             owner, _, attribute = name.rpartition(".")
             setattr(module.get_submodule(owner), attribute, kept)
+
+
+def _as_built(value: torch.Tensor, built: torch.Tensor) -> torch.Tensor:
+    """``value`` in the dtype and layout a copying load would leave it in: ``built``'s dtype, and
+    contiguous (a checkpoint may hold a strided view; the kernels read whole rows)."""
+    if value.dtype != built.dtype:
+        value = value.to(built.dtype)
+    return value if value.is_contiguous() or not built.is_contiguous() else value.contiguous()
 
 
 def copy_out_of_file(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> int:
