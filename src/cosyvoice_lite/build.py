@@ -77,7 +77,9 @@ def build_for_checkpoint(spec: Component) -> torch.nn.Module:
     skip = SkipInit()
     with skip:
         network = build_network(spec)
-    return network if not uses_skipped(network, skip.skipped) else build_network(spec)
+    rebuild = uses_skipped(network, skip.skipped)
+    skip.skipped.clear()
+    return build_network(spec) if rebuild else network
 
 
 class SkipInit(TorchFunctionMode):
@@ -101,21 +103,28 @@ class SkipInit(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.skipped: set[int] = set()
+        # held, not just their addresses: a freed one's address could be reused by a tensor
+        # made later in the build (seen with the vocoder's window)
+        self.skipped: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if getattr(func, "__name__", None) in self.SKIPPED:
             tensor = args[0] if args else (kwargs or {}).get("tensor")
-            self.skipped.add(tensor.untyped_storage().data_ptr())
+            self.skipped.append(tensor)
             return tensor
         return func(*args, **(kwargs or {}))
 
 
-def uses_skipped(network: torch.nn.Module, skipped: set[int]) -> bool:
-    """Whether a tensor outside ``network``'s state dict is one whose initialiser was skipped."""
+def uses_skipped(network: torch.nn.Module, skipped: list[torch.Tensor]) -> bool:
+    """Whether a tensor outside ``network``'s state dict shares memory with one whose
+    initialiser was skipped (empty tensors, which have no memory, never do)."""
+    addresses = {t.untyped_storage().data_ptr() for t in skipped if t.numel()}
     for module in network.modules():
         made = [module._buffers[name] for name in module._non_persistent_buffers_set]
         made += [value for value in vars(module).values() if isinstance(value, torch.Tensor)]
-        if any(t is not None and t.untyped_storage().data_ptr() in skipped for t in made):
+        if any(
+            t is not None and t.numel() and t.untyped_storage().data_ptr() in addresses
+            for t in made
+        ):
             return True
     return False

@@ -92,7 +92,7 @@ RELEASE_EVERY = 64 << 20  # bytes of layers replaced between two hand-backs of f
 def replace_linears(
     network: nn.Module,
     make: Callable[[nn.Linear], nn.Module],
-    fuse: bool = True,
+    fuse: bool = False,
     within: Callable[[nn.Module], bool] | None = None,
 ) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` (only those inside a
@@ -126,12 +126,16 @@ def replace_linears(
     return network
 
 
-def quantize_products_int8(network: nn.Module, kernel: str = "torch") -> nn.Module:
+def quantize_products_int8(
+    network: nn.Module, kernel: str = "torch", fuse: bool = False
+) -> nn.Module:
     """Replace the linear layers inside the modules whose class declares ``int8_products`` by
-    ``Int8MatmulLinear`` (W8A8, products by ``kernel``), in place."""
+    ``Int8MatmulLinear`` (W8A8, products by ``kernel``), in place, their linear groups fused
+    first (``fuse``)."""
     return replace_linears(
         network,
         lambda linear: Int8MatmulLinear(linear, kernel),
+        fuse,
         within=lambda module: bool(getattr(type(module), INT8_PRODUCTS_ATTRIBUTE, None)),
     )
 
@@ -142,7 +146,7 @@ def has_int8_products(network: nn.Module) -> bool:
 
 
 def quantize_linear_int8(
-    network: nn.Module, threads: int | None = None, fuse: bool = True
+    network: nn.Module, threads: int | None = None, fuse: bool = False
 ) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers by ``Int8Linear``, in place, the
     linear groups fused first (``fuse``); ``threads``: onnxruntime's threads per layer (default:
@@ -183,9 +187,10 @@ def packs_linear(placement: Placement) -> bool:
     )
 
 
-def pack_linears(network: nn.Module) -> nn.Module:
-    """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``."""
-    return replace_linears(network, PackedLinear)
+def pack_linears(network: nn.Module, fuse: bool = False) -> nn.Module:
+    """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``,
+    their linear groups fused first (``fuse``)."""
+    return replace_linears(network, PackedLinear, fuse)
 
 
 def apply_precision(
@@ -209,9 +214,9 @@ def apply_precision(
         cast_weights(network, placement.dtype)
     product_kernel = int8_product_kernel(placement)
     if part == "flow" and kernels and placement.quantize == "int8" and product_kernel:
-        quantize_products_int8(network, product_kernel)
+        quantize_products_int8(network, product_kernel, fuse=True)
     if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
-        pack_linears(network)
+        pack_linears(network, fuse=True)  # only with kernels, which fuse
     if kernels:
         fuse_linear_groups(network)
     if decoding and placement.device.type == "cpu" and placement.dtype != torch.float32:
