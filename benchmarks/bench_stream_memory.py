@@ -1,13 +1,14 @@
 """Memory and speed of one long CosyVoice2/3 stream under per-stream flow cache budgets.
 
 One command: ``python benchmarks/bench_stream_memory.py --model DIR [--tokens 750]
-[--budgets none,1024,256] [--dtype float32]``. Each budget runs in its own process (peak RSS is
+[--budgets none,1024,256] [--cache-dtypes float32,float16] [--dtype float32]``. Each budget
+(for each ``--stream-cache-dtype`` named) runs in its own process (peak RSS is
 per process): the engine loads, a saved voice's prompt goes through the flow once (the per-voice
 cache, shared by every stream of that voice, reported apart), then one stream of ``--tokens``
 replayed speech tokens (fixed: no LLM work, exact length, checked) runs through the flow and
 vocoder with the official chunk schedule. Printed per budget: peak RSS above the loaded model and
-the voice cache, time, real-time factor, first-chunk compute time; the machine's load average and
-floors come from the same run.
+the voice cache, that cache, time, real-time factor, first-chunk compute time; the machine's
+load average and floors come from the same run.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ def worker(args: argparse.Namespace) -> None:
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
     budget = None if args.budget == "none" else int(args.budget)
-    engine = Engine.load(args.model, dtype=args.dtype, stream_cache_mb=budget, download=False)
+    cache_dtype = None if args.cache_dtype == "default" else args.cache_dtype
+    engine = Engine.load(
+        args.model,
+        dtype=args.dtype,
+        stream_cache_mb=budget,
+        stream_cache_dtype=cache_dtype,
+        download=False,
+    )
     loaded = memory_kb()["rss_kb"]
     voice = engine.encode_prompt(PROMPT_WAV, prompt_transcript())
     request = SynthesisRequest(Mode.ZERO_SHOT, "你好", stream=True)
@@ -74,6 +82,7 @@ def worker(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "budget_mb": budget,
+                "cache_dtype": args.cache_dtype,
                 "loaded_kb": loaded,
                 "voice_cache_kb": with_voice - loaded,
                 "prime_s": prime_s,
@@ -93,10 +102,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=750, help="speech tokens (25 per second)")
     parser.add_argument("--budgets", default="none,1024,256", help="MiB per stream, or none")
+    parser.add_argument(
+        "--cache-dtypes", default="default", help="stream cache dtypes (float16, float32, default)"
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--budget", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dtype", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -109,28 +122,32 @@ def main() -> None:
     floors = describe(measure())
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     rows = []
-    for budget in args.budgets.split(","):
-        argv = [sys.executable, __file__, "--worker", "--budget", budget]
-        argv += ["--model", str(args.model), "--tokens", str(args.tokens)]
-        argv += ["--dtype", args.dtype, "--threads", str(args.threads)]
-        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"budget {budget}: {rows[-1]}", flush=True)
+    for cache_dtype in args.cache_dtypes.split(","):
+        for budget in args.budgets.split(","):
+            argv = [sys.executable, __file__, "--worker", "--budget", budget]
+            argv += ["--cache-dtype", cache_dtype]
+            argv += ["--model", str(args.model), "--tokens", str(args.tokens)]
+            argv += ["--dtype", args.dtype, "--threads", str(args.threads)]
+            out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"{cache_dtype} caches, budget {budget}: {rows[-1]}", flush=True)
     mib = 1 / 1024
     print(
         f"\none stream of {args.tokens} replayed tokens ({rows[0]['audio_s']:.1f} s of audio), "
         f"{args.model.name}, {args.dtype}, {args.threads} threads; model RSS "
-        f"{rows[0]['loaded_kb'] * mib:.0f} MiB; the saved voice's prompt flow cache "
-        f"{rows[0]['voice_cache_kb'] * mib:.0f} MiB (computed once in {rows[0]['prime_s']:.1f} s)"
+        f"{rows[0]['loaded_kb'] * mib:.0f} MiB; the saved voice's prompt flow cache computed once "
+        f"in {rows[0]['prime_s']:.1f} s"
     )
     print(
-        f"{'stream cache budget':<22}{'stream peak MiB':>16}{'time s':>9}{'RTF':>7}"
-        f"{'first chunk s':>15}{'time vs unbounded':>19}"
+        f"{'caches, budget':<22}{'voice MiB':>10}{'stream peak MiB':>16}{'time s':>9}{'RTF':>7}"
+        f"{'first chunk s':>15}{'time vs first row':>19}"
     )
     for row in rows:
-        label = "unbounded" if row["budget_mb"] is None else f"{row['budget_mb']} MiB"
+        budget = "unbounded" if row["budget_mb"] is None else f"{row['budget_mb']} MiB"
+        label = f"{row['cache_dtype']}, {budget}"
         print(
-            f"{label:<22}{row['stream_peak_kb'] * mib:>16.0f}{row['seconds']:>9.1f}"
+            f"{label:<22}{row['voice_cache_kb'] * mib:>10.0f}"
+            f"{row['stream_peak_kb'] * mib:>16.0f}{row['seconds']:>9.1f}"
             f"{row['seconds'] / row['audio_s']:>7.2f}{row['first_chunk_compute_s']:>15.2f}"
             f"{row['seconds'] / rows[0]['seconds']:>18.2f}x"
         )

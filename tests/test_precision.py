@@ -16,7 +16,7 @@ from torch import nn
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import check_precision, cpu_features, resolve_placement
-from cosyvoice_lite.errors import DeviceError
+from cosyvoice_lite.errors import DeviceError, InvalidRequestError
 from cosyvoice_lite.mapped_tables import MappedEmbedding
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
@@ -424,3 +424,29 @@ def test_int8_streams_keep_their_flow_caches_in_float16(version: int) -> None:
     assert half.shape == exact.shape
     assert float((half - exact).norm() / exact.norm()) < 2e-3
     assert half_bytes < 0.85 * exact_bytes  # the attention caches halve (tiny: beside the rest)
+
+
+def test_the_stream_cache_dtype_is_a_load_option() -> None:
+    """``stream_cache_dtype`` (``--stream-cache-dtype``): float16 halves a float32 engine's stream
+    caches (and voices' prompt frames), float32 keeps int8's exact; another name, or weights in
+    another dtype, is refused before loading."""
+    assert stream_cache_dtype(resolve_placement("cpu"), "float16") == torch.float16
+    assert stream_cache_dtype(resolve_placement("cpu", quantize="int8"), "float32") is None
+    with pytest.raises(ValueError, match="must be one of float16, float32"):
+        stream_cache_dtype(resolve_placement("cpu"), "bfloat16")
+    with pytest.raises(ValueError, match="applies to float32 weights"):
+        stream_cache_dtype(resolve_placement("cpu", "bfloat16"), "float16")
+    with pytest.raises(InvalidRequestError, match="applies to float32 weights"):
+        Engine.load(MODELS / "v2-tiny", dtype="bfloat16", stream_cache_dtype="float16")
+    engine = Engine.load(MODELS / "v2-tiny", stream_cache_dtype="float16")
+    try:
+        assert engine.pipeline.prompt_flows.cache_dtype == torch.float16
+        request = SynthesisRequest(
+            Mode.ZERO_SHOT, "你好。", prompt_audio=DATA / "audio" / "zh_16k.wav",
+            prompt_text="希望你以后能够做的比我还好呦。", seed=3, stream=True,
+            max_speech_tokens=40, ignore_eos=True,
+        )  # fmt: skip
+        chunks = list(engine.synthesize(request))
+        assert chunks[-1].final and sum(c.samples.size for c in chunks) > 0
+    finally:
+        engine.close()

@@ -34,6 +34,7 @@ from .modeldir import ModelDir, load_speakers, open_model_dir
 from .networks.flow_matching import check_steps
 from .pipelines.common import ModelInputs
 from .precision import has_int8_products
+from .precision import stream_cache_dtype as resolve_stream_cache_dtype
 from .request import AudioChunk, Mode, SynthesisRequest
 from .row_parallel import RowSplit
 from .sampling import RasSampler
@@ -147,6 +148,7 @@ class Engine:
         idle_release_seconds: float | None = DEFAULT_LIMITS.idle_release_seconds,
         prompt_cache_mb: int = 2048,
         stream_cache_mb: int | None = None,
+        stream_cache_dtype: str | None = None,
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
         batch_utterances: bool | None = None,
@@ -167,7 +169,11 @@ class Engine:
         ``stream_cache_mb`` is a threshold on each stream's own flow caches (checked before each
         flow call, so one chunk and buffer slack may pass it): past it they stop growing and the
         later frames are re-solved at every audio piece, as the official re-solves its whole
-        history (flat memory, more compute; None: unbounded).
+        history (flat memory, more compute; None: unbounded). ``stream_cache_dtype`` ("float16"
+        or "float32", float32 weights only) is the dtype of those caches and of the voices'
+        prompt frames: float16 halves them at a rounding of the keys and values (streamed mel
+        ~1e-5 relative); None: exact in float32, float16 with ``quantize="int8"``
+        (precision.stream_cache_dtype).
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the
         vocoder through the graphs ``cosyvoice-lite export onnx`` wrote to ``onnx_dir``.
         ``batch_utterances``: whole (not streamed) v2/v3 utterances that end together have their
@@ -189,6 +195,10 @@ class Engine:
         except ValueError as exc:  # a load option: the caller's error, named as such
             raise InvalidRequestError(str(exc)) from None
         placement = resolve_placement(device, dtype, quantize)
+        try:
+            cache_dtype = resolve_stream_cache_dtype(placement, stream_cache_dtype)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         if (warning := slow_precision_warning(placement)) is not None:
             log.warning(warning)
         configure_backend(placement)
@@ -206,6 +216,7 @@ class Engine:
             flow_steps,
             prompt_cache_mb << 20,
             None if stream_cache_mb is None else stream_cache_mb << 20,
+            cache_dtype,
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         _split_flow_rows(pipeline, placement, backend)

@@ -224,17 +224,36 @@ def apply_precision(
     return network
 
 
-def stream_cache_dtype(placement: Placement) -> torch.dtype | None:
-    """The dtype the streaming flows keep their keys and values in (None: as computed). float16
-    with ``--quantize int8`` over a float32 flow: the int8 LLM's tokens already depart from the
-    official's float32 ones (and CosyVoice3's DiT products are int8 on a CPU), while the caches
-    are most of a stream's memory (CosyVoice2 4.5 MB per mel frame in float32): half of it, for
-    a rounding of the keys and values (relative 2**-11; streamed mel 1e-5 relative,
-    benchmarks/precision_accuracy.py). Plain float32 keeps them exact (the official streams'
-    floats); bfloat16/float16 weights compute them in their own dtype already."""
-    if placement.quantize == "int8" and placement.dtype == torch.float32:
-        return torch.float16
-    return None
+STREAM_CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def stream_cache_dtype(placement: Placement, requested: str | None = None) -> torch.dtype | None:
+    """The dtype the streaming flows keep their keys and values in (None: as computed).
+
+    By default float16 with ``--quantize int8`` over a float32 flow: the int8 LLM's tokens already
+    depart from the official's float32 ones (and CosyVoice3's DiT products are int8 on a CPU),
+    while the caches are most of a stream's memory (CosyVoice2 4.5 MB per mel frame in float32):
+    half of it, for a rounding of the keys and values (relative 2**-11; streamed mel 1e-5
+    relative, benchmarks/precision_accuracy.py). Plain float32 keeps them exact (the official
+    streams' floats); bfloat16/float16 weights compute them in their own dtype already.
+
+    ``requested`` (``--stream-cache-dtype``, float32 weights only) overrides the default: "float16"
+    halves a float32 stream's memory at that rounding, "float32" keeps int8's caches exact. Raises
+    ValueError for another name or other weights."""
+    if requested is None:
+        if placement.quantize == "int8" and placement.dtype == torch.float32:
+            return torch.float16
+        return None
+    if requested not in STREAM_CACHE_DTYPES:
+        raise ValueError(
+            f"stream cache dtype must be one of {', '.join(STREAM_CACHE_DTYPES)}, got {requested!r}"
+        )
+    if placement.dtype != torch.float32:
+        raise ValueError(
+            f"a stream cache dtype applies to float32 weights; with {placement.dtype} weights the "
+            "flow's keys and values are kept in that dtype"
+        )
+    return None if requested == "float32" else STREAM_CACHE_DTYPES[requested]
 
 
 def int8_product_kernel(placement: Placement) -> str | None:

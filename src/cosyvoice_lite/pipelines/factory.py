@@ -15,7 +15,7 @@ from ..hub import whisper_vocab_path
 from ..mapped_tables import map_tables
 from ..modeldir import ModelDir, copy_out_of_file, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
-from ..precision import apply_precision, stream_cache_dtype
+from ..precision import apply_precision
 from ..versions import spec
 from .prompt_flow import DEFAULT_BUDGET_BYTES
 
@@ -83,6 +83,7 @@ def build_pipeline(
     flow_steps: int = OFFICIAL_STEPS,
     prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
     stream_cache_bytes: int | None = None,
+    cache_dtype: torch.dtype | None = None,
 ):
     llm = load_network(model, "llm", llm_checkpoint, placement)
     flow = load_network(
@@ -109,5 +110,5 @@ def build_pipeline(
         model.version,
         prompt_cache_bytes,
         stream_cache_bytes,
-        stream_cache_dtype(placement),
+        cache_dtype,
     )

@@ -121,6 +121,14 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "re-solves its whole history (default: unbounded)",
     )
     limits.add_argument(
+        "--stream-cache-dtype",
+        choices=("float16", "float32"),
+        default=None,
+        help="dtype of the streams' flow keys/values and voices' prompt frames (v2/v3, float32 "
+        "weights): float16 halves their memory for a rounding (streamed mel ~1e-5 relative) "
+        "(default: exact float32; float16 with --quantize int8)",
+    )
+    limits.add_argument(
         "--max-queue",
         type=int,
         default=8,
@@ -313,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             idle_release_seconds=args.idle_release_seconds or None,
             prompt_cache_mb=args.prompt_cache_mb,
             stream_cache_mb=args.stream_cache_mb,
+            stream_cache_dtype=args.stream_cache_dtype,
             backend=args.backend,
             onnx_dir=args.onnx_dir,
         )
@@ -344,6 +353,7 @@ def ray_options_from_args(args: argparse.Namespace):
         "idle_release_seconds": args.idle_release_seconds or None,
         "prompt_cache_mb": args.prompt_cache_mb,
         "stream_cache_mb": args.stream_cache_mb,
+        "stream_cache_dtype": args.stream_cache_dtype,
         "backend": args.backend,
         "onnx_dir": args.onnx_dir,
     }
