@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cosyvoice_lite.networks.cache import MIN_CAPACITY, GrowingBuffer
+from cosyvoice_lite.networks.cache import MAPPED_BYTES, MIN_CAPACITY, GrowingBuffer
 
 
 def test_chunk_appends_reallocate_at_most_every_other_chunk() -> None:
@@ -61,3 +61,24 @@ def test_float16_rows_come_back_in_the_dtype_written() -> None:
     torch.testing.assert_close(seen, rows, rtol=1e-3, atol=1e-3)
     fork = buffer.fork()
     assert fork.dtype == torch.float16 and fork.parts()[0].dtype == torch.float16
+
+
+def test_large_buffers_on_a_cpu_keep_their_rows_through_regrowth() -> None:
+    """Buffers of MAPPED_BYTES or more are mappings of their own (freed straight to the OS):
+    the same rows through first writes, regrowth, rewrites and a float16 store."""
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(8, 100, 64, generator=g)  # 200 KB: past MAPPED_BYTES
+    more = [torch.randn(8, 50, 64, generator=g) for _ in range(4)]
+    assert first.numel() * first.element_size() >= MAPPED_BYTES
+    for dtype in (None, torch.float16):
+        buffer = GrowingBuffer(dtype)
+        buffer.write(0, first)
+        for rows in more:
+            seen = buffer.append(rows)
+        expected = torch.cat([first, *more], dim=1)
+        if dtype is not None:
+            expected = expected.to(dtype).float()
+        assert torch.equal(seen, expected)
+        again = buffer.write(120, more[0])  # a rewrite drops what followed
+        rewritten = more[0] if dtype is None else more[0].to(dtype).float()
+        assert torch.equal(again, torch.cat([expected[:, :120], rewritten], dim=1))

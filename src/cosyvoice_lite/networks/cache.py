@@ -12,9 +12,27 @@ never depends on the lengths or contents of the others and needs no padding mask
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 MIN_CAPACITY = 64
+MAPPED_BYTES = 128 << 10  # CPU buffers this large or larger get pages of their own from the OS
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer on ``like``'s device; on a CPU a large one is an anonymous
+    mapping of its own, so that once freed (a regrown buffer, an ended stream) its pages go
+    straight back to the OS. From the allocator's heap, which serves allocations up to 32 MB once
+    its threshold has grown, a stream's ~2,200 buffers regrowing together left the outgrown ones
+    as holes that only smaller allocations reuse: a 15 s CosyVoice2 float32 stream peaked 5,633
+    MiB above its voice against 4,694 MiB mapped, in 100 s against 89 s (same host state)."""
+    numel = math.prod(shape)
+    if like.device.type != "cpu" or numel * dtype.itemsize < MAPPED_BYTES:
+        return like.new_empty(shape, dtype=dtype)
+    pages = mmap.mmap(-1, numel * dtype.itemsize)  # unmapped when the tensor is freed
+    return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)
 
 
 class GrowingBuffer:
@@ -71,7 +89,7 @@ class GrowingBuffer:
                 grown_to = end + max(end // 4, rows.size(-2))
             grown_to = -(-grown_to // self.granule) * self.granule
             shape = (*rows.shape[:-2], grown_to, rows.size(-1))
-            grown = rows.new_empty(shape, dtype=self.dtype or rows.dtype)
+            grown = _empty(shape, self.dtype or rows.dtype, rows)
             if self.data is not None and begin > 0:
                 grown[..., :begin, :] = self.data[..., :begin, :]
             self.data = grown
