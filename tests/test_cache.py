@@ -82,3 +82,19 @@ def test_large_buffers_on_a_cpu_keep_their_rows_through_regrowth() -> None:
         again = buffer.write(120, more[0])  # a rewrite drops what followed
         rewritten = more[0] if dtype is None else more[0].to(dtype).float()
         assert torch.equal(again, torch.cat([expected[:, :120], rewritten], dim=1))
+
+
+def test_mapped_buffers_are_counted_until_freed() -> None:
+    """Each mapped buffer counts against half the kernel's mapping limit until its last tensor
+    is freed (past the budget, buffers come from the heap)."""
+    import gc
+
+    from cosyvoice_lite.networks.cache import _Mappings
+
+    before = _Mappings.live
+    buffer = GrowingBuffer()
+    buffer.write(0, torch.zeros(8, 100, 64))
+    assert _Mappings.live == before + (1 if _Mappings.budget else 0)
+    del buffer
+    gc.collect()
+    assert _Mappings.live == before

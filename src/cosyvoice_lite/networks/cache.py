@@ -14,11 +14,45 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
+import weakref
 
 import torch
 
 MIN_CAPACITY = 64
 MAPPED_BYTES = 128 << 10  # CPU buffers this large or larger get pages of their own from the OS
+
+
+def _map_budget() -> int:
+    """How many buffers may be mappings at once: half the kernel's per-process limit on mappings
+    (``vm.max_map_count``, 65,530 by default; a stream holds ~2,200 buffers), the rest left to
+    the allocator and libraries. 0 where the limit cannot be read (not Linux): the heap only."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read()) // 2
+    except (OSError, ValueError):
+        return 0
+
+
+class _Mappings:
+    """The live count of mapped buffers, within ``_map_budget()``."""
+
+    budget = _map_budget()
+    live = 0
+    lock = threading.Lock()
+
+    @classmethod
+    def take(cls) -> bool:
+        with cls.lock:
+            if cls.live >= cls.budget:
+                return False
+            cls.live += 1
+            return True
+
+    @classmethod
+    def give_back(cls) -> None:
+        with cls.lock:
+            cls.live -= 1
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
@@ -29,9 +63,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> to
     as holes that only smaller allocations reuse: a 15 s CosyVoice2 float32 stream peaked 5,633
     MiB above its voice against 4,694 MiB mapped, in 100 s against 89 s (same host state)."""
     numel = math.prod(shape)
-    if like.device.type != "cpu" or numel * dtype.itemsize < MAPPED_BYTES:
+    nbytes = numel * dtype.itemsize
+    if like.device.type != "cpu" or nbytes < MAPPED_BYTES or not _Mappings.take():
         return like.new_empty(shape, dtype=dtype)
-    pages = mmap.mmap(-1, numel * dtype.itemsize)  # unmapped when the tensor is freed
+    try:
+        pages = mmap.mmap(-1, nbytes)
+    except OSError:  # out of mappings or memory: the allocator's heap decides
+        _Mappings.give_back()
+        return like.new_empty(shape, dtype=dtype)
+    weakref.finalize(pages, _Mappings.give_back)  # unmapped with the last tensor on it
     return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)
 
 
