@@ -84,7 +84,7 @@ def build_for_checkpoint(spec: Component) -> torch.nn.Module:
 
 class SkipInit(TorchFunctionMode):
     """Tensor initialisers (what ``torch.nn.init`` calls in a module's constructor) leave the
-    tensor as allocated; ``skipped`` collects the addresses of the tensors left so. A mode
+    tensor as allocated; ``skipped`` collects the tensors left so. A mode
     rather than patched functions: it applies to this thread only."""
 
     # torch.nn.init's functions (a mode sees them whole) and the tensor methods they end in

@@ -96,13 +96,15 @@ def replace_linears(
     within: Callable[[nn.Module], bool] | None = None,
 ) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` (only those inside a
-    module for which ``within`` is true, if given) by ``make(layer)``, in place, one at a time, each module's linear groups fused just before its layers are
-    replaced (``fuse``; export keeps the official layers): one fused float copy exists at a time (a full-size Qwen2's are 0.9 GB in float32),
-    each old layer is freed before the next is made, and the freed heap goes back to the OS
-    every ``RELEASE_EVERY`` bytes (a kernel's transient copies of layer after layer left 0.6 GB
-    free in the heap of a CosyVoice3 flow's int8 load)."""
+    module for which ``within`` is true, if given) by ``make(layer)``, in place, one at a time.
+    With ``fuse`` each module's linear groups are fused just before its layers are replaced
+    (export keeps the official layers), so one fused float copy exists at a time (a full-size
+    Qwen2's are 0.9 GB in float32). Each old layer is freed before the next is made, and the
+    freed heap goes back to the OS every ``RELEASE_EVERY`` bytes (a kernel's transient copies of
+    layer after layer left 0.6 GB free in the heap of a CosyVoice3 flow's int8 load)."""
     exempt = exempt_names(network)
     tables = tied_to_embeddings(network)
+    within = within or (lambda module: True)
     replaced = 0
 
     def visit(module: nn.Module, prefix: str, inside: bool) -> None:
@@ -121,7 +123,6 @@ def replace_linears(
                     release_freed_memory()
                     replaced = 0
 
-    within = within or (lambda module: True)
     visit(network, "", False)
     return network
 
@@ -224,7 +225,7 @@ def apply_precision(
     return network
 
 
-STREAM_CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+STREAM_CACHE_DTYPES = ("float16", "float32")
 
 
 def stream_cache_dtype(placement: Placement, requested: str | None = None) -> torch.dtype | None:
@@ -253,7 +254,7 @@ def stream_cache_dtype(placement: Placement, requested: str | None = None) -> to
             f"a stream cache dtype applies to float32 weights; with {placement.dtype} weights the "
             "flow's keys and values are kept in that dtype"
         )
-    return None if requested == "float32" else STREAM_CACHE_DTYPES[requested]
+    return torch.float16 if requested == "float16" else None
 
 
 def int8_product_kernel(placement: Placement) -> str | None:
