@@ -8,7 +8,10 @@ cache, shared by every stream of that voice, reported apart), then one stream of
 replayed speech tokens (fixed: no LLM work, exact length, checked) runs through the flow and
 vocoder with the official chunk schedule. Printed per budget: peak RSS above the loaded model and
 the voice cache, that cache, time, real-time factor, first-chunk compute time; the machine's
-load average and floors come from the same run.
+load average and floors come from the same run. ``--baseline SRC`` (the ``src`` directory of
+another checkout, e.g. a ``git worktree`` of the previous commit) runs each configuration with
+that code too, alternated with ours ``--rounds`` times (medians), so a change is compared in one
+host state.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_TOKEN = 2 * 480
+MEDIANS = ("loaded_kb", "voice_cache_kb", "prime_s", "peak_kb", "stream_peak_kb", "seconds")
+MEDIANS += ("first_chunk_compute_s",)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -107,6 +113,8 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="the src directory of another checkout")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each design, alternated")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--budget", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dtype", default="default", help=argparse.SUPPRESS)
@@ -121,32 +129,47 @@ def main() -> None:
     load_start = os.getloadavg()
     floors = describe(measure())
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    designs = {"ours": env}
+    if args.baseline is not None:
+        path = os.pathsep.join(filter(None, [str(args.baseline), env.get("PYTHONPATH")]))
+        designs["baseline"] = {**env, "PYTHONPATH": path}
     rows = []
     for cache_dtype in args.cache_dtypes.split(","):
         for budget in args.budgets.split(","):
-            argv = [sys.executable, __file__, "--worker", "--budget", budget]
-            argv += ["--cache-dtype", cache_dtype]
-            argv += ["--model", str(args.model), "--tokens", str(args.tokens)]
-            argv += ["--dtype", args.dtype, "--threads", str(args.threads)]
-            out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"{cache_dtype} caches, budget {budget}: {rows[-1]}", flush=True)
+            runs: dict[str, list[dict]] = {name: [] for name in designs}
+            for _ in range(args.rounds):
+                for name, design_env in designs.items():
+                    argv = [sys.executable, __file__, "--worker", "--budget", budget]
+                    argv += ["--cache-dtype", cache_dtype]
+                    argv += ["--model", str(args.model), "--tokens", str(args.tokens)]
+                    argv += ["--dtype", args.dtype, "--threads", str(args.threads)]
+                    out = subprocess.run(
+                        argv, env=design_env, check=True, capture_output=True, text=True
+                    ).stdout
+                    runs[name].append(json.loads(out.strip().splitlines()[-1]))
+                    print(f"{name}: {cache_dtype} caches, budget {budget}: {runs[name][-1]}")
+            for name, samples in runs.items():
+                row = {**samples[0], "design": name}
+                for key in MEDIANS:
+                    row[key] = statistics.median(sample[key] for sample in samples)
+                rows.append(row)
     mib = 1 / 1024
     print(
         f"\none stream of {args.tokens} replayed tokens ({rows[0]['audio_s']:.1f} s of audio), "
         f"{args.model.name}, {args.dtype}, {args.threads} threads; model RSS "
         f"{rows[0]['loaded_kb'] * mib:.0f} MiB; the saved voice's prompt flow cache computed once "
-        f"in {rows[0]['prime_s']:.1f} s"
+        f"in {rows[0]['prime_s']:.1f} s; medians of {args.rounds} round(s)"
     )
     print(
-        f"{'caches, budget':<22}{'voice MiB':>10}{'stream peak MiB':>16}{'time s':>9}{'RTF':>7}"
+        f"{'caches, budget':<32}{'voice MiB':>10}{'stream peak MiB':>16}{'time s':>9}{'RTF':>7}"
         f"{'first chunk s':>15}{'time vs first row':>19}"
     )
     for row in rows:
         budget = "unbounded" if row["budget_mb"] is None else f"{row['budget_mb']} MiB"
         label = f"{row['cache_dtype']}, {budget}"
+        label += f" ({row['design']})" if len(designs) > 1 else ""
         print(
-            f"{label:<22}{row['voice_cache_kb'] * mib:>10.0f}"
+            f"{label:<32}{row['voice_cache_kb'] * mib:>10.0f}"
             f"{row['stream_peak_kb'] * mib:>16.0f}{row['seconds']:>9.1f}"
             f"{row['seconds'] / row['audio_s']:>7.2f}{row['first_chunk_compute_s']:>15.2f}"
             f"{row['seconds'] / rows[0]['seconds']:>18.2f}x"

@@ -97,12 +97,14 @@ class FixedSpeechLength:
 
 
 def replay_tokens(n: int, seed: int) -> list[int]:
-    """A fixed list of speech tokens (no CosyVoice3 silence tokens) for the replay requests."""
+    """A fixed list of speech tokens for the replay requests: no CosyVoice3 silence tokens, and
+    no token again within 10 of itself (the sampler's repetition window: a repeat there makes it
+    draw again from the rest of the replay's one-hot distribution, which has nothing left)."""
     rng = random.Random(seed)
     tokens: list[int] = []
     while len(tokens) < n:
         token = rng.randrange(SPEECH_TOKEN_SIZE)
-        if token not in V3_SILENT_TOKENS:
+        if token not in V3_SILENT_TOKENS and token not in tokens[-10:]:
             tokens.append(token)
     return tokens
 

@@ -21,6 +21,7 @@ from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import Placement
 from cosyvoice_lite.engine import QueueSink, utterance_batch_size
 from cosyvoice_lite.errors import AudioError, InvalidRequestError
+from cosyvoice_lite.heap import release_freed_memory
 from cosyvoice_lite.networks.qwen2 import Qwen2Encoder
 from cosyvoice_lite.networks.qwen2_lm import CosyVoice3LM, Qwen2LM
 from cosyvoice_lite.pipelines.common import utterance_groups
@@ -485,3 +486,22 @@ def test_idle_release_can_be_turned_off_and_is_checked() -> None:
         engine.close()
     with pytest.raises(InvalidRequestError, match="idle_release_seconds"):
         Engine.load(DATA / "models" / "v2-tiny", idle_release_seconds=0)
+
+
+def test_a_stream_hands_freed_heap_back_after_each_flow_call(v2: Engine) -> None:
+    """On a CPU the pipeline's after-call hook (the heap's free pages back to the OS) runs after
+    every streaming flow call (its chunks and its end), and not for a whole utterance."""
+    pipeline = v2.pipeline
+    assert pipeline.after_stream_call is release_freed_memory
+    calls: list[int] = []
+    pipeline.after_stream_call = lambda: calls.append(1)
+    try:
+        before = v2.loop.flow_calls[0]
+        assert _alone(v2, REQUESTS[1]).size > 0  # streamed, one segment
+        chunk_calls = v2.loop.flow_calls[0] - before
+        assert chunk_calls > 0
+        assert len(calls) == chunk_calls + 1  # + the call that ends the stream
+        _alone(v2, REQUESTS[0])  # not streamed
+        assert len(calls) == chunk_calls + 1
+    finally:
+        pipeline.after_stream_call = release_freed_memory

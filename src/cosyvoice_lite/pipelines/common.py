@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +167,9 @@ class Pipeline:
     # whether such a batch's vocoding, and that of streams' pieces due together, is one padded
     # batch too (else one after another)
     vocoder_batch = False
+    # run after every streaming flow call (a load-time choice: on a CPU, the freed heap back to
+    # the OS, see Engine.load)
+    after_stream_call: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -240,7 +243,10 @@ class Pipeline:
         mels = self.flow.stream_steps(
             [w.stream for w in works], tokens, [w.finalize for w in works]
         )
-        return [mel.float() for mel in mels]
+        mels = [mel.float() for mel in mels]
+        if self.after_stream_call is not None:
+            self.after_stream_call()
+        return mels
 
     def complete_pieces(
         self, segments: list[Segment], mels: list[torch.Tensor]
