@@ -9,8 +9,8 @@ when the engine has been idle for a while, and on a CPU after each streaming flo
 transients of a stream's chunk calls (~3 GB allocated and freed per call of a long CosyVoice2
 stream, never more than a few MB at once) land on free chunks all over the heap, so that its
 free pages became resident one call after another, ~0.6 GB past what the stream held (a 15 s
-float32 stream peaked 4.46-4.60 GB above its voice, and 3.91-3.99 GB trimmed after each call, in
-1.01x the time; benchmarks/README.md). Never between the LLM's steps.
+float32 CosyVoice2 stream peaked 4,643 MiB above its voice, 3,971 trimmed after each call, in
+1.02x the time; benchmarks/README.md). Never between the LLM's steps.
 """
 
 from __future__ import annotations
