@@ -227,8 +227,8 @@ class Engine:
         # 0.6-1.0x as fast as one utterance after another (benchmarks/bench_vocoder_batch.py)
         pipeline.vocoder_batch = placement.device.type != "cpu"
         # On a CPU a stream's chunk calls leave their transients as free heap scattered over
-        # the pages that calls before them used, so it grows by ~0.5 GB past what the stream
-        # holds; handed back after each call instead (~1% of the time; heap.py)
+        # the pages that calls before them used, resident ~0.4-0.7 GB past what the stream
+        # holds; handed back after each call instead (1.02x the time, measured; heap.py)
         if placement.device.type == "cpu":
             pipeline.after_stream_call = release_freed_memory
         prompt_encoder = PromptEncoder(
