@@ -40,6 +40,7 @@ from bench_v1 import (  # noqa: E402  (standard library only at import time)
     StageTimer,
     add_comparison_args,
     emit,
+    flop_counter,
     memory_kb,
     official_available,
     reset_peak_memory,
@@ -590,7 +591,8 @@ def drive(args: argparse.Namespace) -> None:
             log(name, "warm-up", send(name, tokens=args.warmup_tokens, stream=False))
         print("warm-up done (fixed length checked)", flush=True)
         if args.repeats:  # FLOPs of the flow and vocoder for the timed workload (any precision)
-            counted = send(names[0], tokens=args.tokens, stream=False, count_flops=True)
+            counter = flop_counter(names)
+            counted = send(counter, tokens=args.tokens, stream=False, count_flops=True)
             results["meta"]["flops"] = counted["flops"]
         for rep in range(args.repeats):
             order = names if rep % 2 == 0 else names[::-1]
