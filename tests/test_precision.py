@@ -20,7 +20,7 @@ from cosyvoice_lite.errors import DeviceError, InvalidRequestError
 from cosyvoice_lite.mapped_tables import MappedEmbedding
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
-from cosyvoice_lite.networks.linear import FusedLinear
+from cosyvoice_lite.networks.linear import FusedLinear, fuse_linear_groups
 from cosyvoice_lite.pipelines.factory import load_network
 from cosyvoice_lite.precision import (
     PackedLinear,
@@ -172,12 +172,15 @@ def _flow_and_vocoder(
     version: int, dtype: str, kernels: bool = True, quantize: str | None = None, w8a8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``;
-    ``w8a8``: the flow's declared int8 products with ``torch._int_mm`` (loading picks this CPU's kernel)."""
+    ``w8a8``: the flow's declared int8 products with ``torch._int_mm`` (loading picks this CPU's
+    kernel). Those are made from the official layers (loaded without kernels, where a CPU with
+    bfloat16 products would have packed them already), fused as loading fuses them."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
     placement = resolve_placement("cpu", dtype, quantize)
-    flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels)
-    if w8a8 and not has_int8_products(flow):
-        quantize_products_int8(flow)
+    flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels and not w8a8)
+    if w8a8:
+        quantize_products_int8(flow, "torch", fuse=True)
+        fuse_linear_groups(flow)
     assert any(isinstance(m, FusedLinear) for m in flow.modules()) == kernels
     hift = load_network(model, "hift", "hift.pt", placement)
     g = torch.Generator().manual_seed(0)
