@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cosyvoice_lite.decoding import LengthPolicy, run_alone, speech_token_task
-from cosyvoice_lite.networks.conformer import ConformerEncoder, TransformerEncoder
+from cosyvoice_lite.networks.conformer import POSITION_BLOCK, ConformerEncoder, TransformerEncoder
 from cosyvoice_lite.networks.transformer_lm import TransformerLM
 from cosyvoice_lite.sampling import RasSampler
 
@@ -106,6 +106,46 @@ def test_cached_steps_equal_full_causal_recompute(model, golden):
     stepped = torch.cat(pieces, dim=1)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
     assert cache.length == 13
+
+
+def test_position_rows_are_shared_and_the_same_whoever_needs_them_first(config):
+    """The projected positional rows live in one table per encoder (not in each cache): equal to
+    projecting each distance alone, grown in whole blocks, so its rows hold the same floats
+    whichever sequence reached them first; a cache keeps only keys and values."""
+    state = torch.load(GOLDEN / "llm_state.pt", weights_only=True)
+
+    def fresh() -> TransformerEncoder:
+        lm = TransformerLM(
+            **config["lm"],
+            text_encoder=ConformerEncoder(**config["text_encoder"]),
+            llm=TransformerEncoder(**config["llm_encoder"]),
+            sampling=object(),
+        )
+        lm.load_state_dict(state, strict=True)
+        return lm.eval().llm
+
+    short_first, long_first = fresh(), fresh()
+    torch.manual_seed(0)
+    xs = torch.randn(1, POSITION_BLOCK + 7, 64)
+    with torch.inference_mode():
+        short_first.forward_chunk(xs[:, :5])  # the first block only
+        short_first.forward_chunk(xs)  # then the second
+        _, cache = long_first.forward_chunk(xs)  # both at once
+        table = short_first.positions.covering(short_first, POSITION_BLOCK + 7, xs)
+        other = long_first.positions.covering(long_first, POSITION_BLOCK + 7, xs)
+        distances = torch.arange(2 * POSITION_BLOCK)
+        attn = short_first.encoders[0].self_attn
+        alone = torch.stack(
+            [
+                attn.projected_positions(short_first.embed.pos_enc.sinusoids(d[None]), xs.dtype)
+                for d in distances[:9]
+            ],
+            dim=1,
+        )[:, :, 0]
+    assert all(a.shape[1] == 2 * POSITION_BLOCK for a in table)
+    assert all(torch.equal(a, b) for a, b in zip(table, other, strict=True))
+    torch.testing.assert_close(table[0][:, :9], alone, atol=1e-6, rtol=0)
+    assert cache.streams == 2
 
 
 def test_decode_step_touches_one_new_position(model, golden):

@@ -5,7 +5,8 @@ Sampling stays on the host: both graphs return the log-probabilities of the next
 
 v1 `TransformerLM` (relative-position Transformer): the cache is three tensors
 [layers, heads, positions, head_dim]: keys, values, and each layer's projected positional rows
-for relative distances 0 .. positions - 1 (what the torch cache keeps too).
+for relative distances 0 .. positions - 1 (the torch layers read these from one table shared
+by every sequence, ``conformer.ProjectedPositions``; a graph keeps them in its cache).
 v2/v3 `Qwen2LM` / `CosyVoice3LM` (Qwen2, RoPE, grouped-query attention): keys and values
 [layers, kv_heads, positions, head_dim], keys stored after RoPE.
 

@@ -2,7 +2,8 @@
 
 ``GrowingBuffer`` holds per-position rows along a time axis (the second-to-last dimension) and
 grows with one policy; ``KVCache`` is a decoder's set of them for one sequence (every layer's
-keys and values, plus the v1 LLM's projected relative-position rows). The incremental flows
+keys and values; the v1 LLM's projected relative-position rows are the same for every sequence
+and live in one table, ``conformer.ProjectedPositions``, built of these buffers). The incremental flows
 (v2 U-Net and encoders, v3 DiT) keep their attention history in the same buffers.
 
 A cache belongs to one request (whisper's decoding task owns its cache the same way): batched
@@ -192,9 +193,8 @@ class GrowingBuffer:
 class KVCache:
     """A decoder's cache for one sequence: for every layer, ``streams`` buffers ``[heads, T, dim]``.
 
-    ``streams`` is 2 (keys, values), or 3 when the layers also cache projected relative-position
-    rows (the v1 LLM). Layers write the new positions at ``length``; the caller advances
-    ``length`` once every layer has written.
+    ``streams`` is 2 (keys, values) for every decoder here. Layers write the new positions at
+    ``length``; the caller advances ``length`` once every layer has written.
     """
 
     __slots__ = ("num_layers", "streams", "buffers", "length")

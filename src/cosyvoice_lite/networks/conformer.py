@@ -15,12 +15,13 @@ other encoders built from the same parts (e.g. the v2 flow's upsampling Conforme
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.cache import KVCache
+from cosyvoice_lite.networks.cache import GrowingBuffer, KVCache
 from cosyvoice_lite.networks.linear import grouped
 
 # --------------------------------------------------------------------------------------------
@@ -216,26 +217,31 @@ class RelPositionMultiHeadedAttention(nn.Module):
         bd = _gather_by_distance(bd_by_row, row_of)
         return self._attend(q, k, v, bd, mask.unsqueeze(1))
 
+    def projected_positions(self, sinusoids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``linear_pos`` of relative-distance sinusoids [n, D] (in the weights' dtype), as heads
+        [h, n, d_k] in the attention dtype (``ProjectedPositions``' rows)."""
+        return self._heads(self.linear_pos(sinusoids.unsqueeze(0)).to(dtype))[0]
+
     def forward_cached(
-        self, x: torch.Tensor, caches: list[KVCache], layer: int, pe_new: torch.Tensor
+        self, x: torch.Tensor, caches: list[KVCache], layer: int, positions: torch.Tensor
     ) -> torch.Tensor:
         """Causal self-attention of new positions x [B, T1, D] against each row's cached ones.
 
-        Writes each row's keys, values and the projected positional rows for its new distances
-        (``pe_new`` [B, T1, D] = sinusoids of distances length .. length+T1-1 of that row's cache)
-        into the slots of ``layer``. The caller advances the caches once all layers ran.
+        Writes each row's keys and values into the slots of ``layer``; ``positions`` [h, P, d_k]
+        are the projected positional rows of distances 0 .. P-1 (``ProjectedPositions``), P at
+        least every row's new length. The caller advances the caches once all layers ran.
         Projections run on all rows at once; attention runs per row over its own cache.
         """
         chunk = x.size(1)
         dtype = self.attention_dtype or x.dtype
         q_all, k_all, v_all = (self._heads(y.to(dtype)) for y in grouped(self, "qkv", x))
-        p_all = self._heads(self.linear_pos(pe_new).to(dtype))  # each [B, h, T1, d_k]
         rows = []
         for row, cache in enumerate(caches):
             start = cache.length
             end = start + chunk
             q = q_all[row]
-            k, v, p = cache.write(layer, k_all[row], v_all[row], p_all[row])
+            k, v = cache.write(layer, k_all[row], v_all[row])
+            p = positions[:, :end]
             # Column r of bd_by_distance is the positional score for distance r = 0 .. end-1.
             bd_by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
             query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
@@ -284,10 +290,10 @@ class _PreNormLayer(nn.Module):
         return x + self.feed_forward(ff_norm(x))
 
     def forward_cached(
-        self, x: torch.Tensor, caches: list[KVCache], layer: int, pe_new: torch.Tensor
+        self, x: torch.Tensor, caches: list[KVCache], layer: int, positions: torch.Tensor
     ) -> torch.Tensor:
         attn_norm, ff_norm = self._norms()
-        x = x + self.self_attn.forward_cached(attn_norm(x), caches, layer, pe_new)
+        x = x + self.self_attn.forward_cached(attn_norm(x), caches, layer, positions)
         return x + self.feed_forward(ff_norm(x))
 
 
@@ -338,6 +344,58 @@ class ConformerEncoderLayer(_PreNormLayer):
 # --------------------------------------------------------------------------------------------
 
 
+POSITION_BLOCK = 256  # distances projected in one call (ProjectedPositions)
+
+
+class ProjectedPositions:
+    """Every layer's projected positional rows for the relative distances 0, 1, ... of cached
+    decoding ([h, n, d_k] each, ``linear_pos`` of the sinusoids), shared by all sequences.
+
+    They are a function of the weights alone. Kept per cache before, they took a third of it
+    (keys, values, positions) and one more product per layer and decoding step (full-size
+    v1-SFT, median step, 3 alternating processes each: float32 29.7-30.7 against 30.9-34.6 ms,
+    bfloat16 18.8-18.9 against 19.9-20.9, int8 10.9-11.7 against 12.1-13.9; benchmarks/README.md).
+    The table grows in whole blocks of ``POSITION_BLOCK`` distances,
+    each projected in one call, so a row holds the same floats whichever sequence reached it
+    first; at most as long as the longest sequence decoded (57 KB per distance for the
+    full-size v1 LLM in float32), made again if the dtype or device of the layers changes."""
+
+    def __init__(self) -> None:
+        self._rows: list[GrowingBuffer] = []
+        self._kind: tuple[torch.dtype, torch.device] | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # a lock cannot be copied or pickled; a fresh one is made
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def covering(self, encoder: _Encoder, end: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's rows for at least the distances 0 .. end-1; ``like``: the layers' input
+        (its dtype is what ``linear_pos`` takes)."""
+        with self._lock:
+            if self._kind != (like.dtype, like.device):
+                self._rows = [GrowingBuffer() for _ in encoder.encoders]
+                self._kind = (like.dtype, like.device)
+            have = self._rows[0].length
+            if end > have:
+                need = -(-end // POSITION_BLOCK) * POSITION_BLOCK
+                with torch.inference_mode():
+                    self._grow(encoder, have, need, like)
+            return [buffer.valid() for buffer in self._rows]
+
+    def _grow(self, encoder: _Encoder, have: int, need: int, like: torch.Tensor) -> None:
+        for start in range(have, need, POSITION_BLOCK):
+            distances = torch.arange(start, start + POSITION_BLOCK, device=like.device)
+            sinusoids = encoder.embed.pos_enc.sinusoids(distances).to(like.dtype)
+            for layer, buffer in zip(encoder.encoders, self._rows, strict=True):
+                attn = layer.self_attn
+                rows = attn.projected_positions(sinusoids, attn.attention_dtype or like.dtype)
+                buffer.write(start, rows)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ModelDirError(f"unsupported encoder configuration: {message}")
@@ -383,6 +441,7 @@ class _Encoder(nn.Module):
         )
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
         self.static_chunk_size = static_chunk_size
+        self.positions = ProjectedPositions()  # for forward_chunk; not a parameter or buffer
 
     def output_size(self) -> int:
         return self._output_size
@@ -407,8 +466,8 @@ class _Encoder(nn.Module):
         return self.after_norm(xs), pad_mask
 
     def new_cache(self) -> KVCache:
-        """An empty cache for one sequence (keys, values and projected position rows)."""
-        return KVCache(len(self.encoders), streams=3)
+        """An empty cache for one sequence (every layer's keys and values)."""
+        return KVCache(len(self.encoders))
 
     def forward_chunk(
         self, xs: torch.Tensor, cache: KVCache | list[KVCache] | None = None
@@ -431,11 +490,9 @@ class _Encoder(nn.Module):
                 f"position per row when batched; got {len(caches)} caches"
             )
         xs = self.embed.out(xs) * self.embed.pos_enc.xscale
-        steps = torch.arange(chunk, device=xs.device)
-        pe_new = torch.stack([self.embed.pos_enc.sinusoids(c.length + steps) for c in caches])
-        pe_new = pe_new.to(xs.dtype)
+        positions = self.positions.covering(self, max(c.length for c in caches) + chunk, xs)
         for index, layer in enumerate(self.encoders):
-            xs = layer.forward_cached(xs, caches, index, pe_new)
+            xs = layer.forward_cached(xs, caches, index, positions[index])
         for c in caches:
             c.advance(chunk)
         return self.after_norm(xs), (caches[0] if single else caches)
