@@ -113,14 +113,17 @@ def check_fixed_length(
 
 def llm_bytes_per_token(llm) -> int:
     """Bytes of LLM weights one decoding step reads: every weight except embedding tables (one
-    row each) and v1's text encoder (run once per request, on the text); int8 layers count their
-    int8 weights plus float32 scales and biases."""
+    row each), v1's text encoder (run once per request, on the text) and v1's positional
+    projections (``linear_pos``: their rows are a table shared by all requests, projected once
+    per 256 distances, conformer.ProjectedPositions); int8 layers count their int8 weights plus
+    float32 scales and biases."""
     from torch import nn
 
     from cosyvoice_lite.precision import PackedLinear, tied_to_embeddings
     from cosyvoice_lite.quantized_linear import Int8Linear
 
     once = [m for name, m in llm.named_children() if name.startswith("text_encoder")]
+    once += [m for name, m in llm.named_modules() if name.endswith(".linear_pos")]
     skip = {id(m) for top in once for m in top.modules()}
     skip |= {id(m) for m in tied_to_embeddings(llm)}  # Qwen2's lm_head: never run
     total = 0
