@@ -191,34 +191,28 @@ class GrowingBuffer:
 
 
 class KVCache:
-    """A decoder's cache for one sequence: for every layer, ``streams`` buffers ``[heads, T, dim]``.
-
-    ``streams`` is 2 (keys, values) for every decoder here. Layers write the new positions at
-    ``length``; the caller advances ``length`` once every layer has written.
+    """A decoder's cache for one sequence: for every layer, a keys and a values buffer
+    ``[heads, T, dim]``. Layers write the new positions at ``length``; the caller advances
+    ``length`` once every layer has written.
     """
 
-    __slots__ = ("num_layers", "streams", "buffers", "length")
+    __slots__ = ("num_layers", "buffers", "length")
 
-    def __init__(self, num_layers: int, streams: int = 2) -> None:
+    def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
-        self.streams = streams
-        self.buffers = [[GrowingBuffer() for _ in range(streams)] for _ in range(num_layers)]
+        self.buffers = [(GrowingBuffer(), GrowingBuffer()) for _ in range(num_layers)]
         self.length = 0
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for layer in self.buffers for b in layer)
 
-    def write(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
-        """Store ``new`` ([heads, T, head_dim] each, one per stream) at positions
-        ``length .. length + T`` of ``layer``; returns each stream's valid rows of that layer."""
-        if len(new) != self.streams:
-            raise ValueError(
-                f"this cache holds {self.streams} tensors per position, got {len(new)}"
-            )
-        return [
-            buffer.write(self.length, rows)
-            for buffer, rows in zip(self.buffers[layer], new, strict=True)
-        ]
+    def write(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``keys`` and ``values`` ([heads, T, head_dim] each) at positions
+        ``length .. length + T`` of ``layer``; returns that layer's valid keys and values."""
+        key_buffer, value_buffer = self.buffers[layer]
+        return key_buffer.write(self.length, keys), value_buffer.write(self.length, values)
 
     def advance(self, n: int) -> None:
         self.length += n

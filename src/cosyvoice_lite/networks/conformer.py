@@ -351,14 +351,14 @@ class ProjectedPositions:
     """Every layer's projected positional rows for the relative distances 0, 1, ... of cached
     decoding ([h, n, d_k] each, ``linear_pos`` of the sinusoids), shared by all sequences.
 
-    They are a function of the weights alone (fixed once loaded). Kept per cache before, they took a third of it
-    (keys, values, positions) and one more product per layer and decoding step (full-size
-    v1-SFT, median step, 3 alternating processes each: float32 29.7-30.7 against 30.9-34.6 ms,
-    bfloat16 18.8-18.9 against 19.9-20.9, int8 10.9-11.7 against 12.1-13.9; benchmarks/README.md).
-    The table grows in whole blocks of ``POSITION_BLOCK`` distances,
-    each projected in one call, so a row holds the same floats whichever sequence reached it
-    first; at most as long as the longest sequence decoded (57 KB per distance for the
-    full-size v1 LLM in float32), made again if the dtype or device of the layers changes."""
+    They are a function of the weights alone (fixed once loaded). Kept per cache before, they
+    took a third of it (keys, values, positions) and one more product per layer and decoding
+    step (full-size v1-SFT, median step, 3 alternating processes each: float32 29.7-30.7 against
+    30.9-34.6 ms, bfloat16 18.8-18.9 against 19.9-20.9, int8 10.9-11.7 against 12.1-13.9;
+    benchmarks/README.md). The table grows in whole blocks of ``POSITION_BLOCK`` distances, each
+    projected in one call, so a row holds the same floats whichever sequence reached it first; at
+    most as long as the longest sequence decoded (57 KB per distance for the full-size v1 LLM in
+    float32), made again if the dtype or device of the layers changes."""
 
     def __init__(self) -> None:
         self._rows: list[GrowingBuffer] = []
