@@ -187,7 +187,9 @@ def print_floors(floors: dict, results: dict, names: list[str], tokens: int, flo
     print()
     print(
         f"floors measured in this run ({floors['threads']} threads): memory {bandwidth:.1f} GB/s; "
-        f"matmul fp32 {floors['fp32_gflops']:.0f}, bf16 {floors['bf16_gflops']:.3g}, int8 (LLM "
+        f"matmul fp32 {floors['fp32_gflops']:.0f} (torch's default product "
+        f"{floors.get('fp32_default_gflops', floors['fp32_gflops']):.0f}), "
+        f"bf16 {floors['bf16_gflops']:.3g}, int8 (LLM "
         f"layers) {floors['int8_gflops']:.0f}, int8 W8A8 (flow products) "
         f"{floors.get('w8a8_gflops') or float('nan'):.0f} GFLOP/s; cpu {floors.get('cpu', '?')}"
     )

@@ -282,7 +282,8 @@ def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> 
     sounds as alone. The mels agree within 1e-4 (the flow tests) and a batch's vocoder gives each
     row's waveform within 1e-4 of the same mel alone (test_hift.py); the vocoder's source phase
     accumulates the mels' ~1e-6 float differences over the utterance, so the waveforms agree to
-    ~1e-2 (a wrong row would be off by its whole scale)."""
+    ~1e-2 (bound 5e-2, as the parity tests' phase bound; a wrong row would be off by its whole
+    scale)."""
     engine = Engine.load(
         DATA / "models" / f"v{version}-tiny", max_batch=8, audio_workers=1, batch_utterances=True
     )
@@ -315,7 +316,7 @@ def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> 
         engine.close()
     for a, b in zip(solo, together, strict=True):
         assert a.shape == b.shape
-        np.testing.assert_allclose(b, a, atol=2e-2, rtol=0)
+        np.testing.assert_allclose(b, a, atol=5e-2, rtol=0)
 
 
 def test_utterance_groups_bound_rows_and_padding() -> None:

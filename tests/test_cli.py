@@ -315,3 +315,19 @@ def test_v1_vocabulary_step_says_what_it_fetches(tmp_path):
     assert "whisper's text vocabulary" in done.stderr
     assert "raw.githubusercontent.com/openai/whisper" in done.stderr  # from where
     assert "pip download openai-whisper" in done.stderr  # and the fallback
+
+
+@pytest.mark.parametrize("flag", [[], ["--exact-float32"]])
+def test_exact_float32_is_a_load_option(v1_dir, flag):
+    """``--exact-float32`` keeps torch's default float32 kernels (the official's floats); without
+    it a CPU packs the float32 linear layers for oneDNN (precision.PackedLinear)."""
+    from cosyvoice_lite.cli import build_parser, load_engine
+    from cosyvoice_lite.precision import PackedLinear
+
+    args = build_parser().parse_args(["say", "x", "--model", str(v1_dir), "-o", "a.wav", *flag])
+    engine = load_engine(args, quiet=True)
+    try:
+        packed = any(isinstance(m, PackedLinear) for m in engine.pipeline.flow.modules())
+        assert engine.placement.exact_float32 == bool(flag) and packed != bool(flag)
+    finally:
+        engine.close()

@@ -169,14 +169,20 @@ def test_llm_decoding_kernels_keep_the_outputs(version: int) -> None:
 
 
 def _flow_and_vocoder(
-    version: int, dtype: str, kernels: bool = True, quantize: str | None = None, w8a8: bool = False
+    version: int,
+    dtype: str,
+    kernels: bool = True,
+    quantize: str | None = None,
+    w8a8: bool = False,
+    exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mel of fixed tokens, and the waveform of a fixed (float32) mel, at ``dtype``;
     ``w8a8``: the flow's declared int8 products with ``torch._int_mm`` (loading picks this CPU's
     kernel). Those are made from the official layers (loaded without kernels, where a CPU with
-    bfloat16 products would have packed them already), fused as loading fuses them."""
+    bfloat16 products would have packed them already), fused as loading fuses them. ``exact``:
+    float32 products by torch's default kernels (``Placement.exact_float32``)."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
-    placement = resolve_placement("cpu", dtype, quantize)
+    placement = resolve_placement("cpu", dtype, quantize, exact_float32=exact)
     flow = load_network(model, "flow", "flow.pt", placement, kernels=kernels and not w8a8)
     if w8a8:
         quantize_products_int8(flow, "torch", fuse=True)
@@ -217,24 +223,30 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_flow_fused_linear_groups_give_the_same_mel(version: int) -> None:
     """The flows' q/k/v run as one product after loading: every output column is the same dot
-    product as in the official module tree, so the mel keeps its floats."""
-    fused, _ = _flow_and_vocoder(version, "float32")
+    product as in the official module tree, so the mel keeps its floats (with the default
+    kernels that the official uses)."""
+    fused, _ = _flow_and_vocoder(version, "float32", exact=True)
     official_tree, _ = _flow_and_vocoder(version, "float32", kernels=False)
     assert torch.equal(fused, official_tree)
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
-def test_bfloat16_flow_packed_weights_give_the_same_mel(version: int) -> None:
-    """The bfloat16 flow's linear layers are packed for oneDNN at load (float32 stays as the
-    official computes it): the same floats, faster."""
+def test_flow_packed_weights_keep_the_mel(version: int) -> None:
+    """The flow's linear layers are packed for oneDNN at load where it packs them: in bfloat16
+    the same floats; in float32 oneDNN sums in another order than torch's default kernels, the
+    mel within float32 rounding of the official's floats (kept by ``exact_float32``)."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
-    for dtype in ("float32", "bfloat16"):
-        flow = load_network(model, "flow", "flow.pt", resolve_placement("cpu", dtype))
+    for dtype, exact in (("float32", False), ("float32", True), ("bfloat16", False)):
+        placement = resolve_placement("cpu", dtype, exact_float32=exact)
+        flow = load_network(model, "flow", "flow.pt", placement)
         packed = any(isinstance(m, PackedLinear) for m in flow.modules())
-        assert packed == (dtype == "bfloat16" and packs_linear(resolve_placement("cpu", dtype)))
+        assert packed == packs_linear(placement) and not (exact and packed)
     fast, _ = _flow_and_vocoder(version, "bfloat16")
     plain, _ = _flow_and_vocoder(version, "bfloat16", kernels=False)
     assert torch.equal(fast, plain)
+    packed32, _ = _flow_and_vocoder(version, "float32")
+    exact32, _ = _flow_and_vocoder(version, "float32", exact=True)
+    assert (packed32 - exact32).abs().max() < 1e-4 and _relative(packed32, exact32) < 1e-5
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])

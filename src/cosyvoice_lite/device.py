@@ -56,11 +56,17 @@ class Placement:
     ``quantize`` ("int8" or None) gives the LLM's linear layers int8 weights (onnxruntime's
     block-quantised ``MatMulNBits``, see quantized_linear.py; float32 elsewhere in the LLM) and
     the flow's declared ``int8_products`` W8A8 layers (CosyVoice3's DiT; ``dtype`` elsewhere).
+    ``exact_float32``: float32 linear layers keep torch's default kernels, as the official
+    computes them, which reproduces its floats on the same CPU (the parity tests); otherwise a CPU
+    runs them with oneDNN-packed weights (precision.PackedLinear), which sum in another order
+    (~1e-6 relative) and were 2.1-2.7x faster per product on an AVX-512 AMD CPU, where torch's
+    MKL products run AVX2 code.
     """
 
     device: torch.device
     dtype: torch.dtype
     quantize: str | None = None
+    exact_float32: bool = False
 
 
 _QUANTIZE = ("int8",)
@@ -156,10 +162,13 @@ def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
 
 
 def resolve_placement(
-    device: str = "cpu", dtype: str = "float32", quantize: str | None = None
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantize: str | None = None,
+    exact_float32: bool = False,
 ) -> Placement:
     """Check that ``device`` exists here and that ``dtype`` and ``quantize`` are supported there;
-    fail with the choices."""
+    fail with the choices. ``exact_float32``: see ``Placement``."""
     name = (device or "cpu").strip().lower()
     try:
         dev = torch.device(name)
@@ -179,7 +188,7 @@ def resolve_placement(
         if dev.index is None and dev.type != "mps":
             dev = torch.device(dev.type, 0)
     chosen, mode = check_precision(dev, dtype, quantize)
-    return Placement(dev, chosen, mode)
+    return Placement(dev, chosen, mode, exact_float32)
 
 
 def configure_backend(placement: Placement) -> None:

@@ -67,16 +67,19 @@ class Voice:
 def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # noqa: ANN001
     """On a CPU with the torch backend and more than one torch thread (the CLI's ``--threads``),
     the flow estimator's rows are computed on that many threads with one torch thread each
-    (row_parallel.py: no OpenMP wake-ups on its small operations). Whole utterances in float32
-    stay one batch, as the official computes them: split, a row's mel moves by ~1e-6, which the
-    vocoder's phase turns into ~6e-3 of waveform, and float32 is the precision that matches the
-    official bit for bit. With int8 products (``--quantize int8``) nothing is the official's
-    float32 anyway, so those rows are split too (the onnxruntime kernel runs on its caller's
-    thread alone)."""
+    (row_parallel.py: no OpenMP wake-ups on its small operations). Whole utterances with
+    ``exact_float32`` stay one batch, as the official computes them: split, a row's mel moves by
+    ~1e-6, which the vocoder's phase turns into ~6e-3 of waveform. Otherwise (oneDNN's float32
+    products round differently anyway; int8 products are nothing like the official's) their rows
+    are split too: a float32 v2 utterance's flow 4-8% faster (benchmarks/README.md)."""
     threads = torch.get_num_threads()
     if placement.device.type != "cpu" or backend != "torch" or threads < 2:
         return
-    exact = placement.dtype == torch.float32 and not has_int8_products(pipeline.flow)
+    exact = (
+        placement.dtype == torch.float32
+        and placement.exact_float32
+        and not has_int8_products(pipeline.flow)
+    )
     pipeline.flow.decoder.set_row_split(RowSplit(threads), utterances=not exact)
 
 
@@ -152,6 +155,7 @@ class Engine:
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
         batch_utterances: bool | None = None,
+        exact_float32: bool = False,
     ) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
@@ -179,6 +183,9 @@ class Engine:
         ``batch_utterances``: whole (not streamed) v2/v3 utterances that end together have their
         flow computed as one padded batch of up to ``max_batch`` (``utterance_batch_size``;
         None: on an accelerator with the torch backend).
+        ``exact_float32``: float32 products by torch's default kernels, the official's floats on
+        the same CPU (for parity checks); by default a CPU runs its float32 linear layers with
+        oneDNN-packed weights (~1e-6 different, up to 2x faster flows: device.Placement).
         """
         start = time.perf_counter()
         if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
@@ -194,7 +201,7 @@ class Engine:
             check_steps(flow_steps)
         except ValueError as exc:  # a load option: the caller's error, named as such
             raise InvalidRequestError(str(exc)) from None
-        placement = resolve_placement(device, dtype, quantize)
+        placement = resolve_placement(device, dtype, quantize, exact_float32)
         try:
             cache_dtype = resolve_stream_cache_dtype(placement, stream_cache_dtype)
         except ValueError as exc:

@@ -32,6 +32,12 @@ loaded modules): their declared linear groups (q/k/v, gate/up) are fused into on
 matrix-vector product per layer, bound by reading the weights; torch's default path for one input
 row streams them at less than half this machine's memory bandwidth (fp32 on one core; bf16 pays a
 per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.md).
+
+The flows' linear layers are packed too, in bfloat16 (the same floats, ~5-7% faster) and in float32
+(2.1-2.7x faster products on an AVX-512 AMD CPU, whose MKL path is AVX2 code; a full-size
+estimator call 1.45x (v2) and 1.8x (v3) faster). oneDNN's float32 products sum in another order
+than torch's default ones, so the mel moves by ~1e-6; ``Placement.exact_float32`` keeps the
+default kernels, and the official's floats, everywhere (the parity tests load that way).
 """
 
 from __future__ import annotations
@@ -177,15 +183,14 @@ class PackedLinear(nn.Module):
 
 
 def packs_linear(placement: Placement) -> bool:
-    """Whether ``PackedLinear`` serves ``placement``: a CPU with oneDNN, float32 or bfloat16
-    weights (for the layers int8 leaves in that dtype)."""
-    return (
-        placement.device.type == "cpu"
-        and placement.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        # elsewhere (an AVX2-only AMD EPYC, say) the bf16 layers stay plain nn.Linear
-        and (placement.dtype == torch.float32 or cpu_features().packs_bfloat16)
-    )
+    """Whether ``PackedLinear`` serves ``placement``: a CPU with oneDNN, float32 (unless
+    ``exact_float32`` keeps the official's kernels) or bfloat16 weights (for the layers int8
+    leaves in that dtype)."""
+    if placement.dtype == torch.float32:
+        wanted = not placement.exact_float32
+    else:  # elsewhere (an AVX2-only AMD EPYC, say) the bf16 layers stay plain nn.Linear
+        wanted = placement.dtype == torch.bfloat16 and cpu_features().packs_bfloat16
+    return placement.device.type == "cpu" and torch.backends.mkldnn.is_available() and wanted
 
 
 def pack_linears(network: nn.Module, fuse: bool = False) -> nn.Module:
@@ -216,7 +221,7 @@ def apply_precision(
     product_kernel = int8_product_kernel(placement)
     if part == "flow" and kernels and placement.quantize == "int8" and product_kernel:
         quantize_products_int8(network, product_kernel, fuse=True)
-    if packs_linear(placement) and (decoding or (kernels and _packs_flow(part, placement))):
+    if kernels and packs_linear(placement) and (decoding or part == "flow"):
         pack_linears(network, fuse=True)  # only with kernels, which fuse
     if kernels:
         fuse_linear_groups(network)
@@ -266,15 +271,6 @@ def int8_product_kernel(placement: Placement) -> str | None:
     if placement.device.type != "cpu":
         return None
     return "torch" if cpu_features().int8_products else "onnxruntime"
-
-
-def _packs_flow(part: str, placement: Placement) -> bool:
-    """The flow's linear layers packed too where no parity is kept: in bfloat16 the packed
-    products give the same floats, a full-size v2/v3 estimator call on one thread took 7% less
-    time (624 vs 674 ms, 802 vs 864 ms) and a whole v2 utterance 4% (benchmarks/README.md). In
-    float32 oneDNN's packed product rounds differently from the official's (1.8e-6), so float32
-    stays as loaded."""
-    return part == "flow" and placement.dtype != torch.float32
 
 
 def attend_in_float32(network: nn.Module) -> nn.Module:
