@@ -23,11 +23,13 @@ from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
 from cosyvoice_lite.networks.linear import FusedLinear, fuse_linear_groups
 from cosyvoice_lite.pipelines.factory import load_network
 from cosyvoice_lite.precision import (
+    EXACT_ROWS,
     PackedLinear,
     exempt_names,
     has_int8_products,
     int8_product_kernel,
     packs_linear,
+    padded_rows,
     quantize_products_int8,
     stream_cache_dtype,
     tied_to_embeddings,
@@ -465,3 +467,25 @@ def test_the_stream_cache_dtype_is_a_load_option() -> None:
         assert chunks[-1].final and sum(c.samples.size for c in chunks) > 0
     finally:
         engine.close()
+
+
+def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
+    """oneDNN keeps a kernel per input shape (~0.6 MB each), so ``PackedLinear`` computes its rows
+    padded to a few sizes (8 per power of two past ``EXACT_ROWS``, at most 12.5% more); a row's
+    result is the same whatever rows share its call."""
+    assert [padded_rows(n) for n in range(1, EXACT_ROWS + 1)] == list(range(1, EXACT_ROWS + 1))
+    sizes = {padded_rows(n) for n in range(1, 4097)}
+    assert len(sizes) == EXACT_ROWS + 8 * 8  # 8 sizes in each of (16, 32], ..., (2048, 4096]
+    assert all(n <= padded_rows(n) <= n * 1.125 for n in range(1, 10_000))
+    if not packs_linear(resolve_placement("cpu")):
+        pytest.skip("no oneDNN packing on this build")
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(96, 40)
+    layer = PackedLinear(linear)
+    x = torch.randn(3, 700, 96, generator=g)
+    with torch.inference_mode():
+        whole = layer(x)
+        assert whole.shape == (3, 700, 40) and whole.is_contiguous()
+        assert torch.allclose(whole, linear(x), atol=1e-5, rtol=0)
+        for rows in (2, 17, 130, 699):
+            assert torch.equal(layer(x[1, :rows]), whole[1, :rows]), rows

@@ -162,13 +162,31 @@ def quantize_linear_int8(
     return replace_linears(network, lambda linear: Int8Linear(linear, threads), fuse)
 
 
+EXACT_ROWS = 16  # row counts up to this are computed as they come (decoding steps)
+
+
+def padded_rows(rows: int) -> int:
+    """The row count ``PackedLinear`` computes ``rows`` input rows at. oneDNN builds a kernel for
+    every input shape it meets and keeps it (~0.6 MB each on an AVX-512 CPU, its cache holding
+    1,024): the flow's rows follow each utterance's length, so a server meeting every length
+    grew by gigabytes. Past ``EXACT_ROWS`` the count is rounded up to one of 8 sizes per power
+    of two (at most 12.5% more rows, ~6% on average). The padding rows change nothing in the
+    others: oneDNN's product of a row does not depend on how many rows share the call (beyond
+    one), which the tests check."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight packed once for oneDNN (CPU, float32 or bfloat16).
 
     ``_reorder_linear_weight`` / ``_linear_pointwise`` are the oneDNN ops torch's own compiler
     (inductor, with weight freezing) emits for CPU linear layers; calling them directly gives the
     packed layout without compiling. The packed weight is an opaque oneDNN tensor of the same size,
-    kept as a buffer, so no float copy remains.
+    kept as a buffer, so no float copy remains. Inputs are computed at ``padded_rows`` rows, which
+    bounds the kernels oneDNN keeps.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -179,6 +197,16 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        padded = padded_rows(rows)
+        if padded == rows:
+            return self._product(x)
+        flat = x.new_empty(padded, self.in_features)
+        flat[:rows].copy_(x.reshape(rows, self.in_features))
+        flat[rows:].zero_()
+        return self._product(flat)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 

@@ -206,6 +206,9 @@ def use_onnxruntime(
             raise ModelDirError(f"{export_dir} has no flow_estimator graph")
         graphs_by_flag = {k: v for k, v in sessions.items() if v is not None}
         flow.decoder.estimator = OrtEstimator(graphs_by_flag, flow.decoder.estimator)
+        # a graph takes a whole utterance's guidance rows in one call (streams keep the torch
+        # layers, whose rows may still run apart)
+        flow.decoder.set_row_split(flow.decoder.stream_rows, utterances=False)
     if "hift" in stages:
         run = open_graph("hift")
         if run is None:
