@@ -254,10 +254,26 @@ STAGE_METHODS = {
 
 
 def flop_counter(names: list[str]) -> str:
-    """The config whose run counts the FLOPs (the same in every precision): fp32, where the flow
-    computes an utterance in the calling thread. bf16 and int8 put the flow's rows on threads,
-    which torch's FlopCounterMode (a per-thread mode) does not see."""
+    """The config whose run counts the FLOPs (the same in every precision): fp32 (its flow's
+    products are the ones FlopCounterMode knows, with ``packed_flops``)."""
     return "fp32" if "fp32" in names else names[0]
+
+
+@contextlib.contextmanager
+def rows_in_caller(engine, active: bool) -> Iterator[None]:
+    """While ``active`` (the FLOP-counting request), the flow's rows are computed in the thread
+    that calls the flow, not on the row threads a CPU engine uses (row_parallel.py): torch's
+    FlopCounterMode sees its own thread only. The same products, so the same FLOPs."""
+    from cosyvoice_lite.row_parallel import SERIAL
+
+    decoder = engine.pipeline.flow.decoder
+    saved = decoder.stream_rows, decoder.utterance_rows
+    if active:
+        decoder.stream_rows = decoder.utterance_rows = SERIAL
+    try:
+        yield
+    finally:
+        decoder.stream_rows, decoder.utterance_rows = saved
 
 
 def instrument(engine, timer: StageTimer, state: dict) -> None:
@@ -303,9 +319,10 @@ def our_worker(
             )
             start = timer.now()
             segments = samples = 0
-            for chunk in engine.synthesize(request):
-                samples += len(chunk.samples)
-                segments = max(segments, chunk.segment + 1)
+            with rows_in_caller(engine, count_flops):
+                for chunk in engine.synthesize(request):
+                    samples += len(chunk.samples)
+                    segments = max(segments, chunk.segment + 1)
             timer.add("total", start)
             timed = timer.results()
             untimed = [stage for stage in ("llm", "flow", "hift") if f"{stage}_s" not in timed]

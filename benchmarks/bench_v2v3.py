@@ -196,7 +196,7 @@ def our_worker(
     set_threads(threads)
     start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "src"))
-    from bench_v1 import counted
+    from bench_v1 import counted, rows_in_caller
     from precision_bench import llm_bytes_per_token
 
     from cosyvoice_lite.engine import Engine
@@ -239,9 +239,10 @@ def our_worker(
             start = timer.now()
             chunks = ChunkLog(timer, start[0])
             segments = 0
-            for chunk in engine.synthesize(request):
-                chunks.add(len(chunk.samples))
-                segments = max(segments, chunk.segment + 1)
+            with rows_in_caller(engine, state["count"]):
+                for chunk in engine.synthesize(request):
+                    chunks.add(len(chunk.samples))
+                    segments = max(segments, chunk.segment + 1)
             timer.add("total", start)
             return {
                 **timer.results(),
