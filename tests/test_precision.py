@@ -489,3 +489,12 @@ def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
         assert torch.allclose(whole, linear(x), atol=1e-5, rtol=0)
         for rows in (2, 17, 130, 699):
             assert torch.equal(layer(x[1, :rows]), whole[1, :rows]), rows
+
+
+def test_exact_float32_needs_float32_weights() -> None:
+    """``exact_float32`` (``--exact-float32``) keeps the official's float32 kernels: with other
+    weights it would mean nothing, so it is an error naming the dtype."""
+    assert resolve_placement("cpu", "float32", exact_float32=True).exact_float32
+    assert resolve_placement("cpu", "float32", "int8", exact_float32=True).exact_float32
+    with pytest.raises(DeviceError, match="exact float32 applies to float32 weights"):
+        resolve_placement("cpu", "bfloat16", exact_float32=True)

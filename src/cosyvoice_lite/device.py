@@ -188,6 +188,10 @@ def resolve_placement(
         if dev.index is None and dev.type != "mps":
             dev = torch.device(dev.type, 0)
     chosen, mode = check_precision(dev, dtype, quantize)
+    if exact_float32 and chosen != torch.float32:
+        raise DeviceError(
+            f"exact float32 applies to float32 weights (dtype float32); got dtype '{dtype}'"
+        )
     return Placement(dev, chosen, mode, exact_float32)
 
 
