@@ -167,9 +167,9 @@ EXACT_ROWS = 16  # row counts up to this are computed as they come (decoding ste
 
 def padded_rows(rows: int) -> int:
     """The row count ``PackedLinear`` computes ``rows`` input rows at. oneDNN builds a kernel for
-    every input shape it meets and keeps it (~0.6 MB each on an AVX-512 CPU, its cache holding
-    1,024): the flow's rows follow each utterance's length, so a server meeting every length
-    grew by gigabytes. Past ``EXACT_ROWS`` the count is rounded up to one of 8 sizes per power
+    every input shape it meets and keeps it (~0.6 MB each on an AVX-512 CPU; a smaller
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` did not stop the growth): the flow's rows follow each
+    utterance's length, so a server meeting every length grew by gigabytes. Past ``EXACT_ROWS`` the count is rounded up to one of 8 sizes per power
     of two (at most 12.5% more rows, ~6% on average). The padding rows change nothing in the
     others: oneDNN's product of a row does not depend on how many rows share the call (beyond
     one), which the tests check."""
