@@ -15,8 +15,8 @@ Workloads: a saved voice's first streamed call (the prompt's last, partial chunk
 tokens), one whole streamed chunk (50 new mel frames), and a whole utterance (100 tokens after a
 123-token prompt, non-streaming). Printed: best of ``--repeats`` (alternating) for both, the
 speed-up, the largest mel difference, then the load average and floors measured in the run.
-The engine keeps float32 whole utterances in one batch (bit-identical to the official); the
-utterance row is shown for every dtype so the trade-off is visible.
+The engine keeps float32 whole utterances in one batch only with ``exact_float32`` (bit-identical
+to the official); the utterance row is shown for every dtype so the trade-off is visible.
 """
 
 from __future__ import annotations

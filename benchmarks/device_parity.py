@@ -71,7 +71,7 @@ def main() -> None:
     batch = requests(args.tokens)
     names = ["zero-shot", "zero-shot streamed", "cross-lingual"]
     for model in args.model:
-        cpu = Engine.load(model)
+        cpu = Engine.load(model, exact_float32=True)  # the official's float32 kernels
         reference = alone(cpu, batch)
         cpu.close()
         for dtype in args.dtypes.split(","):

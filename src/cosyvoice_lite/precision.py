@@ -27,8 +27,9 @@ without), the same integers either way.
 
 The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
 loaded modules): their declared linear groups (q/k/v, gate/up) are fused into one product each
-(``networks.linear``), and on a CPU with oneDNN their float32/bfloat16 linear layers are
-``PackedLinear``: the weight reordered once into oneDNN's blocked layout. A decoding step is a
+(``networks.linear``), and on a CPU with oneDNN their float32 (unless ``exact_float32``) and
+bfloat16 linear layers are ``PackedLinear``: the weight reordered once into oneDNN's blocked
+layout. A decoding step is a
 matrix-vector product per layer, bound by reading the weights; torch's default path for one input
 row streams them at less than half this machine's memory bandwidth (fp32 on one core; bf16 pays a
 per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.md).
@@ -169,8 +170,9 @@ def padded_rows(rows: int) -> int:
     """The row count ``PackedLinear`` computes ``rows`` input rows at. oneDNN builds a kernel for
     every input shape it meets and keeps it (~0.6 MB each on an AVX-512 CPU; a smaller
     ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` did not stop the growth): the flow's rows follow each
-    utterance's length, so a server meeting every length grew by gigabytes. Past ``EXACT_ROWS`` the count is rounded up to one of 8 sizes per power
-    of two (at most 12.5% more rows, ~6% on average). The padding rows change nothing in the
+    utterance's length, so a server meeting every length grew by gigabytes. Past ``EXACT_ROWS``
+    the count is rounded up to one of 8 sizes per power of two (at most 12.5% more rows, ~6% on
+    average). The padding rows change nothing in the
     others: oneDNN's product of a row does not depend on how many rows share the call (beyond
     one), which the tests check."""
     if rows <= EXACT_ROWS:
@@ -235,8 +237,8 @@ def apply_precision(
     (with ``kernels``) to the flow's declared ``int8_products``; the rest of the flow and the
     vocoder follow ``placement.dtype``. ``kernels`` fuses the linear groups of every network (one
     product for q/k/v: the same floats, fewer and larger calls; a streamed flow chunk ~15% less
-    CPU) and adds the LLM's decoding kernels and the low-precision flow's (packed weights); export
-    loads without them, keeping the official module tree."""
+    CPU) and adds the LLM's decoding kernels and the flow's (packed weights, ``packs_linear``);
+    export loads without them, keeping the official module tree."""
     # Each kernel replaces layer after layer, fusing a module's groups just before (so the load
     # peaks near the loaded size); the groups no kernel replaces are fused last. Casting comes
     # first: joined after the cast, the fused weights are the same numbers, made in the dtype.
