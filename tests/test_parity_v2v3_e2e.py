@@ -67,6 +67,18 @@ def _request(case: dict) -> SynthesisRequest:
     )
 
 
+def _record_mels(engine: Engine, monkeypatch) -> list[torch.Tensor]:
+    """The list every mel the engine's pipeline vocodes from now on is appended to."""
+    mels: list[torch.Tensor] = []
+    vocode = engine.pipeline._vocode
+    monkeypatch.setattr(
+        engine.pipeline,
+        "_vocode",
+        lambda state, mel, *a, **k: (mels.append(mel), vocode(state, mel, *a, **k))[1],
+    )
+    return mels
+
+
 def _close(ours, theirs: np.ndarray, what: str, tol: float = TOL) -> None:
     ours = np.asarray(ours, dtype=np.float64)
     ours = ours.reshape(theirs.shape) if ours.size == theirs.size else ours.reshape(-1)
@@ -103,13 +115,7 @@ def test_default_float32_kernels_within_rounding_of_official(version: str, monke
     case = _manifest(version)["zero_shot"]
     gold = np.load(golden_file(f"{version}_e2e/zero_shot.npz"))
     engine = Engine.load(DATA / "models" / f"{version}-tiny", llm_checkpoint=case["llm_file"])
-    mels: list[torch.Tensor] = []
-    vocode = engine.pipeline._vocode
-    monkeypatch.setattr(
-        engine.pipeline,
-        "_vocode",
-        lambda state, mel, *a, **k: (mels.append(mel), vocode(state, mel, *a, **k))[1],
-    )
+    mels = _record_mels(engine, monkeypatch)
     try:
         audio = np.concatenate([c.samples for c in engine.synthesize(_request(case))])
     finally:
@@ -142,13 +148,7 @@ def test_stream_chunks_match_official(version: str, name: str, monkeypatch) -> N
         engine.pipeline.speech_tokens(inputs, sampler)
     )  # the LLM finishes first, as recorded
     np.testing.assert_array_equal(np.array(tokens), gold["speech_token"])
-    mels: list[torch.Tensor] = []
-    vocode = engine.pipeline._vocode
-    monkeypatch.setattr(
-        engine.pipeline,
-        "_vocode",
-        lambda state, mel, *a, **k: (mels.append(mel), vocode(state, mel, *a, **k))[1],
-    )
+    mels = _record_mels(engine, monkeypatch)
     replay = ModelInputs(**{**vars(inputs), "source_speech_token": torch.tensor([tokens])})
     pieces = list(engine.pipeline.synthesize(replay, sampler, generator, True))
     chunks = sorted(k for k in gold.files if k.startswith("chunk_"))
