@@ -75,11 +75,8 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     threads = torch.get_num_threads()
     if placement.device.type != "cpu" or backend != "torch" or threads < 2:
         return
-    exact = (
-        placement.dtype == torch.float32
-        and placement.exact_float32
-        and not has_int8_products(pipeline.flow)
-    )
+    # exact_float32 implies float32 weights (resolve_placement refuses it with others)
+    exact = placement.exact_float32 and not has_int8_products(pipeline.flow)
     pipeline.flow.decoder.set_row_split(RowSplit(threads), utterances=not exact)
 
 
