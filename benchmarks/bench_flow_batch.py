@@ -1,13 +1,16 @@
 """Streams' flow chunks computed together vs one by one (CosyVoice2/3, the engine's audio stage).
 
 One command: ``python benchmarks/bench_flow_batch.py --model DIR [--streams 1,2,4,8]
-[--dtype float32] [--repeats 3]``. A voice's prompt goes through the streaming flow once (as for
-a saved voice); then, for each count S, S streams forked from it each receive one hop of tokens
-(one whole chunk: 50 new mel frames) and the chunks are computed two ways in the same run:
-one `stream_step` per stream (the previous design) and one `stream_steps` call for all S (the
-batch). Printed per S: best time of both, the speed-up, the time per stream, and the largest
-difference between a stream's mel in the batch and alone (0.0: bit-identical); then the machine's
-load average and floors (memory bandwidth, fp32/bf16 matmul) measured in the run.
+[--dtype float32] [--quantize int8] [--threads 2] [--repeats 3]``. A voice's prompt goes through
+the streaming flow once (as for a saved voice); then, for each count S, S streams forked from it
+each receive one hop of tokens (one whole chunk: 50 new mel frames) and the chunks are computed
+three ways in the same run, in turn: one `stream_step` per stream, one `stream_steps` call for
+all S with the estimator's rows each computed alone on the threads (the design before
+2026-12-05 noon), and the same call with one share of the rows per thread (the engine's way
+past ``exact_float32``; with one thread both are one batch). Printed per S: the best time of each,
+the speed-ups of the shares over the other two, the time per stream, and the largest difference
+between a stream's mel in either batch and alone (0.0: bit-identical); then the machine's load
+average and floors (memory bandwidth, fp32/bf16 matmul) measured in the run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from floors import describe, footer, measure  # noqa: E402
 
 from cosyvoice_lite.engine import Engine  # noqa: E402
+from cosyvoice_lite.row_parallel import RowSplit  # noqa: E402
 
 PROMPT_TOKENS = 123  # a 4.9 s prompt, as in bench_v2v3.py
 
@@ -65,14 +69,21 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="full-size v2 or v3 directory")
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantize", default=None, choices=[None, "int8"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     floors = describe(measure())
-    flow = Engine.load(args.model, dtype=args.dtype).pipeline.flow
+    flow = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize).pipeline.flow
     voice, tokens = primed_voice(flow)
+    cfm = flow.decoder
+    splits = {"rows alone": cfm.stream_rows, "shares": cfm.stream_rows}
+    if args.threads > 1:
+        if not cfm.stream_rows.shares:
+            raise SystemExit("ROW SHARES NOT CHOSEN: the engine's split computes rows alone")
+        splits["rows alone"] = RowSplit(args.threads)
 
     def chunk_frames() -> int:
         probe = voice.fork()
@@ -87,24 +98,34 @@ def main() -> None:
         flush=True,
     )
     print(
-        f"{'streams':>8}{'one by one s':>14}{'together s':>12}{'speed-up':>10}"
-        f"{'per stream s':>14}{'max diff':>10}"
+        f"{'streams':>8}{'one by one s':>14}{'rows alone s':>14}{'shares s':>10}"
+        f"{'vs one by one':>15}{'vs rows alone':>15}{'per stream s':>14}{'max diff':>10}"
     )
     for count in (int(s) for s in args.streams.split(",")):
-        alone_best = together_best = float("inf")
-        for _ in range(args.repeats):
-            streams = [voice.fork() for _ in range(count)]
-            start = time.perf_counter()
-            alone = [flow.stream_step(s, tokens) for s in streams]
-            alone_best = min(alone_best, time.perf_counter() - start)
-            streams = [voice.fork() for _ in range(count)]
-            start = time.perf_counter()
-            together = flow.stream_steps(streams, [tokens] * count, [False] * count)
-            together_best = min(together_best, time.perf_counter() - start)
-        diff = max(float((a - b).abs().max()) for a, b in zip(alone, together, strict=True))
+        best = dict.fromkeys(["one by one", *splits], float("inf"))
+        mels: dict[str, list[torch.Tensor]] = {}
+        for round_ in range(args.repeats):
+            order = list(best) if round_ % 2 == 0 else list(best)[::-1]
+            for way in order:
+                streams = [voice.fork() for _ in range(count)]
+                cfm.stream_rows = splits.get(way, splits["shares"])
+                start = time.perf_counter()
+                if way == "one by one":
+                    mels[way] = [flow.stream_step(s, tokens) for s in streams]
+                else:
+                    mels[way] = flow.stream_steps(streams, [tokens] * count, [False] * count)
+                best[way] = min(best[way], time.perf_counter() - start)
+        cfm.stream_rows = splits["shares"]
+        diff = max(
+            float((a - b).abs().max())
+            for way in splits
+            for a, b in zip(mels["one by one"], mels[way], strict=True)
+        )
+        shares = best["shares"]
         print(
-            f"{count:>8}{alone_best:>14.2f}{together_best:>12.2f}"
-            f"{alone_best / together_best:>9.2f}x{together_best / count:>14.2f}{diff:>10.1e}",
+            f"{count:>8}{best['one by one']:>14.2f}{best['rows alone']:>14.2f}{shares:>10.2f}"
+            f"{best['one by one'] / shares:>14.2f}x{best['rows alone'] / shares:>14.2f}x"
+            f"{shares / count:>14.2f}{diff:>10.1e}",
             flush=True,
         )
     print(footer(floors, load_start))

@@ -5,12 +5,15 @@ concurrencies, against the previous one-thread-per-request design, in the same r
         --tokens 50 --concurrency 1,2,4,8 --transports whole,stream
 
 For each design (``loop``: the engine loop that decodes every request together; ``threads``: the
-previous design, each request computed alone in its own thread, all competing for the cores) a
+previous design, each request computed alone in its own thread, all competing for the cores;
+``loop-rows-alone``: the loop with every flow estimator row computed alone on the threads, as
+before 2026-12-05 noon, where the engine now gives each thread one share of the rows) a
 server process is started (uvicorn, loopback), warmed up, then for each transport and concurrency
 c, c requests are sent at once (one connection each, different seeds). Printed per level:
 aggregate audio seconds per wall second, the speed-up over c=1, p50/p95 time to the first audio
 byte, p50/p95 request latency, the server's peak RSS during the level and the peak above the
-loaded model per concurrent request; then loop/threads ratios, the load average and the floors.
+loaded model per concurrent request; then the loop's ratios to the other designs, the load
+average and the floors.
 
 Random weights rarely emit eos, so every request decodes exactly ``--tokens`` speech tokens
 (``SynthesisRequest.max_speech_tokens`` + ``ignore_eos``, set by the server process below); the
@@ -111,7 +114,16 @@ def serve(args: argparse.Namespace) -> None:
     engine = Engine.load(
         args.model_dir, dtype=args.dtype, max_batch=args.max_batch, audio_workers=args.audio_workers
     )
-    wrapped = (FixedLength if args.design == "loop" else PerRequestThreads)(engine, args.tokens)
+    if args.design == "loop-rows-alone":
+        from cosyvoice_lite.row_parallel import RowSplit
+
+        flow = engine.pipeline.flow.decoder
+        if args.threads < 2 or not flow.stream_rows.shares:
+            raise SystemExit("loop-rows-alone: the engine's flow rows are not in shares here")
+        flow.close_row_split()
+        flow.set_row_split(RowSplit(args.threads))
+    design = PerRequestThreads if args.design == "threads" else FixedLength
+    wrapped = design(engine, args.tokens)
     settings = Settings(
         workers=args.max_batch,
         max_queue=64,
@@ -325,15 +337,17 @@ def drive(args: argparse.Namespace) -> None:
             design, transport = key.split("/")
             print_levels(design, transport, value["levels"], value["loaded_mib"])
     for transport in args.transports.split(","):
-        if f"loop/{transport}" in results and f"threads/{transport}" in results:
+        for other in ("threads", "loop-rows-alone"):
+            if f"loop/{transport}" not in results or f"{other}/{transport}" not in results:
+                continue
             loop = results[f"loop/{transport}"]["levels"]
-            threads = results[f"threads/{transport}"]["levels"]
+            levels = results[f"{other}/{transport}"]["levels"]
             print(
-                f"\nloop / threads, {transport}: "
+                f"\nloop / {other}, {transport}: "
                 + ", ".join(
                     f"c={a['c']}: throughput {a['audio_per_s'] / b['audio_per_s']:.2f}x, "
                     f"TTFA p95 {b['first_p95'] / a['first_p95']:.2f}x faster"
-                    for a, b in zip(loop, threads, strict=True)
+                    for a, b in zip(loop, levels, strict=True)
                 )
             )
     print(

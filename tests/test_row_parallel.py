@@ -1,5 +1,6 @@
-"""Flow rows on threads (row_parallel.py): each row computed alone, in order, with one torch thread;
-the tiny v2/v3 flows give the same mel split as in one batch, and streams together equal alone."""
+"""Flow rows on threads (row_parallel.py): each row computed alone, or one share of the rows per
+thread, in order, with one torch thread; the tiny v2/v3 flows give the same mel split as in one
+batch, and streams together equal alone."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ MODELS = Path(__file__).resolve().parent / "data" / "models"
 @pytest.fixture(scope="module")
 def split() -> RowSplit:
     rows = RowSplit(2)
+    yield rows
+    rows.close()
+
+
+@pytest.fixture(scope="module")
+def shares() -> RowSplit:
+    rows = RowSplit(2, shares=True)
     yield rows
     rows.close()
 
@@ -69,6 +77,20 @@ def test_rows_are_computed_alone_in_order(split: RowSplit) -> None:
     calls: list[slice] = []
     assert torch.equal(SERIAL.map(lambda rows: calls.append(rows) or batch[rows], 5), batch)
     assert calls == [slice(0, 5)]  # serially: one call with every row
+
+
+def test_shares_are_one_contiguous_call_per_thread(shares: RowSplit) -> None:
+    seen: list[tuple[int, int]] = []
+    batch = torch.arange(14.0).view(7, 2)
+
+    def double(rows: slice) -> torch.Tensor:
+        seen.append((rows.start, rows.stop))
+        return batch[rows] * 2
+
+    assert torch.equal(shares.map(double, 7), batch * 2)
+    assert sorted(seen) == [(0, 3), (3, 7)]
+    seen.clear()
+    assert torch.equal(shares.map(double, 1), batch[:1] * 2) and seen == [(0, 1)]
 
 
 def test_helpers_leave_the_thread_counts_of_others_alone() -> None:
@@ -139,13 +161,16 @@ def _stream(flow: torch.nn.Module, voices: list[tuple[torch.Tensor, ...]]) -> li
 
 
 @pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("kind", ["alone", "shares"])
 def test_streams_split_equal_one_batch_and_together_equal_alone(
-    version: int, split: RowSplit
+    version: int, kind: str, request: pytest.FixtureRequest
 ) -> None:
+    """Split (each row alone, or in shares: the engine's choice past ``exact_float32``), a
+    stream's mel is the same whichever streams are computed with it, to the bit."""
     flow = _flow(version)
-    voices = [_voice(flow, 12, 0), _voice(flow, 17, 1)]
+    voices = [_voice(flow, 12, 0), _voice(flow, 17, 1), _voice(flow, 9, 2)]
     batch = [_stream(flow, [voice])[0] for voice in voices]
-    flow.decoder.set_row_split(split)
+    flow.decoder.set_row_split(request.getfixturevalue("split" if kind == "alone" else kind))
     try:
         alone = [_stream(flow, [voice])[0] for voice in voices]
         together = _stream(flow, voices)
@@ -153,7 +178,7 @@ def test_streams_split_equal_one_batch_and_together_equal_alone(
         flow.decoder.set_row_split(SERIAL)
     for a, b, c in zip(batch, alone, together, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-        assert torch.equal(c, b)  # each row is computed alone: exactly the same together
+        assert torch.equal(c, b)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -183,3 +208,23 @@ def test_whole_utterances_split_equal_one_batch(version: int, split: RowSplit) -
     finally:
         flow.decoder.set_row_split(SERIAL)
     torch.testing.assert_close(rows, batch, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_engine_shares_rows_unless_exact_float32(exact: bool) -> None:
+    """On a CPU with 2 torch threads the engine splits the flow's rows: in shares (batched
+    products, the floats of each row alone), or, with torch's default float32 products that may
+    round a row differently in another batch, each row alone."""
+    from cosyvoice_lite.engine import Engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine.load(MODELS / "v2-tiny", exact_float32=exact)
+    finally:
+        torch.set_num_threads(before)
+    try:
+        rows = engine.pipeline.flow.decoder.stream_rows
+        assert rows.threads == 2 and rows.shares is not exact
+    finally:
+        engine.close()

@@ -47,6 +47,7 @@ from cosyvoice_lite.networks.flow_matching import (
     StreamSolve,
     TimeConditioning,
     TokenChunks,
+    conv1d_by_row,
     per_row,
     stack_rows,
     step_streams,
@@ -684,7 +685,7 @@ def _causal_conv_increment(
             frames = x[index : index + 1, :, x.size(2) - pad :]
             # a view would keep the whole batch's input alive while the stream lives
             tail.frames = frames.clone() if len(caches) > 1 else frames
-    return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
+    return conv1d_by_row(conv, x)
 
 
 def _causal_block_increment(
@@ -701,7 +702,7 @@ def _resnet_increment(
     h = _causal_block_increment(resnet.block1, x, caches)
     h = h + per_row(modulation, h.size(0)).unsqueeze(-1)
     h = _causal_block_increment(resnet.block2, h, caches)
-    return h + resnet.res_conv(x)
+    return h + conv1d_by_row(resnet.res_conv, x)
 
 
 def _transformers_increment(
@@ -788,4 +789,4 @@ def _estimator_increment(
         h = _transformers_increment(transformers, h, caches, starts, chunk)
         h = _causal_conv_increment(conv, h, caches)
     h = _causal_block_increment(estimator.final_block, h, caches)
-    return estimator.final_proj(h)
+    return conv1d_by_row(estimator.final_proj, h)
