@@ -204,3 +204,61 @@ def test_a_saved_voice_is_ready_for_streaming_before_its_first_stream(tmp_path):
         )
         assert r.status_code == 200 and len(r.content) > 0
         assert flows.misses == misses + 1 and flows.hits == hits + 1
+
+
+def test_saved_voices_are_prepared_when_a_server_starts(tmp_path):
+    """A server (a restart, a new replica) prepares the most recently saved voices for streaming
+    once its model is loaded: at most ``prepare_voices``, newest first; 0 prepares none."""
+    import time
+    from pathlib import Path
+
+    engine = tiny_engine(Path(__file__).parent / "data" / "models" / "v2-tiny")
+    flows = engine.pipeline.prompt_flows
+    off = Settings(voices_dir=tmp_path, prepare_voices=0)
+    with ServerThread(create_app(engine, off)) as running, running.client() as c:
+        for name, seconds in (("Older", 3.0), ("Newer", 3.5)):
+            assert upload(c, name, audio=prompt_wav(seconds)).status_code == 201
+            time.sleep(1.1)  # distinct creation times (whole seconds on some stores)
+    deadline = time.monotonic() + 60
+    while len(flows) < 2 and time.monotonic() < deadline:  # saving prepares each, as ever
+        time.sleep(0.05)
+    flows.clear()
+    with ServerThread(create_app(engine, off)):
+        time.sleep(0.5)
+        assert len(flows) == 0
+    one = Settings(voices_dir=tmp_path, prepare_voices=1)
+    with ServerThread(create_app(engine, one)) as running, running.client() as c:
+        deadline = time.monotonic() + 60
+        while len(flows) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(flows) == 1
+        hits, misses = flows.hits, flows.misses
+        for name in ("Newer", "Older"):
+            r = c.post(
+                "/tts", json={"text": "你好，今天天气很好。", "speaker": name, "stream": True}
+            )
+            assert r.status_code == 200 and len(r.content) > 0
+        assert (flows.hits, flows.misses) == (hits + 1, misses + 1)  # only the newest was ready
+
+
+def test_preparing_voices_at_start_keeps_the_voices_already_kept(tmp_path):
+    """Without eviction (what a starting server asks for), a voice that does not fit beside
+    those kept is not kept, and they stay."""
+    from pathlib import Path
+
+    from cosyvoice_lite.engine import Engine
+
+    engine = Engine.load(Path(__file__).parent / "data" / "models" / "v2-tiny")
+    try:
+        text = "希望你以后能够做的比我还好呦。"
+        voices = [engine.encode_prompt(prompt_wav(s), text) for s in (2.0, 2.5)]
+        flows = engine.pipeline.prompt_flows
+        assert engine.prepare_voice(voices[0]).result(timeout=120) is True
+        flows.budget_bytes = flows.nbytes + flows.nbytes // 2  # room for one voice of this size
+        assert engine.prepare_voice(voices[1], evict=False).result(timeout=120) is False
+        assert len(flows) == 1
+        assert engine.prepare_voice(voices[0], evict=False).result(timeout=120) is True  # kept
+        assert engine.prepare_voice(voices[1]).result(timeout=120) is True  # evicts the older
+        assert len(flows) == 1
+    finally:
+        engine.close()

@@ -314,16 +314,18 @@ class Engine:
             text = self.text_frontend.normalize(text, split=False, encode=self.tokenizer.encode)
         return self.prompt_encoder.encode(audio, text)
 
-    def prepare_voice(self, prompt: PromptFeatures) -> Future:
+    def prepare_voice(self, prompt: PromptFeatures, evict: bool = True) -> Future:
         """Compute, on an audio worker, what every stream of this voice shares (CosyVoice2/3: the
-        prompt's frames through the streaming flow, kept within ``prompt_cache_mb``), so that even
-        the first stream of a saved voice starts fast. The future's result is False when the
-        model keeps nothing per voice."""
+        prompt's frames through the streaming flow, kept within ``prompt_cache_mb``, the least
+        recently used voice out first), so that even the first stream of a saved voice starts
+        fast. The future's result is False when nothing is kept: the model keeps nothing per
+        voice, the voice exceeds the budget, or (``evict=False``) keeping it would push out a
+        voice kept earlier."""
         # the flow's prompt inputs exactly as a request with this voice gets them (every mode
         # that clones a prompt gives the flow the same ones)
         request = SynthesisRequest(Mode.CROSS_LINGUAL)
         inputs = self._inputs(request, "", self._prompt(request, prompt))
-        return self.loop.background(lambda: self.pipeline.prime_voice(inputs))
+        return self.loop.background(lambda: self.pipeline.prime_voice(inputs, evict))
 
     # ------------------------------------------------------------------ synthesis
     def synthesize(

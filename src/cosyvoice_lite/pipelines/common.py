@@ -267,7 +267,7 @@ class Pipeline:
         """One segment's speech tokens, decoded alone (a batch of one)."""
         return run_alone(self.llm, self.task(inputs, sampler, policy))
 
-    def prime_voice(self, inputs: ModelInputs) -> bool:
+    def prime_voice(self, inputs: ModelInputs, evict: bool = True) -> bool:
         """Compute what every stream of this voice shares, ahead of them; False when the version
         keeps nothing per voice (see the v2/v3 pipeline)."""
         return False

@@ -62,12 +62,15 @@ class PromptFlowCache:
         template, primed = self._template(flow, inputs)
         return primed if template is None else template.fork()
 
-    def prime(self, flow: torch.nn.Module, inputs: ModelInputs) -> bool:
+    def prime(self, flow: torch.nn.Module, inputs: ModelInputs, evict: bool = True) -> bool:
         """Compute this prompt's part ahead of its streams (e.g. when a voice is saved); False
-        when it does not fit the budget (its streams then compute it themselves)."""
-        return self._template(flow, inputs)[0] is not None
+        when it is not kept (its streams then compute it themselves): larger than the budget,
+        or, without ``evict``, too large for the room the kept voices leave."""
+        return self._template(flow, inputs, evict)[0] is not None
 
-    def _template(self, flow: torch.nn.Module, inputs: ModelInputs) -> tuple[Any, Any]:
+    def _template(
+        self, flow: torch.nn.Module, inputs: ModelInputs, evict: bool = True
+    ) -> tuple[Any, Any]:
         """(the kept template, None), or (None, a primed stream) when it is not kept."""
         if self.budget_bytes == 0:
             with self._lock:
@@ -93,6 +96,9 @@ class PromptFlowCache:
                 if size > self.budget_bytes:
                     return None, primed
                 with self._lock:
+                    kept_bytes = sum(size for _, size in self._entries.values())
+                    if not evict and kept_bytes + size > self.budget_bytes:
+                        return None, primed
                     self._entries[key] = (template, size)
                     while sum(size for _, size in self._entries.values()) > self.budget_bytes:
                         old, _ = self._entries.popitem(last=False)

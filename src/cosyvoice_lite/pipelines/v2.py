@@ -184,10 +184,11 @@ class V2Pipeline(Pipeline):
         self.vocoder_batches = 0  # vocoder calls that held several rows (tests, metrics)
         self._count_lock = threading.Lock()  # audio workers share the pipeline
 
-    def prime_voice(self, inputs: ModelInputs) -> bool:
+    def prime_voice(self, inputs: ModelInputs, evict: bool = True) -> bool:
         """The voice's prompt frames through the streaming flow, kept for its streams (False:
-        not kept, e.g. over the cache budget)."""
-        return self.prompt_flows.prime(self.flow, inputs)
+        not kept, e.g. over the cache budget; without ``evict``, when keeping it would push out
+        a voice kept earlier)."""
+        return self.prompt_flows.prime(self.flow, inputs, evict)
 
     @torch.inference_mode()
     def _flow_batch(self, works: list[UtteranceWork]) -> list[torch.Tensor]:

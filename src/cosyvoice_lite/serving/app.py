@@ -48,7 +48,7 @@ from .schemas import TTSRequest
 from .settings import Settings
 from .synthesis import Plan, plan_request, respond, supported_modes
 from .upload_api import upload_router
-from .voice_create import save_voice
+from .voice_create import prepare_saved_voices, save_voice
 from .voice_store_s3 import attachment, voice_store
 from .voices import VoiceLibrary, validate_name
 
@@ -82,6 +82,7 @@ class ServerState:
         self.status = "loading"
         self.load_error = ""
         self.started = time.time()
+        self.stopping = threading.Event()  # set when the server shuts down
         self.metrics.gauge(
             "queue_depth", "Requests waiting for a synthesis worker.", lambda: self.scheduler.queued
         )
@@ -140,6 +141,10 @@ class ServerState:
                 lambda: loop.flow_calls[1],
             )
         self.status = "ready"
+        if self.settings.prepare_voices:
+            threading.Thread(
+                target=prepare_saved_voices, args=(self,), name="voice-preparer", daemon=True
+            ).start()
         self.metrics.info = {
             "name": engine.model.name,
             "version": str(engine.version),
@@ -325,6 +330,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
                 target=state.load, args=(loader,), name="model-loader", daemon=True
             ).start()
         yield
+        state.stopping.set()
         state.scheduler.shutdown()
         state.outputs.shutdown()
 

@@ -119,6 +119,14 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "per voice and shared by its streams; 0 computes them per stream",
     )
     limits.add_argument(
+        "--prepare-voices",
+        type=int,
+        default=4,
+        help="saved voices whose prompt frames are computed once the model is loaded, most "
+        "recently saved first, as many as --prompt-cache-mb holds (their first streams start "
+        "fast after a restart); 0: none",
+    )
+    limits.add_argument(
         "--stream-cache-mb",
         type=int,
         default=None,
@@ -275,6 +283,7 @@ def settings_from_args(args: argparse.Namespace):
         max_prompt_seconds=args.max_prompt_seconds,
         workers=args.workers,
         max_queue=args.max_queue,
+        prepare_voices=args.prepare_voices,
         request_timeout=args.timeout,
         api_key=args.api_key or None,
         cors_origins=args.cors_origin,

@@ -62,6 +62,9 @@ class Settings:
     # OpenAI voice names (alloy, echo, ...) -> voices of this server, over the default mapping
     voice_aliases: dict[str, str] = field(default_factory=dict)
     prompt_cache_size: int = 32  # one-off prompts whose features are kept (LRU)
+    # saved voices prepared for streaming once the model is loaded, most recently saved first
+    # (as many as the engine's prompt cache holds; voice_create.prepare_saved_voices)
+    prepare_voices: int = 4
     prompt_cache_ttl: float = 600.0  # seconds a cached one-off prompt lives after its last use
     # /docs, /redoc and /openapi.json need the API key when one is set, unless this is True
     docs_public: bool = False
@@ -94,6 +97,8 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        if self.prepare_voices < 0:
+            raise ValueError("prepare_voices must be 0 or more")
         if self.request_timeout <= 0:
             raise ValueError("request_timeout must be positive")
         if not 0 < self.max_prompt_seconds <= MAX_PROMPT_SECONDS:

@@ -1,5 +1,6 @@
 """Saving a voice from an upload, shared by ``POST /voices`` and ``POST /v1/audio/voices``:
-checks, then the features computed off the event loop and stored in the library."""
+checks, then the features computed off the event loop and stored in the library; and preparing
+the saved voices for streaming when a server starts."""
 
 from __future__ import annotations
 
@@ -84,3 +85,34 @@ def _log_failure(name: str):
             log.warning("could not prepare voice %r for streaming: %s", name, future.exception())
 
     return done
+
+
+def prepare_saved_voices(state) -> int:  # noqa: ANN001 - app.ServerState (no import cycle)
+    """Prepare the most recently saved voices for streaming (``Engine.prepare_voice``): at most
+    ``settings.prepare_voices``, and only as many as the engine's prompt cache holds without
+    pushing one out, so that after a restart, or on a new replica, their first streams start as
+    fast as later ones (CosyVoice2 bfloat16, 5 s prompt: first chunk ~2.8 s against ~4.4 s).
+    Runs in a thread of its own once the model is loaded, until done or the server stops; the
+    work goes through the engine's loop like any voice's. Returns how many voices were kept."""
+    engine, limit = state.engine, state.settings.prepare_voices
+    if limit == 0 or not hasattr(engine, "prepare_voice"):
+        return 0
+    newest = sorted(state.library.list(), key=lambda voice: voice.created_at, reverse=True)
+    kept = 0
+    for voice in newest[:limit]:
+        if state.stopping.is_set():
+            break
+
+        def features(name: str = voice.name):  # noqa: ANN202
+            return state.library.features(name, voice_key(engine), engine.encode_prompt)
+
+        try:
+            if not engine.prepare_voice(engine.call(features).result(), evict=False).result():
+                break  # the cache is full (or the model keeps nothing per voice)
+        except Exception as exc:  # noqa: BLE001 - a damaged or deleted voice, or a shutdown
+            log.warning("could not prepare voice %r for streaming: %s", voice.name, exc)
+            continue
+        kept += 1
+    if kept:
+        log.info("prepared %d saved voice(s) for streaming", kept)
+    return kept
