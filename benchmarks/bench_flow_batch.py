@@ -93,7 +93,8 @@ def main() -> None:
     if frames == 0:
         raise SystemExit("FIXED CHUNK NOT COMPUTED: the hop did not complete a flow chunk")
     print(
-        f"{args.model.name} {args.dtype}, {args.threads} threads: one chunk per stream, "
+        f"{args.model.name} {args.dtype}{' + int8 products' if args.quantize else ''}, "
+        f"{args.threads} threads: one chunk per stream, "
         f"{frames} new mel frames each (prompt {PROMPT_TOKENS} tokens)",
         flush=True,
     )
@@ -128,6 +129,8 @@ def main() -> None:
             f"{shares / count:>14.2f}{diff:>10.1e}",
             flush=True,
         )
+    if splits["rows alone"] is not splits["shares"]:
+        splits["rows alone"].close()
     print(footer(floors, load_start))
 
 

@@ -57,6 +57,7 @@ class Server:
         deadline = time.monotonic() + 600
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
                 raise SystemExit(f"the server did not start; see {log}")
             try:
                 if self.client.get("/ready").status_code == 200:
@@ -98,29 +99,34 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     voices = tempfile.mkdtemp(prefix="bench-restart-")
     saver = Server(args, voices, 0, args.out / "server-save.log")
-    saved = saver.client.post(
-        "/voices",
-        data={"name": "Saved", "prompt_text": PROMPT_TEXT},
-        files={"audio": ("prompt.wav", PROMPT.read_bytes(), "audio/wav")},
-    )
-    if saved.status_code != 201:
-        raise SystemExit(f"saving the voice failed: {saved.status_code} {saved.text}")
-    saver.stop()
+    try:
+        saved = saver.client.post(
+            "/voices",
+            data={"name": "Saved", "prompt_text": PROMPT_TEXT},
+            files={"audio": ("prompt.wav", PROMPT.read_bytes(), "audio/wav")},
+        )
+        if saved.status_code != 201:
+            raise SystemExit(f"saving the voice failed: {saved.status_code} {saved.text}")
+    finally:
+        saver.stop()
     results: dict[int, list[tuple[float, float]]] = {0: [], 4: []}
     for round_ in range(args.rounds):
         for prepare in (0, 4) if round_ % 2 == 0 else (4, 0):
-            server = Server(args, voices, prepare, args.out / f"server-prepare-{prepare}.log")
-            time.sleep(args.settle)
-            first, second = server.first_audio(1), server.first_audio(2)
-            server.stop()
+            log = args.out / f"server-prepare-{prepare}-round-{round_ + 1}.log"
+            server = Server(args, voices, prepare, log)
+            try:
+                time.sleep(args.settle)
+                if prepare and "prepared 1 saved voice" not in log.read_text():
+                    raise SystemExit(f"VOICE NOT PREPARED within --settle: see {log}")
+                first, second = server.first_audio(1), server.first_audio(2)
+            finally:
+                server.stop()
             results[prepare].append((first, second))
             print(
                 f"round {round_ + 1}, --prepare-voices {prepare}: first stream of the saved voice "
                 f"{first:.2f} s to first audio, the next {second:.2f} s",
                 flush=True,
             )
-    if "prepared 1 saved voice" not in (args.out / "server-prepare-4.log").read_text():
-        raise SystemExit("VOICE NOT PREPARED: the --prepare-voices 4 server did not report it")
     medians = {
         prepare: tuple(statistics.median(r[i] for r in rows) for i in range(2))
         for prepare, rows in results.items()

@@ -8,8 +8,9 @@ thread as in the engine's audio workers:
 * batch (the previous design): one estimator call for both rows, the worker using ``--threads``
   torch threads (OpenMP's parallel operations, each waking the sleeping OpenMP threads under
   the passive wait policy);
-* rows (``RowSplit``, the engine's default on a CPU): each row computed alone on its own thread
-  with one torch thread.
+* rows (``RowSplit``): each row computed alone on its own thread with one torch thread (the
+  engine's way on a CPU until 2026-12-05; with two rows, as here, the same as its one share per
+  thread now, ``RowSplit(threads, shares=True)``; several streams: ``bench_flow_batch.py``).
 
 Workloads: a saved voice's first streamed call (the prompt's last, partial chunk plus the first
 tokens), one whole streamed chunk (50 new mel frames), and a whole utterance (100 tokens after a

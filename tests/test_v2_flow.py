@@ -516,6 +516,35 @@ def test_prompt_flow_cache_primes_each_voice_once_within_its_budget(
         PromptFlowCache(-1)
 
 
+def test_voices_prepared_ahead_fit_without_eviction_and_go_first_out(
+    flow: CausalMaskedDiffWithXvec,
+) -> None:
+    """``prime(evict=False)`` (a server preparing its saved voices, newest first): a voice is kept
+    only beside those kept, one that would not fit is not computed once a size is known, and
+    the voices prepared later (older) are the first out."""
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    token = g["token"]
+    newest, older, other = (
+        _voice_inputs(g, token[:, :9], False),
+        _voice_inputs(g, token[:, :9], True),
+        _voice_inputs(g, token[:, :8], False),
+    )
+    probe = PromptFlowCache()
+    probe.prime(flow, newest)
+    one_voice = probe.nbytes
+    cache = PromptFlowCache(2 * one_voice + one_voice // 2)  # room for two
+    assert cache.prime(flow, newest, evict=False) and cache.prime(flow, older, evict=False)
+    assert cache.misses == 2
+    assert not cache.prime(flow, other, evict=False)  # no room: not even computed
+    assert (cache.misses, len(cache)) == (2, 2)
+    assert cache.prime(flow, newest, evict=False)  # kept already: a hit
+    cache.stream(flow, other)  # a request's voice: evicts the voice prepared last (older)
+    assert len(cache) == 2 and cache.stream(flow, newest) is not None
+    assert cache.hits == 2 and cache.misses == 3  # newest stayed, other came in
+    nothing = PromptFlowCache(0)
+    assert not nothing.prime(flow, newest, evict=False) and nothing.misses == 0
+
+
 @pytest.mark.parametrize("budget", [0, 1])
 def test_a_stream_past_its_cache_budget_gives_the_same_mel(
     flow: CausalMaskedDiffWithXvec, budget: int

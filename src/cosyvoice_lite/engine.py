@@ -33,7 +33,7 @@ from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
 from .networks.flow_matching import check_steps
 from .pipelines.common import ModelInputs
-from .precision import has_int8_products
+from .precision import has_int8_products, packs_linear
 from .precision import stream_cache_dtype as resolve_stream_cache_dtype
 from .request import AudioChunk, Mode, SynthesisRequest
 from .row_parallel import RowSplit
@@ -68,20 +68,21 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     """On a CPU with the torch backend and more than one torch thread (the CLI's ``--threads``),
     the flow estimator's rows are computed on that many threads with one torch thread each
     (row_parallel.py: no OpenMP wake-ups on its small operations), one share of the rows per
-    thread (several streams' chunks: larger products, the same floats as alone). Whole utterances
-    with ``exact_float32`` stay one batch, as the official computes them: split, a row's mel moves
-    by ~1e-6, which the vocoder's phase turns into ~6e-3 of waveform; its streams' rows are
-    computed alone (torch's default products). Otherwise (oneDNN's float32 products round
-    differently anyway; int8 products are nothing like the official's) utterances' rows are split
-    too: a float32 v2 utterance's flow 4-8% faster (benchmarks/README.md)."""
+    thread where the products are oneDNN's packed ones (several streams' chunks: larger
+    products, the same floats as alone), else each row alone. Whole utterances with
+    ``exact_float32`` stay one batch, as the official computes them: split, a row's mel moves by
+    ~1e-6, which the vocoder's phase turns into ~6e-3 of waveform. Otherwise (oneDNN's float32
+    products round differently anyway; int8 products are nothing like the official's) their rows
+    are split too: a float32 v2 utterance's flow 4-8% faster (benchmarks/README.md)."""
     threads = torch.get_num_threads()
     if placement.device.type != "cpu" or backend != "torch" or threads < 2:
         return
     # exact_float32 implies float32 weights (resolve_placement refuses it with others)
     exact = placement.exact_float32 and not has_int8_products(pipeline.flow)
-    # shares where every product computes a row alike in any batch (oneDNN's, per-row int8);
-    # torch's default float32 products may not
-    split = RowSplit(threads, shares=not exact)
+    # shares where the flow's products are oneDNN's packed ones (and int8 ones, per row), which
+    # compute a row alike in any batch; torch's default products (exact_float32, float16, a
+    # CPU without bfloat16 products) are not known to
+    split = RowSplit(threads, shares=packs_linear(placement))
     pipeline.flow.decoder.set_row_split(split, utterances=not exact)
 
 

@@ -56,9 +56,9 @@ def start_torch_thread(
 
 
 class RowSplit:
-    """Runs ``fn(rows)`` for each row of a batch alone (``rows`` a one-row slice), the rows shared
-    among ``threads`` threads, and concatenates the results along dim 0 in row order: a row's
-    result never depends on which rows it was computed with, as each is computed in one shape.
+    """Runs ``fn(rows)`` on ``threads`` threads over the rows of a batch and concatenates the
+    results along dim 0 in row order. By default each row is computed alone (``rows`` a one-row
+    slice), in one shape, so a row's result never depends on which rows it was computed with.
     With ``shares``, each thread gets one contiguous share of the rows in a single call instead:
     for networks whose every operation computes a row the same whatever rows share the call
     (oneDNN's packed products past one row, per-row int8 scales, per-row attention and caches,
@@ -110,7 +110,7 @@ class RowSplit:
         """The slices computed apart: each row alone, or ``threads`` contiguous shares."""
         if not self.shares:
             return [slice(row, row + 1) for row in range(rows)]
-        count = min(self.threads, rows)
+        count = max(min(self.threads, rows), 1)
         bounds = [rows * index // count for index in range(count + 1)]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 

@@ -409,6 +409,9 @@ def _conv_position_increment(
             if not cache.frozen:
                 tail = x[index : index + 1, :, x.shape[2] - left :]
                 setattr(cache, name, tail.clone())
+        # grouped: one kernel path for any number of rows, so a row's floats do not depend on
+        # the rows beside it (measured at full size; unlike the U-Net's float32 convolutions,
+        # flow_matching.conv1d_by_row; test_row_parallel checks v3 streams in shares)
         x = conv(x)
     return x.transpose(1, 2)
 

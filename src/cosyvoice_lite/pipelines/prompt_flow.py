@@ -44,6 +44,7 @@ class PromptFlowCache:
         self._priming: dict[bytes, threading.Lock] = {}
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        self._bytes_per_frame = 0.0  # the most a primed prompt took per mel frame so far
 
     @property
     def nbytes(self) -> int:
@@ -65,8 +66,23 @@ class PromptFlowCache:
     def prime(self, flow: torch.nn.Module, inputs: ModelInputs, evict: bool = True) -> bool:
         """Compute this prompt's part ahead of its streams (e.g. when a voice is saved); False
         when it is not kept (its streams then compute it themselves): larger than the budget,
-        or, without ``evict``, too large for the room the kept voices leave."""
+        or, without ``evict``, too large for the room the kept voices leave. Without ``evict``
+        (voices prepared ahead of any request, newest first, when a server starts) a prompt
+        that would not fit by the size of those primed so far is not computed at all, and a
+        kept one goes first out, before those prepared earlier."""
+        if not evict and not self._may_fit(inputs):
+            return False
         return self._template(flow, inputs, evict)[0] is not None
+
+    def _may_fit(self, inputs: ModelInputs) -> bool:
+        """Kept already, or room for it by the most a prompt frame has taken so far."""
+        if self.budget_bytes == 0:
+            return False
+        key, frames = _key(inputs), inputs.prompt_speech_feat.shape[1]
+        with self._lock:
+            kept = sum(size for _, size in self._entries.values())
+            room = kept + self._bytes_per_frame * frames <= self.budget_bytes
+            return key in self._entries or room
 
     def _template(
         self, flow: torch.nn.Module, inputs: ModelInputs, evict: bool = True
@@ -93,6 +109,9 @@ class PromptFlowCache:
                 primed = _prime(flow, inputs, self.cache_dtype)
                 template = primed.fork()  # the prefix alone, compacted
                 size = template.cache_bytes(shared=True)
+                frames = max(inputs.prompt_speech_feat.shape[1], 1)
+                with self._lock:
+                    self._bytes_per_frame = max(self._bytes_per_frame, size / frames)
                 if size > self.budget_bytes:
                     return None, primed
                 with self._lock:
@@ -100,6 +119,8 @@ class PromptFlowCache:
                     if not evict and kept_bytes + size > self.budget_bytes:
                         return None, primed
                     self._entries[key] = (template, size)
+                    if not evict:  # prepared ahead: out before the voices prepared earlier
+                        self._entries.move_to_end(key, last=False)
                     while sum(size for _, size in self._entries.values()) > self.budget_bytes:
                         old, _ = self._entries.popitem(last=False)
                         if old != key:

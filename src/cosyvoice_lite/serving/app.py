@@ -83,6 +83,9 @@ class ServerState:
         self.load_error = ""
         self.started = time.time()
         self.stopping = threading.Event()  # set when the server shuts down
+        self.serving = False  # the app's lifespan has started (not merely built)
+        self.preparer: threading.Thread | None = None  # prepare_saved_voices, once
+        self._preparer_lock = threading.Lock()
         self.metrics.gauge(
             "queue_depth", "Requests waiting for a synthesis worker.", lambda: self.scheduler.queued
         )
@@ -141,16 +144,25 @@ class ServerState:
                 lambda: loop.flow_calls[1],
             )
         self.status = "ready"
-        if self.settings.prepare_voices:
-            threading.Thread(
-                target=prepare_saved_voices, args=(self,), name="voice-preparer", daemon=True
-            ).start()
+        self.prepare_voices()
         self.metrics.info = {
             "name": engine.model.name,
             "version": str(engine.version),
             "variant": engine.model.variant,
             "sample_rate": str(engine.sample_rate),
         }
+
+    def prepare_voices(self) -> None:
+        """Start preparing the saved voices for streaming, once the app serves and the model is
+        loaded (whichever comes last; an app that is only built prepares nothing)."""
+        with self._preparer_lock:
+            if not (self.serving and self.status == "ready" and self.settings.prepare_voices):
+                return
+            if self.preparer is None:
+                self.preparer = threading.Thread(
+                    target=prepare_saved_voices, args=(self,), name="voice-preparer", daemon=True
+                )
+                self.preparer.start()
 
     def load(self, loader: Callable[[], Engine]) -> None:
         try:
@@ -325,12 +337,16 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        state.serving = True
+        state.prepare_voices()
         if loader is not None and state.status == "loading":
             threading.Thread(
                 target=state.load, args=(loader,), name="model-loader", daemon=True
             ).start()
         yield
         state.stopping.set()
+        if state.preparer is not None:  # its current voice, within the shutdown time
+            await asyncio.to_thread(state.preparer.join, settings.shutdown_timeout)
         state.scheduler.shutdown()
         state.outputs.shutdown()
 
