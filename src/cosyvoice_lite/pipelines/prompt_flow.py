@@ -49,7 +49,10 @@ class PromptFlowCache:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(size for _, size in self._entries.values())
+            return self._kept_bytes()
+
+    def _kept_bytes(self) -> int:  # the caller holds the lock
+        return sum(size for _, size in self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,29 +73,20 @@ class PromptFlowCache:
         (voices prepared ahead of any request, newest first, when a server starts) a prompt
         that would not fit by the size of those primed so far is not computed at all, and a
         kept one goes first out, before those prepared earlier."""
-        if not evict and not self._may_fit(inputs):
-            return False
         return self._template(flow, inputs, evict)[0] is not None
-
-    def _may_fit(self, inputs: ModelInputs) -> bool:
-        """Kept already, or room for it by the most a prompt frame has taken so far."""
-        if self.budget_bytes == 0:
-            return False
-        key, frames = _key(inputs), inputs.prompt_speech_feat.shape[1]
-        with self._lock:
-            kept = sum(size for _, size in self._entries.values())
-            room = kept + self._bytes_per_frame * frames <= self.budget_bytes
-            return key in self._entries or room
 
     def _template(
         self, flow: torch.nn.Module, inputs: ModelInputs, evict: bool = True
     ) -> tuple[Any, Any]:
-        """(the kept template, None), or (None, a primed stream) when it is not kept."""
+        """(the kept template, None), or (None, a primed stream) when it is not kept; (None,
+        None) when, without ``evict``, it would not fit and was not computed."""
         if self.budget_bytes == 0:
+            if not evict:
+                return None, None
             with self._lock:
                 self.misses += 1
             return None, _prime(flow, inputs, self.cache_dtype)
-        key = _key(inputs)
+        key, frames = _key(inputs), max(inputs.prompt_speech_feat.shape[1], 1)
         with self._lock:
             priming = self._priming.setdefault(key, threading.Lock())
         kept = False
@@ -105,23 +99,24 @@ class PromptFlowCache:
                         self.hits += 1
                         kept = True
                         return entry[0], None
+                    expected = self._kept_bytes() + self._bytes_per_frame * frames
+                    if not evict and expected > self.budget_bytes:
+                        return None, None
                     self.misses += 1
                 primed = _prime(flow, inputs, self.cache_dtype)
                 template = primed.fork()  # the prefix alone, compacted
                 size = template.cache_bytes(shared=True)
-                frames = max(inputs.prompt_speech_feat.shape[1], 1)
                 with self._lock:
                     self._bytes_per_frame = max(self._bytes_per_frame, size / frames)
                 if size > self.budget_bytes:
                     return None, primed
                 with self._lock:
-                    kept_bytes = sum(size for _, size in self._entries.values())
-                    if not evict and kept_bytes + size > self.budget_bytes:
+                    if not evict and self._kept_bytes() + size > self.budget_bytes:
                         return None, primed
                     self._entries[key] = (template, size)
                     if not evict:  # prepared ahead: out before the voices prepared earlier
                         self._entries.move_to_end(key, last=False)
-                    while sum(size for _, size in self._entries.values()) > self.budget_bytes:
+                    while self._kept_bytes() > self.budget_bytes:
                         old, _ = self._entries.popitem(last=False)
                         if old != key:
                             self._priming.pop(old, None)
