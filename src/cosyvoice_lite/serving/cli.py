@@ -16,48 +16,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         description="Serve a model over HTTP. The model loads in the background: /health answers "
         "at once, /ready once the model is loaded. The web page is at /.",
     )
-    serve.add_argument(
-        "--model", required=True, help="model directory or official name (e.g. CosyVoice-300M-SFT)"
-    )
+    from ..cli import add_model_args  # the model options of `say` and `voices` too
+
+    add_model_args(serve)
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
     )
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, xpu, npu ...")
-    serve.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    serve.add_argument(
-        "--quantize",
-        choices=["int8"],
-        help="int8 LLM linear layers and CosyVoice3 flow products (cpu)",
-    )
-    serve.add_argument("--flow-steps", type=int, default=10, help="flow steps (official 10)")
-    serve.add_argument(
-        "--exact-float32",
-        action="store_true",
-        help="float32 products by torch's default kernels, the official's exact floats on this CPU "
-        "(default: oneDNN-packed float32 weights on a CPU, ~1e-6 different and up to 2x faster)",
-    )
-    serve.add_argument(
-        "--backend",
-        default="torch",
-        choices=["torch", "onnxruntime", "onnxruntime-int8"],
-        help="run the flow estimator and vocoder through onnxruntime (needs --onnx-dir)",
-    )
-    serve.add_argument("--onnx-dir", help="graphs written by 'cosyvoice-lite export onnx'")
-    serve.add_argument(
-        "--variant",
-        choices=["base", "sft", "instruct"],
-        help="v1 release, if the directory name does not tell",
-    )
-    serve.add_argument(
-        "--llm",
-        default="llm.pt",
-        dest="llm_checkpoint",
-        help="LLM checkpoint in the model directory (llm.rl.pt: CosyVoice3's RL-tuned one)",
-    )
-    serve.add_argument(
-        "--threads", type=int, metavar="N", help="CPU threads for torch (default: one per core)"
-    )
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-text-chars",
