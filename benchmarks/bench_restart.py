@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,17 +29,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_serving import free_port, wait_until_ready  # noqa: E402
 from floors import describe, footer, measure  # noqa: E402
 
 PROMPT = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
 TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -54,17 +48,7 @@ class Server:
         self.log = log
         self.process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise SystemExit(f"the server did not start; see {log}")
-            try:
-                if self.client.get("/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_ready(self.process, self.client, "the server", log)
 
     def first_audio(self, seed: int) -> float:
         """Seconds from a streamed request of the saved voice to its first audio byte."""

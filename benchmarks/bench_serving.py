@@ -159,6 +159,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def wait_until_ready(process: subprocess.Popen, client, what: str, log: Path) -> None:
+    """Wait until a started server's ``/ready`` answers 200 (at most 10 minutes); a server that
+    exits or does not get ready is stopped and the run fails, naming its log."""
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"{what} did not start; see {log}")
+        try:
+            if client.get("/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 class Server:
     def __init__(self, args: argparse.Namespace, design: str, log: Path) -> None:
         import httpx
@@ -188,16 +206,7 @@ class Server:
         self.log = log.open("w")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=7200)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the {design} server did not start; see {log}")
-            try:
-                if self.client.get("/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_ready(self.process, self.client, f"the {design} server", log)
         model = self.client.get("/info").json()["model"]
         self.frame_rate = 50 if model["version"] == 1 else 25  # speech tokens per second
         speakers = self.client.get("/speakers").json()["speakers"]
