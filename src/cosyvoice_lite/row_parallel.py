@@ -62,8 +62,8 @@ class RowSplit:
     With ``shares``, each thread gets one contiguous share of the rows in a single call instead:
     for networks whose every operation computes a row the same whatever rows share the call
     (oneDNN's packed products past one row, per-row int8 scales, per-row attention and caches,
-    ``flow_matching.conv1d_by_row``), not torch's default float32 products. ``RowSplit(1)`` (``SERIAL``) calls ``fn`` once with every row, on the caller's
-    thread."""
+    ``flow_matching.conv1d_by_row``), not torch's default float32 products. ``RowSplit(1)``
+    (``SERIAL``) calls ``fn`` once with every row, on the caller's thread."""
 
     def __init__(self, threads: int, shares: bool = False) -> None:
         if threads < 1:
