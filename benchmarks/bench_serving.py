@@ -7,7 +7,9 @@ concurrencies, against the previous one-thread-per-request design, in the same r
 For each design (``loop``: the engine loop that decodes every request together; ``threads``: the
 previous design, each request computed alone in its own thread, all competing for the cores;
 ``loop-rows-alone``: the loop with every flow estimator row computed alone on the threads, as
-before 2026-12-05 noon, where the engine now gives each thread one share of the rows) a
+before 2026-12-05 noon, where the engine now gives each thread one share of the rows;
+``loop-wide``: the loop with every flow call on all the row threads, as before 2026-12-05
+afternoon, where a call computed while the LLM decodes now takes half of them) a
 server process is started (uvicorn, loopback), warmed up, then for each transport and concurrency
 c, c requests are sent at once (one connection each, different seeds). Printed per level:
 aggregate audio seconds per wall second, the speed-up over c=1, p50/p95 time to the first audio
@@ -112,7 +114,11 @@ def serve(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     engine = Engine.load(
-        args.model_dir, dtype=args.dtype, max_batch=args.max_batch, audio_workers=args.audio_workers
+        args.model_dir,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        audio_workers=args.audio_workers,
+        flow_threads_while_decoding=args.threads if args.design == "loop-wide" else None,
     )
     if args.design == "loop-rows-alone":
         from cosyvoice_lite.row_parallel import RowSplit
@@ -346,7 +352,7 @@ def drive(args: argparse.Namespace) -> None:
             design, transport = key.split("/")
             print_levels(design, transport, value["levels"], value["loaded_mib"])
     for transport in args.transports.split(","):
-        for other in ("threads", "loop-rows-alone"):
+        for other in ("threads", "loop-rows-alone", "loop-wide"):
             if f"loop/{transport}" not in results or f"{other}/{transport}" not in results:
                 continue
             loop = results[f"loop/{transport}"]["levels"]

@@ -455,6 +455,53 @@ def test_decoding_waits_for_a_late_voices_first_piece() -> None:
         engine.close()
 
 
+def test_flow_calls_leave_decoding_a_core_but_not_on_the_way_to_a_first_piece() -> None:
+    """On 2 threads a stream's flow calls computed while the loop decodes take one row thread
+    (one share of the CFG rows: row_parallel.at_most), the calls of its first piece, which
+    decoding waits for, both (two shares); the audio equals an engine's that never narrows."""
+    from cosyvoice_lite.row_parallel import RowSplit
+
+    class Recording(RowSplit):
+        def __init__(self) -> None:
+            super().__init__(2, shares=True)
+            self.calls: list[int] = []  # slices per call
+
+        def map(self, fn, rows: int) -> torch.Tensor:
+            parts: list[slice] = []
+            out = super().map(lambda part: parts.append(part) or fn(part), rows)
+            self.calls.append(len(parts))
+            return out
+
+    def slow(step):
+        def decode(*args, **kwargs):
+            time.sleep(0.005)  # a step of a full-size LLM is slower than the tiny one's
+            return step(*args, **kwargs)
+
+        return decode
+
+    request = _request("今天天气真好，我们出去走走吧。", 7, stream=True, max_speech_tokens=120)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        narrowing = Engine.load(DATA / "models" / "v2-tiny")
+        wide = Engine.load(DATA / "models" / "v2-tiny", flow_threads_while_decoding=2)
+    finally:
+        torch.set_num_threads(before)
+    try:
+        for engine in (narrowing, wide):
+            engine.pipeline.flow.decoder.close_row_split()
+            engine.pipeline.flow.decoder.set_row_split(Recording(), utterances=False)
+            engine.pipeline.llm.log_probs = slow(engine.pipeline.llm.log_probs)
+        audio = [_alone(engine, request) for engine in (narrowing, wide)]
+        np.testing.assert_array_equal(audio[0], audio[1])
+        narrow_calls = narrowing.pipeline.flow.decoder.stream_rows.calls
+        assert 1 in narrow_calls and 2 in narrow_calls, narrow_calls
+        assert set(wide.pipeline.flow.decoder.stream_rows.calls) == {2}
+    finally:
+        narrowing.close()
+        wide.close()
+
+
 def test_the_loop_hands_freed_memory_back_once_idle() -> None:
     """Once no request is live for ``idle_release_seconds``, the loop runs its idle hook (the
     heap's free pages back to the OS) once; never while a request is being computed."""

@@ -16,7 +16,7 @@ import torch
 from cosyvoice_lite.device import resolve_placement
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.pipelines.factory import load_network
-from cosyvoice_lite.row_parallel import SERIAL, RowSplit
+from cosyvoice_lite.row_parallel import SERIAL, RowSplit, at_most
 
 MODELS = Path(__file__).resolve().parent / "data" / "models"
 
@@ -91,6 +91,46 @@ def test_shares_are_one_contiguous_call_per_thread(shares: RowSplit) -> None:
     assert sorted(seen) == [(0, 3), (3, 7)]
     seen.clear()
     assert torch.equal(shares.map(double, 1), batch[:1] * 2) and seen == [(0, 1)]
+
+
+@pytest.mark.parametrize("kind", ["split", "shares"])
+def test_at_most_narrows_the_calling_threads_small_calls_while_its_condition_holds(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Under ``at_most(1)`` a call of fewer than two rows per helper goes to one helper (its rows
+    alone, or one share), in order; the condition is looked at each call; larger calls and other
+    threads' calls keep every helper."""
+    rows: RowSplit = request.getfixturevalue(kind)
+    batch = torch.arange(10.0).view(5, 2)
+    seen: list[tuple[int, int, str]] = []
+    lock = threading.Lock()
+
+    def double(part: slice) -> torch.Tensor:
+        with lock:
+            seen.append((part.start, part.stop, threading.current_thread().name))
+        return batch[part] * 2
+
+    def parts(count: int, thread: threading.Thread | None = None) -> list[tuple[int, int]]:
+        seen.clear()
+        if thread is None:
+            assert torch.equal(rows.map(double, count), batch[:count] * 2)
+        else:
+            thread.start()
+            thread.join()
+        return sorted((a, b) for a, b, _ in seen)
+
+    narrow = True
+    alone = [(r, r + 1) for r in range(3)]
+    with at_most(1, while_=lambda: narrow):
+        assert parts(3) == ([(0, 3)] if rows.shares else alone)
+        assert len({name for *_, name in seen}) == 1
+        beside = threading.Thread(target=lambda: rows.map(double, 3))
+        assert parts(3, beside) == ([(0, 1), (1, 3)] if rows.shares else alone)
+        assert parts(4) == ([(0, 2), (2, 4)] if rows.shares else alone + [(3, 4)])
+        narrow = False
+        assert parts(3) == ([(0, 1), (1, 3)] if rows.shares else alone)
+    with pytest.raises(ValueError, match="at least 1"), at_most(0):
+        pass
 
 
 def test_helpers_leave_the_thread_counts_of_others_alone() -> None:

@@ -152,6 +152,7 @@ class Engine:
         prefill_tokens: int = DEFAULT_LIMITS.prefill_tokens,
         audio_workers: int = DEFAULT_LIMITS.audio_workers,
         idle_release_seconds: float | None = DEFAULT_LIMITS.idle_release_seconds,
+        flow_threads_while_decoding: int | None = None,
         prompt_cache_mb: int = 2048,
         stream_cache_mb: int | None = None,
         stream_cache_dtype: str | None = None,
@@ -170,7 +171,9 @@ class Engine:
         decode together at most, one step prefills at most ``prefill_tokens`` positions, and
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
         ``idle_release_seconds`` after the last request (and no other work), the freed heap goes
-        back to the OS (None: never; engine_loop.LoopLimits).
+        back to the OS (None: never; engine_loop.LoopLimits). While the LLM decodes, a lone
+        stream's flow call uses ``flow_threads_while_decoding`` of the row threads (None: half, at
+        least one; its way to its first piece uses all of them).
         ``prompt_cache_mb`` bounds the memory of voices' prompt frames computed once through the
         v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream);
         ``stream_cache_mb`` is a threshold on each stream's own flow caches (checked before each
@@ -199,7 +202,13 @@ class Engine:
         if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
             raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
         # checked before loading
-        limits = LoopLimits(max_batch, prefill_tokens, audio_workers, idle_release_seconds)
+        limits = LoopLimits(
+            max_batch,
+            prefill_tokens,
+            audio_workers,
+            idle_release_seconds,
+            flow_threads_while_decoding,
+        )
         try:
             check_steps(flow_steps)
         except ValueError as exc:  # a load option: the caller's error, named as such

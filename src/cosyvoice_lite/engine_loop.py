@@ -27,6 +27,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +36,7 @@ import torch
 from .decoding import WAIT, Draw, Feed
 from .errors import InvalidRequestError
 from .heap import release_freed_memory
-from .row_parallel import start_torch_thread
+from .row_parallel import at_most, start_torch_thread
 from .sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -171,11 +172,17 @@ class AudioWorker:
     ``Pipeline.complete_pieces``) and delivers each at once; it repeats until the rows' tokens are
     used up. A failing stage fails its row alone (an error inside a batched computation, e.g.
     out of memory, fails the rows of that batch). Work of no row (``EngineLoop.background``,
-    e.g. preparing a saved voice) runs between rows' chunks.
+    e.g. preparing a saved voice) runs between rows' chunks. While the loop decodes, the flow
+    calls use fewer row threads (``narrow``), except on the way to a stream's first piece.
     """
 
-    def __init__(self, threads: int) -> None:
-        """``threads``: the worker's torch threads (the process's count)."""
+    def __init__(
+        self, threads: int, decoding: Callable[[], bool] = lambda: False, narrow: int | None = None
+    ) -> None:
+        """``threads``: the worker's torch threads (the process's count); ``decoding``: whether
+        the loop is decoding now (it shares the cores); ``narrow``: the flow's row threads then
+        (None: all)."""
+        self._decoding, self._narrow = decoding, narrow
         # Clear while a stream's first chunk is being computed: the loop holds its decoding
         # step meanwhile, so the first audio is not slowed down by other rows' tokens.
         self.no_first_chunk = threading.Event()
@@ -322,7 +329,8 @@ class AudioWorker:
         )
         for item in later:
             if isinstance(item, _Background):
-                _run_into(item.fn, item.future)
+                with self._threads():
+                    _run_into(item.fn, item.future)
             else:
                 self._streams.pop(item.row, None)
                 if not _gone(item):
@@ -336,7 +344,8 @@ class AudioWorker:
         alone, failing alone."""
         if len(wholes) < 2 or wholes[0][0].audio.pipeline.utterance_batch < 2:
             return {}
-        speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
+        with self._threads():
+            speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
         self.utterance_batches += batches
         return {id(w): s for (w, _), s in zip(wholes, speech, strict=True) if s is not None}
 
@@ -380,10 +389,28 @@ class AudioWorker:
         for row in [r for r in list(self._streams) if r.ended or r.job.cancelled.is_set()]:
             self._streams.pop(row, None)
 
+    def _threads(self, first: bool = False) -> AbstractContextManager:
+        """The row threads of a flow call: fewer while the loop decodes beside it (looked at
+        each Euler step), unless the call is on the way to a stream's first piece (decoding
+        then waits for it)."""
+        if first or self._narrow is None:
+            return nullcontext()
+        return at_most(self._narrow, while_=self._decoding)
+
     def _flow_together(self, due: list[tuple[_AudioWork, Any, bool]]) -> None:
         """The due flow calls of several rows as one batch, then each row's piece."""
-        if any(first for _, _, first in due):
+        first = any(first for _, _, first in due)
+        if first:
             self.no_first_chunk.clear()
+        try:
+            with self._threads(first):
+                self._pieces_of(due)
+        finally:
+            self.no_first_chunk.set()
+
+    def _pieces_of(self, due: list[tuple[_AudioWork, Any, bool]]) -> None:
+        """The flow calls of ``due`` (one batch where the pipeline batches them), then the pieces
+        they complete, each delivered at once; a failing row fails alone."""
         try:
             pipeline = due[0][0].audio.pipeline
             flows = [flow for _, flow, _ in due]
@@ -419,18 +446,18 @@ class AudioWorker:
             log.exception("a batched flow call failed; failing its %d rows", len(due))
             for work, _, _ in due:
                 _fail(work.row, exc)
-        finally:
-            self.no_first_chunk.set()
 
     def _finish(self, work: _AudioWork, speech: torch.Tensor | None = None) -> None:
         """A segment's last piece (its remaining tokens through flow and vocoder; ``speech``: a
         whole utterance's waveform computed with others)."""
         row = work.row
-        if row.streaming and not row.audio_out:
+        first = row.streaming and not row.audio_out
+        if first:
             self.no_first_chunk.clear()
         try:
             run = row.run
-            piece = work.audio.finish(speech)
+            with self._threads(first):
+                piece = work.audio.finish(speech)
             row.delivered()
             run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)
@@ -500,18 +527,25 @@ class LoopLimits:
     After ``idle_release_seconds`` with no request live and no audio work, the loop runs its idle
     hook once (the freed heap back to the OS, heap.py: a float32 CosyVoice2 stream leaves ~1.5 GB
     of it; None: never). Not right away: the next request faults those pages in again (5-7% of a
-    stream's time), which a busy server should not pay between back-to-back requests."""
+    stream's time), which a busy server should not pay between back-to-back requests.
+    ``flow_threads_while_decoding``: the row threads a worker's flow call of few rows (a lone
+    stream's) uses while the loop decodes beside it (row_parallel.at_most; None: half the
+    threads, at least one), all of them otherwise and for a stream's first piece, which decoding
+    waits for."""
 
     max_batch: int = 16
     prefill_tokens: int = 4096
     audio_workers: int = 2
     idle_release_seconds: float | None = 10.0
+    flow_threads_while_decoding: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.prefill_tokens, self.audio_workers) < 1:
             raise InvalidRequestError(
                 "max_batch, prefill_tokens and audio_workers must be at least 1"
             )
+        if self.flow_threads_while_decoding is not None and self.flow_threads_while_decoding < 1:
+            raise InvalidRequestError("flow_threads_while_decoding must be at least 1 (or None)")
         if self.idle_release_seconds is not None and not self.idle_release_seconds > 0:
             raise InvalidRequestError("idle_release_seconds must be above 0 (None: never)")
 
@@ -544,6 +578,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._audio: list[AudioWorker] = []
         self._stopping = False
+        self._holding = False  # decoding waits for a stream's first piece
         self._next_worker = 0
         self._outbox: dict[AudioWorker, list[_AudioWork]] = {}  # this step's audio work
         self._on_idle = on_idle
@@ -575,6 +610,10 @@ class EngineLoop:
     @property
     def decoding(self) -> int:
         return len(self._rows)
+
+    def _decoding_beside(self) -> bool:
+        """Whether the loop thread decodes now (rows decoding and not held for a first piece)."""
+        return bool(self._rows) and not self._holding
 
     @property
     def waiting(self) -> int:
@@ -629,7 +668,11 @@ class EngineLoop:
     def _ensure_thread(self) -> None:
         _RUNNING.add(self)
         if not self._audio:
-            self._audio = [AudioWorker(self.threads) for _ in range(self.limits.audio_workers)]
+            narrow = self.limits.flow_threads_while_decoding or max(1, self.threads // 2)
+            self._audio = [
+                AudioWorker(self.threads, self._decoding_beside, narrow)
+                for _ in range(self.limits.audio_workers)
+            ]
         if self._thread is None or not self._thread.is_alive():
             self._thread = start_torch_thread(
                 self._main, self.decode_threads, "engine-loop", self.threads
@@ -791,6 +834,13 @@ class EngineLoop:
         wait, and the flow calls of that piece get the cores. Not while another stream is a token
         or two from its own first piece: it goes on, so that its chunk can join the same flow
         batch (the audio worker waits for such neighbours)."""
+        self._holding = True  # the audio workers' flow calls may take every thread meanwhile
+        try:
+            self._wait_for_first_pieces()
+        finally:
+            self._holding = False
+
+    def _wait_for_first_pieces(self) -> None:
         deadline = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
         for worker in self._audio:
             worker.no_first_chunk.wait(max(0.0, deadline - time.monotonic()))

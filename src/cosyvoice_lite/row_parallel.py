@@ -18,14 +18,19 @@ another number of rows), or, where every operation is known to compute a row ali
 operations, the streams' chunks batched for real (eight CosyVoice2 bfloat16 streams' chunks 1.7x
 faster than rows alone, bit-identical; benchmarks/README.md). Each row must touch only its own
 state: the incremental flows keep one cache per row for that reason.
+
+A thread can narrow its own small calls (``at_most``): the engine's audio workers compute a lone
+stream's chunk on one helper thread while the LLM decodes beside it, so that the two do not share
+both cores four ways (measured at ``at_most``).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
+from contextlib import contextmanager
 
 import torch
 
@@ -55,6 +60,41 @@ def start_torch_thread(
     return thread
 
 
+_CALLER = threading.local()  # .cap: the calling thread's (threads, while) from at_most
+
+
+@contextmanager
+def at_most(threads: int, while_: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Within it, the calling thread's ``RowSplit.map`` calls of few rows (fewer than two per
+    helper) use at most ``threads`` helper threads, each call that starts while ``while_()``
+    holds (a flow call makes one per Euler step, so a call can widen half-way). Each helper
+    still has one torch thread and the rows' floats do not change, so streams stay equal to
+    alone. Why: a stream's chunk (its two CFG rows) computed while the LLM decodes on the same 2
+    cores ran 1.4-1.5 s with a row on each of two helpers (CosyVoice2 bfloat16; 0.7-0.8 s alone)
+    and slowed decoding 24 -> 34-36 ms/token; as one share on one helper it ran 1.07-1.19 s and
+    decoding 30-31 ms/token (float32: 2.64-2.67 s and 67-70 ms against 1.79-2.08 s and 65-67
+    ms). Calls of two rows or more per helper are batched products, which keep every helper
+    (four streams' chunks beside decoding: first audio 6.99 s wide against 7.35 s narrowed;
+    benchmarks/README.md, "A stream's flow calls on one thread while the LLM decodes")."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    before = getattr(_CALLER, "cap", None)
+    _CALLER.cap = (threads, while_)
+    try:
+        yield
+    finally:
+        _CALLER.cap = before
+
+
+def _width(threads: int, rows: int) -> int:
+    """The helpers a ``map`` call of ``rows`` rows from the calling thread uses now
+    (``at_most``)."""
+    cap = getattr(_CALLER, "cap", None)
+    if cap is None or rows >= 2 * threads or not cap[1]():
+        return threads
+    return min(threads, cap[0])
+
+
 class RowSplit:
     """Runs ``fn(rows)`` on ``threads`` threads over the rows of a batch and concatenates the
     results along dim 0 in row order. By default each row is computed alone (``rows`` a one-row
@@ -63,7 +103,9 @@ class RowSplit:
     for networks whose every operation computes a row the same whatever rows share the call
     (oneDNN's packed products past one row, per-row int8 scales, per-row attention and caches,
     ``flow_matching.conv1d_by_row``), not torch's default float32 products. ``RowSplit(1)``
-    (``SERIAL``) calls ``fn`` once with every row, on the caller's thread."""
+    (``SERIAL``) calls ``fn`` once with every row, on the caller's thread. Under ``at_most(k)``
+    the rows of a small call (alone or in shares) go to k helpers only, each computing its
+    slices in order."""
 
     def __init__(self, threads: int, shares: bool = False) -> None:
         if threads < 1:
@@ -99,20 +141,22 @@ class RowSplit:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 return fn(rows)
 
-        futures: list[Future] = []
-        for part in self._parts(rows):
-            futures.append(Future())
-            self._queue.put((share, part, futures[-1]))
-        wait(futures)  # every row done (or failed) before any result or error is used
-        return torch.cat([future.result() for future in futures], dim=0)
+        def shares_of(parts: list[slice]) -> list[torch.Tensor]:
+            return [share(part) for part in parts]
 
-    def _parts(self, rows: int) -> list[slice]:
-        """The slices computed apart: each row alone, or ``threads`` contiguous shares."""
+        width = _width(self.threads, rows)
+        futures: list[Future] = []
+        for parts in _groups(self._parts(rows, width), width):
+            futures.append(Future())
+            self._queue.put((shares_of, parts, futures[-1]))
+        wait(futures)  # every row done (or failed) before any result or error is used
+        return torch.cat([out for future in futures for out in future.result()], dim=0)
+
+    def _parts(self, rows: int, width: int) -> list[slice]:
+        """The slices computed apart: each row alone, or ``width`` contiguous shares."""
         if not self.shares:
             return [slice(row, row + 1) for row in range(rows)]
-        count = max(min(self.threads, rows), 1)
-        bounds = [rows * index // count for index in range(count + 1)]
-        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+        return [slice(a, b) for a, b in _bounds(rows, width)]
 
     def close(self) -> None:
         """Stop the helper threads once their work is done and wait for them to end (a later
@@ -125,6 +169,19 @@ class RowSplit:
         for helper in helpers:
             if helper is not threading.current_thread():
                 helper.join()
+
+
+def _bounds(items: int, count: int) -> list[tuple[int, int]]:
+    """``items`` cut into ``count`` (at most ``items``, at least 1) contiguous near-equal runs."""
+    count = max(min(count, items), 1)
+    bounds = [items * index // count for index in range(count + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def _groups(parts: list[slice], width: int) -> list[list[slice]]:
+    """``parts`` in ``width`` contiguous groups, one per helper (each row alone on every helper
+    when ``width`` covers them)."""
+    return [parts[a:b] for a, b in _bounds(len(parts), width)]
 
 
 SERIAL = RowSplit(1)
