@@ -458,7 +458,9 @@ def test_decoding_waits_for_a_late_voices_first_piece() -> None:
 def test_flow_calls_leave_decoding_a_core_but_not_on_the_way_to_a_first_piece() -> None:
     """On 2 threads a stream's flow calls computed while the loop decodes take one row thread
     (one share of the CFG rows: row_parallel.at_most), the calls of its first piece, which
-    decoding waits for, both (two shares); the audio equals an engine's that never narrows."""
+    decoding waits for, both (two shares); the audio equals an engine's that never narrows. A
+    whole utterance computed while a stream decodes is never narrowed (its rows may round
+    differently in another share): the same audio as alone, to the bit."""
     from cosyvoice_lite.row_parallel import RowSplit
 
     class Recording(RowSplit):
@@ -489,14 +491,22 @@ def test_flow_calls_leave_decoding_a_core_but_not_on_the_way_to_a_first_piece() 
         torch.set_num_threads(before)
     try:
         for engine in (narrowing, wide):
-            engine.pipeline.flow.decoder.close_row_split()
-            engine.pipeline.flow.decoder.set_row_split(Recording(), utterances=False)
+            decoder = engine.pipeline.flow.decoder
+            decoder.close_row_split()
+            decoder.set_row_split(Recording(), utterances=False)
+            decoder.utterance_rows = Recording()
             engine.pipeline.llm.log_probs = slow(engine.pipeline.llm.log_probs)
         audio = [_alone(engine, request) for engine in (narrowing, wide)]
         np.testing.assert_array_equal(audio[0], audio[1])
         narrow_calls = narrowing.pipeline.flow.decoder.stream_rows.calls
         assert 1 in narrow_calls and 2 in narrow_calls, narrow_calls
         assert set(wide.pipeline.flow.decoder.stream_rows.calls) == {2}
+        whole = _request("你好。", 8, max_speech_tokens=20)
+        solo = _alone(narrowing, whole)
+        beside = _together(narrowing, [request, whole])
+        np.testing.assert_array_equal(beside[1], solo)
+        np.testing.assert_array_equal(beside[0], audio[0])
+        assert set(narrowing.pipeline.flow.decoder.utterance_rows.calls) == {2}
     finally:
         narrowing.close()
         wide.close()

@@ -172,8 +172,8 @@ class AudioWorker:
     ``Pipeline.complete_pieces``) and delivers each at once; it repeats until the rows' tokens are
     used up. A failing stage fails its row alone (an error inside a batched computation, e.g.
     out of memory, fails the rows of that batch). Work of no row (``EngineLoop.background``,
-    e.g. preparing a saved voice) runs between rows' chunks. While the loop decodes, the flow
-    calls use fewer row threads (``narrow``), except on the way to a stream's first piece.
+    e.g. preparing a saved voice) runs between rows' chunks. While the loop decodes, streams'
+    flow calls use fewer row threads (``narrow``), except on the way to a first piece.
     """
 
     def __init__(
@@ -329,8 +329,7 @@ class AudioWorker:
         )
         for item in later:
             if isinstance(item, _Background):
-                with self._threads():
-                    _run_into(item.fn, item.future)
+                _run_into(item.fn, item.future)
             else:
                 self._streams.pop(item.row, None)
                 if not _gone(item):
@@ -344,8 +343,7 @@ class AudioWorker:
         alone, failing alone."""
         if len(wholes) < 2 or wholes[0][0].audio.pipeline.utterance_batch < 2:
             return {}
-        with self._threads():
-            speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
+        speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
         self.utterance_batches += batches
         return {id(w): s for (w, _), s in zip(wholes, speech, strict=True) if s is not None}
 
@@ -389,11 +387,13 @@ class AudioWorker:
         for row in [r for r in list(self._streams) if r.ended or r.job.cancelled.is_set()]:
             self._streams.pop(row, None)
 
-    def _threads(self, first: bool = False) -> AbstractContextManager:
+    def _threads(self, pipeline: Any, narrowable: bool) -> AbstractContextManager:
         """The row threads of a flow call: fewer while the loop decodes beside it (looked at
-        each Euler step), unless the call is on the way to a stream's first piece (decoding
-        then waits for it)."""
-        if first or self._narrow is None:
+        each Euler step) where ``narrowable`` (not on the way to a stream's first piece, which
+        decoding waits for). Only incremental stream calls (``batches_flow_chunks``), whose rows
+        compute alike in any share: a whole utterance's rows may round differently in another
+        share (float32 convolutions), so its audio would depend on the load."""
+        if not narrowable or self._narrow is None or not pipeline.batches_flow_chunks:
             return nullcontext()
         return at_most(self._narrow, while_=self._decoding)
 
@@ -403,7 +403,7 @@ class AudioWorker:
         if first:
             self.no_first_chunk.clear()
         try:
-            with self._threads(first):
+            with self._threads(due[0][0].audio.pipeline, narrowable=not first):
                 self._pieces_of(due)
         finally:
             self.no_first_chunk.set()
@@ -456,7 +456,7 @@ class AudioWorker:
             self.no_first_chunk.clear()
         try:
             run = row.run
-            with self._threads(first):
+            with self._threads(work.audio.pipeline, narrowable=row.streaming and not first):
                 piece = work.audio.finish(speech)
             row.delivered()
             run.emit(piece, work.segment, work.last)

@@ -68,8 +68,8 @@ def at_most(threads: int, while_: Callable[[], bool] = lambda: True) -> Iterator
     """Within it, the calling thread's ``RowSplit.map`` calls of few rows (fewer than two per
     helper) use at most ``threads`` helper threads, each call that starts while ``while_()``
     holds (a flow call makes one per Euler step, so a call can widen half-way). Each helper
-    still has one torch thread and the rows' floats do not change, so streams stay equal to
-    alone. Why: a stream's chunk (its two CFG rows) computed while the LLM decodes on the same 2
+    still has one torch thread. Only for calls whose rows compute alike in any share (the
+    incremental streams'): then the floats do not change, and streams stay equal to alone. Why: a stream's chunk (its two CFG rows) computed while the LLM decodes on the same 2
     cores ran 1.4-1.5 s with a row on each of two helpers (CosyVoice2 bfloat16; 0.7-0.8 s alone)
     and slowed decoding 24 -> 34-36 ms/token; as one share on one helper it ran 1.07-1.19 s and
     decoding 30-31 ms/token (float32: 2.64-2.67 s and 67-70 ms against 1.79-2.08 s and 65-67
