@@ -455,23 +455,26 @@ def test_decoding_waits_for_a_late_voices_first_piece() -> None:
         engine.close()
 
 
-def test_flow_calls_leave_decoding_a_core_but_not_on_the_way_to_a_first_piece() -> None:
+def test_stream_flow_calls_leave_decoding_a_core_and_whole_utterances_never() -> None:
     """On 2 threads a stream's flow calls computed while the loop decodes take one row thread
-    (one share of the CFG rows: row_parallel.at_most), the calls of its first piece, which
-    decoding waits for, both (two shares); the audio equals an engine's that never narrows. A
-    whole utterance computed while a stream decodes is never narrowed (its rows may round
-    differently in another share): the same audio as alone, to the bit."""
+    (one share of the CFG rows: row_parallel.at_most), those made while nothing decodes both
+    (two shares); the audio equals an engine's that never narrows. A whole utterance computed
+    while a stream decodes is never narrowed (its rows may round differently in another share):
+    the same audio as alone, to the bit. (Shares on every host: the engine's choice on a CPU
+    with packed products, and the one whose narrowing the slices show.)"""
     from cosyvoice_lite.row_parallel import RowSplit
 
     class Recording(RowSplit):
-        def __init__(self) -> None:
+        def __init__(self, loop) -> None:
             super().__init__(2, shares=True)
-            self.calls: list[int] = []  # slices per call
+            self.loop = loop
+            self.calls: list[tuple[int, bool]] = []  # (slices, decoding when it started)
 
         def map(self, fn, rows: int) -> torch.Tensor:
             parts: list[slice] = []
+            decoding = self.loop.decoding > 0
             out = super().map(lambda part: parts.append(part) or fn(part), rows)
-            self.calls.append(len(parts))
+            self.calls.append((len(parts), decoding))
             return out
 
     def slow(step):
@@ -493,20 +496,22 @@ def test_flow_calls_leave_decoding_a_core_but_not_on_the_way_to_a_first_piece() 
         for engine in (narrowing, wide):
             decoder = engine.pipeline.flow.decoder
             decoder.close_row_split()
-            decoder.set_row_split(Recording(), utterances=False)
-            decoder.utterance_rows = Recording()
+            decoder.set_row_split(Recording(engine.loop), utterances=False)
+            decoder.utterance_rows = Recording(engine.loop)
             engine.pipeline.llm.log_probs = slow(engine.pipeline.llm.log_probs)
         audio = [_alone(engine, request) for engine in (narrowing, wide)]
         np.testing.assert_array_equal(audio[0], audio[1])
         narrow_calls = narrowing.pipeline.flow.decoder.stream_rows.calls
-        assert 1 in narrow_calls and 2 in narrow_calls, narrow_calls
-        assert set(wide.pipeline.flow.decoder.stream_rows.calls) == {2}
+        assert (1, True) in narrow_calls, narrow_calls
+        assert {slices for slices, decoding in narrow_calls if not decoding} == {2}, narrow_calls
+        assert {slices for slices, _ in wide.pipeline.flow.decoder.stream_rows.calls} == {2}
         whole = _request("你好。", 8, max_speech_tokens=20)
         solo = _alone(narrowing, whole)
         beside = _together(narrowing, [request, whole])
         np.testing.assert_array_equal(beside[1], solo)
         np.testing.assert_array_equal(beside[0], audio[0])
-        assert set(narrowing.pipeline.flow.decoder.utterance_rows.calls) == {2}
+        utterance_calls = narrowing.pipeline.flow.decoder.utterance_rows.calls
+        assert {slices for slices, _ in utterance_calls} == {2}
     finally:
         narrowing.close()
         wide.close()

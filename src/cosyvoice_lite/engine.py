@@ -171,9 +171,10 @@ class Engine:
         decode together at most, one step prefills at most ``prefill_tokens`` positions, and
         ``audio_workers`` threads compute the flow and vocoder chunks of different requests.
         ``idle_release_seconds`` after the last request (and no other work), the freed heap goes
-        back to the OS (None: never; engine_loop.LoopLimits). While the LLM decodes, a lone
-        stream's flow call uses ``flow_threads_while_decoding`` of the row threads (None: half, at
-        least one; its way to its first piece uses all of them).
+        back to the OS (None: never; engine_loop.LoopLimits). While the LLM decodes, a
+        stream's flow call of fewer than two rows per row thread (on 2 threads: a lone stream's)
+        uses ``flow_threads_while_decoding`` of them (None: half, at least one; calls once a
+        stream has every token of its first piece use all of them).
         ``prompt_cache_mb`` bounds the memory of voices' prompt frames computed once through the
         v2/v3 streaming flow and shared by their streams (pipelines/prompt_flow.py; 0: per stream);
         ``stream_cache_mb`` is a threshold on each stream's own flow caches (checked before each

@@ -528,10 +528,10 @@ class LoopLimits:
     hook once (the freed heap back to the OS, heap.py: a float32 CosyVoice2 stream leaves ~1.5 GB
     of it; None: never). Not right away: the next request faults those pages in again (5-7% of a
     stream's time), which a busy server should not pay between back-to-back requests.
-    ``flow_threads_while_decoding``: the row threads a worker's flow call of few rows (a lone
-    stream's) uses while the loop decodes beside it (row_parallel.at_most; None: half the
-    threads, at least one), all of them otherwise and for a stream's first piece, which decoding
-    waits for."""
+    ``flow_threads_while_decoding``: the row threads an incremental stream call of fewer than
+    two rows per row thread uses while the loop decodes beside it (row_parallel.at_most; None:
+    half the threads, at least one), all of them otherwise and once a stream has every token of
+    its first piece (decoding then waits for it)."""
 
     max_batch: int = 16
     prefill_tokens: int = 4096

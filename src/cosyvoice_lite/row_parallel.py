@@ -65,17 +65,15 @@ _CALLER = threading.local()  # .cap: the calling thread's (threads, while) from 
 
 @contextmanager
 def at_most(threads: int, while_: Callable[[], bool] = lambda: True) -> Iterator[None]:
-    """Within it, the calling thread's ``RowSplit.map`` calls of few rows (fewer than two per
-    helper) use at most ``threads`` helper threads, each call that starts while ``while_()``
-    holds (a flow call makes one per Euler step, so a call can widen half-way). Each helper
-    still has one torch thread. Only for calls whose rows compute alike in any share (the
-    incremental streams'): then the floats do not change, and streams stay equal to alone. Why: a stream's chunk (its two CFG rows) computed while the LLM decodes on the same 2
-    cores ran 1.4-1.5 s with a row on each of two helpers (CosyVoice2 bfloat16; 0.7-0.8 s alone)
-    and slowed decoding 24 -> 34-36 ms/token; as one share on one helper it ran 1.07-1.19 s and
-    decoding 30-31 ms/token (float32: 2.64-2.67 s and 67-70 ms against 1.79-2.08 s and 65-67
-    ms). Calls of two rows or more per helper are batched products, which keep every helper
-    (four streams' chunks beside decoding: first audio 6.99 s wide against 7.35 s narrowed;
-    benchmarks/README.md, "A stream's flow calls on one thread while the LLM decodes")."""
+    """Within it, the calling thread's ``RowSplit.map`` calls of fewer than two rows per helper
+    (on 2 threads: one stream's two CFG rows) use at most ``threads`` helpers, each call that
+    starts while ``while_()`` holds (a flow call makes one per Euler step, so it can widen
+    half-way). Each helper still has one torch thread. Only for calls whose rows compute alike in
+    any share (the incremental streams'): their floats then do not change. Why: beside the LLM
+    decoding on the same 2 cores, a stream's chunk took 1.4-1.5 s with a row on each of two
+    helpers and 1.07-1.19 s as one share on one, and decoding slowed less (CosyVoice2 bfloat16;
+    benchmarks/README.md, "A stream's flow calls on one thread while the LLM decodes"); calls
+    of two rows or more per helper are batched products, which keep every helper."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     before = getattr(_CALLER, "cap", None)
@@ -145,11 +143,14 @@ class RowSplit:
             return [share(part) for part in parts]
 
         width = _width(self.threads, rows)
+        parts = self._parts(rows, width)
+        # narrowed: ``width`` helpers, each its group in order; else each part for the first free
+        groups = [[part] for part in parts] if width == self.threads else _groups(parts, width)
         futures: list[Future] = []
-        for parts in _groups(self._parts(rows, width), width):
+        for group in groups:
             futures.append(Future())
-            self._queue.put((shares_of, parts, futures[-1]))
-        wait(futures)  # every row done (or failed) before any result or error is used
+            self._queue.put((shares_of, group, futures[-1]))
+        wait(futures)  # every group done (or failed) before any result or error is used
         return torch.cat([out for future in futures for out in future.result()], dim=0)
 
     def _parts(self, rows: int, width: int) -> list[slice]:
