@@ -612,8 +612,10 @@ class EngineLoop:
         return len(self._rows)
 
     def _decoding_beside(self) -> bool:
-        """Whether the loop thread decodes now (rows decoding and not held for a first piece)."""
-        return bool(self._rows) and not self._holding
+        """Whether the loop thread decodes now: a row has its next input (not every row waiting
+        for streaming text) and decoding is not held for a first piece. Read from the audio
+        workers without a lock: a stale answer only sets the width of one flow step."""
+        return not self._holding and any(row.feed is not None for row in self._rows)
 
     @property
     def waiting(self) -> int:
