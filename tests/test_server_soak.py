@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -149,6 +150,10 @@ def test_rss_levels_off_over_a_thousand_requests(v1_dir, tmp_path):
     )
     assert total >= 250
     assert not any(status >= 500 for status in statuses)
-    # warm-up is the first rounds; afterwards the curve is flat (allocator noise only)
+    # warm-up is the first rounds; afterwards the curve is flat but for allocator noise, which
+    # includes one-round jumps of ~+20 MB (seen at the session start's commit and after it, one
+    # failing a CI run by 3 MB on its very last round): medians of four rounds, so that a single
+    # jump does not count while a leak, which grows every round, still does
     settled = curve[ROUNDS // 2 :]
-    assert max(settled) - settled[0] < max(40.0, 0.08 * settled[0]), curve
+    start, end = statistics.median(settled[:4]), statistics.median(settled[-4:])
+    assert end - start < max(40.0, 0.08 * start), curve
