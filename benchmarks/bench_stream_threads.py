@@ -30,11 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_restart import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402 - the same saved voice and text
 from floors import describe, footer, measure  # noqa: E402
-
-PROMPT = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
-PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
-TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。"
 
 
 def level(engine, prompt, streams: int, tokens: int, seed: int) -> tuple[float, float]:

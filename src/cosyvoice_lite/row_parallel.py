@@ -180,8 +180,7 @@ def _bounds(items: int, count: int) -> list[tuple[int, int]]:
 
 
 def _groups(parts: list[slice], width: int) -> list[list[slice]]:
-    """``parts`` in ``width`` contiguous groups, one per helper (each row alone on every helper
-    when ``width`` covers them)."""
+    """``parts`` in ``width`` contiguous groups, one per helper of a narrowed call."""
     return [parts[a:b] for a, b in _bounds(len(parts), width)]
 
 
