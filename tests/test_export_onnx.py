@@ -290,7 +290,8 @@ def test_onnxruntime_backend_runs_the_engine_loop(export_root):
 def test_onnxruntime_backend_streams(export_root):
     """A stream's incremental flow steps keep their per-stream caches, which the graphs cannot:
     they run the torch estimator the backend keeps (they once failed with "incremental streaming
-    needs ..."), the vocoder's chunks go through onnxruntime."""
+    needs ..."); the voice's prompt frames go through the exported estimator, and streamed
+    vocoder windows stay in torch (only whole-utterance vocoding has a graph)."""
     from cosyvoice_lite import Engine, Mode, SynthesisRequest
 
     out = exported(3, export_root)

@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'cosyvoice-lite[ray]')")
+ray = pytest.importorskip(
+    "ray", reason="ray is not installed (the 'ray' extra: pip install -e '.[ray]')"
+)
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
 
 import boto3  # noqa: E402 - dev dependencies, as moto (the S3 server)

@@ -108,6 +108,16 @@ def test_cross_lingual_and_prompt_cache(client, probe):
     assert probe.encodes == before + 2
 
 
+def test_voice_conversion_takes_two_files_of_the_upload_limit_each(client):
+    """Each file may have the upload limit: voice conversion's two together pass one file's
+    (they were once refused as one body over it)."""
+    source, prompt = prompt_wav(7.5, amplitude=0.5), prompt_wav(7.5)
+    assert len(prompt) < 400_000 < len(source) + len(prompt) - 64 * 1024
+    converted = upload(client, prompt, source=source)
+    assert converted.status_code == 200, converted.text
+    assert decode(converted.content)[0].size > 0
+
+
 def test_voice_conversion_with_prompt_or_voice(client):
     source = prompt_wav(1.2, rate=16000, amplitude=0.5)
     converted = upload(client, prompt_wav(2.0), source=source)

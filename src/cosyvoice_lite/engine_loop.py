@@ -525,8 +525,8 @@ class LoopLimits:
     prefills at most ``prefill_tokens`` positions (at least one request's prefix);
     ``audio_workers`` threads compute flow + vocoder chunks (a row always uses the same one).
     After ``idle_release_seconds`` with no request live and no audio work, the loop runs its idle
-    hook once (the freed heap back to the OS, heap.py: a float32 CosyVoice2 stream leaves ~1.5 GB
-    of it; None: never). Not right away: the next request faults those pages in again (5-7% of a
+    hook once (the freed heap back to the OS, heap.py: after a float32 CosyVoice2 stream, 5.9 ->
+    3.9 GB resident; None: never). Not right away: the next request faults those pages in again (5-7% of a
     stream's time), which a busy server should not pay between back-to-back requests.
     ``flow_threads_while_decoding``: the row threads an incremental stream call of fewer than
     two rows per row thread uses while the loop decodes beside it (row_parallel.at_most; None:

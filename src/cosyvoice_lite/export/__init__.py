@@ -1,6 +1,6 @@
 """Portable graphs: ONNX export of every network (`export_onnx`) and an onnxruntime backend for
 the flow estimator and the vocoder (`use_onnxruntime`). Needs `onnx` at export time only
-(`pip install 'cosyvoice-lite[export]'`); docs/EXPORT.md describes the graphs for other runtimes."""
+(the ``export`` extra: ``pip install -e '.[export]'`` in a checkout); docs/EXPORT.md describes the graphs for other runtimes."""
 
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def check_options(
         import onnx  # noqa: F401  (needed to read back and convert the graphs)
     except ImportError as exc:
         raise ExportError(
-            "exporting needs the onnx package: pip install 'cosyvoice-lite[export]'"
+            "exporting needs the onnx package (the 'export' extra): pip install -e '.[export]'"
         ) from exc
 
 

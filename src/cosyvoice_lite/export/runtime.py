@@ -9,8 +9,9 @@ everything else (streaming state, attributes) to the torch vocoder it wraps. Net
 load-time objects: install the backend once, before serving requests.
 
 Not covered: the incremental v2/v3 streaming flow (`new_stream`/`stream_step` computes per-step
-attention caches that the chunk graphs do not expose) and the v3 vocoder's windowed streaming
-steps; those keep running in torch.
+attention caches that the chunk graphs do not expose) and the vocoders' streaming calls (the v3
+windows, and the v1/v2 cross-faded pieces through which the engine vocodes every v1/v2 utterance);
+those keep running in torch.
 """
 
 from __future__ import annotations

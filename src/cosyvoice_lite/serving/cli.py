@@ -196,7 +196,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
 
 def add_ray_options(serve: argparse.ArgumentParser) -> None:
     """Several replicas on Ray Serve and a shared voice library (docs/DEPLOYMENT.md)."""
-    cluster = serve.add_argument_group("Ray Serve: several replicas (needs 'cosyvoice-lite[ray]')")
+    cluster = serve.add_argument_group("Ray Serve: several replicas (needs the 'ray' extra)")
     cluster.add_argument(
         "--ray",
         action="store_true",

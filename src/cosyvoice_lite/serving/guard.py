@@ -22,7 +22,10 @@ from .streaming import StreamTruncated
 
 log = logging.getLogger("cosyvoice_lite.serving")
 
-FORM_OVERHEAD = 64 * 1024  # multipart framing and the small text fields around the audio file
+FORM_OVERHEAD = 64 * 1024  # multipart framing and the small text fields around the audio files
+# the most audio files one form carries (voice conversion: source_wav and prompt_wav), each at
+# most --max-upload-mb; every route checks its own files' count and sizes as it reads them
+FORM_FILES = 2
 MAX_NAME_FIELD_CHARS = 256  # voice, speaker, model, name: identifiers, never long
 
 # The page loads only its own files; audio plays from blob: URLs made from fetched responses.
@@ -136,7 +139,7 @@ class BodyRejected(StarletteHTTPException):
 
 def body_limit(settings: Settings, content_type: str) -> int:
     if content_type.startswith("multipart/form-data"):
-        return settings.max_upload_bytes + FORM_OVERHEAD
+        return FORM_FILES * settings.max_upload_bytes + FORM_OVERHEAD
     return settings.max_json_bytes
 
 

@@ -46,7 +46,9 @@ def make_s3_client(settings: S3Settings):
         import boto3
         from botocore.config import Config
     except ImportError as exc:  # optional extra
-        raise RuntimeError("S3 upload needs boto3: pip install 'cosyvoice-lite[s3]'") from exc
+        raise RuntimeError(
+            "S3 upload needs boto3 (the 's3' extra): pip install -e '.[s3]'"
+        ) from exc
     config = Config(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,

@@ -18,8 +18,8 @@ Voices: with several replicas, keep the library in a bucket (``Settings.voices_s
 voice created through one replica is usable through all; a local directory works only while all
 replicas share one file system.
 
-Ray is an optional extra (``pip install 'cosyvoice-lite[ray]'``), imported only here, and only
-when this mode is used.
+Ray is the optional ``ray`` extra (``pip install -e '.[ray]'`` in a checkout), imported only
+here, and only when this mode is used.
 """
 
 from __future__ import annotations
@@ -240,7 +240,9 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     except ImportError as exc:
         from ..errors import CosyVoiceError
 
-        raise CosyVoiceError("--ray needs Ray Serve: pip install 'cosyvoice-lite[ray]'") from exc
+        raise CosyVoiceError(
+            "--ray needs Ray Serve (the 'ray' extra): pip install -e '.[ray]'"
+        ) from exc
     check_voice_store(settings)
     if settings.voices_s3 is None and (options.replicas > 1 or options.autoscale):
         log.warning(
