@@ -209,13 +209,6 @@ class ModelConfig:
         return int(self.flow.kwargs.get("input_frame_rate", SPECS[self.version].token_frame_rate))
 
 
-EXPECTED_CLASSES = {
-    1: ("TransformerLM", "MaskedDiffWithXvec", "HiFTGenerator"),
-    2: ("Qwen2LM", "CausalMaskedDiffWithXvec", "HiFTGenerator"),
-    3: ("CosyVoice3LM", "CausalMaskedDiffWithDiT", "CausalHiFTGenerator"),
-}
-
-
 def _component(node: Any, where: str) -> Component:
     if not isinstance(node, Tagged) or node.kind != "new":
         raise ModelDirError(f"'{where}' in the yaml is not a !new: network definition")
@@ -273,7 +266,7 @@ def parse_model_config(data: Mapping[str, Any], version: int, source: str = "yam
     llm = _component(data["llm"], "llm")
     flow = _component(data["flow"], "flow")
     hift = _component(data["hift"], "hift")
-    expected = EXPECTED_CLASSES[version]
+    expected = SPECS[version].network_classes
     found = (llm.class_name, flow.class_name, hift.class_name)
     if found != expected:
         raise ModelDirError(

@@ -6,13 +6,69 @@ number, so a new version is a new entry here (plus its networks), not edits acro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 ENDOFPROMPT = "<|endofprompt|>"
 SYSTEM_PROMPT = "You are a helpful assistant."  # CosyVoice3's canonical system prompt
 
 # CosyVoice3: FSQ silence/breath tokens; runs longer than 5 are not sent to the flow (official llm_job)
 V3_SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+
+# Instructions from the model cards and the official examples (the web page offers them as presets)
+V2_INSTRUCTIONS = {
+    "dialects": [
+        "用粤语说这句话",
+        "用四川话说这句话",
+        "用上海话说这句话",
+        "用天津话说这句话",
+        "用东北话说这句话",
+        "用河南话说这句话",
+        "用山东话说这句话",
+        "用长沙话说这句话",
+    ],
+    "emotions": [
+        "用开心的语气说",
+        "用伤心的语气说",
+        "用惊讶的语气说",
+        "用生气的语气说",
+        "用恐惧的语气说",
+        "用温柔的语气说",
+        "用严肃的语气说",
+    ],
+    "style": ["用很快的语速说", "用很慢的语速说", "用小声说悄悄话的方式说", "像机器人一样说"],
+}
+V3_INSTRUCTIONS = {
+    "dialects": [
+        "请用广东话表达。",
+        "请用四川话表达。",
+        "请用上海话表达。",
+        "请用东北话表达。",
+        "请用天津话表达。",
+        "请用河南话表达。",
+        "请用山东话表达。",
+        "请用陕西话表达。",
+        "请用闽南话表达。",
+        "请用湖南话表达。",
+        "请用云南话表达。",
+        "请用贵州话表达。",
+    ],
+    "emotions": [
+        "请用开心的语气说。",
+        "请用伤心的语气说。",
+        "请用生气的语气说。",
+        "请用惊讶的语气说。",
+        "请用温柔的语气说。",
+        "请用恐惧的语气说。",
+    ],
+    "style": [
+        "请用尽可能快地语速说一句话。",
+        "请用尽可能慢地语速说一句话。",
+        "请用悄悄话的方式说。",
+        "Please speak as fast as possible.",
+        "Please speak in a happy tone.",
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -22,6 +78,7 @@ class VersionSpec:
     version: int
     name: str
     yaml: str  # the yaml file that identifies the version in a model directory
+    network_classes: tuple[str, str, str]  # the yaml's llm, flow and hift classes
     text_tokenizer: str  # "whisper" (tiktoken, v1) or "qwen" (CosyVoice-BlankEN, v2/v3)
     token_frame_rate: int  # speech tokens per second
     pipeline: str  # "v1" (fixed hops, cross-fades) or "v2" (chunk-causal flow, growing hops)
@@ -42,6 +99,8 @@ class VersionSpec:
     language_tags: bool  # the text may carry language tags (<|zh|>, <|en|>, ...: v1)
     # Releases sharing one yaml (v1: -300M, -SFT, -Instruct), told apart by name or metadata
     variants: tuple[str, ...] = ("base",)
+    # Instructions the model follows, by group (the web page's presets)
+    instruction_examples: Mapping[str, list[str]] = field(default_factory=dict)
 
     def instruction(self, instruct: str) -> str:
         """The instruction as this version's LLM expects it (v1: after normalisation)."""
@@ -61,6 +120,7 @@ SPECS: dict[int, VersionSpec] = {
         version=1,
         name="CosyVoice-300M",
         yaml="cosyvoice.yaml",
+        network_classes=("TransformerLM", "MaskedDiffWithXvec", "HiFTGenerator"),
         text_tokenizer="whisper",
         token_frame_rate=50,
         pipeline="v1",
@@ -80,6 +140,7 @@ SPECS: dict[int, VersionSpec] = {
         version=2,
         name="CosyVoice2-0.5B",
         yaml="cosyvoice2.yaml",
+        network_classes=("Qwen2LM", "CausalMaskedDiffWithXvec", "HiFTGenerator"),
         text_tokenizer="qwen",
         token_frame_rate=25,
         pipeline="v2",
@@ -93,11 +154,13 @@ SPECS: dict[int, VersionSpec] = {
         causal_vocoder=False,
         special_ids=(("eos", 0), ("fill", 2)),
         language_tags=False,
+        instruction_examples=V2_INSTRUCTIONS,
     ),
     3: VersionSpec(
         version=3,
         name="Fun-CosyVoice3-0.5B",
         yaml="cosyvoice3.yaml",
+        network_classes=("CosyVoice3LM", "CausalMaskedDiffWithDiT", "CausalHiFTGenerator"),
         text_tokenizer="qwen",
         token_frame_rate=25,
         pipeline="v2",
@@ -111,6 +174,7 @@ SPECS: dict[int, VersionSpec] = {
         causal_vocoder=True,
         special_ids=(("sos", 0), ("eos", 1), ("task_id", 2), ("fill", 3)),
         language_tags=False,
+        instruction_examples=V3_INSTRUCTIONS,
     ),
 }
 

@@ -25,13 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelDirError
+from ..versions import SPECS
 from .vocoder import draw_source_noise
 
-FLOW_VERSION = {
-    "MaskedDiffWithXvec": 1,
-    "CausalMaskedDiffWithXvec": 2,
-    "CausalMaskedDiffWithDiT": 3,
-}
+FLOW_VERSION = {spec.network_classes[1]: version for version, spec in SPECS.items()}
 STAGES = ("flow", "hift")
 # what int8 quantises per stage (graph name prefix); see quantized()
 INT8_OPS = {"flow": ("MatMul",), "hift": ("MatMul", "Conv")}

@@ -26,61 +26,6 @@ SOUNDS = (
 PAIRS = ("strong", "laughter")
 V1_LANGUAGES = ("<|zh|>", "<|en|>", "<|jp|>", "<|yue|>", "<|ko|>")
 
-# Instructions from the model cards and the official examples; the page lets users edit them.
-V2_INSTRUCTIONS = {
-    "dialects": [
-        "用粤语说这句话",
-        "用四川话说这句话",
-        "用上海话说这句话",
-        "用天津话说这句话",
-        "用东北话说这句话",
-        "用河南话说这句话",
-        "用山东话说这句话",
-        "用长沙话说这句话",
-    ],
-    "emotions": [
-        "用开心的语气说",
-        "用伤心的语气说",
-        "用惊讶的语气说",
-        "用生气的语气说",
-        "用恐惧的语气说",
-        "用温柔的语气说",
-        "用严肃的语气说",
-    ],
-    "style": ["用很快的语速说", "用很慢的语速说", "用小声说悄悄话的方式说", "像机器人一样说"],
-}
-V3_INSTRUCTIONS = {
-    "dialects": [
-        "请用广东话表达。",
-        "请用四川话表达。",
-        "请用上海话表达。",
-        "请用东北话表达。",
-        "请用天津话表达。",
-        "请用河南话表达。",
-        "请用山东话表达。",
-        "请用陕西话表达。",
-        "请用闽南话表达。",
-        "请用湖南话表达。",
-        "请用云南话表达。",
-        "请用贵州话表达。",
-    ],
-    "emotions": [
-        "请用开心的语气说。",
-        "请用伤心的语气说。",
-        "请用生气的语气说。",
-        "请用惊讶的语气说。",
-        "请用温柔的语气说。",
-        "请用恐惧的语气说。",
-    ],
-    "style": [
-        "请用尽可能快地语速说一句话。",
-        "请用尽可能慢地语速说一句话。",
-        "请用悄悄话的方式说。",
-        "Please speak as fast as possible.",
-        "Please speak in a happy tone.",
-    ],
-}
-
 
 def markup_help(engine: Engine) -> dict:
     """The tags the model knows, grouped for the page's help."""
@@ -96,8 +41,9 @@ def markup_help(engine: Engine) -> dict:
 
 
 def instruction_presets(engine: Engine) -> dict[str, list[str]]:
-    """Instruction presets of CosyVoice2/3 (v1-Instruct takes free-form persona descriptions)."""
-    return {2: V2_INSTRUCTIONS, 3: V3_INSTRUCTIONS}.get(engine.version, {})
+    """Instruction presets of the model's version (none for v1-Instruct, which takes free-form
+    persona descriptions)."""
+    return {group: list(items) for group, items in engine.spec.instruction_examples.items()}
 
 
 def page_info(engine: Engine) -> dict:
