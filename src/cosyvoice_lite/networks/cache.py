@@ -190,6 +190,47 @@ class GrowingBuffer:
         return own
 
 
+class AttentionHistory:
+    """What one attention layer of an incremental flow keeps of the frames before a chunk: keys
+    and values (stored in ``dtype``, None: as computed; grown in ``granule`` positions) and, for
+    relative-position attention, its projected position rows. Per CFG row and Euler step, owned
+    by one stream; ``fork`` makes a voice's prompt frames the shared prefix of its streams."""
+
+    __slots__ = ("keys", "values", "positions")
+
+    def __init__(self, dtype: torch.dtype | None = None, granule: int = 1) -> None:
+        self.keys = GrowingBuffer(dtype, granule)
+        self.values = GrowingBuffer(dtype, granule)
+        self.positions = GrowingBuffer()  # relative attention's projected rows (v2 encoders)
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append keys/values (positions along dim -2); returns the rows a reader sees next to
+        the buffers' ``parts()`` (see ``GrowingBuffer.append``), in their dtype."""
+        return self.keys.append(keys), self.values.append(values)
+
+    def freeze(self) -> None:
+        """Past the stream's memory budget: read, never extended."""
+        self.keys.frozen = self.values.frozen = True
+
+    def fork(self, share: bool = True) -> AttentionHistory:
+        """Goes on from here. ``share``: the keys/values so far become the fork's shared prefix
+        (where they are large); otherwise they are copied (small ones, read whole)."""
+        fork = AttentionHistory.__new__(AttentionHistory)
+        if share:
+            fork.keys, fork.values = self.keys.fork(), self.values.fork()
+        else:
+            fork.keys, fork.values = self.keys.copy(), self.values.copy()
+        fork.positions = self.positions.copy()
+        return fork
+
+    def nbytes(self, shared: bool = False) -> int:
+        return sum(b.nbytes(shared) for b in (self.keys, self.values, self.positions))
+
+
 class KVCache:
     """A decoder's cache for one sequence: for every layer, a keys and a values buffer
     ``[heads, T, dim]``. Layers write the new positions at ``length``; the caller advances

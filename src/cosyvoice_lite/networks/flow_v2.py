@@ -32,7 +32,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
-from cosyvoice_lite.networks.cache import GrowingBuffer
+from cosyvoice_lite.networks.cache import AttentionHistory
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
     INPUT_LAYERS,
@@ -480,27 +480,6 @@ class CausalMaskedDiffWithXvec(UtteranceFlow, nn.Module):
 # official schedule is chunk-aligned, so it never has partial chunks before the last call).
 
 
-class _AttentionCache:
-    """Keys and values of one attention layer (plus linear_pos rows for relative attention),
-    the keys and values stored in ``dtype`` (None: as computed)."""
-
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
-        self.keys = GrowingBuffer(dtype)
-        self.values = GrowingBuffer(dtype)
-        self.positions = GrowingBuffer()
-
-    def fork(self, share: bool) -> _AttentionCache:
-        """share: the keys/values so far become the fork's shared prefix (U-Net blocks, where
-        they are large); otherwise they are copied (the encoders, small and read whole)."""
-        fork = _AttentionCache(self.keys.dtype)
-        if share:
-            fork.keys, fork.values = self.keys.fork(), self.values.fork()
-        else:
-            fork.keys, fork.values = self.keys.copy(), self.values.copy()
-        fork.positions = self.positions.copy()
-        return fork
-
-
 class _ConvTail:
     """The last input frames of one causal conv (its left context for the next chunk)."""
 
@@ -525,8 +504,8 @@ class _LayerCaches:
     def freeze(self) -> None:
         self.frozen = True
         for item in self.items:
-            if isinstance(item, _AttentionCache):
-                item.keys.frozen = item.values.frozen = True
+            if isinstance(item, AttentionHistory):
+                item.freeze()
 
     def rewind(self) -> _LayerCaches:
         self.cursor = 0
@@ -547,12 +526,7 @@ class _LayerCaches:
         return fork
 
     def nbytes(self, shared: bool = False) -> int:
-        return sum(
-            buffer.nbytes(shared)
-            for item in self.items
-            if isinstance(item, _AttentionCache)
-            for buffer in (item.keys, item.values, item.positions)
-        )
+        return sum(item.nbytes(shared) for item in self.items if isinstance(item, AttentionHistory))
 
 
 @dataclass
@@ -613,7 +587,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 def _rel_attention_increment(
     attn: RelPositionMultiHeadedAttention,
     x: torch.Tensor,
-    cache: _AttentionCache,
+    cache: AttentionHistory,
     start: int,
     chunk: int,
     pos_enc: EspnetRelPositionalEncoding,
@@ -663,7 +637,7 @@ def _conformer_increment(
     """Pre-norm Conformer layers (no macaron, no conv module) over new frames x [1, n, D]."""
     caches.rewind()
     for layer in layers:
-        cache = caches.next(_AttentionCache)
+        cache = caches.next(AttentionHistory)
         x = x + _rel_attention_increment(
             layer.self_attn, layer.norm_mha(x), cache, start, chunk, pos_enc
         )
@@ -732,7 +706,7 @@ def _transformers_increment(
         q, k, v = (_split_heads(y, attn.heads) for y in grouped(attn, "qkv", hn))
         outs = []
         for index, (caches_i, bias) in enumerate(zip(caches, biases, strict=True)):
-            cache = caches_i.next(_AttentionCache)
+            cache = caches_i.next(AttentionHistory)
             mine = slice(index, index + 1)
             keys, values = cache.keys.append(k[mine]), cache.values.append(v[mine])
             # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new

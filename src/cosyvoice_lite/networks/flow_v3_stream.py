@@ -54,7 +54,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
-from cosyvoice_lite.networks.cache import GrowingBuffer
+from cosyvoice_lite.networks.cache import AttentionHistory
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
     CFG_ROWS,
@@ -81,46 +81,19 @@ __all__ = [
 ]
 
 
-class _KVCache:
-    """Keys and values of one attention layer at one Euler step, one CFG row
-    ([1, heads, T, dim_head] each), stored in ``dtype`` (None: as computed)."""
-
-    def __init__(self, dtype: torch.dtype | None, granule: int) -> None:
-        self.keys = GrowingBuffer(dtype, granule)
-        self.values = GrowingBuffer(dtype, granule)
-
-    @property
-    def length(self) -> int:
-        return self.keys.length
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append [1, heads, n, dim_head] keys/values; returns the rows a reader sees next to
-        the buffers' ``parts()`` (see ``GrowingBuffer.append``), in their dtype."""
-        return self.keys.append(keys), self.values.append(values)
-
-    def nbytes(self, shared: bool = False) -> int:
-        return self.keys.nbytes(shared) + self.values.nbytes(shared)
-
-    def fork(self) -> _KVCache:
-        """Goes on from here; the keys/values so far are the fork's shared prefix."""
-        fork = copy.copy(self)
-        fork.keys, fork.values = self.keys.fork(), self.values.fork()
-        return fork
-
-
 class _StepCache:
     """What one Euler step of the DiT keeps: position-conv tails and per-block keys/values."""
 
     def __init__(self, depth: int, dtype: torch.dtype | None, granule: int) -> None:
         self.conv1_tail: torch.Tensor | None = None  # [1, dim, kernel - 1] inputs of conv1
         self.conv2_tail: torch.Tensor | None = None  # [1, dim, kernel - 1] inputs of conv2
-        self.kv = [_KVCache(dtype, granule) for _ in range(depth)]
+        self.kv = [AttentionHistory(dtype, granule) for _ in range(depth)]
         self.frozen = False  # past the stream's budget: read, never extended
 
     def freeze(self) -> None:
         self.frozen = True
         for cache in self.kv:
-            cache.keys.frozen = cache.values.frozen = True
+            cache.freeze()
 
     def nbytes(self, shared: bool = False) -> int:
         tails = sum(
@@ -420,7 +393,7 @@ def _attention_increment(
     attn: nn.Module,
     x: torch.Tensor,
     rope: torch.Tensor,
-    kvs: list[_KVCache],
+    kvs: list[AttentionHistory],
     keeps: list[torch.Tensor | None],
 ) -> torch.Tensor:
     """The DiT Attention for new frames x [R, n, dim]: projections for all rows, attention per
