@@ -5,6 +5,7 @@ version answer without importing torch; the OpenMP wait policy and the thread co
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -334,3 +335,27 @@ def test_exact_float32_is_a_load_option(v1_dir, flag):
         assert engine.placement.exact_float32 == bool(flag) and packed != bool(flag)
     finally:
         engine.close()
+
+
+def test_say_writes_through_symlinks_and_fifos(v1_dir, tmp_path, capsys):
+    """The whole file is renamed into place, but over the file a symlink points to (the link
+    stays), and a FIFO (or a device, /dev/stdout) is written in place, never replaced by a
+    regular file."""
+    target = tmp_path / "target.wav"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.wav"
+    link.symlink_to(target)
+    say = ["say", "你好。", "--model", str(v1_dir), "--voice", "中文女", "--seed", "1"]
+    assert main([*say, "-o", str(link)]) == 0
+    assert link.is_symlink() and sf.info(str(target)).frames > 0
+    assert not list(tmp_path.glob(".*.partial"))
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    assert main([*say, "-o", str(fifo)]) == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert received and received[0][:4] == b"RIFF" and len(received[0]) > 1000

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -219,6 +221,20 @@ def check_output_path(path: str) -> Path:
     return out
 
 
+def output_paths(out: Path, stream: bool) -> tuple[Path, Path]:
+    """(the path written, the path the audio ends at). A whole file is written beside its final
+    place and renamed there at the end, so that it appears at once or not at all; a stream is
+    written in place. Through a symlink, the file it points to is written (the link stays). What
+    is not a regular file (a FIFO, a device, /dev/stdout) is never replaced or removed: audio
+    files need a seekable file (their header), so it gets a temporary file's bytes at the end."""
+    if out.exists() and not out.is_file():
+        fd, temporary = tempfile.mkstemp(suffix=out.suffix, prefix=".cosyvoice-lite-")
+        os.close(fd)
+        return Path(temporary), out
+    final = Path(os.path.realpath(out)) if out.is_symlink() else out
+    return (final if stream else final.with_name(f".{final.name}.partial")), final
+
+
 class AudioFileWriter:
     """Writes chunks to an audio file as they come (libsndfile completes the header at close).
     Opus and MP3 take only some rates: other rates are resampled on the fly."""
@@ -331,7 +347,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first = None
     seconds = 0.0
-    partial = out.with_name(f".{out.name}.partial") if not args.stream else out
+    partial, final = output_paths(out, args.stream)
     writer = AudioFileWriter(partial, fmt, engine.sample_rate)
     try:
         for chunk in engine.synthesize(request, _progress_bar("synthesizing")):
@@ -342,11 +358,16 @@ def cmd_say(args: argparse.Namespace) -> int:
                 player.write(chunk.samples)
             seconds += chunk.duration
         writer.close()
-        if partial != out:
-            os.replace(partial, out)  # a whole file appears at once, or not at all
+        if partial != final and final.exists() and not final.is_file():
+            with open(partial, "rb") as source, open(final, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+            partial.unlink()
+        elif partial != final:
+            os.replace(partial, final)  # a whole file appears at once, or not at all
     except BaseException:
         writer.file.close()
-        partial.unlink(missing_ok=True)  # never leave a cut-off file behind
+        if partial.is_file():  # never leave a cut-off file behind (nor remove a FIFO or device)
+            partial.unlink(missing_ok=True)
         raise
     finally:
         if player is not None:
