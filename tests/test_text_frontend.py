@@ -218,6 +218,20 @@ def test_markup_bypasses_normalisation(text):
     assert frontend.normalize_text(text) == text
 
 
+def test_stressed_cmu_phones_survive_number_normalisation():
+    """CosyVoice3's ``[AY0]`` tags keep their stress digit (upstream spells it out: ``[AYzero]``,
+    ``[AY零]``), while the numbers around them are read as before."""
+    frontend = TextFrontend(_words)
+    assert frontend.normalize_text("I [M][AY0] go [HH][AH0][L][OW1] 12 times.") == (
+        "I [M][AY0] go [HH][AH0][L][OW1] twelve times."
+    )
+    assert (
+        frontend.normalize_text("你好[M][AY0]世界，我有3个苹果。")
+        == "你好[M][AY0]世界，我有三个苹果。"
+    )
+    assert frontend.normalize_text("我有3个苹果。") == "我有三个苹果。"
+
+
 def test_disabled_and_empty():
     frontend = TextFrontend(_words)
     assert frontend.normalize("  今天是2024年。 ", enabled=False) == ["  今天是2024年。 "]

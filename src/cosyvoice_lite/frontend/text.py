@@ -198,6 +198,24 @@ def spell_out_number(text: str, inflect_engine) -> str:
     return "".join(out)
 
 
+# CosyVoice3's CMU phone tags with a stress digit ([AY0], [ER1]): the only markup with digits
+_STRESSED_PHONE = re.compile(r"\[[A-Z]{2}[012]\]")
+
+
+def outside_stressed_phones(text: str, rewrite: Callable[[str], str]) -> str:
+    """``rewrite`` applied to the text between stressed CMU phone tags, so that number
+    normalisation does not spell out their stress digits (upstream reads ``[AY0]`` as
+    ``[AYzero]``, ``[AY零]`` in Chinese, and the tag never reaches the model). Text without
+    such tags is rewritten whole, as upstream."""
+    parts = _STRESSED_PHONE.split(text)
+    if len(parts) == 1:
+        return rewrite(text)
+    out = [rewrite(parts[0]) if parts[0] else ""]
+    for tag, part in zip(_STRESSED_PHONE.findall(text), parts[1:], strict=True):
+        out += [tag, rewrite(part) if part else ""]
+    return "".join(out)
+
+
 def is_only_punctuation(text: str) -> bool:
     """True for '' and for text made only of Unicode punctuation (P*) and symbols (S*)."""
     return all(unicodedata.category(char)[0] in "PS" for char in text)
@@ -487,7 +505,7 @@ class TextFrontend:
 
     def _normalize(self, text: str) -> tuple[str, str]:
         if contains_chinese(text):
-            text = wetext_normalize(text, "zh")
+            text = outside_stressed_phones(text, lambda part: wetext_normalize(part, "zh"))
             text = text.replace("\n", "")
             text = replace_blank(text)
             text = replace_corner_mark(text)
@@ -495,11 +513,13 @@ class TextFrontend:
             text = remove_bracket(text)
             text = _TRAILING_COMMAS.sub("。", text)
             return text, "zh"
-        text = wetext_normalize(text, "en")
+        text = outside_stressed_phones(text, lambda part: wetext_normalize(part, "en"))
         if any(
             char.isdigit() for char in text
         ):  # wetext reads most numbers; inflect is slow to import
-            text = spell_out_number(text, self.inflect_engine)
+            text = outside_stressed_phones(
+                text, lambda part: spell_out_number(part, self.inflect_engine)
+            )
         return text, "en"
 
 
