@@ -376,3 +376,24 @@ def test_speed_10k_characters_of_english(whisper_encode):
         return (joined * (n_chars // len(joined) + 1))[:n_chars]
 
     _assert_linear(frontend, english, "English")
+
+
+def test_segments_without_sentence_ends_are_cut_at_pauses_then_spaces():
+    """Upstream keeps a text without sentence ends whole however long (its speech and the flow's
+    memory for it grow without bound); such segments are cut into pieces of about token_max_n,
+    and the text is kept whole across them."""
+    frontend = TextFrontend(_words)
+    commas = "今天我们一起去公园散步，" * 30
+    pieces = frontend.normalize(commas)
+    assert len(pieces) > 1 and all(len(p) <= 80 for p in pieces)
+    assert all(p.endswith("，") for p in pieces[:-1]) and "".join(pieces) == commas[:-1] + "。"
+    unbroken = frontend.normalize("你好" * 200)
+    assert [len(p) for p in unbroken] == [80] * 4 + [81] and "".join(
+        unbroken
+    ) == "你好" * 200 + "。"
+    words = frontend.normalize(" ".join(["word"] * 400))  # _words: one token per character
+    assert len(words) > 1 and all(len(p) <= 100 for p in words)
+    assert "".join(words) == " ".join(["word"] * 400) + "."
+    # a long sentence of real text stays one segment, as upstream's
+    sentence = "这是一个比较长的句子" * 15 + "。"
+    assert frontend.normalize(sentence) == [sentence]

@@ -297,6 +297,60 @@ def iter_split_paragraph(
         yield pending
 
 
+# A segment longer than this many times token_max_n is cut further (cut_long_segment)
+LONG_SEGMENT_FACTOR = 2
+_AFTER_PAUSE = re.compile(r"(?<=[，,、；;：:])")
+_AFTER_SPACE = re.compile(r"(?<=\s)")
+
+
+def cut_long_segment(
+    segment: str, token_max_n: int, lang: str, encode: Encode | None = None
+) -> list[str]:
+    """``segment``, or pieces of it if it is longer than ``LONG_SEGMENT_FACTOR * token_max_n``.
+    Upstream splits only at sentence ends, so a text without them (a list of commas, one long
+    line) is one segment however long, and its speech, bounded by 20 tokens per text token, and
+    the flow's memory for it grow without bound. Such a segment is cut at its pauses (commas and
+    the like), else at spaces, else every ``token_max_n`` characters, into pieces of about
+    ``token_max_n``. Segments of real sentences are never that long, so they stay as upstream's."""
+    measure = encode or _pretokens
+
+    def length(part: str) -> int:  # as iter_split_paragraph counts: characters for zh
+        return len(part) if lang == "zh" else len(measure(part))
+
+    if length(segment) <= LONG_SEGMENT_FACTOR * token_max_n:
+        return [segment]
+    pieces: list[str] = []
+    for part in _cuts(segment, _AFTER_PAUSE, length, token_max_n):
+        for finer in _cuts(part, _AFTER_SPACE, length, token_max_n):
+            if length(finer) <= token_max_n:
+                pieces.append(finer)
+            else:  # no pause and no space: fixed-size pieces
+                pieces += [finer[i : i + token_max_n] for i in range(0, len(finer), token_max_n)]
+    return _merge(pieces, length, token_max_n)
+
+
+def _cuts(text: str, after: re.Pattern, length: Callable[[str], int], limit: int) -> list[str]:
+    """``text`` cut after each match of ``after`` where it is longer than ``limit``."""
+    if length(text) <= limit:
+        return [text]
+    return [part for part in after.split(text) if part]
+
+
+def _merge(pieces: list[str], length: Callable[[str], int], limit: int) -> list[str]:
+    """Neighbouring pieces joined while they stay within ``limit``; a last piece shorter than
+    ``MERGE_LEN`` joins the one before (as upstream's remainder does)."""
+    merged: list[str] = []
+    for piece in pieces:
+        if merged and length(merged[-1] + piece) <= limit:
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    if len(merged) > 1 and length(merged[-1]) < MERGE_LEN:
+        last = merged.pop()
+        merged[-1] += last
+    return merged
+
+
 _PRETOKEN = re.compile(r"\w+|[^\w\s]+")
 
 
@@ -500,8 +554,9 @@ class TextFrontend:
         normalized, lang = self._normalize(text.strip())
         encode = encode or self.encode
         for segment in iter_split_paragraph(normalized, encode, lang, **self.bounds):
-            if not is_only_punctuation(segment):
-                yield segment
+            for piece in cut_long_segment(segment, self.bounds["token_max_n"], lang, encode):
+                if not is_only_punctuation(piece):
+                    yield piece
 
     def _normalize(self, text: str) -> tuple[str, str]:
         if contains_chinese(text):
