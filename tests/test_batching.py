@@ -568,3 +568,21 @@ def test_a_stream_hands_freed_heap_back_after_each_flow_call(v2: Engine) -> None
         assert len(calls) == chunk_calls + 1
     finally:
         pipeline.after_stream_call = release_freed_memory
+
+
+def test_work_pending_at_close_ends_with_an_error(v1_dir: Path) -> None:
+    """Calls and background work queued when the engine closes end (with EngineClosedError
+    where they did not run), and a request cut off reports the same error."""
+    from cosyvoice_lite import EngineClosedError
+
+    engine = Engine.load(v1_dir)
+    try:
+        futures = [engine.call(lambda: 1) for _ in range(3)]
+        futures += [engine.loop.background(lambda: 2) for _ in range(3)]
+    finally:
+        engine.close()
+    for future in futures:  # each one ends: with its result, or with the engine's closing
+        error = future.exception(timeout=20)
+        assert isinstance(error, EngineClosedError) or future.result() in (1, 2)
+    with pytest.raises(EngineClosedError):
+        engine.call(lambda: 1)

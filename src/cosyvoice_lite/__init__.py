@@ -20,6 +20,7 @@ _EXPORTS = {
     "AudioError": "errors",
     "CosyVoiceError": "errors",
     "DeviceError": "errors",
+    "EngineClosedError": "errors",
     "InvalidRequestError": "errors",
     "ModelDirError": "errors",
     "ModelDownloadError": "errors",

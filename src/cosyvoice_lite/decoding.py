@@ -248,6 +248,7 @@ def _bistream(
     n_prompt = prompt_speech.size(1)
     next_fill_index = (n_prompt // n_speech + 1) * n_speech - n_prompt
     received = 0
+    spoken = 0  # speech tokens yielded (fill tokens are not speech)
     decoded: list[int] = []
     while True:
         piece = text.poll()
@@ -291,11 +292,17 @@ def _bistream(
                     f"the LLM produced stop token {token} in the middle of streaming text input"
                 )
             yield token
+            spoken += 1
+            if policy.max_tokens is not None and spoken >= policy.max_tokens:
+                text.close()  # the segment's bound: the rest of the text is not read
+                return
             lm_input = lm.speech_input(token)
 
     # Text finished: feed what is left of it plus task_id, then decode to eos.
     lm_input = torch.cat([lm_input, text_cache, lm.task_input()], dim=1)
     _, max_final = policy.bounds(received)
+    if policy.max_tokens is not None:  # the bound is the segment's, text-mixed tokens included
+        max_final = min(max_final, policy.max_tokens - spoken)
     for _ in range(max_final):
         logp = yield Feed(lm_input)
         token = yield from _choose(lm, logp, decoded, sampler, False, policy)

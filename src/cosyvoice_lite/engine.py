@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 # takes in one segment with a 30 s prompt (v2/v3: 15,000 fixed noise frames, 2 per token; the v3
 # vocoder: 300 s), so a request never reaches their limits half-way.
 MAX_SPEECH_TOKENS = 6000
+# Without ``max_speech_tokens`` a segment speaks at most this long: the official bound (20 speech
+# tokens per text token) alone grows with a segment that has no punctuation to split it, and the
+# flow's memory for a whole utterance grows with the square of its length. A sentence of the
+# splitter's ~80 text tokens speaks well within it.
+DEFAULT_SEGMENT_SECONDS = 60
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 Progress = Callable[[int, int], None]  # (segments done, segments total)
 PromptSource = PromptFeatures | Callable[[], PromptFeatures] | None
@@ -396,7 +402,10 @@ class Engine:
         if callable(prompt):
             prompt = prompt()
         prompt = self._prompt(request, prompt)
-        policy = LengthPolicy(max_tokens=request.max_speech_tokens, ignore_eos=request.ignore_eos)
+        max_tokens = (
+            request.max_speech_tokens or DEFAULT_SEGMENT_SECONDS * self.spec.token_frame_rate
+        )
+        policy = LengthPolicy(max_tokens=max_tokens, ignore_eos=request.ignore_eos)
         return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink)
 
     def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
@@ -405,6 +414,7 @@ class Engine:
         return AudioChunk(samples, self.sample_rate, index, final, text)
 
     def _check(self, request: SynthesisRequest) -> None:
+        _check_types(request)
         if request.mode not in self.modes:
             supported = ", ".join(m.value for m in self.modes)
             raise UnsupportedModeError(
@@ -448,13 +458,29 @@ class Engine:
         if not isinstance(request.text, str):
             if not self.spec.streaming_text_in:
                 raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model")
-            return [request.text]
+            return [self._checked_pieces(request.text)]
         segments = self.text_frontend.normalize(
             request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode
         )
         if not segments:
             raise InvalidRequestError("the text has nothing to speak (only punctuation or symbols)")
         return segments
+
+    def _checked_pieces(self, pieces: Iterable[str]) -> Iterator[str]:
+        """Streaming text in, each piece checked as it arrives (in the request's text feeder
+        thread: an error fails the request) as a whole text is before it is queued."""
+        spoken = False
+        for piece in pieces:
+            if not isinstance(piece, str):
+                raise InvalidRequestError(
+                    f"streamed text pieces must be str, got {type(piece).__name__}"
+                )
+            _check_unicode("text", piece)
+            check_markup([piece], self.known_markup, self.model.name)
+            spoken = spoken or bool(piece.strip())
+            yield piece
+        if not spoken:
+            raise InvalidRequestError("text is empty: the streamed text had nothing to speak")
 
     def _preset(self, name: str | None) -> Voice:
         if not name:
@@ -529,7 +555,9 @@ class Engine:
             return prompt_text, text
         if prompt_text:
             return f"{SYSTEM_PROMPT}{ENDOFPROMPT}{prompt_text}", text
-        if isinstance(text, str) and ENDOFPROMPT not in text:
+        if not isinstance(text, str):  # streamed text: the LLM starts from the prompt text
+            return f"{SYSTEM_PROMPT}{ENDOFPROMPT}", text
+        if ENDOFPROMPT not in text:
             return prompt_text, f"{SYSTEM_PROMPT}{ENDOFPROMPT}{text}"
         return prompt_text, text
 
@@ -683,3 +711,52 @@ def iter_text(pieces: Iterable[str]) -> Iterator[str]:
 
 
 __all__ = ["Engine", "Voice", "synthesize_to_file", "iter_text"]
+
+
+def _check_unicode(field: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            f"{field} is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument)"
+        ) from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_types(request: SynthesisRequest) -> None:
+    """Field types and ranges that the model's checks take for granted: a wrong one is a clear
+    InvalidRequestError, not an internal error half-way."""
+    if not isinstance(request.mode, Mode):
+        modes = ", ".join(m.value for m in Mode)
+        raise InvalidRequestError(f"mode must be a Mode ({modes}), got {request.mode!r}")
+    if not _is_number(request.speed) or request.speed != request.speed:
+        raise InvalidRequestError(f"speed must be a number, got {request.speed!r}")
+    if request.seed is not None and not (
+        isinstance(request.seed, int)
+        and not isinstance(request.seed, bool)
+        and 0 <= request.seed <= MAX_SEED
+    ):
+        raise InvalidRequestError(
+            f"seed must be an integer from 0 to 2**64 - 1, got {request.seed!r}"
+        )
+    if request.max_speech_tokens is not None and (
+        not isinstance(request.max_speech_tokens, int)
+        or isinstance(request.max_speech_tokens, bool)
+    ):
+        raise InvalidRequestError(
+            f"max_speech_tokens must be an integer, got {request.max_speech_tokens!r}"
+        )
+    text = request.text
+    if isinstance(text, bytes | bytearray) or not isinstance(text, str | Iterable):
+        raise InvalidRequestError(
+            f"text must be a str or an iterable of str pieces, got {type(text).__name__}"
+        )
+    for field in ("text", "prompt_text", "instruct", "voice"):
+        value = getattr(request, field)
+        if value is not None and not isinstance(value, str) and field != "text":
+            raise InvalidRequestError(f"{field} must be a str, got {type(value).__name__}")
+        if isinstance(value, str):
+            _check_unicode(field, value)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from .decoding import WAIT, Draw, Feed
-from .errors import InvalidRequestError
+from .errors import EngineClosedError, InvalidRequestError
 from .heap import release_freed_memory
 from .row_parallel import at_most, start_torch_thread
 from .sampling import sample_rows
@@ -240,8 +240,9 @@ class AudioWorker:
             except queue.Empty:
                 break
         items: list[Any] = []
-        for entry in entries:
+        for index, entry in enumerate(entries):
             if entry is None:
+                _close_queued(entries[index + 1 :])
                 return items, True
             items.extend(entry if isinstance(entry, list) else [entry])
         return items, False
@@ -469,6 +470,18 @@ class AudioWorker:
             self.no_first_chunk.set()
 
 
+def _close_queued(entries: list[Any]) -> None:
+    """Work queued behind a worker's stop mark ends with an error instead of never."""
+    closed = EngineClosedError("the engine was closed")
+    for entry in entries:
+        for item in entry if isinstance(entry, list) else [] if entry is None else [entry]:
+            if isinstance(item, _Background):
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(closed)
+            else:
+                _fail(item.row, closed)
+
+
 def _one_flow(pipeline: Any, flow: Any) -> Any:
     """One stream's flow call alone: its mel, or the error it raised."""
     try:
@@ -624,7 +637,7 @@ class EngineLoop:
     def submit(self, job: Job) -> Job:
         with self._wake:
             if self._stopping:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosedError("the engine is closed")
             self._waiting.append(job)
             self._ensure_thread()
             self._wake.notify()
@@ -636,7 +649,7 @@ class EngineLoop:
         future: Future = Future()
         with self._wake:
             if self._stopping:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosedError("the engine is closed")
             self._calls.append((fn, future))
             self._ensure_thread()
             self._wake.notify()
@@ -648,7 +661,7 @@ class EngineLoop:
         future: Future = Future()
         with self._wake:
             if self._stopping:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosedError("the engine is closed")
             self._ensure_thread()
             worker = min(self._audio, key=AudioWorker.backlog)  # the least busy one
             worker.put(_Background(fn, future))
@@ -693,9 +706,14 @@ class EngineLoop:
                         self._fail(row, exc)
                     self._rows = []
         for row in self._rows:
-            self._fail(row, RuntimeError("the engine was closed"))
+            self._fail(row, EngineClosedError("the engine was closed"))
         for job in self._waiting:
-            job.sink.end(RuntimeError("the engine was closed"))
+            job.sink.end(EngineClosedError("the engine was closed"))
+        with self._wake:  # nothing is queued after _stopping is set
+            calls, self._calls = list(self._calls), collections.deque()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineClosedError("the engine was closed"))
 
     def _wait_for_work(self) -> bool:
         """Wait for something to step; False once closing. Once nothing is live (no row

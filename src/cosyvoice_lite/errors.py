@@ -34,3 +34,7 @@ class UnknownVoiceError(InvalidRequestError):
 
 class AudioError(InvalidRequestError):
     """Prompt or source audio is unreadable, silent, too short or too long."""
+
+
+class EngineClosedError(CosyVoiceError, RuntimeError):
+    """The engine was closed (shutting down): the work did not run, or was cut off."""

@@ -139,6 +139,11 @@ class V2Segment(Segment):
         if speech is not None:
             return speech
         state, pipeline = self.state, self.pipeline
+        if not state.tokens:
+            # no speech token: the LLM stopped at once (CosyVoice3 masks only its sos before
+            # min_len, as the official, so it can draw its eos first), or every token was a long
+            # silence: no audio for this segment, the request goes on
+            return torch.zeros(1, 0)
         if self.stream:
             # The official flows the remainder with full attention over the whole history; the
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.

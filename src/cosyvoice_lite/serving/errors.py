@@ -9,7 +9,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from ..errors import AudioError, CosyVoiceError, UnknownVoiceError, UnsupportedModeError
+from ..errors import (
+    AudioError,
+    CosyVoiceError,
+    EngineClosedError,
+    UnknownVoiceError,
+    UnsupportedModeError,
+)
 from .voices import InvalidVoiceNameError, StorageError, VoiceDamagedError
 
 ERROR_SCHEMA = {
@@ -68,6 +74,8 @@ def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = N
     if isinstance(exc, StorageError):
         kind = "insufficient_storage" if exc.status == 507 else "storage_unavailable"
         return ApiError(exc.status, str(exc), "server_error", kind)
+    if isinstance(exc, EngineClosedError):
+        return ApiError(503, str(exc), "server_error", "shutting_down")
     if isinstance(exc, VoiceDamagedError):
         return ApiError(500, str(exc), "server_error", "voice_damaged", "voice")
     if isinstance(exc, UnknownVoiceError):
