@@ -19,6 +19,7 @@ from cosyvoice_lite.serving.metrics import Metrics
 from cosyvoice_lite.serving.streaming import Encoder, StreamResampler, WholeEncoder, wav_header
 from cosyvoice_lite.serving.voices import (
     InvalidVoiceNameError,
+    LocalVoiceStore,
     VoiceExistsError,
     VoiceLibrary,
     validate_name,
@@ -117,6 +118,38 @@ def test_create_list_get_delete_and_persistence(tmp_path):
     with pytest.raises(UnknownVoiceError):
         again.delete("anna")
     assert os.listdir(tmp_path) == []
+
+
+class DeletedWhileChecked(LocalVoiceStore):
+    """A local store whose voices are deleted (by another request) as their files are checked."""
+
+    def has_file(self, name: str, file: str) -> bool:
+        self.remove(name)
+        return super().has_file(name, file)
+
+
+class DeletedWhileRead(LocalVoiceStore):
+    """... and as their stored prompt is read."""
+
+    def read(self, name: str, file: str) -> bytes:
+        if file == "prompt.wav":
+            self.remove(name)
+            raise FileNotFoundError(file)
+        return super().read(name, file)
+
+
+def test_a_voice_deleted_while_it_is_read_is_gone_not_damaged(tmp_path):
+    """A DELETE racing a request that uses the voice: the request gets 'unknown voice' (404),
+    not 'damaged' (500), and a listing does not call it broken."""
+    encode = CountingEncoder()
+    VoiceLibrary(tmp_path).create("anna", prompt_wav(1.5), "hi", "k", encode)
+    with pytest.raises(UnknownVoiceError):
+        VoiceLibrary(DeletedWhileChecked(tmp_path)).get("anna")
+    VoiceLibrary(tmp_path).create("anna", prompt_wav(1.5), "hi", "k", encode)
+    assert VoiceLibrary(DeletedWhileChecked(tmp_path)).scan() == ([], [])
+    VoiceLibrary(tmp_path).create("bob", prompt_wav(1.5), "hi", "k", encode)
+    with pytest.raises(UnknownVoiceError):  # features of another model: from the stored prompt
+        VoiceLibrary(DeletedWhileRead(tmp_path)).features("bob", "other", encode)
 
 
 def test_duplicate_and_bad_audio(tmp_path):

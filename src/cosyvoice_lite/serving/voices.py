@@ -460,6 +460,8 @@ class VoiceLibrary:
             except InvalidVoiceNameError:
                 broken.append(BrokenVoice(folder, "the directory name is not a valid voice name"))
             except ValueError as exc:
+                if not self.exists(folder):
+                    continue  # deleted while it was being read: gone, not broken
                 self._warn_once(folder, "voice %r is broken: %s", folder, exc)
                 broken.append(BrokenVoice(folder, str(exc)))
         return voices, broken
@@ -487,6 +489,8 @@ class VoiceLibrary:
         try:
             return _read_meta(self.store, folder)
         except ValueError as exc:
+            if not self.exists(name):  # deleted meanwhile: gone, not damaged
+                raise UnknownVoiceError(f"no saved voice named {_shown(name)}") from None
             raise VoiceDamagedError(
                 f"saved voice {folder!r} is damaged: {exc}; delete it and create it again"
             ) from None
@@ -630,6 +634,8 @@ class VoiceLibrary:
             except StorageError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the stored prompt is ours, not the client's
+                if not self.exists(name):  # deleted meanwhile: gone, not damaged
+                    raise UnknownVoiceError(f"no saved voice named {_shown(name)}") from None
                 raise VoiceDamagedError(
                     f"saved voice {name!r} is damaged: its stored recording cannot be used "
                     f"({type(exc).__name__}); delete it and create it again"
