@@ -265,6 +265,13 @@ def test_openai_voices_and_aliases(openai_client, client, v1_dir):
         ),
         409,
     )
+    # an alias or preset is taken in any case or compatibility form, on either endpoint
+    for taken in ("ｎｏｖａ", "ALLOY"):
+        sample = {"audio": ("s.wav", prompt_wav(2.0), "audio/wav")}
+        assert_error(client.post("/v1/audio/voices", data={"name": taken}, files=sample), 409)
+    for taken in ("alloy", "Nova"):
+        sample = {"audio": ("s.wav", prompt_wav(2.0), "audio/wav")}
+        assert_error(client.post("/voices", data={"name": taken}, files=sample), 409, "alias")
     assert_error(
         client.post(
             "/v1/audio/voices", data={"name": "x"}, files={"audio": ("s.wav", b"junk", "audio/wav")}

@@ -38,7 +38,7 @@ from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready
 from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
-from .openai_api import openai_router
+from .openai_api import openai_router, voice_aliases
 from .openapi import install_openapi
 from .outputs import OutputStore
 from .page_info import page_info
@@ -602,7 +602,7 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
         """Save a voice: prompt recording + its transcript (optional: without one the voice is
         used cross-lingually). Its features are computed once and stored on disk."""
         name, prompt_text, data = await _read_upload(request, state.settings)
-        return await save_voice(state, name, prompt_text, data)
+        return await save_voice(state, name, prompt_text, data, reserved=voice_aliases(state))
 
     @app.get("/voices", tags=["voice library"])
     async def list_voices():

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from .errors import ApiError, overloaded
 from .scheduler import Job, JobTimeout, Overloaded
 from .synthesis import voice_key
-from .voices import VoiceExistsError, validate_name
+from .voices import VoiceExistsError, name_key, validate_name
 
 log = logging.getLogger("cosyvoice_lite.serving")
 
@@ -23,11 +23,12 @@ async def save_voice(
     state, name: str, prompt_text: str, data: bytes, reserved: Collection[str] = ()
 ) -> JSONResponse:
     """Store a voice named ``name`` (201 with its description); 409 if the name is a preset, one
-    of ``reserved`` (e.g. voice aliases) or already saved."""
-    validate_name(name)
+    of ``reserved`` (e.g. voice aliases) or already saved, compared as the library compares
+    names (case and compatibility forms: ``ＡＬＬＯＹ`` is ``alloy``)."""
+    key = name_key(validate_name(name))
     engine = state.require_engine()
     library, settings = state.library, state.settings
-    if name in engine.presets or name in reserved:
+    if any(name_key(taken) == key for taken in (*engine.presets, *reserved)):
         raise ApiError(
             409,
             f"{name!r} is a preset voice or alias of this model; choose another name",
