@@ -219,6 +219,15 @@ def test_security_headers_on_every_response(client):
     assert "content-security-policy" not in client.get("/health").headers
 
 
+def test_head_is_get_without_the_body(client):
+    """Uptime checks and load balancers probe with HEAD: every GET route answers it."""
+    for path in ("/health", "/ready", "/info", "/", "/speakers", "/voices", "/openapi.json"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    assert client.head("/tts").status_code == 405  # a POST route stays one
+
+
 @pytest.mark.parametrize("public", [False, True])
 def test_docs_follow_the_api_key(engine, tmp_path, public):
     settings = Settings(api_key=KEY, docs_public=public, voices_dir=tmp_path)

@@ -173,6 +173,11 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # HEAD is GET without the body wherever GET is served (RFC 9110; uptime checks and load
+        # balancers probe with it): FastAPI's GET routes answer it 405 on their own
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
         limit = body_limit(self.settings, content_type)
@@ -186,6 +191,8 @@ class GuardMiddleware:
             if message["type"] == "http.response.start":
                 sent["started"] = True
                 message = {**message, "headers": self._headers(scope, message.get("headers", []))}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         async def answer(error: ApiError) -> None:
