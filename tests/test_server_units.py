@@ -278,3 +278,13 @@ def test_metrics_text_format():
     for line in text.splitlines():  # every sample line is "name{labels} value"
         if not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
+
+
+def test_unknown_voice_names_a_few_voices_not_all():
+    from cosyvoice_lite.serving.voices import NAMES_SHOWN, unknown_voice
+
+    few = str(unknown_voice("nobody", ["a", "b"]))
+    assert few == "unknown voice 'nobody'; available: a, b"
+    many = str(unknown_voice("nobody", [f"v{i}" for i in range(5000)]))
+    assert f"v{NAMES_SHOWN - 1} and" in many and f"v{NAMES_SHOWN}," not in many
+    assert "4980 more (GET /speakers" in many and len(many) < 400

@@ -15,7 +15,7 @@ from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
 from .schemas import OPENAI_FORMATS, SpeechRequest
 from .synthesis import Plan, plan_request, respond
 from .voice_create import save_voice
-from .voices import validate_name
+from .voices import NAMES_SHOWN, unknown_voice, validate_name
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -105,12 +105,11 @@ def resolve_voice(state, voice: str) -> str:
         saved = state.library.names()
         raise UnknownVoiceError(
             f"voice {voice!r} is an OpenAI default name and {engine.model.name} has no preset "
-            f"voice to map it to; use a saved voice ({', '.join(saved) or 'none saved yet'}), "
+            f"voice to map it to; use a saved voice ({', '.join(saved[:NAMES_SHOWN]) or 'none saved yet'}), "
             "send ref_audio (+ ref_text), or map it with --voice-alias "
             f"{voice}=NAME"
         )
-    available = engine.voices() + state.library.names()
-    raise UnknownVoiceError(f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}")
+    raise unknown_voice(voice, engine.voices() + state.library.names())
 
 
 def openai_router(state, prompts: PromptCache) -> APIRouter:

@@ -23,13 +23,14 @@ import soundfile as sf
 from fastapi import Request
 
 from ..audio.io import check_prompt_audio, load_audio
-from ..errors import AudioError, InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from ..errors import AudioError, InvalidRequestError, UnsupportedModeError
 from ..frontend.prompt import PromptFeatures
 from ..request import Mode, SynthesisRequest
 from .errors import ApiError
 from .guard import check_texts
 from .metrics import Metrics
 from .synthesis import supported_modes, voice_key
+from .voices import unknown_voice
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -298,10 +299,7 @@ def plan_prompted(
             elif voice in engine.presets:
                 request_voice = voice
             else:
-                available = engine.voices() + state.library.names()
-                raise UnknownVoiceError(
-                    f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}"
-                )
+                raise unknown_voice(voice, engine.voices() + state.library.names())
     else:
         if prompt is None:
             raise ApiError(

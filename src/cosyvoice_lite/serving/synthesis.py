@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..audio.io import media_type
-from ..errors import CosyVoiceError, InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from ..errors import CosyVoiceError, InvalidRequestError, UnsupportedModeError
 from ..request import Mode, SynthesisRequest
 from .errors import ApiError, from_engine_error, overloaded
 from .scheduler import Job, JobTimeout, Overloaded
@@ -30,6 +30,7 @@ from .streaming import (
     sse_done,
     sse_event,
 )
+from .voices import unknown_voice
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -118,10 +119,7 @@ def plan_request(
         else:
             chosen = Mode.ZERO_SHOT if library.get(voice).prompt_text else Mode.CROSS_LINGUAL
     else:
-        available = engine.voices() + (library.names() if library is not None else [])
-        raise UnknownVoiceError(
-            f"unknown voice {voice!r}; available: {', '.join(available) or 'none'}"
-        )
+        raise unknown_voice(voice, engine.voices() + (library.names() if library else []))
     if mode is not None:
         chosen = Mode(mode)
         if saved is None and chosen not in (Mode.PRESET, Mode.INSTRUCT):

@@ -143,6 +143,18 @@ def _letter_scripts(text: str) -> set[str]:
     return {unicodedata.name(ch, "?").split(" ")[0] for ch in text if ch.isalpha()}
 
 
+NAMES_SHOWN = 20  # voice names an error message lists at most
+
+
+def unknown_voice(voice: str, available: list[str]) -> UnknownVoiceError:
+    """'unknown voice', naming the first few voices there are (a library may hold thousands:
+    every typo must not return them all)."""
+    shown = ", ".join(available[:NAMES_SHOWN]) or "none"
+    if len(available) > NAMES_SHOWN:
+        shown += f" and {len(available) - NAMES_SHOWN} more (GET /speakers lists them)"
+    return UnknownVoiceError(f"unknown voice {_shown(voice)}; available: {shown}")
+
+
 def name_key(name: str) -> str:
     """What makes two names the same voice: NFKC, then case folded."""
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
