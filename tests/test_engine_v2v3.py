@@ -320,6 +320,7 @@ def test_cross_lingual_streamed_text_gets_cosyvoice3_system_prompt(v3: Engine) -
         ("text", b"bytes", "text"),
         ("text", None, "text"),
         ("text", "Hello \ud800 world.", "Unicode"),
+        ("text", "\u200b\u200c\ufeff\x1b", "nothing to speak"),
         ("prompt_text", "a \udcff b", "Unicode"),
         ("instruct", 5, "instruct"),
     ],

@@ -155,6 +155,7 @@ def test_spell_out_number_and_helpers():
     assert T.remove_bracket("（注）【重要】`x`——y") == "注重要x y"
     assert T.is_only_punctuation("") and T.is_only_punctuation("。！？…—*#")
     assert not T.is_only_punctuation("  .") and not T.is_only_punctuation("a.")
+    assert T.is_only_punctuation("\u200b\u200c\ufeff.") and T.is_only_punctuation("\x00\x1b")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +255,8 @@ def test_english_without_a_tokenizer_counts_words():
 
 
 def _strip_punctuation(text: str) -> str:
-    return "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
+    """What is left to speak: no punctuation, symbols or invisible characters."""
+    return "".join(c for c in text if not T.is_only_punctuation(c))
 
 
 def _letters_only(text: str) -> str:

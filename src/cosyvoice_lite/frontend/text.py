@@ -217,8 +217,15 @@ def outside_stressed_phones(text: str, rewrite: Callable[[str], str]) -> str:
 
 
 def is_only_punctuation(text: str) -> bool:
-    """True for '' and for text made only of Unicode punctuation (P*) and symbols (S*)."""
-    return all(unicodedata.category(char)[0] in "PS" for char in text)
+    """True for '' and for text with nothing to speak: only Unicode punctuation (P*), symbols
+    (S*) and invisible characters (C* but whitespace: controls, zero-width and format marks,
+    which upstream speaks, a text of zero-width spaces as ~24 s of babble)."""
+    return all(_silent(char) for char in text)
+
+
+def _silent(char: str) -> bool:
+    category = unicodedata.category(char)[0]
+    return category in "PS" or (category == "C" and not char.isspace())
 
 
 def _cut_sentences(text: str, punctuation: frozenset[str]) -> list[str]:
