@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cosyvoice_lite import Engine, InvalidRequestError, Mode, SynthesisRequest
-from cosyvoice_lite.frontend.markup import check_markup, find_markup
+from cosyvoice_lite.frontend.markup import check_markup, find_markup, user_markup
 
 
 def test_find_markup() -> None:
@@ -30,6 +30,20 @@ def test_unknown_tags_are_named() -> None:
     with pytest.raises(InvalidRequestError, match=r"\[giggle\].*\[h\]") as info:
         check_markup(["ha [giggle] [h][ào]"], known, "CosyVoice2-0.5B")
     assert "[breath]" in str(info.value)
+    # the hint names pinyin and CMU phones only where the model knows them ([mn] is a sound)
+    assert "pinyin" not in str(info.value) and "CMU" not in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        check_markup(["[giggle]"], known | {"[mn]", "[h]", "[ào]"}, "m")
+    assert "pinyin ([h][ào])" in str(info.value) and "CMU" not in str(info.value)
+
+
+def test_chat_and_whisper_control_tokens_are_not_markup() -> None:
+    """Only CosyVoice's own tags may be written: the chat template's tokens (v2/v3) and
+    whisper's task and timestamp tokens (v1) would reach the LLM as control tokens."""
+    qwen = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|endofprompt|>", "[breath]"]
+    assert user_markup(qwen, whisper=False) == {"<|endofprompt|>", "[breath]"}
+    whisper = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|yue|>", "<|0.00|>"]
+    assert user_markup(whisper, whisper=True) == {"<|en|>", "<|yue|>"}
 
 
 def test_v1_engine_knows_its_tags(v1_variants: dict[str, Path]) -> None:

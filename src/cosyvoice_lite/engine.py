@@ -25,7 +25,7 @@ from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
-from .frontend.markup import V1_TAGS, check_markup
+from .frontend.markup import V1_TAGS, check_markup, user_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend
 from .heap import release_freed_memory
@@ -319,9 +319,11 @@ class Engine:
     @property
     def known_markup(self) -> frozenset[str]:
         """Inline tags this model understands ([breath], <strong>, <|en|>, [h][ào] ...)."""
-        if self.spec.text_tokenizer == "whisper":  # v1 tags are plain text to its tokenizer
-            return V1_TAGS | frozenset(self.tokenizer.special_tokens) | {ENDOFPROMPT}
-        return frozenset(self.tokenizer.special_tokens)
+        whisper = self.spec.text_tokenizer == "whisper"
+        known = user_markup(self.tokenizer.special_tokens, whisper)
+        if whisper:  # v1 tags are plain text to its tokenizer
+            return V1_TAGS | known | {ENDOFPROMPT}
+        return known
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, audio, prompt_text: str = "") -> PromptFeatures:

@@ -23,6 +23,21 @@ V1_TAGS = frozenset(
 )
 
 
+# Special tokens of the text tokenizers that are not CosyVoice markup: Qwen's chat template, and
+# whisper's task, timestamp and other non-language tokens. Written in a text they would reach the
+# LLM as control tokens (upstream lets them through); they count as unknown markup.
+CHAT_TOKENS = frozenset({"<|im_start|>", "<|im_end|>", "<|endoftext|>"})
+LANGUAGE_TAG = re.compile(r"<\|[a-z]{2,3}\|>")
+
+
+def user_markup(special_tokens: Iterable[str], whisper: bool) -> frozenset[str]:
+    """The special tokens a user may write: whisper's language tags only (v1), every CosyVoice
+    token but the chat template's (v2/v3)."""
+    if whisper:
+        return frozenset(t for t in special_tokens if LANGUAGE_TAG.fullmatch(t))
+    return frozenset(special_tokens) - CHAT_TOKENS
+
+
 def find_markup(text: str) -> list[str]:
     """Every markup-looking tag in ``text``, in order (bracketed numbers like [1] are not markup)."""
     found = []
@@ -50,10 +65,12 @@ def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -
     if not unknown:
         return
     tags = sorted(t for t in known if not (t.startswith("<|") or _is_phone(t)))
-    phones = any(_is_phone(t) for t in known if t.startswith("["))
+    brackets = [t[1:-1] for t in known if t.startswith("[")]
     hint = f"it knows {', '.join(tags)}" if tags else "it knows no sound or emphasis tags"
-    if phones:
-        hint += ", pinyin ([h][ào]) and CMU phones ([M][AY0])"
+    if any(not inner.isascii() for inner in brackets):
+        hint += ", pinyin ([h][ào])"
+    if any(inner.isupper() for inner in brackets):
+        hint += ", CMU phones ([M][AY0])"
     raise InvalidRequestError(
         f"{model_name} does not know the markup {', '.join(unknown)}; {hint}. "
         "Remove the tag, or write it differently if it was meant as text."
