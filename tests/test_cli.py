@@ -234,6 +234,9 @@ def test_loading_feedback_and_threads(v1_dir, tmp_path, capsys):
         )
         == 2
     )
+    huge = ["say", "你好。", "--model", str(v1_dir), "--voice", "中文女", "--threads", "100000"]
+    assert main([*huge, "-o", str(tmp_path / "a.wav")]) == 2  # torch crashed on this many
+    assert "per core" in capsys.readouterr().err
 
 
 def test_say_stream_writes_the_file_progressively(v1_dir, tmp_path, capsys):

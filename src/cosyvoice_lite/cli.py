@@ -146,8 +146,12 @@ def set_threads(threads: int | None) -> None:
     """torch's CPU thread count, set once before the model loads (None: torch's default)."""
     if threads is None:
         return
-    if threads < 1:
-        raise InvalidRequestError(f"--threads must be at least 1, got {threads}")
+    # far more threads than cores only slows torch down, and ~100,000 crashed it (segfault)
+    most = 4 * (os.cpu_count() or 1)
+    if not 1 <= threads <= most:
+        raise InvalidRequestError(
+            f"--threads must be from 1 to {most} (4 per core of this machine), got {threads}"
+        )
     import torch
 
     torch.set_num_threads(threads)

@@ -163,7 +163,7 @@ def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
 
 def resolve_placement(
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     quantize: str | None = None,
     exact_float32: bool = False,
 ) -> Placement:
@@ -206,10 +206,14 @@ def configure_backend(placement: Placement) -> None:
 
 
 def check_precision(
-    device: torch.device, dtype: str = "float32", quantize: str | None = None
+    device: torch.device, dtype: str | torch.dtype = "float32", quantize: str | None = None
 ) -> tuple[torch.dtype, str | None]:
-    """The torch dtype and quantisation mode for the option values, or a DeviceError naming what
-    is supported on ``device``."""
+    """The torch dtype and quantisation mode for the option values (``dtype`` a name or a torch
+    dtype), or a DeviceError naming what is supported on ``device``."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str | None):
+        raise DeviceError(f"dtype must be a name (float32, float16, bfloat16), got {dtype!r}")
     key = (dtype or "float32").strip().lower()
     if key not in _DTYPES:
         raise DeviceError(f"unknown dtype '{dtype}'; use one of float32, float16, bfloat16")

@@ -148,7 +148,7 @@ class Engine:
         cls,
         model: str | Path,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "float32",
         variant: str | None = None,
         llm_checkpoint: str = "llm.pt",
         download: bool = True,
@@ -510,8 +510,10 @@ class Engine:
             prompt = self.presets[request.voice].prompt  # a voice saved in spk2info.pt
             if prompt is None:
                 raise InvalidRequestError(
-                    f"preset voice '{request.voice}' has no prompt recording: "
-                    "use it with mode preset"
+                    f"preset voice '{request.voice}' has no prompt recording, so it only speaks "
+                    "as itself (mode preset): it cannot be cloned, take an instruction "
+                    "(CosyVoice2/3) or be a voice-conversion target; use a saved voice or send "
+                    "prompt audio"
                 )
             return prompt  # stored features are already aligned, as the official stores them
         if prompt is None:

@@ -50,7 +50,9 @@ class SynthesisRequest:
 
 @dataclass(frozen=True)
 class AudioChunk:
-    """A piece of the output waveform: float32 mono samples in [-1, 1] at ``sample_rate``."""
+    """A piece of the output waveform: float32 mono samples at ``sample_rate``, nominally in
+    [-1, 1] (as the official's, a streamed v1/v2 cross-fade can pass it by a few percent: clip
+    before converting to integers, as the CLI and the server do)."""
 
     samples: np.ndarray
     sample_rate: int
