@@ -300,11 +300,17 @@ def test_streamed_text_is_checked_as_text_is(v2: Engine, v3: Engine) -> None:
 def test_cross_lingual_streamed_text_gets_cosyvoice3_system_prompt(v3: Engine) -> None:
     """CosyVoice3 needs <|endofprompt|> before streamed text (in the prompt text, where its
     bistream looks): added for the user as for a whole text (it once failed inside the LLM)."""
-    request = SynthesisRequest(
-        Mode.CROSS_LINGUAL, iter(["你好，", "世界。"]), prompt_audio=PROMPT, seed=2,
-        max_speech_tokens=20,
-    )  # fmt: skip
-    assert sum(c.samples.size for c in v3.synthesize(request)) > 0
+
+    def audio(pieces: list[str]) -> np.ndarray:
+        request = SynthesisRequest(Mode.CROSS_LINGUAL, iter(pieces), prompt_audio=PROMPT, seed=2,
+                                   max_speech_tokens=20)  # fmt: skip
+        return np.concatenate([c.samples for c in v3.synthesize(request)])
+
+    added = audio(["你好，", "世界。"])
+    assert added.size > 0
+    # written by the user too (as the official examples do): not spoken after the added one
+    own = audio(["You are a helpful assistant.<|endofprompt|>你好，", "世界。"])
+    assert np.array_equal(own, added)
 
 
 @pytest.mark.parametrize(
@@ -316,7 +322,7 @@ def test_cross_lingual_streamed_text_gets_cosyvoice3_system_prompt(v3: Engine) -
         ("speed", "1", "speed"),
         ("speed", float("nan"), "speed"),
         ("max_speech_tokens", 2.5, "max_speech_tokens"),
-        ("mode", "zero_shot", "mode"),
+        ("mode", "zero-shot", "mode"),
         ("text", b"bytes", "text"),
         ("text", None, "text"),
         ("text", "Hello \ud800 world.", "Unicode"),
@@ -336,3 +342,14 @@ def test_the_largest_seed_is_accepted(v2: Engine) -> None:
     request = SynthesisRequest(Mode.CROSS_LINGUAL, "你好。", prompt_audio=PROMPT, seed=2**64 - 1,
                                max_speech_tokens=4)  # fmt: skip
     assert sum(c.samples.size for c in v2.synthesize(request)) > 0
+
+
+def test_values_that_stand_for_a_field_are_taken(v2: Engine) -> None:
+    """A mode's name and numpy numbers are what the fields mean: converted, not refused."""
+    request = SynthesisRequest("cross_lingual", "你好。", prompt_audio=PROMPT, seed=np.int64(3),
+                               speed=np.float32(1.0), max_speech_tokens=np.int32(4))  # fmt: skip
+    chunks = list(v2.synthesize(request))
+    alone = SynthesisRequest(Mode.CROSS_LINGUAL, "你好。", prompt_audio=PROMPT, seed=3,
+                             max_speech_tokens=4)  # fmt: skip
+    assert np.array_equal(np.concatenate([c.samples for c in chunks]),
+                          np.concatenate([c.samples for c in v2.synthesize(alone)]))  # fmt: skip

@@ -380,10 +380,10 @@ def test_speed_10k_characters_of_english(whisper_encode):
     _assert_linear(frontend, english, "English")
 
 
-def test_segments_without_sentence_ends_are_cut_at_pauses_then_spaces():
+def test_sentences_without_ends_are_cut_at_pauses_then_spaces():
     """Upstream keeps a text without sentence ends whole however long (its speech and the flow's
-    memory for it grow without bound); such segments are cut into pieces of about token_max_n,
-    and the text is kept whole across them."""
+    memory for it grow without bound); one sentence over twice token_max_n is cut into pieces of
+    about token_max_n, and the text is kept whole across them."""
     frontend = TextFrontend(_words)
     commas = "今天我们一起去公园散步，" * 30
     pieces = frontend.normalize(commas)
@@ -396,6 +396,27 @@ def test_segments_without_sentence_ends_are_cut_at_pauses_then_spaces():
     words = frontend.normalize(" ".join(["word"] * 400))  # _words: one token per character
     assert len(words) > 1 and all(len(p) <= 100 for p in words)
     assert "".join(words) == " ".join(["word"] * 400) + "."
-    # a long sentence of real text stays one segment, as upstream's
-    sentence = "这是一个比较长的句子" * 15 + "。"
-    assert frontend.normalize(sentence) == [sentence]
+
+
+def test_ordinary_sentences_merge_as_upstream_whatever_the_segment_length():
+    """Only one over-long sentence is cut: sentences of 59, 102 and 14 characters make one
+    175-character segment, as upstream's split gives."""
+    frontend = TextFrontend(_words)
+    text = "这" * 58 + "。" + "是" * 101 + "。" + "的" * 13 + "。"
+    assert frontend.normalize(text) == [text]
+
+
+def test_long_text_with_control_markup_is_cut_keeping_its_leading_tags():
+    """Markup text bypasses normalisation and splitting (as upstream) unless it is long: then
+    every piece starts with the tags the whole text started with."""
+    frontend = TextFrontend(_words)
+    short = "<|en|>Hello there, how are you?"
+    assert frontend.normalize(short) == [short]
+    long = "<|en|>" + "one two three, " * 30
+    pieces = frontend.normalize(long)
+    assert len(pieces) > 1 and all(p.startswith("<|en|>") for p in pieces)
+    assert "".join(p.removeprefix("<|en|>") for p in pieces) == long.removeprefix("<|en|>")
+    system = "You are a helpful assistant.<|endofprompt|>"
+    pieces = frontend.normalize(system + "，".join(["我们一起去公园散步"] * 40))
+    assert len(pieces) > 1 and all(p.startswith(system) for p in pieces)
+    assert all(len(p) <= len(system) + 80 for p in pieces)

@@ -10,7 +10,9 @@ read-only things (networks, tokenizers, voices); all per-request state lives in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import numbers
 import os
 import queue
 import time
@@ -45,12 +47,9 @@ log = logging.getLogger(__name__)
 # Speech tokens one text segment may ask for (``max_speech_tokens``): what every flow and vocoder
 # takes in one segment with a 30 s prompt (v2/v3: 15,000 fixed noise frames, 2 per token; the v3
 # vocoder: 300 s), so a request never reaches their limits half-way.
+# It is also the default cap: a text segment has the official bound (20 speech tokens per text
+# token; the splitter keeps segments short), streamed text in has none of its own.
 MAX_SPEECH_TOKENS = 6000
-# Without ``max_speech_tokens`` a segment speaks at most this long: the official bound (20 speech
-# tokens per text token) alone grows with a segment that has no punctuation to split it, and the
-# flow's memory for a whole utterance grows with the square of its length. A sentence of the
-# splitter's ~80 text tokens speaks well within it.
-DEFAULT_SEGMENT_SECONDS = 60
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 Progress = Callable[[int, int], None]  # (segments done, segments total)
@@ -373,6 +372,7 @@ class Engine:
         """Queue a request on the engine loop. Its chunks, then its end (``None`` or the error),
         go to ``sink`` from the loop thread; ``job.cancel()`` stops it at the next step.
         ``prompt`` may be a function, called in the loop when the request is admitted."""
+        request = _normalized(request)
         self._check(request)
         return self.loop.submit(Job(lambda: self._prepare(request, progress, prompt, sink), sink))
 
@@ -404,9 +404,7 @@ class Engine:
         if callable(prompt):
             prompt = prompt()
         prompt = self._prompt(request, prompt)
-        max_tokens = (
-            request.max_speech_tokens or DEFAULT_SEGMENT_SECONDS * self.spec.token_frame_rate
-        )
+        max_tokens = request.max_speech_tokens or MAX_SPEECH_TOKENS
         policy = LengthPolicy(max_tokens=max_tokens, ignore_eos=request.ignore_eos)
         return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink)
 
@@ -460,7 +458,7 @@ class Engine:
         if not isinstance(request.text, str):
             if not self.spec.streaming_text_in:
                 raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model")
-            return [self._checked_pieces(request.text)]
+            return [self._checked_pieces(request.text, self.spec.needs_system_prompt)]
         segments = self.text_frontend.normalize(
             request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode
         )
@@ -468,15 +466,19 @@ class Engine:
             raise InvalidRequestError("the text has nothing to speak (only punctuation or symbols)")
         return segments
 
-    def _checked_pieces(self, pieces: Iterable[str]) -> Iterator[str]:
+    def _checked_pieces(self, pieces: Iterable[str], system_prompt: bool) -> Iterator[str]:
         """Streaming text in, each piece checked as it arrives (in the request's text feeder
-        thread: an error fails the request) as a whole text is before it is queued."""
+        thread: an error fails the request) as a whole text is before it is queued. With
+        ``system_prompt`` (CosyVoice3: its prompt text carries one), a first piece's own system
+        prompt, up to <|endofprompt|>, is dropped rather than spoken after it."""
         spoken = False
-        for piece in pieces:
+        for index, piece in enumerate(pieces):
             if not isinstance(piece, str):
                 raise InvalidRequestError(
                     f"streamed text pieces must be str, got {type(piece).__name__}"
                 )
+            if index == 0 and system_prompt and ENDOFPROMPT in piece:
+                piece = piece.partition(ENDOFPROMPT)[2]
             _check_unicode("text", piece)
             check_markup([piece], self.known_markup, self.model.name)
             spoken = spoken or bool(piece.strip())
@@ -724,6 +726,29 @@ def _check_unicode(field: str, text: str) -> None:
         raise InvalidRequestError(
             f"{field} is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument)"
         ) from None
+
+
+def _normalized(request: SynthesisRequest) -> SynthesisRequest:
+    """The request with values that stand for the field's type converted to it: a mode's name
+    ("zero_shot"), numpy integers and floats (a seed drawn with numpy). Anything else is left for
+    ``_check_types`` to refuse."""
+    changes: dict[str, object] = {}
+    names = {mode.value for mode in Mode}
+    if (
+        isinstance(request.mode, str)
+        and not isinstance(request.mode, Mode)
+        and request.mode in names
+    ):
+        changes["mode"] = Mode(request.mode)
+    for name, kind, to in (
+        ("seed", numbers.Integral, int),
+        ("max_speech_tokens", numbers.Integral, int),
+        ("speed", numbers.Real, float),
+    ):
+        value = getattr(request, name)
+        if isinstance(value, kind) and not isinstance(value, bool | type(to(0))):
+            changes[name] = to(value)
+    return dataclasses.replace(request, **changes) if changes else request
 
 
 def _is_number(value: object) -> bool:

@@ -100,7 +100,7 @@ class VersionSpec:
     # Releases sharing one yaml (v1: -300M, -SFT, -Instruct), told apart by name or metadata
     variants: tuple[str, ...] = ("base",)
     # Instructions the model follows, by group (the web page's presets)
-    instruction_examples: Mapping[str, list[str]] = field(default_factory=dict)
+    instruction_examples: Mapping[str, list[str]] = field(default_factory=dict, compare=False)
 
     def instruction(self, instruct: str) -> str:
         """The instruction as this version's LLM expects it (v1: after normalisation)."""

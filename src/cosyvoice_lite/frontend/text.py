@@ -267,6 +267,8 @@ def iter_split_paragraph(
     longer than ``token_max_n`` and it is already longer than ``token_min_n``; a final remainder shorter
     than ``merge_len`` joins the previous chunk.  Length is characters for zh, ``len(encode(...))`` for
     en.  A chunk is yielded as soon as a later one exists, since only the last can still change.
+    One sentence longer than ``LONG_SENTENCE_FACTOR * token_max_n`` is cut first
+    (``cut_long_sentence``); shorter ones merge exactly as upstream's.
     """
     if not text:
         return
@@ -287,7 +289,12 @@ def iter_split_paragraph(
         text += ending
     pending: str | None = None  # the last flushed chunk, held back in case the remainder joins it
     current = ""
-    for sentence in _cut_sentences(text, punctuation):
+    sentences = (
+        piece
+        for whole in _cut_sentences(text, punctuation)
+        for piece in cut_long_sentence(whole, token_max_n, length)
+    )
+    for sentence in sentences:
         if length(current + sentence) > token_max_n and length(current) > token_min_n:
             if pending is not None:
                 yield pending
@@ -304,36 +311,44 @@ def iter_split_paragraph(
         yield pending
 
 
-# A segment longer than this many times token_max_n is cut further (cut_long_segment)
-LONG_SEGMENT_FACTOR = 2
+# One sentence longer than this many times token_max_n is cut into pieces (cut_long_sentence)
+LONG_SENTENCE_FACTOR = 2
 _AFTER_PAUSE = re.compile(r"(?<=[，,、；;：:])")
 _AFTER_SPACE = re.compile(r"(?<=\s)")
 
 
-def cut_long_segment(
-    segment: str, token_max_n: int, lang: str, encode: Encode | None = None
-) -> list[str]:
-    """``segment``, or pieces of it if it is longer than ``LONG_SEGMENT_FACTOR * token_max_n``.
-    Upstream splits only at sentence ends, so a text without them (a list of commas, one long
-    line) is one segment however long, and its speech, bounded by 20 tokens per text token, and
-    the flow's memory for it grow without bound. Such a segment is cut at its pauses (commas and
-    the like), else at spaces, else every ``token_max_n`` characters, into pieces of about
-    ``token_max_n``. Segments of real sentences are never that long, so they stay as upstream's."""
-    measure = encode or _pretokens
-
-    def length(part: str) -> int:  # as iter_split_paragraph counts: characters for zh
-        return len(part) if lang == "zh" else len(measure(part))
-
-    if length(segment) <= LONG_SEGMENT_FACTOR * token_max_n:
-        return [segment]
+def cut_long_sentence(sentence: str, token_max_n: int, length: Callable[[str], int]) -> list[str]:
+    """``sentence``, or pieces of it if it is longer than ``LONG_SENTENCE_FACTOR * token_max_n``
+    (``length``: the splitter's measure). Upstream splits only at sentence ends, so a text
+    without them (a list of commas, one long line) is one segment however long, and its speech,
+    bounded by 20 tokens per text token, and the flow's memory for it grow without bound. Such a
+    sentence is cut at its pauses (commas and the like), else at spaces, else every
+    ``token_max_n`` characters, into pieces of about ``token_max_n``. Sentences of ordinary text
+    are far shorter and stay whole."""
+    if length(sentence) <= LONG_SENTENCE_FACTOR * token_max_n:
+        return [sentence]
     pieces: list[str] = []
-    for part in _cuts(segment, _AFTER_PAUSE, length, token_max_n):
+    for part in _cuts(sentence, _AFTER_PAUSE, length, token_max_n):
         for finer in _cuts(part, _AFTER_SPACE, length, token_max_n):
             if length(finer) <= token_max_n:
                 pieces.append(finer)
             else:  # no pause and no space: fixed-size pieces
                 pieces += [finer[i : i + token_max_n] for i in range(0, len(finer), token_max_n)]
     return _merge(pieces, length, token_max_n)
+
+
+_LEADING_TAGS = re.compile(r"(?:\s*<\|[^<>|\s]{1,40}\|>)+")
+
+
+def _control_prefix(text: str) -> tuple[str, str]:
+    """(the control markup a text starts with, the rest): everything up to ``<|endofprompt|>``
+    (a system prompt), else the leading ``<|...|>`` tags (v1 language tags)."""
+    mark = "<|endofprompt|>"
+    if mark in text:
+        end = text.index(mark) + len(mark)
+        return text[:end], text[end:]
+    match = _LEADING_TAGS.match(text)
+    return (match.group(0), text[match.end() :]) if match else ("", text)
 
 
 def _cuts(text: str, after: re.Pattern, length: Callable[[str], int], limit: int) -> list[str]:
@@ -556,14 +571,28 @@ class TextFrontend:
         punctuation).  A whitespace-only text yields nothing (upstream raises IndexError).
         """
         if not enabled or is_markup(text) or text == "":
-            yield text
+            yield from self._unsplit(text, encode or self.encode)
             return
         normalized, lang = self._normalize(text.strip())
         encode = encode or self.encode
         for segment in iter_split_paragraph(normalized, encode, lang, **self.bounds):
-            for piece in cut_long_segment(segment, self.bounds["token_max_n"], lang, encode):
-                if not is_only_punctuation(piece):
-                    yield piece
+            if not is_only_punctuation(segment):
+                yield segment
+
+    def _unsplit(self, text: str, encode: Encode | None) -> Iterator[str]:
+        """A text upstream speaks whole (markup, normalisation off): whole, unless it is longer
+        than ``LONG_SENTENCE_FACTOR * token_max_n`` tokens; then cut as one long sentence is, each
+        piece starting with the text's leading control tags (``<|en|>``, a system prompt up to
+        ``<|endofprompt|>``), which each segment needs."""
+        measure = encode or _pretokens
+        prefix, body = _control_prefix(text)
+        pieces = cut_long_sentence(body, self.bounds["token_max_n"], lambda p: len(measure(p)))
+        if len(pieces) == 1:
+            yield text
+            return
+        for piece in pieces:
+            if not is_only_punctuation(piece):
+                yield prefix + piece
 
     def _normalize(self, text: str) -> tuple[str, str]:
         if contains_chinese(text):
