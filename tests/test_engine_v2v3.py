@@ -285,7 +285,7 @@ def test_streamed_text_is_checked_as_text_is(v2: Engine, v3: Engine) -> None:
     with pytest.raises(InvalidRequestError, match="empty"):
         run(v2, [])
     with pytest.raises(InvalidRequestError, match="empty"):
-        run(v2, ["", "  "])
+        run(v2, ["", "  ", "。", "\u200b"])
     with pytest.raises(InvalidRequestError, match="must be str"):
         run(v2, ["你好", 12])
     with pytest.raises(InvalidRequestError, match="markup"):

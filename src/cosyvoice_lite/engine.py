@@ -29,7 +29,7 @@ from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 from .frontend.markup import V1_TAGS, check_markup, user_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
-from .frontend.text import TextFrontend
+from .frontend.text import TextFrontend, is_only_punctuation
 from .heap import release_freed_memory
 from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
@@ -481,7 +481,7 @@ class Engine:
                 piece = piece.partition(ENDOFPROMPT)[2]
             _check_unicode("text", piece)
             check_markup([piece], self.known_markup, self.model.name)
-            spoken = spoken or bool(piece.strip())
+            spoken = spoken or not is_only_punctuation(piece.strip())
             yield piece
         if not spoken:
             raise InvalidRequestError("text is empty: the streamed text had nothing to speak")
