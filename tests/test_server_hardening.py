@@ -14,7 +14,7 @@ import pytest
 from test_server_support import EngineProbe, ServerThread, metric, tiny_engine
 
 from cosyvoice_lite.serving import Settings, create_app
-from cosyvoice_lite.serving.guard import PAGE_CSP
+from cosyvoice_lite.serving.guard import PAGE_CSP, unreadable_json
 
 KEY = "s3cret-key"
 
@@ -194,6 +194,23 @@ def test_valid_surrogate_pairs_are_text(client, preset):
     content = ('{"text": "hi \\ud83d\\ude00", "speaker": "' + preset + '", "seed": 1}').encode()
     response = client.post("/tts", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text
+
+
+def test_unreadable_and_compressed_bodies_say_why(client, preset):
+    """What the route's parser only calls 'an error parsing the body' gets a code and a reason."""
+    json_headers = {"content-type": "application/json"}
+    not_utf8 = b'{"text": "\xff\xfe", "speaker": "x"}'
+    error = error_of(
+        client.post("/tts", content=not_utf8, headers=json_headers), 400, "invalid_json"
+    )
+    assert "UTF-8" in error["message"]
+    # (this server's JSON limit is smaller than a number past Python's 4,300 digits)
+    digits = b'{"text": "hi", "seed": ' + b"1" * 5000 + b"}"
+    assert "digits" in unreadable_json(digits) and unreadable_json(b'{"a": 1}') is None
+    gzip = {**json_headers, "content-encoding": "gzip"}
+    body = ('{"text": "hi", "speaker": "' + preset + '"}').encode()
+    error = error_of(client.post("/tts", content=body, headers=gzip), 415, "unsupported_media_type")
+    assert "uncompressed" in error["message"]
 
 
 def test_voice_fields_are_limited(client):

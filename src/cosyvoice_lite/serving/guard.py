@@ -115,6 +115,27 @@ def _surrogate_path(value, path: str = "") -> str | None:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def unreadable_json(body: bytes) -> str | None:
+    """Why a JSON body cannot be read, for what the route's own parser only reports as "error
+    parsing the body": bytes that are not UTF-8, a number too long to convert. (Malformed JSON
+    is left to the route, which names where.)"""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the body is not UTF-8 text (byte {exc.start}); send JSON in UTF-8"
+    if not _LONG_DIGITS.search(body):
+        return None
+    try:
+        json.loads(body)
+    except ValueError as exc:
+        if "digits" in str(exc):  # Python's limit on the digits of an int it converts
+            return "the body has a number with too many digits"
+    return None
+
+
+_LONG_DIGITS = re.compile(rb"\d{4300}")  # past sys.get_int_max_str_digits()
+
+
 def lone_surrogate_field(body: bytes) -> str | None:
     """The field of a JSON body whose text contains a lone UTF-16 surrogate (JSON ``"\\ud800"``
     decodes to a str that no encoder accepts), or None."""
@@ -204,6 +225,17 @@ class GuardMiddleware:
         if length.isdigit() and int(length) > limit:
             await answer(_too_large(limit, upload, int(length)))
             return
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        if encoding not in ("", "identity"):
+            await answer(
+                ApiError(
+                    415,
+                    f"request bodies with Content-Encoding {encoding!r} are not supported; "
+                    "send the body uncompressed",
+                    code="unsupported_media_type",
+                )
+            )
+            return
 
         received = {"bytes": 0, "done": False}
         timeout = self.settings.body_timeout
@@ -244,6 +276,10 @@ class GuardMiddleware:
             except BodyRejected:
                 error, sent["rejected"] = sent["rejected"], None
                 await answer(error)
+                return
+            unreadable = unreadable_json(body)
+            if unreadable is not None:
+                await answer(ApiError(400, unreadable, code="invalid_json"))
                 return
             field = lone_surrogate_field(body)
             if field is not None:
