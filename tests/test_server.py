@@ -139,7 +139,7 @@ def test_tts_formats(client, preset, fmt, rate):
     assert response.status_code == 200, response.text
     assert int(response.headers["x-sample-rate"]) == rate
     if fmt == "pcm":
-        assert response.headers["content-type"] == "audio/L16"
+        assert response.headers["content-type"] == "audio/pcm"
         samples = np.frombuffer(response.content, "<i2")
         assert len(samples) > 0
         assert abs(float(response.headers["x-audio-duration"]) - len(samples) / rate) < 1e-3

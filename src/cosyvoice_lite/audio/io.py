@@ -59,7 +59,9 @@ AUDIO_FORMATS: dict[str, tuple[str, str, str]] = {
     "ogg": ("OGG", "VORBIS", "audio/ogg"),
     "opus": ("OGG", "OPUS", "audio/ogg; codecs=opus"),
     "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
-    "pcm": ("RAW", "PCM_16", "audio/L16"),
+    # raw 16-bit little-endian samples (X-Sample-Rate says the rate): audio/L16 would declare
+    # big-endian ones (RFC 2586); audio/pcm is what OpenAI-compatible servers send
+    "pcm": ("RAW", "PCM_16", "audio/pcm"),
 }
 
 

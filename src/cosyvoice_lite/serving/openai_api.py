@@ -144,7 +144,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                     "audio/wav": {},
                     "audio/flac": {},
                     "audio/ogg": {},
-                    "audio/L16": {},
+                    "audio/pcm": {},
                     "text/event-stream": {},
                 },
                 "description": "the audio, sent segment by segment as it is made",
