@@ -420,3 +420,11 @@ def test_long_text_with_control_markup_is_cut_keeping_its_leading_tags():
     pieces = frontend.normalize(system + "，".join(["我们一起去公园散步"] * 40))
     assert len(pieces) > 1 and all(p.startswith(system) for p in pieces)
     assert all(len(p) <= len(system) + 80 for p in pieces)
+
+
+def test_a_cut_by_length_never_splits_a_tag():
+    frontend = TextFrontend(_words)
+    text = "你好" * 39 + "[breath]" + "你好" * 100
+    pieces = frontend.normalize(text)
+    assert len(pieces) > 2 and sum("[breath]" in p for p in pieces) == 1
+    assert "".join(pieces) == text + "。"

@@ -333,8 +333,30 @@ def cut_long_sentence(sentence: str, token_max_n: int, length: Callable[[str], i
             if length(finer) <= token_max_n:
                 pieces.append(finer)
             else:  # no pause and no space: fixed-size pieces
-                pieces += [finer[i : i + token_max_n] for i in range(0, len(finer), token_max_n)]
+                pieces += _fixed_pieces(finer, token_max_n)
     return _merge(pieces, length, token_max_n)
+
+
+def _fixed_pieces(text: str, size: int) -> list[str]:
+    """``text`` in pieces of ``size`` characters, a cut that would fall inside a tag (``[breath]``,
+    ``<strong>``, ``<|en|>``) moved to before it."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        opened = max(text.rfind("[", start, cut), text.rfind("<", start, cut))
+        if (
+            opened > start
+            and _TAG_AT.match(text, opened)
+            and _TAG_AT.match(text, opened).end() > cut
+        ):
+            cut = opened
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+_TAG_AT = re.compile(r"\[[^\[\]\s]{1,16}\]|<\|[^<>|\s]{1,40}\|>|</?[A-Za-z_][A-Za-z_-]{0,19}>")
 
 
 _LEADING_TAGS = re.compile(r"(?:\s*<\|[^<>|\s]{1,40}\|>)+")
