@@ -677,3 +677,28 @@ def test_time_table_gives_the_unet_its_own_floats(
             time = cfm.time_conditioning(estimator, 10, step, rows, torch.device("cpu"))
             own = estimator(x, mask, mu, t.expand(rows), spks, cond)
             assert torch.equal(estimator(x, mask, mu, t, spks, cond, time=time), own)
+
+
+def test_a_solve_stops_between_steps_once_its_caller_says_so() -> None:
+    """``abort_when``: a cancelled request's whole-utterance flow stops after the step under way
+    (ComputationAborted) instead of running its ten steps; without it, or while the condition does not
+    hold, the solve is unchanged."""
+    from cosyvoice_lite.networks.abort import ComputationAborted, abort_when
+    from cosyvoice_lite.networks.flow_matching import euler_cfg
+
+    calls = []
+
+    def velocity(x, t, step):
+        calls.append(step)
+        return torch.ones(2 * x.size(0), *x.shape[1:])
+
+    x = torch.zeros(1, 2, 3)
+    t_span = time_span(10, "cosine", x)
+    plain = euler_cfg(x, t_span, 0.7, velocity)
+    with abort_when(lambda: False):
+        assert torch.equal(euler_cfg(x, t_span, 0.7, velocity), plain)
+    calls.clear()
+    with abort_when(lambda: len(calls) >= 3), pytest.raises(ComputationAborted):
+        euler_cfg(x, t_span, 0.7, velocity)
+    assert calls == [0, 1, 2]
+    assert torch.equal(euler_cfg(x, t_span, 0.7, velocity), plain)  # the condition is gone

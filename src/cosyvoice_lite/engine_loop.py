@@ -36,6 +36,7 @@ import torch
 from .decoding import WAIT, Draw, Feed
 from .errors import EngineClosedError, InvalidRequestError
 from .heap import release_freed_memory
+from .networks.abort import ComputationAborted, abort_when
 from .row_parallel import at_most, start_torch_thread
 from .sampling import sample_rows
 
@@ -344,7 +345,11 @@ class AudioWorker:
         alone, failing alone."""
         if len(wholes) < 2 or wholes[0][0].audio.pipeline.utterance_batch < 2:
             return {}
-        speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
+        try:
+            with abort_when(lambda: all(w.row.job.cancelled.is_set() for w, _ in wholes)):
+                speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
+        except ComputationAborted:
+            return {}  # every row was cancelled: none is computed
         self.utterance_batches += batches
         return {id(w): s for (w, _), s in zip(wholes, speech, strict=True) if s is not None}
 
@@ -457,7 +462,10 @@ class AudioWorker:
             self.no_first_chunk.clear()
         try:
             run = row.run
-            with self._threads(work.audio.pipeline, narrowable=row.streaming and not first):
+            with (
+                self._threads(work.audio.pipeline, narrowable=row.streaming and not first),
+                abort_when(row.job.cancelled.is_set),
+            ):
                 piece = work.audio.finish(speech)
             row.delivered()
             run.emit(piece, work.segment, work.last)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import GrowingBuffer, KVCache
 from cosyvoice_lite.networks.linear import grouped
 
@@ -461,7 +462,8 @@ class _Encoder(nn.Module):
         """
         pad_mask, att_mask = encoder_attention_mask(xs_lens, xs.size(1), self.static_chunk_size)
         xs, pos_emb = self.embed(xs)
-        for layer in self.encoders:
+        for index, layer in enumerate(self.encoders):
+            check(f"encoder layer {index}")
             xs = layer(xs, att_mask, pos_emb)
         return self.after_norm(xs), pad_mask
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.row_parallel import SERIAL, RowSplit
 
 # Frames at the end of a v1 chunk whose noise and mu are carried to the next chunk; it is the
@@ -360,6 +361,7 @@ def euler_cfg(
     dt = t_span[k+1] - t), which differs from t_span[k] in the last float bits.
     """
     for step, (t, dt) in enumerate(euler_times(t_span)):
+        check(f"Euler step {step}")  # a cancelled request's solve stops here (networks.abort)
         v = velocity(x, t, step).float()
         v_cond, v_uncond = v[0::2], v[1::2]
         x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
 from cosyvoice_lite.networks.cache import AttentionHistory
 from cosyvoice_lite.networks.conformer import (
@@ -230,7 +231,8 @@ class UpsampleConformerEncoder(nn.Module):
             # positional rows (relative positions do not depend on it).
             context, _ = self.embed(context)
         xs = self.pre_lookahead_layer(xs, context=context)
-        for layer in self.encoders:
+        for index, layer in enumerate(self.encoders):
+            check(f"encoder layer {index}")
             xs = layer(xs, att_mask, pos_emb)
 
         # .contiguous() as the official: the Linear of up_embed rounds differently on a strided input
@@ -239,7 +241,8 @@ class UpsampleConformerEncoder(nn.Module):
         up_chunk = chunk * self.up_layer.stride
         pad_mask, att_mask = encoder_attention_mask(xs_lens, xs.size(1), up_chunk)
         xs, pos_emb = self.up_embed(xs)
-        for layer in self.up_encoders:
+        for index, layer in enumerate(self.up_encoders):
+            check(f"up-encoder layer {index}")
             xs = layer(xs, att_mask, pos_emb)
         return self.after_norm(xs), pad_mask
 

@@ -1,0 +1,38 @@
+"""Stopping a long computation between its steps once its caller no longer needs it.
+
+A whole utterance's flow (its encoder layers, then ten Euler steps) can take many seconds; a
+request cancelled meanwhile (a client that went away, a timeout) should free the worker after the
+layer or step under way, not at the end. The engine states the condition for the calling thread
+(``abort_when``); the networks only ask between their steps (``check``): no request logic here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+_STATE = threading.local()  # .condition: the calling thread's, from abort_when
+
+
+class ComputationAborted(Exception):  # noqa: N818 - not an error: the caller stopped wanting it
+    """A computation stopped between its steps (``abort_when``)."""
+
+
+@contextmanager
+def abort_when(condition: Callable[[], bool]) -> Iterator[None]:
+    """Within it, the calling thread's computations stop at their next ``check`` once
+    ``condition()`` holds."""
+    before = getattr(_STATE, "condition", None)
+    _STATE.condition = condition
+    try:
+        yield
+    finally:
+        _STATE.condition = before
+
+
+def check(where: str) -> None:
+    """Raise ComputationAborted if the calling thread's ``abort_when`` condition holds."""
+    condition = getattr(_STATE, "condition", None)
+    if condition is not None and condition():
+        raise ComputationAborted(f"stopped before {where}")
