@@ -351,6 +351,27 @@ def test_voice_conversion_on_the_page(page):
     assert audio_duration(page) > 0
 
 
+def test_a_recording_can_be_removed_and_a_voice_picked_later_wins(page):
+    """Instruction and voice conversion take a recording or a saved voice: the one chosen last
+    is used (a recording once won over any later pick, and could not be removed)."""
+    page.click(".mode-btn[data-mode='vc']")
+    choose_file(page, "#prompt-file", 2.0, "target.wav")
+    assert page.is_visible("#prompt-clear")
+    page.click("#prompt-clear")
+    assert page.is_hidden("#prompt-clear") and page.is_hidden("#prompt-preview")
+    assert "No recording" in page.inner_text("#prompt-source")
+    choose_file(page, "#prompt-file", 2.0, "target.wav")
+    voice = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")[-1]
+    page.select_option("#voice", voice)
+    assert "No recording" in page.inner_text("#prompt-source")
+
+
+def test_speed_has_a_name_and_a_phone_screen_has_no_sideways_scroll(page):
+    assert page.get_by_label("Speed").get_attribute("type") == "range"
+    page.set_viewport_size({"width": 375, "height": 740})
+    wait_js(page, "document.documentElement.scrollWidth <= 375", timeout=10)
+
+
 def test_markup_help_inserts_tags(page):
     page.click("#markup-help summary")
     buttons = page.eval_on_selector_all(

@@ -206,6 +206,28 @@ def test_a_saved_voice_is_ready_for_streaming_before_its_first_stream(tmp_path):
         assert flows.misses == misses + 1 and flows.hits == hits + 1
 
 
+def test_a_cloned_voice_stored_with_the_model_is_spoken_as_one(tmp_path):
+    """CosyVoice2's spk2info.pt holds 'zero_shot_zh', a cloned voice (prompt features), beside
+    its presets: the page's first voice. It speaks zero-shot (with an instruction: instruct),
+    not as a preset, which it cannot (every route answered 400)."""
+    from pathlib import Path
+
+    engine = tiny_engine(Path(__file__).parent / "data" / "models" / "v2-tiny")
+    assert engine.presets["zero_shot_zh"].kind == "prompt"
+    with serve(engine, tmp_path) as running, running.client() as c:
+        for body in ({}, {"mode": "zero_shot"}, {"instruct": "用开心的语气说"}):
+            r = c.post(
+                "/tts", json={"text": "你好。", "speaker": "zero_shot_zh", "seed": 1, **body}
+            )
+            assert r.status_code == 200, (body, r.text)
+        error_of(
+            c.post("/tts", json={"text": "你好。", "speaker": "zero_shot_zh", "mode": "preset"}),
+            400,
+        )
+        r = c.post("/tts", json={"text": "你好。", "speaker": "中文女", "seed": 1})
+        assert r.status_code == 200  # a real preset still speaks as one
+
+
 def test_saved_voices_are_prepared_when_a_server_starts(tmp_path):
     """A server (a restart, a new replica) prepares the most recently saved voices for streaming
     once its model is loaded: at most ``prepare_voices``, newest first; 0 prepares none."""

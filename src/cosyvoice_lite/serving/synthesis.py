@@ -106,7 +106,10 @@ def plan_request(
     library = state.library
     if voice in engine.presets:
         saved = None
-        chosen = Mode.INSTRUCT if instruct else Mode.PRESET
+        if engine.presets[voice].kind == "preset":
+            chosen = Mode.INSTRUCT if instruct else Mode.PRESET
+        else:  # a cloned voice stored with the model (spk2info.pt): spoken as a saved one is
+            chosen = Mode.INSTRUCT if instruct else Mode.ZERO_SHOT
     elif library is not None and library.exists(voice):
         saved = voice
         if instruct:
@@ -122,11 +125,14 @@ def plan_request(
         raise unknown_voice(voice, engine.voices() + (library.names() if library else []))
     if mode is not None:
         chosen = Mode(mode)
-        if saved is None and chosen not in (Mode.PRESET, Mode.INSTRUCT):
+        cloned = saved is not None or engine.presets[voice].kind != "preset"
+        if not cloned and chosen not in (Mode.PRESET, Mode.INSTRUCT):
             raise InvalidRequestError(
                 f"mode '{chosen.value}' clones a prompt: use a saved voice, "
                 f"not the preset {voice!r}"
             )
+        if cloned and saved is None and chosen == Mode.PRESET:
+            raise InvalidRequestError(f"{voice!r} is a cloned voice: use it with mode zero_shot")
         if saved is not None and chosen == Mode.PRESET:
             raise InvalidRequestError(f"{voice!r} is a saved voice, not a preset")
         if chosen == Mode.ZERO_SHOT and saved and not library.get(voice).prompt_text:

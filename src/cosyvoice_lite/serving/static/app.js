@@ -6,6 +6,7 @@ const state = {
   info: null,
   apiKey: localStorage.getItem("cosyvoice-lite-key") || "",
   busy: null,          // {controller, player} while a synthesis runs
+  playing: null,       // the StreamPlayer still playing a finished stream (Stop stops it)
   mode: localStorage.getItem("cosyvoice-lite-mode") || "",
   speakers: [],        // from GET /speakers
 };
@@ -62,7 +63,8 @@ async function api(path, options = {}) {
 const TITLES = {
   0: "Connection problem", 400: "Cannot do that", 401: "API key needed", 404: "Not found",
   409: "Name taken", 413: "Too large", 415: "Unsupported file", 422: "Invalid request",
-  429: "Server busy", 500: "Server error", 503: "Not ready", 504: "Took too long",
+  429: "Server busy", 500: "Server error", 502: "Stream cut short", 503: "Not ready",
+  504: "Took too long",
 };
 
 function showError(err) {
@@ -435,7 +437,17 @@ class StreamPlayer {
     for (const p of this.pieces) { all.set(p, offset); offset += p.length; }
     return all;
   }
-  stop() { for (const s of this.sources) { try { s.stop(); } catch (_) { /* not started */ } } this.context.close(); }
+  // once what was scheduled has played: close the audio context, then call back
+  whenDone(callback) {
+    const wait = Math.max(0, this.next - this.context.currentTime) * 1000 + 100;
+    this.timer = setTimeout(() => { this.close(); callback(); }, wait);
+  }
+  stop() {
+    clearTimeout(this.timer);
+    for (const s of this.sources) { try { s.stop(); } catch (_) { /* not started */ } }
+    this.close();
+  }
+  close() { if (this.context.state !== "closed") this.context.close(); }
 }
 
 // A waveform of a result: min/max per pixel column of the decoded audio.
@@ -585,6 +597,7 @@ async function speak() {
   const stream = $("stream").checked && Number($("speed").value) === 1;
   let request;
   try { request = buildRequest(stream); } catch (err) { showError(err); return; }
+  if (state.playing) { state.playing.stop(); state.playing = null; }  // never two at once
   const controller = new AbortController();
   state.busy = { controller, player: null };
   setBusy(true, "Synthesizing…");
@@ -592,13 +605,21 @@ async function speak() {
   try {
     const response = await api(request.path, { ...request.init, signal: controller.signal });
     let blob, format = stream ? "wav" : $("format").value, firstAudio = null, duration = null;
+    let partial = null;
     if (stream) {
       const rate = Number(response.headers.get("X-Sample-Rate"));
       const player = new StreamPlayer(rate);
       state.busy.player = player;
       const reader = response.body.getReader();
+      let cut = null;  // a stream the server ended early (its time limit, a failure)
       for (;;) {
-        const { done, value } = await reader.read();
+        let part;
+        try { part = await reader.read(); } catch (err) {
+          if (err && err.name === "AbortError") throw err;
+          cut = err;
+          break;
+        }
+        const { done, value } = part;
         if (done) break;
         if (firstAudio === null && value.length) {
           firstAudio = (performance.now() - started) / 1000;
@@ -607,7 +628,18 @@ async function speak() {
         player.push(value);
       }
       const samples = player.samples();
+      if (cut && !samples.length) throw cut;
       if (!samples.length) throw new ApiError(500, "no_audio", "the server sent no audio");
+      if (cut) {
+        partial = new ApiError(502, "stream_cut", "the audio stream stopped before its end (the " +
+          "server's time limit or a failure: see its log); the part received is kept below");
+      }
+      state.playing = player;
+      player.whenDone(() => {
+        if (state.playing !== player) return;
+        state.playing = null;
+        if (!state.busy) $("stop").hidden = true;
+      });
       blob = wavBlob(samples, rate);
       duration = samples.length / rate;
     } else {
@@ -615,16 +647,21 @@ async function speak() {
       duration = Number(response.headers.get("X-Audio-Duration")) || null;
     }
     const seconds = (performance.now() - started) / 1000;
+    const meta = describe(request.summary, { seconds, firstAudio, duration });
     const item = { id: response.headers.get("X-Request-Id") || String(Date.now()), created: Date.now(),
-                   text: request.summary.text, meta: describe(request.summary, { seconds, firstAudio, duration }),
+                   text: request.summary.text, meta: partial ? `${meta} · incomplete` : meta,
                    format, blob };
     renderResult(item, !stream);
     store.put(item).catch(() => { /* quota or private mode: kept for this visit only */ });
+    if (partial) showError(partial);
   } catch (err) {
+    const player = state.busy && state.busy.player;
+    if (player && player !== state.playing) player.stop();  // its audio context with it
     showError(err);
   } finally {
     state.busy = null;
     setBusy(false);
+    if (state.playing) $("stop").hidden = false;  // a finished stream still playing can be stopped
   }
 }
 
@@ -643,6 +680,7 @@ function describe(summary, { seconds, firstAudio, duration }) {
 }
 
 function stop() {
+  if (state.playing) { state.playing.stop(); state.playing = null; $("stop").hidden = true; }
   if (!state.busy) return;
   state.busy.controller.abort();
   if (state.busy.player) state.busy.player.stop();
@@ -701,6 +739,7 @@ class Capture {
       if (file) this.set(file, file.name);
     });
     $(ids.record).addEventListener("click", () => this.toggle());
+    if (ids.clear) $(ids.clear).addEventListener("click", () => this.clear());
   }
   filename() { return /\.(wav|flac|mp3|ogg|opus)$/i.test(this.label) ? this.label : "prompt.wav"; }
   set(blob, label) {
@@ -710,6 +749,7 @@ class Capture {
     const preview = $(this.ids.preview);
     preview.hidden = !blob;
     if (blob) preview.src = URL.createObjectURL(blob);
+    if (this.ids.clear) $(this.ids.clear).hidden = !blob;
   }
   clear() { this.set(null, ""); $(this.ids.file).value = ""; }
   async toggle() {
@@ -801,9 +841,14 @@ function wire() {
   voiceCapture = new Capture({ file: "voice-file", record: "record", time: "record-time",
                                label: "voice-source", preview: "voice-preview" });
   prompt = new Capture({ file: "prompt-file", record: "prompt-record", time: "prompt-record-time",
-                         label: "prompt-source", preview: "prompt-preview" });
+                         label: "prompt-source", preview: "prompt-preview", clear: "prompt-clear" });
   source = new Capture({ file: "source-file", record: "source-record", time: "source-record-time",
-                         label: "source-source", preview: "source-preview" });
+                         label: "source-source", preview: "source-preview", clear: "source-clear" });
+  // in Instruction and Voice conversion a saved voice and a recording are alternatives: the one
+  // chosen last is the one used (a recording chosen once used to win over any later pick)
+  $("voice").addEventListener("change", () => {
+    if (state.mode === "instruct" || state.mode === "vc") prompt.clear();
+  });
   for (const b of document.querySelectorAll(".mode-btn")) b.addEventListener("click", () => setMode(b.dataset.mode));
   $("text").addEventListener("input", updateCount);
   $("voice").addEventListener("change", updateCount);
