@@ -71,7 +71,7 @@ function showError(err) {
   if (err && err.name === "AbortError") return;
   const status = err instanceof ApiError ? err.status : 0;
   let message = err instanceof ApiError ? err.message : String(err && err.message || err);
-  if (status === 429 && err.retryAfter) message += ` (try again in ${err.retryAfter} s)`;
+  if (status === 429 && err.retryAfter && !/retry|again/i.test(message)) message += ` (try again in ${err.retryAfter} s)`;
   $("error-title").textContent = `${TITLES[status] || "Error"}${status ? ` (${status})` : ""}:`;
   $("error-message").textContent = message;
   $("error").hidden = false;
@@ -124,6 +124,7 @@ async function waitUntilReady() {
   for (;;) {
     try {
       const info = await loadInfo();
+      clearError();  // the server answers: an earlier "cannot be reached" no longer holds
       if (info.status !== "loading") return info;
     } catch (err) { showError(err); }
     await new Promise((r) => setTimeout(r, 1000));
@@ -255,7 +256,9 @@ function setMode(mode) {
   }[mode] || "";
   $("voice-field").hidden = mode === "clone" || mode === "cross";
   $("voice-label").textContent = mode === "instruct" && !v1Instruct || mode === "vc" ? "or a saved voice" : "Voice";
-  $("instruct-field").hidden = !(mode === "instruct" || (mode === "voice" && m.instruct));
+  // in Voice mode only where presets take instructions (v1-Instruct); CosyVoice2/3 presets speak
+  // as themselves, instructions belong to the Instruction tab
+  $("instruct-field").hidden = !(mode === "instruct" || (mode === "voice" && m.instruct && m.instruct_needs_preset));
   $("instruct-presets").hidden = mode !== "instruct" || !$("instruct-presets").childElementCount;
   fillVoiceSelect();
   updateCount();
@@ -529,7 +532,12 @@ async function clearResults() {
 function baseFields(stream) {
   const fields = { speed: Number($("speed").value) };
   const seed = $("seed").value.trim();
-  if (seed !== "") fields.seed = Number(seed);
+  if (seed !== "") {
+    fields.seed = Number(seed);
+    if (!Number.isSafeInteger(fields.seed) || fields.seed < 0) {
+      throw missing(`the seed must be a whole number from 0 to ${Number.MAX_SAFE_INTEGER}`);
+    }
+  }
   if (stream) { fields.stream = true; fields.format = "pcm"; } else { fields.format = $("format").value; }
   return fields;
 }
@@ -594,6 +602,8 @@ function buildRequest(stream) {
 async function speak() {
   if ($("speak").disabled) return;
   clearError();
+  prompt.finish();  // a recording still under way is the one meant (and the microphone stops)
+  source.finish();
   const stream = $("stream").checked && Number($("speed").value) === 1;
   let request;
   try { request = buildRequest(stream); } catch (err) { showError(err); return; }
