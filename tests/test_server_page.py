@@ -364,6 +364,8 @@ def test_a_recording_can_be_removed_and_a_voice_picked_later_wins(page):
     voice = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")[-1]
     page.select_option("#voice", voice)
     assert "No recording" in page.inner_text("#prompt-source")
+    choose_file(page, "#prompt-file", 2.0, "again.wav")  # and a recording after a voice
+    assert page.input_value("#voice") == ""
 
 
 def test_speed_has_a_name_and_a_phone_screen_has_no_sideways_scroll(page):

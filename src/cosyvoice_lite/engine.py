@@ -481,7 +481,7 @@ class Engine:
                 piece = piece.partition(ENDOFPROMPT)[2]
             _check_unicode("text", piece)
             check_markup([piece], self.known_markup, self.model.name)
-            spoken = spoken or not is_only_punctuation(piece.strip())
+            spoken = spoken or not is_only_punctuation("".join(piece.split()))
             yield piece
         if not spoken:
             raise InvalidRequestError("text is empty: the streamed text had nothing to speak")

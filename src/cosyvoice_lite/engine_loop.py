@@ -472,6 +472,8 @@ class AudioWorker:
             run.segment_done(work.segment)
             if work.last:
                 row.end(None)
+        except ComputationAborted:
+            row.end(None)  # cancelled: it ends as a cancelled request does, quietly
         except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
             _fail(row, exc)
         finally:

@@ -15,8 +15,10 @@ from contextlib import contextmanager
 _STATE = threading.local()  # .condition: the calling thread's, from abort_when
 
 
-class ComputationAborted(Exception):  # noqa: N818 - not an error: the caller stopped wanting it
-    """A computation stopped between its steps (``abort_when``)."""
+class ComputationAborted(BaseException):  # noqa: N818 - not an error: the caller stopped wanting it
+    """A computation stopped between its steps (``abort_when``). A BaseException, like
+    KeyboardInterrupt: handlers of errors (``except Exception``: a failed batch computed again
+    row by row) must let it through to the caller that asked for it."""
 
 
 @contextmanager

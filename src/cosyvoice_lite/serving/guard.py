@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -123,7 +124,9 @@ def unreadable_json(body: bytes) -> str | None:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return f"the body is not UTF-8 text (byte {exc.start}); send JSON in UTF-8"
-    if not _LONG_DIGITS.search(body):
+    limit = sys.get_int_max_str_digits()
+    # a run longer than the limit, tried only at the start of each run (linear in the body)
+    if not limit or not re.search(rb"(?<!\d)\d{%d}" % (limit + 1), body):
         return None
     try:
         json.loads(body)
@@ -131,9 +134,6 @@ def unreadable_json(body: bytes) -> str | None:
         if "digits" in str(exc):  # Python's limit on the digits of an int it converts
             return "the body has a number with too many digits"
     return None
-
-
-_LONG_DIGITS = re.compile(rb"\d{4300}")  # past sys.get_int_max_str_digits()
 
 
 def lone_surrogate_field(body: bytes) -> str | None:
@@ -218,7 +218,7 @@ class GuardMiddleware:
 
         async def answer(error: ApiError) -> None:
             self.metrics.error(error.code or error.type)
-            if error.status in (408, 413):  # the rest of the body is not read: end the connection
+            if error.status in (408, 413, 415):  # the body is not read (whole): end the connection
                 error.headers = {**error.headers, "Connection": "close"}
             await error.response()(scope, receive, send_guarded)
 

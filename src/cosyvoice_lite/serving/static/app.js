@@ -121,12 +121,15 @@ async function loadInfo() {
 }
 
 async function waitUntilReady() {
+  let unreachable = false;
   for (;;) {
     try {
-      const info = await loadInfo();
-      clearError();  // the server answers: an earlier "cannot be reached" no longer holds
+      const info = await loadInfo();  // shows a model that failed to load itself
+      // the server answers: an earlier "cannot be reached" no longer holds
+      if (unreachable && info.status !== "failed") clearError();
+      unreachable = false;
       if (info.status !== "loading") return info;
-    } catch (err) { showError(err); }
+    } catch (err) { unreachable = true; showError(err); }
     await new Promise((r) => setTimeout(r, 1000));
   }
 }
@@ -441,8 +444,8 @@ class StreamPlayer {
     return all;
   }
   // once what was scheduled has played: close the audio context, then call back
-  whenDone(callback) {
-    const wait = Math.max(0, this.next - this.context.currentTime) * 1000 + 100;
+  whenDone(callback) {  // (a margin for output latency, e.g. Bluetooth)
+    const wait = Math.max(0, this.next - this.context.currentTime) * 1000 + 750;
     this.timer = setTimeout(() => { this.close(); callback(); }, wait);
   }
   stop() {
@@ -450,7 +453,11 @@ class StreamPlayer {
     for (const s of this.sources) { try { s.stop(); } catch (_) { /* not started */ } }
     this.close();
   }
-  close() { if (this.context.state !== "closed") this.context.close(); }
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    this.context.close().catch(() => { /* already closing */ });
+  }
 }
 
 // A waveform of a result: min/max per pixel column of the decoded audio.
@@ -739,8 +746,9 @@ function renderResult(item, autoplay) {
 // One recording source: a file input and a record button (mono float32 from an AudioWorklet,
 // kept as a 16-bit WAV), with a label and a preview player.
 class Capture {
-  constructor(ids) {
+  constructor(ids, onSet = () => {}) {
     this.ids = ids;
+    this.onSet = onSet;  // called when a recording is chosen or made
     this.blob = null;
     this.label = "";
     this.recording = null;
@@ -760,6 +768,7 @@ class Capture {
     preview.hidden = !blob;
     if (blob) preview.src = URL.createObjectURL(blob);
     if (this.ids.clear) $(this.ids.clear).hidden = !blob;
+    if (blob) this.onSet();
   }
   clear() { this.set(null, ""); $(this.ids.file).value = ""; }
   async toggle() {
@@ -850,14 +859,16 @@ function syncControls() {
 function wire() {
   voiceCapture = new Capture({ file: "voice-file", record: "record", time: "record-time",
                                label: "voice-source", preview: "voice-preview" });
-  prompt = new Capture({ file: "prompt-file", record: "prompt-record", time: "prompt-record-time",
-                         label: "prompt-source", preview: "prompt-preview", clear: "prompt-clear" });
-  source = new Capture({ file: "source-file", record: "source-record", time: "source-record-time",
-                         label: "source-source", preview: "source-preview", clear: "source-clear" });
   // in Instruction and Voice conversion a saved voice and a recording are alternatives: the one
   // chosen last is the one used (a recording chosen once used to win over any later pick)
+  const alternatives = () => state.mode === "instruct" || state.mode === "vc";
+  prompt = new Capture({ file: "prompt-file", record: "prompt-record", time: "prompt-record-time",
+                         label: "prompt-source", preview: "prompt-preview", clear: "prompt-clear" },
+                       () => { if (alternatives() && $("voice").querySelector("option[value='']")) $("voice").value = ""; });
+  source = new Capture({ file: "source-file", record: "source-record", time: "source-record-time",
+                         label: "source-source", preview: "source-preview", clear: "source-clear" });
   $("voice").addEventListener("change", () => {
-    if (state.mode === "instruct" || state.mode === "vc") prompt.clear();
+    if (alternatives() && $("voice").value) prompt.clear();
   });
   for (const b of document.querySelectorAll(".mode-btn")) b.addEventListener("click", () => setMode(b.dataset.mode));
   $("text").addEventListener("input", updateCount);
