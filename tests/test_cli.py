@@ -362,3 +362,10 @@ def test_say_writes_through_symlinks_and_fifos(v1_dir, tmp_path, capsys):
     reader.join(timeout=60)
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert received and received[0][:4] == b"RIFF" and len(received[0]) > 1000
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    """uvicorn bound port 99999 modulo 65536 (34463) while saying 99999."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "tests/data/models/v1-tiny", "--port", "99999"])
+    assert exit_info.value.code == 2 and "0 to 65535" in capsys.readouterr().err

@@ -375,7 +375,10 @@ def test_export_errors_come_before_any_work(tmp_path, capsys):
     assert main(["export", "onnx", "--model", model, "-o", str(existing)]) == 2
     assert "--force" in capsys.readouterr().err
     assert (existing / "keep.txt").read_text() == "mine"
+    assert main(["export", "onnx", "--model", model, "-o", "/proc/no-such-dir/x"]) == 2
+    assert "cannot write" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_float16_export_reports_error_and_overflow(tmp_path):

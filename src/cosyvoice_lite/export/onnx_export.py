@@ -87,6 +87,14 @@ def check_options(
         raise ExportError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} already exists and is not empty; pass --force to replace it")
+    staging = out_dir.with_name(out_dir.name + ".partial")  # where the graphs are written first
+    existed = staging.exists()
+    try:  # a directory that cannot be made is an error now, not after loading and tracing
+        staging.mkdir(parents=True, exist_ok=True)
+        if not existed:
+            staging.rmdir()
+    except OSError as exc:
+        raise ExportError(f"cannot write {out_dir}: {exc.strerror or exc}") from None
     try:
         import onnx  # noqa: F401  (needed to read back and convert the graphs)
     except ImportError as exc:

@@ -22,7 +22,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
     )
-    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-text-chars",
@@ -362,3 +362,11 @@ def cmd_serve_ray(args: argparse.Namespace, settings) -> int:
     except ValueError as exc:
         raise CosyVoiceError(f"bad server option: {exc}") from None
     return serve_on_ray(settings, options)
+
+
+def _port(value: str) -> int:
+    """A TCP port: 0 (any free one) to 65535 (a larger one was bound modulo 65536, silently)."""
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 0 to 65535, got {port}")
+    return port
