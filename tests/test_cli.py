@@ -369,3 +369,16 @@ def test_serve_refuses_a_port_out_of_range(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--model", "tests/data/models/v1-tiny", "--port", "99999"])
     assert exit_info.value.code == 2 and "0 to 65535" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_load_options_before_starting(capsys):
+    """The model loads in the background once the server listens: a bad load option was a
+    server that started and answered 503 'failed to load' forever."""
+    for option, value, words in (
+        ("--audio-workers", "0", "audio_workers"),
+        ("--stream-cache-mb", "-5", "stream_cache_mb"),
+        ("--flow-steps", "0", "flow steps"),
+    ):
+        assert main(["serve", "--model", "tests/data/models/v1-tiny", option, value]) == 2
+        assert words in capsys.readouterr().err
+

@@ -11,6 +11,7 @@ read-only things (networks, tokenizers, voices); all per-request state lives in 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import numbers
 import os
@@ -142,6 +143,20 @@ class Engine:
         self.loop = EngineLoop(pipeline.llm, limits, decode_threads(placement))
 
     # ------------------------------------------------------------------ loading
+    @staticmethod
+    def check_load_options(**options: object) -> None:
+        """The checks ``load`` makes of its options before reading any file (keywords of
+        ``load``, defaults as there): a server that loads its model in the background refuses
+        bad options at once instead of starting and failing to load."""
+        names = inspect.signature(_checked_options).parameters
+        given = {k: v for k, v in options.items() if k in names}
+        defaults = {
+            name: param.default
+            for name, param in inspect.signature(Engine.load).parameters.items()
+            if name in names and name not in given
+        }
+        _checked_options(**defaults, **given)
+
     @classmethod
     def load(
         cls,
@@ -200,30 +215,11 @@ class Engine:
         oneDNN-packed weights (~1e-6 different, up to 2x faster flows: device.Placement).
         """
         start = time.perf_counter()
-        if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
-            raise InvalidRequestError(
-                f"llm_checkpoint must be a .pt file name in the model directory, "
-                f"got {llm_checkpoint!r}"
-            )
-        if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
-            raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
-        # checked before loading
-        limits = LoopLimits(
-            max_batch,
-            prefill_tokens,
-            audio_workers,
-            idle_release_seconds,
-            flow_threads_while_decoding,
-        )
-        try:
-            check_steps(flow_steps)
-        except ValueError as exc:  # a load option: the caller's error, named as such
-            raise InvalidRequestError(str(exc)) from None
-        placement = resolve_placement(device, dtype, quantize, exact_float32)
-        try:
-            cache_dtype = resolve_stream_cache_dtype(placement, stream_cache_dtype)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
+        limits, placement, cache_dtype = _checked_options(
+            device, dtype, llm_checkpoint, quantize, flow_steps, max_batch, prefill_tokens,
+            audio_workers, idle_release_seconds, flow_threads_while_decoding, prompt_cache_mb,
+            stream_cache_mb, stream_cache_dtype, exact_float32,
+        )  # fmt: skip
         if (warning := slow_precision_warning(placement)) is not None:
             log.warning(warning)
         configure_backend(placement)
@@ -789,3 +785,42 @@ def _check_types(request: SynthesisRequest) -> None:
             raise InvalidRequestError(f"{field} must be a str, got {type(value).__name__}")
         if isinstance(value, str):
             _check_unicode(field, value)
+
+
+def _checked_options(
+    device: str,
+    dtype: str | torch.dtype,
+    llm_checkpoint: str,
+    quantize: str | None,
+    flow_steps: int,
+    max_batch: int,
+    prefill_tokens: int,
+    audio_workers: int,
+    idle_release_seconds: float | None,
+    flow_threads_while_decoding: int | None,
+    prompt_cache_mb: int,
+    stream_cache_mb: int | None,
+    stream_cache_dtype: str | None,
+    exact_float32: bool,
+) -> tuple[LoopLimits, Placement, torch.dtype | None]:
+    """``Engine.load``'s options checked (an InvalidRequestError or DeviceError naming the
+    option), as the loop limits, placement and stream cache dtype they give."""
+    if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
+        raise InvalidRequestError(
+            f"llm_checkpoint must be a .pt file name in the model directory, got {llm_checkpoint!r}"
+        )
+    if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
+        raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
+    limits = LoopLimits(
+        max_batch, prefill_tokens, audio_workers, idle_release_seconds, flow_threads_while_decoding
+    )
+    try:
+        check_steps(flow_steps)
+    except ValueError as exc:  # a load option: the caller's error, named as such
+        raise InvalidRequestError(str(exc)) from None
+    placement = resolve_placement(device, dtype, quantize, exact_float32)
+    try:
+        cache_dtype = resolve_stream_cache_dtype(placement, stream_cache_dtype)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    return limits, placement, cache_dtype

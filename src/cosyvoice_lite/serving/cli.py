@@ -286,26 +286,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import set_threads
 
     set_threads(args.threads)  # once, before the model loads
+    Engine.check_load_options(**load_options(args))  # bad options: an error now, not a 503 later
 
     def load():
-        return Engine.load(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            flow_steps=args.flow_steps,
-            variant=args.variant,
-            llm_checkpoint=args.llm_checkpoint,
-            max_batch=args.workers,
-            audio_workers=args.audio_workers,
-            idle_release_seconds=args.idle_release_seconds or None,
-            prompt_cache_mb=args.prompt_cache_mb,
-            stream_cache_mb=args.stream_cache_mb,
-            stream_cache_dtype=args.stream_cache_dtype,
-            backend=args.backend,
-            onnx_dir=args.onnx_dir,
-            exact_float32=args.exact_float32,
-        )
+        return Engine.load(args.model, **load_options(args))
 
     app = create_app(load, settings)
     logging.getLogger("cosyvoice_lite.serving").info(
@@ -317,12 +301,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def ray_options_from_args(args: argparse.Namespace):
-    """The Ray Serve options of ``serve --ray`` (ValueError for bad ones)."""
-    from .ray_serve import RayOptions, parse_autoscale
-
-    load = {
-        "model": args.model,
+def load_options(args: argparse.Namespace) -> dict:
+    """``Engine.load``'s keywords from the serve options (the model apart)."""
+    return {
         "device": args.device,
         "dtype": args.dtype,
         "quantize": args.quantize,
@@ -339,6 +320,13 @@ def ray_options_from_args(args: argparse.Namespace):
         "onnx_dir": args.onnx_dir,
         "exact_float32": args.exact_float32,
     }
+
+
+def ray_options_from_args(args: argparse.Namespace):
+    """The Ray Serve options of ``serve --ray`` (ValueError for bad ones)."""
+    from .ray_serve import RayOptions, parse_autoscale
+
+    load = {"model": args.model, **load_options(args)}
     return RayOptions(
         replicas=args.replicas,
         autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
