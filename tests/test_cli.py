@@ -381,4 +381,3 @@ def test_serve_refuses_bad_load_options_before_starting(capsys):
     ):
         assert main(["serve", "--model", "tests/data/models/v1-tiny", option, value]) == 2
         assert words in capsys.readouterr().err
-
