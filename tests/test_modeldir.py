@@ -33,6 +33,14 @@ def test_variants_are_told_apart(v1_variants: dict[str, Path]) -> None:
     }
 
 
+def test_a_variant_applies_to_v1_only() -> None:
+    """CosyVoice2 has one release: --variant sft on it was accepted and reported as 'sft'."""
+    v2 = Path(__file__).resolve().parent / "data" / "models" / "v2-tiny"
+    assert open_model_dir(v2, "base").variant == "base"
+    with pytest.raises(ModelDirError, match="CosyVoice-300M releases"):
+        open_model_dir(v2, "sft")
+
+
 def test_not_a_model_directory(tmp_path: Path) -> None:
     with pytest.raises(ModelDirError, match="not a CosyVoice model directory"):
         detect_version(tmp_path)

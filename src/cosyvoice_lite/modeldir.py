@@ -247,4 +247,9 @@ def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
     config = load_model_config(model_dir, version)
     if variant is not None and variant not in ("base", "sft", "instruct"):
         raise ModelDirError(f"unknown variant '{variant}': use base, sft or instruct")
+    if variant is not None and variant not in spec(version).variants:
+        raise ModelDirError(
+            f"variant '{variant}' applies to CosyVoice-300M releases; a "
+            f"{spec(version).name} directory has only {', '.join(spec(version).variants)}"
+        )
     return ModelDir(model_dir, version, config, variant or _variant(model_dir, version))
