@@ -169,7 +169,7 @@ def to_sample_rate(
     if sample_rate < min_sr:
         raise AudioError(
             f"audio sample rate is {sample_rate} Hz; at least {min_sr} Hz is needed "
-            "(record or export the prompt at 16 kHz or more)"
+            "(record or export it at 16 kHz or more)"
         )
     if sample_rate != target_sr:
         waveform = resample(waveform, sample_rate, target_sr)
@@ -228,7 +228,7 @@ def check_duration(
     seconds = _as_tensor(audio).shape[-1] / sample_rate
     if seconds < min_seconds:
         raise AudioError(
-            f"audio is too short: {seconds:.2f} s, a prompt needs at least {min_seconds:g} s"
+            f"audio is too short: {seconds:.2f} s, at least {min_seconds:g} s is needed"
         )
     if seconds > max_seconds:
         raise AudioError(
@@ -250,7 +250,7 @@ def check_prompt_audio(
     if sample_rate < min_sr:
         raise AudioError(
             f"audio sample rate is {sample_rate} Hz; at least {min_sr} Hz is needed "
-            "(record or export the prompt at 16 kHz or more)"
+            "(record or export it at 16 kHz or more)"
         )
     check_duration(audio, sample_rate, min_seconds, max_seconds)
     check_not_silent(audio)
