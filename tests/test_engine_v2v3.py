@@ -353,3 +353,24 @@ def test_values_that_stand_for_a_field_are_taken(v2: Engine) -> None:
                              max_speech_tokens=4)  # fmt: skip
     assert np.array_equal(np.concatenate([c.samples for c in chunks]),
                           np.concatenate([c.samples for c in v2.synthesize(alone)]))  # fmt: skip
+
+
+def test_prompt_features_that_do_not_fit_the_model_are_refused(v2: Engine, v1_dir) -> None:
+    """Features of another model's encode_prompt (CosyVoice2 tokens on a v1 model) failed in
+    a network; a non-finite x-vector gave NaN audio."""
+    import dataclasses
+
+    import torch
+
+    features = v2.encode_prompt(PROMPT, PROMPT_TEXT)
+    request = SynthesisRequest(Mode.ZERO_SHOT, "你好。", seed=1, max_speech_tokens=3)
+    assert int(features.speech_tokens.max()) >= 4096  # past v1's vocabulary
+    v1 = Engine.load(v1_dir)
+    try:
+        with pytest.raises(InvalidRequestError, match="speech tokens"):
+            list(v1.synthesize(request, prompt=features))
+    finally:
+        v1.close()
+    nan = dataclasses.replace(features, embedding=torch.full_like(features.embedding, float("nan")))
+    with pytest.raises(InvalidRequestError, match="x-vector"):
+        list(v2.synthesize(request, prompt=nan))

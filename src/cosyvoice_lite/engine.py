@@ -526,6 +526,7 @@ class Engine:
             and not (request.prompt_text or "").strip()
         ):
             raise InvalidRequestError("zero-shot cloning needs the transcript of the prompt audio")
+        _check_prompt(prompt, self.pipeline.llm.speech_token_size)
         ratio = self.spec.prompt_mel_ratio
         if ratio is not None and request.mode != Mode.VOICE_CONVERSION:
             prompt = prompt.aligned(ratio)
@@ -824,3 +825,24 @@ def _checked_options(
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
     return limits, placement, cache_dtype
+
+
+def _check_prompt(prompt: PromptFeatures, speech_tokens: int) -> None:
+    """Features given to a request (``prompt=``, a stored voice) fit this model: speech tokens of
+    its vocabulary, an 80-bin mel, a finite 192-dim x-vector. Features of another model's
+    ``encode_prompt`` failed inside a network (an IndexError) or gave NaN audio."""
+    tokens, feat, embedding = prompt.speech_tokens, prompt.speech_feat, prompt.embedding
+    problem = None
+    if tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        problem = f"speech_tokens must be integer ids [1, T], got {tuple(tokens.shape)}"
+    elif tokens.numel() and not (int(tokens.min()) >= 0 and int(tokens.max()) < speech_tokens):
+        problem = f"its speech tokens are not all in this model's 0..{speech_tokens - 1}"
+    elif feat.dim() != 3 or feat.shape[-1] != 80 or not bool(torch.isfinite(feat).all()):
+        problem = "speech_feat must be a finite mel [1, T, 80]"
+    elif embedding.numel() != 192 or not bool(torch.isfinite(embedding).all()):
+        problem = "embedding must be a finite x-vector of 192 values"
+    if problem is not None:
+        raise InvalidRequestError(
+            f"the prompt features do not fit this model: {problem} (features of another "
+            "model's encode_prompt?)"
+        )
