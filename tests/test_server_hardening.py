@@ -245,6 +245,14 @@ def test_head_is_get_without_the_body(client):
     assert client.head("/tts").status_code == 405  # a POST route stays one
 
 
+def test_a_trailing_slash_is_not_redirected(client, preset):
+    """A 307 to an absolute http:// URL is wrong behind a TLS proxy: a clear 404 instead."""
+    response = client.post(
+        "/tts/", json={"text": "你好", "speaker": preset}, follow_redirects=False
+    )
+    error_of(response, 404, "http_404")
+
+
 @pytest.mark.parametrize("public", [False, True])
 def test_docs_follow_the_api_key(engine, tmp_path, public):
     settings = Settings(api_key=KEY, docs_public=public, voices_dir=tmp_path)

@@ -356,6 +356,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,  # served offline by docs.py
+        # no 307 from /tts/ to an absolute http:// URL (wrong behind a TLS proxy): a clear 404
+        redirect_slashes=False,
         description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.",
     )
     app.state.server = state
