@@ -274,19 +274,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure
     from .server import uvicorn_config
 
-    configure(logging.INFO, json_lines=args.log_format == "json")
+    # options first: a bad one is an error on stderr before the server's logging is set up
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
         from ..errors import CosyVoiceError
 
         raise CosyVoiceError(f"bad server option: {exc}") from None
+    if not args.ray:  # (Ray replicas may have devices this machine lacks)
+        from ..cli import set_threads
+
+        set_threads(args.threads)  # once, before the model loads
+        Engine.check_load_options(**load_options(args))  # an error now, not a 503 later
+    configure(logging.INFO, json_lines=args.log_format == "json")
     if args.ray:
         return cmd_serve_ray(args, settings)
-    from ..cli import set_threads
-
-    set_threads(args.threads)  # once, before the model loads
-    Engine.check_load_options(**load_options(args))  # bad options: an error now, not a 503 later
 
     def load():
         return Engine.load(args.model, **load_options(args))
