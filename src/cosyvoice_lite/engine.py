@@ -11,6 +11,7 @@ read-only things (networks, tokenizers, voices); all per-request state lives in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import numbers
@@ -311,7 +312,7 @@ class Engine:
     def voices(self) -> list[str]:
         return sorted(self.presets)
 
-    @property
+    @functools.cached_property  # read per request and per streamed piece; the tokenizer is fixed
     def known_markup(self) -> frozenset[str]:
         """Inline tags this model understands ([breath], <strong>, <|en|>, [h][ào] ...)."""
         whisper = self.spec.text_tokenizer == "whisper"
