@@ -23,7 +23,9 @@ from cosyvoice_lite.networks.flow_matching import OFFICIAL_STEPS
 from cosyvoice_lite.networks.linear import FusedLinear, fuse_linear_groups
 from cosyvoice_lite.pipelines.factory import load_network
 from cosyvoice_lite.precision import (
+    CHUNK_ROWS,
     EXACT_ROWS,
+    MAX_CHUNK_ROWS,
     PackedLinear,
     exempt_names,
     has_int8_products,
@@ -475,7 +477,11 @@ def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
     result is the same whatever rows share its call."""
     assert [padded_rows(n) for n in range(1, EXACT_ROWS + 1)] == list(range(1, EXACT_ROWS + 1))
     sizes = {padded_rows(n) for n in range(1, 4097)}
-    assert len(sizes) == EXACT_ROWS + 8 * 8  # 8 sizes in each of (16, 32], ..., (2048, 4096]
+    chunks = set(range(CHUNK_ROWS, MAX_CHUNK_ROWS + 1, CHUNK_ROWS))  # streamed chunks' rows
+    assert len(sizes) <= EXACT_ROWS + 8 * 8 + len(
+        chunks
+    )  # 8 in each of (16, 32], ..., (2048, 4096]
+    assert all(padded_rows(n) == n for n in chunks)
     assert all(n <= padded_rows(n) <= n * 1.125 for n in range(1, 10_000))
     if not packs_linear(resolve_placement("cpu")):
         pytest.skip("no oneDNN packing on this build")
@@ -487,7 +493,7 @@ def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
         whole = layer(x)
         assert whole.shape == (3, 700, 40) and whole.is_contiguous()
         assert torch.allclose(whole, linear(x), atol=1e-5, rtol=0)
-        for rows in (2, 17, 130, 699):
+        for rows in (2, 17, 50, 100, 130, 699):
             assert torch.equal(layer(x[1, :rows]), whole[1, :rows]), rows
 
 
