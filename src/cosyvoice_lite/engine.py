@@ -753,6 +753,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_types(request: SynthesisRequest) -> None:
     """Field types and ranges that the model's checks take for granted: a wrong one is a clear
     InvalidRequestError, not an internal error half-way."""
@@ -761,18 +765,11 @@ def _check_types(request: SynthesisRequest) -> None:
         raise InvalidRequestError(f"mode must be a Mode ({modes}), got {request.mode!r}")
     if not _is_number(request.speed) or request.speed != request.speed:
         raise InvalidRequestError(f"speed must be a number, got {request.speed!r}")
-    if request.seed is not None and not (
-        isinstance(request.seed, int)
-        and not isinstance(request.seed, bool)
-        and 0 <= request.seed <= MAX_SEED
-    ):
+    if request.seed is not None and not (_is_int(request.seed) and 0 <= request.seed <= MAX_SEED):
         raise InvalidRequestError(
             f"seed must be an integer from 0 to 2**64 - 1, got {request.seed!r}"
         )
-    if request.max_speech_tokens is not None and (
-        not isinstance(request.max_speech_tokens, int)
-        or isinstance(request.max_speech_tokens, bool)
-    ):
+    if request.max_speech_tokens is not None and not _is_int(request.max_speech_tokens):
         raise InvalidRequestError(
             f"max_speech_tokens must be an integer, got {request.max_speech_tokens!r}"
         )

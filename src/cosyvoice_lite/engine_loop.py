@@ -484,7 +484,9 @@ def _close_queued(entries: list[Any]) -> None:
     """Work queued behind a worker's stop mark ends with an error instead of never."""
     closed = EngineClosedError("the engine was closed")
     for entry in entries:
-        for item in entry if isinstance(entry, list) else [] if entry is None else [entry]:
+        if entry is None:  # another stop mark
+            continue
+        for item in entry if isinstance(entry, list) else [entry]:
             if isinstance(item, _Background):
                 if item.future.set_running_or_notify_cancel():
                     item.future.set_exception(closed)
@@ -549,8 +551,8 @@ class LoopLimits:
     ``audio_workers`` threads compute flow + vocoder chunks (a row always uses the same one).
     After ``idle_release_seconds`` with no request live and no audio work, the loop runs its idle
     hook once (the freed heap back to the OS, heap.py: after a float32 CosyVoice2 stream, 5.9 ->
-    3.9 GB resident; None: never). Not right away: the next request faults those pages in again (5-7% of a
-    stream's time), which a busy server should not pay between back-to-back requests.
+    3.9 GB resident; None: never). Not right away: the next request faults those pages in again
+    (5-7% of a stream's time), which a busy server should not pay between back-to-back requests.
     ``flow_threads_while_decoding``: the row threads an incremental stream call of fewer than
     two rows per row thread uses while the loop decodes beside it (row_parallel.at_most; None:
     half the threads, at least one), all of them otherwise and once a stream has every token of

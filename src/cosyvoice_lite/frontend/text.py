@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cosyvoice_lite.errors import CosyVoiceError
+from cosyvoice_lite.frontend.markup import ANGLE, BRACKET, CONTROL
 
 Encode = Callable[[str], list[int]]
 
@@ -344,11 +345,7 @@ def _fixed_pieces(text: str, size: int) -> list[str]:
     while len(text) - start > size:
         cut = start + size
         opened = max(text.rfind("[", start, cut), text.rfind("<", start, cut))
-        if (
-            opened > start
-            and _TAG_AT.match(text, opened)
-            and _TAG_AT.match(text, opened).end() > cut
-        ):
+        if opened > start and (tag := _TAG_AT.match(text, opened)) and tag.end() > cut:
             cut = opened
         pieces.append(text[start:cut])
         start = cut
@@ -356,10 +353,9 @@ def _fixed_pieces(text: str, size: int) -> list[str]:
     return pieces
 
 
-_TAG_AT = re.compile(r"\[[^\[\]\s]{1,16}\]|<\|[^<>|\s]{1,40}\|>|</?[A-Za-z_][A-Za-z_-]{0,19}>")
-
-
-_LEADING_TAGS = re.compile(r"(?:\s*<\|[^<>|\s]{1,40}\|>)+")
+# the tags check_markup knows as tags (frontend/markup.py)
+_TAG_AT = re.compile("|".join(pattern.pattern for pattern in (BRACKET, CONTROL, ANGLE)))
+_LEADING_TAGS = re.compile(rf"(?:\s*{CONTROL.pattern})+")
 
 
 def _control_prefix(text: str) -> tuple[str, str]:

@@ -104,12 +104,11 @@ def plan_request(
         )
     instruct = (instruct or "").strip() or None
     library = state.library
+    # a cloned voice stored with the model (spk2info.pt) is spoken as a saved one is
+    stored_clone = voice in engine.presets and engine.presets[voice].kind != "preset"
     if voice in engine.presets:
         saved = None
-        if engine.presets[voice].kind == "preset":
-            chosen = Mode.INSTRUCT if instruct else Mode.PRESET
-        else:  # a cloned voice stored with the model (spk2info.pt): spoken as a saved one is
-            chosen = Mode.INSTRUCT if instruct else Mode.ZERO_SHOT
+        chosen = Mode.INSTRUCT if instruct else (Mode.ZERO_SHOT if stored_clone else Mode.PRESET)
     elif library is not None and library.exists(voice):
         saved = voice
         if instruct:
@@ -125,13 +124,13 @@ def plan_request(
         raise unknown_voice(voice, engine.voices() + (library.names() if library else []))
     if mode is not None:
         chosen = Mode(mode)
-        cloned = saved is not None or engine.presets[voice].kind != "preset"
+        cloned = saved is not None or stored_clone
         if not cloned and chosen not in (Mode.PRESET, Mode.INSTRUCT):
             raise InvalidRequestError(
                 f"mode '{chosen.value}' clones a prompt: use a saved voice, "
                 f"not the preset {voice!r}"
             )
-        if cloned and saved is None and chosen == Mode.PRESET:
+        if stored_clone and chosen == Mode.PRESET:
             raise InvalidRequestError(f"{voice!r} is a cloned voice: use it with mode zero_shot")
         if saved is not None and chosen == Mode.PRESET:
             raise InvalidRequestError(f"{voice!r} is a saved voice, not a preset")

@@ -146,6 +146,10 @@ def _letter_scripts(text: str) -> set[str]:
 NAMES_SHOWN = 20  # voice names an error message lists at most
 
 
+def _no_voice(name: str) -> UnknownVoiceError:
+    return UnknownVoiceError(f"no saved voice named {_shown(name)}")
+
+
 def unknown_voice(voice: str, available: list[str]) -> UnknownVoiceError:
     """'unknown voice', naming the first few voices there are (a library may hold thousands:
     every typo must not return them all)."""
@@ -497,12 +501,12 @@ class VoiceLibrary:
     def get(self, name: str) -> VoiceInfo:
         folder = self._folder(name)
         if folder is None:
-            raise UnknownVoiceError(f"no saved voice named {_shown(name)}")
+            raise _no_voice(name)
         try:
             return _read_meta(self.store, folder)
         except ValueError as exc:
             if not self.exists(name):  # deleted meanwhile: gone, not damaged
-                raise UnknownVoiceError(f"no saved voice named {_shown(name)}") from None
+                raise _no_voice(name) from None
             raise VoiceDamagedError(
                 f"saved voice {folder!r} is damaged: {exc}; delete it and create it again"
             ) from None
@@ -601,7 +605,7 @@ class VoiceLibrary:
         with self._lock:
             folder = self._folder(name)
             if folder is None:
-                raise UnknownVoiceError(f"no saved voice named {_shown(name)}")
+                raise _no_voice(name)
             try:
                 self.store.remove(folder)  # atomic: gone at once, even if cut short
             except OSError as exc:
@@ -647,7 +651,7 @@ class VoiceLibrary:
                 raise
             except Exception as exc:  # noqa: BLE001 - the stored prompt is ours, not the client's
                 if not self.exists(name):  # deleted meanwhile: gone, not damaged
-                    raise UnknownVoiceError(f"no saved voice named {_shown(name)}") from None
+                    raise _no_voice(name) from None
                 raise VoiceDamagedError(
                     f"saved voice {name!r} is damaged: its stored recording cannot be used "
                     f"({type(exc).__name__}); delete it and create it again"
