@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from test_server_support import EngineProbe, ServerThread, metric, tiny_engine
+from test_server_support import EngineProbe, ServerThread, metric, prompt_wav, tiny_engine
 
 from cosyvoice_lite.serving import Settings, create_app
 from cosyvoice_lite.serving.guard import PAGE_CSP, unreadable_json
@@ -221,6 +221,64 @@ def test_voice_fields_are_limited(client):
         "prompt_text_too_long",
     )
     assert error["param"] == "prompt_text"
+
+
+def multipart(parts: list[tuple[str, bytes, str | None]], charset: str | None = None):
+    """A form body written by hand (httpx always sends UTF-8): (name, bytes, filename)."""
+    boundary = "f0rmb0undary"
+    body = b""
+    for name, data, filename in parts:
+        file = f'; filename="{filename}"' if filename else ""
+        body += (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{file}\r\n\r\n'.encode()
+        )
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    if charset:
+        content_type += f"; charset={charset}"
+    return {"content": body, "headers": {"content-type": content_type}}
+
+
+def test_form_text_must_decode_in_the_forms_charset(client):
+    """Text that is not UTF-8 was read as Latin-1 and spoken as mojibake; now it is a 400 naming
+    the field, and a form that names its charset is read in it."""
+    said = "希望你好"
+    audio = ("audio", prompt_wav(2.0), "p.wav")
+    gbk = [("name", b"gbk-voice", None), ("prompt_text", said.encode("gbk"), None), audio]
+    error = error_of(client.post("/voices", **multipart(gbk)), 400, "invalid_text")
+    assert error["param"] == "prompt_text" and "utf-8" in error["message"]
+    assert client.get("/voices/gbk-voice").status_code == 404
+    created = client.post("/voices", **multipart(gbk, charset="gbk"))
+    assert created.status_code == 201, created.text
+    assert client.get("/voices/gbk-voice").json()["prompt_text"] == said
+    assert client.delete("/voices/gbk-voice").status_code == 200
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    error = error_of(
+        client.post("/tts/upload", content=b"text=%FF%FE&speaker=x", headers=urlencoded),
+        400,
+        "invalid_text",
+    )
+    bad_charset = multipart([("name", b"x", None)], charset="no-such-charset")
+    error_of(client.post("/voices", **bad_charset), 400, "invalid_multipart")
+
+
+def test_form_fields_are_the_routes_own_and_bounded(client):
+    audio = ("audio", prompt_wav(2.0), "p.wav")
+    unknown = multipart([("name", b"v", None), ("colour", b"blue", None), audio])
+    error = error_of(client.post("/voices", **unknown), 400, "invalid_field")
+    assert error["param"] == "colour" and "accepted: name" in error["message"]
+    as_file = multipart([("name", b"v", "name.txt"), audio])
+    error = error_of(client.post("/voices", **as_file), 400, "invalid_field")
+    assert "text field" in error["message"]
+    twice = multipart([("name", b"v", None), audio, audio])
+    error_of(client.post("/voices", **twice), 400, "invalid_field")
+    huge_field = multipart([("name", b"v", None), ("prompt_text", b"x" * 70_000, None), audio])
+    error = error_of(client.post("/voices", **huge_field), 413, "field_too_large")
+    assert error["param"] == "prompt_text"
+    nameless = {**multipart([]), "content": b"--f0rmb0undary\r\n\r\nx\r\n--f0rmb0undary--\r\n"}
+    error_of(client.post("/voices", **nameless), 400, "invalid_multipart")
+    assert client.get("/voices").json()["data"] == []
 
 
 # ------------------------------------------------------------------------------- headers, docs

@@ -226,6 +226,11 @@ def test_a_cloned_voice_stored_with_the_model_is_spoken_as_one(tmp_path):
         )
         r = c.post("/tts", json={"text": "你好。", "speaker": "中文女", "seed": 1})
         assert r.status_code == 200  # a real preset still speaks as one
+        # listed as what it is (the page offers it where cloned voices go)
+        kinds = {s["name"]: s["kind"] for s in c.get("/speakers").json()["speakers"]}
+        assert kinds["zero_shot_zh"] == "cloned" and kinds["中文女"] == "preset"
+        listed = {v["id"]: v["kind"] for v in c.get("/v1/audio/voices").json()["data"]}
+        assert listed["zero_shot_zh"] == "cloned" and listed["中文女"] == "preset"
 
 
 def test_saved_voices_are_prepared_when_a_server_starts(tmp_path):

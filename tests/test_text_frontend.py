@@ -428,3 +428,11 @@ def test_a_cut_by_length_never_splits_a_tag():
     pieces = frontend.normalize(text)
     assert len(pieces) > 2 and sum("[breath]" in p for p in pieces) == 1
     assert "".join(pieces) == text + "。"
+    # nor between tags that spell one syllable; a run longer than a piece is cut between tags
+    syllables = "你" * 77 + "[h][ào]" + "你好" * 100  # the 80th character ends [h]
+    pieces = frontend.normalize(syllables)
+    assert sum("[h][ào]" in p for p in pieces) == 1 and "".join(pieces) == syllables + "。"
+    run = "[h][ǎo]" * 30 + "你" * 100
+    pieces = frontend.normalize(run)
+    assert all(len(p) <= 80 for p in pieces[:-1]) and "".join(pieces) == run + "。"
+    assert all(p.count("[") == p.count("]") for p in pieces)

@@ -339,22 +339,34 @@ def cut_long_sentence(sentence: str, token_max_n: int, length: Callable[[str], i
 
 
 def _fixed_pieces(text: str, size: int) -> list[str]:
-    """``text`` in pieces of ``size`` characters, a cut that would fall inside a tag (``[breath]``,
-    ``<strong>``, ``<|en|>``) moved to before it."""
+    """``text`` in pieces of ``size`` characters. A cut is never inside a tag (``[breath]``,
+    ``<strong>``, ``<|en|>``) nor between adjacent tags (``[h][ào]`` spells one syllable): it
+    moves to before the run of tags, or, for a run longer than a piece, to the last boundary
+    between its tags."""
+    runs = [(m.start(), m.end()) for m in _TAG_RUN.finditer(text)]
     pieces, start = [], 0
     while len(text) - start > size:
         cut = start + size
-        opened = max(text.rfind("[", start, cut), text.rfind("<", start, cut))
-        if opened > start and (tag := _TAG_AT.match(text, opened)) and tag.end() > cut:
-            cut = opened
+        for run_start, run_end in runs:
+            if run_start < cut < run_end:
+                cut = run_start if run_start > start else _last_tag_end(text, start, cut, run_end)
+                break
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
 
 
+def _last_tag_end(text: str, start: int, cut: int, run_end: int) -> int:
+    """Where the last whole tag before ``cut`` ends in a run of tags from ``start`` (the run's
+    end if even its first tag reaches past ``cut``)."""
+    ends = [m.end() for m in _TAG_AT.finditer(text, start, run_end) if m.end() <= cut]
+    return ends[-1] if ends else run_end
+
+
 # the tags check_markup knows as tags (frontend/markup.py)
 _TAG_AT = re.compile("|".join(pattern.pattern for pattern in (BRACKET, CONTROL, ANGLE)))
+_TAG_RUN = re.compile(f"(?:{_TAG_AT.pattern})+")
 _LEADING_TAGS = re.compile(rf"(?:\s*{CONTROL.pattern})+")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import logging
 import threading
 import time
@@ -22,7 +21,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import soundfile as sf
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -36,17 +34,18 @@ from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready
+from .forms import read_form
 from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
 from .openapi import install_openapi
 from .outputs import OutputStore
 from .page_info import page_info
-from .prompts import PromptCache
+from .prompts import PromptCache, check_audio
 from .scheduler import Scheduler
 from .schemas import TTSRequest
 from .settings import Settings
-from .synthesis import Plan, plan_request, respond, supported_modes
+from .synthesis import Plan, model_voices, plan_request, respond, supported_modes
 from .upload_api import upload_router
 from .voice_create import prepare_saved_voices, save_voice
 from .voice_store_s3 import attachment, voice_store
@@ -467,9 +466,10 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
 def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/speakers", tags=["simple API"])
     async def speakers():
-        """Every usable voice: the model's presets and the saved voices."""
+        """Every usable voice: the model's own (``preset``, or ``cloned``: prompt features stored
+        with the model, spoken as a saved voice is) and the saved voices."""
         engine = state.require_engine()
-        presets = [{"name": n, "kind": "preset"} for n in engine.voices()]
+        presets = model_voices(engine)
         saved = [
             {
                 "name": v.name,
@@ -514,65 +514,26 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
 
 
 async def _read_upload(request: Request, settings: Settings) -> tuple[str, str, bytes]:
-    limit = settings.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + 64 * 1024:
-        raise ApiError(
-            413,
-            f"upload too large: {int(length)} bytes, at most {limit} bytes of audio",
-            code="upload_too_large",
-            param="audio",
-        )
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(
-            415,
-            "send the voice as multipart/form-data with fields name, prompt_text "
-            "and audio (a file)",
-            code="unsupported_media_type",
-        )
-    try:
-        form = await request.form(max_files=1, max_fields=8)
-    except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
-        raise ApiError(400, f"malformed multipart body: {exc}", code="invalid_multipart") from None
-    name = form.get("name")
-    audio = form.get("audio")
-    prompt_text = form.get("prompt_text") or form.get("transcript") or ""
-    if not isinstance(name, str) or not name.strip():
+    form = await read_form(
+        request, settings.max_upload_bytes, ("audio",), ("name", "prompt_text", "transcript")
+    )
+    name = form.fields.get("name", "").strip()
+    if not name:
         raise ApiError(
             400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
         )
-    if audio is None or isinstance(audio, str):
+    data = form.files.get("audio")
+    if data is None:
         raise ApiError(
             400,
             "missing file field 'audio' (the prompt recording)",
             code="missing_field",
             param="audio",
         )
-    if not isinstance(prompt_text, str):
-        raise ApiError(400, "'prompt_text' must be text", code="invalid_field", param="prompt_text")
+    prompt_text = form.fields.get("prompt_text") or form.fields.get("transcript") or ""
     check_texts(settings, name=name, prompt_text=prompt_text)
-    data = await audio.read(limit + 1)
-    await form.close()
-    if len(data) > limit:
-        raise ApiError(
-            413,
-            f"upload too large: more than {limit} bytes of audio",
-            code="upload_too_large",
-            param="audio",
-        )
-    if not data:
-        raise ApiError(400, "the audio file is empty", code="invalid_audio", param="audio")
-    try:
-        sf.info(io.BytesIO(data))
-    except Exception:  # noqa: BLE001 - anything libsndfile cannot open
-        raise ApiError(
-            415,
-            "the audio file could not be decoded; upload wav, flac, mp3 or ogg (vorbis/opus)",
-            code="unsupported_audio_format",
-            param="audio",
-        ) from None
-    return name.strip(), prompt_text, data
+    check_audio(data, "audio", settings.max_upload_bytes, settings.max_prompt_seconds)
+    return name, prompt_text, data
 
 
 def _add_voice_routes(app: FastAPI, state: ServerState) -> None:

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Request
 
 from ..errors import UnknownVoiceError
 from .errors import ApiError
+from .forms import read_form
 from .guard import check_text, check_texts
-from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted, read_form
+from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
 from .schemas import OPENAI_FORMATS, SpeechRequest
-from .synthesis import Plan, plan_request, respond
+from .synthesis import Plan, model_voices, plan_request, respond
 from .voice_create import save_voice
 from .voices import NAMES_SHOWN, unknown_voice, validate_name
 
@@ -245,12 +246,10 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
 
     @router.get("/v1/audio/voices", tags=["voice library"], responses=error_responses(401, 503))
     async def list_voices():
-        """Every voice ``voice`` accepts: presets, saved voices, and the OpenAI names mapped to
-        them (``kind: alias`` with its ``target``)."""
+        """Every voice ``voice`` accepts: the model's own (``preset`` or ``cloned``), saved voices,
+        and the OpenAI names mapped to them (``kind: alias`` with its ``target``)."""
         engine = state.require_engine()
-        data = [
-            {"id": n, "name": n, "object": "audio.voice", "kind": "preset"} for n in engine.voices()
-        ]
+        data = [{"id": v["name"], "object": "audio.voice", **v} for v in model_voices(engine)]
         data += [v.to_api() for v in state.library.list()]
         data += [
             {"id": alias, "name": alias, "object": "audio.voice", "kind": "alias", "target": target}

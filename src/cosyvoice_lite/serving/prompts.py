@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import soundfile as sf
-from fastapi import Request
 
 from ..audio.io import check_prompt_audio, load_audio
 from ..errors import AudioError, InvalidRequestError, UnsupportedModeError
@@ -182,70 +181,6 @@ def decode_audio_field(value: str, field: str, limit: int) -> bytes:
             400, f"{field} is not valid base64", code="invalid_audio", param=field
         ) from None
     return check_audio(data, field, limit)
-
-
-@dataclass
-class Form:
-    """A parsed multipart body: text fields and file contents (already size-checked)."""
-
-    fields: dict[str, str]
-    files: dict[str, bytes]
-
-
-async def read_form(
-    request: Request, limit: int, file_fields: tuple[str, ...], text_fields: tuple[str, ...]
-) -> Form:
-    """Read a multipart body with at most ``len(file_fields)`` files of ``limit`` bytes each."""
-    length = request.headers.get("content-length")
-    allowed = limit * len(file_fields) + 64 * 1024
-    if length and length.isdigit() and int(length) > allowed:
-        raise ApiError(
-            413,
-            f"request too large: {int(length)} bytes, at most {limit} bytes per audio file",
-            code="upload_too_large",
-        )
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        raise ApiError(
-            415,
-            "send multipart/form-data (audio as files, the rest as fields)",
-            code="unsupported_media_type",
-        )
-    try:
-        form = await request.form(
-            max_files=len(file_fields), max_fields=len(text_fields) + len(file_fields)
-        )
-    except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
-        raise ApiError(400, f"malformed multipart body: {exc}", code="invalid_multipart") from None
-    try:
-        fields, files = {}, {}
-        for name, value in form.multi_items():
-            if name in file_fields and not isinstance(value, str):
-                data = await value.read(limit + 1)
-                if len(data) > limit:
-                    raise ApiError(
-                        413,
-                        f"{name} is too large: more than {limit} bytes of audio",
-                        code="upload_too_large",
-                        param=name,
-                    )
-                files[name] = data
-            elif name in text_fields and isinstance(value, str):
-                fields[name] = value
-            elif name in file_fields:
-                raise ApiError(
-                    400, f"'{name}' must be a file upload", code="invalid_field", param=name
-                )
-            else:
-                raise ApiError(
-                    400,
-                    f"unknown field '{name}'; accepted: {', '.join(text_fields + file_fields)}",
-                    code="invalid_field",
-                    param=name,
-                )
-    finally:
-        await form.close()
-    return Form(fields, files)
 
 
 # ---------------------------------------------------------------------------------- planning

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -10,6 +10,15 @@ AudioFormat = Literal["wav", "mp3", "flac", "opus", "ogg", "pcm"]
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 ModeName = Literal["preset", "zero_shot", "cross_lingual", "instruct"]
 OPENAI_FORMATS = ["mp3", "opus", "flac", "wav", "pcm"]
+
+
+def speed_field() -> Any:
+    # checked by the engine, so every API answers 400 naming the range; documented here
+    return Field(
+        1.0,
+        description="0.5 to 2.0 (the models' range).",
+        json_schema_extra={"minimum": 0.5, "maximum": 2.0},
+    )
 
 
 class TTSRequest(BaseModel):
@@ -20,12 +29,7 @@ class TTSRequest(BaseModel):
     text: str = Field(description="Text to speak.")
     speaker: str = Field(description="A preset voice or a saved voice (see GET /speakers).")
     instruct: str | None = Field(None, description="Style instruction (models that support it).")
-    # checked by the engine (400 naming the range), documented here
-    speed: float = Field(
-        1.0,
-        description="0.5 to 2.0 (the models' range).",
-        json_schema_extra={"minimum": 0.5, "maximum": 2.0},
-    )
+    speed: float = speed_field()
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Make the result reproducible.")
     format: AudioFormat = "wav"
     stream: bool = Field(False, description="Send audio while it is being synthesized.")
@@ -54,7 +58,7 @@ class SpeechRequest(BaseModel):
     instructions: str | None = None
     # A plain string checked by the server (400 naming the formats), documented as an enum.
     response_format: str = Field("mp3", json_schema_extra={"enum": OPENAI_FORMATS})
-    speed: float = Field(1.0, ge=0.5, le=2.0, description="0.5 to 2.0 (the models' range).")
+    speed: float = speed_field()
     stream_format: Literal["audio", "sse"] = "audio"
     # extensions (OpenAI clients send them through extra_body)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

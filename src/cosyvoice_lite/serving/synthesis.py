@@ -69,6 +69,20 @@ def voice_key(engine: Engine) -> str:
     return f"v{engine.version}-{engine.sample_rate}"
 
 
+def is_stored_clone(engine: Engine, voice: str) -> bool:
+    """A cloned voice stored with the model (spk2info.pt holds its prompt features, as
+    CosyVoice2's 'zero_shot_zh'): spoken as a saved voice is, not as a preset."""
+    return voice in engine.presets and engine.presets[voice].kind != "preset"
+
+
+def model_voices(engine: Engine) -> list[dict]:
+    """The voices stored with the model, for the voice lists: kind ``preset`` or ``cloned``."""
+    return [
+        {"name": n, "kind": "cloned" if is_stored_clone(engine, n) else "preset"}
+        for n in engine.voices()
+    ]
+
+
 def supported_modes(engine: Engine) -> list[str]:
     return [m.value for m in engine.modes]
 
@@ -104,8 +118,7 @@ def plan_request(
         )
     instruct = (instruct or "").strip() or None
     library = state.library
-    # a cloned voice stored with the model (spk2info.pt) is spoken as a saved one is
-    stored_clone = voice in engine.presets and engine.presets[voice].kind != "preset"
+    stored_clone = is_stored_clone(engine, voice)
     if voice in engine.presets:
         saved = None
         chosen = Mode.INSTRUCT if instruct else (Mode.ZERO_SHOT if stored_clone else Mode.PRESET)

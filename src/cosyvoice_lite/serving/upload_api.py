@@ -7,8 +7,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from .errors import ApiError
+from .forms import read_form
 from .openai_api import error_responses
-from .prompts import PromptCache, check_audio, plan_prompted, read_form
+from .prompts import PromptCache, check_audio, plan_prompted
 from .schemas import MAX_SEED
 from .synthesis import Plan, respond
 

@@ -142,19 +142,20 @@ async function loadVoices(select) {
   updateCount();
 }
 
-// The voice picker offers what the mode can use: presets and saved voices to speak with; for
-// instructions on CosyVoice2/3 and for voice conversion, saved voices next to a recording.
+// The voice picker offers what the mode can use: presets and cloned voices (saved ones and
+// those stored with the model) to speak with; for instructions on CosyVoice2/3 and for voice
+// conversion, cloned voices next to a recording.
 function fillVoiceSelect(select) {
   const voice = $("voice");
   const previous = select || voice.value;
   const m = model();
   const mode = state.mode;
-  let kinds = ["saved", "preset"], blank = null;
+  let kinds = ["saved", "cloned", "preset"], blank = null;
   if (mode === "instruct" && m && m.instruct_needs_preset) kinds = ["preset"];
-  else if (mode === "instruct" || mode === "vc") { kinds = ["saved"]; blank = "— the recording above —"; }
+  else if (mode === "instruct" || mode === "vc") { kinds = ["saved", "cloned"]; blank = "— the recording above —"; }
   voice.replaceChildren();
   if (blank) voice.append(new Option(blank, ""));
-  const groups = { preset: "Preset voices", saved: "Saved voices" };
+  const groups = { preset: "Preset voices", cloned: "Cloned voices of the model", saved: "Saved voices" };
   let count = 0;
   for (const kind of kinds) {
     const items = state.speakers.filter((s) => s.kind === kind);
