@@ -381,3 +381,17 @@ def test_serve_refuses_bad_load_options_before_starting(capsys):
     ):
         assert main(["serve", "--model", "tests/data/models/v1-tiny", option, value]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_serve_bounds_each_streams_flow_history_unless_told_not_to():
+    """A stream's flow history is bounded by default (a float32 CosyVoice2 stream holds ~225 MB
+    per second of audio unbounded); ``none`` lifts the bound."""
+    from cosyvoice_lite.cli import build_parser
+    from cosyvoice_lite.serving.cli import load_options
+
+    parser = build_parser()
+    serve = ["serve", "--model", "tests/data/models/v2-tiny"]
+    assert load_options(parser.parse_args(serve))["stream_cache_mb"] == 256
+    for value, expected in (("none", None), ("NONE", None), ("0", 0), ("2048", 2048)):
+        args = parser.parse_args([*serve, "--stream-cache-mb", value])
+        assert load_options(args)["stream_cache_mb"] == expected

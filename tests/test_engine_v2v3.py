@@ -224,11 +224,12 @@ def test_streams_share_their_voice_and_a_stream_budget_keeps_the_audio(v2: Engin
     misses, hits = flows.misses, flows.hits
     unbounded, n_chunks = _audio(v2, request)
     assert n_chunks > 2 and (flows.misses, flows.hits) == (misses + 1, hits)
+    assert v2.pipeline.stream_cache_bytes == 256 << 20  # the default bound, far above tiny's
     v2.pipeline.stream_cache_bytes = 0
     try:
         bounded, _ = _audio(v2, request)
     finally:
-        v2.pipeline.stream_cache_bytes = None
+        v2.pipeline.stream_cache_bytes = 256 << 20
     assert flows.hits == hits + 1 and len(flows) == 1
     assert bounded.shape == unbounded.shape
     assert float(np.abs(bounded - unbounded).max()) < 5e-2

@@ -259,8 +259,24 @@ def test_form_text_must_decode_in_the_forms_charset(client):
         400,
         "invalid_text",
     )
-    bad_charset = multipart([("name", b"x", None)], charset="no-such-charset")
-    error_of(client.post("/voices", **bad_charset), 400, "invalid_multipart")
+    for charset in ("no-such-charset", "rot13", "base64", "undefined", "utf-16"):
+        # not text encodings, or not ASCII-compatible as the form's framing is
+        bad_charset = multipart([("name", b"x", None)], charset=charset)
+        error = error_of(client.post("/voices", **bad_charset), 400, "invalid_multipart")
+        assert charset in error["message"]
+        error_of(
+            client.post(
+                "/tts/upload",
+                content=b"text=hi",
+                headers={"content-type": f"application/x-www-form-urlencoded; charset={charset}"},
+            ),
+            400,
+            "invalid_multipart",
+        )
+    error = error_of(
+        client.post("/tts/upload", content=b"text=u%FF", headers=urlencoded), 400, "invalid_text"
+    )
+    assert error["param"] == "text"
 
 
 def test_form_fields_are_the_routes_own_and_bounded(client):
@@ -276,6 +292,24 @@ def test_form_fields_are_the_routes_own_and_bounded(client):
     huge_field = multipart([("name", b"v", None), ("prompt_text", b"x" * 70_000, None), audio])
     error = error_of(client.post("/voices", **huge_field), 413, "field_too_large")
     assert error["param"] == "prompt_text"
+    as_text = multipart([("name", b"v", None), ("audio", prompt_wav(2.0), None)])
+    error = error_of(client.post("/voices", **as_text), 400, "invalid_field")
+    assert "file upload" in error["message"]  # refused at its headers, not after 64 KiB of it
+    huge_unknown = multipart([("name", b"v", None), ("zzz", b"x" * 70_000, None), audio])
+    error_of(client.post("/voices", **huge_unknown), 400, "invalid_field")
+    many = multipart([("name", b"v", None)] * 2_000)
+    error = error_of(client.post("/voices", **many), 400, "invalid_multipart")
+    assert "parts" in error["message"]
+    # a body cut before its closing boundary is not a shorter recording
+    whole = multipart([("name", b"cut", None), audio])
+    for cut in (40_000, len(b"--f0rmb0undary--\r\n")):
+        truncated = {**whole, "content": whole["content"][:-cut]}
+        error = error_of(client.post("/voices", **truncated), 400, "invalid_multipart")
+        assert "closing boundary" in error["message"]
+    assert client.get("/voices/cut").status_code == 404
+    two = multipart([("name", b"v", None), ("audio_sample", *audio[1:]), ("file", *audio[1:])])
+    error = error_of(client.post("/v1/audio/voices", **two), 400, "invalid_field")
+    assert "one recording" in error["message"]
     nameless = {**multipart([]), "content": b"--f0rmb0undary\r\n\r\nx\r\n--f0rmb0undary--\r\n"}
     error_of(client.post("/voices", **nameless), 400, "invalid_multipart")
     assert client.get("/voices").json()["data"] == []

@@ -175,7 +175,7 @@ class Engine:
         idle_release_seconds: float | None = DEFAULT_LIMITS.idle_release_seconds,
         flow_threads_while_decoding: int | None = None,
         prompt_cache_mb: int = 2048,
-        stream_cache_mb: int | None = None,
+        stream_cache_mb: int | None = 256,
         stream_cache_dtype: str | None = None,
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
@@ -201,7 +201,9 @@ class Engine:
         ``stream_cache_mb`` is a threshold on each stream's own flow caches (checked before each
         flow call, so one chunk and buffer slack may pass it): past it they stop growing and the
         later frames are re-solved at every audio piece, as the official re-solves its whole
-        history (flat memory, more compute; None: unbounded). ``stream_cache_dtype`` ("float16"
+        history (flat memory, more compute). The default 256 bounds a stream whatever its length
+        (unbounded, a float32 CosyVoice2 stream holds ~225 MB per second of audio, and a segment
+        may run to minutes: a model that does not stop); None: unbounded. ``stream_cache_dtype`` ("float16"
         or "float32", float32 weights only) is the dtype of those caches and of the voices'
         prompt frames: float16 halves them at a rounding of the keys and values (streamed mel
         ~1e-5 relative); None: exact in float32, float16 with ``quantize="int8"``

@@ -93,11 +93,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--stream-cache-mb",
-        type=int,
-        default=None,
+        type=_mb_or_none,
+        default=256,  # Engine.load's default
         help="threshold on each stream's own flow history (v2/v3, MiB); past it the history stops "
         "growing and the later frames are re-solved at every audio piece, as the official "
-        "re-solves its whole history (default: unbounded)",
+        "re-solves its whole history, so a stream's memory is bounded whatever its length "
+        "(default 256; none: unbounded, fastest for long streams)",
     )
     limits.add_argument(
         "--stream-cache-dtype",
@@ -352,6 +353,13 @@ def cmd_serve_ray(args: argparse.Namespace, settings) -> int:
     except ValueError as exc:
         raise CosyVoiceError(f"bad server option: {exc}") from None
     return serve_on_ray(settings, options)
+
+
+def _mb_or_none(value: str) -> int | None:
+    """MiB (0 or more), or ``none`` for no bound."""
+    if value.strip().lower() == "none":
+        return None
+    return int(value)
 
 
 def _port(value: str) -> int:

@@ -4,14 +4,16 @@ Starlette's own form reader turns text that is not valid in the body's charset i
 characters without a word, so a transcript sent in GBK was spoken as mojibake; it also spools
 files to disk that we read back into memory anyway. Here every part is kept in memory as it
 arrives (the guard middleware bounds the whole body), each file and text field against its own
-limit, and text that does not decode is a 400 naming the field.
+limit; a part the route does not take is refused as soon as its headers are read, a body that
+stops before its closing boundary is refused (a cut upload is not a shorter recording), and text
+that does not decode is a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
@@ -21,6 +23,8 @@ from starlette.requests import Request
 from .errors import ApiError
 
 TEXT_FIELD_BYTES = 64 * 1024  # a text field (names, transcripts, options) is never near this
+# repeated text fields are allowed (the last wins), within this many parts per field a route takes
+PARTS_PER_FIELD = 2
 
 
 @dataclass
@@ -33,10 +37,9 @@ class Form:
 
 @dataclass
 class _Part:
-    name: str = ""
-    is_file: bool = False
+    name: str
+    is_file: bool
     data: bytearray = field(default_factory=bytearray)
-    text: str = ""  # a text field's value, decoded when the part ends
 
 
 def _malformed(message: str) -> ApiError:
@@ -44,37 +47,80 @@ def _malformed(message: str) -> ApiError:
 
 
 def _charset(params: dict[bytes, bytes]) -> str:
+    """The form's charset (UTF-8 unless named): a text encoding that writes ASCII as ASCII, as
+    the form's framing is ASCII (``rot13``, ``base64`` or ``utf-16`` are not)."""
     name = params.get(b"charset", b"utf-8").decode("latin-1")
     try:
-        return codecs.lookup(name).name
-    except LookupError:
-        raise ApiError(
-            400, f"unknown charset {name!r}; send UTF-8", code="invalid_multipart"
-        ) from None
-
-
-def _not_text(what: str, charset: str, param: str | None = None) -> ApiError:
-    return ApiError(
-        400,
-        f"{what} is not valid {charset} text (send UTF-8, or name the charset in the Content-Type)",
-        code="invalid_text",
-        param=param,
+        charset = codecs.lookup(name).name
+        if "name=-_.09AZaz".encode(charset) == b"name=-_.09AZaz":
+            return charset
+    except (LookupError, UnicodeError, TypeError):
+        pass
+    raise ApiError(
+        400, f"charset {name!r} cannot be used for a form; send UTF-8", code="invalid_multipart"
     )
 
 
-def _decode(data: bytes, charset: str, what: str, param: str | None = None) -> str:
+def _decode(data: bytes, charset: str, name: str | None) -> str:
     try:
         return data.decode(charset)
-    except UnicodeDecodeError:
-        raise _not_text(what, charset, param) from None
+    except UnicodeError:
+        what = f"field '{name}'" if name is not None else "a field name"
+        raise ApiError(
+            400,
+            f"{what} is not valid {charset} text (send UTF-8, or name the charset in the "
+            "Content-Type)",
+            code="invalid_text",
+            param=name,
+        ) from None
 
 
-class _FormReader:
-    """The callbacks of python-multipart's parser: parts collected with their limits."""
+class _Fields:
+    """What one route takes: its file fields (at most one file each, ``limit`` bytes) and text
+    fields; every check names the field."""
 
-    def __init__(self, charset: str, file_limit: int, file_fields: tuple[str, ...]) -> None:
-        self.charset, self.file_limit, self.file_fields = charset, file_limit, file_fields
+    def __init__(self, limit: int, files: tuple[str, ...], texts: tuple[str, ...]) -> None:
+        self.limit, self.files, self.texts = limit, files, texts
+        self.max_parts = PARTS_PER_FIELD * (len(files) + len(texts))
+
+    def check(self, name: str, is_file: bool) -> None:
+        if name in self.files and not is_file:
+            raise self._invalid(name, f"'{name}' must be a file upload")
+        if name in self.texts and is_file:
+            raise self._invalid(name, f"'{name}' must be a text field, not a file")
+        if name not in self.files and name not in self.texts:
+            accepted = ", ".join(self.texts + self.files)
+            raise self._invalid(name, f"unknown field '{name}'; accepted: {accepted}")
+
+    def check_size(self, part: _Part) -> None:
+        if part.is_file and len(part.data) > self.limit:
+            raise ApiError(
+                413,
+                f"{part.name} is too large: more than {self.limit} bytes of audio",
+                code="upload_too_large",
+                param=part.name,
+            )
+        if not part.is_file and len(part.data) > TEXT_FIELD_BYTES:
+            raise ApiError(
+                413,
+                f"field '{part.name}' is too large: more than {TEXT_FIELD_BYTES} bytes",
+                code="field_too_large",
+                param=part.name,
+            )
+
+    @staticmethod
+    def _invalid(name: str, message: str) -> ApiError:
+        return ApiError(400, message, code="invalid_field", param=name)
+
+
+class _MultipartReader:
+    """The callbacks of python-multipart's parser: each part checked when its headers end,
+    its data against its limit as it arrives."""
+
+    def __init__(self, charset: str, fields: _Fields) -> None:
+        self.charset, self.fields = charset, fields
         self.parts: list[_Part] = []
+        self.ended = False
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._disposition = b""
@@ -87,11 +133,12 @@ class _FormReader:
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._data,
-            "on_part_end": self._end,
+            "on_end": self._end,
         }
 
     def _begin(self) -> None:
-        self.parts.append(_Part())
+        if len(self.parts) >= self.fields.max_parts:
+            raise _malformed(f"more than {self.fields.max_parts} parts")
         self._disposition = b""
 
     def _header_end(self) -> None:
@@ -104,51 +151,39 @@ class _FormReader:
         _, options = parse_options_header(self._disposition)
         if b"name" not in options:
             raise _malformed("a part without a name in its Content-Disposition")
-        part = self.parts[-1]
-        part.name = _decode(options[b"name"], self.charset, "a field name")
-        part.is_file = b"filename" in options
+        name = _decode(options[b"name"], self.charset, None)
+        # (python-multipart's header parser drops an RFC 5987 filename*=, which marks a file too)
+        is_file = b"filename" in options or b"filename*=" in self._disposition.lower()
+        self.fields.check(name, is_file)
+        self.parts.append(_Part(name, is_file))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self.parts[-1]
         part.data.extend(data[start:end])
-        if part.is_file and len(part.data) > self.file_limit:
-            raise ApiError(
-                413,
-                f"{part.name} is too large: more than {self.file_limit} bytes of audio",
-                code="upload_too_large",
-                param=part.name,
-            )
-        if not part.is_file and len(part.data) > TEXT_FIELD_BYTES:
-            raise ApiError(
-                413,
-                f"field '{part.name}' is too large: more than {TEXT_FIELD_BYTES} bytes",
-                code="field_too_large",
-                param=part.name,
-            )
+        self.fields.check_size(part)
 
     def _end(self) -> None:
-        part = self.parts[-1]
-        if not part.is_file:
-            part.text = _decode(bytes(part.data), self.charset, f"field '{part.name}'", part.name)
-            part.data.clear()
+        self.ended = True
 
 
-async def _read_parts(request: Request, params: dict, limit: int, file_fields) -> list[_Part]:
-    if b"boundary" not in params:
+async def _read_multipart(
+    request: Request, params: dict, charset: str, fields: _Fields
+) -> list[_Part]:
+    if not params.get(b"boundary"):
         raise _malformed("no boundary in the Content-Type")
-    reader = _FormReader(_charset(params), limit, file_fields)
+    reader = _MultipartReader(charset, fields)
     parser = MultipartParser(params[b"boundary"], reader.callbacks())
     try:
         async for chunk in request.stream():
             parser.write(chunk)
-        parser.finalize()
     except FormParserError as exc:
         raise _malformed(str(exc) or type(exc).__name__) from None
+    if not reader.ended:  # python-multipart's finalize() does not check this
+        raise _malformed("the body ends before its closing boundary")
     return reader.parts
 
 
-async def _read_urlencoded(request: Request, params: dict) -> list[_Part]:
-    charset = _charset(params)
+async def _read_urlencoded(request: Request, charset: str, fields: _Fields) -> list[_Part]:
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
@@ -158,12 +193,18 @@ async def _read_urlencoded(request: Request, params: dict) -> list[_Part]:
                 f"form too large: more than {TEXT_FIELD_BYTES} bytes of fields",
                 code="field_too_large",
             )
-    try:
-        text = bytes(body).decode(charset)
-        pairs = parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict")
-    except UnicodeDecodeError:
-        raise _not_text("the form", charset) from None
-    return [_Part(name, text=value) for name, value in pairs]
+    parts = []
+    for pair in bytes(body).split(b"&"):
+        if not pair:
+            continue
+        if len(parts) >= fields.max_parts:
+            raise _malformed(f"more than {fields.max_parts} fields")
+        raw_name, _, raw_value = pair.partition(b"=")
+        name = _decode(unquote_to_bytes(raw_name.replace(b"+", b" ")), charset, None)
+        fields.check(name, is_file=False)
+        value = unquote_to_bytes(raw_value.replace(b"+", b" "))
+        parts.append(_Part(name, False, bytearray(value)))
+    return parts
 
 
 async def read_form(
@@ -180,37 +221,27 @@ async def read_form(
             f"request too large: {int(length)} bytes, at most {limit} bytes per audio file",
             code="upload_too_large",
         )
+    fields = _Fields(limit, file_fields, text_fields)
     kind, params = parse_options_header(request.headers.get("content-type", ""))
-    if kind == b"multipart/form-data":
-        parts = await _read_parts(request, params, limit, file_fields)
-    elif kind == b"application/x-www-form-urlencoded":
-        parts = await _read_urlencoded(request, params)
-    else:
+    if kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
         raise ApiError(
             415,
             "send multipart/form-data (audio as files, the rest as fields)",
             code="unsupported_media_type",
         )
-    fields, files = {}, {}
+    charset = _charset(params)
+    if kind == b"multipart/form-data":
+        parts = await _read_multipart(request, params, charset, fields)
+    else:
+        parts = await _read_urlencoded(request, charset, fields)
+    texts, files = {}, {}
     for part in parts:
-        if part.name in file_fields and part.is_file:
-            if part.name in files:
-                raise ApiError(
-                    400, f"more than one file '{part.name}'", code="invalid_field", param=part.name
-                )
-            files[part.name] = bytes(part.data)
-        elif part.name in text_fields and not part.is_file:
-            fields[part.name] = part.text
-        elif part.name in file_fields or part.name in text_fields:
-            want = "a file upload" if part.name in file_fields else "a text field, not a file"
+        if not part.is_file:
+            texts[part.name] = _decode(bytes(part.data), charset, part.name)
+        elif part.name in files:
             raise ApiError(
-                400, f"'{part.name}' must be {want}", code="invalid_field", param=part.name
+                400, f"more than one file '{part.name}'", code="invalid_field", param=part.name
             )
         else:
-            raise ApiError(
-                400,
-                f"unknown field '{part.name}'; accepted: {', '.join(text_fields + file_fields)}",
-                code="invalid_field",
-                param=part.name,
-            )
-    return Form(fields, files)
+            files[part.name] = bytes(part.data)
+    return Form(texts, files)

@@ -305,6 +305,13 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
             raise ApiError(
                 400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
             )
+        if len(form.files) > 1:
+            raise ApiError(
+                400,
+                f"send one recording, not {' and '.join(form.files)}",
+                code="invalid_field",
+                param="audio_sample",
+            )
         field, data = next(iter(form.files.items()), ("audio_sample", None))
         if data is None:
             raise ApiError(
