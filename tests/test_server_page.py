@@ -482,3 +482,33 @@ def test_api_docs_render_without_internet(browser, server):
     page.wait_for_selector(".api-content", timeout=30000)
     assert all("logo" in url for url in outside), outside
     context.close()
+
+
+def test_cosyvoice2_cloned_voice_of_the_model_is_offered_as_a_cloned_voice(browser, tmp_path):
+    """CosyVoice2's spk2info.pt holds a cloned voice (zero_shot_zh) beside its presets: the
+    picker lists it in its own group, also where cloned voices go (instructions), and it speaks."""
+    from cosyvoice_lite.engine import Engine
+
+    engine = Engine.load(Path(__file__).resolve().parent / "data" / "models" / "v2-tiny")
+    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path))) as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        groups = "s => Object.fromEntries([...s.querySelectorAll('optgroup')].map(g => [g.label, [...g.children].map(o => o.value)]))"
+        picker = page.eval_on_selector("#voice", groups)
+        assert picker["Cloned voices of the model"] == ["zero_shot_zh"]
+        assert "zero_shot_zh" not in picker["Preset voices"]
+        page.click(".mode-btn[data-mode='instruct']")
+        assert list(page.eval_on_selector("#voice", groups)) == ["Cloned voices of the model"]
+        page.click(".mode-btn[data-mode='voice']")
+        page.select_option("#voice", "zero_shot_zh")
+        set_streaming(page, False)
+        page.fill("#text", "你好。")
+        page.click("#speak")
+        wait_js(page, "document.querySelectorAll('.result').length > 0", timeout=60)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert not errors, errors
+        context.close()
