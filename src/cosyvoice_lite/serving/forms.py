@@ -1,10 +1,10 @@
 """Form bodies (multipart/form-data and URL-encoded), read strictly and within bounds.
 
 Starlette's own form reader turns text that is not valid in the body's charset into Latin-1
-characters without a word, so a transcript sent in GBK was spoken as mojibake; it also spools
-files to disk that we read back into memory anyway. Here every part is kept in memory as it
-arrives (the guard middleware bounds the whole body), each file and text field against its own
-limit; a part the route does not take is refused as soon as its headers are read, a body that
+characters without a word, so a transcript sent in GBK was spoken as mojibake. Here each file and
+text field is read against its own limit as it arrives (the guard middleware bounds the whole
+body), files spooled to disk past ``SPOOL_BYTES`` so that many slow uploads at once do not hold
+their bodies in memory; a part the route does not take is refused as soon as its headers are read, a body that
 stops before its closing boundary is refused (a cut upload is not a shorter recording), and text
 that does not decode is a 400 naming the field.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
+from tempfile import SpooledTemporaryFile
 from urllib.parse import unquote_to_bytes
 
 from python_multipart import MultipartParser
@@ -25,6 +26,7 @@ from .errors import ApiError
 TEXT_FIELD_BYTES = 64 * 1024  # a text field (names, transcripts, options) is never near this
 # repeated text fields are allowed (the last wins), within this many parts per field a route takes
 PARTS_PER_FIELD = 2
+SPOOL_BYTES = 1024 * 1024  # a file part past this goes to a temporary file while it arrives
 
 
 @dataclass
@@ -39,7 +41,26 @@ class Form:
 class _Part:
     name: str
     is_file: bool
-    data: bytearray = field(default_factory=bytearray)
+    data: bytearray = field(default_factory=bytearray)  # a text field's bytes
+    spool: SpooledTemporaryFile | None = None  # a file's bytes
+    size: int = 0
+
+    def add(self, data: bytes) -> None:
+        if self.spool is not None:
+            self.spool.write(data)
+        else:
+            self.data.extend(data)
+        self.size += len(data)
+
+    def read(self) -> bytes:
+        if self.spool is None:
+            return bytes(self.data)
+        self.spool.seek(0)
+        return self.spool.read()
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
 
 
 def _malformed(message: str) -> ApiError:
@@ -93,14 +114,14 @@ class _Fields:
             raise self._invalid(name, f"unknown field '{name}'; accepted: {accepted}")
 
     def check_size(self, part: _Part) -> None:
-        if part.is_file and len(part.data) > self.limit:
+        if part.is_file and part.size > self.limit:
             raise ApiError(
                 413,
                 f"{part.name} is too large: more than {self.limit} bytes of audio",
                 code="upload_too_large",
                 param=part.name,
             )
-        if not part.is_file and len(part.data) > TEXT_FIELD_BYTES:
+        if not part.is_file and part.size > TEXT_FIELD_BYTES:
             raise ApiError(
                 413,
                 f"field '{part.name}' is too large: more than {TEXT_FIELD_BYTES} bytes",
@@ -155,11 +176,13 @@ class _MultipartReader:
         # (python-multipart's header parser drops an RFC 5987 filename*=, which marks a file too)
         is_file = b"filename" in options or b"filename*=" in self._disposition.lower()
         self.fields.check(name, is_file)
-        self.parts.append(_Part(name, is_file))
+        # closed by _close once read (or on any error)
+        spool = SpooledTemporaryFile(max_size=SPOOL_BYTES) if is_file else None  # noqa: SIM115
+        self.parts.append(_Part(name, is_file, spool=spool))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self.parts[-1]
-        part.data.extend(data[start:end])
+        part.add(data[start:end])
         self.fields.check_size(part)
 
     def _end(self) -> None:
@@ -176,11 +199,20 @@ async def _read_multipart(
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+        if not reader.ended:  # python-multipart's finalize() does not check this
+            raise _malformed("the body ends before its closing boundary")
     except FormParserError as exc:
+        _close(reader.parts)
         raise _malformed(str(exc) or type(exc).__name__) from None
-    if not reader.ended:  # python-multipart's finalize() does not check this
-        raise _malformed("the body ends before its closing boundary")
+    except BaseException:
+        _close(reader.parts)
+        raise
     return reader.parts
+
+
+def _close(parts: list[_Part]) -> None:
+    for part in parts:
+        part.close()
 
 
 async def _read_urlencoded(request: Request, charset: str, fields: _Fields) -> list[_Part]:
@@ -203,7 +235,7 @@ async def _read_urlencoded(request: Request, charset: str, fields: _Fields) -> l
         name = _decode(unquote_to_bytes(raw_name.replace(b"+", b" ")), charset, None)
         fields.check(name, is_file=False)
         value = unquote_to_bytes(raw_value.replace(b"+", b" "))
-        parts.append(_Part(name, False, bytearray(value)))
+        parts.append(_Part(name, False, bytearray(value), size=len(value)))
     return parts
 
 
@@ -235,13 +267,16 @@ async def read_form(
     else:
         parts = await _read_urlencoded(request, charset, fields)
     texts, files = {}, {}
-    for part in parts:
-        if not part.is_file:
-            texts[part.name] = _decode(bytes(part.data), charset, part.name)
-        elif part.name in files:
-            raise ApiError(
-                400, f"more than one file '{part.name}'", code="invalid_field", param=part.name
-            )
-        else:
-            files[part.name] = bytes(part.data)
+    try:
+        for part in parts:
+            if not part.is_file:
+                texts[part.name] = _decode(part.read(), charset, part.name)
+            elif part.name in files:
+                raise ApiError(
+                    400, f"more than one file '{part.name}'", code="invalid_field", param=part.name
+                )
+            else:
+                files[part.name] = part.read()
+    finally:
+        _close(parts)
     return Form(texts, files)
