@@ -736,7 +736,9 @@ def run_benchmark(parser: argparse.ArgumentParser, worker: Callable, driver: Cal
     """Parse the options; run our worker (``--worker``, started by the driver) or the driver."""
     args = parser.parse_args()
     if args.worker:
-        worker(args.model, args.threads, args.dtype, args.quantize)
+        # a benchmark's own load options (bench_v2v3: --stream-cache-mb) go to its worker
+        extra = {"stream_cache_mb": args.stream_cache_mb} if "stream_cache_mb" in args else {}
+        worker(args.model, args.threads, args.dtype, args.quantize, **extra)
     else:
         driver(args)
 

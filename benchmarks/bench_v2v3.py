@@ -61,6 +61,7 @@ SENTENCE = "今天天气晴朗，我们一起去公园散步，看看湖边盛�
 PROMPT_WAV = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
 PROMPTS_JSON = ROOT / "tests" / "data" / "audio" / "prompts.json"
 SEED = 1986
+STREAM_CACHE_MB = 256  # Engine.load's default: what a user's streams get
 SPEECH_TOKEN_SIZE = 6561
 SAMPLES_PER_TOKEN = 2 * 480  # 2 mel frames per speech token, 480 samples per frame (24 kHz)
 # CosyVoice3 drops runs of more than 5 of these (official llm_job); replayed tokens avoid them
@@ -191,7 +192,11 @@ class Replay:
 
 
 def our_worker(
-    model_dir: Path, threads: int, dtype: str = "float32", quantize: str | None = None
+    model_dir: Path,
+    threads: int,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    stream_cache_mb: int | None = STREAM_CACHE_MB,
 ) -> None:
     set_threads(threads)
     start = time.perf_counter()
@@ -206,7 +211,13 @@ def our_worker(
 
     def load():
         start = time.perf_counter()
-        engine = Engine.load(model_dir, device="cpu", dtype=dtype, quantize=quantize)
+        engine = Engine.load(
+            model_dir,
+            device="cpu",
+            dtype=dtype,
+            quantize=quantize,
+            stream_cache_mb=stream_cache_mb,
+        )
         load_seconds = time.perf_counter() - start
         pipeline, timer, state = engine.pipeline, StageTimer(), {"flops": {}}
         llm = pipeline.llm
@@ -329,6 +340,8 @@ def print_table(results: dict, names: list[str]) -> None:
         f"{meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}; ours at "
         + ", ".join(f"{n} (dtype {d}, quantize {q})" for n, (d, q) in meta["configs"].items())
         + ("; official at fp32" if "official" in names else "")
+        + "; our streams' flow history "
+        + (f"bounded at {budget} MiB" if (budget := meta.get("stream_cache_mb")) else "unbounded")
     )
     if meta["repeats"]:
         print(
@@ -485,6 +498,8 @@ def drive(args: argparse.Namespace) -> None:
             "--dtype",
             dtype,
             *(["--quantize", quantize] if quantize else []),
+            "--stream-cache-mb",
+            str(args.stream_cache_mb).lower(),
         ]
         env[name] = worker_env(threads, args.omp_wait_policy)
     if official_python or official_path:
@@ -532,6 +547,7 @@ def drive(args: argparse.Namespace) -> None:
             "repeats": args.repeats,
             "tokens": args.tokens,
             "growth_tokens": growth_tokens,
+            "stream_cache_mb": args.stream_cache_mb,
             "warmup_tokens": args.warmup_tokens,
             "omp_wait_policy": args.omp_wait_policy,
             "configs": configs,
@@ -662,6 +678,13 @@ def main() -> None:
         default=0,
         help="replayed tokens of the per-chunk streaming run (default 0: off; e.g. 300 "
         "with --repeats 0 for that run alone)",
+    )
+    parser.add_argument(
+        "--stream-cache-mb",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default=STREAM_CACHE_MB,
+        help=f"our streams' flow history bound, MiB (default {STREAM_CACHE_MB}, the product's; "
+        "none: unbounded, as the figures before 2026-12-05 evening)",
     )
     parser.add_argument(
         "--json",

@@ -309,7 +309,7 @@ def test_form_fields_are_the_routes_own_and_bounded(client):
     assert client.get("/voices/cut").status_code == 404
     two = multipart([("name", b"v", None), ("audio_sample", *audio[1:]), ("file", *audio[1:])])
     error = error_of(client.post("/v1/audio/voices", **two), 400, "invalid_field")
-    assert "one recording" in error["message"]
+    assert "at most 1 file" in error["message"]
     nameless = {**multipart([]), "content": b"--f0rmb0undary\r\n\r\nx\r\n--f0rmb0undary--\r\n"}
     error_of(client.post("/voices", **nameless), 400, "invalid_multipart")
     assert client.get("/voices").json()["data"] == []

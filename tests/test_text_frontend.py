@@ -436,3 +436,12 @@ def test_a_cut_by_length_never_splits_a_tag():
     pieces = frontend.normalize(run)
     assert all(len(p) <= 80 for p in pieces[:-1]) and "".join(pieces) == run + "。"
     assert all(p.count("[") == p.count("]") for p in pieces)
+
+
+def test_fixed_pieces_always_progress_and_keep_tags_whole():
+    from cosyvoice_lite.frontend.text import _fixed_pieces
+
+    assert _fixed_pieces("[h][ào]", 1) == ["[h]", "[ào]"]  # no empty piece after a last tag
+    assert _fixed_pieces("x" + "[breath]" * 3, 5) == ["x", "[breath]", "[breath]", "[breath]"]
+    assert _fixed_pieces("abc", 0) == ["a", "b", "c"] and _fixed_pieces("", 3) == [""]
+    assert _fixed_pieces("ab[h][ào]cd", 8) == ["ab", "[h][ào]c", "d"]  # the run moves whole

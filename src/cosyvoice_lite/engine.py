@@ -203,9 +203,9 @@ class Engine:
         later frames are re-solved at every audio piece, as the official re-solves its whole
         history (flat memory, more compute). The default 256 bounds a stream whatever its length
         (unbounded, a float32 CosyVoice2 stream holds ~225 MB per second of audio, and a segment
-        may run to minutes: a model that does not stop); None: unbounded. ``stream_cache_dtype`` ("float16"
-        or "float32", float32 weights only) is the dtype of those caches and of the voices'
-        prompt frames: float16 halves them at a rounding of the keys and values (streamed mel
+        may run to minutes: a model that does not stop); None: unbounded.
+        ``stream_cache_dtype`` ("float16" or "float32", float32 weights only) is the dtype of
+        those caches and of the voices' prompt frames: float16 halves them at a rounding of the keys and values (streamed mel
         ~1e-5 relative); None: exact in float32, float16 with ``quantize="int8"``
         (precision.stream_cache_dtype).
         ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``) runs the flow estimator and the

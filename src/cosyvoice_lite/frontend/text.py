@@ -23,6 +23,7 @@ in a text that holds a digit).  tests/data/golden/text/known_differences.json li
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import itertools
 import re
@@ -342,26 +343,31 @@ def _fixed_pieces(text: str, size: int) -> list[str]:
     """``text`` in pieces of ``size`` characters. A cut is never inside a tag (``[breath]``,
     ``<strong>``, ``<|en|>``) nor between adjacent tags (``[h][ào]`` spells one syllable): it
     moves to before the run of tags, or, for a run longer than a piece, to the last boundary
-    between its tags."""
+    between its tags (after its first tag if even that one is longer)."""
+    size = max(size, 1)
     runs = [(m.start(), m.end()) for m in _TAG_RUN.finditer(text)]
     pieces, start = [], 0
     while len(text) - start > size:
-        cut = start + size
-        for run_start, run_end in runs:
-            if run_start < cut < run_end:
-                cut = run_start if run_start > start else _last_tag_end(text, start, cut, run_end)
-                break
+        cut = _cut_outside_tags(text, start, start + size, runs)
         pieces.append(text[start:cut])
         start = cut
-    pieces.append(text[start:])
+    if start < len(text) or not pieces:  # a cut after a last tag ends the text
+        pieces.append(text[start:])
     return pieces
 
 
-def _last_tag_end(text: str, start: int, cut: int, run_end: int) -> int:
-    """Where the last whole tag before ``cut`` ends in a run of tags from ``start`` (the run's
-    end if even its first tag reaches past ``cut``)."""
-    ends = [m.end() for m in _TAG_AT.finditer(text, start, run_end) if m.end() <= cut]
-    return ends[-1] if ends else run_end
+def _cut_outside_tags(text: str, start: int, cut: int, runs: list[tuple[int, int]]) -> int:
+    """``cut``, or the nearest place before it (after ``start``) outside every run of tags; in a
+    run that began at or before ``start`` (which is then a boundary between its tags), the last
+    boundary before ``cut``, else the end of the tag at ``start``."""
+    index = bisect.bisect_left(runs, (cut, -1)) - 1  # the last run starting before the cut
+    if index < 0 or runs[index][1] <= cut:
+        return cut
+    run_start = runs[index][0]
+    if run_start > start:
+        return run_start
+    ends = [m.end() for m in _TAG_AT.finditer(text, start, cut)]
+    return ends[-1] if ends else _TAG_AT.match(text, start).end()
 
 
 # the tags check_markup knows as tags (frontend/markup.py)

@@ -359,7 +359,10 @@ def _mb_or_none(value: str) -> int | None:
     """MiB (0 or more), or ``none`` for no bound."""
     if value.strip().lower() == "none":
         return None
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"MiB (a whole number) or none, got {value!r}") from None
 
 
 def _port(value: str) -> int:

@@ -4,9 +4,9 @@ Starlette's own form reader turns text that is not valid in the body's charset i
 characters without a word, so a transcript sent in GBK was spoken as mojibake. Here each file and
 text field is read against its own limit as it arrives (the guard middleware bounds the whole
 body), files spooled to disk past ``SPOOL_BYTES`` so that many slow uploads at once do not hold
-their bodies in memory; a part the route does not take is refused as soon as its headers are read, a body that
-stops before its closing boundary is refused (a cut upload is not a shorter recording), and text
-that does not decode is a 400 naming the field.
+their bodies in memory; a part the route does not take is refused as soon as its headers are
+read, a body that stops before its closing boundary is refused (a cut upload is not a shorter
+recording), and text that does not decode is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from urllib.parse import unquote_to_bytes
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from .errors import ApiError
+from .guard import FORM_OVERHEAD
 
 TEXT_FIELD_BYTES = 64 * 1024  # a text field (names, transcripts, options) is never near this
 # repeated text fields are allowed (the last wins), within this many parts per field a route takes
@@ -39,24 +41,34 @@ class Form:
 
 @dataclass
 class _Part:
+    """A part as it arrives: the parser's callbacks add to ``data``; a file's data moves to its
+    spool after each chunk of the body (``flush``), on a worker thread once it is on disk."""
+
     name: str
     is_file: bool
-    data: bytearray = field(default_factory=bytearray)  # a text field's bytes
-    spool: SpooledTemporaryFile | None = None  # a file's bytes
+    data: bytearray = field(default_factory=bytearray)
+    spool: SpooledTemporaryFile | None = None
     size: int = 0
 
     def add(self, data: bytes) -> None:
-        if self.spool is not None:
-            self.spool.write(data)
-        else:
-            self.data.extend(data)
+        self.data.extend(data)
         self.size += len(data)
 
-    def read(self) -> bytes:
+    async def flush(self) -> None:
+        if self.spool is None or not self.data:
+            return
+        data = bytes(self.data)
+        self.data.clear()
+        if self.size > SPOOL_BYTES:  # rolled over to a file: disk writes off the event loop
+            await run_in_threadpool(self.spool.write, data)
+        else:
+            self.spool.write(data)
+
+    async def read(self) -> bytes:
         if self.spool is None:
             return bytes(self.data)
         self.spool.seek(0)
-        return self.spool.read()
+        return await run_in_threadpool(self.spool.read)
 
     def close(self) -> None:
         if self.spool is not None:
@@ -100,11 +112,19 @@ class _Fields:
     """What one route takes: its file fields (at most one file each, ``limit`` bytes) and text
     fields; every check names the field."""
 
-    def __init__(self, limit: int, files: tuple[str, ...], texts: tuple[str, ...]) -> None:
-        self.limit, self.files, self.texts = limit, files, texts
+    def __init__(
+        self, limit: int, files: tuple[str, ...], texts: tuple[str, ...], max_files: int
+    ) -> None:
+        self.limit, self.files, self.texts, self.max_files = limit, files, texts, max_files
         self.max_parts = PARTS_PER_FIELD * (len(files) + len(texts))
+        self.file_count = 0
 
     def check(self, name: str, is_file: bool) -> None:
+        self.file_count += is_file
+        if self.file_count > self.max_files:
+            raise self._invalid(
+                name, f"at most {self.max_files} file(s) of {', '.join(self.files)}"
+            )
         if name in self.files and not is_file:
             raise self._invalid(name, f"'{name}' must be a file upload")
         if name in self.texts and is_file:
@@ -199,6 +219,8 @@ async def _read_multipart(
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+            for part in reader.parts:  # a few at most (_Fields.max_parts)
+                await part.flush()
         if not reader.ended:  # python-multipart's finalize() does not check this
             raise _malformed("the body ends before its closing boundary")
     except FormParserError as exc:
@@ -240,20 +262,26 @@ async def _read_urlencoded(request: Request, charset: str, fields: _Fields) -> l
 
 
 async def read_form(
-    request: Request, limit: int, file_fields: tuple[str, ...], text_fields: tuple[str, ...]
+    request: Request,
+    limit: int,
+    file_fields: tuple[str, ...],
+    text_fields: tuple[str, ...],
+    max_files: int | None = None,
 ) -> Form:
     """Read a form with files named in ``file_fields`` (``limit`` bytes each, at most one of
-    each) and text fields named in ``text_fields``; anything else is a 400 naming what is
-    accepted. The last of a repeated text field wins."""
+    each, at most ``max_files`` in all: None, one per field) and text fields named in
+    ``text_fields``; anything else is a 400 naming what is accepted. The last of a repeated
+    text field wins."""
+    max_files = len(file_fields) if max_files is None else max_files
     length = request.headers.get("content-length")
-    allowed = limit * len(file_fields) + 64 * 1024
+    allowed = limit * max_files + FORM_OVERHEAD
     if length and length.isdigit() and int(length) > allowed:
         raise ApiError(
             413,
             f"request too large: {int(length)} bytes, at most {limit} bytes per audio file",
             code="upload_too_large",
         )
-    fields = _Fields(limit, file_fields, text_fields)
+    fields = _Fields(limit, file_fields, text_fields, max_files)
     kind, params = parse_options_header(request.headers.get("content-type", ""))
     if kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
         raise ApiError(
@@ -270,13 +298,13 @@ async def read_form(
     try:
         for part in parts:
             if not part.is_file:
-                texts[part.name] = _decode(part.read(), charset, part.name)
+                texts[part.name] = _decode(await part.read(), charset, part.name)
             elif part.name in files:
                 raise ApiError(
                     400, f"more than one file '{part.name}'", code="invalid_field", param=part.name
                 )
             else:
-                files[part.name] = part.read()
+                files[part.name] = await part.read()
     finally:
         _close(parts)
     return Form(texts, files)

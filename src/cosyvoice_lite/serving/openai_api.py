@@ -14,7 +14,7 @@ from .forms import read_form
 from .guard import check_text, check_texts
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
 from .schemas import OPENAI_FORMATS, SpeechRequest
-from .synthesis import Plan, model_voices, plan_request, respond
+from .synthesis import Plan, model_voices, plan_request, preset_voices, respond
 from .voice_create import save_voice
 from .voices import NAMES_SHOWN, unknown_voice, validate_name
 
@@ -80,7 +80,7 @@ def error_responses(*statuses: int) -> dict:
 
 def default_voice_map(engine: Engine) -> dict[str, str]:
     """OpenAI voice name -> a preset of this model (empty when the model has no presets)."""
-    presets = sorted(name for name, v in engine.presets.items() if v.kind == "preset")
+    presets = preset_voices(engine)
     if not presets:
         return {}
     mapping = {}
@@ -299,18 +299,12 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
             settings.max_upload_bytes,
             ("audio_sample", "audio", "file"),
             ("name", "prompt_text", "transcript", "text", "consent"),
+            max_files=1,  # one recording, under any of its names
         )
         name = form.fields.get("name", "").strip()
         if not name:
             raise ApiError(
                 400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
-            )
-        if len(form.files) > 1:
-            raise ApiError(
-                400,
-                f"send one recording, not {' and '.join(form.files)}",
-                code="invalid_field",
-                param="audio_sample",
             )
         field, data = next(iter(form.files.items()), ("audio_sample", None))
         if data is None:

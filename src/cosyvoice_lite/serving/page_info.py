@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .synthesis import preset_voices
+
 if TYPE_CHECKING:
     from ..engine import Engine
 
@@ -50,5 +52,5 @@ def page_info(engine: Engine) -> dict:
     return {
         "markup": markup_help(engine),
         "instruction_presets": instruction_presets(engine),
-        "presets": sorted(n for n, v in engine.presets.items() if v.kind == "preset"),
+        "presets": preset_voices(engine),
     }

@@ -75,6 +75,11 @@ def is_stored_clone(engine: Engine, voice: str) -> bool:
     return voice in engine.presets and engine.presets[voice].kind != "preset"
 
 
+def preset_voices(engine: Engine) -> list[str]:
+    """The model's voices that speak as themselves (mode preset), sorted."""
+    return [name for name in engine.voices() if not is_stored_clone(engine, name)]
+
+
 def model_voices(engine: Engine) -> list[dict]:
     """The voices stored with the model, for the voice lists: kind ``preset`` or ``cloned``."""
     return [
