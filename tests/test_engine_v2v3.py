@@ -14,6 +14,7 @@ from cosyvoice_lite import (
     InvalidRequestError,
     Mode,
     SynthesisRequest,
+    UnknownVoiceError,
     UnsupportedModeError,
 )
 from cosyvoice_lite.networks.flow_matching import CFG_ROWS
@@ -312,6 +313,25 @@ def test_cross_lingual_streamed_text_gets_cosyvoice3_system_prompt(v3: Engine) -
     # written by the user too (as the official examples do): not spoken after the added one
     own = audio(["You are a helpful assistant.<|endofprompt|>你好，", "世界。"])
     assert np.array_equal(own, added)
+
+
+def test_an_unknown_voice_is_named_in_every_mode(v3: Engine) -> None:
+    for mode in (Mode.ZERO_SHOT, Mode.CROSS_LINGUAL):
+        request = SynthesisRequest(mode, "你好。", voice="no_such_voice", prompt_text="你好。")
+        with pytest.raises(UnknownVoiceError, match="no_such_voice"):
+            list(v3.synthesize(request))
+
+
+def test_ignore_eos_decodes_exactly_n_tokens_with_streamed_text_too(v3: Engine) -> None:
+    """ignore_eos masked the stop ids only after the text ended: while text was still mixed in,
+    random weights could sample one (v3: 11 seeds in 20 failed 'stop token ... in the middle of
+    streaming text input')."""
+    pieces = ["Hello ", "there, ", "how are ", "you doing ", "today?"]
+    for seed in range(6):
+        request = SynthesisRequest(Mode.CROSS_LINGUAL, iter(pieces), prompt_audio=PROMPT,
+                                   seed=seed, max_speech_tokens=30, ignore_eos=True)  # fmt: skip
+        audio = np.concatenate([c.samples for c in v3.synthesize(request)])
+        assert audio.size == 30 * 2 * 480, seed
 
 
 @pytest.mark.parametrize(

@@ -281,7 +281,7 @@ def _bistream(
                 token = lm.fill_token
                 next_fill_index += n_speech + 1
             else:
-                token = yield from _choose(lm, logp, decoded, sampler, True, OFFICIAL_LENGTHS)
+                token = yield from _choose(lm, logp, decoded, sampler, True, policy)
             if token == lm.fill_token:
                 next_fill_index = len(decoded) + n_speech + 1
             decoded.append(token)

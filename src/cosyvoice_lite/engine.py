@@ -518,6 +518,8 @@ class Engine:
                 )
             return prompt  # stored features are already aligned, as the official stores them
         if prompt is None:
+            if request.prompt_audio is None and request.voice:
+                self._preset(request.voice)  # an unknown voice is named as such
             if request.prompt_audio is None:
                 raise InvalidRequestError(
                     f"mode '{request.mode.value}' needs prompt audio or a saved voice"
