@@ -120,4 +120,22 @@ def test_offline_download_names_the_directory(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(ModelDownloadError) as info:
         resolve_model("CosyVoice-300M-SFT")
-    assert str(tmp_path / "models" / "CosyVoice-300M-SFT") in str(info.value)
+    message = str(info.value)
+    assert str(tmp_path / "models" / "CosyVoice-300M-SFT") in message
+    # both hubs were tried (ModelScope needs its package, not installed here) and are named
+    assert "Hugging Face FunAudioLLM/CosyVoice-300M-SFT" in message
+    assert "ModelScope iic/CosyVoice-300M-SFT" in message and "pip install modelscope" in message
+
+
+def test_a_model_directory_counts_as_downloaded_only_when_whole(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An interrupted download (some files there, no completion mark) is downloaded again
+    (resumed), where it was loaded and failed on a missing file; a copy placed by hand is used."""
+    monkeypatch.setenv("COSYVOICE_LITE_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "CosyVoice2-0.5B"
+    shutil.copytree(Path(__file__).resolve().parent / "data" / "models" / "v2-tiny", target)
+    assert resolve_model("CosyVoice2-0.5B", download=False) == target
+    (target / "flow.pt").unlink()  # as a download cut short would leave it
+    with pytest.raises(ModelDownloadError, match="downloading is disabled"):
+        resolve_model("CosyVoice2-0.5B", download=False)

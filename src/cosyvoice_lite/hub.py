@@ -18,7 +18,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .errors import ModelDownloadError
+from .errors import ModelDirError, ModelDownloadError
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +73,62 @@ def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
     return target
 
 
+# written once a download has finished: an interrupted one (resumed by the next run) lacks it
+COMPLETE_MARK = ".cosyvoice-lite-complete"
+
+
 def _looks_complete(path: Path) -> bool:
-    return path.is_dir() and (path / "llm.pt").is_file() and (path / "hift.pt").is_file()
+    """Downloaded whole (the mark), or every file the engine opens is there (a copy placed by
+    hand has no mark)."""
+    if (path / COMPLETE_MARK).is_file():
+        return True
+    from .modeldir import detect_version, required_files
+
+    try:
+        version = detect_version(path)
+    except ModelDirError:
+        return False
+    return all((path / name).is_file() for name in required_files(version))
 
 
 def _download_model(name: str, target: Path) -> None:
-    repo = MODELS[name]
+    """From Hugging Face (``HF_ENDPOINT`` picks a mirror), else from ModelScope when its package
+    is installed (``COSYVOICE_LITE_HUB=modelscope``: ModelScope first)."""
+    sources = [("Hugging Face", MODELS[name], _from_hugging_face)]
+    sources.append(("ModelScope", MODELSCOPE_IDS[name], _from_modelscope))
+    if os.environ.get("COSYVOICE_LITE_HUB", "").lower() == "modelscope":
+        sources.reverse()
+    errors = []
+    for hub, repo, fetch in sources:
+        log.info("downloading %s from %s %s into %s", name, hub, repo, target)
+        try:
+            fetch(repo, target)  # both show a progress bar and resume an interrupted download
+        except Exception as exc:  # offline, hub unreachable, repository moved, package missing
+            errors.append(f"{hub} {repo}: {exc}")
+            continue
+        (target / COMPLETE_MARK).write_text(f"{hub} {repo}\n", encoding="utf-8")
+        return
+    raise ModelDownloadError(
+        f"could not download {name}: " + "; ".join(errors) + ".\n"
+        f"Without network, copy the official model directory (Hugging Face {MODELS[name]} or "
+        f"ModelScope {MODELSCOPE_IDS[name]}) into {target} and run again."
+    )
+
+
+def _from_hugging_face(repo: str, target: Path) -> None:
     try:
         from huggingface_hub import snapshot_download
-    except ImportError as exc:  # tokenizers normally brings it along
-        raise ModelDownloadError(
-            f"downloading {name} needs the huggingface_hub package (pip install huggingface_hub), "
-            f"or place the files of {repo} in {target}"
-        ) from exc
-    log.info("downloading %s from %s into %s", name, repo, target)
+    except ImportError:  # tokenizers normally brings it along
+        raise ModelDownloadError("needs the huggingface_hub package") from None
+    snapshot_download(repo_id=repo, local_dir=str(target))
+
+
+def _from_modelscope(repo: str, target: Path) -> None:
     try:
-        snapshot_download(repo_id=repo, local_dir=str(target))  # shows a tqdm progress bar
-    except Exception as exc:  # offline, hub unreachable, repository moved...
-        raise ModelDownloadError(
-            f"could not download {name} ({repo}): {exc}.\n"
-            f"Without network, copy the official model directory (from Hugging Face {repo} or "
-            f"ModelScope {MODELSCOPE_IDS[name]}) into {target} and run again."
-        ) from exc
+        from modelscope import snapshot_download
+    except ImportError:
+        raise ModelDownloadError("needs the modelscope package (pip install modelscope)") from None
+    snapshot_download(repo, local_dir=str(target))
 
 
 def _sha256(path: Path) -> str:
