@@ -398,3 +398,57 @@ def test_prompt_cache_is_bounded_and_expires():
     time.sleep(0.4)
     assert cache.get(keys[1]) is None and cache.get(keys[2]) is None  # expired
     assert PromptCache(size=0, ttl=10).get(keys[0]) is None
+
+
+def test_openai_client_gets_whole_files_named_params_and_400s(openai_client, client):
+    """What OpenAI's client relies on: wav/flac come whole with their lengths stated (a
+    streamed flac header says 0 samples, which libsndfile could not read back), errors name the
+    client's own field, a schema error is a 400 (BadRequestError), dated model names and
+    GET /v1/models/{id} work, and voices.create's own fields are taken."""
+    import io
+    import wave
+
+    import openai
+    import soundfile as sf
+
+    flac = openai_client.audio.speech.create(
+        model="gpt-4o-mini-tts-2025-12-15", voice="中文女", input=TEXT, response_format="flac"
+    ).content
+    samples, rate = sf.read(io.BytesIO(flac))
+    assert len(samples) > 0 and rate > 0
+    wav = openai_client.audio.speech.create(
+        model="tts-1", voice="中文女", input=TEXT, response_format="wav"
+    ).content
+    with wave.open(io.BytesIO(wav)) as w:
+        assert w.getnframes() * w.getsampwidth() == len(wav) - 44
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.audio.speech.create(model="tts-1", voice="中文女", input=TEXT, speed=4.0)
+    assert info.value.body["param"] == "speed"
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.audio.speech.create(
+            model="tts-1", voice="中文女", input=TEXT, instructions="Speak cheerfully."
+        )
+    assert info.value.body["param"] == "instructions"  # an SFT model takes none
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.audio.speech.create(model="tts-1", voice="中文女", input=" ")
+    assert info.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError):
+        openai_client.audio.speech.create(
+            model="tts-1", voice="中文女", input=TEXT, extra_body={"speed": "fast"}
+        )
+    assert openai_client.models.retrieve("tts-1").id == "tts-1"
+    with pytest.raises(openai.NotFoundError):
+        openai_client.models.retrieve("whisper-1")
+    sample = ("s.wav", prompt_wav(2.0), "audio/wav")
+    voice = openai_client.audio.voices.create(
+        name="typed-voice", audio_sample=sample, consent="cons_1", type="audio_sample"
+    )
+    assert voice.id == "typed-voice"
+    assert client.delete("/v1/audio/voices/typed-voice").status_code == 200
+    error = assert_error(
+        client.post(
+            "/v1/audio/voices", data={"name": "p", "type": "prompt"}, files={"audio_sample": sample}
+        ),
+        400,
+    )
+    assert error["param"] == "type"

@@ -226,6 +226,13 @@ def test_a_cloned_voice_stored_with_the_model_is_spoken_as_one(tmp_path):
         )
         r = c.post("/tts", json={"text": "你好。", "speaker": "中文女", "seed": 1})
         assert r.status_code == 200  # a real preset still speaks as one
+        # a real preset cannot take an instruction on CosyVoice2 (it needs a cloned voice)
+        instructed = {"text": "你好。", "speaker": "中文女", "instruct": "用开心的语气说"}
+        error = error_of(c.post("/tts", json=instructed), 400, "unsupported_instructions")
+        assert error["param"] == "instruct"
+        body = {"model": "tts-1", "voice": "中文女", "input": "你好。", "instructions": "开心"}
+        error = error_of(c.post("/v1/audio/speech", json=body), 400, "unsupported_instructions")
+        assert error["param"] == "instructions"
         # listed as what it is (the page offers it where cloned voices go)
         kinds = {s["name"]: s["kind"] for s in c.get("/speakers").json()["speakers"]}
         assert kinds["zero_shot_zh"] == "cloned" and kinds["中文女"] == "preset"

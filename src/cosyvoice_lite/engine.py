@@ -422,20 +422,22 @@ class Engine:
             )
         if not MIN_SPEED <= request.speed <= MAX_SPEED:
             raise InvalidRequestError(
-                f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {request.speed}"
+                f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {request.speed}", "speed"
             )
         if request.stream and request.speed != 1.0:
             raise InvalidRequestError(
-                "speed can only be changed without streaming (as the official)"
+                "speed can only be changed without streaming (as the official)", "speed"
             )
         if (
             request.mode != Mode.VOICE_CONVERSION
             and isinstance(request.text, str)
             and not request.text.strip()
         ):
-            raise InvalidRequestError("text is empty: give the text to speak")
+            raise InvalidRequestError("text is empty: give the text to speak", "text")
         if request.mode == Mode.INSTRUCT and not (request.instruct or "").strip():
-            raise InvalidRequestError("instruct mode needs an instruction (e.g. 'speak happily')")
+            raise InvalidRequestError(
+                "instruct mode needs an instruction (e.g. 'speak happily')", "instruct"
+            )
         if request.mode == Mode.VOICE_CONVERSION and request.source_audio is None:
             raise InvalidRequestError("voice conversion needs source audio")
         if request.max_speech_tokens is not None and not (
@@ -726,7 +728,8 @@ def _check_unicode(field: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequestError(
-            f"{field} is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument)"
+            f"{field} is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument)",
+            field,
         ) from None
 
 
@@ -768,24 +771,25 @@ def _check_types(request: SynthesisRequest) -> None:
         modes = ", ".join(m.value for m in Mode)
         raise InvalidRequestError(f"mode must be a Mode ({modes}), got {request.mode!r}")
     if not _is_number(request.speed) or request.speed != request.speed:
-        raise InvalidRequestError(f"speed must be a number, got {request.speed!r}")
+        raise InvalidRequestError(f"speed must be a number, got {request.speed!r}", "speed")
     if request.seed is not None and not (_is_int(request.seed) and 0 <= request.seed <= MAX_SEED):
         raise InvalidRequestError(
-            f"seed must be an integer from 0 to 2**64 - 1, got {request.seed!r}"
+            f"seed must be an integer from 0 to 2**64 - 1, got {request.seed!r}", "seed"
         )
     if request.max_speech_tokens is not None and not _is_int(request.max_speech_tokens):
         raise InvalidRequestError(
-            f"max_speech_tokens must be an integer, got {request.max_speech_tokens!r}"
+            f"max_speech_tokens must be an integer, got {request.max_speech_tokens!r}",
+            "max_speech_tokens",
         )
     text = request.text
     if isinstance(text, bytes | bytearray) or not isinstance(text, str | Iterable):
         raise InvalidRequestError(
-            f"text must be a str or an iterable of str pieces, got {type(text).__name__}"
+            f"text must be a str or an iterable of str pieces, got {type(text).__name__}", "text"
         )
     for field in ("text", "prompt_text", "instruct", "voice"):
         value = getattr(request, field)
         if value is not None and not isinstance(value, str) and field != "text":
-            raise InvalidRequestError(f"{field} must be a str, got {type(value).__name__}")
+            raise InvalidRequestError(f"{field} must be a str, got {type(value).__name__}", field)
         if isinstance(value, str):
             _check_unicode(field, value)
 

@@ -21,7 +21,12 @@ class DeviceError(CosyVoiceError):
 
 
 class InvalidRequestError(CosyVoiceError):
-    """A synthesis request is malformed: empty text, bad speed, bad markup, ..."""
+    """A synthesis request is malformed: empty text, bad speed, bad markup, ...; ``param``
+    names the request field at fault, where one is (a server names its own field for it)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnsupportedModeError(InvalidRequestError):

@@ -33,7 +33,7 @@ from .. import __version__
 from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
-from .errors import ApiError, from_engine_error, not_ready
+from .errors import ApiError, from_engine_error, not_ready, route_fields
 from .forms import read_form
 from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
@@ -269,7 +269,9 @@ class ServingMiddleware:
 # ---------------------------------------------------------------------------------- errors
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
+def _validation_error(exc: RequestValidationError, path: str) -> ApiError:
+    """A body the route's schema refuses: 422, or 400 on the OpenAI routes, as OpenAI answers
+    (its clients raise BadRequestError for it)."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return ApiError(400, "the request body is not valid JSON", code="invalid_json")
@@ -278,8 +280,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
         param = param or ".".join(loc) or None
         parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+    status = 400 if path.startswith("/v1/") else 422
     return ApiError(
-        422, "invalid request: " + "; ".join(parts), code="invalid_request", param=param
+        status, "invalid request: " + "; ".join(parts), code="invalid_request", param=param
     )
 
 
@@ -293,13 +296,13 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         return counted(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        return counted(_validation_error(exc))
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return counted(_validation_error(exc, request.url.path))
 
     @app.exception_handler(CosyVoiceError)
-    async def engine_error(_: Request, exc: CosyVoiceError):
+    async def engine_error(request: Request, exc: CosyVoiceError):
         modes = supported_modes(state.engine) if state.engine is not None else []
-        return counted(from_engine_error(exc, modes))
+        return counted(from_engine_error(exc, modes, route_fields(request.url.path)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

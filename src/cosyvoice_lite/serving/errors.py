@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -68,9 +69,14 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = None) -> ApiError:
+def from_engine_error(
+    exc: CosyVoiceError,
+    supported_modes: list[str] | None = None,
+    fields: Mapping[str, str] | None = None,
+) -> ApiError:
     """Map the engine's exception classes to statuses (bad input is never a 500; stored data
-    that is damaged or storage that fails is the server's fault, never the client's)."""
+    that is damaged or storage that fails is the server's fault, never the client's). ``fields``:
+    the route's names for the request fields an error names (``route_fields``)."""
     if isinstance(exc, StorageError):
         kind = "insufficient_storage" if exc.status == 507 else "storage_unavailable"
         return ApiError(exc.status, str(exc), "server_error", kind)
@@ -92,7 +98,23 @@ def from_engine_error(exc: CosyVoiceError, supported_modes: list[str] | None = N
         return ApiError(400, str(exc), code="invalid_name", param="name")
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), code="invalid_audio", param="audio")
-    return ApiError(400, str(exc), code="invalid_request")
+    param = getattr(exc, "param", None)
+    return ApiError(400, str(exc), code="invalid_request", param=(fields or {}).get(param, param))
+
+
+# The request fields as each API names them, where it differs from the engine's
+# (SynthesisRequest's) names.
+_ROUTE_FIELDS = {
+    "/v1/": {"text": "input", "instruct": "instructions", "prompt_audio": "ref_audio",
+             "prompt_text": "ref_text", "source_audio": "source_audio"},
+    "/tts/upload": {"prompt_audio": "prompt_wav", "source_audio": "source_wav", "voice": "speaker"},
+    "/tts": {"voice": "speaker"},
+}  # fmt: skip
+
+
+def route_fields(path: str) -> Mapping[str, str]:
+    """The engine's request field names -> those of the API at ``path``."""
+    return next((f for prefix, f in _ROUTE_FIELDS.items() if path.startswith(prefix)), {})
 
 
 def overloaded(retry_after: int) -> ApiError:

@@ -4,12 +4,13 @@ OpenAI's default voice names mapped onto this model's voices."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 
 from ..errors import UnknownVoiceError
-from .errors import ApiError
+from .errors import ApiError, route_fields
 from .forms import read_form
 from .guard import check_text, check_texts
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
@@ -22,6 +23,17 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 MODEL_ALIASES = ("cosyvoice-lite", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# OpenAI's dated snapshots of its speech models (gpt-4o-mini-tts-2025-12-15) name them too
+_SNAPSHOT = re.compile(r"(?:tts-1(?:-hd)?|gpt-4o-mini-tts)-\d{4}-\d{2}-\d{2}")
+# formats whose header states the length: whole files unless the client asks for a stream
+WHOLE_FORMATS = ("wav", "flac")
+
+
+def served(engine: Engine, model: str) -> bool:
+    """Whether ``model`` names the served model (its own name, an alias, a snapshot's name)."""
+    return model == engine.model.name or model in MODEL_ALIASES or bool(_SNAPSHOT.fullmatch(model))
+
+
 OPENAI_PCM_RATE = 24000  # OpenAI's pcm is 24 kHz 16-bit mono, whatever the model's rate
 # OpenAI's built-in voices, and whether they sound female: the default mapping picks a preset of
 # the same kind where the model's preset names say so (the v1 -SFT voices: 英文女, 中文男, ...).
@@ -113,6 +125,17 @@ def resolve_voice(state, voice: str) -> str:
     raise unknown_voice(voice, engine.voices() + state.library.names())
 
 
+def _model_not_found(engine: Engine, model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"model {model!r} is not served here; use {engine.model.name!r} "
+        f"(or one of {', '.join(MODEL_ALIASES)})",
+        "not_found_error",
+        "model_not_found",
+        "model",
+    )
+
+
 def openai_router(state, prompts: PromptCache) -> APIRouter:
     router = APIRouter(tags=["OpenAI API"])
     settings = state.settings
@@ -136,6 +159,19 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
             ],
         }
 
+    @router.get("/v1/models/{model}", responses=error_responses(401, 404, 503))
+    async def model(model: str):
+        engine = state.require_engine()
+        if not served(engine, model):
+            raise _model_not_found(engine, model)
+        return {
+            "id": model,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "cosyvoice-lite",
+            "root": engine.model.name,
+        }
+
     @router.post(
         "/v1/audio/speech",
         responses={
@@ -148,7 +184,8 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                     "audio/pcm": {},
                     "text/event-stream": {},
                 },
-                "description": "the audio, sent segment by segment as it is made",
+                "description": "the audio: mp3, opus and pcm sent segment by segment as it is "
+                "made, wav and flac whole (their headers state the length) unless stream",
             },
             **error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504),
         },
@@ -160,15 +197,8 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         (zero-shot; cross-lingual without ref_text; with ``instructions`` on CosyVoice2/3),
         ``source_audio`` converts speech into the voice of ``ref_audio`` or ``voice``."""
         engine = state.require_engine()
-        if body.model != engine.model.name and body.model not in MODEL_ALIASES:
-            raise ApiError(
-                404,
-                f"model {body.model!r} is not served here; use {engine.model.name!r} "
-                f"(or one of {', '.join(MODEL_ALIASES)})",
-                "not_found_error",
-                "model_not_found",
-                "model",
-            )
+        if not served(engine, body.model):
+            raise _model_not_found(engine, body.model)
         if body.response_format not in OPENAI_FORMATS:
             raise ApiError(
                 400,
@@ -229,15 +259,19 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                 seed=body.seed,
                 mode=None,
                 engine_stream=engine_stream,
+                fields=route_fields("/v1/"),
             )
         out_rate = OPENAI_PCM_RATE if body.response_format == "pcm" else None
+        whole = body.stream is not True and body.response_format in WHOLE_FORMATS
         request_id = request.scope.get("state", {}).get("request_id")
         plan = Plan(
             synthesis,
             saved,
             body.response_format,
             out_rate,
-            "sse" if sse else "stream",
+            # a stream's wav/flac header cannot state the length (libsndfile then fails to
+            # read a flac back): whole files unless a stream was asked for
+            "sse" if sse else ("whole" if whole else "stream"),
             "/v1/audio/speech",
             **({"request_id": request_id} if request_id else {}),
             prompt=provider,
@@ -298,9 +332,27 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
             request,
             settings.max_upload_bytes,
             ("audio_sample", "audio", "file"),
-            ("name", "prompt_text", "transcript", "text", "consent"),
+            # consent, model and script_hint (OpenAI's client sends them) change nothing here
+            (
+                "name",
+                "prompt_text",
+                "transcript",
+                "text",
+                "consent",
+                "type",
+                "model",
+                "script_hint",
+            ),
             max_files=1,  # one recording, under any of its names
         )
+        if form.fields.get("type", "audio_sample") != "audio_sample":
+            raise ApiError(
+                400,
+                f"voices of type {form.fields['type']!r} are not made here; send type "
+                "audio_sample with the recording",
+                code="invalid_field",
+                param="type",
+            )
         name = form.fields.get("name", "").strip()
         if not name:
             raise ApiError(

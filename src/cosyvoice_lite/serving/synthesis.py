@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..audio.io import media_type
 from ..errors import CosyVoiceError, InvalidRequestError, UnsupportedModeError
 from ..request import Mode, SynthesisRequest
-from .errors import ApiError, from_engine_error, overloaded
+from .errors import ApiError, from_engine_error, overloaded, route_fields
 from .scheduler import Job, JobTimeout, Overloaded
 from .streaming import (
     Encoder,
@@ -102,11 +102,15 @@ def plan_request(
     seed: int | None,
     mode: str | None,
     engine_stream: bool,
+    fields: Mapping[str, str] | None = None,
 ) -> tuple[SynthesisRequest, str | None]:
     """Check the text and pick the mode from the voice: preset -> preset (or instruct with an
     instruction, v1-Instruct), saved voice -> zero-shot (cross-lingual without a transcript, or
-    instruct with an instruction on v2/v3)."""
+    instruct with an instruction on v2/v3). ``fields``: the route's names for the request's
+    fields, which errors name (``route_fields``)."""
     engine = state.engine
+    text_field = (fields or {}).get("text", "text")
+    instruct_field = (fields or {}).get("instruct", "instruct")
     limit = state.settings.max_text_chars
     if len(text) > limit:
         raise ApiError(
@@ -114,12 +118,12 @@ def plan_request(
             f"text is too long: {len(text)} characters, the limit is {limit}; split "
             "it into several requests (the server's --max-text-chars raises the limit)",
             code="text_too_long",
-            param="text",
+            param=text_field,
             max_chars=limit,
         )
     if not text.strip():
         raise ApiError(
-            400, "text is empty: give the text to speak", code="empty_text", param="text"
+            400, "text is empty: give the text to speak", code="empty_text", param=text_field
         )
     instruct = (instruct or "").strip() or None
     library = state.library
@@ -127,6 +131,14 @@ def plan_request(
     if voice in engine.presets:
         saved = None
         chosen = Mode.INSTRUCT if instruct else (Mode.ZERO_SHOT if stored_clone else Mode.PRESET)
+        if instruct and not stored_clone and not engine.spec.instruct_with_preset:
+            raise ApiError(
+                400,
+                f"{voice!r} is a preset voice: {engine.model.name} follows instructions in a "
+                "cloned voice (a saved voice, or prompt audio sent along), not in a preset",
+                code="unsupported_instructions",
+                param=instruct_field,
+            )
     elif library is not None and library.exists(voice):
         saved = voice
         if instruct:
@@ -158,6 +170,16 @@ def plan_request(
             )
     if chosen not in engine.modes:
         what = "follow instructions" if chosen == Mode.INSTRUCT else f"do mode '{chosen.value}'"
+        if mode is None and chosen == Mode.INSTRUCT:  # the instruction asked for it, not a mode
+            raise ApiError(
+                400,
+                f"{engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) "
+                f"cannot follow instructions; send none (it supports: "
+                f"{', '.join(supported_modes(engine))})",
+                code="unsupported_mode",
+                param=instruct_field,
+                supported_modes=supported_modes(engine),
+            )
         raise UnsupportedModeError(
             f"{engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) cannot {what}; "
             f"it supports: {', '.join(supported_modes(engine))}"
@@ -342,7 +364,9 @@ async def _next_piece(state: ServerState, job: Job, plan: Plan) -> bytes | Summa
     except JobTimeout:
         raise _timeout_error(state) from None
     except CosyVoiceError as exc:
-        raise from_engine_error(exc, supported_modes(state.engine)) from None
+        raise from_engine_error(
+            exc, supported_modes(state.engine), route_fields(plan.endpoint)
+        ) from None
     except (StopAsyncIteration, ApiError):
         raise
     except Exception as exc:
