@@ -4,6 +4,7 @@ version answer without importing torch; the OpenMP wait policy and the thread co
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import subprocess
@@ -269,7 +270,7 @@ def test_say_stream_writes_the_file_progressively(v1_dir, tmp_path, capsys):
     assert len(growing) >= 2, (sizes, final)  # audio was on disk before the synthesis ended
     audio, rate = sf.read(str(out))
     assert rate == 22050 and len(audio) * 2 + 44 == final
-    assert "first audio after" in capsys.readouterr().out
+    assert "first audio after" in capsys.readouterr().err  # the report is on stderr
 
 
 def test_play_without_a_sound_device_is_a_clear_error(v1_dir, tmp_path, capsys):
@@ -395,3 +396,46 @@ def test_serve_bounds_each_streams_flow_history_unless_told_not_to():
     for value, expected in (("none", None), ("NONE", None), ("0", 0), ("2048", 2048)):
         args = parser.parse_args([*serve, "--stream-cache-mb", value])
         assert load_options(args)["stream_cache_mb"] == expected
+
+
+def test_say_keeps_existing_files_and_inputs_when_a_request_is_refused(v1_dir, tmp_path):
+    """--stream wrote in place from the start, so a request refused before any audio (a typo in
+    the voice) deleted the file already at -o; and -o could name the prompt recording itself."""
+    keep = tmp_path / "keep.wav"
+    keep.write_bytes(b"precious")
+    say = ["say", "你好。", "--model", str(v1_dir), "-o", str(keep)]
+    for extra in ([], ["--stream"]):
+        assert main([*say, "--voice", "no_such_voice", *extra]) == 2
+        assert keep.read_bytes() == b"precious"
+    prompt = tmp_path / "prompt.wav"
+    prompt.write_bytes(Path("tests/data/audio/zh_16k.wav").read_bytes())
+    before = prompt.read_bytes()
+    clone = ["say", "你好。", "--model", str(v1_dir), "--prompt-wav", str(prompt)]
+    assert main([*clone, "--prompt-text", "你好", "-o", str(prompt)]) == 2
+    assert prompt.read_bytes() == before
+
+
+def test_say_reads_stdin_writes_stdout_and_speaks_a_cloned_voice_alone(tmp_path):
+    """Text '-' from stdin, audio to '-' (the report on stderr, not inside the audio), a reader
+    that goes away is not a traceback, and CosyVoice2's cloned voice of the model needs no mode."""
+    model = "tests/data/models/v2-tiny"
+    cli = [sys.executable, "-m", "cosyvoice_lite", "say", "-", "--model", model]
+    done = subprocess.run(
+        [*cli, "--voice", "zero_shot_zh", "-o", "-", "--seed", "1"],
+        input="你好。".encode(),
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout[:4] == b"RIFF" and b"wrote" not in done.stdout
+    assert b"wrote" in done.stderr
+    audio, _ = sf.read(io.BytesIO(done.stdout))
+    assert len(audio) > 0
+    head = subprocess.run(
+        f"echo 你好。 | {' '.join(cli)} --voice 中文女 -o - | head -c 10 > /dev/null",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        timeout=300,
+    )
+    assert b"Traceback" not in head.stderr, head.stderr.decode()

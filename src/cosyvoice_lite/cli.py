@@ -9,6 +9,7 @@ in :func:`build_parser`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -315,7 +316,7 @@ def _mode(args: argparse.Namespace):
     if args.instruct:
         return Mode.INSTRUCT
     if args.voice and not args.prompt_wav:
-        return Mode.PRESET
+        return None  # preset, or zero-shot for a cloned voice: the model says (_voice_mode)
     if args.prompt_wav:
         return Mode.ZERO_SHOT if args.prompt_text else Mode.CROSS_LINGUAL
     raise CosyVoiceError(
@@ -324,19 +325,47 @@ def _mode(args: argparse.Namespace):
     )
 
 
+def _voice_mode(engine, voice: str):
+    """The mode of ``--voice`` alone: its own (preset), or zero-shot for a cloned voice stored
+    with the model; an unknown voice is named as such, whatever the model's modes."""
+    from .errors import UnknownVoiceError
+    from .request import Mode
+
+    if voice not in engine.presets:
+        raise UnknownVoiceError(
+            f"unknown voice '{voice}'; available: {', '.join(engine.voices()) or 'none'} "
+            "(or clone one with --prompt-wav)"
+        )
+    return Mode.ZERO_SHOT if engine.is_cloned_voice(voice) else Mode.PRESET
+
+
+def _check_inputs(args: argparse.Namespace, out: Path) -> None:
+    """The input files exist, and -o is none of them (it would be emptied before being read)."""
+    for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
+        if not value:
+            continue
+        if not Path(value).is_file():
+            raise InvalidRequestError(f"{option}: no such file {value!r}")
+        if out.exists() and os.path.samefile(value, out):
+            raise InvalidRequestError(
+                f"-o {str(out)!r} is the {option} recording: it would be overwritten"
+            )
+
+
 def cmd_say(args: argparse.Namespace) -> int:
+    if args.output == "-":  # audio to standard output (the report goes to stderr)
+        args.output, args.format = "/dev/stdout", args.format or "wav"
     out = check_output_path(args.output)
     fmt = output_format(args.output, args.format)
-    for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
-        if value and not Path(value).is_file():
-            raise InvalidRequestError(f"{option}: no such file {value!r}")
+    _check_inputs(args, out)
+    text = sys.stdin.read() if args.text == "-" else args.text
     mode = _mode(args)
     engine = load_engine(args)
     from .request import SynthesisRequest
 
     request = SynthesisRequest(
-        mode=mode,
-        text=args.text,
+        mode=mode or _voice_mode(engine, args.voice),
+        text=text,
         voice=args.voice,
         prompt_audio=Path(args.prompt_wav) if args.prompt_wav else None,
         prompt_text=args.prompt_text,
@@ -352,15 +381,17 @@ def cmd_say(args: argparse.Namespace) -> int:
     first = None
     seconds = 0.0
     partial, final = output_paths(out, args.stream)
-    writer = AudioFileWriter(partial, fmt, engine.sample_rate)
+    writer = None  # opened with the first audio: a request refused before it touches no file
     try:
         for chunk in engine.synthesize(request, _progress_bar("synthesizing")):
             if first is None:
                 first = time.perf_counter() - start
+                writer = AudioFileWriter(partial, fmt, engine.sample_rate)
             writer.write(chunk.samples)
             if player is not None:
                 player.write(chunk.samples)
             seconds += chunk.duration
+        writer = writer or AudioFileWriter(partial, fmt, engine.sample_rate)  # nothing spoken
         writer.close()
         if partial != final and final.exists() and not final.is_file():
             with open(partial, "rb") as source, open(final, "wb") as sink:
@@ -369,18 +400,20 @@ def cmd_say(args: argparse.Namespace) -> int:
         elif partial != final:
             os.replace(partial, final)  # a whole file appears at once, or not at all
     except BaseException:
-        writer.file.close()
-        if partial.is_file():  # never leave a cut-off file behind (nor remove a FIFO or device)
-            partial.unlink(missing_ok=True)
+        if writer is not None:
+            writer.file.close()
+            if partial.is_file():  # never leave a cut-off file (nor remove a FIFO or device)
+                partial.unlink(missing_ok=True)
         raise
     finally:
         if player is not None:
             player.close()
     took = time.perf_counter() - start
     streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
-    print(
+    print(  # on stderr, as all progress: stdout may be the audio itself (-o -)
         f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {writer.rate} Hz in "
-        f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})"
+        f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})",
+        file=sys.stderr,
     )
     return 0
 
@@ -392,7 +425,7 @@ def add_say_command(sub) -> None:
         description="Synthesize TEXT into an audio file (wav, mp3, flac, ogg, "
         "opus: from the extension of -o, or --format).",
     )
-    say.add_argument("text")
+    say.add_argument("text", help="the text to speak; - reads it from standard input")
     add_model_args(say)
     say.add_argument("--voice", help="preset voice id (see 'voices')")
     say.add_argument("--prompt-wav", help="prompt recording to clone (wav/flac/mp3/ogg, >= 16 kHz)")
@@ -409,7 +442,8 @@ def add_say_command(sub) -> None:
         "-o",
         "--output",
         required=True,
-        help="output file; its extension picks the format (.wav .mp3 .flac .ogg .opus)",
+        help="output file; its extension picks the format (.wav .mp3 .flac .ogg .opus); "
+        "- writes to standard output (wav unless --format)",
     )
     say.add_argument("--format", choices=FORMATS, help="output format, whatever the extension")
     say.add_argument(
@@ -511,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a disk that fills, a device that refuses writes
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

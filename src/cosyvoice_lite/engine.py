@@ -314,6 +314,11 @@ class Engine:
     def voices(self) -> list[str]:
         return sorted(self.presets)
 
+    def is_cloned_voice(self, name: str) -> bool:
+        """Whether a voice stored with the model (spk2info.pt) is a cloned one (its prompt's
+        features, as CosyVoice2's 'zero_shot_zh'): spoken zero-shot, not as a preset."""
+        return name in self.presets and self.presets[name].kind != "preset"
+
     @functools.cached_property  # read per request and per streamed piece; the tokenizer is fixed
     def known_markup(self) -> frozenset[str]:
         """Inline tags this model understands ([breath], <strong>, <|en|>, [h][ào] ...)."""

@@ -21,6 +21,7 @@ from ..audio.io import (
     to_sample_rate,
 )
 from ..config import MelConfig
+from ..errors import AudioError
 from .speech import SpeakerEncoder, SpeechTokenizer
 
 TOKENIZER_RATE = 16000
@@ -60,9 +61,13 @@ class PromptEncoder:
         self.mel = mel
 
     def load(self, source: AudioSource, what: str = "prompt audio") -> tuple[torch.Tensor, int]:
-        """Decode and check a prompt recording: readable, >= 16 kHz, not silent, within limits."""
-        wav, rate = load_audio(source, max_seconds=MAX_PROMPT_SECONDS)  # capped while decoding
-        check_prompt_audio(wav, rate)
+        """Decode and check a prompt recording: readable, >= 16 kHz, not silent, within limits.
+        ``what`` names it in errors (and their ``param``): prompt audio, source audio."""
+        try:
+            wav, rate = load_audio(source, max_seconds=MAX_PROMPT_SECONDS)  # capped as it decodes
+            check_prompt_audio(wav, rate)
+        except AudioError as exc:
+            raise AudioError(f"{what}: {exc}", what.replace(" ", "_")) from None
         return wav, rate
 
     def tokens(self, wav: torch.Tensor, rate: int) -> torch.Tensor:

@@ -96,15 +96,18 @@ def from_engine_error(
         )
     if isinstance(exc, InvalidVoiceNameError):
         return ApiError(400, str(exc), code="invalid_name", param="name")
-    if isinstance(exc, AudioError):
-        return ApiError(400, str(exc), code="invalid_audio", param="audio")
     param = getattr(exc, "param", None)
-    return ApiError(400, str(exc), code="invalid_request", param=(fields or {}).get(param, param))
+    param = (fields or {}).get(param, param)
+    if isinstance(exc, AudioError):
+        return ApiError(400, str(exc), code="invalid_audio", param=param or "audio")
+    return ApiError(400, str(exc), code="invalid_request", param=param)
 
 
 # The request fields as each API names them, where it differs from the engine's
 # (SynthesisRequest's) names.
 _ROUTE_FIELDS = {
+    "/v1/audio/voices": {"prompt_audio": "audio_sample"},
+    "/voices": {"prompt_audio": "audio"},
     "/v1/": {"text": "input", "instruct": "instructions", "prompt_audio": "ref_audio",
              "prompt_text": "ref_text", "source_audio": "source_audio"},
     "/tts/upload": {"prompt_audio": "prompt_wav", "source_audio": "source_wav", "voice": "speaker"},

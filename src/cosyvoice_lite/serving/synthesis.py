@@ -69,21 +69,15 @@ def voice_key(engine: Engine) -> str:
     return f"v{engine.version}-{engine.sample_rate}"
 
 
-def is_stored_clone(engine: Engine, voice: str) -> bool:
-    """A cloned voice stored with the model (spk2info.pt holds its prompt features, as
-    CosyVoice2's 'zero_shot_zh'): spoken as a saved voice is, not as a preset."""
-    return voice in engine.presets and engine.presets[voice].kind != "preset"
-
-
 def preset_voices(engine: Engine) -> list[str]:
     """The model's voices that speak as themselves (mode preset), sorted."""
-    return [name for name in engine.voices() if not is_stored_clone(engine, name)]
+    return [name for name in engine.voices() if not engine.is_cloned_voice(name)]
 
 
 def model_voices(engine: Engine) -> list[dict]:
     """The voices stored with the model, for the voice lists: kind ``preset`` or ``cloned``."""
     return [
-        {"name": n, "kind": "cloned" if is_stored_clone(engine, n) else "preset"}
+        {"name": n, "kind": "cloned" if engine.is_cloned_voice(n) else "preset"}
         for n in engine.voices()
     ]
 
@@ -127,7 +121,7 @@ def plan_request(
         )
     instruct = (instruct or "").strip() or None
     library = state.library
-    stored_clone = is_stored_clone(engine, voice)
+    stored_clone = engine.is_cloned_voice(voice)
     if voice in engine.presets:
         saved = None
         chosen = Mode.INSTRUCT if instruct else (Mode.ZERO_SHOT if stored_clone else Mode.PRESET)
