@@ -217,7 +217,7 @@ def test_loading_feedback_and_threads(v1_dir, tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     err = capsys.readouterr().err
-    assert "loading " in err and "with 1 threads" in err
+    assert "loading " in err and "with 1 thread in" in err
     assert (
         main(
             [
@@ -439,3 +439,20 @@ def test_say_reads_stdin_writes_stdout_and_speaks_a_cloned_voice_alone(tmp_path)
         timeout=300,
     )
     assert b"Traceback" not in head.stderr, head.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--voice", "中文女", "--prompt-wav", "tests/data/audio/zh_16k.wav"], "not both"),
+        (["--voice", "中文女", "--prompt-text", "你好"], "give both"),
+        (["--voice", "中文女", "--instruct", " "], "--instruct is empty"),
+        (["--voice", "中文女", "--format", "mp3"], "make them agree"),
+    ],
+)
+def test_say_refuses_options_that_contradict_each_other(options, words, tmp_path, capsys):
+    """Each was silently dropped: the voice for the prompt, the transcript, an empty
+    instruction (cross-lingual then), mp3 bytes written into a .wav."""
+    out = str(tmp_path / "a.wav")
+    assert main(["say", "你好。", "--model", "tests/data/models/v1-tiny", *options, "-o", out]) == 2
+    assert words in capsys.readouterr().err and not Path(out).exists()

@@ -143,6 +143,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-dir", help="graphs written by 'cosyvoice-lite export onnx'")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def set_threads(threads: int | None) -> None:
     """torch's CPU thread count, set once before the model loads (None: torch's default)."""
     if threads is None:
@@ -181,7 +185,8 @@ def load_engine(args: argparse.Namespace, quiet: bool = False):
     if not quiet:
         print(
             f"loaded {engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) on "
-            f"{args.device} with {torch.get_num_threads()} threads in {engine.load_seconds:.1f} s",
+            f"{args.device} with {_count(torch.get_num_threads(), 'thread')} in "
+            f"{engine.load_seconds:.1f} s",
             file=sys.stderr,
         )
     return engine
@@ -339,6 +344,24 @@ def _voice_mode(engine, voice: str):
     return Mode.ZERO_SHOT if engine.is_cloned_voice(voice) else Mode.PRESET
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that contradict each other are an error, not one of them silently dropped."""
+    if args.voice and args.prompt_wav:
+        raise InvalidRequestError(
+            "give --voice or --prompt-wav, not both (with --source-wav, either is the voice to "
+            "convert into)"
+        )
+    if args.prompt_text and not args.prompt_wav:
+        raise InvalidRequestError("--prompt-text is the transcript of --prompt-wav: give both")
+    if args.instruct is not None and not args.instruct.strip():
+        raise InvalidRequestError("--instruct is empty: write the instruction, or leave it out")
+    ext = EXTENSIONS.get(Path(args.output).suffix.lower())
+    if args.format and ext and ext != args.format and {ext, args.format} != {"ogg", "opus"}:
+        raise InvalidRequestError(
+            f"-o {args.output!r} says {ext} but --format says {args.format}: make them agree"
+        )
+
+
 def _check_inputs(args: argparse.Namespace, out: Path) -> None:
     """The input files exist, and -o is none of them (it would be emptied before being read)."""
     for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
@@ -357,6 +380,7 @@ def cmd_say(args: argparse.Namespace) -> int:
         args.output, args.format = "/dev/stdout", args.format or "wav"
     out = check_output_path(args.output)
     fmt = output_format(args.output, args.format)
+    _check_options(args)
     _check_inputs(args, out)
     text = sys.stdin.read() if args.text == "-" else args.text
     mode = _mode(args)
