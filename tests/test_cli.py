@@ -448,6 +448,8 @@ def test_say_reads_stdin_writes_stdout_and_speaks_a_cloned_voice_alone(tmp_path)
         (["--voice", "中文女", "--prompt-text", "你好"], "give both"),
         (["--voice", "中文女", "--instruct", " "], "--instruct is empty"),
         (["--voice", "中文女", "--format", "mp3"], "make them agree"),
+        (["--voice", "中文女", "--speed", "3"], "--speed must be between"),
+        (["--voice", "中文女", "--speed", "1.5", "--stream"], "without --stream"),
     ],
 )
 def test_say_refuses_options_that_contradict_each_other(options, words, tmp_path, capsys):

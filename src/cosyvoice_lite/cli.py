@@ -138,7 +138,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--backend",
         default="torch",
         choices=["torch", "onnxruntime", "onnxruntime-int8"],
-        help="run the flow estimator and vocoder through onnxruntime (needs --onnx-dir)",
+        help="run whole utterances' flow estimator (and CosyVoice3's vocoder) through "
+        "onnxruntime (needs --onnx-dir); streams and the v1/v2 vocoders stay in torch",
     )
     parser.add_argument("--onnx-dir", help="graphs written by 'cosyvoice-lite export onnx'")
 
@@ -353,6 +354,12 @@ def _check_options(args: argparse.Namespace) -> None:
         )
     if args.prompt_text and not args.prompt_wav:
         raise InvalidRequestError("--prompt-text is the transcript of --prompt-wav: give both")
+    from .request import MAX_SPEED, MIN_SPEED  # light: no torch
+
+    if not MIN_SPEED <= args.speed <= MAX_SPEED:  # before loading, not after
+        raise InvalidRequestError(f"--speed must be between {MIN_SPEED} and {MAX_SPEED}")
+    if args.speed != 1.0 and args.stream:
+        raise InvalidRequestError("--speed can only be changed without --stream (as the official)")
     if args.instruct is not None and not args.instruct.strip():
         raise InvalidRequestError("--instruct is empty: write the instruction, or leave it out")
     ext = EXTENSIONS.get(Path(args.output).suffix.lower())
@@ -568,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)  # (after a progress line left open)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (| head): nothing more to say
         with contextlib.suppress(OSError):

@@ -39,7 +39,7 @@ from .networks.flow_matching import check_steps
 from .pipelines.common import ModelInputs
 from .precision import has_int8_products, packs_linear
 from .precision import stream_cache_dtype as resolve_stream_cache_dtype
-from .request import AudioChunk, Mode, SynthesisRequest
+from .request import MAX_SPEED, MIN_SPEED, AudioChunk, Mode, SynthesisRequest
 from .row_parallel import RowSplit
 from .sampling import RasSampler
 from .versions import ENDOFPROMPT, SYSTEM_PROMPT, VersionSpec, spec
@@ -57,7 +57,6 @@ MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 Progress = Callable[[int, int], None]  # (segments done, segments total)
 PromptSource = PromptFeatures | Callable[[], PromptFeatures] | None
 
-MAX_SPEED, MIN_SPEED = 2.0, 0.5
 STREAM_NOISE_SALT = 0x5EED5EED
 
 
@@ -492,10 +491,11 @@ class Engine:
         if not spoken:
             raise InvalidRequestError("text is empty: the streamed text had nothing to speak")
 
-    def _preset(self, name: str | None) -> Voice:
+    def _preset(self, name: str | None, mode: Mode | None = None) -> Voice:
         if not name:
+            what = f"mode '{mode.value}'" if mode is not None else "this mode"
             raise InvalidRequestError(
-                f"mode needs a voice; available: {', '.join(self.voices()) or 'none'}"
+                f"{what} needs a voice; available: {', '.join(self.voices()) or 'none'}", "voice"
             )
         if name not in self.presets:
             raise UnknownVoiceError(
@@ -509,7 +509,7 @@ class Engine:
         if request.mode == Mode.PRESET or (
             request.mode == Mode.INSTRUCT and self.spec.instruct_with_preset
         ):
-            if self._preset(request.voice).kind != "preset":
+            if self._preset(request.voice, request.mode).kind != "preset":
                 raise InvalidRequestError(
                     f"'{request.voice}' is a cloned voice: use it with mode zero_shot"
                 )
@@ -595,7 +595,7 @@ class Engine:
             prompt_tokens = self._tokens(prompt_text) if prompt_text else empty_tokens
         text = self._text_tokens(segment)
         if prompt is None:  # a preset voice (and v1 instruct, which also speaks with a preset)
-            voice = self._preset(request.voice)
+            voice = self._preset(request.voice, request.mode)
             # v1 instruct drops the LLM x-vector, as the official does against information leakage
             llm_embedding = no_embedding if request.mode == Mode.INSTRUCT else voice.embedding
             inputs = ModelInputs(

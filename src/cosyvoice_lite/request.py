@@ -23,6 +23,9 @@ class Mode(str, Enum):
     VOICE_CONVERSION = "vc"  # re-speak source audio in the prompt's voice
 
 
+MIN_SPEED, MAX_SPEED = 0.5, 2.0  # the models' range (the official's examples stay in it)
+
+
 @dataclass(frozen=True)
 class SynthesisRequest:
     """One synthesis job. ``text`` may be an iterable of text pieces (streaming text in, v2/v3).
