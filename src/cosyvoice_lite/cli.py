@@ -184,10 +184,14 @@ def load_engine(args: argparse.Namespace, quiet: bool = False):
             exact_float32=args.exact_float32,
         )
     if not quiet:
+        placement = engine.placement
+        precision = str(placement.dtype).removeprefix("torch.")
+        precision += f", {placement.quantize}" if placement.quantize else ""
+        precision += f", {args.backend}" if args.backend != "torch" else ""
         print(
             f"loaded {engine.model.name} (CosyVoice v{engine.version}, {engine.model.variant}) on "
-            f"{args.device} with {_count(torch.get_num_threads(), 'thread')} in "
-            f"{engine.load_seconds:.1f} s",
+            f"{placement.device} ({precision}) with {_count(torch.get_num_threads(), 'thread')} "
+            f"in {engine.load_seconds:.1f} s",
             file=sys.stderr,
         )
     return engine
