@@ -458,3 +458,20 @@ def test_say_refuses_options_that_contradict_each_other(options, words, tmp_path
     out = str(tmp_path / "a.wav")
     assert main(["say", "你好。", "--model", "tests/data/models/v1-tiny", *options, "-o", out]) == 2
     assert words in capsys.readouterr().err and not Path(out).exists()
+
+
+def test_say_streams_into_a_pipe_as_audio_is_made():
+    """--stream -o - wrote nothing into a pipe until the end (a temporary file, copied at the
+    end): a player reading the pipe waited for the whole text."""
+    text = "今天天气真好，我们一起去公园散步吧。" * 12
+    say = [sys.executable, "-m", "cosyvoice_lite", "say", text, "--model",
+           "tests/data/models/v1-tiny", "--voice", "中文女", "--stream", "-o", "-"]  # fmt: skip
+    with subprocess.Popen(say, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        head = proc.stdout.read(4096)
+        still_running = proc.poll() is None
+        rest = proc.stdout.read()
+        proc.wait(timeout=300)
+    assert proc.returncode == 0 and head[:4] == b"RIFF"
+    assert still_running  # the first audio came out while the rest was being made
+    audio, rate = sf.read(io.BytesIO(head + rest))
+    assert rate == 22050 and len(audio) > 10 * rate

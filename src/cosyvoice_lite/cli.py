@@ -289,6 +289,26 @@ class AudioFileWriter:
         self.file.close()
 
 
+class PipeWriter:
+    """``--stream`` into a pipe, FIFO or device (``-o -``): the encoded bytes of each chunk as
+    it comes (a WAV header of unknown length, as streaming servers send), where a file's header
+    would be completed at the end."""
+
+    def __init__(self, path: Path, format: str, sample_rate: int) -> None:
+        from .serving.streaming import Encoder
+
+        self.encoder = Encoder(format, sample_rate)
+        self.rate = self.encoder.sample_rate
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+
+    def write(self, samples) -> None:
+        self.file.write(self.encoder.feed(samples))
+
+    def close(self) -> None:
+        self.file.write(self.encoder.finish())
+        self.file.close()
+
+
 class Player:
     """Plays chunks on the default sound device (needs the optional sounddevice package)."""
 
@@ -415,18 +435,20 @@ def cmd_say(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first = None
     seconds = 0.0
-    partial, final = output_paths(out, args.stream)
+    piped = args.stream and out.exists() and not out.is_file()  # a pipe, FIFO, device
+    partial, final = (out, out) if piped else output_paths(out, args.stream)
+    open_writer = PipeWriter if piped else AudioFileWriter
     writer = None  # opened with the first audio: a request refused before it touches no file
     try:
         for chunk in engine.synthesize(request, _progress_bar("synthesizing")):
             if first is None:
                 first = time.perf_counter() - start
-                writer = AudioFileWriter(partial, fmt, engine.sample_rate)
+                writer = open_writer(partial, fmt, engine.sample_rate)
             writer.write(chunk.samples)
             if player is not None:
                 player.write(chunk.samples)
             seconds += chunk.duration
-        writer = writer or AudioFileWriter(partial, fmt, engine.sample_rate)  # nothing spoken
+        writer = writer or open_writer(partial, fmt, engine.sample_rate)  # nothing spoken
         writer.close()
         if partial != final and final.exists() and not final.is_file():
             with open(partial, "rb") as source, open(final, "wb") as sink:
