@@ -452,3 +452,19 @@ def test_openai_client_gets_whole_files_named_params_and_400s(openai_client, cli
         400,
     )
     assert error["param"] == "type"
+
+
+def test_errors_name_each_apis_own_field(client):
+    """The engine's field names (voice, text, prompt_audio) reach each API as its own."""
+    error = assert_error(client.post("/tts", json={"text": TEXT, "speaker": "nobody"}), 404)
+    assert error["param"] == "speaker"
+    ref = data_uri(prompt_wav(2.0))
+    body = {"model": "tts-1", "voice": "alloy", "input": " ", "ref_audio": ref}
+    assert assert_error(client.post("/v1/audio/speech", json=body), 400)["param"] == "input"
+    short = {"audio_sample": ("s.wav", prompt_wav(0.2), "audio/wav")}
+    error = assert_error(client.post("/v1/audio/voices", data={"name": "short"}, files=short), 400)
+    assert error["param"] == "audio_sample"
+    error = assert_error(
+        client.post("/voices", data={"name": "short"}, files={"audio": short["audio_sample"]}), 400
+    )
+    assert error["param"] == "audio"

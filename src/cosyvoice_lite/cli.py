@@ -236,18 +236,70 @@ def check_output_path(path: str) -> Path:
     return out
 
 
-def output_paths(out: Path, stream: bool) -> tuple[Path, Path]:
-    """(the path written, the path the audio ends at). A whole file is written beside its final
-    place and renamed there at the end, so that it appears at once or not at all; a stream is
-    written in place. Through a symlink, the file it points to is written (the link stays). What
-    is not a regular file (a FIFO, a device, /dev/stdout) is never replaced or removed: audio
-    files need a seekable file (their header), so it gets a temporary file's bytes at the end."""
-    if out.exists() and not out.is_file():
-        fd, temporary = tempfile.mkstemp(suffix=out.suffix, prefix=".cosyvoice-lite-")
-        os.close(fd)
-        return Path(temporary), out
-    final = Path(os.path.realpath(out)) if out.is_symlink() else out
-    return (final if stream else final.with_name(f".{final.name}.partial")), final
+class AudioOutput:
+    """Where ``say`` puts its audio, opened with the first chunk (a refused request touches
+    nothing). A regular file is written beside its place and renamed there at the end, so that it
+    appears at once or not at all, or in place with ``--stream``; through a symlink, the file it
+    points to. Standard output (``-``), a pipe, a FIFO or a device is never replaced or removed:
+    with ``--stream`` it gets each chunk's bytes as they come (not flac, whose header would then
+    say 0 samples), else a temporary file's bytes at the end (audio files need a seekable file
+    for their header)."""
+
+    def __init__(self, output: str, format: str, stream: bool, sample_rate: int) -> None:
+        self.path = None if output == "-" else Path(output).expanduser()
+        self.special = self.path is None or (self.path.exists() and not self.path.is_file())
+        self.piped = stream and self.special and format != "flac"
+        self.format, self.stream, self.sample_rate = format, stream, sample_rate
+        self.writer: AudioFileWriter | PipeWriter | None = None
+        self.partial: Path | None = None  # the file written, where it is not the target
+
+    @property
+    def rate(self) -> int:
+        return self.writer.rate if self.writer is not None else self.sample_rate
+
+    def write(self, samples) -> None:
+        if self.writer is None:
+            self._open()
+        self.writer.write(samples)
+
+    def _target(self):  # noqa: ANN202 - a binary file object
+        if self.path is None:
+            return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+        return open(self.path, "wb", buffering=0)  # noqa: SIM115 - the writer closes it
+
+    def _open(self) -> None:
+        if self.piped:
+            self.writer = PipeWriter(self._target(), self.format, self.sample_rate)
+            return
+        if self.special:
+            fd, temporary = tempfile.mkstemp(suffix=f".{self.format}", prefix=".cosyvoice-lite-")
+            os.close(fd)
+            self.partial = Path(temporary)
+        else:
+            final = Path(os.path.realpath(self.path)) if self.path.is_symlink() else self.path
+            self.partial = final if self.stream else final.with_name(f".{final.name}.partial")
+        self.writer = AudioFileWriter(self.partial, self.format, self.sample_rate)
+
+    def finish(self) -> None:
+        if self.writer is None:  # nothing spoken: still a valid (empty) file
+            self._open()
+        self.writer.close()
+        if self.piped:
+            return
+        if self.special:
+            with open(self.partial, "rb") as source, self._target() as sink:
+                shutil.copyfileobj(source, sink)
+            self.partial.unlink()
+        elif self.partial != self.path and not self.stream:
+            final = Path(os.path.realpath(self.path)) if self.path.is_symlink() else self.path
+            os.replace(self.partial, final)  # a whole file appears at once, or not at all
+
+    def abort(self) -> None:
+        """After a failure: never a cut-off file left (nor a FIFO or device removed)."""
+        if self.writer is not None:
+            self.writer.file.close()
+        if self.partial is not None and self.partial.is_file():
+            self.partial.unlink(missing_ok=True)
 
 
 class AudioFileWriter:
@@ -294,12 +346,12 @@ class PipeWriter:
     it comes (a WAV header of unknown length, as streaming servers send), where a file's header
     would be completed at the end."""
 
-    def __init__(self, path: Path, format: str, sample_rate: int) -> None:
+    def __init__(self, file, format: str, sample_rate: int) -> None:  # noqa: ANN001
         from .serving.streaming import Encoder
 
         self.encoder = Encoder(format, sample_rate)
         self.rate = self.encoder.sample_rate
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+        self.file = file
 
     def write(self, samples) -> None:
         self.file.write(self.encoder.feed(samples))
@@ -393,27 +445,30 @@ def _check_options(args: argparse.Namespace) -> None:
         )
 
 
-def _check_inputs(args: argparse.Namespace, out: Path) -> None:
+def _check_inputs(args: argparse.Namespace, out: Path | None) -> None:
     """The input files exist, and -o is none of them (it would be emptied before being read)."""
     for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
         if not value:
             continue
         if not Path(value).is_file():
             raise InvalidRequestError(f"{option}: no such file {value!r}")
-        if out.exists() and os.path.samefile(value, out):
+        if out is not None and out.exists() and os.path.samefile(value, out):
             raise InvalidRequestError(
                 f"-o {str(out)!r} is the {option} recording: it would be overwritten"
             )
 
 
 def cmd_say(args: argparse.Namespace) -> int:
-    if args.output == "-":  # audio to standard output (the report goes to stderr)
-        args.output, args.format = "/dev/stdout", args.format or "wav"
-    out = check_output_path(args.output)
-    fmt = output_format(args.output, args.format)
+    to_stdout = args.output == "-"  # the audio to standard output, the report to stderr
+    out = None if to_stdout else check_output_path(args.output)
+    fmt = args.format or "wav" if to_stdout else output_format(args.output, args.format)
     _check_options(args)
     _check_inputs(args, out)
     text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise InvalidRequestError(
+            "there is no text to speak" + (" on standard input" if args.text == "-" else "")
+        )
     mode = _mode(args)
     engine = load_engine(args)
     from .request import SynthesisRequest
@@ -435,32 +490,18 @@ def cmd_say(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first = None
     seconds = 0.0
-    piped = args.stream and out.exists() and not out.is_file()  # a pipe, FIFO, device
-    partial, final = (out, out) if piped else output_paths(out, args.stream)
-    open_writer = PipeWriter if piped else AudioFileWriter
-    writer = None  # opened with the first audio: a request refused before it touches no file
+    output = AudioOutput(args.output, fmt, args.stream, engine.sample_rate)
     try:
         for chunk in engine.synthesize(request, _progress_bar("synthesizing")):
             if first is None:
                 first = time.perf_counter() - start
-                writer = open_writer(partial, fmt, engine.sample_rate)
-            writer.write(chunk.samples)
+            output.write(chunk.samples)
             if player is not None:
                 player.write(chunk.samples)
             seconds += chunk.duration
-        writer = writer or open_writer(partial, fmt, engine.sample_rate)  # nothing spoken
-        writer.close()
-        if partial != final and final.exists() and not final.is_file():
-            with open(partial, "rb") as source, open(final, "wb") as sink:
-                shutil.copyfileobj(source, sink)
-            partial.unlink()
-        elif partial != final:
-            os.replace(partial, final)  # a whole file appears at once, or not at all
+        output.finish()
     except BaseException:
-        if writer is not None:
-            writer.file.close()
-            if partial.is_file():  # never leave a cut-off file (nor remove a FIFO or device)
-                partial.unlink(missing_ok=True)
+        output.abort()
         raise
     finally:
         if player is not None:
@@ -468,7 +509,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     took = time.perf_counter() - start
     streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
     print(  # on stderr, as all progress: stdout may be the audio itself (-o -)
-        f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {writer.rate} Hz in "
+        f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {output.rate} Hz in "
         f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})",
         file=sys.stderr,
     )
@@ -608,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # a disk that fills, a device that refuses writes
-        print(f"error: {exc}", file=sys.stderr)
+        if args.verbose:
+            raise
+        print(f"error: {exc} (-v shows where)", file=sys.stderr)
         return 1
 
 

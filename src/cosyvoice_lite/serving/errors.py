@@ -84,8 +84,11 @@ def from_engine_error(
         return ApiError(503, str(exc), "server_error", "shutting_down")
     if isinstance(exc, VoiceDamagedError):
         return ApiError(500, str(exc), "server_error", "voice_damaged", "voice")
+    names = fields or {}
     if isinstance(exc, UnknownVoiceError):
-        return ApiError(404, str(exc), "not_found_error", "voice_not_found", "voice")
+        return ApiError(
+            404, str(exc), "not_found_error", "voice_not_found", names.get("voice", "voice")
+        )
     if isinstance(exc, UnsupportedModeError):
         return ApiError(
             400,
@@ -97,7 +100,7 @@ def from_engine_error(
     if isinstance(exc, InvalidVoiceNameError):
         return ApiError(400, str(exc), code="invalid_name", param="name")
     param = getattr(exc, "param", None)
-    param = (fields or {}).get(param, param)
+    param = names.get(param, param)
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), code="invalid_audio", param=param or "audio")
     return ApiError(400, str(exc), code="invalid_request", param=param)

@@ -187,7 +187,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                 "description": "the audio: mp3, opus and pcm sent segment by segment as it is "
                 "made, wav and flac whole (their headers state the length) unless stream",
             },
-            **error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504),
+            **error_responses(400, 401, 404, 413, 415, 429, 503, 504),
         },
     )
     async def speech(body: SpeechRequest, request: Request):
@@ -240,6 +240,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                 seed=body.seed,
                 mode=None,
                 engine_stream=engine_stream,
+                fields=route_fields("/v1/"),
             )
             synthesis, saved, provider = planned.request, planned.saved_voice, planned.prompt
         else:

@@ -15,7 +15,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -210,11 +210,14 @@ def plan_prompted(
     seed: int | None,
     mode: str | None,
     engine_stream: bool,
+    fields: Mapping[str, str] | None = None,
 ) -> Prompted:
     """The mode follows from what was sent: ``source`` -> voice conversion (into the prompt's or
     the voice's timbre); a prompt with an instruction -> instruct (v2/v3); with a transcript ->
-    zero-shot; without -> cross-lingual. ``mode`` may force one; the model must support it."""
+    zero-shot; without -> cross-lingual. ``mode`` may force one; the model must support it.
+    ``fields``: the route's names for the request's fields, which errors name."""
     engine = state.engine
+    named = {"text": "text", "voice": "voice", "instruct": "instruct", **(fields or {})}
     instruct = (instruct or "").strip() or None
     prompt_text = (prompt_text or "").strip()
     check_texts(state.settings, text=text, instruct=instruct, prompt_text=prompt_text)
@@ -248,17 +251,24 @@ def plan_prompted(
                 400,
                 f"give either a voice or {prompt_field}, not both",
                 code="invalid_request",
-                param="voice",
+                param=named["voice"],
             )
         if not text.strip():
             raise ApiError(
-                400, "text is empty: give the text to speak", code="empty_text", param="text"
+                400,
+                "text is empty: give the text to speak",
+                code="empty_text",
+                param=named["text"],
             )
         if instruct:
             if engine.spec.instruct_with_preset:
-                raise UnsupportedModeError(
+                raise ApiError(
+                    400,
                     "CosyVoice v1 follows instructions only with its preset voices (the -Instruct "
-                    "model); a prompt recording takes instructions with CosyVoice2/3"
+                    "model); a prompt recording takes instructions with CosyVoice2/3",
+                    code="unsupported_mode",
+                    param=named["instruct"],
+                    supported_modes=supported_modes(engine),
                 )
             chosen = Mode.INSTRUCT
         else:

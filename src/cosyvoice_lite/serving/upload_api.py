@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .errors import ApiError
+from .errors import ApiError, route_fields
 from .forms import read_form
 from .openai_api import error_responses
 from .prompts import PromptCache, check_audio, plan_prompted
@@ -151,6 +151,7 @@ def upload_router(state, prompts: PromptCache) -> APIRouter:
             seed=_number(form, "seed", int, None, 0, MAX_SEED),
             mode=_choice(form, "mode", MODES, None),
             engine_stream=stream,
+            fields=route_fields("/tts/upload"),
         )
         request_id = request.scope.get("state", {}).get("request_id")
         plan = Plan(

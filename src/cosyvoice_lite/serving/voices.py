@@ -51,7 +51,7 @@ import soundfile as sf
 import torch
 
 from ..audio.io import check_prompt_audio, load_audio
-from ..errors import CosyVoiceError, InvalidRequestError, UnknownVoiceError
+from ..errors import AudioError, CosyVoiceError, InvalidRequestError, UnknownVoiceError
 from ..frontend.prompt import PromptFeatures
 
 log = logging.getLogger(__name__)
@@ -565,8 +565,11 @@ class VoiceLibrary:
         name = validate_name(name)
         if self.exists(name):
             raise VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
-        wav, rate = load_audio(audio, max_seconds=max_seconds)
-        check_prompt_audio(wav, rate, max_seconds=max_seconds or 30.0)
+        try:
+            wav, rate = load_audio(audio, max_seconds=max_seconds)
+            check_prompt_audio(wav, rate, max_seconds=max_seconds or 30.0)
+        except AudioError as exc:  # named as the engine names a prompt (route_fields maps it)
+            raise AudioError(str(exc), "prompt_audio") from None
         buffer = io.BytesIO()
         sf.write(buffer, wav.numpy(), rate, format="WAV", subtype="FLOAT")
         stored = buffer.getvalue()
