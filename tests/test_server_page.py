@@ -4,6 +4,7 @@ creates voices from a file and from the microphone, and shows the API's errors."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -246,20 +247,31 @@ def test_errors_are_shown(page, server):
     assert "unknown voice 'taken'" in page.inner_text("#error-message")
 
 
-def test_instruction_field_with_an_instruct_model(browser, v1_variants, tmp_path):
-    engine = tiny_engine(v1_variants["instruct"])
-    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path))) as server:
-        context = browser.new_context()
-        page = context.new_page()
+@contextlib.contextmanager
+def page_for(browser, engine, voices_dir: Path, **context):
+    """The page of a server of its own for ``engine``, loaded and ready: (page, page errors)."""
+    with ServerThread(create_app(engine, Settings(voices_dir=voices_dir))) as server:
+        browser_context = browser.new_context(**context)
+        page = browser_context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(server.url)
         page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        try:
+            yield page, errors
+        finally:
+            browser_context.close()
+
+
+def test_instruction_field_with_an_instruct_model(browser, v1_variants, tmp_path):
+    engine = tiny_engine(v1_variants["instruct"])
+    with page_for(browser, engine, tmp_path) as (page, _):
         assert page.is_visible("#instruct-field")
         assert "preset" in page.inner_text("#instruct-hint")
         set_streaming(page, False)
         page.fill("#instruct", "用开心的语气说")
         speak(page)
         assert "用开心的语气说" in page.inner_text(".result .meta")
-        context.close()
 
 
 # ---------------------------------------------------------------------------------- issue 10
@@ -412,13 +424,8 @@ def test_cosyvoice3_instructions_presets_and_phones(browser, tmp_path):
     from cosyvoice_lite.engine import Engine
 
     engine = Engine.load(Path(__file__).resolve().parent / "data" / "models" / "v3-tiny")
-    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path))) as server:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(server.url)
-        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+    viewport = {"width": 1280, "height": 900}
+    with page_for(browser, engine, tmp_path, viewport=viewport) as (page, errors):
         assert mode_buttons(page) == ["voice", "clone", "cross", "instruct", "vc"]
         assert page.get_attribute(".mode-btn.active", "data-mode") == "clone"  # no presets
         page.click("#markup-help summary")
@@ -455,7 +462,6 @@ def test_cosyvoice3_instructions_presets_and_phones(browser, tmp_path):
         page.click(".mode-btn[data-mode='clone']")
         page.screenshot(path=SCREENSHOT.replace(".png", "-v3.png"), full_page=True)
         assert not errors, errors
-        context.close()
 
 
 def test_api_docs_render_without_internet(browser, server):
@@ -490,13 +496,8 @@ def test_cosyvoice2_cloned_voice_of_the_model_is_offered_as_a_cloned_voice(brows
     from cosyvoice_lite.engine import Engine
 
     engine = Engine.load(Path(__file__).resolve().parent / "data" / "models" / "v2-tiny")
-    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path))) as server:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(server.url)
-        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+    viewport = {"width": 1280, "height": 900}
+    with page_for(browser, engine, tmp_path, viewport=viewport) as (page, errors):
         groups = "s => Object.fromEntries([...s.querySelectorAll('optgroup')].map(g => [g.label, [...g.children].map(o => o.value)]))"
         picker = page.eval_on_selector("#voice", groups)
         assert picker["Cloned voices of the model"] == ["zero_shot_zh"]
@@ -511,4 +512,3 @@ def test_cosyvoice2_cloned_voice_of_the_model_is_offered_as_a_cloned_voice(brows
         wait_js(page, "document.querySelectorAll('.result').length > 0", timeout=60)
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert not errors, errors
-        context.close()
