@@ -248,6 +248,8 @@ class AudioOutput:
     def __init__(self, output: str, format: str, stream: bool, sample_rate: int) -> None:
         self.path = None if output == "-" else Path(output).expanduser()
         self.special = self.path is None or (self.path.exists() and not self.path.is_file())
+        # a regular file's place (through a symlink, the file it points to)
+        self.final = None if self.special else Path(os.path.realpath(self.path))
         self.piped = stream and self.special and format != "flac"
         self.format, self.stream, self.sample_rate = format, stream, sample_rate
         self.writer: AudioFileWriter | PipeWriter | None = None
@@ -276,8 +278,9 @@ class AudioOutput:
             os.close(fd)
             self.partial = Path(temporary)
         else:
-            final = Path(os.path.realpath(self.path)) if self.path.is_symlink() else self.path
-            self.partial = final if self.stream else final.with_name(f".{final.name}.partial")
+            self.partial = (
+                self.final if self.stream else self.final.with_name(f".{self.final.name}.partial")
+            )
         self.writer = AudioFileWriter(self.partial, self.format, self.sample_rate)
 
     def finish(self) -> None:
@@ -290,9 +293,8 @@ class AudioOutput:
             with open(self.partial, "rb") as source, self._target() as sink:
                 shutil.copyfileobj(source, sink)
             self.partial.unlink()
-        elif self.partial != self.path and not self.stream:
-            final = Path(os.path.realpath(self.path)) if self.path.is_symlink() else self.path
-            os.replace(self.partial, final)  # a whole file appears at once, or not at all
+        elif not self.stream:
+            os.replace(self.partial, self.final)  # a whole file appears at once, or not at all
 
     def abort(self) -> None:
         """After a failure: never a cut-off file left (nor a FIFO or device removed)."""

@@ -84,10 +84,9 @@ def from_engine_error(
         return ApiError(503, str(exc), "server_error", "shutting_down")
     if isinstance(exc, VoiceDamagedError):
         return ApiError(500, str(exc), "server_error", "voice_damaged", "voice")
-    names = fields or {}
     if isinstance(exc, UnknownVoiceError):
         return ApiError(
-            404, str(exc), "not_found_error", "voice_not_found", names.get("voice", "voice")
+            404, str(exc), "not_found_error", "voice_not_found", field_name(fields, "voice")
         )
     if isinstance(exc, UnsupportedModeError):
         return ApiError(
@@ -100,7 +99,7 @@ def from_engine_error(
     if isinstance(exc, InvalidVoiceNameError):
         return ApiError(400, str(exc), code="invalid_name", param="name")
     param = getattr(exc, "param", None)
-    param = names.get(param, param)
+    param = None if param is None else field_name(fields, param)
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), code="invalid_audio", param=param or "audio")
     return ApiError(400, str(exc), code="invalid_request", param=param)
@@ -116,6 +115,11 @@ _ROUTE_FIELDS = {
     "/tts/upload": {"prompt_audio": "prompt_wav", "source_audio": "source_wav", "voice": "speaker"},
     "/tts": {"voice": "speaker"},
 }  # fmt: skip
+
+
+def field_name(fields: Mapping[str, str] | None, name: str) -> str:
+    """The route's name (``fields``, from ``route_fields``) for the engine's request field."""
+    return (fields or {}).get(name, name)
 
 
 def route_fields(path: str) -> Mapping[str, str]:

@@ -25,10 +25,10 @@ from ..audio.io import check_prompt_audio, load_audio
 from ..errors import AudioError, InvalidRequestError, UnsupportedModeError
 from ..frontend.prompt import PromptFeatures
 from ..request import Mode, SynthesisRequest
-from .errors import ApiError
+from .errors import ApiError, field_name
 from .guard import check_texts
 from .metrics import Metrics
-from .synthesis import supported_modes, voice_key
+from .synthesis import require_text, supported_modes, voice_key
 from .voices import unknown_voice
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ def plan_prompted(
     zero-shot; without -> cross-lingual. ``mode`` may force one; the model must support it.
     ``fields``: the route's names for the request's fields, which errors name."""
     engine = state.engine
-    named = {"text": "text", "voice": "voice", "instruct": "instruct", **(fields or {})}
+
     instruct = (instruct or "").strip() or None
     prompt_text = (prompt_text or "").strip()
     check_texts(state.settings, text=text, instruct=instruct, prompt_text=prompt_text)
@@ -251,15 +251,9 @@ def plan_prompted(
                 400,
                 f"give either a voice or {prompt_field}, not both",
                 code="invalid_request",
-                param=named["voice"],
+                param=field_name(fields, "voice"),
             )
-        if not text.strip():
-            raise ApiError(
-                400,
-                "text is empty: give the text to speak",
-                code="empty_text",
-                param=named["text"],
-            )
+        require_text(text, field_name(fields, "text"))
         if instruct:
             if engine.spec.instruct_with_preset:
                 raise ApiError(
@@ -267,7 +261,7 @@ def plan_prompted(
                     "CosyVoice v1 follows instructions only with its preset voices (the -Instruct "
                     "model); a prompt recording takes instructions with CosyVoice2/3",
                     code="unsupported_mode",
-                    param=named["instruct"],
+                    param=field_name(fields, "instruct"),
                     supported_modes=supported_modes(engine),
                 )
             chosen = Mode.INSTRUCT

@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..audio.io import media_type
 from ..errors import CosyVoiceError, InvalidRequestError, UnsupportedModeError
 from ..request import Mode, SynthesisRequest
-from .errors import ApiError, from_engine_error, overloaded, route_fields
+from .errors import ApiError, field_name, from_engine_error, overloaded, route_fields
 from .scheduler import Job, JobTimeout, Overloaded
 from .streaming import (
     Encoder,
@@ -86,6 +86,12 @@ def supported_modes(engine: Engine) -> list[str]:
     return [m.value for m in engine.modes]
 
 
+def require_text(text: str, field: str) -> None:
+    """Text with something in it (``field``: the route's name for it)."""
+    if not text.strip():
+        raise ApiError(400, "text is empty: give the text to speak", code="empty_text", param=field)
+
+
 def plan_request(
     state: ServerState,
     *,
@@ -103,8 +109,8 @@ def plan_request(
     instruct with an instruction on v2/v3). ``fields``: the route's names for the request's
     fields, which errors name (``route_fields``)."""
     engine = state.engine
-    text_field = (fields or {}).get("text", "text")
-    instruct_field = (fields or {}).get("instruct", "instruct")
+    text_field = field_name(fields, "text")
+    instruct_field = field_name(fields, "instruct")
     limit = state.settings.max_text_chars
     if len(text) > limit:
         raise ApiError(
@@ -115,10 +121,7 @@ def plan_request(
             param=text_field,
             max_chars=limit,
         )
-    if not text.strip():
-        raise ApiError(
-            400, "text is empty: give the text to speak", code="empty_text", param=text_field
-        )
+    require_text(text, text_field)
     instruct = (instruct or "").strip() or None
     library = state.library
     stored_clone = engine.is_cloned_voice(voice)
