@@ -296,3 +296,33 @@ def test_preparing_voices_at_start_keeps_the_voices_already_kept(tmp_path):
         assert len(flows) == 1
     finally:
         engine.close()
+
+
+def test_both_voice_routes_read_a_form_the_same_way(engine, tmp_path):
+    """POST /voices and POST /v1/audio/voices share one reader: an empty transcript field counts
+    as none, two different transcripts are refused (either could be meant), and the cheap checks
+    name the field before the recording is opened."""
+    sample = ("p.wav", prompt_wav(1.0), "audio/wav")
+    with serve(engine, tmp_path) as running, running.client() as c:
+        for route, audio in (("/voices", "audio"), ("/v1/audio/voices", "audio_sample")):
+            name = "v" + route.replace("/", "-")
+            made = c.post(
+                route,
+                data={"name": name, "prompt_text": "", "transcript": "你好。"},
+                files={audio: sample},
+            )
+            assert made.status_code == 201, made.text
+            assert made.json()["prompt_text"] == "你好。"
+            twice = {"name": "x", "prompt_text": "你好。", "transcript": "再见。"}
+            error = error_of(c.post(route, data=twice, files={audio: sample}), 400, "invalid_field")
+            assert error["param"] == "transcript" and "two different" in error["message"]
+            same = {"name": name + "2", "prompt_text": "你好。", "transcript": "你好。"}
+            assert c.post(route, data=same, files={audio: sample}).status_code == 201
+            # the transcript's limit is checked before the junk recording is opened
+            long = {"name": "y", "transcript": "好" * 1001}
+            junk = {audio: ("p.wav", b"junk", "audio/wav")}
+            error = error_of(c.post(route, data=long, files=junk), 400, "transcript_too_long")
+            assert error["param"] == "transcript"
+            error = error_of(c.post(route, data={"name": "z"}), 400, "missing_field")
+            assert error["param"] == audio
+        assert len(c.get("/voices").json()["data"]) == 4

@@ -34,20 +34,19 @@ from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready, route_fields
-from .forms import read_form
 from .guard import DOC_PATHS, GuardMiddleware, check_texts
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
 from .openapi import install_openapi
 from .outputs import OutputStore
 from .page_info import page_info
-from .prompts import PromptCache, check_audio
+from .prompts import PromptCache
 from .scheduler import Scheduler
 from .schemas import TTSRequest
 from .settings import Settings
 from .synthesis import Plan, model_voices, plan_request, respond, supported_modes
 from .upload_api import upload_router
-from .voice_create import prepare_saved_voices, save_voice
+from .voice_create import prepare_saved_voices, read_voice_upload, save_voice
 from .voice_store_s3 import attachment, voice_store
 from .voices import VoiceLibrary, validate_name
 
@@ -516,29 +515,6 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
         return await respond(state, request, plan)
 
 
-async def _read_upload(request: Request, settings: Settings) -> tuple[str, str, bytes]:
-    form = await read_form(
-        request, settings.max_upload_bytes, ("audio",), ("name", "prompt_text", "transcript")
-    )
-    name = form.fields.get("name", "").strip()
-    if not name:
-        raise ApiError(
-            400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
-        )
-    data = form.files.get("audio")
-    if data is None:
-        raise ApiError(
-            400,
-            "missing file field 'audio' (the prompt recording)",
-            code="missing_field",
-            param="audio",
-        )
-    prompt_text = form.fields.get("prompt_text") or form.fields.get("transcript") or ""
-    check_texts(settings, name=name, prompt_text=prompt_text)
-    check_audio(data, "audio", settings.max_upload_bytes, settings.max_prompt_seconds)
-    return name, prompt_text, data
-
-
 def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     library = state.library
     upload_schema = {
@@ -553,7 +529,8 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
                             "name": {"type": "string"},
                             "prompt_text": {
                                 "type": "string",
-                                "description": "transcript of the audio",
+                                "description": "transcript of the audio (also 'transcript'); "
+                                "without one the voice is used cross-lingually",
                             },
                             "audio": {"type": "string", "format": "binary"},
                         },
@@ -567,8 +544,10 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     async def create_voice(request: Request):
         """Save a voice: prompt recording + its transcript (optional: without one the voice is
         used cross-lingually). Its features are computed once and stored on disk."""
-        name, prompt_text, data = await _read_upload(request, state.settings)
-        return await save_voice(state, name, prompt_text, data, reserved=voice_aliases(state))
+        upload = await read_voice_upload(
+            request, state.settings, ("audio",), ("prompt_text", "transcript")
+        )
+        return await save_voice(state, upload, reserved=voice_aliases(state))
 
     @app.get("/voices", tags=["voice library"])
     async def list_voices():

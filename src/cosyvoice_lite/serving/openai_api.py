@@ -11,12 +11,11 @@ from fastapi import APIRouter, Request
 
 from ..errors import UnknownVoiceError
 from .errors import ApiError, route_fields
-from .forms import read_form
 from .guard import check_text, check_texts
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
 from .schemas import OPENAI_FORMATS, SpeechRequest
 from .synthesis import Plan, model_voices, plan_request, preset_voices, respond
-from .voice_create import save_voice
+from .voice_create import read_voice_upload, save_voice
 from .voices import NAMES_SHOWN, unknown_voice, validate_name
 
 if TYPE_CHECKING:
@@ -329,50 +328,16 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
     async def create_voice(request: Request):
         """Create a custom voice (OpenAI custom voices, faster-cosyvoice): a name, an audio sample
         and its transcript. Stored in the voice library like ``POST /voices``."""
-        form = await read_form(
+        upload = await read_voice_upload(
             request,
-            settings.max_upload_bytes,
+            settings,
             ("audio_sample", "audio", "file"),
+            ("prompt_text", "transcript", "text"),
             # consent, model and script_hint (OpenAI's client sends them) change nothing here
-            (
-                "name",
-                "prompt_text",
-                "transcript",
-                "text",
-                "consent",
-                "type",
-                "model",
-                "script_hint",
-            ),
-            max_files=1,  # one recording, under any of its names
+            ("consent", "type", "model", "script_hint"),
+            check_fields=_check_voice_type,
         )
-        if form.fields.get("type", "audio_sample") != "audio_sample":
-            raise ApiError(
-                400,
-                f"voices of type {form.fields['type']!r} are not made here; send type "
-                "audio_sample with the recording",
-                code="invalid_field",
-                param="type",
-            )
-        name = form.fields.get("name", "").strip()
-        if not name:
-            raise ApiError(
-                400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
-            )
-        field, data = next(iter(form.files.items()), ("audio_sample", None))
-        if data is None:
-            raise ApiError(
-                400,
-                "missing file field 'audio_sample' (the recording)",
-                code="missing_field",
-                param="audio_sample",
-            )
-        check_audio(data, field, settings.max_upload_bytes, settings.max_prompt_seconds)
-        text = next(
-            (form.fields[k] for k in ("prompt_text", "transcript", "text") if k in form.fields), ""
-        )
-        check_texts(settings, name=name, prompt_text=text)
-        return await save_voice(state, name, text, data, reserved=voice_aliases(state))
+        return await save_voice(state, upload, reserved=voice_aliases(state))
 
     @router.delete(
         "/v1/audio/voices/{name}",
@@ -395,3 +360,14 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         return {"id": name, "object": "audio.voice.deleted", "deleted": True}
 
     return router
+
+
+def _check_voice_type(fields: dict[str, str]) -> None:
+    if fields.get("type", "audio_sample") != "audio_sample":
+        raise ApiError(
+            400,
+            f"voices of type {fields['type']!r} are not made here; send type audio_sample with "
+            "the recording",
+            code="invalid_field",
+            param="type",
+        )

@@ -1,30 +1,94 @@
 """Saving a voice from an upload, shared by ``POST /voices`` and ``POST /v1/audio/voices``:
-checks, then the features computed off the event loop and stored in the library; and preparing
-the saved voices for streaming when a server starts."""
+the form read and checked one way, then the features computed off the event loop and stored in
+the library; and preparing the saved voices for streaming when a server starts."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from .errors import ApiError, overloaded
+from .forms import read_form
+from .guard import check_text, check_texts
+from .prompts import check_audio
 from .scheduler import Job, JobTimeout, Overloaded
+from .settings import Settings
 from .synthesis import voice_key
 from .voices import VoiceExistsError, name_key, validate_name
 
 log = logging.getLogger("cosyvoice_lite.serving")
 
 
-async def save_voice(
-    state, name: str, prompt_text: str, data: bytes, reserved: Collection[str] = ()
-) -> JSONResponse:
-    """Store a voice named ``name`` (201 with its description); 409 if the name is a preset, one
+@dataclass(frozen=True)
+class VoiceUpload:
+    """A voice upload, checked: what ``save_voice`` takes."""
+
+    name: str
+    prompt_text: str  # "" without a transcript: the voice is used cross-lingually
+    data: bytes
+
+
+async def read_voice_upload(
+    request: Request,
+    settings: Settings,
+    audio_fields: tuple[str, ...],
+    transcript_fields: tuple[str, ...],
+    other_fields: tuple[str, ...] = (),
+    check_fields: Callable[[dict[str, str]], None] | None = None,
+) -> VoiceUpload:
+    """Read a voice's form: ``name``, one recording under any of ``audio_fields`` (the first
+    is the one named when it is missing) and its transcript under any of ``transcript_fields``
+    (an empty one counts as none; two different ones are a 400, as either could be meant).
+    ``other_fields`` are accepted too, and ``check_fields`` checks the route's own fields first.
+    The cheap checks come before the recording's header is read."""
+    form = await read_form(
+        request,
+        settings.max_upload_bytes,
+        audio_fields,
+        ("name", *transcript_fields, *other_fields),
+        max_files=1,  # one recording, under any of its names
+    )
+    if check_fields is not None:
+        check_fields(form.fields)
+    name = form.fields.get("name", "").strip()
+    if not name:
+        raise ApiError(
+            400, "missing field 'name' (the voice's name)", code="missing_field", param="name"
+        )
+    if not form.files:
+        raise ApiError(
+            400,
+            f"missing file field '{audio_fields[0]}' (the recording)",
+            code="missing_field",
+            param=audio_fields[0],
+        )
+    ((audio_field, data),) = form.files.items()
+    check_texts(settings, name=name)
+    given = [(field, form.fields[field]) for field in transcript_fields if form.fields.get(field)]
+    for field, text in given:
+        check_text(field, text, settings.max_prompt_text_chars)
+    if len({text for _, text in given}) > 1:
+        raise ApiError(
+            400,
+            f"two different transcripts ({', '.join(field for field, _ in given)}); send one",
+            code="invalid_field",
+            param=given[1][0],
+        )
+    check_audio(data, audio_field, settings.max_upload_bytes, settings.max_prompt_seconds)
+    return VoiceUpload(name, given[0][1] if given else "", data)
+
+
+async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ()) -> JSONResponse:
+    """Store the uploaded voice (201 with its description); 409 if the name is a preset, one
     of ``reserved`` (e.g. voice aliases) or already saved, compared as the library compares
     names (case and compatibility forms: ``ＡＬＬＯＹ`` is ``alloy``)."""
+    name, prompt_text, data = upload.name, upload.prompt_text, upload.data
     key = name_key(validate_name(name))
     engine = state.require_engine()
     library, settings = state.library, state.settings
