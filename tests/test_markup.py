@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cosyvoice_lite import Engine, InvalidRequestError, Mode, SynthesisRequest
-from cosyvoice_lite.frontend.markup import check_markup, find_markup, user_markup
+from cosyvoice_lite.frontend.markup import check_markup, find_markup, unescape, user_markup
 
 
 def test_find_markup() -> None:
@@ -37,6 +37,19 @@ def test_unknown_tags_are_named() -> None:
     assert "pinyin ([h][ào])" in str(info.value) and "CMU" not in str(info.value)
 
 
+def test_escaped_brackets_are_text() -> None:
+    """``\\[sic]`` is text: not checked, spoken without its backslash. A tag the model knows
+    cannot be escaped (its tokenizer reads it as the tag wherever it stands): a clear error."""
+    assert find_markup(r"he said \[sic], [breath] \[note]") == ["[breath]"]
+    assert unescape(r"a \[sic] b \[1] c\d \[no tag") == r"a [sic] b [1] c\d \[no tag"
+    known = frozenset({"[breath]"})
+    check_markup([r"\[sic] [breath]"], known, "m")
+    with pytest.raises(InvalidRequestError, match=r"\[sic\].*escape it.*\\\[sic\]"):
+        check_markup(["[sic]"], known, "m")
+    with pytest.raises(InvalidRequestError, match=r"\[breath\] is m's own markup"):
+        check_markup([r"ok \[breath]"], known, "m")
+
+
 def test_chat_and_whisper_control_tokens_are_not_markup() -> None:
     """Only CosyVoice's own tags may be written: the chat template's tokens (v2/v3) and
     whisper's task and timestamp tokens (v1) would reach the LLM as control tokens."""
@@ -54,3 +67,7 @@ def test_v1_engine_knows_its_tags(v1_variants: dict[str, Path]) -> None:
     bad = SynthesisRequest(Mode.PRESET, "你好[h][ǎo]。", voice=voice)
     with pytest.raises(InvalidRequestError, match=r"\[h\], \[ǎo\]"):
         list(engine.synthesize(bad))
+    # escaped, the brackets are text: spoken as upstream speaks them, without the backslash
+    escaped = SynthesisRequest(Mode.PRESET, r"你好\[sic]。", voice=voice, seed=1)
+    spoken = "".join(chunk.text for chunk in engine.synthesize(escaped))
+    assert "[sic]" in spoken and "\\" not in spoken

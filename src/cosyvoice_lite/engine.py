@@ -29,7 +29,7 @@ from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
-from .frontend.markup import V1_TAGS, check_markup, user_markup
+from .frontend.markup import V1_TAGS, check_markup, unescape, user_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend, is_only_punctuation
 from .heap import release_freed_memory
@@ -377,6 +377,7 @@ class Engine:
         ``prompt`` may be a function, called in the loop when the request is admitted."""
         request = _normalized(request)
         self._check(request)
+        request = _unescaped(request)
         return self.loop.submit(Job(lambda: self._prepare(request, progress, prompt, sink), sink))
 
     def call(self, fn: Callable[[], object]) -> Future:
@@ -486,6 +487,7 @@ class Engine:
                 piece = piece.partition(ENDOFPROMPT)[2]
             _check_unicode("text", piece)
             check_markup([piece], self.known_markup, self.model.name)
+            piece = unescape(piece)
             spoken = spoken or not is_only_punctuation("".join(piece.split()))
             yield piece
         if not spoken:
@@ -758,6 +760,16 @@ def _normalized(request: SynthesisRequest) -> SynthesisRequest:
         value = getattr(request, name)
         if isinstance(value, kind) and not isinstance(value, bool | type(to(0))):
             changes[name] = to(value)
+    return dataclasses.replace(request, **changes) if changes else request
+
+
+def _unescaped(request: SynthesisRequest) -> SynthesisRequest:
+    """The request's texts as spoken, once checked: escaped brackets (``\\[sic]``) are text."""
+    changes = {
+        name: unescape(value)
+        for name in ("text", "instruct", "prompt_text")
+        if isinstance(value := getattr(request, name), str) and "\\[" in value
+    }
     return dataclasses.replace(request, **changes) if changes else request
 
 

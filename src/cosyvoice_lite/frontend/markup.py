@@ -4,6 +4,8 @@ emphasis (<strong>...</strong>) and control tokens (<|en|>, <|endofprompt|>).
 Markup reaches the tokenizer unchanged (the text frontend bypasses normalisation for <|...|> text,
 and bracket tags are single special tokens for v2/v3). What we add is a check: a tag the loaded
 model does not know would otherwise be spoken as literal characters, so it is an error naming it.
+Brackets meant as text are written with a backslash, ``\\[sic]``: the check passes them and
+``unescape`` removes the backslash before the text is spoken.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..errors import InvalidRequestError
 CONTROL = re.compile(r"<\|[^<>|\s]{1,40}\|>")
 BRACKET = re.compile(r"\[[^\[\]\s]{1,16}\]")
 ANGLE = re.compile(r"</?[A-Za-z_][A-Za-z_-]{0,19}>")
+ESCAPED_BRACKET = re.compile(r"\\(" + BRACKET.pattern + ")")  # \[sic]: text, not a tag
 
 # CosyVoice-300M-Instruct's inline tags (official README); other v1 releases ignore them harmlessly.
 V1_TAGS = frozenset(
@@ -39,15 +42,21 @@ def user_markup(special_tokens: Iterable[str], whisper: bool) -> frozenset[str]:
 
 
 def find_markup(text: str) -> list[str]:
-    """Every markup-looking tag in ``text``, in order (bracketed numbers like [1] are not markup)."""
+    """Every markup-looking tag in ``text``, in order (bracketed numbers like [1] and escaped
+    brackets like \\[sic] are text)."""
     found = []
     for pattern in (CONTROL, BRACKET, ANGLE):
         for match in pattern.finditer(text):
-            tag = match.group(0)
-            if pattern is BRACKET and tag[1:-1].isdigit():
+            tag, start = match.group(0), match.start()
+            if pattern is BRACKET and (tag[1:-1].isdigit() or text[start - 1 : start] == "\\"):
                 continue
-            found.append((match.start(), tag))
+            found.append((start, tag))
     return [tag for _, tag in sorted(found)]
+
+
+def unescape(text: str) -> str:
+    """The text as it is spoken: each escaped bracket's backslash removed (\\[sic] -> [sic])."""
+    return ESCAPED_BRACKET.sub(r"\1", text) if "\\[" in text else text
 
 
 def _is_phone(tag: str) -> bool:
@@ -56,12 +65,20 @@ def _is_phone(tag: str) -> bool:
 
 
 def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -> None:
-    """Raise InvalidRequestError naming every tag in ``texts`` that the model does not know."""
+    """Raise InvalidRequestError naming every tag in ``texts`` that the model does not know, or
+    that is escaped although it is the model's own (its tokenizer reads it as the tag anyway)."""
     unknown: list[str] = []
+    own: list[str] = []
     for text in texts:
         for tag in find_markup(text):
             if tag not in known and tag not in unknown:
                 unknown.append(tag)
+        own += [m.group(1) for m in ESCAPED_BRACKET.finditer(text) if m.group(1) in known]
+    if own:
+        raise InvalidRequestError(
+            f"{', '.join(dict.fromkeys(own))} is {model_name}'s own markup and is always read as "
+            "markup; write it without the backslash to use it, or differently to say it"
+        )
     if not unknown:
         return
     tags = sorted(t for t in known if not (t.startswith("<|") or _is_phone(t)))
@@ -73,5 +90,5 @@ def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -
         hint += ", CMU phones ([M][AY0])"
     raise InvalidRequestError(
         f"{model_name} does not know the markup {', '.join(unknown)}; {hint}. "
-        "Remove the tag, or write it differently if it was meant as text."
+        "Remove the tag, or escape it if it was meant as text (\\[sic])."
     )
