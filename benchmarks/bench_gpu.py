@@ -175,7 +175,12 @@ def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, de
     device = engine.placement.device
     try:
         bench = ModelBench(engine, args.tokens)
-        bench.requests(1, stream=True, tokens=min(args.tokens, 40))  # warm-up (kernels, caches)
+        # warm-up (lazily loaded kernels, library plans, caches): streamed and whole, one
+        # request and a batch, so that no timed stage pays a first use
+        warm = min(args.tokens, 40)
+        bench.requests(1, stream=True, tokens=warm)
+        bench.requests(1, stream=False, tokens=warm)
+        bench.requests(args.batch, stream=False, tokens=warm)
         floor_ms = llm_bytes_per_token(engine.pipeline.llm) / (floors["memory_bandwidth_gbs"] * 1e6)
         for rows in (1, args.batch):
             try:

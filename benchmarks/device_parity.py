@@ -1,16 +1,19 @@
-"""Does the engine give the CPU's audio on another torch device, and batched rows their audio
-alone there? (A lent GPU only; CI has no accelerator.)
+"""Do requests computed together on another torch device give their audio alone there? (A lent
+GPU only; CI has no accelerator.)
 
     python benchmarks/device_parity.py --model /tmp/m/v2-tiny --model /tmp/m/v3-tiny --device cuda
 
 For each model directory (``tools/make_models.py --size tiny``): a few seeded requests of fixed
-length (zero-shot whole and streamed, cross-lingual), each alone on the CPU in float32 (the
-reference, equal to the official by the parity tests), then on ``--device`` in each ``--dtypes``:
-each alone, and all submitted together. Prints, per request, the largest sample difference
-device-vs-CPU and together-vs-alone on the device (a waveform peaks near 1). Float32 on the
-device should stay within ~1e-4 of the CPU while the sampled tokens agree; bfloat16 moves the
-logits enough for some draws to differ, which shows as a large difference (then only
-together-vs-alone is meaningful).
+length (zero-shot whole and streamed, cross-lingual) on ``--device`` in each ``--dtypes``, each
+alone and then all submitted together; prints, per request, the largest sample difference
+together-vs-alone (a waveform peaks near 1). On a CPU that is 0 (the tests hold it); on a GPU the
+libraries pick their kernels by batch size, so expect float noise (up to ~1e-2 of waveform after
+the vocoder's phase), while a length difference or an O(1) difference means a token differed.
+
+The device against the CPU is ``precision_accuracy.py MODEL --device cuda --precisions
+float32,bfloat16``: the same tokens and noise from CPU generators, so its errors are the
+device's arithmetic (the engine draws from generators on its device, as the official code does,
+so its seeded tokens differ between a GPU and a CPU).
 """
 
 from __future__ import annotations
@@ -71,9 +74,6 @@ def main() -> None:
     batch = requests(args.tokens)
     names = ["zero-shot", "zero-shot streamed", "cross-lingual"]
     for model in args.model:
-        cpu = Engine.load(model, exact_float32=True)  # the official's float32 kernels
-        reference = alone(cpu, batch)
-        cpu.close()
         for dtype in args.dtypes.split(","):
             engine = Engine.load(model, device=args.device, dtype=dtype, max_batch=8)
             try:
@@ -84,12 +84,8 @@ def main() -> None:
             print(
                 f"{Path(model).name} on {args.device} {dtype} ({args.tokens} tokens):", flush=True
             )
-            for name, ref, a, b in zip(names, reference, solo, joint, strict=True):
-                print(
-                    f"  {name:<20} max |device - cpu| {difference(a, ref):>18}, "
-                    f"max |together - alone| {difference(b, a)}",
-                    flush=True,
-                )
+            for name, a, b in zip(names, solo, joint, strict=True):
+                print(f"  {name:<20} max |together - alone| {difference(b, a)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ setting) it prints:
   hift   relative L2 error and max abs error of the waveform for the same float32 mel.
 With random weights these bound the numeric error only; what it means for quality can only be
 judged with real weights.
+
+``--device cuda`` (a lent GPU) runs the precisions on that device against the same CPU float32
+reference, float32 included: every draw (tokens, v1 flow noise, vocoder noise) comes from CPU
+generators, so a difference is the device's arithmetic, not its random numbers.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ def llm_inputs(model: ModelDir, prompt_tokens: int = 30) -> dict[str, torch.Tens
     }
 
 
+def on(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
 def sample_tokens(model: ModelDir, lm, inputs: dict, n_tokens: int) -> list[int]:
     sampler = RasSampler(torch.Generator().manual_seed(SEED), **vars(model.config.sampling))
     task = speech_token_task(
@@ -72,28 +80,29 @@ def sample_tokens(model: ModelDir, lm, inputs: dict, n_tokens: int) -> list[int]
 
 def teacher_forced(model: ModelDir, lm, inputs: dict, tokens: list[int]) -> torch.Tensor:
     """Log-probabilities [T, V] each of ``tokens`` was drawn from, given the ones before."""
-    speech = torch.tensor([tokens], dtype=torch.int32)
+    speech = torch.tensor([tokens], dtype=torch.int32, device=inputs["text"].device)
     with torch.inference_mode():
         if model.version == 1:
-            return lm.teacher_forced_logits(*inputs.values(), speech).float()
+            return lm.teacher_forced_logits(*inputs.values(), speech).float().cpu()
         logits = lm.teacher_forced_logits(
             inputs["text"], inputs["prompt_text"], inputs["prompt_speech_token"], speech
         )
-        return logits[-len(tokens) - 1 : -1].float().log_softmax(dim=-1)
+        return logits[-len(tokens) - 1 : -1].float().log_softmax(dim=-1).cpu()
 
 
 def run_flow(model: ModelDir, flow, inputs: dict, tokens: list[int]) -> torch.Tensor:
     g = torch.Generator().manual_seed(SEED)
     prompt = inputs["prompt_speech_token"]
     frames = int(prompt.shape[1] / 50 * 22050 / 256) if model.version == 1 else 2 * prompt.shape[1]
-    feat = torch.randn(1, frames, 80, generator=g) * 2 - 6
-    token = torch.tensor([tokens], dtype=torch.int32)
-    length = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32)  # noqa: E731
+    device = prompt.device
+    feat = (torch.randn(1, frames, 80, generator=g) * 2 - 6).to(device)
+    token = torch.tensor([tokens], dtype=torch.int32, device=device)
+    length = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32, device=device)  # noqa: E731
     args = (token, length(token), prompt, length(prompt), feat, length(feat), inputs["embedding"])
     with torch.inference_mode():
         if model.version == 1:
-            return flow.inference(*args, None, torch.Generator().manual_seed(SEED))[0]
-        return flow.inference(*args, streaming=False, finalize=True)[0]
+            return flow.inference(*args, None, torch.Generator().manual_seed(SEED))[0].float().cpu()
+        return flow.inference(*args, streaming=False, finalize=True)[0].float().cpu()
 
 
 def run_stream(
@@ -105,8 +114,8 @@ def run_stream(
         return None
     g = torch.Generator().manual_seed(SEED)
     prompt = inputs["prompt_speech_token"]
-    feat = torch.randn(1, 2 * prompt.shape[1], 80, generator=g) * 2 - 6
-    token = torch.tensor([tokens], dtype=torch.int32)
+    feat = (torch.randn(1, 2 * prompt.shape[1], 80, generator=g) * 2 - 6).to(prompt.device)
+    token = torch.tensor([tokens], dtype=torch.int32, device=prompt.device)
     with torch.inference_mode():
         state = flow.new_stream(prompt, feat, inputs["embedding"], cache_dtype=cache_dtype)
         mels, start = [], 0
@@ -115,50 +124,55 @@ def run_stream(
                 mels.append(flow.stream_step(state, token[:, start:end]))
                 start = end
         mels.append(flow.stream_step(state, token[:, start:], finalize=True))
-    return torch.cat(mels, dim=2)
+    return torch.cat(mels, dim=2).float().cpu()
 
 
-def run_hift(model: ModelDir, hift, mel: torch.Tensor) -> torch.Tensor:
+def run_hift(model: ModelDir, hift, mel: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The waveform of the float32 mel ``mel`` (on the CPU), the vocoder's input in its dtype."""
+    mel = mel.to(device, next(hift.parameters()).dtype)
     with torch.inference_mode():
         if model.version == 3:
-            return hift.inference(mel)[0]
-        return hift.inference(mel, None, torch.Generator().manual_seed(SEED))[0]
+            return hift.inference(mel)[0].float().cpu()
+        return hift.inference(mel, None, torch.Generator().manual_seed(SEED))[0].float().cpu()
 
 
 def relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref).norm() / ref.norm())
 
 
-def measure(path: Path, n_tokens: int, names: list[str]) -> list[dict]:
+def measure(path: Path, n_tokens: int, names: list[str], device: str = "cpu") -> list[dict]:
+    """The errors of each precision in ``names`` on ``device`` against float32 on the CPU."""
     model = open_model_dir(path)
-    inputs = llm_inputs(model)
     rows, ref = [], {}
-    for name in ["float32", *[n for n in names if n != "float32"]]:
-        placement = resolve_placement("cpu", *PRECISIONS[name])
+    candidates = [("cpu", "float32")]  # the reference first
+    candidates += [(device, n) for n in names if (device, n) != ("cpu", "float32")]
+    for index, (where, name) in enumerate(candidates):
+        placement = resolve_placement(where, *PRECISIONS[name])
+        inputs = on(llm_inputs(model), placement.device)
         lm = load_network(model, "llm", "llm.pt", placement)
         tokens = sample_tokens(model, lm, inputs, n_tokens)
-        if name == "float32":
+        if index == 0:
             ref["tokens"] = tokens
         logp = teacher_forced(model, lm, inputs, ref["tokens"])
         del lm
         flow = load_network(model, "flow", "flow.pt", placement)
         mel = run_flow(model, flow, inputs, ref["tokens"])
         streamed = run_stream(model, flow, inputs, ref["tokens"], stream_cache_dtype(placement))
-        if name == "float32" and streamed is not None:
+        if index == 0 and streamed is not None:
             half = run_stream(model, flow, inputs, ref["tokens"], torch.float16)
             ref["half_cache_rel"] = relative(half, streamed)
         del flow
         hift = load_network(model, "hift", "hift.pt", placement)
-        wav = run_hift(model, hift, ref.get("mel", mel))
+        wav = run_hift(model, hift, ref.get("mel", mel), placement.device)
         del hift
-        if name == "float32":
+        if index == 0:
             ref.update(logp=logp, mel=mel, wav=wav, streamed=streamed)
             continue
         same = [a == b for a, b in zip(tokens, ref["tokens"], strict=True)]
         err = (logp - ref["logp"]).abs()
         rows.append(
             {
-                "precision": name,
+                "precision": name if where == "cpu" else f"{name} on {where}",
                 "logp_max": float(err.max()),
                 "logp_mean": float(err.mean()),
                 "top1": float((logp.argmax(-1) == ref["logp"].argmax(-1)).float().mean()),
@@ -183,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="model directory (tests/data/models/v2-tiny, ...)")
     parser.add_argument("--tokens", type=int, default=50, help="speech tokens to sample")
     parser.add_argument("--precisions", default="bfloat16,float16,int8")
+    parser.add_argument("--device", default="cpu", help="where the precisions run (cuda: a GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    rows = measure(args.model, args.tokens, args.precisions.split(","))
-    print(f"{args.model} ({args.tokens} tokens, seed {SEED}); errors against float32")
+    rows = measure(args.model, args.tokens, args.precisions.split(","), args.device)
+    print(f"{args.model} ({args.tokens} tokens, seed {SEED}); errors against float32 on the CPU")
     print(
         "| precision | LLM logp max / mean abs err | top-1 same | sampled tokens same "
         "(first diff) | flow mel rel / max abs | hift wav rel / max abs | streamed mel rel |"

@@ -199,9 +199,11 @@ def configure_backend(placement: Placement) -> None:
     """Process-wide settings the placement needs, applied once at load: float32 on CUDA computes
     in float32, as on a CPU. torch lets cuDNN run float32 convolutions in TF32 by default (10-bit
     mantissas), which would move the flow's and the vocoder's float32 outputs away from the
-    official float32 results; the matrix products' TF32 switch is off by default and kept off."""
-    if placement.device.type == "cuda" and placement.dtype == torch.float32:
-        torch.backends.cudnn.allow_tf32 = False
+    official float32 results; the matrix products' TF32 switch is off by default and kept off.
+    Other dtypes get torch's defaults back, so that each load is set up alike whatever a previous
+    load in the process chose."""
+    if placement.device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = placement.dtype != torch.float32
         torch.backends.cuda.matmul.allow_tf32 = False
 
 

@@ -221,11 +221,12 @@ def packs_linear(placement: Placement) -> bool:
     """Whether ``PackedLinear`` serves ``placement``: a CPU with oneDNN, float32 (unless
     ``exact_float32`` keeps the official's kernels) or bfloat16 weights (for the layers int8
     leaves in that dtype)."""
+    if placement.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
     if placement.dtype == torch.float32:
-        wanted = not placement.exact_float32
-    else:  # elsewhere (an AVX2-only AMD EPYC, say) the bf16 layers stay plain nn.Linear
-        wanted = placement.dtype == torch.bfloat16 and cpu_features().packs_bfloat16
-    return placement.device.type == "cpu" and torch.backends.mkldnn.is_available() and wanted
+        return not placement.exact_float32
+    # elsewhere (an AVX2-only AMD EPYC, say) the bf16 layers stay plain nn.Linear
+    return placement.dtype == torch.bfloat16 and cpu_features().packs_bfloat16
 
 
 def pack_linears(network: nn.Module, fuse: bool = False) -> nn.Module:

@@ -62,6 +62,8 @@ class RasSampler:
         return token
 
     def _draw(self, probs: torch.Tensor) -> int:
+        # on the generator's device: a CPU generator draws the CPU's tokens on any device
+        probs = probs.to(self.generator.device)
         return int(torch.multinomial(probs, 1, replacement=True, generator=self.generator))
 
 
@@ -115,12 +117,15 @@ def _draw_index(probs: torch.Tensor, host: np.ndarray, sampler: RasSampler) -> t
     (argmax of probs / q, q ~ Exp(1) drawn from the generator: the same values and the same use of
     the generator), without its two host synchronisations that check ``probs``: they are checked
     here on ``host``, the same values already on the host. Returns the index [1] on probs' device.
+    q is drawn on the generator's device (a CPU generator gives the CPU's draws on any device).
     The sampling tests compare it with the sampler alone, so a change in torch's algorithm shows."""
     if not (np.isfinite(host).all() and (host >= 0).all()):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
     if host.sum() <= 0:
         raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
-    q = torch.empty_like(probs).exponential_(1, generator=sampler.generator)
+    generator = sampler.generator
+    q = torch.empty(probs.shape, dtype=probs.dtype, device=generator.device)
+    q = q.exponential_(1, generator=generator).to(probs.device)
     return torch.argmax(probs / q, dim=-1, keepdim=True)
 
 
