@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from floors import describe, measure  # noqa: E402
 from precision_bench import llm_bytes_per_token  # noqa: E402
 
+from cosyvoice_lite.device import configure_backend, resolve_placement  # noqa: E402
 from cosyvoice_lite.engine import Engine  # noqa: E402
 from cosyvoice_lite.request import Mode, SynthesisRequest  # noqa: E402
 
@@ -166,6 +167,8 @@ def reset_peak(device: torch.device) -> None:
 def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, deadline: float):
     """Every figure of one model in one precision (skipping what the deadline leaves no time
     for); yields (name, figures) as each is measured."""
+    # each precision set up as in a process of its own (TF32: the previous load's switches)
+    configure_backend(resolve_placement(args.device, dtype), fresh=True)
     engine = Engine.load(
         model,
         device=args.device,
@@ -176,11 +179,14 @@ def run_model(model: str, dtype: str, args: argparse.Namespace, floors: dict, de
     try:
         bench = ModelBench(engine, args.tokens)
         # warm-up (lazily loaded kernels, library plans, caches): streamed and whole, one
-        # request and a batch, so that no timed stage pays a first use
+        # request and a batch, so that no timed stage pays a first use; a failure is reported
+        # and the stages go on (each fails alone)
         warm = min(args.tokens, 40)
-        bench.requests(1, stream=True, tokens=warm)
-        bench.requests(1, stream=False, tokens=warm)
-        bench.requests(args.batch, stream=False, tokens=warm)
+        for count, stream in ((1, True), (1, False), (args.batch, False)):
+            try:
+                bench.requests(count, stream=stream, tokens=warm)
+            except Exception as exc:  # noqa: BLE001 - a lent GPU's run goes on
+                yield f"warm-up, {count} {'streamed' if stream else 'whole'}", failed(exc)
         floor_ms = llm_bytes_per_token(engine.pipeline.llm) / (floors["memory_bandwidth_gbs"] * 1e6)
         for rows in (1, args.batch):
             try:

@@ -36,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from cosyvoice_lite.decoding import LengthPolicy, run_alone, speech_token_task  # noqa: E402
-from cosyvoice_lite.device import resolve_placement  # noqa: E402
+from cosyvoice_lite.device import configure_backend, resolve_placement  # noqa: E402
 from cosyvoice_lite.modeldir import ModelDir, open_model_dir  # noqa: E402
 from cosyvoice_lite.pipelines.factory import load_network  # noqa: E402
 from cosyvoice_lite.precision import stream_cache_dtype  # noqa: E402
@@ -148,6 +148,7 @@ def measure(path: Path, n_tokens: int, names: list[str], device: str = "cpu") ->
     candidates += [(device, n) for n in names if (device, n) != ("cpu", "float32")]
     for index, (where, name) in enumerate(candidates):
         placement = resolve_placement(where, *PRECISIONS[name])
+        configure_backend(placement, fresh=True)  # TF32 off in float32 on CUDA, as an engine
         inputs = on(llm_inputs(model), placement.device)
         lm = load_network(model, "llm", "llm.pt", placement)
         tokens = sample_tokens(model, lm, inputs, n_tokens)

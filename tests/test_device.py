@@ -39,21 +39,20 @@ def test_unknown_dtype() -> None:
         resolve_placement("cpu", "int8")
 
 
-def test_float32_on_cuda_turns_tf32_off_and_other_dtypes_back_on() -> None:
-    """cuDNN's default TF32 convolutions would move float32 results off the official's: a
-    float32 CUDA placement turns them off, another dtype gets torch's default back (the switches
-    are process-wide: each load is set up alike whatever loaded before); a CPU changes nothing."""
+def test_float32_on_cuda_turns_tf32_off() -> None:
+    """cuDNN's default TF32 convolutions would move float32 results off the official's; only a
+    float32 CUDA placement changes the switches (they are process-wide: a later bfloat16 load
+    must not turn them back on under a float32 engine already serving)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = True
         configure_backend(resolve_placement("cpu"))
+        configure_backend(Placement(torch.device("cuda", 0), torch.bfloat16))
         assert torch.backends.cudnn.allow_tf32
         configure_backend(Placement(torch.device("cuda", 0), torch.float32))
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-        configure_backend(resolve_placement("cpu"))
-        assert not torch.backends.cudnn.allow_tf32
         configure_backend(Placement(torch.device("cuda", 0), torch.bfloat16))
-        assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 

@@ -299,6 +299,25 @@ def test_streamed_text_is_checked_as_text_is(v2: Engine, v3: Engine) -> None:
     assert sum(c.samples.size for c in chunks) <= 30 * 2 * 480
 
 
+def test_tags_and_escapes_split_between_streamed_pieces_read_as_written(v2: Engine) -> None:
+    """A piece's end that may open a tag or its escape waits for the next piece: the audio is
+    that of the pieces cut before the tag."""
+
+    def audio(pieces) -> np.ndarray:
+        request = SynthesisRequest(
+            Mode.ZERO_SHOT, iter(pieces), prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=3,
+            max_speech_tokens=12, ignore_eos=True,
+        )  # fmt: skip
+        return np.concatenate([c.samples for c in v2.synthesize(request)])
+
+    np.testing.assert_array_equal(audio(["你好\\", "[sic]。"]), audio(["你好", "\\[sic]。"]))
+    np.testing.assert_array_equal(audio(["你好[bre", "ath]。"]), audio(["你好", "[breath]。"]))
+    with pytest.raises(InvalidRequestError, match=r"\[breath\] is .* own markup"):
+        audio(["你好\\", "[breath]。"])
+    with pytest.raises(InvalidRequestError, match=r"\[si\]"):  # an open tag's end: checked
+        audio(["你好", "[si]"])
+
+
 def test_cross_lingual_streamed_text_gets_cosyvoice3_system_prompt(v3: Engine) -> None:
     """CosyVoice3 needs <|endofprompt|> before streamed text (in the prompt text, where its
     bistream looks): added for the user as for a whole text (it once failed inside the LLM)."""

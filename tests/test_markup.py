@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from cosyvoice_lite import Engine, InvalidRequestError, Mode, SynthesisRequest
-from cosyvoice_lite.frontend.markup import check_markup, find_markup, unescape, user_markup
+from cosyvoice_lite.frontend.markup import (
+    check_markup,
+    find_markup,
+    held_back,
+    unescape,
+    user_markup,
+)
 
 
 def test_find_markup() -> None:
@@ -44,10 +50,32 @@ def test_escaped_brackets_are_text() -> None:
     assert unescape(r"a \[sic] b \[1] c\d \[no tag") == r"a [sic] b [1] c\d \[no tag"
     known = frozenset({"[breath]"})
     check_markup([r"\[sic] [breath]"], known, "m")
-    with pytest.raises(InvalidRequestError, match=r"\[sic\].*escape it.*\\\[sic\]"):
+    with pytest.raises(InvalidRequestError, match=r"\[sic\].*escape a bracket.*\\\[sic\]"):
         check_markup(["[sic]"], known, "m")
-    with pytest.raises(InvalidRequestError, match=r"\[breath\] is m's own markup"):
-        check_markup([r"ok \[breath]"], known, "m")
+    with pytest.raises(InvalidRequestError, match=r"\[breath\] is m's own markup") as info:
+        check_markup([r"ok \[breath]"], known, "m", field="ref_text")
+    assert info.value.param == "ref_text"
+    with pytest.raises(InvalidRequestError, match=r"\[breath\], \[cough\] are m's own"):
+        check_markup([r"\[breath] \[cough]"], known | {"[cough]"}, "m")
+    # angle and control tags have no escape: the advice says so
+    with pytest.raises(InvalidRequestError, match="write it differently") as info:
+        check_markup(["a <b> c"], known, "m")
+    assert "escape" not in str(info.value)
+
+
+def test_a_streamed_pieces_open_tag_or_escape_is_held_back() -> None:
+    for text, kept in [
+        ("abc", ""),
+        ("abc\\", "\\"),
+        ("abc\\[si", "\\[si"),
+        ("abc[si", "[si"),
+        ("abc[", "["),
+        ("abc[sic]", ""),
+        ("abc\\[sic]", ""),
+        ("a[b c", ""),  # not a tag: brackets hold no spaces
+        ("a[" + "x" * 17, ""),  # longer than any tag
+    ]:
+        assert text[held_back(text) :] == kept, text
 
 
 def test_chat_and_whisper_control_tokens_are_not_markup() -> None:

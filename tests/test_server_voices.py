@@ -5,6 +5,7 @@ with /ready degraded (real tmpfs mounts; skipped where mounting is not allowed).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import subprocess
@@ -299,16 +300,17 @@ def test_preparing_voices_at_start_keeps_the_voices_already_kept(tmp_path):
 
 
 def test_both_voice_routes_read_a_form_the_same_way(engine, tmp_path):
-    """POST /voices and POST /v1/audio/voices share one reader: an empty transcript field counts
-    as none, two different transcripts are refused (either could be meant), and the cheap checks
-    name the field before the recording is opened."""
+    """POST /voices and POST /v1/audio/voices share one reader: a blank transcript field counts
+    as none, two different transcripts are refused (either could be meant; compared as stored,
+    without the spaces around them), and the cheap checks name the field before the recording
+    is opened."""
     sample = ("p.wav", prompt_wav(1.0), "audio/wav")
     with serve(engine, tmp_path) as running, running.client() as c:
         for route, audio in (("/voices", "audio"), ("/v1/audio/voices", "audio_sample")):
             name = "v" + route.replace("/", "-")
             made = c.post(
                 route,
-                data={"name": name, "prompt_text": "", "transcript": "你好。"},
+                data={"name": name, "prompt_text": "  ", "transcript": "你好。"},
                 files={audio: sample},
             )
             assert made.status_code == 201, made.text
@@ -316,13 +318,38 @@ def test_both_voice_routes_read_a_form_the_same_way(engine, tmp_path):
             twice = {"name": "x", "prompt_text": "你好。", "transcript": "再见。"}
             error = error_of(c.post(route, data=twice, files={audio: sample}), 400, "invalid_field")
             assert error["param"] == "transcript" and "two different" in error["message"]
-            same = {"name": name + "2", "prompt_text": "你好。", "transcript": "你好。"}
+            same = {"name": name + "2", "prompt_text": "你好。", "transcript": " 你好。"}
             assert c.post(route, data=same, files={audio: sample}).status_code == 201
             # the transcript's limit is checked before the junk recording is opened
             long = {"name": "y", "transcript": "好" * 1001}
             junk = {audio: ("p.wav", b"junk", "audio/wav")}
-            error = error_of(c.post(route, data=long, files=junk), 400, "transcript_too_long")
+            error = error_of(c.post(route, data=long, files=junk), 400, "prompt_text_too_long")
             assert error["param"] == "transcript"
             error = error_of(c.post(route, data={"name": "z"}), 400, "missing_field")
             assert error["param"] == audio
         assert len(c.get("/voices").json()["data"]) == 4
+
+
+def test_transcripts_are_checked_and_unescaped_as_texts_are(engine, tmp_path):
+    """A transcript taken for a voice (saved, uploaded with a request or given as ref_text) is
+    checked for tags the model does not know, naming the field the client sent, and ``\\[sic]``
+    in it is text, as in the text to speak."""
+    sample = ("p.wav", prompt_wav(1.0), "audio/wav")
+    features = engine.encode_prompt(prompt_wav(1.0), "你好\\[sic]。")
+    assert "[sic]" in features.prompt_text and "\\" not in features.prompt_text
+    ref = "data:audio/wav;base64," + base64.b64encode(prompt_wav(1.0)).decode()
+    with serve(engine, tmp_path) as running, running.client() as c:
+        for route, audio in (("/voices", "audio"), ("/v1/audio/voices", "audio_sample")):
+            bad = {"name": "bad", "transcript": "你好[sic]。"}
+            error = error_of(c.post(route, data=bad, files={audio: sample}), 400)
+            assert error["param"] == "transcript" and "[sic]" in error["message"]
+            escaped = {"name": "ok" + route.replace("/", "-"), "transcript": "你好\\[sic]。"}
+            assert c.post(route, data=escaped, files={audio: sample}).status_code == 201
+        own = {"text": "你好。", "prompt_text": "你好\\[breath]。"}
+        error = error_of(c.post("/tts/upload", data=own, files={"prompt_wav": sample}), 400)
+        assert error["param"] == "prompt_text" and "own markup" in error["message"]
+        fine = {"text": "你好。", "prompt_text": "你好\\[sic]。", "seed": "1"}
+        assert c.post("/tts/upload", data=fine, files={"prompt_wav": sample}).status_code == 200
+        body = {"model": "tts-1", "input": "你好。", "ref_audio": ref, "ref_text": "你好[sic]。"}
+        error = error_of(c.post("/v1/audio/speech", json=body), 400)
+        assert error["param"] == "ref_text"

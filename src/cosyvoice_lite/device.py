@@ -195,15 +195,18 @@ def resolve_placement(
     return Placement(dev, chosen, mode, exact_float32)
 
 
-def configure_backend(placement: Placement) -> None:
+def configure_backend(placement: Placement, fresh: bool = False) -> None:
     """Process-wide settings the placement needs, applied once at load: float32 on CUDA computes
     in float32, as on a CPU. torch lets cuDNN run float32 convolutions in TF32 by default (10-bit
     mantissas), which would move the flow's and the vocoder's float32 outputs away from the
     official float32 results; the matrix products' TF32 switch is off by default and kept off.
-    Other dtypes get torch's defaults back, so that each load is set up alike whatever a previous
-    load in the process chose."""
-    if placement.device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = placement.dtype != torch.float32
+    Other dtypes leave the switches as they are: they are process-wide, and a float32 engine
+    loaded earlier in the process may be serving. ``fresh``: torch's defaults first, as in a
+    process that loads only this placement (benchmarks that load several in turn)."""
+    if placement.device.type == "cuda" and fresh:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    if placement.device.type == "cuda" and placement.dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
 

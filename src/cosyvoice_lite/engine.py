@@ -29,7 +29,7 @@ from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
 from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
-from .frontend.markup import V1_TAGS, check_markup, unescape, user_markup
+from .frontend.markup import V1_TAGS, check_markup, held_back, unescape, user_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend, is_only_punctuation
 from .heap import release_freed_memory
@@ -329,7 +329,11 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, audio, prompt_text: str = "") -> PromptFeatures:
-        """Features of a prompt recording, computed once (e.g. to save a voice)."""
+        """Features of a prompt recording, computed once (e.g. to save a voice). Escaped
+        brackets in the transcript (``\\[sic]``) are text, as in a request."""
+        return self._encode_prompt(audio, unescape(prompt_text))
+
+    def _encode_prompt(self, audio, prompt_text: str) -> PromptFeatures:
         text = prompt_text.strip()
         if text and self.text_frontend is not None:
             text = self.text_frontend.normalize(text, split=False, encode=self.tokenizer.encode)
@@ -453,10 +457,15 @@ class Engine:
             )
         if request.ignore_eos and request.max_speech_tokens is None:
             raise InvalidRequestError("ignore_eos needs max_speech_tokens (the length to decode)")
-        texts = [
-            t for t in (request.text, request.instruct, request.prompt_text) if isinstance(t, str)
-        ]
-        check_markup(texts, self.known_markup, self.model.name)
+        for field in ("text", "instruct", "prompt_text"):
+            if isinstance(value := getattr(request, field), str):
+                self.check_markup(value, field)
+
+    def check_markup(self, text: str, field: str = "text") -> None:
+        """InvalidRequestError naming ``field`` for a tag in ``text`` this model does not know,
+        or one of its own escaped (``frontend.markup``); a server checks a transcript it takes
+        for a voice with it, as requests' texts are checked."""
+        check_markup([text], self.known_markup, self.model.name, field)
 
     def _segments(self, request: SynthesisRequest) -> list:
         if request.mode == Mode.VOICE_CONVERSION:
@@ -476,8 +485,18 @@ class Engine:
         """Streaming text in, each piece checked as it arrives (in the request's text feeder
         thread: an error fails the request) as a whole text is before it is queued. With
         ``system_prompt`` (CosyVoice3: its prompt text carries one), a first piece's own system
-        prompt, up to <|endofprompt|>, is dropped rather than spoken after it."""
-        spoken = False
+        prompt, up to <|endofprompt|>, is dropped rather than spoken after it. A piece's end
+        that may open a bracket tag or its escape (``[h``, ``\\``) waits for the next piece, so
+        that a tag or an escape split between pieces reads as written."""
+        spoken, pending = False, ""
+
+        def checked(text: str) -> str:
+            nonlocal spoken
+            self.check_markup(text, "text")
+            text = unescape(text)
+            spoken = spoken or not is_only_punctuation("".join(text.split()))
+            return text
+
         for index, piece in enumerate(pieces):
             if not isinstance(piece, str):
                 raise InvalidRequestError(
@@ -486,10 +505,13 @@ class Engine:
             if index == 0 and system_prompt and ENDOFPROMPT in piece:
                 piece = piece.partition(ENDOFPROMPT)[2]
             _check_unicode("text", piece)
-            check_markup([piece], self.known_markup, self.model.name)
-            piece = unescape(piece)
-            spoken = spoken or not is_only_punctuation("".join(piece.split()))
-            yield piece
+            text = pending + piece
+            cut = held_back(text)
+            text, pending = text[:cut], text[cut:]
+            if text:
+                yield checked(text)
+        if pending:
+            yield checked(pending)
         if not spoken:
             raise InvalidRequestError("text is empty: the streamed text had nothing to speak")
 
@@ -533,7 +555,8 @@ class Engine:
                 raise InvalidRequestError(
                     f"mode '{request.mode.value}' needs prompt audio or a saved voice"
                 )
-            prompt = self.encode_prompt(request.prompt_audio, request.prompt_text or "")
+            # the request's transcript is unescaped already (``_unescaped``)
+            prompt = self._encode_prompt(request.prompt_audio, request.prompt_text or "")
         if (
             request.mode == Mode.ZERO_SHOT
             and not prompt.prompt_text

@@ -64,9 +64,12 @@ def _is_phone(tag: str) -> bool:
     return tag.startswith("[") and (inner.isupper() or not inner.isascii() or len(inner) <= 3)
 
 
-def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -> None:
-    """Raise InvalidRequestError naming every tag in ``texts`` that the model does not know, or
-    that is escaped although it is the model's own (its tokenizer reads it as the tag anyway)."""
+def check_markup(
+    texts: Iterable[str], known: frozenset[str], model_name: str, field: str | None = None
+) -> None:
+    """Raise InvalidRequestError (naming ``field``) for every tag in ``texts`` that the model
+    does not know, or that is escaped although it is the model's own (its tokenizer reads it as
+    the tag anyway)."""
     unknown: list[str] = []
     own: list[str] = []
     for text in texts:
@@ -75,9 +78,12 @@ def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -
                 unknown.append(tag)
         own += [m.group(1) for m in ESCAPED_BRACKET.finditer(text) if m.group(1) in known]
     if own:
+        own = list(dict.fromkeys(own))
         raise InvalidRequestError(
-            f"{', '.join(dict.fromkeys(own))} is {model_name}'s own markup and is always read as "
-            "markup; write it without the backslash to use it, or differently to say it"
+            f"{', '.join(own)} {'is' if len(own) == 1 else 'are'} {model_name}'s own markup, "
+            "always read as markup; write it without the backslash to use it, or differently to "
+            "say it",
+            field,
         )
     if not unknown:
         return
@@ -88,7 +94,21 @@ def check_markup(texts: Iterable[str], known: frozenset[str], model_name: str) -
         hint += ", pinyin ([h][ào])"
     if any(inner.isupper() for inner in brackets):
         hint += ", CMU phones ([M][AY0])"
+    if any(tag.startswith("[") for tag in unknown):  # only brackets have an escape
+        advice = "Remove the tag, or escape a bracket meant as text (\\[sic])."
+    else:
+        advice = "Remove the tag, or write it differently if it was meant as text."
     raise InvalidRequestError(
-        f"{model_name} does not know the markup {', '.join(unknown)}; {hint}. "
-        "Remove the tag, or escape it if it was meant as text (\\[sic])."
+        f"{model_name} does not know the markup {', '.join(unknown)}; {hint}. {advice}", field
     )
+
+
+def held_back(text: str) -> int:
+    """Where a streamed piece's end may still be the start of a bracket tag or of its escape (a
+    trailing backslash, or an unclosed ``[`` that could close in the next piece): the index from
+    which to keep it for the next piece, ``len(text)`` when nothing is open."""
+    match = _OPEN_AT_END.search(text)
+    return len(text) if match is None else match.start()
+
+
+_OPEN_AT_END = re.compile(r"\\?(?:\[[^\[\]\s]{0,16})?$|\[[^\[\]\s]{0,16}$")

@@ -56,8 +56,10 @@ def _field_limit(settings: Settings, field: str) -> int:
     return MAX_NAME_FIELD_CHARS
 
 
-def check_text(field: str, value: str | None, limit: int) -> None:
-    """400 naming ``field`` if ``value`` is not valid Unicode text or longer than ``limit``."""
+def check_text(field: str, value: str | None, limit: int, kind: str | None = None) -> None:
+    """400 naming ``field`` if ``value`` is not valid Unicode text or longer than ``limit``;
+    ``kind``: what the field holds where its name does not say (a transcript sent as ``text``),
+    which names the error code."""
     if value is None:
         return
     if not isinstance(value, str):
@@ -73,7 +75,8 @@ def check_text(field: str, value: str | None, limit: int) -> None:
         ) from None
     if len(value) > limit:
         # "text_too_long" for the text itself, as before; "<field>_too_long" for the others
-        code = "text_too_long" if field in ("text", "input") else f"{field}_too_long"
+        kind = kind or field
+        code = "text_too_long" if kind in ("text", "input") else f"{kind}_too_long"
         raise ApiError(
             400,
             f"{field} is too long: {len(value)} characters, the limit is {limit}",

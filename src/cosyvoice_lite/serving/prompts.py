@@ -289,6 +289,8 @@ def plan_prompted(
     if prompt is not None:
         limit = state.settings.max_prompt_seconds
         text_for_prompt = prompt_text if chosen == Mode.ZERO_SHOT else ""
+        if text_for_prompt:  # checked as the text is (its tags; \[sic] is text)
+            engine.check_markup(text_for_prompt, "prompt_text")
 
         def provider() -> PromptFeatures:
             return cache.features(engine, prompt, text_for_prompt, limit, prompt_field)

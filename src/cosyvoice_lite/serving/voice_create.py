@@ -32,6 +32,7 @@ class VoiceUpload:
     name: str
     prompt_text: str  # "" without a transcript: the voice is used cross-lingually
     data: bytes
+    transcript_field: str = "prompt_text"  # the form's name for it, which errors name
 
 
 async def read_voice_upload(
@@ -44,7 +45,7 @@ async def read_voice_upload(
 ) -> VoiceUpload:
     """Read a voice's form: ``name``, one recording under any of ``audio_fields`` (the first
     is the one named when it is missing) and its transcript under any of ``transcript_fields``
-    (an empty one counts as none; two different ones are a 400, as either could be meant).
+    (a blank one counts as none; two different ones are a 400, as either could be meant).
     ``other_fields`` are accepted too, and ``check_fields`` checks the route's own fields first.
     The cheap checks come before the recording's header is read."""
     form = await read_form(
@@ -70,9 +71,12 @@ async def read_voice_upload(
         )
     ((audio_field, data),) = form.files.items()
     check_texts(settings, name=name)
-    given = [(field, form.fields[field]) for field in transcript_fields if form.fields.get(field)]
+    # compared as stored: without the spaces around them
+    given = [
+        (field, text) for field in transcript_fields if (text := form.fields.get(field, "").strip())
+    ]
     for field, text in given:
-        check_text(field, text, settings.max_prompt_text_chars)
+        check_text(field, text, settings.max_prompt_text_chars, kind="prompt_text")
     if len({text for _, text in given}) > 1:
         raise ApiError(
             400,
@@ -81,7 +85,8 @@ async def read_voice_upload(
             param=given[1][0],
         )
     check_audio(data, audio_field, settings.max_upload_bytes, settings.max_prompt_seconds)
-    return VoiceUpload(name, given[0][1] if given else "", data)
+    field, text = given[0] if given else (transcript_fields[0], "")
+    return VoiceUpload(name, text, data, field)
 
 
 async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ()) -> JSONResponse:
@@ -91,6 +96,8 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
     name, prompt_text, data = upload.name, upload.prompt_text, upload.data
     key = name_key(validate_name(name))
     engine = state.require_engine()
+    if prompt_text:  # checked as a request's texts are (its tags, \[sic] as text)
+        engine.check_markup(prompt_text, upload.transcript_field)
     library, settings = state.library, state.settings
     if any(name_key(taken) == key for taken in (*engine.presets, *reserved)):
         raise ApiError(
