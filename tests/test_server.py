@@ -523,6 +523,13 @@ def test_request_id_is_echoed(client):
         len(client.get("/health", headers={"X-Request-Id": "../bad id"}).headers["x-request-id"])
         == 16
     )
+    # a proxy's or tracer's id (a UUID, dotted trace ids) is kept, so that logs correlate
+    for given in ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "trace.42_a"):
+        assert client.get("/health", headers={"X-Request-Id": given}).headers["x-request-id"] == (
+            given
+        )
+    for bad in ("-leading-dash", "a" * 65, "a/b"):
+        assert client.get("/health", headers={"X-Request-Id": bad}).headers["x-request-id"] != bad
 
 
 def test_docs_and_page_are_served(client):

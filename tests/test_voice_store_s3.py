@@ -1,14 +1,17 @@
 """Issue 12, the voice library in a shared S3 bucket: two server processes' worth of apps on one
 real local S3 server (moto in server mode), a voice made through one usable through the other at
-once, deletion seen by both, an unreachable bucket at start named with its endpoint, and S3
+once, deletion seen by both, an unreachable bucket at start named with its endpoint, S3
 failing in the middle of a voice write (a real TCP relay in front of moto that cuts the
-connection): 503 and no half voice."""
+connection): 503 and no half voice, and a bucket that hangs (the relay holding every request)
+holding up only the requests that need it."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_server_support import (
@@ -40,6 +43,8 @@ class Relay:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.lock = threading.Lock()
+        self.flowing = threading.Event()  # cleared: requests are held (a bucket that hangs)
+        self.flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -55,6 +60,8 @@ class Relay:
     def _pipe(self, source, sink, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
+                if from_client:
+                    self.flowing.wait()
                 if from_client and data.startswith(b"PUT "):
                     with self.lock:
                         self.puts -= 1
@@ -183,3 +190,46 @@ def test_two_processes_committing_one_name_one_wins(s3_url):
         second.commit(staged[1])
     second.discard(staged[1])
     assert len([k for k in keys(s3_url, "race/") if k.endswith("prompt.wav")]) == 1
+
+
+def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, tmp_path):
+    """The usual outage: the bucket takes connections and never answers. The voice storage is
+    read and written on threads of their own, never on the event loop (which answers every
+    client) nor the engine loop (which steps every synthesis): while a listing, a saved voice's
+    synthesis and a voice being saved wait for the bucket, /health and a preset's synthesis are
+    answered at once; all of them finish once the bucket answers again."""
+    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
+    settings = Settings(
+        voices_dir=tmp_path / "unused",
+        voices_s3=s3_settings(f"http://127.0.0.1:{relay.port}", "hung/"),
+    )
+    preset = engine.voices()[0]
+    speak = {"text": "你好。", "seed": 1}
+    try:
+        with (
+            ServerThread(create_app(engine, settings)) as running,
+            running.client() as c,
+            ThreadPoolExecutor(3) as pool,
+        ):
+            assert upload(c, "saved").status_code == 201
+            time.sleep(CACHE_TTL + 0.2)  # the next look at the library asks the bucket
+            relay.flowing.clear()
+            try:
+                waiting = [
+                    pool.submit(c.get, "/voices"),
+                    pool.submit(c.post, "/tts", json={**speak, "speaker": "saved"}),
+                    pool.submit(upload, c, "second"),
+                ]
+                time.sleep(0.5)
+                started = time.monotonic()
+                assert c.get("/health").status_code == 200
+                assert c.post("/tts", json={**speak, "speaker": preset}).status_code == 200
+                assert time.monotonic() - started < 4
+                assert not any(future.done() for future in waiting)
+            finally:
+                relay.flowing.set()
+            listing, spoken, created = (future.result(timeout=60) for future in waiting)
+            assert listing.status_code == 200 and spoken.status_code == 200
+            assert created.status_code == 201, created.text
+    finally:
+        relay.close()

@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger("cosyvoice_lite.serving")
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a given X-Request-Id kept
 access_log = logging.getLogger("cosyvoice_lite.serving.access")
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -115,6 +118,21 @@ class ServerState:
             "1 while voices can be stored (else see /ready).",
             lambda: 0.0 if self.library.health() else 1.0,
         )
+
+    @staticmethod
+    def storage_call(fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` (voice storage I/O, which may be slow or hang) on a thread of its own,
+        neither the event loop nor the engine loop; daemon, so a hung call never holds up exit."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="cosyvoice-storage", daemon=True).start()
+        return future
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
@@ -218,7 +236,9 @@ class ServingMiddleware:
             return
         start = time.monotonic()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if given.isalnum() and len(given) <= 64 else uuid.uuid4().hex[:16]
+        # a caller's or a proxy's id (UUIDs, trace ids) is kept, so that logs correlate; it also
+        # names result files, hence the safe characters only
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
 
@@ -460,14 +480,14 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         }
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    async def metrics():
+    def metrics():  # a plain function: its voice gauges read the storage, off the event loop
         """Prometheus text format."""
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/speakers", tags=["simple API"])
-    async def speakers():
+    def speakers():  # plain functions run off the event loop: the library reads its storage
         """Every usable voice: the model's own (``preset``, or ``cloned``: prompt features stored
         with the model, spoken as a saved voice is) and the saved voices."""
         engine = state.require_engine()
@@ -493,7 +513,8 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
         (wav with an open-ended header, or raw 16-bit PCM at X-Sample-Rate)."""
         state.require_engine()
         check_texts(state.settings, text=body.text, speaker=body.speaker, instruct=body.instruct)
-        synthesis, saved = plan_request(
+        synthesis, saved = await asyncio.to_thread(  # it reads the voice library's storage
+            plan_request,
             state,
             text=body.text,
             voice=body.speaker,
@@ -550,7 +571,7 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
         return await save_voice(state, upload, reserved=voice_aliases(state))
 
     @app.get("/voices", tags=["voice library"])
-    async def list_voices():
+    def list_voices():
         """Saved voices; entries that cannot be used are listed under ``broken`` with a reason."""
         voices, broken = library.scan()
         return {
@@ -560,7 +581,7 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
         }
 
     @app.get("/voices/{name}", tags=["voice library"])
-    async def get_voice(name: str):
+    def get_voice(name: str):
         return library.get(validate_name(name)).to_api()
 
     @app.get("/voices/{name}/audio", tags=["voice library"])
@@ -570,7 +591,7 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
         return Response(audio, media_type="audio/wav", headers=attachment(f"{name}.wav"))
 
     @app.delete("/voices/{name}", tags=["voice library"])
-    async def delete_voice(name: str):
+    def delete_voice(name: str):
         library.delete(validate_name(name))
         return {"id": name, "object": "audio.voice", "deleted": True}
 

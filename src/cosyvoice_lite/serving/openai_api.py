@@ -4,6 +4,7 @@ OpenAI's default voice names mapped onto this model's voices."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TYPE_CHECKING
 
@@ -224,15 +225,19 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                     limit,
                     settings.max_prompt_seconds,
                 )
-            planned = plan_prompted(
+            # with ref_audio, voice is ignored (OpenAI clients always send one)
+            target = None
+            if voice and prompt is None:  # the library reads its storage: off the event loop
+                target = await asyncio.to_thread(resolve_voice, state, voice)
+            planned = await asyncio.to_thread(
+                plan_prompted,
                 state,
                 prompts,
                 text=body.input,
                 prompt=prompt,
                 prompt_field="ref_audio",
                 prompt_text=body.ref_text,
-                # with ref_audio, voice is ignored (OpenAI clients always send one)
-                voice=resolve_voice(state, voice) if voice and prompt is None else None,
+                voice=target,
                 instruct=body.instructions,
                 source=source,
                 speed=body.speed,
@@ -250,10 +255,11 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
                     code="missing_field",
                     param="voice",
                 )
-            synthesis, saved = plan_request(
+            synthesis, saved = await asyncio.to_thread(
+                plan_request,
                 state,
                 text=body.input,
-                voice=resolve_voice(state, voice),
+                voice=await asyncio.to_thread(resolve_voice, state, voice),
                 instruct=body.instructions,
                 speed=body.speed,
                 seed=body.seed,
@@ -279,7 +285,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         return await respond(state, request, plan)
 
     @router.get("/v1/audio/voices", tags=["voice library"], responses=error_responses(401, 503))
-    async def list_voices():
+    def list_voices():  # a plain function, off the event loop: the library reads its storage
         """Every voice ``voice`` accepts: the model's own (``preset`` or ``cloned``), saved voices,
         and the OpenAI names mapped to them (``kind: alias`` with its ``target``)."""
         engine = state.require_engine()
@@ -344,7 +350,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         tags=["voice library"],
         responses=error_responses(400, 401, 404, 409),
     )
-    async def delete_voice(name: str):
+    def delete_voice(name: str):
         """Delete a saved voice (presets and aliases cannot be deleted)."""
         engine = state.require_engine()
         if name in engine.presets or (

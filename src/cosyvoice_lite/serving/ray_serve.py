@@ -94,6 +94,21 @@ def label_samples(text: str, replica: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _disconnect_on_cancel(receive):
+    """Serve's proxy tells a replica that the client went away by raising from ``receive`` (a
+    ``TaskCancelledError``): it is a disconnect, which the app handles (the row is cancelled),
+    not an error to log with a traceback. (Used in replicas only, where Ray is installed.)"""
+    from ray.exceptions import TaskCancelledError
+
+    async def received() -> dict:
+        try:
+            return await receive()
+        except TaskCancelledError:
+            return {"type": "http.disconnect"}
+
+    return received
+
+
 class ReplicaLabel:
     """ASGI middleware: ``X-Replica`` on every response, the replica label on /metrics."""
 
@@ -105,6 +120,7 @@ class ReplicaLabel:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        receive = _disconnect_on_cancel(receive)
         if scope["path"] != "/metrics":
 
             async def send_named(message) -> None:

@@ -142,9 +142,17 @@ class Scheduler:
         except BaseException as exc:  # noqa: BLE001 - e.g. a request the engine refuses
             job.finish(exc)
 
-    def call(self, job: Job, fn: Callable[[], Any]) -> None:
-        """Run one function in the engine loop as a job (e.g. computing a voice's features)."""
-        if self.runner is None:
+    def call(
+        self,
+        job: Job,
+        fn: Callable[[], Any],
+        runner: Callable[[Callable[[], Any]], Future] | None = None,
+    ) -> None:
+        """Run one function as an admitted job: in the engine loop (e.g. computing a voice's
+        features), or with ``runner`` (e.g. on a thread of its own, for work that mostly waits
+        on storage and sends its model work to the engine loop itself)."""
+        runner = runner or self.runner
+        if runner is None:
             raise RuntimeError("the engine is not loaded")
         self._admit(job)
 
@@ -155,7 +163,7 @@ class Scheduler:
             job.finish(error)
 
         try:
-            self.runner(fn).add_done_callback(done)
+            runner(fn).add_done_callback(done)
         except BaseException as exc:  # noqa: BLE001 - the engine is closing
             job.finish(exc)
 

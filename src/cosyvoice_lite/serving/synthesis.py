@@ -33,7 +33,7 @@ from .streaming import (
 from .voices import unknown_voice
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from ..engine import Engine, PromptSource
     from ..frontend.prompt import PromptFeatures
     from .app import ServerState
 
@@ -67,6 +67,24 @@ class Plan:
 def voice_key(engine: Engine) -> str:
     """Prompt features depend on the model family (speech tokenizer version, mel rate)."""
     return f"v{engine.version}-{engine.sample_rate}"
+
+
+def encode_in_engine(engine: Engine) -> Callable[[bytes, str], PromptFeatures]:
+    """``engine.encode_prompt`` run in the engine loop (between two steps) for a caller on
+    another thread, which waits: the library does its storage I/O on that thread."""
+
+    def encode(audio: bytes, prompt_text: str) -> PromptFeatures:
+        return engine.call(lambda: engine.encode_prompt(audio, prompt_text)).result()
+
+    return encode
+
+
+def saved_features(state: ServerState, name: str) -> PromptFeatures:
+    """A saved voice's features, read from the library on the calling thread, never the engine
+    loop's: storage that is slow or hangs (an S3 bucket) must not hold up the loop, which steps
+    every other request. Features that are not stored are computed in the loop."""
+    engine = state.engine
+    return state.library.features(name, voice_key(engine), encode_in_engine(engine))
 
 
 def preset_voices(engine: Engine) -> list[str]:
@@ -211,12 +229,9 @@ class _Relay:
         self.start = time.monotonic()
 
     def prompt(self) -> PromptFeatures | None:
-        """The prompt features (a saved voice or a one-off upload), computed in the engine loop."""
-        state, plan = self.state, self.plan
-        if plan.saved_voice is not None:
-            engine = state.engine
-            return state.library.features(plan.saved_voice, voice_key(engine), engine.encode_prompt)
-        return plan.prompt() if plan.prompt is not None else None
+        """A one-off upload's prompt features, computed in the engine loop (a saved voice's are
+        read before the request is submitted: ``_start``)."""
+        return self.plan.prompt() if self.plan.prompt is not None else None
 
     def chunk(self, chunk) -> None:
         if self.first is None:
@@ -282,10 +297,23 @@ class _Relay:
 def _start(state: ServerState, plan: Plan, accepted_at: float) -> Callable[[Job], None]:
     """Hand the request to the engine loop; cancelling the job removes its row there."""
 
+    def submit(relay: _Relay, prompt: PromptSource) -> None:
+        engine_job = state.engine.submit(plan.request, relay, prompt=prompt)
+        relay.job.on_cancel(engine_job.cancel)
+
+    def read_voice_then_submit(relay: _Relay) -> None:
+        try:
+            features = saved_features(state, plan.saved_voice)
+            submit(relay, features)  # a request cancelled meanwhile leaves at the loop's next step
+        except BaseException as exc:  # noqa: BLE001 - e.g. the storage is unavailable
+            relay.job.finish(exc)
+
     def start(job: Job) -> None:
         relay = _Relay(state, plan, job, accepted_at)
-        engine_job = state.engine.submit(plan.request, relay, prompt=relay.prompt)
-        job.on_cancel(engine_job.cancel)
+        if plan.saved_voice is None:
+            submit(relay, relay.prompt)
+        else:  # its stored features are read off the engine loop
+            state.storage_call(lambda: read_voice_then_submit(relay))
 
     return start
 

@@ -4,6 +4,8 @@ voice conversion without saving a voice first."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from .errors import ApiError, route_fields
@@ -137,7 +139,8 @@ def upload_router(state, prompts: PromptCache) -> APIRouter:
             check_audio(source, "source_wav", limit, settings.max_prompt_seconds)
         fmt = _choice(form, "format", FORMATS, "wav")
         stream = _choice(form, "stream", ("true", "false", "1", "0"), "false") in ("true", "1")
-        planned = plan_prompted(
+        planned = await asyncio.to_thread(  # it may read the voice library's storage
+            plan_prompted,
             state,
             prompts,
             text=form.fields.get("text", ""),

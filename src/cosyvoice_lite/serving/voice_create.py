@@ -19,7 +19,7 @@ from .guard import check_text, check_texts
 from .prompts import check_audio
 from .scheduler import Job, JobTimeout, Overloaded
 from .settings import Settings
-from .synthesis import voice_key
+from .synthesis import encode_in_engine, saved_features, voice_key
 from .voices import VoiceExistsError, name_key, validate_name
 
 log = logging.getLogger("cosyvoice_lite.serving")
@@ -106,7 +106,7 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
             code="voice_exists",
             param="name",
         )
-    if library.exists(name):
+    if await asyncio.to_thread(library.exists, name):  # storage I/O: off the event loop
         raise ApiError(
             409,
             f"a voice named {name!r} already exists; delete it first",
@@ -115,26 +115,30 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
         )
     job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
 
+    # on a thread of its own: the storage I/O may be slow or hang (an S3 bucket), and the engine
+    # loop, which steps every request, only computes the features (``encode_in_engine``)
+    encode = encode_in_engine(engine)
+
     def create():
         voice = library.create(
             name,
             data,
             prompt_text,
             voice_key(engine),
-            engine.encode_prompt,
+            encode,
             max_seconds=settings.max_prompt_seconds,
         )
         # its streams' shared part, computed in the background: even the first stream starts
         # fast; the voice is stored whatever happens here
         try:
-            features = library.features(voice.name, voice_key(engine), engine.encode_prompt)
+            features = library.features(voice.name, voice_key(engine), encode)
             engine.prepare_voice(features).add_done_callback(_log_failure(voice.name))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not prepare voice %r for streaming: %s", voice.name, exc)
         return voice
 
     try:
-        state.scheduler.call(job, create)
+        state.scheduler.call(job, create, runner=state.storage_call)
     except Overloaded as exc:
         state.metrics.count("rejected_total")
         raise overloaded(exc.retry_after) from None
@@ -181,12 +185,8 @@ def prepare_saved_voices(state) -> int:  # noqa: ANN001 - app.ServerState (no im
     for voice in newest[:limit]:
         if state.stopping.is_set():
             break
-
-        def features(name: str = voice.name):  # noqa: ANN202
-            return state.library.features(name, voice_key(engine), engine.encode_prompt)
-
-        try:
-            prompt = engine.call(features).result()
+        try:  # read here, computed in the engine loop only where not stored
+            prompt = saved_features(state, voice.name)
             kept += bool(engine.prepare_voice(prompt, evict=False).result())
         except Exception as exc:  # noqa: BLE001 - a damaged or deleted voice, or a shutdown
             log.warning("could not prepare voice %r for streaming: %s", voice.name, exc)
