@@ -192,6 +192,32 @@ def test_two_processes_committing_one_name_one_wins(s3_url):
     assert len([k for k in keys(s3_url, "race/") if k.endswith("prompt.wav")]) == 1
 
 
+def test_names_that_differ_only_in_case_cannot_both_be_created(s3_url):
+    """Each process lists the bucket through a 2 s cache, so the library's own check cannot see
+    a name another process is creating: the bucket decides, by a claim per name as the library
+    compares names (case folded); a claim without its voice (a write in progress) holds too."""
+    first, second = (S3VoiceStore(s3_settings(s3_url, "case/")) for _ in range(2))
+    files = {"prompt.wav": prompt_wav(1.0), "voice.json": b"{}"}
+    staged = [first.stage("Tmp", files), second.stage("TMP", files)]
+    first.commit(staged[0])
+    with pytest.raises(FileExistsError, match="Tmp"):
+        second.commit(staged[1])
+    second.discard(staged[1])
+    assert second.entries() == ["Tmp"]
+    first.remove("Tmp")  # releases the name
+    again = second.stage("TMP", files)
+    second.commit(again)
+    assert first.entries() == ["TMP"]
+    # a claim whose voice is still being written holds its name as well
+    boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").put_object(
+        Bucket=BUCKET, Key="case/names/bob.claim", Body=b"Bob"
+    )
+    with pytest.raises(FileExistsError, match="Bob"):
+        first.commit(first.stage("BOB", files))
+    second.remove("TMP")
+    assert keys(s3_url, "case/names/") == ["case/names/bob.claim"]
+
+
 def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, tmp_path):
     """The usual outage: the bucket takes connections and never answers. The voice storage is
     read and written on threads of their own, never on the event loop (which answers every

@@ -8,9 +8,14 @@ Layout under the key prefix:
                                           a voice exists exactly when this object does.
     voice-data/<name>/<generation>/prompt.wav
     voice-data/<name>/<generation>/features/<key>.pt
+    names/<name key>.claim                the name as the library compares names (case and
+                                          compatibility forms folded, ``name_key``), holding
+                                          the spelling that has it
 
-A write puts the data objects under a fresh generation first, then the manifest (with
-``If-None-Match: *``, so two processes cannot both create one name). A failure before the
+A write puts the data objects under a fresh generation first, then claims the name and puts the
+manifest, both with ``If-None-Match: *``, so two processes cannot both create one name, nor
+"Alice" and "ALICE" at once (a claim whose voice never came, its writer gone, is taken over
+after ``CLAIM_GRACE`` seconds; voices saved before claims existed are compared by listing). A failure before the
 manifest leaves nothing visible, and the data already written is deleted again (objects that
 even this could not delete are unreferenced: invisible, and safe to remove). Deleting removes the
 manifest first, so the voice disappears at once. A new generation per write means a voice created
@@ -31,11 +36,12 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from .settings import S3Settings, Settings
-from .voices import LocalVoiceStore, StorageError, VoiceStore
+from .voices import LocalVoiceStore, StorageError, VoiceStore, name_key
 
 log = logging.getLogger(__name__)
 
 CACHE_TTL = 2.0  # seconds a manifest or listing read from the bucket is reused
+CLAIM_GRACE = 60.0  # seconds a name's claim without its voice counts as a write in progress
 MISSING = {"404", "NoSuchKey", "NotFound"}
 TAKEN = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 
@@ -88,6 +94,9 @@ class S3VoiceStore:
 
     def _data_key(self, name: str, generation: str, file: str = "") -> str:
         return self._key("voice-data", name, generation, file)
+
+    def _claim_key(self, name: str) -> str:
+        return self._key("names", quote(name_key(name), safe="") + ".claim")
 
     def _error(self, exc: Exception, action: str) -> OSError:
         code = _code(exc)
@@ -213,6 +222,7 @@ class S3VoiceStore:
         return staged
 
     def commit(self, staged: _Staged) -> None:
+        claimed = self._claim(staged.name)
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -223,12 +233,59 @@ class S3VoiceStore:
                 IfNoneMatch="*",  # the first process to commit a name wins
             )
         except Exception as exc:  # noqa: BLE001
+            if claimed:
+                self._unclaim(staged.name)
             if _code(exc) in TAKEN:
                 raise FileExistsError(staged.name) from None
             raise self._error(exc, "save the voice") from None
         finally:
             self._forget(staged.name)
         staged.committed = True
+
+    def _claim(self, name: str) -> bool:
+        """Claim ``name`` as the library compares names; FileExistsError (naming the spelling
+        that has it) when a voice has it, or another write is claiming it. False when the
+        claim was already this name's (a voice written again after a failed delete)."""
+        key = self._claim_key(name)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=name.encode(), IfNoneMatch="*")
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) not in TAKEN:
+                raise self._error(exc, "save the voice") from None
+        try:
+            held = self.client.get_object(Bucket=self.bucket, Key=key)
+            holder, written = held["Body"].read().decode(), held["LastModified"]
+        except Exception as exc:  # noqa: BLE001 - released meanwhile: claim it again
+            if _code(exc) in MISSING:
+                return self._claim(name)
+            raise self._error(exc, "save the voice") from None
+        if holder == name:
+            return False
+        try:
+            self._manifest(holder, fresh=True)
+            raise FileExistsError(holder)
+        except FileNotFoundError:
+            pass
+        if time.time() - written.timestamp() < CLAIM_GRACE:  # being written: it wins
+            raise FileExistsError(holder)
+        try:  # left by a writer that is gone: taken over
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=name.encode())
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "save the voice") from None
+        return True
+
+    def _unclaim(self, name: str) -> None:
+        """Release ``name``'s claim if this spelling holds it (best effort: a claim left behind
+        is taken over after ``CLAIM_GRACE``)."""
+        key = self._claim_key(name)
+        try:
+            held = self.client.get_object(Bucket=self.bucket, Key=key)
+            if held["Body"].read().decode() == name:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) not in MISSING:
+                log.warning("could not release the name %r: %s", name, exc)
 
     def discard(self, staged: _Staged) -> None:
         if staged.committed or not staged.keys:
@@ -257,6 +314,7 @@ class S3VoiceStore:
             raise self._error(exc, "delete the voice") from None
         finally:
             self._forget(name)
+        self._unclaim(name)
         prefix = self._data_key(name, generation)
         with self._lock:
             self._present = {key for key in self._present if not key.startswith(prefix)}

@@ -29,6 +29,7 @@ Storage failures (disk full, read-only, permissions) raise :class:`StorageError`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import io
@@ -55,6 +56,7 @@ from ..errors import AudioError, CosyVoiceError, InvalidRequestError, UnknownVoi
 from ..frontend.prompt import PromptFeatures
 
 log = logging.getLogger(__name__)
+FEATURES_KEPT = 512  # voices' features kept in memory per process (up to ~0.5 MB each)
 
 # Letters and digits of any script, then letters, digits, space, dot, dash or underscore; no
 # slashes, no leading dot, no trailing space or dot: a name is always one safe path component.
@@ -427,8 +429,11 @@ class VoiceLibrary:
         self.root = getattr(store, "root", None)  # the directory of a local store
         self._lock = threading.RLock()
         # (name, model family key, created_at): a voice deleted and created again elsewhere
-        # (a shared store) never reuses the old voice's features
-        self._features: dict[tuple[str, str, float], PromptFeatures] = {}
+        # (a shared store) never reuses the old voice's features; the most recently used
+        # FEATURES_KEPT only, since a voice deleted through another process is never noticed here
+        self._features: collections.OrderedDict[tuple[str, str, float], PromptFeatures] = (
+            collections.OrderedDict()
+        )
         self._health: tuple[float, str | None] = (0.0, None)
         self._write_failure: tuple[float, str] | None = None
         self._warned: dict[str, float] = {}
@@ -594,7 +599,7 @@ class VoiceLibrary:
                     self.store.commit(staged)  # the voice appears complete or not at all
                 except FileExistsError:  # e.g. committed meanwhile by another server process
                     raise taken from None
-                self._features[(name, key, info.created_at)] = features
+                self._keep_features((name, key, info.created_at), features)
         except OSError as exc:
             raise self._failed(storage_error(exc, "save the voice")) from None
         finally:
@@ -626,6 +631,8 @@ class VoiceLibrary:
         version = (name, key, info.created_at)
         with self._lock:
             cached = self._features.get(version)
+            if cached is not None:
+                self._features.move_to_end(version)
         if cached is not None:
             return cached
         file = f"features/{key}.pt"
@@ -671,5 +678,12 @@ class VoiceLibrary:
                 )
         with self._lock:
             if self.exists(name):
-                self._features[version] = features
+                self._keep_features(version, features)
         return features
+
+    def _keep_features(self, version: tuple[str, str, float], features: PromptFeatures) -> None:
+        with self._lock:
+            self._features[version] = features
+            self._features.move_to_end(version)
+            while len(self._features) > FEATURES_KEPT:
+                self._features.popitem(last=False)
