@@ -114,6 +114,10 @@ def replica_pids() -> dict[str, int]:
 
 def test_every_mode_and_a_shared_voice_through_the_proxy(client, voice):
     assert client.get("/ready").json()["status"] == "ready"
+    # one request id per response: the client's (or Serve's UUID), which the app logs too
+    traced = client.get("/health", headers={"X-Request-Id": "trace-7.a"})
+    assert traced.headers.get_list("x-request-id") == ["trace-7.a"]
+    assert len(client.get("/health").headers.get_list("x-request-id")) == 1
     info = client.get("/info").json()
     modes = info["model"]["modes"]
     preset = client.get("/speakers").json()["speakers"][0]["name"]

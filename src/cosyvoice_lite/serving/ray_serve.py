@@ -94,6 +94,10 @@ def label_samples(text: str, replica: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _without_request_id(headers) -> list:
+    return [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+
+
 def _disconnect_on_cancel(receive):
     """Serve's proxy tells a replica that the client went away by raising from ``receive`` (a
     ``TaskCancelledError``): it is a disconnect, which the app handles (the row is cancelled),
@@ -110,7 +114,9 @@ def _disconnect_on_cancel(receive):
 
 
 class ReplicaLabel:
-    """ASGI middleware: ``X-Replica`` on every response, the replica label on /metrics."""
+    """ASGI middleware: ``X-Replica`` on every response, the replica label on /metrics. The
+    app's ``X-Request-Id`` is left out of responses: Serve's proxy gives every request an id
+    (the client's, or a UUID), which the app takes as its own, and adds it to the response."""
 
     def __init__(self, app, replica: str) -> None:
         self.app, self.replica = app, replica
@@ -125,7 +131,8 @@ class ReplicaLabel:
 
             async def send_named(message) -> None:
                 if message["type"] == "http.response.start":
-                    message = {**message, "headers": [*message.get("headers", []), self.header]}
+                    headers = [*_without_request_id(message.get("headers", [])), self.header]
+                    message = {**message, "headers": headers}
                 await send(message)
 
             await self.app(scope, receive, send_named)
@@ -144,7 +151,7 @@ class ReplicaLabel:
                         body = label_samples(body.decode(), self.replica).encode()
                     headers = [
                         (k, v)
-                        for k, v in start.get("headers", [])
+                        for k, v in _without_request_id(start.get("headers", []))
                         if k.lower() != b"content-length"
                     ]
                     headers += [(b"content-length", str(len(body)).encode()), self.header]
