@@ -224,6 +224,15 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
+def _same_bfloat16_products(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Mels of bfloat16 products by oneDNN's packed weights and by torch's plain kernel: the
+    same floats, except on AMX tiles, which sum in another order (measured on the tiny v2/v3
+    flows: relative 0.0022 / 0.0030, as far as bfloat16 itself is from float32)."""
+    if cpu_features().amx:
+        return _relative(x, ref) < MEL_BOUND[torch.bfloat16] / 2
+    return torch.equal(x, ref)
+
+
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_flow_fused_linear_groups_give_the_same_mel(version: int) -> None:
     """The flows' q/k/v run as one product after loading: every output column is the same dot
@@ -237,8 +246,9 @@ def test_flow_fused_linear_groups_give_the_same_mel(version: int) -> None:
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_flow_packed_weights_keep_the_mel(version: int) -> None:
     """The flow's linear layers are packed for oneDNN at load where it packs them: in bfloat16
-    the same floats; in float32 oneDNN sums in another order than torch's default kernels, the
-    mel within float32 rounding of the official's floats (kept by ``exact_float32``)."""
+    the same floats (on an AMX CPU, whose tiles sum the packed products in another order, within
+    bfloat16's rounding); in float32 oneDNN sums in another order than torch's default kernels,
+    the mel within float32 rounding of the official's floats (kept by ``exact_float32``)."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
     for dtype, exact in (("float32", False), ("float32", True), ("bfloat16", False)):
         placement = resolve_placement("cpu", dtype, exact_float32=exact)
@@ -247,7 +257,7 @@ def test_flow_packed_weights_keep_the_mel(version: int) -> None:
         assert packed == packs_linear(placement) and not (exact and packed)
     fast, _ = _flow_and_vocoder(version, "bfloat16")
     plain, _ = _flow_and_vocoder(version, "bfloat16", kernels=False)
-    assert torch.equal(fast, plain)
+    assert _same_bfloat16_products(fast, plain)
     packed32, _ = _flow_and_vocoder(version, "float32")
     exact32, _ = _flow_and_vocoder(version, "float32", exact=True)
     assert (packed32 - exact32).abs().max() < 1e-4 and _relative(packed32, exact32) < 1e-5
@@ -271,7 +281,7 @@ def test_int8_flow_within_bounds_of_float32() -> None:
     mel_bf16, _ = _flow_and_vocoder(3, "bfloat16")
     mel_int8, _ = _flow_and_vocoder(3, "bfloat16", quantize="int8")
     mel_w8a8, _ = _flow_and_vocoder(3, "bfloat16", w8a8=True)
-    assert torch.equal(mel_int8, mel_w8a8)
+    assert _same_bfloat16_products(mel_int8, mel_w8a8)  # its bfloat16 layers are packed
     assert not torch.equal(mel_w8a8, mel_bf16)
     assert 0 < _relative(mel_w8a8, mel32) < MEL_BOUND[torch.bfloat16]
 

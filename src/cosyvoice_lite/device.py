@@ -83,7 +83,10 @@ class CpuFeatures:
     fast: on that EPYC it ran at ~0.7 GOP/s, ~100x below float32 (the W8A8 products use
     onnxruntime's AVX2 kernel there, precision.int8_product_kernel). ``float16_products``: AMX-FP16.
     ``packs_bfloat16``: oneDNN packs bfloat16 linear weights (it needs AVX-512 BW/VL/DQ or
-    AVX-NE-CONVERT and refuses elsewhere; asked of oneDNN itself on a tiny weight).
+    AVX-NE-CONVERT and refuses elsewhere; asked of oneDNN itself on a tiny weight). ``amx``: AMX
+    tiles (Intel Sapphire Rapids on), where oneDNN multiplies packed bfloat16 weights on the tiles
+    and sums in another order than torch's plain bfloat16 product (the same within bfloat16's
+    rounding, not the same floats).
     """
 
     capability: str
@@ -91,6 +94,7 @@ class CpuFeatures:
     int8_products: bool
     float16_products: bool
     packs_bfloat16: bool
+    amx: bool = False
 
     def describe(self) -> str:
         have = [
@@ -102,7 +106,8 @@ class CpuFeatures:
             )
             if present
         ]
-        return f"{self.capability}, native products: {', '.join(['fp32', *have])}"
+        tiles = " (AMX)" if self.amx else ""
+        return f"{self.capability}{tiles}, native products: {', '.join(['fp32', *have])}"
 
 
 @functools.cache
@@ -120,6 +125,7 @@ def cpu_features() -> CpuFeatures:
         int8_products=amx or probe("_is_vnni_supported"),
         float16_products=probe("_is_amx_fp16_supported"),
         packs_bfloat16=_onednn_packs_bfloat16(),
+        amx=amx,
     )
 
 
