@@ -25,7 +25,14 @@ ray = pytest.importorskip(
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
 
 import boto3  # noqa: E402 - dev dependencies, as moto (the S3 server)
-from test_server_support import decode, free_port, moto_server, prompt_wav, wait_for  # noqa: E402
+from test_server_support import (  # noqa: E402
+    decode,
+    free_port,
+    metric,
+    moto_server,
+    prompt_wav,
+    wait_for,
+)
 from test_voice_store_s3 import BUCKET  # noqa: E402
 
 from cosyvoice_lite.serving import S3Settings, Settings  # noqa: E402
@@ -118,6 +125,9 @@ def test_every_mode_and_a_shared_voice_through_the_proxy(client, voice):
     traced = client.get("/health", headers={"X-Request-Id": "trace-7.a"})
     assert traced.headers.get_list("x-request-id") == ["trace-7.a"]
     assert len(client.get("/health").headers.get_list("x-request-id")) == 1
+    odd = client.get("/health", headers={"X-Request-Id": "span:7/a"})  # kept by Serve, not the app
+    assert odd.headers.get_list("x-request-id") == ["span:7/a"]
+    assert len(odd.headers["x-replica-request-id"]) == 16  # the app's own, for its logs and files
     info = client.get("/info").json()
     modes = info["model"]["modes"]
     preset = client.get("/speakers").json()["speakers"][0]["name"]
@@ -154,6 +164,27 @@ def test_every_mode_and_a_shared_voice_through_the_proxy(client, voice):
     assert "cosyvoice_model_loaded{replica=" in metrics.text
     error = client.post("/tts", json={"text": TEXT, "speaker": "nobody"})
     assert error.status_code == 404 and error.json()["error"]["message"]
+
+
+def test_a_client_hanging_up_mid_stream_stops_its_synthesis(client, voice):
+    """Serve's proxy tells the replica by raising from ``receive``: the replica takes it as the
+    disconnect it is (the row cancelled, counted), not as an error of the app."""
+    body = {"text": LONG_TEXT, "speaker": voice, "seed": 1, "stream": True, "format": "pcm"}
+    with client.stream("POST", "/tts", json=body) as response:
+        assert response.status_code == 200
+        replica = response.headers[REPLICA_HEADER]
+        next(response.iter_raw())  # first audio arrived; now hang up
+
+    def counted() -> bool:
+        metrics = client.get("/metrics")  # from whichever replica answers
+        if metrics.headers[REPLICA_HEADER] != replica:
+            return False
+        text = metrics.text
+        return metric(text, "cosyvoice_cancelled_total", replica=replica) == 1 and (
+            metric(text, "cosyvoice_requests_in_flight", replica=replica) == 0
+        )
+
+    assert wait_for(counted, timeout=30), "the replica did not stop the stream"
 
 
 def test_overload_is_answered_429(client, voice):

@@ -120,6 +120,26 @@ def test_create_list_get_delete_and_persistence(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_only_the_most_recently_used_voices_features_stay_in_memory(tmp_path):
+    """A voice deleted through another process sharing the store is never noticed here, so the
+    features kept in memory are bounded: the least recently used go (and are read again)."""
+    encode = CountingEncoder()
+    library = VoiceLibrary(tmp_path, features_kept=2)
+    for name in ("anna", "bob", "cleo"):  # each kept as it is created: anna is dropped
+        library.create(name, prompt_wav(1.5), "hi", "k", encode)
+    for name in ("anna", "bob", "cleo"):  # from now on, only memory can spare an encoding
+        (tmp_path / name / "features" / "k.pt").unlink()
+    calls = encode.calls
+    library.features("cleo", "k", encode)
+    library.features("bob", "k", encode)
+    assert encode.calls == calls  # both kept
+    library.features("anna", "k", encode)  # computed again; cleo, least recently used, goes
+    library.features("bob", "k", encode)
+    assert encode.calls == calls + 1
+    library.features("cleo", "k", encode)
+    assert encode.calls == calls + 2
+
+
 class DeletedWhileChecked(LocalVoiceStore):
     """A local store whose voices are deleted (by another request) as their files are checked."""
 

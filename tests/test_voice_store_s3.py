@@ -26,7 +26,7 @@ from test_server_support import (
 
 from cosyvoice_lite.serving import S3Settings, Settings, create_app
 from cosyvoice_lite.serving.voice_store_s3 import CACHE_TTL, S3VoiceStore
-from cosyvoice_lite.serving.voices import StorageError
+from cosyvoice_lite.serving.voices import HEALTH_HUNG, HEALTH_WAIT, StorageError
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] is needed for the local S3 server")
@@ -45,6 +45,7 @@ class Relay:
         self.lock = threading.Lock()
         self.flowing = threading.Event()  # cleared: requests are held (a bucket that hangs)
         self.flowing.set()
+        self.held = b""  # only requests that start so are held (b"DELETE "); b"": every one
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -60,7 +61,7 @@ class Relay:
     def _pipe(self, source, sink, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
-                if from_client:
+                if from_client and data.startswith(self.held):
                     self.flowing.wait()
                 if from_client and data.startswith(b"PUT "):
                     with self.lock:
@@ -135,8 +136,11 @@ def test_a_voice_made_through_one_server_is_used_through_another(engine, s3_url,
         stored = keys(s3_url, "shared/")
         assert "shared/voices/Nora.json" in stored
         assert len([k for k in stored if k.startswith("shared/voice-data/Nora/")]) == 2
-        # deleted through one: gone for the other within the cache time, data freed
+        # deleted through one: gone for the other within the cache time, data freed; the
+        # other, still believing in it, deleting it too is told it is not there
+        assert ca.get("/voices/Nora").status_code == 200
         assert cb.delete("/voices/Nora").status_code == 200
+        assert ca.delete("/voices/Nora").json()["error"]["code"] == "voice_not_found"
         assert wait_for(lambda: ca.get("/voices/Nora").status_code == 404, CACHE_TTL + 3)
         assert ca.post("/tts", json={"text": "你好。", "speaker": "Nora"}).status_code == 404
         assert keys(s3_url, "shared/") == []
@@ -218,12 +222,43 @@ def test_names_that_differ_only_in_case_cannot_both_be_created(s3_url):
     assert keys(s3_url, "case/names/") == ["case/names/bob.claim"]
 
 
+def test_a_delete_removes_only_the_voice_it_read(s3_url):
+    """One process deletes "Same" while its delete is held on the way to the bucket; meanwhile
+    another deletes it and creates it again. The held delete, when it arrives, must not take the
+    new voice, nor its name's claim, with it."""
+    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
+    late = S3VoiceStore(s3_settings(f"http://127.0.0.1:{relay.port}", "redo/", attempts=1))
+    other = S3VoiceStore(s3_settings(s3_url, "redo/"))
+    other.commit(other.stage("Same", {"prompt.wav": prompt_wav(1.0), "voice.json": b'{"n": 1}'}))
+    relay.held = b"DELETE "
+    relay.flowing.clear()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            deleting = pool.submit(late.remove, "Same")
+            time.sleep(0.5)
+            assert not deleting.done()  # it has read the voice; its DELETE waits in the relay
+            other.remove("Same")
+            files = {"prompt.wav": prompt_wav(1.0), "voice.json": b'{"n": 2}'}
+            other.commit(other.stage("Same", files))
+            relay.flowing.set()
+            with pytest.raises(FileNotFoundError):  # the voice it read was deleted by the other
+                deleting.result(timeout=30)
+    finally:
+        relay.flowing.set()
+        relay.close()
+    assert other.entries() == ["Same"] and other.read("Same", "voice.json") == b'{"n": 2}'
+    assert "redo/names/same.claim" in keys(s3_url, "redo/")
+    with pytest.raises(FileExistsError, match="Same"):  # the claim still holds the name
+        other.commit(other.stage("SAME", files))
+
+
 def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, tmp_path):
     """The usual outage: the bucket takes connections and never answers. The voice storage is
     read and written on threads of their own, never on the event loop (which answers every
     client) nor the engine loop (which steps every synthesis): while a listing, a saved voice's
     synthesis and a voice being saved wait for the bucket, /health and a preset's synthesis are
-    answered at once; all of them finish once the bucket answers again."""
+    answered at once, /ready and /metrics within a second (/ready then says the storage is
+    degraded); all of them finish once the bucket answers again."""
     relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
     settings = Settings(
         voices_dir=tmp_path / "unused",
@@ -251,6 +286,16 @@ def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, t
                 assert c.get("/health").status_code == 200
                 assert c.post("/tts", json={**speak, "speaker": preset}).status_code == 200
                 assert time.monotonic() - started < 4
+                # the probes answer too, the storage checked in the background: degraded once
+                # a check has waited HEALTH_HUNG seconds (the previous state until then)
+                started = time.monotonic()
+                assert c.get("/metrics").status_code == 200
+                assert c.get("/ready").status_code == 200
+                assert time.monotonic() - started < 2 * HEALTH_WAIT + 1
+                assert wait_for(
+                    lambda: c.get("/ready").json()["status"] == "degraded", HEALTH_HUNG + 3
+                )
+                assert "not answered" in c.get("/ready").json()["storage"]["error"]
                 assert not any(future.done() for future in waiting)
             finally:
                 relay.flowing.set()

@@ -106,12 +106,12 @@ class ServerState:
             lambda: 1.0 if self.status == "ready" else 0.0,
         )
         self.metrics.gauge(
-            "saved_voices", "Usable voices in the library.", lambda: len(self.library.list())
+            "saved_voices", "Usable voices in the library.", lambda: self.library.counts()[0]
         )
         self.metrics.gauge(
             "broken_voices",
             "Library entries that cannot be used (GET /voices).",
-            lambda: len(self.library.broken()),
+            lambda: self.library.counts()[1],
         )
         self.metrics.gauge(
             "voice_storage_ok",
@@ -480,7 +480,7 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         }
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    def metrics():  # a plain function: its voice gauges read the storage, off the event loop
+    def metrics():  # a plain function: its voice gauges may wait a moment on the storage
         """Prometheus text format."""
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -109,11 +109,15 @@ def voice_aliases(state) -> dict[str, str]:
 def resolve_voice(state, voice: str) -> str:
     """A voice name as sent by a client -> a preset or saved voice of this server."""
     engine = state.engine
-    if voice in engine.presets or state.library.exists(voice):
+    if voice in engine.presets:
         return voice
+    # aliases before the library (no saved voice takes a preset's or an alias's name): the
+    # usual names never wait on the voice storage
     target = voice_aliases(state).get(voice)
     if target is not None:
         return target
+    if state.library.exists(voice):
+        return voice
     if voice in OPENAI_VOICES:
         saved = state.library.names()
         raise UnknownVoiceError(

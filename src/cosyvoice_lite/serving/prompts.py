@@ -232,10 +232,10 @@ def plan_prompted(
                     code="missing_field",
                     param=prompt_field,
                 )
-            if state.library.exists(voice):
-                saved = voice
-            elif voice in engine.presets:
+            if voice in engine.presets:  # no saved voice takes a preset's name
                 request_voice = voice
+            elif state.library.exists(voice):
+                saved = voice
             else:
                 raise unknown_voice(voice, engine.voices() + state.library.names())
     else:

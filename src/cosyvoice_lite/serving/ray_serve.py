@@ -94,8 +94,18 @@ def label_samples(text: str, replica: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _without_request_id(headers) -> list:
-    return [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+def _proxied_request_id(headers, given: bytes) -> list:
+    """The response headers without the app's ``X-Request-Id`` where it is the proxy's (the
+    proxy adds it once); an id of the app's own (the proxy's had characters or a length the app
+    does not keep: it names result files) is kept as ``X-Replica-Request-Id``."""
+    kept = []
+    for key, value in headers:
+        if key.lower() == b"x-request-id":
+            if value == given:
+                continue
+            key = b"x-replica-request-id"
+        kept.append((key, value))
+    return kept
 
 
 def _disconnect_on_cancel(receive):
@@ -114,9 +124,9 @@ def _disconnect_on_cancel(receive):
 
 
 class ReplicaLabel:
-    """ASGI middleware: ``X-Replica`` on every response, the replica label on /metrics. The
-    app's ``X-Request-Id`` is left out of responses: Serve's proxy gives every request an id
-    (the client's, or a UUID), which the app takes as its own, and adds it to the response."""
+    """ASGI middleware: ``X-Replica`` on every response, the replica label on /metrics. Serve's
+    proxy gives every request an id (the client's, or a UUID), which the app takes as its own,
+    and adds it to the response: the app's copy is left out (``_proxied_request_id``)."""
 
     def __init__(self, app, replica: str) -> None:
         self.app, self.replica = app, replica
@@ -127,11 +137,12 @@ class ReplicaLabel:
             await self.app(scope, receive, send)
             return
         receive = _disconnect_on_cancel(receive)
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
         if scope["path"] != "/metrics":
 
             async def send_named(message) -> None:
                 if message["type"] == "http.response.start":
-                    headers = [*_without_request_id(message.get("headers", [])), self.header]
+                    headers = [*_proxied_request_id(message.get("headers", []), given), self.header]
                     message = {**message, "headers": headers}
                 await send(message)
 
@@ -151,7 +162,7 @@ class ReplicaLabel:
                         body = label_samples(body.decode(), self.replica).encode()
                     headers = [
                         (k, v)
-                        for k, v in _without_request_id(start.get("headers", []))
+                        for k, v in _proxied_request_id(start.get("headers", []), given)
                         if k.lower() != b"content-length"
                     ]
                     headers += [(b"content-length", str(len(body)).encode()), self.header]

@@ -10,16 +10,19 @@ Layout under the key prefix:
     voice-data/<name>/<generation>/features/<key>.pt
     names/<name key>.claim                the name as the library compares names (case and
                                           compatibility forms folded, ``name_key``), holding
-                                          the spelling that has it
+                                          the spelling that has it and its write's token
 
 A write puts the data objects under a fresh generation first, then claims the name and puts the
 manifest, both with ``If-None-Match: *``, so two processes cannot both create one name, nor
 "Alice" and "ALICE" at once (a claim whose voice never came, its writer gone, is taken over
-after ``CLAIM_GRACE`` seconds; voices saved before claims existed are compared by listing). A failure before the
-manifest leaves nothing visible, and the data already written is deleted again (objects that
-even this could not delete are unreferenced: invisible, and safe to remove). Deleting removes the
-manifest first, so the voice disappears at once. A new generation per write means a voice created
-again under an old name never meets the old voice's files.
+after ``CLAIM_GRACE`` seconds; voices saved before claims existed are compared by listing). A
+failure before the manifest leaves nothing visible, and the data already written is deleted
+again (objects that even this could not delete are unreferenced: invisible, and safe to
+remove). Deleting removes the manifest first, so the voice disappears at once, and only the
+manifest it read (``If-Match``): a voice deleted and created again by another process meanwhile
+is not this delete's. Each write puts a token of its own in its claim, and claims are released
+``If-Match`` too, so a write that claims a name being deleted keeps its claim. A new generation
+per write means a voice created again under an old name never meets the old voice's files.
 
 Reads go to the bucket (read-through): a voice created by another process is usable at once.
 Manifests found are reused for ``CACHE_TTL`` seconds (a voice deleted elsewhere is noticed within
@@ -44,6 +47,8 @@ CACHE_TTL = 2.0  # seconds a manifest or listing read from the bucket is reused
 CLAIM_GRACE = 60.0  # seconds a name's claim without its voice counts as a write in progress
 MISSING = {"404", "NoSuchKey", "NotFound"}
 TAKEN = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+UNSUPPORTED = {"501", "NotImplemented"}
+CLAIM_TRIES = 8  # claims changing under one write this often mean a storm of writes
 
 
 def voice_store(settings: Settings) -> VoiceStore:
@@ -84,6 +89,7 @@ class S3VoiceStore:
         self._manifests: dict[str, tuple[float, bytes, str]] = {}  # name -> (read at, body, gen)
         self._listing: tuple[float, list[str]] | None = None
         self._present: set[str] = set()  # data keys seen: a generation's files never change
+        self._conditional_delete = True
 
     # ------------------------------------------------------------------ keys and errors
     def _key(self, *parts: str) -> str:
@@ -222,7 +228,7 @@ class S3VoiceStore:
         return staged
 
     def commit(self, staged: _Staged) -> None:
-        claimed = self._claim(staged.name)
+        claim = self._claim(staged.name)
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -233,59 +239,88 @@ class S3VoiceStore:
                 IfNoneMatch="*",  # the first process to commit a name wins
             )
         except Exception as exc:  # noqa: BLE001
-            if claimed:
-                self._unclaim(staged.name)
-            if _code(exc) in TAKEN:
+            if _code(exc) not in TAKEN:
+                self._delete_if(self._claim_key(staged.name), claim, "release the name")
+                raise self._error(exc, "save the voice") from None
+            # a voice of this very spelling (the claim is its own), unless it is this write's:
+            # a retried PUT (the first applied, its answer lost) is refused by its own manifest
+            self._forget(staged.name)
+            try:
+                mine = self._manifest(staged.name, fresh=True)[1] == staged.generation
+            except FileNotFoundError:
+                mine = False
+            if not mine:
                 raise FileExistsError(staged.name) from None
-            raise self._error(exc, "save the voice") from None
         finally:
             self._forget(staged.name)
         staged.committed = True
 
-    def _claim(self, name: str) -> bool:
-        """Claim ``name`` as the library compares names; FileExistsError (naming the spelling
-        that has it) when a voice has it, or another write is claiming it. False when the
-        claim was already this name's (a voice written again after a failed delete)."""
-        key = self._claim_key(name)
+    def _held(self, key: str, action: str) -> tuple[str, str, float] | None:
+        """(the spelling holding a name's claim, the claim's ETag, when it was written), or
+        None when the name is not claimed."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=name.encode(), IfNoneMatch="*")
+            held = self.client.get_object(Bucket=self.bucket, Key=key)
+            body = held["Body"].read().decode()
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) in MISSING:
+                return None
+            raise self._error(exc, action) from None
+        return body.split("\n", 1)[0], held["ETag"], held["LastModified"].timestamp()
+
+    def _claim(self, name: str) -> str:
+        """Claim ``name`` as the library compares names and return the claim's ETag (each write
+        puts its own token in the claim, so a release never removes another write's claim).
+        FileExistsError, naming the spelling that has it, when a voice of another spelling has
+        the name or another write has claimed it in the last ``CLAIM_GRACE`` seconds."""
+        key = self._claim_key(name)
+        body = f"{name}\n{uuid.uuid4().hex}".encode()
+        for _ in range(CLAIM_TRIES):
+            try:
+                put = self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*"
+                )
+                return put["ETag"]
+            except Exception as exc:  # noqa: BLE001
+                if _code(exc) not in TAKEN:
+                    raise self._error(exc, "save the voice") from None
+            held = self._held(key, "save the voice")
+            if held is None:  # released meanwhile: claim it again
+                continue
+            holder, etag, written = held
+            try:
+                self._manifest(holder, fresh=True)
+                raise FileExistsError(holder)  # a voice has the name (in this spelling or not)
+            except FileNotFoundError:
+                pass
+            if holder != name and time.time() - written < CLAIM_GRACE:  # being written: it wins
+                raise FileExistsError(holder)
+            # this spelling's own claim (its manifest decides between two writes of one name)
+            # or one left by a writer that is gone: taken over, unless it changed meanwhile
+            try:
+                put = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
+                return put["ETag"]
+            except Exception as exc:  # noqa: BLE001
+                if _code(exc) not in TAKEN | MISSING:
+                    raise self._error(exc, "save the voice") from None
+        raise FileExistsError(name)  # claimed and released all the while: being written
+
+    def _delete_if(self, key: str, etag: str, action: str) -> bool:
+        """Delete ``key`` only if it is still the object with ``etag``; False when it is gone or
+        changed meanwhile. A bucket without conditional deletes (some S3-compatible servers
+        answer NotImplemented) deletes unconditionally, as S3 did before it had them."""
+        condition = {"IfMatch": etag} if self._conditional_delete else {}
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, **condition)
             return True
         except Exception as exc:  # noqa: BLE001
-            if _code(exc) not in TAKEN:
-                raise self._error(exc, "save the voice") from None
-        try:
-            held = self.client.get_object(Bucket=self.bucket, Key=key)
-            holder, written = held["Body"].read().decode(), held["LastModified"]
-        except Exception as exc:  # noqa: BLE001 - released meanwhile: claim it again
-            if _code(exc) in MISSING:
-                return self._claim(name)
-            raise self._error(exc, "save the voice") from None
-        if holder == name:
-            return False
-        try:
-            self._manifest(holder, fresh=True)
-            raise FileExistsError(holder)
-        except FileNotFoundError:
-            pass
-        if time.time() - written.timestamp() < CLAIM_GRACE:  # being written: it wins
-            raise FileExistsError(holder)
-        try:  # left by a writer that is gone: taken over
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=name.encode())
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, "save the voice") from None
-        return True
-
-    def _unclaim(self, name: str) -> None:
-        """Release ``name``'s claim if this spelling holds it (best effort: a claim left behind
-        is taken over after ``CLAIM_GRACE``)."""
-        key = self._claim_key(name)
-        try:
-            held = self.client.get_object(Bucket=self.bucket, Key=key)
-            if held["Body"].read().decode() == name:
-                self.client.delete_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
-            if _code(exc) not in MISSING:
-                log.warning("could not release the name %r: %s", name, exc)
+            code = _code(exc)
+            if code in TAKEN | MISSING:
+                return False
+            if code in UNSUPPORTED and condition:
+                log.warning("voice bucket %s has no conditional deletes", self.where)
+                self._conditional_delete = False
+                return self._delete_if(key, etag, action)
+            raise self._error(exc, action) from None
 
     def discard(self, staged: _Staged) -> None:
         if staged.committed or not staged.keys:
@@ -307,14 +342,27 @@ class S3VoiceStore:
             raise self._error(exc, "save the voice") from None
 
     def remove(self, name: str) -> None:
-        _, generation, _ = self._manifest(name, fresh=True)
+        # the claim is read before the manifest goes: a write of this name after that takes the
+        # claim over (a new ETag), and keeps it
+        claim_key = self._claim_key(name)
+        claim = self._held(claim_key, "delete the voice")
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._manifest_key(name))
+            head = self.client.head_object(Bucket=self.bucket, Key=self._manifest_key(name))
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, "delete the voice") from None
         finally:
             self._forget(name)
-        self._unclaim(name)
+        generation = head.get("Metadata", {}).get("generation", "")
+        # only the voice read above: one created again meanwhile under this name is not this
+        # delete's (another process deleted the old one first)
+        deleted = self._delete_if(self._manifest_key(name), head["ETag"], "delete the voice")
+        self._forget(name)
+        replaced = not deleted and self._has_manifest(name)
+        if not replaced and claim is not None and claim[0] == name:
+            try:
+                self._delete_if(claim_key, claim[1], "release the name")
+            except OSError as exc:  # a claim left behind is taken over after CLAIM_GRACE
+                log.warning("could not release the name %r: %s", name, exc)
         prefix = self._data_key(name, generation)
         with self._lock:
             self._present = {key for key in self._present if not key.startswith(prefix)}
@@ -325,6 +373,17 @@ class S3VoiceStore:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
         except Exception as exc:  # noqa: BLE001
             log.warning("voice %r deleted, but not all of its data: %s", name, exc)
+        if replaced:  # deleted and created again by another process: the new one is not ours
+            raise FileNotFoundError(name)
+
+    def _has_manifest(self, name: str) -> bool:
+        """Whether a voice is stored as ``name`` now (asked of the bucket). Gone (a retried
+        delete whose first try was applied, or another process's delete) counts as deleted."""
+        try:
+            self._manifest(name, fresh=True)
+        except FileNotFoundError:
+            return False
+        return True
 
     def check(self) -> str | None:
         try:

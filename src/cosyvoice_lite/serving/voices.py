@@ -54,6 +54,7 @@ import torch
 from ..audio.io import check_prompt_audio, load_audio
 from ..errors import AudioError, CosyVoiceError, InvalidRequestError, UnknownVoiceError
 from ..frontend.prompt import PromptFeatures
+from .refreshed import Refreshed
 
 log = logging.getLogger(__name__)
 FEATURES_KEPT = 512  # voices' features kept in memory per process (up to ~0.5 MB each)
@@ -64,7 +65,9 @@ NAME_PATTERN = re.compile(r"\w(?:[\w .-]{0,62}[\w-])?")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128  # UTF-8; file systems allow 255 (eCryptfs 143)
 MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded storage
-HEALTH_INTERVAL = 5.0  # seconds a storage check is reused
+HEALTH_INTERVAL = 5.0  # seconds a storage check (and the voice counts of /metrics) is reused
+HEALTH_WAIT = 1.0  # seconds /ready and /metrics wait for a storage check under way
+HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it counts as down
 LAYOUT_VERSION = 1
 
 Encode = Callable[[bytes, str], PromptFeatures]
@@ -422,19 +425,29 @@ class VoiceLibrary:
     """Saved voices in a :class:`VoiceStore` (a directory given as a path); safe to use from
     several threads."""
 
-    def __init__(self, store: str | os.PathLike | VoiceStore) -> None:
+    def __init__(
+        self, store: str | os.PathLike | VoiceStore, features_kept: int = FEATURES_KEPT
+    ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = LocalVoiceStore(store)
         self.store = store
         self.root = getattr(store, "root", None)  # the directory of a local store
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the features kept; never held across storage I/O
+        self._writing = threading.RLock()  # a name's check and its write (or deletion) as one
         # (name, model family key, created_at): a voice deleted and created again elsewhere
         # (a shared store) never reuses the old voice's features; the most recently used
-        # FEATURES_KEPT only, since a voice deleted through another process is never noticed here
+        # ``features_kept`` only, since a voice deleted through another process is never noticed
         self._features: collections.OrderedDict[tuple[str, str, float], PromptFeatures] = (
             collections.OrderedDict()
         )
-        self._health: tuple[float, str | None] = (0.0, None)
+        self._features_kept = features_kept
+        # read in the background: /ready and /metrics answer while the storage hangs
+        self._check: Refreshed[str | None] = Refreshed(
+            store.check, None, HEALTH_INTERVAL, HEALTH_WAIT, "the voice storage's health"
+        )
+        self._counts: Refreshed[tuple[int, int]] = Refreshed(
+            self._count, (0, 0), HEALTH_INTERVAL, HEALTH_WAIT, "the voice library"
+        )
         self._write_failure: tuple[float, str] | None = None
         self._warned: dict[str, float] = {}
         try:
@@ -541,18 +554,25 @@ class VoiceLibrary:
         return error
 
     def health(self) -> str | None:
-        """None if voices can be stored, else why not (checked at most every few seconds)."""
-        now = time.monotonic()
-        checked, problem = self._health
-        if now - checked < HEALTH_INTERVAL:
-            return problem
-        problem = self.store.check()
+        """None if voices can be stored, else why not: the latest storage check (checked every
+        few seconds in the background, never waited on for long), or a write that failed in
+        the last minute (e.g. full, then freed a little)."""
+        problem, waiting = self._check.get()
+        if waiting is not None and waiting >= HEALTH_HUNG:
+            problem = f"the voice storage has not answered for {waiting:.0f} s"
         if problem is None and self._write_failure is not None:
             when, message = self._write_failure
-            if now - when < 60:
-                problem = message  # a write failed a moment ago (e.g. full, then freed a little)
-        self._health = (now, problem)
+            if time.monotonic() - when < 60:
+                problem = message
         return problem
+
+    def counts(self) -> tuple[int, int]:
+        """(usable voices, broken ones), read every few seconds in the background (/metrics)."""
+        return self._counts.get()[0]
+
+    def _count(self) -> tuple[int, int]:
+        voices, broken = self.scan()
+        return len(voices), len(broken)
 
     # ------------------------------------------------------------------ writing
     def create(
@@ -592,7 +612,7 @@ class VoiceLibrary:
         staged = None
         try:
             staged = self.store.stage(name, files)
-            with self._lock:
+            with self._writing:
                 if self.exists(name):
                     raise taken
                 try:
@@ -606,20 +626,25 @@ class VoiceLibrary:
             if staged is not None:
                 self.store.discard(staged)
         self._write_failure = None
+        self._counts.expire()
         return info
 
     def delete(self, name: str) -> str:
         """Remove voice ``name`` (usable or broken); returns the name it was stored under."""
-        with self._lock:
+        with self._writing:
             folder = self._folder(name)
             if folder is None:
                 raise _no_voice(name)
             try:
                 self.store.remove(folder)  # atomic: gone at once, even if cut short
+            except FileNotFoundError:  # deleted meanwhile by another process sharing the store
+                raise _no_voice(name) from None
             except OSError as exc:
                 raise self._failed(storage_error(exc, "delete the voice")) from None
-            for cached in [k for k in self._features if k[0] == folder]:
-                del self._features[cached]
+            with self._lock:
+                for cached in [k for k in self._features if k[0] == folder]:
+                    del self._features[cached]
+        self._counts.expire()
         return folder
 
     # ------------------------------------------------------------------ features
@@ -676,7 +701,7 @@ class VoiceLibrary:
                     name,
                     os.strerror(exc.errno or 0),
                 )
-        with self._lock:
+        with self._writing:  # not kept for a voice deleted meanwhile
             if self.exists(name):
                 self._keep_features(version, features)
         return features
@@ -685,5 +710,5 @@ class VoiceLibrary:
         with self._lock:
             self._features[version] = features
             self._features.move_to_end(version)
-            while len(self._features) > FEATURES_KEPT:
+            while len(self._features) > self._features_kept:
                 self._features.popitem(last=False)
