@@ -1,5 +1,6 @@
 """The flow estimators' attention: float32 is torch's fused kernel (the official's); bfloat16 on
-a CPU is products around a softmax, with or without a stream's cached prefix."""
+a CPU is products around a softmax, or the fused kernel on a CPU with AMX tiles, with or without a
+stream's cached prefix."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cosyvoice_lite.device import cpu_features
 from cosyvoice_lite.networks.attention import attention, chunk_keep
 
 
@@ -52,3 +54,17 @@ def test_bfloat16_with_a_prefix_within_rounding_of_float32(prefix: int) -> None:
     k2[:, :, -1], v2[:, :, -1] = 100.0, 100.0
     first_chunk = attention(q, k2, v2, mask, prefix=parts)[:, :, :1]
     assert torch.equal(first_chunk, got[:, :, :1])
+
+
+def test_bfloat16_takes_the_fused_kernel_where_the_cpu_has_amx_tiles() -> None:
+    q, k, v, parts = _inputs(torch.bfloat16, 10)
+    mask = F.pad(chunk_keep(4, 6, 6 + 4, 5, q.device)[:, 4:], (10, 0), value=True)
+    keys = torch.cat([p for p, _ in parts] + [k], dim=-2)
+    values = torch.cat([p for _, p in parts] + [v], dim=-2)
+    if cpu_features().amx:
+        expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    else:  # products around a softmax of the low-precision scores
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, keys.transpose(-1, -2))
+        expected = torch.matmul(scores.masked_fill(~mask, -torch.inf).softmax(dim=-1), values)
+    got = attention(q, k, v, mask[:, 10:], prefix=parts)
+    assert torch.equal(got, expected)
