@@ -120,9 +120,12 @@ def test_int8_flow_products_only_where_declared() -> None:
     """int8 quantises the DiT's attention and feed-forward products (W8A8) and nothing else of
     the flow: the time and modulation layers, the input and output projections keep the dtype.
     On a CPU their kernel is ``torch._int_mm`` where the CPU has VNNI or AMX, onnxruntime's
-    elsewhere (the same integers, test_quantized_linear.py)."""
+    elsewhere (the same integers, test_quantized_linear.py); a bfloat16 flow on AMX tiles keeps
+    its bfloat16 products (faster there), a float32 one takes int8 on every CPU."""
     model = open_model_dir(MODELS / "v3-tiny")
-    placement = resolve_placement("cpu", "bfloat16", "int8")
+    bf16 = load_network(model, "flow", "flow.pt", resolve_placement("cpu", "bfloat16", "int8"))
+    assert has_int8_products(bf16) != cpu_features().amx
+    placement = resolve_placement("cpu", "float32", "int8")
     flow = load_network(model, "flow", "flow.pt", placement)
     kernel = "torch" if cpu_features().int8_products else "onnxruntime"
     assert int8_product_kernel(placement) == kernel
@@ -136,7 +139,7 @@ def test_int8_flow_products_only_where_declared() -> None:
     }
     assert sum(isinstance(m, Int8MatmulLinear) for m in flow.modules()) == len(quantised)
     packed = any(isinstance(m, PackedLinear) for m in estimator.modules())
-    assert packed == packs_linear(placement)  # the rest: bf16, packed where oneDNN packs it
+    assert packed == packs_linear(placement)  # the rest: packed where oneDNN packs it
     # export loads without the load-time kernels: no int8 there
     plain = load_network(
         model, "flow", "flow.pt", resolve_placement("cpu", "bfloat16", "int8"), kernels=False
@@ -281,7 +284,10 @@ def test_int8_flow_within_bounds_of_float32() -> None:
     mel_bf16, _ = _flow_and_vocoder(3, "bfloat16")
     mel_int8, _ = _flow_and_vocoder(3, "bfloat16", quantize="int8")
     mel_w8a8, _ = _flow_and_vocoder(3, "bfloat16", w8a8=True)
-    assert _same_bfloat16_products(mel_int8, mel_w8a8)  # its bfloat16 layers are packed
+    if cpu_features().amx:  # loaded with int8, a bfloat16 flow keeps its (faster) products
+        assert torch.equal(mel_int8, mel_bf16)
+    else:
+        assert _same_bfloat16_products(mel_int8, mel_w8a8)  # its bfloat16 layers are packed
     assert not torch.equal(mel_w8a8, mel_bf16)
     assert 0 < _relative(mel_w8a8, mel32) < MEL_BOUND[torch.bfloat16]
 

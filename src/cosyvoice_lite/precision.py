@@ -23,7 +23,8 @@ on its class quantises the linear layers inside that module; the rest of the flo
 products are 4x narrower: 3-4% faster for 1.5x the mel error of bfloat16, benchmarks/README.md;
 on an AVX2 CPU no faster than float32). The products' kernel follows the CPU
 (``int8_product_kernel``: ``torch._int_mm`` with VNNI/AMX, onnxruntime's ``MatMulInteger``
-without), the same integers either way.
+without), the same integers either way; a bfloat16 flow on AMX tiles keeps its bfloat16 products,
+which are faster there.
 
 The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
 loaded modules): their declared linear groups (q/k/v, gate/up) are fused into one product each
@@ -300,13 +301,19 @@ def stream_cache_dtype(placement: Placement, requested: str | None = None) -> to
 
 def int8_product_kernel(placement: Placement) -> str | None:
     """The kernel of the flow's W8A8 products on a CPU (None: they stay in ``placement.dtype``,
-    as on accelerators). ``torch._int_mm`` where the CPU has VNNI or AMX (device.CpuFeatures);
+    as on accelerators and in bfloat16 on AMX tiles). ``torch._int_mm`` where the CPU has VNNI or
+    AMX (device.CpuFeatures);
     elsewhere it crawls, and onnxruntime's ``MatMulInteger`` gives the same integers: a
     full-size DiT product (900 x 1024 x 1024-3072) 1.2-1.4x faster than float32 on 2 AVX2
     cores, a U-Net one (900 x 256 x 1536, which the U-Nets do not declare) no faster."""
     if placement.device.type != "cpu":
         return None
-    return "torch" if cpu_features().int8_products else "onnxruntime"
+    features = cpu_features()
+    if features.amx and placement.dtype == torch.bfloat16:
+        # bfloat16 products on AMX tiles outrun torch's int8 ones (an Intel Xeon, 2 threads:
+        # 1,980 against 698 GFLOP/s; the full-size CosyVoice3 flow 4.29 s against 6.71 s)
+        return None
+    return "torch" if features.int8_products else "onnxruntime"
 
 
 def attend_in_float32(network: nn.Module) -> nn.Module:
