@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger("cosyvoice_lite.serving")
+PLANNING_THREADS = 64  # requests planned at once (each may wait on the voice storage)
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a given X-Request-Id kept
 access_log = logging.getLogger("cosyvoice_lite.serving.access")
 
@@ -359,6 +360,12 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         state.serving = True
+        # requests are planned on the loop's default executor (asyncio.to_thread), and planning
+        # may wait on the voice storage: its default size (CPUs + 4: 6 threads on 2 cores) would
+        # let a few requests waiting on a hung bucket hold up every other request's planning
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(PLANNING_THREADS, thread_name_prefix="cosyvoice-plan")
+        )
         state.prepare_voices()
         if loader is not None and state.status == "loading":
             threading.Thread(
