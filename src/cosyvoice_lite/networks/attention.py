@@ -13,7 +13,6 @@ one (``_fused_bfloat16``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -44,11 +43,6 @@ def attention(
     return torch.matmul(_scores(q, k, mask).softmax(dim=-1), v)
 
 
-@functools.cache
-def _amx() -> bool:
-    return cpu_features().amx
-
-
 def _fused_bfloat16(dtype: torch.dtype) -> bool:
     """bfloat16 attention by torch's fused kernel, on a CPU with AMX tiles (a property of the
     hardware, read once). Measured on an Intel Xeon with AMX, 2 threads, 2 x 8 heads x 64: 446
@@ -56,7 +50,7 @@ def _fused_bfloat16(dtype: torch.dtype) -> bool:
     against 0.63-2.25 ms; CosyVoice2 bfloat16 streams of a saved voice, 50 tokens, one engine
     alternating both (medians of 3): first audio 4.30 s against 4.61 s alone, 4 streams' wall
     19.6 s against 21.7 s; whole utterances' flow unchanged (4.9-5.2 s both)."""
-    return dtype == torch.bfloat16 and _amx()
+    return dtype == torch.bfloat16 and cpu_features().amx
 
 
 def sees_everything(frames: torch.Tensor, length: int, chunk_size: int) -> bool:

@@ -167,9 +167,10 @@ class S3VoiceStore:
             self._manifests[name] = (time.monotonic(), body, generation)
         return body, generation, False
 
-    def has(self, name: str) -> bool:
+    def has(self, name: str, fresh: bool = False) -> bool:
+        """Whether voice ``name`` is stored (``fresh``: asked of the bucket, not the cache)."""
         try:
-            self._manifest(name)
+            self._manifest(name, fresh)
         except FileNotFoundError:
             return False
         return True
@@ -244,7 +245,6 @@ class S3VoiceStore:
                 raise self._error(exc, "save the voice") from None
             # a voice of this very spelling (the claim is its own), unless it is this write's:
             # a retried PUT (the first applied, its answer lost) is refused by its own manifest
-            self._forget(staged.name)
             try:
                 mine = self._manifest(staged.name, fresh=True)[1] == staged.generation
             except FileNotFoundError:
@@ -287,11 +287,8 @@ class S3VoiceStore:
             if held is None:  # released meanwhile: claim it again
                 continue
             holder, etag, written = held
-            try:
-                self._manifest(holder, fresh=True)
-                raise FileExistsError(holder)  # a voice has the name (in this spelling or not)
-            except FileNotFoundError:
-                pass
+            if self.has(holder, fresh=True):  # a voice has the name (in this spelling or not)
+                raise FileExistsError(holder)
             if holder != name and time.time() - written < CLAIM_GRACE:  # being written: it wins
                 raise FileExistsError(holder)
             # this spelling's own claim (its manifest decides between two writes of one name)
@@ -357,7 +354,9 @@ class S3VoiceStore:
         # delete's (another process deleted the old one first)
         deleted = self._delete_if(self._manifest_key(name), head["ETag"], "delete the voice")
         self._forget(name)
-        replaced = not deleted and self._has_manifest(name)
+        # not deleted and gone (a retried delete whose first try was applied, or another
+        # process's delete) counts as deleted
+        replaced = not deleted and self.has(name, fresh=True)
         if not replaced and claim is not None and claim[0] == name:
             try:
                 self._delete_if(claim_key, claim[1], "release the name")
@@ -375,15 +374,6 @@ class S3VoiceStore:
             log.warning("voice %r deleted, but not all of its data: %s", name, exc)
         if replaced:  # deleted and created again by another process: the new one is not ours
             raise FileNotFoundError(name)
-
-    def _has_manifest(self, name: str) -> bool:
-        """Whether a voice is stored as ``name`` now (asked of the bucket). Gone (a retried
-        delete whose first try was applied, or another process's delete) counts as deleted."""
-        try:
-            self._manifest(name, fresh=True)
-        except FileNotFoundError:
-            return False
-        return True
 
     def check(self) -> str | None:
         try:
