@@ -309,3 +309,50 @@ def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, t
             assert created.status_code == 201, created.text
     finally:
         relay.close()
+
+
+def test_requests_beyond_the_storage_waiters_are_refused_at_once(engine, s3_url, tmp_path):
+    """However many clients ask for a hung bucket's voices, at most ``storage_waiters`` calls
+    wait on it; the next request is answered 503 with Retry-After at once (not after the S3
+    timeouts), a preset's synthesis still runs, the refusals do not count as storage failures,
+    and the waiting requests finish once the bucket answers."""
+    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
+    settings = Settings(
+        voices_dir=tmp_path / "unused",
+        voices_s3=s3_settings(f"http://127.0.0.1:{relay.port}", "bounded/"),
+        storage_waiters=2,
+    )
+    speak = {"text": "你好。", "seed": 1, "speaker": "saved"}
+    try:
+        with (
+            ServerThread(create_app(engine, settings)) as running,
+            running.client() as c,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            assert upload(c, "saved").status_code == 201
+            time.sleep(CACHE_TTL + 0.2)  # the next look at the library asks the bucket
+            relay.flowing.clear()
+            try:
+                waiting = [pool.submit(c.post, "/tts", json=speak) for _ in range(2)]
+                time.sleep(1.0)  # both are waiting on the bucket
+                assert not any(future.done() for future in waiting)
+                started = time.monotonic()
+                refused = [c.post("/tts", json=speak), c.get("/voices")]
+                assert time.monotonic() - started < 2
+                for response in refused:
+                    assert response.status_code == 503, response.text
+                    assert response.headers["retry-after"] == "5"
+                    error = response.json()["error"]
+                    assert error["code"] == "storage_unavailable"
+                    assert "not keeping up: 2 requests are waiting" in error["message"]
+                preset = {**speak, "speaker": engine.voices()[0]}
+                assert c.post("/tts", json=preset).status_code == 200
+                assert "voice_storage_waiting 2\n" in c.get("/metrics").text
+                assert not any(future.done() for future in waiting)
+            finally:
+                relay.flowing.set()
+            assert [f.result(timeout=60).status_code for f in waiting] == [200, 200]
+            assert c.post("/tts", json=speak).status_code == 200
+            assert wait_for(lambda: c.get("/ready").json()["status"] == "ready", 15)
+    finally:
+        relay.close()

@@ -79,7 +79,7 @@ class ServerState:
             settings.spool_dir,
             settings.shutdown_timeout,
         )
-        self.library = VoiceLibrary(voice_store(settings))
+        self.library = VoiceLibrary(voice_store(settings), storage_waiters=settings.storage_waiters)
         self.engine = None
         self.status = "loading"
         self.load_error = ""
@@ -113,6 +113,11 @@ class ServerState:
             "broken_voices",
             "Library entries that cannot be used (GET /voices).",
             lambda: self.library.counts()[1],
+        )
+        self.metrics.gauge(
+            "voice_storage_waiting",
+            "Calls waiting on the voice storage now (at most storage_waiters; more get 503).",
+            lambda: self.library.storage_waiting,
         )
         self.metrics.gauge(
             "voice_storage_ok",

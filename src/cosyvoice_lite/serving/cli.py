@@ -146,6 +146,13 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "(default <voices-dir>/.spool)",
     )
     ops.add_argument(
+        "--storage-waiters",
+        type=int,
+        default=32,
+        help="calls that may wait on the voice storage at once; more get 503 with Retry-After "
+        "at once, so a hung bucket cannot take every thread (default 32)",
+    )
+    ops.add_argument(
         "--voice-alias",
         action="append",
         default=[],
@@ -250,6 +257,7 @@ def settings_from_args(args: argparse.Namespace):
         workers=args.workers,
         max_queue=args.max_queue,
         prepare_voices=args.prepare_voices,
+        storage_waiters=args.storage_waiters,
         request_timeout=args.timeout,
         api_key=args.api_key or None,
         cors_origins=args.cors_origin,

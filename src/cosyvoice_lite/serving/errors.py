@@ -79,7 +79,8 @@ def from_engine_error(
     the route's names for the request fields an error names (``route_fields``)."""
     if isinstance(exc, StorageError):
         kind = "insufficient_storage" if exc.status == 507 else "storage_unavailable"
-        return ApiError(exc.status, str(exc), "server_error", kind)
+        retry = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+        return ApiError(exc.status, str(exc), "server_error", kind, headers=retry)
     if isinstance(exc, EngineClosedError):
         return ApiError(503, str(exc), "server_error", "shutting_down")
     if isinstance(exc, VoiceDamagedError):

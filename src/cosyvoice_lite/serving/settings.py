@@ -65,6 +65,9 @@ class Settings:
     # saved voices prepared for streaming once the model is loaded, most recently saved first
     # (as many as the engine's prompt cache holds; voice_create.prepare_saved_voices)
     prepare_voices: int = 4
+    # calls that may wait on the voice storage at once; more are refused (503, Retry-After) at
+    # once, so a hung bucket cannot take every thread of the server's pools
+    storage_waiters: int = 32
     prompt_cache_ttl: float = 600.0  # seconds a cached one-off prompt lives after its last use
     # /docs, /redoc and /openapi.json need the API key when one is set, unless this is True
     docs_public: bool = False
@@ -97,6 +100,8 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        if self.storage_waiters < 1:
+            raise ValueError("storage_waiters must be at least 1")
         if self.prepare_voices < 0:
             raise ValueError("prepare_voices must be 0 or more")
         if self.request_timeout <= 0:

@@ -68,6 +68,8 @@ MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded sto
 HEALTH_INTERVAL = 5.0  # seconds a storage check (and the voice counts of /metrics) is reused
 HEALTH_WAIT = 1.0  # seconds /ready and /metrics wait for a storage check under way
 HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it counts as down
+STORAGE_WAITERS = 32  # storage calls under way at once (Settings.storage_waiters), more refused
+BUSY_RETRY_AFTER = 5  # seconds a client refused for a busy storage is told to wait
 LAYOUT_VERSION = 1
 
 Encode = Callable[[bytes, str], PromptFeatures]
@@ -89,9 +91,23 @@ class StorageError(CosyVoiceError, OSError):
     """The library's storage failed: ``status`` 507 (no space) or 503 (read-only, permissions,
     I/O error). Also an OSError, which it stands for (with a message that names no path)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds, for a Retry-After header
+
+
+class StorageBusyError(StorageError):
+    """Refused before touching the storage: too many calls are waiting on it already (a hung
+    bucket, a stalled network file system). Not a failure of the storage itself."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(
+            f"the voice storage is not keeping up: {waiting} requests are waiting on it; "
+            "try again later",
+            503,
+            BUSY_RETRY_AFTER,
+        )
 
 
 def storage_error(exc: OSError, action: str) -> StorageError:
@@ -343,6 +359,48 @@ class VoiceStore(Protocol):
         """None if voices can be stored, else why not."""
 
 
+class WaitBounded:
+    """A :class:`VoiceStore` through which at most ``limit`` calls wait on ``store`` at once;
+    the next is refused at once with :class:`StorageBusyError`. Storage calls run on the
+    server's bounded thread pools (request planning, sync routes): without a bound, enough
+    requests waiting on a hung bucket would take every thread from requests that never touch
+    the storage (a preset voice's synthesis, /health). ``discard`` (cleanup, never raises) and
+    ``check`` (one background thread) are not counted."""
+
+    _COUNTED = frozenset(
+        ("open", "entries", "has", "read", "has_file", "stage", "commit", "write", "remove")
+    )
+
+    def __init__(self, store: VoiceStore, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the storage waiters' limit must be at least 1")
+        self._store, self._limit = store, limit
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        """Calls under way now."""
+        return self._waiting
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._store, name)
+        if name not in self._COUNTED:
+            return attr
+        return lambda *args, **kwargs: self._counted(attr, *args, **kwargs)
+
+    def _counted(self, call: Callable, *args, **kwargs):
+        with self._count_lock:
+            if self._waiting >= self._limit:
+                raise StorageBusyError(self._waiting)
+            self._waiting += 1
+        try:
+            return call(*args, **kwargs)
+        finally:
+            with self._count_lock:
+                self._waiting -= 1
+
+
 class LocalVoiceStore:
     """Voices as directories under ``root`` (the layout in the module docstring)."""
 
@@ -426,11 +484,14 @@ class VoiceLibrary:
     several threads."""
 
     def __init__(
-        self, store: str | os.PathLike | VoiceStore, features_kept: int = FEATURES_KEPT
+        self,
+        store: str | os.PathLike | VoiceStore,
+        features_kept: int = FEATURES_KEPT,
+        storage_waiters: int = STORAGE_WAITERS,
     ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = LocalVoiceStore(store)
-        self.store = store
+        self.store = WaitBounded(store, storage_waiters)
         self.root = getattr(store, "root", None)  # the directory of a local store
         self._lock = threading.RLock()  # the features kept; never held across storage I/O
         self._writing = threading.RLock()  # a name's check and its write (or deletion) as one
@@ -550,8 +611,14 @@ class VoiceLibrary:
 
     # ------------------------------------------------------------------ storage health
     def _failed(self, error: StorageError) -> StorageError:
-        self._write_failure = (time.monotonic(), str(error))
+        if not isinstance(error, StorageBusyError):  # refused, not failed: the storage's health
+            self._write_failure = (time.monotonic(), str(error))  # check says if it is down
         return error
+
+    @property
+    def storage_waiting(self) -> int:
+        """Storage calls under way now (``STORAGE_WAITERS`` at most)."""
+        return self.store.waiting
 
     def health(self) -> str | None:
         """None if voices can be stored, else why not: the latest storage check (checked every
