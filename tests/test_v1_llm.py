@@ -108,6 +108,25 @@ def test_cached_steps_equal_full_causal_recompute(model, golden):
     assert cache.length == 13
 
 
+@pytest.mark.parametrize("queries", [1, 5])
+def test_fused_cached_attention_equals_the_official_operations(model, queries):
+    """Below float32 the cached attention is one fused call with the positional scores as its
+    mask; it gives the official's separate products, masked softmax and re-zeroing (float32
+    kept for the official's floats) within float32 rounding, for a step and for a causal chunk."""
+    attn = model.llm.encoders[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    keys = 9
+    q, k, v = (
+        torch.randn(1, attn.h, n, attn.d_k, generator=generator) for n in (queries, keys, keys)
+    )
+    bd = torch.randn(1, attn.h, queries, keys, generator=generator)
+    keep = torch.arange(keys - queries, keys)[:, None] >= torch.arange(keys)[None, :]
+    with torch.inference_mode():
+        official = attn._weighted_values(q, k, v, bd, keep)
+        fused = attn._fused_weighted_values(q, k, v, bd, keep)
+    torch.testing.assert_close(fused, official, atol=1e-6, rtol=1e-5)
+
+
 def test_position_rows_are_shared_and_the_same_whoever_needs_them_first(config):
     """The projected positional rows live in one table per encoder (not in each cache): equal to
     projecting each distance alone, grown in whole blocks, so its rows hold the same floats
