@@ -384,6 +384,8 @@ class WaitBounded:
         return self._waiting
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # never the store's internals (nor ours, while being built)
+            raise AttributeError(name)
         attr = getattr(self._store, name)
         if name not in self._COUNTED:
             return attr
