@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio.io import MAX_PROMPT_SECONDS
+from .voices import STORAGE_WAITERS
 
 
 def default_voices_dir() -> Path:
@@ -67,7 +68,7 @@ class Settings:
     prepare_voices: int = 4
     # calls that may wait on the voice storage at once; more are refused (503, Retry-After) at
     # once, so a hung bucket cannot take every thread of the server's pools
-    storage_waiters: int = 32
+    storage_waiters: int = STORAGE_WAITERS
     prompt_cache_ttl: float = 600.0  # seconds a cached one-off prompt lives after its last use
     # /docs, /redoc and /openapi.json need the API key when one is set, unless this is True
     docs_public: bool = False
