@@ -123,7 +123,7 @@ def test_fused_cached_attention_equals_the_official_operations(model, queries):
     keep = torch.arange(keys - queries, keys)[:, None] >= torch.arange(keys)[None, :]
     with torch.inference_mode():
         official = attn._weighted_values(q, k, v, bd, keep)
-        fused = attn._fused_weighted_values(q, k, v, bd, keep)
+        fused = attn._weighted_values(q, k, v, bd, keep, fused=True)
     torch.testing.assert_close(fused, official, atol=1e-6, rtol=1e-5)
 
 

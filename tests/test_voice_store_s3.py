@@ -252,6 +252,30 @@ def test_a_delete_removes_only_the_voice_it_read(s3_url):
         other.commit(other.stage("SAME", files))
 
 
+@contextlib.contextmanager
+def hung_bucket(engine, s3_url: str, tmp_path, prefix: str, **options):
+    """A running server whose voices live in a bucket behind a ``Relay``, with voice "saved"
+    stored; then the bucket hangs (every request held) until ``relay.flowing`` is set or the
+    block ends. Yields (client, relay)."""
+    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
+    settings = Settings(
+        voices_dir=tmp_path / "unused",
+        voices_s3=s3_settings(f"http://127.0.0.1:{relay.port}", prefix),
+        **options,
+    )
+    try:
+        with ServerThread(create_app(engine, settings)) as running, running.client() as c:
+            assert upload(c, "saved").status_code == 201
+            time.sleep(CACHE_TTL + 0.2)  # the next look at the library asks the bucket
+            relay.flowing.clear()
+            try:
+                yield c, relay
+            finally:
+                relay.flowing.set()
+    finally:
+        relay.close()
+
+
 def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, tmp_path):
     """The usual outage: the bucket takes connections and never answers. The voice storage is
     read and written on threads of their own, never on the event loop (which answers every
@@ -259,56 +283,37 @@ def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, t
     synthesis and a voice being saved wait for the bucket, /health and a preset's synthesis are
     answered at once, /ready and /metrics within a second (/ready then says the storage is
     degraded); all of them finish once the bucket answers again."""
-    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
-    settings = Settings(
-        voices_dir=tmp_path / "unused",
-        voices_s3=s3_settings(f"http://127.0.0.1:{relay.port}", "hung/"),
-    )
     preset = engine.voices()[0]
     speak = {"text": "你好。", "seed": 1}
-    try:
-        with (
-            ServerThread(create_app(engine, settings)) as running,
-            running.client() as c,
-            ThreadPoolExecutor(10) as pool,
-        ):
-            assert upload(c, "saved").status_code == 201
-            time.sleep(CACHE_TTL + 0.2)  # the next look at the library asks the bucket
-            relay.flowing.clear()
-            try:
-                waiting = [
-                    pool.submit(c.get, "/voices"),
-                    pool.submit(upload, c, "second"),
-                    # more than a default executor's threads on 2 cores (6) wait on the bucket
-                    *(
-                        pool.submit(c.post, "/tts", json={**speak, "speaker": "saved"})
-                        for _ in range(8)
-                    ),
-                ]
-                time.sleep(0.5)
-                started = time.monotonic()
-                assert c.get("/health").status_code == 200
-                assert c.post("/tts", json={**speak, "speaker": preset}).status_code == 200
-                assert time.monotonic() - started < 4
-                # the probes answer too, the storage checked in the background: degraded once
-                # a check has waited HEALTH_HUNG seconds (the previous state until then)
-                started = time.monotonic()
-                assert c.get("/metrics").status_code == 200
-                assert c.get("/ready").status_code == 200
-                assert time.monotonic() - started < 2 * HEALTH_WAIT + 1
-                assert wait_for(
-                    lambda: c.get("/ready").json()["status"] == "degraded", HEALTH_HUNG + 3
-                )
-                assert "not answered" in c.get("/ready").json()["storage"]["error"]
-                assert not any(future.done() for future in waiting)
-            finally:
-                relay.flowing.set()
-            listing, created, *spoken = (future.result(timeout=60) for future in waiting)
-            assert listing.status_code == 200
-            assert [r.status_code for r in spoken] == [200] * 8
-            assert created.status_code == 201, created.text
-    finally:
-        relay.close()
+    with (
+        ThreadPoolExecutor(10) as pool,
+        hung_bucket(engine, s3_url, tmp_path, "hung/") as (c, relay),
+    ):
+        waiting = [
+            pool.submit(c.get, "/voices"),
+            pool.submit(upload, c, "second"),
+            # more than a default executor's threads on 2 cores (6) wait on the bucket
+            *(pool.submit(c.post, "/tts", json={**speak, "speaker": "saved"}) for _ in range(8)),
+        ]
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert c.get("/health").status_code == 200
+        assert c.post("/tts", json={**speak, "speaker": preset}).status_code == 200
+        assert time.monotonic() - started < 4
+        # the probes answer too, the storage checked in the background: degraded once a check
+        # has waited HEALTH_HUNG seconds (the previous state until then)
+        started = time.monotonic()
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/ready").status_code == 200
+        assert time.monotonic() - started < 2 * HEALTH_WAIT + 1
+        assert wait_for(lambda: c.get("/ready").json()["status"] == "degraded", HEALTH_HUNG + 3)
+        assert "not answered" in c.get("/ready").json()["storage"]["error"]
+        assert not any(future.done() for future in waiting)
+        relay.flowing.set()
+        listing, created, *spoken = (future.result(timeout=60) for future in waiting)
+        assert listing.status_code == 200
+        assert [r.status_code for r in spoken] == [200] * 8
+        assert created.status_code == 201, created.text
 
 
 def test_requests_beyond_the_storage_waiters_are_refused_at_once(engine, s3_url, tmp_path):
@@ -316,43 +321,27 @@ def test_requests_beyond_the_storage_waiters_are_refused_at_once(engine, s3_url,
     wait on it; the next request is answered 503 with Retry-After at once (not after the S3
     timeouts), a preset's synthesis still runs, the refusals do not count as storage failures,
     and the waiting requests finish once the bucket answers."""
-    relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
-    settings = Settings(
-        voices_dir=tmp_path / "unused",
-        voices_s3=s3_settings(f"http://127.0.0.1:{relay.port}", "bounded/"),
-        storage_waiters=2,
-    )
     speak = {"text": "你好。", "seed": 1, "speaker": "saved"}
-    try:
-        with (
-            ServerThread(create_app(engine, settings)) as running,
-            running.client() as c,
-            ThreadPoolExecutor(2) as pool,
-        ):
-            assert upload(c, "saved").status_code == 201
-            time.sleep(CACHE_TTL + 0.2)  # the next look at the library asks the bucket
-            relay.flowing.clear()
-            try:
-                waiting = [pool.submit(c.post, "/tts", json=speak) for _ in range(2)]
-                time.sleep(1.0)  # both are waiting on the bucket
-                assert not any(future.done() for future in waiting)
-                started = time.monotonic()
-                refused = [c.post("/tts", json=speak), c.get("/voices")]
-                assert time.monotonic() - started < 2
-                for response in refused:
-                    assert response.status_code == 503, response.text
-                    assert response.headers["retry-after"] == "5"
-                    error = response.json()["error"]
-                    assert error["code"] == "storage_unavailable"
-                    assert "not keeping up: 2 requests are waiting" in error["message"]
-                preset = {**speak, "speaker": engine.voices()[0]}
-                assert c.post("/tts", json=preset).status_code == 200
-                assert "voice_storage_waiting 2\n" in c.get("/metrics").text
-                assert not any(future.done() for future in waiting)
-            finally:
-                relay.flowing.set()
-            assert [f.result(timeout=60).status_code for f in waiting] == [200, 200]
-            assert c.post("/tts", json=speak).status_code == 200
-            assert wait_for(lambda: c.get("/ready").json()["status"] == "ready", 15)
-    finally:
-        relay.close()
+    with (
+        ThreadPoolExecutor(2) as pool,
+        hung_bucket(engine, s3_url, tmp_path, "bounded/", storage_waiters=2) as (c, relay),
+    ):
+        waiting = [pool.submit(c.post, "/tts", json=speak) for _ in range(2)]
+        time.sleep(1.0)  # both are waiting on the bucket
+        assert not any(future.done() for future in waiting)
+        started = time.monotonic()
+        refused = [c.post("/tts", json=speak), c.get("/voices")]
+        assert time.monotonic() - started < 2
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "5"
+            error = response.json()["error"]
+            assert error["code"] == "storage_unavailable"
+            assert "not keeping up: 2 requests are waiting" in error["message"]
+        assert c.post("/tts", json={**speak, "speaker": engine.voices()[0]}).status_code == 200
+        assert "voice_storage_waiting 2\n" in c.get("/metrics").text
+        assert not any(future.done() for future in waiting)
+        relay.flowing.set()
+        assert [f.result(timeout=60).status_code for f in waiting] == [200, 200]
+        assert c.post("/tts", json=speak).status_code == 200
+        assert wait_for(lambda: c.get("/ready").json()["status"] == "ready", 15)

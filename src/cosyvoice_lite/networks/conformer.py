@@ -194,13 +194,27 @@ class RelPositionMultiHeadedAttention(nn.Module):
         v: torch.Tensor,
         bd: torch.Tensor,
         keep: torch.Tensor,
+        fused: bool = False,
     ) -> torch.Tensor:
-        matrix_ac = torch.matmul(q + self.pos_bias_u.unsqueeze(1), k.transpose(-2, -1))
-        scores = (matrix_ac + bd) / math.sqrt(self.d_k)
-        drop = ~keep
-        # Softmax then re-zeroing masked entries, as the official does (fully masked rows -> 0).
-        attn = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1).masked_fill(drop, 0.0)
-        x = torch.matmul(attn, v)  # [B, h, T1, d_k]
+        """softmax(((q + u) k^T + bd) / sqrt(d_k), masked) v, heads joined: [B, T1, h * d_k].
+
+        ``fused``: in one call of torch's fused attention, the positional scores its additive
+        mask, for weights below float32 only, which have no official floats to reproduce
+        (float32 keeps the official's operations bit for bit); it differs by float32 rounding
+        (~1e-6). Only where every query sees at least one key (the cached, causal attention),
+        so that the official's re-zeroing of fully masked rows changes nothing. Why: an LLM
+        step's separate products, softmax and masking cost ~0.47 ms a layer on 2 threads
+        (CosyVoice-300M, one query on 200 keys, 16 heads x 64) against ~0.26 ms."""
+        content_query = q + self.pos_bias_u.unsqueeze(1)
+        if fused:
+            bias = (bd * (1.0 / math.sqrt(self.d_k))).masked_fill(~keep, -torch.inf)
+            x = F.scaled_dot_product_attention(content_query, k, v, attn_mask=bias)
+        else:
+            scores = (torch.matmul(content_query, k.transpose(-2, -1)) + bd) / math.sqrt(self.d_k)
+            drop = ~keep
+            # Softmax then re-zeroing masked entries, as the official does (fully masked rows: 0)
+            attn = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1)
+            x = torch.matmul(attn.masked_fill(drop, 0.0), v)  # [B, h, T1, d_k]
         return x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
@@ -236,8 +250,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         """
         chunk = x.size(1)
         dtype = self.attention_dtype or x.dtype
-        # float32 keeps the official's operations; lower precisions take one fused call
-        fused = x.dtype != torch.float32
+        fused = x.dtype != torch.float32  # see _weighted_values
         q_all, k_all, v_all = (self._heads(y.to(dtype)) for y in grouped(self, "qkv", x))
         rows = []
         for row, cache in enumerate(caches):
@@ -253,30 +266,12 @@ class RelPositionMultiHeadedAttention(nn.Module):
             distance = query_pos - key_pos
             keep = distance >= 0  # causal: the official LLM passes a tril mask
             bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
-            weighted = self._fused_weighted_values if fused else self._weighted_values
             rows.append(
-                weighted(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep)
+                self._weighted_values(
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep, fused
+                )
             )
         return self.linear_out((rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype))
-
-    def _fused_weighted_values(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bd: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> torch.Tensor:
-        """``_weighted_values`` in one call of torch's fused attention, the positional scores
-        its additive mask. For weights below float32 only, which have no official floats to
-        reproduce (float32 keeps the official's operations bit for bit); the result differs by
-        float32 rounding (~1e-6). Every query sees at least itself in the cached (causal)
-        attention, so no row is fully masked and the official's re-zeroing changes nothing.
-        Why: the LLM step's separate products, softmax and masking cost ~0.47 ms a layer on 2
-        threads (CosyVoice-300M, one query on 200 keys, 16 heads x 64) against ~0.26 ms."""
-        bias = (bd * (1.0 / math.sqrt(self.d_k))).masked_fill(~keep, -torch.inf)
-        x = F.scaled_dot_product_attention(q + self.pos_bias_u.unsqueeze(1), k, v, attn_mask=bias)
-        return x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
 
 
 # --------------------------------------------------------------------------------------------
