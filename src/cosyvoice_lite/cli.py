@@ -31,9 +31,9 @@ def set_wait_policy() -> None:
     """OpenMP's default spin-waiting makes torch's many small per-token operations several times
     slower on a machine with more busy threads than cores, so the CLI waits passively unless the
     user chose a policy. Passive waiting costs each parallel region a thread wake-up (~20% of a
-    decoding step and half of a streaming flow chunk on an idle machine): on a dedicated machine a
-    short spin (``GOMP_SPINCOUNT``, see the README) gets that back, but under oversubscription it
-    measured 1.6-3x slower than passive (benchmarks/bench_wait_policy.py)."""
+    decoding step run alone), but a spin does not get that back in the engine: its audio
+    workers' OpenMP teams make libgomp throttle every spin (README, deployment notes), and under
+    oversubscription spinning measured 1.6-3x slower than passive (bench_wait_policy.py)."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
