@@ -428,6 +428,25 @@ def test_low_precision_llm_attends_in_float32_on_cpu(version: int) -> None:
     assert cache.length == 6
 
 
+def test_the_v1_cached_attention_is_fused_only_where_no_official_floats_are_kept() -> None:
+    """float32 (the official's floats) and export (the official module tree) keep the separate
+    operations; bf16 weights and int8 products take the fused call (conformer._weighted_values)."""
+    from cosyvoice_lite.networks.conformer import RelPositionMultiHeadedAttention
+
+    model = open_model_dir(MODELS / "v1-tiny")
+
+    def fused(placement, kernels: bool = True) -> set[bool]:
+        lm = load_network(model, "llm", "llm.pt", placement, kernels=kernels)
+        return {
+            m.fused_cached for m in lm.modules() if isinstance(m, RelPositionMultiHeadedAttention)
+        }
+
+    assert fused(resolve_placement("cpu")) == {False}
+    assert fused(resolve_placement("cpu", "bfloat16"), kernels=False) == {False}
+    assert fused(resolve_placement("cpu", "bfloat16")) == {True}
+    assert fused(resolve_placement("cpu", quantize="int8")) == {True}
+
+
 @pytest.mark.parametrize("version", [2, 3])
 def test_int8_streams_keep_their_flow_caches_in_float16(version: int) -> None:
     """With int8 over a float32 flow the streams' keys and values are kept in float16 (half the

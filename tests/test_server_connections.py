@@ -208,6 +208,30 @@ def test_serve_options_reach_the_settings():
     assert (settings.max_instruct_chars, settings.max_prompt_text_chars) == (80, 90)
 
 
+def test_serve_defaults_are_the_settings_defaults():
+    """The CLI states its defaults as literals (parsing loads no torch); they must be the
+    Settings' own, and an out-of-range --storage-waiters is refused with its range."""
+    import argparse
+    import dataclasses
+
+    from cosyvoice_lite.serving import Settings
+    from cosyvoice_lite.serving.cli import add_serve_command, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    settings = settings_from_args(parser.parse_args(["serve", "--model", "m"]))
+    defaults = Settings()
+    differing = {
+        field.name
+        for field in dataclasses.fields(Settings)
+        if getattr(settings, field.name) != getattr(defaults, field.name)
+    }
+    assert differing <= {"voices_dir", "spool_dir", "api_key"}, differing
+    args = parser.parse_args(["serve", "--model", "m", "--storage-waiters", "33"])
+    with pytest.raises(ValueError, match="storage_waiters must be 1-32"):
+        settings_from_args(args)
+
+
 def test_engine_options_of_serve_reach_the_engine_load():
     import argparse
 

@@ -253,10 +253,10 @@ def test_a_delete_removes_only_the_voice_it_read(s3_url):
 
 
 @contextlib.contextmanager
-def hung_bucket(engine, s3_url: str, tmp_path, prefix: str, **options):
+def hung_bucket(engine, s3_url: str, tmp_path, prefix: str, held: bytes = b"", **options):
     """A running server whose voices live in a bucket behind a ``Relay``, with voice "saved"
-    stored; then the bucket hangs (every request held) until ``relay.flowing`` is set or the
-    block ends. Yields (client, relay)."""
+    stored; then the bucket hangs (the requests that start with ``held`` held; b"": every one)
+    until ``relay.flowing`` is set or the block ends. Yields (client, relay, voice library)."""
     relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=10**9)
     settings = Settings(
         voices_dir=tmp_path / "unused",
@@ -267,9 +267,10 @@ def hung_bucket(engine, s3_url: str, tmp_path, prefix: str, **options):
         with ServerThread(create_app(engine, settings)) as running, running.client() as c:
             assert upload(c, "saved").status_code == 201
             time.sleep(CACHE_TTL + 0.2)  # the next look at the library asks the bucket
+            relay.held = held
             relay.flowing.clear()
             try:
-                yield c, relay
+                yield c, relay, running.app.state.server.library
             finally:
                 relay.flowing.set()
     finally:
@@ -287,7 +288,7 @@ def test_a_hung_bucket_holds_up_only_the_requests_that_need_it(engine, s3_url, t
     speak = {"text": "你好。", "seed": 1}
     with (
         ThreadPoolExecutor(10) as pool,
-        hung_bucket(engine, s3_url, tmp_path, "hung/") as (c, relay),
+        hung_bucket(engine, s3_url, tmp_path, "hung/") as (c, relay, _),
     ):
         waiting = [
             pool.submit(c.get, "/voices"),
@@ -324,10 +325,10 @@ def test_requests_beyond_the_storage_waiters_are_refused_at_once(engine, s3_url,
     speak = {"text": "你好。", "seed": 1, "speaker": "saved"}
     with (
         ThreadPoolExecutor(2) as pool,
-        hung_bucket(engine, s3_url, tmp_path, "bounded/", storage_waiters=2) as (c, relay),
+        hung_bucket(engine, s3_url, tmp_path, "bounded/", storage_waiters=2) as (c, relay, lib),
     ):
         waiting = [pool.submit(c.post, "/tts", json=speak) for _ in range(2)]
-        time.sleep(1.0)  # both are waiting on the bucket
+        assert wait_for(lambda: lib.storage_waiting == 2, 10)  # both wait on the bucket
         assert not any(future.done() for future in waiting)
         started = time.monotonic()
         refused = [c.post("/tts", json=speak), c.get("/voices")]
@@ -345,3 +346,33 @@ def test_requests_beyond_the_storage_waiters_are_refused_at_once(engine, s3_url,
         assert [f.result(timeout=60).status_code for f in waiting] == [200, 200]
         assert c.post("/tts", json=speak).status_code == 200
         assert wait_for(lambda: c.get("/ready").json()["status"] == "ready", 15)
+
+
+def test_waits_behind_a_hung_delete_count_against_the_storage_waiters(engine, s3_url, tmp_path):
+    """A delete holds the library's write lock while the bucket does not answer; a second
+    delete of the voice waiting for that lock counts as a storage wait too, so with
+    ``storage_waiters=2`` a third request needing the storage is refused at once (503, never a
+    404 for a voice that exists); once the bucket answers, the first delete succeeds and the
+    second finds the voice gone (404)."""
+    with (
+        ThreadPoolExecutor(2) as pool,
+        hung_bucket(engine, s3_url, tmp_path, "deleting/", held=b"DELETE ", storage_waiters=2) as (
+            c,
+            relay,
+            lib,
+        ),
+    ):
+        first = pool.submit(c.delete, "/voices/saved")
+        assert wait_for(lambda: lib.storage_waiting == 1, 10)  # its DELETE is held
+        second = pool.submit(c.delete, "/voices/saved")
+        assert wait_for(lambda: lib.storage_waiting == 2, 10)  # behind the write lock
+        started = time.monotonic()
+        refused = c.post("/tts", json={"text": "你好。", "seed": 1, "speaker": "saved"})
+        assert time.monotonic() - started < 2
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "5"
+        assert not first.done() and not second.done()
+        relay.flowing.set()
+        assert first.result(timeout=60).status_code == 200
+        assert second.result(timeout=60).status_code == 404
+        assert lib.storage_waiting == 0

@@ -250,6 +250,8 @@ def apply_precision(
     # peaks near the loaded size); the groups no kernel replaces are fused last. Casting comes
     # first: joined after the cast, the fused weights are the same numbers, made in the dtype.
     decoding = part == "llm" and kernels
+    if decoding and (placement.quantize == "int8" or placement.dtype != torch.float32):
+        fuse_cached_attention(network)
     if part == "llm" and placement.quantize == "int8":
         # int8 kernels take float32 activations; export (no kernels) keeps the official tree
         return quantize_linear_int8(network, fuse=kernels)
@@ -314,6 +316,17 @@ def int8_product_kernel(placement: Placement) -> str | None:
         # 1,980 against 698 GFLOP/s; the full-size CosyVoice3 flow 4.29 s against 6.71 s)
         return None
     return "torch" if features.int8_products else "onnxruntime"
+
+
+def fuse_cached_attention(network: nn.Module) -> nn.Module:
+    """Let the LLM's cached attention run as one fused call where it declares one
+    (``fused_cached``): for networks with no official floats to keep (weights below float32,
+    int8 products), where it differs from the official's separate operations by float32
+    rounding and saves OpenMP regions (CosyVoice-300M: ~0.47 against ~0.26 ms a layer)."""
+    for module in network.modules():
+        if hasattr(type(module), "fused_cached"):
+            module.fused_cached = True
+    return network
 
 
 def attend_in_float32(network: nn.Module) -> nn.Module:

@@ -157,6 +157,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
     linear_groups = {"qkv": ("linear_q", "linear_k", "linear_v")}
     attention_dtype: torch.dtype | None = None  # forward_cached's cache + attention dtype
+    # forward_cached in one fused call (``_weighted_values``); set at load where the network has
+    # no official floats to keep (precision.fuse_cached_attention)
+    fused_cached: bool = False
 
     def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True):
         super().__init__()
@@ -199,11 +202,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
         """softmax(((q + u) k^T + bd) / sqrt(d_k), masked) v, heads joined: [B, T1, h * d_k].
 
         ``fused``: in one call of torch's fused attention, the positional scores its additive
-        mask, for weights below float32 only, which have no official floats to reproduce
-        (float32 keeps the official's operations bit for bit); it differs by float32 rounding
-        (~1e-6). Only where every query sees at least one key (the cached, causal attention),
-        so that the official's re-zeroing of fully masked rows changes nothing. Why: an LLM
-        step's separate products, softmax and masking cost ~0.47 ms a layer on 2 threads
+        mask, for networks with no official floats to reproduce (weights below float32, int8
+        products; float32 keeps the official's operations bit for bit); it differs by float32
+        rounding (~1e-6). Only where every query sees at least one key (the cached, causal
+        attention), so that the official's re-zeroing of fully masked rows changes nothing. Why:
+        an LLM step's separate products, softmax and masking cost ~0.47 ms a layer on 2 threads
         (CosyVoice-300M, one query on 200 keys, 16 heads x 64) against ~0.26 ms."""
         content_query = q + self.pos_bias_u.unsqueeze(1)
         if fused:
@@ -250,7 +253,6 @@ class RelPositionMultiHeadedAttention(nn.Module):
         """
         chunk = x.size(1)
         dtype = self.attention_dtype or x.dtype
-        fused = x.dtype != torch.float32  # see _weighted_values
         q_all, k_all, v_all = (self._heads(y.to(dtype)) for y in grouped(self, "qkv", x))
         rows = []
         for row, cache in enumerate(caches):
@@ -268,7 +270,12 @@ class RelPositionMultiHeadedAttention(nn.Module):
             bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
             rows.append(
                 self._weighted_values(
-                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), bd.unsqueeze(0), keep, fused
+                    q.unsqueeze(0),
+                    k.unsqueeze(0),
+                    v.unsqueeze(0),
+                    bd.unsqueeze(0),
+                    keep,
+                    self.fused_cached,
                 )
             )
         return self.linear_out((rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype))

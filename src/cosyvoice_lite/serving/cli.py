@@ -149,8 +149,8 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "--storage-waiters",
         type=int,
         default=32,
-        help="calls that may wait on the voice storage at once; more get 503 with Retry-After "
-        "at once, so a hung bucket cannot take every thread (default 32)",
+        help="calls that may wait on the voice storage at once (1-32); more get 503 with "
+        "Retry-After at once, so a hung bucket cannot take every thread (default 32)",
     )
     ops.add_argument(
         "--voice-alias",

@@ -101,8 +101,11 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
-        if self.storage_waiters < 1:
-            raise ValueError("storage_waiters must be at least 1")
+        if not 1 <= self.storage_waiters <= STORAGE_WAITERS:
+            raise ValueError(
+                f"storage_waiters must be 1-{STORAGE_WAITERS}: more would let a hung voice "
+                "storage hold every thread of the server's pools"
+            )
         if self.prepare_voices < 0:
             raise ValueError("prepare_voices must be 0 or more")
         if self.request_timeout <= 0:

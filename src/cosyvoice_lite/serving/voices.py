@@ -43,7 +43,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,7 +68,10 @@ MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded sto
 HEALTH_INTERVAL = 5.0  # seconds a storage check (and the voice counts of /metrics) is reused
 HEALTH_WAIT = 1.0  # seconds /ready and /metrics wait for a storage check under way
 HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it counts as down
-STORAGE_WAITERS = 32  # storage calls under way at once (Settings.storage_waiters), more refused
+# storage calls (and waits behind a write) under way at once, more refused: the default and the
+# most Settings.storage_waiters allows, below the server's 40 threads for blocking routes (anyio)
+# and its 64 planning threads, so that requests which never touch the storage keep some
+STORAGE_WAITERS = 32
 BUSY_RETRY_AFTER = 5  # seconds a client refused for a busy storage is told to wait
 LAYOUT_VERSION = 1
 
@@ -365,7 +368,8 @@ class WaitBounded:
     server's bounded thread pools (request planning, sync routes): without a bound, enough
     requests waiting on a hung bucket would take every thread from requests that never touch
     the storage (a preset voice's synthesis, /health). ``discard`` (cleanup, never raises) and
-    ``check`` (one background thread) are not counted."""
+    ``check`` (one background thread) are not counted; ``waiting_on()`` counts a wait of the
+    caller's own (behind the library's write lock)."""
 
     _COUNTED = frozenset(
         ("open", "entries", "has", "read", "has_file", "stage", "commit", "write", "remove")
@@ -391,16 +395,22 @@ class WaitBounded:
             return attr
         return lambda *args, **kwargs: self._counted(attr, *args, **kwargs)
 
-    def _counted(self, call: Callable, *args, **kwargs):
+    @contextlib.contextmanager
+    def waiting_on(self) -> Iterator[None]:
+        """The block counts as one call waiting on the storage (refused when none is free)."""
         with self._count_lock:
             if self._waiting >= self._limit:
                 raise StorageBusyError(self._waiting)
             self._waiting += 1
         try:
-            return call(*args, **kwargs)
+            yield
         finally:
             with self._count_lock:
                 self._waiting -= 1
+
+    def _counted(self, call: Callable, *args, **kwargs):
+        with self.waiting_on():
+            return call(*args, **kwargs)
 
 
 class LocalVoiceStore:
@@ -576,6 +586,8 @@ class VoiceLibrary:
         """Whether a voice (usable or broken) has this name, in any case or compatibility form."""
         try:
             return self._folder(name) is not None
+        except StorageBusyError:
+            raise  # not asked: the voice may well exist (a 404 or a new voice would be wrong)
         except (InvalidRequestError, StorageError):
             return False
 
@@ -678,10 +690,10 @@ class VoiceLibrary:
             "voice.json": json.dumps(meta, ensure_ascii=False, indent=1).encode(),
         }
         taken = VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
-        staged = None
+        staged, refused = None, False
         try:
             staged = self.store.stage(name, files)
-            with self._writing:
+            with self._write_lock():
                 if self.exists(name):
                     raise taken
                 try:
@@ -689,10 +701,17 @@ class VoiceLibrary:
                 except FileExistsError:  # e.g. committed meanwhile by another server process
                     raise taken from None
                 self._keep_features((name, key, info.created_at), features)
+        except StorageBusyError:
+            refused = True
+            raise
         except OSError as exc:
             raise self._failed(storage_error(exc, "save the voice")) from None
         finally:
-            if staged is not None:
+            if staged is not None and refused:  # answered at once; the cleanup may wait
+                threading.Thread(
+                    target=self.store.discard, args=(staged,), name="voice-discard", daemon=True
+                ).start()
+            elif staged is not None:
                 self.store.discard(staged)
         self._write_failure = None
         self._counts.expire()
@@ -700,7 +719,7 @@ class VoiceLibrary:
 
     def delete(self, name: str) -> str:
         """Remove voice ``name`` (usable or broken); returns the name it was stored under."""
-        with self._writing:
+        with self._write_lock():
             folder = self._folder(name)
             if folder is None:
                 raise _no_voice(name)
@@ -770,10 +789,22 @@ class VoiceLibrary:
                     name,
                     os.strerror(exc.errno or 0),
                 )
-        with self._writing:  # not kept for a voice deleted meanwhile
+        with self._write_lock():  # not kept for a voice deleted meanwhile
             if self.exists(name):
                 self._keep_features(version, features)
         return features
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """``_writing``, the wait for it counted as a wait on the storage: a write or a delete
+        holds it across storage I/O, so a hung storage would otherwise queue any number of
+        threads behind it."""
+        with self.store.waiting_on():
+            self._writing.acquire()
+        try:
+            yield
+        finally:
+            self._writing.release()
 
     def _keep_features(self, version: tuple[str, str, float], features: PromptFeatures) -> None:
         with self._lock:
