@@ -323,10 +323,7 @@ def fuse_cached_attention(network: nn.Module) -> nn.Module:
     (``fused_cached``): for networks with no official floats to keep (weights below float32,
     int8 products), where it differs from the official's separate operations by float32
     rounding and saves OpenMP regions (CosyVoice-300M: ~0.47 against ~0.26 ms a layer)."""
-    for module in network.modules():
-        if hasattr(type(module), "fused_cached"):
-            module.fused_cached = True
-    return network
+    return _set_declared(network, "fused_cached", True)
 
 
 def attend_in_float32(network: nn.Module) -> nn.Module:
@@ -334,7 +331,13 @@ def attend_in_float32(network: nn.Module) -> nn.Module:
     ``attention_dtype``). On a CPU, torch's bfloat16/float16 batched products of one query row
     cost 50-90 us a call against ~20 us in float32 (they are tiny; the per-call path dominates),
     and an LLM step makes three per layer; the caches are small (v2: 25 KB per token in float32)."""
+    return _set_declared(network, "attention_dtype", torch.float32)
+
+
+def _set_declared(network: nn.Module, attribute: str, value: object) -> nn.Module:
+    """Set ``attribute`` on every module of ``network`` whose class declares it (a load-time
+    choice the module reads, with its class default elsewhere)."""
     for module in network.modules():
-        if hasattr(type(module), "attention_dtype"):
-            module.attention_dtype = torch.float32
+        if hasattr(type(module), attribute):
+            setattr(module, attribute, value)
     return network
