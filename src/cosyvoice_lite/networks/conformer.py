@@ -157,8 +157,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
     linear_groups = {"qkv": ("linear_q", "linear_k", "linear_v")}
     attention_dtype: torch.dtype | None = None  # forward_cached's cache + attention dtype
-    # forward_cached in one fused call (``_weighted_values``); set at load where the network has
-    # no official floats to keep (precision.fuse_cached_attention)
+    # forward_cached in one fused call (``_weighted_values``); set at load unless the network
+    # keeps the official's floats (precision.fuse_cached_attention)
     fused_cached: bool = False
 
     def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True):
@@ -202,9 +202,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
         """softmax(((q + u) k^T + bd) / sqrt(d_k), masked) v, heads joined: [B, T1, h * d_k].
 
         ``fused``: in one call of torch's fused attention, the positional scores its additive
-        mask, for networks with no official floats to reproduce (weights below float32, int8
-        products; float32 keeps the official's operations bit for bit); it differs by float32
-        rounding (~1e-6). Only where every query sees at least one key (the cached, causal
+        mask, for networks with no official floats to reproduce (all but exact float32, which
+        keeps the official's operations bit for bit); it differs by float32 rounding (~1e-6). Only where every query sees at least one key (the cached, causal
         attention), so that the official's re-zeroing of fully masked rows changes nothing. Why:
         an LLM step's separate products, softmax and masking cost ~0.47 ms a layer on 2 threads
         (CosyVoice-300M, one query on 200 keys, 16 heads x 64) against ~0.26 ms."""

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.conv_layout import Conv1d, ConvTranspose1d, reflect_pad_time
 from cosyvoice_lite.networks.crossfade import fade_in_out
 from cosyvoice_lite.networks.utterances import frame_mask
 
@@ -91,11 +92,11 @@ class FoldedWeightNorm:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
 
-class WeightNormConv1d(FoldedWeightNorm, nn.Conv1d):
+class WeightNormConv1d(FoldedWeightNorm, Conv1d):
     """`weight_norm(nn.Conv1d(...))` with the weight folded."""
 
 
-class WeightNormConvTranspose1d(FoldedWeightNorm, nn.ConvTranspose1d):
+class WeightNormConvTranspose1d(FoldedWeightNorm, ConvTranspose1d):
     """`weight_norm(nn.ConvTranspose1d(...))` with the weight folded (g over in_channels)."""
 
 
@@ -416,7 +417,6 @@ class HiFTBase(nn.Module):
         self.num_upsamples = len(upsample_rates)
         self.lrelu_slope = lrelu_slope
         self.audio_limit = audio_limit
-        self.reflection_pad = nn.ReflectionPad1d((1, 0))
         # scipy.signal.get_window("hann", n_fft, fftbins=True): periodic, computed in float64
         window = torch.hann_window(self.istft_params["n_fft"], periodic=True, dtype=torch.float64)
         self.register_buffer("stft_window", window.float(), persistent=False)
@@ -472,7 +472,7 @@ class HiFTBase(nn.Module):
                 growth = up.kernel_size[0] - up.stride[0] - 2 * up.padding[0]
                 frames = [n * up.stride[0] + growth for n in frames]
             if i == self.num_upsamples - 1:
-                x = self.reflection_pad(x)
+                x = reflect_pad_time(x, 1, 0)  # the official ReflectionPad1d((1, 0))
                 frames = None if frames is None else [n + 1 for n in frames]
             valid = _valid_frames(frames, x)
             x = _zero_past_rows(x, valid)
@@ -612,9 +612,9 @@ class HiFTGenerator(HiFTBase):
         ):
             ch = base_channels // 2 ** (i + 1)
             if u == 1:
-                self.source_downs.append(nn.Conv1d(n_fft + 2, ch, 1, 1))
+                self.source_downs.append(Conv1d(n_fft + 2, ch, 1, 1))
             else:
-                self.source_downs.append(nn.Conv1d(n_fft + 2, ch, u * 2, u, padding=u // 2))
+                self.source_downs.append(Conv1d(n_fft + 2, ch, u * 2, u, padding=u // 2))
             self.source_resblocks.append(ResBlock(ch, k, d))
         self.resblocks = nn.ModuleList(
             [

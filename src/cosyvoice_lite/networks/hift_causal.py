@@ -30,6 +30,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks import hift_causal_stream
+from cosyvoice_lite.networks.conv_layout import Conv1d, cat_time, conv1d, pad_time, repeat_frames
 from cosyvoice_lite.networks.hift import (
     FoldedWeightNorm,
     HiFTBase,
@@ -44,7 +45,7 @@ from cosyvoice_lite.networks.hift import (
 # ---------------------------------------------------------------------------------------------
 
 
-class CausalConv1d(nn.Conv1d):
+class CausalConv1d(Conv1d):
     """Conv1d padded with zeros on one side so that the output length equals the input length.
     'left': causal; 'right': looks `causal_padding` frames ahead. The right side may instead be
     given real frames (`context`) when more input follows (streaming)."""
@@ -76,19 +77,19 @@ class CausalConv1d(nn.Conv1d):
             pad = (
                 (self.causal_padding, 0) if self.causal_type == "left" else (0, self.causal_padding)
             )
-            x = F.pad(x, pad)
+            x = pad_time(x, *pad)
         elif self.causal_type == "right" and context.shape[2] == self.causal_padding:
-            x = torch.cat([x, context], dim=2)
+            x = cat_time([x, context])
         else:
             raise ValueError(
                 f"look-ahead context must be {self.causal_padding} frames, got {tuple(context.shape)}"
             )
         # the weights follow the input's dtype: the f0 predictor runs in float64
-        return F.conv1d(
+        return conv1d(
             x,
             self.weight.to(x.dtype),
             self.bias.to(x.dtype) if self.bias is not None else None,
-            dilation=self.dilation,
+            dilation=self.dilation[0],
         )
 
 
@@ -96,7 +97,7 @@ class WeightNormCausalConv1d(FoldedWeightNorm, CausalConv1d):
     """`weight_norm(CausalConv1d(...))` with the weight folded."""
 
 
-class CausalConv1dDownSample(nn.Conv1d):
+class CausalConv1dDownSample(Conv1d):
     """Strided Conv1d after `stride - 1` zeros of left padding."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
@@ -104,10 +105,10 @@ class CausalConv1dDownSample(nn.Conv1d):
         self.causal_padding = stride - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.causal_padding, 0)))
+        return super().forward(pad_time(x, self.causal_padding, 0))
 
 
-class CausalConv1dUpsample(FoldedWeightNorm, nn.Conv1d):
+class CausalConv1dUpsample(FoldedWeightNorm, Conv1d):
     """`weight_norm(CausalConv1dUpsample(...))`: nearest upsampling by `stride`, then a causal
     Conv1d (left padding kernel_size - 1). Weight folded."""
 
@@ -117,8 +118,8 @@ class CausalConv1dUpsample(FoldedWeightNorm, nn.Conv1d):
         self.upsample_factor = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=float(self.upsample_factor), mode="nearest")
-        return super().forward(F.pad(x, (self.causal_padding, 0)))
+        x = repeat_frames(x, self.upsample_factor)
+        return super().forward(pad_time(x, self.causal_padding, 0))
 
 
 class CausalResBlock(ResBlock):
