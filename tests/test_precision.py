@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
-from cosyvoice_lite.device import check_precision, cpu_features, resolve_placement
+from cosyvoice_lite.device import Placement, check_precision, cpu_features, resolve_placement
 from cosyvoice_lite.errors import DeviceError, InvalidRequestError
 from cosyvoice_lite.mapped_tables import MappedEmbedding
 from cosyvoice_lite.modeldir import open_model_dir
@@ -31,6 +31,7 @@ from cosyvoice_lite.precision import (
     exempt_names,
     has_int8_products,
     int8_product_kernel,
+    keeps_official_floats,
     packs_linear,
     padded_rows,
     quantize_products_int8,
@@ -213,14 +214,9 @@ def _flow_and_vocoder(
     with torch.inference_mode():
         if version == 1:
             mel = flow.inference(*args, None, torch.Generator().manual_seed(1))[0]
-            wav = hift.inference(mel_in, None, torch.Generator().manual_seed(1))[0]
         else:
             mel = flow.inference(*args, streaming=False, finalize=True)[0]
-            wav = (
-                hift.inference(mel_in)[0]
-                if version == 3
-                else hift.inference(mel_in, None, torch.Generator().manual_seed(1))[0]
-            )
+    wav = _vocode(hift, mel_in, version)
     assert mel.dtype == wav.dtype == torch.float32  # outputs are float32 whatever the weights
     return mel, wav
 
@@ -278,6 +274,8 @@ def test_vocoder_convolutions_are_stored_channels_last_where_they_keep_the_wavef
     (measured: also at full size), float32 within 1e-4 of the default kernels'."""
     model = open_model_dir(MODELS / f"v{version}-tiny")
     mel = torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(0)) - 4
+    if not stores_channels_last(resolve_placement("cpu", "float32")):
+        pytest.skip("torch without oneDNN: the default layout everywhere")
 
     def vocode(dtype: str, kernels: bool = True, exact: bool = False) -> tuple[torch.Tensor, int]:
         placement = resolve_placement("cpu", dtype, exact_float32=exact)
@@ -289,25 +287,59 @@ def test_vocoder_convolutions_are_stored_channels_last_where_they_keep_the_wavef
         }
         expected = kernels and stores_channels_last(placement)
         assert all(on == (expected and not _under(name, HIFT_EXEMPT)) for name, on in convs.items())
-        with torch.inference_mode():
-            wav = (
-                hift.inference(mel)[0]
-                if version == 3
-                else hift.inference(mel, None, torch.Generator().manual_seed(1))[0]
-            )
-        return wav, sum(convs.values())
+        return _vocode(hift, mel, version), sum(convs.values())
 
     fast16, stored = vocode("bfloat16")
     plain16, none = vocode("bfloat16", kernels=False)
-    assert stored > 0 and none == 0
-    # the same floats on an AMX CPU (measured); elsewhere oneDNN's bfloat16 kernels may differ
+    assert none == 0 and (stored > 0) == stores_channels_last(resolve_placement("cpu", "bfloat16"))
+    # the same floats on an AMX CPU (measured); elsewhere bfloat16 kernels may round otherwise
     assert torch.equal(fast16, plain16) or not cpu_features().amx
-    assert _relative(fast16, plain16) < 1e-3
+    assert _relative(fast16, plain16) < WAV_BOUND[torch.bfloat16] / 10
     fast32, stored = vocode("float32")
     exact32, none = vocode("float32", exact=True)
-    # the tiny random vocoders amplify float32 rounding (measured: up to 8e-5 of a waveform at
-    # 0.99; at full size 1.8e-7 of 0.07)
-    assert stored > 0 and none == 0 and (fast32 - exact32).abs().max() < 1e-4
+    # the tiny random vocoders amplify float32 rounding (measured: relative 3e-6 to 1.7e-5, up to
+    # 8e-5 of a waveform at 0.99; at full size 3.5e-7 of 0.07)
+    assert stored > 0 and none == 0 and _relative(fast32, exact32) < 1e-4
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_channels_last_vocoders_batch_and_stream_as_loaded_without(version: int) -> None:
+    """Padded batches of whole utterances (masked per row) and, for the causal CosyVoice3
+    vocoder, a stream's windows with their look-ahead: with channels-last convolutions as with
+    the default layout (bfloat16: the same floats on an AMX CPU)."""
+    model = open_model_dir(MODELS / f"v{version}-tiny")
+    placement = resolve_placement("cpu", "bfloat16")
+    if not stores_channels_last(placement):
+        pytest.skip("no channels-last convolutions on this CPU")
+    g = torch.Generator().manual_seed(0)
+    mels = [torch.randn(1, 80, n, generator=g) - 4 for n in (60, 41)]
+
+    def run(kernels: bool) -> list[torch.Tensor]:
+        hift = load_network(model, "hift", "hift.pt", placement, kernels=kernels)
+        with torch.inference_mode():
+            if version == 3:
+                out = hift.inference_rows(mels)
+                state = hift.new_stream()
+                out += [
+                    hift.stream_step(state, mels[0][:, :, a:b], finalize=b == 60)
+                    for a, b in ((0, 17), (17, 40), (40, 60))
+                ]
+            else:
+                gens = [torch.Generator().manual_seed(i) for i in range(len(mels))]
+                out = hift.inference_rows(mels, gens)
+        return out
+
+    fast, plain = run(kernels=True), run(kernels=False)
+    for a, b in zip(fast, plain, strict=True):
+        assert torch.equal(a, b) or (not cpu_features().amx and _relative(a, b) < 0.03)
+
+
+def _vocode(hift: nn.Module, mel: torch.Tensor, version: int) -> torch.Tensor:
+    """A whole mel's waveform (v1/v2: a seeded source)."""
+    with torch.inference_mode():
+        if version == 3:
+            return hift.inference(mel)[0]
+        return hift.inference(mel, None, torch.Generator().manual_seed(1))[0]
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
@@ -487,7 +519,10 @@ def test_the_v1_cached_attention_is_fused_only_where_no_official_floats_are_kept
         }
 
     assert fused(resolve_placement("cpu", exact_float32=True)) == {False}
-    assert fused(resolve_placement("cpu")) == {True}
+    assert fused(resolve_placement("cpu")) == {packs_linear(resolve_placement("cpu"))}
+    # float32 by torch's default kernels elsewhere (a GPU) keeps them; int8 never has them
+    assert keeps_official_floats(Placement(torch.device("cuda"), torch.float32))
+    assert not keeps_official_floats(Placement(torch.device("cpu"), torch.float32, "int8", True))
     assert fused(resolve_placement("cpu", "bfloat16"), kernels=False) == {False}
     assert fused(resolve_placement("cpu", "bfloat16")) == {True}
     assert fused(resolve_placement("cpu", quantize="int8")) == {True}

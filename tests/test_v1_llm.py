@@ -110,9 +110,9 @@ def test_cached_steps_equal_full_causal_recompute(model, golden):
 
 @pytest.mark.parametrize("queries", [1, 5])
 def test_fused_cached_attention_equals_the_official_operations(model, queries):
-    """Below float32 the cached attention is one fused call with the positional scores as its
-    mask; it gives the official's separate products, masked softmax and re-zeroing (float32
-    kept for the official's floats) within float32 rounding, for a step and for a causal chunk."""
+    """Loaded for speed (all but exact float32) the cached attention is one fused call with the
+    positional scores as its mask; it gives the official's separate products, masked softmax and
+    re-zeroing within float32 rounding, for a step and for a causal chunk."""
     attn = model.llm.encoders[0].self_attn
     generator = torch.Generator().manual_seed(0)
     keys = 9

@@ -114,8 +114,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exact-float32",
         action="store_true",
-        help="float32 products by torch's default kernels, the official's exact floats on this CPU "
-        "(default: oneDNN-packed float32 weights on a CPU, ~1e-6 different and up to 2x faster)",
+        help="float32 by the official's kernels and operations, its exact floats on this CPU "
+        "(default on a CPU: oneDNN's packed products and channels-last vocoder convolutions, "
+        "~1e-6 different and up to 2x faster)",
     )
     parser.add_argument(
         "--variant",

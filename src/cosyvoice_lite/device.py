@@ -56,11 +56,12 @@ class Placement:
     ``quantize`` ("int8" or None) gives the LLM's linear layers int8 weights (onnxruntime's
     block-quantised ``MatMulNBits``, see quantized_linear.py; float32 elsewhere in the LLM) and
     the flow's declared ``int8_products`` W8A8 layers (CosyVoice3's DiT; ``dtype`` elsewhere).
-    ``exact_float32``: float32 linear layers keep torch's default kernels, as the official
-    computes them, which reproduces its floats on the same CPU (the parity tests); otherwise a CPU
-    runs them with oneDNN-packed weights (precision.PackedLinear), which sum in another order
-    (~1e-6 relative) and were 2.1-2.7x faster per product on an AVX-512 AMD CPU, where torch's
-    MKL products run AVX2 code.
+    ``exact_float32``: float32 keeps the official's kernels and operations, which reproduces its
+    floats on the same CPU (the parity tests); otherwise a CPU runs the linear layers with
+    oneDNN-packed weights (precision.PackedLinear), which sum in another order (~1e-6 relative)
+    and were 2.1-2.7x faster per product on an AVX-512 AMD CPU, where torch's MKL products run
+    AVX2 code, the vocoder's convolutions channels-last (networks/conv_layout.py) and
+    CosyVoice-300M's cached attention as one fused call.
     """
 
     device: torch.device

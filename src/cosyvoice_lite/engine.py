@@ -212,9 +212,9 @@ class Engine:
         ``batch_utterances``: whole (not streamed) v2/v3 utterances that end together have their
         flow computed as one padded batch of up to ``max_batch`` (``utterance_batch_size``;
         None: on an accelerator with the torch backend).
-        ``exact_float32``: float32 products by torch's default kernels, the official's floats on
-        the same CPU (for parity checks); by default a CPU runs its float32 linear layers with
-        oneDNN-packed weights (~1e-6 different, up to 2x faster flows: device.Placement).
+        ``exact_float32``: float32 by the official's kernels and operations, its floats on the
+        same CPU (for parity checks); by default a CPU runs its float32 linear layers with
+        oneDNN-packed weights and more (~1e-6 different, up to 2x faster flows: device.Placement).
         """
         start = time.perf_counter()
         limits, placement, cache_dtype = _checked_options(

@@ -37,9 +37,9 @@ per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.m
 
 The vocoders' convolution weights are stored channels-last on a CPU (``channels_last_convolutions``,
 ``networks/conv_layout.py``): their activations then stay channels-last from layer to layer, where
-torch's default layout reordered every convolution's input and output (a CosyVoice2 vocoder 1.8x
-faster in bfloat16, the same floats; 1.2x in float32, within ~2e-7 of a waveform, so not with
-``exact_float32``).
+torch's default layout reordered every convolution's input and output (the vocoders 1.48-1.84x
+faster in bfloat16, the same floats on an AMX CPU; 1.10-1.25x in float32, within 3.5e-7 of a
+waveform, so not with ``exact_float32``).
 
 The flows' linear layers are packed too, in bfloat16 (the same floats, ~5-7% faster) and in float32
 (2.1-2.7x faster products on an AVX-512 AMD CPU, whose MKL path is AVX2 code; a full-size
@@ -240,13 +240,11 @@ def packs_linear(placement: Placement) -> bool:
 
 def stores_channels_last(placement: Placement) -> bool:
     """Whether the vocoder's convolution weights are stored channels-last
-    (``channels_last_convolutions``): on a CPU, in bfloat16 (the same floats) or float32 unless
-    ``exact_float32`` keeps torch's default kernels (oneDNN's differ by ~1e-7 of a waveform)."""
-    if placement.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if placement.dtype == torch.float32:
-        return not placement.exact_float32
-    return placement.dtype == torch.bfloat16
+    (``channels_last_convolutions``): where the linear layers are oneDNN's packed ones
+    (``packs_linear``: a CPU, bfloat16 where it has the instructions, where measured the same
+    floats; float32 unless ``exact_float32`` keeps torch's default kernels, as oneDNN's differ by
+    up to 3.5e-7 of a waveform)."""
+    return packs_linear(placement)
 
 
 def channels_last_convolutions(network: nn.Module) -> nn.Module:
@@ -281,7 +279,7 @@ def apply_precision(
     # peaks near the loaded size); the groups no kernel replaces are fused last. Casting comes
     # first: joined after the cast, the fused weights are the same numbers, made in the dtype.
     decoding = part == "llm" and kernels
-    if decoding and not placement.exact_float32:
+    if decoding and not keeps_official_floats(placement):
         fuse_cached_attention(network)
     if part == "llm" and placement.quantize == "int8":
         # int8 kernels take float32 activations; export (no kernels) keeps the official tree
@@ -351,12 +349,25 @@ def int8_product_kernel(placement: Placement) -> str | None:
     return "torch" if features.int8_products else "onnxruntime"
 
 
+def keeps_official_floats(placement: Placement) -> bool:
+    """Whether the LLM computes the official's floats: float32 by torch's default kernels
+    (``exact_float32``, or a device whose float32 products are not oneDNN's packed ones), no
+    int8 products."""
+    return (
+        placement.quantize != "int8"
+        and placement.dtype == torch.float32
+        and not packs_linear(placement)
+    )
+
+
 def fuse_cached_attention(network: nn.Module) -> nn.Module:
     """Let the LLM's cached attention run as one fused call where it declares one
-    (``fused_cached``): for every placement but ``exact_float32`` (the official's floats), as
-    float32 products are already oneDNN's there. It differs from the official's separate
-    operations by float32 rounding (v1 log-probabilities: 1e-6) and saves OpenMP regions
-    (CosyVoice-300M: ~0.47 against ~0.26 ms a layer; a float32 step 60.6 -> 56.2 ms)."""
+    (``fused_cached``): where the network has no official floats to keep
+    (``keeps_official_floats``: weights below float32, int8 products, float32 by oneDNN's packed
+    products). It differs from the
+    official's separate operations by float32 rounding (v1 log-probabilities: 1e-6) and saves
+    OpenMP regions (CosyVoice-300M: ~0.47 against ~0.26 ms a layer; a float32 step 60.6 -> 56.2
+    ms, benchmarks/README.md)."""
     return _set_declared(network, "fused_cached", True)
 
 

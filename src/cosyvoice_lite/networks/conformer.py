@@ -202,8 +202,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
         """softmax(((q + u) k^T + bd) / sqrt(d_k), masked) v, heads joined: [B, T1, h * d_k].
 
         ``fused``: in one call of torch's fused attention, the positional scores its additive
-        mask, for networks with no official floats to reproduce (all but exact float32, which
-        keeps the official's operations bit for bit); it differs by float32 rounding (~1e-6). Only where every query sees at least one key (the cached, causal
+        mask, for networks with no official floats to reproduce (``precision.fuse_cached_attention``;
+        exact float32 keeps the official's operations bit for bit); it differs by float32 rounding
+        (~1e-6). Only where every query sees at least one key (the cached, causal
         attention), so that the official's re-zeroing of fully masked rows changes nothing. Why:
         an LLM step's separate products, softmax and masking cost ~0.47 ms a layer on 2 threads
         (CosyVoice-300M, one query on 200 keys, 16 heads x 64) against ~0.26 ms."""

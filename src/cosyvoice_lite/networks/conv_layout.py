@@ -7,11 +7,11 @@ bfloat16 output took 9 ms to reorder, its dilated k=11 convolution 10 ms). A con
 weight is stored channels-last (``to_channels_last``, ``precision.channels_last_convolutions`` at
 load) runs here as a 2-D convolution over [B, C, 1, T] views and returns channels-last
 activations, which elementwise operations keep, so a stack of them reorders nothing between
-layers. Same values: bfloat16 gives the same floats, float32 differs by oneDNN's summation order
-(~1e-7 of a waveform); weights in the default layout take torch's ``conv1d`` as before (export,
-``exact_float32``). Measured (2 threads, Intel Xeon with AMX, a 344-frame mel): CosyVoice2's
-vocoder 0.88 -> 0.54 s in bfloat16, 1.43 -> 1.27 s in float32; CosyVoice-300M's 0.65 -> 0.36 s
-and 1.21 -> 1.03 s (benchmarks/README.md).
+layers. Same values: bfloat16 gave the same floats on an AMX CPU, float32 differs by oneDNN's
+summation order (up to 3.5e-7 of a waveform); weights in the default layout take torch's
+``conv1d`` as before (export, ``exact_float32``), and so do unbatched [C, T] inputs. Measured
+(2 threads, Intel Xeon with AMX, 4 s of audio; benchmarks/README.md, ``bench_conv_layout.py``):
+the vocoders 1.48-1.84x faster in bfloat16, 1.10-1.25x in float32.
 
 The helpers below (padding, joining, upsampling along time) keep the layout of their input, so
 the layers between convolutions do not turn channels-last activations back (a constant pad of a
@@ -49,8 +49,8 @@ def conv1d(
     groups: int = 1,
 ) -> torch.Tensor:
     """``F.conv1d`` with zero padding; channels-last activations out when ``weight`` is
-    channels-last."""
-    if not is_channels_last(weight):
+    channels-last and ``x`` a batch [B, C, T]."""
+    if not is_channels_last(weight) or x.dim() != 3:
         return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
     return F.conv2d(
         x.unsqueeze(2),
@@ -81,9 +81,8 @@ def cat_time(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 def repeat_frames(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest upsampling of [B, C, T] by an integer ``factor`` (every frame ``factor`` times), as
     ``F.interpolate(mode="nearest")``, in the layout of ``x``."""
-    return F.interpolate(x.unsqueeze(2), scale_factor=(1.0, float(factor)), mode="nearest").squeeze(
-        2
-    )
+    repeated = F.interpolate(x.unsqueeze(2), scale_factor=(1.0, float(factor)), mode="nearest")
+    return repeated.squeeze(2)
 
 
 class Conv1d(nn.Conv1d):
@@ -93,6 +92,7 @@ class Conv1d(nn.Conv1d):
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        # "same"/"valid" padding and non-zero padding modes: torch's own path (none here uses them)
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super()._conv_forward(input, weight, bias)
         return conv1d(
@@ -105,7 +105,7 @@ class ConvTranspose1d(nn.ConvTranspose1d):
     at load."""
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if not is_channels_last(self.weight):
+        if not is_channels_last(self.weight) or input.dim() != 3:
             return super().forward(input, output_size)
         extra = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
