@@ -164,8 +164,9 @@ def test_streaming_matches_official(engine: Engine) -> None:
 
 
 def test_default_float32_kernels_within_rounding_of_official(v1_variants: dict[str, Path]) -> None:
-    """By default a CPU computes the float32 linear layers with oneDNN-packed weights, which sum in
-    another order (device.Placement.exact_float32): the same tokens, and a waveform that departs
+    """By default a CPU computes float32 with oneDNN's kernels (packed linear layers, channels-last
+    vocoder convolutions) and the fused cached attention, which sum in another order
+    (device.Placement.exact_float32): the same tokens, and a waveform that departs
     from the official's only by that rounding carried through the vocoder's source phase (a
     wrong computation is off by the waveform's whole scale, ~0.5)."""
     engine = Engine.load(v1_variants["instruct"])

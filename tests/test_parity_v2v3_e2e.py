@@ -108,8 +108,9 @@ def test_synthesis_matches_official(version: str, name: str) -> None:
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_default_float32_kernels_within_rounding_of_official(version: str, monkeypatch) -> None:
-    """By default a CPU computes the float32 linear layers with oneDNN-packed weights, which sum in
-    another order (device.Placement.exact_float32): the mel within 1e-4 of the official's, and a
+    """By default a CPU computes float32 with oneDNN's kernels (packed linear layers, channels-last
+    vocoder convolutions), which sum in another order (device.Placement.exact_float32): the mel
+    within 1e-4 of the official's, and a
     waveform that departs from the official's only by that rounding carried through the
     vocoder's source phase (a wrong computation is off by the waveform's whole scale, ~0.5)."""
     case = _manifest(version)["zero_shot"]
