@@ -106,13 +106,14 @@ def test_time_helpers_keep_the_values_and_the_layout() -> None:
     for helper, reference in (
         (lambda t: pad_time(t, 3, 2), lambda t: F.pad(t, (3, 2))),
         (lambda t: reflect_pad_time(t, 1, 0), lambda t: F.pad(t, (1, 0), mode="reflect")),
-        (lambda t: cat_time([t, t[:, :, :4]]), lambda t: torch.cat([t, t[:, :, :4]], dim=2)),
+        (lambda t: cat_time([t, t[..., :4]]), lambda t: torch.cat([t, t[..., :4]], dim=-1)),
         (lambda t: repeat_frames(t, 4), lambda t: F.interpolate(t, scale_factor=4.0)),
     ):
         expected = reference(x)
         assert torch.equal(helper(x), expected) and helper(x).is_contiguous()
         out = helper(fast)
         assert torch.equal(out, expected) and _channels_last_activations(out)
+        assert torch.equal(helper(x[0]), expected[0])  # one unbatched [C, T] signal
 
 
 def test_a_stack_stays_channels_last_between_layers() -> None:

@@ -64,23 +64,25 @@ def conv1d(
 
 
 def pad_time(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """Zeros before and after the frames of [B, C, T], in the layout of ``x``."""
-    return F.pad(x.unsqueeze(2), (left, right)).squeeze(2)
+    """Zeros before and after the frames of [B, C, T] (or [C, T]), in the layout of ``x``."""
+    return F.pad(x.unsqueeze(-2), (left, right)).squeeze(-2)
 
 
 def reflect_pad_time(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """``nn.ReflectionPad1d((left, right))`` of [B, C, T], in the layout of ``x``."""
-    return F.pad(x.unsqueeze(2), (left, right, 0, 0), mode="reflect").squeeze(2)
+    """``nn.ReflectionPad1d((left, right))`` of [B, C, T] (or [C, T]), in the layout of ``x``."""
+    return F.pad(x.unsqueeze(-2), (left, right, 0, 0), mode="reflect").squeeze(-2)
 
 
 def cat_time(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[B, C, T_i] joined along time, in the layout of the parts."""
-    return torch.cat([part.unsqueeze(2) for part in parts], dim=3).squeeze(2)
+    """[B, C, T_i] (or [C, T_i]) joined along time, in the layout of the parts."""
+    return torch.cat([part.unsqueeze(-2) for part in parts], dim=-1).squeeze(-2)
 
 
 def repeat_frames(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest upsampling of [B, C, T] by an integer ``factor`` (every frame ``factor`` times), as
-    ``F.interpolate(mode="nearest")``, in the layout of ``x``."""
+    ``F.interpolate(mode="nearest")``, in the layout of ``x`` ([C, T]: torch's own way)."""
+    if x.dim() != 3:
+        return F.interpolate(x.unsqueeze(0), scale_factor=float(factor), mode="nearest")[0]
     repeated = F.interpolate(x.unsqueeze(2), scale_factor=(1.0, float(factor)), mode="nearest")
     return repeated.squeeze(2)
 
