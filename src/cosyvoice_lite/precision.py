@@ -364,10 +364,9 @@ def fuse_cached_attention(network: nn.Module) -> nn.Module:
     """Let the LLM's cached attention run as one fused call where it declares one
     (``fused_cached``): where the network has no official floats to keep
     (``keeps_official_floats``: weights below float32, int8 products, float32 by oneDNN's packed
-    products). It differs from the
-    official's separate operations by float32 rounding (v1 log-probabilities: 1e-6) and saves
-    OpenMP regions (CosyVoice-300M: ~0.47 against ~0.26 ms a layer; a float32 step 60.6 -> 56.2
-    ms, benchmarks/README.md)."""
+    products). It differs from the official's separate operations by float32 rounding (v1
+    log-probabilities: 1e-6) and saves OpenMP regions (CosyVoice-300M: ~0.47 against ~0.26 ms a
+    layer; a float32 step 60.6 -> 56.2 ms, benchmarks/README.md)."""
     return _set_declared(network, "fused_cached", True)
 
 

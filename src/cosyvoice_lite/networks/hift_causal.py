@@ -30,7 +30,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks import hift_causal_stream
-from cosyvoice_lite.networks.conv_layout import Conv1d, cat_time, conv1d, pad_time, repeat_frames
+from cosyvoice_lite.networks.conv_layout import Conv1d, cat_time, pad_time, repeat_frames
 from cosyvoice_lite.networks.hift import (
     FoldedWeightNorm,
     HiFTBase,
@@ -85,12 +85,8 @@ class CausalConv1d(Conv1d):
                 f"look-ahead context must be {self.causal_padding} frames, got {tuple(context.shape)}"
             )
         # the weights follow the input's dtype: the f0 predictor runs in float64
-        return conv1d(
-            x,
-            self.weight.to(x.dtype),
-            self.bias.to(x.dtype) if self.bias is not None else None,
-            dilation=self.dilation[0],
-        )
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return self._conv_forward(x, self.weight.to(x.dtype), bias)
 
 
 class WeightNormCausalConv1d(FoldedWeightNorm, CausalConv1d):
