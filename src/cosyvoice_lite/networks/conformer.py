@@ -210,14 +210,24 @@ class RelPositionMultiHeadedAttention(nn.Module):
         (CosyVoice-300M, one query on 200 keys, 16 heads x 64) against ~0.26 ms."""
         content_query = q + self.pos_bias_u.unsqueeze(1)
         if fused:
-            bias = (bd * (1.0 / math.sqrt(self.d_k))).masked_fill(~keep, -torch.inf)
-            x = F.scaled_dot_product_attention(content_query, k, v, attn_mask=bias)
-        else:
-            scores = (torch.matmul(content_query, k.transpose(-2, -1)) + bd) / math.sqrt(self.d_k)
-            drop = ~keep
-            # Softmax then re-zeroing masked entries, as the official does (fully masked rows: 0)
-            attn = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1)
-            x = torch.matmul(attn.masked_fill(drop, 0.0), v)  # [B, h, T1, d_k]
+            return self._fused(content_query, k, v, self._fused_bias(bd, keep))
+        scores = (torch.matmul(content_query, k.transpose(-2, -1)) + bd) / math.sqrt(self.d_k)
+        drop = ~keep
+        # Softmax then re-zeroing masked entries, as the official does (fully masked rows: 0)
+        attn = torch.softmax(scores.masked_fill(drop, -float("inf")), dim=-1)
+        return self._joined_heads(torch.matmul(attn.masked_fill(drop, 0.0), v))
+
+    def _fused_bias(self, bd: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The positional scores as the fused call's additive mask: scaled, -inf where masked."""
+        return (bd * (1.0 / math.sqrt(self.d_k))).masked_fill(~keep, -torch.inf)
+
+    def _fused(
+        self, content_query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        return self._joined_heads(F.scaled_dot_product_attention(content_query, k, v, bias))
+
+    def _joined_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, h, T, d_k] -> [B, T, h * d_k]."""
         return x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
@@ -242,43 +252,79 @@ class RelPositionMultiHeadedAttention(nn.Module):
         return self._heads(self.linear_pos(sinusoids.unsqueeze(0)).to(dtype))[0]
 
     def forward_cached(
-        self, x: torch.Tensor, caches: list[KVCache], layer: int, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        caches: list[KVCache],
+        layer: int,
+        positions: torch.Tensor,
+        distances: CachedDistances,
     ) -> torch.Tensor:
         """Causal self-attention of new positions x [B, T1, D] against each row's cached ones.
 
         Writes each row's keys and values into the slots of ``layer``; ``positions`` [h, P, d_k]
         are the projected positional rows of distances 0 .. P-1 (``ProjectedPositions``), P at
-        least every row's new length. The caller advances the caches once all layers ran.
-        Projections run on all rows at once; attention runs per row over its own cache.
+        least every row's new length; ``distances``: the step's (``CachedDistances``). The
+        caller advances the caches once all layers ran. Projections and positional scores run on
+        all rows at once (the positional rows are the same for every row: one product, not one
+        per row); attention runs per row over its own cache.
         """
         chunk = x.size(1)
         dtype = self.attention_dtype or x.dtype
         q_all, k_all, v_all = (self._heads(y.to(dtype)) for y in grouped(self, "qkv", x))
+        bd = self._cached_positional_scores(q_all, positions, distances)
+        if self.fused_cached:  # what does not depend on a row's cache, once for the batch
+            content_query = q_all + self.pos_bias_u.unsqueeze(1)
+            bias = self._fused_bias(bd, distances.keep.unsqueeze(1))
         rows = []
-        for row, cache in enumerate(caches):
-            start = cache.length
+        for row, (cache, start) in enumerate(zip(caches, distances.starts, strict=True)):
             end = start + chunk
-            q = q_all[row]
-            k, v = cache.write(layer, k_all[row], v_all[row])
-            p = positions[:, :end]
-            # Column r of bd_by_distance is the positional score for distance r = 0 .. end-1.
-            bd_by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
-            query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
-            key_pos = torch.arange(end, device=x.device).unsqueeze(0)
-            distance = query_pos - key_pos
-            keep = distance >= 0  # causal: the official LLM passes a tril mask
-            bd = _gather_by_distance(bd_by_distance, distance.clamp(min=0))
-            rows.append(
-                self._weighted_values(
-                    q.unsqueeze(0),
-                    k.unsqueeze(0),
-                    v.unsqueeze(0),
-                    bd.unsqueeze(0),
-                    keep,
-                    self.fused_cached,
-                )
-            )
+            k, v = (y.unsqueeze(0) for y in cache.write(layer, k_all[row], v_all[row]))
+            own = slice(row, row + 1)
+            if self.fused_cached:
+                rows.append(self._fused(content_query[own], k, v, bias[own, :, :, :end]))
+            else:
+                keep = distances.keep[row, :, :end]
+                rows.append(self._weighted_values(q_all[own], k, v, bd[own, :, :, :end], keep))
         return self.linear_out((rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype))
+
+    def _cached_positional_scores(
+        self, q: torch.Tensor, positions: torch.Tensor, distances: CachedDistances
+    ) -> torch.Tensor:
+        """Positional scores bd [B, h, T1, L] of every row's new positions q [B, h, T1, d_k]
+        against key positions 0 .. L-1 (``CachedDistances``)."""
+        rows, heads, chunk, _ = q.shape
+        longest = distances.keep.size(-1)
+        p = positions[:, :longest].transpose(-2, -1)  # [h, d_k, L]
+        query = q + self.pos_bias_v.unsqueeze(1)
+        if rows == 1:
+            by_distance = torch.matmul(query[0], p).unsqueeze(0)
+        else:  # the rows next to each other in one product per head
+            by_row = query.transpose(0, 1).reshape(heads, rows * chunk, -1)
+            by_distance = torch.matmul(by_row, p).view(heads, rows, chunk, -1).transpose(0, 1)
+        # Column r of by_distance is the score for distance r = 0 .. L-1.
+        index = distances.clamped.unsqueeze(1).expand(rows, heads, chunk, longest)
+        return torch.gather(by_distance, -1, index)
+
+
+class CachedDistances:
+    """The query-key distances of one cached step, the same in every layer: B rows of T1 new
+    positions each, row b's first at ``starts[b]``, against key positions 0 .. L-1 (L the
+    longest row's new length; a row's own keys are its first ``starts[b] + T1``). ``keep``
+    [B, T1, L] is the causal mask (the official LLM passes a tril mask), ``clamped`` the
+    distances with the masked ones at 0 (a column of the positional scores to gather).
+    Worked out once a step: per row and layer, with the positional product, they cost ~0.2 ms a
+    row and layer in a CosyVoice-300M step of 4 rows (benchmarks/README.md)."""
+
+    __slots__ = ("starts", "keep", "clamped")
+
+    def __init__(self, starts: list[int], chunk: int, device: torch.device) -> None:
+        self.starts = starts
+        query = torch.tensor(starts, device=device).view(-1, 1, 1)
+        if chunk > 1:
+            query = query + torch.arange(chunk, device=device).view(1, chunk, 1)
+        distance = query - torch.arange(max(starts) + chunk, device=device)  # [B, T1, L]
+        self.keep = distance >= 0
+        self.clamped = distance.clamp(min=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,10 +360,15 @@ class _PreNormLayer(nn.Module):
         return x + self.feed_forward(ff_norm(x))
 
     def forward_cached(
-        self, x: torch.Tensor, caches: list[KVCache], layer: int, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        caches: list[KVCache],
+        layer: int,
+        positions: torch.Tensor,
+        distances: CachedDistances,
     ) -> torch.Tensor:
         attn_norm, ff_norm = self._norms()
-        x = x + self.self_attn.forward_cached(attn_norm(x), caches, layer, positions)
+        x = x + self.self_attn.forward_cached(attn_norm(x), caches, layer, positions, distances)
         return x + self.feed_forward(ff_norm(x))
 
 
@@ -515,9 +566,10 @@ class _Encoder(nn.Module):
                 f"position per row when batched; got {len(caches)} caches"
             )
         xs = self.embed.out(xs) * self.embed.pos_enc.xscale
-        positions = self.positions.covering(self, max(c.length for c in caches) + chunk, xs)
+        distances = CachedDistances([c.length for c in caches], chunk, xs.device)
+        positions = self.positions.covering(self, distances.keep.size(-1), xs)
         for index, layer in enumerate(self.encoders):
-            xs = layer.forward_cached(xs, caches, index, positions[index])
+            xs = layer.forward_cached(xs, caches, index, positions[index], distances)
         for c in caches:
             c.advance(chunk)
         return self.after_norm(xs), (caches[0] if single else caches)
