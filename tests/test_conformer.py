@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.cache import KVCache
 from cosyvoice_lite.networks.conformer import (
     CachedDistances,
     ConformerEncoder,
@@ -111,9 +112,16 @@ def test_chunk_mask():
 def test_a_steps_distances_are_per_row_and_causal():
     """One decoding step of rows at different lengths: each row's new position sees its own keys
     (distances start .. 0), none of the longer rows' ones; a prefill chunk is causal."""
-    step = CachedDistances([2, 4], 1, torch.device("cpu"))
+
+    def caches(*lengths: int) -> list[KVCache]:
+        made = [KVCache(1) for _ in lengths]
+        for cache, length in zip(made, lengths, strict=True):
+            cache.advance(length)
+        return made
+
+    step = CachedDistances(caches(2, 4), 1, torch.device("cpu"))
     assert step.keep.tolist() == [[[True] * 3 + [False] * 2], [[True] * 5]]
     assert step.clamped.tolist() == [[[2, 1, 0, 0, 0]], [[4, 3, 2, 1, 0]]]
-    chunk = CachedDistances([1], 3, torch.device("cpu"))
+    chunk = CachedDistances(caches(1), 3, torch.device("cpu"))
     assert chunk.keep[0].tolist() == [[j <= i + 1 for j in range(4)] for i in range(3)]
     assert chunk.clamped[0].tolist() == [[1, 0, 0, 0], [2, 1, 0, 0], [3, 2, 1, 0]]

@@ -257,3 +257,13 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+
+def cache_lengths(caches: list[KVCache], device: torch.device) -> torch.Tensor:
+    """Each cache's length [B] (int64) on ``device``, for a decoding step's positions; on CUDA
+    copied from pinned memory, so the copy is queued behind the GPU's earlier work rather than
+    waiting for it."""
+    lengths = torch.tensor([cache.length for cache in caches])
+    if device.type == "cuda":
+        lengths = lengths.pin_memory()
+    return lengths.to(device, non_blocking=True)

@@ -23,7 +23,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
-from cosyvoice_lite.networks.cache import GrowingBuffer, KVCache
+from cosyvoice_lite.networks.cache import GrowingBuffer, KVCache, cache_lengths
 from cosyvoice_lite.networks.linear import grouped
 
 # --------------------------------------------------------------------------------------------
@@ -307,22 +307,22 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
 
 class CachedDistances:
-    """The query-key distances of one cached step, the same in every layer: B rows of T1 new
-    positions each, row b's first at ``starts[b]``, against key positions 0 .. L-1 (L the
-    longest row's new length; a row's own keys are its first ``starts[b] + T1``). ``keep``
-    [B, T1, L] is the causal mask (the official LLM passes a tril mask), ``clamped`` the
-    distances with the masked ones at 0 (a column of the positional scores to gather).
-    Worked out once a step: per row and layer, with the positional product, they cost ~0.2 ms a
-    row and layer in a CosyVoice-300M step of 4 rows (benchmarks/README.md)."""
+    """The query-key distances of one cached step, the same in every layer: B rows (caches) of
+    T1 new positions each, row b's first at ``starts[b]`` (its cache's length), against key
+    positions 0 .. L-1 (L the longest row's new length; a row's own keys are its first
+    ``starts[b] + T1``). ``keep`` [B, T1, L] is the causal mask (the official LLM passes a tril
+    mask), ``clamped`` the distances with the masked ones at 0 (the column of the positional
+    scores to gather). Worked out once a step, not per row and layer (benchmarks/README.md:
+    with the positional product, ~0.2 ms a row and layer in a CosyVoice-300M step of 4 rows)."""
 
     __slots__ = ("starts", "keep", "clamped")
 
-    def __init__(self, starts: list[int], chunk: int, device: torch.device) -> None:
-        self.starts = starts
-        query = torch.tensor(starts, device=device).view(-1, 1, 1)
+    def __init__(self, caches: list[KVCache], chunk: int, device: torch.device) -> None:
+        self.starts = [cache.length for cache in caches]
+        query = cache_lengths(caches, device).view(-1, 1, 1)
         if chunk > 1:
             query = query + torch.arange(chunk, device=device).view(1, chunk, 1)
-        distance = query - torch.arange(max(starts) + chunk, device=device)  # [B, T1, L]
+        distance = query - torch.arange(max(self.starts) + chunk, device=device)  # [B, T1, L]
         self.keep = distance >= 0
         self.clamped = distance.clamp(min=0)
 
@@ -566,7 +566,7 @@ class _Encoder(nn.Module):
                 f"position per row when batched; got {len(caches)} caches"
             )
         xs = self.embed.out(xs) * self.embed.pos_enc.xscale
-        distances = CachedDistances([c.length for c in caches], chunk, xs.device)
+        distances = CachedDistances(caches, chunk, xs.device)
         positions = self.positions.covering(self, distances.keep.size(-1), xs)
         for index, layer in enumerate(self.encoders):
             xs = layer.forward_cached(xs, caches, index, positions[index], distances)

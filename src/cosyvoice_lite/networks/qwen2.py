@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.cache import KVCache
+from cosyvoice_lite.networks.cache import KVCache, cache_lengths
 from cosyvoice_lite.networks.linear import grouped
 
 Caches = KVCache | list[KVCache] | None
@@ -274,10 +274,7 @@ class Qwen2Model(nn.Module):
                 f"when batched; got {len(caches)} caches"
             )
         device = inputs_embeds.device
-        past = torch.tensor([c.length for c in caches])
-        if device.type == "cuda":  # pinned, the copy is queued: no wait for the GPU's earlier work
-            past = past.pin_memory()
-        past = past.to(device, non_blocking=True)
+        past = cache_lengths(caches, device)
         positions = past[:, None] + torch.arange(n, device=device)  # (batch, time)
         cos, sin = rotary_cos_sin(
             positions.reshape(-1), self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
