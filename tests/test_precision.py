@@ -613,6 +613,38 @@ def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
             assert torch.equal(layer(x[1, :rows]), whole[1, :rows]), rows
 
 
+def test_a_decoding_llm_widens_only_its_packed_products() -> None:
+    """A CPU's decoding thread runs on one torch thread (``engine.decode_threads``) and the
+    LLM's packed products take the process's threads for their call only, giving the same floats
+    as at the caller's width and handing its own count back; the flow's packed products (its rows
+    have threads of their own) keep the caller's."""
+    from cosyvoice_lite.engine import decode_threads
+
+    placement = resolve_placement("cpu")
+    if not packs_linear(placement):
+        pytest.skip("no oneDNN packing on this build")
+    assert decode_threads(placement) == 1
+    assert decode_threads(resolve_placement("cpu", "bfloat16")) == 1
+    assert decode_threads(resolve_placement("cpu", quantize="int8")) == 1
+    assert decode_threads(resolve_placement("cpu", exact_float32=True)) is None
+    model = open_model_dir(MODELS / "v2-tiny")
+    threads = torch.get_num_threads()
+    lm = load_network(model, "llm", "llm.pt", placement)
+    flow = load_network(model, "flow", "flow.pt", placement)
+    assert {m.threads for m in lm.modules() if isinstance(m, PackedLinear)} == {threads}
+    assert {m.threads for m in flow.modules() if isinstance(m, PackedLinear)} == {None}
+    layer = PackedLinear(nn.Linear(96, 40), threads=2)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        wide = layer(x)
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(layer(x), wide)
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_exact_float32_needs_float32_weights() -> None:
     """``exact_float32`` (``--exact-float32``) keeps the official's float32 kernels: with other
     weights it would mean nothing, so it is an error naming the dtype."""

@@ -108,13 +108,18 @@ def utterance_batch_size(
 
 
 def decode_threads(placement: Placement) -> int | None:
-    """Torch threads of the thread that runs the LLM (None: the process's). With int8 layers on a
-    CPU the LLM's products run in onnxruntime's own thread pool; what torch computes between them
-    (norms, rotary embeddings, attention of one new position) is too small to share: under the
-    passive OpenMP wait policy each such operation on 2 threads pays for waking the other, so one
-    torch thread decodes faster (full-size v2, 16 alternating rounds: median step 28-32 ms
-    against 32-35 ms, the prefill within noise; benchmarks/README.md)."""
-    return 1 if placement.device.type == "cpu" and placement.quantize == "int8" else None
+    """Torch threads of the thread that runs the LLM (None: the process's). On a CPU whose LLM
+    products are onnxruntime's int8 ones (their own thread pool) or oneDNN's packed ones (which
+    take the process's threads for their call, ``precision.PackedLinear``), one: what torch
+    computes between the products (norms, rotary embeddings, attention of one new position) is
+    too small to share, and under the passive OpenMP wait policy each such operation on 2
+    threads pays for waking the other. int8, full-size v2, 16 alternating rounds: median step
+    28-32 ms against 32-35 ms, the prefill within noise; packed bfloat16, one process
+    alternating: v2 53.8 -> 51.9 ms a step (4 rows 66.0 -> 60.7), v1 35.0 -> 34.2 ms (4 rows
+    48.8 -> 45.8), the same floats (benchmarks/README.md)."""
+    if placement.device.type != "cpu":
+        return None
+    return 1 if placement.quantize == "int8" or packs_linear(placement) else None
 
 
 class Engine:

@@ -203,11 +203,19 @@ class PackedLinear(nn.Module):
     packed layout without compiling. The packed weight is an opaque oneDNN tensor of the same size,
     kept as a buffer, so no float copy remains. Inputs are computed at ``padded_rows`` rows, which
     bounds the kernels oneDNN keeps.
+
+    ``threads`` (chosen at load; None: the caller's): the torch threads of the product, set for
+    its call only. A decoding LLM's thread runs everything else on one thread (``engine.
+    decode_threads``): its other operations are small, and on two threads each paid OpenMP's
+    wake-up of the second (a v1 step's attention of one position 44 us on one thread against
+    ~100 us on two, a layer norm of 4 rows 6 against 67 us), while a product reading megabytes
+    of weights needs every core's share of the memory bandwidth.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, threads: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.threads = threads
         weight = linear.weight.detach()
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
@@ -216,11 +224,21 @@ class PackedLinear(nn.Module):
         rows = x.numel() // self.in_features
         padded = padded_rows(rows)
         if padded == rows:
-            return self._product(x)
+            return self._widened(x)
         flat = x.new_empty(padded, self.in_features)
         flat[:rows].copy_(x.reshape(rows, self.in_features))
         flat[rows:].zero_()
-        return self._product(flat)[:rows].reshape(*x.shape[:-1], self.out_features)
+        return self._widened(flat)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def _widened(self, x: torch.Tensor) -> torch.Tensor:
+        caller = torch.get_num_threads()
+        if self.threads is None or self.threads == caller:
+            return self._product(x)
+        torch.set_num_threads(self.threads)  # the calling thread's OpenMP team, for this call
+        try:
+            return self._product(x)
+        finally:
+            torch.set_num_threads(caller)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -259,10 +277,11 @@ def channels_last_convolutions(network: nn.Module) -> nn.Module:
     return network
 
 
-def pack_linears(network: nn.Module, fuse: bool = False) -> nn.Module:
+def pack_linears(network: nn.Module, fuse: bool = False, threads: int | None = None) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``,
-    their linear groups fused first (``fuse``)."""
-    return replace_linears(network, PackedLinear, fuse)
+    their linear groups fused first (``fuse``); ``threads``: each product's torch threads (None:
+    the caller's)."""
+    return replace_linears(network, lambda linear: PackedLinear(linear, threads), fuse)
 
 
 def apply_precision(
@@ -290,7 +309,10 @@ def apply_precision(
     if part == "flow" and kernels and placement.quantize == "int8" and product_kernel:
         quantize_products_int8(network, product_kernel, fuse=True)
     if kernels and packs_linear(placement) and (decoding or part == "flow"):
-        pack_linears(network, fuse=True)  # only with kernels, which fuse
+        # only with kernels, which fuse; a decoding LLM's products on every thread of the
+        # process, the rest of its step on one (PackedLinear); the flow's rows have their own
+        threads = torch.get_num_threads() if decoding else None
+        pack_linears(network, fuse=True, threads=threads)
     if kernels and part == "hift" and stores_channels_last(placement):
         channels_last_convolutions(network)
     if kernels:
