@@ -144,11 +144,12 @@ ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU}
 
 
 def _gather_by_distance(scores_by_row: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
-    """Pick, for every (query i, key j), the positional score stored at column ``row_of[i, j]``.
+    """Pick, for every (query i, key j), the positional score stored at column ``row_of[..., i, j]``
+    (``row_of`` broadcasts over the leading dims of ``scores_by_row``).
 
     This is the ESPnet ``rel_shift`` written as an explicit gather.
     """
-    index = row_of.expand(*scores_by_row.shape[:-2], *row_of.shape)
+    index = row_of.expand(*scores_by_row.shape[:-1], row_of.size(-1))
     return torch.gather(scores_by_row, -1, index)
 
 
@@ -302,8 +303,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
             by_row = query.transpose(0, 1).reshape(heads, rows * chunk, -1)
             by_distance = torch.matmul(by_row, p).view(heads, rows, chunk, -1).transpose(0, 1)
         # Column r of by_distance is the score for distance r = 0 .. L-1.
-        index = distances.clamped.unsqueeze(1).expand(rows, heads, chunk, longest)
-        return torch.gather(by_distance, -1, index)
+        return _gather_by_distance(by_distance, distances.clamped.unsqueeze(1))
 
 
 class CachedDistances:
