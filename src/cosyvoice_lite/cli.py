@@ -164,8 +164,9 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def load_engine(args: argparse.Namespace, quiet: bool = False):
-    """Set the thread count (once, before loading) and load the model with a spinner."""
+def load_engine(args: argparse.Namespace, quiet: bool = False, one_off: bool = False):
+    """Set the thread count (once, before loading) and load the model with a spinner;
+    ``one_off``: for one request, which would not repay tracing the flow's graphs."""
     set_threads(args.threads)
     import torch
 
@@ -183,6 +184,7 @@ def load_engine(args: argparse.Namespace, quiet: bool = False):
             backend=args.backend,
             onnx_dir=args.onnx_dir,
             exact_float32=args.exact_float32,
+            capture_graphs=False if one_off else None,
         )
     if not quiet:
         placement = engine.placement
@@ -473,7 +475,7 @@ def cmd_say(args: argparse.Namespace) -> int:
             "there is no text to speak" + (" on standard input" if args.text == "-" else "")
         )
     mode = _mode(args)
-    engine = load_engine(args)
+    engine = load_engine(args, one_off=True)
     from .request import SynthesisRequest
 
     request = SynthesisRequest(

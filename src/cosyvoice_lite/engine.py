@@ -92,6 +92,27 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     pipeline.flow.decoder.set_row_split(split, utterances=not exact)
 
 
+def _capture_flow_graphs(
+    pipeline,
+    placement: Placement,
+    backend: str,
+    capture: bool | None,  # noqa: ANN001
+) -> None:
+    """Whole-utterance calls of the flow estimator as traced graphs (networks/graph_capture.py),
+    where the estimator can be captured (the v1/v2 U-Nets; CosyVoice3's DiT builds its rotary
+    table from Python lengths). By default on a CPU with the torch backend: there each of a
+    call's ~2,000 operations paid Python and the interpreter lock, which the decoding loop
+    and the other audio worker contend for (concurrent whole requests 1.14-1.25x the
+    throughput, benchmarks/README.md). Not with ``exact_float32``, which keeps the official's
+    calls as they are."""
+    if capture is None:
+        capture = placement.device.type == "cpu" and backend == "torch"
+        capture = capture and not placement.exact_float32
+    estimator = getattr(pipeline.flow.decoder, "estimator", None)
+    if capture and callable(getattr(estimator, "capture_graphs", None)):
+        estimator.capture_graphs()
+
+
 def utterance_batch_size(
     placement: Placement, backend: str, max_batch: int, batch: bool | None
 ) -> int:
@@ -185,6 +206,7 @@ class Engine:
         onnx_dir: str | Path | None = None,
         batch_utterances: bool | None = None,
         exact_float32: bool = False,
+        capture_graphs: bool | None = None,
     ) -> Engine:
         """Load an official model directory (or an official model name, downloaded once).
 
@@ -220,6 +242,10 @@ class Engine:
         ``exact_float32``: float32 by the official's kernels and operations, its floats on the
         same CPU (for parity checks); by default a CPU runs its float32 linear layers with
         oneDNN-packed weights and more (~1e-6 different, up to 2x faster flows: device.Placement).
+        ``capture_graphs``: whole-utterance calls of the v1/v2 flow estimator run as traced
+        graphs, the same floats without Python between the operations (``_capture_flow_graphs``;
+        None: on a CPU with the torch backend, not with ``exact_float32``). Each graph is traced
+        on its first call (~1-2 s, once per process), which a one-off request does not repay.
         """
         start = time.perf_counter()
         limits, placement, cache_dtype = _checked_options(
@@ -248,6 +274,7 @@ class Engine:
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         _split_flow_rows(pipeline, placement, backend)
+        _capture_flow_graphs(pipeline, placement, backend, capture_graphs)
         pipeline.utterance_batch = utterance_batch_size(
             placement, backend, limits.max_batch, batch_utterances
         )

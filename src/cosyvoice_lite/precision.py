@@ -50,6 +50,7 @@ default kernels, and the official's floats, everywhere (the parity tests load th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -180,7 +181,9 @@ EXACT_ROWS = 16  # row counts up to this are computed as they come (decoding ste
 CHUNK_ROWS, MAX_CHUNK_ROWS = 50, 1600
 
 
-def padded_rows(rows: int) -> int:
+def padded_rows(
+    rows: int, exact: int = EXACT_ROWS, chunk: int = CHUNK_ROWS, most: int = MAX_CHUNK_ROWS
+) -> int:
     """The row count ``PackedLinear`` computes ``rows`` input rows at. oneDNN builds a kernel for
     every input shape it meets and keeps it (~0.6 MB each on an AVX-512 CPU; a smaller
     ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` did not stop the growth): the flow's rows follow each
@@ -189,10 +192,35 @@ def padded_rows(rows: int) -> int:
     average), but for the multiples of ``CHUNK_ROWS`` that streamed chunks make. The padding rows change nothing in the
     others: oneDNN's product of a row does not depend on how many rows share the call (beyond
     one), which the tests check."""
-    if rows <= EXACT_ROWS or (rows % CHUNK_ROWS == 0 and rows <= MAX_CHUNK_ROWS):
+    if rows <= exact or (rows % chunk == 0 and rows <= most):  # (TorchScript: no globals)
         return rows
-    step = 1 << (rows.bit_length() - 4)
+    step = 1  # 2 ** (bit_length - 4), written so that TorchScript compiles it (_packed_product)
+    while step * 16 <= rows:
+        step *= 2
     return -(-rows // step) * step
+
+
+def _packed_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int
+) -> torch.Tensor:
+    """``PackedLinear``'s forward for a traced graph (``networks.graph_capture``), compiled by
+    TorchScript (``_compiled_packed_product``) with ``padded_rows``: traced Python would keep
+    the row count it met as a constant, and the tracer cannot record the oneDNN op's list
+    argument."""
+    rows = x.numel() // in_features
+    padded = padded_rows(rows)
+    flat = x.reshape(rows, in_features)
+    if padded != rows:
+        flat = torch.cat([flat, flat.new_zeros([padded - rows, in_features])])
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    shape = list(x.shape[:-1])
+    shape.append(out.size(-1))
+    return out[:rows].reshape(shape)
+
+
+@functools.cache
+def _compiled_packed_product() -> Callable[..., torch.Tensor]:
+    return torch.jit.script(_packed_product)  # on first trace, which silences its deprecation
 
 
 class PackedLinear(nn.Module):
@@ -221,6 +249,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            return _compiled_packed_product()(x, self.weight, self.bias, self.in_features)
         rows = x.numel() // self.in_features
         padded = padded_rows(rows)
         if padded == rows:

@@ -32,6 +32,7 @@ from torch import nn
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention, sees_everything
 from cosyvoice_lite.networks.flow_matching import TimeConditioning, per_row
+from cosyvoice_lite.networks.graph_capture import CapturedGraphs
 from cosyvoice_lite.networks.linear import grouped
 
 # The official code turns boolean attention masks into an additive bias with this constant
@@ -347,6 +348,7 @@ class ConditionalDecoder(nn.Module):
     """
 
     causal = False
+    graphs: CapturedGraphs | None = None  # capture_graphs: forward as traced graphs
 
     def __init__(
         self,
@@ -460,11 +462,36 @@ class ConditionalDecoder(nn.Module):
 
         `streaming` selects static-chunk attention; it only has an effect on the causal variant.
         time: `time_conditioning(t)` computed beforehand (a solver's fixed schedule), else from t.
+        With `capture_graphs` set, runs as a traced graph (the same floats).
         """
         if time is None:
             time = self.time_conditioning(t)
-        modulations = iter(time.blocks)
+        if self.graphs is None or spks is None or cond is None or torch.jit.is_tracing():
+            return self._velocity(x, mask, mu, spks, cond, streaming, time.blocks)
+        key = (streaming, x.shape[0], x.dtype, x.device)
 
+        def traced(x, mask, mu, spks, cond, *blocks):  # noqa: ANN001, ANN202 - graph inputs
+            return self._velocity(x, mask, mu, spks, cond, streaming, blocks)
+
+        return self.graphs.run(key, traced, (x, mask, mu, spks, cond, *time.blocks))
+
+    def capture_graphs(self) -> None:
+        """Run `forward` as traced graphs from now on (graph_capture.py): a load-time choice for
+        CPUs, where each of the U-Net's ~2,000 operations a call pays Python and the interpreter
+        lock; streams' incremental calls (flow_v2.py) run the same layers eagerly."""
+        self.graphs = CapturedGraphs(self)
+
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor | None,
+        cond: torch.Tensor | None,
+        streaming: bool,
+        modulations: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        modulations = iter(modulations)
         parts = [x, mu]
         if spks is not None:
             parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,83 @@
+"""Traced graphs of the flow's U-Net (networks/graph_capture.py): the eager floats, any length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite import Engine, Mode, SynthesisRequest
+from cosyvoice_lite.device import cpu_features
+from cosyvoice_lite.networks.unet import CausalConditionalDecoder, ConditionalDecoder
+from cosyvoice_lite.precision import pack_linears
+
+MODELS = Path(__file__).parent / "data" / "models"
+UNET = dict(
+    in_channels=320,
+    out_channels=80,
+    channels=[32, 32],
+    attention_head_dim=16,
+    n_blocks=1,
+    num_mid_blocks=2,
+    num_heads=2,
+)
+
+
+def _unet(kind: type, dtype: torch.dtype) -> ConditionalDecoder:
+    torch.manual_seed(0)
+    extra = {"static_chunk_size": 10} if kind is CausalConditionalDecoder else {}
+    unet = kind(**UNET, **extra).eval()
+    for p in unet.parameters():  # non-trivial norms and biases
+        p.data.add_(0.1 * torch.randn_like(p))
+    return pack_linears(unet.to(dtype))
+
+
+def _inputs(rows: int, frames: int, dtype: torch.dtype, padded: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(frames)
+    x, mu, cond = (torch.randn(rows, 80, frames, generator=g).to(dtype) for _ in range(3))
+    mask = torch.ones(rows, 1, frames, dtype=dtype)
+    if padded:
+        mask[-1, :, frames - padded :] = 0  # the last row is shorter: a padded batch
+    t = torch.rand(rows, generator=g)
+    return x, mask, mu, t, torch.randn(rows, 80, generator=g).to(dtype), cond
+
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_features().packs_bfloat16 else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", [ConditionalDecoder, CausalConditionalDecoder])
+def test_a_captured_unet_computes_the_eager_floats_at_every_length(kind, dtype) -> None:
+    unet = _unet(kind, dtype)
+    calls = [(1, 24, 0, False), (1, 37, 0, False), (2, 61, 0, False), (2, 61, 9, False)]
+    if unet.causal:
+        calls += [(1, 33, 0, True), (2, 45, 7, True)]
+    with torch.inference_mode():
+        eager = [unet(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
+        unet.capture_graphs()
+        captured = [unet(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
+    for (rows, frames, _, _), a, b in zip(calls, eager, captured, strict=True):
+        assert b.shape == (rows, 80, frames)
+        assert torch.equal(a, b)
+    # traced once per (streaming, rows): lengths and padding go through the same graph
+    assert len(unet.graphs) == len({(s, r) for r, _, _, s in calls})
+
+
+def _whole(engine: Engine, seed: int) -> np.ndarray:
+    request = SynthesisRequest(Mode.PRESET, "你好，今天天气不错。", voice="中文女",
+                               seed=seed, max_speech_tokens=40, ignore_eos=True)  # fmt: skip
+    return np.concatenate([chunk.samples for chunk in engine.synthesize(request)])
+
+
+def test_an_engine_captures_the_whole_utterances_flow_on_a_cpu() -> None:
+    plain = Engine.load(MODELS / "v2-tiny", capture_graphs=False)
+    captured = Engine.load(MODELS / "v2-tiny")
+    estimator = captured.pipeline.flow.decoder.estimator
+    assert plain.pipeline.flow.decoder.estimator.graphs is None
+    for seed in (1, 2):
+        np.testing.assert_array_equal(_whole(captured, seed), _whole(plain, seed))
+    assert len(estimator.graphs) == 1  # the first call's key, reused
+    exact = Engine.load(MODELS / "v2-tiny", exact_float32=True)
+    assert exact.pipeline.flow.decoder.estimator.graphs is None  # the official's calls as they are
