@@ -30,9 +30,11 @@ from bench_restart import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402 - the same sav
 from floors import describe, footer, measure  # noqa: E402
 
 
-def level(engine, voice, requests: int, tokens: int, seed: int) -> tuple[float, float]:
-    """``requests`` whole requests at once: (audio seconds per wall second, the latest first
-    audio in seconds)."""
+def level(
+    engine, voice, requests: int, tokens: int, seed: int, stream: bool = False
+) -> tuple[float, float]:
+    """``requests`` requests at once: (audio seconds per wall second, the latest first audio in
+    seconds)."""
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
     results: dict[int, tuple[float, float] | BaseException] = {}
@@ -45,6 +47,7 @@ def level(engine, voice, requests: int, tokens: int, seed: int) -> tuple[float, 
             TEXT,
             voice=voice if preset else None,
             seed=seed + index,
+            stream=stream,
             max_speech_tokens=tokens,
             ignore_eos=True,
         )
@@ -83,6 +86,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument(
+        "--stream", action="store_true", help="streams of the saved voice, not whole requests"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
@@ -101,11 +107,13 @@ def main() -> None:
     voices = {}
     for name, engine in engines.items():
         presets = [v for v in engine.voices() if engine.presets[v].kind == "preset"]
-        if presets:
+        if presets and not args.stream:
             voices[name] = presets[0]
         else:
             voices[name] = engine.encode_prompt(PROMPT, PROMPT_TEXT)
-        level(engine, voices[name], 1, args.tokens, 99)  # warm-up; traces the captured graph
+            engine.prepare_voice(voices[name]).result()
+        for requests in (1, 2):  # warm-up: traces the captured graphs of one and two rows
+            level(engine, voices[name], requests, args.tokens, 99, args.stream)
     estimator = engines["captured"].pipeline.flow.decoder.estimator
     if not getattr(estimator, "graphs", None):
         raise SystemExit("NO GRAPH CAPTURED: this model's estimator is not captured")
@@ -115,7 +123,9 @@ def main() -> None:
         for requests in levels:
             order = list(engines) if round_ % 2 == 0 else list(engines)[::-1]
             for name in order:
-                rate, first = level(engines[name], voices[name], requests, args.tokens, round_)
+                rate, first = level(
+                    engines[name], voices[name], requests, args.tokens, round_, args.stream
+                )
                 results.setdefault((name, requests), []).append((rate, first))
                 print(
                     f"round {round_ + 1}, c={requests}, {name}: {rate:.3f} audio s/s, "
@@ -124,9 +134,10 @@ def main() -> None:
                 )
     for engine in engines.values():
         engine.close()
+    kind = "stream" if args.stream else "whole request"
     print(
         f"\n{args.model.name} {args.dtype}{', ' + args.quantize if args.quantize else ''}, "
-        f"{args.threads} threads, {args.tokens} tokens per request, median of {args.rounds} rounds:"
+        f"{args.threads} threads, {args.tokens} tokens per {kind}, median of {args.rounds} rounds:"
     )
     for requests in levels:
         med = {

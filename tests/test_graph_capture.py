@@ -65,19 +65,29 @@ def test_a_captured_unet_computes_the_eager_floats_at_every_length(kind, dtype) 
     assert len(unet.graphs) == len({(s, r) for r, _, _, s in calls})
 
 
-def _whole(engine: Engine, seed: int) -> np.ndarray:
-    request = SynthesisRequest(Mode.PRESET, "你好，今天天气不错。", voice="中文女",
-                               seed=seed, max_speech_tokens=40, ignore_eos=True)  # fmt: skip
+def _audio(engine: Engine, voice: str, seed: int, stream: bool) -> np.ndarray:
+    mode = Mode.PRESET if voice == "中文女" else Mode.ZERO_SHOT  # a preset / a saved prompt
+    request = SynthesisRequest(mode, "你好，今天天气不错，我们出去走走吧。", voice=voice,
+                               seed=seed, stream=stream, max_speech_tokens=60, ignore_eos=True)  # fmt: skip
     return np.concatenate([chunk.samples for chunk in engine.synthesize(request)])
 
 
-def test_an_engine_captures_the_whole_utterances_flow_on_a_cpu() -> None:
-    plain = Engine.load(MODELS / "v2-tiny", capture_graphs=False)
-    captured = Engine.load(MODELS / "v2-tiny")
-    estimator = captured.pipeline.flow.decoder.estimator
+@pytest.mark.parametrize("options", [{}, {"stream_cache_mb": 0}], ids=["caches", "frozen"])
+def test_an_engine_captures_the_flow_of_whole_utterances_and_streams(options) -> None:
+    """Whole utterances (the U-Net's forward) and streams' incremental calls (a saved voice's
+    forks of its prompt frames, a preset's fresh caches; frozen past a zero budget) give the
+    eager samples bit for bit."""
+    plain = Engine.load(MODELS / "v2-tiny", capture_graphs=False, **options)
+    captured = Engine.load(MODELS / "v2-tiny", **options)
     assert plain.pipeline.flow.decoder.estimator.graphs is None
-    for seed in (1, 2):
-        np.testing.assert_array_equal(_whole(captured, seed), _whole(plain, seed))
-    assert len(estimator.graphs) == 1  # the first call's key, reused
+    for voice in ("中文女", "zero_shot_zh"):
+        for stream in (False, True):
+            ours, eager = (_audio(e, voice, 3, stream) for e in (captured, plain))
+            np.testing.assert_array_equal(ours, eager)
+    graphs = captured.pipeline.flow.decoder.estimator.graphs
+    assert len(graphs) <= 4  # whole rows, and a stream's few cache layouts
+
+
+def test_the_official_floats_stay_uncaptured() -> None:
     exact = Engine.load(MODELS / "v2-tiny", exact_float32=True)
     assert exact.pipeline.flow.decoder.estimator.graphs is None  # the official's calls as they are

@@ -98,13 +98,14 @@ def _capture_flow_graphs(
     backend: str,
     capture: bool | None,  # noqa: ANN001
 ) -> None:
-    """Whole-utterance calls of the flow estimator as traced graphs (networks/graph_capture.py),
-    where the estimator can be captured (the v1/v2 U-Nets; CosyVoice3's DiT builds its rotary
-    table from Python lengths). By default on a CPU with the torch backend: there each of a
-    call's ~2,000 operations paid Python and the interpreter lock, which the decoding loop
-    and the other audio worker contend for (concurrent whole requests 1.14-1.25x the
-    throughput, benchmarks/README.md). Not with ``exact_float32``, which keeps the official's
-    calls as they are."""
+    """The flow estimator's calls as traced graphs (networks/graph_capture.py), where the
+    estimator can be captured (the v1/v2 U-Nets, whole utterances and v2 streams' increments;
+    CosyVoice3's DiT builds its rotary table from Python lengths). By default on a CPU with the
+    torch backend: there each of a call's ~2,000 operations paid Python and the interpreter
+    lock, which the decoding loop and the other audio worker contend for (four concurrent
+    whole requests 1.07-1.26x the throughput, CosyVoice2 streams 1.17-1.31x;
+    benchmarks/README.md). Not with ``exact_float32``, which keeps the official's calls as
+    they are."""
     if capture is None:
         capture = placement.device.type == "cpu" and backend == "torch"
         capture = capture and not placement.exact_float32
@@ -242,10 +243,11 @@ class Engine:
         ``exact_float32``: float32 by the official's kernels and operations, its floats on the
         same CPU (for parity checks); by default a CPU runs its float32 linear layers with
         oneDNN-packed weights and more (~1e-6 different, up to 2x faster flows: device.Placement).
-        ``capture_graphs``: whole-utterance calls of the v1/v2 flow estimator run as traced
-        graphs, the same floats without Python between the operations (``_capture_flow_graphs``;
-        None: on a CPU with the torch backend, not with ``exact_float32``). Each graph is traced
-        on its first call (~1-2 s, once per process), which a one-off request does not repay.
+        ``capture_graphs``: the v1/v2 flow estimator's calls (whole utterances, v2 streams'
+        chunks) run as traced graphs, the same floats without Python between the operations
+        (``_capture_flow_graphs``; None: on a CPU with the torch backend, not with
+        ``exact_float32``). Each of its few graphs is traced on its first call (1-4 s, once per
+        process) and holds 40-150 MB (full size), which a one-off request does not repay.
         """
         start = time.perf_counter()
         limits, placement, cache_dtype = _checked_options(

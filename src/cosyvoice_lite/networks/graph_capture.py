@@ -7,11 +7,14 @@ Python at the same time. A traced graph runs every operation from C++ and releas
 the whole call. Measured on a 2-core Intel Xeon (full-size CosyVoice2 U-Net, bfloat16, one row,
 one thread; benchmarks/README.md): 100 frames 0.074 -> 0.060 s, 450 frames 0.233 -> 0.223 s, and
 beside a thread of small torch operations 0.28 -> 0.22 s while that thread got 1.4x as much done;
-in the engine, concurrent whole requests 1.14x (CosyVoice2) and 1.25x (CosyVoice-300M) the
-throughput, the same floats.
+in the engine, four concurrent whole requests 1.07x (CosyVoice2) and 1.21-1.26x
+(CosyVoice-300M) the throughput, CosyVoice2 streams 1.17x (one) and 1.31x (four), the same
+floats.
 
 A graph is traced on first use for each ``key`` (what the trace bakes in: flags, the row count,
-dtype and device), under a lock, and kept for the network's life. The trace replays the same
+dtype and device), under a lock, and kept for the network's life: 1-4 s to trace, ~40 MB (a
+full-size v2 U-Net's whole call) to ~150 MB (a stream's call, ~12,000 operations) held, so the
+callers keep their keys few. The trace replays the same
 operations with any input sizes: the networks' shape logic that tracing would freeze is written
 as tensor operations or skipped while tracing (``attention.sees_everything`` keeps the
 attention mask, which adds 0 to every score of an unpadded input: the same floats;
@@ -71,8 +74,32 @@ class CapturedGraphs:
     def _trace(
         self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]
     ) -> torch.jit.ScriptModule:
-        with warnings.catch_warnings():
-            # torch.jit.trace is deprecated in favour of torch.export, whose programs run
-            # from Python again; TracerWarnings name the shape logic handled above
-            warnings.simplefilter("ignore")
-            return torch.jit.trace(_Bound(self._module[0], fn).eval(), args, check_trace=False)
+        # on a thread of its own: the tracer keeps the Python call stack of every operation it
+        # records (for its error messages), and a fresh thread's stack is the trace's alone (a
+        # graph of 20,000 operations held 55 MB traced at the top of a stack, 78 MB 30 deep)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        result: list = []
+
+        def trace() -> None:
+            try:
+                # torch.jit.trace is deprecated in favour of torch.export, whose programs run
+                # from Python again; TracerWarnings name the shape logic handled above
+                with (
+                    torch.inference_mode(inference),
+                    torch.set_grad_enabled(grad),
+                    warnings.catch_warnings(),
+                ):
+                    warnings.simplefilter("ignore")
+                    bound = _Bound(self._module[0], fn).eval()
+                    result.append(
+                        torch.jit.trace(bound, args, check_trace=False, _store_inputs=False)
+                    )
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                result.append(exc)
+
+        thread = threading.Thread(target=trace, name="graph-trace")
+        thread.start()
+        thread.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]

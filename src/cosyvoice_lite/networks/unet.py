@@ -476,9 +476,9 @@ class ConditionalDecoder(nn.Module):
         return self.graphs.run(key, traced, (x, mask, mu, spks, cond, *time.blocks))
 
     def capture_graphs(self) -> None:
-        """Run `forward` as traced graphs from now on (graph_capture.py): a load-time choice for
-        CPUs, where each of the U-Net's ~2,000 operations a call pays Python and the interpreter
-        lock; streams' incremental calls (flow_v2.py) run the same layers eagerly."""
+        """Run `forward`, and the causal U-Net's incremental stream calls (flow_v2.py), as traced
+        graphs from now on (graph_capture.py): a load-time choice for CPUs, where each of the
+        U-Net's ~2,000 operations a call paid Python and the interpreter lock."""
         self.graphs = CapturedGraphs(self)
 
     def _velocity(
