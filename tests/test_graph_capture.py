@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import cpu_features
@@ -63,6 +64,22 @@ def test_a_captured_unet_computes_the_eager_floats_at_every_length(kind, dtype) 
         assert torch.equal(a, b)
     # traced once per (streaming, rows): lengths and padding go through the same graph
     assert len(unet.graphs) == len({(s, r) for r, _, _, s in calls})
+
+
+def test_a_mode_observing_operations_sees_the_eager_ones() -> None:
+    """Under a dispatch mode (the benchmarks' FLOP counter) a captured U-Net runs eagerly."""
+    unet = _unet(CausalConditionalDecoder, torch.float32)
+    inputs = _inputs(2, 40, torch.float32, padded=5)
+    counts = []
+    with torch.inference_mode():
+        for capture in (False, True):
+            if capture:
+                unet.capture_graphs()
+                unet(*inputs)  # traced
+            with FlopCounterMode(display=False) as counter:
+                unet(*inputs)
+            counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
 
 
 def _audio(engine: Engine, voice: str, seed: int, stream: bool) -> np.ndarray:

@@ -62,7 +62,11 @@ class CapturedGraphs:
         self, key: Hashable, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         """``fn(*args)`` through the graph traced for ``key`` (traced from this call if new):
-        ``fn`` must compute the same operations for every call of that key."""
+        ``fn`` must compute the same operations for every call of that key. Under a torch
+        function or dispatch mode (a FLOP counter, a profiler's mode) ``fn`` runs eagerly: the
+        mode observes each operation, which a graph would hide from it."""
+        if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+            return fn(*args)
         graph = self._graphs.get(key)
         if graph is None:
             with self._lock:
