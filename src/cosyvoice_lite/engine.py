@@ -97,7 +97,7 @@ def _capture_flow_graphs(
     placement: Placement,
     backend: str,
     capture: bool | None,  # noqa: ANN001
-) -> None:
+) -> bool:
     """The flow estimator's calls as traced graphs (networks/graph_capture.py), where the
     estimator can be captured (the v1/v2 U-Nets, whole utterances and v2 streams' increments;
     CosyVoice3's DiT builds its rotary table from Python lengths). By default on a CPU with the
@@ -105,13 +105,20 @@ def _capture_flow_graphs(
     lock, which the decoding loop and the other audio worker contend for (four concurrent
     whole requests 1.07-1.26x the throughput, CosyVoice2 streams 1.17-1.31x;
     benchmarks/README.md). Not with ``exact_float32``, which keeps the official's calls as
-    they are."""
+    they are. True if captured."""
     if capture is None:
         capture = placement.device.type == "cpu" and backend == "torch"
         capture = capture and not placement.exact_float32
     estimator = getattr(pipeline.flow.decoder, "estimator", None)
     if capture and callable(getattr(estimator, "capture_graphs", None)):
         estimator.capture_graphs()
+        return True
+    return False
+
+
+def _log_failure(future: Future) -> None:
+    if future.exception() is not None:
+        log.warning("tracing the flow's graphs failed: %r", future.exception())
 
 
 def utterance_batch_size(
@@ -246,8 +253,9 @@ class Engine:
         ``capture_graphs``: the v1/v2 flow estimator's calls (whole utterances, v2 streams'
         chunks) run as traced graphs, the same floats without Python between the operations
         (``_capture_flow_graphs``; None: on a CPU with the torch backend, not with
-        ``exact_float32``). Each of its few graphs is traced on its first call (1-4 s, once per
-        process) and holds 40-150 MB (full size), which a one-off request does not repay.
+        ``exact_float32``). Its three graphs are traced in the background after the load (1-3 s
+        each, once per process) and hold 40-150 MB each (full size): not worth it for a one-off
+        request.
         """
         start = time.perf_counter()
         limits, placement, cache_dtype = _checked_options(
@@ -276,7 +284,6 @@ class Engine:
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         _split_flow_rows(pipeline, placement, backend)
-        _capture_flow_graphs(pipeline, placement, backend, capture_graphs)
         pipeline.utterance_batch = utterance_batch_size(
             placement, backend, limits.max_batch, batch_utterances
         )
@@ -309,6 +316,9 @@ class Engine:
             time.perf_counter() - start,
             limits,
         )
+        if _capture_flow_graphs(pipeline, placement, backend, capture_graphs):
+            # traced in the background, not by the first voice or request that needs them
+            engine.loop.background(pipeline.warm_graphs).add_done_callback(_log_failure)
         release_freed_memory()
         log.info(
             "loaded %s (v%d, %s) on %s in %.1f s",

@@ -51,6 +51,11 @@ class CapturedGraphs:
 
     def __init__(self, module: nn.Module) -> None:
         torch._C._set_graph_executor_optimize(False)  # process-wide; see the module docstring
+        # process-wide too: warnings.catch_warnings is not thread-safe, and traces run beside
+        # other threads. TracerWarnings name the shape logic handled above; torch.jit.trace (and
+        # .script) are deprecated in favour of torch.export, whose programs run from Python again
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
         self._module = [module]  # not a submodule: no second path to its weights
         self._graphs: dict[Hashable, torch.jit.ScriptModule] = {}
         self._lock = threading.Lock()
@@ -86,14 +91,7 @@ class CapturedGraphs:
 
         def trace() -> None:
             try:
-                # torch.jit.trace is deprecated in favour of torch.export, whose programs run
-                # from Python again; TracerWarnings name the shape logic handled above
-                with (
-                    torch.inference_mode(inference),
-                    torch.set_grad_enabled(grad),
-                    warnings.catch_warnings(),
-                ):
-                    warnings.simplefilter("ignore")
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                     bound = _Bound(self._module[0], fn).eval()
                     result.append(
                         torch.jit.trace(bound, args, check_trace=False, _store_inputs=False)

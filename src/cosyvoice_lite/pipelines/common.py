@@ -20,6 +20,7 @@ from ..decoding import (
     run_alone,
     speech_token_task,
 )
+from ..networks.flow_matching import time_span
 from ..versions import spec
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,23 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.flow.parameters()).device
+
+    @torch.inference_mode()
+    def warm_graphs(self) -> None:
+        """Trace the flow's captured graphs (networks/graph_capture.py) on synthetic frames now,
+        rather than in the first request that needs them (1-3 s each at full size): the engine
+        runs this in the background after a load. A whole utterance's rows here, as its row
+        split computes them; `V2Pipeline` adds a stream's."""
+        cfm = self.flow.decoder
+        if getattr(cfm.estimator, "graphs", None) is None:
+            return
+        projection = self.flow.spk_embed_affine_layer  # speaker embedding -> mel channels
+        dtype, mels = projection.weight.dtype, projection.out_features
+        x = torch.zeros(1, mels, 20, device=self.device)  # the solver's float32 state
+        mask = torch.ones(1, 1, x.shape[2], device=self.device, dtype=dtype)
+        spks = torch.zeros(1, mels, device=self.device, dtype=dtype)
+        t_span = time_span(cfm.steps, cfm.t_scheduler, x)
+        cfm.solve_euler(x, t_span, x.to(dtype), mask, spks, x.to(dtype))
 
     def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
         """The decoding task of one segment; long silences are dropped where the version says."""

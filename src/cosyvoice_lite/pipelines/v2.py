@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..networks.flow_matching import stream_estimator
 from ..networks.hift import at_speed
 from ..networks.utterances import new_frames
 from .common import FlowWork, ModelInputs, Pipeline, Segment, UtteranceWork
@@ -188,6 +189,25 @@ class V2Pipeline(Pipeline):
         self.stream_cache_bytes = stream_cache_bytes
         self.vocoder_batches = 0  # vocoder calls that held several rows (tests, metrics)
         self._count_lock = threading.Lock()  # audio workers share the pipeline
+
+    @torch.inference_mode()
+    def warm_graphs(self) -> None:
+        """`Pipeline.warm_graphs`, and a stream's graphs (one and two rows a call: one stream
+        alone on each thread, and a thread's pair) on synthetic tokens, with the streams' cache
+        dtype."""
+        super().warm_graphs()
+        flow = self.flow
+        if getattr(stream_estimator(flow.decoder), "graphs", None) is None:
+            return
+        projection = flow.spk_embed_affine_layer
+        embedding = torch.zeros(1, projection.in_features, device=self.device)
+        token = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        feat = torch.zeros(1, 0, projection.out_features, device=self.device)
+        tokens = torch.zeros(1, 10, dtype=torch.long, device=self.device)
+        for count in (1, 2):
+            cache = self.prompt_flows.cache_dtype
+            states = [flow.new_stream(token, feat, embedding, cache) for _ in range(count)]
+            flow.stream_steps(states, [tokens] * count, [True] * count)
 
     def prime_voice(self, inputs: ModelInputs, evict: bool = True) -> bool:
         """The voice's prompt frames through the streaming flow, kept for its streams (False:
