@@ -168,6 +168,10 @@ class Engine:
     ) -> None:
         self.model = model
         self.placement = placement
+        # the background trace of the flow's graphs after a load (done where nothing is
+        # captured): what times its first requests can wait for it
+        self.graphs_traced: Future = Future()
+        self.graphs_traced.set_result(None)
         self.text_frontend = text_frontend
         self.tokenizer = tokenizer
         self.prompt_encoder = prompt_encoder
@@ -318,7 +322,8 @@ class Engine:
         )
         if _capture_flow_graphs(pipeline, placement, backend, capture_graphs):
             # traced in the background, not by the first voice or request that needs them
-            engine.loop.background(pipeline.warm_graphs).add_done_callback(_log_failure)
+            engine.graphs_traced = engine.loop.background(pipeline.warm_graphs)
+            engine.graphs_traced.add_done_callback(_log_failure)
         release_freed_memory()
         log.info(
             "loaded %s (v%d, %s) on %s in %.1f s",
