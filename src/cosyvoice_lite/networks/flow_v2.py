@@ -705,14 +705,14 @@ def _transformers_increment(
 @dataclass(frozen=True)
 class _Layout:
     """What the tensors of one increment call are (the key of its traced graph): its rows, time
-    modulations and causal convs, and per attention layer (in call order) and row, how many
-    tensors come before the new keys (shared prefix, frozen rows, own rows) and the dtype the
-    cache stores new rows in where that rounds what it hands back (None: read as computed)."""
+    modulations, causal convs and attention layers, and per attention layer (in call order) and
+    row the dtype the cache stores new rows in where that rounds what it hands back (None: read
+    as computed). Before each row's new keys and values come ``BEFORE_PARTS`` (`_before`)."""
 
     rows: int
     modulations: int
     convs: int
-    parts: tuple[tuple[int, ...], ...]
+    layers: int
     stored: tuple[tuple[torch.dtype | None, ...], ...]
 
 
@@ -725,15 +725,11 @@ class _IncrementIO:
         self._tails = iter(inputs[at : at + layout.convs])
         at += layout.convs
         before = []
-        for _ in ("keys", "values"):
-            layers = []
-            for counts in layout.parts:
-                rows = []
-                for count in counts:
-                    rows.append(inputs[at : at + count])
-                    at += count
-                layers.append(rows)
-            before.append(layers)
+        for _ in ("keys", "values"):  # [layer][row]: BEFORE_PARTS tensors
+            rows = range(at, at + layout.layers * layout.rows * BEFORE_PARTS, BEFORE_PARTS)
+            parts = [inputs[start : start + BEFORE_PARTS] for start in rows]
+            before.append([parts[i : i + layout.rows] for i in range(0, len(parts), layout.rows)])
+            at = rows.stop
         self._layers = iter(zip(*before, layout.stored, strict=True))
         self.masks = inputs[at:]
         self.new_tails: list[torch.Tensor] = []
@@ -757,8 +753,8 @@ def _increment(
     """The causal U-Net's velocity for new frames of R rows as a function of tensors alone, so
     that it can run as a traced graph. ``inputs`` (``_IncrementCall.inputs``): x, mu, spks,
     cond, the time modulations, each causal conv's left frames [R, C, pad], the keys then the
-    values before each attention layer's new ones (per layer and row, ``layout.parts`` of
-    them) and each row's additive attention mask [n, keys]. Returns the velocity [R, 80, n],
+    values before each attention layer's new ones (per layer and row, ``BEFORE_PARTS`` of
+    them: `_before`) and each row's additive attention mask [n, keys]. Returns the velocity [R, 80, n],
     then each conv's new left frames, each layer's new keys, then its new values.
 
     Mirrors CausalConditionalDecoder.forward with streaming=True and an all-ones mask (whose
@@ -798,6 +794,9 @@ def _cached_layers(estimator: nn.Module) -> list[nn.Module]:
             layers += conv
     layers.append(estimator.final_block.block[0])
     return layers
+
+
+BEFORE_PARTS = 2  # what a row attends before its new keys: the shared prefix, its own rows
 
 
 def _before(buffer: GrowingBuffer, empty: torch.Tensor) -> list[torch.Tensor]:
@@ -840,7 +839,7 @@ class _IncrementCall:
         self.left: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        parts, stored = [], []
+        stored = []
         for layer in _cached_layers(estimator):
             if isinstance(layer, CausalConv1d):
                 tails = [cache.next(_ConvTail) for cache in caches]
@@ -852,22 +851,21 @@ class _IncrementCall:
                 continue
             histories = [cache.next(AttentionHistory) for cache in caches]
             empty = x.new_zeros(1, layer.heads, 0, layer.to_out[0].in_features // layer.heads)
-            counts, dtypes = [], []
+            dtypes = []
             for history in histories:
-                keys, values = _before(history.keys, empty), _before(history.values, empty)
-                self.keys += keys
-                self.values += values
-                counts.append(len(keys))
+                self.keys += _before(history.keys, empty)
+                self.values += _before(history.values, empty)
                 dtype = history.keys.dtype
                 rounds = not history.keys.frozen and dtype not in (None, x.dtype)
                 dtypes.append(dtype if rounds else None)
-            parts.append(tuple(counts))
             stored.append(tuple(dtypes))
             self.histories.append(histories)
         n, chunk = x.size(2), estimator.static_chunk_size
         first = self.histories[0]
         self.masks = [_mask(h.keys, s, n, chunk, x) for h, s in zip(first, starts, strict=True)]
-        self.layout = _Layout(len(caches), modulations, len(self.left), tuple(parts), tuple(stored))
+        self.layout = _Layout(
+            len(caches), modulations, len(self.left), len(self.histories), tuple(stored)
+        )
 
     def inputs(self, *head: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`_increment`'s inputs after ``head`` (x, mu, spks, cond and the modulations)."""
