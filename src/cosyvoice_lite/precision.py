@@ -203,15 +203,15 @@ def padded_rows(
 def _packed_product(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int
 ) -> torch.Tensor:
-    """``PackedLinear``'s forward for a traced graph (``networks.graph_capture``), compiled by
-    TorchScript (``_compiled_packed_product``) with ``padded_rows``: traced Python would keep
-    the row count it met as a constant, and the tracer cannot record the oneDNN op's list
-    argument."""
+    """``PackedLinear``'s product, its input rows padded to ``padded_rows``. Also compiled by
+    TorchScript (``_compiled_packed_product``) for traced graphs (``networks.graph_capture``):
+    traced Python would keep the row count it met as a constant, and the tracer cannot record
+    the oneDNN op's list argument."""
     rows = x.numel() // in_features
     padded = padded_rows(rows)
-    flat = x.reshape(rows, in_features)
-    if padded != rows:
-        flat = torch.cat([flat, flat.new_zeros([padded - rows, in_features])])
+    if padded == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    flat = torch.cat([x.reshape(rows, in_features), x.new_zeros([padded - rows, in_features])])
     out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
     shape = list(x.shape[:-1])
     shape.append(out.size(-1))
@@ -220,7 +220,7 @@ def _packed_product(
 
 @functools.cache
 def _compiled_packed_product() -> Callable[..., torch.Tensor]:
-    return torch.jit.script(_packed_product)  # on first trace, which silences its deprecation
+    return torch.jit.script(_packed_product)  # at the first trace (its warning filtered there)
 
 
 class PackedLinear(nn.Module):
@@ -251,27 +251,14 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing():
             return _compiled_packed_product()(x, self.weight, self.bias, self.in_features)
-        rows = x.numel() // self.in_features
-        padded = padded_rows(rows)
-        if padded == rows:
-            return self._widened(x)
-        flat = x.new_empty(padded, self.in_features)
-        flat[:rows].copy_(x.reshape(rows, self.in_features))
-        flat[rows:].zero_()
-        return self._widened(flat)[:rows].reshape(*x.shape[:-1], self.out_features)
-
-    def _widened(self, x: torch.Tensor) -> torch.Tensor:
         caller = torch.get_num_threads()
         if self.threads is None or self.threads == caller:
-            return self._product(x)
+            return _packed_product(x, self.weight, self.bias, self.in_features)
         torch.set_num_threads(self.threads)  # the calling thread's OpenMP team, for this call
         try:
-            return self._product(x)
+            return _packed_product(x, self.weight, self.bias, self.in_features)
         finally:
             torch.set_num_threads(caller)
-
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def packs_linear(placement: Placement) -> bool:
