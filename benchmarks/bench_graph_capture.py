@@ -100,7 +100,11 @@ def main() -> None:
     floors = describe(measure())
     engines = {
         name: Engine.load(
-            args.model, dtype=args.dtype, quantize=args.quantize, capture_graphs=capture
+            args.model,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            capture_graphs=capture,
+            share_onnx_threads=True,  # as the CLI and the server load
         )
         for name, capture in (("captured", True), ("eager", False))
     }

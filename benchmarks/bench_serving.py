@@ -119,6 +119,7 @@ def serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         audio_workers=args.audio_workers,
         flow_threads_while_decoding=args.threads if args.design == "loop-wide" else None,
+        share_onnx_threads=True,  # as the server loads
     )
     if args.design == "loop-rows-alone":
         from cosyvoice_lite.row_parallel import RowSplit

@@ -306,7 +306,9 @@ def our_worker(
 
     def load():
         start = time.perf_counter()
-        engine = Engine.load(model_dir, device="cpu", dtype=dtype, quantize=quantize)
+        engine = Engine.load(
+            model_dir, device="cpu", dtype=dtype, quantize=quantize, share_onnx_threads=True
+        )
         load_seconds = time.perf_counter() - start
         timer, state = StageTimer(), {"flops": {}}
         instrument(engine, timer, state)

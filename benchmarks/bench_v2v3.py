@@ -217,6 +217,7 @@ def our_worker(
             dtype=dtype,
             quantize=quantize,
             stream_cache_mb=stream_cache_mb,
+            share_onnx_threads=True,  # as the CLI and the server load
         )
         load_seconds = time.perf_counter() - start
         pipeline, timer, state = engine.pipeline, StageTimer(), {"flops": {}}

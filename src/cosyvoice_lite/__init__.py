@@ -14,6 +14,7 @@ _EXPORTS = {
     "Engine": "engine",
     "Voice": "engine",
     "synthesize_to_file": "engine",
+    "share_threads": "onnx_threads",
     "AudioChunk": "request",
     "Mode": "request",
     "SynthesisRequest": "request",

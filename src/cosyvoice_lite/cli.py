@@ -185,6 +185,7 @@ def load_engine(args: argparse.Namespace, quiet: bool = False, one_off: bool = F
             onnx_dir=args.onnx_dir,
             exact_float32=args.exact_float32,
             capture_graphs=False if one_off else None,
+            share_onnx_threads=True,  # the CLI owns its process
         )
     if not quiet:
         placement = engine.placement

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DeviceError
+from .onnx_threads import session_options
 
 BLOCK = 128  # input weights per scale; onnxruntime's fast CPU path wants a power of two >= 16
 ACCURACY_LEVEL = 4  # int8 activations and int8 dot products (VNNI where the CPU has it)
@@ -152,16 +153,13 @@ def _session(model: bytes, threads: int, codes: np.ndarray):  # noqa: ANN202 - o
     would stay in memory twice (measured: 10 vs 19 MiB for an 8.3 MiB layer)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options = session_options(threads)
     # no memory arena: one per layer would keep its peak (prefill) rows for good
     options.enable_cpu_mem_arena = False
-    # never spin: each layer is a session with its own thread pool, so a spinning pool per
-    # layer (~100 for an LLM) would fight over the cores. Measured, full-size v2, 2 threads:
-    # 2.1 s per decoding step with spinning pools (torch's default wait policy, or
-    # GOMP_SPINCOUNT set) against 28 ms without.
+    # never spin in a pool of its own: each layer would have one, and spinning pools per layer
+    # (~100 for an LLM) fight over the cores. Measured, full-size v2, 2 threads: 2.1 s per
+    # decoding step with spinning pools (torch's default wait policy, or GOMP_SPINCOUNT set)
+    # against 28 ms without. The process's shared pool (onnx_threads.py) spins, the one pool.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         options.add_external_initializers_from_files_in_memory(

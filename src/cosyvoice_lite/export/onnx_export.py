@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CosyVoiceError
+from ..onnx_threads import session_options
 from ..versions import VersionSpec, spec
 from . import flow as flow_graphs
 from . import llm as llm_graphs
@@ -399,10 +400,7 @@ def _to_float16(path: Path) -> None:
 def _session(path: Path, threads: int = 1):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options = session_options(threads)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelDirError
+from ..onnx_threads import session_options
 from ..versions import SPECS
 from .vocoder import draw_source_noise
 
@@ -51,11 +52,8 @@ def session(path: Path, threads: int | None = None):
     """A CPU onnxruntime session using as many threads as torch does."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
+    options = session_options(threads or torch.get_num_threads())
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

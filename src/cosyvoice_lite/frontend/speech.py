@@ -21,6 +21,7 @@ import torch
 
 from cosyvoice_lite.audio.features import kaldi_fbank, log_mel_spectrogram
 from cosyvoice_lite.errors import AudioError, ModelDirError
+from cosyvoice_lite.onnx_threads import session_options
 
 SPEECH_TOKENIZER_SAMPLE_RATE = 16000
 SPEECH_TOKENIZER_MAX_SECONDS = 30.0
@@ -34,9 +35,8 @@ def _session(path: str | os.PathLike, providers: Sequence[str | tuple[str, dict]
     path = Path(path)
     if not path.is_file():
         raise ModelDirError(f"{what} model {os.fspath(path)!r} does not exist")
-    options = onnxruntime.SessionOptions()
+    options = session_options(1)
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = 1
     try:
         return onnxruntime.InferenceSession(
             os.fspath(path), sess_options=options, providers=list(providers)

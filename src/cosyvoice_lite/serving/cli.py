@@ -330,6 +330,7 @@ def load_options(args: argparse.Namespace) -> dict:
         "backend": args.backend,
         "onnx_dir": args.onnx_dir,
         "exact_float32": args.exact_float32,
+        "share_onnx_threads": True,  # a server (or a Ray replica) owns its process
     }
 
 

@@ -1,0 +1,87 @@
+"""onnxruntime's threads: sessions with pools of their own (the default) or the process's one
+shared pool (onnx_threads.share_threads, what the CLI and the server use) give the same floats,
+bit for bit:
+the speech tokenizer's tokens, the speaker embedding and an int8 LLM's audio. The shared pool is
+a property of the process, so each way runs in a process of its own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parent / "data"
+
+SCRIPT = """
+import sys
+import numpy as np
+from cosyvoice_lite.device import resolve_placement
+from cosyvoice_lite.onnx_threads import session_options, share_threads, shared_threads
+from cosyvoice_lite.precision import int8_product_kernel
+
+way = sys.argv[1]
+if way == "shared":
+    assert share_threads(2) == 2 and share_threads(3) == 2  # the first call decides
+    assert not session_options(1).use_per_session_threads
+else:
+    assert shared_threads() is None and session_options(3).intra_op_num_threads == 3
+from cosyvoice_lite import Engine, Mode, SynthesisRequest
+
+engine = Engine.load(
+    sys.argv[2], quantize="int8", capture_graphs=False, download=False,
+    share_onnx_threads=way == "load",
+)
+if way == "load":  # shared where the flow's int8 products do not run on onnxruntime
+    kernel = int8_product_kernel(resolve_placement("cpu", "float32", "int8"))
+    assert (shared_threads() is None) == (kernel == "onnxruntime"), (kernel, shared_threads())
+voice = engine.encode_prompt(sys.argv[3], "希望你以后能够做的比我还好呦。")
+request = SynthesisRequest(
+    Mode.ZERO_SHOT, "今天天气很好。", seed=3, max_speech_tokens=20, ignore_eos=True
+)
+chunks = engine.synthesize(request, prompt=voice)
+audio = np.concatenate([np.asarray(c.samples).reshape(-1) for c in chunks])
+np.savez(
+    sys.argv[4],
+    tokens=voice.speech_tokens.numpy(),
+    embedding=voice.embedding.numpy(),
+    audio=audio,
+)
+engine.close()
+"""
+
+
+def _run(way: str, model: Path, out: Path) -> dict[str, np.ndarray]:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, way, str(model), str(DATA / "audio/zh_16k.wav"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(out) as saved:
+        return dict(saved)
+
+
+def test_a_shared_pool_gives_the_same_floats(tmp_path: Path) -> None:
+    model = DATA / "models" / "v2-tiny"
+    own = _run("own", model, tmp_path / "own.npz")
+    assert own["audio"].size > 0
+    for way in ("shared", "load"):  # share_threads, and Engine.load(share_onnx_threads=True)
+        shared = _run(way, model, tmp_path / f"{way}.npz")
+        for name in ("tokens", "embedding", "audio"):
+            np.testing.assert_array_equal(own[name], shared[name], err_msg=f"{way}: {name}")
+
+
+def test_only_an_int8_llm_asks_for_a_shared_pool() -> None:
+    """Without int8 decoding (or with another backend) the load leaves onnxruntime's pools as
+    they are, asked or not (safe to check in this process: nothing is shared)."""
+    from cosyvoice_lite.device import resolve_placement
+    from cosyvoice_lite.engine import _share_onnx_threads
+
+    float32 = resolve_placement("cpu", "float32", None)
+    int8 = resolve_placement("cpu", "float32", "int8")
+    assert not _share_onnx_threads(float32, "torch", share=True)
+    assert not _share_onnx_threads(int8, "onnxruntime", share=True)
+    assert not _share_onnx_threads(int8, "torch", share=False)
