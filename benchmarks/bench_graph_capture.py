@@ -2,8 +2,8 @@
 on a CPU since 2026-12-06) against the eager estimator, in one run.
 
 One command: ``python benchmarks/bench_graph_capture.py --model DIR [--dtype bfloat16]
-[--concurrency 1,4] [--rounds 3] [--tokens 100]`` (a full-size CosyVoice-300M-SFT or CosyVoice2
-random-weight directory, ``tools/make_models.py --size full``). Two engines are loaded in this
+[--concurrency 1,4] [--rounds 3] [--tokens 100] [--stream]`` (a full-size CosyVoice-300M-SFT,
+CosyVoice2 or CosyVoice3 random-weight directory, ``tools/make_models.py --size full``). Two engines are loaded in this
 process, ``capture_graphs=True`` and ``False``, and each warms up with one request (which traces
 the graph). Then ``c`` whole (not streamed) requests at once for each concurrency, ``--rounds``
 times, the two engines alternating (the order flipping each round). Each request decodes exactly

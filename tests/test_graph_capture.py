@@ -1,4 +1,5 @@
-"""Traced graphs of the flow's U-Net (networks/graph_capture.py): the eager floats, any length."""
+"""Traced graphs of the flow's estimators, the U-Nets and CosyVoice3's DiT
+(networks/graph_capture.py): the eager floats, any length."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import cpu_features
+from cosyvoice_lite.networks.dit import DiT
 from cosyvoice_lite.networks.unet import CausalConditionalDecoder, ConditionalDecoder
 from cosyvoice_lite.precision import pack_linears
 
 MODELS = Path(__file__).parent / "data" / "models"
+PROMPT = Path(__file__).parent / "data" / "audio" / "zh_16k.wav"
 UNET = dict(
     in_channels=320,
     out_channels=80,
@@ -66,6 +69,32 @@ def test_a_captured_unet_computes_the_eager_floats_at_every_length(kind, dtype) 
     assert len(unet.graphs) == len({(s, r) for r, _, _, s in calls})
 
 
+DIT = dict(dim=48, depth=2, heads=3, dim_head=16, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,
+           out_channels=80, static_chunk_size=10)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_captured_dit_computes_the_eager_floats_at_every_length(dtype) -> None:
+    """Whole utterances, unpadded (no mask), padded and with the streaming chunk mask."""
+    torch.manual_seed(0)
+    dit = DiT(**DIT).eval()
+    for p in dit.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    dit = pack_linears(dit.to(dtype))
+    calls = [(1, 24, 0, False), (1, 37, 0, False), (2, 61, 0, False), (2, 61, 9, False)]
+    calls += [(1, 33, 0, True), (2, 45, 7, True), (1, 8, 0, True)]
+    with torch.inference_mode():
+        eager = [dit(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
+        dit.capture_graphs()
+        captured = [dit(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
+    for (rows, frames, _, _), a, b in zip(calls, eager, captured, strict=True):
+        assert b.shape == (rows, 80, frames)
+        assert torch.equal(a, b)
+    # a graph per row count and whether a mask is needed (padding, or a chunk boundary)
+    masked = {(r, bool(pad) or (s and n > DIT["static_chunk_size"])) for r, n, pad, s in calls}
+    assert len(dit.graphs) == len(masked)
+
+
 def test_a_mode_observing_operations_sees_the_eager_ones() -> None:
     """Under a dispatch mode (the benchmarks' FLOP counter) a captured U-Net runs eagerly."""
     unet = _unet(CausalConditionalDecoder, torch.float32)
@@ -105,6 +134,30 @@ def test_an_engine_captures_the_flow_of_whole_utterances_and_streams(options) ->
     # traced in the background after the load (Pipeline.warm_graphs): the whole rows, and a
     # stream's one and two rows; the requests met no other layout
     assert len(graphs) == 3
+
+
+@pytest.mark.parametrize("options", [{}, {"stream_cache_mb": 0}], ids=["caches", "frozen"])
+def test_an_engine_captures_the_dit_of_whole_utterances_and_streams(options) -> None:
+    """CosyVoice3: whole utterances (the DiT's forward) and streams' incremental calls (a saved
+    voice's forks of its prompt frames; frozen past a zero budget) give the eager samples bit
+    for bit."""
+    plain = Engine.load(MODELS / "v3-tiny", capture_graphs=False, **options)
+    captured = Engine.load(MODELS / "v3-tiny", **options)
+    assert plain.pipeline.flow.decoder.estimator.graphs is None
+    voice = captured.encode_prompt(PROMPT, "希望你以后能够做的比我还好呦。")
+    for engine in (plain, captured):
+        engine.prepare_voice(voice).result()
+    for stream in (False, True):
+        request = SynthesisRequest(Mode.ZERO_SHOT, "你好，今天天气不错，我们出去走走吧。", seed=3,
+                                   stream=stream, max_speech_tokens=60, ignore_eos=True)  # fmt: skip
+        ours, eager = (
+            np.concatenate([c.samples for c in e.synthesize(request, prompt=voice)])
+            for e in (captured, plain)
+        )
+        np.testing.assert_array_equal(ours, eager)
+    captured.graphs_traced.result()
+    # the whole rows, and a stream's one and two rows
+    assert len(captured.pipeline.flow.decoder.estimator.graphs) == 3
 
 
 def test_the_official_floats_stay_uncaptured() -> None:

@@ -115,17 +115,20 @@ def _capture_flow_graphs(
     capture: bool | None,  # noqa: ANN001
 ) -> bool:
     """The flow estimator's calls as traced graphs (networks/graph_capture.py), where the
-    estimator can be captured (the v1/v2 U-Nets, whole utterances and v2 streams' increments;
-    CosyVoice3's DiT builds its rotary table from Python lengths). By default on a CPU with the
-    torch backend: there each of a call's ~2,000 operations paid Python and the interpreter
-    lock, which the decoding loop and the other audio worker contend for (four concurrent
-    whole requests 1.07-1.26x the throughput, CosyVoice2 streams 1.17-1.31x;
-    benchmarks/README.md). Not with ``exact_float32``, which keeps the official's calls as
-    they are. True if captured."""
+    estimator can be captured (the U-Nets and CosyVoice3's DiT: whole utterances and v2/v3
+    streams' increments). By default on a CPU with the torch backend: there each of a call's
+    ~2,000 operations paid Python and the interpreter lock, which the decoding loop and the
+    other audio worker contend for (four concurrent whole requests 1.07-1.26x the throughput,
+    CosyVoice2 streams 1.17-1.31x; benchmarks/README.md). Not with ``exact_float32``, which
+    keeps the official's calls as they are, nor where the DiT's int8 products run on
+    onnxruntime (a CPU without VNNI or AMX), which a trace cannot record. True if captured."""
     if capture is None:
         capture = placement.device.type == "cpu" and backend == "torch"
         capture = capture and not placement.exact_float32
     estimator = getattr(pipeline.flow.decoder, "estimator", None)
+    on_onnxruntime = int8_product_kernel(placement) == "onnxruntime"
+    if on_onnxruntime and estimator is not None and has_int8_products(estimator):
+        capture = False
     if capture and callable(getattr(estimator, "capture_graphs", None)):
         estimator.capture_graphs()
         return True

@@ -20,7 +20,10 @@ import weakref
 
 import torch
 
+from .attention import chunk_keep, sees_all_before
+
 MIN_CAPACITY = 64
+BEFORE_PARTS = 2  # what a reader attends before its new keys: the shared prefix, its own rows
 MAPPED_BYTES = 128 << 10  # CPU buffers this large or larger get pages of their own from the OS
 
 
@@ -216,6 +219,41 @@ class AttentionHistory:
         """Past the stream's memory budget: read, never extended."""
         self.keys.frozen = self.values.frozen = True
 
+    # An incremental call as a traced graph (graph_capture.py) reads a history as tensors in one
+    # layout for every stream: what comes before the new keys (``before``), the dtype the new ones
+    # come back in (``rounds_to``) and the chunk mask over all of them (``chunk_bias``); the new
+    # keys and values are appended after the graph.
+
+    def before(self, empty: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The keys and the values a reader attends before the new ones, as stored, in
+        ``BEFORE_PARTS`` parts each: the shared prefix, then the rows of its own (frozen or
+        not); ``empty`` where there are none."""
+        return _before(self.keys, empty), _before(self.values, empty)
+
+    def rounds_to(self, computed: torch.dtype) -> torch.dtype | None:
+        """The dtype new keys and values of dtype ``computed`` are stored in and read back
+        through by ``append`` (None: read as computed, also once frozen)."""
+        dtype = self.keys.dtype
+        return None if self.keys.frozen or dtype in (None, computed) else dtype
+
+    def chunk_bias(
+        self, start: int, n: int, chunk: int, like: torch.Tensor, masked: float
+    ) -> torch.Tensor:
+        """The additive attention mask [n, length + n] of n new frames from frame ``start``
+        against what ``before`` gives and the new ones: 0 where the static chunk mask lets a frame
+        attend, ``masked`` elsewhere. All zeros when every new frame sees every key, which adds
+        0 to every score: the floats of no mask."""
+        keys = self.keys
+        total = keys.length + n
+        mask = like.new_zeros(n, total)
+        if not sees_all_before(start, n, chunk):
+            # only over the rows ``append`` returns: the shared prefix and frozen rows are whole
+            # earlier chunks, which every new frame sees
+            own = n if keys.frozen else keys.length - keys.shared_length + n
+            keep = chunk_keep(start, n, start + n, chunk, like.device)[:, -own:]
+            mask[:, total - own :].masked_fill_(~keep, masked)
+        return mask
+
     def fork(self, share: bool = True) -> AttentionHistory:
         """Goes on from here. ``share``: the keys/values so far become the fork's shared prefix
         (where they are large); otherwise they are copied (small ones, read whole)."""
@@ -229,6 +267,12 @@ class AttentionHistory:
 
     def nbytes(self, shared: bool = False) -> int:
         return sum(b.nbytes(shared) for b in (self.keys, self.values, self.positions))
+
+
+def _before(buffer: GrowingBuffer, empty: torch.Tensor) -> list[torch.Tensor]:
+    shared = empty if buffer.shared is None else buffer.shared
+    own = empty if buffer.length == buffer.shared_length else buffer.valid()
+    return [shared, own]
 
 
 class KVCache:

@@ -23,6 +23,7 @@ from torch import nn
 
 from cosyvoice_lite.networks.attention import attention, sees_everything
 from cosyvoice_lite.networks.flow_matching import TimeConditioning, per_row
+from cosyvoice_lite.networks.graph_capture import CapturedGraphs
 from cosyvoice_lite.networks.linear import grouped
 
 __all__ = [
@@ -171,7 +172,8 @@ def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotates the first `freqs.shape[-1]` channels of t [B, T, D]; the rest pass unchanged."""
     rot_dim, seq_len, orig_dtype = freqs.shape[-1], t.shape[-2], t.dtype
-    freqs = freqs[:, -seq_len:, :]
+    if freqs.shape[-2] != seq_len:  # (a traced graph keeps no slice: its angles are t's own)
+        freqs = freqs[:, -seq_len:, :]
     rotated, passthrough = t[..., :rot_dim], t[..., rot_dim:]
     rotated = rotated * freqs.cos() + _rotate_half_interleaved(rotated) * freqs.sin()
     return torch.cat((rotated, passthrough), dim=-1).type(orig_dtype)
@@ -349,6 +351,8 @@ class DiT(nn.Module):
     training and `out_channels` / `num_decoding_left_chunks` are stored but unused, as officially.
     """
 
+    graphs: CapturedGraphs | None = None  # capture_graphs: forward as traced graphs
+
     def __init__(
         self,
         *,
@@ -409,7 +413,26 @@ class DiT(nn.Module):
         if time is None:
             time = self.time_conditioning(t.repeat(x.shape[0]) if t.ndim == 0 else t)
         attn_mask = dit_attention_mask(mask, self.static_chunk_size if streaming else 0)
-        return self.velocity(x, mu, cond, spks, time, attn_mask)
+        if self.graphs is None or spks is None or torch.jit.is_tracing():
+            return self.velocity(x, mu, cond, spks, time, attn_mask)
+        # the rotary angles from the length here: a graph replays any length
+        rope = self.rotary_embed.forward_from_seq_len(x.shape[2])
+        masks = () if attn_mask is None else (attn_mask,)
+        key = ("whole", bool(masks), x.shape[0], x.dtype, x.device)
+
+        def traced(x, mu, cond, spks, rope, final, *rest):  # noqa: ANN001, ANN202 - graph inputs
+            blocks, mask = rest[: self.depth], (rest[self.depth :] or (None,))[0]
+            time = TimeConditioning(blocks, final)
+            return self.velocity(x, mu, cond, spks, time, mask, rope)
+
+        inputs = (x, mu, cond, spks, rope, time.final, *time.blocks, *masks)
+        return self.graphs.run(key, traced, inputs)
+
+    def capture_graphs(self) -> None:
+        """Run `forward`, and the incremental stream calls (flow_v3_stream.py), as traced graphs
+        from now on (graph_capture.py): a load-time choice for CPUs, where each of the DiT's
+        operations paid Python and the interpreter lock."""
+        self.graphs = CapturedGraphs(self)
 
     def time_conditioning(self, t: torch.Tensor) -> TimeConditioning:
         """Everything the DiT computes from t [B] alone (the time MLP and every adaptive norm's
@@ -431,12 +454,15 @@ class DiT(nn.Module):
         spks: torch.Tensor | None,
         time: TimeConditioning,
         attn_mask: torch.Tensor | None,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The forward after its time conditioning and boolean attention mask [B, 1, T, T]
-        (None: full context): x, mu, cond [B, mel, T] -> [B, mel, T]."""
+        (None: full context): x, mu, cond [B, mel, T] -> [B, mel, T]; ``rope``: the rotary
+        angles of the T frames (None: computed here)."""
         x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
         x = self.input_embed(x, cond, mu, spks)
-        rope = self.rotary_embed.forward_from_seq_len(x.shape[1])
+        if rope is None:
+            rope = self.rotary_embed.forward_from_seq_len(x.shape[1])
         residual = x
         for block, modulation in zip(self.transformer_blocks, time.blocks, strict=True):
             x = block(x, modulation, mask=attn_mask, rope=rope)

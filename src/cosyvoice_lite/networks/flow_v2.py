@@ -32,8 +32,8 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
-from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
-from cosyvoice_lite.networks.cache import AttentionHistory, GrowingBuffer
+from cosyvoice_lite.networks.attention import attention, chunk_keep
+from cosyvoice_lite.networks.cache import BEFORE_PARTS, AttentionHistory
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
     INPUT_LAYERS,
@@ -707,7 +707,8 @@ class _Layout:
     """What the tensors of one increment call are (the key of its traced graph): its rows, time
     modulations, causal convs and attention layers, and per attention layer (in call order) and
     row the dtype the cache stores new rows in where that rounds what it hands back (None: read
-    as computed). Before each row's new keys and values come ``BEFORE_PARTS`` (`_before`)."""
+    as computed). Before each row's new keys and values come ``BEFORE_PARTS``
+    (`AttentionHistory.before`)."""
 
     rows: int
     modulations: int
@@ -754,7 +755,7 @@ def _increment(
     that it can run as a traced graph. ``inputs`` (``_IncrementCall.inputs``): x, mu, spks,
     cond, the time modulations, each causal conv's left frames [R, C, pad], the keys then the
     values before each attention layer's new ones (per layer and row, ``BEFORE_PARTS`` of
-    them: `_before`) and each row's additive attention mask [n, keys]. Returns the velocity [R, 80, n],
+    them: `AttentionHistory.before`) and each row's additive attention mask [n, keys]. Returns the velocity [R, 80, n],
     then each conv's new left frames, each layer's new keys, then its new values.
 
     Mirrors CausalConditionalDecoder.forward with streaming=True and an all-ones mask (whose
@@ -796,31 +797,6 @@ def _cached_layers(estimator: nn.Module) -> list[nn.Module]:
     return layers
 
 
-BEFORE_PARTS = 2  # what a row attends before its new keys: the shared prefix, its own rows
-
-
-def _before(buffer: GrowingBuffer, empty: torch.Tensor) -> list[torch.Tensor]:
-    """What a row's attention reads before its new keys or values, as stored, in two parts (the
-    same layout for every stream, hence one traced graph): the shared prefix, then the rows of
-    its own (frozen or not); ``empty`` where there are none."""
-    shared = empty if buffer.shared is None else buffer.shared
-    own = empty if buffer.length == buffer.shared_length else buffer.valid()
-    return [shared, own]
-
-
-def _mask(keys: GrowingBuffer, start: int, n: int, chunk: int, like: torch.Tensor) -> torch.Tensor:
-    """A row's additive attention mask [n, keys before + n]: 0 where a new frame may attend,
-    the official -1e10 elsewhere (mask_to_bias of the static chunk mask). All zeros when every
-    new frame sees every key, which adds 0 to every score: the floats of no mask."""
-    total = keys.length + n
-    mask = like.new_zeros(n, total)
-    if not sees_all_before(start, n, chunk):
-        bias = (1.0 - chunk_keep(start, n, start + n, chunk, like.device).to(like.dtype)) * -1.0e10
-        own = n if keys.frozen else keys.length - keys.shared_length + n  # what append returns
-        mask[:, total - own :] = bias[:, -own:]
-    return mask
-
-
 class _IncrementCall:
     """One increment call of R rows: its inputs gathered from the rows' caches in call order, and
     its outputs stored into them (``store``), around `_increment`."""
@@ -851,18 +827,18 @@ class _IncrementCall:
                 continue
             histories = [cache.next(AttentionHistory) for cache in caches]
             empty = x.new_zeros(1, layer.heads, 0, layer.to_out[0].in_features // layer.heads)
-            dtypes = []
             for history in histories:
-                self.keys += _before(history.keys, empty)
-                self.values += _before(history.values, empty)
-                dtype = history.keys.dtype
-                rounds = not history.keys.frozen and dtype not in (None, x.dtype)
-                dtypes.append(dtype if rounds else None)
-            stored.append(tuple(dtypes))
+                keys, values = history.before(empty)
+                self.keys += keys
+                self.values += values
+            stored.append(tuple(history.rounds_to(x.dtype) for history in histories))
             self.histories.append(histories)
         n, chunk = x.size(2), estimator.static_chunk_size
         first = self.histories[0]
-        self.masks = [_mask(h.keys, s, n, chunk, x) for h, s in zip(first, starts, strict=True)]
+        # the official -1e10 where masked (mask_to_bias of the static chunk mask)
+        self.masks = [
+            h.chunk_bias(s, n, chunk, x, -1.0e10) for h, s in zip(first, starts, strict=True)
+        ]
         self.layout = _Layout(
             len(caches), modulations, len(self.left), len(self.histories), tuple(stored)
         )

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.attention import attention, chunk_keep, sees_all_before
-from cosyvoice_lite.networks.cache import AttentionHistory
+from cosyvoice_lite.networks.attention import attention
+from cosyvoice_lite.networks.cache import BEFORE_PARTS, AttentionHistory
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
     CFG_ROWS,
@@ -307,6 +307,9 @@ def _stream_solve(
     return StreamSolve(state, mu, start, state.steps, state.cache_bytes())
 
 
+CAPTURED_ROWS = 2  # the most rows of one traced increment graph (a stream's CFG pair)
+
+
 def _velocity(
     estimator: DiT,
     x: torch.Tensor,
@@ -321,39 +324,89 @@ def _velocity(
     """DiT.forward(streaming=True, all-ones mask) on new frames [R, 80, n] of R rows (CFG rows
     of streams), row r at its stream's frame `starts[r]`, against its own step cache
     `caches[r]`. time: t's conditioning as the official batch of two CFG rows (the solver's
-    table), computed here when not given."""
-    x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
-    n = x.shape[1]
+    table), computed here when not given. With the estimator's graphs captured
+    (graph_capture.py), rows in pairs run as traced graphs: their caches are read before the
+    graph and written after it (`_IncrementCall` around `_increment`)."""
     # every row has the same t: conditioned as the official batch of two CFG rows (a batch of
     # another size could round differently); the modulations take its first row (per_row)
     if time is None:
         time = estimator.time_conditioning(t.expand(CFG_ROWS))
+    graphs = estimator.graphs
+    if graphs is None or torch.jit.is_tracing():
+        call = _IncrementCall(estimator, caches, starts, x)
+        return call.store(_increment(estimator, call.layout, *call.inputs(x, mu, spks, cond, time)))
+    # captured: rows in pairs, as the U-Net's (flow_v2._estimator_increment): two graphs serve
+    # every batch
+    velocities = []
+    for first in range(0, x.size(0), CAPTURED_ROWS):
+        mine = slice(first, first + CAPTURED_ROWS)
+        call = _IncrementCall(estimator, caches[mine], starts[mine], x[mine])
+        inputs = call.inputs(x[mine], mu[mine], spks[mine], cond[mine], time)
+        layout = call.layout
+
+        def increment(*inputs: torch.Tensor, layout: _Layout = layout) -> tuple[torch.Tensor, ...]:
+            return _increment(estimator, layout, *inputs)  # traced on the key's first call
+
+        key = ("increment", layout, x.dtype, x.device)
+        velocities.append(call.store(graphs.run(key, increment, inputs)))
+    return stack_rows(velocities)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the tensors of one increment call are (the key of its traced graph): its rows, and
+    per DiT block and row the dtype the cache stores new keys in where that rounds what a reader
+    gets back (None: read as computed)."""
+
+    rows: int
+    stored: tuple[tuple[torch.dtype | None, ...], ...]
+
+
+HEAD_INPUTS = 7  # x, mu, spks, cond, the rotary angles and the two position convs' left frames
+
+
+def _increment(estimator: DiT, layout: _Layout, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The DiT's velocity for new frames of R rows as a function of tensors alone, so that it can
+    run as a traced graph. ``inputs`` (``_IncrementCall.inputs``): x, mu, cond [R, 80, n], spks
+    [R, 80], each row's rotary angles [R, n, rot], both position convs' left frames [R, dim, k],
+    the time modulations (one per block, then the final one), then per block and row the keys and
+    the values before the new ones (``BEFORE_PARTS`` each: `AttentionHistory.before`), and each
+    row's additive chunk mask [n, keys]. Returns the velocity [R, 80, n], both convs' new left
+    frames, each block's new keys, then its new values."""
+    x, mu, spks, cond, rope, *tails = inputs[:HEAD_INPUTS]
+    depth = estimator.depth
+    modulations = inputs[HEAD_INPUTS : HEAD_INPUTS + depth]
+    final = inputs[HEAD_INPUTS + depth]
+    at = HEAD_INPUTS + depth + 1
+    per_block = layout.rows * BEFORE_PARTS
+    keys_before = inputs[at : at + depth * per_block]
+    values_before = inputs[at + depth * per_block : at + 2 * depth * per_block]
+    masks = inputs[at + 2 * depth * per_block :]
+    x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
     h = estimator.input_embed.proj(torch.cat(_input_parts(estimator, x, cond, mu, spks), dim=-1))
     # h first, so the sum keeps h's contiguous layout (see dit.InputEmbedding)
-    h = h + _conv_position_increment(estimator.input_embed.conv_pos_embed, h, caches)
-    rope = stack_rows(
-        [estimator.rotary_embed.forward_from_seq_len(n, offset=start) for start in starts]
-    )
-    chunk = estimator.static_chunk_size
-    keeps = [  # whole chunks: no mask
-        None
-        if sees_all_before(start, n, chunk)
-        else chunk_keep(start, n, start + n, chunk, h.device)
-        for start in starts
-    ]
+    positions, new_tails = _conv_position_increment(estimator.input_embed.conv_pos_embed, h, tails)
+    h = h + positions
+    new_keys, new_values = [], []
     residual = h
-    for depth, (block, modulation) in enumerate(
-        zip(estimator.transformer_blocks, time.blocks, strict=True)
+    for depth_index, (block, modulation) in enumerate(
+        zip(estimator.transformer_blocks, modulations, strict=True)
     ):
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, modulation)
-        kvs = [cache.kv[depth] for cache in caches]
-        h = h + gate_msa.unsqueeze(1) * _attention_increment(block.attn, norm, rope, kvs, keeps)
+        block_parts = slice(depth_index * per_block, (depth_index + 1) * per_block)
+        before = (keys_before[block_parts], values_before[block_parts])
+        stored = layout.stored[depth_index]
+        out, keys, values = _attention_increment(block.attn, norm, rope, before, stored, masks)
+        new_keys.append(keys)
+        new_values.append(values)
+        h = h + gate_msa.unsqueeze(1) * out
         ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
     if estimator.long_skip_connection is not None:
         h = estimator.long_skip_connection(torch.cat((h, residual), dim=-1))
-    h = estimator.norm_out(h, time.final)
-    return estimator.proj_out(h).transpose(1, 2)
+    h = estimator.norm_out(h, final)
+    velocity = estimator.proj_out(h).transpose(1, 2)
+    return (velocity, *new_tails, *new_keys, *new_values)
 
 
 def _input_parts(
@@ -367,38 +420,36 @@ def _input_parts(
 
 
 def _conv_position_increment(
-    pos: nn.Module, h: torch.Tensor, caches: list[_StepCache]
-) -> torch.Tensor:
-    """CausalConvPositionEmbedding on new frames h [R, n, dim], one cache per row: each conv
-    reads the last `kernel_size - 1` inputs of the row's previous call (zeros at the start, as
-    the left padding)."""
+    pos: nn.Module, h: torch.Tensor, tails: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """CausalConvPositionEmbedding on new frames h [R, n, dim]: each conv reads the last
+    `kernel_size - 1` inputs of the row's previous call (``tails``, one per conv; zeros at the
+    start, as the left padding). Returns its output and each conv's new left frames."""
     left = pos.kernel_size - 1
     x = h.transpose(1, 2)
-    for conv, name in ((pos.conv1, "conv1_tail"), (pos.conv2, "conv2_tail")):
-        tails = [getattr(cache, name) for cache in caches]
-        zeros = x.new_zeros(1, x.shape[1], left)
-        x = torch.cat([stack_rows([t if t is not None else zeros for t in tails]), x], dim=2)
-        for index, cache in enumerate(caches):
-            if not cache.frozen:
-                tail = x[index : index + 1, :, x.shape[2] - left :]
-                setattr(cache, name, tail.clone())
+    new_tails = []
+    for conv, tail in zip((pos.conv1, pos.conv2), tails, strict=True):
+        x = torch.cat([tail, x], dim=2)
+        new_tails.append(x[:, :, -left:].clone())  # not a view of the input (left > 0)
         # grouped: one kernel path for any number of rows, so a row's floats do not depend on
         # the rows beside it (measured at full size; unlike the U-Net's float32 convolutions,
         # flow_matching.conv1d_by_row; test_row_parallel checks v3 streams in shares)
         x = conv(x)
-    return x.transpose(1, 2)
+    return x.transpose(1, 2), new_tails
 
 
 def _attention_increment(
     attn: nn.Module,
     x: torch.Tensor,
     rope: torch.Tensor,
-    kvs: list[AttentionHistory],
-    keeps: list[torch.Tensor | None],
-) -> torch.Tensor:
+    before: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    stored: Sequence[torch.dtype | None],
+    masks: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The DiT Attention for new frames x [R, n, dim]: projections for all rows, attention per
-    row against its cached keys/values (`kvs[r]`, chunk mask `keeps[r]`, None where every new
-    frame sees every cached one).
+    row over its keys and values before the new ones (``before``: ``BEFORE_PARTS`` per row, as
+    stored) and the new ones (read back through the dtype they are stored in, ``stored``), with
+    its chunk mask. Returns the output and the new keys and values [R, heads, n, head_dim].
 
     As officially, RoPE rotates the un-split projections (head 0 only). The official output
     masking uses the last query row of the mask, which sees every frame: nothing is zeroed.
@@ -413,13 +464,75 @@ def _attention_increment(
 
     query, key, value = split(query), split(key), split(value)
     outs = []
-    for index, (kv, keep) in enumerate(zip(kvs, keeps, strict=True)):
-        mine = slice(index, index + 1)
-        keys, values = kv.append(key[mine], value[mine])
-        # earlier parts (shared prompt, frozen history) are whole earlier chunks: every new
-        # frame sees all of them; the chunk mask covers the rows `append` returned
-        prefix = list(zip(kv.keys.parts(), kv.values.parts(), strict=True))
-        mask = None if keep is None else keep[:, -keys.size(-2) :]
-        outs.append(attention(query[mine], keys, values, mask, prefix=prefix))
+    for row in range(total):
+        mine, parts = slice(row, row + 1), slice(row * BEFORE_PARTS, (row + 1) * BEFORE_PARTS)
+        new_keys, new_values = key[mine], value[mine]
+        if stored[row] is not None:  # read back as the cache stores them
+            new_keys, new_values = (y.to(stored[row]).to(key.dtype) for y in (new_keys, new_values))
+        keys = torch.cat([*(p.to(query.dtype) for p in before[0][parts]), new_keys], dim=-2)
+        values = torch.cat([*(p.to(query.dtype) for p in before[1][parts]), new_values], dim=-2)
+        outs.append(attention(query[mine], keys, values, masks[row]))
     out = stack_rows(outs).transpose(1, 2).reshape(total, n, attn.heads * head_dim)
-    return attn.to_out[1](attn.to_out[0](out.to(x.dtype)))
+    return attn.to_out[1](attn.to_out[0](out.to(x.dtype))), key, value
+
+
+class _IncrementCall:
+    """One increment call of R rows: its inputs gathered from the rows' step caches, and its
+    outputs stored into them (``store``), around `_increment`."""
+
+    def __init__(
+        self, estimator: DiT, caches: list[_StepCache], starts: list[int], x: torch.Tensor
+    ) -> None:
+        self.caches = caches
+        n, chunk = x.size(2), estimator.static_chunk_size
+        rotary = estimator.rotary_embed
+        self.rope = stack_rows([rotary.forward_from_seq_len(n, offset=s) for s in starts])
+        pos = estimator.input_embed.conv_pos_embed
+        zeros = x.new_zeros(1, estimator.dim, pos.kernel_size - 1)
+        self.tails = [
+            stack_rows([zeros if getattr(c, name) is None else getattr(c, name) for c in caches])
+            for name in ("conv1_tail", "conv2_tail")
+        ]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        stored = []
+        for depth, block in enumerate(estimator.transformer_blocks):
+            attn = block.attn
+            empty = x.new_zeros(1, attn.heads, 0, attn.inner_dim // attn.heads)
+            for cache in caches:
+                keys, values = cache.kv[depth].before(empty)
+                self.keys += keys
+                self.values += values
+            stored.append(tuple(cache.kv[depth].rounds_to(x.dtype) for cache in caches))
+        # masked: -inf, as torch's attention turns the official's boolean mask into
+        self.masks = [
+            cache.kv[0].chunk_bias(start, n, chunk, x, -torch.inf)
+            for cache, start in zip(caches, starts, strict=True)
+        ]
+        self.layout = _Layout(len(caches), tuple(stored))
+
+    def inputs(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        time: TimeConditioning,
+    ) -> tuple[torch.Tensor, ...]:
+        """`_increment`'s inputs."""
+        head = (x, mu, spks, cond, self.rope, *self.tails, *time.blocks, time.final)
+        return (*head, *self.keys, *self.values, *self.masks)
+
+    def store(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Keep the call's new conv tails, keys and values in the rows' caches (not where a
+        cache is frozen); returns the velocity."""
+        depth = len(self.caches[0].kv)
+        tails = outputs[1:3]
+        keys, values = outputs[3 : 3 + depth], outputs[3 + depth :]
+        for row, cache in enumerate(self.caches):
+            mine = slice(row, row + 1)
+            if not cache.frozen:
+                cache.conv1_tail, cache.conv2_tail = (tail[mine] for tail in tails)
+            for history, new_keys, new_values in zip(cache.kv, keys, values, strict=True):
+                history.append(new_keys[mine], new_values[mine])
+        return outputs[0]
