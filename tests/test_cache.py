@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from cosyvoice_lite.networks.cache import MAPPED_BYTES, MIN_CAPACITY, GrowingBuffer
+from cosyvoice_lite.networks.cache import (
+    MAPPED_BYTES,
+    MIN_CAPACITY,
+    AttentionHistory,
+    GrowingBuffer,
+)
 
 
 def test_chunk_appends_reallocate_at_most_every_other_chunk() -> None:
@@ -98,3 +103,36 @@ def test_mapped_buffers_are_counted_until_freed() -> None:
     del buffer
     gc.collect()
     assert _Mappings.live == before
+
+
+def test_an_increment_reads_a_history_as_the_attention_would() -> None:
+    """What a traced increment call reads of a forked history (the shared prompt, its own rows,
+    the chunk mask over them and the new frames), in any float dtype: -1e10 overflows float16
+    to -inf, as the official's mask does."""
+    prompt = AttentionHistory(torch.float16, granule=10)
+    prompt.append(torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4))  # two whole chunks
+    stream = prompt.fork()
+    stream.append(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))  # half of the next chunk
+    empty = torch.zeros(1, 2, 0, 4)
+    keys, values = stream.before(empty)
+    assert [k.shape[-2] for k in keys] == [20, 5] and [v.shape[-2] for v in values] == [20, 5]
+    assert (
+        stream.rounds_to(torch.float32) == torch.float16 and stream.rounds_to(torch.float16) is None
+    )
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        bias = stream.chunk_bias(25, 10, 10, torch.zeros(1, dtype=dtype), -1.0e10)
+        assert bias.shape == (10, 35) and bias.dtype == dtype
+        # frames 25-29 see up to frame 29, frames 30-34 all 35
+        assert (
+            (bias[:5, 30:].float() < -1e9).all()
+            and (bias[:5, :30] == 0).all()
+            and (bias[5:] == 0).all()
+        )
+    assert torch.isinf(
+        stream.chunk_bias(25, 10, 10, torch.zeros(1, dtype=torch.float16), -1e10)
+    ).any()
+    # whole chunks: no mask at all (zeros)
+    assert not stream.chunk_bias(25, 5, 10, torch.zeros(1), -torch.inf).any()
+    stream.freeze()
+    keys, _ = stream.before(empty)
+    assert [k.shape[-2] for k in keys] == [20, 5] and stream.rounds_to(torch.float32) is None

@@ -118,7 +118,11 @@ def _audio(engine: Engine, voice: str, seed: int, stream: bool) -> np.ndarray:
     return np.concatenate([chunk.samples for chunk in engine.synthesize(request)])
 
 
-@pytest.mark.parametrize("options", [{}, {"stream_cache_mb": 0}], ids=["caches", "frozen"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"stream_cache_mb": 0}, {"stream_cache_dtype": "float16"}],
+    ids=["caches", "frozen", "float16-caches"],
+)
 def test_an_engine_captures_the_flow_of_whole_utterances_and_streams(options) -> None:
     """Whole utterances (the U-Net's forward) and streams' incremental calls (a saved voice's
     forks of its prompt frames, a preset's fresh caches; frozen past a zero budget) give the
@@ -136,7 +140,11 @@ def test_an_engine_captures_the_flow_of_whole_utterances_and_streams(options) ->
     assert len(graphs) == 3
 
 
-@pytest.mark.parametrize("options", [{}, {"stream_cache_mb": 0}], ids=["caches", "frozen"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"stream_cache_mb": 0}, {"stream_cache_dtype": "float16"}],
+    ids=["caches", "frozen", "float16-caches"],
+)
 def test_an_engine_captures_the_dit_of_whole_utterances_and_streams(options) -> None:
     """CosyVoice3: whole utterances (the DiT's forward) and streams' incremental calls (a saved
     voice's forks of its prompt frames; frozen past a zero budget) give the eager samples bit

@@ -36,6 +36,7 @@ from .heap import release_freed_memory
 from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
 from .networks.flow_matching import check_steps
+from .networks.graph_capture import traceable
 from .onnx_threads import share_threads
 from .pipelines.common import ModelInputs
 from .precision import has_int8_products, int8_product_kernel, packs_linear
@@ -98,8 +99,9 @@ def _share_onnx_threads(placement: Placement, backend: str, share: bool) -> bool
     LLM gains from it: int8 decoding, the torch backend, and the flow's int8 products not on
     onnxruntime (a CPU without VNNI or AMX: there the flow's row threads call its products at
     once, and two callers of a shared 2-thread pool took 1.25x as long as two with a thread
-    each). A full-size CosyVoice-300M int8 step 1.24x faster, whole requests 1.07-1.18x the
-    audio per second (benchmarks/README.md). True if the process's sessions share a pool."""
+    each). Measured (full size, 2 cores, benchmarks/README.md): a CosyVoice-300M int8 step
+    1.16x faster, whole requests 1.16x / 1.07x the audio per second (one / four at once);
+    CosyVoice2 streams 1.15x / 1.11x. True if the process's sessions share a pool."""
     if not share or placement.quantize != "int8" or backend != "torch":
         return False
     if int8_product_kernel(placement) == "onnxruntime":
@@ -121,15 +123,13 @@ def _capture_flow_graphs(
     other audio worker contend for (four concurrent whole requests 1.07-1.26x the throughput,
     CosyVoice2 streams 1.17-1.31x; benchmarks/README.md). Not with ``exact_float32``, which
     keeps the official's calls as they are, nor where the DiT's int8 products run on
-    onnxruntime (a CPU without VNNI or AMX), which a trace cannot record. True if captured."""
+    onnxruntime (a CPU without VNNI or AMX), which a trace cannot record
+    (``graph_capture.traceable``). True if captured."""
     if capture is None:
         capture = placement.device.type == "cpu" and backend == "torch"
         capture = capture and not placement.exact_float32
     estimator = getattr(pipeline.flow.decoder, "estimator", None)
-    on_onnxruntime = int8_product_kernel(placement) == "onnxruntime"
-    if on_onnxruntime and estimator is not None and has_int8_products(estimator):
-        capture = False
-    if capture and callable(getattr(estimator, "capture_graphs", None)):
+    if capture and callable(getattr(estimator, "capture_graphs", None)) and traceable(estimator):
         estimator.capture_graphs()
         return True
     return False
@@ -274,10 +274,10 @@ class Engine:
         ``exact_float32``: float32 by the official's kernels and operations, its floats on the
         same CPU (for parity checks); by default a CPU runs its float32 linear layers with
         oneDNN-packed weights and more (~1e-6 different, up to 2x faster flows: device.Placement).
-        ``capture_graphs``: the v1/v2 flow estimator's calls (whole utterances, v2 streams'
-        chunks) run as traced graphs, the same floats without Python between the operations
+        ``capture_graphs``: the flow estimator's calls (whole utterances, v2/v3 streams' chunks)
+        run as traced graphs, the same floats without Python between the operations
         (``_capture_flow_graphs``; None: on a CPU with the torch backend, not with
-        ``exact_float32``). Its three graphs are traced in the background after the load (1-3 s
+        ``exact_float32``). Its three graphs are traced in the background after the load (1-6 s
         each, once per process) and hold 40-150 MB each (full size): not worth it for a one-off
         request.
         ``share_onnx_threads``: where the int8 LLM gains from it (``_share_onnx_threads``), every

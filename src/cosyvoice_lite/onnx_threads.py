@@ -6,8 +6,10 @@ The int8 LLM runs each linear layer as its own small onnxruntime session (quanti
 per session, a call has to wake its session's sleeping worker thread first (those workers must
 not spin: ~100 spinning pools fight over the cores), ~0.1 ms a call on a 2-core VM. One shared
 pool has one worker for every session, which spins between a step's calls and sleeps ~25 ms after
-the last: a full-size CosyVoice-300M int8 step 24.7 -> 18.5 ms, whole requests 1.2x and
-CosyVoice2 streams 1.13x the audio per second (benchmarks/README.md, 2026-12-06).
+the last: a full-size CosyVoice-300M int8 step 24.0 -> 20.8 ms and whole requests 1.16x the audio
+per second, a CosyVoice2 step 37.4 -> 28.9 ms and streams 1.15x (benchmarks/README.md,
+``bench_onnx_pool.py``, 2026-12-06). The speech tokenizer's and speaker encoder's sessions then
+run on that pool too (on one thread of their own otherwise, as the official's), the same floats.
 
 onnxruntime makes the shared pool a property of the process: once it exists, every session the
 process creates must use it (onnxruntime refuses a session that asks for its own pool). So the

@@ -168,7 +168,8 @@ def quantize_linear_int8(
 ) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers by ``Int8Linear``, in place, the
     linear groups fused first (``fuse``); ``threads``: onnxruntime's threads per layer (default:
-    torch's thread count)."""
+    torch's thread count; the process's shared pool instead where there is one,
+    onnx_threads.py)."""
     threads = threads or torch.get_num_threads()
     return replace_linears(network, lambda linear: Int8Linear(linear, threads), fuse)
 

@@ -181,6 +181,8 @@ class Int8Linear(nn.Module):
     thread count (chosen once at load).
     """
 
+    computes_outside_torch = True  # onnxruntime, from numpy: no torch trace can record it
+
     def __init__(self, linear: nn.Linear, threads: int, block: int = BLOCK) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -243,6 +245,11 @@ class Int8MatmulLinear(nn.Module):
             out.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, out, self.scale)
         )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def computes_outside_torch(self) -> bool:
+        """onnxruntime's kernel runs from numpy: no torch trace can record it."""
+        return self.kernel != "torch"
 
     def extra_repr(self) -> str:
         return (

@@ -251,7 +251,10 @@ class AttentionHistory:
             # earlier chunks, which every new frame sees
             own = n if keys.frozen else keys.length - keys.shared_length + n
             keep = chunk_keep(start, n, start + n, chunk, like.device)[:, -own:]
-            mask[:, total - own :].masked_fill_(~keep, masked)
+            # filled in float32, then rounded: -1e10 overflows float16 to -inf, as it did when
+            # multiplied there
+            bias = torch.zeros(keep.shape, device=like.device).masked_fill_(~keep, masked)
+            mask[:, total - own :] = bias.to(like.dtype)
         return mask
 
     def fork(self, share: bool = True) -> AttentionHistory:

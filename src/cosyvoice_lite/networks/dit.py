@@ -418,7 +418,8 @@ class DiT(nn.Module):
         # the rotary angles from the length here: a graph replays any length
         rope = self.rotary_embed.forward_from_seq_len(x.shape[2])
         masks = () if attn_mask is None else (attn_mask,)
-        key = ("whole", bool(masks), x.shape[0], x.dtype, x.device)
+        # the modulations' rows too: a graph keeps per_row's choice between theirs and the first
+        key = ("whole", bool(masks), x.shape[0], time.final.shape[0], x.dtype, x.device)
 
         def traced(x, mu, cond, spks, rope, final, *rest):  # noqa: ANN001, ANN202 - graph inputs
             blocks, mask = rest[: self.depth], (rest[self.depth :] or (None,))[0]

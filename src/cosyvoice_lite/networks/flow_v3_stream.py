@@ -367,11 +367,11 @@ HEAD_INPUTS = 7  # x, mu, spks, cond, the rotary angles and the two position con
 
 def _increment(estimator: DiT, layout: _Layout, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The DiT's velocity for new frames of R rows as a function of tensors alone, so that it can
-    run as a traced graph. ``inputs`` (``_IncrementCall.inputs``): x, mu, cond [R, 80, n], spks
-    [R, 80], each row's rotary angles [R, n, rot], both position convs' left frames [R, dim, k],
-    the time modulations (one per block, then the final one), then per block and row the keys and
-    the values before the new ones (``BEFORE_PARTS`` each: `AttentionHistory.before`), and each
-    row's additive chunk mask [n, keys]. Returns the velocity [R, 80, n], both convs' new left
+    run as a traced graph. ``inputs`` (``_IncrementCall.inputs``): x, mu [R, 80, n], spks
+    [R, 80], cond [R, 80, n], each row's rotary angles [R, n, rot], both position convs' left
+    frames [R, dim, k], the time modulations (one per block, then the final one), the keys before
+    the new ones per block and row (``BEFORE_PARTS`` each: `AttentionHistory.before`), then the
+    values likewise, and each row's additive chunk mask [n, keys]. Returns the velocity [R, 80, n], both convs' new left
     frames, each block's new keys, then its new values."""
     x, mu, spks, cond, rope, *tails = inputs[:HEAD_INPUTS]
     depth = estimator.depth

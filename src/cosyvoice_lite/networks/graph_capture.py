@@ -33,6 +33,13 @@ import torch
 from torch import nn
 
 
+def traceable(module: nn.Module) -> bool:
+    """Whether a trace records all of ``module``'s work: not where a submodule computes outside
+    torch (``computes_outside_torch``: onnxruntime's products), whose results a trace would keep
+    as constants."""
+    return not any(getattr(m, "computes_outside_torch", False) for m in module.modules())
+
+
 class _Bound(nn.Module):
     """``fn`` over a module's parameters, as a module: tracing a module keeps its weights as the
     graph's attributes (shared, not copied)."""
@@ -50,6 +57,10 @@ class CapturedGraphs:
     """The traced graphs of one module's forward, one per key, made on first use."""
 
     def __init__(self, module: nn.Module) -> None:
+        if not traceable(module):
+            raise ValueError(
+                f"{type(module).__name__} computes outside torch: no trace can record it"
+            )
         torch._C._set_graph_executor_optimize(False)  # process-wide; see the module docstring
         # process-wide too: warnings.catch_warnings is not thread-safe, and traces run beside
         # other threads. TracerWarnings name the shape logic handled above; torch.jit.trace (and

@@ -468,7 +468,8 @@ class ConditionalDecoder(nn.Module):
             time = self.time_conditioning(t)
         if self.graphs is None or spks is None or cond is None or torch.jit.is_tracing():
             return self._velocity(x, mask, mu, spks, cond, streaming, time.blocks)
-        key = (streaming, x.shape[0], x.dtype, x.device)
+        # the modulations' rows too: a graph keeps per_row's choice between theirs and the first
+        key = (streaming, x.shape[0], time.blocks[0].shape[0], x.dtype, x.device)
 
         def traced(x, mask, mu, spks, cond, *blocks):  # noqa: ANN001, ANN202 - graph inputs
             return self._velocity(x, mask, mu, spks, cond, streaming, blocks)
