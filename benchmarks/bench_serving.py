@@ -116,6 +116,7 @@ def serve(args: argparse.Namespace) -> None:
     engine = Engine.load(
         args.model_dir,
         dtype=args.dtype,
+        quantize=args.quantize,
         max_batch=args.max_batch,
         audio_workers=args.audio_workers,
         flow_threads_while_decoding=args.threads if args.design == "loop-wide" else None,
@@ -209,6 +210,7 @@ class Server:
             args.dtype,
             "--audio-workers",
             str(args.audio_workers),
+            *(["--quantize", args.quantize] if args.quantize else []),
         ]
         self.log = log.open("w")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
@@ -345,7 +347,8 @@ def drive(args: argparse.Namespace) -> None:
     (out / "serving.json").write_text(json.dumps(results, indent=1))
     print(
         f"\nmodel {args.model_dir}, {args.tokens} speech tokens per request, "
-        f"{args.threads} torch threads, max batch {args.max_batch}, {args.dtype}, "
+        f"{args.threads} torch threads, max batch {args.max_batch}, {args.dtype}"
+        f"{', ' + args.quantize if args.quantize else ''}, "
         f"{args.audio_workers} audio worker(s)"
     )
     for key, value in results.items():
@@ -388,6 +391,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="weights' precision (float32, bfloat16)")
+    parser.add_argument(
+        "--quantize", choices=["int8"], help="int8 LLM (and CosyVoice3 DiT products)"
+    )
     parser.add_argument("--audio-workers", type=int, default=2, help="engine loop audio threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serving"))
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
