@@ -624,7 +624,8 @@ def test_a_decoding_llm_widens_only_its_packed_products() -> None:
     if not packs_linear(placement):
         pytest.skip("no oneDNN packing on this build")
     assert decode_threads(placement) == 1
-    assert decode_threads(resolve_placement("cpu", "bfloat16")) == 1
+    bf16 = resolve_placement("cpu", "bfloat16")  # packed only where the CPU has the instructions
+    assert decode_threads(bf16) == (1 if packs_linear(bf16) else None)
     assert decode_threads(resolve_placement("cpu", quantize="int8")) == 1
     assert decode_threads(resolve_placement("cpu", exact_float32=True)) is None
     model = open_model_dir(MODELS / "v2-tiny")
