@@ -377,6 +377,31 @@ def test_a_process_exits_cleanly_after_synthesis_without_close(tmp_path: Path) -
     assert int(done.stdout.split()[-1]) > 0
 
 
+def test_closing_stops_background_work_between_its_steps() -> None:
+    """Work of no row (the flow's graphs traced after a load: ~20 s for a full-size CosyVoice2 on
+    2 AVX2 cores) stops at its next step once the engine closes, so a process that exits right
+    after loading neither waits for all of it nor aborts inside a torch op (status 134)."""
+    from cosyvoice_lite.errors import EngineClosedError
+    from cosyvoice_lite.networks.abort import check
+
+    engine = Engine.load(DATA / "models" / "v2-tiny", capture_graphs=False)
+    started = threading.Event()
+
+    def long_computation() -> None:
+        started.set()
+        while True:
+            check("the next step")
+            time.sleep(0.01)
+
+    work = engine.loop.background(long_computation)
+    assert started.wait(10)
+    begin = time.monotonic()
+    engine.close()
+    assert time.monotonic() - begin < 5
+    with pytest.raises(EngineClosedError):
+        work.result(timeout=1)
+
+
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_first_piece_tokens_is_when_a_stream_gives_its_first_audio(
     version: int, v1_dir: Path

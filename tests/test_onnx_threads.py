@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+from torch import nn
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -33,9 +35,11 @@ engine = Engine.load(
     sys.argv[2], quantize="int8", capture_graphs=False, download=False,
     share_onnx_threads=way == "load",
 )
-if way == "load":  # shared where the flow's int8 products do not run on onnxruntime
+if way == "load":  # shared unless the flow's int8 products run on onnxruntime: CosyVoice3's
+    # DiT (the U-Nets declare none) on a CPU without VNNI or AMX
     kernel = int8_product_kernel(resolve_placement("cpu", "float32", "int8"))
-    assert (shared_threads() is None) == (kernel == "onnxruntime"), (kernel, shared_threads())
+    own = engine.version == 3 and kernel == "onnxruntime"
+    assert (shared_threads() is None) == own, (kernel, shared_threads())
 voice = engine.encode_prompt(sys.argv[3], "希望你以后能够做的比我还好呦。")
 request = SynthesisRequest(
     Mode.ZERO_SHOT, "今天天气很好。", seed=3, max_speech_tokens=20, ignore_eos=True
@@ -64,24 +68,41 @@ def _run(way: str, model: Path, out: Path) -> dict[str, np.ndarray]:
         return dict(saved)
 
 
-def test_a_shared_pool_gives_the_same_floats(tmp_path: Path) -> None:
-    model = DATA / "models" / "v2-tiny"
-    own = _run("own", model, tmp_path / "own.npz")
+@pytest.mark.parametrize(
+    ("model", "ways"),
+    [
+        ("v2-tiny", ("shared", "load")),  # share_threads, and Engine.load(share_onnx_threads=True)
+        ("v3-tiny", ("load",)),  # its DiT's int8 products: a shared pool or not, by the CPU
+    ],
+)
+def test_a_shared_pool_gives_the_same_floats(
+    model: str, ways: tuple[str, ...], tmp_path: Path
+) -> None:
+    path = DATA / "models" / model
+    own = _run("own", path, tmp_path / "own.npz")
     assert own["audio"].size > 0
-    for way in ("shared", "load"):  # share_threads, and Engine.load(share_onnx_threads=True)
-        shared = _run(way, model, tmp_path / f"{way}.npz")
+    for way in ways:
+        shared = _run(way, path, tmp_path / f"{way}.npz")
         for name in ("tokens", "embedding", "audio"):
             np.testing.assert_array_equal(own[name], shared[name], err_msg=f"{way}: {name}")
 
 
 def test_only_an_int8_llm_asks_for_a_shared_pool() -> None:
-    """Without int8 decoding (or with another backend) the load leaves onnxruntime's pools as
-    they are, asked or not (safe to check in this process: nothing is shared)."""
+    """Without int8 decoding (or with another backend), or with a flow computing on onnxruntime,
+    the load leaves onnxruntime's pools as they are, asked or not (safe to check in this
+    process: nothing is shared)."""
     from cosyvoice_lite.device import resolve_placement
     from cosyvoice_lite.engine import _share_onnx_threads
+    from cosyvoice_lite.onnx_threads import shared_threads
+    from cosyvoice_lite.quantized_linear import Int8MatmulLinear
 
     float32 = resolve_placement("cpu", "float32", None)
     int8 = resolve_placement("cpu", "float32", "int8")
-    assert not _share_onnx_threads(float32, "torch", share=True)
-    assert not _share_onnx_threads(int8, "onnxruntime", share=True)
-    assert not _share_onnx_threads(int8, "torch", share=False)
+    flow = nn.Sequential(nn.Linear(8, 8))
+    assert not _share_onnx_threads(float32, "torch", True, flow)
+    assert not _share_onnx_threads(int8, "onnxruntime", True, flow)
+    assert not _share_onnx_threads(int8, "torch", False, flow)
+    # a flow with products on onnxruntime (its sessions exist already, each with its own pool)
+    on_onnxruntime = nn.Sequential(Int8MatmulLinear(nn.Linear(8, 8), kernel="onnxruntime"))
+    assert not _share_onnx_threads(int8, "torch", True, on_onnxruntime)
+    assert shared_threads() is None

@@ -28,7 +28,12 @@ import torch
 from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
-from .errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from .errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    UnknownVoiceError,
+    UnsupportedModeError,
+)
 from .frontend.markup import V1_TAGS, check_markup, held_back, unescape, user_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend, is_only_punctuation
@@ -39,7 +44,7 @@ from .networks.flow_matching import check_steps
 from .networks.graph_capture import traceable
 from .onnx_threads import share_threads
 from .pipelines.common import ModelInputs
-from .precision import has_int8_products, int8_product_kernel, packs_linear
+from .precision import has_int8_products, packs_linear
 from .precision import stream_cache_dtype as resolve_stream_cache_dtype
 from .request import MAX_SPEED, MIN_SPEED, AudioChunk, Mode, SynthesisRequest
 from .row_parallel import RowSplit
@@ -94,17 +99,21 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     pipeline.flow.decoder.set_row_split(split, utterances=not exact)
 
 
-def _share_onnx_threads(placement: Placement, backend: str, share: bool) -> bool:
+def _share_onnx_threads(
+    placement: Placement, backend: str, share: bool, flow: torch.nn.Module
+) -> bool:
     """One onnxruntime pool for the process (onnx_threads.py), where asked and where the int8
-    LLM gains from it: int8 decoding, the torch backend, and the flow's int8 products not on
-    onnxruntime (a CPU without VNNI or AMX: there the flow's row threads call its products at
-    once, and two callers of a shared 2-thread pool took 1.25x as long as two with a thread
-    each). Measured (full size, 2 cores, benchmarks/README.md): a CosyVoice-300M int8 step
-    1.16x faster, whole requests 1.16x / 1.07x the audio per second (one / four at once);
-    CosyVoice2 streams 1.15x / 1.11x. True if the process's sessions share a pool."""
+    LLM gains from it: int8 decoding, the torch backend, and a ``flow`` (loaded, before any
+    other session is made) whose products are not on onnxruntime. CosyVoice3's DiT on a CPU
+    without VNNI or AMX computes its int8 products there, from its row threads at once: two
+    callers of a shared 2-thread pool took 1.25x as long as two with a thread each (and its
+    sessions, made with the flow, already have pools of their own). Measured (full size, 2
+    cores, benchmarks/README.md): a CosyVoice-300M int8 step 1.16x faster, whole requests
+    1.16x / 1.07x the audio per second (one / four at once); CosyVoice2 streams 1.15x / 1.11x.
+    True if the process's sessions share a pool."""
     if not share or placement.quantize != "int8" or backend != "torch":
         return False
-    if int8_product_kernel(placement) == "onnxruntime":
+    if not traceable(flow):  # its products run on onnxruntime
         return False
     share_threads(torch.get_num_threads())
     return True
@@ -136,8 +145,9 @@ def _capture_flow_graphs(
 
 
 def _log_failure(future: Future) -> None:
-    if future.exception() is not None:
-        log.warning("tracing the flow's graphs failed: %r", future.exception())
+    error = future.exception()
+    if error is not None and not isinstance(error, EngineClosedError):  # closed: stopped early
+        log.warning("tracing the flow's graphs failed: %r", error)
 
 
 def utterance_batch_size(
@@ -298,7 +308,6 @@ class Engine:
         from .export.runtime import check_backend, install_backend  # light: torch is loaded
 
         check_backend(backend, onnx_dir, placement)
-        _share_onnx_threads(placement, backend, share_onnx_threads)  # before any session
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         from .pipelines import factory  # version-specific wiring
 
@@ -311,6 +320,10 @@ class Engine:
             prompt_cache_mb << 20,
             None if stream_cache_mb is None else stream_cache_mb << 20,
             cache_dtype,
+            # before the LLM's and the prompt encoder's sessions
+            before_llm=lambda flow: _share_onnx_threads(
+                placement, backend, share_onnx_threads, flow
+            ),
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         _split_flow_rows(pipeline, placement, backend)

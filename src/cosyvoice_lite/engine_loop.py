@@ -196,6 +196,7 @@ class AudioWorker:
         # (and its flow caches) is freed even while this worker has nothing to do
         self._streams: weakref.WeakKeyDictionary[_Row, Any] = weakref.WeakKeyDictionary()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()  # work of no row stops between its steps then
         self._thread = start_torch_thread(self._main, threads, "engine-audio", threads)
 
     def backlog(self) -> int:
@@ -205,6 +206,7 @@ class AudioWorker:
         self._queue.put(work)
 
     def stop(self) -> None:
+        self._stopping.set()
         self._queue.put(None)
 
     def join(self, timeout: float) -> None:
@@ -331,7 +333,11 @@ class AudioWorker:
         )
         for item in later:
             if isinstance(item, _Background):
-                _run_into(item.fn, item.future)
+                # stopped between its steps once the engine closes: tracing the flow's graphs
+                # after a load takes ~20 s on a slow CPU, and a process that exits meanwhile
+                # must not wait for it all (nor abort inside a torch op, see _RUNNING)
+                with abort_when(self._stopping.is_set):
+                    _run_into(item.fn, item.future)
             else:
                 self._streams.pop(item.row, None)
                 if not _gone(item):
@@ -964,5 +970,9 @@ def _run_into(fn: Callable[[], Any], future: Future) -> None:
     if future.set_running_or_notify_cancel():
         try:
             future.set_result(fn())
+        except ComputationAborted as exc:  # the engine closed meanwhile
+            closed = EngineClosedError("the engine was closed")
+            closed.__cause__ = exc
+            future.set_exception(closed)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             future.set_exception(exc)

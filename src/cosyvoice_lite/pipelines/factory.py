@@ -84,11 +84,17 @@ def build_pipeline(
     prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
     stream_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
+    before_llm: Callable[[torch.nn.Module], object] | None = None,
 ):
-    llm = load_network(model, "llm", llm_checkpoint, placement)
+    """The model's token -> waveform pipeline. ``before_llm`` gets the loaded flow before the
+    LLM is loaded (the engine chooses onnxruntime's threads there: the int8 LLM's sessions come
+    after, the flow's own int8 products on onnxruntime, if any, before)."""
     flow = load_network(
         model, "flow", "flow.pt", placement, finish=lambda flow: fix_schedule(flow, flow_steps)
     )
+    if before_llm is not None:
+        before_llm(flow)
+    llm = load_network(model, "llm", llm_checkpoint, placement)
     hift = load_network(model, "hift", "hift.pt", placement)
     if spec(model.version).pipeline == "v1":
         from .v1 import V1Pipeline

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..networks.abort import check
 from ..networks.flow_matching import stream_estimator
 from ..networks.hift import at_speed
 from ..networks.utterances import new_frames
@@ -205,6 +206,7 @@ class V2Pipeline(Pipeline):
         feat = torch.zeros(1, 0, projection.out_features, device=self.device)
         tokens = torch.zeros(1, 10, dtype=torch.long, device=self.device)
         for count in (1, 2):
+            check(f"tracing a stream's graph of {count} rows")  # the engine may be closing
             cache = self.prompt_flows.cache_dtype
             states = [flow.new_stream(token, feat, embedding, cache) for _ in range(count)]
             flow.stream_steps(states, [tokens] * count, [True] * count)
