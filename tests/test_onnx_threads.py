@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch import nn
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -87,6 +86,21 @@ def test_a_shared_pool_gives_the_same_floats(
             np.testing.assert_array_equal(own[name], shared[name], err_msg=f"{way}: {name}")
 
 
+def test_flows_declare_their_int8_products_before_loading() -> None:
+    """The load decides onnxruntime's pool before any session, from the flow's structure alone:
+    it agrees with the loaded int8 flow (CosyVoice3's DiT has W8A8 products, the U-Nets none)."""
+    from cosyvoice_lite.device import resolve_placement
+    from cosyvoice_lite.modeldir import open_model_dir
+    from cosyvoice_lite.pipelines.factory import flow_declares_int8_products, load_network
+    from cosyvoice_lite.precision import has_int8_products
+
+    int8 = resolve_placement("cpu", "float32", "int8")
+    for name, declared in (("v1-tiny", False), ("v2-tiny", False), ("v3-tiny", True)):
+        model = open_model_dir(DATA / "models" / name)
+        assert flow_declares_int8_products(model) == declared, name
+        assert has_int8_products(load_network(model, "flow", "flow.pt", int8)) == declared, name
+
+
 def test_only_an_int8_llm_asks_for_a_shared_pool() -> None:
     """Without int8 decoding (or with another backend), or with a flow computing on onnxruntime,
     the load leaves onnxruntime's pools as they are, asked or not (safe to check in this
@@ -94,15 +108,13 @@ def test_only_an_int8_llm_asks_for_a_shared_pool() -> None:
     from cosyvoice_lite.device import resolve_placement
     from cosyvoice_lite.engine import _share_onnx_threads
     from cosyvoice_lite.onnx_threads import shared_threads
-    from cosyvoice_lite.quantized_linear import Int8MatmulLinear
+    from cosyvoice_lite.precision import int8_product_kernel
 
     float32 = resolve_placement("cpu", "float32", None)
     int8 = resolve_placement("cpu", "float32", "int8")
-    flow = nn.Sequential(nn.Linear(8, 8))
-    assert not _share_onnx_threads(float32, "torch", True, flow)
-    assert not _share_onnx_threads(int8, "onnxruntime", True, flow)
-    assert not _share_onnx_threads(int8, "torch", False, flow)
-    # a flow with products on onnxruntime (its sessions exist already, each with its own pool)
-    on_onnxruntime = nn.Sequential(Int8MatmulLinear(nn.Linear(8, 8), kernel="onnxruntime"))
-    assert not _share_onnx_threads(int8, "torch", True, on_onnxruntime)
+    assert not _share_onnx_threads(float32, "torch", True, False)
+    assert not _share_onnx_threads(int8, "onnxruntime", True, False)
+    assert not _share_onnx_threads(int8, "torch", False, False)
+    if int8_product_kernel(int8) == "onnxruntime":  # a CPU without VNNI or AMX
+        assert not _share_onnx_threads(int8, "torch", True, True)
     assert shared_threads() is None

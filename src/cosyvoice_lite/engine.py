@@ -44,7 +44,7 @@ from .networks.flow_matching import check_steps
 from .networks.graph_capture import traceable
 from .onnx_threads import share_threads
 from .pipelines.common import ModelInputs
-from .precision import has_int8_products, packs_linear
+from .precision import has_int8_products, int8_product_kernel, packs_linear
 from .precision import stream_cache_dtype as resolve_stream_cache_dtype
 from .request import MAX_SPEED, MIN_SPEED, AudioChunk, Mode, SynthesisRequest
 from .row_parallel import RowSplit
@@ -100,20 +100,19 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
 
 
 def _share_onnx_threads(
-    placement: Placement, backend: str, share: bool, flow: torch.nn.Module
+    placement: Placement, backend: str, share: bool, flow_int8_products: bool
 ) -> bool:
     """One onnxruntime pool for the process (onnx_threads.py), where asked and where the int8
-    LLM gains from it: int8 decoding, the torch backend, and a ``flow`` (loaded, before any
-    other session is made) whose products are not on onnxruntime. CosyVoice3's DiT on a CPU
-    without VNNI or AMX computes its int8 products there, from its row threads at once: two
-    callers of a shared 2-thread pool took 1.25x as long as two with a thread each (and its
-    sessions, made with the flow, already have pools of their own). Measured (full size, 2
-    cores, benchmarks/README.md): a CosyVoice-300M int8 step 1.16x faster, whole requests
-    1.16x / 1.07x the audio per second (one / four at once); CosyVoice2 streams 1.15x / 1.11x.
-    True if the process's sessions share a pool."""
+    LLM gains from it: int8 decoding, the torch backend, and no flow products on onnxruntime.
+    A flow's int8 products (``flow_int8_products``: CosyVoice3's DiT) run there on a CPU without
+    VNNI or AMX, from its row threads at once: two callers of a shared 2-thread pool took 1.25x
+    as long as two with a thread each. Measured (full size, 2 cores, benchmarks/README.md): a
+    CosyVoice-300M int8 step 1.16x faster, whole requests 1.16x / 1.07x the audio per second
+    (one / four at once); CosyVoice2 streams 1.15x / 1.11x (an AVX2 CPU: a step 1.33x, streams
+    1.11x / 1.04x). True if the process's sessions share a pool."""
     if not share or placement.quantize != "int8" or backend != "torch":
         return False
-    if not traceable(flow):  # its products run on onnxruntime
+    if flow_int8_products and int8_product_kernel(placement) == "onnxruntime":
         return False
     share_threads(torch.get_num_threads())
     return True
@@ -311,6 +310,10 @@ class Engine:
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         from .pipelines import factory  # version-specific wiring
 
+        if share_onnx_threads:  # before any session
+            flow_int8 = factory.flow_declares_int8_products(model_dir)
+            _share_onnx_threads(placement, backend, True, flow_int8)
+
         tokenizer = factory.text_tokenizer(model_dir)
         pipeline = factory.build_pipeline(
             model_dir,
@@ -320,10 +323,6 @@ class Engine:
             prompt_cache_mb << 20,
             None if stream_cache_mb is None else stream_cache_mb << 20,
             cache_dtype,
-            # before the LLM's and the prompt encoder's sessions
-            before_llm=lambda flow: _share_onnx_threads(
-                placement, backend, share_onnx_threads, flow
-            ),
         )
         pipeline = install_backend(pipeline, backend, onnx_dir)
         _split_flow_rows(pipeline, placement, backend)

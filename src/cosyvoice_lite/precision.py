@@ -158,6 +158,12 @@ def quantize_products_int8(
     )
 
 
+def declares_int8_products(network: nn.Module) -> bool:
+    """Whether ``quantize_products_int8`` would give ``network`` W8A8 products: a module of it
+    declares ``int8_products`` (its structure alone: a network on the meta device will do)."""
+    return any(hasattr(type(module), INT8_PRODUCTS_ATTRIBUTE) for module in network.modules())
+
+
 def has_int8_products(network: nn.Module) -> bool:
     """Whether ``network`` computes some products in W8A8 (``quantize_products_int8``)."""
     return any(isinstance(module, Int8MatmulLinear) for module in network.modules())

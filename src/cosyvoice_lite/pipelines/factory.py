@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..build import build_for_checkpoint
+from ..build import build_for_checkpoint, build_network
 from ..device import Placement
 from ..errors import ModelDirError
 from ..heap import release_freed_memory
@@ -15,7 +15,7 @@ from ..hub import whisper_vocab_path
 from ..mapped_tables import map_tables
 from ..modeldir import ModelDir, copy_out_of_file, load_checkpoint, load_strict
 from ..networks.flow_matching import OFFICIAL_STEPS
-from ..precision import apply_precision
+from ..precision import apply_precision, declares_int8_products
 from ..versions import spec
 from .prompt_flow import DEFAULT_BUDGET_BYTES
 
@@ -68,6 +68,15 @@ def load_network(
     return network
 
 
+def flow_declares_int8_products(model: ModelDir) -> bool:
+    """Whether the model's flow has products that ``quantize="int8"`` runs in W8A8 (the classes
+    that declare ``int8_products``: CosyVoice3's DiT), known before any weight is loaded: the
+    flow's modules built on the meta device (no memory; ~0.1 s at full size)."""
+    with torch.device("meta"):
+        flow = build_network(model.config.flow)
+    return declares_int8_products(flow)
+
+
 def fix_schedule(flow: torch.nn.Module, steps: int) -> None:
     """The engine's flow schedule, final from load: ``steps`` Euler steps (a quality/speed
     trade-off, official 10); what the flow derives from t alone is computed now and the weights
@@ -84,17 +93,11 @@ def build_pipeline(
     prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES,
     stream_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
-    before_llm: Callable[[torch.nn.Module], object] | None = None,
 ):
-    """The model's token -> waveform pipeline. ``before_llm`` gets the loaded flow before the
-    LLM is loaded (the engine chooses onnxruntime's threads there: the int8 LLM's sessions come
-    after, the flow's own int8 products on onnxruntime, if any, before)."""
+    llm = load_network(model, "llm", llm_checkpoint, placement)
     flow = load_network(
         model, "flow", "flow.pt", placement, finish=lambda flow: fix_schedule(flow, flow_steps)
     )
-    if before_llm is not None:
-        before_llm(flow)
-    llm = load_network(model, "llm", llm_checkpoint, placement)
     hift = load_network(model, "hift", "hift.pt", placement)
     if spec(model.version).pipeline == "v1":
         from .v1 import V1Pipeline
