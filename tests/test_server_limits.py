@@ -171,6 +171,37 @@ def test_background_loading(engine, preset, tmp_path):
         assert client.post("/tts", json={"text": "你好。", "speaker": preset}).status_code == 200
 
 
+def test_a_loading_server_is_ready_once_warm(engine, preset, tmp_path):
+    """The engine's background warm-up after a load (its flow's graphs traced: ~20 s for a
+    full-size CosyVoice2 on 2 AVX2 cores) is part of loading: a request before it would wait for
+    it all the same, so /ready sends a load balancer elsewhere until it is over."""
+    gate = threading.Event()
+    traced = engine.graphs_traced
+
+    def loader():
+        # warm-up work that takes a while, as a slow CPU's traces do
+        engine.graphs_traced = engine.loop.background(lambda: gate.wait(30))
+        return engine
+
+    try:
+        with (
+            ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server,
+            server.client() as client,
+        ):
+            assert wait_for(lambda: not engine.graphs_traced.done(), timeout=10)
+            not_ready = client.get("/ready")
+            assert not_ready.status_code == 503
+            assert not_ready.json()["error"]["code"] == "model_loading"
+            gate.set()
+            assert wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)
+            assert (
+                client.post("/tts", json={"text": "你好。", "speaker": preset}).status_code == 200
+            )
+    finally:
+        gate.set()
+        engine.graphs_traced = traced
+
+
 def test_failed_loading_is_reported(tmp_path):
     def loader():
         raise ModelDirError("llm.pt is missing")

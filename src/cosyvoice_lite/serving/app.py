@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger("cosyvoice_lite.serving")
+WARM_UP_SECONDS = 300  # the most a loading server waits for the engine's warm-up before ready
 PLANNING_THREADS = 64  # requests planned at once (each may wait on the voice storage)
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a given X-Request-Id kept
 access_log = logging.getLogger("cosyvoice_lite.serving.access")
@@ -188,7 +189,11 @@ class ServerState:
 
     def load(self, loader: Callable[[], Engine]) -> None:
         try:
-            self.set_engine(loader())
+            engine = loader()
+            # ready once warm: a request before would wait for the flow's graphs all the same
+            if not engine.wait_until_warm(WARM_UP_SECONDS):
+                log.warning("the model is still warming up after %d s; serving", WARM_UP_SECONDS)
+            self.set_engine(engine)
             log.info("model ready", extra={"model": self.engine.model.name})
         except Exception as exc:  # noqa: BLE001 - reported by /ready and every synthesis call
             self.status = "failed"

@@ -175,16 +175,20 @@ class ReplicaLabel:
 
 
 class ReplicaServer:
-    """One replica: the model loaded once (before Serve sends it anything), then the app."""
+    """One replica: the model loaded and warmed up once (before Serve sends it anything), then
+    the app."""
 
     def __init__(self, settings: Settings, load: dict[str, Any], threads: int | None) -> None:
         from ..cli import set_threads
         from ..engine import Engine
-        from .app import create_app
+        from .app import WARM_UP_SECONDS, create_app
 
         set_threads(threads)
         started = time.perf_counter()
         self.engine = Engine.load(**load)
+        # warm before Serve routes to it (its first requests would wait for the traces anyway)
+        if not self.engine.wait_until_warm(WARM_UP_SECONDS):
+            log.warning("replica still warming up after %d s; serving", WARM_UP_SECONDS)
         self.server_app = create_app(self.engine, settings)  # not .app: Serve owns that
         log.info("replica ready in %.1f s", time.perf_counter() - started)
 
