@@ -4,7 +4,7 @@ metrics and the web page.
     app = create_app(lambda: Engine.load("CosyVoice-300M-SFT"), Settings(max_queue=4))
 
 Given a loader, the model loads once in a background thread: /health answers at once and /ready
-says 503 until the model is there. Synthesis runs in the engine loop, which computes all admitted
+says 503 until the model is there and warm (``Engine.wait_until_warm``). Synthesis runs in the engine loop, which computes all admitted
 requests together (see scheduler.py and ../engine_loop.py).
 """
 
