@@ -188,7 +188,7 @@ def test_a_loading_server_is_ready_once_warm(engine, preset, tmp_path):
             ServerThread(create_app(loader, Settings(voices_dir=tmp_path))) as server,
             server.client() as client,
         ):
-            assert wait_for(lambda: not engine.graphs_traced.done(), timeout=10)
+            assert wait_for(lambda: engine.graphs_traced is not traced, timeout=10)
             not_ready = client.get("/ready")
             assert not_ready.status_code == 503
             assert not_ready.json()["error"]["code"] == "model_loading"

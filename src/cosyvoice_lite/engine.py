@@ -119,6 +119,21 @@ def _share_onnx_threads(
     return True
 
 
+def _flow_int8_products(model_dir: ModelDir, placement: Placement) -> bool:
+    """Whether the flow will compute int8 products under ``placement`` (all the pool decision
+    needs: where they would run on torch it does not matter), from its structure alone; True if
+    that cannot be told (the pool then stays per session, as before there was a choice)."""
+    if placement.quantize != "int8" or int8_product_kernel(placement) != "onnxruntime":
+        return False
+    from .pipelines import factory
+
+    try:
+        return factory.flow_declares_int8_products(model_dir)
+    except Exception:  # noqa: BLE001 - a constructor the meta device cannot run: play safe
+        log.warning("could not tell the flow's int8 products; onnxruntime pools stay per session")
+        return True
+
+
 def _capture_flow_graphs(
     pipeline,
     placement: Placement,
@@ -312,8 +327,7 @@ class Engine:
         from .pipelines import factory  # version-specific wiring
 
         if share_onnx_threads:  # before any session
-            flow_int8 = factory.flow_declares_int8_products(model_dir)
-            _share_onnx_threads(placement, backend, True, flow_int8)
+            _share_onnx_threads(placement, backend, True, _flow_int8_products(model_dir, placement))
 
         tokenizer = factory.text_tokenizer(model_dir)
         pipeline = factory.build_pipeline(

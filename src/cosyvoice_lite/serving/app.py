@@ -4,8 +4,9 @@ metrics and the web page.
     app = create_app(lambda: Engine.load("CosyVoice-300M-SFT"), Settings(max_queue=4))
 
 Given a loader, the model loads once in a background thread: /health answers at once and /ready
-says 503 until the model is there and warm (``Engine.wait_until_warm``). Synthesis runs in the engine loop, which computes all admitted
-requests together (see scheduler.py and ../engine_loop.py).
+says 503 until the model is there and warm (``Engine.wait_until_warm``). Synthesis runs in the
+engine loop, which computes all admitted requests together (see scheduler.py and
+../engine_loop.py).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class ServerState:
         )
         self.metrics.gauge(
             "model_loaded",
-            "1 once the model is loaded.",
+            "1 once the model is loaded and warm (as /ready).",
             lambda: 1.0 if self.status == "ready" else 0.0,
         )
         self.metrics.gauge(
@@ -191,8 +192,11 @@ class ServerState:
         try:
             engine = loader()
             # ready once warm: a request before would wait for the flow's graphs all the same
-            if not engine.wait_until_warm(WARM_UP_SECONDS):
+            warm = getattr(engine, "wait_until_warm", None)  # a wrapped engine may have none
+            if warm is not None and not warm(WARM_UP_SECONDS):
                 log.warning("the model is still warming up after %d s; serving", WARM_UP_SECONDS)
+            if self.stopping.is_set():
+                return  # shut down meanwhile (the engine closed at exit)
             self.set_engine(engine)
             log.info("model ready", extra={"model": self.engine.model.name})
         except Exception as exc:  # noqa: BLE001 - reported by /ready and every synthesis call
@@ -444,7 +448,8 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/ready", tags=["operations"])
     async def ready():
-        """Readiness: 200 once the model is loaded, 503 before (or if loading failed)."""
+        """Readiness: 200 once the model is loaded and warm (its flow's graphs traced), 503
+        before (or if loading failed)."""
         if state.status != "ready":
             raise not_ready(state.status, state.load_error)
         # synthesis works without the voice storage: degraded, not unready (see docs/OPERATIONS.md)

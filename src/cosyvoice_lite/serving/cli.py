@@ -14,7 +14,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "serve",
         help="run the speech server (simple API, OpenAI API, voice library, web page)",
         description="Serve a model over HTTP. The model loads in the background: /health answers "
-        "at once, /ready once the model is loaded. The web page is at /.",
+        "at once, /ready once the model is loaded and warm. The web page is at /.",
     )
     from ..cli import add_model_args  # the model options of `say` and `voices` too
 

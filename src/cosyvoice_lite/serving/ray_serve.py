@@ -3,8 +3,8 @@
 Every replica is one process (a Ray actor) that loads the model once, in its constructor, and
 then runs the app of ``create_app`` (its own engine loop, queue and metrics) as the Serve
 ingress. Serve's HTTP proxy spreads requests over the replicas; a replica receives requests only
-once its model is loaded, so ``/ready`` through the proxy answers 200 exactly when at least one
-replica has its model. Replicas are fixed (``--replicas N``) or autoscaled on ongoing requests
+once its model is loaded and warm (``Engine.wait_until_warm``), so ``/ready`` through the proxy
+answers 200 exactly when at least one replica has its model. Replicas are fixed (``--replicas N``) or autoscaled on ongoing requests
 per replica (``--autoscale MIN:MAX``, aiming at one engine batch per replica).
 
 Backpressure: Serve sends a replica at most its admission (batch + queue) plus a little room for
