@@ -193,8 +193,10 @@ class ServerState:
             engine = loader()
             # ready once warm: a request before would wait for the flow's graphs all the same
             warm = getattr(engine, "wait_until_warm", None)  # a wrapped engine may have none
-            if warm is not None and not warm(WARM_UP_SECONDS):
-                log.warning("the model is still warming up after %d s; serving", WARM_UP_SECONDS)
+            if warm is not None and not warm(0):
+                log.info("warming up: tracing the flow's graphs before reporting ready")
+                if not warm(WARM_UP_SECONDS):
+                    log.warning("still warming up after %d s; serving", WARM_UP_SECONDS)
             if self.stopping.is_set():
                 return  # shut down meanwhile (the engine closed at exit)
             self.set_engine(engine)
