@@ -48,6 +48,18 @@ def _inputs(rows: int, frames: int, dtype: torch.dtype, padded: int = 0) -> tupl
     return x, mask, mu, t, torch.randn(rows, 80, generator=g).to(dtype), cond
 
 
+def _assert_captured_floats(estimator, calls: list[tuple], dtype: torch.dtype) -> None:
+    """The estimator's outputs for ``calls`` (rows, frames, padded frames, streaming), eager and
+    then captured: the same floats, bit for bit."""
+    with torch.inference_mode():
+        eager = [estimator(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
+        estimator.capture_graphs()
+        captured = [estimator(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
+    for (rows, frames, _, _), a, b in zip(calls, eager, captured, strict=True):
+        assert b.shape == (rows, 80, frames)
+        assert torch.equal(a, b)
+
+
 DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_features().packs_bfloat16 else [])
 
 
@@ -58,13 +70,7 @@ def test_a_captured_unet_computes_the_eager_floats_at_every_length(kind, dtype) 
     calls = [(1, 24, 0, False), (1, 37, 0, False), (2, 61, 0, False), (2, 61, 9, False)]
     if unet.causal:
         calls += [(1, 33, 0, True), (2, 45, 7, True)]
-    with torch.inference_mode():
-        eager = [unet(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
-        unet.capture_graphs()
-        captured = [unet(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
-    for (rows, frames, _, _), a, b in zip(calls, eager, captured, strict=True):
-        assert b.shape == (rows, 80, frames)
-        assert torch.equal(a, b)
+    _assert_captured_floats(unet, calls, dtype)
     # traced once per (streaming, rows): lengths and padding go through the same graph
     assert len(unet.graphs) == len({(s, r) for r, _, _, s in calls})
 
@@ -83,13 +89,7 @@ def test_a_captured_dit_computes_the_eager_floats_at_every_length(dtype) -> None
     dit = pack_linears(dit.to(dtype))
     calls = [(1, 24, 0, False), (1, 37, 0, False), (2, 61, 0, False), (2, 61, 9, False)]
     calls += [(1, 33, 0, True), (2, 45, 7, True), (1, 8, 0, True)]
-    with torch.inference_mode():
-        eager = [dit(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
-        dit.capture_graphs()
-        captured = [dit(*_inputs(r, n, dtype, pad), streaming=s) for r, n, pad, s in calls]
-    for (rows, frames, _, _), a, b in zip(calls, eager, captured, strict=True):
-        assert b.shape == (rows, 80, frames)
-        assert torch.equal(a, b)
+    _assert_captured_floats(dit, calls, dtype)
     # a graph per row count and whether a mask is needed (padding, or a chunk boundary)
     masked = {(r, bool(pad) or (s and n > DIT["static_chunk_size"])) for r, n, pad, s in calls}
     assert len(dit.graphs) == len(masked)

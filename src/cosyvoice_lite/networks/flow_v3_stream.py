@@ -335,21 +335,15 @@ def _velocity(
     if graphs is None or torch.jit.is_tracing():
         call = _IncrementCall(estimator, caches, starts, x)
         return call.store(_increment(estimator, call.layout, *call.inputs(x, mu, spks, cond, time)))
+
     # captured: rows in pairs, as the U-Net's (flow_v2._estimator_increment): two graphs serve
     # every batch
-    velocities = []
-    for first in range(0, x.size(0), CAPTURED_ROWS):
-        mine = slice(first, first + CAPTURED_ROWS)
+    def begin(mine: slice) -> tuple[_IncrementCall, tuple[torch.Tensor, ...]]:
         call = _IncrementCall(estimator, caches[mine], starts[mine], x[mine])
-        inputs = call.inputs(x[mine], mu[mine], spks[mine], cond[mine], time)
-        layout = call.layout
+        return call, call.inputs(x[mine], mu[mine], spks[mine], cond[mine], time)
 
-        def increment(*inputs: torch.Tensor, layout: _Layout = layout) -> tuple[torch.Tensor, ...]:
-            return _increment(estimator, layout, *inputs)  # traced on the key's first call
-
-        key = ("increment", layout, x.dtype, x.device)
-        velocities.append(call.store(graphs.run(key, increment, inputs)))
-    return stack_rows(velocities)
+    increment = partial(_increment, estimator)
+    return stack_rows(graphs.run_in_groups(x, CAPTURED_ROWS, begin, increment))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,6 +91,33 @@ class CapturedGraphs:
                 if graph is None:
                     graph = self._graphs[key] = self._trace(fn, args)
         return graph(*args)
+
+    def run_in_groups(
+        self,
+        x: torch.Tensor,
+        rows: int,
+        begin: Callable[[slice], tuple[Any, tuple[torch.Tensor, ...]]],
+        increment: Callable[..., tuple[torch.Tensor, ...]],
+    ) -> list[torch.Tensor]:
+        """A stream step's rows of ``x`` in groups of ``rows``, each group through the graph of
+        its layout (so a few graphs serve every batch): ``begin(group)`` reads the group's caches
+        and returns its call (``.layout``: what the graph bakes in; ``.store(outputs)``: writes
+        the caches back, returns the group's output) and the graph's inputs;
+        ``increment(layout, *inputs)`` is the pure computation, traced on a key's first call.
+        Shared by the U-Net's and the DiT's streams (flow_v2, flow_v3_stream)."""
+        outputs = []
+        for first in range(0, x.size(0), rows):
+            call, inputs = begin(slice(first, first + rows))
+            layout = call.layout
+
+            def traced(
+                *inputs: torch.Tensor, layout: Hashable = layout
+            ) -> tuple[torch.Tensor, ...]:
+                return increment(layout, *inputs)
+
+            key = ("increment", layout, x.dtype, x.device)
+            outputs.append(call.store(self.run(key, traced, inputs)))
+        return outputs
 
     def _trace(
         self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]
