@@ -34,6 +34,8 @@ engine = Engine.load(
     sys.argv[2], quantize="int8", capture_graphs=False, download=False,
     share_onnx_threads=way == "load",
 )
+if way == "own":  # not asked: the load leaves the pools per session
+    assert shared_threads() is None
 if way == "load":  # shared unless the flow's int8 products run on onnxruntime: CosyVoice3's
     # DiT (the U-Nets declare none) on a CPU without VNNI or AMX
     kernel = int8_product_kernel(resolve_placement("cpu", "float32", "int8"))
@@ -107,14 +109,15 @@ def test_only_an_int8_llm_asks_for_a_shared_pool() -> None:
     process: nothing is shared)."""
     from cosyvoice_lite.device import resolve_placement
     from cosyvoice_lite.engine import _share_onnx_threads
+    from cosyvoice_lite.modeldir import open_model_dir
     from cosyvoice_lite.onnx_threads import shared_threads
     from cosyvoice_lite.precision import int8_product_kernel
 
     float32 = resolve_placement("cpu", "float32", None)
     int8 = resolve_placement("cpu", "float32", "int8")
-    assert not _share_onnx_threads(float32, "torch", True, False)
-    assert not _share_onnx_threads(int8, "onnxruntime", True, False)
-    assert not _share_onnx_threads(int8, "torch", False, False)
+    v2, v3 = (open_model_dir(DATA / "models" / name) for name in ("v2-tiny", "v3-tiny"))
+    assert not _share_onnx_threads(float32, "torch", v2)
+    assert not _share_onnx_threads(int8, "onnxruntime", v2)
     if int8_product_kernel(int8) == "onnxruntime":  # a CPU without VNNI or AMX
-        assert not _share_onnx_threads(int8, "torch", True, True)
+        assert not _share_onnx_threads(int8, "torch", v3)  # the DiT's products there
     assert shared_threads() is None

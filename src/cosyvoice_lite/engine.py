@@ -100,31 +100,26 @@ def _split_flow_rows(pipeline, placement: Placement, backend: str) -> None:  # n
     pipeline.flow.decoder.set_row_split(split, utterances=not exact)
 
 
-def _share_onnx_threads(
-    placement: Placement, backend: str, share: bool, flow_int8_products: bool
-) -> bool:
-    """One onnxruntime pool for the process (onnx_threads.py), where asked and where the int8
-    LLM gains from it: int8 decoding, the torch backend, and no flow products on onnxruntime.
-    A flow's int8 products (``flow_int8_products``: CosyVoice3's DiT) run there on a CPU without
-    VNNI or AMX, from its row threads at once: two callers of a shared 2-thread pool took 1.25x
-    as long as two with a thread each. Measured (full size, 2 cores, benchmarks/README.md): a
-    CosyVoice-300M int8 step 1.16x faster, whole requests 1.16x / 1.07x the audio per second
-    (one / four at once); CosyVoice2 streams 1.15x / 1.11x (an AVX2 CPU: a step 1.33x, streams
-    1.11x / 1.04x). True if the process's sessions share a pool."""
-    if not share or placement.quantize != "int8" or backend != "torch":
+def _share_onnx_threads(placement: Placement, backend: str, model_dir: ModelDir) -> bool:
+    """One onnxruntime pool for the process (onnx_threads.py), where the int8 LLM gains from it:
+    int8 decoding, the torch backend, and no flow products on onnxruntime. A flow's int8
+    products (CosyVoice3's DiT) run there on a CPU without VNNI or AMX, from its row threads at
+    once: two callers of a shared 2-thread pool took 1.25x as long as two with a thread each.
+    Measured (full size, 2 cores, benchmarks/README.md): a CosyVoice-300M int8 step 1.16x
+    faster, whole requests 1.16x / 1.07x the audio per second (one / four at once); CosyVoice2
+    streams 1.15x / 1.11x (an AVX2 CPU: a step 1.33x, streams 1.11x / 1.04x). Called before any
+    session exists; True if the process's sessions share a pool."""
+    if placement.quantize != "int8" or backend != "torch":
         return False
-    if flow_int8_products and int8_product_kernel(placement) == "onnxruntime":
+    if int8_product_kernel(placement) == "onnxruntime" and _flow_has_int8_products(model_dir):
         return False
     share_threads(torch.get_num_threads())
     return True
 
 
-def _flow_int8_products(model_dir: ModelDir, placement: Placement) -> bool:
-    """Whether the flow will compute int8 products under ``placement`` (all the pool decision
-    needs: where they would run on torch it does not matter), from its structure alone; True if
-    that cannot be told (the pool then stays per session, as before there was a choice)."""
-    if placement.quantize != "int8" or int8_product_kernel(placement) != "onnxruntime":
-        return False
+def _flow_has_int8_products(model_dir: ModelDir) -> bool:
+    """Whether the model's flow has int8 products, from its structure alone (no weights, no
+    session); True if that cannot be told (the pools then stay per session, the safe side)."""
     from .pipelines import factory
 
     try:
@@ -327,7 +322,7 @@ class Engine:
         from .pipelines import factory  # version-specific wiring
 
         if share_onnx_threads:  # before any session
-            _share_onnx_threads(placement, backend, True, _flow_int8_products(model_dir, placement))
+            _share_onnx_threads(placement, backend, model_dir)
 
         tokenizer = factory.text_tokenizer(model_dir)
         pipeline = factory.build_pipeline(
