@@ -9,6 +9,7 @@ from cosyvoice_lite.networks.cache import (
     MIN_CAPACITY,
     AttentionHistory,
     GrowingBuffer,
+    joined,
 )
 
 
@@ -136,3 +137,27 @@ def test_an_increment_reads_a_history_as_the_attention_would() -> None:
     stream.freeze()
     keys, _ = stream.before(empty)
     assert [k.shape[-2] for k in keys] == [20, 5] and stream.rounds_to(torch.float32) is None
+
+
+def test_an_increment_joins_its_history_as_casting_each_part_would() -> None:
+    """``joined``: the stored parts converted as they are copied, the new rows read back through
+    the stored dtype, all in the new rows' dtype: the floats of casting every part first; a
+    stored dtype the new one does not hold (float16 parts of a bfloat16 run) is cast first."""
+    history = AttentionHistory(torch.float16)
+    history.append(torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4))
+    stream = history.fork()
+    stream.append(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    keys, _ = stream.before(torch.zeros(1, 2, 0, 4))
+    for dtype in (torch.float32, torch.bfloat16):
+        new = torch.randn(1, 2, 3, 4).to(dtype)
+        stored = stream.rounds_to(dtype)
+        assert stored == torch.float16
+        expected = torch.cat([*(k.to(dtype) for k in keys), new.to(stored).to(dtype)], dim=-2)
+        seen = joined(keys, new, stored)
+        assert seen.dtype == dtype and torch.equal(seen, expected)
+    new = torch.randn(1, 2, 3, 4)
+    assert torch.equal(joined([new[..., :2, :]], new[..., 2:, :], None), new)
+    # appending stores without reading back; the stored rows come back through ``before``
+    stream.append(new, new)
+    keys, _ = stream.before(torch.zeros(1, 2, 0, 4))
+    assert torch.equal(keys[1][..., 5:, :], new.half())

@@ -17,6 +17,7 @@ import math
 import mmap
 import threading
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -118,6 +119,12 @@ class GrowingBuffer:
         """Store ``rows`` [..., n, dim] at positions ``start .. start + n`` (everything after is
         dropped); returns the valid rows after the shared prefix (all of them in a buffer that was
         not forked) in the dtype of ``rows``."""
+        self.store(start, rows)
+        return self.valid().to(rows.dtype)
+
+    def store(self, start: int, rows: torch.Tensor) -> None:
+        """``write`` without reading back: in a buffer of another dtype, that read converts every
+        row stored so far."""
         offset = self.shared_length
         if start < offset:
             raise ValueError(f"position {start} is in the shared prefix ({offset} rows)")
@@ -139,7 +146,6 @@ class GrowingBuffer:
             self.data = grown
         self.data[..., begin:end, :] = rows
         self.length = start + rows.size(-2)
-        return self.data[..., :end, :].to(rows.dtype)
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:
         """Store ``rows`` after the valid ones and return the rows a reader sees next to
@@ -210,10 +216,12 @@ class AttentionHistory:
     def length(self) -> int:
         return self.keys.length
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append keys/values (positions along dim -2); returns the rows a reader sees next to
-        the buffers' ``parts()`` (see ``GrowingBuffer.append``), in their dtype."""
-        return self.keys.append(keys), self.values.append(values)
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append keys/values (positions along dim -2), unless frozen; a reader takes them from
+        ``before`` (as stored, see ``joined``)."""
+        for buffer, rows in ((self.keys, keys), (self.values, values)):
+            if not buffer.frozen:
+                buffer.store(buffer.length, rows)
 
     def freeze(self) -> None:
         """Past the stream's memory budget: read, never extended."""
@@ -270,6 +278,23 @@ class AttentionHistory:
 
     def nbytes(self, shared: bool = False) -> int:
         return sum(b.nbytes(shared) for b in (self.keys, self.values, self.positions))
+
+
+def joined(
+    before: Sequence[torch.Tensor], new: torch.Tensor, stored: torch.dtype | None
+) -> torch.Tensor:
+    """The keys (or values) a row of an incremental call attends: what ``before`` gives, as
+    stored, then the ``new`` rows read back through the dtype they are stored in (``stored``,
+    see ``AttentionHistory.rounds_to``), all in the dtype of ``new``. One concatenation converts
+    each stored part as it copies it (a cast of each part, then a join of the casts, read and
+    wrote the history twice)."""
+    if stored is not None:
+        new = new.to(stored).to(new.dtype)
+    parts = [
+        p if torch.promote_types(p.dtype, new.dtype) == new.dtype else p.to(new.dtype)
+        for p in before
+    ]
+    return torch.cat([*parts, new], dim=-2)
 
 
 def _before(buffer: GrowingBuffer, empty: torch.Tensor) -> list[torch.Tensor]:

@@ -468,7 +468,7 @@ class ProjectedPositions:
             for layer, buffer in zip(encoder.encoders, self._rows, strict=True):
                 attn = layer.self_attn
                 rows = attn.projected_positions(sinusoids, attn.attention_dtype or like.dtype)
-                buffer.write(start, rows)
+                buffer.store(start, rows)
 
 
 def _require(condition: bool, message: str) -> None:

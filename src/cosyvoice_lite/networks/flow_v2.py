@@ -34,7 +34,7 @@ from torch import nn
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.attention import attention, chunk_keep
-from cosyvoice_lite.networks.cache import BEFORE_PARTS, AttentionHistory
+from cosyvoice_lite.networks.cache import BEFORE_PARTS, AttentionHistory, joined
 from cosyvoice_lite.networks.conformer import (
     ACTIVATIONS,
     INPUT_LAYERS,
@@ -692,11 +692,7 @@ def _transformers_increment(
         outs = []
         for row, (keys, values, stored) in enumerate(io.attention()):
             mine = slice(row, row + 1)
-            new_keys, new_values = k[mine], v[mine]
-            if stored is not None:  # read back as the cache stores them
-                new_keys, new_values = (y.to(stored).to(k.dtype) for y in (new_keys, new_values))
-            keys = torch.cat([*(part.to(k.dtype) for part in keys), new_keys], dim=-2)
-            values = torch.cat([*(part.to(v.dtype) for part in values), new_values], dim=-2)
+            keys, values = joined(keys, k[mine], stored), joined(values, v[mine], stored)
             outs.append(attention(q[mine], keys, values, io.masks[row]))
         h = h + attn.to_out[0](_merge_heads(stack_rows(outs)))
         h = h + block.ff(block.norm3(h))

@@ -54,7 +54,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.attention import attention
-from cosyvoice_lite.networks.cache import BEFORE_PARTS, AttentionHistory
+from cosyvoice_lite.networks.cache import BEFORE_PARTS, AttentionHistory, joined
 from cosyvoice_lite.networks.dit import DiT, apply_rotary_pos_emb
 from cosyvoice_lite.networks.flow_matching import (
     CFG_ROWS,
@@ -460,11 +460,8 @@ def _attention_increment(
     outs = []
     for row in range(total):
         mine, parts = slice(row, row + 1), slice(row * BEFORE_PARTS, (row + 1) * BEFORE_PARTS)
-        new_keys, new_values = key[mine], value[mine]
-        if stored[row] is not None:  # read back as the cache stores them
-            new_keys, new_values = (y.to(stored[row]).to(key.dtype) for y in (new_keys, new_values))
-        keys = torch.cat([*(p.to(query.dtype) for p in before[0][parts]), new_keys], dim=-2)
-        values = torch.cat([*(p.to(query.dtype) for p in before[1][parts]), new_values], dim=-2)
+        keys = joined(before[0][parts], key[mine], stored[row])
+        values = joined(before[1][parts], value[mine], stored[row])
         outs.append(attention(query[mine], keys, values, masks[row]))
     out = stack_rows(outs).transpose(1, 2).reshape(total, n, attn.heads * head_dim)
     return attn.to_out[1](attn.to_out[0](out.to(x.dtype))), key, value
