@@ -655,7 +655,8 @@ def _conformer_increment(
 def _causal_conv_increment(conv: CausalConv1d, x: torch.Tensor, io: _IncrementIO) -> torch.Tensor:
     """A left-padded conv over new frames x [R, C, n], each row's left context from ``io``."""
     x = torch.cat([io.tail(), x], dim=2)
-    io.new_tails.append(x[:, :, -conv.causal_padding :].clone())  # not a view of the input
+    if io.keeps:
+        io.new_tails.append(x[:, :, -conv.causal_padding :].clone())  # not a view of the input
     return conv1d_by_row(conv, x)
 
 
@@ -687,8 +688,9 @@ def _transformers_increment(
         attn = block.attn1
         hn = block.norm1(h)
         q, k, v = (_split_heads(y, attn.heads) for y in grouped(attn, "qkv", hn))
-        io.new_keys.append(k)
-        io.new_values.append(v)
+        if io.keeps:
+            io.new_keys.append(k)
+            io.new_values.append(v)
         outs = []
         for row, (keys, values, stored) in enumerate(io.attention()):
             mine = slice(row, row + 1)
@@ -699,19 +701,31 @@ def _transformers_increment(
     return h.transpose(1, 2).contiguous()
 
 
+def _keeps(caches: Sequence[_LayerCaches]) -> bool:
+    """Whether an increment call over these rows' caches keeps anything: not once every one is
+    frozen. Such a call (a re-solve past the stream's budget, hundreds of frames and more) runs
+    eagerly: few, large operations, where a graph saves little, and no graph of its own to trace
+    (seconds) and hold (~150 MB)."""
+    return not all(cache.frozen for cache in caches)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """What the tensors of one increment call are (the key of its traced graph): its rows, time
     modulations, causal convs and attention layers, and per attention layer (in call order) and
     row the dtype the cache stores new rows in where that rounds what it hands back (None: read
     as computed). Before each row's new keys and values come ``BEFORE_PARTS``
-    (`AttentionHistory.before`)."""
+    (`AttentionHistory.before`). ``keeps``: whether the call returns its new conv tails, keys and
+    values; not when every row's caches are frozen (a re-solve past the stream's budget, up to
+    the whole stream's frames), whose call would otherwise hold every layer's projections of all
+    those frames until it returns."""
 
     rows: int
     modulations: int
     convs: int
     layers: int
     stored: tuple[tuple[torch.dtype | None, ...], ...]
+    keeps: bool = True
 
 
 class _IncrementIO:
@@ -730,6 +744,7 @@ class _IncrementIO:
             at = rows.stop
         self._layers = iter(zip(*before, layout.stored, strict=True))
         self.masks = inputs[at:]
+        self.keeps = layout.keeps
         self.new_tails: list[torch.Tensor] = []
         self.new_keys: list[torch.Tensor] = []
         self.new_values: list[torch.Tensor] = []
@@ -778,6 +793,8 @@ def _increment(
         h = _causal_conv_increment(conv, h, io)
     h = _causal_block_increment(estimator.final_block, h, io)
     velocity = conv1d_by_row(estimator.final_proj, h)
+    if not io.keeps:
+        return (velocity,)
     return (velocity, *io.new_tails, *io.new_keys, *io.new_values)
 
 
@@ -837,7 +854,12 @@ class _IncrementCall:
             h.chunk_bias(s, n, chunk, x, -1.0e10) for h, s in zip(first, starts, strict=True)
         ]
         self.layout = _Layout(
-            len(caches), modulations, len(self.left), len(self.histories), tuple(stored)
+            len(caches),
+            modulations,
+            len(self.left),
+            len(self.histories),
+            tuple(stored),
+            keeps=_keeps(caches),
         )
 
     def inputs(self, *head: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -847,6 +869,8 @@ class _IncrementCall:
     def store(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Keep the call's new conv tails, keys and values in the rows' caches (not where a
         cache is frozen); returns the velocity."""
+        if not self.layout.keeps:
+            return outputs[0]
         convs, layers = len(self.tails), len(self.histories)
         tails = outputs[1 : 1 + convs]
         keys = outputs[1 + convs : 1 + convs + layers]
@@ -885,7 +909,7 @@ def _estimator_increment(
     if time is None:
         time = estimator.time_conditioning(t.expand(CFG_ROWS))
     graphs = estimator.graphs
-    if graphs is None or torch.jit.is_tracing():
+    if graphs is None or torch.jit.is_tracing() or not _keeps(caches):
         call = _IncrementCall(estimator, caches, starts, x, len(time.blocks))
         layout = call.layout
         return call.store(

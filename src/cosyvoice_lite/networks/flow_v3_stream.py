@@ -332,7 +332,7 @@ def _velocity(
     if time is None:
         time = estimator.time_conditioning(t.expand(CFG_ROWS))
     graphs = estimator.graphs
-    if graphs is None or torch.jit.is_tracing():
+    if graphs is None or torch.jit.is_tracing() or not _keeps(caches):
         call = _IncrementCall(estimator, caches, starts, x)
         return call.store(_increment(estimator, call.layout, *call.inputs(x, mu, spks, cond, time)))
 
@@ -346,14 +346,22 @@ def _velocity(
     return stack_rows(graphs.run_in_groups(x, CAPTURED_ROWS, begin, increment))
 
 
+def _keeps(caches: Sequence[_StepCache]) -> bool:
+    """Whether an increment call over these rows' caches keeps anything: not once every one is
+    frozen (a re-solve past the stream's budget), which runs eagerly, as `flow_v2._keeps`."""
+    return not all(cache.frozen for cache in caches)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """What the tensors of one increment call are (the key of its traced graph): its rows, and
     per DiT block and row the dtype the cache stores new keys in where that rounds what a reader
-    gets back (None: read as computed)."""
+    gets back (None: read as computed); ``keeps``: whether the call returns its new conv tails,
+    keys and values (see `flow_v2._Layout`)."""
 
     rows: int
     stored: tuple[tuple[torch.dtype | None, ...], ...]
+    keeps: bool = True
 
 
 HEAD_INPUTS = 7  # x, mu, spks, cond, the rotary angles and the two position convs' left frames
@@ -366,7 +374,8 @@ def _increment(estimator: DiT, layout: _Layout, *inputs: torch.Tensor) -> tuple[
     frames [R, dim, k], the time modulations (one per block, then the final one), the keys before
     the new ones per block and row (``BEFORE_PARTS`` each: `AttentionHistory.before`), then the
     values likewise, and each row's additive chunk mask [n, keys]. Returns the velocity [R, 80, n], both convs' new left
-    frames, each block's new keys, then its new values."""
+    frames, each block's new keys, then its new values (the velocity alone unless
+    ``layout.keeps``)."""
     x, mu, spks, cond, rope, *tails = inputs[:HEAD_INPUTS]
     depth = estimator.depth
     modulations = inputs[HEAD_INPUTS : HEAD_INPUTS + depth]
@@ -391,8 +400,9 @@ def _increment(estimator: DiT, layout: _Layout, *inputs: torch.Tensor) -> tuple[
         before = (keys_before[block_parts], values_before[block_parts])
         stored = layout.stored[depth_index]
         out, keys, values = _attention_increment(block.attn, norm, rope, before, stored, masks)
-        new_keys.append(keys)
-        new_values.append(values)
+        if layout.keeps:
+            new_keys.append(keys)
+            new_values.append(values)
         h = h + gate_msa.unsqueeze(1) * out
         ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
@@ -400,6 +410,8 @@ def _increment(estimator: DiT, layout: _Layout, *inputs: torch.Tensor) -> tuple[
         h = estimator.long_skip_connection(torch.cat((h, residual), dim=-1))
     h = estimator.norm_out(h, final)
     velocity = estimator.proj_out(h).transpose(1, 2)
+    if not layout.keeps:
+        return (velocity,)
     return (velocity, *new_tails, *new_keys, *new_values)
 
 
@@ -500,7 +512,7 @@ class _IncrementCall:
             cache.kv[0].chunk_bias(start, n, chunk, x, -torch.inf)
             for cache, start in zip(caches, starts, strict=True)
         ]
-        self.layout = _Layout(len(caches), tuple(stored))
+        self.layout = _Layout(len(caches), tuple(stored), keeps=_keeps(caches))
 
     def inputs(
         self,
@@ -517,6 +529,8 @@ class _IncrementCall:
     def store(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Keep the call's new conv tails, keys and values in the rows' caches (not where a
         cache is frozen); returns the velocity."""
+        if not self.layout.keeps:
+            return outputs[0]
         depth = len(self.caches[0].kv)
         tails = outputs[1:3]
         keys, values = outputs[3 : 3 + depth], outputs[3 + depth :]
