@@ -130,6 +130,16 @@ class StreamSolve:
     own_bytes: int
 
 
+def keeps_history(caches: Sequence[Any]) -> bool:
+    """Whether an incremental call over these rows' caches (one per row, each with ``frozen``)
+    keeps anything: not once every one is frozen. Such a call (a re-solve past the stream's
+    budget, hundreds of frames and more) returns only its velocity, since holding every layer's
+    new keys and values of all its frames until it returns is what it would otherwise cost, and
+    runs eagerly: few, large operations, where a graph saves little, and no graph of its own to
+    trace (seconds) and hold (~150 MB)."""
+    return not all(cache.frozen for cache in caches)
+
+
 # velocity of rows of streams: (x [R, 80, n], mu, t [1] (every row's), spks, cond, the rows'
 # caches at this Euler step, their streams' first frames, t's conditioning for the official
 # batch of two CFG rows (None: computed from t)) -> [R, 80, n]

@@ -50,6 +50,7 @@ from cosyvoice_lite.networks.flow_matching import (
     TimeConditioning,
     TokenChunks,
     conv1d_by_row,
+    keeps_history,
     per_row,
     stack_rows,
     step_streams,
@@ -701,14 +702,6 @@ def _transformers_increment(
     return h.transpose(1, 2).contiguous()
 
 
-def _keeps(caches: Sequence[_LayerCaches]) -> bool:
-    """Whether an increment call over these rows' caches keeps anything: not once every one is
-    frozen. Such a call (a re-solve past the stream's budget, hundreds of frames and more) runs
-    eagerly: few, large operations, where a graph saves little, and no graph of its own to trace
-    (seconds) and hold (~150 MB)."""
-    return not all(cache.frozen for cache in caches)
-
-
 @dataclass(frozen=True)
 class _Layout:
     """What the tensors of one increment call are (the key of its traced graph): its rows, time
@@ -859,7 +852,7 @@ class _IncrementCall:
             len(self.left),
             len(self.histories),
             tuple(stored),
-            keeps=_keeps(caches),
+            keeps=keeps_history(caches),
         )
 
     def inputs(self, *head: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -909,7 +902,7 @@ def _estimator_increment(
     if time is None:
         time = estimator.time_conditioning(t.expand(CFG_ROWS))
     graphs = estimator.graphs
-    if graphs is None or torch.jit.is_tracing() or not _keeps(caches):
+    if graphs is None or torch.jit.is_tracing() or not keeps_history(caches):
         call = _IncrementCall(estimator, caches, starts, x, len(time.blocks))
         layout = call.layout
         return call.store(

@@ -62,6 +62,7 @@ from cosyvoice_lite.networks.flow_matching import (
     StreamSolve,
     TimeConditioning,
     TokenChunks,
+    keeps_history,
     stack_rows,
     step_streams,
     stream_estimator,
@@ -332,7 +333,7 @@ def _velocity(
     if time is None:
         time = estimator.time_conditioning(t.expand(CFG_ROWS))
     graphs = estimator.graphs
-    if graphs is None or torch.jit.is_tracing() or not _keeps(caches):
+    if graphs is None or torch.jit.is_tracing() or not keeps_history(caches):
         call = _IncrementCall(estimator, caches, starts, x)
         return call.store(_increment(estimator, call.layout, *call.inputs(x, mu, spks, cond, time)))
 
@@ -344,12 +345,6 @@ def _velocity(
 
     increment = partial(_increment, estimator)
     return stack_rows(graphs.run_in_groups(x, CAPTURED_ROWS, begin, increment))
-
-
-def _keeps(caches: Sequence[_StepCache]) -> bool:
-    """Whether an increment call over these rows' caches keeps anything: not once every one is
-    frozen (a re-solve past the stream's budget), which runs eagerly, as `flow_v2._keeps`."""
-    return not all(cache.frozen for cache in caches)
 
 
 @dataclass(frozen=True)
@@ -512,7 +507,7 @@ class _IncrementCall:
             cache.kv[0].chunk_bias(start, n, chunk, x, -torch.inf)
             for cache, start in zip(caches, starts, strict=True)
         ]
-        self.layout = _Layout(len(caches), tuple(stored), keeps=_keeps(caches))
+        self.layout = _Layout(len(caches), tuple(stored), keeps=keeps_history(caches))
 
     def inputs(
         self,
