@@ -111,6 +111,24 @@ def test_a_mode_observing_operations_sees_the_eager_ones() -> None:
     assert counts[0] == counts[1] > 0
 
 
+def test_a_captured_graph_reads_the_modules_own_weights() -> None:
+    """A graph takes the module's weights as inputs rather than keeping copies or constants:
+    weights changed in place after the trace change its output exactly as they change the
+    eager one (a dispatch mode runs the module eagerly, see above)."""
+    unet = _unet(CausalConditionalDecoder, torch.float32)
+    inputs = _inputs(1, 30, torch.float32)
+    with torch.inference_mode():
+        unet.capture_graphs()
+        before = unet(*inputs)  # traced
+        for p in unet.parameters():  # packed products' weights are buffers: norms, convs, biases
+            p.mul_(1.5)
+        captured = unet(*inputs)
+        with FlopCounterMode(display=False):
+            eager = unet(*inputs)
+    assert not torch.equal(before, captured)
+    assert torch.equal(captured, eager)
+
+
 def _audio(engine: Engine, voice: str, seed: int, stream: bool) -> np.ndarray:
     mode = Mode.PRESET if voice == "中文女" else Mode.ZERO_SHOT  # a preset / a saved prompt
     request = SynthesisRequest(mode, "你好，今天天气不错，我们出去走走吧。", voice=voice,

@@ -298,7 +298,7 @@ class Engine:
         run as traced graphs, the same floats without Python between the operations
         (``_capture_flow_graphs``; None: on a CPU with the torch backend, not with
         ``exact_float32``). Its three graphs are traced in the background after the load (1-6 s
-        each, once per process) and hold 40-150 MB each (full size): not worth it for a one-off
+        each, once per process) and hold tens of MB each (full size): not worth it for a one-off
         request.
         ``share_onnx_threads``: where the int8 LLM gains from it (``_share_onnx_threads``), every
         onnxruntime session of the process from now on shares one pool of torch's thread count

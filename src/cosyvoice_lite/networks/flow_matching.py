@@ -136,7 +136,7 @@ def keeps_history(caches: Sequence[Any]) -> bool:
     budget, hundreds of frames and more) returns only its velocity, since holding every layer's
     new keys and values of all its frames until it returns is what it would otherwise cost, and
     runs eagerly: few, large operations, where a graph saves little, and no graph of its own to
-    trace (seconds) and hold (~150 MB)."""
+    trace (seconds) and hold (tens of MB)."""
     return not all(cache.frozen for cache in caches)
 
 

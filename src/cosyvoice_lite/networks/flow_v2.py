@@ -910,7 +910,7 @@ def _estimator_increment(
         )
 
     # captured: rows in pairs (a row computes alike in any batch), so that two graphs (one and
-    # two rows; each holds ~150 MB for a full-size v2 U-Net) serve every batch; pairs keep most
+    # two rows; each holds tens of MB for a full-size v2 U-Net) serve every batch; pairs keep most
     # of a batch's gain (four streams' first audio 1.33x sooner than eager, one row at a time 1.13x)
     def begin(mine: slice) -> tuple[_IncrementCall, tuple[torch.Tensor, ...]]:
         call = _IncrementCall(estimator, caches[mine], starts[mine], x[mine], len(time.blocks))

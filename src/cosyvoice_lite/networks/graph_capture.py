@@ -12,11 +12,16 @@ in the engine, four concurrent whole requests 1.07x (CosyVoice2) and 1.21-1.26x
 floats.
 
 A graph is traced on first use for each ``key`` (what the trace bakes in: flags, the row count,
-dtype and device), under a lock, and kept for the network's life: 1-4 s to trace, ~40 MB (a
-full-size v2 U-Net's whole call) to ~150 MB (a stream's call, ~12,000 operations) held, so the
-callers keep their keys few. The trace replays the same
-operations with any input sizes: the networks' shape logic that tracing would freeze is written
-as tensor operations or skipped while tracing (``attention.sees_everything`` keeps the
+dtype and device), under a lock, and kept for the process's life (TorchScript's compilation
+unit keeps every traced function): ~1 s to trace and ~40 MB held for a full-size v2 U-Net's
+stream call of one row (~9,000 operations, 2-core AVX2 CPU), so the callers keep their keys
+few. The module's weights are the graph's first inputs, passed at every call: the tracer
+records a tensor it was given as that input wherever the module reads it, so the graph holds
+no weights and no module hierarchy (a trace of the module kept a method graph per submodule and
+a chain of attribute reads per weight: 84-119 MB held for that call, 2.3-2.5 s to trace; the
+same floats and call times). The trace replays
+the same operations with any input sizes: the networks' shape logic that tracing would freeze is
+written as tensor operations or skipped while tracing (``attention.sees_everything`` keeps the
 attention mask, which adds 0 to every score of an unpadded input: the same floats;
 ``precision.PackedLinear`` pads its rows in a compiled function). Graph optimisation is off
 (``torch.jit``'s executor would profile each graph and re-specialise it on new shapes; measured
@@ -28,6 +33,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,19 +45,6 @@ def traceable(module: nn.Module) -> bool:
     torch (``computes_outside_torch``: onnxruntime's products), whose results a trace would keep
     as constants."""
     return not any(getattr(m, "computes_outside_torch", False) for m in module.modules())
-
-
-class _Bound(nn.Module):
-    """``fn`` over a module's parameters, as a module: tracing a module keeps its weights as the
-    graph's attributes (shared, not copied)."""
-
-    def __init__(self, module: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
-        super().__init__()
-        self.module = module
-        self.fn = fn
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.fn(*args)
 
 
 class CapturedGraphs:
@@ -69,7 +62,7 @@ class CapturedGraphs:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
         self._module = [module]  # not a submodule: no second path to its weights
-        self._graphs: dict[Hashable, torch.jit.ScriptModule] = {}
+        self._graphs: dict[Hashable, _Graph] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -90,7 +83,7 @@ class CapturedGraphs:
                 graph = self._graphs.get(key)
                 if graph is None:
                     graph = self._graphs[key] = self._trace(fn, args)
-        return graph(*args)
+        return graph.function(*graph.weights, *args)
 
     def run_in_groups(
         self,
@@ -119,22 +112,23 @@ class CapturedGraphs:
             outputs.append(call.store(self.run(key, traced, inputs)))
         return outputs
 
-    def _trace(
-        self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]
-    ) -> torch.jit.ScriptModule:
+    def _trace(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> _Graph:
         # on a thread of its own: the tracer keeps the Python call stack of every operation it
         # records (for its error messages), and a fresh thread's stack is the trace's alone (a
         # graph of 20,000 operations held 55 MB traced at the top of a stack, 78 MB 30 deep)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        module = self._module[0]
+        weights = tuple(dict.fromkeys([*module.parameters(), *module.buffers()]))  # once each
+        count = len(weights)
         result: list = []
+
+        def flat(*inputs: torch.Tensor) -> torch.Tensor:
+            return fn(*inputs[count:])
 
         def trace() -> None:
             try:
                 with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                    bound = _Bound(self._module[0], fn).eval()
-                    result.append(
-                        torch.jit.trace(bound, args, check_trace=False, _store_inputs=False)
-                    )
+                    result.append(torch.jit.trace(flat, (*weights, *args), check_trace=False))
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
                 result.append(exc)
 
@@ -143,4 +137,12 @@ class CapturedGraphs:
         thread.join()
         if isinstance(result[0], BaseException):
             raise result[0]
-        return result[0]
+        return _Graph(result[0], weights)
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """A traced function and the weights it takes first, as traced."""
+
+    function: Callable[..., Any]
+    weights: tuple[torch.Tensor, ...]
