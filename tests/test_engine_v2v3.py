@@ -18,6 +18,7 @@ from cosyvoice_lite import (
     UnsupportedModeError,
 )
 from cosyvoice_lite.networks.flow_matching import CFG_ROWS
+from cosyvoice_lite.pipelines.v2 import MAX_TOKEN_HOP
 
 DATA = Path(__file__).resolve().parent / "data"
 PROMPT = DATA / "audio" / "zh_16k.wav"
@@ -163,8 +164,9 @@ def test_stream_and_whole_speak_the_same_tokens(v2: Engine) -> None:
     assert len(streamed) == len(whole)  # same tokens -> same mel length (2 frames per token)
 
 
-def test_per_chunk_flow_work_does_not_grow(v2: Engine, monkeypatch) -> None:
-    """Each streaming step runs the U-Net over the new frames only, however long the history."""
+def test_per_piece_flow_work_does_not_grow(v2: Engine, monkeypatch) -> None:
+    """Each streaming flow call runs the U-Net over its piece's new frames only, however long the
+    history."""
     frames: list[int] = []
     rows = [0]  # of the Euler step being computed (its rows may be computed apart)
     original = flow_v2._estimator_increment
@@ -186,12 +188,17 @@ def test_per_chunk_flow_work_does_not_grow(v2: Engine, monkeypatch) -> None:
     print("U-Net frames per streaming step:", frames)
     steps = [frames[i : i + 10] for i in range(0, len(frames), 10)]  # 10 Euler steps per call
     assert n_chunks >= 3 and all(len(set(step)) == 1 for step in steps)
-    # the flow computes each encoder chunk as soon as its tokens (and look-ahead) are in: the
-    # prompt's whole chunks were computed once for the voice, then every call sees one chunk's
-    # new frames (2 per token), never the history, so the cost stays flat; the last call is the rest
+    # one call per audio piece (the official hops: 25 tokens + the prompt's pad, 50, then 100):
+    # the prompt's whole chunks were computed once for the voice, so the first call is the
+    # prompt's last, partial chunk and the first hop's; then each call is its hop's whole
+    # chunks (2 frames per token), never the history, so the cost stays flat; the last call
+    # is the rest
     chunk_frames = 2 * v2.pipeline.flow.encoder.static_chunk_size
-    assert [step[0] for step in steps[:-1]] == [chunk_frames] * (len(steps) - 1)
-    assert 0 < steps[-1][0] <= chunk_frames
+    largest = 2 * (MAX_TOKEN_HOP + v2.pipeline.lookahead)
+    calls = [step[0] for step in steps]
+    assert calls[:3] == [2 * chunk_frames, 2 * chunk_frames, 4 * chunk_frames], calls
+    assert all(n % chunk_frames == 0 and n <= largest for n in calls[:-1]), calls
+    assert 0 < calls[-1] <= largest
 
 
 def test_each_chunk_is_delivered_as_soon_as_it_is_computed(v2: Engine, monkeypatch) -> None:

@@ -309,9 +309,8 @@ class AudioWorker:
                     continue
                 if row.streaming:
                     self._streams[row] = work.audio
-                # a flow call on the way to a stream's first piece once the piece's tokens are
-                # all there (a new voice's prompt made the calls late): decoding then waits for
-                # it; before, it goes on beside the calls the flow computes ahead
+                # the flow call of a stream's first piece (its tokens are all there): decoding
+                # waits for it
                 first = row.tokens_to_first_piece() == 0
                 try:
                     flow = work.audio.accept(work.token)

@@ -42,9 +42,12 @@ class _Stream:
 class V2Segment(Segment):
     """One segment's tokens -> waveform with the official v2/v3 chunking, per-request state.
 
-    A stream hands every token to the incremental flow as it arrives: the flow computes each
-    chunk as soon as its tokens and look-ahead are there (so the prompt's last chunk is done while
-    the LLM decodes the first hop), and the audio pieces keep the official boundaries."""
+    A stream calls the incremental flow once per audio piece (the official hop schedule), when
+    the piece's last token and its look-ahead are there: every whole chunk of the piece in one
+    call (the prompt's partial last chunk with the first hop). Chunks computed as each became
+    ready, beside decoding, made more and smaller calls that time-sliced the cores the LLM's
+    products were using: on 2 cores streams took 1.15-1.2x longer, their first audio the same
+    (benchmarks/README.md, "One flow call per audio piece")."""
 
     def __init__(
         self,
@@ -59,7 +62,7 @@ class V2Segment(Segment):
         self.state = _Stream()
         prompt_len = inputs.flow_prompt_speech_token.shape[1]
         self.prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
-        self.flow_stream = None  # made at the first token, in the audio worker (see push)
+        self.flow_stream = None  # made at the first flow call, in the audio worker (see push)
         self.mel: list[torch.Tensor] = []  # mel computed but not vocoded yet
         self.unflowed: list[int] = []  # tokens not handed to the flow yet
         self.due = False  # the last accepted token completes a piece
@@ -72,43 +75,30 @@ class V2Segment(Segment):
         return self.stream and due
 
     def due_in(self) -> int | None:
-        """Tokens until the next one that makes a flow call due (None: none that could join a
-        batch: not a stream, or past its cache budget)."""
+        """Tokens until the next one that makes a flow call due: the one completing the piece
+        (None: none that could join a batch: not a stream, or past its cache budget)."""
         if not self.stream:
             return None
-        state = self.state
-        piece = self._hop() + self.pipeline.lookahead - (len(state.tokens) - state.offset)
         flow_stream = self.flow_stream
         if flow_stream is not None and flow_stream.frozen_at is not None:
             return None  # past its cache budget: solved alone
-        if flow_stream is None:
-            return max(1, piece)
-        return max(1, min(piece, self._flow_needs(1) + 1))
-
-    def _flow_needs(self, more: int) -> int:
-        """Tokens the flow stream still needs for a chunk after the unflowed ones and `more`."""
-        flow = self.pipeline.flow
-        return flow.stream_tokens_needed(self.flow_stream, len(self.unflowed) + more)
+        state = self.state
+        return max(1, self._hop() + self.pipeline.lookahead - (len(state.tokens) - state.offset))
 
     def _hop(self) -> int:
         """Tokens of the next piece: the first one pads prompt + hop to whole training chunks."""
         return self.state.hop + (self.prompt_pad if self.state.offset == 0 else 0)
 
     def accept(self, token: int) -> FlowWork | None:
-        """Add a token; the flow call it makes due (a whole chunk with its look-ahead, or the
-        end of a streaming piece), or None."""
+        """Add a token; the flow call it makes due (the end of a streaming piece), or None."""
         self.due = self.piece_due()
         self.state.tokens.append(token)
         if not self.stream:
             return None
         self.unflowed.append(token)
-        flow_stream = self._flow_stream()
-        # Past its cache budget a stream re-solves its later frames at every flow call: it calls
-        # the flow once per piece then, instead of once per chunk.
-        ready = flow_stream.frozen_at is None and self._flow_needs(0) == 0
-        if not (self.due or ready):
+        if not self.due:
             return None
-        work, self.unflowed = FlowWork(flow_stream, self.unflowed), []
+        work, self.unflowed = FlowWork(self._flow_stream(), self.unflowed), []
         return work
 
     def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
