@@ -46,7 +46,7 @@ class V2Segment(Segment):
     the piece's last token and its look-ahead are there: every whole chunk of the piece in one
     call (the prompt's partial last chunk with the first hop). Chunks computed as each became
     ready, beside decoding, made more and smaller calls that time-sliced the cores the LLM's
-    products were using: on 2 cores streams took 1.15-1.2x longer, their first audio the same
+    products were using: on 2 cores streams took 1.1-1.35x longer, their first audio the same
     (benchmarks/README.md, "One flow call per audio piece")."""
 
     def __init__(
