@@ -23,44 +23,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_restart import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402
-
-
-def level(engine, voice, streams: int, tokens: int) -> dict[str, float]:
-    """``streams`` streams of ``voice`` at once: the latest first audio and the wall time."""
-    from cosyvoice_lite import Mode, SynthesisRequest
-
-    first: list[float] = [0.0] * streams
-    samples = [0] * streams
-
-    def stream(i: int, start: float) -> None:
-        request = SynthesisRequest(
-            Mode.ZERO_SHOT, TEXT, seed=i, stream=True, max_speech_tokens=tokens, ignore_eos=True
-        )
-        for chunk in engine.synthesize(request, prompt=voice):
-            if not samples[i]:
-                first[i] = time.perf_counter() - start
-            samples[i] += chunk.samples.size
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=stream, args=(i, start)) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    rate = engine.model.config.sample_rate
-    expected = tokens * rate // engine.pipeline.spec.token_frame_rate
-    if any(abs(n - expected) > rate // 10 for n in samples):
-        raise SystemExit(f"FIXED LENGTH NOT APPLIED: {samples} samples, {expected} expected")
-    return {"first_s": max(first), "wall_s": wall}
+from bench_restart import PROMPT, PROMPT_TEXT  # noqa: E402
+from bench_stream_threads import level  # noqa: E402 - streams at once, their length checked
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -73,7 +42,10 @@ def worker(args: argparse.Namespace) -> None:
     voice = engine.encode_prompt(PROMPT, PROMPT_TEXT)
     engine.prepare_voice(voice).result()
     engine.wait_until_warm(600)
-    levels = {c: level(engine, voice, int(c), args.tokens) for c in args.concurrency.split(",")}
+    levels = {}
+    for c in args.concurrency.split(","):
+        first, wall = level(engine, voice, int(c), args.tokens, seed=0)
+        levels[c] = {"first_s": first, "wall_s": wall}
     engine.close()
     print(json.dumps(levels))
 
@@ -113,10 +85,10 @@ def main() -> None:
             ).stdout
             levels = json.loads(out.strip().splitlines()[-1])
             runs[name].append(levels)
-            for c, level in levels.items():
+            for c, figures in levels.items():
                 print(
                     f"round {round_ + 1} {name:<8} c={c}: latest first audio "
-                    f"{level['first_s']:.2f} s, all ended {level['wall_s']:.2f} s",
+                    f"{figures['first_s']:.2f} s, all ended {figures['wall_s']:.2f} s",
                     flush=True,
                 )
     precision = "float32" + (" + int8" if args.quantize else "")
