@@ -63,9 +63,7 @@ class V2Segment(Segment):
         prompt_len = inputs.flow_prompt_speech_token.shape[1]
         self.prompt_pad = math.ceil(prompt_len / TOKEN_HOP) * TOKEN_HOP - prompt_len
         self.flow_stream = None  # made at the first flow call, in the audio worker (see push)
-        self.mel: list[torch.Tensor] = []  # mel computed but not vocoded yet
         self.unflowed: list[int] = []  # tokens not handed to the flow yet
-        self.due = False  # the last accepted token completes a piece
         self.first_piece_tokens = self._hop() + pipeline.lookahead if stream else None
 
     def piece_due(self) -> bool:
@@ -91,31 +89,27 @@ class V2Segment(Segment):
 
     def accept(self, token: int) -> FlowWork | None:
         """Add a token; the flow call it makes due (the end of a streaming piece), or None."""
-        self.due = self.piece_due()
+        due = self.piece_due()
         self.state.tokens.append(token)
         if not self.stream:
             return None
         self.unflowed.append(token)
-        if not self.due:
+        if not due:
             return None
         work, self.unflowed = FlowWork(self._flow_stream(), self.unflowed), []
         return work
 
-    def complete(self, mel: torch.Tensor) -> torch.Tensor | None:
-        """Keep the mel of the last flow call; the waveform piece once one is due."""
-        piece_mel = self.piece_mel(mel)
-        if piece_mel is None:
-            return None
-        return self.pipeline._vocode(self.state, piece_mel, self.generator, finalize=False)
+    def complete(self, mel: torch.Tensor) -> torch.Tensor:
+        """The waveform of the piece that the flow call ``accept`` made due computed."""
+        return self.pipeline._vocode(
+            self.state, self.piece_mel(mel), self.generator, finalize=False
+        )
 
-    def piece_mel(self, mel: torch.Tensor) -> torch.Tensor | None:
-        """Keep the mel of the last flow call; the mel of the piece it completes (to vocode,
-        ``V2Pipeline.complete_pieces``), or None."""
-        self.mel.append(mel)
-        if not self.due:
-            return None
+    def piece_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        """The mel of a piece, from the flow call ``accept`` made due (every one completes a
+        piece: the engine accepts no further token of a row before its due call ran), to vocode
+        (``V2Pipeline.complete_pieces``); the stream moves on to its next piece."""
         state = self.state
-        mel, self.mel = torch.cat(self.mel, dim=2), []
         state.offset += self._hop()
         state.hop = min(MAX_TOKEN_HOP, state.hop * HOP_GROWTH)
         return mel
@@ -140,8 +134,7 @@ class V2Segment(Segment):
             # The official flows the remainder with full attention over the whole history; the
             # incremental stream keeps its chunk masks so the last chunk costs as little as the rest.
             work = FlowWork(self._flow_stream(), self.unflowed, finalize=True)
-            self.mel.append(pipeline.flow_steps([work])[0])
-            mel = torch.cat(self.mel, dim=2)
+            mel = pipeline.flow_steps([work])[0]
         else:
             work = UtteranceWork(self.inputs, state.tokens, self.generator, self.speed)
             mel = pipeline._flow_batch([work])[0]
