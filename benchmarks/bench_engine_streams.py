@@ -1,18 +1,18 @@
 """Streams through the engine (LLM, flow and vocoder), one or several at once, against another
-checkout's code, in one run.
+checkout's code, in one run; with ``--whole``, whole (non-streamed) requests instead.
 
 One command: ``python benchmarks/bench_engine_streams.py --model DIR --baseline SRC
-[--quantize int8] [--tokens 100] [--concurrency 1,4] [--rounds 3]`` (a full-size CosyVoice2/3
-random-weight directory, ``tools/make_models.py --size full``; ``SRC``: the ``src`` directory of
-another checkout, e.g. a ``git worktree`` of the previous commit). Each round runs one worker
-process per design, the order flipping each round, so both see the same host states. A worker
-loads the engine, saves a voice (the 4.9 s test prompt, its prompt frames prepared), waits for
-the flow's graphs, then for each concurrency ``c`` streams ``c`` requests of that voice at once,
-each decoding exactly ``--tokens`` speech tokens (``max_speech_tokens`` + ``ignore_eos``; the
-run fails if a stream's audio is not that long). Printed: per round and level, the latest first
-audio among the ``c`` streams and the time until all of them ended; then the medians, the
-ratios (baseline / ours), the load average and the floors measured in the run. No HTTP:
-``bench_serving.py`` measures the server.
+[--quantize int8] [--tokens 100] [--concurrency 1,4] [--rounds 3] [--whole]`` (a full-size
+CosyVoice2/3 random-weight directory, ``tools/make_models.py --size full``; ``SRC``: the ``src``
+directory of another checkout, e.g. a ``git worktree`` of the previous commit). Each round runs
+one worker process per design, the order flipping each round, so both see the same host states.
+A worker loads the engine, saves a voice (the 4.9 s test prompt, its prompt frames prepared),
+waits for the flow's graphs, then for each concurrency ``c`` sends ``c`` requests of that voice
+at once, each decoding exactly ``--tokens`` speech tokens (``max_speech_tokens`` +
+``ignore_eos``; the run fails if a request's audio is not that long). Printed: per round and
+level, the latest first audio among the ``c`` requests (a whole request's is its end) and the
+time until all of them ended; then the medians, the ratios (baseline / ours), the load average
+and the floors measured in the run. No HTTP: ``bench_serving.py`` measures the server.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
     engine.wait_until_warm(600)
     levels = {}
     for c in args.concurrency.split(","):
-        first, wall = level(engine, voice, int(c), args.tokens, seed=0)
+        first, wall = level(engine, voice, int(c), args.tokens, seed=0, stream=not args.whole)
         levels[c] = {"first_s": first, "wall_s": wall}
     engine.close()
     print(json.dumps(levels))
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--whole", action="store_true", help="whole requests, not streamed")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -80,6 +81,7 @@ def main() -> None:
             argv += ["--tokens", str(args.tokens), "--concurrency", args.concurrency]
             argv += ["--threads", str(args.threads), "--baseline", str(args.baseline)]
             argv += ["--quantize", args.quantize] if args.quantize else []
+            argv += ["--whole"] if args.whole else []
             out = subprocess.run(
                 argv, env=designs[name], check=True, capture_output=True, text=True
             ).stdout
@@ -92,9 +94,10 @@ def main() -> None:
                     flush=True,
                 )
     precision = "float32" + (" + int8" if args.quantize else "")
+    requests = "whole request" if args.whole else "stream"
     print(
-        f"\n{args.model.name}, {precision}, {args.tokens} tokens per stream, a saved 4.9 s voice, "
-        f"{args.threads} threads; medians of {args.rounds} rounds"
+        f"\n{args.model.name}, {precision}, {args.tokens} tokens per {requests}, a saved 4.9 s "
+        f"voice, {args.threads} threads; medians of {args.rounds} rounds"
     )
     print(f"{'c':>3}{'first audio s, ours / base':>30}{'ratio':>8}{'all ended s':>22}{'ratio':>8}")
     for c in runs["ours"][0]:

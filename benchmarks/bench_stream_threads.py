@@ -34,8 +34,11 @@ from bench_restart import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402 - the same sav
 from floors import describe, footer, measure  # noqa: E402
 
 
-def level(engine, prompt, streams: int, tokens: int, seed: int) -> tuple[float, float]:
-    """``streams`` streams at once: (the latest first audio, the wall time), in seconds."""
+def level(
+    engine, prompt, streams: int, tokens: int, seed: int, stream: bool = True
+) -> tuple[float, float]:
+    """``streams`` requests at once, streamed (or whole, ``stream=False``): (the latest first
+    audio, the wall time), in seconds."""
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
     results: dict[int, tuple[float, int] | BaseException] = {}
@@ -45,7 +48,7 @@ def level(engine, prompt, streams: int, tokens: int, seed: int) -> tuple[float, 
             Mode.ZERO_SHOT,
             TEXT,
             seed=seed + index,
-            stream=True,
+            stream=stream,
             max_speech_tokens=tokens,
             ignore_eos=True,
         )

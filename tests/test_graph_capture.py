@@ -69,10 +69,13 @@ def test_a_captured_unet_computes_the_eager_floats_at_every_length(kind, dtype) 
     unet = _unet(kind, dtype)
     calls = [(1, 24, 0, False), (1, 37, 0, False), (2, 61, 0, False), (2, 61, 9, False)]
     if unet.causal:
-        calls += [(1, 33, 0, True), (2, 45, 7, True)]
+        calls += [(1, 33, 0, True), (2, 45, 7, True), (1, 8, 0, True)]
     _assert_captured_floats(unet, calls, dtype)
-    # traced once per (streaming, rows): lengths and padding go through the same graph
-    assert len(unet.graphs) == len({(s, r) for r, _, _, s in calls})
+    # traced once per (streaming, rows, whether a bias is needed: padding or a chunk boundary);
+    # lengths go through the same graph
+    chunk = unet.static_chunk_size
+    masked = {(s, r, bool(pad) or (s and n > chunk)) for r, n, pad, s in calls}
+    assert len(unet.graphs) == len(masked)
 
 
 DIT = dict(dim=48, depth=2, heads=3, dim_head=16, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,

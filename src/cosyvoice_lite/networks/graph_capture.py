@@ -21,9 +21,10 @@ no weights and no module hierarchy (a trace of the module kept a method graph pe
 a chain of attribute reads per weight: 84-119 MB held for that call, 2.3-2.5 s to trace; the
 same floats and call times). The trace replays the same operations with any input sizes: the
 networks' shape logic that tracing would freeze is written as tensor operations or skipped
-while tracing (``attention.sees_everything`` keeps the attention mask, which adds 0 to every
-score of an unpadded input: the same floats; ``precision.PackedLinear`` pads its rows in a
-compiled function). Graph optimisation is off
+while tracing (``attention.sees_everything`` keeps the attention mask in the trace, which adds 0
+to every score of an unpadded input: the same floats, but ~8% more attention time on a CPU, so
+the estimators key a bias-free graph of their own on it; ``precision.PackedLinear`` pads its rows
+in a compiled function). Graph optimisation is off
 (``torch.jit``'s executor would profile each graph and re-specialise it on new shapes; measured
 no faster here), so a graph computes exactly the traced operations.
 """
