@@ -233,3 +233,44 @@ def test_v2_generation_respects_min_and_max_len() -> None:
         )
         assert 6 <= len(tokens) <= 10
         assert all(0 <= t < 6561 for t in tokens)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_captured_decoding_steps_compute_the_eager_floats(version: str) -> None:
+    """Decoding steps as traced graphs (``Qwen2Model.capture_graphs``), with the packed products
+    the engine loads on a CPU: the eager hidden states and cache contents bit for bit, for one
+    row and for rows of different lengths, over steps whose caches grow (one graph per row
+    count)."""
+    from cosyvoice_lite.precision import pack_linears
+
+    def run(capture: bool) -> tuple[list[torch.Tensor], list, Qwen2LM]:
+        lm = _build(version)
+        if torch.backends.mkldnn.is_available():
+            pack_linears(lm.llm, fuse=True, threads=torch.get_num_threads())
+        if capture:
+            lm.capture_graphs(torch.get_num_threads())
+        g = torch.Generator().manual_seed(0)
+        outs = []
+        with torch.inference_mode():
+            caches = []
+            for length in (5, 9, 14):
+                cache = lm.new_cache()
+                lm.llm.forward_one_step(torch.randn(1, length, 16, generator=g), cache)
+                caches.append(cache)
+            for _ in range(3):
+                x = torch.randn(3, 1, 16, generator=g)
+                outs.append(lm.llm.forward_one_step(x[:2], caches[:2])[0])
+                outs.append(lm.llm.forward_one_step(x[:1], caches[:1])[0])
+                outs.append(lm.llm.forward_one_step(x, caches)[0])  # more rows: eager
+        return outs, caches, lm
+
+    eager, eager_caches, _ = run(capture=False)
+    captured, captured_caches, lm = run(capture=True)
+    assert len(lm.llm.model.model.graphs) == 2  # two rows, one row
+    for a, b in zip(eager, captured, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(eager_caches, captured_caches, strict=True):
+        assert a.length == b.length
+        for layer_a, layer_b in zip(a.buffers, b.buffers, strict=True):
+            for buf_a, buf_b in zip(layer_a, layer_b, strict=True):
+                assert torch.equal(buf_a.valid(), buf_b.valid())

@@ -154,6 +154,26 @@ def _capture_flow_graphs(
     return False
 
 
+def _capture_llm_graphs(
+    pipeline,
+    placement: Placement,
+    backend: str,
+    capture: bool | None,  # noqa: ANN001
+) -> bool:
+    """The LLM's decoding steps as traced graphs, where the LLM can be captured (CosyVoice2/3's
+    Qwen2; not where its int8 products run on onnxruntime), under the same default as the
+    flow's (``_capture_flow_graphs``). A step runs on the threads its packed products were given
+    at load (``precision.apply_precision``). True if captured."""
+    if capture is None:
+        capture = placement.device.type == "cpu" and backend == "torch"
+        capture = capture and not placement.exact_float32
+    llm = pipeline.llm
+    if capture and callable(getattr(llm, "capture_graphs", None)) and traceable(llm):
+        llm.capture_graphs(torch.get_num_threads())
+        return True
+    return False
+
+
 def _log_failure(future: Future) -> None:
     error = future.exception()
     if error is not None and not isinstance(error, EngineClosedError):  # closed: stopped early
@@ -368,7 +388,8 @@ class Engine:
             time.perf_counter() - start,
             limits,
         )
-        if _capture_flow_graphs(pipeline, placement, backend, capture_graphs):
+        llm_captured = _capture_llm_graphs(pipeline, placement, backend, capture_graphs)
+        if _capture_flow_graphs(pipeline, placement, backend, capture_graphs) or llm_captured:
             # traced in the background, not by the first voice or request that needs them
             engine.graphs_traced = engine.loop.background(pipeline.warm_graphs)
             engine.graphs_traced.add_done_callback(_log_failure)

@@ -125,9 +125,18 @@ class GrowingBuffer:
     def store(self, start: int, rows: torch.Tensor) -> None:
         """``write`` without reading back: in a buffer of another dtype, that read converts every
         row stored so far."""
+        self.reserve(start, rows)
+        begin = start - self.shared_length
+        self.data[..., begin : begin + rows.size(-2), :] = rows
+
+    def reserve(self, start: int, like: torch.Tensor) -> torch.Tensor:
+        """Room for ``like.size(-2)`` rows (shaped as ``like``) at positions ``start ..`` (those
+        after are dropped); returns the valid rows after the shared prefix, those new ones last,
+        for the caller to fill in place (a captured graph writes its new keys and values there)."""
         offset = self.shared_length
         if start < offset:
             raise ValueError(f"position {start} is in the shared prefix ({offset} rows)")
+        rows = like
         begin, end = start - offset, start - offset + rows.size(-2)
         capacity = 0 if self.data is None else self.data.size(-2)
         if end > capacity:
@@ -144,8 +153,8 @@ class GrowingBuffer:
             if self.data is not None and begin > 0:
                 grown[..., :begin, :] = self.data[..., :begin, :]
             self.data = grown
-        self.data[..., begin:end, :] = rows
         self.length = start + rows.size(-2)
+        return self.data[..., :end, :]
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:
         """Store ``rows`` after the valid ones and return the rows a reader sees next to
@@ -326,6 +335,13 @@ class KVCache:
         ``length .. length + T`` of ``layer``; returns that layer's valid keys and values."""
         key_buffer, value_buffer = self.buffers[layer]
         return key_buffer.write(self.length, keys), value_buffer.write(self.length, values)
+
+    def reserve(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for ``like.size(-2)`` positions ([heads, T, head_dim], the cache's dtype) at
+        ``length`` in ``layer``'s keys and values; returns both buffers' valid rows with the new
+        positions last, to be filled in place."""
+        key_buffer, value_buffer = self.buffers[layer]
+        return key_buffer.reserve(self.length, like), value_buffer.reserve(self.length, like)
 
     def advance(self, n: int) -> None:
         self.length += n

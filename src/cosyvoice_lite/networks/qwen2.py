@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.cache import KVCache, cache_lengths
+from cosyvoice_lite.networks.graph_capture import CapturedGraphs
 from cosyvoice_lite.networks.linear import grouped
 
 Caches = KVCache | list[KVCache] | None
@@ -177,10 +179,11 @@ class Qwen2Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        caches: list[KVCache],
-        layer: int,
+        slots: Sequence[tuple[torch.Tensor, torch.Tensor]],
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """``slots``: each row's cached keys and values [kv_heads, T, head_dim] with room for its
+        ``n`` new positions last (``KVCache.reserve``), which this call fills in place."""
         b, n, _ = x.shape
         q, k, v = grouped(self, "qkv", x)
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
@@ -193,8 +196,9 @@ class Qwen2Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         dtype = self.attention_dtype or x.dtype
         rows = []
-        for row, cache in enumerate(caches):
-            keys, values = cache.write(layer, k[row].to(dtype), v[row].to(dtype))
+        for row, (keys, values) in enumerate(slots):
+            keys[:, -n:].copy_(k[row])  # (a copy casts to the cache's dtype)
+            values[:, -n:].copy_(v[row])
             q_row = q[row : row + 1].reshape(1, self.num_kv_heads, group * n, self.head_dim)
             rows.append(
                 F.scaled_dot_product_attention(
@@ -233,12 +237,17 @@ class Qwen2DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        caches: list[KVCache],
-        layer: int,
+        slots: Sequence[tuple[torch.Tensor, torch.Tensor]],
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, layer, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Decoding steps of up to this many rows run as captured graphs (``Qwen2Model.capture_graphs``),
+# larger ones eagerly: a graph holds ~30-60 MB at full size (the tracer's record of each
+# operation), and a step of more rows spends a smaller share outside its products.
+CAPTURED_STEP_ROWS = 2
 
 
 class Qwen2Model(nn.Module):
@@ -252,9 +261,40 @@ class Qwen2Model(nn.Module):
             Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
         self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.graphs: CapturedGraphs | None = None  # decoding steps as traced graphs
+        self.step_threads: int | None = None  # torch threads of a captured step
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
+
+    def capture_graphs(self, threads: int | None = None) -> None:
+        """Run decoding steps of up to ``CAPTURED_STEP_ROWS`` rows (one new position each) as
+        traced graphs from now on (graph_capture.py), one per row count, on ``threads`` torch
+        threads (None: the caller's): a load-time choice for CPUs. A step is ~1,100 small
+        operations around its products: eager, each paid Python and the interpreter lock, and on
+        a loop thread of one torch thread each product switched the thread count for its call
+        and back (``precision.PackedLinear``); a graph runs them from C++ on the products'
+        threads (the small ones stay on one thread: too small for torch to split). The same
+        floats. Full-size CosyVoice2 float32, one row, alternating processes on a 2-core AVX2
+        CPU: median step 88.5-90.8 ms against 96.5-102.4 ms eager (benchmarks/README.md)."""
+        self.graphs = CapturedGraphs(self)
+        self.step_threads = threads
+
+    @torch.inference_mode()
+    def warm_graphs(self) -> None:
+        """Trace the step graphs now (each ~0.5-0.8 s at full size, and its first runs slower
+        still), rather than in the first requests' steps: two steps of each captured row count
+        on one-position caches."""
+        if self.graphs is None:
+            return
+        weight = self.norm.weight
+        for rows in range(1, CAPTURED_STEP_ROWS + 1):
+            caches = [self.new_cache() for _ in range(rows)]
+            x = weight.new_zeros(rows, 1, self.config.hidden_size)
+            for c in caches:
+                self(x[:1], c)  # the prefill, eager
+            for _ in range(2):
+                self(x, caches)
 
     def forward(
         self, inputs_embeds: torch.Tensor, cache: Caches = None
@@ -287,12 +327,61 @@ class Qwen2Model(nn.Module):
         ):  # a single new position sees the whole cache; otherwise causal, repeated per group
             keys = torch.arange(caches[0].length + n, device=device)
             mask = (keys[None, :] <= positions[0][:, None]).repeat(group, 1)
-        x = inputs_embeds
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches, index, mask)
+        # every layer's keys and values with room for the new positions, filled by the layers
+        dtype = self.layers[0].self_attn.attention_dtype or inputs_embeds.dtype
+        like = inputs_embeds.new_empty(
+            self.config.num_key_value_heads, n, self.config.head_dim, dtype=dtype
+        )
+        slots = [[c.reserve(index, like) for c in caches] for index in range(len(self.layers))]
         for c in caches:
             c.advance(n)
-        return self.norm(x), (caches[0] if single else caches)
+        captured = n == 1 and b <= CAPTURED_STEP_ROWS and self.graphs is not None
+        if captured and not torch.jit.is_tracing():
+            hidden = self._captured_step(inputs_embeds, cos, sin, slots)
+        else:
+            hidden = self._layers(inputs_embeds, cos, sin, slots, mask)
+        return hidden, (caches[0] if single else caches)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        for layer, layer_slots in zip(self.layers, slots, strict=True):
+            x = layer(x, cos, sin, layer_slots, mask)
+        return self.norm(x)
+
+    def _captured_step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    ) -> torch.Tensor:
+        """``_layers`` of a decoding step through the graph of its row count: the rows' cached
+        keys and values are inputs (their lengths vary; the graph writes the new position in
+        place), so one graph serves every step of that many rows."""
+        rows, layers = x.shape[0], len(slots)
+        flat = [t for layer_slots in slots for pair in layer_slots for t in pair]
+
+        def traced(x, cos, sin, *flat):  # noqa: ANN001, ANN202 - graph inputs
+            pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+            slots = [pairs[layer * rows : (layer + 1) * rows] for layer in range(layers)]
+            return self._layers(x, cos, sin, slots, None)
+
+        key = ("step", rows, x.dtype, x.device)
+        caller = torch.get_num_threads()
+        threads = self.step_threads or caller
+        if threads != caller:
+            torch.set_num_threads(threads)  # the calling thread's OpenMP team, for this call
+        try:
+            return self.graphs.run(key, traced, (x, cos, sin, *flat))
+        finally:
+            if threads != caller:
+                torch.set_num_threads(caller)
 
 
 class Qwen2ForCausalLM(nn.Module):

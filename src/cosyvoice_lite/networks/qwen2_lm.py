@@ -132,6 +132,15 @@ class Qwen2LM(nn.Module):
     def new_cache(self) -> KVCache:
         return self.llm.new_cache()
 
+    def capture_graphs(self, threads: int | None = None) -> None:
+        """Decoding steps as traced graphs on ``threads`` torch threads
+        (``Qwen2Model.capture_graphs``); the prefill stays eager."""
+        self.llm.model.model.capture_graphs(threads)
+
+    def warm_graphs(self) -> None:
+        """Trace the captured step graphs now (``Qwen2Model.warm_graphs``)."""
+        self.llm.model.model.warm_graphs()
+
     def log_probs(self, inputs: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """Next-token log-probabilities (B, V) after feeding `inputs` (B, T, D) to B rows, each
         extending its own cache (B > 1 takes one position per row)."""

@@ -194,7 +194,10 @@ class Pipeline:
         """Trace the flow's captured graphs (networks/graph_capture.py) on synthetic frames now,
         rather than in the first request that needs them (1-3 s each at full size): the engine
         runs this in the background after a load. A whole utterance's rows here, as its row
-        split computes them; `V2Pipeline` adds a stream's."""
+        split computes them; `V2Pipeline` adds a stream's. The LLM's decoding steps first, where
+        they are captured."""
+        if callable(getattr(self.llm, "warm_graphs", None)):
+            self.llm.warm_graphs()
         cfm = self.flow.decoder
         if getattr(cfm.estimator, "graphs", None) is None:
             return
