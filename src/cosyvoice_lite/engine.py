@@ -315,10 +315,11 @@ class Engine:
         same CPU (for parity checks); by default a CPU runs its float32 linear layers with
         oneDNN-packed weights and more (~1e-6 different, up to 2x faster flows: device.Placement).
         ``capture_graphs``: the flow estimator's calls (whole utterances, v2/v3 streams' chunks)
-        run as traced graphs, the same floats without Python between the operations
-        (``_capture_flow_graphs``; None: on a CPU with the torch backend, not with
-        ``exact_float32``). Its three graphs are traced in the background after the load (1-6 s
-        each, once per process) and hold tens of MB each (full size): not worth it for a one-off
+        and the v2/v3 LLM's decoding steps of one or two rows run as traced graphs, the same
+        floats without Python between the operations (``_capture_flow_graphs``,
+        ``_capture_llm_graphs``; None: on a CPU with the torch backend, not with
+        ``exact_float32``). The graphs are traced in the background after the load (1-6 s each,
+        once per process) and hold tens of MB each (full size): not worth it for a one-off
         request.
         ``share_onnx_threads``: where the int8 LLM gains from it (``_share_onnx_threads``), every
         onnxruntime session of the process from now on shares one pool of torch's thread count
