@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import KVCache, cache_lengths
 from cosyvoice_lite.networks.graph_capture import CapturedGraphs
 from cosyvoice_lite.networks.linear import grouped
@@ -289,6 +290,7 @@ class Qwen2Model(nn.Module):
             return
         weight = self.norm.weight
         for rows in range(1, CAPTURED_STEP_ROWS + 1):
+            check(f"tracing the LLM's step graph of {rows} rows")  # the engine may be closing
             caches = [self.new_cache() for _ in range(rows)]
             x = weight.new_zeros(rows, 1, self.config.hidden_size)
             for c in caches:
