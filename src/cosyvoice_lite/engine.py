@@ -129,6 +129,12 @@ def _flow_has_int8_products(model_dir: ModelDir) -> bool:
         return True
 
 
+def _captures_by_default(placement: Placement, backend: str) -> bool:
+    """Whether graphs are captured unless the caller says: on a CPU with the torch backend,
+    not with ``exact_float32`` (the official's calls as they are)."""
+    return placement.device.type == "cpu" and backend == "torch" and not placement.exact_float32
+
+
 def _capture_flow_graphs(
     pipeline,
     placement: Placement,
@@ -145,8 +151,7 @@ def _capture_flow_graphs(
     onnxruntime (a CPU without VNNI or AMX), which a trace cannot record
     (``graph_capture.traceable``). True if captured."""
     if capture is None:
-        capture = placement.device.type == "cpu" and backend == "torch"
-        capture = capture and not placement.exact_float32
+        capture = _captures_by_default(placement, backend)
     estimator = getattr(pipeline.flow.decoder, "estimator", None)
     if capture and callable(getattr(estimator, "capture_graphs", None)) and traceable(estimator):
         estimator.capture_graphs()
@@ -165,8 +170,7 @@ def _capture_llm_graphs(
     flow's (``_capture_flow_graphs``). A step runs on the threads its packed products were given
     at load (``precision.apply_precision``). True if captured."""
     if capture is None:
-        capture = placement.device.type == "cpu" and backend == "torch"
-        capture = capture and not placement.exact_float32
+        capture = _captures_by_default(placement, backend)
     llm = pipeline.llm
     if capture and callable(getattr(llm, "capture_graphs", None)) and traceable(llm):
         llm.capture_graphs(torch.get_num_threads())

@@ -136,8 +136,7 @@ class GrowingBuffer:
         offset = self.shared_length
         if start < offset:
             raise ValueError(f"position {start} is in the shared prefix ({offset} rows)")
-        rows = like
-        begin, end = start - offset, start - offset + rows.size(-2)
+        begin, end = start - offset, start - offset + like.size(-2)
         capacity = 0 if self.data is None else self.data.size(-2)
         if end > capacity:
             if self.data is None:
@@ -146,14 +145,14 @@ class GrowingBuffer:
                 # of page faults); a small one (a stream's first chunk) with room for more
                 grown_to = end if end >= MIN_CAPACITY else end + MIN_CAPACITY
             else:  # the next append of this size fits too
-                grown_to = end + max(end // 4, rows.size(-2))
+                grown_to = end + max(end // 4, like.size(-2))
             grown_to = -(-grown_to // self.granule) * self.granule
-            shape = (*rows.shape[:-2], grown_to, rows.size(-1))
-            grown = _empty(shape, self.dtype or rows.dtype, rows)
+            shape = (*like.shape[:-2], grown_to, like.size(-1))
+            grown = _empty(shape, self.dtype or like.dtype, like)
             if self.data is not None and begin > 0:
                 grown[..., :begin, :] = self.data[..., :begin, :]
             self.data = grown
-        self.length = start + rows.size(-2)
+        self.length = start + like.size(-2)
         return self.data[..., :end, :]
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:

@@ -68,9 +68,7 @@ class V2Segment(Segment):
 
     def piece_due(self) -> bool:
         """Whether the next token completes a streaming piece."""
-        state = self.state
-        due = len(state.tokens) + 1 - state.offset >= self._hop() + self.pipeline.lookahead
-        return self.stream and due
+        return self.stream and self._tokens_to_piece() <= 1
 
     def due_in(self) -> int | None:
         """Tokens until the next one that makes a flow call due: the one completing the piece
@@ -80,8 +78,12 @@ class V2Segment(Segment):
         flow_stream = self.flow_stream
         if flow_stream is not None and flow_stream.frozen_at is not None:
             return None  # past its cache budget: solved alone
+        return max(1, self._tokens_to_piece())
+
+    def _tokens_to_piece(self) -> int:
+        """Tokens still to come up to the one completing the piece (its look-ahead included)."""
         state = self.state
-        return max(1, self._hop() + self.pipeline.lookahead - (len(state.tokens) - state.offset))
+        return self._hop() + self.pipeline.lookahead - (len(state.tokens) - state.offset)
 
     def _hop(self) -> int:
         """Tokens of the next piece: the first one pads prompt + hop to whole training chunks."""
