@@ -119,9 +119,9 @@ def test_a_steps_distances_are_per_row_and_causal():
             cache.advance(length)
         return made
 
-    step = CachedDistances(caches(2, 4), 1, torch.device("cpu"))
+    step = CachedDistances.of(caches(2, 4), 1, torch.device("cpu"))
     assert step.keep.tolist() == [[[True] * 3 + [False] * 2], [[True] * 5]]
     assert step.clamped.tolist() == [[[2, 1, 0, 0, 0]], [[4, 3, 2, 1, 0]]]
-    chunk = CachedDistances(caches(1), 3, torch.device("cpu"))
+    chunk = CachedDistances.of(caches(1), 3, torch.device("cpu"))
     assert chunk.keep[0].tolist() == [[j <= i + 1 for j in range(4)] for i in range(3)]
     assert chunk.clamped[0].tolist() == [[1, 0, 0, 0], [2, 1, 0, 0], [3, 2, 1, 0]]

@@ -165,10 +165,10 @@ def _capture_llm_graphs(
     backend: str,
     capture: bool | None,  # noqa: ANN001
 ) -> bool:
-    """The LLM's decoding steps as traced graphs, where the LLM can be captured (CosyVoice2/3's
-    Qwen2; not where its int8 products run on onnxruntime), under the same default as the
-    flow's (``_capture_flow_graphs``). A step runs on the threads its packed products were given
-    at load (``precision.apply_precision``). True if captured."""
+    """The LLM's decoding steps as traced graphs, where the LLM can be captured (the v1
+    Transformer, CosyVoice2/3's Qwen2; not where its int8 products run on onnxruntime), under
+    the same default as the flow's (``_capture_flow_graphs``). A step runs on the threads its
+    packed products were given at load (``precision.apply_precision``). True if captured."""
     if capture is None:
         capture = _captures_by_default(placement, backend)
     llm = pipeline.llm
@@ -319,7 +319,7 @@ class Engine:
         same CPU (for parity checks); by default a CPU runs its float32 linear layers with
         oneDNN-packed weights and more (~1e-6 different, up to 2x faster flows: device.Placement).
         ``capture_graphs``: the flow estimator's calls (whole utterances, v2/v3 streams' chunks)
-        and the v2/v3 LLM's decoding steps of one or two rows run as traced graphs, the same
+        and the LLM's decoding steps of one or two rows run as traced graphs, the same
         floats without Python between the operations (``_capture_flow_graphs``,
         ``_capture_llm_graphs``; None: on a CPU with the torch backend, not with
         ``exact_float32``). The graphs are traced in the background after the load (1-6 s each,

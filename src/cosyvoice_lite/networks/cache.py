@@ -313,8 +313,8 @@ def _before(buffer: GrowingBuffer, empty: torch.Tensor) -> list[torch.Tensor]:
 
 class KVCache:
     """A decoder's cache for one sequence: for every layer, a keys and a values buffer
-    ``[heads, T, dim]``. Layers write the new positions at ``length``; the caller advances
-    ``length`` once every layer has written.
+    ``[heads, T, dim]``. A step reserves each layer's new positions at ``length`` and advances
+    ``length``; its layers then fill them in place.
     """
 
     __slots__ = ("num_layers", "buffers", "length")
@@ -326,14 +326,6 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for layer in self.buffers for b in layer)
-
-    def write(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``keys`` and ``values`` ([heads, T, head_dim] each) at positions
-        ``length .. length + T`` of ``layer``; returns that layer's valid keys and values."""
-        key_buffer, value_buffer = self.buffers[layer]
-        return key_buffer.write(self.length, keys), value_buffer.write(self.length, values)
 
     def reserve(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Room for ``like.size(-2)`` positions ([heads, T, head_dim], the cache's dtype) at

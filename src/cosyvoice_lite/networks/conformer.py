@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from torch import nn
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import GrowingBuffer, KVCache, cache_lengths
+from cosyvoice_lite.networks.graph_capture import CAPTURED_STEP_ROWS, CapturedGraphs
 from cosyvoice_lite.networks.linear import grouped
 
 # --------------------------------------------------------------------------------------------
@@ -255,20 +258,20 @@ class RelPositionMultiHeadedAttention(nn.Module):
     def forward_cached(
         self,
         x: torch.Tensor,
-        caches: list[KVCache],
-        layer: int,
+        slots: Sequence[tuple[torch.Tensor, torch.Tensor]],
         positions: torch.Tensor,
         distances: CachedDistances,
     ) -> torch.Tensor:
         """Causal self-attention of new positions x [B, T1, D] against each row's cached ones.
 
-        Writes each row's keys and values into the slots of ``layer``; ``positions`` [h, P, d_k]
-        are the projected positional rows of distances 0 .. P-1 (``ProjectedPositions``), P at
-        least every row's new length; ``distances``: the step's (``CachedDistances``). The
-        caller advances the caches once all layers ran. Projections and positional scores run on
-        all rows at once (the positional rows are the same for every row: one product, not one
-        per row); attention runs per row over its own cache.
-        """
+        ``slots``: each row's cached keys and values [h, T, d_k] with room for its T1 new
+        positions last (``KVCache.reserve``), which this call fills in place; ``positions``
+        [h, P, d_k] are the projected positional rows of distances 0 .. P-1
+        (``ProjectedPositions``), P at least every row's new length; ``distances``: the step's
+        (``CachedDistances``). Projections and positional scores run on all rows at once (the
+        positional rows are the same for every row: one product, not one per row); attention
+        runs per row over its own cache. A row's length is read from its slots, not from Python
+        numbers, so that a traced step serves every length (``_Encoder.capture_graphs``)."""
         chunk = x.size(1)
         dtype = self.attention_dtype or x.dtype
         q_all, k_all, v_all = (self._heads(y.to(dtype)) for y in grouped(self, "qkv", x))
@@ -277,10 +280,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
             content_query = q_all + self.pos_bias_u.unsqueeze(1)
             bias = self._fused_bias(bd, distances.keep.unsqueeze(1))
         rows = []
-        for row, (cache, start) in enumerate(zip(caches, distances.starts, strict=True)):
-            end = start + chunk
-            k, v = (y.unsqueeze(0) for y in cache.write(layer, k_all[row], v_all[row]))
-            own = slice(row, row + 1)
+        for row, (keys, values) in enumerate(slots):
+            keys[:, -chunk:].copy_(k_all[row])
+            values[:, -chunk:].copy_(v_all[row])
+            end = keys.size(-2)
+            k, v, own = keys.unsqueeze(0), values.unsqueeze(0), slice(row, row + 1)
             if self.fused_cached:
                 rows.append(self._fused(content_query[own], k, v, bias[own, :, :, :end]))
             else:
@@ -306,25 +310,27 @@ class RelPositionMultiHeadedAttention(nn.Module):
         return _gather_by_distance(by_distance, distances.clamped.unsqueeze(1))
 
 
-class CachedDistances:
+class CachedDistances(NamedTuple):
     """The query-key distances of one cached step, the same in every layer: B rows (caches) of
-    T1 new positions each, row b's first at ``starts[b]`` (its cache's length), against key
-    positions 0 .. L-1 (L the longest row's new length; a row's own keys are its first
-    ``starts[b] + T1``). ``keep`` [B, T1, L] is the causal mask (the official LLM passes a tril
-    mask), ``clamped`` the distances with the masked ones at 0 (the column of the positional
-    scores to gather). Worked out once a step, not per row and layer (benchmarks/README.md:
-    with the positional product, ~0.2 ms a row and layer in a CosyVoice-300M step of 4 rows)."""
+    T1 new positions each, row b's first at its cache's length, against key positions 0 .. L-1
+    (L the longest row's new length). ``keep`` [B, T1, L] is the causal mask (the official LLM
+    passes a tril mask), ``clamped`` the distances with the masked ones at 0 (the column of the
+    positional scores to gather). Worked out once a step, not per row and layer
+    (benchmarks/README.md: with the positional product, ~0.2 ms a row and layer in a
+    CosyVoice-300M step of 4 rows)."""
 
-    __slots__ = ("starts", "keep", "clamped")
+    keep: torch.Tensor
+    clamped: torch.Tensor
 
-    def __init__(self, caches: list[KVCache], chunk: int, device: torch.device) -> None:
-        self.starts = [cache.length for cache in caches]
+    @classmethod
+    def of(cls, caches: list[KVCache], chunk: int, device: torch.device) -> CachedDistances:
+        """The distances of ``chunk`` new positions after each of ``caches``."""
         query = cache_lengths(caches, device).view(-1, 1, 1)
         if chunk > 1:
             query = query + torch.arange(chunk, device=device).view(1, chunk, 1)
-        distance = query - torch.arange(max(self.starts) + chunk, device=device)  # [B, T1, L]
-        self.keep = distance >= 0
-        self.clamped = distance.clamp(min=0)
+        longest = max(cache.length for cache in caches) + chunk
+        distance = query - torch.arange(longest, device=device)  # [B, T1, L]
+        return cls(distance >= 0, distance.clamp(min=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,13 +368,12 @@ class _PreNormLayer(nn.Module):
     def forward_cached(
         self,
         x: torch.Tensor,
-        caches: list[KVCache],
-        layer: int,
+        slots: Sequence[tuple[torch.Tensor, torch.Tensor]],
         positions: torch.Tensor,
         distances: CachedDistances,
     ) -> torch.Tensor:
         attn_norm, ff_norm = self._norms()
-        x = x + self.self_attn.forward_cached(attn_norm(x), caches, layer, positions, distances)
+        x = x + self.self_attn.forward_cached(attn_norm(x), slots, positions, distances)
         return x + self.feed_forward(ff_norm(x))
 
 
@@ -511,12 +516,15 @@ class _Encoder(nn.Module):
         _require(global_cmvn is None, "global_cmvn")
         _require(activation_type in ACTIVATIONS, f"activation_type {activation_type!r}")
         self._output_size = output_size
+        self.input_size = input_size
         self.embed = INPUT_LAYERS[input_layer](
             input_size, output_size, 0.0, EspnetRelPositionalEncoding(output_size)
         )
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
         self.static_chunk_size = static_chunk_size
         self.positions = ProjectedPositions()  # for forward_chunk; not a parameter or buffer
+        self.graphs: CapturedGraphs | None = None  # decoding steps as traced graphs
+        self.step_threads: int | None = None  # torch threads of a captured step
 
     def output_size(self) -> int:
         return self._output_size
@@ -545,6 +553,32 @@ class _Encoder(nn.Module):
         """An empty cache for one sequence (every layer's keys and values)."""
         return KVCache(len(self.encoders))
 
+    def capture_graphs(self, threads: int | None = None) -> None:
+        """Run ``forward_chunk``'s decoding steps of up to ``CAPTURED_STEP_ROWS`` rows (one
+        new position each) as traced graphs from now on (graph_capture.py), one per row count,
+        on ``threads`` torch threads (None: the caller's): a load-time choice for CPUs, as
+        ``Qwen2Model.capture_graphs``. A CosyVoice-300M step is ~1,000 small operations
+        around 98 products; eager, each paid Python and the interpreter lock. The same floats
+        (benchmarks/README.md for the time saved)."""
+        self.graphs = CapturedGraphs(self)
+        self.step_threads = threads
+
+    @torch.inference_mode()
+    def warm_graphs(self) -> None:
+        """Trace the step graphs now, rather than in the first requests' steps: two steps of
+        each captured row count after one-position caches."""
+        if self.graphs is None:
+            return
+        weight = self.after_norm.weight
+        for rows in range(1, CAPTURED_STEP_ROWS + 1):
+            check(f"tracing the LLM's step graph of {rows} rows")  # the engine may be closing
+            caches = [self.new_cache() for _ in range(rows)]
+            x = weight.new_zeros(rows, 1, self.input_size)
+            for c in caches:
+                self.forward_chunk(x[:1], c)
+            for _ in range(2):
+                self.forward_chunk(x, caches)
+
     def forward_chunk(
         self, xs: torch.Tensor, cache: KVCache | list[KVCache] | None = None
     ) -> tuple[torch.Tensor, KVCache | list[KVCache]]:
@@ -565,14 +599,61 @@ class _Encoder(nn.Module):
                 f"{batch} rows of {chunk} positions need {batch} caches and one "
                 f"position per row when batched; got {len(caches)} caches"
             )
-        xs = self.embed.out(xs) * self.embed.pos_enc.xscale
-        distances = CachedDistances(caches, chunk, xs.device)
-        positions = self.positions.covering(self, distances.keep.size(-1), xs)
-        for index, layer in enumerate(self.encoders):
-            xs = layer.forward_cached(xs, caches, index, positions[index], distances)
+        distances = CachedDistances.of(caches, chunk, xs.device)
+        longest = distances.keep.size(-1)
+        positions = self.positions.covering(self, longest, xs)
+        # every layer's keys and values with room for the new positions, filled by the layers
+        attention = self.encoders[0].self_attn
+        like = xs.new_empty(
+            attention.h, chunk, attention.d_k, dtype=attention.attention_dtype or xs.dtype
+        )
+        slots = [[c.reserve(index, like) for c in caches] for index in range(len(self.encoders))]
         for c in caches:
             c.advance(chunk)
-        return self.after_norm(xs), (caches[0] if single else caches)
+        captured = chunk == 1 and batch <= CAPTURED_STEP_ROWS and self.graphs is not None
+        if captured and not torch.jit.is_tracing():
+            out = self._captured_step(xs, slots, [p[:, :longest] for p in positions], distances)
+        else:
+            out = self._layers(xs, slots, positions, distances)
+        return out, (caches[0] if single else caches)
+
+    def _layers(
+        self,
+        xs: torch.Tensor,
+        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        positions: Sequence[torch.Tensor],
+        distances: CachedDistances,
+    ) -> torch.Tensor:
+        xs = self.embed.out(xs) * self.embed.pos_enc.xscale
+        for layer, layer_slots, layer_positions in zip(
+            self.encoders, slots, positions, strict=True
+        ):
+            xs = layer.forward_cached(xs, layer_slots, layer_positions, distances)
+        return self.after_norm(xs)
+
+    def _captured_step(
+        self,
+        xs: torch.Tensor,
+        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        positions: list[torch.Tensor],
+        distances: CachedDistances,
+    ) -> torch.Tensor:
+        """``_layers`` of a decoding step through the graph of its row count: the rows' cached
+        keys and values, the positional rows and the distances are inputs (their lengths vary;
+        the graph writes the new position in place), so one graph serves every step of that
+        many rows."""
+        rows, layers = xs.size(0), len(slots)
+        flat = [t for layer_slots in slots for pair in layer_slots for t in pair]
+
+        def traced(xs, keep, clamped, *rest):  # noqa: ANN001, ANN202 - graph inputs
+            positions, flat = rest[:layers], rest[layers:]
+            pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+            slots = [pairs[layer * rows : (layer + 1) * rows] for layer in range(layers)]
+            return self._layers(xs, slots, positions, CachedDistances(keep, clamped))
+
+        key = ("step", rows, xs.dtype, xs.device)
+        args = (xs, *distances, *positions, *flat)
+        return self.graphs.run(key, traced, args, self.step_threads)
 
 
 class ConformerEncoder(_Encoder):

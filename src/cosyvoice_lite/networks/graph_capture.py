@@ -40,6 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
+# Decoding steps of up to this many rows run as captured graphs (the LLMs' ``capture_graphs``),
+# larger ones eagerly: a graph holds ~30-60 MB at full size (the tracer's record of each
+# operation), and a step of more rows spends a smaller share outside its products.
+CAPTURED_STEP_ROWS = 2
+
 
 def traceable(module: nn.Module) -> bool:
     """Whether a trace records all of ``module``'s work: not where a submodule computes outside
@@ -70,12 +75,18 @@ class CapturedGraphs:
         return len(self._graphs)
 
     def run(
-        self, key: Hashable, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]
+        self,
+        key: Hashable,
+        fn: Callable[..., torch.Tensor],
+        args: tuple[torch.Tensor, ...],
+        threads: int | None = None,
     ) -> torch.Tensor:
         """``fn(*args)`` through the graph traced for ``key`` (traced from this call if new):
         ``fn`` must compute the same operations for every call of that key. Under a torch
         function or dispatch mode (a FLOP counter, a profiler's mode) ``fn`` runs eagerly: the
-        mode observes each operation, which a graph would hide from it."""
+        mode observes each operation, which a graph would hide from it. ``threads``: the
+        calling thread's torch threads for this call (an LLM step's: the threads its packed
+        products were given at load, which eager products switch to one at a time)."""
         if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
             return fn(*args)
         graph = self._graphs.get(key)
@@ -84,7 +95,14 @@ class CapturedGraphs:
                 graph = self._graphs.get(key)
                 if graph is None:
                     graph = self._graphs[key] = self._trace(fn, args)
-        return graph.function(*graph.weights, *args)
+        caller = torch.get_num_threads()
+        if threads is None or threads == caller:
+            return graph.function(*graph.weights, *args)
+        torch.set_num_threads(threads)  # the calling thread's OpenMP team, for this call
+        try:
+            return graph.function(*graph.weights, *args)
+        finally:
+            torch.set_num_threads(caller)
 
     def run_in_groups(
         self,

@@ -34,7 +34,7 @@ from torch import nn
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import KVCache, cache_lengths
-from cosyvoice_lite.networks.graph_capture import CapturedGraphs
+from cosyvoice_lite.networks.graph_capture import CAPTURED_STEP_ROWS, CapturedGraphs
 from cosyvoice_lite.networks.linear import grouped
 
 Caches = KVCache | list[KVCache] | None
@@ -245,12 +245,6 @@ class Qwen2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# Decoding steps of up to this many rows run as captured graphs (``Qwen2Model.capture_graphs``),
-# larger ones eagerly: a graph holds ~30-60 MB at full size (the tracer's record of each
-# operation), and a step of more rows spends a smaller share outside its products.
-CAPTURED_STEP_ROWS = 2
-
-
 class Qwen2Model(nn.Module):
     """Embeddings, decoder layers and the final norm (`llm.model.model.*`)."""
 
@@ -375,15 +369,7 @@ class Qwen2Model(nn.Module):
             return self._layers(x, cos, sin, slots, None)
 
         key = ("step", rows, x.dtype, x.device)
-        caller = torch.get_num_threads()
-        threads = self.step_threads or caller
-        if threads != caller:
-            torch.set_num_threads(threads)  # the calling thread's OpenMP team, for this call
-        try:
-            return self.graphs.run(key, traced, (x, cos, sin, *flat))
-        finally:
-            if threads != caller:
-                torch.set_num_threads(caller)
+        return self.graphs.run(key, traced, (x, cos, sin, *flat), self.step_threads)
 
 
 class Qwen2ForCausalLM(nn.Module):

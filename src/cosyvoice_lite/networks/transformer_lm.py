@@ -115,6 +115,15 @@ class TransformerLM(nn.Module):
     def new_cache(self) -> KVCache:
         return self.llm.new_cache()
 
+    def capture_graphs(self, threads: int | None = None) -> None:
+        """Decoding steps as traced graphs on ``threads`` torch threads
+        (``TransformerEncoder.capture_graphs``); the prefill stays eager."""
+        self.llm.capture_graphs(threads)
+
+    def warm_graphs(self) -> None:
+        """Trace the captured step graphs now (``TransformerEncoder.warm_graphs``)."""
+        self.llm.warm_graphs()
+
     def speech_input(self, token: int) -> torch.Tensor:
         """The input [1, 1, D] that feeds a decoded speech token back."""
         return self.speech_embedding.weight[token].reshape(1, 1, -1)
