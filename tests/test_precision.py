@@ -613,6 +613,27 @@ def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
             assert torch.equal(layer(x[1, :rows]), whole[1, :rows]), rows
 
 
+def test_plain_decoding_weights_compute_the_packed_floats() -> None:
+    """A decoding LLM's float32 layers may keep plain weights (``PackedLinear``'s ``plain``):
+    one row by oneDNN's product as before, 2 to ``EXACT_ROWS`` rows as the transposed product,
+    more as before; every row count gives the packed layer's floats, in the input's shape,
+    contiguous, with and without a bias, eager and traced."""
+    if not packs_linear(resolve_placement("cpu")):
+        pytest.skip("no oneDNN packing on this build")
+    g = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        linear = nn.Linear(96, 40, bias=bias)
+        packed, plain = PackedLinear(linear), PackedLinear(linear, plain=True)
+        traced = torch.jit.trace(plain, torch.randn(3, 1, 96), check_trace=False)
+        with torch.inference_mode():
+            for rows in (1, 2, 3, EXACT_ROWS, EXACT_ROWS + 1, 40):
+                x = torch.randn(rows, 1, 96, generator=g)
+                out = plain(x)
+                assert out.shape == (rows, 1, 40) and out.is_contiguous()
+                assert torch.equal(out, packed(x)), (bias, rows)
+                assert torch.equal(traced(x), out), (bias, rows)
+
+
 def test_a_decoding_llm_widens_only_its_packed_products() -> None:
     """A CPU's decoding thread runs on one torch thread (``engine.decode_threads``) and the
     LLM's packed products take the process's threads for their call only, giving the same floats

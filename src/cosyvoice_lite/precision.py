@@ -29,8 +29,10 @@ which are faster there.
 The LLMs also get load-time kernels (``kernels=True``, what the engine uses; export keeps the
 loaded modules): their declared linear groups (q/k/v, gate/up) are fused into one product each
 (``networks.linear``), and on a CPU with oneDNN their float32 (unless ``exact_float32``) and
-bfloat16 linear layers are ``PackedLinear``: the weight reordered once into oneDNN's blocked
-layout. A decoding step is a
+bfloat16 linear layers are ``PackedLinear``: the weight reordered once into the layout oneDNN
+picks for one row (on an AVX2 CPU a float32 weight stays plain, which is that layout there, and a
+batched step's few rows run as the transposed product: ``decodes_plain_weights``). A decoding
+step is a
 matrix-vector product per layer, bound by reading the weights; torch's default path for one input
 row streams them at less than half this machine's memory bandwidth (fp32 on one core; bf16 pays a
 per-call reorder), the packed one reaches 25-37 GB/s of ~34 (benchmarks/README.md).
@@ -208,19 +210,33 @@ def padded_rows(
 
 
 def _packed_product(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    transposed_rows: int,
 ) -> torch.Tensor:
-    """``PackedLinear``'s product, its input rows padded to ``padded_rows``. Also compiled by
-    TorchScript (``_compiled_packed_product``) for traced graphs (``networks.graph_capture``):
-    traced Python would keep the row count it met as a constant, and the tracer cannot record
-    the oneDNN op's list argument."""
+    """``PackedLinear``'s product, its input rows padded to ``padded_rows``; 2 to
+    ``transposed_rows`` rows as the transposed product (``PackedLinear``'s ``plain``). Also
+    compiled by TorchScript (``_compiled_packed_product``) for traced graphs
+    (``networks.graph_capture``): traced Python would keep the row count it met as a constant,
+    and the tracer cannot record the oneDNN op's list argument."""
     rows = x.numel() // in_features
+    shape = list(x.shape[:-1])
+    if 2 <= rows <= transposed_rows:
+        # W x^T: the plain weight as oneDNN's many-row operand, the few rows as its weight
+        flat = x.reshape(rows, in_features).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(weight, flat, None, "none", [], "")
+        out = out.t().contiguous()
+        if bias is not None:
+            out.add_(bias)
+        shape.append(out.size(-1))
+        return out.reshape(shape)
     padded = padded_rows(rows)
     if padded == rows:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     flat = torch.cat([x.reshape(rows, in_features), x.new_zeros([padded - rows, in_features])])
     out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
-    shape = list(x.shape[:-1])
     shape.append(out.size(-1))
     return out[:rows].reshape(shape)
 
@@ -245,27 +261,52 @@ class PackedLinear(nn.Module):
     wake-up of the second (a v1 step's attention of one position 44 us on one thread against
     ~100 us on two, a layer norm of 4 rows 6 against 67 us), while a product reading megabytes
     of weights needs every core's share of the memory bandwidth.
+
+    ``plain`` (a decoding LLM's float32 layers, ``decodes_plain_weights``): the weight stays in
+    its plain layout, which oneDNN's product of one row reads as it is (a packed weight of one
+    row's layout computed the same floats at the same speed on a 2-core AVX2 EPYC), and 2 to
+    ``EXACT_ROWS`` rows (a batched decoding step) are the transposed product W x^T: there oneDNN
+    read a one-row layout at 12-17 GB/s, a plain weight as the many-row operand at up to twice
+    that, and both give the same floats (benchmarks/bench_llm_rows.py).
     """
 
-    def __init__(self, linear: nn.Linear, threads: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear, threads: int | None = None, plain: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.threads = threads
         weight = linear.weight.detach()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
+        if plain:
+            weight = weight.contiguous()
+        else:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.register_buffer("weight", weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.transposed_rows = EXACT_ROWS if plain else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.weight, self.bias, self.in_features, self.transposed_rows)
         if torch.jit.is_tracing():
-            return _compiled_packed_product()(x, self.weight, self.bias, self.in_features)
+            return _compiled_packed_product()(*args)
         caller = torch.get_num_threads()
         if self.threads is None or self.threads == caller:
-            return _packed_product(x, self.weight, self.bias, self.in_features)
+            return _packed_product(*args)
         torch.set_num_threads(self.threads)  # the calling thread's OpenMP team, for this call
         try:
-            return _packed_product(x, self.weight, self.bias, self.in_features)
+            return _packed_product(*args)
         finally:
             torch.set_num_threads(caller)
+
+
+def decodes_plain_weights(placement: Placement) -> bool:
+    """Whether a decoding LLM's packed layers keep plain weights (``PackedLinear``'s ``plain``):
+    float32 on a CPU whose vector instructions stop at AVX2, where it was measured (a batched
+    CosyVoice2 step of 2 / 4 / 8 rows 1.16x / 1.36x / 1.48x faster, one row unchanged, the same
+    floats); elsewhere the packed layout of one row, as before (unmeasured there)."""
+    return (
+        packs_linear(placement)
+        and placement.dtype == torch.float32
+        and cpu_features().capability == "AVX2"
+    )
 
 
 def packs_linear(placement: Placement) -> bool:
@@ -301,11 +342,13 @@ def channels_last_convolutions(network: nn.Module) -> nn.Module:
     return network
 
 
-def pack_linears(network: nn.Module, fuse: bool = False, threads: int | None = None) -> nn.Module:
+def pack_linears(
+    network: nn.Module, fuse: bool = False, threads: int | None = None, plain: bool = False
+) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``,
     their linear groups fused first (``fuse``); ``threads``: each product's torch threads (None:
-    the caller's)."""
-    return replace_linears(network, lambda linear: PackedLinear(linear, threads), fuse)
+    the caller's); ``plain``: weights kept plain (``PackedLinear``)."""
+    return replace_linears(network, lambda linear: PackedLinear(linear, threads, plain), fuse)
 
 
 def apply_precision(
@@ -336,7 +379,8 @@ def apply_precision(
         # only with kernels, which fuse; a decoding LLM's products on every thread of the
         # process, the rest of its step on one (PackedLinear); the flow's rows have their own
         threads = torch.get_num_threads() if decoding else None
-        pack_linears(network, fuse=True, threads=threads)
+        plain = decoding and decodes_plain_weights(placement)
+        pack_linears(network, fuse=True, threads=threads, plain=plain)
     if kernels and part == "hift" and stores_channels_last(placement):
         channels_last_convolutions(network)
     if kernels:

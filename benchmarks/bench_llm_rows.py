@@ -1,0 +1,140 @@
+"""A float32 LLM's batched decoding steps: plain weights (the transposed product for 2-16 rows)
+vs the packed layout of one row, in one process (issue 8: what a step of B rows costs).
+
+One command: ``python benchmarks/bench_llm_rows.py --model DIR [--rows 1,2,4,8] [--rounds 4]``
+for a full-size directory of any version. It loads the engine as the server does (float32;
+``precision.decodes_plain_weights`` says whether this CPU keeps plain weights by default), then,
+on a thread set up as the engine's decoding loop, times the median decoding step of each row
+count (rows prefilled with 150, 157, ... positions), with every packed layer of the LLM switched
+in place between the two forms in turn (the order alternating each round; the step graphs traced
+again after each switch, as they hold the weights they were traced with). Each round checks that
+both forms computed the same log-probabilities bit for bit; the run fails loudly if the LLM has no
+packed layers. Prints the medians over rounds with the ratio, each against the weight-read floor
+(bytes of weights a step reads over the memory bandwidth measured in the same run), and the
+machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_llm_graphs import timed_steps  # noqa: E402
+from floors import describe, footer, measure  # noqa: E402
+from precision_bench import llm_bytes_per_token  # noqa: E402
+
+from cosyvoice_lite.engine import Engine  # noqa: E402
+from cosyvoice_lite.precision import EXACT_ROWS, PackedLinear  # noqa: E402
+from cosyvoice_lite.row_parallel import start_torch_thread  # noqa: E402
+
+FORMS = ("plain", "packed")
+
+
+def switch(llm: torch.nn.Module, layers: list[PackedLinear], form: str) -> None:
+    """Every packed layer in ``form`` (the same numbers), then the step graphs traced anew."""
+    for layer in layers:
+        dense = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
+        if form == "plain":
+            layer.weight, layer.transposed_rows = dense.contiguous(), EXACT_ROWS
+        else:
+            layer.weight = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+            layer.transposed_rows = 0
+    if callable(getattr(llm, "capture_graphs", None)) and any(
+        getattr(m, "graphs", None) is not None for m in llm.modules()
+    ):
+        owner = next(m for m in llm.modules() if getattr(m, "graphs", None) is not None)
+        llm.capture_graphs(owner.step_threads)
+        llm.warm_graphs()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a full-size model directory")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--prefill", type=int, default=150)
+    args = parser.parse_args()
+    row_counts = [int(r) for r in args.rows.split(",")]
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    print("measuring the floors ...", flush=True)
+    floors = measure()
+    engine = Engine.load(args.model, dtype="float32")
+    try:
+        engine.wait_until_warm(600)
+        llm = engine.pipeline.llm
+        layers = [m for m in llm.modules() if isinstance(m, PackedLinear)]
+        if not layers:
+            raise SystemExit("NO PACKED LAYERS: nothing to switch (exact float32, or no oneDNN)")
+        default = "plain" if layers[0].transposed_rows else "packed"
+        floor_ms = 1e3 * llm_bytes_per_token(llm) / (floors["memory_bandwidth_gbs"] * 1e9)
+        results: dict[tuple[str, int], list[float]] = {
+            (f, r): [] for f in FORMS for r in row_counts
+        }
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    for round_ in range(args.rounds):
+                        outs = {}
+                        for form in FORMS if round_ % 2 == 0 else FORMS[::-1]:
+                            switch(llm, layers, form)
+                            for rows in row_counts:
+                                seconds, out = timed_steps(
+                                    llm, rows, args.prefill, args.steps, seed=round_
+                                )
+                                results[form, rows].append(seconds)
+                                outs[form, rows] = out
+                        for rows in row_counts:
+                            if not torch.equal(outs["plain", rows], outs["packed", rows]):
+                                raise SystemExit(f"the two forms differ at {rows} rows")
+                        print(
+                            f"round {round_ + 1}: "
+                            + ", ".join(
+                                f"{form} {rows}: {1e3 * results[form, rows][-1]:.1f} ms"
+                                for form in FORMS
+                                for rows in row_counts
+                            ),
+                            flush=True,
+                        )
+            except BaseException as exc:  # noqa: BLE001 - reported from the main thread
+                failure.append(exc)
+
+        start_torch_thread(work, engine.loop.decode_threads, "decode", args.threads).join()
+        if failure:
+            raise failure[0]
+    finally:
+        engine.close()
+    print(
+        f"\n{args.model.name} float32, {args.threads} threads, median step over {args.rounds} "
+        f"rounds (each the median of {args.steps - 3} steps); this CPU's default: {default}; "
+        f"weight-read floor {floor_ms:.1f} ms; log-probabilities of both forms bit-identical"
+    )
+    print("| rows | plain ms (x floor) | packed ms (x floor) | packed / plain |")
+    print("|---|---|---|---|")
+    for rows in row_counts:
+        plain = 1e3 * statistics.median(results["plain", rows])
+        packed = 1e3 * statistics.median(results["packed", rows])
+        print(
+            f"| {rows} | {plain:.1f} ({plain / floor_ms:.2f}x) | "
+            f"{packed:.1f} ({packed / floor_ms:.2f}x) | {packed / plain:.2f}x |"
+        )
+    print(footer(describe(floors), load_start))
+
+
+if __name__ == "__main__":
+    main()
