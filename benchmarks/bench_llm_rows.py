@@ -3,7 +3,7 @@ vs the packed layout of one row, in one process (issue 8: what a step of B rows 
 
 One command: ``python benchmarks/bench_llm_rows.py --model DIR [--rows 1,2,4,8] [--rounds 4]``
 for a full-size directory of any version. It loads the engine as the server does (float32;
-``precision.decodes_plain_weights`` says whether this CPU keeps plain weights by default), then,
+``precision.float32_layouts`` says whether this CPU keeps plain weights by default), then,
 on a thread set up as the engine's decoding loop, times the median decoding step of each row
 count (rows prefilled with 150, 157, ... positions), with every packed layer of the LLM switched
 in place between the two forms in turn (the order alternating each round; the step graphs traced

@@ -614,7 +614,7 @@ def test_packed_linear_rows_come_in_few_shapes_and_as_alone() -> None:
 
 
 def test_plain_decoding_weights_compute_the_packed_floats() -> None:
-    """A decoding LLM's float32 layers may keep plain weights (``PackedLinear``'s ``plain``):
+    """A decoding LLM's float32 layers may keep plain weights (``PackedLinear``'s ``layout_rows=None``):
     one row by oneDNN's product as before, 2 to ``EXACT_ROWS`` rows as the transposed product,
     more as before; every row count gives the packed layer's floats, in the input's shape,
     contiguous, with and without a bias, eager and traced."""
@@ -623,7 +623,7 @@ def test_plain_decoding_weights_compute_the_packed_floats() -> None:
     g = torch.Generator().manual_seed(0)
     for bias in (True, False):
         linear = nn.Linear(96, 40, bias=bias)
-        packed, plain = PackedLinear(linear), PackedLinear(linear, plain=True)
+        packed, plain = PackedLinear(linear), PackedLinear(linear, layout_rows=None)
         traced = torch.jit.trace(plain, torch.randn(3, 1, 96), check_trace=False)
         with torch.inference_mode():
             for rows in (1, 2, 3, EXACT_ROWS, EXACT_ROWS + 1, 40):

@@ -31,7 +31,7 @@ loaded modules): their declared linear groups (q/k/v, gate/up) are fused into on
 (``networks.linear``), and on a CPU with oneDNN their float32 (unless ``exact_float32``) and
 bfloat16 linear layers are ``PackedLinear``: the weight reordered once into the layout oneDNN
 picks for one row (on an AVX2 CPU a float32 weight stays plain, which is that layout there, and a
-batched step's few rows run as the transposed product: ``decodes_plain_weights``). A decoding
+batched step's few rows run as the transposed product: ``float32_layouts``). A decoding
 step is a
 matrix-vector product per layer, bound by reading the weights; torch's default path for one input
 row streams them at less than half this machine's memory bandwidth (fp32 on one core; bf16 pays a
@@ -45,7 +45,8 @@ waveform, so not with ``exact_float32``).
 
 The flows' linear layers are packed too, in bfloat16 (the same floats, ~5-7% faster) and in float32
 (2.1-2.7x faster products on an AVX-512 AMD CPU, whose MKL path is AVX2 code; a full-size
-estimator call 1.45x (v2) and 1.8x (v3) faster). oneDNN's float32 products sum in another order
+estimator call 1.45x (v2) and 1.8x (v3) faster; on an AVX2 CPU laid out for many rows:
+``float32_layouts``). oneDNN's float32 products sum in another order
 than torch's default ones, so the mel moves by ~1e-6; ``Placement.exact_float32`` keeps the
 default kernels, and the official's floats, everywhere (the parity tests load that way).
 """
@@ -262,26 +263,29 @@ class PackedLinear(nn.Module):
     ~100 us on two, a layer norm of 4 rows 6 against 67 us), while a product reading megabytes
     of weights needs every core's share of the memory bandwidth.
 
-    ``plain`` (a decoding LLM's float32 layers, ``decodes_plain_weights``): the weight stays in
-    its plain layout, which oneDNN's product of one row reads as it is (a packed weight of one
-    row's layout computed the same floats at the same speed on a 2-core AVX2 EPYC), and 2 to
-    ``EXACT_ROWS`` rows (a batched decoding step) are the transposed product W x^T: there oneDNN
-    read a one-row layout at 12-17 GB/s, a plain weight as the many-row operand at up to twice
-    that, and both give the same floats (benchmarks/bench_llm_rows.py).
+    ``layout_rows``: the row count oneDNN lays the weight out for (``float32_layouts``).
+    None (a decoding LLM's float32 layers): the weight stays in its plain layout, which oneDNN's
+    product of one row reads as it is (a weight laid out for one row computed the same floats at
+    the same speed on a 2-core AVX2 EPYC), and 2 to ``EXACT_ROWS`` rows (a batched decoding step)
+    are the transposed product W x^T: there oneDNN read a one-row layout at 12-17 GB/s, a plain
+    weight as the many-row operand at up to twice that, and both give the same floats
+    (benchmarks/bench_llm_rows.py).
     """
 
-    def __init__(self, linear: nn.Linear, threads: int | None = None, plain: bool = False) -> None:
+    def __init__(
+        self, linear: nn.Linear, threads: int | None = None, layout_rows: int | None = 1
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.threads = threads
         weight = linear.weight.detach()
-        if plain:
+        if layout_rows is None:
             weight = weight.contiguous()
         else:
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, layout_rows)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.transposed_rows = EXACT_ROWS if plain else 0
+        self.transposed_rows = EXACT_ROWS if layout_rows is None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.weight, self.bias, self.in_features, self.transposed_rows)
@@ -297,16 +301,22 @@ class PackedLinear(nn.Module):
             torch.set_num_threads(caller)
 
 
-def decodes_plain_weights(placement: Placement) -> bool:
-    """Whether a decoding LLM's packed layers keep plain weights (``PackedLinear``'s ``plain``):
-    float32 on a CPU whose vector instructions stop at AVX2, where it was measured (a batched
-    CosyVoice2 step of 2 / 4 / 8 rows 1.16x / 1.36x / 1.48x faster, one row unchanged, the same
-    floats); elsewhere the packed layout of one row, as before (unmeasured there)."""
-    return (
-        packs_linear(placement)
-        and placement.dtype == torch.float32
-        and cpu_features().capability == "AVX2"
-    )
+MANY_ROWS = 64  # the flows' calls: 50 (a streamed chunk's row) to ~1,000 rows
+
+
+def float32_layouts(placement: Placement, decoding: bool) -> int | None:
+    """``PackedLinear``'s ``layout_rows`` for a decoding LLM's layers or a flow's. On a CPU
+    whose vector instructions stop at AVX2, float32 weights as measured there (a 2-core AMD
+    EPYC; benchmarks/bench_llm_rows.py, bench_flow_layout.py): an LLM's plain (None: a batched
+    CosyVoice2 step of 2 / 4 / 8 rows 1.11x / 1.22x / 1.23x faster, one row unchanged, the same
+    floats), a flow's laid out for ``MANY_ROWS`` (oneDNN's blocked layout, where the one-row
+    layout is the plain one: a streamed CosyVoice2 / CosyVoice3 chunk 1.30x / 1.09x faster,
+    whole utterances unchanged; products of many rows give the same floats, the one-row
+    speaker projection differs by float32 rounding, the mel within 2e-6). Elsewhere, and in
+    bfloat16, the one-row layout, as before (unmeasured there)."""
+    if placement.dtype != torch.float32 or cpu_features().capability != "AVX2":
+        return 1
+    return None if decoding else MANY_ROWS
 
 
 def packs_linear(placement: Placement) -> bool:
@@ -343,12 +353,15 @@ def channels_last_convolutions(network: nn.Module) -> nn.Module:
 
 
 def pack_linears(
-    network: nn.Module, fuse: bool = False, threads: int | None = None, plain: bool = False
+    network: nn.Module,
+    fuse: bool = False,
+    threads: int | None = None,
+    layout_rows: int | None = 1,
 ) -> nn.Module:
     """Replace the (non-exempt, untied) ``nn.Linear`` layers of ``network`` by ``PackedLinear``,
     their linear groups fused first (``fuse``); ``threads``: each product's torch threads (None:
-    the caller's); ``plain``: weights kept plain (``PackedLinear``)."""
-    return replace_linears(network, lambda linear: PackedLinear(linear, threads, plain), fuse)
+    the caller's); ``layout_rows``: the rows their weights are laid out for (``PackedLinear``)."""
+    return replace_linears(network, lambda linear: PackedLinear(linear, threads, layout_rows), fuse)
 
 
 def apply_precision(
@@ -379,8 +392,8 @@ def apply_precision(
         # only with kernels, which fuse; a decoding LLM's products on every thread of the
         # process, the rest of its step on one (PackedLinear); the flow's rows have their own
         threads = torch.get_num_threads() if decoding else None
-        plain = decoding and decodes_plain_weights(placement)
-        pack_linears(network, fuse=True, threads=threads, plain=plain)
+        layout = float32_layouts(placement, decoding)
+        pack_linears(network, fuse=True, threads=threads, layout_rows=layout)
     if kernels and part == "hift" and stores_channels_last(placement):
         channels_last_convolutions(network)
     if kernels:
