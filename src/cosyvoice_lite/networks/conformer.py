@@ -26,7 +26,13 @@ from torch import nn
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import GrowingBuffer, KVCache, cache_lengths
-from cosyvoice_lite.networks.graph_capture import CAPTURED_STEP_ROWS, CapturedGraphs
+from cosyvoice_lite.networks.graph_capture import (
+    CAPTURED_STEP_ROWS,
+    CapturedGraphs,
+    StepSlots,
+    flat_slots,
+    nested_slots,
+)
 from cosyvoice_lite.networks.linear import grouped
 
 # --------------------------------------------------------------------------------------------
@@ -620,7 +626,7 @@ class _Encoder(nn.Module):
     def _layers(
         self,
         xs: torch.Tensor,
-        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        slots: StepSlots,
         positions: Sequence[torch.Tensor],
         distances: CachedDistances,
     ) -> torch.Tensor:
@@ -634,7 +640,7 @@ class _Encoder(nn.Module):
     def _captured_step(
         self,
         xs: torch.Tensor,
-        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        slots: StepSlots,
         positions: list[torch.Tensor],
         distances: CachedDistances,
     ) -> torch.Tensor:
@@ -643,16 +649,13 @@ class _Encoder(nn.Module):
         the graph writes the new position in place), so one graph serves every step of that
         many rows."""
         rows, layers = xs.size(0), len(slots)
-        flat = [t for layer_slots in slots for pair in layer_slots for t in pair]
 
         def traced(xs, keep, clamped, *rest):  # noqa: ANN001, ANN202 - graph inputs
-            positions, flat = rest[:layers], rest[layers:]
-            pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-            slots = [pairs[layer * rows : (layer + 1) * rows] for layer in range(layers)]
+            positions, slots = rest[:layers], nested_slots(rest[layers:], layers, rows)
             return self._layers(xs, slots, positions, CachedDistances(keep, clamped))
 
         key = ("step", rows, xs.dtype, xs.device)
-        args = (xs, *distances, *positions, *flat)
+        args = (xs, *distances, *positions, *flat_slots(slots))
         return self.graphs.run(key, traced, args, self.step_threads)
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,21 @@ from torch import nn
 # larger ones eagerly: a graph holds ~30-60 MB at full size (the tracer's record of each
 # operation), and a step of more rows spends a smaller share outside its products.
 CAPTURED_STEP_ROWS = 2
+
+StepSlots = list[list[tuple[torch.Tensor, torch.Tensor]]]
+"""A decoding step's cache slots: per layer, per row, the (keys, values) with room for the new
+positions last (``KVCache.reserve``), which the layers fill in place."""
+
+
+def flat_slots(slots: StepSlots) -> list[torch.Tensor]:
+    """A step's slots as one list of graph inputs (layer by layer, row by row, keys first)."""
+    return [t for layer_slots in slots for pair in layer_slots for t in pair]
+
+
+def nested_slots(flat: Sequence[torch.Tensor], layers: int, rows: int) -> StepSlots:
+    """``flat_slots`` undone inside a traced step."""
+    pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+    return [pairs[layer * rows : (layer + 1) * rows] for layer in range(layers)]
 
 
 def traceable(module: nn.Module) -> bool:

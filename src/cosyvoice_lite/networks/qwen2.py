@@ -34,7 +34,13 @@ from torch import nn
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import KVCache, cache_lengths
-from cosyvoice_lite.networks.graph_capture import CAPTURED_STEP_ROWS, CapturedGraphs
+from cosyvoice_lite.networks.graph_capture import (
+    CAPTURED_STEP_ROWS,
+    CapturedGraphs,
+    StepSlots,
+    flat_slots,
+    nested_slots,
+)
 from cosyvoice_lite.networks.linear import grouped
 
 Caches = KVCache | list[KVCache] | None
@@ -343,7 +349,7 @@ class Qwen2Model(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        slots: StepSlots,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         for layer, layer_slots in zip(self.layers, slots, strict=True):
@@ -355,21 +361,19 @@ class Qwen2Model(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        slots: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        slots: StepSlots,
     ) -> torch.Tensor:
         """``_layers`` of a decoding step through the graph of its row count: the rows' cached
         keys and values are inputs (their lengths vary; the graph writes the new position in
         place), so one graph serves every step of that many rows."""
         rows, layers = x.shape[0], len(slots)
-        flat = [t for layer_slots in slots for pair in layer_slots for t in pair]
 
         def traced(x, cos, sin, *flat):  # noqa: ANN001, ANN202 - graph inputs
-            pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-            slots = [pairs[layer * rows : (layer + 1) * rows] for layer in range(layers)]
-            return self._layers(x, cos, sin, slots, None)
+            return self._layers(x, cos, sin, nested_slots(flat, layers, rows), None)
 
         key = ("step", rows, x.dtype, x.device)
-        return self.graphs.run(key, traced, (x, cos, sin, *flat), self.step_threads)
+        args = (x, cos, sin, *flat_slots(slots))
+        return self.graphs.run(key, traced, args, self.step_threads)
 
 
 class Qwen2ForCausalLM(nn.Module):
