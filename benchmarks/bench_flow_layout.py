@@ -47,8 +47,7 @@ TOLERANCE = 1e-4
 def switch(flow: torch.nn.Module, layers: list[PackedLinear], rows: int) -> None:
     """Every packed layer laid out for ``rows`` rows (the same numbers), graphs traced anew."""
     for layer in layers:
-        dense = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
-        layer.weight = torch.ops.mkldnn._reorder_linear_weight(dense, rows)
+        layer.relayout(rows)
     estimator = flow.decoder.estimator
     if getattr(estimator, "graphs", None) is not None:
         estimator.capture_graphs()

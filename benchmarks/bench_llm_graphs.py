@@ -56,6 +56,25 @@ def step_owner(llm: torch.nn.Module) -> torch.nn.Module:
     return owners[0]
 
 
+def print_step_table(
+    results: dict[tuple[str, int], list[float]],
+    arms: tuple[str, str],
+    row_counts: tuple[int, ...] | list[int],
+    floor_ms: float,
+) -> None:
+    """The median step of each arm and row count (seconds per round in ``results``), each
+    against the weight-read floor, and the second arm's over the first's."""
+    first, second = arms
+    print(f"| rows | {first} ms (x floor) | {second} ms (x floor) | {second} / {first} |")
+    print("|---|---|---|---|")
+    for rows in row_counts:
+        a, b = (1e3 * statistics.median(results[arm, rows]) for arm in arms)
+        print(
+            f"| {rows} | {a:.1f} ({a / floor_ms:.2f}x) | "
+            f"{b:.1f} ({b / floor_ms:.2f}x) | {b / a:.2f}x |"
+        )
+
+
 def timed_steps(
     llm: torch.nn.Module, rows: int, prefill: int, steps: int, seed: int
 ) -> tuple[float, torch.Tensor]:
@@ -149,15 +168,7 @@ def main() -> None:
         f"{args.prefill}-position prefill); weight-read floor {floor_ms:.1f} ms; "
         f"log-probabilities captured vs eager within {max(differences):.2g}"
     )
-    print("| rows | captured ms (x floor) | eager ms (x floor) | eager / captured |")
-    print("|---|---|---|---|")
-    for rows in (1, 2):
-        captured = 1e3 * statistics.median(results["captured", rows])
-        eager = 1e3 * statistics.median(results["eager", rows])
-        print(
-            f"| {rows} | {captured:.1f} ({captured / floor_ms:.2f}x) | "
-            f"{eager:.1f} ({eager / floor_ms:.2f}x) | {eager / captured:.2f}x |"
-        )
+    print_step_table(results, ARMS, (1, 2), floor_ms)
     print(footer(describe(floors), load_start))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_llm_graphs import timed_steps  # noqa: E402
+from bench_llm_graphs import print_step_table, timed_steps  # noqa: E402
 from floors import describe, footer, measure  # noqa: E402
 from precision_bench import llm_bytes_per_token  # noqa: E402
 
 from cosyvoice_lite.engine import Engine  # noqa: E402
-from cosyvoice_lite.precision import EXACT_ROWS, PackedLinear  # noqa: E402
+from cosyvoice_lite.networks.graph_capture import CapturedGraphs  # noqa: E402
+from cosyvoice_lite.precision import PackedLinear  # noqa: E402
 from cosyvoice_lite.row_parallel import start_torch_thread  # noqa: E402
 
 FORMS = ("plain", "packed")
@@ -44,17 +44,10 @@ FORMS = ("plain", "packed")
 def switch(llm: torch.nn.Module, layers: list[PackedLinear], form: str) -> None:
     """Every packed layer in ``form`` (the same numbers), then the step graphs traced anew."""
     for layer in layers:
-        dense = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
-        if form == "plain":
-            layer.weight, layer.transposed_rows = dense.contiguous(), EXACT_ROWS
-        else:
-            layer.weight = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
-            layer.transposed_rows = 0
-    if callable(getattr(llm, "capture_graphs", None)) and any(
-        getattr(m, "graphs", None) is not None for m in llm.modules()
-    ):
-        owner = next(m for m in llm.modules() if getattr(m, "graphs", None) is not None)
-        llm.capture_graphs(owner.step_threads)
+        layer.relayout(None if form == "plain" else 1)
+    owners = [m for m in llm.modules() if isinstance(getattr(m, "graphs", None), CapturedGraphs)]
+    if owners:
+        llm.capture_graphs(owners[0].step_threads)
         llm.warm_graphs()
 
 
@@ -124,15 +117,7 @@ def main() -> None:
         f"rounds (each the median of {args.steps - 3} steps); this CPU's default: {default}; "
         f"weight-read floor {floor_ms:.1f} ms; log-probabilities of both forms bit-identical"
     )
-    print("| rows | plain ms (x floor) | packed ms (x floor) | packed / plain |")
-    print("|---|---|---|---|")
-    for rows in row_counts:
-        plain = 1e3 * statistics.median(results["plain", rows])
-        packed = 1e3 * statistics.median(results["packed", rows])
-        print(
-            f"| {rows} | {plain:.1f} ({plain / floor_ms:.2f}x) | "
-            f"{packed:.1f} ({packed / floor_ms:.2f}x) | {packed / plain:.2f}x |"
-        )
+    print_step_table(results, FORMS, row_counts, floor_ms)
     print(footer(describe(floors), load_start))
 
 

@@ -64,6 +64,7 @@ from .heap import release_freed_memory
 from .networks.conv_layout import Conv1d, ConvTranspose1d, to_channels_last
 from .networks.linear import fuse_groups, fuse_linear_groups
 from .quantized_linear import Int8Linear, Int8MatmulLinear
+from .row_parallel import call_on_threads
 
 EXEMPT_ATTRIBUTE = "precision_exempt"
 CONV_LAYOUT_CLASSES = (Conv1d, ConvTranspose1d)
@@ -218,28 +219,26 @@ def _packed_product(
     transposed_rows: int,
 ) -> torch.Tensor:
     """``PackedLinear``'s product, its input rows padded to ``padded_rows``; 2 to
-    ``transposed_rows`` rows as the transposed product (``PackedLinear``'s ``plain``). Also
+    ``transposed_rows`` rows as the transposed product (``PackedLinear``'s plain weights). Also
     compiled by TorchScript (``_compiled_packed_product``) for traced graphs
     (``networks.graph_capture``): traced Python would keep the row count it met as a constant,
     and the tracer cannot record the oneDNN op's list argument."""
     rows = x.numel() // in_features
-    shape = list(x.shape[:-1])
-    if 2 <= rows <= transposed_rows:
-        # W x^T: the plain weight as oneDNN's many-row operand, the few rows as its weight
+    padded = padded_rows(rows)
+    if padded == rows and not 2 <= rows <= transposed_rows:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if padded == rows:  # W x^T: the plain weight as oneDNN's many-row operand, x as its weight
         flat = x.reshape(rows, in_features).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(weight, flat, None, "none", [], "")
         out = out.t().contiguous()
         if bias is not None:
             out.add_(bias)
-        shape.append(out.size(-1))
-        return out.reshape(shape)
-    padded = padded_rows(rows)
-    if padded == rows:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    flat = torch.cat([x.reshape(rows, in_features), x.new_zeros([padded - rows, in_features])])
-    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    else:
+        flat = torch.cat([x.reshape(rows, in_features), x.new_zeros([padded - rows, in_features])])
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")[:rows]
+    shape = list(x.shape[:-1])
     shape.append(out.size(-1))
-    return out[:rows].reshape(shape)
+    return out.reshape(shape)
 
 
 @functools.cache
@@ -278,27 +277,25 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.threads = threads
-        weight = linear.weight.detach()
-        if layout_rows is None:
-            weight = weight.contiguous()
-        else:
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, layout_rows)
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", linear.weight.detach())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.relayout(layout_rows)
+
+    def relayout(self, layout_rows: int | None) -> None:
+        """The weight laid out for ``layout_rows`` rows (None: plain), the same numbers; a
+        traced graph holding the old weight keeps it (benchmarks switch layouts in place)."""
+        weight = self.weight.to_dense() if self.weight.is_mkldnn else self.weight
+        if layout_rows is None:
+            self.weight = weight.contiguous()
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, layout_rows)
         self.transposed_rows = EXACT_ROWS if layout_rows is None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.weight, self.bias, self.in_features, self.transposed_rows)
         if torch.jit.is_tracing():
             return _compiled_packed_product()(*args)
-        caller = torch.get_num_threads()
-        if self.threads is None or self.threads == caller:
-            return _packed_product(*args)
-        torch.set_num_threads(self.threads)  # the calling thread's OpenMP team, for this call
-        try:
-            return _packed_product(*args)
-        finally:
-            torch.set_num_threads(caller)
+        return call_on_threads(self.threads, _packed_product, *args)
 
 
 MANY_ROWS = 64  # the flows' calls: 50 (a streamed chunk's row) to ~1,000 rows

@@ -31,8 +31,11 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def start_torch_thread(
@@ -58,6 +61,22 @@ def start_torch_thread(
     ready.wait()
     torch.set_num_threads(process_threads)
     return thread
+
+
+def call_on_threads(threads: int | None, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` with the calling thread's torch threads set to ``threads`` for the call
+    (its OpenMP team), then set back; None or the caller's count: called as it is. An LLM's
+    decoding thread runs on one torch thread and gives its weight-reading products (and its
+    captured steps) the process's threads this way (``precision.PackedLinear``,
+    ``graph_capture.CapturedGraphs.run``)."""
+    caller = torch.get_num_threads()
+    if threads is None or threads == caller:
+        return fn(*args)
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(caller)
 
 
 _CALLER = threading.local()  # .cap: the calling thread's (threads, while) from at_most

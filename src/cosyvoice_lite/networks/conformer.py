@@ -32,6 +32,7 @@ from cosyvoice_lite.networks.graph_capture import (
     StepSlots,
     flat_slots,
     nested_slots,
+    trace_step_graphs,
 )
 from cosyvoice_lite.networks.linear import grouped
 
@@ -571,19 +572,10 @@ class _Encoder(nn.Module):
 
     @torch.inference_mode()
     def warm_graphs(self) -> None:
-        """Trace the step graphs now, rather than in the first requests' steps: two steps of
-        each captured row count after one-position caches."""
-        if self.graphs is None:
-            return
-        weight = self.after_norm.weight
-        for rows in range(1, CAPTURED_STEP_ROWS + 1):
-            check(f"tracing the LLM's step graph of {rows} rows")  # the engine may be closing
-            caches = [self.new_cache() for _ in range(rows)]
-            x = weight.new_zeros(rows, 1, self.input_size)
-            for c in caches:
-                self.forward_chunk(x[:1], c)
-            for _ in range(2):
-                self.forward_chunk(x, caches)
+        """Trace the step graphs now (``graph_capture.trace_step_graphs``)."""
+        if self.graphs is not None:
+            inputs = self.after_norm.weight.new_zeros(CAPTURED_STEP_ROWS, 1, self.input_size)
+            trace_step_graphs(self.forward_chunk, self.new_cache, inputs)
 
     def forward_chunk(
         self, xs: torch.Tensor, cache: KVCache | list[KVCache] | None = None

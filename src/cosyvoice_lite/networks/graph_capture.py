@@ -40,6 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cosyvoice_lite.networks.abort import check
+from cosyvoice_lite.row_parallel import call_on_threads
+
 # Decoding steps of up to this many rows run as captured graphs (the LLMs' ``capture_graphs``),
 # larger ones eagerly: a graph holds ~30-60 MB at full size (the tracer's record of each
 # operation), and a step of more rows spends a smaller share outside its products.
@@ -59,6 +62,24 @@ def nested_slots(flat: Sequence[torch.Tensor], layers: int, rows: int) -> StepSl
     """``flat_slots`` undone inside a traced step."""
     pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
     return [pairs[layer * rows : (layer + 1) * rows] for layer in range(layers)]
+
+
+def trace_step_graphs(
+    step: Callable[[torch.Tensor, Any], object],
+    new_cache: Callable[[], Any],
+    inputs: torch.Tensor,
+) -> None:
+    """Trace an LLM's captured step graphs now, rather than in the first requests' steps: for
+    each captured row count, one-position caches (an eager prefill each), then two steps.
+    ``step(x, caches)`` is the LLM's forward; ``inputs``: zeros [CAPTURED_STEP_ROWS, 1, width]
+    in its dtype. Stops between row counts once the engine closes (``abort.check``)."""
+    for rows in range(1, CAPTURED_STEP_ROWS + 1):
+        check(f"tracing the LLM's step graph of {rows} rows")
+        caches = [new_cache() for _ in range(rows)]
+        for cache in caches:
+            step(inputs[:1], cache)
+        for _ in range(2):
+            step(inputs[:rows], caches)
 
 
 def traceable(module: nn.Module) -> bool:
@@ -110,14 +131,7 @@ class CapturedGraphs:
                 graph = self._graphs.get(key)
                 if graph is None:
                     graph = self._graphs[key] = self._trace(fn, args)
-        caller = torch.get_num_threads()
-        if threads is None or threads == caller:
-            return graph.function(*graph.weights, *args)
-        torch.set_num_threads(threads)  # the calling thread's OpenMP team, for this call
-        try:
-            return graph.function(*graph.weights, *args)
-        finally:
-            torch.set_num_threads(caller)
+        return call_on_threads(threads, graph.function, *graph.weights, *args)
 
     def run_in_groups(
         self,

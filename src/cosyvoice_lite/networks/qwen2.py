@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
-from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.cache import KVCache, cache_lengths
 from cosyvoice_lite.networks.graph_capture import (
     CAPTURED_STEP_ROWS,
@@ -40,6 +39,7 @@ from cosyvoice_lite.networks.graph_capture import (
     StepSlots,
     flat_slots,
     nested_slots,
+    trace_step_graphs,
 )
 from cosyvoice_lite.networks.linear import grouped
 
@@ -286,17 +286,9 @@ class Qwen2Model(nn.Module):
         """Trace the step graphs now (each ~0.5-0.8 s at full size, and its first runs slower
         still), rather than in the first requests' steps: two steps of each captured row count
         on one-position caches."""
-        if self.graphs is None:
-            return
-        weight = self.norm.weight
-        for rows in range(1, CAPTURED_STEP_ROWS + 1):
-            check(f"tracing the LLM's step graph of {rows} rows")  # the engine may be closing
-            caches = [self.new_cache() for _ in range(rows)]
-            x = weight.new_zeros(rows, 1, self.config.hidden_size)
-            for c in caches:
-                self(x[:1], c)  # the prefill, eager
-            for _ in range(2):
-                self(x, caches)
+        if self.graphs is not None:
+            inputs = self.norm.weight.new_zeros(CAPTURED_STEP_ROWS, 1, self.config.hidden_size)
+            trace_step_graphs(self, self.new_cache, inputs)
 
     def forward(
         self, inputs_embeds: torch.Tensor, cache: Caches = None
