@@ -235,16 +235,25 @@ def counted(stage: str, fn: Callable, state: dict) -> Callable:
 
 
 def packed_flops() -> dict:
-    """FlopCounterMode's formula for oneDNN's packed linear product (precision.PackedLinear),
-    which it does not know: 2 * out elements * in features. It counts the rows as computed,
-    padding included (precision.padded_rows: ~3.5% more on average, at most 12.5%), so the
-    flow's count (and floor) is a few percent above the official's own products."""
+    """FlopCounterMode's formulas for two CPU kernels it does not know. oneDNN's packed linear
+    product (precision.PackedLinear): 2 * out elements * in features, counting the rows as
+    computed, padding included (precision.padded_rows: ~3.5% more on average, at most 12.5%), so
+    the flow's count (and floor) is a few percent above the official's own products. torch's CPU
+    attention kernel: the formula torch gives its GPU attention kernels (the two products; masked
+    scores are computed too)."""
     import torch
+    from torch.utils.flop_counter import sdpa_flop_count
 
     def linear_pointwise(x_shape, *args, out_shape, **kwargs) -> int:
         return 2 * math.prod(out_shape) * x_shape[-1]
 
-    return {torch.ops.mkldnn._linear_pointwise: linear_pointwise}
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {
+        torch.ops.mkldnn._linear_pointwise: linear_pointwise,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+    }
 
 
 # The networks' entry points the v1 pipeline calls (a whole utterance too goes through the

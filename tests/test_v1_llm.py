@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _decoding import assert_same_decoding, decode_rows
 
 from cosyvoice_lite.decoding import LengthPolicy, run_alone, speech_token_task
 from cosyvoice_lite.networks.conformer import POSITION_BLOCK, ConformerEncoder, TransformerEncoder
@@ -225,7 +226,7 @@ def test_captured_decoding_steps_compute_the_eager_floats(config, fused):
     rows of different lengths, over steps whose caches grow (one graph per row count)."""
     from cosyvoice_lite.precision import fuse_cached_attention, pack_linears
 
-    def run(capture: bool) -> tuple[list[torch.Tensor], list, TransformerEncoder]:
+    def build(capture: bool) -> TransformerEncoder:
         encoder = TransformerEncoder(**config["llm_encoder"]).eval()
         torch.manual_seed(0)
         for parameter in encoder.parameters():
@@ -236,29 +237,11 @@ def test_captured_decoding_steps_compute_the_eager_floats(config, fused):
             pack_linears(encoder, fuse=True, threads=torch.get_num_threads())
         if capture:
             encoder.capture_graphs(torch.get_num_threads())
-        g = torch.Generator().manual_seed(0)
-        width = config["llm_encoder"]["input_size"]
-        outs = []
-        with torch.inference_mode():
-            caches = []
-            for length in (5, 9, 14):
-                cache = encoder.new_cache()
-                encoder.forward_chunk(torch.randn(1, length, width, generator=g), cache)
-                caches.append(cache)
-            for _ in range(3):
-                x = torch.randn(3, 1, width, generator=g)
-                outs.append(encoder.forward_chunk(x[:2], caches[:2])[0])
-                outs.append(encoder.forward_chunk(x[:1], caches[:1])[0])
-                outs.append(encoder.forward_chunk(x, caches)[0])  # more rows: eager
-        return outs, caches, encoder
+        return encoder
 
-    eager, eager_caches, _ = run(capture=False)
-    captured, captured_caches, encoder = run(capture=True)
-    assert len(encoder.graphs) == 2  # two rows, one row
-    for a, b in zip(eager, captured, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(eager_caches, captured_caches, strict=True):
-        assert a.length == b.length
-        for layer_a, layer_b in zip(a.buffers, b.buffers, strict=True):
-            for buf_a, buf_b in zip(layer_a, layer_b, strict=True):
-                assert torch.equal(buf_a.valid(), buf_b.valid())
+    width = config["llm_encoder"]["input_size"]
+    eager, encoder = build(capture=False), build(capture=True)
+    expected = decode_rows(eager.forward_chunk, eager.new_cache, width)
+    captured = decode_rows(encoder.forward_chunk, encoder.new_cache, width)
+    assert len(encoder.graphs) == 2  # two rows, one row (three: eager)
+    assert_same_decoding(expected, captured)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _decoding import assert_same_decoding, decode_rows
 
 from cosyvoice_lite.decoding import (
     LengthPolicy,
@@ -243,34 +244,16 @@ def test_captured_decoding_steps_compute_the_eager_floats(version: str) -> None:
     count)."""
     from cosyvoice_lite.precision import pack_linears
 
-    def run(capture: bool) -> tuple[list[torch.Tensor], list, Qwen2LM]:
+    def build(capture: bool) -> Qwen2LM:
         lm = _build(version)
         if torch.backends.mkldnn.is_available():
             pack_linears(lm.llm, fuse=True, threads=torch.get_num_threads())
         if capture:
             lm.capture_graphs(torch.get_num_threads())
-        g = torch.Generator().manual_seed(0)
-        outs = []
-        with torch.inference_mode():
-            caches = []
-            for length in (5, 9, 14):
-                cache = lm.new_cache()
-                lm.llm.forward_one_step(torch.randn(1, length, 16, generator=g), cache)
-                caches.append(cache)
-            for _ in range(3):
-                x = torch.randn(3, 1, 16, generator=g)
-                outs.append(lm.llm.forward_one_step(x[:2], caches[:2])[0])
-                outs.append(lm.llm.forward_one_step(x[:1], caches[:1])[0])
-                outs.append(lm.llm.forward_one_step(x, caches)[0])  # more rows: eager
-        return outs, caches, lm
+        return lm
 
-    eager, eager_caches, _ = run(capture=False)
-    captured, captured_caches, lm = run(capture=True)
-    assert len(lm.llm.model.model.graphs) == 2  # two rows, one row
-    for a, b in zip(eager, captured, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(eager_caches, captured_caches, strict=True):
-        assert a.length == b.length
-        for layer_a, layer_b in zip(a.buffers, b.buffers, strict=True):
-            for buf_a, buf_b in zip(layer_a, layer_b, strict=True):
-                assert torch.equal(buf_a.valid(), buf_b.valid())
+    eager, lm = build(capture=False), build(capture=True)
+    expected = decode_rows(eager.llm.forward_one_step, eager.new_cache, 16)
+    captured = decode_rows(lm.llm.forward_one_step, lm.new_cache, 16)
+    assert len(lm.llm.model.model.graphs) == 2  # two rows, one row (three: eager)
+    assert_same_decoding(expected, captured)
