@@ -56,8 +56,9 @@ class Calls:
     """The calls of one request on the way to its first audio: (stage, start, end, detail), with
     their FLOPs while ``count`` is set (the first call of each stage only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, int8_layers: list) -> None:
         self.events: list[tuple[str, float, float, dict]] = []
+        self.int8_layers = int8_layers  # counted by hooks: FlopCounterMode cannot see onnxruntime
         self.count = False
         self.start = time.perf_counter()
         self._inside = threading.local()
@@ -71,9 +72,9 @@ class Calls:
                 return fn(*args, **kwargs)
             self._inside.depth = 1
             try:
-                counting = self.count and stage != "step" and not self._seen(stage)
+                counting = self.count and not self._seen(stage)
                 start = time.perf_counter()
-                with _flops(counting) as tally:
+                with _flops(counting, self.int8_layers) as tally:
                     out = fn(*args, **kwargs)
                 end = time.perf_counter()
             finally:
@@ -89,25 +90,23 @@ class Calls:
 
 
 @contextlib.contextmanager
-def _flops(active: bool):  # noqa: ANN202
-    """FLOPs of the block (FlopCounterMode with the packed products' formula, plus the int8
-    layers that run on onnxruntime, which it cannot see) as ``tally[0]``."""
+def _flops(active: bool, int8_layers: list):  # noqa: ANN202
+    """FLOPs of the block in the calling thread (FlopCounterMode with the packed products' and
+    the CPU attention's formulas, plus ``int8_layers``, which run on onnxruntime where it cannot
+    see them) as ``tally[0]``."""
     tally = [0]
     if not active:
         yield tally
         return
     from bench_v1 import packed_flops
 
-    from cosyvoice_lite.quantized_linear import Int8Linear, Int8MatmulLinear
+    caller = threading.get_ident()
 
     def int8_layer(module, inputs, output) -> None:  # noqa: ANN001
-        tally[0] += 2 * inputs[0].numel() * module.out_features  # rows x in x out
+        if threading.get_ident() == caller:  # not another thread's calls (decoding beside)
+            tally[0] += 2 * inputs[0].numel() * module.out_features  # rows x in x out
 
-    hooks = [
-        module.register_forward_hook(int8_layer)
-        for module in _INT8_LAYERS
-        if isinstance(module, (Int8Linear, Int8MatmulLinear))
-    ]
+    hooks = [module.register_forward_hook(int8_layer) for module in int8_layers]
     try:
         with _thread_flops(packed_flops()) as counter:
             yield tally
@@ -115,9 +114,6 @@ def _flops(active: bool):  # noqa: ANN202
     finally:
         for hook in hooks:
             hook.remove()
-
-
-_INT8_LAYERS: list = []  # the loaded networks' modules (the worker fills it)
 
 
 def _thread_flops(custom_mapping: dict):  # noqa: ANN202
@@ -150,6 +146,7 @@ def worker(args: argparse.Namespace) -> None:
     from precision_bench import check_fixed_length, llm_bytes_per_token
 
     from cosyvoice_lite.engine import Engine
+    from cosyvoice_lite.quantized_linear import Int8Linear, Int8MatmulLinear
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
     dtype, quantize = json.loads(args.load)
@@ -159,8 +156,8 @@ def worker(args: argparse.Namespace) -> None:
     engine.wait_until_warm(900)
     pipeline = engine.pipeline
     llm, flow, hift = pipeline.llm, pipeline.flow, pipeline.hift
-    _INT8_LAYERS.extend([*llm.modules(), *flow.modules()])
-    calls = Calls()
+    int8 = (Int8Linear, Int8MatmulLinear)
+    calls = Calls([m for m in (*llm.modules(), *flow.modules()) if isinstance(m, int8)])
     llm.log_probs = calls.wrap(
         "llm", llm.log_probs, lambda args, out: {"positions": int(args[0].shape[1])}
     )
