@@ -153,6 +153,12 @@ def worker(args: argparse.Namespace) -> None:
     engine = Engine.load(
         args.model, dtype=dtype, quantize=quantize, share_onnx_threads=True, download=False
     )
+    if engine.version not in TARGETS:
+        engine.close()
+        raise SystemExit(
+            f"{args.model} is CosyVoice v{engine.version}: this measures CosyVoice2/3 streams "
+            "(issue 9's first-chunk targets are theirs)"
+        )
     engine.wait_until_warm(900)
     pipeline = engine.pipeline
     llm, flow, hift = pipeline.llm, pipeline.flow, pipeline.hift
