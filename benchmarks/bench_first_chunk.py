@@ -98,7 +98,7 @@ def _flops(active: bool, int8_layers: list):  # noqa: ANN202
     if not active:
         yield tally
         return
-    from bench_v1 import packed_flops
+    from bench_v1 import thread_flop_counter
 
     caller = threading.get_ident()
 
@@ -108,33 +108,12 @@ def _flops(active: bool, int8_layers: list):  # noqa: ANN202
 
     hooks = [module.register_forward_hook(int8_layer) for module in int8_layers]
     try:
-        with _thread_flops(packed_flops()) as counter:
+        with thread_flop_counter() as counter:
             yield tally
         tally[0] += counter.get_total_flops()
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def _thread_flops(custom_mapping: dict):  # noqa: ANN202
-    """torch's FlopCounterMode for the calling thread only. Its dispatch mode is per thread, but
-    its module tracker hooks every module's forward in the process, and those hooks fail in the
-    engine's other threads (a decoding step beside a counted flow call); the total needs no
-    per-module breakdown, so the tracker is left out."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    class NoModules:
-        parents = ("Global",)
-
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, *args: object) -> None:
-            return None
-
-    counter = FlopCounterMode(display=False, custom_mapping=custom_mapping)
-    counter.mod_tracker = NoModules()
-    return counter
 
 
 def worker(args: argparse.Namespace) -> None:

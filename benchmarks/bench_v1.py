@@ -221,17 +221,36 @@ def counted(stage: str, fn: Callable, state: dict) -> Callable:
     def call(*args, **kwargs):
         if not state.get("count"):
             return fn(*args, **kwargs)
-        from torch.utils.flop_counter import FlopCounterMode
-
         with outermost(_COUNTING, stage) as outer:
             if not outer:
                 return fn(*args, **kwargs)
-            with FlopCounterMode(display=False, custom_mapping=packed_flops()) as counter:
+            with thread_flop_counter() as counter:
                 out = fn(*args, **kwargs)
         state["flops"][stage] = state["flops"].get(stage, 0) + counter.get_total_flops()
         return out
 
     return call
+
+
+def thread_flop_counter():  # noqa: ANN201 - torch's FlopCounterMode
+    """torch's FlopCounterMode with ``packed_flops``, for the calling thread only. Its dispatch
+    mode is per thread, but its module tracker hooks every module's forward in the process, and
+    those hooks fail in the engine's other threads (a decoding step beside a counted flow call);
+    the total needs no per-module breakdown, so the tracker is left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class NoModules:
+        parents = ("Global",)
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *args: object) -> None:
+            return None
+
+    counter = FlopCounterMode(display=False, custom_mapping=packed_flops())
+    counter.mod_tracker = NoModules()
+    return counter
 
 
 def packed_flops() -> dict:
