@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from test_server_support import free_port, tiny_engine
+from test_server_support import free_port, serve_argv, status_of, tiny_engine, wait_for
 
 from cosyvoice_lite.serving import Settings, create_app
 from cosyvoice_lite.serving.server import install_log_throttle, uvicorn_config
@@ -115,29 +115,12 @@ def test_descriptor_exhaustion_in_a_real_server_neither_floods_the_log_nor_wedge
     import os
     import resource
     import subprocess
-    import sys
-
-    from test_server_support import wait_for
 
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cosyvoice_lite.cli",
-        "serve",
-        "--model",
-        str(v1_dir),
-        "--port",
-        str(port),
-        "--voices-dir",
-        str(tmp_path / "voices"),
-        "--header-timeout",
-        "2",
-        "--max-connections",
-        "1000",
-        "--log-format",
-        "text",
-    ]
+    command = serve_argv(
+        v1_dir, port, tmp_path / "voices", "--header-timeout", "2",
+        "--max-connections", "1000", "--log-format", "text",
+    )  # fmt: skip
 
     def limit_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
@@ -154,10 +137,7 @@ def test_descriptor_exhaustion_in_a_real_server_neither_floods_the_log_nor_wedge
     url = f"http://127.0.0.1:{port}"
 
     def health(path: str = "/health") -> int | None:
-        try:
-            return httpx.get(f"{url}{path}", timeout=3).status_code
-        except httpx.TransportError:
-            return None
+        return status_of(f"{url}{path}", timeout=3)
 
     sockets: list[socket.socket] = []
     try:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 
 import httpx
@@ -21,6 +20,7 @@ from test_server_support import (
     free_port,
     metric,
     prompt_wav,
+    serve_argv,
     tiny_engine,
     wait_for,
 )
@@ -293,22 +293,10 @@ def test_voices_survive_a_restart(engine, tmp_path):
 def test_serve_command(v1_dir, tmp_path):
     """`cosyvoice-lite serve` in a subprocess: health at once, ready after loading, JSON logs."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cosyvoice_lite.cli",
-        "serve",
-        "--model",
-        str(v1_dir),
-        "--port",
-        str(port),
-        "--voices-dir",
-        str(tmp_path / "voices"),
-        "--max-text-chars",
-        "50",
-        "--outputs-dir",
-        str(tmp_path / "out"),
-    ]
+    command = serve_argv(
+        v1_dir, port, tmp_path / "voices", "--max-text-chars", "50",
+        "--outputs-dir", str(tmp_path / "out"),
+    )  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(), text=True
     )

@@ -6,34 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
-from test_server_support import free_port, wait_for
+from test_server_support import free_port, serve_argv, status_of, wait_for
 
 TEXT = "今天天气很好，我们一起去公园散步吧。" * 40  # long enough to still be streaming at SIGTERM
 
 
 def test_sigterm_during_a_stream_stops_within_the_bound_and_aborts_the_stream(v1_dir, tmp_path):
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cosyvoice_lite.cli",
-        "serve",
-        "--model",
-        str(v1_dir),
-        "--port",
-        str(port),
-        "--voices-dir",
-        str(tmp_path / "voices"),
-        "--shutdown-timeout",
-        "1",
-        "--log-format",
-        "text",
-    ]
+    command = serve_argv(
+        v1_dir, port, tmp_path / "voices", "--shutdown-timeout", "1", "--log-format", "text"
+    )
     process = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -41,12 +27,6 @@ def test_sigterm_during_a_stream_stops_within_the_bound_and_aborts_the_stream(v1
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
 
     outcome: dict[str, object] = {"bytes": 0}
     started = threading.Event()
@@ -68,7 +48,9 @@ def test_sigterm_during_a_stream_stops_within_the_bound_and_aborts_the_stream(v1
             outcome["end"] = type(exc).__name__
 
     try:
-        assert wait_for(ready, timeout=120), "server did not become ready"
+        assert wait_for(lambda: status_of(f"{url}/ready") == 200, timeout=120), (
+            "server did not become ready"
+        )
         client = threading.Thread(target=stream)
         client.start()
         assert started.wait(60), "no audio arrived"

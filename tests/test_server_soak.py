@@ -8,13 +8,12 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from test_server_support import free_port, prompt_wav, wait_for
+from test_server_support import free_port, prompt_wav, serve_argv, status_of, wait_for
 
 # The resident size grows over the first rounds (allocator arenas and caches warming up, and
 # oneDNN's kernels for the packed float32 layers' row counts, a few sizes per power of two:
@@ -93,41 +92,20 @@ def one_round(client: httpx.Client, voice: str, round_no: int) -> dict[int, int]
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_rss_levels_off_over_a_thousand_requests(v1_dir, tmp_path):
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cosyvoice_lite.cli",
-        "serve",
-        "--model",
-        str(v1_dir),
-        "--port",
-        str(port),
-        "--voices-dir",
-        str(tmp_path / "voices"),
-        "--max-text-chars",
-        "50",
-        "--max-upload-mb",
-        "1",
-        "--log-format",
-        "text",
-    ]
+    options = ["--max-text-chars", "50", "--max-upload-mb", "1", "--log-format", "text"]
     process = subprocess.Popen(
-        command,
+        serve_argv(v1_dir, port, tmp_path / "voices", *options),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
     url = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     curve: list[float] = []
     try:
-        assert wait_for(ready, timeout=120), "server did not become ready"
+        assert wait_for(lambda: status_of(f"{url}/ready") == 200, timeout=120), (
+            "server did not become ready"
+        )
         voice = httpx.get(f"{url}/speakers").json()["speakers"][0]["name"]
         start = time.monotonic()
         statuses: dict[int, int] = {}

@@ -77,6 +77,22 @@ class ServerThread:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
 
 
+def serve_argv(model_dir: Path, port: int, voices_dir: Path, *options: str) -> list[str]:
+    """The command line of a real `cosyvoice-lite serve` process on a loopback ``port``."""
+    return [
+        sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(model_dir),
+        "--port", str(port), "--voices-dir", str(voices_dir), *options,
+    ]  # fmt: skip
+
+
+def status_of(url: str, timeout: float = 5) -> int | None:
+    """The HTTP status of a GET of ``url``, None while nothing answers there."""
+    try:
+        return httpx.get(url, timeout=timeout).status_code
+    except httpx.TransportError:
+        return None
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
