@@ -19,6 +19,11 @@ import soundfile as sf
 from cosyvoice_lite.cli import main
 
 
+def say(model_dir: Path, text: str, *options: str) -> list[str]:
+    """`say` arguments for ``text`` in the tiny v1-SFT's preset voice 中文女."""
+    return ["say", text, "--model", str(model_dir), "--voice", "中文女", *options]
+
+
 def test_normalize_prints_segments_without_weights(capsys) -> None:
     assert main(["normalize", "价格是12.5元，2024年3月1日出发。然后我们再见。"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -41,23 +46,7 @@ def test_say_shows_progress_for_long_text(
 ) -> None:
     text = "第一句话在这里。" * 12 + "最后一句。"
     out = tmp_path / "long.wav"
-    assert (
-        main(
-            [
-                "say",
-                text,
-                "--model",
-                str(v1_variants["sft"]),
-                "--voice",
-                "中文女",
-                "--seed",
-                "3",
-                "-o",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(say(v1_variants["sft"], text, "--seed", "3", "-o", str(out))) == 0
     err = capsys.readouterr().err
     assert "segments" in err and out.stat().st_size > 44
 
@@ -137,24 +126,7 @@ def test_wait_policy_is_passive_unless_the_user_chose_one() -> None:
 )
 def test_output_format_from_extension(v1_dir, tmp_path, capsys, name, extra, container, subtype):
     out = tmp_path / name
-    assert (
-        main(
-            [
-                "say",
-                "你好。",
-                "--model",
-                str(v1_dir),
-                "--voice",
-                "中文女",
-                "--seed",
-                "1",
-                "-o",
-                str(out),
-                *extra,
-            ]
-        )
-        == 0
-    )
+    assert main(say(v1_dir, "你好。", "--seed", "1", "-o", str(out), *extra)) == 0
     info = sf.info(str(out))
     assert (info.format, info.subtype) == (container, subtype) and info.frames > 0
     assert not list(tmp_path.glob(".*partial"))
@@ -167,9 +139,7 @@ def test_bad_output_is_an_error_before_loading(v1_dir, tmp_path, capsys):
         (str(tmp_path / "a.xyz"), "cannot tell the audio format"),
     ):
         start = time.perf_counter()
-        assert (
-            main(["say", "你好。", "--model", str(v1_dir), "--voice", "中文女", "-o", output]) == 2
-        )
+        assert main(say(v1_dir, "你好。", "-o", output)) == 2
         err = capsys.readouterr().err
         assert words in err and "loading" not in err, err  # nothing was loaded
         assert time.perf_counter() - start < 1.0
@@ -196,65 +166,21 @@ def test_loading_feedback_and_threads(v1_dir, tmp_path, capsys):
 
     before = torch.get_num_threads()
     try:
-        assert (
-            main(
-                [
-                    "say",
-                    "你好。",
-                    "--model",
-                    str(v1_dir),
-                    "--voice",
-                    "中文女",
-                    "--threads",
-                    "1",
-                    "-o",
-                    str(tmp_path / "a.wav"),
-                ]
-            )
-            == 0
-        )
+        assert main(say(v1_dir, "你好。", "--threads", "1", "-o", str(tmp_path / "a.wav"))) == 0
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     err = capsys.readouterr().err
     assert "loading " in err and "with 1 thread in" in err
-    assert (
-        main(
-            [
-                "say",
-                "你好。",
-                "--model",
-                str(v1_dir),
-                "--voice",
-                "中文女",
-                "--threads",
-                "0",
-                "-o",
-                str(tmp_path / "a.wav"),
-            ]
-        )
-        == 2
-    )
-    huge = ["say", "你好。", "--model", str(v1_dir), "--voice", "中文女", "--threads", "100000"]
+    assert main(say(v1_dir, "你好。", "--threads", "0", "-o", str(tmp_path / "a.wav"))) == 2
+    huge = say(v1_dir, "你好。", "--threads", "100000")
     assert main([*huge, "-o", str(tmp_path / "a.wav")]) == 2  # torch crashed on this many
     assert "per core" in capsys.readouterr().err
 
 
 def test_say_stream_writes_the_file_progressively(v1_dir, tmp_path, capsys):
     out = tmp_path / "stream.wav"
-    args = [
-        "say",
-        LONG,
-        "--model",
-        str(v1_dir),
-        "--voice",
-        "中文女",
-        "--seed",
-        "2",
-        "--stream",
-        "-o",
-        str(out),
-    ]
+    args = say(v1_dir, LONG, "--seed", "2", "--stream", "-o", str(out))
     result: list[int] = []
     worker = threading.Thread(target=lambda: result.append(main(args)))
     worker.start()
@@ -281,22 +207,7 @@ def test_play_without_a_sound_device_is_a_clear_error(v1_dir, tmp_path, capsys):
         pass
     else:
         pytest.skip("sounddevice is installed here")
-    assert (
-        main(
-            [
-                "say",
-                "你好。",
-                "--model",
-                str(v1_dir),
-                "--voice",
-                "中文女",
-                "--play",
-                "-o",
-                str(tmp_path / "a.wav"),
-            ]
-        )
-        == 2
-    )
+    assert main(say(v1_dir, "你好。", "--play", "-o", str(tmp_path / "a.wav"))) == 2
     assert "sounddevice" in capsys.readouterr().err
     assert not (tmp_path / "a.wav").exists()
 
@@ -349,8 +260,8 @@ def test_say_writes_through_symlinks_and_fifos(v1_dir, tmp_path, capsys):
     target.write_bytes(b"old")
     link = tmp_path / "link.wav"
     link.symlink_to(target)
-    say = ["say", "你好。", "--model", str(v1_dir), "--voice", "中文女", "--seed", "1"]
-    assert main([*say, "-o", str(link)]) == 0
+    args = say(v1_dir, "你好。", "--seed", "1")
+    assert main([*args, "-o", str(link)]) == 0
     assert link.is_symlink() and sf.info(str(target)).frames > 0
     assert not list(tmp_path.glob(".*.partial"))
 
@@ -359,7 +270,7 @@ def test_say_writes_through_symlinks_and_fifos(v1_dir, tmp_path, capsys):
     received = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
     reader.start()
-    assert main([*say, "-o", str(fifo)]) == 0
+    assert main([*args, "-o", str(fifo)]) == 0
     reader.join(timeout=60)
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert received and received[0][:4] == b"RIFF" and len(received[0]) > 1000
