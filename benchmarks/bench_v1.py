@@ -379,9 +379,12 @@ def our_worker(
 class Worker:
     """A worker process speaking the line protocol."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log: Path | None = None
+    ) -> None:
         self.name = name
-        self.log = OUT / f"bench_v1_{name}.log"  # the worker's own logging and progress bars
+        # the worker's own logging and progress bars
+        self.log = log or OUT / f"bench_v1_{name}.log"
         with self.log.open("w", encoding="utf-8") as log:
             self.process = subprocess.Popen(
                 argv,
@@ -471,6 +474,102 @@ def official_available(python: str, env: dict[str, str]) -> str | None:
         return None
     lines = (probe.stderr or probe.stdout).strip().splitlines()
     return lines[-1] if lines else f"exit code {probe.returncode}"
+
+
+def comparison_workers(
+    args: argparse.Namespace,
+    script: Path,
+    official_script: Path,
+    model_args: list[str],
+    our_args: tuple[str, ...] = (),
+) -> tuple[dict, dict, list[str], dict[str, list[str]], dict[str, dict[str, str]]]:
+    """What an ours-vs-official benchmark (bench_v1, bench_v2v3) runs, as its driver sets it up:
+    this run's floors, our precisions that suit this CPU (``--configs``), and for each worker
+    its name, command line and environment. ``model_args`` name the model to both workers,
+    ``our_args`` are our worker's own options. The official comes last, where it is configured
+    (``--official-python``/``--official-path`` or their environment variables) and imports;
+    otherwise the run benchmarks ours only and says why."""
+    from precision_bench import configs as machine_configs
+    from precision_bench import measure_floors
+
+    threads = args.threads
+    print("measuring the floors ...", flush=True)
+    floors = measure_floors(threads)  # they say which configs suit this CPU too
+    configs = machine_configs(args.configs, floors)
+    names = list(configs)
+    argv, env = {}, {}
+    for name, (dtype, quantize) in configs.items():
+        argv[name] = [
+            sys.executable, str(script), "--worker", *model_args, "--threads", str(threads),
+            "--dtype", dtype, *(["--quantize", quantize] if quantize else []), *our_args,
+        ]  # fmt: skip
+        env[name] = worker_env(threads, args.omp_wait_policy)
+    official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
+    official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
+    if not (official_python or official_path):
+        print(
+            "official implementation not configured (--official-python/--official-path); "
+            "benchmarking ours only"
+        )
+        return floors, configs, names, argv, env
+    python = official_python or sys.executable
+    official_env = worker_env(threads, args.omp_wait_policy, official_path)
+    reason = official_available(python, official_env)
+    if reason is not None:
+        print(f"official implementation not importable with {python}: {reason}; ours only")
+        return floors, configs, names, argv, env
+    names.append("official")
+    argv["official"] = [
+        python, str(official_script), *model_args, "--threads", str(threads),
+        "--wetext-fsts", args.wetext_fsts,
+    ]  # fmt: skip
+    env["official"] = official_env
+    return floors, configs, names, argv, env
+
+
+def load_workers(
+    workers: dict[str, Worker],
+    results: dict,
+    names: list[str],
+    argv: dict[str, list[str]],
+    env: dict[str, dict[str, str]],
+    log: Callable[[str], Path | None] = lambda name: None,
+) -> None:
+    """Start the workers one at a time (loading is CPU-heavy and must not overlap), each added
+    to ``workers`` as it starts (for the caller's clean-up), its load figures to ``results``."""
+    for name in names:
+        print(f"[{name}] loading ...", flush=True)
+        workers[name] = Worker(name, argv[name], env[name], log(name))
+        ready = workers[name].receive()
+        results[name] = {
+            "import_s": ready["import_s"],
+            "load_s": ready["load_s"],
+            "rss_after_load_kb": ready["rss_kb"],
+            "peak_load_kb": ready["hwm_kb"],
+            "peak_reset": ready["peak_reset"],
+        }
+        print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
+
+
+def close_workers(workers: dict[str, Worker], results: dict) -> None:
+    """Stop the workers still running; each one's goodbye carries the process's memory peak,
+    kept in ``results`` where it is larger than the peak of every request."""
+    for name, worker in workers.items():
+        if worker.process.poll() is None:
+            try:
+                bye = worker.close()["hwm_kb"]
+                peaks = results.setdefault(name, {})
+                peaks["peak_synth_kb"] = max(peaks.get("peak_synth_kb", 0), bye)
+            except (SystemExit, OSError, BrokenPipeError):
+                worker.process.kill()
+
+
+def print_load_average(start: tuple[float, ...], end: tuple[float, ...]) -> None:
+    print(
+        f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} "
+        f"{start[2]:.2f}; at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} "
+        f"(on {os.cpu_count()} cores)"
+    )
 
 
 def default_wetext_fsts() -> str:
@@ -571,60 +670,15 @@ LENGTH_TOLERANCE = 256  # the flow rounds the mel length down to whole 256-sampl
 
 def drive(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from precision_bench import check_fixed_length, measure_floors
-    from precision_bench import configs as machine_configs
+    from precision_bench import check_fixed_length
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
     ensure_model(args.model)
     OUT.mkdir(parents=True, exist_ok=True)
     threads = args.threads
-    official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
-    official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
-    print("measuring the floors ...", flush=True)
-    floors = measure_floors(threads)  # they say which configs suit this CPU too
-    configs = machine_configs(args.configs, floors)
-    names = list(configs)
-    argv, env = {}, {}
-    for name, (dtype, quantize) in configs.items():
-        argv[name] = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            "--model",
-            str(args.model),
-            "--threads",
-            str(threads),
-            "--dtype",
-            dtype,
-            *(["--quantize", quantize] if quantize else []),
-        ]
-        env[name] = worker_env(threads, args.omp_wait_policy)
-    if official_python or official_path:
-        python = official_python or sys.executable
-        official_env = worker_env(threads, args.omp_wait_policy, official_path)
-        reason = official_available(python, official_env)
-        if reason is None:
-            names.append("official")
-            argv["official"] = [
-                python,
-                str(OFFICIAL_WORKER),
-                "--model",
-                str(args.model),
-                "--threads",
-                str(threads),
-                "--wetext-fsts",
-                args.wetext_fsts,
-            ]
-            env["official"] = official_env
-        else:
-            print(
-                f"official implementation not importable with {python}: {reason}; benchmarking ours only"
-            )
-    else:
-        print(
-            "official implementation not configured (--official-python/--official-path); "
-            "benchmarking ours only"
-        )
+    floors, configs, names, argv, env = comparison_workers(
+        args, Path(__file__).resolve(), OFFICIAL_WORKER, ["--model", str(args.model)]
+    )
 
     tokens = {"zh": args.tokens_zh, "en": args.tokens_en}
     results: dict = {
@@ -664,18 +718,7 @@ def drive(args: argparse.Namespace) -> None:
         return result
 
     try:
-        for name in names:  # one at a time: loading is CPU-heavy and must not overlap
-            print(f"[{name}] loading ...", flush=True)
-            workers[name] = Worker(name, argv[name], env[name])
-            ready = workers[name].receive()
-            results[name] = {
-                "import_s": ready["import_s"],
-                "load_s": ready["load_s"],
-                "rss_after_load_kb": ready["rss_kb"],
-                "peak_load_kb": ready["hwm_kb"],
-                "peak_reset": ready["peak_reset"],
-            }
-            print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
+        load_workers(workers, results, names, argv, env)
         for key in tokens:  # warm-up: every code path once, on a shorter decode
             for name in names:
                 send(name, key, args.warmup_tokens)
@@ -696,22 +739,13 @@ def drive(args: argparse.Namespace) -> None:
                         flush=True,
                     )
     finally:
-        for name, worker in workers.items():
-            if worker.process.poll() is None:
-                try:
-                    results.setdefault(name, {})["peak_synth_kb"] = worker.close()["hwm_kb"]
-                except (SystemExit, OSError, BrokenPipeError):
-                    worker.process.kill()
+        close_workers(workers, results)
     for name in names:
         results[name]["runs"] = {k: median_runs(v) for k, v in samples[name].items()}
     args.json.write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
     print_table(results, names)
     if results["meta"]["load_average"] is not None:
-        start, end = results["meta"]["load_average"], os.getloadavg()
-        print(
-            f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
-            f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)"
-        )
+        print_load_average(results["meta"]["load_average"], os.getloadavg())
     print(f"raw figures: {args.json}")
 
 

@@ -38,17 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_v1 import (  # noqa: E402  (standard library only at import time)
     StageTimer,
+    Worker,
     add_comparison_args,
+    close_workers,
+    comparison_workers,
     emit,
     flop_counter,
+    load_workers,
     memory_kb,
-    official_available,
+    print_load_average,
     reset_peak_memory,
     run_benchmark,
     set_threads,
-    worker_env,
 )
-from bench_v1 import Worker as _V1Worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -274,24 +276,6 @@ def our_worker(
 
 
 # ----------------------------------------------------------------------------- driver
-class Worker(_V1Worker):
-    """bench_v1's line-protocol worker, logging to ``log``."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.log = name, log
-        with self.log.open("w", encoding="utf-8") as handle:
-            self.process = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=handle,
-                env=env,
-                text=True,
-                encoding="utf-8",
-                cwd=ROOT,
-            )
-
-
 def ensure_model(model_dir: Path, version: int) -> None:
     if (model_dir / "llm.pt").is_file() and (model_dir / "configuration.json").is_file():
         return
@@ -475,62 +459,15 @@ def drive(args: argparse.Namespace) -> None:
     json_path = args.json or OUT / f"bench_v{args.version}.json"
     threads = args.threads
     growth_tokens = args.growth_tokens
-    official_python = args.official_python or os.environ.get("COSYVOICE_OFFICIAL_PYTHON")
-    official_path = args.official_path or os.environ.get("COSYVOICE_OFFICIAL_PATH")
-    from precision_bench import check_fixed_length, measure_floors
-    from precision_bench import configs as machine_configs
+    from precision_bench import check_fixed_length
 
-    print("measuring the floors ...", flush=True)
-    floors = measure_floors(threads)  # they say which configs suit this CPU too
-    configs = machine_configs(args.configs, floors)
-    names = list(configs)
-    argv, env = {}, {}
-    for name, (dtype, quantize) in configs.items():
-        argv[name] = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            "--version",
-            str(args.version),
-            "--model",
-            str(model_dir),
-            "--threads",
-            str(threads),
-            "--dtype",
-            dtype,
-            *(["--quantize", quantize] if quantize else []),
-            "--stream-cache-mb",
-            str(args.stream_cache_mb).lower(),
-        ]
-        env[name] = worker_env(threads, args.omp_wait_policy)
-    if official_python or official_path:
-        python = official_python or sys.executable
-        official_env = worker_env(threads, args.omp_wait_policy, official_path)
-        reason = official_available(python, official_env)
-        if reason is None:
-            names.append("official")
-            argv["official"] = [
-                python,
-                str(OFFICIAL_WORKER),
-                "--version",
-                str(args.version),
-                "--model",
-                str(model_dir),
-                "--threads",
-                str(threads),
-                "--wetext-fsts",
-                args.wetext_fsts,
-            ]
-            env["official"] = official_env
-        else:
-            print(
-                f"official implementation not importable with {python}: {reason}; benchmarking ours only"
-            )
-    else:
-        print(
-            "official implementation not configured (--official-python/--official-path); "
-            "benchmarking ours only"
-        )
+    floors, configs, names, argv, env = comparison_workers(
+        args,
+        Path(__file__).resolve(),
+        OFFICIAL_WORKER,
+        ["--version", str(args.version), "--model", str(model_dir)],
+        ("--stream-cache-mb", str(args.stream_cache_mb).lower()),
+    )
 
     transcript = prompt_transcript()
     request = {
@@ -591,20 +528,14 @@ def drive(args: argparse.Namespace) -> None:
         )
 
     try:
-        for name in names:  # one at a time: loading is CPU-heavy and must not overlap
-            print(f"[{name}] loading ...", flush=True)
-            workers[name] = Worker(
-                name, argv[name], env[name], OUT / f"bench_v{args.version}_{name}.log"
-            )
-            ready = workers[name].receive()
-            results[name] = {
-                "import_s": ready["import_s"],
-                "load_s": ready["load_s"],
-                "rss_after_load_kb": ready["rss_kb"],
-                "peak_load_kb": ready["hwm_kb"],
-                "peak_reset": ready["peak_reset"],
-            }
-            print(f"[{name}] loaded in {ready['load_s']:.1f} s", flush=True)
+        load_workers(
+            workers,
+            results,
+            names,
+            argv,
+            env,
+            lambda name: OUT / f"bench_v{args.version}_{name}.log",
+        )
         for name in names:  # warm-up: a short request (ONNX sessions, allocator, weights paged in)
             log(name, "warm-up", send(name, tokens=args.warmup_tokens, stream=False))
         print("warm-up done (fixed length checked)", flush=True)
@@ -630,13 +561,7 @@ def drive(args: argparse.Namespace) -> None:
                 growth[name] = send(name, tokens=growth_tokens, stream=True, replay=tokens)
                 log(name, f"replayed stream of {growth_tokens} tokens", growth[name])
     finally:
-        for name, worker in workers.items():
-            if worker.process.poll() is None:
-                try:
-                    bye = worker.close()["hwm_kb"]
-                    results[name]["peak_synth_kb"] = max(results[name].get("peak_synth_kb", 0), bye)
-                except (SystemExit, OSError, BrokenPipeError):
-                    worker.process.kill()
+        close_workers(workers, results)
     for name in names:
         for kind in kinds:
             if samples[name][kind]:
@@ -646,11 +571,7 @@ def drive(args: argparse.Namespace) -> None:
     results["meta"]["load_average_end"] = os.getloadavg()
     json_path.write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
     print_table(results, names)
-    start, end = results["meta"]["load_average_start"], results["meta"]["load_average_end"]
-    print(
-        f"\nmachine load average (1/5/15 min) at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f}; "
-        f"at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (on {os.cpu_count()} cores)"
-    )
+    print_load_average(results["meta"]["load_average_start"], results["meta"]["load_average_end"])
     print(f"raw figures: {json_path}")
 
 
