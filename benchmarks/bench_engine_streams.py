@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_restart import PROMPT, PROMPT_TEXT  # noqa: E402
 from bench_stream_threads import level  # noqa: E402 - streams at once, their length checked
+from engine_requests import PROMPT, PROMPT_TEXT  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -19,14 +19,12 @@ import argparse
 import os
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_restart import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402 - the same saved voice and text
+from engine_requests import PROMPT, PROMPT_TEXT, at_once  # noqa: E402
 from floors import describe, footer, measure  # noqa: E402
 
 
@@ -35,46 +33,8 @@ def level(
 ) -> tuple[float, float]:
     """``requests`` requests at once: (audio seconds per wall second, the latest first audio in
     seconds)."""
-    from cosyvoice_lite.request import Mode, SynthesisRequest
-
-    results: dict[int, tuple[float, float] | BaseException] = {}
-    rate = engine.model.config.sample_rate
-
-    def run(index: int) -> None:
-        preset = isinstance(voice, str)
-        request = SynthesisRequest(
-            Mode.PRESET if preset else Mode.ZERO_SHOT,
-            TEXT,
-            voice=voice if preset else None,
-            seed=seed + index,
-            stream=stream,
-            max_speech_tokens=tokens,
-            ignore_eos=True,
-        )
-        first, samples = None, 0
-        try:
-            for chunk in engine.synthesize(request, prompt=None if preset else voice):
-                first = first if first is not None else time.perf_counter() - start
-                samples += chunk.samples.size
-            results[index] = (first, samples / rate)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[index] = exc
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(requests)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    frame_rate = engine.model.config.token_frame_rate
-    for result in results.values():
-        if isinstance(result, BaseException):
-            raise SystemExit(f"a request failed: {result!r}")
-        if round(result[1] * frame_rate) != tokens:
-            raise SystemExit(f"FIXED LENGTH NOT APPLIED: {result[1]:.2f} s of audio")
-    audio = sum(seconds for _, seconds in results.values())
-    return audio / wall, max(first for first, _ in results.values())
+    timings, wall = at_once(engine, voice, requests, tokens, seed, stream)
+    return sum(audio for _, audio in timings) / wall, max(first for first, _ in timings)
 
 
 def main() -> None:

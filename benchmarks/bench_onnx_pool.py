@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,8 +50,9 @@ def decoding_step_ms(llm, dtype) -> float:  # noqa: ANN001 - the engine's LLM ne
 
 def worker(args: argparse.Namespace) -> None:
     import torch
+    from engine_requests import at_once
 
-    from cosyvoice_lite import Engine, Mode, SynthesisRequest
+    from cosyvoice_lite import Engine
     from cosyvoice_lite.onnx_threads import shared_threads
 
     torch.set_num_threads(args.threads)
@@ -67,45 +67,15 @@ def worker(args: argparse.Namespace) -> None:
     pipeline = engine.pipeline
     step_ms = decoding_step_ms(pipeline.llm, pipeline.llm.speech_embedding.weight.dtype)
     presets = list(engine.voices())
-    voice = None if presets else engine.encode_prompt(*PROMPT)
-    if voice is not None:
+    voice = presets[0] if presets else engine.encode_prompt(*PROMPT)
+    if not presets:
         engine.prepare_voice(voice).result()
-    frame_rate = engine.model.config.token_frame_rate
-
-    def request(seed: int) -> SynthesisRequest:
-        options = dict(
-            seed=seed, stream=args.stream, max_speech_tokens=args.tokens, ignore_eos=True
-        )
-        if presets:
-            return SynthesisRequest(Mode.PRESET, TEXT, voice=presets[0], **options)
-        return SynthesisRequest(Mode.ZERO_SHOT, TEXT, **options)
-
-    def one(seed: int, out: dict, start: float) -> None:
-        first, samples = None, 0
-        for chunk in engine.synthesize(request(seed), prompt=voice):
-            first = first or time.perf_counter() - start
-            samples += chunk.samples.shape[-1]
-        if round(samples / engine.sample_rate * frame_rate) != args.tokens:
-            raise SystemExit(
-                f"FIXED LENGTH NOT APPLIED: {samples} samples, {args.tokens} tokens expected"
-            )
-        out[seed] = (first, samples / engine.sample_rate)
-
-    one(99, {}, time.perf_counter())  # warm-up
+    at_once(engine, voice, 1, args.tokens, 99, args.stream, TEXT)  # warm-up
     levels = {}
     for level in (int(c) for c in args.concurrency.split(",")):
-        out: dict = {}
-        start = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(s, out, start)) for s in range(level)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if len(out) != level:
-            raise SystemExit("a request failed (see above)")
-        wall = time.perf_counter() - start
-        audio = sum(seconds for _, seconds in out.values())
-        levels[level] = {"audio_per_s": audio / wall, "first_max": max(f for f, _ in out.values())}
+        timings, wall = at_once(engine, voice, level, args.tokens, 0, args.stream, TEXT)
+        audio = sum(seconds for _, seconds in timings)
+        levels[level] = {"audio_per_s": audio / wall, "first_max": max(f for f, _ in timings)}
     engine.close()
     print(json.dumps({"step_ms": step_ms, "levels": levels}))
 

@@ -30,11 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_serving import free_port, wait_until_ready  # noqa: E402
+from engine_requests import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402 - the engine benchmarks' voice
 from floors import describe, footer, measure  # noqa: E402
-
-PROMPT = ROOT / "tests" / "data" / "audio" / "zh_16k.wav"
-PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
-TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。"
 
 
 class Server:

@@ -23,14 +23,12 @@ import argparse
 import os
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_restart import PROMPT, PROMPT_TEXT, TEXT  # noqa: E402 - the same saved voice and text
+from engine_requests import PROMPT, PROMPT_TEXT, at_once  # noqa: E402
 from floors import describe, footer, measure  # noqa: E402
 
 
@@ -39,42 +37,8 @@ def level(
 ) -> tuple[float, float]:
     """``streams`` requests at once, streamed (or whole, ``stream=False``): (the latest first
     audio, the wall time), in seconds."""
-    from cosyvoice_lite.request import Mode, SynthesisRequest
-
-    results: dict[int, tuple[float, int] | BaseException] = {}
-
-    def run(index: int) -> None:
-        request = SynthesisRequest(
-            Mode.ZERO_SHOT,
-            TEXT,
-            seed=seed + index,
-            stream=stream,
-            max_speech_tokens=tokens,
-            ignore_eos=True,
-        )
-        start, first, samples = time.perf_counter(), None, 0
-        try:
-            for chunk in engine.synthesize(request, prompt=prompt):
-                first = first if first is not None else time.perf_counter() - start
-                samples += chunk.samples.size
-            seconds = samples / engine.model.config.sample_rate
-            results[index] = (first, round(seconds * engine.model.config.token_frame_rate))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[index] = exc
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(streams)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    for result in results.values():
-        if isinstance(result, BaseException):
-            raise SystemExit(f"a stream failed: {result!r}")
-        if result[1] != tokens:
-            raise SystemExit(f"FIXED LENGTH NOT APPLIED: a stream gave {result[1]} tokens' audio")
-    return max(first for first, _ in results.values()), wall
+    timings, wall = at_once(engine, prompt, streams, tokens, seed, stream)
+    return max(first for first, _ in timings), wall
 
 
 def main() -> None:
