@@ -156,6 +156,30 @@ def reset_peak_memory() -> bool:
         return False
 
 
+def add_official_worker_args(parser: argparse.ArgumentParser) -> None:
+    """The options the official workers (official_v1.py, official_v2v3.py) take from the driver."""
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument(
+        "--wetext-fsts",
+        default="",
+        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them",
+    )
+
+
+def offline_wetext(fsts: str) -> None:
+    """Point wetext at local FSTs, where it is importable: 0.0.4 fetches them from ModelScope
+    when the official frontend is built, and a benchmark must not download."""
+    if not fsts:
+        return
+    try:
+        import wetext.wetext
+    except ImportError:
+        return
+    if hasattr(wetext.wetext, "snapshot_download"):
+        wetext.wetext.snapshot_download = lambda *a, **k: fsts
+
+
 def set_threads(threads: int) -> None:
     import torch
 

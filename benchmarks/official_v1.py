@@ -17,18 +17,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_v1 import FixedLength, StageTimer, serve, set_threads  # noqa: E402
+from bench_v1 import (  # noqa: E402
+    FixedLength,
+    StageTimer,
+    add_official_worker_args,
+    offline_wetext,
+    serve,
+    set_threads,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument(
-        "--wetext-fsts",
-        default="",
-        help="local wetext FSTs ({zh,en}/tn/*.fst): wetext 0.0.4 would download them",
-    )
+    add_official_worker_args(parser)
     args = parser.parse_args()
 
     set_threads(args.threads)
@@ -37,14 +38,7 @@ def main() -> None:
     from cosyvoice.cli.cosyvoice import CosyVoice
 
     import_seconds = time.perf_counter() - start
-    if args.wetext_fsts:
-        try:  # wetext 0.0.4 fetches its FSTs from ModelScope when the frontend is built
-            import wetext.wetext
-
-            if hasattr(wetext.wetext, "snapshot_download"):
-                wetext.wetext.snapshot_download = lambda *a, **k: args.wetext_fsts
-        except ImportError:
-            pass
+    offline_wetext(args.wetext_fsts)
 
     def load():
         start = time.perf_counter()
