@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_flow_batch import primed_voice, random_voice  # noqa: E402
-from floors import describe, footer, measure  # noqa: E402
+from engine_requests import measured_engine  # noqa: E402
+from floors import describe, footer  # noqa: E402
 
-from cosyvoice_lite.engine import Engine  # noqa: E402
 from cosyvoice_lite.precision import MANY_ROWS, PackedLinear  # noqa: E402
 
 LAYOUTS = {"many rows": MANY_ROWS, "one row": 1}
@@ -60,13 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    print("measuring the floors ...", flush=True)
-    floors = measure()
-    engine = Engine.load(args.model, dtype="float32")
-    try:
-        engine.wait_until_warm(600)
+    with measured_engine(args.model, args.threads, dtype="float32") as (engine, floors, load_start):
         flow = engine.pipeline.flow
         # (not the layers whose weights the fixed schedule released: fix_schedule)
         layers = [m for m in flow.modules() if isinstance(m, PackedLinear) and m.weight.dim() == 2]
@@ -119,8 +113,6 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-    finally:
-        engine.close()
     print(
         f"\n{args.model.name} float32, {args.threads} threads, median over {args.rounds} rounds; "
         f"whole: {args.tokens} tokens after a {prompt_token.size(1)}-token prompt; "

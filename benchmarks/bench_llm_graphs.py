@@ -21,7 +21,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads
 
@@ -31,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from floors import describe, footer, measure  # noqa: E402
+from engine_requests import measured_engine  # noqa: E402
+from floors import describe, footer  # noqa: E402
 from precision_bench import llm_bytes_per_token  # noqa: E402
 
-from cosyvoice_lite.engine import Engine  # noqa: E402
 from cosyvoice_lite.networks.graph_capture import CapturedGraphs  # noqa: E402
 from cosyvoice_lite.row_parallel import start_torch_thread  # noqa: E402
 
@@ -98,6 +100,55 @@ def timed_steps(
     return statistics.median(times[3:]), out
 
 
+def alternating_steps(
+    engine: Any,
+    llm: torch.nn.Module,
+    arms: dict[str, Callable[[], None]],
+    row_counts: tuple[int, ...] | list[int],
+    args: argparse.Namespace,
+    check: Callable[[dict[tuple[str, int], torch.Tensor]], None],
+) -> dict[tuple[str, int], list[float]]:
+    """On a thread set up as the engine's decoding loop, ``args.rounds`` rounds: every arm in
+    turn (its switch called first, the order flipping each round) times the median step of each
+    row count (``timed_steps``), then ``check`` compares the arms' last log-probabilities of the
+    round. Returns each (arm, rows)'s median step per round; a failure on that thread is raised
+    here."""
+    results: dict[tuple[str, int], list[float]] = {(a, r): [] for a in arms for r in row_counts}
+    failure: list[BaseException] = []
+    names = list(arms)
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                for round_ in range(args.rounds):
+                    outs = {}
+                    for arm in names if round_ % 2 == 0 else names[::-1]:
+                        arms[arm]()
+                        for rows in row_counts:
+                            seconds, outs[arm, rows] = timed_steps(
+                                llm, rows, args.prefill, args.steps, seed=round_
+                            )
+                            results[arm, rows].append(seconds)
+                    check(outs)
+                    print(
+                        f"round {round_ + 1}: "
+                        + ", ".join(
+                            f"{arm} {rows} row{'s' * (rows > 1)} "
+                            f"{1e3 * results[arm, rows][-1]:.1f} ms"
+                            for arm in names
+                            for rows in row_counts
+                        ),
+                        flush=True,
+                    )
+        except BaseException as exc:  # noqa: BLE001 - reported from the main thread
+            failure.append(exc)
+
+    start_torch_thread(work, engine.loop.decode_threads, "decode", args.threads).join()
+    if failure:
+        raise failure[0]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a full-size model directory")
@@ -107,61 +158,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--prefill", type=int, default=200)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    print("measuring the floors ...", flush=True)
-    floors = measure()
-    engine = Engine.load(args.model, dtype=args.dtype)  # threads: torch.set_num_threads above
-    try:
-        engine.wait_until_warm(600)
+    with measured_engine(args.model, args.threads, dtype=args.dtype) as (
+        engine,
+        floors,
+        load_start,
+    ):
         llm = engine.pipeline.llm
         owner = step_owner(llm)
         graphs = owner.graphs
         floor_ms = 1e3 * llm_bytes_per_token(llm) / (floors["memory_bandwidth_gbs"] * 1e9)
-        results: dict[tuple[str, int], list[float]] = {(a, r): [] for a in ARMS for r in (1, 2)}
-        failure: list[BaseException] = []
         differences: list[float] = []
 
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    for round_ in range(args.rounds):
-                        outs = {}
-                        for arm in ARMS if round_ % 2 == 0 else ARMS[::-1]:
-                            owner.graphs = graphs if arm == "captured" else None
-                            for rows in (1, 2):
-                                seconds, out = timed_steps(
-                                    llm, rows, args.prefill, args.steps, seed=round_
-                                )
-                                results[arm, rows].append(seconds)
-                                outs[arm, rows] = out
-                        for rows in (1, 2):
-                            diff = (outs["captured", rows] - outs["eager", rows]).abs().max()
-                            differences.append(float(diff))
-                            if diff > TOLERANCE:
-                                raise SystemExit(f"captured and eager differ by {diff:.3g}")
-                        print(
-                            f"round {round_ + 1}: "
-                            + ", ".join(
-                                f"{arm} {rows} row{'s' * (rows > 1)} "
-                                f"{1e3 * results[arm, rows][-1]:.1f} ms"
-                                for arm in ARMS
-                                for rows in (1, 2)
-                            ),
-                            flush=True,
-                        )
-            except BaseException as exc:  # noqa: BLE001 - reported from the main thread
-                failure.append(exc)
-            finally:
-                owner.graphs = graphs
+        def check(outs: dict[tuple[str, int], torch.Tensor]) -> None:
+            for rows in (1, 2):
+                diff = float((outs["captured", rows] - outs["eager", rows]).abs().max())
+                differences.append(diff)
+                if diff > TOLERANCE:
+                    raise SystemExit(f"captured and eager differ by {diff:.3g}")
 
-        start_torch_thread(work, engine.loop.decode_threads, "decode", args.threads).join()
-        if failure:
-            raise failure[0]
+        def arm(captured: bool) -> Callable[[], None]:
+            return lambda: setattr(owner, "graphs", graphs if captured else None)
+
+        try:
+            arms = {"captured": arm(True), "eager": arm(False)}
+            results = alternating_steps(engine, llm, arms, (1, 2), args, check)
+        finally:
+            owner.graphs = graphs
         if len(graphs) < 2:
             raise SystemExit(f"STEP GRAPHS DID NOT RUN: {len(graphs)} traced")
-    finally:
-        engine.close()
     print(
         f"\n{args.model.name} {args.dtype}, {args.threads} threads, median step over "
         f"{args.rounds} rounds (each the median of {args.steps - 3} steps after a "

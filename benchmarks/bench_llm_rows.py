@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, before torch loads
@@ -29,14 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_llm_graphs import print_step_table, timed_steps  # noqa: E402
-from floors import describe, footer, measure  # noqa: E402
+from bench_llm_graphs import alternating_steps, print_step_table  # noqa: E402
+from engine_requests import measured_engine  # noqa: E402
+from floors import describe, footer  # noqa: E402
 from precision_bench import llm_bytes_per_token  # noqa: E402
 
-from cosyvoice_lite.engine import Engine  # noqa: E402
 from cosyvoice_lite.networks.graph_capture import CapturedGraphs  # noqa: E402
 from cosyvoice_lite.precision import PackedLinear  # noqa: E402
-from cosyvoice_lite.row_parallel import start_torch_thread  # noqa: E402
 
 FORMS = ("plain", "packed")
 
@@ -61,57 +61,21 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=150)
     args = parser.parse_args()
     row_counts = [int(r) for r in args.rows.split(",")]
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    print("measuring the floors ...", flush=True)
-    floors = measure()
-    engine = Engine.load(args.model, dtype="float32")
-    try:
-        engine.wait_until_warm(600)
+    with measured_engine(args.model, args.threads, dtype="float32") as (engine, floors, load_start):
         llm = engine.pipeline.llm
         layers = [m for m in llm.modules() if isinstance(m, PackedLinear)]
         if not layers:
             raise SystemExit("NO PACKED LAYERS: nothing to switch (exact float32, or no oneDNN)")
         default = "plain" if layers[0].transposed_rows else "packed"
         floor_ms = 1e3 * llm_bytes_per_token(llm) / (floors["memory_bandwidth_gbs"] * 1e9)
-        results: dict[tuple[str, int], list[float]] = {
-            (f, r): [] for f in FORMS for r in row_counts
-        }
-        failure: list[BaseException] = []
 
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    for round_ in range(args.rounds):
-                        outs = {}
-                        for form in FORMS if round_ % 2 == 0 else FORMS[::-1]:
-                            switch(llm, layers, form)
-                            for rows in row_counts:
-                                seconds, out = timed_steps(
-                                    llm, rows, args.prefill, args.steps, seed=round_
-                                )
-                                results[form, rows].append(seconds)
-                                outs[form, rows] = out
-                        for rows in row_counts:
-                            if not torch.equal(outs["plain", rows], outs["packed", rows]):
-                                raise SystemExit(f"the two forms differ at {rows} rows")
-                        print(
-                            f"round {round_ + 1}: "
-                            + ", ".join(
-                                f"{form} {rows}: {1e3 * results[form, rows][-1]:.1f} ms"
-                                for form in FORMS
-                                for rows in row_counts
-                            ),
-                            flush=True,
-                        )
-            except BaseException as exc:  # noqa: BLE001 - reported from the main thread
-                failure.append(exc)
+        def check(outs: dict[tuple[str, int], torch.Tensor]) -> None:
+            for rows in row_counts:
+                if not torch.equal(outs["plain", rows], outs["packed", rows]):
+                    raise SystemExit(f"the two forms differ at {rows} rows")
 
-        start_torch_thread(work, engine.loop.decode_threads, "decode", args.threads).join()
-        if failure:
-            raise failure[0]
-    finally:
-        engine.close()
+        arms = {form: partial(switch, llm, layers, form) for form in FORMS}
+        results = alternating_steps(engine, llm, arms, row_counts, args, check)
     print(
         f"\n{args.model.name} float32, {args.threads} threads, median step over {args.rounds} "
         f"rounds (each the median of {args.steps - 3} steps); this CPU's default: {default}; "

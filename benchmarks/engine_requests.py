@@ -1,6 +1,7 @@
-"""Requests of a fixed speech length through a loaded engine, for the engine-level benchmarks
-(bench_graph_capture, bench_stream_threads, bench_engine_streams, bench_onnx_pool): ``count`` requests at once, each on
-a thread of its own as a server's clients would send them, timed from a common start.
+"""An engine loaded for an in-process benchmark, and requests of a fixed speech length through
+it (bench_graph_capture, bench_stream_threads, bench_engine_streams, bench_onnx_pool): ``count``
+requests at once, each on a thread of its own as a server's clients would send them, timed from a
+common start.
 
 Random weights rarely stop, so every request decodes exactly ``tokens`` speech tokens
 (``max_speech_tokens`` + ``ignore_eos``), and the run stops with ``FIXED LENGTH NOT APPLIED``
@@ -9,8 +10,11 @@ where a request's audio has another length.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +82,25 @@ def at_once(
             )
         timings.append(result)
     return timings, wall
+
+
+@contextlib.contextmanager
+def measured_engine(model: Path, threads: int, **load: Any) -> Iterator[tuple[Any, dict, tuple]]:
+    """This run's floors (``floors.measure``), then the engine loaded with ``threads`` torch
+    threads and ``Engine.load``'s options ``load``, warm; closed on the way out. Yields the
+    engine, the floors and the load average from before the floors."""
+    import torch
+    from floors import measure
+
+    from cosyvoice_lite.engine import Engine
+
+    torch.set_num_threads(threads)
+    load_start = os.getloadavg()
+    print("measuring the floors ...", flush=True)
+    floors = measure()
+    engine = Engine.load(model, **load)
+    try:
+        engine.wait_until_warm(600)
+        yield engine, floors, load_start
+    finally:
+        engine.close()
