@@ -37,8 +37,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_v1 import memory_kb, reset_peak_memory
-    from bench_v2v3 import PROMPT_WAV, prompt_transcript, release_free_memory
+    from bench_v1 import memory_kb, release_free_memory, reset_peak_memory
+    from bench_v2v3 import PROMPT_WAV, prompt_transcript
 
     from cosyvoice_lite.engine import Engine
     from cosyvoice_lite.request import Mode, SynthesisRequest

@@ -191,9 +191,19 @@ def emit(payload: dict) -> None:
     sys.__stdout__.flush()
 
 
-def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> None:
-    """Worker main loop. ``load()`` returns ``(run, load_seconds)`` where
-    ``run(text, voice, tokens, seed) -> dict`` synthesizes one request and reports its timings."""
+def release_free_memory() -> None:
+    """Hand memory freed by earlier requests back to the OS (glibc ``malloc_trim``), so that a
+    request's peak RSS is not inflated by what the allocator kept from the request before."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(load: Callable[[], tuple[Callable[[dict], dict], float]], import_seconds: float) -> None:
+    """Worker main loop: ``load()`` returns ``(run, load_seconds)``; ``run(command) -> dict``."""
     sys.stdout = sys.stderr  # keep stdout for the protocol
     run, load_seconds = load()
     ready = {"event": "ready", "import_s": import_seconds, "load_s": load_seconds, **memory_kb()}
@@ -204,18 +214,14 @@ def serve(load: Callable[[], tuple[Callable, float]], import_seconds: float) -> 
         if command["cmd"] == "quit":
             emit({"event": "bye", **memory_kb()})
             return
+        release_free_memory()
+        reset_peak_memory()  # the peak of this request alone (resident model included)
         try:
-            result = run(
-                command["text"],
-                command["voice"],
-                command["tokens"],
-                command["seed"],
-                **command.get("options", {}),
-            )
+            result = run(command)
         except Exception as exc:  # report it to the driver instead of dying silently
             emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
             raise
-        emit({"event": "result", **result})
+        emit({"event": "result", **result, "peak_kb": memory_kb()["hwm_kb"]})
 
 
 # ----------------------------------------------------------------------------- our worker
@@ -366,7 +372,9 @@ def our_worker(
         instrument(engine, timer, state)
         llm_bytes = llm_bytes_per_token(engine.pipeline.llm)
 
-        def run(text: str, voice: str, tokens: int, seed: int, count_flops: bool = False) -> dict:
+        def run(command: dict) -> dict:
+            text, voice, tokens, seed = (command[k] for k in ("text", "voice", "tokens", "seed"))
+            count_flops = command.get("count_flops", False)
             timer.reset()
             state["count"], state["flops"] = count_flops, {}
             # the length hook: exactly ``tokens`` speech tokens (the driver checks the audio)
@@ -734,7 +742,10 @@ def drive(args: argparse.Namespace) -> None:
             "tokens": n_tokens,
             "seed": SEED,
         }
-        result = workers[name].send({**command, "options": options} if options else command)
+        result = workers[name].send({**command, **options})
+        # each request resets the worker's high-water mark: the synthesis peak is the largest one
+        peaks = results[name]
+        peaks["peak_synth_kb"] = max(peaks.get("peak_synth_kb", 0), result["peak_kb"])
         samples_out = result.get("samples", round(result["audio_s"] * 22050))
         check_fixed_length(name, n_tokens, samples_out, SAMPLES_PER_TOKEN, LENGTH_TOLERANCE)
         if result["segments"] != 1:

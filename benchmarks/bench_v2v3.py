@@ -42,13 +42,11 @@ from bench_v1 import (  # noqa: E402  (standard library only at import time)
     add_comparison_args,
     close_workers,
     comparison_workers,
-    emit,
     flop_counter,
     load_workers,
-    memory_kb,
     print_load_average,
-    reset_peak_memory,
     run_benchmark,
+    serve,
     set_threads,
 )
 
@@ -139,39 +137,6 @@ class ChunkLog:
             }
         )
         self._compute = compute
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by earlier requests back to the OS (glibc ``malloc_trim``), so that a
-    request's peak RSS is not inflated by what the allocator kept from the request before."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def serve(load: Callable[[], tuple[Callable[[dict], dict], float]], import_seconds: float) -> None:
-    """Worker main loop: ``load()`` returns ``(run, load_seconds)``; ``run(command) -> dict``."""
-    sys.stdout = sys.stderr  # keep stdout for the protocol
-    run, load_seconds = load()
-    ready = {"event": "ready", "import_s": import_seconds, "load_s": load_seconds, **memory_kb()}
-    ready["peak_reset"] = reset_peak_memory()
-    emit(ready)
-    for line in sys.stdin:
-        command = json.loads(line)
-        if command["cmd"] == "quit":
-            emit({"event": "bye", **memory_kb()})
-            return
-        release_free_memory()
-        reset_peak_memory()  # the peak of this request alone (resident model included)
-        try:
-            result = run(command)
-        except Exception as exc:  # report it to the driver instead of dying silently
-            emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
-            raise
-        emit({"event": "result", **result, "peak_kb": memory_kb()["hwm_kb"]})
 
 
 # ----------------------------------------------------------------------------- our worker

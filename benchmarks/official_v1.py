@@ -52,7 +52,8 @@ def main() -> None:
         model.flow.inference = timer.wrap("flow", model.flow.inference)
         model.hift.inference = timer.wrap("hift", model.hift.inference)
 
-        def run(text: str, voice: str, tokens: int, seed: int) -> dict:
+        def run(command: dict) -> dict:
+            text, voice, tokens, seed = (command[k] for k in ("text", "voice", "tokens", "seed"))
             fixed.n = tokens
             timer.reset()
             torch.manual_seed(seed)  # the official draws from the global RNG

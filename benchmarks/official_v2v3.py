@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_v1 import StageTimer, add_official_worker_args, offline_wetext, set_threads  # noqa: E402
-from bench_v2v3 import OUT, ChunkLog, FixedSpeechLength, serve, wrap_stages  # noqa: E402
+from bench_v1 import StageTimer, add_official_worker_args, offline_wetext, serve, set_threads  # noqa: E402
+from bench_v2v3 import OUT, ChunkLog, FixedSpeechLength, wrap_stages  # noqa: E402
 
 V3_SYSTEM = "You are a helpful assistant.<|endofprompt|>"  # what our engine adds for CosyVoice3
 
