@@ -7,6 +7,7 @@ leaving mid-way, cancelled, failing) against each request run alone with the sam
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import threading
@@ -268,6 +269,37 @@ def test_an_exception_inside_a_row_fails_only_that_row(v2: Engine, alone) -> Non
     np.testing.assert_allclose(
         np.concatenate([c.samples for c in other]), alone[0], atol=TOL, rtol=0
     )
+
+
+def test_a_failed_batched_step_goes_on_from_clean_caches() -> None:
+    """A step of several rows that raises (say, out of memory in one layer) is retried row by
+    row. It had reserved every row's new positions before failing: rewound, each row goes on
+    exactly as alone, not attending over the failed step's half-written keys and values."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=8, capture_graphs=False)
+    requests = [
+        _request("你好。", 1, max_speech_tokens=30, ignore_eos=True),
+        _request("今天天气真好。", 2, mode=Mode.PRESET, voice="中文女", prompt_audio=None,
+                 max_speech_tokens=30, ignore_eos=True),
+    ]  # fmt: skip
+    try:
+        alone = [_alone(engine, request) for request in requests]
+        two_row_calls = itertools.count()
+
+        def fail_once(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if inputs[0].size(0) == 2 and next(two_row_calls) == 9:
+                raise RuntimeError("one batched step failed")
+
+        layer = engine.pipeline.llm.llm.model.model.layers[1]
+        handle = layer.mlp.register_forward_pre_hook(fail_once)
+        try:
+            together = _together(engine, requests)
+        finally:
+            handle.remove()
+        assert next(two_row_calls) > 10  # the fault fired mid-way through batched steps
+        for a, b in zip(alone, together, strict=True):
+            np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
+    finally:
+        engine.close()
 
 
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:

@@ -892,12 +892,17 @@ class EngineLoop:
                 row.first_audio.wait(max(0.0, min(deadline, row.hold_until) - time.monotonic()))
 
     def _forward_rows(self, rows: list[_Row]) -> None:
+        lengths = [row.cache.length for row in rows]
         try:
             inputs = (
                 rows[0].feed.inputs if len(rows) == 1 else torch.cat([r.feed.inputs for r in rows])
             )
             logp = self.lm.log_probs(inputs, [r.cache for r in rows])
         except BaseException as exc:  # noqa: BLE001
+            # the step reserved every row's new positions before its layers ran: a retry (or the
+            # rows that go on) must not attend over the failed step's half-written keys
+            for row, length in zip(rows, lengths, strict=True):
+                row.cache.rewind(length)
             if len(rows) == 1:
                 self._fail(rows[0], exc)
                 self._remove(rows[0])

@@ -337,6 +337,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rewind(self, length: int) -> None:
+        """Forget the positions from ``length`` on (those a failed step reserved): the next step
+        writes its keys and values there again."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
+        self.length = length
+
 
 def cache_lengths(caches: list[KVCache], device: torch.device) -> torch.Tensor:
     """Each cache's length [B] (int64) on ``device``, for a decoding step's positions; on CUDA
