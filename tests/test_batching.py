@@ -302,6 +302,34 @@ def test_a_failed_batched_step_goes_on_from_clean_caches() -> None:
         engine.close()
 
 
+@pytest.mark.parametrize("model", ["v1-tiny", "v2-tiny"])
+def test_a_seeded_request_of_several_segments_does_not_depend_on_timing(model: str) -> None:
+    """Without streaming, sampling and the audio stage's noise (the vocoder's; v1's flow too)
+    draw from one generator in the official order, segment by segment. The next segment's
+    sampling waits for the previous segment's audio, so a slow vocoder changes nothing."""
+    engine = Engine.load(DATA / "models" / model)
+    text = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。" * 3
+    request = SynthesisRequest(
+        Mode.PRESET, text, voice="中文女", seed=3, max_speech_tokens=30, ignore_eos=True
+    )
+    try:
+        chunks = list(engine.synthesize(request))
+        assert len({chunk.segment for chunk in chunks}) > 1
+        quick = np.concatenate([chunk.samples for chunk in chunks])
+
+        def slow_down(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            time.sleep(0.3)  # before the vocoder draws its source noise
+
+        handle = engine.pipeline.hift.f0_predictor.register_forward_pre_hook(slow_down)
+        try:
+            slow = _alone(engine, request)
+        finally:
+            handle.remove()
+        np.testing.assert_array_equal(slow, quick)
+    finally:
+        engine.close()
+
+
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
     request = _request("你好。", 3, max_speech_tokens=17, ignore_eos=True)
     audio = _alone(v2, request)

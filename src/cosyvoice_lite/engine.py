@@ -808,6 +808,7 @@ class _Run:
         self.sampler, self.noise, self.policy = sampler, noise, policy
         self.progress, self.sink = progress, sink
         self.stream = request.stream
+        self.serial_segments = noise is sampler.generator
 
     def start_segment(self, index: int) -> tuple[object, object]:
         engine, request = self.engine, self.request

@@ -63,6 +63,9 @@ class Run(Protocol):
 
     segments: list
     stream: bool  # chunks as they are ready (the first one gets priority)
+    # its audio stage draws noise from the generator its sampling draws from (the official
+    # order, without streaming): a segment's sampling starts once the previous one's audio is out
+    serial_segments: bool
 
     def start_segment(self, index: int) -> tuple[Any, Any]:
         """(decoding task, audio stage) of segment ``index``."""
@@ -102,6 +105,8 @@ class _Row:
     audio_out: bool = False  # some of its audio has been delivered
     first_audio: threading.Event = field(default_factory=threading.Event)  # set with audio_out
     sent: int = 0  # tokens of the current segment handed to its audio stage
+    next_segment: int | None = None  # a serial run's segment that waits for the audio before it
+    segments_out: int = 0  # segments whose audio is out (the audio worker counts them)
     hold_until: float | None = None  # decoding waits for its first piece until then at most
     on_end: Callable[[_Row], None] | None = None
     _ended: bool = False
@@ -475,6 +480,7 @@ class AudioWorker:
             row.delivered()
             run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)
+            row.segments_out = work.segment + 1
             if work.last:
                 row.end(None)
         except ComputationAborted:
@@ -927,6 +933,11 @@ class EngineLoop:
 
     def _advance_task(self, row: _Row) -> None:
         while not row.job.cancelled.is_set():
+            if row.next_segment is not None:
+                if row.segments_out < row.next_segment:
+                    return  # its audio stage is still drawing from the request's generator
+                index, row.next_segment = row.next_segment, None
+                self._start_segment(row, index)
             reply, row.reply = row.reply, None
             try:
                 item = row.task.send(reply)
@@ -936,6 +947,9 @@ class EngineLoop:
                 if last:  # the audio worker ends the request once the audio is done
                     self._remove(row)
                     return
+                if row.run.serial_segments:
+                    row.next_segment = row.segment + 1
+                    continue
                 self._start_segment(row, row.segment + 1)
                 continue
             if isinstance(item, Feed):
