@@ -330,6 +330,42 @@ def test_a_seeded_request_of_several_segments_does_not_depend_on_timing(model: s
         engine.close()
 
 
+def test_a_stream_cancelled_during_its_first_piece_does_not_hold_the_others() -> None:
+    """Decoding waits (5 s at most) while a stream's first piece is computed. A stream cancelled
+    meanwhile (its client gone) will never deliver it: the other rows go on at once."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", capture_graphs=False)
+    steps: list[float] = []
+    first_piece = threading.Event()
+
+    def slow_first_piece(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if not first_piece.is_set():
+            first_piece.set()
+            time.sleep(1.0)
+
+    hooks = [
+        engine.pipeline.llm.llm_decoder.register_forward_pre_hook(
+            lambda module, inputs: steps.append(time.monotonic())
+        ),
+        engine.pipeline.hift.f0_predictor.register_forward_pre_hook(slow_first_piece),
+    ]
+    text = "今天天气真好，我们出去走走吧。"
+    try:
+        stream, other = QueueSink(), QueueSink()
+        options = dict(mode=Mode.PRESET, voice="中文女", max_speech_tokens=300, ignore_eos=True)
+        job = engine.submit(SynthesisRequest(text=text, seed=1, stream=True, **options), stream)
+        engine.submit(SynthesisRequest(text=text, seed=2, **options), other)
+        assert first_piece.wait(60)
+        cancelled_at = time.monotonic()
+        job.cancel()
+        assert np.concatenate([c.samples for c in other]).size > 0
+        gaps = np.diff([cancelled_at] + [t for t in steps if t > cancelled_at])
+        assert gaps.max() < 2.5, gaps.max()  # the piece's own second, not the 5 s bound
+    finally:
+        for hook in hooks:
+            hook.remove()
+        engine.close()
+
+
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
     request = _request("你好。", 3, max_speech_tokens=17, ignore_eos=True)
     audio = _alone(v2, request)

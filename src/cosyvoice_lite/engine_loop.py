@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
 FIRST_CHUNK_PRIORITY_SECONDS = 5.0  # at most this long does decoding wait for a first chunk
+CANCEL_POLL_SECONDS = 0.05  # how often a wait for a first chunk looks at its request's cancel
 # A worker with a due flow call waits for its other streams this many tokens from theirs, at most
 # this long (a few decoding steps), so their chunks are computed in one batch.
 BATCH_WAIT_TOKENS = 2
@@ -534,6 +535,7 @@ def _gone(work: _AudioWork) -> bool:
     row = work.row
     if not (row.ended or row.job.cancelled.is_set()):
         return False
+    row.first_audio.set()  # it will never deliver: decoding must not wait for its first piece
     if work.token is None and work.last:
         row.end(None)
     return True
@@ -895,7 +897,13 @@ class EngineLoop:
                 # bounded per stream, so a worker busy with other rows' work cannot stall decoding
                 if row.hold_until is None:
                     row.hold_until = time.monotonic() + FIRST_CHUNK_PRIORITY_SECONDS
-                row.first_audio.wait(max(0.0, min(deadline, row.hold_until) - time.monotonic()))
+                until = min(deadline, row.hold_until)
+                # in slices: a request cancelled meanwhile (its client gone) releases the others
+                while not row.first_audio.is_set() and not row.job.cancelled.is_set():
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    row.first_audio.wait(min(left, CANCEL_POLL_SECONDS))
 
     def _forward_rows(self, rows: list[_Row]) -> None:
         lengths = [row.cache.length for row in rows]
