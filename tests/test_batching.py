@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_server_support import wait_for
 
 from cosyvoice_lite import Engine, Mode, SynthesisRequest
 from cosyvoice_lite.device import Placement
@@ -364,6 +365,88 @@ def test_a_stream_cancelled_during_its_first_piece_does_not_hold_the_others() ->
         for hook in hooks:
             hook.remove()
         engine.close()
+
+
+class _TimedSink(QueueSink):
+    """A sink that notes when its request ended."""
+
+    ended_at: float | None = None
+
+    def end(self, error: BaseException | None) -> None:
+        self.ended_at = time.monotonic()
+        super().end(error)
+
+
+def _preset(seed: int, tokens: int, text: str = "今天天气真好。", **kwargs) -> SynthesisRequest:
+    return SynthesisRequest(
+        Mode.PRESET, text, voice="中文女", seed=seed, max_speech_tokens=tokens, ignore_eos=True,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_a_queued_request_cancelled_ends_before_a_row_frees() -> None:
+    """A request waiting for a free row (the batch is full) whose client leaves ends at the next
+    step: it must not hold its place (a server's worker slot) until some row finishes."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=1)
+    try:
+        running, queued = _TimedSink(), _TimedSink()
+        first = engine.submit(_preset(1, 3000), running)
+        assert wait_for(lambda: engine.loop.decoding == 1, timeout=60)
+        job = engine.submit(_preset(2, 20), queued)
+        cancelled_at = time.monotonic()
+        job.cancel()
+        assert list(queued) == []
+        assert queued.ended_at - cancelled_at < 1.0
+        assert running.ended_at is None  # the row it waited for is still decoding
+        first.cancel()
+        list(running)
+    finally:
+        engine.close()
+
+
+def test_a_sink_that_fails_at_its_end_fails_no_other_request(v2: Engine) -> None:
+    """A caller's sink that raises when its request ends (here: cancelled mid-way) is logged;
+    the loop and the other rows go on."""
+
+    class Failing(QueueSink):
+        def end(self, error: BaseException | None) -> None:
+            raise RuntimeError("the caller's sink broke")
+
+    request = _preset(2, 200)
+    alone = _alone(v2, request)
+    good = QueueSink()
+    v2.submit(request, good)
+    job = v2.submit(_preset(3, 3000), Failing())
+    assert wait_for(lambda: v2.loop.decoding == 2, timeout=60)
+    job.cancel()
+    np.testing.assert_allclose(np.concatenate([c.samples for c in good]), alone, atol=TOL, rtol=0)
+
+
+def test_closing_with_requests_in_flight_lets_go_of_them() -> None:
+    """close() ends every request with EngineClosedError and drops their rows: their caches and
+    a streaming text's feeder thread, which stops pulling from the caller's iterator."""
+    from cosyvoice_lite.errors import EngineClosedError
+
+    engine = Engine.load(DATA / "models" / "v2-tiny")
+    pulled: list[int] = []
+
+    def endless_text():
+        while True:
+            pulled.append(1)
+            time.sleep(0.02)
+            yield "今天天气真好，"
+
+    sink = QueueSink()
+    engine.submit(_preset(1, 3000, endless_text(), stream=True), sink)
+    assert wait_for(lambda: len(pulled) > 10, timeout=60)
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        list(sink)
+    assert engine.loop.decoding == 0 and engine.loop.active == 0
+    before = len(pulled)
+    time.sleep(0.5)
+    assert len(pulled) - before <= 3  # what the feeder had in hand, then nothing
+    assert "text-source" not in {thread.name for thread in threading.enumerate()}
 
 
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:

@@ -145,7 +145,7 @@ class _Row:
             error = RuntimeError(f"synthesis stopped: {error!r}")
         if self.on_end is not None:
             self.on_end(self)
-        self.job.sink.end(error)
+        _end_sink(self.job.sink, error)
 
     @property
     def ended(self) -> bool:
@@ -546,6 +546,14 @@ def _fail(row: _Row, exc: BaseException) -> None:
     row.end(exc)
 
 
+def _end_sink(sink: Sink, error: BaseException | None) -> None:
+    """End a request at its sink; a sink that raises there (the caller's code) fails nothing else."""
+    try:
+        sink.end(error)
+    except Exception:  # noqa: BLE001 - logged: the loop and the other requests go on
+        log.exception("a request's sink failed at its end")
+
+
 # Loops with threads, closed at interpreter exit: a daemon thread still inside a torch op when
 # the interpreter finalizes aborts the process (exit status 134) if the engine was not closed.
 _RUNNING: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
@@ -730,10 +738,14 @@ class EngineLoop:
                     for row in self._rows:
                         self._fail(row, exc)
                     self._rows = []
-        for row in self._rows:
+        for row in self._rows:  # their caches and tasks (a streaming text's feeder) go too
             self._fail(row, EngineClosedError("the engine was closed"))
-        for job in self._waiting:
-            job.sink.end(EngineClosedError("the engine was closed"))
+            self._remove(row)
+        self._rows = []
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in waiting:
+            _end_sink(job.sink, EngineClosedError("the engine was closed"))
         with self._wake:  # nothing is queued after _stopping is set
             calls, self._calls = list(self._calls), collections.deque()
         for _, future in calls:
@@ -830,20 +842,29 @@ class EngineLoop:
         for row in [r for r in self._rows if r.job.cancelled.is_set() or r.failed]:
             self._remove(row)
             row.end(None)  # a failed row has already ended with its error
+        # not only once a row is free: a queued request whose client left ends now
+        with self._wake:  # submit appends from other threads
+            gone = [job for job in self._waiting if job.cancelled.is_set()]
+            if gone:
+                self._waiting = collections.deque(
+                    job for job in self._waiting if not job.cancelled.is_set()
+                )
+        for job in gone:
+            _end_sink(job.sink, None)
 
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self.limits.max_batch:
             with self._wake:
                 job = self._waiting.popleft()
             if job.cancelled.is_set():
-                job.sink.end(None)
+                _end_sink(job.sink, None)
                 continue
             try:
                 run = job.prepare()
                 row = _Row(job, run, on_end=self._row_ended, streaming=run.stream)
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
-                job.sink.end(exc)
+                _end_sink(job.sink, exc)
                 continue
             self._rows.append(row)
             self._live.add(row)
