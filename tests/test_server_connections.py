@@ -226,3 +226,16 @@ def test_engine_options_of_serve_reach_the_engine_load():
     load = ray_options_from_args(args).load
     assert (load["max_batch"], load["audio_workers"]) == (4, 3)
     assert (load["backend"], load["onnx_dir"]) == ("onnxruntime", "graphs")
+
+
+def test_made_up_methods_share_one_metrics_series(server):
+    """h11 (what `serve` runs) passes any token as a method: each made-up one must not become
+    a new metrics series kept for good (a client could grow /metrics and memory without end)."""
+    url, port = server
+    for n in range(20):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"M%05dXYZ /tts HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 4")
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "M00001XYZ" not in text
+    assert 'method="OTHER"' in text

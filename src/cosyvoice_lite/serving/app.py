@@ -65,6 +65,8 @@ access_log = logging.getLogger("cosyvoice_lite.serving.access")
 STATIC = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = {"/", "/health", "/ready", "/info", "/favicon.ico"}  # docs: Settings.docs_public
 QUIET_ENDPOINTS = {"/health", "/ready", "/metrics"}
+# the methods metrics and the access log name; any other token counts as "OTHER"
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 
 
 class ServerState:
@@ -282,19 +284,21 @@ class ServingMiddleware:
                 await self.app(scope, receive, send_wrapper)
         finally:
             endpoint = _route_path(self.fastapi_app, scope)
-            self.state.metrics.request(scope["method"], endpoint, status["code"])
+            # h11 passes any token as a method: made-up ones would each be a new series for good
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
+            self.state.metrics.request(method, endpoint, status["code"])
             if self.state.settings.log_requests:
                 # probes and scrapes arrive every few seconds: keep them out of the INFO log
                 level = logging.DEBUG if endpoint in QUIET_ENDPOINTS else logging.INFO
                 access_log.log(
                     level,
                     "%s %s %d",
-                    scope["method"],
+                    method,
                     scope["path"],
                     status["code"],
                     extra={
                         "request_id": request_id,
-                        "method": scope["method"],
+                        "method": method,
                         "path": scope["path"],
                         "status": status["code"],
                         "duration_ms": round((time.monotonic() - start) * 1000, 1),
