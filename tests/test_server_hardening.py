@@ -189,6 +189,20 @@ def test_lone_surrogates_are_400_naming_the_field(client, preset, path, body, fi
     assert "surrogate" in error["message"]
 
 
+@pytest.mark.parametrize("inner", [b'"\\ud800"', b"1"], ids=["surrogate", "plain"])
+@pytest.mark.parametrize("path", ["/tts", "/v1/audio/speech"])
+def test_json_nested_too_deeply_is_400(client, path, inner):
+    """Past the JSON parser's depth, whatever the innermost value (the check for lone
+    surrogates parses the body first), a clear 400, not a RecursionError."""
+    body = b'{"x": ' + b"[" * 1500 + inner + b"]" * 1500 + b"}"
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    # a number past Python's 4,300 digits is looked for by parsing too (this server's JSON
+    # limit is smaller than such a body)
+    deep_digits = b'{"x": ' + b"[" * 1500 + b"1" * 4400 + b"]" * 1500 + b"}"
+    assert "nested too deeply" in unreadable_json(deep_digits)
+
+
 def test_valid_surrogate_pairs_are_text(client, preset):
     # an escaped emoji is a proper pair: not refused as invalid text
     content = ('{"text": "hi \\ud83d\\ude00", "speaker": "' + preset + '", "seed": 1}').encode()

@@ -93,28 +93,26 @@ def check_texts(settings: Settings, **fields: str | None) -> None:
 
 
 def _surrogate_path(value, path: str = "") -> str | None:
-    """Where in a parsed JSON value a string (or key) holds a lone surrogate, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "body"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _surrogate_path(key, path or "body") or _surrogate_path(
-                item, f"{path}.{key}" if path else str(key)
-            )
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _surrogate_path(item, f"{path}[{i}]")
-            if found is not None:
-                return found
+    """Where in a parsed JSON value a string (or key) holds a lone surrogate, or None. Walked
+    with a stack of its own: a body may nest as deep as the JSON parser allows."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack.append((child, f"{where}.{key}" if where else str(key)))
+                stack.append((key, where or "body"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in reversed(list(enumerate(item))))
     return None
 
 
+TOO_DEEP = "the body's JSON is nested too deeply to read"
 # a JSON escape of a UTF-16 surrogate: only such escapes can smuggle lone surrogates into text
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -133,6 +131,8 @@ def unreadable_json(body: bytes) -> str | None:
         return None
     try:
         json.loads(body)
+    except RecursionError:
+        return TOO_DEEP
     except ValueError as exc:
         if "digits" in str(exc):  # Python's limit on the digits of an int it converts
             return "the body has a number with too many digits"
@@ -146,8 +146,8 @@ def lone_surrogate_field(body: bytes) -> str | None:
         return None
     try:
         return _surrogate_path(json.loads(body))
-    except ValueError:
-        return None  # not JSON: the route reports that
+    except (ValueError, RecursionError):
+        return None  # not JSON, or nested too deeply to read: the route reports that
 
 
 # ------------------------------------------------------------------------------------ bodies
