@@ -293,6 +293,28 @@ def test_form_text_must_decode_in_the_forms_charset(client):
     assert error["param"] == "text"
 
 
+@pytest.mark.parametrize(
+    ("path", "field"), [("/tts/upload", "text"), ("/voices", "name"), ("/v1/audio/voices", "name")]
+)
+def test_forms_that_the_parser_refuses_or_that_decode_to_surrogates_are_400(client, path, field):
+    """A multipart boundary past python-multipart's 256 bytes, and UTF-7 text that decodes to a
+    lone surrogate (in a field name or a value): clear 400s, not 500s."""
+    boundary = "b" * 300
+    long_boundary = {
+        "content": f"--{boundary}--\r\n".encode(),
+        "headers": {"content-type": f"multipart/form-data; boundary={boundary}"},
+    }
+    error_of(client.post(path, **long_boundary), 400, "invalid_multipart")
+    utf7 = {"content-type": "application/x-www-form-urlencoded; charset=utf-7"}
+    for body in (b"%2B2AA-=1", f"{field}=%2B2AA-".encode()):
+        error_of(client.post(path, content=body, headers=utf7), 400, "invalid_text")
+    error_of(
+        client.post(path, **multipart([("+2AA-", b"1", None)], charset="utf-7")),
+        400,
+        "invalid_text",
+    )
+
+
 def test_form_fields_are_the_routes_own_and_bounded(client):
     audio = ("audio", prompt_wav(2.0), "p.wav")
     unknown = multipart([("name", b"v", None), ("colour", b"blue", None), audio])

@@ -96,7 +96,9 @@ def _charset(params: dict[bytes, bytes]) -> str:
 
 def _decode(data: bytes, charset: str, name: str | None) -> str:
     try:
-        return data.decode(charset)
+        text = data.decode(charset)
+        text.encode("utf-8")  # UTF-7 (and some others) can decode to lone surrogates
+        return text
     except UnicodeError:
         what = f"field '{name}'" if name is not None else "a field name"
         raise ApiError(
@@ -215,8 +217,9 @@ async def _read_multipart(
     if not params.get(b"boundary"):
         raise _malformed("no boundary in the Content-Type")
     reader = _MultipartReader(charset, fields)
-    parser = MultipartParser(params[b"boundary"], reader.callbacks())
     try:
+        # (the parser refuses a boundary longer than 256 bytes as it is made)
+        parser = MultipartParser(params[b"boundary"], reader.callbacks())
         async for chunk in request.stream():
             parser.write(chunk)
             for part in reader.parts:  # a few at most (_Fields.max_parts)
