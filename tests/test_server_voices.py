@@ -63,6 +63,26 @@ def test_names_are_normalised_and_unique_without_case(engine, tmp_path):
         assert c.get("/voices").json()["data"] == []
 
 
+def test_a_recording_too_loud_to_give_features_is_refused_not_stored(engine, tmp_path):
+    """Float samples of ~1e30 are finite, but their power overflows: a 400 naming the audio,
+    at upload and when cloning, not a voice stored that every later request would refuse."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(prompt_wav(2.0)), dtype="float32")
+    loud = io.BytesIO()
+    sf.write(loud, samples * np.float32(1e30), rate, format="WAV", subtype="FLOAT")
+    with serve(engine, tmp_path) as running, running.client() as c:
+        error = error_of(upload(c, "loud", loud.getvalue()), 400, "invalid_audio")
+        assert error["param"] == "audio" and "far outside" in error["message"]
+        error_of(c.get("/voices/loud"), 404)
+        files = {"prompt_wav": ("p.wav", loud.getvalue(), "audio/wav")}
+        error = error_of(c.post("/tts/upload", data={"text": "你好"}, files=files), 400)
+        assert error["param"] == "prompt_wav"
+
+
 def write_voice(root, folder: str, meta: bytes | None, wav: bool = True) -> None:
     path = root / folder
     path.mkdir()

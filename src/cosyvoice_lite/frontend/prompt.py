@@ -90,9 +90,21 @@ class PromptEncoder:
             self.mel.fmax,
             self.mel.center,
         )
-        return PromptFeatures(
+        features = PromptFeatures(
             speech_tokens=self.speech_tokenizer(wav16k),
             speech_feat=feat.squeeze(0).transpose(0, 1).unsqueeze(0).contiguous(),
             embedding=self.speaker_encoder(wav16k),
             prompt_text=prompt_text,
         )
+        if not (
+            torch.isfinite(features.speech_feat).all() and torch.isfinite(features.embedding).all()
+        ):
+            # finite samples, but so far outside [-1, 1] (~1e19) that their power overflows:
+            # refused here, not stored as a voice that every later request would refuse
+            peak = float(wav.abs().max())
+            raise AudioError(
+                f"prompt audio: its samples reach {peak:.3g}, far outside [-1, 1], and give no "
+                "usable features; normalise the recording",
+                "prompt_audio",
+            )
+        return features
