@@ -174,6 +174,12 @@ def test_concurrent_requests_do_not_affect_each_other(engines: dict[str, Engine]
             InvalidRequestError,
             "nothing to speak",
         ),
+        (  # a language tag and nothing after it
+            "sft",
+            dict(mode=Mode.PRESET, text="<|en|> 。", voice=None),
+            InvalidRequestError,
+            "nothing to speak",
+        ),
         ("sft", dict(mode=Mode.PRESET, text="hi", speed=5.0), InvalidRequestError, "speed"),
         ("base", dict(mode=Mode.ZERO_SHOT, text="hi"), InvalidRequestError, "prompt audio"),
         ("base", dict(mode=Mode.VOICE_CONVERSION), InvalidRequestError, "source audio"),

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .frontend.markup import V1_TAGS, check_markup, held_back, unescape, user_markup
 from .frontend.prompt import PromptEncoder, PromptFeatures
-from .frontend.text import TextFrontend, is_only_punctuation
+from .frontend.text import TextFrontend, is_only_punctuation, speaks_nothing
 from .heap import release_freed_memory
 from .hub import resolve_model
 from .modeldir import ModelDir, load_speakers, open_model_dir
@@ -615,6 +615,8 @@ class Engine:
         segments = self.text_frontend.normalize(
             request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode
         )
+        # control tags alone (``<|en|>``; markup is kept whole) are not spoken either
+        segments = [segment for segment in segments if not speaks_nothing(segment)]
         if not segments:
             raise InvalidRequestError("the text has nothing to speak (only punctuation or symbols)")
         return segments

@@ -225,6 +225,12 @@ def is_only_punctuation(text: str) -> bool:
     return all(_silent(char) for char in text)
 
 
+def speaks_nothing(segment: str) -> bool:
+    """True for a text segment with nothing to speak past its leading control tags (a v1
+    language tag, a system prompt up to ``<|endofprompt|>``): blanks, punctuation and symbols."""
+    return is_only_punctuation(_control_prefix(segment)[1].strip())
+
+
 def _silent(char: str) -> bool:
     category = unicodedata.category(char)[0]
     return category in "PS" or (category == "C" and not char.isspace())
