@@ -449,6 +449,34 @@ def test_closing_with_requests_in_flight_lets_go_of_them() -> None:
     assert "text-source" not in {thread.name for thread in threading.enumerate()}
 
 
+def test_preparing_a_request_does_not_stop_the_others_decoding() -> None:
+    """A request's preparation (its text normalised, its prompt's features: seconds for a long
+    text or a long new prompt) runs beside the loop, which goes on decoding the other rows."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", capture_graphs=False)
+    steps: list[float] = []
+    hook = engine.pipeline.llm.llm_decoder.register_forward_pre_hook(
+        lambda module, inputs: steps.append(time.monotonic())
+    )
+    features = engine.encode_prompt(PROMPT, PROMPT_TEXT)
+
+    def slow_prompt():
+        time.sleep(1.5)
+        return features
+
+    try:
+        running = QueueSink()
+        engine.submit(_preset(1, 3000), running)
+        assert wait_for(lambda: len(steps) > 5, timeout=60)
+        slow, submitted_at = QueueSink(), time.monotonic()
+        engine.submit(_request("你好。", 2, max_speech_tokens=10), slow, prompt=slow_prompt)
+        assert np.concatenate([c.samples for c in slow]).size > 0
+        gaps = np.diff([t for t in steps if t > submitted_at])
+        assert gaps.size > 10 and gaps.max() < 1.0, gaps.max()
+    finally:
+        hook.remove()
+        engine.close()
+
+
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:
     request = _request("你好。", 3, max_speech_tokens=17, ignore_eos=True)
     audio = _alone(v2, request)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
 FIRST_CHUNK_PRIORITY_SECONDS = 5.0  # at most this long does decoding wait for a first chunk
+ADMIT_TOGETHER_SECONDS = 2.0  # at most this long does a prepared request wait for its burst
 CANCEL_POLL_SECONDS = 0.05  # how often a wait for a first chunk looks at its request's cancel
 # A worker with a due flow call waits for its other streams this many tokens from theirs, at most
 # this long (a few decoding steps), so their chunks are computed in one batch.
@@ -616,7 +617,13 @@ class EngineLoop:
         self.limits = limits
         self.threads = torch.get_num_threads()
         self.decode_threads = decode_threads or self.threads
-        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()  # not prepared yet
+        # prepared off the loop thread, waiting for a row: (job, its run or why it failed)
+        self._ready: collections.deque[tuple[Job, Run | BaseException | None, float]] = (
+            collections.deque()
+        )
+        self._preparer: threading.Thread | None = None
+        self._preparing = False  # the preparer has a request in hand
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._rows: list[_Row] = []  # decoding
         self._live: set[_Row] = set()  # admitted and not ended (decoding or vocoding)
@@ -665,7 +672,7 @@ class EngineLoop:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._ready)
 
     def submit(self, job: Job) -> Job:
         with self._wake:
@@ -673,7 +680,7 @@ class EngineLoop:
                 raise EngineClosedError("the engine is closed")
             self._waiting.append(job)
             self._ensure_thread()
-            self._wake.notify()
+            self._wake.notify_all()  # the preparer takes it
         return job
 
     def call(self, fn: Callable[[], Any]) -> Future:
@@ -685,7 +692,7 @@ class EngineLoop:
                 raise EngineClosedError("the engine is closed")
             self._calls.append((fn, future))
             self._ensure_thread()
-            self._wake.notify()
+            self._wake.notify_all()
         return future
 
     def background(self, fn: Callable[[], Any]) -> Future:
@@ -699,15 +706,16 @@ class EngineLoop:
             worker = min(self._audio, key=AudioWorker.backlog)  # the least busy one
             worker.put(_Background(fn, future))
             self._idle_due = True
-            self._wake.notify()
+            self._wake.notify_all()
         return future
 
     def close(self) -> None:
         with self._wake:
             self._stopping = True
-            self._wake.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+            self._wake.notify_all()
+        for thread in (self._preparer, self._thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=10)
         for worker in self._audio:
             worker.stop()
         for worker in self._audio:  # a worker still in a torch op at exit aborts the process
@@ -725,6 +733,40 @@ class EngineLoop:
             self._thread = start_torch_thread(
                 self._main, self.decode_threads, "engine-loop", self.threads
             )
+        if self._preparer is None or not self._preparer.is_alive():
+            # one thread: what it computes (text normalisation, a prompt's features) is small
+            # work, and on the loop thread it stopped every row's decoding meanwhile
+            self._preparer = start_torch_thread(
+                self._prepare_main, 1, "engine-prepare", self.threads
+            )
+
+    # ------------------------------------------------------------------ preparing thread
+    def _prepare_main(self) -> None:
+        """Prepare submitted requests in order (``Job.prepare``: the text's segments, the
+        prompt's features), beside the loop's decoding, for the loop to admit when a row frees."""
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._waiting and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    job = self._waiting.popleft()
+                    self._preparing = True
+                result: Run | BaseException | None = None
+                if not job.cancelled.is_set():
+                    try:
+                        result = job.prepare()
+                    except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
+                        result = exc
+                with self._wake:
+                    self._preparing = False
+                    if not self._stopping:
+                        self._ready.append((job, result, time.monotonic()))
+                        self._wake.notify_all()
+                        continue
+                _end_sink(job.sink, EngineClosedError("the engine was closed"))
+                return
 
     # ------------------------------------------------------------------ loop thread
     def _main(self) -> None:
@@ -743,7 +785,8 @@ class EngineLoop:
             self._remove(row)
         self._rows = []
         with self._wake:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = list(self._waiting) + [entry[0] for entry in self._ready]
+            self._waiting, self._ready = collections.deque(), collections.deque()
         for job in waiting:
             _end_sink(job.sink, EngineClosedError("the engine was closed"))
         with self._wake:  # nothing is queued after _stopping is set
@@ -759,8 +802,12 @@ class EngineLoop:
         delay = self.limits.idle_release_seconds
         while True:
             with self._wake:
-                if self._stopping or self._waiting or self._calls or self._rows:
+                admit_in = self._admission_in()
+                if self._stopping or admit_in == 0.0 or self._calls or self._rows:
                     return not self._stopping
+                if admit_in is not None:  # more requests of the same burst are being prepared
+                    self._wake.wait(admit_in)
+                    continue
                 due = self._idle_due and delay is not None
                 if not (due and self._quiet()):
                     # woken by new work, a request's end or background work (they notify);
@@ -777,6 +824,18 @@ class EngineLoop:
                 log.exception("idle housekeeping failed")
             self.idle_calls += 1
 
+    def _admission_in(self) -> float | None:
+        """Seconds until prepared requests may be admitted (0: now; None: none is prepared).
+        Requests submitted while others were being prepared (a burst) are admitted at one step
+        once the preparer has caught up, as when the loop prepared them itself: their streams
+        reach their chunks together and share flow calls. A prepared request waits
+        ``ADMIT_TOGETHER_SECONDS`` at most for the others. The caller holds the lock."""
+        if not self._ready:
+            return None
+        if not self._waiting and not self._preparing:
+            return 0.0
+        return max(0.0, self._ready[0][2] + ADMIT_TOGETHER_SECONDS - time.monotonic())
+
     def _quiet(self) -> bool:
         return not self._live and all(worker.idle for worker in self._audio)
 
@@ -784,7 +843,7 @@ class EngineLoop:
         with self._wake:
             self._live.discard(row)
             if not self._live:
-                self._wake.notify()  # the loop may start its idle wait
+                self._wake.notify_all()  # the loop may start its idle wait
 
     def _step(self) -> None:
         try:
@@ -843,24 +902,32 @@ class EngineLoop:
             self._remove(row)
             row.end(None)  # a failed row has already ended with its error
         # not only once a row is free: a queued request whose client left ends now
-        with self._wake:  # submit appends from other threads
+        with self._wake:  # submit and the preparer append from other threads
             gone = [job for job in self._waiting if job.cancelled.is_set()]
+            gone += [entry[0] for entry in self._ready if entry[0].cancelled.is_set()]
             if gone:
                 self._waiting = collections.deque(
                     job for job in self._waiting if not job.cancelled.is_set()
+                )
+                self._ready = collections.deque(
+                    entry for entry in self._ready if not entry[0].cancelled.is_set()
                 )
         for job in gone:
             _end_sink(job.sink, None)
 
     def _admit(self) -> None:
-        while self._waiting and len(self._rows) < self.limits.max_batch:
+        while len(self._rows) < self.limits.max_batch:
             with self._wake:
-                job = self._waiting.popleft()
-            if job.cancelled.is_set():
+                if self._admission_in() != 0.0:
+                    return
+                job, run, _ = self._ready.popleft()
+            if job.cancelled.is_set() or run is None:
                 _end_sink(job.sink, None)
                 continue
+            if isinstance(run, BaseException):
+                _end_sink(job.sink, run)
+                continue
             try:
-                run = job.prepare()
                 row = _Row(job, run, on_end=self._row_ended, streaming=run.stream)
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
