@@ -146,7 +146,7 @@ class ServerState:
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
-        self.scheduler.runner = engine.call  # voice features are computed in the engine loop
+        self.scheduler.runner = engine.call  # model work run as a job goes to the engine loop
         loop = getattr(engine, "loop", None)  # a wrapped engine may have none
         if loop is not None:
             self.metrics.counter(

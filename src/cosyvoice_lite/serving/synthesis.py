@@ -69,22 +69,13 @@ def voice_key(engine: Engine) -> str:
     return f"v{engine.version}-{engine.sample_rate}"
 
 
-def encode_in_engine(engine: Engine) -> Callable[[bytes, str], PromptFeatures]:
-    """``engine.encode_prompt`` run in the engine loop (between two steps) for a caller on
-    another thread, which waits: the library does its storage I/O on that thread."""
-
-    def encode(audio: bytes, prompt_text: str) -> PromptFeatures:
-        return engine.call(lambda: engine.encode_prompt(audio, prompt_text)).result()
-
-    return encode
-
-
 def saved_features(state: ServerState, name: str) -> PromptFeatures:
     """A saved voice's features, read from the library on the calling thread, never the engine
     loop's: storage that is slow or hangs (an S3 bucket) must not hold up the loop, which steps
-    every other request. Features that are not stored are computed in the loop."""
+    every other request. Features that are not stored are computed on that thread too, beside
+    the loop's decoding, as requests' prompts are (the engine's preparing thread)."""
     engine = state.engine
-    return state.library.features(name, voice_key(engine), encode_in_engine(engine))
+    return state.library.features(name, voice_key(engine), engine.encode_prompt)
 
 
 def preset_voices(engine: Engine) -> list[str]:
@@ -229,8 +220,8 @@ class _Relay:
         self.start = time.monotonic()
 
     def prompt(self) -> PromptFeatures | None:
-        """A one-off upload's prompt features, computed in the engine loop (a saved voice's are
-        read before the request is submitted: ``_start``)."""
+        """A one-off upload's prompt features, computed on the engine's preparing thread (a saved
+        voice's are read before the request is submitted: ``_start``)."""
         return self.plan.prompt() if self.plan.prompt is not None else None
 
     def chunk(self, chunk) -> None:

@@ -19,7 +19,7 @@ from .guard import check_text, check_texts
 from .prompts import check_audio
 from .scheduler import Job, JobTimeout, Overloaded
 from .settings import Settings
-from .synthesis import encode_in_engine, saved_features, voice_key
+from .synthesis import saved_features, voice_key
 from .voices import VoiceExistsError, name_key, validate_name
 
 log = logging.getLogger("cosyvoice_lite.serving")
@@ -115,9 +115,9 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
         )
     job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
 
-    # on a thread of its own: the storage I/O may be slow or hang (an S3 bucket), and the engine
-    # loop, which steps every request, only computes the features (``encode_in_engine``)
-    encode = encode_in_engine(engine)
+    # on a thread of its own: the storage I/O may be slow or hang (an S3 bucket), and computing
+    # the features there too leaves the engine loop decoding every other request meanwhile
+    encode = engine.encode_prompt
 
     def create():
         voice = library.create(
@@ -185,7 +185,7 @@ def prepare_saved_voices(state) -> int:  # noqa: ANN001 - app.ServerState (no im
     for voice in newest[:limit]:
         if state.stopping.is_set():
             break
-        try:  # read here, computed in the engine loop only where not stored
+        try:  # read here, and computed here only where not stored
             prompt = saved_features(state, voice.name)
             kept += bool(engine.prepare_voice(prompt, evict=False).result())
         except Exception as exc:  # noqa: BLE001 - a damaged or deleted voice, or a shutdown
