@@ -404,6 +404,40 @@ def test_a_queued_request_cancelled_ends_before_a_row_frees() -> None:
         engine.close()
 
 
+def test_a_request_being_prepared_holds_up_no_other_that_could_start() -> None:
+    """A slow preparation (a long text, a new prompt) ahead of or behind a request does not
+    delay it where it could not have joined its step anyway (here one row at most), and a queued
+    request cancelled meanwhile ends at once, with the loop idle."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=1)
+    features = engine.encode_prompt(PROMPT, PROMPT_TEXT)
+
+    def slow_prompt():
+        time.sleep(2.0)
+        return features
+
+    slow_request = _request("你好。", 2, max_speech_tokens=5, ignore_eos=True)
+    try:
+        list(engine.synthesize(_preset(9, 5)))  # warm
+        stream, slow = _TimedSink(), _TimedSink()
+        start = time.monotonic()
+        engine.submit(_preset(1, 5, stream=True), stream)
+        engine.submit(slow_request, slow, prompt=slow_prompt)
+        first = next(iter(stream))
+        assert first.samples.size > 0 and time.monotonic() - start < 1.5
+        list(stream), list(slow)
+
+        waiting = _TimedSink()
+        engine.submit(slow_request, _TimedSink(), prompt=slow_prompt)
+        job = engine.submit(_preset(3, 5), waiting)
+        time.sleep(0.2)
+        cancelled_at = time.monotonic()
+        job.cancel()
+        assert list(waiting) == []
+        assert waiting.ended_at - cancelled_at < 0.5
+    finally:
+        engine.close()
+
+
 def test_a_sink_that_fails_at_its_end_fails_no_other_request(v2: Engine) -> None:
     """A caller's sink that raises when its request ends (here: cancelled mid-way) is logged;
     the loop and the other rows go on."""

@@ -85,9 +85,12 @@ class Job:
     prepare: Callable[[], Run]
     sink: Sink
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_cancel: Callable[[], None] | None = None  # the loop's wake-up, set when submitted
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()  # a queued request ends at once, also while the loop is idle
 
 
 @dataclass(eq=False)
@@ -678,10 +681,15 @@ class EngineLoop:
         with self._wake:
             if self._stopping:
                 raise EngineClosedError("the engine is closed")
+            job.on_cancel = self._wake_up
             self._waiting.append(job)
             self._ensure_thread()
             self._wake.notify_all()  # the preparer takes it
         return job
+
+    def _wake_up(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` in the loop thread between two steps (e.g. encoding a voice prompt), so that
@@ -805,6 +813,8 @@ class EngineLoop:
                 admit_in = self._admission_in()
                 if self._stopping or admit_in == 0.0 or self._calls or self._rows:
                     return not self._stopping
+                if self._queued_cancelled():
+                    return True  # the step ends it
                 if admit_in is not None:  # more requests of the same burst are being prepared
                     self._wake.wait(admit_in)
                     continue
@@ -824,16 +834,25 @@ class EngineLoop:
                 log.exception("idle housekeeping failed")
             self.idle_calls += 1
 
+    def _queued_cancelled(self) -> bool:
+        """Whether a request not yet admitted was cancelled. The caller holds the lock."""
+        return any(job.cancelled.is_set() for job in self._waiting) or any(
+            entry[0].cancelled.is_set() for entry in self._ready
+        )
+
     def _admission_in(self) -> float | None:
         """Seconds until prepared requests may be admitted (0: now; None: none is prepared).
         Requests submitted while others were being prepared (a burst) are admitted at one step
         once the preparer has caught up, as when the loop prepared them itself: their streams
         reach their chunks together and share flow calls. A prepared request waits
-        ``ADMIT_TOGETHER_SECONDS`` at most for the others. The caller holds the lock."""
+        ``ADMIT_TOGETHER_SECONDS`` at most for the others. Called on the loop thread (it reads
+        the rows), holding the lock."""
         if not self._ready:
             return None
         if not self._waiting and not self._preparing:
             return 0.0
+        if len(self._ready) >= self.limits.max_batch - len(self._rows):
+            return 0.0  # those prepared fill the free rows: nobody else could join their step
         return max(0.0, self._ready[0][2] + ADMIT_TOGETHER_SECONDS - time.monotonic())
 
     def _quiet(self) -> bool:
