@@ -17,6 +17,7 @@ from cosyvoice_lite import (
     UnknownVoiceError,
     UnsupportedModeError,
 )
+from cosyvoice_lite.engine import QueueSink
 from cosyvoice_lite.networks.flow_matching import CFG_ROWS
 from cosyvoice_lite.pipelines.v2 import MAX_TOKEN_HOP
 
@@ -424,3 +425,42 @@ def test_prompt_features_that_do_not_fit_the_model_are_refused(v2: Engine, v1_di
     nan = dataclasses.replace(features, embedding=torch.full_like(features.embedding, float("nan")))
     with pytest.raises(InvalidRequestError, match="x-vector"):
         list(v2.synthesize(request, prompt=nan))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_a_request_of_one_or_two_speech_tokens(v2: Engine, v3: Engine, tokens, stream) -> None:
+    """The shortest requests (a streamed one with no prompt: the flow's first call has one new
+    frame and no earlier ones) give their 960 samples per token."""
+    fixed = dict(seed=1, stream=stream, max_speech_tokens=tokens, ignore_eos=True)
+    requests = {  # v3 has no preset voices: a prompt's (its flow's first call has frames before)
+        v2: SynthesisRequest(Mode.PRESET, "你好。", voice="中文女", **fixed),
+        v3: SynthesisRequest(Mode.CROSS_LINGUAL, "你好。", prompt_audio=PROMPT, **fixed),
+    }
+    for engine, request in requests.items():
+        audio = np.concatenate([c.samples for c in engine.synthesize(request)])
+        assert audio.size == 960 * tokens and np.isfinite(audio).all()
+
+
+def test_one_token_at_double_speed_is_still_a_frame_of_audio() -> None:
+    engine = Engine.load(DATA / "models" / "v1-tiny")
+    try:
+        request = SynthesisRequest(
+            Mode.PRESET, "你好。", voice="中文女", seed=1, speed=2.0, max_speech_tokens=1,
+            ignore_eos=True,
+        )  # fmt: skip
+        assert sum(c.samples.size for c in engine.synthesize(request)) >= 256
+    finally:
+        engine.close()
+
+
+def test_slow_speech_is_bounded_by_what_the_v3_vocoder_makes_in_one_call(v3: Engine) -> None:
+    """At speed 0.5 the v3 vocoder's 300 s per call hold 3,750 tokens: more is refused when the
+    request is made, not after minutes of decoding."""
+    request = SynthesisRequest(
+        Mode.CROSS_LINGUAL, "你好。", prompt_audio=PROMPT, speed=0.5, max_speech_tokens=3800,
+        ignore_eos=True,
+    )  # fmt: skip
+    with pytest.raises(InvalidRequestError, match="at most 3750 speech tokens") as info:
+        v3.submit(request, QueueSink())
+    assert info.value.param == "max_speech_tokens"

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 # Speech tokens one text segment may ask for (``max_speech_tokens``): what every flow and vocoder
 # takes in one segment with a 30 s prompt (v2/v3: 15,000 fixed noise frames, 2 per token; the v3
-# vocoder: 300 s), so a request never reaches their limits half-way.
+# vocoder: 300 s, fewer tokens below speed 0.8: ``Engine._segment_tokens``), so a request never
+# reaches their limits half-way.
 # It is also the default cap: a text segment has the official bound (20 speech tokens per text
 # token; the splitter keeps segments short), streamed text in has none of its own.
 MAX_SPEECH_TOKENS = 6000
@@ -550,7 +551,7 @@ class Engine:
         if callable(prompt):
             prompt = prompt()
         prompt = self._prompt(request, prompt)
-        max_tokens = request.max_speech_tokens or MAX_SPEECH_TOKENS
+        max_tokens = request.max_speech_tokens or self._segment_tokens(request.speed)
         policy = LengthPolicy(max_tokens=max_tokens, ignore_eos=request.ignore_eos)
         return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink)
 
@@ -593,6 +594,14 @@ class Engine:
             raise InvalidRequestError(
                 f"max_speech_tokens must be from 1 to {MAX_SPEECH_TOKENS} per text segment"
             )
+        cap = self._segment_tokens(request.speed)
+        if request.max_speech_tokens is not None and request.max_speech_tokens > cap:
+            raise InvalidRequestError(
+                f"at speed {request.speed:g} a text segment is at most {cap} speech tokens on "
+                f"{self.spec.name} (its vocoder makes {self.spec.vocoder_max_seconds:g} s per "
+                "call)",
+                "max_speech_tokens",
+            )
         if request.ignore_eos and request.max_speech_tokens is None:
             raise InvalidRequestError("ignore_eos needs max_speech_tokens (the length to decode)")
         for field in ("text", "instruct", "prompt_text"):
@@ -604,6 +613,16 @@ class Engine:
         or one of its own escaped (``frontend.markup``); a server checks a transcript it takes
         for a voice with it, as requests' texts are checked."""
         check_markup([text], self.known_markup, self.model.name, field)
+
+    def _segment_tokens(self, speed: float) -> int:
+        """The most speech tokens a text segment may have: ``MAX_SPEECH_TOKENS``, and where the
+        vocoder makes at most so many seconds a call, what fills them once stretched for
+        ``speed`` (v3 at speed 0.5: 3,750), so that no request fails after its decoding."""
+        cap = MAX_SPEECH_TOKENS
+        seconds = self.spec.vocoder_max_seconds
+        if seconds is not None:
+            cap = min(cap, int(seconds * self.spec.token_frame_rate * speed))
+        return cap
 
     def _segments(self, request: SynthesisRequest) -> list:
         if request.mode == Mode.VOICE_CONVERSION:

@@ -97,6 +97,8 @@ class VersionSpec:
     # The LLM's ids after the speech tokens, as offsets from speech_token_size
     special_ids: tuple[tuple[str, int], ...]
     language_tags: bool  # the text may carry language tags (<|zh|>, <|en|>, ...: v1)
+    # the most audio its vocoder makes in one call (v3: a fixed buffer of sine waves), or None
+    vocoder_max_seconds: float | None = None
     # Releases sharing one yaml (v1: -300M, -SFT, -Instruct), told apart by name or metadata
     variants: tuple[str, ...] = ("base",)
     # Instructions the model follows, by group (the web page's presets)
@@ -172,6 +174,7 @@ SPECS: dict[int, VersionSpec] = {
         silent_tokens=V3_SILENT_TOKENS,
         max_silent_run=5,
         causal_vocoder=True,
+        vocoder_max_seconds=300.0,
         special_ids=(("sos", 0), ("eos", 1), ("task_id", 2), ("fill", 3)),
         language_tags=False,
         instruction_examples=V3_INSTRUCTIONS,

@@ -583,8 +583,8 @@ class FlowV2StreamState:
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, H * D] -> [B, H, T, D]."""
-    return x.view(x.size(0), x.size(1), heads, -1).transpose(1, 2)
+    """[B, T, H * D] -> [B, H, T, D] (D spelled out: T may be 0, one new frame's earlier ones)."""
+    return x.view(x.size(0), x.size(1), heads, x.size(2) // heads).transpose(1, 2)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:

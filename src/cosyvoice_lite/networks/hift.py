@@ -760,7 +760,8 @@ def at_speed(mel: torch.Tensor, speed: float) -> torch.Tensor:
     """mel [B, 80, T] stretched in time for ``speed`` (linear, as the official's last chunk)."""
     if speed == 1.0:
         return mel
-    return F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+    # at least one frame: the official's int() gives none for a 1-frame mel above speed 1
+    return F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
 
 
 def stack_padded(rows: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
