@@ -512,6 +512,9 @@ def test_prompt_flow_cache_primes_each_voice_once_within_its_budget(
     nothing = PromptFlowCache(0)  # a budget of 0 keeps nothing: every stream primes its prompt
     torch.testing.assert_close(speak(nothing.stream(flow, voices[1])), alone[1], atol=0, rtol=0)
     assert len(nothing) == 0 and nothing.misses == 1
+    # its prompt's keys and values are a prefix the stream reads, not its own (its budget's)
+    unkept = nothing.stream(flow, voices[0])
+    assert sum(row.nbytes() for step in unkept.estimator for row in step) == 0
     with pytest.raises(ValueError):
         PromptFlowCache(-1)
 

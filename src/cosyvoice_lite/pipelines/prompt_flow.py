@@ -62,9 +62,12 @@ class PromptFlowCache:
             self._entries.clear()
 
     def stream(self, flow: torch.nn.Module, inputs: ModelInputs) -> Any:
-        """A new flow stream for this prompt with its prompt chunks already computed."""
+        """A new flow stream for this prompt with its prompt chunks already computed. A prompt
+        not kept is forked too: its frames are the voice's, a prefix the stream reads, so the
+        stream's memory budget (``cache_budget``) counts its own frames alone, as with a kept
+        voice (counted as its own, they froze the stream at its first piece)."""
         template, primed = self._template(flow, inputs)
-        return primed if template is None else template.fork()
+        return (primed if template is None else template).fork()
 
     def prime(self, flow: torch.nn.Module, inputs: ModelInputs, evict: bool = True) -> bool:
         """Compute this prompt's part ahead of its streams (e.g. when a voice is saved); False
