@@ -373,3 +373,47 @@ def test_transcripts_are_checked_and_unescaped_as_texts_are(engine, tmp_path):
         body = {"model": "tts-1", "input": "你好。", "ref_audio": ref, "ref_text": "你好[sic]。"}
         error = error_of(c.post("/v1/audio/speech", json=body), 400)
         assert error["param"] == "ref_text"
+
+
+def test_features_computed_from_a_voice_replaced_meanwhile_are_not_stored_in_the_new_one(
+    tmp_path,
+):
+    """A voice deleted and created again (another recording) while features of the old one
+    were being computed: they are neither saved into the new voice nor a storage failure; the
+    new voice's features come from its own recording."""
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    from cosyvoice_lite.frontend.prompt import PromptFeatures
+    from cosyvoice_lite.serving.voices import VoiceLibrary
+
+    old, new = prompt_wav(1.0), Path("tests/data/audio/zh_16k.wav").read_bytes()
+    entered, release = threading.Event(), threading.Event()
+
+    def encode(audio: bytes, text: str, wait: bool = False) -> PromptFeatures:
+        if wait:
+            entered.set()
+            release.wait(30)
+        marker = float(len(audio))  # which recording the features came from
+        return PromptFeatures(
+            torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8, 80),
+            torch.full((1, 192), marker), text,
+        )  # fmt: skip
+
+    library = VoiceLibrary(tmp_path)
+    library.create("bob", old, "old", "k1", encode)
+    worker = threading.Thread(
+        target=lambda: library.features("bob", "k2", lambda a, t: encode(a, t, wait=True))
+    )
+    worker.start()
+    assert entered.wait(30)
+    library.delete("bob")
+    library.create("bob", new, "new", "k1", encode)
+    release.set()
+    worker.join(30)
+    assert library.health() is None  # a voice replaced is not a storage failure
+    fresh = VoiceLibrary(tmp_path)  # as after a restart: what is on disk
+    embedding = fresh.features("bob", "k2", encode).embedding
+    assert embedding[0, 0].item() == float(len(fresh.audio("bob")))

@@ -119,14 +119,14 @@ def resolve_voice(state, voice: str) -> str:
     if state.library.exists(voice):
         return voice
     if voice in OPENAI_VOICES:
-        saved = state.library.names()
+        saved = state.library.listed_names()
         raise UnknownVoiceError(
             f"voice {voice!r} is an OpenAI default name and {engine.model.name} has no preset "
             f"voice to map it to; use a saved voice ({', '.join(saved[:NAMES_SHOWN]) or 'none saved yet'}), "
             "send ref_audio (+ ref_text), or map it with --voice-alias "
             f"{voice}=NAME"
         )
-    raise unknown_voice(voice, engine.voices() + state.library.names())
+    raise unknown_voice(voice, engine.voices() + state.library.listed_names())
 
 
 def _model_not_found(engine: Engine, model: str) -> ApiError:

@@ -237,7 +237,7 @@ def plan_prompted(
             elif state.library.exists(voice):
                 saved = voice
             else:
-                raise unknown_voice(voice, engine.voices() + state.library.names())
+                raise unknown_voice(voice, engine.voices() + state.library.listed_names())
     else:
         if prompt is None:
             raise ApiError(

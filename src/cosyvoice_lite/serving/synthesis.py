@@ -157,7 +157,7 @@ def plan_request(
         else:
             chosen = Mode.ZERO_SHOT if library.get(voice).prompt_text else Mode.CROSS_LINGUAL
     else:
-        raise unknown_voice(voice, engine.voices() + (library.names() if library else []))
+        raise unknown_voice(voice, engine.voices() + (library.listed_names() if library else []))
     if mode is not None:
         chosen = Mode(mode)
         cloned = saved is not None or stored_clone

@@ -582,6 +582,11 @@ class VoiceLibrary:
     def names(self) -> list[str]:
         return [voice.name for voice in self.list()]
 
+    def listed_names(self) -> list[str]:
+        """The stored voices' names from the listing alone, broken ones included: what an error
+        hint shows (an unknown voice), without reading every voice (a bucket of thousands)."""
+        return self._entries()
+
     def exists(self, name: str) -> bool:
         """Whether a voice (usable or broken) has this name, in any case or compatibility form."""
         try:
@@ -616,6 +621,8 @@ class VoiceLibrary:
         try:
             return self.store.read(folder, "prompt.wav")
         except FileNotFoundError:
+            if not self.exists(name):  # deleted meanwhile: gone, not damaged
+                raise _no_voice(name) from None
             raise VoiceDamagedError(
                 f"saved voice {folder!r} is damaged: prompt.wav is missing; delete it and create "
                 "it again"
@@ -779,8 +786,27 @@ class VoiceLibrary:
                     f"saved voice {name!r} is damaged: its stored recording cannot be used "
                     f"({type(exc).__name__}); delete it and create it again"
                 ) from None
+            self._store_features(info, file, features)
+        with self._write_lock():  # not kept for a voice deleted meanwhile
+            if self.exists(name):
+                self._keep_features(version, features)
+        return features
+
+    def _store_features(self, info: VoiceInfo, file: str, features: PromptFeatures) -> None:
+        """Save features computed from ``info``'s recording into that voice alone: not into a
+        voice deleted meanwhile, nor into a new one of the same name (another recording)."""
+        name = info.name
+        with self._write_lock():
             try:
+                if self.get(name).created_at != info.created_at:
+                    return
                 self.store.write(name, file, _features_bytes(features))
+            except (UnknownVoiceError, VoiceDamagedError):
+                return  # deleted meanwhile, or its metadata broken: nothing to keep them with
+            except FileNotFoundError:
+                if not self.exists(name):
+                    return  # deleted meanwhile: not a storage failure
+                raise
             except OSError as exc:  # serve from memory; the cache is written once storage heals
                 self._failed(storage_error(exc, "cache the voice's features"))
                 self._warn_once(
@@ -789,10 +815,6 @@ class VoiceLibrary:
                     name,
                     os.strerror(exc.errno or 0),
                 )
-        with self._write_lock():  # not kept for a voice deleted meanwhile
-            if self.exists(name):
-                self._keep_features(version, features)
-        return features
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
