@@ -389,3 +389,20 @@ def test_say_streams_into_a_pipe_as_audio_is_made():
     # (random weights: the length varies with the sampling; seeded, 10.9 s here, and at least
     # the official minimum of 2 speech tokens per text token, ~6 s, anywhere)
     assert rate == 22050 and len(audio) > 5 * rate
+
+
+def test_output_names_at_the_file_systems_limit_and_dangling_links(v1_dir, tmp_path, capsys):
+    """A name of 250 bytes is written (its temporary file's name would pass the 255-byte limit:
+    a short one is used), a longer one and a symlink into a missing directory are clear errors
+    (status 2) before anything loads."""
+    long_ok = tmp_path / ("b" * 246 + ".wav")
+    assert main(say(v1_dir, "你好。", "-o", str(long_ok))) == 0
+    assert sf.info(str(long_ok)).frames > 0 and not list(tmp_path.glob(".*.partial"))
+    too_long = tmp_path / ("b" * 260 + ".wav")
+    assert main(say(v1_dir, "你好。", "-o", str(too_long))) == 2
+    dangling = tmp_path / "link.wav"
+    dangling.symlink_to(tmp_path / "missing" / "x.wav")
+    capsys.readouterr()
+    assert main(say(v1_dir, "你好。", "-o", str(dangling))) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "loading" not in err

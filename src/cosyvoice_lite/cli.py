@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from . import __version__
@@ -227,17 +228,41 @@ def output_format(path: str, forced: str | None) -> str:
 
 def check_output_path(path: str) -> Path:
     """A bad output path is an error before loading anything, not after the synthesis."""
+    try:
+        return _checked_output(path)
+    except OSError as exc:  # e.g. a name past the file system's limit
+        raise InvalidRequestError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+def _checked_output(path: str) -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
         raise InvalidRequestError(f"output {path!r} is a directory; give a file name")
-    parent = out.parent if str(out.parent) else Path(".")
+    # through a symlink, the file it points to (a dangling one's too) is what gets written
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InvalidRequestError(
             f"cannot write {path!r}: directory {str(parent)!r} does not exist"
         )
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise InvalidRequestError(f"cannot write {path!r}: permission denied")
+    name_max = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(target.name.encode()) > name_max:
+        raise InvalidRequestError(
+            f"cannot write {path!r}: its name is too long (at most {name_max} bytes here)"
+        )
     return out
+
+
+def _partial_path(final: Path) -> Path:
+    """Where a file is written before it is renamed to ``final``: beside it, named after it
+    where that name fits the file system's limit, else a short unique name."""
+    name = f".{final.name}.partial"
+    limit = os.pathconf(final.parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(name.encode()) > limit:
+        name = f".cosyvoice-lite-{uuid.uuid4().hex[:12]}.partial"
+    return final.with_name(name)
 
 
 class AudioOutput:
@@ -282,9 +307,7 @@ class AudioOutput:
             os.close(fd)
             self.partial = Path(temporary)
         else:
-            self.partial = (
-                self.final if self.stream else self.final.with_name(f".{self.final.name}.partial")
-            )
+            self.partial = self.final if self.stream else _partial_path(self.final)
         self.writer = AudioFileWriter(self.partial, self.format, self.sample_rate)
 
     def finish(self) -> None:
