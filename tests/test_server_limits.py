@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import httpx
 import pytest
@@ -94,6 +95,39 @@ def test_queue_full_gives_429_with_retry_after(busy, preset):
     with busy.client() as own:
         assert own.post("/tts", json={"text": "你好。", "speaker": preset}).status_code == 200
     assert metric(httpx.get(f"{busy.url}/metrics").text, "cosyvoice_rejected_total") >= 2
+
+
+def test_a_streamed_job_holds_its_slot_until_its_output_is_read_or_abandoned():
+    """A streamed response's audio waits in its job for the client. Past what the sockets
+    buffer (a few MB), a client that reads slowly or not at all keeps it there: its slot is
+    held until the output is read to its end, or the response is over (cancel), so what is kept
+    for such clients is at most one request's output per slot, not one per connection."""
+    import asyncio
+
+    from cosyvoice_lite.serving.scheduler import Overloaded, Scheduler
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(slots=1, max_queue=0)
+        for how in ("read", "abandoned"):
+            job = Job(loop, deadline=time.monotonic() + 60, held_until_read=True)
+            scheduler.submit(job, lambda job: None)
+            job.put(b"audio")
+            job.finish()  # all of it made, none of it read yet
+            await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded):
+                scheduler.submit(Job(loop, deadline=time.monotonic() + 60), lambda job: None)
+            if how == "read":
+                assert [piece async for piece in job] == [b"audio"]
+            else:
+                job.cancel()  # the response is over: the client went away
+            assert scheduler.in_flight == 0
+        whole = Job(loop, deadline=time.monotonic() + 60)  # a whole response: made is enough
+        scheduler.submit(whole, lambda job: None)
+        whole.finish()
+        assert scheduler.in_flight == 0
+
+    asyncio.run(scenario())
 
 
 def test_disconnect_stops_a_stream(busy, slow, preset):

@@ -36,9 +36,19 @@ _DONE = object()
 class Job:
     """One request's output as the event loop reads it (:meth:`next`), fed from any thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, held_until_read: bool = False
+    ) -> None:
+        """``held_until_read``: the admission slot is released once the output is also read
+        (or its reader gone: :meth:`cancel`), not when it is all made. A streamed response's
+        output waits here for its client, so a client that reads slowly, or not at all, holds
+        its slot meanwhile: the output kept for clients is at most one request's per slot."""
         self.loop = loop
         self.deadline = deadline  # time.monotonic() value
+        self._held = held_until_read
+        self._reader_gone = False
+        self._released = False
+        self._release_lock = threading.Lock()
         self.cancelled = threading.Event()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started_at: float | None = None
@@ -60,6 +70,16 @@ class Job:
             return
         self._finished.set()
         self.put(_DONE if error is None else error)
+        self._release_when_done()
+
+    def _release_when_done(self) -> None:
+        """Release the admission slot once the output is made and, if held, read or abandoned."""
+        with self._release_lock:
+            if self._released or not self._finished.is_set():
+                return
+            if self._held and not (self._reader_gone or self.ended):
+                return
+            self._released = True
         for callback in self._on_finish:
             callback()
 
@@ -77,6 +97,9 @@ class Job:
 
     # -- event-loop side
     def cancel(self) -> None:
+        """Stop the request: its client is gone, or the response is over (nothing more is read)."""
+        self._reader_gone = True
+        self._release_when_done()
         if self.cancelled.is_set():
             return
         self.cancelled.set()
@@ -94,9 +117,11 @@ class Job:
             raise JobTimeout() from None
         if item is _DONE:
             self.ended = True
+            self._release_when_done()
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             self.ended = True
+            self._release_when_done()
             raise item
         return item
 

@@ -353,7 +353,9 @@ class JobStreamingResponse(StreamingResponse):
 def start_job(state: ServerState, plan: Plan) -> Job:
     loop = asyncio.get_running_loop()
     accepted_at = time.monotonic()
-    job = Job(loop, deadline=accepted_at + state.settings.request_timeout)
+    # a streamed response's audio waits in the job for its client: its slot is held until read
+    held = plan.transport != "whole"
+    job = Job(loop, deadline=accepted_at + state.settings.request_timeout, held_until_read=held)
     try:
         state.scheduler.submit(job, _start(state, plan, accepted_at))
     except Overloaded as exc:
