@@ -464,3 +464,27 @@ def test_slow_speech_is_bounded_by_what_the_v3_vocoder_makes_in_one_call(v3: Eng
     with pytest.raises(InvalidRequestError, match="at most 3750 speech tokens") as info:
         v3.submit(request, QueueSink())
     assert info.value.param == "max_speech_tokens"
+
+
+def test_api_inputs_of_the_wrong_kind_get_clear_errors(v2: Engine, tmp_path) -> None:
+    """A prompt file opened as text, a voice's name given as ``prompt=``, a transcript that is
+    not text or carries unknown markup, a cache size that is not a whole number: each a clear
+    error naming what is wrong, not an internal one from deep inside."""
+    from cosyvoice_lite.errors import AudioError
+
+    with open(PROMPT) as text_file:  # noqa: PTH123 - a file opened in text mode on purpose
+        request = SynthesisRequest(Mode.CROSS_LINGUAL, "你好。", prompt_audio=text_file)
+        with pytest.raises(AudioError, match="binary mode"):
+            list(v2.synthesize(request))
+    with pytest.raises(InvalidRequestError, match="voice="):
+        list(v2.synthesize(SynthesisRequest(Mode.ZERO_SHOT, "你好。"), prompt="a_voice"))
+    with pytest.raises(InvalidRequestError, match="PromptFeatures"):
+        v2.prepare_voice("a_voice")
+    assert v2.encode_prompt(PROMPT, None).speech_tokens.numel() > 0
+    with pytest.raises(InvalidRequestError, match="prompt_text must be text"):
+        v2.encode_prompt(PROMPT, b"hi")
+    with pytest.raises(InvalidRequestError, match="markup"):
+        v2.encode_prompt(PROMPT, "hi <|xx|>")
+    for option in (dict(prompt_cache_mb=1.5), dict(max_batch="4")):
+        with pytest.raises(InvalidRequestError, match="whole number"):
+            Engine.check_load_options(**option)

@@ -470,6 +470,13 @@ class Engine:
     def encode_prompt(self, audio, prompt_text: str = "") -> PromptFeatures:
         """Features of a prompt recording, computed once (e.g. to save a voice). Escaped
         brackets in the transcript (``\\[sic]``) are text, as in a request."""
+        if prompt_text is None:
+            prompt_text = ""
+        if not isinstance(prompt_text, str):
+            raise InvalidRequestError(
+                f"prompt_text must be text, got {type(prompt_text).__name__}", "prompt_text"
+            )
+        self.check_markup(prompt_text, "prompt_text")
         return self._encode_prompt(audio, unescape(prompt_text))
 
     def _encode_prompt(self, audio, prompt_text: str) -> PromptFeatures:
@@ -487,6 +494,9 @@ class Engine:
         voice kept earlier."""
         # the flow's prompt inputs exactly as a request with this voice gets them (every mode
         # that clones a prompt gives the flow the same ones)
+        if not isinstance(prompt, PromptFeatures):
+            _check_prompt_source(prompt)  # names what it got
+            raise InvalidRequestError("prepare_voice needs the voice's PromptFeatures")
         request = SynthesisRequest(Mode.CROSS_LINGUAL)
         inputs = self._inputs(request, "", self._prompt(request, prompt))
         return self.loop.background(lambda: self.pipeline.prime_voice(inputs, evict))
@@ -520,6 +530,7 @@ class Engine:
         ``prompt`` may be a function, called in the loop when the request is admitted."""
         request = _normalized(request)
         self._check(request)
+        _check_prompt_source(prompt)
         request = _unescaped(request)
         return self.loop.submit(Job(lambda: self._prepare(request, progress, prompt, sink), sink))
 
@@ -960,6 +971,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _check_prompt_source(prompt: object) -> None:
+    """``prompt=`` is features (``encode_prompt``), a function giving them, or None."""
+    if prompt is not None and not callable(prompt) and not isinstance(prompt, PromptFeatures):
+        hint = " (a voice's name goes in the request's voice=)" if isinstance(prompt, str) else ""
+        raise InvalidRequestError(
+            f"prompt must be PromptFeatures from encode_prompt, got {type(prompt).__name__}{hint}"
+        )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -1016,6 +1036,14 @@ def _checked_options(
         raise InvalidRequestError(
             f"llm_checkpoint must be a .pt file name in the model directory, got {llm_checkpoint!r}"
         )
+    counts = {
+        "max_batch": max_batch, "prefill_tokens": prefill_tokens, "audio_workers": audio_workers,
+        "prompt_cache_mb": prompt_cache_mb, "stream_cache_mb": stream_cache_mb,
+        "flow_threads_while_decoding": flow_threads_while_decoding,
+    }  # fmt: skip
+    for name, value in counts.items():
+        if value is not None and not _is_int(value):
+            raise InvalidRequestError(f"{name} must be a whole number, got {value!r}")
     if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
         raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
     limits = LoopLimits(

@@ -88,6 +88,8 @@ def _open_source(source: AudioSource) -> str | io.BytesIO:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif hasattr(source, "read"):
+        if isinstance(source, io.TextIOBase):  # reading it would fail decoding the audio as text
+            raise AudioError("audio file object must be opened in binary mode")
         # Read everything: upload streams are not always seekable, and prompts are small.
         data = source.read()
         if not isinstance(data, (bytes, bytearray)):
