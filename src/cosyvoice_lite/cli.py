@@ -247,7 +247,7 @@ def _checked_output(path: str) -> Path:
         )
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise InvalidRequestError(f"cannot write {path!r}: permission denied")
-    name_max = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    name_max = _name_max(parent)
     if len(target.name.encode()) > name_max:
         raise InvalidRequestError(
             f"cannot write {path!r}: its name is too long (at most {name_max} bytes here)"
@@ -255,12 +255,16 @@ def _checked_output(path: str) -> Path:
     return out
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes."""
+    return os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+
+
 def _partial_path(final: Path) -> Path:
     """Where a file is written before it is renamed to ``final``: beside it, named after it
     where that name fits the file system's limit, else a short unique name."""
     name = f".{final.name}.partial"
-    limit = os.pathconf(final.parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    if len(name.encode()) > limit:
+    if len(name.encode()) > _name_max(final.parent):
         name = f".cosyvoice-lite-{uuid.uuid4().hex[:12]}.partial"
     return final.with_name(name)
 

@@ -535,7 +535,7 @@ class Engine:
         return self.loop.submit(Job(lambda: self._prepare(request, progress, prompt, sink), sink))
 
     def call(self, fn: Callable[[], object]) -> Future:
-        """Run model work (e.g. encoding a voice) in the engine loop, between two steps."""
+        """Run model work in the engine loop, between two steps (e.g. a health probe of the loop)."""
         return self.loop.call(fn)
 
     def close(self) -> None:

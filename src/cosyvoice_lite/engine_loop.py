@@ -692,8 +692,8 @@ class EngineLoop:
             self._wake.notify_all()
 
     def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` in the loop thread between two steps (e.g. encoding a voice prompt), so that
-        all model work shares the same threads."""
+        """Run ``fn`` in the loop thread between two steps (model work that must not run beside
+        decoding), so that it shares the loop's threads."""
         future: Future = Future()
         with self._wake:
             if self._stopping:
@@ -793,7 +793,7 @@ class EngineLoop:
             self._remove(row)
         self._rows = []
         with self._wake:
-            waiting = list(self._waiting) + [entry[0] for entry in self._ready]
+            waiting = self._queued()
             self._waiting, self._ready = collections.deque(), collections.deque()
         for job in waiting:
             _end_sink(job.sink, EngineClosedError("the engine was closed"))
@@ -834,11 +834,13 @@ class EngineLoop:
                 log.exception("idle housekeeping failed")
             self.idle_calls += 1
 
+    def _queued(self) -> list[Job]:
+        """The requests not admitted yet: to prepare, then prepared. The caller holds the lock."""
+        return [*self._waiting, *(entry[0] for entry in self._ready)]
+
     def _queued_cancelled(self) -> bool:
         """Whether a request not yet admitted was cancelled. The caller holds the lock."""
-        return any(job.cancelled.is_set() for job in self._waiting) or any(
-            entry[0].cancelled.is_set() for entry in self._ready
-        )
+        return any(job.cancelled.is_set() for job in self._queued())
 
     def _admission_in(self) -> float | None:
         """Seconds until prepared requests may be admitted (0: now; None: none is prepared).
@@ -922,8 +924,7 @@ class EngineLoop:
             row.end(None)  # a failed row has already ended with its error
         # not only once a row is free: a queued request whose client left ends now
         with self._wake:  # submit and the preparer append from other threads
-            gone = [job for job in self._waiting if job.cancelled.is_set()]
-            gone += [entry[0] for entry in self._ready if entry[0].cancelled.is_set()]
+            gone = [job for job in self._queued() if job.cancelled.is_set()]
             if gone:
                 self._waiting = collections.deque(
                     job for job in self._waiting if not job.cancelled.is_set()
