@@ -43,6 +43,9 @@ from .sampling import sample_rows
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
+# Rows waiting only for their previous segment's audio are woken when it is out; this bounds the
+# wait should a wake-up be missed.
+SEGMENT_WAIT_SECONDS = 1.0
 FIRST_CHUNK_PRIORITY_SECONDS = 5.0  # at most this long does decoding wait for a first chunk
 ADMIT_TOGETHER_SECONDS = 2.0  # at most this long does a prepared request wait for its burst
 CANCEL_POLL_SECONDS = 0.05  # how often a wait for a first chunk looks at its request's cancel
@@ -114,6 +117,7 @@ class _Row:
     segments_out: int = 0  # segments whose audio is out (the audio worker counts them)
     hold_until: float | None = None  # decoding waits for its first piece until then at most
     on_end: Callable[[_Row], None] | None = None
+    on_segment_out: Callable[[], None] | None = None  # wakes the loop for ``next_segment``
     _ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,6 +125,16 @@ class _Row:
         """Some of its audio is out."""
         self.audio_out = True
         self.first_audio.set()
+
+    def segment_out(self, segment: int) -> None:
+        """A segment's audio is out (the audio worker): a serial run's next one may start."""
+        self.segments_out = segment + 1
+        if self.on_segment_out is not None:
+            self.on_segment_out()
+
+    def waits_for_audio(self) -> bool:
+        """Whether its next segment waits for the audio before it (a serial run)."""
+        return self.next_segment is not None and self.segments_out < self.next_segment
 
     def tokens_to_first_piece(self) -> int | None:
         """For a stream with no audio out yet, the tokens its first piece still needs (0: it has
@@ -485,7 +499,7 @@ class AudioWorker:
             row.delivered()
             run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)
-            row.segments_out = work.segment + 1
+            row.segment_out(work.segment)
             if work.last:
                 row.end(None)
         except ComputationAborted:
@@ -642,6 +656,7 @@ class EngineLoop:
         self.idle_calls = 0  # times on_idle ran (for tests and metrics)
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
+        self.waits = 0  # steps that found every row waiting (for text or audio) and slept
 
     # ------------------------------------------------------------------ submitting side
     @property
@@ -860,11 +875,16 @@ class EngineLoop:
     def _quiet(self) -> bool:
         return not self._live and all(worker.idle for worker in self._audio)
 
+    def _nudge(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
     def _row_ended(self, row: _Row) -> None:
         with self._wake:
             self._live.discard(row)
-            if not self._live:
-                self._wake.notify_all()  # the loop may start its idle wait
+            # the loop drops it (a serial run's row may be waiting for its audio), and may start
+            # its idle wait
+            self._wake.notify_all()
 
     def _step(self) -> None:
         try:
@@ -872,8 +892,15 @@ class EngineLoop:
         finally:
             self._send_audio()
         if self._rows and not fed and all(row.feed is None for row in self._rows):
-            with self._wake:  # every row waits for streaming text: do not spin
-                self._wake.wait(IDLE_WAIT_SECONDS)
+            # Every row waits: for streaming text (looked at again shortly, not spun on), or for
+            # its previous segment's audio (woken once it is out; checked under the lock the
+            # audio worker notifies under, so that the wake-up cannot be missed).
+            with self._wake:
+                self.waits += 1
+                if all(row.waits_for_audio() for row in self._rows):
+                    self._wake.wait(SEGMENT_WAIT_SECONDS)
+                else:
+                    self._wake.wait(IDLE_WAIT_SECONDS)
 
     def _step_rows(self) -> bool:
         """One step; True if a forward ran."""
@@ -948,7 +975,13 @@ class EngineLoop:
                 _end_sink(job.sink, run)
                 continue
             try:
-                row = _Row(job, run, on_end=self._row_ended, streaming=run.stream)
+                row = _Row(
+                    job,
+                    run,
+                    on_end=self._row_ended,
+                    on_segment_out=self._nudge,
+                    streaming=run.stream,
+                )
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
                 _end_sink(job.sink, exc)
@@ -1050,7 +1083,7 @@ class EngineLoop:
     def _advance_task(self, row: _Row) -> None:
         while not row.job.cancelled.is_set():
             if row.next_segment is not None:
-                if row.segments_out < row.next_segment:
+                if row.waits_for_audio():
                     return  # its audio stage is still drawing from the request's generator
                 index, row.next_segment = row.next_segment, None
                 self._start_segment(row, index)
