@@ -34,6 +34,12 @@ def test_unavailable_device_lists_what_is_available(device: str) -> None:
         resolve_placement(device)
 
 
+def test_a_numbered_cpu_is_refused_not_taken_for_all_of_them() -> None:
+    assert resolve_placement("cpu:0").device == torch.device("cpu")
+    with pytest.raises(DeviceError, match="the CPU is 'cpu'"):
+        resolve_placement("cpu:1")
+
+
 def test_unknown_dtype() -> None:
     with pytest.raises(DeviceError, match="float32, float16, bfloat16"):
         resolve_placement("cpu", "int8")

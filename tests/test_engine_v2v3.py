@@ -304,6 +304,11 @@ def test_streamed_text_is_checked_as_text_is(v2: Engine, v3: Engine) -> None:
         run(v2, ["你好", "[zz9]"])
     with pytest.raises(InvalidRequestError, match="Unicode"):
         run(v2, ["你好 \ud800"])
+    for unordered in ({"你好": 1}, {"你好", "世界"}):  # not pieces in an order
+        with pytest.raises(InvalidRequestError, match="in order"):
+            list(
+                v2.synthesize(SynthesisRequest(Mode.CROSS_LINGUAL, unordered, prompt_audio=PROMPT))
+            )
     # the bound of a segment holds for streamed text too
     chunks = run(v2, [LONG_TEXT] * 4, max_speech_tokens=30, stream=True)
     assert sum(c.samples.size for c in chunks) <= 30 * 2 * 480
@@ -485,6 +490,14 @@ def test_api_inputs_of_the_wrong_kind_get_clear_errors(v2: Engine, tmp_path) -> 
         v2.encode_prompt(PROMPT, b"hi")
     with pytest.raises(InvalidRequestError, match="markup"):
         v2.encode_prompt(PROMPT, "hi <|xx|>")
+    # an instruction and a transcript enter every segment's prompt whole: they are bounded
+    long = "speak slowly " * 400
+    with pytest.raises(InvalidRequestError, match="at most 4096"):
+        v2.encode_prompt(PROMPT, long)
+    for field in ("instruct", "prompt_text"):
+        request = SynthesisRequest(Mode.INSTRUCT, "你好。", prompt_audio=PROMPT, **{field: long})
+        with pytest.raises(InvalidRequestError, match=f"{field} is 5200 characters"):
+            list(v2.synthesize(request))
     for option in (dict(prompt_cache_mb=1.5), dict(max_batch="4")):
         with pytest.raises(InvalidRequestError, match="whole number"):
             Engine.check_load_options(**option)

@@ -183,6 +183,12 @@ def resolve_placement(
         raise DeviceError(
             f"unknown device '{device}'; available here: {', '.join(available_devices())}"
         ) from exc
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):  # torch has one CPU device: "cpu:1" would mean all
+            raise DeviceError(
+                f"unknown device '{device}': the CPU is 'cpu' (its cores: the threads option)"
+            )
+        dev = torch.device("cpu")  # "cpu:0" too, so that devices compare equal
     if dev.type != "cpu":
         count = _backend_count(dev.type)
         index = dev.index or 0

@@ -18,7 +18,7 @@ import numbers
 import os
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -47,7 +47,15 @@ from .onnx_threads import share_threads
 from .pipelines.common import ModelInputs
 from .precision import has_int8_products, int8_product_kernel, packs_linear
 from .precision import stream_cache_dtype as resolve_stream_cache_dtype
-from .request import MAX_SPEED, MIN_SPEED, AudioChunk, Mode, SynthesisRequest
+from .request import (
+    MAX_INSTRUCT_CHARS,
+    MAX_PROMPT_TEXT_CHARS,
+    MAX_SPEED,
+    MIN_SPEED,
+    AudioChunk,
+    Mode,
+    SynthesisRequest,
+)
 from .row_parallel import RowSplit
 from .sampling import RasSampler
 from .versions import ENDOFPROMPT, SYSTEM_PROMPT, VersionSpec, spec
@@ -476,6 +484,7 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt_text must be text, got {type(prompt_text).__name__}", "prompt_text"
             )
+        _check_length("prompt_text", prompt_text, MAX_PROMPT_TEXT_CHARS)
         self.check_markup(prompt_text, "prompt_text")
         return self._encode_prompt(audio, unescape(prompt_text))
 
@@ -1002,9 +1011,13 @@ def _check_types(request: SynthesisRequest) -> None:
             "max_speech_tokens",
         )
     text = request.text
-    if isinstance(text, bytes | bytearray) or not isinstance(text, str | Iterable):
+    # pieces come in order: a mapping or a set (unordered) is a mistake, not streamed text
+    unordered = isinstance(text, Mapping | Set)
+    if isinstance(text, bytes | bytearray) or unordered or not isinstance(text, str | Iterable):
         raise InvalidRequestError(
-            f"text must be a str or an iterable of str pieces, got {type(text).__name__}", "text"
+            f"text must be a str or an iterable of str pieces in order (a list, a generator), "
+            f"got {type(text).__name__}",
+            "text",
         )
     for field in ("text", "prompt_text", "instruct", "voice"):
         value = getattr(request, field)
@@ -1012,6 +1025,15 @@ def _check_types(request: SynthesisRequest) -> None:
             raise InvalidRequestError(f"{field} must be a str, got {type(value).__name__}", field)
         if isinstance(value, str):
             _check_unicode(field, value)
+    for field, limit in (("instruct", MAX_INSTRUCT_CHARS), ("prompt_text", MAX_PROMPT_TEXT_CHARS)):
+        _check_length(field, getattr(request, field), limit)
+
+
+def _check_length(field: str, text: str | None, limit: int) -> None:
+    if text is not None and len(text) > limit:
+        raise InvalidRequestError(
+            f"{field} is {len(text)} characters; at most {limit} are taken", field
+        )
 
 
 def _checked_options(

@@ -24,6 +24,10 @@ class Mode(str, Enum):
 
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0  # the models' range (the official's examples stay in it)
+# ``text`` is split into segments of the model's length; an instruction and a prompt's transcript
+# are not, they enter every segment's prompt whole: bounded, so that a request's prefill is.
+# (A 30 s prompt's transcript is a few hundred characters; the server's defaults are lower.)
+MAX_INSTRUCT_CHARS = MAX_PROMPT_TEXT_CHARS = 4096
 
 
 @dataclass(frozen=True)

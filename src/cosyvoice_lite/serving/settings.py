@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio.io import MAX_PROMPT_SECONDS
+from ..request import MAX_INSTRUCT_CHARS, MAX_PROMPT_TEXT_CHARS
 from .voices import STORAGE_WAITERS
 
 
@@ -90,6 +91,12 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name, most in (
+            ("max_instruct_chars", MAX_INSTRUCT_CHARS),
+            ("max_prompt_text_chars", MAX_PROMPT_TEXT_CHARS),
+        ):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most} (the engine's limit)")
         if self.max_json_bytes is None:
             self.max_json_bytes = self.max_upload_bytes * 4 // 3 + 64 * 1024
         if self.max_json_bytes < 1:
