@@ -248,10 +248,13 @@ def test_errors_are_shown(page, server):
 
 
 @contextlib.contextmanager
-def page_for(browser, engine, voices_dir: Path, **context):
-    """The page of a server of its own for ``engine``, loaded and ready: (page, page errors)."""
-    with ServerThread(create_app(engine, Settings(voices_dir=voices_dir))) as server:
+def page_for(browser, engine, voices_dir: Path, settings: dict | None = None, **context):
+    """The page of a server of its own for ``engine`` (``settings``: more of its Settings),
+    loaded and ready: (page, page errors)."""
+    settings = Settings(voices_dir=voices_dir, **(settings or {}))
+    with ServerThread(create_app(engine, settings)) as server:
         browser_context = browser.new_context(**context)
+        browser_context.grant_permissions(["microphone"], origin=server.url)
         page = browser_context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -272,6 +275,22 @@ def test_instruction_field_with_an_instruct_model(browser, v1_variants, tmp_path
         page.fill("#instruct", "用开心的语气说")
         speak(page)
         assert "用开心的语气说" in page.inner_text(".result .meta")
+        # CosyVoice-300M-Instruct takes instructions with its presets only: a saved voice is
+        # offered no instruction (the server refused every such request with a 400)
+        save_voice(page, "mine")
+        page.select_option("#voice", "mine")
+        assert page.is_hidden("#instruct-field")
+        speak(page)
+        assert "用开心的语气说" not in page.inner_text(".result .meta")
+        page.select_option("#voice", engine.voices()[0])
+        assert page.is_visible("#instruct-field")
+
+
+def save_voice(page, name: str) -> None:
+    choose_file(page, "#voice-file", 2.0, f"{name}.wav")
+    page.fill("#voice-name", name)
+    page.click("#voice-save")
+    page.wait_for_selector(f"#voice-list li[data-voice='{name}']", timeout=30000)
 
 
 # ---------------------------------------------------------------------------------- issue 10
@@ -380,10 +399,133 @@ def test_a_recording_can_be_removed_and_a_voice_picked_later_wins(page):
     assert page.input_value("#voice") == ""
 
 
-def test_speed_has_a_name_and_a_phone_screen_has_no_sideways_scroll(page):
+def test_speed_has_a_name_and_a_phone_screen_has_no_sideways_scroll(page, server):
     assert page.get_by_label("Speed").get_attribute("type") == "range"
     page.set_viewport_size({"width": 375, "height": 740})
     wait_js(page, "document.documentElement.scrollWidth <= 375", timeout=10)
+    # a saved voice with a long name: the picker sized itself to it and widened the page
+    name = "grandma-reading-bedtime-stories-2024-v2-" + "x" * 24
+    with server.client() as client:
+        created = client.post(
+            "/voices",
+            data={"name": name, "prompt_text": "你好。"},
+            files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+        )
+        assert created.status_code == 201, created.text
+    try:
+        page.set_viewport_size({"width": 360, "height": 740})
+        page.reload()
+        page.wait_for_selector("body[data-ready='ready']")
+        wait_js(
+            page, f"[...document.getElementById('voice').options].some(o => o.value === '{name}')"
+        )
+        page.select_option("#voice", name)
+        set_streaming(page, False)
+        speak(page)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        meta = page.eval_on_selector(".result .meta", "m => m.scrollWidth <= m.clientWidth")
+        assert meta  # the name wraps in the result's line instead of running under Download
+    finally:
+        with server.client() as client:
+            client.delete(f"/voices/{name}")
+
+
+def test_the_microphone_opens_once_and_closes_with_its_tab(page):
+    """A double click on Record opened two recordings, the first never closed (its timer then
+    cut every later recording short); a recording went on behind a tab left meanwhile."""
+    page.evaluate("""() => { window.streams = []; window.contexts = [];
+      const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+      navigator.mediaDevices.getUserMedia = async (c) => {
+        const s = await open(c); window.streams.push(s); return s; };
+      const Context = window.AudioContext;
+      window.AudioContext = class extends Context {
+        constructor(...a) { super(...a); window.contexts.push(this); } }; }""")
+    live = "streams.flatMap(s => s.getTracks()).filter(t => t.readyState === 'live').length"
+    page.dblclick("#record")
+    wait_js(page, "parseFloat(document.getElementById('record-time').textContent) >= 1.0", 10)
+    page.click("#record")
+    assert "recording" in page.inner_text("#voice-source")
+    assert page.evaluate("streams.length") == 1 and page.evaluate(live) == 0
+    wait_js(page, "contexts.every(c => c.state === 'closed')", 5)
+    page.click(".mode-btn[data-mode='clone']")
+    page.click("#prompt-record")
+    wait_js(page, "document.getElementById('prompt-record').textContent.includes('Stop')", 10)
+    page.click(".mode-btn[data-mode='voice']")
+    assert page.evaluate(live) == 0  # ended (and kept) with its tab
+    page.click(".mode-btn[data-mode='clone']")
+    assert "recording" in page.inner_text("#prompt-source")
+
+
+def test_a_recording_stopped_at_the_limit_is_taken(browser, engine, tmp_path):
+    """The clock stops a recording at the server's longest prompt; its samples ran past it and
+    the server refused every such recording as too long."""
+    settings = {"max_prompt_seconds": 2.0}
+    with page_for(browser, engine, tmp_path, settings) as (page, errors):
+        page.click("#record")
+        wait_js(page, "document.getElementById('record').textContent.includes('Stop')", 10)
+        wait_js(page, "document.getElementById('record').textContent.includes('Record')", 10)
+        page.fill("#voice-name", "at-the-limit")
+        page.click("#voice-save")
+        page.wait_for_selector("#voice-list li[data-voice='at-the-limit']", timeout=30000)
+        assert page.is_hidden("#error") and not errors, errors
+
+
+def test_one_thing_plays_at_a_time_and_its_audio_is_let_go(page):
+    """A result that played on went on under the next one and under Stop; and no object URL
+    was ever revoked, so every result's audio stayed in memory after Clear all."""
+    page.evaluate("""() => { window.made = 0; window.revoked = 0;
+      const make = URL.createObjectURL, revoke = URL.revokeObjectURL;
+      URL.createObjectURL = (x) => { window.made++; return make(x); };
+      URL.revokeObjectURL = (u) => { window.revoked++; return revoke(u); }; }""")
+    playing = "[...document.querySelectorAll('.result audio')].filter(a => !a.paused).length"
+    set_streaming(page, False)
+    speak(page, "今天天气很好，我们一起去公园散步吧。")
+    wait_js(page, playing)  # it plays by itself, and can be stopped
+    assert page.is_visible("#stop")
+    speak(page, "谢谢你。")
+    # the new result plays (the newest is first), the older one no longer
+    wait_js(page, f"{playing} === 1 && !document.querySelector('.result audio').paused")
+    page.click("#stop")
+    assert page.evaluate(playing) == 0 and page.is_hidden("#stop")
+    choose_file(page, "#voice-file", 2.0, "a.wav")
+    choose_file(page, "#voice-file", 2.0, "b.wav")  # the first preview's URL goes
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#results-clear")
+    wait_js(page, "document.querySelectorAll('.result').length === 0")
+    assert page.evaluate("revoked") >= 3 and page.evaluate("made") >= 4
+
+
+def test_the_voice_chosen_last_wins_across_tabs_and_a_stale_voice_leaves(page, server):
+    """A recording chosen in one tab and a saved voice picked later in another: voice conversion
+    showed both and used the older recording. A voice deleted elsewhere stayed listed after its
+    Delete failed with 404."""
+    with server.client() as client:
+        for name in ("mine", "gone"):
+            client.post(
+                "/voices",
+                data={"name": name, "prompt_text": "你好。"},
+                files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+            )
+    try:
+        page.reload()
+        page.wait_for_selector("body[data-ready='ready']")
+        page.click(".mode-btn[data-mode='clone']")
+        choose_file(page, "#prompt-file", 2.0, "old-recording.wav")
+        page.click(".mode-btn[data-mode='voice']")
+        page.select_option("#voice", "mine")
+        page.click(".mode-btn[data-mode='vc']")
+        assert page.input_value("#voice") == "mine"
+        assert "No recording" in page.inner_text("#prompt-source")
+        with server.client() as client:
+            assert client.delete("/voices/gone").status_code == 200
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#voice-list li[data-voice='gone'] button:has-text('Delete')")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "(404)" in page.inner_text("#error-title")
+        wait_js(page, "!document.querySelector(\"#voice-list li[data-voice='gone']\")")
+    finally:
+        with server.client() as client:
+            client.delete("/voices/mine")
 
 
 def test_markup_help_inserts_tags(page):
@@ -458,6 +600,12 @@ def test_cosyvoice3_instructions_presets_and_phones(browser, tmp_path):
         wait_js(page, "document.querySelectorAll('.result').length > 0", timeout=60)
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert "请用四川话表达，慢一点。" in page.inner_text(".result .meta")
+        # a preset of one's own is removed from the keyboard too (a named button of its own)
+        page.fill("#instruct", "请慢一点说。")
+        page.click("#instruct-presets button:has-text('+ save current')")
+        page.get_by_role("button", name="Remove the preset “请慢一点说。”").focus()
+        page.keyboard.press("Enter")
+        wait_js(page, "!document.querySelector(\"[data-instruction='请慢一点说。']\")", 5)
         wait_js(page, "document.querySelector('.result canvas.wave').dataset.drawn")
         page.click(".mode-btn[data-mode='clone']")
         page.screenshot(path=SCREENSHOT.replace(".png", "-v3.png"), full_page=True)

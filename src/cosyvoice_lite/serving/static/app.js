@@ -7,6 +7,7 @@ const state = {
   apiKey: localStorage.getItem("cosyvoice-lite-key") || "",
   busy: null,          // {controller, player} while a synthesis runs
   playing: null,       // the StreamPlayer still playing a finished stream (Stop stops it)
+  voicePickedAt: 0,    // when a voice was last picked by hand (against a recording: the later wins)
   mode: localStorage.getItem("cosyvoice-lite-mode") || "",
   speakers: [],        // from GET /speakers
 };
@@ -87,6 +88,11 @@ const missing = (message) => new ApiError(400, "missing_field", message);
 
 function model() { return state.info && state.info.model; }
 
+// a byte count for people: "20 MB", "200 KB" (a limit under a megabyte is not "0 MB")
+function size(bytes) {
+  return bytes >= 1048576 ? `${(bytes / 1048576).toFixed(0)} MB` : `${Math.max(1, Math.round(bytes / 1024))} KB`;
+}
+
 async function loadInfo() {
   const info = await (await api("/info")).json();
   state.info = info;
@@ -95,14 +101,14 @@ async function loadInfo() {
   pill.className = `pill pill-${info.status}`;
   if (info.auth_required && !state.apiKey) $("auth").hidden = false;
   const l = info.limits;
-  const mb = (l.max_upload_bytes / 1048576).toFixed(0);
+  const mb = size(l.max_upload_bytes);
   $("limits").textContent = `up to ${l.max_text_chars} characters per request (longer text is ` +
     `spoken sentence by sentence) · prompts ${l.min_prompt_seconds}–${l.max_prompt_seconds} s, ` +
-    `up to ${mb} MB`;
+    `up to ${mb}`;
   const range = `${l.min_prompt_seconds}–${l.max_prompt_seconds} s; 3–10 s of clear speech work best`;
   $("voice-hint").textContent = range;
   $("prompt-hint").textContent = `Recordings of ${range}. wav, flac, mp3 or ogg at 16 kHz or ` +
-    `more, up to ${mb} MB.`;
+    `more, up to ${mb}.`;
   if (info.model) {
     const m = info.model;
     $("model-name").textContent = `${m.name} · CosyVoice v${m.version} ${m.variant} · ${(m.sample_rate / 1000).toFixed(2)} kHz`;
@@ -139,6 +145,7 @@ async function loadVoices(select) {
   state.speakers = speakers;
   fillVoiceSelect(select);
   renderVoiceList(speakers.filter((s) => s.kind === "saved"));
+  syncInstructField();
   updateCount();
 }
 
@@ -192,7 +199,8 @@ function renderVoiceList(saved) {
     who.append(name, detail);
     const play = button("▶", "btn small", "Play the recording", () => playPrompt(v.name));
     const use = button("Use", "btn small", "Speak with this voice", () => {
-      setMode("voice"); $("voice").value = v.name; $("text").focus(); updateCount();
+      setMode("voice"); $("voice").value = v.name; state.voicePickedAt = Date.now();
+      syncInstructField(); $("text").focus(); updateCount();
     });
     const del = button("Delete", "btn small danger", "Delete this voice", () => deleteVoice(v.name));
     li.append(who, play, use, del);
@@ -210,7 +218,15 @@ function button(label, cls, title, onClick) {
 async function playPrompt(name) {
   try {
     const blob = await (await api(`/voices/${encodeURIComponent(name)}/audio`)).blob();
+    silence();
     const audio = new Audio(URL.createObjectURL(blob));
+    const done = () => {  // its blob goes with it
+      URL.revokeObjectURL(audio.src);
+      if (state.promptAudio === audio) state.promptAudio = null;
+    };
+    audio.addEventListener("ended", done);
+    audio.addEventListener("pause", done);
+    state.promptAudio = audio;
     await audio.play();
   } catch (err) { showError(err); }
 }
@@ -219,8 +235,9 @@ async function deleteVoice(name) {
   if (!confirm(`Delete the voice "${name}"?`)) return;
   try {
     await api(`/voices/${encodeURIComponent(name)}`, { method: "DELETE" });
-    await loadVoices();
   } catch (err) { showError(err); }
+  // deleted, or gone already (404): either way the list shows what the server has now
+  try { await loadVoices(); } catch (err) { showError(err); }
 }
 
 // ------------------------------------------------------------------ modes
@@ -240,6 +257,9 @@ function renderModes() {
 }
 
 function setMode(mode) {
+  // a recording under way belongs to the tab it was started in: it ends (and is kept) there,
+  // so that the microphone never stays on behind a hidden panel
+  if (mode !== state.mode) { prompt.finish(); source.finish(); }
   state.mode = mode;
   localStorage.setItem("cosyvoice-lite-mode", mode);
   for (const b of document.querySelectorAll(".mode-btn")) {
@@ -260,12 +280,30 @@ function setMode(mode) {
   }[mode] || "";
   $("voice-field").hidden = mode === "clone" || mode === "cross";
   $("voice-label").textContent = mode === "instruct" && !v1Instruct || mode === "vc" ? "or a saved voice" : "Voice";
-  // in Voice mode only where presets take instructions (v1-Instruct); CosyVoice2/3 presets speak
-  // as themselves, instructions belong to the Instruction tab
-  $("instruct-field").hidden = !(mode === "instruct" || (mode === "voice" && m.instruct && m.instruct_needs_preset));
   $("instruct-presets").hidden = mode !== "instruct" || !$("instruct-presets").childElementCount;
   fillVoiceSelect();
+  // a recording and a saved voice are alternatives here: the one chosen last is used, the other
+  // is dropped (both were shown as chosen after one was picked in another tab)
+  if (alternatives() && prompt.blob && $("voice").value) {
+    if (prompt.setAt > state.voicePickedAt) $("voice").value = ""; else prompt.clear();
+  }
+  syncInstructField();
   updateCount();
+}
+
+function alternatives() {
+  const m = model() || {};
+  return (state.mode === "instruct" && !m.instruct_needs_preset) || state.mode === "vc";
+}
+
+// In Voice mode, instructions only where presets take them (v1-Instruct) and a preset is chosen:
+// its saved and cloned voices take none. CosyVoice2/3 presets speak as themselves, instructions
+// belong to the Instruction tab.
+function syncInstructField() {
+  const m = model() || {};
+  const preset = state.speakers.some((s) => s.kind === "preset" && s.name === $("voice").value);
+  $("instruct-field").hidden = !(state.mode === "instruct" ||
+    (state.mode === "voice" && m.instruct && m.instruct_needs_preset && preset));
 }
 
 // ------------------------------------------------------------------ markup help & instructions
@@ -335,12 +373,11 @@ function renderInstructionPresets() {
   box.replaceChildren();
   const m = model();
   const groups = (m && m.instruction_presets) || {};
-  const chip = (text, extra) => {
+  const chip = (text) => {
     const b = button(text, "btn small chip-btn", "use this instruction (you can edit it)", () => {
       $("instruct").value = text; $("instruct").focus();
     });
     b.dataset.instruction = text;
-    if (extra) b.append(extra);
     return b;
   };
   for (const [group, items] of Object.entries(groups)) {
@@ -356,16 +393,16 @@ function renderInstructionPresets() {
     label.textContent = "yours";
     box.append(label);
     for (const text of mine) {
-      const remove = document.createElement("span");
-      remove.className = "remove";
-      remove.textContent = " ×";
-      remove.title = "remove this preset";
-      remove.addEventListener("click", (e) => {
-        e.stopPropagation();
+      // its own button (a control inside another one is out of reach of the keyboard)
+      const remove = button("×", "btn small remove", "remove this preset", () => {
         localStorage.setItem(CUSTOM_KEY, JSON.stringify(customInstructions().filter((t) => t !== text)));
         renderInstructionPresets();
       });
-      box.append(chip(text, remove));
+      remove.setAttribute("aria-label", `Remove the preset “${text}”`);
+      const pair = document.createElement("span");
+      pair.className = "chip-pair";
+      pair.append(chip(text), remove);
+      box.append(pair);
     }
     box.append(button("+ save current", "btn small", "keep the instruction above as a preset", () => {
       const text = $("instruct").value.trim();
@@ -512,6 +549,7 @@ const store = {
       const request = action(tx.objectStore("results"));
       tx.oncomplete = () => resolve(request && request.result);
       tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);  // e.g. over the quota
     });
   },
   put(item) { return this.run("readwrite", (s) => s.put(item)); },
@@ -530,6 +568,7 @@ async function restoreResults() {
 async function clearResults() {
   if (!confirm("Remove every result kept in this browser?")) return;
   await store.clear();
+  for (const audio of document.querySelectorAll(".result audio")) URL.revokeObjectURL(audio.src);
   $("results").replaceChildren();
   $("results-empty").hidden = false;
   $("results-clear").hidden = true;
@@ -615,7 +654,7 @@ async function speak() {
   const stream = $("stream").checked && Number($("speed").value) === 1;
   let request;
   try { request = buildRequest(stream); } catch (err) { showError(err); return; }
-  if (state.playing) { state.playing.stop(); state.playing = null; }  // never two at once
+  silence();  // never two at once
   const controller = new AbortController();
   state.busy = { controller, player: null };
   setBusy(true, "Synthesizing…");
@@ -697,9 +736,20 @@ function describe(summary, { seconds, firstAudio, duration }) {
   return parts.join(" · ");
 }
 
+// Stops whatever plays: a finished stream, a result, a voice's recording (one plays at a time).
+function silence(except = null) {
+  if (state.playing) { state.playing.stop(); state.playing = null; }
+  for (const audio of document.querySelectorAll(".result audio")) if (audio !== except) audio.pause();
+  if (state.promptAudio) state.promptAudio.pause();
+}
+
+function resultPlaying() {
+  return [...document.querySelectorAll(".result audio")].some((a) => !a.paused && !a.ended);
+}
+
 function stop() {
-  if (state.playing) { state.playing.stop(); state.playing = null; $("stop").hidden = true; }
-  if (!state.busy) return;
+  silence();
+  if (!state.busy) { $("stop").hidden = true; return; }
   state.busy.controller.abort();
   if (state.busy.player) state.busy.player.stop();
 }
@@ -707,7 +757,7 @@ function stop() {
 function setBusy(busy, text) {
   $("progress").hidden = !busy;
   if (text) $("progress-text").textContent = text;
-  $("stop").hidden = !busy;
+  $("stop").hidden = !busy && !state.playing && !resultPlaying();
   updateCount();
 }
 
@@ -728,6 +778,11 @@ function renderResult(item, autoplay) {
   audio.controls = true;
   audio.preload = "auto";
   audio.src = url;
+  // one plays at a time, and Stop stops a result playing too
+  audio.addEventListener("play", () => { silence(audio); $("stop").hidden = false; });
+  const quiet = () => { if (!state.busy && !state.playing && !resultPlaying()) $("stop").hidden = true; };
+  audio.addEventListener("pause", quiet);
+  audio.addEventListener("ended", quiet);
   const ext = item.format === "opus" ? "ogg" : item.format;
   const link = document.createElement("a");
   link.className = "btn small dl";
@@ -753,6 +808,8 @@ class Capture {
     this.blob = null;
     this.label = "";
     this.recording = null;
+    this.starting = false;  // the microphone is being opened (a second click waits for it)
+    this.setAt = 0;         // when the recording was chosen or made
     $(ids.file).addEventListener("change", (e) => {
       const file = e.target.files[0];
       if (file) this.set(file, file.name);
@@ -765,20 +822,32 @@ class Capture {
     this.blob = blob;
     this.label = label;
     $(this.ids.label).textContent = blob ? `${label} · ${(blob.size / 1024).toFixed(0)} KB` : "No recording chosen";
+    this.setAt = blob ? Date.now() : 0;
     const preview = $(this.ids.preview);
     preview.hidden = !blob;
-    if (blob) preview.src = URL.createObjectURL(blob);
+    if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+    if (blob) preview.src = URL.createObjectURL(blob); else preview.removeAttribute("src");
     if (this.ids.clear) $(this.ids.clear).hidden = !blob;
     if (blob) this.onSet();
   }
   clear() { this.set(null, ""); $(this.ids.file).value = ""; }
   async toggle() {
+    if (this.starting) return;  // a double click: one recording
     if (this.recording) { this.finish(); return; }
     clearError();
+    this.starting = true;
+    this.abandoned = false;
+    let stream = null, context = null;
+    const release = () => {
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      if (context) context.close().catch(() => { /* closing already */ });
+    };
     try {
-      const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false } });
-      const context = new AudioContext();
+      stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false } });
+      context = new AudioContext();
       await context.audioWorklet.addModule("/static/recorder-worklet.js");
+      this.starting = false;
+      if (this.abandoned) { release(); return; }  // finished (e.g. its tab left) while opening
       const source = context.createMediaStreamSource(stream);
       const node = new AudioWorkletNode(context, "recorder");
       const rec = { context, stream, node, chunks: [], rate: context.sampleRate, started: performance.now() };
@@ -794,10 +863,13 @@ class Capture {
         if (state.info && s >= state.info.limits.max_prompt_seconds) this.finish();
       }, 100);
     } catch (err) {
+      this.starting = false;
+      release();
       showError(new Error(`the microphone is not available: ${err.message || err}`));
     }
   }
   finish() {
+    if (this.starting) this.abandoned = true;
     const rec = this.recording;
     if (!rec) return;
     this.recording = null;
@@ -805,10 +877,18 @@ class Capture {
     rec.stream.getTracks().forEach((t) => t.stop());
     rec.node.disconnect();
     rec.context.close();
-    const total = rec.chunks.reduce((n, c) => n + c.length, 0);
+    // stopped at the limit by the clock, the samples run a little past it: keep them within it
+    // (less a margin), or the server refuses the recording as too long
+    const limit = state.info ? state.info.limits.max_prompt_seconds - 0.05 : Infinity;
+    const total = Math.min(rec.chunks.reduce((n, c) => n + c.length, 0), Math.floor(limit * rec.rate));
     const samples = new Float32Array(total);
     let offset = 0;
-    for (const c of rec.chunks) { samples.set(c, offset); offset += c.length; }
+    for (const c of rec.chunks) {
+      if (offset >= total) break;
+      const piece = c.subarray(0, total - offset);
+      samples.set(piece, offset);
+      offset += piece.length;
+    }
     $(this.ids.record).textContent = "● Record";
     $(this.ids.record).classList.remove("recording");
     $(this.ids.time).hidden = true;
@@ -836,6 +916,7 @@ async function saveVoice(event) {
     $("voice-form").reset();
     voiceCapture.clear();
     if (state.mode !== "voice") setMode("voice");
+    state.voicePickedAt = Date.now();  // the new voice is the one picked
     await loadVoices(voice.name);
   } catch (err) {
     showError(err);
@@ -862,14 +943,15 @@ function wire() {
                                label: "voice-source", preview: "voice-preview" });
   // in Instruction and Voice conversion a saved voice and a recording are alternatives: the one
   // chosen last is the one used (a recording chosen once used to win over any later pick)
-  const alternatives = () => state.mode === "instruct" || state.mode === "vc";
   prompt = new Capture({ file: "prompt-file", record: "prompt-record", time: "prompt-record-time",
                          label: "prompt-source", preview: "prompt-preview", clear: "prompt-clear" },
                        () => { if (alternatives() && $("voice").querySelector("option[value='']")) $("voice").value = ""; });
   source = new Capture({ file: "source-file", record: "source-record", time: "source-record-time",
                          label: "source-source", preview: "source-preview", clear: "source-clear" });
   $("voice").addEventListener("change", () => {
+    state.voicePickedAt = Date.now();
     if (alternatives() && $("voice").value) prompt.clear();
+    syncInstructField();
   });
   for (const b of document.querySelectorAll(".mode-btn")) b.addEventListener("click", () => setMode(b.dataset.mode));
   $("text").addEventListener("input", updateCount);
