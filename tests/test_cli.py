@@ -39,6 +39,15 @@ def test_normalize_reads_stdin() -> None:
         timeout=120,
     )
     assert done.returncode == 0 and "three" in done.stdout
+    latin1 = subprocess.run(  # not UTF-8: a clear error, not kaldifst's TypeError
+        [sys.executable, "-m", "cosyvoice_lite.cli", "normalize", "-"],
+        input="café 3 au lait.".encode("latin-1"),
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:surrogateescape"},
+    )
+    assert latin1.returncode == 2, latin1.stderr
+    assert b"not valid Unicode" in latin1.stderr and b"Traceback" not in latin1.stderr
 
 
 def test_say_shows_progress_for_long_text(

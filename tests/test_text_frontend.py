@@ -422,6 +422,43 @@ def test_long_text_with_control_markup_is_cut_keeping_its_leading_tags():
     assert all(len(p) <= len(system) + 80 for p in pieces)
 
 
+def test_long_unsplit_text_is_cut_at_its_sentence_ends(frontend):
+    """Text upstream speaks unsplit (markup, normalisation off) was cut by length only when
+    long: Chinese mid-word every 80 characters, English mid-sentence, beside its sentence ends."""
+    chinese = "今天天气很好我们去公园散步。" * 30
+    for text in ("<|zh|>" + chinese, chinese):
+        for enabled in (True, False):
+            pieces = frontend.normalize(text, enabled=enabled)
+            assert len(pieces) > 1 and all(p.endswith("。") for p in pieces), pieces[:2]
+    system = "You are a helpful assistant.<|endofprompt|>"
+    english = "The quick brown fox jumps over the lazy dog. " * 30
+    pieces = frontend.normalize(system + english)
+    assert len(pieces) > 1 and all(p.endswith("dog. ") for p in pieces)
+    quoted = "“这是真的吗？”他问道。" * 40  # a closing quote stays with its sentence
+    pieces = frontend.normalize(quoted, enabled=False)
+    assert len(pieces) > 1 and not any(p.startswith("”") for p in pieces)
+    numbers = "3.14 4.56 " * 60  # a period inside a number is no sentence end
+    assert not any(p.endswith(".") for p in frontend.normalize(numbers, enabled=False))
+
+
+def test_a_fixed_cut_keeps_characters_whole_and_counts_tokens():
+    """Without pauses or spaces, pieces of ``token_max_n`` characters started inside a
+    character (a Thai vowel mark, an emoji's joiner) and could hold several tokens each."""
+    from cosyvoice_lite.frontend.text import _fixed_pieces
+
+    thai = "สวัสดีครับผมชื่อสมชาย" * 20
+    family = "👩\u200d👩\u200d👧" * 60
+    for text in (thai, family):
+        pieces = _fixed_pieces(text, 80)
+        assert "".join(pieces) == text and len(pieces) > 1
+        assert not any(unicodedata.category(p[0]).startswith("M") for p in pieces)
+        assert not any(p[0] == "\u200d" or p[-1] == "\u200d" for p in pieces)
+    three_each = _fixed_pieces("字" * 200, 80, lambda piece: 3 * len(piece))
+    assert [len(p) for p in three_each] == [26] * 7 + [18]
+    # a tag inside a bracket tag (escaped text) cut short does not fail
+    assert "".join(_fixed_pieces("[<strong>]<|zzzzzzzzzzzzz|>", 9)) == "[<strong>]<|zzzzzzzzzzzzz|>"
+
+
 def test_a_cut_by_length_never_splits_a_tag():
     frontend = TextFrontend(_words)
     text = "你好" * 39 + "[breath]" + "你好" * 100

@@ -32,7 +32,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cosyvoice_lite.errors import CosyVoiceError
+from cosyvoice_lite.errors import CosyVoiceError, InvalidRequestError
 from cosyvoice_lite.frontend.markup import ANGLE, BRACKET, CONTROL
 
 Encode = Callable[[str], list[int]]
@@ -321,6 +321,11 @@ def iter_split_paragraph(
 
 # One sentence longer than this many times token_max_n is cut into pieces (cut_long_sentence)
 LONG_SENTENCE_FACTOR = 2
+# where a long text is cut, best first: after a sentence's end (with its closing quote; a period
+# only before a space, not in 3.14), after a pause, after a space
+_AFTER_END = re.compile(
+    r"(?:(?<=[。！？!?；;…])(?![”’\"'」』）)])|(?<=[。！？!?；;…][”’\"'」』）)])|(?<=\.\s))"
+)
 _AFTER_PAUSE = re.compile(r"(?<=[，,、；;：:])")
 _AFTER_SPACE = re.compile(r"(?<=\s)")
 
@@ -331,35 +336,93 @@ def cut_long_sentence(sentence: str, token_max_n: int, length: Callable[[str], i
     without them (a list of commas, one long line) is one segment however long, and its speech,
     bounded by 20 tokens per text token, and the flow's memory for it grow without bound. Such a
     sentence is cut at its pauses (commas and the like), else at spaces, else every
-    ``token_max_n`` characters, into pieces of about ``token_max_n``. Sentences of ordinary text
-    are far shorter and stay whole."""
+    ``token_max_n`` tokens, into pieces of about ``token_max_n``. Sentences of ordinary text
+    are far shorter and stay whole. A text upstream speaks unsplit (markup, normalisation off) is
+    first cut at its sentences' ends."""
     if length(sentence) <= LONG_SENTENCE_FACTOR * token_max_n:
         return [sentence]
-    pieces: list[str] = []
-    for part in _cuts(sentence, _AFTER_PAUSE, length, token_max_n):
-        for finer in _cuts(part, _AFTER_SPACE, length, token_max_n):
-            if length(finer) <= token_max_n:
-                pieces.append(finer)
-            else:  # no pause and no space: fixed-size pieces
-                pieces += _fixed_pieces(finer, token_max_n)
-    return _merge(pieces, length, token_max_n)
+    return _merge(_cascade(sentence, _CUT_PLACES, length, token_max_n), length, token_max_n)
 
 
-def _fixed_pieces(text: str, size: int) -> list[str]:
-    """``text`` in pieces of ``size`` characters. A cut is never inside a tag (``[breath]``,
-    ``<strong>``, ``<|en|>``) nor between adjacent tags (``[h][ào]`` spells one syllable): it
-    moves to before the run of tags, or, for a run longer than a piece, to the last boundary
-    between its tags (after its first tag if even that one is longer)."""
+_CUT_PLACES = (_AFTER_END, _AFTER_PAUSE, _AFTER_SPACE)
+
+
+def _cascade(
+    text: str, places: tuple[re.Pattern, ...], length: Callable[[str], int], limit: int
+) -> list[str]:
+    """``text`` in pieces within ``limit``: cut at the first kind of place, each piece still too
+    long at the next kind, and in fixed-size pieces where none is left."""
+    if length(text) <= limit:
+        return [text]
+    if not places:
+        return _fixed_pieces(text, limit, length)
+    return [
+        piece
+        for part in places[0].split(text)
+        if part
+        for piece in _cascade(part, places[1:], length, limit)
+    ]
+
+
+def _fixed_pieces(text: str, size: int, length: Callable[[str], int] = len) -> list[str]:
+    """``text`` in pieces of at most ``size`` characters and ``size`` by ``length`` (tokens: a
+    character may take several). A cut is never inside a tag (``[breath]``, ``<strong>``,
+    ``<|en|>``) nor between adjacent tags (``[h][ào]`` spells one syllable): it moves to before
+    the run of tags, or, for a run longer than a piece, to the last boundary between its tags
+    (after its first tag if even that one is longer). Nor inside a character's cluster (a
+    combining mark, an emoji's joiner), unless the cluster is longer than a piece."""
     size = max(size, 1)
     runs = [(m.start(), m.end()) for m in _TAG_RUN.finditer(text)]
     pieces, start = [], 0
-    while len(text) - start > size:
-        cut = _cut_outside_tags(text, start, start + size, runs)
+    while True:
+        cut = _longest_within(text, start, size, length)
+        if cut >= len(text):  # (a cut after a last tag ends the text: no empty piece)
+            if start < len(text) or not pieces:
+                pieces.append(text[start:])
+            return pieces
+        cut = _cluster_start(text, start, _cut_outside_tags(text, start, cut, runs))
         pieces.append(text[start:cut])
         start = cut
-    if start < len(text) or not pieces:  # a cut after a last tag ends the text
-        pieces.append(text[start:])
-    return pieces
+
+
+def _longest_within(text: str, start: int, size: int, length: Callable[[str], int]) -> int:
+    """The furthest end of a piece from ``start`` within ``size`` characters and ``size`` by
+    ``length`` (one character at least)."""
+    cut = min(len(text), start + size)
+    if length(text[start:cut]) <= size:
+        return cut
+    low, high = start + 1, cut - 1  # the furthest end that fits, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if length(text[start:middle]) <= size:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _cluster_start(text: str, start: int, cut: int) -> int:
+    """``cut``, moved back to where the character cluster it falls in starts (after ``start``);
+    ``cut`` itself if the cluster began at or before ``start``."""
+    at = cut
+    while at > start and at < len(text) and _continues_cluster(text, at):
+        at -= 1
+    return at if at > start else cut
+
+
+def _continues_cluster(text: str, index: int) -> bool:
+    char = text[index]
+    return (
+        unicodedata.category(char) in ("Mn", "Mc", "Me")  # combining marks (Thai vowels, accents)
+        or char in _JOINERS
+        or text[index - 1] in _JOINERS
+        or 0x1F3FB <= ord(char) <= 0x1F3FF  # skin tones
+        or 0xFE00 <= ord(char) <= 0xFE0F  # variation selectors
+        or 0xE0020 <= ord(char) <= 0xE007F  # tag characters (subdivision flags)
+    )
+
+
+_JOINERS = "\u200d"
 
 
 def _cut_outside_tags(text: str, start: int, cut: int, runs: list[tuple[int, int]]) -> int:
@@ -373,7 +436,10 @@ def _cut_outside_tags(text: str, start: int, cut: int, runs: list[tuple[int, int
     if run_start > start:
         return run_start
     ends = [m.end() for m in _TAG_AT.finditer(text, start, cut)]
-    return ends[-1] if ends else _TAG_AT.match(text, start).end()
+    if ends:
+        return ends[-1]
+    first = _TAG_AT.match(text, start)  # (none where a run holds a tag inside a tag: [<strong>])
+    return first.end() if first is not None else cut
 
 
 # the tags check_markup knows as tags (frontend/markup.py)
@@ -391,13 +457,6 @@ def _control_prefix(text: str) -> tuple[str, str]:
         return text[:end], text[end:]
     match = _LEADING_TAGS.match(text)
     return (match.group(0), text[match.end() :]) if match else ("", text)
-
-
-def _cuts(text: str, after: re.Pattern, length: Callable[[str], int], limit: int) -> list[str]:
-    """``text`` cut after each match of ``after`` where it is longer than ``limit``."""
-    if length(text) <= limit:
-        return [text]
-    return [part for part in after.split(text) if part]
 
 
 def _merge(pieces: list[str], length: Callable[[str], int], limit: int) -> list[str]:
@@ -611,7 +670,16 @@ class TextFrontend:
         The segments concatenated are the normalised text plus a final punctuation mark, less the
         punctuation marks upstream drops (a mark right after another one, segments made only of
         punctuation).  A whitespace-only text yields nothing (upstream raises IndexError).
+        Text that is not Unicode (a lone surrogate: a non-UTF-8 argument or file) is refused.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                "the text is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument "
+                "or file)",
+                "text",
+            ) from None
         if not enabled or is_markup(text) or text == "":
             yield from self._unsplit(text, encode or self.encode)
             return
