@@ -327,6 +327,11 @@ def test_tags_and_escapes_split_between_streamed_pieces_read_as_written(v2: Engi
 
     np.testing.assert_array_equal(audio(["你好\\", "[sic]。"]), audio(["你好", "\\[sic]。"]))
     np.testing.assert_array_equal(audio(["你好[bre", "ath]。"]), audio(["你好", "[breath]。"]))
+    np.testing.assert_array_equal(
+        audio(["你好<stro", "ng>好</str", "ong>。"]), audio(["你好", "<strong>好</strong>。"])
+    )
+    with pytest.raises(InvalidRequestError, match="<strongx>"):  # checked whole
+        audio(["你好<stro", "ngx>好。"])
     with pytest.raises(InvalidRequestError, match=r"\[breath\] is .* own markup"):
         audio(["你好\\", "[breath]。"])
     with pytest.raises(InvalidRequestError, match=r"\[si\]"):  # an open tag's end: checked

@@ -74,6 +74,16 @@ def test_a_streamed_pieces_open_tag_or_escape_is_held_back() -> None:
         ("abc\\[sic]", ""),
         ("a[b c", ""),  # not a tag: brackets hold no spaces
         ("a[" + "x" * 17, ""),  # longer than any tag
+        # angle and control tags too (each piece is tokenised alone: "<stro" + "ng>" would
+        # reach the LLM as characters, and an unknown tag split so was never checked)
+        ("I am <stro", "<stro"),
+        ("happy</str", "</str"),
+        ("a <", "<"),
+        ("x<|endof", "<|endof"),
+        ("x<|en|", "<|en|"),
+        ("a < b", ""),  # not a tag: tags hold no spaces
+        ("<strong>hi", ""),
+        ("a<" + "x" * 21, ""),
     ]:
         assert text[held_back(text) :] == kept, text
 

@@ -104,11 +104,14 @@ def check_markup(
 
 
 def held_back(text: str) -> int:
-    """Where a streamed piece's end may still be the start of a bracket tag or of its escape (a
-    trailing backslash, or an unclosed ``[`` that could close in the next piece): the index from
-    which to keep it for the next piece, ``len(text)`` when nothing is open."""
+    """Where a streamed piece's end may still be the start of a tag or of a bracket's escape (a
+    trailing backslash, an unclosed ``[``, ``<`` or ``<|`` that could close in the next piece):
+    the index from which to keep it for the next piece, ``len(text)`` when nothing is open."""
     match = _OPEN_AT_END.search(text)
     return len(text) if match is None else match.start()
 
 
-_OPEN_AT_END = re.compile(r"\\?(?:\[[^\[\]\s]{0,16})?$|\[[^\[\]\s]{0,16}$")
+_OPEN_AT_END = re.compile(
+    r"\\?(?:\[[^\[\]\s]{0,16})?$|\[[^\[\]\s]{0,16}$"  # a bracket tag, its escape
+    r"|<(?:\|[^<>|\s]{0,40}\|?|/?(?:[A-Za-z_][A-Za-z_-]{0,19})?)?$"  # a control or angle tag
+)
