@@ -304,6 +304,13 @@ def test_onnxruntime_backend_streams(export_root):
     got = [c.samples for c in engine.synthesize(request)]
     assert len(want) > 1 and [len(c) for c in got] == [len(c) for c in want]
     assert np.abs(np.concatenate(got) - np.concatenate(want)).max() < 1e-3
+    # installed again (int8 over float32): it replaces the graphs, streams go on in torch (the
+    # backend once wrapped itself and every stream failed)
+    use_onnxruntime(engine.pipeline, out, int8=True)
+    assert type(engine.pipeline.flow.decoder.estimator.incremental).__name__ != "OrtEstimator"
+    assert not isinstance(engine.pipeline.hift.torch_vocoder, OrtVocoder)
+    again = [c.samples for c in engine.synthesize(request)]
+    assert [len(c) for c in again] == [len(c) for c in want]
 
 
 def test_say_with_the_onnxruntime_backend(export_root, tmp_path, capsys):
@@ -381,7 +388,45 @@ def test_export_errors_come_before_any_work(tmp_path, capsys):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_export_never_deletes_what_it_was_not_asked_to_replace(tmp_path, capsys, monkeypatch):
+    """A directory named like the staging one (<out>.partial) was deleted; --force into the
+    directory holding the model deleted the model; a symbolic link with --force failed after the
+    whole export; '-o .' failed; a failed export left the parents it had made."""
+    import shutil
+
+    models = tmp_path / "models"
+    model = Path(shutil.copytree(MODELS / "v1-tiny", models / "v1-tiny"))
+    for out in (models, model):
+        argv = ["export", "onnx", "--model", str(model), "-o", str(out), "--force"]
+        assert main(argv) == 2
+        assert "holds the model" in capsys.readouterr().err
+    assert (model / "flow.pt").is_file()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    argv = ["export", "onnx", "--model", str(model), "-o", str(tmp_path / "link"), "--force"]
+    assert main(argv) == 2 and "symbolic link" in capsys.readouterr().err
+    assert (target / "keep.txt").read_text() == "mine"
+    argv = ["export", "onnx", "--model", str(tmp_path), "-o", str(tmp_path / "new" / "deep")]
+    assert main(argv) == 2 and not (tmp_path / "new").exists()  # (not a model: nothing made)
+    mine = tmp_path / "here.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export_onnx(model, ".", parts=("hift",))  # into the empty current directory
+    assert (here / "manifest.json").is_file() and (mine / "notes.txt").read_text() == "mine"
+    for holding in (".", ".."):  # replacing either would pull the directory from under us
+        with pytest.raises(Exception, match="holds the current directory"):
+            export_onnx(model, holding, parts=("hift",), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_float16_export_reports_error_and_overflow(tmp_path):
+    from cosyvoice_lite.errors import ModelDirError
+
     manifest = json.loads(export_onnx(MODELS / "v3-tiny", tmp_path / "fp16", dtype="float16",
                                       parts=("flow",)).read_text())  # fmt: skip
     for name, entry in manifest["graphs"].items():
@@ -389,6 +434,85 @@ def test_float16_export_reports_error_and_overflow(tmp_path):
         check = entry["check"]
         assert check["finite"] and 0 < check["max_abs_error"] < 0.2, (name, check)
         assert check["fp32_peak_activation"]["overflows_float16"] is False
+    # the backend runs float32 graphs: a float16 export is refused, not run (its flow was off by
+    # ~1), and no int8 copy is made of it (a broken one was, and kept)
+    for int8 in (False, True):
+        with pytest.raises(ModelDirError, match="float16 export"):
+            use_onnxruntime(networks(3), tmp_path / "fp16", stages=("flow",), int8=int8)
+    assert not (tmp_path / "fp16" / "int8-matmul").exists()
+
+
+def _copy_export(version: int, export_root: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(exported(version, export_root), to))
+
+
+def test_a_damaged_or_foreign_export_is_refused_before_the_networks_load(export_root, tmp_path):
+    """A missing or truncated graph, a graph from another export, a damaged manifest, weights
+    other than those exported: each a clear error before loading the networks, where they
+    crashed onnxruntime after the whole load, or ran with the wrong weights."""
+    from cosyvoice_lite import Engine
+    from cosyvoice_lite.errors import ModelDirError
+
+    model = MODELS / "v2-tiny"
+
+    def load(onnx_dir: Path, model_dir: Path = model) -> None:
+        Engine.load(model_dir, backend="onnxruntime", onnx_dir=onnx_dir).close()
+
+    missing = _copy_export(2, export_root, tmp_path / "missing")
+    (missing / "hift.onnx").unlink()
+    truncated = _copy_export(2, export_root, tmp_path / "truncated")
+    data = (truncated / "flow_estimator.onnx").read_bytes()
+    (truncated / "flow_estimator.onnx").write_bytes(data[: len(data) // 2])
+    swapped = _copy_export(2, export_root, tmp_path / "swapped")
+    other = (exported(1, export_root) / "hift.onnx").read_bytes()
+    size = (swapped / "hift.onnx").stat().st_size  # the same size, another graph's bytes
+    (swapped / "hift.onnx").write_bytes((other * (size // len(other) + 1))[:size])
+    listed = _copy_export(2, export_root, tmp_path / "listed")
+    (listed / "manifest.json").write_text("[1, 2]")
+    cases = [(missing, "hift.onnx is missing"), (truncated, "bytes"), (swapped, "not the graph"),
+             (listed, "not a cosyvoice-lite export manifest")]  # fmt: skip
+    for onnx_dir, message in cases:
+        with pytest.raises(ModelDirError, match=message):
+            load(onnx_dir)
+    # a model of the same version with other weights (a fine-tune, another size)
+    import shutil
+
+    tuned = Path(shutil.copytree(model, tmp_path / "tuned"))
+    state = torch.load(tuned / "flow.pt", map_location="cpu", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()},
+               tuned / "flow.pt")  # fmt: skip
+    with pytest.raises(ModelDirError, match="other weights"):
+        load(exported(2, export_root), tuned)
+    load(exported(2, export_root))  # the export of this model loads
+
+
+def test_quantising_at_once_in_several_places_gives_one_whole_copy(export_root, tmp_path):
+    """Replicas starting together quantise the same graph: each writes a copy of its own and
+    moves it into place (a shared temporary name made them fail)."""
+    import threading
+
+    from cosyvoice_lite.export.runtime import quantized
+
+    out = _copy_export(1, export_root, tmp_path / "v1")
+    errors: list[BaseException] = []
+
+    def quantise() -> None:
+        try:
+            quantized(out / "flow_estimator.onnx")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=quantise) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    session(out / "int8-matmul" / "flow_estimator.onnx", threads=1)  # whole
+    assert sorted(p.name for p in (out / "int8-matmul").iterdir()) == ["flow_estimator.onnx"]
+    assert not list(out.glob("*-inferred.onnx"))
 
 
 def test_missing_torch_device_points_to_the_export():

@@ -349,10 +349,11 @@ class Engine:
         if (warning := slow_precision_warning(placement)) is not None:
             log.warning(warning)
         configure_backend(placement)
-        from .export.runtime import check_backend, install_backend  # light: torch is loaded
+        from .export.runtime import check_backend, check_backend_source, install_backend
 
         check_backend(backend, onnx_dir, placement)
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
+        check_backend_source(backend, onnx_dir, model_dir)
         from .pipelines import factory  # version-specific wiring
 
         if share_onnx_threads:  # before any session

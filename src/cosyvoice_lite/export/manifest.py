@@ -5,6 +5,9 @@ docs/EXPORT.md explains the same in prose; the manifest is the machine-readable 
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from torch import nn
 
 from ..modeldir import ModelDir
@@ -12,6 +15,21 @@ from ..versions import VersionSpec, spec
 
 FORMAT = "cosyvoice-lite-onnx"
 MANIFEST_VERSION = 1
+# A file's fingerprint: sha256 over its size and this many blocks spread over it. Different
+# weights differ everywhere, so a sample tells them apart without reading gigabytes at each load.
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 64, 1 << 16
+
+
+def file_fingerprint(path: Path) -> str:
+    """The sampled sha256 of ``path`` (``FINGERPRINT_BLOCKS``): which weights a graph was
+    exported from, and whether a graph file is the one exported."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}:".encode())
+    with path.open("rb") as file:
+        for block in range(FINGERPRINT_BLOCKS):
+            file.seek(size * block // FINGERPRINT_BLOCKS)
+            digest.update(file.read(FINGERPRINT_BLOCK_BYTES))
+    return "sampled-sha256:" + digest.hexdigest()
 
 
 def _llm_section(lm: nn.Module, version: VersionSpec, sampling) -> dict:
@@ -133,7 +151,10 @@ def build_manifest(
     dtype: str,
     static_frames: int | None,
     opset: int,
+    sources: dict[str, Path],
 ) -> dict:
+    """``sources``: the checkpoints exported (file name -> path), fingerprinted so that the
+    graphs are never used with other weights."""
     version = spec(model_dir.version)
     manifest = {
         "format": FORMAT,
@@ -150,6 +171,7 @@ def build_manifest(
             "sample_rate": model_dir.config.sample_rate,
             "token_frame_rate": model_dir.config.token_frame_rate,
             "mel_bins": 80,
+            "checkpoints": {name: file_fingerprint(path) for name, path in sources.items()},
         },
         "static_frames": static_frames,
         "graphs": graphs,

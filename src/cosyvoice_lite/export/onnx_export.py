@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
 import time
 import warnings
@@ -84,16 +86,28 @@ def check_options(
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ExportError(f"parts must be some of {', '.join(PARTS)}, got {', '.join(parts)}")
+    if out_dir.is_symlink():  # replacing it would replace the link, not what it names
+        raise ExportError(f"{out_dir} is a symbolic link: name the directory it points to")
+    out_dir = out_dir.resolve()
+    if out_dir.parent == out_dir:
+        raise ExportError(f"{out_dir} is the root of the file system: name a directory in it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"{out_dir} already exists and is not empty; pass --force to replace it")
-    staging = out_dir.with_name(out_dir.name + ".partial")  # where the graphs are written first
-    existed = staging.exists()
-    try:  # a directory that cannot be made is an error now, not after loading and tracing
-        staging.mkdir(parents=True, exist_ok=True)
-        if not existed:
-            staging.rmdir()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise ExportError(
+                f"{out_dir} already exists and is not empty; pass --force to replace it"
+            )
+        here = Path.cwd().resolve()
+        if out_dir == here or out_dir in here.parents:
+            raise ExportError(f"refusing to replace {out_dir}: it holds the current directory")
+    # a directory that cannot be made is an error now, not after loading and tracing; missing
+    # parents are made only once the export is done
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    probe = _new_beside(existing / "probe", "probe")
+    try:  # (not os.access: root passes it where nothing can be written, in /proc)
+        probe.mkdir()
+        probe.rmdir()
     except OSError as exc:
         raise ExportError(f"cannot write {out_dir}: {exc.strerror or exc}") from None
     try:
@@ -534,12 +548,18 @@ def export_onnx(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a model directory (or official name); returns the manifest path."""
-    out_dir = Path(out_dir)
     parts = tuple(parts)
-    check_options(out_dir, dtype, static_frames, force, parts)
+    check_options(Path(out_dir), dtype, static_frames, force, parts)
+    out_dir = Path(out_dir).resolve()
     _RNG.manual_seed(20251213)  # the same example inputs (and checks) on every export
     if llm_checkpoint != "llm.pt" and "llm" not in parts:
         raise ExportError("--llm selects an LLM checkpoint: export the llm too")
+    from ..hub import resolve_model
+
+    model = resolve_model(model)
+    source = Path(model).resolve()
+    if out_dir == source or out_dir in source.parents:  # --force would delete the model
+        raise ExportError(f"{out_dir} holds the model being exported: write the graphs elsewhere")
     model_dir, nets = load_networks(model, parts, llm_checkpoint, variant)
     version_spec = spec(model_dir.version)
     graphs: list[Graph] = []
@@ -550,10 +570,10 @@ def export_onnx(
     if "hift" in nets:
         graphs += hift_graph_list(nets["hift"], version_spec)
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # written first in a directory of its own beside the output (never a name a user may hold)
+    staging = _new_beside(out_dir, "partial")
+    staging.mkdir()
     entries = {}
     try:
         for graph in graphs:
@@ -571,7 +591,7 @@ def export_onnx(
                 "doc": graph.doc,
                 **_io_spec(path, graph.input_docs),
                 "check": report,
-                "bytes": sum(p.stat().st_size for p in staging.glob(f"{graph.name}.onnx*")),
+                **graph_files(staging, graph.name),
             }
             entries[graph.name] = entry
             if progress:
@@ -589,17 +609,59 @@ def export_onnx(
                 )
         from .manifest import build_manifest
 
-        manifest = build_manifest(model_dir, nets, entries, dtype, static_frames, OPSET)
+        checkpoints = {"llm": llm_checkpoint, "flow": "flow.pt", "hift": "hift.pt"}
+        sources = {checkpoints[part]: model_dir.path / checkpoints[part] for part in nets}
+        manifest = build_manifest(model_dir, nets, entries, dtype, static_frames, OPSET, sources)
         (staging / "manifest.json").write_text(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        _replace(out_dir, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir / "manifest.json"
+
+
+def graph_files(directory: Path, name: str) -> dict:
+    """A graph's files (its .onnx, external data beside it) for the manifest: their total size
+    and each one's size and fingerprint, which a loader checks."""
+    from .manifest import file_fingerprint
+
+    files = {
+        path.name: {"bytes": path.stat().st_size, "fingerprint": file_fingerprint(path)}
+        for path in sorted(directory.glob(f"{name}.onnx*"))
+    }
+    return {"bytes": sum(f["bytes"] for f in files.values()), "files": files}
+
+
+def _replace(out_dir: Path, staging: Path) -> None:
+    """The finished export takes the output's place: its files move into an empty directory
+    there; a directory with files (--force) is moved aside first and deleted only once the new
+    one is in place."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    if not any(out_dir.iterdir()):  # (the current directory, say: it stays the same one)
+        for path in staging.iterdir():
+            path.rename(out_dir / path.name)
+        staging.rmdir()
+        return
+    old = _new_beside(out_dir, "old")
+    out_dir.rename(old)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)  # put it back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _new_beside(path: Path, kind: str) -> Path:
+    """A name no one holds beside ``path`` (hidden; the process id and a random part)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+        if not candidate.exists():
+            return candidate
 
 
 __all__ = ["ExportError", "OPSET", "check_options", "export_onnx", "load_networks"]

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from torch import nn
 from ..errors import ModelDirError
 from ..onnx_threads import session_options
 from ..versions import SPECS
+from .manifest import file_fingerprint
 from .vocoder import draw_source_noise
 
 FLOW_VERSION = {spec.network_classes[1]: version for version, spec in SPECS.items()}
@@ -43,9 +47,70 @@ def read_manifest(export_dir: str | Path) -> dict:
         raise ModelDirError(
             f"{path} is not a readable cosyvoice-lite export manifest: {exc}"
         ) from exc
-    if manifest.get("format") != "cosyvoice-lite-onnx":
+    if not isinstance(manifest, dict) or manifest.get("format") != "cosyvoice-lite-onnx":
         raise ModelDirError(f"{path} is not a cosyvoice-lite export manifest")
+    graphs, model = manifest.get("graphs"), manifest.get("model")
+    if (
+        not isinstance(graphs, dict)
+        or not all(isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values())
+        or not isinstance(model, dict)
+        or not isinstance(model.get("version"), int)
+    ):
+        raise ModelDirError(f"{path} is damaged: its graphs or its model are not described")
     return manifest
+
+
+# the graphs the backend runs, per stage
+BACKEND_GRAPHS = {"flow": ("flow_estimator", "flow_estimator_chunk"), "hift": ("hift",)}
+
+
+def check_graphs(export_dir: Path, manifest: dict, stages: tuple[str, ...] = STAGES) -> None:
+    """The graphs the backend would run are there, whole, the ones exported (each file's size
+    and fingerprint as the manifest records them), and float32 (the backend's precision)."""
+    for stage in stages:
+        for name in BACKEND_GRAPHS[stage]:
+            entry = manifest["graphs"].get(name)
+            if entry is None:
+                continue
+            if entry.get("dtype", "float32") != "float32":
+                raise ModelDirError(
+                    f"{export_dir}: {name} is a {entry['dtype']} export; the onnxruntime "
+                    "backend runs float32 graphs (export again without --dtype)"
+                )
+            files = entry.get("files") or {entry["file"]: {"bytes": None}}
+            for file, recorded in files.items():
+                path = export_dir / file
+                if not path.is_file():
+                    raise ModelDirError(f"{export_dir} is incomplete: {file} is missing")
+                size = recorded.get("bytes")
+                if size is not None and path.stat().st_size != size:
+                    raise ModelDirError(
+                        f"{export_dir}: {file} is {path.stat().st_size} bytes, the export wrote "
+                        f"{size} (damaged or replaced): export again"
+                    )
+                if "fingerprint" in recorded and file_fingerprint(path) != recorded["fingerprint"]:
+                    raise ModelDirError(
+                        f"{export_dir}: {file} is not the graph this export wrote: export again"
+                    )
+
+
+def check_source(
+    export_dir: Path, manifest: dict, model_path: Path, version: int | None = None
+) -> None:
+    """The graphs were exported from this model (``version``) and its weights (the checkpoints'
+    fingerprints; an export made before they were recorded is not checked)."""
+    exported = manifest["model"]["version"]
+    if version is not None and version != exported:
+        raise ModelDirError(
+            f"{export_dir} holds a v{exported} export; the loaded model is v{version}"
+        )
+    recorded = manifest["model"].get("checkpoints") or {}
+    for file in ("flow.pt", "hift.pt"):
+        if file in recorded and file_fingerprint(model_path / file) != recorded[file]:
+            raise ModelDirError(
+                f"{export_dir} was exported from other weights than {model_path / file}: "
+                "export this model"
+            )
 
 
 def session(path: Path, threads: int | None = None):
@@ -54,7 +119,10 @@ def session(path: Path, threads: int | None = None):
 
     options = session_options(threads or torch.get_num_threads())
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: a file it cannot take
+        raise ModelDirError(f"onnxruntime cannot load {path}: {exc}") from exc
 
 
 def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
@@ -64,20 +132,35 @@ def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = path.parent / ("int8-" + "-".join(op.lower() for op in ops)) / path.name
-    if not target.is_file() or target.stat().st_mtime < path.stat().st_mtime:
-        target.parent.mkdir(exist_ok=True)
-        partial = target.with_suffix(".partial.onnx")
+    if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+        return target
+    # Made in a directory of this process's own (the quantiser also writes a shape-inferred
+    # copy beside its input), then moved into place at once: processes starting together (a
+    # server's replicas) each make a whole copy, and the last one in stays.
+    work = target.parent / f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        work.mkdir(parents=True)
+    except OSError as exc:
+        raise ModelDirError(
+            f"cannot write the int8 copy of {path.name} in {target.parent} ({exc.strerror}): "
+            "make the export directory writable once, or use --backend onnxruntime"
+        ) from exc
+    try:
+        for file in path.parent.glob(f"{path.stem}.onnx*"):  # the graph and its external data
+            (work / file.name).symlink_to(file.resolve())
         logging.disable(logging.WARNING)  # the quantiser warns about every float64 constant
         try:
             quantize_dynamic(
-                str(path),
-                str(partial),
+                str(work / path.name),
+                str(work / "int8.onnx"),
                 op_types_to_quantize=list(ops),
                 weight_type=QuantType.QUInt8,
             )
         finally:
             logging.disable(logging.NOTSET)
-        partial.replace(target)
+        (work / "int8.onnx").replace(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
@@ -165,11 +248,18 @@ def use_onnxruntime(
     stages: tuple[str, ...] = STAGES,
     int8: bool = False,
     threads: int | None = None,
+    model_path: str | Path | None = None,
 ):  # noqa: ANN001, ANN201
     """Run the flow estimator and/or the vocoder of a pipeline (anything with `.flow` and `.hift`)
-    or of a {"flow": ..., "hift": ...} dict through the graphs in export_dir. Returns it."""
+    or of a {"flow": ..., "hift": ...} dict through the graphs in export_dir. Returns it.
+    ``model_path``: the model directory the networks come from, checked against the weights
+    the graphs were exported from. Installed again (int8 after float32, say), it replaces the
+    graphs installed before."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    check_graphs(export_dir, manifest, stages)
+    if model_path is not None:
+        check_source(export_dir, manifest, Path(model_path))
     graphs = manifest["graphs"]
     is_dict = isinstance(pipeline_or_networks, dict)
 
@@ -201,7 +291,10 @@ def use_onnxruntime(
         if sessions[False] is None:
             raise ModelDirError(f"{export_dir} has no flow_estimator graph")
         graphs_by_flag = {k: v for k, v in sessions.items() if v is not None}
-        flow.decoder.estimator = OrtEstimator(graphs_by_flag, flow.decoder.estimator)
+        estimator = flow.decoder.estimator
+        if isinstance(estimator, OrtEstimator):  # installed before: its torch layers stay
+            estimator = estimator.incremental
+        flow.decoder.estimator = OrtEstimator(graphs_by_flag, estimator)
         # a graph takes a whole utterance's guidance rows in one call (streams keep the torch
         # layers, whose rows may still run apart)
         flow.decoder.set_row_split(flow.decoder.stream_rows, utterances=False)
@@ -209,7 +302,8 @@ def use_onnxruntime(
         run = open_graph("hift")
         if run is None:
             raise ModelDirError(f"{export_dir} has no hift graph")
-        put("hift", OrtVocoder(get("hift"), run))
+        hift = get("hift")
+        put("hift", OrtVocoder(hift.torch_vocoder if isinstance(hift, OrtVocoder) else hift, run))
     return pipeline_or_networks
 
 
@@ -236,7 +330,14 @@ def check_backend(backend: str, onnx_dir: str | Path | None, placement) -> None:
             f"--backend {backend} runs float32 graphs on the CPU; "
             f"got {placement.device} / {placement.dtype}"
         )
-    read_manifest(onnx_dir)
+    check_graphs(Path(onnx_dir), read_manifest(onnx_dir))
+
+
+def check_backend_source(backend: str, onnx_dir: str | Path | None, model_dir) -> None:  # noqa: ANN001
+    """Engine.load, once the model directory is known and before its networks load: the export
+    is of this model and its weights."""
+    if backend != "torch":
+        check_source(Path(onnx_dir), read_manifest(onnx_dir), model_dir.path, model_dir.version)
 
 
 def install_backend(pipeline, backend: str, onnx_dir: str | Path | None):  # noqa: ANN001, ANN201
