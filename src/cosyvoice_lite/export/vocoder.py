@@ -5,7 +5,7 @@ a graph run is a pure function and reproduces a seeded torch run exactly when fe
 `draw_source_noise` takes from the same generator. STFT/iSTFT become convolutions (dsp.py).
 
 * v1/v2 `HiFTGenerator`: inputs mel [1, 80, T], phase [1, H] (uniform [0, 1) start phases),
-  noise [1, H, T * upsample_scale] (standard normal, the NSF noise), cache_source [1, 1, N]
+  noise [1, T * upsample_scale, H] (standard normal, the NSF noise), cache_source [1, 1, N]
   (N >= 0 samples that overwrite the start of the source while streaming); outputs
   speech [1, T * upsample_scale] and source [1, 1, T * upsample_scale].
 * v3 `CausalHiFTGenerator`: inputs mel [1, 80, T], phase [1, H], noise [1, T * upsample_scale, H]
