@@ -308,6 +308,26 @@ def choose_file(page, selector: str, seconds: float = 2.0, name: str = "me.wav")
     )
 
 
+def test_no_mode_is_offered_before_the_model_is_known(browser, engine, tmp_path):
+    """While the model loads, the page does not know its modes: it offered all five (an
+    Instruction tab on CosyVoice-300M-SFT) until it was ready."""
+
+    def slow_load():
+        time.sleep(3)
+        return engine
+
+    with ServerThread(create_app(slow_load, Settings(voices_dir=tmp_path))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("#status")
+        wait_js(page, "document.getElementById('status').textContent === 'loading'")
+        assert mode_buttons(page) == []
+        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        assert mode_buttons(page) == ["voice", "clone", "cross", "vc"]
+        context.close()
+
+
 def test_modes_shown_follow_the_model(page):
     assert mode_buttons(page) == ["voice", "clone", "cross", "vc"]  # -SFT: no instructions
     assert page.get_attribute(".mode-btn.active", "data-mode") == "voice"
