@@ -10,8 +10,11 @@ the cluster and the replicas. Skipped only when ray cannot be imported."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,12 +38,15 @@ from test_server_support import (  # noqa: E402
 )
 from test_voice_store_s3 import BUCKET  # noqa: E402
 
+from cosyvoice_lite.errors import CosyVoiceError  # noqa: E402
 from cosyvoice_lite.serving import S3Settings, Settings  # noqa: E402
 from cosyvoice_lite.serving.ray_serve import (  # noqa: E402
     APP_NAME,
     REPLICA_HEADER,
     RayOptions,
     build_application,
+    deploy,
+    start_serve,
 )
 
 pytestmark = pytest.mark.ray
@@ -61,20 +67,24 @@ def proxy(v1_dir, tmp_path_factory):
         # the replicas inherit this environment (S3 credentials, the vocabulary cache)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         try:
-            port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
             settings = Settings(
                 voices_dir=tmp_path_factory.mktemp("voices"),
                 voices_s3=S3Settings(BUCKET, "ray/", s3_url, "us-east-1"),
                 workers=1,
                 max_queue=1,
                 log_requests=False,
+                keep_alive_timeout=1,  # Serve's proxy applies it (its own default: 90 s)
             )
             options = RayOptions(
-                replicas=2, replica_cpus=1, load={"model": str(v1_dir)}, health_check_period_s=1.0
+                replicas=2,
+                replica_cpus=1,
+                load={"model": str(v1_dir)},
+                health_check_period_s=1.0,
+                port=free_port(),
             )
-            serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
-            yield f"http://127.0.0.1:{port}"
+            host, port = start_serve(settings, options)  # as `serve --ray` starts Serve
+            deploy(build_application(settings, options), options)
+            yield f"http://{host}:{port}"
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -108,15 +118,20 @@ def assert_audio(response: httpx.Response) -> None:
     assert rate == 22050 and len(samples) > 0 and abs(samples).max() > 0
 
 
+def replica_call(function, app: str = APP_NAME) -> dict:
+    """Replica id (as in X-Replica) -> ``function(actor)`` run in each replica's process."""
+    found = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}#"):
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            result = ray.get(handle.__ray_call__.remote(function), timeout=30)
+            found[actor["name"].rsplit("#", 1)[1]] = result
+    return found
+
+
 def replica_pids() -> dict[str, int]:
     """Replica id (as in X-Replica) -> process id, asked of each replica actor."""
-    pids = {}
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith("SERVE_REPLICA::"):
-            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            pid = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
-            pids[actor["name"].rsplit("#", 1)[1]] = pid
-    return pids
+    return replica_call(lambda _: os.getpid())
 
 
 def test_every_mode_and_a_shared_voice_through_the_proxy(client, voice):
@@ -196,8 +211,125 @@ def test_overload_is_answered_429(client, voice):
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) <= {200, 429}, statuses
     assert 429 in statuses and 200 in statuses, statuses
-    refused = next(r for r in responses if r.status_code == 429)
-    assert refused.headers.get("retry-after")
+    # as documented: a full replica's own JSON 429 at once, not Serve's queue (nor its 429)
+    for refused in (r for r in responses if r.status_code == 429):
+        assert refused.headers.get("retry-after")
+        assert refused.json()["error"]["code"], refused.text
+        assert refused.headers[REPLICA_HEADER]
+
+
+def test_replicas_log_as_the_app_does(client):
+    """A Ray worker has no log handler of its own: the replica configures the app's (JSON
+    lines by default), so the access log and INFO records are written."""
+    formats = replica_call(
+        lambda _: [
+            (type(h.formatter).__name__, logging.getLogger().level)
+            for h in logging.getLogger().handlers
+        ]
+    )
+    assert len(formats) == 2
+    for handlers in formats.values():
+        assert handlers == [("JsonFormatter", logging.INFO)], handlers
+
+
+def test_the_proxy_applies_the_keep_alive(proxy):
+    """--keep-alive 1 reaches Serve's proxy (its own default: 90 s): an idle connection is
+    closed after about 1 s."""
+    host, port = proxy.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=0.5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(TimeoutError):
+            while b'"status"' not in answer:  # the whole response (headers, then its body)
+                answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        idle = time.monotonic()
+        s.settimeout(10)
+        assert s.recv(65536) == b""  # closed by the proxy
+        assert time.monotonic() - idle < 5
+
+
+def test_serve_running_elsewhere_is_not_silently_kept(proxy, tmp_path):
+    """Serve keeps the proxy it runs with: another --port is an error naming the real one; the
+    same address is used (and is the one reported)."""
+    host, port = proxy.removeprefix("http://").split(":")
+    settings = Settings(voices_dir=tmp_path, keep_alive_timeout=1)
+    other = free_port()
+    with pytest.raises(CosyVoiceError, match=f"at {host}:{port}, not the --host {host} --port"):
+        start_serve(settings, RayOptions(port=other))
+    assert start_serve(settings, RayOptions(port=int(port))) == (host, int(port))
+
+
+def test_a_failed_deploy_says_why_and_leaves_no_application(client, v1_dir, tmp_path):
+    """Every replica failing in its constructor: a CosyVoiceError with the replica's reason, and
+    the application deleted (Serve would keep it, DEPLOY_FAILED, retrying)."""
+    options = RayOptions(
+        replica_cpus=0,
+        load={"model": str(v1_dir), "flow_steps": 0},
+        app_name="broken",
+        route_prefix="/broken",
+    )
+    with pytest.raises(CosyVoiceError, match="flow") as failed:
+        deploy(build_application(Settings(voices_dir=tmp_path), options), options)
+    assert "'broken' deleted" in str(failed.value) and "Traceback" not in str(failed.value)
+    assert "broken" not in serve.status().applications
+    assert client.get("/ready").status_code == 200  # the other application is untouched
+
+
+SERVE_SCRIPT = """
+import logging, sys
+from cosyvoice_lite.serving import Settings
+from cosyvoice_lite.serving.logs import configure
+from cosyvoice_lite.serving.ray_serve import RayOptions, serve_on_ray
+
+configure(logging.INFO)
+address, port, model, voices = sys.argv[1:]
+settings = Settings(voices_dir=voices, api_key="k", keep_alive_timeout=1)
+options = RayOptions(address=address, port=int(port), replica_cpus=0, load={"model": model},
+                     app_name="joined", route_prefix="/joined", health_check_period_s=1.0)
+sys.exit(serve_on_ray(settings, options))
+"""
+
+
+def test_serve_on_a_joined_cluster_and_sigterm(proxy, client, v1_dir, tmp_path):
+    """`serve --ray --ray-address` on a running cluster (this module's): the replicas get the
+    command's environment (here a variable the cluster's processes lack), log the app's lines
+    back to the command, answer /health without the key under a route prefix; SIGTERM deletes
+    the application and exits 0 (Ray's own handler aborted)."""
+    import subprocess
+    import sys
+
+    address = ray.get_runtime_context().gcs_address
+    port = proxy.rsplit(":", 1)[1]
+    env = {**os.environ, "COSYVOICE_LITE_PROBE": "from-the-driver", "AWS_PROBE": "x"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, address, port, str(v1_dir), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: client.get("/joined/health").status_code == 200, 120, 0.5)
+        probes = replica_call(lambda _: os.environ.get("COSYVOICE_LITE_PROBE"), app="joined")
+        assert list(probes.values()) == ["from-the-driver"]
+        assert client.get("/joined/ready").status_code == 200  # public under the prefix
+        assert client.get("/joined/speakers").status_code == 401
+        missing = client.post(
+            "/joined/tts",
+            json={"text": TEXT, "speaker": "nobody"},
+            headers={"Authorization": "Bearer k", "X-Request-Id": "find-me-7"},
+        )
+        assert missing.status_code == 404
+        time.sleep(3)  # Ray forwards the replicas' lines in batches
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM received" not in output, output[-3000:]
+    assert '"request_id": "find-me-7"' in output, output[-3000:]  # the replica's access log
+    assert "joined" not in serve.status().applications
+    assert client.get("/ready").status_code == 200
 
 
 def test_a_replica_killed_mid_load_loses_no_voice(client, voice):
@@ -263,11 +395,13 @@ def test_a_serve_config_builds_the_same_deployment(v1_dir):
     assert config.autoscaling_config.min_replicas == 1
     assert config.autoscaling_config.max_replicas == 3
     assert config.autoscaling_config.target_ongoing_requests == 4  # one batch per replica
-    assert config.max_ongoing_requests > 8 and config.max_queued_requests == 8
+    # a burst up to what the 3 replicas hold is routed to them (the app answers)
+    assert config.max_ongoing_requests > 8 and config.max_queued_requests == 3 * (8 + 4)
     assert deployment.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.5}
     settings = deployment._replica_config.init_args[0]
     assert settings.docs_public and settings.workers == 4
-    with pytest.raises(SystemExit):  # a bad option fails as on the command line
+    # a bad option: argparse's reason in a ValueError (a SystemExit would kill Serve's builder)
+    with pytest.raises(ValueError, match="not allowed with argument"):
         app_builder({"model": str(v1_dir), "replicas": 2, "autoscale": "1:3"})
 
 

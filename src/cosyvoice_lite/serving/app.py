@@ -217,6 +217,15 @@ class ServerState:
 # ---------------------------------------------------------------------------------- middleware
 
 
+def app_path(scope) -> str:
+    """The request's path within the app: ASGI servers (uvicorn, Ray Serve under a route
+    prefix) include the ``root_path`` the app is mounted at in ``path``."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
 def _route_path(app: FastAPI, scope) -> str:
     for route in app.router.routes:
         match, _ = route.matches(scope)
@@ -233,7 +242,7 @@ class ServingMiddleware:
 
     def _authorized(self, scope) -> bool:
         key = self.state.settings.api_key
-        path = scope["path"]
+        path = app_path(scope)  # /health is public under a route prefix too
         if (
             not key
             or path in PUBLIC_PATHS
@@ -337,12 +346,12 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return counted(_validation_error(exc, request.url.path))
+        return counted(_validation_error(exc, app_path(request.scope)))
 
     @app.exception_handler(CosyVoiceError)
     async def engine_error(request: Request, exc: CosyVoiceError):
         modes = supported_modes(state.engine) if state.engine is not None else []
-        return counted(from_engine_error(exc, modes, route_fields(request.url.path)))
+        return counted(from_engine_error(exc, modes, route_fields(app_path(request.scope))))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

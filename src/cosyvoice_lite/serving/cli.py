@@ -290,11 +290,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import CosyVoiceError
 
         raise CosyVoiceError(f"bad server option: {exc}") from None
-    if not args.ray:  # (Ray replicas may have devices this machine lacks)
+    if not args.ray:
         from ..cli import set_threads
 
         set_threads(args.threads)  # once, before the model loads
         Engine.check_load_options(**load_options(args))  # an error now, not a 503 later
+    else:  # a failed deploy later (every replica retried) is slow and says less
+        check_replica_load_options(load_options(args))
     configure(logging.INFO, json_lines=args.log_format == "json")
     if args.ray:
         return cmd_serve_ray(args, settings)
@@ -334,6 +336,22 @@ def load_options(args: argparse.Namespace) -> dict:
     }
 
 
+def check_replica_load_options(options: dict) -> None:
+    """``Engine.check_load_options`` for replicas, in the deploying command: all of them, but
+    those of a device this machine lacks (the replicas' machines may have it: they check it)."""
+    from ..device import available_devices
+    from ..engine import Engine
+    from ..errors import DeviceError
+
+    try:
+        Engine.check_load_options(**options)
+    except DeviceError:  # the device checks come last: the others passed
+        device = str(options.get("device") or "cpu").strip().lower()
+        here = available_devices()
+        if device.startswith("cpu") or device in here or f"{device}:0" in here:
+            raise
+
+
 def ray_options_from_args(args: argparse.Namespace):
     """The Ray Serve options of ``serve --ray`` (ValueError for bad ones)."""
     from .ray_serve import RayOptions, parse_autoscale
@@ -349,6 +367,7 @@ def ray_options_from_args(args: argparse.Namespace):
         port=args.port,
         load=load,
         threads=args.threads,
+        log_format=args.log_format,
     )
 
 

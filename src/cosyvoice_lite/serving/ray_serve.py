@@ -7,12 +7,20 @@ once its model is loaded and warm (``Engine.wait_until_warm``), so ``/ready`` th
 answers 200 exactly when at least one replica has its model. Replicas are fixed (``--replicas N``) or autoscaled on ongoing requests
 per replica (``--autoscale MIN:MAX``, aiming at one engine batch per replica).
 
-Backpressure: Serve sends a replica at most its admission (batch + queue) plus a little room for
-health checks and voice reads, so a full replica answers the app's own JSON 429; requests that
-find every replica full wait in the proxy's bounded queue, beyond which the proxy answers 429
-too. Each response names its replica (``X-Replica``), and ``/metrics`` labels every sample with
+Backpressure: Serve sends a replica up to its admission (batch + queue) plus a little room for
+health checks and voice reads, so a request beyond a replica's admission reaches it and gets the
+app's own JSON 429 (``Retry-After``) at once, as from the plain server: requests do not wait in
+the proxy for a replica to free up. A proxy holds a request only while its router picks a
+replica; as many as all replicas hold may be held so (``max_queued_requests``), so that a burst
+is routed and answered by the replicas; beyond that Serve answers its own plain-text 429. Each
+response names its replica (``X-Replica``), and ``/metrics`` labels every sample with
 ``replica``. A replica that dies fails its in-flight requests (5xx or a cut stream); Serve sends
-later requests to the living replicas and starts a new one.
+later requests to the living replicas and starts a new one. A replica that is stopped
+(scale-down, redeploy, delete) first finishes the requests it runs (``graceful_shutdown_s``).
+
+Environment: replicas run in worker processes of the cluster's nodes, which do not see the
+environment of the command that deploys; ``serve_on_ray`` passes the variables the engine and
+the voice storage read (``replica_env``: S3 credentials, the model cache, the hub) to them.
 
 Voices: with several replicas, keep the library in a bucket (``Settings.voices_s3``) so that a
 voice created through one replica is usable through all; a local directory works only while all
@@ -24,12 +32,19 @@ here, and only when this mode is used.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import logging
+import math
+import os
+import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CosyVoiceError
 from .settings import Settings
 
 log = logging.getLogger("cosyvoice_lite.serving.ray")
@@ -39,6 +54,17 @@ DEPLOYMENT_NAME = "CosyVoice"
 REPLICA_HEADER = "x-replica"
 HEALTH_WAIT = 20.0  # seconds the engine loop may take to answer Serve's health probe
 HEALTH_ROOM = 4  # requests beyond the admission Serve may send: /health, /metrics, voice reads
+# environment variables of the deploying command that replicas need (boto3's credentials and
+# settings, the model cache and hub, proxies for downloads): prefixes and exact names
+REPLICA_ENV_PREFIXES = ("AWS_", "COSYVOICE_LITE_", "HF_", "HUGGINGFACE_", "MODELSCOPE_")
+REPLICA_ENV_NAMES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
 
 
 @dataclass
@@ -55,6 +81,11 @@ class RayOptions:
     health_check_period_s: float = 5.0
     load: dict[str, Any] = field(default_factory=dict)  # Engine.load arguments (model, ...)
     threads: int | None = None  # torch CPU threads per replica (None: its CPUs, at least 1)
+    # set in every replica's process (Ray's runtime_env); secrets among them: not in the repr
+    env_vars: dict[str, str] = field(default_factory=dict, repr=False)
+    log_format: str = "json"  # the replicas' log lines: "json" or "text" (--log-format)
+    app_name: str = APP_NAME
+    route_prefix: str = "/"
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -76,6 +107,53 @@ def parse_autoscale(text: str) -> tuple[int, int]:
         return int(low), int(high)
     except ValueError:
         raise ValueError(f"--autoscale wants MIN:MAX (e.g. 1:4), got {text!r}") from None
+
+
+def replica_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of ``environ`` (default: this process's) that replicas need: on a cluster
+    started elsewhere (``ray start``, KubeRay) they do not inherit the deploying command's."""
+    environ = os.environ if environ is None else environ
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.startswith(REPLICA_ENV_PREFIXES) or name in REPLICA_ENV_NAMES
+    }
+
+
+def http_options(settings: Settings) -> dict[str, Any]:
+    """What Serve's HTTP proxy takes of the connection settings: the keep-alive (whole seconds,
+    rounded up). The proxy has no header deadline nor connection limit: ``unapplied_options``."""
+    return {"keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout))}
+
+
+def unapplied_options(settings: Settings) -> list[str]:
+    """Warnings for connection options given (not their defaults) that Serve's proxy cannot
+    apply; ``--body-timeout`` is the app's, and applies."""
+    defaults = Settings(voices_dir=settings.voices_dir)
+    found = []
+    if settings.header_timeout != defaults.header_timeout:
+        found.append(
+            "--header-timeout is not applied under --ray: Serve's HTTP proxy has no deadline "
+            "for the request headers (put a proxy with one in front: docs/DEPLOYMENT.md)"
+        )
+    if settings.max_connections != defaults.max_connections:
+        found.append(
+            "--max-connections is not applied under --ray: Serve's HTTP proxy has no "
+            "connection limit (replicas bound their requests by --max-batch + --max-queue)"
+        )
+    if settings.keep_alive_timeout != math.ceil(settings.keep_alive_timeout):
+        found.append(
+            f"--keep-alive {settings.keep_alive_timeout:g} is rounded up to "
+            f"{math.ceil(settings.keep_alive_timeout)} s under --ray (Serve takes whole seconds)"
+        )
+    return found
+
+
+def graceful_shutdown_s(settings: Settings) -> float:
+    """How long a stopped replica may take: its running requests (at most the request timeout
+    each), then the app's own stop (uploads, at most the shutdown timeout). Serve kills the
+    replica after that, cutting whatever still runs."""
+    return settings.request_timeout + settings.shutdown_timeout
 
 
 def label_samples(text: str, replica: str) -> str:
@@ -129,7 +207,9 @@ class ReplicaLabel:
     and adds it to the response: the app's copy is left out (``_proxied_request_id``)."""
 
     def __init__(self, app, replica: str) -> None:
-        self.app, self.replica = app, replica
+        from .app import app_path
+
+        self.app, self.replica, self.app_path = app, replica, app_path
         self.header = (REPLICA_HEADER.encode(), replica.encode())
 
     async def __call__(self, scope, receive, send) -> None:
@@ -138,7 +218,7 @@ class ReplicaLabel:
             return
         receive = _disconnect_on_cancel(receive)
         given = dict(scope["headers"]).get(b"x-request-id", b"")
-        if scope["path"] != "/metrics":
+        if self.app_path(scope) != "/metrics":  # (under a route prefix too)
 
             async def send_named(message) -> None:
                 if message["type"] == "http.response.start":
@@ -178,11 +258,21 @@ class ReplicaServer:
     """One replica: the model loaded and warmed up once (before Serve sends it anything), then
     the app."""
 
-    def __init__(self, settings: Settings, load: dict[str, Any], threads: int | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        load: dict[str, Any],
+        threads: int | None,
+        log_format: str = "json",
+    ) -> None:
         from ..cli import set_threads
         from ..engine import Engine
         from .app import WARM_UP_SECONDS, create_app
+        from .logs import configure
 
+        # a Ray worker's root logger has no handler: the app's INFO records (its access log)
+        # would be dropped; they go to the worker's stderr (its log file, and the driver's)
+        configure(logging.INFO, json_lines=log_format == "json")
         set_threads(threads)
         started = time.perf_counter()
         self.engine = Engine.load(**load)
@@ -203,17 +293,30 @@ class ReplicaServer:
         await asyncio.wait_for(asyncio.wrap_future(self.engine.call(lambda: None)), HEALTH_WAIT)
 
 
+def most_replicas(options: RayOptions) -> int:
+    """The replicas the deployment may have at most."""
+    return options.replicas if options.autoscale is None else max(1, options.autoscale[1])
+
+
 def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any]:
     """Serve deployment options for these settings (see the module docstring)."""
     admission = settings.workers + settings.max_queue
+    actor: dict[str, Any] = {"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus}
+    if options.env_vars:
+        actor["runtime_env"] = {"env_vars": dict(options.env_vars)}
     config: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
-        "ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
+        "ray_actor_options": actor,
+        # a request beyond the admission reaches the replica, which answers its JSON 429 at
+        # once; the room is for /health, /metrics and voice reads next to a full admission
         "max_ongoing_requests": admission + HEALTH_ROOM,
-        "max_queued_requests": admission,
+        # requests wait in a proxy only until the router picks a replica (a few ms, longer when
+        # every replica has admission + room): a burst up to what all replicas hold is routed
+        # (then answered by the app), beyond it Serve answers its own 429 at once
+        "max_queued_requests": most_replicas(options) * (admission + HEALTH_ROOM),
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         "health_check_period_s": options.health_check_period_s,
-        "graceful_shutdown_timeout_s": settings.shutdown_timeout,
+        "graceful_shutdown_timeout_s": graceful_shutdown_s(settings),
     }
     if options.autoscale is None:
         config["num_replicas"] = options.replicas
@@ -235,7 +338,15 @@ def build_application(settings: Settings, options: RayOptions):
     threads = options.threads or max(1, int(options.replica_cpus))
     ingress = serve.ingress()(ReplicaServer)
     deployment = serve.deployment(ingress, **deployment_options(settings, options))
-    return deployment.bind(settings, options.load, threads)
+    return deployment.bind(settings, options.load, threads, options.log_format)
+
+
+class _ArgsParser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of exiting: in Serve's build task a SystemExit
+    kills the worker, and the reason (argparse's message on its stderr) is lost."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
 
 
 def app_builder(args: dict[str, Any]):
@@ -243,12 +354,11 @@ def app_builder(args: dict[str, Any]):
     ``import_path: cosyvoice_lite.serving.ray_serve:app_builder`` with ``args`` holding options
     of ``cosyvoice-lite serve`` by name (``model``, ``replicas`` or ``autoscale``,
     ``replica_cpus``, ``voices_s3_bucket``, ``max_queue``, ...; ``true`` for a flag). The HTTP
-    address is the config's ``http_options``."""
-    import argparse
-
+    address is the config's ``http_options``. A bad option raises ValueError (its message is the
+    application's status in Serve)."""
     from .cli import add_serve_command, ray_options_from_args, settings_from_args
 
-    parser = argparse.ArgumentParser(prog="cosyvoice-lite")
+    parser = _ArgsParser(prog="cosyvoice-lite")
     add_serve_command(parser.add_subparsers())
     argv = ["serve", "--ray"]
     for key, value in args.items():
@@ -258,8 +368,15 @@ def app_builder(args: dict[str, Any]):
                 argv.append(flag)
             elif item is not False and item is not None:
                 argv += [flag, str(item)]
-    options = parser.parse_args(argv)
-    return build_application(settings_from_args(options), ray_options_from_args(options))
+    try:
+        options = parser.parse_args(argv)
+    except ValueError as exc:
+        raise ValueError(f"cosyvoice-lite application args: {exc}") from None
+    settings = settings_from_args(options)
+    for message in unapplied_options(settings):
+        if not message.startswith("--keep-alive"):  # the config's http_options set that
+            log.warning("%s", message.replace("under --ray", "on Ray Serve"))
+    return build_application(settings, ray_options_from_args(options))
 
 
 def check_voice_store(settings: Settings) -> None:
@@ -270,14 +387,106 @@ def check_voice_store(settings: Settings) -> None:
         S3VoiceStore(settings.voices_s3).open()
 
 
+def start_serve(settings: Settings, options: RayOptions) -> tuple[str, int]:
+    """Start Serve's HTTP proxy at ``options.host:port``, or check the one already running on
+    the cluster: its address cannot change while Serve runs (Serve would ignore the new one
+    silently), so a different one is a CosyVoiceError. The address served, as (host, port)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client  # Serve's own way to find its controller
+
+    wanted = {"host": options.host, "port": options.port, **http_options(settings)}
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        serve.start(http_options=wanted)
+        return options.host, options.port
+    running = client.http_config
+    if (running.host, running.port) != (options.host, options.port):
+        raise CosyVoiceError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy at "
+            f"{running.host}:{running.port}, not the --host {options.host} --port "
+            f"{options.port} asked for; Serve cannot move it while it runs: deploy with "
+            f"--host {running.host} --port {running.port}, or stop Serve first "
+            "(`serve shutdown`, which deletes every application on the cluster)"
+        )
+    if running.keep_alive_timeout_s != wanted["keep_alive_timeout_s"]:
+        log.warning(
+            "Ray Serve already runs on this cluster with a keep-alive of %s s: --keep-alive is "
+            "not applied",
+            running.keep_alive_timeout_s,
+        )
+    return running.host, running.port
+
+
+def _failure(app_name: str) -> str:
+    """Why an application failed to deploy, in a line: the last line of its deployment's
+    message (the replica's exception), else of the application's message."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return ""
+    messages = [d.message for d in app.deployments.values()] + [app.message]
+    for message in messages:
+        lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
+def delete_app(app_name: str, wait: float) -> None:
+    """Delete the application and wait (up to ``wait`` seconds) until its replicas are gone:
+    they first finish their requests. (``serve.delete`` alone gives up after 60 s, and a
+    cluster started here would then be shut down under the requests still running.)"""
+    from ray import serve
+
+    serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + wait
+    while app_name in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def deploy(application, options: RayOptions) -> None:
+    """``serve.run``, or a CosyVoiceError naming why it failed, with the failed application
+    deleted (Serve would keep it, retrying, until someone deletes it)."""
+    from ray import serve
+
+    try:
+        serve.run(application, name=options.app_name, route_prefix=options.route_prefix)
+    except Exception as exc:  # noqa: BLE001 - Serve's RuntimeError, or any error of the cluster
+        try:
+            reason = _failure(options.app_name) or str(exc)
+        except Exception:  # noqa: BLE001 - the cluster may be what failed
+            reason = str(exc)
+        try:
+            delete_app(options.app_name, 60.0)  # a failed deploy runs no request
+        except Exception as cleanup:  # noqa: BLE001 - reported, the deploy error is the one
+            log.warning("could not delete the failed application: %s", cleanup)
+        raise CosyVoiceError(
+            f"deploying on Ray Serve failed (application {options.app_name!r} deleted): {reason}"
+        ) from None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, as an interrupt: the same orderly stop as Ctrl-C."""
+
+
+def _stop_on_sigterm() -> None:
+    """Ray's driver turns SIGTERM into an abort (exit -6, no cleanup): a stop instead."""
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop; the next would cut it short
+        raise Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def serve_on_ray(settings: Settings, options: RayOptions) -> int:
-    """Connect to (or start) a Ray cluster, deploy, and keep running until interrupted."""
+    """Connect to (or start) a Ray cluster, deploy, and keep running until interrupted (Ctrl-C
+    or SIGTERM: the application is deleted, its replicas finish their requests, exit 0)."""
     try:
         import ray
-        from ray import serve
+        from ray import serve  # noqa: F401 - the extra's part used below
     except ImportError as exc:
-        from ..errors import CosyVoiceError
-
         raise CosyVoiceError(
             "--ray needs Ray Serve (the 'ray' extra): pip install -e '.[ray]'"
         ) from exc
@@ -288,15 +497,35 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
             "every replica sees every voice",
             settings.voices_dir,
         )
+    for message in unapplied_options(settings):
+        log.warning("%s", message)
+    env = replica_env()
+    options = dataclasses.replace(options, env_vars={**env, **options.env_vars})
+    if env:  # names only: values may be secrets
+        log.info("passing to the replicas: %s", ", ".join(sorted(env)))
     ray.init(address=options.address, logging_level=logging.WARNING)
-    serve.start(http_options={"host": options.host, "port": options.port})
-    serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
-    log.info("serving on http://%s:%d through Ray Serve", options.host, options.port)
+    _stop_on_sigterm()  # after ray.init, which installs its own handler
+    deployed = False
     try:
+        host, port = start_serve(settings, options)
+        deployed = True
+        try:
+            deploy(build_application(settings, options), options)
+        except CosyVoiceError:
+            deployed = False  # deploy deleted it
+            raise
+        log.info("serving on http://%s:%d through Ray Serve", host, port)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("stopping")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Stopped)
+        log.info(
+            "stopping: the replicas finish their requests (up to %g s)",
+            graceful_shutdown_s(settings),
+        )
     finally:
-        serve.delete(APP_NAME)
+        try:
+            if deployed:
+                delete_app(options.app_name, graceful_shutdown_s(settings) + 30.0)
+        finally:
+            ray.shutdown()
     return 0
