@@ -135,10 +135,16 @@ def test_under_a_route_prefix_probes_are_public_and_metrics_labelled(prefixed):
     # OpenAI routes answer a bad body 400, as without a prefix
     bad = prefixed.post("/v1/audio/speech", json={"input": "hi"}, headers=auth)
     assert bad.status_code == 400, bad.text
+    # the API docs page is not given the web page's script policy, which blocks Swagger UI
+    from cosyvoice_lite.serving.guard import PAGE_CSP
+
+    docs = prefixed.get("/docs", headers=auth)
+    assert docs.status_code == 200
+    assert docs.headers.get("content-security-policy") != PAGE_CSP
 
 
 def test_app_path_strips_only_a_whole_root_segment():
-    from cosyvoice_lite.serving.app import app_path
+    from cosyvoice_lite.serving.guard import app_path
 
     assert app_path({"path": "/cv/health", "root_path": "/cv"}) == "/health"
     assert app_path({"path": "/cv", "root_path": "/cv"}) == "/"

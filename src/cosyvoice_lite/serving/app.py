@@ -37,7 +37,7 @@ from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
 from .errors import ApiError, from_engine_error, not_ready, route_fields
-from .guard import DOC_PATHS, GuardMiddleware, check_texts
+from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
 from .openapi import install_openapi
@@ -215,15 +215,6 @@ class ServerState:
 
 
 # ---------------------------------------------------------------------------------- middleware
-
-
-def app_path(scope) -> str:
-    """The request's path within the app: ASGI servers (uvicorn, Ray Serve under a route
-    prefix) include the ``root_path`` the app is mounted at in ``path``."""
-    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
-        return path[len(root) :] or "/"
-    return path
 
 
 def _route_path(app: FastAPI, scope) -> str:

@@ -177,6 +177,15 @@ def _too_large(limit: int, upload: bool, length: int | None = None) -> ApiError:
     )
 
 
+def app_path(scope) -> str:  # noqa: ANN001 - an ASGI scope
+    """The request's path within the app: ASGI servers (uvicorn, Ray Serve under a route
+    prefix) include the ``root_path`` the app is mounted at in ``path``."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
 class GuardMiddleware:
     """Body size and read-time limits, security headers, and truncated streams (see module doc)."""
 
@@ -189,7 +198,7 @@ class GuardMiddleware:
         present = {k.lower() for k, _ in headers}
         out = list(headers) + [h for h in SECURITY_HEADERS if h[0] not in present]
         content_type = dict((k.lower(), v) for k, v in headers).get(b"content-type", b"")
-        if content_type.startswith(b"text/html") and not scope["path"].startswith(DOC_PATHS):
+        if content_type.startswith(b"text/html") and not app_path(scope).startswith(DOC_PATHS):
             out.append((b"content-security-policy", PAGE_CSP.encode()))
         return out
 

@@ -207,7 +207,7 @@ class ReplicaLabel:
     and adds it to the response: the app's copy is left out (``_proxied_request_id``)."""
 
     def __init__(self, app, replica: str) -> None:
-        from .app import app_path
+        from .guard import app_path
 
         self.app, self.replica, self.app_path = app, replica, app_path
         self.header = (REPLICA_HEADER.encode(), replica.encode())
