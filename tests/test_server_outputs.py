@@ -5,13 +5,14 @@ a real TCP endpoint that accepts and never answers)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 import pytest
 from test_server_s3 import keys, s3, s3_url  # noqa: F401 - the local S3 server fixtures
-from test_server_support import ServerThread, metric, tiny_engine, wait_for
+from test_server_support import ServerThread, decode, metric, tiny_engine, wait_for
 
 from cosyvoice_lite.serving import S3Settings, Settings, create_app
 
@@ -56,6 +57,34 @@ def test_output_names_are_unique_for_a_repeated_request_id(engine, tmp_path):
         metas = wait_for(lambda: len(list((tmp_path / "out").glob("*/*same.json"))) == 3)
         assert metas
         assert len(list((tmp_path / "out").glob("*/*same.wav"))) == 3
+        # an Opus result (resampled to 48 kHz from the model's 22.05) says the rate it has
+        response = client.post(
+            "/tts", json={**body, "format": "opus"}, headers={"X-Request-Id": "op"}
+        )
+        assert response.status_code == 200
+        assert wait_for(lambda: list((tmp_path / "out").glob("*/*op.json")))
+        meta = json.loads(next((tmp_path / "out").glob("*/*op.json")).read_text())
+        _, rate = decode(next((tmp_path / "out").glob(f"*/{meta['audio_file']}")).read_bytes())
+        assert meta["sample_rate"] == rate == 48000
+
+
+def test_results_are_saved_at_once_while_uploads_hang(engine, tmp_path, silent_s3, monkeypatch):
+    """Saving and uploading were one thread: behind an upload to a hung S3 finished results
+    waited in memory, unsaved, and a stop lost them."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # so that the upload is tried
+        monkeypatch.setenv(name, "test")
+    hung = S3Settings("results", "", silent_s3, "us-east-1", connect_timeout=0.5,
+                      read_timeout=30, max_attempts=1)  # fmt: skip
+    spool = tmp_path / "spool"
+    settings = Settings(voices_dir=tmp_path / "voices", s3=hung, spool_dir=spool,
+                        shutdown_timeout=1.0)  # fmt: skip
+    with ServerThread(create_app(engine, settings)) as server, server.client() as client:
+        for seed in range(3):
+            body = {"text": "你好。", "speaker": engine.voices()[0], "seed": seed}
+            assert client.post("/tts", json=body).status_code == 200
+        assert wait_for(lambda: len(list(spool.rglob(".*.s3-pending"))) == 3, timeout=20)
+    # stopped with every upload pending: all three are on disk for the next start
+    assert len(list(spool.rglob("*.wav"))) == 3 and len(list(spool.rglob("*.json"))) == 3
 
 
 def test_hung_s3_is_counted_failed_kept_locally_and_does_not_hold_shutdown(

@@ -4,11 +4,13 @@
 Saving runs on its own thread so it never holds a synthesis worker or delays a response.
 
 With S3, every result is first saved locally (in the outputs directory, or else in a spool
-directory) with a hidden ``.<name>.s3-pending`` marker; the upload (bounded connect/read timeouts,
-a bounded number of tries) removes the marker, and the spooled copy, once both objects are up. A
-failed upload keeps its marker: it is tried again when the server next starts, so nothing finished
-is lost while S3 is down. Uploads are counted done/failed, with a gauge of pending ones; a
-graceful stop waits at most ``shutdown_timeout`` for them (the rest stay pending on disk).
+directory) with a hidden ``.<name>.s3-pending`` marker, as soon as it is finished; uploads run on
+a thread of their own (bounded connect/read timeouts, a bounded number of tries), so a slow or
+hung S3 never holds the local saves back. An upload removes the marker, and the spooled copy,
+once both objects are up. A failed upload keeps its marker: it is tried again when the server
+next starts, so nothing finished is lost while S3 is down. Uploads are counted done/failed, with
+a gauge of pending ones; a graceful stop waits at most ``shutdown_timeout`` for the saves, then
+the uploads (those not done stay pending on disk).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +30,7 @@ import numpy as np
 from ..audio.io import AUDIO_FORMATS, encode_audio
 from .metrics import Metrics
 from .settings import S3Settings
+from .streaming import output_rate
 
 log = logging.getLogger(__name__)
 
@@ -83,60 +87,89 @@ class OutputStore:
         self.local = directory if directory is not None else (spool_dir if s3 else None)
         if s3 is not None and self.local is None:
             raise ValueError("S3 upload needs an outputs or spool directory to save results first")
-        self._queue: queue.Queue = queue.Queue()
+        self._saves: queue.Queue = queue.Queue()  # results to write locally
+        self._uploads: queue.Queue = queue.Queue()  # markers of results to upload
         self._lock = threading.Lock()
         self.pending = 0  # results saved or being saved that are not uploaded yet
-        self._thread: threading.Thread | None = None
+        self.unsaved = 0  # results submitted and not written yet (in memory)
+        self._threads: list[threading.Thread] = []
         metrics.gauge(
             "s3_uploads_pending", "Results waiting for their S3 upload.", lambda: self.pending
         )
         if self.local is not None:
             self.local.mkdir(parents=True, exist_ok=True)
+        # daemon threads: a hung upload never keeps the process from exiting
         if self.enabled:
-            # a daemon thread: a hung upload never keeps the process from exiting
-            self._thread = threading.Thread(target=self._work, name="outputs", daemon=True)
-            self._thread.start()
+            self._threads.append(self._start(self._save_loop, "outputs-save"))
         if self._client is not None:
+            self._threads.append(self._start(self._upload_loop, "outputs-upload"))
             for marker in sorted(self.local.rglob(f".*{MARKER_SUFFIX}")):
-                self._put(("upload", marker))  # left over from the last run: try again
+                with self._lock:  # left over from the last run: try again
+                    self.pending += 1
+                self._uploads.put(("upload", marker))
+
+    @staticmethod
+    def _start(target, name: str) -> threading.Thread:  # noqa: ANN001
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        return thread
 
     @property
     def enabled(self) -> bool:
         return self.directory is not None or self.s3 is not None
-
-    def _put(self, item) -> None:
-        with self._lock:
-            self.pending += self._client is not None
-        self._queue.put(item)
 
     def submit(
         self, request_id: str, samples: np.ndarray, sample_rate: int, format: str, meta: dict
     ) -> None:
         if not self.enabled or len(samples) == 0:
             return
-        self._put(("save", (request_id, samples, sample_rate, format, meta)))
+        with self._lock:
+            self.pending += self._client is not None
+            self.unsaved += 1
+        self._saves.put(("save", (request_id, samples, sample_rate, format, meta)))
 
-    def _work(self) -> None:
+    def _save_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._saves.get()
             if item is _STOP:
+                if self._client is not None:
+                    self._uploads.put(_STOP)  # after the markers of every save
                 return
             kind, args = item
-            if kind == "call":  # flush(): everything before it is done
-                args.set()
-                continue
-            try:
-                if kind == "save":
-                    marker = self._save(*args)
-                    if marker is not None:
-                        self._upload(marker)
+            if kind == "call":  # flush(): every save before it is done; then its uploads
+                if self._client is not None:
+                    self._uploads.put(item)
                 else:
-                    self._upload(args)
+                    args.set()
+                continue
+            marker = None
+            try:
+                marker = self._save(*args)
             except Exception as exc:  # noqa: BLE001 - keeping results must never stop serving
                 log.error("could not keep a result: %s", exc)
             finally:
                 with self._lock:
-                    self.pending -= self._client is not None
+                    self.unsaved -= 1
+                    self.pending -= self._client is not None and marker is None
+            if marker is not None:
+                self._uploads.put(("upload", marker))
+
+    def _upload_loop(self) -> None:
+        while True:
+            item = self._uploads.get()
+            if item is _STOP:
+                return
+            kind, args = item
+            if kind == "call":
+                args.set()
+                continue
+            try:
+                self._upload(args)
+            except Exception as exc:  # noqa: BLE001 - keeping results must never stop serving
+                log.error("could not upload a result: %s", exc)
+            finally:
+                with self._lock:
+                    self.pending -= 1
 
     def _save(
         self, request_id: str, samples: np.ndarray, sample_rate: int, format: str, meta: dict
@@ -154,7 +187,7 @@ class OutputStore:
             "id": request_id,
             "created_at": now.isoformat(),
             "format": fmt,
-            "sample_rate": sample_rate,
+            "sample_rate": output_rate(fmt, sample_rate),  # (opus: 48 kHz where it resamples)
             "duration": round(len(samples) / sample_rate, 3),
             "audio_file": f"{name}.{ext}",
         }
@@ -227,19 +260,26 @@ class OutputStore:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is saved and uploaded (or failed)."""
         done = threading.Event()
-        self._queue.put(("call", done))
+        self._saves.put(("call", done))
         return done.wait(timeout)
 
     def shutdown(self) -> None:
-        """Stop after the queued work, waiting at most ``shutdown_timeout`` seconds; whatever is
-        still pending stays on disk with its marker and is uploaded at the next start."""
-        if self._thread is None:
+        """Stop after the queued work, waiting at most ``shutdown_timeout`` seconds in all for
+        the saves, then the uploads; a result not uploaded stays on disk with its marker and is
+        uploaded at the next start. Results not even saved by then are lost (said in the log)."""
+        if not self._threads:
             return
-        self._queue.put(_STOP)
-        self._thread.join(self.shutdown_timeout)
-        if self._thread.is_alive():
+        self._saves.put(_STOP)
+        deadline = time.monotonic() + self.shutdown_timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            unsaved, pending = self.unsaved, self.pending
+        if unsaved:
+            log.error("stopping with %d finished result(s) not saved yet: they are lost", unsaved)
+        if pending - unsaved > 0:
             log.warning(
                 "stopping with %d result(s) not uploaded yet; they are kept under the "
                 "outputs/spool directory and uploaded at the next start",
-                self.pending,
+                pending - unsaved,
             )
