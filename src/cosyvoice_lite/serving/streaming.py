@@ -140,6 +140,38 @@ class _Sink(io.RawIOBase):
         return new
 
 
+# MPEG audio layer III: bit rates (kbit/s) by index, MPEG-1 and MPEG-2/2.5; sample rates
+_MP3_KBPS = {
+    1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def mp3_frame_bytes(header: bytes) -> int | None:
+    """The length of the layer III frame that ``header`` (its first 4 bytes) starts; None if
+    it starts none."""
+    if len(header) < 4 or header[0] != 0xFF or (header[1] & 0xE0) != 0xE0:
+        return None
+    version, layer = (header[1] >> 3) & 3, (header[1] >> 1) & 3
+    bitrate, rate, padding = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
+    if layer != 1 or version == 1 or bitrate in (0, 15) or rate == 3:
+        return None
+    kbps = _MP3_KBPS[1 if version == 3 else 2][bitrate]
+    per_frame = 144 if version == 3 else 72  # bytes per (kbit/s / Hz) of a frame
+    return per_frame * kbps * 1000 // _MP3_RATES[version][rate] + padding
+
+
+def without_info_placeholder(head: bytes) -> bytes:
+    """``head`` without its first frame if that frame is LAME's placeholder for the Info tag
+    (header, then zeros), which only a seek back at the end fills in: a stream cannot, and
+    decoders play the empty frame as silence before the audio."""
+    size = mp3_frame_bytes(head)
+    if size is not None and len(head) >= size and not any(head[4:size]):
+        return head[size:]
+    return head
+
+
 def output_rate(format: str, rate: int) -> int:
     """The rate a format is written at: Opus and MP3 accept only some rates (else 48 kHz, as
     ``encode_audio`` does)."""
@@ -160,6 +192,7 @@ class Encoder:
         self.sample_rate = rate
         self.resampler = StreamResampler(sample_rate, rate) if rate != sample_rate else None
         self.started = False
+        self._head: bytes | None = b"" if format == "mp3" else None  # until its first frame
         self.file: sf.SoundFile | None = None
         self.sink: _Sink | None = None
         if format not in ("wav", "pcm"):
@@ -176,7 +209,7 @@ class Encoder:
         if self.file is not None:
             if len(samples):
                 self.file.write(np.clip(samples, -1.0, 1.0).astype(np.float32))
-            return self.sink.take()
+            return self._stripped(self.sink.take())
         head = b""
         if not self.started and self.format == "wav":
             head = wav_header(self.sample_rate)
@@ -188,12 +221,25 @@ class Encoder:
             samples = self.resampler.feed(samples)
         return self._encode(samples)
 
+    def _stripped(self, data: bytes, last: bool = False) -> bytes:
+        """``data``, less an mp3 stream's empty first frame (``without_info_placeholder``):
+        held back until that frame is whole."""
+        if self._head is None:
+            return data
+        head = self._head + data
+        size = mp3_frame_bytes(head)
+        if not last and (len(head) < 4 or (size is not None and len(head) < size)):
+            self._head = head
+            return b""
+        self._head = None
+        return without_info_placeholder(head)
+
     def finish(self) -> bytes:
         tail = self.resampler.finish() if self.resampler is not None else np.zeros(0, np.float32)
         out = self._encode(tail)
         if self.file is not None:
             self.file.close()
-            out += self.sink.take()
+            out += self._stripped(self.sink.take(), last=True)
         return out
 
 
