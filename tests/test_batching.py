@@ -7,6 +7,7 @@ leaving mid-way, cancelled, failing) against each request run alone with the sam
 
 from __future__ import annotations
 
+import io
 import itertools
 import subprocess
 import sys
@@ -862,3 +863,30 @@ def test_work_pending_at_close_ends_with_an_error(v1_dir: Path) -> None:
         assert isinstance(error, EngineClosedError) or future.result() in (1, 2)
     with pytest.raises(EngineClosedError):
         engine.call(lambda: 1)
+
+
+def test_a_voice_conversion_source_is_read_beside_decoding_not_on_the_loop(v2: Engine) -> None:
+    """A voice conversion's source was decoded and tokenised as its segment started, on the
+    loop thread: every row (and the loop's health probe) waited meanwhile, 17 s for a crafted
+    file. It is read on the preparing thread, as prompts are."""
+    reading, release = threading.Event(), threading.Event()
+    data = (DATA / "audio" / "en_22k.wav").read_bytes()
+
+    class SlowUpload(io.RawIOBase):  # a client that sends its file slowly
+        def read(self, size: int = -1) -> bytes:
+            reading.set()
+            release.wait(30)
+            return data
+
+    request = SynthesisRequest(Mode.VOICE_CONVERSION, source_audio=SlowUpload(),
+                               prompt_audio=PROMPT, seed=4)  # fmt: skip
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(_alone(v2, request)))
+    worker.start()
+    try:
+        assert reading.wait(30)
+        assert v2.call(lambda: "answered").result(timeout=5) == "answered"
+    finally:
+        release.set()
+        worker.join(60)
+    assert result and result[0].size > 0

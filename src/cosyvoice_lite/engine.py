@@ -574,7 +574,14 @@ class Engine:
         prompt = self._prompt(request, prompt)
         max_tokens = request.max_speech_tokens or self._segment_tokens(request.speed)
         policy = LengthPolicy(max_tokens=max_tokens, ignore_eos=request.ignore_eos)
-        return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink)
+        # a voice conversion's source is decoded and tokenised here, on the preparing thread,
+        # not when its segment starts on the loop (which stopped every row meanwhile)
+        source = self._source_tokens(request) if request.mode == Mode.VOICE_CONVERSION else None
+        return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink, source)
+
+    def _source_tokens(self, request: SynthesisRequest) -> torch.Tensor:
+        wav, rate = self.prompt_encoder.load(request.source_audio, "source audio")
+        return self.prompt_encoder.tokens(wav, rate)
 
     def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
         samples = piece.detach().float().cpu().reshape(-1).numpy()
@@ -782,8 +789,14 @@ class Engine:
         return prompt_text, text
 
     def _inputs(
-        self, request: SynthesisRequest, segment, prompt: PromptFeatures | None
+        self,
+        request: SynthesisRequest,
+        segment,
+        prompt: PromptFeatures | None,
+        source: torch.Tensor | None = None,
     ) -> ModelInputs:
+        """A segment's network inputs; ``source``: a voice conversion's source tokens, if
+        already computed."""
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
         no_embedding = torch.zeros(0, 192)
         prompt_text = ""
@@ -814,10 +827,8 @@ class Engine:
             )
         else:
             llm_speech = prompt.speech_tokens if request.mode == Mode.ZERO_SHOT else empty_tokens
-            source = None
-            if request.mode == Mode.VOICE_CONVERSION:
-                wav, rate = self.prompt_encoder.load(request.source_audio, "source audio")
-                source = self.prompt_encoder.tokens(wav, rate)
+            if request.mode == Mode.VOICE_CONVERSION and source is None:
+                source = self._source_tokens(request)
             inputs = ModelInputs(
                 text,
                 prompt_tokens,
@@ -845,16 +856,19 @@ class _Run:
         policy: LengthPolicy,
         progress: Progress | None,
         sink: Sink,
+        source: torch.Tensor | None = None,
     ) -> None:
+        """``source``: a voice conversion's source tokens."""
         self.engine, self.request, self.segments, self.prompt = engine, request, segments, prompt
         self.sampler, self.noise, self.policy = sampler, noise, policy
         self.progress, self.sink = progress, sink
         self.stream = request.stream
         self.serial_segments = noise is sampler.generator
+        self.source = source
 
     def start_segment(self, index: int) -> tuple[object, object]:
         engine, request = self.engine, self.request
-        inputs = engine._inputs(request, self.segments[index], self.prompt)
+        inputs = engine._inputs(request, self.segments[index], self.prompt, self.source)
         task = engine.pipeline.task(inputs, self.sampler, self.policy)
         audio = engine.pipeline.start(inputs, self.noise, request.stream, request.speed)
         return task, audio
