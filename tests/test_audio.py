@@ -150,6 +150,14 @@ def test_stereo_is_channel_mean_like_official() -> None:
     torch.testing.assert_close(audio, expected, rtol=0, atol=0)
 
 
+def test_many_channels_are_refused_before_decoding() -> None:
+    """Decoding work grows with the channels: a small Vorbis file of 255 channels took 16 s."""
+    audio, _ = load_audio(encoded(tone(16000, 0.1, channels=8), 16000, "WAV", "PCM_16"))
+    assert audio.shape == (1600,)
+    with pytest.raises(AudioError, match="9 channels; at most 8"):
+        load_audio(encoded(tone(16000, 0.1, channels=9), 16000, "WAV", "PCM_16"))
+
+
 def test_load_audio_max_seconds_checks_header() -> None:
     wav = encoded(tone(16000, seconds=2.0), 16000, "WAV", "PCM_16")
     with pytest.raises(AudioError, match="too long"):
@@ -210,9 +218,19 @@ def test_text_file_object_is_rejected() -> None:
 def test_silence() -> None:
     with pytest.raises(AudioError, match="all zeros"):
         check_not_silent(torch.zeros(16000))
+    tone = torch.sin(torch.arange(16000) * 0.1)
     with pytest.raises(AudioError, match="-80 dBFS"):
-        check_not_silent(torch.full((16000,), 1e-4))
-    check_not_silent(torch.full((16000,), 0.01))
+        check_not_silent(tone * 1e-4)
+    check_not_silent(tone * 0.01)
+    # a cheap microphone's DC offset, or a click or two, in silence: no sound to clone (both
+    # were taken for speech by the absolute peak)
+    hiss = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * 1e-5
+    with pytest.raises(AudioError, match="silent"):
+        check_not_silent(hiss + 0.01)
+    clicks = hiss.clone()
+    clicks[[4000, 9000]] = 0.5
+    with pytest.raises(AudioError, match="silent"):
+        check_not_silent(clicks)
     silent_wav = encoded(np.zeros((16000, 1), dtype=np.float32), 16000, "WAV", "PCM_16")
     audio, rate = load_audio(silent_wav)
     with pytest.raises(AudioError, match="silent"):

@@ -81,6 +81,11 @@ def test_a_recording_too_loud_to_give_features_is_refused_not_stored(engine, tmp
         files = {"prompt_wav": ("p.wav", loud.getvalue(), "audio/wav")}
         error = error_of(c.post("/tts/upload", data={"text": "你好"}, files=files), 400)
         assert error["param"] == "prompt_wav"
+        # as a voice conversion's source too (it was tokenised from infinite features: zeros)
+        files = {"source_wav": ("s.wav", loud.getvalue(), "audio/wav"),
+                 "prompt_wav": ("p.wav", prompt_wav(2.0), "audio/wav")}  # fmt: skip
+        error = error_of(c.post("/tts/upload", data={"format": "wav"}, files=files), 400)
+        assert "far outside" in error["message"]
 
 
 def write_voice(root, folder: str, meta: bytes | None, wav: bool = True) -> None:

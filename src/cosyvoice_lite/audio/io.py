@@ -46,7 +46,13 @@ are fewer than 12 speech tokens at 25 Hz and 48 fbank frames for CAM++; such a p
 almost no speaker information and mostly reflects a user error (wrong file, cut recording)."""
 
 SILENCE_PEAK = 10 ** (-60 / 20)
-"""A prompt whose absolute peak is below -60 dBFS (~1e-3) is treated as silent."""
+"""A prompt whose level is below -60 dBFS (~1e-3) is treated as silent: the peak, less any DC
+offset, of its 4th loudest 25 ms frame (a click or two in silence is not speech)."""
+LOUD_FRAMES = 4
+
+MAX_CHANNELS = 8
+"""Most channels decoded (7.1 surround): decoding work grows with them, and a voice recording
+needs one (a small file of 255 channels at 192 kHz took 16 s of decoding)."""
 
 # Rates libsndfile's Opus encoder accepts; other rates are resampled to 48 kHz before encoding.
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -121,6 +127,11 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
                 raise AudioError(
                     f"{what} has a sample rate of {sample_rate} Hz; at most "
                     f"{MAX_SAMPLE_RATE} Hz is accepted"
+                )
+            if f.channels > MAX_CHANNELS:
+                raise AudioError(
+                    f"{what} has {f.channels} channels; at most {MAX_CHANNELS} are accepted (a "
+                    "mono recording is best)"
                 )
             if max_seconds is not None and f.frames > 0 and f.frames / sample_rate > max_seconds:
                 raise AudioError(
@@ -207,11 +218,21 @@ def check_finite(audio: AudioArray) -> None:
         raise AudioError("audio contains NaN or infinite samples")
 
 
-def check_not_silent(audio: AudioArray, peak: float = SILENCE_PEAK) -> None:
-    """Raise if the absolute peak is below ``peak`` (default -60 dBFS)."""
-    waveform = _as_tensor(audio)
+def check_not_silent(
+    audio: AudioArray, peak: float = SILENCE_PEAK, sample_rate: int = MIN_SAMPLE_RATE
+) -> None:
+    """Raise if the level is below ``peak`` (default -60 dBFS): the peak, less the DC offset,
+    of the ``LOUD_FRAMES``-th loudest 25 ms frame (all samples for a shorter audio)."""
+    waveform = _as_tensor(audio).reshape(-1).float()
     check_not_empty(waveform)
-    level = float(waveform.abs().max())
+    centred = (waveform - waveform.mean()).abs()  # a microphone's DC offset is no sound
+    frame = max(1, sample_rate // 40)
+    count = centred.numel() // frame
+    if count >= LOUD_FRAMES:
+        peaks = centred[: count * frame].reshape(count, frame).amax(dim=1)
+        level = float(peaks.topk(LOUD_FRAMES).values[-1])
+    else:
+        level = float(centred.max())
     if level < peak:
         where = "all zeros" if level == 0 else f"peak {20 * math.log10(level):.0f} dBFS"
         raise AudioError(
@@ -255,7 +276,7 @@ def check_prompt_audio(
             "(record or export it at 16 kHz or more)"
         )
     check_duration(audio, sample_rate, min_seconds, max_seconds)
-    check_not_silent(audio)
+    check_not_silent(audio, sample_rate=sample_rate)
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,8 +70,15 @@ class PromptEncoder:
             raise AudioError(f"{what}: {exc}", what.replace(" ", "_")) from None
         return wav, rate
 
-    def tokens(self, wav: torch.Tensor, rate: int) -> torch.Tensor:
-        return self.speech_tokenizer(to_sample_rate(wav, rate, TOKENIZER_RATE))
+    def tokens(self, wav: torch.Tensor, rate: int, what: str = "source audio") -> torch.Tensor:
+        """The speech tokens of a recording (voice conversion's source)."""
+        return self._tokens(to_sample_rate(wav, rate, TOKENIZER_RATE), what)
+
+    def _tokens(self, wav16k: torch.Tensor, what: str) -> torch.Tensor:
+        try:
+            return self.speech_tokenizer(wav16k)
+        except AudioError as exc:  # named as load() names them
+            raise AudioError(f"{what}: {exc}", what.replace(" ", "_")) from None
 
     def encode(self, source: AudioSource, prompt_text: str = "") -> PromptFeatures:
         wav, rate = self.load(source)
@@ -91,7 +98,7 @@ class PromptEncoder:
             self.mel.center,
         )
         features = PromptFeatures(
-            speech_tokens=self.speech_tokenizer(wav16k),
+            speech_tokens=self._tokens(wav16k, "prompt audio"),
             speech_feat=feat.squeeze(0).transpose(0, 1).unsqueeze(0).contiguous(),
             embedding=self.speaker_encoder(wav16k),
             prompt_text=prompt_text,

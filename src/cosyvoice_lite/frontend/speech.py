@@ -122,4 +122,13 @@ class SpeechTokenizer:
                 f"audio is too long for the speech tokenizer: {seconds:.1f} s, at most "
                 f"{SPEECH_TOKENIZER_MAX_SECONDS:g} s; trim the prompt"
             )
-        return self.tokenize_features(log_mel_spectrogram(wav, n_mels=128))
+        feat = log_mel_spectrogram(wav, n_mels=128)
+        if not bool(torch.isfinite(feat).all()):
+            # finite samples, but so far outside [-1, 1] (~1e19) that their power overflows: the
+            # tokens of such features are garbage (all zeros), not speech
+            peak = float(wav.abs().max())
+            raise AudioError(
+                f"its samples reach {peak:.3g}, far outside [-1, 1], and give no usable "
+                "features; normalise the recording"
+            )
+        return self.tokenize_features(feat)
