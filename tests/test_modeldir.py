@@ -10,7 +10,7 @@ import torch
 
 from cosyvoice_lite.engine import Engine
 from cosyvoice_lite.errors import ModelDirError, ModelDownloadError
-from cosyvoice_lite.hub import resolve_model
+from cosyvoice_lite.hub import DOWNLOADING_MARK, resolve_model
 from cosyvoice_lite.modeldir import detect_version, open_model_dir, required_files
 
 
@@ -139,3 +139,38 @@ def test_a_model_directory_counts_as_downloaded_only_when_whole(
     (target / "flow.pt").unlink()  # as a download cut short would leave it
     with pytest.raises(ModelDownloadError, match="downloading is disabled"):
         resolve_model("CosyVoice2-0.5B", download=False)
+    # a download cut short while only optional files (spk2info.pt, llm.rl.pt) were left, or one
+    # another process is still making, is not whole either: it was taken as a copy by hand and
+    # never resumed (an SFT model without its voices)
+    shutil.copy(Path(__file__).resolve().parent / "data" / "models" / "v2-tiny" / "flow.pt", target)
+    (target / DOWNLOADING_MARK).touch()
+    with pytest.raises(ModelDownloadError, match="downloading is disabled"):
+        resolve_model("CosyVoice2-0.5B", download=False)
+    (target / DOWNLOADING_MARK).unlink()
+    unfinished = target / ".cache" / "huggingface" / "download"
+    unfinished.mkdir(parents=True)
+    (unfinished / "spk2info.pt.1a2b.incomplete").touch()
+    with pytest.raises(ModelDownloadError, match="downloading is disabled"):
+        resolve_model("CosyVoice2-0.5B", download=False)
+    (unfinished / "spk2info.pt.1a2b.incomplete").unlink()
+    assert resolve_model("CosyVoice2-0.5B", download=False) == target  # a whole copy
+
+
+def test_a_missing_path_is_not_taken_for_a_model_name(tmp_path: Path, monkeypatch) -> None:
+    """A mount that is missing or a typo in a path ending in an official name started a
+    download of gigabytes into the cache."""
+    monkeypatch.setenv("COSYVOICE_LITE_CACHE", str(tmp_path))
+    for path in ("/mnt/models/CosyVoice2-0.5B", "./CosyVoice2-0.5B", "a/b/CosyVoice2-0.5B"):
+        with pytest.raises(ModelDownloadError, match="neither an existing directory"):
+            resolve_model(path, download=False)
+    for name in ("CosyVoice2-0.5B", "FunAudioLLM/CosyVoice2-0.5B"):  # names
+        with pytest.raises(ModelDownloadError, match="downloading is disabled"):
+            resolve_model(name, download=False)
+
+
+def test_loading_without_downloads_fetches_nothing(tmp_path: Path, monkeypatch) -> None:
+    """``download=False`` held for the model only: v1's whisper vocabulary was still fetched
+    (from GitHub, then through pip, up to minutes offline)."""
+    monkeypatch.setenv("COSYVOICE_LITE_CACHE", str(tmp_path))  # no vocabulary in this cache
+    with pytest.raises(ModelDownloadError, match="downloading is disabled"):
+        Engine.load(Path(__file__).resolve().parent / "data" / "models" / "v1-tiny", download=False)

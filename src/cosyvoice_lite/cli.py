@@ -623,9 +623,14 @@ def cmd_normalize(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .hub import resolve_model
+    from .hub import resolve_model, whisper_vocab_path
+    from .modeldir import detect_version
+    from .versions import spec
 
-    print(resolve_model(args.name))
+    path = resolve_model(args.name)
+    if spec(detect_version(path)).text_tokenizer == "whisper":
+        whisper_vocab_path()  # v1's text vocabulary too: everything to run offline later
+    print(path)
     return 0
 
 

@@ -359,7 +359,7 @@ class Engine:
         if share_onnx_threads:  # before any session
             _share_onnx_threads(placement, backend, model_dir)
 
-        tokenizer = factory.text_tokenizer(model_dir)
+        tokenizer = factory.text_tokenizer(model_dir, download)
         pipeline = factory.build_pipeline(
             model_dir,
             placement,

@@ -54,12 +54,15 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
-    """A local model directory for a path or an official model name."""
+    """A local model directory for a path or an official model name (``Name`` or
+    ``Org/Name``; a path that does not exist is not taken for a name, it is an error)."""
     path = Path(name_or_dir).expanduser()
     if path.exists():
         return path
-    name = str(name_or_dir).split("/")[-1]
-    if name not in MODELS:
+    text = str(name_or_dir)
+    name = text.split("/")[-1]
+    as_name = text.count("/") <= 1 and not text.startswith(("/", ".", "~"))
+    if name not in MODELS or not as_name:
         known = ", ".join(MODELS)
         raise ModelDownloadError(
             f"'{name_or_dir}' is neither an existing directory nor a known model name ({known})"
@@ -75,13 +78,24 @@ def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
 
 # written once a download has finished: an interrupted one (resumed by the next run) lacks it
 COMPLETE_MARK = ".cosyvoice-lite-complete"
+# written when a download starts: with it and without the other, a download is unfinished
+DOWNLOADING_MARK = ".cosyvoice-lite-downloading"
 
 
 def _looks_complete(path: Path) -> bool:
-    """Downloaded whole (the mark), or every file the engine opens is there (a copy placed by
-    hand has no mark)."""
+    """Downloaded whole (the mark, and the files the engine opens still there), or a copy placed
+    by hand (no sign of a download: every file the engine opens is there). A download cut short
+    is never taken as whole, even when only optional files (spk2info.pt, llm.rl.pt) were left:
+    the next run resumes it."""
+    if not _has_required_files(path):
+        return False
     if (path / COMPLETE_MARK).is_file():
         return True
+    # (a Hugging Face download's own metadata, .cache/huggingface, may come with a copy)
+    return not (path / DOWNLOADING_MARK).exists() and not _unfinished_files(path)
+
+
+def _has_required_files(path: Path) -> bool:
     from .modeldir import detect_version, required_files
 
     try:
@@ -89,6 +103,11 @@ def _looks_complete(path: Path) -> bool:
     except ModelDirError:
         return False
     return all((path / name).is_file() for name in required_files(version))
+
+
+def _unfinished_files(path: Path) -> list[str]:
+    """Files a hub client left half-fetched (Hugging Face: ``*.incomplete``)."""
+    return sorted(p.name for p in (path / ".cache").rglob("*.incomplete"))
 
 
 def _download_model(name: str, target: Path) -> None:
@@ -99,14 +118,25 @@ def _download_model(name: str, target: Path) -> None:
     if os.environ.get("COSYVOICE_LITE_HUB", "").lower() == "modelscope":
         sources.reverse()
     errors = []
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / COMPLETE_MARK).unlink(missing_ok=True)  # (a mark over missing files)
+        (target / DOWNLOADING_MARK).touch()
+    except OSError as exc:
+        raise ModelDownloadError(f"cannot download {name} into {target}: {exc}") from None
     for hub, repo, fetch in sources:
         log.info("downloading %s from %s %s into %s", name, hub, repo, target)
         try:
             fetch(repo, target)  # both show a progress bar and resume an interrupted download
+            # some hub clients return what they have when the hub is unreachable
+            if not _has_required_files(target) or _unfinished_files(target):
+                unfinished = ", ".join(_unfinished_files(target)) or "required files"
+                raise ModelDownloadError(f"the download did not finish ({unfinished} missing)")
         except Exception as exc:  # offline, hub unreachable, repository moved, package missing
             errors.append(f"{hub} {repo}: {exc}")
             continue
         (target / COMPLETE_MARK).write_text(f"{hub} {repo}\n", encoding="utf-8")
+        (target / DOWNLOADING_MARK).unlink(missing_ok=True)
         return
     raise ModelDownloadError(
         f"could not download {name}: " + "; ".join(errors) + ".\n"
@@ -151,9 +181,13 @@ def whisper_vocab_path(download: bool = True) -> Path:
         return target
     if not download:
         raise ModelDownloadError(
-            f"the v1 text vocabulary is missing: place {WHISPER_VOCAB} in {target.parent}"
+            f"the v1 text vocabulary is missing and downloading is disabled: place "
+            f"{WHISPER_VOCAB} in {target.parent}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelDownloadError(f"cannot write the cache {target.parent}: {exc}") from None
     errors = []
     for fetch in (_fetch_vocab_url, _fetch_vocab_sdist):
         _notice(
@@ -167,9 +201,19 @@ def whisper_vocab_path(download: bool = True) -> Path:
                     raise ModelDownloadError(
                         f"checksum mismatch for {WHISPER_VOCAB} from {fetch.__name__}"
                     )
-                partial = target.with_suffix(".partial")
-                shutil.copyfile(got, partial)
-                partial.replace(target)  # atomic: a crash never leaves a half-written vocabulary
+                # a name of this call's own (processes fetching it at once each write a whole
+                # copy), then moved into place at once: never half-written
+                with (
+                    tempfile.NamedTemporaryFile(
+                        dir=target.parent, prefix=f".{WHISPER_VOCAB}.", delete=False
+                    ) as partial,
+                    got.open("rb") as source,
+                ):
+                    shutil.copyfileobj(source, partial)
+                try:
+                    Path(partial.name).replace(target)
+                finally:
+                    Path(partial.name).unlink(missing_ok=True)
             return target
         except Exception as exc:  # try the next source
             errors.append(f"{fetch.__name__.removeprefix('_fetch_vocab_')}: {exc}")

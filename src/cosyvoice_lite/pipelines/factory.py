@@ -22,12 +22,13 @@ from .prompt_flow import DEFAULT_BUDGET_BYTES
 log = logging.getLogger(__name__)
 
 
-def text_tokenizer(model: ModelDir):
-    """The text tokenizer the model was trained with."""
+def text_tokenizer(model: ModelDir, download: bool = True):
+    """The text tokenizer the model was trained with (``download``: v1's whisper vocabulary may
+    be fetched when it is not in the cache)."""
     if spec(model.version).text_tokenizer == "whisper":
         from ..frontend.tokenizer import WhisperTextTokenizer
 
-        return WhisperTextTokenizer(whisper_vocab_path())
+        return WhisperTextTokenizer(whisper_vocab_path(download))
     from ..frontend.qwen_tokenizer import QwenTextTokenizer
 
     return QwenTextTokenizer(model.path / "CosyVoice-BlankEN", model.config.tokenizer.version)
