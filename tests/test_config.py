@@ -65,3 +65,29 @@ def test_yaml_of_another_version_is_refused(v1_dir: Path) -> None:
     data = read_hyperpyyaml(v1_dir / "cosyvoice.yaml")
     with pytest.raises(ModelDirError, match="needs"):
         parse_model_config(data, 2)
+
+
+def test_hostile_yaml_is_refused_at_once(tmp_path: Path) -> None:
+    """Powers (9**9**9 never ends), nested aliases (a 450-byte file needing tens of GB) and
+    expressions that fail (1/0, '1 2') are each a ModelDirError, found at once; keys that are
+    not text are skipped (they raised AttributeError)."""
+    import time
+
+    laughs = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+    )
+    cases = {
+        "x: !ref 9**9**9**9\n": "unsupported !ref",
+        "x: !ref 1/0\n": "unsupported !ref",
+        "x: !ref 1 2\n": "unsupported !ref",
+        laughs: "aliases",
+    }
+    yaml_file = tmp_path / "cosyvoice.yaml"
+    for text, message in cases.items():
+        yaml_file.write_text("sample_rate: 22050\n" + text)
+        start = time.monotonic()
+        with pytest.raises(ModelDirError, match=message):
+            read_hyperpyyaml(yaml_file)
+        assert time.monotonic() - start < 2
+    yaml_file.write_text("sample_rate: 22050\n1: one\nx: !ref (<sample_rate> + 2) * -1 / 2\n")
+    assert read_hyperpyyaml(yaml_file)["x"] == -11026.0

@@ -174,3 +174,56 @@ def test_loading_without_downloads_fetches_nothing(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("COSYVOICE_LITE_CACHE", str(tmp_path))  # no vocabulary in this cache
     with pytest.raises(ModelDownloadError, match="downloading is disabled"):
         Engine.load(Path(__file__).resolve().parent / "data" / "models" / "v1-tiny", download=False)
+
+
+def test_a_release_is_named_as_given_through_links_and_the_hub_cache(
+    v1_dir: Path, tmp_path: Path
+) -> None:
+    """A link named after the release, or the Hugging Face cache's layout, named the release
+    after what it resolves to (a commit's hash): CosyVoice-300M-Instruct loaded as -SFT."""
+    real = Path(shutil.copytree(v1_dir, tmp_path / "store" / "0123abcd"))
+    (tmp_path / "CosyVoice-300M-Instruct").symlink_to(real)
+    hub = tmp_path / "models--FunAudioLLM--CosyVoice-300M-Instruct" / "snapshots"
+    hub.mkdir(parents=True)
+    (hub / "0123abcd").symlink_to(real)
+    for given in (tmp_path / "CosyVoice-300M-Instruct", hub / "0123abcd"):
+        opened = open_model_dir(given)
+        assert (opened.variant, opened.name) == ("instruct", "CosyVoice-300M-Instruct")
+
+
+def test_a_damaged_speaker_table_is_a_clear_error_at_load(model_copy: Path) -> None:
+    """A voice with an x-vector of the wrong size loaded and failed inside a network at its
+    first request; others gave raw AttributeError / KeyError."""
+    from cosyvoice_lite.modeldir import load_speakers
+
+    path = model_copy / "spk2info.pt"
+    table = torch.load(path, weights_only=True)
+    name = next(iter(table))
+    for entry, message in [
+        ({"embedding": torch.zeros(1, 100)}, "100 values"),
+        ({"embedding": [0.0] * 192}, "no tensor 'embedding'"),
+        ({"llm_prompt_speech_token": torch.zeros(1, 4)}, "no tensor 'flow_prompt_speech_token'"),
+    ]:
+        torch.save({**table, name: entry}, path)
+        with pytest.raises(ModelDirError, match=f"voice '{name}' has .*{message}"):
+            load_speakers(path)
+
+
+def test_the_qwen_config_read_is_the_models_own(tmp_path: Path) -> None:
+    """A yaml naming another pretrain_path had its config.json read from there (outside the
+    model, relative to the current directory); an unknown tokenizer version was a ValueError."""
+    model = Path(
+        shutil.copytree(Path(__file__).parent / "data" / "models" / "v3-tiny", tmp_path / "m")
+    )
+    yaml_file = model / "cosyvoice3.yaml"
+    text = yaml_file.read_text(encoding="utf-8")
+    pinned = text.replace("pretrain_path: !ref <qwen_pretrain_path>", "pretrain_path: /nowhere")
+    assert pinned != text
+    yaml_file.write_text(pinned, encoding="utf-8")
+    assert open_model_dir(model).config is not None
+    Engine.load(model, capture_graphs=False).close()  # reads <model>/CosyVoice-BlankEN's config
+    unknown = text.replace("version: cosyvoice3", "version: cosyvoice9")
+    assert unknown != text
+    yaml_file.write_text(unknown, encoding="utf-8")
+    with pytest.raises(ModelDirError, match="unsupported Qwen tokenizer version"):
+        open_model_dir(model)

@@ -9,6 +9,8 @@ objects. Nothing named in the file is ever imported or executed.
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +44,16 @@ class _Ref:
 
 
 class _SafeHyperLoader(yaml.SafeLoader):
-    """SafeLoader that understands (but never executes) the HyperPyYAML tags."""
+    """SafeLoader that understands (but never executes) the HyperPyYAML tags, and refuses
+    aliases (``*name``): the official files have none, and nested ones grow exponentially (a
+    450-byte file took tens of GB)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "yaml aliases (*name) are not read", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node, kind: str) -> Tagged:
@@ -73,7 +84,29 @@ _SafeHyperLoader.add_constructor(
 )
 
 _REF_NAME = re.compile(r"<([^<>]+)>")
-_ARITHMETIC = re.compile(r"^[\d\s.+\-*/()]+$")
+# what a !ref expression may compute: numbers, + - * /, parentheses (no powers: 9**9**9 never ends)
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+def _arithmetic(text: str) -> int | float:
+    """The value of plain arithmetic ``text``; ValueError for anything else."""
+
+    def value(node: ast.AST) -> int | float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            operand = value(node.operand)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError("not plain arithmetic")
+
+    return value(ast.parse(text, mode="eval").body)
 
 
 def _lookup(root: Mapping[str, Any], dotted: str) -> Any:
@@ -105,9 +138,12 @@ def _resolve(node: Any, root: Mapping[str, Any], seen: tuple[str, ...] = ()) -> 
         for name in names:
             value = _resolve(_lookup(root, name), root, (*seen, name))
             text = text.replace(f"<{name}>", repr(value))
-        if not _ARITHMETIC.match(text):
-            raise ModelDirError(f"unsupported !ref expression in the yaml: {node.expression!r}")
-        return eval(text, {"__builtins__": {}}, {})  # digits and operators only, checked above
+        try:
+            return _arithmetic(text)
+        except (ValueError, SyntaxError, ArithmeticError, RecursionError):
+            raise ModelDirError(
+                f"unsupported !ref expression in the yaml: {node.expression!r}"
+            ) from None
     if isinstance(node, Tagged):
         return Tagged(node.kind, node.target, _resolve(node.value, root, seen))
     if isinstance(node, dict):
@@ -120,7 +156,8 @@ def _resolve(node: Any, root: Mapping[str, Any], seen: tuple[str, ...] = ()) -> 
 def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Parse a HyperPyYAML file into plain data with every ``!ref`` resolved (nothing executed)."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeHyperLoader)
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=_SafeHyperLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ModelDirError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(raw, dict):
@@ -128,11 +165,11 @@ def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> 
     raw.update(overrides or {})
     resolved: dict[str, Any] = {}
     for key, value in raw.items():
-        if key.startswith("__"):  # the __set_seed* !apply entries: side effects we do not perform
-            continue
+        if not isinstance(key, str) or key.startswith("__"):  # (the __set_seed* !apply entries:
+            continue  # side effects we do not perform)
         try:
             resolved[key] = _resolve(value, raw)
-        except KeyError as exc:
+        except (KeyError, IndexError, TypeError) as exc:
             if key in _NEEDED_KEYS:
                 raise ModelDirError(f"{path}: key '{key}' refers to undefined {exc}") from exc
             continue  # training-only entries may reference things we do not have
@@ -252,9 +289,15 @@ def _tokenizer_config(node: Any) -> TokenizerConfig:
     if node.target.startswith("whisper."):
         return TokenizerConfig("whisper", params=params)
     if node.class_name == "get_qwen_tokenizer":
-        return TokenizerConfig(
-            "qwen", version=str(params.get("version", "cosyvoice2")), params=params
-        )
+        from .frontend.qwen_tokenizer import TOKENIZER_VERSIONS
+
+        version = str(params.get("version", "cosyvoice2"))
+        if version not in TOKENIZER_VERSIONS:
+            raise ModelDirError(
+                f"unsupported Qwen tokenizer version in the yaml: {version!r} (known: "
+                f"{', '.join(TOKENIZER_VERSIONS)})"
+            )
+        return TokenizerConfig("qwen", version=version, params=params)
     raise ModelDirError(f"unsupported tokenizer in the yaml: {node.target}")
 
 
@@ -297,5 +340,23 @@ def parse_model_config(data: Mapping[str, Any], version: int, source: str = "yam
 def load_model_config(model_dir: Path, version: int) -> ModelConfig:
     path = model_dir / YAML_NAMES[version]
     qwen = SPECS[version].text_tokenizer == "qwen"
-    overrides = {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")} if qwen else None
-    return parse_model_config(read_hyperpyyaml(path, overrides), version, source=str(path))
+    blank_en = str(model_dir / "CosyVoice-BlankEN")
+    overrides = {"qwen_pretrain_path": blank_en} if qwen else None
+    data = read_hyperpyyaml(path, overrides)
+    if qwen:  # the Qwen config read is the model's own, whatever path the yaml writes there
+        _pin_pretrain_path(data.get("llm"), blank_en)
+    return parse_model_config(data, version, source=str(path))
+
+
+def _pin_pretrain_path(node: Any, blank_en: str) -> None:
+    """Every Qwen2Encoder below ``node`` reads ``blank_en``'s config.json."""
+    if isinstance(node, Tagged):
+        if node.class_name == "Qwen2Encoder" and isinstance(node.value, dict):
+            node.value["pretrain_path"] = blank_en
+        _pin_pretrain_path(node.value, blank_en)
+    elif isinstance(node, dict):
+        for child in node.values():
+            _pin_pretrain_path(child, blank_en)
+    elif isinstance(node, list):
+        for child in node:
+            _pin_pretrain_path(child, blank_en)

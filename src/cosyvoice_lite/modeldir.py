@@ -203,7 +203,36 @@ def load_speakers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         raise ModelDirError(f"cannot read {path}: it is corrupt or truncated ({exc})") from exc
     if not isinstance(info, Mapping):
         raise ModelDirError(f"{path} is not a speaker table (expected a dict of voices)")
-    return {str(k): dict(v) for k, v in info.items() if isinstance(v, Mapping)}
+    voices = {str(k): dict(v) for k, v in info.items() if isinstance(v, Mapping)}
+    for name, entry in voices.items():
+        problem = _voice_problem(entry)
+        if problem is not None:
+            raise ModelDirError(f"{path}: voice '{name}' {problem}")
+    return voices
+
+
+# a preset voice (SFT) has an x-vector; a cloned one (the official add_zero_shot_spk) its prompt
+_PRESET_KEYS = ("embedding",)
+_CLONED_KEYS = ("flow_prompt_speech_token", "prompt_speech_feat", "flow_embedding", "prompt_text")
+
+
+def _voice_problem(entry: Mapping) -> str | None:
+    """What is wrong with a spk2info.pt entry, or None: checked at load, where a damaged one
+    failed inside a network at its first request, or gave raw KeyErrors."""
+    cloned = "llm_prompt_speech_token" in entry
+    for key in _CLONED_KEYS if cloned else _PRESET_KEYS:
+        if not isinstance(entry.get(key), torch.Tensor):
+            return f"has no tensor '{key}'"
+    embedding = entry["flow_embedding" if cloned else "embedding"]
+    if embedding.numel() != 192 or not embedding.is_floating_point():
+        return f"has an x-vector of {embedding.numel()} values; 192 floats are expected"
+    if not bool(torch.isfinite(embedding).all()):
+        return "has an x-vector that is not finite"
+    if cloned and (
+        entry["prompt_speech_feat"].dim() != 3 or entry["prompt_speech_feat"].shape[-1] != 80
+    ):
+        return "has a prompt mel that is not [1, T, 80]"
+    return None
 
 
 @dataclass(frozen=True)
@@ -214,18 +243,30 @@ class ModelDir:
     version: int
     config: ModelConfig
     variant: str  # "base", "sft" or "instruct" (v1); "base" for v2/v3
+    release: str = ""  # the name it was given (a link's, a hub cache's repository); path's else
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.release or self.path.name
 
 
-def _variant(model_dir: Path, version: int) -> str:
+def _release_name(given: Path, model_dir: Path) -> str:
+    """The release's name as the user named it: a Hugging Face cache's repository
+    (``models--FunAudioLLM--CosyVoice-300M-Instruct/snapshots/<sha>``), else the directory's
+    name as given (a symbolic link named after the release), not what it resolves to."""
+    for part in (*given.absolute().parts, *model_dir.parts):
+        if part.startswith("models--"):
+            return part.split("--")[-1]
+    return given.absolute().name or model_dir.name
+
+
+def _variant(model_dir: Path, version: int, release: str = "") -> str:
     """Which v1 release this is. The three v1 releases share one yaml, so the official code cannot
-    tell them apart; we use the ModelScope/HF metadata or the directory name."""
+    tell them apart (it looks for '-Instruct' in the path as given); we use the ModelScope/HF
+    metadata or the release's name."""
     if len(spec(version).variants) == 1:
         return "base"
-    hints = [model_dir.name.lower()]
+    hints = [model_dir.name.lower(), release.lower()]
     meta = model_dir / "configuration.json"
     if meta.is_file():
         with contextlib.suppress(OSError, ValueError):
@@ -241,7 +282,8 @@ def _variant(model_dir: Path, version: int) -> str:
 def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
     """Validate a directory: version from its yaml, every needed file present and readable,
     the yaml parsed as data into a typed configuration."""
-    model_dir = Path(path).expanduser().resolve()
+    given = Path(path).expanduser()
+    model_dir = given.resolve()
     version = detect_version(model_dir)
     check_files(model_dir, version)
     config = load_model_config(model_dir, version)
@@ -252,4 +294,6 @@ def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
             f"variant '{variant}' applies to CosyVoice-300M releases; a "
             f"{spec(version).name} directory has only {', '.join(spec(version).variants)}"
         )
-    return ModelDir(model_dir, version, config, variant or _variant(model_dir, version))
+    release = _release_name(given, model_dir)
+    variant = variant or _variant(model_dir, version, release)
+    return ModelDir(model_dir, version, config, variant, release)

@@ -87,6 +87,7 @@ _VERSIONS = {
     "v3": V3_SPECIAL_TOKENS,
     "cosyvoice3": V3_SPECIAL_TOKENS,
 }
+TOKENIZER_VERSIONS = tuple(_VERSIONS)  # the yaml's get_qwen_tokenizer(version=...) values
 
 
 def _config_added_tokens(config: dict) -> list[tuple[int, AddedToken]]:
