@@ -890,3 +890,19 @@ def test_a_voice_conversion_source_is_read_beside_decoding_not_on_the_loop(v2: E
         release.set()
         worker.join(60)
     assert result and result[0].size > 0
+
+
+def test_threads_started_while_the_engine_rests_get_the_process_count(v2: Engine) -> None:
+    """The loop thread's products switch its torch threads for each call, which also sets the
+    count threads starting later take: after one float32 request, a program's new threads (a
+    second engine's load, its own pool) got one thread."""
+
+    def fresh_thread_count() -> int:
+        counts: list[int] = []
+        thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return counts[0]
+
+    _alone(v2, REQUESTS[0])
+    assert wait_for(lambda: fresh_thread_count() == v2.loop.threads, timeout=10)

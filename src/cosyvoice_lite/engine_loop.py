@@ -653,6 +653,7 @@ class EngineLoop:
         self._outbox: dict[AudioWorker, list[_AudioWork]] = {}  # this step's audio work
         self._on_idle = on_idle
         self._idle_due = False  # work ran since the last on_idle
+        self._resting = False  # the loop thread has the process's threads (_rest_threads)
         self.idle_calls = 0  # times on_idle ran (for tests and metrics)
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
@@ -794,7 +795,11 @@ class EngineLoop:
     # ------------------------------------------------------------------ loop thread
     def _main(self) -> None:
         with torch.inference_mode():
-            while self._wait_for_work():
+            while True:
+                self._rest_threads(not self._rows)
+                if not self._wait_for_work():
+                    break
+                self._rest_threads(False)
                 self._idle_due = True
                 try:
                     self._step()
@@ -817,6 +822,16 @@ class EngineLoop:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineClosedError("the engine was closed"))
+
+    def _rest_threads(self, rest: bool) -> None:
+        """The loop thread's torch threads: ``decode_threads`` while it decodes, the process's
+        count while it waits with no row. Switching a thread's count (``call_on_threads``, each
+        of its products) also sets the count that threads starting later take, so with one left
+        there, threads a program starts while the engine is idle (a second engine's load, its
+        own pool) got one thread (still so while it decodes)."""
+        if self.decode_threads != self.threads and rest != self._resting:
+            torch.set_num_threads(self.threads if rest else self.decode_threads)
+            self._resting = rest
 
     def _wait_for_work(self) -> bool:
         """Wait for something to step; False once closing. Once nothing is live (no row
