@@ -573,6 +573,12 @@ def test_the_stream_cache_dtype_is_a_load_option() -> None:
         stream_cache_dtype(resolve_placement("cpu", "bfloat16"), "float16")
     with pytest.raises(InvalidRequestError, match="applies to float32 weights"):
         Engine.load(MODELS / "v2-tiny", dtype="bfloat16", stream_cache_dtype="float16")
+    # named as dtypes are (it refused fp16, Float16 and torch.float16)
+    for name in ("fp16", " Float16", torch.float16, "half"):
+        assert stream_cache_dtype(resolve_placement("cpu"), name) == torch.float16
+    # CosyVoice-300M streams without caches: the option was taken, and did nothing
+    with pytest.raises(InvalidRequestError, match="keeps no stream caches"):
+        Engine.load(MODELS / "v1-tiny", stream_cache_dtype="float16")
     engine = Engine.load(MODELS / "v2-tiny", stream_cache_dtype="float16")
     try:
         assert engine.pipeline.prompt_flows.cache_dtype == torch.float16

@@ -23,6 +23,16 @@ _DTYPES = {
 _BACKENDS = ("cuda", "xpu", "npu", "mps", "mlu", "hpu")
 
 
+def dtype_named(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype an option names ("float16", "fp16", "Half", torch.float16; None:
+    float32), or None for a name of no dtype we take."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str | None):
+        return None
+    return _DTYPES.get((dtype or "float32").strip().lower())
+
+
 def _backend_count(kind: str) -> int:
     if kind == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -228,15 +238,10 @@ def check_precision(
 ) -> tuple[torch.dtype, str | None]:
     """The torch dtype and quantisation mode for the option values (``dtype`` a name or a torch
     dtype), or a DeviceError naming what is supported on ``device``."""
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    if not isinstance(dtype, str | None):
-        raise DeviceError(f"dtype must be a name (float32, float16, bfloat16), got {dtype!r}")
-    key = (dtype or "float32").strip().lower()
-    if key not in _DTYPES:
+    chosen = dtype_named(dtype)
+    if chosen is None:
         raise DeviceError(f"unknown dtype '{dtype}'; use one of float32, float16, bfloat16")
     dtypes, quants = supported_precisions(device)
-    chosen = _DTYPES[key]
     if str(chosen).removeprefix("torch.") not in dtypes:
         raise DeviceError(
             f"dtype '{dtype}' is not supported on {device}; supported there: {', '.join(dtypes)}"

@@ -354,6 +354,11 @@ class Engine:
         check_backend(backend, onnx_dir, placement)
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         check_backend_source(backend, onnx_dir, model_dir)
+        if stream_cache_dtype is not None and spec(model_dir.version).pipeline == "v1":
+            raise InvalidRequestError(  # (it was taken, and did nothing)
+                f"stream_cache_dtype applies to CosyVoice2/3's streamed flow; {model_dir.name} "
+                "keeps no stream caches"
+            )
         from .pipelines import factory  # version-specific wiring
 
         if share_onnx_threads:  # before any session

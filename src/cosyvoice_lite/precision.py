@@ -59,7 +59,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .device import Placement, cpu_features
+from .device import Placement, cpu_features, dtype_named
 from .heap import release_freed_memory
 from .networks.conv_layout import Conv1d, ConvTranspose1d, to_channels_last
 from .networks.linear import fuse_groups, fuse_linear_groups
@@ -420,10 +420,12 @@ def stream_cache_dtype(placement: Placement, requested: str | None = None) -> to
         if placement.quantize == "int8" and placement.dtype == torch.float32:
             return torch.float16
         return None
-    if requested not in STREAM_CACHE_DTYPES:
+    named = dtype_named(requested)
+    if named not in (torch.float16, torch.float32):
         raise ValueError(
             f"stream cache dtype must be one of {', '.join(STREAM_CACHE_DTYPES)}, got {requested!r}"
         )
+    requested = str(named).removeprefix("torch.")
     if placement.dtype != torch.float32:
         raise ValueError(
             f"a stream cache dtype applies to float32 weights; with {placement.dtype} weights the "
