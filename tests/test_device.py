@@ -23,7 +23,14 @@ def test_cpu_and_dtypes() -> None:
     assert "cpu" in available_devices()
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps", "xpu:3", "tpu", "gpu"])
+def test_mps_is_refused_with_why() -> None:
+    """Apple's MPS has no float64, which the vocoders compute their phase in: it failed at the
+    first request (v1/v2) or at load (v3)."""
+    with pytest.raises(DeviceError, match="no float64"):
+        resolve_placement("mps")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "xpu:3", "tpu", "gpu"])
 def test_unavailable_device_lists_what_is_available(device: str) -> None:
     if (
         device.split(":")[0] in {d.split(":")[0] for d in available_devices()}

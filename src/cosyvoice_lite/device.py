@@ -19,8 +19,8 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 
-# Accelerator back-ends torch may expose: name -> (is_available, device_count) getters.
-_BACKENDS = ("cuda", "xpu", "npu", "mps", "mlu", "hpu")
+# Accelerator back-ends torch may expose (Apple's MPS is not one we run on: it has no float64).
+_BACKENDS = ("cuda", "xpu", "npu", "mlu", "hpu")
 
 
 def dtype_named(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -34,9 +34,6 @@ def dtype_named(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _backend_count(kind: str) -> int:
-    if kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        return 1 if mps is not None and mps.is_available() else 0
     module = getattr(torch, kind, None)  # torch.npu appears once torch_npu is imported, etc.
     if module is None:
         return 0
@@ -53,7 +50,7 @@ def available_devices() -> list[str]:
     found = ["cpu"]
     for kind in _BACKENDS:
         count = _backend_count(kind)
-        found += [kind] if kind == "mps" and count else [f"{kind}:{i}" for i in range(count)]
+        found += [f"{kind}:{i}" for i in range(count)]
     return found
 
 
@@ -171,11 +168,17 @@ def supported_precisions(device: torch.device) -> tuple[list[str], list[str]]:
     """The dtypes and quantisations usable on ``device`` (names as accepted by the options)."""
     if device.type == "cpu":
         return ["float32", "bfloat16", "float16"], list(_QUANTIZE)
-    if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return ["float32", "float16"], []
-    if device.type == "mps":
+    # (bfloat16 where the GPU computes it, Ampere on: older ones only emulate it, slowly)
+    if device.type == "cuda" and torch.cuda.is_available() and not _cuda_bf16():
         return ["float32", "float16"], []
     return ["float32", "bfloat16", "float16"], []  # the int8 kernels are CPU ones
+
+
+def _cuda_bf16() -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.is_bf16_supported()
 
 
 def resolve_placement(
@@ -199,6 +202,11 @@ def resolve_placement(
                 f"unknown device '{device}': the CPU is 'cpu' (its cores: the threads option)"
             )
         dev = torch.device("cpu")  # "cpu:0" too, so that devices compare equal
+    if dev.type == "mps":  # checked before its availability: the answer is the same
+        raise DeviceError(
+            "device 'mps' is not supported: Apple's MPS has no float64, which the vocoders' "
+            "phase and CosyVoice3's f0 predictor compute in (as the official); use 'cpu'"
+        )
     if dev.type != "cpu":
         count = _backend_count(dev.type)
         index = dev.index or 0
@@ -208,7 +216,7 @@ def resolve_placement(
                 f"available here: {', '.join(available_devices())} (no torch build for it? "
                 "`cosyvoice-lite export onnx` makes graphs for its own runtime: docs/EXPORT.md)"
             )
-        if dev.index is None and dev.type != "mps":
+        if dev.index is None:
             dev = torch.device(dev.type, 0)
     chosen, mode = check_precision(dev, dtype, quantize)
     if exact_float32 and chosen != torch.float32:
