@@ -361,6 +361,17 @@ def test_say_reads_stdin_writes_stdout_and_speaks_a_cloned_voice_alone(tmp_path)
     assert b"Traceback" not in head.stderr, head.stderr.decode()
 
 
+def test_voice_conversion_as_the_readme_writes_it(tmp_path, capsys):
+    """`say "" --source-wav ... --prompt-wav ...`: voice conversion speaks its source, so no text
+    is needed (it stopped at "there is no text to speak")."""
+    out = tmp_path / "vc.wav"
+    argv = ["say", "", "--model", "tests/data/models/v2-tiny", "--source-wav",
+            "tests/data/audio/en_22k.wav", "--prompt-wav", "tests/data/audio/zh_16k.wav",
+            "--seed", "1", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(sf.read(out)[0]) > 0
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

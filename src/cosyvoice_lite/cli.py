@@ -498,7 +498,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     _check_options(args)
     _check_inputs(args, out)
     text = sys.stdin.read() if args.text == "-" else args.text
-    if not text.strip():
+    if not text.strip() and args.source_wav is None:  # (voice conversion speaks the source)
         raise InvalidRequestError(
             "there is no text to speak" + (" on standard input" if args.text == "-" else "")
         )

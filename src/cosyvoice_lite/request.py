@@ -34,8 +34,10 @@ MAX_INSTRUCT_CHARS = MAX_PROMPT_TEXT_CHARS = 4096
 class SynthesisRequest:
     """One synthesis job. ``text`` may be an iterable of text pieces (streaming text in, v2/v3).
 
-    ``voice`` names a preset voice or a saved voice; a saved voice stands in for ``prompt_audio`` +
-    ``prompt_text`` in the modes that clone a prompt.
+    ``voice`` names a preset voice or a cloned voice stored with the model (its spk2info.pt); a
+    cloned voice stands in for ``prompt_audio`` + ``prompt_text`` in the modes that clone a
+    prompt. A server's saved voices are prompt features: ``Engine.synthesize(request,
+    prompt=features)``.
     """
 
     mode: Mode

@@ -48,7 +48,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         type=float,
         help="largest JSON body (default: room for a base64 prompt upload)",
     )
-    limits.add_argument("--max-upload-mb", type=float, default=10.0, help="largest prompt upload")
+    limits.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest prompt upload (default 10)"
+    )
     limits.add_argument(
         "--max-prompt-seconds",
         type=float,
@@ -61,13 +63,15 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         dest="workers",
         type=int,
         default=8,
-        help="requests the engine loop computes together (decoded as one batch); more wait in the queue",
+        metavar="N",
+        help="requests the engine loop computes together (decoded as one batch); more wait in "
+        "the queue (default 8; --workers is the same option)",
     )
     limits.add_argument(
         "--audio-workers",
         type=int,
         default=2,
-        help="threads computing the flow and vocoder chunks of different requests",
+        help="threads computing the flow and vocoder chunks of different requests (default 2)",
     )
     limits.add_argument(
         "--idle-release-seconds",
@@ -81,7 +85,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=2048,
         help="memory for voices' prompt frames through the streaming flow (v2/v3), computed once "
-        "per voice and shared by its streams; 0 computes them per stream",
+        "per voice and shared by its streams; 0 computes them per stream (default 2048)",
     )
     limits.add_argument(
         "--prepare-voices",
@@ -112,9 +116,11 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=8,
-        help="requests allowed to wait; more get 429 with Retry-After",
+        help="requests allowed to wait; more get 429 with Retry-After (default 8)",
     )
-    limits.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
+    limits.add_argument(
+        "--timeout", type=float, default=300.0, help="per-request timeout, seconds (default 300)"
+    )
     ops = serve.add_argument_group("operations")
     ops.add_argument(
         "--api-key",
@@ -131,8 +137,8 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     ops.add_argument(
         "--voices-dir",
         type=Path,
-        help="voice library directory "
-        "(default $COSYVOICE_LITE_VOICES or ~/.local/share/cosyvoice-lite/voices)",
+        help="voice library directory (default $COSYVOICE_LITE_VOICES, else "
+        "$XDG_DATA_HOME/cosyvoice-lite/voices, i.e. ~/.local/share/cosyvoice-lite/voices)",
     )
     ops.add_argument("--outputs-dir", type=Path, help="save every result (audio + JSON) here")
     ops.add_argument("--s3-bucket", help="upload every result to this S3 bucket (needs boto3)")

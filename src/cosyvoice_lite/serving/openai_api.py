@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from ..errors import UnknownVoiceError
 from .errors import ApiError, route_fields
-from .guard import check_text, check_texts
+from .guard import MAX_NAME_FIELD_CHARS, check_text, check_texts
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
 from .schemas import OPENAI_FORMATS, SpeechRequest
 from .synthesis import Plan, model_voices, plan_request, preset_voices, respond
@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 MODEL_ALIASES = ("cosyvoice-lite", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-# OpenAI's dated snapshots of its speech models (gpt-4o-mini-tts-2025-12-15) name them too
-_SNAPSHOT = re.compile(r"(?:tts-1(?:-hd)?|gpt-4o-mini-tts)-\d{4}-\d{2}-\d{2}")
+# OpenAI's dated snapshots of its speech models (gpt-4o-mini-tts-2025-12-15, tts-1-1106,
+# tts-1-hd-1106) name them too
+_SNAPSHOT = re.compile(r"(?:tts-1(?:-hd)?|gpt-4o-mini-tts)-(?:\d{4}-\d{2}-\d{2}|\d{4})")
 # formats whose header states the length: whole files unless the client asks for a stream
 WHOLE_FORMATS = ("wav", "flac")
 
@@ -165,6 +166,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
 
     @router.get("/v1/models/{model}", responses=error_responses(401, 404, 503))
     async def model(model: str):
+        check_text("model", model, MAX_NAME_FIELD_CHARS)  # (not echoed back in a 404)
         engine = state.require_engine()
         if not served(engine, model):
             raise _model_not_found(engine, model)
@@ -200,6 +202,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         speech.audio.delta events. Extensions: ``ref_audio`` + ``ref_text`` clone a one-off prompt
         (zero-shot; cross-lingual without ref_text; with ``instructions`` on CosyVoice2/3),
         ``source_audio`` converts speech into the voice of ``ref_audio`` or ``voice``."""
+        check_text("model", body.model, MAX_NAME_FIELD_CHARS)  # (not echoed back in a 404)
         engine = state.require_engine()
         if not served(engine, body.model):
             raise _model_not_found(engine, body.model)

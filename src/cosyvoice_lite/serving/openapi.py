@@ -34,7 +34,7 @@ DESCRIPTIONS = {
     507: "the voice storage is full",
 }
 EVERY = (401, 413, 500, 503)
-WITH_INPUT = (400, 404, 408, 415, 422)  # operations with a body or parameters
+WITH_INPUT = (400, 404, 408, 415)  # operations with a body or parameters
 BY_METHOD = {"post": (409, 429, 504, 507), "delete": (404, 507)}
 TEXT_FIELDS = {  # property name -> Settings attribute with its limit
     "text": "max_text_chars",
@@ -79,7 +79,7 @@ def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     components["Error"] = ERROR_SCHEMA
     for body in components.values():
         _limit_properties(body, settings)
-    for operations in schema.get("paths", {}).values():
+    for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             if method not in ("get", "post", "put", "patch", "delete"):
                 continue
@@ -87,6 +87,13 @@ def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
             if operation.get("requestBody") or operation.get("parameters"):
                 statuses |= set(WITH_INPUT)
             responses = operation.setdefault("responses", {})
+            # 422 only where a JSON body is checked against its schema outside /v1 (the /v1
+            # routes answer 400, as OpenAI; forms and paths are checked by the routes: 400)
+            json_body = "application/json" in operation.get("requestBody", {}).get("content", {})
+            if json_body and not path.startswith("/v1/"):
+                statuses.add(422)
+            else:
+                responses.pop("422", None)
             for status in sorted(statuses):
                 entry = responses.get(str(status))
                 if entry is None or status == 422:  # FastAPI's 422 body is not ours

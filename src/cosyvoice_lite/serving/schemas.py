@@ -76,5 +76,5 @@ class SpeechRequest(BaseModel):
     source_audio: str | None = Field(
         None,
         description="Voice conversion: speech (data URI or base64) re-spoken in the voice "
-        "of ref_audio or of voice; input is then ignored.",
+        'of ref_audio or of a saved or cloned voice; input is then ignored (send "").',
     )
