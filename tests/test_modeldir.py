@@ -227,3 +227,18 @@ def test_the_qwen_config_read_is_the_models_own(tmp_path: Path) -> None:
     yaml_file.write_text(unknown, encoding="utf-8")
     with pytest.raises(ModelDirError, match="unsupported Qwen tokenizer version"):
         open_model_dir(model)
+
+
+def test_a_download_fetches_the_files_the_engine_reads() -> None:
+    """The whole repository was fetched: for CosyVoice2/3 also the ~1 GB Qwen weights of
+    CosyVoice-BlankEN, whose config alone is read, and the official's TensorRT/JIT exports."""
+    from cosyvoice_lite.hub import MODELS, download_patterns
+    from cosyvoice_lite.modeldir import BLANK_EN
+
+    versions = {"CosyVoice-300M": 1, "CosyVoice-300M-SFT": 1, "CosyVoice-300M-Instruct": 1,
+                "CosyVoice2-0.5B": 2, "Fun-CosyVoice3-0.5B-2512": 3}  # fmt: skip
+    assert set(versions) == set(MODELS)
+    for name, version in versions.items():
+        patterns = download_patterns(name)
+        assert set(required_files(version)) <= set(patterns)
+        assert "spk2info.pt" in patterns and f"{BLANK_EN}/model.safetensors" not in patterns

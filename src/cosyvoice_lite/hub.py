@@ -145,12 +145,29 @@ def _download_model(name: str, target: Path) -> None:
     )
 
 
+# the model version of each official release (its files are known before it is downloaded)
+RELEASE_VERSIONS = {"CosyVoice-300M": 1, "CosyVoice2-0.5B": 2, "Fun-CosyVoice3-0.5B-2512": 3}
+# besides the files the engine opens: optional ones it reads, and the hubs' metadata
+OPTIONAL_FILES = ("spk2info.pt", "llm.rl.pt", "configuration.json", "README.md")
+
+
+def download_patterns(name: str) -> list[str]:
+    """The files of an official release to fetch: those the engine reads, not the repository's
+    others (the Qwen weights of CosyVoice-BlankEN, whose config alone is read, ~1 GB; the
+    TensorRT/JIT exports), which the official's own scripts use."""
+    from .modeldir import required_files
+
+    version = next(v for prefix, v in RELEASE_VERSIONS.items() if name.startswith(prefix))
+    return [*required_files(version), *OPTIONAL_FILES]
+
+
 def _from_hugging_face(repo: str, target: Path) -> None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # tokenizers normally brings it along
         raise ModelDownloadError("needs the huggingface_hub package") from None
-    snapshot_download(repo_id=repo, local_dir=str(target))
+    patterns = download_patterns(repo.split("/")[-1])
+    snapshot_download(repo_id=repo, local_dir=str(target), allow_patterns=patterns)
 
 
 def _from_modelscope(repo: str, target: Path) -> None:
@@ -158,7 +175,11 @@ def _from_modelscope(repo: str, target: Path) -> None:
         from modelscope import snapshot_download
     except ImportError:
         raise ModelDownloadError("needs the modelscope package (pip install modelscope)") from None
-    snapshot_download(repo, local_dir=str(target))
+    patterns = download_patterns(repo.split("/")[-1])
+    try:
+        snapshot_download(repo, local_dir=str(target), allow_patterns=patterns)
+    except TypeError:  # a modelscope without allow_patterns: the whole repository
+        snapshot_download(repo, local_dir=str(target))
 
 
 def _sha256(path: Path) -> str:
