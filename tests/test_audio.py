@@ -397,6 +397,46 @@ def test_load_audio_caps_the_decoded_length_while_decoding() -> None:
     assert rate == 16000 and wav.shape == (16000 * 5,)
 
 
+def test_a_flac_stream_without_its_length_decodes_within_the_cap() -> None:
+    """A streamed FLAC's header does not say its length (libsndfile: 2**63 - 1 frames, and its
+    seek fails): it decodes as the whole file does, and the cap applies while decoding."""
+    whole = encoded(tone(16000, 3.0), 16000, "FLAC", "PCM_16")
+    streamed = bytearray(whole)
+    streamed[21] &= 0xF0  # STREAMINFO's 36-bit sample count, zeroed
+    streamed[22:26] = bytes(4)
+    assert sf.info(io.BytesIO(bytes(streamed))).frames == 2**63 - 1
+    wav, rate = load_audio(bytes(streamed), max_seconds=30)
+    assert rate == 16000 and torch.equal(wav, load_audio(whole)[0])
+    with pytest.raises(AudioError, match="too long: more than 2 s"):
+        load_audio(bytes(streamed), max_seconds=2)
+
+
+def test_decoded_samples_are_checked_as_a_file_is() -> None:
+    """A ``Waveform`` (samples a server or a caller decoded) passes through ``load_audio`` as the
+    file it came from would, and meets the same limits."""
+    from cosyvoice_lite.audio.waveform import Waveform
+
+    data = tone(24000, 2.0)
+    from_file = load_audio(encoded(data, 24000, "WAV", "FLOAT"))
+    for samples in (data[:, 0], torch.from_numpy(data[:, 0]), data[:, 0][None]):
+        wav, rate = load_audio(Waveform(samples, 24000))
+        assert rate == 24000 and wav.dtype == torch.float32
+        assert torch.equal(wav, from_file[0])
+    with pytest.raises(AudioError, match="too long: 2.0 s, at most 1.5 s"):
+        load_audio(Waveform(data[:, 0], 24000), max_seconds=1.5)
+    with pytest.raises(AudioError, match="mono"):
+        load_audio(Waveform(data.T.repeat(2, axis=0), 24000))
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        load_audio(Waveform(np.array([0.1, np.nan], np.float32), 24000))
+    with pytest.raises(AudioError, match="no samples"):
+        load_audio(Waveform(np.zeros(0, np.float32), 24000))
+    for rate in (0, True, 24000.5, 384000):
+        with pytest.raises(AudioError, match="sample rate"):
+            load_audio(Waveform(data[:, 0], rate))
+    with pytest.raises(AudioError, match="not numbers"):
+        load_audio(Waveform(["a"], 24000))
+
+
 def test_load_audio_refuses_extreme_sample_rates() -> None:
     data = encoded(tone(8000, 0.1), 384000, "WAV", "PCM_16")
     with pytest.raises(AudioError, match="384000 Hz.*192000"):

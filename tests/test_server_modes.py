@@ -7,11 +7,13 @@ on loopback ports with the tiny random-weight models."""
 from __future__ import annotations
 
 import base64
+import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from test_server_support import EngineProbe, ServerThread, decode, metric, prompt_wav, tiny_engine
 
 from cosyvoice_lite.serving import Settings, create_app
@@ -58,6 +60,16 @@ def upload(client, prompt: bytes | None = None, source: bytes | None = None, **f
     if source is not None:
         files["source_wav"] = ("src.wav", source, "audio/wav")
     return client.post("/tts/upload", data={k: str(v) for k, v in fields.items()}, files=files)
+
+
+def streamed_flac(seconds: float) -> bytes:
+    """A FLAC whose header does not say its length (as a streamed FLAC's): only decoding finds
+    it. STREAMINFO's 36-bit sample count (bytes 21-25 of the file) is zero."""
+    flac = bytearray(prompt_wav(seconds, format="FLAC"))
+    flac[21] &= 0xF0
+    flac[22:26] = bytes(4)
+    assert sf.info(io.BytesIO(bytes(flac))).frames == 2**63 - 1  # "unknown" to libsndfile
+    return bytes(flac)
 
 
 def data_uri(audio: bytes) -> str:
@@ -116,6 +128,19 @@ def test_voice_conversion_takes_two_files_of_the_upload_limit_each(client):
     converted = upload(client, prompt, source=source)
     assert converted.status_code == 200, converted.text
     assert decode(converted.content)[0].size > 0
+
+
+def test_a_source_is_held_to_the_servers_prompt_limit_as_it_is_decoded(client, probe):
+    """A source whose header does not say its length is refused at the server's limit (8 s
+    here) while it is decoded, not at the engine's 30 s; one within it is decoded once, by the
+    server, and converts as the same source sent with its length does."""
+    refused = upload(client, prompt_wav(2.0), source=streamed_flac(9.0))
+    error = assert_error(refused, 400, "source_wav", "too long: more than 8 s")
+    assert error["param"] == "source_wav"
+    converted = upload(client, prompt_wav(2.0), source=streamed_flac(3.0), seed=4)
+    assert converted.status_code == 200, converted.text
+    same = upload(client, prompt_wav(2.0), source=prompt_wav(3.0), seed=4)
+    np.testing.assert_array_equal(decode(converted.content)[0], decode(same.content)[0])
 
 
 def test_voice_conversion_with_prompt_or_voice(client):

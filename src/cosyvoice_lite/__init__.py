@@ -18,6 +18,7 @@ _EXPORTS = {
     "AudioChunk": "request",
     "Mode": "request",
     "SynthesisRequest": "request",
+    "Waveform": "request",
     "AudioError": "errors",
     "CosyVoiceError": "errors",
     "DeviceError": "errors",

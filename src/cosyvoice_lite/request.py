@@ -10,7 +10,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-AudioSource = str | Path | bytes | BinaryIO
+from cosyvoice_lite.audio.waveform import Waveform
+
+# a path, encoded bytes, a binary file, or samples already decoded (``audio.io.load_audio``)
+AudioSource = str | Path | bytes | BinaryIO | Waveform
 
 
 class Mode(str, Enum):

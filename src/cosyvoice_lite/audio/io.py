@@ -1,5 +1,5 @@
 """Reading, checking and writing audio with soundfile (libsndfile): wav, flac, mp3, ogg/vorbis and
-ogg/opus, from a path, bytes or a binary file object.
+ogg/opus, from a path, bytes or a binary file object; or samples already decoded (``Waveform``).
 
 ``load_wav`` reproduces the official ``cosyvoice.utils.file_utils.load_wav``: decode to float32,
 average the channels, resample with the torchaudio-default sinc resampler only when the rates
@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,10 +21,13 @@ import soundfile as sf
 import torch
 
 from cosyvoice_lite.audio.resample import resample
+from cosyvoice_lite.audio.waveform import Waveform
 from cosyvoice_lite.errors import AudioError
 
-AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 AudioArray = torch.Tensor | np.ndarray
+
+
+AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Waveform
 
 MIN_SAMPLE_RATE = 16000
 """The official loader refuses to resample sources below 16 kHz (they lack the 4-8 kHz band that
@@ -35,6 +39,9 @@ more (libsndfile itself reads up to 655 kHz)."""
 
 DECODE_BLOCK_SAMPLES = 1 << 20
 """Samples (frames x channels) decoded at a time: bounds the memory one block needs."""
+
+UNKNOWN_FRAMES = 2**63 - 1
+"""libsndfile's frame count for a file whose header does not say its length (a streamed FLAC)."""
 
 MAX_PROMPT_SECONDS = 30.0
 """The official speech-token extraction asserts on prompts longer than 30 s (the S3 tokenizer is
@@ -116,6 +123,8 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
     length), so an oversized upload is refused without decoding it fully. Sources above
     :data:`MAX_SAMPLE_RATE` are refused.
     """
+    if isinstance(source, Waveform):
+        return _decoded(source, max_seconds)
     what = _describe(source)
     opened = _open_source(source)
     try:
@@ -133,7 +142,11 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
                     f"{what} has {f.channels} channels; at most {MAX_CHANNELS} are accepted (a "
                     "mono recording is best)"
                 )
-            if max_seconds is not None and f.frames > 0 and f.frames / sample_rate > max_seconds:
+            if (
+                max_seconds is not None
+                and 0 < f.frames < UNKNOWN_FRAMES
+                and f.frames / sample_rate > max_seconds
+            ):
                 raise AudioError(
                     f"{what} is too long: {f.frames / sample_rate:.1f} s, at most "
                     f"{max_seconds:g} s is accepted"
@@ -142,10 +155,7 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
             block = max(1, DECODE_BLOCK_SAMPLES // max(f.channels, 1))
             pieces: list[torch.Tensor] = []
             frames = 0
-            while True:
-                data = f.read(block, dtype="float32", always_2d=True)  # [n, C], float scale
-                if data.shape[0] == 0:
-                    break
+            for data in _blocks(f, block):  # [n, C], float scale
                 frames += data.shape[0]
                 if limit is not None and frames > limit:
                     raise AudioError(
@@ -167,6 +177,51 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
     if not bool(torch.isfinite(waveform).all()):
         raise AudioError(f"{what} contains NaN or infinite samples")
     return waveform, sample_rate
+
+
+def _blocks(f: sf.SoundFile, block: int) -> Iterator[np.ndarray]:
+    """``f``'s frames, ``[n, C]`` float32, ``block`` at a time."""
+    if f.frames != UNKNOWN_FRAMES:
+        while (data := f.read(block, dtype="float32", always_2d=True)).shape[0]:
+            yield data
+        return
+    # soundfile's read() first asks libsndfile where it is (a seek), which a FLAC stream without
+    # its length refuses ("psf_fseek() failed"): read through libsndfile's own call instead
+    from soundfile import _ffi, _snd
+
+    buffer = np.empty((block, f.channels), np.float32)
+    pointer = _ffi.cast("float *", buffer.ctypes.data)
+    while (n := _snd.sf_readf_float(f._file, pointer, block)) > 0:
+        yield buffer[:n].copy()
+
+
+def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor, int]:
+    """``load_audio``'s checks for samples decoded elsewhere."""
+    rate = source.sample_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"decoded audio has an invalid sample rate {rate!r}")
+    if rate > MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"decoded audio has a sample rate of {rate} Hz; at most {MAX_SAMPLE_RATE} Hz is accepted"
+        )
+    try:
+        waveform = torch.as_tensor(source.samples).detach().to("cpu", torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise AudioError(f"decoded audio samples are not numbers ({err})") from None
+    if waveform.dim() == 2 and waveform.shape[0] == 1:
+        waveform = waveform[0]
+    if waveform.dim() != 1:
+        raise AudioError(f"decoded audio must be mono [N] or [1, N], got {tuple(waveform.shape)}")
+    if waveform.numel() == 0:
+        raise AudioError("decoded audio contains no samples")
+    if max_seconds is not None and waveform.numel() > math.floor(max_seconds * rate):
+        raise AudioError(
+            f"decoded audio is too long: {waveform.numel() / rate:.1f} s, at most "
+            f"{max_seconds:g} s is accepted"
+        )
+    if not bool(torch.isfinite(waveform).all()):
+        raise AudioError("decoded audio contains NaN or infinite samples")
+    return waveform.contiguous(), int(rate)
 
 
 def to_sample_rate(

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import soundfile as sf
 
-from ..audio.io import check_prompt_audio, load_audio
+from ..audio.io import UNKNOWN_FRAMES, check_prompt_audio, load_audio
+from ..audio.waveform import Waveform
 from ..errors import AudioError, InvalidRequestError, UnsupportedModeError
 from ..frontend.prompt import PromptFeatures
 from ..request import Mode, SynthesisRequest
@@ -99,12 +100,8 @@ class PromptCache:
         cached = self.get(key)
         if cached is not None:
             return cached
-        try:
-            wav, rate = load_audio(audio, max_seconds=max_seconds)
-            check_prompt_audio(wav, rate, max_seconds=max_seconds)
-        except AudioError as exc:
-            raise ApiError(400, f"{field}: {exc}", code="invalid_audio", param=field) from None
-        features = engine.encode_prompt(audio, prompt_text)
+        # decoded once, here, within the server's limit; the engine takes the samples as they are
+        features = engine.encode_prompt(decoded(audio, field, max_seconds), prompt_text)
         with self._lock:
             self.misses += 1
         self.put(key, features)
@@ -112,6 +109,17 @@ class PromptCache:
 
 
 # ---------------------------------------------------------------------------------- inputs
+
+
+def decoded(audio: bytes, field: str, max_seconds: float) -> Waveform:
+    """An upload decoded and checked as a prompt (also a voice conversion's source), within the
+    server's ``max_prompt_seconds`` even where its header did not say its length."""
+    try:
+        wav, rate = load_audio(audio, max_seconds=max_seconds)
+        check_prompt_audio(wav, rate, max_seconds=max_seconds)
+    except AudioError as exc:
+        raise ApiError(400, f"{field}: {exc}", code="invalid_audio", param=field) from None
+    return Waveform(wav, rate)
 
 
 def check_audio(data: bytes, field: str, limit: int, max_seconds: float | None = None) -> bytes:
@@ -134,7 +142,8 @@ def check_audio(data: bytes, field: str, limit: int, max_seconds: float | None =
             code="unsupported_audio_format",
             param=field,
         ) from None
-    if max_seconds is not None and info.frames > 0 and info.samplerate > 0:
+    # a header that does not say the length (a streamed FLAC) is checked as it is decoded
+    if max_seconds is not None and 0 < info.frames < UNKNOWN_FRAMES and info.samplerate > 0:
         seconds = info.frames / info.samplerate
         if seconds > max_seconds:
             raise ApiError(
@@ -295,12 +304,18 @@ def plan_prompted(
         def provider() -> PromptFeatures:
             return cache.features(engine, prompt, text_for_prompt, limit, prompt_field)
 
+    source_audio = None
+    if source is not None:
+        # decoded here, after the cheap checks (tens of ms for 30 s): the engine does not decode
+        # it again, and the server's limit holds (the engine's own is the tokenizer's 30 s)
+        limit = state.settings.max_prompt_seconds
+        source_audio = decoded(source, field_name(fields, "source_audio"), limit)
     request = SynthesisRequest(
         mode=chosen,
         text=text if chosen != Mode.VOICE_CONVERSION else "",
         voice=request_voice,
         instruct=instruct if chosen == Mode.INSTRUCT else None,
-        source_audio=source,
+        source_audio=source_audio,
         speed=speed,
         seed=seed,
         stream=engine_stream and speed == 1.0,

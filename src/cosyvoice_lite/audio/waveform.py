@@ -1,0 +1,20 @@
+"""Decoded audio as plain data; light (no torch at import), so that requests can name it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+@dataclass(frozen=True)
+class Waveform:
+    """Audio already decoded: mono samples (``[N]`` or ``[1, N]``, float, full scale 1.0) and their
+    rate. Accepted wherever a file is (a prompt, a voice conversion's source) and checked alike;
+    a server decodes an upload once, within its own limits, and hands this on."""
+
+    samples: torch.Tensor | np.ndarray | Any
+    sample_rate: int
