@@ -97,3 +97,60 @@ def test_overload_is_429_with_retry_after(server, engine) -> None:
     for t in threads:
         t.join()
     assert statuses.count(429) >= 3 and statuses.count(200) >= 1
+
+
+class TimedSinks:
+    """The real engine, recording how long its loop spends handing audio to each request."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.seconds: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def submit(self, request, sink, progress=None, prompt=None):
+        timer = self
+
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(sink, name)
+
+            def chunk(self, chunk) -> None:
+                start = time.perf_counter()
+                sink.chunk(chunk)
+                timer.seconds.append(time.perf_counter() - start)
+
+            def end(self, error) -> None:
+                start = time.perf_counter()
+                sink.end(error)
+                timer.seconds.append(time.perf_counter() - start)
+
+        return self._engine.submit(request, Timed(), progress, prompt)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_are_encoded_off_the_engine_loop(engine, tmp_path, stream) -> None:
+    """Opus costs ~25 ms per second of audio to encode: on the loop thread it stopped every other
+    row meanwhile. The loop now only hands the samples over; the client's audio is the same."""
+    from test_server_support import decode
+
+    from cosyvoice_lite.serving.streaming import Encoder, WholeEncoder
+
+    timed = TimedSinks(engine)
+    settings = Settings(voices_dir=tmp_path / "voices")
+    text = "，".join(["今天天气很好"] * 6) + "。"
+    body = {"text": text, "speaker": engine.voices()[0], "seed": 3, "stream": stream}
+    with ServerThread(create_app(timed, settings)) as running, running.client() as client:
+        opus = client.post("/tts", json={**body, "format": "opus"})
+        pcm = client.post("/tts", json={**body, "format": "pcm"})
+    assert opus.status_code == pcm.status_code == 200, opus.text
+    samples = np.frombuffer(pcm.content, "<i2").astype(np.float32) / 32768
+    assert decode(opus.content)[0].size > 0 and samples.size > engine.sample_rate
+    start = time.perf_counter()  # what encoding it costs, on this machine now
+    encoder = (Encoder if stream else WholeEncoder)("opus", engine.sample_rate)
+    encoder.feed(samples)
+    encoder.finish()
+    encoding = time.perf_counter() - start
+    handed_over = sum(timed.seconds)  # both requests' chunks and ends
+    assert handed_over < 0.25 * encoding, (handed_over, encoding)

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -36,6 +42,7 @@ from .. import __version__
 from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
+from .encoding import EncodingPool
 from .errors import ApiError, from_engine_error, not_ready, route_fields
 from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts
 from .metrics import Metrics
@@ -84,6 +91,7 @@ class ServerState:
             settings.shutdown_timeout,
         )
         self.library = VoiceLibrary(voice_store(settings), storage_waiters=settings.storage_waiters)
+        self.encoding = EncodingPool()  # responses are encoded here, not on the engine loop
         self.engine = None
         self.status = "loading"
         self.load_error = ""
@@ -396,6 +404,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
         if state.preparer is not None:  # its current voice, within the shutdown time
             await asyncio.to_thread(state.preparer.join, settings.shutdown_timeout)
         state.scheduler.shutdown()
+        state.encoding.shutdown()
         state.outputs.shutdown()
 
     app = FastAPI(
@@ -628,6 +637,15 @@ def _add_page_routes(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("", include_in_schema=False)
+    async def page_without_slash(request: Request):
+        # under a route prefix (root_path, e.g. Ray Serve's route_prefix) "/prefix" reaches the
+        # app as an empty path: the page's URLs are relative to it, so it is "/prefix/"
+        target = request.scope.get("root_path", "").rstrip("/") + "/"
+        if request.url.query:
+            target += f"?{request.url.query}"
+        return RedirectResponse(target, status_code=307)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():

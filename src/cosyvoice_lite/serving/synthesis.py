@@ -205,7 +205,8 @@ def plan_request(
 
 class _Relay:
     """The engine side of a synthesis job, called from the engine loop thread: engine chunks ->
-    encoded pieces on the job's queue, then a Summary, then the end."""
+    encoded pieces on the job's queue, then a Summary, then the end. The encoding runs on the
+    server's encoding pool, in order (``encoding.py``): the loop goes on with every row."""
 
     def __init__(self, state: ServerState, plan: Plan, job: Job, accepted_at: float) -> None:
         self.state, self.plan, self.job, self.accepted_at = state, plan, job, accepted_at
@@ -214,6 +215,8 @@ class _Relay:
             self.encoder = WholeEncoder(plan.format, engine.sample_rate, plan.out_rate)
         else:
             self.encoder = Encoder(plan.format, engine.sample_rate, plan.out_rate)
+        self.strand = state.encoding.strand()
+        self.failed = False  # ended with an error: pieces still queued are not encoded
         self.keep = state.outputs.enabled
         self.kept: list[np.ndarray] = []
         self.audio_seconds, self.first = 0.0, None
@@ -231,13 +234,29 @@ class _Relay:
         self.audio_seconds += chunk.duration
         if self.keep:
             self.kept.append(chunk.samples)
-        piece = self.encoder.feed(chunk.samples)
-        if piece:
-            self.job.put(piece)
+        self.strand.submit(lambda: self._encode(chunk.samples))
 
     def end(self, error: BaseException | None) -> None:
         if error is not None or self.job.cancelled.is_set():
-            self.job.finish(error)  # a cancelled job has nobody left to tell
+            self.failed = True
+            self.job.finish(error)  # at once: a cancelled job has nobody left to tell
+            return
+        self.strand.submit(self._end)
+
+    def _encode(self, samples: np.ndarray) -> None:
+        if self.failed or self.job.cancelled.is_set():
+            return
+        try:
+            piece = self.encoder.feed(samples)
+        except Exception as exc:  # noqa: BLE001 - reported to the client as the job's error
+            self.failed = True
+            self.job.finish(exc)
+            return
+        if piece:
+            self.job.put(piece)
+
+    def _end(self) -> None:
+        if self.failed:
             return
         try:
             self._complete()
