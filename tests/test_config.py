@@ -76,13 +76,27 @@ def test_hostile_yaml_is_refused_at_once(tmp_path: Path) -> None:
     laughs = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
     )
+    # without aliases: each line refers twice to the one before (its work doubled per line:
+    # 16 s at 21 lines), its numbers squared past any model's (a raw ValueError at 4300 digits),
+    # or a chain of references past Python's recursion limit (a raw RecursionError)
+    doubling = "a0: 1\n" + "".join(f"a{i}: !ref <a{i - 1}> + <a{i - 1}>\n" for i in range(1, 22))
+    squaring = "a0: 99999\n" + "".join(
+        f"a{i}: !ref <a{i - 1}> * <a{i - 1}>\n" for i in range(1, 14)
+    )
+    deep = "".join(f"a{i}: !ref <a{i + 1}>\n" for i in range(2000)) + "a2000: 1\n"
     cases = {
         "x: !ref 9**9**9**9\n": "unsupported !ref",
         "x: !ref 1/0\n": "unsupported !ref",
         "x: !ref 1 2\n": "unsupported !ref",
         laughs: "aliases",
+        "llm: !ref <x>\n" + squaring + "x: !ref <a13>\n": "unsupported !ref",
+        "llm: !ref <a0>\n" + deep: "nested more than 64 deep",
     }
     yaml_file = tmp_path / "cosyvoice.yaml"
+    yaml_file.write_text(doubling)
+    start = time.monotonic()
+    assert read_hyperpyyaml(yaml_file)["a21"] == 2**21
+    assert time.monotonic() - start < 2
     for text, message in cases.items():
         yaml_file.write_text("sample_rate: 22050\n" + text)
         start = time.monotonic()

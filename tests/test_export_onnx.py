@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from cosyvoice_lite.cli import main
-from cosyvoice_lite.export.onnx_export import OPSET, export_onnx, load_networks
+from cosyvoice_lite.export.onnx_export import (
+    OPSET,
+    ExportError,
+    check_options,
+    export_onnx,
+    load_networks,
+)
 from cosyvoice_lite.export.runtime import OrtVocoder, session, use_onnxruntime
 from cosyvoice_lite.export.vocoder import draw_source_noise
 from cosyvoice_lite.networks.flow_matching import time_span
@@ -422,6 +428,36 @@ def test_export_never_deletes_what_it_was_not_asked_to_replace(tmp_path, capsys,
         with pytest.raises(Exception, match="holds the current directory"):
             export_onnx(model, holding, parts=("hift",), force=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_export_is_staged_where_it_can_be_written_and_leaves_nothing_if_stopped(tmp_path):
+    """An empty output (a mounted volume, whose parent may not be writable) is staged in
+    itself, not beside it (checked writable, then a raw PermissionError after all the work); an
+    export stopped part-way (Ctrl-C) left the parents it had made; a file on the path is an
+    error before any work."""
+    model = MODELS / "v1-tiny"
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    seen = []
+
+    def look(_: str) -> None:
+        seen.append(sorted(p.name.split("-")[0] for p in volume.iterdir()))
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    export_onnx(model, volume, parts=("hift",), progress=look)
+    assert seen[0] == [".volume.partial"] and seen[1] == ["volume"]
+    assert (volume / "manifest.json").is_file()
+    assert not [p for p in volume.iterdir() if p.name.startswith(".")]
+
+    def interrupt(_: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, tmp_path / "new" / "deeper", parts=("hift",), progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ExportError, match="file is not a directory"):
+        check_options(tmp_path / "file" / "out", "float32", None, False, ("hift",))
 
 
 def test_float16_export_reports_error_and_overflow(tmp_path):

@@ -156,6 +156,58 @@ def test_a_model_directory_counts_as_downloaded_only_when_whole(
     assert resolve_model("CosyVoice2-0.5B", download=False) == target  # a whole copy
 
 
+def test_a_hubs_leftovers_do_not_undo_a_whole_download(tmp_path: Path) -> None:
+    """A first hub that fails part-way leaves a half-written file; the second hub then fetches
+    every file: the download is whole (it was refused, run after run, for the first one's
+    leftover), and leftovers of files no longer fetched are removed. A fetch that leaves a
+    half-written file itself is not whole."""
+    from cosyvoice_lite.hub import COMPLETE_MARK, download_model
+
+    tiny = Path(__file__).resolve().parent / "data" / "models" / "v2-tiny"
+    target = tmp_path / "CosyVoice2-0.5B"
+    scratch = target / ".cache" / "huggingface" / "download"
+    old = scratch / "CosyVoice-BlankEN" / "5f1c0de2.f00d.incomplete"  # an earlier version's
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"half of 1 GB")
+
+    def fails_part_way(repo: str, into: Path) -> None:
+        (scratch / "a1b2c3d4.abc123.incomplete").write_bytes(b"part of flow.pt")
+        raise OSError("Connection reset by peer")
+
+    def fetches_all(repo: str, into: Path) -> None:
+        shutil.copytree(tiny, into, dirs_exist_ok=True)
+
+    def returns_what_it_has(repo: str, into: Path) -> None:
+        fetches_all(repo, into)
+        (scratch / "e5f6a7b8.abc123.incomplete").write_bytes(b"part of spk2info.pt")
+
+    with pytest.raises(ModelDownloadError, match=r"half-written"):
+        download_model("CosyVoice2-0.5B", target, [("A", "x", returns_what_it_has)])
+    (scratch / "e5f6a7b8.abc123.incomplete").unlink()
+    download_model("CosyVoice2-0.5B", target, [("A", "x", fails_part_way), ("B", "y", fetches_all)])
+    assert (target / COMPLETE_MARK).read_text().strip() == "B y"
+    assert not list(scratch.rglob("*.incomplete"))  # ~1 GB each, of no use now
+    assert resolve_model(str(target)) == target
+
+
+def test_a_fetched_vocabulary_is_readable_by_the_caches_other_users(tmp_path: Path) -> None:
+    """whisper's vocabulary was placed with a temporary file's mode (0600): another user or
+    service account sharing the cache could not read it, and offline could not fetch it."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "got"
+    source.write_bytes(b"vocabulary")
+    script = (
+        "import os, sys; from pathlib import Path; from cosyvoice_lite.hub import place_file; "
+        "os.umask(0o022); place_file(Path(sys.argv[1]), Path(sys.argv[2]))"
+    )
+    target = tmp_path / "multilingual.tiktoken"
+    subprocess.run([sys.executable, "-c", script, source, target], check=True, timeout=60)
+    assert target.read_bytes() == b"vocabulary" and target.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "multilingual.tiktoken"]
+
+
 def test_a_missing_path_is_not_taken_for_a_model_name(tmp_path: Path, monkeypatch) -> None:
     """A mount that is missing or a typo in a path ending in an official name started a
     download of gigabytes into the cache."""
@@ -189,6 +241,9 @@ def test_a_release_is_named_as_given_through_links_and_the_hub_cache(
     for given in (tmp_path / "CosyVoice-300M-Instruct", hub / "0123abcd"):
         opened = open_model_dir(given)
         assert (opened.variant, opened.name) == ("instruct", "CosyVoice-300M-Instruct")
+    # "sub/.." was named "..": the OpenAI model id, /info's model, the export manifest's
+    (real / "sub").mkdir()
+    assert open_model_dir(real / "sub" / "..").name == "0123abcd"
 
 
 def test_a_damaged_speaker_table_is_a_clear_error_at_load(model_copy: Path) -> None:

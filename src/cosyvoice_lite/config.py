@@ -125,32 +125,51 @@ def _lookup(root: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _resolve(node: Any, root: Mapping[str, Any], seen: tuple[str, ...] = ()) -> Any:
+MAX_REF_DEPTH = 64  # !ref chains in the official yamls are a few deep
+MAX_REF_VALUE = 1e15  # sizes, rates, ratios: a larger result is not a model's
+
+
+def _resolve(
+    node: Any, root: Mapping[str, Any], memo: dict[str, Any], seen: tuple[str, ...] = ()
+) -> Any:
+    """``node`` with its ``!ref`` resolved; ``memo`` keeps each name's value once resolved (a
+    chain of lines each referring twice to the one before would otherwise double the work per
+    line), and a name referred to twice gives the same object both times."""
     if isinstance(node, _Ref):
         names = _REF_NAME.findall(node.expression)
         if len(names) == 1 and node.expression.strip() == f"<{names[0]}>":
-            name = names[0]
-            if name in seen:
-                raise ModelDirError(f"circular !ref <{name}> in the yaml")
-            return _resolve(_lookup(root, name), root, (*seen, name))
+            return _named(names[0], root, memo, seen)
         # an expression such as "<chunk_size> * <token_mel_ratio>": only plain arithmetic is allowed
         text = node.expression
-        for name in names:
-            value = _resolve(_lookup(root, name), root, (*seen, name))
-            text = text.replace(f"<{name}>", repr(value))
         try:
-            return _arithmetic(text)
+            for name in names:
+                text = text.replace(f"<{name}>", repr(_named(name, root, memo, seen)))
+            result = _arithmetic(text)
+            if not abs(result) <= MAX_REF_VALUE:  # (also NaN)
+                raise ValueError("out of range")
+            return result
         except (ValueError, SyntaxError, ArithmeticError, RecursionError):
             raise ModelDirError(
                 f"unsupported !ref expression in the yaml: {node.expression!r}"
             ) from None
     if isinstance(node, Tagged):
-        return Tagged(node.kind, node.target, _resolve(node.value, root, seen))
+        return Tagged(node.kind, node.target, _resolve(node.value, root, memo, seen))
     if isinstance(node, dict):
-        return {k: _resolve(v, root, seen) for k, v in node.items()}
+        return {k: _resolve(v, root, memo, seen) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve(v, root, seen) for v in node]
+        return [_resolve(v, root, memo, seen) for v in node]
     return node
+
+
+def _named(name: str, root: Mapping[str, Any], memo: dict[str, Any], seen: tuple[str, ...]) -> Any:
+    if name in memo:
+        return memo[name]
+    if name in seen:
+        raise ModelDirError(f"circular !ref <{name}> in the yaml")
+    if len(seen) >= MAX_REF_DEPTH:
+        raise ModelDirError(f"!ref <{name}>: references nested more than {MAX_REF_DEPTH} deep")
+    memo[name] = value = _resolve(_lookup(root, name), root, memo, (*seen, name))
+    return value
 
 
 def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -164,11 +183,12 @@ def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> 
         raise ModelDirError(f"{path} is not a CosyVoice yaml file (top level is not a mapping)")
     raw.update(overrides or {})
     resolved: dict[str, Any] = {}
+    memo: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or key.startswith("__"):  # (the __set_seed* !apply entries:
             continue  # side effects we do not perform)
         try:
-            resolved[key] = _resolve(value, raw)
+            resolved[key] = _resolve(value, raw, memo)
         except (KeyError, IndexError, TypeError) as exc:
             if key in _NEEDED_KEYS:
                 raise ModelDirError(f"{path}: key '{key}' refers to undefined {exc}") from exc
@@ -348,15 +368,20 @@ def load_model_config(model_dir: Path, version: int) -> ModelConfig:
     return parse_model_config(data, version, source=str(path))
 
 
-def _pin_pretrain_path(node: Any, blank_en: str) -> None:
-    """Every Qwen2Encoder below ``node`` reads ``blank_en``'s config.json."""
+def _pin_pretrain_path(node: Any, blank_en: str, visited: set[int] | None = None) -> None:
+    """Every Qwen2Encoder below ``node`` reads ``blank_en``'s config.json. (A value referred to
+    twice is one object, visited once: a yaml may refer to a list of lists of ... many times.)"""
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     if isinstance(node, Tagged):
         if node.class_name == "Qwen2Encoder" and isinstance(node.value, dict):
             node.value["pretrain_path"] = blank_en
-        _pin_pretrain_path(node.value, blank_en)
+        _pin_pretrain_path(node.value, blank_en, visited)
     elif isinstance(node, dict):
         for child in node.values():
-            _pin_pretrain_path(child, blank_en)
+            _pin_pretrain_path(child, blank_en, visited)
     elif isinstance(node, list):
         for child in node:
-            _pin_pretrain_path(child, blank_en)
+            _pin_pretrain_path(child, blank_en, visited)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelDirError, ModelDownloadError
@@ -72,7 +74,7 @@ def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
         return target
     if not download:
         raise ModelDownloadError(f"model {name} is not in {target} and downloading is disabled")
-    _download_model(name, target)
+    download_model(name, target)
     return target
 
 
@@ -105,18 +107,41 @@ def _has_required_files(path: Path) -> bool:
     return all((path / name).is_file() for name in required_files(version))
 
 
-def _unfinished_files(path: Path) -> list[str]:
-    """Files a hub client left half-fetched (Hugging Face: ``*.incomplete``)."""
-    return sorted(p.name for p in (path / ".cache").rglob("*.incomplete"))
+def _unfinished_files(path: Path) -> dict[Path, tuple[int, int]]:
+    """Files a hub client left half-fetched (Hugging Face: ``*.incomplete``): their size and
+    modification time."""
+    found = {}
+    for part in (path / ".cache").rglob("*.incomplete"):
+        try:
+            stat = part.stat()
+        except OSError:  # gone meanwhile
+            continue
+        found[part] = (stat.st_size, stat.st_mtime_ns)
+    return found
 
 
-def _download_model(name: str, target: Path) -> None:
-    """From Hugging Face (``HF_ENDPOINT`` picks a mirror), else from ModelScope when its package
-    is installed (``COSYVOICE_LITE_HUB=modelscope``: ModelScope first)."""
-    sources = [("Hugging Face", MODELS[name], _from_hugging_face)]
-    sources.append(("ModelScope", MODELSCOPE_IDS[name], _from_modelscope))
+Fetch = Callable[[str, Path], None]  # (repository, target directory): fetch its files there
+
+
+def download_sources(name: str) -> list[tuple[str, str, Fetch]]:
+    """Where ``name`` is fetched from, in order: (hub, repository, fetch). Hugging Face
+    (``HF_ENDPOINT`` picks a mirror), else ModelScope when its package is installed
+    (``COSYVOICE_LITE_HUB=modelscope``: ModelScope first)."""
+    sources: list[tuple[str, str, Fetch]] = [
+        ("Hugging Face", MODELS[name], _from_hugging_face),
+        ("ModelScope", MODELSCOPE_IDS[name], _from_modelscope),
+    ]
     if os.environ.get("COSYVOICE_LITE_HUB", "").lower() == "modelscope":
         sources.reverse()
+    return sources
+
+
+def download_model(
+    name: str, target: Path, sources: list[tuple[str, str, Fetch]] | None = None
+) -> None:
+    """Fetch the official release ``name`` into ``target`` from the first of ``sources``
+    (default ``download_sources(name)``) that gives it whole; resumes an interrupted one."""
+    sources = download_sources(name) if sources is None else sources
     errors = []
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -126,17 +151,24 @@ def _download_model(name: str, target: Path) -> None:
         raise ModelDownloadError(f"cannot download {name} into {target}: {exc}") from None
     for hub, repo, fetch in sources:
         log.info("downloading %s from %s %s into %s", name, hub, repo, target)
+        before = _unfinished_files(target)
         try:
             fetch(repo, target)  # both show a progress bar and resume an interrupted download
-            # some hub clients return what they have when the hub is unreachable
-            if not _has_required_files(target) or _unfinished_files(target):
-                unfinished = ", ".join(_unfinished_files(target)) or "required files"
-                raise ModelDownloadError(f"the download did not finish ({unfinished} missing)")
+            # some hub clients return what they have when the hub is unreachable: files this
+            # fetch left half-written (not those an earlier one left, for files not fetched now)
+            if not _has_required_files(target):
+                raise ModelDownloadError("the download did not finish (required files missing)")
+            after = _unfinished_files(target).items()
+            if unfinished := sorted(p for p, seen in after if before.get(p) != seen):
+                names = ", ".join(p.name for p in unfinished)
+                raise ModelDownloadError(f"the download did not finish ({names} half-written)")
         except Exception as exc:  # offline, hub unreachable, repository moved, package missing
             errors.append(f"{hub} {repo}: {exc}")
             continue
         (target / COMPLETE_MARK).write_text(f"{hub} {repo}\n", encoding="utf-8")
         (target / DOWNLOADING_MARK).unlink(missing_ok=True)
+        for stale in _unfinished_files(target):  # earlier fetches' leftovers (up to ~1 GB each)
+            stale.unlink(missing_ok=True)
         return
     raise ModelDownloadError(
         f"could not download {name}: " + "; ".join(errors) + ".\n"
@@ -222,19 +254,7 @@ def whisper_vocab_path(download: bool = True) -> Path:
                     raise ModelDownloadError(
                         f"checksum mismatch for {WHISPER_VOCAB} from {fetch.__name__}"
                     )
-                # a name of this call's own (processes fetching it at once each write a whole
-                # copy), then moved into place at once: never half-written
-                with (
-                    tempfile.NamedTemporaryFile(
-                        dir=target.parent, prefix=f".{WHISPER_VOCAB}.", delete=False
-                    ) as partial,
-                    got.open("rb") as source,
-                ):
-                    shutil.copyfileobj(source, partial)
-                try:
-                    Path(partial.name).replace(target)
-                finally:
-                    Path(partial.name).unlink(missing_ok=True)
+                place_file(got, target)
             return target
         except Exception as exc:  # try the next source
             errors.append(f"{fetch.__name__.removeprefix('_fetch_vocab_')}: {exc}")
@@ -244,6 +264,21 @@ def whisper_vocab_path(download: bool = True) -> Path:
         + f".\nWithout network, copy it from an openai-whisper install (whisper/assets/) or from "
         f"{WHISPER_VOCAB_URL} into {target.parent}."
     )
+
+
+def place_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` under a name of this call's own (processes fetching it at
+    once each write a whole copy), then move it into place at once: never half-written. Created
+    as a plain file is (0666 less the umask: a shared cache stays readable to its users), not
+    0600 as a temporary file is."""
+    partial = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as out, source.open("rb") as data:
+            shutil.copyfileobj(data, out)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 VOCAB_SOURCES = {

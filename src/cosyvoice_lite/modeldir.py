@@ -257,7 +257,8 @@ def _release_name(given: Path, model_dir: Path) -> str:
     for part in (*given.absolute().parts, *model_dir.parts):
         if part.startswith("models--"):
             return part.split("--")[-1]
-    return given.absolute().name or model_dir.name
+    name = given.absolute().name  # (pathlib keeps "..": "sub/.." is named by what it resolves to)
+    return model_dir.name if name in ("", "..") else name
 
 
 def _variant(model_dir: Path, version: int, release: str = "") -> str:

@@ -101,10 +101,12 @@ def check_options(
         here = Path.cwd().resolve()
         if out_dir == here or out_dir in here.parents:
             raise ExportError(f"refusing to replace {out_dir}: it holds the current directory")
-    # a directory that cannot be made is an error now, not after loading and tracing; missing
-    # parents are made only once the export is done
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    probe = _new_beside(existing / "probe", "probe")
+    existing = next(p for p in out_dir.parents if p.exists())
+    if not existing.is_dir():
+        raise ExportError(f"cannot make {out_dir}: {existing} is not a directory")
+    # a directory that cannot be written is an error now, not after loading and tracing: the
+    # one the export is staged in (missing parents are made only once the export is done)
+    probe = _new_in(_staging_parent(out_dir), "probe", "probe")
     try:  # (not os.access: root passes it where nothing can be written, in /proc)
         probe.mkdir()
         probe.rmdir()
@@ -570,10 +572,13 @@ def export_onnx(
     if "hift" in nets:
         graphs += hift_graph_list(nets["hift"], version_spec)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # written first in a directory of its own beside the output (never a name a user may hold)
-    staging = _new_beside(out_dir, "partial")
-    staging.mkdir()
+    # written first in a directory of its own (never a name a user may hold): in the output
+    # when it is empty (a mounted volume, the current directory), else beside it
+    staging = _new_in(_staging_parent(out_dir), out_dir.name, "partial")
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise ExportError(f"cannot write {staging.parent}: {exc.strerror or exc}") from None
     entries = {}
     try:
         for graph in graphs:
@@ -639,14 +644,15 @@ def _replace(out_dir: Path, staging: Path) -> None:
     there; a directory with files (--force) is moved aside first and deleted only once the new
     one is in place."""
     if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)  # (a failed export leaves none)
         staging.rename(out_dir)
         return
-    if not any(out_dir.iterdir()):  # (the current directory, say: it stays the same one)
+    if staging.parent == out_dir:  # it was empty (the current directory: it stays that one)
         for path in staging.iterdir():
             path.rename(out_dir / path.name)
         staging.rmdir()
         return
-    old = _new_beside(out_dir, "old")
+    old = _new_in(out_dir.parent, out_dir.name, "old")
     out_dir.rename(old)
     try:
         staging.rename(out_dir)
@@ -656,10 +662,18 @@ def _replace(out_dir: Path, staging: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _new_beside(path: Path, kind: str) -> Path:
-    """A name no one holds beside ``path`` (hidden; the process id and a random part)."""
+def _staging_parent(out_dir: Path) -> Path:
+    """Where an export to ``out_dir`` is staged: in it when it is an empty directory, beside it
+    when it has files (replaced with --force), else in its nearest existing ancestor."""
+    if out_dir.is_dir():
+        return out_dir if not any(out_dir.iterdir()) else out_dir.parent
+    return next(p for p in out_dir.parents if p.is_dir())
+
+
+def _new_in(directory: Path, name: str, kind: str) -> Path:
+    """A name no one holds in ``directory`` (hidden; the process id and a random part)."""
     while True:
-        candidate = path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+        candidate = directory / f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
         if not candidate.exists():
             return candidate
 
