@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +314,28 @@ def test_streamed_text_is_checked_as_text_is(v2: Engine, v3: Engine) -> None:
     # the bound of a segment holds for streamed text too
     chunks = run(v2, [LONG_TEXT] * 4, max_speech_tokens=30, stream=True)
     assert sum(c.samples.size for c in chunks) <= 30 * 2 * 480
+
+
+def test_a_slow_text_stream_wakes_the_loop_as_its_pieces_come(v2: Engine) -> None:
+    """A row waiting for streamed text sleeps until a piece arrives: the loop looked again every
+    5 ms (200 wake-ups a second while a chat model typed). The audio is the same."""
+
+    def slowly(pieces):
+        for piece in pieces:
+            time.sleep(0.25)
+            yield piece
+
+    pieces = ["今天天气", "真好，", "我们出去", "走走吧。"]
+    request = SynthesisRequest(
+        Mode.ZERO_SHOT, slowly(pieces), prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=3,
+        max_speech_tokens=12, ignore_eos=True,
+    )  # fmt: skip
+    waits = v2.loop.waits
+    audio = np.concatenate([c.samples for c in v2.synthesize(request)])
+    slept = v2.loop.waits - waits
+    quick = replace(request, text=iter(pieces))
+    np.testing.assert_array_equal(audio, np.concatenate([c.samples for c in v2.synthesize(quick)]))
+    assert 0 < slept <= 3 * len(pieces), slept  # about once per piece
 
 
 def test_tags_and_escapes_split_between_streamed_pieces_read_as_written(v2: Engine) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -156,13 +156,21 @@ def given_tokens_task(tokens: torch.Tensor) -> Task:
 
 class TextSource:
     """Streaming text in: token-id pieces pulled from the caller's iterator by a feeder thread, so a
-    slow producer (a chat model) never stalls the loop that steps the other requests."""
+    slow producer (a chat model) never stalls the loop that steps the other requests.
+    ``on_arrival`` is called (from the feeder thread) once a piece, the end or an error is there
+    to be polled: the loop sleeps until then instead of looking again and again."""
 
     PENDING = object()
     END = object()
 
-    def __init__(self, pieces: Iterable[Sequence[int]], lookahead: int = 2) -> None:
+    def __init__(
+        self,
+        pieces: Iterable[Sequence[int]],
+        lookahead: int = 2,
+        on_arrival: Callable[[], None] | None = None,
+    ) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=lookahead)
+        self._on_arrival = on_arrival
         self._closed = threading.Event()
         self._thread = threading.Thread(
             target=self._pull, args=(iter(pieces),), daemon=True, name="text-source"
@@ -182,9 +190,11 @@ class TextSource:
         while not self._closed.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return True
             except queue.Full:
                 continue
+            if self._on_arrival is not None:
+                self._on_arrival()
+            return True
         return False
 
     def poll(self) -> object:

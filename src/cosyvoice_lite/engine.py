@@ -871,10 +871,12 @@ class _Run:
         self.serial_segments = noise is sampler.generator
         self.source = source
 
-    def start_segment(self, index: int) -> tuple[object, object]:
+    def start_segment(
+        self, index: int, on_text: Callable[[], None] | None = None
+    ) -> tuple[object, object]:
         engine, request = self.engine, self.request
         inputs = engine._inputs(request, self.segments[index], self.prompt, self.source)
-        task = engine.pipeline.task(inputs, self.sampler, self.policy)
+        task = engine.pipeline.task(inputs, self.sampler, self.policy, on_text)
         audio = engine.pipeline.start(inputs, self.noise, request.stream, request.speed)
         return task, audio
 

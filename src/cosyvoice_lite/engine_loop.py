@@ -42,7 +42,9 @@ from .sampling import sample_rows
 
 log = logging.getLogger(__name__)
 
-IDLE_WAIT_SECONDS = 0.005  # rows waiting for streaming text: how often to look again
+# rows waiting for streaming text sleep until a piece arrives (``_text_arrived``); this is only
+# how long at most, should a wake-up be lost
+TEXT_WAIT_SECONDS = 1.0
 # Rows waiting only for their previous segment's audio are woken when it is out; this bounds the
 # wait should a wake-up be missed.
 SEGMENT_WAIT_SECONDS = 1.0
@@ -72,8 +74,11 @@ class Run(Protocol):
     # order, without streaming): a segment's sampling starts once the previous one's audio is out
     serial_segments: bool
 
-    def start_segment(self, index: int) -> tuple[Any, Any]:
-        """(decoding task, audio stage) of segment ``index``."""
+    def start_segment(
+        self, index: int, on_text: Callable[[], None] | None = None
+    ) -> tuple[Any, Any]:
+        """(decoding task, audio stage) of segment ``index``; ``on_text`` is called as its
+        streamed text arrives."""
 
     def emit(self, piece: torch.Tensor, index: int, final: bool) -> None: ...
 
@@ -658,6 +663,7 @@ class EngineLoop:
         self.steps = 0  # batched decode calls so far (for tests and metrics)
         self.rows_stepped = 0  # rows those calls decoded
         self.waits = 0  # steps that found every row waiting (for text or audio) and slept
+        self._text_arrivals = 0  # streamed text pieces (and ends) arrived: wakes a waiting loop
 
     # ------------------------------------------------------------------ submitting side
     @property
@@ -894,6 +900,11 @@ class EngineLoop:
         with self._wake:
             self._wake.notify_all()
 
+    def _text_arrived(self) -> None:
+        with self._wake:
+            self._text_arrivals += 1
+            self._wake.notify_all()
+
     def _row_ended(self, row: _Row) -> None:
         with self._wake:
             self._live.discard(row)
@@ -902,20 +913,24 @@ class EngineLoop:
             self._wake.notify_all()
 
     def _step(self) -> None:
+        with self._wake:
+            arrivals = self._text_arrivals
         try:
             fed = self._step_rows()
         finally:
             self._send_audio()
         if self._rows and not fed and all(row.feed is None for row in self._rows):
-            # Every row waits: for streaming text (looked at again shortly, not spun on), or for
-            # its previous segment's audio (woken once it is out; checked under the lock the
-            # audio worker notifies under, so that the wake-up cannot be missed).
+            # Every row waits: for streaming text, or for its previous segment's audio. Woken as
+            # either comes (checked under the lock their threads notify under, and text that
+            # came during the step is seen here, so that no wake-up is missed).
             with self._wake:
+                if self._text_arrivals != arrivals:
+                    return  # a row has text to take: step again at once
                 self.waits += 1
                 if all(row.waits_for_audio() for row in self._rows):
                     self._wake.wait(SEGMENT_WAIT_SECONDS)
                 else:
-                    self._wake.wait(IDLE_WAIT_SECONDS)
+                    self._wake.wait(TEXT_WAIT_SECONDS)
 
     def _step_rows(self) -> bool:
         """One step; True if a forward ran."""
@@ -1007,7 +1022,7 @@ class EngineLoop:
 
     def _start_segment(self, row: _Row, index: int) -> None:
         row.segment = index
-        row.task, row.audio = row.run.start_segment(index)
+        row.task, row.audio = row.run.start_segment(index, on_text=self._text_arrived)
         row.sent = 0
         row.cache = self.lm.new_cache()
         row.feed = row.reply = None

@@ -128,15 +128,21 @@ class Segment:
         return self.complete(self.pipeline.flow_steps([work])[0])
 
 
-def decoding_task(lm, inputs: ModelInputs, sampler, policy: LengthPolicy) -> Task:
+def decoding_task(
+    lm,
+    inputs: ModelInputs,
+    sampler,
+    policy: LengthPolicy,
+    on_text: Callable[[], None] | None = None,
+) -> Task:
     """The speech-token task of one segment: given tokens (voice conversion), streaming text in
-    (bistream), or the plain official decoding."""
+    (bistream; ``on_text`` is called as each piece arrives), or the plain official decoding."""
     if inputs.source_speech_token is not None:
         return given_tokens_task(inputs.source_speech_token)
     if not isinstance(inputs.text, torch.Tensor):
         return bistream_task(
             lm,
-            TextSource(inputs.text),
+            TextSource(inputs.text, on_arrival=on_text),
             inputs.prompt_text,
             inputs.llm_prompt_speech_token,
             sampler,
@@ -209,9 +215,16 @@ class Pipeline:
         t_span = time_span(cfm.steps, cfm.t_scheduler, x)
         cfm.solve_euler(x, t_span, x.to(dtype), mask, spks, x.to(dtype))
 
-    def task(self, inputs: ModelInputs, sampler, policy: LengthPolicy = OFFICIAL_LENGTHS) -> Task:
-        """The decoding task of one segment; long silences are dropped where the version says."""
-        task = decoding_task(self.llm, inputs, sampler, policy)
+    def task(
+        self,
+        inputs: ModelInputs,
+        sampler,
+        policy: LengthPolicy = OFFICIAL_LENGTHS,
+        on_text: Callable[[], None] | None = None,
+    ) -> Task:
+        """The decoding task of one segment; long silences are dropped where the version says.
+        ``on_text``: called as streamed text arrives (the loop's wake-up)."""
+        task = decoding_task(self.llm, inputs, sampler, policy, on_text)
         if self.spec.silent_tokens and inputs.source_speech_token is None:
             task = drop_long_silences(task, self.spec.silent_tokens, self.spec.max_silent_run)
         return task
