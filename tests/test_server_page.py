@@ -5,11 +5,13 @@ creates voices from a file and from the microphone, and shows the API's errors."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
+from starlette.responses import PlainTextResponse
 from test_server_support import EngineProbe, ServerThread, decode, prompt_wav, tiny_engine
 
 from cosyvoice_lite.serving import Settings, create_app
@@ -680,3 +682,226 @@ def test_cosyvoice2_cloned_voice_of_the_model_is_offered_as_a_cloned_voice(brows
         wait_js(page, "document.querySelectorAll('.result').length > 0", timeout=60)
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert not errors, errors
+
+
+# ------------------------------------------------------------- prefix, key, storage, restart
+
+
+class RoutePrefix:
+    """Ray Serve's proxy in front of an app deployed with ``route_prefix=prefix``: a request
+    under the prefix reaches the app with its whole path and the prefix as its ``root_path``
+    (serve/_private/proxy.py); any other path is not the app's (404)."""
+
+    def __init__(self, app, prefix: str) -> None:
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path != self.prefix and not path.startswith(self.prefix + "/"):
+                await PlainTextResponse("not under the route prefix", 404)(scope, receive, send)
+                return
+            scope = {**scope, "root_path": scope.get("root_path", "") + self.prefix}
+        await self.app(scope, receive, send)
+
+
+def test_the_page_works_under_a_route_prefix(browser, engine, tmp_path):
+    """Deployed under a route prefix (Ray Serve's route_prefix, the app's root_path), the page
+    fetched /info, /speakers, /tts and its recorder from the host's root, outside the app, and
+    the prefix without its slash was a 404. (/tts as the prefix: the API's /tts is /tts/tts.)"""
+    app = RoutePrefix(create_app(engine, Settings(voices_dir=tmp_path)), "/tts")
+    with ServerThread(app) as server:
+        with server.client() as client:
+            moved = client.get("/tts?lang=zh")
+            assert moved.status_code == 307, moved.text
+            assert moved.headers["location"] == "/tts/?lang=zh"  # root_path honoured, a path
+            assert client.get("/tts/").status_code == 200
+        context = browser.new_context()
+        context.grant_permissions(["microphone"], origin=server.url)
+        page = context.new_page()
+        requested: list[str] = []
+        refused: list[str] = []
+        errors: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.on("response", lambda r: r.status >= 400 and refused.append(f"{r.status} {r.url}"))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            page.goto(f"{server.url}/tts")
+            page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+            assert page.url == f"{server.url}/tts/"
+            assert page.inner_text("#status") == "ready"
+            options = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
+            assert options == engine.voices()
+            assert page.evaluate("getComputedStyle(document.body).fontFamily") != "Times New Roman"
+            set_streaming(page, False)
+            speak(page)
+            assert audio_duration(page) > 0
+            # a voice recorded with the microphone (the recorder's worklet), saved, played
+            page.click("#record")
+            wait_js(page, "parseFloat(document.getElementById('record-time').textContent) >= 1.2")
+            page.click("#record")
+            assert "recording" in page.inner_text("#voice-source")  # the worklet was found
+            page.fill("#voice-name", "prefixed")
+            page.click("#voice-save")
+            page.wait_for_selector("#voice-list li[data-voice='prefixed']", timeout=30000)
+            with page.expect_response(lambda r: r.url.endswith("/voices/prefixed/audio")) as got:
+                page.click("#voice-list li[data-voice='prefixed'] button:has-text('▶')")
+            assert got.value.ok
+            links = page.eval_on_selector_all("a[href], link[href]", "ls => ls.map(l => l.href)")
+            links = [link for link in links if not link.startswith("blob:")]  # results' audio
+            assert links and all(link.startswith(f"{server.url}/tts/") for link in links), links
+            assert page.is_hidden("#error"), page.inner_text("#error")
+            http = [url for url in requested if url.startswith("http")]
+            outside = [url for url in http if not url.startswith(f"{server.url}/tts/")]
+            assert outside == [f"{server.url}/tts"], outside  # only the address typed
+            assert not refused and not errors, (refused, errors)
+        finally:
+            context.close()
+
+
+def test_a_server_with_an_api_key_asks_for_it_before_listing_voices(browser, engine, tmp_path):
+    """The page's first /speakers got 401: an error to dismiss and "No voices yet" in the
+    picker, when what is missing is the key."""
+    with page_for(browser, engine, tmp_path, {"api_key": "page-key"}) as (page, errors):
+        assert page.is_visible("#auth")
+        assert page.is_hidden("#error")  # nothing failed: the key is asked for
+        picker = page.inner_text("#voice")
+        assert "API key" in picker and "No voices" not in picker, picker
+        listed = page.inner_text("#voice-list")
+        assert "API key" in listed and "No saved voices" not in listed, listed
+        assert page.is_disabled("#speak")
+        # a wrong key: refused, and asked for again
+        page.fill("#api-key", "not-the-key")
+        page.click("#api-key-save")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "(401)" in page.inner_text("#error-title")
+        assert page.is_visible("#auth") and "API key" in page.inner_text("#voice")
+        page.click("#error-close")
+        page.fill("#api-key", "page-key")
+        page.click("#api-key-save")
+        wait_js(page, "document.getElementById('voice').value !== ''")
+        options = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
+        assert options == engine.voices()
+        assert "No saved voices" in page.inner_text("#voice-list")
+        assert page.is_hidden("#auth") and page.is_hidden("#error")
+        set_streaming(page, False)
+        speak(page)
+        # the key is remembered: after a reload the voices are listed at once
+        page.reload()
+        page.wait_for_selector("body[data-ready='ready']")
+        wait_js(page, "document.getElementById('voice').value !== ''")
+        assert page.is_hidden("#auth") and page.is_hidden("#error")
+        assert not errors, errors
+
+
+def speak_as_newest(page, text: str) -> None:
+    """Speak ``text`` and wait until it is the newest result (the count may not grow: the
+    oldest can go as it arrives)."""
+    page.fill("#text", text)
+    page.click("#speak")
+    wait_js(page, f"document.querySelector('.result .said')?.textContent === {json.dumps(text)}")
+    assert page.is_hidden("#error"), page.inner_text("#error")
+
+
+def test_kept_results_are_capped_oldest_first(page):
+    """Every result went into IndexedDB for good: the store grew without bound."""
+    assert page.evaluate("KEEP.results") == 30
+    assert page.evaluate("KEEP.bytes") == 200 * 1024 * 1024
+    page.evaluate("""() => { window.revoked = 0; const revoke = URL.revokeObjectURL;
+      URL.revokeObjectURL = (u) => { window.revoked++; return revoke(u); }; }""")
+    page.evaluate("KEEP.results = 2")
+    set_streaming(page, False)
+    page.select_option("#format", "wav")
+    for text in ("一。", "二。", "三。"):
+        speak_as_newest(page, text)
+    said = "[...document.querySelectorAll('.result .said')].map(s => s.textContent)"
+    stored = "store.all().then(items => items.map(i => i.text).sort().join())"
+    wait_js(page, f"{said}.length === 2")
+    assert page.evaluate(said) == ["三。", "二。"]
+    wait_js(page, f"{stored}.then(s => s === {json.dumps(','.join(sorted(['二。', '三。'])))})")
+    assert page.evaluate("revoked") >= 1  # the audio of the one let go
+    # the byte budget: the oldest go until the rest fit; the newest stays even alone
+    page.evaluate("KEEP.results = 30; KEEP.bytes = 1")
+    speak_as_newest(page, "四。")
+    wait_js(page, f"{said}.length === 1")
+    wait_js(page, f"{stored}.then(s => s === '四。')")
+    page.reload()
+    page.wait_for_selector("body[data-ready='ready']")
+    assert page.evaluate(said) == ["四。"]
+
+
+def test_a_store_grown_past_the_cap_is_cut_on_load(page):
+    """Results kept before the cap (or by another tab) are cut to it when the page loads."""
+    page.evaluate("""async () => {
+      for (let i = 0; i < 35; i++) {
+        await store.put({ id: `old-${i}`, created: 1000 + i, text: `old ${i}`, meta: "",
+                          format: "wav", blob: wavBlob(new Float32Array(2400), 24000) });
+      } }""")
+    page.reload()
+    page.wait_for_selector("body[data-ready='ready']")
+    said = page.eval_on_selector_all(".result .said", "ss => ss.map(s => s.textContent)")
+    assert said == [f"old {i}" for i in range(34, 4, -1)]  # the newest 30, newest first
+    wait_js(page, "store.all().then(items => items.length === 30)")
+
+
+def test_the_page_follows_a_server_restarted_with_another_model(
+    browser, engine, v1_variants, tmp_path
+):
+    """A server restarted with another model while the page was in the background: the page
+    kept the old model's modes and voices until reloaded by hand."""
+    instruct = tiny_engine(v1_variants["instruct"])
+    first = ServerThread(create_app(engine, Settings(voices_dir=tmp_path)))
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        with first:
+            page.goto(first.url)
+            page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+            assert mode_buttons(page) == ["voice", "clone", "cross", "vc"]
+            assert instruct.model.name not in page.inner_text("#model-name")
+        again = ServerThread(create_app(instruct, Settings(voices_dir=tmp_path)), first.port)
+        with again:
+            page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # shown again
+            wait_js(
+                page,
+                f"document.getElementById('model-name').textContent.includes({json.dumps(instruct.model.name)})",
+            )
+            wait_js(page, "!document.querySelector(\".mode-btn[data-mode='instruct']\").hidden")
+            page.select_option("#voice", instruct.voices()[0])
+            assert page.is_visible("#instruct-field")  # the new model's instructions
+            assert page.is_hidden("#error")
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_a_request_that_finds_the_server_gone_looks_again(browser, engine, v1_variants, tmp_path):
+    """Speak while the server is down: the page says so, and once the server is back (here with
+    another model) it rebuilds itself without a reload."""
+    instruct = tiny_engine(v1_variants["instruct"])
+    first = ServerThread(create_app(engine, Settings(voices_dir=tmp_path)))
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        with first:
+            page.goto(first.url)
+            page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        set_streaming(page, False)
+        page.fill("#text", TEXT)
+        page.click("#speak")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "Connection problem" in page.inner_text("#error-title")
+        assert "cannot be reached" in page.inner_text("#error-message")
+        with ServerThread(create_app(instruct, Settings(voices_dir=tmp_path)), first.port):
+            wait_js(
+                page,
+                f"document.getElementById('model-name').textContent.includes({json.dumps(instruct.model.name)})",
+            )
+            wait_js(page, "!document.querySelector(\".mode-btn[data-mode='instruct']\").hidden")
+            wait_js(page, "document.getElementById('error').hidden")  # the outage is over
+            assert page.inner_text("#status") == "ready"
+            speak(page)
+    finally:
+        context.close()

@@ -10,6 +10,8 @@ const state = {
   voicePickedAt: 0,    // when a voice was last picked by hand (against a recording: the later wins)
   mode: localStorage.getItem("cosyvoice-lite-mode") || "",
   speakers: [],        // from GET /speakers
+  locked: false,       // the server wants an API key the page lacks (none given, or refused)
+  away: false,         // a request found the server gone (it is asked again: checkServer)
 };
 
 // Page modes -> the engine mode each needs (a mode the model lacks is not offered).
@@ -26,6 +28,10 @@ const MODES = {
 };
 
 // ------------------------------------------------------------------ API helpers
+
+// Every URL the page uses is relative to the page itself ("info", not "/info"): under a route
+// prefix (Ray Serve's route_prefix, a proxy's root_path) the page is /prefix/ and its API is
+// /prefix/info, /prefix/tts, ... (the server sends /prefix to /prefix/).
 
 function headers(extra = {}) {
   return state.apiKey ? { ...extra, Authorization: `Bearer ${state.apiKey}` } : extra;
@@ -53,6 +59,7 @@ async function api(path, options = {}) {
     response = await fetch(path, { ...options, headers: headers(options.headers || {}) });
   } catch (err) {
     if (err.name === "AbortError") throw err;
+    serverGone();
     throw new ApiError(0, "network", "the server cannot be reached (is it running?)");
   }
   if (!response.ok) throw await apiError(response);
@@ -75,6 +82,7 @@ function showError(err) {
   if (status === 429 && err.retryAfter && !/retry|again/i.test(message)) message += ` (try again in ${err.retryAfter} s)`;
   $("error-title").textContent = `${TITLES[status] || "Error"}${status ? ` (${status})` : ""}:`;
   $("error-message").textContent = message;
+  $("error").dataset.status = String(status);
   $("error").hidden = false;
   $("error").scrollIntoView({ block: "nearest", behavior: "smooth" });
   if (status === 401) $("auth").hidden = false;
@@ -93,13 +101,16 @@ function size(bytes) {
   return bytes >= 1048576 ? `${(bytes / 1048576).toFixed(0)} MB` : `${Math.max(1, Math.round(bytes / 1024))} KB`;
 }
 
+let renderedModel = null;  // the model (as JSON) the name, modes, tags and presets show
+
 async function loadInfo() {
-  const info = await (await api("/info")).json();
+  const info = await (await api("info")).json();
   state.info = info;
   const pill = $("status");
   pill.textContent = info.status;
   pill.className = `pill pill-${info.status}`;
-  if (info.auth_required && !state.apiKey) $("auth").hidden = false;
+  // a key refused before stays refused until another is given; none needed (any more): unlocked
+  state.locked = info.auth_required && (!state.apiKey || state.locked);
   const l = info.limits;
   const mb = size(l.max_upload_bytes);
   $("limits").textContent = `up to ${l.max_text_chars} characters per request (longer text is ` +
@@ -109,19 +120,25 @@ async function loadInfo() {
   $("voice-hint").textContent = range;
   $("prompt-hint").textContent = `Recordings of ${range}. wav, flac, mp3 or ogg at 16 kHz or ` +
     `more, up to ${mb}.`;
+  const shown = renderedModel;
+  renderedModel = info.model ? JSON.stringify(info.model) : null;
   if (info.model) {
-    const m = info.model;
-    $("model-name").textContent = `${m.name} · CosyVoice v${m.version} ${m.variant} · ${(m.sample_rate / 1000).toFixed(2)} kHz`;
-    $("instruct-hint").textContent = m.instruct_needs_preset ? "(with preset voices)" : "";
-    renderMarkupHelp(m.markup);
-    renderInstructionPresets();
-    renderModes();
+    if (renderedModel !== shown) {  // built again only for another model (see checkServer)
+      const m = info.model;
+      $("model-name").textContent = `${m.name} · CosyVoice v${m.version} ${m.variant} · ${(m.sample_rate / 1000).toFixed(2)} kHz`;
+      $("instruct-hint").textContent = m.instruct_needs_preset ? "(with preset voices)" : "";
+      renderMarkupHelp(m.markup);
+      renderInstructionPresets();
+      renderModes();
+    }
   } else if (info.status === "failed") {
     $("model-name").textContent = "model failed to load";
     showError(new ApiError(503, "model_failed", info.error || "the model failed to load"));
   } else {
     $("model-name").textContent = "loading the model…";
   }
+  if (state.locked) askForKey();
+  else if (!info.auth_required) $("auth").hidden = true;  // (a server restarted without a key)
   updateCount();
   return info;
 }
@@ -140,8 +157,68 @@ async function waitUntilReady() {
   }
 }
 
+// The key form, and voice lists that say what they wait for (not "No voices yet"): until a key
+// is given the server lists nothing (401), and the page does not ask it.
+function askForKey() {
+  state.locked = true;
+  state.speakers = [];
+  if ($("auth").hidden) { $("auth").hidden = false; $("api-key").focus(); }
+  fillVoiceSelect();
+  renderVoiceList([]);
+  syncInstructField();
+  updateCount();
+}
+
+// A server restarted meanwhile, perhaps with another model: the page reads /info again when a
+// request finds the server gone and when the page is shown again (another tab, a window brought
+// back), and builds its modes and voice lists again if the model changed (or the server was
+// away). While the server cannot be reached it asks again 1, 2, 4, ... up to 30 s apart, and
+// only while the page is visible: no polling otherwise.
+const recheck = { running: null, timer: null, delay: 0 };
+
+function serverGone() {
+  if (!document.body.dataset.ready) return;  // still starting: waitUntilReady asks again itself
+  state.away = true;
+  $("status").textContent = "unreachable";
+  $("status").className = "pill pill-failed";
+  if (recheck.timer || document.visibilityState !== "visible") return;
+  recheck.delay = Math.min(30000, recheck.delay * 2 || 1000);
+  recheck.timer = setTimeout(() => { recheck.timer = null; checkServer(); }, recheck.delay);
+}
+
+function checkServer() {
+  if (!document.body.dataset.ready || recheck.running) return recheck.running;
+  recheck.running = (async () => {
+    const before = renderedModel, wasAway = state.away;
+    try {
+      let info = await loadInfo();
+      state.away = false;
+      clearTimeout(recheck.timer);
+      recheck.timer = null;
+      recheck.delay = 0;
+      // the server answers: "cannot be reached" no longer holds
+      if (wasAway && $("error").dataset.status === "0") clearError();
+      if (info.status === "loading") info = await waitUntilReady();
+      document.body.dataset.ready = info.status;
+      if (info.status === "ready" && (renderedModel !== before || wasAway)) await loadVoices();
+    } catch (err) {
+      if (err.status !== 0) showError(err);  // still gone: serverGone() asks again later
+    } finally {
+      recheck.running = null;
+    }
+  })();
+  return recheck.running;
+}
+
 async function loadVoices(select) {
-  const { speakers } = await (await api("/speakers")).json();
+  if (state.locked) { askForKey(); return; }
+  let speakers;
+  try {
+    ({ speakers } = await (await api("speakers")).json());
+  } catch (err) {
+    if (err.status === 401) askForKey();  // no key, or not this one: shown as such too
+    throw err;
+  }
   state.speakers = speakers;
   fillVoiceSelect(select);
   renderVoiceList(speakers.filter((s) => s.kind === "saved"));
@@ -173,7 +250,9 @@ function fillVoiceSelect(select) {
     voice.append(group);
     count += items.length;
   }
-  if (!count && !blank) voice.append(new Option("No voices yet — create one →", ""));
+  if (!count && !blank) {
+    voice.append(new Option(state.locked ? "Enter the API key above to list the voices" : "No voices yet — create one →", ""));
+  }
   if ([...voice.options].some((o) => o.value === previous)) voice.value = previous;
 }
 
@@ -183,7 +262,7 @@ function renderVoiceList(saved) {
   if (!saved.length) {
     const empty = document.createElement("li");
     empty.className = "muted small";
-    empty.textContent = "No saved voices yet.";
+    empty.textContent = state.locked ? "Enter the API key above to see the saved voices." : "No saved voices yet.";
     list.append(empty);
   }
   for (const v of saved) {
@@ -217,7 +296,7 @@ function button(label, cls, title, onClick) {
 
 async function playPrompt(name) {
   try {
-    const blob = await (await api(`/voices/${encodeURIComponent(name)}/audio`)).blob();
+    const blob = await (await api(`voices/${encodeURIComponent(name)}/audio`)).blob();
     silence();
     const audio = new Audio(URL.createObjectURL(blob));
     const done = () => {  // its blob goes with it
@@ -234,7 +313,7 @@ async function playPrompt(name) {
 async function deleteVoice(name) {
   if (!confirm(`Delete the voice "${name}"?`)) return;
   try {
-    await api(`/voices/${encodeURIComponent(name)}`, { method: "DELETE" });
+    await api(`voices/${encodeURIComponent(name)}`, { method: "DELETE" });
   } catch (err) { showError(err); }
   // deleted, or gone already (404): either way the list shows what the server has now
   try { await loadVoices(); } catch (err) { showError(err); }
@@ -426,7 +505,7 @@ function updateCount() {
   const ready = state.info && state.info.status === "ready";
   const needsText = state.mode !== "vc";
   const needsVoice = state.mode === "voice" || (state.mode === "instruct" && model() && model().instruct_needs_preset);
-  $("speak").disabled = !ready || !!state.busy || (needsText && (length === 0 || length > limit)) ||
+  $("speak").disabled = !ready || state.locked || !!state.busy || (needsText && (length === 0 || length > limit)) ||
     (needsVoice && !$("voice").value);
 }
 
@@ -529,6 +608,20 @@ async function drawWave(canvas, blob) {
 
 // ------------------------------------------------------------------ results, kept in IndexedDB
 
+// What is kept (in IndexedDB, and listed on the page): the newest 30 results, and at most 200 MB
+// of audio in all (a minute of 22.05 kHz WAV is about 2.6 MB, so long results fit too); the
+// oldest go first, their audio let go. The newest result always stays, whatever its size.
+const KEEP = { results: 30, bytes: 200 * 1024 * 1024 };
+
+// Of results newest first, those beyond KEEP (sizeOf: an item's bytes).
+function beyondKeep(items, sizeOf) {
+  let bytes = 0;
+  return items.filter((item, i) => {
+    bytes += sizeOf(item) || 0;
+    return i > 0 && (i >= KEEP.results || bytes > KEEP.bytes);
+  });
+}
+
 const store = {
   db: null,
   async open() {
@@ -555,10 +648,27 @@ const store = {
   put(item) { return this.run("readwrite", (s) => s.put(item)); },
   all() { return this.run("readonly", (s) => s.getAll()); },
   clear() { return this.run("readwrite", (s) => s.clear()); },
+  delete(ids) { return this.run("readwrite", (s) => { for (const id of ids) s.delete(id); }); },
+  // deletes the stored results beyond KEEP (also other tabs'), in one transaction: their ids
+  async prune() {
+    const dropped = [];
+    await this.run("readwrite", (s) => {
+      const request = s.getAll();
+      request.onsuccess = () => {
+        const items = request.result.sort((a, b) => b.created - a.created);
+        for (const item of beyondKeep(items, (x) => x.blob && x.blob.size)) {
+          s.delete(item.id);
+          dropped.push(item.id);
+        }
+      };
+    });
+    return dropped;
+  },
 };
 
 async function restoreResults() {
   try {
+    await store.prune();  // kept before there was a cap, or by other tabs
     const items = (await store.all()) || [];
     items.sort((a, b) => a.created - b.created);
     for (const item of items) renderResult(item, false);
@@ -572,6 +682,29 @@ async function clearResults() {
   $("results").replaceChildren();
   $("results-empty").hidden = false;
   $("results-clear").hidden = true;
+}
+
+// Keeps the page's results and the stored ones within KEEP: the oldest on the page go from both
+// (also those the store could not take), and so do stored ones the page shows that the store let
+// go (another tab's newer results counted).
+async function trimResults() {
+  const items = [...$("results").children];  // newest first
+  const gone = new Set(beyondKeep(items, (li) => Number(li.dataset.bytes)).map((li) => li.dataset.id));
+  try {
+    if (gone.size) await store.delete([...gone]);
+    for (const id of await store.prune()) gone.add(id);
+  } catch (_) { /* storage unavailable: the page alone */ }
+  for (const li of items) {
+    if (!gone.has(li.dataset.id)) continue;
+    const audio = li.querySelector("audio");
+    audio.pause();
+    URL.revokeObjectURL(audio.src);  // the download link's too
+    li.remove();
+  }
+  if (!$("results").childElementCount) {
+    $("results-empty").hidden = false;
+    $("results-clear").hidden = true;
+  }
 }
 
 // ------------------------------------------------------------------ synthesis
@@ -599,13 +732,13 @@ function buildRequest(stream) {
   const voice = $("voice").value;
   const fields = baseFields(stream);
   const summary = { text, mode, speed: fields.speed, seed: fields.seed };
-  const json = (body) => ({ path: "/tts", init: { method: "POST", body: JSON.stringify(body),
+  const json = (body) => ({ path: "tts", init: { method: "POST", body: JSON.stringify(body),
     headers: { "Content-Type": "application/json" } } });
   const upload = (extra, files) => {
     const form = new FormData();
     for (const [k, v] of Object.entries({ ...fields, ...extra })) if (v !== undefined && v !== "") form.append(k, String(v));
     for (const [k, capture] of Object.entries(files)) form.append(k, capture.blob, capture.filename());
-    return { path: "/tts/upload", init: { method: "POST", body: form } };
+    return { path: "tts/upload", init: { method: "POST", body: form } };
   };
   let request;
   if (mode === "voice") {
@@ -709,7 +842,7 @@ async function speak() {
                    text: request.summary.text, meta: partial ? `${meta} · incomplete` : meta,
                    format, blob };
     renderResult(item, !stream);
-    store.put(item).catch(() => { /* quota or private mode: kept for this visit only */ });
+    store.put(item).catch(() => { /* quota or private mode: kept for this visit only */ }).then(trimResults);
     if (partial) showError(partial);
   } catch (err) {
     const player = state.busy && state.busy.player;
@@ -766,6 +899,7 @@ function renderResult(item, autoplay) {
   const li = document.createElement("li");
   li.className = "result";
   li.dataset.id = item.id;
+  li.dataset.bytes = String(item.blob.size);
   const said = document.createElement("div");
   said.className = "said";
   said.textContent = item.text;
@@ -845,7 +979,7 @@ class Capture {
     try {
       stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false } });
       context = new AudioContext();
-      await context.audioWorklet.addModule("/static/recorder-worklet.js");
+      await context.audioWorklet.addModule("static/recorder-worklet.js");
       this.starting = false;
       if (this.abandoned) { release(); return; }  // finished (e.g. its tab left) while opening
       const source = context.createMediaStreamSource(stream);
@@ -912,7 +1046,7 @@ async function saveVoice(event) {
   save.disabled = true;
   save.textContent = "Saving…";
   try {
-    const voice = await (await api("/voices", { method: "POST", body: form })).json();
+    const voice = await (await api("voices", { method: "POST", body: form })).json();
     $("voice-form").reset();
     voiceCapture.clear();
     if (state.mode !== "voice") setMode("voice");
@@ -965,10 +1099,13 @@ function wire() {
   $("error-close").addEventListener("click", clearError);
   $("results-clear").addEventListener("click", clearResults);
   $("voice-form").addEventListener("submit", saveVoice);
+  document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") checkServer(); });
+  window.addEventListener("focus", () => checkServer());
   $("auth").addEventListener("submit", async (event) => {
     event.preventDefault();
     state.apiKey = $("api-key").value.trim();
     localStorage.setItem("cosyvoice-lite-key", state.apiKey);
+    state.locked = false;  // tried with loadVoices: a refused key asks again
     $("auth").hidden = true;
     clearError();
     try { await loadVoices(); } catch (err) { showError(err); }
