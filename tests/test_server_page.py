@@ -759,6 +759,28 @@ def test_the_page_works_under_a_route_prefix(browser, engine, tmp_path):
             context.close()
 
 
+def test_the_api_docs_work_under_a_route_prefix(browser, engine, tmp_path):
+    """/prefix/docs loaded /openapi.json and its scripts from the host's root, outside the app:
+    a blank page. Both documentation pages render there with everything from under the prefix."""
+    app = RoutePrefix(create_app(engine, Settings(voices_dir=tmp_path)), "/api")
+    with ServerThread(app) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        try:
+            page.goto(f"{server.url}/api/docs")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=30000)
+            paths = "".join(page.eval_on_selector_all(".opblock-summary-path", "ps => ps.map(p => p.textContent)"))  # fmt: skip
+            assert "/v1/audio/speech" in paths
+            page.goto(f"{server.url}/api/redoc")
+            page.wait_for_selector(".api-content", timeout=30000)
+            local = [url for url in requested if url.startswith(server.url)]
+            assert local and all(url.startswith(f"{server.url}/api/") for url in local), local
+        finally:
+            context.close()
+
+
 def test_a_server_with_an_api_key_asks_for_it_before_listing_voices(browser, engine, tmp_path):
     """The page's first /speakers got 401: an error to dismiss and "No voices yet" in the
     picker, when what is missing is the key."""

@@ -13,6 +13,9 @@ from fastapi.responses import FileResponse
 from .errors import ApiError
 
 ASSETS_URL = "/static/docs"
+# the pages name what they load relative to themselves: under a route prefix (Ray Serve's
+# route_prefix, the app's root_path) /prefix/docs loads /prefix/openapi.json, not /openapi.json
+RELATIVE_ASSETS = ASSETS_URL.lstrip("/")
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",
     "swagger-ui.css": "text/css",
@@ -27,7 +30,7 @@ def assets_dir() -> Path:
     return Path(fastapi_offline.__file__).resolve().parent / "static"
 
 
-def docs_router(title: str, openapi_url: str = "/openapi.json") -> APIRouter:
+def docs_router(title: str, openapi_url: str = "openapi.json") -> APIRouter:
     router = APIRouter(include_in_schema=False)
     root = assets_dir()
 
@@ -36,9 +39,9 @@ def docs_router(title: str, openapi_url: str = "/openapi.json") -> APIRouter:
         return get_swagger_ui_html(
             openapi_url=openapi_url,
             title=f"{title} - API",
-            swagger_js_url=f"{ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url="/favicon.ico",
+            swagger_js_url=f"{RELATIVE_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{RELATIVE_ASSETS}/swagger-ui.css",
+            swagger_favicon_url="favicon.ico",
         )
 
     @router.get("/redoc")
@@ -46,8 +49,8 @@ def docs_router(title: str, openapi_url: str = "/openapi.json") -> APIRouter:
         return get_redoc_html(
             openapi_url=openapi_url,
             title=f"{title} - API",
-            redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url="/favicon.ico",
+            redoc_js_url=f"{RELATIVE_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url="favicon.ico",
             with_google_fonts=False,
         )
 
