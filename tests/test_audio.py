@@ -409,6 +409,18 @@ def test_a_flac_stream_without_its_length_decodes_within_the_cap() -> None:
     assert rate == 16000 and torch.equal(wav, load_audio(whole)[0])
     with pytest.raises(AudioError, match="too long: more than 2 s"):
         load_audio(bytes(streamed), max_seconds=2)
+    # cut short, it is refused as the same file with its length is (it decoded 40% of it)
+    with pytest.raises(AudioError, match="could not be decoded"):
+        load_audio(bytes(streamed[: len(streamed) * 2 // 5]))
+    # the server's own streamed FLAC (no length in its header either)
+    from cosyvoice_lite.serving.streaming import Encoder
+
+    samples = tone(22050, 2.0)[:, 0]
+    encoder = Encoder("flac", 22050)
+    ours = b"".join(encoder.feed(samples[i : i + 5000]) for i in range(0, samples.size, 5000))
+    ours += encoder.finish()
+    assert sf.info(io.BytesIO(ours)).frames == 2**63 - 1
+    np.testing.assert_allclose(load_audio(ours)[0].numpy(), samples, atol=1 / 32768)
 
 
 def test_decoded_samples_are_checked_as_a_file_is() -> None:

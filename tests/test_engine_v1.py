@@ -224,6 +224,32 @@ def test_bad_prompt_audio(engines: dict[str, Engine], tmp_path: Path) -> None:
             list(engine.synthesize(request))
 
 
+def test_a_request_bounds_its_audio(
+    engines: dict[str, Engine], prompt_wav: Path, tmp_path: Path
+) -> None:
+    """``max_audio_seconds`` (a server's limit) holds for the prompt and the source as they are
+    decoded, up to the tokenizer's 30 s."""
+    engine = engines["base"]
+    samples, rate = sf.read(prompt_wav, dtype="float32")
+    longer = tmp_path / "twice.wav"
+    sf.write(longer, np.concatenate([samples, samples]), rate)
+    limit = samples.size / rate + 0.5  # the prompt within it, twice the prompt not
+    for kwargs, field in (
+        (dict(mode=Mode.CROSS_LINGUAL, text="hello", prompt_audio=longer), "prompt_audio"),
+        (dict(mode=Mode.VOICE_CONVERSION, source_audio=longer, prompt_audio=prompt_wav),
+         "source_audio"),
+    ):  # fmt: skip
+        with pytest.raises(AudioError, match="too long") as refused:
+            list(engine.synthesize(SynthesisRequest(**kwargs, max_audio_seconds=limit, seed=1)))
+        assert refused.value.param == field
+        within = SynthesisRequest(**kwargs, max_audio_seconds=2 * limit, max_speech_tokens=5)
+        assert _run(engine, within)[0].size > 0
+    for bad in (0, -1.0, 30.5, float("nan"), "10", True):
+        request = SynthesisRequest(Mode.PRESET, "hi", voice=None, max_audio_seconds=bad)
+        with pytest.raises(InvalidRequestError, match="max_audio_seconds must be"):
+            list(engine.synthesize(request))
+
+
 def test_cli_say_writes_a_playable_wav(
     v1_variants: dict[str, Path], tmp_path: Path, capsys
 ) -> None:

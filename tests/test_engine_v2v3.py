@@ -330,12 +330,14 @@ def test_a_slow_text_stream_wakes_the_loop_as_its_pieces_come(v2: Engine) -> Non
         Mode.ZERO_SHOT, slowly(pieces), prompt_audio=PROMPT, prompt_text=PROMPT_TEXT, seed=3,
         max_speech_tokens=12, ignore_eos=True,
     )  # fmt: skip
-    waits = v2.loop.waits
+    waits, start = v2.loop.waits, time.monotonic()
     audio = np.concatenate([c.samples for c in v2.synthesize(request)])
-    slept = v2.loop.waits - waits
+    slept, took = v2.loop.waits - waits, time.monotonic() - start
     quick = replace(request, text=iter(pieces))
     np.testing.assert_array_equal(audio, np.concatenate([c.samples for c in v2.synthesize(quick)]))
     assert 0 < slept <= 3 * len(pieces), slept  # about once per piece
+    # woken by each piece, not by the wait's 1 s bound (it took 24.6 s with wake-ups lost)
+    assert took < 0.25 * len(pieces) + 5.0, took
 
 
 def test_tags_and_escapes_split_between_streamed_pieces_read_as_written(v2: Engine) -> None:

@@ -132,10 +132,10 @@ def test_voice_conversion_takes_two_files_of_the_upload_limit_each(client):
 
 def test_a_source_is_held_to_the_servers_prompt_limit_as_it_is_decoded(client, probe):
     """A source whose header does not say its length is refused at the server's limit (8 s
-    here) while it is decoded, not at the engine's 30 s; one within it is decoded once, by the
-    server, and converts as the same source sent with its length does."""
+    here) while it is decoded (once admitted), not at the engine's 30 s; one within it converts
+    as the same source sent with its length does."""
     refused = upload(client, prompt_wav(2.0), source=streamed_flac(9.0))
-    error = assert_error(refused, 400, "source_wav", "too long: more than 8 s")
+    error = assert_error(refused, 400, "source audio", "too long: more than 8 s")
     assert error["param"] == "source_wav"
     converted = upload(client, prompt_wav(2.0), source=streamed_flac(3.0), seed=4)
     assert converted.status_code == 200, converted.text

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .audio.io import MAX_PROMPT_SECONDS
 from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
@@ -494,11 +495,13 @@ class Engine:
         self.check_markup(prompt_text, "prompt_text")
         return self._encode_prompt(audio, unescape(prompt_text))
 
-    def _encode_prompt(self, audio, prompt_text: str) -> PromptFeatures:
+    def _encode_prompt(
+        self, audio, prompt_text: str, max_seconds: float | None = None
+    ) -> PromptFeatures:
         text = prompt_text.strip()
         if text and self.text_frontend is not None:
             text = self.text_frontend.normalize(text, split=False, encode=self.tokenizer.encode)
-        return self.prompt_encoder.encode(audio, text)
+        return self.prompt_encoder.encode(audio, text, max_seconds)
 
     def prepare_voice(self, prompt: PromptFeatures, evict: bool = True) -> Future:
         """Compute, on an audio worker, what every stream of this voice shares (CosyVoice2/3: the
@@ -585,7 +588,9 @@ class Engine:
         return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink, source)
 
     def _source_tokens(self, request: SynthesisRequest) -> torch.Tensor:
-        wav, rate = self.prompt_encoder.load(request.source_audio, "source audio")
+        wav, rate = self.prompt_encoder.load(
+            request.source_audio, "source audio", request.max_audio_seconds
+        )
         return self.prompt_encoder.tokens(wav, rate)
 
     def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
@@ -748,7 +753,9 @@ class Engine:
                     f"mode '{request.mode.value}' needs prompt audio or a saved voice"
                 )
             # the request's transcript is unescaped already (``_unescaped``)
-            prompt = self._encode_prompt(request.prompt_audio, request.prompt_text or "")
+            prompt = self._encode_prompt(
+                request.prompt_audio, request.prompt_text or "", request.max_audio_seconds
+            )
         if (
             request.mode == Mode.ZERO_SHOT
             and not prompt.prompt_text
@@ -1026,6 +1033,13 @@ def _check_types(request: SynthesisRequest) -> None:
     if request.seed is not None and not (_is_int(request.seed) and 0 <= request.seed <= MAX_SEED):
         raise InvalidRequestError(
             f"seed must be an integer from 0 to 2**64 - 1, got {request.seed!r}", "seed"
+        )
+    seconds = request.max_audio_seconds
+    if seconds is not None and not (_is_number(seconds) and 0 < seconds <= MAX_PROMPT_SECONDS):
+        raise InvalidRequestError(
+            f"max_audio_seconds must be a number above 0 and at most {MAX_PROMPT_SECONDS:g}, "
+            f"got {seconds!r}",
+            "max_audio_seconds",
         )
     if request.max_speech_tokens is not None and not _is_int(request.max_speech_tokens):
         raise InvalidRequestError(

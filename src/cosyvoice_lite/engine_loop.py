@@ -927,10 +927,13 @@ class EngineLoop:
                 if self._text_arrivals != arrivals:
                     return  # a row has text to take: step again at once
                 self.waits += 1
+                # a request waiting for a free row is admitted when a burst's window closes
+                admit_in = self._admission_in() if len(self._rows) < self.limits.max_batch else None
+                limit = TEXT_WAIT_SECONDS if admit_in is None else min(TEXT_WAIT_SECONDS, admit_in)
                 if all(row.waits_for_audio() for row in self._rows):
-                    self._wake.wait(SEGMENT_WAIT_SECONDS)
+                    self._wake.wait(min(SEGMENT_WAIT_SECONDS, limit))
                 else:
-                    self._wake.wait(TEXT_WAIT_SECONDS)
+                    self._wake.wait(limit)
 
     def _step_rows(self) -> bool:
         """One step; True if a forward ran."""

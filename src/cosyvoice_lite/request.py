@@ -58,6 +58,9 @@ class SynthesisRequest:
     # weights fix the speech length with both; ``max_speech_tokens`` alone caps a segment's work.
     max_speech_tokens: int | None = None
     ignore_eos: bool = False
+    # the longest prompt or source recording taken, in seconds, checked as it is decoded (a
+    # server's limit; at most and by default 30, the speech tokenizer's window)
+    max_audio_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,10 @@ def _blocks(f: sf.SoundFile, block: int) -> Iterator[np.ndarray]:
     buffer = np.empty((block, f.channels), np.float32)
     pointer = _ffi.cast("float *", buffer.ctypes.data)
     while (n := _snd.sf_readf_float(f._file, pointer, block)) > 0:
+        # asked after every call, as soundfile's read() does (the next call clears it): a
+        # damaged or cut stream is an error, not a shorter recording
+        if error := _snd.sf_error(f._file):
+            raise sf.LibsndfileError(error)
         yield buffer[:n].copy()
 
 

@@ -60,12 +60,16 @@ class PromptEncoder:
         self.speech_tokenizer = SpeechTokenizer(speech_tokenizer)
         self.mel = mel
 
-    def load(self, source: AudioSource, what: str = "prompt audio") -> tuple[torch.Tensor, int]:
-        """Decode and check a prompt recording: readable, >= 16 kHz, not silent, within limits.
-        ``what`` names it in errors (and their ``param``): prompt audio, source audio."""
+    def load(
+        self, source: AudioSource, what: str = "prompt audio", max_seconds: float | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Decode and check a prompt recording: readable, >= 16 kHz, not silent, within limits
+        (``max_seconds``, at most and by default 30). ``what`` names it in errors (and their
+        ``param``): prompt audio, source audio."""
+        limit = MAX_PROMPT_SECONDS if max_seconds is None else min(max_seconds, MAX_PROMPT_SECONDS)
         try:
-            wav, rate = load_audio(source, max_seconds=MAX_PROMPT_SECONDS)  # capped as it decodes
-            check_prompt_audio(wav, rate)
+            wav, rate = load_audio(source, max_seconds=limit)  # capped as it decodes
+            check_prompt_audio(wav, rate, max_seconds=limit)
         except AudioError as exc:
             raise AudioError(f"{what}: {exc}", what.replace(" ", "_")) from None
         return wav, rate
@@ -80,8 +84,10 @@ class PromptEncoder:
         except AudioError as exc:  # named as load() names them
             raise AudioError(f"{what}: {exc}", what.replace(" ", "_")) from None
 
-    def encode(self, source: AudioSource, prompt_text: str = "") -> PromptFeatures:
-        wav, rate = self.load(source)
+    def encode(
+        self, source: AudioSource, prompt_text: str = "", max_seconds: float | None = None
+    ) -> PromptFeatures:
+        wav, rate = self.load(source, max_seconds=max_seconds)
         wav16k = to_sample_rate(wav, rate, TOKENIZER_RATE)
         # The mel is taken at the model's own rate. (The official HEAD loads every prompt at 24 kHz,
         # which for the 22.05 kHz v1 models analyses the audio at the wrong rate; we do not copy that.)

@@ -304,18 +304,13 @@ def plan_prompted(
         def provider() -> PromptFeatures:
             return cache.features(engine, prompt, text_for_prompt, limit, prompt_field)
 
-    source_audio = None
-    if source is not None:
-        # decoded here, after the cheap checks (tens of ms for 30 s): the engine does not decode
-        # it again, and the server's limit holds (the engine's own is the tokenizer's 30 s)
-        limit = state.settings.max_prompt_seconds
-        source_audio = decoded(source, field_name(fields, "source_audio"), limit)
     request = SynthesisRequest(
         mode=chosen,
         text=text if chosen != Mode.VOICE_CONVERSION else "",
         voice=request_voice,
         instruct=instruct if chosen == Mode.INSTRUCT else None,
-        source_audio=source_audio,
+        source_audio=source,  # decoded by the engine once admitted, within the server's limit
+        max_audio_seconds=state.settings.max_prompt_seconds,
         speed=speed,
         seed=seed,
         stream=engine_stream and speed == 1.0,
