@@ -447,6 +447,17 @@ def test_decoded_samples_are_checked_as_a_file_is() -> None:
             load_audio(Waveform(data[:, 0], rate))
     with pytest.raises(AudioError, match="not numbers"):
         load_audio(Waveform(["a"], 24000))
+    # integer PCM (scipy's wavfile.read gives int16) is scaled as the file's samples are; it
+    # was taken as floats 32768 times too loud
+    for subtype, dtype in (("PCM_16", np.int16), ("PCM_32", np.int32), ("PCM_U8", np.uint8)):
+        pcm = encoded(data, 24000, "WAV", subtype)
+        as_ints, _ = sf.read(io.BytesIO(pcm), dtype=dtype if dtype != np.uint8 else "int16")
+        if dtype == np.uint8:  # soundfile reads no uint8: the file's bytes after the header
+            as_ints = np.frombuffer(pcm[-data.shape[0] :], np.uint8)
+        wav, _ = load_audio(Waveform(as_ints[:, 0] if as_ints.ndim == 2 else as_ints, 24000))
+        assert torch.allclose(wav, load_audio(pcm)[0], atol=1e-7), subtype
+    with pytest.raises(AudioError, match="float .* or 8/16/32-bit PCM"):
+        load_audio(Waveform(np.ones(100, np.int64), 24000))
 
 
 def test_load_audio_refuses_extreme_sample_rates() -> None:

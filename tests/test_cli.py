@@ -30,6 +30,13 @@ def test_normalize_prints_segments_without_weights(capsys) -> None:
     assert out and "十二点五" in out[0] and "二零二四年" in "".join(out)
 
 
+def test_normalize_prints_one_line_per_segment(capsys) -> None:
+    """A segment holding line breaks printed as several lines (5 for what say speaks as 1)."""
+    assert main(["normalize", "Hi.\n\n\n-- --\nBye."]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "\\n" in out[0], out
+
+
 def test_normalize_reads_stdin() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "cosyvoice_lite.cli", "normalize", "-"],
@@ -299,6 +306,12 @@ def test_serve_refuses_bad_load_options_before_starting(capsys):
         ("--audio-workers", "0", "audio_workers"),
         ("--stream-cache-mb", "-5", "stream_cache_mb"),
         ("--flow-steps", "0", "flow steps"),
+        # not numbers a server can hold to: --timeout inf gave /info a 500 (inf is not JSON),
+        # --max-upload-mb inf a raw OverflowError
+        ("--timeout", "inf", "request_timeout must be a finite number"),
+        ("--timeout", "nan", "request_timeout must be a finite number"),
+        ("--max-upload-mb", "inf", "bad server option"),
+        ("--max-json-mb", "inf", "bad server option"),
     ):
         assert main(["serve", "--model", "tests/data/models/v1-tiny", option, value]) == 2
         assert words in capsys.readouterr().err
@@ -426,3 +439,61 @@ def test_output_names_at_the_file_systems_limit_and_dangling_links(v1_dir, tmp_p
     assert main(say(v1_dir, "你好。", "-o", str(dangling))) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "loading" not in err
+
+
+def _say_process(out: str, *options: str, **popen) -> subprocess.Popen:
+    text = "今天天气真好，我们一起去公园散步吧。" * 12
+    command = [sys.executable, "-m", "cosyvoice_lite", "say", text, "--model",
+               "tests/data/models/v1-tiny", "--voice", "中文女", "--seed", "3", "-o", out,
+               *options]  # fmt: skip
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_say_stopped_or_refused_by_the_system_leaves_no_file(tmp_path):
+    """A full disk (here a file-size limit) ended in a raw libsndfile "System error." traceback;
+    SIGTERM (a service manager, `timeout`) left the hidden partial file behind; a closed
+    standard output failed after the whole synthesis."""
+    import resource
+    import signal
+
+    out = tmp_path / "out.wav"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    with _say_process(str(out), preexec_fn=small_files) as proc:
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "File too large" in err and "Traceback" not in err, err
+    assert sorted(tmp_path.iterdir()) == []
+    with _say_process(str(out), "--stream") as proc:
+        deadline = time.monotonic() + 120
+        while not out.exists() and time.monotonic() < deadline:  # writing has begun
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert sorted(tmp_path.iterdir()) == []
+    with _say_process("-", preexec_fn=lambda: os.close(1)) as proc:
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "standard output is closed" in err and "loading" not in err
+
+
+def test_say_keeps_the_permissions_of_a_file_it_replaces(v1_dir, tmp_path):
+    """The new file took the default mode: a private recording (0600) became world-readable."""
+    out = tmp_path / "private.wav"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    assert main(say(v1_dir, "你好。", "-o", str(out))) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and sf.info(str(out)).frames > 0
+
+
+def test_an_output_directory_that_takes_no_files_is_an_error_before_loading(
+    v1_dir, tmp_path, capsys
+):
+    """os.access lets root "write" where no file can be made (/sys): found after the whole
+    synthesis, as a raw libsndfile error."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no /sys here")
+    assert main(say(v1_dir, "你好。", "-o", "/sys/kernel/x.wav")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "loading" not in err, err

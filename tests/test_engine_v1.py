@@ -12,6 +12,7 @@ import soundfile as sf
 from cosyvoice_lite import (
     AudioError,
     Engine,
+    EngineClosedError,
     InvalidRequestError,
     Mode,
     SynthesisRequest,
@@ -250,6 +251,39 @@ def test_a_request_bounds_its_audio(
             list(engine.synthesize(request))
 
 
+def test_a_field_the_mode_does_not_read_is_refused(
+    engines: dict[str, Engine], prompt_wav: Path, tmp_path: Path, capsys
+) -> None:
+    """An instruction in a preset request, a transcript in a cross-lingual one, text or an
+    instruction with a source to convert: each was dropped without a word (the same audio)."""
+    engine, voice = engines["sft"], engines["sft"].voices()[0]
+    cases = [
+        (engine, dict(mode=Mode.PRESET, text="hi", voice=voice, instruct="sad"), "instruct"),
+        (engines["base"], dict(mode=Mode.CROSS_LINGUAL, text="hi", prompt_audio=prompt_wav,
+                               prompt_text="what it says"), "prompt_text"),
+        (engines["base"], dict(mode=Mode.VOICE_CONVERSION, text="hi", source_audio=prompt_wav,
+                               prompt_audio=prompt_wav), "text"),
+        (engine, dict(mode=Mode.PRESET, text="hi", voice=voice, source_audio=prompt_wav),
+         "source_audio"),
+    ]  # fmt: skip
+    for model, kwargs, field in cases:
+        with pytest.raises(InvalidRequestError) as refused:
+            list(model.synthesize(SynthesisRequest(**kwargs)))
+        assert refused.value.param == field and "not" in str(refused.value)
+    model = str(engines["base"].model.path)
+    out = str(tmp_path / "x.wav")
+    for argv, option in (
+        (["", "--source-wav", str(prompt_wav), "--prompt-wav", str(prompt_wav),
+          "--instruct", "happily"], "--instruct"),
+        (["hi", "--prompt-wav", str(prompt_wav), "--prompt-text", "words",
+          "--mode", "cross_lingual"], "--prompt-text"),
+        (["hi", "--source-wav", str(prompt_wav), "--prompt-wav", str(prompt_wav)], "not text"),
+    ):  # fmt: skip
+        assert cli_main(["say", *argv, "--model", model, "-o", out]) == 2
+        assert option in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
 def test_cli_say_writes_a_playable_wav(
     v1_variants: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
@@ -281,3 +315,41 @@ def test_cli_say_writes_a_playable_wav(
         == 2
     )
     assert "unknown voice" in capsys.readouterr().err
+
+
+def test_the_api_refuses_what_it_would_misread(engines: dict[str, Engine], v1_dir: Path) -> None:
+    """stream="no" streamed; a misspelt option of check_load_options was passed over;
+    idle_release_seconds="5" was a raw TypeError; iter_text, in the docs, was not exported; an
+    engine could not be closed by a with block."""
+    import cosyvoice_lite
+
+    engine, voice = engines["sft"], engines["sft"].voices()[0]
+    for flag in ("stream", "text_frontend", "ignore_eos"):
+        request = SynthesisRequest(Mode.PRESET, "hi", voice=voice, **{flag: "no"})
+        with pytest.raises(InvalidRequestError, match=f"{flag} must be True or False"):
+            list(engine.synthesize(request))
+    with pytest.raises(TypeError, match="no option 'devic'"):
+        Engine.check_load_options(devic="cuda:7")
+    with pytest.raises(InvalidRequestError, match="idle_release_seconds must be a number"):
+        Engine.check_load_options(idle_release_seconds="5")
+    assert cosyvoice_lite.iter_text is not None
+    with Engine.load(v1_dir, capture_graphs=False) as scoped:
+        assert scoped.voices()
+    with pytest.raises(EngineClosedError):
+        list(scoped.synthesize(SynthesisRequest(Mode.PRESET, "hi", voice=voice)))
+
+
+def test_synthesize_to_file_writes_the_format_its_name_says(
+    engines: dict[str, Engine], tmp_path: Path
+) -> None:
+    """It wrote WAV into out.mp3, and found a bad path only after the synthesis."""
+    from cosyvoice_lite import synthesize_to_file
+
+    engine = engines["sft"]
+    request = SynthesisRequest(Mode.PRESET, "你好。", voice=engine.voices()[0], seed=1)
+    seconds = synthesize_to_file(engine, request, tmp_path / "out.mp3")
+    assert sf.info(str(tmp_path / "out.mp3")).format == "MP3" and seconds > 0
+    for bad in (tmp_path / "out.xyz", tmp_path / "missing" / "out.wav"):
+        with pytest.raises(InvalidRequestError, match="cannot"):
+            synthesize_to_file(engine, request, bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp3"]

@@ -14,6 +14,7 @@ _EXPORTS = {
     "Engine": "engine",
     "Voice": "engine",
     "synthesize_to_file": "engine",
+    "iter_text": "engine",
     "share_threads": "onnx_threads",
     "AudioChunk": "request",
     "Mode": "request",

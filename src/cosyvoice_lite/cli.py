@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -252,6 +253,15 @@ def _checked_output(path: str) -> Path:
         raise InvalidRequestError(
             f"cannot write {path!r}: its name is too long (at most {name_max} bytes here)"
         )
+    if not (out.exists() and not out.is_file()):  # (a FIFO or a device is written as it is)
+        # the file written first, beside its place: made and removed now, not found impossible
+        # after the synthesis (os.access lets root "write" where nothing can be: /sys)
+        probe = _partial_path(Path(os.path.realpath(out)))
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            raise InvalidRequestError(f"cannot write {path!r}: {exc.strerror or exc}") from None
     return out
 
 
@@ -325,6 +335,8 @@ class AudioOutput:
                 shutil.copyfileobj(source, sink)
             self.partial.unlink()
         elif not self.stream:
+            if self.final.exists():  # replaced, it keeps who may read it (a private recording)
+                shutil.copymode(self.final, self.partial)
             os.replace(self.partial, self.final)  # a whole file appears at once, or not at all
 
     def abort(self) -> None:
@@ -352,10 +364,26 @@ class AudioFileWriter:
             from .serving.streaming import StreamResampler
 
             self.resampler = StreamResampler(sample_rate, self.rate)
-        self.file = sf.SoundFile(
-            path, "w", samplerate=self.rate, channels=1, format=container, subtype=subtype
-        )
+        self.path = path
+        with self._os_errors():
+            self.file = sf.SoundFile(
+                path, "w", samplerate=self.rate, channels=1, format=container, subtype=subtype
+            )
         self.samples = 0
+
+    @contextlib.contextmanager
+    def _os_errors(self):  # noqa: ANN202
+        """libsndfile's failures (a disk that fills: "System error.") as the OSError they are,
+        naming the file and the system's reason."""
+        import soundfile as sf
+
+        try:
+            yield
+        except sf.LibsndfileError as exc:
+            number = sf._ffi.errno  # (the C library's, as libsndfile left it)
+            if number:
+                raise OSError(number, os.strerror(number), str(self.path)) from None
+            raise OSError(f"cannot write {self.path}: {exc}") from None
 
     def write(self, samples) -> None:
         import numpy as np
@@ -363,15 +391,17 @@ class AudioFileWriter:
         if self.resampler is not None:
             samples = self.resampler.feed(samples)
         samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
-        self.file.write(samples)
-        self.file.flush()  # readable while synthesis goes on
+        with self._os_errors():
+            self.file.write(samples)
+            self.file.flush()  # readable while synthesis goes on
         self.samples += len(samples)
 
     def close(self) -> None:
         if self.resampler is not None:
             self.write(self.resampler.finish())
             self.resampler = None
-        self.file.close()
+        with self._os_errors():
+            self.file.close()
 
 
 class PipeWriter:
@@ -478,6 +508,31 @@ def _check_options(args: argparse.Namespace) -> None:
         )
 
 
+def _check_mode_options(args: argparse.Namespace, mode, text: str) -> None:
+    """Options the mode does not read are an error before loading (they were dropped without a
+    word: --instruct with --source-wav, --prompt-text in a cross-lingual clone). A --voice alone
+    is checked by the engine, which knows its voices."""
+    from .request import Mode
+
+    if mode is None:
+        return
+    for option, value, modes in (
+        ("--prompt-text", args.prompt_text, {Mode.ZERO_SHOT}),
+        ("--instruct", args.instruct, {Mode.INSTRUCT}),
+        ("--source-wav", args.source_wav, {Mode.VOICE_CONVERSION}),
+        ("--prompt-wav", args.prompt_wav, set(Mode) - {Mode.PRESET}),
+    ):
+        if value and mode not in modes:
+            raise InvalidRequestError(
+                f"{option} is not used in mode {mode.value}: leave it out, or choose the mode "
+                "that reads it"
+            )
+    if mode == Mode.VOICE_CONVERSION and text.strip():
+        raise InvalidRequestError(
+            'voice conversion speaks --source-wav, not text: give "" as the text'
+        )
+
+
 def _check_inputs(args: argparse.Namespace, out: Path | None) -> None:
     """The input files exist, and -o is none of them (it would be emptied before being read)."""
     for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
@@ -493,6 +548,8 @@ def _check_inputs(args: argparse.Namespace, out: Path | None) -> None:
 
 def cmd_say(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"  # the audio to standard output, the report to stderr
+    if to_stdout and sys.stdout is None:  # (closed: `>&-`)
+        raise InvalidRequestError("-o -: standard output is closed")
     out = None if to_stdout else check_output_path(args.output)
     fmt = args.format or "wav" if to_stdout else output_format(args.output, args.format)
     _check_options(args)
@@ -503,6 +560,7 @@ def cmd_say(args: argparse.Namespace) -> int:
             "there is no text to speak" + (" on standard input" if args.text == "-" else "")
         )
     mode = _mode(args)
+    _check_mode_options(args, mode, text)
     engine = load_engine(args, one_off=True)
     from .request import SynthesisRequest
 
@@ -521,9 +579,22 @@ def cmd_say(args: argparse.Namespace) -> int:
     )
     player = Player(engine.sample_rate) if args.play else None
     start = time.perf_counter()
-    first = None
-    seconds = 0.0
     output = AudioOutput(args.output, fmt, args.stream, engine.sample_rate)
+    with _terminated_as_interrupted():
+        first, seconds = _say(engine, request, output, player)
+    took = time.perf_counter() - start
+    streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
+    print(  # on stderr, as all progress: stdout may be the audio itself (-o -)
+        f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {output.rate} Hz in "
+        f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _say(engine, request, output: AudioOutput, player) -> tuple[float | None, float]:  # noqa: ANN001
+    """Synthesize into ``output`` (and ``player``); (first audio's seconds, audio seconds)."""
+    start, first, seconds = time.perf_counter(), None, 0.0
     try:
         for chunk in engine.synthesize(request, _progress_bar("synthesizing")):
             if first is None:
@@ -539,14 +610,25 @@ def cmd_say(args: argparse.Namespace) -> int:
     finally:
         if player is not None:
             player.close()
-    took = time.perf_counter() - start
-    streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
-    print(  # on stderr, as all progress: stdout may be the audio itself (-o -)
-        f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {output.rate} Hz in "
-        f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})",
-        file=sys.stderr,
-    )
-    return 0
+    return first, seconds
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted():  # noqa: ANN202
+    """SIGTERM (a service manager, ``timeout``) unwinds as Ctrl-C does, so that no half-written
+    file is left; exits with 128 + 15."""
+
+    def terminate(signum: int, frame) -> None:  # noqa: ANN001
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # (signals reach it alone)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_say_command(sub) -> None:
@@ -594,7 +676,7 @@ def add_say_command(sub) -> None:
 
 
 def cmd_voices(args: argparse.Namespace) -> int:
-    engine = load_engine(args, quiet=True)
+    engine = load_engine(args, quiet=True, one_off=True)  # (no graphs traced for a list)
     print(
         f"# {engine.model.name}: CosyVoice v{engine.version} ({engine.model.variant}); "
         f"modes: {', '.join(m.value for m in engine.modes)}"
@@ -618,7 +700,8 @@ def cmd_normalize(args: argparse.Namespace) -> int:
         encode = text_tokenizer(open_model_dir(resolve_model(args.model))).encode
     text = args.text if args.text != "-" else sys.stdin.read()
     for segment in TextFrontend().normalize(text, split=True, enabled=True, encode=encode):
-        print(segment)
+        # one line per segment: a line break inside one is shown as \n (it read as several)
+        print(segment.replace("\r", "\\r").replace("\n", "\\n"))
     return 0
 
 
@@ -639,7 +722,11 @@ def add_other_commands(sub) -> None:
     add_model_args(voices)
     voices.set_defaults(func=cmd_voices)
 
-    norm = sub.add_parser("normalize", help="print the text segments that would be spoken")
+    norm = sub.add_parser(
+        "normalize",
+        help="print the text segments that would be spoken, one per line (a line break "
+        "inside one as \\n)",
+    )
     norm.add_argument("text", help="text, or - to read standard input")
     norm.add_argument("--model", help="use this model's tokenizer for English length limits")
     norm.set_defaults(func=cmd_normalize)

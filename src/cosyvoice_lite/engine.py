@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import numbers
 import os
 import queue
@@ -260,6 +261,9 @@ class Engine:
         ``load``, defaults as there): a server that loads its model in the background refuses
         bad options at once instead of starting and failing to load."""
         names = inspect.signature(_checked_options).parameters
+        unknown = sorted(set(options) - set(inspect.signature(Engine.load).parameters))
+        if unknown:  # (a misspelt option was passed over)
+            raise TypeError(f"Engine.load has no option {', '.join(map(repr, unknown))}")
         given = {k: v for k, v in options.items() if k in names}
         defaults = {
             name: param.default
@@ -557,9 +561,17 @@ class Engine:
         return self.loop.call(fn)
 
     def close(self) -> None:
-        """Stop the engine loop (pending requests end with an error)."""
+        """Stop the engine loop (pending requests end with an error). Needed: the loop's threads
+        keep an engine, its weights and its threads alive until then (``with Engine.load(...)
+        as engine:`` closes it at the block's end)."""
         self.loop.close()
         self.pipeline.flow.decoder.close_row_split()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _prepare(
         self, request: SynthesisRequest, progress: Progress | None, prompt: PromptSource, sink: Sink
@@ -620,6 +632,7 @@ class Engine:
             and not request.text.strip()
         ):
             raise InvalidRequestError("text is empty: give the text to speak", "text")
+        _check_fields_used(request)
         if request.mode == Mode.INSTRUCT and not (request.instruct or "").strip():
             raise InvalidRequestError(
                 "instruct mode needs an instruction (e.g. 'speak happily')", "instruct"
@@ -943,14 +956,31 @@ def _to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
 def synthesize_to_file(
     engine: Engine, request: SynthesisRequest, path: str | Path, progress: Progress | None = None
 ) -> float:
-    """Run a request to completion and write a wav file; returns the audio duration in seconds."""
+    """Run a request to completion and write it to ``path`` in the format its extension names
+    (wav, mp3, flac, ogg, opus); returns the audio's seconds. The file appears whole or not at
+    all; an unknown extension or a missing directory is an error before the synthesis."""
     import numpy as np
 
-    from .audio.io import write_wav
+    from .audio.io import encode_audio
 
+    path = Path(path)
+    formats = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".ogg": "ogg", ".opus": "opus"}
+    fmt = formats.get(path.suffix.lower())
+    if fmt is None:
+        raise InvalidRequestError(
+            f"cannot tell the audio format of {str(path)!r}: name it {', '.join(formats)}"
+        )
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"cannot write {str(path)!r}: no directory {str(path.parent)!r}")
     chunks = list(engine.synthesize(request, progress))
     samples = np.concatenate([c.samples for c in chunks]) if chunks else np.zeros(0, np.float32)
-    write_wav(path, samples, engine.sample_rate)
+    data = encode_audio(samples, engine.sample_rate, fmt)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return len(samples) / engine.sample_rate
 
 
@@ -1041,6 +1071,11 @@ def _check_types(request: SynthesisRequest) -> None:
             f"got {seconds!r}",
             "max_audio_seconds",
         )
+    for flag in ("stream", "text_frontend", "ignore_eos"):  # (stream="no" streamed)
+        if not isinstance(getattr(request, flag), bool):
+            raise InvalidRequestError(
+                f"{flag} must be True or False, got {getattr(request, flag)!r}", flag
+            )
     if request.max_speech_tokens is not None and not _is_int(request.max_speech_tokens):
         raise InvalidRequestError(
             f"max_speech_tokens must be an integer, got {request.max_speech_tokens!r}",
@@ -1063,6 +1098,41 @@ def _check_types(request: SynthesisRequest) -> None:
             _check_unicode(field, value)
     for field, limit in (("instruct", MAX_INSTRUCT_CHARS), ("prompt_text", MAX_PROMPT_TEXT_CHARS)):
         _check_length(field, getattr(request, field), limit)
+
+
+# the optional fields each mode reads; one given to a mode that does not read it is an error
+# (it was dropped without a word: an instruction in a preset request, a transcript cross-lingual)
+_FIELDS_USED = {
+    Mode.PRESET: {"voice"},
+    Mode.ZERO_SHOT: {"voice", "prompt_audio", "prompt_text"},
+    Mode.CROSS_LINGUAL: {"voice", "prompt_audio"},
+    Mode.INSTRUCT: {"voice", "prompt_audio", "instruct"},
+    Mode.VOICE_CONVERSION: {"voice", "prompt_audio", "source_audio"},
+}
+_FIELD_HINTS = {
+    "prompt_text": "the prompt's transcript is read in mode zero_shot",
+    "instruct": "instructions are read in mode instruct",
+    "source_audio": "source audio is converted in mode vc",
+    "prompt_audio": "a preset voice speaks without a prompt",
+}
+
+
+def _check_fields_used(request: SynthesisRequest) -> None:
+    used = _FIELDS_USED[request.mode]
+    for field in ("prompt_audio", "prompt_text", "instruct", "source_audio"):
+        value = getattr(request, field)
+        given = value.strip() != "" if isinstance(value, str) else value is not None
+        if given and field not in used:
+            raise InvalidRequestError(
+                f"{field} is not used in mode '{request.mode.value}' ({_FIELD_HINTS[field]}); "
+                "leave it out or choose that mode",
+                field,
+            )
+    text = request.text
+    if request.mode == Mode.VOICE_CONVERSION and not (isinstance(text, str) and not text.strip()):
+        raise InvalidRequestError(
+            "voice conversion speaks the source audio, not text: leave the text empty", "text"
+        )
 
 
 def _check_length(field: str, text: str | None, limit: int) -> None:
@@ -1102,6 +1172,9 @@ def _checked_options(
     for name, value in counts.items():
         if value is not None and not _is_int(value):
             raise InvalidRequestError(f"{name} must be a whole number, got {value!r}")
+    seconds = idle_release_seconds
+    if seconds is not None and not (_is_number(seconds) and math.isfinite(seconds)):
+        raise InvalidRequestError(f"idle_release_seconds must be a number, got {seconds!r}")
     if prompt_cache_mb < 0 or (stream_cache_mb is not None and stream_cache_mb < 0):
         raise InvalidRequestError("prompt_cache_mb and stream_cache_mb must be at least 0")
     limits = LoopLimits(

@@ -199,6 +199,15 @@ def _blocks(f: sf.SoundFile, block: int) -> Iterator[np.ndarray]:
         yield buffer[:n].copy()
 
 
+# integer PCM samples -> (offset, scale) to floats of full scale 1.0, as libsndfile reads them
+_PCM_SCALES = {
+    torch.uint8: (128.0, 128.0),
+    torch.int8: (0.0, 128.0),
+    torch.int16: (0.0, 32768.0),
+    torch.int32: (0.0, 2147483648.0),
+}
+
+
 def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor, int]:
     """``load_audio``'s checks for samples decoded elsewhere."""
     rate = source.sample_rate
@@ -209,9 +218,18 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
             f"decoded audio has a sample rate of {rate} Hz; at most {MAX_SAMPLE_RATE} Hz is accepted"
         )
     try:
-        waveform = torch.as_tensor(source.samples).detach().to("cpu", torch.float32)
+        waveform = torch.as_tensor(source.samples).detach().to("cpu")
     except (TypeError, ValueError, RuntimeError) as err:
         raise AudioError(f"decoded audio samples are not numbers ({err})") from None
+    if waveform.dtype in _PCM_SCALES:  # integer PCM (scipy's wavfile gives int16): to full scale
+        offset, scale = _PCM_SCALES[waveform.dtype]
+        waveform = (waveform.to(torch.float32) - offset) / scale
+    elif not waveform.is_floating_point():
+        raise AudioError(
+            f"decoded audio samples must be float (full scale 1.0) or 8/16/32-bit PCM, got "
+            f"{waveform.dtype}"
+        )
+    waveform = waveform.to(torch.float32)
     if waveform.dim() == 2 and waveform.shape[0] == 1:
         waveform = waveform[0]
     if waveform.dim() != 1:

@@ -292,7 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # options first: a bad one is an error on stderr before the server's logging is set up
     try:
         settings = settings_from_args(args)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # (--max-upload-mb inf: no number of bytes)
         from ..errors import CosyVoiceError
 
         raise CosyVoiceError(f"bad server option: {exc}") from None

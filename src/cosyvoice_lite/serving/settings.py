@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..audio.io import MAX_PROMPT_SECONDS
@@ -82,6 +83,10 @@ class Settings:
     shutdown_timeout: float = 10.0  # seconds a graceful stop waits for requests and uploads
 
     def __post_init__(self) -> None:
+        for item in fields(self):  # (inf, nan: a timeout of inf broke /info's JSON, a 500)
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{item.name} must be a finite number, got {value}")
         for name in (
             "max_text_chars",
             "max_instruct_chars",
