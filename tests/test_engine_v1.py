@@ -353,3 +353,25 @@ def test_synthesize_to_file_writes_the_format_its_name_says(
         with pytest.raises(InvalidRequestError, match="cannot"):
             synthesize_to_file(engine, request, bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp3"]
+
+
+def test_an_engine_dropped_without_close_ends_its_threads(v1_dir: Path) -> None:
+    """Its threads kept it (the preparing thread held the last request's run, and through it the
+    engine), its weights and six threads, for the life of the process."""
+    import gc
+    import time
+    import weakref
+
+    before = threading.active_count()
+    engine = Engine.load(v1_dir, capture_graphs=False)
+    request = SynthesisRequest(Mode.PRESET, "你好。", voice=engine.voices()[0], max_speech_tokens=5)
+    assert list(engine.synthesize(request)) and threading.active_count() > before
+    dropped = weakref.ref(engine)
+    del engine
+    deadline = time.monotonic() + 30
+    while (dropped() is not None or threading.active_count() > before) and (
+        time.monotonic() < deadline
+    ):
+        gc.collect()
+        time.sleep(0.1)
+    assert dropped() is None and threading.active_count() <= before

@@ -18,7 +18,9 @@ import math
 import numbers
 import os
 import queue
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -253,6 +255,12 @@ class Engine:
         self.presets = voices
         self.load_seconds = load_seconds
         self.loop = EngineLoop(pipeline.llm, limits, decode_threads(placement))
+        # an engine dropped without close(): its threads end once it is collected (they hold
+        # the networks, not the engine, and kept its weights and threads for the process's life)
+        self._finalizer = weakref.finalize(
+            self, _close_dropped, self.loop, self.pipeline.flow.decoder
+        )
+        self._finalizer.atexit = False  # (at exit, running loops are closed anyway: _RUNNING)
 
     # ------------------------------------------------------------------ loading
     @staticmethod
@@ -566,6 +574,7 @@ class Engine:
         as engine:`` closes it at the block's end)."""
         self.loop.close()
         self.pipeline.flow.decoder.close_row_split()
+        self._finalizer.detach()
 
     def __enter__(self) -> Engine:
         return self
@@ -982,6 +991,17 @@ def synthesize_to_file(
     finally:
         partial.unlink(missing_ok=True)
     return len(samples) / engine.sample_rate
+
+
+def _close_dropped(loop: EngineLoop, decoder: object) -> None:
+    """Close what a collected engine left running, on a thread of its own: the collection may
+    happen on any thread, one of those being closed among them, which cannot wait for itself."""
+
+    def close() -> None:
+        loop.close()
+        decoder.close_row_split()
+
+    threading.Thread(target=close, name="engine-close", daemon=True).start()
 
 
 def iter_text(pieces: Iterable[str]) -> Iterator[str]:

@@ -794,6 +794,9 @@ class EngineLoop:
                     if not self._stopping:
                         self._ready.append((job, result, time.monotonic()))
                         self._wake.notify_all()
+                        # not kept while waiting for the next: a finished request's run (its
+                        # prompt, its sink) lived on here, and with it a dropped engine
+                        del job, result
                         continue
                 _end_sink(job.sink, EngineClosedError("the engine was closed"))
                 return
