@@ -927,3 +927,67 @@ def test_a_request_that_finds_the_server_gone_looks_again(browser, engine, v1_va
             speak(page)
     finally:
         context.close()
+
+
+def test_a_server_restarted_with_the_same_model_is_followed_too(browser, engine, tmp_path):
+    """Restarted with the same model while the page was in the background, the server may have
+    other saved voices, another key or none: the page kept the old lists (a saved voice that
+    was gone, 404), stayed locked with no key form, or stayed unlocked against a new key. And
+    the key form did not take the focus from the text being typed."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = ServerThread(create_app(engine, Settings(voices_dir=tmp_path / "a", api_key="k1")))
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    shown = "document.dispatchEvent(new Event('visibilitychange'))"
+    listed = "[...document.querySelectorAll('#voice option')].map(o => o.value).join(',')"
+    try:
+        with first:
+            page.goto(first.url)
+            wait_js(page, "!document.getElementById('auth').hidden")
+            with first.client() as client:
+                saved = client.post(
+                    "/voices",
+                    headers={"Authorization": "Bearer k1"},
+                    data={"name": "old-voice", "prompt_text": "希望你以后能够做的比我还好呦。"},
+                    files={"audio": ("p.wav", prompt_wav(2.0), "audio/wav")},
+                )
+                assert saved.status_code == 201, saved.text
+        # restarted without a key: the page leaves its locked state and lists the voices
+        with ServerThread(create_app(engine, Settings(voices_dir=tmp_path / "b")), first.port):
+            page.evaluate(shown)
+            wait_js(page, f"{listed} === {json.dumps(','.join(engine.voices()))}")
+            assert page.is_hidden("#auth") and "old-voice" not in page.inner_text("#voice-list")
+        # restarted with a key again: locked at once, asking for it, the text being typed kept
+        with ServerThread(
+            create_app(engine, Settings(voices_dir=tmp_path / "a", api_key="k2")), first.port
+        ):
+            page.click("#text")
+            page.keyboard.type("你好")
+            page.evaluate(shown)
+            wait_js(page, "!document.getElementById('auth').hidden")
+            assert page.is_disabled("#speak") and "API key" in page.inner_text("#voice")
+            page.keyboard.type("。")
+            assert page.input_value("#text").endswith("你好。")
+            assert page.input_value("#api-key") == ""
+            page.fill("#api-key", "k2")
+            page.click("#api-key-save")
+            wait_js(page, "document.querySelector(\"#voice-list li[data-voice='old-voice']\")")
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_the_page_file_itself_redirects_to_the_page(engine, tmp_path):
+    """/static/index.html served the page, whose relative URLs then pointed into
+    /static/static/: a page stuck at "loading"."""
+    app = RoutePrefix(create_app(engine, Settings(voices_dir=tmp_path)), "/tts")
+    plain = ServerThread(create_app(engine, Settings(voices_dir=tmp_path)))
+    with plain, plain.client() as client:
+        moved = client.get("/static/index.html?x=1")
+        assert moved.status_code == 307 and moved.headers["location"] == "/?x=1"
+    with ServerThread(app) as prefixed, prefixed.client() as client:
+        moved = client.get("/tts/static/index.html")
+        assert moved.status_code == 307 and moved.headers["location"] == "/tts/"

@@ -639,9 +639,11 @@ def _add_page_routes(app: FastAPI) -> None:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("", include_in_schema=False)
-    async def page_without_slash(request: Request):
+    @app.get("/static/index.html", include_in_schema=False)
+    async def page_elsewhere(request: Request):
         # under a route prefix (root_path, e.g. Ray Serve's route_prefix) "/prefix" reaches the
-        # app as an empty path: the page's URLs are relative to it, so it is "/prefix/"
+        # app as an empty path, and the page's file is also served as /static/index.html: its
+        # URLs are relative to it, so it is "/prefix/"
         target = request.scope.get("root_path", "").rstrip("/") + "/"
         if request.url.query:
             target += f"?{request.url.query}"

@@ -85,7 +85,10 @@ function showError(err) {
   $("error").dataset.status = String(status);
   $("error").hidden = false;
   $("error").scrollIntoView({ block: "nearest", behavior: "smooth" });
-  if (status === 401) $("auth").hidden = false;
+  if (status === 401) {  // the key is missing or refused (a server restarted with another)
+    $("api-key").value = "";
+    askForKey();
+  }
 }
 
 function clearError() { $("error").hidden = true; }
@@ -152,7 +155,12 @@ async function waitUntilReady() {
       if (unreachable && info.status !== "failed") clearError();
       unreachable = false;
       if (info.status !== "loading") return info;
-    } catch (err) { unreachable = true; showError(err); }
+    } catch (err) {
+      // gone again once the page is up: serverGone()'s backoff asks, and only while visible
+      if (err.status === 0 && document.body.dataset.ready) throw err;
+      unreachable = true;
+      showError(err);
+    }
     await new Promise((r) => setTimeout(r, 1000));
   }
 }
@@ -162,11 +170,18 @@ async function waitUntilReady() {
 function askForKey() {
   state.locked = true;
   state.speakers = [];
-  if ($("auth").hidden) { $("auth").hidden = false; $("api-key").focus(); }
+  $("auth").hidden = false;
+  if (!typing()) $("api-key").focus();  // not away from what the user is writing
   fillVoiceSelect();
   renderVoiceList([]);
   syncInstructField();
   updateCount();
+}
+
+function typing() {
+  const el = document.activeElement;
+  return !!el && el !== document.body && el.id !== "api-key" &&
+    (el.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(el.tagName));
 }
 
 // A server restarted meanwhile, perhaps with another model: the page reads /info again when a
@@ -189,7 +204,7 @@ function serverGone() {
 function checkServer() {
   if (!document.body.dataset.ready || recheck.running) return recheck.running;
   recheck.running = (async () => {
-    const before = renderedModel, wasAway = state.away;
+    const wasAway = state.away;
     try {
       let info = await loadInfo();
       state.away = false;
@@ -200,7 +215,9 @@ function checkServer() {
       if (wasAway && $("error").dataset.status === "0") clearError();
       if (info.status === "loading") info = await waitUntilReady();
       document.body.dataset.ready = info.status;
-      if (info.status === "ready" && (renderedModel !== before || wasAway)) await loadVoices();
+      // the lists again every time: a server restarted with the same model may hold other saved
+      // voices, need another key or none (one /speakers call, on focus or when shown)
+      if (info.status === "ready") await loadVoices();
     } catch (err) {
       if (err.status !== 0) showError(err);  // still gone: serverGone() asks again later
     } finally {
@@ -1099,7 +1116,10 @@ function wire() {
   $("error-close").addEventListener("click", clearError);
   $("results-clear").addEventListener("click", clearResults);
   $("voice-form").addEventListener("submit", saveVoice);
-  document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") checkServer(); });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") checkServer();
+    else { clearTimeout(recheck.timer); recheck.timer = null; }  // asked again once shown
+  });
   window.addEventListener("focus", () => checkServer());
   $("auth").addEventListener("submit", async (event) => {
     event.preventDefault();
