@@ -25,6 +25,7 @@ def server(v1_dir, tmp_path_factory):
         max_connections=6,
         header_timeout=1.0,
         keep_alive_timeout=1.0,
+        send_timeout=2.0,
         voices_dir=tmp_path_factory.mktemp("voices"),
     )
     port = free_port()
@@ -71,6 +72,58 @@ def test_idle_connection_after_a_response_gets_the_same_deadline(server):
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         sock.sendall(b"GET /he")  # a byte of the next request stops the keep-alive timer
         assert closed_within(sock, 5) is not None
+
+
+def test_a_body_still_coming_after_its_response_gets_the_same_deadline(server):
+    """The response is out (a public /health answered while its announced body is still to
+    come); one more byte stopped every timer: a connection held for ever, without a key."""
+    _, port = server
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"x")
+        took = closed_within(sock, 5)
+    assert took is not None and took < 3
+
+
+def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(server):
+    """A response its client never reads (its socket's buffers full) held the connection, the
+    unsent bytes (a saved voice's 21 MB recording, 100 times over: 2.2 GB) and, for a stream,
+    its admission slot, for ever."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    url, port = server
+    seconds, rate = 29, 96000  # stored as float32: 11 MB, past what the sockets buffer
+    t = np.arange(seconds * rate) / rate
+    samples = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    audio = io.BytesIO()
+    sf.write(audio, samples.astype(np.float32), rate, format="FLAC")
+    created = httpx.post(
+        f"{url}/voices",
+        data={"name": "long"},
+        files={"audio": ("l.flac", audio.getvalue(), "audio/flac")},
+        timeout=60,
+    )
+    assert created.status_code == 201, created.text
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /voices/long/audio HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(5.0)  # reads nothing: past the send timeout (2 s)
+        got, closed = 0, False
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(1 << 16):
+                got += len(chunk)
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            pass
+    assert closed and got < seconds * rate * 4, got  # dropped, most of it never sent
 
 
 def test_connection_cap_answers_503_at_once_then_recovers(server):

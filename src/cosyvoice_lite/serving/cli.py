@@ -192,6 +192,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="seconds without body bytes while a body is read (default 30)",
     )
     conn.add_argument(
+        "--send-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client may leave its response unread before it is dropped (default 60)",
+    )
+    conn.add_argument(
         "--keep-alive",
         type=float,
         default=5.0,
@@ -275,6 +281,7 @@ def settings_from_args(args: argparse.Namespace):
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
+        send_timeout=args.send_timeout,
         keep_alive_timeout=args.keep_alive,
         shutdown_timeout=args.shutdown_timeout,
         **extra,

@@ -139,6 +139,29 @@ def unreadable_json(body: bytes) -> str | None:
     return None
 
 
+STRUCTURE_ROOM = 65_536
+"""Objects, arrays and items a JSON body may open beyond what its texts may hold: a body of
+millions of empty objects within --max-json-mb parsed to ~23x its size (310 MB a request)."""
+
+
+def json_structure_limit(settings: Settings) -> int:
+    """``{``, ``[`` and ``,`` a JSON body may hold: every character of its longest texts may be
+    one (text is not told apart from structure: counting is one pass in C), and the room."""
+    texts = settings.max_text_chars + settings.max_instruct_chars + settings.max_prompt_text_chars
+    return STRUCTURE_ROOM + texts
+
+
+def too_much_structure(body: bytes, limit: int) -> str | None:
+    """Why a JSON body is refused before it is parsed for its size once parsed, or None."""
+    count = body.count(b"{") + body.count(b"[") + body.count(b",")
+    if count <= limit:
+        return None
+    return (
+        f"the body opens {count} JSON objects, arrays or items, at most {limit} are read; "
+        "send the fields the route takes"
+    )
+
+
 def lone_surrogate_field(body: bytes) -> str | None:
     """The field of a JSON body whose text contains a lone UTF-16 surrogate (JSON ``"\\ud800"``
     decodes to a str that no encoder accepts), or None."""
@@ -289,7 +312,9 @@ class GuardMiddleware:
                 error, sent["rejected"] = sent["rejected"], None
                 await answer(error)
                 return
-            unreadable = unreadable_json(body)
+            unreadable = unreadable_json(body) or too_much_structure(
+                body, json_structure_limit(self.settings)
+            )
             if unreadable is not None:
                 await answer(ApiError(400, unreadable, code="invalid_json"))
                 return

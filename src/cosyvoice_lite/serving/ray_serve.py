@@ -136,6 +136,11 @@ def unapplied_options(settings: Settings) -> list[str]:
             "--header-timeout is not applied under --ray: Serve's HTTP proxy has no deadline "
             "for the request headers (put a proxy with one in front: docs/DEPLOYMENT.md)"
         )
+    if settings.send_timeout != defaults.send_timeout:
+        found.append(
+            "--send-timeout is not applied under --ray: Serve's HTTP proxy writes the responses "
+            "(put a proxy with a send timeout in front: docs/DEPLOYMENT.md)"
+        )
     if settings.max_connections != defaults.max_connections:
         found.append(
             "--max-connections is not applied under --ray: Serve's HTTP proxy has no "

@@ -6,7 +6,10 @@ readable when the process runs out of file descriptors.
 
 * header timeout: a connection that has not sent a complete request line and headers within
   ``header_timeout`` seconds (after connecting, or after its previous response) is closed;
-  uvicorn alone waits forever for a half-sent request (slowloris).
+  uvicorn alone waits forever for a half-sent request (slowloris). So is one still sending the
+  body of a request whose response is out (uvicorn stopped watching it at its first byte).
+* send timeout: a client that reads nothing of its response for ``send_timeout`` seconds (its
+  socket's buffers full) is dropped: it held its admission slot and the unsent bytes forever.
 * ``max_connections``: uvicorn's ``limit_concurrency``: beyond it, requests get 503 at once.
 * keep-alive and graceful-shutdown bounds (``keep_alive_timeout``, ``shutdown_timeout``).
 * descriptor exhaustion (EMFILE/ENFILE) is logged once per interval, with a count, instead of
@@ -33,11 +36,33 @@ class HeaderTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol plus a deadline for the request line and headers."""
 
     header_timeout = 10.0  # set per server by protocol_class()
+    send_timeout = 60.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        self._header_timer = None
+        self._header_timer = self._send_timer = None
         super().connection_made(transport)
         self._arm()
+
+    def pause_writing(self) -> None:  # the client's buffers are full: it must read in time
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_timer()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_stalled(self) -> None:
+        self._send_timer = None
+        # abort, also when closing: close() waits for the buffered bytes to be read (a whole
+        # response handed over, then the idle deadline's close, kept 11 MB); the request's job
+        # is cancelled as for any client gone, and its slot and buffers freed
+        self.transport.abort()
 
     def _arm(self) -> None:
         self._disarm()
@@ -50,12 +75,19 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def _expired(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if (self.conn.their_state is h11.IDLE or self._stale()) and not self.transport.is_closing():
             self.transport.close()  # nothing (or half a request) in time: free the descriptor
+
+    def _stale(self) -> bool:
+        """The response is out while the request's body is still coming: nothing reads it."""
+        return self.conn.their_state is h11.SEND_BODY and self.conn.our_state in (
+            h11.DONE,
+            h11.MUST_CLOSE,
+        )
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.conn.their_state is not h11.IDLE:  # the headers are in
+        if self.conn.their_state is not h11.IDLE and not self._stale():  # the headers are in
             self._disarm()
 
     def on_response_complete(self) -> None:
@@ -65,12 +97,17 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._stop_send_timer()
         super().connection_lost(exc)
 
 
-def protocol_class(header_timeout: float) -> type[HeaderTimeoutProtocol]:
+def protocol_class(
+    header_timeout: float, send_timeout: float = HeaderTimeoutProtocol.send_timeout
+) -> type[HeaderTimeoutProtocol]:
     return type(
-        "HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": header_timeout}
+        "HeaderTimeoutProtocol",
+        (HeaderTimeoutProtocol,),
+        {"header_timeout": header_timeout, "send_timeout": send_timeout},
     )
 
 
@@ -125,7 +162,7 @@ def uvicorn_config(app, settings: Settings, host: str, port: int, **extra) -> uv
     options = {
         "host": host,
         "port": port,
-        "http": protocol_class(settings.header_timeout),
+        "http": protocol_class(settings.header_timeout, settings.send_timeout),
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": settings.shutdown_timeout,

@@ -78,6 +78,9 @@ class Settings:
     # connections (applied by the uvicorn options of `serve`, see cli.py)
     header_timeout: float = 10.0  # seconds for a client to send its request line and headers
     body_timeout: float = 30.0  # seconds without any body bytes while a body is being read
+    # seconds a client may leave its response unread (its socket full) before it is dropped:
+    # a player that reads as it plays drains it in far less
+    send_timeout: float = 60.0
     keep_alive_timeout: float = 5.0  # idle seconds between requests on a kept-alive connection
     max_connections: int = 512  # open connections at most (more are answered 503 and closed)
     shutdown_timeout: float = 10.0  # seconds a graceful stop waits for requests and uploads
@@ -106,7 +109,13 @@ class Settings:
             self.max_json_bytes = self.max_upload_bytes * 4 // 3 + 64 * 1024
         if self.max_json_bytes < 1:
             raise ValueError("max_json_bytes must be at least 1")
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "shutdown_timeout"):
+        for name in (
+            "header_timeout",
+            "body_timeout",
+            "send_timeout",
+            "keep_alive_timeout",
+            "shutdown_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.workers < 1:
