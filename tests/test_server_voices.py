@@ -422,3 +422,21 @@ def test_features_computed_from_a_voice_replaced_meanwhile_are_not_stored_in_the
     fresh = VoiceLibrary(tmp_path)  # as after a restart: what is on disk
     embedding = fresh.features("bob", "k2", encode).embedding
     assert embedding[0, 0].item() == float(len(fresh.audio("bob")))
+
+
+def test_the_library_holds_at_most_max_voices(engine, tmp_path):
+    """No cap: a client filled the disk with voices (a 755 KB upload is 22 MB stored), and then
+    results could not be saved either. Beyond --max-voices: 507, nothing stored, the features
+    not computed; a deletion makes room."""
+    server = ServerThread(create_app(engine, Settings(voices_dir=tmp_path, max_voices=2)))
+    with server, server.client() as client:
+        for name in ("one", "two"):
+            assert upload(client, name).status_code == 201
+        error = error_of(upload(client, "three"), 507, "insufficient_storage")
+        assert "--max-voices" in error["message"]
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+            "one",
+            "two",
+        ]
+        assert client.delete("/voices/one").status_code == 200
+        assert upload(client, "three").status_code == 201

@@ -90,7 +90,11 @@ class ServerState:
             settings.spool_dir,
             settings.shutdown_timeout,
         )
-        self.library = VoiceLibrary(voice_store(settings), storage_waiters=settings.storage_waiters)
+        self.library = VoiceLibrary(
+            voice_store(settings),
+            storage_waiters=settings.storage_waiters,
+            max_voices=settings.max_voices,
+        )
         self.encoding = EncodingPool()  # responses are encoded here, not on the engine loop
         self.engine = None
         self.status = "loading"

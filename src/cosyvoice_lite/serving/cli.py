@@ -88,6 +88,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "per voice and shared by its streams; 0 computes them per stream (default 2048)",
     )
     limits.add_argument(
+        "--max-voices",
+        type=int,
+        default=1000,
+        help="saved voices the library holds at most; more are refused with 507 (default 1000)",
+    )
+    limits.add_argument(
         "--prepare-voices",
         type=int,
         default=4,
@@ -268,6 +274,7 @@ def settings_from_args(args: argparse.Namespace):
         max_prompt_seconds=args.max_prompt_seconds,
         workers=args.workers,
         max_queue=args.max_queue,
+        max_voices=args.max_voices,
         prepare_voices=args.prepare_voices,
         storage_waiters=args.storage_waiters,
         request_timeout=args.timeout,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..audio.io import MAX_PROMPT_SECONDS
 from ..request import MAX_INSTRUCT_CHARS, MAX_PROMPT_TEXT_CHARS
-from .voices import STORAGE_WAITERS
+from .voices import MAX_VOICES, STORAGE_WAITERS
 
 
 def default_voices_dir() -> Path:
@@ -67,6 +67,7 @@ class Settings:
     prompt_cache_size: int = 32  # one-off prompts whose features are kept (LRU)
     # saved voices prepared for streaming once the model is loaded, most recently saved first
     # (as many as the engine's prompt cache holds; voice_create.prepare_saved_voices)
+    max_voices: int = MAX_VOICES  # saved voices at most (more: 507); each is up to ~22 MB
     prepare_voices: int = 4
     # calls that may wait on the voice storage at once; more are refused (503, Retry-After) at
     # once, so a hung bucket cannot take every thread of the server's pools
@@ -127,6 +128,8 @@ class Settings:
                 f"storage_waiters must be 1-{STORAGE_WAITERS}: more would let a hung voice "
                 "storage hold every thread of the server's pools"
             )
+        if self.max_voices < 1:
+            raise ValueError("max_voices must be at least 1")
         if self.prepare_voices < 0:
             raise ValueError("prepare_voices must be 0 or more")
         if self.request_timeout <= 0:

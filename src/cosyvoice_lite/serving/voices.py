@@ -65,6 +65,8 @@ NAME_PATTERN = re.compile(r"\w(?:[\w .-]{0,62}[\w-])?")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128  # UTF-8; file systems allow 255 (eCryptfs 143)
 MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded storage
+RESERVE_BYTES = 16 * 1024 * 1024  # a new voice never leaves less free (results, the spool)
+MAX_VOICES = 1000  # voices a library holds at most (Settings.max_voices): each is up to ~22 MB
 HEALTH_INTERVAL = 5.0  # seconds a storage check (and the voice counts of /metrics) is reused
 HEALTH_WAIT = 1.0  # seconds /ready and /metrics wait for a storage check under way
 HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it counts as down
@@ -500,7 +502,9 @@ class VoiceLibrary:
         store: str | os.PathLike | VoiceStore,
         features_kept: int = FEATURES_KEPT,
         storage_waiters: int = STORAGE_WAITERS,
+        max_voices: int = MAX_VOICES,
     ) -> None:
+        self.max_voices = max_voices
         if isinstance(store, (str, os.PathLike)):
             store = LocalVoiceStore(store)
         self.store = WaitBounded(store, storage_waiters)
@@ -678,6 +682,7 @@ class VoiceLibrary:
         name = validate_name(name)
         if self.exists(name):
             raise VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
+        self._check_room()  # before the features are computed
         try:
             wav, rate = load_audio(audio, max_seconds=max_seconds)
             check_prompt_audio(wav, rate, max_seconds=max_seconds or 30.0)
@@ -699,10 +704,12 @@ class VoiceLibrary:
         taken = VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
         staged, refused = None, False
         try:
+            self._check_room(sum(len(data) for data in files.values()))
             staged = self.store.stage(name, files)
             with self._write_lock():
                 if self.exists(name):
                     raise taken
+                self._check_room()  # (created meanwhile by another request)
                 try:
                     self.store.commit(staged)  # the voice appears complete or not at all
                 except FileExistsError:  # e.g. committed meanwhile by another server process
@@ -710,6 +717,8 @@ class VoiceLibrary:
                 self._keep_features((name, key, info.created_at), features)
         except StorageBusyError:
             refused = True
+            raise
+        except StorageError:  # the library is full: the storage did not fail
             raise
         except OSError as exc:
             raise self._failed(storage_error(exc, "save the voice")) from None
@@ -723,6 +732,29 @@ class VoiceLibrary:
         self._write_failure = None
         self._counts.expire()
         return info
+
+    def _check_room(self, size: int = 0) -> None:
+        """StorageError 507 when the library holds ``max_voices`` voices, or a local store would
+        keep less than ``RESERVE_BYTES`` free after ``size`` more bytes (a full disk also fails
+        saving results and the spool)."""
+        held = len(self._entries())
+        if held >= self.max_voices:
+            raise StorageError(
+                f"the voice library holds {held} voices, its limit (the server's --max-voices): "
+                "delete some first",
+                507,
+            )
+        if size and self.root is not None:
+            try:
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                return  # the write itself says what is wrong
+            if free - size < RESERVE_BYTES:
+                raise StorageError(
+                    "cannot save the voice: the voice storage is full (less than "
+                    f"{RESERVE_BYTES // 2**20} MB would be left free)",
+                    507,
+                )
 
     def delete(self, name: str) -> str:
         """Remove voice ``name`` (usable or broken); returns the name it was stored under."""
