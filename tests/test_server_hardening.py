@@ -5,6 +5,7 @@ if complete). All against a real uvicorn server on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -147,6 +148,29 @@ def test_body_that_stops_arriving_gets_408(server, preset):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"body_timeout" in answer
     assert time.monotonic() - start < 4
+
+
+def test_a_body_trickled_under_the_pause_limit_ends_at_the_request_timeout(engine, tmp_path):
+    """A byte every 0.5 s, under the 1 s pause limit, held the connection and its handler for
+    ever (240 s and counting): the whole body must come within --timeout too."""
+    settings = Settings(body_timeout=1.0, request_timeout=3.0, voices_dir=tmp_path)
+    with ServerThread(create_app(engine, settings)) as server:
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 200\r\n\r\n{"
+            )
+            answer = b""
+            while not answer and time.monotonic() - start < 8:
+                time.sleep(0.5)
+                with contextlib.suppress(OSError):
+                    sock.sendall(b" ")
+                sock.settimeout(0.01)
+                with contextlib.suppress(TimeoutError, OSError):
+                    answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b"longer than 3 s" in answer, answer[:300]
+    assert 2.5 < time.monotonic() - start < 6
 
 
 # ------------------------------------------------------------------------------- text fields

@@ -274,16 +274,24 @@ class GuardMiddleware:
 
         received = {"bytes": 0, "done": False}
         timeout = self.settings.body_timeout
+        # the whole body within the request's timeout too: a byte every few seconds, under the
+        # pause limit, held the connection and its handler for ever
+        total = self.settings.request_timeout
+        deadline = asyncio.get_running_loop().time() + total
 
         async def receive_guarded():
             if received["done"]:
                 return await receive()
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                message = await asyncio.wait_for(receive(), timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, min(timeout, left)))
             except asyncio.TimeoutError:
+                slow = left <= timeout
                 error = ApiError(
                     408,
-                    f"the request body stopped arriving ({timeout:g} s without data)",
+                    f"the request body took longer than {total:g} s to arrive"
+                    if slow
+                    else f"the request body stopped arriving ({timeout:g} s without data)",
                     code="body_timeout",
                 )
                 sent["rejected"] = error
