@@ -436,6 +436,26 @@ def test_docs_follow_the_api_key(engine, tmp_path, public):
 # ------------------------------------------------------------------------------- truncation
 
 
+@pytest.fixture
+def uvicorn_errors():
+    """What uvicorn's error logger emits (past its filters), whatever its propagation."""
+    import logging
+
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    kept = Kept()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(kept)
+    yield kept
+    logger.removeHandler(kept)
+
+
 def test_stream_that_times_out_is_aborted_not_ended(engine, tmp_path):
     """A streamed WAV cut by the request timeout must not look complete: the chunked transfer
     is aborted (no final chunk) and counted."""
@@ -464,6 +484,44 @@ def test_stream_that_times_out_is_aborted_not_ended(engine, tmp_path):
         text = c.get("/metrics").text
         assert metric(text, "cosyvoice_truncated_streams_total") == 1
         assert c.get("/health").status_code == 200  # the server is fine
+
+
+def test_a_stream_cut_on_purpose_is_logged_once(engine, tmp_path, uvicorn_errors):
+    """As `serve` runs it (its h11 protocol), uvicorn also logged the cut stream as an ERROR
+    ("returned without completing response"), without a request id, after the guard's own
+    warning: alerts on errors fired for every client timeout."""
+    import threading
+
+    import uvicorn
+    from test_server_support import free_port
+
+    from cosyvoice_lite.serving.server import uvicorn_config
+
+    slow = EngineProbe(engine, memo=False, split=8, delay=0.5)
+    settings = Settings(request_timeout=2.0, voices_dir=tmp_path)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn_config(create_app(slow, settings), settings, "127.0.0.1", port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        body = {"text": "你好。今天天气很好。我们去公园吧。", "speaker": engine.voices()[0],
+                "stream": True, "seed": 3}  # fmt: skip
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            httpx.stream("POST", f"http://127.0.0.1:{port}/tts", json=body, timeout=30) as r,
+        ):
+            for _ in r.iter_bytes():
+                pass
+        time.sleep(0.5)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not [r for r in uvicorn_errors.records if "without completing" in r.getMessage()]
 
 
 def test_sse_that_times_out_ends_with_an_error_event(engine, tmp_path):

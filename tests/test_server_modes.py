@@ -114,7 +114,7 @@ def test_cross_lingual_and_prompt_cache(client, probe):
     assert second.status_code == 200 and second.headers["content-type"] == "audio/mpeg"
     assert probe.encodes == before + 1  # the same prompt bytes: features from the cache
     metrics = client.get("/metrics").text
-    assert metric(metrics, "cosyvoice_prompt_cache_hits") >= 1
+    assert metric(metrics, "cosyvoice_prompt_cache_hits_total") >= 1
     # a different transcript is a different prompt (zero-shot features carry the text)
     upload(client, prompt, text="Hello.", prompt_text="Some words.", seed=2)
     assert probe.encodes == before + 2

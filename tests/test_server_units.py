@@ -323,3 +323,30 @@ def test_unknown_voice_names_a_few_voices_not_all():
     many = str(unknown_voice("nobody", [f"v{i}" for i in range(5000)]))
     assert f"v{NAMES_SHOWN - 1} and" in many and f"v{NAMES_SHOWN}," not in many
     assert "4980 more (GET /speakers" in many and len(many) < 400
+
+
+def test_samples_are_written_in_full():
+    """``:g`` kept 6 digits: a counter past a million moved in steps of 10 (rate() read 0)."""
+    from cosyvoice_lite.serving.metrics import sample
+
+    assert sample(1_234_567.0) == "1234567" and sample(1_234_571) == "1234571"
+    assert sample(2_000_000.25) == "2000000.25" and sample(0.1) == "0.1"
+    assert (sample(float("nan")), sample(float("inf"))) == ("NaN", "+Inf")
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.count("rejected_total")
+    metrics.counters["rejected_total"] += 1_000_000
+    assert "cosyvoice_rejected_total 1000003" in metrics.render()
+
+
+def test_json_log_lines_carry_no_terminal_colours():
+    """uvicorn's records repeat their message with ANSI colours (color_message)."""
+    import logging
+
+    from cosyvoice_lite.serving.logs import JsonFormatter
+
+    record = logging.makeLogRecord(
+        {"msg": "Started server process [%d]", "args": (7,), "color_message": "\x1b[36m%d\x1b[0m"}
+    )
+    line = JsonFormatter().format(record)
+    assert "color_message" not in line and "\\u001b" not in line and "[7]" in line

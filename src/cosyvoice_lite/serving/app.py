@@ -44,7 +44,7 @@ from ..errors import CosyVoiceError
 from .docs import docs_router
 from .encoding import EncodingPool
 from .errors import ApiError, from_engine_error, not_ready, route_fields
-from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts
+from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts, quiet_cut_streams
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
 from .openapi import install_openapi
@@ -230,11 +230,27 @@ class ServerState:
 
 
 def _route_path(app: FastAPI, scope) -> str:
-    for route in app.router.routes:
+    """The route's template (``/v1/models/{model}``), for metrics and the quiet log: never the
+    raw path, which a client (with or without the key) makes up at will, a new series each.
+    HEAD is answered wherever GET is (guard.py), so it is matched as GET."""
+    probe = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
+    return _template(app.router.routes, probe) or "unmatched"
+
+
+def _template(routes, scope) -> str | None:
+    partial = None
+    for route in routes:
         match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", scope["path"])
-    return "unmatched"
+        if match == Match.NONE:
+            continue
+        # FastAPI wraps an included router's routes (no path of its own): its routes decide
+        inner = getattr(route, "original_router", None)
+        found = _template(inner.routes, scope) if inner is not None else None
+        found = found or getattr(route, "path_format", None) or getattr(route, "path", None)
+        if match == Match.FULL and found:
+            return found
+        partial = partial or found  # the path, not the method (405)
+    return partial
 
 
 class ServingMiddleware:
@@ -291,6 +307,7 @@ class ServingMiddleware:
                     "invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
+                self.state.metrics.error(error.code)  # (alerts on refused keys read it)
                 await error.response()(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
@@ -384,6 +401,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     """The server application for an engine, or for a loader (a callable returning an engine),
     which then runs once in the background when the server starts."""
     settings = settings or Settings()
+    quiet_cut_streams()
     state = ServerState(settings)
     loader = engine if callable(engine) and not hasattr(engine, "synthesize") else None
     if loader is None:

@@ -9,6 +9,7 @@ that cannot finish (aborted, never ended as if complete).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -174,6 +175,29 @@ def lone_surrogate_field(body: bytes) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ bodies
+
+
+# Set (in the request's task) when the guard ends a stream without its last chunk on purpose:
+# uvicorn then logs "ASGI callable returned without completing response." at ERROR level, with
+# no request id, after the guard's own warning; alerts on errors fired for every timeout.
+CUT_ON_PURPOSE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "cut_on_purpose", default=False
+)
+INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
+
+
+class CutStreamFilter(logging.Filter):
+    """Drops uvicorn's error line for a stream the guard cut on purpose (logged already)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (CUT_ON_PURPOSE.get() and record.getMessage() == INCOMPLETE_RESPONSE)
+
+
+def quiet_cut_streams() -> None:
+    """Install ``CutStreamFilter`` on uvicorn's error logger (once)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, CutStreamFilter) for f in logger.filters):
+        logger.addFilter(CutStreamFilter())
 
 
 class BodyRejected(StarletteHTTPException):
@@ -347,6 +371,7 @@ class GuardMiddleware:
             # Headers and some audio are out: end the connection without the final chunk, so the
             # client sees an incomplete body instead of a short file that looks complete.
             self.metrics.count("truncated_streams_total")
+            CUT_ON_PURPOSE.set(True)  # (uvicorn's own error line about it is not logged)
             log.warning(
                 "stream aborted before its end: %s",
                 exc,

@@ -6,7 +6,8 @@ import json
 import logging
 from datetime import datetime, timezone
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# uvicorn's records carry their message again with terminal colours: not for a JSON line
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

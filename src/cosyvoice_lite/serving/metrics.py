@@ -53,6 +53,17 @@ class Histogram:
         return out
 
 
+def sample(value: float) -> str:
+    """A sample's value in full: ``:g`` kept 6 digits, so a counter past a million moved in
+    steps of 10 or more and its rate() read 0 or jumped."""
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 2**63 else repr(value)
+
+
 class Metrics:
     """Thread-safe counters and histograms; gauges are read from callbacks at scrape time."""
 
@@ -129,7 +140,7 @@ class Metrics:
                 lines += [
                     f"# HELP {p}_{name} {help}",
                     f"# TYPE {p}_{name} counter",
-                    f"{p}_{name} {self.counters.get(name, 0.0):g}",
+                    f"{p}_{name} {sample(self.counters.get(name, 0.0))}",
                 ]
             lines += [
                 f"# HELP {p}_real_time_factor Synthesis time / audio duration per request.",
@@ -143,7 +154,7 @@ class Metrics:
             lines += self.first_audio.lines(f"{p}_first_audio_seconds")
         for name, (help, read, kind) in sorted(self.readings.items()):
             try:
-                value = f"{float(read()):g}"
+                value = sample(read())
             except Exception:  # noqa: BLE001 - one unreadable gauge must not hide the others
                 value = "NaN"
             lines += [

@@ -55,10 +55,14 @@ class PromptCache:
                 "One-off prompts whose features are cached.",
                 lambda: len(self._items),
             )
-            metrics.gauge(
-                "prompt_cache_hits", "One-off prompts served from the cache.", lambda: self.hits
+            metrics.counter(
+                "prompt_cache_hits_total",
+                "One-off prompts served from the cache.",
+                lambda: self.hits,
             )
-            metrics.gauge("prompt_cache_misses", "One-off prompts encoded.", lambda: self.misses)
+            metrics.counter(
+                "prompt_cache_misses_total", "One-off prompts encoded.", lambda: self.misses
+            )
 
     @staticmethod
     def key(audio: bytes, prompt_text: str, family: str) -> str:

@@ -221,6 +221,7 @@ class VoiceInfo:
             "id": self.name,
             "name": self.name,
             "object": "audio.voice",
+            "type": "audio_sample",  # (OpenAI's custom voices: made from an audio sample)
             "kind": "saved",
             "prompt_text": self.prompt_text,
             "duration": round(self.duration, 3),
