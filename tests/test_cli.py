@@ -497,3 +497,24 @@ def test_an_output_directory_that_takes_no_files_is_an_error_before_loading(
     assert main(say(v1_dir, "你好。", "-o", "/sys/kernel/x.wav")) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "loading" not in err, err
+
+
+def test_a_resampled_file_ends_with_its_own_samples(tmp_path):
+    """Written to .opus from a 22.05 kHz model (resampled to 48 kHz), the resampler's tail was
+    resampled a second time: the last samples lost, 156-376 stretched ones in their place."""
+    import numpy as np
+
+    from cosyvoice_lite.audio.resample import output_length
+    from cosyvoice_lite.cli import AudioFileWriter
+
+    rate = 22050
+    samples = (0.3 * np.sin(2 * np.pi * 220 * np.arange(rate * 2) / rate)).astype(np.float32)
+    for size in (4000, 7001):
+        path = tmp_path / f"x{size}.opus"
+        writer = AudioFileWriter(path, "opus", rate)
+        for start in range(0, samples.size, size):
+            writer.write(samples[start : start + size])
+        writer.close()
+        written, written_rate = sf.read(str(path), dtype="float32")
+        assert written_rate == 48000 == writer.rate
+        assert written.size == output_length(rate, 48000, samples.size), written.size

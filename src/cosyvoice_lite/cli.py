@@ -397,9 +397,9 @@ class AudioFileWriter:
         self.samples += len(samples)
 
     def close(self) -> None:
-        if self.resampler is not None:
-            self.write(self.resampler.finish())
-            self.resampler = None
+        if self.resampler is not None:  # its tail, written as it is (not resampled again)
+            tail, self.resampler = self.resampler.finish(), None
+            self.write(tail)
         with self._os_errors():
             self.file.close()
 
@@ -561,7 +561,13 @@ def cmd_say(args: argparse.Namespace) -> int:
         )
     mode = _mode(args)
     _check_mode_options(args, mode, text)
-    engine = load_engine(args, one_off=True)
+    # closed before exit: threads of a torch engine still ending as the interpreter exits
+    # aborted the process now and then (exit 134) after the file was written
+    with load_engine(args, one_off=True) as engine:
+        return _say_with(engine, args, text, mode, fmt)
+
+
+def _say_with(engine, args: argparse.Namespace, text: str, mode, fmt: str) -> int:  # noqa: ANN001
     from .request import SynthesisRequest
 
     request = SynthesisRequest(
@@ -676,7 +682,12 @@ def add_say_command(sub) -> None:
 
 
 def cmd_voices(args: argparse.Namespace) -> int:
-    engine = load_engine(args, quiet=True, one_off=True)  # (no graphs traced for a list)
+    with load_engine(args, quiet=True, one_off=True) as engine:  # (no graphs traced for a list)
+        _list_voices(engine)
+    return 0
+
+
+def _list_voices(engine) -> None:  # noqa: ANN001
     print(
         f"# {engine.model.name}: CosyVoice v{engine.version} ({engine.model.variant}); "
         f"modes: {', '.join(m.value for m in engine.modes)}"
@@ -685,7 +696,6 @@ def cmd_voices(args: argparse.Namespace) -> int:
         print(name)
     if not engine.voices():
         print("(no preset voices: clone one with --prompt-wav)")
-    return 0
 
 
 def cmd_normalize(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ import torch
 from .audio.io import MAX_PROMPT_SECONDS
 from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
-from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink
+from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink, close_at_exit
 from .errors import (
     EngineClosedError,
     InvalidRequestError,
@@ -261,6 +261,7 @@ class Engine:
             self, _close_dropped, self.loop, self.pipeline.flow.decoder
         )
         self._finalizer.atexit = False  # (at exit, running loops are closed anyway: _RUNNING)
+        close_at_exit(self.loop, self.pipeline.flow.decoder.close_row_split)
 
     # ------------------------------------------------------------------ loading
     @staticmethod

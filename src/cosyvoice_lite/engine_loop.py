@@ -582,10 +582,22 @@ def _end_sink(sink: Sink, error: BaseException | None) -> None:
 _RUNNING: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
 
 
+# what else a running engine started (its flow's row threads): closed after its loop at exit
+_AT_EXIT: weakref.WeakKeyDictionary[EngineLoop, Callable[[], None]] = weakref.WeakKeyDictionary()
+
+
+def close_at_exit(loop: EngineLoop, close: Callable[[], None]) -> None:
+    """Call ``close`` after ``loop`` is closed at exit, if it is still running then."""
+    _AT_EXIT[loop] = close
+
+
 @atexit.register
 def _close_running_loops() -> None:
     for loop in list(_RUNNING):
         loop.close()
+        closing = _AT_EXIT.get(loop)
+        if closing is not None:
+            closing()
 
 
 @dataclass(frozen=True)
