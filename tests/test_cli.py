@@ -518,3 +518,11 @@ def test_a_resampled_file_ends_with_its_own_samples(tmp_path):
         written, written_rate = sf.read(str(path), dtype="float32")
         assert written_rate == 48000 == writer.rate
         assert written.size == output_length(rate, 48000, samples.size), written.size
+
+
+def test_a_partial_file_left_by_a_killed_run_does_not_block_the_next(v1_dir, tmp_path):
+    """A run killed hard (SIGKILL, the OOM killer) leaves .out.wav.partial; the output check
+    then refused every later `say -o out.wav` ("File exists")."""
+    (tmp_path / ".out.wav.partial").write_bytes(b"left by a killed run")
+    assert main(say(v1_dir, "你好。", "-o", str(tmp_path / "out.wav"))) == 0
+    assert sf.info(str(tmp_path / "out.wav")).frames > 0

@@ -126,6 +126,55 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(server):
     assert closed and got < seconds * rate * 4, got  # dropped, most of it never sent
 
 
+def test_a_client_that_reads_slowly_gets_its_whole_response(server):
+    """The send timeout measured the time to drain the whole buffer, not whether the client
+    read: a player reading a long WAV at its own pace was cut 43 s of audio before the end."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    url, port = server
+    seconds, rate = 29, 48000  # stored as float32: 5.6 MB, past what the sockets buffer
+    t = np.arange(seconds * rate) / rate
+    samples = 0.3 * np.sin(2 * np.pi * 150 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
+    audio = io.BytesIO()
+    sf.write(audio, samples.astype(np.float32), rate, format="FLAC")
+    created = httpx.post(
+        f"{url}/voices",
+        data={"name": "slowly"},
+        files={"audio": ("s.flac", audio.getvalue(), "audio/flac")},
+        timeout=60,
+    )
+    assert created.status_code == 201, created.text
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /voices/slowly/audio HTTP/1.1\r\nHost: x\r\n\r\n")
+        start = time.monotonic()
+        time.sleep(1.5)  # the buffers fill (the send timer starts)
+        sock.settimeout(10)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got) < expected(got):
+            chunk = sock.recv(65536)  # 8 KB at a time, ~2 MB/s: past the send timeout of 2 s
+            if not chunk:
+                break
+            got += chunk
+            time.sleep(0.004)
+    assert len(got) == expected(got), len(got)
+    assert time.monotonic() - start > 2.5  # (it did read past the timeout)
+
+
+def expected(response: bytes) -> int:
+    """The length of a whole HTTP response from its head's Content-Length (or 1 << 62)."""
+    head, sep, _ = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if sep and name.strip().lower() == b"content-length":
+            return len(head) + 4 + int(value)
+    return 1 << 62
+
+
 def test_connection_cap_answers_503_at_once_then_recovers(server):
     url, port = server
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]  # > cap of 6

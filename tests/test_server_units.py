@@ -350,3 +350,42 @@ def test_json_log_lines_carry_no_terminal_colours():
     )
     line = JsonFormatter().format(record)
     assert "color_message" not in line and "\\u001b" not in line and "[7]" in line
+
+
+def test_a_failed_save_still_degrades_the_storages_health(tmp_path):
+    """The quota's pass-through took every StorageError: a store's own failure (S3 AccessDenied
+    on PutObject) no longer showed in health(), /ready or the storage gauge."""
+    from cosyvoice_lite.serving.voices import LocalVoiceStore, StorageError
+
+    class FailingStore(LocalVoiceStore):
+        def commit(self, staged):
+            raise StorageError("the voice storage (S3) is unavailable (AccessDenied)", 503)
+
+    library = VoiceLibrary(FailingStore(tmp_path))
+    with pytest.raises(StorageError) as failed:
+        library.create("alice", prompt_wav(1.5), "hello", "k", CountingEncoder())
+    assert failed.value.status == 503 and "AccessDenied" in (library.health() or "")
+    full = VoiceLibrary(tmp_path / "full", max_voices=1)
+    full.create("bob", prompt_wav(1.5), "hello", "k", CountingEncoder())
+    with pytest.raises(StorageError, match="--max-voices") as refused:
+        full.create("carol", prompt_wav(1.5), "hello", "k", CountingEncoder())
+    assert refused.value.status == 507 and full.health() is None  # full, not failing
+
+
+def test_routes_are_named_by_their_templates(tmp_path):
+    """Metrics and the quiet log name a route's template, never the path a client made up."""
+    from cosyvoice_lite.serving import Settings, create_app
+    from cosyvoice_lite.serving.app import _route_path
+
+    app = create_app(lambda: None, Settings(voices_dir=tmp_path))  # (a loader: not run here)
+
+    def named(method: str, path: str, root: str = "") -> str:
+        scope = {"type": "http", "method": method, "path": root + path, "root_path": root,
+                 "headers": [], "query_string": b""}  # fmt: skip
+        return _route_path(app, scope)
+
+    assert named("GET", "/v1/models/made-up") == "/v1/models/{model}"
+    assert named("DELETE", "/v1/audio/voices/x") == "/v1/audio/voices/{name}"
+    assert named("HEAD", "/health") == "/health" and named("GET", "/nowhere") == "unmatched"
+    assert named("GET", "/voices/a/audio", "/tts") == "/voices/{name}/audio"
+    assert named("GET", "", "/tts") == "/"  # the prefix without its slash (redirected)

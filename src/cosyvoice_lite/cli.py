@@ -256,7 +256,8 @@ def _checked_output(path: str) -> Path:
     if not (out.exists() and not out.is_file()):  # (a FIFO or a device is written as it is)
         # the file written first, beside its place: made and removed now, not found impossible
         # after the synthesis (os.access lets root "write" where nothing can be: /sys)
-        probe = _partial_path(Path(os.path.realpath(out)))
+        real = Path(os.path.realpath(out))
+        probe = real.with_name(f".cosyvoice-lite-probe-{uuid.uuid4().hex[:12]}")
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             probe.unlink()

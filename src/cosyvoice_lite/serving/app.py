@@ -246,10 +246,12 @@ def _template(routes, scope) -> str | None:
         # FastAPI wraps an included router's routes (no path of its own): its routes decide
         inner = getattr(route, "original_router", None)
         found = _template(inner.routes, scope) if inner is not None else None
-        found = found or getattr(route, "path_format", None) or getattr(route, "path", None)
-        if match == Match.FULL and found:
-            return found
-        partial = partial or found  # the path, not the method (405)
+        if found is None:
+            found = getattr(route, "path_format", getattr(route, "path", None))
+        if match == Match.FULL and found is not None:
+            return found or "/"  # ("": the route prefix without its slash, redirected)
+        if partial is None:
+            partial = found  # the path, not the method (405)
     return partial
 
 

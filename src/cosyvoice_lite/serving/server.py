@@ -18,8 +18,12 @@ readable when the process runs out of file descriptors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
+import struct
+import termios
 import time
 
 import h11
@@ -40,13 +44,27 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._header_timer = self._send_timer = None
+        self._send_left = 0  # bytes the transport held when the send timer was last started
         super().connection_made(transport)
         self._arm()
 
     def pause_writing(self) -> None:  # the client's buffers are full: it must read in time
         super().pause_writing()
         if self._send_timer is None:
+            self._send_left = self._unsent()
             self._send_timer = self.loop.call_later(self.send_timeout, self._send_stalled)
+
+    def _unsent(self) -> int:
+        """Bytes not yet taken by the client: the transport's and the kernel's send queue (Linux:
+        TIOCOUTQ). Reading drains the kernel's first, the transport's only once it is half empty:
+        a player reading at its own pace shows its progress there."""
+        left = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and hasattr(termios, "TIOCOUTQ"):
+            with contextlib.suppress(OSError, ValueError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                left += struct.unpack("i", queued)[0]
+        return left
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -59,9 +77,14 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def _send_stalled(self) -> None:
         self._send_timer = None
-        # abort, also when closing: close() waits for the buffered bytes to be read (a whole
-        # response handed over, then the idle deadline's close, kept 11 MB); the request's job
-        # is cancelled as for any client gone, and its slot and buffers freed
+        left = self._unsent()
+        if left < self._send_left:  # it reads, slowly (a player at its own pace): watch on
+            self._send_left = left
+            self._send_timer = self.loop.call_later(self.send_timeout, self._send_stalled)
+            return
+        # nothing read in send_timeout: abort, also when closing (close() waits for the
+        # buffered bytes to be read: a whole response handed over, then the idle deadline's
+        # close, kept 11 MB); the request's job is cancelled as for any client gone
         self.transport.abort()
 
     def _arm(self) -> None:

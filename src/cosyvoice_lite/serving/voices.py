@@ -102,6 +102,14 @@ class StorageError(CosyVoiceError, OSError):
         self.retry_after = retry_after  # seconds, for a Retry-After header
 
 
+class LibraryFullError(StorageError):
+    """Refused before writing: the library holds ``max_voices`` voices, or the disk would be left
+    nearly full. Not a failure of the storage (its health stays as it is)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 507)
+
+
 class StorageBusyError(StorageError):
     """Refused before touching the storage: too many calls are waiting on it already (a hung
     bucket, a stalled network file system). Not a failure of the storage itself."""
@@ -719,7 +727,7 @@ class VoiceLibrary:
         except StorageBusyError:
             refused = True
             raise
-        except StorageError:  # the library is full: the storage did not fail
+        except LibraryFullError:  # the storage did not fail
             raise
         except OSError as exc:
             raise self._failed(storage_error(exc, "save the voice")) from None
@@ -740,10 +748,9 @@ class VoiceLibrary:
         saving results and the spool)."""
         held = len(self._entries())
         if held >= self.max_voices:
-            raise StorageError(
+            raise LibraryFullError(
                 f"the voice library holds {held} voices, its limit (the server's --max-voices): "
-                "delete some first",
-                507,
+                "delete some first"
             )
         if size and self.root is not None:
             try:
@@ -751,10 +758,9 @@ class VoiceLibrary:
             except OSError:
                 return  # the write itself says what is wrong
             if free - size < RESERVE_BYTES:
-                raise StorageError(
+                raise LibraryFullError(
                     "cannot save the voice: the voice storage is full (less than "
-                    f"{RESERVE_BYTES // 2**20} MB would be left free)",
-                    507,
+                    f"{RESERVE_BYTES // 2**20} MB would be left free)"
                 )
 
     def delete(self, name: str) -> str:
