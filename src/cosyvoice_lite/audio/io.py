@@ -217,8 +217,11 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
         raise AudioError(
             f"decoded audio has a sample rate of {rate} Hz; at most {MAX_SAMPLE_RATE} Hz is accepted"
         )
+    samples = source.samples
+    if isinstance(samples, np.ndarray) and not samples.flags.writeable:
+        samples = samples.copy()  # (np.frombuffer's: torch warns it cannot share them safely)
     try:
-        waveform = torch.as_tensor(source.samples).detach().to("cpu")
+        waveform = torch.as_tensor(samples).detach().to("cpu")
     except (TypeError, ValueError, RuntimeError) as err:
         raise AudioError(f"decoded audio samples are not numbers ({err})") from None
     if waveform.dtype in _PCM_SCALES:  # integer PCM (scipy's wavfile gives int16): to full scale
