@@ -430,7 +430,7 @@ def test_decoded_samples_are_checked_as_a_file_is() -> None:
 
     data = tone(24000, 2.0)
     from_file = load_audio(encoded(data, 24000, "WAV", "FLOAT"))
-    for samples in (data[:, 0], torch.from_numpy(data[:, 0]), data[:, 0][None]):
+    for samples in (data[:, 0], torch.from_numpy(data[:, 0]), data[:, 0][None], data[:, :1]):
         wav, rate = load_audio(Waveform(samples, 24000))
         assert rate == 24000 and wav.dtype == torch.float32
         assert torch.equal(wav, from_file[0])

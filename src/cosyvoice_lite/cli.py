@@ -105,7 +105,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, help="model directory or official name (e.g. CosyVoice-300M-SFT)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, xpu, npu ...")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1, xpu, npu ... (not mps: no float64)"
+    )
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     parser.add_argument(
         "--quantize",
@@ -645,7 +647,11 @@ def add_say_command(sub) -> None:
         description="Synthesize TEXT into an audio file (wav, mp3, flac, ogg, "
         "opus: from the extension of -o, or --format).",
     )
-    say.add_argument("text", help="the text to speak; - reads it from standard input")
+    say.add_argument(
+        "text",
+        help='the text to speak; - reads it from standard input; "" with --source-wav (voice '
+        "conversion speaks the source)",
+    )
     add_model_args(say)
     say.add_argument("--voice", help="preset voice id (see 'voices')")
     say.add_argument("--prompt-wav", help="prompt recording to clone (wav/flac/mp3/ogg, >= 16 kHz)")
@@ -729,21 +735,31 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def add_other_commands(sub) -> None:
-    voices = sub.add_parser("voices", help="list a model's preset voices and modes")
+    voices = sub.add_parser(
+        "voices",
+        help="list a model's preset voices and modes",
+        description="List a model's preset (and cloned) voices and the modes it supports.",
+    )
     add_model_args(voices)
     voices.set_defaults(func=cmd_voices)
 
+    norm_help = (
+        "print the text segments that would be spoken, one per line (a line break inside one "
+        "as \\n)"
+    )
     norm = sub.add_parser(
-        "normalize",
-        help="print the text segments that would be spoken, one per line (a line break "
-        "inside one as \\n)",
+        "normalize", help=norm_help, description=norm_help[0].upper() + norm_help[1:] + "."
     )
     norm.add_argument("text", help="text, or - to read standard input")
     norm.add_argument("--model", help="use this model's tokenizer for English length limits")
     norm.set_defaults(func=cmd_normalize)
 
-    download = sub.add_parser("download", help="fetch an official model into the cache")
-    download.add_argument("name")
+    download = sub.add_parser(
+        "download",
+        help="fetch an official model into the cache",
+        description="Fetch an official model's files (those the engine reads) into the cache.",
+    )
+    download.add_argument("name", help="an official model name, e.g. CosyVoice2-0.5B")
     download.set_defaults(func=cmd_download)
 
 

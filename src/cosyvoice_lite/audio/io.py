@@ -233,10 +233,12 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
             f"{waveform.dtype}"
         )
     waveform = waveform.to(torch.float32)
-    if waveform.dim() == 2 and waveform.shape[0] == 1:
-        waveform = waveform[0]
+    if waveform.dim() == 2 and 1 in waveform.shape:  # [1, N], or [N, 1] (a sounddevice rec())
+        waveform = waveform.reshape(-1)
     if waveform.dim() != 1:
-        raise AudioError(f"decoded audio must be mono [N] or [1, N], got {tuple(waveform.shape)}")
+        raise AudioError(
+            f"decoded audio must be mono [N], [1, N] or [N, 1], got {tuple(waveform.shape)}"
+        )
     if waveform.numel() == 0:
         raise AudioError("decoded audio contains no samples")
     if max_seconds is not None and waveform.numel() > math.floor(max_seconds * rate):

@@ -55,7 +55,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "--max-prompt-seconds",
         type=float,
         default=30.0,
-        help="longest prompt recording (at most 30)",
+        help="longest prompt recording, and voice conversion source (at most 30)",
     )
     limits.add_argument(
         "--max-batch",
@@ -125,7 +125,10 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="requests allowed to wait; more get 429 with Retry-After (default 8)",
     )
     limits.add_argument(
-        "--timeout", type=float, default=300.0, help="per-request timeout, seconds (default 300)"
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="per-request timeout, seconds, the body's arrival included (default 300)",
     )
     ops = serve.add_argument_group("operations")
     ops.add_argument(
@@ -195,7 +198,8 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "--body-timeout",
         type=float,
         default=30.0,
-        help="seconds without body bytes while a body is read (default 30)",
+        help="seconds without body bytes while a body is read (default 30; the whole body "
+        "within --timeout)",
     )
     conn.add_argument(
         "--send-timeout",
