@@ -4,6 +4,7 @@ is configured exactly as `serve` does (serving.server.uvicorn_config), on loopba
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -90,28 +91,10 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(server):
     """A response its client never reads (its socket's buffers full) held the connection, the
     unsent bytes (a saved voice's 21 MB recording, 100 times over: 2.2 GB) and, for a stream,
     its admission slot, for ever."""
-    import io
-
-    import numpy as np
-    import soundfile as sf
-
     url, port = server
     seconds, rate = 29, 96000  # stored as float32: 11 MB, past what the sockets buffer
-    t = np.arange(seconds * rate) / rate
-    samples = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
-    audio = io.BytesIO()
-    sf.write(audio, samples.astype(np.float32), rate, format="FLAC")
-    created = httpx.post(
-        f"{url}/voices",
-        data={"name": "long"},
-        files={"audio": ("l.flac", audio.getvalue(), "audio/flac")},
-        timeout=60,
-    )
-    assert created.status_code == 201, created.text
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(b"GET /voices/long/audio HTTP/1.1\r\nHost: x\r\n\r\n")
+    save_long_voice(url, "long", seconds, rate)
+    with small_reader(port, "/voices/long/audio") as sock:
         time.sleep(5.0)  # reads nothing: past the send timeout (2 s)
         got, closed = 0, False
         sock.settimeout(5)
@@ -129,28 +112,9 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(server):
 def test_a_client_that_reads_slowly_gets_its_whole_response(server):
     """The send timeout measured the time to drain the whole buffer, not whether the client
     read: a player reading a long WAV at its own pace was cut 43 s of audio before the end."""
-    import io
-
-    import numpy as np
-    import soundfile as sf
-
     url, port = server
-    seconds, rate = 29, 48000  # stored as float32: 5.6 MB, past what the sockets buffer
-    t = np.arange(seconds * rate) / rate
-    samples = 0.3 * np.sin(2 * np.pi * 150 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
-    audio = io.BytesIO()
-    sf.write(audio, samples.astype(np.float32), rate, format="FLAC")
-    created = httpx.post(
-        f"{url}/voices",
-        data={"name": "slowly"},
-        files={"audio": ("s.flac", audio.getvalue(), "audio/flac")},
-        timeout=60,
-    )
-    assert created.status_code == 201, created.text
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(b"GET /voices/slowly/audio HTTP/1.1\r\nHost: x\r\n\r\n")
+    save_long_voice(url, "slowly", 29, 48000)  # stored as float32: 5.6 MB, past the buffers
+    with small_reader(port, "/voices/slowly/audio") as sock:
         start = time.monotonic()
         time.sleep(1.5)  # the buffers fill (the send timer starts)
         sock.settimeout(10)
@@ -163,6 +127,36 @@ def test_a_client_that_reads_slowly_gets_its_whole_response(server):
             time.sleep(0.004)
     assert len(got) == expected(got), len(got)
     assert time.monotonic() - start > 2.5  # (it did read past the timeout)
+
+
+def save_long_voice(url: str, name: str, seconds: int, rate: int) -> None:
+    """A saved voice whose stored recording (float32 WAV at ``rate``) is large."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(seconds * rate) / rate
+    samples = 0.3 * np.sin(2 * np.pi * 150 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
+    audio = io.BytesIO()
+    sf.write(audio, samples.astype(np.float32), rate, format="FLAC")
+    created = httpx.post(
+        f"{url}/voices",
+        data={"name": name},
+        files={"audio": (f"{name}.flac", audio.getvalue(), "audio/flac")},
+        timeout=60,
+    )
+    assert created.status_code == 201, created.text
+
+
+@contextlib.contextmanager
+def small_reader(port: int, path: str):
+    """A client socket with a 4 KB receive buffer that has asked for ``path``."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        yield sock
 
 
 def expected(response: bytes) -> int:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CosyVoiceError, InvalidRequestError
+from .files import EXTENSIONS
 
 # output file extension -> format name of audio.io.AUDIO_FORMATS
-EXTENSIONS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".ogg": "ogg", ".opus": "opus"}
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus")
 
 

@@ -972,25 +972,19 @@ def synthesize_to_file(
     import numpy as np
 
     from .audio.io import encode_audio
+    from .files import EXTENSIONS, write_atomic
 
     path = Path(path)
-    formats = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".ogg": "ogg", ".opus": "opus"}
-    fmt = formats.get(path.suffix.lower())
+    fmt = EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise InvalidRequestError(
-            f"cannot tell the audio format of {str(path)!r}: name it {', '.join(formats)}"
+            f"cannot tell the audio format of {str(path)!r}: name it {', '.join(EXTENSIONS)}"
         )
     if not path.parent.is_dir():
         raise InvalidRequestError(f"cannot write {str(path)!r}: no directory {str(path.parent)!r}")
     chunks = list(engine.synthesize(request, progress))
     samples = np.concatenate([c.samples for c in chunks]) if chunks else np.zeros(0, np.float32)
-    data = encode_audio(samples, engine.sample_rate, fmt)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_atomic(path, encode_audio(samples, engine.sample_rate, fmt))
     return len(samples) / engine.sample_rate
 
 

@@ -28,21 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from ..audio.io import AUDIO_FORMATS, encode_audio
+from ..files import write_atomic
 from .metrics import Metrics
 from .settings import S3Settings
 from .streaming import output_rate
 
 log = logging.getLogger(__name__)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # the temporary name must not match "*.json" globs of readers waiting for the result
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_s3_client(settings: S3Settings):
@@ -195,8 +186,8 @@ class OutputStore:
         day = self.local / f"{now:%Y-%m-%d}"
         try:
             day.mkdir(parents=True, exist_ok=True)
-            _write_atomic(day / f"{name}.{ext}", audio)
-            _write_atomic(day / f"{name}.json", meta_bytes)  # metadata last: marks completion
+            write_atomic(day / f"{name}.{ext}", audio)
+            write_atomic(day / f"{name}.json", meta_bytes)  # metadata last: marks completion
             if self.directory is not None:
                 self.metrics.count("outputs_saved_total")
             if self._client is None:
@@ -209,7 +200,7 @@ class OutputStore:
                 "content_type": AUDIO_FORMATS[fmt][2],
                 "spooled": self.directory is None,
             }
-            _write_atomic(marker, json.dumps(task).encode())
+            write_atomic(marker, json.dumps(task).encode())
             return marker
         except OSError as exc:
             log.error("could not save result %s: %s", request_id, os.strerror(exc.errno or 0))
