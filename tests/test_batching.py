@@ -430,7 +430,8 @@ def test_a_request_being_prepared_holds_up_no_other_that_could_start() -> None:
         assert first.samples.size > 0 and time.monotonic() - start < 1.5
         list(stream), list(slow)
 
-        waiting = _TimedSink()
+        waiting, busy = _TimedSink(), _TimedSink()
+        long = engine.submit(_preset(4, 3000), busy)  # holds the one row
         engine.submit(slow_request, _TimedSink(), prompt=slow_prompt)
         job = engine.submit(_preset(3, 5), waiting)
         time.sleep(0.2)
@@ -438,6 +439,8 @@ def test_a_request_being_prepared_holds_up_no_other_that_could_start() -> None:
         job.cancel()
         assert list(waiting) == []
         assert waiting.ended_at - cancelled_at < 0.5
+        long.cancel()
+        list(busy)
     finally:
         engine.close()
 
@@ -462,7 +465,8 @@ def test_a_sink_that_fails_at_its_end_fails_no_other_request(v2: Engine) -> None
 
 def test_closing_with_requests_in_flight_lets_go_of_them() -> None:
     """close() ends every request with EngineClosedError and drops their rows: their caches and
-    a streaming text's feeder thread, which stops pulling from the caller's iterator."""
+    a streaming text's feeder thread, which stops pulling from the caller's iterator. (With
+    several rows decoding, every second one had been skipped: never ended, its feeder alive.)"""
     from cosyvoice_lite.errors import EngineClosedError
 
     engine = Engine.load(DATA / "models" / "v2-tiny")
@@ -474,12 +478,16 @@ def test_closing_with_requests_in_flight_lets_go_of_them() -> None:
             time.sleep(0.02)
             yield "今天天气真好，"
 
-    sink = QueueSink()
-    engine.submit(_preset(1, 3000, endless_text(), stream=True), sink)
-    assert wait_for(lambda: len(pulled) > 10, timeout=60)
+    sinks = [QueueSink() for _ in range(4)]
+    for seed, sink in enumerate(sinks[:2]):
+        engine.submit(_preset(seed, 3000, endless_text(), stream=True), sink)
+    for seed, sink in enumerate(sinks[2:], start=2):
+        engine.submit(_preset(seed, 3000), sink)
+    assert wait_for(lambda: engine.loop.decoding == 4 and len(pulled) > 10, timeout=60)
     engine.close()
-    with pytest.raises(EngineClosedError):
-        list(sink)
+    for sink in sinks:
+        with pytest.raises(EngineClosedError):
+            list(sink)
     assert engine.loop.decoding == 0 and engine.loop.active == 0
     before = len(pulled)
     time.sleep(0.5)
@@ -513,6 +521,28 @@ def test_preparing_a_request_does_not_stop_the_others_decoding() -> None:
     finally:
         hook.remove()
         engine.close()
+
+
+def test_a_slow_preparation_does_not_hold_back_later_requests(v2: Engine) -> None:
+    """Requests are prepared on more than one thread: a request whose preparation is slow (a
+    long new prompt's features: seconds) does not hold back the start of the requests submitted
+    after it, which had each waited for it with rows free."""
+    features = v2.encode_prompt(PROMPT, PROMPT_TEXT)
+    release = threading.Event()
+
+    def blocked_prompt():
+        release.wait(timeout=60)
+        return features
+
+    slow = QueueSink()
+    v2.submit(_request("你好。", 2, max_speech_tokens=10), slow, prompt=blocked_prompt)
+    try:
+        quick = v2.synthesize(_preset(3, 10))
+        assert np.concatenate([chunk.samples for chunk in quick]).size > 0
+        assert not release.is_set()  # done while the other was still being prepared
+    finally:
+        release.set()
+    assert np.concatenate([chunk.samples for chunk in slow]).size > 0
 
 
 def test_fixed_length_decoding_for_benchmarks(v2: Engine) -> None:

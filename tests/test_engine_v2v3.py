@@ -514,6 +514,11 @@ def test_api_inputs_of_the_wrong_kind_get_clear_errors(v2: Engine, tmp_path) -> 
             list(v2.synthesize(request))
     with pytest.raises(InvalidRequestError, match="voice="):
         list(v2.synthesize(SynthesisRequest(Mode.ZERO_SHOT, "你好。"), prompt="a_voice"))
+    # the same from a voice store's callable (it had been an AttributeError: a server's 500)
+    for wrong in ("a_voice", {"speech_tokens": []}):
+        with pytest.raises(InvalidRequestError, match="not PromptFeatures"):
+            request = SynthesisRequest(Mode.ZERO_SHOT, "你好。")
+            list(v2.synthesize(request, prompt=lambda wrong=wrong: wrong))
     with pytest.raises(InvalidRequestError, match="PromptFeatures"):
         v2.prepare_voice("a_voice")
     assert v2.encode_prompt(PROMPT, None).speech_tokens.numel() > 0

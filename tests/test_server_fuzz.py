@@ -91,7 +91,11 @@ def test_schema_documents_statuses_limits_and_ranges(server):
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
-            assert {"401", "413", "500", "503"} <= set(responses), (method, path)
+            assert {"413", "500", "503"} <= set(responses), (method, path)
+            # 401 where the key is asked for: a key is configured and the path is not public
+            keyed = bool(server.key) and path not in ("/health", "/ready", "/info")
+            assert ("401" in responses) == keyed, (method, path)
+            assert (operation.get("security") == []) == (bool(server.key) and not keyed)
             if "422" in responses:  # our error body, not FastAPI's HTTPValidationError
                 schema = responses["422"]["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/Error"}, (method, path)
@@ -99,3 +103,14 @@ def test_schema_documents_statuses_limits_and_ranges(server):
     assert tts["text"]["maxLength"] == 24 and tts["speed"]["minimum"] == 0.5
     assert tts["speed"]["maximum"] == 2.0
     assert {"409", "429", "504", "507"} <= set(doc["paths"]["/voices"]["post"]["responses"])
+    if server.key:  # /docs gets an Authorize button, generated clients send the key
+        assert doc["security"] == [{"bearerAuth": []}]
+        scheme = doc["components"]["securitySchemes"]["bearerAuth"]
+        assert scheme == {"type": "http", "scheme": "bearer"}
+    # an audio route's 200 lists what it sends: every format, and never FastAPI's JSON
+    for path, method in [("/tts", "post"), ("/tts/upload", "post"), ("/v1/audio/speech", "post")]:
+        kinds = set(doc["paths"][path][method]["responses"]["200"]["content"])
+        assert {"audio/wav", "audio/mpeg", "audio/flac", "audio/pcm"} <= kinds, path
+        assert "application/json" not in kinds, path
+    recording = doc["paths"]["/voices/{name}/audio"]["get"]["responses"]["200"]["content"]
+    assert set(recording) == {"audio/wav"}

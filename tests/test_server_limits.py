@@ -287,6 +287,13 @@ def test_api_key_and_cors(engine, preset, tmp_path):
         }
         allowed = client.options("/tts", headers=preflight)
         assert allowed.status_code == 200
+        # the OpenAI JS SDK (Stainless) sends headers of its own on every call from a browser
+        sdk = "authorization,content-type,x-stainless-lang,x-stainless-os,openai-organization"
+        stainless = client.options(
+            "/v1/audio/speech", headers={**preflight, "Access-Control-Request-Headers": sdk}
+        )
+        assert stainless.status_code == 200, stainless.text
+        assert "x-stainless-lang" in stainless.headers["access-control-allow-headers"].lower()
         assert allowed.headers["access-control-allow-origin"] == "http://app.test"
         other = client.options("/tts", headers={**preflight, "Origin": "http://evil.test"})
         assert "access-control-allow-origin" not in other.headers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from pathlib import Path
 
@@ -507,3 +508,27 @@ def test_errors_name_each_apis_own_field(client):
         client.post("/voices", data={"name": "short"}, files={"audio": short["audio_sample"]}), 400
     )
     assert error["param"] == "audio"
+    # a schema error names the field, not pydantic's union member ("voice.str")
+    speech = {"model": "tts-1", "voice": "alloy", "input": TEXT}
+    assert (
+        assert_error(client.post("/v1/audio/speech", json={**speech, "voice": 5}), 400)["param"]
+        == "voice"
+    )
+    nothing = assert_error(client.post("/v1/audio/speech", json={**speech, "input": "..."}), 400)
+    assert nothing["param"] == "input"
+    # ref_text alone was dropped without a word: the client believed it had cloned a voice
+    alone = assert_error(client.post("/v1/audio/speech", json={**speech, "ref_text": "hi"}), 400)
+    assert alone["param"] == "ref_text"
+    # JSON sent as a form (curl's -d) or as text: 415 saying what to send, not a schema error
+    for kind in ("application/x-www-form-urlencoded", "text/plain"):
+        sent = client.post(
+            "/v1/audio/speech", content=json.dumps(speech), headers={"content-type": kind}
+        )
+        assert assert_error(sent, 415, "application/json")["code"] == "unsupported_media_type"
+    # a path's own name: the voice in /v1/audio/voices/{name} is "name"
+    unknown = assert_error(client.delete("/v1/audio/voices/nosuchvoice"), 404)
+    assert unknown["param"] == "name"
+    assert assert_error(client.get("/voices/nosuchvoice"), 404)["param"] == "name"
+    # Kokoro-FastAPI's clients read "voices"; OpenAI's "data"
+    listed = client.get("/v1/audio/voices").json()
+    assert listed["voices"] == listed["data"] and {"id", "name"} <= set(listed["voices"][0])

@@ -3,6 +3,7 @@ tools/golden/v2v3_llm.py: tiny Qwen2 body, official state dicts, seeded official
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,29 @@ def generate(
 
 def generate_bistream(lm, pieces, prompt_text, prompt_speech, sampler):
     return run_alone(lm, bistream_task(lm, TextSource(pieces), prompt_text, prompt_speech, sampler))
+
+
+def test_a_text_source_pulls_only_once_polled() -> None:
+    """A task closed before it ever ran (its request cancelled at admission) never reaches the
+    ``finally`` that closes its TextSource: the feeder thread starts with the first poll, so such
+    a source holds no thread (one had been left pulling the caller's iterator for good)."""
+    pulled: list[int] = []
+
+    def pieces():
+        pulled.append(1)
+        yield [1, 2]
+
+    source = TextSource(pieces())
+    time.sleep(0.2)
+    assert not pulled and not source._thread.is_alive()
+    deadline = time.monotonic() + 10
+    while (piece := source.poll()) is TextSource.PENDING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert piece == [1, 2] and pulled == [1]
+    source.close()
+    closed = TextSource(pieces())
+    closed.close()
+    assert closed.poll() is TextSource.PENDING and not closed._thread.is_alive()
 
 
 def test_config_from_blank_en() -> None:

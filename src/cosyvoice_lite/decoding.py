@@ -172,10 +172,11 @@ class TextSource:
         self._queue: queue.Queue = queue.Queue(maxsize=lookahead)
         self._on_arrival = on_arrival
         self._closed = threading.Event()
+        # started by the first poll: a task closed before it ever ran (its request cancelled at
+        # admission) never reaches its ``finally`` that closes this, so it must own no thread
         self._thread = threading.Thread(
             target=self._pull, args=(iter(pieces),), daemon=True, name="text-source"
         )
-        self._thread.start()
 
     def _pull(self, pieces: Iterator[Sequence[int]]) -> None:
         try:
@@ -199,6 +200,8 @@ class TextSource:
 
     def poll(self) -> object:
         """The next piece, ``PENDING`` if none has arrived yet, or ``END``."""
+        if self._thread.ident is None and not self._closed.is_set():
+            self._thread.start()
         try:
             kind, value = self._queue.get_nowait()
         except queue.Empty:

@@ -601,6 +601,11 @@ class Engine:
             )
         if callable(prompt):
             prompt = prompt()
+            if prompt is not None and not isinstance(prompt, PromptFeatures):
+                raise InvalidRequestError(
+                    "prompt= gave " + type(prompt).__name__ + ", not PromptFeatures (from "
+                    "encode_prompt) or None"
+                )
         prompt = self._prompt(request, prompt)
         max_tokens = request.max_speech_tokens or self._segment_tokens(request.speed)
         policy = LengthPolicy(max_tokens=max_tokens, ignore_eos=request.ignore_eos)
@@ -648,12 +653,13 @@ class Engine:
                 "instruct mode needs an instruction (e.g. 'speak happily')", "instruct"
             )
         if request.mode == Mode.VOICE_CONVERSION and request.source_audio is None:
-            raise InvalidRequestError("voice conversion needs source audio")
+            raise InvalidRequestError("voice conversion needs source audio", "source_audio")
         if request.max_speech_tokens is not None and not (
             1 <= request.max_speech_tokens <= MAX_SPEECH_TOKENS
         ):
             raise InvalidRequestError(
-                f"max_speech_tokens must be from 1 to {MAX_SPEECH_TOKENS} per text segment"
+                f"max_speech_tokens must be from 1 to {MAX_SPEECH_TOKENS} per text segment",
+                "max_speech_tokens",
             )
         cap = self._segment_tokens(request.speed)
         if request.max_speech_tokens is not None and request.max_speech_tokens > cap:
@@ -664,7 +670,9 @@ class Engine:
                 "max_speech_tokens",
             )
         if request.ignore_eos and request.max_speech_tokens is None:
-            raise InvalidRequestError("ignore_eos needs max_speech_tokens (the length to decode)")
+            raise InvalidRequestError(
+                "ignore_eos needs max_speech_tokens (the length to decode)", "ignore_eos"
+            )
         for field in ("text", "instruct", "prompt_text"):
             if isinstance(value := getattr(request, field), str):
                 self.check_markup(value, field)
@@ -690,7 +698,7 @@ class Engine:
             return [""]
         if not isinstance(request.text, str):
             if not self.spec.streaming_text_in:
-                raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model")
+                raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model", "text")
             return [self._checked_pieces(request.text, self.spec.needs_system_prompt)]
         segments = self.text_frontend.normalize(
             request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode
@@ -698,7 +706,9 @@ class Engine:
         # control tags alone (``<|en|>``; markup is kept whole) are not spoken either
         segments = [segment for segment in segments if not speaks_nothing(segment)]
         if not segments:
-            raise InvalidRequestError("the text has nothing to speak (only punctuation or symbols)")
+            raise InvalidRequestError(
+                "the text has nothing to speak (only punctuation or symbols)", "text"
+            )
         return segments
 
     def _checked_pieces(self, pieces: Iterable[str], system_prompt: bool) -> Iterator[str]:
@@ -720,7 +730,7 @@ class Engine:
         for index, piece in enumerate(pieces):
             if not isinstance(piece, str):
                 raise InvalidRequestError(
-                    f"streamed text pieces must be str, got {type(piece).__name__}"
+                    f"streamed text pieces must be str, got {type(piece).__name__}", "text"
                 )
             if index == 0 and system_prompt and ENDOFPROMPT in piece:
                 piece = piece.partition(ENDOFPROMPT)[2]
@@ -733,7 +743,9 @@ class Engine:
         if pending:
             yield checked(pending)
         if not spoken:
-            raise InvalidRequestError("text is empty: the streamed text had nothing to speak")
+            raise InvalidRequestError(
+                "text is empty: the streamed text had nothing to speak", "text"
+            )
 
     def _preset(self, name: str | None, mode: Mode | None = None) -> Voice:
         if not name:
@@ -755,7 +767,7 @@ class Engine:
         ):
             if self._preset(request.voice, request.mode).kind != "preset":
                 raise InvalidRequestError(
-                    f"'{request.voice}' is a cloned voice: use it with mode zero_shot"
+                    f"'{request.voice}' is a cloned voice: use it with mode zero_shot", "voice"
                 )
             return None
         if prompt is None and request.prompt_audio is None and request.voice in self.presets:
@@ -765,7 +777,8 @@ class Engine:
                     f"preset voice '{request.voice}' has no prompt recording, so it only speaks "
                     "as itself (mode preset): it cannot be cloned, take an instruction "
                     "(CosyVoice2/3) or be a voice-conversion target; use a saved voice or send "
-                    "prompt audio"
+                    "prompt audio",
+                    "voice",
                 )
             return prompt  # stored features are already aligned, as the official stores them
         if prompt is None:
@@ -773,7 +786,8 @@ class Engine:
                 self._preset(request.voice)  # an unknown voice is named as such
             if request.prompt_audio is None:
                 raise InvalidRequestError(
-                    f"mode '{request.mode.value}' needs prompt audio or a saved voice"
+                    f"mode '{request.mode.value}' needs prompt audio or a saved voice",
+                    "prompt_audio",
                 )
             # the request's transcript is unescaped already (``_unescaped``)
             prompt = self._encode_prompt(
@@ -784,7 +798,9 @@ class Engine:
             and not prompt.prompt_text
             and not (request.prompt_text or "").strip()
         ):
-            raise InvalidRequestError("zero-shot cloning needs the transcript of the prompt audio")
+            raise InvalidRequestError(
+                "zero-shot cloning needs the transcript of the prompt audio", "prompt_text"
+            )
         _check_prompt(prompt, self.pipeline.llm.speech_token_size)
         ratio = self.spec.prompt_mel_ratio
         if ratio is not None and request.mode != Mode.VOICE_CONVERSION:

@@ -49,6 +49,7 @@ TEXT_WAIT_SECONDS = 1.0
 # wait should a wake-up be missed.
 SEGMENT_WAIT_SECONDS = 1.0
 FIRST_CHUNK_PRIORITY_SECONDS = 5.0  # at most this long does decoding wait for a first chunk
+PREPARE_THREADS = 2  # requests prepared at once (see _ensure_thread)
 ADMIT_TOGETHER_SECONDS = 2.0  # at most this long does a prepared request wait for its burst
 CANCEL_POLL_SECONDS = 0.05  # how often a wait for a first chunk looks at its request's cancel
 # A worker with a due flow call waits for its other streams this many tokens from theirs, at most
@@ -656,8 +657,8 @@ class EngineLoop:
         self._ready: collections.deque[tuple[Job, Run | BaseException | None, float]] = (
             collections.deque()
         )
-        self._preparer: threading.Thread | None = None
-        self._preparing = False  # the preparer has a request in hand
+        self._preparers: list[threading.Thread] = []
+        self._preparing = 0  # requests in the preparers' hands
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._rows: list[_Row] = []  # decoding
         self._live: set[_Row] = set()  # admitted and not ended (decoding or vocoding)
@@ -755,7 +756,7 @@ class EngineLoop:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        for thread in (self._preparer, self._thread):
+        for thread in (*self._preparers, self._thread):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=10)
         for worker in self._audio:
@@ -775,17 +776,20 @@ class EngineLoop:
             self._thread = start_torch_thread(
                 self._main, self.decode_threads, "engine-loop", self.threads
             )
-        if self._preparer is None or not self._preparer.is_alive():
-            # one thread: what it computes (text normalisation, a prompt's features) is small
-            # work, and on the loop thread it stopped every row's decoding meanwhile
-            self._preparer = start_torch_thread(
-                self._prepare_main, 1, "engine-prepare", self.threads
+        # off the loop thread: on it, a request's preparation stopped every row's decoding;
+        # more than one, so that a slow one (a long new prompt's features, a long text) does not
+        # hold back the start of every request submitted after it
+        self._preparers = [thread for thread in self._preparers if thread.is_alive()]
+        while len(self._preparers) < PREPARE_THREADS:
+            self._preparers.append(
+                start_torch_thread(self._prepare_main, 1, "engine-prepare", self.threads)
             )
 
     # ------------------------------------------------------------------ preparing thread
     def _prepare_main(self) -> None:
-        """Prepare submitted requests in order (``Job.prepare``: the text's segments, the
-        prompt's features), beside the loop's decoding, for the loop to admit when a row frees."""
+        """Prepare submitted requests (``Job.prepare``: the text's segments, the prompt's
+        features), taken in order, beside the loop's decoding, for the loop to admit when a row
+        frees (in the order they are ready)."""
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -794,7 +798,7 @@ class EngineLoop:
                     if self._stopping:
                         return
                     job = self._waiting.popleft()
-                    self._preparing = True
+                    self._preparing += 1
                 result: Run | BaseException | None = None
                 if not job.cancelled.is_set():
                     try:
@@ -802,7 +806,7 @@ class EngineLoop:
                     except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
                         result = exc
                 with self._wake:
-                    self._preparing = False
+                    self._preparing -= 1
                     if not self._stopping:
                         self._ready.append((job, result, time.monotonic()))
                         self._wake.notify_all()
@@ -826,13 +830,8 @@ class EngineLoop:
                     self._step()
                 except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the loop
                     log.exception("engine step failed; failing its rows")
-                    for row in self._rows:
-                        self._fail(row, exc)
-                    self._rows = []
-        for row in self._rows:  # their caches and tasks (a streaming text's feeder) go too
-            self._fail(row, EngineClosedError("the engine was closed"))
-            self._remove(row)
-        self._rows = []
+                    self._fail_all(exc)
+        self._fail_all(EngineClosedError("the engine was closed"))
         with self._wake:
             waiting = self._queued()
             self._waiting, self._ready = collections.deque(), collections.deque()
@@ -1179,6 +1178,14 @@ class EngineLoop:
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
         row.end(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every row with ``exc``; their caches and tasks (a streamed text's feeder) go too.
+        (A list taken first: removing rows from the one being walked skipped every second.)"""
+        rows, self._rows = self._rows, []
+        for row in rows:
+            self._fail(row, exc)
+            self._remove(row)
 
 
 def _run_into(fn: Callable[[], Any], future: Future) -> None:

@@ -47,7 +47,7 @@ from .errors import ApiError, from_engine_error, not_ready, route_fields
 from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts, quiet_cut_streams
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
-from .openapi import install_openapi
+from .openapi import audio_response, install_openapi
 from .outputs import OutputStore
 from .page_info import page_info
 from .prompts import PromptCache
@@ -340,16 +340,27 @@ class ServingMiddleware:
 # ---------------------------------------------------------------------------------- errors
 
 
-def _validation_error(exc: RequestValidationError, path: str) -> ApiError:
+def _validation_error(exc: RequestValidationError, path: str, content_type: str) -> ApiError:
     """A body the route's schema refuses: 422, or 400 on the OpenAI routes, as OpenAI answers
-    (its clients raise BadRequestError for it)."""
+    (its clients raise BadRequestError for it); 415 for a body sent as something else than
+    JSON (curl's ``-d`` sends application/x-www-form-urlencoded)."""
     errors = exc.errors()
+    media = content_type.partition(";")[0].strip().lower()
+    json_type = media in ("", "application/json") or media.endswith("+json")
+    if not json_type and any(e.get("loc", ())[:1] == ("body",) for e in errors):
+        return ApiError(
+            415,
+            f"the request body must be JSON (Content-Type: application/json), got {media!r}",
+            code="unsupported_media_type",
+        )
     if any(e.get("type") == "json_invalid" for e in errors):
         return ApiError(400, "the request body is not valid JSON", code="invalid_json")
     parts, param = [], None
     for error in errors:
-        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
-        param = param or ".".join(loc) or None
+        loc = [str(x) for x in error.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+            loc = loc[1:]  # where it was sent, not what
+        param = param or (loc[0] if loc else None)  # the field ("voice", not "voice.str")
         parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
     status = 400 if path.startswith("/v1/") else 422
     return ApiError(
@@ -368,7 +379,8 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return counted(_validation_error(exc, app_path(request.scope)))
+        content_type = request.headers.get("content-type", "")
+        return counted(_validation_error(exc, app_path(request.scope), content_type))
 
     @app.exception_handler(CosyVoiceError)
     async def engine_error(request: Request, exc: CosyVoiceError):
@@ -450,7 +462,9 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            # any request header: the origins are the allow-list, and SDKs add their own
+            # (the OpenAI JS SDK's X-Stainless-*, OpenAI-Organization) to every call
+            allow_headers=["*"],
             expose_headers=[
                 "X-Request-Id",
                 "X-Sample-Rate",
@@ -467,7 +481,9 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     app.include_router(openai_router(state, prompts))
     app.include_router(docs_router(app.title))
     _add_page_routes(app)
-    install_openapi(app, settings)  # every status and the configured limits in /openapi.json
+    install_openapi(
+        app, settings, PUBLIC_PATHS
+    )  # every status and the configured limits in /openapi.json
     return app
 
 
@@ -567,7 +583,7 @@ def _add_tts_routes(app: FastAPI, state: ServerState) -> None:
     @app.post(
         "/tts",
         tags=["simple API"],
-        responses={200: {"content": {"audio/wav": {}}, "description": "the audio"}},
+        responses={200: audio_response("the audio (wav unless format names another)")},
     )
     async def tts(body: TTSRequest, request: Request):
         """Text to audio (wav by default). With ``stream`` the audio is sent while it is made
@@ -645,7 +661,11 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     def get_voice(name: str):
         return library.get(validate_name(name)).to_api()
 
-    @app.get("/voices/{name}/audio", tags=["voice library"])
+    @app.get(
+        "/voices/{name}/audio",
+        tags=["voice library"],
+        responses={200: {"content": {"audio/wav": {}}, "description": "the recording"}},
+    )
     async def get_voice_audio(name: str):
         """The stored prompt recording (WAV)."""
         audio = await asyncio.to_thread(library.audio, validate_name(name))

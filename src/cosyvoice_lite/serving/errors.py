@@ -109,8 +109,8 @@ def from_engine_error(
 # The request fields as each API names them, where it differs from the engine's
 # (SynthesisRequest's) names.
 _ROUTE_FIELDS = {
-    "/v1/audio/voices": {"prompt_audio": "audio_sample"},
-    "/voices": {"prompt_audio": "audio"},
+    "/v1/audio/voices": {"prompt_audio": "audio_sample", "voice": "name"},
+    "/voices": {"prompt_audio": "audio", "voice": "name"},
     "/v1/": {"text": "input", "instruct": "instructions", "prompt_audio": "ref_audio",
              "prompt_text": "ref_text", "source_audio": "source_audio"},
     "/tts/upload": {"prompt_audio": "prompt_wav", "source_audio": "source_wav", "voice": "speaker"},

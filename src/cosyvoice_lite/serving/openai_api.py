@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from ..errors import UnknownVoiceError
 from .errors import ApiError, route_fields
 from .guard import MAX_NAME_FIELD_CHARS, check_text, check_texts
+from .openapi import audio_response
 from .prompts import PromptCache, check_audio, decode_audio_field, plan_prompted
 from .schemas import OPENAI_FORMATS, SpeechRequest
 from .synthesis import Plan, model_voices, plan_request, preset_voices, respond
@@ -181,18 +182,12 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
     @router.post(
         "/v1/audio/speech",
         responses={
-            200: {
-                "content": {
-                    "audio/mpeg": {},
-                    "audio/wav": {},
-                    "audio/flac": {},
-                    "audio/ogg": {},
-                    "audio/pcm": {},
-                    "text/event-stream": {},
-                },
-                "description": "the audio: mp3, opus and pcm sent segment by segment as it is "
-                "made, wav and flac whole (their headers state the length) unless stream",
-            },
+            200: audio_response(
+                "the audio: mp3, opus and pcm sent segment by segment as it is made, wav and "
+                "flac whole (their headers state the length) unless stream; stream_format sse: "
+                "events",
+                "text/event-stream",
+            ),
             **error_responses(400, 401, 404, 413, 415, 429, 503, 504),
         },
     )
@@ -217,6 +212,13 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         voice = body.voice if isinstance(body.voice, str) or body.voice is None else body.voice.id
         check_texts(settings, input=body.input, instructions=body.instructions, voice=voice)
         check_text("ref_text", body.ref_text, settings.max_prompt_text_chars)
+        if (body.ref_text or "").strip() and body.ref_audio is None:
+            raise ApiError(  # it would be dropped: the client believes it cloned a voice
+                400,
+                "ref_text is the transcript of ref_audio: send ref_audio with it",
+                code="invalid_request",
+                param="ref_text",
+            )
         sse = body.stream_format == "sse"
         engine_stream = body.stream if body.stream is not None else sse
         limit = settings.max_upload_bytes
@@ -302,7 +304,8 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
             {"id": alias, "name": alias, "object": "audio.voice", "kind": "alias", "target": target}
             for alias, target in sorted(voice_aliases(state).items())
         ]
-        return {"object": "list", "data": data}
+        # "voices": the same list where Kokoro-FastAPI-style clients look for it
+        return {"object": "list", "data": data, "voices": data}
 
     upload_schema = {
         "requestBody": {

@@ -1,19 +1,22 @@
 """The OpenAPI document as the server really behaves: every error status an operation can answer
 (with the JSON error body, not FastAPI's validation schema) and the configured text limits.
 
-    install_openapi(app, settings)   # once, after the routes are added
+    install_openapi(app, settings, public)   # once, after the routes are added
 
-Statuses come from three places: the middleware (401 key, 408/413 body, 503 connection cap or
-model loading, 500 for a bug), the request (400/404/415/422 bad input) and the work (409 names,
+Statuses come from three places: the middleware (401 key where one is configured and the path is
+not public: also declared as a bearer security scheme, so /docs has an Authorize button and
+generated clients send the key; 408/413 body, 503 connection cap or model loading, 500 for a bug), the request (400/404/415/422 bad input) and the work (409 names,
 429 queue, 504 timeout, 507 storage). Routes may document more themselves; nothing is removed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI
 
+from ..audio.io import AUDIO_FORMATS
 from .errors import ERROR_SCHEMA
 from .settings import Settings
 from .voices import MAX_NAME_BYTES, MAX_NAME_CHARS
@@ -54,6 +57,13 @@ NAME_RULES = (
 )
 
 
+def audio_response(description: str, *extra_types: str) -> dict:
+    """The 200 entry of a route that answers with audio in any of the formats (``extra_types``:
+    what else it may send, e.g. ``text/event-stream``)."""
+    types = dict.fromkeys([kind for _, _, kind in AUDIO_FORMATS.values()] + list(extra_types))
+    return {"description": description, "content": {kind: {} for kind in types}}
+
+
 def _error_response(status: int) -> dict:
     return {
         "description": DESCRIPTIONS[status],
@@ -73,20 +83,40 @@ def _limit_properties(schema: dict, settings: Settings) -> None:
             prop.setdefault("description", NAME_RULES)
 
 
-def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Complete ``schema`` in place (see module doc) and return it."""
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["Error"] = ERROR_SCHEMA
-    for body in components.values():
+def _audio_only(responses: dict) -> None:
+    """FastAPI adds a JSON 200 to every route; an audio route never sends one."""
+    content = responses.get("200", {}).get("content", {})
+    if any(kind.startswith("audio/") for kind in content):
+        content.pop("application/json", None)
+
+
+def document(
+    schema: dict[str, Any], settings: Settings, public: Collection[str] = ()
+) -> dict[str, Any]:
+    """Complete ``schema`` in place (see module doc) and return it. ``public``: the paths that
+    answer without the API key."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    for body in components["schemas"].values():
         _limit_properties(body, settings)
+    if settings.api_key:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearerAuth": []}]
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             if method not in ("get", "post", "put", "patch", "delete"):
                 continue
             statuses = set(EVERY) | set(BY_METHOD.get(method, ()))
+            keyed = bool(settings.api_key) and path not in public
+            if not keyed:
+                statuses.discard(401)
+                operation.get("responses", {}).pop("401", None)
+                if settings.api_key:
+                    operation["security"] = []  # public: no key needed
             if operation.get("requestBody") or operation.get("parameters"):
                 statuses |= set(WITH_INPUT)
             responses = operation.setdefault("responses", {})
+            _audio_only(responses)
             # 422 only where a JSON body is checked against its schema outside /v1 (the /v1
             # routes answer 400, as OpenAI; forms and paths are checked by the routes: 400)
             json_body = "application/json" in operation.get("requestBody", {}).get("content", {})
@@ -107,13 +137,13 @@ def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return schema
 
 
-def install_openapi(app: FastAPI, settings: Settings) -> None:
+def install_openapi(app: FastAPI, settings: Settings, public: Collection[str] = ()) -> None:
     """Make ``app.openapi()`` return the completed document (built once, then cached)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document(build(), settings)
+            app.openapi_schema = document(build(), settings, public)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from .errors import ApiError, route_fields
 from .forms import read_form
 from .openai_api import error_responses
+from .openapi import audio_response
 from .prompts import PromptCache, check_audio, plan_prompted
 from .schemas import MAX_SEED
 from .synthesis import Plan, respond
@@ -119,7 +120,7 @@ def upload_router(state, prompts: PromptCache) -> APIRouter:
         "/tts/upload",
         openapi_extra=UPLOAD_SCHEMA,
         responses={
-            200: {"content": {"audio/wav": {}}, "description": "the audio"},
+            200: audio_response("the audio (wav unless format names another)"),
             **error_responses(400, 401, 404, 413, 415, 429, 503, 504),
         },
     )
