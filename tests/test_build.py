@@ -146,3 +146,16 @@ def test_an_assigned_load_keeps_the_networks_layout(tmp_path: Path) -> None:
     layer = torch.nn.Linear(3, 4)
     load_strict(layer, state, tmp_path / "layer.pt", assign=True)
     assert layer.weight.is_contiguous() and torch.equal(layer.weight, weight)
+
+
+@pytest.mark.parametrize("units", [-128, 10**13])
+def test_sizes_torch_cannot_build_are_a_model_dir_error(units: int) -> None:
+    """A negative or absurd size in the yaml was torch's raw RuntimeError (a negative
+    dimension; an allocation of petabytes) out of the load."""
+    from cosyvoice_lite.config import Component
+    from cosyvoice_lite.errors import ModelDirError
+
+    encoder = open_model_dir(MODELS / "v1-tiny").config.llm.child("text_encoder")
+    damaged = Component(encoder.class_name, {**encoder.kwargs, "linear_units": units})
+    with pytest.raises(ModelDirError, match=f"yaml arguments for {encoder.class_name}"):
+        build_for_checkpoint(damaged)

@@ -317,6 +317,30 @@ def test_serve_refuses_bad_load_options_before_starting(capsys):
         assert words in capsys.readouterr().err
 
 
+def test_serve_refuses_backend_and_model_path_errors_before_starting(tmp_path, capsys):
+    """These too started a server that reported not-ready forever; an official name not yet
+    downloaded is still taken (it downloads in the background)."""
+    from cosyvoice_lite.errors import InvalidRequestError
+    from cosyvoice_lite.serving.cli import check_model_path, check_replica_load_options
+
+    model = ["--model", "tests/data/models/v2-tiny"]
+    for options, words in (
+        (["--model", str(tmp_path / "absent")], "neither an existing directory nor a known"),
+        (["--backend", "onnxruntime"], "needs --onnx-dir"),
+        (["--backend", "onnxruntime", "--onnx-dir", str(tmp_path / "absent")], "manifest"),
+        (["--onnx-dir", str(tmp_path)], "only used with --backend onnxruntime"),
+        (["--backend", "onnxruntime", "--onnx-dir", str(tmp_path), "--dtype", "bfloat16"],
+         "runs float32 graphs on the CPU"),
+    ):  # fmt: skip
+        assert main(["serve", *model, *options]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, (options, err)
+    for name in ("CosyVoice2-0.5B", "FunAudioLLM/CosyVoice2-0.5B", "tests/data/models/v1-tiny"):
+        check_model_path(name)
+    with pytest.raises(InvalidRequestError, match="needs --onnx-dir"):  # Ray's check too
+        check_replica_load_options({"backend": "onnxruntime"})
+
+
 def test_serve_bounds_each_streams_flow_history_unless_told_not_to():
     """A stream's flow history is bounded by default (a float32 CosyVoice2 stream holds ~225 MB
     per second of audio unbounded); ``none`` lifts the bound."""

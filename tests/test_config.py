@@ -105,3 +105,43 @@ def test_hostile_yaml_is_refused_at_once(tmp_path: Path) -> None:
         assert time.monotonic() - start < 2
     yaml_file.write_text("sample_rate: 22050\n1: one\nx: !ref (<sample_rate> + 2) * -1 / 2\n")
     assert read_hyperpyyaml(yaml_file)["x"] == -11026.0
+
+
+def test_a_yaml_nested_past_pythons_recursion_limit_is_a_clear_error(tmp_path: Path) -> None:
+    """[[[[...]]]] 20,000 deep was a raw RecursionError."""
+    yaml_file = tmp_path / "cosyvoice.yaml"
+    yaml_file.write_text("sample_rate: 22050\nextra: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ModelDirError, match="cannot parse .*nested too deeply"):
+        read_hyperpyyaml(yaml_file)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("sample_rate: 22050", "sample_rate: abc", "sample_rate must be a positive whole"),
+        ("sample_rate: 22050", "sample_rate: 0", "sample_rate must be a positive whole"),
+        ("sample_rate: 22050", "sample_rate: [1]", "sample_rate must be a positive whole"),
+        ("    input_frame_rate: 50", "    input_frame_rate: 0", "input_frame_rate must be"),
+        ("        top_k: 25", "        top_k: 'x'", "top_k must be a whole number"),
+        ("        top_k: 25", "        top_k: 2.5", "top_k must be a whole number"),
+        ("        win_size: 10", "        win_size: 0", "win_size must be a whole number"),
+        ("        top_p: 0.8", "        top_p: -3", "top_p must be a number above 0"),
+        ("        top_p: 0.8", "        top_p: 0", "top_p must be a number above 0"),
+        ("        top_p: 0.8", "        top_p: 1.5", "top_p must be a number above 0"),
+        ("        tau_r: 0.1", "        tau_r: -0.1", "tau_r must be a number from 0 to 1"),
+        ("        tau_r: 0.1", "        tau_r: .nan", "tau_r must be a number from 0 to 1"),
+    ],
+)
+def test_yaml_values_a_model_cannot_run_with_are_refused(
+    v1_dir: Path, tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    """They loaded, then failed every request with a raw exception (a sampling value), gave
+    NaN audio or divided by zero (a rate of 0), or were a raw ValueError/TypeError at load."""
+    text = (v1_dir / "cosyvoice.yaml").read_text()
+    assert old in text
+    yaml_file = tmp_path / "cosyvoice.yaml"
+    yaml_file.write_text(text.replace(old, new, 1))
+    with pytest.raises(ModelDirError, match=message):
+        parse_model_config(read_hyperpyyaml(yaml_file), 1, source=str(yaml_file))
+    yaml_file.write_text(text.replace("        top_p: 0.8", "        top_p: 1", 1))  # the edge
+    assert parse_model_config(read_hyperpyyaml(yaml_file), 1).sampling.top_p == 1

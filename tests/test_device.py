@@ -85,3 +85,18 @@ def test_a_cpu_without_matrix_instructions_for_the_dtype_is_told_so() -> None:
         if warning is not None:
             assert f"no {dtype} matrix instructions" in warning and "--dtype float32" in warning
     assert slow_precision_warning(Placement(torch.device("cuda", 0), torch.bfloat16)) is None
+
+
+def test_a_torch_device_is_taken_and_other_non_strings_refused() -> None:
+    """torch.device('cpu') was an AttributeError; an int (torch's cuda:0) ran on the CPU
+    silently; a quantisation that is not a name was an AttributeError."""
+    from cosyvoice_lite.engine import Engine
+
+    assert resolve_placement(torch.device("cpu")).device == torch.device("cpu")
+    Engine.check_load_options(device=torch.device("cpu"))  # Engine.load's own check
+    for device in (0, 1, 1.5, b"cpu"):
+        with pytest.raises(DeviceError, match="'cuda:1', or a torch.device; got"):
+            Engine.check_load_options(device=device)
+    for quantize in (8, True):
+        with pytest.raises(DeviceError, match=r"quantize must be a name \(int8\) or None"):
+            Engine.check_load_options(quantize=quantize)

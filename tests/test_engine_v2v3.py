@@ -526,6 +526,10 @@ def test_api_inputs_of_the_wrong_kind_get_clear_errors(v2: Engine, tmp_path) -> 
         v2.encode_prompt(PROMPT, b"hi")
     with pytest.raises(InvalidRequestError, match="markup"):
         v2.encode_prompt(PROMPT, "hi <|xx|>")
+    for lone in ("我有3\udc80个苹果", "no digit \udc80 here"):  # TypeError deep in wetext, or
+        with pytest.raises(InvalidRequestError, match="Unicode") as info:  # at every use
+            v2.encode_prompt(PROMPT, lone)
+        assert info.value.param == "prompt_text"
     # an instruction and a transcript enter every segment's prompt whole: they are bounded
     long = "speak slowly " * 400
     with pytest.raises(InvalidRequestError, match="at most 4096"):

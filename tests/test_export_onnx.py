@@ -557,3 +557,58 @@ def test_missing_torch_device_points_to_the_export():
 
     with pytest.raises(DeviceError, match=r"export onnx.*EXPORT\.md"):
         resolve_placement("xpu:7")
+
+
+def test_a_mistyped_manifest_is_damaged_not_a_crash(tmp_path):
+    """A graph's files as a list or an entry as a string, the checkpoints as a string or a
+    list: raw AttributeError / TypeError in the checks that read them."""
+    from cosyvoice_lite.errors import ModelDirError
+    from cosyvoice_lite.export.runtime import read_manifest
+
+    def manifest(graph: dict | None = None, model: dict | None = None) -> dict:
+        files = {"hift.onnx": {"bytes": 3, "fingerprint": "sampled-sha256:0"}}
+        return {
+            "format": "cosyvoice-lite-onnx",
+            "graphs": {"hift": {"file": "hift.onnx", "files": files, **(graph or {})}},
+            "model": {
+                "version": 2,
+                "checkpoints": {"hift.pt": "sampled-sha256:0"},
+                **(model or {}),
+            },
+        }
+
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest()))
+    assert read_manifest(tmp_path)["model"]["version"] == 2
+    path.write_text(json.dumps(manifest({"files": None}, {"checkpoints": None})))
+    read_manifest(tmp_path)  # (an export made before they were recorded)
+    for damage in (
+        manifest({"files": ["hift.onnx"]}),
+        manifest({"files": {"hift.onnx": "x"}}),
+        manifest(model={"checkpoints": "flow.pt hift.pt"}),
+        manifest(model={"checkpoints": ["flow.pt"]}),
+    ):
+        path.write_text(json.dumps(damage))
+        with pytest.raises(ModelDirError, match="is damaged"):
+            read_manifest(tmp_path)
+
+
+def test_backend_options_are_checked_apart_from_the_export_directory(tmp_path):
+    """``check_load_options`` (serve, Ray) refuses contradictory backend options without
+    reading a file; the export directory is the load's (and serve's) own check."""
+    from cosyvoice_lite.engine import Engine
+    from cosyvoice_lite.errors import DeviceError, InvalidRequestError, ModelDirError
+    from cosyvoice_lite.export.runtime import check_backend_dir
+
+    for options, error, message in (
+        (dict(backend="onnxruntime"), InvalidRequestError, "needs --onnx-dir"),
+        (dict(onnx_dir=str(tmp_path)), InvalidRequestError, "only used with --backend"),
+        (dict(backend="ONNX", onnx_dir=str(tmp_path)), InvalidRequestError, "unknown backend"),
+        (dict(backend="onnxruntime", onnx_dir="x", dtype="bfloat16"), DeviceError, "float32"),
+    ):
+        with pytest.raises(error, match=message):
+            Engine.check_load_options(**options)
+    Engine.check_load_options(backend="onnxruntime", onnx_dir=str(tmp_path / "absent"))
+    with pytest.raises(ModelDirError, match="not a readable cosyvoice-lite export manifest"):
+        check_backend_dir("onnxruntime", tmp_path / "absent")
+    check_backend_dir("torch", None)

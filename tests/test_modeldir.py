@@ -264,6 +264,45 @@ def test_a_damaged_speaker_table_is_a_clear_error_at_load(model_copy: Path) -> N
             load_speakers(path)
 
 
+def test_a_speaker_table_that_is_no_file_is_an_error_not_a_hang_or_base(
+    v1_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A FIFO made the load wait forever; a dangling link or a link loop was taken for no
+    table (an -SFT release became 'base'); entries that are not dicts were dropped silently;
+    a file its reader may not open was called corrupt."""
+    import os
+
+    from cosyvoice_lite.modeldir import load_speakers
+
+    model = Path(shutil.copytree(v1_dir, tmp_path / "CosyVoice-300M"))  # (no 'sft' in the name)
+    path = model / "spk2info.pt"
+    table = torch.load(path, weights_only=True)
+    path.unlink()
+    for make, message in [
+        (os.mkfifo, "not a regular file"),
+        (lambda p: os.symlink("nowhere.pt", p), "broken symbolic link"),
+        (lambda p: os.symlink(p.name, p), "broken symbolic link"),
+    ]:
+        make(path)
+        for load in (load_speakers, lambda p: open_model_dir(p.parent)):
+            with pytest.raises(ModelDirError, match=message):
+                load(path)
+        path.unlink()
+    assert open_model_dir(model).variant == "base"  # absent: the base release
+    torch.save({**table, "odd": 3}, path)
+    with pytest.raises(
+        ModelDirError, match=r"spk2info\.pt: voice 'odd' is not a dict of tensors \(int\)"
+    ):
+        load_speakers(path)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", refused)  # (root reads a chmod 0 file all the same)
+    with pytest.raises(ModelDirError, match=r"unreadable \(Permission denied\)"):
+        load_speakers(path)
+
+
 def test_the_qwen_config_read_is_the_models_own(tmp_path: Path) -> None:
     """A yaml naming another pretrain_path had its config.json read from there (outside the
     model, relative to the current directory); an unknown tokenizer version was a ValueError."""

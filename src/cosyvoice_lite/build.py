@@ -65,6 +65,8 @@ def build_network(spec: Component) -> torch.nn.Module:
         return _network_class(spec.class_name)(**kwargs).eval()
     except TypeError as exc:
         raise ModelDirError(f"yaml arguments for {spec.class_name} do not fit: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:  # negative or absurd sizes: torch's own errors
+        raise ModelDirError(f"yaml arguments for {spec.class_name} cannot build it: {exc}") from exc
 
 
 def build_for_checkpoint(spec: Component) -> torch.nn.Module:

@@ -179,6 +179,8 @@ def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> 
         raw = yaml.load(text, Loader=_SafeHyperLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ModelDirError(f"cannot parse {path}: {exc}") from exc
+    except RecursionError:  # PyYAML composes nested lists recursively: [[[[...]]]]
+        raise _too_deep(path) from None
     if not isinstance(raw, dict):
         raise ModelDirError(f"{path} is not a CosyVoice yaml file (top level is not a mapping)")
     raw.update(overrides or {})
@@ -189,6 +191,8 @@ def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> 
             continue  # side effects we do not perform)
         try:
             resolved[key] = _resolve(value, raw, memo)
+        except RecursionError:
+            raise _too_deep(path) from None
         except (KeyError, IndexError, TypeError) as exc:
             if key in _NEEDED_KEYS:
                 raise ModelDirError(f"{path}: key '{key}' refers to undefined {exc}") from exc
@@ -197,6 +201,11 @@ def read_hyperpyyaml(path: Path, overrides: Mapping[str, Any] | None = None) -> 
 
 
 _NEEDED_KEYS = ("sample_rate", "llm", "flow", "hift", "get_tokenizer", "feat_extractor")
+
+
+def _too_deep(path: Path) -> ModelDirError:
+    """The error for a yaml nested deeper than Python's recursion limit: a broken yaml."""
+    return ModelDirError(f"cannot parse {path}: it is nested too deeply to be a CosyVoice yaml")
 
 
 # --------------------------------------------------------------------------- typed configuration
@@ -335,26 +344,49 @@ def parse_model_config(data: Mapping[str, Any], version: int, source: str = "yam
         raise ModelDirError(
             f"{source} describes networks {found}, but a {YAML_NAMES[version]} model needs {expected}"
         )
-    sampling_node = llm.kwargs.get("sampling")
-    sampling = SamplingConfig()
-    if isinstance(sampling_node, Tagged):
-        known = {
-            k: v
-            for k, v in (sampling_node.value or {}).items()
-            if k in SamplingConfig.__annotations__
-        }
-        sampling = SamplingConfig(**known)
+    rate = flow.kwargs.get("input_frame_rate")
+    if rate is not None:  # (speech tokens per second: 0 divided by zero at each request)
+        _positive_int(rate, "the flow's input_frame_rate", source)
     return ModelConfig(
         version=version,
-        sample_rate=int(data["sample_rate"]),
+        sample_rate=_positive_int(data["sample_rate"], "sample_rate", source),
         llm=llm,
         flow=flow,
         hift=hift,
         mel=_mel_config(data["feat_extractor"]),
-        sampling=sampling,
+        sampling=_sampling_config(llm.kwargs.get("sampling"), source),
         tokenizer=_tokenizer_config(data["get_tokenizer"]),
         allowed_special=str(data.get("allowed_special", "all")),
     )
+
+
+def _positive_int(value: Any, what: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelDirError(f"{source}: {what} must be a positive whole number, got {value!r}")
+    return value
+
+
+# what the LLM's sampling (RAS) takes: a value outside these failed every request, raw
+_SAMPLING_RANGES = {
+    "top_p": ("a number above 0 and at most 1", lambda v: 0 < v <= 1),
+    "top_k": ("a whole number of at least 1", lambda v: isinstance(v, int) and v >= 1),
+    "win_size": ("a whole number of at least 1", lambda v: isinstance(v, int) and v >= 1),
+    "tau_r": ("a number from 0 to 1", lambda v: 0 <= v <= 1),
+}
+
+
+def _sampling_config(node: Any, source: str) -> SamplingConfig:
+    """The LLM's sampling parameters (the official defaults where the yaml has none), checked."""
+    if not isinstance(node, Tagged) or not isinstance(node.value, Mapping):
+        return SamplingConfig()
+    known = {k: v for k, v in node.value.items() if k in _SAMPLING_RANGES}
+    for name, value in known.items():
+        wanted, fits = _SAMPLING_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not fits(value):
+            raise ModelDirError(
+                f"{source}: the LLM's sampling {name} must be {wanted}, got {value!r}"
+            )
+    return SamplingConfig(**known)
 
 
 def load_model_config(model_dir: Path, version: int) -> ModelConfig:
@@ -363,9 +395,12 @@ def load_model_config(model_dir: Path, version: int) -> ModelConfig:
     blank_en = str(model_dir / "CosyVoice-BlankEN")
     overrides = {"qwen_pretrain_path": blank_en} if qwen else None
     data = read_hyperpyyaml(path, overrides)
-    if qwen:  # the Qwen config read is the model's own, whatever path the yaml writes there
-        _pin_pretrain_path(data.get("llm"), blank_en)
-    return parse_model_config(data, version, source=str(path))
+    try:
+        if qwen:  # the Qwen config read is the model's own, whatever path the yaml writes there
+            _pin_pretrain_path(data.get("llm"), blank_en)
+        return parse_model_config(data, version, source=str(path))
+    except RecursionError:  # (the networks' definitions are walked recursively too)
+        raise _too_deep(path) from None
 
 
 def _pin_pretrain_path(node: Any, blank_en: str, visited: set[int] | None = None) -> None:

@@ -181,15 +181,29 @@ def _cuda_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
+def device_name(device: str | torch.device | None) -> str:
+    """The device option as a name: a string, or a torch.device (its str; None: cpu). Anything
+    else is refused: an int is an accelerator's index to torch (0: cuda:0), and ran on the CPU."""
+    if isinstance(device, torch.device):
+        return str(device)
+    if device is not None and not isinstance(device, str):
+        raise DeviceError(
+            f"device must be a name such as 'cpu', 'cuda' or 'cuda:1', or a torch.device; "
+            f"got {device!r} ({type(device).__name__})"
+        )
+    return device or "cpu"
+
+
 def resolve_placement(
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     quantize: str | None = None,
     exact_float32: bool = False,
 ) -> Placement:
     """Check that ``device`` exists here and that ``dtype`` and ``quantize`` are supported there;
     fail with the choices. ``exact_float32``: see ``Placement``."""
-    name = (device or "cpu").strip().lower()
+    device = device_name(device)
+    name = device.strip().lower()
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
@@ -253,6 +267,11 @@ def check_precision(
     if str(chosen).removeprefix("torch.") not in dtypes:
         raise DeviceError(
             f"dtype '{dtype}' is not supported on {device}; supported there: {', '.join(dtypes)}"
+        )
+    if quantize is not None and not isinstance(quantize, str):
+        raise DeviceError(
+            f"quantize must be a name ({', '.join(_QUANTIZE)}) or None; "
+            f"got {quantize!r} ({type(quantize).__name__})"
         )
     mode = (quantize or "").strip().lower() or None
     if mode is not None and mode not in _QUANTIZE:

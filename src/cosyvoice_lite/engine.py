@@ -285,7 +285,7 @@ class Engine:
     def load(
         cls,
         model: str | Path,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         variant: str | None = None,
         llm_checkpoint: str = "llm.pt",
@@ -358,14 +358,14 @@ class Engine:
         limits, placement, cache_dtype = _checked_options(
             device, dtype, llm_checkpoint, quantize, flow_steps, max_batch, prefill_tokens,
             audio_workers, idle_release_seconds, flow_threads_while_decoding, prompt_cache_mb,
-            stream_cache_mb, stream_cache_dtype, exact_float32,
+            stream_cache_mb, stream_cache_dtype, exact_float32, backend, onnx_dir,
         )  # fmt: skip
         if (warning := slow_precision_warning(placement)) is not None:
             log.warning(warning)
         configure_backend(placement)
-        from .export.runtime import check_backend, check_backend_source, install_backend
+        from .export.runtime import check_backend_dir, check_backend_source, install_backend
 
-        check_backend(backend, onnx_dir, placement)
+        check_backend_dir(backend, onnx_dir)
         model_dir = open_model_dir(resolve_model(model, download=download), variant)
         check_backend_source(backend, onnx_dir, model_dir)
         if stream_cache_dtype is not None and spec(model_dir.version).pipeline == "v1":
@@ -505,6 +505,7 @@ class Engine:
                 f"prompt_text must be text, got {type(prompt_text).__name__}", "prompt_text"
             )
         _check_length("prompt_text", prompt_text, MAX_PROMPT_TEXT_CHARS)
+        _check_unicode("prompt_text", prompt_text)
         self.check_markup(prompt_text, "prompt_text")
         return self._encode_prompt(audio, unescape(prompt_text))
 
@@ -1174,7 +1175,7 @@ def _check_length(field: str, text: str | None, limit: int) -> None:
 
 
 def _checked_options(
-    device: str,
+    device: str | torch.device,
     dtype: str | torch.dtype,
     llm_checkpoint: str,
     quantize: str | None,
@@ -1188,9 +1189,14 @@ def _checked_options(
     stream_cache_mb: int | None,
     stream_cache_dtype: str | None,
     exact_float32: bool,
+    backend: str,
+    onnx_dir: str | Path | None,
 ) -> tuple[LoopLimits, Placement, torch.dtype | None]:
     """``Engine.load``'s options checked (an InvalidRequestError or DeviceError naming the
-    option), as the loop limits, placement and stream cache dtype they give."""
+    option), as the loop limits, placement and stream cache dtype they give. (No file is read:
+    the export directory's check is ``check_backend_dir``.)"""
+    from .export.runtime import check_backend_options, check_backend_placement
+
     if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
         raise InvalidRequestError(
             f"llm_checkpoint must be a .pt file name in the model directory, got {llm_checkpoint!r}"
@@ -1215,7 +1221,10 @@ def _checked_options(
         check_steps(flow_steps)
     except ValueError as exc:  # a load option: the caller's error, named as such
         raise InvalidRequestError(str(exc)) from None
+    # (before the placement: a replica's device that this machine lacks ends the checks there)
+    check_backend_options(backend, onnx_dir)
     placement = resolve_placement(device, dtype, quantize, exact_float32)
+    check_backend_placement(backend, placement)
     try:
         cache_dtype = resolve_stream_cache_dtype(placement, stream_cache_dtype)
     except ValueError as exc:

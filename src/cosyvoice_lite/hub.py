@@ -61,6 +61,19 @@ def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
     path = Path(name_or_dir).expanduser()
     if path.exists():
         return path
+    name = official_name(name_or_dir)
+    target = cache_dir() / "models" / name
+    if _looks_complete(target):
+        return target
+    if not download:
+        raise ModelDownloadError(f"model {name} is not in {target} and downloading is disabled")
+    download_model(name, target)
+    return target
+
+
+def official_name(name_or_dir: str | Path) -> str:
+    """The official model a ``--model`` that is no path here names; a ModelDownloadError where
+    it names none (a mistyped path: checked before a server starts, not found by its load)."""
     text = str(name_or_dir)
     name = text.split("/")[-1]
     as_name = text.count("/") <= 1 and not text.startswith(("/", ".", "~"))
@@ -69,13 +82,7 @@ def resolve_model(name_or_dir: str | Path, download: bool = True) -> Path:
         raise ModelDownloadError(
             f"'{name_or_dir}' is neither an existing directory nor a known model name ({known})"
         )
-    target = cache_dir() / "models" / name
-    if _looks_complete(target):
-        return target
-    if not download:
-        raise ModelDownloadError(f"model {name} is not in {target} and downloading is disabled")
-    download_model(name, target)
-    return target
+    return name
 
 
 # written once a download has finished: an interrupted one (resumed by the next run) lacks it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -195,20 +197,46 @@ def copy_out_of_file(module: torch.nn.Module, state: Mapping[str, torch.Tensor])
 
 def load_speakers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Preset voices from spk2info.pt (``{name: {'embedding': Tensor[1,192], ...}}``); {} if absent."""
-    if not path.exists():
+    if not speaker_file(path):
         return {}
     try:
         info = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # (permissions: the file is fine, its reader is not allowed)
+        raise ModelDirError(
+            f"cannot read {path}: it is unreadable ({exc.strerror or exc})"
+        ) from exc
     except Exception as exc:
         raise ModelDirError(f"cannot read {path}: it is corrupt or truncated ({exc})") from exc
     if not isinstance(info, Mapping):
         raise ModelDirError(f"{path} is not a speaker table (expected a dict of voices)")
-    voices = {str(k): dict(v) for k, v in info.items() if isinstance(v, Mapping)}
+    for name, entry in info.items():
+        if not isinstance(entry, Mapping):  # (was dropped silently: a table of no voices)
+            raise ModelDirError(
+                f"{path}: voice '{name}' is not a dict of tensors ({type(entry).__name__})"
+            )
+    voices = {str(k): dict(v) for k, v in info.items()}
     for name, entry in voices.items():
         problem = _voice_problem(entry)
         if problem is not None:
             raise ModelDirError(f"{path}: voice '{name}' {problem}")
     return voices
+
+
+def speaker_file(path: Path) -> bool:
+    """Whether the optional spk2info.pt is there (a regular file); a ModelDirError where the
+    name is there but is no readable file: a dangling link or a link loop (taken for absent,
+    they made an -SFT release 'base'), a FIFO (reading it waited forever), a directory."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ModelDirError(
+            f"cannot read {path}: {exc.strerror or exc} (a broken symbolic link?)"
+        ) from exc
+    if not stat.S_ISREG(mode):
+        raise ModelDirError(f"cannot read {path}: it is not a regular file")
+    return True
 
 
 # a preset voice (SFT) has an x-vector; a cloned one (the official add_zero_shot_spk) its prompt
@@ -275,7 +303,7 @@ def _variant(model_dir: Path, version: int, release: str = "") -> str:
     text = " ".join(hints)
     if "instruct" in text:
         return "instruct"
-    if "sft" in text or (model_dir / "spk2info.pt").is_file():
+    if "sft" in text or speaker_file(model_dir / "spk2info.pt"):
         return "sft"
     return "base"
 
@@ -287,6 +315,7 @@ def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
     model_dir = given.resolve()
     version = detect_version(model_dir)
     check_files(model_dir, version)
+    speaker_file(model_dir / "spk2info.pt")  # (optional, but not broken)
     config = load_model_config(model_dir, version)
     if variant is not None and variant not in ("base", "sft", "instruct"):
         raise ModelDirError(f"unknown variant '{variant}': use base, sft or instruct")

@@ -52,12 +52,31 @@ def read_manifest(export_dir: str | Path) -> dict:
     graphs, model = manifest.get("graphs"), manifest.get("model")
     if (
         not isinstance(graphs, dict)
-        or not all(isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values())
+        or not all(_describes_graph(g) for g in graphs.values())
         or not isinstance(model, dict)
         or not isinstance(model.get("version"), int)
+        or not _maps(model.get("checkpoints"), str)
     ):
         raise ModelDirError(f"{path} is damaged: its graphs or its model are not described")
     return manifest
+
+
+def _describes_graph(entry: object) -> bool:
+    """A graph's entry: its file, and (since they were recorded) its files' sizes/fingerprints."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and _maps(entry.get("files"), dict)
+    )
+
+
+def _maps(value: object, kind: type) -> bool:
+    """Absent (None), or a mapping of file names to ``kind`` (a list or a string there was a
+    raw AttributeError or TypeError in the checks that read it)."""
+    return value is None or (
+        isinstance(value, dict)
+        and all(isinstance(k, str) and isinstance(v, kind) for k, v in value.items())
+    )
 
 
 # the graphs the backend runs, per stage
@@ -310,27 +329,37 @@ def use_onnxruntime(
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 
 
-def check_backend(backend: str, onnx_dir: str | Path | None, placement) -> None:  # noqa: ANN001
-    """Engine.load's backend options, checked before any network loads."""
-    from ..errors import DeviceError, InvalidRequestError
+def check_backend_options(backend: str, onnx_dir: str | Path | None) -> None:
+    """Engine.load's backend options, by themselves (no file read: ``check_load_options``)."""
+    from ..errors import InvalidRequestError
 
     if backend not in BACKENDS:
         raise InvalidRequestError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        if onnx_dir is not None:
-            raise InvalidRequestError("--onnx-dir is only used with --backend onnxruntime")
-        return
-    if onnx_dir is None:
+    if backend == "torch" and onnx_dir is not None:
+        raise InvalidRequestError("--onnx-dir is only used with --backend onnxruntime")
+    if backend != "torch" and onnx_dir is None:
         raise InvalidRequestError(
             f"--backend {backend} needs --onnx-dir: a directory written by "
             "`cosyvoice-lite export onnx` for this model"
         )
-    if placement.device.type != "cpu" or placement.dtype != torch.float32:
+
+
+def check_backend_placement(backend: str, placement) -> None:  # noqa: ANN001
+    """The onnxruntime backends run float32 graphs on the CPU (after ``check_backend_options``)."""
+    from ..errors import DeviceError
+
+    if backend != "torch" and (placement.device.type != "cpu" or placement.dtype != torch.float32):
         raise DeviceError(
             f"--backend {backend} runs float32 graphs on the CPU; "
             f"got {placement.device} / {placement.dtype}"
         )
-    check_graphs(Path(onnx_dir), read_manifest(onnx_dir))
+
+
+def check_backend_dir(backend: str, onnx_dir: str | Path | None) -> None:
+    """The export directory of checked backend options: a whole export, before any network
+    loads (Engine.load, and ``serve`` before it starts: the load is in the background there)."""
+    if backend != "torch":
+        check_graphs(Path(onnx_dir), read_manifest(onnx_dir))
 
 
 def check_backend_source(backend: str, onnx_dir: str | Path | None, model_dir) -> None:  # noqa: ANN001

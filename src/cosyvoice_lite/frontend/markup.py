@@ -10,8 +10,9 @@ Brackets meant as text are written with a backslash, ``\\[sic]``: the check pass
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from ..errors import InvalidRequestError
 
@@ -70,17 +71,16 @@ def check_markup(
     """Raise InvalidRequestError (naming ``field``) for every tag in ``texts`` that the model
     does not know, or that is escaped although it is the model's own (its tokenizer reads it as
     the tag anyway)."""
-    unknown: list[str] = []
-    own: list[str] = []
+    unknown: dict[str, None] = {}  # ordered and unique (a list was quadratic in tags)
+    own: dict[str, None] = {}
     for text in texts:
-        for tag in find_markup(text):
-            if tag not in known and tag not in unknown:
-                unknown.append(tag)
-        own += [m.group(1) for m in ESCAPED_BRACKET.finditer(text) if m.group(1) in known]
+        unknown.update((tag, None) for tag in find_markup(text) if tag not in known)
+        own.update(
+            (m.group(1), None) for m in ESCAPED_BRACKET.finditer(text) if m.group(1) in known
+        )
     if own:
-        own = list(dict.fromkeys(own))
         raise InvalidRequestError(
-            f"{', '.join(own)} {'is' if len(own) == 1 else 'are'} {model_name}'s own markup, "
+            f"{_named(own)} {'is' if len(own) == 1 else 'are'} {model_name}'s own markup, "
             "always read as markup; write it without the backslash to use it, or differently to "
             "say it",
             field,
@@ -99,8 +99,18 @@ def check_markup(
     else:
         advice = "Remove the tag, or write it differently if it was meant as text."
     raise InvalidRequestError(
-        f"{model_name} does not know the markup {', '.join(unknown)}; {hint}. {advice}", field
+        f"{model_name} does not know the markup {_named(unknown)}; {hint}. {advice}", field
     )
+
+
+NAMED_AT_MOST = 10
+
+
+def _named(tags: Collection[str]) -> str:
+    """The first tags, then how many more: a message stays short whatever the text holds."""
+    first = list(itertools.islice(tags, NAMED_AT_MOST))
+    more = len(tags) - len(first)
+    return ", ".join(first) + (f" and {more} more" if more else "")
 
 
 def held_back(text: str) -> int:

@@ -14,7 +14,7 @@ digit, then runs tagger FST -> token reordering -> verbalizer FST over the whole
 its FSTs at run time; the current wetext package bundles the same files.  We run those three steps on
 the installed package's FSTs with the 0.0.4 rules (digit gate, language from the branch, 0.0.4 token
 order: wetext >= 0.1 escapes quotes twice and prints ``\\"``).  Tagging costs ~3 ms per number and grows
-faster than the text, so the FSTs see short windows around the digits instead of the whole text.  The
+faster than the text, so the FSTs see short windows around the digits (MAX_WINDOW_CHARS at most) instead of the whole text.  The
 zh tagger works character by character outside numbers and gives the whole-text result (checked on the
 corpus and random mixtures of it); in English, words more than EN_CONTEXT_WORDS away from a number
 are not rewritten (upstream rewrites e.g. "Mr." anywhere
@@ -204,16 +204,19 @@ def spell_out_number(text: str, inflect_engine) -> str:
 _STRESSED_PHONE = re.compile(r"\[[A-Z]{2}[012]\]")
 
 
-def outside_stressed_phones(text: str, rewrite: Callable[[str], str]) -> str:
-    """``rewrite`` applied to the text between stressed CMU phone tags, so that number
-    normalisation does not spell out their stress digits (upstream reads ``[AY0]`` as
-    ``[AYzero]``, ``[AY零]`` in Chinese, and the tag never reaches the model). Text without
+def outside_stressed_phones(
+    text: str, rewrite: Callable[[str], str], tags: re.Pattern = _STRESSED_PHONE
+) -> str:
+    """``rewrite`` applied to the text between stressed CMU phone tags (or other ``tags``), so
+    that number normalisation does not spell out their stress digits (upstream reads ``[AY0]``
+    as ``[AYzero]``, ``[AY零]`` in Chinese, and the tag never reaches the model). Text without
     such tags is rewritten whole, as upstream."""
-    parts = _STRESSED_PHONE.split(text)
-    if len(parts) == 1:
+    found = [match.group(0) for match in tags.finditer(text)]
+    if not found:
         return rewrite(text)
+    parts = tags.split(text)
     out = [rewrite(parts[0]) if parts[0] else ""]
-    for tag, part in zip(_STRESSED_PHONE.findall(text), parts[1:], strict=True):
+    for tag, part in zip(found, parts[1:], strict=True):
         out += [tag, rewrite(part) if part else ""]
     return "".join(out)
 
@@ -380,7 +383,9 @@ def _fixed_pieces(text: str, size: int, length: Callable[[str], int] = len) -> l
             if start < len(text) or not pieces:
                 pieces.append(text[start:])
             return pieces
-        cut = _cluster_start(text, start, _cut_outside_tags(text, start, cut, runs))
+        # tags last: a cluster that continues past a tag ("[breath]\u200d") had moved the cut
+        # back into the tag
+        cut = _cut_outside_tags(text, start, _cluster_start(text, start, cut), runs)
         pieces.append(text[start:cut])
         start = cut
 
@@ -495,6 +500,10 @@ def split_paragraph(text: str, encode: Encode | None, lang: str, **bounds: int) 
 # en.  Number rules read a few neighbours ("约21196千米", "下午3点", "March 15, 2023", "$2 million").
 ZH_CONTEXT_CHARS = 4
 EN_CONTEXT_WORDS = 3
+# A window's length at most (a longer run of ASCII is cut in pieces of it): ~20 ms of tagging
+# for dense numbers, which grows faster than the window; long URLs still go whole.
+MAX_WINDOW_CHARS = 128
+MAX_SPACE_RUN = 8  # spaces a zh window reaches over so as not to end next to one
 _WINDOW_BREAKS = frozenset(
     "\n。！？；"
 )  # a window never crosses these (wetext's own hard boundaries)
@@ -503,34 +512,62 @@ _WINDOW_BREAKS = frozenset(
 def _zh_windows(text: str) -> Iterator[tuple[int, int]]:
     """Spans to normalise: each digit run with the ASCII letters and symbols stuck to it (units such as
     km/h, GHz, 3.5%), then ZH_CONTEXT_CHARS characters each side, never across a break, never cut next
-    to a space (the tagger deletes a space at the end of its input)."""
+    to a space (the tagger deletes a space at the end of its input) unless in a long run of them;
+    at most about MAX_WINDOW_CHARS long (see _add_span)."""
     n = len(text)
     spans: list[list[int]] = []
+    number_end = 0
     for match in _ZH_NUMBER.finditer(text):
-        lo, hi = match.start(), match.end()
-        for _ in range(ZH_CONTEXT_CHARS):
-            if lo == 0 or text[lo - 1] in _WINDOW_BREAKS:
-                break
-            lo -= 1
-        for _ in range(ZH_CONTEXT_CHARS):
-            if hi == n or text[hi] in _WINDOW_BREAKS:
-                break
-            hi += 1
-        while lo > 0 and " " in text[lo - 1 : lo + 1] and text[lo - 1] not in _WINDOW_BREAKS:
-            lo -= 1
-        while hi < n and " " in text[hi - 1 : hi + 1] and text[hi] not in _WINDOW_BREAKS:
-            hi += 1
-        if spans and lo <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], hi)
-        else:
-            spans.append([lo, hi])
+        for start in range(match.start(), match.end(), MAX_WINDOW_CHARS):
+            end = min(start + MAX_WINDOW_CHARS, match.end())  # a long run in pieces
+            lo, hi = start, end
+            for _ in range(ZH_CONTEXT_CHARS):
+                if lo == 0 or text[lo - 1] in _WINDOW_BREAKS:
+                    break
+                lo -= 1
+            for _ in range(ZH_CONTEXT_CHARS):
+                if hi == n or text[hi] in _WINDOW_BREAKS:
+                    break
+                hi += 1
+            for _ in range(MAX_SPACE_RUN):
+                if lo == 0 or " " not in text[lo - 1 : lo + 1] or text[lo - 1] in _WINDOW_BREAKS:
+                    break
+                lo -= 1
+            for _ in range(MAX_SPACE_RUN):
+                if hi == n or " " not in text[hi - 1 : hi + 1] or text[hi] in _WINDOW_BREAKS:
+                    break
+                hi += 1
+            _add_span(spans, lo, hi, number_end, start)
+            number_end = end
     for lo, hi in spans:
         yield lo, hi
 
 
+def _add_span(spans: list[list[int]], lo: int, hi: int, previous_end: int, start: int) -> None:
+    """Add the window [lo, hi) of the number starting at ``start``, merged with the last one where
+    they overlap, unless that would pass MAX_WINDOW_CHARS: tagging time grows faster than a
+    window (numbers a space apart had made a 4,096-character text one window: seconds holding
+    the interpreter, ~250 MB). Then the two windows meet in the gap between the numbers, the
+    first half of it (a unit, "3个") with the first number."""
+    if not spans or lo > spans[-1][1]:
+        spans.append([lo, hi])
+    elif hi - spans[-1][0] <= MAX_WINDOW_CHARS:
+        spans[-1][1] = max(spans[-1][1], hi)
+    else:
+        cut = previous_end + (start - previous_end + 1) // 2
+        cut = max(previous_end, min(cut, spans[-1][1]))
+        spans[-1][1] = cut
+        spans.append([cut, hi])
+
+
 def _en_windows(text: str) -> Iterator[tuple[int, int]]:
-    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    words = [
+        (start, min(start + MAX_WINDOW_CHARS, m.end()))  # a long word in pieces
+        for m in _WORD.finditer(text)
+        for start in range(m.start(), m.end(), MAX_WINDOW_CHARS)
+    ]
     spans: list[list[int]] = []
+    previous = -1  # the last word with a digit
     for index, (start, end) in enumerate(words):
         if not _DIGIT.search(text, start, end):
             continue
@@ -544,10 +581,15 @@ def _en_windows(text: str) -> Iterator[tuple[int, int]]:
                 break
             last += 1
         lo, hi = words[first][0], words[last][1]
-        if spans and lo <= spans[-1][1] + 1:
-            spans[-1][1] = max(spans[-1][1], hi)
-        else:
+        if not spans or lo > spans[-1][1] + 1:
             spans.append([lo, hi])
+        elif hi - spans[-1][0] <= MAX_WINDOW_CHARS:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:  # as _add_span, at a word boundary: the space between stays outside both
+            cut = max(previous + 1, (previous + index + 1) // 2, first)
+            spans[-1][1] = words[cut - 1][1]
+            spans.append([words[cut][0], hi])
+        previous = index
     for lo, hi in spans:
         yield lo, hi
 
@@ -571,7 +613,12 @@ def wetext_normalize(text: str, lang: str) -> str:
     out, last = [], 0
     for lo, hi in windows:
         out.append(text[last:lo])
-        out.append(_normalize_window(fst, text[lo:hi]))
+        # spaces at a window's ends (inside a long run of them) are kept: the tagger drops one
+        window = text[lo:hi]
+        core = window.strip(" ")
+        head = window[: len(window) - len(window.lstrip(" "))]
+        tail = window[len(window.rstrip(" ")) :] if core else ""
+        out.append(head + _normalize_window(fst, core) + tail if core else window)
         last = hi
     out.append(text[last:])
     return "".join(out)
@@ -603,6 +650,19 @@ def _try_fst(fst: WetextFst, text: str) -> str | None:
 
 # --------------------------------------------------------------------------------------------------
 # The frontend
+
+
+def _check_unicode(text: str) -> None:
+    """Text that is not Unicode (a lone surrogate: a non-UTF-8 argument or file) is refused, not
+    handed to wetext or a tokenizer (TypeError deep inside)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            "the text is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument "
+            "or file)",
+            "text",
+        ) from None
 
 
 def is_markup(text: str) -> bool:
@@ -644,6 +704,7 @@ class TextFrontend:
 
     def normalize_text(self, text: str, enabled: bool = True) -> str:
         """The normalised text, unsplit (upstream ``text_normalize(text, split=False)``)."""
+        _check_unicode(text)
         if not enabled or is_markup(text) or text == "":
             return text
         return self._normalize(text.strip())[0]
@@ -672,14 +733,7 @@ class TextFrontend:
         punctuation).  A whitespace-only text yields nothing (upstream raises IndexError).
         Text that is not Unicode (a lone surrogate: a non-UTF-8 argument or file) is refused.
         """
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequestError(
-                "the text is not valid Unicode (a lone surrogate, e.g. from a non-UTF-8 argument "
-                "or file)",
-                "text",
-            ) from None
+        _check_unicode(text)
         if not enabled or is_markup(text) or text == "":
             yield from self._unsplit(text, encode or self.encode)
             return
@@ -714,7 +768,9 @@ class TextFrontend:
             text = remove_bracket(text)
             text = _TRAILING_COMMAS.sub("。", text)
             return text, "zh"
-        text = outside_stressed_phones(text, lambda part: wetext_normalize(part, "en"))
+        # in English every tag is kept out: the en FSTs have no path for a number with a tag
+        # stuck to it ("1.5[breath]": upstream raises), whose digits were then read one by one
+        text = outside_stressed_phones(text, lambda part: wetext_normalize(part, "en"), _TAG_AT)
         if any(
             char.isdigit() for char in text
         ):  # wetext reads most numbers; inflect is slow to import

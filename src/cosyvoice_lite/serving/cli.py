@@ -319,6 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         set_threads(args.threads)  # once, before the model loads
         Engine.check_load_options(**load_options(args))  # an error now, not a 503 later
+        check_load_paths(args)
     else:  # a failed deploy later (every replica retried) is slow and says less
         check_replica_load_options(load_options(args))
     configure(logging.INFO, json_lines=args.log_format == "json")
@@ -358,6 +359,26 @@ def load_options(args: argparse.Namespace) -> dict:
         "exact_float32": args.exact_float32,
         "share_onnx_threads": True,  # a server (or a Ray replica) owns its process
     }
+
+
+def check_load_paths(args: argparse.Namespace) -> None:
+    """The paths the background load reads first, checked before the server starts (it
+    reported not-ready forever): --model exists or names an official release (downloaded in
+    the background), and --onnx-dir holds a whole export. (Not for Ray: the replicas' machines
+    have their own files.)"""
+    from ..export.runtime import check_backend_dir
+
+    check_model_path(args.model)
+    check_backend_dir(args.backend, args.onnx_dir)
+
+
+def check_model_path(model: str) -> None:
+    """A ModelDownloadError, as ``hub.resolve_model`` gives, where ``model`` is neither a path
+    here nor an official name (``Name`` or ``Org/Name``)."""
+    from ..hub import official_name
+
+    if not Path(model).expanduser().exists():
+        official_name(model)
 
 
 def check_replica_load_options(options: dict) -> None:
