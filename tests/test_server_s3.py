@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_server_support import ServerThread, decode, metric, moto_server, tiny_engine, wait_for
+from test_server_support import (
+    ServerThread,
+    decode,
+    metric,
+    moto_server,
+    prompt_wav,
+    tiny_engine,
+    wait_for,
+)
 
 from cosyvoice_lite.serving import S3Settings, Settings, create_app
 
@@ -74,3 +82,78 @@ def test_upload_failure_does_not_break_serving(v1_dir, s3_url, tmp_path):
             lambda: metric(client.get("/metrics").text, "cosyvoice_s3_upload_errors_total") == 1,
             timeout=20,
         )
+
+
+def no_features(audio: bytes, text: str):
+    import torch
+
+    from cosyvoice_lite.frontend.prompt import PromptFeatures
+
+    return PromptFeatures(
+        torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8, 80), torch.zeros(1, 192), text
+    )
+
+
+def test_listing_a_voice_bucket_reads_only_the_voices_changed(s3, s3_url, monkeypatch):
+    """Listing the saved voices (GET /voices, /speakers, the page) read every voice's manifest
+    from the bucket (a GET, and a HEAD per voice), and listings at once each did so, holding
+    the storage waiters (synthesis with saved voices got 503). Now a listing is one LIST, plus a
+    GET for each voice changed since, and listings at once share one."""
+    import threading
+    import time
+
+    from cosyvoice_lite.serving import voice_store_s3
+    from cosyvoice_lite.serving.voice_store_s3 import S3VoiceStore
+    from cosyvoice_lite.serving.voices import VoiceLibrary
+
+    monkeypatch.setattr(voice_store_s3, "CACHE_TTL", 0.3)  # how long a listing is reused
+    s3.create_bucket(Bucket="voices")
+    settings = S3Settings("voices", "list/", s3_url, "us-east-1")
+    library = VoiceLibrary(S3VoiceStore(settings), max_voices=100)
+    library.create("seed", prompt_wav(1.0), "hi", "k", no_features)
+    manifest = s3.get_object(Bucket="voices", Key="list/voices/seed.json")
+    body, generation = json.loads(manifest["Body"].read()), manifest["Metadata"]["generation"]
+    wav = s3.get_object(Bucket="voices", Key=f"list/voice-data/seed/{generation}/prompt.wav")
+    wav = wav["Body"].read()
+    for i in range(20):  # saved by other processes
+        name = f"seed{i:02d}"
+        s3.put_object(Bucket="voices", Key=f"list/voice-data/{name}/g/prompt.wav", Body=wav)
+        s3.put_object(
+            Bucket="voices",
+            Key=f"list/voices/{name}.json",
+            Body=json.dumps({**body, "name": name}).encode(),
+            Metadata={"generation": "g"},
+        )
+    sent, waiting = [], []
+
+    def count(request, **_):  # every request the library's store sends
+        sent.append(request.url)
+        if "list-type=2" in request.url:
+            waiting.append(library.storage_waiting)
+            time.sleep(0.3)  # a slow LIST: listings meanwhile wait for this one
+
+    library.store.client.meta.events.register("before-send.s3", count)
+
+    def listed() -> list[str]:
+        time.sleep(0.35)  # the listing read before is too old to reuse
+        sent.clear()
+        return [voice.name for voice in library.list()]
+
+    assert len(listed()) == 21 and len(sent) > 21  # each voice read once
+    assert len(listed()) == 21 and len(sent) == 1 and "list-type=2" in sent[0]
+    other = VoiceLibrary(S3VoiceStore(settings))  # another process writes a voice again
+    other.delete("seed03")
+    other.create("seed03", prompt_wav(1.0), "again", "k", no_features)
+    assert len(listed()) == 21 and len(sent) == 3  # LIST, its manifest (GET), its prompt (HEAD)
+    assert {v.name: v.prompt_text for v in library.list()}["seed03"] == "again"
+    time.sleep(0.35)
+    sent.clear()
+    waiting.clear()
+    results = []
+    listers = [threading.Thread(target=lambda: results.append(library.list())) for _ in range(16)]
+    for lister in listers:
+        lister.start()
+    for lister in listers:
+        lister.join(30)
+    assert len(sent) == 1 and waiting == [1]  # one LIST for all, one storage waiter
+    assert [len(result) for result in results] == [21] * 16

@@ -8,13 +8,20 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
+import torch
 from test_server_support import ServerThread, metric, prompt_wav, tiny_engine
 
+from cosyvoice_lite.frontend.prompt import PromptFeatures
 from cosyvoice_lite.serving import Settings, create_app
+from cosyvoice_lite.serving.voices import LocalVoiceStore, StorageError, VoiceLibrary
 
 
 @pytest.fixture(scope="module")
@@ -440,3 +447,141 @@ def test_the_library_holds_at_most_max_voices(engine, tmp_path):
         ]
         assert client.delete("/voices/one").status_code == 200
         assert upload(client, "three").status_code == 201
+
+
+# ------------------------------------------------------------- several processes, one directory
+
+
+def run_python(code: str, *args: str) -> subprocess.Popen:
+    """Another process on the library (as another server sharing the directory would be)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args])
+
+
+STAGE_AND_DIE = """
+import os, sys
+from cosyvoice_lite.serving.voices import LocalVoiceStore
+LocalVoiceStore(sys.argv[1]).stage("dead", {"prompt.wav": b"x", "voice.json": b"{}"})
+os._exit(1)  # killed while saving: its staging folder is left over
+"""
+OPEN_LIBRARY = (
+    "import sys; from cosyvoice_lite.serving.voices import VoiceLibrary as V; V(sys.argv[1])"
+)
+
+
+def test_opening_the_library_removes_only_leftovers_never_another_process_s_work(tmp_path):
+    """Opening the library (a server or replica starting on a shared --voices-dir) removed every
+    .tmp-*/.trash-*, among them another live process's staging folder: its voice was committed
+    without prompt.wav, answered 201 and broken ever after. Now only work folders whose process
+    is gone (their lock free) or that have no lock (an older version's) are removed."""
+    from cosyvoice_lite.serving.voices import LocalVoiceStore, VoiceLibrary, _claim, _unclaim
+
+    assert run_python(STAGE_AND_DIE, str(tmp_path)).wait(60) == 1
+    (tmp_path / ".tmp-old").mkdir()  # left by a version without locks
+    (tmp_path / ".tmp-old" / "prompt.wav").write_bytes(b"x")
+    assert len(list(tmp_path.iterdir())) == 3  # the dead process's folder, its lock, the old one
+    store = LocalVoiceStore(tmp_path)
+    staged = store.stage("live", {"prompt.wav": prompt_wav(1.0), "voice.json": b"{}"})  # saving
+    trash, lock = _claim(tmp_path, ".trash-")  # ... and deleting a voice, in this process
+    trash.mkdir()
+    (trash / "prompt.wav").write_bytes(b"x")
+    assert run_python(OPEN_LIBRARY, str(tmp_path)).wait(60) == 0
+    live = [staged.folder.name, trash.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + [n + ".lock" for n in live])
+    assert (trash / "prompt.wav").exists()
+    store.commit(staged)
+    assert sorted(p.name for p in (tmp_path / "live").iterdir()) == ["prompt.wav", "voice.json"]
+    shutil.rmtree(trash)
+    _unclaim(trash, lock)
+    VoiceLibrary(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["live"]
+
+
+def fake_encode(audio: bytes, text: str) -> PromptFeatures:
+    return PromptFeatures(
+        torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8, 80), torch.zeros(1, 192), text
+    )
+
+
+def test_a_staged_voice_that_lost_its_files_is_never_committed(tmp_path):
+    """A staging folder emptied under a save (by hand, or by a process ignoring the locks): the
+    save fails (503), nothing is stored, and nothing is left behind."""
+
+    class Emptied(LocalVoiceStore):
+        def stage(self, name, files):
+            staged = super().stage(name, files)
+            (staged.folder / "prompt.wav").unlink()
+            return staged
+
+    library = VoiceLibrary(Emptied(tmp_path))
+    with pytest.raises(StorageError) as failed:
+        library.create("anna", prompt_wav(1.0), "hi", "k", fake_encode)
+    assert failed.value.status == 503
+    assert list(tmp_path.iterdir()) == []
+
+
+CREATE_AT = """
+import sys, time
+from pathlib import Path
+import torch
+from cosyvoice_lite.frontend.prompt import PromptFeatures
+from cosyvoice_lite.serving.voices import LocalVoiceStore, VoiceExistsError, VoiceLibrary
+
+class SlowCommit(LocalVoiceStore):  # a slow disk: a wide window between the check and the commit
+    def commit(self, staged):
+        time.sleep(0.5)
+        super().commit(staged)
+
+def encode(audio, text):
+    return PromptFeatures(torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8, 80),
+                          torch.zeros(1, 192), text)
+
+root, audio, name, go = sys.argv[1], Path(sys.argv[2]).read_bytes(), sys.argv[3], Path(sys.argv[4])
+library = VoiceLibrary(SlowCommit(root))
+Path(f"{go}.{name}").touch()  # ready
+while not go.exists():
+    time.sleep(0.002)
+try:
+    library.create(name, audio, "hi", "k", encode)
+except VoiceExistsError:
+    sys.exit(3)
+"""
+
+
+def test_two_processes_cannot_create_names_that_differ_only_in_case(tmp_path):
+    """Two server processes sharing a directory, 'Race' through one and 'race' through the
+    other at once: both were stored (the case-insensitive check and the commit were one step
+    within a process only). Now one is stored, the other is told it exists."""
+    root, audio, go = tmp_path / "voices", tmp_path / "p.wav", tmp_path / "go"
+    audio.write_bytes(prompt_wav(1.0))
+    names = ("Race", "race")
+    racers = [run_python(CREATE_AT, str(root), str(audio), name, str(go)) for name in names]
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{go}.{name}").exists() for name in names) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both at once
+    assert sorted(racer.wait(60) for racer in racers) == [0, 3]
+    assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_a_save_past_its_deadline_is_not_stored_unless_its_commit_began(
+    engine, tmp_path, monkeypatch
+):
+    """POST /voices answered 504 while the save went on and stored the voice (a retry got 409).
+    Now a save still computing at the deadline is dropped before its commit, and one whose
+    commit began in time is answered 201 when it ends."""
+    encode = engine.encode_prompt
+    app = create_app(engine, Settings(voices_dir=tmp_path, request_timeout=1.5))
+    with ServerThread(app) as running, running.client() as c:
+        monkeypatch.setattr(engine, "encode_prompt", lambda *a: time.sleep(2.0) or encode(*a))
+        error_of(upload(c, "Slow"), 504, "timeout")
+        time.sleep(1.0)  # the save's thread ends meanwhile
+        error_of(c.get("/voices/Slow"), 404)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # discarded
+        monkeypatch.setattr(engine, "encode_prompt", encode)
+        store = running.app.state.server.library.store._store
+        commit = store.commit
+        monkeypatch.setattr(store, "commit", lambda staged: time.sleep(2.0) or commit(staged))
+        started = time.monotonic()
+        assert upload(c, "Slow").status_code == 201  # past the deadline, but committed
+        assert time.monotonic() - started > 1.5
+        assert c.get("/voices/Slow").status_code == 200

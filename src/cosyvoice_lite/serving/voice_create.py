@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .prompts import check_audio
 from .scheduler import Job, JobTimeout, Overloaded
 from .settings import Settings
 from .synthesis import saved_features, voice_key
-from .voices import VoiceExistsError, name_key, validate_name
+from .voices import SaveAbandoned, VoiceExistsError, name_key, validate_name
 
 log = logging.getLogger("cosyvoice_lite.serving")
 
@@ -114,6 +115,7 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
             param="name",
         )
     job = Job(asyncio.get_running_loop(), time.monotonic() + settings.request_timeout)
+    gate = CommitGate(job)
 
     # on a thread of its own: the storage I/O may be slow or hang (an S3 bucket), and computing
     # the features there too leaves the engine loop decoding every other request meanwhile
@@ -127,6 +129,7 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
             voice_key(engine),
             encode,
             max_seconds=settings.max_prompt_seconds,
+            may_commit=gate.commit,
         )
         # its streams' shared part, computed in the background: even the first stream starts
         # fast; the voice is stored whatever happens here
@@ -143,16 +146,57 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
         state.metrics.count("rejected_total")
         raise overloaded(exc.retry_after) from None
     try:
-        voice = await job.next()
+        voice = await _outcome(job, gate, settings.request_timeout)
     except JobTimeout:
-        raise ApiError(
-            504, "computing the voice took too long", "timeout_error", "timeout"
-        ) from None
+        message = "computing the voice took too long"
+        if gate.committed:  # the storage did not answer: the voice may be stored or not
+            message = "the voice storage did not answer in time; the voice may have been saved"
+        raise ApiError(504, message, "timeout_error", "timeout") from None
     except VoiceExistsError as exc:
         raise ApiError(409, str(exc), code="voice_exists", param="name") from None
     state.metrics.count("voices_created_total")
     log.info("voice created", extra={"voice": name, "duration": voice.duration})
     return JSONResponse(voice.to_api(), status_code=201)
+
+
+class CommitGate:
+    """Decides once between a voice's commit and its request's timeout: a voice whose request
+    was answered 504 is never stored, and one whose commit began is answered as stored."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._lock = threading.Lock()
+        self._decided: bool | None = None  # True: committing; False: timed out
+
+    @property
+    def committed(self) -> bool:
+        return self._decided is True
+
+    def commit(self) -> bool:
+        """Whether the voice may be committed (asked under the library's write lock)."""
+        with self._lock:
+            if self._decided is None:
+                self._decided = not self._job.stop_requested()
+            return self._decided
+
+    def time_out(self) -> bool:
+        """Whether the request may be answered as timed out (no commit begun)."""
+        with self._lock:
+            if self._decided is None:
+                self._decided = False
+            return not self._decided
+
+
+async def _outcome(job: Job, gate: CommitGate, grace: float):
+    """The job's result; JobTimeout past its deadline, unless the commit had begun by then:
+    then its outcome, waited for up to ``grace`` seconds more."""
+    try:
+        return await job.next()
+    except (JobTimeout, SaveAbandoned):
+        if gate.time_out():
+            raise JobTimeout() from None
+    job.deadline = time.monotonic() + grace
+    return await job.next()
 
 
 def _log_failure(name: str):

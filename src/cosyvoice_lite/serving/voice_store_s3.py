@@ -26,11 +26,15 @@ per write means a voice created again under an old name never meets the old voic
 
 Reads go to the bucket (read-through): a voice created by another process is usable at once.
 Manifests found are reused for ``CACHE_TTL`` seconds (a voice deleted elsewhere is noticed within
-that time); absent ones are never cached. S3 failures raise StorageError (503).
+that time), and for as long as a listing at most that old shows the same ETag (a manifest is
+never rewritten: a voice written again has a new one), so listing the library is one LIST per
+1000 voices, plus a GET for each voice changed since; absent ones are never cached. S3 failures
+raise StorageError (503).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -86,8 +90,9 @@ class S3VoiceStore:
         self.where = f"bucket {settings.bucket!r} at {settings.endpoint_url or 'the AWS endpoint'}"
         self.client = make_s3_client(settings)
         self._lock = threading.Lock()
-        self._manifests: dict[str, tuple[float, bytes, str]] = {}  # name -> (read at, body, gen)
-        self._listing: tuple[float, list[str]] | None = None
+        # name -> (read at, body, generation, ETag)
+        self._manifests: dict[str, tuple[float, bytes, str, str]] = {}
+        self._listing: tuple[float, list[str], dict[str, str]] | None = None  # (at, names, ETags)
         self._present: set[str] = set()  # data keys seen: a generation's files never change
         self._conditional_delete = True
 
@@ -133,7 +138,7 @@ class S3VoiceStore:
             if self._listing and time.monotonic() - self._listing[0] < CACHE_TTL:
                 return list(self._listing[1])
         prefix = self._key("voices", "")
-        names = []
+        names, etags = [], {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix
@@ -143,18 +148,37 @@ class S3VoiceStore:
                     rest = item["Key"][len(prefix) :]
                     if "/" not in rest and rest.endswith(".json") and len(rest) > 5:
                         names.append(rest[:-5])
+                        etags[rest[:-5]] = item.get("ETag", "")
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, "list the voices") from None
         names.sort()
         with self._lock:
-            self._listing = (time.monotonic(), names)
+            self._listing = (time.monotonic(), names, etags)
+            for gone in self._manifests.keys() - etags.keys():  # deleted (maybe elsewhere)
+                del self._manifests[gone]
         return list(names)
+
+    def _listed(self, name: str) -> str | None:
+        """The ETag of ``name``'s manifest in a listing at most ``CACHE_TTL`` old (under _lock)."""
+        if self._listing is None or time.monotonic() - self._listing[0] >= CACHE_TTL:
+            return None
+        return self._listing[2].get(name) or None
+
+    def version(self, name: str) -> str | None:
+        """The ETag of the manifest cached for ``name`` if a recent listing shows it still."""
+        with self._lock:
+            cached, listed = self._manifests.get(name), self._listed(name)
+        return listed if cached is not None and cached[3] == listed else None
+
+    def exclusive(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # the names' claims keep writes apart (commit)
 
     def _manifest(self, name: str, fresh: bool = False) -> tuple[bytes, str, bool]:
         """(voice.json, generation, whether it came from the cache); FileNotFoundError."""
         with self._lock:
-            cached = self._manifests.get(name)
-        if cached and not fresh and time.monotonic() - cached[0] < CACHE_TTL:
+            cached, listed = self._manifests.get(name), self._listed(name)
+        current = cached and (time.monotonic() - cached[0] < CACHE_TTL or cached[3] == listed)
+        if current and not fresh:
             return cached[1], cached[2], True
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._manifest_key(name))
@@ -164,7 +188,7 @@ class S3VoiceStore:
             raise self._error(exc, "read the voice") from None
         generation = response.get("Metadata", {}).get("generation", "")
         with self._lock:
-            self._manifests[name] = (time.monotonic(), body, generation)
+            self._manifests[name] = (time.monotonic(), body, generation, response.get("ETag", ""))
         return body, generation, False
 
     def has(self, name: str, fresh: bool = False) -> bool:

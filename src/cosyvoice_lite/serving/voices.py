@@ -12,8 +12,11 @@ Layout of the library directory (one sub-directory per voice):
 
 Every write is atomic: a voice is assembled in ``.tmp-*`` and renamed into place, feature files
 are written to a temporary name and ``os.replace``d, and deletion renames the voice away before
-removing it. A crash therefore leaves either the old state or the new one, never half a voice;
-stray ``.tmp-*``/``.trash-*`` entries are cleaned up when the library opens.
+removing it. A crash therefore leaves either the old state or the new one, never half a voice.
+Several processes may share the directory: each ``.tmp-*``/``.trash-*`` work folder is locked
+(``flock`` of ``<folder>.lock``) while its process uses it, and those left by a process that
+died are cleaned up when the library opens; a name's check and its write hold a lock on the
+directory, so names stay unique without regard to case across the processes.
 
 Where the files live is a :class:`VoiceStore`: :class:`LocalVoiceStore` (the directory above, the
 default) or ``voice_store_s3.S3VoiceStore`` (a bucket shared by several server processes). The
@@ -32,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -44,7 +48,8 @@ import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -75,6 +80,7 @@ HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it c
 # and its 64 planning threads, so that requests which never touch the storage keep some
 STORAGE_WAITERS = 32
 BUSY_RETRY_AFTER = 5  # seconds a client refused for a busy storage is told to wait
+SCAN_READERS = 8  # voices a scan reads at once when it must read many (a bucket, first listed)
 LAYOUT_VERSION = 1
 
 Encode = Callable[[bytes, str], PromptFeatures]
@@ -90,6 +96,10 @@ class InvalidVoiceNameError(InvalidRequestError):
 
 class VoiceDamagedError(CosyVoiceError):
     """A stored voice whose files are unreadable or inconsistent (a server-side fault)."""
+
+
+class SaveAbandoned(CosyVoiceError):
+    """A voice not stored because its request ended first (e.g. its deadline passed)."""
 
 
 class StorageError(CosyVoiceError, OSError):
@@ -347,6 +357,14 @@ class VoiceStore(Protocol):
     def entries(self) -> list[str]:
         """Stored names of the committed voices (valid or not), sorted."""
 
+    def version(self, name: str) -> str | None:
+        """What identifies voice ``name``'s voice.json as the latest ``entries()`` saw it (it
+        changes whenever the voice is written again), from memory; None when not known."""
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held around a name's check and its write: one process at a time, where the store
+        needs it to keep names unique without regard to case."""
+
     def has(self, name: str) -> bool:
         """Whether a voice is committed under exactly this stored name."""
 
@@ -424,24 +442,103 @@ class WaitBounded:
             return call(*args, **kwargs)
 
 
+LOCK_SUFFIX = ".lock"  # beside a work folder (.tmp-*, .trash-*): held while it is in use
+
+
+def _claim(root: Path, prefix: str) -> tuple[Path, int]:
+    """A fresh work folder's path ``<root>/<prefix><hex>`` (not made yet) and its lock file
+    ``<path>.lock``, open and held (``flock LOCK_EX``). The lock comes before the folder and goes
+    after it, so a folder whose lock can be taken, or that has none, is provably left over."""
+    while True:
+        path = root / f"{prefix}{uuid.uuid4().hex}"
+        lock = os.open(f"{path}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.fstat(lock).st_nlink:  # not swept away between its creation and the lock
+                return path, lock
+        except BaseException:
+            os.close(lock)
+            raise
+        os.close(lock)
+
+
+def _unclaim(path: Path, lock: int) -> None:
+    """Release a work folder's lock (its folder gone already: renamed or removed)."""
+    with contextlib.suppress(OSError):
+        os.unlink(f"{path}{LOCK_SUFFIX}")
+    os.close(lock)
+
+
+def _sweep_leftover(path: Path) -> None:
+    """Remove work folder ``path`` (and its lock file) if no process holds its lock: left by a
+    process that died. One that is in use (another server process sharing the directory) is
+    left alone."""
+    try:
+        lock = os.open(f"{path}{LOCK_SUFFIX}", os.O_RDONLY)
+    except FileNotFoundError:  # none: an older version's, or a probe (nothing in it to lose)
+        lock = None
+    if lock is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return  # in use
+        if not os.fstat(lock).st_nlink:  # finished meanwhile (or swept by another process)
+            os.close(lock)
+            return
+    log.warning("removing leftover %s from an interrupted write", path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    if lock is not None:
+        _unclaim(path, lock)
+
+
+@dataclass
+class _LocalStaged:
+    folder: Path  # <root>/.tmp-<hex>, locked while staged
+    name: str
+    files: tuple[str, ...]
+    lock: int  # the held lock's descriptor; -1 once committed or discarded
+
+
 class LocalVoiceStore:
-    """Voices as directories under ``root`` (the layout in the module docstring)."""
+    """Voices as directories under ``root`` (the layout in the module docstring). Several
+    processes may share it: a work folder (``.tmp-*``, ``.trash-*``) is locked by its process,
+    and ``exclusive()`` makes a name's check and its write one step across processes."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        for entry in self.root.iterdir():
-            if entry.name.startswith((".tmp-", ".trash-")):
-                log.warning("removing leftover %s from an interrupted write", entry)
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
-                    missing_ok=True
-                )
+        leftovers = {
+            entry.removesuffix(LOCK_SUFFIX)
+            for entry in os.listdir(self.root)
+            if entry.startswith((".tmp-", ".trash-"))
+        }
+        for entry in sorted(leftovers):
+            _sweep_leftover(self.root / entry)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held by one process at a time (``flock`` of the directory itself: no file of its
+        own, and it works read-only): names are unique without regard to case across every
+        process sharing the directory."""
+        folder = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # (releases the lock)
 
     def entries(self) -> list[str]:
         names = os.listdir(self.root)
         return sorted(n for n in names if not n.startswith(".") and (self.root / n).is_dir())
+
+    def version(self, name: str) -> str | None:
+        return None  # read anew each time: a local read is cheap
 
     def has(self, name: str) -> bool:
         return (self.root / name).is_dir()
@@ -452,29 +549,38 @@ class LocalVoiceStore:
     def has_file(self, name: str, file: str) -> bool:
         return (self.root / name / file).is_file()
 
-    def stage(self, name: str, files: dict[str, bytes]) -> tuple[Path, str]:
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+    def stage(self, name: str, files: dict[str, bytes]) -> _LocalStaged:
+        folder, lock = _claim(self.root, ".tmp-")
+        staged = _LocalStaged(folder, name, tuple(files), lock)
         try:
             for file, data in files.items():
-                (tmp / file).parent.mkdir(parents=True, exist_ok=True)
-                _write_file(tmp / file, data)
-            for folder in {(tmp / file).parent for file in files}:
-                _fsync_dir(folder)
+                (folder / file).parent.mkdir(parents=True, exist_ok=True)
+                _write_file(folder / file, data)
+            for parent in {(folder / file).parent for file in files}:
+                _fsync_dir(parent)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(staged)
             raise
-        return tmp, name
+        return staged
 
-    def commit(self, staged: tuple[Path, str]) -> None:
-        tmp, name = staged
-        if self.has(name):
-            raise FileExistsError(name)
-        os.rename(tmp, self.root / name)  # atomic: the voice appears complete or not at all
+    def commit(self, staged: _LocalStaged) -> None:
+        if self.has(staged.name):
+            raise FileExistsError(staged.name)
+        lost = [file for file in staged.files if not (staged.folder / file).is_file()]
+        if lost:  # removed by hand or by a process that ignores the locks: never half a voice
+            log.error("the staged voice %r lost its files %s", staged.name, lost)
+            raise FileNotFoundError(errno.ENOENT, "the staged voice lost its files")
+        os.rename(staged.folder, self.root / staged.name)  # atomic: complete or not at all
         _fsync_dir(self.root)
+        _unclaim(staged.folder, staged.lock)
+        staged.lock = -1
 
-    def discard(self, staged: tuple[Path, str]) -> None:
-        if staged[0].exists():
-            shutil.rmtree(staged[0], ignore_errors=True)
+    def discard(self, staged: _LocalStaged) -> None:
+        if staged.lock < 0:  # committed (or discarded) already
+            return
+        shutil.rmtree(staged.folder, ignore_errors=True)
+        _unclaim(staged.folder, staged.lock)
+        staged.lock = -1
 
     def write(self, name: str, file: str, data: bytes) -> None:
         path = self.root / name / file
@@ -482,10 +588,13 @@ class LocalVoiceStore:
         _write_atomic(path, data)
 
     def remove(self, name: str) -> None:
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
-        os.rename(self.root / name, trash)  # atomic: gone at once, even if cut short
-        _fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        trash, lock = _claim(self.root, ".trash-")
+        try:
+            os.rename(self.root / name, trash)  # atomic: gone at once, even if cut short
+            _fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            _unclaim(trash, lock)
 
     def check(self) -> str | None:
         problem = None
@@ -500,6 +609,21 @@ class LocalVoiceStore:
             with contextlib.suppress(OSError):
                 probe.unlink(missing_ok=True)
         return problem
+
+
+@dataclass
+class _Scan:
+    """One scan of the library, shared by the calls that come while it runs."""
+
+    changes: int  # VoiceLibrary._changes when it began
+    done: threading.Event = field(default_factory=threading.Event)
+    value: tuple[list[VoiceInfo], list[BrokenVoice]] | None = None
+    error: BaseException | None = None
+
+    def result(self) -> tuple[list[VoiceInfo], list[BrokenVoice]]:
+        if self.error is not None or self.value is None:
+            raise self.error or RuntimeError("the scan failed")
+        return list(self.value[0]), list(self.value[1])  # each caller's own lists
 
 
 class VoiceLibrary:
@@ -520,6 +644,7 @@ class VoiceLibrary:
         self.root = getattr(store, "root", None)  # the directory of a local store
         self._lock = threading.RLock()  # the features kept; never held across storage I/O
         self._writing = threading.RLock()  # a name's check and its write (or deletion) as one
+        self._write_depth = 0  # _writing's holder's nesting (the store's lock is not reentrant)
         # (name, model family key, created_at): a voice deleted and created again elsewhere
         # (a shared store) never reuses the old voice's features; the most recently used
         # ``features_kept`` only, since a voice deleted through another process is never noticed
@@ -536,6 +661,11 @@ class VoiceLibrary:
         )
         self._write_failure: tuple[float, str] | None = None
         self._warned: dict[str, float] = {}
+        self._infos: dict[str, tuple[str, VoiceInfo]] = {}  # folder -> (store's version, info)
+        self._scan_lock = threading.Lock()
+        self._scanning: _Scan | None = None  # the scan under way, which others may share
+        self._changes = 0  # voices created or deleted by this process
+        self._scan_progress = 0.0  # when a scan last read something (time.monotonic())
         try:
             self.store.open()
         except StorageError:
@@ -571,20 +701,83 @@ class VoiceLibrary:
 
     # ------------------------------------------------------------------ reading
     def scan(self) -> tuple[list[VoiceInfo], list[BrokenVoice]]:
-        """Every usable voice, and every broken one with its reason."""
-        voices, broken = [], []
-        for folder in self._entries():
-            try:
-                validate_name(folder)
-                voices.append(_read_meta(self.store, folder))
-            except InvalidVoiceNameError:
-                broken.append(BrokenVoice(folder, "the directory name is not a valid voice name"))
-            except ValueError as exc:
-                if not self.exists(folder):
-                    continue  # deleted while it was being read: gone, not broken
-                self._warn_once(folder, "voice %r is broken: %s", folder, exc)
-                broken.append(BrokenVoice(folder, str(exc)))
-        return voices, broken
+        """Every usable voice, and every broken one with its reason. Calls at once share one
+        scan (many clients listing a bucket of voices), one begun since this process last
+        changed the library: a voice it saved is listed."""
+        with self._scan_lock:
+            shared = self._scanning
+            leader = shared is None or shared.changes != self._changes
+            if leader:
+                shared = self._scanning = _Scan(self._changes)
+        if not leader:
+            while not shared.done.wait(HEALTH_HUNG):
+                if time.monotonic() - self._scan_progress >= HEALTH_HUNG:
+                    # a scan that stopped reading waits on the storage: so do its sharers
+                    # (counted, so that a hung storage queues no threads)
+                    with self.store.waiting_on():
+                        shared.done.wait()
+            return shared.result()
+        try:
+            shared.value = self._scan()
+        except BaseException as exc:
+            shared.error = exc
+            raise
+        finally:
+            with self._scan_lock:
+                if self._scanning is shared:
+                    self._scanning = None
+            shared.done.set()
+        return shared.result()
+
+    def _scan(self) -> tuple[list[VoiceInfo], list[BrokenVoice]]:
+        self._scan_progress = time.monotonic()
+        entries = self._entries()
+        known = {folder: info for folder in entries if (info := self._known(folder)) is not None}
+        unread = [folder for folder in entries if folder not in known]
+        if len(unread) > SCAN_READERS:  # e.g. a bucket's voices, first listed: a request each
+            with ThreadPoolExecutor(SCAN_READERS, thread_name_prefix="voice-scan") as pool:
+                found = dict(zip(unread, pool.map(self._entry, unread), strict=True))
+        else:
+            found = {folder: self._entry(folder) for folder in unread}
+        infos = self._infos  # those of voices deleted (here or elsewhere) are forgotten
+        self._infos = {folder: infos[folder] for folder in entries if folder in infos}
+        listed = [known.get(folder) or found.get(folder) for folder in entries]
+        return (
+            [entry for entry in listed if isinstance(entry, VoiceInfo)],
+            [entry for entry in listed if isinstance(entry, BrokenVoice)],
+        )
+
+    def _entry(self, folder: str) -> VoiceInfo | BrokenVoice | None:
+        """Voice ``folder`` as a scan lists it; None when it was deleted while being read."""
+        try:
+            validate_name(folder)
+            return self._meta(folder)
+        except InvalidVoiceNameError:
+            return BrokenVoice(folder, "the directory name is not a valid voice name")
+        except ValueError as exc:
+            if not self.exists(folder):
+                return None  # deleted while it was being read: gone, not broken
+            self._warn_once(folder, "voice %r is broken: %s", folder, exc)
+            return BrokenVoice(folder, str(exc))
+        finally:
+            self._scan_progress = time.monotonic()
+
+    def _known(self, folder: str) -> VoiceInfo | None:
+        """The voice's info as read before, if the store says it is unchanged since."""
+        version = self.store.version(folder)
+        known = self._infos.get(folder)
+        if version is not None and known is not None and known[0] == version:
+            return known[1]
+        return None
+
+    def _meta(self, folder: str) -> VoiceInfo:
+        """voice.json of ``folder``, read and checked once per version the store names (a voice
+        bucket: each voice's manifest ETag, a scan needing no request for unchanged voices)."""
+        version = self.store.version(folder)
+        info = _read_meta(self.store, folder)
+        if version is not None and self.store.version(folder) == version:  # what was read
+            self._infos[folder] = (version, info)
+        return info
 
     def list(self) -> list[VoiceInfo]:
         return self.scan()[0]
@@ -684,10 +877,13 @@ class VoiceLibrary:
         key: str,
         encode: Encode,
         max_seconds: float | None = None,
+        may_commit: Callable[[], bool] | None = None,
     ) -> VoiceInfo:
         """Decode and check ``audio``, compute its features with ``encode``, and store the voice
         atomically. Raises AudioError for bad audio, VoiceExistsError if the name is taken (in
-        any case), StorageError if it cannot be written."""
+        any case), StorageError if it cannot be written, SaveAbandoned (nothing stored) if
+        ``may_commit``, asked once just before the commit, says no (e.g. the request's deadline
+        passed: its client was answered already)."""
         name = validate_name(name)
         if self.exists(name):
             raise VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
@@ -719,6 +915,8 @@ class VoiceLibrary:
                 if self.exists(name):
                     raise taken
                 self._check_room()  # (created meanwhile by another request)
+                if may_commit is not None and not may_commit():
+                    raise SaveAbandoned("the request ended before the voice was stored")
                 try:
                     self.store.commit(staged)  # the voice appears complete or not at all
                 except FileExistsError:  # e.g. committed meanwhile by another server process
@@ -739,7 +937,7 @@ class VoiceLibrary:
             elif staged is not None:
                 self.store.discard(staged)
         self._write_failure = None
-        self._counts.expire()
+        self._changed()
         return info
 
     def _check_room(self, size: int = 0) -> None:
@@ -778,8 +976,14 @@ class VoiceLibrary:
             with self._lock:
                 for cached in [k for k in self._features if k[0] == folder]:
                     del self._features[cached]
-        self._counts.expire()
+        self._changed()
         return folder
+
+    def _changed(self) -> None:
+        """This process created or deleted a voice: later listings and counts show it."""
+        with self._scan_lock:
+            self._changes += 1
+        self._counts.expire()
 
     # ------------------------------------------------------------------ features
     def features(self, name: str, key: str, encode: Encode) -> PromptFeatures:
@@ -857,15 +1061,24 @@ class VoiceLibrary:
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
-        """``_writing``, the wait for it counted as a wait on the storage: a write or a delete
-        holds it across storage I/O, so a hung storage would otherwise queue any number of
-        threads behind it."""
-        with self.store.waiting_on():
-            self._writing.acquire()
-        try:
-            yield
-        finally:
-            self._writing.release()
+        """``_writing`` and the store's lock across processes (``exclusive``, taken by the
+        outermost holder only), the wait for them counted as a wait on the storage: a write or a
+        delete holds them across storage I/O, so a hung storage would otherwise queue any number
+        of threads behind it."""
+        with contextlib.ExitStack() as held:
+            with self.store.waiting_on():
+                self._writing.acquire()
+                held.callback(self._writing.release)
+                if not self._write_depth:
+                    try:
+                        held.enter_context(self.store.exclusive())
+                    except OSError as exc:  # (the directory gone, locks unsupported)
+                        raise storage_error(exc, "write the voice library") from None
+            self._write_depth += 1
+            try:
+                yield
+            finally:
+                self._write_depth -= 1
 
     def _keep_features(self, version: tuple[str, str, float], features: PromptFeatures) -> None:
         with self._lock:
