@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import struct
-import termios
 import time
+
+try:  # Unix: a socket's kernel send queue is read too (TIOCOUTQ)
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    fcntl = termios = None
 
 import h11
 import uvicorn
@@ -60,7 +64,7 @@ class HeaderTimeoutProtocol(H11Protocol):
         a player reading at its own pace shows its progress there."""
         left = self.transport.get_write_buffer_size()
         sock = self.transport.get_extra_info("socket")
-        if sock is not None and hasattr(termios, "TIOCOUTQ"):
+        if sock is not None and termios is not None and hasattr(termios, "TIOCOUTQ"):
             with contextlib.suppress(OSError, ValueError):
                 queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
                 left += struct.unpack("i", queued)[0]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import io
 import json
 import logging
@@ -52,6 +51,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+try:  # Unix: work folders and names locked across processes
+    import fcntl
+except ImportError:  # Windows: one process per voices directory
+    fcntl = None
 
 import soundfile as sf
 import torch
@@ -452,6 +456,8 @@ def _claim(root: Path, prefix: str) -> tuple[Path, int]:
     while True:
         path = root / f"{prefix}{uuid.uuid4().hex}"
         lock = os.open(f"{path}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        if fcntl is None:
+            return path, lock
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.fstat(lock).st_nlink:  # not swept away between its creation and the lock
@@ -477,7 +483,7 @@ def _sweep_leftover(path: Path) -> None:
         lock = os.open(f"{path}{LOCK_SUFFIX}", os.O_RDONLY)
     except FileNotFoundError:  # none: an older version's, or a probe (nothing in it to lose)
         lock = None
-    if lock is not None:
+    if lock is not None and fcntl is not None:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -526,6 +532,9 @@ class LocalVoiceStore:
         """Held by one process at a time (``flock`` of the directory itself: no file of its
         own, and it works read-only): names are unique without regard to case across every
         process sharing the directory."""
+        if fcntl is None:
+            yield
+            return
         folder = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
