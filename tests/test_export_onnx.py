@@ -460,6 +460,27 @@ def test_an_export_is_staged_where_it_can_be_written_and_leaves_nothing_if_stopp
         check_options(tmp_path / "file" / "out", "float32", None, False, ("hift",))
 
 
+def test_an_export_stopped_by_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM (`timeout`, `docker stop`, systemd) killed the command outright: its hidden
+    staging directory stayed behind (gigabytes for a real model), one more per stopped run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "cosyvoice_lite", "export", "onnx", "--model",
+               str(MODELS / "v1-tiny"), "-o", str(tmp_path / "new" / "deeper")]  # fmt: skip
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 120
+        while not any(tmp_path.rglob("*partial*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()  # stopped while it works
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_float16_export_reports_error_and_overflow(tmp_path):
     from cosyvoice_lite.errors import ModelDirError
 

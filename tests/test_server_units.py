@@ -48,7 +48,7 @@ class CountingEncoder:
 
 
 @pytest.mark.parametrize(
-    "name", ["alice", "中文女", "my voice", "v-2.1_b", "A", "x" * 64, "Ünïcode"]
+    "name", ["alice", "中文女", "my voice", "v-2.1_b", "A", "x" * 64, "Ünïcode", "_x", "_1-"]
 )
 def test_valid_names(name):
     assert validate_name(name) == name
@@ -74,6 +74,10 @@ def test_valid_names(name):
         "/etc/passwd",
         "semi;colon",
         "star*",
+        "_",
+        "__",
+        "_-",
+        "-x",
     ],
 )
 def test_invalid_names(name):

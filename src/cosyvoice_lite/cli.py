@@ -589,8 +589,7 @@ def _say_with(engine, args: argparse.Namespace, text: str, mode, fmt: str) -> in
     player = Player(engine.sample_rate) if args.play else None
     start = time.perf_counter()
     output = AudioOutput(args.output, fmt, args.stream, engine.sample_rate)
-    with _terminated_as_interrupted():
-        first, seconds = _say(engine, request, output, player)
+    first, seconds = _say(engine, request, output, player)
     took = time.perf_counter() - start
     streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
     print(  # on stderr, as all progress: stdout may be the audio itself (-o -)
@@ -788,8 +787,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # SIGTERM unwinds every command but serve (which stops its own way) as Ctrl-C: no half-made
+    # file or export staging is left behind (an export stopped by `timeout` left gigabytes)
+    terminated = (
+        contextlib.nullcontext() if args.command == "serve" else _terminated_as_interrupted()
+    )
     try:
-        return args.func(args)
+        with terminated:
+            return args.func(args)
     except CosyVoiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ that cannot finish (aborted, never ended as if complete).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import ApiError
 from .metrics import Metrics
 from .settings import Settings
-from .streaming import StreamTruncated
+from .streaming import StreamTruncated, sse_event
 
 log = logging.getLogger("cosyvoice_lite.serving")
 
@@ -263,13 +264,17 @@ class GuardMiddleware:
         limit = body_limit(self.settings, content_type)
         upload = content_type.startswith("multipart/form-data")
         length = headers.get(b"content-length", b"").decode("latin-1")
-        sent = {"started": False, "rejected": None}
+        sent = {"started": False, "rejected": None, "events": False}
 
         async def send_guarded(message) -> None:
             if sent["rejected"] is not None:
                 return  # the app's answer to a body we cut off is replaced by ours
             if message["type"] == "http.response.start":
                 sent["started"] = True
+                sent["events"] = (b"content-type", b"text/event-stream") in [
+                    (name.lower(), value.partition(b";")[0].strip())
+                    for name, value in message.get("headers", [])
+                ]
                 message = {**message, "headers": self._headers(scope, message.get("headers", []))}
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
@@ -381,9 +386,40 @@ class GuardMiddleware:
         except BodyRejected:
             if sent["rejected"] is None or sent["started"]:
                 raise
+        except asyncio.CancelledError:
+            await _stopped_at_shutdown(scope, sent, answer, send_guarded, self.metrics)
+            return
         if sent["rejected"] is not None and not sent["started"]:
             error, sent["rejected"] = sent["rejected"], None
             await answer(error)
+
+
+SHUTTING_DOWN = "the server is shutting down: the synthesis was stopped before its end"
+
+
+async def _stopped_at_shutdown(scope, sent: dict, answer, send, metrics: Metrics) -> None:  # noqa: ANN001
+    """A request uvicorn cancelled (the only canceller of request tasks: its graceful shutdown
+    ran out of --shutdown-timeout) ends as documented, not in a plain-text 500 and a traceback:
+    503 JSON before any audio, an ``error`` event ending server-sent events, a chunked
+    transfer aborted (no final chunk: the client sees an incomplete body)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # (Python 3.11+) answered: not cancelled
+        task.uncancel()
+    error = ApiError(503, SHUTTING_DOWN, "server_error", "shutting_down")
+    if not sent["started"]:
+        await answer(error)
+        return
+    metrics.count("truncated_streams_total")
+    request_id = scope.get("state", {}).get("request_id")
+    log.warning(
+        "stream aborted before its end: %s", SHUTTING_DOWN, extra={"request_id": request_id}
+    )
+    if sent["events"]:
+        body = sse_event({"type": "error", "error": error.body()["error"]})
+        with contextlib.suppress(Exception):  # the client may be gone too
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+    CUT_ON_PURPOSE.set(True)  # (uvicorn's own error line about it is not logged)
 
 
 async def _read_body(receive) -> bytes:

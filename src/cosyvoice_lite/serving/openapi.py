@@ -51,8 +51,8 @@ TEXT_FIELDS = {  # property name -> Settings attribute with its limit
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 NAME_RULES = (
     f"Voice name: 1-{MAX_NAME_CHARS} letters, digits, spaces, '.', '-' or '_' (at most "
-    f"{MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or digit and not ending with a "
-    "space or '.', not mixing Latin, Cyrillic or Greek letters; normalised to Unicode NFKC and "
+    f"{MAX_NAME_BYTES} bytes in UTF-8) with a letter or digit among them, starting with a "
+    "letter, digit or '_' and not ending with a space or '.', not mixing Latin, Cyrillic or Greek letters; normalised to Unicode NFKC and "
     "unique without regard to case."
 )
 

@@ -68,9 +68,10 @@ from .refreshed import Refreshed
 log = logging.getLogger(__name__)
 FEATURES_KEPT = 512  # voices' features kept in memory per process (up to ~0.5 MB each)
 
-# Letters and digits of any script, then letters, digits, space, dot, dash or underscore; no
-# slashes, no leading dot, no trailing space or dot: a name is always one safe path component.
-NAME_PATTERN = re.compile(r"\w(?:[\w .-]{0,62}[\w-])?")
+# A letter, digit or underscore of any script, then letters, digits, space, dot, dash or
+# underscore, a letter or digit among them; no slashes, no leading dot, no trailing space or
+# dot: a name is always one safe path component (and says something: not "__" or "_-").
+NAME_PATTERN = re.compile(r"(?=.*[^\W_])\w(?:[\w .-]{0,62}[\w-])?")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128  # UTF-8; file systems allow 255 (eCryptfs 143)
 MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded storage
@@ -173,8 +174,8 @@ def validate_name(name: str) -> str:
     ):
         raise InvalidVoiceNameError(
             f"invalid voice name {_shown(name)}: use 1-{MAX_NAME_CHARS} letters, digits, spaces, "
-            f"'.', '-' or '_' (at most {MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or "
-            "digit and not ending with a space or '.'"
+            f"'.', '-' or '_' (at most {MAX_NAME_BYTES} bytes in UTF-8) with a letter or digit "
+            "among them, starting with a letter, digit or '_' and not ending with a space or '.'"
         )
     if len(_letter_scripts(normal) & LOOKALIKE_SCRIPTS) > 1:
         raise InvalidVoiceNameError(
