@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -157,9 +158,22 @@ def live_jobs() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is Job)
 
 
+def _tts_statuses(server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    statuses = {
+        status: metric(text, "cosyvoice_requests_total", endpoint="/tts", status=status)
+        for status in ("499", "500", "400", "422")
+    }
+    return {**statuses, "no_audio": metric(text, "cosyvoice_errors_total", code="no_audio")}
+
+
 def test_disconnect_stops_a_whole_file_request(busy, slow, preset):
+    """...and a client that leaves is recorded as 499 (nginx's "client closed request"): it had
+    been a 500 no_audio, or a 400/422 when it left while sending its body, so every client that
+    gave up raised the server's error rates."""
     before_closed, before_completed = slow.closed, slow.completed
     cancelled = gauge(busy, "cosyvoice_cancelled_total")
+    before = _tts_statuses(busy)
     with busy.client(timeout=0.6) as own, pytest.raises(httpx.ReadTimeout):
         own.post("/tts", json={"text": LONG, "speaker": preset, "seed": 2})  # >= 2 s of pauses
     assert wait_for(lambda: slow.closed == before_closed + 1, timeout=30), "synthesis kept running"
@@ -167,6 +181,17 @@ def test_disconnect_stops_a_whole_file_request(busy, slow, preset):
     assert wait_for(lambda: gauge(busy, "cosyvoice_requests_in_flight") == 0, timeout=10)
     assert gauge(busy, "cosyvoice_cancelled_total") == cancelled + 1
     assert wait_for(lambda: live_jobs() == 0, timeout=10), "the cancelled job is still in memory"
+    body = json.dumps({"text": LONG, "speaker": preset}).encode()
+    head = (
+        f"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for sent in (head, head + body[:20]):  # gone before its body, or in the middle of it
+        with socket.create_connection(("127.0.0.1", busy.port), timeout=10) as raw:
+            raw.sendall(sent)
+            time.sleep(0.2)
+    expected = {**before, "499": before["499"] + 3}
+    assert wait_for(lambda: _tts_statuses(busy) == expected, timeout=10), _tts_statuses(busy)
 
 
 def test_timeout_gives_504(engine, preset, tmp_path):

@@ -36,6 +36,7 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
@@ -43,7 +44,14 @@ from ..audio.io import AUDIO_FORMATS, MIN_PROMPT_SECONDS
 from ..errors import CosyVoiceError
 from .docs import docs_router
 from .encoding import EncodingPool
-from .errors import ApiError, from_engine_error, not_ready, route_fields
+from .errors import (
+    CLIENT_CLOSED,
+    ApiError,
+    ClientGone,
+    from_engine_error,
+    not_ready,
+    route_fields,
+)
 from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts, quiet_cut_streams
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
@@ -313,6 +321,8 @@ class ServingMiddleware:
                 await error.response()(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
+        except (ClientGone, ClientDisconnect):  # not a server's or a request's fault
+            status["code"] = CLIENT_CLOSED
         finally:
             endpoint = _route_path(self.fastapi_app, scope)
             # h11 passes any token as a method: made-up ones would each be a new series for good

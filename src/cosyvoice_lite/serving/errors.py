@@ -38,6 +38,15 @@ ERROR_SCHEMA = {
 """The JSON body of every error response (OpenAPI / JSON Schema)."""
 
 
+class ClientGone(Exception):
+    """The client went away before its response (closed while its body was being read, or
+    while its audio was being made): nothing is sent, and the request is recorded as
+    ``CLIENT_CLOSED`` (nginx's 499), not as a server or request error."""
+
+
+CLIENT_CLOSED = 499
+
+
 class ApiError(Exception):
     """An error with its HTTP status, raised anywhere in the serving layer."""
 

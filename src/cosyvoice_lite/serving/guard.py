@@ -18,7 +18,7 @@ import sys
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import ApiError
+from .errors import ApiError, ClientGone
 from .metrics import Metrics
 from .settings import Settings
 from .streaming import StreamTruncated, sse_event
@@ -426,6 +426,8 @@ async def _read_body(receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":  # a part of a body: nothing to answer
+            raise ClientGone
         if message["type"] != "http.request":
             break
         chunks.append(message.get("body", b""))

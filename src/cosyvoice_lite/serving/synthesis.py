@@ -18,7 +18,14 @@ from fastapi.responses import Response, StreamingResponse
 from ..audio.io import media_type
 from ..errors import CosyVoiceError, InvalidRequestError, UnsupportedModeError
 from ..request import Mode, SynthesisRequest
-from .errors import ApiError, field_name, from_engine_error, overloaded, route_fields
+from .errors import (
+    ApiError,
+    ClientGone,
+    field_name,
+    from_engine_error,
+    overloaded,
+    route_fields,
+)
 from .scheduler import Job, JobTimeout, Overloaded
 from .streaming import (
     Encoder,
@@ -343,6 +350,11 @@ async def _cancel_on_disconnect(state: ServerState, request: Request, job: Job) 
             return
 
 
+def _went_away(watcher: asyncio.Task) -> bool:
+    """Whether ``_cancel_on_disconnect`` saw the client go (and cancelled the job)."""
+    return watcher.done() and not watcher.cancelled() and watcher.exception() is None
+
+
 def _request_id_of(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
@@ -438,6 +450,8 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
                 except StopAsyncIteration:
                     break
             if summary is None:  # stopped early (deadline or shutdown): never a short 200
+                if _went_away(watcher):
+                    raise ClientGone
                 raise (
                     _timeout_error(state)
                     if job.expired()
@@ -455,6 +469,8 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
             headers["Content-Disposition"] = f'inline; filename="speech-{plan.request_id}.{ext}"'
             return Response(b"".join(pieces), media_type=media, headers=headers)
     except StopAsyncIteration:
+        if _went_away(watcher):  # its job cancelled: not a fault of the server's
+            raise ClientGone from None
         raise ApiError(500, "synthesis produced nothing", "server_error", "no_audio") from None
     except BaseException:
         job.cancel()
