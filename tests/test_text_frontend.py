@@ -171,6 +171,31 @@ def test_dense_numbers_are_tagged_in_short_windows(text: str, lang: str):
     assert time.perf_counter() - start < 10 and "1" not in normalized.replace("1.5", "")
 
 
+def test_english_numbers_read_the_same_from_several_threads():
+    """Requests are prepared on two threads; inflect keeps a call's state on its engine, so one
+    number's reading took another's scale ("three hundred and forty trillion" for 340 billion)."""
+    import threading
+
+    frontend = TextFrontend(_words)
+    texts = [
+        f"Order #{n}{n % 1000:03d}{n % 997:03d} has shipped, version {n}.{n % 7}.1."
+        for n in range(300, 420)
+    ]
+    expected = [TextFrontend(_words).normalize_text(text) for text in texts]
+    results: dict[int, str] = {}
+
+    def work(offset: int) -> None:
+        for index in range(offset, len(texts), 2):
+            results[index] = frontend.normalize_text(texts[index])
+
+    threads = [threading.Thread(target=work, args=(offset,)) for offset in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[index] for index in range(len(texts))] == expected
+
+
 def test_text_that_is_not_unicode_is_refused_split_or_not():
     from cosyvoice_lite.errors import InvalidRequestError
 

@@ -693,6 +693,9 @@ class TextFrontend:
             "merge_len": merge_len,
         }
         self._inflect = None
+        # requests are prepared on several threads, and inflect's number_to_words keeps its
+        # state on the engine ("three hundred and forty trillion" for 340 billion, 3 in 60)
+        self._inflect_lock = threading.Lock()
 
     @property
     def inflect_engine(self):
@@ -774,9 +777,10 @@ class TextFrontend:
         if any(
             char.isdigit() for char in text
         ):  # wetext reads most numbers; inflect is slow to import
-            text = outside_stressed_phones(
-                text, lambda part: spell_out_number(part, self.inflect_engine)
-            )
+            with self._inflect_lock:  # inflect keeps a call's state on its engine
+                text = outside_stressed_phones(
+                    text, lambda part: spell_out_number(part, self.inflect_engine)
+                )
         return text, "en"
 
 

@@ -21,7 +21,7 @@ from .prompts import check_audio
 from .scheduler import Job, JobTimeout, Overloaded
 from .settings import Settings
 from .synthesis import saved_features, voice_key
-from .voices import SaveAbandoned, VoiceExistsError, name_key, validate_name
+from .voices import SaveAbandoned, VoiceExistsError, name_key, validate_new_name
 
 log = logging.getLogger("cosyvoice_lite.serving")
 
@@ -95,7 +95,7 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
     of ``reserved`` (e.g. voice aliases) or already saved, compared as the library compares
     names (case and compatibility forms: ``ＡＬＬＯＹ`` is ``alloy``)."""
     name, prompt_text, data = upload.name, upload.prompt_text, upload.data
-    key = name_key(validate_name(name))
+    key = name_key(validate_new_name(name))
     engine = state.require_engine()
     if prompt_text:  # checked as a request's texts are (its tags, \[sic] as text)
         engine.check_markup(prompt_text, upload.transcript_field)

@@ -82,6 +82,8 @@ class _Staged:
 class S3VoiceStore:
     """Voices in ``settings.bucket`` under ``settings.prefix`` (see the module docstring)."""
 
+    listing_may_lag = True  # a listing is kept 2 s (documented)
+
     def __init__(self, settings: S3Settings) -> None:
         from .outputs import make_s3_client
 

@@ -69,9 +69,11 @@ log = logging.getLogger(__name__)
 FEATURES_KEPT = 512  # voices' features kept in memory per process (up to ~0.5 MB each)
 
 # A letter, digit or underscore of any script, then letters, digits, space, dot, dash or
-# underscore, a letter or digit among them; no slashes, no leading dot, no trailing space or
-# dot: a name is always one safe path component (and says something: not "__" or "_-").
-NAME_PATTERN = re.compile(r"(?=.*[^\W_])\w(?:[\w .-]{0,62}[\w-])?")
+# underscore; no slashes, no leading dot, no trailing space or dot: a name is always one safe
+# path component. A new name also needs a letter or digit (``validate_new_name``): "__" was
+# taken once, and a voice stored under it is still found and deleted.
+NAME_PATTERN = re.compile(r"\w(?:[\w .-]{0,62}[\w-])?")
+HAS_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128  # UTF-8; file systems allow 255 (eCryptfs 143)
 MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded storage
@@ -156,6 +158,16 @@ def _shown(name: str) -> str:
     return repr(name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "...")
 
 
+def validate_new_name(name: str) -> str:
+    """``validate_name`` for a voice about to be saved, which must also hold a letter or digit."""
+    normal = validate_name(name)
+    if not HAS_LETTER_OR_DIGIT.search(normal):
+        raise InvalidVoiceNameError(
+            f"invalid voice name {_shown(name)}: it needs a letter or digit"
+        )
+    return normal
+
+
 def validate_name(name: str) -> str:
     """The normalised (NFKC) form of ``name`` if it is a valid voice name, else raise
     InvalidVoiceNameError. Compare names with :func:`name_key`."""
@@ -174,8 +186,8 @@ def validate_name(name: str) -> str:
     ):
         raise InvalidVoiceNameError(
             f"invalid voice name {_shown(name)}: use 1-{MAX_NAME_CHARS} letters, digits, spaces, "
-            f"'.', '-' or '_' (at most {MAX_NAME_BYTES} bytes in UTF-8) with a letter or digit "
-            "among them, starting with a letter, digit or '_' and not ending with a space or '.'"
+            f"'.', '-' or '_' (at most {MAX_NAME_BYTES} bytes in UTF-8), starting with a "
+            "letter, digit or '_' and not ending with a space or '.'"
         )
     if len(_letter_scripts(normal) & LOOKALIKE_SCRIPTS) > 1:
         raise InvalidVoiceNameError(
@@ -359,6 +371,10 @@ class VoiceStore(Protocol):
     def open(self) -> None:
         """Prepare the storage (create it, clean up interrupted writes); OSError if unusable."""
 
+    # whether a listing may lag behind other processes' writes (a bucket's: documented), so
+    # that listings at once may share one scan; a local directory's is always current
+    listing_may_lag: bool
+
     def entries(self) -> list[str]:
         """Stored names of the committed voices (valid or not), sorted."""
 
@@ -514,6 +530,8 @@ class LocalVoiceStore:
     """Voices as directories under ``root`` (the layout in the module docstring). Several
     processes may share it: a work folder (``.tmp-*``, ``.trash-*``) is locked by its process,
     and ``exclusive()`` makes a name's check and its write one step across processes."""
+
+    listing_may_lag = False
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -713,7 +731,10 @@ class VoiceLibrary:
     def scan(self) -> tuple[list[VoiceInfo], list[BrokenVoice]]:
         """Every usable voice, and every broken one with its reason. Calls at once share one
         scan (many clients listing a bucket of voices), one begun since this process last
-        changed the library: a voice it saved is listed."""
+        changed the library: a voice it saved is listed. (Not a local directory's: its
+        listing is cheap, and one begun earlier could miss another process's latest change.)"""
+        if not self.store.listing_may_lag:
+            return self._scan()
         with self._scan_lock:
             shared = self._scanning
             leader = shared is None or shared.changes != self._changes
@@ -894,7 +915,7 @@ class VoiceLibrary:
         any case), StorageError if it cannot be written, SaveAbandoned (nothing stored) if
         ``may_commit``, asked once just before the commit, says no (e.g. the request's deadline
         passed: its client was answered already)."""
-        name = validate_name(name)
+        name = validate_new_name(name)
         if self.exists(name):
             raise VoiceExistsError(f"a voice named {name!r} already exists; delete it first")
         self._check_room()  # before the features are computed
