@@ -218,6 +218,8 @@ def test_text_file_object_is_rejected() -> None:
 def test_silence() -> None:
     with pytest.raises(AudioError, match="all zeros"):
         check_not_silent(torch.zeros(16000))
+    with pytest.raises(AudioError, match="constant: a DC offset"):  # not "all zeros"
+        check_not_silent(torch.full((16000,), 0.5))
     tone = torch.sin(torch.arange(16000) * 0.1)
     with pytest.raises(AudioError, match="-80 dBFS"):
         check_not_silent(tone * 1e-4)
@@ -239,9 +241,12 @@ def test_silence() -> None:
 
 def test_duration_limits() -> None:
     check_duration(torch.zeros(16000 * 30), 16000)
-    with pytest.raises(AudioError, match="too long.*30 s"):
+    # a length that rounds to the limit is given in samples too ("30.0 s, at most 30 s")
+    with pytest.raises(AudioError, match=r"too long: 30.0001 s \(480001 samples at 16000 Hz\)"):
         check_duration(torch.zeros(16000 * 30 + 1), 16000)
-    with pytest.raises(AudioError, match="too short"):
+    with pytest.raises(AudioError, match=r"too short: 0.4999 s \(7999 samples"):
+        check_duration(torch.zeros(7999), 16000)
+    with pytest.raises(AudioError, match="too short: 0.25 s"):
         check_duration(torch.zeros(4000), 16000)
     with pytest.raises(AudioError, match="too long"):
         check_prompt_audio(torch.full((24000 * 31,), 0.1), 24000)
@@ -434,7 +439,7 @@ def test_decoded_samples_are_checked_as_a_file_is() -> None:
         wav, rate = load_audio(Waveform(samples, 24000))
         assert rate == 24000 and wav.dtype == torch.float32
         assert torch.equal(wav, from_file[0])
-    with pytest.raises(AudioError, match="too long: 2.0 s, at most 1.5 s"):
+    with pytest.raises(AudioError, match="too long: 2.00 s, at most 1.5 s"):
         load_audio(Waveform(data[:, 0], 24000), max_seconds=1.5)
     with pytest.raises(AudioError, match="mono"):
         load_audio(Waveform(data.T.repeat(2, axis=0), 24000))

@@ -35,6 +35,29 @@ def test_full_context_conformer_matches_official_on_padded_batch():
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("row_mask", [False, True])
+def test_a_long_sequences_attention_in_blocks_of_queries_is_the_whole_ones(monkeypatch, row_mask):
+    """A long utterance's queries are attended a block at a time: all at once, a 6,000-token
+    CosyVoice2 utterance's scores needed more memory than the machine had (h x T x (2T - 1)
+    floats, 11.7 GB, then more). Rows as the whole computation gives them, padded or not."""
+    from cosyvoice_lite.networks import conformer
+
+    torch.manual_seed(0)
+    attention = conformer.RelPositionMultiHeadedAttention(2, 16).eval()
+    for parameter in attention.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(2, 150, 16)
+    x, pos_emb = EspnetRelPositionalEncoding(16)(x)
+    lengths = torch.tensor([150, 97])
+    keep = torch.arange(150)[None, :] < lengths[:, None]  # [B, T]
+    mask = (keep[:, :, None] & keep[:, None, :]) if row_mask else keep[:, None, :]
+    with torch.inference_mode():
+        whole = attention(x, mask, pos_emb)
+        monkeypatch.setattr(conformer, "WHOLE_ATTENTION_ROWS", 32)
+        blocks = attention(x, mask, pos_emb)
+    torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_state_dict_keys_are_the_official_ones():
     conformer = ConformerEncoder(
         8, 8, 2, 16, 1, input_layer="linear", pos_enc_layer_type="rel_pos_espnet",

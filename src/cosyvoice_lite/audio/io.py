@@ -148,8 +148,8 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
                 and f.frames / sample_rate > max_seconds
             ):
                 raise AudioError(
-                    f"{what} is too long: {f.frames / sample_rate:.1f} s, at most "
-                    f"{max_seconds:g} s is accepted"
+                    f"{what} is too long: {_length(f.frames, sample_rate, max_seconds)}, at "
+                    f"most {max_seconds:g} s is accepted"
                 )
             limit = None if max_seconds is None else math.floor(max_seconds * sample_rate)
             block = max(1, DECODE_BLOCK_SAMPLES // max(f.channels, 1))
@@ -243,8 +243,8 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
         raise AudioError("decoded audio contains no samples")
     if max_seconds is not None and waveform.numel() > math.floor(max_seconds * rate):
         raise AudioError(
-            f"decoded audio is too long: {waveform.numel() / rate:.1f} s, at most "
-            f"{max_seconds:g} s is accepted"
+            f"decoded audio is too long: {_length(waveform.numel(), rate, max_seconds)}, at "
+            f"most {max_seconds:g} s is accepted"
         )
     if not bool(torch.isfinite(waveform).all()):
         raise AudioError("decoded audio contains NaN or infinite samples")
@@ -316,7 +316,12 @@ def check_not_silent(
     else:
         level = float(centred.max())
     if level < peak:
-        where = "all zeros" if level == 0 else f"peak {20 * math.log10(level):.0f} dBFS"
+        if level > 0:
+            where = f"peak {20 * math.log10(level):.0f} dBFS"
+        elif bool((waveform == 0).all()):
+            where = "all zeros"
+        else:
+            where = "constant: a DC offset and no sound"
         raise AudioError(
             f"audio is silent ({where}, threshold {20 * math.log10(peak):.0f} dBFS); "
             "check the recording"
@@ -330,16 +335,27 @@ def check_duration(
     max_seconds: float = MAX_PROMPT_SECONDS,
 ) -> None:
     """Raise if the duration of ``audio`` (samples on its last axis) is outside the limits."""
-    seconds = _as_tensor(audio).shape[-1] / sample_rate
+    frames = _as_tensor(audio).shape[-1]
+    seconds = frames / sample_rate
     if seconds < min_seconds:
         raise AudioError(
-            f"audio is too short: {seconds:.2f} s, at least {min_seconds:g} s is needed"
+            f"audio is too short: {_length(frames, sample_rate, min_seconds)}, at least "
+            f"{min_seconds:g} s is needed"
         )
     if seconds > max_seconds:
         raise AudioError(
-            f"audio is too long: {seconds:.1f} s; the speech tokenizer accepts at most "
-            f"{max_seconds:g} s, trim the prompt"
+            f"audio is too long: {_length(frames, sample_rate, max_seconds)}; the speech "
+            f"tokenizer accepts at most {max_seconds:g} s, trim the prompt"
         )
+
+
+def _length(frames: int, rate: int, limit: float) -> str:
+    """An audio's length for a message about ``limit``: in samples too where its seconds,
+    rounded, would read as the limit itself ("0.50 s, at least 0.5 s")."""
+    seconds = frames / rate
+    if float(f"{seconds:.2f}") != limit:
+        return f"{seconds:.2f} s"
+    return f"{seconds:.4f} s ({frames} samples at {rate} Hz)"
 
 
 def check_prompt_audio(

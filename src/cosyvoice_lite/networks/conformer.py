@@ -153,6 +153,11 @@ ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU}
 # --------------------------------------------------------------------------------------------
 
 
+# Queries whose attention over a whole sequence is computed at once; a longer sequence's go a
+# block of this many at a time (the same floats per row, memory h x block x 2T)
+WHOLE_ATTENTION_ROWS = 1024
+
+
 def _gather_by_distance(scores_by_row: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
     """Pick, for every (query i, key j), the positional score stored at column ``row_of[..., i, j]``
     (``row_of`` broadcasts over the leading dims of ``scores_by_row``).
@@ -250,12 +255,32 @@ class RelPositionMultiHeadedAttention(nn.Module):
         size = x.size(1)
         q, k, v = (self._heads(y) for y in grouped(self, "qkv", x))
         p = self._heads(self.linear_pos(pos_emb))  # [1, h, 2T-1, d_k]
-        bd_by_row = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
-        # Row m of pos_emb holds distance T-1-m, so distance i-j sits at row T-1-i+j.
-        positions = torch.arange(size, device=x.device)
-        row_of = (size - 1) - positions.unsqueeze(1) + positions.unsqueeze(0)
-        bd = _gather_by_distance(bd_by_row, row_of)
-        return self._attend(q, k, v, bd, mask.unsqueeze(1))
+        if size <= WHOLE_ATTENTION_ROWS:
+            return self._attend(q, k, v, self._positional_scores(q, p, 0, size), mask.unsqueeze(1))
+        # a long utterance's queries a block at a time: the scores of all of them at once are
+        # h x T x (2T - 1) floats (a 6,000-token CosyVoice2 utterance: 11.7 GB, then more)
+        keep = mask.unsqueeze(1)
+        blocks = []
+        for start in range(0, size, WHOLE_ATTENTION_ROWS):
+            end = min(start + WHOLE_ATTENTION_ROWS, size)
+            rows = keep if keep.size(2) == 1 else keep[:, :, start:end]
+            bd = self._positional_scores(q[:, :, start:end], p, start, size)
+            blocks.append(self._weighted_values(q[:, :, start:end], k, v, bd, rows))
+        return self.linear_out(torch.cat(blocks, dim=1))
+
+    def _positional_scores(
+        self, q: torch.Tensor, p: torch.Tensor, start: int, size: int
+    ) -> torch.Tensor:
+        """(q + pos_bias_v) . p(i - j) for the queries i = start .. start + len(q) - 1 and every
+        key j < ``size``: [B, h, len(q), size]. Row m of ``p`` holds distance size-1-m, so
+        distance i-j sits at row size-1-i+j; only the rows these queries reach are used."""
+        end = start + q.size(2)
+        reached = p[:, :, size - end : 2 * size - 1 - start]  # rows size-1-i+j, i < end, j < size
+        bd_by_row = torch.matmul(q + self.pos_bias_v.unsqueeze(1), reached.transpose(-2, -1))
+        queries = torch.arange(start, end, device=q.device)
+        keys = torch.arange(size, device=q.device)
+        row_of = (end - 1) - queries.unsqueeze(1) + keys.unsqueeze(0)
+        return _gather_by_distance(bd_by_row, row_of)
 
     def projected_positions(self, sinusoids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``linear_pos`` of relative-distance sinusoids [n, D] (in the weights' dtype), as heads
