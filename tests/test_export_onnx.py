@@ -542,7 +542,57 @@ def test_a_damaged_or_foreign_export_is_refused_before_the_networks_load(export_
                tuned / "flow.pt")  # fmt: skip
     with pytest.raises(ModelDirError, match="other weights"):
         load(exported(2, export_root), tuned)
+    # the same through the documented call on a loaded engine (it had been accepted)
+    from cosyvoice_lite.export.runtime import check_graphs, read_manifest
+
+    with Engine.load(tuned) as engine, pytest.raises(ModelDirError, match="other weights"):
+        use_onnxruntime(engine.pipeline, exported(2, export_root))
+    # an export without a graph the backend runs: refused before loading, not after
+    flow_only = _copy_export(2, export_root, tmp_path / "flow-only")
+    manifest = read_manifest(flow_only)
+    del manifest["graphs"]["hift"]
+    with pytest.raises(ModelDirError, match="no hift graph"):
+        check_graphs(flow_only, manifest)
     load(exported(2, export_root))  # the export of this model loads
+
+
+def test_an_int8_copy_is_made_again_for_other_graphs_copied_over_with_their_times(
+    export_root, tmp_path
+):
+    """An export copied over a deployed one (cp -a, rsync -a keep file times) had run the
+    previous model's int8 copy: it was reused whenever it was newer than its graph."""
+    import shutil
+
+    from cosyvoice_lite.export.runtime import quantized
+
+    deployed = _copy_export(1, export_root, tmp_path / "deployed")
+    first = quantized(deployed / "flow_estimator.onnx").read_bytes()
+    other = exported(2, export_root)
+    for graph in other.glob("flow_estimator.onnx*"):
+        shutil.copy2(graph, deployed / graph.name)  # times kept: older than the int8 copy
+    again = quantized(deployed / "flow_estimator.onnx").read_bytes()
+    fresh = quantized(_copy_export(2, export_root, tmp_path / "fresh") / "flow_estimator.onnx")
+    assert again != first and again == fresh.read_bytes()
+
+
+def test_staging_left_by_a_killed_export_is_removed_once_stale(tmp_path):
+    """A SIGKILLed export left a hidden .<name>.partial-<pid>-* directory: the output looked
+    empty but was refused as not empty, for good. One whose process is gone and that has not
+    changed for a while is removed; a recent one may be a live export's (another container)."""
+    import os
+    import time
+
+    out = tmp_path / "out"
+    leftover = out / ".out.partial-999999999-0123abcd"
+    leftover.mkdir(parents=True)
+    (leftover / "flow_estimator.onnx").write_bytes(b"half")
+    with pytest.raises(ExportError, match="not empty"):  # recent: kept
+        check_options(out, "float32", None, False)
+    past = time.time() - 3600
+    os.utime(leftover / "flow_estimator.onnx", (past, past))
+    os.utime(leftover, (past, past))
+    check_options(out, "float32", None, False)
+    assert list(out.iterdir()) == []
 
 
 def test_quantising_at_once_in_several_places_gives_one_whole_copy(export_root, tmp_path):
@@ -568,7 +618,8 @@ def test_quantising_at_once_in_several_places_gives_one_whole_copy(export_root, 
         thread.join()
     assert not errors, errors
     session(out / "int8-matmul" / "flow_estimator.onnx", threads=1)  # whole
-    assert sorted(p.name for p in (out / "int8-matmul").iterdir()) == ["flow_estimator.onnx"]
+    made = sorted(p.name for p in (out / "int8-matmul").iterdir())
+    assert made == ["flow_estimator.onnx", "flow_estimator.onnx.source"]  # (what it was made of)
     assert not list(out.glob("*-inferred.onnx"))
 
 

@@ -200,6 +200,24 @@ def test_a_client_hanging_up_mid_stream_stops_its_synthesis(client, voice):
         )
 
     assert wait_for(counted, timeout=30), "the replica did not stop the stream"
+    # a whole request whose client gives up: Serve cancels the replica's task, which had been
+    # answered as a shutdown (503 shutting_down, an error) instead of a client gone (499)
+    whole = {"text": LONG_TEXT * 20, "speaker": voice, "seed": 2}  # seconds to make
+    with pytest.raises(httpx.TimeoutException):
+        client.post("/tts", json=whole, timeout=0.5)
+    seen: dict[str, str] = {}
+
+    def recorded() -> bool:
+        metrics = client.get("/metrics")
+        seen[metrics.headers[REPLICA_HEADER]] = metrics.text
+        return any(
+            metric(text, "cosyvoice_requests_total", endpoint="/tts", status="499") >= 1
+            for text in seen.values()
+        )
+
+    assert wait_for(recorded, timeout=30), "no replica recorded the client's leaving as 499"
+    for text in seen.values():
+        assert metric(text, "cosyvoice_errors_total", code="shutting_down") == 0
 
 
 def test_overload_is_answered_429(client, voice):

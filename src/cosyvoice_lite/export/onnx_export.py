@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -93,10 +94,17 @@ def check_options(
         raise ExportError(f"{out_dir} is the root of the file system: name a directory in it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
+    for directory in (out_dir, out_dir.parent):
+        _remove_dead_leftovers(directory)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise ExportError(
                 f"{out_dir} already exists and is not empty; pass --force to replace it"
+            )
+        if os.path.ismount(out_dir):  # (the finished export is swapped in by a rename)
+            raise ExportError(
+                f"{out_dir} is a mount point, which --force cannot replace: empty it, or "
+                "export into a new directory in it"
             )
         here = Path.cwd().resolve()
         if out_dir == here or out_dir in here.parents:
@@ -668,6 +676,45 @@ def _staging_parent(out_dir: Path) -> Path:
     if out_dir.is_dir():
         return out_dir if not any(out_dir.iterdir()) else out_dir.parent
     return next(p for p in out_dir.parents if p.is_dir())
+
+
+# what _new_in names: .<name>.<kind>-<pid>-<8 hex>
+_STAGING_NAME = re.compile(r"\..+\.(?:partial|old|probe)-(\d+)-[0-9a-f]{8}")
+LEFTOVER_AGE_SECONDS = 600  # untouched this long (a live export writes graph after graph)
+
+
+def _remove_dead_leftovers(directory: Path) -> None:
+    """Staging left by an export that was killed outright (SIGKILL, the OOM killer): hidden,
+    gigabytes for a real model, and its output looked empty yet was refused. Removed when its
+    process is gone and nothing in it changed for LEFTOVER_AGE_SECONDS (a process of another
+    container sharing the volume is not seen, but writes)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        match = _STAGING_NAME.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))) or _recent(entry):
+            continue
+        log.warning("removing %s, left by an export that was stopped", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's)
+        return True
+    return True
+
+
+def _recent(entry: Path) -> bool:
+    paths = [entry, *entry.iterdir()] if entry.is_dir() else [entry]
+    newest = max(path.lstat().st_mtime for path in paths)
+    return time.time() - newest < LEFTOVER_AGE_SECONDS
 
 
 def _new_in(directory: Path, name: str, kind: str) -> Path:

@@ -90,6 +90,9 @@ def check_graphs(export_dir: Path, manifest: dict, stages: tuple[str, ...] = STA
         for name in BACKEND_GRAPHS[stage]:
             entry = manifest["graphs"].get(name)
             if entry is None:
+                if name == BACKEND_GRAPHS[stage][0]:  # the stage's own graph (the chunk one is
+                    # optional): missing, the networks would load and then fail
+                    raise ModelDirError(f"{export_dir} has no {name} graph: export it whole")
                 continue
             if entry.get("dtype", "float32") != "float32":
                 raise ModelDirError(
@@ -151,7 +154,16 @@ def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = path.parent / ("int8-" + "-".join(op.lower() for op in ops)) / path.name
-    if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+    # tied to its source by the graph files' fingerprints, not by file times: an export copied
+    # over another (cp -a, rsync -a keep times) had run the previous model's int8 weights
+    source = target.parent / f"{path.name}.source"
+    fingerprints = json.dumps(
+        {
+            file.name: file_fingerprint(file)
+            for file in sorted(path.parent.glob(f"{path.stem}.onnx*"))
+        }
+    )
+    if target.is_file() and source.is_file() and source.read_text() == fingerprints:
         return target
     # Made in a directory of this process's own (the quantiser also writes a shape-inferred
     # copy beside its input), then moved into place at once: processes starting together (a
@@ -178,6 +190,8 @@ def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
         finally:
             logging.disable(logging.NOTSET)
         (work / "int8.onnx").replace(target)
+        (work / "source").write_text(fingerprints)
+        (work / "source").replace(source)  # after the copy: a crash between re-quantises
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -277,6 +291,8 @@ def use_onnxruntime(
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     check_graphs(export_dir, manifest, stages)
+    if model_path is None and not isinstance(pipeline_or_networks, dict):
+        model_path = getattr(pipeline_or_networks, "model_path", None)  # (build_pipeline's)
     if model_path is not None:
         check_source(export_dir, manifest, Path(model_path))
     graphs = manifest["graphs"]

@@ -103,22 +103,26 @@ def build_pipeline(
     if spec(model.version).pipeline == "v1":
         from .v1 import V1Pipeline
 
-        return V1Pipeline(
+        pipeline = V1Pipeline(
             llm,
             flow,
             hift,
             model.config.token_frame_rate,
             model.config.sample_rate,
         )
-    from .v2 import V2Pipeline
+    else:
+        from .v2 import V2Pipeline
 
-    return V2Pipeline(
-        llm,
-        flow,
-        hift,
-        model.config.sample_rate,
-        model.version,
-        prompt_cache_bytes,
-        stream_cache_bytes,
-        cache_dtype,
-    )
+        pipeline = V2Pipeline(
+            llm,
+            flow,
+            hift,
+            model.config.sample_rate,
+            model.version,
+            prompt_cache_bytes,
+            stream_cache_bytes,
+            cache_dtype,
+        )
+    # where its weights come from: an export installed on it later is checked against them
+    pipeline.model_path = model.path
+    return pipeline

@@ -387,6 +387,9 @@ class GuardMiddleware:
             if sent["rejected"] is None or sent["started"]:
                 raise
         except asyncio.CancelledError:
+            if scope.get("state", {}).get(CANCEL_IS_DISCONNECT):  # (Ray Serve's replicas)
+                _uncancel()
+                raise ClientGone from None
             await _stopped_at_shutdown(scope, sent, answer, send_guarded, self.metrics)
             return
         if sent["rejected"] is not None and not sent["started"]:
@@ -395,6 +398,16 @@ class GuardMiddleware:
 
 
 SHUTTING_DOWN = "the server is shutting down: the synthesis was stopped before its end"
+# set in a request's scope["state"] where a cancelled request task means its client went away
+# (Ray Serve cancels it then); elsewhere only uvicorn's graceful shutdown cancels one
+CANCEL_IS_DISCONNECT = "cancel_is_disconnect"
+
+
+def _uncancel() -> None:
+    """The request task's cancellation is answered here: it ends normally (Python 3.11+)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 async def _stopped_at_shutdown(scope, sent: dict, answer, send, metrics: Metrics) -> None:  # noqa: ANN001
@@ -402,9 +415,7 @@ async def _stopped_at_shutdown(scope, sent: dict, answer, send, metrics: Metrics
     ran out of --shutdown-timeout) ends as documented, not in a plain-text 500 and a traceback:
     503 JSON before any audio, an ``error`` event ending server-sent events, a chunked
     transfer aborted (no final chunk: the client sees an incomplete body)."""
-    task = asyncio.current_task()
-    if task is not None and hasattr(task, "uncancel"):  # (Python 3.11+) answered: not cancelled
-        task.uncancel()
+    _uncancel()
     error = ApiError(503, SHUTTING_DOWN, "server_error", "shutting_down")
     if not sent["started"]:
         await answer(error)

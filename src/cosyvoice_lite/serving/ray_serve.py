@@ -212,9 +212,10 @@ class ReplicaLabel:
     and adds it to the response: the app's copy is left out (``_proxied_request_id``)."""
 
     def __init__(self, app, replica: str) -> None:
-        from .guard import app_path
+        from .guard import CANCEL_IS_DISCONNECT, app_path
 
         self.app, self.replica, self.app_path = app, replica, app_path
+        self.cancel_is_disconnect = CANCEL_IS_DISCONNECT
         self.header = (REPLICA_HEADER.encode(), replica.encode())
 
     async def __call__(self, scope, receive, send) -> None:
@@ -222,6 +223,8 @@ class ReplicaLabel:
             await self.app(scope, receive, send)
             return
         receive = _disconnect_on_cancel(receive)
+        # Serve cancels a request's task when its client goes away: not a shutdown (guard.py)
+        scope.setdefault("state", {})[self.cancel_is_disconnect] = True
         given = dict(scope["headers"]).get(b"x-request-id", b"")
         if self.app_path(scope) != "/metrics":  # (under a route prefix too)
 
