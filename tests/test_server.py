@@ -109,6 +109,36 @@ def test_no_cors_headers_unless_configured(client):
     assert "access-control-allow-origin" not in response.headers
 
 
+def test_another_sites_page_cannot_write_to_a_keyless_server(client, preset):
+    """A form or a no-cors fetch from any page the user visits needs no CORS preflight: it had
+    saved voices on (and filled the library of) a keyless server on their machine."""
+    files = {"audio": ("p.wav", b"RIFF", "audio/wav")}
+    for site in ("cross-site", "same-site"):
+        headers = {"Sec-Fetch-Site": site, "Origin": "http://evil.test"}
+        refused = client.post("/voices", data={"name": "planted"}, files=files, headers=headers)
+        assert_error(refused, 403, "cross_site_refused")
+        body = {"text": TEXT, "speaker": preset}
+        assert_error(client.post("/tts", json=body, headers=headers), 403, "cross_site_refused")
+    assert "planted" not in client.get("/voices").text
+    own = {"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1"}  # the page itself
+    assert client.post("/tts", json={"text": TEXT, "speaker": preset}, headers=own).is_success
+    reads = client.get("/voices", headers={"Sec-Fetch-Site": "cross-site"})  # reads: CORS's
+    assert reads.status_code == 200
+
+
+def test_a_server_with_allowed_hosts_answers_no_other_host_name(engine, tmp_path):
+    """A site whose name is rebound to 127.0.0.1 (DNS rebinding) sends its own name as Host:
+    a loopback server (allowed_hosts, the CLI's default there) had answered it, voices and
+    their recordings included."""
+    settings = Settings(voices_dir=tmp_path, allowed_hosts=["localhost", "127.0.0.1", "::1"])
+    with ServerThread(create_app(engine, settings)) as running, running.client() as c:
+        assert c.get("/voices").status_code == 200  # Host: 127.0.0.1:<port>
+        for host in ("attacker.example:8080", "attacker.example", "127.0.0.1.evil.test"):
+            assert_error(c.get("/voices", headers={"Host": host}), 400, "unknown_host")
+        assert c.get("/health", headers={"Host": "localhost:1"}).status_code == 200
+        assert c.get("/health", headers={"Host": "[::1]:8080"}).status_code == 200
+
+
 # ---------------------------------------------------------------------------------- /tts
 
 

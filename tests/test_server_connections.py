@@ -58,6 +58,26 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
     return time.monotonic() - start
 
 
+def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(server):
+    """Content-Length and Transfer-Encoding both: a proxy in front that frames by the length
+    reads the rest as another request (smuggling). The request had been answered (422), then
+    the request tucked in behind it too (200) on the same connection."""
+    _, port = server
+    smuggled = b"GET /voices HTTP/1.1\r\nHost: x\r\n\r\n"
+    both = (
+        b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled
+    )
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(both)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"ambiguous_length" in answer, answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1  # nothing answered after it: the connection closed
+
+
 def test_half_sent_request_is_closed_after_the_header_timeout(server):
     _, port = server
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -302,7 +322,13 @@ def test_serve_defaults_are_the_settings_defaults():
         for field in dataclasses.fields(Settings)
         if getattr(settings, field.name) != getattr(defaults, field.name)
     }
-    assert differing <= {"voices_dir", "spool_dir", "api_key"}, differing
+    assert differing <= {"voices_dir", "spool_dir", "api_key", "allowed_hosts"}, differing
+    # on the default loopback address, only its own names (a DNS-rebound site's are refused)
+    assert settings.allowed_hosts == ["localhost", "127.0.0.1", "::1"]
+    public = settings_from_args(parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0"]))
+    assert public.allowed_hosts == []  # any: behind a proxy, on a network
+    named = ["serve", "--model", "m", "--allowed-host", "tts.example", "--allowed-host", "x"]
+    assert settings_from_args(parser.parse_args(named)).allowed_hosts == ["tts.example", "x"]
     args = parser.parse_args(["serve", "--model", "m", "--storage-waiters", "33"])
     with pytest.raises(ValueError, match="storage_waiters must be 1-32"):
         settings_from_args(args)

@@ -279,6 +279,17 @@ def test_failed_loading_is_reported(tmp_path):
             client.post("/tts", json={"text": "x", "speaker": "y"}).json()["error"]["code"]
             == "model_failed"
         )
+    # with a key, the public /ready and /info do not show the load error's text (its paths)
+    keyed = Settings(voices_dir=tmp_path, api_key="k")
+    with ServerThread(create_app(loader, keyed)) as server, server.client() as client:
+        assert wait_for(lambda: client.get("/health").json()["model"] == "failed", timeout=10)
+        assert (
+            "llm.pt" not in client.get("/ready").text and "llm.pt" not in client.get("/info").text
+        )
+        refused = client.post(
+            "/tts", json={"text": "x", "speaker": "y"}, headers={"Authorization": "Bearer k"}
+        )
+        assert "llm.pt is missing" in refused.json()["error"]["message"]  # with the key: all
 
 
 def test_api_key_and_cors(engine, preset, tmp_path):
@@ -296,6 +307,8 @@ def test_api_key_and_cors(engine, preset, tmp_path):
             assert client.get(path).status_code == 401, path
         good = {"Authorization": "Bearer s3cret"}
         assert client.post("/tts", json=body, headers=good).status_code == 200
+        allowed = {**good, "Sec-Fetch-Site": "cross-site", "Origin": "http://app.test"}
+        assert client.post("/tts", json=body, headers=allowed).status_code == 200  # --cors-origin
         assert client.get("/metrics", headers=good).status_code == 200
 
         openai = pytest.importorskip("openai")

@@ -443,3 +443,25 @@ def test_routes_are_named_by_their_templates(tmp_path):
     assert named("HEAD", "/health") == "/health" and named("GET", "/nowhere") == "unmatched"
     assert named("GET", "/voices/a/audio", "/tts") == "/voices/{name}/audio"
     assert named("GET", "", "/tts") == "/"  # the prefix without its slash (redirected)
+
+
+def test_a_logged_path_cannot_write_lines_of_its_own():
+    """uvicorn percent-decodes the path: a %0a in it had written a forged access-log line (and
+    %1b terminal escapes) into the text log."""
+    from cosyvoice_lite.serving.app import printable
+
+    assert printable("/x\n2026-12-07 INFO forged\x1b[31m") == (
+        "/x\\x0a2026-12-07 INFO forged\\x1b[31m"
+    )
+    assert printable("/voices/中文女") == "/voices/中文女"
+
+
+def test_an_api_key_a_client_cannot_send_is_refused_at_start():
+    """A header carries the key: a non-ASCII one was accepted at start and then never matched
+    what curl or an SDK sends (UTF-8)."""
+    from cosyvoice_lite.serving.settings import Settings
+
+    for key in ("clé-secrète", "   ", "tab\there"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            Settings(api_key=key)
+    assert Settings(api_key="s3cret-Key_1").api_key == "s3cret-Key_1"

@@ -52,7 +52,14 @@ from .errors import (
     not_ready,
     route_fields,
 )
-from .guard import DOC_PATHS, GuardMiddleware, app_path, check_texts, quiet_cut_streams
+from .guard import (
+    DOC_PATHS,
+    GuardMiddleware,
+    app_path,
+    check_texts,
+    is_json_media,
+    quiet_cut_streams,
+)
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
 from .openapi import audio_response, install_openapi
@@ -228,6 +235,14 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.load_error, exc_info=exc)
 
+    @property
+    def public_load_error(self) -> str:
+        """What /ready and /info, which answer without the API key, say of a failed load: with
+        a key set, not its text (paths, file names): that is in the server's log."""
+        if self.load_error and self.settings.api_key:
+            return "see the server's log"
+        return self.load_error
+
     def require_engine(self) -> Engine:
         if self.status != "ready":
             raise not_ready(self.status, self.load_error)
@@ -287,6 +302,28 @@ class ServingMiddleware:
             token.strip().encode(), key.encode()
         )
 
+    def _cross_site_write(self, scope) -> bool:
+        """A browser's write from another site's page (the browser says so: Sec-Fetch-Site),
+        from an origin not allowed. A form or a no-cors fetch needs no CORS preflight, so any
+        page a user visited could save voices on a keyless server on their machine, or fill
+        its library."""
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return False
+        headers = dict(scope["headers"])
+        site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        allowed = self.state.settings.cors_origins
+        return site in ("cross-site", "same-site") and "*" not in allowed and origin not in allowed
+
+    def _foreign_host(self, scope) -> bool:
+        """A Host name this server does not answer to (``Settings.allowed_hosts``)."""
+        allowed = self.state.settings.allowed_hosts
+        if not allowed:
+            return False
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0]
+        return (name or host) not in allowed
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -309,7 +346,27 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            if not self._authorized(scope):
+            if self._foreign_host(scope):
+                error = ApiError(
+                    400,
+                    "unknown Host name: this server answers to "
+                    + ", ".join(self.state.settings.allowed_hosts)
+                    + " (--allowed-host)",
+                    code="unknown_host",
+                )
+                self.state.metrics.error(error.code)
+                await error.response()(scope, receive, send_wrapper)
+            elif self._cross_site_write(scope):
+                error = ApiError(
+                    403,
+                    "a request from another site's page is refused unless its origin is "
+                    "allowed (--cors-origin)",
+                    "permission_error",
+                    "cross_site_refused",
+                )
+                self.state.metrics.error(error.code)
+                await error.response()(scope, receive, send_wrapper)
+            elif not self._authorized(scope):
                 error = ApiError(
                     401,
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -331,20 +388,30 @@ class ServingMiddleware:
             if self.state.settings.log_requests:
                 # probes and scrapes arrive every few seconds: keep them out of the INFO log
                 level = logging.DEBUG if endpoint in QUIET_ENDPOINTS else logging.INFO
+                path = printable(scope["path"])
                 access_log.log(
                     level,
                     "%s %s %d",
                     method,
-                    scope["path"],
+                    path,
                     status["code"],
                     extra={
                         "request_id": request_id,
                         "method": method,
-                        "path": scope["path"],
+                        "path": path,
                         "status": status["code"],
                         "duration_ms": round((time.monotonic() - start) * 1000, 1),
                     },
                 )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters as backslash-x escapes: a client's path, percent-decoded, is
+    logged; a %0a in it had written a forged line of its own into the text log."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group(0)):02x}", text)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -356,7 +423,7 @@ def _validation_error(exc: RequestValidationError, path: str, content_type: str)
     JSON (curl's ``-d`` sends application/x-www-form-urlencoded)."""
     errors = exc.errors()
     media = content_type.partition(";")[0].strip().lower()
-    json_type = media in ("", "application/json") or media.endswith("+json")
+    json_type = not media or is_json_media(media)
     if not json_type and any(e.get("loc", ())[:1] == ("body",) for e in errors):
         return ApiError(
             415,
@@ -516,7 +583,7 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         """Readiness: 200 once the model is loaded and warm (its flow's graphs traced), 503
         before (or if loading failed)."""
         if state.status != "ready":
-            raise not_ready(state.status, state.load_error)
+            raise not_ready(state.status, state.public_load_error)
         # synthesis works without the voice storage: degraded, not unready (see docs/OPERATIONS.md)
         problem = await asyncio.to_thread(state.library.health)
         if problem:
@@ -548,7 +615,7 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
             "server": "cosyvoice-lite",
             "version": __version__,
             "status": state.status,
-            "error": state.load_error or None,
+            "error": state.public_load_error or None,
             "model": model,
             "auth_required": bool(s.api_key),
             "formats": list(AUDIO_FORMATS),

@@ -144,6 +144,14 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         help="allow browser calls from this origin (repeatable; '*' for any)",
     )
     ops.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name requests may carry (repeatable; '*' for any). Default: on a loopback "
+        "--host, localhost, 127.0.0.1 and ::1 only (no DNS rebinding); else any",
+    )
+    ops.add_argument(
         "--voices-dir",
         type=Path,
         help="voice library directory (default $COSYVOICE_LITE_VOICES, else "
@@ -252,6 +260,18 @@ def add_ray_options(serve: argparse.ArgumentParser) -> None:
     cluster.add_argument("--voices-s3-prefix", default="", help="key prefix for the voices")
 
 
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
+
+
+def allowed_hosts(host: str, given: list[str]) -> list[str]:
+    """The Host names a server listening on ``host`` takes (empty: any)."""
+    if "*" in given:
+        return []
+    if given:
+        return given
+    return list(LOOPBACK_NAMES) if host in (*LOOPBACK_NAMES, "[::1]") else []
+
+
 def settings_from_args(args: argparse.Namespace):
     from .settings import S3Settings, Settings
 
@@ -284,6 +304,7 @@ def settings_from_args(args: argparse.Namespace):
         request_timeout=args.timeout,
         api_key=args.api_key or None,
         cors_origins=args.cors_origin,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         outputs_dir=args.outputs_dir,
         spool_dir=args.spool_dir,
         s3=s3,

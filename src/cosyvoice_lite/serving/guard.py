@@ -289,6 +289,17 @@ class GuardMiddleware:
         if length.isdigit() and int(length) > limit:
             await answer(_too_large(limit, upload, int(length)))
             return
+        if b"content-length" in headers and b"transfer-encoding" in headers:
+            # framed two ways: a proxy in front may read another request into it (smuggling);
+            # RFC 9112 6.1: refused, and the connection closed after
+            error = ApiError(
+                400,
+                "a request may not have both Content-Length and Transfer-Encoding",
+                code="ambiguous_length",
+            )
+            error.headers = {"Connection": "close"}
+            await answer(error)
+            return
         encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
         if encoding not in ("", "identity"):
             await answer(
@@ -338,7 +349,7 @@ class GuardMiddleware:
             return message
 
         app_receive = receive_guarded
-        if content_type.startswith("application/json") or (
+        if is_json_media(content_type) or (
             not content_type and scope["method"] in ("POST", "PUT", "PATCH")
         ):
             # JSON bodies are small and read whole anyway: read them here, within the limits,
@@ -395,6 +406,16 @@ class GuardMiddleware:
         if sent["rejected"] is not None and not sent["started"]:
             error, sent["rejected"] = sent["rejected"], None
             await answer(error)
+
+
+def is_json_media(content_type: str) -> bool:
+    """Whether a body of ``content_type`` is parsed as JSON (FastAPI takes application/json and
+    every application/*+json): such bodies are all checked before they are parsed (a +json one
+    had skipped the checks: 4.5 M empty arrays parsed on the event loop, 300 MB each)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 SHUTTING_DOWN = "the server is shutting down: the synthesis was stopped before its end"

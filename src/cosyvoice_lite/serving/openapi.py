@@ -24,6 +24,7 @@ from .voices import MAX_NAME_BYTES, MAX_NAME_CHARS
 DESCRIPTIONS = {
     400: "invalid request (message and param say what)",
     401: "missing or wrong API key",
+    403: "a browser's request from another site's page, whose origin is not allowed",
     404: "unknown voice, model or path",
     408: "the request body stopped arriving",
     409: "the name is taken",
@@ -38,7 +39,7 @@ DESCRIPTIONS = {
 }
 EVERY = (401, 413, 500, 503)
 WITH_INPUT = (400, 404, 408, 415)  # operations with a body or parameters
-BY_METHOD = {"post": (409, 429, 504, 507), "delete": (404, 507)}
+BY_METHOD = {"post": (403, 409, 429, 504, 507), "delete": (403, 404, 507)}
 TEXT_FIELDS = {  # property name -> Settings attribute with its limit
     "text": "max_text_chars",
     "input": "max_text_chars",

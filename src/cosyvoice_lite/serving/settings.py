@@ -54,6 +54,9 @@ class Settings:
     request_timeout: float = 300.0  # seconds from acceptance to the last audio byte
     api_key: str | None = None  # if set, "Authorization: Bearer <key>" is required
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
+    # the Host names requests may carry (empty: any): a server on a loopback address takes
+    # only its own names, so that a site whose name is rebound to 127.0.0.1 cannot read it
+    allowed_hosts: list[str] = field(default_factory=list)
     voices_dir: Path = field(default_factory=default_voices_dir)
     outputs_dir: Path | None = None  # save every result (audio + JSON metadata) here
     s3: S3Settings | None = None
@@ -106,6 +109,11 @@ class Settings:
         ):
             if getattr(self, name) > most:
                 raise ValueError(f"{name} must be at most {most} (the engine's limit)")
+        if self.api_key is not None and not (
+            self.api_key.isascii() and self.api_key.isprintable() and self.api_key.strip()
+        ):
+            # a header carries it: a UTF-8 key (curl, SDKs) never matched the one decoded here
+            raise ValueError("the API key must be printable ASCII characters (no spaces only)")
         if self.max_json_bytes is None:
             self.max_json_bytes = self.max_upload_bytes * 4 // 3 + 64 * 1024
         if self.max_json_bytes < 1:
