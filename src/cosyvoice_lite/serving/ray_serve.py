@@ -511,7 +511,14 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     options = dataclasses.replace(options, env_vars={**env, **options.env_vars})
     if env:  # names only: values may be secrets
         log.info("passing to the replicas: %s", ", ".join(sorted(env)))
-    ray.init(address=options.address, logging_level=logging.WARNING)
+    try:
+        ray.init(address=options.address, logging_level=logging.WARNING)
+    except SystemExit as exc:  # Ray's own SIGTERM handler while it starts (sys.exit(15))
+        if exc.code != signal.SIGTERM:
+            raise
+        log.info("stopping before the deploy (SIGTERM while Ray was starting)")
+        ray.shutdown()  # what it had started of a cluster of its own
+        return 0
     _stop_on_sigterm()  # after ray.init, which installs its own handler
     deployed = False
     try:
