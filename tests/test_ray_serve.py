@@ -65,7 +65,15 @@ def proxy(v1_dir, tmp_path_factory):
             Bucket=BUCKET
         )
         # the replicas inherit this environment (S3 credentials, the vocabulary cache)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        # a cluster of its own ("local"), even where one runs already (`ray start`): joining it
+        # refused these options, and would have run the replicas on its nodes
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
         try:
             settings = Settings(
                 voices_dir=tmp_path_factory.mktemp("voices"),
