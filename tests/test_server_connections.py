@@ -327,6 +327,8 @@ def test_serve_defaults_are_the_settings_defaults():
     assert settings.allowed_hosts == ["localhost", "127.0.0.1", "::1"]
     public = settings_from_args(parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0"]))
     assert public.allowed_hosts == []  # any: behind a proxy, on a network
+    keyed = settings_from_args(parser.parse_args(["serve", "--model", "m", "--api-key", "k"]))
+    assert keyed.allowed_hosts == []  # a proxy in front may pass its own Host; the key guards
     named = ["serve", "--model", "m", "--allowed-host", "tts.example", "--allowed-host", "x"]
     assert settings_from_args(parser.parse_args(named)).allowed_hosts == ["tts.example", "x"]
     args = parser.parse_args(["serve", "--model", "m", "--storage-waiters", "33"])

@@ -148,8 +148,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="a Host name requests may carry (repeatable; '*' for any). Default: on a loopback "
-        "--host, localhost, 127.0.0.1 and ::1 only (no DNS rebinding); else any",
+        help="a Host name requests may carry (repeatable; '*' for any). Default: without "
+        "--api-key on a loopback --host, localhost, 127.0.0.1 and ::1 only (no DNS "
+        "rebinding); else any",
     )
     ops.add_argument(
         "--voices-dir",
@@ -263,13 +264,17 @@ def add_ray_options(serve: argparse.ArgumentParser) -> None:
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
 
 
-def allowed_hosts(host: str, given: list[str]) -> list[str]:
-    """The Host names a server listening on ``host`` takes (empty: any)."""
+def allowed_hosts(host: str, given: list[str], keyed: bool = False) -> list[str]:
+    """The Host names a server listening on ``host`` takes (empty: any). By default a keyless
+    one on a loopback address (a desktop's) takes its own names only: a site whose name is
+    rebound to 127.0.0.1 could read it otherwise. With a key (a server behind a proxy, which
+    may pass its own Host) any: a rebound page does not have the key."""
     if "*" in given:
         return []
     if given:
         return given
-    return list(LOOPBACK_NAMES) if host in (*LOOPBACK_NAMES, "[::1]") else []
+    loopback = host in (*LOOPBACK_NAMES, "[::1]")
+    return list(LOOPBACK_NAMES) if loopback and not keyed else []
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -304,7 +309,7 @@ def settings_from_args(args: argparse.Namespace):
         request_timeout=args.timeout,
         api_key=args.api_key or None,
         cors_origins=args.cors_origin,
-        allowed_hosts=allowed_hosts(args.host, args.allowed_host),
+        allowed_hosts=allowed_hosts(args.host, args.allowed_host, bool(args.api_key)),
         outputs_dir=args.outputs_dir,
         spool_dir=args.spool_dir,
         s3=s3,
