@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 
@@ -135,8 +136,12 @@ def test_a_server_with_allowed_hosts_answers_no_other_host_name(engine, tmp_path
         assert c.get("/voices").status_code == 200  # Host: 127.0.0.1:<port>
         for host in ("attacker.example:8080", "attacker.example", "127.0.0.1.evil.test"):
             assert_error(c.get("/voices", headers={"Host": host}), 400, "unknown_host")
-        assert c.get("/health", headers={"Host": "localhost:1"}).status_code == 200
-        assert c.get("/health", headers={"Host": "[::1]:8080"}).status_code == 200
+        for host in ("localhost:1", "[::1]:8080", "LOCALHOST", "localhost.:8080"):
+            assert c.get("/health", headers={"Host": host}).status_code == 200, host
+        # an HTTP/1.0 probe names no Host (HAProxy's httpchk, nc): answered as before
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw:
+            raw.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 # ---------------------------------------------------------------------------------- /tts

@@ -329,8 +329,25 @@ def test_serve_defaults_are_the_settings_defaults():
     assert public.allowed_hosts == []  # any: behind a proxy, on a network
     keyed = settings_from_args(parser.parse_args(["serve", "--model", "m", "--api-key", "k"]))
     assert keyed.allowed_hosts == []  # a proxy in front may pass its own Host; the key guards
-    named = ["serve", "--model", "m", "--allowed-host", "tts.example", "--allowed-host", "x"]
-    assert settings_from_args(parser.parse_args(named)).allowed_hosts == ["tts.example", "x"]
+    # names given are added to a loopback server's own (curl 127.0.0.1, a local scrape), as
+    # header names are read: lower case, no port, brackets or final dot
+    named = [
+        "serve",
+        "--model",
+        "m",
+        "--allowed-host",
+        "TTS.Example.com:443",
+        "--allowed-host",
+        "x.",
+    ]
+    assert settings_from_args(parser.parse_args(named)).allowed_hosts == [
+        "tts.example.com", "x", "localhost", "127.0.0.1", "::1"
+    ]  # fmt: skip
+    on_network = [*named, "--host", "0.0.0.0"]
+    assert settings_from_args(parser.parse_args(on_network)).allowed_hosts == [
+        "tts.example.com",
+        "x",
+    ]
     args = parser.parse_args(["serve", "--model", "m", "--storage-waiters", "33"])
     with pytest.raises(ValueError, match="storage_waiters must be 1-32"):
         settings_from_args(args)

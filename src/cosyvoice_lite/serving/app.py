@@ -68,7 +68,7 @@ from .page_info import page_info
 from .prompts import PromptCache
 from .scheduler import Scheduler
 from .schemas import TTSRequest
-from .settings import Settings
+from .settings import Settings, host_name
 from .synthesis import Plan, model_voices, plan_request, respond, supported_modes
 from .upload_api import upload_router
 from .voice_create import prepare_saved_voices, read_voice_upload, save_voice
@@ -320,9 +320,9 @@ class ServingMiddleware:
         allowed = self.state.settings.allowed_hosts
         if not allowed:
             return False
-        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
-        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0]
-        return (name or host) not in allowed
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        # none: HTTP/1.0 probes (a browser always names one)
+        return bool(host.strip()) and host_name(host) not in allowed
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

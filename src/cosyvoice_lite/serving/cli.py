@@ -148,9 +148,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="a Host name requests may carry (repeatable; '*' for any). Default: without "
-        "--api-key on a loopback --host, localhost, 127.0.0.1 and ::1 only (no DNS "
-        "rebinding); else any",
+        help="a Host name requests may carry (repeatable; '*' for any), besides a loopback "
+        "--host's own localhost, 127.0.0.1 and ::1. Default: without --api-key on a loopback "
+        "--host, those only (no DNS rebinding); else any",
     )
     ops.add_argument(
         "--voices-dir",
@@ -271,10 +271,13 @@ def allowed_hosts(host: str, given: list[str], keyed: bool = False) -> list[str]
     may pass its own Host) any: a rebound page does not have the key."""
     if "*" in given:
         return []
-    if given:
-        return given
     loopback = host in (*LOOPBACK_NAMES, "[::1]")
-    return list(LOOPBACK_NAMES) if loopback and not keyed else []
+    from .settings import host_name
+
+    names = [host_name(name) for name in given]
+    if loopback:  # its own names stay answered (a rebound site never sends them)
+        names += [name for name in LOOPBACK_NAMES if name not in names]
+    return names if given or (loopback and not keyed) else []
 
 
 def settings_from_args(args: argparse.Namespace):

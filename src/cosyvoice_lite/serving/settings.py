@@ -148,3 +148,14 @@ class Settings:
         self.spool_dir = Path(self.spool_dir or self.voices_dir / ".spool").expanduser()
         if self.outputs_dir is not None:
             self.outputs_dir = Path(self.outputs_dir).expanduser()
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header or an --allowed-host value: lower case, without its port,
+    brackets or a final dot ("[::1]:8080" -> "::1", "LocalHost.:80" -> "localhost")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return name.rstrip(".")
