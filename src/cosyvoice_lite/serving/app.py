@@ -284,7 +284,7 @@ class ServingMiddleware:
     def __init__(self, app, fastapi_app: FastAPI, state: ServerState) -> None:
         self.app, self.fastapi_app, self.state = app, fastapi_app, state
 
-    def _authorized(self, scope) -> bool:
+    def _authorized(self, scope, headers: dict[bytes, bytes]) -> bool:
         key = self.state.settings.api_key
         path = app_path(scope)  # /health is public under a route prefix too
         if (
@@ -296,31 +296,59 @@ class ServingMiddleware:
             return True
         if self.state.settings.docs_public and path.startswith(DOC_PATHS):
             return True
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        header = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), key.encode()
         )
 
-    def _cross_site_write(self, scope) -> bool:
+    def _refusal(self, scope, headers: dict[bytes, bytes]) -> ApiError | None:
+        """Why the request is answered here without reaching a route, if it is: a Host name
+        this server does not answer to, another site's page writing, no or a wrong key."""
+        settings = self.state.settings
+        if self._foreign_host(headers):
+            return ApiError(
+                400,
+                f"unknown Host name: this server answers to {', '.join(settings.allowed_hosts)} "
+                "(--allowed-host)",
+                code="unknown_host",
+            )
+        if self._cross_site_write(scope["method"], headers):
+            return ApiError(
+                403,
+                "a request from another site's page is refused unless its origin is allowed "
+                "(--cors-origin)",
+                "permission_error",
+                "cross_site_refused",
+            )
+        if not self._authorized(scope, headers):
+            return ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return None
+
+    def _cross_site_write(self, method: str, headers: dict[bytes, bytes]) -> bool:
         """A browser's write from another site's page (the browser says so: Sec-Fetch-Site),
         from an origin not allowed. A form or a no-cors fetch needs no CORS preflight, so any
         page a user visited could save voices on a keyless server on their machine, or fill
         its library."""
-        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if method in ("GET", "HEAD", "OPTIONS"):
             return False
-        headers = dict(scope["headers"])
         site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
         origin = headers.get(b"origin", b"").decode("latin-1")
         allowed = self.state.settings.cors_origins
         return site in ("cross-site", "same-site") and "*" not in allowed and origin not in allowed
 
-    def _foreign_host(self, scope) -> bool:
+    def _foreign_host(self, headers: dict[bytes, bytes]) -> bool:
         """A Host name this server does not answer to (``Settings.allowed_hosts``)."""
         allowed = self.state.settings.allowed_hosts
         if not allowed:
             return False
-        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        host = headers.get(b"host", b"").decode("latin-1")
         # none: HTTP/1.0 probes (a browser always names one)
         return bool(host.strip()) and host_name(host) not in allowed
 
@@ -346,36 +374,10 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            if self._foreign_host(scope):
-                error = ApiError(
-                    400,
-                    "unknown Host name: this server answers to "
-                    + ", ".join(self.state.settings.allowed_hosts)
-                    + " (--allowed-host)",
-                    code="unknown_host",
-                )
-                self.state.metrics.error(error.code)
-                await error.response()(scope, receive, send_wrapper)
-            elif self._cross_site_write(scope):
-                error = ApiError(
-                    403,
-                    "a request from another site's page is refused unless its origin is "
-                    "allowed (--cors-origin)",
-                    "permission_error",
-                    "cross_site_refused",
-                )
-                self.state.metrics.error(error.code)
-                await error.response()(scope, receive, send_wrapper)
-            elif not self._authorized(scope):
-                error = ApiError(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    "invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                self.state.metrics.error(error.code)  # (alerts on refused keys read it)
-                await error.response()(scope, receive, send_wrapper)
+            refused = self._refusal(scope, dict(scope["headers"]))
+            if refused is not None:
+                self.state.metrics.error(refused.code)  # (alerts on refused keys read it)
+                await refused.response()(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
         except (ClientGone, ClientDisconnect):  # not a server's or a request's fault
@@ -558,9 +560,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     app.include_router(openai_router(state, prompts))
     app.include_router(docs_router(app.title))
     _add_page_routes(app)
-    install_openapi(
-        app, settings, PUBLIC_PATHS
-    )  # every status and the configured limits in /openapi.json
+    # every status and the configured limits in /openapi.json
+    install_openapi(app, settings, PUBLIC_PATHS)
     return app
 
 

@@ -272,12 +272,9 @@ def allowed_hosts(host: str, given: list[str], keyed: bool = False) -> list[str]
     if "*" in given:
         return []
     loopback = host in (*LOOPBACK_NAMES, "[::1]")
-    from .settings import host_name
-
-    names = [host_name(name) for name in given]
     if loopback:  # its own names stay answered (a rebound site never sends them)
-        names += [name for name in LOOPBACK_NAMES if name not in names]
-    return names if given or (loopback and not keyed) else []
+        return [*given, *LOOPBACK_NAMES] if given or not keyed else []
+    return given  # (read as Host headers are by Settings)
 
 
 def settings_from_args(args: argparse.Namespace):

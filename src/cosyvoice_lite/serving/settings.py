@@ -114,6 +114,8 @@ class Settings:
         ):
             # a header carries it: a UTF-8 key (curl, SDKs) never matched the one decoded here
             raise ValueError("the API key must be printable ASCII characters (no spaces only)")
+        # as a request's Host is read (case, port, brackets, a final dot), however given
+        self.allowed_hosts = list(dict.fromkeys(host_name(name) for name in self.allowed_hosts))
         if self.max_json_bytes is None:
             self.max_json_bytes = self.max_upload_bytes * 4 // 3 + 64 * 1024
         if self.max_json_bytes < 1:
