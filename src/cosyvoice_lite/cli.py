@@ -733,6 +733,29 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .errors import ModelDirError
+    from .hub import resolve_model
+    from .integrity import check_model_files
+    from .modeldir import open_model_dir
+
+    path = resolve_model(args.model, download=False)
+    open_model_dir(path)  # the layout and the yaml, as a load checks them
+    results = check_model_files(path)
+    for result in results:
+        how = ", ".join(result.checked) or "read whole; no hash recorded"
+        print(f"{'ok' if result.problem is None else 'DAMAGED':8}{result.name} ({how})")
+    damaged = [result for result in results if result.problem is not None]
+    if damaged:
+        listed = "; ".join(f"{result.name}: {result.problem}" for result in damaged)
+        raise ModelDirError(
+            f"{len(damaged)} of {len(results)} files of {path} are damaged: {listed}. "
+            "Delete them and fetch them again (cosyvoice-lite download NAME resumes a download)"
+        )
+    print(f"{path}: {len(results)} files intact")
+    return 0
+
+
 def add_other_commands(sub) -> None:
     voices = sub.add_parser(
         "voices",
@@ -760,6 +783,15 @@ def add_other_commands(sub) -> None:
     )
     download.add_argument("name", help="an official model name, e.g. CosyVoice2-0.5B")
     download.set_defaults(func=cmd_download)
+
+    check_help = (
+        "read a model's files whole and check them against their checksums (a load does not)"
+    )
+    check = sub.add_parser(
+        "check", help=check_help, description=check_help[0].upper() + check_help[1:] + "."
+    )
+    check.add_argument("model", help="model directory or official name (not downloaded)")
+    check.set_defaults(func=cmd_check)
 
 
 def build_parser() -> argparse.ArgumentParser:

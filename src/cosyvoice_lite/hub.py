@@ -169,6 +169,7 @@ def download_model(
             if unfinished := sorted(p for p, seen in after if before.get(p) != seen):
                 names = ", ".join(p.name for p in unfinished)
                 raise ModelDownloadError(f"the download did not finish ({names} half-written)")
+            _remove_damaged(target)
         except Exception as exc:  # offline, hub unreachable, repository moved, package missing
             errors.append(f"{hub} {repo}: {exc}")
             continue
@@ -182,6 +183,21 @@ def download_model(
         f"Without network, copy the official model directory (Hugging Face {MODELS[name]} or "
         f"ModelScope {MODELSCOPE_IDS[name]}) into {target} and run again."
     )
+
+
+def _remove_damaged(target: Path) -> None:
+    """Files damaged in transfer (``integrity``: a checkpoint's CRC-32s, the hub's hashes) are
+    removed, with the hub client's record of them, so that the next fetch gets them again."""
+    from .integrity import check_model_files
+
+    damaged = [result for result in check_model_files(target) if result.problem is not None]
+    for result in damaged:
+        (target / result.name).unlink(missing_ok=True)
+        metadata = target / ".cache" / "huggingface" / "download" / f"{result.name}.metadata"
+        metadata.unlink(missing_ok=True)
+    if damaged:
+        listed = "; ".join(f"{result.name} {result.problem}" for result in damaged)
+        raise ModelDownloadError(f"files came damaged ({listed}); removed, to be fetched again")
 
 
 # the model version of each official release (its files are known before it is downloaded)
