@@ -27,6 +27,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .audio.io import MAX_PROMPT_SECONDS
@@ -36,6 +37,7 @@ from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink, clos
 from .errors import (
     EngineClosedError,
     InvalidRequestError,
+    ModelOutputError,
     UnknownVoiceError,
     UnsupportedModeError,
 )
@@ -623,6 +625,15 @@ class Engine:
 
     def _chunk(self, piece: torch.Tensor, index: int, segment, final: bool) -> AudioChunk:
         samples = piece.detach().float().cpu().reshape(-1).numpy()
+        # never handed on: LAME aborts the whole process on a NaN, and integer formats would
+        # carry it as full-scale noise or silence behind a success
+        if not np.isfinite(samples).all():
+            bad = int(samples.size - np.isfinite(samples).sum())
+            raise ModelOutputError(
+                f"the model produced {bad} NaN or infinite samples of {samples.size}: its "
+                f"weights are damaged (cosyvoice-lite check) or overflow in "
+                f"{str(self.placement.dtype).removeprefix('torch.')}"
+            )
         text = segment if isinstance(segment, str) else ""
         return AudioChunk(samples, self.sample_rate, index, final, text)
 

@@ -41,5 +41,10 @@ class AudioError(InvalidRequestError):
     """Prompt or source audio is unreadable, silent, too short or too long."""
 
 
+class ModelOutputError(CosyVoiceError, RuntimeError):
+    """The model's output cannot be used (NaN or infinite samples): its weights are damaged, or
+    they overflow in the precision chosen for the device. The server's fault, not the request's."""
+
+
 class EngineClosedError(CosyVoiceError, RuntimeError):
     """The engine was closed (shutting down): the work did not run, or was cut off."""

@@ -296,8 +296,12 @@ def check_not_empty(audio: AudioArray) -> None:
 
 
 def check_finite(audio: AudioArray) -> None:
-    if not bool(torch.isfinite(_as_tensor(audio)).all()):
-        raise AudioError("audio contains NaN or infinite samples")
+    """Also before any encoding: LAME aborts the process on one NaN (an assertion in C), and
+    integer formats would write NaN or inf as full-scale noise or silence."""
+    finite = torch.isfinite(_as_tensor(audio))
+    if not bool(finite.all()):
+        bad = finite.numel() - int(finite.sum())
+        raise AudioError(f"audio contains {bad} NaN or infinite samples")
 
 
 def check_not_silent(
@@ -394,6 +398,7 @@ def _frames_for_soundfile(audio: AudioArray) -> np.ndarray:
         raise AudioError(f"expected audio [N] or [C, N], got shape {array.shape}")
     if array.size == 0:
         raise AudioError("cannot write audio with no samples")
+    check_finite(array)
     # Integer subtypes would otherwise wrap around on overs.
     return np.clip(array, -1.0, 1.0)
 

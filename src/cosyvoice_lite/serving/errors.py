@@ -14,6 +14,8 @@ from ..errors import (
     AudioError,
     CosyVoiceError,
     EngineClosedError,
+    InvalidRequestError,
+    ModelOutputError,
     UnknownVoiceError,
     UnsupportedModeError,
 )
@@ -92,6 +94,8 @@ def from_engine_error(
         return ApiError(exc.status, str(exc), "server_error", kind, headers=retry)
     if isinstance(exc, EngineClosedError):
         return ApiError(503, str(exc), "server_error", "shutting_down")
+    if isinstance(exc, ModelOutputError):
+        return ApiError(500, str(exc), "server_error", "non_finite_audio")
     if isinstance(exc, VoiceDamagedError):
         return ApiError(500, str(exc), "server_error", "voice_damaged", "voice")
     if isinstance(exc, UnknownVoiceError):
@@ -112,7 +116,9 @@ def from_engine_error(
     param = None if param is None else field_name(fields, param)
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), code="invalid_audio", param=param or "audio")
-    return ApiError(400, str(exc), code="invalid_request", param=param)
+    if isinstance(exc, InvalidRequestError):
+        return ApiError(400, str(exc), code="invalid_request", param=param)
+    return ApiError(500, str(exc), "server_error", "engine_error")  # (not the request's fault)
 
 
 # The request fields as each API names them, where it differs from the engine's

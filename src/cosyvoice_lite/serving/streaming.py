@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from ..audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES, encode_audio
+from ..audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES, check_finite, encode_audio
 from ..audio.resample import output_length, reduced_rates, resample, resample_kernel
 from ..errors import AudioError
 
@@ -206,6 +206,7 @@ class Encoder:
             self.file = sf.SoundFile(self.sink, "w", rate, 1, subtype, format=container, **extra)
 
     def _encode(self, samples: np.ndarray) -> bytes:
+        check_finite(samples)
         if self.file is not None:
             if len(samples):
                 self.file.write(np.clip(samples, -1.0, 1.0).astype(np.float32))

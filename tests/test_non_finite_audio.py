@@ -1,0 +1,90 @@
+"""A model whose output holds NaN (damaged weights, or float16 overflowing on a device): LAME
+aborted the whole server process on one NaN sample (an assertion in C), wav carried it as a
+full-scale DC offset and pcm as silence, both answered 200. Now the request fails alone, with a
+clear error, before anything reaches an encoder; the encoders refuse such samples themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import copy_model
+from test_server_support import EngineProbe, ServerThread
+
+from cosyvoice_lite.audio.io import encode_audio
+from cosyvoice_lite.engine import Engine
+from cosyvoice_lite.errors import AudioError, ModelOutputError
+from cosyvoice_lite.request import Mode, SynthesisRequest
+from cosyvoice_lite.serving import Settings, create_app
+from cosyvoice_lite.serving.streaming import Encoder
+
+
+@pytest.fixture(scope="module")
+def engine(v1_dir, tmp_path_factory) -> Engine:
+    """The tiny v1 model with one NaN in the vocoder's last bias: every sample is NaN."""
+    model = copy_model(v1_dir, tmp_path_factory.mktemp("nan") / "v1-nan")
+    state = torch.load(model / "hift.pt", weights_only=True)
+    state["conv_post.bias"] = torch.full_like(state["conv_post.bias"], float("nan"))
+    torch.save(state, model / "hift.pt")
+    with Engine.load(model) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    settings = Settings(voices_dir=tmp_path_factory.mktemp("voices"))
+    with ServerThread(create_app(EngineProbe(engine), settings)) as running:
+        yield running
+
+
+def _request(engine: Engine, stream: bool) -> SynthesisRequest:
+    return SynthesisRequest(
+        Mode.PRESET, "你好。", voice=engine.voices()[0], seed=1, max_speech_tokens=20,
+        ignore_eos=True, stream=stream,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_engine_refuses_non_finite_output(engine: Engine, stream: bool) -> None:
+    with pytest.raises(ModelOutputError, match=r"NaN or infinite samples .* float32"):
+        list(engine.synthesize(_request(engine, stream)))
+
+
+@pytest.mark.parametrize("format", ["mp3", "wav", "pcm", "flac"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_server_answers_500_and_lives_on(server, engine, format: str, stream: bool) -> None:
+    body = {
+        "model": "tts-1",
+        "input": "你好。",
+        "voice": engine.voices()[0],
+        "response_format": format,
+    }
+    with server.client() as client:
+        response = client.post("/v1/audio/speech", json={**body, "stream": stream})
+        assert response.status_code == 500, response.text[:200]
+        error = response.json()["error"]
+        assert error["code"] == "non_finite_audio" and error["type"] == "server_error"
+        assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("format", ["mp3", "wav", "flac", "ogg"])
+def test_encoders_refuse_non_finite_samples(format: str, bad: float) -> None:
+    samples = np.sin(np.arange(8000, dtype=np.float32) / 10)
+    samples[4000] = bad
+    with pytest.raises(AudioError, match="contains 1 NaN or infinite samples"):
+        encode_audio(samples, 24000, format)
+    with pytest.raises(AudioError, match="contains 1 NaN or infinite samples"):
+        Encoder(format, 24000).feed(samples)
+
+
+def test_the_say_command_leaves_no_file(engine: Engine, tmp_path: Path, capsys) -> None:
+    from cosyvoice_lite.cli import main
+
+    out = tmp_path / "out.mp3"
+    args = ["say", "你好。", "--model", str(engine.model.path), "--voice", engine.voices()[0]]
+    assert main([*args, "-o", str(out), "--stream"]) == 2
+    assert "NaN or infinite samples" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
