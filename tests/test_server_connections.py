@@ -14,7 +14,14 @@ import time
 import httpx
 import pytest
 import uvicorn
-from test_server_support import free_port, serve_argv, status_of, tiny_engine, wait_for
+from test_server_support import (
+    free_port,
+    metric,
+    serve_argv,
+    status_of,
+    tiny_engine,
+    wait_for,
+)
 
 from cosyvoice_lite.serving import Settings, create_app
 from cosyvoice_lite.serving.server import install_log_throttle, uvicorn_config
@@ -190,19 +197,37 @@ def expected(response: bytes) -> int:
 
 
 def test_connection_cap_answers_503_at_once_then_recovers(server):
+    """Past the cap a request is answered at once: 503 JSON with Retry-After, counted, and its
+    connection closed; probes and scrapes are still answered (uvicorn's own cap had answered
+    /health a plain-text 503 that metrics and logs never saw: an orchestrator restarted a busy
+    but healthy replica). The cap's own connections are all served (uvicorn had served one
+    fewer: 6 connections were answered 200, 200, ..., 503)."""
     url, port = server
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]  # > cap of 6
+
+    def refusals() -> float:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        return metric(text, "cosyvoice_errors_total", code="too_many_connections")
+
+    before = refusals()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]  # 6 with the next
     try:
         time.sleep(0.2)
+        assert httpx.get(f"{url}/voices", timeout=5).status_code == 200
+        idle += [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # > cap of 6
+        time.sleep(0.2)
         start = time.monotonic()
-        response = httpx.get(f"{url}/health", timeout=5)
+        response = httpx.get(f"{url}/voices", timeout=5)
         assert response.status_code == 503 and time.monotonic() - start < 2
+        assert response.json()["error"]["code"] == "too_many_connections"
+        assert response.headers["retry-after"] == "1" and response.headers["connection"] == "close"
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert refusals() == before + 1
     finally:
         for sock in idle:
             sock.close()
     # the idle sockets were also closed by the header timeout; the server serves again
     time.sleep(1.5)
-    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    assert httpx.get(f"{url}/voices", timeout=5).status_code == 200
 
 
 def test_descriptor_exhaustion_is_logged_once_per_interval(caplog):

@@ -68,6 +68,7 @@ from .page_info import page_info
 from .prompts import PromptCache
 from .scheduler import Scheduler
 from .schemas import TTSRequest
+from .server import OVER_CONNECTION_CAP
 from .settings import Settings, host_name
 from .synthesis import Plan, model_voices, plan_request, respond, supported_modes
 from .upload_api import upload_router
@@ -303,9 +304,22 @@ class ServingMiddleware:
         )
 
     def _refusal(self, scope, headers: dict[bytes, bytes]) -> ApiError | None:
-        """Why the request is answered here without reaching a route, if it is: a Host name
-        this server does not answer to, another site's page writing, no or a wrong key."""
+        """Why the request is answered here without reaching a route, if it is: a connection
+        past the cap (probes and scrapes still answered), a Host name this server does not
+        answer to, another site's page writing, no or a wrong key."""
         settings = self.state.settings
+        if (
+            scope.get("state", {}).get(OVER_CONNECTION_CAP)
+            and app_path(scope) not in QUIET_ENDPOINTS
+        ):
+            return ApiError(
+                503,
+                f"too many open connections (the server's --max-connections "
+                f"{settings.max_connections}): retry shortly",
+                "server_error",
+                "too_many_connections",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
         if self._foreign_host(headers):
             return ApiError(
                 400,

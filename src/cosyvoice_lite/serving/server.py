@@ -10,7 +10,10 @@ readable when the process runs out of file descriptors.
   body of a request whose response is out (uvicorn stopped watching it at its first byte).
 * send timeout: a client that reads nothing of its response for ``send_timeout`` seconds (its
   socket's buffers full) is dropped: it held its admission slot and the unsent bytes forever.
-* ``max_connections``: uvicorn's ``limit_concurrency``: beyond it, requests get 503 at once.
+* ``max_connections``: the requests of a connection past it are marked (``OVER_CONNECTION_CAP``
+  in the scope's state) and the app answers them 503 JSON with Retry-After and closes, except
+  probes and scrapes (uvicorn's own ``limit_concurrency`` answered even /health a plain-text
+  503, unseen by metrics and logs, and served one connection fewer than the cap).
 * keep-alive and graceful-shutdown bounds (``keep_alive_timeout``, ``shutdown_timeout``).
 * descriptor exhaustion (EMFILE/ENFILE) is logged once per interval, with a count, instead of
   once per failed accept.
@@ -36,6 +39,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .settings import Settings
 
+OVER_CONNECTION_CAP = "over_connection_cap"  # a scope state key: the connection is past the cap
+
+
+def _marked_over_cap(app):
+    """``app`` with each request of this connection marked as past the connection cap."""
+
+    async def marked(scope, receive, send) -> None:
+        scope.setdefault("state", {})[OVER_CONNECTION_CAP] = True
+        await app(scope, receive, send)
+
+    return marked
+
+
 RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESOURCE_WORDS = ("too many open files", "out of system resource", "emfile", "enfile")
 
@@ -45,11 +61,14 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     header_timeout = 10.0  # set per server by protocol_class()
     send_timeout = 60.0
+    max_connections: int | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._header_timer = self._send_timer = None
         self._send_left = 0  # bytes the transport held when the send timer was last started
-        super().connection_made(transport)
+        super().connection_made(transport)  # (counted in self.connections from here)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self.app = _marked_over_cap(self.app)
         self._arm()
 
     def pause_writing(self) -> None:  # the client's buffers are full: it must read in time
@@ -129,12 +148,18 @@ class HeaderTimeoutProtocol(H11Protocol):
 
 
 def protocol_class(
-    header_timeout: float, send_timeout: float = HeaderTimeoutProtocol.send_timeout
+    header_timeout: float,
+    send_timeout: float = HeaderTimeoutProtocol.send_timeout,
+    max_connections: int | None = None,
 ) -> type[HeaderTimeoutProtocol]:
     return type(
         "HeaderTimeoutProtocol",
         (HeaderTimeoutProtocol,),
-        {"header_timeout": header_timeout, "send_timeout": send_timeout},
+        {
+            "header_timeout": header_timeout,
+            "send_timeout": send_timeout,
+            "max_connections": max_connections,
+        },
     )
 
 
@@ -189,8 +214,9 @@ def uvicorn_config(app, settings: Settings, host: str, port: int, **extra) -> uv
     options = {
         "host": host,
         "port": port,
-        "http": protocol_class(settings.header_timeout, settings.send_timeout),
-        "limit_concurrency": settings.max_connections,
+        "http": protocol_class(
+            settings.header_timeout, settings.send_timeout, settings.max_connections
+        ),
         "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": settings.shutdown_timeout,
         "log_config": None,
