@@ -491,3 +491,28 @@ def test_prompt_encoder_caps_the_decoded_length(v1_dir) -> None:
     data = wav_header(16000) + pcm16(np.full(16000 * 45, 0.1, np.float32))
     with pytest.raises(AudioError, match="too long"):
         tiny_engine(v1_dir).prompt_encoder.load(data)
+
+
+def test_long_audio_encodes_to_ogg_without_crashing() -> None:
+    """libsndfile's Vorbis encoder overflowed its stack on one write of ~2 M frames (100 s at
+    22.05 kHz: a segfault that took a server down with every request in flight); writers hand it
+    blocks. In a child process, so that a crash fails this test, not the whole run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import io, sys, numpy as np, soundfile as sf\n"
+        "from cosyvoice_lite.audio.io import AUDIO_FORMATS, encode_audio\n"
+        "from cosyvoice_lite.serving.streaming import Encoder\n"
+        "rate = 22050\n"
+        "x = (np.random.default_rng(0).standard_normal(rate * 100) * 0.1).astype(np.float32)\n"
+        "whole = encode_audio(x, rate, 'ogg')\n"
+        "assert len(sf.read(io.BytesIO(whole))[0]) == len(x)\n"
+        "encoder = Encoder('ogg', rate)\n"
+        "streamed = encoder.feed(x) + encoder.finish()\n"
+        "assert len(sf.read(io.BytesIO(streamed))[0]) == len(x)\n"
+        "print('ok', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout == "ok\n"

@@ -439,8 +439,21 @@ def encode_audio(audio: AudioArray, sample_rate: int, format: str = "wav") -> by
         frames, rate = np.clip(resampled.numpy().T, -1.0, 1.0), 48000
     buffer = io.BytesIO()
     extra = {"endian": "LITTLE"} if container == "RAW" else {}
-    sf.write(buffer, frames, rate, format=container, subtype=subtype, **extra)
+    channels = 1 if frames.ndim == 1 else frames.shape[1]
+    with sf.SoundFile(buffer, "w", rate, channels, subtype, format=container, **extra) as file:
+        write_frames(file, frames)
     return buffer.getvalue()
+
+
+# libsndfile's Vorbis encoder overflows its stack on one write of ~2 M frames (90 s at 22 kHz:
+# a segfault that took the whole server down, libsndfile 1.2.2): writers hand it blocks
+WRITE_BLOCK_FRAMES = 1 << 16
+
+
+def write_frames(file: sf.SoundFile, frames: np.ndarray) -> None:
+    """``frames`` written to ``file`` in blocks of ``WRITE_BLOCK_FRAMES``."""
+    for start in range(0, len(frames), WRITE_BLOCK_FRAMES):
+        file.write(frames[start : start + WRITE_BLOCK_FRAMES])
 
 
 def media_type(format: str) -> str:

@@ -18,7 +18,14 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from ..audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES, check_finite, encode_audio
+from ..audio.io import (
+    AUDIO_FORMATS,
+    MP3_RATES,
+    OPUS_RATES,
+    check_finite,
+    encode_audio,
+    write_frames,
+)
 from ..audio.resample import output_length, reduced_rates, resample, resample_kernel
 from ..errors import AudioError
 
@@ -209,7 +216,7 @@ class Encoder:
         check_finite(samples)
         if self.file is not None:
             if len(samples):
-                self.file.write(np.clip(samples, -1.0, 1.0).astype(np.float32))
+                write_frames(self.file, np.clip(samples, -1.0, 1.0).astype(np.float32))
             return self._stripped(self.sink.take())
         head = b""
         if not self.started and self.format == "wav":
