@@ -15,7 +15,7 @@ from test_server_support import ServerThread, metric, tiny_engine  # noqa: E402
 
 from cosyvoice_lite.cli import main  # noqa: E402
 from cosyvoice_lite.errors import InvalidRequestError  # noqa: E402
-from cosyvoice_lite.serving import Settings  # noqa: E402
+from cosyvoice_lite.serving import Settings, ray_serve  # noqa: E402
 from cosyvoice_lite.serving.app import create_app  # noqa: E402
 from cosyvoice_lite.serving.cli import check_replica_load_options  # noqa: E402
 from cosyvoice_lite.serving.ray_serve import (  # noqa: E402
@@ -108,6 +108,61 @@ def test_serve_ray_refuses_bad_load_options_before_starting_ray(v1_dir, capsys):
     check_replica_load_options({"device": "cuda:7", "dtype": "bfloat16", "flow_steps": 4})
     with pytest.raises(InvalidRequestError):
         check_replica_load_options({"device": "cuda:7", "flow_steps": 0})
+
+
+def _not_deployed(*args: object) -> int:
+    pytest.fail("the options passed the deploying command's checks")
+
+
+def test_serve_ray_refuses_threads_below_one_before_starting_ray(
+    v1_dir, tmp_path, capsys, monkeypatch
+):
+    """--threads 0 was taken as unset (replicas got their CPU count) and -3 failed in every
+    replica (a slow, retried deploy): both are refused at once, as without --ray. The upper
+    bound (4 per core) is the replica's machine's to check."""
+    import ray
+
+    monkeypatch.setattr(ray_serve, "serve_on_ray", _not_deployed)
+    for threads in ("0", "-3"):
+        code = main(["serve", "--ray", "--model", str(v1_dir), "--threads", threads])
+        assert code == 2
+        assert f"--threads must be from 1 to 4 per core of a replica's machine, got {threads}" in (
+            capsys.readouterr().err
+        )
+        assert not ray.is_initialized()
+    with pytest.raises(ValueError, match="--threads"):  # a Serve config's args, too
+        app_builder({"model": "/m", "threads": 0})
+    # unset: the replica's CPUs, at least 1; a number: as given, however large here
+    settings = Settings(voices_dir=tmp_path)
+    bound = build_application(settings, RayOptions(replica_cpus=2.5))._bound_deployment
+    assert bound.init_args[2] == 2
+    bound = build_application(settings, RayOptions(threads=100_000))._bound_deployment
+    assert bound.init_args[2] == 100_000
+
+
+def test_serve_ray_refuses_a_precision_no_replica_device_runs(v1_dir, capsys, monkeypatch):
+    """A device this machine lacks is the replicas' to check, but not the precision: int8 on
+    cuda was accepted here and refused by every GPU replica."""
+    import ray
+
+    from cosyvoice_lite.errors import DeviceError
+
+    monkeypatch.setattr(ray_serve, "serve_on_ray", _not_deployed)
+    # (on a machine with a GPU, Engine's own checks answer the same)
+    argv = ["serve", "--ray", "--model", str(v1_dir), "--device", "cuda", "--quantize", "int8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "quantisation 'int8' is not supported on cuda:0; supported there: none" in err
+    assert not ray.is_initialized()
+    with pytest.raises(DeviceError, match="not supported on xpu:0"):
+        check_replica_load_options({"device": "xpu:3", "quantize": "int8"})
+    with pytest.raises(DeviceError, match="unknown dtype"):
+        check_replica_load_options({"device": "cuda:7", "dtype": "float64"})
+    with pytest.raises(DeviceError, match="'mps' is not supported"):  # no machine runs it
+        check_replica_load_options({"device": "mps"})
+    # a GPU's dtypes (bfloat16 from Ampere) and a back-end this torch lacks: the replicas'
+    for device, dtype in (("cuda:7", "bfloat16"), ("cuda", "float16"), ("npu", "float32")):
+        check_replica_load_options({"device": device, "dtype": dtype})
 
 
 @pytest.fixture(scope="module")

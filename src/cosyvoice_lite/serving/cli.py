@@ -409,8 +409,11 @@ def check_model_path(model: str) -> None:
 
 def check_replica_load_options(options: dict) -> None:
     """``Engine.check_load_options`` for replicas, in the deploying command: all of them, but
-    those of a device this machine lacks (the replicas' machines may have it: they check it)."""
-    from ..device import available_devices
+    the presence of a device this machine lacks (the replicas' machines may have it: they check
+    it). The quantisation is still checked for that kind of device."""
+    import torch
+
+    from ..device import available_devices, check_precision, dtype_named
     from ..engine import Engine
     from ..errors import DeviceError
 
@@ -421,6 +424,21 @@ def check_replica_load_options(options: dict) -> None:
         here = available_devices()
         if device.startswith("cpu") or device in here or f"{device}:0" in here:
             raise
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:  # a back-end this torch lacks (npu, ...): the replicas' torch
+            return
+        if kind == "mps":  # refused on every machine (no float64), not for its absence
+            raise
+        # Engine.load checks the precision after the device's presence: without this, int8 on
+        # cuda passed here and every GPU replica refused it. Which dtypes a GPU computes
+        # depends on the GPU (bfloat16 from Ampere): the replica's to say, not this machine's.
+        dtype = options.get("dtype", "float32")
+        check_precision(
+            torch.device(kind, 0),
+            "float32" if dtype_named(dtype) is not None else dtype,
+            options.get("quantize"),
+        )
 
 
 def ray_options_from_args(args: argparse.Namespace):

@@ -96,6 +96,13 @@ class RayOptions:
                 raise ValueError("--autoscale wants MIN:MAX with 0 <= MIN <= MAX and MAX >= 1")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
             raise ValueError("--replica-cpus and --replica-gpus must not be negative")
+        # refused here, as set_threads does without --ray: in the replicas it failed every one
+        # (a slow, retried deploy), and 0 was taken as "unset"; the upper bound is 4 per core of
+        # the replica's machine, which only the replica knows
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(
+                f"--threads must be from 1 to 4 per core of a replica's machine, got {self.threads}"
+            )
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -343,7 +350,7 @@ def build_application(settings: Settings, options: RayOptions):
     """The bound Serve application (``serve.run`` it, or use it from a Serve config)."""
     from ray import serve
 
-    threads = options.threads or max(1, int(options.replica_cpus))
+    threads = options.threads if options.threads is not None else max(1, int(options.replica_cpus))
     ingress = serve.ingress()(ReplicaServer)
     deployment = serve.deployment(ingress, **deployment_options(settings, options))
     return deployment.bind(settings, options.load, threads, options.log_format)
