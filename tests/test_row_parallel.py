@@ -16,7 +16,7 @@ import torch
 from cosyvoice_lite.device import resolve_placement
 from cosyvoice_lite.modeldir import open_model_dir
 from cosyvoice_lite.pipelines.factory import load_network
-from cosyvoice_lite.row_parallel import SERIAL, RowSplit, at_most
+from cosyvoice_lite.row_parallel import SERIAL, RowSplit, at_most, call_on_threads, set_own_threads
 
 MODELS = Path(__file__).resolve().parent / "data" / "models"
 
@@ -268,3 +268,40 @@ def test_the_engine_shares_rows_unless_exact_float32(exact: bool) -> None:
         assert rows.threads == 2 and rows.shares is not exact
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs a process with 2 torch threads")
+def test_a_threads_own_count_is_not_the_one_threads_starting_later_take() -> None:
+    """A decoding thread runs on one torch thread and its products on all (``call_on_threads``).
+    Switched with torch.set_num_threads, the count every thread starting later takes switched
+    too: a thread started meanwhile (a second engine's load, a program's pool) kept one torch
+    thread for its life."""
+    process = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def started_now() -> int:
+        counts: list[int] = []
+        thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return counts[0]
+
+    def decoding_thread() -> None:
+        set_own_threads(1)
+        seen["own"] = torch.get_num_threads()
+        seen["started while at one"] = started_now()
+        seen["in a product"] = call_on_threads(process, torch.get_num_threads)
+        seen["started after a product"] = started_now()
+        seen["own after"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=decoding_thread)
+    thread.start()
+    thread.join()
+    assert seen == {
+        "own": 1,
+        "started while at one": process,
+        "in a product": process,
+        "started after a product": process,
+        "own after": 1,
+    }
+    assert torch.get_num_threads() == process

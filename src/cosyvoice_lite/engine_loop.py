@@ -37,7 +37,7 @@ from .decoding import WAIT, Draw, Feed
 from .errors import EngineClosedError, InvalidRequestError
 from .heap import release_freed_memory
 from .networks.abort import ComputationAborted, abort_when
-from .row_parallel import at_most, start_torch_thread
+from .row_parallel import at_most, set_own_threads, start_torch_thread
 from .sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -845,12 +845,10 @@ class EngineLoop:
 
     def _rest_threads(self, rest: bool) -> None:
         """The loop thread's torch threads: ``decode_threads`` while it decodes, the process's
-        count while it waits with no row. Switching a thread's count (``call_on_threads``, each
-        of its products) also sets the count that threads starting later take, so with one left
-        there, threads a program starts while the engine is idle (a second engine's load, its
-        own pool) got one thread (still so while it decodes)."""
+        count while it waits with no row (``set_own_threads``: threads starting meanwhile take
+        the process's count either way)."""
         if self.decode_threads != self.threads and rest != self._resting:
-            torch.set_num_threads(self.threads if rest else self.decode_threads)
+            set_own_threads(self.threads if rest else self.decode_threads)
             self._resting = rest
 
     def _wait_for_work(self) -> bool:

@@ -26,6 +26,9 @@ both cores four ways (measured at ``at_most``).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -42,25 +45,64 @@ def start_torch_thread(
     target: Callable[[], object], threads: int, name: str, process_threads: int | None = None
 ) -> threading.Thread:
     """Start a daemon thread running ``target`` with ``threads`` torch threads of its own; return
-    once it has them. In the thread, torch's per-thread set-up runs first (run later, at its first
-    parallel operation, it would apply the count last set by any thread). ``torch.set_num_threads``
-    also makes that count the one threads starting later take, so the process's count
-    (``process_threads``, default the caller's) is set again here; the caller's own does not
-    change."""
+    once it has them (``set_own_threads``: the count threads starting later take stays the
+    process's; where only ``torch.set_num_threads`` is at hand, the process's count,
+    ``process_threads``, default the caller's, is set again here)."""
     process_threads = process_threads or torch.get_num_threads()
     ready = threading.Event()
 
     def run() -> None:
-        torch.get_num_threads()
-        torch.set_num_threads(threads)
+        set_own_threads(threads)
         ready.set()
         target()
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     ready.wait()
-    torch.set_num_threads(process_threads)
+    if _own_count_setters() is None:
+        torch.set_num_threads(process_threads)
     return thread
+
+
+@functools.cache
+def _own_count_setters() -> tuple[Callable[[int], object], ...] | None:
+    """The runtimes' setters of the calling thread's count that ``torch.set_num_threads`` calls
+    (GNU OpenMP's ``omp_set_num_threads``, MKL's ``mkl_set_num_threads_local``), where both are
+    found in this process; None elsewhere (another OpenMP runtime, Windows)."""
+    try:
+        process = ctypes.CDLL(None)
+        library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        omp = process.omp_set_num_threads
+        setters = [omp]
+        if torch.backends.mkl.is_available():
+            # (the C call: mkl.h maps mkl_set_num_threads_local to it; the lower-case symbol is
+            # the Fortran one, which takes a pointer)
+            setters.append(ctypes.CDLL(library).MKL_Set_Num_Threads_Local)
+    except (OSError, AttributeError, TypeError):
+        return None
+    for setter in setters:
+        setter.argtypes, setter.restype = [ctypes.c_int], None
+    return tuple(setters)
+
+
+def set_own_threads(threads: int) -> None:
+    """The calling thread's torch threads (its OpenMP team, MKL's), leaving alone the count that
+    threads starting later take. ``torch.set_num_threads`` sets that one too: switched for each
+    product of a decoding step, it gave whatever thread started meanwhile one thread for its
+    life (a second engine loaded then, a program's own pool). Where the runtimes' setters are
+    not found, ``torch.set_num_threads``."""
+    torch.get_num_threads()  # this thread's own set-up first: it would apply the process's count
+    _set_own(threads)
+
+
+def _set_own(threads: int) -> None:
+    """``set_own_threads`` in a thread whose torch set-up has run."""
+    setters = _own_count_setters()
+    if setters is None:
+        torch.set_num_threads(threads)
+        return
+    for setter in setters:
+        setter(threads)
 
 
 def call_on_threads(threads: int | None, fn: Callable[..., T], *args: object) -> T:
@@ -72,11 +114,11 @@ def call_on_threads(threads: int | None, fn: Callable[..., T], *args: object) ->
     caller = torch.get_num_threads()
     if threads is None or threads == caller:
         return fn(*args)
-    torch.set_num_threads(threads)
+    _set_own(threads)
     try:
         return fn(*args)
     finally:
-        torch.set_num_threads(caller)
+        _set_own(caller)
 
 
 _CALLER = threading.local()  # .cap: the calling thread's (threads, while) from at_most
