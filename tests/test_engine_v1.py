@@ -355,6 +355,29 @@ def test_synthesize_to_file_writes_the_format_its_name_says(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp3"]
 
 
+def test_a_text_where_the_request_goes_is_a_clear_error(engines: dict[str, Engine]) -> None:
+    """synthesize("...") and synthesize({...}) failed inside the engine with an AttributeError."""
+    engine = engines["sft"]
+    for wrong in ("你好。", {"mode": "preset", "text": "你好。", "voice": "中文女"}):
+        with pytest.raises(InvalidRequestError, match="must be a SynthesisRequest"):
+            list(engine.synthesize(wrong))
+        with pytest.raises(InvalidRequestError, match="must be a SynthesisRequest"):
+            engine.submit(wrong, sink=None)
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["exact_float32", "download", "share_onnx_threads", "capture_graphs", "batch_utterances"],
+)
+def test_load_flags_are_true_or_false(option: str, tmp_path: Path) -> None:
+    """exact_float32="false" turned exact mode on (any truthy value did)."""
+    with pytest.raises(InvalidRequestError, match=f"{option} must be True"):
+        Engine.check_load_options(**{option: "false"})
+    with pytest.raises(InvalidRequestError, match=f"{option} must be True"):
+        Engine.load(tmp_path, **{option: "false"})  # before any file is read
+    Engine.check_load_options(**{option: False})
+
+
 def test_an_engine_dropped_without_close_ends_its_threads(v1_dir: Path) -> None:
     """Its threads kept it (the preparing thread held the last request's run, and through it the
     engine), its weights and six threads, for the life of the process."""

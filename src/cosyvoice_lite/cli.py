@@ -18,12 +18,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from . import __version__
 from .errors import CosyVoiceError, InvalidRequestError
-from .files import EXTENSIONS
+from .files import EXTENSIONS, check_output_path, create_temporary, is_special, keep_mode
 
 # output file extension -> format name of audio.io.AUDIO_FORMATS
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus")
@@ -229,71 +228,19 @@ def output_format(path: str, forced: str | None) -> str:
     return EXTENSIONS[ext]
 
 
-def check_output_path(path: str) -> Path:
-    """A bad output path is an error before loading anything, not after the synthesis."""
-    try:
-        return _checked_output(path)
-    except OSError as exc:  # e.g. a name past the file system's limit
-        raise InvalidRequestError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-
-
-def _checked_output(path: str) -> Path:
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise InvalidRequestError(f"output {path!r} is a directory; give a file name")
-    # through a symlink, the file it points to (a dangling one's too) is what gets written
-    target = Path(os.path.realpath(out)) if out.is_symlink() else out
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise InvalidRequestError(
-            f"cannot write {path!r}: directory {str(parent)!r} does not exist"
-        )
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise InvalidRequestError(f"cannot write {path!r}: permission denied")
-    name_max = _name_max(parent)
-    if len(target.name.encode()) > name_max:
-        raise InvalidRequestError(
-            f"cannot write {path!r}: its name is too long (at most {name_max} bytes here)"
-        )
-    if not (out.exists() and not out.is_file()):  # (a FIFO or a device is written as it is)
-        # the file written first, beside its place: made and removed now, not found impossible
-        # after the synthesis (os.access lets root "write" where nothing can be: /sys)
-        real = Path(os.path.realpath(out))
-        probe = real.with_name(f".cosyvoice-lite-probe-{uuid.uuid4().hex[:12]}")
-        try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            probe.unlink()
-        except OSError as exc:
-            raise InvalidRequestError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-    return out
-
-
-def _name_max(folder: Path) -> int:
-    """The longest file name (bytes) the file system of ``folder`` takes."""
-    return os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-
-
-def _partial_path(final: Path) -> Path:
-    """Where a file is written before it is renamed to ``final``: beside it, named after it
-    where that name fits the file system's limit, else a short unique name."""
-    name = f".{final.name}.partial"
-    if len(name.encode()) > _name_max(final.parent):
-        name = f".cosyvoice-lite-{uuid.uuid4().hex[:12]}.partial"
-    return final.with_name(name)
-
-
 class AudioOutput:
     """Where ``say`` puts its audio, opened with the first chunk (a refused request touches
-    nothing). A regular file is written beside its place and renamed there at the end, so that it
-    appears at once or not at all, or in place with ``--stream``; through a symlink, the file it
-    points to. Standard output (``-``), a pipe, a FIFO or a device is never replaced or removed:
-    with ``--stream`` it gets each chunk's bytes as they come (not flac, whose header would then
-    say 0 samples), else a temporary file's bytes at the end (audio files need a seekable file
-    for their header)."""
+    nothing). A regular file is written beside its place, in a file of this run's own, and
+    renamed there at the end, so that it appears at once or not at all (runs into one output
+    each replace it whole: the last wins), or in place with ``--stream``; through a symlink, the
+    file it points to. Standard output (``-``), a pipe, a FIFO or a device is never replaced or
+    removed: with ``--stream`` it gets each chunk's bytes as they come (not flac, whose header
+    would then say 0 samples), else a temporary file's bytes at the end (audio files need a
+    seekable file for their header)."""
 
     def __init__(self, output: str, format: str, stream: bool, sample_rate: int) -> None:
         self.path = None if output == "-" else Path(output).expanduser()
-        self.special = self.path is None or (self.path.exists() and not self.path.is_file())
+        self.special = self.path is None or is_special(self.path)
         # a regular file's place (through a symlink, the file it points to)
         self.final = None if self.special else Path(os.path.realpath(self.path))
         self.piped = stream and self.special and format != "flac"
@@ -319,13 +266,20 @@ class AudioOutput:
         if self.piped:
             self.writer = PipeWriter(self._target(), self.format, self.sample_rate)
             return
+        fd = None  # a new file of this run's own, opened here (no other run's, no symlink)
         if self.special:
             fd, temporary = tempfile.mkstemp(suffix=f".{self.format}", prefix=".cosyvoice-lite-")
-            os.close(fd)
             self.partial = Path(temporary)
+        elif self.stream:
+            self.partial = self.final  # written in place
         else:
-            self.partial = self.final if self.stream else _partial_path(self.final)
-        self.writer = AudioFileWriter(self.partial, self.format, self.sample_rate)
+            self.partial, fd = create_temporary(self.final)
+        try:
+            self.writer = AudioFileWriter(self.partial, self.format, self.sample_rate, fd)
+        except BaseException:
+            if fd is not None:  # (the writer owns it once made)
+                os.close(fd)
+            raise
 
     def finish(self) -> None:
         if self.writer is None:  # nothing spoken: still a valid (empty) file
@@ -338,14 +292,14 @@ class AudioOutput:
                 shutil.copyfileobj(source, sink)
             self.partial.unlink()
         elif not self.stream:
-            if self.final.exists():  # replaced, it keeps who may read it (a private recording)
-                shutil.copymode(self.final, self.partial)
+            keep_mode(self.final, self.partial)
             os.replace(self.partial, self.final)  # a whole file appears at once, or not at all
 
     def abort(self) -> None:
-        """After a failure: never a cut-off file left (nor a FIFO or device removed)."""
+        """After a failure: never a cut-off file left (nor a FIFO or device removed); only this
+        run's own file goes, not one another run writes."""
         if self.writer is not None:
-            self.writer.file.close()
+            self.writer.discard()
         if self.partial is not None and self.partial.is_file():
             self.partial.unlink(missing_ok=True)
 
@@ -354,7 +308,9 @@ class AudioFileWriter:
     """Writes chunks to an audio file as they come (libsndfile completes the header at close).
     Opus and MP3 take only some rates: other rates are resampled on the fly."""
 
-    def __init__(self, path: Path, format: str, sample_rate: int) -> None:
+    def __init__(self, path: Path, format: str, sample_rate: int, fd: int | None = None) -> None:
+        """``fd``: ``path`` already open (a file made for this writer alone), written through
+        it, not opened again by name, and closed with the writer."""
         import soundfile as sf
 
         from .audio.io import AUDIO_FORMATS, MP3_RATES, OPUS_RATES
@@ -367,10 +323,16 @@ class AudioFileWriter:
             from .serving.streaming import StreamResampler
 
             self.resampler = StreamResampler(sample_rate, self.rate)
-        self.path = path
-        with self._os_errors():
+        self.path, self.fd = path, fd
+        with self._os_errors():  # (a descriptor keeps libsndfile's own I/O and its errno)
             self.file = sf.SoundFile(
-                path, "w", samplerate=self.rate, channels=1, format=container, subtype=subtype
+                path if fd is None else fd,
+                "w",
+                samplerate=self.rate,
+                channels=1,
+                format=container,
+                subtype=subtype,
+                closefd=False,
             )
         self.samples = 0
 
@@ -391,11 +353,13 @@ class AudioFileWriter:
     def write(self, samples) -> None:
         import numpy as np
 
+        from .audio.io import write_frames
+
         if self.resampler is not None:
             samples = self.resampler.feed(samples)
         samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
         with self._os_errors():
-            self.file.write(samples)
+            write_frames(self.file, samples)  # (one long Vorbis write overflowed libsndfile)
             self.file.flush()  # readable while synthesis goes on
         self.samples += len(samples)
 
@@ -403,8 +367,23 @@ class AudioFileWriter:
         if self.resampler is not None:  # its tail, written as it is (not resampled again)
             tail, self.resampler = self.resampler.finish(), None
             self.write(tail)
-        with self._os_errors():
+        try:
+            with self._os_errors():
+                self.file.close()
+        finally:
+            self._close_fd()
+
+    def discard(self) -> None:
+        """Closed after a failure, whatever it had written (its file is removed after)."""
+        try:
             self.file.close()
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 class PipeWriter:
@@ -424,6 +403,9 @@ class PipeWriter:
 
     def close(self) -> None:
         self.file.write(self.encoder.finish())
+        self.file.close()
+
+    def discard(self) -> None:
         self.file.close()
 
 

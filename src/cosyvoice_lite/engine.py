@@ -361,6 +361,8 @@ class Engine:
             device, dtype, llm_checkpoint, quantize, flow_steps, max_batch, prefill_tokens,
             audio_workers, idle_release_seconds, flow_threads_while_decoding, prompt_cache_mb,
             stream_cache_mb, stream_cache_dtype, exact_float32, backend, onnx_dir,
+            download=download, batch_utterances=batch_utterances, capture_graphs=capture_graphs,
+            share_onnx_threads=share_onnx_threads,
         )  # fmt: skip
         if (warning := slow_precision_warning(placement)) is not None:
             log.warning(warning)
@@ -562,6 +564,7 @@ class Engine:
         """Queue a request on the engine loop. Its chunks, then its end (``None`` or the error),
         go to ``sink`` from the loop thread; ``job.cancel()`` stops it at the next step.
         ``prompt`` may be a function, called in the loop when the request is admitted."""
+        _check_request_type(request)
         request = _normalized(request)
         self._check(request)
         _check_prompt_source(prompt)
@@ -996,20 +999,21 @@ def synthesize_to_file(
 ) -> float:
     """Run a request to completion and write it to ``path`` in the format its extension names
     (wav, mp3, flac, ogg, opus); returns the audio's seconds. The file appears whole or not at
-    all; an unknown extension or a missing directory is an error before the synthesis."""
+    all (through a symlink, the file it points to; a file replaced keeps its permissions). A
+    wrong request, an unknown extension or a path that cannot be written is an error before the
+    synthesis."""
     import numpy as np
 
     from .audio.io import encode_audio
-    from .files import EXTENSIONS, write_atomic
+    from .files import EXTENSIONS, check_output_path, write_atomic
 
-    path = Path(path)
-    fmt = EXTENSIONS.get(path.suffix.lower())
+    _check_request_type(request)
+    fmt = EXTENSIONS.get(Path(path).suffix.lower())
     if fmt is None:
         raise InvalidRequestError(
             f"cannot tell the audio format of {str(path)!r}: name it {', '.join(EXTENSIONS)}"
         )
-    if not path.parent.is_dir():
-        raise InvalidRequestError(f"cannot write {str(path)!r}: no directory {str(path.parent)!r}")
+    path = check_output_path(path)
     chunks = list(engine.synthesize(request, progress))
     samples = np.concatenate([c.samples for c in chunks]) if chunks else np.zeros(0, np.float32)
     write_atomic(path, encode_audio(samples, engine.sample_rate, fmt))
@@ -1080,6 +1084,15 @@ def _unescaped(request: SynthesisRequest) -> SynthesisRequest:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_request_type(request: object) -> None:
+    """A text or a dict where the request goes (the commonest slip) failed deep inside the
+    engine with an AttributeError."""
+    if not isinstance(request, SynthesisRequest):
+        raise InvalidRequestError(
+            f"request must be a SynthesisRequest(mode, text, ...), got {type(request).__name__}"
+        )
 
 
 def _check_prompt_source(prompt: object) -> None:
@@ -1202,11 +1215,25 @@ def _checked_options(
     exact_float32: bool,
     backend: str,
     onnx_dir: str | Path | None,
+    *,
+    download: bool,
+    batch_utterances: bool | None,
+    capture_graphs: bool | None,
+    share_onnx_threads: bool,
 ) -> tuple[LoopLimits, Placement, torch.dtype | None]:
     """``Engine.load``'s options checked (an InvalidRequestError or DeviceError naming the
     option), as the loop limits, placement and stream cache dtype they give. (No file is read:
     the export directory's check is ``check_backend_dir``.)"""
     from .export.runtime import check_backend_options, check_backend_placement
+
+    _check_flags(
+        {
+            "exact_float32": exact_float32,
+            "download": download,
+            "share_onnx_threads": share_onnx_threads,
+        },
+        {"batch_utterances": batch_utterances, "capture_graphs": capture_graphs},
+    )
 
     if Path(llm_checkpoint).name != llm_checkpoint or not llm_checkpoint.endswith(".pt"):
         raise InvalidRequestError(
@@ -1241,6 +1268,15 @@ def _checked_options(
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
     return limits, placement, cache_dtype
+
+
+def _check_flags(flags: dict[str, object], optional: dict[str, object]) -> None:
+    """Flags are True or False (``optional`` ones None too): exact_float32="false" turned exact
+    mode on, as any truthy value did."""
+    for name, value in {**flags, **optional}.items():
+        if not isinstance(value, bool) and not (value is None and name in optional):
+            allowed = "True, False or None" if name in optional else "True or False"
+            raise InvalidRequestError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _check_prompt(prompt: PromptFeatures, speech_tokens: int) -> None:
