@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from cosyvoice_lite.cli import main
 from cosyvoice_lite.errors import ModelDownloadError
 from cosyvoice_lite.hub import COMPLETE_MARK, download_model
-from cosyvoice_lite.integrity import check_model_files
+from cosyvoice_lite.integrity import FileCheck, check_model_files
 
 TINY = Path(__file__).resolve().parent / "data" / "models" / "v2-tiny"
 
@@ -40,7 +42,8 @@ def _flip_a_weight_bit(checkpoint: Path) -> None:
 def _record_as_hugging_face_does(model_dir: Path, name: str, etag: str) -> None:
     metadata = model_dir / ".cache" / "huggingface" / "download" / f"{name}.metadata"
     metadata.parent.mkdir(parents=True, exist_ok=True)
-    metadata.write_text(f"{'c' * 40}\n{etag}\n1712656091.123\n")
+    # (the time of the download: a file changed after it is no longer the hub's)
+    metadata.write_text(f"{'c' * 40}\n{etag}\n{time.time() + 1}\n")
 
 
 def test_a_flipped_weight_bit_loads_unnoticed_but_check_finds_it(model_copy: Path, capsys) -> None:
@@ -93,7 +96,7 @@ def test_a_hub_cache_snapshot_is_checked_against_its_blob_names(tmp_path: Path) 
     shutil.move(llm, blob)
     llm.symlink_to(Path("..", "..", "blobs", blob.name))
     results = {result.name: result for result in check_model_files(snapshot)}
-    assert results["llm.pt"].checked == ("crc32", "sha256") and results["llm.pt"].problem is None
+    assert results["llm.pt"].checked == ("sha256",) and results["llm.pt"].problem is None
     shutil.move(blob, blobs / ("0" * 64))  # the blob another revision had: a different file
     llm.unlink()
     llm.symlink_to(Path("..", "..", "blobs", "0" * 64))
@@ -131,3 +134,74 @@ def test_a_download_damaged_in_transfer_is_fetched_again(tmp_path: Path) -> None
     assert not (target / ".cache" / "huggingface" / "download" / "llm.pt.metadata").exists()
     download_model("CosyVoice2-0.5B", target, [("A", "x", fetches_all)])
     assert (target / COMPLETE_MARK).is_file()
+
+
+def test_checkpoints_without_crcs_load_and_are_not_damaged(model_copy: Path) -> None:
+    """torch.load reads an archive saved without CRC-32s and a legacy (pickled) checkpoint:
+    they were called damaged, and a download removed them, even when the hub's hash matched."""
+    llm = model_copy / "llm.pt"
+    state = torch.load(llm, weights_only=True)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, llm)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    speakers = model_copy / "spk2info.pt"
+    torch.save(
+        torch.load(speakers, weights_only=True), speakers, _use_new_zipfile_serialization=False
+    )
+    results = {result.name: result for result in check_model_files(model_copy)}
+    assert results["llm.pt"] == FileCheck("llm.pt", ())
+    assert results["spk2info.pt"] == FileCheck("spk2info.pt", ())
+    assert results["flow.pt"] == FileCheck("flow.pt", ("crc32",))
+    # with the hub's record of it, a file is the hub's file whatever its format
+    _record_as_hugging_face_does(model_copy, "llm.pt", hashlib.sha256(llm.read_bytes()).hexdigest())
+    assert {r.name: r for r in check_model_files(model_copy)}["llm.pt"].checked == ("sha256",)
+
+
+def test_a_file_changed_after_its_download_is_checked_as_any_other(model_copy: Path) -> None:
+    """A fine-tuned llm.pt put in place of the downloaded one was called damaged against the
+    hub's old record (huggingface_hub itself ignores a record older than its file)."""
+    _record_as_hugging_face_does(model_copy, "llm.pt", "f" * 64)
+    llm = model_copy / "llm.pt"
+    later = time.time() + 60
+    os.utime(llm, (later, later))
+    assert {r.name: r for r in check_model_files(model_copy)}["llm.pt"] == FileCheck(
+        "llm.pt", ("crc32",)
+    )
+
+
+def test_every_checkpoint_in_the_directory_is_read(model_copy: Path) -> None:
+    """The LLM a server loads with llm_checkpoint= (a fine-tuned one) is checked too."""
+    shutil.copy(model_copy / "llm.pt", model_copy / "llm_finetuned.pt")
+    _flip_a_weight_bit(model_copy / "llm_finetuned.pt")
+    results = {result.name: result for result in check_model_files(model_copy)}
+    assert "Bad CRC-32" in results["llm_finetuned.pt"].problem
+
+
+def test_overlapping_members_are_refused_unread(model_copy: Path) -> None:
+    """An archive listing one stored member many times read ~200x its size."""
+    bomb = model_copy / "hift.pt"
+    with zipfile.ZipFile(bomb, "w") as archive:
+        archive.writestr("archive/data/0", b"\0" * (1 << 16))
+    data = bomb.read_bytes()
+    start = data.rindex(b"PK\x01\x02")  # the central directory: its one entry, then the end
+    entry, end = (
+        data[start : data.rindex(b"PK\x05\x06")],
+        bytearray(data[data.rindex(b"PK\x05\x06") :]),
+    )
+    end[8:10] = end[10:12] = (200).to_bytes(2, "little")
+    end[12:16] = (len(entry) * 200).to_bytes(4, "little")
+    bomb.write_bytes(data[:start] + entry * 200 + bytes(end))
+    assert len(zipfile.ZipFile(bomb).infolist()) == 200
+    problem = {r.name: r for r in check_model_files(model_copy)}["hift.pt"].problem
+    assert problem.startswith("its members overlap")
+
+
+def test_check_names_a_model_not_downloaded(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COSYVOICE_LITE_CACHE", str(tmp_path))
+    assert main(["check", "CosyVoice2-0.5B"]) == 2
+    assert (
+        "not downloaded: run cosyvoice-lite download CosyVoice2-0.5B first"
+        in capsys.readouterr().err
+    )

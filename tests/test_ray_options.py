@@ -160,6 +160,9 @@ def test_serve_ray_refuses_a_precision_no_replica_device_runs(v1_dir, capsys, mo
         check_replica_load_options({"device": "cuda:7", "dtype": "float64"})
     with pytest.raises(DeviceError, match="'mps' is not supported"):  # no machine runs it
         check_replica_load_options({"device": "mps"})
+    for typo in ("gpu", "cuda0", "cuda:x"):  # no machine's torch parses them: every replica failed
+        with pytest.raises(DeviceError, match="unknown device"):
+            check_replica_load_options({"device": typo, "quantize": "int8"})
     # a GPU's dtypes (bfloat16 from Ampere) and a back-end this torch lacks: the replicas'
     for device, dtype in (("cuda:7", "bfloat16"), ("cuda", "float16"), ("npu", "float32")):
         check_replica_load_options({"device": device, "dtype": dtype})

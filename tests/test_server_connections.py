@@ -222,11 +222,16 @@ def test_connection_cap_answers_503_at_once_then_recovers(server):
         assert response.headers["retry-after"] == "1" and response.headers["connection"] == "close"
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert refusals() == before + 1
+        over = httpx.Client(base_url=url, timeout=5)  # a connection opened past the cap
+        assert over.get("/health").status_code == 200
     finally:
         for sock in idle:
             sock.close()
-    # the idle sockets were also closed by the header timeout; the server serves again
-    time.sleep(1.5)
+    # the idle sockets were also closed by the header timeout; the server serves again, the
+    # connection opened past the cap too (it had been refused for its whole life)
+    time.sleep(0.5)
+    assert over.get("/voices").status_code == 200
+    over.close()
     assert httpx.get(f"{url}/voices", timeout=5).status_code == 200
 
 

@@ -716,16 +716,23 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .errors import ModelDirError
+    from .errors import ModelDirError, ModelDownloadError
     from .hub import resolve_model
     from .integrity import check_model_files
     from .modeldir import open_model_dir
 
-    path = resolve_model(args.model, download=False)
+    try:
+        path = resolve_model(args.model, download=False)
+    except ModelDownloadError as exc:
+        if "downloading is disabled" not in str(exc):
+            raise
+        raise ModelDownloadError(
+            f"{args.model} is not downloaded: run cosyvoice-lite download {args.model} first"
+        ) from None
     open_model_dir(path)  # the layout and the yaml, as a load checks them
     results = check_model_files(path)
     for result in results:
-        how = ", ".join(result.checked) or "read whole; no hash recorded"
+        how = ", ".join(result.checked) or "present; no checksum to compare with"
         print(f"{'ok' if result.problem is None else 'DAMAGED':8}{result.name} ({how})")
     damaged = [result for result in results if result.problem is not None]
     if damaged:

@@ -20,7 +20,7 @@ _DTYPES = {
 }
 
 # Accelerator back-ends torch may expose (Apple's MPS is not one we run on: it has no float64).
-_BACKENDS = ("cuda", "xpu", "npu", "mlu", "hpu")
+ACCELERATOR_KINDS = ("cuda", "xpu", "npu", "mlu", "hpu")
 
 
 def dtype_named(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -48,7 +48,7 @@ def _backend_count(kind: str) -> int:
 def available_devices() -> list[str]:
     """Every device string usable on this machine, e.g. ``['cpu', 'cuda:0', 'cuda:1']``."""
     found = ["cpu"]
-    for kind in _BACKENDS:
+    for kind in ACCELERATOR_KINDS:
         count = _backend_count(kind)
         found += [f"{kind}:{i}" for i in range(count)]
     return found

@@ -5,6 +5,7 @@ loads."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -35,6 +36,14 @@ def _checked_output(path: str) -> Path:
     if out.is_dir():
         raise InvalidRequestError(f"output {path!r} is a directory; give a file name")
     # through a symlink, the file it points to (a dangling one's too) is what gets written
+    if out.is_symlink():
+        try:
+            out.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidRequestError(
+                    f"cannot write {path!r}: a loop of symbolic links"
+                ) from None
     target = Path(os.path.realpath(out)) if out.is_symlink() else out
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():

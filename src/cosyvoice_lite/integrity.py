@@ -3,9 +3,9 @@
 Loading maps checkpoints into memory and trusts their bytes (torch does not check the zip
 archive's CRC-32s), so a bit flipped on disk or in transfer loads as a wrong weight and the
 model speaks noise without an error. ``check_model_files`` reads every byte of the files the
-engine opens once: each checkpoint's members against their CRC-32s, and each file a Hugging Face
-download recorded against the hash the hub gave for it (sha256 for large files, the git blob id
-for small ones; the hub cache's ``blobs/`` files are named by it). About a second per 1-2 GB.
+engine opens once: each file a Hugging Face download recorded against the hash the hub gave for
+it (sha256 for large files, the git blob id for small ones; the hub cache's ``blobs/`` files are
+named by it), and other checkpoints' members against their CRC-32s. About a second per 1-2 GB.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from pathlib import Path
 
 from .modeldir import detect_version, required_files
 
-# optional files the engine reads when they are there
-OPTIONAL_READ = ("spk2info.pt", "llm.rl.pt")
 BLOCK = 1 << 20
 _HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
@@ -35,54 +33,72 @@ class FileCheck:
 
 
 def check_model_files(model_dir: Path) -> list[FileCheck]:
-    """Every file the engine reads in ``model_dir``, read whole and checked (see the module)."""
+    """Every file the engine reads in ``model_dir``, read whole and checked (see the module);
+    every checkpoint there too (a fine-tuned LLM that ``llm_checkpoint=`` names)."""
     version = detect_version(model_dir)
     names = [*required_files(version)]
-    names += [name for name in OPTIONAL_READ if (model_dir / name).exists()]
+    names += sorted(path.name for path in model_dir.glob("*.pt") if path.name not in names)
     return [check_file(model_dir, name) for name in names]
 
 
 def check_file(model_dir: Path, name: str) -> FileCheck:
+    """A file against the hub's hash where one is recorded (then it is the hub's file, whatever
+    else), else a checkpoint against its CRC-32s."""
     path = model_dir / name
     if not path.is_file():
         return FileCheck(name, (), "missing or not a file")
-    checked: list[str] = []
     try:
-        if name.endswith(".pt"):
-            checked.append("crc32")
-            if problem := _archive_problem(path):
-                return FileCheck(name, tuple(checked), problem)
         if (recorded := recorded_hash(model_dir, name)) is not None:
             kind, digest = _digest(path, recorded)
-            checked.append(kind)
             if digest != recorded:
-                return FileCheck(
-                    name,
-                    tuple(checked),
+                problem = (
                     f"differs from the file the hub gave ({kind} {digest[:12]}..., "
-                    f"recorded {recorded[:12]}...)",
+                    f"recorded {recorded[:12]}...)"
                 )
+                return FileCheck(name, (kind,), problem)
+            return FileCheck(name, (kind,))
+        if name.endswith(".pt"):
+            crc, problem = _archive_check(path)
+            return FileCheck(name, ("crc32",) if crc or problem else (), problem)
     except OSError as exc:
-        return FileCheck(name, tuple(checked), f"unreadable ({exc.strerror or exc})")
-    return FileCheck(name, tuple(checked))
+        return FileCheck(name, (), f"unreadable ({exc.strerror or exc})")
+    return FileCheck(name, ())
 
 
-def _archive_problem(path: Path) -> str | None:
-    """A torch checkpoint's members read against their CRC-32s. torch.save stores members
-    uncompressed, so reading one costs its size on disk: a compressed member (a zip bomb's
-    way to cost far more than its size) is refused unread."""
+def _archive_check(path: Path) -> tuple[bool, str | None]:
+    """A torch checkpoint's members read against their CRC-32s: (whether any CRC was there to
+    compare, the problem). torch.save stores members uncompressed, each once, so reading them
+    costs the file's size: compressed or overlapping members (a zip bomb's ways to cost far
+    more) are refused unread. A legacy (pickled, not zip) checkpoint and an archive saved
+    without CRC-32s (``torch.serialization.set_crc32_options(False)``) load, and have none."""
+    with path.open("rb") as handle:
+        if handle.read(2) != b"PK":
+            return False, None  # (not a zip: a legacy file; torch.load says if it is none)
     try:
         with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                if member.compress_type != zipfile.ZIP_STORED:
-                    return f"member {member.filename} is compressed: not written by torch.save"
+            members = archive.infolist()
+            if problem := _unbounded(members, path.stat().st_size):
+                return False, problem
+            checked = [m for m in members if m.CRC != 0 or m.file_size == 0]
+            for member in checked:
                 with archive.open(member) as stream:
                     while stream.read(BLOCK):
                         pass
     except zipfile.BadZipFile as exc:
-        return f"damaged ({exc})"
+        return False, f"damaged ({exc})"
     except (EOFError, ValueError) as exc:  # a member that ends before its recorded size
-        return f"damaged (truncated: {exc})"
+        return False, f"damaged (truncated: {exc})"
+    return bool(checked), None
+
+
+def _unbounded(members: list[zipfile.ZipInfo], size: int) -> str | None:
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED:
+            return f"member {member.filename} is compressed: not written by torch.save"
+    if sum(member.file_size for member in members) > size:
+        return (
+            "its members overlap (more bytes listed than the file has): not written by torch.save"
+        )
     return None
 
 
@@ -92,10 +108,13 @@ def recorded_hash(model_dir: Path, name: str) -> str | None:
     metadata = model_dir / ".cache" / "huggingface" / "download" / f"{name}.metadata"
     try:
         lines = metadata.read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError):
-        lines = []
-    if len(lines) >= 2 and _HEX.fullmatch(lines[1].strip()):
-        return lines[1].strip()
+        recorded, when = lines[1].strip(), float(lines[2])
+        # huggingface_hub's own rule: a file changed after its record (fine-tuned weights put
+        # in its place) is no longer the hub's, and its record says nothing of it
+        if _HEX.fullmatch(recorded) and (model_dir / name).stat().st_mtime - 1 <= when:
+            return recorded
+    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+        pass
     path = model_dir / name
     if path.is_symlink():
         blob = path.resolve()

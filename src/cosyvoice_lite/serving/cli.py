@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 
@@ -413,7 +414,7 @@ def check_replica_load_options(options: dict) -> None:
     it). The quantisation is still checked for that kind of device."""
     import torch
 
-    from ..device import available_devices, check_precision, dtype_named
+    from ..device import ACCELERATOR_KINDS, available_devices, check_precision, dtype_named
     from ..engine import Engine
     from ..errors import DeviceError
 
@@ -424,20 +425,21 @@ def check_replica_load_options(options: dict) -> None:
         here = available_devices()
         if device.startswith("cpu") or device in here or f"{device}:0" in here:
             raise
+        # only an accelerator's name can be another machine's: a typo (gpu, cuda0) is refused
+        # on every one, and so is mps (no float64)
+        named = re.fullmatch(rf"({'|'.join(ACCELERATOR_KINDS)})(:\d+)?", device)
+        if named is None:
+            raise
         try:
-            kind = torch.device(device).type
+            kind = torch.device(named.group(1), 0)
         except RuntimeError:  # a back-end this torch lacks (npu, ...): the replicas' torch
             return
-        if kind == "mps":  # refused on every machine (no float64), not for its absence
-            raise
         # Engine.load checks the precision after the device's presence: without this, int8 on
         # cuda passed here and every GPU replica refused it. Which dtypes a GPU computes
         # depends on the GPU (bfloat16 from Ampere): the replica's to say, not this machine's.
         dtype = options.get("dtype", "float32")
         check_precision(
-            torch.device(kind, 0),
-            "float32" if dtype_named(dtype) is not None else dtype,
-            options.get("quantize"),
+            kind, "float32" if dtype_named(dtype) is not None else dtype, options.get("quantize")
         )
 
 

@@ -42,11 +42,13 @@ from .settings import Settings
 OVER_CONNECTION_CAP = "over_connection_cap"  # a scope state key: the connection is past the cap
 
 
-def _marked_over_cap(app):
-    """``app`` with each request of this connection marked as past the connection cap."""
+def _marked_over_cap(app, connections: set, most: int):
+    """``app`` for a connection opened past the cap: its requests are marked while the server
+    still has more than ``most`` connections open (once others close, it is served)."""
 
     async def marked(scope, receive, send) -> None:
-        scope.setdefault("state", {})[OVER_CONNECTION_CAP] = True
+        if len(connections) > most:
+            scope.setdefault("state", {})[OVER_CONNECTION_CAP] = True
         await app(scope, receive, send)
 
     return marked
@@ -68,7 +70,7 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._send_left = 0  # bytes the transport held when the send timer was last started
         super().connection_made(transport)  # (counted in self.connections from here)
         if self.max_connections is not None and len(self.connections) > self.max_connections:
-            self.app = _marked_over_cap(self.app)
+            self.app = _marked_over_cap(self.app, self.connections, self.max_connections)
         self._arm()
 
     def pause_writing(self) -> None:  # the client's buffers are full: it must read in time
