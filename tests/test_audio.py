@@ -251,6 +251,13 @@ def test_duration_limits() -> None:
     with pytest.raises(AudioError, match="too long"):
         check_prompt_audio(torch.full((24000 * 31,), 0.1), 24000)
     assert MAX_PROMPT_SECONDS == 30.0
+    # the server's check of an upload's header says so too (it had said "30.0 s, at most 30 s")
+    from cosyvoice_lite.serving.errors import ApiError
+    from cosyvoice_lite.serving.prompts import check_audio
+
+    upload = encoded(np.full((16000 * 30 + 16, 1), 0.1, dtype=np.float32), 16000, "WAV", "PCM_16")
+    with pytest.raises(ApiError, match=r"audio is too long: 30.0010 s \(480016 samples"):
+        check_audio(upload, "audio", 1 << 24, 30.0)
 
 
 def test_check_prompt_audio_accepts_real_prompt_and_rejects_8k() -> None:
@@ -516,3 +523,22 @@ def test_long_audio_encodes_to_ogg_without_crashing() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
     assert done.stdout == "ok\n"
+
+
+def test_a_recording_cut_short_is_refused() -> None:
+    """Half of a WAV or mp3 file (an interrupted copy) had been taken as a shorter recording, and a
+    voice saved from it kept a transcript of the whole. A streaming writer's WAV ("unknown"
+    length) is still taken."""
+    tone = (0.3 * np.sin(np.arange(16000 * 4) / 16000 * 2 * np.pi * 220)).astype(np.float32)
+    for container, subtype in (("WAV", "PCM_16"), ("MP3", "MPEG_LAYER_III")):
+        whole = encoded(tone[:, None], 16000, container, subtype)
+        assert len(load_audio(whole)[0]) >= len(tone) * 0.99
+        with pytest.raises(
+            AudioError, match=r"ends early: its header says 4.00 s, [12].\d\d s are"
+        ):
+            load_audio(whole[: len(whole) // 2])
+    streamed = bytearray(encoded(tone[:, None], 16000, "WAV", "PCM_16"))
+    streamed[4:8] = streamed[40:44] = b"\xff\xff\xff\xff"  # RIFF and data sizes: unknown
+    assert (
+        len(load_audio(bytes(streamed[: len(streamed) // 2]))[0]) == (len(streamed) // 2 - 44) // 2
+    )

@@ -15,13 +15,14 @@ import torch
 from test_server_support import decode, metric, prompt_wav
 
 from cosyvoice_lite.audio.resample import resample
-from cosyvoice_lite.errors import AudioError, UnknownVoiceError
+from cosyvoice_lite.errors import AudioError, InvalidRequestError, UnknownVoiceError
 from cosyvoice_lite.frontend.prompt import PromptFeatures
 from cosyvoice_lite.serving.metrics import Metrics
 from cosyvoice_lite.serving.streaming import Encoder, StreamResampler, WholeEncoder, wav_header
 from cosyvoice_lite.serving.voices import (
     InvalidVoiceNameError,
     LocalVoiceStore,
+    VoiceDamagedError,
     VoiceExistsError,
     VoiceLibrary,
     validate_name,
@@ -224,6 +225,31 @@ def test_a_voice_deleted_while_it_is_read_is_gone_not_damaged(tmp_path):
     VoiceLibrary(tmp_path).create("bob", prompt_wav(1.5), "hi", "k", encode)
     with pytest.raises(UnknownVoiceError):  # features of another model: from the stored prompt
         VoiceLibrary(DeletedWhileRead(tmp_path)).features("bob", "other", encode)
+
+
+def test_a_transcript_another_model_cannot_read_is_not_damage(tmp_path):
+    """A library shared by servers of two versions: a CosyVoice2 voice's transcript with a tag
+    CosyVoice-300M does not know was called damaged there (500, "delete it and create it
+    again", which loses a voice the other server uses). It is the request's problem (400 naming
+    the voice); a stored recording that cannot be decoded is still damage."""
+    from cosyvoice_lite.frontend.markup import V1_TAGS, check_markup
+
+    library = VoiceLibrary(tmp_path)
+    library.create("anna", prompt_wav(1.5), "[quick_breath] 你好", "v2", CountingEncoder())
+
+    def v1_encoder(audio: bytes, prompt_text: str) -> PromptFeatures:
+        check_markup([prompt_text], V1_TAGS, "CosyVoice-300M")  # as encode_prompt does
+        raise AssertionError("the tag is not CosyVoice-300M's")
+
+    with pytest.raises(InvalidRequestError, match="transcript this model cannot read") as info:
+        library.features("anna", "v1", v1_encoder)
+    assert not isinstance(info.value, VoiceDamagedError) and info.value.param == "voice"
+
+    def undecodable(audio: bytes, prompt_text: str) -> PromptFeatures:
+        raise AudioError("prompt audio could not be decoded")
+
+    with pytest.raises(VoiceDamagedError):
+        library.features("anna", "v3", undecodable)
 
 
 def test_duplicate_and_bad_audio(tmp_path):

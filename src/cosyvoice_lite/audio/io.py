@@ -129,7 +129,7 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
     opened = _open_source(source)
     try:
         with sf.SoundFile(opened) as f:
-            sample_rate = int(f.samplerate)
+            sample_rate, container, declared = int(f.samplerate), f.format, f.frames
             if sample_rate <= 0:
                 raise AudioError(f"{what} has an invalid sample rate {sample_rate}")
             if sample_rate > MAX_SAMPLE_RATE:
@@ -148,7 +148,7 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
                 and f.frames / sample_rate > max_seconds
             ):
                 raise AudioError(
-                    f"{what} is too long: {_length(f.frames, sample_rate, max_seconds)}, at "
+                    f"{what} is too long: {length_text(f.frames, sample_rate, max_seconds)}, at "
                     f"most {max_seconds:g} s is accepted"
                 )
             limit = None if max_seconds is None else math.floor(max_seconds * sample_rate)
@@ -173,10 +173,59 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
         ) from err
     if frames == 0:
         raise AudioError(f"{what} contains no audio samples")
+    _check_whole(what, opened, container, declared, frames, sample_rate)
     waveform = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if not bool(torch.isfinite(waveform).all()):
         raise AudioError(f"{what} contains NaN or infinite samples")
     return waveform, sample_rate
+
+
+# A recording that ends this much before its header says (a file cut short in a copy) is an
+# error, not a shorter recording: a voice saved from it kept a transcript of the whole.
+# (Encoders' padding and a last partial frame stay far within it.)
+CUT_TOLERANCE_SECONDS = 0.05
+
+
+def _check_whole(
+    what: str, opened: str | BinaryIO, container: str, declared: int, frames: int, rate: int
+) -> None:
+    """An AudioError where fewer ``frames`` were decoded than the header says: its frame count
+    (mp3's Xing header), or a WAV data chunk's size (libsndfile shortens the count it gives to
+    the bytes there). Formats whose header says no length (Ogg) cannot be checked."""
+    if container in ("WAV", "WAVEX"):
+        declared = _wav_declared_frames(opened) or UNKNOWN_FRAMES
+    if declared in (0, UNKNOWN_FRAMES):
+        return
+    if declared - frames > max(CUT_TOLERANCE_SECONDS * rate, 0.01 * declared):
+        raise AudioError(
+            f"{what} ends early: its header says {declared / rate:.2f} s, "
+            f"{frames / rate:.2f} s are there (a file cut short?)"
+        )
+
+
+def _wav_declared_frames(opened: str | BinaryIO) -> int | None:
+    """The frames a RIFF/WAVE file's data chunk says it holds; None where it says nothing
+    (0 or 0xFFFFFFFF: a streaming writer's "unknown") or the header is not plain RIFF."""
+    handle = open(opened, "rb") if isinstance(opened, str) else opened  # noqa: SIM115
+    try:
+        handle.seek(0)
+        if handle.read(4) != b"RIFF" or handle.read(8)[4:] != b"WAVE":
+            return None
+        block_align = 0
+        while len(head := handle.read(8)) == 8:
+            size = int.from_bytes(head[4:], "little")
+            if head[:4] == b"fmt ":
+                block_align = int.from_bytes(handle.read(16)[12:14], "little")
+                handle.seek(size - 16 + (size & 1), io.SEEK_CUR)
+            elif head[:4] == b"data":
+                unknown = size in (0, 0xFFFFFFFF) or block_align == 0
+                return None if unknown else size // block_align
+            else:
+                handle.seek(size + (size & 1), io.SEEK_CUR)
+        return None
+    finally:
+        if handle is not opened:
+            handle.close()
 
 
 def _blocks(f: sf.SoundFile, block: int) -> Iterator[np.ndarray]:
@@ -243,7 +292,7 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
         raise AudioError("decoded audio contains no samples")
     if max_seconds is not None and waveform.numel() > math.floor(max_seconds * rate):
         raise AudioError(
-            f"decoded audio is too long: {_length(waveform.numel(), rate, max_seconds)}, at "
+            f"decoded audio is too long: {length_text(waveform.numel(), rate, max_seconds)}, at "
             f"most {max_seconds:g} s is accepted"
         )
     if not bool(torch.isfinite(waveform).all()):
@@ -343,17 +392,17 @@ def check_duration(
     seconds = frames / sample_rate
     if seconds < min_seconds:
         raise AudioError(
-            f"audio is too short: {_length(frames, sample_rate, min_seconds)}, at least "
+            f"audio is too short: {length_text(frames, sample_rate, min_seconds)}, at least "
             f"{min_seconds:g} s is needed"
         )
     if seconds > max_seconds:
         raise AudioError(
-            f"audio is too long: {_length(frames, sample_rate, max_seconds)}; the speech "
+            f"audio is too long: {length_text(frames, sample_rate, max_seconds)}; the speech "
             f"tokenizer accepts at most {max_seconds:g} s, trim the prompt"
         )
 
 
-def _length(frames: int, rate: int, limit: float) -> str:
+def length_text(frames: int, rate: int, limit: float) -> str:
     """An audio's length for a message about ``limit``: in samples too where its seconds,
     rounded, would read as the limit itself ("0.50 s, at least 0.5 s")."""
     seconds = frames / rate

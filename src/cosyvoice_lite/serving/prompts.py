@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import soundfile as sf
 
-from ..audio.io import UNKNOWN_FRAMES, check_prompt_audio, load_audio
+from ..audio.io import UNKNOWN_FRAMES, check_prompt_audio, length_text, load_audio
 from ..audio.waveform import Waveform
 from ..errors import AudioError, InvalidRequestError, UnsupportedModeError
 from ..frontend.prompt import PromptFeatures
@@ -147,15 +147,15 @@ def check_audio(data: bytes, field: str, limit: int, max_seconds: float | None =
             param=field,
         ) from None
     # a header that does not say the length (a streamed FLAC) is checked as it is decoded
-    if max_seconds is not None and 0 < info.frames < UNKNOWN_FRAMES and info.samplerate > 0:
-        seconds = info.frames / info.samplerate
-        if seconds > max_seconds:
-            raise ApiError(
-                400,
-                f"{field} is too long: {seconds:.1f} s, at most {max_seconds:g} s",
-                code="invalid_audio",
-                param=field,
-            )
+    known = max_seconds is not None and 0 < info.frames < UNKNOWN_FRAMES and info.samplerate > 0
+    if known and info.frames / info.samplerate > max_seconds:
+        length = length_text(info.frames, info.samplerate, max_seconds)
+        raise ApiError(
+            400,
+            f"{field} is too long: {length}, at most {max_seconds:g} s",
+            code="invalid_audio",
+            param=field,
+        )
     return data
 
 

@@ -1017,6 +1017,16 @@ class VoiceLibrary:
         self._counts.expire()
 
     # ------------------------------------------------------------------ features
+    def _unusable(self, name: str, exc: Exception) -> CosyVoiceError:
+        """The error for a voice whose stored recording cannot be encoded: gone if deleted
+        meanwhile, else damaged."""
+        if not self.exists(name):
+            return _no_voice(name)
+        return VoiceDamagedError(
+            f"saved voice {name!r} is damaged: its stored recording cannot be used "
+            f"({type(exc).__name__}); delete it and create it again"
+        )
+
     def features(self, name: str, key: str, encode: Encode) -> PromptFeatures:
         """The voice's features for model family ``key``: from memory, from disk, or computed
         once from the stored prompt and saved (when the disk allows; else kept in memory)."""
@@ -1053,14 +1063,21 @@ class VoiceLibrary:
                 features = encode(audio, info.prompt_text)
             except StorageError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the stored prompt is ours, not the client's
-                if not self.exists(name):  # deleted meanwhile: gone, not damaged
-                    raise _no_voice(name) from None
-                raise VoiceDamagedError(
-                    f"saved voice {name!r} is damaged: its stored recording cannot be used "
-                    f"({type(exc).__name__}); delete it and create it again"
+            except InvalidRequestError as exc:
+                if isinstance(exc, AudioError) or not self.exists(name):
+                    raise self._unusable(name, exc) from None
+                # a transcript saved through another model (a library shared by servers of
+                # several versions) with markup this one does not know: not damaged, and never
+                # to be deleted for it
+                raise InvalidRequestError(
+                    f"saved voice {name!r} has a transcript this model cannot read: {exc}; "
+                    "save the recording again under another name for this model",
+                    param="voice",
                 ) from None
+            except Exception as exc:  # noqa: BLE001 - the stored prompt is ours, not the client's
+                raise self._unusable(name, exc) from None
             self._store_features(info, file, features)
+
         with self._write_lock():  # not kept for a voice deleted meanwhile
             if self.exists(name):
                 self._keep_features(version, features)
