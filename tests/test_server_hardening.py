@@ -407,6 +407,37 @@ def test_security_headers_on_every_response(client):
     assert "content-security-policy" not in client.get("/health").headers
 
 
+def test_the_page_and_its_files_are_revalidated_not_cached_for_days(client):
+    """Without Cache-Control browsers cached app.js heuristically (a tenth of its age) and ran
+    an upgraded server's old page for days; now they ask each time, and get a 304."""
+    for path in ("/", "/favicon.ico", "/static/app.js", "/static/style.css"):
+        assert client.get(path).headers.get("cache-control") == "no-cache", path
+    etag = client.get("/static/app.js").headers["etag"]
+    again = client.get("/static/app.js", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
+
+
+def test_form_line_breaks_count_once(client):
+    """Browsers send a form's line breaks as CRLF: each \r was counted, so text the page's
+    counter allowed (39 of 40) was refused as too long in the upload modes."""
+    text = "\r\n".join(["你好。"] * 10)  # 39 characters as the page counts them, 48 with CRLF
+    clone = multipart(
+        [
+            ("text", text.encode(), None),
+            ("prompt_text", "希望你以后能够做的比我还好呦。".encode(), None),
+            ("prompt_wav", prompt_wav(2.0), "p.wav"),
+        ]
+    )
+    response = client.post("/tts/upload", **clone)
+    assert response.status_code == 200, response.text
+    said = "\r\n".join(["你好。"] * 11) + "\r你好。"  # 47 of 50, a lone CR too
+    voice = [("name", b"crlf", None), ("prompt_text", said.encode(), None)]
+    created = client.post("/voices", **multipart([*voice, ("audio", prompt_wav(2.0), "p.wav")]))
+    assert created.status_code == 201, created.text
+    assert client.get("/voices/crlf").json()["prompt_text"] == "\n".join(["你好。"] * 12)
+    assert client.delete("/voices/crlf").status_code == 200
+
+
 def test_head_is_get_without_the_body(client):
     """Uptime checks and load balancers probe with HEAD: every GET route answers it."""
     for path in ("/health", "/ready", "/info", "/", "/speakers", "/voices", "/openapi.json"):

@@ -991,3 +991,169 @@ def test_the_page_file_itself_redirects_to_the_page(engine, tmp_path):
     with ServerThread(app) as prefixed, prefixed.client() as client:
         moved = client.get("/tts/static/index.html")
         assert moved.status_code == 307 and moved.headers["location"] == "/tts/"
+
+
+# ------------------------------------------------------------------------- review: keys, storage
+
+
+def test_keys_as_pasted_and_a_browser_that_keeps_no_site_data(browser, engine, tmp_path):
+    """A key pasted with a zero-width space made fetch() throw: "server cannot be reached", the
+    key stored, and after a reload a page stuck at "connecting…". A 401 and a new key changed
+    the voice picked. Site data blocked (reading localStorage throws) killed app.js at its top;
+    the microphone on plain http from another name said "Connection problem" and a JS error."""
+    settings = Settings(voices_dir=tmp_path, api_key="k1")
+    stored = "localStorage.getItem('cosyvoice-lite-key')"
+    with ServerThread(create_app(engine, settings)) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        wait_js(page, "!document.getElementById('auth').hidden")
+        # a key no header can carry: said so, not stored, the server not called gone
+        page.fill("#api-key", "钥匙")
+        page.click("#api-key-save")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "API key not usable" in page.inner_text("#error-title")
+        assert "printable ASCII" in page.inner_text("#error-message")
+        assert page.evaluate(stored) is None and page.inner_text("#status") == "ready"
+        # (were one sent: a 401 asking for the key again, not "server gone"; /info needs none)
+        refused = "state.apiKey = '钥匙'; api('speakers').then(() => null, (e) => e.code)"
+        assert page.evaluate(refused) == "invalid_key"
+        assert page.evaluate("api('info').then((r) => r.status)") == 200
+        assert page.inner_text("#status") == "ready"
+        page.evaluate("state.apiKey = ''")
+        page.click("#error-close")
+        # pasted with spaces and a zero-width space: used, and kept, without them
+        page.fill("#api-key", " k1\u200b")
+        page.click("#api-key-save")
+        wait_js(page, "document.getElementById('voice').value !== ''")
+        assert page.evaluate(stored) == "k1" and page.is_hidden("#error")
+        picked = engine.voices()[1]
+        page.select_option("#voice", picked)
+        # the server's key changes: 401, the new key, and the voice picked is picked still
+        settings.api_key = "k2"
+        page.fill("#text", TEXT)
+        page.click("#speak")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "(401)" in page.inner_text("#error-title")
+        page.fill("#api-key", "k2")
+        page.click("#api-key-save")
+        wait_js(page, "document.getElementById('voice').options.length > 1")
+        assert page.input_value("#voice") == picked
+        # stored values that cannot be used: a key (dropped at start) and presets not JSON
+        page.evaluate("localStorage.setItem('cosyvoice-lite-key', '钥匙\\u200b')")
+        for value in ("{not json", '{"a": 1}'):
+            page.evaluate(
+                f"localStorage.setItem('cosyvoice-lite-instructions', {json.dumps(value)})"
+            )
+            assert page.evaluate("customInstructions()") == []
+        page.reload()
+        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        wait_js(page, "!document.getElementById('auth').hidden")
+        assert page.evaluate(stored) is None and page.is_hidden("#error")
+        assert not errors, errors
+        context.close()
+    # site data blocked, and plain http from another machine's name (no microphone offered)
+    with ServerThread(create_app(engine, Settings(voices_dir=tmp_path))) as server:
+        context = browser.new_context()
+        context.add_init_script(
+            """Object.defineProperty(window, "localStorage", { get() {
+                 throw new DOMException("Access is denied for this document.", "SecurityError"); } });
+               Object.defineProperty(window, "isSecureContext", { value: false });"""
+        )
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready='ready']", timeout=30000)
+        assert page.evaluate(
+            "(() => { try { localStorage; } catch (e) { return e.name; } })()"
+        ) == ("SecurityError")
+        page.click(".mode-btn[data-mode='clone']")
+        assert page.evaluate("storage.get('cosyvoice-lite-mode')") == "clone"  # for this visit
+        page.click("#prompt-record")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error-title") == "Microphone unavailable:"
+        assert "https" in page.inner_text("#error-message")
+        assert not errors, errors
+        context.close()
+
+
+# --------------------------------------------------------------------- review: keyboard, stream cut
+
+
+def test_keyboard_focus_voice_names_mode_tabs_and_a_stream_cut_by_a_server_gone(page, server):
+    """Focus fell to <body> after Speak (the button is disabled meanwhile) and after Delete;
+    a saved voice's buttons named no voice ("▶"); the mode tabs took no arrow keys. A server
+    gone mid-stream was blamed on its time limit, the status still "ready"."""
+    with server.client() as client:
+        for name in ("kb-a", "kb-b"):
+            client.post(
+                "/voices",
+                data={"name": name, "prompt_text": "你好。"},
+                files={"audio": ("p.wav", prompt_wav(1.5), "audio/wav")},
+            )
+    page.reload()
+    page.wait_for_selector("body[data-ready='ready']")
+    focused = "document.activeElement.id || document.activeElement.getAttribute('aria-label')"
+    labels = page.eval_on_selector_all(
+        "#voice-list li[data-voice='kb-a'] button",
+        "bs => bs.map(b => b.getAttribute('aria-label'))",
+    )
+    assert labels == ["Play the recording of kb-a", "Use the voice kb-a", "Delete the voice kb-a"]
+    # the mode tabs: one Tab stop, arrows (round), Home and End
+    page.focus("#mode-voice")
+    for key, mode in [("ArrowRight", "clone"), ("End", "vc"), ("ArrowRight", "voice"),
+                      ("ArrowLeft", "vc"), ("Home", "voice")]:  # fmt: skip
+        page.keyboard.press(key)
+        assert page.evaluate("document.activeElement.dataset.mode") == mode, key
+        assert page.get_attribute(".mode-btn.active", "data-mode") == mode
+    stops = page.eval_on_selector_all(".mode-btn:not([hidden])", "bs => bs.map(b => b.tabIndex)")
+    assert stops == [0, -1, -1, -1]
+    assert page.get_attribute("#mode-voice", "aria-controls") == "mode-panel"
+    assert page.get_attribute("#mode-panel", "aria-labelledby") == "mode-voice"
+    # Speak from the keyboard: Stop takes the focus while busy, Speak has it back after
+    set_streaming(page, False)
+    count = page.locator(".result").count()
+    page.fill("#text", TEXT)
+    page.focus("#speak")
+    page.keyboard.press("Enter")
+    assert page.evaluate(focused) == "stop"
+    wait_js(page, f"document.querySelectorAll('.result').length > {count}", timeout=60)
+    page.keyboard.press("Enter")  # Stop (the result playing), or Speak again
+    wait_js(page, f"{focused} === 'speak' && document.getElementById('stop').hidden", timeout=60)
+    # Delete from the keyboard: the focus goes to the row now in its place
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.focus("#voice-list li[data-voice='kb-a'] .danger")
+    page.keyboard.press("Enter")
+    wait_js(page, "!document.querySelector(\"#voice-list li[data-voice='kb-a']\")")
+    assert page.evaluate(focused).startswith("Delete the voice ")
+    # the server gone mid-stream (the stream errors, nothing answers): said so, status too
+    page.evaluate("""() => {
+      window.realFetch = window.fetch;
+      window.fetch = async (url, init) => {
+        if (url === "health" || url === "info") throw new TypeError("Failed to fetch");
+        const response = await realFetch(url, init);
+        if (url !== "tts") return response;
+        const reader = response.body.getReader();
+        const first = await reader.read();
+        reader.cancel();
+        return new Response(new ReadableStream({
+          start(c) { c.enqueue(first.value); },
+          pull(c) { c.error(new TypeError("network error")); },
+        }), { headers: response.headers });
+      };
+    }""")
+    set_streaming(page, True)
+    page.fill("#text", "你好。今天天气很好。")
+    page.click("#speak")
+    page.wait_for_selector("#error:not([hidden])", timeout=60000)
+    assert "Connection problem" in page.inner_text("#error-title")
+    assert "connection to the server was lost" in page.inner_text("#error-message")
+    assert "time limit" not in page.inner_text("#error-message")
+    assert page.inner_text("#status") == "unreachable"
+    assert "incomplete" in page.inner_text(".result .meta")  # what came is kept
+    page.evaluate("window.fetch = window.realFetch")  # back: the page finds it again
+    wait_js(page, "document.getElementById('status').textContent === 'ready'", timeout=30)
+    wait_js(page, "document.getElementById('error').hidden")

@@ -301,7 +301,10 @@ async def read_form(
     try:
         for part in parts:
             if not part.is_file:
-                texts[part.name] = _decode(await part.read(), charset, part.name)
+                text = _decode(await part.read(), charset, part.name)
+                # browsers send a form's line breaks as CRLF (HTML's form encoding): one break
+                # each, as in JSON, or text the page counted as fitting is too long here
+                texts[part.name] = text.replace("\r\n", "\n").replace("\r", "\n")
             elif part.name in files:
                 raise ApiError(
                     400, f"more than one file '{part.name}'", code="invalid_field", param=part.name

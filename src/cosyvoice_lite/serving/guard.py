@@ -240,13 +240,19 @@ class GuardMiddleware:
     def __init__(self, app, settings: Settings, metrics: Metrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
 
-    def _headers(self, scope, headers: list) -> list:
+    def _headers(self, path: str, headers: list) -> list:
+        present = {k.lower() for k, _ in headers}
+        if b"cache-control" not in present and (
+            path in ("/", "/favicon.ico") or path.startswith("/static/")
+        ):
+            # the page's files are asked for again each time (a 304 from their ETag): cached
+            # heuristically, a browser ran an upgraded server's old app.js for days
+            headers = [*headers, (b"cache-control", b"no-cache")]
         if not self.settings.security_headers:
             return headers
-        present = {k.lower() for k, _ in headers}
         out = list(headers) + [h for h in SECURITY_HEADERS if h[0] not in present]
         content_type = dict((k.lower(), v) for k, v in headers).get(b"content-type", b"")
-        if content_type.startswith(b"text/html") and not app_path(scope).startswith(DOC_PATHS):
+        if content_type.startswith(b"text/html") and not path.startswith(DOC_PATHS):
             out.append((b"content-security-policy", PAGE_CSP.encode()))
         return out
 
@@ -257,6 +263,8 @@ class GuardMiddleware:
         # HEAD is GET without the body wherever GET is served (RFC 9110; uptime checks and load
         # balancers probe with it): FastAPI's GET routes answer it 405 on their own
         head = scope["method"] == "HEAD"
+        # read now: routing changes the scope (a Mount moves /static into its root_path)
+        path = app_path(scope)
         if head:
             scope = {**scope, "method": "GET"}
         headers = dict(scope["headers"])
@@ -275,7 +283,7 @@ class GuardMiddleware:
                     (name.lower(), value.partition(b";")[0].strip())
                     for name, value in message.get("headers", [])
                 ]
-                message = {**message, "headers": self._headers(scope, message.get("headers", []))}
+                message = {**message, "headers": self._headers(path, message.get("headers", []))}
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)

@@ -2,16 +2,45 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+
+// localStorage, or memory for this visit: where the browser blocks site data, merely reading
+// localStorage throws (a page that never started), and a write can fail (over the quota)
+const storage = {
+  memory: new Map(),  // what could not be stored
+  get(key) {
+    if (this.memory.has(key)) return this.memory.get(key);
+    try { return localStorage.getItem(key); } catch (_) { return null; }
+  },
+  set(key, value) {
+    try { localStorage.setItem(key, value); this.memory.delete(key); } catch (_) { this.memory.set(key, value); }
+  },
+  remove(key) {
+    this.memory.delete(key);
+    try { localStorage.removeItem(key); } catch (_) { /* nothing stored */ }
+  },
+};
+
+// An API key as pasted, without what copying adds (spaces around it, zero-width and other
+// invisible format characters); "" unless the rest is printable ASCII, as the server requires
+// (fetch() cannot even send a header with other characters).
+function cleanKey(text) {
+  const key = String(text || "").replace(/\p{Cf}/gu, "").trim();
+  return /^[\x20-\x7e]+$/.test(key) ? key : "";
+}
+
+const KEY_KEY = "cosyvoice-lite-key";
 const state = {
   info: null,
-  apiKey: localStorage.getItem("cosyvoice-lite-key") || "",
+  apiKey: cleanKey(storage.get(KEY_KEY)),  // a stored key that cannot be sent is dropped (main)
   busy: null,          // {controller, player} while a synthesis runs
   playing: null,       // the StreamPlayer still playing a finished stream (Stop stops it)
   voicePickedAt: 0,    // when a voice was last picked by hand (against a recording: the later wins)
-  mode: localStorage.getItem("cosyvoice-lite-mode") || "",
+  mode: storage.get("cosyvoice-lite-mode") || "",
   speakers: [],        // from GET /speakers
   locked: false,       // the server wants an API key the page lacks (none given, or refused)
   away: false,         // a request found the server gone (it is asked again: checkServer)
+  listed: false,       // the voice picker lists voices (not a placeholder: locked, none yet)
+  lastVoice: "",       // the voice it showed last when it did (picked again once unlocked)
 };
 
 // Page modes -> the engine mode each needs (a mode the model lacks is not offered).
@@ -33,8 +62,12 @@ const MODES = {
 // prefix (Ray Serve's route_prefix, a proxy's root_path) the page is /prefix/ and its API is
 // /prefix/info, /prefix/tts, ... (the server sends /prefix to /prefix/).
 
-function headers(extra = {}) {
-  return state.apiKey ? { ...extra, Authorization: `Bearer ${state.apiKey}` } : extra;
+// the routes that need no key: asked without one, a key that is refused (or cannot be sent)
+// does not keep the page from starting
+const PUBLIC = new Set(["info", "health", "ready"]);
+
+function headers(path, extra = {}) {
+  return state.apiKey && !PUBLIC.has(path) ? { ...extra, Authorization: `Bearer ${state.apiKey}` } : extra;
 }
 
 class ApiError extends Error {
@@ -54,9 +87,15 @@ async function apiError(response) {
 }
 
 async function api(path, options = {}) {
-  let response;
+  let response, init;
+  try {  // a header fetch() cannot send throws here, before the network: not "server gone"
+    init = { ...options, headers: new Headers(headers(path, options.headers || {})) };
+  } catch (err) {
+    throw new ApiError(401, "invalid_key", `the API key cannot be sent (${err.message}): ` +
+      "enter it again, printable ASCII characters only");
+  }
   try {
-    response = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+    response = await fetch(path, init);
   } catch (err) {
     if (err.name === "AbortError") throw err;
     serverGone();
@@ -75,14 +114,21 @@ const TITLES = {
   504: "Took too long",
 };
 
+// A problem of the page itself (no microphone, a key that cannot be used): its own title, no
+// status (status 0 is the network's: cleared once the server answers again).
+class PageError extends Error {
+  constructor(title, message) { super(message); this.title = title; }
+}
+
 function showError(err) {
   if (err && err.name === "AbortError") return;
-  const status = err instanceof ApiError ? err.status : 0;
+  const status = err instanceof ApiError ? err.status : null;
   let message = err instanceof ApiError ? err.message : String(err && err.message || err);
   if (status === 429 && err.retryAfter && !/retry|again/i.test(message)) message += ` (try again in ${err.retryAfter} s)`;
-  $("error-title").textContent = `${TITLES[status] || "Error"}${status ? ` (${status})` : ""}:`;
+  const title = err instanceof PageError ? err.title : status === null ? "Something went wrong" : TITLES[status] || "Error";
+  $("error-title").textContent = `${title}${status ? ` (${status})` : ""}:`;
   $("error-message").textContent = message;
-  $("error").dataset.status = String(status);
+  $("error").dataset.status = status === null ? "" : String(status);
   $("error").hidden = false;
   $("error").scrollIntoView({ block: "nearest", behavior: "smooth" });
   if (status === 401) {  // the key is missing or refused (a server restarted with another)
@@ -248,7 +294,9 @@ async function loadVoices(select) {
 // conversion, cloned voices next to a recording.
 function fillVoiceSelect(select) {
   const voice = $("voice");
-  const previous = select || voice.value;
+  // while locked the picker lists nothing: the voice it showed before is picked again after
+  if (state.listed) state.lastVoice = voice.value;
+  const previous = select || state.lastVoice;
   const m = model();
   const mode = state.mode;
   let kinds = ["saved", "cloned", "preset"], blank = null;
@@ -271,6 +319,7 @@ function fillVoiceSelect(select) {
     voice.append(new Option(state.locked ? "Enter the API key above to list the voices" : "No voices yet — create one →", ""));
   }
   if ([...voice.options].some((o) => o.value === previous)) voice.value = previous;
+  state.listed = count > 0;
 }
 
 function renderVoiceList(saved) {
@@ -294,11 +343,14 @@ function renderVoiceList(saved) {
     detail.title = v.prompt_text;
     who.append(name, detail);
     const play = button("▶", "btn small", "Play the recording", () => playPrompt(v.name));
+    play.setAttribute("aria-label", `Play the recording of ${v.name}`);  // (not "▶")
     const use = button("Use", "btn small", "Speak with this voice", () => {
       setMode("voice"); $("voice").value = v.name; state.voicePickedAt = Date.now();
       syncInstructField(); $("text").focus(); updateCount();
     });
+    use.setAttribute("aria-label", `Use the voice ${v.name}`);  // which voice, to a screen reader
     const del = button("Delete", "btn small danger", "Delete this voice", () => deleteVoice(v.name));
+    del.setAttribute("aria-label", `Delete the voice ${v.name}`);
     li.append(who, play, use, del);
     list.append(li);
   }
@@ -329,11 +381,19 @@ async function playPrompt(name) {
 
 async function deleteVoice(name) {
   if (!confirm(`Delete the voice "${name}"?`)) return;
+  const rows = () => [...$("voice-list").querySelectorAll("li[data-voice]")];
+  const at = rows().findIndex((li) => li.dataset.voice === name);
   try {
     await api(`voices/${encodeURIComponent(name)}`, { method: "DELETE" });
   } catch (err) { showError(err); }
   // deleted, or gone already (404): either way the list shows what the server has now
   try { await loadVoices(); } catch (err) { showError(err); }
+  // the focus went with the row (to <body>): to the row now in its place, or the form
+  if (!document.activeElement || document.activeElement === document.body) {
+    const left = rows();
+    const next = left[Math.min(at, left.length - 1)];
+    (next ? next.querySelector(".danger") : $("voice-name")).focus();
+  }
 }
 
 // ------------------------------------------------------------------ modes
@@ -357,11 +417,13 @@ function setMode(mode) {
   // so that the microphone never stays on behind a hidden panel
   if (mode !== state.mode) { prompt.finish(); source.finish(); }
   state.mode = mode;
-  localStorage.setItem("cosyvoice-lite-mode", mode);
+  storage.set("cosyvoice-lite-mode", mode);
   for (const b of document.querySelectorAll(".mode-btn")) {
     b.classList.toggle("active", b.dataset.mode === mode);
     b.setAttribute("aria-selected", String(b.dataset.mode === mode));
+    b.tabIndex = b.dataset.mode === mode ? 0 : -1;  // one Tab stop; arrow keys move within
   }
+  $("mode-panel").setAttribute("aria-labelledby", `mode-${mode}`);
   const m = model() || {};
   const v1Instruct = mode === "instruct" && m.instruct_needs_preset;
   $("mode-help").textContent = MODES[mode].help;
@@ -385,6 +447,18 @@ function setMode(mode) {
   }
   syncInstructField();
   updateCount();
+}
+
+// The ARIA tabs pattern: arrow keys, Home and End pick the mode beside, first or last.
+function modeKey(event) {
+  const tabs = [...document.querySelectorAll(".mode-btn")].filter((b) => !b.hidden);
+  const at = tabs.indexOf(document.activeElement);
+  const to = { ArrowLeft: at - 1, ArrowRight: at + 1, Home: 0, End: tabs.length - 1 }[event.key];
+  if (at < 0 || to === undefined) return;
+  event.preventDefault();
+  const tab = tabs[(to + tabs.length) % tabs.length];
+  setMode(tab.dataset.mode);
+  tab.focus();
 }
 
 function alternatives() {
@@ -462,7 +536,13 @@ function renderMarkupHelp(markup) {
 }
 
 const CUSTOM_KEY = "cosyvoice-lite-instructions";
-const customInstructions = () => JSON.parse(localStorage.getItem(CUSTOM_KEY) || "[]");
+// (a value another version or a hand wrote may not be a list of strings)
+function customInstructions() {
+  try {
+    const list = JSON.parse(storage.get(CUSTOM_KEY) || "[]");
+    return Array.isArray(list) ? list.filter((t) => typeof t === "string") : [];
+  } catch (_) { return []; }
+}
 
 function renderInstructionPresets() {
   const box = $("instruct-presets");
@@ -491,7 +571,7 @@ function renderInstructionPresets() {
     for (const text of mine) {
       // its own button (a control inside another one is out of reach of the keyboard)
       const remove = button("×", "btn small remove", "remove this preset", () => {
-        localStorage.setItem(CUSTOM_KEY, JSON.stringify(customInstructions().filter((t) => t !== text)));
+        storage.set(CUSTOM_KEY, JSON.stringify(customInstructions().filter((t) => t !== text)));
         renderInstructionPresets();
       });
       remove.setAttribute("aria-label", `Remove the preset “${text}”`);
@@ -503,7 +583,7 @@ function renderInstructionPresets() {
     box.append(button("+ save current", "btn small", "keep the instruction above as a preset", () => {
       const text = $("instruct").value.trim();
       if (!text || customInstructions().includes(text)) return;
-      localStorage.setItem(CUSTOM_KEY, JSON.stringify([...customInstructions(), text]));
+      storage.set(CUSTOM_KEY, JSON.stringify([...customInstructions(), text]));
       renderInstructionPresets();
     }));
   }
@@ -644,7 +724,8 @@ const store = {
   async open() {
     if (this.db || !window.indexedDB) return this.db;
     this.db = await new Promise((resolve) => {
-      const request = indexedDB.open("cosyvoice-lite", 1);
+      let request;
+      try { request = indexedDB.open("cosyvoice-lite", 1); } catch (_) { resolve(null); return; }  // site data blocked
       request.onupgradeneeded = () => request.result.createObjectStore("results", { keyPath: "id" });
       request.onsuccess = () => resolve(request.result);
       request.onerror = () => resolve(null);  // private mode etc.: results stay for this visit
@@ -694,7 +775,7 @@ async function restoreResults() {
 
 async function clearResults() {
   if (!confirm("Remove every result kept in this browser?")) return;
-  await store.clear();
+  try { await store.clear(); } catch (_) { /* storage unavailable: the page alone */ }
   for (const audio of document.querySelectorAll(".result audio")) URL.revokeObjectURL(audio.src);
   $("results").replaceChildren();
   $("results-empty").hidden = false;
@@ -835,22 +916,26 @@ async function speak() {
         player.push(value);
       }
       const samples = player.samples();
+      if (cut) cut = await whyCut();
       if (cut && !samples.length) throw cut;
       if (!samples.length) throw new ApiError(500, "no_audio", "the server sent no audio");
       if (cut) {
-        partial = new ApiError(502, "stream_cut", "the audio stream stopped before its end (the " +
-          "server's time limit or a failure: see its log); the part received is kept below");
+        partial = cut;
+        partial.message += "; the part received is kept below";
       }
       state.playing = player;
       player.whenDone(() => {
         if (state.playing !== player) return;
         state.playing = null;
-        if (!state.busy) $("stop").hidden = true;
+        if (!state.busy) showStop(false);
       });
       blob = wavBlob(samples, rate);
       duration = samples.length / rate;
     } else {
-      blob = await response.blob();
+      try { blob = await response.blob(); } catch (err) {
+        if (err && err.name === "AbortError") throw err;
+        throw await whyCut();
+      }
       duration = Number(response.headers.get("X-Audio-Duration")) || null;
     }
     const seconds = (performance.now() - started) / 1000;
@@ -868,8 +953,25 @@ async function speak() {
   } finally {
     state.busy = null;
     setBusy(false);
-    if (state.playing) $("stop").hidden = false;  // a finished stream still playing can be stopped
+    if (state.playing) showStop(true);  // a finished stream still playing can be stopped
   }
+}
+
+// A response cut off while it arrived: the server gone (killed, restarted: the pill says so and
+// it is asked again later) or ending it itself (its time limit, a failure).
+async function whyCut() {
+  let answers = false;
+  try {
+    await fetch("health", { cache: "no-store", signal: AbortSignal.timeout(5000) });
+    answers = true;
+  } catch (_) { /* gone, or not answering */ }
+  if (!answers) {
+    serverGone();
+    return new ApiError(0, "network", "the connection to the server was lost (is it running?)");
+  }
+  checkServer();  // (restarted meanwhile: perhaps another model, other voices)
+  return new ApiError(502, "stream_cut", "the audio stopped before its end (the server's time " +
+    "limit or a failure: see its log)");
 }
 
 function describe(summary, { seconds, firstAudio, duration }) {
@@ -899,7 +1001,7 @@ function resultPlaying() {
 
 function stop() {
   silence();
-  if (!state.busy) { $("stop").hidden = true; return; }
+  if (!state.busy) { showStop(false); return; }
   state.busy.controller.abort();
   if (state.busy.player) state.busy.player.stop();
 }
@@ -907,8 +1009,18 @@ function stop() {
 function setBusy(busy, text) {
   $("progress").hidden = !busy;
   if (text) $("progress-text").textContent = text;
-  $("stop").hidden = !busy && !state.playing && !resultPlaying();
+  const speakFocused = document.activeElement === $("speak");
+  showStop(busy || !!state.playing || resultPlaying());
   updateCount();
+  if (busy && speakFocused) $("stop").focus();  // Speak is disabled meanwhile (focus: <body>)
+}
+
+// A focused button that is hidden or disabled drops the keyboard focus to <body> (the next Tab
+// starts at the top): Speak and Stop hand it to each other.
+function showStop(show) {
+  const focused = document.activeElement === $("stop");
+  $("stop").hidden = !show;
+  if (!show && focused) ($("speak").disabled ? $("text") : $("speak")).focus();
 }
 
 function renderResult(item, autoplay) {
@@ -930,8 +1042,8 @@ function renderResult(item, autoplay) {
   audio.preload = "auto";
   audio.src = url;
   // one plays at a time, and Stop stops a result playing too
-  audio.addEventListener("play", () => { silence(audio); $("stop").hidden = false; });
-  const quiet = () => { if (!state.busy && !state.playing && !resultPlaying()) $("stop").hidden = true; };
+  audio.addEventListener("play", () => { silence(audio); showStop(true); });
+  const quiet = () => { if (!state.busy && !state.playing && !resultPlaying()) showStop(false); };
   audio.addEventListener("pause", quiet);
   audio.addEventListener("ended", quiet);
   const ext = item.format === "opus" ? "ogg" : item.format;
@@ -986,6 +1098,13 @@ class Capture {
     if (this.starting) return;  // a double click: one recording
     if (this.recording) { this.finish(); return; }
     clearError();
+    // browsers offer the microphone to https pages and localhost only (navigator.mediaDevices
+    // is undefined on plain http from another name, e.g. a server on the LAN)
+    if (!window.isSecureContext || !navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      showError(new PageError("Microphone unavailable", "recording needs the page opened over " +
+        "https or as localhost; choose a file instead"));
+      return;
+    }
     this.starting = true;
     this.abandoned = false;
     let stream = null, context = null;
@@ -1016,7 +1135,12 @@ class Capture {
     } catch (err) {
       this.starting = false;
       release();
-      showError(new Error(`the microphone is not available: ${err.message || err}`));
+      const why = {
+        NotAllowedError: "access to the microphone was refused (see the browser's site settings)",
+        NotFoundError: "no microphone was found",
+        NotReadableError: "the microphone is in use or failed to start",
+      }[err && err.name] || `the microphone could not be opened: ${err && err.message || err}`;
+      showError(new PageError("Microphone unavailable", `${why}; or choose a file instead`));
     }
   }
   finish() {
@@ -1105,6 +1229,7 @@ function wire() {
     syncInstructField();
   });
   for (const b of document.querySelectorAll(".mode-btn")) b.addEventListener("click", () => setMode(b.dataset.mode));
+  $("modes").addEventListener("keydown", modeKey);
   $("text").addEventListener("input", updateCount);
   $("voice").addEventListener("change", updateCount);
   $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) speak(); });
@@ -1123,8 +1248,18 @@ function wire() {
   window.addEventListener("focus", () => checkServer());
   $("auth").addEventListener("submit", async (event) => {
     event.preventDefault();
-    state.apiKey = $("api-key").value.trim();
-    localStorage.setItem("cosyvoice-lite-key", state.apiKey);
+    const typed = $("api-key").value;
+    const key = cleanKey(typed);
+    if (!key) {  // kept out of storage: sent, it failed every request and, reloaded, the page
+      showError(new PageError("API key not usable", typed.trim()
+        ? "an API key is printable ASCII characters (letters, digits, punctuation): " +
+          "check what was pasted, or paste it again"
+        : "enter the server's API key"));
+      $("api-key").focus();
+      return;
+    }
+    state.apiKey = key;
+    storage.set(KEY_KEY, key);
     state.locked = false;  // tried with loadVoices: a refused key asks again
     $("auth").hidden = true;
     clearError();
@@ -1133,6 +1268,11 @@ function wire() {
 }
 
 async function main() {
+  // a stored key that cannot be sent (saved before keys were checked) goes, cleaned or all
+  const stored = storage.get(KEY_KEY);
+  if (stored !== null && stored !== state.apiKey) {
+    if (state.apiKey) storage.set(KEY_KEY, state.apiKey); else storage.remove(KEY_KEY);
+  }
   wire();
   await restoreResults();
   const info = await waitUntilReady();
