@@ -23,6 +23,7 @@ from test_server_support import (
     metric,
     prompt_wav,
     serve_argv,
+    status_of,
     tiny_engine,
     wait_for,
 )
@@ -495,3 +496,43 @@ def test_instruct_and_base_releases(v1_variants, tmp_path):
         )
         assert created.status_code == 201
         assert client.post("/tts", json={"text": "你好。", "speaker": "mine"}).status_code == 200
+
+
+def test_a_full_temporary_directory_is_507_not_500(v1_dir, tmp_path):
+    """An upload spooled past its first MB to TMPDIR, which fills (here: a file-size limit on
+    the server process): it was a generic 500 with two tracebacks in the log; it is the server's
+    storage condition, 507 as for its voice storage, and the server goes on."""
+    import resource
+
+    port = free_port()
+
+    def small_files() -> None:  # (in the server process only)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+
+    process = subprocess.Popen(
+        serve_argv(v1_dir, port, tmp_path / "voices"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=small_files,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: status_of(url + "/ready") == 200, timeout=120)
+        big = prompt_wav(seconds=25, rate=48000)  # 2.4 MB of 16-bit samples
+        response = httpx.post(
+            url + "/tts/upload",
+            data={"text": "你好。"},
+            files={"prompt_wav": ("a.wav", big, "audio/wav")},
+            timeout=60,
+        )
+        assert response.status_code == 507, response.text
+        assert response.json()["error"]["code"] == "insufficient_storage"
+        assert status_of(url + "/health") == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert "Traceback" not in output, output[-3000:]

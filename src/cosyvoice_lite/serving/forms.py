@@ -12,6 +12,8 @@ recording), and text that does not decode is a 400 naming the field.
 from __future__ import annotations
 
 import codecs
+import errno
+import os
 from dataclasses import dataclass, field
 from tempfile import SpooledTemporaryFile
 from urllib.parse import unquote_to_bytes
@@ -59,20 +61,40 @@ class _Part:
             return
         data = bytes(self.data)
         self.data.clear()
-        if self.size > SPOOL_BYTES:  # rolled over to a file: disk writes off the event loop
-            await run_in_threadpool(self.spool.write, data)
-        else:
-            self.spool.write(data)
+        try:
+            if self.size > SPOOL_BYTES:  # rolled over to a file: disk writes off the event loop
+                await run_in_threadpool(self.spool.write, data)
+            else:
+                self.spool.write(data)
+        except OSError as exc:
+            raise _spool_failed(exc) from None
 
     async def read(self) -> bytes:
         if self.spool is None:
             return bytes(self.data)
-        self.spool.seek(0)
-        return await run_in_threadpool(self.spool.read)
+        try:
+            self.spool.seek(0)
+            return await run_in_threadpool(self.spool.read)
+        except OSError as exc:
+            raise _spool_failed(exc) from None
 
     def close(self) -> None:
         if self.spool is not None:
             self.spool.close()
+
+
+def _spool_failed(exc: OSError) -> ApiError:
+    """The temporary directory (TMPDIR) full or failing while an upload is spooled: the
+    server's condition, as for its voice storage (it had been a generic 500 with tracebacks)."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    reason = "is full" if full else f"failed ({os.strerror(exc.errno) if exc.errno else exc})"
+    return ApiError(
+        507 if full else 503,
+        f"cannot receive the upload: the server's temporary storage {reason}",
+        "server_error",
+        "insufficient_storage" if full else "storage_unavailable",
+        headers={"Connection": "close"},  # (the rest of the body is not read)
+    )
 
 
 def _malformed(message: str) -> ApiError:
