@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,12 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_stream_threads import level  # noqa: E402 - streams at once, their length checked
+from bench_v1 import check_src, run_src_worker, src_env  # noqa: E402
 from engine_requests import PROMPT, PROMPT_TEXT  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    import cosyvoice_lite
     from cosyvoice_lite import Engine
 
     torch.set_num_threads(args.threads)
@@ -47,7 +48,8 @@ def worker(args: argparse.Namespace) -> None:
         first, wall = level(engine, voice, int(c), args.tokens, seed=0, stream=not args.whole)
         levels[c] = {"first_s": first, "wall_s": wall}
     engine.close()
-    print(json.dumps(levels))
+    # the driver checks that the code it meant was imported
+    print(json.dumps({"source": cosyvoice_lite.__file__, "levels": levels}))
 
 
 def main() -> None:
@@ -64,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    check_src(args.baseline)
     import torch
     from floors import describe, footer, measure
 
@@ -71,8 +74,8 @@ def main() -> None:
     load_start = os.getloadavg()
     floors = describe(measure())
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    path = os.pathsep.join(filter(None, [str(args.baseline), env.get("PYTHONPATH")]))
-    designs = {"ours": env, "baseline": {**env, "PYTHONPATH": path}}
+    # each design's src first on the path: ours is this checkout's, not the installed package
+    designs = {"ours": ROOT / "src", "baseline": args.baseline}
     runs: dict[str, list[dict]] = {name: [] for name in designs}
     for round_ in range(args.rounds):
         order = list(designs) if round_ % 2 == 0 else list(reversed(designs))
@@ -82,10 +85,8 @@ def main() -> None:
             argv += ["--threads", str(args.threads), "--baseline", str(args.baseline)]
             argv += ["--quantize", args.quantize] if args.quantize else []
             argv += ["--whole"] if args.whole else []
-            out = subprocess.run(
-                argv, env=designs[name], check=True, capture_output=True, text=True
-            ).stdout
-            levels = json.loads(out.strip().splitlines()[-1])
+            src = designs[name]
+            levels = run_src_worker(name, argv, src_env(src, env), src)["levels"]
             runs[name].append(levels)
             for c, figures in levels.items():
                 print(

@@ -76,7 +76,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     floors = describe(measure())
-    flow = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize).pipeline.flow
+    # the engine stays referenced to the end: a collected one closes its flow's row split
+    engine = Engine.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    try:
+        run(args, engine.pipeline.flow)
+    finally:
+        engine.close()
+    print(footer(floors, load_start))
+
+
+def run(args: argparse.Namespace, flow: Any) -> None:
+    """The table: each stream count's chunks computed the three ways."""
     voice, tokens = primed_voice(flow)
     cfm = flow.decoder
     splits = {"rows alone": cfm.stream_rows, "shares": cfm.stream_rows}
@@ -131,7 +141,6 @@ def main() -> None:
         )
     if splits["rows alone"] is not splits["shares"]:
         splits["rows alone"].close()
-    print(footer(floors, load_start))
 
 
 if __name__ == "__main__":

@@ -63,8 +63,11 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "out" / f"onnx-{model.name}"
     load_before = os.getloadavg()
     if not (out / "manifest.json").is_file():
+        # only into a new or empty directory: --out may name one with someone's files
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SystemExit(f"{out} has files but no manifest.json: name a new or empty --out")
         start = time.perf_counter()
-        export_onnx(model, out, parts=("flow", "hift"), force=True, progress=print)
+        export_onnx(model, out, parts=("flow", "hift"), progress=print)
         print(f"exported in {time.perf_counter() - start:.0f} s")
     manifest = read_manifest(out)
     version = manifest["model"]["version"]

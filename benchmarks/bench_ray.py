@@ -177,7 +177,8 @@ def main() -> int:
     args = parser.parse_args()
     from cosyvoice_lite.engine import Engine
 
-    SPEAKER = Engine.load(args.model).voices()[0]
+    with Engine.load(args.model) as engine:  # closed now, not whenever it is collected
+        SPEAKER = engine.voices()[0]
     voices = tempfile.mkdtemp(prefix="bench-ray-voices-")
     results = {}
 

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     from bench_v1 import memory_kb, release_free_memory, reset_peak_memory
     from bench_v2v3 import PROMPT_WAV, prompt_transcript
 
+    import cosyvoice_lite
     from cosyvoice_lite.engine import Engine
     from cosyvoice_lite.request import Mode, SynthesisRequest
 
@@ -87,6 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             {
+                "source": cosyvoice_lite.__file__,  # the driver checks it is the code it meant
                 "budget_mb": budget,
                 "cache_dtype": args.cache_dtype,
                 "loaded_kb": loaded,
@@ -122,6 +123,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_v1 import check_src, run_src_worker, src_env
+
+    if args.baseline is not None:
+        check_src(args.baseline)
     import torch
     from floors import describe, footer, measure
 
@@ -129,24 +134,21 @@ def main() -> None:
     load_start = os.getloadavg()
     floors = describe(measure())
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    designs = {"ours": env}
+    # each design's src first on the path: ours is this checkout's, not the installed package
+    designs = {"ours": ROOT / "src"}
     if args.baseline is not None:
-        path = os.pathsep.join(filter(None, [str(args.baseline), env.get("PYTHONPATH")]))
-        designs["baseline"] = {**env, "PYTHONPATH": path}
+        designs["baseline"] = args.baseline
     rows = []
     for cache_dtype in args.cache_dtypes.split(","):
         for budget in args.budgets.split(","):
             runs: dict[str, list[dict]] = {name: [] for name in designs}
             for _ in range(args.rounds):
-                for name, design_env in designs.items():
+                for name, src in designs.items():
                     argv = [sys.executable, __file__, "--worker", "--budget", budget]
                     argv += ["--cache-dtype", cache_dtype]
                     argv += ["--model", str(args.model), "--tokens", str(args.tokens)]
                     argv += ["--dtype", args.dtype, "--threads", str(args.threads)]
-                    out = subprocess.run(
-                        argv, env=design_env, check=True, capture_output=True, text=True
-                    ).stdout
-                    runs[name].append(json.loads(out.strip().splitlines()[-1]))
+                    runs[name].append(run_src_worker(name, argv, src_env(src, env), src))
                     print(f"{name}: {cache_dtype} caches, budget {budget}: {runs[name][-1]}")
             for name, samples in runs.items():
                 row = {**samples[0], "design": name}

@@ -454,24 +454,30 @@ class Worker:
         return bye
 
 
-def ensure_model(model_dir: Path) -> None:
-    if (model_dir / "llm.pt").is_file() and (model_dir / "spk2info.pt").is_file():
+def generate_model(model_dir: Path, needed: tuple[str, ...], options: list[str]) -> None:
+    """Generate a full-size random-weight model (tools/make_models.py ``options``) in
+    ``model_dir`` unless it holds the ``needed`` files. Only a missing or empty directory is
+    written: one with other files may be a real model (a downloaded CosyVoice-300M base, a
+    CosyVoice3 directory named by mistake), whose weights must not become random ones."""
+    missing = [name for name in needed if not (model_dir / name).is_file()]
+    if not missing:
         return
+    if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+        raise SystemExit(
+            f"{model_dir} exists but has no {', '.join(missing)}: not the model this benchmark "
+            "runs, and not overwritten. Name such a model directory, or a new or empty one to "
+            "generate random weights in (an interrupted generation's leftover: delete it first)"
+        )
     print(f"generating the full-size random-weight model in {model_dir} ...", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "make_models.py"),
-            "--version",
-            "1",
-            "--size",
-            "full",
-            "--variant",
-            "sft",
-            "--out",
-            str(model_dir),
-        ],
-        check=True,
+    command = [sys.executable, str(ROOT / "tools" / "make_models.py"), *options]
+    subprocess.run([*command, "--size", "full", "--out", str(model_dir)], check=True)
+
+
+def ensure_model(model_dir: Path) -> None:
+    generate_model(
+        model_dir,
+        ("cosyvoice.yaml", "llm.pt", "spk2info.pt"),
+        ["--version", "1", "--variant", "sft"],
     )
 
 
@@ -491,6 +497,36 @@ def worker_env(threads: int, wait_policy: str, pythonpath: str | None = None) ->
             os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
         )
     return env
+
+
+def check_src(src: Path) -> None:
+    """``src`` must be a checkout's ``src`` directory: anything else leaves the installed package
+    to be imported, and an ours-vs-baseline run compares ours with ours."""
+    if not (src / "cosyvoice_lite" / "__init__.py").is_file():
+        raise SystemExit(f"{src} holds no cosyvoice_lite package: name a checkout's src directory")
+
+
+def src_env(src: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``src`` first on PYTHONPATH, ahead of the installed package."""
+    path = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path}
+
+
+def run_src_worker(name: str, argv: list[str], env: dict[str, str], src: Path) -> dict:
+    """Run a worker that prints one JSON line with ``source`` (its ``cosyvoice_lite.__file__``);
+    its result, once checked to come from the code under ``src``. A failed worker's error (a
+    FIXED LENGTH NOT APPLIED among them) ends the run with the end of its stderr."""
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise SystemExit(
+            f"the {name} worker failed (exit code {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    result = json.loads(lines[-1])
+    source = Path(result.pop("source"))
+    if not source.resolve().is_relative_to(src.resolve()):
+        raise SystemExit(f"the {name} worker imported {source}, not the code under {src}")
+    return result
 
 
 def official_available(python: str, env: dict[str, str]) -> str | None:
@@ -784,9 +820,37 @@ def drive(args: argparse.Namespace) -> None:
     print(f"raw figures: {args.json}")
 
 
-def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, repeats_help: str) -> None:
+def config_names(value: str) -> str:
+    """--configs, checked when parsed: an unknown name failed only after the floors were measured."""
+    from precision_bench import CONFIGS
+
+    unknown = [name for name in value.split(",") if name not in CONFIGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(map(repr, unknown))}: use {', '.join(CONFIGS)}"
+        )
+    return value
+
+
+def count_from(least: int) -> Callable[[str], int]:
+    """An int option of at least ``least``, checked when parsed (not once the workers loaded)."""
+
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
+        return number
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def add_comparison_args(
+    parser: argparse.ArgumentParser, repeats: int, repeats_help: str, least_repeats: int = 1
+) -> None:
     """The options every ours-vs-official benchmark shares (bench_v1, bench_v2v3): the official
-    environment, threads and wait policy, repeats, our precisions, and the hidden worker mode."""
+    environment, threads and wait policy, repeats (at least ``least_repeats``), our precisions,
+    and the hidden worker mode."""
     parser.add_argument(
         "--official-python",
         help="Python of an environment where the official code "
@@ -819,9 +883,12 @@ def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, repeats_h
         "Python thread, which is barely affected; spin: GOMP_SPINCOUNT=10000, faster on "
         "a dedicated machine, slower on a busy one, see bench_wait_policy.py)",
     )
-    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument(
+        "--repeats", type=count_from(least_repeats), default=repeats, help=repeats_help
+    )
     parser.add_argument(
         "--configs",
+        type=config_names,
         default="fp32,bf16,int8",
         help="our precisions to run, from fp32, bf16, int8 (int8 LLM layers, the flow and "
         "vocoder in bf16, or in fp32 on a CPU without bf16 instructions)",

@@ -28,7 +28,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from bench_v1 import (  # noqa: E402  (standard library only at import time)
     close_workers,
     comparison_workers,
     flop_counter,
+    generate_model,
     load_workers,
     print_load_average,
     run_benchmark,
@@ -242,23 +242,8 @@ def our_worker(
 
 # ----------------------------------------------------------------------------- driver
 def ensure_model(model_dir: Path, version: int) -> None:
-    if (model_dir / "llm.pt").is_file() and (model_dir / "configuration.json").is_file():
-        return
-    print(f"generating the full-size random-weight model in {model_dir} ...", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "make_models.py"),
-            "--version",
-            str(version),
-            "--size",
-            "full",
-            "--no-rl",
-            "--out",
-            str(model_dir),
-        ],
-        check=True,
-    )
+    needed = (f"cosyvoice{version}.yaml", "llm.pt", "configuration.json")
+    generate_model(model_dir, needed, ["--version", str(version), "--no-rl"])
 
 
 def median(values: list[float]) -> float:
@@ -403,17 +388,19 @@ def print_table(results: dict, names: list[str]) -> None:
             [growth[n]["flow_s"] + growth[n]["hift_s"] for n in names],
             ".2f",
         )
-    if all(plain.values()):
-        view = {
-            n: {
-                **plain[n],
-                "llm_bytes_per_token": results[n].get("llm_bytes_per_token"),
-                "llm_ms_per_token": plain[n]["llm_step_ms"],
-            }
-            for n in names
+    # the floors always (a --repeats 0 run too); the measured figures beside them where the
+    # non-streaming request ran
+    view = {
+        n: {
+            **(plain[n] or {}),
+            "llm_bytes_per_token": results[n].get("llm_bytes_per_token"),
+            "llm_ms_per_token": (plain[n] or {}).get("llm_step_ms"),
         }
+        for n in names
+    }
+    if all(plain.values()):
         print("\n(floors: the non-streaming request)", end="")
-        print_floors(meta["floors"], view, names, meta["tokens"], meta.get("flops", {}))
+    print_floors(meta["floors"], view, names, meta["tokens"], meta.get("flops", {}))
 
 
 def drive(args: argparse.Namespace) -> None:
@@ -551,7 +538,8 @@ def main() -> None:
         help="model directory (default: benchmarks/out/CosyVoice2-0.5B "
         "or Fun-CosyVoice3-0.5B-2512, generated with random weights if absent)",
     )
-    add_comparison_args(parser, 2, "timed runs per kind and implementation")
+    # --repeats 0: the replayed stream (--growth-tokens) alone
+    add_comparison_args(parser, 2, "timed runs per kind and implementation", least_repeats=0)
     parser.add_argument("--tokens", type=int, default=100, help="speech tokens decoded per request")
     parser.add_argument(
         "--warmup-tokens",

@@ -42,9 +42,13 @@ def worker(model: str, dtype: str, threads: int) -> None:
     from cosyvoice_lite.engine import Engine
 
     torch.set_num_threads(threads)
-    pipeline = Engine.load(model, dtype=dtype).pipeline
-    flow, llm = pipeline.flow, pipeline.llm
+    # kept referenced until the end: a collected engine closes the flow's row split, and the
+    # chunk would be timed on the serial path
+    engine = Engine.load(model, dtype=dtype)
+    flow, llm = engine.pipeline.flow, engine.pipeline.llm
     voice, tokens = primed_voice(flow)
+    if threads > 1 and flow.decoder.stream_rows.threads < 2:
+        raise SystemExit("ROW SPLIT NOT IN USE: the flow chunk would be timed on one thread")
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         chunk = float("inf")
@@ -65,6 +69,7 @@ def worker(model: str, dtype: str, threads: int) -> None:
             start = time.perf_counter()
             llm.log_probs(x, [cache])
             steps.append(time.perf_counter() - start)
+    engine.close()
     print(
         json.dumps(
             {"chunk_s": chunk, "frames": int(frames), "step_ms": 1e3 * statistics.median(steps)}

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        stream = "-" if r["stream_rel"] is None else f"{r['stream_rel']:.5f}"
+        # .2e: a float16 cache's ~3e-6 showed as 0.00000
+        stream = "-" if r["stream_rel"] is None else f"{r['stream_rel']:.2e}"
         if "logp_max" not in r:
             print(f"| {r['precision']} | - | - | - | - | - | {stream} |")
             continue

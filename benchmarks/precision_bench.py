@@ -91,9 +91,10 @@ def measure_floors(threads: int) -> dict:
         [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads)],
         capture_output=True,
         text=True,
-        check=True,
         cwd=HERE,
     )
+    if out.returncode != 0:  # its error, not a bare CalledProcessError
+        raise SystemExit(f"measuring the floors failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -12,7 +12,7 @@ from cosyvoice_lite import Engine, Mode, SynthesisRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from make_models import make_model, render_yaml  # noqa: E402
+from make_models import main, make_model, render_yaml  # noqa: E402
 
 AUDIO = Path(__file__).resolve().parent / "data" / "audio"
 
@@ -76,3 +76,21 @@ def test_generated_tiny_v2_v3_models_load_and_speak(tmp_path: Path, version: int
     )
     chunks = list(engine.synthesize(request))
     assert chunks[-1].final and chunks[-1].sample_rate == 24000
+
+
+def test_existing_directory_with_files_is_refused_unless_forced(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # a downloaded model's directory must not get random weights written over its own
+    model = tmp_path / "CosyVoice-300M"
+    model.mkdir()
+    (model / "llm.pt").write_bytes(b"real weights")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_model(model, version=1, size="tiny")
+    monkeypatch.setattr(sys, "argv", ["make_models.py", "--size", "tiny", "--out", str(model)])
+    with pytest.raises(SystemExit, match="--force"):
+        main()
+    assert [p.name for p in model.iterdir()] == ["llm.pt"]
+    assert (model / "llm.pt").read_bytes() == b"real weights"
+    make_model(model, version=1, size="tiny", force=True)
+    assert (model / "spk2info.pt").is_file() and (model / "llm.pt").read_bytes() != b"real weights"

@@ -19,7 +19,8 @@ tokens at their official ids: enough for speed, not for real speech). There is n
 ``model.safetensors``: our engine takes every Qwen weight from ``llm.pt``, as the official does after
 loading it (benchmarks/official_v2v3.py adds a throw-away one where the official code needs it).
 v2 gets ``spk2info.pt`` (preset voices), v3 ``llm.rl.pt`` (a second, differently seeded LLM) unless
-``--no-rl``.
+``--no-rl``. ``--out`` must be new or empty: a directory with files (a downloaded model, say) is
+refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -216,8 +217,18 @@ def make_model(
     variant: str = "sft",
     seed: int = 0,
     rl: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Write a random-weight model directory; ``variant`` applies to v1, ``rl`` (llm.rl.pt) to v3."""
+    """Write a random-weight model directory; ``variant`` applies to v1, ``rl`` (llm.rl.pt) to v3.
+    A directory that has files is refused (FileExistsError) unless ``force``: it may be a real
+    model, whose weights this would replace with random ones."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} already exists and is not empty: name a new directory, or pass --force "
+            "to write random weights over what it holds"
+        )
     from make_onnx_standins import write_standins
 
     from cosyvoice_lite.build import build_network
@@ -274,9 +285,18 @@ def main() -> None:
     )
     parser.add_argument("--no-rl", action="store_true", help="v3: do not write llm.rl.pt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    parser.add_argument(
+        "--force", action="store_true", help="write into --out even if it has files"
+    )
     args = parser.parse_args()
-    print(make_model(args.out, args.version, args.size, args.variant, args.seed, rl=not args.no_rl))
+    try:
+        out = make_model(
+            args.out, args.version, args.size, args.variant, args.seed, not args.no_rl, args.force
+        )
+    except FileExistsError as exc:
+        raise SystemExit(f"make_models.py: {exc}") from None
+    print(out)
 
 
 if __name__ == "__main__":
