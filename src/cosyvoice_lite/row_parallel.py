@@ -68,7 +68,7 @@ def start_torch_thread(
 def _own_count_setters() -> tuple[Callable[[int], object], ...] | None:
     """The runtimes' setters of the calling thread's count that ``torch.set_num_threads`` calls
     (GNU OpenMP's ``omp_set_num_threads``, MKL's ``mkl_set_num_threads_local``), where both are
-    found in this process; None elsewhere (another OpenMP runtime, Windows)."""
+    found in this process and move torch's count; None elsewhere (Windows, macOS)."""
     try:
         process = ctypes.CDLL(None)
         library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
@@ -82,7 +82,25 @@ def _own_count_setters() -> tuple[Callable[[int], object], ...] | None:
         return None
     for setter in setters:
         setter.argtypes, setter.restype = [ctypes.c_int], None
-    return tuple(setters)
+    return tuple(setters) if _moves_torch(setters) else None
+
+
+def _moves_torch(setters: list[Callable[[int], object]]) -> bool:
+    """Whether the setters found change the count torch reads: the first omp_set_num_threads in
+    the process may be another library's OpenMP (a system libgomp loaded by another package),
+    which would leave torch's alone. Tried on a scratch thread."""
+    seen: list[int] = []
+
+    def trial() -> None:
+        wanted = 2 if torch.get_num_threads() == 1 else 1
+        for setter in setters:
+            setter(wanted)
+        seen.extend((wanted, torch.get_num_threads()))
+
+    thread = threading.Thread(target=trial, name="thread-count-trial")
+    thread.start()
+    thread.join()
+    return len(seen) == 2 and seen[0] == seen[1]
 
 
 def set_own_threads(threads: int) -> None:
