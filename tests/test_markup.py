@@ -11,9 +11,12 @@ from cosyvoice_lite.frontend.markup import (
     check_markup,
     find_markup,
     held_back,
+    open_spans,
     unescape,
     user_markup,
+    without_system_prompt,
 )
+from cosyvoice_lite.versions import ENDOFPROMPT, SYSTEM_PROMPT
 
 
 def test_find_markup() -> None:
@@ -122,3 +125,44 @@ def test_v1_engine_knows_its_tags(v1_variants: dict[str, Path]) -> None:
     escaped = SynthesisRequest(Mode.PRESET, r"你好\[sic]。", voice=voice, seed=1)
     spoken = "".join(chunk.text for chunk in engine.synthesize(escaped))
     assert "[sic]" in spoken and "\\" not in spoken
+
+
+def test_open_spans_follow_nesting() -> None:
+    assert open_spans("<strong>a<laughter>b") == ["strong", "laughter"]
+    assert open_spans("a</strong>b", ["strong"]) == []
+    assert open_spans("<strong>x</strong>") == [] and open_spans("</laughter>") == []
+    assert open_spans("<laughter>[breath]<strong>", ["strong"]) == ["strong", "laughter", "strong"]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["You are a helpful assistant.<|endofprompt|>你好，", "世界。"],
+        ["", "You are a helpful assistant.<|endofprompt|>你好，", "世界。"],  # a chat's first delta
+        ["You are a helpful assistant.<|endof", "prompt|>你好，", "世界。"],
+        ["You are a helpful assistant.", "<|endofprompt|>你好，", "世界。"],
+        ["You are", " a helpful assistant. 用四川话说。", "<|endofprompt|>你好，", "世界。"],
+    ],
+)
+def test_a_streamed_system_prompt_is_dropped_wherever_its_mark_arrives(pieces) -> None:
+    """Only a mark inside the very first piece had dropped the prompt: otherwise it was spoken
+    and <|endofprompt|> reached the LLM mid-text."""
+    dropped = without_system_prompt(iter(pieces), ENDOFPROMPT, SYSTEM_PROMPT)
+    assert "".join(dropped) == "你好，世界。"
+
+
+def test_streamed_text_is_held_back_only_while_it_may_be_a_system_prompt() -> None:
+    """Other text goes on as it comes (held, every stream's first audio waited for it); text
+    opening as the canonical prompt does waits a bounded length for its mark."""
+
+    def chat():  # fails if asked for a second piece
+        yield "Hello there, how are you? "
+        raise AssertionError("read too far")
+
+    assert next(without_system_prompt(chat(), ENDOFPROMPT, SYSTEM_PROMPT)) == (
+        "Hello there, how are you? "
+    )
+    late = ["You are a helpful assistant." + "x" * 150, ENDOFPROMPT + "spoken"]
+    assert list(without_system_prompt(late, ENDOFPROMPT, SYSTEM_PROMPT, hold=128)) == late
+    assert list(without_system_prompt(["a", 3, "b"], ENDOFPROMPT, SYSTEM_PROMPT)) == ["a", 3, "b"]
+    assert list(without_system_prompt([], ENDOFPROMPT, SYSTEM_PROMPT)) == []

@@ -171,6 +171,35 @@ def test_dense_numbers_are_tagged_in_short_windows(text: str, lang: str):
     assert time.perf_counter() - start < 10 and "1" not in normalized.replace("1.5", "")
 
 
+def test_english_windows_keep_units_and_prefixes_with_their_numbers():
+    """Dense numbers' windows are cut to stay short: the cut fell right after a number, whose
+    unit opened the next window and was read as letters ("six kg"); a prefix goes the other
+    way ("No. 17")."""
+    frontend = TextFrontend(_words)
+    weights = "Weights: " + " ".join(f"{n} kg" for n in range(3, 60, 2)) + "."
+    assert " kg" not in frontend.normalize_text(weights)
+    rooms = "Rooms: " + " ".join(f"{n}kg No. {n * 7}" for n in range(3, 23)) + "."
+    assert frontend.normalize_text(rooms).count("Number.") == rooms.count("No.") == 20
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "lang"), [("打开", "购买。", "zh"), ("Open ", " now.", "en")]
+)
+def test_a_word_longer_than_a_window_is_not_cut_inside_a_number(before, after, lang):
+    """A word over MAX_WINDOW_CHARS is tagged in pieces: a cut through a URL's qid=1701234567
+    read it as 170 and 1,234,567 (upstream, one FST call over the text, reads one number)."""
+    text = before + "https://example.com/" + "a" * 100 + "?qid=1701234567&sr=8" + after
+    assert T.wetext_normalize(text, lang) == T.WetextFst(lang)(text)
+
+
+def test_pieces_of_a_long_english_word_are_read_as_words_apart():
+    """Two pieces of one word are read by separate FST calls: their words had been glued
+    ("twelvethree", "fourfive")."""
+    digits = "1234567" * 30  # longer than a window: cut inside anyway
+    words = T.wetext_normalize("x" * 126 + digits, "en").split()
+    assert words[0] == "x" * 126 and len(words) == 1 + len(digits)
+
+
 def test_english_numbers_read_the_same_from_several_threads():
     """Requests are prepared on two threads; inflect keeps a call's state on its engine, so one
     number's reading took another's scale ("three hundred and forty trillion" for 340 billion)."""
@@ -308,6 +337,21 @@ def test_a_tag_stuck_to_an_english_number_keeps_its_reading():
     )
     assert frontend.normalize_text("It is <strong>15</strong> kg.") == (
         "It is <strong>fifteen</strong> kg."
+    )
+
+
+def test_a_tag_next_to_a_chinese_number_keeps_its_reading():
+    """A tag in a zh window parted a number from its unit: 12.5 without 元 is a date, 2024
+    without 年 a cardinal. The text between tags is read with its neighbours' text as context."""
+    frontend = TextFrontend(_words)
+    assert frontend.normalize_text("价格是<strong>12.5</strong>元。") == (
+        "价格是<strong>十二点五</strong>元。"
+    )
+    assert frontend.normalize_text("<strong>2024</strong>年") == "<strong>二零二四</strong>年"
+    assert frontend.normalize_text("我买了3[breath]个苹果。") == "我买了三[breath]个苹果。"
+    # a context the FST rewrites (50% reads 百分之五十) leaves the text read with its tags
+    assert frontend.normalize_text("大约50<strong>%</strong>的人。") == (
+        "大约五十<strong>%</strong>的人。"
     )
 
 
@@ -551,6 +595,39 @@ def test_a_cut_by_length_never_splits_a_tag():
     pieces = frontend.normalize(run)
     assert all(len(p) <= 80 for p in pieces[:-1]) and "".join(pieces) == run + "。"
     assert all(p.count("[") == p.count("]") for p in pieces)
+
+
+def test_a_fixed_cut_keeps_ascii_words_whole():
+    """Unpunctuated Chinese (an ASR transcript) loses its spaces: it was cut every 80
+    characters, inside English words ("Re|act" in two utterances)."""
+    from cosyvoice_lite.frontend.text import _fixed_pieces
+
+    text = "我们" * 38 + "会用React框架" + "搭建页面" * 30
+    pieces = TextFrontend(_words).normalize(text)
+    assert pieces[0].endswith("会用") and pieces[1].startswith("React框架")
+    assert "".join(pieces) == text + "。"
+    # with the tags stuck to it; a word longer than a piece is cut anyway
+    tagged = _fixed_pieces("中" * 78 + "<strong>React</strong>" + "中" * 80, 80)
+    assert tagged[1].startswith("<strong>React</strong>")
+    assert _fixed_pieces("中" + "a" * 200, 80) == ["中" + "a" * 79, "a" * 80, "a" * 41]
+
+
+def test_a_span_around_a_cut_sentence_reaches_every_piece():
+    """Each segment is spoken alone: a <strong> span around one long sentence (which we cut,
+    upstream does not) left the middle pieces without emphasis. Upstream's own splits, at
+    sentence ends, stay as upstream's."""
+    frontend = TextFrontend(_words)
+    text = "<strong>" + "这是一个很长的强调句子没有任何标点符号" * 12 + "</strong>后面的文字。"
+    pieces = frontend.normalize(text)
+    assert len(pieces) == 3 and "".join(pieces).replace("</strong><strong>", "") == text
+    assert all(p.startswith("<strong>") and p.count("</strong>") == 1 for p in pieces)
+    laughing = "<|en|><laughter>" + "and he kept on laughing " * 30 + "</laughter> and stopped."
+    pieces = frontend.normalize(laughing)
+    assert len(pieces) > 2 and all(p.startswith("<|en|><laughter>") for p in pieces)
+    assert all(p.count("</laughter>") == 1 for p in pieces)
+    sentences = frontend.normalize("<strong>" + "这是一个比较长的句子。" * 20 + "</strong>")
+    assert len(sentences) > 1 and not any("<strong>" in p for p in sentences[1:])
+    assert [p.count("</strong>") for p in sentences] == [0] * (len(sentences) - 1) + [1]
 
 
 def test_fixed_pieces_always_progress_and_keep_tags_whole():

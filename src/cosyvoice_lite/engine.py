@@ -41,7 +41,14 @@ from .errors import (
     UnknownVoiceError,
     UnsupportedModeError,
 )
-from .frontend.markup import V1_TAGS, check_markup, held_back, unescape, user_markup
+from .frontend.markup import (
+    V1_TAGS,
+    check_markup,
+    held_back,
+    unescape,
+    user_markup,
+    without_system_prompt,
+)
 from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend, is_only_punctuation, speaks_nothing
 from .heap import release_freed_memory
@@ -729,8 +736,9 @@ class Engine:
     def _checked_pieces(self, pieces: Iterable[str], system_prompt: bool) -> Iterator[str]:
         """Streaming text in, each piece checked as it arrives (in the request's text feeder
         thread: an error fails the request) as a whole text is before it is queued. With
-        ``system_prompt`` (CosyVoice3: its prompt text carries one), a first piece's own system
-        prompt, up to <|endofprompt|>, is dropped rather than spoken after it. A piece's end
+        ``system_prompt`` (CosyVoice3: its prompt text carries one), the text's own system
+        prompt, up to <|endofprompt|>, is dropped rather than spoken after it, wherever the
+        mark arrives in the text's first characters (``without_system_prompt``). A piece's end
         that may open a bracket tag or its escape (``[h``, ``\\``) waits for the next piece, so
         that a tag or an escape split between pieces reads as written."""
         spoken, pending = False, ""
@@ -742,13 +750,13 @@ class Engine:
             spoken = spoken or not is_only_punctuation("".join(text.split()))
             return text
 
-        for index, piece in enumerate(pieces):
+        if system_prompt:  # held back until its <|endofprompt|> can be decided
+            pieces = without_system_prompt(pieces, ENDOFPROMPT, SYSTEM_PROMPT)
+        for piece in pieces:
             if not isinstance(piece, str):
                 raise InvalidRequestError(
                     f"streamed text pieces must be str, got {type(piece).__name__}", "text"
                 )
-            if index == 0 and system_prompt and ENDOFPROMPT in piece:
-                piece = piece.partition(ENDOFPROMPT)[2]
             _check_unicode("text", piece)
             text = pending + piece
             cut = held_back(text)

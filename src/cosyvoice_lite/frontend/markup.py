@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 
 from ..errors import InvalidRequestError
 
@@ -125,3 +125,59 @@ _OPEN_AT_END = re.compile(
     r"\\?(?:\[[^\[\]\s]{0,16})?$|\[[^\[\]\s]{0,16}$"  # a bracket tag, its escape
     r"|<(?:\|[^<>|\s]{0,40}\|?|/?(?:[A-Za-z_][A-Za-z_-]{0,19})?)?$"  # a control or angle tag
 )
+
+
+# the paired tags, which make a span of text: <strong>...</strong>, <laughter>...</laughter>
+SPAN_TAG = re.compile(r"<(/?)(strong|laughter)>")
+
+
+def open_spans(text: str, names: Iterable[str] = ()) -> list[str]:
+    """The spans (``strong``, ``laughter``) open at the end of ``text``, innermost last, with
+    ``names`` open at its start; a closing tag closes the innermost span of its name."""
+    spans = list(names)
+    for match in SPAN_TAG.finditer(text):
+        closing, name = match.groups()
+        if not closing:
+            spans.append(name)
+        elif name in spans:
+            del spans[len(spans) - 1 - spans[::-1].index(name)]
+    return spans
+
+
+# streamed text that opens as CosyVoice3's system prompt does is held back up to this many
+# characters (past them, the rest of a mark) while its <|endofprompt|> may still come
+SYSTEM_PROMPT_HOLD = 128
+
+
+def without_system_prompt(
+    pieces: Iterable[object], mark: str, opening: str, hold: int = SYSTEM_PROMPT_HOLD
+) -> Iterator[object]:
+    """Streamed text pieces less the system prompt they start with, up to ``mark``
+    (<|endofprompt|>), dropped as a whole text's is (a first piece's alone had been). Pieces are
+    held back only while the text may still be one: blank so far, ending in the start of the
+    mark (split between pieces), or opening with the canonical prompt's ``opening`` ("You are a
+    helpful assistant."), for at most ``hold`` characters and the mark's length. Any other text
+    goes on at once: holding every stream's first words would delay its first audio. A piece
+    that is not a str ends the holding (the caller refuses it)."""
+    iterator = iter(pieces)
+    held: list[object] = []
+    text = ""
+    for piece in iterator:
+        held.append(piece)
+        if not isinstance(piece, str):
+            break
+        text += piece
+        if mark in text:
+            held = [text.partition(mark)[2]]
+            break
+        if not _may_be_system_prompt(text, mark, opening) or len(text) >= hold + len(mark):
+            break
+    yield from held
+    yield from iterator
+
+
+def _may_be_system_prompt(text: str, mark: str, opening: str) -> bool:
+    start = text.lstrip()
+    if not start or opening.startswith(start) or start.startswith(opening):
+        return True
+    return any(text.endswith(mark[:n]) for n in range(1, len(mark)))

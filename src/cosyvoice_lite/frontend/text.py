@@ -29,11 +29,11 @@ import itertools
 import re
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cosyvoice_lite.errors import CosyVoiceError, InvalidRequestError
-from cosyvoice_lite.frontend.markup import ANGLE, BRACKET, CONTROL
+from cosyvoice_lite.frontend.markup import ANGLE, BRACKET, CONTROL, open_spans
 
 Encode = Callable[[str], list[int]]
 
@@ -279,8 +279,22 @@ def iter_split_paragraph(
     than ``merge_len`` joins the previous chunk.  Length is characters for zh, ``len(encode(...))`` for
     en.  A chunk is yielded as soon as a later one exists, since only the last can still change.
     One sentence longer than ``LONG_SENTENCE_FACTOR * token_max_n`` is cut first
-    (``cut_long_sentence``); shorter ones merge exactly as upstream's.
+    (``cut_long_sentence``); shorter ones merge exactly as upstream's. Where such a cut ends a
+    chunk inside a ``<strong>`` or ``<laughter>`` span, the chunk closes it and the next one
+    reopens it (``carry_spans``).
     """
+    return carry_spans(_marked_chunks(text, encode, lang, token_max_n, token_min_n, merge_len))
+
+
+def _marked_chunks(
+    text: str,
+    encode: Encode | None,
+    lang: str,
+    token_max_n: int,
+    token_min_n: int,
+    merge_len: int,
+) -> Iterator[tuple[str, bool]]:
+    """``iter_split_paragraph``'s chunks, each with whether it ends at a cut of a long sentence."""
     if not text:
         return
     if lang == "zh":
@@ -298,28 +312,49 @@ def iter_split_paragraph(
 
     if text[-1] not in punctuation:
         text += ending
-    pending: str | None = None  # the last flushed chunk, held back in case the remainder joins it
-    current = ""
+    # the last flushed chunk, held back in case the remainder joins it; whether it ends at a cut
+    pending: tuple[str, bool] | None = None
+    current, at_cut = "", False
     sentences = (
-        piece
+        _marked(cut_long_sentence(whole, token_max_n, length))
         for whole in _cut_sentences(text, punctuation)
-        for piece in cut_long_sentence(whole, token_max_n, length)
     )
-    for sentence in sentences:
+    for sentence, cut in itertools.chain.from_iterable(sentences):
         if length(current + sentence) > token_max_n and length(current) > token_min_n:
             if pending is not None:
                 yield pending
-            pending, current = current, ""
-        current += sentence
+            pending, current = (current, at_cut), ""
+        current, at_cut = current + sentence, cut
     if current:
         if pending is not None and length(current) < merge_len:
-            pending += current
+            pending = (pending[0] + current, at_cut)
         else:
             if pending is not None:
                 yield pending
-            pending = current
+            pending = (current, at_cut)
     if pending is not None:
         yield pending
+
+
+def _marked(pieces: list[str]) -> Iterator[tuple[str, bool]]:
+    """The pieces of a cut sentence, each with whether a cut follows it (all but the last)."""
+    return zip(pieces, [True] * (len(pieces) - 1) + [False], strict=True)
+
+
+def carry_spans(chunks: Iterable[tuple[str, bool]]) -> Iterator[str]:
+    """The chunks, where one ends at a cut of ours (``True``: a long sentence's, which upstream
+    keeps whole) inside ``<strong>`` or ``<laughter>`` spans, with them closed at its end and
+    reopened at the next chunk's start: each chunk is spoken alone, and a middle one had lost
+    its emphasis. Upstream's own splits (sentence ends) stay as upstream's."""
+    reopen: list[str] = []
+    for chunk, at_cut in chunks:
+        if is_only_punctuation(chunk):  # dropped: no tag to add
+            yield chunk
+            continue
+        still_open = open_spans(chunk, reopen)
+        chunk = "".join(f"<{name}>" for name in reopen) + chunk
+        reopen = still_open if at_cut else []
+        yield chunk + "".join(f"</{name}>" for name in reversed(reopen))
 
 
 # One sentence longer than this many times token_max_n is cut into pieces (cut_long_sentence)
@@ -373,9 +408,16 @@ def _fixed_pieces(text: str, size: int, length: Callable[[str], int] = len) -> l
     ``<|en|>``) nor between adjacent tags (``[h][ào]`` spells one syllable): it moves to before
     the run of tags, or, for a run longer than a piece, to the last boundary between its tags
     (after its first tag if even that one is longer). Nor inside a character's cluster (a
-    combining mark, an emoji's joiner), unless the cluster is longer than a piece."""
+    combining mark, an emoji's joiner), unless the cluster is longer than a piece. Nor inside an
+    ASCII word or number (``React`` in unpunctuated Chinese, which loses its spaces), unless the
+    word is longer than a piece."""
     size = max(size, 1)
     runs = [(m.start(), m.end()) for m in _TAG_RUN.finditer(text)]
+    words = [(m.start(), m.end()) for m in _WORD_RUN.finditer(text)]
+
+    def fits(lo: int, hi: int) -> bool:
+        return _longest_within(text, lo, size, length) >= hi
+
     pieces, start = [], 0
     while True:
         cut = _longest_within(text, start, size, length)
@@ -385,7 +427,8 @@ def _fixed_pieces(text: str, size: int, length: Callable[[str], int] = len) -> l
             return pieces
         # tags last: a cluster that continues past a tag ("[breath]\u200d") had moved the cut
         # back into the tag
-        cut = _cut_outside_tags(text, start, _cluster_start(text, start, cut), runs)
+        cut = _word_start(start, _cluster_start(text, start, cut), words, fits)
+        cut = _cut_outside_tags(text, start, cut, runs)
         pieces.append(text[start:cut])
         start = cut
 
@@ -413,6 +456,18 @@ def _cluster_start(text: str, start: int, cut: int) -> int:
     while at > start and at < len(text) and _continues_cluster(text, at):
         at -= 1
     return at if at > start else cut
+
+
+def _word_start(
+    start: int, cut: int, words: list[tuple[int, int]], fits: Callable[[int, int], bool]
+) -> int:
+    """``cut``, moved back to the start of the word it falls in (``_WORD_RUN``), where that word
+    starts after ``start`` and fits in a piece: a longer one is cut anyway."""
+    index = bisect.bisect_left(words, (cut, -1)) - 1  # the last word starting before the cut
+    if index < 0 or words[index][1] <= cut:
+        return cut
+    word_start, word_end = words[index]
+    return word_start if word_start > start and fits(word_start, word_end) else cut
 
 
 def _continues_cluster(text: str, index: int) -> bool:
@@ -450,6 +505,9 @@ def _cut_outside_tags(text: str, start: int, cut: int, runs: list[tuple[int, int
 # the tags check_markup knows as tags (frontend/markup.py)
 _TAG_AT = re.compile("|".join(pattern.pattern for pattern in (BRACKET, CONTROL, ANGLE)))
 _TAG_RUN = re.compile(f"(?:{_TAG_AT.pattern})+")
+# an ASCII word or number, with the tags stuck to it (<strong>React</strong>, [h][ào]x): a fixed
+# cut in it would read it as two words in two utterances
+_WORD_RUN = re.compile(rf"(?:[A-Za-z0-9]|{_TAG_AT.pattern})+")
 _LEADING_TAGS = re.compile(rf"(?:\s*{CONTROL.pattern})+")
 
 
@@ -518,8 +576,7 @@ def _zh_windows(text: str) -> Iterator[tuple[int, int]]:
     spans: list[list[int]] = []
     number_end = 0
     for match in _ZH_NUMBER.finditer(text):
-        for start in range(match.start(), match.end(), MAX_WINDOW_CHARS):
-            end = min(start + MAX_WINDOW_CHARS, match.end())  # a long run in pieces
+        for start, end in _long_run_pieces(text, match.start(), match.end()):
             lo, hi = start, end
             for _ in range(ZH_CONTEXT_CHARS):
                 if lo == 0 or text[lo - 1] in _WINDOW_BREAKS:
@@ -560,14 +617,32 @@ def _add_span(spans: list[list[int]], lo: int, hi: int, previous_end: int, start
         spans.append([cut, hi])
 
 
+def _long_run_pieces(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``text[start:end]`` (a run of ASCII, a word) in pieces of MAX_WINDOW_CHARS at most, each
+    cut moved back to the start of a number it falls in (a URL's qid=1701234567 had been read
+    as 170 and 1,234,567), unless that number starts the piece (is longer than one)."""
+    while start < end:
+        cut = min(start + MAX_WINDOW_CHARS, end)
+        for number in _NUMBER.finditer(text, start, end):
+            if number.start() >= cut:
+                break
+            if number.end() > cut and number.start() > start:
+                cut = number.start()
+        yield start, cut
+        start = cut
+
+
+_NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")  # as one number: 1,234.5, 12:30
+
+
 def _en_windows(text: str) -> Iterator[tuple[int, int]]:
     words = [
-        (start, min(start + MAX_WINDOW_CHARS, m.end()))  # a long word in pieces
+        piece  # a long word in pieces
         for m in _WORD.finditer(text)
-        for start in range(m.start(), m.end(), MAX_WINDOW_CHARS)
+        for piece in _long_run_pieces(text, m.start(), m.end())
     ]
     spans: list[list[int]] = []
-    previous = -1  # the last word with a digit
+    previous = previous_last = -1  # the last word with a digit, the last word of its window
     for index, (start, end) in enumerate(words):
         if not _DIGIT.search(text, start, end):
             continue
@@ -586,12 +661,34 @@ def _en_windows(text: str) -> Iterator[tuple[int, int]]:
         elif hi - spans[-1][0] <= MAX_WINDOW_CHARS:
             spans[-1][1] = max(spans[-1][1], hi)
         else:  # as _add_span, at a word boundary: the space between stays outside both
-            cut = max(previous + 1, (previous + index + 1) // 2, first)
+            cut = _en_cut(text, words, max(previous + 1, first), min(index, previous_last + 1))
             spans[-1][1] = words[cut - 1][1]
             spans.append([words[cut][0], hi])
-        previous = index
+        previous, previous_last = index, last
     for lo, hi in spans:
         yield lo, hi
+
+
+def _en_cut(text: str, words: list[tuple[int, int]], low: int, high: int) -> int:
+    """Where two English windows meet, between the words of the gap between two numbers (the
+    index of the second window's first word, from ``low`` to ``high``): after a comma or a
+    semicolon or before a capitalised word (the places nearest the middle), else in the
+    middle with the odd word on the first number's side. A unit follows its number ("28 cm,
+    3 cm": a cut before "cm" read it as letters), a prefix precedes it ("12 kg No. 539",
+    "5/8 March 10")."""
+    middle = low + (high - low + 1) // 2
+    places = [cut for cut in range(low, high + 1) if _en_cut_place(text, words, cut)]
+    return min(places, key=lambda cut: abs(cut - middle), default=middle)
+
+
+def _en_cut_place(text: str, words: list[tuple[int, int]], cut: int) -> bool:
+    """Whether a window may well start at word ``cut``: after a pause, or at a prefix."""
+    start, end = words[cut]
+    return text[words[cut - 1][1] - 1] in ",;" or _EN_PREFIX.fullmatch(text, start, end) is not None
+
+
+# a capitalised word or abbreviation, which rather opens what follows: No., Mr., March, Monday
+_EN_PREFIX = re.compile(r"[A-Z][a-z]{0,3}\.|[A-Z][a-z]{2,}")
 
 
 _ZH_NUMBER = re.compile(r"[!-~\d]*\d[!-~\d]*")
@@ -612,7 +709,10 @@ def wetext_normalize(text: str, lang: str) -> str:
     windows = _zh_windows(text) if lang == "zh" else _en_windows(text)
     out, last = [], 0
     for lo, hi in windows:
-        out.append(text[last:lo])
+        gap = text[last:lo]
+        if lang == "en" and last and not gap:  # two pieces of a long word: their words apart
+            gap = " "  # ("equal signone seven" had glued two)
+        out.append(gap)
         # spaces at a window's ends (inside a long run of them) are kept: the tagger drops one
         window = text[lo:hi]
         core = window.strip(" ")
@@ -757,13 +857,13 @@ class TextFrontend:
         if len(pieces) == 1:
             yield text
             return
-        for piece in pieces:
+        for piece in carry_spans(_marked(pieces)):
             if not is_only_punctuation(piece):
                 yield prefix + piece
 
     def _normalize(self, text: str) -> tuple[str, str]:
         if contains_chinese(text):
-            text = outside_stressed_phones(text, lambda part: wetext_normalize(part, "zh"))
+            text = _zh_between_tags(text)
             text = text.replace("\n", "")
             text = replace_blank(text)
             text = replace_corner_mark(text)
@@ -785,3 +885,45 @@ class TextFrontend:
 
 
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
+
+
+def _zh_between_tags(text: str) -> str:
+    """wetext (zh) on the text between tags, each piece read with the text next to it
+    (ZH_CONTEXT_CHARS each side, tags left out, up to a digit or a break) as context: a tag
+    in a window parted a number from its unit (价格是<strong>12.5</strong>元 read as a date,
+    十二月五日). Where a context is not read back as written, the text is read with its tags
+    in it, as upstream reads it (stressed CMU phones still kept out: outside_stressed_phones)."""
+    parts = _ZH_TAG.split(text)  # text, tag, text, ..., text
+    if len(parts) == 1:
+        return wetext_normalize(text, "zh")
+    plain, out, offset = "".join(parts[::2]), [], 0
+    for index, part in enumerate(parts):
+        if index % 2:  # a tag
+            out.append(part)
+            continue
+        read = _zh_in_context(plain, offset, offset + len(part))
+        if read is None:
+            return outside_stressed_phones(text, lambda piece: wetext_normalize(piece, "zh"))
+        out.append(read)
+        offset += len(part)
+    return "".join(out)
+
+
+def _zh_in_context(plain: str, start: int, end: int) -> str | None:
+    """``plain[start:end]`` through wetext (zh) with its context in ``plain``; None where the
+    context is not read back as written."""
+    part = plain[start:end]
+    if not _DIGIT.search(part):
+        return part
+    left = _ZH_LEFT_CONTEXT.search(plain, max(0, start - ZH_CONTEXT_CHARS), start).group(0)
+    right = _ZH_RIGHT_CONTEXT.match(plain, end, end + ZH_CONTEXT_CHARS).group(0)
+    read = wetext_normalize(left + part + right, "zh")
+    if len(read) < len(left) + len(right) or not (read.startswith(left) and read.endswith(right)):
+        return None
+    return read[len(left) : len(read) - len(right)]
+
+
+# the tags a zh number is read apart from: check_markup's (not [1] nor an escaped \[sic])
+_ZH_TAG = re.compile(rf"({CONTROL.pattern}|{ANGLE.pattern}|(?<!\\)\[(?!\d+\])[^\[\]\s]{{1,16}}\])")
+_ZH_LEFT_CONTEXT = re.compile(r"[^\d\n。！？；]*$")
+_ZH_RIGHT_CONTEXT = re.compile(r"[^\d\n。！？；]*")
