@@ -105,6 +105,7 @@ class ServerState:
             self.metrics,
             settings.spool_dir,
             settings.shutdown_timeout,
+            settings.outputs_keep_days,
         )
         self.library = VoiceLibrary(
             voice_store(settings),

@@ -160,6 +160,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "$XDG_DATA_HOME/cosyvoice-lite/voices, i.e. ~/.local/share/cosyvoice-lite/voices)",
     )
     ops.add_argument("--outputs-dir", type=Path, help="save every result (audio + JSON) here")
+    ops.add_argument(
+        "--outputs-keep-days",
+        type=float,
+        help="remove results from --outputs-dir after this many days (a day's folder at a time; "
+        "one whose S3 upload is pending is kept); default: keep them all",
+    )
     ops.add_argument("--s3-bucket", help="upload every result to this S3 bucket (needs boto3)")
     ops.add_argument("--s3-prefix", default="", help="key prefix inside the bucket")
     ops.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, moto, ...)")
@@ -312,6 +318,7 @@ def settings_from_args(args: argparse.Namespace):
         cors_origins=args.cors_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host, bool(args.api_key)),
         outputs_dir=args.outputs_dir,
+        outputs_keep_days=args.outputs_keep_days,
         spool_dir=args.spool_dir,
         s3=s3,
         voice_aliases=aliases,

@@ -133,6 +133,7 @@ class Metrics:
                 ("timeouts_total", "Syntheses stopped by the per-request timeout."),
                 ("voices_created_total", "Voices added to the library."),
                 ("outputs_saved_total", "Results saved to the outputs directory."),
+                ("outputs_removed_total", "Results removed after --outputs-keep-days."),
                 ("s3_uploads_total", "Results uploaded to S3."),
                 ("s3_upload_errors_total", "Failed S3 uploads."),
                 ("truncated_streams_total", "Streamed responses aborted before their end."),

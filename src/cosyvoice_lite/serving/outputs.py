@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ def make_s3_client(settings: S3Settings):
 
 
 MARKER_SUFFIX = ".s3-pending"
+PRUNE_INTERVAL = 3600.0  # seconds between checks for results past --outputs-keep-days
 _STOP = object()
 
 
@@ -68,8 +70,14 @@ class OutputStore:
         metrics: Metrics,
         spool_dir: Path | None = None,
         shutdown_timeout: float = 10.0,
+        keep_days: float | None = None,
     ) -> None:
+        """``keep_days``: results in ``directory`` are removed after that many days (a day's
+        folder at a time, checked once an hour on the save thread; a folder with an upload
+        still pending is kept); None keeps them all."""
         self.directory = directory
+        self.keep_days = keep_days
+        self._pruned_at = -float("inf")
         self.s3 = s3
         self.metrics = metrics
         self.shutdown_timeout = shutdown_timeout
@@ -121,7 +129,11 @@ class OutputStore:
 
     def _save_loop(self) -> None:
         while True:
-            item = self._saves.get()
+            self._prune()
+            try:
+                item = self._saves.get(timeout=PRUNE_INTERVAL if self.keep_days else None)
+            except queue.Empty:
+                continue
             if item is _STOP:
                 if self._client is not None:
                     self._uploads.put(_STOP)  # after the markers of every save
@@ -144,6 +156,27 @@ class OutputStore:
                     self.pending -= self._client is not None and marker is None
             if marker is not None:
                 self._uploads.put(("upload", marker))
+
+    def _prune(self) -> None:
+        """Day folders past ``keep_days`` removed (at most once per ``PRUNE_INTERVAL``)."""
+        if self.keep_days is None or time.monotonic() - self._pruned_at < PRUNE_INTERVAL:
+            return
+        self._pruned_at = time.monotonic()
+        now = datetime.now(timezone.utc)
+        for folder in sorted(self.directory.iterdir()):
+            try:
+                day = datetime.strptime(folder.name, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+            except ValueError:  # not one of ours: left alone
+                continue
+            age_days = (now - day).total_seconds() / 86400 - 1  # its last result's age at least
+            if age_days <= self.keep_days or not folder.is_dir() or folder.is_symlink():
+                continue
+            if any(folder.glob(f".*{MARKER_SUFFIX}")):
+                continue  # an upload still pending: nothing is lost before it is up
+            removed = sum(1 for path in folder.iterdir() if not path.name.startswith("."))
+            shutil.rmtree(folder, ignore_errors=True)
+            self.metrics.count("outputs_removed_total", removed)
+            log.info("removed %d results of %s (--outputs-keep-days)", removed, folder.name)
 
     def _upload_loop(self) -> None:
         while True:

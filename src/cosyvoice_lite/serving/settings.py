@@ -59,6 +59,7 @@ class Settings:
     allowed_hosts: list[str] = field(default_factory=list)
     voices_dir: Path = field(default_factory=default_voices_dir)
     outputs_dir: Path | None = None  # save every result (audio + JSON metadata) here
+    outputs_keep_days: float | None = None  # and remove them after this many days (None: keep)
     s3: S3Settings | None = None
     # the voice library in a bucket shared by several server processes (else voices_dir)
     voices_s3: S3Settings | None = None
@@ -150,6 +151,11 @@ class Settings:
         self.spool_dir = Path(self.spool_dir or self.voices_dir / ".spool").expanduser()
         if self.outputs_dir is not None:
             self.outputs_dir = Path(self.outputs_dir).expanduser()
+        if self.outputs_keep_days is not None:
+            if self.outputs_dir is None:
+                raise ValueError("outputs_keep_days applies to an outputs_dir (--outputs-dir)")
+            if not 0 < self.outputs_keep_days < 1e6:
+                raise ValueError("outputs_keep_days must be a positive number of days")
 
 
 def host_name(host: str) -> str:
