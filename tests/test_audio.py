@@ -542,3 +542,32 @@ def test_a_recording_cut_short_is_refused() -> None:
     assert (
         len(load_audio(bytes(streamed[: len(streamed) // 2]))[0]) == (len(streamed) // 2 - 44) // 2
     )
+
+
+def test_whole_files_of_odd_but_valid_layouts_are_taken() -> None:
+    """The cut check had refused valid files: a WAV whose data size is sox's "unknown"
+    (0x7FFFF000, written to a pipe), and an mp3 without a Xing header behind a large ID3v2 tag
+    (libsndfile's length for it is a guess). A variable-bit-rate mp3 without one, which
+    libsndfile decodes only as far as its guess, is refused, never taken shorter."""
+    from cosyvoice_lite.audio.io import mp3_frame_bytes
+    from cosyvoice_lite.serving.streaming import Encoder
+
+    tone = (0.3 * np.sin(np.arange(16000 * 3) / 16000 * 2 * np.pi * 220)).astype(np.float32)
+    sox = bytearray(encoded(tone[:, None], 16000, "WAV", "PCM_16"))
+    sox[4:8] = sox[40:44] = (0x7FFFF000).to_bytes(4, "little")
+    assert len(load_audio(bytes(sox))[0]) == len(tone)
+
+    def without_xing(mp3: bytes) -> bytes:
+        return mp3[mp3_frame_bytes(mp3) :]  # its first frame: the Xing/Info one
+
+    cover = b"ID3\x04\x00\x00" + bytes([0, 0, 0x40, 0]) + b"\x00" * (0x40 << 7)  # 8 KB tag
+    encoder = Encoder("mp3", 16000)  # constant bit rate, streamed: no Xing header
+    cbr = encoder.feed(tone) + encoder.finish()
+    assert abs(len(load_audio(cover + cbr)[0]) - len(tone)) < 0.1 * 16000
+    noisy = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32) * 0.3
+    quiet_then_noisy = np.concatenate([np.zeros(16000, np.float32), noisy])
+    vbr = without_xing(encoded(quiet_then_noisy[:, None], 16000, "MP3", "MPEG_LAYER_III"))
+    try:
+        assert abs(len(load_audio(vbr)[0]) - len(quiet_then_noisy)) < 0.15 * 16000
+    except AudioError as exc:
+        assert "could not be decoded whole" in str(exc)

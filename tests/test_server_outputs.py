@@ -6,6 +6,7 @@ a real TCP endpoint that accepts and never answers)."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -170,6 +171,7 @@ def test_results_past_keep_days_are_removed_a_day_at_a_time(tmp_path):
         ("2020-01-02", ["b.wav", "b.json", ".b.s3-pending"]),
         (yesterday, ["c.wav", "c.json"]),
         ("notes", ["keep.txt"]),
+        ("2020-1-1", ["keep.txt"]),  # (a date, but not a folder the server writes)
     ):
         (out / day).mkdir(parents=True)
         for name in files:
@@ -182,9 +184,20 @@ def test_results_past_keep_days_are_removed_a_day_at_a_time(tmp_path):
         assert store.flush(timeout=10)
         left = sorted(path.name for path in out.iterdir())
         assert left == sorted(
-            ["2020-01-02", yesterday, "notes", f"{datetime.now(timezone.utc):%Y-%m-%d}"]
+            ["2020-01-02", yesterday, "notes", "2020-1-1", f"{datetime.now(timezone.utc):%Y-%m-%d}"]
         )
         assert metric(metrics.render(), "cosyvoice_outputs_removed_total") == 2
+    finally:
+        store.shutdown()
+    # a pass that fails (the directory removed by hand) had ended the save thread for good:
+    # every later result was lost
+    store = OutputStore(out, None, metrics, keep_days=3, prune_every=0.05)
+    try:
+        shutil.rmtree(out)
+        time.sleep(0.2)
+        store.submit("later", np.full(2205, 0.1, np.float32), 22050, "wav", {})
+        assert store.flush(timeout=10)
+        assert list(out.glob("*/*later.json"))
     finally:
         store.shutdown()
     with pytest.raises(ValueError, match="outputs_keep_days applies to an outputs_dir"):

@@ -9,6 +9,7 @@ that says what is wrong with the audio.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -180,35 +181,76 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
     return waveform, sample_rate
 
 
-# A recording that ends this much before its header says (a file cut short in a copy) is an
-# error, not a shorter recording: a voice saved from it kept a transcript of the whole.
-# (Encoders' padding and a last partial frame stay far within it.)
+_MP3_KBPS = {
+    1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def mp3_frame_bytes(header: bytes) -> int | None:
+    """The length of the layer III frame that ``header`` (its first 4 bytes) starts; None if
+    it starts none."""
+    if len(header) < 4 or header[0] != 0xFF or (header[1] & 0xE0) != 0xE0:
+        return None
+    version, layer = (header[1] >> 3) & 3, (header[1] >> 1) & 3
+    bitrate, rate, padding = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
+    if layer != 1 or version == 1 or bitrate in (0, 15) or rate == 3:
+        return None
+    kbps = _MP3_KBPS[1 if version == 3 else 2][bitrate]
+    per_frame = 144 if version == 3 else 72  # bytes per (kbit/s / Hz) of a frame
+    return per_frame * kbps * 1000 // _MP3_RATES[version][rate] + padding
+
+
+# A recording that ends before its header says (a file cut short in a copy) is an error, not a
+# shorter recording: a voice saved from it kept a transcript of the whole. The slack covers the
+# encoders' delay and padding and a last partial frame.
 CUT_TOLERANCE_SECONDS = 0.05
+MP3_SLACK_FRAMES = 4  # an mp3's Info frame, encoder delay, decoder delay, end padding
+# a WAV data size at or past this is a streaming writer's "unknown" (sox writes 0x7FFFF000)
+WAV_UNKNOWN_SIZE = 0x7FFFF000
 
 
 def _check_whole(
     what: str, opened: str | BinaryIO, container: str, declared: int, frames: int, rate: int
 ) -> None:
-    """An AudioError where fewer ``frames`` were decoded than the header says: its frame count
-    (mp3's Xing header), or a WAV data chunk's size (libsndfile shortens the count it gives to
-    the bytes there). Formats whose header says no length (Ogg) cannot be checked."""
-    if container in ("WAV", "WAVEX"):
+    """An AudioError where fewer ``frames`` were decoded than the file holds: a WAV data
+    chunk's size (libsndfile shortens the count it gives to the bytes there), an mp3's frames
+    counted one by one (libsndfile's count for an mp3 without a Xing header is a guess from the
+    first frame's bit rate, and it decodes no further than that guess), else the header's
+    count (FLAC). Ogg states no length: a cut one cannot be told."""
+    slack = max(CUT_TOLERANCE_SECONDS * rate, 0.01 * frames)
+    if container == "MP3":
+        counted = _mp3_samples(opened)
+        if counted is None:
+            return
+        samples, per_frame, tagged = counted
+        slack = max(slack, MP3_SLACK_FRAMES * per_frame)
+        # a Xing/Info/VBRI header's count is the file's (its frames may be cut off); without
+        # one, libsndfile's count is a guess, and the frames there are all there is
+        if not (tagged and declared - frames > slack) and samples - frames > slack:
+            raise AudioError(
+                f"{what} could not be decoded whole: {frames / rate:.2f} s of its "
+                f"{samples / rate:.2f} s (a variable-bit-rate mp3 without a length header); "
+                "send it as wav or flac, or as an mp3 written with one"
+            )
+        if not tagged:
+            return
+    elif container in ("WAV", "WAVEX"):
         declared = _wav_declared_frames(opened) or UNKNOWN_FRAMES
-    if declared in (0, UNKNOWN_FRAMES):
+    if declared in (0, UNKNOWN_FRAMES) or declared - frames <= slack:
         return
-    if declared - frames > max(CUT_TOLERANCE_SECONDS * rate, 0.01 * declared):
-        raise AudioError(
-            f"{what} ends early: its header says {declared / rate:.2f} s, "
-            f"{frames / rate:.2f} s are there (a file cut short?)"
-        )
+    raise AudioError(
+        f"{what} ends early: its header says {declared / rate:.2f} s, "
+        f"{frames / rate:.2f} s are there (a file cut short?)"
+    )
 
 
 def _wav_declared_frames(opened: str | BinaryIO) -> int | None:
     """The frames a RIFF/WAVE file's data chunk says it holds; None where it says nothing
-    (0 or 0xFFFFFFFF: a streaming writer's "unknown") or the header is not plain RIFF."""
-    handle = open(opened, "rb") if isinstance(opened, str) else opened  # noqa: SIM115
-    try:
-        handle.seek(0)
+    (0, or ``WAV_UNKNOWN_SIZE`` and above: a streaming writer's "unknown") or the header is not
+    plain RIFF."""
+    with _reading(opened) as handle:
         if handle.read(4) != b"RIFF" or handle.read(8)[4:] != b"WAVE":
             return None
         block_align = 0
@@ -218,14 +260,45 @@ def _wav_declared_frames(opened: str | BinaryIO) -> int | None:
                 block_align = int.from_bytes(handle.read(16)[12:14], "little")
                 handle.seek(size - 16 + (size & 1), io.SEEK_CUR)
             elif head[:4] == b"data":
-                unknown = size in (0, 0xFFFFFFFF) or block_align == 0
+                unknown = size == 0 or size >= WAV_UNKNOWN_SIZE or block_align == 0
                 return None if unknown else size // block_align
             else:
                 handle.seek(size + (size & 1), io.SEEK_CUR)
         return None
-    finally:
-        if handle is not opened:
-            handle.close()
+
+
+def _mp3_samples(opened: str | BinaryIO) -> tuple[int, int, bool] | None:
+    """(samples, samples per frame, whether the first frame is a Xing/Info/VBRI length header)
+    of an mp3's layer III frames walked one by one after its ID3v2 tag, up to the first thing
+    that is not a frame (an ID3v1 tag, the end); None where none starts there."""
+    with _reading(opened) as handle:
+        head = handle.read(10)
+        if head[:3] == b"ID3" and len(head) == 10:  # its size: 4 bytes of 7 bits
+            size = sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+            handle.seek(10 + size + (10 if head[5] & 0x10 else 0))
+        else:
+            handle.seek(0)
+        count, per_frame, tagged = 0, 0, False
+        while (size := mp3_frame_bytes(header := handle.read(4))) is not None:
+            if count == 0:
+                first = handle.read(size - 4)
+                tagged = any(mark in first[:40] for mark in (b"Xing", b"Info", b"VBRI"))
+            else:
+                handle.seek(size - 4, io.SEEK_CUR)
+            count += 1
+            per_frame = 1152 if (header[1] >> 3) & 3 == 3 else 576  # MPEG-1, else 2 / 2.5
+        return (count * per_frame, per_frame, tagged) if count else None
+
+
+@contextlib.contextmanager
+def _reading(opened: str | BinaryIO) -> Iterator[BinaryIO]:
+    """``opened`` (a path, or the upload's bytes) from its start, for reading its header."""
+    if isinstance(opened, str):
+        with open(opened, "rb") as handle:
+            yield handle
+        return
+    opened.seek(0)
+    yield opened
 
 
 def _blocks(f: sf.SoundFile, block: int) -> Iterator[np.ndarray]:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -56,6 +57,7 @@ def make_s3_client(settings: S3Settings):
 
 
 MARKER_SUFFIX = ".s3-pending"
+DAY_FOLDER = re.compile(r"\d{4}-\d{2}-\d{2}")  # the folders results are saved in, by UTC day
 PRUNE_INTERVAL = 3600.0  # seconds between checks for results past --outputs-keep-days
 _STOP = object()
 
@@ -71,12 +73,13 @@ class OutputStore:
         spool_dir: Path | None = None,
         shutdown_timeout: float = 10.0,
         keep_days: float | None = None,
+        prune_every: float = PRUNE_INTERVAL,
     ) -> None:
         """``keep_days``: results in ``directory`` are removed after that many days (a day's
-        folder at a time, checked once an hour on the save thread; a folder with an upload
-        still pending is kept); None keeps them all."""
+        folder at a time, checked every ``prune_every`` seconds on the save thread; a folder
+        with an upload still pending is kept); None keeps them all."""
         self.directory = directory
-        self.keep_days = keep_days
+        self.keep_days, self.prune_every = keep_days, prune_every
         self._pruned_at = -float("inf")
         self.s3 = s3
         self.metrics = metrics
@@ -129,9 +132,12 @@ class OutputStore:
 
     def _save_loop(self) -> None:
         while True:
-            self._prune()
             try:
-                item = self._saves.get(timeout=PRUNE_INTERVAL if self.keep_days else None)
+                self._prune()
+            except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the saves
+                log.error("could not remove old results: %s", exc)
+            try:
+                item = self._saves.get(timeout=self.prune_every if self.keep_days else None)
             except queue.Empty:
                 continue
             if item is _STOP:
@@ -158,22 +164,29 @@ class OutputStore:
                 self._uploads.put(("upload", marker))
 
     def _prune(self) -> None:
-        """Day folders past ``keep_days`` removed (at most once per ``PRUNE_INTERVAL``)."""
-        if self.keep_days is None or time.monotonic() - self._pruned_at < PRUNE_INTERVAL:
+        """Day folders past ``keep_days`` removed (at most once per ``prune_every``)."""
+        if self.keep_days is None or time.monotonic() - self._pruned_at < self.prune_every:
             return
         self._pruned_at = time.monotonic()
         now = datetime.now(timezone.utc)
+        if not self.directory.is_dir():  # (removed by hand: the next save makes it again)
+            return
         for folder in sorted(self.directory.iterdir()):
+            if not DAY_FOLDER.fullmatch(folder.name):  # not one of ours: left alone
+                continue
             try:
                 day = datetime.strptime(folder.name, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-            except ValueError:  # not one of ours: left alone
+            except ValueError:
                 continue
             age_days = (now - day).total_seconds() / 86400 - 1  # its last result's age at least
             if age_days <= self.keep_days or not folder.is_dir() or folder.is_symlink():
                 continue
             if any(folder.glob(f".*{MARKER_SUFFIX}")):
                 continue  # an upload still pending: nothing is lost before it is up
-            removed = sum(1 for path in folder.iterdir() if not path.name.startswith("."))
+            try:
+                removed = sum(1 for path in folder.iterdir() if not path.name.startswith("."))
+            except OSError:  # gone or unreadable meanwhile: the next pass sees it again
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             self.metrics.count("outputs_removed_total", removed)
             log.info("removed %d results of %s (--outputs-keep-days)", removed, folder.name)

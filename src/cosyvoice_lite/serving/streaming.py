@@ -24,6 +24,7 @@ from ..audio.io import (
     OPUS_RATES,
     check_finite,
     encode_audio,
+    mp3_frame_bytes,
     write_frames,
 )
 from ..audio.resample import output_length, reduced_rates, resample, resample_kernel
@@ -148,27 +149,6 @@ class _Sink(io.RawIOBase):
 
 
 # MPEG audio layer III: bit rates (kbit/s) by index, MPEG-1 and MPEG-2/2.5; sample rates
-_MP3_KBPS = {
-    1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
-    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-}
-_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
-
-
-def mp3_frame_bytes(header: bytes) -> int | None:
-    """The length of the layer III frame that ``header`` (its first 4 bytes) starts; None if
-    it starts none."""
-    if len(header) < 4 or header[0] != 0xFF or (header[1] & 0xE0) != 0xE0:
-        return None
-    version, layer = (header[1] >> 3) & 3, (header[1] >> 1) & 3
-    bitrate, rate, padding = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
-    if layer != 1 or version == 1 or bitrate in (0, 15) or rate == 3:
-        return None
-    kbps = _MP3_KBPS[1 if version == 3 else 2][bitrate]
-    per_frame = 144 if version == 3 else 72  # bytes per (kbit/s / Hz) of a frame
-    return per_frame * kbps * 1000 // _MP3_RATES[version][rate] + padding
-
-
 def without_info_placeholder(head: bytes) -> bytes:
     """``head`` without its first frame if that frame is LAME's placeholder for the Info tag
     (header, then zeros), which only a seek back at the end fills in: a stream cannot, and
