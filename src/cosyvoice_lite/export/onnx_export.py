@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ..onnx_threads import session_options
 from ..versions import VersionSpec, spec
 from . import flow as flow_graphs
 from . import llm as llm_graphs
+from . import staging
 from . import vocoder as vocoder_graphs
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 OPSET = 17
 DTYPES = ("float32", "float16")
 PARTS = ("llm", "flow", "hift")
-MAX_STATIC_FRAMES = 15000  # the v2/v3 flow's fixed noise covers 300 s of mel frames
+# The export checks the static estimator in onnxruntime at N frames, which holds every head's
+# N x N attention scores several times over (~24 bytes a score, measured; two rows): at 2,000
+# frames ~3 GB for CosyVoice3's 16 heads, and a bad_alloc after all the work at 8,000.
+MAX_STATIC_FRAMES = 2000
 FP16_MAX = 65504.0
 
 
@@ -73,20 +76,27 @@ def check_options(
     force: bool,
     parts: tuple[str, ...] = PARTS,
 ) -> None:
-    """Every option problem is an error before any work is done."""
+    """Every option problem is an error before any work is done (an export to the same output
+    already running too)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if static_frames is not None:
         if static_frames <= 0 or static_frames > MAX_STATIC_FRAMES:
             raise ExportError(
-                f"--static-frames must be between 1 and {MAX_STATIC_FRAMES} "
-                f"mel frames, got {static_frames}"
+                f"--static-frames must be between 1 and {MAX_STATIC_FRAMES} mel frames (the "
+                "export checks the graph at that size, which holds every head's N x N attention "
+                f"scores), got {static_frames}"
             )
         if "flow" not in parts:
             raise ExportError("--static-frames sizes the flow estimator: export the flow too")
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ExportError(f"parts must be some of {', '.join(PARTS)}, got {', '.join(parts)}")
+    if len(out_dir.name.encode()) > staging.NAME_MAX_BYTES:
+        raise ExportError(
+            f"the output's name is {len(out_dir.name.encode())} bytes long; file systems take "
+            f"{staging.NAME_MAX_BYTES}"
+        )
     if out_dir.is_symlink():  # replacing it would replace the link, not what it names
         raise ExportError(f"{out_dir} is a symbolic link: name the directory it points to")
     out_dir = out_dir.resolve()
@@ -94,27 +104,24 @@ def check_options(
         raise ExportError(f"{out_dir} is the root of the file system: name a directory in it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
+    existing = next(p for p in out_dir.parents if p.exists())
+    if not existing.is_dir():
+        raise ExportError(f"cannot make {out_dir}: {existing} is not a directory")
+    parent = staging.staging_parent(out_dir)
+    _check_not_exporting(out_dir, parent)
     for directory in (out_dir, out_dir.parent):
-        _remove_dead_leftovers(directory)
+        staging.remove_dead_exports(directory)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise ExportError(
                 f"{out_dir} already exists and is not empty; pass --force to replace it"
             )
-        if os.path.ismount(out_dir):  # (the finished export is swapped in by a rename)
-            raise ExportError(
-                f"{out_dir} is a mount point, which --force cannot replace: empty it, or "
-                "export into a new directory in it"
-            )
-        here = Path.cwd().resolve()
-        if out_dir == here or out_dir in here.parents:
-            raise ExportError(f"refusing to replace {out_dir}: it holds the current directory")
-    existing = next(p for p in out_dir.parents if p.exists())
-    if not existing.is_dir():
-        raise ExportError(f"cannot make {out_dir}: {existing} is not a directory")
+        if parent != out_dir:  # files of its own: the finished export is swapped in by renames
+            _check_replaceable(out_dir)
     # a directory that cannot be written is an error now, not after loading and tracing: the
-    # one the export is staged in (missing parents are made only once the export is done)
-    probe = _new_in(_staging_parent(out_dir), "probe", "probe")
+    # one the export is staged in, under the longest name staging takes there (missing parents
+    # are made only once the export is done)
+    probe = staging.new_hidden(parent, staging.hidden_stem(out_dir, parent), "partial")
     try:  # (not os.access: root passes it where nothing can be written, in /proc)
         probe.mkdir()
         probe.rmdir()
@@ -126,6 +133,52 @@ def check_options(
         raise ExportError(
             "exporting needs the onnx package (the 'export' extra): pip install -e '.[export]'"
         ) from exc
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """What --force cannot replace: a mount point, a directory holding the current one."""
+    if os.path.ismount(out_dir):
+        raise ExportError(
+            f"{out_dir} is a mount point, which --force cannot replace: empty it, or "
+            "export into a new directory in it"
+        )
+    here = Path.cwd().resolve()
+    if out_dir == here or out_dir in here.parents:
+        raise ExportError(f"refusing to replace {out_dir}: it holds the current directory")
+
+
+def _check_not_exporting(out_dir: Path, parent: Path) -> None:
+    lock = staging.output_lock_path(parent, staging.hidden_stem(out_dir, parent))
+    if staging.is_held(lock):
+        raise _exporting(out_dir, lock)
+
+
+def _exporting(out_dir: Path, lock: Path) -> ExportError:
+    try:
+        holder = lock.read_text().strip() or "?"
+    except OSError:
+        holder = "?"
+    return ExportError(
+        f"{out_dir} is being exported by another process (pid {holder}, {lock.name}): wait "
+        "for it, or choose another output"
+    )
+
+
+@contextmanager
+def _output_locked(out_dir: Path, parent: Path) -> Iterator[None]:
+    """The export's lock, held for the whole export: a second export to the same output is
+    refused, and the export's hidden entries are alive while it is held."""
+    lock = staging.output_lock_path(parent, staging.hidden_stem(out_dir, parent))
+    try:
+        fd = staging.try_lock(lock)
+    except staging.Held:
+        raise _exporting(out_dir, lock) from None
+    except OSError as exc:
+        raise ExportError(f"cannot write {parent}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        staging.release(fd, lock)
 
 
 # ------------------------------------------------------------------------------------ graphs
@@ -570,6 +623,26 @@ def export_onnx(
     source = Path(model).resolve()
     if out_dir == source or out_dir in source.parents:  # --force would delete the model
         raise ExportError(f"{out_dir} holds the model being exported: write the graphs elsewhere")
+    parent = staging.staging_parent(out_dir)
+    with _output_locked(out_dir, parent):
+        _export_locked(model, out_dir, parent, dtype, static_frames, force, parts,
+                       llm_checkpoint, variant, progress)  # fmt: skip
+    return out_dir / "manifest.json"
+
+
+def _export_locked(
+    model: str | Path,
+    out_dir: Path,
+    parent: Path,
+    dtype: str,
+    static_frames: int | None,
+    force: bool,
+    parts: tuple[str, ...],
+    llm_checkpoint: str,
+    variant: str | None,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """export_onnx once it holds the output's lock: load, trace, check, stage, move into place."""
     model_dir, nets = load_networks(model, parts, llm_checkpoint, variant)
     version_spec = spec(model_dir.version)
     graphs: list[Graph] = []
@@ -582,57 +655,65 @@ def export_onnx(
 
     # written first in a directory of its own (never a name a user may hold): in the output
     # when it is empty (a mounted volume, the current directory), else beside it
-    staging = _new_in(_staging_parent(out_dir), out_dir.name, "partial")
+    stem = staging.hidden_stem(out_dir, parent)
+    work = staging.new_hidden(parent, stem, "partial")
     try:
-        staging.mkdir()
+        work.mkdir()
     except OSError as exc:
-        raise ExportError(f"cannot write {staging.parent}: {exc.strerror or exc}") from None
-    entries = {}
+        raise ExportError(f"cannot write {work.parent}: {exc.strerror or exc}") from None
     try:
-        for graph in graphs:
-            start = time.perf_counter()
-            path = staging / f"{graph.name}.onnx"
-            _export_graph(graph, path)
-            _name_output_dims(graph, path)
-            graph_dtype = dtype if not graph.name.startswith("hift") else "float32"
-            if graph_dtype == "float16":
-                _to_float16(path)
-            report = check_graph(graph, path, graph_dtype)
-            entry = {
-                "file": path.name,
-                "dtype": graph_dtype,
-                "doc": graph.doc,
-                **_io_spec(path, graph.input_docs),
-                "check": report,
-                **graph_files(staging, graph.name),
-            }
-            entries[graph.name] = entry
-            if progress:
-                peak = report.get("fp32_peak_activation")
-                overflow = (
-                    f", float32 peak |activation| {peak['value']:.3g}"
-                    + (" OVERFLOWS float16" if peak["overflows_float16"] else "")
-                    if peak
-                    else ""
-                )
-                progress(
-                    f"{graph.name} ({graph_dtype}): {entry['bytes'] / 1e6:.1f} MB, max |onnxruntime"
-                    f" - torch| {report['max_abs_error']:.2e}{overflow}"
-                    f" ({time.perf_counter() - start:.1f} s)"
-                )
+        entries = {graph.name: _export_one(graph, work, dtype, progress) for graph in graphs}
         from .manifest import build_manifest
 
         checkpoints = {"llm": llm_checkpoint, "flow": "flow.pt", "hift": "hift.pt"}
         sources = {checkpoints[part]: model_dir.path / checkpoints[part] for part in nets}
         manifest = build_manifest(model_dir, nets, entries, dtype, static_frames, OPSET, sources)
-        (staging / "manifest.json").write_text(
+        (work / "manifest.json").write_text(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        _replace(out_dir, staging)
+        staging.replace(out_dir, work, stem, force)
+    except staging.Appeared as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ExportError(f"{exc}; nothing was replaced (--force replaces it)") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
-    return out_dir / "manifest.json"
+
+
+def _export_one(
+    graph: Graph, work: Path, dtype: str, progress: Callable[[str], None] | None
+) -> dict:
+    """Export, name, convert and check one graph in ``work``: its manifest entry."""
+    start = time.perf_counter()
+    path = work / f"{graph.name}.onnx"
+    _export_graph(graph, path)
+    _name_output_dims(graph, path)
+    graph_dtype = dtype if not graph.name.startswith("hift") else "float32"
+    if graph_dtype == "float16":
+        _to_float16(path)
+    report = check_graph(graph, path, graph_dtype)
+    entry = {
+        "file": path.name,
+        "dtype": graph_dtype,
+        "doc": graph.doc,
+        **_io_spec(path, graph.input_docs),
+        "check": report,
+        **graph_files(work, graph.name),
+    }
+    if progress:
+        peak = report.get("fp32_peak_activation")
+        overflow = (
+            f", float32 peak |activation| {peak['value']:.3g}"
+            + (" OVERFLOWS float16" if peak["overflows_float16"] else "")
+            if peak
+            else ""
+        )
+        progress(
+            f"{graph.name} ({graph_dtype}): {entry['bytes'] / 1e6:.1f} MB, max |onnxruntime"
+            f" - torch| {report['max_abs_error']:.2e}{overflow}"
+            f" ({time.perf_counter() - start:.1f} s)"
+        )
+    return entry
 
 
 def graph_files(directory: Path, name: str) -> dict:
@@ -645,84 +726,6 @@ def graph_files(directory: Path, name: str) -> dict:
         for path in sorted(directory.glob(f"{name}.onnx*"))
     }
     return {"bytes": sum(f["bytes"] for f in files.values()), "files": files}
-
-
-def _replace(out_dir: Path, staging: Path) -> None:
-    """The finished export takes the output's place: its files move into an empty directory
-    there; a directory with files (--force) is moved aside first and deleted only once the new
-    one is in place."""
-    if not out_dir.exists():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)  # (a failed export leaves none)
-        staging.rename(out_dir)
-        return
-    if staging.parent == out_dir:  # it was empty (the current directory: it stays that one)
-        for path in staging.iterdir():
-            path.rename(out_dir / path.name)
-        staging.rmdir()
-        return
-    old = _new_in(out_dir.parent, out_dir.name, "old")
-    out_dir.rename(old)
-    try:
-        staging.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)  # put it back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _staging_parent(out_dir: Path) -> Path:
-    """Where an export to ``out_dir`` is staged: in it when it is an empty directory, beside it
-    when it has files (replaced with --force), else in its nearest existing ancestor."""
-    if out_dir.is_dir():
-        return out_dir if not any(out_dir.iterdir()) else out_dir.parent
-    return next(p for p in out_dir.parents if p.is_dir())
-
-
-# what _new_in names: .<name>.<kind>-<pid>-<8 hex>
-_STAGING_NAME = re.compile(r"\..+\.(?:partial|old|probe)-(\d+)-[0-9a-f]{8}")
-LEFTOVER_AGE_SECONDS = 600  # untouched this long (a live export writes graph after graph)
-
-
-def _remove_dead_leftovers(directory: Path) -> None:
-    """Staging left by an export that was killed outright (SIGKILL, the OOM killer): hidden,
-    gigabytes for a real model, and its output looked empty yet was refused. Removed when its
-    process is gone and nothing in it changed for LEFTOVER_AGE_SECONDS (a process of another
-    container sharing the volume is not seen, but writes)."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        match = _STAGING_NAME.fullmatch(entry.name)
-        if match is None or _alive(int(match.group(1))) or _recent(entry):
-            continue
-        log.warning("removing %s, left by an export that was stopped", entry)
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # (another user's)
-        return True
-    return True
-
-
-def _recent(entry: Path) -> bool:
-    paths = [entry, *entry.iterdir()] if entry.is_dir() else [entry]
-    newest = max(path.lstat().st_mtime for path in paths)
-    return time.time() - newest < LEFTOVER_AGE_SECONDS
-
-
-def _new_in(directory: Path, name: str, kind: str) -> Path:
-    """A name no one holds in ``directory`` (hidden; the process id and a random part)."""
-    while True:
-        candidate = directory / f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-        if not candidate.exists():
-            return candidate
 
 
 __all__ = ["ExportError", "OPSET", "check_options", "export_onnx", "load_networks"]

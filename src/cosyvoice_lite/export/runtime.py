@@ -16,11 +16,15 @@ those keep running in torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +32,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelDirError
+from ..networks.flow_matching import CFG_ROWS, euler_times, time_span
 from ..onnx_threads import session_options
 from ..versions import SPECS
+from . import staging
 from .manifest import file_fingerprint
 from .vocoder import draw_source_noise
 
@@ -151,8 +157,6 @@ def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
     """An int8 copy of a graph, made once next to it in int8-<ops>/: onnxruntime's dynamic
     quantisation of the weights of `ops` (uint8, as its ConvInteger kernels take). The flow
     estimator gains from int8 MatMuls; int8 convolutions made it slower (benchmarks/README.md)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     target = path.parent / ("int8-" + "-".join(op.lower() for op in ops)) / path.name
     # tied to its source by the graph files' fingerprints, not by file times: an export copied
     # over another (cp -a, rsync -a keep times) had run the previous model's int8 weights
@@ -163,42 +167,95 @@ def quantized(path: Path, ops: tuple[str, ...] = ("MatMul",)) -> Path:
             for file in sorted(path.parent.glob(f"{path.stem}.onnx*"))
         }
     )
+    with contextlib.suppress(OSError):  # (what a read-only export keeps stays)
+        staging.remove_dead_work_dirs(target.parent, _work_dirs(path.stem), WORK_LOCK)
     if target.is_file() and source.is_file() and source.read_text() == fingerprints:
         return target
     # Made in a directory of this process's own (the quantiser also writes a shape-inferred
     # copy beside its input), then moved into place at once: processes starting together (a
-    # server's replicas) each make a whole copy, and the last one in stays.
+    # server's replicas) each make a whole copy, and the last one in stays. Its lock proves it
+    # alive: those of processes killed part-way (the OOM killer) are removed above.
     work = target.parent / f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        work.mkdir(parents=True)
+        target.parent.mkdir(exist_ok=True)
+        work.mkdir()
+        lock = staging.try_lock(work / WORK_LOCK)
     except OSError as exc:
         raise ModelDirError(
             f"cannot write the int8 copy of {path.name} in {target.parent} ({exc.strerror}): "
             "make the export directory writable once, or use --backend onnxruntime"
         ) from exc
     try:
-        for file in path.parent.glob(f"{path.stem}.onnx*"):  # the graph and its external data
-            (work / file.name).symlink_to(file.resolve())
-        logging.disable(logging.WARNING)  # the quantiser warns about every float64 constant
-        try:
-            quantize_dynamic(
-                str(work / path.name),
-                str(work / "int8.onnx"),
-                op_types_to_quantize=list(ops),
-                weight_type=QuantType.QUInt8,
-            )
-        finally:
-            logging.disable(logging.NOTSET)
-        (work / "int8.onnx").replace(target)
+        _quantize_into(work, path, ops, target)
         (work / "source").write_text(fingerprints)
         (work / "source").replace(source)  # after the copy: a crash between re-quantises
+    except OSError as exc:
+        raise _full(target.parent, path, exc) from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.close(lock)
     return target
+
+
+WORK_LOCK = "lock"  # in an int8 work directory, held by the process making the copy
+
+
+def _work_dirs(stem: str) -> re.Pattern[str]:
+    """The names of the int8 work directories of a graph (``quantized``)."""
+    return re.compile(rf"\.{re.escape(stem)}\.\d+-[0-9a-f]{{8}}")
+
+
+def _quantize_into(work: Path, path: Path, ops: tuple[str, ...], target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for file in path.parent.glob(f"{path.stem}.onnx*"):  # the graph and its external data
+        (work / file.name).symlink_to(file.resolve())
+    logging.disable(logging.WARNING)  # the quantiser warns about every float64 constant
+    try:
+        quantize_dynamic(
+            str(work / path.name),
+            str(work / "int8.onnx"),
+            op_types_to_quantize=list(ops),
+            weight_type=QuantType.QUInt8,
+        )
+    except Exception as exc:  # noqa: BLE001 - its own and protobuf's types: a copy cut short
+        # (a full volume reads back as "Wire format was corrupt", like a damaged export)
+        raise _full(target.parent, path, exc) from exc
+    finally:
+        logging.disable(logging.NOTSET)
+    (work / "int8.onnx").replace(target)
+
+
+def _full(directory: Path, path: Path, exc: BaseException) -> ModelDirError:
+    """The int8 copy could not be written: most often for want of space (the quantiser writes
+    a shape-inferred copy of the graph and the int8 one, up to twice its size)."""
+    free = shutil.disk_usage(directory).free
+    need = sum(file.stat().st_size for file in path.parent.glob(f"{path.stem}.onnx*"))
+    return ModelDirError(
+        f"cannot make the int8 copy of {path.name} in {directory}: {exc}. Is the volume full? "
+        f"{free / 1e6:.0f} MB free, the copy takes up to {2 * need / 1e6:.0f} MB while it is "
+        "made; or use --backend onnxruntime"
+    )
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+# The graphs trace attention as MatMul/Softmax, so onnxruntime holds every head's T x T scores,
+# several copies of them (12-24 bytes a score, measured on the tiny v2/v3 estimators), where
+# torch's fused kernel holds none: past what this many bytes of scores allow, the torch layers
+# the backend keeps run the call instead (graph_frame_limit).
+GRAPH_ATTENTION_BYTES = 1 << 30
+ORT_BYTES_PER_SCORE = 24
+
+
+def graph_frame_limit(estimator: nn.Module, rows: int = CFG_ROWS) -> int:
+    """The most frames an estimator graph runs before its attention scores pass
+    GRAPH_ATTENTION_BYTES: 1,182 for CosyVoice3's 16 heads, 1,672 for 8 (v1/v2)."""
+    heads = [m.heads for m in estimator.modules() if isinstance(getattr(m, "heads", None), int)]
+    per_frame2 = ORT_BYTES_PER_SCORE * rows * max(heads, default=16)
+    return math.isqrt(GRAPH_ATTENTION_BYTES // per_frame2)
 
 
 class OrtEstimator(nn.Module):
@@ -208,18 +265,33 @@ class OrtEstimator(nn.Module):
     (``flow_matching.stream_estimator``): they compute a stream's new frames against its own
     cached keys and values, which a graph of whole inputs cannot hold, so streams run the torch
     layers (their weights stay in memory beside onnxruntime's), as ``OrtVocoder`` keeps the
-    torch vocoder for streams."""
+    torch vocoder for streams. Calls of more than ``max_frames`` frames run them too (the
+    graph's memory grows with the square of the frames); ``time_of(t)`` gives them the
+    solver's time conditioning of that t (the schedule fixed at load released the weights
+    that compute it), or None for torch to compute it."""
 
-    def __init__(self, sessions: dict[bool, object], incremental: nn.Module) -> None:
+    def __init__(
+        self,
+        sessions: dict[bool, object],
+        incremental: nn.Module,
+        max_frames: int,
+        time_of: Callable[[torch.Tensor], object | None] = lambda t: None,
+    ) -> None:
         super().__init__()
         self.sessions = sessions  # streaming flag -> session
         self.incremental = incremental
+        self.max_frames = max_frames
+        self.time_of = time_of
 
     def forward(
         self, x, mask, mu, t, spks, cond, streaming: bool = False, time=None
     ) -> torch.Tensor:  # noqa: ANN001
         """The torch estimator's call; ``time`` is always None here (no ``time_conditioning``:
-        the graph conditions on t itself)."""
+        the graph conditions on t itself; a long call's torch layers get theirs from
+        ``time_of``)."""
+        if x.shape[2] > self.max_frames:
+            time = self.time_of(t.reshape(-1).expand(x.shape[0]))
+            return self.incremental(x, mask, mu, t, spks, cond, streaming=streaming, time=time)
         run = self.sessions.get(bool(streaming))
         if run is None:
             raise ModelDirError("the export has no chunk-masked estimator (flow_estimator_chunk)")
@@ -233,6 +305,25 @@ class OrtEstimator(nn.Module):
         }
         (velocity,) = run.run(["velocity"], {k: _numpy(v) for k, v in feeds.items()})
         return torch.from_numpy(velocity).to(device=x.device, dtype=x.dtype)
+
+
+def solver_time(cfm: nn.Module, estimator: nn.Module) -> Callable[[torch.Tensor], object | None]:
+    """``OrtEstimator.time_of`` for a torch estimator of the solver ``cfm``: the solver's table
+    entry of the Euler step whose t this is (None for a t off its schedule)."""
+    if not callable(getattr(estimator, "time_conditioning", None)):
+        return lambda t: None
+
+    def time_of(t: torch.Tensor) -> object | None:
+        like = torch.empty(0, device=t.device, dtype=torch.float32)  # as the solver's state
+        span = time_span(cfm.steps, cfm.t_scheduler, like)
+        steps = [float(step_t) for step_t, _ in euler_times(span)]
+        if float(t[0]) not in steps:
+            return None
+        return cfm.time_conditioning(
+            estimator, cfm.steps, steps.index(float(t[0])), len(t), t.device
+        )
+
+    return time_of
 
 
 class OrtVocoder:
@@ -282,12 +373,17 @@ def use_onnxruntime(
     int8: bool = False,
     threads: int | None = None,
     model_path: str | Path | None = None,
+    max_graph_frames: int | None = None,
 ):  # noqa: ANN001, ANN201
     """Run the flow estimator and/or the vocoder of a pipeline (anything with `.flow` and `.hift`)
     or of a {"flow": ..., "hift": ...} dict through the graphs in export_dir. Returns it.
     ``model_path``: the model directory the networks come from, checked against the weights
-    the graphs were exported from. Installed again (int8 after float32, say), it replaces the
-    graphs installed before."""
+    the graphs were exported from. ``max_graph_frames``: estimator calls of more frames run the
+    torch estimator (default ``graph_frame_limit``: the graph's attention memory grows with the
+    square of the frames). Installed again (int8 after float32, say), it replaces the graphs
+    installed before."""
+    if max_graph_frames is not None and max_graph_frames < 0:
+        raise ValueError(f"max_graph_frames must be 0 or more, got {max_graph_frames}")
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     check_graphs(export_dir, manifest, stages)
@@ -329,7 +425,9 @@ def use_onnxruntime(
         estimator = flow.decoder.estimator
         if isinstance(estimator, OrtEstimator):  # installed before: its torch layers stay
             estimator = estimator.incremental
-        flow.decoder.estimator = OrtEstimator(graphs_by_flag, estimator)
+        limit = graph_frame_limit(estimator) if max_graph_frames is None else max_graph_frames
+        time_of = solver_time(flow.decoder, estimator)
+        flow.decoder.estimator = OrtEstimator(graphs_by_flag, estimator, limit, time_of)
         # a graph takes a whole utterance's guidance rows in one call (streams keep the torch
         # layers, whose rows may still run apart)
         flow.decoder.set_row_split(flow.decoder.stream_rows, utterances=False)
