@@ -20,6 +20,7 @@ from test_server_support import (
     ServerThread,
     decode,
     free_port,
+    interrupted_output,
     metric,
     prompt_wav,
     serve_argv,
@@ -426,12 +427,7 @@ def test_serve_command(v1_dir, tmp_path):
         assert response.status_code == 200 and response.content[:4] == b"RIFF"
         assert wait_for(lambda: list((tmp_path / "out").glob("*/*.json")), timeout=10)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = interrupted_output(process)
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     access = [r for r in records if r.get("path") == "/tts"]
     assert (
@@ -529,10 +525,5 @@ def test_a_full_temporary_directory_is_507_not_500(v1_dir, tmp_path):
         assert response.json()["error"]["code"] == "insufficient_storage"
         assert status_of(url + "/health") == 200
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = interrupted_output(process)
     assert "Traceback" not in output, output[-3000:]

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +84,17 @@ def serve_argv(model_dir: Path, port: int, voices_dir: Path, *options: str) -> l
         sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--model", str(model_dir),
         "--port", str(port), "--voices-dir", str(voices_dir), *options,
     ]  # fmt: skip
+
+
+def interrupted_output(process: subprocess.Popen) -> str:
+    """Stop a `serve` process as Ctrl-C does (killed if it will not stop) and return what it
+    printed."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[0]
 
 
 def status_of(url: str, timeout: float = 5) -> int | None:
