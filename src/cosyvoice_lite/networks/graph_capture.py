@@ -43,6 +43,11 @@ from torch import nn
 from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.row_parallel import call_on_threads
 
+# One trace at a time in the process: tracing may compile TorchScript from Python source, and
+# CPython 3.11's parser raises "AST constructor recursion depth mismatch" (a SystemError) when
+# two threads parse at once (the loop's LLM graph and a worker's flow graph, first use of each)
+_TRACING = threading.Lock()
+
 # Decoding steps of up to this many rows run as captured graphs (the LLMs' ``capture_graphs``),
 # larger ones eagerly: a graph holds ~30-60 MB at full size (the tracer's record of each
 # operation), and a step of more rows spends a smaller share outside its products.
@@ -181,8 +186,9 @@ class CapturedGraphs:
                 result.append(exc)
 
         thread = threading.Thread(target=trace, name="graph-trace")
-        thread.start()
-        thread.join()
+        with _TRACING:
+            thread.start()
+            thread.join()
         if isinstance(result[0], BaseException):
             raise result[0]
         return _Graph(result[0], weights)
