@@ -237,12 +237,17 @@ def _from_modelscope(repo: str, target: Path) -> None:
         snapshot_download(repo, local_dir=str(target))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, digest: hashlib._Hash) -> str:
+    """``digest`` (a hashlib object, perhaps already fed a prefix) over ``path``'s bytes, read
+    a MB at a time."""
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return file_digest(path, hashlib.sha256())
 
 
 def whisper_vocab_path(download: bool = True) -> Path:

@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .hub import file_digest
 from .modeldir import detect_version, required_files
 
 BLOCK = 1 << 20
@@ -131,7 +132,4 @@ def _digest(path: Path, recorded: str) -> tuple[str, str]:
     else:
         digest, kind = hashlib.sha1(usedforsecurity=False), "git-sha1"
         digest.update(f"blob {path.stat().st_size}\0".encode())
-    with path.open("rb") as handle:
-        while block := handle.read(BLOCK):
-            digest.update(block)
-    return kind, digest.hexdigest()
+    return kind, file_digest(path, digest)
