@@ -15,6 +15,7 @@ import pytest
 from test_server_support import EngineProbe, ServerThread, metric, prompt_wav, tiny_engine
 
 from cosyvoice_lite.serving import Settings, create_app
+from cosyvoice_lite.serving.errors import ApiError
 from cosyvoice_lite.serving.guard import PAGE_CSP, unreadable_json
 
 KEY = "s3cret-key"
@@ -453,6 +454,43 @@ def test_a_trailing_slash_is_not_redirected(client, preset):
         "/tts/", json={"text": "你好", "speaker": preset}, follow_redirects=False
     )
     error_of(response, 404, "http_404")
+
+
+def test_a_path_wrong_only_in_its_slashes_names_the_route(client):
+    """Open WebUI joins a base URL ending in "/v1/" to "/audio/speech"."""
+    for path, route in (("/v1//audio/speech", "/v1/audio/speech"), ("/v1/models/", "/v1/models")):
+        assert f"did you mean {route}?" in error_of(client.post(path, json={}), 404)["message"]
+    assert "did you mean" not in error_of(client.get("/no/such/"), 404)["message"]
+
+
+def test_json_sent_without_a_content_type_is_read_as_json(client, preset):
+    """requests' ``data=json.dumps(body)`` sends no Content-Type."""
+    body = json.dumps({"text": "你好", "speaker": preset}).encode()
+    response = client.post("/tts", content=body)  # (httpx names no type for bytes)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/wav"
+
+
+def test_null_optional_fields_take_their_defaults(client, preset):
+    """Jackson and Newtonsoft write unset optional properties as null."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    unset = {"speed": None, "response_format": None, "stream_format": None, "stream": None}
+    body = {"model": model, "input": "你好", "voice": preset, **unset}
+    response = client.post("/v1/audio/speech", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/mpeg"
+    tts = {"text": "你好", "speaker": preset, "speed": None, "format": None, "stream": None}
+    assert client.post("/tts", json=tts).headers["content-type"] == "audio/wav"
+    assert error_of(client.post("/tts", json={"text": None, "speaker": preset}), 422)
+
+
+def test_errors_a_retry_would_meet_again_say_so():
+    """OpenAI's generated SDKs retry 409 and 5xx twice unless x-should-retry says no; an error
+    with Retry-After (429, 503) invites one."""
+    assert ApiError(504, "too long").response().headers["x-should-retry"] == "false"
+    busy = ApiError(503, "busy", headers={"Retry-After": "1"}).response()
+    assert "x-should-retry" not in busy.headers
+    assert "x-should-retry" not in ApiError(400, "bad").response().headers
 
 
 @pytest.mark.parametrize("public", [False, True])

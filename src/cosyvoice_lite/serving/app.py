@@ -262,6 +262,20 @@ def _route_path(app: FastAPI, scope) -> str:
     return _template(app.router.routes, probe) or "unmatched"
 
 
+def _slash_hint(app: FastAPI, scope) -> str | None:
+    """For a path that names a route but for its slashes (a base URL ending in "/v1/" joined
+    to "/audio/speech", a trailing slash), a 404 message naming the route: the app does not
+    redirect (create_app)."""
+    path = app_path(scope)
+    tidy = re.sub("/{2,}", "/", path).rstrip("/") or "/"
+    probe = {**scope, "path": tidy, "root_path": ""}
+    if scope["method"] == "HEAD":
+        probe["method"] = "GET"
+    if tidy == path or _template(app.router.routes, probe) is None:
+        return None
+    return f"no route {path}; did you mean {tidy}?"
+
+
 def _template(routes, scope) -> str | None:
     partial = None
     for route in routes:
@@ -482,12 +496,13 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         return counted(from_engine_error(exc, modes, route_fields(app_path(request.scope))))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        hint = _slash_hint(app, request.scope) if exc.status_code == 404 else None
         return counted(
             ApiError(
                 exc.status_code,
-                str(exc.detail),
+                hint or str(exc.detail),
                 kind,
                 f"http_{exc.status_code}",
                 headers=dict(exc.headers or {}),
@@ -545,6 +560,10 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
         redoc_url=None,  # served offline by docs.py
         # no 307 from /tts/ to an absolute http:// URL (wrong behind a TLS proxy): a clear 404
         redirect_slashes=False,
+        # a JSON body sent with no Content-Type (requests' data=json.dumps(...)) is read as
+        # JSON, as the guard and the 415 check assume; other sites' pages are refused by
+        # Sec-Fetch-Site (GuardMiddleware), not by this
+        strict_content_type=False,
         description="CosyVoice text-to-speech: simple API, OpenAI speech API, voice library.",
     )
     app.state.server = state

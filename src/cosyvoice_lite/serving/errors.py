@@ -49,6 +49,11 @@ class ClientGone(Exception):
 CLIENT_CLOSED = 499
 
 
+# Statuses a retry of the same request would meet again (a name taken, a synthesis past the
+# time limit, a full disk, the server's own fault); an error with Retry-After invites one.
+NOT_RETRIED = frozenset({409, 500, 504, 507})
+
+
 class ApiError(Exception):
     """An error with its HTTP status, raised anywhere in the serving layer."""
 
@@ -68,7 +73,11 @@ class ApiError(Exception):
         self.type = type
         self.code = code
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if status in NOT_RETRIED and "Retry-After" not in self.headers:
+            # OpenAI's generated SDKs (Python, Node, Go, ...) send a 409/5xx request twice more
+            # unless told not to: a synthesis that ran out of time would run three times
+            self.headers.setdefault("x-should-retry", "false")
         self.extra = extra
 
     def body(self) -> dict:

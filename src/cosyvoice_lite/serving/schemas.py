@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AudioFormat = Literal["wav", "mp3", "flac", "opus", "ogg", "pcm"]
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
@@ -21,7 +21,22 @@ def speed_field() -> Any:
     )
 
 
-class TTSRequest(BaseModel):
+class NullMeansDefault(BaseModel):
+    """A body whose optional fields may be sent as ``null`` (Jackson, Newtonsoft and
+    System.Text.Json write unset properties so): such a field takes its default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {
+            key: value for key, value in data.items() if value is not None or key not in optional
+        }
+
+
+class TTSRequest(NullMeansDefault):
     """``POST /tts``: the simple API."""
 
     model_config = ConfigDict(extra="forbid")
@@ -40,7 +55,7 @@ class VoiceRef(BaseModel):
     id: str
 
 
-class SpeechRequest(BaseModel):
+class SpeechRequest(NullMeansDefault):
     """``POST /v1/audio/speech``: the OpenAI speech API (unknown extra fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
