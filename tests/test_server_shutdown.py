@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -77,6 +78,12 @@ def test_sigterm_during_requests_stops_within_the_bound_and_ends_each_as_documen
             target=run, args=("whole", "/tts", {"text": TEXT, "speaker": voice, "format": "pcm"})
         )
         whole.start()
+        # a JSON body still arriving: it was uvicorn's plain-text 500 and a traceback
+        half_sent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        half_sent.sendall(
+            b"POST /tts HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"text": '
+        )
         time.sleep(0.5)  # (admitted)
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -84,6 +91,8 @@ def test_sigterm_during_requests_stops_within_the_bound_and_ends_each_as_documen
         stopped_in = time.monotonic() - start
         for client in [*clients, whole]:
             client.join(timeout=30)
+        with half_sent:
+            answer = half_sent.recv(65536)
     finally:
         if process.poll() is None:
             process.kill()
@@ -95,5 +104,6 @@ def test_sigterm_during_requests_stops_within_the_bound_and_ends_each_as_documen
     assert b"shutting_down" in bytes(events["last"])
     whole_outcome = outcomes["whole"]
     assert whole_outcome["status"] == 503 and b"shutting_down" in bytes(whole_outcome["last"])
+    assert answer.startswith(b"HTTP/1.1 503") and b"shutting_down" in answer, answer
     logged = log.read_text(errors="replace")
     assert "Exception in ASGI application" not in logged and "Traceback" not in logged, logged

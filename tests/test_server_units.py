@@ -3,10 +3,12 @@ atomic writes, persistence, feature cache), the streaming encoders and resampler
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from cosyvoice_lite.audio.resample import resample
 from cosyvoice_lite.errors import AudioError, InvalidRequestError, UnknownVoiceError
 from cosyvoice_lite.frontend.prompt import PromptFeatures
 from cosyvoice_lite.serving.metrics import Metrics
+from cosyvoice_lite.serving.scheduler import Job, JobTimeout
 from cosyvoice_lite.serving.streaming import Encoder, StreamResampler, WholeEncoder, wav_header
 from cosyvoice_lite.serving.voices import (
     InvalidVoiceNameError,
@@ -491,3 +494,44 @@ def test_an_api_key_a_client_cannot_send_is_refused_at_start():
         with pytest.raises(ValueError, match="printable ASCII"):
             Settings(api_key=key)
     assert Settings(api_key="s3cret-Key_1").api_key == "s3cret-Key_1"
+
+
+def test_a_job_past_its_deadline_stops_while_its_reader_is_busy():
+    """A client reading slowly (the handler waiting in a send) had the engine compute the whole
+    request past the time limit: the work stops at the deadline, and the reader's next read is
+    the timeout."""
+
+    async def main() -> None:
+        job = Job(asyncio.get_running_loop(), time.monotonic() + 0.3, held_until_read=True)
+        stopped = threading.Event()
+        job.on_cancel(stopped.set)
+
+        def produce() -> None:
+            while not job.cancelled.is_set():
+                job.put(b"piece")
+                time.sleep(0.01)
+            job.finish()
+
+        job.stop_at_deadline()
+        threading.Thread(target=produce, daemon=True).start()
+        assert await job.next() == b"piece"
+        await asyncio.sleep(0.6)  # the reader is busy: nothing asks for a piece meanwhile
+        assert stopped.is_set()
+        with pytest.raises(JobTimeout):
+            await job.next()
+
+    asyncio.run(main())
+
+
+def test_output_made_in_time_is_read_to_its_end_after_the_deadline():
+    async def main() -> None:
+        job = Job(asyncio.get_running_loop(), time.monotonic() + 0.2, held_until_read=True)
+        job.stop_at_deadline()
+        for piece in (b"a", b"b"):
+            job.put(piece)
+        job.finish()
+        await asyncio.sleep(0.4)
+        assert [piece async for piece in job] == [b"a", b"b"]
+        assert not job.timed_out
+
+    asyncio.run(main())

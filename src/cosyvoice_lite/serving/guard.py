@@ -368,6 +368,12 @@ class GuardMiddleware:
                 error, sent["rejected"] = sent["rejected"], None
                 await answer(error)
                 return
+            except asyncio.CancelledError:  # a body still arriving at shutdown's end
+                if scope.get("state", {}).get(CANCEL_IS_DISCONNECT):
+                    _uncancel()
+                    raise ClientGone from None
+                await _stopped_at_shutdown(scope, sent, answer, send_guarded, self.metrics)
+                return
             unreadable = unreadable_json(body) or too_much_structure(
                 body, json_structure_limit(self.settings)
             )

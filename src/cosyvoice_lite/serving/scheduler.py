@@ -56,6 +56,8 @@ class Job:
         self._on_cancel: list[Callable[[], None]] = []
         self._on_finish: list[Callable[[], None]] = []
         self._finished = threading.Event()
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- producer side (engine loop thread, or any thread)
     def put(self, item: Any) -> None:
@@ -96,6 +98,17 @@ class Job:
             callback()
 
     # -- event-loop side
+    def stop_at_deadline(self) -> None:
+        """Stop the work at the deadline, not when the reader next asks for a piece: a client
+        reading slowly, but never so slowly that a send times out, had the engine compute its
+        whole request past the limit, the unread audio piling up here."""
+        self._timer = self.loop.call_later(max(self.deadline - time.monotonic(), 0.0), self._expire)
+
+    def _expire(self) -> None:
+        if not self._finished.is_set():
+            self.timed_out = True
+            self.cancel()
+
     def cancel(self) -> None:
         """Stop the request: its client is gone, or the response is over (nothing more is read)."""
         self._reader_gone = True
@@ -108,22 +121,30 @@ class Job:
 
     async def next(self) -> Any:
         """The next piece; raises StopAsyncIteration at the end, JobTimeout past the deadline, or
-        the exception the producer raised."""
+        the exception the producer raised. Output made in time is read to its end; past the
+        deadline, unfinished work is stopped and what it left here is not sent."""
+        if self.timed_out or (self.expired() and not self._finished.is_set()):
+            raise self._time_out()
         remaining = self.deadline - time.monotonic()
         try:
             item = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.001))
         except asyncio.TimeoutError:
-            self.cancel()
-            raise JobTimeout() from None
-        if item is _DONE:
+            raise self._time_out() from None
+        if self.timed_out:  # the timer stopped the work meanwhile: what ended it is not the end
+            raise self._time_out()
+        if item is _DONE or isinstance(item, BaseException):
             self.ended = True
             self._release_when_done()
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self.ended = True
-            self._release_when_done()
+            if self._timer is not None:
+                self._timer.cancel()
+            if item is _DONE:
+                raise StopAsyncIteration
             raise item
         return item
+
+    def _time_out(self) -> JobTimeout:
+        self.cancel()  # (a caller may still extend the deadline and read on: voice_create)
+        return JobTimeout()
 
     def __aiter__(self) -> Job:
         return self

@@ -392,6 +392,7 @@ def start_job(state: ServerState, plan: Plan) -> Job:
     except Overloaded as exc:
         state.metrics.count("rejected_total")
         raise overloaded(exc.retry_after) from None
+    job.stop_at_deadline()
     return job
 
 
