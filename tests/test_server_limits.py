@@ -226,6 +226,12 @@ def test_background_loading(engine, preset, tmp_path):
         assert client.get("/speakers").status_code == 503
         assert client.get("/info").json()["status"] == "loading"
         assert client.get("/voices").json()["data"] == []
+        # a voice save too (it was a 500: the aliases it checks come from the model's voices)
+        for path, field in (("/voices", "audio"), ("/v1/audio/voices", "audio_sample")):
+            files = {field: ("p.wav", prompt_wav(1.0), "audio/wav")}
+            saved = client.post(path, data={"name": "early", "prompt_text": "你好"}, files=files)
+            assert saved.status_code == 503, saved.text
+            assert saved.json()["error"]["code"] == "model_loading"
         assert metric(client.get("/metrics").text, "cosyvoice_model_loaded") == 0
         gate.set()
         assert wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)

@@ -3,14 +3,18 @@ real local S3 server (moto in server mode), a voice made through one usable thro
 once, deletion seen by both, an unreachable bucket at start named with its endpoint, S3
 failing in the middle of a voice write (a real TCP relay in front of moto that cuts the
 connection): 503 and no half voice, and a bucket that hangs (the relay holding every request)
-holding up only the requests that need it."""
+holding up only the requests that need it, and a manifest PUT stored by the bucket but
+answered with an error (an HTTP proxy that answers 500 after forwarding): the voice is saved."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -80,6 +84,74 @@ class Relay:
 
     def close(self) -> None:
         self.server.close()
+
+
+INTERNAL_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+)
+
+
+class FaultProxy:
+    """An HTTP proxy to the S3 server at ``target`` that fails the requests ``rule(method,
+    path)`` names: "lost" forwards the request (the bucket applies it) and answers 500 all the
+    same (its answer lost, a gateway failing after forwarding); "500" answers 500 without
+    forwarding it; "ok" passes it on. ``seen`` holds (method, path, what was done)."""
+
+    def __init__(self, target: str) -> None:
+        self.rule: Callable[[str, str], str] = lambda method, path: "ok"
+        self.seen: list[tuple[str, str, str]] = []
+        host, port = target.rsplit("//", 1)[1].split(":")
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, and 100-continue answered here
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                action = proxy.rule(self.command, self.path)
+                proxy.seen.append((self.command, self.path.split("?")[0], action))
+                status, headers, data = 500, [("content-type", "application/xml")], INTERNAL_ERROR
+                if action != "500":
+                    upstream = http.client.HTTPConnection(host, int(port), timeout=30)
+                    upstream.request(
+                        self.command,
+                        self.path,
+                        body=body,
+                        headers={
+                            k: v
+                            for k, v in self.headers.items()
+                            if k.lower() not in ("host", "expect", "connection")
+                        },
+                    )
+                    answer = upstream.getresponse()
+                    if action == "ok":
+                        status, headers, data = answer.status, answer.getheaders(), answer.read()
+                    upstream.close()
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                if self.command == "HEAD":  # the object's length, without its body
+                    self.send_header("content-length", dict(headers).get("content-length", "0"))
+                    self.end_headers()
+                else:
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +448,65 @@ def test_waits_behind_a_hung_delete_count_against_the_storage_waiters(engine, s3
         assert first.result(timeout=60).status_code == 200
         assert second.result(timeout=60).status_code == 404
         assert lib.storage_waiting == 0
+
+
+def test_a_manifest_stored_but_answered_with_an_error_is_saved(engine, s3_url, tmp_path):
+    """The manifest PUT reaches the bucket, but its answer is lost (500 on every retry, as from a
+    gateway failing after forwarding). The manifest read again tells: the voice was saved (201,
+    usable, deletable). When the manifest cannot be read either, 503 says it may or may not have
+    been, and its data stays (never a manifest naming deleted data): it was, and is whole. A PUT
+    that never reached the bucket is 503, the voice absent, and the name can be saved at once."""
+    proxy = FaultProxy(s3_url)
+    manifests = f"/{BUCKET}/lost/voices/"
+
+    def fail(put: str, get: str = "ok") -> Callable[[str, str], str]:
+        def rule(method: str, path: str) -> str:
+            if path.startswith(manifests):
+                return {"PUT": put, "GET": get}.get(method, "ok")
+            return "ok"
+
+        return rule
+
+    def usable(client, name: str) -> None:
+        listed = client.get("/voices").json()
+        assert [v["name"] for v in listed["data"]] == [name] and not listed.get("broken"), listed
+        spoken = client.post("/tts", json={"text": "你好。", "speaker": name, "seed": 1})
+        assert spoken.status_code == 200, spoken.text
+
+    settings = Settings(voices_dir=tmp_path / "unused", voices_s3=s3_settings(proxy.url, "lost/"))
+    try:
+        with ServerThread(create_app(engine, settings)) as server, server.client() as client:
+            proxy.rule = fail(put="lost")
+            saved = upload(client, "alice")
+            assert saved.status_code == 201, saved.text
+            assert ("PUT", manifests + "alice.json", "lost") in proxy.seen
+            proxy.rule = fail(put="ok")
+            usable(client, "alice")
+            assert client.delete("/voices/alice").status_code == 200
+            assert keys(s3_url, "lost/") == []
+
+            proxy.rule = fail(put="lost", get="500")
+            unclear = upload(client, "bob")
+            assert unclear.status_code == 503, unclear.text
+            assert "may or may not have been saved" in unclear.json()["error"]["message"]
+            assert ("PUT", manifests + "bob.json", "lost") in proxy.seen
+            proxy.rule = fail(put="ok")
+            usable(client, "bob")
+            assert client.delete("/voices/bob").status_code == 200
+            assert keys(s3_url, "lost/") == []
+
+            proxy.rule = fail(put="500")
+            failed = upload(client, "carol")
+            assert failed.status_code == 503, failed.text
+            assert "S3" in failed.json()["error"]["message"]
+            proxy.rule = fail(put="ok")
+            assert client.get("/voices/carol").status_code == 404
+            assert client.get("/voices").json()["data"] == []
+            assert upload(client, "carol").status_code == 201
+            usable(client, "carol")
+            assert client.delete("/voices/carol").status_code == 200
+    finally:
+        proxy.close()
+    # only the failed write's data, unreferenced (its PUT might have been stored later)
+    left = keys(s3_url, "lost/")
+    assert len(left) == 2 and all(key.startswith("lost/voice-data/carol/") for key in left)

@@ -754,6 +754,7 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     async def create_voice(request: Request):
         """Save a voice: prompt recording + its transcript (optional: without one the voice is
         used cross-lingually). Its features are computed once and stored on disk."""
+        state.require_engine()  # 503 while the model loads (its voices name the aliases)
         upload = await read_voice_upload(
             request, state.settings, ("audio",), ("prompt_text", "transcript")
         )

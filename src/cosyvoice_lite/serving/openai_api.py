@@ -344,6 +344,7 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
     async def create_voice(request: Request):
         """Create a custom voice (OpenAI custom voices, faster-cosyvoice): a name, an audio sample
         and its transcript. Stored in the voice library like ``POST /voices``."""
+        state.require_engine()  # 503 while the model loads (its voices name the aliases)
         upload = await read_voice_upload(
             request,
             settings,

@@ -111,6 +111,8 @@ class Job:
 
     def cancel(self) -> None:
         """Stop the request: its client is gone, or the response is over (nothing more is read)."""
+        if self._timer is not None:
+            self._timer.cancel()  # (its callback held the job until the deadline)
         self._reader_gone = True
         self._release_when_done()
         if self.cancelled.is_set():

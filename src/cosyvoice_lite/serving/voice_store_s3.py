@@ -18,7 +18,11 @@ manifest, both with ``If-None-Match: *``, so two processes cannot both create on
 after ``CLAIM_GRACE`` seconds; voices saved before claims existed are compared by listing). A
 failure before the manifest leaves nothing visible, and the data already written is deleted
 again (objects that even this could not delete are unreferenced: invisible, and safe to
-remove). Deleting removes the manifest first, so the voice disappears at once, and only the
+remove). A manifest PUT that fails but was not refused may have been stored all the same (its
+answer lost): the manifest is read again, and the write is saved if it shows this write's
+generation; otherwise its data and claim stay (the PUT may be stored yet: unreferenced objects
+at worst, never a manifest naming deleted data), and when the manifest cannot be read the
+answer says the voice may or may not have been saved. Deleting removes the manifest first, so the voice disappears at once, and only the
 manifest it read (``If-Match``): a voice deleted and created again by another process meanwhile
 is not this delete's. Each write puts a token of its own in its claim, and claims are released
 ``If-Match`` too, so a write that claims a name being deleted keeps its claim. A new generation
@@ -77,6 +81,7 @@ class _Staged:
     manifest: bytes
     keys: list[str] = field(default_factory=list)
     committed: bool = False
+    kept: bool = False  # its manifest may be stored yet: discard leaves its data alone
 
 
 class S3VoiceStore:
@@ -255,7 +260,7 @@ class S3VoiceStore:
         return staged
 
     def commit(self, staged: _Staged) -> None:
-        claim = self._claim(staged.name)
+        self._claim(staged.name)  # never released here: a voice's or a write's (see _settle)
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -266,20 +271,40 @@ class S3VoiceStore:
                 IfNoneMatch="*",  # the first process to commit a name wins
             )
         except Exception as exc:  # noqa: BLE001
-            if _code(exc) not in TAKEN:
-                self._delete_if(self._claim_key(staged.name), claim, "release the name")
-                raise self._error(exc, "save the voice") from None
-            # a voice of this very spelling (the claim is its own), unless it is this write's:
-            # a retried PUT (the first applied, its answer lost) is refused by its own manifest
-            try:
-                mine = self._manifest(staged.name, fresh=True)[1] == staged.generation
-            except FileNotFoundError:
-                mine = False
-            if not mine:
-                raise FileExistsError(staged.name) from None
+            self._settle(staged, exc)  # returns if the manifest stored is this write's
         finally:
             self._forget(staged.name)
         staged.committed = True
+
+    def _settle(self, staged: _Staged, exc: Exception) -> None:
+        """After the manifest PUT failed with ``exc``: return if the bucket has this write's
+        manifest all the same, else raise (FileExistsError when the name is taken). An error
+        other than a refusal may come after the bucket stored the manifest (its answer lost, a
+        gateway failing after forwarding), and a retried PUT is refused by its own first try:
+        only the manifest tells. A PUT not refused may yet be stored (still on its way), so its
+        data and claim stay (unreferenced at worst, never a manifest naming deleted data; a
+        write of this spelling takes the claim over at once, another after CLAIM_GRACE)."""
+        refused = _code(exc) in TAKEN
+        staged.kept = not refused
+        try:
+            generation: str | None = self._manifest(staged.name, fresh=True)[1]
+        except FileNotFoundError:
+            generation = None
+        except OSError:  # cannot tell: the data stays, whatever the PUT did
+            staged.kept = True
+            reason = _code(exc) or type(exc).__name__
+            log.warning("voice bucket %s: saving voice %r: %s", self.where, staged.name, exc)
+            raise StorageError(
+                f"voice {staged.name!r} may or may not have been saved: the voice storage (S3) "
+                f"is unavailable ({reason}); look it up before saving it again",
+                503,
+            ) from None
+        if generation == staged.generation:
+            staged.kept = False
+            return
+        if refused or generation is not None:  # another write's voice has this spelling
+            raise FileExistsError(staged.name) from None
+        raise self._error(exc, "save the voice") from None
 
     def _held(self, key: str, action: str) -> tuple[str, str, float] | None:
         """(the spelling holding a name's claim, the claim's ETag, when it was written), or
@@ -346,7 +371,7 @@ class S3VoiceStore:
             raise self._error(exc, action) from None
 
     def discard(self, staged: _Staged) -> None:
-        if staged.committed or not staged.keys:
+        if staged.committed or staged.kept or not staged.keys:
             return
         try:
             self.client.delete_objects(
