@@ -414,6 +414,8 @@ def test_ignore_eos_decodes_exactly_n_tokens_with_streamed_text_too(v3: Engine) 
         ("text", "Hello \ud800 world.", "Unicode"),
         ("text", "\u200b\u200c\ufeff\x1b", "nothing to speak"),
         ("text", "<|endofprompt|>", "nothing to speak"),  # a control tag alone
+        ("text", "- - -", "nothing to speak"),  # (blanks between marks were spoken)
+        ("text", "\u200b \u200b。 。", "nothing to speak"),
         ("prompt_text", "a \udcff b", "Unicode"),
         ("instruct", 5, "instruct"),
     ],

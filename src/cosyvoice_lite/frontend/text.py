@@ -231,7 +231,8 @@ def is_only_punctuation(text: str) -> bool:
 def speaks_nothing(segment: str) -> bool:
     """True for a text segment with nothing to speak past its leading control tags (a v1
     language tag, a system prompt up to ``<|endofprompt|>``): blanks, punctuation and symbols."""
-    return is_only_punctuation(_control_prefix(segment)[1].strip())
+    # blanks anywhere ("- - -", "。 。"), as the streamed-text check has them
+    return is_only_punctuation("".join(_control_prefix(segment)[1].split()))
 
 
 def _silent(char: str) -> bool:

@@ -22,11 +22,12 @@ remove). A manifest PUT that fails but was not refused may have been stored all 
 answer lost): the manifest is read again, and the write is saved if it shows this write's
 generation; otherwise its data and claim stay (the PUT may be stored yet: unreferenced objects
 at worst, never a manifest naming deleted data), and when the manifest cannot be read the
-answer says the voice may or may not have been saved. Deleting removes the manifest first, so the voice disappears at once, and only the
-manifest it read (``If-Match``): a voice deleted and created again by another process meanwhile
-is not this delete's. Each write puts a token of its own in its claim, and claims are released
-``If-Match`` too, so a write that claims a name being deleted keeps its claim. A new generation
-per write means a voice created again under an old name never meets the old voice's files.
+answer says the voice may or may not have been saved. Deleting removes the manifest first, so
+the voice disappears at once, and only the manifest it read (``If-Match``): a voice deleted and
+created again by another process meanwhile is not this delete's. Each write puts a token of its
+own in its claim, and claims are released ``If-Match`` too, so a write that claims a name being
+deleted keeps its claim. A new generation per write means a voice created again under an old
+name never meets the old voice's files.
 
 Reads go to the bucket (read-through): a voice created by another process is usable at once.
 Manifests found are reused for ``CACHE_TTL`` seconds (a voice deleted elsewhere is noticed within
