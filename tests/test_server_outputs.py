@@ -1,7 +1,9 @@
 """Issue 11, results kept safely: unique names whatever the request id; with S3, saved locally
 first, uploads with timeouts and bounded tries counted done/failed/pending, a graceful stop that
-does not wait for a hung S3, and pending uploads finished at the next start (real moto S3, and
-a real TCP endpoint that accepts and never answers)."""
+does not wait for a hung S3, and pending uploads finished while running and at the next start;
+a result that cannot be saved locally uploaded from memory; a save cut short or failing midway
+leaves nothing behind for good (real moto S3, and a real TCP endpoint that accepts and never
+answers)."""
 
 from __future__ import annotations
 
@@ -111,11 +113,12 @@ def test_hung_s3_is_counted_failed_kept_locally_and_does_not_hold_shutdown(
         assert response.status_code == 200
         request_id = response.headers["x-request-id"]
 
-        def counted() -> bool:
+        def counted() -> bool:  # failed, and still pending (it read 0: nothing seemed to wait)
             text = client.get("/metrics").text
             return (
-                metric(text, "cosyvoice_s3_upload_errors_total") == 1
-                and metric(text, "cosyvoice_s3_uploads_pending") == 0
+                metric(text, "cosyvoice_s3_upload_errors_total") >= 1
+                and metric(text, "cosyvoice_s3_uploads_pending") == 1
+                and metric(text, "cosyvoice_outputs_ok") == 0
             )
 
         assert wait_for(counted, timeout=30)
@@ -202,3 +205,185 @@ def test_results_past_keep_days_are_removed_a_day_at_a_time(tmp_path):
         store.shutdown()
     with pytest.raises(ValueError, match="outputs_keep_days applies to an outputs_dir"):
         Settings(voices_dir=tmp_path / "voices", outputs_keep_days=3)
+
+
+def tone():
+    import numpy as np
+
+    return np.full(2205, 0.1, np.float32)
+
+
+def results_store(spool, bucket: str, prefix: str, s3_url, **options):  # noqa: F811
+    from cosyvoice_lite.serving.metrics import Metrics
+    from cosyvoice_lite.serving.outputs import OutputStore
+
+    settings = S3Settings(bucket, prefix, s3_url, "us-east-1", max_attempts=1)
+    return OutputStore(None, settings, Metrics(), spool, **options)
+
+
+def files_in(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def test_a_result_that_cannot_be_saved_locally_is_uploaded_from_memory(
+    tmp_path,
+    s3,  # noqa: F811
+    s3_url,  # noqa: F811
+):
+    """With the spool full, every later result was lost, S3 healthy or not ("could not save
+    result ... nothing kept"); now it is uploaded from memory, and lost (counted) only if
+    that upload fails too."""
+    from datetime import datetime, timedelta, timezone
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for days in (0, 1):  # a file where the day's folder goes: no local save can be written
+        (spool / f"{datetime.now(timezone.utc) + timedelta(days=days):%Y-%m-%d}").touch()
+    store = results_store(spool, "results", "mem/", s3_url)
+    try:
+        store.submit("frommemory", tone(), 22050, "wav", {"text": "hi"})
+        assert store.flush(timeout=30)
+        assert len(keys(s3, "mem/", "frommemory")) == 2
+        text = store.metrics.render()
+        assert metric(text, "cosyvoice_outputs_save_errors_total") == 1
+        assert metric(text, "cosyvoice_outputs_lost_total") == 0
+        assert metric(text, "cosyvoice_s3_uploads_pending") == 0
+        assert "could not be saved locally" in store.health()
+        assert metric(text, "cosyvoice_outputs_ok") == 0
+    finally:
+        store.shutdown()
+    store = results_store(spool, "no-such-bucket", "", s3_url)  # S3 failing too: lost, said so
+    try:
+        store.submit("nowhere", tone(), 22050, "wav", {})
+        assert store.flush(timeout=30)
+        text = store.metrics.render()
+        assert metric(text, "cosyvoice_outputs_lost_total") == 1
+        assert metric(text, "cosyvoice_s3_uploads_pending") == 0
+        assert "S3 uploads failing" in store.health()
+    finally:
+        store.shutdown()
+    assert files_in(spool) == sorted(p.name for p in spool.iterdir())  # (only the two blockers)
+
+
+def test_failed_uploads_stay_pending_and_go_up_once_s3_is_back(
+    tmp_path,
+    s3,  # noqa: F811
+    s3_url,  # noqa: F811
+):
+    """A failed upload was tried again only at the next start, and the pending gauge read 0
+    meanwhile; now it stays pending (counted, the store unhealthy) and is tried again, after
+    a pause that grows, while the server runs."""
+    import uuid
+
+    bucket, spool = f"later-{uuid.uuid4().hex[:8]}", tmp_path / "spool"
+    store = results_store(spool, bucket, "", s3_url, retry_first=0.1, retry_most=0.4)
+    try:
+        for i in range(3):
+            store.submit(f"wait{i}", tone(), 22050, "wav", {})
+        assert store.flush(timeout=30)
+        # tried again while running (the bucket is missing: an outage): more tries than results
+        assert wait_for(
+            lambda: metric(store.metrics.render(), "cosyvoice_s3_upload_errors_total") >= 5
+        )
+        text = store.metrics.render()
+        assert metric(text, "cosyvoice_s3_uploads_pending") == 3
+        assert metric(text, "cosyvoice_outputs_ok") == 0
+        assert "S3 uploads failing" in store.health() and "3 result(s) waiting" in store.health()
+        assert len(list(spool.rglob(".*.s3-pending"))) == 3
+
+        s3.create_bucket(Bucket=bucket)  # S3 is back
+        assert wait_for(lambda: store.pending == 0, timeout=10)
+        listing = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+        assert len(listing) == 6
+        text = store.metrics.render()
+        assert metric(text, "cosyvoice_s3_uploads_total") == 3
+        assert metric(text, "cosyvoice_outputs_ok") == 1 and store.health() is None
+        assert files_in(spool) == []  # spooled copies and markers removed once up
+    finally:
+        store.shutdown()
+
+
+def fail_at_rename(monkeypatch, folder, n: int, first=None) -> None:  # noqa: ANN001
+    """The ``n``-th file renamed into place under ``folder`` fails (after ``first()``)."""
+    import errno
+    import os
+
+    real, seen = os.replace, []
+    inside = str(folder.resolve())
+
+    def replace(src, dst, *args, **kwargs):  # noqa: ANN001, ANN202
+        if str(dst).startswith(inside):
+            seen.append(dst)
+            if len(seen) == n:
+                if first is not None:
+                    first()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_save_cut_short_is_uploaded_or_cleared_at_the_next_start(
+    tmp_path,
+    s3,  # noqa: F811
+    s3_url,  # noqa: F811
+    monkeypatch,
+    n,
+):
+    """Killed at a rename of a result's save (the spool copied as it is then): the metadata
+    complete but the marker not written left a result never uploaded nor removed; a temporary
+    ``.partial`` file stayed for good. Now the marker goes first, the next start removes the
+    temporary files, and drops a marker whose files never came."""
+    import os
+
+    spool, crashed = tmp_path / "spool", tmp_path / "crashed"
+
+    def crash() -> None:
+        shutil.copytree(spool, crashed)
+        old = time.time() - 120  # restarted two minutes later
+        for path in crashed.rglob("*"):
+            os.utime(path, (old, old))
+
+    fail_at_rename(monkeypatch, spool, n, crash)
+    store = results_store(spool, "results", f"first{n}/", s3_url)
+    store.submit("cut", tone(), 22050, "wav", {})
+    assert store.flush(timeout=30)
+    store.shutdown()
+    monkeypatch.undo()
+    left = files_in(crashed)
+    assert any(name.endswith(".partial") for name in left), left
+    complete = any(name.endswith("cut.json") for name in left)  # the save had finished
+
+    store = results_store(crashed, "results", f"crash{n}/", s3_url)
+    try:
+        assert store.flush(timeout=30)
+        assert wait_for(lambda: store.pending == 0)
+    finally:
+        store.shutdown()
+    assert files_in(crashed) == []  # uploaded or dropped: nothing kept for good, no .partial
+    assert len(keys(s3, f"crash{n}/", "cut")) == (2 if complete else 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_save_that_fails_midway_leaves_nothing_and_is_uploaded(
+    tmp_path,
+    s3,  # noqa: F811
+    s3_url,  # noqa: F811
+    monkeypatch,
+    n,
+):
+    """The marker's write failing (ENOSPC) said "nothing kept: the result is lost" but left
+    its audio and metadata in the spool for good; now what a failed save wrote is removed and
+    the result uploaded from memory."""
+    spool = tmp_path / "spool"
+    fail_at_rename(monkeypatch, spool, n)
+    store = results_store(spool, "results", f"midway{n}/", s3_url)
+    try:
+        store.submit("midway", tone(), 22050, "wav", {})
+        assert store.flush(timeout=30)
+    finally:
+        store.shutdown()
+    assert files_in(spool) == []
+    assert len(keys(s3, f"midway{n}/", "midway")) == 2
+    assert metric(store.metrics.render(), "cosyvoice_outputs_lost_total") == 0

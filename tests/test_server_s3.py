@@ -82,6 +82,10 @@ def test_upload_failure_does_not_break_serving(v1_dir, s3_url, tmp_path):
             lambda: metric(client.get("/metrics").text, "cosyvoice_s3_upload_errors_total") == 1,
             timeout=20,
         )
+        # still serving, but an operator's probe says results are not being kept
+        ready = client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert "S3 uploads failing" in ready.json()["storage"]["outputs_error"]
 
 
 def no_features(audio: bytes, text: str):

@@ -620,13 +620,15 @@ def _add_operations_routes(app: FastAPI, state: ServerState) -> None:
         if state.status != "ready":
             raise not_ready(state.status, state.public_load_error)
         # synthesis works without the voice storage: degraded, not unready (see docs/OPERATIONS.md)
+        storage: dict[str, str] = {}
         problem = await asyncio.to_thread(state.library.health)
         if problem:
-            return {
-                "status": "degraded",
-                "model": state.engine.model.name,
-                "storage": {"voices": "degraded", "error": problem},
-            }
+            storage.update(voices="degraded", error=problem)
+        problem = state.outputs.health()  # results kept as configured (saved, uploaded)?
+        if problem:
+            storage.update(outputs="degraded", outputs_error=problem)
+        if storage:
+            return {"status": "degraded", "model": state.engine.model.name, "storage": storage}
         return {"status": "ready", "model": state.engine.model.name}
 
     @app.get("/info", tags=["operations"])
