@@ -56,6 +56,12 @@ CANCEL_POLL_SECONDS = 0.05  # how often a wait for a first chunk looks at its re
 # this long (a few decoding steps), so their chunks are computed in one batch.
 BATCH_WAIT_TOKENS = 2
 BATCH_WAIT_SECONDS = 0.5
+# close() waits this long at most for the engine's threads, all together (each stops at its next
+# step once its requests have ended)
+CLOSE_WAIT_SECONDS = 10.0
+LOOP_FAULT_PAUSE_SECONDS = 1.0  # the loop's pause after its wait failed (a bug), so as not to spin
+MAX_AUDIO_WORKERS = 64  # each is a thread with the process's torch threads
+MAX_IDLE_RELEASE_SECONDS = 86400.0  # a day (a wait must stay below threading.TIMEOUT_MAX)
 
 
 class Sink(Protocol):
@@ -95,11 +101,24 @@ class Job:
     sink: Sink
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_cancel: Callable[[], None] | None = None  # the loop's wake-up, set when submitted
+    _ended: bool = field(default=False, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def cancel(self) -> None:
         self.cancelled.set()
         if self.on_cancel is not None:
             self.on_cancel()  # a queued request ends at once, also while the loop is idle
+
+    def end(self, error: BaseException | None) -> None:
+        """End the request at its sink once: close() ends it from its own thread while the
+        thread that had it in hand (a preparer, the loop) may end it too."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        _end_sink(self.sink, error)
 
 
 @dataclass(eq=False)
@@ -169,11 +188,16 @@ class _Row:
             error = RuntimeError(f"synthesis stopped: {error!r}")
         if self.on_end is not None:
             self.on_end(self)
-        _end_sink(self.job.sink, error)
+        self.job.end(error)
 
     @property
     def ended(self) -> bool:
         return self._ended
+
+    @property
+    def gone(self) -> bool:
+        """Ended (close() ends it from its own thread) or cancelled: its audio is not wanted."""
+        return self._ended or self.job.cancelled.is_set()
 
 
 @dataclass(frozen=True)
@@ -226,22 +250,30 @@ class AudioWorker:
         # (and its flow caches) is freed even while this worker has nothing to do
         self._streams: weakref.WeakKeyDictionary[_Row, Any] = weakref.WeakKeyDictionary()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopping = threading.Event()  # work of no row stops between its steps then
+        # set by stop(): computations stop between their steps, and work put later fails
+        self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()  # nothing is queued behind the stop mark
         self._thread = start_torch_thread(self._main, threads, "engine-audio", threads)
 
     def backlog(self) -> int:
         return self._queue.qsize()
 
     def put(self, work: _AudioWork | _Background | list[_AudioWork]) -> None:
-        self._queue.put(work)
+        """Queue work; once stopped, it fails at once (nobody would ever read it)."""
+        with self._stop_lock:
+            if not self._stopping.is_set():
+                self._queue.put(work)
+                return
+        _close_queued([work])
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._queue.put(None)
+        with self._stop_lock:
+            self._stopping.set()
+            self._queue.put(None)
 
-    def join(self, timeout: float) -> None:
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
 
     def _main(self) -> None:
         with torch.inference_mode():
@@ -381,10 +413,10 @@ class AudioWorker:
         if len(wholes) < 2 or wholes[0][0].audio.pipeline.utterance_batch < 2:
             return {}
         try:
-            with abort_when(lambda: all(w.row.job.cancelled.is_set() for w, _ in wholes)):
+            with abort_when(lambda: self._stopping.is_set() or all(w.row.gone for w, _ in wholes)):
                 speech, batches = wholes[0][0].audio.pipeline.utterances([u for _, u in wholes])
         except ComputationAborted:
-            return {}  # every row was cancelled: none is computed
+            return {}  # every row was cancelled, or the engine closed: none is computed
         self.utterance_batches += batches
         return {id(w): s for (w, _), s in zip(wholes, speech, strict=True) if s is not None}
 
@@ -444,7 +476,10 @@ class AudioWorker:
         if first:
             self.no_first_chunk.clear()
         try:
-            with self._threads(due[0][0].audio.pipeline, narrowable=not first):
+            with (
+                self._threads(due[0][0].audio.pipeline, narrowable=not first),
+                abort_when(self._stopping.is_set),  # not on a cancel: the batch's others go on
+            ):
                 self._pieces_of(due)
         finally:
             self.no_first_chunk.set()
@@ -482,6 +517,9 @@ class AudioWorker:
                         work.row.run.emit(piece, work.segment, False)
                 except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
                     _fail(work.row, exc)
+        except ComputationAborted:  # the engine closed (close() has ended these rows)
+            for work, _, _ in due:
+                _fail(work.row, _closed())
         except BaseException as exc:  # noqa: BLE001
             # Not a stream's bad call: the batch's streams are in an unknown state, all fail.
             log.exception("a batched flow call failed; failing its %d rows", len(due))
@@ -499,9 +537,11 @@ class AudioWorker:
             run = row.run
             with (
                 self._threads(work.audio.pipeline, narrowable=row.streaming and not first),
-                abort_when(row.job.cancelled.is_set),
+                abort_when(lambda: row.gone or self._stopping.is_set()),
             ):
                 piece = work.audio.finish(speech)
+            if _gone(work):
+                return  # ended or cancelled meanwhile: nobody wants the piece
             row.delivered()
             run.emit(piece, work.segment, work.last)
             run.segment_done(work.segment)
@@ -509,31 +549,40 @@ class AudioWorker:
             if work.last:
                 row.end(None)
         except ComputationAborted:
-            row.end(None)  # cancelled: it ends as a cancelled request does, quietly
+            # cancelled: it ends as a cancelled request does, quietly (closed: already ended)
+            row.end(_closed() if self._stopping.is_set() else None)
         except BaseException as exc:  # noqa: BLE001 - a failing row fails alone
             _fail(row, exc)
         finally:
             self.no_first_chunk.set()
 
 
+def _closed() -> EngineClosedError:
+    """The error of a request or call the engine's closing cut off (one each: an exception
+    raised in several threads would gather all their tracebacks)."""
+    return EngineClosedError("the engine was closed")
+
+
 def _close_queued(entries: list[Any]) -> None:
-    """Work queued behind a worker's stop mark ends with an error instead of never."""
-    closed = EngineClosedError("the engine was closed")
+    """Work queued behind a worker's stop mark (or put after it) ends with an error instead of
+    never."""
     for entry in entries:
         if entry is None:  # another stop mark
             continue
         for item in entry if isinstance(entry, list) else [entry]:
             if isinstance(item, _Background):
                 if item.future.set_running_or_notify_cancel():
-                    item.future.set_exception(closed)
+                    item.future.set_exception(_closed())
             else:
-                _fail(item.row, closed)
+                _fail(item.row, _closed())
 
 
 def _one_flow(pipeline: Any, flow: Any) -> Any:
     """One stream's flow call alone: its mel, or the error it raised."""
     try:
         return pipeline.flow_steps([flow])[0]
+    except ComputationAborted:
+        raise  # the engine closed: not this row's fault
     except BaseException as exc:  # noqa: BLE001 - handed to its row
         return exc
 
@@ -613,7 +662,9 @@ class LoopLimits:
     ``flow_threads_while_decoding``: the row threads an incremental stream call of fewer than
     two rows per row thread uses while the loop decodes beside it (row_parallel.at_most; None:
     half the threads, at least one), all of them otherwise and once a stream has every token of
-    its first piece (decoding then waits for it)."""
+    its first piece (decoding then waits for it). ``audio_workers`` is at most
+    ``MAX_AUDIO_WORKERS`` (64) and ``idle_release_seconds`` at most ``MAX_IDLE_RELEASE_SECONDS``
+    (a day)."""
 
     max_batch: int = 16
     prefill_tokens: int = 4096
@@ -628,8 +679,17 @@ class LoopLimits:
             )
         if self.flow_threads_while_decoding is not None and self.flow_threads_while_decoding < 1:
             raise InvalidRequestError("flow_threads_while_decoding must be at least 1 (or None)")
-        if self.idle_release_seconds is not None and not self.idle_release_seconds > 0:
-            raise InvalidRequestError("idle_release_seconds must be above 0 (None: never)")
+        if self.audio_workers > MAX_AUDIO_WORKERS:
+            raise InvalidRequestError(
+                f"audio_workers must be at most {MAX_AUDIO_WORKERS} (each is a thread), "
+                f"got {self.audio_workers}"
+            )
+        seconds = self.idle_release_seconds
+        if seconds is not None and not 0 < seconds <= MAX_IDLE_RELEASE_SECONDS:
+            raise InvalidRequestError(
+                f"idle_release_seconds must be above 0 and at most {MAX_IDLE_RELEASE_SECONDS:g} "
+                f"(a day; None: never), got {seconds!r}"
+            )
 
 
 DEFAULT_LIMITS = LoopLimits()
@@ -658,7 +718,7 @@ class EngineLoop:
             collections.deque()
         )
         self._preparers: list[threading.Thread] = []
-        self._preparing = 0  # requests in the preparers' hands
+        self._preparing: list[Job] = []  # requests in the preparers' hands
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._rows: list[_Row] = []  # decoding
         self._live: set[_Row] = set()  # admitted and not ended (decoding or vocoding)
@@ -716,9 +776,9 @@ class EngineLoop:
         with self._wake:
             if self._stopping:
                 raise EngineClosedError("the engine is closed")
+            self._ensure_thread()  # first: a thread that fails to start leaves nothing queued
             job.on_cancel = self._wake_up
             self._waiting.append(job)
-            self._ensure_thread()
             self._wake.notify_all()  # the preparer takes it
         return job
 
@@ -733,8 +793,8 @@ class EngineLoop:
         with self._wake:
             if self._stopping:
                 raise EngineClosedError("the engine is closed")
-            self._calls.append((fn, future))
             self._ensure_thread()
+            self._calls.append((fn, future))
             self._wake.notify_all()
         return future
 
@@ -753,25 +813,36 @@ class EngineLoop:
         return future
 
     def close(self) -> None:
+        """End every request not finished (queued, being prepared, decoding, in its audio stage)
+        and every call not started with EngineClosedError, at once; stop the threads at their
+        next step and wait for them (``CLOSE_WAIT_SECONDS`` at most). Not only the loop's own
+        exit ends them: a step may outlast the wait, and a row in its audio stage is no longer
+        the loop's."""
         with self._wake:
-            self._stopping = True
+            self._stopping = True  # nothing is submitted or admitted from now on
+            jobs = [*self._queued(), *self._preparing]
+            self._waiting, self._ready = collections.deque(), collections.deque()
+            rows = list(self._live)
             self._wake.notify_all()
-        for thread in (*self._preparers, self._thread):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=10)
+        for job in jobs:
+            job.end(_closed())
+        for row in rows:  # its audio worker stops its computation at the next step
+            _fail(row, _closed())
+        _fail_calls(self._calls)
         for worker in self._audio:
             worker.stop()
-        for worker in self._audio:  # a worker still in a torch op at exit aborts the process
-            worker.join(timeout=10)
+        # a thread still in a torch op at exit aborts the process
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        for thread in (*self._preparers, self._thread, *(w.thread for w in self._audio)):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _ensure_thread(self) -> None:
         _RUNNING.add(self)
-        if not self._audio:
-            narrow = self.limits.flow_threads_while_decoding or max(1, self.threads // 2)
-            self._audio = [
-                AudioWorker(self.threads, self._decoding_beside, narrow)
-                for _ in range(self.limits.audio_workers)
-            ]
+        narrow = self.limits.flow_threads_while_decoding or max(1, self.threads // 2)
+        while len(self._audio) < self.limits.audio_workers:
+            # one at a time: those started before a start that fails are close()'s to stop
+            self._audio.append(AudioWorker(self.threads, self._decoding_beside, narrow))
         if self._thread is None or not self._thread.is_alive():
             self._thread = start_torch_thread(
                 self._main, self.decode_threads, "engine-loop", self.threads
@@ -798,7 +869,7 @@ class EngineLoop:
                     if self._stopping:
                         return
                     job = self._waiting.popleft()
-                    self._preparing += 1
+                    self._preparing.append(job)
                 result: Run | BaseException | None = None
                 if not job.cancelled.is_set():
                     try:
@@ -806,7 +877,7 @@ class EngineLoop:
                     except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
                         result = exc
                 with self._wake:
-                    self._preparing -= 1
+                    self._preparing.remove(job)
                     if not self._stopping:
                         self._ready.append((job, result, time.monotonic()))
                         self._wake.notify_all()
@@ -814,7 +885,7 @@ class EngineLoop:
                         # prompt, its sink) lived on here, and with it a dropped engine
                         del job, result
                         continue
-                _end_sink(job.sink, EngineClosedError("the engine was closed"))
+                job.end(_closed())  # (close() has ended it already)
                 return
 
     # ------------------------------------------------------------------ loop thread
@@ -822,7 +893,7 @@ class EngineLoop:
         with torch.inference_mode():
             while True:
                 self._rest_threads(not self._rows)
-                if not self._wait_for_work():
+                if not self._waited_for_work():
                     break
                 self._rest_threads(False)
                 self._idle_due = True
@@ -831,17 +902,29 @@ class EngineLoop:
                 except BaseException as exc:  # noqa: BLE001 - a bug here must not kill the loop
                     log.exception("engine step failed; failing its rows")
                     self._fail_all(exc)
-        self._fail_all(EngineClosedError("the engine was closed"))
+        self._fail_all(_closed())
+        # close() ended them already; this is the loop's own word that nothing is left unanswered
         with self._wake:
             waiting = self._queued()
             self._waiting, self._ready = collections.deque(), collections.deque()
+            rows = list(self._live)  # rows in their audio stage too
         for job in waiting:
-            _end_sink(job.sink, EngineClosedError("the engine was closed"))
-        with self._wake:  # nothing is queued after _stopping is set
-            calls, self._calls = list(self._calls), collections.deque()
-        for _, future in calls:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(EngineClosedError("the engine was closed"))
+            job.end(_closed())
+        for row in rows:
+            _fail(row, _closed())
+        _fail_calls(self._calls)  # nothing is queued after _stopping is set
+
+    def _waited_for_work(self) -> bool:
+        """``_wait_for_work``, guarded like a step: a fault there must not end the loop thread
+        (the requests being prepared would never be admitted)."""
+        try:
+            return self._wait_for_work()
+        except Exception:  # noqa: BLE001 - a bug here must not kill the loop
+            log.exception("engine loop wait failed")
+            with self._wake:
+                if not self._stopping:
+                    self._wake.wait(LOOP_FAULT_PAUSE_SECONDS)
+                return not self._stopping
 
     def _rest_threads(self, rest: bool) -> None:
         """The loop thread's torch threads: ``decode_threads`` while it decodes, the process's
@@ -987,8 +1070,12 @@ class EngineLoop:
             worker.put(works)
 
     def _run_calls(self) -> None:
-        while self._calls:
-            _run_into(*self._calls.popleft())
+        while True:
+            try:  # close() takes them too: each is taken once
+                call = self._calls.popleft()
+            except IndexError:
+                return
+            _run_into(*call)
 
     def _retire_cancelled(self) -> None:
         for row in [r for r in self._rows if r.job.cancelled.is_set() or r.failed]:
@@ -1005,19 +1092,19 @@ class EngineLoop:
                     entry for entry in self._ready if not entry[0].cancelled.is_set()
                 )
         for job in gone:
-            _end_sink(job.sink, None)
+            job.end(None)
 
     def _admit(self) -> None:
         while len(self._rows) < self.limits.max_batch:
             with self._wake:
-                if self._admission_in() != 0.0:
-                    return
+                if self._stopping or self._admission_in() != 0.0:
+                    return  # closing: close() has ended those queued
                 job, run, _ = self._ready.popleft()
             if job.cancelled.is_set() or run is None:
-                _end_sink(job.sink, None)
+                job.end(None)
                 continue
             if isinstance(run, BaseException):
-                _end_sink(job.sink, run)
+                job.end(run)
                 continue
             try:
                 row = _Row(
@@ -1029,10 +1116,17 @@ class EngineLoop:
                 )
                 self._start_segment(row, 0)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails alone
-                _end_sink(job.sink, exc)
+                job.end(exc)
                 continue
+            with self._wake:  # close() ends the rows in _live: a row is there, or sees it closing
+                closing = self._stopping
+                if not closing:
+                    self._live.add(row)
+            if closing:
+                self._fail(row, _closed())
+                self._remove(row)
+                return
             self._rows.append(row)
-            self._live.add(row)
             self._advance(row)
 
     def _start_segment(self, row: _Row, index: int) -> None:
@@ -1184,6 +1278,18 @@ class EngineLoop:
         for row in rows:
             self._fail(row, exc)
             self._remove(row)
+
+
+def _fail_calls(calls: collections.deque[tuple[Callable[[], Any], Future]]) -> None:
+    """End the calls not started with EngineClosedError (each taken once: the loop takes them
+    too)."""
+    while True:
+        try:
+            _, future = calls.popleft()
+        except IndexError:
+            return
+        if future.set_running_or_notify_cancel():
+            future.set_exception(_closed())
 
 
 def _run_into(fn: Callable[[], Any], future: Future) -> None:
