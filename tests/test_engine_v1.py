@@ -398,3 +398,24 @@ def test_an_engine_dropped_without_close_ends_its_threads(v1_dir: Path) -> None:
         gc.collect()
         time.sleep(0.1)
     assert dropped() is None and threading.active_count() <= before
+
+
+def test_an_instruction_gets_the_end_of_instruction_mark_v1_instruct_expects(
+    engines: dict[str, Engine],
+) -> None:
+    """CosyVoice-300M-Instruct reads an instruction up to <|endofprompt|> (BPE text to whisper;
+    the official example writes it): it was added for v2/v3 only, so a v1 instruction ran on
+    into the text. Added where the user wrote none; then, as upstream, not normalised."""
+    engine = engines["instruct"]
+    assert engine._instruction(" A calm narrator. ") == "A calm narrator.<|endofprompt|>"
+    assert (
+        engine._instruction("A calm narrator.<|endofprompt|>") == "A calm narrator.<|endofprompt|>"
+    )
+    assert engine._instruction("Speak 3 times faster") == "Speak 3 times faster<|endofprompt|>"
+    request = SynthesisRequest(
+        Mode.INSTRUCT, "今天天气很好。", voice=engine.voices()[0], instruct="A calm narrator."
+    )
+    inputs = engine._inputs(request, "今天天气很好。", engine._prompt(request, None))
+    assert inputs.prompt_text[0].tolist() == engine.tokenizer.encode(
+        "A calm narrator.<|endofprompt|>"
+    )

@@ -543,3 +543,102 @@ def test_api_inputs_of_the_wrong_kind_get_clear_errors(v2: Engine, tmp_path) -> 
     for option in (dict(prompt_cache_mb=1.5), dict(max_batch="4")):
         with pytest.raises(InvalidRequestError, match="whole number"):
             Engine.check_load_options(**option)
+
+
+def _llm_text(engine: Engine, request: SynthesisRequest, prompt=None) -> list[str]:
+    """What the LLM reads for each segment of a request: its prompt text ‖ its text."""
+    prompt = engine._prompt(request, prompt)
+    decode = engine.tokenizer._tokenizer.decode
+    texts = []
+    for segment in engine._segments(request):
+        inputs = engine._inputs(request, segment, prompt)
+        if hasattr(inputs.text, "shape"):
+            ids = inputs.text[0].tolist()
+        else:  # streamed: the pieces' tokens one by one
+            ids = [int(token[0]) for token in inputs.text]
+        prompt_ids = inputs.prompt_text[0].tolist()
+        texts.append(
+            f"{decode(prompt_ids, skip_special_tokens=False)} ‖ {decode(ids, skip_special_tokens=False)}"
+        )
+    return texts
+
+
+INSTRUCTION = "用粤语说这句话<|endofprompt|>"
+CANONICAL = "You are a helpful assistant.<|endofprompt|>"
+
+
+def test_a_cosyvoice3_texts_own_instruction_is_obeyed_never_spoken(v3: Engine) -> None:
+    """Whole text: cross-lingual reads it as written (upstream, issue #1472); zero-shot had the
+    added system prompt + transcript followed by the instruction, spoken: it takes the
+    transcript's system prompt's place instead (where upstream's zero-shot prompts carry it)."""
+    text = INSTRUCTION + "我最近迷上一部经典港剧。"
+
+    def llm(mode: Mode, text: str, **fields: str) -> list[str]:
+        request = SynthesisRequest(mode, text, prompt_audio=PROMPT, **fields)
+        return _llm_text(v3, request)
+
+    assert llm(Mode.CROSS_LINGUAL, text) == [f" ‖ {text}"]
+    moved = [f"{INSTRUCTION}{PROMPT_TEXT} ‖ 我最近迷上一部经典港剧。"]
+    assert llm(Mode.ZERO_SHOT, text, prompt_text=PROMPT_TEXT) == moved
+    assert llm(Mode.ZERO_SHOT, text, prompt_text=CANONICAL + PROMPT_TEXT) == moved
+    canonical = [f"{CANONICAL}{PROMPT_TEXT} ‖ 我最近。"]
+    assert llm(Mode.ZERO_SHOT, CANONICAL + "我最近。", prompt_text=PROMPT_TEXT) == canonical
+    instructed = ["You are a helpful assistant. 请用广东话表达。<|endofprompt|> ‖ 我最近。"]
+    assert llm(Mode.INSTRUCT, CANONICAL + "我最近。", instruct="请用广东话表达。") == instructed
+    # two instructions, or a second mark (never valid mid-text): errors, not spoken
+    with pytest.raises(InvalidRequestError, match="own instruction.*as instruct"):
+        llm(Mode.INSTRUCT, text, instruct="请用广东话表达。")
+    with pytest.raises(InvalidRequestError, match="second <.endofprompt.>.*instruct"):
+        llm(Mode.CROSS_LINGUAL, text + "然后<|endofprompt|>再说。")
+    # a saved voice's transcript stored as tokens (official spk2info), with its system prompt
+    voice = v3.encode_prompt(PROMPT, CANONICAL + PROMPT_TEXT)
+    voice = replace(voice, prompt_tokens=v3._tokens(voice.prompt_text))
+    request = SynthesisRequest(Mode.ZERO_SHOT, CANONICAL + "我最近。")
+    assert _llm_text(v3, request, voice) == canonical
+    with pytest.raises(InvalidRequestError, match="own instruction"):
+        _llm_text(v3, SynthesisRequest(Mode.ZERO_SHOT, text), voice)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "words"),
+    [
+        ([INSTRUCTION + "我最近迷上", "一部经典港剧。"], "own instruction.*as instruct"),
+        (["用粤语", "说这句话", "<|endofprompt|>我最近迷上", "一部经典港剧。"], "after words"),
+        (["You are a helpful assistant. 请用广东话表达。", "<|endofprompt|>我最近。"], "own"),
+    ],
+)
+def test_a_cosyvoice3_streamed_instruction_is_refused_not_dropped_or_spoken(
+    v3: Engine, pieces: list[str], words: str
+) -> None:
+    """Streamed, the instruction had been replaced by the canonical prompt (in the first piece
+    or opening as it does) or spoken with a second <|endofprompt|> mid-text (split): the LLM
+    reads a stream's system prompt before the stream, so it is refused, naming instruct."""
+    for mode, fields in ((Mode.CROSS_LINGUAL, {}), (Mode.ZERO_SHOT, {"prompt_text": PROMPT_TEXT})):
+        request = SynthesisRequest(mode, iter(pieces), prompt_audio=PROMPT, **fields)
+        with pytest.raises(InvalidRequestError, match=words) as error:
+            _llm_text(v3, request)
+        assert error.value.param == "text" and "instruct" in str(error.value)
+    # through synthesize too (from the text's feeder thread)
+    request = SynthesisRequest(Mode.CROSS_LINGUAL, iter(pieces), prompt_audio=PROMPT, seed=2,
+                               max_speech_tokens=20, ignore_eos=True)  # fmt: skip
+    if words != "after words":  # (a bounded segment stops reading before the mark's piece)
+        with pytest.raises(InvalidRequestError, match=words):
+            list(v3.synthesize(request))
+    # the canonical one is the prompt the engine puts before the stream: dropped
+    canonical = ["You are a helpful assistant.", "<|endofprompt|>我最近。"]
+    request = SynthesisRequest(Mode.ZERO_SHOT, iter(canonical), prompt_audio=PROMPT,
+                               prompt_text=PROMPT_TEXT)  # fmt: skip
+    assert _llm_text(v3, request) == [f"{CANONICAL}{PROMPT_TEXT} ‖ 我最近。"]
+
+
+def test_a_pinyin_tone_typed_as_a_combining_mark_reaches_the_model_as_the_tag(v3: Engine) -> None:
+    """[h][a\u0300o] (NFD) was refused as unknown markup: request texts are composed (NFC)."""
+    import unicodedata
+
+    composed = "他[h][ào]学。"
+    audio = {}
+    for form in ("NFC", "NFD"):
+        request = SynthesisRequest(Mode.CROSS_LINGUAL, unicodedata.normalize(form, composed),
+                                   prompt_audio=PROMPT, seed=4, max_speech_tokens=20)  # fmt: skip
+        audio[form] = _audio(v3, request)[0]
+    np.testing.assert_array_equal(audio["NFD"], audio["NFC"])

@@ -141,7 +141,7 @@ def test_open_spans_follow_nesting() -> None:
         ["", "You are a helpful assistant.<|endofprompt|>你好，", "世界。"],  # a chat's first delta
         ["You are a helpful assistant.<|endof", "prompt|>你好，", "世界。"],
         ["You are a helpful assistant.", "<|endofprompt|>你好，", "世界。"],
-        ["You are", " a helpful assistant. 用四川话说。", "<|endofprompt|>你好，", "世界。"],
+        [" <|endofprompt|>你好，", "世界。"],  # an empty one
     ],
 )
 def test_a_streamed_system_prompt_is_dropped_wherever_its_mark_arrives(pieces) -> None:
@@ -149,6 +149,21 @@ def test_a_streamed_system_prompt_is_dropped_wherever_its_mark_arrives(pieces) -
     and <|endofprompt|> reached the LLM mid-text."""
     dropped = without_system_prompt(iter(pieces), ENDOFPROMPT, SYSTEM_PROMPT)
     assert "".join(dropped) == "你好，世界。"
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["You are", " a helpful assistant. 用四川话说。", "<|endofprompt|>你好，", "世界。"],
+        ["用粤语说这句话<|endofprompt|>我最近迷上", "一部经典港剧。"],
+    ],
+)
+def test_a_streamed_instruction_is_refused_not_replaced(pieces) -> None:
+    """CosyVoice3 reads a stream's system prompt before the stream: an instruction of the text's
+    own was silently replaced by the canonical prompt (dropped); it is an error naming instruct."""
+    with pytest.raises(InvalidRequestError, match="own instruction.*as instruct") as error:
+        list(without_system_prompt(iter(pieces), ENDOFPROMPT, SYSTEM_PROMPT, "v3"))
+    assert error.value.param == "text"
 
 
 def test_streamed_text_is_held_back_only_while_it_may_be_a_system_prompt() -> None:
@@ -166,3 +181,14 @@ def test_streamed_text_is_held_back_only_while_it_may_be_a_system_prompt() -> No
     assert list(without_system_prompt(late, ENDOFPROMPT, SYSTEM_PROMPT, hold=128)) == late
     assert list(without_system_prompt(["a", 3, "b"], ENDOFPROMPT, SYSTEM_PROMPT)) == ["a", 3, "b"]
     assert list(without_system_prompt([], ENDOFPROMPT, SYSTEM_PROMPT)) == []
+
+
+def test_a_pinyin_tone_typed_as_a_combining_mark_is_the_tag() -> None:
+    """[h][a\u0300o] (NFD, as some keyboards and copied sources give it) was refused as unknown
+    markup: texts are read composed (NFC), checked and spoken alike."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "他[h][ào]学。")
+    assert decomposed != "他[h][ào]学。"
+    check_markup([decomposed], frozenset({"[h]", "[ào]"}), "m")
+    assert unescape(decomposed) == "他[h][ào]学。"

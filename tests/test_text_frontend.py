@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 import unicodedata
 from collections.abc import Callable
@@ -643,3 +644,34 @@ def test_fixed_pieces_always_progress_and_keep_tags_whole():
             text = "中" * before + "[breath]" + follow + "中" * 100
             pieces = _fixed_pieces(text, 80)
             assert "".join(pieces) == text and sum("[breath]" in p for p in pieces) == 1
+
+
+def test_a_long_cut_text_keeps_the_language_tag_in_effect_where_each_piece_starts(frontend):
+    """v1 text with two language tags (<|zh|>中文。<|en|>English…) cut by length: every piece
+    had carried the leading <|zh|>, all-English pieces too."""
+    zh = "<|zh|>收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。"
+    en = "<|en|>" + "We like to own businesses for the long term, and the managers stay. " * 12
+    pieces = frontend.normalize(zh + en)
+    assert len(pieces) > 2 and pieces[0].startswith("<|zh|>收到")
+    assert all(p.startswith("<|en|>") and "<|zh|>" not in p for p in pieces[1:]), pieces
+    # of several leading tags the last; a piece that starts with its own gets no other
+    pieces = frontend.normalize("<|zh|>" + en)
+    assert all(p.startswith("<|en|>We") for p in pieces[1:]) and len(pieces) > 1
+    pieces = frontend.normalize(zh * 6)
+    assert len(pieces) > 1 and all(p.startswith("<|zh|>收到") for p in pieces), pieces
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_long_unnormalised_text_is_not_cut_inside_a_number(frontend, enabled):
+    """Text upstream speaks as written (markup, normalisation off) is cut at its pauses when
+    long: a comma or colon between digits is none (2,345,|678 dollars, 12:|30 read as two)."""
+    body = " ".join(
+        f"we shipped {n},{n + 111},{n + 222} units at {n % 12}:{n % 60:02d} and"
+        for n in range(100, 130)
+    )
+    system = "You are a helpful assistant.<|endofprompt|>" if enabled else ""
+    pieces = [p.removeprefix(system) for p in frontend.normalize(system + body, enabled=enabled)]
+    assert len(pieces) > 2
+    for a, b in itertools.pairwise(pieces):
+        assert not (re.search(r"\d[,:]$", a) and re.match(r"\d", b)), (a[-20:], b[:30])
+    assert T._AFTER_PAUSE.split("a, b,1 2,3 4:5 x：y") == ["a,", " b,", "1 2,3 4:5 x：", "y"]

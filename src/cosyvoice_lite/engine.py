@@ -45,6 +45,8 @@ from .frontend.markup import (
     V1_TAGS,
     check_markup,
     held_back,
+    instruction_in_text,
+    own_system_prompt,
     unescape,
     user_markup,
     without_system_prompt,
@@ -722,6 +724,14 @@ class Engine:
             if not self.spec.streaming_text_in:
                 raise InvalidRequestError("streaming text input needs a CosyVoice2/3 model", "text")
             return [self._checked_pieces(request.text, self.spec.needs_system_prompt)]
+        if (
+            self.spec.needs_system_prompt
+            and ENDOFPROMPT in own_system_prompt(request.text, ENDOFPROMPT)[1]
+        ):
+            raise instruction_in_text(
+                self.model.name,
+                "the text has a second <|endofprompt|> (the first ends its instruction)",
+            )
         segments = self.text_frontend.normalize(
             request.text, split=True, enabled=request.text_frontend, encode=self.tokenizer.encode
         )
@@ -736,9 +746,11 @@ class Engine:
     def _checked_pieces(self, pieces: Iterable[str], system_prompt: bool) -> Iterator[str]:
         """Streaming text in, each piece checked as it arrives (in the request's text feeder
         thread: an error fails the request) as a whole text is before it is queued. With
-        ``system_prompt`` (CosyVoice3: its prompt text carries one), the text's own system
-        prompt, up to <|endofprompt|>, is dropped rather than spoken after it, wherever the
-        mark arrives in the text's first characters (``without_system_prompt``). A piece's end
+        ``system_prompt`` (CosyVoice3: its prompt text carries one, set before the stream is
+        read), the text's own canonical system prompt, up to <|endofprompt|>, is dropped rather
+        than spoken after it, wherever the mark arrives in the text's first characters; another
+        instruction there, or the mark after words already passed on, is an error
+        (``without_system_prompt``): never spoken. A piece's end
         that may open a bracket tag or its escape (``[h``, ``\\``) waits for the next piece, so
         that a tag or an escape split between pieces reads as written."""
         spoken, pending = False, ""
@@ -746,12 +758,18 @@ class Engine:
         def checked(text: str) -> str:
             nonlocal spoken
             self.check_markup(text, "text")
+            if system_prompt and ENDOFPROMPT in text:  # whole here: held_back keeps "<|endof"
+                raise instruction_in_text(
+                    self.model.name,
+                    "<|endofprompt|> came in the streamed text after words already passed on (it "
+                    "ends an instruction, which the LLM reads before the stream)",
+                )
             text = unescape(text)
             spoken = spoken or not is_only_punctuation("".join(text.split()))
             return text
 
         if system_prompt:  # held back until its <|endofprompt|> can be decided
-            pieces = without_system_prompt(pieces, ENDOFPROMPT, SYSTEM_PROMPT)
+            pieces = without_system_prompt(pieces, ENDOFPROMPT, SYSTEM_PROMPT, self.model.name)
         for piece in pieces:
             if not isinstance(piece, str):
                 raise InvalidRequestError(
@@ -842,25 +860,52 @@ class Engine:
 
     def _instruction(self, instruct: str) -> str:
         """The instruction as each version's LLM expects it; users write only the instruction."""
-        instruct = instruct.strip()
-        if self.spec.instruct_with_preset:  # v1 reads the instruction as normalised text
+        instruct = self.spec.instruction(instruct.strip())
+        if self.spec.instruct_with_preset:  # v1 normalises it as upstream (which its <|...|> skips)
             instruct = self.text_frontend.normalize(
                 instruct, split=False, encode=self.tokenizer.encode
             )
-        return self.spec.instruction(instruct)
+        return instruct
 
-    def _with_system_prompt(self, prompt_text: str, text) -> tuple[str, object]:
+    def _with_system_prompt(
+        self, prompt_text: str, text, stored: bool = False
+    ) -> tuple[str, object]:
         """CosyVoice3 needs <|endofprompt|> in its input: add the canonical system prompt where the
-        user did not write one (before the transcript, or before the text when there is none)."""
-        if not self.spec.needs_system_prompt or ENDOFPROMPT in prompt_text:
+        user did not write one (before the transcript, or before the text when there is none).
+        A whole text's own system prompt or instruction (up to its <|endofprompt|>) is obeyed,
+        never spoken: cross-lingually as written (upstream); with a transcript or an instruction
+        (upstream puts it after them, and it was spoken) the canonical one is dropped and an
+        instruction takes the transcript's system prompt's place, where upstream's zero-shot
+        prompts carry theirs, unless that one is an instruction too (instruct, or ``stored``: a
+        saved voice's transcript tokens): an error. Streamed text: ``_checked_pieces``."""
+        if not self.spec.needs_system_prompt:
+            return prompt_text, text
+        own, body = own_system_prompt(text, ENDOFPROMPT) if isinstance(text, str) else (None, text)
+        if own is not None and prompt_text:
+            if own in ("", SYSTEM_PROMPT):  # no instruction: as if the text had no system prompt
+                return self._with_system_prompt(prompt_text, body)
+            system, mark, transcript = prompt_text.partition(ENDOFPROMPT)
+            if mark and (stored or system.strip() not in ("", SYSTEM_PROMPT)):
+                raise instruction_in_text(
+                    self.model.name,
+                    f"the text carries its own instruction ({own[:40]!r} before <|endofprompt|>) "
+                    "besides the one in instruct or the voice's transcript: give one",
+                )
+            return text[: len(text) - len(body)] + (transcript if mark else prompt_text), body
+        if own is not None or ENDOFPROMPT in prompt_text:
             return prompt_text, text
         if prompt_text:
             return f"{SYSTEM_PROMPT}{ENDOFPROMPT}{prompt_text}", text
         if not isinstance(text, str):  # streamed text: the LLM starts from the prompt text
             return f"{SYSTEM_PROMPT}{ENDOFPROMPT}", text
-        if ENDOFPROMPT not in text:
-            return prompt_text, f"{SYSTEM_PROMPT}{ENDOFPROMPT}{text}"
-        return prompt_text, text
+        return prompt_text, f"{SYSTEM_PROMPT}{ENDOFPROMPT}{text}"
+
+    def _has_system_prompt(self, tokens: torch.Tensor) -> bool:
+        """Whether stored transcript tokens carry CosyVoice3's <|endofprompt|>."""
+        if not self.spec.needs_system_prompt:
+            return False
+        mark = self.tokenizer.encode(ENDOFPROMPT)
+        return len(mark) == 1 and mark[0] in tokens.flatten().tolist()
 
     def _inputs(
         self,
@@ -882,6 +927,8 @@ class Engine:
             prompt_text = self._instruction(request.instruct or "")
         if prompt_text is None:
             prompt_tokens = prompt.prompt_tokens
+            if self._has_system_prompt(prompt_tokens):  # as a transcript's (_with_system_prompt)
+                segment = self._with_system_prompt(ENDOFPROMPT, segment, stored=True)[1]
         else:
             prompt_text, segment = self._with_system_prompt(prompt_text, segment)
             prompt_tokens = self._tokens(prompt_text) if prompt_text else empty_tokens
@@ -1081,11 +1128,12 @@ def _normalized(request: SynthesisRequest) -> SynthesisRequest:
 
 
 def _unescaped(request: SynthesisRequest) -> SynthesisRequest:
-    """The request's texts as spoken, once checked: escaped brackets (``\\[sic]``) are text."""
+    """The request's texts as spoken, once checked: composed (NFC: a pinyin tone typed as a
+    combining mark reads as the tag), escaped brackets (``\\[sic]``) are text."""
     changes = {
-        name: unescape(value)
+        name: spoken
         for name in ("text", "instruct", "prompt_text")
-        if isinstance(value := getattr(request, name), str) and "\\[" in value
+        if isinstance(value := getattr(request, name), str) and (spoken := unescape(value)) != value
     }
     return dataclasses.replace(request, **changes) if changes else request
 

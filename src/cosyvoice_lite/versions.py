@@ -83,7 +83,8 @@ class VersionSpec:
     token_frame_rate: int  # speech tokens per second
     pipeline: str  # "v1" (fixed hops, cross-fades) or "v2" (chunk-causal flow, growing hops)
     # Instructions: v1 speaks them with a preset voice (and only the -Instruct release follows
-    # them); v2/v3 with a prompt voice. The template wraps what the user wrote.
+    # them); v2/v3 with a prompt voice. The template wraps what the user wrote; an instruction
+    # with its own <|endofprompt|> is taken as written.
     instruct_with_preset: bool
     instruct_template: str
     # CosyVoice3 needs <|endofprompt|> in its input: the system prompt is added where the user
@@ -105,8 +106,8 @@ class VersionSpec:
     instruction_examples: Mapping[str, list[str]] = field(default_factory=dict, compare=False)
 
     def instruction(self, instruct: str) -> str:
-        """The instruction as this version's LLM expects it (v1: after normalisation)."""
-        if ENDOFPROMPT in instruct and self.instruct_template != "{}":
+        """The instruction as this version's LLM expects it."""
+        if ENDOFPROMPT in instruct:
             return instruct
         return self.instruct_template.format(instruct)
 
@@ -127,7 +128,9 @@ SPECS: dict[int, VersionSpec] = {
         token_frame_rate=50,
         pipeline="v1",
         instruct_with_preset=True,
-        instruct_template="{}",
+        # CosyVoice-300M-Instruct ends an instruction with <|endofprompt|>, BPE text to whisper
+        # (the official example writes it: "Theo 'Crimson', ... impulsiveness.<|endofprompt|>")
+        instruct_template="{}" + ENDOFPROMPT,
         needs_system_prompt=False,
         streaming_text_in=False,
         prompt_mel_ratio=None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import unicodedata
 from collections.abc import Collection, Iterable, Iterator
 
 from ..errors import InvalidRequestError
@@ -56,7 +57,9 @@ def find_markup(text: str) -> list[str]:
 
 
 def unescape(text: str) -> str:
-    """The text as it is spoken: each escaped bracket's backslash removed (\\[sic] -> [sic])."""
+    """The text as it is spoken: composed (NFC, as ``check_markup`` reads it) and each escaped
+    bracket's backslash removed (\\[sic] -> [sic])."""
+    text = unicodedata.normalize("NFC", text)
     return ESCAPED_BRACKET.sub(r"\1", text) if "\\[" in text else text
 
 
@@ -74,6 +77,9 @@ def check_markup(
     unknown: dict[str, None] = {}  # ordered and unique (a list was quadratic in tags)
     own: dict[str, None] = {}
     for text in texts:
+        # composed, as spoken (``unescape``): a tone typed as a combining mark, [h][a\u0300o],
+        # is the tag [h][ào]
+        text = unicodedata.normalize("NFC", text)
         unknown.update((tag, None) for tag in find_markup(text) if tag not in known)
         own.update(
             (m.group(1), None) for m in ESCAPED_BRACKET.finditer(text) if m.group(1) in known
@@ -149,16 +155,45 @@ def open_spans(text: str, names: Iterable[str] = ()) -> list[str]:
 SYSTEM_PROMPT_HOLD = 128
 
 
+def own_system_prompt(text: str, mark: str) -> tuple[str, str]:
+    """(what a text says before its first ``mark`` (<|endofprompt|>), its system prompt or
+    instruction, stripped; the text after the mark), or (None, text) if it has no mark."""
+    head, found, rest = text.partition(mark)
+    return (head.strip(), rest) if found else (None, text)
+
+
+def instruction_in_text(model_name: str, problem: str, advice: str = "") -> InvalidRequestError:
+    """The error for an instruction (or its <|endofprompt|>) where a text cannot carry it;
+    ``advice``: a first way out, before the general ones."""
+    ways = [advice] if advice else []
+    ways += [
+        "give the instruction as instruct (mode instruct)",
+        "when cloning, at the head of prompt_text ('You are a helpful assistant. 请用广东话表达。"
+        "<|endofprompt|>' and the transcript)",
+    ]
+    ways_out = ", or ".join(ways)
+    return InvalidRequestError(
+        f"{problem}: {model_name} would speak it. {ways_out[0].upper()}{ways_out[1:]}", "text"
+    )
+
+
 def without_system_prompt(
-    pieces: Iterable[object], mark: str, opening: str, hold: int = SYSTEM_PROMPT_HOLD
+    pieces: Iterable[object],
+    mark: str,
+    canonical: str,
+    model_name: str = "CosyVoice3",
+    hold: int = SYSTEM_PROMPT_HOLD,
 ) -> Iterator[object]:
     """Streamed text pieces less the system prompt they start with, up to ``mark``
-    (<|endofprompt|>), dropped as a whole text's is (a first piece's alone had been). Pieces are
-    held back only while the text may still be one: blank so far, ending in the start of the
-    mark (split between pieces), or opening with the canonical prompt's ``opening`` ("You are a
-    helpful assistant."), for at most ``hold`` characters and the mark's length. Any other text
-    goes on at once: holding every stream's first words would delay its first audio. A piece
-    that is not a str ends the holding (the caller refuses it)."""
+    (<|endofprompt|>), wherever the mark arrives in the text's first characters: the
+    ``canonical`` one ("You are a helpful assistant.", which the engine puts before the stream)
+    or none is dropped. Any other instruction there is an InvalidRequestError: CosyVoice3 reads
+    a stream's system prompt before its first piece, so it would be spoken. Pieces are held back
+    only while the text may still be one: blank so far, ending in the start of the mark (split
+    between pieces), or opening with ``canonical``, for at most ``hold`` characters and the
+    mark's length. Any other text goes on at once: holding every stream's first words would
+    delay its first audio (a mark after it is the caller's to refuse). A piece that is not a
+    str ends the holding (the caller refuses it)."""
     iterator = iter(pieces)
     held: list[object] = []
     text = ""
@@ -168,9 +203,17 @@ def without_system_prompt(
             break
         text += piece
         if mark in text:
-            held = [text.partition(mark)[2]]
+            instruction, rest = own_system_prompt(text, mark)
+            if instruction not in ("", canonical):
+                raise instruction_in_text(
+                    model_name,
+                    f"streamed text cannot carry its own instruction ({instruction[:40]!r} "
+                    "before <|endofprompt|>; the LLM reads one before the stream)",
+                    "send the text whole (cross-lingual reads it there)",
+                )
+            held = [rest]
             break
-        if not _may_be_system_prompt(text, mark, opening) or len(text) >= hold + len(mark):
+        if not _may_be_system_prompt(text, mark, canonical) or len(text) >= hold + len(mark):
             break
     yield from held
     yield from iterator

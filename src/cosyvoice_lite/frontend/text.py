@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cosyvoice_lite.errors import CosyVoiceError, InvalidRequestError
-from cosyvoice_lite.frontend.markup import ANGLE, BRACKET, CONTROL, open_spans
+from cosyvoice_lite.frontend.markup import ANGLE, BRACKET, CONTROL, LANGUAGE_TAG, open_spans
 
 Encode = Callable[[str], list[int]]
 
@@ -365,7 +365,8 @@ LONG_SENTENCE_FACTOR = 2
 _AFTER_END = re.compile(
     r"(?:(?<=[。！？!?；;…])(?![”’\"'」』）)])|(?<=[。！？!?；;…][”’\"'」』）)])|(?<=\.\s))"
 )
-_AFTER_PAUSE = re.compile(r"(?<=[，,、；;：:])")
+# not after a comma or colon between digits: 2,345,678 and 12:30 are one number
+_AFTER_PAUSE = re.compile(r"(?<=[，、；;])|(?<=[,:：])(?!(?<=\d[,:：])\d)")
 _AFTER_SPACE = re.compile(r"(?<=\s)")
 
 
@@ -850,17 +851,23 @@ class TextFrontend:
     def _unsplit(self, text: str, encode: Encode | None) -> Iterator[str]:
         """A text upstream speaks whole (markup, normalisation off): whole, unless it is longer
         than ``LONG_SENTENCE_FACTOR * token_max_n`` tokens; then cut as one long sentence is, each
-        piece starting with the text's leading control tags (``<|en|>``, a system prompt up to
-        ``<|endofprompt|>``), which each segment needs."""
+        piece starting with the control tags each segment needs: the text's system prompt up to
+        ``<|endofprompt|>``, else the language tag in effect where it starts (v1: the text's
+        leading ``<|zh|>``, or the last tag before it, ``<|en|>`` in ``<|zh|>…<|en|>…``)."""
         measure = encode or _pretokens
         prefix, body = _control_prefix(text)
         pieces = cut_long_sentence(body, self.bounds["token_max_n"], lambda p: len(measure(p)))
         if len(pieces) == 1:
             yield text
             return
+        system_prompt = "<|endofprompt|>" in prefix
         for piece in carry_spans(_marked(pieces)):
+            # a piece opening with its own tag needs no other (<|zh|><|en|> had been spoken)
+            own = _LEADING_TAGS.match(piece) is not None and not system_prompt
             if not is_only_punctuation(piece):
-                yield prefix + piece
+                yield piece if own else prefix + piece
+            if not system_prompt and (tags := LANGUAGE_TAG.findall(prefix + piece)):
+                prefix = tags[-1]
 
     def _normalize(self, text: str) -> tuple[str, str]:
         if contains_chinese(text):
