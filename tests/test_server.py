@@ -626,3 +626,61 @@ def test_http_errors_are_not_500(client, preset):
         headers={"content-type": "application/json"},
     )
     assert response.status_code == 400
+
+
+# ---------------------------------------------------------------------------------- logs
+
+
+@pytest.fixture
+def text_log():
+    """The server's log as `serve --log-format text` writes it (logs.configure), in a buffer;
+    the root logger is put back afterwards."""
+    import io
+    import logging
+
+    from cosyvoice_lite.serving.logs import configure
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    configure(logging.INFO, json_lines=False)
+    buffer = io.StringIO()
+    root.handlers[0].setStream(buffer)
+    yield buffer
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+def test_text_log_lines_carry_the_request_fields(client, preset, text_log):
+    """--log-format text had dropped every structured field: an access line was only
+    "POST /tts 200", with no request id to match the response's X-Request-Id, no duration."""
+    ok = client.post(
+        "/tts", json={"text": TEXT, "speaker": preset, "seed": 1}, headers={"X-Request-Id": "t-42"}
+    )
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "t-42"
+    client.get("/made%20up%0aINFO forged", headers={"X-Request-Id": "t-43"})  # a client's path
+    lines = text_log.getvalue().splitlines()
+    access = [line for line in lines if "serving.access: POST /tts 200" in line]
+    assert len(access) == 1 and "request_id=t-42" in access[0], lines
+    assert "duration_ms=" in access[0] and "status=200" in access[0]
+    assert [line for line in lines if "synthesized" in line and "request_id=t-42" in line], lines
+    made_up = [line for line in lines if "request_id=t-43" in line]
+    # one line, the path's space quoted and its line break escaped
+    assert len(made_up) == 1 and 'path="/made up\\\\x0aINFO forged"' in made_up[0], lines
+    assert not [line for line in lines if line.startswith("INFO forged")]
+
+
+def test_voice_created_log_names_the_request(client, caplog):
+    """The "voice created" line had no request_id (the synthesis lines have it)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="cosyvoice_lite.serving"):
+        created = client.post(
+            "/voices",
+            data={"name": "logged", "prompt_text": "希望你以后能够做的比我还好呦。"},
+            files={"audio": ("p.wav", prompt_wav(2.0), "audio/wav")},
+            headers={"X-Request-Id": "save-trace-1"},
+        )
+    assert created.status_code == 201, created.text
+    client.delete("/voices/logged")
+    logged = [r for r in caplog.records if r.getMessage() == "voice created"]
+    assert [getattr(r, "request_id", None) for r in logged] == ["save-trace-1"]

@@ -625,3 +625,78 @@ def test_openai_instructions_and_voice_are_limited(client, preset):
     assert error["param"] == "instructions"
     body = {"model": "tts-1", "input": "你好", "voice": "v" * 300}
     assert error_of(client.post("/v1/audio/speech", json=body), 400)["param"] == "voice"
+
+
+# ------------------------------------------------------------------------------- the unexpected
+
+
+class BuggyProbe(EngineProbe):
+    """The engine, one property of which fails (a stand-in for any bug in a route)."""
+
+    @property
+    def known_markup(self):
+        raise RuntimeError("boom")
+
+
+def test_an_unexpected_error_is_a_500_carrying_the_request_id(engine, tmp_path, caplog):
+    """A route's unexpected exception was answered by Starlette's outermost error middleware:
+    no X-Request-Id (nor security headers) on the 500, and its "unhandled error" log line
+    without the request's id, so the two could not be matched."""
+    import logging
+
+    settings = Settings(voices_dir=tmp_path)
+    with (
+        ServerThread(create_app(BuggyProbe(engine), settings)) as running,
+        running.client() as c,
+        caplog.at_level(logging.INFO),
+    ):
+        failed = c.get("/info", headers={"X-Request-Id": "trace-77"})
+        error_of(failed, 500, "internal_error")
+        assert failed.headers["x-request-id"] == "trace-77"
+        assert failed.headers["x-content-type-options"] == "nosniff"
+        text = c.get("/metrics").text
+    assert metric(text, "cosyvoice_errors_total", code="internal_error") == 1
+    assert metric(text, "cosyvoice_requests_total", endpoint="/info", status="500") == 1
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    assert [getattr(r, "request_id", None) for r in logged] == ["trace-77"]
+    assert logged[0].exc_info is not None  # the traceback, once
+    assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+    access = [r for r in caplog.records if r.name.endswith(".access") and r.status == 500]
+    assert [r.request_id for r in access] == ["trace-77"]
+
+
+def test_a_stream_cut_by_the_shutdown_is_not_a_client_gone(engine, tmp_path, caplog):
+    """A stream uvicorn cancelled at the end of its shutdown time was logged "client went
+    away, synthesis cancelled" and counted in cancelled_total: it is the shutdown's (logged
+    as a stream aborted, guard.py)."""
+    import logging
+    import threading
+
+    slow = EngineProbe(engine, memo=False, split=8, delay=0.5)
+    app = create_app(slow, Settings(voices_dir=tmp_path))
+    body = {"text": "你好。今天天气很好。我们去公园吧。", "speaker": engine.voices()[0],
+            "stream": True, "format": "pcm"}  # fmt: skip
+    outcome: dict[str, object] = {}
+    started = threading.Event()
+
+    def stream(url: str) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/tts", json=body, timeout=30) as response:
+                for _ in response.iter_bytes():
+                    started.set()
+            outcome["end"] = "complete"
+        except httpx.HTTPError as exc:
+            outcome["end"] = type(exc).__name__
+
+    with caplog.at_level(logging.INFO, logger="cosyvoice_lite.serving"):
+        with ServerThread(app) as running:
+            running.server.config.timeout_graceful_shutdown = 0.5
+            client = threading.Thread(target=stream, args=(running.url,))
+            client.start()
+            assert started.wait(30), "no audio arrived"
+        client.join(timeout=30)
+    assert outcome["end"] == "RemoteProtocolError", outcome  # cut, not complete
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "stream aborted" in m and "shutting down" in m], messages
+    assert not [m for m in messages if "client went away" in m], messages
+    assert metric(app.state.server.metrics.render(), "cosyvoice_cancelled_total") == 0

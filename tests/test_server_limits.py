@@ -348,6 +348,43 @@ def test_api_key_and_cors(engine, preset, tmp_path):
         assert "x-sample-rate" in simple.headers["access-control-expose-headers"].lower()
 
 
+def test_cors_preflights_are_logged_counted_and_answered_as_json(engine, tmp_path, caplog):
+    """CORS's middleware was outermost: its preflights never reached the access log, the
+    metrics or X-Request-Id, and a refused one was a plain-text "Disallowed CORS origin"."""
+    import logging
+
+    from test_server_support import metric
+
+    settings = Settings(api_key="k", cors_origins=["http://app.test"], voices_dir=tmp_path)
+    preflight = {
+        "Origin": "http://app.test",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    with (
+        ServerThread(create_app(engine, settings)) as server,
+        server.client() as client,
+        caplog.at_level(logging.INFO, logger="cosyvoice_lite.serving.access"),
+    ):
+        allowed = client.options("/tts", headers={**preflight, "X-Request-Id": "pre-1"})
+        assert allowed.status_code == 200 and allowed.headers["x-request-id"] == "pre-1"
+        assert allowed.headers["access-control-allow-origin"] == "http://app.test"
+        refused = client.options("/tts", headers={**preflight, "Origin": "http://evil.test"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "cors_refused"
+        assert "origin" in refused.json()["error"]["message"] and refused.headers["x-request-id"]
+        assert "access-control-allow-origin" not in refused.headers
+        # an answer given before the routes (a wrong key) still tells the page what it is
+        wrong = client.post("/tts", json={}, headers={"Origin": "http://app.test"})
+        assert wrong.status_code == 401
+        assert wrong.headers["access-control-allow-origin"] == "http://app.test"
+        text = client.get("/metrics", headers={"Authorization": "Bearer k"}).text
+    for status in ("200", "400"):
+        assert metric(text, "cosyvoice_requests_total", method="OPTIONS", status=status) == 1
+    assert metric(text, "cosyvoice_errors_total", code="cors_refused") == 1
+    logged = [r for r in caplog.records if getattr(r, "method", None) == "OPTIONS"]
+    assert [r.status for r in logged] == [200, 400] and logged[0].request_id == "pre-1"
+
+
 def test_metrics_name_routes_not_paths(engine, tmp_path, caplog):
     """Paths a client makes up (with or without the key) were each a new series for good (1,000
     requests: 1,012 series, 1.1 MB a scrape); HEAD probes were 'unmatched' and logged at INFO;

@@ -12,6 +12,7 @@ engine loop, which computes all admitted requests together (see scheduler.py and
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import re
@@ -35,6 +36,7 @@ from fastapi.responses import (
     Response,
 )
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -54,12 +56,14 @@ from .errors import (
 )
 from .guard import (
     DOC_PATHS,
+    SECURITY_HEADERS,
     GuardMiddleware,
     app_path,
     check_texts,
     is_json_media,
     quiet_cut_streams,
 )
+from .logs import printable
 from .metrics import Metrics
 from .openai_api import openai_router, voice_aliases
 from .openapi import audio_response, install_openapi
@@ -294,11 +298,57 @@ def _template(routes, scope) -> str | None:
     return partial
 
 
+class _Cors(CORSMiddleware):
+    """Starlette's CORS (``--cors-origin``), a refused preflight answered as every error is:
+    JSON with a code, counted (it was a plain-text "Disallowed CORS origin")."""
+
+    def __init__(self, app, origins: list[str], metrics: Metrics) -> None:
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            # any request header: the origins are the allow-list, and SDKs add their own
+            # (the OpenAI JS SDK's X-Stainless-*, OpenAI-Organization) to every call
+            allow_headers=["*"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-Sample-Rate",
+                "X-Audio-Duration",
+                "X-Real-Time-Factor",
+                "Retry-After",
+            ],
+        )
+        self.metrics = metrics
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        # Starlette's text names what failed: "Disallowed CORS origin, method"
+        failed = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        hint = " (--cors-origin lists the allowed origins)" if "origin" in failed else ""
+        headers = {
+            k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")
+        }
+        error = ApiError(
+            400, f"CORS preflight refused: {failed} not allowed{hint}", code="cors_refused"
+        )
+        error.headers.update(headers)
+        self.metrics.error(error.code)
+        return error.response()
+
+
 class ServingMiddleware:
-    """Request ids, optional API key, metrics and one structured access-log line per request."""
+    """Request ids, optional API key, metrics and one structured access-log line per request.
+    Outermost (but for Starlette's own error middleware): CORS's preflights, refusals and
+    unexpected errors are logged, counted and carry the X-Request-Id as every answer does."""
 
     def __init__(self, app, fastapi_app: FastAPI, state: ServerState) -> None:
-        self.app, self.fastapi_app, self.state = app, fastapi_app, state
+        self.fastapi_app, self.state = fastapi_app, state
+        origins = state.settings.cors_origins  # CORS stays off unless origins are configured
+        # inside this middleware, so that the answers given here carry CORS's headers too
+        self.cors = _Cors(app, origins, state.metrics) if origins else None
+        self.app = self.cors or app
 
     def _authorized(self, scope, headers: dict[bytes, bytes]) -> bool:
         key = self.state.settings.api_key
@@ -391,26 +441,46 @@ class ServingMiddleware:
         # names result files, hence the safe characters only
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
+        security = self.state.settings.security_headers
 
         async def send_wrapper(message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 headers = list(message.get("headers", []))
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                present = {k.lower() for k, _ in headers}
+                if b"x-request-id" not in present:
                     headers.append((b"x-request-id", request_id.encode()))
+                if security:  # (GuardMiddleware's, on the answers given out here)
+                    headers += [h for h in SECURITY_HEADERS if h[0] not in present]
                 message = {**message, "headers": headers}
             await send(message)
+
+        async def answer(error: ApiError) -> None:
+            """Answer here, with CORS's headers as a route's answer has them."""
+            self.state.metrics.error(error.code)
+            out = send_wrapper
+            if self.cors is not None:
+                out = functools.partial(
+                    self.cors.send, send=send_wrapper, request_headers=Headers(scope=scope)
+                )
+            await error.response()(scope, receive, out)
 
         try:
             refused = self._refusal(scope, dict(scope["headers"]))
             if refused is not None:
-                self.state.metrics.error(refused.code)  # (alerts on refused keys read it)
-                await refused.response()(scope, receive, send_wrapper)
+                await answer(refused)  # (counted: alerts on refused keys read it)
             else:
                 await self.app(scope, receive, send_wrapper)
         except (ClientGone, ClientDisconnect):  # not a server's or a request's fault
             status["code"] = CLIENT_CLOSED
+        except Exception as exc:
+            if status["started"]:
+                raise  # too late for an answer: uvicorn ends the connection
+            # answered here, not by Starlette's ServerErrorMiddleware outside this one: the
+            # log line and the 500 carry the request's id
+            log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
+            await answer(internal_error(exc))
         finally:
             endpoint = _route_path(self.fastapi_app, scope)
             # h11 passes any token as a method: made-up ones would each be a new series for good
@@ -434,15 +504,6 @@ class ServingMiddleware:
                         "duration_ms": round((time.monotonic() - start) * 1000, 1),
                     },
                 )
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters as backslash-x escapes: a client's path, percent-decoded, is
-    logged; a %0a in it had written a forged line of its own into the text log."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group(0)):02x}", text)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -510,11 +571,13 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception):
+    async def unexpected(_: Request, exc: Exception):  # (ServingMiddleware answers them first)
         log.error("unhandled error", exc_info=exc)
-        return counted(
-            ApiError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
-        )
+        return counted(internal_error(exc))
+
+
+def internal_error(exc: Exception) -> ApiError:
+    return ApiError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -569,23 +632,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: Settings | None 
     app.state.server = state
     _install_error_handlers(app, state)
     app.add_middleware(GuardMiddleware, settings=settings, metrics=state.metrics)  # inside auth
+    # outermost, CORS (--cors-origin) inside it: preflights are logged and counted too
     app.add_middleware(ServingMiddleware, fastapi_app=app, state=state)
-    if settings.cors_origins:  # CORS stays off unless origins are configured
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            # any request header: the origins are the allow-list, and SDKs add their own
-            # (the OpenAI JS SDK's X-Stainless-*, OpenAI-Organization) to every call
-            allow_headers=["*"],
-            expose_headers=[
-                "X-Request-Id",
-                "X-Sample-Rate",
-                "X-Audio-Duration",
-                "X-Real-Time-Factor",
-                "Retry-After",
-            ],
-        )
     _add_operations_routes(app, state)
     _add_tts_routes(app, state)
     _add_voice_routes(app, state)

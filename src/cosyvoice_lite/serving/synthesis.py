@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from ..audio.io import media_type
 from ..errors import CosyVoiceError, InvalidRequestError, UnsupportedModeError
@@ -26,6 +27,7 @@ from .errors import (
     overloaded,
     route_fields,
 )
+from .guard import CANCEL_IS_DISCONNECT
 from .scheduler import Job, JobTimeout, Overloaded
 from .streaming import (
     Encoder,
@@ -369,10 +371,26 @@ class JobStreamingResponse(StreamingResponse):
         self.job, self.state = job, state
 
     async def __call__(self, scope, receive, send) -> None:
+        gone = False  # the client went away: only then is an unfinished job its cancellation
+
+        async def watched() -> dict:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, watched, send)
+        except ClientDisconnect:  # (ASGI 2.4 servers: a send to a closed connection)
+            gone = True
+            raise
+        except asyncio.CancelledError:
+            # uvicorn cancels a request only when its shutdown time runs out (guard.py logs
+            # that stream's end); Ray Serve cancels it when its client goes
+            gone = bool(scope.get("state", {}).get(CANCEL_IS_DISCONNECT))
+            raise
         finally:
-            if not self.job.ended and not self.job.cancelled.is_set():
+            if gone and not self.job.ended and not self.job.cancelled.is_set():
                 self.state.metrics.count("cancelled_total")
                 log.info(
                     "client went away, synthesis cancelled",

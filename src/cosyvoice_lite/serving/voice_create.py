@@ -34,6 +34,7 @@ class VoiceUpload:
     prompt_text: str  # "" without a transcript: the voice is used cross-lingually
     data: bytes
     transcript_field: str = "prompt_text"  # the form's name for it, which errors name
+    request_id: str | None = None  # the request's (ServingMiddleware), for the log
 
 
 async def read_voice_upload(
@@ -87,7 +88,8 @@ async def read_voice_upload(
         )
     check_audio(data, audio_field, settings.max_upload_bytes, settings.max_prompt_seconds)
     field, text = given[0] if given else (transcript_fields[0], "")
-    return VoiceUpload(name, text, data, field)
+    request_id = request.scope.get("state", {}).get("request_id")
+    return VoiceUpload(name, text, data, field, request_id)
 
 
 async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ()) -> JSONResponse:
@@ -155,7 +157,10 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
     except VoiceExistsError as exc:
         raise ApiError(409, str(exc), code="voice_exists", param="name") from None
     state.metrics.count("voices_created_total")
-    log.info("voice created", extra={"voice": name, "duration": voice.duration})
+    log.info(
+        "voice created",
+        extra={"voice": name, "duration": voice.duration, "request_id": upload.request_id},
+    )
     return JSONResponse(voice.to_api(), status_code=201)
 
 
