@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -303,13 +304,13 @@ def test_serve_refuses_bad_load_options_before_starting(capsys):
     """The model loads in the background once the server listens: a bad load option was a
     server that started and answered 503 'failed to load' forever."""
     for option, value, words in (
-        ("--audio-workers", "0", "audio_workers"),
-        ("--stream-cache-mb", "-5", "stream_cache_mb"),
+        ("--audio-workers", "0", "--audio-workers"),
+        ("--stream-cache-mb", "-5", "--stream-cache-mb"),
         ("--flow-steps", "0", "flow steps"),
         # not numbers a server can hold to: --timeout inf gave /info a 500 (inf is not JSON),
         # --max-upload-mb inf a raw OverflowError
-        ("--timeout", "inf", "request_timeout must be a finite number"),
-        ("--timeout", "nan", "request_timeout must be a finite number"),
+        ("--timeout", "inf", "--timeout must be a finite number"),
+        ("--timeout", "nan", "--timeout must be a finite number"),
         ("--max-upload-mb", "inf", "bad server option"),
         ("--max-json-mb", "inf", "bad server option"),
     ):
@@ -550,3 +551,251 @@ def test_a_partial_file_left_by_a_killed_run_does_not_block_the_next(v1_dir, tmp
     (tmp_path / ".out.wav.partial").write_bytes(b"left by a killed run")
     assert main(say(v1_dir, "你好。", "-o", str(tmp_path / "out.wav"))) == 0
     assert sf.info(str(tmp_path / "out.wav")).frames > 0
+
+
+# ---------------------------------------------------------------------------------- review 2
+
+V1 = "tests/data/models/v1-tiny"
+
+
+@pytest.fixture
+def no_server(monkeypatch, tmp_path):
+    """`serve` must refuse before it listens: a server that starts fails the test (it would
+    serve until stopped) instead of hanging it. Its voice library is the test's own."""
+    import uvicorn
+
+    def started(self) -> None:  # noqa: ANN001
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    monkeypatch.setenv("COSYVOICE_LITE_VOICES", str(tmp_path / "voices"))
+    monkeypatch.delenv("COSYVOICE_LITE_API_KEY", raising=False)
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """argparse's refusal of ``argv`` (exit status 2): its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_an_empty_api_key_is_an_error_not_an_open_server(no_server, monkeypatch, capsys):
+    """`--api-key "$KEY"` with KEY empty (DEPLOYMENT.md's own line), or the variable set
+    empty, served with no authentication and no warning."""
+    from cosyvoice_lite.serving.settings import Settings
+
+    for key in ("", "  "):
+        err = _usage_error(["serve", "--model", V1, "--api-key", key], capsys)
+        assert "empty API key" in err and "leave the option and variable out" in err
+    monkeypatch.setenv("COSYVOICE_LITE_API_KEY", "")
+    err = _usage_error(["serve", "--model", V1], capsys)
+    assert "empty API key" in err and "COSYVOICE_LITE_API_KEY" in err
+    with pytest.raises(ValueError, match="API key is empty"):  # a Python caller's too
+        Settings(api_key="")
+
+
+def test_an_empty_host_is_an_error_not_every_interface(no_server, capsys):
+    for host in ("", " "):
+        err = _usage_error(["serve", "--model", V1, "--host", host], capsys)
+        assert "--host" in err and "every interface" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--model", V1, "--stream-cache-dtype", "float16"], "--stream-cache-dtype applies to"),
+        (["--model", "tests/data/models/v2-tiny", "--variant", "sft"], "variant 'sft'"),
+        (["--model", "tests/data/models/v2-tiny", "--llm", "llm.rl.pt"], "--llm llm.rl.pt"),
+        (["--model", V1, "--llm", "nosuch.pt"], "missing"),
+    ],
+)
+def test_serve_refuses_what_the_model_directory_rules_out_before_listening(
+    no_server, options, words, capsys
+):
+    """Errors the background load found after the server listened: it stayed up, not ready,
+    for good."""
+    assert main(["serve", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err, err
+
+
+def test_serve_refuses_an_incomplete_model_directory_before_listening(no_server, tmp_path, capsys):
+    model = shutil.copytree(V1, tmp_path / "v1")
+    (model / "flow.pt").unlink()
+    assert main(["serve", "--model", str(model)]) == 2
+    assert "flow.pt: missing" in capsys.readouterr().err
+
+
+def test_ray_only_options_without_ray_are_an_error(no_server, capsys):
+    """`--replicas 4 --replica-gpus 1 --ray-address auto` without --ray: one plain process
+    served, the options dropped without a word."""
+    for options, flag in (
+        (["--replicas", "4", "--replica-gpus", "1", "--ray-address", "auto"], "--replicas"),
+        (["--autoscale", "1:4"], "--autoscale"),
+        (["--replica-cpus", "2"], "--replica-cpus"),
+        (["--ray-address", "auto"], "--ray-address"),
+    ):
+        assert main(["serve", "--model", V1, *options]) == 2
+        assert f"{flag} applies with --ray" in capsys.readouterr().err
+
+
+def test_serve_names_the_options_the_user_typed(no_server, tmp_path, capsys):
+    """The settings' checks named their fields: `workers must be at least 1` for --max-batch;
+    a file as --outputs-dir or --spool-dir was a bare "[Errno 17] File exists", exit 1."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for options, words in (
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--max-prompt-seconds", "31"], "--max-prompt-seconds must be in (0, 30]"),
+        (["--keep-alive", "0"], "--keep-alive must be positive"),
+        (["--max-json-mb", "0"], "--max-json-mb must be a positive number"),  # (was the default)
+        (["--outputs-keep-days", "2"], "--outputs-keep-days applies with --outputs-dir"),
+        (["--outputs-dir", str(a_file)], "--outputs-dir"),
+        (["--outputs-dir", str(a_file / "sub")], "is a file, not a directory"),
+        (["--s3-bucket", "b", "--spool-dir", str(a_file)], "--spool-dir"),
+        (["--voices-dir", str(a_file)], "--voices-dir"),
+    ):
+        assert main(["serve", "--model", V1, *options]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Errno" not in err, (options, err)
+
+
+def test_serve_option_errors_come_before_heavy_imports():
+    """A usage error took 2-3 s: uvicorn and torch were imported first."""
+    probe = (
+        "import sys; from cosyvoice_lite.cli import main; "
+        f"code = main(['serve', '--model', '{V1}', '--max-text-chars', '0']); "
+        "print(code, sorted(m for m in ('torch', 'uvicorn') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    assert "--max-text-chars must be at least 1" in done.stderr
+
+
+def test_light_copies_of_limits_match_their_sources():
+    """settings.py and cli.py hold copies of limits whose modules import torch."""
+    from cosyvoice_lite import cli, engine
+    from cosyvoice_lite.audio import io as audio_io
+    from cosyvoice_lite.serving import settings, voices
+
+    assert settings.MAX_PROMPT_SECONDS == audio_io.MAX_PROMPT_SECONDS
+    assert (settings.MAX_VOICES, settings.STORAGE_WAITERS) == (
+        voices.MAX_VOICES,
+        voices.STORAGE_WAITERS,
+    )
+    assert cli.MAX_SEED == engine.MAX_SEED
+
+
+def test_empty_values_are_errors_not_defaults(tmp_path, capsys):
+    """`--device ""` and `--dtype ""` meant the defaults, `--model ""` and `check ""` the
+    current directory."""
+    base = ["say", "你好。", "--voice", "中文女", "-o", str(tmp_path / "a.wav")]
+    for argv, option in (
+        ([*base, "--model", V1, "--device", ""], "--device"),
+        ([*base, "--model", V1, "--dtype", " "], "--dtype"),
+        ([*base, "--model", ""], "--model"),
+        (["voices", "--model", ""], "--model"),
+        (["check", ""], "model"),
+        (["serve", "--model", V1, "--voices-dir", ""], "--voices-dir"),
+    ):
+        err = _usage_error(argv, capsys)
+        assert f"argument {option}: an empty" in err, err
+
+
+def test_say_checks_the_request_before_loading(v1_dir, tmp_path, capsys):
+    """--seed -1, a --prompt-wav that is no audio, empty, too long or a directory, and text
+    that is not Unicode were found after the model had loaded (or downloaded)."""
+    import numpy as np
+
+    err = _usage_error(say(v1_dir, "你好。", "--seed", "-1", "-o", str(tmp_path / "a.wav")), capsys)
+    assert "--seed" in err and "2**64 - 1" in err
+    not_audio = tmp_path / "notaudio.wav"
+    not_audio.write_text("not audio")
+    empty = tmp_path / "empty.wav"
+    empty.touch()
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(16000 * 31, dtype=np.float32), 16000)
+    short = tmp_path / "short.flac"
+    sf.write(short, np.zeros(1600, dtype=np.float32), 16000)
+    clone = ["say", "你好。", "--model", str(v1_dir), "-o", str(tmp_path / "a.wav")]
+    for options, words in (
+        (["--prompt-wav", str(not_audio)], "is not audio that can be decoded"),
+        (["--prompt-wav", str(empty)], "is empty"),
+        (["--prompt-wav", str(long)], "at most 30 s"),
+        (["--prompt-wav", str(short)], "at least 0.5 s"),
+        (["--prompt-wav", str(tmp_path)], "is a directory"),
+        (["--voice", "中文女", "--source-wav", str(not_audio)], "--source-wav"),
+    ):
+        start = time.perf_counter()
+        assert main([*clone, *options]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "loading" not in err, (options, err)
+        assert time.perf_counter() - start < 2.0
+    assert main(say(v1_dir, "\udcff你好", "-o", str(tmp_path / "a.wav"))) == 2
+    err = capsys.readouterr().err
+    assert "not valid Unicode" in err and "loading" not in err
+    done = subprocess.run(  # standard input that is not UTF-8: no traceback
+        [*CLI, *say(v1_dir, "-", "-o", str(tmp_path / "a.wav"))],
+        input="café".encode("latin-1"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and b"not valid" in done.stderr, done.stderr
+    assert b"Traceback" not in done.stderr and b"loading" not in done.stderr
+
+
+def test_non_utf8_file_names(v1_dir, tmp_path, capsys):
+    """-o with a non-UTF-8 name was a traceback (str.encode), a model directory so named was
+    reported with a "corrupt or truncated" llm.pt (torch encodes paths as UTF-8), and a prompt
+    so named "could not be decoded" once the model had loaded."""
+    out = tmp_path / os.fsdecode(b"o\xff.wav")
+    for extra in ([], ["--stream"]):
+        assert main(say(v1_dir, "你好。", "--seed", "1", "-o", str(out), *extra)) == 0
+        assert sf.info(os.fsencode(out)).frames > 0
+    model = shutil.copytree(v1_dir, tmp_path / os.fsdecode(b"model\xff"))
+    assert main(["voices", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "model\\xff is not valid UTF-8" in err and "rename it" in err and "corrupt" not in err
+    prompt = tmp_path / os.fsdecode(b"p\xff.wav")
+    shutil.copy("tests/data/audio/zh_16k.wav", prompt)
+    argv = ["say", "你好。", "--model", str(v1_dir), "--prompt-wav", str(prompt), "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and "loading" not in err
+
+
+def _without_file_access() -> list[str]:
+    """A command prefix under which file modes apply (root bypasses them), or a skip."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: file modes do not apply")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+def test_unreadable_model_directories_and_prompts_are_named_as_such(v1_dir, tmp_path):
+    """An unreadable model directory was exit 1 with a raw "[Errno 13]" (say, voices, check),
+    an unreadable prompt "could not be decoded" after the model had loaded."""
+    prefix = _without_file_access()
+    model = shutil.copytree(v1_dir, tmp_path / "v1")
+    prompt = tmp_path / "prompt.wav"
+    shutil.copy("tests/data/audio/zh_16k.wav", prompt)
+    prompt.chmod(0)
+    try:
+        done = subprocess.run(
+            [*prefix, *CLI, "say", "你好。", "--model", str(v1_dir), "--prompt-wav", str(prompt),
+             "-o", str(tmp_path / "a.wav")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2 and "Permission denied" in done.stderr, done.stderr
+        assert "loading" not in done.stderr
+        model.chmod(0)
+        for argv in (["check", str(model)], ["voices", "--model", str(model)]):
+            done = subprocess.run(
+                [*prefix, *CLI, *argv], capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 2, done.stderr
+            assert "cannot read model directory" in done.stderr and "Errno" not in done.stderr
+    finally:
+        model.chmod(0o755)

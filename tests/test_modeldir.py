@@ -336,3 +336,106 @@ def test_a_download_fetches_the_files_the_engine_reads() -> None:
         patterns = download_patterns(name)
         assert set(required_files(version)) <= set(patterns)
         assert "spk2info.pt" in patterns and f"{BLANK_EN}/model.safetensors" not in patterns
+
+
+def test_a_hub_that_never_answers_fails_the_download_and_says_so(tmp_path: Path) -> None:
+    """huggingface_hub's client has no timeout: against a hub (or proxy) that takes the
+    connection and never answers, `download` (and any load of an official name) waited for
+    good, saying nothing. Now it names what it fetches first and gives up after
+    $COSYVOICE_LITE_HUB_TIMEOUT seconds without an answer."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []  # accepted, never answered
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed: the test is over
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(
+        COSYVOICE_LITE_CACHE=str(tmp_path / "cache"),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}",
+        HF_HUB_OFFLINE="0",
+        COSYVOICE_LITE_HUB_TIMEOUT="0.5",
+    )
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cosyvoice_lite", "download", "CosyVoice2-0.5B"],
+            capture_output=True,
+            text=True,
+            timeout=30,  # (it waited for good)
+            env=env,
+        )
+    finally:
+        server.close()
+        for connection in held:
+            connection.close()
+    took = time.perf_counter() - start
+    assert done.returncode == 2, done.stderr
+    assert "downloading CosyVoice2-0.5B from Hugging Face" in done.stderr
+    assert str(tmp_path / "cache" / "models" / "CosyVoice2-0.5B") in done.stderr
+    assert "could not download CosyVoice2-0.5B" in done.stderr and "Traceback" not in done.stderr
+    assert held and took < 30, took  # (it reached the hub; ~5 s, mostly Python's imports)
+
+
+def test_a_bad_hub_timeout_is_a_clear_error(monkeypatch) -> None:
+    from cosyvoice_lite.hub import hub_timeout
+
+    for value in ("0", "-1", "nan", "inf", "soon"):
+        monkeypatch.setenv("COSYVOICE_LITE_HUB_TIMEOUT", value)
+        with pytest.raises(ModelDownloadError, match="COSYVOICE_LITE_HUB_TIMEOUT"):
+            hub_timeout()
+    monkeypatch.setenv("COSYVOICE_LITE_HUB_TIMEOUT", "2.5")
+    assert hub_timeout() == 2.5
+
+
+def test_the_files_and_options_a_load_needs_are_checked_before_it(
+    model_copy: Path, tmp_path: Path
+) -> None:
+    """``check_model_for_load``: what Engine.load would refuse once loading, found from the
+    directory alone (a server runs it before it listens)."""
+    from cosyvoice_lite.errors import InvalidRequestError
+    from cosyvoice_lite.modeldir import check_model_for_load
+
+    v2 = Path("tests/data/models/v2-tiny")
+    assert check_model_for_load(model_copy).version == 1
+    with pytest.raises(InvalidRequestError, match="stream_cache_dtype applies to CosyVoice2/3"):
+        check_model_for_load(model_copy, stream_cache_dtype="float16")
+    assert check_model_for_load(v2, stream_cache_dtype="float16").version == 2
+    with pytest.raises(ModelDirError, match="llm.rl.pt .*: missing"):
+        check_model_for_load(v2, llm_checkpoint="llm.rl.pt")
+    with pytest.raises(ModelDirError, match="variant 'sft'"):
+        check_model_for_load(v2, variant="sft")
+    (model_copy / "hift.pt").unlink()
+    with pytest.raises(ModelDirError, match="hift.pt: missing"):
+        check_model_for_load(model_copy)
+
+
+def test_a_non_utf8_model_directory_is_named_not_called_corrupt(
+    v1_dir: Path, tmp_path: Path
+) -> None:
+    """torch opens checkpoints by UTF-8 names only: an intact llm.pt under a GBK-named folder
+    was "corrupt or truncated"."""
+    import os
+
+    model = Path(shutil.copytree(v1_dir, tmp_path / os.fsdecode(b"model\xff")))
+    with pytest.raises(ModelDirError, match=r"model\\xff is not valid UTF-8.*rename it"):
+        open_model_dir(model)
+    link = tmp_path / "link"  # (a UTF-8 name that leads there: the same)
+    link.symlink_to(model)
+    with pytest.raises(ModelDirError, match="not valid UTF-8"):
+        open_model_dir(link)

@@ -379,10 +379,10 @@ def test_serve_defaults_are_the_settings_defaults():
         "x",
     ]
     args = parser.parse_args(["serve", "--model", "m", "--storage-waiters", "33"])
-    with pytest.raises(ValueError, match="storage_waiters must be 1-32"):
+    with pytest.raises(ValueError, match="--storage-waiters must be 1-32"):
         settings_from_args(args)
     args = parser.parse_args(["serve", "--model", "m", "--max-instruct-chars", "5000"])
-    with pytest.raises(ValueError, match="max_instruct_chars must be at most 4096"):
+    with pytest.raises(ValueError, match="--max-instruct-chars must be at most 4096"):
         settings_from_args(args)  # the engine would refuse every longer one
 
 

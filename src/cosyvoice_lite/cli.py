@@ -22,10 +22,18 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CosyVoiceError, InvalidRequestError
-from .files import EXTENSIONS, check_output_path, create_temporary, is_special, keep_mode
+from .files import (
+    EXTENSIONS,
+    check_output_path,
+    create_temporary,
+    is_special,
+    keep_mode,
+    not_utf8,
+)
 
 # output file extension -> format name of audio.io.AUDIO_FORMATS
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus")
+MAX_SEED = 2**64 - 1  # engine.MAX_SEED (not imported from there: torch), tests hold them equal
 
 
 def set_wait_policy() -> None:
@@ -100,14 +108,30 @@ def _progress_bar(label: str):
 # ---------------------------------------------------------------------------------- loading
 
 
+def not_empty(value: str) -> str:
+    """An argparse type: a value that says something (an empty --model was the current
+    directory, an empty --device or --dtype the default)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty value: give one")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="model directory or official name (e.g. CosyVoice-300M-SFT)"
+        "--model",
+        required=True,
+        type=not_empty,
+        help="model directory or official name (e.g. CosyVoice-300M-SFT)",
     )
     parser.add_argument(
-        "--device", default="cpu", help="cpu, cuda, cuda:1, xpu, npu ... (not mps: no float64)"
+        "--device",
+        type=not_empty,
+        default="cpu",
+        help="cpu, cuda, cuda:1, xpu, npu ... (not mps: no float64)",
     )
-    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    parser.add_argument(
+        "--dtype", type=not_empty, default="float32", help="float32, float16 or bfloat16"
+    )
     parser.add_argument(
         "--quantize",
         choices=["int8"],
@@ -145,7 +169,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="run whole utterances' flow estimator (and CosyVoice3's vocoder) through "
         "onnxruntime (needs --onnx-dir); streams and the v1/v2 vocoders stay in torch",
     )
-    parser.add_argument("--onnx-dir", help="graphs written by 'cosyvoice-lite export onnx'")
+    parser.add_argument(
+        "--onnx-dir", type=not_empty, help="graphs written by 'cosyvoice-lite export onnx'"
+    )
 
 
 def _count(n: int, noun: str) -> str:
@@ -326,7 +352,7 @@ class AudioFileWriter:
         self.path, self.fd = path, fd
         with self._os_errors():  # (a descriptor keeps libsndfile's own I/O and its errno)
             self.file = sf.SoundFile(
-                path if fd is None else fd,
+                os.fsencode(path) if fd is None else fd,  # (bytes: a non-UTF-8 name too)
                 "w",
                 samplerate=self.rate,
                 channels=1,
@@ -519,16 +545,110 @@ def _check_mode_options(args: argparse.Namespace, mode, text: str) -> None:
 
 
 def _check_inputs(args: argparse.Namespace, out: Path | None) -> None:
-    """The input files exist, and -o is none of them (it would be emptied before being read)."""
+    """The input files are audio this user may read, of a length the engine takes, and -o is
+    none of them (it would be emptied before being read): before the model loads (and
+    perhaps downloads), not after."""
     for option, value in (("--prompt-wav", args.prompt_wav), ("--source-wav", args.source_wav)):
         if not value:
             continue
-        if not Path(value).is_file():
-            raise InvalidRequestError(f"{option}: no such file {value!r}")
+        _check_audio_file(option, value)
         if out is not None and out.exists() and os.path.samefile(value, out):
             raise InvalidRequestError(
                 f"-o {str(out)!r} is the {option} recording: it would be overwritten"
             )
+
+
+def _check_audio_file(option: str, value: str) -> None:
+    """``value`` opens, and its header says audio that ``PromptEncoder.load`` takes (the rate,
+    the channels, 0.5-30 s): the same limits, read from the header alone."""
+    if (shown := not_utf8(value)) is not None:  # (libsndfile opens UTF-8 names only)
+        raise InvalidRequestError(f"{option}: path {shown} is not valid UTF-8: rename it")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise InvalidRequestError(f"{option}: no such file {value!r}")
+    if path.is_dir():
+        raise InvalidRequestError(f"{option}: {value!r} is a directory, not an audio file")
+    try:
+        with path.open("rb") as handle:  # (a reason as the system gives it: permission denied)
+            empty = not handle.read(1)
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"{option}: cannot read {value!r}: {exc.strerror or exc}"
+        ) from None
+    if empty:
+        raise InvalidRequestError(f"{option}: {value!r} is empty (0 bytes)")
+    import soundfile as sf
+
+    from .audio.io import (
+        MAX_CHANNELS,
+        MAX_PROMPT_SECONDS,
+        MAX_SAMPLE_RATE,
+        MIN_PROMPT_SECONDS,
+        MIN_SAMPLE_RATE,
+        UNKNOWN_FRAMES,
+    )
+
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # noqa: BLE001 - libsndfile's refusals come in several types
+        raise InvalidRequestError(
+            f"{option}: {value!r} is not audio that can be decoded ({exc}); supported formats "
+            "are wav, flac, mp3, ogg/vorbis and ogg/opus"
+        ) from None
+    rate, frames = int(info.samplerate), int(info.frames)
+    problem = None
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        problem = f"its sample rate is {rate} Hz; {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz is taken"
+    elif info.channels > MAX_CHANNELS:
+        problem = f"it has {info.channels} channels; at most {MAX_CHANNELS} are taken"
+    elif frames == 0:
+        problem = "it holds no audio samples"
+    elif frames < UNKNOWN_FRAMES and frames / rate > MAX_PROMPT_SECONDS:
+        problem = f"it is {frames / rate:.2f} s long; at most {MAX_PROMPT_SECONDS:g} s is taken"
+    # (an mp3's header may count the encoder's padding: only the other formats' are exact)
+    elif info.format != "MP3" and frames / rate < MIN_PROMPT_SECONDS:
+        problem = f"it is {frames / rate:.2f} s long; at least {MIN_PROMPT_SECONDS:g} s is needed"
+    if problem is not None:
+        raise InvalidRequestError(f"{option}: {value!r}: {problem}")
+
+
+def _check_text(args: argparse.Namespace, text: str) -> None:
+    """The texts are Unicode (a non-UTF-8 argument holds lone surrogates): refused now, not by
+    the engine once loaded."""
+    for name, value in (("the text", text), ("--prompt-text", args.prompt_text),
+                        ("--instruct", args.instruct)):  # fmt: skip
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{name} is not valid Unicode: a lone surrogate at character {exc.start} (from "
+                "a non-UTF-8 argument or file)"
+            ) from None
+
+
+def _read_text(text: str) -> str:
+    """The text argument, or standard input for ``-`` (an encoding error named, not raised)."""
+    if text != "-":
+        return text
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"standard input is not valid {exc.encoding.upper()} text (byte {exc.start} of the "
+            "part read): save it as UTF-8"
+        ) from None
+
+
+def _seed(value: str) -> int:
+    """A seed as the engine takes it (engine.MAX_SEED: torch generators' 64 bits), refused at
+    once: a negative one was refused after the model had loaded."""
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a whole number from 0 to 2**64 - 1, got {value!r}")
+    return seed
 
 
 def cmd_say(args: argparse.Namespace) -> int:
@@ -539,7 +659,8 @@ def cmd_say(args: argparse.Namespace) -> int:
     fmt = args.format or "wav" if to_stdout else output_format(args.output, args.format)
     _check_options(args)
     _check_inputs(args, out)
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = _read_text(args.text)
+    _check_text(args, text)
     if not text.strip() and args.source_wav is None:  # (voice conversion speaks the source)
         raise InvalidRequestError(
             "there is no text to speak" + (" on standard input" if args.text == "-" else "")
@@ -575,7 +696,7 @@ def _say_with(engine, args: argparse.Namespace, text: str, mode, fmt: str) -> in
     took = time.perf_counter() - start
     streamed = f", first audio after {first:.2f} s" if args.stream and first is not None else ""
     print(  # on stderr, as all progress: stdout may be the audio itself (-o -)
-        f"wrote {args.output} ({fmt}): {seconds:.2f} s of audio at {output.rate} Hz in "
+        f"wrote {not_utf8(args.output) or args.output} ({fmt}): {seconds:.2f} s of audio at {output.rate} Hz in "
         f"{took:.2f} s (RTF {took / max(seconds, 1e-9):.2f}{streamed})",
         file=sys.stderr,
     )
@@ -643,7 +764,7 @@ def add_say_command(sub) -> None:
     )
     say.add_argument("--mode", choices=["preset", "zero_shot", "cross_lingual", "instruct", "vc"])
     say.add_argument("--speed", type=float, default=1.0)
-    say.add_argument("--seed", type=int, help="make the run reproducible")
+    say.add_argument("--seed", type=_seed, help="make the run reproducible (0 to 2**64 - 1)")
     say.add_argument("--no-normalize", action="store_true", help="skip text normalisation")
     say.add_argument(
         "-o",
@@ -696,7 +817,7 @@ def cmd_normalize(args: argparse.Namespace) -> int:
         from .pipelines.factory import text_tokenizer
 
         encode = text_tokenizer(open_model_dir(resolve_model(args.model))).encode
-    text = args.text if args.text != "-" else sys.stdin.read()
+    text = _read_text(args.text)
     for segment in TextFrontend().normalize(text, split=True, enabled=True, encode=encode):
         # one line per segment: a line break inside one is shown as \n (it read as several)
         print(segment.replace("\r", "\\r").replace("\n", "\\n"))
@@ -762,7 +883,9 @@ def add_other_commands(sub) -> None:
         "normalize", help=norm_help, description=norm_help[0].upper() + norm_help[1:] + "."
     )
     norm.add_argument("text", help="text, or - to read standard input")
-    norm.add_argument("--model", help="use this model's tokenizer for English length limits")
+    norm.add_argument(
+        "--model", type=not_empty, help="use this model's tokenizer for English length limits"
+    )
     norm.set_defaults(func=cmd_normalize)
 
     download = sub.add_parser(
@@ -779,7 +902,9 @@ def add_other_commands(sub) -> None:
     check = sub.add_parser(
         "check", help=check_help, description=check_help[0].upper() + check_help[1:] + "."
     )
-    check.add_argument("model", help="model directory or official name (not downloaded)")
+    check.add_argument(
+        "model", type=not_empty, help="model directory or official name (not downloaded)"
+    )
     check.set_defaults(func=cmd_check)
 
 

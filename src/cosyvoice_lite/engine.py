@@ -55,7 +55,7 @@ from .frontend.prompt import PromptEncoder, PromptFeatures
 from .frontend.text import TextFrontend, is_only_punctuation, speaks_nothing
 from .heap import release_freed_memory
 from .hub import resolve_model
-from .modeldir import ModelDir, load_speakers, open_model_dir
+from .modeldir import ModelDir, check_model_for_load, load_speakers
 from .networks.flow_matching import check_steps
 from .networks.graph_capture import traceable
 from .onnx_threads import share_threads
@@ -379,13 +379,10 @@ class Engine:
         from .export.runtime import check_backend_dir, check_backend_source, install_backend
 
         check_backend_dir(backend, onnx_dir)
-        model_dir = open_model_dir(resolve_model(model, download=download), variant)
+        model_dir = check_model_for_load(
+            resolve_model(model, download=download), variant, llm_checkpoint, stream_cache_dtype
+        )
         check_backend_source(backend, onnx_dir, model_dir)
-        if stream_cache_dtype is not None and spec(model_dir.version).pipeline == "v1":
-            raise InvalidRequestError(  # (it was taken, and did nothing)
-                f"stream_cache_dtype applies to CosyVoice2/3's streamed flow; {model_dir.name} "
-                "keeps no stream caches"
-            )
         from .pipelines import factory  # version-specific wiring
 
         if share_onnx_threads:  # before any session

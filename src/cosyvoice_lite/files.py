@@ -53,7 +53,7 @@ def _checked_output(path: str) -> Path:
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise InvalidRequestError(f"cannot write {path!r}: permission denied")
     most = name_max(parent)
-    if len(target.name.encode()) > most:
+    if len(os.fsencode(target.name)) > most:  # (its bytes: a non-UTF-8 name is no str's)
         raise InvalidRequestError(
             f"cannot write {path!r}: its name is too long (at most {most} bytes here)"
         )
@@ -73,6 +73,18 @@ def _probe(real: Path, path: str) -> None:
         raise InvalidRequestError(f"cannot write {path!r}: {exc.strerror or exc}") from None
 
 
+def not_utf8(path: str | os.PathLike) -> str | None:
+    """``path`` as it can be shown (undecodable bytes as \\xNN) where it is not valid UTF-8 (a
+    name made under another encoding, GBK say), else None: torch and libsndfile take paths as
+    UTF-8 only, and failed on such names with errors that called the file corrupt."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # (Python holds the bytes it could not decode as surrogates)
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return None
+
+
 def is_special(path: Path) -> bool:
     """A FIFO, a device or the like: written in place, never replaced nor removed."""
     return path.exists() and not path.is_file()
@@ -88,7 +100,7 @@ def temporary_path(final: Path) -> Path:
     fits the file system's limit, else short. (It does not match "*.json" globs of readers
     waiting for a result.)"""
     name = f".{final.name}.{uuid.uuid4().hex}.partial"
-    if len(name.encode()) > name_max(final.parent):
+    if len(os.fsencode(name)) > name_max(final.parent):
         name = f".cosyvoice-lite-{uuid.uuid4().hex}.partial"
     return final.with_name(name)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -157,7 +158,8 @@ def download_model(
     except OSError as exc:
         raise ModelDownloadError(f"cannot download {name} into {target}: {exc}") from None
     for hub, repo, fetch in sources:
-        log.info("downloading %s from %s %s into %s", name, hub, repo, target)
+        # a first run fetches gigabytes: never silently (nor a hung hub taken for a slow load)
+        _notice(f"downloading {name} from {hub} ({repo}) into {target} ...")
         before = _unfinished_files(target)
         try:
             fetch(repo, target)  # both show a progress bar and resume an interrupted download
@@ -222,7 +224,78 @@ def _from_hugging_face(repo: str, target: Path) -> None:
     except ImportError:  # tokenizers normally brings it along
         raise ModelDownloadError("needs the huggingface_hub package") from None
     patterns = download_patterns(repo.split("/")[-1])
+    bound_hub_timeouts()
     snapshot_download(repo_id=repo, local_dir=str(target), allow_patterns=patterns)
+
+
+HUB_TIMEOUT_VARIABLE = "COSYVOICE_LITE_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 60.0  # seconds without progress: a slow download still goes on
+_hub_timeout = DEFAULT_HUB_TIMEOUT  # (read by the request hook, set by bound_hub_timeouts)
+_bounded_clients = False
+
+
+def hub_timeout() -> float:
+    """Seconds a hub request may wait for a connection or for each read or write:
+    ``$COSYVOICE_LITE_HUB_TIMEOUT``, else 60."""
+    text = os.environ.get(HUB_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ModelDownloadError(
+            f"${HUB_TIMEOUT_VARIABLE} must be a number of seconds, got {text!r}"
+        )
+    return seconds
+
+
+def bound_hub_timeouts() -> None:
+    """huggingface_hub makes its HTTP client with no timeout (and passes timeout=None to some
+    calls): a hub or proxy that took the connection and never answered hung a download for
+    good, without a word. From now on every request it makes waits at most ``hub_timeout()``
+    for a connection and for each read or write; its own shorter timeouts stay."""
+    global _hub_timeout, _bounded_clients
+    _hub_timeout = hub_timeout()
+    if _bounded_clients:
+        return
+    import huggingface_hub
+
+    if hasattr(huggingface_hub, "set_client_factory"):  # 1.x and later: httpx clients
+        from huggingface_hub.utils import _http
+
+        # the factory in place (the user's own, set before), with the hook added
+        made = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+        def bounded_client():  # noqa: ANN202 - an httpx.Client (httpx or httpx2)
+            client = made()
+            hooks = client.event_hooks
+            hooks["request"] = [*hooks.get("request", []), _bound_request]
+            client.event_hooks = hooks
+            return client
+
+        huggingface_hub.set_client_factory(bounded_client)
+    elif hasattr(huggingface_hub, "configure_http_backend"):  # 0.x: requests sessions
+        import requests
+
+        class BoundedSession(requests.Session):
+            def request(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                if kwargs.get("timeout") is None:
+                    kwargs["timeout"] = _hub_timeout
+                return super().request(*args, **kwargs)
+
+        huggingface_hub.configure_http_backend(BoundedSession)
+    _bounded_clients = True
+
+
+def _bound_request(request) -> None:  # noqa: ANN001 - an httpx.Request
+    """An httpx request hook: the timeouts left unbounded (None) get ``_hub_timeout``. (Run
+    before the request is sent: its transport, a proxy's too, reads them from there.)"""
+    given = request.extensions.get("timeout") or {}
+    kinds = {"connect": None, "read": None, "write": None, "pool": None, **given}
+    bounded = {kind: _hub_timeout if value is None else value for kind, value in kinds.items()}
+    request.extensions = {**request.extensions, "timeout": bounded}
 
 
 def _from_modelscope(repo: str, target: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .config import YAML_NAMES, ModelConfig, load_model_config
-from .errors import ModelDirError
+from .errors import InvalidRequestError, ModelDirError
+from .files import not_utf8
 from .versions import spec
 
 log = logging.getLogger(__name__)
@@ -312,11 +313,16 @@ def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
     """Validate a directory: version from its yaml, every needed file present and readable,
     the yaml parsed as data into a typed configuration."""
     given = Path(path).expanduser()
-    model_dir = given.resolve()
-    version = detect_version(model_dir)
-    check_files(model_dir, version)
-    speaker_file(model_dir / "spk2info.pt")  # (optional, but not broken)
-    config = load_model_config(model_dir, version)
+    _check_utf8(given)
+    try:
+        model_dir = given.resolve()
+        _check_utf8(model_dir)  # (through a link)
+        version = detect_version(model_dir)
+        check_files(model_dir, version)
+        speaker_file(model_dir / "spk2info.pt")  # (optional, but not broken)
+        config = load_model_config(model_dir, version)
+    except OSError as exc:  # a directory this user may not read: a model-directory error
+        raise ModelDirError(f"cannot read model directory {given}: {exc.strerror or exc}") from None
     if variant is not None and variant not in ("base", "sft", "instruct"):
         raise ModelDirError(f"unknown variant '{variant}': use base, sft or instruct")
     if variant is not None and variant not in spec(version).variants:
@@ -327,3 +333,39 @@ def open_model_dir(path: str | Path, variant: str | None = None) -> ModelDir:
     release = _release_name(given, model_dir)
     variant = variant or _variant(model_dir, version, release)
     return ModelDir(model_dir, version, config, variant, release)
+
+
+def _check_utf8(path: Path) -> None:
+    """A ModelDirError where ``path`` is not valid UTF-8: torch opens checkpoints by UTF-8
+    names only, and called such a directory's intact llm.pt corrupt."""
+    if (shown := not_utf8(path)) is not None:
+        raise ModelDirError(
+            f"model directory path {shown} is not valid UTF-8 (a name from another system's "
+            "encoding?): rename it"
+        )
+
+
+def check_model_for_load(
+    path: str | Path,
+    variant: str | None = None,
+    llm_checkpoint: str = "llm.pt",
+    stream_cache_dtype: str | None = None,
+) -> ModelDir:
+    """``open_model_dir`` and the checks of ``Engine.load``'s options that need the directory,
+    before any network loads: the chosen LLM checkpoint is there (``llm.rl.pt`` is optional),
+    and ``stream_cache_dtype`` is for a model that streams through a flow cache (v2/v3). A
+    server runs it before it listens: its model loads in the background, and these errors
+    left it up and not ready for good."""
+    model_dir = open_model_dir(path, variant)
+    if llm_checkpoint != "llm.pt":  # (llm.pt itself: a required file, checked above)
+        reason = _unreadable_reason(model_dir.path / llm_checkpoint)
+        if reason is not None:
+            raise ModelDirError(
+                f"llm_checkpoint {llm_checkpoint} of model directory {model_dir.path}: {reason}"
+            )
+    if stream_cache_dtype is not None and spec(model_dir.version).pipeline == "v1":
+        raise InvalidRequestError(  # (it was taken, and did nothing)
+            f"stream_cache_dtype applies to CosyVoice2/3's streamed flow; {model_dir.name} "
+            "keeps no stream caches"
+        )
+    return model_dir

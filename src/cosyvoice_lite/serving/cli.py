@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,10 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
 
     add_model_args(serve)
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+        "--host",
+        type=_host,
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     )
     serve.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     limits = serve.add_argument_group("limits")
@@ -134,8 +138,10 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     ops = serve.add_argument_group("operations")
     ops.add_argument(
         "--api-key",
-        default=os.environ.get("COSYVOICE_LITE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $COSYVOICE_LITE_API_KEY)",
+        type=_api_key,  # (argparse applies it to the variable's value too: a string default)
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE}; an empty one "
+        "is an error, not a server without a key)",
     )
     ops.add_argument(
         "--cors-origin",
@@ -155,11 +161,11 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--voices-dir",
-        type=Path,
+        type=_directory,
         help="voice library directory (default $COSYVOICE_LITE_VOICES, else "
         "$XDG_DATA_HOME/cosyvoice-lite/voices, i.e. ~/.local/share/cosyvoice-lite/voices)",
     )
-    ops.add_argument("--outputs-dir", type=Path, help="save every result (audio + JSON) here")
+    ops.add_argument("--outputs-dir", type=_directory, help="save every result (audio + JSON) here")
     ops.add_argument(
         "--outputs-keep-days",
         type=float,
@@ -172,7 +178,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     ops.add_argument("--s3-region", help="S3 region")
     ops.add_argument(
         "--spool-dir",
-        type=Path,
+        type=_directory,
         help="with S3 and no --outputs-dir: where results wait until uploaded "
         "(default <voices-dir>/.spool)",
     )
@@ -284,9 +290,91 @@ def allowed_hosts(host: str, given: list[str], keyed: bool = False) -> list[str]
     return given  # (read as Host headers are by Settings)
 
 
+API_KEY_VARIABLE = "COSYVOICE_LITE_API_KEY"
+
+# Settings' fields and Engine.load's options -> the serve option that sets them: an error names
+# what the user typed ("workers must be at least 1" was about --max-batch)
+OPTION_FLAGS = {
+    "max_text_chars": "--max-text-chars",
+    "max_instruct_chars": "--max-instruct-chars",
+    "max_prompt_text_chars": "--max-prompt-text-chars",
+    "max_upload_bytes": "--max-upload-mb",
+    "max_json_bytes": "--max-json-mb",
+    "max_prompt_seconds": "--max-prompt-seconds",
+    "workers": "--max-batch",
+    "max_batch": "--max-batch",
+    "max_queue": "--max-queue",
+    "request_timeout": "--timeout",
+    "max_voices": "--max-voices",
+    "prepare_voices": "--prepare-voices",
+    "storage_waiters": "--storage-waiters",
+    "outputs_keep_days": "--outputs-keep-days",
+    "header_timeout": "--header-timeout",
+    "body_timeout": "--body-timeout",
+    "send_timeout": "--send-timeout",
+    "keep_alive_timeout": "--keep-alive",
+    "max_connections": "--max-connections",
+    "shutdown_timeout": "--shutdown-timeout",
+    "audio_workers": "--audio-workers",
+    "idle_release_seconds": "--idle-release-seconds",
+    "prompt_cache_mb": "--prompt-cache-mb",
+    "stream_cache_mb": "--stream-cache-mb",
+    "stream_cache_dtype": "--stream-cache-dtype",
+    "llm_checkpoint": "--llm",
+    "onnx_dir": "--onnx-dir",
+}
+_FIELD_NAMES = re.compile(r"\b(" + "|".join(OPTION_FLAGS) + r")\b")
+
+
+def as_flags(message: str) -> str:
+    """``message`` with the settings' and load options' names as the serve options' flags."""
+    return _FIELD_NAMES.sub(lambda match: OPTION_FLAGS[match.group(1)], message)
+
+
+# Ray-only options and their defaults: without --ray they were dropped without a word
+RAY_ONLY = {
+    "replicas": 1,
+    "autoscale": None,
+    "ray_address": None,
+    "replica_cpus": 1.0,
+    "replica_gpus": 0.0,
+}
+
+
+def check_ray_only_options(args: argparse.Namespace) -> None:
+    """A CosyVoiceError for an option of Ray Serve's given without --ray."""
+    from ..errors import CosyVoiceError
+
+    if args.ray:
+        return
+    for name, default in RAY_ONLY.items():
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            raise CosyVoiceError(
+                f"{flag} applies with --ray (replicas on Ray Serve): add --ray, or leave it out"
+            )
+
+
 def settings_from_args(args: argparse.Namespace):
+    """The Settings of the serve options (a ValueError naming the option for bad ones)."""
+    try:
+        return _settings_from_args(args)
+    except ValueError as exc:
+        raise ValueError(as_flags(str(exc))) from None
+
+
+def _settings_from_args(args: argparse.Namespace):
     from .settings import S3Settings, Settings
 
+    for flag, megabytes in (
+        ("--max-upload-mb", args.max_upload_mb),
+        ("--max-json-mb", args.max_json_mb),
+    ):
+        # (checked in MiB, as given: --max-json-mb 0 meant the default)
+        if megabytes is not None and not 0 < megabytes < math.inf:
+            raise ValueError(f"{flag} must be a positive number of MiB, got {megabytes:g}")
+    if args.outputs_keep_days is not None and args.outputs_dir is None:
+        raise ValueError("--outputs-keep-days applies with --outputs-dir")
     s3 = None
     if args.s3_bucket:
         s3 = S3Settings(args.s3_bucket, args.s3_prefix, args.s3_endpoint_url, args.s3_region)
@@ -305,7 +393,7 @@ def settings_from_args(args: argparse.Namespace):
         max_text_chars=args.max_text_chars,
         max_instruct_chars=args.max_instruct_chars,
         max_prompt_text_chars=args.max_prompt_text_chars,
-        max_json_bytes=int(args.max_json_mb * 1024 * 1024) if args.max_json_mb else None,
+        max_json_bytes=None if args.max_json_mb is None else int(args.max_json_mb * 1024 * 1024),
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_prompt_seconds=args.max_prompt_seconds,
         workers=args.workers,
@@ -314,7 +402,7 @@ def settings_from_args(args: argparse.Namespace):
         prepare_voices=args.prepare_voices,
         storage_waiters=args.storage_waiters,
         request_timeout=args.timeout,
-        api_key=args.api_key or None,
+        api_key=args.api_key,  # (an empty one is refused: argparse's _api_key, Settings)
         cors_origins=args.cors_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host, bool(args.api_key)),
         outputs_dir=args.outputs_dir,
@@ -334,6 +422,18 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..errors import CosyVoiceError
+
+    # options first: a bad one is an error on stderr before the server's logging is set up,
+    # and before torch and uvicorn are imported (seconds)
+    check_ray_only_options(args)
+    try:
+        settings = settings_from_args(args)
+    except (ValueError, OverflowError) as exc:  # (--max-upload-mb 1e309: no number of bytes)
+        raise CosyVoiceError(f"bad server option: {exc}") from None
+    if not args.ray:  # (replicas' directories are their machines')
+        check_storage_dirs(args, settings)
+
     import uvicorn
 
     from ..engine import Engine
@@ -341,21 +441,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure
     from .server import uvicorn_config
 
-    # options first: a bad one is an error on stderr before the server's logging is set up
     try:
-        settings = settings_from_args(args)
-    except (ValueError, OverflowError) as exc:  # (--max-upload-mb inf: no number of bytes)
-        from ..errors import CosyVoiceError
+        if not args.ray:
+            from ..cli import set_threads
 
-        raise CosyVoiceError(f"bad server option: {exc}") from None
-    if not args.ray:
-        from ..cli import set_threads
-
-        set_threads(args.threads)  # once, before the model loads
-        Engine.check_load_options(**load_options(args))  # an error now, not a 503 later
-        check_load_paths(args)
-    else:  # a failed deploy later (every replica retried) is slow and says less
-        check_replica_load_options(load_options(args))
+            set_threads(args.threads)  # once, before the model loads
+            Engine.check_load_options(**load_options(args))  # an error now, not a 503 later
+            check_load_paths(args)
+        else:  # a failed deploy later (every replica retried) is slow and says less
+            check_replica_load_options(load_options(args))
+    except CosyVoiceError as exc:  # named as the options the user typed
+        raise type(exc)(as_flags(str(exc))) from None
     configure(logging.INFO, json_lines=args.log_format == "json")
     if args.ray:
         return cmd_serve_ray(args, settings)
@@ -396,14 +492,54 @@ def load_options(args: argparse.Namespace) -> dict:
 
 
 def check_load_paths(args: argparse.Namespace) -> None:
-    """The paths the background load reads first, checked before the server starts (it
-    reported not-ready forever): --model exists or names an official release (downloaded in
-    the background), and --onnx-dir holds a whole export. (Not for Ray: the replicas' machines
-    have their own files.)"""
+    """The paths the background load reads, checked before the server starts (it reported
+    not-ready forever): --model exists or names an official release (downloaded in the
+    background), --onnx-dir holds a whole export, and a model directory here (or already
+    downloaded) has every file the load reads and takes the options given (--variant, --llm,
+    --stream-cache-dtype). (Not for Ray: the replicas' machines have their own files.)"""
+    from ..errors import ModelDownloadError
     from ..export.runtime import check_backend_dir
+    from ..hub import resolve_model
+    from ..modeldir import check_model_for_load
 
     check_model_path(args.model)
     check_backend_dir(args.backend, args.onnx_dir)
+    try:
+        path = resolve_model(args.model, download=False)
+    except ModelDownloadError:  # an official release not downloaded yet: the load fetches it
+        return
+    check_model_for_load(path, args.variant, args.llm_checkpoint, args.stream_cache_dtype)
+
+
+def check_storage_dirs(args: argparse.Namespace, settings) -> None:  # noqa: ANN001
+    """The directories the server makes and writes are none of them a file, nor under one
+    (a bare "[Errno 17] File exists" at start, or a voice library unavailable for good)."""
+    from ..errors import CosyVoiceError
+
+    places = []
+    if settings.voices_s3 is None:
+        from_variable = "$COSYVOICE_LITE_VOICES" if os.environ.get("COSYVOICE_LITE_VOICES") else ""
+        places.append((settings.voices_dir, "--voices-dir" if args.voices_dir else from_variable))
+    if settings.outputs_dir is not None:
+        places.append((settings.outputs_dir, "--outputs-dir"))
+    elif settings.s3 is not None:  # results wait in the spool until uploaded
+        places.append((settings.spool_dir, "--spool-dir"))
+    for path, option in places:
+        if (blocker := _not_a_directory(path)) is not None:
+            named = f"{option} {str(path)!r}" if option else f"directory {str(path)!r}"
+            raise CosyVoiceError(f"{named}: {str(blocker)!r} is a file, not a directory")
+
+
+def _not_a_directory(path: Path) -> Path | None:
+    """The nearest of ``path`` and the folders above it that exists, where it is no directory."""
+    for place in (path, *path.parents):
+        try:
+            if not os.path.lexists(place):
+                continue
+            return None if place.is_dir() else place
+        except OSError:  # (unreadable: the server's own error says more)
+            return None
+    return None
 
 
 def check_model_path(model: str) -> None:
@@ -491,9 +627,39 @@ def _mb_or_none(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"MiB (a whole number) or none, got {value!r}") from None
 
 
+def _host(value: str) -> str:
+    """An address to listen on: an empty one listened on every interface."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty address listens on every interface: give 127.0.0.1 (this machine) or "
+            "0.0.0.0 (every interface)"
+        )
+    return value.strip()
+
+
+def _api_key(value: str) -> str:
+    """The API key (of --api-key or its variable): an empty one ran the server without any."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            f"empty API key (--api-key or ${API_KEY_VARIABLE}): leave the option and variable "
+            "out to run without one"
+        )
+    return value
+
+
+def _directory(value: str) -> Path:
+    """A directory option's path: an empty one meant the current directory."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a directory")
+    return Path(value)
+
+
 def _port(value: str) -> int:
     """A TCP port: 0 (any free one) to 65535 (a larger one was bound modulo 65536, silently)."""
-    port = int(value)
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number, got {value!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is from 0 to 65535, got {port}")
     return port

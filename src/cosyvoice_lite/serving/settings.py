@@ -7,9 +7,13 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..audio.io import MAX_PROMPT_SECONDS
 from ..request import MAX_INSTRUCT_CHARS, MAX_PROMPT_TEXT_CHARS
-from .voices import MAX_VOICES, STORAGE_WAITERS
+
+# audio.io's and voices' values (tests/test_cli.py holds them equal), not imported from there:
+# those import torch, and `serve`'s option errors come before any heavy import (~3 s)
+MAX_PROMPT_SECONDS = 30.0
+MAX_VOICES = 1000
+STORAGE_WAITERS = 32
 
 
 def default_voices_dir() -> Path:
@@ -110,6 +114,8 @@ class Settings:
         ):
             if getattr(self, name) > most:
                 raise ValueError(f"{name} must be at most {most} (the engine's limit)")
+        if self.api_key == "":  # ("--api-key $KEY" with KEY unset ran without one)
+            raise ValueError("the API key is empty: give None to run without one")
         if self.api_key is not None and not (
             self.api_key.isascii() and self.api_key.isprintable() and self.api_key.strip()
         ):
