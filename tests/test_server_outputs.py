@@ -1,9 +1,10 @@
 """Issue 11, results kept safely: unique names whatever the request id; with S3, saved locally
 first, uploads with timeouts and bounded tries counted done/failed/pending, a graceful stop that
 does not wait for a hung S3, and pending uploads finished while running and at the next start;
-a result that cannot be saved locally uploaded from memory; a save cut short or failing midway
-leaves nothing behind for good (real moto S3, and a real TCP endpoint that accepts and never
-answers)."""
+a result that cannot be saved locally uploaded from memory (within a budget); a save cut short
+or failing midway leaves nothing behind for good; a spooled copy removed only once uploaded (a
+read error tried again later, a damaged marker's files left alone) (real moto S3, and a real TCP
+endpoint that accepts and never answers)."""
 
 from __future__ import annotations
 
@@ -387,3 +388,112 @@ def test_a_save_that_fails_midway_leaves_nothing_and_is_uploaded(
     assert files_in(spool) == []
     assert len(keys(s3, f"midway{n}/", "midway")) == 2
     assert metric(store.metrics.render(), "cosyvoice_outputs_lost_total") == 0
+
+
+@pytest.mark.parametrize("which", [".s3-pending", ".wav", ".json"])
+def test_a_pending_result_unreadable_for_a_moment_is_uploaded_later(
+    tmp_path,
+    s3,  # noqa: F811
+    s3_url,  # noqa: F811
+    monkeypatch,
+    which,
+):
+    """A read error at an upload (EMFILE: out of descriptors under a flood of connections; EIO)
+    counted as a damaged result: the pending upload dropped and its spooled copy, the only one,
+    deleted, or, the marker unreadable, the marker deleted and the copy left for good, never
+    uploaded. Now it is tried again after a pause of its own, S3 not blamed for it."""
+    import errno
+    import io
+    import os
+
+    spool, real_open, failures = tmp_path / "spool", io.open, [3]
+
+    def flaky_open(file, *args, **kwargs):  # noqa: ANN001, ANN202 - pathlib reads through it
+        if str(file).startswith(str(spool)) and str(file).endswith(which) and failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", flaky_open)
+    store = results_store(spool, "results", f"flaky{which}/", s3_url, retry_first=0.2,
+                          retry_most=0.4)  # fmt: skip
+    try:
+        store.submit("flaky", tone(), 22050, "wav", {})
+        assert wait_for(lambda: failures[0] < 3)
+        assert store.pending == 1 and store.health() is None  # waiting, S3 not failing
+        assert wait_for(lambda: store.pending == 0, timeout=15)
+        assert failures == [0] and len(keys(s3, f"flaky{which}/", "flaky")) == 2
+        text = store.metrics.render()
+        assert metric(text, "cosyvoice_outputs_lost_total") == 0
+        assert metric(text, "cosyvoice_s3_upload_errors_total") == 0
+        assert files_in(spool) == []  # removed once uploaded
+    finally:
+        store.shutdown()
+
+
+def test_a_damaged_marker_is_dropped_and_leaves_the_files_alone(
+    tmp_path,
+    s3,  # noqa: F811
+    s3_url,  # noqa: F811
+):
+    """A marker that cannot be taken as an upload (not JSON, a field missing, a name that is
+    not a plain file name) is dropped, counted lost; the files beside it, possibly its result's
+    only copy, were deleted with it, and are now left for a look."""
+    folder = tmp_path / "spool" / "2020-01-01"
+    folder.mkdir(parents=True)
+    task = {"key": "2020-01-01/x", "audio": "a.wav", "meta": "a.json"}
+    task.update(content_type="audio/wav", spooled=True)
+    markers = {
+        "a": {**task, "meta": "../a.json"},  # (refused as a name: not within the folder)
+        "b": {key: value for key, value in task.items() if key != "meta"},
+        "c": "not json",
+    }
+    for name, content in markers.items():
+        text = content if isinstance(content, str) else json.dumps(content)
+        (folder / f".{name}.s3-pending").write_text(text)
+        (folder / f"{name}.wav").write_bytes(b"RIFF")
+        (folder / f"{name}.json").write_text("{}")
+    store = results_store(tmp_path / "spool", "results", "damaged/", s3_url)
+    try:
+        assert wait_for(lambda: store.pending == 0)
+        assert metric(store.metrics.render(), "cosyvoice_outputs_lost_total") == 3
+    finally:
+        store.shutdown()
+    assert files_in(folder) == [f"{name}.{ext}" for name in "abc" for ext in ("json", "wav")]
+    assert not keys(s3, "damaged/", "")
+
+
+def test_results_held_in_memory_for_upload_are_bounded(tmp_path, silent_s3, monkeypatch):
+    """With the spool's disk full, every result waited in memory for its upload, one at a time
+    to a slow S3 (10 MB/s on a busy server, without bound). Now results are held within a
+    budget (bytes), and none while S3 is known to be failing: beyond, lost at once (counted)."""
+    from datetime import datetime, timedelta, timezone
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # so that the upload is tried
+        monkeypatch.setenv(name, "test")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for days in (0, 1):  # a file where the day's folder goes: no local save can be written
+        (spool / f"{datetime.now(timezone.utc) + timedelta(days=days):%Y-%m-%d}").touch()
+    hung = S3Settings("results", "", silent_s3, "us-east-1", connect_timeout=1, read_timeout=1.5,
+                      max_attempts=1)  # fmt: skip
+    from cosyvoice_lite.serving.metrics import Metrics
+    from cosyvoice_lite.serving.outputs import OutputStore
+
+    # a result is 4.5 kB (4,454 bytes of audio, its metadata): two fit
+    store = OutputStore(None, hung, Metrics(), spool, memory_budget=12_000)
+    try:
+        for i in range(5):
+            store.submit(f"held{i}", tone(), 22050, "wav", {})
+        assert wait_for(lambda: store.unsaved == 0)
+        assert store.lost == 3 and store.pending == 2  # the first's upload hangs meanwhile
+        assert store.flush(timeout=30)
+        # the first's upload failed: the second, not tried (S3 failing), is lost at once
+        text = store.metrics.render()
+        assert metric(text, "cosyvoice_outputs_lost_total") == 5
+        assert metric(text, "cosyvoice_s3_upload_errors_total") == 1
+        assert metric(text, "cosyvoice_s3_uploads_pending") == 0
+        store.submit("later", tone(), 22050, "wav", {})  # S3 still failing: not held
+        assert store.flush(timeout=5) and store.lost == 6 and store.pending == 0
+    finally:
+        store.shutdown()

@@ -10,7 +10,11 @@ number of tries), so a slow or hung S3 never holds the local saves back. An uplo
 spooled copy, then the marker, once both objects are up. A failed upload keeps its marker and
 is tried again while the server runs (after a pause that doubles at each failure in a row, up
 to ``retry_most``) and at the next start, so nothing finished is lost while S3 is down. A
-result whose local copy cannot be written (a full disk) is uploaded straight from memory.
+spooled copy is removed only once uploaded: a file that cannot be read for now (out of
+descriptors, an I/O error) is tried again later, and a damaged marker is dropped with its
+result's files left alone. A result whose local copy cannot be written (a full disk) is uploaded
+straight from memory, within ``memory_budget`` bytes held and only while S3 is not failing
+(else it is lost at once, logged and counted: memory stays bounded).
 Uploads are counted done/failed, with a gauge of the results waiting; ``health()`` says why
 results are not kept as configured. A graceful stop waits at most ``shutdown_timeout`` for the
 saves, then the uploads (those not done stay pending on disk).
@@ -74,6 +78,7 @@ RETRY_MOST = 300.0  # ... up to this
 # (seconds); older, a save cut short: dropped
 SETTLE = 60.0
 SAVE_FAILURE_SHOWN = 60.0  # seconds health() reports a local save that failed
+MEMORY_BUDGET = 64 * 2**20  # bytes of results held in memory for upload (unsaved) at most
 _STOP = object()
 
 
@@ -117,15 +122,18 @@ class OutputStore:
         prune_every: float = PRUNE_INTERVAL,
         retry_first: float = RETRY_FIRST,
         retry_most: float = RETRY_MOST,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         """``keep_days``: results in ``directory`` are removed after that many days (a day's
         folder at a time, checked every ``prune_every`` seconds on the save thread; a folder
         with an upload still pending is kept); None keeps them all. A failed upload is tried
         again after ``retry_first`` seconds, twice that after a second failure in a row, and so
-        on up to ``retry_most``."""
+        on up to ``retry_most``. Results that cannot be saved locally are held in memory for
+        their upload up to ``memory_budget`` bytes in all."""
         self.directory = directory
         self.keep_days, self.prune_every = keep_days, prune_every
         self.retry_first, self.retry_most = retry_first, retry_most
+        self.memory_budget = memory_budget
         self._pruned_at = -float("inf")
         self.s3 = s3
         self.metrics = metrics
@@ -143,6 +151,8 @@ class OutputStore:
         self._due: list[tuple[float, int, Path]] = []  # those, by when to try (upload thread's)
         self._order = itertools.count()  # (first come, first tried among those due together)
         self._in_memory = 0  # results not saved locally, to upload from memory
+        self._held_bytes = 0  # ... their size
+        self._unreadable: dict[Path, float] = {}  # marker -> pause after its latest read error
         self.unsaved = 0  # results submitted and not written yet (in memory)
         self.lost = 0  # results neither kept locally nor uploaded
         self.save_errors = 0
@@ -381,13 +391,26 @@ class OutputStore:
 
     def _save_failed(self, result: _Result, exc: OSError) -> None:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
+        size = len(result.audio) + len(result.meta)
         with self._lock:
             self.save_errors += 1
             self._save_failure = (time.monotonic(), why)
-            self.lost += self._client is None
-            self._in_memory += self._client is not None
-        if self._client is None:
-            log.error("could not save result %s (it is lost): %s", result.request_id, why)
+            # held for an upload only within the budget and while S3 answers: a full disk with
+            # a slow or failing S3 held every later result (10 MB/s on a busy server)
+            if self._client is None:
+                lost = ""
+            elif self._paused_until > time.monotonic():
+                lost = "; S3 uploads are failing"
+            elif self._held_bytes + size > self.memory_budget:
+                lost = f"; {self._held_bytes:,} bytes of results wait in memory already"
+            else:
+                lost = None
+            self.lost += lost is not None
+            if lost is None:
+                self._in_memory += 1
+                self._held_bytes += size
+        if lost is not None:
+            log.error("could not save result %s (it is lost): %s%s", result.request_id, why, lost)
             return
         log.error(
             "could not save result %s locally (%s): uploading it from memory",
@@ -435,15 +458,19 @@ class OutputStore:
     def _upload(self, marker: Path) -> None:
         task = None
         try:
-            task = json.loads(marker.read_text())
-            audio = (marker.parent / _plain(task["audio"])).read_bytes()
-            meta = (marker.parent / _plain(task["meta"])).read_bytes()
+            task = _task(marker.read_text())
+            audio = (marker.parent / task["audio"]).read_bytes()
+            meta = (marker.parent / task["meta"]).read_bytes()
         except FileNotFoundError:
             self._incomplete(marker, task)
             return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._drop(marker, task, f"unreadable ({exc})")
+        except OSError as exc:  # (out of descriptors, an I/O error): not the result's fault
+            self._unreadable_now(marker, exc)
             return
+        except (ValueError, KeyError, TypeError) as exc:  # the marker itself is damaged
+            self._drop(marker, f"damaged ({exc}); any files of its result stay in {marker.parent}")
+            return
+        self._unreadable.pop(marker, None)
         try:
             self._put(task, audio, meta)
         except Exception as exc:  # noqa: BLE001 - storage trouble must not break serving
@@ -463,23 +490,31 @@ class OutputStore:
         self._forget(marker)
 
     def _upload_held(self, result: _Result) -> None:
-        """A result that could not be saved locally: one try, from memory."""
+        """A result that could not be saved locally: one try from memory, none while S3 is
+        failing (each would hold up the uploads behind it for the client's whole timeout)."""
         try:
-            self._put(result.task, result.audio, result.meta)
-        except Exception as exc:  # noqa: BLE001 - storage trouble must not break serving
-            self._failed(exc)
+            if self._paused_until > time.monotonic():
+                why = f"S3 uploads are failing: {self._failing[1] if self._failing else ''}"
+            else:
+                try:
+                    self._put(result.task, result.audio, result.meta)
+                except Exception as exc:  # noqa: BLE001 - storage trouble must not break serving
+                    self._failed(exc)
+                    why = str(exc)
+                else:
+                    self._succeeded()
+                    return
             with self._lock:
                 self.lost += 1
             log.error(
                 "S3 upload of %s failed, and it could not be saved locally: it is lost (%s)",
                 result.audio_name,
-                exc,
+                why,
             )
-        else:
-            self._succeeded()
         finally:
             with self._lock:
                 self._in_memory -= 1
+                self._held_bytes -= len(result.audio) + len(result.meta)
 
     def _put(self, task: dict, audio: bytes, meta: bytes) -> None:
         prefix = f"{self.s3.prefix.strip('/')}/" if self.s3.prefix.strip("/") else ""
@@ -508,6 +543,14 @@ class OutputStore:
         self.metrics.count("s3_uploads_total")
         self._backoff, self._paused_until, self._failing = 0.0, 0.0, None
 
+    def _unreadable_now(self, marker: Path, exc: OSError) -> None:
+        """A pending result that cannot be read for now: tried again after a pause of its own
+        (doubling like S3's); S3 is not failing for that, and nothing is removed or lost."""
+        pause = self._unreadable.get(marker, 0.0) * 2
+        self._unreadable[marker] = pause = min(self.retry_most, max(self.retry_first, pause))
+        log.error("cannot read pending upload %s (tried again in %.0f s): %s", marker, pause, exc)
+        self._schedule(marker, time.monotonic() + pause)
+
     def _incomplete(self, marker: Path, task: dict | None) -> None:
         """A marker without its files: a save in progress (by another process sharing the
         directory) while young; else a save cut short, or removed by hand."""
@@ -516,31 +559,33 @@ class OutputStore:
         except FileNotFoundError:  # the marker itself gone (uploaded by another process)
             self._forget(marker)
             return
+        except OSError as exc:
+            self._unreadable_now(marker, exc)
+            return
         if age < SETTLE:
             self._schedule(marker, time.monotonic() + SETTLE - age)
         else:
-            # (what it wrote goes too, from an outputs directory as well: never complete)
-            self._drop(marker, task, "its files are missing (a save cut short)", everywhere=True)
+            # what it wrote goes too (never complete), from an outputs directory as well
+            self._drop(marker, "its files are missing (a save cut short)", task)
 
-    def _drop(self, marker: Path, task: dict | None, why: str, everywhere: bool = False) -> None:
-        """The marker removed, and its files where they are spooled (``everywhere``: kept
-        results too)."""
+    def _drop(self, marker: Path, why: str, task: dict | None = None) -> None:
+        """The marker removed (the result counted lost), and ``task``'s files if given."""
         log.error("dropping pending upload %s: %s", marker.name, why)
         self.metrics.count("s3_upload_errors_total")
         with self._lock:
             self.lost += 1
-        if isinstance(task, dict) and (everywhere or task.get("spooled")):
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                self._remove_files(marker, task)
+        if task is not None:
+            self._remove_files(marker, task)
         marker.unlink(missing_ok=True)
         self._forget(marker)
 
     @staticmethod
     def _remove_files(marker: Path, task: dict) -> None:
         for name in (task["audio"], task["meta"]):
-            (marker.parent / _plain(name)).unlink(missing_ok=True)
+            (marker.parent / name).unlink(missing_ok=True)
 
     def _forget(self, marker: Path) -> None:
+        self._unreadable.pop(marker, None)
         with self._lock:
             self._markers.discard(marker)
 
@@ -595,6 +640,18 @@ def _listing(folder: Path) -> list[Path]:
 
 def _is_marker(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(MARKER_SUFFIX)
+
+
+def _task(text: str) -> dict:
+    """A marker's content, checked (ValueError, TypeError, KeyError: it is damaged)."""
+    task = json.loads(text)
+    for field in ("key", "content_type"):
+        if not isinstance(task[field], str):
+            raise TypeError(f"{field} is not a string")
+    _plain(task["meta"])
+    if "." not in _plain(task["audio"]):
+        raise ValueError(f"no extension: {task['audio']!r}")
+    return task
 
 
 def _plain(name: str) -> str:

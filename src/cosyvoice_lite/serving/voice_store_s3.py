@@ -20,9 +20,10 @@ failure before the manifest leaves nothing visible, and the data already written
 again (objects that even this could not delete are unreferenced: invisible, and safe to
 remove). A manifest PUT that fails but was not refused may have been stored all the same (its
 answer lost): the manifest is read again, and the write is saved if it shows this write's
-generation; otherwise its data and claim stay (the PUT may be stored yet: unreferenced objects
-at worst, never a manifest naming deleted data), and when the manifest cannot be read the
-answer says the voice may or may not have been saved. Deleting removes the manifest first, so
+generation; if it is absent (read once more ``SETTLE_DELAY`` later, for a PUT still on its way),
+the write's data and claim are deleted; when the manifest cannot be read, they stay (the PUT may
+be stored: unreferenced objects at worst, never a manifest naming deleted data) and the answer
+says the voice may or may not have been saved. Deleting removes the manifest first, so
 the voice disappears at once, and only the manifest it read (``If-Match``): a voice deleted and
 created again by another process meanwhile is not this delete's. Each write puts a token of its
 own in its claim, and claims are released ``If-Match`` too, so a write that claims a name being
@@ -58,6 +59,7 @@ MISSING = {"404", "NoSuchKey", "NotFound"}
 TAKEN = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 UNSUPPORTED = {"501", "NotImplemented"}
 CLAIM_TRIES = 8  # claims changing under one write this often mean a storm of writes
+SETTLE_DELAY = 1.0  # seconds before a manifest absent after its failed PUT is read once more
 
 
 def voice_store(settings: Settings) -> VoiceStore:
@@ -82,7 +84,7 @@ class _Staged:
     manifest: bytes
     keys: list[str] = field(default_factory=list)
     committed: bool = False
-    kept: bool = False  # its manifest may be stored yet: discard leaves its data alone
+    kept: bool = False  # its manifest may be stored: discard leaves its data alone
 
 
 class S3VoiceStore:
@@ -261,7 +263,7 @@ class S3VoiceStore:
         return staged
 
     def commit(self, staged: _Staged) -> None:
-        self._claim(staged.name)  # never released here: a voice's or a write's (see _settle)
+        claim = self._claim(staged.name)  # kept, but where the manifest is surely absent
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -272,26 +274,48 @@ class S3VoiceStore:
                 IfNoneMatch="*",  # the first process to commit a name wins
             )
         except Exception as exc:  # noqa: BLE001
-            self._settle(staged, exc)  # returns if the manifest stored is this write's
+            self._settle(staged, claim, exc)  # returns if the manifest stored is this write's
         finally:
             self._forget(staged.name)
         staged.committed = True
 
-    def _settle(self, staged: _Staged, exc: Exception) -> None:
+    def _settle(self, staged: _Staged, claim: str, exc: Exception) -> None:
         """After the manifest PUT failed with ``exc``: return if the bucket has this write's
         manifest all the same, else raise (FileExistsError when the name is taken). An error
         other than a refusal may come after the bucket stored the manifest (its answer lost, a
         gateway failing after forwarding), and a retried PUT is refused by its own first try:
-        only the manifest tells. A PUT not refused may yet be stored (still on its way), so its
-        data and claim stay (unreferenced at worst, never a manifest naming deleted data; a
-        write of this spelling takes the claim over at once, another after CLAIM_GRACE)."""
+        only the manifest tells. Found absent, the write leaves nothing: its data is discarded
+        and its claim (ETag ``claim``) released; another write's manifest refuses this one's
+        for good, so its data goes as well."""
         refused = _code(exc) in TAKEN
-        staged.kept = not refused
+        generation = self._stored(staged, exc)
+        if generation is None and not refused:
+            # A PUT not refused may still be on its way (a gateway or the bucket still handling
+            # it after the error came back): read again a moment later. That covers a request
+            # that failed on the way back; it is no proof against one held up longer (past a
+            # read timeout, say), which may still land after the data is deleted: a voice that
+            # cannot speak then, without a claim, until deleted (which works as for any other).
+            time.sleep(SETTLE_DELAY)
+            generation = self._stored(staged, exc)
+        if generation == staged.generation:
+            return
+        if refused or generation is not None:  # another write's voice has this spelling
+            raise FileExistsError(staged.name) from None
+        try:  # (a write of this name that took the claim over since keeps it: a new ETag)
+            self._delete_if(self._claim_key(staged.name), claim, "release the name")
+        except OSError as error:  # a claim left behind is taken over after CLAIM_GRACE
+            log.warning("could not release the name %r: %s", staged.name, error)
+        raise self._error(exc, "save the voice") from None
+
+    def _stored(self, staged: _Staged, exc: Exception) -> str | None:
+        """The generation of the manifest stored under ``staged``'s name (None: absent). When
+        it cannot be read, a StorageError saying the voice may or may not have been saved, and
+        the write's data stays (whatever the PUT did: never a manifest naming deleted data)."""
         try:
-            generation: str | None = self._manifest(staged.name, fresh=True)[1]
+            return self._manifest(staged.name, fresh=True)[1]
         except FileNotFoundError:
-            generation = None
-        except OSError:  # cannot tell: the data stays, whatever the PUT did
+            return None
+        except OSError:
             staged.kept = True
             reason = _code(exc) or type(exc).__name__
             log.warning("voice bucket %s: saving voice %r: %s", self.where, staged.name, exc)
@@ -300,12 +324,6 @@ class S3VoiceStore:
                 f"is unavailable ({reason}); look it up before saving it again",
                 503,
             ) from None
-        if generation == staged.generation:
-            staged.kept = False
-            return
-        if refused or generation is not None:  # another write's voice has this spelling
-            raise FileExistsError(staged.name) from None
-        raise self._error(exc, "save the voice") from None
 
     def _held(self, key: str, action: str) -> tuple[str, str, float] | None:
         """(the spelling holding a name's claim, the claim's ETag, when it was written), or
