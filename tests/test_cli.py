@@ -661,6 +661,24 @@ def test_serve_names_the_options_the_user_typed(no_server, tmp_path, capsys):
         assert words in err and "Errno" not in err, (options, err)
 
 
+def test_flag_names_replace_field_names_but_not_parts_of_paths(
+    no_server, tmp_path, capsys, monkeypatch
+):
+    """A model directory ".../workers/m" was reported as ".../--max-batch/m"; a bad
+    $COSYVOICE_LITE_HUB_TIMEOUT was found only in the background load, the server up and failed."""
+    from cosyvoice_lite.serving.cli import as_flags
+
+    assert as_flags("workers must be at least 1") == "--max-batch must be at least 1"
+    assert as_flags("/srv/workers/m and max_queue/x") == "/srv/workers/m and max_queue/x"
+    incomplete = tmp_path / "workers" / "m"
+    incomplete.mkdir(parents=True)
+    assert main(["serve", "--model", str(incomplete)]) == 2
+    assert str(incomplete) in capsys.readouterr().err
+    monkeypatch.setenv("COSYVOICE_LITE_HUB_TIMEOUT", "60s")
+    assert main(["serve", "--model", V1]) == 2
+    assert "COSYVOICE_LITE_HUB_TIMEOUT" in capsys.readouterr().err
+
+
 def test_serve_option_errors_come_before_heavy_imports():
     """A usage error took 2-3 s: uvicorn and torch were imported first."""
     probe = (

@@ -667,6 +667,10 @@ def test_text_log_lines_carry_the_request_fields(client, preset, text_log):
     # one line, the path's space quoted and its line break escaped
     assert len(made_up) == 1 and 'path="/made up\\\\x0aINFO forged"' in made_up[0], lines
     assert not [line for line in lines if line.startswith("INFO forged")]
+    # nor can a path add a field of its own before the real ones (a logfmt parser keeps the first)
+    client.get("/tts status=500 request_id=victim", headers={"X-Request-Id": "t-44"})
+    forged = [line for line in text_log.getvalue().splitlines() if "request_id=t-44" in line]
+    assert len(forged) == 1 and " status=500" not in forged[0].split('"')[0], forged
 
 
 def test_voice_created_log_names_the_request(client, caplog):

@@ -563,7 +563,7 @@ def _check_audio_file(option: str, value: str) -> None:
     the channels, 0.5-30 s): the same limits, read from the header alone."""
     if (shown := not_utf8(value)) is not None:  # (libsndfile opens UTF-8 names only)
         raise InvalidRequestError(f"{option}: path {shown} is not valid UTF-8: rename it")
-    path = Path(value).expanduser()
+    path = Path(value)  # (as the loader reads it: a quoted "~" is not expanded there)
     if not path.exists():
         raise InvalidRequestError(f"{option}: no such file {value!r}")
     if path.is_dir():

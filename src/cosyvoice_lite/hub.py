@@ -390,8 +390,12 @@ VOCAB_SOURCES = {
 
 
 def _notice(message: str) -> None:
-    """A one-line note on stderr: fetching something on first use should never be silent."""
-    print(message, file=sys.stderr, flush=True)
+    """A one-line note on stderr: fetching something on first use should never be silent.
+    Where logging is set up (``serve``: JSON lines a collector parses), a log record."""
+    if logging.getLogger().handlers and log.isEnabledFor(logging.INFO):
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _fetch_vocab_url(tmp: Path) -> Path:

@@ -460,7 +460,9 @@ class ServingMiddleware:
             """Answer here, with CORS's headers as a route's answer has them."""
             self.state.metrics.error(error.code)
             out = send_wrapper
-            if self.cors is not None:
+            # (Starlette up to 0.47 reads the Origin header in send: a request without one, curl's
+            # or an SDK's, had its 401 turned into a 500 KeyError)
+            if self.cors is not None and any(k == b"origin" for k, _ in scope["headers"]):
                 out = functools.partial(
                     self.cors.send, send=send_wrapper, request_headers=Headers(scope=scope)
                 )
@@ -571,8 +573,9 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception):  # (ServingMiddleware answers them first)
-        log.error("unhandled error", exc_info=exc)
+    async def unexpected(request: Request, exc: Exception):  # (ServingMiddleware answers first)
+        request_id = request.scope.get("state", {}).get("request_id")  # (raised mid-response)
+        log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
         return counted(internal_error(exc))
 
 

@@ -323,7 +323,8 @@ OPTION_FLAGS = {
     "llm_checkpoint": "--llm",
     "onnx_dir": "--onnx-dir",
 }
-_FIELD_NAMES = re.compile(r"\b(" + "|".join(OPTION_FLAGS) + r")\b")
+# a name alone, not a part of a path (a model directory ".../workers/m")
+_FIELD_NAMES = re.compile(r"(?<![\w/\\.~-])(" + "|".join(OPTION_FLAGS) + r")(?![\w/\\.-])")
 
 
 def as_flags(message: str) -> str:
@@ -499,9 +500,10 @@ def check_load_paths(args: argparse.Namespace) -> None:
     --stream-cache-dtype). (Not for Ray: the replicas' machines have their own files.)"""
     from ..errors import ModelDownloadError
     from ..export.runtime import check_backend_dir
-    from ..hub import resolve_model
+    from ..hub import hub_timeout, resolve_model
     from ..modeldir import check_model_for_load
 
+    hub_timeout()  # a bad $COSYVOICE_LITE_HUB_TIMEOUT: now, not in the background load
     check_model_path(args.model)
     check_backend_dir(args.backend, args.onnx_dir)
     try:

@@ -63,9 +63,15 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        line = super().formatMessage(record)
         fields = " ".join(f"{key}={_text_value(value)}" for key, value in _fields(record).items())
-        return f"{line} {fields}" if fields else line
+        if not fields:
+            return super().formatMessage(record)
+        message = printable(record.message)
+        if "=" in message or '"' in message:  # a client's path could add a field ("status=500")
+            message = _text_value(message)
+        if message != record.message:
+            record = logging.makeLogRecord({**vars(record), "message": message})
+        return f"{super().formatMessage(record)} {fields}"
 
 
 def configure(level: int = logging.INFO, json_lines: bool = True) -> None:
