@@ -494,6 +494,10 @@ def test_an_api_key_a_client_cannot_send_is_refused_at_start():
         with pytest.raises(ValueError, match="printable ASCII"):
             Settings(api_key=key)
     assert Settings(api_key="s3cret-Key_1").api_key == "s3cret-Key_1"
+    # a request's token is read stripped: "abc " refused every request, its own key included
+    for key in ("abc ", " abc"):
+        with pytest.raises(ValueError, match="space"):
+            Settings(api_key=key)
 
 
 def test_a_job_past_its_deadline_stops_while_its_reader_is_busy():

@@ -121,6 +121,9 @@ class Settings:
         ):
             # a header carries it: a UTF-8 key (curl, SDKs) never matched the one decoded here
             raise ValueError("the API key must be printable ASCII characters (no spaces only)")
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            # a request's token is read stripped: every request would have been refused
+            raise ValueError("the API key starts or ends with a space: remove it")
         # as a request's Host is read (case, port, brackets, a final dot), however given
         self.allowed_hosts = list(dict.fromkeys(host_name(name) for name in self.allowed_hosts))
         if self.max_json_bytes is None:
