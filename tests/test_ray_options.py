@@ -3,18 +3,25 @@ graceful stop), the options it cannot apply, the checks it makes before deployin
 config entry point's errors, and the app under a route prefix (Serve's ``root_path``) on the
 real HTTP stack (uvicorn mounts the app at a root path as Serve's proxy does).
 
-Skipped only when ray cannot be imported; no Ray cluster is started (about 5 s)."""
+Also what fails before any cluster is joined (an address nothing answers at, a stale record of
+`ray start`, a cluster refusing the command's token) and the check of a replica's resources
+against the nodes. Skipped only when ray cannot be imported; no Ray cluster is started (about
+10 s)."""
 
 from __future__ import annotations
+
+import socket
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (the 'ray' extra)")
 
-from test_server_support import ServerThread, metric, tiny_engine  # noqa: E402
+from test_server_support import ServerThread, free_port, metric, tiny_engine  # noqa: E402
 
 from cosyvoice_lite.cli import main  # noqa: E402
-from cosyvoice_lite.errors import InvalidRequestError  # noqa: E402
+from cosyvoice_lite.errors import CosyVoiceError, InvalidRequestError  # noqa: E402
 from cosyvoice_lite.serving import Settings, ray_serve  # noqa: E402
 from cosyvoice_lite.serving.app import create_app  # noqa: E402
 from cosyvoice_lite.serving.cli import check_replica_load_options  # noqa: E402
@@ -22,11 +29,13 @@ from cosyvoice_lite.serving.ray_serve import (  # noqa: E402
     REPLICA_HEADER,
     RayOptions,
     ReplicaLabel,
+    ReplicaServer,
     app_builder,
     build_application,
     deployment_options,
     http_options,
     replica_env,
+    serve_on_ray,
     unapplied_options,
 )
 
@@ -66,14 +75,18 @@ def test_replicas_finish_their_requests_when_stopped(tmp_path):
     settings = Settings(voices_dir=tmp_path, request_timeout=300, shutdown_timeout=10)
     config = deployment_options(settings, RayOptions())
     assert config["graceful_shutdown_timeout_s"] == 310
+    # Serve's wait for the health probe outlasts the replica's own wait for its engine loop
+    assert config["health_check_timeout_s"] > ray_serve.HEALTH_WAIT
     deployment = app_builder({"model": "/m", "timeout": 60, "shutdown_timeout": 5})
     assert deployment._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 65
 
 
 def test_connection_options_serve_applies_and_those_it_cannot(tmp_path):
-    settings = Settings(voices_dir=tmp_path, keep_alive_timeout=1.5)
-    assert http_options(settings) == {"keep_alive_timeout_s": 2}  # whole seconds, rounded up
-    assert http_options(Settings(voices_dir=tmp_path)) == {"keep_alive_timeout_s": 5}
+    settings = Settings(voices_dir=tmp_path, keep_alive_timeout=1.5, request_timeout=60)
+    # whole seconds, rounded up; a deadline past the app's own 504 (a replica that hung, a
+    # stopped process, held its requests for ever)
+    assert http_options(settings) == {"keep_alive_timeout_s": 2, "request_timeout_s": 70}
+    assert http_options(Settings(voices_dir=tmp_path))["keep_alive_timeout_s"] == 5
     assert unapplied_options(Settings(voices_dir=tmp_path)) == []  # defaults: nothing asked
     given = Settings(voices_dir=tmp_path, header_timeout=2, max_connections=64, body_timeout=5)
     warnings = unapplied_options(given)
@@ -220,3 +233,116 @@ def test_a_burst_the_replicas_hold_is_routed_to_them(tmp_path):
     assert fixed["max_queued_requests"] == 2 * (2 + 4)
     scaled = deployment_options(settings, RayOptions(autoscale=(0, 3)))
     assert scaled["max_queued_requests"] == 3 * (2 + 4)
+
+
+def test_an_address_nothing_answers_at_fails_at_once(v1_dir, tmp_path):
+    """ray.init retried a dead address for about 14 minutes: a TCP check first, exit 2."""
+    dead = f"127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "cosyvoice_lite.cli", "serve", "--ray", "--ray-address", dead]
+        + ["--model", str(v1_dir), "--voices-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"no Ray cluster answers at {dead} (is `ray start` running there?)" in done.stderr
+    with pytest.raises(CosyVoiceError, match=f"answers at {dead}"):  # Ray Client's too
+        ray_serve.check_reachable(f"ray://{dead}")
+    # "auto" on a machine whose `ray start` crashed: the address it recorded is dead
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    with pytest.raises(CosyVoiceError, match="ray_current_cluster.*stopped or crashed"):
+        ray_serve.check_reachable("auto", {"RAY_TMPDIR": str(tmp_path)})
+    ray_serve.check_reachable(
+        "auto", {"RAY_TMPDIR": str(tmp_path / "none")}
+    )  # Ray's to look for one
+
+
+class _Initialised(Exception):
+    pass
+
+
+def test_no_address_starts_a_cluster_here_not_a_crashed_one(v1_dir, tmp_path, monkeypatch):
+    """Without --ray-address a cluster of its own, as documented: ray.init(None) joined the one
+    `ray start` last recorded, and retried it for 14 minutes when that one had crashed. A
+    `ray job submit` entrypoint's RAY_ADDRESS is still the cluster to join."""
+    import ray
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    asked = []
+
+    def init(address=None, **kwargs):
+        asked.append(address)
+        raise _Initialised
+
+    monkeypatch.setattr(ray, "init", init)
+    settings = Settings(voices_dir=tmp_path)
+    with pytest.raises(_Initialised):
+        serve_on_ray(settings, RayOptions(load={"model": str(v1_dir)}))
+    with socket.socket() as listening:  # a cluster answering at RAY_ADDRESS
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(_Initialised):
+            serve_on_ray(settings, RayOptions(load={"model": str(v1_dir)}))
+    assert asked == ["local", address]
+
+
+def test_a_refused_connection_names_token_authentication(v1_dir, tmp_path, monkeypatch):
+    """A `ray start` cluster has token authentication on; Ray sends the token on its own only to
+    a cluster it finds ("auto"): an address given failed with a bare "Failed to connect", the
+    reason (Unauthenticated) among Ray's warnings."""
+    import ray
+
+    def init(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        options = RayOptions(address=address, load={"model": str(v1_dir)})
+        with pytest.raises(CosyVoiceError, match="set RAY_AUTH_MODE=token") as failed:
+            serve_on_ray(Settings(voices_dir=tmp_path), options)
+    assert f"Failed to connect to Ray cluster at {address}" in str(failed.value)
+
+
+def test_a_replica_no_node_can_hold_is_named_with_the_nodes():
+    """Serve waited for ever for a node that fits (--replica-gpus 1 on CPU machines)."""
+    head = {"Alive": True, "Resources": {"CPU": 0.0, "memory": 8 * 2**30}}  # --num-cpus=0
+    cpu = {"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * 2**30}}
+    gone = {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}
+    gpu = {"num_cpus": 1.0, "num_gpus": 1.0}
+    reason = ray_serve.unplaceable(gpu, [head, cpu, gone])
+    assert reason is not None
+    assert "needs CPU 1, GPU 1" in reason and "2 node(s) have {CPU 0, GPU 0}, {CPU 2, GPU 0}" in (
+        reason
+    )
+    assert "needs CPU 4, GPU 0" in (
+        ray_serve.unplaceable({"num_cpus": 4.0, "num_gpus": 0}, [cpu]) or ""
+    )
+    assert "GPU 0, memory 16 GiB (" in (ray_serve.unplaceable({"memory": 16 * 2**30}, [cpu]) or "")
+    # one node holding all of it is enough; a replica asking nothing fits anywhere
+    card = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    assert ray_serve.unplaceable(gpu, [head, cpu, card]) is None
+    assert ray_serve.unplaceable({"num_cpus": 0.0, "num_gpus": 0.5}, [card]) is None
+    assert ray_serve.unplaceable({"num_cpus": 0, "num_gpus": 0}, []) is None
+
+
+def test_a_deployment_names_the_command_that_made_it(tmp_path):
+    """Each command's id in its deployment (user_config, a lightweight update): its stop
+    deletes the application only while the running one is still its own."""
+    settings = Settings(voices_dir=tmp_path)
+    config = deployment_options(settings, RayOptions(owner="c-1"))
+    assert config["user_config"] == {"deployed_by": "c-1"}
+    assert "user_config" not in deployment_options(settings, RayOptions())
+    assert callable(ReplicaServer.reconfigure)  # Serve refuses a user_config without it
+    with pytest.raises(ValueError, match="placement timeout"):
+        RayOptions(place_timeout=0)

@@ -3,14 +3,17 @@ replicas of the tiny v1 model behind Serve's HTTP proxy, and the voice library i
 server (moto). Every mode of the tiny model through the proxy; a voice created through the proxy
 used wherever the next requests land (both replicas seen); /ready and replica-labelled /metrics;
 overload answered 429; a replica killed with SIGKILL mid-load: its in-flight requests fail, no
-stored voice is lost, the living replica keeps answering and Ray starts a new one.
+stored voice is lost, the living replica keeps answering and Ray starts a new one. Deploys that
+cannot run fail at once (a replica no node can hold; none placed by the deadline), a stop while
+nothing was placed is quick, and a command's stop leaves an application another one redeployed.
 
-Marked ``ray`` (deselect with ``-m 'not ray'``); about 45 s on 2 cores, half of it starting
+Marked ``ray`` (deselect with ``-m 'not ray'``); about 75 s on 2 cores, a third of it starting
 the cluster and the replicas. Skipped only when ray cannot be imported."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -39,7 +42,7 @@ from test_server_support import (  # noqa: E402
 from test_voice_store_s3 import BUCKET  # noqa: E402
 
 from cosyvoice_lite.errors import CosyVoiceError  # noqa: E402
-from cosyvoice_lite.serving import S3Settings, Settings  # noqa: E402
+from cosyvoice_lite.serving import S3Settings, Settings, ray_serve  # noqa: E402
 from cosyvoice_lite.serving.ray_serve import (  # noqa: E402
     APP_NAME,
     REPLICA_HEADER,
@@ -65,6 +68,14 @@ def proxy(v1_dir, tmp_path_factory):
             Bucket=BUCKET
         )
         # the replicas inherit this environment (S3 credentials, the vocabulary cache)
+        # Serve's controller says a replica waits for a node after 1 s, not 30 (its processes
+        # inherit this environment): a deploy's placement deadline is tested in seconds
+        slow = {
+            "RAY_SERVE_SLOW_STARTUP_WARNING_S": "1",
+            "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1",
+        }
+        saved = {name: os.environ.get(name) for name in slow}
+        os.environ.update(slow)
         # a cluster of its own ("local"), even where one runs already (`ray start`): joining it
         # refused these options, and would have run the replicas on its nodes
         ray.init(
@@ -96,6 +107,11 @@ def proxy(v1_dir, tmp_path_factory):
         finally:
             serve.shutdown()
             ray.shutdown()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +289,10 @@ def test_the_proxy_applies_the_keep_alive(proxy):
         s.settimeout(10)
         assert s.recv(65536) == b""  # closed by the proxy
         assert time.monotonic() - idle < 5
+    # and a request deadline past the app's --timeout (300 s): a hung replica held requests
+    from ray.serve.context import _get_global_client
+
+    assert _get_global_client().http_config.request_timeout_s == 310
 
 
 def test_serve_running_elsewhere_is_not_silently_kept(proxy, tmp_path):
@@ -302,6 +322,67 @@ def test_a_failed_deploy_says_why_and_leaves_no_application(client, v1_dir, tmp_
     assert client.get("/ready").status_code == 200  # the other application is untouched
 
 
+def test_a_replica_no_node_can_hold_fails_before_deploying(client, v1_dir, tmp_path):
+    """GPUs on this CPU-only cluster, or more CPUs than its node has: Serve waited for ever
+    (`serve --ray` never returned). An error naming the replica's needs and the nodes'."""
+    for options, needs in (
+        (RayOptions(replica_gpus=1, app_name="gpu", route_prefix="/gpu"), "GPU 1"),
+        (RayOptions(replica_cpus=4, app_name="cpus", route_prefix="/cpus"), "CPU 4"),
+    ):
+        options.load = {"model": str(v1_dir)}
+        with pytest.raises(CosyVoiceError, match="no node of the Ray cluster can hold") as failed:
+            deploy(build_application(Settings(voices_dir=tmp_path), options), options)
+        assert needs in str(failed.value) and "{CPU 2, GPU 0}" in str(failed.value)
+        assert options.app_name not in serve.status().applications
+    assert client.get("/ready").status_code == 200
+
+
+def test_a_replica_never_placed_fails_at_the_deadline(client, v1_dir, tmp_path):
+    """The node could hold one, but the module's replicas hold its CPUs: no replica placed
+    within the deadline is an error, and the application is deleted at once (Serve waited
+    graceful_shutdown_s, 310 s here, for a replica that never started)."""
+    options = RayOptions(
+        replica_cpus=1,
+        load={"model": str(v1_dir)},
+        app_name="unplaced",
+        route_prefix="/unplaced",
+        place_timeout=3,
+    )
+    started = time.monotonic()
+    with pytest.raises(CosyVoiceError, match="no replica could be placed") as failed:
+        deploy(build_application(Settings(voices_dir=tmp_path), options), options)
+    assert "'unplaced' deleted" in str(failed.value) and '"CPU": 1' in str(failed.value)
+    assert "unplaced" not in serve.status().applications
+    assert time.monotonic() - started < 30
+    assert client.get("/ready").status_code == 200
+
+
+def test_a_redeploy_by_another_command_is_not_deleted_by_the_first(client, v1_dir, tmp_path):
+    """Command B redeploys A's application in place (same name): A's stop deleted it, B's,
+    while B ran on, saying nothing. A sees it is no longer its own and leaves it."""
+    settings = Settings(voices_dir=tmp_path)
+    first = RayOptions(
+        replica_cpus=0,
+        load={"model": str(v1_dir)},
+        app_name="owned",
+        route_prefix="/owned",
+        owner="command-a",
+    )
+    state_a = deploy(build_application(settings, first), first)
+    assert state_a.ran and state_a.claimed
+    second = dataclasses.replace(first, owner="command-b")
+    state_b = deploy(build_application(settings, second), second)
+    with pytest.raises(ray_serve.AppLost, match="deployed again by another command"):
+        ray_serve.own_app(state_a)
+    ray_serve.delete_app("owned", 10, owner="command-a")  # A's stop: not A's any more
+    assert client.get("/owned/health").status_code == 200
+    ray_serve.own_app(state_b)
+    ray_serve.delete_app("owned", 30, owner="command-b")
+    assert "owned" not in serve.status().applications
+    with pytest.raises(ray_serve.AppLost, match="deleted by someone else"):
+        ray_serve.own_app(state_b)
+
+
 SERVE_SCRIPT = """
 import logging, sys
 from cosyvoice_lite.serving import Settings
@@ -309,10 +390,11 @@ from cosyvoice_lite.serving.logs import configure
 from cosyvoice_lite.serving.ray_serve import RayOptions, serve_on_ray
 
 configure(logging.INFO)
-address, port, model, voices = sys.argv[1:]
+address, port, model, voices, cpus, app = sys.argv[1:]
 settings = Settings(voices_dir=voices, api_key="k", keep_alive_timeout=1)
-options = RayOptions(address=address, port=int(port), replica_cpus=0, load={"model": model},
-                     app_name="joined", route_prefix="/joined", health_check_period_s=1.0)
+options = RayOptions(address=address, port=int(port), replica_cpus=float(cpus),
+                     load={"model": model}, app_name=app, route_prefix="/" + app,
+                     health_check_period_s=1.0)
 sys.exit(serve_on_ray(settings, options))
 """
 
@@ -329,7 +411,8 @@ def test_serve_on_a_joined_cluster_and_sigterm(proxy, client, v1_dir, tmp_path):
     port = proxy.rsplit(":", 1)[1]
     env = {**os.environ, "COSYVOICE_LITE_PROBE": "from-the-driver", "AWS_PROBE": "x"}
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT, address, port, str(v1_dir), str(tmp_path)],
+        [sys.executable, "-c", SERVE_SCRIPT, address, port, str(v1_dir), str(tmp_path)]
+        + ["0", "joined"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -356,6 +439,38 @@ def test_serve_on_a_joined_cluster_and_sigterm(proxy, client, v1_dir, tmp_path):
     assert '"request_id": "find-me-7"' in output, output[-3000:]  # the replica's access log
     assert "joined" not in serve.status().applications
     assert client.get("/ready").status_code == 200
+
+
+def test_a_stop_while_no_replica_was_placed_is_quick(proxy, v1_dir, tmp_path):
+    """SIGTERM while the deploy waits for a node (the module's replicas hold the CPUs): no
+    request can be running, so the application is deleted at once; Serve had waited
+    graceful_shutdown_s (310 s here) for the replica that never started."""
+    import subprocess
+    import sys
+
+    address = ray.get_runtime_context().gcs_address
+    port = proxy.rsplit(":", 1)[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, address, port, str(v1_dir), str(tmp_path)]
+        + ["1", "waiting"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: "waiting" in serve.status().applications, 120, 0.5)
+        time.sleep(2)  # its replica waits for a node
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert process.returncode == 0 and time.monotonic() - stopped < 30, output[-3000:]
+    assert "no replica has run yet" in output, output[-3000:]
+    assert wait_for(lambda: "waiting" not in serve.status().applications, 10, 0.5)
 
 
 def test_a_replica_killed_mid_load_loses_no_voice(client, voice):

@@ -267,6 +267,14 @@ def add_ray_options(serve: argparse.ArgumentParser) -> None:
         "--replica-gpus", type=float, default=0.0, help="GPUs per replica (e.g. 0.5 or 1)"
     )
     cluster.add_argument(
+        "--place-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="fail a deploy whose replicas no node takes within SECONDS (default 120; 0: no "
+        "limit and no check of the nodes' sizes, for a cluster that adds nodes)",
+    )
+    cluster.add_argument(
         "--voices-s3-bucket",
         help="keep the voice library in this S3 bucket, shared by all replicas "
         "(--s3-endpoint-url and --s3-region apply)",
@@ -339,6 +347,7 @@ RAY_ONLY = {
     "ray_address": None,
     "replica_cpus": 1.0,
     "replica_gpus": 0.0,
+    "place_timeout": 120.0,
 }
 
 
@@ -599,6 +608,7 @@ def ray_options_from_args(args: argparse.Namespace):
         address=args.ray_address,
         replica_cpus=args.replica_cpus,
         replica_gpus=args.replica_gpus,
+        place_timeout=args.place_timeout or None,
         host=args.host,
         port=args.port,
         load=load,

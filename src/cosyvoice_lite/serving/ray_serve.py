@@ -18,6 +18,13 @@ response names its replica (``X-Replica``), and ``/metrics`` labels every sample
 later requests to the living replicas and starts a new one. A replica that is stopped
 (scale-down, redeploy, delete) first finishes the requests it runs (``graceful_shutdown_s``).
 
+Deploying: the cluster is joined only where something answers at its address (ray.init
+retried a dead one for minutes), a replica that no node could ever hold is refused before
+anything is deployed, and one that no node takes within ``RayOptions.place_timeout`` fails the
+deploy (Serve would wait for ever). Each command names itself in its deployment (user_config):
+a redeploy by another command replaces the application in place, and the first command then
+stops without deleting it.
+
 Environment: replicas run in worker processes of the cluster's nodes, which do not see the
 environment of the command that deploys; ``serve_on_ray`` passes the variables the engine and
 the voice storage read (``replica_env``: S3 credentials, the model cache, the hub) to them.
@@ -39,7 +46,10 @@ import logging
 import math
 import os
 import signal
+import socket
+import sys
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +64,16 @@ DEPLOYMENT_NAME = "CosyVoice"
 REPLICA_HEADER = "x-replica"
 HEALTH_WAIT = 20.0  # seconds the engine loop may take to answer Serve's health probe
 HEALTH_ROOM = 4  # requests beyond the admission Serve may send: /health, /metrics, voice reads
+HEALTH_TIMEOUT_S = HEALTH_WAIT + 5.0  # Serve's wait for the probe: past the replica's own
+PROXY_TIMEOUT_ROOM = 10.0  # the proxy's request deadline past the app's (whose 504 comes first)
+PLACE_TIMEOUT = 120.0  # seconds a deploy waits for a replica to be placed on a node
+UNPLACED_STOP_WAIT = 10.0  # a stop's wait for an application none of whose replicas ran
+CONNECT_TIMEOUT = 5.0  # seconds for the TCP check of a cluster's address
+CLIENT_PORT = 10001  # Ray Client's port when a ray:// address names none
+WATCH_PERIOD = 5.0  # how often a running command checks that its application is still its own
+CLUSTER_LOST_AFTER = 60.0  # seconds without an answer from Serve before the command gives up
+CLAIM_TIMEOUT = 60.0  # seconds for Serve to show a deploy's owner (another deployed meanwhile)
+OWNER_KEY = "deployed_by"  # the user_config entry naming the command that deployed
 # environment variables of the deploying command that replicas need (boto3's credentials and
 # settings, the model cache and hub, proxies for downloads): prefixes and exact names
 REPLICA_ENV_PREFIXES = ("AWS_", "COSYVOICE_LITE_", "HF_", "HUGGINGFACE_", "MODELSCOPE_")
@@ -86,6 +106,10 @@ class RayOptions:
     log_format: str = "json"  # the replicas' log lines: "json" or "text" (--log-format)
     app_name: str = APP_NAME
     route_prefix: str = "/"
+    # seconds a deploy waits for its first replica to be placed on a node; None: as long as it
+    # takes, and no check of the nodes' sizes (a cluster whose autoscaler adds nodes on demand)
+    place_timeout: float | None = PLACE_TIMEOUT
+    owner: str | None = None  # the deploying command's id (user_config): see watch_app
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -103,6 +127,8 @@ class RayOptions:
             raise ValueError(
                 f"--threads must be from 1 to 4 per core of a replica's machine, got {self.threads}"
             )
+        if self.place_timeout is not None and not 0 < self.place_timeout < math.inf:
+            raise ValueError("the placement timeout must be positive (None: no limit)")
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -129,8 +155,13 @@ def replica_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def http_options(settings: Settings) -> dict[str, Any]:
     """What Serve's HTTP proxy takes of the connection settings: the keep-alive (whole seconds,
-    rounded up). The proxy has no header deadline nor connection limit: ``unapplied_options``."""
-    return {"keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout))}
+    rounded up) and a request deadline a little past the app's (a replica that hangs, stopped
+    or swapping, held its requests without one). The proxy has no header deadline nor
+    connection limit: ``unapplied_options``."""
+    return {
+        "keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout)),
+        "request_timeout_s": settings.request_timeout + PROXY_TIMEOUT_ROOM,
+    }
 
 
 def unapplied_options(settings: Settings) -> list[str]:
@@ -296,6 +327,12 @@ class ReplicaServer:
             log.warning("replica still warming up after %d s; serving", WARM_UP_SECONDS)
         self.server_app = create_app(self.engine, settings)  # not .app: Serve owns that
         log.info("replica ready in %.1f s", time.perf_counter() - started)
+        self.deployed_by: str | None = None
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's user_config: only the deploying command's id (``RayOptions.owner``), which a
+        redeploy changes without restarting replicas whose options are unchanged."""
+        self.deployed_by = config.get(OWNER_KEY)
 
     def __serve_build_asgi_app__(self):
         from ray import serve
@@ -331,8 +368,11 @@ def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any
         "max_queued_requests": most_replicas(options) * (admission + HEALTH_ROOM),
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         "health_check_period_s": options.health_check_period_s,
+        "health_check_timeout_s": HEALTH_TIMEOUT_S,
         "graceful_shutdown_timeout_s": graceful_shutdown_s(settings),
     }
+    if options.owner is not None:
+        config["user_config"] = {OWNER_KEY: options.owner}
     if options.autoscale is None:
         config["num_replicas"] = options.replicas
     else:
@@ -429,7 +469,126 @@ def start_serve(settings: Settings, options: RayOptions) -> tuple[str, int]:
             "not applied",
             running.keep_alive_timeout_s,
         )
+    if running.request_timeout_s != wanted["request_timeout_s"]:
+        log.warning(
+            "Ray Serve already runs on this cluster with a request deadline of %s s in its "
+            "proxy, not --timeout + %g s",
+            running.request_timeout_s,
+            PROXY_TIMEOUT_ROOM,
+        )
     return running.host, running.port
+
+
+def ray_temp_dir(environ: Mapping[str, str]) -> str:
+    """Where Ray keeps its files on this machine (as Ray finds it: RAY_TMPDIR, TMPDIR, /tmp)."""
+    base = environ.get("RAY_TMPDIR") or (
+        environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    )
+    return os.path.join(base or "/tmp", "ray")
+
+
+def cluster_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """What ``ray.init`` gets: the given address, else RAY_ADDRESS (set for a `ray job submit`
+    entrypoint), else "local", a new cluster here as documented (``ray.init(None)`` joins the
+    cluster last recorded by `ray start`, and retried its address for 14 minutes when that
+    cluster had crashed)."""
+    environ = os.environ if environ is None else environ
+    return address or environ.get("RAY_ADDRESS") or "local"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port`` or ``ray://host[:port]``; None for what has no port."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    rest = rest.split("/", 1)[0]
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit():
+        return (rest.strip("[]"), CLIENT_PORT) if scheme == "ray" and rest else None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, environ: Mapping[str, str] | None = None) -> None:
+    """Fail at once (CosyVoiceError) when nothing listens at the cluster's address: ray.init
+    retried a dead one for about 14 minutes. For "auto", the address `ray start` recorded."""
+    environ = os.environ if environ is None else environ
+    recorded = None
+    if address == "local":
+        return
+    if address == "auto":
+        recorded = os.path.join(ray_temp_dir(environ), "ray_current_cluster")
+        try:
+            with open(recorded) as file:
+                address = file.read().strip()
+        except OSError:
+            return  # Ray looks for a running cluster itself, and says when it finds none
+    target = _host_port(address)
+    if target is None:
+        return  # Ray names what is wrong with it
+    try:
+        socket.create_connection(target, timeout=CONNECT_TIMEOUT).close()
+    except OSError:
+        where = f"{target[0]}:{target[1]}"
+        if recorded is not None:
+            raise CosyVoiceError(
+                f"no Ray cluster answers at {where}, the address `ray start` recorded in "
+                f"{recorded}: that cluster has stopped or crashed (`ray stop` clears the "
+                "record; start it again with `ray start --head`)"
+            ) from None
+        raise CosyVoiceError(
+            f"no Ray cluster answers at {where} (is `ray start` running there?)"
+        ) from None
+
+
+def _connect_failed(address: str, exc: BaseException, environ: Mapping[str, str]) -> str:
+    """ray.init's ConnectionError as a line, with the likely cause Ray only logs: since Ray
+    2.60 `ray start` turns on token authentication, and Ray sends its token on its own only
+    to a cluster it finds ("auto"), never to an address given (which could be anyone's)."""
+    message = f"could not connect to the Ray cluster at {address}: {exc}"
+    if address not in ("auto", "local") and not environ.get("RAY_AUTH_MODE"):
+        message += (
+            " (a cluster with token authentication, `ray start`'s default, refuses a command "
+            "without its token: set RAY_AUTH_MODE=token, with the cluster's token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN, or use --ray-address auto on its head node)"
+        )
+    return message
+
+
+def _format_resources(resources: Mapping[str, float]) -> str:
+    shown = []
+    for name, amount in resources.items():
+        if name == "memory":
+            shown.append(f"memory {amount / 2**30:.3g} GiB")
+        else:
+            shown.append(f"{name} {amount:g}")
+    return ", ".join(shown) or "nothing"
+
+
+def unplaceable(actor: Mapping[str, Any], nodes: list[dict[str, Any]]) -> str | None:
+    """Why no node of the cluster (``ray.nodes()``) could ever hold one replica of these
+    ``ray_actor_options``, or None. Serve would wait for ever for a node that fits."""
+    wanted = {
+        name: float(actor.get(key) or 0)
+        for name, key in (("CPU", "num_cpus"), ("GPU", "num_gpus"), ("memory", "memory"))
+    }
+    asked = {name: amount for name, amount in wanted.items() if amount > 0}
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    if not asked or any(
+        all(node.get(name, 0) >= amount for name, amount in asked.items()) for node in alive
+    ):
+        return None
+    if "memory" not in asked:  # CPU and GPU shown always: the options' two figures
+        del wanted["memory"]
+    have = [
+        "{" + _format_resources({name: node.get(name, 0) for name in wanted}) + "}"
+        for node in alive[:8]
+    ]
+    more = f" and {len(alive) - 8} more" if len(alive) > 8 else ""
+    return (
+        f"no node of the Ray cluster can hold a replica: a replica needs "
+        f"{_format_resources(wanted)} (--replica-cpus, --replica-gpus), the cluster's "
+        f"{len(alive)} node(s) have {', '.join(have) or 'none'}{more} in all"
+    )
 
 
 def _failure(app_name: str) -> str:
@@ -448,37 +607,206 @@ def _failure(app_name: str) -> str:
     return ""
 
 
-def delete_app(app_name: str, wait: float) -> None:
-    """Delete the application and wait (up to ``wait`` seconds) until its replicas are gone:
-    they first finish their requests. (``serve.delete`` alone gives up after 60 s, and a
-    cluster started here would then be shut down under the requests still running.)"""
+class AppLost(CosyVoiceError):
+    """The command's application was deleted or redeployed by someone else: not the command's
+    to delete any more."""
+
+
+@dataclass
+class AppState:
+    """What a command knows of the application it deployed."""
+
+    name: str
+    owner: str | None  # RayOptions.owner: None, not checked
+    ran: bool = False  # a replica of it has run (and may run requests: a stop waits for them)
+    claimed: bool = False  # Serve has shown the owner: until then it may show the one before
+
+
+def app_owner(app_name: str) -> str | None:
+    """The id of the command that deployed the application last (its user_config), or None
+    (deployed otherwise: a Serve config, an older cosyvoice-lite)."""
+    from ray.serve.context import _get_global_client  # as start_serve: Serve's controller
+
+    details = _get_global_client().get_serve_details()
+    app = (details.get("applications") or {}).get(app_name) or {}
+    for deployment in (app.get("deployments") or {}).values():
+        config = (deployment.get("deployment_config") or {}).get("user_config") or {}
+        if OWNER_KEY in config:
+            return config[OWNER_KEY]
+    return None
+
+
+def _replicas_running(app) -> int:
+    return sum(
+        count
+        for deployment in app.deployments.values()
+        for replica_state, count in deployment.replica_states.items()
+        if replica_state == "RUNNING"
+    )
+
+
+def own_app(state: AppState):
+    """The application's status in Serve, updating ``state.ran``; AppLost when it is gone or
+    another command has deployed it since (a redeploy replaces it in place, under its name)."""
     from ray import serve
 
+    app = serve.status().applications.get(state.name)
+    if app is None:
+        raise AppLost(
+            f"application {state.name!r} was deleted by someone else (`serve delete`, "
+            "`serve shutdown`, another command): stopping"
+        )
+    if state.owner is not None:
+        # Serve applies a deploy in its control loop: the previous owner shows for a moment
+        mine = app_owner(state.name) == state.owner
+        if state.claimed and not mine:
+            raise AppLost(
+                f"application {state.name!r} was deployed again by another command, which now "
+                "owns it: stopping, and leaving it running"
+            )
+        state.claimed = state.claimed or mine
+    state.ran = state.ran or (state.claimed or state.owner is None) and _replicas_running(app) > 0
+    return app
+
+
+def _kill_replicas(app_name: str) -> None:
+    """Kill the replica actors of a deleted application none of whose replicas ran: Serve
+    waited graceful_shutdown_s (310 s by default) for a replica that was never placed."""
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#"):
+            try:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                ray.kill(handle, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - gone already; Serve stops it anyway
+                log.debug("could not kill %s: %s", actor["name"], exc)
+
+
+def delete_app(app_name: str, wait: float, *, owner: str | None = None, ran: bool = True) -> None:
+    """Delete the application and wait (up to ``wait`` seconds) until its replicas are gone:
+    they first finish their requests. (``serve.delete`` alone gives up after 60 s, and a
+    cluster started here would then be shut down under the requests still running.) With an
+    ``owner``, only while that command's deployment is the one running; without ``ran`` (no
+    replica ever ran: none has requests) its replicas are killed at once."""
+    from ray import serve
+
+    if owner is not None and app_owner(app_name) != owner:
+        log.warning("application %r was deployed by another command since: left running", app_name)
+        return
     serve.delete(app_name, _blocking=False)
+    if not ran:
+        wait = min(wait, UNPLACED_STOP_WAIT)
     deadline = time.monotonic() + wait
     while app_name in serve.status().applications and time.monotonic() < deadline:
         time.sleep(0.5)
+        if not ran:  # (again: one killed before Serve took the deletion is started anew)
+            _kill_replicas(app_name)
 
 
-def deploy(application, options: RayOptions) -> None:
-    """``serve.run``, or a CosyVoiceError naming why it failed, with the failed application
-    deleted (Serve would keep it, retrying, until someone deletes it)."""
+class DeployFailed(RuntimeError):
+    """Why the application did not come up, in a line."""
+
+
+def wait_deployed(state: AppState, place_timeout: float | None) -> None:
+    """Until the application runs. DeployFailed: it failed (a replica's error), or no replica
+    was placed on a node within ``place_timeout`` seconds (Serve would wait for ever; its
+    message names the resources wanted and those free). Some replicas placed by then: a
+    warning, and it serves with those (Serve places the others when it can)."""
+    started = time.monotonic()
+    while True:
+        app = own_app(state)
+        if state.owner is not None and not state.claimed:
+            if time.monotonic() - started > CLAIM_TIMEOUT:
+                raise AppLost(
+                    f"application {state.name!r} was deployed again by another command while "
+                    "this one deployed it: stopping, and leaving it running"
+                )
+            time.sleep(0.2)
+            continue
+        if app.status == "RUNNING":
+            return
+        if app.status == "DEPLOY_FAILED":
+            raise DeployFailed(_failure(state.name) or app.message)
+        # Serve says so after 30 s (and every 30 s), distinct from a replica still loading
+        waiting = [
+            d.message for d in app.deployments.values() if "to be scheduled" in (d.message or "")
+        ]
+        if waiting and place_timeout is not None and time.monotonic() - started > place_timeout:
+            if state.ran:
+                log.warning("serving with the replicas placed so far: %s", waiting[0])
+                return
+            raise DeployFailed(
+                f"no replica could be placed on the cluster within {place_timeout:g} s: "
+                f"{waiting[0]}"
+            )
+        time.sleep(1.0)
+
+
+def check_placeable(options: RayOptions) -> None:
+    """A CosyVoiceError when no node of the cluster could ever hold one replica (unless
+    ``options.place_timeout`` is None: a cluster that adds nodes on demand)."""
+    import ray
+
+    if options.place_timeout is not None:
+        actor = {"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus}
+        reason = unplaceable(actor, ray.nodes())
+        if reason is not None:
+            raise CosyVoiceError(f"deploying on Ray Serve failed: {reason}")
+
+
+def deploy(application, options: RayOptions, state: AppState | None = None) -> AppState:
+    """Deploy (without blocking) and wait until the application runs, or a CosyVoiceError
+    naming why it failed, with the failed application deleted (Serve would keep it, retrying,
+    until someone deletes it). A replica no node of the cluster can hold fails before
+    deploying, unless ``options.place_timeout`` is None (a cluster that adds nodes)."""
     from ray import serve
 
+    state = state or AppState(options.app_name, options.owner)
+    check_placeable(options)
     try:
-        serve.run(application, name=options.app_name, route_prefix=options.route_prefix)
+        target = serve.RunTarget(
+            target=application, name=options.app_name, route_prefix=options.route_prefix
+        )
+        serve.run_many([target], wait_for_applications_running=False)
+        wait_deployed(state, options.place_timeout)
+    except AppLost:
+        raise  # another command's now: not this one's to delete
     except Exception as exc:  # noqa: BLE001 - Serve's RuntimeError, or any error of the cluster
         try:
-            reason = _failure(options.app_name) or str(exc)
+            reason = str(exc) if isinstance(exc, DeployFailed) else _failure(options.app_name)
         except Exception:  # noqa: BLE001 - the cluster may be what failed
-            reason = str(exc)
+            reason = ""
+        reason = reason or str(exc)
         try:
-            delete_app(options.app_name, 60.0)  # a failed deploy runs no request
+            # a failed deploy runs no request
+            delete_app(options.app_name, 60.0, owner=options.owner, ran=state.ran)
         except Exception as cleanup:  # noqa: BLE001 - reported, the deploy error is the one
             log.warning("could not delete the failed application: %s", cleanup)
         raise CosyVoiceError(
             f"deploying on Ray Serve failed (application {options.app_name!r} deleted): {reason}"
         ) from None
+    return state
+
+
+def watch_app(state: AppState) -> None:
+    """Run until interrupted; AppLost when the application is deleted or redeployed by someone
+    else (the command had gone on silently, and its stop deleted the other one's), a
+    CosyVoiceError when Serve no longer answers for CLUSTER_LOST_AFTER seconds."""
+    failing_since = None
+    while True:
+        time.sleep(WATCH_PERIOD)
+        try:
+            own_app(state)
+            failing_since = None
+        except AppLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the cluster's: retried, then given up
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > CLUSTER_LOST_AFTER:
+                raise CosyVoiceError(
+                    f"Ray Serve has not answered for {CLUSTER_LOST_AFTER:g} s: {exc}"
+                ) from None
 
 
 class Stopped(KeyboardInterrupt):
@@ -497,7 +825,8 @@ def _stop_on_sigterm() -> None:
 
 def serve_on_ray(settings: Settings, options: RayOptions) -> int:
     """Connect to (or start) a Ray cluster, deploy, and keep running until interrupted (Ctrl-C
-    or SIGTERM: the application is deleted, its replicas finish their requests, exit 0)."""
+    or SIGTERM: the application is deleted, its replicas finish their requests, exit 0), or
+    until another command redeploys or deletes the application (a CosyVoiceError)."""
     try:
         import ray
         from ray import serve  # noqa: F401 - the extra's part used below
@@ -514,40 +843,57 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
         )
     for message in unapplied_options(settings):
         log.warning("%s", message)
+    address = cluster_address(options.address)
+    check_reachable(address)
     env = replica_env()
-    options = dataclasses.replace(options, env_vars={**env, **options.env_vars})
+    # the command's id in its deployment: its stop deletes the application only while it is
+    # still its own (a redeploy by another command replaces it in place, under the same name)
+    owner = options.owner or uuid.uuid4().hex[:12]
+    options = dataclasses.replace(options, env_vars={**env, **options.env_vars}, owner=owner)
     if env:  # names only: values may be secrets
         log.info("passing to the replicas: %s", ", ".join(sorted(env)))
     try:
-        ray.init(address=options.address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING)
     except SystemExit as exc:  # Ray's own SIGTERM handler while it starts (sys.exit(15))
         if exc.code != signal.SIGTERM:
             raise
         log.info("stopping before the deploy (SIGTERM while Ray was starting)")
         ray.shutdown()  # what it had started of a cluster of its own
         return 0
+    except ConnectionError as exc:
+        raise CosyVoiceError(_connect_failed(address, exc, os.environ)) from None
     _stop_on_sigterm()  # after ray.init, which installs its own handler
+    state = AppState(options.app_name, owner)
     deployed = False
     try:
+        check_placeable(options)  # before Serve is started for nothing
         host, port = start_serve(settings, options)
         deployed = True
         try:
-            deploy(build_application(settings, options), options)
+            deploy(build_application(settings, options), options, state)
         except CosyVoiceError:
-            deployed = False  # deploy deleted it
+            deployed = False  # deploy deleted it, or it is another command's now
             raise
         log.info("serving on http://%s:%d through Ray Serve", host, port)
-        while True:
-            time.sleep(3600)
+        watch_app(state)
+    except AppLost:
+        deployed = False
+        raise
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Stopped)
-        log.info(
-            "stopping: the replicas finish their requests (up to %g s)",
-            graceful_shutdown_s(settings),
-        )
+        if state.ran:
+            log.info(
+                "stopping: the replicas finish their requests (up to %g s)",
+                graceful_shutdown_s(settings),
+            )
+        else:
+            log.info("stopping: no replica has run yet")
     finally:
         try:
             if deployed:
-                delete_app(options.app_name, graceful_shutdown_s(settings) + 30.0)
+                wait = graceful_shutdown_s(settings) + 30.0 if state.ran else UNPLACED_STOP_WAIT
+                delete_app(options.app_name, wait, owner=owner, ran=state.ran)
+        except Exception as exc:  # noqa: BLE001 - the cluster may be gone; the stop goes on
+            log.warning("could not delete application %r: %s", options.app_name, exc)
         finally:
             ray.shutdown()
     return 0
