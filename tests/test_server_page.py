@@ -91,6 +91,10 @@ def wait_js(page, expression: str, timeout: float = 30.0):
         time.sleep(0.05)
 
 
+# the control that has the keyboard focus: its id, else its name ("" for <body>)
+FOCUSED = "document.activeElement.id || document.activeElement.getAttribute('aria-label') || ''"
+
+
 def set_streaming(page, on: bool) -> None:
     if page.is_checked("#stream") != on:
         page.click("label.toggle")
@@ -187,6 +191,8 @@ def test_create_voice_from_file_and_use_it(page, server):
     page.click("#voice-save")
     page.wait_for_selector("#voice-list li[data-voice='page-voice']")
     assert page.input_value("#voice") == "page-voice"
+    # Save was disabled meanwhile (the focus fell to <body>): the new voice's Use has it now
+    wait_js(page, f"({FOCUSED}) === 'Use the voice page-voice'", 5)
     set_streaming(page, False)
     speak(page)
     assert "page-voice" in page.inner_text(".result .meta")
@@ -202,6 +208,18 @@ def test_record_a_voice_with_the_microphone(page):
     wait_js(page, "parseFloat(document.getElementById('record-time').textContent) >= 1.2", 10)
     page.click("#record")
     assert "recording" in page.inner_text("#voice-source")
+    # kept at 24 kHz whatever the device's rate (44.1 or 48 kHz here: a WAV 2x the size, which a
+    # smaller --max-upload-mb than 2 s a MB refused as too large)
+    header = "voiceCapture.blob.arrayBuffer().then(b => new DataView(b).getUint32(24, true))"
+    assert page.evaluate(header) == 24000
+    # resampled, not decimated: a tone is kept, one over 12 kHz is filtered out (not folded down)
+    tone = """(f) => { const x = Float32Array.from({length: 48000}, (_, i) => Math.sin(2 * Math.PI * f * i / 48000));
+      const y = resample(x, 48000, 24000); let error = 0, power = 0;
+      for (let i = 1000; i < 23000; i++) {
+        error = Math.max(error, Math.abs(y[i] - Math.sin(2 * Math.PI * f * i / 24000))); power += y[i] * y[i]; }
+      return [y.length, error, Math.sqrt(power / 22000)]; }"""
+    kept, lost = page.evaluate(f"[1000, 15000].map({tone})")
+    assert kept[0] == 24000 and kept[1] < 1e-3 and lost[2] < 1e-3, (kept, lost)
     page.fill("#voice-name", "mic-voice")
     page.click("#voice-save")
     page.wait_for_selector("#voice-list li[data-voice='mic-voice']", timeout=30000)
@@ -218,7 +236,9 @@ def test_errors_are_shown(page, server):
     page.wait_for_selector("#error:not([hidden])")
     assert "(415)" in page.inner_text("#error-title")
     assert "could not be decoded" in page.inner_text("#error-message")
+    assert page.evaluate(FOCUSED) == "voice-save"  # not <body>: Save, enabled again
     page.click("#error-close")
+    assert page.evaluate(FOCUSED) == "voice-save"  # × gives the focus back where it came from
 
     # a name that is taken: 409
     with server.client() as client:
@@ -234,6 +254,9 @@ def test_errors_are_shown(page, server):
     page.click("#voice-save")
     page.wait_for_selector("#error:not([hidden])")
     assert "(409)" in page.inner_text("#error-title")
+    # saved by another client since the list was read: listed now (there is something to delete)
+    page.wait_for_selector("#voice-list li[data-voice='taken']", timeout=5000)
+    assert page.input_value("#voice-name") == "taken"  # the form as it was
     page.click("#error-close")
 
     # the chosen voice was deleted elsewhere meanwhile: 404
@@ -247,13 +270,20 @@ def test_errors_are_shown(page, server):
     page.wait_for_selector("#error:not([hidden])")
     assert "(404)" in page.inner_text("#error-title")
     assert "unknown voice 'taken'" in page.inner_text("#error-message")
+    # the lists are read again: the voice is offered no more (each Speak failed until a reload)
+    offered = "[...document.getElementById('voice').options].map(o => o.value)"
+    wait_js(page, f"!{offered}.includes('taken') && document.getElementById('voice').value", 5)
+    assert not page.query_selector("#voice-list li[data-voice='taken']")
+    assert page.is_visible("#error") and "(404)" in page.inner_text("#error-title")
+    assert page.is_enabled("#speak")
 
 
 @contextlib.contextmanager
-def page_for(browser, engine, voices_dir: Path, settings: dict | None = None, **context):
-    """The page of a server of its own for ``engine`` (``settings``: more of its Settings),
-    loaded and ready: (page, page errors)."""
-    settings = Settings(voices_dir=voices_dir, **(settings or {}))
+def page_for(browser, engine, voices_dir: Path, settings: dict | Settings | None = None, **context):
+    """The page of a server of its own for ``engine`` (``settings``: more of its Settings, or
+    its Settings themselves), loaded and ready: (page, page errors)."""
+    if not isinstance(settings, Settings):
+        settings = Settings(voices_dir=voices_dir, **(settings or {}))
     with ServerThread(create_app(engine, settings)) as server:
         browser_context = browser.new_context(**context)
         browser_context.grant_permissions(["microphone"], origin=server.url)
@@ -412,6 +442,7 @@ def test_a_recording_can_be_removed_and_a_voice_picked_later_wins(page):
     assert page.is_visible("#prompt-clear")
     page.click("#prompt-clear")
     assert page.is_hidden("#prompt-clear") and page.is_hidden("#prompt-preview")
+    assert page.evaluate(FOCUSED) == "prompt-record"  # not <body>: the panel's Record
     assert "No recording" in page.inner_text("#prompt-source")
     choose_file(page, "#prompt-file", 2.0, "target.wav")
     voice = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")[-1]
@@ -480,16 +511,27 @@ def test_the_microphone_opens_once_and_closes_with_its_tab(page):
 
 def test_a_recording_stopped_at_the_limit_is_taken(browser, engine, tmp_path):
     """The clock stops a recording at the server's longest prompt; its samples ran past it and
-    the server refused every such recording as too long."""
-    settings = {"max_prompt_seconds": 2.0}
+    the server refused every such recording as too long. Under a smaller upload limit (the
+    recording at the device's rate, 44.1 or 48 kHz: ~90 KB a second) a recording the page
+    allowed was refused as too large (413): it stops at that limit too."""
+    settings = Settings(voices_dir=tmp_path, max_prompt_seconds=2.0)
     with page_for(browser, engine, tmp_path, settings) as (page, errors):
-        page.click("#record")
-        wait_js(page, "document.getElementById('record').textContent.includes('Stop')", 10)
-        wait_js(page, "document.getElementById('record').textContent.includes('Record')", 10)
-        page.fill("#voice-name", "at-the-limit")
-        page.click("#voice-save")
-        page.wait_for_selector("#voice-list li[data-voice='at-the-limit']", timeout=30000)
-        assert page.is_hidden("#error") and not errors, errors
+        for name, why in [
+            ("at-the-limit", "the 2 s limit"),
+            ("at-the-size", "the 60 KB upload limit"),
+        ]:
+            page.click("#record")
+            wait_js(page, "document.getElementById('record').textContent.includes('Stop')", 10)
+            wait_js(page, "document.getElementById('record').textContent.includes('Record')", 10)
+            assert f"stopped at {why}" in page.inner_text("#voice-source")
+            page.fill("#voice-name", name)
+            page.click("#voice-save")
+            page.wait_for_selector(f"#voice-list li[data-voice='{name}']", timeout=30000)
+            assert page.is_hidden("#error") and not errors, errors
+            # 60 KB: 1.28 s at 24 kHz (2 s of the device's rate was 172 KB or more)
+            settings.max_upload_bytes = 60 * 1024
+            page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # read again
+            wait_js(page, "document.getElementById('limits').textContent.includes('60 KB')", 10)
 
 
 def test_one_thing_plays_at_a_time_and_its_audio_is_let_go(page):
@@ -579,6 +621,7 @@ def test_results_survive_a_reload_and_clear_all(page):
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#results-clear")
     wait_js(page, "document.querySelectorAll('.result').length === 0")
+    assert page.evaluate(FOCUSED) == "text"  # Clear all is hidden: not <body>, the text box
     page.reload()
     page.wait_for_selector("body[data-ready='ready']")
     assert page.locator(".result").count() == 0 and page.is_visible("#results-empty")
@@ -798,10 +841,12 @@ def test_a_server_with_an_api_key_asks_for_it_before_listing_voices(browser, eng
         page.wait_for_selector("#error:not([hidden])")
         assert "(401)" in page.inner_text("#error-title")
         assert page.is_visible("#auth") and "API key" in page.inner_text("#voice")
+        assert page.evaluate(FOCUSED) == "api-key"  # asked again, where it is typed
         page.click("#error-close")
         page.fill("#api-key", "page-key")
         page.click("#api-key-save")
         wait_js(page, "document.getElementById('voice').value !== ''")
+        assert page.evaluate(FOCUSED) == "text"  # the key form is gone: not <body>
         options = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
         assert options == engine.voices()
         assert "No saved voices" in page.inner_text("#voice-list")
@@ -1096,7 +1141,8 @@ def test_keyboard_focus_voice_names_mode_tabs_and_a_stream_cut_by_a_server_gone(
             )
     page.reload()
     page.wait_for_selector("body[data-ready='ready']")
-    focused = "document.activeElement.id || document.activeElement.getAttribute('aria-label')"
+    focused = FOCUSED
+    assert page.get_by_label("Text to speak").get_attribute("id") == "text"  # not a placeholder
     labels = page.eval_on_selector_all(
         "#voice-list li[data-voice='kb-a'] button",
         "bs => bs.map(b => b.getAttribute('aria-label'))",

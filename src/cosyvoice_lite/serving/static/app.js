@@ -120,8 +120,34 @@ class PageError extends Error {
   constructor(title, message) { super(message); this.title = title; }
 }
 
+// ------------------------------------------------------------------ keyboard focus
+
+// A focused control that is hidden, disabled or removed drops the keyboard focus to <body>: the
+// next Tab starts again at the top of the page and a screen reader loses its place. What hides
+// or disables the control it was used from hands the focus on, on purpose.
+function canFocus(el) {
+  return !!el && el.isConnected && !el.disabled && !el.hidden && el.getClientRects().length > 0;
+}
+
+// the first of ``els`` that can take the focus, else the text box (or, where there is none:
+// voice conversion, Speak or the mode's tab)
+function moveFocus(...els) {
+  const to = [...els, $("text"), $("speak"), $(`mode-${state.mode}`)].find(canFocus);
+  if (to) to.focus();
+}
+
+function focusLost() {
+  return !document.activeElement || document.activeElement === document.body;
+}
+
+let errorFrom = null;  // where the focus was before it went to the error (× gives it back)
+
 function showError(err) {
   if (err && err.name === "AbortError") return;
+  const focused = document.activeElement;
+  if ($("error").hidden && focused && focused !== document.body && !$("error").contains(focused)) {
+    errorFrom = focused;
+  }
   const status = err instanceof ApiError ? err.status : null;
   let message = err instanceof ApiError ? err.message : String(err && err.message || err);
   if (status === 429 && err.retryAfter && !/retry|again/i.test(message)) message += ` (try again in ${err.retryAfter} s)`;
@@ -137,7 +163,11 @@ function showError(err) {
   }
 }
 
-function clearError() { $("error").hidden = true; }
+function clearError() {
+  const inside = $("error").contains(document.activeElement);  // dismissed with ×
+  $("error").hidden = true;
+  if (inside) moveFocus(errorFrom);
+}
 
 const missing = (message) => new ApiError(400, "missing_field", message);
 
@@ -344,7 +374,7 @@ function renderVoiceList(saved) {
     who.append(name, detail);
     const play = button("▶", "btn small", "Play the recording", () => playPrompt(v.name));
     play.setAttribute("aria-label", `Play the recording of ${v.name}`);  // (not "▶")
-    const use = button("Use", "btn small", "Speak with this voice", () => {
+    const use = button("Use", "btn small use", "Speak with this voice", () => {
       setMode("voice"); $("voice").value = v.name; state.voicePickedAt = Date.now();
       syncInstructField(); $("text").focus(); updateCount();
     });
@@ -623,6 +653,65 @@ function wavBlob(samples, rate) {
   return new Blob([buffer], { type: "audio/wav" });
 }
 
+// Microphone recordings are kept at 24 kHz, mono, 16-bit: enough for every model (they hear
+// prompts at 16 kHz and 22.05 or 24 kHz; the server takes 16 kHz or more), and 48 KB a second
+// whatever the device's rate (44.1 or 48 kHz, some interfaces 96 or 192 kHz: 2-8 times that).
+const RECORDING_RATE = 24000;
+
+// ``samples`` at the rate ``from`` as they sound at the rate ``to``: band-limited interpolation
+// with a Blackman-windowed sinc whose cutoff is below both Nyquist frequencies (what is too high
+// for the new rate is filtered out, not folded back into the speech). The weights for each
+// offset of an output sample between input samples are computed once: there are to / gcd(from,
+// to) offsets (one from 48 kHz, 80 from 44.1 kHz).
+function resample(samples, from, to) {
+  from = Math.round(from);
+  if (from === to || !samples.length) return samples;
+  const gcd = (a, b) => (b ? gcd(b, a % b) : a);
+  const g = gcd(from, to), up = to / g, down = from / g;  // output i: input position i * down / up
+  const cutoff = 0.45 * Math.min(1, to / from);  // cycles per input sample (0.5: its Nyquist)
+  const half = Math.ceil(16 / (2 * cutoff));  // input samples each side: 16 zero crossings
+  const kernels = new Map();
+  const kernel = (phase) => {  // weights of the inputs c - half + 1 ... c + half at c + phase / up
+    let k = kernels.get(phase);
+    if (k) return k;
+    k = new Float64Array(2 * half);
+    let sum = 0;
+    for (let n = 0; n < k.length; n++) {
+      const d = phase / up - (n - half + 1);  // from that input to the output, in input samples
+      const x = Math.PI * 2 * cutoff * d;
+      const taper = 0.42 + 0.5 * Math.cos(Math.PI * d / half) + 0.08 * Math.cos(2 * Math.PI * d / half);
+      k[n] = (x === 0 ? 1 : Math.sin(x) / x) * taper;
+      sum += k[n];
+    }
+    for (let n = 0; n < k.length; n++) k[n] /= sum;  // a steady level stays that level
+    kernels.set(phase, k);
+    return k;
+  };
+  const out = new Float32Array(Math.floor(samples.length * up / down));
+  for (let i = 0; i < out.length; i++) {
+    const k = kernel((i * down) % up);
+    const first = Math.floor(i * down / up) - half + 1;
+    const end = Math.min(k.length, samples.length - first);
+    let sum = 0;
+    for (let n = Math.max(0, -first); n < end; n++) sum += k[n] * samples[first + n];
+    out[i] = sum;
+  }
+  return out;
+}
+
+// The longest recording the server takes, in samples at RECORDING_RATE, and what sets it: its
+// longest prompt (less a margin: the clock stops a recording a little late) or its largest
+// upload (a 44-byte WAV header, 2 bytes a sample).
+function recordingLimit() {
+  if (!state.info) return { samples: Infinity, why: "" };
+  const l = state.info.limits;
+  const bySeconds = Math.floor((l.max_prompt_seconds - 0.05) * RECORDING_RATE);
+  const byBytes = Math.max(0, Math.floor((l.max_upload_bytes - 44) / 2));
+  return bySeconds <= byBytes
+    ? { samples: bySeconds, why: `the ${l.max_prompt_seconds} s limit` }
+    : { samples: byBytes, why: `the ${size(l.max_upload_bytes)} upload limit` };
+}
+
 // Plays 16-bit PCM as it arrives: each piece is scheduled right after the previous one.
 class StreamPlayer {
   constructor(rate) {
@@ -779,7 +868,9 @@ async function clearResults() {
   for (const audio of document.querySelectorAll(".result audio")) URL.revokeObjectURL(audio.src);
   $("results").replaceChildren();
   $("results-empty").hidden = false;
+  const focused = document.activeElement === $("results-clear");
   $("results-clear").hidden = true;
+  if (focused) moveFocus();  // (not to <body>) the text box
 }
 
 // Keeps the page's results and the stored ones within KEEP: the oldest on the page go from both
@@ -950,6 +1041,9 @@ async function speak() {
     const player = state.busy && state.busy.player;
     if (player && player !== state.playing) player.stop();  // its audio context with it
     showError(err);
+    // deleted meanwhile (another tab, another client): the lists as the server has them now,
+    // the picker on a voice that exists; the 404 stays shown
+    if (err.code === "voice_not_found") loadVoices().catch(() => { /* the 404 stays shown */ });
   } finally {
     state.busy = null;
     setBusy(false);
@@ -1093,7 +1187,12 @@ class Capture {
     if (this.ids.clear) $(this.ids.clear).hidden = !blob;
     if (blob) this.onSet();
   }
-  clear() { this.set(null, ""); $(this.ids.file).value = ""; }
+  clear() {
+    const removing = document.activeElement === $(this.ids.clear);  // its ✕ Remove, now hidden
+    this.set(null, "");
+    $(this.ids.file).value = "";
+    if (removing) moveFocus($(this.ids.record));
+  }
   async toggle() {
     if (this.starting) return;  // a double click: one recording
     if (this.recording) { this.finish(); return; }
@@ -1130,7 +1229,8 @@ class Capture {
       rec.timer = setInterval(() => {
         const s = (performance.now() - rec.started) / 1000;
         $(this.ids.time).textContent = `${s.toFixed(1)} s`;
-        if (state.info && s >= state.info.limits.max_prompt_seconds) this.finish();
+        // stopped where the server's limits are: its longest prompt, its largest upload
+        if (s * RECORDING_RATE >= recordingLimit().samples) this.finish(true);
       }, 100);
     } catch (err) {
       this.starting = false;
@@ -1143,7 +1243,8 @@ class Capture {
       showError(new PageError("Microphone unavailable", `${why}; or choose a file instead`));
     }
   }
-  finish() {
+  // atLimit: stopped by the clock at the server's limit (said so in the recording's label)
+  finish(atLimit = false) {
     if (this.starting) this.abandoned = true;
     const rec = this.recording;
     if (!rec) return;
@@ -1152,10 +1253,11 @@ class Capture {
     rec.stream.getTracks().forEach((t) => t.stop());
     rec.node.disconnect();
     rec.context.close();
-    // stopped at the limit by the clock, the samples run a little past it: keep them within it
-    // (less a margin), or the server refuses the recording as too long
-    const limit = state.info ? state.info.limits.max_prompt_seconds - 0.05 : Infinity;
-    const total = Math.min(rec.chunks.reduce((n, c) => n + c.length, 0), Math.floor(limit * rec.rate));
+    // stopped at the limit by the clock, the samples run a little past it: keep them within it,
+    // or the server refuses the recording as too long or too large
+    const limit = recordingLimit();
+    const recorded = rec.chunks.reduce((n, c) => n + c.length, 0);
+    const total = Math.min(recorded, Math.ceil((limit.samples + 1) * rec.rate / RECORDING_RATE));
     const samples = new Float32Array(total);
     let offset = 0;
     for (const c of rec.chunks) {
@@ -1164,10 +1266,14 @@ class Capture {
       samples.set(piece, offset);
       offset += piece.length;
     }
+    let kept = resample(samples, rec.rate, RECORDING_RATE);  // the device's rate: 2-8 times larger
+    if (kept.length > limit.samples) kept = kept.subarray(0, limit.samples);
     $(this.ids.record).textContent = "● Record";
     $(this.ids.record).classList.remove("recording");
     $(this.ids.time).hidden = true;
-    this.set(wavBlob(samples, rec.rate), `recording (${(total / rec.rate).toFixed(1)} s)`);
+    const seconds = (kept.length / RECORDING_RATE).toFixed(1);
+    this.set(wavBlob(kept, RECORDING_RATE),
+             atLimit ? `recording (${seconds} s, stopped at ${limit.why})` : `recording (${seconds} s)`);
   }
 }
 
@@ -1184,20 +1290,29 @@ async function saveVoice(event) {
   form.append("prompt_text", $("voice-text").value.trim());
   form.append("audio", voiceCapture.blob, voiceCapture.filename());
   const save = $("voice-save");
+  const focused = document.activeElement === save;  // disabled meanwhile: the focus goes
   save.disabled = true;
   save.textContent = "Saving…";
+  let saved = null;
   try {
     const voice = await (await api("voices", { method: "POST", body: form })).json();
     $("voice-form").reset();
     voiceCapture.clear();
     if (state.mode !== "voice") setMode("voice");
     state.voicePickedAt = Date.now();  // the new voice is the one picked
+    saved = voice.name;
     await loadVoices(voice.name);
   } catch (err) {
     showError(err);
+    // taken meanwhile (another tab, another client): the list shows the voice it is taken by
+    if (err.code === "voice_exists") loadVoices().catch(() => { /* the 409 stays shown */ });
   } finally {
     save.disabled = false;
     save.textContent = "Save voice";
+  }
+  if (focused && focusLost()) {  // to the new voice's Use button, or back to Save on a failure
+    const row = [...$("voice-list").querySelectorAll("li[data-voice]")].find((li) => li.dataset.voice === saved);
+    moveFocus(...(saved === null ? [save] : [row && row.querySelector(".use"), $("voice-name")]));
   }
 }
 
@@ -1239,6 +1354,11 @@ function wire() {
   $("speak").addEventListener("click", speak);
   $("stop").addEventListener("click", stop);
   $("error-close").addEventListener("click", clearError);
+  // the focus the error's × gives back: where it came from (where it was when the error came
+  // may be gone since, e.g. Stop)
+  $("error").addEventListener("focusin", (e) => {
+    if (canFocus(e.relatedTarget) && !$("error").contains(e.relatedTarget)) errorFrom = e.relatedTarget;
+  });
   $("results-clear").addEventListener("click", clearResults);
   $("voice-form").addEventListener("submit", saveVoice);
   document.addEventListener("visibilitychange", () => {
@@ -1261,9 +1381,14 @@ function wire() {
     state.apiKey = key;
     storage.set(KEY_KEY, key);
     state.locked = false;  // tried with loadVoices: a refused key asks again
+    const focused = $("auth").contains(document.activeElement);
     $("auth").hidden = true;
     clearError();
-    try { await loadVoices(); } catch (err) { showError(err); }
+    if (focused) moveFocus();  // on to the text box (the form is gone)
+    try { await loadVoices(); } catch (err) {
+      showError(err);
+      if (focused && !$("auth").hidden) $("api-key").focus();  // refused: the key again
+    }
   });
 }
 
