@@ -65,7 +65,6 @@ REPLICA_HEADER = "x-replica"
 HEALTH_WAIT = 20.0  # seconds the engine loop may take to answer Serve's health probe
 HEALTH_ROOM = 4  # requests beyond the admission Serve may send: /health, /metrics, voice reads
 HEALTH_TIMEOUT_S = HEALTH_WAIT + 5.0  # Serve's wait for the probe: past the replica's own
-PROXY_TIMEOUT_ROOM = 10.0  # the proxy's request deadline past the app's (whose 504 comes first)
 PLACE_TIMEOUT = 120.0  # seconds a deploy waits for a replica to be placed on a node
 UNPLACED_STOP_WAIT = 10.0  # a stop's wait for an application none of whose replicas ran
 CONNECT_TIMEOUT = 5.0  # seconds for the TCP check of a cluster's address
@@ -155,13 +154,11 @@ def replica_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def http_options(settings: Settings) -> dict[str, Any]:
     """What Serve's HTTP proxy takes of the connection settings: the keep-alive (whole seconds,
-    rounded up) and a request deadline a little past the app's (a replica that hangs, stopped
-    or swapping, held its requests without one). The proxy has no header deadline nor
-    connection limit: ``unapplied_options``."""
-    return {
-        "keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout)),
-        "request_timeout_s": settings.request_timeout + PROXY_TIMEOUT_ROOM,
-    }
+    rounded up). No request deadline: Serve's runs over the whole response, so one past
+    --timeout also cut a stream made in time whose client plays it in real time (the app
+    bounds the computing itself; a hung replica is left to the health probe). The proxy has
+    no header deadline nor connection limit: ``unapplied_options``."""
+    return {"keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout))}
 
 
 def unapplied_options(settings: Settings) -> list[str]:
@@ -468,13 +465,6 @@ def start_serve(settings: Settings, options: RayOptions) -> tuple[str, int]:
             "Ray Serve already runs on this cluster with a keep-alive of %s s: --keep-alive is "
             "not applied",
             running.keep_alive_timeout_s,
-        )
-    if running.request_timeout_s != wanted["request_timeout_s"]:
-        log.warning(
-            "Ray Serve already runs on this cluster with a request deadline of %s s in its "
-            "proxy, not --timeout + %g s",
-            running.request_timeout_s,
-            PROXY_TIMEOUT_ROOM,
         )
     return running.host, running.port
 
