@@ -14,6 +14,19 @@ DATA = Path(__file__).resolve().parent / "data"
 os.environ.setdefault("COSYVOICE_LITE_CACHE", str(ROOT / ".cache"))
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """`serve` run in-process sets the root logger's handler (on the test's captured stderr,
+    closed after it): later tests' server threads then printed "Logging error" tracebacks."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def whisper_vocab() -> Path:
     """whisper's multilingual.tiktoken, obtained the way a user's install would (once, cached)."""
