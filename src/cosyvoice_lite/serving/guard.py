@@ -369,10 +369,7 @@ class GuardMiddleware:
                 await answer(error)
                 return
             except asyncio.CancelledError:  # a body still arriving at shutdown's end
-                if scope.get("state", {}).get(CANCEL_IS_DISCONNECT):
-                    _uncancel()
-                    raise ClientGone from None
-                await _stopped_at_shutdown(scope, sent, answer, send_guarded, self.metrics)
+                await _cancelled(scope, sent, answer, send_guarded, self.metrics)
                 return
             unreadable = unreadable_json(body) or too_much_structure(
                 body, json_structure_limit(self.settings)
@@ -412,10 +409,7 @@ class GuardMiddleware:
             if sent["rejected"] is None or sent["started"]:
                 raise
         except asyncio.CancelledError:
-            if scope.get("state", {}).get(CANCEL_IS_DISCONNECT):  # (Ray Serve's replicas)
-                _uncancel()
-                raise ClientGone from None
-            await _stopped_at_shutdown(scope, sent, answer, send_guarded, self.metrics)
+            await _cancelled(scope, sent, answer, send_guarded, self.metrics)
             return
         if sent["rejected"] is not None and not sent["started"]:
             error, sent["rejected"] = sent["rejected"], None
@@ -443,6 +437,15 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None and hasattr(task, "uncancel"):
         task.uncancel()
+
+
+async def _cancelled(scope, sent: dict, answer, send, metrics: Metrics) -> None:  # noqa: ANN001
+    """A request task cancelled: its client gone where the server says a cancel means that
+    (Ray Serve's replicas: ClientGone raised), else the end of uvicorn's shutdown grace."""
+    if scope.get("state", {}).get(CANCEL_IS_DISCONNECT):
+        _uncancel()
+        raise ClientGone from None
+    await _stopped_at_shutdown(scope, sent, answer, send, metrics)
 
 
 async def _stopped_at_shutdown(scope, sent: dict, answer, send, metrics: Metrics) -> None:  # noqa: ANN001

@@ -532,11 +532,15 @@ class OutputStore:
     def _failed(self, exc: Exception) -> None:
         """S3 failing: uploads from disk paused, longer at each failure in a row."""
         self.metrics.count("s3_upload_errors_total")
-        self._backoff = min(self.retry_most, max(self.retry_first, self._backoff * 2))
+        self._backoff = self._next_pause(self._backoff)
         now = time.monotonic()
         self._paused_until = now + self._backoff
         since = self._failing[0] if self._failing is not None else now
         self._failing = (since, str(exc)[:300])
+
+    def _next_pause(self, last: float) -> float:
+        """The wait after another failure in a row: retry_first, doubling up to retry_most."""
+        return min(self.retry_most, max(self.retry_first, last * 2))
 
     def _succeeded(self) -> None:
         """S3 answers again: what waits on disk goes now."""
@@ -546,8 +550,7 @@ class OutputStore:
     def _unreadable_now(self, marker: Path, exc: OSError) -> None:
         """A pending result that cannot be read for now: tried again after a pause of its own
         (doubling like S3's); S3 is not failing for that, and nothing is removed or lost."""
-        pause = self._unreadable.get(marker, 0.0) * 2
-        self._unreadable[marker] = pause = min(self.retry_most, max(self.retry_first, pause))
+        self._unreadable[marker] = pause = self._next_pause(self._unreadable.get(marker, 0.0))
         log.error("cannot read pending upload %s (tried again in %.0f s): %s", marker, pause, exc)
         self._schedule(marker, time.monotonic() + pause)
 
