@@ -691,20 +691,6 @@ def test_serve_option_errors_come_before_heavy_imports():
     assert "--max-text-chars must be at least 1" in done.stderr
 
 
-def test_light_copies_of_limits_match_their_sources():
-    """settings.py and cli.py hold copies of limits whose modules import torch."""
-    from cosyvoice_lite import cli, engine
-    from cosyvoice_lite.audio import io as audio_io
-    from cosyvoice_lite.serving import settings, voices
-
-    assert settings.MAX_PROMPT_SECONDS == audio_io.MAX_PROMPT_SECONDS
-    assert (settings.MAX_VOICES, settings.STORAGE_WAITERS) == (
-        voices.MAX_VOICES,
-        voices.STORAGE_WAITERS,
-    )
-    assert cli.MAX_SEED == engine.MAX_SEED
-
-
 def test_empty_values_are_errors_not_defaults(tmp_path, capsys):
     """`--device ""` and `--dtype ""` meant the defaults, `--model ""` and `check ""` the
     current directory."""

@@ -33,7 +33,6 @@ from .files import (
 
 # output file extension -> format name of audio.io.AUDIO_FORMATS
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus")
-MAX_SEED = 2**64 - 1  # engine.MAX_SEED (not imported from there: torch), tests hold them equal
 
 
 def set_wait_policy() -> None:
@@ -640,8 +639,10 @@ def _read_text(text: str) -> str:
 
 
 def _seed(value: str) -> int:
-    """A seed as the engine takes it (engine.MAX_SEED: torch generators' 64 bits), refused at
-    once: a negative one was refused after the model had loaded."""
+    """A seed as the engine takes it (torch generators' 64 bits), refused at once: a negative one
+    was refused after the model had loaded."""
+    from .request import MAX_SEED
+
     try:
         seed = int(value)
     except ValueError:

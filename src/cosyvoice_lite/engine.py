@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio.io import MAX_PROMPT_SECONDS
 from .decoding import LengthPolicy
 from .device import Placement, configure_backend, resolve_placement, slow_precision_warning
 from .engine_loop import DEFAULT_LIMITS, EngineLoop, Job, LoopLimits, Sink, close_at_exit
@@ -64,7 +63,9 @@ from .precision import has_int8_products, int8_product_kernel, packs_linear
 from .precision import stream_cache_dtype as resolve_stream_cache_dtype
 from .request import (
     MAX_INSTRUCT_CHARS,
+    MAX_PROMPT_SECONDS,
     MAX_PROMPT_TEXT_CHARS,
+    MAX_SEED,
     MAX_SPEED,
     MIN_SPEED,
     AudioChunk,
@@ -84,7 +85,6 @@ log = logging.getLogger(__name__)
 # It is also the default cap: a text segment has the official bound (20 speech tokens per text
 # token; the splitter keeps segments short), streamed text in has none of its own.
 MAX_SPEECH_TOKENS = 6000
-MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 Progress = Callable[[int, int], None]  # (segments done, segments total)
 PromptSource = PromptFeatures | Callable[[], PromptFeatures] | None

@@ -31,6 +31,10 @@ MIN_SPEED, MAX_SPEED = 0.5, 2.0  # the models' range (the official's examples st
 # are not, they enter every segment's prompt whole: bounded, so that a request's prefill is.
 # (A 30 s prompt's transcript is a few hundred characters; the server's defaults are lower.)
 MAX_INSTRUCT_CHARS = MAX_PROMPT_TEXT_CHARS = 4096
+MAX_PROMPT_SECONDS = 30.0
+"""The official speech-token extraction asserts on prompts longer than 30 s (the S3 tokenizer is
+a whisper-style encoder trained on windows of at most 30 s)."""
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from cosyvoice_lite.audio.resample import resample
 from cosyvoice_lite.audio.waveform import Waveform
 from cosyvoice_lite.errors import AudioError
+from cosyvoice_lite.request import MAX_PROMPT_SECONDS
 
 AudioArray = torch.Tensor | np.ndarray
 
@@ -44,9 +45,6 @@ DECODE_BLOCK_SAMPLES = 1 << 20
 UNKNOWN_FRAMES = 2**63 - 1
 """libsndfile's frame count for a file whose header does not say its length (a streamed FLAC)."""
 
-MAX_PROMPT_SECONDS = 30.0
-"""The official speech-token extraction asserts on prompts longer than 30 s (the S3 tokenizer is
-a whisper-style encoder trained on windows of at most 30 s)."""
 
 MIN_PROMPT_SECONDS = 0.5
 """Shortest prompt we accept. Every extractor technically runs on ~0.05 s, but below 0.5 s there

@@ -7,12 +7,14 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..request import MAX_INSTRUCT_CHARS, MAX_PROMPT_TEXT_CHARS
+from ..request import MAX_INSTRUCT_CHARS, MAX_PROMPT_SECONDS, MAX_PROMPT_TEXT_CHARS
 
-# audio.io's and voices' values (tests/test_cli.py holds them equal), not imported from there:
-# those import torch, and `serve`'s option errors come before any heavy import (~3 s)
-MAX_PROMPT_SECONDS = 30.0
-MAX_VOICES = 1000
+# Defined here, not in voices.py, which imports torch: `serve`'s option errors come before any
+# heavy import (~3 s).
+MAX_VOICES = 1000  # voices a library holds at most (Settings.max_voices): each is up to ~22 MB
+# storage calls (and waits behind a write) under way at once, more refused: the default and the
+# most Settings.storage_waiters allows, below the server's 40 threads for blocking routes (anyio)
+# and its 64 planning threads, so that requests which never touch the storage keep some
 STORAGE_WAITERS = 32
 
 

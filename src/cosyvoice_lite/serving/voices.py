@@ -64,6 +64,7 @@ from ..audio.io import check_prompt_audio, load_audio
 from ..errors import AudioError, CosyVoiceError, InvalidRequestError, UnknownVoiceError
 from ..frontend.prompt import PromptFeatures
 from .refreshed import Refreshed
+from .settings import MAX_VOICES, STORAGE_WAITERS
 
 log = logging.getLogger(__name__)
 FEATURES_KEPT = 512  # voices' features kept in memory per process (up to ~0.5 MB each)
@@ -78,14 +79,9 @@ MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128  # UTF-8; file systems allow 255 (eCryptfs 143)
 MIN_FREE_BYTES = 64 * 1024 * 1024  # below this the library reports degraded storage
 RESERVE_BYTES = 16 * 1024 * 1024  # a new voice never leaves less free (results, the spool)
-MAX_VOICES = 1000  # voices a library holds at most (Settings.max_voices): each is up to ~22 MB
 HEALTH_INTERVAL = 5.0  # seconds a storage check (and the voice counts of /metrics) is reused
 HEALTH_WAIT = 1.0  # seconds /ready and /metrics wait for a storage check under way
 HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it counts as down
-# storage calls (and waits behind a write) under way at once, more refused: the default and the
-# most Settings.storage_waiters allows, below the server's 40 threads for blocking routes (anyio)
-# and its 64 planning threads, so that requests which never touch the storage keep some
-STORAGE_WAITERS = 32
 BUSY_RETRY_AFTER = 5  # seconds a client refused for a busy storage is told to wait
 SCAN_READERS = 8  # voices a scan reads at once when it must read many (a bucket, first listed)
 LAYOUT_VERSION = 1
