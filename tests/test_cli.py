@@ -803,3 +803,63 @@ def test_unreadable_model_directories_and_prompts_are_named_as_such(v1_dir, tmp_
             assert "cannot read model directory" in done.stderr and "Errno" not in done.stderr
     finally:
         model.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------- review 3
+
+
+def _without(module: str, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``main(argv)`` in a process where importing ``module`` fails, as where its extra is not
+    installed; it prints the exit status and which of torch and uvicorn it imported."""
+    probe = (
+        f"import sys; sys.modules[{module!r}] = None; from cosyvoice_lite.cli import main; "
+        f"code = main({argv!r}); "
+        "print(code, sorted(m for m in ('torch', 'uvicorn') if m in sys.modules))"
+    )
+    env = {**os.environ, "COSYVOICE_LITE_VOICES": str(tmp_path / "voices")}
+    env.pop("COSYVOICE_LITE_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def _extra(name: str) -> list[str]:
+    """pyproject.toml's optional dependencies ``name``."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"][name]
+
+
+@pytest.mark.parametrize("option", ["--s3-bucket", "--voices-s3-bucket"])
+def test_an_s3_option_without_boto3_is_one_error_line(tmp_path, option):
+    """Without boto3 the app's S3 client failed in create_app: two chained tracebacks, exit
+    status 1, after torch loaded. Now one line naming the option and what to install (a
+    package pip takes anywhere, not `-e '.[s3]'`, which works in a checkout only)."""
+    for ray in ([], ["--ray"]):  # (the replicas need boto3 as much)
+        argv = ["serve", "--model", V1, *ray, option, "b"]
+        done = _without("boto3", argv, tmp_path)
+        assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {option} needs boto3"), lines
+        assert lines[0].endswith("pip install 'boto3>=1.34'"), lines
+    assert "boto3>=1.34" in _extra("s3")
+
+
+def test_the_missing_extra_hints_name_packages_pip_installs_anywhere(tmp_path):
+    """--ray's and export's hints said `pip install -e '.[ray]'` (or '.[export]'): outside a
+    checkout, pip's error. They name the packages of pyproject's extras, as the S3 one does."""
+    for module, argv, requirement, extra in (
+        ("ray", ["serve", "--model", V1, "--ray"], "ray[serve]>=2.60", "ray"),
+        (
+            "onnx",
+            ["export", "onnx", "--model", V1, "-o", str(tmp_path / "o")],
+            "onnx>=1.16",
+            "export",
+        ),
+    ):
+        done = _without(module, argv, tmp_path)
+        assert done.stdout.strip().startswith("2 "), done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert lines[0].endswith(f"pip install '{requirement}'") and "-e" not in lines[0], lines
+        assert requirement in _extra(extra)

@@ -131,7 +131,7 @@ def check_options(
         import onnx  # noqa: F401  (needed to read back and convert the graphs)
     except ImportError as exc:
         raise ExportError(
-            "exporting needs the onnx package (the 'export' extra): pip install -e '.[export]'"
+            "exporting needs the onnx package (the 'export' extra): pip install 'onnx>=1.16'"
         ) from exc
 
 

@@ -441,6 +441,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except (ValueError, OverflowError) as exc:  # (--max-upload-mb 1e309: no number of bytes)
         raise CosyVoiceError(f"bad server option: {exc}") from None
+    check_s3_client(args)
     if not args.ray:  # (replicas' directories are their machines')
         check_storage_dirs(args, settings)
 
@@ -520,6 +521,31 @@ def check_load_paths(args: argparse.Namespace) -> None:
     except ModelDownloadError:  # an official release not downloaded yet: the load fetches it
         return
     check_model_for_load(path, args.variant, args.llm_checkpoint, args.stream_cache_dtype)
+
+
+# the serve options that make an S3 client (the server's, or with --ray the driver's and
+# the replicas'); --s3-prefix, --s3-endpoint-url, --s3-region and --voices-s3-prefix only
+# shape the clients these make
+S3_CLIENT_OPTIONS = ("s3_bucket", "voices_s3_bucket")
+
+
+def check_s3_client(args: argparse.Namespace) -> None:
+    """A CosyVoiceError naming the S3 option given where boto3 cannot be imported (the app
+    made its client later: a RuntimeError in two chained tracebacks, exit status 1)."""
+    from ..errors import CosyVoiceError
+
+    given = [name for name in S3_CLIENT_OPTIONS if getattr(args, name, None)]
+    if not given:
+        return
+    try:
+        import boto3  # noqa: F401
+        from botocore.config import Config  # noqa: F401 - what make_s3_client uses
+    except ImportError as exc:
+        flag = "--" + given[0].replace("_", "-")
+        raise CosyVoiceError(
+            f"{flag} needs boto3 (the 's3' extra), which cannot be imported ({exc}): "
+            "pip install 'boto3>=1.34'"
+        ) from None
 
 
 def check_storage_dirs(args: argparse.Namespace, settings) -> None:  # noqa: ANN001

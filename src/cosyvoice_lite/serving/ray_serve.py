@@ -822,7 +822,7 @@ def serve_on_ray(settings: Settings, options: RayOptions) -> int:
         from ray import serve  # noqa: F401 - the extra's part used below
     except ImportError as exc:
         raise CosyVoiceError(
-            "--ray needs Ray Serve (the 'ray' extra): pip install -e '.[ray]'"
+            "--ray needs Ray Serve (the 'ray' extra): pip install 'ray[serve]>=2.60'"
         ) from exc
     check_voice_store(settings)
     if settings.voices_s3 is None and (options.replicas > 1 or options.autoscale):
