@@ -249,7 +249,7 @@ def test_a_result_that_cannot_be_saved_locally_is_uploaded_from_memory(
         assert metric(text, "cosyvoice_outputs_save_errors_total") == 1
         assert metric(text, "cosyvoice_outputs_lost_total") == 0
         assert metric(text, "cosyvoice_s3_uploads_pending") == 0
-        assert "could not be saved locally" in store.health()
+        assert store.health() == "results could not be saved locally: File exists"  # no path
         assert metric(text, "cosyvoice_outputs_ok") == 0
     finally:
         store.shutdown()
@@ -264,6 +264,25 @@ def test_a_result_that_cannot_be_saved_locally_is_uploaded_from_memory(
     finally:
         store.shutdown()
     assert files_in(spool) == sorted(p.name for p in spool.iterdir())  # (only the two blockers)
+
+
+def test_a_failed_local_save_is_shown_without_its_error_s_text(tmp_path, monkeypatch):
+    """health() (the public /ready) gave a local save's error in its own words where it had no
+    errno, which may name the path; now its strerror, else its class."""
+    from cosyvoice_lite.serving import outputs
+    from cosyvoice_lite.serving.metrics import Metrics
+
+    def fail(path, data) -> None:
+        raise OSError(f"cannot write {path}")
+
+    monkeypatch.setattr(outputs, "write_atomic", fail)
+    store = outputs.OutputStore(tmp_path / "results", None, Metrics())
+    try:
+        store.submit("customer-4712", tone(), 22050, "wav", {})
+        assert store.flush(timeout=30)
+        assert store.health() == "results could not be saved locally: OSError"
+    finally:
+        store.shutdown()
 
 
 def test_failed_uploads_stay_pending_and_go_up_once_s3_is_back(

@@ -9,6 +9,7 @@ import pytest
 from test_server_support import (
     ServerThread,
     decode,
+    free_port,
     metric,
     moto_server,
     prompt_wav,
@@ -85,7 +86,35 @@ def test_upload_failure_does_not_break_serving(v1_dir, s3_url, tmp_path):
         # still serving, but an operator's probe says results are not being kept
         ready = client.get("/ready")
         assert ready.status_code == 200 and ready.json()["status"] == "degraded"
-        assert "S3 uploads failing" in ready.json()["storage"]["outputs_error"]
+        assert ready.json()["storage"]["outputs_error"].startswith("S3 uploads failing")
+        assert ready.json()["storage"]["outputs_error"].endswith(": NoSuchBucket")
+
+
+def test_public_ready_names_no_endpoint_bucket_key_nor_request(v1_dir, tmp_path, caplog):
+    """The public /ready (no key needed: load balancers probe it) showed the raw error of a
+    failing upload: the internal S3 endpoint, the bucket, the key prefix and another client's
+    request id. Now only the error's code or class; the whole error goes to the log."""
+    engine = tiny_engine(v1_dir)
+    gone = f"127.0.0.1:{free_port()}"  # S3 stopped: nothing listens there
+    s3 = S3Settings("internal-results", "tenant-a/", f"http://{gone}", "us-east-1", max_attempts=1)
+    settings = Settings(voices_dir=tmp_path, s3=s3, api_key="secretKEY123")
+    with ServerThread(create_app(engine, settings)) as server, server.client() as client:
+        response = client.post(
+            "/tts",
+            json={"text": "你好。", "speaker": engine.voices()[0], "seed": 1},
+            headers={"Authorization": "Bearer secretKEY123", "X-Request-Id": "customer-4712"},
+        )
+        assert response.status_code == 200
+        assert wait_for(lambda: "outputs_error" in client.get("/ready").text, timeout=30)
+        ready = client.get("/ready")  # without the key
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    storage = ready.json()["storage"]
+    assert storage["outputs"] == "degraded"
+    assert storage["outputs_error"].startswith("S3 uploads failing")
+    assert storage["outputs_error"].endswith(": EndpointConnectionError")
+    for secret in (gone, "internal-results", "tenant-a", "customer-4712", "secretKEY123"):
+        assert secret not in ready.text, secret
+    assert gone in caplog.text and "customer-4712" in caplog.text  # the operator's log has it
 
 
 def no_features(audio: bytes, text: str):

@@ -235,6 +235,34 @@ def test_an_unreachable_bucket_at_start_names_bucket_and_endpoint(engine, s3_url
         assert repr(bucket) in str(error.value) and url in str(error.value)
 
 
+def test_a_voice_recording_is_sent_from_the_bucket_as_it_is_read(engine, s3_url, tmp_path):
+    """GET /voices/{name}/audio read the whole object into memory for each request; now its
+    body is read and sent a chunk at a time (its length from the object), holding no storage
+    waiter meanwhile, and errors still come before anything is sent."""
+    import hashlib
+
+    from test_server_voices import download, long_recording
+
+    from cosyvoice_lite.serving.voices import VoiceLibrary
+
+    bucket = s3_settings(s3_url, "stream/")
+    stored = long_recording(VoiceLibrary(S3VoiceStore(bucket)), "Long", rate=96000)
+    settings = Settings(voices_dir=tmp_path, voices_s3=bucket, prepare_voices=0)
+    with ServerThread(create_app(engine, settings)) as server, server.client() as client:
+        status, headers, digest, peak = download(client, "/voices/long/audio")
+        with client.stream("GET", "/voices/Long/audio") as response:
+            chunks = response.iter_raw(64 * 1024)
+            first = next(chunks)
+            assert server.app.state.server.library.storage_waiting == 0
+            rest = b"".join(chunks)
+        assert client.get("/voices/nobody/audio").json()["error"]["code"] == "voice_not_found"
+    assert status == 200 and digest == hashlib.sha256(stored).hexdigest()
+    assert first + rest == stored
+    assert headers["content-length"] == str(len(stored)) and headers["content-type"] == "audio/wav"
+    assert headers["content-disposition"] == 'attachment; filename="long.wav"'
+    assert peak < len(stored) / 4, (peak, len(stored))  # 11 MB sent, never held at once
+
+
 def test_s3_failing_during_a_voice_write_is_503_and_leaves_no_half_voice(engine, s3_url, tmp_path):
     relay = Relay(int(s3_url.rsplit(":", 1)[1]), puts=1)  # prompt.wav goes up, then S3 is gone
     try:

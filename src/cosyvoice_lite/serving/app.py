@@ -34,6 +34,7 @@ from fastapi.responses import (
     PlainTextResponse,
     RedirectResponse,
     Response,
+    StreamingResponse,
 )
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
@@ -834,8 +835,11 @@ def _add_voice_routes(app: FastAPI, state: ServerState) -> None:
     )
     async def get_voice_audio(name: str):
         """The stored prompt recording (WAV)."""
-        audio = await asyncio.to_thread(library.audio, validate_name(name))
-        return Response(audio, media_type="audio/wav", headers=attachment(f"{name}.wav"))
+        # opened first (an unknown voice is a 404, not a cut 200), then sent a chunk at a time,
+        # each read on a thread: never the whole file in memory per download
+        audio = await asyncio.to_thread(library.open_audio, validate_name(name))
+        headers = {**attachment(f"{name}.wav"), "content-length": str(audio.size)}
+        return StreamingResponse(audio, media_type="audio/wav", headers=headers)
 
     @app.delete("/voices/{name}", tags=["voice library"])
     def delete_voice(name: str):

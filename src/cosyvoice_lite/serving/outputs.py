@@ -55,7 +55,7 @@ def make_s3_client(settings: S3Settings):
         from botocore.config import Config
     except ImportError as exc:  # optional extra
         raise RuntimeError(
-            "S3 upload needs boto3 (the 's3' extra): pip install -e '.[s3]'"
+            "S3 upload needs boto3 (the 's3' extra): pip install 'boto3>=1.34'"
         ) from exc
     config = Config(
         connect_timeout=settings.connect_timeout,
@@ -65,6 +65,21 @@ def make_s3_client(settings: S3Settings):
     return boto3.client(
         "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config
     )
+
+
+def s3_error_code(exc: Exception) -> str:
+    """The S3 error code of a botocore ClientError ('' for connection failures and others)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def s3_reason(exc: Exception) -> str:
+    """Why an S3 call failed, fit to show anyone: its error code, else the exception's class
+    (EndpointConnectionError). Never its text, which names the endpoint, bucket and key (other
+    clients' request ids): that goes to the log only."""
+    return s3_error_code(exc) or type(exc).__name__
 
 
 MARKER_SUFFIX = ".s3-pending"
@@ -390,7 +405,8 @@ class OutputStore:
         return written[0] if self._client is not None else None
 
     def _save_failed(self, result: _Result, exc: OSError) -> None:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        # shown by the public /ready: never the error's text (it names the path)
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
         size = len(result.audio) + len(result.meta)
         with self._lock:
             self.save_errors += 1
@@ -410,12 +426,12 @@ class OutputStore:
                 self._in_memory += 1
                 self._held_bytes += size
         if lost is not None:
-            log.error("could not save result %s (it is lost): %s%s", result.request_id, why, lost)
+            log.error("could not save result %s (it is lost): %s%s", result.request_id, exc, lost)
             return
         log.error(
             "could not save result %s locally (%s): uploading it from memory",
             result.request_id,
-            why,
+            exc,
         )
         self._uploads.put(("memory", result))
 
@@ -536,7 +552,8 @@ class OutputStore:
         now = time.monotonic()
         self._paused_until = now + self._backoff
         since = self._failing[0] if self._failing is not None else now
-        self._failing = (since, str(exc)[:300])
+        # shown by the public /ready: the code alone (the callers log the whole error)
+        self._failing = (since, s3_reason(exc))
 
     def _next_pause(self, last: float) -> float:
         """The wait after another failure in a row: retry_first, doubling up to retry_most."""

@@ -45,13 +45,18 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import quote
 
+from .outputs import make_s3_client, s3_reason
+from .outputs import s3_error_code as _code
 from .settings import S3Settings, Settings
-from .voices import LocalVoiceStore, StorageError, VoiceStore, name_key
+from .voices import Chunks, LocalVoiceStore, StorageError, VoiceStore, name_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_TTL = 2.0  # seconds a manifest or listing read from the bucket is reused
 CLAIM_GRACE = 60.0  # seconds a name's claim without its voice counts as a write in progress
@@ -93,8 +98,6 @@ class S3VoiceStore:
     listing_may_lag = True  # a listing is kept 2 s (documented)
 
     def __init__(self, settings: S3Settings) -> None:
-        from .outputs import make_s3_client
-
         self.settings = settings
         self.bucket = settings.bucket
         self.where = f"bucket {settings.bucket!r} at {settings.endpoint_url or 'the AWS endpoint'}"
@@ -123,7 +126,7 @@ class S3VoiceStore:
         code = _code(exc)
         if code in MISSING:
             return FileNotFoundError(action)
-        reason = code or type(exc).__name__
+        reason = s3_reason(exc)
         log.warning("voice bucket %s: cannot %s: %s", self.where, action, exc)
         return StorageError(
             f"cannot {action}: the voice storage (S3) is unavailable ({reason})", 503
@@ -210,21 +213,41 @@ class S3VoiceStore:
         return True
 
     def read(self, name: str, file: str) -> bytes:
-        body, generation, cached = self._manifest(name)
         if file == "voice.json":
-            return body
+            return self._manifest(name)[0]
+        return self._fetch(name, file, lambda response: response["Body"].read())
+
+    def open_file(self, name: str, file: str) -> Chunks:
+        # the GET answered (its headers) here, its body read as it is sent: a generation's
+        # objects never change, and a GET under way is answered whole after a delete
+        def opened(response: dict) -> Chunks:
+            body = response["Body"]
+
+            def read(size: int) -> bytes:
+                try:
+                    return body.read(size)
+                except Exception as exc:  # noqa: BLE001
+                    raise self._error(exc, "read the voice") from None
+
+            return Chunks(int(response["ContentLength"]), read, body.close)
+
+        return self._fetch(name, file, opened)
+
+    def _fetch(self, name: str, file: str, take: Callable[[dict], T]) -> T:
+        """``take`` of the GET of voice ``name``'s data ``file``; FileNotFoundError."""
+        _, generation, cached = self._manifest(name)
         try:
-            return self._get(self._data_key(name, generation, file))
+            return self._get(self._data_key(name, generation, file), take)
         except FileNotFoundError:
             if not cached:
                 raise
         # the voice may have been created again elsewhere since the manifest was cached
         _, generation, _ = self._manifest(name, fresh=True)
-        return self._get(self._data_key(name, generation, file))
+        return self._get(self._data_key(name, generation, file), take)
 
-    def _get(self, key: str) -> bytes:
+    def _get(self, key: str, take: Callable[[dict], T]) -> T:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return take(self.client.get_object(Bucket=self.bucket, Key=key))
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, "read the voice") from None
 
@@ -317,7 +340,7 @@ class S3VoiceStore:
             return None
         except OSError:
             staged.kept = True
-            reason = _code(exc) or type(exc).__name__
+            reason = s3_reason(exc)
             log.warning("voice bucket %s: saving voice %r: %s", self.where, staged.name, exc)
             raise StorageError(
                 f"voice {staged.name!r} may or may not have been saved: the voice storage (S3) "
@@ -449,13 +472,5 @@ class S3VoiceStore:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:  # noqa: BLE001
-            return f"the voice storage (S3) is unavailable ({_code(exc) or type(exc).__name__})"
+            return f"the voice storage (S3) is unavailable ({s3_reason(exc)})"
         return None
-
-
-def _code(exc: Exception) -> str:
-    """The S3 error code of a botocore ClientError ('' for connection failures and others)."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 try:  # Unix: work folders and names locked across processes
     import fcntl
@@ -84,9 +84,11 @@ HEALTH_WAIT = 1.0  # seconds /ready and /metrics wait for a storage check under 
 HEALTH_HUNG = 3.0  # seconds a storage check may wait on the storage before it counts as down
 BUSY_RETRY_AFTER = 5  # seconds a client refused for a busy storage is told to wait
 SCAN_READERS = 8  # voices a scan reads at once when it must read many (a bucket, first listed)
+CHUNK_BYTES = 64 * 1024  # a stored file sent to a client is read this much at a time
 LAYOUT_VERSION = 1
 
 Encode = Callable[[bytes, str], PromptFeatures]
+Read = TypeVar("Read", bytes, "Chunks")
 
 
 class VoiceExistsError(InvalidRequestError):
@@ -359,6 +361,29 @@ def _read_meta(store: VoiceStore, folder: str) -> VoiceInfo:
     )
 
 
+class Chunks:
+    """A stored file open for reading, ``size`` bytes, taken in chunks of ``CHUNK_BYTES`` as
+    they are sent: a download holds one chunk in memory, not the file (a 30 s recording at
+    192 kHz is 23 MB as float32). Closed at its end, by ``close()``, or when dropped."""
+
+    def __init__(self, size: int, read: Callable[[int], bytes], close: Callable[[], None]) -> None:
+        self.size = size
+        self._read, self._close = read, close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = self._read(CHUNK_BYTES)
+        if not chunk:
+            self.close()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        self._close()
+
+
 class VoiceStore(Protocol):
     """Where voices' files live. A voice is a stored name with files ``voice.json``,
     ``prompt.wav`` and ``features/<key>.pt``; it is visible only once committed whole. Failures
@@ -386,6 +411,10 @@ class VoiceStore(Protocol):
         """Whether a voice is committed under exactly this stored name."""
 
     def read(self, name: str, file: str) -> bytes: ...
+
+    def open_file(self, name: str, file: str) -> Chunks:
+        """A file to read in chunks; what it reads stays readable if the voice is deleted or
+        written again meanwhile."""
 
     def has_file(self, name: str, file: str) -> bool: ...
 
@@ -418,7 +447,18 @@ class WaitBounded:
     caller's own (behind the library's write lock)."""
 
     _COUNTED = frozenset(
-        ("open", "entries", "has", "read", "has_file", "stage", "commit", "write", "remove")
+        (
+            "open",
+            "entries",
+            "has",
+            "read",
+            "open_file",  # (not its chunks: a slow download never holds a waiter)
+            "has_file",
+            "stage",
+            "commit",
+            "write",
+            "remove",
+        )
     )
 
     def __init__(self, store: VoiceStore, limit: int) -> None:
@@ -569,6 +609,17 @@ class LocalVoiceStore:
 
     def read(self, name: str, file: str) -> bytes:
         return (self.root / name / file).read_bytes()
+
+    def open_file(self, name: str, file: str) -> Chunks:
+        # the open file outlives the voice's deletion (POSIX), and a file is never rewritten
+        # in place (replaced whole): a download in progress reads what it opened
+        opened = open(self.root / name / file, "rb")  # noqa: SIM115 - closed by its Chunks
+        try:
+            size = os.fstat(opened.fileno()).st_size
+        except BaseException:
+            opened.close()
+            raise
+        return Chunks(size, opened.read, opened.close)
 
     def has_file(self, name: str, file: str) -> bool:
         return (self.root / name / file).is_file()
@@ -850,9 +901,17 @@ class VoiceLibrary:
 
     def audio(self, name: str) -> bytes:
         """The stored prompt recording (WAV bytes)."""
+        return self._prompt(name, self.store.read)
+
+    def open_audio(self, name: str) -> Chunks:
+        """The stored prompt recording (WAV), open to be sent in chunks; errors (an unknown
+        voice, a damaged one, the storage failing) come here, before any of it is sent."""
+        return self._prompt(name, self.store.open_file)
+
+    def _prompt(self, name: str, read: Callable[[str, str], Read]) -> Read:
         folder = self.get(name).name
         try:
-            return self.store.read(folder, "prompt.wav")
+            return read(folder, "prompt.wav")
         except FileNotFoundError:
             if not self.exists(name):  # deleted meanwhile: gone, not damaged
                 raise _no_voice(name) from None
