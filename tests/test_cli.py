@@ -640,6 +640,42 @@ def test_ray_only_options_without_ray_are_an_error(no_server, capsys):
         assert f"{flag} applies with --ray" in capsys.readouterr().err
 
 
+def test_s3_options_without_their_bucket_are_an_error(no_server, tmp_path, capsys):
+    """`--s3-prefix runs/ --s3-region eu-west-1` without --s3-bucket (a bucket option left out
+    by mistake): the server ran, keeping nothing in S3, the options dropped without a word."""
+    for options, words in (
+        (["--s3-prefix", "runs/"], "--s3-prefix applies with --s3-bucket"),
+        (["--spool-dir", str(tmp_path)], "--spool-dir applies with --s3-bucket"),
+        (
+            ["--s3-endpoint-url", "http://127.0.0.1:9000"],
+            "--s3-endpoint-url applies with --s3-bucket or --voices-s3-bucket",
+        ),
+        (["--s3-region", "eu-west-1"], "--s3-region applies with --s3-bucket or"),
+        (
+            ["--s3-bucket", "b", "--voices-s3-prefix", "v/"],
+            "--voices-s3-prefix applies with --voices-s3-bucket",
+        ),
+    ):
+        assert main(["serve", "--model", V1, *options]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and err.startswith("error: "), err
+    # with the bucket they shape: taken (the endpoint and region serve either bucket's client)
+    import argparse
+
+    from cosyvoice_lite.serving.cli import add_serve_command, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    s3 = ["--s3-endpoint-url", "http://127.0.0.1:9000", "--s3-region", "eu-west-1"]
+    for options in (
+        ["--s3-bucket", "b", "--s3-prefix", "runs/", "--spool-dir", str(tmp_path), *s3],
+        ["--voices-s3-bucket", "v", "--voices-s3-prefix", "v/", *s3],
+    ):
+        settings = settings_from_args(parser.parse_args(["serve", "--model", V1, *options]))
+        bucket = settings.s3 or settings.voices_s3
+        assert (bucket.endpoint_url, bucket.region) == ("http://127.0.0.1:9000", "eu-west-1")
+
+
 def test_serve_names_the_options_the_user_typed(no_server, tmp_path, capsys):
     """The settings' checks named their fields: `workers must be at least 1` for --max-batch;
     a file as --outputs-dir or --spool-dir was a bare "[Errno 17] File exists", exit 1."""

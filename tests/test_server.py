@@ -345,6 +345,35 @@ def test_openai_sse(openai_client, preset, client):
     assert plain.content == audio
 
 
+def test_whole_and_streamed_audio_offer_a_file_name(client, preset):
+    """Every audio answer names its file (curl -OJ saves by it), streamed ones too: /v1's
+    default mp3 and its pcm are chunked always, and had none. An SSE answer names none."""
+
+    def speech(**body):
+        body = {"model": "tts-1", "voice": preset, "input": TEXT, "seed": 1, **body}
+        return client.post("/v1/audio/speech", json=body)
+
+    answers = {
+        "mp3": speech(),
+        "pcm": speech(response_format="pcm", stream=False),
+        "ogg": speech(response_format="opus"),
+        "flac": speech(response_format="flac", stream=True),
+        "wav": tts(client, text=TEXT, speaker=preset, seed=1, stream=True, format="wav"),
+    }
+    for ext, response in answers.items():
+        assert response.status_code == 200, response.text
+        assert "content-length" not in response.headers  # each one streamed
+        name = f"speech-{response.headers['x-request-id']}.{ext}"
+        assert response.headers["content-disposition"] == f'inline; filename="{name}"'
+    whole = tts(client, text=TEXT, speaker=preset, seed=1, format="flac")
+    assert "content-length" in whole.headers
+    name = f"speech-{whole.headers['x-request-id']}.flac"
+    assert whole.headers["content-disposition"] == f'inline; filename="{name}"'
+    sse = speech(response_format="pcm", stream_format="sse")
+    assert sse.headers["content-type"].startswith("text/event-stream")
+    assert "content-disposition" not in sse.headers
+
+
 def test_openai_voice_object_and_instructions_errors(openai_client, preset):
     import openai
 

@@ -173,9 +173,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
         "one whose S3 upload is pending is kept); default: keep them all",
     )
     ops.add_argument("--s3-bucket", help="upload every result to this S3 bucket (needs boto3)")
-    ops.add_argument("--s3-prefix", default="", help="key prefix inside the bucket")
-    ops.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, moto, ...)")
-    ops.add_argument("--s3-region", help="S3 region")
+    ops.add_argument("--s3-prefix", default="", help="key prefix inside --s3-bucket")
+    ops.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint (MinIO, moto, ...) of --s3-bucket and --voices-s3-bucket",
+    )
+    ops.add_argument("--s3-region", help="S3 region of --s3-bucket and --voices-s3-bucket")
     ops.add_argument(
         "--spool-dir",
         type=_directory,
@@ -279,7 +282,9 @@ def add_ray_options(serve: argparse.ArgumentParser) -> None:
         help="keep the voice library in this S3 bucket, shared by all replicas "
         "(--s3-endpoint-url and --s3-region apply)",
     )
-    cluster.add_argument("--voices-s3-prefix", default="", help="key prefix for the voices")
+    cluster.add_argument(
+        "--voices-s3-prefix", default="", help="key prefix inside --voices-s3-bucket"
+    )
 
 
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
@@ -365,6 +370,31 @@ def check_ray_only_options(args: argparse.Namespace) -> None:
             )
 
 
+# S3 options and the bucket options whose clients they shape: without one of these they were
+# dropped without a word (--s3-endpoint-url and --s3-region serve both buckets' clients)
+S3_SHAPING = {
+    "s3_prefix": ("s3_bucket",),
+    "spool_dir": ("s3_bucket",),
+    "s3_endpoint_url": ("s3_bucket", "voices_s3_bucket"),
+    "s3_region": ("s3_bucket", "voices_s3_bucket"),
+    "voices_s3_prefix": ("voices_s3_bucket",),
+}
+_S3_BUCKETS = {"s3_bucket": "results uploaded to S3", "voices_s3_bucket": "voices kept in S3"}
+
+
+def check_s3_shaping_options(args: argparse.Namespace) -> None:
+    """A ValueError for an S3 option given without a bucket option it applies to (so a Serve
+    config's args are refused as the command line's are)."""
+    for name, buckets in S3_SHAPING.items():
+        if getattr(args, name, None) in (None, "") or any(getattr(args, b) for b in buckets):
+            continue
+        flag = "--" + name.replace("_", "-")
+        needs = " or ".join("--" + b.replace("_", "-") for b in buckets)
+        what = " or ".join(_S3_BUCKETS[b] for b in buckets)
+        add = needs if len(buckets) == 1 else "one"
+        raise ValueError(f"{flag} applies with {needs} ({what}): add {add}, or leave it out")
+
+
 def settings_from_args(args: argparse.Namespace):
     """The Settings of the serve options (a ValueError naming the option for bad ones)."""
     try:
@@ -385,6 +415,7 @@ def _settings_from_args(args: argparse.Namespace):
             raise ValueError(f"{flag} must be a positive number of MiB, got {megabytes:g}")
     if args.outputs_keep_days is not None and args.outputs_dir is None:
         raise ValueError("--outputs-keep-days applies with --outputs-dir")
+    check_s3_shaping_options(args)
     s3 = None
     if args.s3_bucket:
         s3 = S3Settings(args.s3_bucket, args.s3_prefix, args.s3_endpoint_url, args.s3_region)

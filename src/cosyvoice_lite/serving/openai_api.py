@@ -184,8 +184,8 @@ def openai_router(state, prompts: PromptCache) -> APIRouter:
         responses={
             200: audio_response(
                 "the audio: mp3, opus and pcm sent segment by segment as it is made, wav and "
-                "flac whole (their headers state the length) unless stream; stream_format sse: "
-                "events",
+                "flac whole (their headers state the length) unless stream (then the length "
+                "is unknown: libsndfile cannot read a streamed flac); stream_format sse: events",
                 "text/event-stream",
             ),
             **error_responses(400, 401, 404, 413, 415, 429, 503, 504),

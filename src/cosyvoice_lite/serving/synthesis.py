@@ -453,6 +453,9 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
     rate = output_rate(plan.format, plan.out_rate or engine.sample_rate)
     headers = {"X-Request-Id": plan.request_id, "X-Sample-Rate": str(rate)}
     media = "text/event-stream" if plan.transport == "sse" else media_type(plan.format)
+    if plan.transport != "sse":  # whole or streamed, the audio is a file to save by this name
+        ext = "ogg" if plan.format == "opus" else plan.format
+        headers["Content-Disposition"] = f'inline; filename="speech-{plan.request_id}.{ext}"'
     watcher = asyncio.create_task(_cancel_on_disconnect(state, request, job))
     try:
         first = await _next_piece(state, job, plan)  # errors before any audio -> JSON status
@@ -484,8 +487,6 @@ async def respond(state: ServerState, request: Request, plan: Plan) -> Response:
                     headers["X-Real-Time-Factor"] = (
                         f"{summary.compute_seconds / summary.audio_seconds:.3f}"
                     )
-            ext = "ogg" if plan.format == "opus" else plan.format
-            headers["Content-Disposition"] = f'inline; filename="speech-{plan.request_id}.{ext}"'
             return Response(b"".join(pieces), media_type=media, headers=headers)
     except StopAsyncIteration:
         if _went_away(watcher):  # its job cancelled: not a fault of the server's
