@@ -472,6 +472,36 @@ def test_decoded_samples_are_checked_as_a_file_is() -> None:
         load_audio(Waveform(np.ones(100, np.int64), 24000))
 
 
+def test_float_samples_at_integer_pcm_scale_are_refused(tmp_path: Path) -> None:
+    """Floats are of full scale 1.0: an int16 array cast to floats unscaled (peak ~3e4) had been
+    taken, a prompt mel off by up to 10 and a speaker embedding by 0.68 (a wrong voice, no
+    error). The same from a float WAV file. A few dB over full scale (a resampler's overshoot,
+    a hot float recording) is still taken."""
+    from cosyvoice_lite.audio.waveform import Waveform
+
+    data = tone(16000, 1.0)[:, 0]  # peak ~0.5
+    unscaled = data * 32767 / np.abs(data).max() * 0.7  # the int16 slip, peak ~23,000
+    for samples in (unscaled, unscaled.astype(np.float64), torch.from_numpy(unscaled)):
+        with pytest.raises(AudioError, match=r"peak at 22937, far outside full scale 1\.0 .*int16"):
+            load_audio(Waveform(samples, 16000))
+    path = tmp_path / "unscaled.wav"
+    sf.write(path, unscaled, 16000, subtype="FLOAT")
+    for source in (path, path.read_bytes()):
+        with pytest.raises(AudioError, match=r"peak at 22937, far outside full scale 1\.0 .*32768"):
+            load_audio(source)
+    with pytest.raises(AudioError, match="full scale"):  # one channel enough, when averaged
+        load_audio(encoded(np.stack([unscaled, data], axis=1), 16000, "WAV", "DOUBLE"))
+    # over full scale by 1.5x (+3.5 dB) and 4x: taken as they are, as libsndfile reads them
+    for gain in (3.0, 8.0):
+        hot = data * gain
+        wav, _ = load_audio(Waveform(hot, 16000))
+        assert torch.equal(wav, torch.from_numpy(hot))
+        assert torch.equal(load_audio(encoded(hot, 16000, "WAV", "FLOAT"))[0], wav)
+    # integer PCM is scaled, never refused
+    as_int16 = (data * 32767).astype(np.int16)
+    assert float(load_audio(Waveform(as_int16, 16000))[0].abs().max()) < 1
+
+
 def test_load_audio_refuses_extreme_sample_rates() -> None:
     data = encoded(tone(8000, 0.1), 384000, "WAV", "PCM_16")
     with pytest.raises(AudioError, match="384000 Hz.*192000"):

@@ -642,3 +642,116 @@ def test_a_pinyin_tone_typed_as_a_combining_mark_reaches_the_model_as_the_tag(v3
                                    prompt_audio=PROMPT, seed=4, max_speech_tokens=20)  # fmt: skip
         audio[form] = _audio(v3, request)[0]
     np.testing.assert_array_equal(audio["NFD"], audio["NFC"])
+
+
+def _short(seed: int, text: str = "今天天气真好。") -> SynthesisRequest:
+    return SynthesisRequest(Mode.PRESET, text, voice="中文女", seed=seed, max_speech_tokens=20,
+                            ignore_eos=True, stream=True)  # fmt: skip
+
+
+def test_a_slow_progress_callback_holds_up_no_other_request(v2: Engine) -> None:
+    """A progress callback runs on its caller's side (synthesize: the thread iterating it;
+    submit: a thread of the request's own), never on an engine thread: callbacks that block
+    hold up no other request. They had run on the audio workers every request shares: two
+    callbacks sleeping 5 s made another request's first audio 4.8 s late instead of 0.2 s."""
+    release = threading.Event()
+    calls: list[tuple[str, int, int]] = []
+
+    def blocking(done: int, total: int) -> None:
+        calls.append((threading.current_thread().name, done, total))
+        release.wait(60)
+
+    iterated: list = []
+    reader = threading.Thread(
+        target=lambda: iterated.extend(v2.synthesize(_short(10), blocking)), name="reader"
+    )
+    submitted = QueueSink()
+    try:
+        reader.start()
+        v2.submit(_short(11), submitted, blocking)
+        # both requests' audio is out and their callbacks block (on the two audio workers, each
+        # on its own, before)
+        deadline = time.monotonic() + 60
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == 2, calls
+        other: list = []
+        start = time.monotonic()
+        unrelated = threading.Thread(target=lambda: other.extend(v2.synthesize(_short(2))))
+        unrelated.start()
+        unrelated.join(30)
+        assert other and other[-1].final, f"held up {time.monotonic() - start:.1f} s"
+        names = {name for name, _, _ in calls}
+        assert "reader" in names and not any(name.startswith("engine") for name in names), names
+    finally:
+        release.set()
+        reader.join(60)
+    assert iterated and iterated[-1].final
+    chunks = list(submitted)  # the submitted request's sink ends after its progress
+    assert chunks and chunks[-1].final
+    assert sorted((done, total) for _, done, total in calls) == [(1, 1), (1, 1)]
+
+
+def test_progress_comes_in_order_with_the_chunks_on_the_iterating_thread(v2: Engine) -> None:
+    """synthesize: progress(k, n) is called in the iterating thread once segment k's last chunk
+    has been yielded, before any chunk of a later segment and before the iteration ends; a
+    callback's error ends the iteration. submit: the same order on the request's own thread,
+    which then calls the sink."""
+    request = _short(5, "第一句话在这里。" * 12 + "最后一句。")
+    assert len(v2._segments(request)) == 2
+    events: list = []
+    me = threading.current_thread()
+
+    def note(done: int, total: int) -> None:
+        assert threading.current_thread() is me
+        events.append(("progress", done, total))
+
+    for chunk in v2.synthesize(request, note):
+        events.append(("chunk", chunk.segment, chunk.final))
+    assert events[-1] == ("progress", 2, 2)
+    seen = [e for e in events if e[0] == "progress"]
+    assert seen == [("progress", 1, 2), ("progress", 2, 2)]
+    first = events.index(("progress", 1, 2))
+    assert all(e[1] == 0 for e in events[:first]) and all(e[1] == 1 for e in events[first + 1 : -1])
+
+    class Noting(QueueSink):
+        def chunk(self, chunk) -> None:  # noqa: ANN001
+            relayed.append(("chunk", chunk.segment, chunk.final))
+            super().chunk(chunk)
+
+    relayed: list = []
+    sink = Noting()
+    v2.submit(request, sink, lambda done, total: relayed.append(("progress", done, total)))
+    list(sink)
+    assert relayed == events
+
+    def failing(done: int, total: int) -> None:
+        raise ZeroDivisionError("the caller's callback")
+
+    with pytest.raises(ZeroDivisionError):
+        list(v2.synthesize(request, failing))
+    sink = QueueSink()
+    v2.submit(request, sink, failing)
+    with pytest.raises(ZeroDivisionError):
+        list(sink)
+
+
+def test_a_progress_that_is_not_callable_is_refused_before_any_work(
+    v2: Engine, monkeypatch, tmp_path
+) -> None:
+    """progress=5 had been taken: the first segment was computed, then a bare TypeError."""
+    from cosyvoice_lite.engine import synthesize_to_file
+
+    def no_work(job) -> None:  # noqa: ANN001
+        raise AssertionError("the request was queued")
+
+    monkeypatch.setattr(v2.loop, "submit", no_work)
+    for wrong in (5, "progress"):
+        with pytest.raises(InvalidRequestError, match="progress must be") as info:
+            v2.submit(_short(1), QueueSink(), wrong)
+        assert info.value.param == "progress"
+        with pytest.raises(InvalidRequestError, match="progress must be"):
+            next(v2.synthesize(_short(1), wrong))
+        with pytest.raises(InvalidRequestError, match="progress must be"):
+            synthesize_to_file(v2, _short(1), tmp_path / "out.wav", wrong)
+    assert not list(tmp_path.iterdir())

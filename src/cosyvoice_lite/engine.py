@@ -552,9 +552,16 @@ class Engine:
     ) -> Iterator[AudioChunk]:
         """Turn a request into audio chunks; ``prompt`` gives precomputed prompt features (a saved
         voice) in place of ``request.prompt_audio``. The work runs in the engine loop, stepped
-        together with every other request; closing the iterator cancels it."""
-        sink = QueueSink()
-        job = self.submit(request, sink, progress, prompt)
+        together with every other request; closing the iterator cancels it.
+
+        ``progress(done, total)`` (text segments) is called in the thread iterating, never on an
+        engine thread (a slow one holds up only its own iteration): ``progress(k, n)`` once
+        segment k's last chunk has been yielded, before any chunk of a later segment and before
+        the iteration ends (so a consumer that stops at the ``final`` chunk misses the last
+        call). An error it raises ends the iteration and cancels the request."""
+        sink = QueueSink(progress)
+        report = None if progress is None else sink.progress
+        job = self._submit(request, sink, progress, report, prompt)
         try:
             yield from sink
         finally:
@@ -569,13 +576,43 @@ class Engine:
     ) -> Job:
         """Queue a request on the engine loop. Its chunks, then its end (``None`` or the error),
         go to ``sink`` from the loop thread; ``job.cancel()`` stops it at the next step.
-        ``prompt`` may be a function, called in the loop when the request is admitted."""
+        ``prompt`` may be a function, called in the loop when the request is admitted.
+
+        With ``progress(done, total)``, a thread of the request's own calls it and the sink, in
+        order (the chunks of segment k, then ``progress(k, n)``, ..., then the sink's end), so
+        the callback never runs on an engine thread: a slow one delays only its own request's
+        sink. An error the callback or the sink raises cancels the request and ends the sink
+        with it."""
+        if progress is None:
+            return self._submit(request, sink, None, None, prompt)
+        relay = QueueSink(progress)
+        job = self._submit(request, relay, progress, relay.progress, prompt)
+        try:
+            threading.Thread(
+                target=_relay, args=(relay, sink, job), name="cosyvoice-progress", daemon=True
+            ).start()
+        except BaseException:
+            job.cancel()
+            raise
+        return job
+
+    def _submit(
+        self,
+        request: SynthesisRequest,
+        sink: Sink,
+        progress: Progress | None,
+        report: Callable[[int, int], None] | None,
+        prompt: PromptSource,
+    ) -> Job:
+        """``report``: where the engine's audio worker puts a segment's end, without waiting (the
+        sink's queue)."""
         _check_request_type(request)
+        _check_progress(progress)
         request = _normalized(request)
         self._check(request)
         _check_prompt_source(prompt)
         request = _unescaped(request)
-        return self.loop.submit(Job(lambda: self._prepare(request, progress, prompt, sink), sink))
+        return self.loop.submit(Job(lambda: self._prepare(request, report, prompt, sink), sink))
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run model work in the engine loop, between two steps (e.g. a health probe of the loop)."""
@@ -596,7 +633,11 @@ class Engine:
         self.close()
 
     def _prepare(
-        self, request: SynthesisRequest, progress: Progress | None, prompt: PromptSource, sink: Sink
+        self,
+        request: SynthesisRequest,
+        report: Callable[[int, int], None] | None,
+        prompt: PromptSource,
+        sink: Sink,
     ) -> _Run:
         segments = self._segments(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -624,7 +665,7 @@ class Engine:
         # a voice conversion's source is decoded and tokenised here, on the preparing thread,
         # not when its segment starts on the loop (which stopped every row meanwhile)
         source = self._source_tokens(request) if request.mode == Mode.VOICE_CONVERSION else None
-        return _Run(self, request, segments, prompt, sampler, noise, policy, progress, sink, source)
+        return _Run(self, request, segments, prompt, sampler, noise, policy, report, sink, source)
 
     def _source_tokens(self, request: SynthesisRequest) -> torch.Tensor:
         wav, rate = self.prompt_encoder.load(
@@ -972,14 +1013,16 @@ class _Run:
         sampler: RasSampler,
         noise: torch.Generator,
         policy: LengthPolicy,
-        progress: Progress | None,
+        report: Callable[[int, int], None] | None,
         sink: Sink,
         source: torch.Tensor | None = None,
     ) -> None:
-        """``source``: a voice conversion's source tokens."""
+        """``source``: a voice conversion's source tokens; ``report(done, total)``: a segment's
+        end, passed on without waiting (never the caller's progress callback itself: it runs on
+        an audio worker every request shares)."""
         self.engine, self.request, self.segments, self.prompt = engine, request, segments, prompt
         self.sampler, self.noise, self.policy = sampler, noise, policy
-        self.progress, self.sink = progress, sink
+        self.report, self.sink = report, sink
         self.stream = request.stream
         self.serial_segments = noise is sampler.generator
         self.source = source
@@ -997,20 +1040,27 @@ class _Run:
         self.sink.chunk(self.engine._chunk(piece, index, self.segments[index], final))
 
     def segment_done(self, index: int) -> None:
-        if self.progress is not None:
-            self.progress(index + 1, len(self.segments))
+        if self.report is not None:
+            self.report(index + 1, len(self.segments))
 
 
 class QueueSink:
-    """A sink read by iterating it (from any thread): the chunks, then the end or the error."""
+    """A sink read by iterating it (from any thread): the chunks, then the end or the error.
+    ``progress(done, total)`` queues a segment's end too, and iterating calls the ``progress``
+    given here for it, in its place among the chunks: in the iterating thread, never in the
+    engine thread that queued it."""
 
     _END = object()
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Progress | None = None) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._progress = progress
 
     def chunk(self, chunk: AudioChunk) -> None:
         self._queue.put(chunk)
+
+    def progress(self, done: int, total: int) -> None:
+        self._queue.put(_Progress(done, total))
 
     def end(self, error: BaseException | None) -> None:
         self._queue.put(self._END if error is None else error)
@@ -1022,7 +1072,34 @@ class QueueSink:
                 return
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, _Progress):
+                if self._progress is not None:
+                    self._progress(item.done, item.total)
+                continue
             yield item
+
+
+@dataclass(frozen=True)
+class _Progress:
+    done: int
+    total: int
+
+
+def _relay(relay: QueueSink, sink: Sink, job: Job) -> None:
+    """``submit``'s thread for a request with a progress callback: the request's chunks and
+    progress from ``relay`` to ``sink`` and its callback, in order, then the sink's end. An error
+    of the callback or the sink (or the request's own) cancels the request and ends the sink."""
+    error: BaseException | None = None
+    try:
+        for chunk in relay:
+            sink.chunk(chunk)
+    except BaseException as exc:  # noqa: BLE001 - handed to the sink
+        error = exc
+        job.cancel()  # (a no-op for a request that ended with this error)
+    try:
+        sink.end(error)
+    except Exception:  # noqa: BLE001 - the caller's sink: logged, as the loop does
+        log.exception("a request's sink failed at its end")
 
 
 def _voice_from_spk2info(name: str, info: dict) -> Voice:
@@ -1060,6 +1137,7 @@ def synthesize_to_file(
     from .files import EXTENSIONS, check_output_path, write_atomic
 
     _check_request_type(request)
+    _check_progress(progress)
     fmt = EXTENSIONS.get(Path(path).suffix.lower())
     if fmt is None:
         raise InvalidRequestError(
@@ -1145,6 +1223,15 @@ def _check_request_type(request: object) -> None:
     if not isinstance(request, SynthesisRequest):
         raise InvalidRequestError(
             f"request must be a SynthesisRequest(mode, text, ...), got {type(request).__name__}"
+        )
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidRequestError(
+            "progress must be a function of (segments done, segments total) or None, got "
+            f"{type(progress).__name__}",
+            "progress",
         )
 
 

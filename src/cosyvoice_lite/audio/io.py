@@ -56,6 +56,12 @@ SILENCE_PEAK = 10 ** (-60 / 20)
 offset, of its 4th loudest 25 ms frame (a click or two in silence is not speech)."""
 LOUD_FRAMES = 4
 
+MAX_FLOAT_PEAK = 4.0
+"""Float samples peaking above this are refused: full scale is 1.0, and such a peak is integer PCM
+cast to floats unscaled (``int16.astype(float32)``: ~3e4), which changes the prompt's features
+(a wrong voice, no error). A resampler's overshoot or a hot float recording past 0 dBFS (up to
++12 dB) stays accepted."""
+
 MAX_CHANNELS = 8
 """Most channels decoded (7.1 surround): decoding work grows with them, and a voice recording
 needs one (a small file of 255 channels at 192 kHz took 16 s of decoding)."""
@@ -162,7 +168,11 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
                         f"{max_seconds:g} s is accepted"
                     )
                 # the channel mean per block equals the mean over the whole [C, N] array
-                pieces.append(torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0))
+                piece = torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0)
+                _check_level(
+                    what, piece, "integer PCM values stored as floats? divide them by 32768"
+                )
+                pieces.append(piece)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
@@ -174,8 +184,6 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[t
         raise AudioError(f"{what} contains no audio samples")
     _check_whole(what, opened, container, declared, frames, sample_rate)
     waveform = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if not bool(torch.isfinite(waveform).all()):
-        raise AudioError(f"{what} contains NaN or infinite samples")
     return waveform, sample_rate
 
 
@@ -344,15 +352,12 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
         waveform = torch.as_tensor(samples).detach().to("cpu")
     except (TypeError, ValueError, RuntimeError) as err:
         raise AudioError(f"decoded audio samples are not numbers ({err})") from None
-    if waveform.dtype in _PCM_SCALES:  # integer PCM (scipy's wavfile gives int16): to full scale
-        offset, scale = _PCM_SCALES[waveform.dtype]
-        waveform = (waveform.to(torch.float32) - offset) / scale
-    elif not waveform.is_floating_point():
+    pcm = _PCM_SCALES.get(waveform.dtype)  # integer PCM (scipy's wavfile gives int16)
+    if pcm is None and not waveform.is_floating_point():
         raise AudioError(
             f"decoded audio samples must be float (full scale 1.0) or 8/16/32-bit PCM, got "
             f"{waveform.dtype}"
         )
-    waveform = waveform.to(torch.float32)
     if waveform.dim() == 2 and 1 in waveform.shape:  # [1, N], or [N, 1] (a sounddevice rec())
         waveform = waveform.reshape(-1)
     if waveform.dim() != 1:
@@ -366,9 +371,26 @@ def _decoded(source: Waveform, max_seconds: float | None) -> tuple[torch.Tensor,
             f"decoded audio is too long: {length_text(waveform.numel(), rate, max_seconds)}, at "
             f"most {max_seconds:g} s is accepted"
         )
-    if not bool(torch.isfinite(waveform).all()):
-        raise AudioError("decoded audio contains NaN or infinite samples")
-    return waveform.contiguous(), int(rate)
+    if pcm is not None:  # to full scale, as libsndfile reads a file's (finite, within it)
+        offset, scale = pcm
+        return ((waveform.to(torch.float32) - offset) / scale).contiguous(), int(rate)
+    _check_level("decoded audio", waveform, "integer PCM? pass the int16 array itself")
+    return waveform.to(torch.float32).contiguous(), int(rate)
+
+
+def _check_level(what: str, samples: torch.Tensor, hint: str) -> None:
+    """An AudioError for NaN or infinite float samples, or a peak above :data:`MAX_FLOAT_PEAK`:
+    one pass over ``samples`` (no copy), before any work on them."""
+    low, high = (float(x) for x in torch.aminmax(samples))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise AudioError(f"{what} contains NaN or infinite samples")
+    peak = max(-low, high)
+    if peak > MAX_FLOAT_PEAK:
+        shown = f"{peak:.1f}" if peak < 10 else f"{peak:.0f}" if peak < 1e6 else f"{peak:.3g}"
+        why = f" ({hint})" if peak <= 2**31 else ""  # within 32-bit PCM's range
+        raise AudioError(
+            f"{what} has float samples that peak at {shown}, far outside full scale 1.0{why}"
+        )
 
 
 def to_sample_rate(
