@@ -8,11 +8,20 @@ prefill of rows of very different scales. onnxruntime's contrib ``MatMulNBits`` 
 LLM inference on CPUs, VNNI/AVX-512 kernels) keeps a scale per block of ``BLOCK`` input weights
 and, at ``accuracy_level=4``, quantises each activation block on the fly and multiplies in int8.
 Measured against torch's int8 layers (full-size CosyVoice2 LLM, 2 threads, benchmarks/README.md):
-a decoding step 11-35% faster (runs alternated), teacher-forced log-probability error 2-4x smaller
-(full size: 0.006 nats mean, as close to float32 as bfloat16), a row's result independent of the
-other rows of its batch. Each layer is one small onnxruntime session: ``MatMulNBits`` (+ ``Add``
-for a bias) over float32 rows ``[M, in_features]``, any M, so prefill, single steps and batched
-steps all run through it.
+a decoding step 11-35% faster (runs alternated; before the row pairing below, which takes 10-15%
+back), teacher-forced log-probability error 2-4x smaller (full size: 0.006 nats mean, as close to
+float32 as bfloat16). Each layer is one small onnxruntime session: ``MatMulNBits`` (+ ``Add`` for
+a bias) over float32 rows ``[M, in_features]``, any M, so prefill, single steps and batched steps
+all run through it.
+
+A row's result is the same bits whatever rows share its call (tests/test_quantized_linear.py),
+so these layers do not make a request's tokens depend on its batch. ``MatMulNBits`` computes rows
+two at a time and a row left over (a lone row, the last of an odd count) on another path, up to
+7.2e-7 apart, which the next layer's block-wise activation codes can turn into a whole
+quantisation step (0.28 nats; tokens diverged). So ``Int8Linear`` pairs a leftover row with a
+copy of itself and keeps the first result: every row takes the two-row path. Measured, full size,
+2 threads, on a loaded machine (benchmarks/README.md): a one-row decoding step costs 11-15% more
+(CosyVoice2; 9-10% CosyVoice-300M) than on the one-row path.
 
 ``Int8MatmulLinear``, for many rows at once (the flow estimators: hundreds of frames per call,
 bound by arithmetic, not by reading weights): int8 weights with a scale per output channel,
@@ -196,7 +205,13 @@ class Int8Linear(nn.Module):
         # view or cast costs a dispatch (15 -> 10-12 us a call around onnxruntime's own ~9 us)
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        (y,) = self._session.run(None, {"x": x.detach().numpy().reshape(-1, self.in_features)})
+        rows = x.detach().numpy().reshape(-1, self.in_features)
+        count = len(rows)
+        if count % 2:  # rows go in pairs, a leftover one with its copy (the module's docstring)
+            (y,) = self._session.run(None, {"x": np.concatenate((rows, rows[-1:]))})
+            y = y[:count]
+        else:
+            (y,) = self._session.run(None, {"x": rows})
         return torch.from_numpy(y.reshape(*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
