@@ -58,6 +58,79 @@ def test_a_long_sequences_attention_in_blocks_of_queries_is_the_whole_ones(monke
     torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
 
 
+def _long_attention(heads: int, features: int, size: int):
+    """A relative-position attention with weights of some size, its input and full mask."""
+    from cosyvoice_lite.networks import conformer
+
+    torch.manual_seed(0)
+    attention = conformer.RelPositionMultiHeadedAttention(heads, features).eval()
+    for parameter in attention.parameters():
+        torch.nn.init.normal_(parameter, std=0.3 / features**0.5)
+    x, pos_emb = EspnetRelPositionalEncoding(features)(torch.randn(1, size, features))
+    return attention, x, torch.ones(1, 1, size, dtype=torch.bool), pos_emb
+
+
+def test_a_long_sequence_at_the_default_block_sizes_is_attended_as_the_whole_one(monkeypatch):
+    """Past WHOLE_ATTENTION_ROWS queries, the blocks are as large as ATTENTION_BLOCK_SCORES
+    allows (here 3 blocks of 699 rows, a CosyVoice2 attention's 8 heads x 64): within 1e-5 of
+    all queries at once (measured: equal, float32 on a CPU)."""
+    from cosyvoice_lite.networks import conformer
+
+    attention, x, mask, pos_emb = _long_attention(8, 512, 1500)
+    assert conformer.attention_block_rows(1, 8, 1500) == 699
+    with torch.inference_mode():
+        blocks = attention(x, mask, pos_emb)
+        monkeypatch.setattr(conformer, "WHOLE_ATTENTION_ROWS", 1500)
+        whole = attention(x, mask, pos_emb)
+    torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_blocks_hold_a_bounded_number_of_scores():
+    """A block's scores (batch x heads x rows x keys) stay within ATTENTION_BLOCK_SCORES, so a
+    long utterance's blocks take a bounded time each (the abort checks between them): a
+    6,000-token CosyVoice2 utterance's up-encoder (8 heads, 12,000 frames with its prompt)."""
+    from cosyvoice_lite.networks.conformer import (
+        ATTENTION_BLOCK_MIN_ROWS,
+        ATTENTION_BLOCK_SCORES,
+        WHOLE_ATTENTION_ROWS,
+        attention_block_rows,
+    )
+
+    assert attention_block_rows(1, 4, 1025) == WHOLE_ATTENTION_ROWS  # a small model's
+    for batch, keys in [(1, 6000), (1, 12000), (2, 6000)]:
+        rows = attention_block_rows(batch, 8, keys)
+        assert ATTENTION_BLOCK_MIN_ROWS <= rows < WHOLE_ATTENTION_ROWS
+        assert batch * 8 * rows * keys <= ATTENTION_BLOCK_SCORES
+    assert attention_block_rows(16, 16, 15000) == ATTENTION_BLOCK_MIN_ROWS
+
+
+def test_a_long_attention_stops_between_its_blocks(monkeypatch):
+    """A cancelled request's (or a closing engine's) long attention stops at the next block
+    (networks.abort), not at the layer's end: one layer of a 6,000-token CosyVoice2
+    utterance's up-encoder took 6-14 s on 2 cores, and close() gave up waiting for it."""
+    from cosyvoice_lite.networks import conformer
+    from cosyvoice_lite.networks.abort import ComputationAborted, abort_when
+
+    attention, x, mask, pos_emb = _long_attention(2, 16, 150)
+    monkeypatch.setattr(conformer, "WHOLE_ATTENTION_ROWS", 32)  # 5 blocks
+    asked = []
+
+    def condition() -> bool:
+        asked.append(True)
+        return len(asked) == 2
+
+    with (
+        torch.inference_mode(),
+        abort_when(condition),
+        pytest.raises(ComputationAborted, match="attention block at query 64 of 150"),
+    ):
+        attention(x, mask, pos_emb)
+    asked.clear()
+    with torch.inference_mode(), abort_when(lambda: bool(asked.append(True))):
+        attention(x, mask, pos_emb)
+    assert len(asked) == 4  # between the 5 blocks
+
+
 def test_state_dict_keys_are_the_official_ones():
     conformer = ConformerEncoder(
         8, 8, 2, 16, 1, input_layer="linear", pos_enc_layer_type="rel_pos_espnet",

@@ -7,6 +7,10 @@ thread is doing (a step may outlast close()'s wait), and the workers stop at the
 
 from __future__ import annotations
 
+import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +22,7 @@ from cosyvoice_lite import Engine, EngineClosedError, Mode, SynthesisRequest
 from cosyvoice_lite.engine import QueueSink
 from cosyvoice_lite.engine_loop import MAX_AUDIO_WORKERS, MAX_IDLE_RELEASE_SECONDS, LoopLimits
 from cosyvoice_lite.errors import InvalidRequestError
+from cosyvoice_lite.networks import conformer
 
 DATA = Path(__file__).resolve().parent / "data"
 V2 = DATA / "models" / "v2-tiny"
@@ -57,24 +62,106 @@ def _ends_with(sink: QueueSink, timeout: float) -> BaseException | str | None:
     return result[0] if result else None
 
 
+# a whole utterance whose flow's up-encoder attends its queries in blocks (2 x (600 tokens +
+# the voice's prompt) frames, past conformer.WHOLE_ATTENTION_ROWS), decoded in a few seconds
+LONG_TOKENS = 600
+
+
+def _in_long_attention(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is attending a long sequence's queries in blocks (between two of the
+    blocks' abort checks): seen in its stack, as close()'s warning sees it."""
+    frame = sys._current_frames().get(thread.ident)  # noqa: SLF001
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename == conformer.__file__:
+            return "step" in frame.f_locals  # the blocked path's block size
+        frame = frame.f_back
+    return False
+
+
+def _into_long_attention(engine: Engine) -> tuple[threading.Thread, QueueSink]:
+    """Submit a long whole utterance and wait until its worker attends in blocks: that worker,
+    and the request's sink."""
+    sink = QueueSink()
+    engine.submit(_preset(1, LONG_TOKENS), sink)
+    workers = [t for t in engine.loop.threads_alive() if t.name == "engine-audio"]
+    found = wait_for(lambda: next((t for t in workers if _in_long_attention(t)), None), 60, 0.005)
+    assert found is not None, "the flow never reached a blocked attention"
+    return found, sink
+
+
 def test_closing_ends_a_request_in_its_audio_stage_and_stops_its_worker() -> None:
     """A request not streamed has finished decoding and its whole utterance is in the flow (many
-    seconds on a CPU for a long one): close() ends it with EngineClosedError, its worker stops
-    at the flow's next step, and close() returns with no engine thread left. (close() only ended
-    the rows still decoding: it returned after its 10 s wait with the worker in the flow, the
-    request delivered its audio a minute later, and the process aborted at exit, status 134.)"""
+    seconds on a CPU for a long one), here inside a long attention: close() ends it with
+    EngineClosedError, its worker stops at the attention's next block, and close() returns at
+    once with no engine thread left. (close() only ended the rows still decoding: it returned
+    after its 10 s wait with the worker in the flow, the request delivered its audio a minute
+    later, and the process aborted at exit, status 134; then, with checks between layers only,
+    one layer of a 6,000-token utterance outlasted the wait: 6-14 s on 2 cores.)"""
     before = set(threading.enumerate())
     engine = Engine.load(V2, capture_graphs=False)
-    sink = QueueSink()
-    engine.submit(_preset(1, 1000), sink)  # ~10 s of flow on 2 CPU cores
-    assert wait_for(lambda: engine.loop.active == 1 and engine.loop.decoding == 0, timeout=60)
-    time.sleep(0.3)  # into the flow
+    _, sink = _into_long_attention(engine)
     begin = time.monotonic()
     engine.close()
-    assert time.monotonic() - begin < 5
+    assert time.monotonic() - begin < 3
     assert isinstance(_ends_with(sink, 1), EngineClosedError)
     assert engine.loop.active == 0
     assert _engine_threads(before) == []
+
+
+def test_a_close_that_outlasts_its_wait_names_the_busy_thread_and_its_computation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """close() waits CLOSE_WAIT_SECONDS at most; a thread still computing then is named in a
+    warning with what it computes (its innermost calls in the package), and stops at its next
+    step all the same."""
+    before = set(threading.enumerate())
+    engine = Engine.load(V2, capture_graphs=False)
+    worker, sink = _into_long_attention(engine)
+    with caplog.at_level(logging.WARNING, logger="cosyvoice_lite.engine_loop"):
+        assert not engine.loop.close(wait=0)
+    (record,) = [r for r in caplog.records if "still computing" in r.getMessage()]
+    assert f"{worker.name} in networks/" in record.getMessage()
+    assert "networks/conformer.py" in record.getMessage()
+    assert wait_for(lambda: not worker.is_alive(), timeout=3)
+    engine.close()
+    assert isinstance(_ends_with(sink, 1), EngineClosedError)
+    assert _engine_threads(before) == []
+
+
+def test_ctrl_c_during_a_long_whole_utterance_exits_as_interrupted() -> None:
+    """Ctrl-C while a script waits for a long whole utterance: the exit closes the engine and
+    waits for its audio worker to stop at its next step before the interpreter finalizes, and the
+    process ends as interrupted (-SIGINT). (The exit's close gave up after CLOSE_WAIT_SECONDS
+    with the worker inside a torch op, and the finalization then aborted the process, SIGABRT
+    'terminate called without an active exception', in ~1 of 3 runs; here the warning period is
+    shortened to 0.2 s, which the exit used to give up after.)"""
+    script = f"""
+import sys, time
+from cosyvoice_lite import Engine, Mode, SynthesisRequest, engine_loop
+from cosyvoice_lite.engine import QueueSink
+engine_loop.CLOSE_WAIT_SECONDS = 0.2
+engine = Engine.load({str(V2)!r}, capture_graphs=False)
+request = SynthesisRequest(Mode.PRESET, "今天天气真好。", voice="中文女", seed=1,
+                           max_speech_tokens={LONG_TOKENS}, ignore_eos=True)
+engine.submit(request, sink := QueueSink())
+while not (engine.loop.active == 1 and engine.loop.decoding == 0):
+    time.sleep(0.01)
+print("FLOW", flush=True)
+list(sink)
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "FLOW\n"
+        time.sleep(0.3)  # into the flow's encoders
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGINT, err[-3000:]
+    assert "KeyboardInterrupt" in err
 
 
 def test_closing_during_a_long_step_answers_every_caller_at_once() -> None:

@@ -273,6 +273,86 @@ def test_prepare_voice_computes_the_shared_prompt_frames_ahead(v3: Engine) -> No
     assert (flows.misses, flows.hits, len(flows)) == (misses, hits + 1, 1)
 
 
+def _voices(engine: Engine, count: int) -> list:
+    """``count`` distinct voices (their prompt cache keys differ) of one recording's size."""
+    base = engine.encode_prompt(PROMPT, PROMPT_TEXT)
+    return [replace(base, embedding=base.embedding * (1 + k / 16)) for k in range(1, count + 1)]
+
+
+def test_preparing_a_voice_computes_nothing_it_could_not_keep(v2: Engine) -> None:
+    """prompt_cache_mb=0 ("computed per stream") prepares nothing; neither does a budget below a
+    voice's estimated size (at most a probe of a few chunks, once, before any size is known);
+    the voice's streams compute its prompt frames themselves."""
+    flows = v2.pipeline.prompt_flows
+    budget = flows.budget_bytes
+    voice, other = _voices(v2, 2)
+    try:
+        flows.clear()
+        flows.budget_bytes = 0
+        misses = flows.misses
+        assert v2.prepare_voice(voice).result(timeout=60) is False
+        assert v2.prepare_voice(voice, evict=False).result(timeout=60) is False
+        assert (flows.misses, len(flows)) == (misses, 0)
+        probes = flows.probes
+        flows.budget_bytes = 1  # smaller than any voice
+        for prompt in (voice, other, voice):
+            assert v2.prepare_voice(prompt).result(timeout=60) is False
+        assert flows.misses == misses and flows.probes <= probes + 1 and len(flows) == 0
+        request = SynthesisRequest(Mode.ZERO_SHOT, "你好。", seed=3, stream=True)
+        assert list(v2.synthesize(request, prompt=voice))[-1].final
+        assert flows.misses == misses + 1 and len(flows) == 0  # computed by its stream
+    finally:
+        flows.budget_bytes = budget
+        flows.clear()
+
+
+def test_preparing_voices_never_holds_up_a_request_and_is_bounded(v2: Engine) -> None:
+    """Voices prepared ahead (each save queues one) are background work of the audio workers: none
+    starts while the engine has a request, at most one per worker waits (a newer one drops the
+    oldest: its future is cancelled), and a stream started behind a burst of them gets its first
+    audio before they are done. (Before: every one was queued and computed, between the stream's
+    chunks: 40 saves of 30 s voices made another voice's first audio 152.7 s, not 0.20 s.)"""
+    flows = v2.pipeline.prompt_flows
+    flows.clear()
+    workers = v2.loop.limits.audio_workers
+    voices = _voices(v2, 2 * workers + 4)
+    speaker = _voices(v2, 1)[0]
+    # a request waiting for its text keeps the engine busy: nothing prepared starts meanwhile
+    typing = threading.Event()
+
+    def text():
+        yield "你好，"
+        typing.wait(60)
+        yield "今天天气很好。"
+
+    busy = QueueSink()
+    job = v2.submit(SynthesisRequest(Mode.ZERO_SHOT, text(), seed=1, stream=True), busy,
+                    prompt=speaker)  # fmt: skip
+    try:
+        waiting = [v2.prepare_voice(voice) for voice in voices]
+        dropped = len(voices) - workers
+        assert [f.cancelled() for f in waiting] == [True] * dropped + [False] * workers
+        time.sleep(0.5)
+        assert not any(f.running() or f.done() for f in waiting[dropped:])
+    finally:
+        typing.set()
+    assert list(busy)[-1].final and not job.cancelled.is_set()
+    assert [f.result(timeout=60) for f in waiting[-workers:]] == [True] * workers  # the newest
+
+    # a burst while the engine is idle: those started run on, and a stream behind them waits
+    # for none of the others
+    flows.clear()
+    burst = [v2.prepare_voice(voice) for voice in voices]
+    assert sum(f.cancelled() for f in burst) >= len(voices) - 2 * workers
+    request = SynthesisRequest(Mode.ZERO_SHOT, "你好，今天天气很好。", seed=3, stream=True)
+    stream = v2.synthesize(request, prompt=speaker)
+    assert next(stream).samples.size > 0
+    assert not all(f.done() for f in burst), "the stream's first audio waited for them all"
+    assert list(stream)[-1].final
+    for future in burst:
+        assert future.cancelled() or future.result(timeout=60) is True
+
+
 def test_a_segment_without_speech_tokens_is_silent_not_an_error(v3: Engine, tmp_path) -> None:
     """CosyVoice3 masks only its sos before min_len (as the official), so it can draw its eos
     first: with this tiny model, a 192 kHz prompt and seed 1 it does. The segment has no audio

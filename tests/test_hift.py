@@ -355,3 +355,38 @@ def test_streams_vocoded_together_equal_each_alone(version: str) -> None:
         for a, b in zip(want, got, strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_a_vocoder_stops_between_its_stages(version: str) -> None:
+    """A cancelled request's (or a closing engine's) vocoding stops at its next stage or
+    resblock (networks.abort): a 2-minute CosyVoice2 utterance's vocoder went on ~4 s after
+    its request was cancelled. Every check stops it; none changes the waveform."""
+    from cosyvoice_lite.networks.abort import ComputationAborted, abort_when
+
+    model, data = loaded(version)
+    mel = torch.from_numpy(data["mel_a"])
+
+    def vocode() -> torch.Tensor:
+        if version == "v3":
+            return model.inference(mel, finalize=True)[0]
+        return model.inference(mel, None, torch.Generator().manual_seed(0))[0]
+
+    asked: list[bool] = []
+    with abort_when(lambda: bool(asked.append(True))):
+        speech = vocode()
+    assert torch.equal(speech, vocode())
+    # the source, every stage, every resblock after a stage's first, the waveform
+    assert len(asked) >= 2 + len(model.ups) * model.num_kernels + 1
+    for stop_at in range(1, len(asked) + 1):
+        with (
+            abort_when(_true_at(stop_at)),
+            pytest.raises(ComputationAborted, match="vocoder"),
+        ):
+            vocode()
+
+
+def _true_at(ask: int):  # type: ignore[no-untyped-def]
+    """An abort condition that holds from its ``ask``-th call."""
+    asked = iter(range(1, ask))
+    return lambda: next(asked, None) is None

@@ -548,6 +548,64 @@ def test_voices_prepared_ahead_fit_without_eviction_and_go_first_out(
     assert not nothing.prime(flow, newest, evict=False) and nothing.misses == 0
 
 
+def _long_voice(g: dict[str, torch.Tensor], tokens: int, flip: bool) -> ModelInputs:
+    """A voice of ``tokens`` prompt tokens (the golden ones repeated), its mel aligned."""
+    times = -(-tokens // g["token"].shape[1])
+    token = g["token"].repeat(1, times)[:, :tokens]
+    feat = g["prompt_feat"].flip(1) if flip else g["prompt_feat"]
+    feat = feat.repeat(1, -(-2 * tokens // feat.shape[1]), 1)[:, : 2 * tokens]
+    nothing = torch.zeros(1, 0, dtype=torch.int32)
+    return ModelInputs(
+        text=nothing,
+        prompt_text=nothing,
+        llm_prompt_speech_token=nothing,
+        llm_embedding=torch.zeros(0, 192),
+        flow_prompt_speech_token=token,
+        prompt_speech_feat=feat,
+        flow_embedding=-g["embedding"] if flip else g["embedding"],
+    )
+
+
+def test_priming_ahead_computes_nothing_it_could_not_keep(flow: CausalMaskedDiffWithXvec) -> None:
+    """``prime`` (a voice prepared ahead of its streams) with a budget of 0 computes nothing; with
+    a budget below the prompt's size it computes at most a probe of a few chunks, once (what a
+    primed token takes, before any prompt was measured), and then nothing, for any voice. The
+    estimate it goes by is the size the prompt takes, or a little more."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = {k: torch.from_numpy(v) for k, v in _load("causality").items()}
+    voice, other = _long_voice(g, 256, False), _long_voice(g, 240, True)
+
+    def flops(call, *args) -> tuple[object, int]:
+        with FlopCounterMode(display=False) as counter:
+            result = call(*args)
+        return result, counter.get_total_flops()
+
+    nothing = PromptFlowCache(0)
+    for evict in (True, False):
+        assert flops(nothing.prime, flow, voice, evict) == (False, 0)
+    assert (nothing.misses, nothing.probes, len(nothing)) == (0, 0, 0)
+
+    whole = PromptFlowCache()
+    kept, primed = flops(whole.prime, flow, voice)
+    assert kept and primed > 0 and whole.misses == 1
+    size = whole.nbytes
+    estimate = PromptFlowCache().estimate(flow, voice)  # from a probe, as before any priming
+    assert size <= estimate <= 1.05 * size
+    assert whole.estimate(flow, voice) >= size  # from what it measured
+
+    small = PromptFlowCache(size // 2)
+    kept, probed = flops(small.prime, flow, voice)
+    assert not kept and 0 < probed < primed // 3  # the probe alone
+    assert (small.misses, small.probes, len(small)) == (0, 1, 0)
+    for inputs in (voice, other):
+        for evict in (True, False):
+            assert flops(small.prime, flow, inputs, evict) == (False, 0)
+    assert (small.misses, small.probes, len(small)) == (0, 1, 0)
+    # a voice's stream still computes its prompt itself
+    assert small.stream(flow, other) is not None and small.misses == 1
+
+
 @pytest.mark.parametrize("budget", [0, 1])
 def test_a_stream_past_its_cache_budget_gives_the_same_mel(
     flow: CausalMaskedDiffWithXvec, budget: int

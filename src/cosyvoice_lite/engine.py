@@ -532,16 +532,25 @@ class Engine:
         prompt's frames through the streaming flow, kept within ``prompt_cache_mb``, the least
         recently used voice out first), so that even the first stream of a saved voice starts
         fast. The future's result is False when nothing is kept: the model keeps nothing per
-        voice, the voice exceeds the budget, or (``evict=False``) keeping it would push out a
-        voice kept earlier."""
+        voice, the voice exceeds the budget (``prompt_cache_mb=0``, or by its estimated size:
+        then nothing is computed), or (``evict=False``) keeping it would push out a voice kept
+        earlier. It is background work that waits for the requests: it starts only while the
+        engine has no request (one under way runs to its end), and at most one per audio worker
+        waits; a newer preparation drops the oldest waiting one, whose future is then cancelled
+        (the voice's first stream computes its part itself)."""
         # the flow's prompt inputs exactly as a request with this voice gets them (every mode
         # that clones a prompt gives the flow the same ones)
         if not isinstance(prompt, PromptFeatures):
             _check_prompt_source(prompt)  # names what it got
             raise InvalidRequestError("prepare_voice needs the voice's PromptFeatures")
+        flows = getattr(self.pipeline, "prompt_flows", None)
+        if flows is None or flows.budget_bytes == 0:  # nothing would be kept: nothing to wait for
+            kept: Future = Future()
+            kept.set_result(False)
+            return kept
         request = SynthesisRequest(Mode.CROSS_LINGUAL)
         inputs = self._inputs(request, "", self._prompt(request, prompt))
-        return self.loop.background(lambda: self.pipeline.prime_voice(inputs, evict))
+        return self.loop.background(lambda: self.pipeline.prime_voice(inputs, evict), optional=True)
 
     # ------------------------------------------------------------------ synthesis
     def synthesize(

@@ -21,9 +21,12 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
 import queue
+import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -56,9 +59,17 @@ CANCEL_POLL_SECONDS = 0.05  # how often a wait for a first chunk looks at its re
 # this long (a few decoding steps), so their chunks are computed in one batch.
 BATCH_WAIT_TOKENS = 2
 BATCH_WAIT_SECONDS = 0.5
+# how often an audio worker with optional background work waiting (a voice's preparation) looks
+# whether the engine has no request left, so that it may start it
+BACKGROUND_POLL_SECONDS = 0.1
 # close() waits this long at most for the engine's threads, all together (each stops at its next
-# step once its requests have ended)
+# step once its requests have ended: networks.abort's checks, at most a few seconds apart on 2
+# cores for a 6,000-token utterance); a warning names those still busy then
 CLOSE_WAIT_SECONDS = 10.0
+# At interpreter exit the engines' threads are waited for this long at most (all together, a
+# warning every CLOSE_WAIT_SECONDS): a thread still inside a torch op when the interpreter
+# finalizes aborts the process (SIGABRT, "terminate called without an active exception").
+EXIT_WAIT_SECONDS = 120.0
 LOOP_FAULT_PAUSE_SECONDS = 1.0  # the loop's pause after its wait failed (a bug), so as not to spin
 MAX_AUDIO_WORKERS = 64  # each is a thread with the process's torch threads
 MAX_IDLE_RELEASE_SECONDS = 86400.0  # a day (a wait must stay below threading.TIMEOUT_MAX)
@@ -209,12 +220,22 @@ class _AudioWork:
     last: bool = False  # the request's last segment
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Background:
-    """Work for an audio worker that belongs to no row (e.g. priming a saved voice's flow)."""
+    """Work for an audio worker that belongs to no row (e.g. priming a saved voice's flow). It
+    starts once no row's work waits on its worker, and, with ``wait_while``, not while that
+    says so (optional work: while the engine has requests)."""
 
-    fn: Callable[[], Any]
+    fn: Callable[[], Any]  # replaced by a no-op once dropped (its inputs freed at once)
     future: Future
+    wait_while: Callable[[], bool] | None = None
+
+    def ready(self) -> bool:
+        return self.wait_while is None or not self.wait_while()
+
+
+def _nothing() -> None:
+    return None
 
 
 class AudioWorker:
@@ -227,8 +248,10 @@ class AudioWorker:
     ``Pipeline.complete_pieces``) and delivers each at once; it repeats until the rows' tokens are
     used up. A failing stage fails its row alone (an error inside a batched computation, e.g.
     out of memory, fails the rows of that batch). Work of no row (``EngineLoop.background``,
-    e.g. preparing a saved voice) runs between rows' chunks. While the loop decodes, streams'
-    flow calls use fewer row threads (``narrow``), except on the way to a first piece.
+    e.g. preparing a saved voice) runs only when no row's work is queued, one job at a time
+    (``_take``), so a stream's chunk waits at most for the one under way. While the loop
+    decodes, streams' flow calls use fewer row threads (``narrow``), except on the way to a
+    first piece.
     """
 
     def __init__(
@@ -250,13 +273,16 @@ class AudioWorker:
         # (and its flow caches) is freed even while this worker has nothing to do
         self._streams: weakref.WeakKeyDictionary[_Row, Any] = weakref.WeakKeyDictionary()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # background work taken off the queue, waiting for a moment with no row's work (_take);
+        # this thread's alone
+        self._deferred: collections.deque[_Background] = collections.deque()
         # set by stop(): computations stop between their steps, and work put later fails
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()  # nothing is queued behind the stop mark
         self._thread = start_torch_thread(self._main, threads, "engine-audio", threads)
 
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._deferred)
 
     def put(self, work: _AudioWork | _Background | list[_AudioWork]) -> None:
         """Queue work; once stopped, it fails at once (nobody would ever read it)."""
@@ -294,23 +320,52 @@ class AudioWorker:
     @property
     def idle(self) -> bool:
         """Nothing queued and no pass under way."""
-        return not self.running and self._queue.empty()
+        return not self.running and self._queue.empty() and not self._deferred
 
     def _take(self) -> tuple[list[Any], bool]:
-        """Everything queued (waiting for the first entry); True once the stop mark is reached."""
-        entries = [self._queue.get()]
+        """The rows' work queued, all of it (waiting for the first entry), or, when none is
+        queued, one background job whose time has come (``EngineLoop.background``: work of no
+        row never runs while a row's work waits here, so a live stream waits at most for the
+        one under way); True once the stop mark is reached."""
         while True:
-            try:
-                entries.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        items: list[Any] = []
-        for index, entry in enumerate(entries):
-            if entry is None:
-                _close_queued(entries[index + 1 :])
-                return items, True
-            items.extend(entry if isinstance(entry, list) else [entry])
-        return items, False
+            job = self._ready_background()
+            entries: list[Any] = []
+            if job is None:
+                try:  # with background work waiting for its moment: a look now and then
+                    timeout = BACKGROUND_POLL_SECONDS if self._deferred else None
+                    entries.append(self._queue.get(timeout=timeout))
+                except queue.Empty:
+                    continue
+            while True:
+                try:
+                    entries.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            items: list[Any] = []
+            for index, entry in enumerate(entries):
+                if entry is None:
+                    _close_queued([*entries[index + 1 :], *self._deferred])
+                    self._deferred.clear()
+                    return items, True
+                items.extend(self._rows_work(entry))
+            if items:
+                return items, False
+            job = self._ready_background()
+            if job is not None:
+                self._deferred.remove(job)
+                return [job], False
+
+    def _rows_work(self, entry: Any) -> list[Any]:
+        """The rows' work of a queue entry; its background work waits in ``_deferred``."""
+        items = entry if isinstance(entry, list) else [entry]
+        self._deferred.extend(item for item in items if isinstance(item, _Background))
+        return [item for item in items if not isinstance(item, _Background)]
+
+    def _ready_background(self) -> _Background | None:
+        """The first background job waiting that may start now (those dropped meanwhile go)."""
+        for job in [job for job in self._deferred if job.future.cancelled()]:
+            self._deferred.remove(job)
+        return next((job for job in self._deferred if job.ready()), None)
 
     def _run(self, items: list[Any]) -> None:
         rows: dict[_Row, collections.deque[_AudioWork]] = {}
@@ -452,7 +507,7 @@ class AudioWorker:
             if entry is None:  # stopping: handled by the main loop after this batch
                 self._queue.put(None)
                 return
-            self._sort(entry if isinstance(entry, list) else [entry], rows, later)
+            self._sort(self._rows_work(entry), rows, later)
             self._collect(rows, due, later)
 
     def _forget_ended(self) -> None:
@@ -643,11 +698,72 @@ def close_at_exit(loop: EngineLoop, close: Callable[[], None]) -> None:
 
 @atexit.register
 def _close_running_loops() -> None:
-    for loop in list(_RUNNING):
-        loop.close()
+    """Close every running loop at interpreter exit, and return only once their threads have
+    ended (``EXIT_WAIT_SECONDS`` at most, all together): the interpreter's finalization aborts
+    the process while a thread is inside a torch op. They stop at their next step (a few seconds
+    at most: the networks' abort checks); a second Ctrl-C stops the wait."""
+    loops = list(_RUNNING)
+    for loop in loops:  # all of them told first, so that their threads stop together
+        loop.stop()
+    deadline = time.monotonic() + EXIT_WAIT_SECONDS
+    try:
+        while busy := _wait_for_threads(
+            loops, min(deadline, time.monotonic() + CLOSE_WAIT_SECONDS)
+        ):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error(
+                    "exiting with engine threads still computing after %g s (the process may "
+                    "abort): %s", EXIT_WAIT_SECONDS, _describe(busy),
+                )  # fmt: skip
+                break
+            log.warning(
+                "exiting: waiting for engine threads to stop (%.0f s at most): %s",
+                left, _describe(busy),
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        log.warning("exiting without waiting for the engine's threads (interrupted)")
+        return
+    for loop in loops:
         closing = _AT_EXIT.get(loop)
         if closing is not None:
             closing()
+
+
+def _wait_for_threads(loops: list[EngineLoop], deadline: float) -> list[threading.Thread]:
+    """Wait until ``loops``' threads have ended or ``deadline`` (time.monotonic()) has passed;
+    those still alive (other than the calling thread)."""
+    for loop in loops:
+        for thread in loop.threads_alive():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [thread for loop in loops for thread in loop.threads_alive()]
+
+
+def _describe(threads: list[threading.Thread]) -> str:
+    """Each thread's name and what it is computing: the innermost calls of its stack in this
+    package (a thread's name alone does not say which network holds it)."""
+    frames = sys._current_frames()  # noqa: SLF001 - the documented way to see another thread's stack
+    parts = []
+    for thread in threads:
+        frame = frames.get(thread.ident) if thread.ident is not None else None
+        stack = traceback.extract_stack(frame) if frame is not None else []
+        ours = [f for f in stack if _PACKAGE_DIR in f.filename] or stack
+        calls = [
+            f"{_short(f.filename)}:{f.lineno} {f.name}" for f in reversed(ours[-_CALLS_SHOWN:])
+        ]
+        parts.append(f"{thread.name} in " + (" < ".join(calls) if calls else "?"))
+    return "; ".join(parts)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CALLS_SHOWN = 4  # the innermost calls a warning names per thread
+
+
+def _short(filename: str) -> str:
+    """A source file's path within this package (or its name elsewhere)."""
+    if filename.startswith(_PACKAGE_DIR + os.sep):
+        return filename[len(_PACKAGE_DIR) + 1 :]
+    return os.path.basename(filename)
 
 
 @dataclass(frozen=True)
@@ -720,6 +836,7 @@ class EngineLoop:
         self._preparers: list[threading.Thread] = []
         self._preparing: list[Job] = []  # requests in the preparers' hands
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._optional: list[_Background] = []  # optional background work, newest last
         self._rows: list[_Row] = []  # decoding
         self._live: set[_Row] = set()  # admitted and not ended (decoding or vocoding)
         self._wake = threading.Condition()
@@ -798,26 +915,71 @@ class EngineLoop:
             self._wake.notify_all()
         return future
 
-    def background(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on an audio worker, between rows' chunks (work that must not hold up
-        decoding, e.g. a saved voice's prompt through the flow)."""
+    def background(self, fn: Callable[[], Any], optional: bool = False) -> Future:
+        """Run ``fn`` on an audio worker once no row's work waits there (work that must not hold
+        up decoding nor any stream, e.g. tracing the flow's graphs after a load); one under way
+        is not interrupted, but no other starts while a row's work waits. ``optional``: work
+        that may never run (a saved voice's prompt through the flow, which its streams compute
+        themselves otherwise): it starts only while the engine has no request, and at most
+        ``len(audio workers)`` wait: a newer one drops the oldest waiting, whose future is
+        cancelled (logged at debug)."""
         future: Future = Future()
+        dropped: list[_Background] = []
         with self._wake:
             if self._stopping:
                 raise EngineClosedError("the engine is closed")
             self._ensure_thread()
+            job = _Background(fn, future, self._has_requests if optional else None)
+            if optional:
+                waiting = [old for old in self._optional if not old.future.running()]
+                waiting = [old for old in waiting if not old.future.done()]
+                while len(waiting) >= len(self._audio):
+                    dropped.append(waiting.pop(0))
+                self._optional = [*waiting, job]
             worker = min(self._audio, key=AudioWorker.backlog)  # the least busy one
-            worker.put(_Background(fn, future))
+            worker.put(job)
             self._idle_due = True
             self._wake.notify_all()
+        for old in dropped:  # outside the lock: a future's callbacks run here
+            if old.future.cancel():
+                old.fn = _nothing  # what it would have computed from is freed now
+                log.debug(
+                    "background work dropped for newer work (%d wait at most)", len(self._audio)
+                )
         return future
 
-    def close(self) -> None:
+    def _has_requests(self) -> bool:
+        """Whether a request is queued, being prepared or live (optional background work waits).
+        Read from the audio workers without the lock: a stale answer only moves a start."""
+        return bool(self._live or self._waiting or self._ready or self._preparing)
+
+    def close(self, wait: float = CLOSE_WAIT_SECONDS) -> bool:
         """End every request not finished (queued, being prepared, decoding, in its audio stage)
         and every call not started with EngineClosedError, at once; stop the threads at their
-        next step and wait for them (``CLOSE_WAIT_SECONDS`` at most). Not only the loop's own
-        exit ends them: a step may outlast the wait, and a row in its audio stage is no longer
-        the loop's."""
+        next step and wait for them (``wait`` seconds at most, all together). Not only the
+        loop's own exit ends them: a step may outlast the wait, and a row in its audio stage is
+        no longer the loop's. False if a thread was still busy after ``wait`` (a warning names
+        it and what it computes; it ends at its next step, and the exit waits for it)."""
+        self.stop()
+        busy = _wait_for_threads([self], time.monotonic() + wait)
+        if busy:
+            log.warning(
+                "engine closed with %d thread(s) still computing after %g s (each stops at its "
+                "next step): %s", len(busy), wait, _describe(busy),
+            )  # fmt: skip
+        return not busy
+
+    def threads_alive(self) -> list[threading.Thread]:
+        """The engine's threads not ended yet (not the calling one: it cannot wait for itself)."""
+        threads = (*self._preparers, self._thread, *(w.thread for w in self._audio))
+        return [
+            thread
+            for thread in threads
+            if thread is not None and thread.is_alive() and thread is not threading.current_thread()
+        ]
+
+    def stop(self) -> None:
+        """``close`` without the wait: every request and call ended, every thread told to stop."""
         with self._wake:
             self._stopping = True  # nothing is submitted or admitted from now on
             jobs = [*self._queued(), *self._preparing]
@@ -831,11 +993,6 @@ class EngineLoop:
         _fail_calls(self._calls)
         for worker in self._audio:
             worker.stop()
-        # a thread still in a torch op at exit aborts the process
-        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
-        for thread in (*self._preparers, self._thread, *(w.thread for w in self._audio)):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _ensure_thread(self) -> None:
         _RUNNING.add(self)

@@ -1,9 +1,13 @@
 """Stopping a long computation between its steps once its caller no longer needs it.
 
-A whole utterance's flow (its encoder layers, then ten Euler steps) can take many seconds; a
-request cancelled meanwhile (a client that went away, a timeout) should free the worker after the
-layer or step under way, not at the end. The engine states the condition for the calling thread
-(``abort_when``); the networks only ask between their steps (``check``): no request logic here.
+A whole utterance's flow (its encoder layers, then ten Euler steps) and vocoder can take many
+seconds; a request cancelled meanwhile (a client that went away, a timeout), or an engine closing
+(the process exiting), should free the worker after the step under way, not at the end. The
+engine states the condition for the calling thread (``abort_when``); the networks only ask
+between their steps (``check``): no request logic here. The steps are at most a few seconds
+apart on 2 CPU cores for a 6,000-token CosyVoice2 utterance: encoder layers, a long sequence's
+attention blocks (conformer.py), Euler steps, the vocoder's source, stages and resblocks; a
+step is one estimator call (a whole utterance's Euler step: ~2-3 s there).
 """
 
 from __future__ import annotations

@@ -153,9 +153,23 @@ ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU}
 # --------------------------------------------------------------------------------------------
 
 
-# Queries whose attention over a whole sequence is computed at once; a longer sequence's go a
-# block of this many at a time (the same floats per row, memory h x block x 2T)
+# Queries whose attention over a whole sequence is computed at once (the official's operations);
+# a longer sequence's go a block at a time (the same floats per row, measured: float32, CPU), at
+# most this many rows and ATTENTION_BLOCK_SCORES scores (batch x heads x rows x keys: 32 MB in
+# float32), at least ATTENTION_BLOCK_MIN_ROWS rows; abort.check between blocks. A block bounds
+# both the memory (all at once, a 6,000-token CosyVoice2 utterance's scores were 11.7 GB) and
+# the time before a cancelled or closing computation stops: a whole layer of that utterance's
+# up-encoder took 6-14 s on 2 cores, blocks of 1,024 rows 1-2 s each, blocks of this budget
+# (174 rows there) a fraction of a second.
 WHOLE_ATTENTION_ROWS = 1024
+ATTENTION_BLOCK_SCORES = 2**23
+ATTENTION_BLOCK_MIN_ROWS = 64
+
+
+def attention_block_rows(batch: int, heads: int, keys: int) -> int:
+    """The queries per block of a long sequence's attention (``WHOLE_ATTENTION_ROWS``)."""
+    rows = ATTENTION_BLOCK_SCORES // max(1, batch * heads * keys)
+    return min(WHOLE_ATTENTION_ROWS, max(ATTENTION_BLOCK_MIN_ROWS, rows))
 
 
 def _gather_by_distance(scores_by_row: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
@@ -260,9 +274,12 @@ class RelPositionMultiHeadedAttention(nn.Module):
         # a long utterance's queries a block at a time: the scores of all of them at once are
         # h x T x (2T - 1) floats (a 6,000-token CosyVoice2 utterance: 11.7 GB, then more)
         keep = mask.unsqueeze(1)
+        step = attention_block_rows(x.size(0), self.h, size)
         blocks = []
-        for start in range(0, size, WHOLE_ATTENTION_ROWS):
-            end = min(start + WHOLE_ATTENTION_ROWS, size)
+        for start in range(0, size, step):
+            if start:
+                check(f"attention block at query {start} of {size}")  # (networks.abort)
+            end = min(start + step, size)
             rows = keep if keep.size(2) == 1 else keep[:, :, start:end]
             bd = self._positional_scores(q[:, :, start:end], p, start, size)
             blocks.append(self._weighted_values(q[:, :, start:end], k, v, bd, rows))

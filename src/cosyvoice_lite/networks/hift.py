@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
+from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.conv_layout import Conv1d, ConvTranspose1d, reflect_pad_time
 from cosyvoice_lite.networks.crossfade import fade_in_out
 from cosyvoice_lite.networks.utterances import frame_mask
@@ -313,6 +314,7 @@ class SineGen2(nn.Module):
         rand_ini[:, 0] = 0
         rad_values[:, 0, :] = rad_values[:, 0, :] + rand_ini
         sine_waves = self.integrate_phase(rad_values, "linear") * self.sine_amp
+        check("vocoder source noise")  # (networks.abort; a long utterance's steps: ~1 s each)
         uv = (f0 > self.voiced_threshold).to(f0.dtype)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
         noise = noise_amp * _randn_like(generator, sine_waves)
@@ -354,6 +356,7 @@ class SourceModuleHnNSF(nn.Module):
     def forward(self, f0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """f0 [B, L, 1] -> source [B, L, 1]."""
         sine_waves, uv = self.l_sin_gen(f0, generator)
+        check("vocoder source merge")
         sine_merge = torch.tanh(self.l_linear(sine_waves))
         # The official module also draws a noise branch (randn like uv) that nobody uses; draw it
         # anyway so the generator ends in the same state as the official global RNG.
@@ -465,6 +468,9 @@ class HiFTBase(nn.Module):
         convolution's output past a row's end is then zeroed, as the row alone is padded."""
         x = _zero_past_rows(x, _valid_frames(frames, x))
         for i in range(self.num_upsamples):
+            # a long utterance's stages take seconds each (a 2-minute CosyVoice2 utterance's
+            # vocoder ~4 s on 2 cores): a cancelled or closing one stops between them
+            check(f"vocoder stage {i}")  # (networks.abort)
             x = F.leaky_relu(x, self.lrelu_slope)
             x = self.ups[i](x)
             if frames is not None:
@@ -482,6 +488,7 @@ class HiFTBase(nn.Module):
             x = x + si
             xs = self.resblocks[i * self.num_kernels](x, valid)
             for j in range(1, self.num_kernels):
+                check(f"vocoder stage {i} resblock {j}")
                 xs += self.resblocks[i * self.num_kernels + j](x, valid)
             x = xs / self.num_kernels
         return x
@@ -501,6 +508,7 @@ class HiFTBase(nn.Module):
         return self.conv_post(x).float()  # exp, sin and the iSTFT in float32
 
     def _spectrum_to_waveform(self, x: torch.Tensor) -> torch.Tensor:
+        check("vocoder waveform")
         n_bins = self.istft_params["n_fft"] // 2 + 1
         magnitude = torch.exp(x[:, :n_bins, :])
         phase = torch.sin(x[:, n_bins:, :])  # the official "redundant" sin, kept for parity
@@ -660,6 +668,7 @@ class HiFTGenerator(HiFTBase):
         ``cache_source`` (see ``inference``)."""
         self._check_mel(mel, 1)
         f0 = self.f0_predictor(mel)
+        check("vocoder source")
         s = self.m_source(self._upsample_f0(f0), generator).transpose(1, 2)
         if cache_source is not None and cache_source.shape[2] != 0:
             if cache_source.shape[2] > s.shape[2]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from cosyvoice_lite.errors import ModelDirError
 from cosyvoice_lite.networks import hift_causal_stream
+from cosyvoice_lite.networks.abort import check
 from cosyvoice_lite.networks.conv_layout import Conv1d, cat_time, pad_time, repeat_frames
 from cosyvoice_lite.networks.hift import (
     FoldedWeightNorm,
@@ -276,6 +277,7 @@ class CausalSineGen2(SineGen2):
         rad_values = self.harmonic_rads(f0)
         rad_values[:, 0, :] = rad_values[:, 0, :] + self.fixed.rand_ini().to(rad_values)
         sine_waves = self.integrate_phase(rad_values, "nearest") * self.sine_amp
+        check("vocoder source noise")
         uv = (f0 > self.voiced_threshold).to(f0.dtype)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
         noise = noise_amp * self.fixed.sine_waves(sine_waves.shape[1]).to(sine_waves)
@@ -305,6 +307,7 @@ class CausalSourceModuleHnNSF(nn.Module):
 
     def forward(self, f0: torch.Tensor) -> torch.Tensor:
         sine_waves, _ = self.l_sin_gen(f0)
+        check("vocoder source merge")  # (networks.abort; a long utterance's steps: ~1 s each)
         return torch.tanh(self.l_linear(sine_waves))
 
 
@@ -440,6 +443,7 @@ class CausalHiFTGenerator(HiFTBase):
         look_f0 = self.f0_predictor.look_ahead
         self._check_mel(speech_feat, 1 if finalize else look_f0 + self.conv_pre_look_right + 1)
         f0 = self.f0_predictor(speech_feat, finalize=finalize).to(speech_feat.dtype)
+        check("vocoder source")
         s = self.m_source(self._upsample_f0(f0)).transpose(1, 2)
         mel = speech_feat if finalize else speech_feat[:, :, :-look_f0]
         return self.decode(mel, s, finalize=finalize), s
@@ -455,6 +459,7 @@ class CausalHiFTGenerator(HiFTBase):
             self._check_mel(mel, 1)
         mel = stack_padded(mels)
         f0 = self.f0_predictor(mel, finalize=True).to(mel.dtype)
+        check("vocoder source")
         source = self.m_source(self._upsample_f0(f0)).transpose(1, 2)
         scale = self.upsample_scale
         sources = [source[row : row + 1, :, : m.shape[2] * scale] for row, m in enumerate(mels)]

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -134,7 +135,9 @@ async def save_voice(state, upload: VoiceUpload, reserved: Collection[str] = ())
             may_commit=gate.commit,
         )
         # its streams' shared part, computed in the background: even the first stream starts
-        # fast; the voice is stored whatever happens here
+        # fast. Never at a request's expense (the engine starts it only while it has no request,
+        # keeps one waiting per audio worker, the oldest dropped for a newer one) nor for
+        # nothing (not over --prompt-cache-mb); the voice is stored whatever happens here
         try:
             features = library.features(voice.name, voice_key(engine), encode)
             engine.prepare_voice(features).add_done_callback(_log_failure(voice.name))
@@ -219,8 +222,8 @@ def prepare_saved_voices(state) -> int:  # noqa: ANN001 - app.ServerState (no im
     or on a new replica, their first streams start as fast as later ones (CosyVoice2, 4.9 s
     prompt: first audio 3.3 s against 5.4 s in bfloat16; benchmarks/bench_restart.py). Runs in
     a thread of its own once the server serves and the model is loaded, until done or the
-    server stops; the work goes through the engine's loop like any voice's. Returns how many
-    voices were kept."""
+    server stops; the work goes through the engine's loop like any voice's (while it has no
+    request). Returns how many voices were kept."""
     engine, limit = state.engine, state.settings.prepare_voices
     if limit == 0 or not hasattr(engine, "prepare_voice"):
         return 0
@@ -237,6 +240,8 @@ def prepare_saved_voices(state) -> int:  # noqa: ANN001 - app.ServerState (no im
         try:  # read here, and computed here only where not stored
             prompt = saved_features(state, voice.name)
             kept += bool(engine.prepare_voice(prompt, evict=False).result())
+        except CancelledError:  # dropped for a newer voice's preparation: not kept
+            log.debug("preparing voice %r was dropped for a newer one", voice.name)
         except Exception as exc:  # noqa: BLE001 - a damaged or deleted voice, or a shutdown
             log.warning("could not prepare voice %r for streaming: %s", voice.name, exc)
     if kept:
