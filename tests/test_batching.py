@@ -312,6 +312,46 @@ def test_an_exception_inside_a_row_fails_only_that_row(v2: Engine, alone) -> Non
     )
 
 
+def test_an_error_inside_one_stream_of_a_shared_flow_call_never_gives_others_wrong_audio() -> None:
+    """A ValueError raised inside one stream's part of a batched flow call (after the streams
+    before it had advanced) was taken for a bad call found before any change: every stream was
+    run again alone, feeding the advanced ones their tokens twice, and the others ended "done"
+    with 89,280 samples where alone gives 86,400. Only a bad call (StreamCallError) reruns the
+    streams alone; any other error fails the call's rows, never wrong audio."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=8, audio_workers=1)
+    fixed = dict(stream=True, ignore_eos=True, max_speech_tokens=90)
+    other_prompt = DATA / "audio" / "en_22k.wav"
+    victim_text = "Hello, this is a short prompt for testing."
+    streams = [
+        _request("今天天气真好，我们出去走走吧。", 11, **fixed),
+        _request("Nice to meet you, how are you?", 13, **fixed),
+        _request(
+            "你好，你好，你好。", 14, prompt_audio=other_prompt, prompt_text=victim_text, **fixed
+        ),
+    ]
+    flow = engine.pipeline.flow
+    victim_frames = engine.encode_prompt(other_prompt, victim_text).speech_feat.shape[1]
+    encode = flow._encode_increment
+
+    def failing_for_the_victim(state, *args, **kwargs):  # a network's own error, mid-call
+        if state.prompt_feat.shape[1] <= victim_frames and state.tokens_done > 0:
+            raise ValueError("a network's internal check failed for this stream")
+        return encode(state, *args, **kwargs)
+
+    try:
+        solo = [_alone(engine, r) for r in streams[:2]]
+        flow._encode_increment = failing_for_the_victim
+        together = _together(engine, streams)
+    finally:
+        vars(flow).pop("_encode_increment", None)
+        engine.close()
+    assert isinstance(together[2], ValueError)
+    for a, b in zip(solo, together[:2], strict=True):
+        if not isinstance(b, BaseException):  # a row failed with the call is fine, wrong audio not
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
+
+
 def test_a_failed_batched_step_goes_on_from_clean_caches() -> None:
     """A step of several rows that raises (say, out of memory in one layer) is retried row by
     row. It had reserved every row's new positions before failing: rewound, each row goes on

@@ -40,6 +40,7 @@ from .decoding import WAIT, Draw, Feed
 from .errors import EngineClosedError, InvalidRequestError
 from .heap import release_freed_memory
 from .networks.abort import ComputationAborted, abort_when
+from .networks.flow_matching import StreamCallError
 from .row_parallel import at_most, set_own_threads, start_torch_thread
 from .sampling import sample_rows
 
@@ -550,8 +551,9 @@ class AudioWorker:
             else:
                 try:
                     mels = pipeline.flow_steps(flows)
-                except ValueError:
+                except StreamCallError:
                     # a stream's bad call, found before any stream changed: each on its own
+                    # (any other error may come after some streams advanced: all fail, below)
                     mels = [_one_flow(pipeline, flow) for flow in flows]
             self.flow_calls += 1
             self.flow_streams += len(due)

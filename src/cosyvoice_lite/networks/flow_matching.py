@@ -247,6 +247,11 @@ def step_streams(
     return mels
 
 
+class StreamCallError(ValueError):
+    """A bad ``stream_steps`` call, found before any stream changed: each stream may be run
+    again on its own. Any other error of the call may come after some streams advanced."""
+
+
 def check_stream_calls(
     states: Sequence[Any],
     tokens: Sequence[torch.Tensor],
@@ -259,17 +264,17 @@ def check_stream_calls(
     that would take a stream past the fixed noise (``frames_after(state, k, finalize)``: its mel
     frames once the call is done)."""
     if not len(states) == len(tokens) == len(finalize):
-        raise ValueError("stream_steps needs one token tensor and one finalize per stream")
+        raise StreamCallError("stream_steps needs one token tensor and one finalize per stream")
     if len({id(state) for state in states}) != len(states):
-        raise ValueError("a flow stream can appear once per stream_steps call")
+        raise StreamCallError("a flow stream can appear once per stream_steps call")
     limit = cfm.rand_noise.shape[2]
     for state, token, last in zip(states, tokens, finalize, strict=True):
         if state.finished:
-            raise ValueError("this flow stream has already been finalized")
+            raise StreamCallError("this flow stream has already been finalized")
         if token.dim() != 2 or token.shape[0] != 1:
-            raise ValueError(f"tokens must be [1, k], got {tuple(token.shape)}")
+            raise StreamCallError(f"tokens must be [1, k], got {tuple(token.shape)}")
         if frames_after(state, token.shape[1], last) > limit:
-            raise ValueError(f"the flow can generate at most {limit} mel frames per stream")
+            raise StreamCallError(f"the flow can generate at most {limit} mel frames per stream")
 
 
 def solve_within_budget(
