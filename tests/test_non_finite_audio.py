@@ -88,3 +88,22 @@ def test_the_say_command_leaves_no_file(engine: Engine, tmp_path: Path, capsys) 
     assert main([*args, "-o", str(out), "--stream"]) == 2
     assert "NaN or infinite samples" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_finite_speech_token_probabilities_are_the_model_s_fault(
+    v1_dir, tmp_path, stream: bool
+) -> None:
+    """NaN from the LLM was torch's 'probability tensor contains either inf, nan or element
+    < 0' (a plain RuntimeError: the server's 500 named no cause); it is a ModelOutputError now,
+    as NaN samples are."""
+    model = copy_model(v1_dir, tmp_path / "v1-nan-llm")
+    state = torch.load(model / "llm.pt", weights_only=True)
+    state["llm_decoder.bias"] = torch.full_like(state["llm_decoder.bias"], float("nan"))
+    torch.save(state, model / "llm.pt")
+    damaged = Engine.load(model)
+    try:
+        with pytest.raises(ModelOutputError, match="speech-token probabilities are NaN"):
+            list(damaged.synthesize(_request(damaged, stream)))
+    finally:
+        damaged.close()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import ModelOutputError
+
 Sampler = Callable[[torch.Tensor, Sequence[int]], int]
 
 
@@ -119,10 +121,12 @@ def _draw_index(probs: torch.Tensor, host: np.ndarray, sampler: RasSampler) -> t
     here on ``host``, the same values already on the host. Returns the index [1] on probs' device.
     q is drawn on the generator's device (a CPU generator gives the CPU's draws on any device).
     The sampling tests compare it with the sampler alone, so a change in torch's algorithm shows."""
-    if not (np.isfinite(host).all() and (host >= 0).all()):
-        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-    if host.sum() <= 0:
-        raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
+    if not (np.isfinite(host).all() and (host >= 0).all()) or host.sum() <= 0:
+        # (torch's own message named a probability tensor: a 500 that said nothing of the cause)
+        raise ModelOutputError(
+            "the model's speech-token probabilities are NaN, infinite or all zero: its weights "
+            "are damaged (cosyvoice-lite check) or overflow in the precision chosen"
+        )
     generator = sampler.generator
     q = torch.empty(probs.shape, dtype=probs.dtype, device=generator.device)
     q = q.exponential_(1, generator=generator).to(probs.device)
