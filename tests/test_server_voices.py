@@ -654,7 +654,7 @@ def test_a_download_in_progress_outlives_the_voice_s_deletion(engine, tmp_path):
     first = next(opened)
     library.delete("going")
     assert len(first) < len(stored) and first + b"".join(opened) == stored
-    long_recording(library, "going")  # again, deleted through the server while it is sent
+    stored = long_recording(library, "going")  # again, deleted through the server while sent
     settings = Settings(voices_dir=tmp_path, prepare_voices=0)
     with (
         ServerThread(create_app(engine, settings)) as running,
