@@ -7,6 +7,7 @@ leaving mid-way, cancelled, failing) against each request run alone with the sam
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import subprocess
@@ -312,6 +313,26 @@ def test_an_exception_inside_a_row_fails_only_that_row(v2: Engine, alone) -> Non
     )
 
 
+@contextlib.contextmanager
+def _value_error_inside_one_stream_s_encoding(flow: torch.nn.Module, victim_frames: int):
+    """Raise a ValueError inside one stream's part of the v2 flow's shared ``stream_steps``
+    (the stream whose voice has at most ``victim_frames`` prompt frames, past its first call),
+    after the streams before it in the call have advanced. No public hook sees which stream an
+    increment belongs to, so this wraps the flow's per-stream encoder step, a private method."""
+    encode = flow._encode_increment
+
+    def failing_for_the_victim(state, *args, **kwargs):
+        if state.prompt_feat.shape[1] <= victim_frames and state.tokens_done > 0:
+            raise ValueError("a network's internal check failed for this stream")
+        return encode(state, *args, **kwargs)
+
+    flow._encode_increment = failing_for_the_victim
+    try:
+        yield
+    finally:
+        del flow._encode_increment
+
+
 def test_an_error_inside_one_stream_of_a_shared_flow_call_never_gives_others_wrong_audio() -> None:
     """A ValueError raised inside one stream's part of a batched flow call (after the streams
     before it had advanced) was taken for a bad call found before any change: every stream was
@@ -329,26 +350,92 @@ def test_an_error_inside_one_stream_of_a_shared_flow_call_never_gives_others_wro
             "你好，你好，你好。", 14, prompt_audio=other_prompt, prompt_text=victim_text, **fixed
         ),
     ]
-    flow = engine.pipeline.flow
     victim_frames = engine.encode_prompt(other_prompt, victim_text).speech_feat.shape[1]
-    encode = flow._encode_increment
-
-    def failing_for_the_victim(state, *args, **kwargs):  # a network's own error, mid-call
-        if state.prompt_feat.shape[1] <= victim_frames and state.tokens_done > 0:
-            raise ValueError("a network's internal check failed for this stream")
-        return encode(state, *args, **kwargs)
-
     try:
         solo = [_alone(engine, r) for r in streams[:2]]
-        flow._encode_increment = failing_for_the_victim
-        together = _together(engine, streams)
+        with _value_error_inside_one_stream_s_encoding(engine.pipeline.flow, victim_frames):
+            together = _together(engine, streams)
     finally:
-        vars(flow).pop("_encode_increment", None)
         engine.close()
     assert isinstance(together[2], ValueError)
     for a, b in zip(solo, together[:2], strict=True):
         if not isinstance(b, BaseException):  # a row failed with the call is fine, wrong audio not
             assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
+
+
+def test_a_bad_flow_call_of_one_stream_fails_it_alone_and_the_others_go_on() -> None:
+    """A stream whose flow call is bad (here: past the flow's fixed noise, shortened for the
+    test) is found before any stream of the shared call changes (``StreamCallError``): that
+    stream fails, and the others, computed again one by one, sound as alone."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=8, audio_workers=1)
+    fixed = dict(stream=True, ignore_eos=True, max_speech_tokens=90)
+    short_prompt = dict(
+        prompt_audio=DATA / "audio" / "en_22k.wav",
+        prompt_text="Hello, this is a short prompt for testing.",
+    )
+    streams = [
+        _request("今天天气真好，我们出去走走吧。", 11, **short_prompt, **fixed),
+        _request("Nice to meet you, how are you?", 13, **short_prompt, **fixed),
+        _request("你好，你好，你好。", 14, **fixed),  # a longer prompt: more frames
+    ]
+    cfm = engine.pipeline.flow.decoder
+    noise = cfm.rand_noise
+    frames = [
+        engine.encode_prompt(r.prompt_audio, r.prompt_text).speech_feat.shape[1] for r in streams
+    ]
+    try:
+        solo = [_alone(engine, r) for r in streams[:2]]
+        cfm.rand_noise = noise[:, :, : max(frames[:2]) + 2 * 90 + 10]
+        assert frames[2] + 2 * 90 > cfm.rand_noise.shape[2]
+        calls, chunks = engine.loop.flow_calls
+        together = _together(engine, streams)
+        after = engine.loop.flow_calls
+        assert after[0] - calls < after[1] - chunks  # streams shared flow calls
+    finally:
+        cfm.rand_noise = noise
+        engine.close()
+    assert isinstance(together[2], ValueError) and "at most" in str(together[2])
+    for a, b in zip(solo, together[:2], strict=True):
+        assert not isinstance(b, BaseException), b
+        np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
+
+
+def test_a_base_exception_vocoding_one_stream_s_piece_fails_that_stream_alone() -> None:
+    """The pieces of a shared flow call are vocoded one stream after another (on a CPU): a
+    BaseException there (SystemExit from a library, say) failed every stream of the call, and
+    fails the stream whose piece raised it alone now."""
+    engine = Engine.load(DATA / "models" / "v2-tiny", max_batch=8, audio_workers=1)
+    fixed = dict(stream=True, ignore_eos=True, max_speech_tokens=60)
+    streams = [
+        _request("今天天气真好，我们出去走走吧。", 11, **fixed),
+        _request("Nice to meet you, how are you?", 13, **fixed),
+        _request("你好，你好，你好。", 14, **fixed),
+    ]
+    vocoded = itertools.count()
+
+    def exit_on_the_first_piece(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if next(vocoded) == 0:
+            raise SystemExit(3)
+
+    try:
+        solo = [_alone(engine, r) for r in streams]
+        calls, chunks = engine.loop.flow_calls
+        handle = engine.pipeline.hift.f0_predictor.register_forward_pre_hook(
+            exit_on_the_first_piece
+        )
+        try:
+            together = _together(engine, streams)
+        finally:
+            handle.remove()
+        after = engine.loop.flow_calls
+        assert after[0] - calls < after[1] - chunks  # streams shared flow calls
+    finally:
+        engine.close()
+    failed = [i for i, result in enumerate(together) if isinstance(result, BaseException)]
+    assert len(failed) == 1 and "SystemExit(3)" in str(together[failed[0]])
+    for i, (a, b) in enumerate(zip(solo, together, strict=True)):
+        if i not in failed:
             np.testing.assert_allclose(b, a, atol=TOL, rtol=0)
 
 
@@ -673,6 +760,58 @@ def test_whole_utterances_ending_together_share_one_flow_batch(version: int) -> 
     for a, b in zip(solo, together, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, atol=5e-2, rtol=0)
+
+
+def test_a_base_exception_in_one_whole_utterance_of_a_batch_fails_that_request_alone() -> None:
+    """A BaseException (SystemExit from a library, say) inside a batch of whole utterances got
+    past the batch's retry, which caught only Exception, and failed every request on that audio
+    worker. It goes the way of any error now: the batch is computed again utterance by
+    utterance, and only the utterance that raises fails (its row's error names it)."""
+    engine = Engine.load(
+        DATA / "models" / "v2-tiny", max_batch=8, audio_workers=1, batch_utterances=True
+    )
+    engine.pipeline.vocoder_batch = True  # as on an accelerator
+    same_end = dict(ignore_eos=True, max_speech_tokens=20)
+    requests = [
+        _request("你好。", 1, **same_end),
+        _request("Nice to meet you.", 3, mode=Mode.CROSS_LINGUAL, **same_end),
+        _request(
+            "今天天气真好。", 2, prompt_audio=DATA / "audio" / "en_22k.wav",
+            prompt_text="Hello, this is a short prompt for testing.", **same_end,
+        ),
+    ]  # fmt: skip
+    lengths: list[set[int]] = []  # each solo request's encoder rows (prompt and speech tokens)
+
+    def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        lengths[-1].update(inputs[1].tolist())
+
+    def exit_for_the_victim(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if victim & set(inputs[1].tolist()):
+            raise SystemExit(3)
+
+    encoder = engine.pipeline.flow.encoder  # run by whole utterances only, not by streams
+    try:
+        handle = encoder.register_forward_pre_hook(record)
+        solo = []
+        for request in requests:
+            lengths.append(set())
+            solo.append(_alone(engine, request))
+        handle.remove()
+        victim = lengths[2] - lengths[0] - lengths[1]
+        assert victim
+        batches = engine.loop.utterance_batches
+        handle = encoder.register_forward_pre_hook(exit_for_the_victim)
+        try:
+            together = _together(engine, requests)
+        finally:
+            handle.remove()
+        assert engine.loop.utterance_batches == batches  # the batch failed: each alone
+    finally:
+        engine.close()
+    assert isinstance(together[2], RuntimeError) and "SystemExit(3)" in str(together[2])
+    for a, b in zip(solo[:2], together[:2], strict=True):
+        assert not isinstance(b, BaseException), b
+        np.testing.assert_array_equal(b, a)
 
 
 def test_utterance_groups_bound_rows_and_padding() -> None:

@@ -5,6 +5,7 @@ clear error, before anything reaches an encoder; the encoders refuse such sample
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ from test_server_support import EngineProbe, ServerThread
 
 from cosyvoice_lite.audio.io import encode_audio
 from cosyvoice_lite.engine import Engine
-from cosyvoice_lite.errors import AudioError, ModelOutputError
+from cosyvoice_lite.errors import AudioError, ModelOutputError, non_finite_cause
 from cosyvoice_lite.request import Mode, SynthesisRequest
+from cosyvoice_lite.sampling import RasSampler, sample_rows
 from cosyvoice_lite.serving import Settings, create_app
 from cosyvoice_lite.serving.streaming import Encoder
 
@@ -90,20 +92,45 @@ def test_the_say_command_leaves_no_file(engine: Engine, tmp_path: Path, capsys) 
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_non_finite_speech_token_probabilities_are_the_model_s_fault(
-    v1_dir, tmp_path, stream: bool
-) -> None:
-    """NaN from the LLM was torch's 'probability tensor contains either inf, nan or element
-    < 0' (a plain RuntimeError: the server's 500 named no cause); it is a ModelOutputError now,
-    as NaN samples are."""
-    model = copy_model(v1_dir, tmp_path / "v1-nan-llm")
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="module", params=["v1-tiny", "v2-tiny"])
+def nan_llm(request, v1_dir, tmp_path_factory) -> Engine:
+    """A tiny model whose LLM's output bias is NaN: every speech-token log-probability is NaN."""
+    model = copy_model(DATA / "models" / request.param, tmp_path_factory.mktemp("nan-llm") / "m")
     state = torch.load(model / "llm.pt", weights_only=True)
     state["llm_decoder.bias"] = torch.full_like(state["llm_decoder.bias"], float("nan"))
     torch.save(state, model / "llm.pt")
-    damaged = Engine.load(model)
-    try:
-        with pytest.raises(ModelOutputError, match="speech-token probabilities are NaN"):
-            list(damaged.synthesize(_request(damaged, stream)))
-    finally:
-        damaged.close()
+    with Engine.load(model) as loaded:
+        yield loaded
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_finite_speech_token_probabilities_are_the_model_s_fault(
+    nan_llm: Engine, stream: bool
+) -> None:
+    """NaN from the LLM was torch's 'probability tensor contains either inf, nan or element
+    < 0' (a plain RuntimeError: the server's 500 named no cause); it is a ModelOutputError now,
+    in the words NaN samples get."""
+    request = SynthesisRequest(
+        Mode.PRESET, "你好。", voice="中文女", seed=1, max_speech_tokens=20, stream=stream
+    )
+    cause = re.escape(non_finite_cause())
+    with pytest.raises(ModelOutputError, match=f"speech-token probabilities are NaN.*: {cause}"):
+        list(nan_llm.synthesize(request))
+
+
+def test_non_finite_scores_fail_their_row_alone() -> None:
+    """In a step's draws (``sample_rows``) a row of NaN or infinite scores gets the error, the
+    others their tokens as alone; a sampler called alone (``run_alone``) raises the same."""
+    scores = torch.randn(3, 50).log_softmax(dim=-1)
+    scores[1, 7] = float("nan")
+    scores[2, 3] = float("inf")
+    samplers = [RasSampler(torch.Generator().manual_seed(i)) for i in range(3)]
+    tokens = sample_rows([(row.clone(), [], s) for row, s in zip(scores, samplers, strict=True)])
+    assert tokens[0] == RasSampler(torch.Generator().manual_seed(0))(scores[0].clone(), [])
+    for error in tokens[1:]:
+        assert isinstance(error, ModelOutputError) and non_finite_cause() in str(error)
+    with pytest.raises(ModelOutputError, match="speech-token probabilities are NaN"):
+        RasSampler(torch.Generator().manual_seed(1))(scores[1].clone(), [])

@@ -42,8 +42,17 @@ class AudioError(InvalidRequestError):
 
 
 class ModelOutputError(CosyVoiceError, RuntimeError):
-    """The model's output cannot be used (NaN or infinite samples): its weights are damaged, or
-    they overflow in the precision chosen for the device. The server's fault, not the request's."""
+    """The model's output cannot be used (NaN or infinite samples or speech-token
+    probabilities): its weights are damaged, or they overflow in the precision chosen for the
+    device. The server's fault, not the request's."""
+
+
+def non_finite_cause(dtype: str | None = None) -> str:
+    """Why a model's output is NaN or infinite, in the same words wherever it is found (a
+    ``ModelOutputError``'s message after what was found): ``dtype``, the weights' precision, or
+    None where it is not known there."""
+    precision = dtype or "the precision chosen"
+    return f"its weights are damaged (cosyvoice-lite check) or overflow in {precision}"
 
 
 class EngineClosedError(CosyVoiceError, RuntimeError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ModelOutputError
+from .errors import ModelOutputError, non_finite_cause
 
 Sampler = Callable[[torch.Tensor, Sequence[int]], int]
 
@@ -35,7 +35,9 @@ class RasSampler:
 
     def __call__(self, scores: torch.Tensor, decoded: Sequence[int]) -> int:
         probs, order = scores.softmax(dim=0).sort(descending=True, stable=True)
-        keep = self.nucleus_size(probs[: self.top_k].float().cpu().numpy())
+        head = probs[: self.top_k].float().cpu().numpy()
+        keep = self.nucleus_size(head)
+        check_probabilities(head[:keep])
         token = int(order[self._draw(probs[:keep])])
         return self.unless_repeated(token, scores, decoded)
 
@@ -121,16 +123,23 @@ def _draw_index(probs: torch.Tensor, host: np.ndarray, sampler: RasSampler) -> t
     here on ``host``, the same values already on the host. Returns the index [1] on probs' device.
     q is drawn on the generator's device (a CPU generator gives the CPU's draws on any device).
     The sampling tests compare it with the sampler alone, so a change in torch's algorithm shows."""
-    if not (np.isfinite(host).all() and (host >= 0).all()) or host.sum() <= 0:
-        # (torch's own message named a probability tensor: a 500 that said nothing of the cause)
-        raise ModelOutputError(
-            "the model's speech-token probabilities are NaN, infinite or all zero: its weights "
-            "are damaged (cosyvoice-lite check) or overflow in the precision chosen"
-        )
+    check_probabilities(host)
     generator = sampler.generator
     q = torch.empty(probs.shape, dtype=probs.dtype, device=generator.device)
     q = q.exponential_(1, generator=generator).to(probs.device)
     return torch.argmax(probs / q, dim=-1, keepdim=True)
+
+
+def check_probabilities(head: np.ndarray) -> None:
+    """ModelOutputError unless ``head`` (a row's most likely probabilities, on the host) are
+    finite, not negative and not all zero: NaN or infinite log-probabilities make every
+    probability of their row NaN (torch's multinomial raised a plain RuntimeError that named a
+    probability tensor, which a server answered as an unexplained 500)."""
+    if not (np.isfinite(head).all() and (head >= 0).all()) or head.sum() <= 0:
+        raise ModelOutputError(
+            "the model's speech-token probabilities are NaN, infinite or all zero: "
+            + non_finite_cause()
+        )
 
 
 def _call(fn: Callable, *args) -> int | BaseException:  # noqa: ANN002

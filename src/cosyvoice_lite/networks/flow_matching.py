@@ -219,7 +219,8 @@ def step_streams(
     and encoded alone (``encode(state, tokens, context)`` -> mu [1, 80, ratio * count]), then
     the solves of the streams with as many new frames run as one batch (`solve_streams`);
     returns each stream's new float32 mel [1, 80, m] (prompt frames are not output). Every call
-    is checked before any stream changes: a ValueError leaves all of them as they were."""
+    is checked before any stream changes: a StreamCallError leaves all of them as they were (any
+    other error may come after some streams advanced)."""
     check_stream_calls(states, tokens, finalize, chunks.frames_after, cfm)
     mels: list[torch.Tensor] = []
     solves: list[tuple[int, StreamSolve, int]] = []
@@ -259,10 +260,10 @@ def check_stream_calls(
     frames_after: Callable[[Any, int, bool], int],
     cfm: nn.Module,
 ) -> None:
-    """ValueError, before any stream changes, for a bad `stream_steps` call (v2 and v3): lists of
-    different lengths, a stream given twice, a finalized stream, tokens not [1, k], or a call
-    that would take a stream past the fixed noise (``frames_after(state, k, finalize)``: its mel
-    frames once the call is done)."""
+    """StreamCallError (a ValueError), before any stream changes, for a bad `stream_steps` call
+    (v2 and v3): lists of different lengths, a stream given twice, a finalized stream, tokens
+    not [1, k], or a call that would take a stream past the fixed noise
+    (``frames_after(state, k, finalize)``: its mel frames once the call is done)."""
     if not len(states) == len(tokens) == len(finalize):
         raise StreamCallError("stream_steps needs one token tensor and one finalize per stream")
     if len({id(state) for state in states}) != len(states):

@@ -20,6 +20,7 @@ from ..decoding import (
     run_alone,
     speech_token_task,
 )
+from ..networks.abort import ComputationAborted
 from ..networks.flow_matching import time_span
 from ..versions import spec
 
@@ -233,8 +234,9 @@ class Pipeline:
         """The waveform [1, samples] of each whole utterance, its flow and its vocoder computed
         in padded batches of similar lengths (``utterance_groups``) of at most
         ``utterance_batch``, and how many batches held several. A batch that fails (e.g. out of
-        memory) gives None for its utterances: the caller computes those alone, so a bad one
-        fails alone."""
+        memory; a BaseException such as SystemExit too, but not ComputationAborted: the caller
+        stopped wanting them) gives None for its utterances: the caller computes those alone, so
+        a bad one fails alone."""
         lengths = [w.inputs.flow_prompt_speech_token.shape[1] + len(w.tokens) for w in works]
         speech: list[torch.Tensor | None] = [None] * len(works)
         batches = 0
@@ -245,7 +247,9 @@ class Pipeline:
             drawn = [work.generator.get_state() for work in batch]
             try:
                 waveforms = self._vocode_batch(batch, self._flow_batch(batch))
-            except Exception:  # noqa: BLE001 - each of them alone then
+            except ComputationAborted:
+                raise
+            except BaseException:  # noqa: BLE001 - each of them alone then
                 log.exception("a batch of %d whole utterances failed", len(group))
                 for work, state in zip(batch, drawn, strict=True):
                     work.generator.set_state(state)
@@ -286,12 +290,15 @@ class Pipeline:
         self, segments: list[Segment], mels: list[torch.Tensor]
     ) -> Iterable[torch.Tensor | BaseException | None]:
         """Each segment's ``complete(mel)`` after a batch of flow calls: its waveform piece,
-        None (no piece due), or the error that fails that segment alone. Computed as they are
-        taken, so each piece can leave before the next one is vocoded."""
+        None (no piece due), or the error that fails that segment alone (a BaseException such
+        as SystemExit too; ComputationAborted goes to the caller). Computed as they are taken, so
+        each piece can leave before the next one is vocoded."""
         for segment, mel in zip(segments, mels, strict=True):
             try:
                 piece = segment.complete(mel)
-            except Exception as exc:  # noqa: BLE001 - handed to its row
+            except ComputationAborted:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to its row
                 piece = exc
             yield piece
 
