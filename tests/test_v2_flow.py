@@ -468,15 +468,24 @@ def test_forks_of_a_primed_prompt_equal_a_fresh_stream(flow: CausalMaskedDiffWit
 
 def _voice_inputs(g: dict[str, torch.Tensor], extra: torch.Tensor, flip: bool) -> ModelInputs:
     feat = g["prompt_feat"].flip(1) if flip else g["prompt_feat"]
+    return _flow_voice(
+        torch.cat([g["prompt_token"], extra], dim=1),
+        torch.cat([feat, feat.flip(1)[:, : 2 * extra.shape[1]]], dim=1),
+        -g["embedding"] if flip else g["embedding"],
+    )
+
+
+def _flow_voice(token: torch.Tensor, feat: torch.Tensor, embedding: torch.Tensor) -> ModelInputs:
+    """A prompt's inputs as the flow reads them (its tokens, mel and speaker), nothing for the LLM."""
     nothing = torch.zeros(1, 0, dtype=torch.int32)
     return ModelInputs(
         text=nothing,
         prompt_text=nothing,
         llm_prompt_speech_token=nothing,
         llm_embedding=torch.zeros(0, 192),
-        flow_prompt_speech_token=torch.cat([g["prompt_token"], extra], dim=1),
-        prompt_speech_feat=torch.cat([feat, feat.flip(1)[:, : 2 * extra.shape[1]]], dim=1),
-        flow_embedding=-g["embedding"] if flip else g["embedding"],
+        flow_prompt_speech_token=token,
+        prompt_speech_feat=feat,
+        flow_embedding=embedding,
     )
 
 
@@ -554,16 +563,7 @@ def _long_voice(g: dict[str, torch.Tensor], tokens: int, flip: bool) -> ModelInp
     token = g["token"].repeat(1, times)[:, :tokens]
     feat = g["prompt_feat"].flip(1) if flip else g["prompt_feat"]
     feat = feat.repeat(1, -(-2 * tokens // feat.shape[1]), 1)[:, : 2 * tokens]
-    nothing = torch.zeros(1, 0, dtype=torch.int32)
-    return ModelInputs(
-        text=nothing,
-        prompt_text=nothing,
-        llm_prompt_speech_token=nothing,
-        llm_embedding=torch.zeros(0, 192),
-        flow_prompt_speech_token=token,
-        prompt_speech_feat=feat,
-        flow_embedding=-g["embedding"] if flip else g["embedding"],
-    )
+    return _flow_voice(token, feat, -g["embedding"] if flip else g["embedding"])
 
 
 def test_priming_ahead_computes_nothing_it_could_not_keep(flow: CausalMaskedDiffWithXvec) -> None:
